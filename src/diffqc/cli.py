@@ -1,0 +1,243 @@
+"""``diffqc ...``: the command-line interface. ``main(argv=None) -> int``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from diffqc import __version__
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    from diffqc.config import DetectorConfig, with_overrides
+
+    over: dict[str, Any] = {}
+    if getattr(args, "method", None):
+        over["method"] = args.method
+    if getattr(args, "backbone", None):
+        over["backbone.name"] = args.backbone
+    if getattr(args, "layers", None):
+        over["backbone.layers"] = [x for x in args.layers.split(",") if x]
+    if getattr(args, "steps", None) is not None:
+        over["train.steps"] = args.steps
+    if getattr(args, "seed", None) is not None:
+        over["train.seed"] = args.seed
+    over.update(_overrides(getattr(args, "set", None) or []))
+    return with_overrides(DetectorConfig(), over)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=["diffusion", "patchcore", "padim"], default=None,
+                   help="scoring method (default: diffusion)")
+    p.add_argument("--backbone", default=None,
+                   help="efficientnet-lite0 (default), mobilenet-v2 or onnx:PATH")
+    p.add_argument("--layers", default=None, help="comma-separated backbone layers to tap")
+    p.add_argument("--steps", type=int, default=None, help="denoiser training steps")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any config field, e.g. --set scoring.topk=0.02 (repeatable)")
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_synth(args: argparse.Namespace) -> int:
+    from diffqc.synth import write_synthetic_dataset
+
+    summary = write_synthetic_dataset(args.out, n_parts=args.parts, seed=args.seed,
+                                      image_size=args.size, overwrite=args.overwrite,
+                                      progress=not args.quiet)
+    print(json.dumps({"root": str(args.out), "splits": summary["splits"], "labels": summary["labels"]}))
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from diffqc.data import load_dataset
+    from diffqc.model import Detector
+
+    config = build_config(args)
+    samples = load_dataset(args.data)
+    start = time.perf_counter()
+    det = Detector(config, device=args.device).fit(samples, progress=not args.quiet,
+                                                    skip_corrupt=args.skip_corrupt)
+    det.save(args.out)
+    print(json.dumps({"model": str(args.out), "classes": det.classes_, "method": config.method,
+                      "seconds": round(time.perf_counter() - start, 1),
+                      "training_data": det.metadata["training_data"]}))
+    return EXIT_OK
+
+
+def _expand_images(paths: Sequence[str]) -> list[Path]:
+    from diffqc.data import IMAGE_SUFFIXES
+
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(p)
+    return out
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from diffqc.data import ImageReadError, read_image
+    from diffqc.model import Detector
+    from diffqc.visualize import save_overlay
+
+    det = Detector.load(args.model, device=args.device)
+    if args.feature_type is not None:
+        det.type_index(args.feature_type)  # fail early on an unknown type
+    failures = 0
+    for path in _expand_images(args.images):
+        try:
+            image = read_image(path)
+        except ImageReadError as exc:
+            failures += 1
+            print(json.dumps({"path": str(path), "error": str(exc)}))
+            if not args.skip_corrupt:
+                print(f"error: {exc}", file=sys.stderr)
+                return EXIT_ERROR
+            continue
+        start = time.perf_counter()
+        (result,) = det.inspect([image], [args.feature_type])
+        row: dict[str, Any] = {"path": str(path), **result.to_json(),
+                               "latency_ms": round(1000 * (time.perf_counter() - start), 1)}
+        if args.heatmaps and result.anomaly_map is not None:
+            th = det.calibration_.thresholds(result.feature_type) if det.calibration_ else {}
+            vmin = th.get("review") if th and th.get("review", float("inf")) < float("inf") else None
+            out = Path(args.heatmaps) / f"{path.stem}_heatmap.png"
+            save_overlay(out, image, result.anomaly_map, **({"vmin": vmin * 0.5} if vmin else {}))
+            row["heatmap"] = str(out)
+        print(json.dumps(row))
+    return EXIT_ERROR if failures and not args.skip_corrupt else EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from diffqc.demo import run_demo
+
+    config = build_config(args)
+    rows = run_demo(Path(args.out), config=config, n_parts=args.parts, seed=args.data_seed,
+                    json_path=Path(args.json) if args.json else None, progress=not args.quiet,
+                    device=args.device)
+    return EXIT_OK if rows else EXIT_ERROR
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffqc",
+        description="Good-only visual quality control with a class-conditional diffusion model.",
+    )
+    parser.add_argument("--version", action="version", version=f"diffqc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", metavar="ACTION")
+    synth = data.add_parser("synth", help="write the synthetic inkjet-print dataset (MVTec layout)")
+    synth.add_argument("out", type=Path)
+    synth.add_argument("--parts", type=int, default=1327)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", type=int, default=256, help="image side in pixels")
+    synth.add_argument("--overwrite", action="store_true")
+    synth.add_argument("-q", "--quiet", action="store_true")
+    synth.set_defaults(func=cmd_synth)
+
+    train = sub.add_parser("train", help="fit and calibrate a model on GOOD images")
+    train.add_argument("data", help="MVTec-layout folder or CSV manifest")
+    train.add_argument("--out", required=True, type=Path, help="model bundle folder to write")
+    _add_model_options(train)
+    train.add_argument("--skip-corrupt", action="store_true", help="skip and list unreadable images")
+    train.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    train.add_argument("-q", "--quiet", action="store_true")
+    train.set_defaults(func=cmd_train)
+
+    insp = sub.add_parser("inspect", help="score images: one JSON line per image")
+    insp.add_argument("model", type=Path)
+    insp.add_argument("images", nargs="+", help="image files or folders")
+    insp.add_argument("--feature-type", default=None, help="the images' type (default: unknown)")
+    insp.add_argument("--heatmaps", default=None, help="folder for heat-map overlay PNGs")
+    insp.add_argument("--skip-corrupt", action="store_true")
+    insp.add_argument("--device", default=None)
+    insp.set_defaults(func=cmd_inspect)
+
+    demo = sub.add_parser("demo", help="synthesise -> train -> calibrate -> inspect -> table")
+    demo.add_argument("--out", default="diffqc-demo", help="working folder (default: ./diffqc-demo)")
+    demo.add_argument("--parts", type=int, default=1327)
+    demo.add_argument("--data-seed", type=int, default=0)
+    demo.add_argument("--json", default=None, help="also write the table as JSON rows")
+    _add_model_options(demo)
+    demo.add_argument("--device", default=None)
+    demo.add_argument("-q", "--quiet", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+
+    for register in _optional_registrars():
+        register(sub)
+    return parser
+
+
+def _optional_registrars() -> list[Callable[[Any], None]]:
+    """Sub-commands whose modules pull optional dependencies register themselves lazily."""
+    regs: list[Callable[[Any], None]] = []
+    for module, name in (("diffqc.evaluate", "add_evaluate_command"),
+                         ("diffqc.export", "add_export_command"),
+                         ("diffqc.service", "add_service_commands")):
+        try:
+            mod = __import__(module, fromlist=[name])
+        except ImportError:
+            continue
+        fn = getattr(mod, name, None)
+        if fn is not None:
+            regs.append(fn)
+    return regs
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from diffqc.backbone import BackboneError
+    from diffqc.data import DatasetError, ImageReadError
+    from diffqc.model import BundleError, UnknownFeatureTypeError
+
+    return (ImageReadError, DatasetError, BundleError, UnknownFeatureTypeError, BackboneError,
+            FileExistsError, FileNotFoundError, ValueError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    warnings.simplefilter("default")
+    try:
+        return int(args.func(args))
+    except _known_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

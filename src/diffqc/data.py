@@ -1,0 +1,272 @@
+"""Datasets of feature types: MVTec-style folders and CSV manifests -> samples; image reading.
+
+A *feature type* is one class of crop (e.g. ``edge1``); every sample carries one.
+Labels: 0 = GOOD, 1 = defective, -1 = unknown (inspection only).
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm"})
+GOOD = 0
+DEFECTIVE = 1
+UNKNOWN = -1
+
+# Refuse images whose header claims more pixels than this (decompression-bomb guard).
+MAX_IMAGE_PIXELS = 64_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+class DatasetError(ValueError):
+    """A dataset folder or manifest is not usable; the message says why and where."""
+
+
+class ImageReadError(ValueError):
+    """An image file or buffer could not be decoded; the message names the file."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"cannot read image {source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled (or unlabelled) image of one feature type."""
+
+    path: Path
+    feature_type: str
+    label: int = UNKNOWN
+    mask_path: Path | None = None
+    part_id: str | None = None
+    defect: str | None = None
+    split: str = "test"
+
+    @property
+    def group(self) -> str:
+        """The unit that must never straddle a train/test split: the part, else the image."""
+        return self.part_id if self.part_id else str(self.path)
+
+
+def _to_float_rgb(img: Image.Image) -> np.ndarray:
+    """Decode any PIL mode (L, I;16, I, F, RGB, RGBA, P, ...) to HxWx3 float32 in [0, 1]."""
+    if img.mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16"):
+            arr = arr / 65535.0
+        else:
+            lo, hi = float(arr.min()), float(arr.max())
+            maxval = 65535.0 if hi > 255 else 255.0
+            arr = arr / maxval if lo >= 0 else (arr - lo) / max(hi - lo, 1e-12)
+        arr = np.clip(arr, 0.0, 1.0).astype(np.float32)
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if img.mode in {"RGBA", "LA", "PA"} or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    rgb = img.convert("RGB")
+    return np.asarray(rgb, dtype=np.float32) / 255.0
+
+
+def decode_image(data: bytes | Path | str, source: str | None = None) -> np.ndarray:
+    """Decode an image (path or encoded bytes) to HxWx3 float32 in [0, 1].
+
+    Raises :class:`ImageReadError` with a clear reason for empty, corrupt, truncated,
+    oversized (decompression bomb) or degenerate inputs.
+    """
+    import io
+
+    name = source or (str(data) if not isinstance(data, bytes) else "<bytes>")
+    if isinstance(data, bytes):
+        if not data:
+            raise ImageReadError(name, "empty input")
+        handle: io.BytesIO | Path = io.BytesIO(data)
+    else:
+        handle = Path(data)
+        if not handle.is_file():
+            raise ImageReadError(name, "no such file")
+    try:
+        with Image.open(handle) as img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise ImageReadError(name, f"{w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
+            img.load()
+            arr = _to_float_rgb(img)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(name, f"decompression bomb guard: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(name, "not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(name, f"corrupt or truncated image ({exc})") from None
+    if min(arr.shape[:2]) < 8:
+        raise ImageReadError(name, f"image is {arr.shape[1]}x{arr.shape[0]}; at least 8x8 is needed")
+    return arr
+
+
+def read_image(path: Path | str) -> np.ndarray:
+    """Read an image file as HxWx3 float32 in [0, 1] (grayscale and 16-bit included)."""
+    return decode_image(Path(path), source=str(path))
+
+
+def read_mask(path: Path | str | None, shape: tuple[int, int]) -> np.ndarray:
+    """Read a defect mask as a bool array of ``shape`` (H, W); all False when there is none."""
+    if path is None:
+        return np.zeros(shape, dtype=bool)
+    try:
+        with Image.open(path) as img:
+            m = img.convert("L")
+            if m.size != (shape[1], shape[0]):
+                m = m.resize((shape[1], shape[0]), Image.Resampling.NEAREST)
+            return np.asarray(m) > 127
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ImageReadError(str(path), f"mask unreadable ({exc})") from None
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _find_mask(ground_truth: Path, defect: str, image: Path) -> Path | None:
+    folder = ground_truth / defect
+    for candidate in (f"{image.stem}_mask.png", f"{image.stem}.png", f"{image.stem}_mask{image.suffix}"):
+        if (folder / candidate).is_file():
+            return folder / candidate
+    return None
+
+
+def load_mvtec_type(type_root: Path, feature_type: str | None = None) -> list[Sample]:
+    """Samples of one feature type laid out as ``train/good``, ``test/<kind>``, ``ground_truth``."""
+    feature_type = feature_type or type_root.name
+    samples: list[Sample] = []
+    train_good = type_root / "train" / "good"
+    if train_good.is_dir():
+        samples += [
+            Sample(p, feature_type, GOOD, split="train", defect="good") for p in _images_in(train_good)
+        ]
+    test_root = type_root / "test"
+    if test_root.is_dir():
+        for kind_dir in sorted(d for d in test_root.iterdir() if d.is_dir()):
+            kind = kind_dir.name
+            label = GOOD if kind == "good" else DEFECTIVE
+            for p in _images_in(kind_dir):
+                mask = None if label == GOOD else _find_mask(type_root / "ground_truth", kind, p)
+                samples.append(Sample(p, feature_type, label, mask, defect=kind, split="test"))
+    return samples
+
+
+def _is_mvtec_type(folder: Path) -> bool:
+    return (folder / "train" / "good").is_dir() or (folder / "test").is_dir()
+
+
+def load_mvtec(root: Path | str) -> list[Sample]:
+    """Load one MVTec-layout type folder, or a root holding several of them (one per type)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist")
+    if _is_mvtec_type(root):
+        samples = load_mvtec_type(root)
+    else:
+        samples = []
+        for sub in sorted(d for d in root.iterdir() if d.is_dir() and _is_mvtec_type(d)):
+            samples += load_mvtec_type(sub)
+    if not samples:
+        raise DatasetError(
+            f"no images found under {root}: expected <type>/train/good and <type>/test/<kind> "
+            "folders (MVTec AD layout) or a CSV manifest"
+        )
+    return samples
+
+
+MANIFEST_COLUMNS = ("path", "feature_type", "label")
+_LABEL_WORDS = {"good": GOOD, "ok": GOOD, "0": GOOD, "pass": GOOD, "normal": GOOD,
+                "defect": DEFECTIVE, "defective": DEFECTIVE, "bad": DEFECTIVE, "ng": DEFECTIVE,
+                "1": DEFECTIVE, "anomaly": DEFECTIVE, "": UNKNOWN, "unknown": UNKNOWN, "-1": UNKNOWN}
+
+
+def load_manifest(path: Path | str) -> list[Sample]:
+    """Load a CSV manifest with columns ``path, feature_type, label[, mask][, part_id][, split]``.
+
+    Relative paths are resolved against the manifest's folder. Rows without a ``split``
+    column: GOOD images count as training candidates (``split="train"``), the rest as test.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"manifest {path} does not exist")
+    base = path.parent
+    samples: list[Sample] = []
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        fields = [f.strip() for f in (reader.fieldnames or [])]
+        missing = [c for c in MANIFEST_COLUMNS if c not in fields]
+        if missing:
+            raise DatasetError(f"manifest {path} lacks column(s) {', '.join(missing)}; has {fields}")
+        for lineno, raw in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+            word = row["label"].lower()
+            if word not in _LABEL_WORDS:
+                raise DatasetError(f"{path}:{lineno}: unknown label {row['label']!r} (use good/defect)")
+            label = _LABEL_WORDS[word]
+            if not row["feature_type"]:
+                raise DatasetError(f"{path}:{lineno}: empty feature_type")
+            img = Path(row["path"])
+            img = img if img.is_absolute() else base / img
+            mask = row.get("mask") or None
+            mask_path = None if mask is None else (Path(mask) if Path(mask).is_absolute() else base / mask)
+            split = row.get("split") or ("train" if label == GOOD else "test")
+            samples.append(Sample(img, row["feature_type"], label, mask_path,
+                                  part_id=row.get("part_id") or None,
+                                  defect=row.get("defect") or ("good" if label == GOOD else None),
+                                  split=split))
+    if not samples:
+        raise DatasetError(f"manifest {path} has no rows")
+    return samples
+
+
+def load_dataset(source: Path | str) -> list[Sample]:
+    """Load a dataset from an MVTec-layout folder or a ``.csv`` manifest."""
+    source = Path(source)
+    if source.suffix.lower() == ".csv":
+        return load_manifest(source)
+    if source.is_dir() and (source / "manifest.csv").is_file() and not any(
+        _is_mvtec_type(d) for d in source.iterdir() if d.is_dir()
+    ):
+        return load_manifest(source / "manifest.csv")
+    return load_mvtec(source)
+
+
+def feature_types(samples: Iterable[Sample]) -> list[str]:
+    """Sorted distinct feature types."""
+    return sorted({s.feature_type for s in samples})
+
+
+def read_images(
+    samples: Sequence[Sample], *, skip_corrupt: bool = False
+) -> tuple[list[np.ndarray], list[Sample], list[ImageReadError]]:
+    """Read every sample's image. Corrupt files raise, or with ``skip_corrupt`` are listed."""
+    images: list[np.ndarray] = []
+    kept: list[Sample] = []
+    errors: list[ImageReadError] = []
+    for s in samples:
+        try:
+            images.append(read_image(s.path))
+            kept.append(s)
+        except ImageReadError as exc:
+            if not skip_corrupt:
+                raise
+            errors.append(exc)
+            warnings.warn(f"skipped: {exc}", stacklevel=2)
+    return images, kept, errors
+
+
+def with_split(samples: Iterable[Sample], split: str) -> list[Sample]:
+    return [replace(s, split=split) for s in samples]

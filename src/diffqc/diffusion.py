@@ -1,0 +1,111 @@
+"""Noise schedule and the shared, type-conditioned denoiser over feature maps.
+
+The denoiser sees one feature vector per location (no spatial context: a denoiser that sees
+its neighbours learns to copy them and rebuilds defects too). It is conditioned on the
+timestep, on the feature type through one learned embedding per type plus a learned *null*
+type (index ``n_types``), and on the location through a learned position embedding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from diffqc.config import DiffusionConfig
+
+
+def cosine_alpha_bar(timesteps: int, s: float = 0.008) -> Tensor:
+    """ᾱ_t of the cosine schedule (Nichol & Dhariwal 2021), float64, t = 0..T-1."""
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def linear_alpha_bar(timesteps: int) -> Tensor:
+    betas = torch.linspace(1e-4, 0.02, timesteps, dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+class NoiseSchedule(nn.Module):
+    """Forward process q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I); computed once, kept as buffers."""
+
+    sqrt_alpha_bar: Tensor
+    sqrt_one_minus: Tensor
+
+    def __init__(self, timesteps: int = 1000, schedule: str = "cosine") -> None:
+        super().__init__()
+        if schedule == "cosine":
+            alpha_bar = cosine_alpha_bar(timesteps)
+        elif schedule == "linear":
+            alpha_bar = linear_alpha_bar(timesteps)
+        else:
+            raise ValueError(f"unknown schedule {schedule!r} (cosine or linear)")
+        self.timesteps = timesteps
+        self.register_buffer("sqrt_alpha_bar", alpha_bar.sqrt().float(), persistent=False)
+        self.register_buffer("sqrt_one_minus", (1 - alpha_bar).sqrt().float(), persistent=False)
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Noisy features; ``t`` has one entry per leading index of ``x0``."""
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        a = self.sqrt_alpha_bar[t].view(shape)
+        b = self.sqrt_one_minus[t].view(shape)
+        return a * x0 + b * noise
+
+
+def sinusoidal_embedding(x: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device) / half)
+    args = x.float()[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class _Block(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.cond = nn.Linear(hidden, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.act = nn.SiLU()
+
+    def forward(self, h: Tensor, cond: Tensor) -> Tensor:
+        z = self.act(self.fc1(self.norm(h)) + self.cond(cond))
+        return h + self.fc2(z)
+
+
+class Denoiser(nn.Module):
+    """ε-prediction network: ``(x_t [B, L, C], t [B], type [B], pos [B, L]) -> ε̂ [B, L, C]``."""
+
+    def __init__(self, channels: int, n_types: int, locations: int, config: DiffusionConfig) -> None:
+        super().__init__()
+        e, h = config.embed_dim, config.hidden
+        self.channels, self.n_types, self.locations = channels, n_types, locations
+        self.embed_dim = e
+        self.type_embed = nn.Embedding(n_types + 1, e)  # the last row is the null type
+        self.pos_embed = nn.Embedding(locations, e)
+        self.time_mlp = nn.Sequential(nn.Linear(e, h), nn.SiLU(), nn.Linear(h, h))
+        self.type_proj = nn.Linear(e, h)
+        self.pos_proj = nn.Linear(e, h, bias=False)
+        self.inp = nn.Linear(channels, h)
+        self.blocks = nn.ModuleList([_Block(h) for _ in range(config.depth)])
+        self.out_norm = nn.LayerNorm(h)
+        self.out = nn.Linear(h, channels)
+        nn.init.normal_(self.type_embed.weight, std=0.5)
+        nn.init.normal_(self.pos_embed.weight, std=0.5)
+
+    @property
+    def null_type(self) -> int:
+        return self.n_types
+
+    def forward(self, x_t: Tensor, t: Tensor, type_idx: Tensor, pos: Tensor) -> Tensor:
+        cond = self.time_mlp(sinusoidal_embedding(t, self.embed_dim)) + self.type_proj(
+            self.type_embed(type_idx)
+        )  # [B, H]
+        h = self.inp(x_t) + self.pos_proj(self.pos_embed(pos)) + cond[:, None, :]
+        c = cond[:, None, :]
+        for block in self.blocks:
+            h = block(h, c)
+        return self.out(self.out_norm(h))

@@ -1,0 +1,415 @@
+"""The Detector facade: fit / inspect / save / load.
+
+``fit`` takes GOOD images of every feature type, holds out a calibration slice per type
+(grouped by part, never used to fit), extracts frozen backbone features, fits the scorer
+(the class-conditional diffusion model, or a PatchCore / PaDiM baseline over the same
+features), and calibrates conformal p-values per type.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol, Self
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from diffqc import __version__
+from diffqc.backbone import FeatureExtractor, to_pixels
+from diffqc.calibration import Calibrator
+from diffqc.config import DetectorConfig
+from diffqc.data import GOOD, Sample, read_images
+from diffqc.scoring import DiffusionScorer, aggregate, upsample_and_smooth
+
+BUNDLE_FILES = ("config.json", "weights.safetensors", "calibration.json", "metadata.json")
+BUNDLE_FORMAT = 1
+
+
+class UnknownFeatureTypeError(ValueError):
+    """A feature type the model was not trained on."""
+
+
+class BundleError(RuntimeError):
+    """A model bundle is missing, damaged, partial or does not match this code."""
+
+
+class Scorer(Protocol):
+    def fit(self, features: Tensor, type_idx: Tensor, n_types: int, *, progress: bool = False) -> Self: ...
+    def score_maps(self, features: Tensor, type_idx: Tensor) -> Tensor: ...
+    def state_tensors(self) -> dict[str, Tensor]: ...
+
+
+def make_scorer(config: DetectorConfig) -> Scorer:
+    if config.method == "diffusion":
+        return DiffusionScorer(config)
+    from diffqc import baselines
+
+    return baselines.scorer_for(config)
+
+
+def load_scorer(config: DetectorConfig, tensors: dict[str, Tensor], n_types: int, channels: int) -> Scorer:
+    if config.method == "diffusion":
+        return DiffusionScorer.from_state(config, tensors, n_types, channels)
+    from diffqc import baselines
+
+    return baselines.load_scorer(config, tensors, n_types, channels)
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """The verdict on one image."""
+
+    score: float  # anomaly score under ``feature_type`` (higher = more anomalous)
+    p_value: float
+    decision: str  # PASS / REVIEW / REJECT
+    feature_type: str  # the type it was scored under (given, or predicted when unknown)
+    predicted_type: str | None  # arg-min over types of the score (None when not computed)
+    type_known: bool
+    type_scores: dict[str, float] = field(default_factory=dict)
+    anomaly_map: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "score": self.score, "p_value": self.p_value, "decision": self.decision,
+            "feature_type": self.feature_type, "predicted_type": self.predicted_type,
+            "type_known": self.type_known, "type_scores": self.type_scores,
+        }
+
+
+def split_calibration(
+    samples: Sequence[Sample], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Indices (fit, calibration) per type, grouped by part; every type keeps >= 1 on each side
+    when it has >= 2 groups."""
+    rng = np.random.default_rng(seed)
+    fit_idx: list[int] = []
+    cal_idx: list[int] = []
+    by_type: dict[str, dict[str, list[int]]] = {}
+    for i, s in enumerate(samples):
+        by_type.setdefault(s.feature_type, {}).setdefault(s.group, []).append(i)
+    for t in sorted(by_type):
+        groups = sorted(by_type[t])
+        order = rng.permutation(len(groups))
+        n_cal = min(len(groups) - 1, max(1, round(fraction * len(groups))))
+        for rank, g in enumerate(order):
+            (cal_idx if rank < n_cal else fit_idx).extend(by_type[t][groups[g]])
+    return sorted(fit_idx), sorted(cal_idx)
+
+
+class Detector:
+    """Good-only detector over frozen backbone features, one model for all feature types."""
+
+    def __init__(self, config: DetectorConfig | None = None, *, device: str | None = None) -> None:
+        self.config = config or DetectorConfig()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.extractor_: FeatureExtractor | None = None
+        self.scorer_: Scorer | None = None
+        self.calibration_: Calibrator | None = None
+        self.classes_: list[str] = []
+        self.metadata: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ features
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self.extractor_ is None:
+            self.extractor_ = FeatureExtractor(self.config.backbone).to(self.device)
+        return self.extractor_
+
+    @torch.inference_mode()
+    def extract(self, images: Sequence[np.ndarray], *, raw: bool = False, progress: bool = False) -> Tensor:
+        """Backbone features ``[N, C, h, w]`` (standardised unless ``raw``), batched."""
+        fe = self.extractor
+        out = []
+        bs = self.config.batch_size
+        for i in tqdm(range(0, len(images), bs), desc="extracting features", disable=not progress,
+                      unit="batch"):
+            pixels = to_pixels(images[i : i + bs], self.config.backbone.input_size).to(self.device)
+            out.append(fe.raw_features(pixels) if raw else fe(pixels))
+        if not out:
+            return torch.empty(0, fe.channels, *fe.grid)
+        return torch.cat(out).cpu()
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self, samples: Sequence[Sample], *, progress: bool = True, skip_corrupt: bool = False
+    ) -> Detector:
+        """Fit on GOOD samples (``split == "train"`` where any is so marked) and calibrate."""
+        good = [s for s in samples if s.label == GOOD]
+        if any(s.split == "train" for s in good):
+            good = [s for s in good if s.split == "train"]
+        if len(good) < len(samples):
+            warnings.warn(f"fit uses the {len(good)} GOOD training samples of {len(samples)} given",
+                          stacklevel=2)
+        if not good:
+            raise ValueError("no GOOD training samples to fit on")
+        start = time.perf_counter()
+        images, good, errors = read_images(good, skip_corrupt=skip_corrupt)
+        self.classes_ = sorted({s.feature_type for s in good})
+        fit_idx, cal_idx = split_calibration(good, self.config.calibration.fraction,
+                                             self.config.train.seed)
+        if not fit_idx or not cal_idx:
+            raise ValueError("need at least 2 GOOD images (parts) per type: one to fit, one to calibrate")
+        fe = self.extractor
+        self.config = replace(self.config, backbone=replace(self.config.backbone,
+                                                            weights_sha256=fe.weights_sha256))
+        raw = self.extract(images, raw=True, progress=progress)
+        fe.fit_standardisation(raw[fit_idx])
+        feats = fe.standardise(raw)
+        del raw
+        types = torch.tensor([self.classes_.index(s.feature_type) for s in good])
+        t_fit = time.perf_counter()
+        scorer = make_scorer(self.config)
+        scorer.fit(feats[fit_idx], types[fit_idx], len(self.classes_), progress=progress)
+        self.scorer_ = scorer
+        fit_seconds = time.perf_counter() - t_fit
+        cal_samples = [good[i] for i in cal_idx]
+        known, unknown = self._calibration_scores(feats[cal_idx], cal_samples, progress=progress)
+        self.calibration_ = Calibrator(self.config.calibration).fit(known, unknown)
+        history = getattr(scorer, "history_", None)
+        self.metadata = {
+            "format": BUNDLE_FORMAT,
+            "diffqc_version": __version__,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "method": self.config.method,
+            "classes": self.classes_,
+            "backbone": {"name": self.config.backbone.name, "layers": list(fe.layers),
+                         "input_size": self.config.backbone.input_size,
+                         "channels": fe.channels, "grid": list(fe.grid),
+                         "weights_sha256": fe.weights_sha256},
+            "training_data": {
+                "fit_images": {t: sum(good[i].feature_type == t for i in fit_idx) for t in self.classes_},
+                "calibration_images": {t: sum(s.feature_type == t for s in cal_samples)
+                                       for t in self.classes_},
+                "skipped_corrupt": [str(e.source) for e in errors],
+            },
+            "fit_seconds": round(fit_seconds, 2),
+            "total_seconds": round(time.perf_counter() - start, 2),
+            "final_loss": history.loss[-1] if history is not None and history.loss else None,
+        }
+        self.metadata["model_id"] = f"{self.config.method}-{self.metadata['created']}"
+        return self
+
+    def _calibration_scores(
+        self, feats: Tensor, samples: Sequence[Sample], *, progress: bool
+    ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+        known: dict[str, list[float]] = {t: [] for t in self.classes_}
+        unknown: dict[str, list[float]] = {t: [] for t in self.classes_}
+        bs = self.config.batch_size
+        for i in tqdm(range(0, len(samples), bs), desc="calibrating", disable=not progress, unit="batch"):
+            chunk = samples[i : i + bs]
+            table = self._type_score_table(feats[i : i + bs])  # [n, T]
+            for j, s in enumerate(chunk):
+                known[s.feature_type].append(float(table[j, self.classes_.index(s.feature_type)]))
+                unknown[s.feature_type].append(float(table[j].min()))
+        return known, unknown
+
+    # ------------------------------------------------------------------ scoring
+    def _require_fitted(self) -> tuple[Scorer, Calibrator]:
+        if self.scorer_ is None or self.calibration_ is None:
+            raise RuntimeError("the detector is not fitted; call fit() or Detector.load()")
+        return self.scorer_, self.calibration_
+
+    def score_maps(self, feats: Tensor, type_idx: Tensor) -> Tensor:
+        """Smoothed anomaly maps ``[N, S, S]`` at the backbone input size."""
+        scorer = self.scorer_
+        if scorer is None:
+            raise RuntimeError("the detector is not fitted; call fit() or Detector.load()")
+        maps = scorer.score_maps(feats, type_idx)
+        return upsample_and_smooth(maps, self.config.backbone.input_size,
+                                   self.config.scoring.smooth_sigma)
+
+    def image_scores(self, maps: Tensor) -> Tensor:
+        return aggregate(maps, self.config.scoring.aggregation, self.config.scoring.topk)
+
+    def _type_score_table(self, feats: Tensor) -> Tensor:
+        """Image scores of every image under every type: ``[N, n_types]``."""
+        n, n_types = feats.shape[0], len(self.classes_)
+        rep = feats.repeat_interleave(n_types, dim=0)
+        idx = torch.arange(n_types).repeat(n)
+        return self.image_scores(self.score_maps(rep, idx)).view(n, n_types)
+
+    def type_index(self, feature_type: str) -> int:
+        try:
+            return self.classes_.index(feature_type)
+        except ValueError:
+            raise UnknownFeatureTypeError(
+                f"unknown feature type {feature_type!r}; this model knows {', '.join(self.classes_)}"
+            ) from None
+
+    @torch.inference_mode()
+    def inspect(
+        self,
+        images: Sequence[np.ndarray],
+        feature_types: Sequence[str | None] | None = None,
+        *,
+        all_types: bool = True,
+        maps: bool = True,
+    ) -> list[Inspection]:
+        """Score images. A given type is scored under that type; ``None`` means unknown: the
+        image is scored under every type, the minimum is its score and the arg-min its type.
+        ``all_types`` also scores known-type images under every type (for ``type_scores`` and
+        ``predicted_type``); turn it off for the fastest path."""
+        _, calibration = self._require_fitted()
+        types = list(feature_types) if feature_types is not None else [None] * len(images)
+        if len(types) != len(images):
+            raise ValueError(f"{len(images)} images but {len(types)} feature types")
+        given = [None if t is None else self.type_index(t) for t in types]
+        if not images:
+            return []
+        feats = self.extract(images)
+        n_types = len(self.classes_)
+        need_table = all_types or any(g is None for g in given)
+        table = self._type_score_table(feats) if need_table else None
+        own = torch.tensor([g if g is not None else 0 for g in given])
+        if table is not None:
+            own = torch.where(torch.tensor([g is None for g in given]), table.argmin(dim=1), own)
+        own_maps = self.score_maps(feats, own) if (maps or table is None) else None
+        own_scores = self.image_scores(own_maps) if own_maps is not None else None
+        results = []
+        for i, img in enumerate(images):
+            k = int(own[i])
+            known = given[i] is not None
+            if own_scores is not None:
+                score = float(own_scores[i])
+            else:
+                assert table is not None
+                score = float(table[i, k])
+            p = calibration.p_value(self.classes_[k], score, type_known=known)
+            amap = None
+            if maps and own_maps is not None:
+                amap = _resize_map(own_maps[i], img.shape[0], img.shape[1])
+            results.append(Inspection(
+                score=score, p_value=p, decision=calibration.decide(p),
+                feature_type=self.classes_[k],
+                predicted_type=None if table is None else self.classes_[int(table[i].argmin())],
+                type_known=known,
+                type_scores={} if table is None else
+                {self.classes_[j]: float(table[i, j]) for j in range(n_types)},
+                anomaly_map=amap,
+            ))
+        return results
+
+    def inspect_samples(
+        self, samples: Sequence[Sample], *, type_known: bool = True, progress: bool = False,
+        all_types: bool = True, maps: bool = True, skip_corrupt: bool = False,
+    ) -> tuple[list[Inspection], list[Sample]]:
+        """Inspect dataset samples in batches; returns the results and the samples read."""
+        results: list[Inspection] = []
+        kept: list[Sample] = []
+        bs = self.config.batch_size
+        for i in tqdm(range(0, len(samples), bs), desc="inspecting", disable=not progress, unit="batch"):
+            images, chunk, _ = read_images(samples[i : i + bs], skip_corrupt=skip_corrupt)
+            types = [s.feature_type if type_known else None for s in chunk]
+            results += self.inspect(images, types, all_types=all_types, maps=maps)
+            kept += chunk
+        return results, kept
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: Path | str) -> Path:
+        """Write the bundle atomically: into a temporary sibling folder, then renamed."""
+        scorer, calibration = self._require_fitted()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            fe = self.extractor
+            tensors = {f"scorer.{k}": v.contiguous().cpu() for k, v in scorer.state_tensors().items()}
+            tensors["features.mean"] = fe.feat_mean.cpu()
+            tensors["features.std"] = fe.feat_std.cpu()
+            save_file(tensors, str(tmp / "weights.safetensors"), metadata={"format": str(BUNDLE_FORMAT)})
+            self.config.to_json(tmp / "config.json")
+            (tmp / "calibration.json").write_text(json.dumps(calibration.to_dict()))
+            meta = dict(self.metadata, classes=self.classes_, format=BUNDLE_FORMAT)
+            from diffqc.backbone import sha256_file
+
+            meta["weights_file_sha256"] = sha256_file(tmp / "weights.safetensors")
+            (tmp / "metadata.json").write_text(json.dumps(meta, indent=2))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: Path | str, *, device: str | None = None) -> Detector:
+        """Load a bundle; any damage or mismatch is a :class:`BundleError` that says what."""
+        path = Path(path)
+        if not path.is_dir():
+            raise BundleError(f"model bundle {path} does not exist or is not a folder")
+        missing = [f for f in BUNDLE_FILES if not (path / f).is_file()]
+        if missing:
+            raise BundleError(f"model bundle {path} is incomplete: missing {', '.join(missing)}")
+        try:
+            config = DetectorConfig.from_json(path / "config.json")
+            meta = json.loads((path / "metadata.json").read_text())
+            cal = Calibrator.from_dict(json.loads((path / "calibration.json").read_text()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BundleError(f"model bundle {path}: damaged JSON ({exc})") from None
+        if meta.get("format") != BUNDLE_FORMAT:
+            raise BundleError(f"model bundle {path}: format {meta.get('format')} is not "
+                              f"{BUNDLE_FORMAT} (written by diffqc {meta.get('diffqc_version')})")
+        from diffqc.backbone import sha256_file
+
+        expected = meta.get("weights_file_sha256")
+        if expected and sha256_file(path / "weights.safetensors") != expected:
+            raise BundleError(f"model bundle {path}: weights.safetensors is damaged (checksum mismatch)")
+        try:
+            tensors = load_file(str(path / "weights.safetensors"))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise BundleError(f"model bundle {path}: weights.safetensors unreadable ({exc})") from None
+        det = cls(config, device=device)
+        det.classes_ = list(meta["classes"])
+        det.metadata = meta
+        try:
+            fe = det.extractor
+            fe.feat_mean.copy_(tensors["features.mean"])
+            fe.feat_std.copy_(tensors["features.std"])
+            scorer_state = {k.removeprefix("scorer."): v for k, v in tensors.items()
+                            if k.startswith("scorer.")}
+            det.scorer_ = load_scorer(config, scorer_state, len(det.classes_), fe.channels)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise BundleError(f"model bundle {path} does not match its config: {exc}") from None
+        if set(cal.known) != set(det.classes_):
+            raise BundleError(f"model bundle {path}: calibration types {sorted(cal.known)} "
+                              f"!= classes {det.classes_}")
+        det.calibration_ = cal
+        return det
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata.get("model_id", "unfitted"))
+
+
+def _resize_map(m: Tensor, h: int, w: int) -> np.ndarray:
+    if m.shape != (h, w):
+        m = torch.nn.functional.interpolate(m[None, None], size=(h, w), mode="bilinear",
+                                            align_corners=False)[0, 0]
+    out: np.ndarray = m.float().cpu().numpy()
+    return out
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None

@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny dataset with an obvious answer and a tiny trained model bundle."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+CLEAR_TYPES = ("stripes", "dots")
+
+
+def _pattern(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    shift = rng.uniform(-1.5, 1.5, 2)
+    if kind == "stripes":
+        img = 0.5 + 0.35 * np.sin(2 * np.pi * (xx + shift[0]) / 8.0)
+    else:
+        img = 0.85 - 0.6 * ((np.sin(2 * np.pi * (xx + shift[0]) / 10) > 0.5)
+                            & (np.sin(2 * np.pi * (yy + shift[1]) / 10) > 0.5))
+    img = img * rng.uniform(0.9, 1.1) + rng.normal(0, 0.02, img.shape)
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def write_clear_dataset(root: Path, n_train: int = 24, n_test: int = 8, size: int = 64,
+                        seed: int = 0) -> Path:
+    """Two feature types in MVTec layout; defects are big dark or bright blobs (with masks)."""
+    rng = np.random.default_rng(seed)
+    for t in CLEAR_TYPES:
+        for split, kind, n in (("train", "good", n_train), ("test", "good", n_test),
+                               ("test", "blob", n_test)):
+            folder = root / t / split / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = _pattern(t, rng, size)
+                name = f"{t}_{split}_{kind}_{i:03d}.png"
+                if kind == "blob":
+                    cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+                    r = size // 7
+                    yy, xx = np.mgrid[0:size, 0:size]
+                    mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+                    img[mask] = 0.05 if i % 2 else 0.98
+                    mdir = root / t / "ground_truth" / kind
+                    mdir.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray((mask * 255).astype(np.uint8)).save(mdir / f"{Path(name).stem}_mask.png")
+                Image.fromarray((img * 255).astype(np.uint8)).save(folder / name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def clear_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_clear_dataset(tmp_path_factory.mktemp("clear"))
+
+
+def tiny_config(method: str = "diffusion", **over: object):
+    from diffqc.config import DetectorConfig, with_overrides
+
+    base = {
+        "method": method, "backbone.input_size": 64, "diffusion.hidden": 64, "diffusion.depth": 2,
+        "train.steps": 250, "train.batch_images": 8, "train.locations_per_image": 32,
+        "scoring.smooth_sigma": 2.0, "scoring.topk": 0.05, "calibration.fraction": 0.35,
+        "patchcore.max_bank": 2000,
+    }
+    base.update(over)
+    return with_overrides(DetectorConfig(), base)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(clear_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A diffusion model bundle trained on ``clear_dataset`` (seconds on a CPU)."""
+    from diffqc.data import load_dataset
+    from diffqc.model import Detector
+
+    det = Detector(tiny_config(), device="cpu").fit(load_dataset(clear_dataset), progress=False)
+    return det.save(tmp_path_factory.mktemp("models") / "tiny")

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffqc.backbone import BackboneError, FeatureExtractor, to_pixels
+from diffqc.config import BackboneConfig
+
+
+@pytest.mark.parametrize("name,channels", [("efficientnet-lite0", 152), ("mobilenet-v2", 128)])
+def test_pretrained_features(name: str, channels: int) -> None:
+    try:
+        fe = FeatureExtractor(BackboneConfig(name=name, input_size=64))
+    except BackboneError as exc:  # mobilenet weights are an optional install
+        pytest.skip(str(exc))
+    assert fe.channels == channels and fe.grid == (8, 8) and len(fe.weights_sha256) == 64
+    x = to_pixels([np.random.default_rng(0).random((50, 70, 3), dtype=np.float32)] * 2, 64)
+    with torch.inference_mode():
+        raw = fe.raw_features(x)
+    assert raw.shape == (2, channels, 8, 8) and torch.isfinite(raw).all()
+    fe.fit_standardisation(raw)
+    z = fe.standardise(raw)
+    assert abs(float(z.mean())) < 1e-3
+    # Real ImageNet weights: features of a structured image differ from those of a flat one.
+    flat = fe.raw_features(torch.full((1, 3, 64, 64), 0.5))
+    assert not torch.allclose(flat[0], raw[0], atol=1e-2)
+
+
+def test_weights_hash_mismatch_is_an_error() -> None:
+    with pytest.raises(BackboneError, match="differ"):
+        FeatureExtractor(BackboneConfig(input_size=64, weights_sha256="0" * 64))
+
+
+def test_unknown_backbone() -> None:
+    with pytest.raises(BackboneError, match="unknown backbone"):
+        FeatureExtractor(BackboneConfig(name="resnet50"))
+
+
+def test_to_pixels_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="HxWx3"):
+        to_pixels([np.zeros((8, 8, 4), np.float32)], 32)

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from diffqc.cli import main
+
+
+def test_help_and_no_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+
+
+def test_inspect_json_lines(tiny_model: Path, clear_dataset: Path, tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    folder = clear_dataset / "dots" / "test" / "blob"
+    rc = main(["inspect", str(tiny_model), str(folder), "--feature-type", "dots",
+               "--heatmaps", str(tmp_path / "hm")])
+    assert rc == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == len(list(folder.iterdir()))
+    assert {"score", "p_value", "decision", "type_scores", "predicted_type", "heatmap"} <= set(rows[0])
+    assert all(Path(r["heatmap"]).is_file() for r in rows)
+
+
+def test_inspect_unknown_type_is_clear_error(tiny_model: Path, clear_dataset: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["inspect", str(tiny_model), str(clear_dataset / "dots" / "test" / "good"),
+               "--feature-type", "nope"])
+    assert rc == 1
+    assert "unknown feature type 'nope'" in capsys.readouterr().err
+
+
+def test_inspect_corrupt_image(tiny_model: Path, tmp_path: Path, clear_dataset: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    good = next((clear_dataset / "dots" / "test" / "good").iterdir())
+    assert main(["inspect", str(tiny_model), str(bad)]) == 1
+    assert "bad.png" in capsys.readouterr().err
+    assert main(["inspect", str(tiny_model), str(bad), str(good), "--skip-corrupt"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert "error" in rows[0] and "score" in rows[1]
+
+
+def test_damaged_bundle_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "m").mkdir()
+    assert main(["inspect", str(tmp_path / "m"), "x.png"]) == 1
+    assert "incomplete" in capsys.readouterr().err
+
+
+def test_train_and_synth_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "synth", str(tmp_path / "d"), "--parts", "48", "--size", "64", "-q"]) == 0
+    assert (tmp_path / "d" / "manifest.csv").is_file()
+    capsys.readouterr()
+    rc = main(["train", str(tmp_path / "d"), "--out", str(tmp_path / "m"), "-q", "--method", "diffusion",
+               "--steps", "20", "--set", "backbone.input_size=64", "--set", "diffusion.hidden=32",
+               "--set", "calibration.fraction=0.3"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert len(out["classes"]) == 8 and (tmp_path / "m" / "weights.safetensors").is_file()
+
+
+def test_bad_override(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "m"), "--set", "train.nope=1"]) == 1
+    assert "unknown config field" in capsys.readouterr().err

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffqc.data import (
+    DEFECTIVE,
+    GOOD,
+    DatasetError,
+    ImageReadError,
+    decode_image,
+    load_dataset,
+    load_manifest,
+    read_image,
+    read_images,
+    read_mask,
+)
+
+
+def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_mvtec_layout(clear_dataset: Path) -> None:
+    samples = load_dataset(clear_dataset)
+    assert {s.feature_type for s in samples} == {"stripes", "dots"}
+    train = [s for s in samples if s.split == "train"]
+    assert train and all(s.label == GOOD for s in train)
+    bad = [s for s in samples if s.label == DEFECTIVE]
+    assert bad and all(s.mask_path is not None and s.mask_path.is_file() for s in bad)
+    mask = read_mask(bad[0].mask_path, (64, 64))
+    assert mask.dtype == bool and mask.any()
+
+
+def test_single_type_folder(clear_dataset: Path) -> None:
+    samples = load_dataset(clear_dataset / "dots")
+    assert {s.feature_type for s in samples} == {"dots"}
+
+
+def test_manifest(tmp_path: Path, clear_dataset: Path) -> None:
+    img = next((clear_dataset / "dots" / "train" / "good").iterdir())
+    (tmp_path / "m.csv").write_text(
+        "path,feature_type,label,part_id\n"
+        f"{img},dots,good,p1\n{img},dots,defect,p2\n{img},edge1,,p3\n"
+    )
+    s = load_manifest(tmp_path / "m.csv")
+    assert [x.label for x in s] == [GOOD, DEFECTIVE, -1]
+    assert s[0].group == "p1" and s[0].split == "train" and s[1].split == "test"
+
+
+@pytest.mark.parametrize("content,err", [
+    ("path,label\nx.png,good\n", "lacks column"),
+    ("path,feature_type,label\nx.png,dots,maybe\n", "unknown label"),
+])
+def test_manifest_errors(tmp_path: Path, content: str, err: str) -> None:
+    (tmp_path / "m.csv").write_text(content)
+    with pytest.raises(DatasetError, match=err):
+        load_manifest(tmp_path / "m.csv")
+
+
+def test_missing_dataset(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images"):
+        load_dataset(tmp_path / "empty")
+
+
+def test_decode_modes() -> None:
+    gray = (np.arange(64 * 64) % 256).astype(np.uint8).reshape(64, 64)
+    assert decode_image(_png(gray)).shape == (64, 64, 3)
+    deep = (np.arange(64 * 64, dtype=np.uint16) * 16).reshape(64, 64)
+    out16 = decode_image(_png(deep))
+    assert out16.max() <= 1.0 and out16.max() > 0.9  # full 16-bit range kept
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[..., 3] = 128
+    out = decode_image(_png(rgba))
+    assert out.shape == (32, 32, 3) and 0.4 < out[0, 0, 0] < 0.6
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty"),
+    (b"not an image at all", "not a recognised image"),
+    (_png(np.zeros((64, 64), np.uint8))[:60], "corrupt or truncated"),
+    (_png(np.zeros((1, 1), np.uint8)), "at least 8x8"),
+])
+def test_decode_errors(data: bytes, reason: str) -> None:
+    with pytest.raises(ImageReadError, match=reason):
+        decode_image(data)
+
+
+def test_decompression_bomb_header() -> None:
+    # A PNG header that claims 40,000 x 40,000 pixels: refused before decoding.
+    png = _png(np.zeros((8, 8), np.uint8))
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", 40_000, 40_000, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    bomb = png[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[33:]
+    with pytest.raises(ImageReadError, match=r"exceeds the limit|decompression"):
+        decode_image(bomb)
+
+
+def test_corrupt_file_named_and_skippable(tmp_path: Path, clear_dataset: Path) -> None:
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG garbage")
+    with pytest.raises(ImageReadError, match=r"broken\.png"):
+        read_image(bad)
+    samples = load_dataset(clear_dataset)[:3]
+    from dataclasses import replace
+
+    mixed = [*samples, replace(samples[0], path=bad)]
+    with pytest.raises(ImageReadError):
+        read_images(mixed)
+    with pytest.warns(UserWarning, match="skipped"):
+        images, kept, errors = read_images(mixed, skip_corrupt=True)
+    assert len(images) == 3 and len(kept) == 3 and errors[0].source == str(bad)

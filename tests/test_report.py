@@ -1,0 +1,327 @@
+"""The report: three files, offline HTML, and HTML numbers equal to the JSON numbers.
+
+Run as a script to render a demo: ``python tests/test_report.py /tmp/report_demo``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import warnings
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from diffqc import report as R
+from diffqc.folds import grouped_stratified_assignment
+
+METHODS = ("diffusion", "patchcore")
+ALPHA_REVIEW, ALPHA_REJECT = 0.05, 0.01
+K = 5
+
+# type -> (n_good parts, n_defective parts, separation, has masks)
+TYPES = {
+    "edge1": (120, 40, 2.2, True),
+    "corner": (90, 30, 1.4, False),
+    "rare": (40, 3, 1.0, False),  # too few defective samples -> unreliable
+    "clean": (30, 0, 0.0, False),  # no defective samples at all
+}
+
+
+def _mask(rng: np.random.Generator, h: int = 32) -> np.ndarray:
+    m = np.zeros((h, h), bool)
+    r, c = rng.integers(2, h - 10, 2)
+    m[r : r + rng.integers(3, 9), c : c + rng.integers(3, 9)] = True
+    return m
+
+
+def _simulate_type(rng: np.random.Generator, n_good: int, n_bad: int, sep: float,
+                   masks: bool) -> dict[str, Any]:
+    labels = np.r_[np.zeros(n_good, int), np.ones(n_bad, int)]
+    # two crops per part; a defective part's crops are both defective
+    groups = [f"good{i // 2}" for i in range(n_good)] + [f"bad{i // 2}" for i in range(n_bad)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fold = grouped_stratified_assignment(labels, groups, K, seed=0)
+    out: dict[str, Any] = {"labels": labels, "fold": fold, "methods": {}}
+    out["masks"] = [_mask(rng) if (masks and y) else None for y in labels] if masks else None
+    for j, _method in enumerate(METHODS):
+        shift = sep * (1.0 - 0.25 * j)
+        scores = rng.normal(size=labels.size) + shift * labels * rng.uniform(0.3, 1.7, labels.size)
+        p = np.empty(labels.size)
+        review_t, reject_t = [], []
+        for f in range(K):
+            cal = np.sort(rng.normal(size=150) + 0.05 * f)  # fold's calibration GOOD scores
+            idx = fold == f
+            p[idx] = (1 + (cal[None, :] >= scores[idx, None]).sum(1)) / (cal.size + 1)
+            review_t.append(float(np.quantile(cal, 1 - ALPHA_REVIEW)))
+            reject_t.append(float(np.quantile(cal, 1 - ALPHA_REJECT)))
+        decisions = np.where(p <= ALPHA_REJECT, "REJECT",
+                             np.where(p <= ALPHA_REVIEW, "REVIEW", "PASS"))
+        maps = None
+        if masks:
+            maps = [rng.normal(size=(8, 8)) + (2.0 * _downsample(m) if m is not None else 0.0)
+                    for m in out["masks"]]
+        out["methods"][_method] = {"scores": scores, "p": p, "decisions": decisions,
+                                   "review_t": review_t, "reject_t": reject_t, "maps": maps}
+    return out
+
+
+def _downsample(m: np.ndarray) -> np.ndarray:
+    return m.reshape(8, 4, 8, 4).mean(axis=(1, 3))
+
+
+def build_report(seed: int = 0, n_boot: int = 200) -> R.Report:
+    """A synthetic report built with the public builders, as evaluate.py would."""
+    rng = np.random.default_rng(seed)
+    sims = {t: _simulate_type(rng, *spec) for t, spec in TYPES.items()}
+    report = R.new_report(
+        dataset=R.DatasetInfo(
+            name="synthetic-inkjet", source="/data/synthetic/manifest.csv",
+            feature_types={t: R.TypeCounts(n_good=int((s["labels"] == 0).sum()),
+                                           n_defective=int(s["labels"].sum()),
+                                           n_groups=(len(s["labels"]) + 1) // 2)
+                           for t, s in sims.items()}),
+        methods=list(METHODS),
+        folds=R.FoldInfo(k=K, seed=0, grouping="part_id, else the source image"),
+        decision_rule=R.DecisionRule(alpha_review=ALPHA_REVIEW, alpha_reject=ALPHA_REJECT),
+    )
+    plots = report["plots"]
+    pooled: dict[str, dict[str, list[Any]]] = {m: {"y": [], "s": [], "f": [], "d": [], "p": []}
+                                               for m in METHODS}
+    for t, sim in sims.items():
+        y, fold = sim["labels"], sim["fold"]
+        report["results"][t] = {}
+        for m in METHODS:
+            r = sim["methods"][m]
+            report["results"][t][m] = R.method_result(
+                y, r["scores"], fold, r["decisions"], masks=sim["masks"], maps=r["maps"],
+                k=K, n_boot=n_boot)
+            plots["roc"].setdefault(t, {})[m] = R.roc_entry(y, r["scores"])
+            plots["histograms"].setdefault(t, {})[m] = R.histogram_entry(
+                y, r["scores"], r["review_t"], r["reject_t"])
+            for key, v in (("y", y), ("s", r["scores"]), ("f", fold), ("d", r["decisions"]),
+                           ("p", r["p"])):
+                pooled[m][key].append(v)
+            for idx, kind in R.worst_misses(y, r["scores"], k=1):
+                image = rng.uniform(0.2, 0.8, size=(32, 32, 3))
+                amap = r["maps"][idx] if r["maps"] else rng.normal(size=(8, 8))
+                plots["gallery"].append(R.GalleryItem(
+                    feature_type=t, method=m, kind=kind, path=f"/data/{t}/{idx:04d}.png",
+                    label=int(y[idx]), score=float(r["scores"][idx]),
+                    decision=str(r["decisions"][idx]), p_value=float(r["p"][idx]),
+                    overlay_png=R.overlay_png_base64(image, amap)))
+        a, b = (sim["methods"][m]["scores"] for m in METHODS)
+        report["comparisons"].append(R.compare_methods(t, *METHODS, y, a, b, fold, n_train=80, k=K))
+    report["overall"] = {}
+    for m in METHODS:
+        y, s, f, d, p = (np.concatenate(pooled[m][key]) for key in ("y", "s", "f", "d", "p"))
+        report["overall"][m] = R.method_result(y, s, f, d, k=K, n_boot=n_boot)
+        plots["calibration"][m] = R.calibration_entry(y, ALPHA_REVIEW, ALPHA_REJECT,
+                                                      p_values=p, decisions=d)
+    report["comparisons"] = R.apply_holm(report["comparisons"])
+    report["notes"] = ["Synthetic data: scores are random draws, not a real detector."]
+    return report
+
+
+class _Spans(HTMLParser):
+    """Collects <span class="num" data-key=... data-fmt=...>text</span>."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.found: list[tuple[str, str, str]] = []
+        self._open: tuple[str, str] | None = None
+        self._text = ""
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "span" and a.get("class") == "num":
+            self._open = (a["data-key"] or "", a["data-fmt"] or "")
+            self._text = ""
+
+    def handle_data(self, data: str) -> None:
+        if self._open:
+            self._text += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "span" and self._open:
+            self.found.append((*self._open, self._text))
+            self._open = None
+
+
+def _expected(value: Any, kind: str) -> str:
+    """Independent restatement of the documented number formats."""
+    if value is None:
+        return "–"
+    v = float(value)
+    return {"num": f"{v:.3f}", "signed": f"{v:+.3f}", "pct": f"{100 * v:.1f}%",
+            "p": "<0.001" if v < 0.001 else f"{v:.3f}", "int": str(int(v))}[kind]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("report")
+    return R.write_report(build_report(0), out)
+
+
+def test_three_files_and_strict_json(written: dict[str, Path]) -> None:
+    assert set(written) == {"json", "md", "html"}
+    assert all(p.is_file() and p.stat().st_size > 0 for p in written.values())
+
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    data = json.loads(written["json"].read_text(), parse_constant=no_constants)
+    assert data["schema_version"] == R.SCHEMA_VERSION
+    assert set(data["results"]) == set(TYPES) and data["methods"] == list(METHODS)
+    for item in data["plots"]["gallery"]:
+        assert "overlay_png" not in item
+        assert (written["json"].parent / item["overlay_file"]).is_file()
+
+
+def test_html_is_self_contained(written: dict[str, Path]) -> None:
+    page = written["html"].read_text()
+    assert not re.search(r"https?://", page, re.IGNORECASE)
+    assert "<script" not in page.lower() and "<link" not in page.lower()
+    assert "@import" not in page and "url(" not in page
+    srcs = re.findall(r'src="([^"]*)"', page)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+
+
+def test_every_html_number_matches_json(written: dict[str, Path]) -> None:
+    data = json.loads(written["json"].read_text())
+    parser = _Spans()
+    parser.feed(written["html"].read_text())
+    assert len(parser.found) > 300
+    for key, kind, text in parser.found:
+        assert text == _expected(R.resolve_pointer(data, key), kind), key
+    keys = {k for k, _, _ in parser.found}
+    for t in TYPES:
+        for m in METHODS:
+            for metric in R.METRIC_KEYS:
+                assert R.json_pointer("results", t, m, "pooled", metric) in keys
+                if not metric.startswith("share_"):
+                    assert R.json_pointer("results", t, m, "summary", metric, "mean") in keys
+    for i in range(len(data["comparisons"])):
+        for field in ("delong_p", "delong_p_holm", "nb_p", "nb_p_holm", "effect_size"):
+            assert R.json_pointer("comparisons", i, field) in keys
+
+
+def test_table_cells_hold_no_unlisted_numbers(written: dict[str, Path]) -> None:
+    page = written["html"].read_text()
+    cells = re.findall(r'<td class="n">(.*?)</td>', page, re.DOTALL)
+    assert cells
+    for cell in cells:
+        rest = re.sub(r'<span class="num"[^>]*>.*?</span>', "", cell)
+        rest = re.sub(r"<[^>]+>|95% CI", "", rest)
+        assert not re.search(r"\d", rest), cell
+
+
+def test_unreliable_types_are_marked(written: dict[str, Path]) -> None:
+    data = json.loads(written["json"].read_text())
+    clean = data["results"]["clean"]["diffusion"]
+    assert clean["unreliable"] and "no defective" in clean["reason"]
+    assert clean["pooled"]["auroc"] is None and clean["pooled"]["fpr_reject"] is not None
+    rare = data["results"]["rare"]["patchcore"]
+    assert rare["unreliable"] and "per fold" in rare["reason"]
+    assert not data["results"]["edge1"]["diffusion"]["unreliable"]
+    page = written["html"].read_text()
+    rows = re.findall(r'<tr class="([^"]*)"><td class="type"><strong>([^<]+)</strong>', page)
+    marked = {name for cls, name in rows if "unreliable" in cls}
+    assert marked == {"rare", "clean"}
+    assert page.count("UNRELIABLE") >= 4
+    assert "clean (UNRELIABLE)" in written["md"].read_text()
+
+
+def test_pixel_metrics_only_where_masks_exist(written: dict[str, Path]) -> None:
+    data = json.loads(written["json"].read_text())
+    edge = data["results"]["edge1"]["diffusion"]["pooled"]
+    assert 0.5 < edge["pixel_auroc"] <= 1.0 and 0.0 < edge["aupro"] <= 1.0
+    assert data["results"]["corner"]["diffusion"]["pooled"]["pixel_auroc"] is None
+
+
+def test_comparisons_holm_adjusted(written: dict[str, Path]) -> None:
+    data = json.loads(written["json"].read_text())
+    comps = data["comparisons"]
+    raw = [c["delong_p"] for c in comps]
+    adjusted = R.S.holm([math.nan if p is None else p for p in raw])
+    for c, adj in zip(comps, adjusted, strict=True):
+        assert (c["delong_p_holm"] is None) == math.isnan(adj)
+        if c["delong_p_holm"] is not None:
+            assert c["delong_p_holm"] == pytest.approx(adj)
+            assert c["delong_p_holm"] >= c["delong_p"]
+
+
+def test_markdown_numbers(written: dict[str, Path]) -> None:
+    data = json.loads(written["json"].read_text())
+    md = written["md"].read_text()
+    auroc = data["results"]["edge1"]["diffusion"]["pooled"]["auroc"]
+    assert f"{auroc:.3f}" in md and "## Method comparisons" in md
+
+
+def test_builders_on_small_inputs() -> None:
+    y = np.array([0, 0, 0, 1, 1])
+    s = np.array([0.1, 0.9, 0.3, 0.2, 0.8])
+    assert R.worst_misses(y, s, k=1) == [(3, "missed defect"), (1, "false alarm")]
+    p = np.array([0.5, 0.02, 0.2, 0.04, 0.001])
+    cal = R.calibration_entry(y, 0.05, 0.01, p_values=p, grid=[0.01, 0.05, 0.5])
+    assert cal["realised_fpr"] == pytest.approx([0.0, 1 / 3, 1.0])
+    assert [lv["realised_fpr"] for lv in cal["levels"]] == pytest.approx([1 / 3, 0.0])
+    decided = R.calibration_entry(y, 0.05, 0.01, decisions=["PASS", "REJECT", "PASS", "PASS",
+                                                             "REJECT"])
+    assert decided["alpha"] == [] and decided["levels"][1]["realised_fpr"] == pytest.approx(1 / 3)
+    hist = R.histogram_entry(y, s, [0.5, math.inf], [0.95], bins=4)
+    assert sum(hist["good"]) == 3 and sum(hist["defective"]) == 2 and hist["edges"][-1] == 0.95
+    roc = R.roc_entry(np.r_[np.zeros(300), np.ones(300)], np.arange(600.0), max_points=50)
+    assert len(roc["fpr"]) <= 50 and roc["fpr"][0] == 0.0 and roc["tpr"][-1] == 1.0
+
+
+def test_pixel_metrics_resize_maps_and_skip_unknown_masks() -> None:
+    rng = np.random.default_rng(0)
+    defect = _mask(rng)
+    masks: list[np.ndarray | None] = [None, None, defect, None]  # last: defective, no mask
+    maps = [rng.normal(size=(8, 8)) for _ in masks]
+    maps[2] = maps[2] + 3.0 * _downsample(defect)
+    out = R.compute_metrics([0, 0, 1, 1], [0.1, 0.2, 0.9, 0.8], masks=masks, maps=maps)
+    assert out["pixel_auroc"] > 0.8 and 0.0 < out["aupro"] <= 1.0
+    assert math.isnan(R.compute_metrics([0, 1], [0.1, 0.9], masks=[None, None],
+                                        maps=maps[:2])["pixel_auroc"])
+
+
+def test_single_method_report_with_overlay_file(tmp_path: Path) -> None:
+    y = np.r_[np.zeros(20, int), np.ones(10, int)]
+    s = np.random.default_rng(1).normal(size=30) + y
+    fold = np.arange(30) % 5
+    overlay = tmp_path / "overlay.png"
+    overlay.write_bytes(R.base64.b64decode(R.overlay_png_base64(np.ones((16, 16, 3)) / 2,
+                                                                np.eye(4))))
+    rep = R.new_report(
+        dataset=R.DatasetInfo(name="tiny", source="-", feature_types={}),
+        methods=["padim"], folds=R.FoldInfo(k=5, seed=0, grouping="image"),
+        decision_rule=R.DecisionRule(alpha_review=0.05, alpha_reject=0.01))
+    rep["results"]["t"] = {"padim": R.method_result(y, s, fold, n_boot=50)}
+    rep["plots"]["gallery"].append(R.GalleryItem(
+        feature_type="t", method="padim", kind="missed defect", path="x.png", label=1,
+        score=0.5, overlay_path=str(overlay)))
+    paths = R.write_report(rep, tmp_path / "out")
+    page = paths["html"].read_text()
+    assert "No comparisons" in page and page.count("data:image/png;base64,") == 1
+    data = json.loads(paths["json"].read_text())
+    assert data["results"]["t"]["padim"]["pooled"]["fpr_reject"] is None  # no decisions given
+    assert data["results"]["t"]["padim"]["unreliable"]  # 2 defective per fold < 5
+
+
+def test_missing_key_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="comparisons"):
+        R.write_report({"dataset": {}, "methods": [], "folds": {}, "decision_rule": {},
+                        "results": {}, "plots": {}}, tmp_path)
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/report_demo")
+    print(R.write_report(build_report(0, n_boot=1000), target))
