@@ -21,7 +21,8 @@ def test_schedule_monotone_and_bounded() -> None:
 
 def test_denoiser_shapes_and_no_nan() -> None:
     g = torch.Generator().manual_seed(0)
-    m = Denoiser(12, n_types=3, locations=16, config=DiffusionConfig(hidden=32, depth=2, embed_dim=16))
+    m = Denoiser(12, n_types=3, locations=16,
+                 config=DiffusionConfig(hidden=32, depth=2, embed_dim=16, prior="none"))
     x = torch.randn(4, 16, 12, generator=g)
     out = m(x, torch.tensor([1, 10, 500, 999]), torch.tensor([0, 1, 2, 3]), torch.arange(16).expand(4, 16))
     assert out.shape == x.shape and torch.isfinite(out).all()
@@ -41,7 +42,7 @@ def test_loss_falls() -> None:
         feats.append(torch.einsum("nkhw,kc->nchw", z, basis) * 0.3 + (t * 2 - 1))
     x = torch.cat(feats)
     types = torch.tensor([0] * 24 + [1] * 24)
-    _, hist = train_denoiser(x, types, 2, DiffusionConfig(hidden=64, depth=2, embed_dim=16),
+    _, hist = train_denoiser(x, types, 2, DiffusionConfig(hidden=64, depth=2, embed_dim=16, prior="none"),
                              TrainConfig(steps=300, batch_images=8, locations_per_image=16), progress=False)
     first, last = hist.loss[2], hist.loss[-1]
     assert last < 0.8 * first, (first, last)
@@ -52,3 +53,25 @@ def test_separation_hinge_is_bounded() -> None:
     e_true = torch.tensor([0.5, 0.5])
     assert float(separation_hinge(e_true, torch.tensor([10.0, 100.0]), 0.05)) == 0.0
     assert float(separation_hinge(e_true, torch.tensor([0.5, 0.5]), 0.05)) == pytest.approx(0.05)
+
+
+def test_gaussian_prior_is_the_optimal_linear_denoiser() -> None:
+    """On Gaussian data the closed-form path alone beats predicting zero noise, and its error
+    grows with the Mahalanobis distance of x0 from the type's mean."""
+    g = torch.Generator().manual_seed(1)
+    c, n, side = 8, 64, 4
+    a = torch.randn(c, c, generator=g) * 0.5
+    x = (torch.randn(n, side * side, c, generator=g) @ a) + 2.0
+    m = Denoiser(c, 1, side * side, DiffusionConfig(hidden=16, depth=1, embed_dim=8))
+    m.fit_prior(x, torch.zeros(n, dtype=torch.long))
+    t = torch.full((n,), 300)
+    eps = torch.randn(x.shape, generator=g)
+    ab = m.alpha_bar[300]
+    x_t = ab.sqrt() * x + (1 - ab).sqrt() * eps
+    pos = torch.arange(side * side).expand(n, -1)
+    with torch.no_grad():
+        pred = m(x_t, t, torch.zeros(n, dtype=torch.long), pos)
+        err = (pred - eps).pow(2).mean()
+        far = m(ab.sqrt() * (x + 6.0) + (1 - ab).sqrt() * eps, t, torch.zeros(n, dtype=torch.long), pos)
+    assert float(err) < 0.9 * float(eps.pow(2).mean())
+    assert float((far - eps).pow(2).mean()) > 2 * float(err)

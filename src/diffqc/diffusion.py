@@ -77,13 +77,36 @@ class _Block(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """ε-prediction network: ``(x_t [B, L, C], t [B], type [B], pos [B, L]) -> ε̂ [B, L, C]``."""
+    """ε-prediction network: ``(x_t [B, L, C], t [B], type [B], pos [B, L]) -> ε̂ [B, L, C]``.
+
+    With ``prior="gaussian"`` the prediction is ``ε̂_G + f_θ``: ``ε̂_G`` is the exact posterior
+    mean E[ε | x_t] when x_0 ~ N(μ[type, location], Σ[type]) (Tweedie):
+    ``ε̂_G = √(1-ᾱ) (ᾱ Σ + (1-ᾱ) I)^{-1} (x_t - √ᾱ μ)``, computed through Σ's eigenbasis; the
+    network f_θ (zero at initialisation) learns what a Gaussian misses. The statistics are
+    buffers fitted on the GOOD training features (:meth:`fit_prior`), the null type gets those
+    of all types pooled.
+    """
+
+    prior_mean: Tensor
+    prior_vecs: Tensor
+    prior_vals: Tensor
+    alpha_bar: Tensor
 
     def __init__(self, channels: int, n_types: int, locations: int, config: DiffusionConfig) -> None:
         super().__init__()
         e, h = config.embed_dim, config.hidden
         self.channels, self.n_types, self.locations = channels, n_types, locations
         self.embed_dim = e
+        if config.prior not in ("gaussian", "none"):
+            raise ValueError(f"unknown prior {config.prior!r} (gaussian or none)")
+        self.use_prior = config.prior == "gaussian"
+        self.shrinkage = config.prior_shrinkage
+        alpha_bar = (cosine_alpha_bar if config.schedule == "cosine" else linear_alpha_bar)(config.timesteps)
+        self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
+        if self.use_prior:
+            self.register_buffer("prior_mean", torch.zeros(n_types + 1, locations, channels))
+            self.register_buffer("prior_vecs", torch.eye(channels).repeat(n_types + 1, 1, 1))
+            self.register_buffer("prior_vals", torch.ones(n_types + 1, channels))
         self.type_embed = nn.Embedding(n_types + 1, e)  # the last row is the null type
         self.pos_embed = nn.Embedding(locations, e)
         self.time_mlp = nn.Sequential(nn.Linear(e, h), nn.SiLU(), nn.Linear(h, h))
@@ -95,6 +118,38 @@ class Denoiser(nn.Module):
         self.out = nn.Linear(h, channels)
         nn.init.normal_(self.type_embed.weight, std=0.5)
         nn.init.normal_(self.pos_embed.weight, std=0.5)
+        if self.use_prior:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+
+    @torch.no_grad()
+    def fit_prior(self, tokens: Tensor, type_idx: Tensor) -> None:
+        """Per-type location means and a shrunk covariance from GOOD ``tokens [N, L, C]``."""
+        if not self.use_prior:
+            return
+        groups = [type_idx == k for k in range(self.n_types)] + [torch.ones_like(type_idx, dtype=torch.bool)]
+        for k, sel in enumerate(groups):
+            x = tokens[sel].double()
+            if x.shape[0] == 0:
+                continue
+            mean = x.mean(dim=0)  # [L, C]
+            resid = (x - mean).reshape(-1, self.channels)
+            cov = resid.T @ resid / max(1, resid.shape[0] - 1)
+            target = torch.eye(self.channels, dtype=cov.dtype) * cov.diagonal().mean()
+            cov = (1 - self.shrinkage) * cov + self.shrinkage * target
+            vals, vecs = torch.linalg.eigh(cov)
+            self.prior_mean[k] = mean.float()
+            self.prior_vecs[k] = vecs.float()
+            self.prior_vals[k] = vals.clamp_min(1e-6).float()
+
+    def gaussian_eps(self, x_t: Tensor, t: Tensor, type_idx: Tensor, pos: Tensor) -> Tensor:
+        """E[ε | x_t] under the per-type Gaussian."""
+        ab = self.alpha_bar[t].view(-1, 1, 1)
+        mu = self.prior_mean[type_idx[:, None], pos]  # [B, L, C]
+        vecs = self.prior_vecs[type_idx]  # [B, C, C]
+        gain = (1 - ab).sqrt() / (ab * self.prior_vals[type_idx][:, None, :] + (1 - ab))  # [B, 1, C]
+        z = torch.bmm(x_t - ab.sqrt() * mu, vecs) * gain
+        return torch.bmm(z, vecs.transpose(1, 2))
 
     @property
     def null_type(self) -> int:
@@ -108,4 +163,7 @@ class Denoiser(nn.Module):
         c = cond[:, None, :]
         for block in self.blocks:
             h = block(h, c)
-        return self.out(self.out_norm(h))
+        out = self.out(self.out_norm(h))
+        if self.use_prior:
+            out = out + self.gaussian_eps(x_t, t, type_idx, pos)
+        return out

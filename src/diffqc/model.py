@@ -126,7 +126,10 @@ class Detector:
     @property
     def extractor(self) -> FeatureExtractor:
         if self.extractor_ is None:
-            self.extractor_ = FeatureExtractor(self.config.backbone).to(self.device)
+            # Built outside inference mode even when first needed inside it: its statistics
+            # buffers are updated in place later by fit_standardisation.
+            with torch.inference_mode(False):
+                self.extractor_ = FeatureExtractor(self.config.backbone).to(self.device)
         return self.extractor_
 
     @torch.inference_mode()
@@ -156,8 +159,21 @@ class Detector:
                           stacklevel=2)
         if not good:
             raise ValueError("no GOOD training samples to fit on")
-        start = time.perf_counter()
         images, good, errors = read_images(good, skip_corrupt=skip_corrupt)
+        raw = self.extract(images, raw=True, progress=progress)
+        del images
+        self.fit_features(raw, good, progress=progress)
+        self.metadata["training_data"]["skipped_corrupt"] = [str(e.source) for e in errors]
+        return self
+
+    def fit_features(self, raw: Tensor, good: Sequence[Sample], *, progress: bool = False) -> Detector:
+        """Fit from precomputed *raw* backbone features of GOOD samples (``extract(raw=True)``).
+
+        The backbone is frozen, so cross-validation extracts features once and refits here.
+        """
+        if raw.shape[0] != len(good):
+            raise ValueError(f"{raw.shape[0]} feature maps for {len(good)} samples")
+        start = time.perf_counter()
         self.classes_ = sorted({s.feature_type for s in good})
         fit_idx, cal_idx = split_calibration(good, self.config.calibration.fraction,
                                              self.config.train.seed)
@@ -166,10 +182,8 @@ class Detector:
         fe = self.extractor
         self.config = replace(self.config, backbone=replace(self.config.backbone,
                                                             weights_sha256=fe.weights_sha256))
-        raw = self.extract(images, raw=True, progress=progress)
         fe.fit_standardisation(raw[fit_idx])
         feats = fe.standardise(raw)
-        del raw
         types = torch.tensor([self.classes_.index(s.feature_type) for s in good])
         t_fit = time.perf_counter()
         scorer = make_scorer(self.config)
@@ -194,7 +208,7 @@ class Detector:
                 "fit_images": {t: sum(good[i].feature_type == t for i in fit_idx) for t in self.classes_},
                 "calibration_images": {t: sum(s.feature_type == t for s in cal_samples)
                                        for t in self.classes_},
-                "skipped_corrupt": [str(e.source) for e in errors],
+                "skipped_corrupt": [],
             },
             "fit_seconds": round(fit_seconds, 2),
             "total_seconds": round(time.perf_counter() - start, 2),
@@ -263,14 +277,31 @@ class Detector:
         image is scored under every type, the minimum is its score and the arg-min its type.
         ``all_types`` also scores known-type images under every type (for ``type_scores`` and
         ``predicted_type``); turn it off for the fastest path."""
-        _, calibration = self._require_fitted()
+        self._require_fitted()
         types = list(feature_types) if feature_types is not None else [None] * len(images)
         if len(types) != len(images):
             raise ValueError(f"{len(images)} images but {len(types)} feature types")
-        given = [None if t is None else self.type_index(t) for t in types]
+        for t in types:
+            if t is not None:
+                self.type_index(t)  # an unknown type fails before any work is done
         if not images:
             return []
-        feats = self.extract(images)
+        raw = self.extract(images, raw=True)
+        shapes = [(int(img.shape[0]), int(img.shape[1])) for img in images]
+        return self.inspect_features(raw, types, shapes if maps else None, all_types=all_types)
+
+    @torch.inference_mode()
+    def inspect_features(
+        self, raw: Tensor, feature_types: Sequence[str | None],
+        map_sizes: Sequence[tuple[int, int]] | None = None, *, all_types: bool = True,
+    ) -> list[Inspection]:
+        """:meth:`inspect` from precomputed raw backbone features; maps are returned at
+        ``map_sizes`` (H, W) per image, or not at all when it is ``None``."""
+        _, calibration = self._require_fitted()
+        types = list(feature_types)
+        maps = map_sizes is not None
+        given = [None if t is None else self.type_index(t) for t in types]
+        feats = self.extractor.standardise(raw)
         n_types = len(self.classes_)
         need_table = all_types or any(g is None for g in given)
         table = self._type_score_table(feats) if need_table else None
@@ -280,7 +311,7 @@ class Detector:
         own_maps = self.score_maps(feats, own) if (maps or table is None) else None
         own_scores = self.image_scores(own_maps) if own_maps is not None else None
         results = []
-        for i, img in enumerate(images):
+        for i in range(len(types)):
             k = int(own[i])
             known = given[i] is not None
             if own_scores is not None:
@@ -290,8 +321,8 @@ class Detector:
                 score = float(table[i, k])
             p = calibration.p_value(self.classes_[k], score, type_known=known)
             amap = None
-            if maps and own_maps is not None:
-                amap = _resize_map(own_maps[i], img.shape[0], img.shape[1])
+            if map_sizes is not None and own_maps is not None:
+                amap = _resize_map(own_maps[i], *map_sizes[i])
             results.append(Inspection(
                 score=score, p_value=p, decision=calibration.decide(p),
                 feature_type=self.classes_[k],

@@ -62,7 +62,9 @@ def train_denoiser(
     locations = h * w
     tokens = features.permute(0, 2, 3, 1).reshape(n, locations, c).contiguous()
     type_idx = type_idx.long()
-    model = Denoiser(c, n_types, locations, diffusion).to(device)
+    model = Denoiser(c, n_types, locations, diffusion)
+    model.fit_prior(tokens, type_idx)
+    model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     schedule = NoiseSchedule(diffusion.timesteps, diffusion.schedule).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)

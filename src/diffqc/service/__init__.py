@@ -1,0 +1,194 @@
+"""HTTP inspection service, ring buffer, result store, dashboard and folder watcher.
+
+Entry points (``diffqc serve``, ``diffqc watch``, ``diffqc results export``):
+:func:`run_server`, :func:`run_watch`, :func:`export_reviewed_good`, and
+:func:`add_service_commands` which registers the three sub-commands on an argparse
+sub-parsers object (each sets ``func``: call ``args.func(args)`` to run it).
+
+Importing this package is cheap: FastAPI, uvicorn and the model load only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_service_commands", "export_reviewed_good", "run_server", "run_watch"]
+
+
+def run_server(
+    model_path: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    db_url: str | None = None,
+    token: str | list[str] | None = None,
+    **opts: Any,
+) -> int:
+    """Serve a model over HTTP (see :func:`diffqc.service.app.run_server`)."""
+    from diffqc.service.app import run_server as _run
+
+    return _run(model_path, host, port, db_url, token, **opts)
+
+
+def run_watch(directory: str | Path, model_path: str | Path, db_url: str | None = None, **opts: Any) -> int:
+    """Inspect images written into a folder (see :func:`diffqc.service.watch.run_watch`)."""
+    from diffqc.service.watch import run_watch as _run
+
+    return _run(directory, model_path, db_url, **opts)
+
+
+def export_reviewed_good(db_url: str, out_dir: str | Path, **opts: Any) -> dict[str, Any]:
+    """Export operator-approved parts as a dataset.
+
+    See :func:`diffqc.service.store.export_reviewed_good`.
+    """
+    from diffqc.service.store import export_reviewed_good as _export
+
+    return _export(db_url, out_dir, **opts)
+
+
+# --------------------------------------------------------------------------- argparse glue
+def _cmd_serve(args: argparse.Namespace) -> int:
+    opts: dict[str, Any] = {
+        "buffer_size": args.buffer_size,
+        "max_batch": args.max_batch,
+        "overflow": args.overflow,
+        "retry_after_s": args.retry_after,
+        "max_upload_bytes": args.max_upload_mb * 1024 * 1024,
+        "keep_images": args.keep_images,
+        "heatmaps": args.heatmaps,
+        "all_types": not args.fast,
+        "cors_origins": tuple(args.cors_origin or ()),
+        "allow_no_token": args.no_auth,
+        "watch_dirs": tuple(args.watch or ()),
+        "log_level": args.log_level,
+        "access_log": args.access_log,
+    }
+    if args.data_dir:
+        opts["data_dir"] = args.data_dir
+    if args.threads:
+        opts["torch_threads"] = args.threads
+    return run_server(args.model, args.host, args.port, args.db, args.token, **opts)
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    return run_watch(
+        args.dir,
+        args.model,
+        args.db,
+        feature_type=args.feature_type,
+        data_dir=args.data_dir,
+        poll_s=args.poll,
+        settle_s=args.settle,
+        after="keep" if args.keep else "move",
+        once=args.once,
+        max_batch=args.max_batch,
+        source=args.source,
+    )
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from diffqc.service.app import parse_time
+
+    since = parse_time(args.since, "since") if args.since else None
+    summary = export_reviewed_good(args.db, args.out, data_dir=args.data_dir, since=since)
+    print(json.dumps(summary))
+    return 0
+
+
+def add_service_commands(subparsers: Any) -> None:
+    """Register ``serve``, ``watch`` and ``results export`` on an argparse sub-parsers object.
+
+    Each parser sets ``func``; the caller runs ``args.func(args)`` (an int exit code).
+    """
+    db_help = (
+        "result store: SQLite path or sqlite:///path, or postgresql://user@host/db "
+        "(default $DIFFQC_DB or diffqc-results.db)"
+    )
+    p = subparsers.add_parser("serve", help="serve a model over HTTP (inspection API + dashboard)")
+    p.add_argument("model", help="model bundle folder (from diffqc train)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--db", default=None, help=db_help)
+    p.add_argument(
+        "--token",
+        action="append",
+        help="accepted API token (repeatable; default $DIFFQC_TOKEN, comma-separated)",
+    )
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="run without any token (trusted, isolated hosts only)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder for heat maps and kept images (default beside the SQLite file)",
+    )
+    p.add_argument("--buffer-size", type=int, default=64, help="ring buffer capacity (parts)")
+    p.add_argument("--max-batch", type=int, default=8, help="largest inference micro-batch")
+    p.add_argument(
+        "--overflow",
+        choices=["reject", "drop_oldest"],
+        default="reject",
+        help="full buffer: refuse with 503 + Retry-After, or drop the oldest part (stored as NOT_INSPECTED)",
+    )
+    p.add_argument("--retry-after", type=int, default=1, help="Retry-After seconds on 503")
+    p.add_argument("--max-upload-mb", type=int, default=20)
+    p.add_argument(
+        "--keep-images",
+        choices=["none", "flagged", "all"],
+        default="flagged",
+        help="which uploads to keep for review/export (flagged = REVIEW and REJECT)",
+    )
+    p.add_argument("--heatmaps", choices=["none", "flagged", "all"], default="all")
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help="score only the given type (no predicted type / type scores)",
+    )
+    p.add_argument("--cors-origin", action="append", help="allow this browser origin (repeatable)")
+    p.add_argument(
+        "--watch",
+        action="append",
+        metavar="DIR",
+        help="also ingest images written into DIR (repeatable)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--access-log", action="store_true")
+    p.set_defaults(func=_cmd_serve)
+
+    w = subparsers.add_parser("watch", help="inspect images as a camera writes them into a folder")
+    w.add_argument("dir", help="folder the camera writes into")
+    w.add_argument("model", help="model bundle folder")
+    w.add_argument("--db", default=None, help=db_help)
+    w.add_argument("--data-dir", default=None)
+    w.add_argument(
+        "--feature-type",
+        default=None,
+        help="type of every image (default: the sub-folder name, else unknown)",
+    )
+    w.add_argument("--poll", type=float, default=0.5, help="seconds between scans")
+    w.add_argument(
+        "--settle",
+        type=float,
+        default=1.0,
+        help="a file is complete once unchanged for this many seconds",
+    )
+    w.add_argument("--keep", action="store_true", help="leave files in place (default: move to processed/)")
+    w.add_argument("--once", action="store_true", help="process what is there, then exit")
+    w.add_argument("--max-batch", type=int, default=8)
+    w.add_argument("--source", default=None, help="idempotency namespace (default: the folder path)")
+    w.set_defaults(func=_cmd_watch)
+
+    r = subparsers.add_parser("results", help="work with stored results")
+    rsub = r.add_subparsers(dest="results_command", required=True)
+    e = rsub.add_parser("export", help="export parts reviewed GOOD as extra calibration data")
+    e.add_argument("out", help="output folder (images + manifest.csv)")
+    e.add_argument("--db", default="diffqc-results.db", help=db_help)
+    e.add_argument("--data-dir", default=None)
+    e.add_argument("--since", default=None, help="only parts inspected since (ISO 8601 or epoch)")
+    e.set_defaults(func=_cmd_export)

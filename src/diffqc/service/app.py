@@ -1,0 +1,968 @@
+"""The inspection service: FastAPI app, metrics, and the ``run_server`` entry point.
+
+The model is loaded once in the lifespan. Upload decoding runs in the thread pool and
+inference in the pipeline's own worker thread (:mod:`diffqc.service.buffer`), so the event
+loop only moves bytes. A request is answered 200 only after its record is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from diffqc.data import ImageReadError, decode_image
+from diffqc.service.buffer import (
+    BufferClosed,
+    BufferFull,
+    DetectorLike,
+    InspectionPipeline,
+    Job,
+    OverflowPolicy,
+    overlay_scales,
+)
+from diffqc.service.security import (
+    BROWSER_FORMATS,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    ImageTooLarge,
+    UploadTooLarge,
+    bearer_token,
+    check_content_length,
+    check_image_header,
+    read_limited,
+    token_matches,
+)
+from diffqc.service.store import (
+    DECISIONS,
+    NOT_INSPECTED,
+    ArtifactStore,
+    ResultRecord,
+    ResultStore,
+    StoreError,
+    default_artifact_root,
+    redact_url,
+)
+
+log = logging.getLogger("diffqc.service")
+
+STATIC_DIR = Path(__file__).parent / "static"
+HTTP_SOURCE = "http"
+MAX_ID_LEN = 200
+
+
+@dataclass
+class ServiceSettings:
+    """Everything ``create_app`` needs. ``tokens`` empty means no auth (``allow_no_token``)."""
+
+    model_path: str | Path | None = None
+    db_url: str = "diffqc-results.db"
+    tokens: tuple[str, ...] = ()
+    allow_no_token: bool = False
+    data_dir: str | Path | None = None  # heat maps / kept images; default beside the DB
+    buffer_size: int = 64
+    max_batch: int = 8
+    overflow: str = OverflowPolicy.REJECT.value
+    retry_after_s: int = 1
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_batch_upload_bytes: int = 64 * 1024 * 1024
+    max_batch_items: int = 32
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    keep_images: str = "flagged"
+    heatmaps: str = "all"
+    all_types: bool = True  # score every type too (predicted type, type scores)
+    cors_origins: tuple[str, ...] = ()
+    torch_threads: int | None = None
+    watch_dirs: tuple[str, ...] = ()  # folders fed into the same buffer
+    watch_feature_type: str | None = None
+
+    def validate(self) -> None:
+        if not self.tokens and not self.allow_no_token:
+            raise ValueError(
+                "no API token: pass --token or set DIFFQC_TOKEN (or --no-auth on a trusted host)"
+            )
+        OverflowPolicy(self.overflow)
+        if self.buffer_size < 1 or self.max_batch < 1:
+            raise ValueError("buffer_size and max_batch must be at least 1")
+
+
+# --------------------------------------------------------------------------- errors
+class ServiceError(Exception):
+    """An error answered with ``status`` and a JSON body ``{"detail": ..., "code": ...}``."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers
+
+
+def _error_response(exc: ServiceError) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail, "code": exc.code}, status_code=exc.status, headers=exc.headers)
+
+
+# --------------------------------------------------------------------------- metrics
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _esc(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Histogram:
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * len(self.buckets)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, value: float) -> None:
+        for i, b in enumerate(self.buckets):
+            if value <= b:
+                self.counts[i] += 1
+                break
+        self.total += value
+        self.n += 1
+
+    def render(self, name: str) -> list[str]:
+        lines = []
+        cumulative = 0
+        for b, c in zip(self.buckets, self.counts, strict=True):
+            cumulative += c
+            lines.append(f'{name}_bucket{{le="{b:g}"}} {cumulative}')
+        lines.append(f'{name}_bucket{{le="+Inf"}} {self.n}')
+        lines.append(f"{name}_sum {self.total:.6f}")
+        lines.append(f"{name}_count {self.n}")
+        return lines
+
+
+class Metrics:
+    """Counters kept in memory (they restart at zero with the process, as Prometheus expects)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.decisions: Counter[tuple[str, str]] = Counter()
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.batch = Histogram(BATCH_BUCKETS)
+        self.inference_seconds = 0.0
+        self.responses: Counter[int] = Counter()
+        self.rejected_uploads: Counter[str] = Counter()
+
+    def on_record(self, rec: ResultRecord, seconds: float) -> None:
+        with self._lock:
+            self.decisions[(rec.feature_type or "", rec.decision)] += 1
+            if rec.decision != NOT_INSPECTED:
+                self.latency.observe(seconds)
+
+    def on_batch(self, size: int, seconds: float) -> None:
+        with self._lock:
+            if size:
+                self.batch.observe(size)
+            self.inference_seconds += seconds
+
+    def on_response(self, status: int) -> None:
+        with self._lock:
+            self.responses[status] += 1
+
+    def on_bad_upload(self, code: str) -> None:
+        with self._lock:
+            self.rejected_uploads[code] += 1
+
+    def render(self, pipeline: InspectionPipeline | None, model_version: str, pending: int) -> str:
+        out: list[str] = []
+
+        def head(name: str, kind: str, text: str) -> None:
+            out.append(f"# HELP {name} {text}")
+            out.append(f"# TYPE {name} {kind}")
+
+        with self._lock:
+            head("diffqc_decisions_total", "counter", "Stored decisions per feature type.")
+            for (ftype, decision), n in sorted(self.decisions.items()):
+                labels = f'feature_type="{_esc(ftype)}",decision="{decision}"'
+                out.append(f"diffqc_decisions_total{{{labels}}} {n}")
+            head(
+                "diffqc_inspection_latency_seconds",
+                "histogram",
+                "Time from enqueue to stored record, per inspected part.",
+            )
+            out += self.latency.render("diffqc_inspection_latency_seconds")
+            head("diffqc_batch_size", "histogram", "Parts per inference micro-batch.")
+            out += self.batch.render("diffqc_batch_size")
+            head(
+                "diffqc_inference_busy_seconds_total",
+                "counter",
+                "Time the worker spent on batches.",
+            )
+            out.append(f"diffqc_inference_busy_seconds_total {self.inference_seconds:.6f}")
+            head("diffqc_http_responses_total", "counter", "HTTP responses per status code.")
+            for code, n in sorted(self.responses.items()):
+                out.append(f'diffqc_http_responses_total{{code="{code}"}} {n}')
+            head(
+                "diffqc_bad_uploads_total",
+                "counter",
+                "Uploads refused before inspection, by reason.",
+            )
+            for reason, n in sorted(self.rejected_uploads.items()):
+                out.append(f'diffqc_bad_uploads_total{{reason="{_esc(reason)}"}} {n}')
+        if pipeline is not None:
+            buf = pipeline.buffer
+            head("diffqc_queue_depth", "gauge", "Parts waiting in the ring buffer.")
+            out.append(f"diffqc_queue_depth {len(buf)}")
+            head("diffqc_queue_capacity", "gauge", "Ring buffer capacity.")
+            out.append(f"diffqc_queue_capacity {buf.capacity}")
+            head("diffqc_queue_high_water", "gauge", "Largest queue depth seen.")
+            out.append(f"diffqc_queue_high_water {buf.high_water}")
+            head(
+                "diffqc_parts_dropped_total",
+                "counter",
+                "Parts evicted by the drop_oldest policy (stored as NOT_INSPECTED).",
+            )
+            out.append(f"diffqc_parts_dropped_total {buf.dropped_total}")
+            head("diffqc_parts_refused_total", "counter", "Parts refused with 503 (reject policy).")
+            out.append(f"diffqc_parts_refused_total {buf.refused_total}")
+            head("diffqc_inference_errors_total", "counter", "Parts whose inspection raised.")
+            out.append(f"diffqc_inference_errors_total {pipeline.errors_total}")
+        head("diffqc_review_pending", "gauge", "REVIEW decisions without an operator verdict.")
+        out.append(f"diffqc_review_pending {pending}")
+        head("diffqc_model_info", "gauge", "The loaded model.")
+        out.append(f'diffqc_model_info{{version="{_esc(model_version)}"}} 1')
+        rss = resident_memory_bytes()
+        if rss is not None:
+            head("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
+            out.append(f"process_resident_memory_bytes {rss}")
+        return "\n".join(out) + "\n"
+
+
+def resident_memory_bytes(pid: int | str = "self") -> int | None:
+    """VmRSS from /proc (Linux); None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class _StatusCounter:
+    """Pure ASGI middleware counting responses per status code."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.on_response(int(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+# --------------------------------------------------------------------------- JSON helpers
+def _finite(x: Any) -> Any:
+    """JSON-safe: NaN / inf become None, recursively."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
+def record_json(rec: ResultRecord) -> dict[str, Any]:
+    out = rec.to_json()
+    rid = rec.id
+    out["heatmap_url"] = f"/v1/results/{rid}/heatmap" if rec.heatmap else None
+    out["image_url"] = f"/v1/results/{rid}/image" if rec.image else None
+    out.pop("heatmap")
+    out.pop("image")
+    return _finite(out)
+
+
+def parse_time(value: str | None, name: str) -> float | None:
+    """Epoch seconds or ISO 8601 (UTC when no offset) -> epoch seconds."""
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ServiceError(
+            422, "bad_time", f"{name}={value!r} is neither epoch seconds nor ISO 8601"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()
+
+
+# --------------------------------------------------------------------------- state
+@dataclass
+class ServiceState:
+    settings: ServiceSettings
+    metrics: Metrics = field(default_factory=Metrics)
+    detector: DetectorLike | None = None
+    store: ResultStore | None = None
+    artifacts: ArtifactStore | None = None
+    pipeline: InspectionPipeline | None = None
+    model_info: dict[str, Any] = field(default_factory=dict)
+    model_version: str = ""
+    classes: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    watchers: list[Any] = field(default_factory=list)
+
+    def require(self) -> tuple[InspectionPipeline, ResultStore]:
+        if self.pipeline is None or self.store is None:
+            raise ServiceError(503, "not_ready", "the service is starting or stopping")
+        return self.pipeline, self.store
+
+
+def _model_info(det: Any) -> dict[str, Any]:
+    meta = dict(getattr(det, "metadata", {}) or {})
+    summary: dict[str, Any] = {}
+    cal = getattr(det, "calibration_", None)
+    if cal is not None and hasattr(cal, "summary"):
+        summary = cal.summary()
+    config = getattr(det, "config", None)
+    thresholds: dict[str, Any] = {
+        "alpha_review": summary.get("alpha_review"),
+        "alpha_reject": summary.get("alpha_reject"),
+        "types": {
+            t: {"review": v.get("review_threshold"), "reject": v.get("reject_threshold")}
+            for t, v in (summary.get("types") or {}).items()
+        },
+    }
+    version = str(getattr(det, "version", "") or meta.get("model_id") or meta.get("version") or "")
+    return _finite(
+        {
+            "classes": list(getattr(det, "classes_", [])),
+            "version": version,
+            "model_id": meta.get("model_id"),
+            "created": meta.get("created"),
+            "method": meta.get("method"),
+            "diffqc_version": meta.get("diffqc_version"),
+            "thresholds": thresholds,
+            "calibration": summary,
+            "config": config.to_dict() if config is not None and hasattr(config, "to_dict") else None,
+        }
+    )
+
+
+def load_detector(model_path: str | Path) -> DetectorLike:
+    from diffqc.model import Detector
+
+    det: DetectorLike = Detector.load(model_path, device="cpu")
+    return det
+
+
+# --------------------------------------------------------------------------- uploads
+async def _read_body(request: Request, limit: int) -> bytes:
+    check_content_length(request.headers.get("content-length"), limit)
+    return await read_limited(request.stream(), limit)
+
+
+def _is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+
+
+async def _parse_form(request: Request, body: bytes, max_files: int) -> Any:
+    """Parse an already-read (size-limited) multipart body."""
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        return await Request(request.scope, replay).form(max_files=max_files, max_fields=4 * max_files)
+    except Exception as exc:
+        detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+        raise ServiceError(400, "bad_multipart", f"cannot parse the multipart body: {detail}") from None
+
+
+def _check_id(value: str | None, name: str) -> str | None:
+    if value is None:
+        return None
+    if not value or len(value) > MAX_ID_LEN or any(ord(c) < 32 for c in value):
+        raise ServiceError(422, f"bad_{name}", f"{name} must be 1..{MAX_ID_LEN} printable characters")
+    return value
+
+
+def build_job(
+    data: bytes,
+    feature_type: str | None,
+    part_id: str | None,
+    settings: ServiceSettings,
+    *,
+    source: str = HTTP_SOURCE,
+    dedup_key: str | None = None,
+) -> Job:
+    """Validate and decode one upload into a job (CPU work: call it off the event loop)."""
+    if not data:
+        raise ServiceError(
+            400,
+            "empty_body",
+            "empty body: send the image as the request body or as multipart field 'image'",
+        )
+    try:
+        _, _, fmt = check_image_header(data, settings.max_image_pixels)
+    except ImageTooLarge as exc:
+        raise ServiceError(413, "image_too_large", str(exc)) from None
+    try:
+        image = decode_image(data, source=part_id or "upload")
+    except ImageReadError as exc:
+        raise ServiceError(422, "unreadable_image", str(exc)) from None
+    ext = BROWSER_FORMATS.get(fmt or "")
+    return Job(
+        image=image,
+        feature_type=feature_type,
+        part_id=part_id,
+        source=source,
+        dedup_key=dedup_key,
+        encoded=data if ext else None,
+        encoded_ext=ext,
+    )
+
+
+def _check_type(state: ServiceState, feature_type: str | None) -> str | None:
+    if feature_type is None or feature_type == "":
+        return None
+    if feature_type not in state.classes:
+        raise ServiceError(
+            422,
+            "unknown_feature_type",
+            f"unknown feature type {feature_type!r}; this model knows {', '.join(state.classes)}",
+        )
+    return feature_type
+
+
+async def _submit(state: ServiceState, jobs: list[Job]) -> list[ResultRecord]:
+    pipeline, _ = state.require()
+    try:
+        futures = pipeline.submit_many(jobs)
+    except BufferFull as exc:
+        raise ServiceError(
+            503, "overloaded", str(exc), headers={"Retry-After": str(state.settings.retry_after_s)}
+        ) from None
+    except BufferClosed as exc:
+        raise ServiceError(503, "shutting_down", str(exc), headers={"Retry-After": "5"}) from None
+    try:
+        # shield: a client that hangs up does not cancel the part; it is still stored
+        return list(await asyncio.shield(asyncio.gather(*(asyncio.wrap_future(f) for f in futures))))
+    except Exception as exc:
+        log.error("could not store or inspect parts: %s", exc)
+        raise ServiceError(503, "store_unavailable", f"the part could not be stored: {exc}") from None
+
+
+# --------------------------------------------------------------------------- request models
+class ReviewIn(BaseModel):
+    verdict: Literal["GOOD", "BAD"]
+    reviewer: str | None = Field(default=None, max_length=MAX_ID_LEN)
+    note: str | None = Field(default=None, max_length=2000)
+
+
+# --------------------------------------------------------------------------- the app
+def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = None) -> FastAPI:
+    """The FastAPI app. ``detector``: an already loaded model (else ``settings.model_path``)."""
+    settings.validate()
+    state = ServiceState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(_start, state, detector)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(_stop, state)
+
+    app = FastAPI(
+        title="diffqc inspection service",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.diffqc = state
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        if exc.status in (400, 413, 415, 422):
+            state.metrics.on_bad_upload(exc.code)
+        return _error_response(exc)
+
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+        )
+    app.add_middleware(_StatusCounter, metrics=state.metrics)
+
+    async def require_token(request: Request) -> None:
+        if not settings.tokens:
+            return
+        if not token_matches(bearer_token(request.headers.get("authorization")), settings.tokens):
+            raise ServiceError(
+                401,
+                "unauthorized",
+                "missing or wrong API token: send 'Authorization: Bearer <token>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    api = APIRouter(dependencies=[Depends(require_token)])
+
+    # ---------------------------------------------------------------- health
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "uptime_s": round(time.time() - state.started, 1)}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        pipeline, store = state.pipeline, state.store
+        store_ok = await run_in_threadpool(store.ping) if store is not None else False
+        checks = {
+            "model": state.detector is not None,
+            "worker": pipeline is not None and pipeline.alive,
+            "store": store_ok,
+            "buffer": pipeline is not None and len(pipeline.buffer) < pipeline.buffer.capacity,
+        }
+        ok = all(checks.values())
+        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+    # ---------------------------------------------------------------- dashboard
+    @app.get("/", include_in_schema=False)
+    async def root() -> Response:
+        return Response(status_code=307, headers={"Location": "/dashboard"})
+
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard() -> HTMLResponse:
+        # The page holds no data; it asks the operator for a token and sends it with every call.
+        html = (STATIC_DIR / "dashboard.html").read_text(encoding="utf-8")
+        return HTMLResponse(
+            html,
+            headers={
+                "Cache-Control": "no-store",
+                "X-Content-Type-Options": "nosniff",
+                "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'",
+            },
+        )
+
+    # ---------------------------------------------------------------- metrics
+    @api.get("/metrics", include_in_schema=False)
+    async def metrics() -> PlainTextResponse:
+        pending = await run_in_threadpool(state.store.pending_reviews) if state.store else 0
+        text = state.metrics.render(state.pipeline, state.model_version, pending)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    # ---------------------------------------------------------------- inspect
+    @api.post("/v1/inspect")
+    async def inspect(
+        request: Request,
+        feature_type: str | None = Query(default=None, max_length=MAX_ID_LEN),
+        part_id: str | None = Query(default=None, max_length=MAX_ID_LEN),
+    ) -> JSONResponse:
+        t0 = time.perf_counter()
+        ftype = _check_type(state, feature_type)
+        part = _check_id(part_id, "part_id")
+        key = _check_id(request.headers.get("idempotency-key"), "idempotency_key")
+        _, store = state.require()
+        if key is not None:
+            existing = await run_in_threadpool(store.find_key, HTTP_SOURCE, key)
+            if existing is not None:
+                return _inspect_response(existing, t0, duplicate=True)
+        try:
+            body = await _read_body(request, settings.max_upload_bytes)
+        except UploadTooLarge as exc:
+            raise ServiceError(413, "upload_too_large", str(exc)) from None
+        if _is_multipart(request):
+            form = await _parse_form(request, body, max_files=1)
+            try:
+                upload = form.get("image")
+                if not isinstance(upload, UploadFile):
+                    raise ServiceError(400, "missing_image", "multipart body has no file field 'image'")
+                data = await upload.read()
+                ftype = _check_type(state, ftype or _form_str(form, "feature_type"))
+                part = part or _check_id(_form_str(form, "part_id"), "part_id")
+            finally:
+                await form.close()
+        else:
+            data = body
+        job = await run_in_threadpool(build_job, data, ftype, part, settings, dedup_key=key)
+        (rec,) = await _submit(state, [job])
+        return _inspect_response(rec, t0, duplicate=rec.duplicate)
+
+    @api.post("/v1/inspect/batch")
+    async def inspect_batch(
+        request: Request,
+        feature_type: str | None = Query(default=None, max_length=MAX_ID_LEN),
+    ) -> JSONResponse:
+        """Multipart: repeated file fields ``image``; optional repeated ``part_id`` and
+        ``feature_type`` fields (one per image, or one ``feature_type`` for all)."""
+        t0 = time.perf_counter()
+        default_type = _check_type(state, feature_type)
+        state.require()
+        if not _is_multipart(request):
+            raise ServiceError(
+                415,
+                "multipart_required",
+                "the batch route takes multipart/form-data with 'image' files",
+            )
+        try:
+            body = await _read_body(request, settings.max_batch_upload_bytes)
+        except UploadTooLarge as exc:
+            raise ServiceError(413, "upload_too_large", str(exc)) from None
+        form = await _parse_form(request, body, max_files=settings.max_batch_items)
+        try:
+            uploads = form.getlist("image")
+            if not uploads or not all(isinstance(u, UploadFile) for u in uploads):
+                raise ServiceError(400, "missing_image", "multipart body has no file fields 'image'")
+            if len(uploads) > settings.max_batch_items:
+                raise ServiceError(
+                    413,
+                    "batch_too_large",
+                    f"{len(uploads)} images; at most {settings.max_batch_items}",
+                )
+            types = [str(t) for t in form.getlist("feature_type")]
+            parts = [str(p) for p in form.getlist("part_id")]
+            datas = [await u.read() for u in uploads]
+        finally:
+            await form.close()
+        n = len(datas)
+        if types and len(types) not in (1, n):
+            raise ServiceError(422, "bad_feature_types", f"{len(types)} feature_type fields for {n} images")
+        if parts and len(parts) != n:
+            raise ServiceError(422, "bad_part_ids", f"{len(parts)} part_id fields for {n} images")
+        ftypes = [_check_type(state, t) for t in (types * n if len(types) == 1 else types)] or [
+            default_type
+        ] * n
+        pids = [_check_id(p, "part_id") for p in parts] or [None] * n
+
+        def build_all() -> list[Job]:
+            jobs = []
+            for i, data in enumerate(datas):
+                try:
+                    jobs.append(build_job(data, ftypes[i], pids[i], settings))
+                except ServiceError as exc:
+                    raise ServiceError(exc.status, exc.code, f"image {i}: {exc.detail}") from None
+            return jobs
+
+        jobs = await run_in_threadpool(build_all)
+        recs = await _submit(state, jobs)
+        return JSONResponse(
+            {
+                "results": [record_json(r) for r in recs],
+                "total_ms": round((time.perf_counter() - t0) * 1000.0, 3),
+            }
+        )
+
+    def _inspect_response(rec: ResultRecord, t0: float, *, duplicate: bool) -> JSONResponse:
+        body = record_json(rec)
+        body["total_ms"] = round((time.perf_counter() - t0) * 1000.0, 3)
+        body["duplicate"] = duplicate
+        return JSONResponse(body)
+
+    # ---------------------------------------------------------------- results
+    @api.get("/v1/results")
+    async def results(
+        since: str | None = None,
+        until: str | None = None,
+        feature_type: str | None = Query(default=None, max_length=MAX_ID_LEN),
+        decision: str | None = None,
+        reviewed: bool | None = None,
+        review: Literal["GOOD", "BAD"] | None = None,
+        part_id: str | None = Query(default=None, max_length=MAX_ID_LEN),
+        source: str | None = Query(default=None, max_length=1000),
+        after_id: int | None = None,
+        before_id: int | None = None,
+        limit: int = Query(default=100, ge=1, le=1000),
+        order: Literal["newest", "oldest"] = "newest",
+    ) -> dict[str, Any]:
+        if decision is not None and decision not in DECISIONS:
+            raise ServiceError(422, "bad_decision", f"decision must be one of {', '.join(DECISIONS)}")
+        _, store = state.require()
+        recs = await run_in_threadpool(
+            lambda: store.query(
+                since=parse_time(since, "since"),
+                until=parse_time(until, "until"),
+                feature_type=feature_type,
+                decision=decision,
+                reviewed=reviewed,
+                review=review,
+                part_id=part_id,
+                source=source,
+                after_id=after_id,
+                before_id=before_id,
+                limit=limit,
+                oldest_first=order == "oldest",
+            )
+        )
+        return {"results": [record_json(r) for r in recs], "count": len(recs)}
+
+    async def _get_record(record_id: int) -> ResultRecord:
+        _, store = state.require()
+        rec = await run_in_threadpool(store.get, record_id)
+        if rec is None:
+            raise ServiceError(404, "not_found", f"no result with id {record_id}")
+        return rec
+
+    @api.get("/v1/results/{record_id}")
+    async def result(record_id: int) -> dict[str, Any]:
+        return record_json(await _get_record(record_id))
+
+    async def _artifact(record_id: int, kind: str) -> FileResponse:
+        rec = await _get_record(record_id)
+        name = rec.heatmap if kind == "heatmaps" else rec.image
+        path = state.artifacts.path(kind, name) if state.artifacts else None
+        if path is None:
+            raise ServiceError(404, "not_found", f"result {record_id} has no stored {kind[:-1]}")
+        media = {"png": "image/png", "jpg": "image/jpeg", "bmp": "image/bmp", "webp": "image/webp"}
+        return FileResponse(
+            path,
+            media_type=media.get(path.suffix.lstrip("."), "application/octet-stream"),
+            headers={
+                "Cache-Control": "private, max-age=86400",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
+    @api.get("/v1/results/{record_id}/heatmap")
+    async def heatmap(record_id: int) -> FileResponse:
+        return await _artifact(record_id, "heatmaps")
+
+    @api.get("/v1/results/{record_id}/image")
+    async def image(record_id: int) -> FileResponse:
+        return await _artifact(record_id, "images")
+
+    # ---------------------------------------------------------------- review
+    @api.get("/v1/review")
+    async def review_queue(limit: int = Query(default=50, ge=1, le=500)) -> dict[str, Any]:
+        _, store = state.require()
+        recs = await run_in_threadpool(store.review_queue, limit)
+        pending = await run_in_threadpool(store.pending_reviews)
+        return {"queue": [record_json(r) for r in recs], "pending": pending}
+
+    @api.post("/v1/review/{record_id}")
+    async def review(record_id: int, body: ReviewIn) -> dict[str, Any]:
+        rec = await _get_record(record_id)
+        if rec.decision == NOT_INSPECTED:
+            raise ServiceError(409, "not_inspected", f"result {record_id} was not inspected")
+        _, store = state.require()
+        updated = await run_in_threadpool(store.set_review, record_id, body.verdict, body.reviewer, body.note)
+        if updated is None:  # pragma: no cover - deleted in between
+            raise ServiceError(404, "not_found", f"no result with id {record_id}")
+        return record_json(updated)
+
+    # ---------------------------------------------------------------- model / stats
+    @api.get("/v1/model")
+    async def model() -> dict[str, Any]:
+        info = dict(state.model_info)
+        pipeline = state.pipeline
+        info["service"] = {
+            "buffer_size": settings.buffer_size,
+            "max_batch": settings.max_batch,
+            "overflow": settings.overflow,
+            "store": redact_url(settings.db_url),
+            "queue_depth": len(pipeline.buffer) if pipeline else None,
+        }
+        return info
+
+    @api.get("/v1/stats")
+    async def stats(window_s: float = Query(default=3600.0, gt=0, le=30 * 86400)) -> dict[str, Any]:
+        """Rates per type and recent scores (for the dashboard)."""
+        pipeline, store = state.require()
+        since = time.time() - window_s
+
+        def collect() -> dict[str, Any]:
+            per_type: dict[str, dict[str, Any]] = {}
+            for ftype, decision, n in store.counts(since):
+                row = per_type.setdefault(ftype or "", {d: 0 for d in DECISIONS})
+                row[decision] = row.get(decision, 0) + n
+            for row in per_type.values():
+                row["total"] = sum(row[d] for d in DECISIONS)
+                row["per_minute"] = round(row["total"] / (window_s / 60.0), 3)
+            recent = store.query(since=since, limit=1000)
+            scores: dict[str, list[float]] = {}
+            for r in recent:
+                if r.score is not None and math.isfinite(r.score):
+                    scores.setdefault(r.feature_type or "", []).append(r.score)
+            return {"types": per_type, "scores": scores, "pending_reviews": store.pending_reviews()}
+
+        out = await run_in_threadpool(collect)
+        buf = pipeline.buffer
+        out.update(
+            window_s=window_s,
+            thresholds=state.model_info.get("thresholds", {}),
+            queue={
+                "depth": len(buf),
+                "capacity": buf.capacity,
+                "dropped": buf.dropped_total,
+                "refused": buf.refused_total,
+                "policy": buf.policy.value,
+            },
+        )
+        return _finite(out)
+
+    app.include_router(api)
+    return app
+
+
+def _form_str(form: Any, name: str) -> str | None:
+    value = form.get(name)
+    return value if isinstance(value, str) and value else None
+
+
+def _start(state: ServiceState, detector: DetectorLike | None) -> None:
+    s = state.settings
+    if s.torch_threads:
+        import torch
+
+        torch.set_num_threads(s.torch_threads)
+    if detector is None:
+        if s.model_path is None:
+            raise ValueError("no model: give model_path")
+        t0 = time.perf_counter()
+        detector = load_detector(s.model_path)
+        log.info("model %s loaded in %.1f s", s.model_path, time.perf_counter() - t0)
+    state.detector = detector
+    state.model_info = _model_info(detector)
+    state.model_version = str(state.model_info.get("version") or "")
+    state.classes = list(detector.classes_)
+    state.store = ResultStore(s.db_url)
+    state.artifacts = ArtifactStore(s.data_dir or default_artifact_root(s.db_url))
+    pipeline = InspectionPipeline(
+        detector,
+        state.store,
+        state.artifacts,
+        capacity=s.buffer_size,
+        policy=s.overflow,
+        max_batch=s.max_batch,
+        model_version=state.model_version,
+        keep_images=s.keep_images,
+        heatmaps=s.heatmaps,
+        all_types=s.all_types,
+        overlay_scale=overlay_scales(state.model_info.get("calibration") or {}),
+    )
+    pipeline.listeners.append(state.metrics.on_record)
+    pipeline.batch_listeners.append(state.metrics.on_batch)
+    pipeline.start()
+    state.pipeline = pipeline
+    if s.watch_dirs:
+        from diffqc.service.watch import FolderWatcher, WatchSettings
+
+        for folder in s.watch_dirs:
+            watcher = FolderWatcher(
+                WatchSettings(Path(folder), feature_type=s.watch_feature_type),
+                pipeline,
+                state.store,
+            )
+            watcher.start_thread()
+            state.watchers.append(watcher)
+
+
+def _stop(state: ServiceState) -> None:
+    for watcher in state.watchers:
+        watcher.stop()
+    if state.pipeline is not None:
+        state.pipeline.stop()
+    if state.store is not None:
+        state.store.close()
+    state.pipeline = None
+    state.store = None
+
+
+# --------------------------------------------------------------------------- entry point
+def run_server(
+    model_path: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    db_url: str | None = None,
+    token: str | Sequence[str] | None = None,
+    **opts: Any,
+) -> int:
+    """Serve ``model_path`` over HTTP until interrupted (``diffqc serve``).
+
+    ``db_url``: a SQLite path / ``sqlite:///path`` (default ``diffqc-results.db``) or a
+    ``postgresql://`` URL. ``token``: accepted API token(s); default ``$DIFFQC_TOKEN``
+    (comma-separated for several). Other options are :class:`ServiceSettings` fields
+    (``buffer_size``, ``max_batch``, ``overflow``, ``data_dir``, ``cors_origins``, ...) plus
+    ``log_level``. Returns the process exit code.
+    """
+    import uvicorn
+
+    from diffqc.service.security import tokens_from_env
+
+    log_level = str(opts.pop("log_level", "info"))
+    access_log = bool(opts.pop("access_log", False))
+    settings = ServiceSettings(
+        model_path=model_path,
+        db_url=db_url or os.environ.get("DIFFQC_DB") or "diffqc-results.db",
+        tokens=tokens_from_env(token),
+        **opts,
+    )
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings.validate()
+    # fail fast, with a clear message, before the server starts listening
+    t0 = time.perf_counter()
+    detector = load_detector(model_path)
+    log.info("model %s loaded in %.1f s", model_path, time.perf_counter() - t0)
+    try:
+        ResultStore(settings.db_url).close()
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    app = create_app(settings, detector=detector)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        timeout_graceful_shutdown=30,
+        server_header=False,
+    )
+    return 0

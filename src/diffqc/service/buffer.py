@@ -1,0 +1,425 @@
+"""Bounded ring buffer and the single inference worker that drains it in micro-batches.
+
+Every source (HTTP requests, the folder watcher) submits :class:`Job` s to one
+:class:`InspectionPipeline`. The pipeline owns a :class:`RingBuffer` and one worker thread
+that takes whatever is waiting (up to ``max_batch``), runs the detector once on that
+micro-batch, writes heat maps, stores every record in one transaction and only then
+completes the jobs' futures. A lone part is never held back waiting for company.
+
+Overflow is explicit: ``reject`` refuses the new part (:class:`BufferFull`, HTTP 503) and
+``drop_oldest`` evicts the oldest waiting part, which is then stored as ``NOT_INSPECTED``
+so that the line can divert it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Generic, Protocol, TypeVar
+
+import numpy as np
+
+from diffqc.service.store import NOT_INSPECTED, ArtifactStore, ResultRecord, ResultStore
+
+log = logging.getLogger("diffqc.service")
+
+T = TypeVar("T")
+
+
+class OverflowPolicy(StrEnum):
+    REJECT = "reject"
+    DROP_OLDEST = "drop_oldest"
+
+
+class BufferFull(RuntimeError):
+    """The buffer is full and the policy is ``reject``."""
+
+
+class BufferClosed(RuntimeError):
+    """The buffer no longer accepts items (the service is shutting down)."""
+
+
+class RingBuffer(Generic[T]):
+    """A bounded, thread-safe FIFO with an explicit overflow policy.
+
+    ``put`` returns the evicted item under ``drop_oldest`` (else None) and raises
+    :class:`BufferFull` under ``reject``. ``get_batch`` blocks until at least one item is
+    waiting and returns every waiting item up to ``max_items``.
+    """
+
+    def __init__(self, capacity: int, policy: OverflowPolicy | str = OverflowPolicy.REJECT) -> None:
+        if capacity < 1:
+            raise ValueError("buffer capacity must be at least 1")
+        self.capacity = capacity
+        self.policy = OverflowPolicy(policy)
+        self._items: deque[T] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.accepted_total = 0
+        self.refused_total = 0
+        self.dropped_total = 0
+        self.high_water = 0
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def put(self, item: T) -> T | None:
+        evicted = self.put_many([item])
+        return evicted[0] if evicted else None
+
+    def put_many(self, items: Sequence[T]) -> list[T]:
+        """Add items atomically. Under ``reject`` either all fit or none is added."""
+        with self._cond:
+            if self._closed:
+                raise BufferClosed("the service is shutting down")
+            fits = len(self._items) + len(items) <= self.capacity
+            if self.policy is OverflowPolicy.REJECT and not fits:
+                self.refused_total += len(items)
+                raise BufferFull(f"buffer full ({len(self._items)}/{self.capacity} waiting); retry later")
+            evicted: list[T] = []
+            for item in items:
+                if len(self._items) >= self.capacity:
+                    evicted.append(self._items.popleft())
+                self._items.append(item)
+            self.accepted_total += len(items)
+            self.dropped_total += len(evicted)
+            self.high_water = max(self.high_water, len(self._items))
+            self._cond.notify()
+            return evicted
+
+    def get_batch(self, max_items: int, timeout: float | None = None) -> list[T]:
+        """Every waiting item up to ``max_items``; [] after ``timeout`` or once closed and empty."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._items:
+                if self._closed:
+                    return []
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return []
+                self._cond.wait(remaining)
+            n = min(max_items, len(self._items))
+            return [self._items.popleft() for _ in range(n)]
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+# ----------------------------------------------------------------------------- inspection
+class InspectionLike(Protocol):
+    """What the service reads of :class:`diffqc.model.Inspection`."""
+
+    @property
+    def score(self) -> float: ...
+    @property
+    def p_value(self) -> float: ...
+    @property
+    def decision(self) -> str: ...
+    @property
+    def feature_type(self) -> str | None: ...
+    @property
+    def predicted_type(self) -> str | None: ...
+    @property
+    def type_scores(self) -> dict[str, float]: ...
+    @property
+    def anomaly_map(self) -> np.ndarray | None: ...
+
+
+class DetectorLike(Protocol):
+    """What the service uses of :class:`diffqc.model.Detector`."""
+
+    classes_: list[str]
+
+    def inspect(
+        self,
+        images: Sequence[np.ndarray],
+        feature_types: Sequence[str | None] | None = None,
+        *,
+        all_types: bool = True,
+    ) -> Sequence[InspectionLike]: ...
+
+
+OverlayFn = Callable[[np.ndarray, np.ndarray, "tuple[float, float] | None"], np.ndarray]
+
+
+def default_overlay(
+    image: np.ndarray, anomaly_map: np.ndarray, scale: tuple[float, float] | None
+) -> np.ndarray:
+    from diffqc.visualize import overlay
+
+    if scale is None:
+        return overlay(image, anomaly_map)
+    return overlay(image, anomaly_map, vmin=scale[0], vmax=scale[1])
+
+
+def overlay_scales(calibration_summary: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """A fixed colour scale per type, so that heat maps of different parts compare: from the
+    median calibration (GOOD) score, transparent, to well above the largest one, saturated."""
+    out: dict[str, tuple[float, float]] = {}
+    for ftype, info in (calibration_summary.get("types") or {}).items():
+        try:
+            med, top = float(info["median"]), float(info["max"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if np.isfinite(med) and np.isfinite(top) and top > med:
+            out[str(ftype)] = (med, top + (top - med))
+    return out
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+@dataclass
+class Job:
+    """One part waiting for inspection."""
+
+    image: np.ndarray  # HxWx3 float32 in [0, 1]
+    feature_type: str | None = None
+    part_id: str | None = None
+    source: str = "http"
+    dedup_key: str | None = None
+    encoded: bytes | None = None  # the upload as received (kept for review / export)
+    encoded_ext: str | None = None  # "png", "jpg", ... when ``encoded`` is browser-viewable
+    received_at: float = field(default_factory=time.time)
+    enqueued: float = field(default_factory=time.monotonic)
+    future: Future[ResultRecord] = field(default_factory=Future)
+
+
+KEEP_IMAGES = ("none", "flagged", "all")
+
+
+def _settle(future: Future[ResultRecord], outcome: ResultRecord | BaseException) -> None:
+    """Complete a future unless its waiter is gone (cancelled) or it is already done."""
+    try:
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except InvalidStateError:
+        pass
+
+
+class InspectionPipeline:
+    """The ring buffer, one inference worker and the durable store behind it.
+
+    ``keep_images``: which uploads are kept on disk beside the record (``flagged`` =
+    REVIEW and REJECT, needed by the review queue and ``results export``).
+    ``heatmaps``: ``all``, ``flagged`` or ``none`` heat-map overlays written as PNG.
+    """
+
+    def __init__(
+        self,
+        detector: DetectorLike,
+        store: ResultStore,
+        artifacts: ArtifactStore | None,
+        *,
+        capacity: int = 64,
+        policy: OverflowPolicy | str = OverflowPolicy.REJECT,
+        max_batch: int = 8,
+        model_version: str = "",
+        keep_images: str = "flagged",
+        heatmaps: str = "all",
+        overlay: OverlayFn | None = None,
+        overlay_scale: dict[str, tuple[float, float]] | None = None,
+        all_types: bool = True,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        for name, value in (("keep_images", keep_images), ("heatmaps", heatmaps)):
+            if value not in KEEP_IMAGES:
+                raise ValueError(f"{name} must be one of {', '.join(KEEP_IMAGES)}, got {value!r}")
+        self.detector = detector
+        self.store = store
+        self.artifacts = artifacts
+        self.buffer: RingBuffer[Job] = RingBuffer(capacity, policy)
+        self.max_batch = max_batch
+        self.model_version = model_version
+        self.keep_images = keep_images
+        self.heatmaps = heatmaps
+        self.overlay = overlay or default_overlay
+        self.overlay_scale = overlay_scale or {}
+        self.all_types = all_types
+        self.listeners: list[Callable[[ResultRecord, float], None]] = []
+        self.batch_listeners: list[Callable[[int, float], None]] = []
+        self._dropped: deque[Job] = deque()
+        self._dropped_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.errors_total = 0
+        self.last_batch_at = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="diffqc-inference", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, finish everything already accepted, stop the worker."""
+        self.buffer.close()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def depth(self) -> int:
+        return len(self.buffer)
+
+    # ------------------------------------------------------------------ submission
+    def submit(self, job: Job) -> Future[ResultRecord]:
+        return self.submit_many([job])[0]
+
+    def submit_many(self, jobs: Sequence[Job]) -> list[Future[ResultRecord]]:
+        """Queue jobs; raises :class:`BufferFull` (reject policy) or :class:`BufferClosed`."""
+        now = time.monotonic()
+        for job in jobs:
+            job.enqueued = now
+        evicted = self.buffer.put_many(jobs)
+        if evicted:
+            with self._dropped_lock:
+                self._dropped.extend(evicted)
+        return [job.future for job in jobs]
+
+    # ------------------------------------------------------------------ worker
+    def _take_dropped(self) -> list[Job]:
+        with self._dropped_lock:
+            out = list(self._dropped)
+            self._dropped.clear()
+            return out
+
+    def _run(self) -> None:
+        while True:
+            batch = self.buffer.get_batch(self.max_batch, timeout=0.25)
+            dropped = self._take_dropped()
+            if batch or dropped:
+                try:
+                    self.process(batch, dropped)
+                except Exception as exc:  # keep the worker alive whatever happens
+                    log.exception("inference batch failed")
+                    for job in batch + dropped:
+                        _settle(job.future, exc)
+            elif self.buffer.closed:
+                return
+
+    def _detect(self, images: list[np.ndarray], types: list[str | None]) -> Sequence[InspectionLike]:
+        return self.detector.inspect(images, types, all_types=self.all_types)
+
+    def _inspect(self, jobs: list[Job]) -> list[InspectionLike | Exception]:
+        if not jobs:
+            return []
+        try:
+            return list(self._detect([j.image for j in jobs], [j.feature_type for j in jobs]))
+        except Exception:
+            if len(jobs) == 1:
+                raise
+        # isolate the part that breaks the batch
+        out: list[InspectionLike | Exception] = []
+        for job in jobs:
+            try:
+                out.append(self._detect([job.image], [job.feature_type])[0])
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    def process(self, batch: list[Job], dropped: Sequence[Job] = ()) -> None:
+        """Inspect ``batch``, store it and every dropped job, then complete their futures."""
+        started = time.monotonic()
+        try:
+            results: list[InspectionLike | Exception] = self._inspect(batch)
+        except Exception as exc:
+            results = [exc] * len(batch)
+        records: list[ResultRecord] = []
+        jobs: list[Job] = []
+        for job, res in zip(batch, results, strict=True):
+            latency_ms = (time.monotonic() - job.enqueued) * 1000.0
+            if isinstance(res, Exception):
+                self.errors_total += 1
+                log.error("inspection of part %s failed: %s", job.part_id, res)
+                rec = self._not_inspected(job, f"inspection failed: {res}")
+            else:
+                rec = self._record(job, res, latency_ms)
+            records.append(rec)
+            jobs.append(job)
+        for job in dropped:
+            records.append(self._not_inspected(job, "dropped: buffer full (drop_oldest policy)"))
+            jobs.append(job)
+        stored = self.store.insert_many(records)
+        self.last_batch_at = time.time()
+        done = time.monotonic()
+        for listener in self.batch_listeners:
+            listener(len(batch), done - started)
+        for job, rec in zip(jobs, stored, strict=True):
+            for fn in self.listeners:
+                fn(rec, done - job.enqueued)
+            _settle(job.future, rec)
+
+    def _not_inspected(self, job: Job, reason: str) -> ResultRecord:
+        return ResultRecord(
+            created_at=time.time(),
+            source=job.source,
+            part_id=job.part_id,
+            feature_type=job.feature_type,
+            decision=NOT_INSPECTED,
+            model_version=self.model_version,
+            reason=reason,
+            dedup_key=job.dedup_key,
+            latency_ms=(time.monotonic() - job.enqueued) * 1000.0,
+        )
+
+    def _wants(self, setting: str, decision: str) -> bool:
+        return setting == "all" or (setting == "flagged" and decision in ("REVIEW", "REJECT"))
+
+    def _record(self, job: Job, res: InspectionLike, latency_ms: float) -> ResultRecord:
+        decision = str(res.decision)
+        heatmap = image = None
+        if self.artifacts is not None:
+            if self._wants(self.heatmaps, decision) and res.anomaly_map is not None:
+                try:
+                    scale = self.overlay_scale.get(res.feature_type or "")
+                    picture = self.overlay(job.image, res.anomaly_map, scale)
+                    heatmap = self.artifacts.save_png("heatmaps", picture)
+                except Exception:
+                    log.exception("could not write the heat map of part %s", job.part_id)
+            if self._wants(self.keep_images, decision):
+                if job.encoded is not None and job.encoded_ext is not None:
+                    image = self.artifacts.save_bytes("images", job.encoded, job.encoded_ext)
+                else:
+                    image = self.artifacts.save_png("images", _to_uint8(job.image))
+        type_scores: dict[str, Any] = {str(k): float(v) for k, v in (res.type_scores or {}).items()}
+        return ResultRecord(
+            created_at=time.time(),
+            source=job.source,
+            part_id=job.part_id,
+            feature_type=res.feature_type or job.feature_type,
+            predicted_type=res.predicted_type,
+            type_known=job.feature_type is not None,
+            score=float(res.score),
+            p_value=float(res.p_value),
+            decision=decision,
+            model_version=self.model_version,
+            latency_ms=latency_ms,
+            heatmap=heatmap,
+            image=image,
+            type_scores=type_scores,
+            dedup_key=job.dedup_key,
+        )

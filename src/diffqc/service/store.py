@@ -1,0 +1,572 @@
+"""Durable result store (SQLite or PostgreSQL through one code path) and artifact files.
+
+One row per part. A row is committed (SQLite: WAL with ``synchronous=FULL``, i.e. fsync on
+commit; PostgreSQL: ordinary synchronous commit) before the service acknowledges the part.
+``(source, dedup_key)`` is unique, which makes ingestion idempotent: the folder watcher keys
+each file by name and content hash, HTTP clients may send an ``Idempotency-Key``.
+
+Heat maps and kept uploads are files under an artifact folder (``heatmaps/``, ``images/``)
+with names the service generates; rows hold only those names.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from diffqc.service.security import safe_child
+
+NOT_INSPECTED = "NOT_INSPECTED"
+DECISIONS = ("PASS", "REVIEW", "REJECT", NOT_INSPECTED)
+VERDICTS = ("GOOD", "BAD")
+TABLE = "diffqc_results"
+SCHEMA_VERSION = "1"
+
+
+@dataclass
+class ResultRecord:
+    """One stored decision. ``id`` is None until stored."""
+
+    created_at: float
+    source: str
+    decision: str
+    part_id: str | None = None
+    feature_type: str | None = None
+    predicted_type: str | None = None
+    type_known: bool | None = None  # False: the type was not given and was predicted
+    score: float | None = None
+    p_value: float | None = None
+    model_version: str = ""
+    latency_ms: float | None = None
+    heatmap: str | None = None
+    image: str | None = None
+    reason: str | None = None
+    type_scores: dict[str, float] | None = None
+    dedup_key: str | None = None
+    review: str | None = None
+    reviewed_at: float | None = None
+    reviewer: str | None = None
+    review_note: str | None = None
+    id: int | None = None
+    # not persisted: True when the insert hit an existing (source, dedup_key) row
+    duplicate: bool = field(default=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("duplicate")
+        out.pop("dedup_key")
+        out["created"] = _iso(self.created_at)
+        out["reviewed"] = _iso(self.reviewed_at) if self.reviewed_at else None
+        return out
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+_COLUMNS = [f.name for f in fields(ResultRecord) if f.name not in ("id", "duplicate")]
+_SELECT = "id, " + ", ".join(_COLUMNS)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {table} (
+    id {pk},
+    created_at DOUBLE PRECISION NOT NULL,
+    source TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    part_id TEXT,
+    feature_type TEXT,
+    predicted_type TEXT,
+    type_known INTEGER,
+    score DOUBLE PRECISION,
+    p_value DOUBLE PRECISION,
+    model_version TEXT NOT NULL DEFAULT '',
+    latency_ms DOUBLE PRECISION,
+    heatmap TEXT,
+    image TEXT,
+    reason TEXT,
+    type_scores TEXT,
+    dedup_key TEXT,
+    review TEXT,
+    reviewed_at DOUBLE PRECISION,
+    reviewer TEXT,
+    review_note TEXT,
+    UNIQUE (source, dedup_key)
+);
+CREATE INDEX IF NOT EXISTS {table}_created ON {table} (created_at);
+CREATE INDEX IF NOT EXISTS {table}_queue ON {table} (decision, review);
+CREATE INDEX IF NOT EXISTS {table}_part ON {table} (part_id);
+CREATE TABLE IF NOT EXISTS diffqc_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class StoreError(RuntimeError):
+    """The result store cannot be opened or used."""
+
+
+def is_postgres_url(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+def sqlite_path(url: str) -> Path:
+    """``sqlite:///abs/path``, ``sqlite:///./rel``, or a plain path."""
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///") :])
+    if url.startswith("sqlite://"):
+        raise StoreError(f"unsupported SQLite URL {url!r}; use sqlite:///path/to/results.db")
+    return Path(url)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password (for logs and /v1/model)."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
+
+
+class ResultStore:
+    """Result rows in SQLite (default) or PostgreSQL, same SQL for both.
+
+    Thread-safe: one writer connection behind a lock, a small pool of reader connections.
+    """
+
+    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+        self.url = url
+        self.postgres = is_postgres_url(url)
+        self.path: Path | None = None if self.postgres else sqlite_path(url)
+        self._pool_size = pool_size
+        self._pool: list[Any] = []
+        self._pool_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._closed = False
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = self._connect(autocommit=False)
+        self._create_schema()
+
+    # ------------------------------------------------------------------ connections
+    def _connect(self, *, autocommit: bool) -> Any:
+        if self.postgres:
+            try:
+                import psycopg
+            except ImportError as exc:  # pragma: no cover - depends on the install
+                raise StoreError("PostgreSQL needs psycopg: pip install 'diffqc[serve]'") from exc
+            try:
+                return psycopg.connect(self.url, autocommit=autocommit, connect_timeout=10)
+            except psycopg.Error as exc:
+                raise StoreError(f"cannot connect to {redact_url(self.url)}: {exc}") from None
+        assert self.path is not None
+        try:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from None
+        return conn
+
+    def _q(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.postgres else sql
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        """The writer connection inside one committed transaction."""
+        with self._write_lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            conn = self._writer
+            if not self.postgres:
+                conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            else:
+                conn.commit()
+
+    @contextmanager
+    def _reader(self) -> Iterator[Any]:
+        with self._pool_lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            conn = self._pool.pop() if self._pool else None
+        if conn is None:
+            conn = self._connect(autocommit=True)
+        ok = False
+        try:
+            yield conn
+            ok = True
+        finally:
+            with self._pool_lock:
+                if ok and not self._closed and len(self._pool) < self._pool_size:
+                    self._pool.append(conn)
+                    conn = None
+            if conn is not None:
+                conn.close()
+
+    def _create_schema(self) -> None:
+        pk = (
+            "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"
+            if self.postgres
+            else "INTEGER PRIMARY KEY AUTOINCREMENT"
+        )
+        statements = [s.strip() for s in _SCHEMA.format(table=TABLE, pk=pk).split(";") if s.strip()]
+        with self._transaction() as conn:
+            if self.postgres:  # serve and watch may create the schema at the same time
+                conn.execute("SELECT pg_advisory_xact_lock(727172)")
+            for stmt in statements:
+                conn.execute(stmt)
+            conn.execute(
+                self._q("INSERT INTO diffqc_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"),
+                ("schema_version", SCHEMA_VERSION),
+            )
+
+    def close(self) -> None:
+        with self._pool_lock:
+            self._closed = True
+            pool, self._pool = self._pool, []
+        for conn in pool:
+            conn.close()
+        with self._write_lock:
+            self._writer.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ rows
+    @staticmethod
+    def _values(rec: ResultRecord) -> list[Any]:
+        vals: list[Any] = []
+        for name in _COLUMNS:
+            v = getattr(rec, name)
+            if name == "type_scores":
+                v = None if v is None else json.dumps(v, sort_keys=True)
+            elif name == "type_known":
+                v = None if v is None else int(bool(v))
+            elif isinstance(v, float | np.floating):
+                v = float(v) if math.isfinite(v) else None  # NaN/inf: NULL in every backend
+            vals.append(v)
+        return vals
+
+    @staticmethod
+    def _row(row: Sequence[Any]) -> ResultRecord:
+        data = dict(zip(["id", *_COLUMNS], row, strict=True))
+        if data["type_scores"] is not None:
+            data["type_scores"] = json.loads(data["type_scores"])
+        if data["type_known"] is not None:
+            data["type_known"] = bool(data["type_known"])
+        return ResultRecord(**data)
+
+    def insert_many(self, records: Sequence[ResultRecord]) -> list[ResultRecord]:
+        """Store records in one transaction; returns them with ids.
+
+        A record whose ``(source, dedup_key)`` is already stored is not inserted again: the
+        stored row comes back instead, flagged ``duplicate``.
+        """
+        if not records:
+            return []
+        cols = ", ".join(_COLUMNS)
+        marks = ", ".join("?" for _ in _COLUMNS)
+        ins = self._q(
+            f"INSERT INTO {TABLE} ({cols}) VALUES ({marks}) "
+            "ON CONFLICT (source, dedup_key) DO NOTHING RETURNING id"
+        )
+        sel = self._q(f"SELECT {_SELECT} FROM {TABLE} WHERE source = ? AND dedup_key = ?")
+        out: list[ResultRecord] = []
+        with self._transaction() as conn:
+            for rec in records:
+                row = conn.execute(ins, self._values(rec)).fetchone()
+                if row is not None:
+                    stored = ResultRecord(**{**asdict(rec), "id": int(row[0])})
+                    out.append(stored)
+                    continue
+                existing = conn.execute(sel, (rec.source, rec.dedup_key)).fetchone()
+                if existing is None:  # pragma: no cover - conflict without a row
+                    raise StoreError("insert conflicted but no row found")
+                dup = self._row(existing)
+                dup.duplicate = True
+                out.append(dup)
+        return out
+
+    def insert(self, record: ResultRecord) -> ResultRecord:
+        return self.insert_many([record])[0]
+
+    def get(self, record_id: int) -> ResultRecord | None:
+        with self._reader() as conn:
+            row = conn.execute(
+                self._q(f"SELECT {_SELECT} FROM {TABLE} WHERE id = ?"), (record_id,)
+            ).fetchone()
+        return None if row is None else self._row(row)
+
+    def find_key(self, source: str, dedup_key: str) -> ResultRecord | None:
+        with self._reader() as conn:
+            row = conn.execute(
+                self._q(f"SELECT {_SELECT} FROM {TABLE} WHERE source = ? AND dedup_key = ?"),
+                (source, dedup_key),
+            ).fetchone()
+        return None if row is None else self._row(row)
+
+    def has_keys(self, source: str, keys: Sequence[str]) -> set[str]:
+        """The subset of ``keys`` already stored for ``source``."""
+        found: set[str] = set()
+        with self._reader() as conn:
+            for start in range(0, len(keys), 200):
+                chunk = list(keys[start : start + 200])
+                marks = ", ".join("?" for _ in chunk)
+                rows = conn.execute(
+                    self._q(f"SELECT dedup_key FROM {TABLE} WHERE source = ? AND dedup_key IN ({marks})"),
+                    [source, *chunk],
+                ).fetchall()
+                found.update(r[0] for r in rows)
+        return found
+
+    def query(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        feature_type: str | None = None,
+        decision: str | None = None,
+        reviewed: bool | None = None,
+        review: str | None = None,
+        source: str | None = None,
+        part_id: str | None = None,
+        after_id: int | None = None,
+        before_id: int | None = None,
+        limit: int | None = 100,
+        oldest_first: bool = False,
+    ) -> list[ResultRecord]:
+        """Rows matching every given filter, newest first unless ``oldest_first``."""
+        where: list[str] = []
+        args: list[Any] = []
+        for cond, value in (
+            ("created_at >= ?", since),
+            ("created_at < ?", until),
+            ("feature_type = ?", feature_type),
+            ("decision = ?", decision),
+            ("review = ?", review),
+            ("source = ?", source),
+            ("part_id = ?", part_id),
+            ("id > ?", after_id),
+            ("id < ?", before_id),
+        ):
+            if value is not None:
+                where.append(cond)
+                args.append(value)
+        if reviewed is not None:
+            where.append("review IS NOT NULL" if reviewed else "review IS NULL")
+        sql = f"SELECT {_SELECT} FROM {TABLE}"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id " + ("ASC" if oldest_first else "DESC")
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        with self._reader() as conn:
+            rows = conn.execute(self._q(sql), args).fetchall()
+        return [self._row(r) for r in rows]
+
+    def review_queue(self, limit: int = 50) -> list[ResultRecord]:
+        """REVIEW decisions without an operator verdict, oldest first."""
+        return self.query(decision="REVIEW", reviewed=False, limit=limit, oldest_first=True)
+
+    def set_review(
+        self, record_id: int, verdict: str, reviewer: str | None = None, note: str | None = None
+    ) -> ResultRecord | None:
+        """Record an operator's GOOD/BAD verdict beside the model's decision."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be GOOD or BAD, got {verdict!r}")
+        with self._transaction() as conn:
+            cur = conn.execute(
+                self._q(
+                    f"UPDATE {TABLE} SET review = ?, reviewed_at = ?, reviewer = ?, "
+                    "review_note = ? WHERE id = ?"
+                ),
+                (verdict, time.time(), reviewer, note, record_id),
+            )
+            if cur.rowcount == 0:
+                return None
+        return self.get(record_id)
+
+    def counts(self, since: float | None = None) -> list[tuple[str | None, str, int]]:
+        """``(feature_type, decision, count)`` since a time."""
+        sql = f"SELECT feature_type, decision, COUNT(*) FROM {TABLE}"
+        args: list[Any] = []
+        if since is not None:
+            sql += " WHERE created_at >= ?"
+            args.append(since)
+        sql += " GROUP BY feature_type, decision"
+        with self._reader() as conn:
+            rows = conn.execute(self._q(sql), args).fetchall()
+        return [(r[0], str(r[1]), int(r[2])) for r in rows]
+
+    def pending_reviews(self) -> int:
+        with self._reader() as conn:
+            row = conn.execute(
+                self._q(f"SELECT COUNT(*) FROM {TABLE} WHERE decision = ? AND review IS NULL"),
+                ("REVIEW",),
+            ).fetchone()
+        return int(row[0])
+
+    def count(self) -> int:
+        with self._reader() as conn:
+            row = conn.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()
+        return int(row[0])
+
+    def ping(self) -> bool:
+        try:
+            with self._reader() as conn:
+                conn.execute("SELECT 1").fetchone()
+            return True
+        except Exception:
+            return False
+
+
+# --------------------------------------------------------------------------- artifact files
+ARTIFACT_KINDS = ("heatmaps", "images")
+
+
+class ArtifactStore:
+    """Heat-map overlays and kept uploads as files with generated names under ``root``."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        for kind in ARTIFACT_KINDS:
+            folder = self.root / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            for tmp in folder.glob("*.tmp"):  # left by a crash mid-write
+                tmp.unlink(missing_ok=True)
+
+    def _write(self, kind: str, data: bytes, ext: str) -> str:
+        if kind not in ARTIFACT_KINDS:
+            raise ValueError(f"unknown artifact kind {kind!r}")
+        name = f"{uuid.uuid4().hex}.{ext}"
+        final = self.root / kind / name
+        tmp = final.with_name(name + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, final)
+        return name
+
+    def save_png(self, kind: str, image: np.ndarray) -> str:
+        """Write an HxWx3 (or HxW) uint8 array as PNG; returns the generated name."""
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", compress_level=1)
+        return self._write(kind, buf.getvalue(), "png")
+
+    def save_bytes(self, kind: str, data: bytes, ext: str) -> str:
+        return self._write(kind, data, ext)
+
+    def path(self, kind: str, name: str | None) -> Path | None:
+        """The file of a stored artifact, or None (never outside ``root/kind``)."""
+        if kind not in ARTIFACT_KINDS or not name:
+            return None
+        path = safe_child(self.root / kind, name)
+        return path if path is not None and path.is_file() else None
+
+
+def default_artifact_root(db_url: str) -> Path:
+    """Beside the SQLite file; ``./diffqc-data`` for PostgreSQL."""
+    if is_postgres_url(db_url):
+        return Path("diffqc-data")
+    return sqlite_path(db_url).resolve().parent
+
+
+def export_reviewed_good(
+    db_url: str,
+    out_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    since: float | None = None,
+) -> dict[str, Any]:
+    """Export parts an operator reviewed as GOOD as a dataset (``diffqc results export``).
+
+    Writes ``out_dir/<feature_type>/<id>.<ext>`` and ``out_dir/manifest.csv`` with columns
+    ``path, feature_type, label, part_id, record_id, score, p_value, decision, type_known``
+    (``label`` is ``good``), readable by :func:`diffqc.data.load_dataset` as extra GOOD /
+    calibration data. Parts whose upload was not kept are counted as ``missing_image``.
+    Returns ``{"exported": n, "missing_image": m, "manifest": path}``.
+    """
+    import csv
+    import shutil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts = ArtifactStore(data_dir or default_artifact_root(db_url))
+    exported = missing = 0
+    rows: list[dict[str, Any]] = []
+    with ResultStore(db_url) as store:
+        after: int | None = None
+        while True:
+            batch = store.query(review="GOOD", since=since, after_id=after, limit=500, oldest_first=True)
+            if not batch:
+                break
+            after = batch[-1].id
+            for rec in batch:
+                src = artifacts.path("images", rec.image)
+                if src is None or rec.feature_type is None:
+                    missing += 1
+                    continue
+                ftype = rec.feature_type
+                rel = Path(_safe_dirname(ftype)) / f"{rec.id}{src.suffix}"
+                (out / rel.parent).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, out / rel)
+                rows.append(
+                    {
+                        "path": rel.as_posix(),
+                        "feature_type": ftype,
+                        "label": "good",
+                        "part_id": rec.part_id or f"record-{rec.id}",
+                        "record_id": rec.id,
+                        "score": rec.score,
+                        "p_value": rec.p_value,
+                        "decision": rec.decision,
+                        "type_known": rec.type_known,
+                    }
+                )
+                exported += 1
+    manifest = out / "manifest.csv"
+    with manifest.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(
+            fh,
+            fieldnames=[
+                "path",
+                "feature_type",
+                "label",
+                "part_id",
+                "record_id",
+                "score",
+                "p_value",
+                "decision",
+                "type_known",
+            ],
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+    return {"exported": exported, "missing_image": missing, "manifest": str(manifest)}
+
+
+def _safe_dirname(name: str) -> str:
+    """A feature type as one path component (no separators, no dot-names)."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip(".")
+    return cleaned or "_"

@@ -1,0 +1,388 @@
+"""Folder ingestion: inspect images as a camera writes them into a folder.
+
+A file is taken once it is complete: its size and modification time have not changed for
+``settle_s`` and it decodes. Each file is keyed by its path relative to the folder and the
+SHA-256 of its content; the key is stored with the record in the same transaction, and only
+then is the file moved to ``processed/`` (or, with ``after="keep"``, left in place). After a
+crash, a file whose key is already stored is moved without being inspected again, and a file
+without a stored key is inspected: nothing is skipped, nothing counted twice.
+
+Feature type: ``feature_type`` when given, else the name of the sub-folder the file is in
+(``DIR/<type>/img.png``) when the model knows it, else unknown (scored under every type).
+Files that never decode within ``fail_after_s`` are stored as ``NOT_INSPECTED`` and moved to
+``failed/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffqc.data import IMAGE_SUFFIXES, ImageReadError, decode_image
+from diffqc.service.buffer import BufferClosed, BufferFull, InspectionPipeline, Job, overlay_scales
+from diffqc.service.security import (
+    BROWSER_FORMATS,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    ImageTooLarge,
+    check_image_header,
+)
+from diffqc.service.store import NOT_INSPECTED, ResultRecord, ResultStore, StoreError
+
+log = logging.getLogger("diffqc.watch")
+
+_TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
+
+
+@dataclass
+class WatchSettings:
+    directory: Path
+    feature_type: str | None = None
+    source: str | None = None  # idempotency namespace; default "watch:<absolute folder>"
+    poll_s: float = 0.5
+    settle_s: float = 1.0
+    fail_after_s: float = 10.0
+    after: str = "move"  # "move" to processed/ / failed/, or "keep" in place
+    processed_dir: Path | None = None
+    failed_dir: Path | None = None
+    max_pending: int = 16
+    max_file_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory)
+        if self.after not in ("move", "keep"):
+            raise ValueError(f"after must be 'move' or 'keep', got {self.after!r}")
+
+
+@dataclass
+class _Seen:
+    size: int
+    mtime_ns: int
+    first_seen: float
+    stable_since: float
+
+
+@dataclass
+class StepReport:
+    inspected: int = 0
+    already_recorded: int = 0
+    failed: int = 0
+    waiting: int = 0
+    records: list[ResultRecord] = field(default_factory=list)
+
+
+class FolderWatcher:
+    """Polls one folder and feeds complete image files into an :class:`InspectionPipeline`."""
+
+    def __init__(self, settings: WatchSettings, pipeline: InspectionPipeline, store: ResultStore) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.store = store
+        self.root = settings.directory.resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"watch folder {self.root} does not exist")
+        self.source = settings.source or f"watch:{self.root}"
+        self.processed = (settings.processed_dir or self.root / "processed").resolve()
+        self.failed = (settings.failed_dir or self.root / "failed").resolve()
+        self.classes = set(pipeline.detector.classes_)
+        self._seen: dict[Path, _Seen] = {}
+        self._kept: set[tuple[str, int, int]] = set()  # after="keep": (path, size, mtime) done
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.totals = StepReport()
+
+    # ------------------------------------------------------------------ scanning
+    def _candidates(self) -> list[Path]:
+        out: list[Path] = []
+        skip = {self.processed, self.failed}
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith((".", "~")):
+                continue
+            if entry.is_dir():
+                if entry.resolve() in skip:
+                    continue
+                out.extend(p for p in sorted(entry.iterdir()) if p.is_file() and self._is_image_name(p))
+            elif entry.is_file() and self._is_image_name(entry):
+                out.append(entry)
+        return out
+
+    @staticmethod
+    def _is_image_name(p: Path) -> bool:
+        name = p.name.lower()
+        return (
+            not name.startswith((".", "~"))
+            and not name.endswith(_TEMP_SUFFIXES)
+            and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+
+    def ready_files(self) -> list[Path]:
+        """Files whose size and mtime have been stable for ``settle_s``."""
+        now = time.monotonic()
+        ready: list[Path] = []
+        present = set()
+        for path in self._candidates():
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            present.add(path)
+            if (str(path), st.st_size, st.st_mtime_ns) in self._kept:
+                continue
+            seen = self._seen.get(path)
+            if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
+                first = seen.first_seen if seen is not None else now
+                self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, first, now)
+                if self.settings.settle_s > 0:
+                    continue
+                seen = self._seen[path]
+            if st.st_size > 0 and now - seen.stable_since >= self.settings.settle_s:
+                ready.append(path)
+        for gone in set(self._seen) - present:
+            del self._seen[gone]
+        return ready
+
+    # ------------------------------------------------------------------ processing
+    def _key(self, path: Path, data: bytes) -> str:
+        rel = path.relative_to(self.root).as_posix()
+        return f"{rel}|{hashlib.sha256(data).hexdigest()}"
+
+    def _feature_type(self, path: Path) -> str | None:
+        if self.settings.feature_type:
+            return self.settings.feature_type
+        if path.parent != self.root and path.parent.name in self.classes:
+            return path.parent.name
+        return None
+
+    def step(self) -> StepReport:
+        """One pass: inspect every ready file (at most ``max_pending``)."""
+        report = StepReport()
+        ready = self.ready_files()[: self.settings.max_pending]
+        if not ready:
+            return report
+        loaded: list[tuple[Path, bytes, str]] = []
+        for path in ready:
+            try:
+                if path.stat().st_size > self.settings.max_file_bytes:
+                    self._fail(
+                        path,
+                        b"",
+                        f"file larger than {self.settings.max_file_bytes} bytes",
+                        report,
+                        key=f"{path.relative_to(self.root).as_posix()}|too-large",
+                    )
+                    continue
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            loaded.append((path, data, self._key(path, data)))
+        known = self.store.has_keys(self.source, [k for _, _, k in loaded])
+        jobs: list[Job] = []
+        job_paths: list[Path] = []
+        for path, data, key in loaded:
+            if key in known:  # stored before a crash: finish the move, do not re-inspect
+                report.already_recorded += 1
+                self._finish(path, self.processed)
+                continue
+            try:
+                jobs.append(self._job(path, data, key))
+                job_paths.append(path)
+            except (ImageReadError, ImageTooLarge) as exc:
+                seen = self._seen.get(path)
+                age = time.monotonic() - seen.first_seen if seen else self.settings.fail_after_s
+                if age < self.settings.fail_after_s and not isinstance(exc, ImageTooLarge):
+                    report.waiting += 1  # maybe still being written
+                    continue
+                self._fail(path, data, str(exc), report, key=key)
+        if jobs:
+            try:
+                futures: list[Future[ResultRecord]] = self.pipeline.submit_many(jobs)
+            except (BufferFull, BufferClosed):
+                report.waiting += len(jobs)  # the files stay; the next pass retries
+                return self._add(report)
+            for path, fut in zip(job_paths, futures, strict=True):
+                rec = fut.result()
+                report.records.append(rec)
+                if rec.duplicate:
+                    report.already_recorded += 1
+                else:
+                    report.inspected += 1
+                # a part dropped under overload is recorded NOT_INSPECTED: keep it apart
+                done = self.failed if rec.decision == NOT_INSPECTED else self.processed
+                self._finish(path, done, rec.id)
+        return self._add(report)
+
+    def _add(self, report: StepReport) -> StepReport:
+        t = self.totals
+        t.inspected += report.inspected
+        t.already_recorded += report.already_recorded
+        t.failed += report.failed
+        return report
+
+    def _job(self, path: Path, data: bytes, key: str) -> Job:
+        _, _, fmt = check_image_header(data, self.settings.max_image_pixels)
+        image = decode_image(data, source=str(path))
+        ext = BROWSER_FORMATS.get(fmt or "")
+        return Job(
+            image=image,
+            feature_type=self._feature_type(path),
+            part_id=path.stem,
+            source=self.source,
+            dedup_key=key,
+            encoded=data if ext else None,
+            encoded_ext=ext,
+        )
+
+    def _fail(self, path: Path, data: bytes, reason: str, report: StepReport, *, key: str) -> None:
+        log.warning("not inspected: %s (%s)", path, reason)
+        rec = self.store.insert(
+            ResultRecord(
+                created_at=time.time(),
+                source=self.source,
+                decision=NOT_INSPECTED,
+                part_id=path.stem,
+                feature_type=self._feature_type(path),
+                model_version=self.pipeline.model_version,
+                reason=f"unreadable file: {reason}",
+                dedup_key=key,
+            )
+        )
+        report.records.append(rec)
+        report.failed += 1
+        self._finish(path, self.failed, rec.id)
+
+    def _finish(self, path: Path, folder: Path, record_id: int | None = None) -> None:
+        self._seen.pop(path, None)
+        if self.settings.after == "keep":
+            try:
+                st = path.stat()
+                self._kept.add((str(path), st.st_size, st.st_mtime_ns))
+            except FileNotFoundError:
+                pass
+            return
+        dest = folder / path.relative_to(self.root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():  # the camera reused a name: keep both
+            tag = record_id if record_id is not None else int(time.time() * 1000)
+            dest = dest.with_name(f"{dest.stem}-{tag}{dest.suffix}")
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, dest)
+
+    # ------------------------------------------------------------------ running
+    def run(self, stop: threading.Event | None = None, *, once: bool = False) -> StepReport:
+        """Poll until ``stop`` is set (or, with ``once``, until the folder holds nothing ready)."""
+        stop = stop or self._stop
+        while not stop.is_set():
+            try:
+                report = self.step()
+            except Exception:
+                log.exception("watch step failed; retrying")
+                report = StepReport(waiting=1)
+            busy = report.inspected + report.already_recorded + report.failed
+            if once and not busy and not report.waiting and not self._seen:
+                break
+            if not busy:
+                stop.wait(self.settings.poll_s)
+        return self.totals
+
+    def start_thread(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="diffqc-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+
+def run_watch(
+    directory: str | Path,
+    model_path: str | Path,
+    db_url: str | None = None,
+    *,
+    feature_type: str | None = None,
+    data_dir: str | Path | None = None,
+    poll_s: float = 0.5,
+    settle_s: float = 1.0,
+    after: str = "move",
+    once: bool = False,
+    max_batch: int = 8,
+    keep_images: str = "flagged",
+    heatmaps: str = "all",
+    source: str | None = None,
+) -> int:
+    """Inspect images written into ``directory`` until SIGINT/SIGTERM (``diffqc watch``).
+
+    Each complete file is inspected with the model at ``model_path``, its record stored in
+    ``db_url`` (SQLite path or ``postgresql://`` URL, default ``diffqc-results.db``) together
+    with the file's key, and the file is then moved to ``processed/`` (``failed/`` when it
+    cannot be decoded) unless ``after="keep"``. ``once`` processes what is there and exits.
+    Returns the process exit code.
+    """
+    from diffqc.service.app import load_detector
+    from diffqc.service.store import ArtifactStore, default_artifact_root
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    db = db_url or os.environ.get("DIFFQC_DB") or "diffqc-results.db"
+    detector: Any = load_detector(model_path)
+    try:
+        store = ResultStore(db)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    artifacts = ArtifactStore(data_dir or default_artifact_root(db))
+    cal = getattr(detector, "calibration_", None)
+    pipeline = InspectionPipeline(
+        detector,
+        store,
+        artifacts,
+        capacity=max(64, 2 * max_batch),
+        max_batch=max_batch,
+        model_version=str(getattr(detector, "version", "")),
+        keep_images=keep_images,
+        heatmaps=heatmaps,
+        overlay_scale=overlay_scales(cal.summary()) if cal is not None else None,
+    )
+    settings = WatchSettings(
+        Path(directory),
+        feature_type=feature_type,
+        source=source,
+        poll_s=poll_s,
+        settle_s=settle_s,
+        after=after,
+        max_pending=max(16, 2 * max_batch),
+    )
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    pipeline.start()
+    try:
+        watcher = FolderWatcher(settings, pipeline, store)
+        log.info("watching %s (source %s)", watcher.root, watcher.source)
+        totals = watcher.run(stop, once=once)
+        log.info(
+            "inspected %d, already recorded %d, failed %d",
+            totals.inspected,
+            totals.already_recorded,
+            totals.failed,
+        )
+    finally:
+        pipeline.stop()
+        store.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0

@@ -1,0 +1,397 @@
+"""HTTP API of ``diffqc serve`` answered by a real (tiny) trained model."""
+
+# ruff: noqa: F811  (fixtures imported from tests.test_service_common are re-bound as arguments)
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.test_service_common import (  # noqa: F401 (fixtures)
+    AUTH,
+    TOKEN,
+    Samples,
+    detector,
+    png,
+    running_app,
+    samples,
+    service_model,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims ``width`` x ``height`` pixels (no real pixel data)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    body = struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    idat = zlib.compress(b"\x00" * 16)
+    idat_chunk = b"IDAT" + idat
+    body += struct.pack(">I", len(idat)) + idat_chunk + struct.pack(">I", zlib.crc32(idat_chunk))
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def _png16(samples: Samples) -> bytes:
+    data, _ = samples.one("PASS")
+    gray = np.asarray(Image.open(io.BytesIO(data)).convert("L"), dtype=np.uint16) * 257
+    img16 = png(gray)
+    assert Image.open(io.BytesIO(img16)).mode.startswith("I;16")
+    return img16
+
+
+def _rgba(samples: Samples) -> bytes:
+    data, _ = samples.one("PASS")
+    rgba = np.asarray(Image.open(io.BytesIO(data)).convert("RGBA")).copy()
+    rgba[..., 3] = 200
+    return png(rgba)
+
+
+async def test_inspect_raw_and_multipart_store_one_record_each(
+    detector: Any, samples: Samples, tmp_path: Path
+) -> None:
+    body, ftype = samples.one("REVIEW")
+    async with running_app(detector, tmp_path) as (client, state):
+        r = await client.post(
+            "/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype, "part_id": "raw-1"}
+        )
+        assert r.status_code == 200, r.text
+        raw = r.json()
+        assert raw["decision"] == "REVIEW" and raw["part_id"] == "raw-1"
+        assert raw["feature_type"] == ftype and raw["predicted_type"] in detector.classes_
+        assert 0.0 < raw["p_value"] <= 1.0 and isinstance(raw["score"], float)
+        assert raw["latency_ms"] > 0 and raw["total_ms"] >= raw["latency_ms"] * 0
+        assert raw["heatmap_url"] == f"/v1/results/{raw['id']}/heatmap"
+        assert raw["model_version"] == detector.version
+
+        r = await client.post(
+            "/v1/inspect",
+            headers=AUTH,
+            files={"image": ("x.png", body, "image/png")},
+            data={"feature_type": ftype, "part_id": "mp-1"},
+        )
+        assert r.status_code == 200, r.text
+        mp = r.json()
+        assert mp["part_id"] == "mp-1" and mp["score"] == pytest.approx(raw["score"], rel=1e-4)
+
+        # stored before the answer: the store has exactly these two rows
+        rows = state.store.query(limit=None)
+        assert sorted(x.part_id for x in rows) == ["mp-1", "raw-1"]
+
+        heat = await client.get(raw["heatmap_url"], headers=AUTH)
+        assert heat.status_code == 200 and heat.headers["content-type"] == "image/png"
+        overlay = Image.open(io.BytesIO(heat.content))
+        assert overlay.size == Image.open(io.BytesIO(body)).size
+        img = await client.get(raw["image_url"], headers=AUTH)  # REVIEW keeps the upload
+        assert img.status_code == 200 and img.content == body
+
+
+async def test_unknown_type_mode_predicts_type(detector: Any, samples: Samples, tmp_path: Path) -> None:
+    body, _ = samples.one("PASS")
+    async with running_app(detector, tmp_path) as (client, _):
+        r = await client.post("/v1/inspect", content=body, headers=AUTH)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["type_known"] is False and out["feature_type"] in detector.classes_
+        assert set(out["type_scores"]) == set(detector.classes_)
+
+
+async def test_batch_route(detector: Any, samples: Samples, tmp_path: Path) -> None:
+    parts = samples.all[:5]
+    files = [("image", (f"{i}.png", b, "image/png")) for i, (b, _) in enumerate(parts)]
+    data = {"feature_type": [t for _, t in parts], "part_id": [f"b-{i}" for i in range(5)]}
+    async with running_app(detector, tmp_path, max_batch=4) as (client, state):
+        r = await client.post("/v1/inspect/batch", headers=AUTH, files=files, data=data)
+        assert r.status_code == 200, r.text
+        res = r.json()["results"]
+        assert [x["part_id"] for x in res] == [f"b-{i}" for i in range(5)]
+        assert [x["feature_type"] for x in res] == [t for _, t in parts]
+        assert state.store.count() == 5
+        # one bad image refuses the whole batch and names it; nothing is stored
+        bad = [*files[:2], ("image", ("bad.png", b"not an image", "image/png"))]
+        r = await client.post("/v1/inspect/batch", headers=AUTH, files=bad)
+        assert r.status_code == 422 and "image 2" in r.json()["detail"]
+        assert state.store.count() == 5
+        r = await client.post("/v1/inspect/batch", headers=AUTH, content=parts[0][0])
+        assert r.status_code == 415
+
+
+async def test_results_filters_model_and_metrics(detector: Any, samples: Samples, tmp_path: Path) -> None:
+    async with running_app(detector, tmp_path) as (client, _):
+        sent = []
+        for decision in ("PASS", "REVIEW", "REJECT"):
+            body, ftype = samples.one(decision)
+            r = await client.post(
+                "/v1/inspect",
+                content=body,
+                headers=AUTH,
+                params={"feature_type": ftype, "part_id": decision.lower()},
+            )
+            assert r.status_code == 200
+            sent.append(r.json())
+        r = await client.get("/v1/results", headers=AUTH)
+        assert [x["id"] for x in r.json()["results"]] == [s["id"] for s in reversed(sent)]
+        r = await client.get("/v1/results", headers=AUTH, params={"decision": "REVIEW"})
+        assert [x["part_id"] for x in r.json()["results"]] == ["review"]
+        t = sent[1]["feature_type"]
+        r = await client.get("/v1/results", headers=AUTH, params={"feature_type": t})
+        assert all(x["feature_type"] == t for x in r.json()["results"]) and r.json()["count"] >= 1
+        r = await client.get(
+            "/v1/results", headers=AUTH, params={"since": sent[1]["created"], "order": "oldest"}
+        )
+        assert [x["part_id"] for x in r.json()["results"]] == ["review", "reject"]
+        r = await client.get("/v1/results", headers=AUTH, params={"until": sent[1]["created_at"]})
+        assert [x["part_id"] for x in r.json()["results"]] == ["pass"]
+        r = await client.get("/v1/results", headers=AUTH, params={"since": "yesterday"})
+        assert r.status_code == 422 and "ISO 8601" in r.json()["detail"]
+        r = await client.get(f"/v1/results/{sent[0]['id']}", headers=AUTH)
+        assert r.json()["part_id"] == "pass"
+        assert (await client.get("/v1/results/999999", headers=AUTH)).status_code == 404
+
+        m = (await client.get("/v1/model", headers=AUTH)).json()
+        assert m["classes"] == detector.classes_ and m["version"] == detector.version
+        assert m["thresholds"]["alpha_review"] == detector.config.calibration.alpha_review
+        assert set(m["thresholds"]["types"]) == set(detector.classes_)
+        assert set(m["calibration"]["types"]) == set(detector.classes_)
+
+        text = (await client.get("/metrics", headers=AUTH)).text
+        assert f'diffqc_decisions_total{{feature_type="{t}",decision="REVIEW"}} 1' in text
+        assert "diffqc_inspection_latency_seconds_bucket" in text
+        assert "diffqc_queue_depth 0" in text and "diffqc_parts_dropped_total 0" in text
+        assert "diffqc_review_pending 1" in text
+
+        stats = (await client.get("/v1/stats", headers=AUTH)).json()
+        assert sum(row["total"] for row in stats["types"].values()) == 3
+        assert stats["pending_reviews"] == 1 and stats["queue"]["capacity"] == 64
+
+
+async def test_health_needs_no_token_everything_else_does(detector: Any, tmp_path: Path) -> None:
+    async with running_app(detector, tmp_path) as (client, _):
+        assert (await client.get("/healthz")).status_code == 200
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["ready"] is True
+        assert (await client.get("/dashboard")).status_code == 200  # static page, no data
+        for method, path in [
+            ("GET", "/metrics"),
+            ("GET", "/v1/results"),
+            ("GET", "/v1/model"),
+            ("GET", "/v1/review"),
+            ("POST", "/v1/inspect"),
+            ("POST", "/v1/review/1"),
+            ("GET", "/v1/results/1/heatmap"),
+            ("GET", "/v1/stats"),
+        ]:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+                r = await client.request(method, path, headers=headers)
+                assert r.status_code == 401, (method, path, headers)
+                assert r.headers["www-authenticate"] == "Bearer"
+
+
+BAD_INPUTS: list[tuple[str, Any, int, str]] = [
+    ("empty body", b"", 400, "empty body"),
+    ("non-image bytes", b"hello, this is not an image" * 10, 422, "not a recognised image"),
+    ("1x1 image", "1x1", 422, "at least 8x8"),
+    ("40000x40000 header", "huge", 413, "claims 1600000000 pixels"),
+    ("truncated PNG", "truncated", 422, "truncated"),
+    ("unknown feature type", "unknown-type", 422, "unknown feature type"),
+    ("oversized upload", "oversized", 413, "exceeds the limit"),
+]
+
+
+async def test_bad_input_table(detector: Any, samples: Samples, tmp_path: Path) -> None:
+    good, ftype = samples.one("PASS")
+    async with running_app(detector, tmp_path, max_upload_bytes=200_000) as (client, state):
+        for name, payload, status, message in BAD_INPUTS:
+            params = {"feature_type": ftype}
+            if payload == "1x1":
+                payload = png(np.zeros((1, 1, 3), np.uint8))
+            elif payload == "huge":
+                payload = _png_header_only(40_000, 40_000)
+            elif payload == "truncated":
+                payload = good[: len(good) // 2]
+            elif payload == "unknown-type":
+                payload, params = good, {"feature_type": "no-such-type"}
+            elif payload == "oversized":
+                payload = good + b"\0" * 250_000
+            r = await client.post("/v1/inspect", content=payload, headers=AUTH, params=params)
+            assert r.status_code == status, (name, r.status_code, r.text)
+            assert message in r.json()["detail"], (name, r.json())
+            # the service keeps answering
+            ok = await client.post("/v1/inspect", content=good, headers=AUTH, params={"feature_type": ftype})
+            assert ok.status_code == 200, name
+        # wrong / missing token and oversized multipart
+        assert (await client.post("/v1/inspect", content=good)).status_code == 401
+        r = await client.post(
+            "/v1/inspect", headers=AUTH, files={"image": ("x.png", good + b"\0" * 250_000, "image/png")}
+        )
+        assert r.status_code == 413
+        r = await client.post("/v1/inspect", headers=AUTH, files={"other": ("x.png", good, "image/png")})
+        assert r.status_code == 400 and "'image'" in r.json()["detail"]
+        # 16-bit and RGBA images are accepted and inspected
+        for name, payload in (("16-bit", _png16(samples)), ("RGBA", _rgba(samples))):
+            r = await client.post(
+                "/v1/inspect", content=payload, headers=AUTH, params={"feature_type": ftype, "part_id": name}
+            )
+            assert r.status_code == 200, (name, r.text)
+            assert r.json()["decision"] in ("PASS", "REVIEW", "REJECT")
+        # only accepted parts are stored: len(BAD_INPUTS) good follow-ups + 16-bit + RGBA
+        assert state.store.count() == len(BAD_INPUTS) + 2
+        text = (await client.get("/metrics", headers=AUTH)).text
+        assert 'diffqc_bad_uploads_total{reason="empty_body"} 1' in text
+        assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_review_flow_and_export(detector: Any, samples: Samples, tmp_path: Path) -> None:
+    from diffqc.data import load_dataset
+    from diffqc.service import export_reviewed_good
+
+    db = str(tmp_path / "results.db")
+    async with running_app(detector, tmp_path, db_url=db) as (client, _):
+        ids = []
+        for i, (body, ftype) in enumerate(samples.by_decision["REVIEW"][:3]):
+            r = await client.post(
+                "/v1/inspect",
+                content=body,
+                headers=AUTH,
+                params={"feature_type": ftype, "part_id": f"rv-{i}"},
+            )
+            ids.append(r.json()["id"])
+        q = (await client.get("/v1/review", headers=AUTH)).json()
+        assert [x["id"] for x in q["queue"]] == ids and q["pending"] == 3
+        assert q["queue"][0]["image_url"] and q["queue"][0]["heatmap_url"]
+        r = await client.post(
+            f"/v1/review/{ids[0]}", headers=AUTH, json={"verdict": "GOOD", "reviewer": "ann"}
+        )
+        assert r.status_code == 200
+        out = r.json()
+        assert out["review"] == "GOOD" and out["decision"] == "REVIEW" and out["reviewer"] == "ann"
+        r = await client.post(f"/v1/review/{ids[1]}", headers=AUTH, json={"verdict": "BAD"})
+        assert r.json()["review"] == "BAD"
+        r = await client.post(f"/v1/review/{ids[2]}", headers=AUTH, json={"verdict": "MAYBE"})
+        assert r.status_code == 422
+        assert (
+            await client.post("/v1/review/424242", headers=AUTH, json={"verdict": "GOOD"})
+        ).status_code == 404
+        q = (await client.get("/v1/review", headers=AUTH)).json()
+        assert [x["id"] for x in q["queue"]] == [ids[2]]
+        r = await client.get("/v1/results", headers=AUTH, params={"review": "GOOD"})
+        assert [x["id"] for x in r.json()["results"]] == [ids[0]]
+    summary = export_reviewed_good(db, tmp_path / "export")
+    assert summary["exported"] == 1 and summary["missing_image"] == 0
+    exported = load_dataset(tmp_path / "export" / "manifest.csv")
+    assert len(exported) == 1 and exported[0].label == 0 and exported[0].part_id == "rv-0"
+    assert exported[0].path.read_bytes() == samples.by_decision["REVIEW"][0][0]
+
+
+async def test_idempotency_key_returns_the_stored_record(
+    detector: Any, samples: Samples, tmp_path: Path
+) -> None:
+    body, ftype = samples.one("PASS")
+    async with running_app(detector, tmp_path) as (client, state):
+        headers = {**AUTH, "Idempotency-Key": "cam1-000017"}
+        a = await client.post("/v1/inspect", content=body, headers=headers, params={"feature_type": ftype})
+        b = await client.post("/v1/inspect", content=body, headers=headers, params={"feature_type": ftype})
+        assert a.status_code == b.status_code == 200
+        assert a.json()["id"] == b.json()["id"] and b.json()["duplicate"] is True
+        assert state.store.count() == 1
+
+
+async def test_no_path_traversal_in_file_routes(detector: Any, samples: Samples, tmp_path: Path) -> None:
+    body, ftype = samples.one("REVIEW")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("top secret")
+    async with running_app(detector, tmp_path) as (client, state):
+        r = await client.post("/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype})
+        rid = r.json()["id"]
+        for path in [
+            "/v1/results/..%2F..%2Fsecret.txt/heatmap",
+            "/v1/results/../../secret.txt",
+            f"/v1/results/{rid}/..%2F..%2Fsecret.txt",
+            "/v1/results/%2e%2e/image",
+            "/static/../../secret.txt",
+            "/dashboard/../secret.txt",
+        ]:
+            r = await client.get(path, headers=AUTH)
+            assert r.status_code in (404, 405, 422), (path, r.status_code)
+            assert b"top secret" not in r.content
+        # a record whose stored name was tampered with still cannot leave the artifact folder
+        writer = state.store._writer
+        writer.execute("UPDATE diffqc_results SET heatmap = '../../secret.txt' WHERE id = ?", (rid,))
+        r = await client.get(f"/v1/results/{rid}/heatmap", headers=AUTH)
+        assert r.status_code == 404 and b"top secret" not in r.content
+
+
+async def test_cors_off_by_default_and_on_when_configured(detector: Any, tmp_path: Path) -> None:
+    pre = {"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"}
+    async with running_app(detector, tmp_path) as (client, _):
+        r = await client.get("/healthz", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+        r = await client.options("/v1/results", headers=pre)
+        assert "access-control-allow-origin" not in r.headers
+    async with running_app(detector, tmp_path / "b", cors_origins=("https://hmi.line",)) as (client, _):
+        r = await client.options("/v1/results", headers={**pre, "Origin": "https://hmi.line"})
+        assert r.headers["access-control-allow-origin"] == "https://hmi.line"
+        r = await client.options("/v1/results", headers=pre)
+        assert r.headers.get("access-control-allow-origin") != "https://evil.example"
+
+
+async def test_concurrent_requests_are_micro_batched(detector: Any, samples: Samples, tmp_path: Path) -> None:
+    parts = samples.all[:24]
+    async with running_app(detector, tmp_path, max_batch=8) as (client, state):
+        rs = await asyncio.gather(
+            *(
+                client.post(
+                    "/v1/inspect", content=b, headers=AUTH, params={"feature_type": t, "part_id": f"c-{i}"}
+                )
+                for i, (b, t) in enumerate(parts)
+            )
+        )
+        assert all(r.status_code == 200 for r in rs)
+        assert len({r.json()["id"] for r in rs}) == len(parts) == state.store.count()
+        assert state.metrics.batch.n < len(parts)  # some batches held more than one part
+        assert state.pipeline.buffer.high_water > 1
+
+
+def test_settings_refuse_to_start_without_token(tmp_path: Path) -> None:
+    from diffqc.service.app import ServiceSettings, create_app
+
+    with pytest.raises(ValueError, match="token"):
+        create_app(ServiceSettings(db_url=str(tmp_path / "x.db")))
+    assert TOKEN
+
+
+async def test_serve_also_ingests_a_watched_folder(detector: Any, samples: Samples, tmp_path: Path) -> None:
+    folder = tmp_path / "cam"
+    folder.mkdir()
+    body, ftype = samples.one("PASS")
+    async with running_app(detector, tmp_path, watch_dirs=(str(folder),), watch_feature_type=ftype) as (
+        client,
+        _,
+    ):
+        (folder / "w-1.png").write_bytes(body)
+        for _ in range(100):
+            res = (await client.get("/v1/results", headers=AUTH, params={"part_id": "w-1"})).json()
+            if res["count"]:
+                break
+            await asyncio.sleep(0.1)
+        assert res["count"] == 1
+        rec = res["results"][0]
+        assert rec["source"] == f"watch:{folder.resolve()}" and rec["feature_type"] == ftype
+        for _ in range(50):  # the move follows the commit
+            if (folder / "processed" / "w-1.png").exists():
+                break
+            await asyncio.sleep(0.05)
+        assert (folder / "processed" / "w-1.png").exists()

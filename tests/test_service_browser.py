@@ -1,0 +1,151 @@
+"""The dashboard in headless Chromium (Selenium + /usr/bin/chromedriver).
+
+``scripts/install_browser.sh`` installs both from Debian; skipped when either is missing.
+"""
+
+# ruff: noqa: F811  (fixtures imported from tests.test_service_common are re-bound as arguments)
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.test_service_common import (  # noqa: F401 (fixtures)
+    AUTH,
+    TOKEN,
+    Samples,
+    bench,
+    detector,
+    samples,
+    service_model,
+)
+
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not (CHROMIUM and Path(CHROMEDRIVER).exists()),
+        reason="chromium / chromedriver not installed (scripts/install_browser.sh)",
+    ),
+]
+
+
+@pytest.fixture
+def live_server(detector: Any, tmp_path: Path) -> Iterator[tuple[str, Any]]:
+    """The app under a real uvicorn on 127.0.0.1 (in a thread, the loaded model injected)."""
+    import uvicorn
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,)), detector=detector)
+    port = bench.free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield f"http://127.0.0.1:{port}", app.state.diffqc
+    server.should_exit = True
+    thread.join(15)
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+        "--no-first-run",
+        "--disable-extensions",
+    ):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def test_dashboard_shows_decisions_and_records_a_review(
+    live_server: tuple[str, Any], browser: Any, samples: Samples
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, state = live_server
+    wait = WebDriverWait(browser, 20)
+    browser.get(url + "/dashboard")
+    # a wrong token is refused and said so
+    browser.find_element(By.ID, "token").send_keys("wrong-token")
+    browser.find_element(By.ID, "connect").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "token refused"))
+
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "connect").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
+
+    body, ftype = samples.one("REVIEW")
+    r = httpx.post(
+        url + "/v1/inspect",
+        content=body,
+        headers=AUTH,
+        params={"feature_type": ftype, "part_id": "browser-1"},
+    )
+    assert r.status_code == 200
+    rid = r.json()["id"]
+    passed, ptype = samples.one("PASS")
+    httpx.post(url + "/v1/inspect", content=passed, headers=AUTH, params={"feature_type": ptype})
+
+    # the decision appears in the live table
+    row = wait.until(
+        ec.presence_of_element_located((By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"]'))
+    )
+    assert "REVIEW" in row.text and "browser-1" in row.text
+    # rates per type and a score histogram are drawn
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, f'#rates tr[data-type="{ftype}"]')))
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, f'#hists svg[data-type="{ftype}"]')))
+
+    # the review card shows the image and its heat-map overlay (fetched with the token)
+    card = wait.until(
+        ec.presence_of_element_located((By.CSS_SELECTOR, f'#review-queue .card[data-id="{rid}"]'))
+    )
+    wait.until(
+        lambda d: all(
+            (img.get_attribute("src") or "").startswith("blob:")
+            and d.execute_script("return arguments[0].naturalWidth", img) > 0
+            for img in card.find_elements(By.TAG_NAME, "img")
+        )
+    )
+    card.find_element(By.CSS_SELECTOR, ".verdict-good").click()
+    wait.until(ec.staleness_of(card))
+    wait.until(
+        ec.text_to_be_present_in_element(
+            (By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"] .review-cell'), "GOOD"
+        )
+    )
+    rec = state.store.get(rid)
+    assert rec.review == "GOOD" and rec.reviewer == "dashboard" and rec.decision == "REVIEW"
+    logs = [
+        e
+        for e in browser.get_log("browser")
+        if e.get("level") == "SEVERE" and "401" not in e.get("message", "")
+    ]
+    assert logs == []

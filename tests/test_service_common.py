@@ -1,0 +1,118 @@
+"""Shared fixtures and helpers of the service tests (no tests of its own).
+
+The HTTP tests run against a real, tiny :class:`diffqc.model.Detector` trained once per
+session on a small synthetic set (a few seconds on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import sys
+import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-abcdefghijklmnop"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _load_bench() -> Any:
+    name = "diffqc_bench_service_load"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "service_load.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+_CACHE: dict[str, Any] = {}
+
+
+def png(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class Samples:
+    """Encoded test images of the synthetic set, sorted by the model's decision."""
+
+    by_decision: dict[str, list[tuple[bytes, str]]]
+    all: list[tuple[bytes, str]]
+
+    def one(self, decision: str) -> tuple[bytes, str]:
+        return self.by_decision[decision][0]
+
+
+@pytest.fixture(scope="session")
+def service_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model bundle, dataset) of a tiny detector trained once per session."""
+    if "model" not in _CACHE:
+        work = tmp_path_factory.mktemp("svc-model")
+        _CACHE["model"] = bench.train_tiny_model(work)
+    return _CACHE["model"]
+
+
+@pytest.fixture(scope="session")
+def detector(service_model: tuple[Path, Path]) -> Any:
+    if "detector" not in _CACHE:
+        from diffqc.model import Detector
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _CACHE["detector"] = Detector.load(service_model[0], device="cpu")
+    return _CACHE["detector"]
+
+
+@pytest.fixture(scope="session")
+def samples(service_model: tuple[Path, Path], detector: Any) -> Samples:
+    """Test images grouped by decision; REJECT examples include noise images."""
+    if "samples" not in _CACHE:
+        from diffqc.data import decode_image
+
+        payloads = bench.payloads(service_model[1], n=40)
+        for value in (0, 255):  # flat images are far from every GOOD type
+            for ftype in detector.classes_[:2]:
+                payloads.append((png(np.full((64, 64, 3), value, np.uint8)), ftype))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results = detector.inspect([decode_image(b) for b, _ in payloads], [t for _, t in payloads])
+        by: dict[str, list[tuple[bytes, str]]] = {}
+        for p, r in zip(payloads, results, strict=True):
+            by.setdefault(r.decision, []).append(p)
+        counts = {k: len(v) for k, v in by.items()}
+        assert {"PASS", "REVIEW", "REJECT"} <= set(by), f"tiny model decisions: {counts}"
+        _CACHE["samples"] = Samples(by, payloads[:40])
+    return _CACHE["samples"]
+
+
+@asynccontextmanager
+async def running_app(
+    detector: Any, tmp_path: Path, **settings: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    """The app with its lifespan running, and an httpx client on its ASGI transport."""
+    from diffqc.service.app import ServiceSettings, create_app
+
+    settings.setdefault("db_url", str(tmp_path / "results.db"))
+    settings.setdefault("tokens", (TOKEN,))
+    app = create_app(ServiceSettings(**settings), detector=detector)
+    transport = httpx.ASGITransport(app=app)
+    client = httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=60.0)
+    async with app.router.lifespan_context(app), client:
+        yield client, app.state.diffqc

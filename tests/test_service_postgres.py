@@ -1,0 +1,112 @@
+"""The result store and the service against a real PostgreSQL server.
+
+Needs ``DIFFQC_TEST_POSTGRES_URL`` (``scripts/start_postgres.sh`` starts a local cluster and
+prints one); skipped when unset. Each test works in its own schema, dropped afterwards.
+"""
+
+# ruff: noqa: F811  (fixtures imported from tests.test_service_common are re-bound as arguments)
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from diffqc.service.store import ResultStore
+from tests.test_service_common import AUTH, Samples, detector, running_app, samples, service_model  # noqa: F401
+from tests.test_service_units import _rec, store_contract
+
+URL = os.environ.get("DIFFQC_TEST_POSTGRES_URL")
+
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(not URL, reason="DIFFQC_TEST_POSTGRES_URL is not set"),
+]
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    import psycopg
+
+    assert URL
+    schema = f"diffqc_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in URL else "?"
+    yield f"{URL}{sep}options={quote(f'-csearch_path={schema}')}"
+    with psycopg.connect(URL, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def test_postgres_store_contract(pg_url: str) -> None:
+    with ResultStore(pg_url) as store:
+        assert store.postgres
+        store_contract(store)
+    with ResultStore(pg_url) as again:  # schema creation is idempotent
+        assert again.count() == 5
+
+
+def test_postgres_concurrent_writers_and_two_processes_schema(pg_url: str) -> None:
+    import threading
+
+    stores = [ResultStore(pg_url), ResultStore(pg_url)]  # e.g. serve + watch on one database
+    try:
+
+        def work(k: int) -> None:
+            for i in range(20):
+                stores[k % 2].insert(_rec(f"w{k}-{i}"))
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert stores[0].count() == 80
+        dup = stores[1].insert(_rec("x", source="watch:d", dedup_key="k"))
+        again = stores[0].insert(_rec("x", source="watch:d", dedup_key="k"))
+        assert again.duplicate and again.id == dup.id
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_postgres_bad_url_is_a_clear_error() -> None:
+    from diffqc.service.store import StoreError
+
+    with pytest.raises(StoreError, match="cannot connect"):
+        ResultStore("postgresql://nobody:pw@127.0.0.1:1/none")
+
+
+@pytest.mark.anyio
+async def test_service_on_postgres(detector: Any, samples: Samples, pg_url: str, tmp_path: Path) -> None:
+    body, ftype = samples.one("REVIEW")
+    async with running_app(detector, tmp_path, db_url=pg_url, data_dir=str(tmp_path / "art")) as (client, _):
+        ids = []
+        for i in range(3):
+            r = await client.post(
+                "/v1/inspect",
+                content=body,
+                headers=AUTH,
+                params={"feature_type": ftype, "part_id": f"pg-{i}"},
+            )
+            assert r.status_code == 200, r.text
+            ids.append(r.json()["id"])
+        r = await client.post(f"/v1/review/{ids[0]}", headers=AUTH, json={"verdict": "GOOD"})
+        assert r.json()["review"] == "GOOD"
+        res = (await client.get("/v1/results", headers=AUTH, params={"decision": "REVIEW"})).json()
+        assert sorted(x["id"] for x in res["results"]) == ids
+        assert (await client.get(f"/v1/results/{ids[1]}/heatmap", headers=AUTH)).status_code == 200
+        model = (await client.get("/v1/model", headers=AUTH)).json()
+        assert model["service"]["store"].startswith("postgresql://")
+    with ResultStore(pg_url) as store:
+        assert store.count() == 3 and store.pending_reviews() == 2
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

@@ -1,0 +1,145 @@
+"""The real server process on loopback: load, kill -9 + restart, overload (bounded sizes).
+
+Heavier versions with figures: ``python benchmarks/service_load.py``.
+"""
+
+# ruff: noqa: F811  (fixtures imported from tests.test_service_common are re-bound as arguments)
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_service_common import (  # noqa: F401 (fixtures)
+    AUTH,
+    Samples,
+    bench,
+    detector,
+    running_app,
+    samples,
+    service_model,
+)
+
+LOAD_REQUESTS = 120
+CLIENTS = 8
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("svc-proc")
+
+
+@pytest.fixture(scope="module")
+def server(service_model: tuple[Path, Path], workdir: Path) -> Iterator[Any]:
+    srv = bench.start_server(service_model[0], str(workdir / "results.db"), workdir=workdir)
+    yield srv
+    srv.stop()
+
+
+def _parts(samples: Samples) -> list[tuple[bytes, str]]:
+    return samples.all[:16]
+
+
+def test_concurrent_load_every_ack_stored_once(server: Any, samples: Samples) -> None:
+    res = asyncio.run(bench.run_load(server.url, _parts(samples), LOAD_REQUESTS, CLIENTS, prefix="load"))
+    assert res.n_5xx == 0 and res.transport_errors == 0, res.summary()
+    assert len(res.acked) == LOAD_REQUESTS and res.statuses == {200: LOAD_REQUESTS}
+    check = bench.check_acked(server.db, res, "load")
+    assert check == {
+        "acked": LOAD_REQUESTS,
+        "stored": LOAD_REQUESTS,
+        "missing": 0,
+        "duplicates": 0,
+        "wrong_id": 0,
+    }
+    text = bench.get_metrics(server.url)
+    assert bench.metric(text, "diffqc_inspection_latency_seconds_count") >= LOAD_REQUESTS
+    assert bench.metric(text, "diffqc_queue_depth") == 0
+    # micro-batching under load: fewer batches than parts
+    assert bench.metric(text, "diffqc_batch_size_count") < LOAD_REQUESTS
+    assert res.pct(50) > 0 and res.pct(99) >= res.pct(50)
+
+
+def test_kill9_during_load_then_restart_and_overload_reject(
+    server: Any, service_model: tuple[Path, Path], samples: Samples, workdir: Path
+) -> None:
+    parts = _parts(samples)
+    res = bench.kill_during_load(server, parts, n=300, clients=CLIENTS, kill_after_acks=40)
+    assert server.proc.poll() is not None  # really killed
+    assert 40 <= len(res.acked) < 300
+    # restart on the same store, this time with a tiny buffer that refuses when full
+    restarted = bench.start_server(
+        service_model[0],
+        server.db,
+        workdir=workdir,
+        extra=(
+            "--buffer-size",
+            "2",
+            "--max-batch",
+            "1",
+            "--overflow",
+            "reject",
+            "--retry-after",
+            "2",
+            "--heatmaps",
+            "none",
+        ),
+    )
+    try:
+        check = bench.check_acked(server.db, res, "crash")
+        assert check["missing"] == 0 and check["duplicates"] == 0 and check["wrong_id"] == 0, check
+        # unacknowledged parts may or may not be stored, but never twice
+        assert check["stored"] >= check["acked"]
+
+        burst = asyncio.run(bench.run_load(restarted.url, parts, 48, 48, prefix="burst"))
+        text = bench.get_metrics(restarted.url)
+    finally:
+        restarted.stop()
+    ok, refused = burst.statuses.get(200, 0), burst.statuses.get(503, 0)
+    assert ok + refused == 48 and burst.transport_errors == 0, burst.summary()
+    assert refused > 0 and burst.retry_after == {"2"}
+    assert bench.metric(text, "diffqc_parts_refused_total") == refused
+    stored = bench.stored_by_part(server.db, "burst")
+    assert set(stored) == set(burst.acked) and all(len(v) == 1 for v in stored.values())
+
+
+@pytest.mark.anyio
+async def test_overload_drop_oldest_accounts_for_every_part(
+    detector: Any, samples: Samples, tmp_path: Path
+) -> None:
+    parts = _parts(samples)
+    n = 40
+    async with running_app(
+        detector, tmp_path, buffer_size=2, max_batch=1, overflow="drop_oldest", heatmaps="none"
+    ) as (client, state):
+        rs = await asyncio.gather(
+            *(
+                client.post(
+                    "/v1/inspect",
+                    content=parts[i % len(parts)][0],
+                    headers=AUTH,
+                    params={"feature_type": parts[i % len(parts)][1], "part_id": f"d-{i}"},
+                )
+                for i in range(n)
+            )
+        )
+        assert [r.status_code for r in rs] == [200] * n
+        decisions = [r.json()["decision"] for r in rs]
+        dropped = decisions.count("NOT_INSPECTED")
+        text = (await client.get("/metrics", headers=AUTH)).text
+        stored = state.store.query(limit=None)
+    assert dropped > 0, "the burst did not overflow the buffer"
+    assert bench.metric(text, "diffqc_parts_dropped_total") == dropped
+    assert len(stored) == n and len({r.part_id for r in stored}) == n
+    not_inspected = [r for r in stored if r.decision == "NOT_INSPECTED"]
+    assert len(not_inspected) == dropped
+    assert all("drop_oldest" in (r.reason or "") for r in not_inspected)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

@@ -1,0 +1,453 @@
+"""Pure parts of the service: ring buffer, pipeline bookkeeping, result store, security helpers.
+
+The pipeline tests use a clearly named test double (``BlockingDetectorDouble``) so that
+overflow can be provoked deterministically; every HTTP test uses the real model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffqc.service.buffer import (
+    BufferClosed,
+    BufferFull,
+    InspectionPipeline,
+    Job,
+    OverflowPolicy,
+    RingBuffer,
+)
+from diffqc.service.security import (
+    ImageTooLarge,
+    UploadTooLarge,
+    bearer_token,
+    check_content_length,
+    check_image_header,
+    parse_tokens,
+    read_limited,
+    safe_child,
+    token_matches,
+    tokens_from_env,
+)
+from diffqc.service.store import (
+    NOT_INSPECTED,
+    ArtifactStore,
+    ResultRecord,
+    ResultStore,
+    redact_url,
+    sqlite_path,
+)
+
+
+# ----------------------------------------------------------------------------- ring buffer
+def test_ring_buffer_reject_policy_is_all_or_nothing() -> None:
+    buf: RingBuffer[int] = RingBuffer(3, "reject")
+    buf.put_many([1, 2])
+    with pytest.raises(BufferFull):
+        buf.put_many([3, 4])
+    assert len(buf) == 2 and buf.refused_total == 2
+    assert buf.put(3) is None
+    with pytest.raises(BufferFull):
+        buf.put(4)
+    assert buf.get_batch(10) == [1, 2, 3]
+    assert buf.accepted_total == 3 and buf.high_water == 3
+
+
+def test_ring_buffer_drop_oldest_returns_the_evicted() -> None:
+    buf: RingBuffer[int] = RingBuffer(2, OverflowPolicy.DROP_OLDEST)
+    assert buf.put(1) is None and buf.put(2) is None
+    assert buf.put(3) == 1
+    assert buf.put_many([4, 5, 6]) == [2, 3, 4]
+    assert buf.get_batch(5) == [5, 6] and buf.dropped_total == 4
+
+
+def test_ring_buffer_batches_what_is_waiting_and_never_waits_for_company() -> None:
+    buf: RingBuffer[int] = RingBuffer(10)
+    buf.put(1)
+    t0 = time.monotonic()
+    assert buf.get_batch(4, timeout=5) == [1]  # a lone item comes out at once
+    assert time.monotonic() - t0 < 0.5
+    buf.put_many(list(range(6)))
+    assert buf.get_batch(4) == [0, 1, 2, 3] and buf.get_batch(4) == [4, 5]
+    assert buf.get_batch(4, timeout=0.01) == []
+
+
+def test_ring_buffer_wakes_a_waiting_consumer_and_closes() -> None:
+    buf: RingBuffer[int] = RingBuffer(4)
+    got: list[list[int]] = []
+    t = threading.Thread(target=lambda: got.append(buf.get_batch(4, timeout=5)))
+    t.start()
+    time.sleep(0.05)
+    buf.put(7)
+    t.join(2)
+    assert got == [[7]]
+    buf.close()
+    assert buf.get_batch(4, timeout=5) == []
+    with pytest.raises(BufferClosed):
+        buf.put(1)
+    with pytest.raises(ValueError):
+        RingBuffer(0)
+
+
+# ----------------------------------------------------------------------------- pipeline
+@dataclass
+class _Result:
+    score: float
+    p_value: float
+    decision: str
+    feature_type: str | None
+    predicted_type: str | None
+    type_scores: dict[str, float] = field(default_factory=dict)
+    anomaly_map: np.ndarray | None = None
+
+
+class BlockingDetectorDouble:
+    """TEST DOUBLE (buffer/store unit tests only): scores an image by its mean and blocks
+    while ``gate`` is clear, so that a test decides when the worker may proceed."""
+
+    version = "double-1"
+
+    def __init__(self) -> None:
+        self.classes_ = ["a", "b"]
+        self.gate = threading.Event()
+        self.gate.set()
+        self.batches: list[int] = []
+        self.entered = threading.Event()
+
+    def inspect(self, images: Any, feature_types: Any = None, *, all_types: bool = True) -> list[_Result]:
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append(len(images))
+        out = []
+        for img, t in zip(images, feature_types, strict=True):
+            if t == "boom":
+                raise RuntimeError("detector failure")
+            s = float(img.mean())
+            out.append(
+                _Result(
+                    s,
+                    1.0 - s,
+                    "PASS" if s < 0.5 else "REJECT",
+                    t or "a",
+                    t or "a",
+                    {"a": s},
+                    np.full(img.shape[:2], s, np.float32),
+                )
+            )
+        return out
+
+
+def _job(value: float, part: str, ftype: str | None = "a") -> Job:
+    return Job(image=np.full((8, 8, 3), value, np.float32), feature_type=ftype, part_id=part)
+
+
+def _pipeline(
+    tmp_path: Path, det: BlockingDetectorDouble, **kw: Any
+) -> tuple[InspectionPipeline, ResultStore]:
+    store = ResultStore(str(tmp_path / "r.db"))
+    pipe = InspectionPipeline(det, store, ArtifactStore(tmp_path / "art"), model_version="double-1", **kw)
+    pipe.start()
+    return pipe, store
+
+
+def test_pipeline_stores_before_completing_and_drops_are_recorded(tmp_path: Path) -> None:
+    det = BlockingDetectorDouble()
+    det.gate.clear()
+    pipe, store = _pipeline(tmp_path, det, capacity=2, policy="drop_oldest", max_batch=2)
+    try:
+        first = pipe.submit(_job(0.1, "p0"))
+        assert det.entered.wait(5)  # the worker holds p0; the buffer is empty again
+        futures = [pipe.submit(_job(0.2, f"p{i}")) for i in range(1, 6)]  # p1..p3 are evicted
+        assert pipe.buffer.dropped_total == 3 and not first.done()
+        det.gate.set()
+        recs = [f.result(10) for f in [first, *futures]]
+    finally:
+        pipe.stop()
+    by_part = {r.part_id: r for r in recs}
+    assert [by_part[f"p{i}"].decision for i in (1, 2, 3)] == [NOT_INSPECTED] * 3
+    assert "dropped" in (by_part["p1"].reason or "")
+    assert by_part["p0"].decision == "PASS" and by_part["p5"].decision == "PASS"
+    stored = {r.part_id: r for r in store.query(limit=None)}
+    assert len(stored) == 6 and all(stored[p].id == by_part[p].id for p in stored)
+    assert all(r.model_version == "double-1" for r in stored.values())
+    assert stored["p0"].heatmap and stored["p1"].heatmap is None
+    store.close()
+
+
+def test_pipeline_reject_policy_refuses_and_micro_batches(tmp_path: Path) -> None:
+    det = BlockingDetectorDouble()
+    det.gate.clear()
+    pipe, store = _pipeline(tmp_path, det, capacity=3, policy="reject", max_batch=8)
+    try:
+        f0 = pipe.submit(_job(0.1, "x0"))
+        assert det.entered.wait(5)
+        fs = pipe.submit_many([_job(0.1, f"x{i}") for i in range(1, 4)])
+        with pytest.raises(BufferFull):
+            pipe.submit(_job(0.1, "x4"))
+        det.gate.set()
+        for f in [f0, *fs]:
+            f.result(10)
+    finally:
+        pipe.stop()
+    assert det.batches == [1, 3]  # the waiting parts went through as one micro-batch
+    assert store.count() == 4 and pipe.buffer.refused_total == 1
+    store.close()
+
+
+def test_pipeline_isolates_a_failing_part(tmp_path: Path) -> None:
+    det = BlockingDetectorDouble()
+    det.gate.clear()
+    pipe, store = _pipeline(tmp_path, det, max_batch=8)
+    try:
+        f0 = pipe.submit(_job(0.1, "ok0"))
+        assert det.entered.wait(5)
+        fs = pipe.submit_many([_job(0.1, "ok1"), _job(0.1, "bad", "boom"), _job(0.9, "ok2")])
+        det.gate.set()
+        recs = [f.result(10) for f in [f0, *fs]]
+    finally:
+        pipe.stop()
+    assert [r.decision for r in recs] == ["PASS", "PASS", NOT_INSPECTED, "REJECT"]
+    assert "detector failure" in (recs[2].reason or "") and pipe.errors_total == 1
+    store.close()
+
+
+def test_pipeline_drains_accepted_parts_on_stop(tmp_path: Path) -> None:
+    det = BlockingDetectorDouble()
+    pipe, store = _pipeline(tmp_path, det, max_batch=2)
+    fs = pipe.submit_many([_job(0.1, f"s{i}") for i in range(7)])
+    pipe.stop()
+    assert all(f.done() for f in fs) and store.count() == 7
+    with pytest.raises(BufferClosed):
+        pipe.submit(_job(0.1, "late"))
+    store.close()
+
+
+def test_async_waiter_cancelled_does_not_lose_the_part(tmp_path: Path) -> None:
+    det = BlockingDetectorDouble()
+    det.gate.clear()
+    pipe, store = _pipeline(tmp_path, det)
+
+    async def go() -> None:
+        fut = pipe.submit(_job(0.1, "gone"))
+        waiter = asyncio.ensure_future(asyncio.wrap_future(fut))
+        await asyncio.sleep(0.05)
+        waiter.cancel()
+        det.gate.set()
+        await asyncio.sleep(0)
+
+    asyncio.run(go())
+    pipe.stop()
+    assert [r.part_id for r in store.query()] == ["gone"]
+    store.close()
+
+
+# ----------------------------------------------------------------------------- store
+def _rec(part: str, decision: str = "PASS", **kw: Any) -> ResultRecord:
+    return ResultRecord(
+        created_at=kw.pop("created_at", time.time()),
+        source=kw.pop("source", "http"),
+        decision=decision,
+        part_id=part,
+        feature_type=kw.pop("feature_type", "a"),
+        score=kw.pop("score", 0.5),
+        p_value=kw.pop("p_value", 0.3),
+        **kw,
+    )
+
+
+def store_contract(store: ResultStore) -> None:
+    """Behaviour every backend must show (also run against PostgreSQL)."""
+    t0 = time.time()
+    a, b = store.insert_many(
+        [
+            _rec("a1", created_at=t0 - 100),
+            _rec("b1", "REVIEW", feature_type="b", type_scores={"a": 1.0, "b": 0.5}),
+        ]
+    )
+    assert a.id is not None and b.id is not None and b.id > a.id
+    got = store.get(b.id)
+    assert got is not None and got.type_scores == {"a": 1.0, "b": 0.5} and got.decision == "REVIEW"
+    assert store.get(10**9) is None
+    # idempotency on (source, dedup_key)
+    w1 = store.insert(_rec("f1", source="watch:x", dedup_key="f1.png|abc"))
+    w2 = store.insert(_rec("f1-again", source="watch:x", dedup_key="f1.png|abc"))
+    assert w2.duplicate and w2.id == w1.id and w2.part_id == "f1"
+    other = store.insert(_rec("f1", source="watch:y", dedup_key="f1.png|abc"))
+    assert not other.duplicate and other.id != w1.id
+    assert store.has_keys("watch:x", ["f1.png|abc", "nope"]) == {"f1.png|abc"}
+    assert store.find_key("watch:x", "f1.png|abc") is not None
+    # filters
+    assert [r.part_id for r in store.query(decision="REVIEW")] == ["b1"]
+    assert [r.part_id for r in store.query(feature_type="b")] == ["b1"]
+    assert [r.part_id for r in store.query(until=t0 - 50)] == ["a1"]
+    assert {r.part_id for r in store.query(since=t0 - 50)} == {"b1", "f1"}
+    assert [r.part_id for r in store.query(source="watch:y")] == ["f1"]
+    assert [r.id for r in store.query(limit=2)] == sorted((r.id or 0 for r in store.query()), reverse=True)[
+        :2
+    ]
+    assert [r.part_id for r in store.query(after_id=a.id, oldest_first=True, limit=1)] == ["b1"]
+    # review
+    assert [r.part_id for r in store.review_queue()] == ["b1"] and store.pending_reviews() == 1
+    rv = store.set_review(b.id, "GOOD", "ann", "fine")
+    assert rv is not None and rv.review == "GOOD" and rv.reviewer == "ann" and rv.reviewed_at
+    assert store.review_queue() == [] and store.pending_reviews() == 0
+    assert [r.part_id for r in store.query(review="GOOD")] == ["b1"]
+    assert [r.part_id for r in store.query(reviewed=True)] == ["b1"]
+    assert store.set_review(10**9, "BAD") is None
+    with pytest.raises(ValueError):
+        store.set_review(b.id, "MAYBE")
+    counts = {(t, d): n for t, d, n in store.counts()}
+    assert counts[("a", "PASS")] == 3 and counts[("b", "REVIEW")] == 1
+    assert store.count() == 4 and store.ping()
+    # a score that could not be computed is stored as NULL by every backend
+    nan = store.insert(_rec("nan", decision="REJECT", score=float("nan"), p_value=float("inf")))
+    back = store.get(nan.id or 0)
+    assert back is not None and back.score is None and back.p_value is None
+
+
+def test_sqlite_store_contract_and_durability(tmp_path: Path) -> None:
+    db = tmp_path / "sub" / "results.db"
+    with ResultStore(str(db)) as store:
+        store_contract(store)
+        mode = store._writer.execute("PRAGMA journal_mode").fetchone()[0]
+        sync = store._writer.execute("PRAGMA synchronous").fetchone()[0]
+        assert mode == "wal" and sync == 2  # FULL: fsync on every commit
+    with ResultStore(f"sqlite:///{db}") as again:  # reopens, schema already there
+        assert again.count() == 5
+
+
+def test_sqlite_store_is_safe_across_threads(tmp_path: Path) -> None:
+    with ResultStore(str(tmp_path / "t.db")) as store:
+
+        def writer(k: int) -> None:
+            for i in range(25):
+                store.insert(_rec(f"t{k}-{i}"))
+                store.query(limit=5)
+
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert store.count() == 100
+
+
+def test_store_urls() -> None:
+    assert sqlite_path("sqlite:////abs/x.db") == Path("/abs/x.db")
+    assert sqlite_path("rel/x.db") == Path("rel/x.db")
+    assert redact_url("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert redact_url("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+def test_artifact_store_writes_atomically_and_never_leaves_its_folder(tmp_path: Path) -> None:
+    art = ArtifactStore(tmp_path)
+    name = art.save_png("heatmaps", np.zeros((9, 7, 3), np.uint8))
+    path = art.path("heatmaps", name)
+    assert path is not None and Image.open(path).size == (7, 9)
+    (tmp_path / "heatmaps" / "leftover.png.tmp").write_bytes(b"x")
+    ArtifactStore(tmp_path)  # a restart removes half-written files
+    assert not (tmp_path / "heatmaps" / "leftover.png.tmp").exists()
+    (tmp_path / "secret.png").write_bytes(b"s")
+    for bad in ["../secret.png", "/etc/passwd", "..", "", name + "/..", "a" * 32 + ".png/../x"]:
+        assert art.path("heatmaps", bad) is None
+    assert art.path("../heatmaps", name) is None
+    with pytest.raises(ValueError):
+        art.save_bytes("../x", b"", "png")
+
+
+# ----------------------------------------------------------------------------- security
+def test_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_tokens(" a, b ,,c") == ("a", "b", "c")
+    assert parse_tokens(["a,b", "c"]) == ("a", "b", "c")
+    monkeypatch.setenv("DIFFQC_TOKEN", "env1,env2")
+    assert tokens_from_env(None) == ("env1", "env2")
+    assert tokens_from_env("cli") == ("cli",)
+    assert bearer_token("Bearer abc") == "abc" and bearer_token("bearer  abc ") == "abc"
+    assert bearer_token("Basic abc") is None and bearer_token("Bearer ") is None
+    assert bearer_token(None) is None
+    assert token_matches("b", ["a", "b"]) and not token_matches("c", ["a", "b"])
+    assert not token_matches(None, ["a"]) and not token_matches("", ["a"])
+    assert not token_matches("a", [])
+    assert token_matches("ünïcode", ["ünïcode"])
+
+
+def test_upload_limits() -> None:
+    check_content_length("10", 10)
+    check_content_length(None, 10)
+    check_content_length("junk", 10)
+    with pytest.raises(UploadTooLarge):
+        check_content_length("11", 10)
+
+    async def chunks(n: int) -> Any:
+        for _ in range(n):
+            yield b"x" * 4
+
+    assert asyncio.run(read_limited(chunks(2), 8)) == b"x" * 8
+    with pytest.raises(UploadTooLarge):
+        asyncio.run(read_limited(chunks(3), 8))
+
+
+def test_image_header_guard() -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200)).save(buf, format="PNG")
+    assert check_image_header(buf.getvalue(), 60_000) == (300, 200, "PNG")
+    with pytest.raises(ImageTooLarge, match="300x200"):
+        check_image_header(buf.getvalue(), 59_999)
+    assert check_image_header(b"not an image", 10) == (0, 0, None)
+
+
+def test_safe_child(tmp_path: Path) -> None:
+    good = "0123456789abcdef0123456789abcdef.png"
+    assert safe_child(tmp_path, good) == tmp_path.resolve() / good
+    for bad in ["../" + good, good.upper(), "x.png", good + ".exe", "0123456789abcdef0123456789abcdef.svg"]:
+        assert safe_child(tmp_path, bad) is None
+
+
+def test_overlay_scales_from_calibration_summary() -> None:
+    from diffqc.service.buffer import overlay_scales
+
+    summary = {"types": {"a": {"median": 1.0, "max": 1.5}, "b": {"median": 2.0, "max": 2.0}, "c": {"n": 3}}}
+    assert overlay_scales(summary) == {"a": (1.0, 2.0)}
+    assert overlay_scales({}) == {}
+
+
+def test_cli_registration_parses_the_three_commands() -> None:
+    import argparse
+
+    from diffqc.service import add_service_commands
+
+    parser = argparse.ArgumentParser()
+    add_service_commands(parser.add_subparsers(dest="command"))
+    a = parser.parse_args(
+        [
+            "serve",
+            "m",
+            "--port",
+            "9000",
+            "--token",
+            "t1",
+            "--token",
+            "t2",
+            "--overflow",
+            "drop_oldest",
+            "--cors-origin",
+            "https://hmi",
+        ]
+    )
+    assert a.port == 9000 and a.token == ["t1", "t2"] and a.overflow == "drop_oldest"
+    assert a.cors_origin == ["https://hmi"] and a.host == "127.0.0.1" and callable(a.func)
+    w = parser.parse_args(["watch", "dir", "m", "--once", "--keep"])
+    assert w.dir == "dir" and w.once and w.keep and callable(w.func)
+    e = parser.parse_args(["results", "export", "out", "--db", "x.db"])
+    assert e.out == "out" and e.db == "x.db" and callable(e.func)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "m", "--overflow", "sometimes"])

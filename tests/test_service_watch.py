@@ -1,0 +1,181 @@
+"""Folder ingestion (``diffqc watch``) with the real tiny model."""
+
+# ruff: noqa: F811  (fixtures imported from tests.test_service_common are re-bound as arguments)
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from diffqc.service.buffer import InspectionPipeline
+from diffqc.service.store import NOT_INSPECTED, ArtifactStore, ResultRecord, ResultStore
+from diffqc.service.watch import FolderWatcher, WatchSettings
+from tests.test_service_common import Samples, detector, samples, service_model  # noqa: F401
+
+
+@pytest.fixture
+def rig(detector: Any, tmp_path: Path) -> Iterator[tuple[Path, InspectionPipeline, ResultStore]]:
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    store = ResultStore(str(tmp_path / "results.db"))
+    pipe = InspectionPipeline(
+        detector, store, ArtifactStore(tmp_path), max_batch=4, model_version=detector.version
+    )
+    pipe.start()
+    yield folder, pipe, store
+    pipe.stop()
+    store.close()
+
+
+def _watcher(folder: Path, pipe: InspectionPipeline, store: ResultStore, **kw: Any) -> FolderWatcher:
+    kw.setdefault("settle_s", 0.0)
+    kw.setdefault("fail_after_s", 0.0)
+    return FolderWatcher(WatchSettings(folder, **kw), pipe, store)
+
+
+def test_watch_inspects_moves_and_uses_subfolder_types(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
+) -> None:
+    folder, pipe, store = rig
+    (b0, _), (b1, t1) = samples.all[0], samples.all[1]
+    (folder / "part-0.png").write_bytes(b0)
+    (folder / t1).mkdir()
+    (folder / t1 / "part-1.png").write_bytes(b1)
+    (folder / "notes.txt").write_text("ignored")
+    (folder / "part-2.png.tmp").write_bytes(b0)  # still being written by the camera
+    w = _watcher(folder, pipe, store)
+    report = w.step()
+    assert report.inspected == 2 and report.failed == 0
+    recs = {r.part_id: r for r in store.query(limit=None)}
+    assert set(recs) == {"part-0", "part-1"}
+    assert recs["part-1"].feature_type == t1 and recs["part-1"].type_known is True
+    assert recs["part-0"].type_known is False  # no type given: predicted
+    assert (folder / "processed" / "part-0.png").read_bytes() == b0
+    assert (folder / "processed" / t1 / "part-1.png").is_file()
+    assert (folder / "notes.txt").exists() and (folder / "part-2.png.tmp").exists()
+    assert w.step().inspected == 0  # nothing new
+
+
+def test_watch_waits_until_a_file_is_complete(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
+) -> None:
+    folder, pipe, store = rig
+    body, ftype = samples.all[2]
+    w = _watcher(folder, pipe, store, feature_type=ftype, settle_s=0.3, fail_after_s=5.0)
+    path = folder / "slow.png"
+    path.write_bytes(body[: len(body) // 2])  # the camera has written half of it
+    assert w.step().inspected == 0  # first sighting: not settled yet
+    time.sleep(0.35)
+    r = w.step()  # settled but truncated: waits (within fail_after_s) instead of failing
+    assert r.inspected == 0 and r.failed == 0 and store.count() == 0
+    with open(path, "ab") as fh:
+        fh.write(body[len(body) // 2 :])
+    os.utime(path)
+    assert w.step().inspected == 0  # changed again: settles first
+    time.sleep(0.35)
+    assert w.step().inspected == 1
+    (rec,) = store.query()
+    assert rec.feature_type == ftype and rec.decision in ("PASS", "REVIEW", "REJECT")
+
+
+def test_watch_records_unreadable_files_as_not_inspected(
+    rig: tuple[Path, InspectionPipeline, ResultStore],
+) -> None:
+    folder, pipe, store = rig
+    (folder / "junk.png").write_bytes(b"definitely not a png")
+    w = _watcher(folder, pipe, store)
+    assert w.step().failed == 1
+    (rec,) = store.query()
+    assert rec.decision == NOT_INSPECTED and "not a recognised image" in (rec.reason or "")
+    assert (folder / "failed" / "junk.png").exists()
+
+
+def test_watch_restart_neither_skips_nor_double_counts(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, pipe, store = rig
+    for i in range(4):
+        (folder / f"p{i}.png").write_bytes(samples.all[i][0])
+    w = _watcher(folder, pipe, store)
+    # crash after the records are committed but before the files are moved
+    monkeypatch.setattr(FolderWatcher, "_finish", lambda self, *a, **k: (_ for _ in ()).throw(SystemExit))
+    with pytest.raises(SystemExit):
+        w.step()
+    committed = store.count()
+    assert committed == 4
+    monkeypatch.undo()
+    # an unrecorded file arrives while "down"
+    (folder / "p4.png").write_bytes(samples.all[4][0])
+    restarted = _watcher(folder, pipe, store)
+    report = restarted.step()
+    assert report.already_recorded == 4 and report.inspected == 1
+    assert store.count() == 5
+    assert sorted(p.name for p in (folder / "processed").iterdir()) == [f"p{i}.png" for i in range(5)]
+    parts = [r.part_id for r in store.query(limit=None)]
+    assert sorted(p or "" for p in parts) == [f"p{i}" for i in range(5)]
+
+
+def test_watch_reused_name_with_new_content_is_a_new_part(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
+) -> None:
+    folder, pipe, store = rig
+    w = _watcher(folder, pipe, store)
+    (folder / "img.png").write_bytes(samples.all[0][0])
+    assert w.step().inspected == 1
+    (folder / "img.png").write_bytes(samples.all[1][0])  # camera counter wrapped
+    assert w.step().inspected == 1
+    assert store.count() == 2 and len(list((folder / "processed").iterdir())) == 2
+
+
+def test_watch_keep_mode_leaves_files_and_survives_restart(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
+) -> None:
+    folder, pipe, store = rig
+    (folder / "k.png").write_bytes(samples.all[0][0])
+    assert _watcher(folder, pipe, store, after="keep").step().inspected == 1
+    w2 = _watcher(folder, pipe, store, after="keep")
+    r = w2.step()
+    assert r.inspected == 0 and r.already_recorded == 1 and (folder / "k.png").exists()
+    assert w2.step().already_recorded == 0  # remembered, not re-hashed
+    assert store.count() == 1
+
+
+def test_watch_cli_once(service_model: tuple[Path, Path], samples: Samples, tmp_path: Path) -> None:
+    import diffqc
+
+    folder = tmp_path / "cam"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"c{i}.png").write_bytes(samples.all[i][0])
+    (folder / "bad.png").write_bytes(b"garbage")
+    env = dict(os.environ, PYTHONPATH=str(Path(diffqc.__file__).parents[1]), OMP_NUM_THREADS="1")
+    db = tmp_path / "w.db"
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffqc.service",
+        "watch",
+        str(folder),
+        str(service_model[0]),
+        "--db",
+        str(db),
+        "--once",
+        "--settle",
+        "0",
+        "--poll",
+        "0.05",
+    ]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with ResultStore(str(db)) as store:
+        recs: list[ResultRecord] = store.query(limit=None)
+    assert sorted(r.part_id or "" for r in recs) == ["bad", "c0", "c1", "c2"]
+    assert [r.decision for r in recs if r.part_id == "bad"] == [NOT_INSPECTED]
+    assert len(list((folder / "processed").iterdir())) == 3
