@@ -62,7 +62,7 @@ def test_gaussian_prior_is_the_optimal_linear_denoiser() -> None:
     c, n, side = 8, 64, 4
     a = torch.randn(c, c, generator=g) * 0.5
     x = (torch.randn(n, side * side, c, generator=g) @ a) + 2.0
-    m = Denoiser(c, 1, side * side, DiffusionConfig(hidden=16, depth=1, embed_dim=8))
+    m = Denoiser(c, 1, side * side, DiffusionConfig(hidden=16, depth=1, embed_dim=8, prior_dims=4))
     m.fit_prior(x, torch.zeros(n, dtype=torch.long))
     t = torch.full((n,), 300)
     eps = torch.randn(x.shape, generator=g)

@@ -41,10 +41,12 @@ class DiffusionConfig:
     depth: int = 3
     embed_dim: int = 64  # type, time and position embeddings
     null_prob: float = 0.1  # probability the type is replaced by the learned null type
-    # Closed-form Gaussian path: the exact denoiser for N(μ_type,location, Σ_type); the network
-    # learns the residual. "none" leaves the whole job to the network.
-    prior: str = "gaussian"
-    prior_shrinkage: float = 0.05  # covariance shrinkage towards a scaled identity
+    # Closed-form Gaussian path: the exact denoiser for N(μ[type, loc], Σ[type, loc]) with Σ full
+    # on `prior_dims` random channels and diagonal on the rest; the network learns the residual.
+    # "none" leaves the whole job to the network.
+    prior: str = "local"
+    prior_dims: int = 48
+    prior_seed: int = 0
 
 
 @dataclass(frozen=True)

@@ -79,34 +79,44 @@ class _Block(nn.Module):
 class Denoiser(nn.Module):
     """ε-prediction network: ``(x_t [B, L, C], t [B], type [B], pos [B, L]) -> ε̂ [B, L, C]``.
 
-    With ``prior="gaussian"`` the prediction is ``ε̂_G + f_θ``: ``ε̂_G`` is the exact posterior
-    mean E[ε | x_t] when x_0 ~ N(μ[type, location], Σ[type]) (Tweedie):
-    ``ε̂_G = √(1-ᾱ) (ᾱ Σ + (1-ᾱ) I)^{-1} (x_t - √ᾱ μ)``, computed through Σ's eigenbasis; the
-    network f_θ (zero at initialisation) learns what a Gaussian misses. The statistics are
-    buffers fitted on the GOOD training features (:meth:`fit_prior`), the null type gets those
-    of all types pooled.
+    With ``prior="local"`` the prediction is ``ε̂_G + f_θ``. ``ε̂_G`` is the exact posterior
+    mean E[ε | x_t] when x_0 ~ N(μ[type, loc], Σ[type, loc]) (Tweedie):
+    ``ε̂_G = √(1-ᾱ) (ᾱ Σ + (1-ᾱ) I)^{-1} (x_t - √ᾱ μ)``. Σ is a full (Ledoit–Wolf shrunk)
+    covariance on a fixed random subset of ``prior_dims`` channels, kept as its eigenbasis, and
+    diagonal on the others. The network f_θ (zero at initialisation) learns what a Gaussian
+    misses. The statistics are buffers fitted on the GOOD training features (:meth:`fit_prior`);
+    the null type gets those of all types pooled.
     """
 
-    prior_mean: Tensor
-    prior_vecs: Tensor
-    prior_vals: Tensor
     alpha_bar: Tensor
+    prior_mean: Tensor  # [T+1, L, C]
+    prior_var: Tensor  # [T+1, L, C]
+    prior_vecs: Tensor  # [T+1, L, d, d]
+    prior_vals: Tensor  # [T+1, L, d]
+    prior_perm: Tensor  # [C]: the full-covariance channels first
+    prior_unperm: Tensor  # [C]
 
     def __init__(self, channels: int, n_types: int, locations: int, config: DiffusionConfig) -> None:
         super().__init__()
         e, h = config.embed_dim, config.hidden
         self.channels, self.n_types, self.locations = channels, n_types, locations
         self.embed_dim = e
-        if config.prior not in ("gaussian", "none"):
-            raise ValueError(f"unknown prior {config.prior!r} (gaussian or none)")
-        self.use_prior = config.prior == "gaussian"
-        self.shrinkage = config.prior_shrinkage
+        if config.prior not in ("local", "none"):
+            raise ValueError(f"unknown prior {config.prior!r} (local or none)")
+        self.use_prior = config.prior == "local"
+        self.prior_dims = min(config.prior_dims, channels)
         alpha_bar = (cosine_alpha_bar if config.schedule == "cosine" else linear_alpha_bar)(config.timesteps)
         self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
         if self.use_prior:
-            self.register_buffer("prior_mean", torch.zeros(n_types + 1, locations, channels))
-            self.register_buffer("prior_vecs", torch.eye(channels).repeat(n_types + 1, 1, 1))
-            self.register_buffer("prior_vals", torch.ones(n_types + 1, channels))
+            d, k = self.prior_dims, n_types + 1
+            perm = torch.randperm(channels, generator=torch.Generator().manual_seed(config.prior_seed))
+            perm = torch.cat([perm[:d].sort().values, perm[d:].sort().values])
+            self.register_buffer("prior_perm", perm)
+            self.register_buffer("prior_unperm", torch.argsort(perm))
+            self.register_buffer("prior_mean", torch.zeros(k, locations, channels))
+            self.register_buffer("prior_var", torch.ones(k, locations, channels))
+            self.register_buffer("prior_vecs", torch.eye(d).expand(k, locations, d, d).clone())
+            self.register_buffer("prior_vals", torch.ones(k, locations, d))
         self.type_embed = nn.Embedding(n_types + 1, e)  # the last row is the null type
         self.pos_embed = nn.Embedding(locations, e)
         self.time_mlp = nn.Sequential(nn.Linear(e, h), nn.SiLU(), nn.Linear(h, h))
@@ -124,32 +134,43 @@ class Denoiser(nn.Module):
 
     @torch.no_grad()
     def fit_prior(self, tokens: Tensor, type_idx: Tensor) -> None:
-        """Per-type location means and a shrunk covariance from GOOD ``tokens [N, L, C]``."""
+        """Per-type, per-location Gaussians from GOOD ``tokens [N, L, C]``."""
         if not self.use_prior:
             return
+        from diffqc.baselines import ledoit_wolf_batched
+
+        d = self.prior_dims
         groups = [type_idx == k for k in range(self.n_types)] + [torch.ones_like(type_idx, dtype=torch.bool)]
         for k, sel in enumerate(groups):
-            x = tokens[sel].double()
+            x = tokens[sel][:, :, self.prior_perm]
             if x.shape[0] == 0:
                 continue
-            mean = x.mean(dim=0)  # [L, C]
-            resid = (x - mean).reshape(-1, self.channels)
-            cov = resid.T @ resid / max(1, resid.shape[0] - 1)
-            target = torch.eye(self.channels, dtype=cov.dtype) * cov.diagonal().mean()
-            cov = (1 - self.shrinkage) * cov + self.shrinkage * target
-            vals, vecs = torch.linalg.eigh(cov)
-            self.prior_mean[k] = mean.float()
-            self.prior_vecs[k] = vecs.float()
-            self.prior_vals[k] = vals.clamp_min(1e-6).float()
+            self.prior_mean[k] = x.mean(dim=0)[:, self.prior_unperm]
+            var = x.var(dim=0, unbiased=False) if x.shape[0] > 1 else torch.ones_like(x[0])
+            floor = 0.01 * var.mean()
+            self.prior_var[k] = (var + floor)[:, self.prior_unperm]
+            for s in range(0, self.locations, 256):  # bounded memory
+                per_loc = x[:, s : s + 256, :d].transpose(0, 1).double()  # [l, n, d]
+                _, cov, _ = ledoit_wolf_batched(per_loc)
+                cov = cov + floor.double() * torch.eye(d, dtype=cov.dtype)
+                vals, vecs = torch.linalg.eigh(cov)
+                self.prior_vecs[k, s : s + 256] = vecs.float()
+                self.prior_vals[k, s : s + 256] = vals.clamp_min(1e-6).float()
 
     def gaussian_eps(self, x_t: Tensor, t: Tensor, type_idx: Tensor, pos: Tensor) -> Tensor:
-        """E[ε | x_t] under the per-type Gaussian."""
+        """E[ε | x_t] under the per-type, per-location Gaussian."""
+        d = self.prior_dims
         ab = self.alpha_bar[t].view(-1, 1, 1)
-        mu = self.prior_mean[type_idx[:, None], pos]  # [B, L, C]
-        vecs = self.prior_vecs[type_idx]  # [B, C, C]
-        gain = (1 - ab).sqrt() / (ab * self.prior_vals[type_idx][:, None, :] + (1 - ab))  # [B, 1, C]
-        z = torch.bmm(x_t - ab.sqrt() * mu, vecs) * gain
-        return torch.bmm(z, vecs.transpose(1, 2))
+        sq, sq1 = ab.sqrt(), (1 - ab).sqrt()
+        tt, pp = type_idx[:, None], pos
+        resid = (x_t - sq * self.prior_mean[tt, pp])[..., self.prior_perm]  # [B, L, C]
+        var = self.prior_var[tt, pp][..., self.prior_perm]
+        diag = resid[..., d:] * sq1 / (ab * var[..., d:] + (1 - ab))
+        vecs = self.prior_vecs[tt, pp]  # [B, L, d, d]
+        gain = sq1 / (ab * self.prior_vals[tt, pp] + (1 - ab))  # [B, L, d]
+        z = torch.einsum("bld,blde->ble", resid[..., :d], vecs) * gain
+        full = torch.einsum("ble,blde->bld", z, vecs)
+        return torch.cat([full, diag], dim=-1)[..., self.prior_unperm]
 
     @property
     def null_type(self) -> int:

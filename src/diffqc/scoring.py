@@ -95,7 +95,9 @@ class DiffusionScorer:
             raise ValueError(f"features {tuple(features.shape[1:])} do not match the model "
                              f"({denoiser.channels}, {self.grid_[0]}, {self.grid_[1]})")
         tokens = features.permute(0, 2, 3, 1).reshape(n, h * w, c)
-        err = denoising_error(denoiser, self.schedule, bank, tokens, type_idx.long())
+        chunk = 16  # bounds the memory of the per-location Gaussian path
+        err = torch.cat([denoising_error(denoiser, self.schedule, bank, tokens[i : i + chunk],
+                                         type_idx[i : i + chunk].long()) for i in range(0, n, chunk)])
         return err.view(n, h, w)
 
     def state_tensors(self) -> dict[str, Tensor]:
@@ -148,7 +150,7 @@ def aggregate(maps: Tensor, method: str = "topk", topk: float = 0.01) -> Tensor:
     if method == "max":
         return flat.max(dim=1).values
     if method == "topk":
-        k = max(1, round(topk * flat.shape[1]))
+        k = max(1, round(topk * int(flat.shape[1])))  # int(): a constant when traced for ONNX
         return flat.topk(k, dim=1).values.mean(dim=1)
     if method == "mean":
         return flat.mean(dim=1)

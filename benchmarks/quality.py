@@ -1,0 +1,238 @@
+"""Quality benchmark (issue 3): dataset x feature type x method -> image AUROC, pixel AUROC,
+TPR at 5% FPR, train time and per-image scoring time, on the same backbone features and splits.
+
+    python benchmarks/quality.py                         # every dataset that is available
+    python benchmarks/quality.py --datasets synthetic,magnetic_tile --json out.json
+    python benchmarks/quality.py --datasets /path/to/mvtec_category_root
+
+Datasets: ``synthetic`` (embedded inkjet set, 8 types), ``elpv`` (PyPI ``elpv-dataset``:
+types mono/poly; GOOD = defect probability 0, defective = probability 1, and also >= 0.67),
+``mvtec_bottle`` and ``magnetic_tile`` from ``../shared/datasets`` (skipped with a message where
+absent), or any MVTec-layout folder given as a path. Settings: ``multi`` (one model for all the
+types of a dataset) and ``per-type`` (one model per type). Backbone features are extracted once
+per dataset and shared by every method and setting, so the comparison isolates the scorer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffqc.config import DetectorConfig, with_overrides
+from diffqc.data import GOOD, Sample, load_dataset, read_image, read_mask
+from diffqc.metrics import image_auroc, pixel_auroc, tpr_at_fpr
+from diffqc.model import Detector
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+MASK_SIDE = 128
+
+
+def elpv_samples(cache: Path, train_per_type: int = 200, test_good_per_type: int = 151,
+                 seed: int = 0) -> list[Sample]:
+    """ELPV as samples with a fixed split: per type, GOOD (p = 0) shuffled with ``seed``; the
+    first ``train_per_type`` train, the next ``test_good_per_type`` test; all p >= 0.67 test.
+    ``defect`` holds the probability so that p = 1 and p >= 0.67 can be reported apart."""
+    try:
+        import elpv_dataset
+    except ImportError:
+        raise SystemExit("elpv: pip install elpv-dataset==1.0.0.post1") from None
+    labels = Path(elpv_dataset.__file__).parent / "data" / "labels.csv"
+    rows = [line.split() for line in labels.read_text().splitlines() if line.strip()]
+    rng = np.random.default_rng(seed)
+    samples: list[Sample] = []
+    for t in ("mono", "poly"):
+        good = sorted(r[0] for r in rows if r[2] == t and float(r[1]) == 0.0)
+        order = rng.permutation(len(good))
+        for rank, i in enumerate(order[: train_per_type + test_good_per_type]):
+            split = "train" if rank < train_per_type else "test"
+            samples.append(Sample(labels.parent / good[i], t, GOOD, split=split, defect="good"))
+        for r in rows:
+            if r[2] == t and float(r[1]) >= 0.67:
+                samples.append(Sample(labels.parent / r[0], t, 1, split="test",
+                                      defect=f"p={float(r[1]):.2f}"))
+    return samples
+
+
+def dataset_samples(name: str, work: Path) -> list[Sample] | None:
+    if name == "synthetic":
+        from diffqc.synth import write_synthetic_dataset
+
+        root = work / "synthetic"
+        if not (root / "manifest.csv").is_file():
+            write_synthetic_dataset(root, overwrite=True, progress=False)
+        return load_dataset(root)
+    if name == "elpv":
+        return elpv_samples(work)
+    if name in ("mvtec_bottle", "magnetic_tile"):
+        root = SHARED / name
+        if not root.is_dir():
+            print(f"[skip] {name}: {root} not found", file=sys.stderr)
+            return None
+        samples = load_dataset(root)
+        if len({s.feature_type for s in samples}) == 1:
+            samples = [replace(s, feature_type=name) for s in samples]
+        return samples
+    path = Path(name)
+    if path.exists():
+        return load_dataset(path)
+    print(f"[skip] {name}: unknown dataset", file=sys.stderr)
+    return None
+
+
+def extract(det: Detector, samples: Sequence[Sample]) -> tuple[torch.Tensor, np.ndarray | None]:
+    feats, masks = [], []
+    any_mask = any(s.mask_path is not None for s in samples)
+    for i in range(0, len(samples), 32):
+        chunk = samples[i : i + 32]
+        images = [read_image(s.path) for s in chunk]
+        feats.append(det.extract(images, raw=True))
+        if any_mask:
+            masks += [read_mask(s.mask_path, (MASK_SIDE, MASK_SIDE)) for s in chunk]
+    return torch.cat(feats), (np.stack(masks) if any_mask else None)
+
+
+def evaluate_setting(
+    config: DetectorConfig, raw: torch.Tensor, samples: Sequence[Sample], masks: np.ndarray | None,
+    groups: list[list[int]],
+) -> list[dict[str, Any]]:
+    """Fit one detector per index group (the types it covers), score its test samples."""
+    rows = []
+    for group in groups:
+        train_idx = [i for i in group if samples[i].split == "train" and samples[i].label == GOOD]
+        test_idx = [i for i in group if samples[i].split == "test"]
+        torch.manual_seed(0)
+        det = Detector(config, device="cpu")
+        t0 = time.perf_counter()
+        det.fit_features(raw[train_idx], [samples[i] for i in train_idx])
+        train_s = time.perf_counter() - t0
+        types = [samples[i].feature_type for i in test_idx]
+        want_maps = masks is not None
+        t1 = time.perf_counter()
+        results = []
+        for j in range(0, len(test_idx), 32):
+            part = test_idx[j : j + 32]
+            results += det.inspect_features(raw[part], types[j : j + 32],
+                                            [(MASK_SIDE, MASK_SIDE)] * len(part) if want_maps else None,
+                                            all_types=False)
+        score_ms = 1000 * (time.perf_counter() - t1) / max(1, len(test_idx))
+        for t in sorted(set(types)):
+            idx = [k for k, ti in enumerate(types) if ti == t]
+            labels = np.array([samples[test_idx[k]].label for k in idx])
+            scores = np.array([results[k].score for k in idx])
+            row: dict[str, Any] = {
+                "feature_type": t, "image_auroc": image_auroc(labels, scores),
+                "tpr_at_5fpr": tpr_at_fpr(labels, scores, 0.05), "pixel_auroc": None,
+                "train_s": train_s, "score_ms": score_ms, "n_test": len(idx),
+                "n_defective": int(labels.sum()),
+            }
+            if masks is not None:
+                maps = np.stack([results[k].anomaly_map for k in idx])  # type: ignore[misc]
+                row["pixel_auroc"] = pixel_auroc(masks[[test_idx[k] for k in idx]], maps)
+            defects = [samples[test_idx[k]].defect or "" for k in idx]
+            if any(d.startswith("p=") for d in defects):  # ELPV: p = 1 only, beside p >= 0.67
+                keep = [k for k, d in enumerate(defects) if d in ("good", "p=1.00")]
+                row["image_auroc_p1"] = image_auroc(labels[keep], scores[keep])
+            rows.append(row)
+    return rows
+
+
+def run(datasets: Sequence[str], methods: Sequence[str], settings: Sequence[str],
+        overrides: dict[str, Any], work: Path) -> list[dict[str, Any]]:
+    table: list[dict[str, Any]] = []
+    base = with_overrides(DetectorConfig(), overrides)
+    for name in datasets:
+        samples = dataset_samples(name, work)
+        if not samples:
+            continue
+        samples = [s for s in samples if s.split in ("train", "test") and s.label in (0, 1)]
+        t0 = time.perf_counter()
+        raw, masks = extract(Detector(base, device="cpu"), samples)
+        print(f"# {name}: {len(samples)} images, features {tuple(raw.shape[1:])} "
+              f"in {time.perf_counter() - t0:.0f} s", flush=True)
+        types = sorted({s.feature_type for s in samples})
+        for setting in settings:
+            if setting == "multi":
+                groups = [list(range(len(samples)))]
+            else:
+                groups = [[i for i, s in enumerate(samples) if s.feature_type == t] for t in types]
+            for method in methods:
+                config = replace(base, method=method)
+                for row in evaluate_setting(config, raw, samples, masks, groups):
+                    row.update(dataset=Path(name).name, method=method, setting=setting)
+                    table.append(row)
+                    print(format_row(row), flush=True)
+    return table
+
+
+def format_row(r: dict[str, Any]) -> str:
+    pix = "   -  " if r["pixel_auroc"] is None else f"{r['pixel_auroc']:.3f}"
+    return (f"{r['dataset']:<14}{r['feature_type']:<15}{r['method']:<10}{r['setting']:<9}"
+            f"{r['image_auroc']:>7.3f} {pix:>7}{r['tpr_at_5fpr']:>7.3f}{r['train_s']:>8.1f}"
+            f"{r['score_ms']:>8.1f}")
+
+
+def summarise(table: list[dict[str, Any]]) -> str:
+    lines = ["", "mean image AUROC per dataset x method x setting "
+                 "(and the worst per-type gap to the best baseline)"]
+    keys = sorted({(r["dataset"], r["setting"]) for r in table})
+    for ds, setting in keys:
+        rows = [r for r in table if r["dataset"] == ds and r["setting"] == setting]
+        by_method: dict[str, dict[str, float]] = {}
+        for r in rows:
+            by_method.setdefault(r["method"], {})[r["feature_type"]] = r["image_auroc"]
+        means = {m: float(np.nanmean(list(v.values()))) for m, v in by_method.items()}
+        parts = [f"{m}={means[m]:.3f}" for m in sorted(means)]
+        if "diffusion" in by_method:
+            baselines = [m for m in by_method if m != "diffusion"]
+            gaps = []
+            for t, v in by_method["diffusion"].items():
+                best = max((by_method[b].get(t, float("nan")) for b in baselines), default=float("nan"))
+                gaps.append(v - best)
+            if gaps:
+                parts.append(f"worst diffusion-minus-best-baseline per type={np.nanmin(gaps):+.3f}")
+        lines.append(f"{ds:<14}{setting:<9} " + "  ".join(parts))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--datasets", default="synthetic,elpv,mvtec_bottle,magnetic_tile")
+    p.add_argument("--methods", default="diffusion,patchcore,padim")
+    p.add_argument("--settings", default="multi,per-type")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", default=None)
+    p.add_argument("--work", default=None, help="cache folder for generated data")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from diffqc.cli import _overrides
+
+    work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / "diffqc-quality"
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    print(f"{'dataset':<14}{'type':<15}{'method':<10}{'setting':<9}{'AUROC':>7} {'pixAUC':>7}"
+          f"{'TPR@5':>7}{'train_s':>8}{'ms/img':>8}")
+    table = run(args.datasets.split(","), args.methods.split(","), args.settings.split(","),
+                _overrides(args.set), work)
+    print(summarise(table))
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    if args.json:
+        keys = ("dataset", "feature_type", "method", "setting", "image_auroc", "pixel_auroc",
+                "tpr_at_5fpr", "score_ms")
+        rows = [{k: r[k] for k in keys} | {"train_s": r["train_s"]} for r in table]
+        Path(args.json).write_text(json.dumps(rows, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
