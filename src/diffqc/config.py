@@ -51,7 +51,7 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 1000
     batch_images: int = 16
     locations_per_image: int = 128  # sampled patch positions per image and step
     lr: float = 2e-3
