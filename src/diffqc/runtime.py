@@ -1,0 +1,618 @@
+"""ONNX Runtime inference: sessions, the ONNX detector, a bring-your-own ONNX backbone, and
+the choice of runtime.
+
+``load_detector(path, runtime="auto" | "torch" | "onnx", threads=N)`` gives a
+:class:`~diffqc.model.Detector` (PyTorch) or an :class:`OnnxDetector` (ONNX Runtime over the
+``model.onnx`` / ``model.int8.onnx`` that ``diffqc export`` wrote into the bundle). Both have
+``inspect(images, feature_types, all_types=..., maps=...) -> list[Inspection]`` and
+``inspect_samples``, so the CLI, the service and the evaluation swap them freely.
+
+The ONNX detector does no PyTorch work per image: decoding and resizing are numpy/Pillow (the
+same antialiased bilinear resize as :func:`diffqc.backbone.to_pixels`), everything from the
+pixels to the anomaly map and score runs in the ONNX graph, and the verdict comes from the same
+:class:`~diffqc.calibration.Calibrator`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from diffqc.calibration import Calibrator
+from diffqc.config import DetectorConfig
+
+if TYPE_CHECKING:
+    import argparse
+
+    import onnx
+
+    from diffqc.data import Sample
+    from diffqc.model import Detector, Inspection
+
+RUNTIMES = ("auto", "torch", "onnx")
+PRECISIONS = ("auto", "fp32", "int8")
+EXPORT_FILE = "export.json"
+ONNX_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+INT8_CALIBRATION_FILE = "calibration.int8.json"
+EXPORT_FORMAT = 1
+# Graph interface of an exported model.
+PIXELS, TYPE_IDX, FEATURES, ANOMALY_MAP, SCORE = "pixels", "type_idx", "features", "anomaly_map", "score"
+# Most (image, type) pairs per scorer call when a type table is computed (bounds the arena).
+MAX_SCORER_BATCH = 8
+
+
+class RuntimeUnavailableError(RuntimeError):
+    """ONNX Runtime (or the exported model a runtime needs) is not available."""
+
+
+def import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:  # an optional dependency
+        raise RuntimeUnavailableError(
+            "ONNX Runtime is not installed: pip install 'diffqc[export]'") from exc
+    return onnxruntime
+
+
+def import_onnx() -> Any:
+    try:
+        import onnx
+    except ImportError as exc:
+        raise RuntimeUnavailableError(
+            "the onnx package is not installed: pip install 'diffqc[export]'") from exc
+    return onnx
+
+
+# --------------------------------------------------------------------------- sessions
+def session_options(threads: int | None = None) -> Any:
+    """Sequential execution, all graph optimisations, ``threads`` intra-op threads (None: ORT's
+    default, one per physical core).
+
+    Idle threads sleep instead of spin-waiting (``DIFFQC_ORT_SPINNING=1`` turns spinning back
+    on): on a machine that also runs the camera, the service and anything else, spinning threads
+    fight for the cores and measured twice as slow here; on an idle machine it gains little."""
+    ort = import_onnxruntime()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    spinning = "1" if os.environ.get("DIFFQC_ORT_SPINNING", "0") == "1" else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    return so
+
+
+def make_session(model: onnx.ModelProto | bytes | str | Path, threads: int | None = None,
+                 providers: Sequence[str] | None = None) -> Any:
+    """An ``InferenceSession`` on the CPU (or the ``providers`` given) for a model or file."""
+    ort = import_onnxruntime()
+    if not isinstance(model, (bytes, str, Path)):
+        model = model.SerializeToString()
+    if isinstance(model, Path):
+        model = str(model)
+    return ort.InferenceSession(model, session_options(threads),
+                                providers=list(providers or ["CPUExecutionProvider"]))
+
+
+def extract_subgraph(model: onnx.ModelProto, inputs: Sequence[str],
+                     outputs: Sequence[str]) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``outputs`` from ``inputs`` (names of tensors)."""
+    onnxlib = import_onnx()
+    model = onnxlib.shape_inference.infer_shapes(model)
+    known = {v.name for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
+    for name in (*inputs, *outputs):  # the extractor needs a type for every cut
+        if name not in known:
+            model.graph.value_info.append(
+                onnxlib.helper.make_tensor_value_info(name, onnxlib.TensorProto.FLOAT, None))
+    extractor = onnxlib.utils.Extractor(model)
+    sub: onnx.ModelProto = extractor.extract_model(list(inputs), list(outputs))
+    return sub
+
+
+# --------------------------------------------------------------------------- image plumbing
+def preprocess(images: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """HxWx3 float32 images in [0, 1] -> ``[N, 3, size, size]`` float32, the antialiased bilinear
+    resize of :func:`diffqc.backbone.to_pixels` (Pillow's, which PyTorch's reproduces), in numpy."""
+    out = np.empty((len(images), 3, size, size), dtype=np.float32)
+    for i, img in enumerate(images):
+        if img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"expected an HxWx3 image, got shape {img.shape}")
+        img = np.ascontiguousarray(img, dtype=np.float32)
+        for c in range(3):
+            if img.shape[:2] == (size, size):
+                out[i, c] = img[:, :, c]
+            else:
+                channel = Image.fromarray(img[:, :, c])  # mode "F": float32, resized as such
+                out[i, c] = np.asarray(channel.resize((size, size), Image.Resampling.BILINEAR))
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def _bilinear_axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of bilinear resampling with ``align_corners=False``."""
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    src = np.clip(src, 0.0, None)
+    lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    w = (src - lo).astype(np.float32)
+    return lo, hi, w
+
+
+def resize_map(m: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Bilinear resize of an anomaly map to the image size (as ``torch.nn.functional.interpolate``
+    with ``align_corners=False``, no antialiasing)."""
+    if m.shape == (h, w):
+        return m.astype(np.float32, copy=False)
+    r0, r1, rw = _bilinear_axis(m.shape[0], h)
+    rows = m[r0] * (1 - rw)[:, None] + m[r1] * rw[:, None]
+    c0, c1, cw = _bilinear_axis(m.shape[1], w)
+    out: np.ndarray = (rows[:, c0] * (1 - cw) + rows[:, c1] * cw).astype(np.float32)
+    return out
+
+
+# --------------------------------------------------------------------------- BYO backbone
+class OnnxBackbone:
+    """Any ONNX model as a frozen feature extractor: named intermediate tensors are the taps.
+
+    ``layers`` name a tensor, a node (its first output) or a module scope of a PyTorch export
+    such as ultralytics' YOLOv8 (``model.4`` -> the output of the last node under ``/model.4/``).
+    The model is cut after the deepest tap, so a detection head costs nothing. Taps come back
+    finest grid first (the grid the others are resized to). Pixels go in as they are, in [0, 1].
+    """
+
+    def __init__(self, path: Path | str, layers: Sequence[str], input_size: int,
+                 threads: int | None = None) -> None:
+        from diffqc.backbone import BackboneError
+
+        onnxlib = import_onnx()
+        self.path = Path(path)
+        if not layers:
+            raise BackboneError("an ONNX backbone needs the tensors to tap: --layers NAME,... "
+                                "(tensor, node or module names of the ONNX graph)")
+        try:
+            model = onnxlib.load(str(self.path))
+        except Exception as exc:  # onnx raises several types for a bad file
+            raise BackboneError(f"cannot read the ONNX backbone {self.path}: {exc}") from None
+        init = {t.name for t in model.graph.initializer}
+        inputs = [i for i in model.graph.input if i.name not in init]
+        if len(inputs) != 1:
+            raise BackboneError(f"ONNX backbone {self.path} has {len(inputs)} inputs; "
+                                "it needs one image input")
+        self.input_name = inputs[0].name
+        dims = [d.dim_value if d.HasField("dim_value") else None
+                for d in inputs[0].type.tensor_type.shape.dim]
+        if len(dims) != 4:
+            raise BackboneError(f"ONNX backbone input {self.input_name!r} has rank {len(dims)}, "
+                                "expected NCHW")
+        if dims[1] not in (None, 3):
+            raise BackboneError(f"ONNX backbone input {self.input_name!r} has {dims[1]} channels, expected 3")
+        for d in dims[2:]:
+            if d is not None and d != input_size:
+                raise BackboneError(f"ONNX backbone {self.path} takes {dims[2]}x{dims[3]} images; "
+                                    f"train with --set backbone.input_size={d}")
+        self.static_batch = dims[0]
+        self.requested = tuple(layers)
+        names = resolve_tensors(model, layers)
+        self.model = extract_subgraph(model, [self.input_name], names)
+        self.session = make_session(self.model, threads)
+        probe = self.session.run(names, {self.input_name: np.zeros((1, 3, input_size, input_size),
+                                                                   dtype=np.float32)})
+        for name, arr in zip(names, probe, strict=True):
+            if arr.ndim != 4:
+                raise BackboneError(f"ONNX tensor {name!r} has shape {arr.shape}; taps must be NCHW")
+        # finest grid first; ties keep the order given
+        order = sorted(range(len(names)), key=lambda i: -probe[i].shape[2] * probe[i].shape[3])
+        self.tensors = [names[i] for i in order]
+        self.shapes = [tuple(int(d) for d in probe[i].shape[1:]) for i in order]
+
+    def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        if self.static_batch in (None, pixels.shape[0]):
+            outs: list[np.ndarray] = self.session.run(self.tensors, {self.input_name: pixels})
+            return outs
+        per_image = [self.session.run(self.tensors, {self.input_name: pixels[i: i + 1]})
+                     for i in range(pixels.shape[0])]
+        return [np.concatenate([p[k] for p in per_image]) for k in range(len(self.tensors))]
+
+
+def resolve_tensors(model: onnx.ModelProto, layers: Sequence[str]) -> list[str]:
+    """Tensor names for layer names: a tensor, a node (its first output), or a module scope
+    (``model.4``: the output of the last node named ``/model.4/...``, else ``.../model.4/...``)."""
+    from diffqc.backbone import BackboneError
+
+    produced = {out for node in model.graph.node for out in node.output}
+    by_node = {node.name: node for node in model.graph.node if node.name}
+    names = []
+    for layer in layers:
+        if layer in produced:
+            names.append(layer)
+            continue
+        if layer in by_node:
+            names.append(by_node[layer].output[0])
+            continue
+        scope = "/" + layer.strip("/") + "/"
+        scoped = ([node for node in model.graph.node if node.name.startswith(scope)]
+                  or [node for node in model.graph.node if scope in node.name])
+        if scoped:
+            names.append(scoped[-1].output[0])  # nodes are stored in topological order
+            continue
+        scopes = dict.fromkeys(part for n in model.graph.node for part in n.name.split("/")[1:-1] if part)
+        hint = ", ".join(list(scopes)[:16]) or ", ".join(sorted(produced)[:16])
+        raise BackboneError(f"layer {layer!r} is neither a tensor, a node nor a module of the ONNX "
+                            f"backbone; some names: {hint}")
+    return names
+
+
+# --------------------------------------------------------------------------- the ONNX detector
+class OnnxGraph:
+    """Sessions over an exported graph: the whole graph, and on demand its two halves cut at
+    ``features`` (the backbone once per image, then the scorer under several types)."""
+
+    def __init__(self, model: onnx.ModelProto, threads: int | None = None,
+                 providers: Sequence[str] | None = None) -> None:
+        self.model = model
+        self.threads = threads
+        self.providers = list(providers or ["CPUExecutionProvider"])
+        self.session = make_session(model, threads, self.providers)
+        self._parts: tuple[Any, Any] | None = None
+
+    def _split(self) -> tuple[Any, Any]:
+        if self._parts is None:
+            feats = extract_subgraph(self.model, [PIXELS], [FEATURES])
+            scorer = extract_subgraph(self.model, [FEATURES, TYPE_IDX], [ANOMALY_MAP, SCORE])
+            self._parts = (make_session(feats, self.threads, self.providers),
+                           make_session(scorer, self.threads, self.providers))
+        return self._parts
+
+    def run(self, pixels: np.ndarray, type_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels ``[N, 3, S, S]`` and types ``[N]`` -> maps ``[N, S, S]`` and scores ``[N]``."""
+        amap, score = self.session.run([ANOMALY_MAP, SCORE], {PIXELS: pixels,
+                                                              TYPE_IDX: type_idx.astype(np.int64)})
+        return amap, score
+
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        """Standardised backbone features ``[N, C, h, w]``."""
+        out: np.ndarray = self._split()[0].run([FEATURES], {PIXELS: pixels})[0]
+        return out
+
+    def score_features(self, feats: np.ndarray, type_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Maps ``[N, S, S]`` and scores ``[N]`` of features under the types given, in chunks."""
+        scorer = self._split()[1]
+        maps, scores = [], []
+        type_idx = type_idx.astype(np.int64)
+        for i in range(0, feats.shape[0], MAX_SCORER_BATCH):
+            sl = slice(i, i + MAX_SCORER_BATCH)
+            m, s = scorer.run([ANOMALY_MAP, SCORE], {FEATURES: feats[sl], TYPE_IDX: type_idx[sl]})
+            maps.append(m)
+            scores.append(s)
+        return np.concatenate(maps), np.concatenate(scores)
+
+
+class TensorRTGraph:
+    """A TensorRT engine built from the ONNX export (``diffqc export --format tensorrt``), run
+    with CUDA buffers from PyTorch: the same ``run`` as :class:`OnnxGraph`. Needs an NVIDIA GPU
+    and the ``tensorrt`` package."""
+
+    def __init__(self, engine_path: Path | str) -> None:
+        try:
+            import tensorrt as trt
+            import torch
+        except ImportError as exc:
+            raise RuntimeUnavailableError("TensorRT is not installed: pip install tensorrt") from exc
+        if not torch.cuda.is_available():
+            raise RuntimeUnavailableError("TensorRT needs a CUDA GPU")
+        self._torch = torch
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
+            Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise RuntimeUnavailableError(f"cannot load the TensorRT engine {engine_path}")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+
+    def run(self, pixels: np.ndarray, type_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        with torch.cuda.stream(self.stream):
+            feeds = {PIXELS: torch.from_numpy(np.ascontiguousarray(pixels)).cuda(non_blocking=True),
+                     TYPE_IDX: torch.from_numpy(type_idx.astype(np.int64)).cuda(non_blocking=True)}
+            for name, t in feeds.items():
+                self.context.set_input_shape(name, tuple(t.shape))
+                self.context.set_tensor_address(name, t.data_ptr())
+            outs = {}
+            for name in (ANOMALY_MAP, SCORE):
+                shape = tuple(self.context.get_tensor_shape(name))
+                outs[name] = torch.empty(shape, dtype=torch.float32, device="cuda")
+                self.context.set_tensor_address(name, outs[name].data_ptr())
+            self.context.execute_async_v3(self.stream.cuda_stream)
+        self.stream.synchronize()
+        return outs[ANOMALY_MAP].cpu().numpy(), outs[SCORE].cpu().numpy()
+
+
+def read_export_info(path: Path | str) -> dict[str, Any]:
+    """``export.json`` of a bundle (what ``diffqc export`` wrote), or a :class:`BundleError`."""
+    from diffqc.model import BundleError
+
+    f = Path(path) / EXPORT_FILE
+    if not f.is_file():
+        raise BundleError(f"model bundle {path} has no ONNX export: run `diffqc export {path}`")
+    try:
+        info: dict[str, Any] = json.loads(f.read_text())
+    except ValueError as exc:
+        raise BundleError(f"model bundle {path}: damaged {EXPORT_FILE} ({exc})") from None
+    if info.get("format") != EXPORT_FORMAT:
+        raise BundleError(f"model bundle {path}: {EXPORT_FILE} format {info.get('format')} "
+                          f"is not {EXPORT_FORMAT}")
+    return info
+
+
+def _read_bundle(path: Path) -> tuple[DetectorConfig, dict[str, Any], Calibrator]:
+    from diffqc.model import BUNDLE_FILES, BUNDLE_FORMAT, BundleError
+
+    if not path.is_dir():
+        raise BundleError(f"model bundle {path} does not exist or is not a folder")
+    missing = [f for f in BUNDLE_FILES if not (path / f).is_file()]
+    if missing:
+        raise BundleError(f"model bundle {path} is incomplete: missing {', '.join(missing)}")
+    try:
+        config = DetectorConfig.from_json(path / "config.json")
+        meta: dict[str, Any] = json.loads((path / "metadata.json").read_text())
+        cal = Calibrator.from_dict(json.loads((path / "calibration.json").read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"model bundle {path}: damaged JSON ({exc})") from None
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"model bundle {path}: format {meta.get('format')} is not {BUNDLE_FORMAT}")
+    return config, meta, cal
+
+
+def usable_precisions(path: Path | str, info: dict[str, Any] | None = None) -> list[str]:
+    """The exported precisions a bundle can run, fastest measured first; an INT8 model that
+    failed its parity check is only run when asked for by name."""
+    info = info if info is not None else read_export_info(path)
+    out = [p for p in ("fp32", "int8")
+           if isinstance(info.get(p), dict) and (Path(path) / ONNX_FILES[p]).is_file()
+           and (p == "fp32" or info[p].get("accepted", False))]
+    return sorted(out, key=lambda p: float(info[p].get("latency_ms", math.inf) or math.inf))
+
+
+class OnnxDetector:
+    """A fitted bundle run by ONNX Runtime; the same ``inspect`` as :class:`~diffqc.model.Detector`.
+
+    ``precision``: ``fp32`` (``model.onnx``), ``int8`` (``model.int8.onnx``, with the INT8
+    calibration when the export could recompute it) or ``auto`` (the fastest exported model
+    that passed its parity check).
+    """
+
+    runtime = "onnx"
+
+    def __init__(self, path: Path | str, *, precision: str = "auto", threads: int | None = None,
+                 providers: Sequence[str] | None = None) -> None:
+        from diffqc.backbone import sha256_file
+        from diffqc.model import BundleError
+
+        self.path = Path(path)
+        self.config, self.metadata, self.calibration_ = _read_bundle(self.path)
+        self.classes_: list[str] = list(self.metadata["classes"])
+        info = read_export_info(self.path)
+        if info.get("weights_file_sha256") != self.metadata.get("weights_file_sha256"):
+            raise BundleError(f"model bundle {self.path}: the ONNX export is older than the model; "
+                              f"run `diffqc export {self.path}` again")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision == "auto":
+            usable = usable_precisions(self.path, info)
+            if not usable:
+                raise BundleError(f"model bundle {self.path}: no usable ONNX model; run `diffqc export`")
+            precision = usable[0]
+        entry = info.get(precision)
+        file = self.path / ONNX_FILES[precision]
+        if not isinstance(entry, dict) or not file.is_file():
+            raise BundleError(f"model bundle {self.path} has no {precision.upper()} ONNX model "
+                              f"({ONNX_FILES[precision]}); run `diffqc export`"
+                              + (" --int8 --calibration-data DATA" if precision == "int8" else ""))
+        if entry.get("sha256") and sha256_file(file) != entry["sha256"]:
+            raise BundleError(f"model bundle {self.path}: {file.name} is damaged (checksum mismatch)")
+        if precision == "int8" and (self.path / INT8_CALIBRATION_FILE).is_file():
+            int8_cal = json.loads((self.path / INT8_CALIBRATION_FILE).read_text())
+            self.calibration_ = Calibrator.from_dict(int8_cal)
+        self.precision = precision
+        self.threads = threads
+        self.providers = list(providers or ["CPUExecutionProvider"])
+        self.graph = OnnxGraph(import_onnx().load(str(file)), threads, self.providers)
+        self.input_size = self.config.backbone.input_size
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata.get("model_id", "unfitted"))
+
+    def type_index(self, feature_type: str) -> int:
+        from diffqc.model import UnknownFeatureTypeError
+
+        try:
+            return self.classes_.index(feature_type)
+        except ValueError:
+            raise UnknownFeatureTypeError(
+                f"unknown feature type {feature_type!r}; this model knows {', '.join(self.classes_)}"
+            ) from None
+
+    # ------------------------------------------------------------------ inspection
+    def inspect(
+        self,
+        images: Sequence[np.ndarray],
+        feature_types: Sequence[str | None] | None = None,
+        *,
+        all_types: bool = True,
+        maps: bool = True,
+    ) -> list[Inspection]:
+        """As :meth:`diffqc.model.Detector.inspect`."""
+        types = list(feature_types) if feature_types is not None else [None] * len(images)
+        if len(types) != len(images):
+            raise ValueError(f"{len(images)} images but {len(types)} feature types")
+        given = [None if t is None else self.type_index(t) for t in types]
+        if not images:
+            return []
+        pixels = preprocess(images, self.input_size)
+        sizes = [(int(img.shape[0]), int(img.shape[1])) for img in images] if maps else None
+        return self.inspect_pixels(pixels, given, sizes, all_types=all_types)
+
+    def inspect_pixels(
+        self, pixels: np.ndarray, given: Sequence[int | None],
+        map_sizes: Sequence[tuple[int, int]] | None = None, *, all_types: bool = True,
+    ) -> list[Inspection]:
+        """:meth:`inspect` from preprocessed pixels and type indices (None = unknown)."""
+        from diffqc.model import Inspection
+
+        n, n_types = len(given), len(self.classes_)
+        table: np.ndarray | None = None
+        if all_types or any(g is None for g in given):
+            feats = self.graph.features(pixels)
+            table = np.empty((n, n_types), dtype=np.float32)
+            own = np.empty(n, dtype=np.int64)
+            own_maps = np.empty((n, self.input_size, self.input_size), dtype=np.float32)
+            for i in range(n):
+                m, table[i] = self.graph.score_features(np.repeat(feats[i: i + 1], n_types, axis=0),
+                                                  np.arange(n_types))
+                g = given[i]
+                own[i] = int(table[i].argmin()) if g is None else g
+                own_maps[i] = m[own[i]]
+            own_scores = table[np.arange(n), own]
+        else:
+            own = np.array(given, dtype=np.int64)
+            own_maps, own_scores = self.graph.run(pixels, own)
+        calibration = self.calibration_
+        results = []
+        for i in range(n):
+            k = int(own[i])
+            known = given[i] is not None
+            score = float(own_scores[i])
+            p = calibration.p_value(self.classes_[k], score, type_known=known)
+            results.append(Inspection(
+                score=score, p_value=p, decision=calibration.decide(p), feature_type=self.classes_[k],
+                predicted_type=None if table is None else self.classes_[int(table[i].argmin())],
+                type_known=known,
+                type_scores={} if table is None else
+                {c: float(table[i, j]) for j, c in enumerate(self.classes_)},
+                anomaly_map=None if map_sizes is None else resize_map(own_maps[i], *map_sizes[i]),
+            ))
+        return results
+
+    def inspect_samples(
+        self, samples: Sequence[Sample], *, type_known: bool = True, progress: bool = False,
+        all_types: bool = True, maps: bool = True, skip_corrupt: bool = False,
+    ) -> tuple[list[Inspection], list[Sample]]:
+        """As :meth:`diffqc.model.Detector.inspect_samples`."""
+        from diffqc.data import read_images
+
+        results: list[Inspection] = []
+        kept: list[Sample] = []
+        bs = self.config.batch_size
+        for i in tqdm(range(0, len(samples), bs), desc="inspecting", disable=not progress, unit="batch"):
+            images, chunk, _ = read_images(samples[i: i + bs], skip_corrupt=skip_corrupt)
+            types = [s.feature_type if type_known else None for s in chunk]
+            results += self.inspect(images, types, all_types=all_types, maps=maps)
+            kept += chunk
+        return results, kept
+
+
+# --------------------------------------------------------------------------- runtime choice
+def _cuda_requested(device: str | None) -> bool:
+    if device is not None:
+        return device.startswith("cuda")
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def choose_runtime(path: Path | str, device: str | None = None) -> str:
+    """``onnx`` when the bundle has a valid ONNX export that measured faster than PyTorch on the
+    CPU at export time, else ``torch`` (also on a GPU, where PyTorch runs the model on it)."""
+    if _cuda_requested(device):
+        return "torch"
+    try:
+        info = read_export_info(path)
+        _, meta, _ = _read_bundle(Path(path))
+    except Exception:  # no export, or a damaged one: PyTorch can still run the bundle
+        return "torch"
+    if info.get("weights_file_sha256") != meta.get("weights_file_sha256"):
+        warnings.warn(f"model bundle {path}: the ONNX export is stale; using PyTorch "
+                      f"(run `diffqc export {path}` again)", stacklevel=2)
+        return "torch"
+    usable = usable_precisions(path, info)
+    torch_ms = info.get("torch_latency_ms")
+    if not usable or (torch_ms is not None and float(info[usable[0]]["latency_ms"]) >= float(torch_ms)):
+        return "torch"
+    try:
+        import_onnxruntime()
+    except RuntimeUnavailableError:
+        return "torch"
+    return "onnx"
+
+
+def load_detector(path: Path | str, runtime: str = "auto", *, threads: int | None = None,
+                  device: str | None = None, precision: str = "auto") -> Detector | OnnxDetector:
+    """Load a bundle for inference with PyTorch or ONNX Runtime (``auto``: see :func:`choose_runtime`)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "auto":
+        runtime = "onnx" if precision != "auto" else choose_runtime(path, device)
+    if runtime == "onnx":
+        return OnnxDetector(path, precision=precision, threads=threads)
+    if precision == "int8":
+        raise ValueError("INT8 runs on ONNX Runtime: use --runtime onnx (or auto)")
+    from diffqc.model import Detector
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    return Detector.load(path, device=device)
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, *, threads: bool = True) -> None:
+    """``--runtime``, ``--precision`` and (unless the command has its own) ``--threads``, for the
+    commands that run a model."""
+    parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                        help="torch, onnx (the bundle's ONNX export) or auto (default: ONNX Runtime "
+                             "on a CPU when the export measured faster)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="ONNX model: fp32, int8 or auto (the fastest that passed parity)")
+    if threads:
+        parser.add_argument("--threads", type=int, default=None,
+                            help="CPU threads for inference (default: all cores)")
+
+
+def runtime_from_args(args: argparse.Namespace, path: Path | str) -> Detector | OnnxDetector:
+    """:func:`load_detector` with the options of :func:`add_runtime_arguments`."""
+    return load_detector(path, getattr(args, "runtime", "auto"), threads=getattr(args, "threads", None),
+                         device=getattr(args, "device", None), precision=getattr(args, "precision", "auto"))
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has the VNNI dot-product instructions (8-bit products do not
+    saturate, so INT8 weights need no range reduction)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_vnni|avx_vnni|amx_int8)\b", flags) is not None
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

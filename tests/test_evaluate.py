@@ -1,0 +1,249 @@
+"""``diffqc evaluate``: cross-validated evaluation end to end on a tiny dataset (seconds on a CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from dataclasses import replace
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from diffqc import evaluate as E
+from diffqc import report as R
+from diffqc.calibration import TypeCalibration
+from diffqc.data import DEFECTIVE, GOOD, Sample, load_dataset
+from diffqc.model import Detector
+from tests.conftest import tiny_config
+
+FOLDS = 2
+METHODS = ("diffusion", "padim")
+
+
+def _with_parts(samples: list[Sample]) -> list[Sample]:
+    """Two crops per physical part (same type and label), as a manifest's part_id would say."""
+    out, seen = [], {}
+    for s in samples:
+        key = (s.feature_type, s.label)
+        i = seen.get(key, 0)
+        seen[key] = i + 1
+        out.append(replace(s, part_id=f"{s.feature_type}-{s.label}-{i // 2}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(clear_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One evaluation (diffusion vs PaDiM, 2 folds) with a spy on what each fold model fits."""
+    samples = _with_parts(load_dataset(clear_dataset))
+    fitted: list[list[Sample]] = []
+    original = Detector.fit_features
+
+    def spy(self: Detector, raw: Any, good: Any, **kw: Any) -> Detector:
+        fitted.append(list(good))
+        return original(self, raw, good, **kw)
+
+    out = tmp_path_factory.mktemp("evaluation")
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.setattr(Detector, "fit_features", spy)
+        report = E.evaluate(samples, folds=FOLDS, methods=METHODS,
+                            base_config=tiny_config(**{"train.steps": 20}), progress=False,
+                            out_dir=out, gallery=4, n_boot=100, device="cpu")
+    return {"report": report, "out": out, "fitted": fitted, "samples": samples}
+
+
+class _Spans(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.found: list[tuple[str, str, str]] = []
+        self._open: tuple[str, str] | None = None
+        self._text = ""
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "span" and a.get("class") == "num":
+            self._open, self._text = (a["data-key"] or "", a["data-fmt"] or ""), ""
+
+    def handle_data(self, data: str) -> None:
+        if self._open:
+            self._text += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "span" and self._open:
+            self.found.append((*self._open, self._text))
+            self._open = None
+
+
+def _expected(value: Any, kind: str) -> str:
+    if value is None:
+        return "–"
+    v = float(value)
+    return {"num": f"{v:.3f}", "signed": f"{v:+.3f}", "pct": f"{100 * v:.1f}%",
+            "p": "<0.001" if v < 0.001 else f"{v:.3f}", "int": str(int(v))}[kind]
+
+
+def test_writes_three_files_and_html_numbers_match_json(run: dict[str, Any]) -> None:
+    out = run["out"]
+    for name in ("report.html", "report.md", "report.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["methods"] == list(METHODS) and set(data["results"]) == {"dots", "stripes"}
+    page = (out / "report.html").read_text()
+    assert not re.search(r"https?://", page) and "<script" not in page.lower()
+    spans = _Spans()
+    spans.feed(page)
+    assert len(spans.found) > 200
+    for key, kind, text in spans.found:
+        assert text == _expected(R.resolve_pointer(data, key), kind), key
+    # the things the issue asks for are all there
+    r = data["results"]["stripes"]["diffusion"]
+    assert r["pooled"]["auroc"] > 0.9 and len(r["folds"]) == FOLDS
+    assert r["pooled"]["pixel_auroc"] is not None and r["pooled"]["aupro"] is not None
+    assert r["auroc_ci"][0] <= r["pooled"]["auroc"] <= r["auroc_ci"][1]
+    assert data["plots"]["gallery"] and all("overlay_file" in g for g in data["plots"]["gallery"])
+    hist = data["plots"]["histograms"]["stripes"]["padim"]
+    assert len(hist["review_thresholds"]) == FOLDS
+    assert set(data["plots"]["calibration"]) == set(METHODS)
+    assert data["run"]["seconds"]["fit"]["diffusion"] and len(data["out_of_fold"]) == 80
+    assert "## Method comparisons" in (out / "report.md").read_text()
+
+
+def test_folds_never_leak_a_part(run: dict[str, Any]) -> None:
+    oof = run["report"]["out_of_fold"]
+    fold_of_group: dict[str, set[int]] = {}
+    for row in oof:
+        fold_of_group.setdefault(row["group"], set()).add(row["fold"])
+    assert all(len(f) == 1 for f in fold_of_group.values())
+    assert len(fold_of_group) == 40  # two crops per part
+    test_groups = [{row["group"] for row in oof if row["fold"] == f} for f in range(FOLDS)]
+    # each (fold, method) fit saw only GOOD parts of the other folds; all methods the same ones
+    fits = run["fitted"]
+    assert len(fits) == FOLDS * len(METHODS)
+    for j, good in enumerate(fits):
+        fold = j // len(METHODS)
+        groups = {s.group for s in good}
+        assert all(s.label == GOOD for s in good)
+        assert not groups & test_groups[fold]
+        assert groups == {s.group for s in fits[fold * len(METHODS)]}
+
+
+def test_comparisons_have_holm_adjusted_p_values(run: dict[str, Any]) -> None:
+    comps = run["report"]["comparisons"]
+    per_type = [c for c in comps if c["feature_type"] != R.OVERALL]
+    assert {c["feature_type"] for c in per_type} == {"dots", "stripes"}
+    assert all((c["method_a"], c["method_b"]) == METHODS for c in comps)
+    for raw, adj in (("delong_p", "delong_p_holm"), ("nb_p", "nb_p_holm")):
+        expected = R.S.holm([c[raw] for c in per_type])
+        for c, e in zip(per_type, expected, strict=True):
+            if math.isnan(e):
+                assert math.isnan(c[adj])
+            else:
+                assert c[adj] == pytest.approx(e) and c[adj] >= c[raw]
+    assert any(math.isfinite(c["delong_p_holm"]) for c in per_type)
+    assert all(math.isfinite(c["effect_size"]) or math.isnan(c["effect_size"]) for c in comps)
+    assert [c for c in comps if c["feature_type"] == R.OVERALL]
+
+
+def test_pooled_scores_are_the_fold_scores_standardised(run: dict[str, Any]) -> None:
+    rows = run["report"]["out_of_fold"]
+    for f in range(FOLDS):
+        of = [r for r in rows if r["fold"] == f and r["feature_type"] == "stripes"]
+        raw = np.array([r["raw_score"]["padim"] for r in of])
+        z = np.array([r["score"]["padim"] for r in of])
+        slope = np.polyfit(raw, z, 1)[0]
+        assert slope > 0 and np.allclose(z, np.polyval(np.polyfit(raw, z, 1), raw), atol=1e-6)
+
+
+def test_standardiser_and_decision_threshold() -> None:
+    centre, scale = E.standardiser(np.array([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert (centre, scale) == (3.0, 2.0)
+    assert E.standardiser(np.ones(4)) == (1.0, 1.0)
+    cal = TypeCalibration.from_scores(np.linspace(0.0, 1.0, 199))
+    assert E.decision_threshold(cal, 0.05, "exponential") == cal.threshold(0.05)
+    few = TypeCalibration.from_scores(np.linspace(0.0, 1.0, 20))
+    assert math.isinf(few.threshold(0.01))
+    t = E.decision_threshold(few, 0.01, "exponential")
+    assert t > 1.0 and few.p_value(t, "exponential") == pytest.approx(0.01)
+    assert few.p_value(t * 0.999, "exponential") > 0.01
+    assert math.isinf(E.decision_threshold(few, 0.01, "none"))
+
+
+def _manifest_without_dots_defects(clear_dataset: Path, path: Path) -> Path:
+    """A manifest (with part_id) of the clear dataset where type "dots" has no defective
+    sample, plus a type "tiny" with too few parts for 2 folds."""
+    rows = ["path,feature_type,label,mask,part_id"]
+    for s in load_dataset(clear_dataset):
+        if s.feature_type == "dots" and s.label == DEFECTIVE:
+            continue
+        label = "good" if s.label == GOOD else "defect"
+        rows.append(f"{s.path},{s.feature_type},{label},{s.mask_path or ''},{s.path.stem}")
+    goods = [s for s in load_dataset(clear_dataset) if s.feature_type == "dots" and s.label == GOOD]
+    rows += [f"{s.path},tiny,good,,tiny{i}" for i, s in enumerate(goods[:3])]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_cli_type_without_defects_and_a_setting(clear_dataset: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from diffqc.cli import main
+
+    manifest = _manifest_without_dots_defects(clear_dataset, tmp_path / "manifest.csv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(["evaluate", str(manifest), "--folds", "2", "--methods", "padim",
+                     "--compare-setting", "padim20:padim.dims=20", "--out", str(tmp_path / "r"),
+                     "--set", "backbone.input_size=64", "--n-boot", "50", "--gallery", "2",
+                     "--device", "cpu", "-q"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "padim vs padim20" in out and "report.html" in out and "UNRELIABLE" in out
+    r = tmp_path / "r"
+    assert all((r / f"report.{ext}").is_file() for ext in ("html", "md", "json"))
+    data = json.loads((r / "report.json").read_text())
+    assert data["methods"] == ["padim", "padim20"]
+    assert data["run"]["variants"]["padim20"]["padim"]["dims"] == 20
+    assert data["run"]["variants"]["padim20"]["method"] == "padim"
+    assert data["folds"]["grouping"].startswith("part_id")
+    # the type without defective samples: reported, marked, its GOOD-only numbers kept
+    dots = data["results"]["dots"]["padim"]
+    assert dots["unreliable"] and "no defective" in dots["reason"]
+    assert dots["pooled"]["auroc"] is None and dots["n_defective"] == 0
+    assert dots["pooled"]["fpr_flagged"] is not None
+    assert data["results"]["stripes"]["padim"]["n_defective"] == 8
+    dots_cmp = [c for c in data["comparisons"] if c["feature_type"] == "dots"]
+    assert dots_cmp and dots_cmp[0]["delong_p"] is None and dots_cmp[0]["delong_p_holm"] is None
+    # the type with too few parts is left out, and the report says so
+    assert "tiny" not in data["results"] and any("'tiny' left out" in n for n in data["notes"])
+    assert "dots" in (r / "report.md").read_text() and "UNRELIABLE" in (r / "report.html").read_text()
+    with pytest.raises(ValueError, match="NAME:KEY=VALUE"):
+        E.parse_setting("no-colon")
+
+
+def test_feature_cache_skips_the_second_extraction(clear_dataset: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    samples = load_dataset(clear_dataset)[:6]
+    dets = {"b": Detector(tiny_config(), device="cpu")}
+    kept, shapes, raw, errors = E._extract_cached(samples, dets, False, tmp_path)
+    assert len(kept) == 6 and not errors and len(list(tmp_path.glob("features-*.pt"))) == 1
+
+    def no_extraction(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("extracted again")
+
+    monkeypatch.setattr(E, "_extract_all", no_extraction)
+    kept2, shapes2, raw2, _ = E._extract_cached(samples, dets, False, tmp_path)
+    assert kept2 == kept and shapes2 == shapes and torch.equal(raw2["b"], raw["b"])
+    with pytest.raises(AssertionError, match="extracted again"):  # other images: a new entry
+        E._extract_cached(samples[:5], dets, False, tmp_path)
+
+
+def test_fold_warnings_are_grouped_by_type() -> None:
+    msgs = ["feature type 'a': only 1 defective group(s)", "feature type 'b': only 1 defective group(s)",
+            "something else"]
+    assert E._grouped_by_type(msgs) == ["feature types a, b: only 1 defective group(s)",
+                                        "something else"]

@@ -1,0 +1,299 @@
+"""ONNX export, the ONNX Runtime detector, INT8 with its parity report, a bring-your-own ONNX
+backbone, and the TensorRT engine (GPU only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from diffqc import export as ex
+from diffqc.backbone import BackboneError, sha256_file, to_pixels
+from diffqc.cli import main
+from diffqc.data import GOOD, load_dataset, read_images
+from diffqc.metrics import image_auroc
+from diffqc.model import BundleError, Detector, UnknownFeatureTypeError
+from diffqc.runtime import (
+    OnnxDetector,
+    OnnxGraph,
+    add_runtime_arguments,
+    load_detector,
+    preprocess,
+    read_export_info,
+    resize_map,
+    runtime_from_args,
+)
+
+from .conftest import tiny_config
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model: Path, clear_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny bundle with its FP32 ONNX export."""
+    bundle = tmp_path_factory.mktemp("export") / "tiny"
+    shutil.copytree(tiny_model, bundle)
+    ex.export_bundle(bundle, data=clear_dataset, threads=1, check_images=8, log=_quiet)
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def test_images(clear_dataset: Path) -> tuple[list[np.ndarray], list[str], np.ndarray]:
+    samples = [s for s in load_dataset(clear_dataset) if s.split == "test"][::4]
+    images, samples, _ = read_images(samples)
+    return images, [s.feature_type for s in samples], np.array([s.label != GOOD for s in samples])
+
+
+def test_preprocessing_and_map_resize_match_torch() -> None:
+    rng = np.random.default_rng(0)
+    for shape in ((80, 50, 3), (64, 64, 3), (40, 70, 3)):
+        img = rng.random(shape, dtype=np.float32)
+        assert np.abs(preprocess([img], 64) - to_pixels([img], 64).numpy()).max() < 1e-5
+    m = rng.random((64, 64), dtype=np.float32)
+    for h, w in ((80, 50), (30, 100), (64, 64)):
+        ref = torch.nn.functional.interpolate(torch.from_numpy(m)[None, None], size=(h, w), mode="bilinear",
+                                              align_corners=False)[0, 0].numpy()
+        assert np.abs(resize_map(m, h, w) - ref).max() < 1e-5
+
+
+def test_onnx_graph_equals_pytorch(exported: Path, test_images: tuple) -> None:
+    info = read_export_info(exported)
+    check = info["fp32"]["parity_vs_torch"]
+    assert check["passed"] and check["decisions_equal"] == check["images"]
+    assert check["max_rel_score_error"] <= ex.RTOL and check["max_rel_map_error"] <= ex.RTOL
+    import onnx
+
+    model = onnx.load(str(exported / "model.onnx"))
+    assert [i.name for i in model.graph.input] == ["pixels", "type_idx"]
+    assert [o.name for o in model.graph.output] == ["anomaly_map", "score"]
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["diffqc.classes"]) == info["classes"]
+    # independently: maps and scores of every image under every type, at two batch sizes
+    det = Detector.load(exported, device="cpu")
+    graph, module = OnnxGraph(model, threads=1), ex.InferenceGraph(det)
+    images = test_images[0][:3]
+    n_types = len(det.classes_)
+    pixels = np.repeat(preprocess(images, 64), n_types, axis=0)
+    idx = np.tile(np.arange(n_types), len(images))
+    with torch.inference_mode():
+        ref_maps, ref_scores = (t.numpy() for t in module(torch.from_numpy(pixels), torch.from_numpy(idx)))
+    maps, scores = graph.run(pixels, idx)
+    assert maps.shape == ref_maps.shape == (len(idx), 64, 64)
+    np.testing.assert_allclose(scores, ref_scores, rtol=ex.RTOL, atol=ex.RTOL * np.abs(ref_scores).max())
+    np.testing.assert_allclose(maps, ref_maps, atol=ex.RTOL * np.abs(ref_maps).max())
+    _, one_score = graph.run(pixels[:1], idx[:1])
+    np.testing.assert_allclose(one_score, ref_scores[:1], rtol=ex.RTOL)
+
+
+def test_onnx_detector_reproduces_torch_inspect(exported: Path, test_images: tuple,
+                                                clear_dataset: Path) -> None:
+    images, types, _ = test_images
+    det = Detector.load(exported, device="cpu")
+    onx = load_detector(exported, "onnx", threads=1)
+    assert isinstance(onx, OnnxDetector) and onx.classes_ == det.classes_ and onx.version == det.version
+    for feature_types, all_types in ((types, True), (types, False), ([None] * len(types), True)):
+        ref = det.inspect(images, feature_types, all_types=all_types)
+        got = onx.inspect(images, feature_types, all_types=all_types)
+        assert [r.decision for r in got] == [r.decision for r in ref]
+        assert [r.feature_type for r in got] == [r.feature_type for r in ref]
+        assert [r.predicted_type for r in got] == [r.predicted_type for r in ref]
+        np.testing.assert_allclose([r.score for r in got], [r.score for r in ref], rtol=1e-4)
+        # beyond the calibration range p decays exponentially in the score: compare log p
+        np.testing.assert_allclose(np.log([r.p_value for r in got]), np.log([r.p_value for r in ref]),
+                                   rtol=1e-3, atol=1e-6)
+        for a, b in zip(got, ref, strict=True):
+            assert set(a.type_scores) == set(b.type_scores)
+            assert a.anomaly_map is not None and b.anomaly_map is not None
+            assert a.anomaly_map.shape == b.anomaly_map.shape
+            np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-4 * np.abs(b.anomaly_map).max())
+    fast = onx.inspect(images[:2], types[:2], all_types=False, maps=False)
+    assert fast[0].anomaly_map is None and fast[0].type_scores == {} and fast[0].predicted_type is None
+    assert onx.inspect([], []) == []
+    with pytest.raises(UnknownFeatureTypeError):
+        onx.inspect(images[:1], ["nope"])
+    samples = [s for s in load_dataset(clear_dataset) if s.split == "test"][:3]
+    results, kept = onx.inspect_samples(samples, all_types=False)
+    assert len(results) == len(kept) == 3 and results[0].feature_type == samples[0].feature_type
+
+
+def test_runtime_choice(exported: Path, tiny_model: Path, tmp_path: Path) -> None:
+    assert isinstance(load_detector(tiny_model, "auto"), Detector)  # no export: PyTorch
+    with pytest.raises(BundleError, match="no ONNX export"):
+        load_detector(tiny_model, "onnx")
+    info = read_export_info(exported)
+    chosen = load_detector(exported, "auto", threads=1)
+    faster = info["fp32"]["latency_ms"] < info["torch_latency_ms"]
+    assert isinstance(chosen, OnnxDetector) == faster
+    assert isinstance(load_detector(exported, "torch"), Detector)
+    parser = argparse.ArgumentParser()
+    add_runtime_arguments(parser)
+    args = parser.parse_args(["--runtime", "onnx", "--threads", "1"])
+    det = runtime_from_args(args, exported)
+    assert isinstance(det, OnnxDetector) and det.precision == "fp32"
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int)  # a command with its own --threads
+    add_runtime_arguments(parser, threads=False)
+    assert isinstance(runtime_from_args(parser.parse_args(["--runtime", "torch"]), exported), Detector)
+    assert "int8" not in info
+    with pytest.raises(BundleError, match="INT8"):
+        OnnxDetector(exported, precision="int8")
+    stale = tmp_path / "stale"
+    shutil.copytree(exported, stale)
+    meta = json.loads((stale / "metadata.json").read_text())
+    meta["weights_file_sha256"] = "0" * 64
+    (stale / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="older than the model"):
+        OnnxDetector(stale)
+
+
+def test_baselines_are_not_exported() -> None:
+    # their per-type state is picked with data-dependent indexing a trace would freeze
+    with pytest.raises(ex.ExportError, match="patchcore"):
+        ex.build_onnx(Detector(tiny_config("patchcore"), device="cpu"))
+
+
+def test_int8_export_and_parity_report(exported: Path, clear_dataset: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = tmp_path / "int8"
+    shutil.copytree(exported, bundle)
+    rc = main(["export", str(bundle), "--int8", "--calibration-data", str(clear_dataset), "--force",
+               "--threads", "1", "--calibration-images", "16", "--sensitivity-images", "6",
+               "--check-images", "4"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "parity:" in err and "AUROC fp32" in err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["files"] == ["model.onnx", "model.int8.onnx"]
+    entry = read_export_info(bundle)["int8"]
+    assert {"accepted", "float_layers", "layer_errors", "score_error_sd", "settings", "parity",
+            "calibration"} <= set(entry)
+    assert entry["settings"]["per_channel"] and entry["settings"]["format"] == "QDQ"
+    assert set(entry["float_layers"]) <= set(entry["layer_errors"])
+    report = entry["parity"]
+    assert {"per_type", "spearman", "decision_agreement", "decisions_fp32_to_int8", "max_auroc_drop",
+            "passed", "auroc_measured"} <= set(report)
+    assert set(report["per_type"]) == {"dots", "stripes"}
+    for row in report["per_type"].values():
+        assert {"auroc_fp32", "auroc_int8", "auroc_drop", "spearman", "decision_agreement", "n_good",
+                "n_defective"} <= set(row)
+        assert row["n_defective"] > 0 and row["auroc_fp32"] is not None
+    assert report["auroc_measured"] and 0.0 <= report["decision_agreement"] <= 1.0
+    assert sum(report["decisions_fp32_to_int8"].values()) == report["images"]
+    assert entry["calibration"].startswith("recomputed")  # the data reproduces the bundle's calibration
+    int8 = OnnxDetector(bundle, precision="int8", threads=1)
+    assert int8.precision == "int8"
+    images, _, _ = read_images([s for s in load_dataset(clear_dataset) if s.split == "test"][:2])
+    assert len(int8.inspect(images, ["dots", "dots"])) == 2
+
+
+def test_int8_refused_when_parity_fails(exported: Path, clear_dataset: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = tmp_path / "refused"
+    shutil.copytree(exported, bundle)
+    monkeypatch.setattr(ex, "MAX_AUROC_DROP", -1.0)  # no model can pass
+    info = ex.export_bundle(bundle, int8=True, calibration_data=clear_dataset, threads=1, check_images=4,
+                            calibration_images=8, max_held_out=12, search=False, log=_quiet)
+    assert info["int8"]["accepted"] is False and info["int8"]["file"] is None
+    assert not (bundle / "model.int8.onnx").exists()
+    assert isinstance(load_detector(bundle, "onnx"), OnnxDetector)  # FP32 is still there
+    with pytest.raises(BundleError, match="INT8"):
+        OnnxDetector(bundle, precision="int8")
+
+
+def _tiny_onnx_backbone(path: Path, size: int | None = None) -> Path:
+    """A small random conv net with a 'detection head', exported as ultralytics does (module
+    scopes ``model.N``), to be tapped in the middle."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            layers = []
+            for i, (cin, cout, stride) in enumerate([(3, 8, 2), (8, 16, 2), (16, 24, 2), (24, 32, 2)]):
+                layers += [torch.nn.Conv2d(cin, cout, 3, stride, 1), torch.nn.SiLU()]
+                del i
+            self.model = torch.nn.Sequential(*layers)
+            self.head = torch.nn.Linear(32, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.model(x).mean(dim=(2, 3)))
+
+    x = torch.zeros(1, 3, size or 64, size or 64)
+    dyn = None if size else {"images": {0: "n", 2: "h", 3: "w"}}
+    torch.onnx.export(Net().eval(), (x,), str(path), dynamo=False, opset_version=13, input_names=["images"],
+                      output_names=["out"], dynamic_axes=dyn)
+    return path
+
+
+def test_bring_your_own_onnx_backbone(clear_dataset: Path, tmp_path: Path) -> None:
+    onnx_file = _tiny_onnx_backbone(tmp_path / "tiny_yolo.onnx")
+    config = tiny_config(**{"backbone.name": f"onnx:{onnx_file}", "backbone.layers": ["model.5", "model.7"],
+                            "train.steps": 20})
+    samples = load_dataset(clear_dataset)
+    det = Detector(config, device="cpu").fit(samples, progress=False)
+    fe = det.extractor
+    assert fe.weights_sha256 == sha256_file(onnx_file)
+    assert fe.onnx is not None and fe.onnx.shapes == [(24, 8, 8), (32, 4, 4)]  # finest first
+    assert fe.channels == 56 and fe.grid == (8, 8)
+    test = [s for s in samples if s.split == "test"]
+    results, kept = det.inspect_samples(test)
+    scores = [r.score for r in results]
+    assert np.isfinite(scores).all()
+    assert image_auroc([s.label != GOOD for s in kept], scores) > 0.6
+    bundle = det.save(tmp_path / "byo")
+    again = Detector.load(bundle)
+    np.testing.assert_allclose([r.score for r in again.inspect_samples(test[:4])[0]], scores[:4], rtol=1e-5)
+    # the exported graph holds the ONNX backbone cut at its taps
+    info = ex.export_bundle(bundle, data=clear_dataset, threads=1, check_images=4, log=_quiet)
+    assert info["fp32"]["parity_vs_torch"]["passed"]
+    onx = OnnxDetector(bundle, threads=1)
+    images, _, _ = read_images(test[:4])
+    ref = again.inspect(images, [s.feature_type for s in test[:4]])
+    assert [r.decision for r in onx.inspect(images, [s.feature_type for s in test[:4]])] == \
+        [r.decision for r in ref]
+
+
+def test_onnx_backbone_errors(tmp_path: Path) -> None:
+    from diffqc.backbone import FeatureExtractor
+    from diffqc.config import BackboneConfig
+
+    onnx_file = _tiny_onnx_backbone(tmp_path / "net.onnx")
+    with pytest.raises(BackboneError, match="needs the tensors"):
+        FeatureExtractor(BackboneConfig(name=f"onnx:{onnx_file}", input_size=64))
+    with pytest.raises(BackboneError, match=r"model\.3"):  # the hint lists the module names
+        FeatureExtractor(BackboneConfig(name=f"onnx:{onnx_file}", layers=("nope",), input_size=64))
+    fixed = _tiny_onnx_backbone(tmp_path / "fixed.onnx", size=96)
+    with pytest.raises(BackboneError, match="input_size=96"):
+        FeatureExtractor(BackboneConfig(name=f"onnx:{fixed}", layers=("model.5",), input_size=64))
+    with pytest.raises(BackboneError, match="not found"):
+        FeatureExtractor(BackboneConfig(name=f"onnx:{tmp_path / 'missing.onnx'}", layers=("x",)))
+
+
+@pytest.mark.gpu
+def test_tensorrt_fp16_engine(exported: Path, test_images: tuple) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("tensorrt")
+    from diffqc.runtime import TensorRTGraph
+
+    engine = ex.build_tensorrt_engine(exported / "model.onnx", exported / ex.TENSORRT_ENGINE, input_size=64)
+    trt_graph = TensorRTGraph(engine)
+    import onnx
+
+    cpu = OnnxGraph(onnx.load(str(exported / "model.onnx")), threads=1)
+    pixels = preprocess(test_images[0][:4], 64)
+    idx = np.zeros(4, dtype=np.int64)
+    _, ref = cpu.run(pixels, idx)
+    _, got = trt_graph.run(pixels, idx)
+    np.testing.assert_allclose(got, ref, rtol=2e-2)
