@@ -125,6 +125,9 @@ def test_onnx_detector_reproduces_torch_inspect(exported: Path, test_images: tup
     samples = [s for s in load_dataset(clear_dataset) if s.split == "test"][:3]
     results, kept = onx.inspect_samples(samples, all_types=False)
     assert len(results) == len(kept) == 3 and results[0].feature_type == samples[0].feature_type
+    in_memory = OnnxDetector.from_detector(det, threads=1)  # e.g. for models a cross-validation fits
+    expected = [r.decision for r in det.inspect(images, types)]
+    assert [r.decision for r in in_memory.inspect(images, types)] == expected
 
 
 def test_runtime_choice(exported: Path, tiny_model: Path, tmp_path: Path) -> None:

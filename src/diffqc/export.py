@@ -279,13 +279,17 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def check_fp32(det: Detector, graph: OnnxGraph, images: Sequence[np.ndarray], type_idx: np.ndarray, *,
-               rtol: float = RTOL, table_images: int = 4, batch: int = 4) -> dict[str, Any]:
+def check_fp32(det: Detector, model: onnx.ModelProto, graph: OnnxGraph, images: Sequence[np.ndarray],
+               type_idx: np.ndarray, *, threads: int | None = None, rtol: float = RTOL,
+               table_images: int = 4, batch: int = 4) -> dict[str, Any]:
     """ONNX Runtime against PyTorch on ``images``, end to end from the decoded image (numpy vs
-    PyTorch resizing included): maps and scores under the given types, every type's score of the
-    first ``table_images`` images, and the PASS/REVIEW/REJECT each gives."""
+    PyTorch resizing included): maps and scores under the given types from the whole ``model``
+    in one session, and every type's score of the first ``table_images`` images from ``graph``
+    (its halves, as diffqc runs them); and the PASS/REVIEW/REJECT each gives."""
     from diffqc.backbone import to_pixels
+    from diffqc.runtime import make_session
 
+    whole = make_session(model, threads)
     module = InferenceGraph(det)
     size = det.config.backbone.input_size
     ref_maps, ref_scores, maps, scores = [], [], [], []
@@ -294,7 +298,8 @@ def check_fp32(det: Detector, graph: OnnxGraph, images: Sequence[np.ndarray], ty
             m, s = module(to_pixels(images[sl], size), torch.from_numpy(type_idx[sl]))
         ref_maps.append(m.numpy())
         ref_scores.append(s.numpy())
-        m2, s2 = graph.run(preprocess(images[sl], size), type_idx[sl])
+        m2, s2 = whole.run([ANOMALY_MAP, SCORE], {PIXELS: preprocess(images[sl], size),
+                                                  TYPE_IDX: type_idx[sl]})
         maps.append(m2)
         scores.append(s2)
     rm, rs, om, os_ = (np.concatenate(x) for x in (ref_maps, ref_scores, maps, scores))
@@ -419,7 +424,7 @@ def quantize_int8(
     settings = {"format": "QDQ", "per_channel": True, "activations": "uint8", "weights": "int8",
                 "reduce_range": reduce_range, "calibration": "minmax", "calibration_images": len(calib_feeds),
                 "quantized_ops": list(QUANTIZED_OPS), "check_images": len(check_pixels)}
-    ref = OnnxGraph(model, threads).run(check_pixels, check_types)[1]
+    ref = _whole_scores(model, check_pixels, check_types, threads)
 
     with tempfile.TemporaryDirectory(prefix="diffqc-int8-") as tmp:
         cache = Path(tmp) / "ranges.json"
@@ -445,7 +450,7 @@ def quantize_int8(
                 )
             reader = None  # ranges are cached after the first call
             q = onnxlib.load(str(out))
-            scores = OnnxGraph(q, threads).run(check_pixels, check_types)[1]
+            scores = _whole_scores(q, check_pixels, check_types, threads)
             err = float(np.sqrt(np.mean(((scores - ref) / score_scale) ** 2)))
             return q, err
 
@@ -471,6 +476,15 @@ def quantize_int8(
             q, err = quantized(kept)
     settings["all_layers_int8_score_error"] = round(err_all, 5)
     return Int8Result(q, float_layers, {k: round(v, 5) for k, v in layer_errors.items()}, err, settings)
+
+
+def _whole_scores(model: onnx.ModelProto, pixels: np.ndarray, type_idx: np.ndarray,
+                  threads: int | None, batch: int = 8) -> np.ndarray:
+    from diffqc.runtime import make_session
+
+    session = make_session(model, threads)
+    return np.concatenate([session.run([SCORE], {PIXELS: pixels[sl], TYPE_IDX: type_idx[sl]})[0]
+                           for sl in _chunks(len(pixels), batch)])
 
 
 @contextlib.contextmanager
@@ -701,7 +715,7 @@ def export_bundle(
         images = _synthetic_images(check_images, size)
         types = np.arange(len(images), dtype=np.int64) % len(classes)
         where = f"{len(images)} synthetic images (give --data for the model's own)"
-    check = check_fp32(det, graph, images, types)
+    check = check_fp32(det, model, graph, images, types, threads=threads)
     check["source"] = where
     log(f"FP32 ONNX vs PyTorch on {where}: max |Δscore| {check['max_abs_score_error']:.3g} "
         f"(relative {check['max_rel_score_error']:.2g}), max |Δmap| {check['max_abs_map_error']:.3g} "

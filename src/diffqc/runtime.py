@@ -259,47 +259,38 @@ def resolve_tensors(model: onnx.ModelProto, layers: Sequence[str]) -> list[str]:
 
 # --------------------------------------------------------------------------- the ONNX detector
 class OnnxGraph:
-    """Sessions over an exported graph: the whole graph, and on demand its two halves cut at
-    ``features`` (the backbone once per image, then the scorer under several types)."""
+    """An exported graph as two sessions, its halves cut at ``features``: the backbone once per
+    image, then the scorer under one type or several. (One session per half holds every
+    constant once; the model itself is not kept, so memory is the sessions'.)"""
 
     def __init__(self, model: onnx.ModelProto, threads: int | None = None,
                  providers: Sequence[str] | None = None) -> None:
-        self.model = model
-        self.threads = threads
-        self.providers = list(providers or ["CPUExecutionProvider"])
-        self.session = make_session(model, threads, self.providers)
-        self._parts: tuple[Any, Any] | None = None
-
-    def _split(self) -> tuple[Any, Any]:
-        if self._parts is None:
-            feats = extract_subgraph(self.model, [PIXELS], [FEATURES])
-            scorer = extract_subgraph(self.model, [FEATURES, TYPE_IDX], [ANOMALY_MAP, SCORE])
-            self._parts = (make_session(feats, self.threads, self.providers),
-                           make_session(scorer, self.threads, self.providers))
-        return self._parts
+        providers = list(providers or ["CPUExecutionProvider"])
+        backbone = extract_subgraph(model, [PIXELS], [FEATURES])
+        self.backbone = make_session(backbone, threads, providers)
+        del backbone
+        scorer = extract_subgraph(model, [FEATURES, TYPE_IDX], [ANOMALY_MAP, SCORE])
+        self.scorer = make_session(scorer, threads, providers)
 
     def run(self, pixels: np.ndarray, type_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pixels ``[N, 3, S, S]`` and types ``[N]`` -> maps ``[N, S, S]`` and scores ``[N]``."""
-        amap, score = self.session.run([ANOMALY_MAP, SCORE], {PIXELS: pixels,
-                                                              TYPE_IDX: type_idx.astype(np.int64)})
-        return amap, score
+        return self.score_features(self.features(pixels), type_idx)
 
     def features(self, pixels: np.ndarray) -> np.ndarray:
         """Standardised backbone features ``[N, C, h, w]``."""
-        out: np.ndarray = self._split()[0].run([FEATURES], {PIXELS: pixels})[0]
+        out: np.ndarray = self.backbone.run([FEATURES], {PIXELS: pixels})[0]
         return out
 
     def score_features(self, feats: np.ndarray, type_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Maps ``[N, S, S]`` and scores ``[N]`` of features under the types given, in chunks."""
-        scorer = self._split()[1]
-        maps, scores = [], []
+        """Maps ``[N, S, S]`` and scores ``[N]`` of features under the types given (in chunks of
+        at most ``MAX_SCORER_BATCH``, which bounds the memory of the scorer's activations)."""
         type_idx = type_idx.astype(np.int64)
-        for i in range(0, feats.shape[0], MAX_SCORER_BATCH):
-            sl = slice(i, i + MAX_SCORER_BATCH)
-            m, s = scorer.run([ANOMALY_MAP, SCORE], {FEATURES: feats[sl], TYPE_IDX: type_idx[sl]})
-            maps.append(m)
-            scores.append(s)
-        return np.concatenate(maps), np.concatenate(scores)
+        if feats.shape[0] <= MAX_SCORER_BATCH:
+            amap, score = self.scorer.run([ANOMALY_MAP, SCORE], {FEATURES: feats, TYPE_IDX: type_idx})
+            return amap, score
+        parts = [self.score_features(feats[i: i + MAX_SCORER_BATCH], type_idx[i: i + MAX_SCORER_BATCH])
+                 for i in range(0, feats.shape[0], MAX_SCORER_BATCH)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 class TensorRTGraph:
@@ -402,7 +393,7 @@ class OnnxDetector:
         from diffqc.backbone import sha256_file
         from diffqc.model import BundleError
 
-        self.path = Path(path)
+        self.path: Path | None = Path(path)
         self.config, self.metadata, self.calibration_ = _read_bundle(self.path)
         self.classes_: list[str] = list(self.metadata["classes"])
         info = read_export_info(self.path)
@@ -428,10 +419,25 @@ class OnnxDetector:
             int8_cal = json.loads((self.path / INT8_CALIBRATION_FILE).read_text())
             self.calibration_ = Calibrator.from_dict(int8_cal)
         self.precision = precision
-        self.threads = threads
-        self.providers = list(providers or ["CPUExecutionProvider"])
-        self.graph = OnnxGraph(import_onnx().load(str(file)), threads, self.providers)
+        self.graph = OnnxGraph(import_onnx().load(str(file)), threads, providers)
         self.input_size = self.config.backbone.input_size
+
+    @classmethod
+    def from_detector(cls, det: Detector, *, threads: int | None = None) -> OnnxDetector:
+        """A fitted (PyTorch) Detector exported in memory and run by ONNX Runtime, FP32; for code
+        that fits models itself, such as a cross-validation, and wants ONNX Runtime's speed."""
+        from diffqc.export import build_onnx
+
+        if det.calibration_ is None:
+            raise RuntimeError("the detector is not fitted; call fit() or Detector.load()")
+        self = cls.__new__(cls)
+        self.path = None
+        self.config, self.metadata, self.calibration_ = det.config, dict(det.metadata), det.calibration_
+        self.classes_ = list(det.classes_)
+        self.precision = "fp32"
+        self.graph = OnnxGraph(build_onnx(det), threads)
+        self.input_size = det.config.backbone.input_size
+        return self
 
     @property
     def version(self) -> str:
