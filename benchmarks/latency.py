@@ -53,11 +53,6 @@ ROWS = (("diffusion", "torch-fp32"), ("diffusion", "onnx-fp32"), ("diffusion", "
 
 
 # --------------------------------------------------------------------------- timing helpers
-def _percentiles(times: list[float]) -> tuple[float, float]:
-    ms = 1000.0 * np.asarray(times)
-    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
-
-
 def _timed(fn: Callable[[int], object], runs: int, warmup: int) -> list[float]:
     for i in range(warmup):
         fn(i)
@@ -71,7 +66,8 @@ def _timed(fn: Callable[[int], object], runs: int, warmup: int) -> list[float]:
 
 # --------------------------------------------------------------------------- one runtime (worker)
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Measure one (method, runtime) in this process; returns its row."""
+    """Measure one (method, runtime) in this process: raw times in ms. Each iteration times every
+    stage on its own and then the whole path, so that both see the same machine load."""
     threads = int(spec["threads"])
     import torch
 
@@ -86,8 +82,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     runs, warmup, batch = int(spec["runs"]), int(spec["warmup"]), int(spec["batch"])
     n = len(blobs)
     decoded = [decode_image(b) for b in blobs]
-    stage: dict[str, list[float]] = {}
-    stage["decode"] = _timed(lambda i: decode_image(blobs[i % n]), runs, warmup)
 
     if spec["runtime"].startswith("onnx"):
         det: Any = OnnxDetector(spec["model"], precision=spec["runtime"].split("-")[1], threads=threads)
@@ -95,46 +89,49 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         pix = [preprocess([img], size) for img in decoded]
         feats = [det.graph.features(p) for p in pix]
         idx = [np.array([det.type_index(t)], dtype=np.int64) for t in types]
-        stage["preprocess"] = _timed(lambda i: preprocess([decoded[i % n]], size), runs, warmup)
-        stage["backbone"] = _timed(lambda i: det.graph.features(pix[i % n]), runs, warmup)
         maps = [det.graph.score_features(feats[i], idx[i]) for i in range(n)]
-        stage["scoring"] = _timed(lambda i: det.graph.score_features(feats[i % n], idx[i % n]), runs, warmup)
-
-        def decision(i: int) -> None:
-            m, s = maps[i % n]
-            p = det.calibration_.p_value(types[i % n], float(s[0]))
-            det.calibration_.decide(p)
-            resize_map(m[0], *decoded[i % n].shape[:2])
+        stages: dict[str, Callable[[int], object]] = {
+            "preprocess": lambda i: preprocess([decoded[i]], size),
+            "backbone": lambda i: det.graph.features(pix[i]),
+            "scoring": lambda i: det.graph.score_features(feats[i], idx[i]),
+            "decision": lambda i: (
+                det.calibration_.decide(det.calibration_.p_value(types[i], float(maps[i][1][0]))),
+                resize_map(maps[i][0][0], *decoded[i].shape[:2])),
+        }
     else:
         det = Detector.load(spec["model"], device="cpu")
         size = det.config.backbone.input_size
         tpix = [to_pixels([img], size) for img in decoded]
         tidx = [torch.tensor([det.type_index(t)]) for t in types]
+
+        def score(i: int) -> tuple[Any, Any]:
+            m = det.score_maps(tfeats[i], tidx[i])
+            return m, det.image_scores(m)
+
         with torch.inference_mode():
             tfeats = [det.extractor(p) for p in tpix]
-            stage["preprocess"] = _timed(lambda i: to_pixels([decoded[i % n]], size), runs, warmup)
-            stage["backbone"] = _timed(lambda i: det.extractor(tpix[i % n]), runs, warmup)
-
-            def score(i: int) -> tuple[Any, Any]:
-                m = det.score_maps(tfeats[i % n], tidx[i % n])
-                return m, det.image_scores(m)
-
             tmaps = [score(i) for i in range(n)]
-            stage["scoring"] = _timed(score, runs, warmup)
-
-        def decision(i: int) -> None:
-            m, s = tmaps[i % n]
-            p = det.calibration_.p_value(types[i % n], float(s[0]))
-            det.calibration_.decide(p)
-            _resize_map(m[0], *decoded[i % n].shape[:2])
-
-    stage["decision"] = _timed(decision, runs, warmup)
+        stages = {
+            "preprocess": lambda i: to_pixels([decoded[i]], size),
+            "backbone": lambda i: det.extractor(tpix[i]),
+            "scoring": score,
+            "decision": lambda i: (
+                det.calibration_.decide(det.calibration_.p_value(types[i], float(tmaps[i][1][0]))),
+                _resize_map(tmaps[i][0][0], *decoded[i].shape[:2])),
+        }
+    stages = {"decode": lambda i: decode_image(blobs[i]), **stages}
 
     def end_to_end(i: int) -> None:
-        image = decode_image(blobs[i % n])
-        det.inspect([image], [types[i % n]], all_types=False, maps=True)
+        det.inspect([decode_image(blobs[i])], [types[i]], all_types=False, maps=True)
 
-    e2e = _timed(end_to_end, runs, warmup)
+    times: dict[str, list[float]] = {k: [] for k in (*STAGES, "end_to_end")}
+    with torch.inference_mode():
+        for i in range(warmup + runs):
+            for name, fn in (*stages.items(), ("end_to_end", end_to_end)):
+                start = time.perf_counter()
+                fn(i % n)
+                if i >= warmup:
+                    times[name].append(1000 * (time.perf_counter() - start))
 
     def batched(i: int) -> None:
         chunk = [(i * batch + j) % n for j in range(batch)]
@@ -142,13 +139,23 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     batch_runs = max(3, runs // (2 * batch))
     bt = _timed(batched, batch_runs, 1)
-    p50, p99 = _percentiles(e2e)
+    return {"method": spec["method"], "runtime": spec["runtime"], "times_ms": times,
+            "parts": batch * batch_runs, "batched_s": sum(bt), "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from the rounds of one (method, runtime): percentiles of the pooled times."""
+    pooled: dict[str, list[float]] = {}
+    for r in results:
+        for k, v in r["times_ms"].items():
+            pooled.setdefault(k, []).extend(v)
+    e2e = np.asarray(pooled.pop("end_to_end"))
     return {
-        "method": spec["method"], "runtime": spec["runtime"],
-        "p50_ms": round(p50, 2), "p99_ms": round(p99, 2),
-        "throughput_per_s": round(batch * batch_runs / sum(bt), 1),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "stages": {k: [round(x, 2) for x in _percentiles(v)] for k, v in stage.items()},
+        "method": results[0]["method"], "runtime": results[0]["runtime"],
+        "p50_ms": round(float(np.percentile(e2e, 50)), 2), "p99_ms": round(float(np.percentile(e2e, 99)), 2),
+        "throughput_per_s": round(sum(r["parts"] for r in results) / sum(r["batched_s"] for r in results), 1),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+        "stages": {k: [round(float(np.percentile(v, q)), 2) for q in (50, 99)] for k, v in pooled.items()},
     }
 
 
@@ -294,6 +301,8 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path]:
         config = with_overrides(DetectorConfig(), {"train.steps": args.steps})
         Detector(config, device="cpu").fit(train, progress=False).save(model)
     baseline = work / "patchcore"
+    if args.reuse_baseline and (baseline / "metadata.json").is_file():
+        return data, model, baseline
     cfg = Detector.load(model, device="cpu").config
     print("training the PatchCore baseline on the same data", file=sys.stderr)
     pc_config = with_overrides(DetectorConfig(), {"method": "patchcore",
@@ -363,8 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="rounds over all runtimes, --runs split among them")
     parser.add_argument("--images", type=int, default=16, help="distinct test images cycled through")
     parser.add_argument("--no-export", action="store_true", help="use the bundle's existing export")
+    parser.add_argument("--reuse-baseline", action="store_true",
+                        help="reuse the PatchCore model of an earlier run in --work")
     parser.add_argument("--json", default=None, help="also write the rows as JSON")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -391,14 +404,18 @@ def main(argv: list[str] | None = None) -> int:
         int8 = info.get("int8") or {}
         floor["int8_float_layers"] = list(int8.get("float_layers", {}))
         floor["int8_float_macs"] = _float_macs(macs["per_module"], floor["int8_float_layers"])
-        rows = []
-        for method, runtime in ROWS:
-            bundle = model if method == "diffusion" else baseline
-            spec = {"method": method, "runtime": runtime, "model": str(bundle),
-                    "images": [str(s.path) for s in test], "types": [s.feature_type for s in test],
-                    "threads": args.threads, "runs": args.runs, "warmup": args.warmup, "batch": args.batch}
-            print(f"measuring {method} {runtime}", file=sys.stderr)
-            rows.append(run_worker(spec))
+        # Rounds over all runtimes, pooled: a slow spell of a shared machine hits them alike.
+        results: dict[tuple[str, str], list[dict[str, Any]]] = {key: [] for key in ROWS}
+        for round_ in range(args.rounds):
+            for method, runtime in ROWS:
+                bundle = model if method == "diffusion" else baseline
+                spec = {"method": method, "runtime": runtime, "model": str(bundle),
+                        "images": [str(s.path) for s in test], "types": [s.feature_type for s in test],
+                        "threads": args.threads, "runs": max(1, args.runs // args.rounds),
+                        "warmup": args.warmup, "batch": args.batch}
+                print(f"round {round_ + 1}/{args.rounds}: measuring {method} {runtime}", file=sys.stderr)
+                results[(method, runtime)].append(run_worker(spec))
+        rows = [summarise(results[key]) for key in ROWS]
         total = floor["backbone_macs"] + floor["scorer_macs"]
         fp32_rate, int8_rate = floor["fp32_gmac_s"] * 1e9, floor["int8_gmac_s"] * 1e9
         for r in rows:

@@ -691,7 +691,7 @@ def export_bundle(
     from diffqc.data import load_dataset
     from diffqc.model import Detector
 
-    onnxlib = import_onnx()
+    import_onnx()
     import_onnxruntime()
     if int8 and calibration_data is None:
         raise ValueError("--int8 needs --calibration-data DATA (GOOD images of the model's types)")
@@ -748,7 +748,7 @@ def export_bundle(
             graphs["int8"] = int8_graph
     elif previous is not None:
         info["int8"] = previous
-        graphs["int8"] = OnnxGraph(onnxlib.load(str(path / ONNX_FILES["int8"])), threads)
+        graphs["int8"] = OnnxGraph(path / ONNX_FILES["int8"], threads)
     latency = measure_latency(det, graphs, images[0], int(types[0]), threads=threads)
     info["torch_latency_ms"] = latency.pop("torch")
     for name, ms in latency.items():
