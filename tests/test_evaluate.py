@@ -247,3 +247,24 @@ def test_fold_warnings_are_grouped_by_type() -> None:
             "something else"]
     assert E._grouped_by_type(msgs) == ["feature types a, b: only 1 defective group(s)",
                                         "something else"]
+
+
+def test_onnx_runtime_scores_the_folds_as_torch_does(clear_dataset: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    samples = load_dataset(clear_dataset)
+    cfg = tiny_config(**{"train.steps": 10})
+    reports = {}
+    for runtime in ("torch", "onnx"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reports[runtime] = E.evaluate(samples, folds=FOLDS, methods=("diffusion",), base_config=cfg,
+                                          progress=False, n_boot=20, device="cpu", runtime=runtime,
+                                          threads=1)
+    rows = {rt: reports[rt]["out_of_fold"] for rt in reports}
+    assert [r["path"] for r in rows["onnx"]] == [r["path"] for r in rows["torch"]]
+    np.testing.assert_allclose([r["raw_score"]["diffusion"] for r in rows["onnx"]],
+                               [r["raw_score"]["diffusion"] for r in rows["torch"]], rtol=1e-4)
+    assert [r["decision"]["diffusion"] for r in rows["onnx"]] == \
+        [r["decision"]["diffusion"] for r in rows["torch"]]
+    with pytest.raises(ValueError, match="runtime"):
+        E.evaluate(samples, folds=FOLDS, methods=("diffusion",), base_config=cfg, runtime="tensorrt")

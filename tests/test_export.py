@@ -4,6 +4,7 @@ backbone, and the TensorRT engine (GPU only)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -300,3 +301,48 @@ def test_tensorrt_fp16_engine(exported: Path, test_images: tuple) -> None:
     _, ref = cpu.run(pixels, idx)
     _, got = trt_graph.run(pixels, idx)
     np.testing.assert_allclose(got, ref, rtol=2e-2)
+
+
+def test_inspect_command_runs_either_runtime(exported: Path, clear_dataset: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    folder = next((clear_dataset / "dots" / "test").iterdir())
+    rows = {}
+    for runtime in ("torch", "onnx"):
+        assert main(["inspect", str(exported), str(folder), "--feature-type", "dots",
+                     "--runtime", runtime, "--threads", "1"]) == 0
+        rows[runtime] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows["onnx"]) == len(rows["torch"]) > 0
+    assert [r["decision"] for r in rows["onnx"]] == [r["decision"] for r in rows["torch"]]
+    np.testing.assert_allclose([r["score"] for r in rows["onnx"]], [r["score"] for r in rows["torch"]],
+                               rtol=1e-4)
+
+
+def test_service_on_the_onnx_runtime(exported: Path, clear_dataset: Path, tmp_path: Path) -> None:
+    """``diffqc serve --runtime onnx``: the lifespan loads the bundle with ONNX Runtime, and every
+    accepted part gets the same decision as PyTorch gives it, stored."""
+    asyncio.run(_service_on_the_onnx_runtime(exported, clear_dataset, tmp_path))
+
+
+async def _service_on_the_onnx_runtime(exported: Path, clear_dataset: Path, tmp_path: Path) -> None:
+    import httpx
+
+    from diffqc.data import decode_image
+    from diffqc.service.app import ServiceSettings, create_app
+
+    samples = [s for s in load_dataset(clear_dataset) if s.split == "test"][::7][:3]
+    bodies = [Path(s.path).read_bytes() for s in samples]
+    images, types = [decode_image(b) for b in bodies], [s.feature_type for s in samples]
+    settings = ServiceSettings(model_path=exported, runtime="onnx", torch_threads=1,
+                               db_url=str(tmp_path / "r.db"), allow_no_token=True)
+    app = create_app(settings)
+    expected = Detector.load(exported, device="cpu").inspect(images[:3], types[:3])
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60)
+    async with app.router.lifespan_context(app), client:
+        info = (await client.get("/v1/model")).json()
+        assert info["runtime"] == "onnx" and info["precision"] == "fp32"
+        for body, ftype, ref in zip(bodies, types, expected, strict=True):
+            r = await client.post("/v1/inspect", content=body, params={"feature_type": ftype})
+            assert r.status_code == 200, r.text
+            assert r.json()["decision"] == ref.decision
+            assert r.json()["score"] == pytest.approx(ref.score, rel=1e-4)
+        assert len(app.state.diffqc.store.query(limit=None)) == 3

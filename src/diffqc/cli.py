@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from diffqc import __version__
+from diffqc.runtime import add_runtime_arguments
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -104,10 +105,10 @@ def _expand_images(paths: Sequence[str]) -> list[Path]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from diffqc.data import ImageReadError, read_image
-    from diffqc.model import Detector
+    from diffqc.runtime import runtime_from_args
     from diffqc.visualize import save_overlay
 
-    det = Detector.load(args.model, device=args.device)
+    det = runtime_from_args(args, args.model)
     if args.feature_type is not None:
         det.type_index(args.feature_type)  # fail early on an unknown type
     failures = 0
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--heatmaps", default=None, help="folder for heat-map overlay PNGs")
     insp.add_argument("--skip-corrupt", action="store_true")
     insp.add_argument("--device", default=None)
+    add_runtime_arguments(insp)
     insp.set_defaults(func=cmd_inspect)
 
     demo = sub.add_parser("demo", help="synthesise -> train -> calibrate -> inspect -> table")
@@ -216,7 +218,7 @@ def _optional_registrars() -> list[Callable[[Any], None]]:
 def _known_errors() -> tuple[type[BaseException], ...]:
     from diffqc.backbone import BackboneError
     from diffqc.data import DatasetError, ImageReadError
-    from diffqc.model import BundleError, UnknownFeatureTypeError
+    from diffqc.inspection import BundleError, UnknownFeatureTypeError
 
     return (ImageReadError, DatasetError, BundleError, UnknownFeatureTypeError, BackboneError,
             FileExistsError, FileNotFoundError, ValueError)

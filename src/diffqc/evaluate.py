@@ -278,6 +278,8 @@ def evaluate(
     dataset_name: str | None = None,
     dataset_source: str = "",
     feature_cache: Path | str | None = None,
+    runtime: str = "torch",
+    threads: int | None = None,
 ) -> R.Report:
     """k-fold cross-validated evaluation of ``methods`` (and named ``settings``) on ``samples``.
 
@@ -291,7 +293,12 @@ def evaluate(
     alarms). When ``out_dir`` is given, report.json / .md / .html are written there.
     ``feature_cache``: a folder where the raw backbone features are kept between runs (keyed by
     the backbone, its weights and the image files), so a re-run skips the extraction.
+    ``runtime``: ``torch``, or ``onnx`` to score the held-out parts of each fold with ONNX Runtime
+    (each fold's diffusion model exported in memory; baselines, which have no ONNX export, stay on
+    PyTorch); ``auto`` means ``torch`` here, since an export per fold costs more than it saves.
     """
+    if runtime not in ("torch", "onnx", "auto"):
+        raise ValueError(f"runtime must be torch, onnx or auto, got {runtime!r}")
     t_start = time.perf_counter()
     base = base_config or DetectorConfig()
     variants_cfg: dict[str, DetectorConfig] = {}
@@ -398,10 +405,15 @@ def evaluate(
             v.reject_z.setdefault(t, []).append(
                 (decision_threshold(known, alpha_reject, cal.config.tail) - c) / s)
             v.train_images.setdefault(t, []).append(int(np.isin(tr, type_idx[t]).sum()))
+        scorer: Any = det
+        if runtime == "onnx" and v.config.method == "diffusion":
+            from diffqc.runtime import OnnxDetector
+
+            scorer = OnnxDetector.from_detector(det, threads=threads)
         for chunk in _chunks(test.size, INSPECT_CHUNK):
             ids = test[chunk]
-            results = det.inspect_features(raw[ids], [stypes[i] for i in ids],
-                                           [map_sizes[i] for i in ids], all_types=False)
+            results = scorer.inspect_features(raw[ids], [stypes[i] for i in ids],
+                                              [map_sizes[i] for i in ids], all_types=False)
             for i, r in zip(ids, results, strict=True):
                 c, s = std[stypes[i]]
                 v.raw[i], v.p[i], v.decision[i] = r.score, r.p_value, r.decision
@@ -717,7 +729,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       base_config=base, seed=args.seed, progress=not args.quiet, out_dir=args.out,
                       gallery=args.gallery, n_boot=args.n_boot, max_train_good=args.max_train_good,
                       device=args.device, dataset_name=name, dataset_source=source,
-                      feature_cache=args.feature_cache)
+                      feature_cache=args.feature_cache, runtime=args.runtime, threads=args.threads)
     print("\n".join(summary_lines(report)))
     paths = cast(dict[str, Any], report).get("paths", {})
     print()
@@ -752,6 +764,10 @@ def add_evaluate_command(subparsers: Any) -> None:
     p.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
                    help="keep the raw backbone features in DIR so that a re-run skips extraction")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--runtime", choices=("torch", "onnx", "auto"), default="auto",
+                   help="score held-out parts with PyTorch or ONNX Runtime (each fold's diffusion "
+                        "model exported in memory); auto = torch")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime CPU threads")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

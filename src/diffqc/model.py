@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import shutil
 import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, Self
 
@@ -33,18 +32,14 @@ from diffqc.backbone import FeatureExtractor, to_pixels
 from diffqc.calibration import Calibrator
 from diffqc.config import DetectorConfig
 from diffqc.data import GOOD, Sample, read_images
+from diffqc.inspection import (
+    BUNDLE_FILES,
+    BUNDLE_FORMAT,
+    BundleError,
+    Inspection,
+    UnknownFeatureTypeError,
+)
 from diffqc.scoring import DiffusionScorer, aggregate, upsample_and_smooth
-
-BUNDLE_FILES = ("config.json", "weights.safetensors", "calibration.json", "metadata.json")
-BUNDLE_FORMAT = 1
-
-
-class UnknownFeatureTypeError(ValueError):
-    """A feature type the model was not trained on."""
-
-
-class BundleError(RuntimeError):
-    """A model bundle is missing, damaged, partial or does not match this code."""
 
 
 class Scorer(Protocol):
@@ -69,27 +64,6 @@ def load_scorer(config: DetectorConfig, tensors: dict[str, Tensor], n_types: int
     return baselines.load_scorer(config, tensors, n_types, channels)
 
 
-@dataclass(frozen=True)
-class Inspection:
-    """The verdict on one image."""
-
-    score: float  # anomaly score under ``feature_type`` (higher = more anomalous)
-    p_value: float
-    decision: str  # PASS / REVIEW / REJECT
-    feature_type: str  # the type it was scored under (given, or predicted when unknown)
-    predicted_type: str | None  # arg-min over types of the score (None when not computed)
-    type_known: bool
-    type_scores: dict[str, float] = field(default_factory=dict)
-    anomaly_map: np.ndarray | None = field(default=None, repr=False, compare=False)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "score": self.score, "p_value": self.p_value, "decision": self.decision,
-            "feature_type": self.feature_type, "predicted_type": self.predicted_type,
-            "type_known": self.type_known, "type_scores": self.type_scores,
-        }
-
-
 def split_calibration(
     samples: Sequence[Sample], fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
@@ -112,6 +86,9 @@ def split_calibration(
 
 class Detector:
     """Good-only detector over frozen backbone features, one model for all feature types."""
+
+    runtime = "torch"
+    precision = "fp32"
 
     def __init__(self, config: DetectorConfig | None = None, *, device: str | None = None) -> None:
         self.config = config or DetectorConfig()
@@ -441,6 +418,3 @@ def _resize_map(m: Tensor, h: int, w: int) -> np.ndarray:
     out: np.ndarray = m.float().cpu().numpy()
     return out
 
-
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     import onnx
 
     from diffqc.data import Sample
-    from diffqc.model import Detector, Inspection
+    from diffqc.inspection import Inspection
+    from diffqc.model import Detector
 
 RUNTIMES = ("auto", "torch", "onnx")
 PRECISIONS = ("auto", "fp32", "int8")
@@ -367,7 +368,7 @@ class TensorRTGraph:
 
 def read_export_info(path: Path | str) -> dict[str, Any]:
     """``export.json`` of a bundle (what ``diffqc export`` wrote), or a :class:`BundleError`."""
-    from diffqc.model import BundleError
+    from diffqc.inspection import BundleError
 
     f = Path(path) / EXPORT_FILE
     if not f.is_file():
@@ -383,7 +384,7 @@ def read_export_info(path: Path | str) -> dict[str, Any]:
 
 
 def _read_bundle(path: Path) -> tuple[DetectorConfig, dict[str, Any], Calibrator]:
-    from diffqc.model import BUNDLE_FILES, BUNDLE_FORMAT, BundleError
+    from diffqc.inspection import BUNDLE_FILES, BUNDLE_FORMAT, BundleError
 
     if not path.is_dir():
         raise BundleError(f"model bundle {path} does not exist or is not a folder")
@@ -424,7 +425,7 @@ class OnnxDetector:
     def __init__(self, path: Path | str, *, precision: str = "auto", threads: int | None = None,
                  providers: Sequence[str] | None = None) -> None:
         from diffqc.backbone import sha256_file
-        from diffqc.model import BundleError
+        from diffqc.inspection import BundleError
 
         self.path: Path | None = Path(path)
         self.config, self.metadata, self.calibration_ = _read_bundle(self.path)
@@ -452,6 +453,7 @@ class OnnxDetector:
             int8_cal = json.loads((self.path / INT8_CALIBRATION_FILE).read_text())
             self.calibration_ = Calibrator.from_dict(int8_cal)
         self.precision = precision
+        self._feat_stats: tuple[np.ndarray, np.ndarray] | None = None
         self.graph = OnnxGraph(file, threads, providers)
         self.input_size = self.config.backbone.input_size
 
@@ -468,6 +470,9 @@ class OnnxDetector:
         self.config, self.metadata, self.calibration_ = det.config, dict(det.metadata), det.calibration_
         self.classes_ = list(det.classes_)
         self.precision = "fp32"
+        fe = det.extractor
+        self._feat_stats = (fe.feat_mean.detach().cpu().numpy().reshape(1, -1, 1, 1),
+                            fe.feat_std.detach().cpu().numpy().reshape(1, -1, 1, 1))
         self.graph = OnnxGraph(build_onnx(det), threads)
         self.input_size = det.config.backbone.input_size
         return self
@@ -477,7 +482,7 @@ class OnnxDetector:
         return str(self.metadata.get("model_id", "unfitted"))
 
     def type_index(self, feature_type: str) -> int:
-        from diffqc.model import UnknownFeatureTypeError
+        from diffqc.inspection import UnknownFeatureTypeError
 
         try:
             return self.classes_.index(feature_type)
@@ -511,25 +516,52 @@ class OnnxDetector:
         map_sizes: Sequence[tuple[int, int]] | None = None, *, all_types: bool = True,
     ) -> list[Inspection]:
         """:meth:`inspect` from preprocessed pixels and type indices (None = unknown)."""
-        from diffqc.model import Inspection
+
+        return self._inspect_standardised(self.graph.features(pixels), given, map_sizes, all_types=all_types)
+
+    def inspect_features(
+        self, raw: np.ndarray | Any, feature_types: Sequence[str | None],
+        map_sizes: Sequence[tuple[int, int]] | None = None, *, all_types: bool = True,
+    ) -> list[Inspection]:
+        """As :meth:`diffqc.model.Detector.inspect_features`: from raw backbone features
+        ``[N, C, h, w]`` (NumPy or a CPU tensor), standardised here and scored by ONNX Runtime."""
+        mean, std = self._standardisation()
+        feats = ((np.asarray(raw, dtype=np.float32) - mean) / std).astype(np.float32)
+        given = [None if t is None else self.type_index(t) for t in feature_types]
+        return self._inspect_standardised(feats, given, map_sizes, all_types=all_types)
+
+    def _standardisation(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._feat_stats is None:
+            from safetensors.numpy import load_file
+
+            assert self.path is not None
+            t = load_file(str(self.path / "weights.safetensors"))
+            self._feat_stats = (t["features.mean"].reshape(1, -1, 1, 1),
+                                t["features.std"].reshape(1, -1, 1, 1))
+        return self._feat_stats
+
+    def _inspect_standardised(
+        self, feats: np.ndarray, given: Sequence[int | None],
+        map_sizes: Sequence[tuple[int, int]] | None = None, *, all_types: bool = True,
+    ) -> list[Inspection]:
+        from diffqc.inspection import Inspection
 
         n, n_types = len(given), len(self.classes_)
         table: np.ndarray | None = None
         if all_types or any(g is None for g in given):
-            feats = self.graph.features(pixels)
             table = np.empty((n, n_types), dtype=np.float32)
             own = np.empty(n, dtype=np.int64)
             own_maps = np.empty((n, self.input_size, self.input_size), dtype=np.float32)
             for i in range(n):
                 m, table[i] = self.graph.score_features(np.repeat(feats[i: i + 1], n_types, axis=0),
-                                                  np.arange(n_types))
+                                                        np.arange(n_types))
                 g = given[i]
                 own[i] = int(table[i].argmin()) if g is None else g
                 own_maps[i] = m[own[i]]
             own_scores = table[np.arange(n), own]
         else:
             own = np.array(given, dtype=np.int64)
-            own_maps, own_scores = self.graph.run(pixels, own)
+            own_maps, own_scores = self.graph.score_features(feats, own)
         calibration = self.calibration_
         results = []
         for i in range(n):

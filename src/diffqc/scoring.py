@@ -53,11 +53,12 @@ def denoising_error(
     n, locations, _ = tokens.shape
     pos = torch.arange(locations, device=tokens.device).expand(n, locations)
     total = torch.zeros(n, locations, device=tokens.device)
+    prior = denoiser.gather_prior(type_idx) if denoiser.use_prior else None  # once, not per pair
     for k in range(len(bank)):
         t = bank.timesteps[k].expand(n).to(tokens.device)
         noise = bank.noise[k].to(tokens.device)
         x_t = schedule.q_sample(tokens, t, noise.expand_as(tokens))
-        pred = denoiser(x_t, t, type_idx, pos)
+        pred = denoiser(x_t, t, type_idx, pos, prior)
         total += (pred - noise).pow(2).mean(dim=-1)
     return total / len(bank)
 

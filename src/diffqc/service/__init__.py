@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from diffqc.runtime import add_runtime_arguments
+
 __all__ = ["add_service_commands", "export_reviewed_good", "run_server", "run_watch"]
 
 
@@ -70,6 +72,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         opts["data_dir"] = args.data_dir
     if args.threads:
         opts["torch_threads"] = args.threads
+    opts["runtime"], opts["precision"] = args.runtime, args.precision
     return run_server(args.model, args.host, args.port, args.db, args.token, **opts)
 
 
@@ -156,7 +159,7 @@ def add_service_commands(subparsers: Any) -> None:
         metavar="DIR",
         help="also ingest images written into DIR (repeatable)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_runtime_arguments(p)
     p.add_argument("--log-level", default="info")
     p.add_argument("--access-log", action="store_true")
     p.set_defaults(func=_cmd_serve)

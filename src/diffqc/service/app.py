@@ -89,7 +89,9 @@ class ServiceSettings:
     heatmaps: str = "all"
     all_types: bool = True  # score every type too (predicted type, type scores)
     cors_origins: tuple[str, ...] = ()
-    torch_threads: int | None = None
+    torch_threads: int | None = None  # CPU threads for inference (PyTorch or ONNX Runtime)
+    runtime: str = "auto"  # torch | onnx | auto (see diffqc.runtime.choose_runtime)
+    precision: str = "auto"  # ONNX model: fp32 | int8 | auto
     watch_dirs: tuple[str, ...] = ()  # folders fed into the same buffer
     watch_feature_type: str | None = None
 
@@ -374,6 +376,8 @@ def _model_info(det: Any) -> dict[str, Any]:
             "model_id": meta.get("model_id"),
             "created": meta.get("created"),
             "method": meta.get("method"),
+            "runtime": getattr(det, "runtime", "torch"),
+            "precision": getattr(det, "precision", "fp32"),
             "diffqc_version": meta.get("diffqc_version"),
             "thresholds": thresholds,
             "calibration": summary,
@@ -382,10 +386,13 @@ def _model_info(det: Any) -> dict[str, Any]:
     )
 
 
-def load_detector(model_path: str | Path) -> DetectorLike:
-    from diffqc.model import Detector
+def load_detector(model_path: str | Path, runtime: str = "auto", *, precision: str = "auto",
+                  threads: int | None = None) -> DetectorLike:
+    """The bundle on the CPU with PyTorch or ONNX Runtime (``auto``: the faster one that the
+    export measured; see :func:`diffqc.runtime.load_detector`)."""
+    from diffqc.runtime import load_detector as _load
 
-    det: DetectorLike = Detector.load(model_path, device="cpu")
+    det: DetectorLike = _load(model_path, runtime, threads=threads, device="cpu", precision=precision)
     return det
 
 
@@ -855,7 +862,7 @@ def _form_str(form: Any, name: str) -> str | None:
 
 def _start(state: ServiceState, detector: DetectorLike | None) -> None:
     s = state.settings
-    if s.torch_threads:
+    if s.torch_threads and "torch" in sys.modules:  # an ONNX-only service never imports torch
         import torch
 
         torch.set_num_threads(s.torch_threads)
@@ -863,7 +870,7 @@ def _start(state: ServiceState, detector: DetectorLike | None) -> None:
         if s.model_path is None:
             raise ValueError("no model: give model_path")
         t0 = time.perf_counter()
-        detector = load_detector(s.model_path)
+        detector = load_detector(s.model_path, s.runtime, precision=s.precision, threads=s.torch_threads)
         log.info("model %s loaded in %.1f s", s.model_path, time.perf_counter() - t0)
     state.detector = detector
     state.model_info = _model_info(detector)
@@ -948,8 +955,10 @@ def run_server(
     settings.validate()
     # fail fast, with a clear message, before the server starts listening
     t0 = time.perf_counter()
-    detector = load_detector(model_path)
-    log.info("model %s loaded in %.1f s", model_path, time.perf_counter() - t0)
+    detector = load_detector(model_path, settings.runtime, precision=settings.precision,
+                             threads=settings.torch_threads)
+    log.info("model %s loaded in %.1f s (%s runtime)", model_path, time.perf_counter() - t0,
+             getattr(detector, "runtime", "torch"))
     try:
         ResultStore(settings.db_url).close()
     except StoreError as exc:
