@@ -24,12 +24,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from diffqc import evaluate as E
 from diffqc import report as R
 from diffqc.cli import build_config
+from diffqc.config import with_overrides
 from diffqc.evaluate import evaluate, load_evaluation_data, summary_lines
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,9 +131,14 @@ def run_one(name: str, data: Path, out: Path, args: argparse.Namespace,
     samples, source = load_evaluation_data(data)
     start = time.perf_counter()
     E._build_report = _keeping_state(out / name / "state.pkl")
+    methods = args.methods.split(",")
+    base = build_config(argparse.Namespace(set=args.set))
+    settings = {}
+    for text in args.compare_setting or []:  # as `diffqc evaluate --compare-setting`
+        label, over = E.parse_setting(text)
+        settings[label] = with_overrides(replace(base, method=methods[0]), over)
     report = evaluate(
-        samples, folds=args.folds, methods=args.methods.split(","),
-        base_config=build_config(argparse.Namespace(set=args.set)),
+        samples, folds=args.folds, methods=methods, settings=settings, base_config=base,
         seed=args.seed, progress=not args.quiet, out_dir=out / name, gallery=args.gallery,
         max_train_good=max_train_good, dataset_name=name, dataset_source=source,
         feature_cache=args.feature_cache)
@@ -161,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-train-good", type=int, default=None,
                    help="cap GOOD training images per type and fold on magnetic tile")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--compare-setting", action="append", metavar="NAME:KEY=VALUE,...",
+                   help="an extra variant of the first method, as in diffqc evaluate")
     p.add_argument("--rebuild", action="store_true",
                    help="re-render the reports in --out from their state.pkl (no refitting)")
     p.add_argument("-q", "--quiet", action="store_true")

@@ -146,10 +146,19 @@ def evaluate_setting(
     return rows
 
 
+BASELINES = ("patchcore", "padim")
+
+
 def run(datasets: Sequence[str], methods: Sequence[str], settings: Sequence[str],
-        overrides: dict[str, Any], work: Path) -> list[dict[str, Any]]:
+        overrides: dict[str, Any], work: Path,
+        variants: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """``variants``: extra rows named by their key, the diffusion config with those overrides
+    (a ``method`` override picks another method)."""
     table: list[dict[str, Any]] = []
     base = with_overrides(DetectorConfig(), overrides)
+    configs = {m: replace(base, method=m) for m in methods}
+    for label, over in (variants or {}).items():
+        configs[label] = with_overrides(replace(base, method="diffusion"), over)
     for name in datasets:
         samples = dataset_samples(name, work)
         if not samples:
@@ -163,10 +172,12 @@ def run(datasets: Sequence[str], methods: Sequence[str], settings: Sequence[str]
         for setting in settings:
             if setting == "multi":
                 groups = [list(range(len(samples)))]
+            elif len(types) == 1:
+                print(f"# {name}: one feature type, so per-type = multi (not run twice)", flush=True)
+                continue
             else:
                 groups = [[i for i, s in enumerate(samples) if s.feature_type == t] for t in types]
-            for method in methods:
-                config = replace(base, method=method)
+            for method, config in configs.items():
                 for row in evaluate_setting(config, raw, samples, masks, groups):
                     row.update(dataset=Path(name).name, method=method, setting=setting)
                     table.append(row)
@@ -176,9 +187,10 @@ def run(datasets: Sequence[str], methods: Sequence[str], settings: Sequence[str]
 
 def format_row(r: dict[str, Any]) -> str:
     pix = "   -  " if r["pixel_auroc"] is None else f"{r['pixel_auroc']:.3f}"
-    return (f"{r['dataset']:<14}{r['feature_type']:<15}{r['method']:<10}{r['setting']:<9}"
+    return (f"{r['dataset']:<14}{r['feature_type']:<15}{r['method']:<10} {r['setting']:<9}"
             f"{r['image_auroc']:>7.3f} {pix:>7}{r['tpr_at_5fpr']:>7.3f}{r['train_s']:>8.1f}"
-            f"{r['score_ms']:>8.1f}")
+            f"{r['score_ms']:>8.1f}"
+            + (f"   (p = 1 only: {r['image_auroc_p1']:.3f})" if "image_auroc_p1" in r else ""))
 
 
 def summarise(table: list[dict[str, Any]]) -> str:
@@ -192,14 +204,16 @@ def summarise(table: list[dict[str, Any]]) -> str:
             by_method.setdefault(r["method"], {})[r["feature_type"]] = r["image_auroc"]
         means = {m: float(np.nanmean(list(v.values()))) for m, v in by_method.items()}
         parts = [f"{m}={means[m]:.3f}" for m in sorted(means)]
-        if "diffusion" in by_method:
-            baselines = [m for m in by_method if m != "diffusion"]
+        baselines = [m for m in by_method if m in BASELINES]
+        for m in sorted(by_method):
+            if m in BASELINES or not baselines:
+                continue
             gaps = []
-            for t, v in by_method["diffusion"].items():
+            for t, v in by_method[m].items():
                 best = max((by_method[b].get(t, float("nan")) for b in baselines), default=float("nan"))
                 gaps.append(v - best)
-            if gaps:
-                parts.append(f"worst diffusion-minus-best-baseline per type={np.nanmin(gaps):+.3f}")
+            if gaps and not np.isnan(gaps).all():
+                parts.append(f"worst {m}-minus-best-baseline per type={np.nanmin(gaps):+.3f}")
         lines.append(f"{ds:<14}{setting:<9} " + "  ".join(parts))
     return "\n".join(lines)
 
@@ -210,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--methods", default="diffusion,patchcore,padim")
     p.add_argument("--settings", default="multi,per-type")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="an extra diffusion variant, e.g. gauss:train.steps=0 (repeatable)")
     p.add_argument("--json", default=None)
     p.add_argument("--work", default=None, help="cache folder for generated data")
     p.add_argument("--threads", type=int, default=2)
@@ -220,16 +236,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / "diffqc-quality"
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    print(f"{'dataset':<14}{'type':<15}{'method':<10}{'setting':<9}{'AUROC':>7} {'pixAUC':>7}"
+    print(f"{'dataset':<14}{'type':<15}{'method':<10} {'setting':<9}{'AUROC':>7} {'pixAUC':>7}"
           f"{'TPR@5':>7}{'train_s':>8}{'ms/img':>8}")
+    from diffqc.evaluate import parse_setting
+
+    variants = dict(parse_setting(v) for v in args.variant)
     table = run(args.datasets.split(","), args.methods.split(","), args.settings.split(","),
-                _overrides(args.set), work)
+                _overrides(args.set), work, variants)
     print(summarise(table))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if args.json:
         keys = ("dataset", "feature_type", "method", "setting", "image_auroc", "pixel_auroc",
                 "tpr_at_5fpr", "score_ms")
-        rows = [{k: r[k] for k in keys} | {"train_s": r["train_s"]} for r in table]
+        rows = [{k: r[k] for k in keys} | {"train_s": r["train_s"]}
+                | ({"image_auroc_p1": r["image_auroc_p1"]} if "image_auroc_p1" in r else {})
+                for r in table]
         Path(args.json).write_text(json.dumps(rows, indent=2, default=float))
     return 0
 

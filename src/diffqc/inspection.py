@@ -1,15 +1,26 @@
-"""What an inspection returns, and the errors of a model bundle: plain Python and NumPy, so
-that a runtime without PyTorch (ONNX Runtime, the service) can use them."""
+"""What an inspection returns, and the errors and checksums of a model bundle: plain Python and
+NumPy, so that a runtime without PyTorch (ONNX Runtime, the service) can use them."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 BUNDLE_FILES = ("config.json", "weights.safetensors", "calibration.json", "metadata.json")
 BUNDLE_FORMAT = 1
+
+
+def sha256_file(path: Path | str) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class UnknownFeatureTypeError(ValueError):

@@ -342,7 +342,7 @@ class Detector:
             self.config.to_json(tmp / "config.json")
             (tmp / "calibration.json").write_text(json.dumps(calibration.to_dict()))
             meta = dict(self.metadata, classes=self.classes_, format=BUNDLE_FORMAT)
-            from diffqc.backbone import sha256_file
+            from diffqc.inspection import sha256_file
 
             meta["weights_file_sha256"] = sha256_file(tmp / "weights.safetensors")
             (tmp / "metadata.json").write_text(json.dumps(meta, indent=2))
@@ -379,7 +379,7 @@ class Detector:
         if meta.get("format") != BUNDLE_FORMAT:
             raise BundleError(f"model bundle {path}: format {meta.get('format')} is not "
                               f"{BUNDLE_FORMAT} (written by diffqc {meta.get('diffqc_version')})")
-        from diffqc.backbone import sha256_file
+        from diffqc.inspection import sha256_file
 
         expected = meta.get("weights_file_sha256")
         if expected and sha256_file(path / "weights.safetensors") != expected:

@@ -424,8 +424,7 @@ class OnnxDetector:
 
     def __init__(self, path: Path | str, *, precision: str = "auto", threads: int | None = None,
                  providers: Sequence[str] | None = None) -> None:
-        from diffqc.backbone import sha256_file
-        from diffqc.inspection import BundleError
+        from diffqc.inspection import BundleError, sha256_file
 
         self.path: Path | None = Path(path)
         self.config, self.metadata, self.calibration_ = _read_bundle(self.path)
