@@ -75,3 +75,22 @@ def test_gaussian_prior_is_the_optimal_linear_denoiser() -> None:
         far = m(ab.sqrt() * (x + 6.0) + (1 - ab).sqrt() * eps, t, torch.zeros(n, dtype=torch.long), pos)
     assert float(err) < 0.9 * float(eps.pow(2).mean())
     assert float((far - eps).pow(2).mean()) > 2 * float(err)
+
+
+def test_untrained_network_is_skipped_exactly() -> None:
+    """With a zero output layer (train.steps=0) inference is the Gaussian path alone; once the
+    output layer is non-zero the network runs again."""
+    g = torch.Generator().manual_seed(3)
+    c, side = 6, 3
+    m = Denoiser(c, 2, side * side, DiffusionConfig(hidden=16, depth=1, embed_dim=8, prior_dims=3))
+    x = torch.randn(20, side * side, c, generator=g)
+    m.fit_prior(x, torch.arange(20) % 2)
+    m.eval()
+    x_t, t = torch.randn(4, side * side, c, generator=g), torch.full((4,), 300)
+    ty, pos = torch.tensor([0, 1, 0, 1]), torch.arange(side * side).expand(4, -1)
+    assert m.network_is_zero()
+    assert torch.equal(m(x_t, t, ty, pos), m.gaussian_eps(x_t, t, m.gather_prior(ty)))
+    with torch.no_grad():
+        m.out.bias.fill_(0.5)
+    assert not m.network_is_zero()
+    assert torch.allclose(m(x_t, t, ty, pos), m.gaussian_eps(x_t, t, m.gather_prior(ty)) + 0.5)

@@ -193,6 +193,10 @@ class Denoiser(nn.Module):
         full = (prior.vecs @ z.unsqueeze(-1)).squeeze(-1)
         return torch.cat([full, diag], dim=-1)[..., self.prior_unperm]
 
+    def network_is_zero(self) -> bool:
+        """Whether the residual network's output layer is exactly zero (never trained)."""
+        return not bool(self.out.weight.any()) and not bool(self.out.bias.any())
+
     @property
     def null_type(self) -> int:
         return self.n_types
@@ -201,6 +205,10 @@ class Denoiser(nn.Module):
                 prior: PriorParams | None = None) -> Tensor:
         """Predicted ε for ``x_t [B, L, C]`` at locations ``pos [B, L]``; ``prior`` (from
         :meth:`gather_prior` with the same ``type_idx`` and ``pos``) saves gathering it again."""
+        if self.use_prior and not self.training and self.network_is_zero():
+            # an untrained residual network (zero output layer, e.g. train.steps=0) adds exactly
+            # zero: skip it (a weight property, so a traced ONNX graph skips it too)
+            return self.gaussian_eps(x_t, t, prior if prior is not None else self.gather_prior(type_idx, pos))
         cond = self.time_mlp(sinusoidal_embedding(t, self.embed_dim)) + self.type_proj(
             self.type_embed(type_idx)
         )  # [B, H]
