@@ -57,7 +57,7 @@ def elpv_samples(cache: Path, train_per_type: int = 200, test_good_per_type: int
             split = "train" if rank < train_per_type else "test"
             samples.append(Sample(labels.parent / good[i], t, GOOD, split=split, defect="good"))
         for r in rows:
-            if r[2] == t and float(r[1]) >= 0.67:
+            if r[2] == t and float(r[1]) >= 2 / 3 - 1e-6:  # the labels hold 0.6666666666666666
                 samples.append(Sample(labels.parent / r[0], t, 1, split="test",
                                       defect=f"p={float(r[1]):.2f}"))
     return samples
