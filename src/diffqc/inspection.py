@@ -4,11 +4,15 @@ NumPy, so that a runtime without PyTorch (ONNX Runtime, the service) can use the
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from diffqc.calibration import Calibrator
 
 BUNDLE_FILES = ("config.json", "weights.safetensors", "calibration.json", "metadata.json")
 BUNDLE_FORMAT = 1
@@ -51,3 +55,26 @@ class Inspection:
             "type_known": self.type_known, "type_scores": self.type_scores,
         }
 
+
+
+def verdicts(
+    classes: Sequence[str], calibration: Calibrator, given: Sequence[int | None], own: Sequence[int],
+    scores: Sequence[float], table: np.ndarray | None = None,
+    maps: Sequence[np.ndarray] | None = None,
+) -> list[Inspection]:
+    """One :class:`Inspection` per image from what a runtime computed: ``given`` type index (None
+    when unknown), ``own`` type scored under, its ``scores``, the optional ``[N, types]`` score
+    ``table`` (predicted type = arg-min) and the optional anomaly ``maps``. PyTorch and ONNX
+    Runtime share this, so both decide the same way."""
+    results = []
+    for i, k in enumerate(own):
+        known = given[i] is not None
+        p = calibration.p_value(classes[k], float(scores[i]), type_known=known)
+        results.append(Inspection(
+            score=float(scores[i]), p_value=p, decision=calibration.decide(p), feature_type=classes[k],
+            predicted_type=None if table is None else classes[int(table[i].argmin())],
+            type_known=known,
+            type_scores={} if table is None else {c: float(table[i, j]) for j, c in enumerate(classes)},
+            anomaly_map=None if maps is None else maps[i],
+        ))
+    return results

@@ -38,6 +38,7 @@ from diffqc.inspection import (
     BundleError,
     Inspection,
     UnknownFeatureTypeError,
+    verdicts,
 )
 from diffqc.scoring import DiffusionScorer, aggregate, upsample_and_smooth
 
@@ -279,7 +280,6 @@ class Detector:
         maps = map_sizes is not None
         given = [None if t is None else self.type_index(t) for t in types]
         feats = self.extractor.standardise(raw)
-        n_types = len(self.classes_)
         need_table = all_types or any(g is None for g in given)
         table = self._type_score_table(feats) if need_table else None
         own = torch.tensor([g if g is not None else 0 for g in given])
@@ -287,29 +287,17 @@ class Detector:
             own = torch.where(torch.tensor([g is None for g in given]), table.argmin(dim=1), own)
         own_maps = self.score_maps(feats, own) if (maps or table is None) else None
         own_scores = self.image_scores(own_maps) if own_maps is not None else None
-        results = []
-        for i in range(len(types)):
-            k = int(own[i])
-            known = given[i] is not None
-            if own_scores is not None:
-                score = float(own_scores[i])
-            else:
-                assert table is not None
-                score = float(table[i, k])
-            p = calibration.p_value(self.classes_[k], score, type_known=known)
-            amap = None
-            if map_sizes is not None and own_maps is not None:
-                amap = _resize_map(own_maps[i], *map_sizes[i])
-            results.append(Inspection(
-                score=score, p_value=p, decision=calibration.decide(p),
-                feature_type=self.classes_[k],
-                predicted_type=None if table is None else self.classes_[int(table[i].argmin())],
-                type_known=known,
-                type_scores={} if table is None else
-                {self.classes_[j]: float(table[i, j]) for j in range(n_types)},
-                anomaly_map=amap,
-            ))
-        return results
+        own_list = [int(k) for k in own]
+        if own_scores is not None:
+            scores = [float(x) for x in own_scores]
+        else:
+            assert table is not None
+            scores = [float(table[i, k]) for i, k in enumerate(own_list)]
+        resized = None
+        if map_sizes is not None and own_maps is not None:
+            resized = [_resize_map(own_maps[i], *map_sizes[i]) for i in range(len(types))]
+        return verdicts(self.classes_, calibration, given, own_list, scores,
+                        None if table is None else table.numpy(), resized)
 
     def inspect_samples(
         self, samples: Sequence[Sample], *, type_known: bool = True, progress: bool = False,

@@ -543,7 +543,7 @@ class OnnxDetector:
         self, feats: np.ndarray, given: Sequence[int | None],
         map_sizes: Sequence[tuple[int, int]] | None = None, *, all_types: bool = True,
     ) -> list[Inspection]:
-        from diffqc.inspection import Inspection
+        from diffqc.inspection import verdicts
 
         n, n_types = len(given), len(self.classes_)
         table: np.ndarray | None = None
@@ -561,22 +561,9 @@ class OnnxDetector:
         else:
             own = np.array(given, dtype=np.int64)
             own_maps, own_scores = self.graph.score_features(feats, own)
-        calibration = self.calibration_
-        results = []
-        for i in range(n):
-            k = int(own[i])
-            known = given[i] is not None
-            score = float(own_scores[i])
-            p = calibration.p_value(self.classes_[k], score, type_known=known)
-            results.append(Inspection(
-                score=score, p_value=p, decision=calibration.decide(p), feature_type=self.classes_[k],
-                predicted_type=None if table is None else self.classes_[int(table[i].argmin())],
-                type_known=known,
-                type_scores={} if table is None else
-                {c: float(table[i, j]) for j, c in enumerate(self.classes_)},
-                anomaly_map=None if map_sizes is None else resize_map(own_maps[i], *map_sizes[i]),
-            ))
-        return results
+        maps = None if map_sizes is None else [resize_map(own_maps[i], *map_sizes[i]) for i in range(n)]
+        return verdicts(self.classes_, self.calibration_, given, [int(k) for k in own],
+                        [float(x) for x in own_scores], table, maps)
 
     def inspect_samples(
         self, samples: Sequence[Sample], *, type_known: bool = True, progress: bool = False,
