@@ -7,7 +7,6 @@ import math
 import re
 import warnings
 from dataclasses import replace
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from diffqc.calibration import TypeCalibration
 from diffqc.data import DEFECTIVE, GOOD, Sample, load_dataset
 from diffqc.model import Detector
 from tests.conftest import tiny_config
+from tests.html_numbers import assert_numbers_match
 
 FOLDS = 2
 METHODS = ("diffusion", "padim")
@@ -58,36 +58,6 @@ def run(clear_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     return {"report": report, "out": out, "fitted": fitted, "samples": samples}
 
 
-class _Spans(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.found: list[tuple[str, str, str]] = []
-        self._open: tuple[str, str] | None = None
-        self._text = ""
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = dict(attrs)
-        if tag == "span" and a.get("class") == "num":
-            self._open, self._text = (a["data-key"] or "", a["data-fmt"] or ""), ""
-
-    def handle_data(self, data: str) -> None:
-        if self._open:
-            self._text += data
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "span" and self._open:
-            self.found.append((*self._open, self._text))
-            self._open = None
-
-
-def _expected(value: Any, kind: str) -> str:
-    if value is None:
-        return "–"
-    v = float(value)
-    return {"num": f"{v:.3f}", "signed": f"{v:+.3f}", "pct": f"{100 * v:.1f}%",
-            "p": "<0.001" if v < 0.001 else f"{v:.3f}", "int": str(int(v))}[kind]
-
-
 def test_writes_three_files_and_html_numbers_match_json(run: dict[str, Any]) -> None:
     out = run["out"]
     for name in ("report.html", "report.md", "report.json"):
@@ -96,11 +66,7 @@ def test_writes_three_files_and_html_numbers_match_json(run: dict[str, Any]) -> 
     assert data["methods"] == list(METHODS) and set(data["results"]) == {"dots", "stripes"}
     page = (out / "report.html").read_text()
     assert not re.search(r"https?://", page) and "<script" not in page.lower()
-    spans = _Spans()
-    spans.feed(page)
-    assert len(spans.found) > 200
-    for key, kind, text in spans.found:
-        assert text == _expected(R.resolve_pointer(data, key), kind), key
+    assert len(assert_numbers_match(page, data)) > 200
     # the things the issue asks for are all there
     r = data["results"]["stripes"]["diffusion"]
     assert r["pooled"]["auroc"] > 0.9 and len(r["folds"]) == FOLDS

@@ -10,7 +10,6 @@ import math
 import re
 import sys
 import warnings
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest
 
 from diffqc import report as R
 from diffqc.folds import grouped_stratified_assignment
+from tests.html_numbers import assert_numbers_match
 
 METHODS = ("diffusion", "patchcore")
 ALPHA_REVIEW, ALPHA_REJECT = 0.05, 0.01
@@ -129,40 +129,6 @@ def build_report(seed: int = 0, n_boot: int = 200) -> R.Report:
     return report
 
 
-class _Spans(HTMLParser):
-    """Collects <span class="num" data-key=... data-fmt=...>text</span>."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.found: list[tuple[str, str, str]] = []
-        self._open: tuple[str, str] | None = None
-        self._text = ""
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = dict(attrs)
-        if tag == "span" and a.get("class") == "num":
-            self._open = (a["data-key"] or "", a["data-fmt"] or "")
-            self._text = ""
-
-    def handle_data(self, data: str) -> None:
-        if self._open:
-            self._text += data
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "span" and self._open:
-            self.found.append((*self._open, self._text))
-            self._open = None
-
-
-def _expected(value: Any, kind: str) -> str:
-    """Independent restatement of the documented number formats."""
-    if value is None:
-        return "–"
-    v = float(value)
-    return {"num": f"{v:.3f}", "signed": f"{v:+.3f}", "pct": f"{100 * v:.1f}%",
-            "p": "<0.001" if v < 0.001 else f"{v:.3f}", "int": str(int(v))}[kind]
-
-
 @pytest.fixture(scope="module")
 def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("report")
@@ -195,12 +161,9 @@ def test_html_is_self_contained(written: dict[str, Path]) -> None:
 
 def test_every_html_number_matches_json(written: dict[str, Path]) -> None:
     data = json.loads(written["json"].read_text())
-    parser = _Spans()
-    parser.feed(written["html"].read_text())
-    assert len(parser.found) > 300
-    for key, kind, text in parser.found:
-        assert text == _expected(R.resolve_pointer(data, key), kind), key
-    keys = {k for k, _, _ in parser.found}
+    found = assert_numbers_match(written["html"].read_text(), data)
+    assert len(found) > 300
+    keys = {k for k, _, _ in found}
     for t in TYPES:
         for m in METHODS:
             for metric in R.METRIC_KEYS:

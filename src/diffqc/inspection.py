@@ -4,7 +4,7 @@ NumPy, so that a runtime without PyTorch (ONNX Runtime, the service) can use the
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +13,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from diffqc.calibration import Calibrator
+    from diffqc.data import Sample
 
 BUNDLE_FILES = ("config.json", "weights.safetensors", "calibration.json", "metadata.json")
 BUNDLE_FORMAT = 1
@@ -78,3 +79,25 @@ def verdicts(
             anomaly_map=None if maps is None else maps[i],
         ))
     return results
+
+
+def inspect_in_batches(
+    inspect: Callable[..., list[Inspection]], samples: Sequence[Sample], batch_size: int, *,
+    type_known: bool = True, progress: bool = False, all_types: bool = True, maps: bool = True,
+    skip_corrupt: bool = False,
+) -> tuple[list[Inspection], list[Sample]]:
+    """Read dataset ``samples`` in batches and ``inspect(images, types, all_types=, maps=)`` each;
+    returns the results and the samples read (the ``inspect_samples`` of both runtimes)."""
+    from tqdm.auto import tqdm
+
+    from diffqc.data import read_images
+
+    results: list[Inspection] = []
+    kept: list[Sample] = []
+    for i in tqdm(range(0, len(samples), batch_size), desc="inspecting", disable=not progress,
+                  unit="batch"):
+        images, chunk, _ = read_images(samples[i : i + batch_size], skip_corrupt=skip_corrupt)
+        types = [s.feature_type if type_known else None for s in chunk]
+        results += inspect(images, types, all_types=all_types, maps=maps)
+        kept += chunk
+    return results, kept

@@ -38,6 +38,7 @@ from diffqc.inspection import (
     BundleError,
     Inspection,
     UnknownFeatureTypeError,
+    inspect_in_batches,
     verdicts,
 )
 from diffqc.scoring import DiffusionScorer, aggregate, upsample_and_smooth
@@ -304,15 +305,9 @@ class Detector:
         all_types: bool = True, maps: bool = True, skip_corrupt: bool = False,
     ) -> tuple[list[Inspection], list[Sample]]:
         """Inspect dataset samples in batches; returns the results and the samples read."""
-        results: list[Inspection] = []
-        kept: list[Sample] = []
-        bs = self.config.batch_size
-        for i in tqdm(range(0, len(samples), bs), desc="inspecting", disable=not progress, unit="batch"):
-            images, chunk, _ = read_images(samples[i : i + bs], skip_corrupt=skip_corrupt)
-            types = [s.feature_type if type_known else None for s in chunk]
-            results += self.inspect(images, types, all_types=all_types, maps=maps)
-            kept += chunk
-        return results, kept
+        return inspect_in_batches(self.inspect, samples, self.config.batch_size, type_known=type_known,
+                                  progress=progress, all_types=all_types, maps=maps,
+                                  skip_corrupt=skip_corrupt)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: Path | str) -> Path:

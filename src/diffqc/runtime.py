@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from diffqc.calibration import Calibrator
 from diffqc.config import DetectorConfig
@@ -570,17 +569,11 @@ class OnnxDetector:
         all_types: bool = True, maps: bool = True, skip_corrupt: bool = False,
     ) -> tuple[list[Inspection], list[Sample]]:
         """As :meth:`diffqc.model.Detector.inspect_samples`."""
-        from diffqc.data import read_images
+        from diffqc.inspection import inspect_in_batches
 
-        results: list[Inspection] = []
-        kept: list[Sample] = []
-        bs = self.config.batch_size
-        for i in tqdm(range(0, len(samples), bs), desc="inspecting", disable=not progress, unit="batch"):
-            images, chunk, _ = read_images(samples[i: i + bs], skip_corrupt=skip_corrupt)
-            types = [s.feature_type if type_known else None for s in chunk]
-            results += self.inspect(images, types, all_types=all_types, maps=maps)
-            kept += chunk
-        return results, kept
+        return inspect_in_batches(self.inspect, samples, self.config.batch_size, type_known=type_known,
+                                  progress=progress, all_types=all_types, maps=maps,
+                                  skip_corrupt=skip_corrupt)
 
 
 # --------------------------------------------------------------------------- runtime choice
