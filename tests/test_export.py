@@ -346,3 +346,27 @@ async def _service_on_the_onnx_runtime(exported: Path, clear_dataset: Path, tmp_
             assert r.json()["decision"] == ref.decision
             assert r.json()["score"] == pytest.approx(ref.score, rel=1e-4)
         assert len(app.state.diffqc.store.query(limit=None)) == 3
+
+
+def test_onnx_process_never_imports_torch(exported: Path, clear_dataset: Path) -> None:
+    """Choosing the runtime (`--runtime auto`) and inspecting with ONNX Runtime keep PyTorch out
+    of the process (its import alone costs ~270 MB of serving memory)."""
+    import subprocess
+    import sys
+
+    from diffqc.runtime import _nvidia_driver_loaded
+
+    if _nvidia_driver_loaded():
+        pytest.skip("an NVIDIA driver is loaded: auto asks PyTorch whether CUDA is usable")
+    image = next((clear_dataset / "dots" / "test").rglob("*.png"))
+    code = ("import sys\nfrom diffqc.data import read_image\n"
+            "from diffqc.runtime import choose_runtime, load_detector\n"
+            f"choice = choose_runtime({str(exported)!r})\n"
+            f"det = load_detector({str(exported)!r}, 'onnx', threads=1)\n"
+            f"(r,) = det.inspect([read_image({str(image)!r})], ['dots'])\n"
+            "print(choice, type(det).__name__, r.decision, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    choice, name, decision, torch_loaded = out.split()
+    assert choice in ("onnx", "torch") and name == "OnnxDetector"
+    assert decision in ("PASS", "REVIEW", "REJECT")
+    assert torch_loaded == "False"

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -577,9 +578,17 @@ class OnnxDetector:
 
 
 # --------------------------------------------------------------------------- runtime choice
+def _nvidia_driver_loaded() -> bool:
+    """Whether an NVIDIA driver is loaded (Linux): without one CUDA cannot be available, and
+    asking PyTorch would cost an ONNX-only process the ~270 MB of importing it."""
+    return Path("/proc/driver/nvidia/version").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
 def _cuda_requested(device: str | None) -> bool:
     if device is not None:
         return device.startswith("cuda")
+    if sys.platform.startswith("linux") and not _nvidia_driver_loaded():
+        return False
     try:
         import torch
     except ImportError:
