@@ -249,6 +249,15 @@ def feature_types(samples: Iterable[Sample]) -> list[str]:
     return sorted({s.feature_type for s in samples})
 
 
+def good_training(samples: Iterable[Sample]) -> list[Sample]:
+    """The GOOD samples a model fits on: those marked ``split == "train"`` when any is so
+    marked, else every GOOD sample."""
+    good = [s for s in samples if s.label == GOOD]
+    if any(s.split == "train" for s in good):
+        good = [s for s in good if s.split == "train"]
+    return good
+
+
 def read_images(
     samples: Sequence[Sample], *, skip_corrupt: bool = False
 ) -> tuple[list[np.ndarray], list[Sample], list[ImageReadError]]:

@@ -602,16 +602,6 @@ def _stratified(samples: Sequence[Sample], n: int, seed: int = 0) -> list[Sample
     return out
 
 
-def _good_training(samples: Sequence[Sample], classes: Sequence[str]) -> list[Sample]:
-    """The GOOD samples Detector.fit would fit on (``split == "train"`` when any is so marked)."""
-    from diffqc.data import GOOD
-
-    good = [s for s in samples if s.label == GOOD and s.feature_type in classes]
-    if any(s.split == "train" for s in good):
-        good = [s for s in good if s.split == "train"]
-    return good
-
-
 def _synthetic_images(n: int, size: int) -> list[np.ndarray]:
     from diffqc.data import load_dataset, read_images
     from diffqc.synth import write_synthetic_dataset
@@ -777,14 +767,14 @@ def _export_int8(
     held_out: Path | str | None, *, force: bool, threads: int, calibration_images: int,
     sensitivity_images: int, max_held_out: int, search: bool, progress: bool, log: Callable[[str], None],
 ) -> tuple[dict[str, Any], OnnxGraph | None]:
-    from diffqc.data import load_dataset
+    from diffqc.data import good_training, load_dataset
     from diffqc.inspection import sha256_file
     from diffqc.model import split_calibration
 
     assert calibration_data is not None
     classes, size = det.classes_, det.config.backbone.input_size
     samples = load_dataset(calibration_data)
-    good = _good_training(samples, classes)
+    good = good_training([s for s in samples if s.feature_type in classes])
     if not good:
         raise ValueError(f"no GOOD images of the model's types ({', '.join(classes)}) in {calibration_data}")
     fit_idx, cal_idx = split_calibration(good, det.config.calibration.fraction, det.config.train.seed)

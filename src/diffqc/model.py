@@ -31,7 +31,7 @@ from diffqc import __version__
 from diffqc.backbone import FeatureExtractor, to_pixels
 from diffqc.calibration import Calibrator
 from diffqc.config import DetectorConfig
-from diffqc.data import GOOD, Sample, read_images
+from diffqc.data import Sample, good_training, read_images
 from diffqc.inspection import (
     BUNDLE_FILES,
     BUNDLE_FORMAT,
@@ -130,9 +130,7 @@ class Detector:
         self, samples: Sequence[Sample], *, progress: bool = True, skip_corrupt: bool = False
     ) -> Detector:
         """Fit on GOOD samples (``split == "train"`` where any is so marked) and calibrate."""
-        good = [s for s in samples if s.label == GOOD]
-        if any(s.split == "train" for s in good):
-            good = [s for s in good if s.split == "train"]
+        good = good_training(samples)
         if len(good) < len(samples):
             warnings.warn(f"fit uses the {len(good)} GOOD training samples of {len(samples)} given",
                           stacklevel=2)
