@@ -191,6 +191,12 @@ def test_cli_type_without_defects_and_a_setting(clear_dataset: Path, tmp_path: P
         E.parse_setting("no-colon")
 
 
+def test_parse_setting_keeps_list_values_whole() -> None:
+    name, over = E.parse_setting("big:diffusion.prior_dims=100,scoring.bank_timesteps=[100,200]")
+    assert name == "big"
+    assert over == {"diffusion.prior_dims": 100, "scoring.bank_timesteps": [100, 200]}
+
+
 def test_feature_cache_skips_the_second_extraction(clear_dataset: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     samples = load_dataset(clear_dataset)[:6]

@@ -709,7 +709,23 @@ def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
     name = name.strip()
     if not sep or not name or not rest.strip():
         raise ValueError(f"--compare-setting expects NAME:KEY=VALUE[,KEY=VALUE...], got {text!r}")
-    return name, _overrides([p for p in rest.split(",") if p.strip()])
+    return name, _overrides([p for p in _split_top_level(rest) if p.strip()])
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas that are not inside brackets, so that list values such as
+    ``scoring.bank_timesteps=[100,200]`` stay one pair."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
