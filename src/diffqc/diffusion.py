@@ -12,6 +12,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffqc.config import DiffusionConfig
@@ -77,6 +78,18 @@ class _Block(nn.Module):
         return h + self.fc2(z)
 
 
+def _eigen_gain(r: Tensor, vecs: Tensor, vals: Tensor, alpha_bar: Tensor) -> Tensor:
+    """``V diag(g_k) Vᵀ r`` with ``g_k = √(1-ᾱ_k) / (ᾱ_k λ + 1 - ᾱ_k)``, for row vectors
+    ``r [G, L, K, M, d]`` (K timesteps of ᾱ ``alpha_bar [K]``, M vectors each) and eigenbases
+    ``vecs [G, L, d, d]`` with eigenvalues ``vals [G, L, d]``: two batched products over G·L."""
+    g, locs, k, m, d = r.shape
+    ab = alpha_bar.view(1, 1, k, 1, 1)
+    gain = (1 - ab).sqrt() / (ab * vals[:, :, None, None, :] + (1 - ab))  # [G, L, K, 1, d]
+    # contiguous: a strided view (a slice of the channels) sends bmm into a per-matrix loop
+    z = (r.reshape(g, locs, k * m, d).contiguous() @ vecs).view(g, locs, k, m, d) * gain
+    return (z.view(g, locs, k * m, d) @ vecs.transpose(-1, -2)).view(g, locs, k, m, d)
+
+
 class PriorParams(NamedTuple):
     """Per-token Gaussian parameters (channels permuted: the full-covariance block first)."""
 
@@ -99,8 +112,8 @@ class Denoiser(nn.Module):
     """
 
     alpha_bar: Tensor
-    prior_mean: Tensor  # [T+1, L, C]
-    prior_var: Tensor  # [T+1, L, C]
+    prior_mean: Tensor  # [T+1, L, C], channels in prior order (prior_perm)
+    prior_var: Tensor  # [T+1, L, C], channels in prior order
     prior_vecs: Tensor  # [T+1, L, d, d]
     prior_vals: Tensor  # [T+1, L, d]
     prior_perm: Tensor  # [C]: the full-covariance channels first
@@ -155,10 +168,10 @@ class Denoiser(nn.Module):
             x = tokens[sel][:, :, self.prior_perm]
             if x.shape[0] == 0:
                 continue
-            self.prior_mean[k] = x.mean(dim=0)[:, self.prior_unperm]
+            self.prior_mean[k] = x.mean(dim=0)
             var = x.var(dim=0, unbiased=False) if x.shape[0] > 1 else torch.ones_like(x[0])
             floor = 0.01 * var.mean()
-            self.prior_var[k] = (var + floor)[:, self.prior_unperm]
+            self.prior_var[k] = var + floor
             for s in range(0, self.locations, 256):  # bounded memory
                 per_loc = x[:, s : s + 256, :d].transpose(0, 1).double()  # [l, n, d]
                 _, cov, _ = ledoit_wolf_batched(per_loc)
@@ -175,9 +188,8 @@ class Denoiser(nn.Module):
             idx: tuple[Tensor, ...] = (type_idx,)
         else:
             idx = (type_idx[:, None], pos)
-        perm = self.prior_perm
-        return PriorParams(self.prior_mean[idx][..., perm], self.prior_var[idx][..., perm],
-                           self.prior_vecs[idx], self.prior_vals[idx])
+        return PriorParams(self.prior_mean[idx], self.prior_var[idx], self.prior_vecs[idx],
+                           self.prior_vals[idx])
 
     def gaussian_eps(self, x_t: Tensor, t: Tensor, prior: PriorParams) -> Tensor:
         """E[ε | x_t] under the per-type, per-location Gaussian ``prior`` (see gather_prior)."""
@@ -192,6 +204,68 @@ class Denoiser(nn.Module):
         z = (resid[..., :d].unsqueeze(-2) @ prior.vecs).squeeze(-2) * gain  # [B, L, d]
         full = (prior.vecs @ z.unsqueeze(-1)).squeeze(-1)
         return torch.cat([full, diag], dim=-1)[..., self.prior_unperm]
+
+    def gaussian_eps_bank(self, x_t: Tensor, t: Tensor, type_idx: Tensor) -> Tensor:
+        """:meth:`gaussian_eps` for a whole score bank at every location in order, **in the
+        prior's channel order** (``prior_perm``, in and out): ``x_t [K, N, L, C]`` noised at
+        timesteps ``t [K]``, images of types ``type_idx [N]``.
+
+        Same values as calling :meth:`gaussian_eps` once per timestep, but each eigenbasis is
+        read twice per image instead of twice per (image, timestep): the bank's K vectors of a
+        location go through one matrix product. The full-covariance block is memory-bound, so
+        this is what its cost is. Eagerly, the images are grouped by type and each type's
+        eigenbases are used in place (no per-image copy); a traced graph (ONNX) gathers them per
+        image, since the types are an input there.
+        """
+        d = self.prior_dims
+        k = t.shape[0]
+        ab = self.alpha_bar[t]
+        abv = ab.view(k, 1, 1, 1)
+        traced = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        single = not traced and bool((type_idx == type_idx[0]).all())
+        # one type: its parameters in place (views); else gathered per image (small next to x_t)
+        sel0: Tensor | int = int(type_idx[0]) if single else type_idx
+        mean, var = self.prior_mean[sel0], self.prior_var[sel0][..., d:]
+        resid = x_t - abv.sqrt() * mean  # [K, N, L, C]
+        diag = resid[..., d:] * ((1 - abv).sqrt() / (abv * var + (1 - abv)))
+        r = resid[..., :d]
+        if traced:
+            full = _eigen_gain(r.permute(1, 2, 0, 3).unsqueeze(3), self.prior_vecs[type_idx],
+                               self.prior_vals[type_idx], ab).squeeze(3).permute(2, 0, 1, 3)
+        elif single:
+            ty = int(type_idx[0])
+            full = _eigen_gain(r.permute(2, 0, 1, 3).unsqueeze(0), self.prior_vecs[ty][None],
+                               self.prior_vals[ty][None], ab)[0].permute(1, 2, 0, 3)
+        else:
+            full = torch.empty_like(r)
+            for ty in type_idx.unique().tolist():
+                sel = (type_idx == ty).nonzero().squeeze(1)
+                part = r[:, sel].permute(2, 0, 1, 3).unsqueeze(0)  # [1, L, K, m, d]
+                out = _eigen_gain(part, self.prior_vecs[ty][None], self.prior_vals[ty][None], ab)
+                full[:, sel] = out[0].permute(1, 2, 0, 3)
+        return torch.cat([full, diag], dim=-1)
+
+    def residual(self, x_t: Tensor, t: Tensor, type_idx: Tensor, pos: Tensor,
+                 channel_order: Tensor | None = None) -> Tensor:
+        """The learned part f_θ alone (what :meth:`forward` adds to the Gaussian path). With
+        ``channel_order`` (e.g. ``prior_perm``) the channels of ``x_t`` and of the result are in
+        that order: the first and last layers' weights are permuted instead of the activations."""
+        cond = self.time_mlp(sinusoidal_embedding(t, self.embed_dim)) + self.type_proj(
+            self.type_embed(type_idx)
+        )  # [B, H]
+        if channel_order is None:
+            h = self.inp(x_t)
+        else:
+            h = F.linear(x_t, self.inp.weight[:, channel_order], self.inp.bias)
+        h = h + self.pos_proj(self.pos_embed(pos)) + cond[:, None, :]
+        c = cond[:, None, :]
+        for block in self.blocks:
+            h = block(h, c)
+        h = self.out_norm(h)
+        if channel_order is None:
+            out: Tensor = self.out(h)
+            return out
+        return F.linear(h, self.out.weight[channel_order], self.out.bias[channel_order])
 
     def network_is_zero(self) -> bool:
         """Whether the residual network's output layer is exactly zero (never trained)."""
@@ -209,14 +283,7 @@ class Denoiser(nn.Module):
             # an untrained residual network (zero output layer, e.g. train.steps=0) adds exactly
             # zero: skip it (a weight property, so a traced ONNX graph skips it too)
             return self.gaussian_eps(x_t, t, prior if prior is not None else self.gather_prior(type_idx, pos))
-        cond = self.time_mlp(sinusoidal_embedding(t, self.embed_dim)) + self.type_proj(
-            self.type_embed(type_idx)
-        )  # [B, H]
-        h = self.inp(x_t) + self.pos_proj(self.pos_embed(pos)) + cond[:, None, :]
-        c = cond[:, None, :]
-        for block in self.blocks:
-            h = block(h, c)
-        out = self.out(self.out_norm(h))
+        out = self.residual(x_t, t, type_idx, pos)
         if self.use_prior:
             if prior is None:
                 prior = self.gather_prior(type_idx, pos)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from diffqc.data import Sample
 
 BUNDLE_FILES = ("config.json", "weights.safetensors", "calibration.json", "metadata.json")
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2  # 2: Gaussian-path means and variances stored in the prior channel order
 
 
 def sha256_file(path: Path | str) -> str:

@@ -49,18 +49,31 @@ class ScoreBank:
 def denoising_error(
     denoiser: Denoiser, schedule: NoiseSchedule, bank: ScoreBank, tokens: Tensor, type_idx: Tensor
 ) -> Tensor:
-    """Mean over the bank of the per-location ε-MSE: ``tokens [N, L, C]`` -> ``[N, L]``."""
-    n, locations, _ = tokens.shape
-    pos = torch.arange(locations, device=tokens.device).expand(n, locations)
-    total = torch.zeros(n, locations, device=tokens.device)
-    prior = denoiser.gather_prior(type_idx) if denoiser.use_prior else None  # once, not per pair
-    for k in range(len(bank)):
-        t = bank.timesteps[k].expand(n).to(tokens.device)
-        noise = bank.noise[k].to(tokens.device)
-        x_t = schedule.q_sample(tokens, t, noise.expand_as(tokens))
-        pred = denoiser(x_t, t, type_idx, pos, prior)
-        total += (pred - noise).pow(2).mean(dim=-1)
-    return total / len(bank)
+    """Mean over the bank of the per-location ε-MSE: ``tokens [N, L, C]`` -> ``[N, L]``.
+
+    With the Gaussian path (``denoiser.use_prior``) ``tokens`` and ``bank`` must be in the
+    prior's channel order (``denoiser.prior_perm``; :meth:`DiffusionScorer.score_maps` permutes
+    the feature maps once, where it is cheap, and keeps a permuted bank): the error is a sum over
+    channels, so the order does not change it, and indexing the last axis is slow on CPU. All K
+    (t, ε) pairs go through the denoiser together (one network pass over K·N images, one pass of
+    the Gaussian path over the bank), which is what keeps small banks cheap."""
+    n, locations, channels = tokens.shape
+    k = len(bank)
+    t = bank.timesteps.to(tokens.device)
+    noise = bank.noise.to(tokens.device)[:, None]  # [K, 1, L, C]
+    order = denoiser.prior_perm if denoiser.use_prior else None
+    x_t = schedule.q_sample(tokens[None], t, noise)  # [K, N, L, C]
+    pred: Tensor | None = None
+    if not (denoiser.use_prior and denoiser.network_is_zero()):
+        pos = torch.arange(locations, device=tokens.device).expand(k * n, locations)
+        flat = denoiser.residual(x_t.reshape(k * n, locations, channels), t.repeat_interleave(n),
+                                 type_idx.repeat(k), pos, order)
+        pred = flat.view(k, n, locations, channels)
+    if denoiser.use_prior:
+        gauss = denoiser.gaussian_eps_bank(x_t, t, type_idx)
+        pred = gauss if pred is None else pred + gauss
+    assert pred is not None
+    return (pred - noise).pow(2).mean(dim=-1).mean(dim=0)
 
 
 class DiffusionScorer:
@@ -73,6 +86,7 @@ class DiffusionScorer:
         self.history_: TrainHistory | None = None
         self.schedule = NoiseSchedule(config.diffusion.timesteps, config.diffusion.schedule)
         self.grid_: tuple[int, int] = (0, 0)
+        self._permuted_bank: tuple[ScoreBank, ScoreBank] | None = None
 
     def fit(self, features: Tensor, type_idx: Tensor, n_types: int, *, progress: bool = False) -> Self:
         self.denoiser_, self.history_ = train_denoiser(
@@ -95,11 +109,27 @@ class DiffusionScorer:
         if (h, w) != self.grid_ or c != denoiser.channels:
             raise ValueError(f"features {tuple(features.shape[1:])} do not match the model "
                              f"({denoiser.channels}, {self.grid_[0]}, {self.grid_[1]})")
+        if denoiser.use_prior:  # into the prior's channel order (see denoising_error)
+            features = features[:, denoiser.prior_perm]
+            bank = self._prior_order_bank(denoiser, bank)
         tokens = features.permute(0, 2, 3, 1).reshape(n, h * w, c)
-        chunk = 16  # bounds the memory of the per-location Gaussian path
+        # images per pass: K·chunk noised copies go through the network together; about 16
+        # keeps the activations in memory bandwidth rather than beyond it (measured on 2 cores)
+        chunk = max(1, 16 // len(bank))
+        if torch.jit.is_tracing():  # a traced graph must not bake the trace's batch into slices
+            return denoising_error(denoiser, self.schedule, bank, tokens, type_idx.long()).view(n, h, w)
         err = torch.cat([denoising_error(denoiser, self.schedule, bank, tokens[i : i + chunk],
                                          type_idx[i : i + chunk].long()) for i in range(0, n, chunk)])
         return err.view(n, h, w)
+
+    def _prior_order_bank(self, denoiser: Denoiser, bank: ScoreBank) -> ScoreBank:
+        """The bank with its noise channels in the prior's order, made once per fitted bank."""
+        cached = self._permuted_bank
+        if cached is None or cached[0] is not bank:
+            cached = (bank, ScoreBank(bank.timesteps, bank.noise[..., denoiser.prior_perm]))
+            if not torch.jit.is_tracing():  # a traced graph must compute it from its constants
+                self._permuted_bank = cached
+        return cached[1]
 
     def state_tensors(self) -> dict[str, Tensor]:
         denoiser, bank = self._check()
