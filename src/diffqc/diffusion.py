@@ -225,13 +225,16 @@ class Denoiser(nn.Module):
         single = not traced and bool((type_idx == type_idx[0]).all())
         # one type: its parameters in place (views); else gathered per image (small next to x_t)
         sel0: Tensor | int = int(type_idx[0]) if single else type_idx
-        mean, var = self.prior_mean[sel0], self.prior_var[sel0][..., d:]
+        # traced: [: n_types], the null type's row is for training only, not a graph constant
+        rows = slice(0, self.n_types) if traced else slice(None)
+        mean, var = self.prior_mean[rows][sel0], self.prior_var[rows][sel0][..., d:]
         resid = x_t - abv.sqrt() * mean  # [K, N, L, C]
         diag = resid[..., d:] * ((1 - abv).sqrt() / (abv * var + (1 - abv)))
         r = resid[..., :d]
         if traced:
-            full = _eigen_gain(r.permute(1, 2, 0, 3).unsqueeze(3), self.prior_vecs[type_idx],
-                               self.prior_vals[type_idx], ab).squeeze(3).permute(2, 0, 1, 3)
+            vecs, vals = self.prior_vecs[rows], self.prior_vals[rows]
+            full = _eigen_gain(r.permute(1, 2, 0, 3).unsqueeze(3), vecs[type_idx], vals[type_idx],
+                               ab).squeeze(3).permute(2, 0, 1, 3)
         elif single:
             ty = int(type_idx[0])
             full = _eigen_gain(r.permute(2, 0, 1, 3).unsqueeze(0), self.prior_vecs[ty][None],
