@@ -37,7 +37,7 @@ class DiffusionConfig:
 
     timesteps: int = 1000
     schedule: str = "cosine"
-    hidden: int = 256
+    hidden: int = 128
     depth: int = 3
     embed_dim: int = 64  # type, time and position embeddings
     null_prob: float = 0.1  # probability the type is replaced by the learned null type
@@ -45,7 +45,7 @@ class DiffusionConfig:
     # on `prior_dims` random channels and diagonal on the rest; the network learns the residual.
     # "none" leaves the whole job to the network.
     prior: str = "local"
-    prior_dims: int = 48
+    prior_dims: int = 100
     prior_seed: int = 0
 
 
@@ -68,7 +68,7 @@ class TrainConfig:
 class ScoringConfig:
     """Generative-classifier scoring with a fixed, seeded bank of (timestep, noise) pairs."""
 
-    bank_timesteps: tuple[int, ...] = (250, 450)
+    bank_timesteps: tuple[int, ...] = (100, 200)
     noises_per_timestep: int = 2  # drawn as antithetic pairs (ε, -ε)
     aggregation: str = "topk"  # "topk" (mean of the top-k fraction) or "max"
     topk: float = 0.01
