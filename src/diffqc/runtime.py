@@ -19,7 +19,9 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -107,6 +109,9 @@ def make_session(model: onnx.ModelProto | bytes | str | Path, threads: int | Non
         model = str(model)
     return ort.InferenceSession(model, session_options(threads),
                                 providers=list(providers or ["CPUExecutionProvider"]))
+
+
+EXTERNAL_THRESHOLD = 1 << 20  # constants from 1 MiB up are memory-mapped, not copied
 
 
 def extract_subgraph(model: onnx.ModelProto, inputs: Sequence[str],
@@ -295,16 +300,33 @@ class OnnxGraph:
 
     def __init__(self, model: onnx.ModelProto | Path | str, threads: int | None = None,
                  providers: Sequence[str] | None = None) -> None:
-        whole: onnx.ModelProto = (import_onnx().load(str(model)) if isinstance(model, (str, Path))
-                                  else model)
+        onnxlib = import_onnx()
+        if isinstance(model, (str, Path)):
+            whole: onnx.ModelProto = onnxlib.load(str(model))
+        else:  # the caller's model stays as it is (saving below moves the constants out)
+            whole = onnxlib.ModelProto()
+            whole.CopyFrom(model)
         del model
-        halves = [extract_subgraph(whole, [PIXELS], [FEATURES]),
-                  extract_subgraph(whole, [FEATURES, TYPE_IDX], [ANOMALY_MAP, SCORE])]
-        del whole
-        sessions = []
-        while halves:
-            sessions.append(make_session(halves.pop(0).SerializeToString(), threads, providers))
-        self.backbone, self.scorer = sessions
+        # Large constants go to a temporary file that ONNX Runtime memory-maps (a session made
+        # from bytes holds every constant twice: the parsed model and its tensor; for the
+        # scorer's per-location eigenbases, 41 MB per type, that doubled the resident memory).
+        # Saving moves them out of the in-memory model, so the halves below are small copies.
+        tmp = Path(tempfile.mkdtemp(prefix="diffqc-ort-"))
+        try:
+            onnxlib.save_model(whole, str(tmp / "whole.onnx"), save_as_external_data=True,
+                               all_tensors_to_one_file=True, location="constants.bin",
+                               size_threshold=EXTERNAL_THRESHOLD)
+            halves = [extract_subgraph(whole, [PIXELS], [FEATURES]),
+                      extract_subgraph(whole, [FEATURES, TYPE_IDX], [ANOMALY_MAP, SCORE])]
+            del whole
+            sessions = []
+            for i, half in enumerate(halves):
+                path = tmp / f"half{i}.onnx"
+                onnxlib.save_model(half, str(path))  # refers to constants.bin beside it
+                sessions.append(make_session(path, threads, providers))
+            self.backbone, self.scorer = sessions
+        finally:  # the mapping outlives the file where the platform allows removing it
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def run(self, pixels: np.ndarray, type_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pixels ``[N, 3, S, S]`` and types ``[N]`` -> maps ``[N, S, S]`` and scores ``[N]``."""
