@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from diffqc.cli import main
 from diffqc.data import GOOD, load_dataset, read_images
 from diffqc.metrics import image_auroc
 from diffqc.model import BundleError, Detector, UnknownFeatureTypeError
+from diffqc.runtime import EXTERNAL_THRESHOLD as ONNX_MAPPED_FROM
 from diffqc.runtime import (
     OnnxDetector,
     OnnxGraph,
@@ -82,7 +84,13 @@ def test_onnx_graph_equals_pytorch(exported: Path, test_images: tuple) -> None:
     assert json.loads(props["diffqc.classes"]) == info["classes"]
     # independently: maps and scores of every image under every type, at two batch sizes
     det = Detector.load(exported, device="cpu")
+    before = set(Path(tempfile.gettempdir()).glob("diffqc-ort-*"))
     graph, module = OnnxGraph(model, threads=1), ex.InferenceGraph(det)
+    # its large constants are memory-mapped from a temporary file, removed once mapped; the
+    # caller's model keeps its own constants
+    assert set(Path(tempfile.gettempdir()).glob("diffqc-ort-*")) == before
+    assert max(len(t.raw_data) for t in model.graph.initializer) > ONNX_MAPPED_FROM
+    assert not any(t.external_data for t in model.graph.initializer)
     images = test_images[0][:3]
     n_types = len(det.classes_)
     pixels = np.repeat(preprocess(images, 64), n_types, axis=0)
