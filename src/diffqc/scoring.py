@@ -86,7 +86,7 @@ class DiffusionScorer:
         self.history_: TrainHistory | None = None
         self.schedule = NoiseSchedule(config.diffusion.timesteps, config.diffusion.schedule)
         self.grid_: tuple[int, int] = (0, 0)
-        self._permuted_bank: tuple[ScoreBank, ScoreBank] | None = None
+        self._scoring_bank: ScoreBank | None = None  # bank_ in the denoiser's channel order
 
     def fit(self, features: Tensor, type_idx: Tensor, n_types: int, *, progress: bool = False) -> Self:
         self.denoiser_, self.history_ = train_denoiser(
@@ -94,8 +94,16 @@ class DiffusionScorer:
         )
         _, c, h, w = features.shape
         self.grid_ = (h, w)
-        self.bank_ = ScoreBank.make(self.config.scoring, h * w, c)
+        self._set_bank(ScoreBank.make(self.config.scoring, h * w, c))
         return self
+
+    def _set_bank(self, bank: ScoreBank) -> None:
+        """Keep the bank, and once (not per call) its noise in the order denoising_error works
+        in: the prior's channel order when the denoiser has the Gaussian path."""
+        assert self.denoiser_ is not None
+        self.bank_ = bank
+        perm = self.denoiser_.prior_perm if self.denoiser_.use_prior else None
+        self._scoring_bank = bank if perm is None else ScoreBank(bank.timesteps, bank.noise[..., perm])
 
     def _check(self) -> tuple[Denoiser, ScoreBank]:
         if self.denoiser_ is None or self.bank_ is None:
@@ -104,14 +112,15 @@ class DiffusionScorer:
 
     @torch.inference_mode()
     def score_maps(self, features: Tensor, type_idx: Tensor) -> Tensor:
-        denoiser, bank = self._check()
+        denoiser, _ = self._check()
+        bank = self._scoring_bank
+        assert bank is not None
         n, c, h, w = features.shape
         if (h, w) != self.grid_ or c != denoiser.channels:
             raise ValueError(f"features {tuple(features.shape[1:])} do not match the model "
                              f"({denoiser.channels}, {self.grid_[0]}, {self.grid_[1]})")
         if denoiser.use_prior:  # into the prior's channel order (see denoising_error)
             features = features[:, denoiser.prior_perm]
-            bank = self._prior_order_bank(denoiser, bank)
         tokens = features.permute(0, 2, 3, 1).reshape(n, h * w, c)
         # images per pass: K·chunk noised copies go through the network together. About 16
         # copies per pass was fastest here (64 was 1.5x slower: activations far beyond the caches)
@@ -121,15 +130,6 @@ class DiffusionScorer:
         err = torch.cat([denoising_error(denoiser, self.schedule, bank, tokens[i : i + chunk],
                                          type_idx[i : i + chunk].long()) for i in range(0, n, chunk)])
         return err.view(n, h, w)
-
-    def _prior_order_bank(self, denoiser: Denoiser, bank: ScoreBank) -> ScoreBank:
-        """The bank with its noise channels in the prior's order, made once per fitted bank."""
-        cached = self._permuted_bank
-        if cached is None or cached[0] is not bank:
-            cached = (bank, ScoreBank(bank.timesteps, bank.noise[..., denoiser.prior_perm]))
-            if not torch.jit.is_tracing():  # a traced graph must compute it from its constants
-                self._permuted_bank = cached
-        return cached[1]
 
     def state_tensors(self) -> dict[str, Tensor]:
         denoiser, bank = self._check()
@@ -149,7 +149,7 @@ class DiffusionScorer:
         state = {k.removeprefix("denoiser."): v for k, v in tensors.items() if k.startswith("denoiser.")}
         denoiser.load_state_dict(state)
         self.denoiser_ = denoiser.eval()
-        self.bank_ = ScoreBank(tensors["bank.timesteps"].long(), noise.float())
+        self._set_bank(ScoreBank(tensors["bank.timesteps"].long(), noise.float()))
         side = math.isqrt(locations)
         self.grid_ = (side, locations // side)
         return self
