@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffqc.backbone import BackboneError, FeatureExtractor, to_pixels
+from diffqc.backbone import FeatureExtractor, to_pixels
 from diffqc.config import BackboneConfig
+from diffqc.errors import BackboneError
 
 
 @pytest.mark.parametrize("name,channels", [("efficientnet-lite0", 152), ("mobilenet-v2", 128)])

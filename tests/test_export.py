@@ -18,11 +18,12 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from diffqc import export as ex
-from diffqc.backbone import BackboneError, sha256_file, to_pixels
+from diffqc.backbone import sha256_file, to_pixels
 from diffqc.cli import main
 from diffqc.data import GOOD, load_dataset, read_images
+from diffqc.errors import BackboneError, BundleError, UnknownFeatureTypeError
 from diffqc.metrics import image_auroc
-from diffqc.model import BundleError, Detector, UnknownFeatureTypeError
+from diffqc.model import Detector
 from diffqc.runtime import EXTERNAL_THRESHOLD as ONNX_MAPPED_FROM
 from diffqc.runtime import (
     OnnxDetector,

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from diffqc.data import DEFECTIVE, load_dataset, read_image
+from diffqc.errors import BundleError, UnknownFeatureTypeError
 from diffqc.metrics import image_auroc
-from diffqc.model import BundleError, Detector, UnknownFeatureTypeError, split_calibration
+from diffqc.model import Detector, split_calibration
 
 from .conftest import CLEAR_TYPES
 

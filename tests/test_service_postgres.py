@@ -76,7 +76,7 @@ def test_postgres_concurrent_writers_and_two_processes_schema(pg_url: str) -> No
 
 
 def test_postgres_bad_url_is_a_clear_error() -> None:
-    from diffqc.service.store import StoreError
+    from diffqc.errors import StoreError
 
     with pytest.raises(StoreError, match="cannot connect"):
         ResultStore("postgresql://nobody:pw@127.0.0.1:1/none")

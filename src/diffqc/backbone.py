@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffqc.config import BackboneConfig
+from diffqc.errors import BackboneError
 from diffqc.inspection import sha256_file
 
 if TYPE_CHECKING:
@@ -38,10 +39,6 @@ _NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "efficientnet-lite0": ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502)),
     "mobilenet-v2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-
-
-class BackboneError(RuntimeError):
-    """The backbone or its weights are not available."""
 
 
 def weights_path(name: str) -> Path:

@@ -104,7 +104,8 @@ def _expand_images(paths: Sequence[str]) -> list[Path]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from diffqc.data import ImageReadError, read_image
+    from diffqc.data import read_image
+    from diffqc.errors import ImageReadError
     from diffqc.runtime import runtime_from_args
     from diffqc.visualize import save_overlay
 
@@ -216,9 +217,13 @@ def _optional_registrars() -> list[Callable[[Any], None]]:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from diffqc.backbone import BackboneError
-    from diffqc.data import DatasetError, ImageReadError
-    from diffqc.inspection import BundleError, UnknownFeatureTypeError
+    from diffqc.errors import (
+        BackboneError,
+        BundleError,
+        DatasetError,
+        ImageReadError,
+        UnknownFeatureTypeError,
+    )
 
     return (ImageReadError, DatasetError, BundleError, UnknownFeatureTypeError, BackboneError,
             FileExistsError, FileNotFoundError, ValueError)

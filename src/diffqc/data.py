@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from diffqc.errors import DatasetError, ImageReadError
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm"})
 GOOD = 0
 DEFECTIVE = 1
@@ -23,19 +25,6 @@ UNKNOWN = -1
 # Refuse images whose header claims more pixels than this (decompression-bomb guard).
 MAX_IMAGE_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-
-
-class DatasetError(ValueError):
-    """A dataset folder or manifest is not usable; the message says why and where."""
-
-
-class ImageReadError(ValueError):
-    """An image file or buffer could not be decoded; the message names the file."""
-
-    def __init__(self, source: str, reason: str) -> None:
-        super().__init__(f"cannot read image {source}: {reason}")
-        self.source = source
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from diffqc import report as R
 from diffqc.calibration import CalibrationWarning, Calibrator, TypeCalibration
 from diffqc.config import METHODS, DetectorConfig, with_overrides
-from diffqc.data import DEFECTIVE, GOOD, ImageReadError, Sample, read_image, read_mask
+from diffqc.data import DEFECTIVE, GOOD, Sample, read_image, read_mask
+from diffqc.errors import ImageReadError
 from diffqc.folds import per_type_folds
 from diffqc.model import Detector
 

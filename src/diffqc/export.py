@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffqc import __version__
+from diffqc.errors import ExportError
 from diffqc.runtime import (
     ANOMALY_MAP,
     EXPORT_FILE,
@@ -74,10 +75,6 @@ MAX_LAYER_ERROR = 0.05
 MAX_SCORE_ERROR = 0.10
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 TENSORRT_ENGINE = "model.fp16.engine"
-
-
-class ExportError(RuntimeError):
-    """The export could not be made, or failed its checks."""
 
 
 # --------------------------------------------------------------------------- the graph
@@ -852,7 +849,7 @@ def build_tensorrt_engine(onnx_path: Path | str, engine_path: Path | str, *, inp
     except ImportError:
         trtexec = shutil.which("trtexec")
         if trtexec is None:
-            from diffqc.runtime import RuntimeUnavailableError
+            from diffqc.errors import RuntimeUnavailableError
 
             raise RuntimeUnavailableError("TensorRT is not installed (pip install tensorrt) and trtexec "
                                           "is not on PATH") from None
@@ -921,7 +918,7 @@ def add_export_command(subparsers: Any) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     import sys
 
-    from diffqc.runtime import RuntimeUnavailableError
+    from diffqc.errors import RuntimeUnavailableError
 
     def log(msg: str) -> None:
         if not args.quiet:

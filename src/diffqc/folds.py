@@ -16,13 +16,10 @@ import numpy as np
 import numpy.typing as npt
 
 from diffqc.data import DEFECTIVE, GOOD, Sample
+from diffqc.errors import FoldError
 from diffqc.metrics import as_labels
 
 Split = tuple[np.ndarray, np.ndarray]
-
-
-class FoldError(ValueError):
-    """The requested folds cannot be built (too few groups for k, bad k, ...)."""
 
 
 def _group_table(

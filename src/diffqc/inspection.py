@@ -28,14 +28,6 @@ def sha256_file(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-class UnknownFeatureTypeError(ValueError):
-    """A feature type the model was not trained on."""
-
-
-class BundleError(RuntimeError):
-    """A model bundle is missing, damaged, partial or does not match this code."""
-
-
 @dataclass(frozen=True)
 class Inspection:
     """The verdict on one image."""

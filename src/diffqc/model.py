@@ -32,12 +32,11 @@ from diffqc.backbone import FeatureExtractor, to_pixels
 from diffqc.calibration import Calibrator
 from diffqc.config import DetectorConfig
 from diffqc.data import Sample, good_training, read_images
+from diffqc.errors import BundleError, UnknownFeatureTypeError
 from diffqc.inspection import (
     BUNDLE_FILES,
     BUNDLE_FORMAT,
-    BundleError,
     Inspection,
-    UnknownFeatureTypeError,
     inspect_in_batches,
     verdicts,
 )

@@ -32,6 +32,7 @@ from PIL import Image
 
 from diffqc.calibration import Calibrator
 from diffqc.config import DetectorConfig
+from diffqc.errors import RuntimeUnavailableError
 
 if TYPE_CHECKING:
     import argparse
@@ -54,10 +55,6 @@ PIXELS, TYPE_IDX, FEATURES, ANOMALY_MAP, SCORE = "pixels", "type_idx", "features
 # activations stay in cache) and keeps ONNX Runtime's memory arena small: batch 8 took 1.06 GB
 # peak and 15.0 parts/s on the demo model, batch 1 0.74 GB and 17.6 parts/s.
 MAX_SCORER_BATCH = 1
-
-
-class RuntimeUnavailableError(RuntimeError):
-    """ONNX Runtime (or the exported model a runtime needs) is not available."""
 
 
 def import_onnxruntime() -> Any:
@@ -210,7 +207,7 @@ class OnnxBackbone:
 
     def __init__(self, path: Path | str, layers: Sequence[str], input_size: int,
                  threads: int | None = None) -> None:
-        from diffqc.backbone import BackboneError
+        from diffqc.errors import BackboneError
 
         onnxlib = import_onnx()
         self.path = Path(path)
@@ -266,7 +263,7 @@ class OnnxBackbone:
 def resolve_tensors(model: onnx.ModelProto, layers: Sequence[str]) -> list[str]:
     """Tensor names for layer names: a tensor, a node (its first output), or a module scope
     (``model.4``: the output of the last node named ``/model.4/...``, else ``.../model.4/...``)."""
-    from diffqc.backbone import BackboneError
+    from diffqc.errors import BackboneError
 
     produced = {out for node in model.graph.node for out in node.output}
     by_node = {node.name: node for node in model.graph.node if node.name}
@@ -390,7 +387,7 @@ class TensorRTGraph:
 
 def read_export_info(path: Path | str) -> dict[str, Any]:
     """``export.json`` of a bundle (what ``diffqc export`` wrote), or a :class:`BundleError`."""
-    from diffqc.inspection import BundleError
+    from diffqc.errors import BundleError
 
     f = Path(path) / EXPORT_FILE
     if not f.is_file():
@@ -406,7 +403,8 @@ def read_export_info(path: Path | str) -> dict[str, Any]:
 
 
 def _read_bundle(path: Path) -> tuple[DetectorConfig, dict[str, Any], Calibrator]:
-    from diffqc.inspection import BUNDLE_FILES, BUNDLE_FORMAT, BundleError
+    from diffqc.errors import BundleError
+    from diffqc.inspection import BUNDLE_FILES, BUNDLE_FORMAT
 
     if not path.is_dir():
         raise BundleError(f"model bundle {path} does not exist or is not a folder")
@@ -446,7 +444,8 @@ class OnnxDetector:
 
     def __init__(self, path: Path | str, *, precision: str = "auto", threads: int | None = None,
                  providers: Sequence[str] | None = None) -> None:
-        from diffqc.inspection import BundleError, sha256_file
+        from diffqc.errors import BundleError
+        from diffqc.inspection import sha256_file
 
         self.path: Path | None = Path(path)
         self.config, self.metadata, self.calibration_ = _read_bundle(self.path)
@@ -503,7 +502,7 @@ class OnnxDetector:
         return str(self.metadata.get("model_id", "unfitted"))
 
     def type_index(self, feature_type: str) -> int:
-        from diffqc.inspection import UnknownFeatureTypeError
+        from diffqc.errors import UnknownFeatureTypeError
 
         try:
             return self.classes_.index(feature_type)

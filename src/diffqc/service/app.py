@@ -28,7 +28,8 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from diffqc.data import ImageReadError, decode_image
+from diffqc.data import decode_image
+from diffqc.errors import ImageReadError
 from diffqc.service.buffer import (
     BufferClosed,
     BufferFull,

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from diffqc.errors import StoreError
 from diffqc.service.security import safe_child
 
 NOT_INSPECTED = "NOT_INSPECTED"
@@ -111,10 +112,6 @@ CREATE INDEX IF NOT EXISTS {table}_queue ON {table} (decision, review);
 CREATE INDEX IF NOT EXISTS {table}_part ON {table} (part_id);
 CREATE TABLE IF NOT EXISTS diffqc_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-
-
-class StoreError(RuntimeError):
-    """The result store cannot be opened or used."""
 
 
 def is_postgres_url(url: str) -> bool:

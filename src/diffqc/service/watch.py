@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffqc.data import IMAGE_SUFFIXES, ImageReadError, decode_image
+from diffqc.data import IMAGE_SUFFIXES, decode_image
+from diffqc.errors import ImageReadError, StoreError
 from diffqc.service.buffer import BufferClosed, BufferFull, InspectionPipeline, Job, overlay_scales
 from diffqc.service.security import (
     BROWSER_FORMATS,
@@ -37,7 +38,7 @@ from diffqc.service.security import (
     ImageTooLarge,
     check_image_header,
 )
-from diffqc.service.store import NOT_INSPECTED, ResultRecord, ResultStore, StoreError
+from diffqc.service.store import NOT_INSPECTED, ResultRecord, ResultStore
 
 log = logging.getLogger("diffqc.watch")
 

@@ -1,0 +1,92 @@
+"""One error hierarchy for diffqc: every error a user can cause is a :class:`DiffqcError`.
+
+The CLI and the service each have one error boundary that turns a ``DiffqcError`` into a clear
+message (exit code 1, or a 4xx/5xx JSON body with a ``code``); anything else is a bug and keeps
+its traceback. Each kind keeps the built-in base it had before (``ValueError`` for bad input,
+``RuntimeError`` for an unusable environment) so ``except ValueError`` in user code still works.
+"""
+
+from __future__ import annotations
+
+
+class DiffqcError(Exception):
+    """Base of every error diffqc raises on purpose; ``code`` is a stable machine-readable kind."""
+
+    code = "diffqc_error"
+
+
+class ConfigError(DiffqcError, ValueError):
+    """A configuration value is invalid; the message names the field and the allowed values."""
+
+    code = "bad_config"
+
+
+class DatasetError(DiffqcError, ValueError):
+    """A dataset folder or manifest is not usable; the message says why and where."""
+
+    code = "bad_dataset"
+
+
+class ImageReadError(DiffqcError, ValueError):
+    """An image file or buffer could not be decoded; the message names the file."""
+
+    code = "bad_image"
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"cannot read image {source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+class UnknownFeatureTypeError(DiffqcError, ValueError):
+    """A feature type the model was not trained on."""
+
+    code = "unknown_feature_type"
+
+
+class FoldError(DiffqcError, ValueError):
+    """The requested folds cannot be built (too few groups for k, bad k, ...)."""
+
+    code = "bad_folds"
+
+
+class BundleError(DiffqcError, RuntimeError):
+    """A model bundle is missing, damaged, partial or does not match this code."""
+
+    code = "bad_bundle"
+
+
+class BackboneError(DiffqcError, RuntimeError):
+    """The backbone or its weights are not available."""
+
+    code = "backbone_unavailable"
+
+
+class DeviceError(DiffqcError, RuntimeError):
+    """The requested compute device (e.g. ``cuda``) is not available here."""
+
+    code = "device_unavailable"
+
+
+class RuntimeUnavailableError(DiffqcError, RuntimeError):
+    """An inference runtime (or the exported model it needs) is not available."""
+
+    code = "runtime_unavailable"
+
+
+class ExportError(DiffqcError, RuntimeError):
+    """The export could not be made, or failed its checks."""
+
+    code = "export_failed"
+
+
+class OutputError(DiffqcError, OSError):
+    """An output could not be written (full disk, unwritable or non-empty folder, ...)."""
+
+    code = "output_error"
+
+
+class StoreError(DiffqcError, RuntimeError):
+    """The result store cannot be opened or used."""
+
+    code = "store_unavailable"
