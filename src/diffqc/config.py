@@ -4,14 +4,97 @@ so that a model bundle rebuilds itself without the code that trained it."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from diffqc.errors import ConfigError
+
 T = TypeVar("T")
 
 METHODS = ("diffusion", "patchcore", "padim")
+BACKBONES = ("efficientnet-lite0", "mobilenet-v2")  # or "onnx:PATH"
+SCHEDULES = ("cosine", "linear")
+PRIORS = ("local", "none")
+AGGREGATIONS = ("topk", "max", "mean")
+TAILS = ("exponential", "none")
+
+
+# ---------------------------------------------------------------------------- validation
+def _type_error(name: str, want: str, value: object) -> ConfigError:
+    return ConfigError(f"{name} must be {want}, got {value!r}")
+
+
+def _coerce(name: str, value: object, hint: Any) -> object:
+    """``value`` as the field's type (int -> float and list -> tuple are accepted), else ConfigError."""
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _type_error(name, "an integer", value)
+        return value
+    if hint is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise _type_error(name, "a number", value)
+        if not math.isfinite(value):
+            raise _type_error(name, "a finite number", value)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise _type_error(name, "a string", value)
+        return value
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise _type_error(name, f"a list of {item.__name__}", value)
+        return tuple(_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value))
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if not isinstance(value, hint):
+            raise _type_error(name, f"a {hint.__name__}", value)
+        return value
+    raise TypeError(f"no validation for the type {hint!r} of {name}")  # a bug in this module
+
+
+def _check_types(obj: Any) -> None:
+    """Check (and normalise) every field of a frozen config dataclass against its annotation."""
+    section = _SECTIONS.get(type(obj).__name__, "")
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        fixed = _coerce(section + f.name, value, hints[f.name])
+        if fixed is not value:
+            object.__setattr__(obj, f.name, fixed)
+
+
+def _field(obj: Any, name: str) -> tuple[str, Any]:
+    return _SECTIONS.get(type(obj).__name__, "") + name, getattr(obj, name)
+
+
+def _at_least(obj: Any, name: str, low: float) -> None:
+    full, value = _field(obj, name)
+    if value < low:
+        raise ConfigError(f"{full} must be >= {low}, got {value!r}")
+
+
+def _in_range(obj: Any, name: str, low: float, high: float, *, low_open: bool = True,
+              high_open: bool = True) -> None:
+    full, value = _field(obj, name)
+    ok = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not ok:
+        span = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{full} must be in {span}, got {value!r}")
+
+
+def _one_of(obj: Any, name: str, allowed: tuple[str, ...]) -> None:
+    full, value = _field(obj, name)
+    if value not in allowed:
+        raise ConfigError(f"{full} must be one of {', '.join(allowed)}; got {value!r}")
+
+
 
 
 @dataclass(frozen=True)
@@ -29,6 +112,14 @@ class BackboneConfig:
     input_size: int = 256
     pool: int = 3  # local average pooling of each tap (neighbourhood aggregation)
     weights_sha256: str = ""  # recorded at fit time; checked at load time
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if self.name not in BACKBONES and not (self.name.startswith("onnx:") and len(self.name) > 5):
+            raise ConfigError(f"backbone.name must be one of {', '.join(BACKBONES)} or onnx:PATH; "
+                              f"got {self.name!r}")
+        _at_least(self, "input_size", 32)
+        _at_least(self, "pool", 1)
 
 
 @dataclass(frozen=True)
@@ -48,6 +139,15 @@ class DiffusionConfig:
     prior_dims: int = 100
     prior_seed: int = 0
 
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _at_least(self, "timesteps", 2)
+        _one_of(self, "schedule", SCHEDULES)
+        for name in ("hidden", "depth", "embed_dim", "prior_dims"):
+            _at_least(self, name, 1)
+        _in_range(self, "null_prob", 0, 1, low_open=False)
+        _one_of(self, "prior", PRIORS)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -63,6 +163,19 @@ class TrainConfig:
     separation_margin: float = 0.05
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for name in ("steps", "batch_images", "locations_per_image"):
+            _at_least(self, name, 1)
+        _in_range(self, "lr", 0, math.inf)
+        _at_least(self, "weight_decay", 0)
+        _in_range(self, "ema_decay", 0, 1, low_open=False)
+        _at_least(self, "t_min", 0)
+        if self.t_max < self.t_min:
+            raise ConfigError(f"train.t_max ({self.t_max}) must be >= train.t_min ({self.t_min})")
+        _at_least(self, "separation_weight", 0)
+        _at_least(self, "separation_margin", 0)
+
 
 @dataclass(frozen=True)
 class ScoringConfig:
@@ -75,6 +188,17 @@ class ScoringConfig:
     smooth_sigma: float = 4.0  # Gaussian smoothing of the upsampled map, in input pixels
     seed: int = 1234
 
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if not self.bank_timesteps:
+            raise ConfigError("scoring.bank_timesteps must list at least one timestep")
+        if min(self.bank_timesteps) < 0:
+            raise ConfigError(f"scoring.bank_timesteps must be >= 0, got {list(self.bank_timesteps)}")
+        _at_least(self, "noises_per_timestep", 1)
+        _one_of(self, "aggregation", AGGREGATIONS)
+        _in_range(self, "topk", 0, 1, high_open=False)
+        _at_least(self, "smooth_sigma", 0)
+
 
 @dataclass(frozen=True)
 class CalibrationConfig:
@@ -84,6 +208,17 @@ class CalibrationConfig:
     tail: str = "exponential"  # p-values beyond the largest calibration score: "none" | "exponential"
     min_per_type: int = 5
 
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _in_range(self, "fraction", 0, 1)
+        _in_range(self, "alpha_reject", 0, 1)
+        _in_range(self, "alpha_review", 0, 1)
+        if self.alpha_reject > self.alpha_review:
+            raise ConfigError(f"calibration.alpha_reject ({self.alpha_reject}) must be <= "
+                              f"calibration.alpha_review ({self.alpha_review})")
+        _one_of(self, "tail", TAILS)
+        _at_least(self, "min_per_type", 1)
+
 
 @dataclass(frozen=True)
 class PatchCoreSettings:
@@ -92,11 +227,21 @@ class PatchCoreSettings:
     max_bank: int = 20_000
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _in_range(self, "coreset_ratio", 0, 1, high_open=False)
+        _at_least(self, "projection_dim", 0)
+        _at_least(self, "max_bank", 1)
+
 
 @dataclass(frozen=True)
 class PaDiMSettings:
     dims: int = 100
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _at_least(self, "dims", 1)
 
 
 @dataclass(frozen=True)
@@ -112,13 +257,16 @@ class DetectorConfig:
     batch_size: int = 16  # images per backbone batch
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        a, b = self.calibration.alpha_reject, self.calibration.alpha_review
-        if not (0 < a <= b < 1):
-            raise ValueError(f"need 0 < alpha_reject ({a}) <= alpha_review ({b}) < 1")
-        if not (0 < self.calibration.fraction < 1):
-            raise ValueError("calibration.fraction must be in (0, 1)")
+        _check_types(self)
+        _one_of(self, "method", METHODS)
+        _at_least(self, "batch_size", 1)
+        steps = self.diffusion.timesteps
+        if self.train.t_max >= steps:
+            raise ConfigError(f"train.t_max must be < diffusion.timesteps ({steps}), got {self.train.t_max}")
+        late = [t for t in self.scoring.bank_timesteps if t >= steps]
+        if late:
+            raise ConfigError(f"scoring.bank_timesteps must be < diffusion.timesteps ({steps}); "
+                              f"got {list(self.scoring.bank_timesteps)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,52 +280,81 @@ class DetectorConfig:
 
     @classmethod
     def from_json(cls, path: Path | str) -> DetectorConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
 
-def _build(cls: type[T], data: dict[str, Any]) -> T:
-    """Rebuild a (nested) frozen dataclass from a dict; unknown keys are an error."""
+def _build(cls: type[T], data: Any, prefix: str = "") -> T:
+    """Rebuild a (nested) frozen dataclass from a dict; unknown keys and bad values are a ConfigError."""
     if not isinstance(data, dict):
-        raise ValueError(f"{cls.__name__}: expected an object, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = set(data) - set(known)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected an object, "
+                          f"got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    for name in data:
+        if name not in known:
+            raise _unknown_key(prefix + str(name))
     kwargs: dict[str, Any] = {}
-    hints = {f.name: f.type for f in fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
     for name, value in data.items():
-        sub = _NESTED.get(str(hints[name]))
-        if sub is not None:
-            kwargs[name] = _build(sub, value)
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
+        sub = hints[name]
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub):
+            kwargs[name] = _build(sub, value, f"{prefix}{name}.")
         else:
             kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # e.g. a nested section given where a value belongs
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
 
 
-_NESTED: dict[str, type] = {
-    "BackboneConfig": BackboneConfig,
-    "DiffusionConfig": DiffusionConfig,
-    "TrainConfig": TrainConfig,
-    "ScoringConfig": ScoringConfig,
-    "CalibrationConfig": CalibrationConfig,
-    "PatchCoreSettings": PatchCoreSettings,
-    "PaDiMSettings": PaDiMSettings,
+_SECTIONS: dict[str, str] = {
+    "BackboneConfig": "backbone.",
+    "DiffusionConfig": "diffusion.",
+    "TrainConfig": "train.",
+    "ScoringConfig": "scoring.",
+    "CalibrationConfig": "calibration.",
+    "PatchCoreSettings": "patchcore.",
+    "PaDiMSettings": "padim.",
+    "DetectorConfig": "",
 }
 
 
+def config_keys() -> list[str]:
+    """Every dotted config key, e.g. ``train.steps``."""
+    out: list[str] = []
+    for f in fields(DetectorConfig):
+        sub = typing.get_type_hints(DetectorConfig)[f.name]
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub):
+            out += [f"{f.name}.{g.name}" for g in fields(sub)]
+        else:
+            out.append(f.name)
+    return out
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, config_keys(), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; see docs/INTERFACES.md for the keys"
+    return ConfigError(f"unknown config field {key!r}{hint}")
+
+
 def with_overrides(config: DetectorConfig, overrides: dict[str, Any]) -> DetectorConfig:
-    """Apply dotted overrides such as ``{"train.steps": 500, "method": "padim"}``."""
+    """Apply dotted overrides such as ``{"train.steps": 500, "method": "padim"}``; every value is
+    validated (a :class:`~diffqc.errors.ConfigError` names the key and the allowed values)."""
     data = config.to_dict()
     for key, value in overrides.items():
         node = data
         *parents, leaf = key.split(".")
         for p in parents:
             if p not in node or not isinstance(node[p], dict):
-                raise ValueError(f"unknown config section {p!r} in {key!r}")
+                raise _unknown_key(key)
             node = node[p]
-        if leaf not in node:
-            raise ValueError(f"unknown config field {key!r}")
+        if leaf not in node or isinstance(node[leaf], dict):
+            raise _unknown_key(key)
         node[leaf] = value
     return DetectorConfig.from_dict(data)

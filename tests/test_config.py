@@ -1,0 +1,88 @@
+"""Every config field is validated when it is set: --set, config.json and the Python API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from diffqc.config import (
+    CalibrationConfig,
+    DetectorConfig,
+    ScoringConfig,
+    TrainConfig,
+    config_keys,
+    with_overrides,
+)
+from diffqc.errors import ConfigError
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("train.steps", "abc", "train.steps must be an integer, got 'abc'"),
+    ("train.steps", 0, "train.steps must be >= 1"),
+    ("train.lr", -1, "train.lr must be in (0, inf)"),
+    ("scoring.bank_timesteps", [100, 1000], "must be < diffusion.timesteps (1000)"),
+    ("scoring.bank_timesteps", [], "at least one timestep"),
+    ("scoring.topk", 2, "scoring.topk must be in (0, 1]"),
+    ("scoring.topk", 0, "scoring.topk must be in (0, 1]"),
+    ("scoring.aggregation", "median", "one of topk, max, mean"),
+    ("calibration.tail", "exp", "calibration.tail must be one of exponential, none; got 'exp'"),
+    ("calibration.alpha_reject", 0.2, "must be <= calibration.alpha_review"),
+    ("calibration.fraction", 1.0, "calibration.fraction must be in (0, 1)"),
+    ("diffusion.schedule", "foo", "diffusion.schedule must be one of cosine, linear; got 'foo'"),
+    ("diffusion.prior", "global", "one of local, none"),
+    ("train.t_max", 1000, "train.t_max must be < diffusion.timesteps"),
+    ("backbone.name", "resnet", "efficientnet-lite0, mobilenet-v2 or onnx:PATH"),
+    ("backbone.layers", "blocks.3", "must be a list of str"),
+    ("method", "vae", "method must be one of diffusion, patchcore, padim"),
+    ("train.seed", True, "must be an integer, got True"),
+    ("train.step", 3, "unknown config field 'train.step'; did you mean train.steps"),
+    ("scoring", 3, "unknown config field 'scoring'"),
+    ("nosuch.key", 3, "unknown config field 'nosuch.key'"),
+])
+def test_bad_override_is_a_config_error_naming_the_field(key: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        with_overrides(DetectorConfig(), {key: value})
+    assert message in str(exc.value)
+
+
+def test_python_api_validates_too() -> None:
+    with pytest.raises(ConfigError, match=r"train\.steps must be an integer"):
+        TrainConfig(steps="10")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"scoring\.topk"):
+        ScoringConfig(topk=1.5)
+    with pytest.raises(ConfigError, match=r"calibration\.tail"):
+        CalibrationConfig(tail="exp")
+    with pytest.raises(ConfigError, match=r"scoring\.bank_timesteps must be < diffusion\.timesteps"):
+        DetectorConfig(scoring=ScoringConfig(bank_timesteps=(100, 2000)))
+
+
+def test_values_are_normalised() -> None:
+    cfg = with_overrides(DetectorConfig(), {"train.lr": 1, "scoring.bank_timesteps": [50, 60],
+                                            "train.steps": 20.0})
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1.0
+    assert cfg.scoring.bank_timesteps == (50, 60)
+    assert isinstance(cfg.train.steps, int) and cfg.train.steps == 20
+
+
+def test_json_round_trip_and_bad_file(tmp_path: Path) -> None:
+    cfg = with_overrides(DetectorConfig(), {"method": "padim", "scoring.topk": 0.02})
+    cfg.to_json(tmp_path / "config.json")
+    assert DetectorConfig.from_json(tmp_path / "config.json") == cfg
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["scoring"]["topk"] = 5
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"bad\.json: scoring\.topk must be in \(0, 1\]"):
+        DetectorConfig.from_json(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ConfigError, match="cannot read config"):
+        DetectorConfig.from_json(tmp_path / "broken.json")
+
+
+def test_every_default_key_is_settable() -> None:
+    base = DetectorConfig()
+    for key in config_keys():
+        section, _, leaf = key.rpartition(".")
+        node = getattr(base, section) if section else base
+        assert with_overrides(base, {key: getattr(node, leaf)}) == base
