@@ -10,6 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.ci_strict import pytest_runtest_makereport  # noqa: F401 (the CI=true skip rule, a hook)
+
+pytest_plugins = ["pytester"]
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 CLEAR_TYPES = ("stripes", "dots")
