@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from diffqc.data import decode_image
-from diffqc.errors import ImageReadError
+from diffqc.errors import DiffqcError, ImageReadError
 from diffqc.service.buffer import (
     BufferClosed,
     BufferFull,
@@ -107,7 +107,7 @@ class ServiceSettings:
 
 
 # --------------------------------------------------------------------------- errors
-class ServiceError(Exception):
+class ServiceError(DiffqcError):
     """An error answered with ``status`` and a JSON body ``{"detail": ..., "code": ...}``."""
 
     def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
