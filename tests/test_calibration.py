@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +14,11 @@ from diffqc.calibration import (
     CalibrationWarning,
     Calibrator,
     TypeCalibration,
+    calibration_scores,
     conformal_p_value,
 )
 from diffqc.config import CalibrationConfig
+from diffqc.errors import BundleError
 
 
 def test_conformal_formula_and_ties() -> None:
@@ -85,3 +89,66 @@ def test_empty_or_nonfinite_rejected() -> None:
         TypeCalibration.from_scores([])
     with pytest.raises(ValueError):
         TypeCalibration.from_scores([1.0, float("nan")])
+
+
+def test_single_calibration_score_gives_no_nan() -> None:
+    one = TypeCalibration.from_scores([0.5])
+    for s in (0.1, 0.5, 0.9, 50.0):
+        p = one.p_value(s, "exponential")
+        assert not math.isnan(p)
+    assert one.p_value(0.9, "exponential") == pytest.approx(1 / 2)  # no tail from one score
+    assert one.p_value(0.4, "exponential") == 1.0
+
+
+def test_one_warning_line_names_every_short_type() -> None:
+    scores = {f"t{i}": list(np.linspace(0, 1, 22)) for i in range(8)}
+    with pytest.warns(CalibrationWarning) as record:
+        Calibrator(CalibrationConfig()).fit(scores)
+    assert len(record) == 1
+    text = str(record[0].message)
+    assert "\n" not in text and all(f"t{i} (22)" in text for i in range(8))
+    assert "1/(n+1)" in text
+
+
+def test_unknown_type_calibration_is_keyed_by_predicted_type() -> None:
+    # calibration images of true type a: two are predicted a, one is predicted b (arg-min)
+    table = np.array([[1.0, 3.0], [1.2, 2.5], [4.0, 2.0], [3.0, 0.8], [2.9, 0.7]])
+    known, unknown = calibration_scores(["a", "b"], [0, 0, 0, 1, 1], table)
+    assert known == {"a": [1.0, 1.2, 4.0], "b": [0.8, 0.7]}
+    assert unknown == {"a": [1.0, 1.2], "b": [2.0, 0.8, 0.7]}
+    cal = Calibrator(CalibrationConfig(tail="none"))
+    with pytest.warns(CalibrationWarning):
+        cal.fit(known, unknown)
+    # looked up by the predicted type: b's table holds 2.0, so 1.5 is inside it
+    assert cal.p_value("b", 1.5, type_known=False) == pytest.approx((1 + 1) / 4)
+    assert cal.p_value("a", 1.5, type_known=False) == pytest.approx(1 / 3)
+
+
+def test_type_never_predicted_falls_back_to_pooled_unknown_scores() -> None:
+    cal = Calibrator(CalibrationConfig(tail="none"))
+    with pytest.warns(CalibrationWarning):
+        cal.fit({"a": [1.0, 2.0], "b": [1.0, 2.0]}, {"a": [1.0, 2.0, 3.0], "b": []})
+    assert "b" not in cal.unknown
+    assert cal.p_value("b", 2.5, type_known=False) == pytest.approx((1 + 1) / 4)  # pooled a's 3
+
+
+def test_legacy_unknown_scores_are_pooled() -> None:
+    legacy = {"config": {}, "known": {"a": [1.0, 2.0], "b": [1.0, 2.0]},
+              "unknown": {"a": [0.5, 0.6], "b": [5.0]}}  # keyed by true type (old bundles)
+    cal = Calibrator.from_dict(legacy)
+    assert cal.unknown == {} and cal.pooled_unknown is not None
+    assert cal.p_value("a", 1.0, type_known=False) == cal.p_value("b", 1.0, type_known=False)
+
+
+def test_damaged_calibration_file_is_a_bundle_error_naming_it(tmp_path: Path) -> None:
+    good = Calibrator(CalibrationConfig()).fit({"a": list(range(120))}, warn=False)
+    f = tmp_path / "calibration.int8.json"
+    f.write_text(json.dumps(good.to_dict()))
+    assert Calibrator.from_file(f).p_value("a", 200.0) == good.p_value("a", 200.0)
+    bad_config = json.dumps({**good.to_dict(), "config": {"tail": "exp"}})
+    for damage in ("{", "[]", json.dumps({"known": {}}), bad_config):
+        f.write_text(damage)
+        with pytest.raises(BundleError, match=r"calibration\.int8\.json"):
+            Calibrator.from_file(f)
+    with pytest.raises(BundleError, match=r"missing\.json"):
+        Calibrator.from_file(tmp_path / "missing.json")

@@ -8,20 +8,33 @@ With n calibration scores the smallest conformal p-value is ``1/(n+1)``: a REJEC
 α = 0.01 needs n >= 99. Beyond the largest calibration score, ``tail="exponential"``
 extrapolates the survival function with an exponential tail fitted to the upper calibration
 scores, so that a clear defect can still fall under a small α; inside the calibration range the
-p-value is exactly the conformal one. ``tail="none"`` keeps the pure conformal value.
+p-value is exactly the conformal one. ``tail="none"`` keeps the pure conformal value. The
+tail is a fitted model, not a conformal guarantee: for GOOD parts ``P(p <= α)`` is at most α only
+for ``α >= 1/(n+1)``; below that it is at most ``1/(n+1)`` (the chance of a GOOD score beyond the
+largest calibration score), whatever α. With a single calibration score no tail can be fitted
+and the p-value stays conformal.
+
+Unknown-type mode: an image is scored under every type, its score is the minimum and its
+*predicted* type the arg-min. Its calibration is keyed by that predicted type at calibration and
+at inference alike (a Mondrian split on a function of the image, so the per-type guarantee
+holds); a type that no calibration image was predicted as falls back to the pooled unknown-type
+scores of all types (a marginal guarantee only).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from diffqc.config import CalibrationConfig
+from diffqc.errors import BundleError, DatasetError
 
 PASS, REVIEW, REJECT, NOT_INSPECTED = "PASS", "REVIEW", "REJECT", "NOT_INSPECTED"
 DECISIONS = (PASS, REVIEW, REJECT)
@@ -38,13 +51,16 @@ def conformal_p_value(scores: np.ndarray, s: float) -> float:
 
 
 def _tail_rate(sorted_scores: np.ndarray) -> float:
-    """Rate of an exponential fitted to the excesses over the upper-quartile threshold."""
+    """Rate of an exponential fitted to the excesses over the upper-quartile threshold; 0 (no
+    tail: the conformal p-value is kept) when there is a single score to fit it to."""
     n = sorted_scores.size
-    m = max(2, n // 4)
+    if n < 2:
+        return 0.0
+    m = min(n, max(2, n // 4))
     top = sorted_scores[-m:]
     excess = top - top[0]
-    mean_excess = float(excess[1:].mean()) if m > 1 else 0.0
-    spread = float(np.std(sorted_scores)) if n > 1 else 0.0
+    mean_excess = float(excess[1:].mean())
+    spread = float(np.std(sorted_scores))
     scale = max(mean_excess, 0.1 * spread, 1e-12)
     return 1.0 / scale
 
@@ -58,9 +74,9 @@ class TypeCalibration:
     def from_scores(cls, scores: np.ndarray | Sequence[float]) -> TypeCalibration:
         arr = np.sort(np.asarray(scores, dtype=np.float64))
         if arr.size == 0:
-            raise ValueError("no calibration scores")
+            raise DatasetError("no calibration scores")
         if not np.all(np.isfinite(arr)):
-            raise ValueError("calibration scores must be finite")
+            raise DatasetError("calibration scores must be finite")
         return cls(arr, _tail_rate(arr))
 
     def p_value(self, s: float, tail: str) -> float:
@@ -68,7 +84,7 @@ class TypeCalibration:
             return float("nan")
         p = conformal_p_value(self.scores, s)
         top = float(self.scores[-1])
-        if tail == "exponential" and s > top:
+        if tail == "exponential" and s > top and self.tail_rate > 0:
             p = p * math.exp(-self.tail_rate * (s - top))
         return p
 
@@ -82,25 +98,72 @@ class TypeCalibration:
         return float(np.nextafter(self.scores[n - k - 1], np.inf))
 
 
+def calibration_scores(
+    classes: Sequence[str], true_types: Sequence[int], table: np.ndarray
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Calibration scores from a ``[N, types]`` table of GOOD calibration images scored under
+    every type: ``known`` keyed by each image's true type (its own-type score), ``unknown`` keyed
+    by its predicted type (the arg-min; its score is the minimum), the key used at inference."""
+    known: dict[str, list[float]] = {t: [] for t in classes}
+    unknown: dict[str, list[float]] = {t: [] for t in classes}
+    for row, k in zip(np.asarray(table, dtype=np.float64), true_types, strict=True):
+        known[classes[int(k)]].append(float(row[int(k)]))
+        unknown[classes[int(row.argmin())]].append(float(row.min()))
+    return known, unknown
+
+
 @dataclass
 class Calibrator:
-    """Per-type conformal calibration, for known-type and unknown-type scores."""
+    """Per-type conformal calibration, for known-type and unknown-type scores (the latter keyed
+    by the predicted type; see the module docstring)."""
 
     config: CalibrationConfig = field(default_factory=CalibrationConfig)
     known: dict[str, TypeCalibration] = field(default_factory=dict)
     unknown: dict[str, TypeCalibration] = field(default_factory=dict)
+    pooled_unknown: TypeCalibration | None = None
 
     def fit(
         self,
         known_scores: Mapping[str, np.ndarray | Sequence[float]],
         unknown_scores: Mapping[str, np.ndarray | Sequence[float]] | None = None,
+        *, warn: bool = True,
     ) -> Calibrator:
+        """``known_scores`` by true type (every type needs one); ``unknown_scores`` by predicted
+        type (a type may have none). One :class:`CalibrationWarning` line names the types whose
+        calibration set is too small for the α asked."""
+        empty = sorted(t for t, v in known_scores.items() if len(v) == 0)
+        if empty:
+            raise DatasetError(f"no calibration images for type(s) {', '.join(map(repr, empty))}: "
+                               "each type needs GOOD training images (parts) to calibrate on")
         self.known = {t: TypeCalibration.from_scores(s) for t, s in known_scores.items()}
-        self.unknown = {t: TypeCalibration.from_scores(s) for t, s in (unknown_scores or {}).items()}
-        for t, cal in self.known.items():
-            for msg in self.warnings_for(t, cal.scores.size):
-                warnings.warn(msg, CalibrationWarning, stacklevel=2)
+        unknown = {t: s for t, s in (unknown_scores or {}).items() if len(s)}
+        self.unknown = {t: TypeCalibration.from_scores(s) for t, s in unknown.items()}
+        pooled = [float(x) for v in unknown.values() for x in v]
+        self.pooled_unknown = TypeCalibration.from_scores(pooled) if pooled else None
+        message = self.warning_line()
+        if warn and message:
+            warnings.warn(message, CalibrationWarning, stacklevel=2)
         return self
+
+    def warning_line(self) -> str:
+        """One line naming the types whose calibration set is too small ("" when none is)."""
+        cfg = self.config
+        parts = []
+        for name, alpha in (("REJECT", cfg.alpha_reject), ("REVIEW", cfg.alpha_review)):
+            need = math.ceil(1 / alpha - 1)
+            short = [f"{t} ({c.scores.size})" for t, c in sorted(self.known.items())
+                     if c.scores.size < need]
+            if short:
+                parts.append(f"{name} at α={alpha} needs at least {need}, fewer in {', '.join(short)}")
+        few = sorted(t for t, c in self.known.items() if c.scores.size < cfg.min_per_type)
+        if few:
+            parts.append(f"fewer than calibration.min_per_type={cfg.min_per_type} in {', '.join(few)}")
+        if not parts:
+            return ""
+        how = ("there the exponential tail decides beyond the largest calibration score, a fitted "
+               "model whose GOOD flag rate is bounded by 1/(n+1), not α" if cfg.tail == "exponential"
+               else "there that level can never be reached (calibration.tail=none)")
+        return f"calibration: too few GOOD calibration images: {'; '.join(parts)}; {how} (docs/METHOD.md)"
 
     def warnings_for(self, feature_type: str, n: int) -> list[str]:
         out = []
@@ -119,14 +182,19 @@ class Calibrator:
             out.append(f"type {feature_type!r}: only {n} calibration images (< {cfg.min_per_type})")
         return out
 
-    def _table(self, type_known: bool) -> dict[str, TypeCalibration]:
-        return self.known if type_known or not self.unknown else self.unknown
+    def _lookup(self, feature_type: str, type_known: bool) -> TypeCalibration:
+        if type_known or (not self.unknown and self.pooled_unknown is None):
+            if feature_type not in self.known:
+                raise KeyError(f"no calibration for feature type {feature_type!r}")
+            return self.known[feature_type]
+        found = self.unknown.get(feature_type, self.pooled_unknown)
+        if found is None:
+            raise KeyError(f"no unknown-type calibration for feature type {feature_type!r}")
+        return found
 
     def p_value(self, feature_type: str, score: float, *, type_known: bool = True) -> float:
-        table = self._table(type_known)
-        if feature_type not in table:
-            raise KeyError(f"no calibration for feature type {feature_type!r}")
-        return table[feature_type].p_value(score, self.config.tail)
+        """``feature_type``: the given type, or in unknown-type mode the predicted (arg-min) one."""
+        return self._lookup(feature_type, type_known).p_value(score, self.config.tail)
 
     def decide(self, p_value: float) -> str:
         if math.isnan(p_value):
@@ -139,7 +207,7 @@ class Calibrator:
 
     def thresholds(self, feature_type: str, *, type_known: bool = True) -> dict[str, float]:
         """Score thresholds of the pure conformal rule (inf where a level is unreachable)."""
-        cal = self._table(type_known)[feature_type]
+        cal = self._lookup(feature_type, type_known)
         return {"review": cal.threshold(self.config.alpha_review),
                 "reject": cal.threshold(self.config.alpha_reject)}
 
@@ -163,11 +231,31 @@ class Calibrator:
             "config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
             "known": {t: c.scores.tolist() for t, c in self.known.items()},
             "unknown": {t: c.scores.tolist() for t, c in self.unknown.items()},
+            "unknown_key": "predicted_type",
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibrator:
+        """Rebuild a fitted calibrator. Files written before the unknown-type scores were keyed
+        by the predicted type (no ``unknown_key``) keyed them by the true type: their scores are
+        used pooled, so that the look-up by predicted type stays consistent."""
         cal = cls(CalibrationConfig(**data["config"]))
-        cal.known = {t: TypeCalibration.from_scores(s) for t, s in data["known"].items()}
-        cal.unknown = {t: TypeCalibration.from_scores(s) for t, s in data.get("unknown", {}).items()}
+        legacy = data.get("unknown_key") != "predicted_type"
+        cal.fit(data["known"], None if legacy else data.get("unknown"), warn=False)
+        if legacy:
+            pooled = [float(x) for v in data.get("unknown", {}).values() for x in v]
+            cal.pooled_unknown = TypeCalibration.from_scores(pooled) if pooled else None
         return cal
+
+    @classmethod
+    def from_file(cls, path: Path | str) -> Calibrator:
+        """:meth:`from_dict` of a JSON file; a missing or damaged file is a BundleError naming it."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
+            return cls.from_dict(data)
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            detail = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise BundleError(f"{path} is damaged or unreadable ({detail})") from None

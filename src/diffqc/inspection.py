@@ -28,6 +28,35 @@ def sha256_file(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+def _major(version: str) -> int | None:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def check_bundle_version(path: Path | str, meta: dict[str, Any]) -> None:
+    """A bundle this diffqc can read: the same bundle format, written by a diffqc whose major
+    version is not newer. An older diffqc of the same format is fine. Else a BundleError naming
+    both versions."""
+    from diffqc import __version__
+    from diffqc.errors import BundleError
+
+    written = str(meta.get("diffqc_version", "unknown"))
+    fmt = meta.get("format")
+    if fmt != BUNDLE_FORMAT:
+        newer = isinstance(fmt, int) and fmt > BUNDLE_FORMAT
+        advice = "upgrade diffqc to read it" if newer else "train it again with this diffqc"
+        raise BundleError(f"model bundle {path}: bundle format {fmt} (written by diffqc {written}) is "
+                          f"{'newer' if newer else 'not'} {'than' if newer else 'the'} format "
+                          f"{BUNDLE_FORMAT} that diffqc {__version__} reads; {advice}")
+    theirs, ours = _major(written), _major(__version__)
+    if "diffqc_version" in meta and theirs is None:
+        raise BundleError(f"model bundle {path}: metadata.json has an unreadable diffqc_version "
+                          f"{written!r}")
+    if theirs is not None and ours is not None and theirs > ours:
+        raise BundleError(f"model bundle {path} was written by diffqc {written}, a newer major version "
+                          f"than this diffqc {__version__}; upgrade diffqc to read it")
+
+
 @dataclass(frozen=True)
 class Inspection:
     """The verdict on one image."""
