@@ -59,7 +59,6 @@ def tiny_config(input_size: int = 64) -> Any:
             "diffusion.hidden": 64,
             "diffusion.depth": 1,
             "backbone.input_size": input_size,
-            "scoring.bank_timesteps": [250],
             "scoring.noises_per_timestep": 2,
             "calibration.min_per_type": 1,
             # a wide REVIEW band so that a tiny model yields all three decisions

@@ -353,9 +353,13 @@ def test_artifact_store_writes_atomically_and_never_leaves_its_folder(tmp_path: 
     name = art.save_png("heatmaps", np.zeros((9, 7, 3), np.uint8))
     path = art.path("heatmaps", name)
     assert path is not None and Image.open(path).size == (7, 9)
-    (tmp_path / "heatmaps" / "leftover.png.tmp").write_bytes(b"x")
-    ArtifactStore(tmp_path)  # a restart removes half-written files
-    assert not (tmp_path / "heatmaps" / "leftover.png.tmp").exists()
+    leftover = tmp_path / "heatmaps" / ("ab" * 16 + ".png.tmp")
+    leftover.write_bytes(b"x")
+    foreign = tmp_path / "heatmaps" / "operator-notes.tmp"
+    foreign.write_bytes(b"mine")
+    ArtifactStore(tmp_path)  # a restart removes half-written files it wrote, nothing else
+    assert not leftover.exists()
+    assert foreign.read_bytes() == b"mine"
     (tmp_path / "secret.png").write_bytes(b"s")
     for bad in ["../secret.png", "/etc/passwd", "..", "", name + "/..", "a" * 32 + ".png/../x"]:
         assert art.path("heatmaps", bad) is None

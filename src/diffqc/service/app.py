@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import logging
 import math
 import os
@@ -22,15 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from diffqc.data import decode_image
-from diffqc.errors import DiffqcError, ImageReadError
+from diffqc.errors import ConfigError, DiffqcError, ImageReadError
 from diffqc.service.buffer import (
+    DEFAULT_BUFFER_BYTES,
     BufferClosed,
     BufferFull,
     DetectorLike,
@@ -44,6 +49,7 @@ from diffqc.service.security import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_UPLOAD_BYTES,
     ImageTooLarge,
+    UploadStalled,
     UploadTooLarge,
     bearer_token,
     check_content_length,
@@ -53,6 +59,7 @@ from diffqc.service.security import (
 )
 from diffqc.service.store import (
     DECISIONS,
+    MAX_ROW_ID,
     NOT_INSPECTED,
     ArtifactStore,
     ResultRecord,
@@ -79,6 +86,7 @@ class ServiceSettings:
     allow_no_token: bool = False
     data_dir: str | Path | None = None  # heat maps / kept images; default beside the DB
     buffer_size: int = 64
+    buffer_max_bytes: int = DEFAULT_BUFFER_BYTES  # decoded images waiting, all parts together
     max_batch: int = 8
     overflow: str = OverflowPolicy.REJECT.value
     retry_after_s: int = 1
@@ -86,6 +94,8 @@ class ServiceSettings:
     max_batch_upload_bytes: int = 64 * 1024 * 1024
     max_batch_items: int = 32
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    body_timeout_s: float = 30.0  # an upload that sends nothing for this long gets 408
+    decode_workers: int = 4  # uploads decoded at the same time (each holds its decoded image)
     keep_images: str = "flagged"
     heatmaps: str = "all"
     all_types: bool = True  # score every type too (predicted type, type scores)
@@ -98,12 +108,17 @@ class ServiceSettings:
 
     def validate(self) -> None:
         if not self.tokens and not self.allow_no_token:
-            raise ValueError(
+            raise ConfigError(
                 "no API token: pass --token or set DIFFQC_TOKEN (or --no-auth on a trusted host)"
             )
-        OverflowPolicy(self.overflow)
-        if self.buffer_size < 1 or self.max_batch < 1:
-            raise ValueError("buffer_size and max_batch must be at least 1")
+        policies = [p.value for p in OverflowPolicy]
+        if self.overflow not in policies:
+            raise ConfigError(f"overflow must be one of {', '.join(policies)}, got {self.overflow!r}")
+        for name in ("buffer_size", "max_batch", "buffer_max_bytes", "decode_workers"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.body_timeout_s > 0:
+            raise ConfigError(f"body_timeout_s must be positive, got {self.body_timeout_s}")
 
 
 # --------------------------------------------------------------------------- errors
@@ -244,6 +259,18 @@ class Metrics:
             out.append(f"diffqc_parts_refused_total {buf.refused_total}")
             head("diffqc_inference_errors_total", "counter", "Parts whose inspection raised.")
             out.append(f"diffqc_inference_errors_total {pipeline.errors_total}")
+            head("diffqc_queue_bytes", "gauge", "Bytes held by the parts waiting in the buffer.")
+            out.append(f"diffqc_queue_bytes {buf.bytes}")
+            head("diffqc_queue_max_bytes", "gauge", "Byte bound of the ring buffer.")
+            out.append(f"diffqc_queue_max_bytes {buf.max_bytes or 0}")
+            head(
+                "diffqc_artifact_errors_total",
+                "counter",
+                "Heat maps or kept images that could not be written (the decision was stored).",
+            )
+            out.append(f"diffqc_artifact_errors_total {pipeline.artifact_errors_total}")
+            head("diffqc_store_errors_total", "counter", "Micro-batches the store could not commit.")
+            out.append(f"diffqc_store_errors_total {pipeline.store_errors_total}")
         head("diffqc_review_pending", "gauge", "REVIEW decisions without an operator verdict.")
         out.append(f"diffqc_review_pending {pending}")
         head("diffqc_model_info", "gauge", "The loaded model.")
@@ -398,9 +425,15 @@ def load_detector(model_path: str | Path, runtime: str = "auto", *, precision: s
 
 
 # --------------------------------------------------------------------------- uploads
-async def _read_body(request: Request, limit: int) -> bytes:
-    check_content_length(request.headers.get("content-length"), limit)
-    return await read_limited(request.stream(), limit)
+async def _read_body(request: Request, limit: int, idle_timeout_s: float) -> bytes:
+    """The body, at most ``limit`` bytes; 413 when larger, 408 when the client stalls."""
+    try:
+        check_content_length(request.headers.get("content-length"), limit)
+        return await read_limited(request.stream(), limit, idle_timeout_s=idle_timeout_s)
+    except UploadTooLarge as exc:
+        raise ServiceError(413, "upload_too_large", str(exc)) from None
+    except UploadStalled as exc:
+        raise ServiceError(408, "body_timeout", str(exc), headers={"Connection": "close"}) from None
 
 
 def _is_multipart(request: Request) -> bool:
@@ -425,12 +458,44 @@ async def _parse_form(request: Request, body: bytes, max_files: int) -> Any:
         raise ServiceError(400, "bad_multipart", f"cannot parse the multipart body: {detail}") from None
 
 
+def _bad_char(c: str) -> bool:
+    """Control characters (C0, DEL, C1), line/paragraph separators, surrogates, U+FFFD (what
+    invalid UTF-8 decodes to)."""
+    o = ord(c)
+    return o < 32 or 0x7F <= o <= 0x9F or o in (0x2028, 0x2029, 0xFFFD) or 0xD800 <= o <= 0xDFFF
+
+
 def _check_id(value: str | None, name: str) -> str | None:
     if value is None:
         return None
-    if not value or len(value) > MAX_ID_LEN or any(ord(c) < 32 for c in value):
-        raise ServiceError(422, f"bad_{name}", f"{name} must be 1..{MAX_ID_LEN} printable characters")
+    if not value or len(value) > MAX_ID_LEN or any(_bad_char(c) for c in value):
+        raise ServiceError(
+            422,
+            f"bad_{name}",
+            f"{name} must be 1..{MAX_ID_LEN} printable characters of valid UTF-8 "
+            "(no control characters, DEL or line separators)",
+        )
     return value
+
+
+def request_hash(data: bytes, feature_type: str | None, part_id: str | None) -> str:
+    """SHA-256 of what an inspection request asks: the image, its type and its part id."""
+    h = hashlib.sha256()
+    for piece in (feature_type or "", part_id or ""):
+        h.update(piece.encode("utf-8", "surrogatepass") + b"\0")
+    h.update(data)
+    return h.hexdigest()
+
+
+def _check_replay(rec: ResultRecord, body_hash: str | None) -> None:
+    """A stored decision may answer a replayed Idempotency-Key only for the same request."""
+    if body_hash is not None and rec.body_hash is not None and rec.body_hash != body_hash:
+        raise ServiceError(
+            409,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used for a different request (image, feature_type "
+            "or part_id differ); send a new key for a new part",
+        )
 
 
 def build_job(
@@ -441,6 +506,7 @@ def build_job(
     *,
     source: str = HTTP_SOURCE,
     dedup_key: str | None = None,
+    body_hash: str | None = None,
 ) -> Job:
     """Validate and decode one upload into a job (CPU work: call it off the event loop)."""
     if not data:
@@ -464,6 +530,7 @@ def build_job(
         part_id=part_id,
         source=source,
         dedup_key=dedup_key,
+        body_hash=body_hash,
         encoded=data if ext else None,
         encoded_ext=ext,
     )
@@ -493,10 +560,78 @@ async def _submit(state: ServiceState, jobs: list[Job]) -> list[ResultRecord]:
         raise ServiceError(503, "shutting_down", str(exc), headers={"Retry-After": "5"}) from None
     try:
         # shield: a client that hangs up does not cancel the part; it is still stored
-        return list(await asyncio.shield(asyncio.gather(*(asyncio.wrap_future(f) for f in futures))))
+        recs = list(await asyncio.shield(asyncio.gather(*(asyncio.wrap_future(f) for f in futures))))
     except Exception as exc:
         log.error("could not store or inspect parts: %s", exc)
-        raise ServiceError(503, "store_unavailable", f"the part could not be stored: {exc}") from None
+        raise ServiceError(
+            503,
+            "store_unavailable",
+            f"the part could not be stored: {exc}",
+            headers={"Retry-After": str(state.settings.retry_after_s)},
+        ) from None
+    for job, rec in zip(jobs, recs, strict=True):
+        if rec.duplicate:  # a concurrent request with the same key won the insert
+            _check_replay(rec, job.body_hash)
+    return recs
+
+
+# --------------------------------------------------------------------------- validation
+RECORD_ID = PathParam(ge=1, le=MAX_ROW_ID, description="a result id")
+
+
+def _header(request: Request, name: str) -> str | None:
+    """A header as text; its raw bytes decoded as UTF-8 (U+FFFD where invalid, then refused)."""
+    for key, value in request.headers.raw:
+        if key.decode("latin-1").lower() == name:
+            return value.decode("utf-8", "replace")
+    return None
+
+
+def validation_error(exc: RequestValidationError) -> ServiceError:
+    """FastAPI's request-validation error in the service's own shape, ``{"detail", "code"}``:
+    ``code`` is ``bad_<parameter>`` (e.g. ``bad_record_id``), ``detail`` one sentence per problem."""
+    problems: list[str] = []
+    names: list[str] = []
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x not in ("path", "query", "body", "header")]
+        name = loc[0] if loc else "request"
+        names.append(name)
+        value = err.get("input")
+        shown = repr(value) if isinstance(value, str | int | float) else None
+        got = f" (got {shown[:80]})" if shown else ""
+        problems.append(f"{'.'.join(loc) or 'request'}: {err.get('msg', 'invalid')}{got}")
+    code = f"bad_{names[0]}" if len(set(names)) == 1 else "bad_request"
+    return ServiceError(422, code, "; ".join(problems) or "invalid request")
+
+
+def readiness_problems(state: ServiceState) -> dict[str, str]:
+    """Why the service is not ready, per check (empty: ready). Runs a write on the store and
+    the artifact folders, so call it off the event loop."""
+    out: dict[str, str] = {}
+    pipeline, store = state.pipeline, state.store
+    if state.detector is None:
+        out["model"] = "the model is not loaded"
+    if pipeline is None:
+        out["worker"] = "the service is starting or stopping"
+    else:
+        problems = pipeline.problems()
+        if problems:
+            out["worker"] = "; ".join(problems)
+        if len(pipeline.buffer) >= pipeline.buffer.capacity:
+            out["buffer"] = f"the buffer is full ({len(pipeline.buffer)} parts waiting)"
+    if store is None:
+        out["store"] = "the result store is not open"
+    else:
+        reason = store.check_write()
+        if reason is not None:
+            out["store"] = reason
+    if state.artifacts is not None:
+        reason = state.artifacts.check_write()
+        if reason is not None:
+            out["artifacts"] = reason
+    return out
+
+READY_CHECKS = ("model", "worker", "store", "artifacts", "buffer")
 
 
 # --------------------------------------------------------------------------- request models
@@ -532,9 +667,27 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        if exc.status in (400, 413, 415, 422):
+        if exc.status in (400, 408, 409, 413, 415, 422):
             state.metrics.on_bad_upload(exc.code)
         return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = validation_error(exc)
+        state.metrics.on_bad_upload(err.code)
+        return _error_response(err)
+
+    @app.exception_handler(StoreError)
+    async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
+        log.error("result store error on %s: %s", request.url.path, exc)
+        return _error_response(
+            ServiceError(
+                503,
+                "store_unavailable",
+                f"the result store is not available: {exc}",
+                headers={"Retry-After": str(settings.retry_after_s)},
+            )
+        )
 
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -559,6 +712,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             )
 
     api = APIRouter(dependencies=[Depends(require_token)])
+    decode_limiter = anyio.CapacityLimiter(settings.decode_workers)
 
     # ---------------------------------------------------------------- health
     @app.get("/healthz", include_in_schema=False)
@@ -567,16 +721,15 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> JSONResponse:
-        pipeline, store = state.pipeline, state.store
-        store_ok = await run_in_threadpool(store.ping) if store is not None else False
-        checks = {
-            "model": state.detector is not None,
-            "worker": pipeline is not None and pipeline.alive,
-            "store": store_ok,
-            "buffer": pipeline is not None and len(pipeline.buffer) < pipeline.buffer.capacity,
-        }
-        ok = all(checks.values())
-        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+        """Ready when a part sent now would be inspected and stored: the model is loaded, the
+        worker runs and its inspections are not failing, the store commits a write, the
+        artifact folders take a file, and the buffer has room. 503 with ``reason`` otherwise."""
+        reasons = await run_in_threadpool(readiness_problems, state)
+        ok = not reasons
+        body: dict[str, Any] = {"ready": ok, "checks": {k: k not in reasons for k in READY_CHECKS}}
+        if not ok:
+            body.update(code="not_ready", reason="; ".join(reasons.values()))
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     # ---------------------------------------------------------------- dashboard
     @app.get("/", include_in_schema=False)
@@ -614,16 +767,9 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         t0 = time.perf_counter()
         ftype = _check_type(state, feature_type)
         part = _check_id(part_id, "part_id")
-        key = _check_id(request.headers.get("idempotency-key"), "idempotency_key")
+        key = _check_id(_header(request, "idempotency-key"), "idempotency_key")
         _, store = state.require()
-        if key is not None:
-            existing = await run_in_threadpool(store.find_key, HTTP_SOURCE, key)
-            if existing is not None:
-                return _inspect_response(existing, t0, duplicate=True)
-        try:
-            body = await _read_body(request, settings.max_upload_bytes)
-        except UploadTooLarge as exc:
-            raise ServiceError(413, "upload_too_large", str(exc)) from None
+        body = await _read_body(request, settings.max_upload_bytes, settings.body_timeout_s)
         if _is_multipart(request):
             form = await _parse_form(request, body, max_files=1)
             try:
@@ -637,9 +783,22 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                 await form.close()
         else:
             data = body
-        job = await run_in_threadpool(build_job, data, ftype, part, settings, dedup_key=key)
+        digest = request_hash(data, ftype, part) if key is not None else None
+        if key is not None:
+            existing = await run_in_threadpool(store.find_key, HTTP_SOURCE, key)
+            if existing is not None:
+                _check_replay(existing, digest)
+                return _inspect_response(existing, t0, duplicate=True)
+        job = await decode(data, ftype, part, dedup_key=key, body_hash=digest)
         (rec,) = await _submit(state, [job])
         return _inspect_response(rec, t0, duplicate=rec.duplicate)
+
+    async def decode(data: bytes, ftype: str | None, part: str | None, **kw: Any) -> Job:
+        """``build_job`` in the thread pool, at most ``decode_workers`` at a time (each holds a
+        decoded image until it enters the byte-bounded buffer)."""
+        return await anyio.to_thread.run_sync(
+            lambda: build_job(data, ftype, part, settings, **kw), limiter=decode_limiter
+        )
 
     @api.post("/v1/inspect/batch")
     async def inspect_batch(
@@ -657,10 +816,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                 "multipart_required",
                 "the batch route takes multipart/form-data with 'image' files",
             )
-        try:
-            body = await _read_body(request, settings.max_batch_upload_bytes)
-        except UploadTooLarge as exc:
-            raise ServiceError(413, "upload_too_large", str(exc)) from None
+        body = await _read_body(request, settings.max_batch_upload_bytes, settings.body_timeout_s)
         form = await _parse_form(request, body, max_files=settings.max_batch_items)
         try:
             uploads = form.getlist("image")
@@ -687,16 +843,12 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         ] * n
         pids = [_check_id(p, "part_id") for p in parts] or [None] * n
 
-        def build_all() -> list[Job]:
-            jobs = []
-            for i, data in enumerate(datas):
-                try:
-                    jobs.append(build_job(data, ftypes[i], pids[i], settings))
-                except ServiceError as exc:
-                    raise ServiceError(exc.status, exc.code, f"image {i}: {exc.detail}") from None
-            return jobs
-
-        jobs = await run_in_threadpool(build_all)
+        jobs = []
+        for i, data in enumerate(datas):
+            try:
+                jobs.append(await decode(data, ftypes[i], pids[i]))
+            except ServiceError as exc:
+                raise ServiceError(exc.status, exc.code, f"image {i}: {exc.detail}") from None
         recs = await _submit(state, jobs)
         return JSONResponse(
             {
@@ -722,8 +874,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         review: Literal["GOOD", "BAD"] | None = None,
         part_id: str | None = Query(default=None, max_length=MAX_ID_LEN),
         source: str | None = Query(default=None, max_length=1000),
-        after_id: int | None = None,
-        before_id: int | None = None,
+        after_id: int | None = Query(default=None, ge=0, le=MAX_ROW_ID),
+        before_id: int | None = Query(default=None, ge=0, le=MAX_ROW_ID),
         limit: int = Query(default=100, ge=1, le=1000),
         order: Literal["newest", "oldest"] = "newest",
     ) -> dict[str, Any]:
@@ -756,7 +908,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         return rec
 
     @api.get("/v1/results/{record_id}")
-    async def result(record_id: int) -> dict[str, Any]:
+    async def result(record_id: int = RECORD_ID) -> dict[str, Any]:
         return record_json(await _get_record(record_id))
 
     async def _artifact(record_id: int, kind: str) -> FileResponse:
@@ -776,11 +928,11 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         )
 
     @api.get("/v1/results/{record_id}/heatmap")
-    async def heatmap(record_id: int) -> FileResponse:
+    async def heatmap(record_id: int = RECORD_ID) -> FileResponse:
         return await _artifact(record_id, "heatmaps")
 
     @api.get("/v1/results/{record_id}/image")
-    async def image(record_id: int) -> FileResponse:
+    async def image(record_id: int = RECORD_ID) -> FileResponse:
         return await _artifact(record_id, "images")
 
     # ---------------------------------------------------------------- review
@@ -792,7 +944,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         return {"queue": [record_json(r) for r in recs], "pending": pending}
 
     @api.post("/v1/review/{record_id}")
-    async def review(record_id: int, body: ReviewIn) -> dict[str, Any]:
+    async def review(body: ReviewIn, record_id: int = RECORD_ID) -> dict[str, Any]:
         rec = await _get_record(record_id)
         if rec.decision == NOT_INSPECTED:
             raise ServiceError(409, "not_inspected", f"result {record_id} was not inspected")

@@ -48,27 +48,51 @@ class BufferClosed(RuntimeError):
 class RingBuffer(Generic[T]):
     """A bounded, thread-safe FIFO with an explicit overflow policy.
 
-    ``put`` returns the evicted item under ``drop_oldest`` (else None) and raises
-    :class:`BufferFull` under ``reject``. ``get_batch`` blocks until at least one item is
-    waiting and returns every waiting item up to ``max_items``.
+    Bounded twice: at most ``capacity`` items and at most ``max_bytes`` bytes (each item
+    weighs ``size(item)``; a single item heavier than ``max_bytes`` is accepted only into an
+    empty buffer, so that it can still be served). ``put`` returns the evicted item under
+    ``drop_oldest`` (else None) and raises :class:`BufferFull` under ``reject``.
+    ``get_batch`` blocks until at least one item is waiting and returns every waiting item up
+    to ``max_items``.
     """
 
-    def __init__(self, capacity: int, policy: OverflowPolicy | str = OverflowPolicy.REJECT) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        policy: OverflowPolicy | str = OverflowPolicy.REJECT,
+        *,
+        max_bytes: int | None = None,
+        size: Callable[[T], int] | None = None,
+    ) -> None:
         if capacity < 1:
             raise ValueError("buffer capacity must be at least 1")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("buffer max_bytes must be at least 1")
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.policy = OverflowPolicy(policy)
-        self._items: deque[T] = deque()
+        self._size = size or (lambda item: 0)
+        self._items: deque[tuple[T, int]] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self.bytes = 0
         self.accepted_total = 0
         self.refused_total = 0
         self.dropped_total = 0
         self.high_water = 0
+        self.high_water_bytes = 0
 
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)
+
+    def _over(self, n: int, nbytes: int) -> bool:
+        """Would ``n`` more items weighing ``nbytes`` exceed a bound (given what waits)?"""
+        if len(self._items) + n > self.capacity:
+            return True
+        if self.max_bytes is None or not self._items:
+            return False
+        return self.bytes + nbytes > self.max_bytes
 
     @property
     def closed(self) -> bool:
@@ -83,18 +107,25 @@ class RingBuffer(Generic[T]):
         with self._cond:
             if self._closed:
                 raise BufferClosed("the service is shutting down")
-            fits = len(self._items) + len(items) <= self.capacity
-            if self.policy is OverflowPolicy.REJECT and not fits:
+            sized = [(item, int(self._size(item))) for item in items]
+            if self.policy is OverflowPolicy.REJECT and self._over(len(sized), sum(b for _, b in sized)):
                 self.refused_total += len(items)
-                raise BufferFull(f"buffer full ({len(self._items)}/{self.capacity} waiting); retry later")
+                limit = f", {self.bytes}/{self.max_bytes} bytes" if self.max_bytes is not None else ""
+                raise BufferFull(
+                    f"buffer full ({len(self._items)}/{self.capacity} parts{limit} waiting); retry later"
+                )
             evicted: list[T] = []
-            for item in items:
-                if len(self._items) >= self.capacity:
-                    evicted.append(self._items.popleft())
-                self._items.append(item)
+            for item, nbytes in sized:
+                while self._items and self._over(1, nbytes):
+                    old, old_bytes = self._items.popleft()
+                    self.bytes -= old_bytes
+                    evicted.append(old)
+                self._items.append((item, nbytes))
+                self.bytes += nbytes
             self.accepted_total += len(items)
             self.dropped_total += len(evicted)
             self.high_water = max(self.high_water, len(self._items))
+            self.high_water_bytes = max(self.high_water_bytes, self.bytes)
             self._cond.notify()
             return evicted
 
@@ -110,7 +141,9 @@ class RingBuffer(Generic[T]):
                     return []
                 self._cond.wait(remaining)
             n = min(max_items, len(self._items))
-            return [self._items.popleft() for _ in range(n)]
+            out = [self._items.popleft() for _ in range(n)]
+            self.bytes -= sum(b for _, b in out)
+            return [item for item, _ in out]
 
     def close(self) -> None:
         with self._cond:
@@ -197,9 +230,18 @@ class Job:
     received_at: float = field(default_factory=time.time)
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[ResultRecord] = field(default_factory=Future)
+    body_hash: str | None = None  # SHA-256 of the request (with ``dedup_key``): see the HTTP API
+
+    @property
+    def nbytes(self) -> int:
+        """Memory this job holds while it waits: the decoded image and the kept upload."""
+        return int(self.image.nbytes) + len(self.encoded or b"")
 
 
 KEEP_IMAGES = ("none", "flagged", "all")
+DEFAULT_BUFFER_BYTES = 512 * 1024 * 1024
+# Readiness fails after this many inspections in a row raised (one odd part does not count).
+FAILING_AFTER = 3
 
 
 def _settle(future: Future[ResultRecord], outcome: ResultRecord | BaseException) -> None:
@@ -229,6 +271,7 @@ class InspectionPipeline:
         *,
         capacity: int = 64,
         policy: OverflowPolicy | str = OverflowPolicy.REJECT,
+        max_bytes: int | None = DEFAULT_BUFFER_BYTES,
         max_batch: int = 8,
         model_version: str = "",
         keep_images: str = "flagged",
@@ -245,7 +288,9 @@ class InspectionPipeline:
         self.detector = detector
         self.store = store
         self.artifacts = artifacts
-        self.buffer: RingBuffer[Job] = RingBuffer(capacity, policy)
+        self.buffer: RingBuffer[Job] = RingBuffer(
+            capacity, policy, max_bytes=max_bytes, size=lambda job: job.nbytes
+        )
         self.max_batch = max_batch
         self.model_version = model_version
         self.keep_images = keep_images
@@ -261,6 +306,23 @@ class InspectionPipeline:
         self._stop = threading.Event()
         self.errors_total = 0
         self.last_batch_at = 0.0
+        # health: inspections failing in a row, artifact writes that failed (the part is kept)
+        self.failing_in_a_row = 0
+        self.last_inspection_error: str | None = None
+        self.artifact_errors_total = 0
+        self.last_artifact_error: str | None = None
+        self.store_errors_total = 0
+
+    def problems(self) -> list[str]:
+        """Reasons the pipeline is not healthy now (empty when it is)."""
+        out = []
+        if not self.alive:
+            out.append("the inference worker is not running")
+        if self.failing_in_a_row >= FAILING_AFTER:
+            out.append(
+                f"the last {self.failing_in_a_row} inspections failed: {self.last_inspection_error}"
+            )
+        return out
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -354,16 +416,27 @@ class InspectionPipeline:
             latency_ms = (time.monotonic() - job.enqueued) * 1000.0
             if isinstance(res, Exception):
                 self.errors_total += 1
+                self.failing_in_a_row += 1
+                self.last_inspection_error = str(res) or type(res).__name__
                 log.error("inspection of part %s failed: %s", job.part_id, res)
                 rec = self._not_inspected(job, f"inspection failed: {res}")
             else:
+                self.failing_in_a_row = 0
                 rec = self._record(job, res, latency_ms)
             records.append(rec)
             jobs.append(job)
         for job in dropped:
             records.append(self._not_inspected(job, "dropped: buffer full (drop_oldest policy)"))
             jobs.append(job)
-        stored = self.store.insert_many(records)
+        try:
+            stored = self.store.insert_many(records)
+        except Exception:
+            self.store_errors_total += 1
+            self._remove_artifacts(records)  # no heat map or image without its row
+            raise
+        self._remove_artifacts(
+            [new for new, kept in zip(records, stored, strict=True) if kept.duplicate]
+        )
         self.last_batch_at = time.time()
         done = time.monotonic()
         for listener in self.batch_listeners:
@@ -383,28 +456,49 @@ class InspectionPipeline:
             model_version=self.model_version,
             reason=reason,
             dedup_key=job.dedup_key,
+            body_hash=job.body_hash,
             latency_ms=(time.monotonic() - job.enqueued) * 1000.0,
         )
 
     def _wants(self, setting: str, decision: str) -> bool:
         return setting == "all" or (setting == "flagged" and decision in ("REVIEW", "REJECT"))
 
+    def _remove_artifacts(self, records: Sequence[ResultRecord]) -> None:
+        if self.artifacts is None:
+            return
+        for rec in records:
+            self.artifacts.remove("heatmaps", rec.heatmap)
+            self.artifacts.remove("images", rec.image)
+
+    def _artifact_failed(self, what: str, job: Job, exc: Exception) -> str:
+        self.artifact_errors_total += 1
+        self.last_artifact_error = f"{what}: {exc}"
+        log.error("part %s: %s not written: %s", job.part_id, what, exc)
+        return f"{what} not written: {exc}"
+
     def _record(self, job: Job, res: InspectionLike, latency_ms: float) -> ResultRecord:
+        """The record of one inspected part. A heat map or kept image that cannot be written
+        (full disk, unwritable folder) fails only itself: the decision is stored without it and
+        ``reason`` says which file is missing and why."""
         decision = str(res.decision)
         heatmap = image = None
+        missing: list[str] = []
         if self.artifacts is not None:
             if self._wants(self.heatmaps, decision) and res.anomaly_map is not None:
                 try:
                     scale = self.overlay_scale.get(res.feature_type or "")
                     picture = self.overlay(job.image, res.anomaly_map, scale)
                     heatmap = self.artifacts.save_png("heatmaps", picture)
-                except Exception:
-                    log.exception("could not write the heat map of part %s", job.part_id)
+                except Exception as exc:
+                    missing.append(self._artifact_failed("heat map", job, exc))
             if self._wants(self.keep_images, decision):
-                if job.encoded is not None and job.encoded_ext is not None:
-                    image = self.artifacts.save_bytes("images", job.encoded, job.encoded_ext)
-                else:
-                    image = self.artifacts.save_png("images", _to_uint8(job.image))
+                try:
+                    if job.encoded is not None and job.encoded_ext is not None:
+                        image = self.artifacts.save_bytes("images", job.encoded, job.encoded_ext)
+                    else:
+                        image = self.artifacts.save_png("images", _to_uint8(job.image))
+                except Exception as exc:
+                    missing.append(self._artifact_failed("kept image", job, exc))
         type_scores: dict[str, Any] = {str(k): float(v) for k, v in (res.type_scores or {}).items()}
         return ResultRecord(
             created_at=time.time(),
@@ -420,6 +514,8 @@ class InspectionPipeline:
             latency_ms=latency_ms,
             heatmap=heatmap,
             image=image,
+            reason="; ".join(missing) or None,
             type_scores=type_scores,
             dedup_key=job.dedup_key,
+            body_hash=job.body_hash,
         )

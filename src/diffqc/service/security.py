@@ -6,6 +6,7 @@ turns the exceptions into HTTP answers.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import io
 import os
@@ -30,6 +31,16 @@ class UploadTooLarge(ValueError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"upload exceeds the limit of {limit} bytes")
         self.limit = limit
+
+
+class UploadStalled(TimeoutError):
+    """The client sent no part of the body for longer than the idle timeout."""
+
+    def __init__(self, timeout_s: float, received: int) -> None:
+        super().__init__(
+            f"the upload stalled: no data for {timeout_s:g} s after {received} bytes; send the whole body"
+        )
+        self.timeout_s = timeout_s
 
 
 class ImageTooLarge(ValueError):
@@ -91,10 +102,21 @@ def check_content_length(header: str | None, limit: int) -> None:
         raise UploadTooLarge(limit)
 
 
-async def read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
-    """Read a streamed body, stopping as soon as it exceeds ``limit`` bytes."""
+async def read_limited(
+    chunks: AsyncIterator[bytes], limit: int, *, idle_timeout_s: float | None = None
+) -> bytes:
+    """Read a streamed body, stopping as soon as it exceeds ``limit`` bytes
+    (:class:`UploadTooLarge`) or when no chunk arrives for ``idle_timeout_s`` seconds
+    (:class:`UploadStalled`)."""
     buf = bytearray()
-    async for chunk in chunks:
+    it = aiter(chunks)
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(it), idle_timeout_s)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise UploadStalled(idle_timeout_s or 0.0, len(buf)) from None
         buf += chunk
         if len(buf) > limit:
             raise UploadTooLarge(limit)

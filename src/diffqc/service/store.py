@@ -11,8 +11,10 @@ with names the service generates; rows hold only those names.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import math
 import os
 import sqlite3
@@ -28,14 +30,22 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from diffqc.errors import StoreError
-from diffqc.service.security import safe_child
+from diffqc.errors import OutputError, StoreError
+from diffqc.service.security import is_artifact_name, safe_child
+
+log = logging.getLogger("diffqc.service")
 
 NOT_INSPECTED = "NOT_INSPECTED"
 DECISIONS = ("PASS", "REVIEW", "REJECT", NOT_INSPECTED)
 VERDICTS = ("GOOD", "BAD")
 TABLE = "diffqc_results"
 SCHEMA_VERSION = "1"
+# The largest id a row can have (SQLite INTEGER and PostgreSQL BIGINT are signed 64-bit).
+MAX_ROW_ID = 2**63 - 1
+# A lost connection is re-opened this many times, waiting 0.05, 0.1, 0.2 ... s in between.
+RECONNECT_ATTEMPTS = 5
+# A pooled PostgreSQL connection idle for longer than this is checked (SELECT 1) before use.
+PING_AFTER_IDLE_S = 1.0
 
 
 @dataclass
@@ -58,6 +68,7 @@ class ResultRecord:
     reason: str | None = None
     type_scores: dict[str, float] | None = None
     dedup_key: str | None = None
+    body_hash: str | None = None  # SHA-256 of an HTTP request sent with an Idempotency-Key
     review: str | None = None
     reviewed_at: float | None = None
     reviewer: str | None = None
@@ -70,6 +81,7 @@ class ResultRecord:
         out = asdict(self)
         out.pop("duplicate")
         out.pop("dedup_key")
+        out.pop("body_hash")
         out["created"] = _iso(self.created_at)
         out["reviewed"] = _iso(self.reviewed_at) if self.reviewed_at else None
         return out
@@ -101,6 +113,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     reason TEXT,
     type_scores TEXT,
     dedup_key TEXT,
+    body_hash TEXT,
     review TEXT,
     reviewed_at DOUBLE PRECISION,
     reviewer TEXT,
@@ -137,10 +150,24 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
 
 
+def _db_errors() -> tuple[type[BaseException], ...]:
+    """The exception types a database driver raises (sqlite3, and psycopg when installed)."""
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - depends on the install
+        return (sqlite3.Error,)
+    return (sqlite3.Error, psycopg.Error)
+
+
 class ResultStore:
     """Result rows in SQLite (default) or PostgreSQL, same SQL for both.
 
     Thread-safe: one writer connection behind a lock, a small pool of reader connections.
+    Every driver error leaves as a :class:`StoreError`. A connection that was lost (a database
+    restart, a SQLite file replaced under the service) is found before it is used (PostgreSQL:
+    ``SELECT 1`` on a connection idle for a while, or always for the writer; SQLite: the file's
+    inode) and re-opened with backoff, so the store recovers without a restart of the service.
+    ``last_write_error`` holds the reason of the last failed write (None after a good one).
     """
 
     def __init__(self, url: str, *, pool_size: int = 4) -> None:
@@ -148,14 +175,26 @@ class ResultStore:
         self.postgres = is_postgres_url(url)
         self.path: Path | None = None if self.postgres else sqlite_path(url)
         self._pool_size = pool_size
-        self._pool: list[Any] = []
+        self._pool: list[tuple[Any, Any, float]] = []  # (connection, file identity, last used)
         self._pool_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._closed = False
+        self.last_write_error: str | None = None
+        self.reconnects = 0
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the folder of SQLite store {self.path}: {exc}") from None
+        self._writer: Any = None
+        self._writer_identity: Any = None
         self._writer = self._connect(autocommit=False)
-        self._create_schema()
+        self._writer_identity = self._identity()
+        try:
+            self._create_schema()
+        except BaseException:
+            self._writer.close()
+            raise
 
     # ------------------------------------------------------------------ connections
     def _connect(self, *, autocommit: bool) -> Any:
@@ -178,71 +217,180 @@ class ResultStore:
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from None
         return conn
 
+    def _identity(self) -> Any:
+        """SQLite: (device, inode) of the database file, None when it is gone; PostgreSQL: None."""
+        if self.path is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def _alive(self, conn: Any, identity: Any, last_used: float | None) -> bool:
+        """Pre-ping: is this connection still connected to the store's database?"""
+        if not self.postgres:
+            return identity is not None and identity == self._identity()
+        if conn.closed or getattr(conn, "broken", False):
+            return False
+        if last_used is not None and time.monotonic() - last_used < PING_AFTER_IDLE_S:
+            return True
+        try:
+            conn.execute("SELECT 1").fetchone()
+            if not conn.autocommit:
+                conn.rollback()
+            return True
+        except Exception:
+            return False
+
+    def _reconnect(self, *, autocommit: bool) -> Any:
+        """A new connection, retried with exponential backoff; StoreError when all fail."""
+        delay = 0.05
+        for attempt in range(RECONNECT_ATTEMPTS):
+            try:
+                conn = self._connect(autocommit=autocommit)
+                self.reconnects += 1
+                return conn
+            except StoreError:
+                if attempt == RECONNECT_ATTEMPTS - 1:
+                    raise
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _writer_conn(self) -> Any:
+        """The writer connection, re-opened (schema included) when it was lost. Hold _write_lock."""
+        if self._writer is not None and self._alive(self._writer, self._writer_identity, None):
+            return self._writer
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            self._writer = None
+        log.warning("result store connection lost; reconnecting to %s", redact_url(self.url))
+        conn = self._reconnect(autocommit=False)
+        try:
+            self._schema_in(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._writer, self._writer_identity = conn, self._identity()
+        log.info("result store reconnected")
+        return conn
+
     def _q(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.postgres else sql
 
     @contextmanager
     def _transaction(self) -> Iterator[Any]:
-        """The writer connection inside one committed transaction."""
+        """The writer connection inside one committed transaction; driver errors -> StoreError."""
+        errors = _db_errors()
         with self._write_lock:
             if self._closed:
                 raise StoreError("the store is closed")
-            conn = self._writer
-            if not self.postgres:
-                conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn = self._writer_conn()
+                if not self.postgres:
+                    conn.execute("BEGIN IMMEDIATE")
+            except errors as exc:
+                self.last_write_error = f"cannot write to the result store: {exc}"
+                raise StoreError(self.last_write_error) from None
+            except StoreError as exc:
+                self.last_write_error = str(exc)
+                raise
             try:
                 yield conn
-            except BaseException:
-                conn.rollback()
-                raise
-            else:
                 conn.commit()
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    conn.rollback()
+                if isinstance(exc, errors):
+                    self.last_write_error = f"cannot write to the result store: {exc}"
+                    raise StoreError(self.last_write_error) from None
+                raise
+            self.last_write_error = None
 
     @contextmanager
     def _reader(self) -> Iterator[Any]:
+        """A pooled reader connection (checked before use); driver errors -> StoreError."""
         with self._pool_lock:
             if self._closed:
                 raise StoreError("the store is closed")
-            conn = self._pool.pop() if self._pool else None
+            entry = self._pool.pop() if self._pool else None
+        conn = None
+        if entry is not None:
+            if self._alive(*entry):
+                conn = entry[0]
+            else:
+                with contextlib.suppress(Exception):
+                    entry[0].close()
         if conn is None:
-            conn = self._connect(autocommit=True)
+            conn = self._reconnect(autocommit=True) if entry is not None else self._connect(autocommit=True)
+        identity = self._identity()
         ok = False
         try:
             yield conn
             ok = True
+        except _db_errors() as exc:
+            raise StoreError(f"cannot read the result store: {exc}") from None
         finally:
             with self._pool_lock:
                 if ok and not self._closed and len(self._pool) < self._pool_size:
-                    self._pool.append(conn)
+                    self._pool.append((conn, identity, time.monotonic()))
                     conn = None
             if conn is not None:
                 conn.close()
 
-    def _create_schema(self) -> None:
+    def _schema_in(self, conn: Any) -> None:
+        """Create the tables (idempotent) on a writer connection, in one transaction."""
         pk = (
             "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"
             if self.postgres
             else "INTEGER PRIMARY KEY AUTOINCREMENT"
         )
         statements = [s.strip() for s in _SCHEMA.format(table=TABLE, pk=pk).split(";") if s.strip()]
-        with self._transaction() as conn:
+        if not self.postgres:
+            conn.execute("BEGIN IMMEDIATE")
+        try:
             if self.postgres:  # serve and watch may create the schema at the same time
                 conn.execute("SELECT pg_advisory_xact_lock(727172)")
             for stmt in statements:
                 conn.execute(stmt)
+            self._add_missing_columns(conn)
             conn.execute(
                 self._q("INSERT INTO diffqc_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"),
                 ("schema_version", SCHEMA_VERSION),
             )
+            conn.commit()
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            if isinstance(exc, _db_errors()):
+                where = redact_url(self.url)
+                raise StoreError(f"cannot create the result tables in {where}: {exc}") from None
+            raise
+
+    def _add_missing_columns(self, conn: Any) -> None:
+        """Columns added after a store was created (``body_hash``): add them to old tables."""
+        if self.postgres:
+            conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS body_hash TEXT")
+            return
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({TABLE})").fetchall()}
+        if "body_hash" not in have:
+            conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN body_hash TEXT")
+
+    def _create_schema(self) -> None:
+        with self._write_lock:
+            self._schema_in(self._writer)
 
     def close(self) -> None:
         with self._pool_lock:
             self._closed = True
             pool, self._pool = self._pool, []
-        for conn in pool:
+        for conn, _, _ in pool:
             conn.close()
         with self._write_lock:
-            self._writer.close()
+            if self._writer is not None:
+                self._writer.close()
 
     def __enter__(self) -> ResultStore:
         return self
@@ -431,12 +579,28 @@ class ResultStore:
         return int(row[0])
 
     def ping(self) -> bool:
+        """True when the store answers a read."""
         try:
             with self._reader() as conn:
                 conn.execute("SELECT 1").fetchone()
             return True
-        except Exception:
+        except StoreError:
             return False
+
+    def check_write(self) -> str | None:
+        """Commit a heartbeat row: None when the store can write, else the reason it cannot."""
+        try:
+            with self._transaction() as conn:
+                conn.execute(
+                    self._q(
+                        "INSERT INTO diffqc_meta (key, value) VALUES (?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+                    ),
+                    ("heartbeat", repr(time.time())),
+                )
+        except StoreError as exc:
+            return str(exc)
+        return None
 
 
 # --------------------------------------------------------------------------- artifact files
@@ -450,20 +614,47 @@ class ArtifactStore:
         self.root = Path(root)
         for kind in ARTIFACT_KINDS:
             folder = self.root / kind
-            folder.mkdir(parents=True, exist_ok=True)
-            for tmp in folder.glob("*.tmp"):  # left by a crash mid-write
-                tmp.unlink(missing_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                for tmp in folder.glob("*.tmp"):  # left by a crash mid-write
+                    if is_artifact_name(tmp.name[: -len(".tmp")]):  # only files this store writes
+                        tmp.unlink(missing_ok=True)
+            except OSError as exc:
+                raise OutputError(f"cannot use the artifact folder {folder}: {exc}") from None
 
     def _write(self, kind: str, data: bytes, ext: str) -> str:
+        """Write via a temporary file and rename; OutputError (and no file left) on failure."""
         if kind not in ARTIFACT_KINDS:
             raise ValueError(f"unknown artifact kind {kind!r}")
         name = f"{uuid.uuid4().hex}.{ext}"
         final = self.root / kind / name
         tmp = final.with_name(name + ".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, final)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, final)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise OutputError(f"cannot write {kind[:-1]} {final}: {exc}") from None
         return name
+
+    def remove(self, kind: str, name: str | None) -> None:
+        """Delete a file this store wrote (a generated name under ``root/kind``); else nothing."""
+        path = self.path(kind, name)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def check_write(self) -> str | None:
+        """Write and remove a small probe file in each folder: None when both work, else why."""
+        for kind in ARTIFACT_KINDS:
+            try:
+                name = self._write(kind, b"diffqc write probe\n" * 64, "png")
+            except OutputError as exc:
+                return str(exc)
+            self.remove(kind, name)
+        return None
 
     def save_png(self, kind: str, image: np.ndarray) -> str:
         """Write an HxWx3 (or HxW) uint8 array as PNG; returns the generated name."""
