@@ -4,6 +4,7 @@ TPR at 5% FPR, train time and per-image scoring time, on the same backbone featu
     python benchmarks/quality.py                         # every dataset that is available
     python benchmarks/quality.py --datasets synthetic,magnetic_tile --json out.json
     python benchmarks/quality.py --datasets /path/to/mvtec_category_root
+    python benchmarks/quality.py --jitter                 # parts shifted (≤ 12 %) and rotated (≤ 15°)
 
 Datasets: ``synthetic`` (embedded inkjet set, 8 types), ``elpv`` (PyPI ``elpv-dataset``:
 types mono/poly; GOOD = defect probability 0, defective = probability 1, and also >= 0.67),
@@ -28,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffqc.config import DetectorConfig, with_overrides
+from diffqc.backbone import to_pixels
+from diffqc.config import DetectorConfig, parse_overrides, with_overrides
 from diffqc.data import GOOD, Sample, load_dataset, read_image, read_mask
 from diffqc.metrics import image_auroc, pixel_auroc, tpr_at_fpr
 from diffqc.model import Detector
@@ -89,15 +91,50 @@ def dataset_samples(name: str, work: Path) -> list[Sample] | None:
     return None
 
 
-def extract(det: Detector, samples: Sequence[Sample]) -> tuple[torch.Tensor, np.ndarray | None]:
+JITTER_SHIFT = 0.12  # of the image side, at most, in x and y
+JITTER_DEGREES = 15.0  # rotation, at most
+
+
+def jitter_transform(index: int, seed: int) -> torch.Tensor:
+    """The 2x3 affine (normalised coordinates, as ``affine_grid`` takes it) of sample ``index``:
+    a shift of up to 12 % of the side in x and y and a rotation of up to 15°, drawn from a
+    generator seeded by (seed, index), so every method and run sees the same jitter."""
+    rng = np.random.default_rng([seed, index])
+    dx, dy = rng.uniform(-JITTER_SHIFT, JITTER_SHIFT, size=2) * 2  # normalised: the side is 2
+    a = np.deg2rad(rng.uniform(-JITTER_DEGREES, JITTER_DEGREES))
+    return torch.tensor([[np.cos(a), -np.sin(a), dx], [np.sin(a), np.cos(a), dy]], dtype=torch.float32)
+
+
+def apply_jitter(image: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
+    """``image [C, S, S]`` moved by ``theta``; the border pixels fill what comes into view (a
+    part shifted on a plain conveyor), nearest-neighbour for masks."""
+    grid = torch.nn.functional.affine_grid(theta[None], [1, *image.shape], align_corners=False)
+    return torch.nn.functional.grid_sample(image[None], grid, mode=mode, padding_mode="border",
+                                           align_corners=False)[0]
+
+
+def extract(det: Detector, samples: Sequence[Sample], jitter: int | None = None,
+            ) -> tuple[torch.Tensor, np.ndarray | None]:
+    """Raw features of every sample and its masks at MASK_SIDE; with ``jitter`` (a seed) each
+    image (train and test alike) and its mask is first resized to the backbone's square input
+    and moved by :func:`jitter_transform`."""
     feats, masks = [], []
     any_mask = any(s.mask_path is not None for s in samples)
+    size = det.config.backbone.input_size
     for i in range(0, len(samples), 32):
         chunk = samples[i : i + 32]
         images = [read_image(s.path) for s in chunk]
+        chunk_masks = ([read_mask(s.mask_path, (MASK_SIDE, MASK_SIDE)) for s in chunk]
+                       if any_mask else [])
+        if jitter is not None:
+            pixels = to_pixels(images, size)
+            thetas = [jitter_transform(i + j, jitter) for j in range(len(chunk))]
+            images = [apply_jitter(p, th, "bilinear").permute(1, 2, 0).numpy()
+                      for p, th in zip(pixels, thetas, strict=True)]
+            chunk_masks = [apply_jitter(torch.from_numpy(m.astype(np.float32))[None], th, "nearest")[0]
+                           .numpy() > 0.5 for m, th in zip(chunk_masks, thetas, strict=False)]
         feats.append(det.extract(images, raw=True))
-        if any_mask:
-            masks += [read_mask(s.mask_path, (MASK_SIDE, MASK_SIDE)) for s in chunk]
+        masks += chunk_masks
     return torch.cat(feats), (np.stack(masks) if any_mask else None)
 
 
@@ -151,9 +188,11 @@ BASELINES = ("patchcore", "padim")
 
 def run(datasets: Sequence[str], methods: Sequence[str], settings: Sequence[str],
         overrides: dict[str, Any], work: Path,
-        variants: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        variants: dict[str, dict[str, Any]] | None = None,
+        jitter: int | None = None) -> list[dict[str, Any]]:
     """``variants``: extra rows named by their key, the diffusion config with those overrides
-    (a ``method`` override picks another method)."""
+    (a ``method`` override picks another method). ``jitter``: a seed; every image is shifted and
+    rotated (:func:`jitter_transform`) before the backbone, and datasets are named ``NAME+jitter``."""
     table: list[dict[str, Any]] = []
     base = with_overrides(DetectorConfig(), overrides)
     configs = {m: replace(base, method=m) for m in methods}
@@ -165,7 +204,7 @@ def run(datasets: Sequence[str], methods: Sequence[str], settings: Sequence[str]
             continue
         samples = [s for s in samples if s.split in ("train", "test") and s.label in (0, 1)]
         t0 = time.perf_counter()
-        raw, masks = extract(Detector(base, device="cpu"), samples)
+        raw, masks = extract(Detector(base, device="cpu"), samples, jitter)
         print(f"# {name}: {len(samples)} images, features {tuple(raw.shape[1:])} "
               f"in {time.perf_counter() - t0:.0f} s", flush=True)
         types = sorted({s.feature_type for s in samples})
@@ -179,7 +218,8 @@ def run(datasets: Sequence[str], methods: Sequence[str], settings: Sequence[str]
                 groups = [[i for i, s in enumerate(samples) if s.feature_type == t] for t in types]
             for method, config in configs.items():
                 for row in evaluate_setting(config, raw, samples, masks, groups):
-                    row.update(dataset=Path(name).name, method=method, setting=setting)
+                    row.update(dataset=Path(name).name + ("+jitter" if jitter is not None else ""),
+                               method=method, setting=setting)
                     table.append(row)
                     print(format_row(row), flush=True)
     return table
@@ -229,10 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--work", default=None, help="cache folder for generated data")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--jitter", type=int, nargs="?", const=0, default=None, metavar="SEED",
+                   help="shift every image (train and test) by up to 12 %% and rotate it by up to "
+                        "15° (seeded, default seed 0) before the backbone")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from diffqc.cli import _overrides
-
     work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / "diffqc-quality"
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -242,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     variants = dict(parse_setting(v) for v in args.variant)
     table = run(args.datasets.split(","), args.methods.split(","), args.settings.split(","),
-                _overrides(args.set), work, variants)
+                parse_overrides(args.set), work, variants, args.jitter)
     print(summarise(table))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if args.json:

@@ -2,21 +2,92 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
 from diffqc.config import DiffusionConfig, ScoringConfig
-from diffqc.diffusion import Denoiser, NoiseSchedule
-from diffqc.scoring import ScoreBank, aggregate, denoising_error, upsample_and_smooth
+from diffqc.diffusion import Denoiser, NoiseSchedule, alpha_bar_of, log_snr
+from diffqc.scoring import ScoreBank, aggregate, likelihood_map, upsample_and_smooth
 
 
-def test_bank_is_seeded_and_antithetic() -> None:
-    cfg = ScoringConfig(bank_timesteps=(100, 300), noises_per_timestep=2, seed=7)
-    a = ScoreBank.make(cfg, 16, 4)
-    b = ScoreBank.make(cfg, 16, 4)
+def test_bank_is_seeded_antithetic_and_weighted_in_log_snr() -> None:
+    cfg = ScoringConfig(quadrature_nodes=2, noises_per_timestep=2, seed=7)
+    ab = alpha_bar_of(DiffusionConfig())
+    a = ScoreBank.make(cfg, ab, (50, 800), 16, 4)
+    b = ScoreBank.make(cfg, ab, (50, 800), 16, 4)
     assert len(a) == 4 and torch.equal(a.noise, b.noise)
-    assert a.timesteps.tolist() == [100, 100, 300, 300]
+    assert a.timesteps[0] == a.timesteps[1] and a.timesteps[1] < a.timesteps[2] == a.timesteps[3]
     assert torch.equal(a.noise[1], -a.noise[0])
-    c = ScoreBank.make(ScoringConfig(seed=8), 16, 4)
+    lam = log_snr(ab)
+    # the weights integrate ½ dλ over the trained range
+    assert float(a.weights.sum()) == pytest.approx(0.5 * float(lam[50] - lam[800]), rel=1e-6)
+    c = ScoreBank.make(ScoringConfig(seed=8), ab, (50, 800), 16, 4)
     assert not torch.equal(a.noise[0], c.noise[0])
+
+
+def _gaussian_model(d: int, extra: int, locs: int, seed: int) -> tuple[Denoiser, Tensor, Tensor, Tensor]:
+    """A one-type Denoiser whose Gaussian path is set to a known random SPD Σ (full on the
+    first ``d`` channels of the prior order, diagonal on ``extra`` more), shared by all
+    locations; returns the model, μ, Σ (full C x C, prior order) and the diagonal variances."""
+    g = torch.Generator().manual_seed(seed)
+    c = d + extra
+    m = Denoiser(c, 1, locs, DiffusionConfig(hidden=16, depth=1, embed_dim=8, prior_dims=d)).eval()
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    vals = 0.2 + 4.8 * torch.rand(d, generator=g, dtype=torch.float64)
+    var = 0.5 + 1.5 * torch.rand(extra, generator=g, dtype=torch.float64)
+    mu = torch.randn(c, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        m.prior_mean[:] = mu.float()
+        m.prior_var[..., d:] = var.float()
+        m.prior_vecs[:] = q.float()
+        m.prior_vals[:] = vals.float()
+    sigma = torch.zeros(c, c, dtype=torch.float64)
+    sigma[:d, :d] = q @ torch.diag(vals) @ q.T
+    sigma[d:, d:] = torch.diag(var)
+    return m, mu, sigma, var
+
+
+def test_gaussian_bound_over_all_noise_levels_is_the_mahalanobis_distance() -> None:
+    """The image-dependent part of the Gaussian path's variational bound, ½∫ E_ε‖ε − ε̂_G‖² dλ,
+    integrated numerically over the schedule's whole λ range with the model's own ε̂_G, equals
+    ½ δᵀΣ⁻¹δ (PaDiM's squared Mahalanobis distance, halved); ``Denoiser.mahalanobis`` gives
+    the same in closed form. ε̂_G is affine in ε, so the ε-expectation of the image-dependent
+    part is the error at ε = 0: ‖ε̂_G(√ᾱ x)‖²."""
+    locs, d, extra = 4, 6, 3
+    m, mu, sigma, _ = _gaussian_model(d, extra, locs, seed=0)
+    g = torch.Generator().manual_seed(1)
+    x = (mu + 1.5 * torch.randn(5, locs, d + extra, generator=g, dtype=torch.float64))
+    delta = x - mu
+    want = 0.5 * (delta @ torch.linalg.inv(sigma) * delta).sum(-1)  # [5, L]
+    ab = alpha_bar_of(DiffusionConfig())
+    lam = log_snr(ab)
+    types = torch.zeros(5, dtype=torch.long)
+    prior = m.gather_prior(types)
+    with torch.no_grad():
+        natural = x[..., m.prior_unperm]  # gaussian_eps takes the natural channel order
+        sq = torch.stack([m.gaussian_eps((ab[t].sqrt() * natural).float(), torch.full((5,), t), prior)
+                          .double().pow(2).sum(-1) for t in range(len(ab))])  # [T, 5, L]
+    steps = (lam[:-1] - lam[1:]).view(-1, 1, 1)
+    bound = 0.5 * (0.5 * (sq[:-1] + sq[1:]) * steps).sum(0)  # trapezoid in λ
+    assert torch.allclose(bound, want, rtol=2e-3)
+    closed = m.mahalanobis(x.float(), types).double()
+    assert torch.allclose(closed, want, rtol=1e-4)
+
+
+def test_untrained_likelihood_map_is_the_gaussian_negative_log_density() -> None:
+    """With a zero network the map is ½ δᵀΣ⁻¹δ exactly, and with ``log_det`` it is
+    −log N(x; μ, Σ) per location (checked against torch.distributions)."""
+    locs, d, extra = 4, 5, 2
+    m, mu, sigma, _ = _gaussian_model(d, extra, locs, seed=2)
+    x = mu + torch.randn(3, locs, d + extra, dtype=torch.float64)
+    types = torch.zeros(3, dtype=torch.long)
+    bank = ScoreBank.make(ScoringConfig(), alpha_bar_of(DiffusionConfig()), (50, 800), locs, d + extra)
+    nll = torch.distributions.MultivariateNormal(mu, sigma).log_prob(x).neg()
+    with torch.inference_mode():
+        plain = likelihood_map(m, NoiseSchedule(1000), bank, x.float(), types)
+        full = likelihood_map(m, NoiseSchedule(1000), bank, x.float(), types, log_det=True)
+    delta = x - mu
+    assert torch.allclose(plain.double(), 0.5 * (delta @ torch.linalg.inv(sigma) * delta).sum(-1), rtol=1e-4)
+    assert torch.allclose(full.double(), nll, rtol=1e-4, atol=1e-4)
 
 
 def test_aggregate_small_defect_counts() -> None:
@@ -36,23 +107,28 @@ def test_upsample_smooth_shape_and_mass() -> None:
     assert abs(peak[0] - 36) <= 4 and abs(peak[1] - 36) <= 4
 
 
-def _per_pair_error(m: Denoiser, sch: NoiseSchedule, bank: ScoreBank, x: torch.Tensor,
-                    types: torch.Tensor) -> torch.Tensor:
-    """The reference: one denoiser call per (t, ε) pair, channels in their natural order."""
+def _per_pair_correction(m: Denoiser, sch: NoiseSchedule, bank: ScoreBank, x: Tensor,
+                         types: Tensor) -> Tensor:
+    """The reference: one denoiser call per (t, ε) pair, channels in their natural order; the
+    weighted difference of the squared ε-errors with and without the network."""
     n, locs, _ = x.shape
     pos = torch.arange(locs).expand(n, locs)
     total = torch.zeros(n, locs)
     for k in range(len(bank)):
         t = bank.timesteps[k].expand(n)
         eps = bank.noise[k].expand_as(x)
-        total += (m(sch.q_sample(x, t, eps), t, types, pos) - eps).pow(2).mean(-1)
-    return total / len(bank)
+        x_t = sch.q_sample(x, t, eps)
+        full = (m(x_t, t, types, pos) - eps).pow(2).sum(-1)
+        gauss = (m.gaussian_eps(x_t, t, m.gather_prior(types)) - eps).pow(2).sum(-1)
+        total += bank.weights[k] * (full - gauss)
+    return total
 
 
 @pytest.mark.parametrize("trained", [False, True])
-def test_bank_pass_equals_one_call_per_pair(trained: bool) -> None:
-    """denoising_error runs the whole bank at once, in the prior's channel order, grouped by
-    type; it must give the per-pair errors for mixed and single-type batches."""
+def test_likelihood_map_is_mahalanobis_plus_the_per_pair_network_correction(trained: bool) -> None:
+    """likelihood_map runs the whole bank at once, in the prior's channel order, grouped by
+    type; it must equal the closed-form Mahalanobis term plus the quadrature of the network's
+    effect on the ε-error, pair by pair, for mixed and single-type batches."""
     torch.manual_seed(0)
     locs, ch, n_types = 16, 12, 3
     m = Denoiser(ch, n_types, locs, DiffusionConfig(prior_dims=5, hidden=16, depth=1)).eval()
@@ -61,11 +137,14 @@ def test_bank_pass_equals_one_call_per_pair(trained: bool) -> None:
     if trained:
         torch.nn.init.normal_(m.out.weight, std=0.1)
     sch = NoiseSchedule(1000)
-    bank = ScoreBank.make(ScoringConfig(bank_timesteps=(100, 300, 600)), locs, ch)
-    in_order = ScoreBank(bank.timesteps, bank.noise[..., m.prior_perm])
+    bank = ScoreBank.make(ScoringConfig(quadrature_nodes=3), alpha_bar_of(DiffusionConfig()),
+                          (50, 800), locs, ch)
+    in_order = ScoreBank(bank.timesteps, bank.noise[..., m.prior_perm], bank.weights)
     x = torch.randn(7, locs, ch)
     for types in (torch.tensor([0, 2, 2, 1, 0, 3, 2]), torch.full((7,), 2)):
         with torch.inference_mode():
-            got = denoising_error(m, sch, in_order, x[..., m.prior_perm], types)
-            want = _per_pair_error(m, sch, bank, x, types)
-        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+            got = likelihood_map(m, sch, in_order, x[..., m.prior_perm], types)
+            maha = m.mahalanobis(x[..., m.prior_perm], types)
+            want = maha + _per_pair_correction(m, sch, bank, x, types)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got, maha) != trained

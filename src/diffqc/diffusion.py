@@ -31,6 +31,47 @@ def linear_alpha_bar(timesteps: int) -> Tensor:
     return torch.cumprod(1 - betas, dim=0)
 
 
+def alpha_bar_of(config: DiffusionConfig) -> Tensor:
+    """ᾱ_t (float64) of the configured schedule."""
+    if config.schedule == "cosine":
+        return cosine_alpha_bar(config.timesteps)
+    if config.schedule == "linear":
+        return linear_alpha_bar(config.timesteps)
+    raise ValueError(f"unknown schedule {config.schedule!r} (cosine or linear)")
+
+
+def log_snr(alpha_bar: Tensor) -> Tensor:
+    """λ_t = log SNR_t = log(ᾱ_t / (1 - ᾱ_t)); decreasing in t."""
+    return (alpha_bar / (1 - alpha_bar)).log()
+
+
+def vlb_timestep_weights(alpha_bar: Tensor, t_min: int, t_max: int) -> Tensor:
+    """Training distribution over the integer timesteps ``t_min..t_max`` that is uniform in λ:
+    the share of step t is the width of its λ-cell (λ_{t-1} − λ_t). For ε-prediction the
+    variational bound is ½∫ E‖ε − ε̂‖² dλ (Kingma et al. 2021, VDM: −SNR'(t)/SNR(t) dt = −dλ),
+    so sampling t this way and averaging the plain ε-MSE trains on exactly the bound that
+    scoring integrates (:func:`vlb_quadrature`)."""
+    lam = log_snr(alpha_bar.double())
+    t = torch.arange(t_min, t_max + 1)
+    prev = torch.where(t > 0, lam[(t - 1).clamp_min(0)], 2 * lam[0] - lam[1])
+    width = (prev - lam[t]).clamp_min(0)
+    return width / width.sum()
+
+
+def vlb_quadrature(alpha_bar: Tensor, t_min: int, t_max: int, nodes: int) -> tuple[Tensor, Tensor]:
+    """Midpoint rule in λ for ½∫_{λ(t_max)}^{λ(t_min)} g(λ) dλ: ``nodes`` integer timesteps
+    (the t whose λ is nearest each cell's midpoint) and their weights (½ × the cell width)."""
+    if nodes < 1:
+        raise ValueError("nodes must be >= 1")
+    lam = log_snr(alpha_bar.double())
+    hi, lo = float(lam[t_min]), float(lam[t_max])
+    width = (hi - lo) / nodes
+    mids = torch.tensor([hi - (j + 0.5) * width for j in range(nodes)], dtype=torch.float64)
+    span = lam[t_min : t_max + 1]
+    ts = t_min + (span[None, :] - mids[:, None]).abs().argmin(dim=1)
+    return ts.long(), torch.full((nodes,), 0.5 * width, dtype=torch.float64)
+
+
 class NoiseSchedule(nn.Module):
     """Forward process q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I); computed once, kept as buffers."""
 
@@ -39,12 +80,7 @@ class NoiseSchedule(nn.Module):
 
     def __init__(self, timesteps: int = 1000, schedule: str = "cosine") -> None:
         super().__init__()
-        if schedule == "cosine":
-            alpha_bar = cosine_alpha_bar(timesteps)
-        elif schedule == "linear":
-            alpha_bar = linear_alpha_bar(timesteps)
-        else:
-            raise ValueError(f"unknown schedule {schedule!r} (cosine or linear)")
+        alpha_bar = alpha_bar_of(DiffusionConfig(timesteps=timesteps, schedule=schedule))
         self.timesteps = timesteps
         self.register_buffer("sqrt_alpha_bar", alpha_bar.sqrt().float(), persistent=False)
         self.register_buffer("sqrt_one_minus", (1 - alpha_bar).sqrt().float(), persistent=False)
@@ -128,7 +164,7 @@ class Denoiser(nn.Module):
             raise ValueError(f"unknown prior {config.prior!r} (local or none)")
         self.use_prior = config.prior == "local"
         self.prior_dims = min(config.prior_dims, channels)
-        alpha_bar = (cosine_alpha_bar if config.schedule == "cosine" else linear_alpha_bar)(config.timesteps)
+        alpha_bar = alpha_bar_of(config)
         self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
         if self.use_prior:
             d, k = self.prior_dims, n_types + 1
@@ -160,7 +196,7 @@ class Denoiser(nn.Module):
         """Per-type, per-location Gaussians from GOOD ``tokens [N, L, C]``."""
         if not self.use_prior:
             return
-        from diffqc.baselines import ledoit_wolf_batched
+        from diffqc.covariance import ledoit_wolf_batched
 
         d = self.prior_dims
         groups = [type_idx == k for k in range(self.n_types)] + [torch.ones_like(type_idx, dtype=torch.bool)]
@@ -247,6 +283,37 @@ class Denoiser(nn.Module):
                 out = _eigen_gain(part, self.prior_vecs[ty][None], self.prior_vals[ty][None], ab)
                 full[:, sel] = out[0].permute(1, 2, 0, 3)
         return torch.cat([full, diag], dim=-1)
+
+    def mahalanobis(self, x: Tensor, type_idx: Tensor) -> Tensor:
+        """½ δᵀΣ⁻¹δ per location (δ = x − μ) under each image's type: ``x [N, L, C]`` **in the
+        prior's channel order** -> ``[N, L]``. This is the image-dependent part of −log p(x) under
+        the per-location Gaussian, which the variational bound of the Gaussian path equals
+        exactly when integrated over all noise levels (see docs/METHOD.md)."""
+        d = self.prior_dims
+        traced = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        rows = slice(0, self.n_types) if traced else slice(None)
+        delta = x - self.prior_mean[rows][type_idx]
+        diag = (delta[..., d:].pow(2) / self.prior_var[rows][type_idx][..., d:]).sum(-1)
+        r = delta[..., :d]
+        if traced:
+            z = (r.unsqueeze(-2) @ self.prior_vecs[rows][type_idx]).squeeze(-2)  # [N, L, d]
+            full = (z.pow(2) / self.prior_vals[rows][type_idx]).sum(-1)
+        else:  # per type, its eigenbases used in place (no per-image copy)
+            full = torch.empty(r.shape[:2], dtype=r.dtype, device=r.device)
+            for ty in type_idx.unique().tolist():
+                sel = (type_idx == ty).nonzero().squeeze(1)
+                z = r[sel].transpose(0, 1).contiguous() @ self.prior_vecs[ty]  # [L, m, d]
+                full[sel] = (z.pow(2) / self.prior_vals[ty][:, None, :]).sum(-1).transpose(0, 1)
+        return 0.5 * (full + diag)
+
+    def log_det_term(self, type_idx: Tensor) -> Tensor:
+        """The image-independent part of −log p(x) per location, ½(log det Σ + C log 2π):
+        ``[N, L]`` for images of types ``type_idx [N]``."""
+        d = self.prior_dims
+        traced = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        rows = slice(0, self.n_types) if traced else slice(None)
+        logdet = self.prior_vals[rows].log().sum(-1) + self.prior_var[rows][..., d:].log().sum(-1)
+        return 0.5 * (logdet + self.channels * math.log(2 * math.pi))[type_idx]
 
     def residual(self, x_t: Tensor, t: Tensor, type_idx: Tensor, pos: Tensor,
                  channel_order: Tensor | None = None) -> Tensor:

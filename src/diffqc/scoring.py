@@ -1,8 +1,18 @@
-"""Generative-classifier scoring: per-location denoising errors -> anomaly maps -> image scores.
+"""Likelihood scoring: per-location −log p(x | type) bounds -> anomaly maps -> image scores.
 
-A fixed, seeded bank of K (timestep, noise) pairs is shared by every image and every type, so
-scores are comparable across types and runs. The noises come in antithetic pairs (ε, -ε): the
-part of the error that is linear in ε, the main Monte-Carlo noise of a small bank, cancels.
+The per-location score is the variational bound on −log p(x | type) of the diffusion model,
+written as the Gaussian path's exact part plus the network's correction:
+
+    ½ δᵀΣ⁻¹δ  [+ ½ log det Σ + ½ C log 2π]  +  ½ ∫_{λ(t_max)}^{λ(t_min)} E_ε[‖f‖² − 2 f·(ε − ε̂_G)] dλ
+
+(λ = log SNR; ε̂_G the Gaussian path's posterior-mean noise, f the network's residual, so that
+‖ε − ε̂_G − f‖² − ‖ε − ε̂_G‖² = ‖f‖² − 2 f·(ε − ε̂_G)). The first term is what the bound of the
+Gaussian path integrates to over all noise levels, in closed form: there is no Monte-Carlo noise
+in it. Only the correction is estimated, with a midpoint rule in λ over the range the network
+is trained on (``train.t_min..t_max``, :func:`diffqc.diffusion.vlb_quadrature`) and a fixed,
+seeded bank of antithetic noise pairs (ε, −ε) shared by every image and type. An untrained
+network (zero output layer) adds exactly zero, and the map is then PaDiM's squared Mahalanobis
+distance (halved) on the same channels.
 """
 
 from __future__ import annotations
@@ -16,64 +26,86 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffqc.config import DetectorConfig, ScoringConfig
-from diffqc.diffusion import Denoiser, NoiseSchedule
+from diffqc.diffusion import Denoiser, NoiseSchedule, alpha_bar_of, vlb_quadrature
 from diffqc.train import TrainHistory, train_denoiser
 
 
 @dataclass(frozen=True)
 class ScoreBank:
+    """Quadrature nodes of the network's correction: one row per (timestep, noise) pair."""
+
     timesteps: Tensor  # int64 [K]
     noise: Tensor  # float32 [K, L, C]
+    weights: Tensor  # float32 [K]: ½ × λ-cell width / noises per node
 
     @classmethod
-    def make(cls, config: ScoringConfig, locations: int, channels: int) -> ScoreBank:
+    def make(cls, config: ScoringConfig, alpha_bar: Tensor, t_range: tuple[int, int],
+             locations: int, channels: int) -> ScoreBank:
         if config.noises_per_timestep < 1:
             raise ValueError("noises_per_timestep must be >= 1")
+        nodes, node_w = vlb_quadrature(alpha_bar, t_range[0], t_range[1], config.quadrature_nodes)
         gen = torch.Generator().manual_seed(config.seed)
-        ts, noises = [], []
-        for t in config.bank_timesteps:
-            for j in range(config.noises_per_timestep):
+        ts, noises, ws = [], [], []
+        m = config.noises_per_timestep
+        for t, w in zip(nodes.tolist(), node_w.tolist(), strict=True):
+            for j in range(m):
                 if j % 2 == 0:
-                    eps = torch.randn(locations, channels, generator=gen)
-                    noises.append(eps)
+                    noises.append(torch.randn(locations, channels, generator=gen))
                 else:
                     noises.append(-noises[-1])
                 ts.append(t)
-        return cls(torch.tensor(ts, dtype=torch.long), torch.stack(noises))
+                ws.append(w / m)
+        return cls(torch.tensor(ts, dtype=torch.long), torch.stack(noises),
+                   torch.tensor(ws, dtype=torch.float32))
 
     def __len__(self) -> int:
         return int(self.timesteps.shape[0])
 
 
 @torch.inference_mode()
-def denoising_error(
+def network_correction(
     denoiser: Denoiser, schedule: NoiseSchedule, bank: ScoreBank, tokens: Tensor, type_idx: Tensor
 ) -> Tensor:
-    """Mean over the bank of the per-location ε-MSE: ``tokens [N, L, C]`` -> ``[N, L]``.
+    """The network's part of the bound per location: ``tokens [N, L, C]`` -> ``[N, L]``,
+    Σ_k w_k (‖f_k‖² − 2 f_k·(ε_k − ε̂_G,k)) over the bank's pairs.
 
-    With the Gaussian path (``denoiser.use_prior``) ``tokens`` and ``bank`` must be in the
-    prior's channel order (``denoiser.prior_perm``; :meth:`DiffusionScorer.score_maps` permutes
-    the feature maps once, where it is cheap, and keeps a permuted bank): the error is a sum over
-    channels, so the order does not change it, and indexing the last axis is slow on CPU. All K
-    (t, ε) pairs go through the denoiser together (one network pass over K·N images, one pass of
-    the Gaussian path over the bank), which is what keeps small banks cheap."""
+    ``tokens`` and ``bank`` must be in the prior's channel order (``denoiser.prior_perm``; the
+    sums over channels do not depend on the order, and indexing the last axis is slow on CPU).
+    All K pairs go through the network in one pass over K·N images."""
     n, locations, channels = tokens.shape
     k = len(bank)
     t = bank.timesteps.to(tokens.device)
     noise = bank.noise.to(tokens.device)[:, None]  # [K, 1, L, C]
-    order = denoiser.prior_perm if denoiser.use_prior else None
     x_t = schedule.q_sample(tokens[None], t, noise)  # [K, N, L, C]
-    pred: Tensor | None = None
-    if not (denoiser.use_prior and denoiser.network_is_zero()):
-        pos = torch.arange(locations, device=tokens.device).expand(k * n, locations)
-        flat = denoiser.residual(x_t.reshape(k * n, locations, channels), t.repeat_interleave(n),
-                                 type_idx.repeat(k), pos, order)
-        pred = flat.view(k, n, locations, channels)
+    pos = torch.arange(locations, device=tokens.device).expand(k * n, locations)
+    order = denoiser.prior_perm if denoiser.use_prior else None
+    f = denoiser.residual(x_t.reshape(k * n, locations, channels), t.repeat_interleave(n),
+                          type_idx.repeat(k), pos, order).view(k, n, locations, channels)
     if denoiser.use_prior:
         gauss = denoiser.gaussian_eps_bank(x_t, t, type_idx)
-        pred = gauss if pred is None else pred + gauss
-    assert pred is not None
-    return (pred - noise).pow(2).mean(dim=-1).mean(dim=0)
+        corr = (f * (f - 2 * (noise - gauss))).sum(dim=-1)  # [K, N, L]
+    else:  # no Gaussian path: the whole ε-error, ‖ε − f‖²
+        corr = (noise - f).pow(2).sum(dim=-1)
+    return (bank.weights.to(tokens.device).view(k, 1, 1) * corr).sum(dim=0)
+
+
+@torch.inference_mode()
+def likelihood_map(
+    denoiser: Denoiser, schedule: NoiseSchedule, bank: ScoreBank, tokens: Tensor, type_idx: Tensor,
+    *, log_det: bool = False,
+) -> Tensor:
+    """Per-location bound on −log p(x | type) (see the module docstring), ``[N, L]``; without
+    ``log_det`` the image-independent ½ log det Σ + ½ C log 2π is left out. ``tokens`` (and the
+    bank) in the prior's channel order. Without the Gaussian path (``diffusion.prior=none``) it
+    is the quadrature of the network's whole bound over the trained λ range only."""
+    if not denoiser.use_prior:
+        return network_correction(denoiser, schedule, bank, tokens, type_idx)
+    nll = denoiser.mahalanobis(tokens, type_idx)
+    if not denoiser.network_is_zero():
+        nll = nll + network_correction(denoiser, schedule, bank, tokens, type_idx)
+    if log_det:
+        nll = nll + denoiser.log_det_term(type_idx)
+    return nll
 
 
 class DiffusionScorer:
@@ -94,7 +126,9 @@ class DiffusionScorer:
         )
         _, c, h, w = features.shape
         self.grid_ = (h, w)
-        self._set_bank(ScoreBank.make(self.config.scoring, h * w, c))
+        tr = self.config.train
+        self._set_bank(ScoreBank.make(self.config.scoring, alpha_bar_of(self.config.diffusion),
+                                      (tr.t_min, tr.t_max), h * w, c))
         return self
 
     def _set_bank(self, bank: ScoreBank) -> None:
@@ -103,7 +137,8 @@ class DiffusionScorer:
         assert self.denoiser_ is not None
         self.bank_ = bank
         perm = self.denoiser_.prior_perm if self.denoiser_.use_prior else None
-        self._scoring_bank = bank if perm is None else ScoreBank(bank.timesteps, bank.noise[..., perm])
+        self._scoring_bank = bank if perm is None else ScoreBank(bank.timesteps, bank.noise[..., perm],
+                                                                 bank.weights)
 
     def _check(self) -> tuple[Denoiser, ScoreBank]:
         if self.denoiser_ is None or self.bank_ is None:
@@ -119,16 +154,21 @@ class DiffusionScorer:
         if (h, w) != self.grid_ or c != denoiser.channels:
             raise ValueError(f"features {tuple(features.shape[1:])} do not match the model "
                              f"({denoiser.channels}, {self.grid_[0]}, {self.grid_[1]})")
-        if denoiser.use_prior:  # into the prior's channel order (see denoising_error)
+        if denoiser.use_prior:  # into the prior's channel order (see likelihood_map)
             features = features[:, denoiser.prior_perm]
         tokens = features.permute(0, 2, 3, 1).reshape(n, h * w, c)
         # images per pass: K·chunk noised copies go through the network together. About 16
         # copies per pass was fastest here (64 was 1.5x slower: activations far beyond the caches)
         chunk = max(1, 16 // len(bank))
+        log_det = self.config.scoring.log_det
         if torch.jit.is_tracing():  # a traced graph must not bake the trace's batch into slices
-            return denoising_error(denoiser, self.schedule, bank, tokens, type_idx.long()).view(n, h, w)
-        err = torch.cat([denoising_error(denoiser, self.schedule, bank, tokens[i : i + chunk],
-                                         type_idx[i : i + chunk].long()) for i in range(0, n, chunk)])
+            return likelihood_map(denoiser, self.schedule, bank, tokens, type_idx.long(),
+                                  log_det=log_det).view(n, h, w)
+        if denoiser.use_prior and denoiser.network_is_zero():  # Gaussian part only: no bank
+            chunk = n
+        err = torch.cat([likelihood_map(denoiser, self.schedule, bank, tokens[i : i + chunk],
+                                        type_idx[i : i + chunk].long(), log_det=log_det)
+                         for i in range(0, max(n, 1), max(chunk, 1))])
         return err.view(n, h, w)
 
     def state_tensors(self) -> dict[str, Tensor]:
@@ -136,6 +176,7 @@ class DiffusionScorer:
         state = {f"denoiser.{k}": v for k, v in denoiser.state_dict().items()}
         state["bank.timesteps"] = bank.timesteps
         state["bank.noise"] = bank.noise
+        state["bank.weights"] = bank.weights
         return state
 
     @classmethod
@@ -149,9 +190,11 @@ class DiffusionScorer:
         state = {k.removeprefix("denoiser."): v for k, v in tensors.items() if k.startswith("denoiser.")}
         denoiser.load_state_dict(state)
         self.denoiser_ = denoiser.eval()
-        self._set_bank(ScoreBank(tensors["bank.timesteps"].long(), noise.float()))
+        self._set_bank(ScoreBank(tensors["bank.timesteps"].long(), noise.float(),
+                                 tensors["bank.weights"].float()))
+        grid = config.backbone.grid  # recorded at fit time; bundles from before: square
         side = math.isqrt(locations)
-        self.grid_ = (side, locations // side)
+        self.grid_ = (int(grid[0]), int(grid[1])) if len(grid) == 2 else (side, locations // side)
         return self
 
 

@@ -1,4 +1,5 @@
-"""The training loop (plain PyTorch): DDPM ε-prediction on GOOD features at sampled locations."""
+"""The training loop (plain PyTorch): ε-prediction on GOOD features at sampled locations, with
+timesteps drawn uniformly in log SNR over [t_min, t_max] (the variational bound's weighting)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffqc.config import DiffusionConfig, TrainConfig
-from diffqc.diffusion import Denoiser, NoiseSchedule
+from diffqc.diffusion import Denoiser, NoiseSchedule, alpha_bar_of, vlb_timestep_weights
 
 
 @dataclass
@@ -50,7 +51,8 @@ def train_denoiser(
     """Fit the shared denoiser on standardised GOOD features ``[N, C, h, w]``.
 
     Every step draws ``batch_images`` images and ``locations_per_image`` locations of each, a
-    timestep per image in ``[t_min, t_max]`` and fresh noise. Returns the EMA weights.
+    timestep per image in ``[t_min, t_max]`` (uniform in λ = log SNR) and fresh noise.
+    Returns the EMA weights.
     """
     if features.dim() != 4 or features.shape[0] != type_idx.shape[0]:
         raise ValueError("features must be [N, C, h, w] with one type index per image")
@@ -67,6 +69,9 @@ def train_denoiser(
     model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     schedule = NoiseSchedule(diffusion.timesteps, diffusion.schedule).to(device)
+    # uniform in λ = log SNR: the variational bound's weighting for ε-prediction, the same
+    # range and weighting that scoring integrates (diffqc.scoring)
+    t_weights = vlb_timestep_weights(alpha_bar_of(diffusion), train.t_min, train.t_max).float()
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     history = TrainHistory()
     b = min(train.batch_images, n)
@@ -79,7 +84,7 @@ def train_denoiser(
         pos = torch.randint(0, locations, (b, lp), generator=gen)
         x0 = tokens[img[:, None], pos].to(device)
         pos = pos.to(device)
-        t = torch.randint(train.t_min, train.t_max + 1, (b,), generator=gen).to(device)
+        t = (train.t_min + torch.multinomial(t_weights, b, replacement=True, generator=gen)).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         x_t = schedule.q_sample(x0, t, noise)
         y_true = type_idx[img].to(device)
