@@ -169,7 +169,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        for name in ("steps", "batch_images", "locations_per_image"):
+        _at_least(self, "steps", 0)  # 0: the untrained network, i.e. the Gaussian path alone
+        for name in ("batch_images", "locations_per_image"):
             _at_least(self, name, 1)
         _in_range(self, "lr", 0, math.inf)
         _at_least(self, "weight_decay", 0)
