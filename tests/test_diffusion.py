@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from diffqc.config import DiffusionConfig, TrainConfig
-from diffqc.diffusion import Denoiser, NoiseSchedule, cosine_alpha_bar
+from diffqc.diffusion import (
+    Denoiser,
+    NoiseSchedule,
+    alpha_bar_of,
+    cosine_alpha_bar,
+    log_snr,
+    vlb_quadrature,
+    vlb_timestep_weights,
+)
 from diffqc.train import separation_hinge, train_denoiser
 
 
@@ -77,9 +85,30 @@ def test_gaussian_prior_is_the_optimal_linear_denoiser() -> None:
     assert float((far - eps).pow(2).mean()) > 2 * float(err)
 
 
+def _posterior_mean_eps(m: Denoiser, x_t: torch.Tensor, t: int, ty: torch.Tensor) -> torch.Tensor:
+    """E[ε | x_t] from its dense definition (float64), independent of the eigenbasis code path:
+    ε̂ = √(1-ᾱ) (ᾱ Σ + (1-ᾱ) I)⁻¹ (x_t - √ᾱ μ), with Σ rebuilt from the fitted prior (V diag(λ) Vᵀ
+    on the full-covariance channels, diagonal on the rest) in the prior's channel order."""
+    d, c = m.prior_dims, m.channels
+    ab = float(m.alpha_bar[t])
+    out = torch.empty(x_t.shape, dtype=torch.float64)
+    for i, k in enumerate(ty.tolist()):
+        for loc in range(m.locations):
+            cov = torch.zeros(c, c, dtype=torch.float64)
+            vecs, vals = m.prior_vecs[k, loc].double(), m.prior_vals[k, loc].double()
+            cov[:d, :d] = vecs @ torch.diag(vals) @ vecs.T
+            cov[d:, d:] = torch.diag(m.prior_var[k, loc, d:].double())
+            resid = x_t[i, loc, m.prior_perm].double() - ab**0.5 * m.prior_mean[k, loc].double()
+            eps = (1 - ab) ** 0.5 * torch.linalg.solve(ab * cov + (1 - ab) * torch.eye(c, dtype=torch.float64),
+                                                       resid)
+            out[i, loc] = eps[m.prior_unperm]
+    return out
+
+
 def test_untrained_network_is_skipped_exactly() -> None:
-    """With a zero output layer (train.steps=0) inference is the Gaussian path alone; once the
-    output layer is non-zero the network runs again."""
+    """With a zero output layer (train.steps=0) inference is the Gaussian path alone, which is the
+    posterior mean of ε under the fitted Gaussian, and the network is not run; once the output
+    layer is non-zero the network runs again and adds its output."""
     g = torch.Generator().manual_seed(3)
     c, side = 6, 3
     m = Denoiser(c, 2, side * side, DiffusionConfig(hidden=16, depth=1, embed_dim=8, prior_dims=3))
@@ -88,9 +117,36 @@ def test_untrained_network_is_skipped_exactly() -> None:
     m.eval()
     x_t, t = torch.randn(4, side * side, c, generator=g), torch.full((4,), 300)
     ty, pos = torch.tensor([0, 1, 0, 1]), torch.arange(side * side).expand(4, -1)
+    network_calls: list[int] = []
+    m.inp.register_forward_hook(lambda *_: network_calls.append(1))
+    expected = _posterior_mean_eps(m, x_t, 300, ty)
     assert m.network_is_zero()
-    assert torch.equal(m(x_t, t, ty, pos), m.gaussian_eps(x_t, t, m.gather_prior(ty)))
     with torch.no_grad():
-        m.out.bias.fill_(0.5)
-    assert not m.network_is_zero()
-    assert torch.allclose(m(x_t, t, ty, pos), m.gaussian_eps(x_t, t, m.gather_prior(ty)) + 0.5)
+        got = m(x_t, t, ty, pos)
+    assert not network_calls, "an untrained network is not run"
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        m.out.bias.fill_(0.5)  # the network's output is now exactly 0.5 everywhere (zero weights)
+        assert not m.network_is_zero()
+        got = m(x_t, t, ty, pos)
+    assert network_calls == [1]
+    torch.testing.assert_close(got.double(), expected + 0.5, rtol=1e-4, atol=1e-5)
+
+
+def test_training_timesteps_are_uniform_in_log_snr() -> None:
+    """Training draws t with the variational bound's weighting for ε-prediction (uniform in
+    λ = log SNR) over [t_min, t_max]: the λ-mass below any cut is proportional to its λ-length,
+    and the scoring quadrature's nodes lie in the same range at equal λ spacing."""
+    ab = alpha_bar_of(DiffusionConfig())
+    lam = log_snr(ab)
+    w = vlb_timestep_weights(ab, 50, 800)
+    assert w.shape == (751,) and float(w.sum()) == pytest.approx(1.0)
+    cut = 300  # share of the steps 50..300 = their share of the λ range
+    share = float((lam[49] - lam[cut]) / (lam[49] - lam[800]))
+    assert float(w[: cut - 50 + 1].sum()) == pytest.approx(share, rel=1e-6)
+    assert float(w[0]) > 2 * float(w[-1])  # not uniform in t
+    nodes, weights = vlb_quadrature(ab, 50, 800, 4)
+    assert int(nodes.min()) >= 50 and int(nodes.max()) <= 800
+    gaps = (lam[nodes[:-1]] - lam[nodes[1:]]).tolist()
+    assert max(gaps) - min(gaps) < 0.05 * max(gaps)
+    assert float(weights.sum()) == pytest.approx(0.5 * float(lam[50] - lam[800]))
