@@ -1,9 +1,17 @@
-"""``diffqc ...``: the command-line interface. ``main(argv=None) -> int``."""
+"""``diffqc ...``: the command-line interface. ``main(argv=None) -> int``.
+
+One error boundary (:func:`main`): a :class:`~diffqc.errors.DiffqcError` (bad input, a missing
+runtime, an unusable device, ...) or an ``OSError`` while reading or writing files is one line
+``diffqc: error: ...`` on stderr and exit code 1; usage errors exit 2 (argparse); anything else
+is a bug and keeps its traceback (as does every error with ``DIFFQC_TRACEBACK=1``). Warnings are
+one line each, ``diffqc: warning: ...``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -12,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from diffqc import __version__
+from diffqc.errors import ConfigError, DatasetError, DiffqcError, OutputError
 from diffqc.runtime import add_runtime_arguments
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -29,7 +38,7 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
         out[key.strip()] = _parse_value(value.strip())
     return out
 
@@ -68,73 +77,114 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def cmd_synth(args: argparse.Namespace) -> int:
     from diffqc.synth import write_synthetic_dataset
 
-    summary = write_synthetic_dataset(args.out, n_parts=args.parts, seed=args.seed,
-                                      image_size=args.size, overwrite=args.overwrite,
-                                      progress=not args.quiet)
+    try:
+        summary = write_synthetic_dataset(args.out, n_parts=args.parts, seed=args.seed,
+                                          image_size=args.size, overwrite=args.overwrite,
+                                          progress=not args.quiet)
+    except ValueError as exc:  # its argument checks (--parts, --size)
+        raise ConfigError(f"data synth: {exc}") from None
     print(json.dumps({"root": str(args.out), "splits": summary["splits"], "labels": summary["labels"]}))
     return EXIT_OK
 
 
+def _nested(a: Path, b: Path) -> bool:
+    """Whether ``a`` is ``b`` or inside it (after resolving links)."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents
+
+
+def check_train_paths(data: Path, out: Path) -> None:
+    """The model folder must be neither the dataset folder, nor inside it, nor around it."""
+    root = data.parent if data.suffix.lower() == ".csv" else data
+    if _nested(out, root) or _nested(root, out):
+        raise OutputError(f"--out {out} and the training data {data} overlap; write the model "
+                          "bundle to a folder outside the dataset")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from diffqc.data import load_dataset
-    from diffqc.model import Detector
+    from diffqc.data import good_training, load_dataset
+    from diffqc.model import Detector, check_bundle_target
 
     config = build_config(args)
-    samples = load_dataset(args.data)
+    data, out = Path(args.data), Path(args.out)
+    check_train_paths(data, out)
+    check_bundle_target(out, force=args.force)  # refused before the training, not after
+    samples = good_training(load_dataset(data))  # names any type left without GOOD training images
     start = time.perf_counter()
     det = Detector(config, device=args.device).fit(samples, progress=not args.quiet,
                                                     skip_corrupt=args.skip_corrupt)
-    det.save(args.out)
-    print(json.dumps({"model": str(args.out), "classes": det.classes_, "method": config.method,
+    det.save(out, force=args.force)
+    print(json.dumps({"model": str(out), "classes": det.classes_, "method": config.method,
                       "seconds": round(time.perf_counter() - start, 1),
                       "training_data": det.metadata["training_data"]}))
     return EXIT_OK
 
 
-def _expand_images(paths: Sequence[str]) -> list[Path]:
+def _expand_images(paths: Sequence[str]) -> list[tuple[Path, Path]]:
+    """``(image, name)`` for every image file given or found under a folder given; ``name`` is
+    its path relative to that folder (for a file given alone: its file name)."""
     from diffqc.data import IMAGE_SUFFIXES
 
-    out: list[Path] = []
+    out: list[tuple[Path, Path]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+            out += [(q, q.relative_to(p)) for q in sorted(p.rglob("*"))
+                    if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES]
         else:
-            out.append(p)
+            out.append((p, Path(p.name)))
     return out
 
 
+def _new_heatmap_path(folder: Path, name: Path) -> Path:
+    """A heat-map file named after the image's relative path (``test/blob/000.png`` ->
+    ``test_blob_000_heatmap.png``) that did not exist before: it is created here, empty, so that
+    no file (an earlier run's, or another image's of the same name) is ever overwritten."""
+    stem = "_".join([*name.parent.parts, name.stem]) or "image"
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(10_000):
+        candidate = folder / (f"{stem}_heatmap.png" if k == 0 else f"{stem}_heatmap-{k}.png")
+        try:
+            with open(candidate, "xb"):
+                return candidate
+        except FileExistsError:
+            continue
+    raise OutputError(f"no free heat-map file name for {name} in {folder}")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from diffqc.data import read_image
+    from diffqc.data import IMAGE_SUFFIXES, read_image
     from diffqc.errors import ImageReadError
     from diffqc.runtime import runtime_from_args
-    from diffqc.visualize import save_overlay
 
+    images = _expand_images(args.images)
+    if not images:
+        raise DatasetError(f"no images in {', '.join(args.images)} (looked for "
+                           f"{', '.join(sorted(IMAGE_SUFFIXES))})")
     det = runtime_from_args(args, args.model)
     if args.feature_type is not None:
         det.type_index(args.feature_type)  # fail early on an unknown type
-    failures = 0
-    for path in _expand_images(args.images):
+    for path, name in images:
         try:
             image = read_image(path)
         except ImageReadError as exc:
-            failures += 1
             print(json.dumps({"path": str(path), "error": str(exc)}))
             if not args.skip_corrupt:
-                print(f"error: {exc}", file=sys.stderr)
-                return EXIT_ERROR
+                raise
             continue
         start = time.perf_counter()
         (result,) = det.inspect([image], [args.feature_type])
         row: dict[str, Any] = {"path": str(path), **result.to_json(),
                                "latency_ms": round(1000 * (time.perf_counter() - start), 1)}
         if args.heatmaps and result.anomaly_map is not None:
+            from diffqc.visualize import save_overlay  # matplotlib: only when drawing
+
             th = det.calibration_.thresholds(result.feature_type) if det.calibration_ else {}
             vmin = th.get("review") if th and th.get("review", float("inf")) < float("inf") else None
-            out = Path(args.heatmaps) / f"{path.stem}_heatmap.png"
+            out = _new_heatmap_path(Path(args.heatmaps), name)
             save_overlay(out, image, result.anomaly_map, **({"vmin": vmin * 0.5} if vmin else {}))
             row["heatmap"] = str(out)
         print(json.dumps(row))
-    return EXIT_ERROR if failures and not args.skip_corrupt else EXIT_OK
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -168,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="fit and calibrate a model on GOOD images")
     train.add_argument("data", help="MVTec-layout folder or CSV manifest")
-    train.add_argument("--out", required=True, type=Path, help="model bundle folder to write")
+    train.add_argument("--out", required=True, type=Path,
+                       help="model bundle folder to write: new, empty, or an earlier bundle")
+    train.add_argument("--force", action="store_true",
+                       help="write into a non-empty folder that is not a bundle (deletes nothing)")
     _add_model_options(train)
     train.add_argument("--skip-corrupt", action="store_true", help="skip and list unreadable images")
     train.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -216,34 +269,37 @@ def _optional_registrars() -> list[Callable[[Any], None]]:
     return regs
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from diffqc.errors import (
-        BackboneError,
-        BundleError,
-        DatasetError,
-        ImageReadError,
-        UnknownFeatureTypeError,
-    )
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    print(f"diffqc: warning: {message}", file=sys.stderr)
 
-    return (ImageReadError, DatasetError, BundleError, UnknownFeatureTypeError, BackboneError,
-            FileExistsError, FileNotFoundError, ValueError)
+
+def _describe(exc: BaseException) -> str:
+    """One line: the message; for a bare OSError its file name and reason."""
+    if isinstance(exc, OSError) and not isinstance(exc, DiffqcError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # usage errors: argparse says so and exits 2
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    warnings.simplefilter("default")
-    try:
-        return int(args.func(args))
-    except _known_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = _one_line_warning
+        try:
+            return int(args.func(args))
+        except (DiffqcError, OSError) as exc:  # the user's input or the machine, not a bug
+            if os.environ.get("DIFFQC_TRACEBACK"):
+                raise
+            print(f"diffqc: error: {_describe(exc)}", file=sys.stderr)
+            return EXIT_ERROR
+        except KeyboardInterrupt:
+            print("diffqc: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

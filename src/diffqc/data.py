@@ -238,12 +238,23 @@ def feature_types(samples: Iterable[Sample]) -> list[str]:
     return sorted({s.feature_type for s in samples})
 
 
+class DatasetWarning(UserWarning):
+    """Part of a dataset is left out (e.g. a type without GOOD training images)."""
+
+
 def good_training(samples: Iterable[Sample]) -> list[Sample]:
     """The GOOD samples a model fits on: those marked ``split == "train"`` when any is so
-    marked, else every GOOD sample."""
+    marked, else every GOOD sample. A type left without any (only test images, say) is named in
+    one :class:`DatasetWarning`: a model learns a type only from its GOOD training images."""
+    samples = list(samples)
     good = [s for s in samples if s.label == GOOD]
     if any(s.split == "train" for s in good):
         good = [s for s in good if s.split == "train"]
+    left_out = sorted(set(feature_types(samples)) - set(feature_types(good)))
+    if left_out:
+        warnings.warn(f"type(s) {', '.join(left_out)} have no GOOD training images (train/good) and "
+                      "are left out of the model: training needs GOOD training images of every type",
+                      DatasetWarning, stacklevel=2)
     return good
 
 

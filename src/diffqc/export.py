@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffqc import __version__
-from diffqc.errors import ExportError
+from diffqc.errors import ConfigError, DatasetError, ExportError
 from diffqc.runtime import (
     ANOMALY_MAP,
     EXPORT_FILE,
@@ -600,11 +600,13 @@ def _stratified(samples: Sequence[Sample], n: int, seed: int = 0) -> list[Sample
 
 
 def _synthetic_images(n: int, size: int) -> list[np.ndarray]:
+    """``n`` images of the synthetic set (it needs at least 3 parts per type to be written)."""
     from diffqc.data import load_dataset, read_images
-    from diffqc.synth import write_synthetic_dataset
+    from diffqc.synth import FEATURE_TYPES, write_synthetic_dataset
 
     with tempfile.TemporaryDirectory(prefix="diffqc-synth-") as tmp:
-        write_synthetic_dataset(tmp, n_parts=max(n, 8), seed=7, image_size=size, progress=False)
+        write_synthetic_dataset(tmp, n_parts=max(n, 3 * len(FEATURE_TYPES)), seed=7, image_size=size,
+                                progress=False)
         images, _, _ = read_images(load_dataset(tmp)[:n])
     return images
 
@@ -642,7 +644,7 @@ def _recalibrate(det: Detector, fp32: OnnxGraph, int8: OnnxGraph, good: Sequence
         table = int8.score_features(rep, np.tile(np.arange(n_types), len(feats)))[1].reshape(-1, n_types)
         for row, k in zip(table, own[sl], strict=True):
             known[det.classes_[k]].append(float(row[k]))
-            unknown[det.classes_[k]].append(float(row.min()))
+            unknown[det.classes_[int(row.argmin())]].append(float(row.min()))  # predicted type
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same warnings as at training time
         recomputed = Calibrator(cal.config).fit(known, unknown)
@@ -681,7 +683,7 @@ def export_bundle(
     import_onnx()
     import_onnxruntime()
     if int8 and calibration_data is None:
-        raise ValueError("--int8 needs --calibration-data DATA (GOOD images of the model's types)")
+        raise ConfigError("--int8 needs --calibration-data DATA (GOOD images of the model's types)")
     path = Path(path)
     det = Detector.load(path, device="cpu")
     classes, size = det.classes_, det.config.backbone.input_size
@@ -773,7 +775,8 @@ def _export_int8(
     samples = load_dataset(calibration_data)
     good = good_training([s for s in samples if s.feature_type in classes])
     if not good:
-        raise ValueError(f"no GOOD images of the model's types ({', '.join(classes)}) in {calibration_data}")
+        raise DatasetError(f"no GOOD images of the model's types ({', '.join(classes)}) "
+                           f"in {calibration_data}")
     fit_idx, cal_idx = split_calibration(good, det.config.calibration.fraction, det.config.train.seed)
     calib_images, calib = _read_samples(_stratified([good[i] for i in fit_idx] or good, calibration_images))
     check_images, check = _read_samples(_stratified([good[i] for i in cal_idx] or good, sensitivity_images))

@@ -32,12 +32,14 @@ from diffqc.backbone import FeatureExtractor, to_pixels
 from diffqc.calibration import Calibrator
 from diffqc.config import DetectorConfig
 from diffqc.data import Sample, good_training, read_images
-from diffqc.errors import BundleError, UnknownFeatureTypeError
+from diffqc.errors import BundleError, DatasetError, OutputError, UnknownFeatureTypeError
 from diffqc.inspection import (
     BUNDLE_FILES,
     BUNDLE_FORMAT,
     Inspection,
+    check_bundle_version,
     inspect_in_batches,
+    sha256_file,
     verdicts,
 )
 from diffqc.scoring import DiffusionScorer, aggregate, upsample_and_smooth
@@ -68,14 +70,20 @@ def load_scorer(config: DetectorConfig, tensors: dict[str, Tensor], n_types: int
 def split_calibration(
     samples: Sequence[Sample], fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
-    """Indices (fit, calibration) per type, grouped by part; every type keeps >= 1 on each side
-    when it has >= 2 groups."""
+    """Indices (fit, calibration) per type, grouped by part; every type keeps >= 1 on each side.
+    A type with fewer than 2 GOOD parts is a :class:`DatasetError` naming it."""
     rng = np.random.default_rng(seed)
     fit_idx: list[int] = []
     cal_idx: list[int] = []
     by_type: dict[str, dict[str, list[int]]] = {}
     for i, s in enumerate(samples):
         by_type.setdefault(s.feature_type, {}).setdefault(s.group, []).append(i)
+    few = {t: len(g) for t, g in sorted(by_type.items()) if len(g) < 2}
+    if few:
+        listed = ", ".join(f"{t!r} ({n})" for t, n in few.items())
+        raise DatasetError(f"too few GOOD training parts to calibrate: {listed}; every type needs at "
+                           "least 2 (one to fit, one to calibrate), and >= 20 for a REVIEW level "
+                           "that the calibration alone can reach")
     for t in sorted(by_type):
         groups = sorted(by_type[t])
         order = rng.permutation(len(groups))
@@ -83,6 +91,29 @@ def split_calibration(
         for rank, g in enumerate(order):
             (cal_idx if rank < n_cal else fit_idx).extend(by_type[t][groups[g]])
     return sorted(fit_idx), sorted(cal_idx)
+
+
+def is_bundle(path: Path) -> bool:
+    """Whether ``path`` is a folder that diffqc wrote a model bundle into."""
+    try:
+        meta = json.loads((path / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "format" in meta and "diffqc_version" in meta
+
+
+def check_bundle_target(path: Path | str, *, force: bool = False) -> Path:
+    """``path`` if a bundle may be written there: a new or empty folder, or an earlier bundle
+    (whose own files are replaced). Any other non-empty folder is refused unless ``force``, and
+    even then nothing already there is deleted: the bundle's files are written beside it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"cannot write the model bundle to {path}: it exists and is not a folder")
+    if path.is_dir() and not force and not is_bundle(path) and any(path.iterdir()):
+        raise OutputError(f"{path} is not empty and is not a diffqc model bundle; choose a new or "
+                          "empty folder, or pass --force to write the bundle's files beside what "
+                          "is there (nothing is deleted)")
+    return path
 
 
 class Detector:
@@ -134,7 +165,9 @@ class Detector:
             warnings.warn(f"fit uses the {len(good)} GOOD training samples of {len(samples)} given",
                           stacklevel=2)
         if not good:
-            raise ValueError("no GOOD training samples to fit on")
+            raise DatasetError("no GOOD training samples to fit on")
+        # a type with too few GOOD parts fails here, before any image is read or model trained
+        split_calibration(good, self.config.calibration.fraction, self.config.train.seed)
         images, good, errors = read_images(good, skip_corrupt=skip_corrupt)
         raw = self.extract(images, raw=True, progress=progress)
         del images
@@ -204,7 +237,8 @@ class Detector:
             table = self._type_score_table(feats[i : i + bs])  # [n, T]
             for j, s in enumerate(chunk):
                 known[s.feature_type].append(float(table[j, self.classes_.index(s.feature_type)]))
-                unknown[s.feature_type].append(float(table[j].min()))
+                # unknown-type mode: keyed by the predicted type, as at inference
+                unknown[self.classes_[int(table[j].argmin())]].append(float(table[j].min()))
         return known, unknown
 
     # ------------------------------------------------------------------ scoring
@@ -307,39 +341,49 @@ class Detector:
                                   skip_corrupt=skip_corrupt)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: Path | str) -> Path:
-        """Write the bundle atomically: into a temporary sibling folder, then renamed."""
+    def save(self, path: Path | str, *, force: bool = False) -> Path:
+        """Write the bundle: a new folder appears whole (written beside it, then renamed); into an
+        existing folder (an earlier bundle, an empty folder or, with ``force``, any folder) the
+        bundle's own files are written beside it first and then moved in, ``metadata.json`` last.
+        Nothing this method did not write is ever deleted. A write that fails (full disk,
+        unwritable folder) raises :class:`OutputError` naming the path, leaves no partial files
+        and any previous bundle as it was."""
         scorer, calibration = self._require_fitted()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        path = check_bundle_target(path, force=force)
         try:
-            fe = self.extractor
-            tensors = {f"scorer.{k}": v.contiguous().cpu() for k, v in scorer.state_tensors().items()}
-            tensors["features.mean"] = fe.feat_mean.cpu()
-            tensors["features.std"] = fe.feat_std.cpu()
-            save_file(tensors, str(tmp / "weights.safetensors"), metadata={"format": str(BUNDLE_FORMAT)})
-            self.config.to_json(tmp / "config.json")
-            (tmp / "calibration.json").write_text(json.dumps(calibration.to_dict()))
-            meta = dict(self.metadata, classes=self.classes_, format=BUNDLE_FORMAT)
-            from diffqc.inspection import sha256_file
-
-            meta["weights_file_sha256"] = sha256_file(tmp / "weights.safetensors")
-            (tmp / "metadata.json").write_text(json.dumps(meta, indent=2))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+        except OSError as exc:
+            raise OutputError(f"cannot write the model bundle {path}: {exc}") from None
+        try:
+            self._write_bundle(tmp, scorer, calibration)
+            if path.is_dir():
+                for name in BUNDLE_FILES:  # metadata.json last: it names the weights' checksum
+                    os.replace(tmp / name, path / name)
+                tmp.rmdir()
             else:
                 os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        except OSError as exc:
+            raise OutputError(f"cannot write the model bundle {path}: {exc}") from None
+        finally:
+            if tmp.exists():  # our own temporary folder, never the destination
+                shutil.rmtree(tmp, ignore_errors=True)
         return path
+
+    def _write_bundle(self, folder: Path, scorer: Scorer, calibration: Calibrator) -> None:
+        fe = self.extractor
+        tensors = {f"scorer.{k}": v.contiguous().cpu() for k, v in scorer.state_tensors().items()}
+        tensors["features.mean"] = fe.feat_mean.cpu()
+        tensors["features.std"] = fe.feat_std.cpu()
+        save_file(tensors, str(folder / "weights.safetensors"), metadata={"format": str(BUNDLE_FORMAT)})
+        self.config.to_json(folder / "config.json")
+        (folder / "calibration.json").write_text(json.dumps(calibration.to_dict()))
+        meta = dict(self.metadata, classes=self.classes_, format=BUNDLE_FORMAT)
+        meta["weights_file_sha256"] = sha256_file(folder / "weights.safetensors")
+        (folder / "metadata.json").write_text(json.dumps(meta, indent=2))
+        for name in BUNDLE_FILES:
+            with open(folder / name, "rb") as fh:
+                os.fsync(fh.fileno())
 
     @classmethod
     def load(cls, path: Path | str, *, device: str | None = None) -> Detector:
@@ -351,16 +395,17 @@ class Detector:
         if missing:
             raise BundleError(f"model bundle {path} is incomplete: missing {', '.join(missing)}")
         try:
-            config = DetectorConfig.from_json(path / "config.json")
             meta = json.loads((path / "metadata.json").read_text())
-            cal = Calibrator.from_dict(json.loads((path / "calibration.json").read_text()))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise BundleError(f"model bundle {path}: damaged JSON ({exc})") from None
-        if meta.get("format") != BUNDLE_FORMAT:
-            raise BundleError(f"model bundle {path}: format {meta.get('format')} is not "
-                              f"{BUNDLE_FORMAT} (written by diffqc {meta.get('diffqc_version')})")
-        from diffqc.inspection import sha256_file
-
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"model bundle {path}: metadata.json is damaged ({exc})") from None
+        if not isinstance(meta, dict):
+            raise BundleError(f"model bundle {path}: metadata.json is damaged (not an object)")
+        check_bundle_version(path, meta)
+        try:
+            config = DetectorConfig.from_json(path / "config.json")
+        except ValueError as exc:
+            raise BundleError(f"model bundle {path}: config.json is damaged ({exc})") from None
+        cal = Calibrator.from_file(path / "calibration.json")
         expected = meta.get("weights_file_sha256")
         if expected and sha256_file(path / "weights.safetensors") != expected:
             raise BundleError(f"model bundle {path}: weights.safetensors is damaged (checksum mismatch)")
