@@ -116,14 +116,33 @@ class BackboneConfig:
     input_size: int = 256
     pool: int = 3  # local average pooling of each tap (neighbourhood aggregation)
     weights_sha256: str = ""  # recorded at fit time; checked at load time
+    # how an image of another shape becomes S x S: "squash" | "pad" | "crop" (diffqc.tiling)
+    resize: str = "squash"
+    grid: tuple[int, ...] = ()  # the feature grid (h, w), recorded at fit time
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _one_of(self, "resize", ("squash", "pad", "crop"))
         if self.name not in BACKBONES and not (self.name.startswith("onnx:") and len(self.name) > 5):
             raise ConfigError(f"backbone.name must be one of {', '.join(BACKBONES)} or onnx:PATH; "
                               f"got {self.name!r}")
         _at_least(self, "input_size", 32)
         _at_least(self, "pool", 1)
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """Images larger than the input cut into overlapping input-sized tiles (diffqc.tiling)."""
+
+    mode: str = "off"  # "off" | "auto" (tile images larger than backbone.input_size after scale)
+    overlap: float = 0.25  # fraction of a tile shared with its neighbour
+    scale: float = 1.0  # image resize factor before tiling (1 = native resolution)
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _one_of(self, "mode", ("off", "auto"))
+        _in_range(self, "overlap", 0, 0.9, low_open=False, high_open=False)
+        _in_range(self, "scale", 0, 16, high_open=False)
 
 
 @dataclass(frozen=True)
@@ -260,6 +279,7 @@ class DetectorConfig:
     patchcore: PatchCoreSettings = field(default_factory=PatchCoreSettings)
     padim: PaDiMSettings = field(default_factory=PaDiMSettings)
     batch_size: int = 16  # images per backbone batch
+    tiling: TilingConfig = field(default_factory=TilingConfig)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -316,6 +336,7 @@ def _build(cls: type[T], data: Any, prefix: str = "") -> T:
 
 _SECTIONS: dict[str, str] = {
     "BackboneConfig": "backbone.",
+    "TilingConfig": "tiling.",
     "DiffusionConfig": "diffusion.",
     "TrainConfig": "train.",
     "ScoringConfig": "scoring.",

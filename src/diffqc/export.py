@@ -209,6 +209,12 @@ def build_onnx(det: Detector, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
         # a trace would freeze to the example's types.
         raise ExportError(f"ONNX export covers the diffusion scorer; {det.config.method} models run "
                           "with PyTorch")
+    from diffqc import tiling
+
+    if tiling.uses_layouts(det.config):  # the graph takes one squashed S x S image per part
+        raise ExportError(f"ONNX export covers backbone.resize=squash without tiling; this model uses "
+                          f"resize={det.config.backbone.resize}, tiling.mode={det.config.tiling.mode}: "
+                          "run it with PyTorch (--runtime torch)")
     onnxlib = import_onnx()
     from onnx import compose
 

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffqc import __version__
+from diffqc import __version__, tiling
 from diffqc.backbone import FeatureExtractor, to_pixels
 from diffqc.calibration import Calibrator
 from diffqc.config import DetectorConfig
@@ -144,6 +144,11 @@ class Detector:
     @torch.inference_mode()
     def extract(self, images: Sequence[np.ndarray], *, raw: bool = False, progress: bool = False) -> Tensor:
         """Backbone features ``[N, C, h, w]`` (standardised unless ``raw``), batched."""
+        if tiling.uses_layouts(self.config):
+            from diffqc.errors import ConfigError
+
+            raise ConfigError("one feature map per image needs backbone.resize=squash and tiling.mode=off; "
+                              "pad, crop and tiled models run through fit() and inspect()")
         fe = self.extractor
         out = []
         bs = self.config.batch_size
@@ -169,18 +174,25 @@ class Detector:
         # a type with too few GOOD parts fails here, before any image is read or model trained
         split_calibration(good, self.config.calibration.fraction, self.config.train.seed)
         images, good, errors = read_images(good, skip_corrupt=skip_corrupt)
-        raw = self.extract(images, raw=True, progress=progress)
+        layouts = None
+        if tiling.uses_layouts(self.config):  # pad / crop / tiles: several views per image
+            raw, layouts = tiling.extract_views(self, images, progress=progress)
+        else:
+            raw = self.extract(images, raw=True, progress=progress)
         del images
-        self.fit_features(raw, good, progress=progress)
+        self.fit_features(raw, good, progress=progress, layouts=layouts)
         self.metadata["training_data"]["skipped_corrupt"] = [str(e.source) for e in errors]
         return self
 
-    def fit_features(self, raw: Tensor, good: Sequence[Sample], *, progress: bool = False) -> Detector:
+    def fit_features(self, raw: Tensor, good: Sequence[Sample], *, progress: bool = False,
+                     layouts: Sequence[tiling.Layout] | None = None) -> Detector:
         """Fit from precomputed *raw* backbone features of GOOD samples (``extract(raw=True)``).
 
         The backbone is frozen, so cross-validation extracts features once and refits here.
+        With ``layouts`` (:func:`diffqc.tiling.extract_views`) ``raw`` holds each image's views.
         """
-        if raw.shape[0] != len(good):
+        n_rows = len(good) if layouts is None else tiling.offsets(layouts)[-1]
+        if raw.shape[0] != n_rows:
             raise ValueError(f"{raw.shape[0]} feature maps for {len(good)} samples")
         start = time.perf_counter()
         self.classes_ = sorted({s.feature_type for s in good})
@@ -190,17 +202,28 @@ class Detector:
             raise ValueError("need at least 2 GOOD images (parts) per type: one to fit, one to calibrate")
         fe = self.extractor
         self.config = replace(self.config, backbone=replace(self.config.backbone,
-                                                            weights_sha256=fe.weights_sha256))
+                                                            weights_sha256=fe.weights_sha256,
+                                                            grid=tuple(fe.grid)))
+        image_idx = (fit_idx, cal_idx)
+        if layouts is not None:  # image indices -> their views' rows
+            fit_idx, cal_idx = tiling.rows_of(layouts, fit_idx), tiling.rows_of(layouts, cal_idx)
         fe.fit_standardisation(raw[fit_idx])
         feats = fe.standardise(raw)
         types = torch.tensor([self.classes_.index(s.feature_type) for s in good])
+        if layouts is not None:
+            views = torch.tensor([lay.views for lay in layouts], device=types.device)
+            types = types.repeat_interleave(views)
         t_fit = time.perf_counter()
         scorer = make_scorer(self.config)
         scorer.fit(feats[fit_idx], types[fit_idx], len(self.classes_), progress=progress)
         self.scorer_ = scorer
         fit_seconds = time.perf_counter() - t_fit
+        fit_idx, cal_idx = image_idx
         cal_samples = [good[i] for i in cal_idx]
-        known, unknown = self._calibration_scores(feats[cal_idx], cal_samples, progress=progress)
+        cal_layouts = None if layouts is None else [layouts[i] for i in cal_idx]
+        cal_rows = cal_idx if layouts is None else tiling.rows_of(layouts, cal_idx)
+        known, unknown = self._calibration_scores(feats[cal_rows], cal_samples, progress=progress,
+                                                  layouts=cal_layouts)
         self.calibration_ = Calibrator(self.config.calibration).fit(known, unknown)
         history = getattr(scorer, "history_", None)
         self.metadata = {
@@ -227,14 +250,20 @@ class Detector:
         return self
 
     def _calibration_scores(
-        self, feats: Tensor, samples: Sequence[Sample], *, progress: bool
+        self, feats: Tensor, samples: Sequence[Sample], *, progress: bool,
+        layouts: Sequence[tiling.Layout] | None = None,
     ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
         known: dict[str, list[float]] = {t: [] for t in self.classes_}
         unknown: dict[str, list[float]] = {t: [] for t in self.classes_}
         bs = self.config.batch_size
         for i in tqdm(range(0, len(samples), bs), desc="calibrating", disable=not progress, unit="batch"):
             chunk = samples[i : i + bs]
-            table = self._type_score_table(feats[i : i + bs])  # [n, T]
+            if layouts is None:
+                table = self._type_score_table(feats[i : i + bs])  # [n, T]
+            else:  # the rows of these images' views; scores from their merged maps
+                off = tiling.offsets(layouts)
+                table = tiling.score_table(self, feats[off[i]: off[min(i + bs, len(samples))]],
+                                           layouts[i : i + bs])
             for j, s in enumerate(chunk):
                 known[s.feature_type].append(float(table[j, self.classes_.index(s.feature_type)]))
                 # unknown-type mode: keyed by the predicted type, as at inference
@@ -296,6 +325,10 @@ class Detector:
                 self.type_index(t)  # an unknown type fails before any work is done
         if not images:
             return []
+        if tiling.uses_layouts(self.config):  # pad / crop / tiles: see diffqc.tiling
+            raw, layouts = tiling.extract_views(self, images)
+            return tiling.inspect_views(self, raw, layouts, [None if t is None else self.type_index(t)
+                                                             for t in types], maps, all_types=all_types)
         raw = self.extract(images, raw=True)
         shapes = [(int(img.shape[0]), int(img.shape[1])) for img in images]
         return self.inspect_features(raw, types, shapes if maps else None, all_types=all_types)

@@ -1,0 +1,281 @@
+"""Any image shape and size: how an image becomes square model inputs, and how their anomaly maps
+become one map and one score for the whole image.
+
+The backbone takes ``S × S`` inputs (``backbone.input_size``). ``backbone.resize`` says how an image
+of another shape gets there:
+
+- ``squash`` (default): the whole image resized to ``S × S`` (aspect lost). Runs the plain path of
+  :class:`~diffqc.model.Detector`, unchanged.
+- ``pad``: letterboxed: resized so its long side is ``S``, the rest filled by repeating the edge
+  pixels; the map is cropped back to the image's region (the padding is never scored).
+- ``crop``: the central square, resized to ``S × S``; the rest of the image is not inspected (its
+  map is the lowest value of the inspected part).
+
+``tiling.mode = "auto"`` cuts images larger than ``S`` (after ``tiling.scale``) into ``S × S`` tiles
+that overlap by ``tiling.overlap`` of a tile, scored by the same model; the tiles' maps are merged
+(mean where they overlap) into one map at the (scaled) image resolution. Smaller images fall back to
+``backbone.resize``.
+
+Each image gets a :class:`Layout`: a *canvas* (the map on which the image score is aggregated, the
+same ``aggregate`` as untiled), the part of the image it covers, and the top-left corner of every
+``S × S`` view in canvas coordinates (a view may reach past the canvas: that part is padding).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffqc.config import DetectorConfig
+from diffqc.errors import ConfigError
+
+if TYPE_CHECKING:
+    from diffqc.inspection import Inspection
+    from diffqc.model import Detector
+
+RESIZE_MODES = ("squash", "pad", "crop")
+TILING_MODES = ("off", "auto")
+
+Box = tuple[int, int, int, int]  # y0, x0, y1, x1 (end exclusive)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the views of one image come from and where their maps go."""
+
+    mode: str  # squash | pad | crop | tile
+    image_hw: tuple[int, int]
+    size: int  # S, the model's input side
+    canvas_hw: tuple[int, int]
+    image_box: Box  # the part of the image the canvas covers (all of it except for crop)
+    origins: tuple[tuple[int, int], ...]  # top-left of each S x S view in canvas coordinates
+
+    @property
+    def views(self) -> int:
+        return len(self.origins)
+
+
+def uses_layouts(config: DetectorConfig) -> bool:
+    """Whether a model needs layouts (anything but plain squash without tiling)."""
+    return config.backbone.resize != "squash" or config.tiling.mode != "off"
+
+
+def check_config(config: DetectorConfig) -> None:
+    if config.backbone.resize not in RESIZE_MODES:
+        raise ConfigError(f"backbone.resize must be one of {', '.join(RESIZE_MODES)}; "
+                          f"got {config.backbone.resize!r}")
+    if config.tiling.mode not in TILING_MODES:
+        raise ConfigError(f"tiling.mode must be one of {', '.join(TILING_MODES)}; got {config.tiling.mode!r}")
+
+
+def tile_starts(length: int, size: int, overlap: float) -> list[int]:
+    """Start offsets of ``size`` windows covering ``[0, length)`` with at least ``overlap`` (a
+    fraction of ``size``) between neighbours, spread evenly, the last one flush with the end."""
+    if length <= size:
+        return [0]
+    stride = max(1, size - round(overlap * size))
+    n = math.ceil((length - size) / stride) + 1
+    return [round(i * (length - size) / (n - 1)) for i in range(n)]
+
+
+def plan(image_hw: tuple[int, int], config: DetectorConfig) -> Layout:
+    """The layout of an image of ``image_hw`` (H, W) under ``config``."""
+    h, w = int(image_hw[0]), int(image_hw[1])
+    if h < 1 or w < 1:
+        raise ValueError(f"empty image of shape {image_hw}")
+    s = config.backbone.input_size
+    til = config.tiling
+    if til.mode == "auto":
+        ch, cw = max(1, round(h * til.scale)), max(1, round(w * til.scale))
+        if max(ch, cw) > s:
+            ys = [y if ch >= s else -((s - ch) // 2) for y in tile_starts(ch, s, til.overlap)]
+            xs = [x if cw >= s else -((s - cw) // 2) for x in tile_starts(cw, s, til.overlap)]
+            return Layout("tile", (h, w), s, (ch, cw), (0, 0, h, w),
+                          tuple((y, x) for y in ys for x in xs))
+    mode = config.backbone.resize
+    if mode == "pad":
+        scale = s / max(h, w)
+        ph, pw = max(1, min(s, round(h * scale))), max(1, min(s, round(w * scale)))
+        return Layout("pad", (h, w), s, (ph, pw), (0, 0, h, w), ((-((s - ph) // 2), -((s - pw) // 2)),))
+    if mode == "crop":
+        side = min(h, w)
+        y0, x0 = (h - side) // 2, (w - side) // 2
+        return Layout("crop", (h, w), s, (s, s), (y0, x0, y0 + side, x0 + side), ((0, 0),))
+    return Layout("squash", (h, w), s, (s, s), (0, 0, h, w), ((0, 0),))
+
+
+# --------------------------------------------------------------------------- pixels
+def _as_chw(image: np.ndarray) -> Tensor:
+    img = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
+    return torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)
+
+
+def view_pixels(image: np.ndarray, layout: Layout) -> Tensor:
+    """The ``[V, 3, S, S]`` model inputs of one image (pixels in [0, 1])."""
+    y0, x0, y1, x1 = layout.image_box
+    t = _as_chw(image)[:, y0:y1, x0:x1][None]
+    ch, cw = layout.canvas_hw
+    if t.shape[-2:] != (ch, cw):  # the antialiased bilinear resize of diffqc.backbone.to_pixels
+        t = F.interpolate(t, size=(ch, cw), mode="bilinear", align_corners=False, antialias=True)
+    s = layout.size
+    top = max(0, -min(y for y, _ in layout.origins))
+    left = max(0, -min(x for _, x in layout.origins))
+    bottom = max(0, max(y for y, _ in layout.origins) + s - ch)
+    right = max(0, max(x for _, x in layout.origins) + s - cw)
+    if top or left or bottom or right:  # edge pixels repeated into the padding
+        t = F.pad(t, (left, right, top, bottom), mode="replicate")
+    views = [t[0, :, y + top: y + top + s, x + left: x + left + s] for y, x in layout.origins]
+    return torch.stack(views).clamp_(0, 1)
+
+
+# --------------------------------------------------------------------------- maps
+def merge(maps: Tensor, layout: Layout) -> Tensor:
+    """``[V, S, S]`` view maps -> the ``[h, w]`` canvas map (the mean where views overlap)."""
+    ch, cw = layout.canvas_hw
+    s = layout.size
+    if layout.views == 1 and layout.origins[0] == (0, 0) and (ch, cw) == (s, s):
+        return maps[0]
+    total = maps.new_zeros(ch, cw)
+    count = maps.new_zeros(ch, cw)
+    for m, (y, x) in zip(maps, layout.origins, strict=True):
+        cy0, cx0, cy1, cx1 = max(0, y), max(0, x), min(ch, y + s), min(cw, x + s)
+        total[cy0:cy1, cx0:cx1] += m[cy0 - y: cy1 - y, cx0 - x: cx1 - x]
+        count[cy0:cy1, cx0:cx1] += 1
+    return total / count.clamp_min(1)
+
+
+def to_image(canvas: Tensor, layout: Layout, out_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """The canvas map as a map of the whole image (``out_hw``, default the image's size): resized
+    onto the image region it covers; the rest (crop) gets the canvas's lowest value."""
+    h, w = layout.image_hw
+    oh, ow = out_hw or (h, w)
+    y0, x0, y1, x1 = layout.image_box
+    by0, bx0 = round(y0 * oh / h), round(x0 * ow / w)
+    by1, bx1 = max(by0 + 1, round(y1 * oh / h)), max(bx0 + 1, round(x1 * ow / w))
+    part = canvas.float()
+    if part.shape != (by1 - by0, bx1 - bx0):
+        part = F.interpolate(part[None, None], size=(by1 - by0, bx1 - bx0), mode="bilinear",
+                             align_corners=False)[0, 0]
+    if (by0, bx0, by1, bx1) == (0, 0, oh, ow):
+        out: np.ndarray = part.cpu().numpy()
+        return out
+    full = part.new_full((oh, ow), float(canvas.min()))
+    full[by0:by1, bx0:bx1] = part
+    return full.cpu().numpy()
+
+
+# --------------------------------------------------------------------------- the detector's path
+def offsets(layouts: Sequence[Layout]) -> list[int]:
+    """Row offsets of each image's views in a stacked batch (``len(layouts) + 1`` entries)."""
+    out = [0]
+    for lay in layouts:
+        out.append(out[-1] + lay.views)
+    return out
+
+
+def rows_of(layouts: Sequence[Layout], images: Sequence[int]) -> list[int]:
+    """The view rows of the given images."""
+    off = offsets(layouts)
+    return [r for i in images for r in range(off[i], off[i + 1])]
+
+
+@torch.inference_mode()
+def extract_views(det: Detector, images: Sequence[np.ndarray], *, progress: bool = False
+                  ) -> tuple[Tensor, list[Layout]]:
+    """Raw backbone features of every view ``[sum V, C, h, w]`` and each image's layout."""
+    from tqdm.auto import tqdm
+
+    fe = det.extractor
+    layouts = [plan((int(img.shape[0]), int(img.shape[1])), det.config) for img in images]
+    out: list[Tensor] = []
+    pending: list[Tensor] = []
+    bs = det.config.batch_size
+
+    def flush() -> None:
+        if pending:
+            out.append(fe.raw_features(torch.cat(pending).to(det.device)).cpu())
+            pending.clear()
+
+    n_pending = 0
+    for img, lay in tqdm(list(zip(images, layouts, strict=True)), desc="extracting features",
+                         disable=not progress, unit="image"):
+        views = view_pixels(img, lay)
+        for i in range(0, views.shape[0], bs):  # a huge image does not make a huge batch
+            pending.append(views[i: i + bs])
+            n_pending += int(views[i: i + bs].shape[0])
+            if n_pending >= bs:
+                flush()
+                n_pending = 0
+    flush()
+    if not out:
+        return torch.empty(0, fe.channels, *fe.grid), layouts
+    return torch.cat(out), layouts
+
+
+def canvases(det: Detector, feats: Tensor, layout: Layout, types: Sequence[int]) -> list[Tensor]:
+    """One image's canvas map under each of ``types``, from its standardised view features."""
+    v = layout.views
+    rep = feats.repeat(len(types), 1, 1, 1)  # type-major: [T * V]
+    idx = torch.tensor(types, device=feats.device).repeat_interleave(v)
+    maps = det.score_maps(rep, idx)
+    return [merge(maps[k * v: (k + 1) * v], layout) for k in range(len(types))]
+
+
+def image_score(det: Detector, canvas: Tensor) -> float:
+    return float(det.image_scores(canvas[None])[0])
+
+
+def score_table(det: Detector, feats: Tensor, layouts: Sequence[Layout]) -> Tensor:
+    """Image scores of every image under every type, ``[N, n_types]``, from view features."""
+    off = offsets(layouts)
+    all_types = list(range(len(det.classes_)))
+    rows = [[image_score(det, c) for c in canvases(det, feats[off[i]: off[i + 1]], lay, all_types)]
+            for i, lay in enumerate(layouts)]
+    return torch.tensor(rows, dtype=torch.float32).view(len(layouts), len(all_types))
+
+
+@torch.inference_mode()
+def inspect_views(
+    det: Detector, raw: Tensor, layouts: Sequence[Layout], given: Sequence[int | None],
+    maps: bool = True, *, all_types: bool = True,
+) -> list[Inspection]:
+    """:meth:`Detector.inspect` for models with layouts, from :func:`extract_views`."""
+    from diffqc.inspection import verdicts
+
+    calibration = det.calibration_
+    if calibration is None:
+        raise RuntimeError("the detector is not fitted; call fit() or Detector.load()")
+    feats = det.extractor.standardise(raw.to(det.device))
+    off = offsets(layouts)
+    n_types = len(det.classes_)
+    need_table = all_types or any(g is None for g in given)
+    table = np.empty((len(layouts), n_types), dtype=np.float32) if need_table else None
+    own: list[int] = []
+    scores: list[float] = []
+    out_maps: list[np.ndarray] = []
+    for i, lay in enumerate(layouts):
+        f = feats[off[i]: off[i + 1]]
+        g = given[i]
+        if table is not None:
+            cans = canvases(det, f, lay, list(range(n_types)))
+            table[i] = [image_score(det, c) for c in cans]
+            k = int(table[i].argmin()) if g is None else g
+            canvas = cans[k]
+        else:
+            assert g is not None
+            k = g
+            canvas = canvases(det, f, lay, [k])[0]
+        own.append(k)
+        scores.append(image_score(det, canvas))
+        if maps:
+            out_maps.append(to_image(canvas, lay))
+    return verdicts(det.classes_, calibration, given, own, scores, table, out_maps if maps else None)

@@ -1,0 +1,181 @@
+"""Any shape, any size: layouts (pad / crop / tiles), merged maps, and the detector end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffqc import tiling
+from diffqc.data import GOOD, load_dataset
+from diffqc.errors import ConfigError, ExportError
+from diffqc.model import Detector
+from tests.conftest import tiny_config
+
+
+def write_shaped_dataset(root: Path, h: int, w: int, n_train: int = 8, n_test: int = 4,
+                         seed: int = 0) -> Path:
+    """Two types of non-square images in MVTec layout; defects are dark/bright discs with masks."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for t in ("stripes", "dots"):
+        for split, kind, n in (("train", "good", n_train), ("test", "good", n_test),
+                               ("test", "blob", n_test)):
+            folder = root / t / split / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                sx, sy = rng.uniform(-1.5, 1.5, 2)
+                if t == "stripes":
+                    img = 0.5 + 0.35 * np.sin(2 * np.pi * (xx + sx) / 8.0)
+                else:
+                    img = 0.85 - 0.6 * ((np.sin(2 * np.pi * (xx + sx) / 10) > 0.5)
+                                        & (np.sin(2 * np.pi * (yy + sy) / 10) > 0.5))
+                img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1)
+                name = f"{t}_{split}_{kind}_{i:03d}.png"
+                if kind == "blob":
+                    cy, cx = rng.integers(h // 4, 3 * h // 4), rng.integers(w // 4, 3 * w // 4)
+                    mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= (min(h, w) // 7) ** 2
+                    img[mask] = 0.05 if i % 2 else 0.98
+                    mdir = root / t / "ground_truth" / kind
+                    mdir.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray((mask * 255).astype(np.uint8)).save(mdir / f"{Path(name).stem}_mask.png")
+                Image.fromarray((img * 255).astype(np.uint8)).save(folder / name)
+    return root
+
+
+# --------------------------------------------------------------------------- layouts
+def test_tile_starts_cover_the_length_with_the_overlap() -> None:
+    starts = tiling.tile_starts(300, 64, 0.25)
+    assert starts[0] == 0 and starts[-1] == 300 - 64
+    gaps = np.diff(starts)
+    assert gaps.max() <= 64 - 16  # neighbours share at least a quarter of a tile
+    assert tiling.tile_starts(50, 64, 0.25) == [0]
+
+
+def test_pad_keeps_the_aspect_and_crop_takes_the_centre() -> None:
+    pad = tiling.plan((500, 1250), tiny_config(**{"backbone.resize": "pad"}))
+    assert pad.mode == "pad" and pad.canvas_hw == (26, 64)  # 500/1250 of 64, long side = input
+    assert pad.origins == ((-19, 0),)  # centred: 19 rows of padding above, 19 below
+    crop = tiling.plan((500, 1250), tiny_config(**{"backbone.resize": "crop"}))
+    assert crop.image_box == (0, 375, 500, 875) and crop.canvas_hw == (64, 64)
+
+
+def test_pad_views_repeat_the_edge_and_the_map_comes_back_to_the_image_shape() -> None:
+    layout = tiling.plan((20, 64), tiny_config(**{"backbone.resize": "pad"}))
+    img = np.zeros((20, 64, 3), np.float32)
+    img[0] = 1.0  # top row white, bottom row black
+    (view,) = tiling.view_pixels(img, layout)
+    top = -layout.origins[0][0]
+    assert torch.all(view[:, :top] == 1) and torch.all(view[:, top + 20:] == 0)
+    assert torch.equal(view[:, top: top + 20], torch.from_numpy(img).permute(2, 0, 1))
+    # a map that is 5 on the image and 100 on the padding: the padding never reaches the image map
+    m = torch.full((1, 64, 64), 100.0)
+    m[0, top: top + 20] = 5.0
+    canvas = tiling.merge(m, layout)
+    assert canvas.shape == (20, 64) and torch.all(canvas == 5)
+    assert tiling.to_image(canvas, layout).shape == (20, 64)
+
+
+def test_tiles_overlap_and_merge_to_the_mean() -> None:
+    config = tiny_config(**{"tiling.mode": "auto", "tiling.overlap": 0.5})
+    layout = tiling.plan((64, 96), config)
+    assert layout.mode == "tile" and layout.canvas_hw == (64, 96)
+    assert layout.origins == ((0, 0), (0, 32))
+    maps = torch.stack([torch.full((64, 64), 1.0), torch.full((64, 64), 3.0)])
+    canvas = tiling.merge(maps, layout)
+    assert torch.all(canvas[:, :32] == 1) and torch.all(canvas[:, 32:64] == 2)
+    assert torch.all(canvas[:, 64:] == 3)
+    img = np.random.default_rng(0).random((64, 96, 3)).astype(np.float32)
+    views = tiling.view_pixels(img, layout)
+    assert views.shape == (2, 3, 64, 64)
+    assert torch.equal(views[1], torch.from_numpy(img[:, 32:]).permute(2, 0, 1))  # native pixels
+    # small images fall back to backbone.resize
+    assert tiling.plan((40, 60), config).mode == "squash"
+
+
+def test_crop_map_covers_only_the_centre() -> None:
+    layout = tiling.plan((32, 64), tiny_config(**{"backbone.resize": "crop"}))
+    canvas = torch.arange(64 * 64, dtype=torch.float32).view(64, 64) + 10
+    out = tiling.to_image(canvas, layout)
+    assert out.shape == (32, 64)
+    assert np.all(out[:, :16] == 10) and np.all(out[:, 48:] == 10)  # outside: the lowest value
+    assert out[:, 16:48].max() > 1000
+
+
+def test_squash_is_the_plain_path_and_a_bad_mode_is_a_config_error() -> None:
+    assert not tiling.uses_layouts(tiny_config())
+    assert tiling.uses_layouts(tiny_config(**{"backbone.resize": "pad"}))
+    with pytest.raises(ConfigError, match=r"backbone\.resize must be one of squash, pad, crop"):
+        tiny_config(**{"backbone.resize": "letterbox"})
+    with pytest.raises(ConfigError, match=r"tiling\.overlap"):
+        tiny_config(**{"tiling.overlap": 0.95})
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def tall_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shaped_dataset(tmp_path_factory.mktemp("tall"), 40, 112)
+
+
+@pytest.fixture(scope="module")
+def large_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shaped_dataset(tmp_path_factory.mktemp("large"), 96, 144, seed=1)
+
+
+def _auroc(samples: list, results: list) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score([s.label != GOOD for s in samples], [r.score for r in results]))
+
+
+def test_pad_model_on_non_square_images_round_trips(tall_data: Path, tmp_path: Path) -> None:
+    samples = load_dataset(tall_data)
+    det = Detector(tiny_config("padim", **{"backbone.resize": "pad"}), device="cpu").fit(
+        samples, progress=False)
+    assert det.config.backbone.grid == (8, 8)
+    test = [s for s in samples if s.split == "test"]
+    results, kept = det.inspect_samples(test)
+    assert all(r.anomaly_map is not None and r.anomaly_map.shape == (40, 112) for r in results)
+    assert _auroc(kept, results) > 0.9
+    loaded = Detector.load(det.save(tmp_path / "pad"), device="cpu")
+    assert loaded.config.backbone.resize == "pad" and loaded.config.backbone.grid == (8, 8)
+    again, _ = loaded.inspect_samples(test[:3])
+    assert [r.score for r in again] == pytest.approx([r.score for r in results[:3]], rel=1e-5)
+    with pytest.raises(ConfigError, match="resize=squash"):
+        det.extract([np.zeros((40, 112, 3), np.float32)])  # per-image features would be squashed
+
+
+def test_tiled_model_maps_the_defect_at_full_resolution(large_data: Path) -> None:
+    samples = load_dataset(large_data)
+    det = Detector(tiny_config("padim", **{"tiling.mode": "auto"}), device="cpu").fit(
+        samples, progress=False)
+    test = [s for s in samples if s.split == "test"]
+    results, kept = det.inspect_samples(test)
+    assert _auroc(kept, results) > 0.9
+    from sklearn.metrics import roc_auc_score
+
+    from diffqc.data import read_mask
+
+    masks, maps = [], []
+    for s, r in zip(kept, results, strict=True):
+        assert r.anomaly_map is not None and r.anomaly_map.shape == (96, 144)
+        masks.append(read_mask(s.mask_path, (96, 144)).ravel())
+        maps.append(r.anomaly_map.ravel())
+    assert roc_auc_score(np.concatenate(masks), np.concatenate(maps)) > 0.9  # pixel AUROC
+    # unknown type: scored under every type, still one merged map per image
+    (unknown,) = det.inspect([np.asarray(Image.open(test[0].path).convert("RGB"), np.float32) / 255],
+                             [None])
+    assert unknown.predicted_type == test[0].feature_type and unknown.anomaly_map is not None
+
+
+def test_onnx_export_refuses_a_pad_model(tall_data: Path) -> None:
+    pytest.importorskip("onnx")
+    from diffqc.export import build_onnx
+
+    det = Detector(tiny_config(**{"backbone.resize": "pad", "train.steps": 5}), device="cpu")
+    det.fit(load_dataset(tall_data), progress=False)
+    with pytest.raises(ExportError, match="squash without tiling"):
+        build_onnx(det)
