@@ -396,7 +396,7 @@ class Detector:
                 tmp.rmdir()
             else:
                 os.replace(tmp, path)
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
             raise OutputError(f"cannot write the model bundle {path}: {exc}") from None
         finally:
             if tmp.exists():  # our own temporary folder, never the destination

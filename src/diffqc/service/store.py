@@ -137,6 +137,9 @@ def sqlite_path(url: str) -> Path:
         return Path(url[len("sqlite:///") :])
     if url.startswith("sqlite://"):
         raise StoreError(f"unsupported SQLite URL {url!r}; use sqlite:///path/to/results.db")
+    if "://" in url:  # e.g. mysql://...: not a file name to create
+        raise StoreError(f"unsupported result store {redact_url(url)!r}; use a SQLite path, "
+                         "sqlite:///path/to/results.db or postgresql://user@host/db")
     return Path(url)
 
 
