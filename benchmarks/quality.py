@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -183,13 +183,32 @@ def evaluate_setting(
     return rows
 
 
+def cached_extract(det: Detector, samples: Sequence[Sample], jitter: int | None, cache: Path | None,
+                   ) -> tuple[torch.Tensor, np.ndarray | None]:
+    """:func:`extract`, kept in ``cache`` under a key of the backbone settings, the jitter seed
+    and the sample list, so that a re-run with other scorers does not run the backbone again."""
+    if cache is None:
+        return extract(det, samples, jitter)
+    import hashlib
+
+    key = json.dumps([asdict(det.config.backbone), jitter, [str(s.path) for s in samples]])
+    path = cache / f"features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    if path.is_file():
+        data = torch.load(path, weights_only=False)
+        return data["raw"], data["masks"]
+    raw, masks = extract(det, samples, jitter)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save({"raw": raw, "masks": masks}, path)
+    return raw, masks
+
+
 BASELINES = ("patchcore", "padim")
 
 
 def run(datasets: Sequence[str], methods: Sequence[str], settings: Sequence[str],
         overrides: dict[str, Any], work: Path,
         variants: dict[str, dict[str, Any]] | None = None,
-        jitter: int | None = None) -> list[dict[str, Any]]:
+        jitter: int | None = None, cache: Path | None = None) -> list[dict[str, Any]]:
     """``variants``: extra rows named by their key, the diffusion config with those overrides
     (a ``method`` override picks another method). ``jitter``: a seed; every image is shifted and
     rotated (:func:`jitter_transform`) before the backbone, and datasets are named ``NAME+jitter``."""
@@ -204,7 +223,7 @@ def run(datasets: Sequence[str], methods: Sequence[str], settings: Sequence[str]
             continue
         samples = [s for s in samples if s.split in ("train", "test") and s.label in (0, 1)]
         t0 = time.perf_counter()
-        raw, masks = extract(Detector(base, device="cpu"), samples, jitter)
+        raw, masks = cached_extract(Detector(base, device="cpu"), samples, jitter, cache)
         print(f"# {name}: {len(samples)} images, features {tuple(raw.shape[1:])} "
               f"in {time.perf_counter() - t0:.0f} s", flush=True)
         types = sorted({s.feature_type for s in samples})
@@ -269,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--work", default=None, help="cache folder for generated data")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--feature-cache", type=Path, default=None,
+                   help="keep raw backbone features here between runs")
     p.add_argument("--jitter", type=int, nargs="?", const=0, default=None, metavar="SEED",
                    help="shift every image (train and test) by up to 12 %% and rotate it by up to "
                         "15° (seeded, default seed 0) before the backbone")
@@ -283,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     variants = dict(parse_setting(v) for v in args.variant)
     table = run(args.datasets.split(","), args.methods.split(","), args.settings.split(","),
-                parse_overrides(args.set), work, variants, args.jitter)
+                parse_overrides(args.set), work, variants, args.jitter, args.feature_cache)
     print(summarise(table))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if args.json:
