@@ -68,7 +68,7 @@ def test_gaussian_bound_over_all_noise_levels_is_the_mahalanobis_distance() -> N
                           .double().pow(2).sum(-1) for t in range(len(ab))])  # [T, 5, L]
     steps = (lam[:-1] - lam[1:]).view(-1, 1, 1)
     bound = 0.5 * (0.5 * (sq[:-1] + sq[1:]) * steps).sum(0)  # trapezoid in λ
-    assert torch.allclose(bound, want, rtol=2e-3)
+    assert torch.allclose(bound, want, rtol=2e-4)  # measured: 5e-5 (float32 path, trapezoid)
     closed = m.mahalanobis(x.float(), types).double()
     assert torch.allclose(closed, want, rtol=1e-4)
 
