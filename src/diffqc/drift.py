@@ -1,0 +1,258 @@
+"""Drift watch: are the line's parts still scored like the calibration set?
+
+While a line runs as calibrated, the conformal p-value of a GOOD part is uniform on (0, 1]
+(:mod:`diffqc.calibration`): ``P(p <= x) = x``. A lamp ageing, a new ink batch or a shifted
+camera raises the scores of GOOD parts, and their p-values crowd towards 0 long before an
+operator counts the extra REVIEWs. Per feature type, :class:`DriftMonitor` keeps the p-values
+of the last ``window`` inspected parts and, after every part, computes the one-sided
+Kolmogorov-Smirnov statistic against the uniform law
+
+    D+ = max_x (F_window(x) - x) = max_i (i / m - p_(i)),
+
+which grows when p-values are smaller than uniform (it ignores the harmless other direction).
+All inspected parts enter the window, REVIEW and REJECT included: under a strong drift every
+part is flagged and a PASS-only window would fall silent. A genuine defect rate d adds about d
+to D+, so only a line that rejects a large share of its parts raises the alarm without drift,
+which is worth an alarm too.
+
+The alarm threshold is Massart's bound for the one-sided statistic,
+``P(D+ > eps) <= exp(-2 m eps^2)``, solved for ``eps`` at a per-test level ``level``. The
+monitor tests after every part, so over N parts the chance of any false alarm per type is at
+most ``N * level`` (a union bound; overlapping windows make the true rate far smaller). The
+alarm clears once ``D+`` falls below ``clear_fraction`` of the threshold (hysteresis, so that
+it does not flap). Conformal p-values are discrete (steps of ``1/(n+1)`` for n calibration
+images); the statistic taken at the sorted p-values is then conservative.
+
+A part whose predicted type (the arg-min over the types' scores) differs from the type it was
+declared as is *mis-routed* (a crop sent down the wrong lane): it is counted apart and kept out
+of the window, since its p-value says nothing about drift.
+
+The functions are pure; :class:`DriftMonitor` is the small, thread-safe state the service keeps.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from diffqc.errors import ConfigError
+
+NOT_INSPECTED = "NOT_INSPECTED"
+
+
+def ks_below_uniform(p_values: Sequence[float] | np.ndarray) -> float:
+    """One-sided KS statistic ``max_i (i/m - p_(i))`` (0 for an empty sample); large when the
+    p-values are stochastically smaller than uniform."""
+    p = np.sort(np.asarray(p_values, dtype=np.float64))
+    m = p.size
+    if m == 0:
+        return 0.0
+    return float(max(0.0, np.max(np.arange(1, m + 1) / m - p)))
+
+
+def alarm_threshold(m: int, level: float) -> float:
+    """The ``eps`` with ``exp(-2 m eps^2) = level``: ``P(D+ > eps) <= level`` for uniform p."""
+    if m < 1:
+        return math.inf
+    if not 0.0 < level < 1.0:
+        raise ConfigError(f"drift level must be in (0, 1), got {level}")
+    return math.sqrt(math.log(1.0 / level) / (2.0 * m))
+
+
+def is_misrouted(feature_type: str | None, predicted_type: str | None, type_known: bool | None) -> bool:
+    """A part declared as one type that the model finds closest to another."""
+    return bool(type_known) and predicted_type is not None and feature_type is not None and (
+        predicted_type != feature_type
+    )
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    window: int = 200  # p-values per type kept
+    min_parts: int = 30  # no test before this many parts of a type
+    level: float = 1e-4  # per-test false-alarm bound
+    clear_fraction: float = 0.5  # the alarm clears below this share of the threshold
+
+    def validate(self) -> DriftConfig:
+        if self.window < 2 or not 1 <= self.min_parts <= self.window:
+            raise ConfigError(f"drift window must be >= 2 and 1 <= min_parts <= window, got "
+                              f"window={self.window}, min_parts={self.min_parts}")
+        alarm_threshold(1, self.level)
+        if not 0.0 < self.clear_fraction <= 1.0:
+            raise ConfigError(f"drift clear_fraction must be in (0, 1], got {self.clear_fraction}")
+        return self
+
+
+@dataclass
+class TypeState:
+    """What the monitor knows of one feature type."""
+
+    window: deque[float]
+    statistic: float = 0.0
+    threshold: float = math.inf
+    alarm: bool = False
+    alarms_total: int = 0
+    parts_total: int = 0
+    misrouted_total: int = 0
+    since: float | None = None  # when the current alarm was raised
+
+
+@dataclass(frozen=True)
+class DriftEvent:
+    """An alarm raised or cleared for a type."""
+
+    feature_type: str
+    alarm: bool
+    statistic: float
+    threshold: float
+    parts: int  # p-values in the window
+    at: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "event": "drift_alarm" if self.alarm else "drift_cleared",
+            "feature_type": self.feature_type,
+            "alarm": self.alarm,
+            "statistic": round(self.statistic, 6),
+            "threshold": round(self.threshold, 6),
+            "window_parts": self.parts,
+            "at": self.at,
+            **self.detail,
+        }
+
+
+class DriftMonitor:
+    """Sliding-window drift test per feature type, plus the mis-routed counter."""
+
+    def __init__(self, config: DriftConfig | None = None) -> None:
+        self.config = (config or DriftConfig()).validate()
+        self._lock = threading.Lock()
+        self._types: dict[str, TypeState] = {}
+        self.misrouted: Counter[tuple[str, str]] = Counter()  # (declared, predicted) -> n
+        self.listeners: list[Callable[[DriftEvent], None]] = []
+
+    def _state(self, feature_type: str) -> TypeState:
+        st = self._types.get(feature_type)
+        if st is None:
+            st = self._types[feature_type] = TypeState(deque(maxlen=self.config.window))
+        return st
+
+    def observe(self, feature_type: str | None, p_value: float | None, *, decision: str = "",
+                predicted_type: str | None = None, type_known: bool | None = True) -> DriftEvent | None:
+        """Take one inspected part; returns the event when its type's alarm state changed."""
+        if feature_type is None or p_value is None or decision == NOT_INSPECTED:
+            return None
+        if not math.isfinite(p_value):
+            return None
+        with self._lock:
+            st = self._state(feature_type)
+            st.parts_total += 1
+            if is_misrouted(feature_type, predicted_type, type_known):
+                st.misrouted_total += 1
+                self.misrouted[(feature_type, str(predicted_type))] += 1
+                return None
+            st.window.append(float(p_value))
+            event = self._test(feature_type, st)
+        if event is not None:
+            for fn in self.listeners:
+                fn(event)
+        return event
+
+    def _test(self, feature_type: str, st: TypeState) -> DriftEvent | None:
+        m = len(st.window)
+        if m < self.config.min_parts:
+            st.statistic, st.threshold = ks_below_uniform(st.window), math.inf
+            return None
+        st.statistic = ks_below_uniform(st.window)
+        st.threshold = alarm_threshold(m, self.config.level)
+        if not st.alarm and st.statistic > st.threshold:
+            st.alarm, st.since = True, time.time()
+            st.alarms_total += 1
+        elif st.alarm and st.statistic < self.config.clear_fraction * st.threshold:
+            st.alarm, st.since = False, None
+        else:
+            return None
+        flagged = float(np.mean(np.asarray(st.window) <= 0.05))
+        return DriftEvent(feature_type, st.alarm, st.statistic, st.threshold, m, time.time(),
+                          {"share_p_below_0.05": round(flagged, 4)})
+
+    def observe_many(self, parts: Iterable[tuple[str | None, float | None]]) -> list[DriftEvent]:
+        """``observe`` each ``(feature_type, p_value)`` in order; the events that happened."""
+        out = []
+        for ftype, p in parts:
+            event = self.observe(ftype, p)
+            if event is not None:
+                out.append(event)
+        return out
+
+    def reset(self) -> None:
+        """Forget every window (the calibration changed: old p-values no longer apply)."""
+        with self._lock:
+            for st in self._types.values():
+                st.window.clear()
+                st.statistic, st.threshold = 0.0, math.inf
+                st.alarm, st.since = False, None
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {
+                t: {
+                    "statistic": st.statistic,
+                    "threshold": None if math.isinf(st.threshold) else st.threshold,
+                    "alarm": st.alarm,
+                    "alarm_since": st.since,
+                    "window_parts": len(st.window),
+                    "alarms_total": st.alarms_total,
+                    "parts_total": st.parts_total,
+                    "misrouted_total": st.misrouted_total,
+                }
+                for t, st in sorted(self._types.items())
+            }
+
+    def metrics_lines(self) -> list[str]:
+        """Prometheus text lines (same style as :class:`diffqc.service.app.Metrics`)."""
+        snap = self.snapshot()
+        with self._lock:
+            misrouted = sorted(self.misrouted.items())
+        out: list[str] = []
+
+        def head(name: str, kind: str, text: str) -> None:
+            out.append(f"# HELP {name} {text}")
+            out.append(f"# TYPE {name} {kind}")
+
+        def lab(t: str) -> str:
+            return t.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+        head("diffqc_drift_statistic", "gauge",
+             "One-sided KS statistic of the window's p-values against uniform, per type.")
+        for t, row in snap.items():
+            out.append(f'diffqc_drift_statistic{{feature_type="{lab(t)}"}} {row["statistic"]:.6f}')
+        head("diffqc_drift_threshold", "gauge", "Alarm threshold for the current window size (+Inf: "
+             "too few parts yet).")
+        for t, row in snap.items():
+            th = row["threshold"]
+            out.append(f'diffqc_drift_threshold{{feature_type="{lab(t)}"}} '
+                       + ("+Inf" if th is None else f"{th:.6f}"))
+        head("diffqc_drift_alarm", "gauge", "1 while the type's drift alarm is raised.")
+        for t, row in snap.items():
+            out.append(f'diffqc_drift_alarm{{feature_type="{lab(t)}"}} {int(row["alarm"])}')
+        head("diffqc_drift_window_parts", "gauge", "p-values in the type's window.")
+        for t, row in snap.items():
+            out.append(f'diffqc_drift_window_parts{{feature_type="{lab(t)}"}} {row["window_parts"]}')
+        head("diffqc_drift_alarms_total", "counter", "Drift alarms raised per type.")
+        for t, row in snap.items():
+            out.append(f'diffqc_drift_alarms_total{{feature_type="{lab(t)}"}} {row["alarms_total"]}')
+        head("diffqc_misrouted_total", "counter",
+             "Parts whose predicted type differs from the declared one.")
+        for (declared, predicted), n in misrouted:
+            out.append(f'diffqc_misrouted_total{{feature_type="{lab(declared)}",'
+                       f'predicted_type="{lab(predicted)}"}} {n}')
+        return out
