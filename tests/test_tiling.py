@@ -179,3 +179,35 @@ def test_onnx_export_refuses_a_pad_model(tall_data: Path) -> None:
     det.fit(load_dataset(tall_data), progress=False)
     with pytest.raises(ExportError, match="squash without tiling"):
         build_onnx(det)
+
+
+def test_cli_trains_with_fit_pad_and_inspects_a_folder_into_a_csv(tall_data: Path, tmp_path: Path) -> None:
+    import csv
+
+    from diffqc.cli import main
+
+    model = tmp_path / "model"
+    assert main(["train", str(tall_data), "--out", str(model), "--method", "padim", "--fit", "pad",
+                 "--set", "backbone.input_size=64", "--set", "calibration.fraction=0.35",
+                 "--set", "padim.aggregation=topk", "--set", "padim.topk=0.05",
+                 "--set", "scoring.smooth_sigma=2.0", "-q"]) == 0
+    folder = tall_data / "dots" / "test"
+    table, heat = tmp_path / "results.csv", tmp_path / "heat"
+    args = ["inspect", str(model), str(folder), "--feature-type", "dots", "--runtime", "torch",
+            "--csv", str(table), "--heatmaps", str(heat)]
+    assert main(args) == 0
+    with open(table, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 8 and set(rows[0]) >= {"path", "feature_type", "predicted_type", "score",
+                                               "p_value", "decision", "heatmap"}
+    assert {r["decision"] for r in rows} <= {"PASS", "REVIEW", "REJECT"}
+    blob = [float(r["score"]) for r in rows if "/blob/" in r["path"]]
+    good = [float(r["score"]) for r in rows if "/good/" in r["path"]]
+    assert np.mean(blob) > np.mean(good)
+    for r in rows:  # the heat map is image | overlay: twice as wide as the image's aspect
+        png = Image.open(r["heatmap"])
+        assert png.width > 2 * png.height * 112 / 40 * 0.9
+    before = table.read_bytes()
+    assert main(args) == 1  # an existing CSV is refused and left as it was
+    assert table.read_bytes() == before
+    assert main([*args, "--force"]) == 0

@@ -133,10 +133,13 @@ class FeatureExtractor(nn.Module):
                 f"from those the model was trained with ({config.weights_sha256[:12]}…)"
             )
         self.onnx: OnnxBackbone | None = None
+        self.input_size = config.input_size
         if name.startswith(ONNX_PREFIX):
             from diffqc.runtime import OnnxBackbone
 
-            self.onnx = OnnxBackbone(self.weights_file, self.layers, config.input_size)
+            # a graph with a fixed input size (YOLOv8 exports: 640) is fed that size
+            self.input_size = onnx_input_size(self.weights_file) or config.input_size
+            self.onnx = OnnxBackbone(self.weights_file, self.layers, self.input_size)
             self.taps: list[int] = []
             self.net: nn.Module = nn.Identity()
         else:
@@ -150,7 +153,7 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1))
         with torch.inference_mode():
-            probe = self.raw_features(torch.zeros(1, 3, config.input_size, config.input_size))
+            probe = self.raw_features(torch.zeros(1, 3, self.input_size, self.input_size))
         self.channels = int(probe.shape[1])
         self.grid = (int(probe.shape[2]), int(probe.shape[3]))
         self.register_buffer("feat_mean", torch.zeros(self.channels))
@@ -225,6 +228,27 @@ class FeatureExtractor(nn.Module):
         flat = raw.transpose(0, 1).reshape(self.channels, -1).double()
         self.feat_mean.copy_(flat.mean(1).float())
         self.feat_std.copy_(flat.std(1).clamp_min(1e-6).float())
+
+def onnx_input_size(path: Path) -> int | None:
+    """The fixed spatial side of an ONNX graph's image input, or None when it is free."""
+    try:
+        import onnx
+    except ImportError:
+        raise BackboneError("an ONNX backbone needs the onnx package: pip install 'diffqc[export]'") from None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises several types for a bad file
+        raise BackboneError(f"cannot read the ONNX backbone {path}: {exc}") from None
+    init = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in init]
+    if len(inputs) != 1:
+        raise BackboneError(f"ONNX backbone {path} has {len(inputs)} inputs; it needs one image input")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    side = [d for d in dims[2:] if d is not None]
+    if len(dims) == 4 and len(side) == 2 and side[0] != side[1]:
+        raise BackboneError(f"ONNX backbone {path} takes {side[0]}x{side[1]} images; diffqc feeds "
+                            "square inputs (re-export the graph square or with a free input size)")
+    return side[0] if len(dims) == 4 and side else None
 
 
 def to_pixels(images: Sequence[np.ndarray], size: int) -> Tensor:

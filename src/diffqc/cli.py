@@ -57,6 +57,10 @@ def build_config(args: argparse.Namespace) -> Any:
         over["train.steps"] = args.steps
     if getattr(args, "seed", None) is not None:
         over["train.seed"] = args.seed
+    if getattr(args, "fit", None):
+        over["backbone.resize"] = args.fit
+    if getattr(args, "tile", False):
+        over["tiling.mode"] = "auto"
     over.update(_overrides(getattr(args, "set", None) or []))
     return with_overrides(DetectorConfig(), over)
 
@@ -69,6 +73,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default=None, help="comma-separated backbone layers to tap")
     p.add_argument("--steps", type=int, default=None, help="denoiser training steps")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--fit", choices=["squash", "pad", "crop"], default=None,
+                   help="how images of another shape become the square input: squash (default), "
+                        "pad (letterbox, aspect kept) or crop (centre square)")
+    p.add_argument("--tile", action="store_true",
+                   help="cut images larger than the input into overlapping input-sized tiles "
+                        "(--set tiling.overlap=0.25 --set tiling.scale=1.0)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any config field, e.g. --set scoring.topk=0.02 (repeatable)")
 
@@ -163,11 +173,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     det = runtime_from_args(args, args.model)
     if args.feature_type is not None:
         det.type_index(args.feature_type)  # fail early on an unknown type
+    csv_out = _open_csv(Path(args.csv), force=args.force) if args.csv else None
     for path, name in images:
         try:
             image = read_image(path)
         except ImageReadError as exc:
             print(json.dumps({"path": str(path), "error": str(exc)}))
+            if csv_out is not None:
+                _write_csv_row(csv_out, {"path": str(path), "error": str(exc)})
             if not args.skip_corrupt:
                 raise
             continue
@@ -176,15 +189,53 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         row: dict[str, Any] = {"path": str(path), **result.to_json(),
                                "latency_ms": round(1000 * (time.perf_counter() - start), 1)}
         if args.heatmaps and result.anomaly_map is not None:
-            from diffqc.visualize import save_overlay  # matplotlib: only when drawing
-
-            th = det.calibration_.thresholds(result.feature_type) if det.calibration_ else {}
-            vmin = th.get("review") if th and th.get("review", float("inf")) < float("inf") else None
             out = _new_heatmap_path(Path(args.heatmaps), name)
-            save_overlay(out, image, result.anomaly_map, **({"vmin": vmin * 0.5} if vmin else {}))
+            _save_heatmap(out, image, result, det)
             row["heatmap"] = str(out)
         print(json.dumps(row))
+        if csv_out is not None:
+            _write_csv_row(csv_out, row)
+    if csv_out is not None:
+        csv_out[0].close()
     return EXIT_OK
+
+
+CSV_COLUMNS = ("path", "feature_type", "predicted_type", "score", "p_value", "decision", "heatmap", "error")
+
+
+def _open_csv(path: Path, *, force: bool) -> Any:
+    """The ``--csv`` file, with its header; an existing file is refused unless ``--force``."""
+    import csv
+
+    try:
+        fh = open(path, "w" if force else "x", newline="", encoding="utf-8")  # noqa: SIM115
+    except FileExistsError:
+        raise OutputError(f"{path} exists; pass --force to overwrite it") from None
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc}") from None
+    writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    fh.flush()
+    return (fh, writer)
+
+
+def _write_csv_row(out: Any, row: dict[str, Any]) -> None:
+    fh, writer = out
+    writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+    fh.flush()  # a long batch run leaves every finished row on disk
+
+
+def _save_heatmap(path: Path, image: Any, result: Any, det: Any) -> None:
+    """image | overlay with score, p-value, decision and a colour bar; the colour scale of a type
+    is fixed (the service's: from its median calibration score to well above the largest)."""
+    from diffqc.service.buffer import overlay_scales
+    from diffqc.visualize import save_panel
+
+    summary = det.calibration_.summary() if det.calibration_ is not None else {}
+    scale = overlay_scales(summary).get(result.feature_type)
+    save_panel(path, image, result.anomaly_map, score=result.score, p_value=result.p_value,
+               decision=result.decision, feature_type=result.feature_type,
+               vmin=scale[0] if scale else None, vmax=scale[1] if scale else None)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -233,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("images", nargs="+", help="image files or folders")
     insp.add_argument("--feature-type", default=None, help="the images' type (default: unknown)")
     insp.add_argument("--heatmaps", default=None, help="folder for heat-map overlay PNGs")
+    insp.add_argument("--csv", default=None, metavar="PATH",
+                      help="also write one CSV row per image (path, types, score, p-value, decision, "
+                           "heat map)")
+    insp.add_argument("--force", action="store_true", help="overwrite an existing --csv file")
     insp.add_argument("--skip-corrupt", action="store_true")
     insp.add_argument("--device", default=None)
     add_runtime_arguments(insp)

@@ -139,6 +139,9 @@ class Detector:
             # buffers are updated in place later by fit_standardisation.
             with torch.inference_mode(False):
                 self.extractor_ = FeatureExtractor(self.config.backbone).to(self.device)
+            if self.extractor_.input_size != self.config.backbone.input_size:  # the ONNX graph's own
+                self.config = replace(self.config, backbone=replace(self.config.backbone,
+                                                                    input_size=self.extractor_.input_size))
         return self.extractor_
 
     @torch.inference_mode()

@@ -1,12 +1,54 @@
-"""Heat-map overlays: what an operator looks at."""
+"""Heat maps people read: the image beside its colour-mapped anomaly map, with the score, the
+p-value, the decision and a colour bar.
+
+NumPy and Pillow only (the colour map is a 256 x 3 jet lookup table), so the service and the
+CLI draw heat maps without importing matplotlib.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+
+# matplotlib's "jet" as piecewise-linear (position, value) nodes per channel
+_JET_NODES = (
+    ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),  # red
+    ((0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)),  # green
+    ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),  # blue
+)
+
+
+def _jet_lut() -> np.ndarray:
+    """256 x 3 float32 jet colour map: dark blue -> blue -> cyan -> yellow -> red -> dark red."""
+    x = np.linspace(0.0, 1.0, 256)
+    channels = [np.interp(x, [p for p, _ in nodes], [v for _, v in nodes]) for nodes in _JET_NODES]
+    return np.stack(channels, axis=1).astype(np.float32)
+
+
+JET = _jet_lut()
+DECISION_COLOURS = {"PASS": (22, 163, 74), "REVIEW": (217, 119, 6), "REJECT": (220, 38, 38)}
+_BG = (255, 255, 255)
+_INK = (17, 24, 39)
+
+
+def colourise(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> their jet colours (``... x 3`` float32)."""
+    idx = np.clip(np.rint(np.nan_to_num(values) * 255), 0, 255).astype(np.intp)
+    out: np.ndarray = JET[idx]
+    return out
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    img = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
+    return np.clip(img.astype(np.float32), 0, 1)
+
+
+def _scale(anomaly_map: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
+    lo = float(np.min(anomaly_map)) if vmin is None else float(vmin)
+    hi = float(np.max(anomaly_map)) if vmax is None else float(vmax)
+    return lo, max(hi, lo + 1e-12)
 
 
 def overlay(
@@ -18,22 +60,81 @@ def overlay(
     ``vmin``/``vmax`` fix the colour scale (e.g. the REVIEW threshold and a high score) so
     that overlays of different parts are comparable; by default the map's own range is used.
     """
-    img = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
-    img = np.clip(img.astype(np.float32), 0, 1)
+    img = _rgb(image)
     m = anomaly_map.astype(np.float32)
     if m.shape != img.shape[:2]:
         m = np.asarray(Image.fromarray(m).resize((img.shape[1], img.shape[0]), Image.Resampling.BILINEAR))
-    lo = float(m.min()) if vmin is None else vmin
-    hi = float(m.max()) if vmax is None else vmax
-    norm = np.clip((m - lo) / max(hi - lo, 1e-12), 0, 1)
-    colour = colormaps["jet"](norm)[..., :3].astype(np.float32)
+    lo, hi = _scale(m, vmin, vmax)
+    norm = np.clip((m - lo) / (hi - lo), 0, 1)
     weight = alpha * norm[..., None] ** 0.5  # low scores stay see-through
-    blended = (1 - weight) * img + weight * colour
+    blended = (1 - weight) * img + weight * colourise(norm)
     return (blended * 255 + 0.5).astype(np.uint8)
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.2e}"
+
+
+def panel(
+    image: np.ndarray, anomaly_map: np.ndarray, *, score: float, p_value: float, decision: str,
+    feature_type: str | None = None, vmin: float | None = None, vmax: float | None = None,
+    alpha: float = 0.45, min_height: int = 256,
+) -> np.ndarray:
+    """``image | overlay`` side by side under a header (decision, score, p-value, type) with a
+    colour bar on the right labelled with the scale's ends -> HxWx3 uint8.
+
+    Small images are enlarged (nearest neighbour) to ``min_height`` so the text stays readable.
+    """
+    img = _rgb(image)
+    over = overlay(img, anomaly_map, vmin=vmin, vmax=vmax, alpha=alpha)
+    base = (img * 255 + 0.5).astype(np.uint8)
+    h, w = base.shape[:2]
+    zoom = max(1, -(-min_height // h))
+    if zoom > 1:
+        base = np.repeat(np.repeat(base, zoom, 0), zoom, 1)
+        over = np.repeat(np.repeat(over, zoom, 0), zoom, 1)
+        h, w = h * zoom, w * zoom
+    text = max(12, min(28, h // 18))
+    small_px = max(10, text * 4 // 5)
+    font, small = _font(text), _font(small_px)
+    gap, header, bar_w = max(4, text // 2), text * 2 + 8, max(12, text)
+    label_w = int(small.getlength("-0.000e+00")) + 8
+    width = 2 * w + 3 * gap + bar_w + label_w
+    canvas = Image.new("RGB", (width, header + h + gap), _BG)
+    canvas.paste(Image.fromarray(base), (gap, header))
+    canvas.paste(Image.fromarray(over), (2 * gap + w, header))
+    draw = ImageDraw.Draw(canvas)
+    colour = DECISION_COLOURS.get(decision.upper(), _INK)
+    draw.rectangle((gap, 4, gap + int(font.getlength(decision)) + 12, header - 6), fill=colour)
+    draw.text((gap + 6, 6), decision, fill=(255, 255, 255), font=font)
+    info = f"score {_fmt(score)}   p = {p_value:.3g}" + (f"   type {feature_type}" if feature_type else "")
+    draw.text((gap + int(font.getlength(decision)) + 24, 6), info, fill=_INK, font=font)
+    # colour bar: top = the scale's high end
+    lo, hi = _scale(anomaly_map, vmin, vmax)
+    x0 = 3 * gap + 2 * w
+    ramp = colourise(np.linspace(1, 0, h, dtype=np.float32))
+    bar = (np.repeat(ramp[:, None, :], bar_w, axis=1) * 255 + 0.5).astype(np.uint8)
+    canvas.paste(Image.fromarray(bar), (x0, header))
+    draw.rectangle((x0, header, x0 + bar_w - 1, header + h - 1), outline=_INK)
+    draw.text((x0 + bar_w + 4, header), _fmt(hi), fill=_INK, font=small)
+    draw.text((x0 + bar_w + 4, header + h - small_px - 2), _fmt(lo), fill=_INK, font=small)
+    return np.asarray(canvas)
 
 
 def save_overlay(path: Path | str, image: np.ndarray, anomaly_map: np.ndarray, **kwargs: float) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(overlay(image, anomaly_map, **kwargs)).save(path)
+    return path
+
+
+def save_panel(path: Path | str, image: np.ndarray, anomaly_map: np.ndarray, **kwargs: object) -> Path:
+    """Write :func:`panel` as a PNG (the folder is created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(panel(image, anomaly_map, **kwargs)).save(path)  # type: ignore[arg-type]
     return path

@@ -1,0 +1,58 @@
+"""Heat maps people read: image | overlay, score, p-value, decision, colour bar; no matplotlib."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+
+from diffqc.visualize import DECISION_COLOURS, JET, colourise, overlay, panel
+
+
+def test_jet_table_is_matplotlibs_jet() -> None:
+    from matplotlib import colormaps
+
+    assert JET.shape == (256, 3)
+    np.testing.assert_allclose(JET, colormaps["jet"](np.arange(256))[:, :3], atol=1e-6)
+    np.testing.assert_allclose(colourise(np.array([0.0, 1.0])), JET[[0, 255]])
+
+
+def test_overlay_leaves_quiet_pixels_alone_and_colours_hot_ones() -> None:
+    img = np.full((32, 48, 3), 0.5, np.float32)
+    m = np.zeros((32, 48), np.float32)
+    m[10:20, 30:40] = 1.0
+    out = overlay(img, m, vmin=0.0, vmax=1.0)
+    assert out.shape == (32, 48, 3) and out.dtype == np.uint8
+    assert np.all(out[0, 0] == 128)  # below the scale: the image as it is
+    hot = out[15, 35].astype(int)
+    assert hot[0] > hot[2] + 40  # jet's top end is red
+
+
+def test_panel_shows_image_overlay_decision_and_colour_bar() -> None:
+    img = np.random.default_rng(0).random((40, 100, 3)).astype(np.float32)
+    m = np.zeros((40, 100), np.float32)
+    m[5:15, 60:80] = 3.0
+    out = panel(img, m, score=2.5, p_value=0.001, decision="REJECT", feature_type="bottle",
+                vmin=0.0, vmax=3.0, min_height=40)
+    h, w, _ = out.shape
+    assert w > 2 * 100 and h > 40  # two images side by side under a header
+    colours = {tuple(int(v) for v in px) for px in out.reshape(-1, 3)}
+    assert DECISION_COLOURS["REJECT"] in colours  # the decision badge
+    # the colour bar runs the whole scale: jet's dark red and dark blue ends are both there
+    assert any(r >= 128 and g == 0 and b == 0 for r, g, b in colours)
+    assert any(b >= 128 and r == 0 and g == 0 for r, g, b in colours)
+    # the left image is the original pixels (below the header)
+    header = h - 40 - max(4, max(12, min(28, 40 // 18)) // 2)
+    left = out[header: header + 40, 6: 106]
+    assert np.abs(left.astype(int) - (img * 255 + 0.5).astype(int)).max() <= 1
+    # small images are enlarged so the text stays readable
+    assert panel(img, m, score=1.0, p_value=0.5, decision="PASS").shape[0] >= 256
+
+
+def test_drawing_does_not_import_matplotlib() -> None:
+    code = ("import sys, numpy as np; from diffqc.visualize import panel; "
+            "panel(np.zeros((8, 8, 3), np.float32), np.zeros((8, 8), np.float32), score=1.0, "
+            "p_value=0.5, decision='PASS'); print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
