@@ -1,12 +1,16 @@
-# diffqc inspection service, CPU only.
+# diffqc inspection service, CPU only: PyTorch (CPU build), ONNX Runtime and OpenVINO, so that
+# `--runtime auto` can take whichever runtime the bundle's export measured fastest.
 # UNTESTED HERE: Docker cannot run on the machine this was written on.
 #
 #   docker build -t diffqc .
 #   docker run --rm -p 127.0.0.1:8000:8000 -e DIFFQC_TOKEN=... \
 #       -v "$PWD/model:/model:ro" -v diffqc-data:/data diffqc
 #
-# For a smaller image, point pip at a CPU-only torch wheel index at build time:
-#   docker build --build-arg PIP_EXTRA_INDEX_URL=<cpu wheel index> -t diffqc .
+# torch comes from the PyTorch CPU wheel index (TORCH_INDEX_URL): from PyPI, torch for Linux
+# x86_64 pulls the CUDA libraries (gigabytes). The machine this was written on could not reach
+# that index; its `pip install torch==2.13.0` got a CPU wheel only because its pip is pointed at
+# a local CPU wheel mirror, which a Docker build does not see. Behind a mirror, pass its URL:
+#   docker build --build-arg TORCH_INDEX_URL=<cpu wheel index> -t diffqc .
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -15,12 +19,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     OMP_NUM_THREADS=2
 
-ARG PIP_EXTRA_INDEX_URL=""
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.13.0
 
 WORKDIR /app
 COPY pyproject.toml README.md* ./
 COPY src ./src
-RUN pip install ".[serve]" \
+# CPU torch first, so that resolving diffqc's `torch>=2.2` finds it installed.
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+    && pip install ".[serve,openvino]" \
+    && python -c "import onnxruntime, openvino, torch; assert not torch.version.cuda, 'a CUDA torch'" \
     && useradd --create-home --uid 10001 diffqc \
     && mkdir -p /data /model \
     && chown diffqc:diffqc /data
@@ -33,6 +41,8 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/healthz', timeout=3)"]
 
 # The token comes from DIFFQC_TOKEN, the store from DIFFQC_DB (default: SQLite under /data).
+# The model bundle should carry its export (`diffqc export MODEL --int8 ...`, run where the
+# service runs, since the export measures each runtime's speed on that machine).
 ENV DIFFQC_DB=/data/results.db
 ENTRYPOINT ["python", "-m", "diffqc.service"]
 CMD ["serve", "/model", "--host", "0.0.0.0", "--port", "8000", "--data-dir", "/data"]

@@ -39,22 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     import onnx
     import torch
 
-    from diffqc.export import (
-        TENSORRT_ENGINE,
-        _read_samples,
-        _stratified,
-        _synthetic_images,
-        build_tensorrt_engine,
-        export_bundle,
-    )
-    from diffqc.runtime import (
-        ONNX_FILES,
-        OnnxGraph,
-        RuntimeUnavailableError,
-        TensorRTGraph,
-        preprocess,
-        read_export_info,
-    )
+    from diffqc.backends.ort import OnnxGraph
+    from diffqc.backends.tensorrt import ENGINE_FILE as TENSORRT_ENGINE
+    from diffqc.backends.tensorrt import TensorRTGraph, build_tensorrt_engine
+    from diffqc.errors import RuntimeUnavailableError
+    from diffqc.export import _read_samples, _stratified, _synthetic_images, export_bundle
+    from diffqc.runtime import ONNX_FILES, preprocess, read_export_info
 
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to build", file=sys.stderr)

@@ -19,15 +19,15 @@ pytest.importorskip("onnxruntime")
 
 from diffqc import export as ex
 from diffqc.backbone import sha256_file, to_pixels
+from diffqc.backends.graph import EXTERNAL_THRESHOLD as ONNX_MAPPED_FROM
+from diffqc.backends.ort import OnnxGraph
 from diffqc.cli import main
 from diffqc.data import GOOD, load_dataset, read_images
 from diffqc.errors import BackboneError, BundleError, UnknownFeatureTypeError
 from diffqc.metrics import image_auroc
 from diffqc.model import Detector
-from diffqc.runtime import EXTERNAL_THRESHOLD as ONNX_MAPPED_FROM
 from diffqc.runtime import (
     OnnxDetector,
-    OnnxGraph,
     add_runtime_arguments,
     load_detector,
     preprocess,
@@ -85,11 +85,11 @@ def test_onnx_graph_equals_pytorch(exported: Path, test_images: tuple) -> None:
     assert json.loads(props["diffqc.classes"]) == info["classes"]
     # independently: maps and scores of every image under every type, at two batch sizes
     det = Detector.load(exported, device="cpu")
-    before = set(Path(tempfile.gettempdir()).glob("diffqc-ort-*"))
+    before = set(Path(tempfile.gettempdir()).glob("diffqc-graph-*"))
     graph, module = OnnxGraph(model, threads=1), ex.InferenceGraph(det)
     # its large constants are memory-mapped from a temporary file, removed once mapped; the
     # caller's model keeps its own constants
-    assert set(Path(tempfile.gettempdir()).glob("diffqc-ort-*")) == before
+    assert set(Path(tempfile.gettempdir()).glob("diffqc-graph-*")) == before
     assert max(len(t.raw_data) for t in model.graph.initializer) > ONNX_MAPPED_FROM
     assert not any(t.external_data for t in model.graph.initializer)
     images = test_images[0][:3]
@@ -135,7 +135,7 @@ def test_onnx_detector_reproduces_torch_inspect(exported: Path, test_images: tup
     samples = [s for s in load_dataset(clear_dataset) if s.split == "test"][:3]
     results, kept = onx.inspect_samples(samples, all_types=False)
     assert len(results) == len(kept) == 3 and results[0].feature_type == samples[0].feature_type
-    in_memory = OnnxDetector.from_detector(det, threads=1)  # e.g. for models a cross-validation fits
+    in_memory = ex.onnx_detector(det, threads=1)  # e.g. for models a cross-validation fits
     expected = [r.decision for r in det.inspect(images, types)]
     assert [r.decision for r in in_memory.inspect(images, types)] == expected
 
@@ -146,8 +146,9 @@ def test_runtime_choice(exported: Path, tiny_model: Path, tmp_path: Path) -> Non
         load_detector(tiny_model, "onnx")
     info = read_export_info(exported)
     chosen = load_detector(exported, "auto", threads=1)
-    faster = info["fp32"]["latency_ms"] < info["torch_latency_ms"]
-    assert isinstance(chosen, OnnxDetector) == faster
+    fastest = info["fastest_first"][0]  # measured at export, among those that passed parity
+    assert getattr(chosen, "runtime", "torch") == fastest["runtime"]
+    assert fastest["latency_ms"] == min(c["latency_ms"] for c in info["fastest_first"])
     assert isinstance(load_detector(exported, "torch"), Detector)
     parser = argparse.ArgumentParser()
     add_runtime_arguments(parser)
@@ -298,7 +299,7 @@ def test_tensorrt_fp16_engine(exported: Path, test_images: tuple) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     pytest.importorskip("tensorrt")
-    from diffqc.runtime import TensorRTGraph
+    from diffqc.backends.tensorrt import TensorRTGraph
 
     engine = ex.build_tensorrt_engine(exported / "model.onnx", exported / ex.TENSORRT_ENGINE, input_size=64)
     trt_graph = TensorRTGraph(engine)
@@ -373,9 +374,9 @@ def test_onnx_process_never_imports_torch(exported: Path, clear_dataset: Path) -
             f"choice = choose_runtime({str(exported)!r})\n"
             f"det = load_detector({str(exported)!r}, 'onnx', threads=1)\n"
             f"(r,) = det.inspect([read_image({str(image)!r})], ['dots'])\n"
-            "print(choice, type(det).__name__, r.decision, 'torch' in sys.modules)")
+            "print(choice.runtime, type(det).__name__, r.decision, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     choice, name, decision, torch_loaded = out.split()
-    assert choice in ("onnx", "torch") and name == "OnnxDetector"
+    assert choice in ("onnx", "openvino", "torch") and name == "OnnxDetector"
     assert decision in ("PASS", "REVIEW", "REJECT")
     assert torch_loaded == "False"

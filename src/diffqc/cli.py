@@ -26,25 +26,8 @@ from diffqc.runtime import add_runtime_arguments
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
-        out[key.strip()] = _parse_value(value.strip())
-    return out
-
-
 def build_config(args: argparse.Namespace) -> Any:
-    from diffqc.config import DetectorConfig, with_overrides
+    from diffqc.config import DetectorConfig, parse_overrides, with_overrides
 
     over: dict[str, Any] = {}
     if getattr(args, "method", None):
@@ -61,7 +44,7 @@ def build_config(args: argparse.Namespace) -> Any:
         over["backbone.resize"] = args.fit
     if getattr(args, "tile", False):
         over["tiling.mode"] = "auto"
-    over.update(_overrides(getattr(args, "set", None) or []))
+    over.update(parse_overrides(getattr(args, "set", None) or []))
     return with_overrides(DetectorConfig(), over)
 
 
@@ -311,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _optional_registrars() -> list[Callable[[Any], None]]:
     """Sub-commands whose modules pull optional dependencies register themselves lazily."""
     regs: list[Callable[[Any], None]] = []
-    for module, name in (("diffqc.evaluate", "add_evaluate_command"),
-                         ("diffqc.export", "add_export_command"),
+    for module, name in (("diffqc.commands", "add_evaluate_command"),
+                         ("diffqc.commands", "add_export_command"),
                          ("diffqc.service", "add_service_commands")):
         try:
             mod = __import__(module, fromlist=[name])

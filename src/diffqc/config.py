@@ -8,6 +8,7 @@ import difflib
 import json
 import math
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -380,3 +381,18 @@ def with_overrides(config: DetectorConfig, overrides: dict[str, Any]) -> Detecto
             raise _unknown_key(key)
         node[leaf] = value
     return DetectorConfig.from_dict(data)
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["KEY=VALUE", ...]`` (``--set``) -> overrides for :func:`with_overrides`; a VALUE is
+    read as JSON when it is JSON (``500``, ``[100,200]``, ``true``), else as a string."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = json.loads(value.strip())
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from diffqc import report as R
 from diffqc.calibration import CalibrationWarning, Calibrator, TypeCalibration
-from diffqc.config import METHODS, DetectorConfig, with_overrides
+from diffqc.config import METHODS, DetectorConfig, parse_overrides, with_overrides
 from diffqc.data import DEFECTIVE, GOOD, Sample, read_image, read_mask
 from diffqc.errors import ImageReadError
 from diffqc.folds import per_type_folds
@@ -294,12 +294,13 @@ def evaluate(
     alarms). When ``out_dir`` is given, report.json / .md / .html are written there.
     ``feature_cache``: a folder where the raw backbone features are kept between runs (keyed by
     the backbone, its weights and the image files), so a re-run skips the extraction.
-    ``runtime``: ``torch``, or ``onnx`` to score the held-out parts of each fold with ONNX Runtime
-    (each fold's diffusion model exported in memory; baselines, which have no ONNX export, stay on
-    PyTorch); ``auto`` means ``torch`` here, since an export per fold costs more than it saves.
+    ``runtime``: ``torch``, or ``onnx`` / ``openvino`` to score the held-out parts of each fold with
+    ONNX Runtime / OpenVINO (each fold's diffusion model exported in memory, FP32; baselines,
+    which have no ONNX export, stay on PyTorch); ``auto`` means ``torch`` here, since an export
+    per fold costs more than it saves.
     """
-    if runtime not in ("torch", "onnx", "auto"):
-        raise ValueError(f"runtime must be torch, onnx or auto, got {runtime!r}")
+    if runtime not in ("torch", "onnx", "openvino", "auto"):
+        raise ValueError(f"runtime must be torch, onnx, openvino or auto, got {runtime!r}")
     t_start = time.perf_counter()
     base = base_config or DetectorConfig()
     variants_cfg: dict[str, DetectorConfig] = {}
@@ -407,10 +408,10 @@ def evaluate(
                 (decision_threshold(known, alpha_reject, cal.config.tail) - c) / s)
             v.train_images.setdefault(t, []).append(int(np.isin(tr, type_idx[t]).sum()))
         scorer: Any = det
-        if runtime == "onnx" and v.config.method == "diffusion":
-            from diffqc.runtime import OnnxDetector
+        if runtime in ("onnx", "openvino") and v.config.method == "diffusion":
+            from diffqc.export import onnx_detector
 
-            scorer = OnnxDetector.from_detector(det, threads=threads)
+            scorer = onnx_detector(det, threads=threads, runtime=runtime)
         for chunk in _chunks(test.size, INSPECT_CHUNK):
             ids = test[chunk]
             results = scorer.inspect_features(raw[ids], [stypes[i] for i in ids],
@@ -704,13 +705,11 @@ def load_evaluation_data(data: Path | str) -> tuple[list[Sample], str]:
 
 def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
     """``NAME:KEY=VALUE,KEY=VALUE`` -> (name, overrides)."""
-    from diffqc.cli import _overrides
-
     name, sep, rest = text.partition(":")
     name = name.strip()
     if not sep or not name or not rest.strip():
         raise ValueError(f"--compare-setting expects NAME:KEY=VALUE[,KEY=VALUE...], got {text!r}")
-    return name, _overrides([p for p in _split_top_level(rest) if p.strip()])
+    return name, parse_overrides([p for p in _split_top_level(rest) if p.strip()])
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -730,9 +729,7 @@ def _split_top_level(text: str) -> list[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from diffqc.cli import build_config
-
-    base = build_config(argparse.Namespace(set=args.set))
+    base = with_overrides(DetectorConfig(), parse_overrides(args.set or []))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     settings: dict[str, DetectorConfig] = {}
     # a setting varies the first method unless it names its own
@@ -755,39 +752,5 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_evaluate_command(subparsers: Any) -> None:
-    """Register ``diffqc evaluate`` (called by :func:`diffqc.cli.build_parser`)."""
-    p = subparsers.add_parser(
-        "evaluate", help="k-fold cross-validated evaluation and comparison of methods -> report",
-        description="Cross-validate methods (and settings) on all labelled images of DATA, grouped "
-                    "by part and stratified by label per feature type; write report.html/.md/.json.")
-    p.add_argument("data", help="MVTec-layout folder or CSV manifest (a folder's manifest.csv wins)")
-    p.add_argument("--folds", type=int, default=5, help="k of the k-fold split (default 5)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated methods (default: diffusion,patchcore,padim)")
-    p.add_argument("--out", type=Path, default=Path("diffqc-evaluation"),
-                   help="report folder (default: ./diffqc-evaluation)")
-    p.add_argument("--seed", type=int, default=0, help="fold (and subsample) seed")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="config field for every method, e.g. --set train.steps=1000 (repeatable)")
-    p.add_argument("--compare-setting", action="append", metavar="NAME:KEY=VALUE,...",
-                   help="an extra variant: the first method's config with these overrides, "
-                        "e.g. sep:train.separation_weight=0.1 (repeatable; method=... to change "
-                        "the method)")
-    p.add_argument("--gallery", type=int, default=8, help="worst misses shown per method (default 8)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates of the AUROC CI")
-    p.add_argument("--max-train-good", type=int, default=None,
-                   help="cap GOOD training images per type and fold (seeded subsample)")
-    p.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
-                   help="keep the raw backbone features in DIR so that a re-run skips extraction")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--runtime", choices=("torch", "onnx", "auto"), default="auto",
-                   help="score held-out parts with PyTorch or ONNX Runtime (each fold's diffusion "
-                        "model exported in memory); auto = torch")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime CPU threads")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_evaluate)
-
-
-__all__ = ["DEFAULT_METHODS", "add_evaluate_command", "decision_threshold", "evaluate",
+__all__ = ["DEFAULT_METHODS", "decision_threshold", "evaluate",
            "load_evaluation_data", "parse_setting", "standardiser", "summary_lines"]

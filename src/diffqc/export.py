@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import shutil
 import tempfile
 import time
 import warnings
@@ -36,24 +35,23 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffqc import __version__
+from diffqc.backends.graph import ANOMALY_MAP, FEATURES, PIXELS, SCORE, TYPE_IDX, SplitGraph, import_onnx
+from diffqc.backends.openvino import OpenVinoGraph, openvino_version
+from diffqc.backends.ort import OnnxBackbone, OnnxGraph, import_onnxruntime, make_session
+from diffqc.backends.tensorrt import ENGINE_FILE as TENSORRT_ENGINE
+from diffqc.backends.tensorrt import build_tensorrt_engine
 from diffqc.errors import ConfigError, DatasetError, ExportError
 from diffqc.runtime import (
-    ANOMALY_MAP,
     EXPORT_FILE,
     EXPORT_FORMAT,
-    FEATURES,
     INT8_CALIBRATION_FILE,
     ONNX_FILES,
-    PIXELS,
-    SCORE,
-    TYPE_IDX,
-    OnnxBackbone,
-    OnnxGraph,
+    OnnxDetector,
     available_cores,
     cpu_has_vnni,
-    import_onnx,
-    import_onnxruntime,
     preprocess,
+    read_export_info,
+    usable_choices,
 )
 
 if TYPE_CHECKING:
@@ -74,7 +72,6 @@ MAX_AUROC_DROP = 0.005
 MAX_LAYER_ERROR = 0.05
 MAX_SCORE_ERROR = 0.10
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
-TENSORRT_ENGINE = "model.fp16.engine"
 
 
 # --------------------------------------------------------------------------- the graph
@@ -282,17 +279,17 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def check_fp32(det: Detector, model: onnx.ModelProto, graph: OnnxGraph, images: Sequence[np.ndarray],
-               type_idx: np.ndarray, *, threads: int | None = None, rtol: float = RTOL,
-               table_images: int = 4, batch: int = 4) -> dict[str, Any]:
-    """ONNX Runtime against PyTorch on ``images``, end to end from the decoded image (numpy vs
+def check_fp32(det: Detector, model: onnx.ModelProto | None, graph: SplitGraph,
+               images: Sequence[np.ndarray], type_idx: np.ndarray, *, threads: int | None = None,
+               rtol: float = RTOL, table_images: int = 4, batch: int = 4) -> dict[str, Any]:
+    """A runtime against PyTorch on ``images``, end to end from the decoded image (numpy vs
     PyTorch resizing included): maps and scores under the given types from the whole ``model``
-    in one session, and every type's score of the first ``table_images`` images from ``graph``
-    (its halves, as diffqc runs them); and the PASS/REVIEW/REJECT each gives."""
+    in one ONNX Runtime session (from ``graph`` when no model is given), and every type's score
+    of the first ``table_images`` images from ``graph`` (its halves, as diffqc runs them); and
+    the PASS/REVIEW/REJECT each gives."""
     from diffqc.backbone import to_pixels
-    from diffqc.runtime import make_session
 
-    whole = make_session(model, threads)
+    whole = make_session(model, threads) if model is not None else None
     module = InferenceGraph(det)
     size = det.config.backbone.input_size
     ref_maps, ref_scores, maps, scores = [], [], [], []
@@ -301,8 +298,9 @@ def check_fp32(det: Detector, model: onnx.ModelProto, graph: OnnxGraph, images: 
             m, s = module(to_pixels(images[sl], size), torch.from_numpy(type_idx[sl]))
         ref_maps.append(m.numpy())
         ref_scores.append(s.numpy())
-        m2, s2 = whole.run([ANOMALY_MAP, SCORE], {PIXELS: preprocess(images[sl], size),
-                                                  TYPE_IDX: type_idx[sl]})
+        px = preprocess(images[sl], size)
+        m2, s2 = (whole.run([ANOMALY_MAP, SCORE], {PIXELS: px, TYPE_IDX: type_idx[sl]}) if whole is not None
+                  else graph.run(px, type_idx[sl]))
         maps.append(m2)
         scores.append(s2)
     rm, rs, om, os_ = (np.concatenate(x) for x in (ref_maps, ref_scores, maps, scores))
@@ -334,10 +332,10 @@ def check_fp32(det: Detector, model: onnx.ModelProto, graph: OnnxGraph, images: 
     }
 
 
-def measure_latency(det: Detector, graphs: dict[str, OnnxGraph], image: np.ndarray, type_index: int, *,
+def measure_latency(det: Detector, graphs: dict[str, SplitGraph], image: np.ndarray, type_index: int, *,
                     threads: int | None, runs: int = 10) -> dict[str, float]:
     """Median milliseconds of one image through the graph (pixels -> map and score), batch 1:
-    PyTorch and each ONNX model given."""
+    PyTorch and each runtime's graph given."""
     size = det.config.backbone.input_size
     pixels = preprocess([image], size)
     idx = np.array([type_index], dtype=np.int64)
@@ -483,8 +481,6 @@ def quantize_int8(
 
 def _whole_scores(model: onnx.ModelProto, pixels: np.ndarray, type_idx: np.ndarray,
                   threads: int | None, batch: int = 8) -> np.ndarray:
-    from diffqc.runtime import make_session
-
     session = make_session(model, threads)
     return np.concatenate([session.run([SCORE], {PIXELS: pixels[sl], TYPE_IDX: type_idx[sl]})[0]
                            for sl in _chunks(len(pixels), batch)])
@@ -505,14 +501,14 @@ def _quiet_logging() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- parity report
-def _scores(graph: OnnxGraph, images: Sequence[np.ndarray], type_idx: np.ndarray, size: int,
+def _scores(graph: SplitGraph, images: Sequence[np.ndarray], type_idx: np.ndarray, size: int,
             batch: int = 8) -> np.ndarray:
     return np.concatenate([graph.run(preprocess(images[sl], size), type_idx[sl])[1]
                            for sl in _chunks(len(images), batch)])
 
 
 def parity_report(
-    fp32: OnnxGraph, int8: OnnxGraph, samples: Sequence[Sample], images: Sequence[np.ndarray],
+    fp32: SplitGraph, int8: SplitGraph, samples: Sequence[Sample], images: Sequence[np.ndarray],
     classes: Sequence[str], cal_fp32: Calibrator, cal_int8: Calibrator, size: int,
 ) -> dict[str, Any]:
     """INT8 against FP32 on held-out images, each scored under its own type: per-type image
@@ -617,7 +613,7 @@ def _synthetic_images(n: int, size: int) -> list[np.ndarray]:
     return images
 
 
-def _recalibrate(det: Detector, fp32: OnnxGraph, int8: OnnxGraph, good: Sequence[Sample]
+def _recalibrate(det: Detector, fp32: SplitGraph, int8: SplitGraph, good: Sequence[Sample]
                  ) -> tuple[Calibrator | None, str]:
     """The INT8 model's own conformal calibration, on the very images the bundle was calibrated
     on, when ``good`` holds them (the FP32 scores must reproduce the bundle's)."""
@@ -677,11 +673,15 @@ def export_bundle(
     threads: int | None = None, opset: int = DEFAULT_OPSET, check_images: int = 16,
     calibration_images: int = 64, sensitivity_images: int = 16, max_held_out: int = 1000,
     search: bool = True, progress: bool = False, log: Callable[[str], None] = print,
+    openvino: bool = True,
 ) -> dict[str, Any]:
     """Export a bundle to ``model.onnx`` (and ``model.int8.onnx``), verify it, and record it all
     in ``export.json``; returns that record. An INT8 model that fails its parity check is not
     kept unless ``force`` (and is then never chosen automatically); ``record["int8"]["accepted"]``
-    says which."""
+    says which. With ``openvino`` (and OpenVINO installed) the same models are checked on
+    OpenVINO too (``record["openvino"]``). Each runtime's latency on this machine is measured
+    and ``record["fastest_first"]`` lists the runtimes that passed parity, fastest first: what
+    ``--runtime auto`` chooses from."""
     from diffqc.data import load_dataset
     from diffqc.inspection import sha256_file
     from diffqc.model import Detector
@@ -732,30 +732,78 @@ def export_bundle(
         "fp32": {"file": ONNX_FILES["fp32"], "sha256": sha256_file(path / ONNX_FILES["fp32"]),
                  "export_seconds": round(export_s, 2), "parity_vs_torch": check},
     }
-    graphs = {"fp32": graph}
+    graphs: dict[str, SplitGraph] = {"onnx fp32": graph}
+    ov_graph: OpenVinoGraph | None = None
+    if openvino:
+        info["openvino"], ov_graph = _openvino_fp32(det, path / ONNX_FILES["fp32"], images, types,
+                                                    threads=threads, log=log)
+        if ov_graph is not None:
+            graphs["openvino fp32"] = ov_graph
     if int8:
-        entry, int8_graph = _export_int8(
+        outcome = _export_int8(
             det, path, graph, calibration_data, held_out, force=force, threads=threads,
             calibration_images=calibration_images, sensitivity_images=sensitivity_images,
-            max_held_out=max_held_out, search=search, progress=progress, log=log)
-        info["int8"] = entry
-        if int8_graph is not None:
-            graphs["int8"] = int8_graph
+            max_held_out=max_held_out, search=search, progress=progress, log=log, openvino=ov_graph)
+        info["int8"] = outcome.entry
+        if outcome.graph is not None:
+            graphs["onnx int8"] = outcome.graph
+        if outcome.openvino_entry is not None and ov_graph is not None:
+            info["openvino"]["int8"] = outcome.openvino_entry
+        if outcome.openvino_graph is not None:
+            graphs["openvino int8"] = outcome.openvino_graph
     elif previous is not None:
-        info["int8"] = previous
-        graphs["int8"] = OnnxGraph(path / ONNX_FILES["int8"], threads)
+        info["int8"], old_ov_int8 = previous
+        graphs["onnx int8"] = OnnxGraph(path / ONNX_FILES["int8"], threads)
+        if old_ov_int8 is not None and ov_graph is not None:
+            info["openvino"]["int8"] = old_ov_int8
+            graphs["openvino int8"] = OpenVinoGraph(path / ONNX_FILES["int8"], threads)
     latency = measure_latency(det, graphs, images[0], int(types[0]), threads=threads)
     info["torch_latency_ms"] = latency.pop("torch")
     for name, ms in latency.items():
-        info[name]["latency_ms"] = ms
+        runtime, precision = name.split()
+        (info if runtime == "onnx" else info[runtime])[precision]["latency_ms"] = ms
     log(f"latency per image (graph only, batch 1, {threads} threads): torch {info['torch_latency_ms']} ms, "
-        + ", ".join(f"onnx {k} {v} ms" for k, v in latency.items()))
+        + ", ".join(f"{k} {v} ms" for k, v in latency.items()))
+    info["fastest_first"] = [c._asdict() for c in usable_choices(path, info)]
+    log("runtimes that passed parity, fastest first (--runtime auto takes the first installed): "
+        + ", ".join(f"{c['runtime']} {c['precision']}" for c in info["fastest_first"]))
     _write_atomic(path / EXPORT_FILE, json.dumps(info, indent=2).encode())
     return info
 
 
-def _previous_export(path: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
-    """The INT8 entry of an earlier export of the same weights, when its file is still there."""
+def _openvino_fp32(det: Detector, file: Path, images: Sequence[np.ndarray], types: np.ndarray, *,
+                   threads: int, log: Callable[[str], None]) -> tuple[dict[str, Any], OpenVinoGraph | None]:
+    """The FP32 model compiled by OpenVINO and checked against PyTorch like ONNX Runtime's; a
+    model that fails is recorded (never chosen automatically), not an error."""
+    version = openvino_version()
+    if version is None:
+        log("OpenVINO is not installed: the export is checked on ONNX Runtime only "
+            "(pip install 'diffqc[openvino]' and export again to add it)")
+        return {"unavailable": "OpenVINO is not installed"}, None
+    graph = OpenVinoGraph(file, threads)
+    check = check_fp32(det, None, graph, images, types, threads=threads)
+    log(f"FP32 OpenVINO {version} vs PyTorch: max |Δscore| {check['max_abs_score_error']:.3g} (relative "
+        f"{check['max_rel_score_error']:.2g}), decisions equal {check['decisions_equal']}/{check['images']}: "
+        + ("passed" if check["passed"] else f"FAILED (tolerance {RTOL:g}); OpenVINO is not offered"))
+    return {"version": version, "fp32": {"file": ONNX_FILES["fp32"], "parity_vs_torch": check}}, graph
+
+
+def onnx_detector(det: Detector, *, threads: int | None = None, runtime: str = "onnx") -> OnnxDetector:
+    """A fitted (PyTorch) Detector exported in memory and run by ONNX Runtime or OpenVINO, FP32;
+    for code that fits models itself, such as a cross-validation, and wants their speed."""
+    if det.calibration_ is None:
+        raise RuntimeError("the detector is not fitted; call fit() or Detector.load()")
+    fe = det.extractor
+    stats = (fe.feat_mean.detach().cpu().numpy(), fe.feat_std.detach().cpu().numpy())
+    return OnnxDetector.from_model(build_onnx(det), config=det.config, metadata=det.metadata,
+                                   calibration=det.calibration_, classes=det.classes_,
+                                   feature_stats=stats, threads=threads, runtime=runtime)
+
+
+def _previous_export(path: Path, meta: dict[str, Any]
+                     ) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    """The INT8 entries (ONNX Runtime, OpenVINO) of an earlier export of the same weights, when
+    its file is still there."""
     try:
         old = json.loads((path / EXPORT_FILE).read_text())
     except (OSError, ValueError):
@@ -763,15 +811,25 @@ def _previous_export(path: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
     entry = old.get("int8")
     if (old.get("weights_file_sha256") == meta.get("weights_file_sha256") and isinstance(entry, dict)
             and entry.get("file") and (path / ONNX_FILES["int8"]).is_file()):
-        return dict(entry)
+        ov = old.get("openvino", {}).get("int8") if isinstance(old.get("openvino"), dict) else None
+        return dict(entry), (dict(ov) if isinstance(ov, dict) else None)
     return None
+
+
+@dataclass
+class _Int8Outcome:
+    entry: dict[str, Any]  # export.json's "int8"
+    graph: OnnxGraph | None  # when kept
+    openvino_entry: dict[str, Any] | None = None  # export.json's "openvino"/"int8"
+    openvino_graph: OpenVinoGraph | None = None
 
 
 def _export_int8(
     det: Detector, path: Path, fp32: OnnxGraph, calibration_data: Path | str | None,
     held_out: Path | str | None, *, force: bool, threads: int, calibration_images: int,
     sensitivity_images: int, max_held_out: int, search: bool, progress: bool, log: Callable[[str], None],
-) -> tuple[dict[str, Any], OnnxGraph | None]:
+    openvino: OpenVinoGraph | None = None,
+) -> _Int8Outcome:
     from diffqc.data import good_training, load_dataset
     from diffqc.inspection import sha256_file
     from diffqc.model import split_calibration
@@ -843,114 +901,64 @@ def _export_int8(
         log("!" * 78 + f"\nINT8 {'KEPT BECAUSE OF --force' if force else 'REFUSED'}: {why}.\n"
             + ("It is never chosen automatically; --precision int8 runs it.\n" if force else
                "Run again with --force to keep it anyway.\n") + "!" * 78)
-    return entry, int8 if (accepted or force) else None
+    outcome = _Int8Outcome(entry, int8 if (accepted or force) else None)
+    if openvino is not None and outcome.graph is not None:
+        outcome.openvino_graph = OpenVinoGraph(result.model, threads)
+        outcome.openvino_entry = _openvino_int8_parity(
+            outcome.openvino_graph, openvino, int8, held, held_images, classes, cal, cal8 or cal, size,
+            spread, fallback, log=log)
+    return outcome
 
 
-# --------------------------------------------------------------------------- TensorRT
-def build_tensorrt_engine(onnx_path: Path | str, engine_path: Path | str, *, input_size: int,
-                          fp16: bool = True, max_batch: int = 8, workspace_mib: int = 2048) -> Path:
-    """A TensorRT engine (FP16 by default) from an exported ``model.onnx``, for batch 1 to
-    ``max_batch``; with TensorRT's Python API, else ``trtexec``. Needs an NVIDIA GPU."""
-    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    s = input_size
-    try:
-        import tensorrt as trt
-    except ImportError:
-        trtexec = shutil.which("trtexec")
-        if trtexec is None:
-            from diffqc.errors import RuntimeUnavailableError
-
-            raise RuntimeUnavailableError("TensorRT is not installed (pip install tensorrt) and trtexec "
-                                          "is not on PATH") from None
-        import subprocess
-
-        shapes = {"min": 1, "opt": 1, "max": max_batch}
-        cmd = [trtexec, f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
-               f"--memPoolSize=workspace:{workspace_mib}M",
-               *[f"--{k}Shapes={PIXELS}:{n}x3x{s}x{s},{TYPE_IDX}:{n}" for k, n in shapes.items()]]
-        subprocess.run([*cmd, "--fp16"] if fp16 else cmd, check=True)
-        return engine_path
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportError(f"TensorRT cannot parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    profile = builder.create_optimization_profile()
-    profile.set_shape(PIXELS, (1, 3, s, s), (1, 3, s, s), (max_batch, 3, s, s))
-    profile.set_shape(TYPE_IDX, (1,), (1,), (max_batch,))
-    config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ExportError("TensorRT could not build an engine (see its log above)")
-    engine_path.write_bytes(bytes(serialized))
-    return engine_path
+def _openvino_int8_parity(
+    ov_int8: OpenVinoGraph, ov_fp32: OpenVinoGraph, ort_int8: OnnxGraph, samples: Sequence[Sample],
+    images: Sequence[np.ndarray], classes: Sequence[str], cal_fp32: Calibrator, cal_int8: Calibrator,
+    size: int, spread: dict[str, float], fallback: float, *, log: Callable[[str], None],
+) -> dict[str, Any]:
+    """OpenVINO's INT8 (the same QDQ model) under the same parity report as ONNX Runtime's, plus
+    its score difference from ONNX Runtime's INT8: the two share ``calibration.int8.json``, so
+    OpenVINO INT8 passes only when it loses at most ``MAX_AUROC_DROP`` AUROC on every type and
+    its scores are within ``MAX_SCORE_ERROR`` GOOD-score SD (RMS) of ONNX Runtime's."""
+    report = parity_report(ov_fp32, ov_int8, samples, images, classes, cal_fp32, cal_int8, size)
+    own = np.array([classes.index(s.feature_type) for s in samples], dtype=np.int64)
+    scale = np.array([spread[classes[k]] or fallback for k in own], dtype=np.float64)
+    diff = (_scores(ov_int8, images, own, size) - _scores(ort_int8, images, own, size)) / scale
+    vs_ort = float(np.sqrt(np.mean(diff ** 2))) if len(diff) else math.nan
+    accepted = bool(report["passed"]) and math.isfinite(vs_ort) and vs_ort <= MAX_SCORE_ERROR
+    log("OpenVINO " + format_parity_report(report).replace("\n", "\nOpenVINO "))
+    log(f"OpenVINO INT8 vs ONNX Runtime INT8: {vs_ort:.4f} GOOD-score SD (RMS, tolerance {MAX_SCORE_ERROR}); "
+        f"OpenVINO INT8 {'accepted' if accepted else 'NOT offered (never chosen automatically)'}")
+    return {"file": ONNX_FILES["int8"], "accepted": accepted, "parity": report,
+            "score_difference_vs_onnx_int8_sd": _num(vs_ort), "score_tolerance_sd": MAX_SCORE_ERROR,
+            "calibration": INT8_CALIBRATION_FILE}
 
 
-# --------------------------------------------------------------------------- CLI
-def add_export_command(subparsers: Any) -> None:
-    """Register ``diffqc export`` on an argparse sub-parsers object."""
-    p = subparsers.add_parser(
-        "export", help="export a model bundle to ONNX (FP32, INT8) or a TensorRT engine",
-        description="Write model.onnx (the whole path: pixels + feature-type index -> anomaly map and "
-                    "score), verified against PyTorch; with --int8 also model.int8.onnx with a parity "
-                    "report; all recorded in export.json inside the bundle.")
-    p.add_argument("model", type=Path, help="model bundle folder (from diffqc train)")
-    p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx",
-                   help="onnx (default), or a TensorRT FP16 engine built from it (needs a GPU)")
-    p.add_argument("--int8", action="store_true", help="also quantize to INT8 (static QDQ, per-channel)")
-    p.add_argument("--calibration-data", default=None,
-                   help="dataset (folder or CSV) whose GOOD training images calibrate INT8; its test "
-                        "split is the held-out data of the parity report")
-    p.add_argument("--data", default=None,
-                   help="images to verify the export on (default: the calibration data, else synthetic)")
-    p.add_argument("--held-out", default=None, help="labelled data for the INT8 parity report")
-    p.add_argument("--force", action="store_true",
-                   help="keep an INT8 model that fails its parity check (never chosen automatically)")
-    p.add_argument("--no-search", action="store_true",
-                   help="quantize every layer (skip the search for layers to keep in float)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    p.add_argument("--check-images", type=int, default=16, help="images for the FP32 check")
-    p.add_argument("--calibration-images", type=int, default=64, help="GOOD images calibrating INT8")
-    p.add_argument("--sensitivity-images", type=int, default=16,
-                   help="GOOD images measuring each layer's INT8 error")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_export)
-
-
+# --------------------------------------------------------------------------- the command
 def cmd_export(args: argparse.Namespace) -> int:
     import sys
-
-    from diffqc.errors import RuntimeUnavailableError
 
     def log(msg: str) -> None:
         if not args.quiet:
             print(msg, file=sys.stderr)
 
-    try:
-        if args.format == "tensorrt":
-            return _cmd_tensorrt(args, log)
-        info = export_bundle(
-            args.model, data=args.data, int8=args.int8, calibration_data=args.calibration_data,
-            held_out=args.held_out, force=args.force, threads=args.threads, opset=args.opset,
-            check_images=args.check_images, calibration_images=args.calibration_images,
-            sensitivity_images=args.sensitivity_images, search=not args.no_search,
-            progress=not args.quiet, log=log)
-    except (ExportError, RuntimeUnavailableError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    # errors go to the CLI's one error boundary (diffqc.cli.main)
+    if args.format == "tensorrt":
+        return _cmd_tensorrt(args, log)
+    info = export_bundle(
+        args.model, data=args.data, int8=args.int8, calibration_data=args.calibration_data,
+        held_out=args.held_out, force=args.force, threads=args.threads, opset=args.opset or DEFAULT_OPSET,
+        check_images=args.check_images, calibration_images=args.calibration_images,
+        sensitivity_images=args.sensitivity_images, search=not args.no_search,
+        progress=not args.quiet, log=log, openvino=not args.no_openvino)
     int8 = info.get("int8") if args.int8 else None
     files = [info["fp32"]["file"]] + ([int8["file"]] if int8 and int8["file"] else [])
     summary: dict[str, Any] = {"model": str(args.model), "files": files,
                "fp32_max_rel_score_error": info["fp32"]["parity_vs_torch"]["max_rel_score_error"],
                "latency_ms": {"torch": info["torch_latency_ms"],
-                              **{k: info[k]["latency_ms"] for k in ("fp32", "int8") if k in info}}}
+                              **{k: info[k]["latency_ms"] for k in ("fp32", "int8") if k in info},
+                              **{f"openvino_{k}": v["latency_ms"] for k, v in info.get("openvino", {}).items()
+                                 if isinstance(v, dict) and "latency_ms" in v}},
+               "fastest_first": [f"{c['runtime']} {c['precision']}" for c in info["fastest_first"]]}
     if int8 is not None:
         summary.update(int8_accepted=int8["accepted"], int8_float_layers=list(int8["float_layers"]),
                        int8_max_auroc_drop=int8["parity"]["max_auroc_drop"])
@@ -959,11 +967,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_tensorrt(args: argparse.Namespace, log: Callable[[str], None]) -> int:
-    from diffqc.runtime import read_export_info
-
     path = Path(args.model)
     if not (path / ONNX_FILES["fp32"]).is_file():
-        export_bundle(path, data=args.data, threads=args.threads, opset=args.opset, log=log)
+        export_bundle(path, data=args.data, threads=args.threads, opset=args.opset or DEFAULT_OPSET, log=log)
     info = read_export_info(path)
     size = int(info["inputs"][PIXELS][2])
     engine = build_tensorrt_engine(path / ONNX_FILES["fp32"], path / TENSORRT_ENGINE, input_size=size)

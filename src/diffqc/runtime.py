@@ -1,15 +1,16 @@
-"""ONNX Runtime inference: sessions, the ONNX detector, a bring-your-own ONNX backbone, and
-the choice of runtime.
+"""The exported detector and the choice of runtime.
 
-``load_detector(path, runtime="auto" | "torch" | "onnx", threads=N)`` gives a
-:class:`~diffqc.model.Detector` (PyTorch) or an :class:`OnnxDetector` (ONNX Runtime over the
-``model.onnx`` / ``model.int8.onnx`` that ``diffqc export`` wrote into the bundle). Both have
-``inspect(images, feature_types, all_types=..., maps=...) -> list[Inspection]`` and
-``inspect_samples``, so the CLI, the service and the evaluation swap them freely.
+``load_detector(path, runtime="auto" | "torch" | "onnx" | "openvino", threads=N)`` gives a
+:class:`~diffqc.model.Detector` (PyTorch) or an :class:`OnnxDetector`: the ``model.onnx`` /
+``model.int8.onnx`` that ``diffqc export`` wrote into the bundle, run by ONNX Runtime or
+OpenVINO (:mod:`diffqc.backends`). Both have ``inspect(images, feature_types, all_types=...,
+maps=...) -> list[Inspection]`` and ``inspect_samples``, so the CLI, the service and the
+evaluation swap them freely. ``auto`` takes the fastest runtime and precision that passed its
+parity check, as measured on this machine at export time and recorded in ``export.json``.
 
 The ONNX detector does no PyTorch work per image: decoding and resizing are numpy/Pillow (the
 same antialiased bilinear resize as :func:`diffqc.backbone.to_pixels`), everything from the
-pixels to the anomaly map and score runs in the ONNX graph, and the verdict comes from the same
+pixels to the anomaly map and score runs in the graph, and the verdict comes from the same
 :class:`~diffqc.calibration.Calibrator`.
 """
 
@@ -19,20 +20,26 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 
+from diffqc.backends.graph import SplitGraph
 from diffqc.calibration import Calibrator
 from diffqc.config import DetectorConfig
-from diffqc.errors import RuntimeUnavailableError
+from diffqc.errors import BundleError, ConfigError, RuntimeUnavailableError, UnknownFeatureTypeError
+from diffqc.inspection import (
+    BUNDLE_FILES,
+    check_bundle_version,
+    inspect_in_batches,
+    sha256_file,
+    verdicts,
+)
 
 if TYPE_CHECKING:
     import argparse
@@ -43,113 +50,15 @@ if TYPE_CHECKING:
     from diffqc.inspection import Inspection
     from diffqc.model import Detector
 
-RUNTIMES = ("auto", "torch", "onnx")
+RUNTIMES = ("auto", "torch", "onnx", "openvino")
+GRAPH_RUNTIMES = ("onnx", "openvino")  # the runtimes of the exported graph
 PRECISIONS = ("auto", "fp32", "int8")
 EXPORT_FILE = "export.json"
 ONNX_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+# The INT8 model's own conformal calibration (its scores differ a little from FP32's), shared by
+# the INT8 runtimes: OpenVINO's INT8 passes parity only when its scores equal ONNX Runtime's.
 INT8_CALIBRATION_FILE = "calibration.int8.json"
 EXPORT_FORMAT = 1
-# Graph interface of an exported model.
-PIXELS, TYPE_IDX, FEATURES, ANOMALY_MAP, SCORE = "pixels", "type_idx", "features", "anomaly_map", "score"
-# (image, type) pairs per scorer call. One at a time measured fastest on a 2-core CPU (its
-# activations stay in cache) and keeps ONNX Runtime's memory arena small: batch 8 took 1.06 GB
-# peak and 15.0 parts/s on the demo model, batch 1 0.74 GB and 17.6 parts/s.
-MAX_SCORER_BATCH = 1
-
-
-def import_onnxruntime() -> Any:
-    try:
-        import onnxruntime
-    except ImportError as exc:  # an optional dependency
-        raise RuntimeUnavailableError(
-            "ONNX Runtime is not installed: pip install 'diffqc[export]'") from exc
-    return onnxruntime
-
-
-def import_onnx() -> Any:
-    try:
-        import onnx
-    except ImportError as exc:
-        raise RuntimeUnavailableError(
-            "the onnx package is not installed: pip install 'diffqc[export]'") from exc
-    return onnx
-
-
-# --------------------------------------------------------------------------- sessions
-def session_options(threads: int | None = None) -> Any:
-    """Sequential execution, all graph optimisations, ``threads`` intra-op threads (None: ORT's
-    default, one per physical core).
-
-    Idle threads sleep instead of spin-waiting (``DIFFQC_ORT_SPINNING=1`` turns spinning back
-    on): on a machine that also runs the camera, the service and anything else, spinning threads
-    fight for the cores and measured twice as slow here; on an idle machine it gains little."""
-    ort = import_onnxruntime()
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    spinning = "1" if os.environ.get("DIFFQC_ORT_SPINNING", "0") == "1" else "0"
-    so.add_session_config_entry("session.intra_op.allow_spinning", spinning)
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    return so
-
-
-def make_session(model: onnx.ModelProto | bytes | str | Path, threads: int | None = None,
-                 providers: Sequence[str] | None = None) -> Any:
-    """An ``InferenceSession`` on the CPU (or the ``providers`` given) for a model or file."""
-    ort = import_onnxruntime()
-    if not isinstance(model, (bytes, str, Path)):
-        model = model.SerializeToString()
-    if isinstance(model, Path):
-        model = str(model)
-    return ort.InferenceSession(model, session_options(threads),
-                                providers=list(providers or ["CPUExecutionProvider"]))
-
-
-EXTERNAL_THRESHOLD = 1 << 20  # constants from 1 MiB up are memory-mapped, not copied
-
-
-def extract_subgraph(model: onnx.ModelProto, inputs: Sequence[str],
-                     outputs: Sequence[str]) -> onnx.ModelProto:
-    """The part of ``model`` that computes ``outputs`` from ``inputs`` (names of tensors): the
-    nodes and constants they need, nothing else (no shape inference, no copy of the rest, which
-    matters for a model with 100 MB of constants)."""
-    onnxlib = import_onnx()
-    from onnx import helper
-
-    graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    given, needed, nodes = set(inputs), set(), set()
-    stack = list(outputs)
-    while stack:
-        name = stack.pop()
-        if name in given or name in needed or not name:
-            continue
-        needed.add(name)
-        node = producer.get(name)
-        if node is not None and id(node) not in nodes:
-            nodes.add(id(node))
-            stack.extend(node.input)
-    missing = [i.name for i in graph.input if i.name in needed]
-    if missing:
-        raise ValueError(f"{', '.join(outputs)} need the input(s) {', '.join(missing)}, not given")
-    declared = {v.name: v for v in (*graph.input, *graph.output, *graph.value_info)}
-
-    def value_info(name: str) -> Any:
-        if name in declared:
-            return declared[name]
-        return helper.make_tensor_value_info(name, onnxlib.TensorProto.FLOAT, None)
-
-    sub = helper.make_graph(
-        [node for node in graph.node if id(node) in nodes], graph.name,
-        [value_info(n) for n in inputs], [value_info(n) for n in outputs],
-        initializer=[t for t in graph.initializer if t.name in needed])
-    part: onnx.ModelProto = helper.make_model(sub, opset_imports=list(model.opset_import),
-                                              ir_version=model.ir_version,
-                                              producer_name=model.producer_name)
-    return part
 
 
 # --------------------------------------------------------------------------- image plumbing
@@ -195,200 +104,9 @@ def resize_map(m: np.ndarray, h: int, w: int) -> np.ndarray:
     return out
 
 
-# --------------------------------------------------------------------------- BYO backbone
-class OnnxBackbone:
-    """Any ONNX model as a frozen feature extractor: named intermediate tensors are the taps.
-
-    ``layers`` name a tensor, a node (its first output) or a module scope of a PyTorch export
-    such as ultralytics' YOLOv8 (``model.4`` -> the output of the last node under ``/model.4/``).
-    The model is cut after the deepest tap, so a detection head costs nothing. Taps come back
-    finest grid first (the grid the others are resized to). Pixels go in as they are, in [0, 1].
-    """
-
-    def __init__(self, path: Path | str, layers: Sequence[str], input_size: int,
-                 threads: int | None = None) -> None:
-        from diffqc.errors import BackboneError
-
-        onnxlib = import_onnx()
-        self.path = Path(path)
-        if not layers:
-            raise BackboneError("an ONNX backbone needs the tensors to tap: --layers NAME,... "
-                                "(tensor, node or module names of the ONNX graph)")
-        try:
-            model = onnxlib.load(str(self.path))
-        except Exception as exc:  # onnx raises several types for a bad file
-            raise BackboneError(f"cannot read the ONNX backbone {self.path}: {exc}") from None
-        init = {t.name for t in model.graph.initializer}
-        inputs = [i for i in model.graph.input if i.name not in init]
-        if len(inputs) != 1:
-            raise BackboneError(f"ONNX backbone {self.path} has {len(inputs)} inputs; "
-                                "it needs one image input")
-        self.input_name = inputs[0].name
-        dims = [d.dim_value if d.HasField("dim_value") else None
-                for d in inputs[0].type.tensor_type.shape.dim]
-        if len(dims) != 4:
-            raise BackboneError(f"ONNX backbone input {self.input_name!r} has rank {len(dims)}, "
-                                "expected NCHW")
-        if dims[1] not in (None, 3):
-            raise BackboneError(f"ONNX backbone input {self.input_name!r} has {dims[1]} channels, expected 3")
-        for d in dims[2:]:
-            if d is not None and d != input_size:
-                raise BackboneError(f"ONNX backbone {self.path} takes {dims[2]}x{dims[3]} images; "
-                                    f"train with --set backbone.input_size={d}")
-        self.static_batch = dims[0]
-        self.requested = tuple(layers)
-        names = resolve_tensors(model, layers)
-        self.model = extract_subgraph(model, [self.input_name], names)
-        self.session = make_session(self.model, threads)
-        probe = self.session.run(names, {self.input_name: np.zeros((1, 3, input_size, input_size),
-                                                                   dtype=np.float32)})
-        for name, arr in zip(names, probe, strict=True):
-            if arr.ndim != 4:
-                raise BackboneError(f"ONNX tensor {name!r} has shape {arr.shape}; taps must be NCHW")
-        # finest grid first; ties keep the order given
-        order = sorted(range(len(names)), key=lambda i: -probe[i].shape[2] * probe[i].shape[3])
-        self.tensors = [names[i] for i in order]
-        self.shapes = [tuple(int(d) for d in probe[i].shape[1:]) for i in order]
-
-    def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
-        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        if self.static_batch in (None, pixels.shape[0]):
-            outs: list[np.ndarray] = self.session.run(self.tensors, {self.input_name: pixels})
-            return outs
-        per_image = [self.session.run(self.tensors, {self.input_name: pixels[i: i + 1]})
-                     for i in range(pixels.shape[0])]
-        return [np.concatenate([p[k] for p in per_image]) for k in range(len(self.tensors))]
-
-
-def resolve_tensors(model: onnx.ModelProto, layers: Sequence[str]) -> list[str]:
-    """Tensor names for layer names: a tensor, a node (its first output), or a module scope
-    (``model.4``: the output of the last node named ``/model.4/...``, else ``.../model.4/...``)."""
-    from diffqc.errors import BackboneError
-
-    produced = {out for node in model.graph.node for out in node.output}
-    by_node = {node.name: node for node in model.graph.node if node.name}
-    names = []
-    for layer in layers:
-        if layer in produced:
-            names.append(layer)
-            continue
-        if layer in by_node:
-            names.append(by_node[layer].output[0])
-            continue
-        scope = "/" + layer.strip("/") + "/"
-        scoped = ([node for node in model.graph.node if node.name.startswith(scope)]
-                  or [node for node in model.graph.node if scope in node.name])
-        if scoped:
-            names.append(scoped[-1].output[0])  # nodes are stored in topological order
-            continue
-        scopes = dict.fromkeys(part for n in model.graph.node for part in n.name.split("/")[1:-1] if part)
-        hint = ", ".join(list(scopes)[:16]) or ", ".join(sorted(produced)[:16])
-        raise BackboneError(f"layer {layer!r} is neither a tensor, a node nor a module of the ONNX "
-                            f"backbone; some names: {hint}")
-    return names
-
-
-# --------------------------------------------------------------------------- the ONNX detector
-class OnnxGraph:
-    """An exported graph as two sessions, its halves cut at ``features``: the backbone once per
-    image, then the scorer under one type or several. One session per half holds every
-    constant once, and the model itself is not kept (given as a file, it is freed before the
-    sessions are made): memory is the sessions'."""
-
-    def __init__(self, model: onnx.ModelProto | Path | str, threads: int | None = None,
-                 providers: Sequence[str] | None = None) -> None:
-        onnxlib = import_onnx()
-        if isinstance(model, (str, Path)):
-            whole: onnx.ModelProto = onnxlib.load(str(model))
-        else:  # the caller's model stays as it is (saving below moves the constants out)
-            whole = onnxlib.ModelProto()
-            whole.CopyFrom(model)
-        del model
-        # Large constants go to a temporary file that ONNX Runtime memory-maps (a session made
-        # from bytes holds every constant twice: the parsed model and its tensor; for the
-        # scorer's per-location eigenbases, 41 MB per type, that doubled the resident memory).
-        # Saving moves them out of the in-memory model, so the halves below are small copies.
-        tmp = Path(tempfile.mkdtemp(prefix="diffqc-ort-"))
-        try:
-            onnxlib.save_model(whole, str(tmp / "whole.onnx"), save_as_external_data=True,
-                               all_tensors_to_one_file=True, location="constants.bin",
-                               size_threshold=EXTERNAL_THRESHOLD)
-            halves = [extract_subgraph(whole, [PIXELS], [FEATURES]),
-                      extract_subgraph(whole, [FEATURES, TYPE_IDX], [ANOMALY_MAP, SCORE])]
-            del whole
-            sessions = []
-            for i, half in enumerate(halves):
-                path = tmp / f"half{i}.onnx"
-                onnxlib.save_model(half, str(path))  # refers to constants.bin beside it
-                sessions.append(make_session(path, threads, providers))
-            self.backbone, self.scorer = sessions
-        finally:  # the mapping outlives the file where the platform allows removing it
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def run(self, pixels: np.ndarray, type_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Pixels ``[N, 3, S, S]`` and types ``[N]`` -> maps ``[N, S, S]`` and scores ``[N]``."""
-        return self.score_features(self.features(pixels), type_idx)
-
-    def features(self, pixels: np.ndarray) -> np.ndarray:
-        """Standardised backbone features ``[N, C, h, w]``."""
-        out: np.ndarray = self.backbone.run([FEATURES], {PIXELS: pixels})[0]
-        return out
-
-    def score_features(self, feats: np.ndarray, type_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Maps ``[N, S, S]`` and scores ``[N]`` of features under the types given (in chunks of
-        ``MAX_SCORER_BATCH``)."""
-        type_idx = type_idx.astype(np.int64)
-        if feats.shape[0] <= MAX_SCORER_BATCH:
-            amap, score = self.scorer.run([ANOMALY_MAP, SCORE], {FEATURES: feats, TYPE_IDX: type_idx})
-            return amap, score
-        parts = [self.score_features(feats[i: i + MAX_SCORER_BATCH], type_idx[i: i + MAX_SCORER_BATCH])
-                 for i in range(0, feats.shape[0], MAX_SCORER_BATCH)]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-class TensorRTGraph:
-    """A TensorRT engine built from the ONNX export (``diffqc export --format tensorrt``), run
-    with CUDA buffers from PyTorch: the same ``run`` as :class:`OnnxGraph`. Needs an NVIDIA GPU
-    and the ``tensorrt`` package."""
-
-    def __init__(self, engine_path: Path | str) -> None:
-        try:
-            import tensorrt as trt
-            import torch
-        except ImportError as exc:
-            raise RuntimeUnavailableError("TensorRT is not installed: pip install tensorrt") from exc
-        if not torch.cuda.is_available():
-            raise RuntimeUnavailableError("TensorRT needs a CUDA GPU")
-        self._torch = torch
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
-            Path(engine_path).read_bytes())
-        if self.engine is None:
-            raise RuntimeUnavailableError(f"cannot load the TensorRT engine {engine_path}")
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
-
-    def run(self, pixels: np.ndarray, type_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        torch = self._torch
-        with torch.cuda.stream(self.stream):
-            feeds = {PIXELS: torch.from_numpy(np.ascontiguousarray(pixels)).cuda(non_blocking=True),
-                     TYPE_IDX: torch.from_numpy(type_idx.astype(np.int64)).cuda(non_blocking=True)}
-            for name, t in feeds.items():
-                self.context.set_input_shape(name, tuple(t.shape))
-                self.context.set_tensor_address(name, t.data_ptr())
-            outs = {}
-            for name in (ANOMALY_MAP, SCORE):
-                shape = tuple(self.context.get_tensor_shape(name))
-                outs[name] = torch.empty(shape, dtype=torch.float32, device="cuda")
-                self.context.set_tensor_address(name, outs[name].data_ptr())
-            self.context.execute_async_v3(self.stream.cuda_stream)
-        self.stream.synchronize()
-        return outs[ANOMALY_MAP].cpu().numpy(), outs[SCORE].cpu().numpy()
-
-
+# --------------------------------------------------------------------------- the bundle's export
 def read_export_info(path: Path | str) -> dict[str, Any]:
     """``export.json`` of a bundle (what ``diffqc export`` wrote), or a :class:`BundleError`."""
-    from diffqc.errors import BundleError
-
     f = Path(path) / EXPORT_FILE
     if not f.is_file():
         raise BundleError(f"model bundle {path} has no ONNX export: run `diffqc export {path}`")
@@ -403,9 +121,6 @@ def read_export_info(path: Path | str) -> dict[str, Any]:
 
 
 def _read_bundle(path: Path) -> tuple[DetectorConfig, dict[str, Any], Calibrator]:
-    from diffqc.errors import BundleError
-    from diffqc.inspection import BUNDLE_FILES, BUNDLE_FORMAT
-
     if not path.is_dir():
         raise BundleError(f"model bundle {path} does not exist or is not a folder")
     missing = [f for f in BUNDLE_FILES if not (path / f).is_file()]
@@ -417,84 +132,172 @@ def _read_bundle(path: Path) -> tuple[DetectorConfig, dict[str, Any], Calibrator
         cal = Calibrator.from_dict(json.loads((path / "calibration.json").read_text()))
     except (ValueError, KeyError, TypeError) as exc:
         raise BundleError(f"model bundle {path}: damaged JSON ({exc})") from None
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"model bundle {path}: format {meta.get('format')} is not {BUNDLE_FORMAT}")
+    check_bundle_version(path, meta)  # the format, and no newer major diffqc
     return config, meta, cal
 
 
-def usable_precisions(path: Path | str, info: dict[str, Any] | None = None) -> list[str]:
-    """The exported precisions a bundle can run, fastest measured first; an INT8 model that
-    failed its parity check is only run when asked for by name."""
+
+class Choice(NamedTuple):
+    """A runtime and precision that passed parity, with its latency measured at export."""
+
+    runtime: str
+    precision: str
+    latency_ms: float
+
+
+def _runtime_entry(info: dict[str, Any], runtime: str, precision: str) -> dict[str, Any] | None:
+    """The export record of one (graph runtime, precision), or None."""
+    section = info if runtime == "onnx" else info.get(runtime)
+    entry = section.get(precision) if isinstance(section, dict) else None
+    return entry if isinstance(entry, dict) else None
+
+
+def _passed(entry: dict[str, Any], precision: str) -> bool:
+    """FP32 passed its check against PyTorch (an ONNX Runtime FP32 model is only written when it
+    did); INT8 passed its parity report (was accepted)."""
+    if precision == "int8":
+        return bool(entry.get("accepted", False))
+    check = entry.get("parity_vs_torch")
+    return not isinstance(check, dict) or bool(check.get("passed", False))
+
+
+def usable_choices(path: Path | str, info: dict[str, Any] | None = None) -> list[Choice]:
+    """Every runtime and precision of a bundle that passed its parity check and has its file,
+    fastest first (PyTorch included when the export measured it). A model that failed parity
+    is only run when asked for by name."""
     info = info if info is not None else read_export_info(path)
-    out = [p for p in ("fp32", "int8")
-           if isinstance(info.get(p), dict) and (Path(path) / ONNX_FILES[p]).is_file()
-           and (p == "fp32" or info[p].get("accepted", False))]
-    return sorted(out, key=lambda p: float(info[p].get("latency_ms", math.inf) or math.inf))
+    out = []
+    if info.get("torch_latency_ms") is not None:
+        out.append(Choice("torch", "fp32", float(info["torch_latency_ms"])))
+    for runtime in GRAPH_RUNTIMES:
+        for precision in ("fp32", "int8"):
+            entry = _runtime_entry(info, runtime, precision)
+            if (entry is not None and _passed(entry, precision)
+                    and (Path(path) / ONNX_FILES[precision]).is_file()):
+                out.append(Choice(runtime, precision, float(entry.get("latency_ms") or math.inf)))
+    return sorted(out, key=lambda c: c.latency_ms)
 
 
+def usable_precisions(path: Path | str, info: dict[str, Any] | None = None,
+                      runtime: str = "onnx") -> list[str]:
+    """The exported precisions ``runtime`` can run, fastest measured first."""
+    return [c.precision for c in usable_choices(path, info) if c.runtime == runtime]
+
+
+def _installed(runtime: str) -> bool:
+    try:
+        if runtime == "onnx":
+            from diffqc.backends.ort import import_onnxruntime
+
+            import_onnxruntime()
+        elif runtime == "openvino":
+            from diffqc.backends.openvino import import_openvino
+
+            import_openvino()
+    except RuntimeUnavailableError:
+        return False
+    return True
+
+
+def _graph(runtime: str, file: Path, threads: int | None,
+           providers: Sequence[str] | None = None) -> SplitGraph:
+    if runtime == "openvino":
+        from diffqc.backends.openvino import OpenVinoGraph
+
+        return OpenVinoGraph(file, threads)
+    from diffqc.backends.ort import OnnxGraph
+
+    return OnnxGraph(file, threads, providers)
+
+
+# --------------------------------------------------------------------------- the exported detector
 class OnnxDetector:
-    """A fitted bundle run by ONNX Runtime; the same ``inspect`` as :class:`~diffqc.model.Detector`.
+    """A fitted bundle's exported graph run by ONNX Runtime (``runtime="onnx"``) or OpenVINO
+    (``"openvino"``); the same ``inspect`` as :class:`~diffqc.model.Detector`.
 
     ``precision``: ``fp32`` (``model.onnx``), ``int8`` (``model.int8.onnx``, with the INT8
-    calibration when the export could recompute it) or ``auto`` (the fastest exported model
-    that passed its parity check).
+    calibration when the export could recompute it) or ``auto`` (the fastest exported
+    model that passed its parity check on this runtime).
     """
 
-    runtime = "onnx"
-
     def __init__(self, path: Path | str, *, precision: str = "auto", threads: int | None = None,
-                 providers: Sequence[str] | None = None) -> None:
-        from diffqc.errors import BundleError
-        from diffqc.inspection import sha256_file
-
+                 providers: Sequence[str] | None = None, runtime: str = "onnx") -> None:
+        if runtime not in GRAPH_RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(GRAPH_RUNTIMES)}, got {runtime!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.path: Path | None = Path(path)
+        self.runtime = runtime
         self.config, self.metadata, self.calibration_ = _read_bundle(self.path)
         self.classes_: list[str] = list(self.metadata["classes"])
         info = read_export_info(self.path)
         if info.get("weights_file_sha256") != self.metadata.get("weights_file_sha256"):
             raise BundleError(f"model bundle {self.path}: the ONNX export is older than the model; "
                               f"run `diffqc export {self.path}` again")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if precision == "auto":
-            usable = usable_precisions(self.path, info)
+            usable = usable_precisions(self.path, info, runtime)
             if not usable:
-                raise BundleError(f"model bundle {self.path}: no usable ONNX model; run `diffqc export`")
+                raise BundleError(f"model bundle {self.path}: no {runtime} model passed its parity "
+                                  f"check; run `diffqc export {self.path}`"
+                                  + (" with OpenVINO installed" if runtime == "openvino" else ""))
             precision = usable[0]
-        entry = info.get(precision)
         file = self.path / ONNX_FILES[precision]
-        if not isinstance(entry, dict) or not file.is_file():
+        if _runtime_entry(info, "onnx", precision) is None or not file.is_file():
             raise BundleError(f"model bundle {self.path} has no {precision.upper()} ONNX model "
                               f"({ONNX_FILES[precision]}); run `diffqc export`"
                               + (" --int8 --calibration-data DATA" if precision == "int8" else ""))
-        if entry.get("sha256") and sha256_file(file) != entry["sha256"]:
+        entry = _runtime_entry(info, runtime, precision)
+        if entry is None:
+            raise BundleError(f"model bundle {self.path}: the export did not check the {precision.upper()} "
+                              f"model on {runtime}; run `diffqc export {self.path}` again with {runtime} "
+                              "installed")
+        if precision == "fp32" and not _passed(entry, "fp32"):
+            raise BundleError(f"model bundle {self.path}: {runtime} does not reproduce PyTorch with "
+                              f"{file.name} (see export.json); use --runtime onnx or torch")
+        sha = info["int8" if precision == "int8" else "fp32"].get("sha256")
+        if sha and sha256_file(file) != sha:
             raise BundleError(f"model bundle {self.path}: {file.name} is damaged (checksum mismatch)")
-        if precision == "int8" and (self.path / INT8_CALIBRATION_FILE).is_file():
-            int8_cal = json.loads((self.path / INT8_CALIBRATION_FILE).read_text())
-            self.calibration_ = Calibrator.from_dict(int8_cal)
+        if precision == "int8":
+            cal_file = self.path / INT8_CALIBRATION_FILE
+            if cal_file.is_file():
+                try:
+                    self.calibration_ = Calibrator.from_dict(json.loads(cal_file.read_text()))
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise BundleError(f"model bundle {self.path}: damaged {cal_file.name} ({exc})") from None
         self.precision = precision
         self._feat_stats: tuple[np.ndarray, np.ndarray] | None = None
-        self.graph = OnnxGraph(file, threads, providers)
+        self.graph = _graph(runtime, file, threads, providers)
         self.input_size = self.config.backbone.input_size
 
     @classmethod
-    def from_detector(cls, det: Detector, *, threads: int | None = None) -> OnnxDetector:
-        """A fitted (PyTorch) Detector exported in memory and run by ONNX Runtime, FP32; for code
-        that fits models itself, such as a cross-validation, and wants ONNX Runtime's speed."""
-        from diffqc.export import build_onnx
-
-        if det.calibration_ is None:
-            raise RuntimeError("the detector is not fitted; call fit() or Detector.load()")
+    def from_model(
+        cls, model: onnx.ModelProto, *, config: DetectorConfig, metadata: dict[str, Any],
+        calibration: Calibrator, classes: Sequence[str], feature_stats: tuple[np.ndarray, np.ndarray],
+        threads: int | None = None, runtime: str = "onnx",
+    ) -> OnnxDetector:
+        """An FP32 graph built in memory (:func:`diffqc.export.onnx_detector` builds it from a
+        fitted PyTorch Detector), with the model's settings, calibration and feature statistics
+        (per-channel mean and std of the raw backbone features, for :meth:`inspect_features`)."""
+        if runtime not in GRAPH_RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(GRAPH_RUNTIMES)}, got {runtime!r}")
         self = cls.__new__(cls)
         self.path = None
-        self.config, self.metadata, self.calibration_ = det.config, dict(det.metadata), det.calibration_
-        self.classes_ = list(det.classes_)
+        self.runtime = runtime
+        self.config, self.metadata, self.calibration_ = config, dict(metadata), calibration
+        self.classes_ = list(classes)
         self.precision = "fp32"
-        fe = det.extractor
-        self._feat_stats = (fe.feat_mean.detach().cpu().numpy().reshape(1, -1, 1, 1),
-                            fe.feat_std.detach().cpu().numpy().reshape(1, -1, 1, 1))
-        self.graph = OnnxGraph(build_onnx(det), threads)
-        self.input_size = det.config.backbone.input_size
+        mean, std = feature_stats
+        self._feat_stats = (np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1),
+                            np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1))
+        if runtime == "openvino":
+            from diffqc.backends.openvino import OpenVinoGraph
+
+            self.graph = OpenVinoGraph(model, threads)
+        else:
+            from diffqc.backends.ort import OnnxGraph
+
+            self.graph = OnnxGraph(model, threads)
+        self.input_size = config.backbone.input_size
         return self
 
     @property
@@ -502,8 +305,6 @@ class OnnxDetector:
         return str(self.metadata.get("model_id", "unfitted"))
 
     def type_index(self, feature_type: str) -> int:
-        from diffqc.errors import UnknownFeatureTypeError
-
         try:
             return self.classes_.index(feature_type)
         except ValueError:
@@ -544,7 +345,7 @@ class OnnxDetector:
         map_sizes: Sequence[tuple[int, int]] | None = None, *, all_types: bool = True,
     ) -> list[Inspection]:
         """As :meth:`diffqc.model.Detector.inspect_features`: from raw backbone features
-        ``[N, C, h, w]`` (NumPy or a CPU tensor), standardised here and scored by ONNX Runtime."""
+        ``[N, C, h, w]`` (NumPy or a CPU tensor), standardised here and scored by the graph."""
         mean, std = self._standardisation()
         feats = ((np.asarray(raw, dtype=np.float32) - mean) / std).astype(np.float32)
         given = [None if t is None else self.type_index(t) for t in feature_types]
@@ -564,8 +365,6 @@ class OnnxDetector:
         self, feats: np.ndarray, given: Sequence[int | None],
         map_sizes: Sequence[tuple[int, int]] | None = None, *, all_types: bool = True,
     ) -> list[Inspection]:
-        from diffqc.inspection import verdicts
-
         n, n_types = len(given), len(self.classes_)
         table: np.ndarray | None = None
         if all_types or any(g is None for g in given):
@@ -591,8 +390,6 @@ class OnnxDetector:
         all_types: bool = True, maps: bool = True, skip_corrupt: bool = False,
     ) -> tuple[list[Inspection], list[Sample]]:
         """As :meth:`diffqc.model.Detector.inspect_samples`."""
-        from diffqc.inspection import inspect_in_batches
-
         return inspect_in_batches(self.inspect, samples, self.config.batch_size, type_known=type_known,
                                   progress=progress, all_types=all_types, maps=maps,
                                   skip_corrupt=skip_corrupt)
@@ -617,42 +414,48 @@ def _cuda_requested(device: str | None) -> bool:
     return bool(torch.cuda.is_available())
 
 
-def choose_runtime(path: Path | str, device: str | None = None) -> str:
-    """``onnx`` when the bundle has a valid ONNX export that measured faster than PyTorch on the
-    CPU at export time, else ``torch`` (also on a GPU, where PyTorch runs the model on it)."""
-    if _cuda_requested(device):
-        return "torch"
+def choose_runtime(path: Path | str, device: str | None = None, precision: str = "auto") -> Choice:
+    """The fastest installed runtime and precision that passed parity, as the export measured
+    them on this machine (``precision`` restricts the choice); PyTorch without a valid export,
+    and on a GPU (where PyTorch runs the model on it)."""
+    torch_choice = Choice("torch", "fp32", math.inf)
+    if precision == "auto" and _cuda_requested(device):
+        return torch_choice
     try:
         info = read_export_info(path)
         _, meta, _ = _read_bundle(Path(path))
     except Exception:  # no export, or a damaged one: PyTorch can still run the bundle
-        return "torch"
+        return torch_choice
     if info.get("weights_file_sha256") != meta.get("weights_file_sha256"):
         warnings.warn(f"model bundle {path}: the ONNX export is stale; using PyTorch "
                       f"(run `diffqc export {path}` again)", stacklevel=2)
-        return "torch"
-    usable = usable_precisions(path, info)
-    torch_ms = info.get("torch_latency_ms")
-    if not usable or (torch_ms is not None and float(info[usable[0]]["latency_ms"]) >= float(torch_ms)):
-        return "torch"
-    try:
-        import_onnxruntime()
-    except RuntimeUnavailableError:
-        return "torch"
-    return "onnx"
+        return torch_choice
+    for c in usable_choices(path, info):
+        if (precision in ("auto", c.precision) and (c.runtime != "torch" or precision != "int8")
+                and (c.runtime == "torch" or _installed(c.runtime))):
+            return c
+    return torch_choice
 
 
 def load_detector(path: Path | str, runtime: str = "auto", *, threads: int | None = None,
                   device: str | None = None, precision: str = "auto") -> Detector | OnnxDetector:
-    """Load a bundle for inference with PyTorch or ONNX Runtime (``auto``: see :func:`choose_runtime`)."""
+    """Load a bundle for inference with PyTorch, ONNX Runtime or OpenVINO (``auto``: see
+    :func:`choose_runtime`)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if runtime == "auto":
-        runtime = "onnx" if precision != "auto" else choose_runtime(path, device)
-    if runtime == "onnx":
-        return OnnxDetector(path, precision=precision, threads=threads)
+        chosen = choose_runtime(path, device, precision)
+        if chosen.runtime == "torch" and precision == "int8":
+            runtime = "onnx"  # no usable INT8 model: let the ONNX detector say why
+        else:
+            runtime = chosen.runtime
+            precision = chosen.precision if runtime != "torch" else precision
+    if runtime in GRAPH_RUNTIMES:
+        return OnnxDetector(path, precision=precision, threads=threads, runtime=runtime)
     if precision == "int8":
-        raise ValueError("INT8 runs on ONNX Runtime: use --runtime onnx (or auto)")
+        raise ConfigError("INT8 runs on ONNX Runtime or OpenVINO: use --runtime onnx, openvino or auto")
     from diffqc.model import Detector
 
     if threads:
@@ -666,10 +469,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, threads: bool = Tr
     """``--runtime``, ``--precision`` and (unless the command has its own) ``--threads``, for the
     commands that run a model."""
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
-                        help="torch, onnx (the bundle's ONNX export) or auto (default: ONNX Runtime "
-                             "on a CPU when the export measured faster)")
+                        help="torch, onnx (ONNX Runtime), openvino (both run the bundle's ONNX export) "
+                             "or auto (default: the fastest that passed parity when exported)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="ONNX model: fp32, int8 or auto (the fastest that passed parity)")
+                        help="exported model: fp32, int8 or auto (the fastest that passed parity)")
     if threads:
         parser.add_argument("--threads", type=int, default=None,
                             help="CPU threads for inference (default: all cores)")

@@ -331,12 +331,12 @@ def run_watch(
     cannot be decoded) unless ``after="keep"``. ``once`` processes what is there and exits.
     Returns the process exit code.
     """
-    from diffqc.service.app import load_detector
+    from diffqc.runtime import load_detector  # not the HTTP app: the watcher runs without FastAPI
     from diffqc.service.store import ArtifactStore, default_artifact_root
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     db = db_url or os.environ.get("DIFFQC_DB") or "diffqc-results.db"
-    detector: Any = load_detector(model_path)
+    detector: Any = load_detector(model_path, "auto", device="cpu")
     try:
         store = ResultStore(db)
     except StoreError as exc:

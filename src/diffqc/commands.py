@@ -1,0 +1,91 @@
+"""The arguments of the commands whose modules are heavy (``evaluate``, ``export``: PyTorch,
+matplotlib, ONNX). Registering them imports nothing but argparse; a command imports its module
+when it runs, so that ``diffqc --version``, ``inspect`` on an exported bundle and ``serve`` do
+not pay for what they do not use."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from diffqc.config import METHODS
+
+
+def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """A command function that imports ``module`` when the command runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        return int(getattr(importlib.import_module(module), name)(args))
+
+    run.__name__ = name
+    return run
+
+
+def add_evaluate_command(subparsers: Any) -> None:
+    """Register ``diffqc evaluate`` (:func:`diffqc.evaluate.cmd_evaluate`)."""
+    p = subparsers.add_parser(
+        "evaluate", help="k-fold cross-validated evaluation and comparison of methods -> report",
+        description="Cross-validate methods (and settings) on all labelled images of DATA, grouped "
+                    "by part and stratified by label per feature type; write report.html/.md/.json.")
+    p.add_argument("data", help="MVTec-layout folder or CSV manifest (a folder's manifest.csv wins)")
+    p.add_argument("--folds", type=int, default=5, help="k of the k-fold split (default 5)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated methods (default: diffusion,patchcore,padim)")
+    p.add_argument("--out", type=Path, default=Path("diffqc-evaluation"),
+                   help="report folder (default: ./diffqc-evaluation)")
+    p.add_argument("--seed", type=int, default=0, help="fold (and subsample) seed")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="config field for every method, e.g. --set train.steps=1000 (repeatable)")
+    p.add_argument("--compare-setting", action="append", metavar="NAME:KEY=VALUE,...",
+                   help="an extra variant: the first method's config with these overrides, "
+                        "e.g. sep:train.separation_weight=0.1 (repeatable; method=... to change "
+                        "the method)")
+    p.add_argument("--gallery", type=int, default=8, help="worst misses shown per method (default 8)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates of the AUROC CI")
+    p.add_argument("--max-train-good", type=int, default=None,
+                   help="cap GOOD training images per type and fold (seeded subsample)")
+    p.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
+                   help="keep the raw backbone features in DIR so that a re-run skips extraction")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--runtime", choices=("torch", "onnx", "openvino", "auto"), default="auto",
+                   help="score held-out parts with PyTorch, ONNX Runtime or OpenVINO (each fold's "
+                        "diffusion model exported in memory, FP32); auto = torch")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime / OpenVINO CPU threads")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_lazy("diffqc.evaluate", "cmd_evaluate"))
+
+
+def add_export_command(subparsers: Any) -> None:
+    """Register ``diffqc export`` (:func:`diffqc.export.cmd_export`)."""
+    p = subparsers.add_parser(
+        "export", help="export a model bundle to ONNX (FP32, INT8) or a TensorRT engine",
+        description="Write model.onnx (the whole path: pixels + feature-type index -> anomaly map and "
+                    "score), verified against PyTorch; with --int8 also model.int8.onnx with a parity "
+                    "report; all recorded in export.json inside the bundle.")
+    p.add_argument("model", type=Path, help="model bundle folder (from diffqc train)")
+    p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx",
+                   help="onnx (default), or a TensorRT FP16 engine built from it (needs a GPU)")
+    p.add_argument("--int8", action="store_true", help="also quantize to INT8 (static QDQ, per-channel)")
+    p.add_argument("--calibration-data", default=None,
+                   help="dataset (folder or CSV) whose GOOD training images calibrate INT8; its test "
+                        "split is the held-out data of the parity report")
+    p.add_argument("--data", default=None,
+                   help="images to verify the export on (default: the calibration data, else synthetic)")
+    p.add_argument("--held-out", default=None, help="labelled data for the INT8 parity report")
+    p.add_argument("--force", action="store_true",
+                   help="keep an INT8 model that fails its parity check (never chosen automatically)")
+    p.add_argument("--no-search", action="store_true",
+                   help="quantize every layer (skip the search for layers to keep in float)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    p.add_argument("--check-images", type=int, default=16, help="images for the FP32 check")
+    p.add_argument("--calibration-images", type=int, default=64, help="GOOD images calibrating INT8")
+    p.add_argument("--sensitivity-images", type=int, default=16,
+                   help="GOOD images measuring each layer's INT8 error")
+    p.add_argument("--no-openvino", action="store_true",
+                   help="do not check (or offer) the models on OpenVINO even when it is installed")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_lazy("diffqc.export", "cmd_export"))

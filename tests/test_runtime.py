@@ -1,0 +1,143 @@
+"""The CLI imports only what a command uses: on an exported bundle, ``diffqc inspect --runtime
+onnx|openvino`` and ``diffqc serve`` never import PyTorch or matplotlib (each checked in a fresh
+process, through the CLI entry point)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from diffqc import export as ex
+from diffqc.runtime import _nvidia_driver_loaded
+
+HEAVY = ("torch", "matplotlib")
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model: Path, clear_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    bundle = tmp_path_factory.mktemp("lazy") / "tiny"
+    shutil.copytree(tiny_model, bundle)
+    ex.export_bundle(bundle, data=clear_dataset, threads=1, check_images=4, log=_quiet)
+    return bundle
+
+
+def _run_main(args: list[str], *, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``diffqc ARGS`` in a fresh interpreter; it prints, last, which heavy modules it imported."""
+    code = ("import sys\nfrom diffqc.cli import main\n"
+            f"try:\n    rc = main({args!r})\nexcept SystemExit as exc:\n    rc = exc.code\n"
+            f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], rc)\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def _heavy(out: str) -> tuple[list[str], int]:
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("HEAVY "), out
+    names, rc = line.removeprefix("HEAVY ").rsplit(" ", 1)
+    return ast.literal_eval(names), int(rc)
+
+
+def test_version_imports_nothing_heavy() -> None:
+    proc = _run_main(["--version"])
+    assert proc.returncode == 0, proc.stderr
+    assert "diffqc" in proc.stdout
+    assert _heavy(proc.stdout) == ([], 0)
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
+def test_inspect_on_an_exported_bundle_imports_no_torch(exported: Path, clear_dataset: Path,
+                                                        runtime: str) -> None:
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    image = next((clear_dataset / "dots" / "test").rglob("*.png"))
+    proc = _run_main(["inspect", str(exported), str(image), "--runtime", runtime, "--threads", "1"])
+    assert proc.returncode == 0, proc.stderr
+    assert '"decision"' in proc.stdout  # it really inspected
+    assert _heavy(proc.stdout) == ([], 0)
+
+
+def test_auto_on_an_exported_bundle_imports_no_torch_when_torch_is_slower(exported: Path,
+                                                                          clear_dataset: Path) -> None:
+    from diffqc.runtime import choose_runtime
+
+    if _nvidia_driver_loaded():
+        pytest.skip("an NVIDIA driver is loaded: auto asks PyTorch whether CUDA is usable")
+    image = next((clear_dataset / "dots" / "test").rglob("*.png"))
+    proc = _run_main(["inspect", str(exported), str(image), "--threads", "1"])
+    assert proc.returncode == 0, proc.stderr
+    heavy, _ = _heavy(proc.stdout)
+    assert ("torch" in heavy) == (choose_runtime(exported).runtime == "torch")
+    assert "matplotlib" not in heavy
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
+def test_serve_on_an_exported_bundle_imports_no_torch(exported: Path, clear_dataset: Path, tmp_path: Path,
+                                                      runtime: str) -> None:
+    """The server loads the bundle, inspects a part over HTTP and stops on SIGINT; ``-X importtime``
+    lists every module the process imported on the way."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    port, token = _free_port(), "lazy-test-token-0123456789"
+    env = {**os.environ, "DIFFQC_TOKEN": token}
+    code = ("from diffqc.cli import main\n"
+            f"raise SystemExit(main(['serve', {str(exported)!r}, '--host', '127.0.0.1', '--port', '{port}', "
+            f"'--db', {str(tmp_path / 'r.db')!r}, '--data-dir', {str(tmp_path / 'data')!r}, "
+            f"'--runtime', {runtime!r}, '--threads', '1', '--log-level', 'warning']))\n")
+    err = tmp_path / "stderr.txt"
+    with open(err, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-X", "importtime", "-c", code], stderr=fh,
+                                stdout=subprocess.DEVNULL, env=env, cwd=tmp_path)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, err.read_text()[-3000:]
+            try:
+                if httpx.get(url + "/readyz", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        else:
+            pytest.fail("the server did not become ready")
+        body = next((clear_dataset / "dots" / "test").rglob("*.png")).read_bytes()
+        r = httpx.post(url + "/v1/inspect", content=body, params={"feature_type": "dots", "part_id": "p1"},
+                       headers={"Authorization": f"Bearer {token}",
+                                "Content-Type": "application/octet-stream"}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["decision"] in ("PASS", "REVIEW", "REJECT")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    imported = {line.split("|")[-1].strip() for line in err.read_text().splitlines()
+                if line.startswith("import time:")}
+    assert "diffqc.service.app" in imported and "fastapi" in imported  # the log is complete
+    assert not {m for m in imported if m.split(".")[0] in HEAVY}, sorted(
+        m for m in imported if m.split(".")[0] in HEAVY)
