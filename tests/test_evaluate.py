@@ -99,20 +99,50 @@ def test_folds_never_leak_a_part(run: dict[str, Any]) -> None:
         assert groups == {s.group for s in fits[fold * len(METHODS)]}
 
 
+def _holm_family_of_two(p: list[float]) -> list[float]:
+    """Holm's adjustment for a family of two p-values, written out by hand: the smaller is
+    doubled, the larger kept, both capped at 1 and the larger never below the smaller's; a NaN
+    (no test) leaves a family of one, which is not adjusted."""
+    a, b = p
+    if math.isnan(a) or math.isnan(b):
+        return [x if math.isnan(x) else min(1.0, x) for x in p]
+    lo, hi = min(a, b), max(a, b)
+    adj_lo = min(1.0, 2 * lo)
+    adj_hi = max(adj_lo, min(1.0, hi))
+    return [adj_lo if x == lo else adj_hi for x in p]
+
+
+def test_holm_family_of_two_by_hand() -> None:
+    assert _holm_family_of_two([0.01, 0.3]) == [0.02, 0.3]
+    assert _holm_family_of_two([0.3, 0.2]) == [0.4, 0.4]  # 0.2 * 2 = 0.4 > 0.3 -> 0.4 for both
+    assert _holm_family_of_two([0.7, 0.9]) == [1.0, 1.0]
+    assert _holm_family_of_two([math.nan, 0.04])[1] == 0.04
+
+
 def test_comparisons_have_holm_adjusted_p_values(run: dict[str, Any]) -> None:
     comps = run["report"]["comparisons"]
     per_type = [c for c in comps if c["feature_type"] != R.OVERALL]
     assert {c["feature_type"] for c in per_type} == {"dots", "stripes"}
     assert all((c["method_a"], c["method_b"]) == METHODS for c in comps)
     for raw, adj in (("delong_p", "delong_p_holm"), ("nb_p", "nb_p_holm")):
-        expected = R.S.holm([c[raw] for c in per_type])
+        expected = _holm_family_of_two([c[raw] for c in per_type])
         for c, e in zip(per_type, expected, strict=True):
             if math.isnan(e):
                 assert math.isnan(c[adj])
             else:
                 assert c[adj] == pytest.approx(e) and c[adj] >= c[raw]
     assert any(math.isfinite(c["delong_p_holm"]) for c in per_type)
-    assert all(math.isfinite(c["effect_size"]) or math.isnan(c["effect_size"]) for c in comps)
+    for c in comps:  # Cohen's d_z of the reported fold differences, from its definition
+        d = [x for x in c["fold_diffs"] if math.isfinite(x)]
+        if len(d) < 2:
+            assert math.isnan(c["effect_size"])
+            continue
+        mean = sum(d) / len(d)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+        if sd > 1e-12:
+            assert c["effect_size"] == pytest.approx(mean / sd)
+        else:  # no spread: 0 for no difference, else an infinite effect with the sign of the mean
+            assert c["effect_size"] == (0.0 if abs(mean) <= 1e-12 else math.copysign(math.inf, mean))
     assert [c for c in comps if c["feature_type"] == R.OVERALL]
 
 
