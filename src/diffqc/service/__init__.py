@@ -55,6 +55,8 @@ def export_reviewed_good(db_url: str, out_dir: str | Path, **opts: Any) -> dict[
 def _cmd_serve(args: argparse.Namespace) -> int:
     opts: dict[str, Any] = {
         "buffer_size": args.buffer_size,
+        "buffer_max_bytes": args.buffer_mb * 1024 * 1024,
+        "body_timeout_s": args.body_timeout,
         "max_batch": args.max_batch,
         "overflow": args.overflow,
         "retry_after_s": args.retry_after,
@@ -131,6 +133,18 @@ def add_service_commands(subparsers: Any) -> None:
         help="folder for heat maps and kept images (default beside the SQLite file)",
     )
     p.add_argument("--buffer-size", type=int, default=64, help="ring buffer capacity (parts)")
+    p.add_argument(
+        "--buffer-mb",
+        type=int,
+        default=512,
+        help="ring buffer bound in MiB of decoded images (a full buffer answers 503 overloaded)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds an upload may send nothing before it is answered 408",
+    )
     p.add_argument("--max-batch", type=int, default=8, help="largest inference micro-batch")
     p.add_argument(
         "--overflow",

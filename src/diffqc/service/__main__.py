@@ -1,11 +1,18 @@
-"""``python -m diffqc.service serve|watch|results export ...`` (same as ``diffqc ...``)."""
+"""``python -m diffqc.service serve|watch|results export ...`` (same as ``diffqc ...``).
+
+The Docker image's entry point: one error boundary turns every error a user can cause (a bad
+model path, database URL, folder or setting) into one ``error: ...`` line and exit code 1.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from diffqc.errors import DiffqcError
 from diffqc.service import add_service_commands
+
+EXIT_ERROR = 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,7 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_service_commands(sub)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (DiffqcError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ class ServiceSettings:
     max_batch_upload_bytes: int = 64 * 1024 * 1024
     max_batch_items: int = 32
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    store_busy_timeout_s: float = 30.0  # SQLite: how long a write waits for another's lock
     body_timeout_s: float = 30.0  # an upload that sends nothing for this long gets 408
     decode_workers: int = 4  # uploads decoded at the same time (each holds its decoded image)
     keep_images: str = "flagged"
@@ -604,10 +605,11 @@ def validation_error(exc: RequestValidationError) -> ServiceError:
     return ServiceError(422, code, "; ".join(problems) or "invalid request")
 
 
-def readiness_problems(state: ServiceState) -> dict[str, str]:
-    """Why the service is not ready, per check (empty: ready). Runs a write on the store and
-    the artifact folders, so call it off the event loop."""
+def readiness_problems(state: ServiceState) -> tuple[dict[str, str], dict[str, str]]:
+    """``(not ready, degraded)``: reasons per check (both empty: healthy). Writes to the store
+    and the artifact folders, so call it off the event loop."""
     out: dict[str, str] = {}
+    degraded: dict[str, str] = {}
     pipeline, store = state.pipeline, state.store
     if state.detector is None:
         out["model"] = "the model is not loaded"
@@ -628,10 +630,11 @@ def readiness_problems(state: ServiceState) -> dict[str, str]:
     if state.artifacts is not None:
         reason = state.artifacts.check_write()
         if reason is not None:
-            out["artifacts"] = reason
-    return out
+            degraded["artifacts"] = f"heat maps and kept images are not being written: {reason}"
+    return out, degraded
 
-READY_CHECKS = ("model", "worker", "store", "artifacts", "buffer")
+
+READY_CHECKS = ("model", "worker", "store", "buffer")
 
 
 # --------------------------------------------------------------------------- request models
@@ -722,13 +725,17 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> JSONResponse:
         """Ready when a part sent now would be inspected and stored: the model is loaded, the
-        worker runs and its inspections are not failing, the store commits a write, the
-        artifact folders take a file, and the buffer has room. 503 with ``reason`` otherwise."""
-        reasons = await run_in_threadpool(readiness_problems, state)
+        worker runs and its inspections are not failing, the store commits a write and the
+        buffer has room; else 503 with ``reason``. Artifact folders that take no file (full
+        disk, unwritable) leave it ready, since decisions are still stored, and are reported
+        under ``degraded``."""
+        reasons, degraded = await run_in_threadpool(readiness_problems, state)
         ok = not reasons
         body: dict[str, Any] = {"ready": ok, "checks": {k: k not in reasons for k in READY_CHECKS}}
         if not ok:
             body.update(code="not_ready", reason="; ".join(reasons.values()))
+        if degraded:
+            body["degraded"] = degraded
         return JSONResponse(body, status_code=200 if ok else 503)
 
     # ---------------------------------------------------------------- dashboard
@@ -1029,7 +1036,7 @@ def _start(state: ServiceState, detector: DetectorLike | None) -> None:
     state.model_info = _model_info(detector)
     state.model_version = str(state.model_info.get("version") or "")
     state.classes = list(detector.classes_)
-    state.store = ResultStore(s.db_url)
+    state.store = ResultStore(s.db_url, busy_timeout_s=s.store_busy_timeout_s)
     state.artifacts = ArtifactStore(s.data_dir or default_artifact_root(s.db_url))
     pipeline = InspectionPipeline(
         detector,
@@ -1112,11 +1119,12 @@ def run_server(
                              threads=settings.torch_threads)
     log.info("model %s loaded in %.1f s (%s runtime)", model_path, time.perf_counter() - t0,
              getattr(detector, "runtime", "torch"))
-    try:
-        ResultStore(settings.db_url).close()
-    except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if settings.watch_dirs:
+        from diffqc.service.watch import check_feature_type
+
+        check_feature_type(settings.watch_feature_type, detector.classes_)
+    ResultStore(settings.db_url).close()  # StoreError: one line at the CLI's error boundary
+    ArtifactStore(settings.data_dir or default_artifact_root(settings.db_url))
     app = create_app(settings, detector=detector)
     uvicorn.run(
         app,

@@ -173,8 +173,9 @@ class ResultStore:
     ``last_write_error`` holds the reason of the last failed write (None after a good one).
     """
 
-    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+    def __init__(self, url: str, *, pool_size: int = 4, busy_timeout_s: float = 30.0) -> None:
         self.url = url
+        self.busy_timeout_s = busy_timeout_s  # SQLite: how long a write waits for a lock
         self.postgres = is_postgres_url(url)
         self.path: Path | None = None if self.postgres else sqlite_path(url)
         self._pool_size = pool_size
@@ -209,13 +210,16 @@ class ResultStore:
             try:
                 return psycopg.connect(self.url, autocommit=autocommit, connect_timeout=10)
             except psycopg.Error as exc:
-                raise StoreError(f"cannot connect to {redact_url(self.url)}: {exc}") from None
+                reason = " ".join(str(exc).split())  # libpq's message spans lines
+                raise StoreError(f"cannot connect to {redact_url(self.url)}: {reason}") from None
         assert self.path is not None
         try:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(
+                self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=30000")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from None
         return conn

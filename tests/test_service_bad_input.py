@@ -1,0 +1,459 @@
+"""Bad input and faults through the HTTP interface of ``diffqc serve`` (real tiny model, real SQLite).
+
+Every row of the table gets a 4xx with the service's own error shape ``{"detail", "code"}``,
+never a 500, and the service stays up: a good inspection right after each row succeeds.
+The fault tests break what the service writes to (the artifact folders, the SQLite file) and
+check what the client gets, what ``/readyz`` says, and that the decisions are kept.
+"""
+
+# ruff: noqa: F811  (fixtures imported from tests.test_service_common are re-bound as arguments)
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_service_common import (  # noqa: F401 (fixtures)
+    AUTH,
+    Samples,
+    detector,
+    png,
+    running_app,
+    samples,
+    service_model,
+)
+
+pytestmark = pytest.mark.anyio
+
+HUGE = "99999999999999999999"  # > 2**63 - 1: once a 500 (OverflowError in the driver)
+SMALL_UPLOAD = 300_000  # max_upload_bytes of the app under test
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _header_only_png(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims ``width`` x ``height`` pixels (a few bytes of pixel data)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+
+
+def _multipart(fields: list[tuple[str, bytes | str]]) -> tuple[bytes, str]:
+    boundary = "diffqcboundary"
+    out = b""
+    for name, value in fields:
+        out += f"--{boundary}\r\n".encode()
+        if isinstance(value, bytes):
+            out += f'Content-Disposition: form-data; name="{name}"; filename="x.png"\r\n'.encode()
+            out += b"Content-Type: image/png\r\n\r\n" + value + b"\r\n"
+        else:
+            out += f'Content-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+            out += value.encode("utf-8", "surrogatepass") + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return out, f"multipart/form-data; boundary={boundary}"
+
+
+GOOD = b"<good image>"  # placeholders replaced by a real PNG (or its first half) in the test
+HALF = b"<half image>"
+BAD_MULTIPART, BAD_MULTIPART_TYPE = b"--x\r\nnot a multipart body", "multipart/form-data; boundary=x"
+DEL_FORM, DEL_FORM_TYPE = _multipart([("image", GOOD), ("part_id", "cam\x7f1")])
+
+# (id, method, url, request kwargs, status, code)
+ROWS: list[tuple[str, str, str, dict[str, Any], int, str]] = [
+    ("result id > int64", "GET", f"/v1/results/{HUGE}", {}, 422, "bad_record_id"),
+    ("heatmap id > int64", "GET", f"/v1/results/{HUGE}/heatmap", {}, 422, "bad_record_id"),
+    ("image id > int64", "GET", f"/v1/results/{HUGE}/image", {}, 422, "bad_record_id"),
+    ("review id > int64", "POST", f"/v1/review/{HUGE}", {"json": {"verdict": "GOOD"}}, 422, "bad_record_id"),
+    ("negative id", "GET", "/v1/results/-1", {}, 422, "bad_record_id"),
+    ("id not a number", "GET", "/v1/results/abc", {}, 422, "bad_record_id"),
+    ("unknown id", "GET", "/v1/results/123456", {}, 404, "not_found"),
+    ("after_id > int64", "GET", "/v1/results", {"params": {"after_id": HUGE}}, 422, "bad_after_id"),
+    ("before_id > int64", "GET", "/v1/results", {"params": {"before_id": HUGE}}, 422, "bad_before_id"),
+    ("limit 0", "GET", "/v1/results", {"params": {"limit": "0"}}, 422, "bad_limit"),
+    ("since not a time", "GET", "/v1/results", {"params": {"since": "yesterday"}}, 422, "bad_time"),
+    ("unknown decision", "GET", "/v1/results", {"params": {"decision": "MAYBE"}}, 422, "bad_decision"),
+    ("reviewed not a bool", "GET", "/v1/results", {"params": {"reviewed": "perhaps"}}, 422, "bad_reviewed"),
+    ("stats window < 0", "GET", "/v1/stats", {"params": {"window_s": "-1"}}, 422, "bad_window_s"),
+    ("review limit 0", "GET", "/v1/review", {"params": {"limit": "0"}}, 422, "bad_limit"),
+    ("verdict MAYBE", "POST", "/v1/review/1", {"json": {"verdict": "MAYBE"}}, 422, "bad_verdict"),
+    ("review body not JSON", "POST", "/v1/review/1", {"content": b"{not json"}, 422, "bad_request"),
+    ("empty upload", "POST", "/v1/inspect", {"content": b""}, 400, "empty_body"),
+    ("not an image", "POST", "/v1/inspect", {"content": b"\x00garbage" * 50}, 422, "unreadable_image"),
+    ("truncated PNG", "POST", "/v1/inspect", {"content": HALF}, 422, "unreadable_image"),
+    (
+        "bomb header",
+        "POST",
+        "/v1/inspect",
+        {"content": _header_only_png(60000, 60000)},
+        413,
+        "image_too_large",
+    ),
+    (
+        "upload over limit",
+        "POST",
+        "/v1/inspect",
+        {"content": b"\x89PNG" + b"\0" * SMALL_UPLOAD},
+        413,
+        "upload_too_large",
+    ),
+    (
+        "unknown type",
+        "POST",
+        "/v1/inspect",
+        {"params": {"feature_type": "nope"}},
+        422,
+        "unknown_feature_type",
+    ),
+    (
+        "type too long",
+        "POST",
+        "/v1/inspect",
+        {"params": {"feature_type": "t" * 201}},
+        422,
+        "bad_feature_type",
+    ),
+    ("part_id newline", "POST", "/v1/inspect", {"params": {"part_id": "a\nb"}}, 422, "bad_part_id"),
+    ("part_id DEL", "POST", "/v1/inspect", {"params": {"part_id": "a\x7fb"}}, 422, "bad_part_id"),
+    ("part_id C1", "POST", "/v1/inspect", {"params": {"part_id": "a\x85b"}}, 422, "bad_part_id"),
+    ("part_id U+2028", "POST", "/v1/inspect", {"params": {"part_id": "a\u2028b"}}, 422, "bad_part_id"),
+    ("part_id U+2029", "POST", "/v1/inspect", {"params": {"part_id": "a\u2029b"}}, 422, "bad_part_id"),
+    ("part_id invalid UTF-8", "POST", "/v1/inspect?part_id=a%FFb", {}, 422, "bad_part_id"),
+    ("part_id too long", "POST", "/v1/inspect", {"params": {"part_id": "p" * 201}}, 422, "bad_part_id"),
+    (
+        "part_id DEL in form",
+        "POST",
+        "/v1/inspect",
+        {"content": DEL_FORM, "headers": {"Content-Type": DEL_FORM_TYPE}},
+        422,
+        "bad_part_id",
+    ),
+    (
+        "key invalid UTF-8",
+        "POST",
+        "/v1/inspect",
+        {"headers": {"Idempotency-Key": b"k\xff\xfe"}},
+        422,
+        "bad_idempotency_key",
+    ),
+    (
+        "key with DEL",
+        "POST",
+        "/v1/inspect",
+        {"headers": {"Idempotency-Key": "k\x7f"}},
+        422,
+        "bad_idempotency_key",
+    ),
+    (
+        "bad multipart",
+        "POST",
+        "/v1/inspect",
+        {"content": BAD_MULTIPART, "headers": {"Content-Type": BAD_MULTIPART_TYPE}},
+        400,
+        "bad_multipart",
+    ),
+    ("batch not multipart", "POST", "/v1/inspect/batch", {"content": GOOD}, 415, "multipart_required"),
+    ("no token", "GET", "/v1/results", {"headers": {"Authorization": ""}}, 401, "unauthorized"),
+    ("wrong token", "GET", "/v1/results", {"headers": {"Authorization": "Bearer nope"}}, 401, "unauthorized"),
+]
+
+
+def _fill(value: Any, good: bytes) -> Any:
+    """The row's request with the placeholder image replaced by a real one."""
+    if isinstance(value, bytes):
+        return value.replace(GOOD, good).replace(HALF, good[: len(good) // 2])
+    if isinstance(value, dict):
+        return {k: _fill(v, good) for k, v in value.items()}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "kwargs", "status", "code"), [r[1:] for r in ROWS], ids=[r[0] for r in ROWS]
+)
+async def test_bad_input_gets_a_4xx_with_a_code_and_the_service_stays_up(
+    detector: Any,
+    samples: Samples,
+    tmp_path: Path,
+    method: str,
+    url: str,
+    kwargs: dict[str, Any],
+    status: int,
+    code: str,
+) -> None:
+    good, ftype = samples.one("PASS")
+    kwargs = _fill(kwargs, good)
+    if url.startswith("/v1/inspect") and "content" not in kwargs:
+        kwargs["content"] = good
+    headers = {**AUTH, **kwargs.pop("headers", {})}
+    headers = {k: v for k, v in headers.items() if v != ""}
+    async with running_app(detector, tmp_path, max_upload_bytes=SMALL_UPLOAD) as (client, _):
+        r = await client.request(method, url, headers=headers, **kwargs)
+        assert r.status_code == status, r.text
+        body = r.json()
+        assert set(body) == {"detail", "code"} and body["code"] == code, body
+        assert isinstance(body["detail"], str) and body["detail"]
+        ok = await client.post("/v1/inspect", content=good, headers=AUTH, params={"feature_type": ftype})
+        assert ok.status_code == 200, ok.text
+        assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_idempotency_key_replayed_with_another_body_is_refused(
+    detector: Any, samples: Samples, tmp_path: Path
+) -> None:
+    (a, ftype), (b, _) = samples.by_decision["PASS"][:2]
+    headers = {**AUTH, "Idempotency-Key": "cam1-000042"}
+    params = {"feature_type": ftype, "part_id": "p42"}
+    async with running_app(detector, tmp_path) as (client, state):
+        first = await client.post("/v1/inspect", content=a, headers=headers, params=params)
+        assert first.status_code == 200 and first.json()["duplicate"] is False
+        same = await client.post("/v1/inspect", content=a, headers=headers, params=params)
+        assert same.status_code == 200 and same.json()["duplicate"] is True
+        assert same.json()["id"] == first.json()["id"]
+        for changed in (
+            {"content": b, "params": params},  # another image
+            {"content": a, "params": {**params, "part_id": "p43"}},  # another part
+        ):
+            r = await client.post("/v1/inspect", headers=headers, **changed)
+            assert r.status_code == 409 and r.json()["code"] == "idempotency_key_reused", r.text
+        # two different bodies racing with one new key: one stored, the other refused
+        race = {**AUTH, "Idempotency-Key": "cam1-race"}
+        answers = await asyncio.gather(
+            client.post("/v1/inspect", content=a, headers=race, params=params),
+            client.post("/v1/inspect", content=b, headers=race, params=params),
+        )
+        assert sorted(r.status_code for r in answers) == [200, 409]
+        assert state.store.count() == 2  # p42 once, the race's winner once
+
+
+async def _stalled_body() -> AsyncIterator[bytes]:
+    yield b"\x89PNG\r\n\x1a\n"
+    await asyncio.sleep(30)  # the client stops sending
+    yield b"never"
+
+
+async def test_a_stalled_upload_gets_408(detector: Any, samples: Samples, tmp_path: Path) -> None:
+    good, ftype = samples.one("PASS")
+    async with running_app(detector, tmp_path, body_timeout_s=0.3) as (client, state):
+        r = await client.post("/v1/inspect", content=_stalled_body(), headers=AUTH)
+        assert r.status_code == 408 and r.json()["code"] == "body_timeout", r.text
+        assert "stalled" in r.json()["detail"]
+        ok = await client.post("/v1/inspect", content=good, headers=AUTH, params={"feature_type": ftype})
+        assert ok.status_code == 200
+        assert state.store.count() == 1
+
+
+async def test_an_artifact_that_cannot_be_written_fails_only_itself(
+    detector: Any, samples: Samples, tmp_path: Path
+) -> None:
+    """The kept-image folder replaced by a regular file (fails as root too, unlike chmod): every
+    part of the micro-batch is still answered 200 and stored, with its heat map; the record
+    says its image is missing and why; /readyz stays ready and reports the degraded folder."""
+    art = tmp_path / "art"
+    parts = samples.all[:4]
+    async with running_app(detector, tmp_path, data_dir=str(art), keep_images="all", heatmaps="all") as (
+        client,
+        state,
+    ):
+        shutil.rmtree(art / "images")
+        (art / "images").write_bytes(b"not a folder")
+        body, ctype = _multipart([("image", p) for p, _ in parts] + [("feature_type", t) for _, t in parts])
+        r = await client.post("/v1/inspect/batch", content=body, headers={**AUTH, "Content-Type": ctype})
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert len(results) == len(parts) and {x["decision"] for x in results} <= {"PASS", "REVIEW", "REJECT"}
+        for rec in results:
+            assert rec["image_url"] is None and rec["heatmap_url"] is not None
+            assert rec["reason"].startswith("kept image not written")
+        assert state.store.count() == len(parts)
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200 and "artifacts" in ready.json()["degraded"]
+        metrics = (await client.get("/metrics", headers=AUTH)).text
+        assert f"diffqc_artifact_errors_total {len(parts)}" in metrics
+        # nothing half-written, no heat map without its row
+        heatmaps = sorted(p.name for p in (art / "heatmaps").iterdir())
+        assert not [n for n in heatmaps if n.endswith(".tmp")]
+        assert len(heatmaps) == len(parts)
+        (art / "images").unlink()
+        (art / "images").mkdir()
+        assert "degraded" not in (await client.get("/readyz")).json()
+
+
+async def test_a_failed_store_write_leaves_no_orphan_heat_map_and_readyz_says_why(
+    detector: Any, samples: Samples, tmp_path: Path
+) -> None:
+    """Another connection holds the SQLite write lock: inserts time out, the client gets 503
+    with a code, /readyz is 503 with the reason, no heat map is left without its row; once
+    the lock is released the same service stores again."""
+    good, ftype = samples.one("PASS")
+    db = tmp_path / "results.db"
+    art = tmp_path / "art"
+    async with running_app(detector, tmp_path, data_dir=str(art), store_busy_timeout_s=0.2) as (
+        client,
+        state,
+    ):
+        lock = sqlite3.connect(db, isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            r = await client.post("/v1/inspect", content=good, headers=AUTH, params={"feature_type": ftype})
+            assert r.status_code == 503 and r.json()["code"] == "store_unavailable", r.text
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["checks"]["store"] is False
+            assert "locked" in ready.json()["reason"]
+            assert list((art / "heatmaps").iterdir()) == []
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        assert (await client.get("/readyz")).status_code == 200
+        r = await client.post("/v1/inspect", content=good, headers=AUTH, params={"feature_type": ftype})
+        assert r.status_code == 200
+        assert len(list((art / "heatmaps").iterdir())) == 1 and state.store.count() == 1
+
+
+async def test_store_errors_on_read_routes_are_503_and_the_store_recovers(
+    detector: Any, samples: Samples, tmp_path: Path
+) -> None:
+    """The SQLite file replaced under the running service, first by a file that is not a
+    database (reads and writes: 503 with a code, never 500), then by a fresh database: the
+    service reconnects by itself and writes into the new file."""
+    good, ftype = samples.one("PASS")
+    db = tmp_path / "results.db"
+    async with running_app(detector, tmp_path) as (client, _):
+        first = await client.post("/v1/inspect", content=good, headers=AUTH, params={"feature_type": ftype})
+        assert first.status_code == 200
+        saved = tmp_path / "saved.db"
+        for suffix in ("", "-wal", "-shm"):  # an operator moves the whole store away
+            if Path(f"{db}{suffix}").exists():
+                Path(f"{db}{suffix}").rename(f"{saved}{suffix}")
+        db.write_bytes(b"this is not a database" * 300)
+        for path in (
+            "/v1/results",
+            "/v1/review",
+            "/v1/stats",
+            "/metrics",
+            f"/v1/results/{first.json()['id']}",
+        ):
+            r = await client.get(path, headers=AUTH)
+            assert r.status_code == 503 and r.json()["code"] == "store_unavailable", (path, r.text)
+        r = await client.post("/v1/inspect", content=good, headers=AUTH, params={"feature_type": ftype})
+        assert r.status_code == 503 and r.json()["code"] == "store_unavailable"
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["code"] == "not_ready"
+        db.unlink()  # an operator puts a new, empty store in place
+        r = await client.post("/v1/inspect", content=good, headers=AUTH, params={"feature_type": ftype})
+        assert r.status_code == 200, r.text
+        assert (await client.get("/readyz")).status_code == 200
+        listed = (await client.get("/v1/results", headers=AUTH)).json()["results"]
+        assert [x["id"] for x in listed] == [r.json()["id"]]
+    with sqlite3.connect(saved) as old:  # the acknowledged part is still in the old file
+        assert old.execute("SELECT COUNT(*) FROM diffqc_results").fetchone()[0] == 1
+    with sqlite3.connect(db) as new:
+        assert new.execute("SELECT COUNT(*) FROM diffqc_results").fetchone()[0] == 1
+
+
+async def test_inspections_failing_make_readyz_not_ready(
+    detector: Any, samples: Samples, tmp_path: Path
+) -> None:
+    good, ftype = samples.one("PASS")
+    async with running_app(detector, tmp_path) as (client, state):
+        pipeline = state.pipeline
+        real = pipeline.detector
+
+        class Broken:
+            classes_ = real.classes_
+
+            def inspect(self, *a: Any, **k: Any) -> Any:
+                raise RuntimeError("model weights unreadable")
+
+        pipeline.detector = Broken()
+        for _ in range(3):
+            r = await client.post("/v1/inspect", content=good, headers=AUTH, params={"feature_type": ftype})
+            assert r.status_code == 200 and r.json()["decision"] == "NOT_INSPECTED"
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and "inspections failed" in ready.json()["reason"]
+        pipeline.detector = real
+        r = await client.post("/v1/inspect", content=good, headers=AUTH, params={"feature_type": ftype})
+        assert r.json()["decision"] != "NOT_INSPECTED"
+        assert (await client.get("/readyz")).status_code == 200
+
+
+def test_a_full_disk_fails_the_artifact_write_cleanly(tmp_path: Path) -> None:
+    """A full disk simulated with a per-process file-size limit (RLIMIT_FSIZE = 4 KiB, SIGXFSZ
+    ignored so that write() returns EFBIG): the write raises OutputError naming the file, and
+    no temporary or partial file is left; small writes still work."""
+    script = textwrap.dedent(
+        f"""
+        import resource, signal
+        from pathlib import Path
+        from diffqc.errors import OutputError
+        from diffqc.service.store import ArtifactStore
+        art = ArtifactStore({str(tmp_path)!r})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        small = art.save_bytes("images", b"x" * 100, "png")
+        try:
+            art.save_bytes("images", b"x" * 100_000, "png")
+        except OutputError as exc:
+            print("OutputError", exc)
+        print("files", sorted(p.name for p in Path({str(tmp_path)!r}, "images").iterdir()) == [small])
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "OutputError cannot write image" in out.stdout and "File too large" in out.stdout
+    assert "files True" in out.stdout
+
+
+def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
+    service_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from diffqc.service.__main__ import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cases = [
+        (["serve", str(tmp_path / "no-model"), "--no-auth"], "no-model"),
+        (["serve", str(service_model[0]), "--no-auth", "--db", str(blocker / "r.db")], "SQLite"),
+        (
+            ["serve", str(service_model[0]), "--no-auth", "--db", "postgresql://nobody@127.0.0.1:1/none"],
+            "cannot connect",
+        ),
+        (["serve", str(service_model[0]), "--buffer-size", "0", "--no-auth"], "buffer_size"),
+        (["serve", str(service_model[0])], "no API token"),
+        (["watch", str(tmp_path), str(service_model[0]), "--feature-type", "typo", "--once"], "typo"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) >= 1 and err[-1].startswith("error: ") and needle in err[-1], (argv, err)
+        assert "Traceback" not in "\n".join(err)
+
+
+def test_watch_feature_type_is_checked_against_the_model(detector: Any, tmp_path: Path) -> None:
+    from diffqc.errors import UnknownFeatureTypeError
+    from diffqc.service.buffer import InspectionPipeline
+    from diffqc.service.store import ResultStore
+    from diffqc.service.watch import FolderWatcher, WatchSettings
+
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        pipeline = InspectionPipeline(detector, store, None)
+        with pytest.raises(UnknownFeatureTypeError) as err:
+            FolderWatcher(WatchSettings(tmp_path, feature_type="tpye_a"), pipeline, store)
+        assert "'tpye_a'" in str(err.value)
+        assert all(t in str(err.value) for t in detector.classes_)
+        FolderWatcher(WatchSettings(tmp_path, feature_type=detector.classes_[0]), pipeline, store)
