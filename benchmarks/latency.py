@@ -323,13 +323,13 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path]:
     return data, model, baseline
 
 
-def export(model: Path, data: Path, threads: int) -> dict[str, Any]:
+def export(model: Path, data: Path, threads: int, search: bool = True) -> dict[str, Any]:
     from diffqc.export import export_bundle
 
     print("exporting to ONNX (FP32 + INT8 with parity report, checked on ONNX Runtime and OpenVINO)",
           file=sys.stderr)
     return export_bundle(model, int8=True, calibration_data=data, force=True, threads=threads,
-                         log=lambda m: print(m, file=sys.stderr))
+                         search=search, log=lambda m: print(m, file=sys.stderr))
 
 
 # --------------------------------------------------------------------------- report
@@ -408,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="rounds over all runtimes, --runs split among them")
     parser.add_argument("--images", type=int, default=16, help="distinct test images cycled through")
     parser.add_argument("--no-export", action="store_true", help="use the bundle's existing export")
+    parser.add_argument("--no-search", action="store_true",
+                        help="INT8 with every layer quantized (skip the export's search for float layers)")
     parser.add_argument("--reuse-baseline", action="store_true",
                         help="reuse the PatchCore model of an earlier run in --work")
     parser.add_argument("--json", default=None, help="also write the rows as JSON")
@@ -424,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         data, model, baseline = prepare(args, work)
-        info = read_export_info(model) if args.no_export else export(model, data, args.threads)
+        info = (read_export_info(model) if args.no_export
+                else export(model, data, args.threads, search=not args.no_search))
         classes = info["classes"]
         test = [s for s in load_dataset(data) if s.split == "test" and s.feature_type in classes]
         test = test[:: max(1, len(test) // args.images)][: args.images]

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from diffqc import __version__, tiling
 from diffqc.backbone import FeatureExtractor, to_pixels
+from diffqc.bundle import check_weights, read_bundle
 from diffqc.calibration import Calibrator
 from diffqc.config import DetectorConfig
 from diffqc.data import Sample, good_training, read_images
@@ -37,7 +38,6 @@ from diffqc.inspection import (
     BUNDLE_FILES,
     BUNDLE_FORMAT,
     Inspection,
-    check_bundle_version,
     inspect_in_batches,
     sha256_file,
     verdicts,
@@ -425,26 +425,8 @@ class Detector:
     def load(cls, path: Path | str, *, device: str | None = None) -> Detector:
         """Load a bundle; any damage or mismatch is a :class:`BundleError` that says what."""
         path = Path(path)
-        if not path.is_dir():
-            raise BundleError(f"model bundle {path} does not exist or is not a folder")
-        missing = [f for f in BUNDLE_FILES if not (path / f).is_file()]
-        if missing:
-            raise BundleError(f"model bundle {path} is incomplete: missing {', '.join(missing)}")
-        try:
-            meta = json.loads((path / "metadata.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise BundleError(f"model bundle {path}: metadata.json is damaged ({exc})") from None
-        if not isinstance(meta, dict):
-            raise BundleError(f"model bundle {path}: metadata.json is damaged (not an object)")
-        check_bundle_version(path, meta)
-        try:
-            config = DetectorConfig.from_json(path / "config.json")
-        except ValueError as exc:
-            raise BundleError(f"model bundle {path}: config.json is damaged ({exc})") from None
-        cal = Calibrator.from_file(path / "calibration.json")
-        expected = meta.get("weights_file_sha256")
-        if expected and sha256_file(path / "weights.safetensors") != expected:
-            raise BundleError(f"model bundle {path}: weights.safetensors is damaged (checksum mismatch)")
+        config, meta, cal = read_bundle(path)  # the reader the exported runtimes share
+        check_weights(path, meta)
         try:
             tensors = load_file(str(path / "weights.safetensors"))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -461,9 +443,6 @@ class Detector:
             det.scorer_ = load_scorer(config, scorer_state, len(det.classes_), fe.channels)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise BundleError(f"model bundle {path} does not match its config: {exc}") from None
-        if set(cal.known) != set(det.classes_):
-            raise BundleError(f"model bundle {path}: calibration types {sorted(cal.known)} "
-                              f"!= classes {det.classes_}")
         det.calibration_ = cal
         return det
 

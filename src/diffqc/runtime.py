@@ -30,16 +30,11 @@ import numpy as np
 from PIL import Image
 
 from diffqc.backends.graph import SplitGraph
+from diffqc.bundle import read_bundle
 from diffqc.calibration import Calibrator
 from diffqc.config import DetectorConfig
 from diffqc.errors import BundleError, ConfigError, RuntimeUnavailableError, UnknownFeatureTypeError
-from diffqc.inspection import (
-    BUNDLE_FILES,
-    check_bundle_version,
-    inspect_in_batches,
-    sha256_file,
-    verdicts,
-)
+from diffqc.inspection import inspect_in_batches, sha256_file, verdicts
 
 if TYPE_CHECKING:
     import argparse
@@ -118,23 +113,6 @@ def read_export_info(path: Path | str) -> dict[str, Any]:
         raise BundleError(f"model bundle {path}: {EXPORT_FILE} format {info.get('format')} "
                           f"is not {EXPORT_FORMAT}")
     return info
-
-
-def _read_bundle(path: Path) -> tuple[DetectorConfig, dict[str, Any], Calibrator]:
-    if not path.is_dir():
-        raise BundleError(f"model bundle {path} does not exist or is not a folder")
-    missing = [f for f in BUNDLE_FILES if not (path / f).is_file()]
-    if missing:
-        raise BundleError(f"model bundle {path} is incomplete: missing {', '.join(missing)}")
-    try:
-        config = DetectorConfig.from_json(path / "config.json")
-        meta: dict[str, Any] = json.loads((path / "metadata.json").read_text())
-        cal = Calibrator.from_dict(json.loads((path / "calibration.json").read_text()))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BundleError(f"model bundle {path}: damaged JSON ({exc})") from None
-    check_bundle_version(path, meta)  # the format, and no newer major diffqc
-    return config, meta, cal
-
 
 
 class Choice(NamedTuple):
@@ -228,7 +206,7 @@ class OnnxDetector:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.path: Path | None = Path(path)
         self.runtime = runtime
-        self.config, self.metadata, self.calibration_ = _read_bundle(self.path)
+        self.config, self.metadata, self.calibration_ = read_bundle(self.path)
         self.classes_: list[str] = list(self.metadata["classes"])
         info = read_export_info(self.path)
         if info.get("weights_file_sha256") != self.metadata.get("weights_file_sha256"):
@@ -423,7 +401,7 @@ def choose_runtime(path: Path | str, device: str | None = None, precision: str =
         return torch_choice
     try:
         info = read_export_info(path)
-        _, meta, _ = _read_bundle(Path(path))
+        _, meta, _ = read_bundle(path)
     except Exception:  # no export, or a damaged one: PyTorch can still run the bundle
         return torch_choice
     if info.get("weights_file_sha256") != meta.get("weights_file_sha256"):

@@ -1,0 +1,53 @@
+"""The one reader of a model bundle's description: ``config.json``, ``metadata.json`` and
+``calibration.json``, each checked, without PyTorch. The PyTorch :class:`~diffqc.model.Detector`
+adds the weights; the exported detector (:mod:`diffqc.runtime`) the ONNX graph."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from diffqc.calibration import Calibrator
+from diffqc.config import DetectorConfig
+from diffqc.errors import BundleError
+from diffqc.inspection import BUNDLE_FILES, check_bundle_version, sha256_file
+
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def read_bundle(path: Path | str) -> tuple[DetectorConfig, dict[str, Any], Calibrator]:
+    """``(config, metadata, calibration)`` of the bundle at ``path``; a missing file, damaged
+    JSON, a bundle format or diffqc version this diffqc cannot read, or a calibration of other
+    types than the model's is a :class:`BundleError` that says which."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"model bundle {path} does not exist or is not a folder")
+    missing = [f for f in BUNDLE_FILES if not (path / f).is_file()]
+    if missing:
+        raise BundleError(f"model bundle {path} is incomplete: missing {', '.join(missing)}")
+    try:
+        meta = json.loads((path / "metadata.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"model bundle {path}: metadata.json is damaged ({exc})") from None
+    if not isinstance(meta, dict):
+        raise BundleError(f"model bundle {path}: metadata.json is damaged (not an object)")
+    check_bundle_version(path, meta)
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise BundleError(f"model bundle {path}: metadata.json is damaged (classes: {classes!r})")
+    try:
+        config = DetectorConfig.from_json(path / "config.json")
+    except ValueError as exc:
+        raise BundleError(f"model bundle {path}: config.json is damaged ({exc})") from None
+    cal = Calibrator.from_file(path / "calibration.json")
+    if set(cal.known) != set(classes):
+        raise BundleError(f"model bundle {path}: calibration types {sorted(cal.known)} != classes {classes}")
+    return config, meta, cal
+
+
+def check_weights(path: Path | str, meta: dict[str, Any]) -> None:
+    """The weights file matches the checksum ``metadata.json`` recorded, else a BundleError."""
+    expected = meta.get("weights_file_sha256")
+    if expected and sha256_file(Path(path) / WEIGHTS_FILE) != expected:
+        raise BundleError(f"model bundle {path}: {WEIGHTS_FILE} is damaged (checksum mismatch)")
