@@ -185,17 +185,20 @@ class DetectorLike(Protocol):
     ) -> Sequence[InspectionLike]: ...
 
 
-OverlayFn = Callable[[np.ndarray, np.ndarray, "tuple[float, float] | None"], np.ndarray]
+# (image, its inspection, the type's colour scale) -> the heat-map picture
+OverlayFn = Callable[[np.ndarray, InspectionLike, "tuple[float, float] | None"], np.ndarray]
 
 
 def default_overlay(
-    image: np.ndarray, anomaly_map: np.ndarray, scale: tuple[float, float] | None
+    image: np.ndarray, res: InspectionLike, scale: tuple[float, float] | None
 ) -> np.ndarray:
-    from diffqc.visualize import overlay
+    """image | overlay with the score, p-value, decision and a colour bar (diffqc.visualize)."""
+    from diffqc.visualize import panel
 
-    if scale is None:
-        return overlay(image, anomaly_map)
-    return overlay(image, anomaly_map, vmin=scale[0], vmax=scale[1])
+    assert res.anomaly_map is not None
+    return panel(image, res.anomaly_map, score=res.score, p_value=res.p_value, decision=res.decision,
+                 feature_type=res.feature_type, vmin=scale[0] if scale else None,
+                 vmax=scale[1] if scale else None)
 
 
 def overlay_scales(calibration_summary: dict[str, Any]) -> dict[str, tuple[float, float]]:
@@ -487,7 +490,7 @@ class InspectionPipeline:
             if self._wants(self.heatmaps, decision) and res.anomaly_map is not None:
                 try:
                     scale = self.overlay_scale.get(res.feature_type or "")
-                    picture = self.overlay(job.image, res.anomaly_map, scale)
+                    picture = self.overlay(job.image, res, scale)
                     heatmap = self.artifacts.save_png("heatmaps", picture)
                 except Exception as exc:
                     missing.append(self._artifact_failed("heat map", job, exc))
