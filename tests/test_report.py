@@ -208,11 +208,59 @@ def test_pixel_metrics_only_where_masks_exist(written: dict[str, Path]) -> None:
     assert data["results"]["corner"]["diffusion"]["pooled"]["pixel_auroc"] is None
 
 
+def _holm_step_down(p: list[float]) -> list[float]:
+    """Holm's step-down adjustment as the textbook states it, in plain Python (not diffqc.stats):
+    the m finite p-values in ascending order, the j-th (0-based) times m - j, a running maximum,
+    capped at 1; NaN stays NaN and does not count towards m."""
+    finite = sorted((x, i) for i, x in enumerate(p) if not math.isnan(x))
+    out = [math.nan] * len(p)
+    running = 0.0
+    for j, (x, i) in enumerate(finite):
+        running = max(running, min(1.0, (len(finite) - j) * x))
+        out[i] = running
+    return out
+
+
+def _comparison(feature_type: str, method_b: str, delong_p: float, nb_p: float) -> R.Comparison:
+    nan = math.nan
+    return R.Comparison(
+        feature_type=feature_type, method_a="diffusion", method_b=method_b, metric="auroc",
+        auroc_a=nan, auroc_b=nan, delta=nan, delong_z=nan, delong_p=delong_p, delong_p_holm=nan,
+        fold_diffs=[], mean_diff=nan, nb_t=nan, nb_p=nb_p, nb_p_holm=nan, effect_size=nan,
+        n_train=nan, n_test=nan)
+
+
+def test_apply_holm_hand_worked_families() -> None:
+    """One family per method pair (and metric), adjusted over feature types; the overall row is
+    in no family. Expected values worked by hand (see the comments)."""
+    comps = [
+        # diffusion vs padim over 4 types. DeLong: sorted 0.005*4 = 0.02, 0.01*3 = 0.03,
+        # 0.03*2 = 0.06, 0.04*1 = 0.04 -> running max 0.06. NB: NaN leaves m = 3:
+        # 0.01*3 = 0.03, 0.04*2 = 0.08, 0.2*1 = 0.2.
+        _comparison("t1", "padim", 0.01, 0.2),
+        _comparison("t2", "padim", 0.04, math.nan),
+        _comparison("t3", "padim", 0.03, 0.01),
+        _comparison("t4", "padim", 0.005, 0.04),
+        _comparison(R.OVERALL, "padim", 0.001, 0.001),
+        # diffusion vs patchcore over 2 types: 0.02*2 = 0.04, 0.5; tied 0.3*2 = 0.6 for both
+        _comparison("t1", "patchcore", 0.02, 0.3),
+        _comparison("t2", "patchcore", 0.5, 0.3),
+    ]
+    out = R.apply_holm(comps)
+    expected_delong = [0.03, 0.06, 0.06, 0.02, math.nan, 0.04, 0.5]
+    expected_nb = [0.2, math.nan, 0.03, 0.08, math.nan, 0.6, 0.6]
+    np.testing.assert_allclose([c["delong_p_holm"] for c in out], expected_delong)
+    np.testing.assert_allclose([c["nb_p_holm"] for c in out], expected_nb)
+    assert [c["delong_p"] for c in out] == [c["delong_p"] for c in comps]  # raw p-values kept
+    np.testing.assert_allclose(_holm_step_down([c["delong_p"] for c in comps[:4]]), expected_delong[:4])
+
+
 def test_comparisons_holm_adjusted(written: dict[str, Path]) -> None:
     data = json.loads(written["json"].read_text())
     comps = data["comparisons"]
+    assert len({(c["method_a"], c["method_b"], c["metric"]) for c in comps}) == 1  # one family
     raw = [c["delong_p"] for c in comps]
-    adjusted = R.S.holm([math.nan if p is None else p for p in raw])
+    adjusted = _holm_step_down([math.nan if p is None else p for p in raw])
     for c, adj in zip(comps, adjusted, strict=True):
         assert (c["delong_p_holm"] is None) == math.isnan(adj)
         if c["delong_p_holm"] is not None:
