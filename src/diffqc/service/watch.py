@@ -23,13 +23,14 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from diffqc.data import IMAGE_SUFFIXES, decode_image
-from diffqc.errors import ImageReadError, StoreError
+from diffqc.errors import ImageReadError, StoreError, UnknownFeatureTypeError
 from diffqc.service.buffer import BufferClosed, BufferFull, InspectionPipeline, Job, overlay_scales
 from diffqc.service.security import (
     BROWSER_FORMATS,
@@ -83,6 +84,15 @@ class StepReport:
     records: list[ResultRecord] = field(default_factory=list)
 
 
+def check_feature_type(feature_type: str | None, classes: Sequence[str]) -> None:
+    """A fixed ``--feature-type`` must be one of the model's types (a typo would send every
+    part to NOT_INSPECTED)."""
+    if feature_type is not None and feature_type not in classes:
+        raise UnknownFeatureTypeError(
+            f"--feature-type {feature_type!r} is not a type of this model; it knows {', '.join(classes)}"
+        )
+
+
 class FolderWatcher:
     """Polls one folder and feeds complete image files into an :class:`InspectionPipeline`."""
 
@@ -97,6 +107,7 @@ class FolderWatcher:
         self.processed = (settings.processed_dir or self.root / "processed").resolve()
         self.failed = (settings.failed_dir or self.root / "failed").resolve()
         self.classes = set(pipeline.detector.classes_)
+        check_feature_type(settings.feature_type, pipeline.detector.classes_)
         self._seen: dict[Path, _Seen] = {}
         self._kept: set[tuple[str, int, int]] = set()  # after="keep": (path, size, mtime) done
         self._stop = threading.Event()
@@ -337,6 +348,7 @@ def run_watch(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     db = db_url or os.environ.get("DIFFQC_DB") or "diffqc-results.db"
     detector: Any = load_detector(model_path, "auto", device="cpu")
+    check_feature_type(feature_type, detector.classes_)  # before anything starts
     try:
         store = ResultStore(db)
     except StoreError as exc:
