@@ -70,6 +70,39 @@ def test_ring_buffer_drop_oldest_returns_the_evicted() -> None:
     assert buf.get_batch(5) == [5, 6] and buf.dropped_total == 4
 
 
+def test_ring_buffer_is_bounded_by_bytes_as_well_as_slots() -> None:
+    # items weigh their value in bytes; 64 slots but 1000 bytes
+    buf: RingBuffer[int] = RingBuffer(64, "reject", max_bytes=1000, size=lambda x: x)
+    buf.put_many([400, 400])
+    with pytest.raises(BufferFull, match="800/1000 bytes"):
+        buf.put(300)
+    assert buf.bytes == 800 and len(buf) == 2
+    assert buf.get_batch(1) == [400] and buf.bytes == 400
+    buf.put(300)
+    assert buf.bytes == 700 and buf.high_water_bytes == 800
+    assert buf.get_batch(10) == [400, 300] and buf.bytes == 0
+    assert buf.put(5000) is None  # heavier than the bound: only into an empty buffer
+    with pytest.raises(BufferFull):
+        buf.put(1)
+    buf.get_batch(10)
+    drop: RingBuffer[int] = RingBuffer(64, "drop_oldest", max_bytes=1000, size=lambda x: x)
+    drop.put_many([300, 300, 300])
+    assert drop.put(500) == 300  # evicts the oldest until the new one fits
+    assert drop.bytes == 800 and drop.get_batch(10) == [300, 300, 500]
+
+
+def test_a_flood_of_large_decoded_images_is_refused_by_bytes(tmp_path: Path) -> None:
+    """4096x4096 uploads decode to 201 MB each (float32): with the default 512 MiB bound at
+    most two wait, the third is refused (HTTP 503 overloaded), whatever the slot count."""
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        pipeline = InspectionPipeline(BlockingDetectorDouble(), store, None, capacity=64)  # no worker
+        big = np.zeros((4096, 4096, 3), np.float32)
+        pipeline.submit_many([Job(image=big), Job(image=big)])
+        with pytest.raises(BufferFull):
+            pipeline.submit(Job(image=big))
+        assert len(pipeline.buffer) == 2 and pipeline.buffer.bytes == 2 * big.nbytes <= 512 * 2**20
+
+
 def test_ring_buffer_batches_what_is_waiting_and_never_waits_for_company() -> None:
     buf: RingBuffer[int] = RingBuffer(10)
     buf.put(1)
