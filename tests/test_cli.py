@@ -68,3 +68,25 @@ def test_train_and_synth_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_bad_override(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "m"), "--set", "train.nope=1"]) == 1
     assert "unknown config field" in capsys.readouterr().err
+
+
+def test_heatmaps_named_by_relative_path_never_overwrite(tiny_model: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """MVTec's test/<kind>/000.png share a stem: each gets its own file, and a file already in the
+    heat-map folder (an earlier run's, or anyone's) is never overwritten."""
+    from PIL import Image
+
+    src = tmp_path / "imgs"
+    for kind in ("blob", "good"):
+        (src / "test" / kind).mkdir(parents=True)
+        Image.new("RGB", (64, 64), (120, 120, 120)).save(src / "test" / kind / "000.png")
+    hm = tmp_path / "hm"
+    hm.mkdir()
+    (hm / "test_blob_000_heatmap.png").write_bytes(b"someone else's file")
+    assert main(["inspect", str(tiny_model), str(src), "--feature-type", "dots", "--runtime", "torch",
+                 "--heatmaps", str(hm)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    names = sorted(Path(r["heatmap"]).name for r in rows)
+    assert names == ["test_blob_000_heatmap-1.png", "test_good_000_heatmap.png"]
+    assert (hm / "test_blob_000_heatmap.png").read_bytes() == b"someone else's file"
+    assert all(Path(r["heatmap"]).stat().st_size > 100 for r in rows)

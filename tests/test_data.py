@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,16 @@ def test_corrupt_file_named_and_skippable(tmp_path: Path, clear_dataset: Path) -
     with pytest.warns(UserWarning, match="skipped"):
         images, kept, errors = read_images(mixed, skip_corrupt=True)
     assert len(images) == 3 and len(kept) == 3 and errors[0].source == str(bad)
+
+
+def test_type_with_only_test_images_is_named(tmp_path: Path, clear_dataset: Path) -> None:
+    from diffqc.data import DatasetWarning, good_training
+
+    root = tmp_path / "root"
+    shutil.copytree(clear_dataset, root)
+    shutil.rmtree(root / "dots" / "train")  # dots: test images only
+    samples = load_dataset(root)
+    assert {s.feature_type for s in samples} == {"dots", "stripes"}  # still loaded (for testing)
+    with pytest.warns(DatasetWarning, match="dots have no GOOD training images"):
+        good = good_training(samples)
+    assert {s.feature_type for s in good} == {"stripes"}

@@ -1,0 +1,226 @@
+"""The CLI's bad-input table: every row goes through ``diffqc.cli.main([...])`` and must give its
+exit code, a clear one-line message (no traceback) and leave every input file as it was.
+
+Each row fails before any training or inference work, so the table runs in seconds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffqc.cli import main
+
+
+@dataclass
+class Ctx:
+    model: Path  # a copy of the tiny model bundle
+    data: Path  # a copy of the clear dataset
+    tmp: Path
+    monkeypatch: pytest.MonkeyPatch
+    image: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.image = next((self.data / "dots" / "test" / "good").iterdir())
+
+
+@dataclass(frozen=True)
+class Row:
+    argv: Callable[[Ctx], list[str]]
+    messages: tuple[str, ...]  # all must appear in stderr
+    code: int = 1
+    setup: Callable[[Ctx], None] | None = None
+    absent: Callable[[Ctx], Path] | None = None  # a path the command must not have created
+
+
+def _png(path: Path, value: int = 128) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((32, 32, 3), value, np.uint8)).save(path)
+
+
+def _foreign_out(c: Ctx) -> None:
+    (c.tmp / "photos").mkdir()
+    (c.tmp / "photos" / "holiday.jpg").write_bytes(b"precious")
+
+
+def _one_part_type(c: Ctx) -> None:
+    root = c.tmp / "small"
+    for i in range(3):
+        _png(root / "a" / "train" / "good" / f"{i}.png", 100 + i)
+    _png(root / "b" / "train" / "good" / "0.png")  # one GOOD part: nothing left to calibrate on
+    _png(root / "c" / "test" / "good" / "0.png")  # test images only
+    _png(root / "c" / "test" / "scratch" / "0.png", 20)
+
+
+def _edit_meta(key: str, value: object) -> Callable[[Ctx], None]:
+    def edit(c: Ctx) -> None:
+        meta = json.loads((c.model / "metadata.json").read_text())
+        meta[key] = value
+        (c.model / "metadata.json").write_text(json.dumps(meta))
+    return edit
+
+
+def _damage_calibration(c: Ctx) -> None:
+    (c.model / "calibration.json").write_text('{"config": {}, "known": {"dots": [1.0], "stri')
+
+
+def _no_onnx(c: Ctx) -> None:
+    c.monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
+
+
+def _cuda_row(row: Row) -> Any:
+    return pytest.param(row, marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                      reason="CUDA is available here"))
+
+
+def _train(*extra: str) -> Callable[[Ctx], list[str]]:
+    return lambda c: ["train", str(c.data), "--out", str(c.tmp / "m"), "-q", *extra]
+
+
+ROWS: dict[str, Row | object] = {
+    # data loss
+    "train_out_foreign_folder": Row(lambda c: ["train", str(c.data), "--out", str(c.tmp / "photos")],
+                                    ("is not empty and is not a diffqc model bundle", "--force"),
+                                    setup=_foreign_out),
+    "train_out_is_data": Row(lambda c: ["train", str(c.data), "--out", str(c.data)], ("overlap",)),
+    "train_out_inside_data": Row(lambda c: ["train", str(c.data), "--out", str(c.data / "model")],
+                                 ("overlap",), absent=lambda c: c.data / "model"),
+    "train_data_inside_out": Row(lambda c: ["train", str(c.data / "dots"), "--out", str(c.data)],
+                                 ("overlap",)),
+    "train_out_is_a_file": Row(lambda c: ["train", str(c.data), "--out", str(c.image)],
+                               ("overlap",)),
+    # config validation
+    "set_steps_abc": Row(_train("--set", "train.steps=abc"), ("train.steps must be an integer, got 'abc'",)),
+    "set_t_max_beyond_T": Row(_train("--set", "train.t_max=1000"),
+                              ("train.t_max must be < diffusion.timesteps (1000)",)),
+    "set_topk_2": Row(_train("--set", "scoring.topk=2"), ("scoring.topk must be in (0, 1]",)),
+    "set_tail_exp": Row(_train("--set", "calibration.tail=exp"),
+                        ("calibration.tail must be one of exponential, none; got 'exp'",)),
+    "set_schedule_foo": Row(_train("--set", "diffusion.schedule=foo"),
+                            ("diffusion.schedule must be one of cosine, linear",)),
+    "set_unknown_key": Row(_train("--set", "train.step=5"), ("did you mean train.steps",)),
+    "set_removed_key": Row(_train("--set", "scoring.bank_timesteps=[100,1000]"),
+                           ("unknown config field 'scoring.bank_timesteps'",)),
+    "set_without_equals": Row(_train("--set", "train.steps"), ("--set expects KEY=VALUE",)),
+    # data
+    "train_missing_data": Row(lambda c: ["train", str(c.tmp / "nothing"), "--out", str(c.tmp / "m")],
+                              ("does not exist",)),
+    "train_type_with_one_part": Row(
+        lambda c: ["train", str(c.tmp / "small"), "--out", str(c.tmp / "m"), "-q"],
+        ("too few GOOD training parts", "'b' (1)", "c have no GOOD training images"),
+        setup=_one_part_type, absent=lambda c: c.tmp / "m"),
+    "synth_too_few_parts": Row(lambda c: ["data", "synth", str(c.tmp / "s"), "--parts", "5", "-q"],
+                               ("n_parts must be at least",)),
+    # devices
+    "train_device_cuda": _cuda_row(Row(_train("--device", "cuda"), ("CUDA is not available",))),
+    "inspect_device_cuda": _cuda_row(Row(lambda c: ["inspect", str(c.model), str(c.image),
+                                                    "--device", "cuda"], ("CUDA is not available",))),
+    "train_device_bogus": Row(_train("--device", "tpu9"), ("device", "tpu9")),
+    # inspect
+    "inspect_empty_folder": Row(lambda c: ["inspect", str(c.model), str(c.tmp / "empty")],
+                                ("no images in",), setup=lambda c: (c.tmp / "empty").mkdir()),
+    "inspect_missing_model": Row(lambda c: ["inspect", str(c.tmp / "nomodel"), str(c.image)],
+                                 ("does not exist",)),
+    "inspect_unknown_type": Row(lambda c: ["inspect", str(c.model), str(c.image), "--feature-type", "x"],
+                                ("unknown feature type 'x'",)),
+    "inspect_newer_bundle": Row(lambda c: ["inspect", str(c.model), str(c.image), "--runtime", "torch"],
+                                ("written by diffqc 9.0.0", "newer major version"),
+                                setup=_edit_meta("diffqc_version", "9.0.0")),
+    "inspect_newer_format": Row(lambda c: ["inspect", str(c.model), str(c.image)],
+                                ("bundle format 99", "upgrade diffqc"), setup=_edit_meta("format", 99)),
+    "inspect_damaged_calibration": Row(lambda c: ["inspect", str(c.model), str(c.image),
+                                                  "--runtime", "torch"],
+                                       ("calibration.json", "damaged"), setup=_damage_calibration),
+    "inspect_int8_on_torch": Row(lambda c: ["inspect", str(c.model), str(c.image), "--runtime", "torch",
+                                            "--precision", "int8"], ("INT8 runs on",)),
+    # results store
+    "results_since_yesterday": Row(lambda c: ["results", "export", str(c.tmp / "x"), "--db",
+                                              str(c.tmp / "r.db"), "--since", "yesterday"],
+                                   ("since='yesterday'", "ISO 8601"), absent=lambda c: c.tmp / "r.db"),
+    "results_db_unknown_scheme": Row(lambda c: ["results", "export", str(c.tmp / "x"), "--db",
+                                                "mysql://u:pw@host/db"], ("unsupported result store",)),
+    "results_db_under_a_file": Row(lambda c: ["results", "export", str(c.tmp / "x"), "--db",
+                                              str(c.image / "r.db")], ("Not a directory",)),
+    "watch_feature_type_typo": Row(lambda c: ["watch", str(c.tmp / "cam"), str(c.model), "--once",
+                                              "--db", str(c.tmp / "r.db"), "--feature-type", "dotz"],
+                                   ("'dotz' is not a type of this model",),
+                                   setup=lambda c: _png(c.tmp / "cam" / "0.png"),
+                                   absent=lambda c: c.tmp / "r.db"),
+    # export
+    "export_int8_without_data": Row(lambda c: ["export", str(c.model), "--int8", "-q"],
+                                    ("--int8 needs --calibration-data",)),
+    "export_onnx_missing": Row(lambda c: ["export", str(c.model), "--format", "onnx", "-q"],
+                               ("onnx package is not installed",), setup=_no_onnx),
+}
+
+
+def _snapshot(*roots: Path) -> dict[str, str]:
+    out = {}
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_model: Path, clear_dataset: Path, tmp_path_factory: pytest.TempPathFactory
+           ) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("bad-input")
+    return shutil.copytree(tiny_model, root / "model"), shutil.copytree(clear_dataset, root / "data")
+
+
+@pytest.mark.parametrize("row", list(ROWS.values()), ids=list(ROWS))
+def test_bad_input(row: Row, inputs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                   capsys: pytest.CaptureFixture[str]) -> None:
+    model = shutil.copytree(inputs[0], tmp_path / "model")  # rows may damage their own copy
+    ctx = Ctx(model, inputs[1], tmp_path, monkeypatch)
+    if row.setup is not None:
+        row.setup(ctx)
+    before = _snapshot(tmp_path, inputs[1])
+    capsys.readouterr()
+    code = main(row.argv(ctx))
+    err = capsys.readouterr().err
+    assert code == row.code, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("diffqc: error: ")]
+    assert len(errors) == 1, err  # one clear line
+    for message in row.messages:
+        assert message in err, (message, err)
+    after = _snapshot(tmp_path, inputs[1])
+    assert {k: after.get(k) for k in before} == before  # every input file is still there, unchanged
+    if row.absent is not None:
+        assert not row.absent(ctx).exists()
+
+
+@pytest.mark.parametrize("argv", [["train", "data"], ["inspect"],
+                                  ["inspect", "m", "x.png", "--runtime", "tpu"],
+                                  ["train", "d", "--out", "o", "--steps", "many"], ["nosuchcommand"]])
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "Traceback" not in err
+
+
+def test_a_real_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Only user faults are one line: an unexpected exception propagates with its traceback."""
+    import diffqc.cli as cli
+
+    def broken(args: object) -> int:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_synth", broken)
+    with pytest.raises(ZeroDivisionError):
+        main(["data", "synth", str(tmp_path / "s")])
