@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffqc.config import BackboneConfig
-from diffqc.errors import BackboneError
+from diffqc.errors import BackboneError, DeviceError
 from diffqc.inspection import sha256_file
 
 if TYPE_CHECKING:
@@ -62,6 +62,34 @@ def weights_path(name: str) -> Path:
             ) from exc
         return Path(mw.__file__).parent / "mobilenet_v2-b0353104.pth"
     raise BackboneError(f"unknown backbone {name!r}; use efficientnet-lite0, mobilenet-v2 or onnx:PATH")
+
+
+DEVICES = "cpu, cuda or cuda:N"
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The compute device a model runs on: ``None`` (or ``"auto"``) means CUDA when PyTorch can
+    use it, else the CPU. A device that is not usable here is a :class:`DeviceError`."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"unknown device {str(device)!r}; use {DEVICES}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise DeviceError(f"device {str(device)!r} is not supported; use {DEVICES}")
+    if not torch.cuda.is_available():
+        why = ("this PyTorch is built without CUDA" if torch.version.cuda is None
+               else "no CUDA GPU or driver is usable here")
+        raise DeviceError(f"device {str(device)!r} requested but CUDA is not available ({why}); "
+                          "use --device cpu")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise DeviceError(f"device {str(device)!r} requested but this machine has {count} CUDA "
+                          f"device(s): cuda:0..cuda:{count - 1}")
+    return dev
 
 
 # --------------------------------------------------------------------------- MobileNetV2

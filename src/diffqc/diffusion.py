@@ -211,7 +211,7 @@ class Denoiser(nn.Module):
             for s in range(0, self.locations, 256):  # bounded memory
                 per_loc = x[:, s : s + 256, :d].transpose(0, 1).double()  # [l, n, d]
                 _, cov, _ = ledoit_wolf_batched(per_loc)
-                cov = cov + floor.double() * torch.eye(d, dtype=cov.dtype)
+                cov = cov + floor.double() * torch.eye(d, dtype=cov.dtype, device=cov.device)
                 vals, vecs = torch.linalg.eigh(cov)
                 self.prior_vecs[k, s : s + 256] = vecs.float()
                 self.prior_vals[k, s : s + 256] = vals.clamp_min(1e-6).float()

@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffqc import __version__, tiling
-from diffqc.backbone import FeatureExtractor, to_pixels
+from diffqc.backbone import FeatureExtractor, resolve_device, to_pixels
 from diffqc.bundle import check_weights, read_bundle
 from diffqc.calibration import Calibrator
 from diffqc.config import DetectorConfig
@@ -124,7 +124,7 @@ class Detector:
 
     def __init__(self, config: DetectorConfig | None = None, *, device: str | None = None) -> None:
         self.config = config or DetectorConfig()
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)  # DeviceError when it is not usable here
         self.extractor_: FeatureExtractor | None = None
         self.scorer_: Scorer | None = None
         self.calibration_: Calibrator | None = None
@@ -146,7 +146,8 @@ class Detector:
 
     @torch.inference_mode()
     def extract(self, images: Sequence[np.ndarray], *, raw: bool = False, progress: bool = False) -> Tensor:
-        """Backbone features ``[N, C, h, w]`` (standardised unless ``raw``), batched."""
+        """Backbone features ``[N, C, h, w]`` (standardised unless ``raw``), batched, on the
+        detector's device."""
         if tiling.uses_layouts(self.config):
             from diffqc.errors import ConfigError
 
@@ -160,8 +161,8 @@ class Detector:
             pixels = to_pixels(images[i : i + bs], self.config.backbone.input_size).to(self.device)
             out.append(fe.raw_features(pixels) if raw else fe(pixels))
         if not out:
-            return torch.empty(0, fe.channels, *fe.grid)
-        return torch.cat(out).cpu()
+            return torch.empty(0, fe.channels, *fe.grid, device=self.device)
+        return torch.cat(out)
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -210,9 +211,10 @@ class Detector:
         image_idx = (fit_idx, cal_idx)
         if layouts is not None:  # image indices -> their views' rows
             fit_idx, cal_idx = tiling.rows_of(layouts, fit_idx), tiling.rows_of(layouts, cal_idx)
+        raw = raw.to(self.device)  # the scorer is fitted (the denoiser trained) where the features are
         fe.fit_standardisation(raw[fit_idx])
         feats = fe.standardise(raw)
-        types = torch.tensor([self.classes_.index(s.feature_type) for s in good])
+        types = torch.tensor([self.classes_.index(s.feature_type) for s in good], device=self.device)
         if layouts is not None:
             views = torch.tensor([lay.views for lay in layouts], device=types.device)
             types = types.repeat_interleave(views)
@@ -262,7 +264,7 @@ class Detector:
         for i in tqdm(range(0, len(samples), bs), desc="calibrating", disable=not progress, unit="batch"):
             chunk = samples[i : i + bs]
             if layouts is None:
-                table = self._type_score_table(feats[i : i + bs])  # [n, T]
+                table = self._type_score_table(feats[i : i + bs]).cpu()  # [n, T]
             else:  # the rows of these images' views; scores from their merged maps
                 off = tiling.offsets(layouts)
                 table = tiling.score_table(self, feats[off[i]: off[min(i + bs, len(samples))]],
@@ -295,7 +297,7 @@ class Detector:
         """Image scores of every image under every type: ``[N, n_types]``."""
         n, n_types = feats.shape[0], len(self.classes_)
         rep = feats.repeat_interleave(n_types, dim=0)
-        idx = torch.arange(n_types).repeat(n)
+        idx = torch.arange(n_types, device=feats.device).repeat(n)
         return self.image_scores(self.score_maps(rep, idx)).view(n, n_types)
 
     def type_index(self, feature_type: str) -> int:
@@ -347,17 +349,19 @@ class Detector:
         types = list(feature_types)
         maps = map_sizes is not None
         given = [None if t is None else self.type_index(t) for t in types]
-        feats = self.extractor.standardise(raw)
+        feats = self.extractor.standardise(raw.to(self.device))
         need_table = all_types or any(g is None for g in given)
         table = self._type_score_table(feats) if need_table else None
-        own = torch.tensor([g if g is not None else 0 for g in given])
+        own = torch.tensor([g if g is not None else 0 for g in given], device=self.device)
         if table is not None:
-            own = torch.where(torch.tensor([g is None for g in given]), table.argmin(dim=1), own)
+            unknown = torch.tensor([g is None for g in given], device=self.device)
+            own = torch.where(unknown, table.argmin(dim=1), own)
+            table = table.cpu()  # what follows reads it from NumPy / Python
         own_maps = self.score_maps(feats, own) if (maps or table is None) else None
         own_scores = self.image_scores(own_maps) if own_maps is not None else None
-        own_list = [int(k) for k in own]
+        own_list = [int(k) for k in own.tolist()]
         if own_scores is not None:
-            scores = [float(x) for x in own_scores]
+            scores = [float(x) for x in own_scores.tolist()]
         else:
             assert table is not None
             scores = [float(table[i, k]) for i, k in enumerate(own_list)]
@@ -438,7 +442,8 @@ class Detector:
             fe = det.extractor
             fe.feat_mean.copy_(tensors["features.mean"])
             fe.feat_std.copy_(tensors["features.std"])
-            scorer_state = {k.removeprefix("scorer."): v for k, v in tensors.items()
+            # the scorer lives on the device of the tensors it is built from
+            scorer_state = {k.removeprefix("scorer."): v.to(det.device) for k, v in tensors.items()
                             if k.startswith("scorer.")}
             det.scorer_ = load_scorer(config, scorer_state, len(det.classes_), fe.channels)
         except (KeyError, RuntimeError, ValueError) as exc:

@@ -18,7 +18,7 @@ distance (halved) on the same channels.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Self
 
 import torch
@@ -60,6 +60,9 @@ class ScoreBank:
 
     def __len__(self) -> int:
         return int(self.timesteps.shape[0])
+
+    def to(self, device: torch.device) -> ScoreBank:
+        return ScoreBank(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 @torch.inference_mode()
@@ -122,7 +125,8 @@ class DiffusionScorer:
 
     def fit(self, features: Tensor, type_idx: Tensor, n_types: int, *, progress: bool = False) -> Self:
         self.denoiser_, self.history_ = train_denoiser(
-            features, type_idx, n_types, self.config.diffusion, self.config.train, progress=progress
+            features, type_idx, n_types, self.config.diffusion, self.config.train, progress=progress,
+            device=features.device,
         )
         _, c, h, w = features.shape
         self.grid_ = (h, w)
@@ -135,6 +139,9 @@ class DiffusionScorer:
         """Keep the bank, and once (not per call) its noise in the order denoising_error works
         in: the prior's channel order when the denoiser has the Gaussian path."""
         assert self.denoiser_ is not None
+        device = self.denoiser_.alpha_bar.device  # the scorer lives on its denoiser's device
+        bank = bank.to(device)
+        self.schedule.to(device)
         self.bank_ = bank
         perm = self.denoiser_.prior_perm if self.denoiser_.use_prior else None
         self._scoring_bank = bank if perm is None else ScoreBank(bank.timesteps, bank.noise[..., perm],
@@ -189,7 +196,7 @@ class DiffusionScorer:
         denoiser = Denoiser(channels, n_types, locations, config.diffusion)
         state = {k.removeprefix("denoiser."): v for k, v in tensors.items() if k.startswith("denoiser.")}
         denoiser.load_state_dict(state)
-        self.denoiser_ = denoiser.eval()
+        self.denoiser_ = denoiser.to(noise.device).eval()  # on the device of the given tensors
         self._set_bank(ScoreBank(tensors["bank.timesteps"].long(), noise.float(),
                                  tensors["bank.weights"].float()))
         grid = config.backbone.grid  # recorded at fit time; bundles from before: square
