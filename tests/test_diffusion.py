@@ -99,8 +99,8 @@ def _posterior_mean_eps(m: Denoiser, x_t: torch.Tensor, t: int, ty: torch.Tensor
             cov[:d, :d] = vecs @ torch.diag(vals) @ vecs.T
             cov[d:, d:] = torch.diag(m.prior_var[k, loc, d:].double())
             resid = x_t[i, loc, m.prior_perm].double() - ab**0.5 * m.prior_mean[k, loc].double()
-            eps = (1 - ab) ** 0.5 * torch.linalg.solve(ab * cov + (1 - ab) * torch.eye(c, dtype=torch.float64),
-                                                       resid)
+            eye = torch.eye(c, dtype=torch.float64)
+            eps = (1 - ab) ** 0.5 * torch.linalg.solve(ab * cov + (1 - ab) * eye, resid)
             out[i, loc] = eps[m.prior_unperm]
     return out
 
@@ -150,3 +150,26 @@ def test_training_timesteps_are_uniform_in_log_snr() -> None:
     gaps = (lam[nodes[:-1]] - lam[nodes[1:]]).tolist()
     assert max(gaps) - min(gaps) < 0.05 * max(gaps)
     assert float(weights.sum()) == pytest.approx(0.5 * float(lam[50] - lam[800]))
+
+
+def test_prior_radius_pools_the_neighbourhood() -> None:
+    """With ``radius`` = 1 each location's Gaussian is fitted on the features of the 3 x 3 cells
+    around it (clamped at the border): its mean and diagonal variance are those of the pooled
+    samples; radius 0 keeps each location's own statistics."""
+    g = torch.Generator().manual_seed(4)
+    side, c, n = 4, 6, 30
+    x = torch.randn(n, side * side, c, generator=g) + torch.arange(side * side).view(1, -1, 1)
+    cfg = DiffusionConfig(hidden=8, depth=1, embed_dim=8, prior_dims=3)
+    m = Denoiser(c, 1, side * side, cfg)
+    m.fit_prior(x, torch.zeros(n, dtype=torch.long), (side, side), 1)
+    xp = x[..., m.prior_perm]
+    loc, nb = 5, [0, 1, 2, 4, 5, 6, 8, 9, 10]  # (1, 1) and its 3 x 3 neighbourhood
+    pooled = xp[:, nb].reshape(-1, c)
+    assert torch.allclose(m.prior_mean[0, loc], pooled.mean(0), atol=1e-5)
+    floor = m.prior_var[0, loc, 3:] - pooled.var(0, unbiased=False)[3:]  # the same floor for all
+    assert torch.allclose(floor, floor[0].expand_as(floor), atol=1e-4) and float(floor[0]) > 0
+    corner = xp[:, [0, 0, 1, 0, 0, 1, 4, 4, 5]].reshape(-1, c)  # (0, 0): clamped at the border
+    assert torch.allclose(m.prior_mean[0, 0], corner.mean(0), atol=1e-5)
+    m0 = Denoiser(c, 1, side * side, cfg)
+    m0.fit_prior(x, torch.zeros(n, dtype=torch.long), (side, side), 0)
+    assert torch.allclose(m0.prior_mean[0], xp.mean(0), atol=1e-5)

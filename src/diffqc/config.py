@@ -162,10 +162,14 @@ class DiffusionConfig:
     prior: str = "local"
     prior_dims: int = 100
     prior_seed: int = 0
+    # each location's Gaussian is fitted on the GOOD features within this many grid cells of it
+    # (a shift-tolerant base distribution for loosely fixtured parts); 0: that location only
+    prior_radius: int = 0
 
     def __post_init__(self) -> None:
         _check_types(self)
         _at_least(self, "timesteps", 2)
+        _at_least(self, "prior_radius", 0)
         _one_of(self, "schedule", SCHEDULES)
         for name in ("hidden", "depth", "embed_dim", "prior_dims"):
             _at_least(self, name, 1)

@@ -126,6 +126,17 @@ def _eigen_gain(r: Tensor, vecs: Tensor, vals: Tensor, alpha_bar: Tensor) -> Ten
     return (z.view(g, locs, k * m, d) @ vecs.transpose(-1, -2)).view(g, locs, k, m, d)
 
 
+def _neighbours(grid: tuple[int, int], radius: int) -> Tensor:
+    """``[h·w, (2r+1)²]``: for each location of the grid (row-major) the indices of the
+    locations within ``radius`` cells in each direction, clamped at the borders."""
+    h, w = grid
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    offs = torch.arange(-radius, radius + 1)
+    ny = (ys.reshape(-1, 1, 1) + offs.view(1, -1, 1)).clamp(0, h - 1)
+    nx = (xs.reshape(-1, 1, 1) + offs.view(1, 1, -1)).clamp(0, w - 1)
+    return (ny * w + nx).reshape(h * w, -1)
+
+
 class PriorParams(NamedTuple):
     """Per-token Gaussian parameters (channels permuted: the full-covariance block first)."""
 
@@ -192,29 +203,40 @@ class Denoiser(nn.Module):
             nn.init.zeros_(self.out.bias)
 
     @torch.no_grad()
-    def fit_prior(self, tokens: Tensor, type_idx: Tensor) -> None:
-        """Per-type, per-location Gaussians from GOOD ``tokens [N, L, C]``."""
+    def fit_prior(self, tokens: Tensor, type_idx: Tensor, grid: tuple[int, int] | None = None,
+                  radius: int = 0) -> None:
+        """Per-type, per-location Gaussians from GOOD ``tokens [N, L, C]``; with ``radius`` > 0
+        each location's Gaussian pools the features of every location within ``radius`` cells of
+        it on the ``grid`` (h, w) (clamped at the borders)."""
         if not self.use_prior:
             return
         from diffqc.covariance import ledoit_wolf_batched
 
         d = self.prior_dims
+        nbr = _neighbours(grid or (self.locations, 1), radius)  # [L, M]
+        block = max(1, 256 // nbr.shape[1])
         groups = [type_idx == k for k in range(self.n_types)] + [torch.ones_like(type_idx, dtype=torch.bool)]
         for k, sel in enumerate(groups):
             x = tokens[sel][:, :, self.prior_perm]
             if x.shape[0] == 0:
                 continue
-            self.prior_mean[k] = x.mean(dim=0)
+            mean = x.mean(dim=0)
             var = x.var(dim=0, unbiased=False) if x.shape[0] > 1 else torch.ones_like(x[0])
+            if radius > 0:  # pooled over the neighbourhood: mean of the means, total variance
+                mean_n = mean[nbr].mean(dim=1)
+                var = (var[nbr] + mean[nbr].pow(2)).mean(dim=1) - mean_n.pow(2)
+                mean = mean_n
+            self.prior_mean[k] = mean
             floor = 0.01 * var.mean()
             self.prior_var[k] = var + floor
-            for s in range(0, self.locations, 256):  # bounded memory
-                per_loc = x[:, s : s + 256, :d].transpose(0, 1).double()  # [l, n, d]
+            for s in range(0, self.locations, block):  # bounded memory
+                idx = nbr[s : s + block]  # [l, M]
+                per_loc = x[:, idx, :d].permute(1, 0, 2, 3).reshape(idx.shape[0], -1, d).double()
                 _, cov, _ = ledoit_wolf_batched(per_loc)
                 cov = cov + floor.double() * torch.eye(d, dtype=cov.dtype, device=cov.device)
                 vals, vecs = torch.linalg.eigh(cov)
-                self.prior_vecs[k, s : s + 256] = vecs.float()
-                self.prior_vals[k, s : s + 256] = vals.clamp_min(1e-6).float()
+                self.prior_vecs[k, s : s + block] = vecs.float()
+                self.prior_vals[k, s : s + block] = vals.clamp_min(1e-6).float()
 
     def gather_prior(self, type_idx: Tensor, pos: Tensor | None = None) -> PriorParams:
         """The Gaussian parameters of each token's type and location, in the permuted channel

@@ -65,7 +65,7 @@ def train_denoiser(
     tokens = features.to(device).permute(0, 2, 3, 1).reshape(n, locations, c).contiguous()
     type_idx = type_idx.to(device).long()
     model = Denoiser(c, n_types, locations, diffusion).to(device)
-    model.fit_prior(tokens, type_idx)
+    model.fit_prior(tokens, type_idx, (h, w), diffusion.prior_radius)
     ema = copy.deepcopy(model).requires_grad_(False)
     schedule = NoiseSchedule(diffusion.timesteps, diffusion.schedule).to(device)
     # uniform in λ = log SNR: the variational bound's weighting for ε-prediction, the same
