@@ -194,6 +194,23 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def first_decision_s(model: Path, image: Path, feature_type: str, runtime: str, threads: int,
+                     repeats: int = 3) -> float:
+    """Median wall-clock seconds of ``diffqc inspect MODEL IMAGE`` in a fresh process, from the
+    command's start to its exit after printing the decision (imports, loading, one image)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
+    cmd = [sys.executable, "-m", "diffqc.cli", "inspect", str(model), str(image), "--feature-type",
+           feature_type, "--runtime", runtime, "--threads", str(threads)]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        times.append(time.perf_counter() - start)
+        if proc.returncode != 0 or '"decision"' not in proc.stdout:
+            raise RuntimeError(f"diffqc inspect --runtime {runtime} failed:\n{proc.stderr[-2000:]}")
+    return float(np.median(times))
+
+
 # --------------------------------------------------------------------------- the floor
 def matmul_rates(threads: int) -> dict[str, float]:
     """Multiply-adds per second of a large FP32 matmul (PyTorch) and INT8 matmul (ONNX Runtime
@@ -202,7 +219,7 @@ def matmul_rates(threads: int) -> dict[str, float]:
     import torch
     from onnx import TensorProto, helper
 
-    from diffqc.runtime import make_session
+    from diffqc.backends.ort import make_session
 
     torch.set_num_threads(threads)
     n = 2048
@@ -462,12 +479,18 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 r["floor_ms"] = 1000 * total / fp32_rate
         text = report(rows, floor, args.threads, args.batch, info)
+        first = {rt: first_decision_s(model, test[0].path, test[0].feature_type, rt, args.threads)
+                 for rt in ("torch", "onnx", "openvino", "auto")}
+        text += ("\ntime to first decision, `diffqc inspect MODEL IMAGE --runtime R` in a fresh process "
+                 "(median of 3, s): " + ", ".join(f"{rt} {s:.2f}" for rt, s in first.items()))
         print(text)
         print(f"(load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
         if args.json:
             keys = ("method", "runtime", "p50_ms", "p99_ms", "throughput_per_s", "peak_rss_mb",
                     "torch_imported")
-            Path(args.json).write_text(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
+            Path(args.json).write_text(json.dumps({"rows": [{k: r[k] for k in keys} for r in rows],
+                                                   "first_decision_s": first,
+                                                   "load_average": os.getloadavg()}, indent=2))
     return 0
 
 

@@ -141,3 +141,33 @@ def test_serve_on_an_exported_bundle_imports_no_torch(exported: Path, clear_data
     assert "diffqc.service.app" in imported and "fastapi" in imported  # the log is complete
     assert not {m for m in imported if m.split(".")[0] in HEAVY}, sorted(
         m for m in imported if m.split(".")[0] in HEAVY)
+
+
+@pytest.mark.parametrize("damage", ["classes", "format", "calibration"])
+def test_one_bundle_reader_for_every_runtime(exported: Path, tmp_path: Path, damage: str) -> None:
+    """PyTorch and the exported runtimes read a bundle through diffqc.bundle.read_bundle: the
+    same damage is the same BundleError from each."""
+    import json
+
+    from diffqc.errors import BundleError
+    from diffqc.model import Detector
+    from diffqc.runtime import OnnxDetector
+
+    bundle = tmp_path / "damaged"
+    shutil.copytree(exported, bundle)
+    meta = json.loads((bundle / "metadata.json").read_text())
+    if damage == "classes":
+        meta["classes"] = [*meta["classes"][:-1], "another"]
+    elif damage == "format":
+        meta["format"] = meta["format"] + 1
+    (bundle / "metadata.json").write_text(json.dumps(meta))
+    if damage == "calibration":
+        (bundle / "calibration.json").write_text("{not json")
+    messages = set()
+    for load in (lambda: Detector.load(bundle, device="cpu"), lambda: OnnxDetector(bundle, threads=1)):
+        with pytest.raises(BundleError) as info:
+            load()
+        messages.add(str(info.value))
+    assert len(messages) == 1, messages
+    assert {"classes": "calibration types", "format": "format", "calibration": "calibration.json"}[damage] \
+        in messages.pop()

@@ -907,6 +907,7 @@ def _export_int8(
         outcome.openvino_entry = _openvino_int8_parity(
             outcome.openvino_graph, openvino, int8, held, held_images, classes, cal, cal8 or cal, size,
             spread, fallback, log=log)
+        outcome.openvino_entry["parity"]["held_out"] = held_note
     return outcome
 
 
