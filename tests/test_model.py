@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from diffqc.data import DEFECTIVE, load_dataset, read_image
-from diffqc.errors import BundleError, UnknownFeatureTypeError
+from diffqc.errors import BundleError, DatasetError, OutputError, UnknownFeatureTypeError
 from diffqc.metrics import image_auroc
 from diffqc.model import Detector, split_calibration
 
@@ -116,3 +117,142 @@ def test_calibration_split_grouped_and_disjoint(clear_dataset: Path) -> None:
     assert {good[i].group for i in fit}.isdisjoint({good[i].group for i in cal})
     for t in CLEAR_TYPES:
         assert any(good[i].feature_type == t for i in cal)
+
+
+# ---------------------------------------------------------------------- saving never loses files
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_save_refuses_a_foreign_folder_and_force_deletes_nothing(tiny_model: Path, tmp_path: Path) -> None:
+    det = Detector.load(tiny_model, device="cpu")
+    out = tmp_path / "photos"
+    (out / "sub").mkdir(parents=True)
+    (out / "holiday.jpg").write_bytes(b"precious")
+    (out / "sub" / "notes.txt").write_text("keep me")
+    before = _tree(out)
+    with pytest.raises(OutputError, match="not empty and is not a diffqc model bundle"):
+        det.save(out)
+    assert _tree(out) == before
+    det.save(out, force=True)
+    after = _tree(out)
+    assert {k: after[k] for k in before} == before  # nothing there before is touched
+    assert set(after) - set(before) == {"config.json", "weights.safetensors", "calibration.json",
+                                        "metadata.json"}
+    assert [p.name for p in tmp_path.iterdir()] == ["photos"]  # no temporary folder left
+    assert Detector.load(out, device="cpu").classes_ == det.classes_
+
+
+def test_save_over_a_bundle_replaces_only_its_files(tiny_model: Path, tmp_path: Path) -> None:
+    det = Detector.load(tiny_model, device="cpu")
+    out = det.save(tmp_path / "m")
+    (out / "README.txt").write_text("the operator's note")
+    (out / "weights.safetensors").write_bytes(b"old")  # an earlier bundle's own file
+    det.save(out)  # a bundle: no --force needed
+    assert (out / "README.txt").read_text() == "the operator's note"
+    assert (out / "weights.safetensors").read_bytes() == (tiny_model / "weights.safetensors").read_bytes()
+    Detector.load(out, device="cpu")
+
+
+def test_full_disk_on_save_is_an_output_error_and_keeps_the_previous_bundle(
+        tiny_model: Path, tmp_path: Path) -> None:
+    import resource
+    import signal
+
+    det = Detector.load(tiny_model, device="cpu")
+    out = det.save(tmp_path / "m")
+    (out / "extra.txt").write_text("mine")
+    before = _tree(out)
+    # A real write failure: the kernel refuses to grow any file past 64 KiB (EFBIG, as ENOSPC would)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        with pytest.raises(OutputError, match=str(out)):
+            det.save(out)
+        with pytest.raises(OutputError, match="new"):
+            det.save(tmp_path / "new")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no partial bundle, no temp folder
+    Detector.load(out, device="cpu")
+
+
+def test_unwritable_destination_is_an_output_error(tiny_model: Path, tmp_path: Path) -> None:
+    det = Detector.load(tiny_model, device="cpu")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="a-file"):
+        det.save(blocker / "model")  # its parent is a file: the OS refuses (even for root)
+    with pytest.raises(OutputError, match="not a folder"):
+        det.save(blocker)
+    assert blocker.read_text() == "x"
+
+
+def test_bundle_version_checked_on_load(tiny_model: Path, tmp_path: Path) -> None:
+    from diffqc import __version__
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_model, bundle)
+    meta = json.loads((bundle / "metadata.json").read_text())
+    meta["diffqc_version"] = "0.0.1"  # an older diffqc, same format: fine
+    (bundle / "metadata.json").write_text(json.dumps(meta))
+    Detector.load(bundle, device="cpu")
+    meta["diffqc_version"] = "7.0.0"
+    (bundle / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=rf"7\.0\.0.*{__version__}"):
+        Detector.load(bundle, device="cpu")
+    meta["diffqc_version"], meta["format"] = __version__, meta["format"] + 1
+    (bundle / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="is newer than format"):
+        Detector.load(bundle, device="cpu")
+
+
+def test_damaged_calibration_names_the_file(tiny_model: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_model, bundle)
+    (bundle / "calibration.json").write_text('{"config": {}, "known": {"dots": []}}')
+    with pytest.raises(BundleError, match=r"calibration\.json"):
+        Detector.load(bundle, device="cpu")
+
+
+def test_type_with_one_good_part_fails_before_training(clear_dataset: Path) -> None:
+    samples = [s for s in load_dataset(clear_dataset) if s.split == "train"]
+    samples = [s for s in samples if s.feature_type == "stripes"] + \
+        [s for s in samples if s.feature_type == "dots"][:1]
+    det = Detector(device="cpu")
+    with pytest.raises(DatasetError, match=r"'dots' \(1\)"):
+        det.fit(samples, progress=False)
+    assert det.extractor_ is None  # failed before any feature was extracted
+
+
+def test_cross_conformal_calibrates_every_good_image_out_of_fold(clear_dataset: Path) -> None:
+    from diffqc.data import read_images
+    from diffqc.model import cross_folds
+
+    from .conftest import tiny_config
+
+    good = [s for s in load_dataset(clear_dataset) if s.split == "train"]
+    folds = cross_folds(good, 3, seed=0)
+    assert sorted(i for f in folds for i in f) == list(range(len(good)))  # each image in one fold
+    cfg = tiny_config("padim", **{"calibration.scheme": "cross", "calibration.folds": 3})
+    det = Detector(cfg, device="cpu")
+    images, good, _ = read_images(good)
+    raw = det.extract(images, raw=True)
+    with pytest.warns(UserWarning):  # 24 per type is still short of α_reject
+        det.fit_features(raw, good)
+    cal = det.calibration_
+    assert cal is not None
+    for t in CLEAR_TYPES:
+        assert cal.known[t].scores.size == sum(s.feature_type == t for s in good)  # all of them
+    # the final model is fitted on every image: its standardisation is that of all of them
+    flat = raw.transpose(0, 1).reshape(raw.shape[1], -1).double()
+    assert torch.allclose(det.extractor.feat_mean, flat.mean(1).float(), atol=1e-5)
+    # out of fold: the calibration scores are those of models that never saw the image, larger
+    # than the final model's own (in-sample) scores of the same images
+    in_sample = [r.score for r in det.inspect_features(raw, [s.feature_type for s in good])]
+    for t in CLEAR_TYPES:
+        own = np.mean([x for x, s in zip(in_sample, good, strict=True) if s.feature_type == t])
+        assert np.mean(cal.known[t].scores) > own, t

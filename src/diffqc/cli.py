@@ -26,10 +26,11 @@ from diffqc.runtime import add_runtime_arguments
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
-def build_config(args: argparse.Namespace) -> Any:
+def build_config(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> Any:
+    """The config from the command's options; ``defaults`` (a command's own) yield to them."""
     from diffqc.config import DetectorConfig, parse_overrides, with_overrides
 
-    over: dict[str, Any] = {}
+    over: dict[str, Any] = dict(defaults or {})
     if getattr(args, "method", None):
         over["method"] = args.method
     if getattr(args, "backbone", None):
@@ -222,9 +223,9 @@ def _save_heatmap(path: Path, image: Any, result: Any, det: Any) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from diffqc.demo import run_demo
+    from diffqc.demo import DEMO_DEFAULTS, run_demo
 
-    config = build_config(args)
+    config = build_config(args, DEMO_DEFAULTS)
     rows = run_demo(Path(args.out), config=config, n_parts=args.parts, seed=args.data_seed,
                     json_path=Path(args.json) if args.json else None, progress=not args.quiet,
                     device=args.device)

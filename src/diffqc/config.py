@@ -23,6 +23,7 @@ SCHEDULES = ("cosine", "linear")
 PRIORS = ("local", "none")
 AGGREGATIONS = ("topk", "max", "mean")
 TAILS = ("exponential", "none")
+CALIBRATION_SCHEMES = ("split", "cross")
 
 
 # ---------------------------------------------------------------------------- validation
@@ -236,6 +237,11 @@ class CalibrationConfig:
     alpha_review: float = 0.05
     tail: str = "exponential"  # p-values beyond the largest calibration score: "none" | "exponential"
     min_per_type: int = 5
+    # "split": the held-out `fraction` calibrates (exact conformal guarantee). "cross": every GOOD
+    # image calibrates, scored by one of `folds` models fitted without its fold (cross-conformal;
+    # docs/METHOD.md says what that guarantees); costs `folds` extra fits.
+    scheme: str = "split"
+    folds: int = 5
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -247,6 +253,8 @@ class CalibrationConfig:
                               f"calibration.alpha_review ({self.alpha_review})")
         _one_of(self, "tail", TAILS)
         _at_least(self, "min_per_type", 1)
+        _one_of(self, "scheme", CALIBRATION_SCHEMES)
+        _at_least(self, "folds", 2)
 
 
 @dataclass(frozen=True)

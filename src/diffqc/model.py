@@ -93,6 +93,22 @@ def split_calibration(
     return sorted(fit_idx), sorted(cal_idx)
 
 
+def cross_folds(samples: Sequence[Sample], k: int, seed: int) -> list[list[int]]:
+    """``k`` folds of sample indices for cross-conformal calibration: each type's parts (groups)
+    shuffled and dealt round-robin, so a part never straddles folds and every fold holds about a
+    ``1/k`` share of every type. Empty folds are dropped."""
+    rng = np.random.default_rng(seed)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    by_type: dict[str, dict[str, list[int]]] = {}
+    for i, s in enumerate(samples):
+        by_type.setdefault(s.feature_type, {}).setdefault(s.group, []).append(i)
+    for t in sorted(by_type):
+        groups = sorted(by_type[t])
+        for rank, g in enumerate(rng.permutation(len(groups))):
+            folds[rank % k].extend(by_type[t][groups[g]])
+    return [sorted(f) for f in folds if f]
+
+
 def is_bundle(path: Path) -> bool:
     """Whether ``path`` is a folder that diffqc wrote a model bundle into."""
     try:
@@ -204,6 +220,9 @@ class Detector:
                                              self.config.train.seed)
         if not fit_idx or not cal_idx:
             raise ValueError("need at least 2 GOOD images (parts) per type: one to fit, one to calibrate")
+        cross = self.config.calibration.scheme == "cross"
+        if cross:  # every GOOD image fits the final model and calibrates, scored out of fold
+            fit_idx = cal_idx = list(range(len(good)))
         fe = self.extractor
         self.config = replace(self.config, backbone=replace(self.config.backbone,
                                                             weights_sha256=fe.weights_sha256,
@@ -227,8 +246,11 @@ class Detector:
         cal_samples = [good[i] for i in cal_idx]
         cal_layouts = None if layouts is None else [layouts[i] for i in cal_idx]
         cal_rows = cal_idx if layouts is None else tiling.rows_of(layouts, cal_idx)
-        known, unknown = self._calibration_scores(feats[cal_rows], cal_samples, progress=progress,
-                                                  layouts=cal_layouts)
+        if cross:
+            known, unknown = self._cross_fold_scores(raw, good, types, layouts, progress=progress)
+        else:
+            known, unknown = self._calibration_scores(feats[cal_rows], cal_samples, progress=progress,
+                                                      layouts=cal_layouts)
         self.calibration_ = Calibrator(self.config.calibration).fit(known, unknown)
         history = getattr(scorer, "history_", None)
         self.metadata = {
@@ -253,6 +275,43 @@ class Detector:
         }
         self.metadata["model_id"] = f"{self.config.method}-{self.metadata['created']}"
         return self
+
+    def _cross_fold_scores(
+        self, raw: Tensor, good: Sequence[Sample], types: Tensor,
+        layouts: Sequence[tiling.Layout] | None, *, progress: bool,
+    ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+        """Cross-conformal calibration scores: every GOOD image scored by a model (standardisation
+        and scorer) fitted on the other ``calibration.folds`` folds, never on its own part. The
+        fitted detector (its standardisation and scorer) is left as it was."""
+        fe, final = self.extractor, self.scorer_
+        saved = fe.feat_mean.clone(), fe.feat_std.clone()
+        known: dict[str, list[float]] = {t: [] for t in self.classes_}
+        unknown: dict[str, list[float]] = {t: [] for t in self.classes_}
+
+        def rows(idx: list[int]) -> list[int]:
+            return idx if layouts is None else tiling.rows_of(layouts, idx)
+
+        folds = cross_folds(good, self.config.calibration.folds, self.config.train.seed)
+        try:
+            for held in tqdm(folds, desc="cross-calibration folds", disable=not progress):
+                held_set = set(held)
+                rest = [i for i in range(len(good)) if i not in held_set]
+                fe.fit_standardisation(raw[rows(rest)])
+                feats = fe.standardise(raw)
+                scorer = make_scorer(self.config)
+                scorer.fit(feats[rows(rest)], types[rows(rest)], len(self.classes_), progress=False)
+                self.scorer_ = scorer
+                fold_known, fold_unknown = self._calibration_scores(
+                    feats[rows(held)], [good[i] for i in held], progress=False,
+                    layouts=None if layouts is None else [layouts[i] for i in held])
+                for t in self.classes_:
+                    known[t] += fold_known[t]
+                    unknown[t] += fold_unknown[t]
+        finally:
+            fe.feat_mean.copy_(saved[0])
+            fe.feat_std.copy_(saved[1])
+            self.scorer_ = final
+        return known, unknown
 
     def _calibration_scores(
         self, feats: Tensor, samples: Sequence[Sample], *, progress: bool,

@@ -1,0 +1,27 @@
+"""``diffqc demo`` end to end on a small synthetic set: one warning line at most, naming types."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diffqc.cli import main
+
+
+def test_demo_prints_at_most_one_calibration_warning_line(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["demo", "--out", str(tmp_path / "demo"), "--parts", "64", "--method", "padim",
+               "--set", "backbone.input_size=64", "--set", "padim.dims=20", "-q"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    warning_lines = [x for x in captured.err.splitlines() if x.startswith("diffqc: warning:")]
+    assert len(warning_lines) <= 1, warning_lines
+    # 64 parts leave ~5 GOOD training images per type: far too few for α, and all 8 types are named
+    (line,) = warning_lines
+    assert "calibration:" in line and all(t in line for t in ("angle", "dots", "edge4"))
+    assert "every one also calibrates" in captured.out  # the demo calibrates on every GOOD image
+    assert (tmp_path / "demo" / "model" / "metadata.json").is_file()
+    # a second run replaces its own data and model, and refuses nothing
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--parts", "64", "--method", "padim",
+                 "--set", "backbone.input_size=64", "--set", "padim.dims=20", "-q"]) == 0
