@@ -105,3 +105,18 @@ def test_loaded_scorer_lives_on_the_requested_device(tiny_model: Path) -> None:
     assert isinstance(scorer, scoring.DiffusionScorer)
     held = _tensors(scorer) + list(det.extractor.buffers()) + list(det.extractor.parameters())
     assert {t.device for t in held} == {det.device}
+
+
+@no_cuda
+def test_cli_device_cuda_without_cuda_is_one_line(tiny_model: Path, clear_dataset: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from diffqc.cli import main
+
+    image = next((clear_dataset / "dots" / "test" / "good").iterdir())
+    out = tmp_path / "model"
+    for argv in (["inspect", str(tiny_model), str(image), "--runtime", "torch", "--device", "cuda"],
+                 ["train", str(clear_dataset), "--out", str(out), "--device", "cuda", "-q"]):
+        assert main(argv) != 0
+        err = capsys.readouterr().err
+        assert "device 'cuda' requested but CUDA is not available" in err and "Traceback" not in err
+    assert not out.exists()  # refused before training, nothing written
