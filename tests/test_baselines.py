@@ -1,8 +1,10 @@
-"""PatchCore / PaDiM feature-space scorers: shapes, references, per-type state, round trips."""
+"""PatchCore / PaDiM feature-space scorers: shapes, references, per-type state, round trips,
+the published coreset and image scores, and separation of the clear dataset through the Detector."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from scipy.spatial.distance import mahalanobis
 from sklearn.covariance import ledoit_wolf
+from sklearn.metrics import roc_auc_score
 
 from diffqc.baselines import (
-    PaDiMConfig,
     PaDiMScorer,
-    PatchCoreConfig,
     PatchCoreScorer,
     greedy_coreset,
     ledoit_wolf_batched,
@@ -24,7 +25,8 @@ from diffqc.baselines import (
     random_projection,
     scorer_for,
 )
-from diffqc.config import DetectorConfig
+from diffqc.config import DetectorConfig, PaDiMConfig, PatchCoreConfig, with_overrides
+from diffqc.errors import ConfigError
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -59,14 +61,45 @@ def _coverage_radius(points: torch.Tensor, chosen: torch.Tensor) -> float:
 
 
 def test_configs_json_round_trip() -> None:
-    pc = PatchCoreConfig(coreset_ratio=0.2, projection_dim=64, max_bank=123, seed=4, chunk=999)
-    pd = PaDiMConfig(dims=7, seed=3)
-    assert PatchCoreConfig.from_dict(json.loads(json.dumps(pc.to_dict()))) == pc
-    assert PaDiMConfig.from_dict(json.loads(json.dumps(pd.to_dict()))) == pd
-    with pytest.raises(ValueError, match="unknown keys"):
-        PaDiMConfig.from_dict({"dims": 3, "dimz": 4})
-    with pytest.raises(ValueError):
+    pc = PatchCoreConfig(coreset_ratio=0.2, projection_dim=64, max_bank=123, neighbors=3,
+                         aggregation="topk", seed=4, chunk=999)
+    pd = PaDiMConfig(dims=7, covariance="ledoit_wolf", epsilon=1e-4, aggregation="topk", seed=3)
+    config = DetectorConfig(patchcore=pc, padim=pd)
+    assert DetectorConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ConfigError, match=r"padim\.dimz"):
+        DetectorConfig.from_dict({"padim": {"dims": 3, "dimz": 4}})
+    with pytest.raises(ConfigError, match=r"patchcore\.coreset_ratio"):
         PatchCoreConfig(coreset_ratio=0.0)
+    with pytest.raises(ConfigError, match="reweighted, max, topk"):
+        PatchCoreConfig(aggregation="mean")
+    with pytest.raises(ConfigError, match="sample, ledoit_wolf"):
+        PaDiMConfig(covariance="diag")
+
+
+def test_published_defaults() -> None:
+    pc, pd = PatchCoreConfig(), PaDiMConfig()
+    assert (pc.coreset_ratio, pc.max_bank, pc.neighbors, pc.aggregation) == (0.1, 0, 9, "reweighted")
+    assert (pd.dims, pd.covariance, pd.epsilon, pd.aggregation) == (100, "sample", 0.01, "max")
+
+
+def test_every_setting_reaches_the_scorer_from_dotted_overrides() -> None:
+    """``--set patchcore.x=...`` / ``--set padim.x=...`` is the one way to set a baseline."""
+    pc_over = {"coreset_ratio": 0.01, "projection_dim": 32, "max_bank": 500, "neighbors": 3,
+               "aggregation": "topk", "topk": 0.05, "seed": 7, "chunk": 4096}
+    config = with_overrides(DetectorConfig(), {"method": "patchcore",
+                                               **{f"patchcore.{k}": v for k, v in pc_over.items()}})
+    pc_scorer = scorer_for(config)
+    assert isinstance(pc_scorer, PatchCoreScorer)
+    assert {k: getattr(pc_scorer.config, k) for k in pc_over} == pc_over
+    pd_over = {"dims": 20, "covariance": "ledoit_wolf", "epsilon": 1e-3, "aggregation": "topk",
+               "topk": 0.02, "seed": 5}
+    config = with_overrides(DetectorConfig(), {"method": "padim",
+                                               **{f"padim.{k}": v for k, v in pd_over.items()}})
+    pd_scorer = scorer_for(config)
+    assert isinstance(pd_scorer, PaDiMScorer)
+    assert {k: getattr(pd_scorer.config, k) for k in pd_over} == pd_over
+    with pytest.raises(ConfigError, match=r"patchcore\.candidate_pool"):
+        with_overrides(DetectorConfig(), {"patchcore.candidate_pool": 1000})
 
 
 # -------------------------------------------------------------------------------- shared contract
@@ -250,9 +283,9 @@ def test_patchcore_full_ratio_keeps_all_patches_and_good_scores_zero() -> None:
     assert float(scorer.score_maps(feats, torch.zeros(4, dtype=torch.long)).abs().max()) == 0.0
 
 
-def test_patchcore_candidate_pool_and_max_bank_caps() -> None:
+def test_patchcore_max_bank_cap() -> None:
     feats = _features(10)
-    config = PatchCoreConfig(coreset_ratio=0.5, max_bank=30, candidate_pool=60)
+    config = PatchCoreConfig(coreset_ratio=0.5, max_bank=30)
     scorer = PatchCoreScorer(config).fit(feats, torch.zeros(10, dtype=torch.long), 1)
     assert scorer.banks is not None and scorer.banks[0].shape == (30, 6)
     # bank rows are genuine patches of the training features
@@ -261,6 +294,68 @@ def test_patchcore_candidate_pool_and_max_bank_caps() -> None:
     assert float(gap.max()) == 0.0
     again = PatchCoreScorer(config).fit(feats, torch.zeros(10, dtype=torch.long), 1)
     assert again.banks is not None and torch.equal(again.banks[0], scorer.banks[0])
+    assert PatchCoreScorer(PatchCoreConfig(coreset_ratio=0.5)).bank_size(10_000_000) == 5_000_000
+
+
+def test_patchcore_bank_is_the_greedy_coreset_of_all_patches() -> None:
+    """No subsampling before the coreset: the bank is the greedy k-center set of every GOOD
+    patch of the type (other types' patches never enter), in the textbook's pick order."""
+    feats = _features(30, c=12)  # 30 images x 20 locations
+    types = torch.tensor([0, 1] * 15)
+    config = PatchCoreConfig(coreset_ratio=0.1, projection_dim=0, seed=2)
+    scorer = PatchCoreScorer(config).fit(feats, types, 2)
+    assert scorer.banks is not None
+    patches = feats[types == 1].permute(0, 2, 3, 1).reshape(-1, 12)  # 300 patches
+    start = int(torch.randint(300, (1,), generator=torch.Generator().manual_seed(2 * 1_000_003 + 1)))
+    expected = _textbook_greedy(patches, 30, start=start)
+    assert torch.equal(scorer.banks[1], patches[expected])
+
+
+def _bank_scorer(bank: torch.Tensor, neighbors: int) -> PatchCoreScorer:
+    state = {"bank": bank, "bank_offsets": torch.tensor([0, bank.shape[0]])}
+    return PatchCoreScorer.from_state(PatchCoreConfig(neighbors=neighbors), state, 1, bank.shape[1])
+
+
+def test_reweighted_score_matches_hand_computation() -> None:
+    bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [5.0, 5.0]])
+    # one image, 1 x 2 locations: q1 = (0.5, 0.1) lies near (0, 0); q2 = (3, 0) is the max patch
+    feats = torch.tensor([[0.5, 3.0], [0.1, 0.0]]).reshape(1, 2, 1, 2)
+    types = torch.zeros(1, dtype=torch.long)
+    scorer = _bank_scorer(bank, neighbors=3)
+    patch_maps = scorer.score_maps(feats, types)
+    torch.testing.assert_close(patch_maps, torch.tensor([[[math.hypot(0.5, 0.1), 2.0]]]))
+    # s* = |q2 - (1, 0)| = 2, m* = (1, 0). The 3 bank entries nearest m*: m* itself, (0, 0) at 1,
+    # (0, 2) at sqrt 5 (not (5, 5) at sqrt 41). Their distances to q2: 2, 3, sqrt 13.
+    d = [2.0, 3.0, math.sqrt(13.0)]
+    expected = (1.0 - math.exp(d[0]) / sum(math.exp(x) for x in d)) * 2.0
+    got = scorer.reweighted_scores(feats, types, patch_maps)
+    assert got.shape == (1,)
+    assert abs(float(got[0]) - expected) < 1e-5
+    # b = 1: the plain maximum; b above the bank size: the whole bank is the support
+    assert float(_bank_scorer(bank, 1).reweighted_scores(feats, types, patch_maps)[0]) == 2.0
+    d4 = [*d, math.sqrt(29.0)]
+    expected4 = (1.0 - math.exp(d4[0]) / sum(math.exp(x) for x in d4)) * 2.0
+    got4 = _bank_scorer(bank, 9).reweighted_scores(feats, types, patch_maps)
+    assert abs(float(got4[0]) - expected4) < 1e-5
+    with pytest.raises(ValueError, match="patch_maps"):
+        scorer.reweighted_scores(feats, types, patch_maps[:, :, :1])
+
+
+def test_reweighted_scores_per_type_and_in_blocks() -> None:
+    """Many images of two types, a chunk forcing many blocks: each equals its one-image score."""
+    feats = _features(24, c=8)
+    types = torch.arange(24) % 2
+    scorer = PatchCoreScorer(PatchCoreConfig(coreset_ratio=0.3, chunk=64)).fit(feats, types, 2)
+    test = _features(7, c=8, seed=3)
+    test_types = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    maps = scorer.score_maps(test, test_types)
+    together = scorer.reweighted_scores(test, test_types, maps)
+    for i in range(7):
+        alone = scorer.reweighted_scores(test[i : i + 1], test_types[i : i + 1], maps[i : i + 1])
+        torch.testing.assert_close(together[i : i + 1], alone)
+    # the weight is in (0, 1): the score is below the largest patch score, and positive
+    top = maps.flatten(1).max(dim=1).values
+    assert bool(((together > 0) & (together < top)).all())
 
 
 # -------------------------------------------------------------------------------- PaDiM
@@ -282,9 +377,10 @@ def test_ledoit_wolf_matches_sklearn(n: int, p: int) -> None:
     np.testing.assert_allclose(cov32[0].numpy(), ledoit_wolf(x[0].numpy())[0], atol=1e-5)
 
 
-def test_padim_mahalanobis_matches_scipy() -> None:
+def test_padim_ledoit_wolf_mahalanobis_matches_scipy() -> None:
     feats = _features(30, c=5)
-    scorer = PaDiMScorer(PaDiMConfig(dims=8)).fit(feats, torch.zeros(30, dtype=torch.long), 1)
+    config = PaDiMConfig(dims=8, covariance="ledoit_wolf", epsilon=0.0)
+    scorer = PaDiMScorer(config).fit(feats, torch.zeros(30, dtype=torch.long), 1)
     test = _features(2, c=5, noise=3)
     maps = scorer.score_maps(test, torch.zeros(2, dtype=torch.long))
     for i, y, x in [(0, 0, 0), (1, 2, 3), (0, 4, 1)]:
@@ -292,6 +388,25 @@ def test_padim_mahalanobis_matches_scipy() -> None:
         cov, _ = ledoit_wolf(samples)
         ref = mahalanobis(test[i, :, y, x].double().numpy(), samples.mean(0), np.linalg.inv(cov))
         assert abs(float(maps[i, y, x]) - ref) < 1e-4 * max(1.0, ref)
+
+
+def test_padim_paper_covariance_matches_scipy() -> None:
+    """As published: the unbiased sample covariance plus 0.01 I, Mahalanobis distance."""
+    feats = _features(30, c=5)
+    scorer = PaDiMScorer(PaDiMConfig(dims=8)).fit(feats, torch.zeros(30, dtype=torch.long), 1)
+    test = _features(2, c=5, noise=3)
+    maps = scorer.score_maps(test, torch.zeros(2, dtype=torch.long))
+    for i, y, x in [(0, 0, 0), (1, 2, 3), (0, 4, 1)]:
+        samples = feats[:, :, y, x].double().numpy()
+        cov = np.cov(samples, rowvar=False) + 0.01 * np.eye(5)
+        ref = mahalanobis(test[i, :, y, x].double().numpy(), samples.mean(0), np.linalg.inv(cov))
+        assert abs(float(maps[i, y, x]) - ref) < 1e-4 * max(1.0, ref)
+    # a single image has no sample covariance: epsilon alone keeps it invertible, or it fails
+    one = PaDiMScorer(PaDiMConfig(dims=8)).fit(feats[:1], torch.zeros(1, dtype=torch.long), 1)
+    torch.testing.assert_close(one.score_maps(feats[:1], torch.zeros(1, dtype=torch.long)),
+                               torch.zeros(1, 5, 4))
+    with pytest.raises(ValueError, match=r"padim\.epsilon"):
+        PaDiMScorer(PaDiMConfig(epsilon=0.0)).fit(feats[:1], torch.zeros(1, dtype=torch.long), 1)
 
 
 def test_padim_random_channel_subset() -> None:
@@ -311,3 +426,37 @@ def test_padim_random_channel_subset() -> None:
     changed[:, outside] += 10.0
     types = torch.zeros(2, dtype=torch.long)
     assert torch.equal(scorer.score_maps(test, types), scorer.score_maps(changed, types))
+
+
+# -------------------------------------------------------------------------------- through the Detector
+
+
+# anomalib's PaDiM taps of EfficientNet-Lite0: strides 4, 8, 16 (24 + 40 + 112 channels), no pooling
+ANOMALIB_TAPS = {"backbone.layers": ["blocks.2", "blocks.4", "blocks.10"], "backbone.pool": 1}
+
+
+@pytest.mark.parametrize(("method", "over"), [("patchcore", {}), ("padim", ANOMALIB_TAPS)],
+                         ids=["patchcore", "padim-anomalib-taps"])
+def test_baselines_separate_the_clear_dataset(method: str, over: dict[str, object],
+                                              clear_dataset: Path) -> None:
+    """Fitted by the Detector on the GOOD images, each baseline at its published image score
+    ranks the big-blob defects above the GOOD test images of both types."""
+    from diffqc.data import load_dataset, with_split
+    from diffqc.model import Detector
+    from tests.conftest import tiny_config
+
+    samples = load_dataset(clear_dataset)
+    det = Detector(tiny_config(method, **over), device="cpu").fit(samples, progress=False)
+    results, read = det.inspect_samples(with_split(samples, "test"), maps=False)
+    labels = [s.label for s in read]
+    assert sorted(set(labels)) == [0, 1]
+    assert roc_auc_score(labels, [r.score for r in results]) >= 0.95
+    feats = det.extract([np.zeros((64, 64, 3), np.float32)])
+    idx = torch.zeros(1, dtype=torch.long)
+    maps, score = det.maps_and_scores(feats, idx)
+    assert det.scorer_ is not None
+    if method == "patchcore":  # the paper's score: the re-weighted largest patch score, below it
+        assert 0 < float(score[0]) < float(det.scorer_.score_maps(feats, idx).max())
+    else:  # stride-4 grid of the 64-pixel input; the score is the max of the smoothed map
+        assert det.extractor.channels == 24 + 40 + 112 and det.extractor.grid == (16, 16)
+        assert float(score[0]) == float(maps.max())

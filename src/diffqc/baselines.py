@@ -7,11 +7,17 @@ the type named for it. One model covers all feature types: the learned state is 
 (one memory bank / one set of Gaussians per type). ``state_tensors`` / ``from_state`` carry the
 state through safetensors (plain tensors, no pickle).
 
-* :class:`PatchCoreScorer` -- memory bank of GOOD patch features per type, reduced by the greedy
-  k-center coreset (chosen on a random projection of the features); the score of a location is
-  the Euclidean distance of its feature vector to the nearest bank entry.
-* :class:`PaDiMScorer` -- a Gaussian per location and type over a fixed random subset of the
-  channels, with a Ledoit-Wolf shrunk covariance; the score is the Mahalanobis distance.
+* :class:`PatchCoreScorer` (Roth et al. 2022) -- memory bank of GOOD patch features per type,
+  the greedy k-center coreset of ALL the type's patches (chosen on a random projection of the
+  features); the score of a location is the Euclidean distance of its feature vector to the
+  nearest bank entry, and the image score the paper's re-weighted largest patch score
+  (:meth:`PatchCoreScorer.reweighted_scores`).
+* :class:`PaDiMScorer` (Defard et al. 2020) -- a Gaussian per location and type over a fixed
+  random subset of the channels, with the sample covariance plus ``epsilon * I`` (or Ledoit-Wolf);
+  the score is the Mahalanobis distance.
+
+Their settings are ``PatchCoreConfig`` / ``PaDiMConfig`` in :mod:`diffqc.config` (the one
+definition: ``--set patchcore.coreset_ratio=0.01`` reaches them).
 """
 
 from __future__ import annotations
@@ -20,29 +26,26 @@ import itertools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, Self
+from typing import Self
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from diffqc.config import DetectorConfig, PaDiMConfig, PatchCoreConfig
 from diffqc.covariance import ledoit_wolf_batched
 
-if TYPE_CHECKING:
-    from diffqc.config import DetectorConfig
-
 __all__ = [
-    "PaDiMConfig",
     "PaDiMScorer",
-    "PatchCoreConfig",
     "PatchCoreScorer",
     "greedy_coreset",
     "ledoit_wolf_batched",
     "load_scorer",
     "mahalanobis_maps",
     "nearest_neighbor_distances",
+    "nearest_neighbors",
     "random_projection",
+    "sample_covariance_batched",
     "scorer_for",
 ]
 
@@ -60,93 +63,6 @@ _FLUSH_ELEMENTS = 1 << 22
 _BANK_TILE = 2048
 # Query rows (locations) copied out at a time when scoring with PatchCore.
 _QUERY_ROWS = 8192
-
-
-# --------------------------------------------------------------------------------------------
-# Configurations
-# --------------------------------------------------------------------------------------------
-
-
-def _config_from_dict(cls: type[Any], data: dict[str, Any]) -> Any:
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {unknown}; expected some of {sorted(names)}")
-    return cls(**data)
-
-
-@dataclass(frozen=True)
-class PatchCoreConfig:
-    """PatchCore settings.
-
-    coreset_ratio: size of each type's memory bank as a fraction of that type's GOOD patches
-        (``1.0`` keeps every candidate patch, no subsampling).
-    projection_dim: the greedy coreset runs on a Gaussian random projection of the features to
-        this many dimensions (distances kept roughly, per Johnson-Lindenstrauss); ``0`` or a value
-        ``>= C`` runs it on the features themselves. The bank stores the full features.
-    max_bank: cap on the bank size per type (the greedy selection costs
-        ``max_bank x candidate_pool x projection_dim`` and the scoring is linear in it).
-    candidate_pool: the coreset is chosen from at most this many patches per type, drawn
-        uniformly at random from all of the type's GOOD patches (a documented speed cap: with the
-        defaults one type takes ~20-60 s on two CPU cores whatever the data set size).
-    seed: seeds the candidate draw, the projection and the greedy start point.
-    chunk: the nearest-neighbour search works on query x bank distance blocks of at most this
-        many float32 elements (``4 * chunk`` bytes: 16 MiB by default).
-    """
-
-    coreset_ratio: float = 0.1
-    projection_dim: int = 128
-    max_bank: int = 20_000
-    candidate_pool: int = 100_000
-    seed: int = 0
-    chunk: int = 1 << 22
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.coreset_ratio <= 1.0:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
-        if self.projection_dim < 0:
-            raise ValueError(f"projection_dim must be >= 0, got {self.projection_dim}")
-        for name in ("max_bank", "candidate_pool", "chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PatchCoreConfig:
-        config: PatchCoreConfig = _config_from_dict(cls, data)
-        return config
-
-
-@dataclass(frozen=True)
-class PaDiMConfig:
-    """PaDiM settings.
-
-    dims: number of channels kept, a random subset fixed by ``seed`` (all channels when
-        ``C <= dims``). The stored precision matrices take ``4 * types * h * w * dims**2`` bytes.
-    seed: seeds the channel subset.
-    ridge: added to the diagonal of every shrunk covariance before inversion; only matters for
-        degenerate data (a single image, or a location whose features never vary).
-    """
-
-    dims: int = 100
-    seed: int = 0
-    ridge: float = 1e-6
-
-    def __post_init__(self) -> None:
-        if self.dims < 1:
-            raise ValueError(f"dims must be >= 1, got {self.dims}")
-        if self.ridge < 0:
-            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PaDiMConfig:
-        config: PaDiMConfig = _config_from_dict(cls, data)
-        return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,7 +253,13 @@ def greedy_coreset(
 
 
 def nearest_neighbor_distances(queries: Tensor, bank: Tensor, chunk: int = 1 << 22) -> Tensor:
-    """Euclidean distance ``[Q]`` of each row of ``queries [Q, C]`` to its nearest ``bank`` row.
+    """Euclidean distance ``[Q]`` of each row of ``queries [Q, C]`` to its nearest ``bank`` row
+    (see :func:`nearest_neighbors`)."""
+    return nearest_neighbors(queries, bank, chunk)[0]
+
+
+def nearest_neighbors(queries: Tensor, bank: Tensor, chunk: int = 1 << 22) -> tuple[Tensor, Tensor]:
+    """Distance ``[Q]`` (float32) and index ``[Q]`` (int64) of each query's nearest ``bank`` row.
 
     The nearest row is found with ``|b|^2 - 2 q.b`` (``|q|^2`` is the same along a row, so it
     does not change the argmin), in blocks of query rows x bank tiles (of at most 2048 rows) of
@@ -357,6 +279,7 @@ def nearest_neighbor_distances(queries: Tensor, bank: Tensor, chunk: int = 1 << 
     offsets = torch.tensor(list(starts), device=queries.device)
     rows = max(1, chunk // tile)
     out = torch.empty(queries.shape[0], dtype=torch.float32, device=queries.device)
+    index = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
     for s in range(0, queries.shape[0], rows):
         q = queries[s : s + rows]
         best = torch.empty(len(tiles), q.shape[0], dtype=torch.float32, device=q.device)
@@ -366,11 +289,16 @@ def nearest_neighbor_distances(queries: Tensor, bank: Tensor, chunk: int = 1 << 
         winner = best.argmin(dim=0, keepdim=True)
         nearest = (where.gather(0, winner) + offsets[winner]).squeeze(0)
         out[s : s + rows] = torch.linalg.vector_norm(q - bank[nearest], dim=1)
-    return out
+        index[s : s + rows] = nearest
+    return out, index
 
 
 class PatchCoreScorer:
-    """PatchCore over feature maps: per-type coreset memory bank, nearest-neighbour distance."""
+    """PatchCore over feature maps: per-type coreset memory bank, nearest-neighbour distance.
+
+    The image score of the paper is :meth:`reweighted_scores` (``aggregation="reweighted"``); the
+    detector uses it in place of an aggregate of the smoothed map.
+    """
 
     def __init__(self, config: PatchCoreConfig | None = None) -> None:
         self.config = config or PatchCoreConfig()
@@ -385,32 +313,25 @@ class PatchCoreScorer:
     def bank_size(self, n_patches: int) -> int:
         """Bank size for a type with ``n_patches`` GOOD patches under this config."""
         cfg = self.config
-        return max(1, min(math.ceil(cfg.coreset_ratio * n_patches), cfg.max_bank, n_patches))
+        k = min(math.ceil(cfg.coreset_ratio * n_patches), n_patches)
+        if cfg.max_bank > 0:
+            k = min(k, cfg.max_bank)
+        return max(1, k)
 
     def _fit_type(self, features: Tensor, images: Tensor, t: int, progress: bool) -> Tensor:
+        """The coreset bank ``[k, C]`` of one type, chosen among ALL its GOOD patches."""
         cfg = self.config
-        _, _, h, w = features.shape
-        locs = h * w
-        n_patches = images.numel() * locs
-        k = self.bank_size(n_patches)
+        patches = features[images].permute(0, 2, 3, 1).reshape(-1, features.shape[1])  # [P, C]
+        k = self.bank_size(patches.shape[0])
+        if k >= patches.shape[0]:
+            return patches.contiguous()
         gen = _generator(cfg.seed, t)
-        if n_patches > cfg.candidate_pool:
-            flat = torch.randperm(n_patches, generator=gen)[: cfg.candidate_pool]
-        else:
-            flat = torch.arange(n_patches)
-        flat = flat.to(features.device)
-        img = images[flat // locs]
-        ys = (flat % locs) // w
-        xs = flat % w
-        candidates = features.permute(0, 2, 3, 1)[img, ys, xs]  # [P, C], copies only the pool
-        if k >= candidates.shape[0]:
-            return candidates.contiguous()
-        projected = random_projection(candidates, cfg.projection_dim, gen)
-        start = int(torch.randint(candidates.shape[0], (1,), generator=gen))
+        projected = random_projection(patches, cfg.projection_dim, gen)
+        start = int(torch.randint(patches.shape[0], (1,), generator=gen))
         chosen = greedy_coreset(
             projected, k, start=start, progress=progress, desc=f"PatchCore coreset, type {t}"
         )
-        return candidates[chosen.to(features.device)].contiguous()
+        return patches[chosen.to(features.device)].contiguous()
 
     @torch.no_grad()
     def fit(self, features: Tensor, type_idx: Tensor, n_types: int, *, progress: bool = False) -> Self:
@@ -448,6 +369,36 @@ class PatchCoreScorer:
                 maps[block] = dist.reshape(-1, h, w)
         return maps
 
+    @torch.no_grad()
+    def reweighted_scores(self, features: Tensor, type_idx: Tensor, patch_maps: Tensor) -> Tensor:
+        """The paper's image score ``[N]`` from the patch maps ``[N, h, w]`` of :meth:`score_maps`.
+
+        For the patch with the largest score ``s*`` (feature ``q``, nearest bank entry ``m*``), with
+        ``N_b(m*)`` the ``b = neighbors`` bank entries nearest to ``m*`` (``m*`` itself first),
+        the score is ``(1 - exp|q - m*| / sum over m in N_b(m*) of exp|q - m|) * s*`` (Roth et al.
+        2022, eq. 7; anomalib's ``compute_anomaly_score``). ``neighbors=1`` gives ``s*`` itself.
+        """
+        if self.banks is None:
+            raise RuntimeError("PatchCoreScorer is not fitted")
+        features, type_idx = _check_features(features, type_idx, self.n_types, self.channels)
+        n, _, h, w = features.shape
+        if tuple(patch_maps.shape) != (n, h, w):
+            raise ValueError(f"patch_maps must be [{n}, {h}, {w}], got {tuple(patch_maps.shape)}")
+        flat = patch_maps.reshape(n, -1).float()
+        best, where = flat.max(dim=1)
+        if self.config.neighbors == 1:
+            return best
+        queries = features.flatten(2)[torch.arange(n, device=features.device), :, where]  # [N, C]
+        out = torch.empty(n, dtype=torch.float32, device=features.device)
+        for t in range(self.n_types):
+            images = _images_of_type(type_idx, t)
+            if images.numel() == 0:
+                continue
+            bank = self.banks[t].to(features.device)
+            out[images] = _reweight(queries[images], best[images], bank, self.config.neighbors,
+                                    self.config.chunk)
+        return out
+
     def state_tensors(self) -> dict[str, Tensor]:
         if self.banks is None:
             raise RuntimeError("PatchCoreScorer is not fitted")
@@ -482,9 +433,38 @@ class PatchCoreScorer:
         return scorer
 
 
+def _reweight(queries: Tensor, scores: Tensor, bank: Tensor, neighbors: int, chunk: int) -> Tensor:
+    """``(1 - softmax weight of m*) * s*`` for each query ``[Q, C]`` and its score ``s* [Q]``."""
+    _, nearest = nearest_neighbors(queries, bank, chunk)
+    b = min(neighbors, bank.shape[0])
+    rows = max(1, chunk // bank.shape[0])
+    out = torch.empty_like(scores)
+    for s in range(0, queries.shape[0], rows):
+        m_star = nearest[s : s + rows]
+        # distances of m* to the bank, m* itself pinned first (duplicates cannot displace it)
+        to_bank = torch.cdist(bank[m_star], bank)
+        to_bank[torch.arange(m_star.numel(), device=bank.device), m_star] = -1.0
+        support = to_bank.topk(b, dim=1, largest=False).indices  # [q, b]
+        dist = torch.linalg.vector_norm(queries[s : s + rows, None] - bank[support], dim=2)
+        weight = 1.0 - torch.softmax(dist, dim=1)[:, 0]
+        out[s : s + rows] = weight * scores[s : s + rows]
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # PaDiM
 # --------------------------------------------------------------------------------------------
+
+
+def sample_covariance_batched(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean ``[B, p]`` and unbiased sample covariance ``[B, p, p]`` (divided by ``n - 1``; zero
+    for ``n = 1``) of each sample set in ``x [B, n, p]``: PaDiM's estimate before ``+ epsilon I``."""
+    if x.ndim != 3 or x.shape[1] < 1:
+        raise ValueError(f"x must be [B, n, p] with n >= 1, got {tuple(x.shape)}")
+    n = x.shape[1]
+    mean = x.mean(dim=1)
+    xc = x - mean.unsqueeze(1)
+    return mean, xc.transpose(1, 2) @ xc / max(n - 1, 1)
 
 
 def mahalanobis_maps(x: Tensor, mean: Tensor, precision: Tensor) -> Tensor:
@@ -501,7 +481,8 @@ def mahalanobis_maps(x: Tensor, mean: Tensor, precision: Tensor) -> Tensor:
 
 
 class PaDiMScorer:
-    """PaDiM over feature maps: per-type, per-location Gaussian with Ledoit-Wolf covariance."""
+    """PaDiM over feature maps: a Gaussian per type and location, covariance ``S + epsilon * I``
+    with ``S`` the sample (default, as published) or Ledoit-Wolf covariance."""
 
     def __init__(self, config: PaDiMConfig | None = None) -> None:
         self.config = config or PaDiMConfig()
@@ -531,11 +512,15 @@ class PaDiMScorer:
         means, precisions = [], []
         eye = torch.eye(d, dtype=torch.float64, device=x.device)
         for s in range(0, locs, block):
-            mean, cov, _ = ledoit_wolf_batched(per_loc[s : s + block].double())
-            cov = cov + self.config.ridge * eye
+            samples = per_loc[s : s + block].double()
+            if self.config.covariance == "ledoit_wolf":
+                mean, cov, _ = ledoit_wolf_batched(samples)
+            else:
+                mean, cov = sample_covariance_batched(samples)
+            cov = cov + self.config.epsilon * eye
             factor, info = torch.linalg.cholesky_ex(cov)
             if bool((info != 0).any()):
-                raise ValueError("PaDiM: a covariance is not positive definite; raise ridge")
+                raise ValueError("PaDiM: a covariance is not positive definite; raise padim.epsilon")
             # cov = F F^T  ->  precision = F^-T F^-1 (triangular solve: far faster than
             # torch.cholesky_inverse on a batch of small matrices)
             inv_factor = torch.linalg.solve_triangular(factor, eye.expand_as(factor), upper=False)
@@ -626,11 +611,11 @@ class PaDiMScorer:
 
 
 def _baseline_config(config: DetectorConfig) -> PatchCoreConfig | PaDiMConfig:
-    """The scorer config for ``config.method`` from its ``patchcore`` / ``padim`` section."""
+    """The scorer config for ``config.method``: its ``patchcore`` / ``padim`` section."""
     if config.method == "patchcore":
-        return PatchCoreConfig.from_dict(asdict(config.patchcore))
+        return config.patchcore
     if config.method == "padim":
-        return PaDiMConfig.from_dict(asdict(config.padim))
+        return config.padim
     raise ValueError(f"no baseline scorer for method {config.method!r}")
 
 

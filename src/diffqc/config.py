@@ -23,6 +23,9 @@ SCHEDULES = ("cosine", "linear")
 PRIORS = ("local", "none")
 AGGREGATIONS = ("topk", "max", "mean")
 TAILS = ("exponential", "none")
+PATCHCORE_AGGREGATIONS = ("reweighted", "max", "topk")
+PADIM_AGGREGATIONS = ("max", "topk")
+PADIM_COVARIANCES = ("sample", "ledoit_wolf")
 CALIBRATION_SCHEMES = ("split", "cross")
 
 
@@ -258,27 +261,71 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
-class PatchCoreSettings:
+class PatchCoreConfig:
+    """PatchCore (Roth et al. 2022) over the backbone features; the one definition of its settings.
+
+    coreset_ratio: each type's memory bank is this fraction of ALL its GOOD patches, chosen by the
+        greedy k-center coreset (the paper's PatchCore-10 %; ``1.0`` keeps every patch).
+    projection_dim: the greedy selection runs on a Gaussian random projection to this many
+        dimensions (``0`` or ``>= C``: on the features themselves); the bank stores full features.
+    max_bank: optional cap on the bank size per type; ``0`` (default) means none, as in the paper.
+    neighbors: ``b`` of the paper's image-score re-weighting (9, as in the paper and anomalib);
+        ``1`` gives the plain maximum of the patch scores.
+    aggregation: the image score. ``reweighted`` (default, the paper's): the largest patch score,
+        scaled by ``1 - softmax`` weight of its distances to the ``neighbors`` bank entries nearest
+        to its own nearest entry. ``max`` / ``topk``: the maximum / mean of the top ``topk``
+        fraction of the smoothed, upsampled map (diffqc's scoring, for comparison).
+    seed: seeds the projection and the greedy start point.
+    chunk: float32 elements per distance block in the nearest-neighbour search (16 MiB default).
+    """
+
     coreset_ratio: float = 0.1
     projection_dim: int = 128
-    max_bank: int = 20_000
+    max_bank: int = 0
+    neighbors: int = 9
+    aggregation: str = "reweighted"
+    topk: float = 0.01
     seed: int = 0
+    chunk: int = 1 << 22
 
     def __post_init__(self) -> None:
         _check_types(self)
         _in_range(self, "coreset_ratio", 0, 1, high_open=False)
         _at_least(self, "projection_dim", 0)
-        _at_least(self, "max_bank", 1)
+        _at_least(self, "max_bank", 0)
+        _at_least(self, "neighbors", 1)
+        _one_of(self, "aggregation", PATCHCORE_AGGREGATIONS)
+        _in_range(self, "topk", 0, 1, high_open=False)
+        _at_least(self, "chunk", 1)
 
 
 @dataclass(frozen=True)
-class PaDiMSettings:
+class PaDiMConfig:
+    """PaDiM (Defard et al. 2020) over the backbone features; the one definition of its settings.
+
+    dims: channels kept, a random subset fixed by ``seed`` (all when ``C <= dims``); 100 as
+        anomalib uses for small backbones. The precisions take ``4 * types * h * w * dims**2`` bytes.
+    covariance: ``sample`` (default, the paper's and anomalib's): the unbiased sample covariance
+        plus ``epsilon * I``; ``ledoit_wolf``: Ledoit-Wolf shrinkage plus ``epsilon * I``.
+    epsilon: the regulariser added to every covariance's diagonal (the paper's 0.01).
+    aggregation: the image score from the smoothed, upsampled Mahalanobis map: ``max`` (default,
+        the paper's) or ``topk`` (mean of the top ``topk`` fraction).
+    """
+
     dims: int = 100
+    covariance: str = "sample"
+    epsilon: float = 0.01
+    aggregation: str = "max"
+    topk: float = 0.01
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check_types(self)
         _at_least(self, "dims", 1)
+        _one_of(self, "covariance", PADIM_COVARIANCES)
+        _at_least(self, "epsilon", 0)
+        _one_of(self, "aggregation", PADIM_AGGREGATIONS)
+        _in_range(self, "topk", 0, 1, high_open=False)
 
 
 @dataclass(frozen=True)
@@ -289,8 +336,8 @@ class DetectorConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    patchcore: PatchCoreSettings = field(default_factory=PatchCoreSettings)
-    padim: PaDiMSettings = field(default_factory=PaDiMSettings)
+    patchcore: PatchCoreConfig = field(default_factory=PatchCoreConfig)
+    padim: PaDiMConfig = field(default_factory=PaDiMConfig)
     batch_size: int = 16  # images per backbone batch
     tiling: TilingConfig = field(default_factory=TilingConfig)
 
@@ -354,8 +401,8 @@ _SECTIONS: dict[str, str] = {
     "TrainConfig": "train.",
     "ScoringConfig": "scoring.",
     "CalibrationConfig": "calibration.",
-    "PatchCoreSettings": "patchcore.",
-    "PaDiMSettings": "padim.",
+    "PatchCoreConfig": "patchcore.",
+    "PaDiMConfig": "padim.",
     "DetectorConfig": "",
 }
 

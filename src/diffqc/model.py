@@ -349,15 +349,41 @@ class Detector:
         return upsample_and_smooth(maps, self.config.backbone.input_size,
                                    self.config.scoring.smooth_sigma)
 
+    def maps_and_scores(self, feats: Tensor, type_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Smoothed maps ``[N, S, S]`` and image scores ``[N]``. PatchCore's default image score
+        (the paper's re-weighted largest patch score) is computed from the unsmoothed patch maps;
+        every other rule aggregates the smoothed map (:meth:`image_scores`)."""
+        from diffqc.baselines import PatchCoreScorer
+
+        scorer = self.scorer_
+        if not (isinstance(scorer, PatchCoreScorer) and scorer.config.aggregation == "reweighted"):
+            maps = self.score_maps(feats, type_idx)
+            return maps, self.image_scores(maps)
+        patch_maps = scorer.score_maps(feats, type_idx)
+        maps = upsample_and_smooth(patch_maps, self.config.backbone.input_size,
+                                   self.config.scoring.smooth_sigma)
+        return maps, scorer.reweighted_scores(feats, type_idx, patch_maps)
+
     def image_scores(self, maps: Tensor) -> Tensor:
-        return aggregate(maps, self.config.scoring.aggregation, self.config.scoring.topk)
+        """Image scores ``[N]`` from smoothed maps by the method's own rule: ``scoring.aggregation``
+        (diffusion), ``patchcore.aggregation`` or ``padim.aggregation`` (max, topk)."""
+        cfg = self.config
+        how, topk = {"patchcore": (cfg.patchcore.aggregation, cfg.patchcore.topk),
+                     "padim": (cfg.padim.aggregation, cfg.padim.topk)}.get(
+            cfg.method, (cfg.scoring.aggregation, cfg.scoring.topk))
+        if how == "reweighted":
+            from diffqc.errors import ConfigError
+
+            raise ConfigError("patchcore.aggregation=reweighted scores an image from its patch maps "
+                              "(Detector.maps_and_scores), not from a smoothed map; use max or topk here")
+        return aggregate(maps, how, topk)
 
     def _type_score_table(self, feats: Tensor) -> Tensor:
         """Image scores of every image under every type: ``[N, n_types]``."""
         n, n_types = feats.shape[0], len(self.classes_)
         rep = feats.repeat_interleave(n_types, dim=0)
         idx = torch.arange(n_types, device=feats.device).repeat(n)
-        return self.image_scores(self.score_maps(rep, idx)).view(n, n_types)
+        return self.maps_and_scores(rep, idx)[1].view(n, n_types)
 
     def type_index(self, feature_type: str) -> int:
         try:
@@ -416,8 +442,7 @@ class Detector:
             unknown = torch.tensor([g is None for g in given], device=self.device)
             own = torch.where(unknown, table.argmin(dim=1), own)
             table = table.cpu()  # what follows reads it from NumPy / Python
-        own_maps = self.score_maps(feats, own) if (maps or table is None) else None
-        own_scores = self.image_scores(own_maps) if own_maps is not None else None
+        own_maps, own_scores = self.maps_and_scores(feats, own) if (maps or table is None) else (None, None)
         own_list = [int(k) for k in own.tolist()]
         if own_scores is not None:
             scores = [float(x) for x in own_scores.tolist()]
