@@ -460,3 +460,32 @@ def test_baselines_separate_the_clear_dataset(method: str, over: dict[str, objec
     else:  # stride-4 grid of the 64-pixel input; the score is the max of the smoothed map
         assert det.extractor.channels == 24 + 40 + 112 and det.extractor.grid == (16, 16)
         assert float(score[0]) == float(maps.max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_patchcore_on_cuda_matches_the_textbook_and_the_cpu() -> None:
+    """The coreset, the maps and the re-weighted scores on CUDA (full FP32 matrix products)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        points = torch.randn(1500, 8, generator=_gen(5)) * torch.linspace(3.0, 0.5, 8)
+        expected = _textbook_greedy(points, 120, start=11)
+        for candidates in (4, 512):
+            got = greedy_coreset(points.cuda(), 120, start=11, candidates=candidates)
+            assert got.tolist() == expected, candidates
+        feats, types = _features(24, c=8), torch.arange(24) % 2
+        config = PatchCoreConfig(coreset_ratio=0.3)
+        cpu = PatchCoreScorer(config).fit(feats, types, 2)
+        gpu = PatchCoreScorer(config).fit(feats.cuda(), types.cuda(), 2)
+        assert cpu.banks is not None and gpu.banks is not None
+        assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu.banks, gpu.banks, strict=True))
+        test, test_types = _features(5, c=8, seed=3), torch.tensor([0, 1, 1, 0, 1])
+        maps_cpu = cpu.score_maps(test, test_types)
+        maps_gpu = gpu.score_maps(test.cuda(), test_types.cuda())
+        torch.testing.assert_close(maps_gpu.cpu(), maps_cpu, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            gpu.reweighted_scores(test.cuda(), test_types.cuda(), maps_gpu).cpu(),
+            cpu.reweighted_scores(test, test_types, maps_cpu), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
