@@ -21,7 +21,7 @@ from diffqc.baselines import (
     greedy_coreset,
     ledoit_wolf_batched,
     load_scorer,
-    nearest_neighbor_distances,
+    nearest_neighbors,
     random_projection,
     scorer_for,
 )
@@ -251,11 +251,12 @@ def test_nearest_neighbor_distance_matches_brute_force() -> None:
     queries = torch.randn(97, 16, generator=g)
     bank = torch.randn(41, 16, generator=g)
     queries[5] = bank[3]  # an exact match: distance 0, no cancellation residue
-    reference = (queries.double()[:, None] - bank.double()[None]).square().sum(-1).min(1).values
+    reference = (queries.double()[:, None] - bank.double()[None]).square().sum(-1).min(1)
     for chunk in (7, 41 * 5, 1 << 20):  # bank tiles of 7 or all 41 rows, 1-5-all query rows
-        got = nearest_neighbor_distances(queries, bank, chunk=chunk)
-        torch.testing.assert_close(got.double(), reference.sqrt(), rtol=1e-5, atol=1e-6)
-    assert float(nearest_neighbor_distances(queries, bank)[5]) == 0.0
+        got, index = nearest_neighbors(queries, bank, chunk=chunk)
+        torch.testing.assert_close(got.double(), reference.values.sqrt(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(index, reference.indices)
+    assert float(nearest_neighbors(queries, bank)[0][5]) == 0.0
 
 
 def test_patchcore_maps_equal_brute_force_over_bank() -> None:

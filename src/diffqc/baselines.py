@@ -42,7 +42,6 @@ __all__ = [
     "ledoit_wolf_batched",
     "load_scorer",
     "mahalanobis_maps",
-    "nearest_neighbor_distances",
     "nearest_neighbors",
     "random_projection",
     "sample_covariance_batched",
@@ -252,14 +251,9 @@ def greedy_coreset(
     return chosen
 
 
-def nearest_neighbor_distances(queries: Tensor, bank: Tensor, chunk: int = 1 << 22) -> Tensor:
-    """Euclidean distance ``[Q]`` of each row of ``queries [Q, C]`` to its nearest ``bank`` row
-    (see :func:`nearest_neighbors`)."""
-    return nearest_neighbors(queries, bank, chunk)[0]
-
-
 def nearest_neighbors(queries: Tensor, bank: Tensor, chunk: int = 1 << 22) -> tuple[Tensor, Tensor]:
-    """Distance ``[Q]`` (float32) and index ``[Q]`` (int64) of each query's nearest ``bank`` row.
+    """Euclidean distance ``[Q]`` (float32) and index ``[Q]`` (int64) of the ``bank`` row nearest
+    to each row of ``queries [Q, C]``.
 
     The nearest row is found with ``|b|^2 - 2 q.b`` (``|q|^2`` is the same along a row, so it
     does not change the argmin), in blocks of query rows x bank tiles (of at most 2048 rows) of
@@ -365,7 +359,7 @@ class PatchCoreScorer:
             for s in range(0, images.numel(), per_block):
                 block = images[s : s + per_block]
                 queries = features[block].permute(0, 2, 3, 1).reshape(-1, c)
-                dist = nearest_neighbor_distances(queries, bank, self.config.chunk)
+                dist, _ = nearest_neighbors(queries, bank, self.config.chunk)
                 maps[block] = dist.reshape(-1, h, w)
         return maps
 
