@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.stats import spearmanr
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
@@ -18,6 +19,8 @@ from diffqc.cli import main
 from diffqc.data import GOOD, load_dataset, read_images
 from diffqc.errors import BundleError
 from diffqc.runtime import OnnxDetector, choose_runtime, load_detector, read_export_info, usable_choices
+
+INT8_AGREEMENT = 0.02  # |OpenVINO INT8 - ONNX Runtime INT8| <= this x the largest score
 
 
 def _quiet(_: str) -> None:
@@ -81,10 +84,12 @@ def test_openvino_scores_equal_onnx_runtime(exported_int8: Path, held_out: tuple
                 np.testing.assert_allclose(table_b, table_a, atol=ex.RTOL * np.abs(table_a).max())
                 assert [r.decision for r in b] == [r.decision for r in a]
                 assert [r.predicted_type for r in b] == [r.predicted_type for r in a]
-            else:  # two INT8 kernels: within the score tolerance the gate allows, in GOOD-score SDs
-                spread = np.array([np.std(ort.calibration_.known[t].scores, ddof=1)
-                                   for t in (r.feature_type for r in a)])
-                assert float(np.sqrt(np.mean(((sb - sa) / spread) ** 2))) <= ex.MAX_SCORE_ERROR
+            else:  # two INT8 engines (ONNX Runtime's QDQ kernels, OpenVINO's low-precision
+                # transformations) round differently: the same ranking, scores within 2 % of the
+                # largest. Whether that is close enough to share calibration.int8.json is the
+                # export's gate (score_difference_vs_onnx_int8_sd, checked above).
+                assert spearmanr(sa, sb).statistic >= 0.95
+                np.testing.assert_allclose(sb, sa, atol=INT8_AGREEMENT * np.abs(sa).max())
             maps_a = np.stack([r.anomaly_map for r in a if r.anomaly_map is not None])
             maps_b = np.stack([r.anomaly_map for r in b if r.anomaly_map is not None])
             assert maps_b.shape == maps_a.shape == (len(images), *images[0].shape[:2])
