@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -69,6 +69,11 @@ class ResultRecord:
     type_scores: dict[str, float] | None = None
     dedup_key: str | None = None
     body_hash: str | None = None  # SHA-256 of an HTTP request sent with an Idempotency-Key
+    line: str | None = None  # where the part was inspected (upload fields / watcher options)
+    station: str | None = None
+    camera: str | None = None
+    heatmap_expired_at: float | None = None  # retention deleted the heat map file then
+    image_expired_at: float | None = None  # retention deleted the kept image then
     review: str | None = None
     reviewed_at: float | None = None
     reviewer: str | None = None
@@ -92,6 +97,15 @@ def _iso(ts: float) -> str:
 
 
 _COLUMNS = [f.name for f in fields(ResultRecord) if f.name not in ("id", "duplicate")]
+# Columns newer than the first schema: (name, SQL type), added to an existing table on open.
+_ADDED_COLUMNS = (
+    ("body_hash", "TEXT"),
+    ("line", "TEXT"),
+    ("station", "TEXT"),
+    ("camera", "TEXT"),
+    ("heatmap_expired_at", "DOUBLE PRECISION"),
+    ("image_expired_at", "DOUBLE PRECISION"),
+)
 _SELECT = "id, " + ", ".join(_COLUMNS)
 
 _SCHEMA = """
@@ -114,6 +128,11 @@ CREATE TABLE IF NOT EXISTS {table} (
     type_scores TEXT,
     dedup_key TEXT,
     body_hash TEXT,
+    line TEXT,
+    station TEXT,
+    camera TEXT,
+    heatmap_expired_at DOUBLE PRECISION,
+    image_expired_at DOUBLE PRECISION,
     review TEXT,
     reviewed_at DOUBLE PRECISION,
     reviewer TEXT,
@@ -183,6 +202,9 @@ class ResultStore:
         self._pool_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._closed = False
+        # Called as hook(connection, new_records) inside insert_many's transaction, so that what
+        # a hook writes (the sinks' outbox) commits with the records or not at all.
+        self.insert_hooks: list[Callable[[Any, list[ResultRecord]], None]] = []
         self.last_write_error: str | None = None
         self.reconnects = 0
         if self.path is not None:
@@ -377,13 +399,15 @@ class ResultStore:
             raise
 
     def _add_missing_columns(self, conn: Any) -> None:
-        """Columns added after a store was created (``body_hash``): add them to old tables."""
+        """Columns added after a store was created: add them to old tables."""
         if self.postgres:
-            conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS body_hash TEXT")
+            for name, kind in _ADDED_COLUMNS:
+                conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS {name} {kind}")
             return
         have = {row[1] for row in conn.execute(f"PRAGMA table_info({TABLE})").fetchall()}
-        if "body_hash" not in have:
-            conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN body_hash TEXT")
+        for name, kind in _ADDED_COLUMNS:
+            if name not in have:
+                conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN {name} {kind}")
 
     def _create_schema(self) -> None:
         with self._write_lock:
@@ -458,6 +482,8 @@ class ResultStore:
                 dup = self._row(existing)
                 dup.duplicate = True
                 out.append(dup)
+            for hook in self.insert_hooks:
+                hook(conn, [r for r in out if not r.duplicate])
         return out
 
     def insert(self, record: ResultRecord) -> ResultRecord:
@@ -503,6 +529,9 @@ class ResultStore:
         review: str | None = None,
         source: str | None = None,
         part_id: str | None = None,
+        line: str | None = None,
+        station: str | None = None,
+        camera: str | None = None,
         after_id: int | None = None,
         before_id: int | None = None,
         limit: int | None = 100,
@@ -519,6 +548,9 @@ class ResultStore:
             ("review = ?", review),
             ("source = ?", source),
             ("part_id = ?", part_id),
+            ("line = ?", line),
+            ("station = ?", station),
+            ("camera = ?", camera),
             ("id > ?", after_id),
             ("id < ?", before_id),
         ):

@@ -1,0 +1,179 @@
+"""Retention of kept images and heat maps: a maximum age and a disk budget.
+
+Only files the service wrote are ever deleted: the artifact names stored in the result rows
+(generated names under ``<data>/heatmaps`` and ``<data>/images``, checked again by
+:meth:`ArtifactStore.remove`). A file in those folders that no row names is never touched, and
+no record is ever deleted: an expired artifact's row keeps a note, ``heatmap_expired_at`` /
+``image_expired_at`` (epoch seconds), and loses only the file name.
+
+Order of work, per artifact: the row is updated first (committed), then the file is removed.
+A crash in between leaves an unreferenced file (kept, never a row that points at nothing).
+
+The budget counts the bytes of the files the rows reference; when they exceed it, the oldest
+artifacts (by record id) are expired until the total fits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from diffqc.errors import ConfigError
+from diffqc.service.store import TABLE, ArtifactStore, ResultStore
+
+log = logging.getLogger("diffqc.service.retention")
+
+# artifact kind (folder) -> (name column, expiry-note column)
+COLUMNS = {"heatmaps": ("heatmap", "heatmap_expired_at"), "images": ("image", "image_expired_at")}
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """``max_age_s``: expire artifacts of records older than this; ``max_bytes``: keep the
+    referenced artifacts under this many bytes (oldest first out). None: no limit."""
+
+    max_age_s: float | None = None
+    max_bytes: int | None = None
+    interval_s: float = 60.0  # how often the service applies it
+
+    def validate(self) -> RetentionPolicy:
+        if self.max_age_s is not None and self.max_age_s <= 0:
+            raise ConfigError(f"retention max age must be positive seconds, got {self.max_age_s}")
+        if self.max_bytes is not None and self.max_bytes < 0:
+            raise ConfigError(f"retention disk budget must be >= 0 bytes, got {self.max_bytes}")
+        if self.interval_s <= 0:
+            raise ConfigError(f"retention interval must be positive, got {self.interval_s}")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.max_age_s is not None or self.max_bytes is not None
+
+
+@dataclass(frozen=True)
+class Artifact:
+    record_id: int
+    kind: str
+    name: str
+    created_at: float
+    size: int  # bytes on disk (0 when the file is already gone)
+
+
+def referenced_artifacts(store: ResultStore, artifacts: ArtifactStore) -> list[Artifact]:
+    """Every artifact a row names, oldest record first, with its size on disk."""
+    out: list[Artifact] = []
+    with store._reader() as conn:
+        rows = conn.execute(
+            f"SELECT id, created_at, heatmap, image FROM {TABLE} "
+            "WHERE heatmap IS NOT NULL OR image IS NOT NULL ORDER BY id"
+        ).fetchall()
+    for rid, created, heatmap, image in rows:
+        for kind, name in (("heatmaps", heatmap), ("images", image)):
+            if name is None:
+                continue
+            path = artifacts.path(kind, name)
+            size = 0
+            if path is not None:
+                try:
+                    size = path.stat().st_size
+                except OSError:
+                    size = 0
+            out.append(Artifact(int(rid), kind, str(name), float(created), size))
+    return out
+
+
+def expire(store: ResultStore, artifacts: ArtifactStore, items: list[Artifact], now: float) -> None:
+    """Note the expiry in each row (one transaction), then delete the files."""
+    if not items:
+        return
+    with store._transaction() as conn:
+        for a in items:
+            name_col, note_col = COLUMNS[a.kind]
+            conn.execute(
+                store._q(f"UPDATE {TABLE} SET {name_col} = NULL, {note_col} = ? "
+                         f"WHERE id = ? AND {name_col} = ?"),
+                (now, a.record_id, a.name),
+            )
+    for a in items:
+        artifacts.remove(a.kind, a.name)
+
+
+def apply_retention(store: ResultStore, artifacts: ArtifactStore, policy: RetentionPolicy,
+                    now: float | None = None) -> dict[str, Any]:
+    """Expire what the policy says; returns counts and the bytes kept."""
+    now = time.time() if now is None else now
+    items = referenced_artifacts(store, artifacts)
+    doomed: list[Artifact] = []
+    if policy.max_age_s is not None:
+        cutoff = now - policy.max_age_s
+        doomed = [a for a in items if a.created_at < cutoff]
+    kept = [a for a in items if a not in doomed] if doomed else items
+    total = sum(a.size for a in kept)
+    if policy.max_bytes is not None and total > policy.max_bytes:
+        over = []
+        for a in kept:  # oldest first
+            if total <= policy.max_bytes:
+                break
+            over.append(a)
+            total -= a.size
+        doomed += over
+        kept = kept[len(over):]
+    expire(store, artifacts, doomed, now)
+    freed = sum(a.size for a in doomed)
+    if doomed:
+        log.info("retention: expired %d artifacts (%d bytes); %d bytes kept", len(doomed), freed, total)
+    return {"expired": len(doomed), "freed_bytes": freed, "kept": len(kept), "kept_bytes": total}
+
+
+class RetentionWorker:
+    """Applies a policy every ``policy.interval_s`` seconds in a background thread."""
+
+    def __init__(self, store: ResultStore, artifacts: ArtifactStore, policy: RetentionPolicy) -> None:
+        self.store = store
+        self.artifacts = artifacts
+        self.policy = policy.validate()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.expired_total = 0
+        self.freed_bytes_total = 0
+        self.kept_bytes = 0
+        self.last_error: str | None = None
+
+    def run_once(self) -> dict[str, Any]:
+        out = apply_retention(self.store, self.artifacts, self.policy)
+        self.expired_total += out["expired"]
+        self.freed_bytes_total += out["freed_bytes"]
+        self.kept_bytes = out["kept_bytes"]
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.policy.interval_s):
+            try:
+                self.run_once()
+                self.last_error = None
+            except Exception as exc:  # the store may be down for a while: try again later
+                self.last_error = str(exc)
+                log.warning("retention pass failed: %s", exc)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="diffqc-retention", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def metrics_lines(self) -> list[str]:
+        return [
+            "# HELP diffqc_artifacts_expired_total Kept images and heat maps deleted by retention.",
+            "# TYPE diffqc_artifacts_expired_total counter",
+            f"diffqc_artifacts_expired_total {self.expired_total}",
+            "# HELP diffqc_artifacts_kept_bytes Bytes of kept images and heat maps after the last pass.",
+            "# TYPE diffqc_artifacts_kept_bytes gauge",
+            f"diffqc_artifacts_kept_bytes {self.kept_bytes}",
+        ]

@@ -1,0 +1,417 @@
+"""Push sinks: the durable outbox, the webhook sink against a real local HTTP server and the
+MQTT sink against a real Mosquitto broker (marker ``mqtt``: DIFFQC_TEST_MQTT_URL, started by
+``scripts/start_mosquitto.sh``; the broker stop/start test runs its own ``mosquitto``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from diffqc.errors import ConfigError
+from diffqc.service.sinks import (
+    DEAD_LETTERS,
+    OUTBOX,
+    Dispatcher,
+    MqttSink,
+    Outbox,
+    WebhookSink,
+    parse_mqtt_url,
+)
+from diffqc.service.store import ResultRecord, ResultStore
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def record(i: int, decision: str = "REJECT", ftype: str = "stripes", key: str | None = None) -> ResultRecord:
+    return ResultRecord(created_at=time.time(), source="test", decision=decision, part_id=f"p{i}",
+                        feature_type=ftype, score=1.0 + i, p_value=0.001, dedup_key=key)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[ResultStore]:
+    with ResultStore(str(tmp_path / "results.db")) as s:
+        yield s
+
+
+def outbox_for(store: ResultStore, *sinks: str) -> Outbox:
+    box = Outbox(store, sinks)
+    store.insert_hooks.append(box.enqueue_records)
+    return box
+
+
+# --------------------------------------------------------------------------- a real HTTP receiver
+class Receiver:
+    """A webhook receiver on 127.0.0.1 that answers 503 to its first ``fail_first`` requests."""
+
+    def __init__(self, fail_first: int = 0, port: int = 0, always_fail: bool = False) -> None:
+        self.fail_first = fail_first
+        self.always_fail = always_fail
+        self.requests: list[tuple[int, dict[str, str], dict[str, Any]]] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer.lock:
+                    n = len(outer.requests)
+                    status = 503 if outer.always_fail or n < outer.fail_first else 200
+                    outer.requests.append((status, dict(self.headers), body))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def delivered_ids(self) -> list[int]:
+        with self.lock:
+            return [body["record_id"] for status, _, body in self.requests if status == 200]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- outbox
+def test_outbox_row_is_written_in_the_records_transaction(store: ResultStore) -> None:
+    box = outbox_for(store, "webhook", "mqtt")
+    stored = store.insert_many([record(1), record(2, "PASS", "dots")])
+    assert box.pending("webhook") == 2 and box.pending("mqtt") == 2
+    due = box.due("webhook", time.time())
+    assert [m.record_id for m in due] == [r.id for r in stored]
+    assert [m.topic_key for m in due] == ["stripes", "dots"]
+    payload = json.loads(due[0].payload)
+    assert payload["record_id"] == stored[0].id and payload["decision"] == "REJECT"
+    # a batch that fails to commit leaves neither records nor outbox rows
+    bad = record(3)
+    bad.source = None  # type: ignore[assignment]  # NOT NULL column: the insert fails
+    with pytest.raises(Exception):  # noqa: B017 - the driver's integrity error, wrapped or not
+        store.insert_many([record(4), bad])
+    assert store.count() == 2 and box.pending("webhook") == 2
+
+
+def test_a_duplicate_record_is_not_pushed_twice(store: ResultStore) -> None:
+    box = outbox_for(store, "webhook")
+    first = store.insert(record(1, key="k1"))
+    again = store.insert(record(1, key="k1"))
+    assert again.duplicate and again.id == first.id
+    assert box.pending("webhook") == 1
+
+
+# --------------------------------------------------------------------------- webhook
+def test_webhook_retries_until_the_receiver_answers(store: ResultStore) -> None:
+    receiver = Receiver(fail_first=3)
+    box = outbox_for(store, "webhook")
+    sink = WebhookSink(receiver.url, backoff_base_s=0.01, backoff_cap_s=0.05, max_attempts=10)
+    disp = Dispatcher(box, [sink], poll_s=0.02)
+    disp.start()
+    try:
+        ids = [r.id for r in store.insert_many([record(i) for i in range(3)])]
+        wait_for(lambda: receiver.delivered_ids() == ids, what="all three records delivered in order")
+        wait_for(lambda: box.pending("webhook") == 0, what="the outbox to drain")
+    finally:
+        disp.stop()
+        receiver.close()
+    assert len(receiver.requests) == 3 + 3  # three refused attempts of the first, then each once
+    statuses = [s for s, _, _ in receiver.requests]
+    assert statuses == [503, 503, 503, 200, 200, 200]
+    _, headers, body = receiver.requests[-1]
+    assert headers["Idempotency-Key"] == f"decision-{ids[-1]}"
+    assert headers["X-Diffqc-Record-Id"] == str(ids[-1]) and body["record_id"] == ids[-1]
+    assert box.dead("webhook") == 0 and disp.failures_total["webhook"] == 3
+
+
+def test_webhook_dead_letters_after_max_attempts_and_requeues(store: ResultStore) -> None:
+    receiver = Receiver(always_fail=True)
+    box = outbox_for(store, "webhook")
+    sink = WebhookSink(receiver.url, backoff_base_s=0.01, backoff_cap_s=0.02, max_attempts=3)
+    disp = Dispatcher(box, [sink], poll_s=0.02)
+    disp.start()
+    try:
+        rec = store.insert(record(1))
+        wait_for(lambda: box.dead("webhook") == 1, what="the dead letter")
+        assert box.pending("webhook") == 0 and len(receiver.requests) == 3
+        (dead,) = box.dead_letters("webhook")
+        assert dead["record_id"] == rec.id and dead["attempts"] == 3 and "503" in dead["last_error"]
+        receiver.always_fail = False
+        assert box.requeue_dead("webhook") == 1
+        wait_for(lambda: receiver.delivered_ids() == [rec.id], what="the requeued message")
+    finally:
+        disp.stop()
+        receiver.close()
+    assert box.dead("webhook") == 0 and box.pending("webhook") == 0
+
+
+def test_webhook_down_never_blocks_and_catches_up_after_a_restart(tmp_path: Path) -> None:
+    """Records keep being stored while the receiver is unreachable; after a restart of the
+    service (new store, outbox and dispatcher) and of the receiver, every message arrives."""
+    port = free_port()
+    db = str(tmp_path / "results.db")
+    with ResultStore(db) as store:
+        box = outbox_for(store, "webhook")
+        sink = WebhookSink(f"http://127.0.0.1:{port}/hook", backoff_base_s=0.01, backoff_cap_s=0.05,
+                           max_attempts=1000, timeout_s=1.0)
+        disp = Dispatcher(box, [sink], poll_s=0.02)
+        disp.start()
+        ids = [store.insert(record(i)).id for i in range(5)]  # returns although nobody listens
+        wait_for(lambda: disp.failures_total["webhook"] >= 2, what="failed attempts")
+        disp.stop()
+        assert box.pending("webhook") == 5
+    receiver = Receiver(port=port)
+    try:
+        with ResultStore(db) as store:
+            box = outbox_for(store, "webhook")
+            disp = Dispatcher(box, [WebhookSink(receiver.url, backoff_base_s=0.01)], poll_s=0.02)
+            disp.start()
+            try:
+                ids.append(store.insert(record(5)).id)
+                wait_for(lambda: receiver.delivered_ids() == ids, what="the backlog and the new record")
+            finally:
+                disp.stop()
+    finally:
+        receiver.close()
+
+
+def test_sink_configuration_errors_are_clear() -> None:
+    with pytest.raises(ConfigError, match="webhook URL"):
+        WebhookSink("ftp://x/y")
+    with pytest.raises(ConfigError, match="mqtt://"):
+        parse_mqtt_url("http://broker:1883")
+    target = parse_mqtt_url("mqtt://user:pw@broker:1884/plant1/line3")
+    assert (target.host, target.port, target.prefix) == ("broker", 1884, "plant1/line3")
+    assert target.username == "user" and target.password == "pw"
+    assert parse_mqtt_url("mqtt://broker").prefix == "diffqc"
+    for bad in ("mqtt://broker/a/#", "mqtt://broker/a/+"):
+        with pytest.raises(ConfigError, match="prefix"):
+            parse_mqtt_url(bad)
+
+
+# --------------------------------------------------------------------------- MQTT (real broker)
+def mqtt_url() -> str:
+    url = os.environ.get("DIFFQC_TEST_MQTT_URL")
+    if not url:
+        pytest.skip("DIFFQC_TEST_MQTT_URL is unset: start a broker with "
+                    "`export DIFFQC_TEST_MQTT_URL=$(scripts/start_mosquitto.sh)`")
+    return url
+
+
+class Subscriber:
+    """A paho client collecting every message under ``prefix/#`` (QoS 1)."""
+
+    def __init__(self, host: str, port: int, prefix: str, client_id: str | None = None,
+                 clean: bool = True) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.lock = threading.Lock()
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or "",
+                                  clean_session=clean)
+        self.prefix = prefix
+
+        def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+            client.subscribe(f"{prefix}/#", qos=1)
+
+        def on_subscribe(*args: Any) -> None:
+            self.subscribed.set()
+
+        def on_message(client: Any, userdata: Any, msg: Any) -> None:
+            with self.lock:
+                self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
+
+        self.client.on_connect = on_connect
+        self.client.on_subscribe = on_subscribe
+        self.client.on_message = on_message
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
+        self.client.connect_async(host, port, keepalive=10)
+        self.client.loop_start()
+        assert self.subscribed.wait(15), "subscriber could not subscribe"
+
+    def on(self, topic: str) -> list[bytes]:
+        with self.lock:
+            return [p for t, p, _ in self.messages if t == topic]
+
+    def record_ids(self) -> set[int]:
+        with self.lock:
+            return {json.loads(p)["record_id"] for t, p, _ in self.messages
+                    if t.startswith(f"{self.prefix}/decisions/")}
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _unique_prefix(tag: str) -> str:
+    return f"diffqc-test/{tag}-{os.getpid()}-{time.monotonic_ns()}"
+
+
+@pytest.mark.mqtt
+def test_mqtt_publishes_decisions_and_a_retained_status(store: ResultStore) -> None:
+    base = parse_mqtt_url(mqtt_url())
+    prefix = _unique_prefix("pub")
+    url = f"mqtt://{base.host}:{base.port}/{prefix}"
+    sub = Subscriber(base.host, base.port, prefix)
+    box = outbox_for(store, "mqtt")
+    sink = MqttSink(url)
+    disp = Dispatcher(box, [sink], poll_s=0.05)
+    disp.start()
+    try:
+        wait_for(sink.ready, 15, "the MQTT sink to connect")
+        stored = store.insert_many([record(1, "REJECT", "stripes"), record(2, "PASS", "a/b")])
+        wait_for(lambda: sub.record_ids() == {r.id for r in stored}, what="both decisions")
+        wait_for(lambda: box.pending("mqtt") == 0, what="the outbox to drain")
+        assert sub.on(f"{prefix}/status")[-1] == b"online"
+        (rej,) = sub.on(f"{prefix}/decisions/stripes")
+        assert json.loads(rej)["record_id"] == stored[0].id and json.loads(rej)["decision"] == "REJECT"
+        assert len(sub.on(f"{prefix}/decisions/a_b")) == 1  # '/' in a type is one topic level
+        box.enqueue_alarm("stripes", {"event": "drift_alarm", "statistic": 0.4})
+        wait_for(lambda: len(sub.on(f"{prefix}/alarms/stripes")) == 1, what="the drift alarm")
+    finally:
+        disp.stop()
+        sub.close()
+    # the retained status after a clean stop is "offline", and the alarm state is retained
+    late = Subscriber(base.host, base.port, prefix)
+    try:
+        wait_for(lambda: late.on(f"{prefix}/status") == [b"offline"], 10, "the retained offline status")
+        wait_for(lambda: len(late.on(f"{prefix}/alarms/stripes")) == 1, 10, "the retained alarm")
+    finally:
+        late.client.publish(f"{prefix}/alarms/stripes", b"", qos=1, retain=True).wait_for_publish(5)
+        late.client.publish(f"{prefix}/status", b"", qos=1, retain=True).wait_for_publish(5)
+        late.close()
+
+
+_CRASHING_CLIENT = """
+import sys, time
+from diffqc.service.sinks import MqttSink
+sink = MqttSink(sys.argv[1])
+sink.start()
+while not sink.ready():
+    time.sleep(0.05)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.mqtt
+def test_mqtt_last_will_says_offline_when_the_process_dies() -> None:
+    base = parse_mqtt_url(mqtt_url())
+    prefix = _unique_prefix("will")
+    sub = Subscriber(base.host, base.port, prefix)
+    proc = subprocess.Popen([sys.executable, "-c", _CRASHING_CLIENT, f"mqtt://{base.host}:{base.port}/{prefix}"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        wait_for(lambda: sub.on(f"{prefix}/status") == [b"online"], 10, "online")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        wait_for(lambda: sub.on(f"{prefix}/status") == [b"online", b"offline"], 15, "the last will")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sub.client.publish(f"{prefix}/status", b"", qos=1, retain=True).wait_for_publish(5)
+        sub.close()
+
+
+class Broker:
+    """A private Mosquitto (persistent sessions, so that a subscriber misses nothing)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(self.binary).exists():
+            pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+        self.port = free_port()
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.conf = folder / "mosquitto.conf"
+        # as root, mosquitto would drop to its own user, which cannot write the session file here
+        user = "user root\n" if os.geteuid() == 0 else ""
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+                             f"persistence_location {folder}/\nlog_dest file {folder}/broker.log\n{user}")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+
+        def listening() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(listening, 10, "the broker to listen")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()  # SIGTERM: mosquitto saves its sessions
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.mark.mqtt
+def test_mqtt_broker_down_inspection_goes_on_and_every_message_arrives(store: ResultStore,
+                                                                      tmp_path: Path) -> None:
+    mqtt_url()  # the same switch as the other broker tests
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    prefix = "line"
+    sub = Subscriber("127.0.0.1", broker.port, prefix, client_id=f"sub-{os.getpid()}", clean=False)
+    box = outbox_for(store, "mqtt")
+    sink = MqttSink(f"mqtt://127.0.0.1:{broker.port}/{prefix}")
+    disp = Dispatcher(box, [sink], poll_s=0.05)
+    disp.start()
+    try:
+        wait_for(sink.ready, 15, "the sink to connect")
+        before = {r.id for r in store.insert_many([record(i) for i in range(5)])}
+        wait_for(lambda: sub.record_ids() == before, what="the first five")
+        broker.stop()
+        wait_for(lambda: not sink.ready(), 15, "the sink to notice the broker is gone")
+        during = {store.insert(record(10 + i)).id for i in range(10)}  # inspection goes on
+        assert store.count() == 15 and box.pending("mqtt") == 10
+        broker.start()
+        wait_for(lambda: sub.record_ids() == before | during, 60,
+                 f"every message after the restart (sink ready {sink.ready()}, "
+                 f"outbox {box.pending('mqtt')}, seen {sorted(sub.record_ids())}, "
+                 f"errors {disp.last_error})")
+        wait_for(lambda: box.pending("mqtt") == 0, 10, "the outbox to drain")
+    finally:
+        disp.stop()
+        sub.close()
+        broker.stop()
+    with store._reader() as conn:
+        assert conn.execute(f"SELECT COUNT(*) FROM {DEAD_LETTERS}").fetchone()[0] == 0
+        assert conn.execute(f"SELECT COUNT(*) FROM {OUTBOX}").fetchone()[0] == 0
