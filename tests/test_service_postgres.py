@@ -110,3 +110,76 @@ async def test_service_on_postgres(detector: Any, samples: Samples, pg_url: str,
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+# --------------------------------------------------------------------------- database restart
+@pytest.fixture
+def private_cluster() -> Iterator[tuple[str, Any]]:
+    """A PostgreSQL cluster of this test alone (its own folder and port, started with
+    ``scripts/start_postgres.sh``), so that stopping it disturbs no other test."""
+    import shutil
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = Path(f"/tmp/diffqc-pg-restart-{uuid.uuid4().hex[:8]}")
+    env = {**os.environ, "DIFFQC_PG_DIR": str(data), "DIFFQC_PG_PORT": str(port)}
+    script = Path(__file__).resolve().parents[1] / "scripts" / "start_postgres.sh"
+
+    def ctl(action: str = "start") -> str:
+        argv = ["bash", str(script)] + (["stop"] if action == "stop" else [])
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180, check=True)
+        return out.stdout.strip()
+
+    url = ctl("start")
+    try:
+        yield url, ctl
+    finally:
+        ctl("stop")
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.mark.anyio
+async def test_postgres_restart_the_service_reconnects_without_losing_an_ack(
+    detector: Any, samples: Samples, private_cluster: tuple[str, Any], tmp_path: Path
+) -> None:
+    """The database stops under a running service: inspections get 503 with a code, read
+    routes 503 (never 500), /readyz 503 with the reason; once it is back the same service
+    stores again (no restart), and every acknowledged part is in the table."""
+    from diffqc.errors import StoreError
+
+    url, ctl = private_cluster
+    body, ftype = samples.one("PASS")
+    params = {"feature_type": ftype}
+    async with running_app(detector, tmp_path, db_url=url, data_dir=str(tmp_path / "art")) as (client, state):
+        acked = []
+        r = await client.post(
+            "/v1/inspect", content=body, headers=AUTH, params={**params, "part_id": "before"}
+        )
+        assert r.status_code == 200
+        acked.append(r.json()["id"])
+        ctl("stop")
+        r = await client.post(
+            "/v1/inspect", content=body, headers=AUTH, params={**params, "part_id": "during"}
+        )
+        assert r.status_code == 503 and r.json()["code"] == "store_unavailable", r.text
+        for path in ("/v1/results", "/v1/stats", "/metrics"):
+            r = await client.get(path, headers=AUTH)
+            assert r.status_code == 503 and r.json()["code"] == "store_unavailable", (path, r.text)
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["store"] is False, ready.text
+        with pytest.raises(StoreError):
+            state.store.insert(_rec("direct"))
+        ctl("start")
+        r = await client.post(
+            "/v1/inspect", content=body, headers=AUTH, params={**params, "part_id": "after"}
+        )
+        assert r.status_code == 200, r.text
+        acked.append(r.json()["id"])
+        assert (await client.get("/readyz")).status_code == 200
+        assert state.store.reconnects >= 1
+        listed = (await client.get("/v1/results", headers=AUTH, params={"order": "oldest"})).json()
+        assert [x["part_id"] for x in listed["results"]] == ["before", "after"]
+        assert [x["id"] for x in listed["results"]] == acked
