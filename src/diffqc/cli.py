@@ -297,6 +297,7 @@ def _optional_registrars() -> list[Callable[[Any], None]]:
     regs: list[Callable[[Any], None]] = []
     for module, name in (("diffqc.commands", "add_evaluate_command"),
                          ("diffqc.commands", "add_export_command"),
+                         ("diffqc.recalibrate", "add_calibrate_command"),
                          ("diffqc.service", "add_service_commands")):
         try:
             mod = __import__(module, fromlist=[name])

@@ -1,0 +1,219 @@
+"""Recalibrate a model bundle without retraining (``diffqc calibrate MODEL DATA``).
+
+The scorer stays as trained; only the conformal calibration (``calibration.json``, and
+``calibration.int8.json`` when the bundle has an INT8 export) is recomputed from the GOOD
+images in DATA, which must be parts the model never trained on (a fresh folder, or
+``diffqc results export`` of operator-reviewed GOOD parts). Types absent from DATA keep their
+current calibration.
+
+The rewrite is atomic: everything is scored first, then each file is written to a temporary
+sibling, fsynced and renamed over the old one (``os.replace``), after its previous content was
+kept as ``calibration.prev.json`` (``calibration.int8.prev.json``). ``metadata.json`` records
+the SHA-256 of the calibration files and what the recalibration used.
+
+A running service notices the new file (:class:`CalibrationReloader` compares the file's stat
+signature once a second) and decides the next parts with it, without a restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from diffqc.calibration import Calibrator
+from diffqc.errors import BundleError, DatasetError, UnknownFeatureTypeError
+
+log = logging.getLogger("diffqc.recalibrate")
+
+CALIBRATION_FILE = "calibration.json"
+INT8_CALIBRATION_FILE = "calibration.int8.json"
+INT8_MODEL_FILE = "model.int8.onnx"
+
+
+def previous_name(name: str) -> str:
+    """``calibration.json`` -> ``calibration.prev.json``."""
+    stem, _, ext = name.rpartition(".")
+    return f"{stem}.prev.{ext}"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary sibling, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def calibration_scores(detector: Any, samples: Sequence[Any], *, skip_corrupt: bool = False,
+                       progress: bool = False) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Scores of GOOD ``samples`` as the detector's calibration needs them: per type, the score
+    under the part's own type (known-type table) and the minimum over every type (unknown-type
+    table), as :meth:`diffqc.model.Detector.fit` computes them."""
+    results, kept = detector.inspect_samples(samples, type_known=True, all_types=True, maps=False,
+                                             skip_corrupt=skip_corrupt, progress=progress)
+    known: dict[str, list[float]] = {}
+    unknown: dict[str, list[float]] = {}
+    for res, sample in zip(results, kept, strict=True):
+        known.setdefault(sample.feature_type, []).append(float(res.score))
+        unknown.setdefault(sample.feature_type, []).append(float(min(res.type_scores.values())))
+    return known, unknown
+
+
+def _merged(old: Calibrator, known: dict[str, list[float]], unknown: dict[str, list[float]]) -> Calibrator:
+    """A calibrator with the new scores for the types given and the old ones for the rest."""
+    keep_known = {t: c.scores.tolist() for t, c in old.known.items() if t not in known}
+    keep_unknown = {t: c.scores.tolist() for t, c in old.unknown.items() if t not in unknown}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cal = Calibrator(old.config).fit({**keep_known, **known}, {**keep_unknown, **unknown})
+    for w in caught:  # say it once, for the types recalibrated now
+        if any(repr(t) in str(w.message) for t in known):
+            warnings.warn(str(w.message), w.category, stacklevel=3)
+    return cal
+
+
+def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = False,
+                progress: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """Recompute the calibration of bundle ``model`` from the GOOD images of ``data``; returns
+    a summary (images per type, files written, checksums)."""
+    from diffqc.data import GOOD, load_dataset
+    from diffqc.inspection import sha256_file
+    from diffqc.model import Detector
+
+    path = Path(model)
+    det = Detector.load(path, device="cpu")
+    samples = [s for s in load_dataset(data) if s.label == GOOD]
+    if not samples:
+        raise DatasetError(f"{data}: no GOOD images to calibrate on")
+    unknown_types = sorted({s.feature_type for s in samples} - set(det.classes_))
+    if unknown_types:
+        raise UnknownFeatureTypeError(f"{data}: types {', '.join(unknown_types)} are not in the model "
+                                      f"({', '.join(det.classes_)})")
+    assert det.calibration_ is not None
+    known, unknown = calibration_scores(det, samples, skip_corrupt=skip_corrupt, progress=progress)
+    new = {CALIBRATION_FILE: _merged(det.calibration_, known, unknown)}
+    if (path / INT8_CALIBRATION_FILE).is_file() and (path / INT8_MODEL_FILE).is_file():
+        from diffqc.runtime import OnnxDetector
+
+        int8 = OnnxDetector(path, precision="int8", threads=threads)
+        k8, u8 = calibration_scores(int8, samples, skip_corrupt=skip_corrupt, progress=progress)
+        new[INT8_CALIBRATION_FILE] = _merged(int8.calibration_, k8, u8)
+
+    meta_path = path / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    previous = {name: sha256_file(path / name) for name in new if (path / name).is_file()}
+    for name, cal in new.items():
+        target = path / name
+        if target.is_file():
+            write_atomic(path / previous_name(name), target.read_bytes())
+        write_atomic(target, json.dumps(cal.to_dict()).encode("utf-8"))
+    checksums = {name: sha256_file(path / name) for name in new}
+    counts = {t: len(v) for t, v in sorted(known.items())}
+    meta["calibration_sha256"] = checksums[CALIBRATION_FILE]
+    if INT8_CALIBRATION_FILE in checksums:
+        meta["calibration_int8_sha256"] = checksums[INT8_CALIBRATION_FILE]
+    training = meta.setdefault("training_data", {})
+    training["calibration_images"] = {**training.get("calibration_images", {}), **counts}
+    meta["recalibrated"] = {
+        "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "data": str(data),
+        "images": counts,
+        "previous_sha256": previous,
+    }
+    write_atomic(meta_path, json.dumps(meta, indent=2).encode("utf-8"))
+    return {"model": str(path), "images": counts, "files": sorted(new),
+            "kept_previous": sorted(previous_name(n) for n in previous), "sha256": checksums,
+            "thresholds": {t: new[CALIBRATION_FILE].thresholds(t) for t in counts}}
+
+
+# --------------------------------------------------------------------------- the service side
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class CalibrationReloader:
+    """Swap a loaded detector's calibration when its bundle file changes on disk.
+
+    ``check()`` is cheap (one ``stat``); it loads the file only when its signature (mtime,
+    size, inode) changed, and keeps the current calibration when the new file is unusable.
+    """
+
+    def __init__(self, detector: Any, bundle: Path | str) -> None:
+        self.detector = detector
+        self.bundle = Path(bundle)
+        name = INT8_CALIBRATION_FILE if getattr(detector, "precision", "fp32") == "int8" else CALIBRATION_FILE
+        if not (self.bundle / name).is_file():
+            name = CALIBRATION_FILE
+        self.file = self.bundle / name
+        self._signature = _signature(self.file)
+        self.reloads = 0
+        self.last_error: str | None = None
+
+    def check(self) -> bool:
+        """True when a new calibration was loaded now."""
+        sig = _signature(self.file)
+        if sig is None or sig == self._signature:
+            return False
+        self._signature = sig
+        try:
+            cal = Calibrator.from_dict(json.loads(self.file.read_text()))
+            classes = list(self.detector.classes_)
+            if set(cal.known) != set(classes):
+                raise BundleError(f"calibration types {sorted(cal.known)} != model classes {classes}")
+        except (OSError, ValueError, KeyError, TypeError, BundleError) as exc:
+            self.last_error = f"{self.file}: {exc}"
+            log.error("new calibration not loaded, keeping the current one: %s", self.last_error)
+            return False
+        self.detector.calibration_ = cal  # one attribute store: a batch uses the old or the new
+        self.reloads += 1
+        self.last_error = None
+        log.info("calibration reloaded from %s", self.file)
+        return True
+
+
+# --------------------------------------------------------------------------- CLI
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    summary = recalibrate(args.model, args.data, skip_corrupt=args.skip_corrupt, progress=not args.quiet)
+    print(json.dumps(summary))
+    return 0
+
+
+def add_calibrate_command(subparsers: Any) -> None:
+    """Register ``diffqc calibrate MODEL DATA`` on an argparse sub-parsers object."""
+    p = subparsers.add_parser(
+        "calibrate",
+        help="recompute a bundle's calibration from GOOD images, without retraining",
+        description="Recompute the conformal calibration of MODEL from the GOOD images in DATA "
+        "(parts the model never trained on). The previous calibration is kept as "
+        "calibration.prev.json; a running service picks the new one up without a restart.",
+    )
+    p.add_argument("model", type=Path, help="model bundle folder")
+    p.add_argument("data", help="MVTec-layout folder or CSV manifest with GOOD images")
+    p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_calibrate)

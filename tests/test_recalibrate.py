@@ -1,0 +1,82 @@
+"""``diffqc calibrate MODEL DATA``: recalibrate a bundle without retraining, atomically, keeping
+the previous calibration; a running service picks the new one up without a restart."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffqc.cli import main
+from diffqc.inspection import sha256_file
+from tests.conftest import write_clear_dataset
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(bundle, tmp_path / "model"))
+
+
+def _n(path: Path) -> dict[str, int]:
+    return {t: len(v) for t, v in json.loads(path.read_text())["known"].items()}
+
+
+def test_calibration_scores_reproduce_the_fitted_calibration(tiny_model: Path, clear_dataset: Path) -> None:
+    """Scoring the bundle's own calibration images again gives the stored calibration scores:
+    recalibration computes exactly what fit computed."""
+    from diffqc.data import good_training, load_dataset
+    from diffqc.model import Detector, split_calibration
+    from diffqc.recalibrate import calibration_scores
+
+    det = Detector.load(tiny_model, device="cpu")
+    good = good_training(load_dataset(clear_dataset))
+    _, cal_idx = split_calibration(good, det.config.calibration.fraction, det.config.train.seed)
+    known, unknown = calibration_scores(det, [good[i] for i in cal_idx])
+    assert det.calibration_ is not None
+    for t in det.classes_:
+        np.testing.assert_allclose(np.sort(known[t]), det.calibration_.known[t].scores, rtol=1e-5)
+        np.testing.assert_allclose(np.sort(unknown[t]), det.calibration_.unknown[t].scores, rtol=1e-5)
+
+
+def test_cli_calibrate_rewrites_atomically_and_keeps_the_previous(tiny_model: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from diffqc.model import Detector
+
+    model = _copy(tiny_model, tmp_path)
+    data = write_clear_dataset(tmp_path / "fresh", n_train=6, n_test=3, seed=5)  # 9 GOOD per type
+    shutil.rmtree(data / "dots")  # one type only: the other keeps its calibration
+    before = (model / "calibration.json").read_bytes()
+    old_n = _n(model / "calibration.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["calibrate", str(model), str(data), "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["images"] == {"stripes": 9}
+    assert (model / "calibration.prev.json").read_bytes() == before
+    assert _n(model / "calibration.json") == {"stripes": 9, "dots": old_n["dots"]}
+    new = json.loads((model / "calibration.json").read_text())
+    old = json.loads(before)
+    assert new["known"]["dots"] == old["known"]["dots"] and new["config"] == old["config"]
+    assert new["known"]["stripes"] != old["known"]["stripes"]
+    meta = json.loads((model / "metadata.json").read_text())
+    assert meta["calibration_sha256"] == sha256_file(model / "calibration.json")
+    assert meta["recalibrated"]["previous_sha256"]["calibration.json"] == sha256_file(
+        model / "calibration.prev.json")
+    assert meta["training_data"]["calibration_images"]["stripes"] == 9
+    assert not [p.name for p in model.iterdir() if p.name.endswith(".tmp")]
+    det = Detector.load(model, device="cpu")  # still a valid bundle (weights checksum intact)
+    assert det.calibration_ is not None and det.calibration_.known["stripes"].scores.size == 9
+
+
+def test_cli_calibrate_refuses_unknown_types_and_writes_nothing(tiny_model: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    model = _copy(tiny_model, tmp_path)
+    data = write_clear_dataset(tmp_path / "fresh", n_train=2, n_test=1, seed=6)
+    (data / "dots").rename(data / "squares")
+    files = {p.name: p.read_bytes() for p in model.iterdir()}
+    assert main(["calibrate", str(model), str(data)]) == 1
+    assert "squares" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == files
