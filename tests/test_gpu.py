@@ -120,11 +120,14 @@ def test_evaluate_on_cuda(clear_dataset: Path) -> None:
 
     report = evaluate(load_dataset(clear_dataset), folds=2, methods=("diffusion", "padim"),
                       base_config=tiny_config(), device="cuda", progress=False, n_boot=50, gallery=0)
-    assert report is not None
+    for t in ("dots", "stripes"):  # the clear defects are found out of fold, by both methods
+        for method in ("diffusion", "padim"):
+            assert report["results"][t][method]["pooled"]["auroc"] >= 0.9
 
 
 def test_demo_on_cuda(tmp_path: Path) -> None:
     from diffqc.demo import run_demo
 
     rows = run_demo(tmp_path / "demo", config=tiny_config(), n_parts=240, progress=False, device="cuda")
-    assert rows and all(r["image_auroc"] is None or 0.0 <= r["image_auroc"] <= 1.0 for r in rows)
+    assert len(rows) == 9 and rows[-1]["feature_type"] == "mean/all"  # 8 types and the summary
+    assert rows[-1]["image_auroc"] > 0.5  # mean over the types whose AUROC is defined
