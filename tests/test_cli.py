@@ -90,3 +90,16 @@ def test_heatmaps_named_by_relative_path_never_overwrite(tiny_model: Path, tmp_p
     assert names == ["test_blob_000_heatmap-1.png", "test_good_000_heatmap.png"]
     assert (hm / "test_blob_000_heatmap.png").read_bytes() == b"someone else's file"
     assert all(Path(r["heatmap"]).stat().st_size > 100 for r in rows)
+
+
+def test_export_onnx_without_data_as_the_readme_says(tiny_model: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`diffqc export MODEL --format onnx` checks parity on synthetic images when no --data is
+    given (it failed: the synthetic set was asked for fewer parts than it can write)."""
+    import shutil
+
+    bundle = shutil.copytree(tiny_model, tmp_path / "m")
+    assert main(["export", str(bundle), "--format", "onnx", "-q", "--threads", "1",
+                 "--check-images", "8"]) == 0, capsys.readouterr().err
+    assert (bundle / "model.onnx").is_file()
+    assert "synthetic images" in (bundle / "export.json").read_text()
