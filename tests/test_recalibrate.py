@@ -1,8 +1,11 @@
 """``diffqc calibrate MODEL DATA``: recalibrate a bundle without retraining, atomically, keeping
 the previous calibration; a running service picks the new one up without a restart."""
 
+# ruff: noqa: F811  (fixtures imported from tests.test_service_common are re-bound as arguments)
 from __future__ import annotations
 
+import asyncio
+import csv
 import json
 import shutil
 import warnings
@@ -14,6 +17,13 @@ import pytest
 from diffqc.cli import main
 from diffqc.inspection import sha256_file
 from tests.conftest import write_clear_dataset
+from tests.test_service_common import (  # noqa: F401 (fixtures)
+    AUTH,
+    detector,
+    running_app,
+    samples,
+    service_model,
+)
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:
@@ -80,3 +90,52 @@ def test_cli_calibrate_refuses_unknown_types_and_writes_nothing(tiny_model: Path
     assert main(["calibrate", str(model), str(data)]) == 1
     assert "squares" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_the_service_picks_up_a_new_calibration_without_a_restart(
+        service_model, samples, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Serve a copy of the bundle, run ``diffqc calibrate`` on it, and the same part is decided
+    with the new calibration by the running service (it stats the file once a second)."""
+    from diffqc.calibration import Calibrator
+    from diffqc.data import GOOD, load_dataset
+    from diffqc.model import Detector
+
+    model = _copy(service_model[0], tmp_path)
+    det = Detector.load(model, device="cpu")
+    good = [s for s in load_dataset(service_model[1]) if s.label == GOOD and s.split == "test"]
+    manifest = tmp_path / "good.csv"
+    with manifest.open("w", newline="") as fh:  # a few GOOD parts per type
+        w = csv.writer(fh)
+        w.writerow(["path", "feature_type", "label"])
+        for t in det.classes_:
+            for s in [s for s in good if s.feature_type == t][:6]:
+                w.writerow([s.path, t, "good"])
+    data, ftype = samples.one("REVIEW")
+    async with running_app(det, tmp_path, model_path=model, calibration_poll_s=0.1) as (client, _state):
+        first = (await client.post("/v1/inspect", params={"feature_type": ftype}, content=data,
+                                   headers=AUTH)).json()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert await asyncio.to_thread(main, ["calibrate", str(model), str(manifest), "-q"]) == 0
+        new = Calibrator.from_dict(json.loads((model / "calibration.json").read_text()))
+        for _ in range(300):
+            info = (await client.get("/v1/model", headers=AUTH)).json()
+            if info["calibration"]["types"][ftype]["n"] == new.known[ftype].scores.size:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the service did not pick up the new calibration")
+        second = (await client.post("/v1/inspect", params={"feature_type": ftype}, content=data,
+                                    headers=AUTH)).json()
+        line = (await client.get("/v1/line", headers=AUTH)).json()
+        metrics = (await client.get("/metrics", headers=AUTH)).text
+    assert second["score"] == pytest.approx(first["score"], rel=1e-5)
+    assert second["p_value"] == pytest.approx(new.p_value(ftype, second["score"]))
+    assert second["p_value"] != first["p_value"]
+    assert line["calibration"]["reloads"] == 1 and "diffqc_calibration_reloads_total 1" in metrics

@@ -1,8 +1,11 @@
 """Retention of kept images and heat maps: by age and by disk budget, never a record, never a
 file the service did not write."""
 
+# ruff: noqa: F811  (fixtures imported from tests.test_service_common are re-bound as arguments)
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import time
 from pathlib import Path
 
@@ -12,6 +15,13 @@ import pytest
 from diffqc.errors import ConfigError
 from diffqc.service.retention import RetentionPolicy, RetentionWorker, apply_retention
 from diffqc.service.store import ArtifactStore, ResultRecord, ResultStore
+from tests.test_service_common import (  # noqa: F401 (fixtures)
+    AUTH,
+    detector,
+    running_app,
+    samples,
+    service_model,
+)
 
 
 def _store_parts(store: ResultStore, artifacts: ArtifactStore, ages_s: list[float],
@@ -89,3 +99,75 @@ def test_worker_and_policy_validation(stores) -> None:  # type: ignore[no-untype
     assert worker.run_once()["expired"] == 4
     assert "diffqc_artifacts_expired_total 4" in worker.metrics_lines()
     assert "diffqc_artifacts_kept_bytes 0" in worker.metrics_lines()
+
+
+# --------------------------------------------------------------------------- line metadata
+_OLD_SCHEMA = """CREATE TABLE diffqc_results (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, created_at DOUBLE PRECISION NOT NULL, source TEXT NOT NULL,
+    decision TEXT NOT NULL, part_id TEXT, feature_type TEXT, predicted_type TEXT, type_known INTEGER,
+    score DOUBLE PRECISION, p_value DOUBLE PRECISION, model_version TEXT NOT NULL DEFAULT '',
+    latency_ms DOUBLE PRECISION, heatmap TEXT, image TEXT, reason TEXT, type_scores TEXT,
+    dedup_key TEXT, review TEXT, reviewed_at DOUBLE PRECISION, reviewer TEXT, review_note TEXT,
+    UNIQUE (source, dedup_key))"""
+
+
+def test_an_old_store_gains_the_line_columns_and_keeps_its_rows(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as conn:  # a store written before line metadata existed
+        conn.execute(_OLD_SCHEMA)
+        conn.execute("INSERT INTO diffqc_results (created_at, source, decision, part_id) "
+                     "VALUES (1.0, 'http', 'PASS', 'old-part')")
+    with ResultStore(str(db)) as store:
+        (old,) = store.query()
+        assert old.part_id == "old-part" and old.line is None and old.heatmap_expired_at is None
+        store.insert(ResultRecord(created_at=2.0, source="http", decision="REJECT", part_id="new",
+                                  line="L1", station="S1", camera="C1"))
+        assert [r.part_id for r in store.query(line="L1")] == ["new"]
+        assert [r.part_id for r in store.query(station="S1", camera="C1")] == ["new"]
+        assert store.query(line="L2") == []
+    with sqlite3.connect(db) as conn:
+        cols = {row[1] for row in conn.execute("PRAGMA table_info(diffqc_results)")}
+    assert {"line", "station", "camera", "heatmap_expired_at", "image_expired_at"} <= cols
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_line_fields_are_stored_filterable_and_artifacts_expire_through_http(
+        detector, samples, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data, ftype = samples.one("REJECT")
+    async with running_app(detector, tmp_path, keep_images="all", heatmaps="all", retention_max_bytes=0,
+                           retention_interval_s=0.2) as (client, state):
+        r = await client.post("/v1/inspect", params={"feature_type": ftype, "line": "L1", "camera": "cam-7"},
+                              content=data, headers=AUTH)
+        assert r.status_code == 200
+        rec = r.json()
+        assert (rec["line"], rec["station"], rec["camera"]) == ("L1", None, "cam-7")
+        files = {"image": ("part.png", data, "image/png")}
+        form = {"feature_type": ftype, "line": "L2", "station": "S9"}
+        r2 = await client.post("/v1/inspect", files=files, data=form, headers=AUTH)
+        assert r2.status_code == 200 and (r2.json()["line"], r2.json()["station"]) == ("L2", "S9")
+        got = (await client.get("/v1/results", params={"line": "L1"}, headers=AUTH)).json()
+        assert [x["id"] for x in got["results"]] == [rec["id"]]
+        got = (await client.get("/v1/results", params={"station": "S9"}, headers=AUTH)).json()
+        assert [x["id"] for x in got["results"]] == [r2.json()["id"]]
+        bad = await client.post("/v1/inspect", params={"feature_type": ftype, "line": "a\x00b"},
+                                content=data, headers=AUTH)
+        assert bad.status_code == 422 and bad.json()["code"] == "bad_line"
+
+        async def expired() -> dict:  # type: ignore[type-arg]
+            for _ in range(300):
+                row = (await client.get(f"/v1/results/{rec['id']}", headers=AUTH)).json()
+                if row["heatmap_expired_at"] is not None and row["image_expired_at"] is not None:
+                    return dict(row)
+                await asyncio.sleep(0.1)
+            raise AssertionError("the retention worker did not expire the artifacts")
+
+        row = await expired()
+        assert row["heatmap_url"] is None and row["image_url"] is None and row["decision"] == "REJECT"
+        assert (await client.get(f"/v1/results/{rec['id']}/heatmap", headers=AUTH)).status_code == 404
+        assert state.store.count() == 2
+        assert "diffqc_artifacts_expired_total" in (await client.get("/metrics", headers=AUTH)).text

@@ -2,8 +2,10 @@
 MQTT sink against a real Mosquitto broker (marker ``mqtt``: DIFFQC_TEST_MQTT_URL, started by
 ``scripts/start_mosquitto.sh``; the broker stop/start test runs its own ``mosquitto``)."""
 
+# ruff: noqa: F811  (fixtures imported from tests.test_service_common are re-bound as arguments)
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -31,6 +33,13 @@ from diffqc.service.sinks import (
     parse_mqtt_url,
 )
 from diffqc.service.store import ResultRecord, ResultStore
+from tests.test_service_common import (  # noqa: F401 (fixtures)
+    AUTH,
+    detector,
+    running_app,
+    samples,
+    service_model,
+)
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
@@ -415,3 +424,45 @@ def test_mqtt_broker_down_inspection_goes_on_and_every_message_arrives(store: Re
     with store._reader() as conn:
         assert conn.execute(f"SELECT COUNT(*) FROM {DEAD_LETTERS}").fetchone()[0] == 0
         assert conn.execute(f"SELECT COUNT(*) FROM {OUTBOX}").fetchone()[0] == 0
+
+
+# --------------------------------------------------------------------------- through the HTTP service
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_service_pushes_each_decision_and_a_drift_alarm_to_the_webhook(detector: Any, samples: Any,
+                                                                              tmp_path: Path) -> None:
+    receiver = Receiver(fail_first=1)
+    data, ftype = samples.one("REJECT")
+    try:
+        async with running_app(detector, tmp_path, webhook_url=receiver.url, drift_window=5,
+                               drift_min_parts=5, drift_level=0.01) as (client, state):
+            ids = []
+            for i in range(5):
+                r = await client.post("/v1/inspect", params={"feature_type": ftype, "part_id": f"p{i}",
+                                                             "line": "L1", "station": "S2"},
+                                      content=data, headers=AUTH)
+                assert r.status_code == 200 and r.json()["decision"] == "REJECT" and r.json()["line"] == "L1"
+                ids.append(r.json()["id"])
+            await asyncio.to_thread(wait_for, lambda: receiver.delivered_ids()[:5] == ids,
+                                    30, "five decisions at the webhook")
+            bodies = [b for s, _, b in receiver.requests if s == 200]
+            assert all(b["line"] == "L1" and b["station"] == "S2" for b in bodies[:5])
+            # five REJECTs in a window of five: the drift alarm for that type, pushed too
+            await asyncio.to_thread(wait_for, lambda: any(b.get("kind") == "alarm" for _, _, b in
+                                                          receiver.requests), 30, "the drift alarm")
+            alarm = next(b for _, _, b in receiver.requests if b.get("kind") == "alarm")
+            assert alarm["event"] == "drift_alarm" and alarm["feature_type"] == ftype
+            line = (await client.get("/v1/line", headers=AUTH)).json()
+            assert line["sinks"]["webhook"]["dead_letters"] == 0
+            assert line["drift"][ftype]["alarm"] is True
+            await asyncio.to_thread(wait_for, lambda: state.line.outbox.pending("webhook") == 0, 30, "drain")
+            metrics = (await client.get("/metrics", headers=AUTH)).text
+            assert 'diffqc_sink_delivered_total{sink="webhook"} 6' in metrics
+            assert f'diffqc_drift_alarm{{feature_type="{ftype}"}} 1' in metrics
+            assert (await client.post("/v1/sinks/nope/requeue", headers=AUTH)).status_code == 404
+    finally:
+        receiver.close()

@@ -67,6 +67,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "cors_origins": tuple(args.cors_origin or ()),
         "allow_no_token": args.no_auth,
         "watch_dirs": tuple(args.watch or ()),
+        "watch_line": args.line,
+        "watch_station": args.station,
+        "watch_camera": args.camera,
+        "mqtt_url": args.mqtt,
+        "webhook_url": args.webhook,
+        "retention_max_age_s": args.keep_days * 86400.0 if args.keep_days is not None else None,
+        "retention_max_bytes": (
+            int(args.artifact_budget_mb * 1024 * 1024) if args.artifact_budget_mb is not None else None
+        ),
         "log_level": args.log_level,
         "access_log": args.access_log,
     }
@@ -91,6 +100,9 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         once=args.once,
         max_batch=args.max_batch,
         source=args.source,
+        line=args.line,
+        station=args.station,
+        camera=args.camera,
     )
 
 
@@ -101,6 +113,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     summary = export_reviewed_good(args.db, args.out, data_dir=args.data_dir, since=since)
     print(json.dumps(summary))
     return 0
+
+
+def _add_line_arguments(p: argparse.ArgumentParser) -> None:
+    for name in ("line", "station", "camera"):
+        p.add_argument(f"--{name}", default=None, help=f"{name} recorded on watched-folder parts")
 
 
 def add_service_commands(subparsers: Any) -> None:
@@ -174,6 +191,14 @@ def add_service_commands(subparsers: Any) -> None:
         help="also ingest images written into DIR (repeatable)",
     )
     add_runtime_arguments(p)
+    _add_line_arguments(p)
+    p.add_argument("--mqtt", default=None, metavar="URL",
+                   help="push every decision to an MQTT broker: mqtt://host:1883/topic-prefix")
+    p.add_argument("--webhook", default=None, metavar="URL", help="POST every decision as JSON to URL")
+    p.add_argument("--keep-days", type=float, default=None,
+                   help="delete kept images and heat maps older than this (records stay)")
+    p.add_argument("--artifact-budget-mb", type=float, default=None,
+                   help="delete the oldest kept images and heat maps beyond this disk budget")
     p.add_argument("--log-level", default="info")
     p.add_argument("--access-log", action="store_true")
     p.set_defaults(func=_cmd_serve)
@@ -199,6 +224,7 @@ def add_service_commands(subparsers: Any) -> None:
     w.add_argument("--once", action="store_true", help="process what is there, then exit")
     w.add_argument("--max-batch", type=int, default=8)
     w.add_argument("--source", default=None, help="idempotency namespace (default: the folder path)")
+    _add_line_arguments(w)
     w.set_defaults(func=_cmd_watch)
 
     r = subparsers.add_parser("results", help="work with stored results")

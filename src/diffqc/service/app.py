@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from diffqc.data import decode_image
+from diffqc.drift import is_misrouted
 from diffqc.errors import ConfigError, DiffqcError, ImageReadError
 from diffqc.service.buffer import (
     DEFAULT_BUFFER_BYTES,
@@ -44,6 +45,7 @@ from diffqc.service.buffer import (
     OverflowPolicy,
     overlay_scales,
 )
+from diffqc.service.line import LineServices
 from diffqc.service.security import (
     BROWSER_FORMATS,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -106,6 +108,20 @@ class ServiceSettings:
     precision: str = "auto"  # ONNX model: fp32 | int8 | auto
     watch_dirs: tuple[str, ...] = ()  # folders fed into the same buffer
     watch_feature_type: str | None = None
+    watch_line: str | None = None  # line / station / camera recorded for watched-folder parts
+    watch_station: str | None = None
+    watch_camera: str | None = None
+    # the line (diffqc.service.line): push sinks, drift watch, calibration reload, retention
+    mqtt_url: str | None = None  # mqtt://host:port/prefix
+    webhook_url: str | None = None  # POST each decision as JSON
+    webhook_max_attempts: int = 8  # then the message goes to the dead-letter table
+    drift_window: int = 200  # p-values per type in the drift window
+    drift_min_parts: int = 30
+    drift_level: float = 1e-4  # false-alarm bound per drift test
+    calibration_poll_s: float = 1.0  # how often the bundle's calibration file is stat'ed
+    retention_max_age_s: float | None = None  # kept images / heat maps older than this go
+    retention_max_bytes: int | None = None  # ... and the oldest beyond this disk budget
+    retention_interval_s: float = 60.0
 
     def validate(self) -> None:
         if not self.tokens and not self.allow_no_token:
@@ -337,6 +353,7 @@ def record_json(rec: ResultRecord) -> dict[str, Any]:
     rid = rec.id
     out["heatmap_url"] = f"/v1/results/{rid}/heatmap" if rec.heatmap else None
     out["image_url"] = f"/v1/results/{rid}/image" if rec.image else None
+    out["misrouted"] = is_misrouted(rec.feature_type, rec.predicted_type, rec.type_known)
     out.pop("heatmap")
     out.pop("image")
     return _finite(out)
@@ -375,6 +392,7 @@ class ServiceState:
     classes: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     watchers: list[Any] = field(default_factory=list)
+    line: LineServices | None = None  # sinks, drift watch, calibration reload, retention
 
     def require(self) -> tuple[InspectionPipeline, ResultStore]:
         if self.pipeline is None or self.store is None:
@@ -479,6 +497,18 @@ def _check_id(value: str | None, name: str) -> str | None:
     return value
 
 
+LINE_FIELDS = ("line", "station", "camera")
+
+
+def _line_meta(request: Request, form: Any | None = None) -> dict[str, str | None]:
+    """``line``, ``station``, ``camera`` of an upload: query parameters, else form fields."""
+    out: dict[str, str | None] = {}
+    for name in LINE_FIELDS:
+        value = request.query_params.get(name) or (_form_str(form, name) if form is not None else None)
+        out[name] = _check_id(value, name)
+    return out
+
+
 def request_hash(data: bytes, feature_type: str | None, part_id: str | None) -> str:
     """SHA-256 of what an inspection request asks: the image, its type and its part id."""
     h = hashlib.sha256()
@@ -508,6 +538,9 @@ def build_job(
     source: str = HTTP_SOURCE,
     dedup_key: str | None = None,
     body_hash: str | None = None,
+    line: str | None = None,
+    station: str | None = None,
+    camera: str | None = None,
 ) -> Job:
     """Validate and decode one upload into a job (CPU work: call it off the event loop)."""
     if not data:
@@ -532,6 +565,9 @@ def build_job(
         source=source,
         dedup_key=dedup_key,
         body_hash=body_hash,
+        line=line,
+        station=station,
+        camera=camera,
         encoded=data if ext else None,
         encoded_ext=ext,
     )
@@ -762,7 +798,25 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     async def metrics() -> PlainTextResponse:
         pending = await run_in_threadpool(state.store.pending_reviews) if state.store else 0
         text = state.metrics.render(state.pipeline, state.model_version, pending)
+        if state.line is not None:
+            text += "\n".join(await run_in_threadpool(state.line.metrics_lines)) + "\n"
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    # ---------------------------------------------------------------- the line
+    @api.get("/v1/line")
+    async def line_status() -> dict[str, Any]:
+        """Drift watch per type, push sinks (pending, dead letters), retention, calibration."""
+        if state.line is None:
+            raise ServiceError(503, "not_ready", "the service is starting or stopping")
+        return dict(_finite(await run_in_threadpool(state.line.status)))
+
+    @api.post("/v1/sinks/{name}/requeue")
+    async def requeue_dead_letters(name: str = PathParam(max_length=MAX_ID_LEN)) -> dict[str, Any]:
+        """Send a sink's dead letters again (after its receiver was fixed)."""
+        outbox = state.line.outbox if state.line is not None else None
+        if outbox is None or name not in outbox.sinks:
+            raise ServiceError(404, "not_found", f"no sink {name!r} is configured")
+        return {"sink": name, "requeued": await run_in_threadpool(outbox.requeue_dead, name)}
 
     # ---------------------------------------------------------------- inspect
     @api.post("/v1/inspect")
@@ -777,6 +831,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         key = _check_id(_header(request, "idempotency-key"), "idempotency_key")
         _, store = state.require()
         body = await _read_body(request, settings.max_upload_bytes, settings.body_timeout_s)
+        meta = _line_meta(request)
         if _is_multipart(request):
             form = await _parse_form(request, body, max_files=1)
             try:
@@ -786,6 +841,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                 data = await upload.read()
                 ftype = _check_type(state, ftype or _form_str(form, "feature_type"))
                 part = part or _check_id(_form_str(form, "part_id"), "part_id")
+                meta = _line_meta(request, form)
             finally:
                 await form.close()
         else:
@@ -796,7 +852,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             if existing is not None:
                 _check_replay(existing, digest)
                 return _inspect_response(existing, t0, duplicate=True)
-        job = await decode(data, ftype, part, dedup_key=key, body_hash=digest)
+        job = await decode(data, ftype, part, dedup_key=key, body_hash=digest, **meta)
         (rec,) = await _submit(state, [job])
         return _inspect_response(rec, t0, duplicate=rec.duplicate)
 
@@ -837,6 +893,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                 )
             types = [str(t) for t in form.getlist("feature_type")]
             parts = [str(p) for p in form.getlist("part_id")]
+            meta = _line_meta(request, form)
             datas = [await u.read() for u in uploads]
         finally:
             await form.close()
@@ -853,7 +910,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         jobs = []
         for i, data in enumerate(datas):
             try:
-                jobs.append(await decode(data, ftypes[i], pids[i]))
+                jobs.append(await decode(data, ftypes[i], pids[i], **meta))
             except ServiceError as exc:
                 raise ServiceError(exc.status, exc.code, f"image {i}: {exc.detail}") from None
         recs = await _submit(state, jobs)
@@ -880,6 +937,9 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         reviewed: bool | None = None,
         review: Literal["GOOD", "BAD"] | None = None,
         part_id: str | None = Query(default=None, max_length=MAX_ID_LEN),
+        line: str | None = Query(default=None, max_length=MAX_ID_LEN),
+        station: str | None = Query(default=None, max_length=MAX_ID_LEN),
+        camera: str | None = Query(default=None, max_length=MAX_ID_LEN),
         source: str | None = Query(default=None, max_length=1000),
         after_id: int | None = Query(default=None, ge=0, le=MAX_ROW_ID),
         before_id: int | None = Query(default=None, ge=0, le=MAX_ROW_ID),
@@ -898,6 +958,9 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                 reviewed=reviewed,
                 review=review,
                 part_id=part_id,
+                line=line,
+                station=station,
+                camera=camera,
                 source=source,
                 after_id=after_id,
                 before_id=before_id,
@@ -1053,6 +1116,11 @@ def _start(state: ServiceState, detector: DetectorLike | None) -> None:
     )
     pipeline.listeners.append(state.metrics.on_record)
     pipeline.batch_listeners.append(state.metrics.on_batch)
+    # before the worker starts: the sinks' outbox hook must see the first record
+    state.line = LineServices(s, state.store, state.artifacts, detector,
+                              on_calibration=lambda: _calibration_changed(state))
+    pipeline.listeners.append(state.line.on_record)
+    state.line.start()
     pipeline.start()
     state.pipeline = pipeline
     if s.watch_dirs:
@@ -1060,7 +1128,8 @@ def _start(state: ServiceState, detector: DetectorLike | None) -> None:
 
         for folder in s.watch_dirs:
             watcher = FolderWatcher(
-                WatchSettings(Path(folder), feature_type=s.watch_feature_type),
+                WatchSettings(Path(folder), feature_type=s.watch_feature_type, line=s.watch_line,
+                              station=s.watch_station, camera=s.watch_camera),
                 pipeline,
                 state.store,
             )
@@ -1068,11 +1137,23 @@ def _start(state: ServiceState, detector: DetectorLike | None) -> None:
             state.watchers.append(watcher)
 
 
+def _calibration_changed(state: ServiceState) -> None:
+    """A new calibration file was loaded (``diffqc calibrate``): refresh what derives from it."""
+    if state.detector is None:
+        return
+    state.model_info = _model_info(state.detector)
+    if state.pipeline is not None:
+        state.pipeline.overlay_scale = overlay_scales(state.model_info.get("calibration") or {})
+
+
 def _stop(state: ServiceState) -> None:
     for watcher in state.watchers:
         watcher.stop()
     if state.pipeline is not None:
         state.pipeline.stop()
+    if state.line is not None:  # after the worker: undelivered messages stay in the outbox
+        state.line.stop()
+        state.line = None
     if state.store is not None:
         state.store.close()
     state.pipeline = None

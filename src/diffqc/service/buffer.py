@@ -234,6 +234,9 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[ResultRecord] = field(default_factory=Future)
     body_hash: str | None = None  # SHA-256 of the request (with ``dedup_key``): see the HTTP API
+    line: str | None = None  # where the part was inspected (stored on the record)
+    station: str | None = None
+    camera: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -460,6 +463,9 @@ class InspectionPipeline:
             reason=reason,
             dedup_key=job.dedup_key,
             body_hash=job.body_hash,
+            line=job.line,
+            station=job.station,
+            camera=job.camera,
             latency_ms=(time.monotonic() - job.enqueued) * 1000.0,
         )
 
@@ -521,4 +527,7 @@ class InspectionPipeline:
             type_scores=type_scores,
             dedup_key=job.dedup_key,
             body_hash=job.body_hash,
+            line=job.line,
+            station=job.station,
+            camera=job.camera,
         )

@@ -60,6 +60,9 @@ class WatchSettings:
     max_pending: int = 16
     max_file_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    line: str | None = None  # recorded on every part from this folder
+    station: str | None = None
+    camera: str | None = None
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
@@ -253,6 +256,9 @@ class FolderWatcher:
             dedup_key=key,
             encoded=data if ext else None,
             encoded_ext=ext,
+            line=self.settings.line,
+            station=self.settings.station,
+            camera=self.settings.camera,
         )
 
     def _fail(self, path: Path, data: bytes, reason: str, report: StepReport, *, key: str) -> None:
@@ -267,6 +273,9 @@ class FolderWatcher:
                 model_version=self.pipeline.model_version,
                 reason=f"unreadable file: {reason}",
                 dedup_key=key,
+                line=self.settings.line,
+                station=self.settings.station,
+                camera=self.settings.camera,
             )
         )
         report.records.append(rec)
@@ -333,6 +342,9 @@ def run_watch(
     keep_images: str = "flagged",
     heatmaps: str = "all",
     source: str | None = None,
+    line: str | None = None,
+    station: str | None = None,
+    camera: str | None = None,
 ) -> int:
     """Inspect images written into ``directory`` until SIGINT/SIGTERM (``diffqc watch``).
 
@@ -375,6 +387,9 @@ def run_watch(
         settle_s=settle_s,
         after=after,
         max_pending=max(16, 2 * max_batch),
+        line=line,
+        station=station,
+        camera=camera,
     )
     stop = threading.Event()
 
