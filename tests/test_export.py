@@ -179,14 +179,16 @@ def test_baselines_are_not_exported() -> None:
 
 def test_int8_export_and_parity_report(exported: Path, clear_dataset: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The parity gate passes for real (no --force): calibrated on GOOD images like the parts it
+    will see, INT8 separates the clear defects as well as FP32 does."""
     bundle = tmp_path / "int8"
     shutil.copytree(exported, bundle)
-    rc = main(["export", str(bundle), "--int8", "--calibration-data", str(clear_dataset), "--force",
+    rc = main(["export", str(bundle), "--int8", "--calibration-data", str(clear_dataset),
                "--threads", "1", "--calibration-images", "16", "--sensitivity-images", "6",
                "--check-images", "4"])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert "parity:" in err and "AUROC fp32" in err
+    assert "parity: PASSED" in err and "AUROC fp32" in err and "INT8 REFUSED" not in err
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["files"] == ["model.onnx", "model.int8.onnx"]
     entry = read_export_info(bundle)["int8"]
@@ -205,19 +207,44 @@ def test_int8_export_and_parity_report(exported: Path, clear_dataset: Path, tmp_
     assert report["auroc_measured"] and 0.0 <= report["decision_agreement"] <= 1.0
     assert sum(report["decisions_fp32_to_int8"].values()) == report["images"]
     assert entry["calibration"].startswith("recomputed")  # the data reproduces the bundle's calibration
+    assert entry["accepted"] is True and report["passed"] is True and summary["int8_accepted"] is True
+    assert report["max_auroc_drop"] is not None and report["max_auroc_drop"] <= ex.MAX_AUROC_DROP
     int8 = OnnxDetector(bundle, precision="int8", threads=1)
     assert int8.precision == "int8"
     images, _, _ = read_images([s for s in load_dataset(clear_dataset) if s.split == "test"][:2])
     assert len(int8.inspect(images, ["dots", "dots"])) == 2
 
 
+def _flat_grey_dataset(root: Path, types: tuple[str, ...], n: int = 12, size: int = 64) -> Path:
+    """GOOD training images of the model's types that look nothing like its parts: flat mid-grey."""
+    from PIL import Image
+
+    for t in types:
+        folder = root / t / "train" / "good"
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((size, size), 110 + i % 3, dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
 def test_int8_refused_when_parity_fails(exported: Path, clear_dataset: Path, tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The parity gate fails for real: INT8 calibrated on flat grey images (nothing like the
+    parts) gets activation ranges that do not fit real parts, and the held-out AUROC shows it
+    (here: -0.012 and -0.016 AUROC, > MAX_AUROC_DROP)."""
     bundle = tmp_path / "refused"
     shutil.copytree(exported, bundle)
-    monkeypatch.setattr(ex, "MAX_AUROC_DROP", -1.0)  # no model can pass
-    info = ex.export_bundle(bundle, int8=True, calibration_data=clear_dataset, threads=1, check_images=4,
-                            calibration_images=8, max_held_out=12, search=False, log=_quiet)
+    grey = _flat_grey_dataset(tmp_path / "grey", ("dots", "stripes"))
+    rc = main(["export", str(bundle), "--int8", "--calibration-data", str(grey), "--held-out",
+               str(clear_dataset), "--no-search", "--threads", "1", "--calibration-images", "8",
+               "--sensitivity-images", "4", "--check-images", "4"])
+    out, err = capsys.readouterr()
+    assert rc == 1, err  # refused, and the command says so by its exit code
+    assert "parity: FAILED" in err and "INT8 REFUSED" in err
+    info = read_export_info(bundle)
+    report = info["int8"]["parity"]
+    assert report["auroc_measured"] and report["max_auroc_drop"] > ex.MAX_AUROC_DROP
+    assert json.loads(out.strip().splitlines()[-1])["int8_accepted"] is False
     assert info["int8"]["accepted"] is False and info["int8"]["file"] is None
     assert not (bundle / "model.int8.onnx").exists()
     assert isinstance(load_detector(bundle, "onnx"), OnnxDetector)  # FP32 is still there

@@ -956,7 +956,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {"model": str(args.model), "files": files,
                "fp32_max_rel_score_error": info["fp32"]["parity_vs_torch"]["max_rel_score_error"],
                "latency_ms": {"torch": info["torch_latency_ms"],
-                              **{k: info[k]["latency_ms"] for k in ("fp32", "int8") if k in info},
+                              **{k: info[k]["latency_ms"] for k in ("fp32", "int8")
+                                 if "latency_ms" in info.get(k, {})},  # none for a refused INT8
                               **{f"openvino_{k}": v["latency_ms"] for k, v in info.get("openvino", {}).items()
                                  if isinstance(v, dict) and "latency_ms" in v}},
                "fastest_first": [f"{c['runtime']} {c['precision']}" for c in info["fastest_first"]]}
