@@ -119,6 +119,9 @@ ROWS: dict[str, Row | object] = {
         lambda c: ["train", str(c.tmp / "small"), "--out", str(c.tmp / "m"), "-q"],
         ("too few GOOD training parts", "'b' (1)", "c have no GOOD training images"),
         setup=_one_part_type, absent=lambda c: c.tmp / "m"),
+    "synth_overwrite_foreign_folder": Row(
+        lambda c: ["data", "synth", str(c.tmp / "mine"), "--overwrite", "--parts", "24", "-q"],
+        ("holds no earlier synthetic dataset",), setup=lambda c: _png(c.tmp / "mine" / "dots" / "0.png")),
     "synth_too_few_parts": Row(lambda c: ["data", "synth", str(c.tmp / "s"), "--parts", "5", "-q"],
                                ("n_parts must be at least",)),
     # devices

@@ -69,11 +69,15 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_synth(args: argparse.Namespace) -> int:
-    from diffqc.synth import write_synthetic_dataset
+    from diffqc.synth import MARKER_NAME, write_synthetic_dataset
 
-    try:
-        summary = write_synthetic_dataset(args.out, n_parts=args.parts, seed=args.seed,
-                                          image_size=args.size, overwrite=args.overwrite,
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER_NAME).is_file():
+        raise OutputError(f"{out} is not empty and holds no earlier synthetic dataset; choose a new "
+                          "or empty folder (nothing in it is deleted, --overwrite included)")
+    try:  # an earlier synthetic dataset (it has the marker) is replaced: its own files only
+        summary = write_synthetic_dataset(out, n_parts=args.parts, seed=args.seed,
+                                          image_size=args.size, overwrite=False,
                                           progress=not args.quiet)
     except ValueError as exc:  # its argument checks (--parts, --size)
         raise ConfigError(f"data synth: {exc}") from None
@@ -247,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--parts", type=int, default=1327)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=int, default=256, help="image side in pixels")
-    synth.add_argument("--overwrite", action="store_true")
+    synth.add_argument("--overwrite", action="store_true",
+                       help="kept for compatibility: an earlier synthetic dataset in OUT is always "
+                            "replaced, and any other non-empty folder refused")
     synth.add_argument("-q", "--quiet", action="store_true")
     synth.set_defaults(func=cmd_synth)
 
