@@ -625,6 +625,8 @@ def _recalibrate(det: Detector, fp32: SplitGraph, int8: SplitGraph, good: Sequen
     assert cal is not None
     if sorted({s.feature_type for s in good}) != det.classes_:
         return None, "the data given lacks some of the model's types"
+    if det.config.calibration.scheme == "cross":  # its fold models are not kept in the bundle
+        return None, "the bundle is calibrated cross-conformally; INT8 keeps the FP32 calibration"
     _, cal_idx = split_calibration(good, det.config.calibration.fraction, det.config.train.seed)
     samples = [good[i] for i in cal_idx]
     images, samples, _ = read_images(samples, skip_corrupt=True)
