@@ -171,3 +171,20 @@ async def test_line_fields_are_stored_filterable_and_artifacts_expire_through_ht
         assert (await client.get(f"/v1/results/{rec['id']}/heatmap", headers=AUTH)).status_code == 404
         assert state.store.count() == 2
         assert "diffqc_artifacts_expired_total" in (await client.get("/metrics", headers=AUTH)).text
+
+
+def test_watch_cli_records_line_station_camera(service_model, samples, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``diffqc watch --line --station --camera`` stores them on every part, also on an
+    unreadable file's NOT_INSPECTED record."""
+    from diffqc.cli import main
+
+    folder = tmp_path / "cam"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(samples.all[0][0])
+    (folder / "bad.png").write_bytes(b"garbage")
+    db = tmp_path / "w.db"
+    assert main(["watch", str(folder), str(service_model[0]), "--db", str(db), "--once", "--settle", "0",
+                 "--poll", "0.05", "--line", "L3", "--station", "S1", "--camera", "cam-2"]) == 0
+    with ResultStore(str(db)) as store:
+        recs = store.query(line="L3", station="S1", camera="cam-2", limit=None)
+    assert sorted(r.part_id or "" for r in recs) == ["a", "bad"]
