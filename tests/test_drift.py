@@ -146,4 +146,6 @@ def test_drift_alarm_fires_after_a_brightness_shift_and_not_before(tiny_model: P
     alarms = [e for e in mon.observe_many(("stripes", float(p)) for p in draws) if e.alarm]
     print(f"drift acceptance: alarm after {fired} shifted parts (+{SHIFT} brightness); "
           f"{len(alarms)} false alarms in {len(draws)} unshifted parts")
-    assert len(alarms) == 0
+    # the design bound: at most draws x level = 2 expected false alarms for uniform p-values
+    # (measured: 0 on this run; see the printed line)
+    assert len(alarms) <= len(draws) * ACCEPT.level
