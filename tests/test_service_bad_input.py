@@ -169,6 +169,8 @@ ROWS: list[tuple[str, str, str, dict[str, Any], int, str]] = [
         "bad_multipart",
     ),
     ("batch not multipart", "POST", "/v1/inspect/batch", {"content": GOOD}, 415, "multipart_required"),
+    ("unknown route", "GET", "/v1/nothing-here", {}, 404, "no_such_route"),
+    ("wrong method", "DELETE", "/v1/results", {}, 405, "method_not_allowed"),
     ("no token", "GET", "/v1/results", {"headers": {"Authorization": ""}}, 401, "unauthorized"),
     ("wrong token", "GET", "/v1/results", {"headers": {"Authorization": "Bearer nope"}}, 401, "unauthorized"),
 ]
@@ -253,6 +255,10 @@ async def test_a_stalled_upload_gets_408(detector: Any, samples: Samples, tmp_pa
         r = await client.post("/v1/inspect", content=_stalled_body(), headers=AUTH)
         assert r.status_code == 408 and r.json()["code"] == "body_timeout", r.text
         assert "stalled" in r.json()["detail"]
+        r = await client.post(  # any route: a stalled JSON body too
+            "/v1/review/1", content=_stalled_body(), headers={**AUTH, "Content-Type": "application/json"}
+        )
+        assert r.status_code == 408 and r.json()["code"] == "body_timeout", r.text
         ok = await client.post("/v1/inspect", content=good, headers=AUTH, params={"feature_type": ftype})
         assert ok.status_code == 200
         assert state.store.count() == 1

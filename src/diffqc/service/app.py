@@ -31,6 +31,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffqc.data import decode_image
 from diffqc.drift import is_misrouted
@@ -311,6 +312,46 @@ def resident_memory_bytes(pid: int | str = "self") -> int | None:
     return None
 
 
+class _BodyTimeout:
+    """Pure ASGI middleware: a request whose body stalls (no chunk for ``timeout_s`` seconds
+    while more is announced) raises :class:`UploadStalled`, answered 408 ``body_timeout``; so a
+    slow or stuck client cannot hold a connection and a worker forever. Once the body is
+    complete, ``receive`` is left alone (it then only reports a disconnect)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        done = False
+        received = 0
+
+        async def timed_receive() -> MutableMapping[str, Any]:
+            nonlocal done, received
+            if done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except TimeoutError:
+                raise UploadStalled(self.timeout_s, received) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                done = not message.get("more_body", False)
+            else:
+                done = True
+            return message
+
+        await self.app(scope, timed_receive, send)
+
+
 class _StatusCounter:
     """Pure ASGI middleware counting responses per status code."""
 
@@ -444,15 +485,13 @@ def load_detector(model_path: str | Path, runtime: str = "auto", *, precision: s
 
 
 # --------------------------------------------------------------------------- uploads
-async def _read_body(request: Request, limit: int, idle_timeout_s: float) -> bytes:
-    """The body, at most ``limit`` bytes; 413 when larger, 408 when the client stalls."""
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, at most ``limit`` bytes (413 when larger; a stalled body: see _BodyTimeout)."""
     try:
         check_content_length(request.headers.get("content-length"), limit)
-        return await read_limited(request.stream(), limit, idle_timeout_s=idle_timeout_s)
+        return await read_limited(request.stream(), limit)
     except UploadTooLarge as exc:
         raise ServiceError(413, "upload_too_large", str(exc)) from None
-    except UploadStalled as exc:
-        raise ServiceError(408, "body_timeout", str(exc), headers={"Connection": "close"}) from None
 
 
 def _is_multipart(request: Request) -> bool:
@@ -613,6 +652,7 @@ async def _submit(state: ServiceState, jobs: list[Job]) -> list[ResultRecord]:
 
 
 # --------------------------------------------------------------------------- validation
+HTTP_CODES = {400: "bad_request", 404: "no_such_route", 405: "method_not_allowed", 413: "upload_too_large"}
 RECORD_ID = PathParam(ge=1, le=MAX_ROW_ID, description="a result id")
 
 
@@ -710,6 +750,22 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             state.metrics.on_bad_upload(exc.code)
         return _error_response(exc)
 
+    @app.exception_handler(UploadStalled)
+    async def _stalled(request: Request, exc: UploadStalled) -> JSONResponse:
+        state.metrics.on_bad_upload("body_timeout")
+        return _error_response(ServiceError(408, "body_timeout", str(exc), headers={"Connection": "close"}))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's and FastAPI's own errors (unknown route, wrong method, a body FastAPI
+        could not read) in the service's shape; a body that stalled while FastAPI read it: 408."""
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, UploadStalled):
+            return await _stalled(request, cause)
+        code = HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        headers = dict(exc.headers or {})
+        return _error_response(ServiceError(exc.status_code, code, str(exc.detail), headers=headers))
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = validation_error(exc)
@@ -737,6 +793,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
         )
+    app.add_middleware(_BodyTimeout, timeout_s=settings.body_timeout_s)
     app.add_middleware(_StatusCounter, metrics=state.metrics)
 
     async def require_token(request: Request) -> None:
@@ -830,7 +887,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         part = _check_id(part_id, "part_id")
         key = _check_id(_header(request, "idempotency-key"), "idempotency_key")
         _, store = state.require()
-        body = await _read_body(request, settings.max_upload_bytes, settings.body_timeout_s)
+        body = await _read_body(request, settings.max_upload_bytes)
         meta = _line_meta(request)
         if _is_multipart(request):
             form = await _parse_form(request, body, max_files=1)
@@ -879,7 +936,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                 "multipart_required",
                 "the batch route takes multipart/form-data with 'image' files",
             )
-        body = await _read_body(request, settings.max_batch_upload_bytes, settings.body_timeout_s)
+        body = await _read_body(request, settings.max_batch_upload_bytes)
         form = await _parse_form(request, body, max_files=settings.max_batch_items)
         try:
             uploads = form.getlist("image")

@@ -6,7 +6,6 @@ turns the exceptions into HTTP answers.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import io
 import os
@@ -102,21 +101,10 @@ def check_content_length(header: str | None, limit: int) -> None:
         raise UploadTooLarge(limit)
 
 
-async def read_limited(
-    chunks: AsyncIterator[bytes], limit: int, *, idle_timeout_s: float | None = None
-) -> bytes:
-    """Read a streamed body, stopping as soon as it exceeds ``limit`` bytes
-    (:class:`UploadTooLarge`) or when no chunk arrives for ``idle_timeout_s`` seconds
-    (:class:`UploadStalled`)."""
+async def read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """Read a streamed body, stopping as soon as it exceeds ``limit`` bytes."""
     buf = bytearray()
-    it = aiter(chunks)
-    while True:
-        try:
-            chunk = await asyncio.wait_for(anext(it), idle_timeout_s)
-        except StopAsyncIteration:
-            break
-        except TimeoutError:
-            raise UploadStalled(idle_timeout_s or 0.0, len(buf)) from None
+    async for chunk in chunks:
         buf += chunk
         if len(buf) > limit:
             raise UploadTooLarge(limit)
