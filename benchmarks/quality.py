@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from diffqc.evaluate import parse_setting
 
     variants = dict(parse_setting(v) for v in args.variant)
-    table = run(args.datasets.split(","), args.methods.split(","), args.settings.split(","),
+    table = run(args.datasets.split(","), [m for m in args.methods.split(",") if m], args.settings.split(","),
                 parse_overrides(args.set), work, variants, args.jitter, args.feature_cache)
     print(summarise(table))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
