@@ -22,12 +22,10 @@ import torch
 from diffqc.config import DetectorConfig, with_overrides
 from diffqc.scoring import DiffusionScorer
 
-CONFIGS: list[dict[str, Any]] = [
-    {"diffusion.prior_dims": 48, "scoring.bank_timesteps": [250, 450], "train.steps": 0},
-    {"diffusion.prior_dims": 48, "scoring.bank_timesteps": [250, 450], "diffusion.hidden": 256},
-    {"diffusion.prior_dims": 100, "scoring.bank_timesteps": [100, 200], "train.steps": 0},
-    {"diffusion.prior_dims": 100, "scoring.bank_timesteps": [100, 200], "diffusion.hidden": 256},
-    {"diffusion.prior_dims": 100, "scoring.bank_timesteps": [100, 200], "diffusion.hidden": 128},
+CONFIGS: list[dict[str, Any]] = [  # the likelihood scorer (issue 14): untrained, then trained
+    {"train.steps": 0},
+    {"scoring.quadrature_nodes": 2},
+    {"scoring.quadrature_nodes": 3},
 ]
 
 
