@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from diffqc.data import Sample
 
 BUNDLE_FILES = ("config.json", "weights.safetensors", "calibration.json", "metadata.json")
-BUNDLE_FORMAT = 2  # 2: Gaussian-path means and variances stored in the prior channel order
+BUNDLE_FORMAT = 3  # 2: Gaussian-path means and variances in the prior channel order; 3: likelihood scoring (quadrature bank), baselines as published
 
 
 def sha256_file(path: Path | str) -> str:
