@@ -257,6 +257,7 @@ class FeatureExtractor(nn.Module):
         self.feat_mean.copy_(flat.mean(1).float())
         self.feat_std.copy_(flat.std(1).clamp_min(1e-6).float())
 
+
 def onnx_input_size(path: Path) -> int | None:
     """The fixed spatial side of an ONNX graph's image input, or None when it is free."""
     try:
