@@ -6,7 +6,7 @@ import torch
 
 from diffqc.backbone import FeatureExtractor, to_pixels
 from diffqc.config import BackboneConfig
-from diffqc.errors import BackboneError
+from diffqc.errors import BackboneError, ConfigError
 
 
 @pytest.mark.parametrize("name,channels", [("efficientnet-lite0", 152), ("mobilenet-v2", 128)])
@@ -34,7 +34,8 @@ def test_weights_hash_mismatch_is_an_error() -> None:
 
 
 def test_unknown_backbone() -> None:
-    with pytest.raises(BackboneError, match="unknown backbone"):
+    # Validated when the config is built, before any weights are looked for.
+    with pytest.raises(ConfigError, match="backbone.name must be one of .*got 'resnet50'"):
         FeatureExtractor(BackboneConfig(name="resnet50"))
 
 
