@@ -100,8 +100,10 @@ class Receiver:
         self.thread.start()
 
     def delivered_ids(self) -> list[int]:
+        """Record ids of the decisions delivered, in order (alarms, which carry none, interleave)."""
         with self.lock:
-            return [body["record_id"] for status, _, body in self.requests if status == 200]
+            return [body["record_id"] for status, _, body in self.requests
+                    if status == 200 and body.get("kind") == "decision"]
 
     def close(self) -> None:
         self.server.shutdown()
