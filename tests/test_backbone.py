@@ -35,7 +35,7 @@ def test_weights_hash_mismatch_is_an_error() -> None:
 
 def test_unknown_backbone() -> None:
     # Validated when the config is built, before any weights are looked for.
-    with pytest.raises(ConfigError, match="backbone.name must be one of .*got 'resnet50'"):
+    with pytest.raises(ConfigError, match=r"backbone\.name must be one of .*got 'resnet50'"):
         FeatureExtractor(BackboneConfig(name="resnet50"))
 
 

@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     from diffqc.data import Sample
 
 BUNDLE_FILES = ("config.json", "weights.safetensors", "calibration.json", "metadata.json")
-BUNDLE_FORMAT = 3  # 2: Gaussian-path means and variances in the prior channel order; 3: likelihood scoring (quadrature bank), baselines as published
+# 2: Gaussian-path means and variances in the prior channel order;
+# 3: likelihood scoring (quadrature bank), baselines as published
+BUNDLE_FORMAT = 3
 
 
 def sha256_file(path: Path | str) -> str:
