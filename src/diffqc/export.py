@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import re
 import tempfile
 import time
@@ -40,6 +39,7 @@ from diffqc.backends.openvino import OpenVinoGraph, openvino_version
 from diffqc.backends.ort import OnnxBackbone, OnnxGraph, import_onnxruntime, make_session
 from diffqc.backends.tensorrt import ENGINE_FILE as TENSORRT_ENGINE
 from diffqc.backends.tensorrt import build_tensorrt_engine
+from diffqc.bundle import write_atomic
 from diffqc.errors import ConfigError, DatasetError, ExportError
 from diffqc.runtime import (
     EXPORT_FILE,
@@ -656,12 +656,6 @@ def _recalibrate(det: Detector, fp32: SplitGraph, int8: SplitGraph, good: Sequen
 
 
 # --------------------------------------------------------------------------- the bundle
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _read_samples(samples: Sequence[Sample]) -> tuple[list[np.ndarray], list[Sample]]:
     from diffqc.data import read_images
 
@@ -721,7 +715,7 @@ def export_bundle(
     if not check["passed"]:
         raise ExportError(f"the ONNX export does not reproduce PyTorch within {RTOL:g}: {json.dumps(check)}")
     blob = model.SerializeToString()
-    _write_atomic(path / ONNX_FILES["fp32"], blob)
+    write_atomic(path / ONNX_FILES["fp32"], blob)
     meta = json.loads((path / "metadata.json").read_text())
     previous = _previous_export(path, meta)
     info: dict[str, Any] = {
@@ -769,7 +763,7 @@ def export_bundle(
     info["fastest_first"] = [c._asdict() for c in usable_choices(path, info)]
     log("runtimes that passed parity, fastest first (--runtime auto takes the first installed): "
         + ", ".join(f"{c['runtime']} {c['precision']}" for c in info["fastest_first"]))
-    _write_atomic(path / EXPORT_FILE, json.dumps(info, indent=2).encode())
+    write_atomic(path / EXPORT_FILE, json.dumps(info, indent=2).encode())
     return info
 
 
@@ -886,11 +880,11 @@ def _export_int8(
     }
     target = path / ONNX_FILES["int8"]
     if accepted or force:
-        _write_atomic(target, result.model.SerializeToString())
+        write_atomic(target, result.model.SerializeToString())
         entry["file"] = target.name
         entry["sha256"] = sha256_file(target)
         if cal8 is not None:
-            _write_atomic(path / INT8_CALIBRATION_FILE, json.dumps(cal8.to_dict()).encode())
+            write_atomic(path / INT8_CALIBRATION_FILE, json.dumps(cal8.to_dict()).encode())
         else:
             (path / INT8_CALIBRATION_FILE).unlink(missing_ok=True)
     else:

@@ -21,12 +21,12 @@ import argparse
 import datetime as _dt
 import json
 import logging
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from diffqc.bundle import write_atomic
 from diffqc.calibration import Calibrator
 from diffqc.errors import BundleError, DatasetError, UnknownFeatureTypeError
 
@@ -41,28 +41,6 @@ def previous_name(name: str) -> str:
     """``calibration.json`` -> ``calibration.prev.json``."""
     stem, _, ext = name.rpartition(".")
     return f"{stem}.prev.{ext}"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary sibling, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def calibration_scores(detector: Any, samples: Sequence[Any], *, skip_corrupt: bool = False,
