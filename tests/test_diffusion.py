@@ -173,3 +173,99 @@ def test_prior_radius_pools_the_neighbourhood() -> None:
     m0 = Denoiser(c, 1, side * side, cfg)
     m0.fit_prior(x, torch.zeros(n, dtype=torch.long), (side, side), 0)
     assert torch.allclose(m0.prior_mean[0], xp.mean(0), atol=1e-5)
+
+
+class _Traced(torch.nn.Module):
+    """The Gaussian path's scoring calls as one module, to run their traced (ONNX) branch."""
+
+    def __init__(self, m: Denoiser) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, types: torch.Tensor,
+                x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (self.m.gaussian_eps_bank(x_t, t, types), self.m.mahalanobis(x, types),
+                self.m.log_det_term(types))
+
+
+def _gaussian_calls(m: Denoiser, x_t: torch.Tensor, t: torch.Tensor, types: torch.Tensor,
+                    x: torch.Tensor, *, traced: bool) -> list[torch.Tensor]:
+    """gaussian_eps per timestep, gaussian_eps_bank, mahalanobis and log_det_term: eagerly, or
+    (``traced``) the bank and the closed-form terms through torch.jit.trace."""
+    prior = m.gather_prior(types)
+    natural = x_t[..., m.prior_unperm]
+    per_t = torch.stack([m.gaussian_eps(natural[i], t[i].expand(len(types)), prior)[..., m.prior_perm]
+                         for i in range(len(t))])
+    if traced:
+        graph = torch.jit.trace(_Traced(m), (x_t, t, types, x), check_trace=False)
+        return [per_t, *graph(x_t, t, types, x)]
+    return [per_t, m.gaussian_eps_bank(x_t, t, types), m.mahalanobis(x, types), m.log_det_term(types)]
+
+
+def test_low_rank_prior_keeps_the_top_eigenpairs_and_the_mean_of_the_rest() -> None:
+    """prior_rank r < d keeps the r largest eigenpairs of the same Ledoit–Wolf covariance that the
+    full-rank model fits, and σ²_rest = the mean of the d − r discarded eigenvalues (the maximum-
+    likelihood probabilistic PCA); the diagonal channels are untouched. prior_rank = d is full rank."""
+    g = torch.Generator().manual_seed(5)
+    c, d, r, side, n = 9, 6, 2, 3, 40
+    x = torch.randn(n, side * side, c, generator=g) @ torch.randn(c, c, generator=g)
+    types = torch.arange(n) % 2
+    full = Denoiser(c, 2, side * side, DiffusionConfig(hidden=8, depth=1, embed_dim=8, prior_dims=d))
+    low = Denoiser(c, 2, side * side, DiffusionConfig(hidden=8, depth=1, embed_dim=8, prior_dims=d,
+                                                      prior_rank=r))
+    at_d = Denoiser(c, 2, side * side, DiffusionConfig(hidden=8, depth=1, embed_dim=8, prior_dims=d,
+                                                       prior_rank=d))
+    for m in (full, low, at_d):
+        m.fit_prior(x, types)
+    assert low.prior_vecs.shape == (3, side * side, d, r) and low.prior_rest.shape == (3, side * side)
+    assert not at_d.low_rank and "prior_rest" not in dict(at_d.named_buffers())
+    assert torch.equal(at_d.prior_vecs, full.prior_vecs) and torch.equal(at_d.prior_vals, full.prior_vals)
+    torch.testing.assert_close(low.prior_vals, full.prior_vals[..., d - r :])
+    torch.testing.assert_close(low.prior_rest, full.prior_vals[..., : d - r].mean(-1))
+    proj = low.prior_vecs @ low.prior_vecs.transpose(-1, -2)  # eigenvectors up to sign
+    top = full.prior_vecs[..., d - r :]
+    torch.testing.assert_close(proj, top @ top.transpose(-1, -2), atol=1e-5, rtol=1e-5)
+    assert torch.equal(low.prior_mean, full.prior_mean) and torch.equal(low.prior_var, full.prior_var)
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_low_rank_path_equals_the_full_path_on_a_ppca_covariance(traced: bool) -> None:
+    """When the fitted covariance already has the probabilistic-PCA form (its d − r smallest
+    eigenvalues equal), the low-rank model must reproduce the full-rank model's numbers: ε̂_G per
+    timestep, the bank (single- and mixed-type batches; eager and traced), ½δᵀΣ⁻¹δ and log det."""
+    g = torch.Generator().manual_seed(6)
+    c, d, r, side, n_types = 8, 5, 2, 3, 3
+    locs = side * side
+    x = torch.randn(30, locs, c, generator=g) @ torch.randn(c, c, generator=g)
+    cfg = {"hidden": 8, "depth": 1, "embed_dim": 8, "prior_dims": d}
+    full = Denoiser(c, n_types, locs, DiffusionConfig(**cfg)).eval()
+    low = Denoiser(c, n_types, locs, DiffusionConfig(**cfg, prior_rank=r)).eval()
+    full.fit_prior(x, torch.arange(30) % n_types)
+    with torch.no_grad():
+        full.prior_vals[..., : d - r] = full.prior_vals[..., : d - r].mean(-1, keepdim=True)
+        low.prior_mean.copy_(full.prior_mean)
+        low.prior_var.copy_(full.prior_var)
+        low.prior_vecs.copy_(full.prior_vecs[..., d - r :])
+        low.prior_vals.copy_(full.prior_vals[..., d - r :])
+        low.prior_rest.copy_(full.prior_vals[..., 0])
+    t = torch.tensor([60, 300, 700])
+    x0 = torch.randn(4, locs, c, generator=g)[..., full.prior_perm]
+    x_t = torch.stack([full.alpha_bar[s].sqrt() * x0 + (1 - full.alpha_bar[s]).sqrt()
+                       * torch.randn(x0.shape, generator=g) for s in t.tolist()])
+    for types in (torch.tensor([0, 2, 1, 2]), torch.full((4,), 1)):
+        with torch.no_grad():
+            want = _gaussian_calls(full, x_t, t, types, x0, traced=traced)
+            got = _gaussian_calls(low, x_t, t, types, x0, traced=traced)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[1], got[0], rtol=1e-4, atol=1e-5)  # bank = per timestep
+
+
+def test_prior_rank_is_validated() -> None:
+    from diffqc.errors import ConfigError
+
+    assert DiffusionConfig(prior_dims=10, prior_rank=10).prior_rank == 10
+    with pytest.raises(ConfigError, match=r"diffusion\.prior_rank must be in \[0, 10\]"):
+        DiffusionConfig(prior_dims=10, prior_rank=11)
+    with pytest.raises(ConfigError, match="prior_rank"):
+        DiffusionConfig(prior_rank=-1)

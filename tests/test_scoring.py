@@ -24,36 +24,46 @@ def test_bank_is_seeded_antithetic_and_weighted_in_log_snr() -> None:
     assert not torch.equal(a.noise[0], c.noise[0])
 
 
-def _gaussian_model(d: int, extra: int, locs: int, seed: int) -> tuple[Denoiser, Tensor, Tensor, Tensor]:
+def _gaussian_model(d: int, extra: int, locs: int, seed: int,
+                    rank: int = 0) -> tuple[Denoiser, Tensor, Tensor, Tensor]:
     """A one-type Denoiser whose Gaussian path is set to a known random SPD Σ (full on the
     first ``d`` channels of the prior order, diagonal on ``extra`` more), shared by all
-    locations; returns the model, μ, Σ (full C x C, prior order) and the diagonal variances."""
+    locations; returns the model, μ, Σ (full C x C, prior order) and the diagonal variances.
+    With 0 < ``rank`` < d the full block is Σ_r = V diag(λ) Vᵀ + σ²(I − V Vᵀ), V of ``rank``
+    random orthonormal columns (``diffusion.prior_rank``)."""
     g = torch.Generator().manual_seed(seed)
     c = d + extra
-    m = Denoiser(c, 1, locs, DiffusionConfig(hidden=16, depth=1, embed_dim=8, prior_dims=d)).eval()
+    cfg = DiffusionConfig(hidden=16, depth=1, embed_dim=8, prior_dims=d, prior_rank=rank)
+    m = Denoiser(c, 1, locs, cfg).eval()
+    r = m.prior_rank
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-    vals = 0.2 + 4.8 * torch.rand(d, generator=g, dtype=torch.float64)
+    vals = 0.2 + 4.8 * torch.rand(r, generator=g, dtype=torch.float64)
     var = 0.5 + 1.5 * torch.rand(extra, generator=g, dtype=torch.float64)
     mu = torch.randn(c, generator=g, dtype=torch.float64)
+    rest = 0.3  # the discarded directions' variance when r < d
     with torch.no_grad():
         m.prior_mean[:] = mu.float()
         m.prior_var[..., d:] = var.float()
-        m.prior_vecs[:] = q.float()
+        m.prior_vecs[:] = q[:, :r].float()
         m.prior_vals[:] = vals.float()
+        if m.low_rank:
+            m.prior_rest.fill_(rest)
     sigma = torch.zeros(c, c, dtype=torch.float64)
-    sigma[:d, :d] = q @ torch.diag(vals) @ q.T
+    v = q[:, :r]
+    sigma[:d, :d] = v @ torch.diag(vals) @ v.T + rest * (torch.eye(d, dtype=torch.float64) - v @ v.T)
     sigma[d:, d:] = torch.diag(var)
     return m, mu, sigma, var
 
 
-def test_gaussian_bound_over_all_noise_levels_is_the_mahalanobis_distance() -> None:
+@pytest.mark.parametrize("rank", [0, 2])
+def test_gaussian_bound_over_all_noise_levels_is_the_mahalanobis_distance(rank: int) -> None:
     """The image-dependent part of the Gaussian path's variational bound, ½∫ E_ε‖ε − ε̂_G‖² dλ,
     integrated numerically over the schedule's whole λ range with the model's own ε̂_G, equals
     ½ δᵀΣ⁻¹δ (PaDiM's squared Mahalanobis distance, halved); ``Denoiser.mahalanobis`` gives
     the same in closed form. ε̂_G is affine in ε, so the ε-expectation of the image-dependent
-    part is the error at ε = 0: ‖ε̂_G(√ᾱ x)‖²."""
+    part is the error at ε = 0: ‖ε̂_G(√ᾱ x)‖². With ``prior_rank`` 2 of 6, for Σ_r."""
     locs, d, extra = 4, 6, 3
-    m, mu, sigma, _ = _gaussian_model(d, extra, locs, seed=0)
+    m, mu, sigma, _ = _gaussian_model(d, extra, locs, seed=0, rank=rank)
     g = torch.Generator().manual_seed(1)
     x = (mu + 1.5 * torch.randn(5, locs, d + extra, generator=g, dtype=torch.float64))
     delta = x - mu
@@ -73,11 +83,12 @@ def test_gaussian_bound_over_all_noise_levels_is_the_mahalanobis_distance() -> N
     assert torch.allclose(closed, want, rtol=1e-4)
 
 
-def test_untrained_likelihood_map_is_the_gaussian_negative_log_density() -> None:
+@pytest.mark.parametrize("rank", [0, 3])
+def test_untrained_likelihood_map_is_the_gaussian_negative_log_density(rank: int) -> None:
     """With a zero network the map is ½ δᵀΣ⁻¹δ exactly, and with ``log_det`` it is
-    −log N(x; μ, Σ) per location (checked against torch.distributions)."""
+    −log N(x; μ, Σ) per location (checked against torch.distributions); also for Σ_r."""
     locs, d, extra = 4, 5, 2
-    m, mu, sigma, _ = _gaussian_model(d, extra, locs, seed=2)
+    m, mu, sigma, _ = _gaussian_model(d, extra, locs, seed=2, rank=rank)
     x = mu + torch.randn(3, locs, d + extra, dtype=torch.float64)
     types = torch.zeros(3, dtype=torch.long)
     bank = ScoreBank.make(ScoringConfig(), alpha_bar_of(DiffusionConfig()), (50, 800), locs, d + extra)
@@ -124,14 +135,15 @@ def _per_pair_correction(m: Denoiser, sch: NoiseSchedule, bank: ScoreBank, x: Te
     return total
 
 
-@pytest.mark.parametrize("trained", [False, True])
-def test_likelihood_map_is_mahalanobis_plus_the_per_pair_network_correction(trained: bool) -> None:
+@pytest.mark.parametrize(("trained", "rank"), [(False, 0), (True, 0), (True, 2)])
+def test_likelihood_map_is_mahalanobis_plus_the_per_pair_network_correction(trained: bool, rank: int) -> None:
     """likelihood_map runs the whole bank at once, in the prior's channel order, grouped by
     type; it must equal the closed-form Mahalanobis term plus the quadrature of the network's
-    effect on the ε-error, pair by pair, for mixed and single-type batches."""
+    effect on the ε-error, pair by pair, for mixed and single-type batches (and a rank-2 prior)."""
     torch.manual_seed(0)
     locs, ch, n_types = 16, 12, 3
-    m = Denoiser(ch, n_types, locs, DiffusionConfig(prior_dims=5, hidden=16, depth=1)).eval()
+    cfg = DiffusionConfig(prior_dims=5, hidden=16, depth=1, prior_rank=rank)
+    m = Denoiser(ch, n_types, locs, cfg).eval()
     good = torch.randn(40, locs, ch) * torch.rand(ch) + torch.randn(ch)
     m.fit_prior(good, torch.arange(40) % n_types)
     if trained:

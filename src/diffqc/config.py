@@ -169,11 +169,15 @@ class DiffusionConfig:
     # each location's Gaussian is fitted on the GOOD features within this many grid cells of it
     # (a shift-tolerant base distribution for loosely fixtured parts); 0: that location only
     prior_radius: int = 0
+    # eigenpairs kept per location of the prior_dims-channel covariance; the discarded directions
+    # share one variance, the mean of their eigenvalues (probabilistic PCA). 0: all (full rank)
+    prior_rank: int = 0
 
     def __post_init__(self) -> None:
         _check_types(self)
         _at_least(self, "timesteps", 2)
         _at_least(self, "prior_radius", 0)
+        _in_range(self, "prior_rank", 0, self.prior_dims, low_open=False, high_open=False)
         _one_of(self, "schedule", SCHEDULES)
         for name in ("hidden", "depth", "embed_dim", "prior_dims"):
             _at_least(self, name, 1)

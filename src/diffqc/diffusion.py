@@ -114,16 +114,25 @@ class _Block(nn.Module):
         return h + self.fc2(z)
 
 
-def _eigen_gain(r: Tensor, vecs: Tensor, vals: Tensor, alpha_bar: Tensor) -> Tensor:
-    """``V diag(g_k) Vᵀ r`` with ``g_k = √(1-ᾱ_k) / (ᾱ_k λ + 1 - ᾱ_k)``, for row vectors
+def _eigen_gain(r: Tensor, vecs: Tensor, vals: Tensor, alpha_bar: Tensor,
+                rest: Tensor | None = None) -> Tensor:
+    """``g(Σ) r`` with ``g(s) = √(1-ᾱ_k) / (ᾱ_k s + 1 - ᾱ_k)``, for row vectors
     ``r [G, L, K, M, d]`` (K timesteps of ᾱ ``alpha_bar [K]``, M vectors each) and eigenbases
-    ``vecs [G, L, d, d]`` with eigenvalues ``vals [G, L, d]``: two batched products over G·L."""
+    ``vecs [G, L, d, q]`` with eigenvalues ``vals [G, L, q]``: two batched products over G·L.
+    With q < d, ``rest [G, L]`` is the variance of the discarded directions (Σ_q = V diag(λ) Vᵀ
+    + σ²(I − V Vᵀ)) and the result is ``V ((g(λ) − g(σ²)) ⊙ Vᵀr) + g(σ²) r``."""
     g, locs, k, m, d = r.shape
+    q = vecs.shape[-1]
     ab = alpha_bar.view(1, 1, k, 1, 1)
-    gain = (1 - ab).sqrt() / (ab * vals[:, :, None, None, :] + (1 - ab))  # [G, L, K, 1, d]
+    gain = (1 - ab).sqrt() / (ab * vals[:, :, None, None, :] + (1 - ab))  # [G, L, K, 1, q]
     # contiguous: a strided view (a slice of the channels) sends bmm into a per-matrix loop
-    z = (r.reshape(g, locs, k * m, d).contiguous() @ vecs).view(g, locs, k, m, d) * gain
-    return (z.view(g, locs, k * m, d) @ vecs.transpose(-1, -2)).view(g, locs, k, m, d)
+    rc = r.reshape(g, locs, k * m, d).contiguous()
+    z = (rc @ vecs).view(g, locs, k, m, q)
+    if rest is None:
+        return ((z * gain).view(g, locs, k * m, q) @ vecs.transpose(-1, -2)).view(g, locs, k, m, d)
+    gain_rest = (1 - ab).sqrt() / (ab * rest[:, :, None, None, None] + (1 - ab))  # [G, L, K, 1, 1]
+    low = ((z * (gain - gain_rest)).view(g, locs, k * m, q) @ vecs.transpose(-1, -2))
+    return low.view(g, locs, k, m, d) + gain_rest * r
 
 
 def _neighbours(grid: tuple[int, int], radius: int) -> Tensor:
@@ -142,8 +151,9 @@ class PriorParams(NamedTuple):
 
     mean: Tensor  # [B, L, C]
     var: Tensor  # [B, L, C]
-    vecs: Tensor  # [B, L, d, d]
-    vals: Tensor  # [B, L, d]
+    vecs: Tensor  # [B, L, d, r]
+    vals: Tensor  # [B, L, r]
+    rest: Tensor | None = None  # [B, L]: the discarded directions' variance when r < d
 
 
 class Denoiser(nn.Module):
@@ -153,16 +163,19 @@ class Denoiser(nn.Module):
     mean E[ε | x_t] when x_0 ~ N(μ[type, loc], Σ[type, loc]) (Tweedie):
     ``ε̂_G = √(1-ᾱ) (ᾱ Σ + (1-ᾱ) I)^{-1} (x_t - √ᾱ μ)``. Σ is a full (Ledoit–Wolf shrunk)
     covariance on a fixed random subset of ``prior_dims`` channels, kept as its eigenbasis, and
-    diagonal on the others. The network f_θ (zero at initialisation) learns what a Gaussian
-    misses. The statistics are buffers fitted on the GOOD training features (:meth:`fit_prior`);
-    the null type gets those of all types pooled.
+    diagonal on the others. With ``prior_rank`` r < d only the top r eigenpairs are kept and the
+    other d − r directions share one variance (the mean of their eigenvalues: the maximum-
+    likelihood probabilistic PCA of that covariance, Tipping & Bishop 1999). The network f_θ
+    (zero at initialisation) learns what a Gaussian misses. The statistics are buffers fitted on
+    the GOOD training features (:meth:`fit_prior`); the null type gets those of all types pooled.
     """
 
     alpha_bar: Tensor
     prior_mean: Tensor  # [T+1, L, C], channels in prior order (prior_perm)
     prior_var: Tensor  # [T+1, L, C], channels in prior order
-    prior_vecs: Tensor  # [T+1, L, d, d]
-    prior_vals: Tensor  # [T+1, L, d]
+    prior_vecs: Tensor  # [T+1, L, d, r]: the top-r eigenvectors
+    prior_vals: Tensor  # [T+1, L, r]
+    prior_rest: Tensor  # [T+1, L]: the other d − r directions' variance (only when r < d)
     prior_perm: Tensor  # [C]: the full-covariance channels first
     prior_unperm: Tensor  # [C]
 
@@ -175,6 +188,9 @@ class Denoiser(nn.Module):
             raise ValueError(f"unknown prior {config.prior!r} (local or none)")
         self.use_prior = config.prior == "local"
         self.prior_dims = min(config.prior_dims, channels)
+        rank = config.prior_rank
+        self.prior_rank = self.prior_dims if rank <= 0 or rank >= self.prior_dims else rank
+        self.low_rank = self.prior_rank < self.prior_dims
         alpha_bar = alpha_bar_of(config)
         self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
         if self.use_prior:
@@ -185,8 +201,11 @@ class Denoiser(nn.Module):
             self.register_buffer("prior_unperm", torch.argsort(perm))
             self.register_buffer("prior_mean", torch.zeros(k, locations, channels))
             self.register_buffer("prior_var", torch.ones(k, locations, channels))
-            self.register_buffer("prior_vecs", torch.eye(d).expand(k, locations, d, d).clone())
-            self.register_buffer("prior_vals", torch.ones(k, locations, d))
+            r = self.prior_rank
+            self.register_buffer("prior_vecs", torch.eye(d)[:, d - r :].expand(k, locations, d, r).clone())
+            self.register_buffer("prior_vals", torch.ones(k, locations, r))
+            if self.low_rank:  # absent at full rank: full-rank bundles keep their layout
+                self.register_buffer("prior_rest", torch.ones(k, locations))
         self.type_embed = nn.Embedding(n_types + 1, e)  # the last row is the null type
         self.pos_embed = nn.Embedding(locations, e)
         self.time_mlp = nn.Sequential(nn.Linear(e, h), nn.SiLU(), nn.Linear(h, h))
@@ -212,7 +231,7 @@ class Denoiser(nn.Module):
             return
         from diffqc.covariance import ledoit_wolf_batched
 
-        d = self.prior_dims
+        d, rank = self.prior_dims, self.prior_rank
         nbr = _neighbours(grid or (self.locations, 1), radius)  # [L, M]
         block = max(1, 256 // nbr.shape[1])
         groups = [type_idx == k for k in range(self.n_types)] + [torch.ones_like(type_idx, dtype=torch.bool)]
@@ -234,9 +253,12 @@ class Denoiser(nn.Module):
                 per_loc = x[:, idx, :d].permute(1, 0, 2, 3).reshape(idx.shape[0], -1, d).double()
                 _, cov, _ = ledoit_wolf_batched(per_loc)
                 cov = cov + floor.double() * torch.eye(d, dtype=cov.dtype, device=cov.device)
-                vals, vecs = torch.linalg.eigh(cov)
-                self.prior_vecs[k, s : s + block] = vecs.float()
-                self.prior_vals[k, s : s + block] = vals.clamp_min(1e-6).float()
+                vals, vecs = torch.linalg.eigh(cov)  # ascending: the top r are the last r
+                vals = vals.clamp_min(1e-6)
+                self.prior_vecs[k, s : s + block] = vecs[..., d - rank :].float()
+                self.prior_vals[k, s : s + block] = vals[..., d - rank :].float()
+                if self.low_rank:  # probabilistic PCA: the mean of the discarded eigenvalues
+                    self.prior_rest[k, s : s + block] = vals[..., : d - rank].mean(-1).float()
 
     def gather_prior(self, type_idx: Tensor, pos: Tensor | None = None) -> PriorParams:
         """The Gaussian parameters of each token's type and location, in the permuted channel
@@ -247,7 +269,7 @@ class Denoiser(nn.Module):
         else:
             idx = (type_idx[:, None], pos)
         return PriorParams(self.prior_mean[idx], self.prior_var[idx], self.prior_vecs[idx],
-                           self.prior_vals[idx])
+                           self.prior_vals[idx], self.prior_rest[idx] if self.low_rank else None)
 
     def gaussian_eps(self, x_t: Tensor, t: Tensor, prior: PriorParams) -> Tensor:
         """E[ε | x_t] under the per-type, per-location Gaussian ``prior`` (see gather_prior)."""
@@ -259,8 +281,13 @@ class Denoiser(nn.Module):
         gain = sq1 / (ab * prior.vals + (1 - ab))  # [B, L, d]
         # batched mat-vec products (not einsum): they export to ONNX as MatMul, which runs
         # several times faster than the Einsum kernel of ONNX Runtime on CPU
-        z = (resid[..., :d].unsqueeze(-2) @ prior.vecs).squeeze(-2) * gain  # [B, L, d]
-        full = (prior.vecs @ z.unsqueeze(-1)).squeeze(-1)
+        r = resid[..., :d]
+        z = (r.unsqueeze(-2) @ prior.vecs).squeeze(-2)  # [B, L, r]
+        if prior.rest is None:
+            full = (prior.vecs @ (z * gain).unsqueeze(-1)).squeeze(-1)
+        else:  # low rank: g(σ²) on the discarded directions, g(λ) on the kept ones
+            gain_rest = sq1 / (ab * prior.rest.unsqueeze(-1) + (1 - ab))  # [B, L, 1]
+            full = (prior.vecs @ (z * (gain - gain_rest)).unsqueeze(-1)).squeeze(-1) + gain_rest * r
         return torch.cat([full, diag], dim=-1)[..., self.prior_unperm]
 
     def gaussian_eps_bank(self, x_t: Tensor, t: Tensor, type_idx: Tensor) -> Tensor:
@@ -291,20 +318,26 @@ class Denoiser(nn.Module):
         r = resid[..., :d]
         if traced:
             vecs, vals = self.prior_vecs[rows], self.prior_vals[rows]
+            rest = self.prior_rest[rows][type_idx] if self.low_rank else None
             full = _eigen_gain(r.permute(1, 2, 0, 3).unsqueeze(3), vecs[type_idx], vals[type_idx],
-                               ab).squeeze(3).permute(2, 0, 1, 3)
+                               ab, rest).squeeze(3).permute(2, 0, 1, 3)
         elif single:
             ty = int(type_idx[0])
             full = _eigen_gain(r.permute(2, 0, 1, 3).unsqueeze(0), self.prior_vecs[ty][None],
-                               self.prior_vals[ty][None], ab)[0].permute(1, 2, 0, 3)
+                               self.prior_vals[ty][None], ab, self._rest_of(ty))[0].permute(1, 2, 0, 3)
         else:
             full = torch.empty_like(r)
             for ty in type_idx.unique().tolist():
                 sel = (type_idx == ty).nonzero().squeeze(1)
                 part = r[:, sel].permute(2, 0, 1, 3).unsqueeze(0)  # [1, L, K, m, d]
-                out = _eigen_gain(part, self.prior_vecs[ty][None], self.prior_vals[ty][None], ab)
+                out = _eigen_gain(part, self.prior_vecs[ty][None], self.prior_vals[ty][None], ab,
+                                  self._rest_of(ty))
                 full[:, sel] = out[0].permute(1, 2, 0, 3)
         return torch.cat([full, diag], dim=-1)
+
+    def _rest_of(self, ty: int) -> Tensor | None:
+        """``[1, L]``: type ``ty``'s discarded-direction variances (None at full rank)."""
+        return self.prior_rest[ty][None] if self.low_rank else None
 
     def mahalanobis(self, x: Tensor, type_idx: Tensor) -> Tensor:
         """½ δᵀΣ⁻¹δ per location (δ = x − μ) under each image's type: ``x [N, L, C]`` **in the
@@ -318,14 +351,22 @@ class Denoiser(nn.Module):
         diag = (delta[..., d:].pow(2) / self.prior_var[rows][type_idx][..., d:]).sum(-1)
         r = delta[..., :d]
         if traced:
-            z = (r.unsqueeze(-2) @ self.prior_vecs[rows][type_idx]).squeeze(-2)  # [N, L, d]
+            z = (r.unsqueeze(-2) @ self.prior_vecs[rows][type_idx]).squeeze(-2)  # [N, L, r]
             full = (z.pow(2) / self.prior_vals[rows][type_idx]).sum(-1)
+            if self.low_rank:  # the discarded directions: (|δ|² − |z|²) / σ²
+                left = (r.pow(2).sum(-1) - z.pow(2).sum(-1)).clamp_min(0)
+                full = full + left / self.prior_rest[rows][type_idx]
         else:  # per type, its eigenbases used in place (no per-image copy)
             full = torch.empty(r.shape[:2], dtype=r.dtype, device=r.device)
             for ty in type_idx.unique().tolist():
                 sel = (type_idx == ty).nonzero().squeeze(1)
-                z = r[sel].transpose(0, 1).contiguous() @ self.prior_vecs[ty]  # [L, m, d]
-                full[sel] = (z.pow(2) / self.prior_vals[ty][:, None, :]).sum(-1).transpose(0, 1)
+                rt = r[sel].transpose(0, 1).contiguous()  # [L, m, d]
+                z = rt @ self.prior_vecs[ty]  # [L, m, r]
+                part = (z.pow(2) / self.prior_vals[ty][:, None, :]).sum(-1)  # [L, m]
+                if self.low_rank:
+                    left = (rt.pow(2).sum(-1) - z.pow(2).sum(-1)).clamp_min(0)
+                    part = part + left / self.prior_rest[ty][:, None]
+                full[sel] = part.transpose(0, 1)
         return 0.5 * (full + diag)
 
     def log_det_term(self, type_idx: Tensor) -> Tensor:
@@ -335,6 +376,8 @@ class Denoiser(nn.Module):
         traced = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
         rows = slice(0, self.n_types) if traced else slice(None)
         logdet = self.prior_vals[rows].log().sum(-1) + self.prior_var[rows][..., d:].log().sum(-1)
+        if self.low_rank:  # d − r discarded directions of variance σ²
+            logdet = logdet + (d - self.prior_rank) * self.prior_rest[rows].log()
         return 0.5 * (logdet + self.channels * math.log(2 * math.pi))[type_idx]
 
     def residual(self, x_t: Tensor, t: Tensor, type_idx: Tensor, pos: Tensor,
