@@ -112,7 +112,8 @@ def test_onnx_detector_reproduces_torch_inspect(exported: Path, test_images: tup
     det = Detector.load(exported, device="cpu")
     onx = load_detector(exported, "onnx", threads=1)
     assert isinstance(onx, OnnxDetector) and onx.classes_ == det.classes_ and onx.version == det.version
-    for feature_types, all_types in ((types, True), (types, False), ([None] * len(types), True)):
+    unknown = [None] * len(types)
+    for feature_types, all_types in ((types, True), (types, False), (unknown, True), (unknown, False)):
         ref = det.inspect(images, feature_types, all_types=all_types)
         got = onx.inspect(images, feature_types, all_types=all_types)
         assert [r.decision for r in got] == [r.decision for r in ref]

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from diffqc import __version__
+from diffqc import __version__, routing
 from diffqc.backends.graph import ANOMALY_MAP, FEATURES, PIXELS, SCORE, TYPE_IDX, SplitGraph, import_onnx
 from diffqc.backends.openvino import OpenVinoGraph, openvino_version
 from diffqc.backends.ort import OnnxBackbone, OnnxGraph, import_onnxruntime, make_session
@@ -639,18 +639,25 @@ def _recalibrate(det: Detector, fp32: SplitGraph, int8: SplitGraph, good: Sequen
         if mine.shape != theirs.shape or not np.allclose(mine, theirs, rtol=1e-3, atol=1e-6):
             return None, ("the data given does not reproduce the bundle's calibration scores "
                           "(not the training data?)")
-    n_types = len(det.classes_)
     known: dict[str, list[float]] = {t: [] for t in det.classes_}
-    unknown: dict[str, list[float]] = {t: [] for t in det.classes_}
+    cands, cand_scores = [], []
+    router, m = det.router_, det.config.scoring.type_candidates
     for sl in _chunks(len(images), 8):
-        feats = int8.features(preprocess(images[sl], size))
-        rep = np.repeat(feats, n_types, axis=0)
-        table = int8.score_features(rep, np.tile(np.arange(n_types), len(feats)))[1].reshape(-1, n_types)
-        for row, k in zip(table, own[sl], strict=True):
-            known[det.classes_[k]].append(float(row[k]))
-            unknown[det.classes_[int(row.argmin())]].append(float(row.min()))  # predicted type
+        feats = int8.features(preprocess(images[sl], size))  # the router reads INT8's, as at inference
+        cand = router.candidates(feats, m) if router is not None else np.zeros((len(feats), 0), np.int64)
+        pairs = zip(own[sl].tolist(), cand.tolist(), strict=True)
+        image, kind, at = routing.rows([[k, *c] for k, c in pairs])
+        scores = int8.score_features(feats[image], kind)[1]
+        for j, k in enumerate(own[sl].tolist()):
+            known[det.classes_[k]].append(float(scores[at[j][k]]))
+        cands.append(cand)
+        cand_scores.append(np.array([[scores[at[j][c]] for c in row] for j, row in enumerate(cand.tolist())],
+                                    dtype=np.float64).reshape(cand.shape))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same warnings as at training time
+        known_only = Calibrator(cal.config).fit(known)
+        unknown = (routing.unknown_scores(det.classes_, np.concatenate(cands), np.concatenate(cand_scores),
+                                          known_only) if router is not None else None)
         recomputed = Calibrator(cal.config).fit(known, unknown)
     return recomputed, f"recomputed on the {len(samples)} calibration images"
 
@@ -793,7 +800,8 @@ def onnx_detector(det: Detector, *, threads: int | None = None, runtime: str = "
     stats = (fe.feat_mean.detach().cpu().numpy(), fe.feat_std.detach().cpu().numpy())
     return OnnxDetector.from_model(build_onnx(det), config=det.config, metadata=det.metadata,
                                    calibration=det.calibration_, classes=det.classes_,
-                                   feature_stats=stats, threads=threads, runtime=runtime)
+                                   feature_stats=stats, router=det.router_, threads=threads,
+                                   runtime=runtime)
 
 
 def _previous_export(path: Path, meta: dict[str, Any]

@@ -67,7 +67,7 @@ class Inspection:
     p_value: float
     decision: str  # PASS / REVIEW / REJECT
     feature_type: str  # the type it was scored under (given, or predicted when unknown)
-    predicted_type: str | None  # arg-min over types of the score (None when not computed)
+    predicted_type: str | None  # the type unknown-type mode picks (None when not computed)
     type_known: bool
     type_scores: dict[str, float] = field(default_factory=dict)
     anomaly_map: np.ndarray | None = field(default=None, repr=False, compare=False)
@@ -84,19 +84,22 @@ class Inspection:
 def verdicts(
     classes: Sequence[str], calibration: Calibrator, given: Sequence[int | None], own: Sequence[int],
     scores: Sequence[float], table: np.ndarray | None = None,
-    maps: Sequence[np.ndarray] | None = None,
+    maps: Sequence[np.ndarray] | None = None, *, predicted: Sequence[int | None] | None = None,
 ) -> list[Inspection]:
     """One :class:`Inspection` per image from what a runtime computed: ``given`` type index (None
     when unknown), ``own`` type scored under, its ``scores``, the optional ``[N, types]`` score
-    ``table`` (predicted type = arg-min) and the optional anomaly ``maps``. PyTorch and ONNX
-    Runtime share this, so both decide the same way."""
+    ``table``, the ``predicted`` type (:func:`diffqc.routing.route_and_score`; without it the
+    table's arg-min, as tiled models pick it) and the optional anomaly ``maps``. PyTorch and
+    ONNX Runtime share this, so both decide the same way."""
     results = []
     for i, k in enumerate(own):
         known = given[i] is not None
         p = calibration.p_value(classes[k], float(scores[i]), type_known=known)
+        pred = (predicted[i] if predicted is not None
+                else None if table is None else int(table[i].argmin()))
         results.append(Inspection(
             score=float(scores[i]), p_value=p, decision=calibration.decide(p), feature_type=classes[k],
-            predicted_type=None if table is None else classes[int(table[i].argmin())],
+            predicted_type=None if pred is None else classes[pred],
             type_known=known,
             type_scores={} if table is None else {c: float(table[i, j]) for j, c in enumerate(classes)},
             anomaly_map=None if maps is None else maps[i],

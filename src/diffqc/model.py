@@ -27,11 +27,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffqc import __version__, tiling
+from diffqc import __version__, routing, tiling
 from diffqc.backbone import FeatureExtractor, resolve_device, to_pixels
 from diffqc.bundle import check_weights, read_bundle
-from diffqc.calibration import Calibrator
-from diffqc.config import DetectorConfig
+from diffqc.calibration import Calibrator, calibration_scores
+from diffqc.config import CalibrationConfig, DetectorConfig
 from diffqc.data import Sample, good_training, read_images
 from diffqc.errors import BundleError, DatasetError, OutputError, UnknownFeatureTypeError
 from diffqc.inspection import (
@@ -144,6 +144,7 @@ class Detector:
         self.extractor_: FeatureExtractor | None = None
         self.scorer_: Scorer | None = None
         self.calibration_: Calibrator | None = None
+        self.router_: routing.TypeRouter | None = None  # None: a bundle from before the router
         self.classes_: list[str] = []
         self.metadata: dict[str, Any] = {}
 
@@ -241,17 +242,18 @@ class Detector:
         scorer = make_scorer(self.config)
         scorer.fit(feats[fit_idx], types[fit_idx], len(self.classes_), progress=progress)
         self.scorer_ = scorer
+        self.router_ = _fit_router(feats[fit_idx], types[fit_idx], len(self.classes_))
         fit_seconds = time.perf_counter() - t_fit
         fit_idx, cal_idx = image_idx
         cal_samples = [good[i] for i in cal_idx]
         cal_layouts = None if layouts is None else [layouts[i] for i in cal_idx]
         cal_rows = cal_idx if layouts is None else tiling.rows_of(layouts, cal_idx)
         if cross:
-            known, unknown = self._cross_fold_scores(raw, good, types, layouts, progress=progress)
+            scored = self._cross_fold_scores(raw, good, types, layouts, progress=progress)
         else:
-            known, unknown = self._calibration_scores(feats[cal_rows], cal_samples, progress=progress,
-                                                      layouts=cal_layouts)
-        self.calibration_ = Calibrator(self.config.calibration).fit(known, unknown)
+            scored = self._calibration_scores(feats[cal_rows], cal_samples, progress=progress,
+                                              layouts=cal_layouts)
+        self.calibration_ = scored.calibrator(self.classes_, self.config.calibration)
         history = getattr(scorer, "history_", None)
         self.metadata = {
             "format": BUNDLE_FORMAT,
@@ -269,6 +271,7 @@ class Detector:
                                        for t in self.classes_},
                 "skipped_corrupt": [],
             },
+            "type_router": scored.router_summary(self.classes_, self.config.scoring.type_candidates),
             "fit_seconds": round(fit_seconds, 2),
             "total_seconds": round(time.perf_counter() - start, 2),
             "final_loss": history.loss[-1] if history is not None and history.loss else None,
@@ -279,14 +282,13 @@ class Detector:
     def _cross_fold_scores(
         self, raw: Tensor, good: Sequence[Sample], types: Tensor,
         layouts: Sequence[tiling.Layout] | None, *, progress: bool,
-    ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-        """Cross-conformal calibration scores: every GOOD image scored by a model (standardisation
-        and scorer) fitted on the other ``calibration.folds`` folds, never on its own part. The
-        fitted detector (its standardisation and scorer) is left as it was."""
-        fe, final = self.extractor, self.scorer_
+    ) -> _CalibrationScores:
+        """Cross-conformal calibration scores: every GOOD image scored by a model (standardisation,
+        scorer and type router) fitted on the other ``calibration.folds`` folds, never on its own
+        part. The fitted detector (its standardisation, scorer and router) is left as it was."""
+        fe, final, final_router = self.extractor, self.scorer_, self.router_
         saved = fe.feat_mean.clone(), fe.feat_std.clone()
-        known: dict[str, list[float]] = {t: [] for t in self.classes_}
-        unknown: dict[str, list[float]] = {t: [] for t in self.classes_}
+        out = _CalibrationScores()
 
         def rows(idx: list[int]) -> list[int]:
             return idx if layouts is None else tiling.rows_of(layouts, idx)
@@ -301,38 +303,43 @@ class Detector:
                 scorer = make_scorer(self.config)
                 scorer.fit(feats[rows(rest)], types[rows(rest)], len(self.classes_), progress=False)
                 self.scorer_ = scorer
-                fold_known, fold_unknown = self._calibration_scores(
+                self.router_ = _fit_router(feats[rows(rest)], types[rows(rest)], len(self.classes_))
+                out.extend(self._calibration_scores(
                     feats[rows(held)], [good[i] for i in held], progress=False,
-                    layouts=None if layouts is None else [layouts[i] for i in held])
-                for t in self.classes_:
-                    known[t] += fold_known[t]
-                    unknown[t] += fold_unknown[t]
+                    layouts=None if layouts is None else [layouts[i] for i in held]))
         finally:
             fe.feat_mean.copy_(saved[0])
             fe.feat_std.copy_(saved[1])
-            self.scorer_ = final
-        return known, unknown
+            self.scorer_, self.router_ = final, final_router
+        return out
 
     def _calibration_scores(
         self, feats: Tensor, samples: Sequence[Sample], *, progress: bool,
         layouts: Sequence[tiling.Layout] | None = None,
-    ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-        known: dict[str, list[float]] = {t: [] for t in self.classes_}
-        unknown: dict[str, list[float]] = {t: [] for t in self.classes_}
+    ) -> _CalibrationScores:
+        """Scores of GOOD calibration images under their own type (known-type mode) and under
+        the type router's candidates (unknown-type mode), from standardised features."""
+        out = _CalibrationScores()
         bs = self.config.batch_size
+        true = [self.classes_.index(s.feature_type) for s in samples]
+        m = self.config.scoring.type_candidates
         for i in tqdm(range(0, len(samples), bs), desc="calibrating", disable=not progress, unit="batch"):
-            chunk = samples[i : i + bs]
-            if layouts is None:
-                table = self._type_score_table(feats[i : i + bs]).cpu()  # [n, T]
-            else:  # the rows of these images' views; scores from their merged maps
+            own = true[i : i + bs]
+            if layouts is not None:  # every type, from the views' merged maps; unknown = arg-min
                 off = tiling.offsets(layouts)
                 table = tiling.score_table(self, feats[off[i]: off[min(i + bs, len(samples))]],
-                                           layouts[i : i + bs])
-            for j, s in enumerate(chunk):
-                known[s.feature_type].append(float(table[j, self.classes_.index(s.feature_type)]))
-                # unknown-type mode: keyed by the predicted type, as at inference
-                unknown[self.classes_[int(table[j].argmin())]].append(float(table[j].min()))
-        return known, unknown
+                                           layouts[i : i + bs]).numpy()
+                out.add_table(self.classes_, own, table)
+                continue
+            batch = feats[i : i + bs]
+            assert self.router_ is not None
+            cand = self.router_.candidates(batch.float().cpu().numpy(), m)
+            image, kind, at = routing.rows([[k, *c] for k, c in zip(own, cand.tolist(), strict=True)])
+            scores = self.maps_and_scores(batch[torch.from_numpy(image).to(batch.device)],
+                                          torch.from_numpy(kind).to(batch.device))[1].cpu().numpy()
+            out.add(own, [scores[at[j][k]] for j, k in enumerate(own)], cand,
+                    np.array([[scores[at[j][int(c)]] for c in row] for j, row in enumerate(cand)]))
+        return out
 
     # ------------------------------------------------------------------ scoring
     def _require_fitted(self) -> tuple[Scorer, Calibrator]:
@@ -378,13 +385,6 @@ class Detector:
                               "(Detector.maps_and_scores), not from a smoothed map; use max or topk here")
         return aggregate(maps, how, topk)
 
-    def _type_score_table(self, feats: Tensor) -> Tensor:
-        """Image scores of every image under every type: ``[N, n_types]``."""
-        n, n_types = feats.shape[0], len(self.classes_)
-        rep = feats.repeat_interleave(n_types, dim=0)
-        idx = torch.arange(n_types, device=feats.device).repeat(n)
-        return self.maps_and_scores(rep, idx)[1].view(n, n_types)
-
     def type_index(self, feature_type: str) -> int:
         try:
             return self.classes_.index(feature_type)
@@ -403,9 +403,10 @@ class Detector:
         maps: bool = True,
     ) -> list[Inspection]:
         """Score images. A given type is scored under that type; ``None`` means unknown: the
-        image is scored under every type, the minimum is its score and the arg-min its type.
-        ``all_types`` also scores known-type images under every type (for ``type_scores`` and
-        ``predicted_type``); turn it off for the fastest path."""
+        type router picks the type (:mod:`diffqc.routing`: the full scorer runs only under its
+        ``scoring.type_candidates`` best types). ``all_types`` also scores every image under
+        every type (``type_scores``, and ``predicted_type``: the type unknown mode picks), a
+        slow diagnostic; turn it off for the fastest path."""
         self._require_fitted()
         types = list(feature_types) if feature_types is not None else [None] * len(images)
         if len(types) != len(images):
@@ -431,29 +432,23 @@ class Detector:
         """:meth:`inspect` from precomputed raw backbone features; maps are returned at
         ``map_sizes`` (H, W) per image, or not at all when it is ``None``."""
         _, calibration = self._require_fitted()
-        types = list(feature_types)
-        maps = map_sizes is not None
-        given = [None if t is None else self.type_index(t) for t in types]
+        given = [None if t is None else self.type_index(t) for t in feature_types]
         feats = self.extractor.standardise(raw.to(self.device))
-        need_table = all_types or any(g is None for g in given)
-        table = self._type_score_table(feats) if need_table else None
-        own = torch.tensor([g if g is not None else 0 for g in given], device=self.device)
-        if table is not None:
-            unknown = torch.tensor([g is None for g in given], device=self.device)
-            own = torch.where(unknown, table.argmin(dim=1), own)
-            table = table.cpu()  # what follows reads it from NumPy / Python
-        own_maps, own_scores = self.maps_and_scores(feats, own) if (maps or table is None) else (None, None)
-        own_list = [int(k) for k in own.tolist()]
-        if own_scores is not None:
-            scores = [float(x) for x in own_scores.tolist()]
-        else:
-            assert table is not None
-            scores = [float(table[i, k]) for i, k in enumerate(own_list)]
+
+        def score(image: np.ndarray, kind: np.ndarray) -> tuple[Tensor, np.ndarray]:
+            rows = torch.from_numpy(image).to(feats.device)
+            maps, scores = self.maps_and_scores(feats[rows], torch.from_numpy(kind).to(feats.device))
+            return maps, scores.cpu().numpy()
+
+        routed, row_maps = routing.route_and_score(
+            given, lambda: feats.float().cpu().numpy(), self.router_, self.config.scoring.type_candidates,
+            len(self.classes_), score, calibration, self.classes_, all_types=all_types,
+            where=self.metadata.get("model_id", "(in memory)"))
         resized = None
-        if map_sizes is not None and own_maps is not None:
-            resized = [_resize_map(own_maps[i], *map_sizes[i]) for i in range(len(types))]
-        return verdicts(self.classes_, calibration, given, own_list, scores,
-                        None if table is None else table.numpy(), resized)
+        if map_sizes is not None:
+            resized = [_resize_map(row_maps[int(r)], *map_sizes[i]) for i, r in enumerate(routed.own_rows)]
+        return verdicts(self.classes_, calibration, given, routed.own, routed.scores, routed.table,
+                        resized, predicted=routed.predicted)
 
     def inspect_samples(
         self, samples: Sequence[Sample], *, type_known: bool = True, progress: bool = False,
@@ -499,6 +494,8 @@ class Detector:
         tensors = {f"scorer.{k}": v.contiguous().cpu() for k, v in scorer.state_tensors().items()}
         tensors["features.mean"] = fe.feat_mean.cpu()
         tensors["features.std"] = fe.feat_std.cpu()
+        if self.router_ is not None:
+            tensors.update({k: torch.from_numpy(v) for k, v in self.router_.state().items()})
         save_file(tensors, str(folder / "weights.safetensors"), metadata={"format": str(BUNDLE_FORMAT)})
         self.config.to_json(folder / "config.json")
         (folder / "calibration.json").write_text(json.dumps(calibration.to_dict()))
@@ -530,6 +527,9 @@ class Detector:
             scorer_state = {k.removeprefix("scorer."): v.to(det.device) for k, v in tensors.items()
                             if k.startswith("scorer.")}
             det.scorer_ = load_scorer(config, scorer_state, len(det.classes_), fe.channels)
+            det.router_ = routing.TypeRouter.from_state(
+                {k: v.numpy() for k, v in tensors.items() if k in routing.STATE_KEYS},
+                len(det.classes_), fe.channels)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise BundleError(f"model bundle {path} does not match its config: {exc}") from None
         det.calibration_ = cal
@@ -538,6 +538,74 @@ class Detector:
     @property
     def version(self) -> str:
         return str(self.metadata.get("model_id", "unfitted"))
+
+
+def _fit_router(feats: Tensor, types: Tensor, n_types: int) -> routing.TypeRouter:
+    return routing.TypeRouter.fit(feats.float().cpu().numpy(), types.cpu().numpy(), n_types)
+
+
+class _CalibrationScores:
+    """GOOD calibration images' scores: under their own type (known-type mode), and under the
+    type router's candidates (unknown-type mode, chosen among once the known-type calibration
+    exists: :func:`diffqc.routing.unknown_scores`)."""
+
+    def __init__(self) -> None:
+        self.true: list[int] = []
+        self.known: list[float] = []
+        self.candidates: list[np.ndarray] = []
+        self.candidate_scores: list[np.ndarray] = []
+        self.unknown_table: dict[str, list[float]] | None = None  # tiled models: arg-min of a table
+
+    def add(self, true: Sequence[int], known: Sequence[float], candidates: np.ndarray,
+            scores: np.ndarray) -> None:
+        self.true += [int(k) for k in true]
+        self.known += [float(s) for s in known]
+        self.candidates.append(np.asarray(candidates, dtype=np.int64))
+        self.candidate_scores.append(np.asarray(scores, dtype=np.float64))
+
+    def add_table(self, classes: Sequence[str], true: Sequence[int], table: np.ndarray) -> None:
+        _, unknown = calibration_scores(classes, true, table)
+        self.true += [int(k) for k in true]
+        self.known += [float(table[j, k]) for j, k in enumerate(true)]
+        self.unknown_table = self.unknown_table or {t: [] for t in classes}
+        for t, v in unknown.items():
+            self.unknown_table[t] += v
+
+    def extend(self, other: _CalibrationScores) -> None:
+        self.true += other.true
+        self.known += other.known
+        self.candidates += other.candidates
+        self.candidate_scores += other.candidate_scores
+        if other.unknown_table is not None:
+            self.unknown_table = self.unknown_table or {t: [] for t in other.unknown_table}
+            for t, v in other.unknown_table.items():
+                self.unknown_table[t] += v
+
+    def calibrator(self, classes: Sequence[str], config: CalibrationConfig) -> Calibrator:
+        known: dict[str, list[float]] = {t: [] for t in classes}
+        for k, s in zip(self.true, self.known, strict=True):
+            known[classes[k]].append(s)
+        if self.unknown_table is not None:
+            unknown = self.unknown_table
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # said once, by the calibrator returned
+                known_only = Calibrator(config).fit(known)
+            unknown = routing.unknown_scores(classes, np.concatenate(self.candidates),
+                                             np.concatenate(self.candidate_scores), known_only)
+        return Calibrator(config).fit(known, unknown)
+
+    def router_summary(self, classes: Sequence[str], m: int) -> dict[str, Any]:
+        """How the router did on the calibration images (held out from its fit, or scored by
+        fold routers that never saw them)."""
+        if not self.candidates:
+            return {"fitted": True, "used": False, "why": "tiled models pick the arg-min type"}
+        cand = np.concatenate(self.candidates)
+        true = np.array(self.true)
+        return {"fitted": True, "used": True, "type_candidates": m, "pooled_features": "mean,std",
+                "calibration_images": len(true),
+                "top1_accuracy": round(float(np.mean(cand[:, 0] == true)), 6),
+                "in_candidates": round(float(np.mean((cand == true[:, None]).any(axis=1))), 6)}
 
 
 def _resize_map(m: Tensor, h: int, w: int) -> np.ndarray:

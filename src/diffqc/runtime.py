@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from diffqc import routing
 from diffqc.backends.graph import SplitGraph
-from diffqc.bundle import read_bundle
+from diffqc.bundle import WEIGHTS_FILE, read_bundle
 from diffqc.calibration import Calibrator
 from diffqc.config import DetectorConfig
 from diffqc.errors import BundleError, ConfigError, RuntimeUnavailableError, UnknownFeatureTypeError
@@ -244,6 +245,7 @@ class OnnxDetector:
                     raise BundleError(f"model bundle {self.path}: damaged {cal_file.name} ({exc})") from None
         self.precision = precision
         self._feat_stats: tuple[np.ndarray, np.ndarray] | None = None
+        self.router_ = self._read_router()
         self.graph = _graph(runtime, file, threads, providers)
         self.input_size = self.config.backbone.input_size
 
@@ -251,11 +253,12 @@ class OnnxDetector:
     def from_model(
         cls, model: onnx.ModelProto, *, config: DetectorConfig, metadata: dict[str, Any],
         calibration: Calibrator, classes: Sequence[str], feature_stats: tuple[np.ndarray, np.ndarray],
-        threads: int | None = None, runtime: str = "onnx",
+        router: routing.TypeRouter | None = None, threads: int | None = None, runtime: str = "onnx",
     ) -> OnnxDetector:
         """An FP32 graph built in memory (:func:`diffqc.export.onnx_detector` builds it from a
-        fitted PyTorch Detector), with the model's settings, calibration and feature statistics
-        (per-channel mean and std of the raw backbone features, for :meth:`inspect_features`)."""
+        fitted PyTorch Detector), with the model's settings, calibration, feature statistics
+        (per-channel mean and std of the raw backbone features, for :meth:`inspect_features`)
+        and type router."""
         if runtime not in GRAPH_RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(GRAPH_RUNTIMES)}, got {runtime!r}")
         self = cls.__new__(cls)
@@ -267,6 +270,7 @@ class OnnxDetector:
         mean, std = feature_stats
         self._feat_stats = (np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1),
                             np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1))
+        self.router_ = router
         if runtime == "openvino":
             from diffqc.backends.openvino import OpenVinoGraph
 
@@ -329,12 +333,30 @@ class OnnxDetector:
         given = [None if t is None else self.type_index(t) for t in feature_types]
         return self._inspect_standardised(feats, given, map_sizes, all_types=all_types)
 
+    def _weights(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """The named tensors of the bundle's weights that are there (only those are read)."""
+        from safetensors import SafetensorError, safe_open
+
+        assert self.path is not None
+        try:
+            with safe_open(str(self.path / WEIGHTS_FILE), framework="numpy") as fh:
+                return {k: fh.get_tensor(k) for k in keys if k in fh.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError) as exc:
+            raise BundleError(f"model bundle {self.path}: {WEIGHTS_FILE} unreadable ({exc})") from None
+
+    def _read_router(self) -> routing.TypeRouter | None:
+        mean = self._weights(["features.mean"]).get("features.mean")
+        if mean is None:
+            raise BundleError(f"model bundle {self.path}: {WEIGHTS_FILE} lacks features.mean")
+        try:
+            return routing.TypeRouter.from_state(self._weights(routing.STATE_KEYS), len(self.classes_),
+                                                 int(mean.size))
+        except ValueError as exc:
+            raise BundleError(f"model bundle {self.path} does not match its config: {exc}") from None
+
     def _standardisation(self) -> tuple[np.ndarray, np.ndarray]:
         if self._feat_stats is None:
-            from safetensors.numpy import load_file
-
-            assert self.path is not None
-            t = load_file(str(self.path / "weights.safetensors"))
+            t = self._weights(["features.mean", "features.std"])
             self._feat_stats = (t["features.mean"].reshape(1, -1, 1, 1),
                                 t["features.std"].reshape(1, -1, 1, 1))
         return self._feat_stats
@@ -343,25 +365,16 @@ class OnnxDetector:
         self, feats: np.ndarray, given: Sequence[int | None],
         map_sizes: Sequence[tuple[int, int]] | None = None, *, all_types: bool = True,
     ) -> list[Inspection]:
-        n, n_types = len(given), len(self.classes_)
-        table: np.ndarray | None = None
-        if all_types or any(g is None for g in given):
-            table = np.empty((n, n_types), dtype=np.float32)
-            own = np.empty(n, dtype=np.int64)
-            own_maps = np.empty((n, self.input_size, self.input_size), dtype=np.float32)
-            for i in range(n):
-                m, table[i] = self.graph.score_features(np.repeat(feats[i: i + 1], n_types, axis=0),
-                                                        np.arange(n_types))
-                g = given[i]
-                own[i] = int(table[i].argmin()) if g is None else g
-                own_maps[i] = m[own[i]]
-            own_scores = table[np.arange(n), own]
-        else:
-            own = np.array(given, dtype=np.int64)
-            own_maps, own_scores = self.graph.score_features(feats, own)
-        maps = None if map_sizes is None else [resize_map(own_maps[i], *map_sizes[i]) for i in range(n)]
-        return verdicts(self.classes_, self.calibration_, given, [int(k) for k in own],
-                        [float(x) for x in own_scores], table, maps)
+        def score(image: np.ndarray, kind: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return self.graph.score_features(feats[image], kind)
+
+        routed, row_maps = routing.route_and_score(
+            given, lambda: feats, self.router_, self.config.scoring.type_candidates, len(self.classes_),
+            score, self.calibration_, self.classes_, all_types=all_types, where=self.path or "(in memory)")
+        maps = None if map_sizes is None else [resize_map(row_maps[r], *map_sizes[i])
+                                               for i, r in enumerate(routed.own_rows)]
+        return verdicts(self.classes_, self.calibration_, given, routed.own, routed.scores, routed.table,
+                        maps, predicted=routed.predicted)
 
     def inspect_samples(
         self, samples: Sequence[Sample], *, type_known: bool = True, progress: bool = False,
