@@ -21,6 +21,7 @@ METHODS = ("diffusion", "patchcore", "padim")
 BACKBONES = ("efficientnet-lite0", "mobilenet-v2")  # or "onnx:PATH"
 SCHEDULES = ("cosine", "linear")
 PRIORS = ("local", "none")
+PRIOR_STORAGES = ("float32", "float16")
 AGGREGATIONS = ("topk", "max", "mean")
 TAILS = ("exponential", "none")
 PATCHCORE_AGGREGATIONS = ("reweighted", "max", "topk")
@@ -172,12 +173,15 @@ class DiffusionConfig:
     # eigenpairs kept per location of the prior_dims-channel covariance; the discarded directions
     # share one variance, the mean of their eigenvalues (probabilistic PCA). 0: all (full rank)
     prior_rank: int = 0
+    # dtype of the Gaussians' parameters in the saved bundle (cast to float32 when loaded)
+    prior_storage: str = "float32"
 
     def __post_init__(self) -> None:
         _check_types(self)
         _at_least(self, "timesteps", 2)
         _at_least(self, "prior_radius", 0)
         _in_range(self, "prior_rank", 0, self.prior_dims, low_open=False, high_open=False)
+        _one_of(self, "prior_storage", PRIOR_STORAGES)
         _one_of(self, "schedule", SCHEDULES)
         for name in ("hidden", "depth", "embed_dim", "prior_dims"):
             _at_least(self, name, 1)

@@ -29,6 +29,9 @@ from diffqc.config import DetectorConfig, ScoringConfig
 from diffqc.diffusion import Denoiser, NoiseSchedule, alpha_bar_of, vlb_quadrature
 from diffqc.train import TrainHistory, train_denoiser
 
+# the per-type, per-location Gaussians: nearly all of a bundle's bytes (diffusion.prior_storage)
+PRIOR_TENSORS = ("prior_mean", "prior_var", "prior_vecs", "prior_vals", "prior_rest")
+
 
 @dataclass(frozen=True)
 class ScoreBank:
@@ -179,8 +182,11 @@ class DiffusionScorer:
         return err.view(n, h, w)
 
     def state_tensors(self) -> dict[str, Tensor]:
+        """The bundle's tensors; the Gaussians' parameters in ``diffusion.prior_storage``."""
         denoiser, bank = self._check()
-        state = {f"denoiser.{k}": v for k, v in denoiser.state_dict().items()}
+        storage = getattr(torch, self.config.diffusion.prior_storage)
+        state = {f"denoiser.{k}": v.to(storage) if k in PRIOR_TENSORS else v
+                 for k, v in denoiser.state_dict().items()}
         state["bank.timesteps"] = bank.timesteps
         state["bank.noise"] = bank.noise
         state["bank.weights"] = bank.weights
@@ -194,7 +200,9 @@ class DiffusionScorer:
         noise = tensors["bank.noise"]
         locations = int(noise.shape[1])
         denoiser = Denoiser(channels, n_types, locations, config.diffusion)
-        state = {k.removeprefix("denoiser."): v for k, v in tensors.items() if k.startswith("denoiser.")}
+        # stored in float16 or float32 (diffusion.prior_storage): computed in float32
+        state = {k.removeprefix("denoiser."): v.float() if v.is_floating_point() else v
+                 for k, v in tensors.items() if k.startswith("denoiser.")}
         denoiser.load_state_dict(state)
         self.denoiser_ = denoiser.to(noise.device).eval()  # on the device of the given tensors
         self._set_bank(ScoreBank(tensors["bank.timesteps"].long(), noise.float(),
