@@ -149,3 +149,33 @@ def test_dashboard_shows_decisions_and_records_a_review(
         if e.get("level") == "SEVERE" and "401" not in e.get("message", "")
     ]
     assert logs == []
+
+
+def test_dashboard_drift_panel_shows_a_types_alarm(
+    live_server: tuple[str, Any], browser: Any, samples: Samples
+) -> None:
+    """The drift panel lists every type the monitor has seen and turns to DRIFT when the
+    service's own drift monitor raises an alarm (p-values far below uniform)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, state = live_server
+    wait = WebDriverWait(browser, 30)
+    body, ftype = samples.one("PASS")
+    r = httpx.post(url + "/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype})
+    assert r.status_code == 200
+    browser.get(url + "/dashboard")
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "connect").click()
+    row = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, f'#drift tr[data-type="{ftype}"]')))
+    assert row.get_attribute("data-alarm") == "0" and "OK" in row.text
+    # the line drifts: the monitor receives parts whose p-values are all small
+    monitor = state.line.drift
+    for _ in range(monitor.config.min_parts + 10):
+        monitor.observe(ftype, 0.002, decision="REJECT")
+    assert monitor.snapshot()[ftype]["alarm"]
+    wait.until(ec.presence_of_element_located(
+        (By.CSS_SELECTOR, f'#drift tr[data-type="{ftype}"][data-alarm="1"]')))
+    text = browser.find_element(By.CSS_SELECTOR, f'#drift tr[data-type="{ftype}"]').text
+    assert "DRIFT" in text
