@@ -1,0 +1,238 @@
+"""Hyper-parameter selection without the test splits (issue 14, hygiene): k-fold cross-validation
+on each dataset's TRAINING GOOD images only, with synthetic anomalies.
+
+    python benchmarks/tune.py --datasets magnetic_tile,synthetic,elpv \
+        --variant gauss:train.steps=0 --variant full152:train.steps=0,diffusion.prior_dims=152 \
+        --methods padim --feature-cache /tmp/select-feats --json out.json
+
+Per dataset, the GOOD images of the ``train`` split are dealt into ``--folds`` folds (per type,
+seed 0). For every fold a model is fitted on the other folds and scores the fold's GOOD images
+and, for each of them, one synthetic defective copy made from it (:func:`synthetic_anomaly`:
+cut-paste of a patch of another GOOD image of the same type, a scratch, a noise patch or a
+brightness spot; 2–6 % of the image, seeded by the image index). The figure of merit is the image
+AUROC per type, averaged over types and folds. No image of a ``test`` split is read, so a choice
+made on this table leaves the test splits for the one final report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import apply_jitter, dataset_samples, jitter_transform
+
+from diffqc.backbone import to_pixels
+from diffqc.config import DetectorConfig, parse_overrides, with_overrides
+from diffqc.data import GOOD, Sample, read_image
+from diffqc.evaluate import parse_setting
+from diffqc.metrics import image_auroc
+from diffqc.model import Detector
+
+KINDS = ("cutpaste", "scratch", "noise", "spot")
+
+
+def _ellipse(s: int, rng: np.random.Generator, area: float) -> np.ndarray:
+    """A random ellipse mask ``[s, s]`` covering about ``area`` of the image, fully inside it."""
+    aspect = rng.uniform(0.4, 2.5)
+    ry = s * np.sqrt(area * aspect / np.pi)
+    rx = s * np.sqrt(area / aspect / np.pi)
+    cy, cx = rng.uniform(ry + 1, s - ry - 1), rng.uniform(rx + 1, s - rx - 1)
+    yy, xx = np.mgrid[0:s, 0:s]
+    a = rng.uniform(0, np.pi)
+    dy, dx = yy - cy, xx - cx
+    u, v = dx * np.cos(a) + dy * np.sin(a), -dx * np.sin(a) + dy * np.cos(a)
+    return np.asarray((u / rx) ** 2 + (v / ry) ** 2 <= 1.0)
+
+
+def synthetic_anomaly(image: np.ndarray, donor: np.ndarray, index: int, seed: int = 0) -> np.ndarray:
+    """A defective copy of ``image [S, S, 3]`` (float in [0, 1]): kind ``KINDS[index % 4]``, the
+    rest drawn from a generator seeded by (seed, index). ``donor`` is another GOOD image of the
+    same type and size (the source of a cut-paste patch)."""
+    rng = np.random.default_rng([seed, index])
+    s = image.shape[0]
+    out = image.copy()
+    kind = KINDS[index % len(KINDS)]
+    area = rng.uniform(0.02, 0.06)
+    if kind == "scratch":
+        y0, x0 = rng.uniform(0.15 * s, 0.85 * s, size=2)
+        ang, length = rng.uniform(0, np.pi), rng.uniform(0.25, 0.5) * s
+        width = rng.uniform(0.01, 0.025) * s
+        yy, xx = np.mgrid[0:s, 0:s]
+        ux, uy = np.cos(ang), np.sin(ang)
+        along = (xx - x0) * ux + (yy - y0) * uy
+        across = -(xx - x0) * uy + (yy - y0) * ux
+        mask = (np.abs(along) <= length / 2) & (np.abs(across) <= width)
+        level = 1.0 - image[mask].mean() if mask.any() else 1.0
+        out[mask] = np.clip(level + rng.normal(0, 0.05, size=(int(mask.sum()), 3)), 0, 1)
+        return out
+    mask = _ellipse(s, rng, area)
+    if kind == "cutpaste":
+        ys, xs = np.nonzero(mask)
+        h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        sy, sx = int(rng.integers(0, s - h + 1)), int(rng.integers(0, s - w + 1))
+        patch = donor[sy : sy + h, sx : sx + w]
+        patch = np.rot90(patch, k=int(rng.integers(1, 4))) if h == w else patch[::-1, ::-1]
+        region = out[ys.min() : ys.min() + h, xs.min() : xs.min() + w]
+        m = mask[ys.min() : ys.min() + h, xs.min() : xs.min() + w]
+        region[m] = patch[: region.shape[0], : region.shape[1]][m]
+    elif kind == "noise":
+        noise = rng.normal(image[mask].mean(axis=0), 0.2, size=(int(mask.sum()), 3))
+        out[mask] = np.clip(noise, 0, 1)
+    else:  # spot: a local brightness / colour change (ink blot, stain, glare)
+        shift = rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 0.4) + rng.normal(0, 0.05, size=3)
+        out[mask] = np.clip(out[mask] + shift, 0, 1)
+    return out
+
+
+def fold_ids(samples: Sequence[Sample], k: int, seed: int = 0) -> np.ndarray:
+    """Fold of every sample: per type, a seeded permutation dealt round-robin into ``k`` folds."""
+    ids = np.zeros(len(samples), dtype=int)
+    rng = np.random.default_rng(seed)
+    for t in sorted({s.feature_type for s in samples}):
+        idx = [i for i, s in enumerate(samples) if s.feature_type == t]
+        for rank, i in enumerate(rng.permutation(idx)):
+            ids[i] = rank % k
+    return ids
+
+
+def features(det: Detector, samples: Sequence[Sample], jitter: int | None,
+             cache: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw features of every GOOD training image and of its synthetic defective copy (the donor
+    of a cut-paste is the next image of the same type), cached under a key of the backbone, the
+    jitter seed and the sample list."""
+    key = json.dumps([asdict(det.config.backbone), jitter, [str(s.path) for s in samples], "select-v1"])
+    path = None if cache is None else cache / f"select-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    if path is not None and path.is_file():
+        data = torch.load(path, weights_only=True)
+        return data["good"], data["bad"]
+    size = det.config.backbone.input_size
+    by_type: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_type.setdefault(s.feature_type, []).append(i)
+    donor = {}
+    for idx in by_type.values():
+        for j, i in enumerate(idx):
+            donor[i] = idx[(j + 1) % len(idx)]
+
+    def pixels(i: int) -> np.ndarray:
+        px = to_pixels([read_image(samples[i].path)], size)[0]
+        if jitter is not None:
+            px = apply_jitter(px, jitter_transform(i, jitter), "bilinear")
+        return px.permute(1, 2, 0).numpy()
+
+    good, bad = [], []
+    for start in range(0, len(samples), 32):
+        chunk = range(start, min(start + 32, len(samples)))
+        imgs = [pixels(i) for i in chunk]
+        defects = [synthetic_anomaly(img, pixels(donor[i]), i) for i, img in zip(chunk, imgs, strict=True)]
+        good.append(det.extract(imgs, raw=True))
+        bad.append(det.extract(defects, raw=True))
+    g, b = torch.cat(good), torch.cat(bad)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"good": g, "bad": b}, path)
+    return g, b
+
+
+def cross_validate(config: DetectorConfig, samples: Sequence[Sample], good: torch.Tensor, bad: torch.Tensor,
+                   folds: np.ndarray) -> dict[str, Any]:
+    """Mean image AUROC over types, per fold, of ``config`` on GOOD-vs-synthetic held-out images."""
+    per_fold, fit_s = [], []
+    types = [s.feature_type for s in samples]
+    for f in sorted(set(folds.tolist())):
+        train = np.nonzero(folds != f)[0]
+        held = np.nonzero(folds == f)[0]
+        torch.manual_seed(0)
+        det = Detector(config, device="cpu")
+        t0 = time.perf_counter()
+        det.fit_features(good[train], [samples[i] for i in train])
+        fit_s.append(time.perf_counter() - t0)
+        raw = torch.cat([good[held], bad[held]])
+        held_types = [types[i] for i in held] * 2
+        scores = []
+        for j in range(0, raw.shape[0], 32):
+            res = det.inspect_features(raw[j : j + 32], held_types[j : j + 32], None, all_types=False)
+            scores += [r.score for r in res]
+        labels = np.r_[np.zeros(len(held)), np.ones(len(held))]
+        sc = np.asarray(scores)
+        aurocs = []
+        for t in sorted(set(held_types)):
+            m = np.asarray([ht == t for ht in held_types])
+            aurocs.append(image_auroc(labels[m], sc[m]))
+        per_fold.append(float(np.mean(aurocs)))
+    return {"auroc_folds": per_fold, "auroc": float(np.mean(per_fold)),
+            "auroc_sd": float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else 0.0,
+            "fit_s": float(np.median(fit_s))}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--datasets", default="synthetic,magnetic_tile,elpv")
+    p.add_argument("--methods", default="", help="baselines to run beside the variants, e.g. padim,patchcore")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--folds", type=int, default=4)
+    p.add_argument("--max-per-type", type=int, default=None,
+                   help="at most this many GOOD training images per type (seeded), to save time")
+    p.add_argument("--jitter", type=int, nargs="?", const=0, default=None, metavar="SEED")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--feature-cache", type=Path, default=None)
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "diffqc-quality")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    base = with_overrides(DetectorConfig(), parse_overrides(args.set))
+    configs = {m: replace(base, method=m) for m in args.methods.split(",") if m}
+    for name, over in (parse_setting(v) for v in args.variant):
+        configs[name] = with_overrides(replace(base, method="diffusion"), over)
+    rows: list[dict[str, Any]] = []
+    for ds in args.datasets.split(","):
+        samples = dataset_samples(ds, args.work)
+        if not samples:
+            continue
+        samples = [s for s in samples if s.split == "train" and s.label == GOOD]
+        if args.max_per_type:
+            rng = np.random.default_rng(0)
+            keep: list[Sample] = []
+            for t in sorted({s.feature_type for s in samples}):
+                of_t = [s for s in samples if s.feature_type == t]
+                keep += [of_t[i] for i in sorted(rng.permutation(len(of_t))[: args.max_per_type])]
+            samples = keep
+        t0 = time.perf_counter()
+        good, bad = features(Detector(base, device="cpu"), samples, args.jitter, args.feature_cache)
+        name = ds + ("+jitter" if args.jitter is not None else "")
+        print(f"# {name}: {len(samples)} GOOD training images (+ as many synthetic defects), "
+              f"features in {time.perf_counter() - t0:.0f} s", flush=True)
+        folds = fold_ids(samples, args.folds)
+        for label, config in configs.items():
+            r = cross_validate(config, samples, good, bad, folds)
+            r.update(dataset=name, variant=label)
+            rows.append(r)
+            print(f"{name:<22}{label:<28}{r['auroc']:.4f} ± {r['auroc_sd']:.4f}  "
+                  f"folds {' '.join(f'{a:.3f}' for a in r['auroc_folds'])}  fit {r['fit_s']:.1f} s",
+                  flush=True)
+    print("\nmean over datasets")
+    for label in configs:
+        vals = [r["auroc"] for r in rows if r["variant"] == label]
+        if vals:
+            print(f"{label:<28}{np.mean(vals):.4f}  ({len(vals)} datasets)")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
