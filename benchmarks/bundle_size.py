@@ -1,0 +1,222 @@
+"""Model bundle size and scoring speed per number of types, prior channels, rank and storage.
+
+Sizes are real: each configuration is fitted with ``Detector.fit_features`` on random features of
+the default shape (152 x 32 x 32; the size does not depend on the values; one training step, so
+that the network is not skipped when timed) and written with ``Detector.save``, once per storage
+dtype (``diffusion.prior_storage``), and the bundle folder is measured on disk, then deleted.
+Timing: ``Detector.maps_and_scores`` on standardised features (the scoring after the backbone:
+Gaussian part, network correction, upsampling, smoothing, aggregation), batch 32 with mixed
+types, median of ``--repeats`` runs, with the trained network and again with its output layer
+zeroed (the untrained model, which skips the network). The machine's load is printed: timings
+taken while other jobs run are indicative only.
+
+``--parity`` instead measures what float16 storage changes on the embedded synthetic set
+(one 8-type model, ``train.steps=0``): maps and image scores of the test images from a float32
+bundle and a float16 bundle, and each type's image AUROC from both.
+
+    python benchmarks/bundle_size.py
+    python benchmarks/bundle_size.py --types 8 --dims 152 --ranks 32
+    python benchmarks/bundle_size.py --parity --work /tmp/diffqc-quality --feature-cache /tmp/feats
+    python benchmarks/bundle_size.py --parity --set diffusion.prior_dims=152 --set diffusion.prior_rank=32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffqc.config import DetectorConfig, parse_overrides, with_overrides
+from diffqc.data import GOOD, Sample
+from diffqc.metrics import image_auroc
+from diffqc.model import Detector
+
+STORAGES = ("float32", "float16")
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def with_storage(det: Detector, storage: str) -> Detector:
+    """The same fitted detector, saving its Gaussians in ``storage`` (nothing is refitted)."""
+    config = replace(det.config, diffusion=replace(det.config.diffusion, prior_storage=storage))
+    det.config = config
+    if det.scorer_ is not None:
+        det.scorer_.config = config  # type: ignore[attr-defined]
+    return det
+
+
+def random_detector(n_types: int, overrides: dict[str, Any], per_type: int, seed: int = 0,
+                    ) -> tuple[Detector, torch.Tensor]:
+    """A detector fitted on random raw features (``per_type`` GOOD images per type)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = n_types * per_type
+    raw = torch.randn(n, 152, 32, 32, generator=gen) * torch.rand(152, 1, 1, generator=gen) * 3
+    good = [Sample(Path(f"t{i % n_types}_{i}.png"), f"type{i % n_types}", GOOD, part_id=str(i),
+                   split="train") for i in range(n)]
+    quick = {"train.steps": 1, "train.batch_images": 2, "train.locations_per_image": 8}
+    det = Detector(with_overrides(DetectorConfig(), quick | overrides), device="cpu")
+    det.fit_features(raw, good)
+    return det, raw
+
+
+def time_scoring(det: Detector, raw: torch.Tensor, n_types: int, batch: int, repeats: int) -> float:
+    """Median ms per image of ``maps_and_scores`` on a batch of standardised features."""
+    idx = torch.arange(batch) % len(raw)
+    feats = det.extractor.standardise(raw[idx])
+    types = idx % n_types  # the fitted images' types (image i is of type i mod n_types)
+    with torch.inference_mode():
+        det.maps_and_scores(feats, types)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            det.maps_and_scores(feats, types)
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times) / batch
+
+
+def size_rows(types: list[int], dims: list[int], ranks: list[int], batch: int, repeats: int,
+              per_type: int, work: Path, time_types: set[int]) -> list[dict[str, Any]]:
+    rows = []
+    for d in dims:
+        for r in ranks:
+            for n in types:
+                det, raw = random_detector(n, {"diffusion.prior_dims": d, "diffusion.prior_rank": r},
+                                           per_type)
+                row: dict[str, Any] = {"types": n, "prior_dims": d, "rank": r or "full"}
+                for storage in STORAGES:
+                    path = with_storage(det, storage).save(work / f"b{n}-{d}-{r}-{storage}")
+                    row[f"mb_{storage}"] = folder_bytes(path) / 1e6
+                    shutil.rmtree(path)  # written by this script just above
+                row["ms_trained"] = row["ms_untrained"] = None
+                if n in time_types:
+                    row["ms_trained"] = time_scoring(det, raw, n, batch, repeats)
+                    denoiser = det.scorer_.denoiser_  # type: ignore[union-attr]
+                    with torch.no_grad():
+                        denoiser.out.weight.zero_()
+                        denoiser.out.bias.zero_()
+                    row["ms_untrained"] = time_scoring(det, raw, n, batch, repeats)
+                rows.append(row)
+                print(row, file=sys.stderr, flush=True)
+    return rows
+
+
+def size_table(rows: list[dict[str, Any]]) -> str:
+    out = ["| types | prior_dims | rank | bundle MB (fp32) | bundle MB (fp16) | ms/img trained | "
+           "ms/img untrained |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ms = [("" if r[k] is None else f"{r[k]:.1f}") for k in ("ms_trained", "ms_untrained")]
+        out.append(f"| {r['types']} | {r['prior_dims']} | {r['rank']} | {r['mb_float32']:.1f} | "
+                   f"{r['mb_float16']:.1f} | {ms[0]} | {ms[1]} |")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------ parity
+def synthetic_features(work: Path, cache: Path | None) -> tuple[list[Sample], torch.Tensor]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quality import cached_extract, dataset_samples
+
+    samples = dataset_samples("synthetic", work)
+    assert samples is not None
+    raw, _ = cached_extract(Detector(DetectorConfig(), device="cpu"), samples, None, cache)
+    return samples, raw
+
+
+def parity(overrides: dict[str, Any], work: Path, cache: Path | None) -> dict[str, Any]:
+    """Maps and image scores of a float16 bundle against the float32 bundle of one fitted
+    8-type model (``train.steps=0``) on the synthetic test images."""
+    samples, raw = synthetic_features(work, cache)
+    train = [i for i, s in enumerate(samples) if s.split == "train" and s.label == GOOD]
+    test = [i for i, s in enumerate(samples) if s.split == "test"]
+    det = Detector(with_overrides(DetectorConfig(), {"train.steps": 0} | overrides), device="cpu")
+    det.fit_features(raw[train], [samples[i] for i in train])
+    out: dict[str, Any] = {"overrides": overrides, "test_images": len(test)}
+    maps: dict[str, torch.Tensor] = {}
+    scores: dict[str, np.ndarray] = {}
+    with tempfile.TemporaryDirectory(prefix="diffqc-parity-") as tmp:
+        for storage in STORAGES:
+            path = with_storage(det, storage).save(Path(tmp) / storage)
+            out[f"bundle_mb_{storage}"] = round(folder_bytes(path) / 1e6, 1)
+            loaded = Detector.load(path, device="cpu")
+            types = torch.tensor([loaded.classes_.index(samples[i].feature_type) for i in test])
+            m_all, s_all = [], []
+            with torch.inference_mode():
+                for j in range(0, len(test), 32):
+                    feats = loaded.extractor.standardise(raw[test[j : j + 32]])
+                    m, s = loaded.maps_and_scores(feats, types[j : j + 32])
+                    m_all.append(m)
+                    s_all.append(s)
+            maps[storage], scores[storage] = torch.cat(m_all), torch.cat(s_all).numpy()
+    ref_m, new_m = maps["float32"].double(), maps["float16"].double()
+    ref_s, new_s = scores["float32"].astype(np.float64), scores["float16"].astype(np.float64)
+    out["map_max_abs"] = float((new_m - ref_m).abs().max())
+    per_map = (new_m - ref_m).abs().amax((1, 2)) / ref_m.abs().amax((1, 2))
+    out["map_max_rel_to_map_max"] = float(per_map.max())
+    out["score_max_abs"] = float(np.abs(new_s - ref_s).max())
+    out["score_max_rel"] = float((np.abs(new_s - ref_s) / np.abs(ref_s)).max())
+    # order of the image scores within each type (what AUROC and calibration see)
+    flips = pairs = 0
+    aurocs: dict[str, tuple[float, float]] = {}
+    for t in sorted({samples[i].feature_type for i in test}):
+        idx = [k for k, i in enumerate(test) if samples[i].feature_type == t]
+        a, b = ref_s[idx], new_s[idx]
+        da, db = a[:, None] - a[None, :], b[:, None] - b[None, :]
+        flips += int((np.sign(da) != np.sign(db)).sum() // 2)
+        pairs += len(idx) * (len(idx) - 1) // 2
+        labels = np.array([samples[test[k]].label for k in idx])
+        aurocs[t] = (image_auroc(labels, a), image_auroc(labels, b))
+    out["order_flips"] = f"{flips} of {pairs} same-type pairs"
+    out["auroc_fp32_fp16"] = {t: (round(a, 4), round(b, 4)) for t, (a, b) in aurocs.items()}
+    out["mean_auroc_fp32"] = round(float(np.mean([a for a, _ in aurocs.values()])), 4)
+    out["mean_auroc_fp16"] = round(float(np.mean([b for _, b in aurocs.values()])), 4)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--types", default="1,2,4,8")
+    p.add_argument("--dims", default="100,152", help="diffusion.prior_dims values")
+    p.add_argument("--ranks", default="0,64,32", help="diffusion.prior_rank values (0: full)")
+    p.add_argument("--time-types", default="8", help="type counts whose scoring is timed")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--per-type", type=int, default=8, help="random GOOD images per type")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--parity", action="store_true", help="float16 parity on the synthetic set instead")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (parity)")
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "diffqc-quality")
+    p.add_argument("--feature-cache", type=Path, default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"# load: {os.getloadavg()}; threads {args.threads}", flush=True)
+    if args.parity:
+        import json
+
+        args.work.mkdir(parents=True, exist_ok=True)
+        print(json.dumps(parity(parse_overrides(args.set), args.work, args.feature_cache), indent=1))
+        return 0
+    def ints(text: str) -> list[int]:
+        return [int(v) for v in text.split(",") if v]
+
+    with tempfile.TemporaryDirectory(prefix="diffqc-bundles-") as tmp:
+        rows = size_rows(ints(args.types), ints(args.dims), ints(args.ranks), batch=args.batch,
+                         repeats=args.repeats, per_type=args.per_type, work=Path(tmp),
+                         time_types=set(ints(args.time_types)))
+    print(size_table(rows))
+    print(f"# load after: {os.getloadavg()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
