@@ -10,6 +10,9 @@ from diffqc.diffusion import (
     alpha_bar_of,
     cosine_alpha_bar,
     log_snr,
+    ring_index,
+    ring_mean,
+    sampled_ring,
     vlb_quadrature,
     vlb_timestep_weights,
 )
@@ -269,3 +272,71 @@ def test_prior_rank_is_validated() -> None:
         DiffusionConfig(prior_dims=10, prior_rank=11)
     with pytest.raises(ConfigError, match="prior_rank"):
         DiffusionConfig(prior_rank=-1)
+
+
+def test_ring_mean_averages_the_neighbours_without_the_centre() -> None:
+    """diffusion.context=ring: each location sees the mean of its 8 neighbours (3 at a corner, 5 on
+    an edge), never itself: changing one location moves its neighbours' ring by δ/count and
+    leaves its own unchanged."""
+    g = torch.Generator().manual_seed(7)
+    h, w, c = 3, 4, 5
+    x = torch.randn(2, h * w, c, generator=g)
+    ring = ring_mean(x, (h, w))
+    assert ring.shape == x.shape
+    torch.testing.assert_close(ring[:, 0], x[:, [1, w, w + 1]].mean(1))  # corner (0, 0)
+    torch.testing.assert_close(ring[:, 1], x[:, [0, 2, w, w + 1, w + 2]].mean(1))  # edge (0, 1)
+    inner = [0, 1, 2, 4, 6, 8, 9, 10]  # around (1, 1) = index 5
+    torch.testing.assert_close(ring[:, 5], x[:, inner].mean(1))
+    bumped = x.clone()
+    bumped[:, 5] += 8.0
+    moved = ring_mean(bumped, (h, w)) - ring
+    torch.testing.assert_close(moved[:, 5], torch.zeros(2, c))
+    torch.testing.assert_close(moved[:, 0], torch.full((2, c), 8.0 / 3))
+    torch.testing.assert_close(moved[:, 1], torch.full((2, c), 8.0 / 5))
+    torch.testing.assert_close(moved[:, 6], torch.full((2, c), 8.0 / 8))
+    assert float(moved[:, 3].abs().max()) == 0.0  # (0, 3) is not next to (1, 1)
+
+
+def test_training_ring_noises_the_same_neighbours() -> None:
+    """The training path's ring at sampled locations (each neighbour noised with its own noise)
+    is ring_mean of the clean grid scaled by √ᾱ plus the mean of the neighbours' √(1-ᾱ) ε."""
+    g = torch.Generator().manual_seed(8)
+    h, w, c = 4, 3, 6
+    tokens = torch.randn(5, h * w, c, generator=g)
+    img, pos, t = torch.tensor([0, 3]), torch.tensor([[0, 4, 11], [7, 2, 5]]), torch.tensor([100, 600])
+    sch = NoiseSchedule(1000)
+    cells = ring_index((h, w))
+    got = sampled_ring(tokens, img, pos, t, sch, cells, torch.Generator().manual_seed(0))
+    eps = torch.randn(2, 3, 8, c, generator=torch.Generator().manual_seed(0))
+    inside = cells[1][pos].float().unsqueeze(-1)
+    noise = (eps * inside).sum(2) / inside.sum(2)
+    clean = ring_mean(tokens, (h, w))[img[:, None], pos]
+    a, b = sch.sqrt_alpha_bar[t].view(-1, 1, 1), sch.sqrt_one_minus[t].view(-1, 1, 1)
+    torch.testing.assert_close(got, a * clean + b * noise)
+
+
+def test_ring_context_reaches_the_network_and_trains() -> None:
+    """With context=ring the residual at a location depends on its neighbours' x_t (and not with
+    context=none), gives the same result in the prior's channel order, and training runs with the
+    sampled-location ring."""
+    g = torch.Generator().manual_seed(9)
+    side, c = 4, 6
+    feats = torch.randn(12, c, side, side, generator=g)
+    types = torch.arange(12) % 2
+    for context in ("none", "ring"):
+        cfg = DiffusionConfig(hidden=16, depth=1, embed_dim=8, prior_dims=3, context=context)
+        m, hist = train_denoiser(feats, types, 2, cfg, TrainConfig(steps=3, batch_images=4,
+                                 locations_per_image=5), progress=False)
+        assert len(hist.loss) > 0 and all(v == v for v in hist.loss)
+        x_t = torch.randn(2, side * side, c, generator=g)
+        args = (torch.tensor([100, 400]), torch.tensor([0, 1]), torch.arange(side * side).expand(2, -1))
+        with torch.no_grad():
+            base = m.residual(x_t, *args)
+            bumped = x_t.clone()
+            bumped[:, 5] += 3.0
+            moved = (m.residual(bumped, *args) - base).abs().amax(-1)  # [2, L]
+            ordered = m.residual(x_t[..., m.prior_perm], *args, channel_order=m.prior_perm)
+        torch.testing.assert_close(ordered, base[..., m.prior_perm], rtol=1e-4, atol=1e-5)
+        assert float(moved[:, 5].min()) > 0  # its own input
+        assert (float(moved[:, 6].max()) > 1e-6) == (context == "ring")  # a neighbour's
+        assert float(moved[:, 15].max()) == 0.0  # far away: never

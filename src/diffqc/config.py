@@ -22,6 +22,7 @@ BACKBONES = ("efficientnet-lite0", "mobilenet-v2")  # or "onnx:PATH"
 SCHEDULES = ("cosine", "linear")
 PRIORS = ("local", "none")
 PRIOR_STORAGES = ("float32", "float16")
+CONTEXTS = ("none", "ring")
 AGGREGATIONS = ("topk", "max", "mean")
 TAILS = ("exponential", "none")
 PATCHCORE_AGGREGATIONS = ("reweighted", "max", "topk")
@@ -175,6 +176,9 @@ class DiffusionConfig:
     prior_rank: int = 0
     # dtype of the Gaussians' parameters in the saved bundle (cast to float32 when loaded)
     prior_storage: str = "float32"
+    # "ring": the network also sees the mean of the 8 neighbouring locations' noisy features
+    # (never its own), so it can learn what a location should look like from its surroundings
+    context: str = "none"
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -182,6 +186,7 @@ class DiffusionConfig:
         _at_least(self, "prior_radius", 0)
         _in_range(self, "prior_rank", 0, self.prior_dims, low_open=False, high_open=False)
         _one_of(self, "prior_storage", PRIOR_STORAGES)
+        _one_of(self, "context", CONTEXTS)
         _one_of(self, "schedule", SCHEDULES)
         for name in ("hidden", "depth", "embed_dim", "prior_dims"):
             _at_least(self, name, 1)

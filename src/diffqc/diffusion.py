@@ -1,7 +1,10 @@
 """Noise schedule and the shared, type-conditioned denoiser over feature maps.
 
 The denoiser sees one feature vector per location (no spatial context: a denoiser that sees
-its neighbours learns to copy them and rebuilds defects too). It is conditioned on the
+its neighbours learns to copy them and rebuilds defects too). Optionally
+(``diffusion.context=ring``) it also sees the mean of the 8 neighbouring locations' noisy
+features, never its own location's, so that it can learn what a location should look like
+from its surroundings without being able to copy itself. It is conditioned on the
 timestep, on the feature type through one learned embedding per type plus a learned *null*
 type (index ``n_types``), and on the location through a learned position embedding.
 """
@@ -146,6 +149,45 @@ def _neighbours(grid: tuple[int, int], radius: int) -> Tensor:
     return (ny * w + nx).reshape(h * w, -1)
 
 
+def ring_index(grid: tuple[int, int], device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
+    """The 8 cells around each location of the grid (row-major), never the location itself:
+    indices ``[h·w, 8]`` (a cell outside the grid points at the centre) and whether each is inside
+    the grid ``[h·w, 8]`` (bool)."""
+    h, w = grid
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    dy = torch.tensor([-1, -1, -1, 0, 0, 1, 1, 1])
+    dx = torch.tensor([-1, 0, 1, -1, 1, -1, 0, 1])
+    ny, nx = ys.reshape(-1, 1) + dy, xs.reshape(-1, 1) + dx
+    inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+    idx = torch.where(inside, ny * w + nx, (ys * w + xs).reshape(-1, 1))
+    return idx.to(device), inside.to(device)
+
+
+def ring_mean(x: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Mean of the (up to 8) neighbouring locations' features, the centre excluded:
+    ``x [B, h·w, C]`` (row-major grid) -> ``[B, h·w, C]``. A 3 x 3 average pool over the cells
+    inside the grid, minus the centre (exports to ONNX as AveragePool)."""
+    b, locs, c = x.shape
+    h, w = grid
+    img = x.transpose(1, 2).reshape(b, c, h, w)
+    ones = torch.ones(1, 1, h, w, dtype=x.dtype, device=x.device)
+    others = 9 * F.avg_pool2d(ones, 3, 1, 1) - 1  # cells of the window inside the grid, less the centre
+    total = 9 * F.avg_pool2d(img, 3, 1, 1)  # zero padding: the sum over the cells inside
+    return ((total - img) / others.clamp_min(1)).reshape(b, c, locs).transpose(1, 2)
+
+
+def sampled_ring(tokens: Tensor, img: Tensor, pos: Tensor, t: Tensor, schedule: NoiseSchedule,
+                 ring: tuple[Tensor, Tensor], gen: torch.Generator) -> Tensor:
+    """Training's ring context (:func:`ring_mean`) at sampled locations: the neighbours (``ring``
+    from :func:`ring_index`) of location ``pos [b, m]`` in image ``img [b]`` of ``tokens [N, L, C]``,
+    noised at the image's timestep ``t [b]`` with their own noise, averaged -> ``[b, m, C]``."""
+    idx, inside = ring
+    x0 = tokens[img[:, None, None], idx[pos]]  # [b, m, 8, C]
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    weight = inside[pos].to(x0.dtype).unsqueeze(-1)
+    return (schedule.q_sample(x0, t, noise) * weight).sum(2) / weight.sum(2)
+
+
 class PriorParams(NamedTuple):
     """Per-token Gaussian parameters (channels permuted: the full-covariance block first)."""
 
@@ -179,10 +221,15 @@ class Denoiser(nn.Module):
     prior_perm: Tensor  # [C]: the full-covariance channels first
     prior_unperm: Tensor  # [C]
 
-    def __init__(self, channels: int, n_types: int, locations: int, config: DiffusionConfig) -> None:
+    def __init__(self, channels: int, n_types: int, locations: int, config: DiffusionConfig,
+                 grid: tuple[int, int] | None = None) -> None:
         super().__init__()
         e, h = config.embed_dim, config.hidden
         self.channels, self.n_types, self.locations = channels, n_types, locations
+        self.grid = grid or (locations, 1)  # (h, w): only the ring context uses it
+        self.use_ring = config.context == "ring"
+        if self.use_ring and self.grid[0] * self.grid[1] != locations:
+            raise ValueError(f"grid {self.grid} does not have {locations} locations")
         self.embed_dim = e
         if config.prior not in ("local", "none"):
             raise ValueError(f"unknown prior {config.prior!r} (local or none)")
@@ -212,6 +259,8 @@ class Denoiser(nn.Module):
         self.type_proj = nn.Linear(e, h)
         self.pos_proj = nn.Linear(e, h, bias=False)
         self.inp = nn.Linear(channels, h)
+        if self.use_ring:  # the neighbours' mean, projected like the input (diffusion.context)
+            self.ring_inp = nn.Linear(channels, h, bias=False)
         self.blocks = nn.ModuleList([_Block(h) for _ in range(config.depth)])
         self.out_norm = nn.LayerNorm(h)
         self.out = nn.Linear(h, channels)
@@ -381,10 +430,13 @@ class Denoiser(nn.Module):
         return 0.5 * (logdet + self.channels * math.log(2 * math.pi))[type_idx]
 
     def residual(self, x_t: Tensor, t: Tensor, type_idx: Tensor, pos: Tensor,
-                 channel_order: Tensor | None = None) -> Tensor:
+                 channel_order: Tensor | None = None, ring: Tensor | None = None) -> Tensor:
         """The learned part f_θ alone (what :meth:`forward` adds to the Gaussian path). With
         ``channel_order`` (e.g. ``prior_perm``) the channels of ``x_t`` and of the result are in
-        that order: the first and last layers' weights are permuted instead of the activations."""
+        that order: the first and last layers' weights are permuted instead of the activations.
+        With ``diffusion.context=ring``, ``ring`` is the mean of each location's neighbours in
+        ``x_t``'s noisy grid (same channel order); by default it is computed from ``x_t``, which
+        must then hold every location of the grid in order (scoring)."""
         cond = self.time_mlp(sinusoidal_embedding(t, self.embed_dim)) + self.type_proj(
             self.type_embed(type_idx)
         )  # [B, H]
@@ -392,6 +444,13 @@ class Denoiser(nn.Module):
             h = self.inp(x_t)
         else:
             h = F.linear(x_t, self.inp.weight[:, channel_order], self.inp.bias)
+        if self.use_ring:
+            if ring is None:
+                if x_t.shape[1] != self.locations:
+                    raise ValueError("diffusion.context=ring needs every location of the grid, or `ring`")
+                ring = ring_mean(x_t, self.grid)
+            weight = self.ring_inp.weight if channel_order is None else self.ring_inp.weight[:, channel_order]
+            h = h + F.linear(ring, weight)
         h = h + self.pos_proj(self.pos_embed(pos)) + cond[:, None, :]
         c = cond[:, None, :]
         for block in self.blocks:
@@ -411,14 +470,15 @@ class Denoiser(nn.Module):
         return self.n_types
 
     def forward(self, x_t: Tensor, t: Tensor, type_idx: Tensor, pos: Tensor,
-                prior: PriorParams | None = None) -> Tensor:
+                prior: PriorParams | None = None, ring: Tensor | None = None) -> Tensor:
         """Predicted ε for ``x_t [B, L, C]`` at locations ``pos [B, L]``; ``prior`` (from
-        :meth:`gather_prior` with the same ``type_idx`` and ``pos``) saves gathering it again."""
+        :meth:`gather_prior` with the same ``type_idx`` and ``pos``) saves gathering it again;
+        ``ring``: the neighbours' mean (see :meth:`residual`)."""
         if self.use_prior and not self.training and self.network_is_zero():
             # an untrained residual network (zero output layer, e.g. train.steps=0) adds exactly
             # zero: skip it (a weight property, so a traced ONNX graph skips it too)
             return self.gaussian_eps(x_t, t, prior if prior is not None else self.gather_prior(type_idx, pos))
-        out = self.residual(x_t, t, type_idx, pos)
+        out = self.residual(x_t, t, type_idx, pos, ring=ring)
         if self.use_prior:
             if prior is None:
                 prior = self.gather_prior(type_idx, pos)

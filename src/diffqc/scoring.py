@@ -199,7 +199,10 @@ class DiffusionScorer:
         self = cls(config)
         noise = tensors["bank.noise"]
         locations = int(noise.shape[1])
-        denoiser = Denoiser(channels, n_types, locations, config.diffusion)
+        grid = config.backbone.grid  # recorded at fit time; bundles from before: square
+        side = math.isqrt(locations)
+        self.grid_ = (int(grid[0]), int(grid[1])) if len(grid) == 2 else (side, locations // side)
+        denoiser = Denoiser(channels, n_types, locations, config.diffusion, self.grid_)
         # stored in float16 or float32 (diffusion.prior_storage): computed in float32
         state = {k.removeprefix("denoiser."): v.float() if v.is_floating_point() else v
                  for k, v in tensors.items() if k.startswith("denoiser.")}
@@ -207,9 +210,6 @@ class DiffusionScorer:
         self.denoiser_ = denoiser.to(noise.device).eval()  # on the device of the given tensors
         self._set_bank(ScoreBank(tensors["bank.timesteps"].long(), noise.float(),
                                  tensors["bank.weights"].float()))
-        grid = config.backbone.grid  # recorded at fit time; bundles from before: square
-        side = math.isqrt(locations)
-        self.grid_ = (int(grid[0]), int(grid[1])) if len(grid) == 2 else (side, locations // side)
         return self
 
 

@@ -14,7 +14,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffqc.config import DiffusionConfig, TrainConfig
-from diffqc.diffusion import Denoiser, NoiseSchedule, alpha_bar_of, vlb_timestep_weights
+from diffqc.diffusion import (
+    Denoiser,
+    NoiseSchedule,
+    alpha_bar_of,
+    ring_index,
+    sampled_ring,
+    vlb_timestep_weights,
+)
 
 
 @dataclass
@@ -64,7 +71,8 @@ def train_denoiser(
     locations = h * w
     tokens = features.to(device).permute(0, 2, 3, 1).reshape(n, locations, c).contiguous()
     type_idx = type_idx.to(device).long()
-    model = Denoiser(c, n_types, locations, diffusion).to(device)
+    model = Denoiser(c, n_types, locations, diffusion, (h, w)).to(device)
+    ring_cells = ring_index((h, w), device) if model.use_ring else None
     model.fit_prior(tokens, type_idx, (h, w), diffusion.prior_radius)
     ema = copy.deepcopy(model).requires_grad_(False)
     schedule = NoiseSchedule(diffusion.timesteps, diffusion.schedule).to(device)
@@ -89,7 +97,10 @@ def train_denoiser(
         y_true = type_idx[img].to(device)
         drop = torch.rand(b, generator=gen).to(device) < diffusion.null_prob
         y = torch.where(drop, torch.full_like(y_true, n_types), y_true)
-        pred = model(x_t, t, y, pos)
+        ring = None  # diffusion.context=ring: the neighbours, noised with their own noise
+        if ring_cells is not None:
+            ring = sampled_ring(tokens, img.to(device), pos, t, schedule, ring_cells, gen)
+        pred = model(x_t, t, y, pos, ring=ring)
         err = (pred - noise).pow(2).mean(dim=(1, 2))
         loss = err.mean()
         sep_value = 0.0
@@ -98,7 +109,8 @@ def train_denoiser(
             if keep.any():
                 shift = torch.randint(1, n_types, (b,), generator=gen).to(device)
                 other = (y_true + shift) % n_types
-                pred_o = model(x_t[keep], t[keep], other[keep], pos[keep])
+                pred_o = model(x_t[keep], t[keep], other[keep], pos[keep],
+                               ring=None if ring is None else ring[keep])
                 err_o = (pred_o - noise[keep]).pow(2).mean(dim=(1, 2))
                 sep = separation_hinge(err[keep], err_o, train.separation_margin)
                 loss = loss + train.separation_weight * sep
