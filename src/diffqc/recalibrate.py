@@ -46,15 +46,17 @@ def previous_name(name: str) -> str:
 def calibration_scores(detector: Any, samples: Sequence[Any], *, skip_corrupt: bool = False,
                        progress: bool = False) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Scores of GOOD ``samples`` as the detector's calibration needs them: per type, the score
-    under the part's own type (known-type table) and the minimum over every type (unknown-type
-    table), as :meth:`diffqc.model.Detector.fit` computes them."""
+    under the part's own type (known-type table) and, keyed by the type unknown-type mode picks
+    (the type router, :mod:`diffqc.routing`), the score under that type (unknown-type table), as
+    :meth:`diffqc.model.Detector.fit` computes them."""
     results, kept = detector.inspect_samples(samples, type_known=True, all_types=True, maps=False,
                                              skip_corrupt=skip_corrupt, progress=progress)
     known: dict[str, list[float]] = {}
     unknown: dict[str, list[float]] = {}
     for res, sample in zip(results, kept, strict=True):
         known.setdefault(sample.feature_type, []).append(float(res.score))
-        unknown.setdefault(sample.feature_type, []).append(float(min(res.type_scores.values())))
+        if res.predicted_type is not None:  # None: a bundle without a type router
+            unknown.setdefault(res.predicted_type, []).append(float(res.type_scores[res.predicted_type]))
     return known, unknown
 
 
