@@ -56,26 +56,30 @@ def _ellipse(s: int, rng: np.random.Generator, area: float) -> np.ndarray:
     return np.asarray((u / rx) ** 2 + (v / ry) ** 2 <= 1.0)
 
 
-def synthetic_anomaly(image: np.ndarray, donor: np.ndarray, index: int, seed: int = 0) -> np.ndarray:
+def synthetic_anomaly(image: np.ndarray, donor: np.ndarray, index: int, seed: int = 0,
+                      strength: float = 0.5) -> np.ndarray:
     """A defective copy of ``image [S, S, 3]`` (float in [0, 1]): kind ``KINDS[index % 4]``, the
     rest drawn from a generator seeded by (seed, index). ``donor`` is another GOOD image of the
-    same type and size (the source of a cut-paste patch)."""
+    same type and size (the source of a cut-paste patch). ``strength`` in (0, 1] scales the
+    defect's area and contrast: 1 gives large obvious defects (2–6 % of the image), 0.5 (the
+    default) small and faint ones, so that the scores do not saturate at AUROC 1."""
     rng = np.random.default_rng([seed, index])
     s = image.shape[0]
     out = image.copy()
     kind = KINDS[index % len(KINDS)]
-    area = rng.uniform(0.02, 0.06)
+    area = rng.uniform(0.02, 0.06) * strength**2
     if kind == "scratch":
         y0, x0 = rng.uniform(0.15 * s, 0.85 * s, size=2)
-        ang, length = rng.uniform(0, np.pi), rng.uniform(0.25, 0.5) * s
-        width = rng.uniform(0.01, 0.025) * s
+        ang, length = rng.uniform(0, np.pi), rng.uniform(0.25, 0.5) * s * strength
+        width = max(1.0, rng.uniform(0.01, 0.025) * s * strength)
         yy, xx = np.mgrid[0:s, 0:s]
         ux, uy = np.cos(ang), np.sin(ang)
         along = (xx - x0) * ux + (yy - y0) * uy
         across = -(xx - x0) * uy + (yy - y0) * ux
         mask = (np.abs(along) <= length / 2) & (np.abs(across) <= width)
-        level = 1.0 - image[mask].mean() if mask.any() else 1.0
-        out[mask] = np.clip(level + rng.normal(0, 0.05, size=(int(mask.sum()), 3)), 0, 1)
+        level = 1.0 - image[mask].mean(axis=0) if mask.any() else np.ones(3)
+        mixed = (1 - strength) * image[mask] + strength * level
+        out[mask] = np.clip(mixed + rng.normal(0, 0.05, size=(int(mask.sum()), 3)), 0, 1)
         return out
     mask = _ellipse(s, rng, area)
     if kind == "cutpaste":
@@ -86,12 +90,12 @@ def synthetic_anomaly(image: np.ndarray, donor: np.ndarray, index: int, seed: in
         patch = np.rot90(patch, k=int(rng.integers(1, 4))) if h == w else patch[::-1, ::-1]
         region = out[ys.min() : ys.min() + h, xs.min() : xs.min() + w]
         m = mask[ys.min() : ys.min() + h, xs.min() : xs.min() + w]
-        region[m] = patch[: region.shape[0], : region.shape[1]][m]
+        region[m] = (1 - strength) * region[m] + strength * patch[: region.shape[0], : region.shape[1]][m]
     elif kind == "noise":
-        noise = rng.normal(image[mask].mean(axis=0), 0.2, size=(int(mask.sum()), 3))
+        noise = rng.normal(image[mask].mean(axis=0), 0.2 * strength, size=(int(mask.sum()), 3))
         out[mask] = np.clip(noise, 0, 1)
     else:  # spot: a local brightness / colour change (ink blot, stain, glare)
-        shift = rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 0.4) + rng.normal(0, 0.05, size=3)
+        shift = (rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 0.4) + rng.normal(0, 0.05, size=3)) * strength
         out[mask] = np.clip(out[mask] + shift, 0, 1)
     return out
 
@@ -108,11 +112,12 @@ def fold_ids(samples: Sequence[Sample], k: int, seed: int = 0) -> np.ndarray:
 
 
 def features(det: Detector, samples: Sequence[Sample], jitter: int | None,
-             cache: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+             cache: Path | None, strength: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw features of every GOOD training image and of its synthetic defective copy (the donor
     of a cut-paste is the next image of the same type), cached under a key of the backbone, the
     jitter seed and the sample list."""
-    key = json.dumps([asdict(det.config.backbone), jitter, [str(s.path) for s in samples], "select-v1"])
+    key = json.dumps([asdict(det.config.backbone), jitter, [str(s.path) for s in samples], "select-v1",
+                      strength])
     path = None if cache is None else cache / f"select-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if path is not None and path.is_file():
         data = torch.load(path, weights_only=True)
@@ -136,7 +141,8 @@ def features(det: Detector, samples: Sequence[Sample], jitter: int | None,
     for start in range(0, len(samples), 32):
         chunk = range(start, min(start + 32, len(samples)))
         imgs = [pixels(i) for i in chunk]
-        defects = [synthetic_anomaly(img, pixels(donor[i]), i) for i, img in zip(chunk, imgs, strict=True)]
+        defects = [synthetic_anomaly(img, pixels(donor[i]), i, strength=strength)
+                   for i, img in zip(chunk, imgs, strict=True)]
         good.append(det.extract(imgs, raw=True))
         bad.append(det.extract(defects, raw=True))
     g, b = torch.cat(good), torch.cat(bad)
@@ -187,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-per-type", type=int, default=None,
                    help="at most this many GOOD training images per type (seeded), to save time")
     p.add_argument("--jitter", type=int, nargs="?", const=0, default=None, metavar="SEED")
+    p.add_argument("--strength", type=float, default=0.5, help="synthetic defects' size and contrast, (0, 1]")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--feature-cache", type=Path, default=None)
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "diffqc-quality")
@@ -212,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 keep += [of_t[i] for i in sorted(rng.permutation(len(of_t))[: args.max_per_type])]
             samples = keep
         t0 = time.perf_counter()
-        good, bad = features(Detector(base, device="cpu"), samples, args.jitter, args.feature_cache)
+        good, bad = features(Detector(base, device="cpu"), samples, args.jitter, args.feature_cache,
+                             args.strength)
         name = ds + ("+jitter" if args.jitter is not None else "")
         print(f"# {name}: {len(samples)} GOOD training images (+ as many synthetic defects), "
               f"features in {time.perf_counter() - t0:.0f} s", flush=True)
