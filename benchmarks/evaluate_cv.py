@@ -1,12 +1,13 @@
-"""5-fold cross-validated evaluation, diffusion vs PatchCore, on the synthetic set and on
-magnetic tile (issue 4): writes the full reports and prints the tables for BENCHMARKS.md.
+"""5-fold cross-validated evaluation, diffusion vs the baselines, on the synthetic set, magnetic
+tile and ELPV (issues 4 and 14): writes the full reports and prints the tables for BENCHMARKS.md.
 
-    OMP_NUM_THREADS=2 python benchmarks/evaluate_cv.py [--out DIR] [--only synthetic]
+    OMP_NUM_THREADS=2 python benchmarks/evaluate_cv.py [--out DIR] [--only synthetic|magnetic_tile|elpv]
         [--magnetic-tile PATH] [--max-train-good N] [--folds 5] [--methods diffusion,patchcore]
 
 The synthetic set (``diffqc.synth.write_synthetic_dataset``, 1327 parts, seed 0) is written
 once into ``--cache`` and reused. Magnetic tile is read from ``../shared/datasets/magnetic_tile``
-(skipped with a message when absent). Default configs; ``--set KEY=VALUE`` applies to all.
+(skipped with a message when absent); ELPV from PyPI ``elpv-dataset`` (a manifest is written into
+``--elpv-cache``). Default configs; ``--set KEY=VALUE`` applies to all.
 Each dataset's report lands in ``OUT/<dataset>/`` (report.html/.md/.json) together with
 ``benchmark.md``, the Markdown tables printed at the end, and ``state.pkl``, every out-of-fold
 result, from which ``--rebuild`` re-renders the reports without refitting.
@@ -49,6 +50,26 @@ def synthetic_dataset(cache: Path, n_parts: int = 1327, seed: int = 0) -> Path:
             return cache
     print(f"writing the synthetic set ({n_parts} parts) into {cache}", file=sys.stderr)
     write_synthetic_dataset(cache, n_parts=n_parts, seed=seed, overwrite=True)
+    return cache
+
+
+def elpv_manifest(cache: Path) -> Path:
+    """ELPV (PyPI ``elpv-dataset``) as a manifest in ``cache``: types mono/poly, GOOD = defect
+    probability 0, defective = probability >= 2/3 (the same selection as benchmarks/quality.py;
+    the CV folds replace its fixed split). Each image is its own part."""
+    try:
+        import elpv_dataset
+    except ImportError:
+        raise SystemExit("elpv: pip install elpv-dataset==1.0.0.post1") from None
+    labels = Path(elpv_dataset.__file__).parent / "data" / "labels.csv"
+    lines = ["path,feature_type,label"]
+    for row in (r.split() for r in labels.read_text().splitlines() if r.strip()):
+        p = float(row[1])
+        if p == 0.0 or p >= 2 / 3 - 1e-6:  # the labels hold 0.6666666666666666
+            lines.append(f"{labels.parent / row[0]},{row[2]},{'good' if p == 0.0 else 'defect'}")
+    cache.mkdir(parents=True, exist_ok=True)
+    out = cache / "manifest.csv"
+    out.write_text("\n".join(lines) + "\n")
     return cache
 
 
@@ -160,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    default=Path.home() / ".cache" / "diffqc" / "evaluate-features",
                    help="raw backbone features kept between runs")
     p.add_argument("--magnetic-tile", type=Path, default=DEFAULT_TILE)
-    p.add_argument("--only", choices=["synthetic", "magnetic_tile"], default=None)
+    p.add_argument("--only", choices=["synthetic", "magnetic_tile", "elpv"], default=None)
+    p.add_argument("--elpv-cache", type=Path, default=Path.home() / ".cache" / "diffqc" / "elpv")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--methods", default="diffusion,patchcore")
     p.add_argument("--seed", type=int, default=0)
@@ -187,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 args.max_train_good))
         else:
             print(f"magnetic tile not found at {args.magnetic_tile}: skipped", file=sys.stderr)
+    if args.only in (None, "elpv"):
+        runs.append(run_one("elpv", elpv_manifest(args.elpv_cache), args.out, args, None))
     for r in runs:
         print(f"## {r['name']} ({r['seconds'] / 60:.1f} min)\n\n{r['tables']}\n")
     return 0
