@@ -490,3 +490,23 @@ def test_patchcore_on_cuda_matches_the_textbook_and_the_cpu() -> None:
             cpu.reweighted_scores(test, test_types, maps_cpu), rtol=1e-5, atol=1e-5)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_traced_forms_equal_the_loops_on_mixed_type_batches() -> None:
+    """What the exported graph runs (each image's per-type state gathered by its type, banks of
+    unequal size padded) equals the per-type loops the Detector runs, on a batch of mixed types."""
+    feats = torch.cat([_features(9, seed=1), _features(5, seed=2), _features(7, seed=3)])
+    types = torch.tensor([0] * 9 + [1] * 5 + [2] * 7)
+    test = torch.cat([_features(3, seed=1, noise=7), _features(3, seed=3, noise=8)])
+    test_types = torch.tensor([2, 0, 1, 1, 2, 0])
+    padim = PaDiMScorer(PaDiMConfig(dims=4)).fit(feats, types, 3)
+    torch.testing.assert_close(padim._maps_gathered(test, test_types), padim.score_maps(test, test_types),
+                               rtol=1e-5, atol=1e-5)
+    core = PatchCoreScorer(PatchCoreConfig(coreset_ratio=0.5, neighbors=3)).fit(feats, types, 3)
+    assert core.banks is not None and len({b.shape[0] for b in core.banks}) == 3  # unequal sizes
+    maps = core.score_maps(test, test_types)
+    dist, _ = core._gathered_nearest(test.flatten(2).transpose(1, 2), test_types)
+    torch.testing.assert_close(dist.reshape(maps.shape), maps, rtol=1e-5, atol=1e-5)
+    best, where = maps.flatten(1).max(dim=1)
+    torch.testing.assert_close(core._reweighted_gathered(test, test_types, best, where),
+                               core.reweighted_scores(test, test_types, maps), rtol=1e-5, atol=1e-5)

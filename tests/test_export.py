@@ -409,3 +409,35 @@ def test_onnx_process_never_imports_torch(exported: Path, clear_dataset: Path) -
     assert choice in ("onnx", "openvino", "torch") and name == "OnnxDetector"
     assert decision in ("PASS", "REVIEW", "REJECT")
     assert torch_loaded == "False"
+
+
+@pytest.mark.parametrize("method", ["padim", "patchcore"])
+def test_baselines_export_through_the_cli(method: str, clear_dataset: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """PaDiM and PatchCore bundles take the same graph, parity gate and runtimes as the
+    diffusion model: the export passes its FP32 check against PyTorch and the ONNX Runtime
+    detector reproduces PyTorch's inspection, known and unknown type."""
+    det = Detector(tiny_config(method), device="cpu")
+    det.fit(load_dataset(clear_dataset), progress=False)
+    bundle = det.save(tmp_path / method)
+    rc = main(["export", str(bundle), "--data", str(clear_dataset), "--threads", "1", "--check-images", "6"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    info = read_export_info(bundle)
+    assert info["fp32"]["parity_vs_torch"]["passed"] and json.loads(out.strip().splitlines()[-1])["files"]
+    runtimes = ["onnx"]
+    if "version" in info["openvino"]:  # OpenVINO installed: checked by the same gate
+        assert info["openvino"]["fp32"]["parity_vs_torch"]["passed"]
+        runtimes.append("openvino")
+    samples = [s for s in load_dataset(clear_dataset) if s.split == "test"][::3]
+    images, samples, _ = read_images(samples)
+    types = [s.feature_type for s in samples]
+    for runtime in runtimes:
+        onx = load_detector(bundle, runtime, threads=1)
+        assert isinstance(onx, OnnxDetector) and onx.runtime == runtime
+        for feature_types in (types, [None] * len(types)):
+            ref = det.inspect(images, feature_types, all_types=False)
+            got = onx.inspect(images, feature_types, all_types=False)
+            assert [r.feature_type for r in got] == [r.feature_type for r in ref] == types
+            assert [r.decision for r in got] == [r.decision for r in ref]
+            np.testing.assert_allclose([r.score for r in got], [r.score for r in ref], rtol=1e-4)

@@ -299,6 +299,7 @@ class PatchCoreScorer:
         self.banks: list[Tensor] | None = None
         self.n_types = 0
         self.channels = 0
+        self._padded: Tensor | None = None  # [T, M, C] banks padded with far rows (traced graph)
 
     @property
     def fitted(self) -> bool:
@@ -341,10 +342,38 @@ class PatchCoreScorer:
         self.channels = features.shape[1]
         return self
 
+    def padded_banks(self) -> Tensor:
+        """Every type's bank as one ``[T, M, C]`` tensor (``M`` the largest bank), shorter banks
+        filled with rows so far from any feature that they are never a nearest neighbour: what
+        the exported graph gathers by type (a trace cannot loop over the types of a batch)."""
+        if self.banks is None:
+            raise RuntimeError("PatchCoreScorer is not fitted")
+        if self._padded is None:
+            m = max(b.shape[0] for b in self.banks)
+            far = float(max(b.abs().max() for b in self.banks)) * 100.0 + 1e3
+            out = torch.full((self.n_types, m, self.channels), far, dtype=torch.float32)
+            for t, b in enumerate(self.banks):
+                out[t, : b.shape[0]] = b.float().cpu()
+            self._padded = out
+        return self._padded
+
+    def _gathered_nearest(self, queries: Tensor, type_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Distance and bank row ``[N, L]`` of the nearest bank entry of each query ``[N, L, C]``
+        within its image's type: the traced form of :func:`nearest_neighbors` (same arithmetic)."""
+        bank = self.padded_banks().to(queries.device)[type_idx]  # [N, M, C]
+        sq = (bank * bank).sum(dim=2).unsqueeze(1)  # [N, 1, M]
+        nearest = torch.baddbmm(sq, queries, bank.transpose(1, 2), alpha=-2.0).argmin(dim=2)  # [N, L]
+        rows = torch.gather(bank, 1, nearest.unsqueeze(2).expand(-1, -1, bank.shape[2]))
+        return torch.linalg.vector_norm(queries - rows, dim=2), nearest
+
     @torch.no_grad()
     def score_maps(self, features: Tensor, type_idx: Tensor) -> Tensor:
         if self.banks is None:
             raise RuntimeError("PatchCoreScorer is not fitted")
+        if torch.jit.is_tracing():  # one gather by type instead of a loop over the batch's types
+            n, c, h, w = features.shape
+            dist, _ = self._gathered_nearest(features.flatten(2).transpose(1, 2), type_idx.long())
+            return dist.reshape(n, h, w)
         features, type_idx = _check_features(features, type_idx, self.n_types, self.channels)
         n, c, h, w = features.shape
         locs = h * w
@@ -382,6 +411,8 @@ class PatchCoreScorer:
         best, where = flat.max(dim=1)
         if self.config.neighbors == 1:
             return best
+        if torch.jit.is_tracing():
+            return self._reweighted_gathered(features, type_idx, best, where)
         queries = features.flatten(2)[torch.arange(n, device=features.device), :, where]  # [N, C]
         out = torch.empty(n, dtype=torch.float32, device=features.device)
         for t in range(self.n_types):
@@ -392,6 +423,24 @@ class PatchCoreScorer:
             out[images] = _reweight(queries[images], best[images], bank, self.config.neighbors,
                                     self.config.chunk)
         return out
+
+    def _reweighted_gathered(self, features: Tensor, type_idx: Tensor, best: Tensor, where: Tensor) -> Tensor:
+        """The traced form of :meth:`reweighted_scores` (:func:`_reweight`), with each image's
+        bank gathered by type from :meth:`padded_banks`."""
+        assert self.banks is not None
+        flat = features.flatten(2)  # [N, C, L]
+        queries = torch.gather(flat, 2, where.view(-1, 1, 1).expand(-1, flat.shape[1], 1))  # [N, C, 1]
+        queries = queries.transpose(1, 2)  # [N, 1, C]
+        _, m_star = self._gathered_nearest(queries, type_idx)  # [N, 1]
+        bank = self.padded_banks().to(features.device)[type_idx]  # [N, M, C]
+        centre = torch.gather(bank, 1, m_star.unsqueeze(2).expand(-1, -1, bank.shape[2]))  # [N, 1, C]
+        to_bank = torch.linalg.vector_norm(centre - bank, dim=2)  # [N, M]
+        to_bank = to_bank.scatter(1, m_star, -1.0)  # m* itself first
+        b = min(self.config.neighbors, min(int(x.shape[0]) for x in self.banks))
+        support = to_bank.topk(b, dim=1, largest=False).indices  # [N, b]
+        rows = torch.gather(bank, 1, support.unsqueeze(2).expand(-1, -1, bank.shape[2]))  # [N, b, C]
+        dist = torch.linalg.vector_norm(queries - rows, dim=2)
+        return (1.0 - torch.softmax(dist, dim=1)[:, 0]) * best
 
     def state_tensors(self) -> dict[str, Tensor]:
         if self.banks is None:
@@ -547,6 +596,8 @@ class PaDiMScorer:
     def score_maps(self, features: Tensor, type_idx: Tensor) -> Tensor:
         if self.mean is None or self.precision is None or self.channel_idx is None:
             raise RuntimeError("PaDiMScorer is not fitted")
+        if torch.jit.is_tracing():  # one gather by type instead of a loop over the batch's types
+            return self._maps_gathered(features, type_idx.long())
         features, type_idx = _check_features(features, type_idx, self.n_types, self.channels)
         n, _, h, w = features.shape
         _, fh, fw, d = self.mean.shape
@@ -566,6 +617,17 @@ class PaDiMScorer:
                 block = images[s : s + per_block]
                 maps[block] = mahalanobis_maps(features[block][:, channel_idx], mean, precision)
         return maps
+
+    def _maps_gathered(self, features: Tensor, type_idx: Tensor) -> Tensor:
+        """The traced form of :meth:`score_maps`: each image's Gaussians gathered by its type
+        (the same arithmetic as :func:`mahalanobis_maps`)."""
+        assert self.mean is not None and self.precision is not None and self.channel_idx is not None
+        x = features[:, self.channel_idx.to(features.device)]
+        n, d, h, w = x.shape
+        diff = x.permute(0, 2, 3, 1).reshape(n, h * w, 1, d) - self.mean[type_idx].reshape(n, h * w, 1, d)
+        prec = self.precision[type_idx].reshape(n, h * w, d, d)
+        quad = (torch.matmul(diff, prec) * diff).sum(dim=3)  # [N, L, 1]
+        return quad.clamp_min(0.0).sqrt().reshape(n, h, w)
 
     def state_tensors(self) -> dict[str, Tensor]:
         if self.mean is None or self.precision is None or self.channel_idx is None:

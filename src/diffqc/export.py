@@ -3,10 +3,14 @@ a TensorRT FP16 engine built from the ONNX export.
 
 The graph takes ``pixels`` float32 ``[N, 3, S, S]`` in [0, 1] (decoding and resizing stay in
 numpy, outside it) and ``type_idx`` int64 ``[N]``, and gives ``anomaly_map`` ``[N, S, S]`` (the
-smoothed map of :meth:`Detector.score_maps`) and ``score`` ``[N]`` (:meth:`Detector.image_scores`).
-Its two halves meet at the tensor ``features`` ``[N, C, h, w]`` (standardised backbone features),
-so a runtime can run the backbone once and the scorer under every type. Everything learned is
-baked in as constants: backbone weights, feature statistics, the denoiser and its (t, ε) bank.
+smoothed map and the image score of :meth:`Detector.maps_and_scores`). Its two halves meet at
+the tensor ``features`` ``[N, C, h, w]`` (standardised backbone features), so a runtime can run
+the backbone once and the scorer under the types it needs. Everything learned is baked in as
+constants: backbone weights, feature statistics, and the scorer's state: the denoiser and its
+(t, ε) bank, or PaDiM's Gaussians, or PatchCore's memory banks (each image's per-type state
+gathered by its type in the graph: :meth:`PaDiMScorer._maps_gathered`,
+:meth:`PatchCoreScorer.padded_banks`). The type router stays outside the graph, in NumPy
+(:mod:`diffqc.routing`), shared by every runtime.
 
 The graph is traced from the very modules the :class:`~diffqc.model.Detector` runs
 (:class:`InferenceGraph`), so a change to the scorer reaches the export without a second
@@ -79,8 +83,8 @@ class InferenceGraph(nn.Module):
     """The Detector's inference path as one module: ``(pixels, type_idx) -> (anomaly_map, score)``.
 
     It holds the Detector's own extractor and scorer modules (registered, so that tracing sees
-    their weights as parameters) and calls :meth:`Detector.score_maps` and
-    :meth:`Detector.image_scores`, so PyTorch and ONNX compute the same thing.
+    their weights as parameters) and calls :meth:`Detector.maps_and_scores`, so PyTorch and
+    ONNX compute the same thing.
     """
 
     def __init__(self, det: Detector) -> None:
@@ -104,8 +108,7 @@ class InferenceGraph(nn.Module):
 
     def scores(self, features: Tensor, type_idx: Tensor) -> tuple[Tensor, Tensor]:
         det: Detector = self.__dict__["detector"]
-        maps = det.score_maps(features, type_idx)
-        return maps, det.image_scores(maps)
+        return det.maps_and_scores(features, type_idx)
 
     def forward(self, pixels: Tensor, type_idx: Tensor) -> tuple[Tensor, Tensor]:
         return self.scores(self.features(pixels), type_idx)
@@ -201,11 +204,6 @@ def _tidy(model: onnx.ModelProto) -> None:
 
 def build_onnx(det: Detector, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """The Detector's whole inference path as one ONNX model (see the module docstring)."""
-    if det.config.method != "diffusion":
-        # PatchCore / PaDiM pick each image's per-type state with data-dependent indexing that
-        # a trace would freeze to the example's types.
-        raise ExportError(f"ONNX export covers the diffusion scorer; {det.config.method} models run "
-                          "with PyTorch")
     from diffqc import tiling
 
     if tiling.uses_layouts(det.config):  # the graph takes one squashed S x S image per part
