@@ -139,7 +139,9 @@ def parity(overrides: dict[str, Any], work: Path, cache: Path | None) -> dict[st
     samples, raw = synthetic_features(work, cache)
     train = [i for i, s in enumerate(samples) if s.split == "train" and s.label == GOOD]
     test = [i for i, s in enumerate(samples) if s.split == "test"]
-    det = Detector(with_overrides(DetectorConfig(), {"train.steps": 0} | overrides), device="cpu")
+    # fitted (and calibrated) in float32; the float16 bundle is the same model saved in float16
+    fit = {"train.steps": 0} | overrides | {"diffusion.prior_storage": "float32"}
+    det = Detector(with_overrides(DetectorConfig(), fit), device="cpu")
     det.fit_features(raw[train], [samples[i] for i in train])
     out: dict[str, Any] = {"overrides": overrides, "test_images": len(test)}
     maps: dict[str, torch.Tensor] = {}

@@ -167,8 +167,9 @@ def test_likelihood_map_is_mahalanobis_plus_the_per_pair_network_correction(trai
 @pytest.mark.parametrize("rank", [0, 3])
 def test_float16_prior_storage_round_trip(rank: int, tmp_path: Path) -> None:
     """With ``diffusion.prior_storage=float16`` the Gaussians' parameters (and nothing else) are
-    written as float16 and read back as float32; the reloaded maps stay within float16 rounding
-    of the float32 model's, and the float32 storage reproduces them exactly."""
+    written as float16 and read back as float32; the fitted model is already rounded, so that
+    its bundle reloads it exactly (calibration and inspection see the same numbers), and its maps
+    stay within float16 rounding of the float32 model's."""
     from safetensors.torch import load_file, save_file
 
     g = torch.Generator().manual_seed(9)
@@ -193,5 +194,11 @@ def test_float16_prior_storage_round_trip(rank: int, tmp_path: Path) -> None:
     ref = scorers["float32"][0].score_maps(x, t)
     assert torch.equal(scorers["float32"][1].score_maps(x, t), ref)
     half = scorers["float16"][1].score_maps(x, t)
+    assert torch.equal(scorers["float16"][0].score_maps(x, t), half)
+    # a float32-stored bundle (written before prior_storage existed) loaded under float16 is
+    # rounded when loaded: it scores what saving it again writes
+    config16 = with_overrides(DetectorConfig(), over | {"diffusion.prior_storage": "float16"})
+    old = DiffusionScorer.from_state(config16, scorers["float32"][0].state_tensors(), 2, 10)
+    assert torch.equal(old.score_maps(x, t), half)
     assert not torch.equal(half, ref)  # the rounding is real ...
     torch.testing.assert_close(half, ref, rtol=5e-3, atol=1e-3)  # ... and small (measured: 7e-4)

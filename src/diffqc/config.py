@@ -174,8 +174,9 @@ class DiffusionConfig:
     # eigenpairs kept per location of the prior_dims-channel covariance; the discarded directions
     # share one variance, the mean of their eigenvalues (probabilistic PCA). 0: all (full rank)
     prior_rank: int = 0
-    # dtype of the Gaussians' parameters in the saved bundle (cast to float32 when loaded)
-    prior_storage: str = "float32"
+    # dtype of the Gaussians' parameters in the saved bundle (computed in float32): float16 halves
+    # the bundle; on the synthetic set it moved no image score's rank (benchmarks/bundle_size.py)
+    prior_storage: str = "float16"
     # "ring": the network also sees the mean of the 8 neighbouring locations' noisy features
     # (never its own), so it can learn what a location should look like from its surroundings
     context: str = "none"

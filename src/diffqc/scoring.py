@@ -131,12 +131,22 @@ class DiffusionScorer:
             features, type_idx, n_types, self.config.diffusion, self.config.train, progress=progress,
             device=features.device,
         )
+        self._round_to_storage(self.denoiser_)
         _, c, h, w = features.shape
         self.grid_ = (h, w)
         tr = self.config.train
         self._set_bank(ScoreBank.make(self.config.scoring, alpha_bar_of(self.config.diffusion),
                                       (tr.t_min, tr.t_max), h * w, c))
         return self
+
+    def _round_to_storage(self, denoiser: Denoiser) -> None:
+        """Round the Gaussians' parameters to ``diffusion.prior_storage`` in place, so that the
+        fitted model (and its calibration scores) is exactly the one its bundle will load."""
+        storage = getattr(torch, self.config.diffusion.prior_storage)
+        with torch.no_grad():
+            for name, buf in denoiser.named_buffers():
+                if name in PRIOR_TENSORS:
+                    buf.copy_(buf.to(storage))
 
     def _set_bank(self, bank: ScoreBank) -> None:
         """Keep the bank, and once (not per call) its noise in the order denoising_error works
@@ -207,6 +217,10 @@ class DiffusionScorer:
         state = {k.removeprefix("denoiser."): v.float() if v.is_floating_point() else v
                  for k, v in tensors.items() if k.startswith("denoiser.")}
         denoiser.load_state_dict(state)
+        # a bundle stored at a finer precision than configured (float32 bundles written before
+        # diffusion.prior_storage existed) is rounded now, so that what is scored (and
+        # recalibrated) is what saving it again writes
+        self._round_to_storage(denoiser)
         self.denoiser_ = denoiser.to(noise.device).eval()  # on the device of the given tensors
         self._set_bank(ScoreBank(tensors["bank.timesteps"].long(), noise.float(),
                                  tensors["bank.weights"].float()))
