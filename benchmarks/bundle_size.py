@@ -1,9 +1,11 @@
 """Model bundle size and scoring speed per number of types, prior channels, rank and storage.
 
 Sizes are real: each configuration is fitted with ``Detector.fit_features`` on random features of
-the default shape (152 x 32 x 32; the size does not depend on the values; one training step, so
-that the network is not skipped when timed) and written with ``Detector.save``, once per storage
-dtype (``diffusion.prior_storage``), and the bundle folder is measured on disk, then deleted.
+the default shape (152 x 32 x 32; one training step, so that the network is not skipped when
+timed) and written with ``Detector.save``, once per storage dtype (``diffusion.prior_storage``),
+and the bundle folder is measured on disk, then deleted. Neither the bytes nor the time depend on
+the values, so by default the per-location Gaussians keep their initial values (``fit_prior`` is
+skipped: an eigendecomposition per location and type is most of a fit); ``--fit-prior`` fits them.
 Timing: ``Detector.maps_and_scores`` on standardised features (the scoring after the backbone:
 Gaussian part, network correction, upsampling, smoothing, aggregation), batch 32 with mixed
 types, median of ``--repeats`` runs, with the trained network and again with its output layer
@@ -23,6 +25,7 @@ bundle and a float16 bundle, and each type's image AUROC from both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -32,12 +35,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
 
 from diffqc.config import DetectorConfig, parse_overrides, with_overrides
 from diffqc.data import GOOD, Sample
+from diffqc.diffusion import Denoiser
 from diffqc.metrics import image_auroc
 from diffqc.model import Detector
 
@@ -58,8 +63,9 @@ def with_storage(det: Detector, storage: str) -> Detector:
 
 
 def random_detector(n_types: int, overrides: dict[str, Any], per_type: int, seed: int = 0,
-                    ) -> tuple[Detector, torch.Tensor]:
-    """A detector fitted on random raw features (``per_type`` GOOD images per type)."""
+                    fit_prior: bool = True) -> tuple[Detector, torch.Tensor]:
+    """A detector fitted on random raw features (``per_type`` GOOD images per type); without
+    ``fit_prior`` the Gaussians keep their initial values (same shapes, bytes and cost)."""
     gen = torch.Generator().manual_seed(seed)
     n = n_types * per_type
     raw = torch.randn(n, 152, 32, 32, generator=gen) * torch.rand(152, 1, 1, generator=gen) * 3
@@ -67,7 +73,10 @@ def random_detector(n_types: int, overrides: dict[str, Any], per_type: int, seed
                    split="train") for i in range(n)]
     quick = {"train.steps": 1, "train.batch_images": 2, "train.locations_per_image": 8}
     det = Detector(with_overrides(DetectorConfig(), quick | overrides), device="cpu")
-    det.fit_features(raw, good)
+    with contextlib.ExitStack() as stack:
+        if not fit_prior:
+            stack.enter_context(mock.patch.object(Denoiser, "fit_prior", lambda *_a, **_k: None))
+        det.fit_features(raw, good)
     return det, raw
 
 
@@ -87,13 +96,13 @@ def time_scoring(det: Detector, raw: torch.Tensor, n_types: int, batch: int, rep
 
 
 def size_rows(types: list[int], dims: list[int], ranks: list[int], batch: int, repeats: int,
-              per_type: int, work: Path, time_types: set[int]) -> list[dict[str, Any]]:
+              per_type: int, work: Path, time_types: set[int], fit_prior: bool) -> list[dict[str, Any]]:
     rows = []
     for d in dims:
         for r in ranks:
             for n in types:
                 det, raw = random_detector(n, {"diffusion.prior_dims": d, "diffusion.prior_rank": r},
-                                           per_type)
+                                           per_type, fit_prior=fit_prior)
                 row: dict[str, Any] = {"types": n, "prior_dims": d, "rank": r or "full"}
                 for storage in STORAGES:
                     path = with_storage(det, storage).save(work / f"b{n}-{d}-{r}-{storage}")
@@ -195,6 +204,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--per-type", type=int, default=8, help="random GOOD images per type")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fit-prior", action="store_true", help="fit the Gaussians (slow; same bytes and time)")
     p.add_argument("--parity", action="store_true", help="float16 parity on the synthetic set instead")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (parity)")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "diffqc-quality")
@@ -214,7 +224,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="diffqc-bundles-") as tmp:
         rows = size_rows(ints(args.types), ints(args.dims), ints(args.ranks), batch=args.batch,
                          repeats=args.repeats, per_type=args.per_type, work=Path(tmp),
-                         time_types=set(ints(args.time_types)))
+                         time_types=set(ints(args.time_types)), fit_prior=args.fit_prior)
     print(size_table(rows))
     print(f"# load after: {os.getloadavg()}", flush=True)
     return 0
