@@ -441,3 +441,51 @@ def test_baselines_export_through_the_cli(method: str, clear_dataset: Path, tmp_
             assert [r.feature_type for r in got] == [r.feature_type for r in ref] == types
             assert [r.decision for r in got] == [r.decision for r in ref]
             np.testing.assert_allclose([r.score for r in got], [r.score for r in ref], rtol=1e-4)
+
+
+class _PixelMeanGraph(ex.SplitGraph):
+    """A stand-in graph whose score is the image's mean pixel value (negated for type 1 when
+    ``flip_b``: its ranking reversed)."""
+
+    def __init__(self, flip_b: bool = False) -> None:
+        self.flip_b = flip_b
+
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        return pixels.mean(axis=(1, 2, 3)).reshape(-1, 1, 1, 1)
+
+    def score_batch(self, feats: np.ndarray, type_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores = feats.reshape(-1) * np.where(self.flip_b & (type_idx == 1), -1.0, 1.0)
+        return np.zeros((len(scores), 4, 4), np.float32), scores.astype(np.float32)
+
+
+def test_int8_parity_gate_needs_every_type_measured() -> None:
+    """The gate checks each type, not the pooled or the measurable ones only: a type without
+    defective held-out images (or none at all) fails it even when every measured type is
+    perfect, and one type's loss fails it though the other type loses nothing."""
+    from diffqc.calibration import Calibrator
+    from diffqc.config import CalibrationConfig
+    from diffqc.data import Sample
+
+    cal = Calibrator(CalibrationConfig(min_per_type=1)).fit({"a": [0.1, 0.2], "b": [0.1, 0.2]}, warn=False)
+    levels = {("a", GOOD): [0.1, 0.2, 0.3], ("a", 1): [0.6, 0.7], ("b", GOOD): [0.15, 0.25, 0.35],
+              ("b", 1): [0.5, 0.8]}
+
+    def held(keys: list[tuple[str, int]]) -> tuple[list[Sample], list[np.ndarray]]:
+        pairs = [(Sample(Path(f"{t}{lab}{v}.png"), t, lab), np.full((4, 4, 3), v, np.float32))
+                 for t, lab in keys for v in levels[(t, lab)]]
+        return [s for s, _ in pairs], [img for _, img in pairs]
+
+    same = _PixelMeanGraph()
+    samples, images = held([("a", GOOD), ("a", 1), ("b", GOOD)])  # no defective b
+    report = ex.parity_report(same, same, samples, images, ["a", "b"], cal, cal, 4)
+    assert report["per_type"]["a"]["auroc_drop"] == 0.0 and report["types_without_auroc"] == ["b"]
+    assert not report["passed"] and not report["auroc_measured"]
+    assert "could not be measured on type(s) b" in ex.format_parity_report(report)
+    samples, images = held(list(levels))
+    assert ex.parity_report(same, same, samples, images, ["a", "b"], cal, cal, 4)["passed"]
+    absent = ex.parity_report(same, same, samples, images, ["a", "b", "c"], cal, cal, 4)
+    assert absent["types_without_auroc"] == ["c"] and not absent["passed"]  # a type never held out
+    worse = ex.parity_report(same, _PixelMeanGraph(flip_b=True), samples, images, ["a", "b"], cal, cal, 4)
+    assert worse["per_type"]["a"]["auroc_drop"] == 0.0 and worse["per_type"]["b"]["auroc_drop"] == 1.0
+    assert worse["max_auroc_drop"] == 1.0 and not worse["passed"]
+    assert "loses +1.0000 AUROC on a type" in ex.format_parity_report(worse)

@@ -540,6 +540,9 @@ def parity_report(
         confusion[f"{a}->{b}"] = confusion.get(f"{a}->{b}", 0) + 1
     drops = [v["auroc_drop"] for v in per_type.values() if v["auroc_drop"] is not None]
     worst = max(drops) if drops else None
+    # every type of the model must be measured: one without GOOD and defective held-out images
+    # (or absent) could lose any AUROC unseen, so the gate does not pass on the others alone
+    unmeasured = sorted(t for t in classes if t not in per_type or per_type[t]["auroc_drop"] is None)
     return {
         "images": len(samples),
         "per_type": per_type,
@@ -548,14 +551,24 @@ def parity_report(
         "decisions_fp32_to_int8": dict(sorted(confusion.items())),
         "max_auroc_drop": worst,
         "auroc_tolerance": MAX_AUROC_DROP,
-        "auroc_measured": bool(drops),
-        "passed": bool(drops) and worst is not None and worst <= MAX_AUROC_DROP,
-        "types_without_auroc": sorted(t for t, v in per_type.items() if v["auroc_drop"] is None),
+        "auroc_measured": bool(drops) and not unmeasured,
+        "passed": bool(drops) and not unmeasured and worst is not None and worst <= MAX_AUROC_DROP,
+        "types_without_auroc": unmeasured,
     }
 
 
 def _num(x: float) -> float | None:
     return round(float(x), 6) if math.isfinite(x) else None
+
+
+def parity_failure(report: dict[str, Any]) -> str:
+    """Why a parity report did not pass, in words."""
+    worst, tol = report["max_auroc_drop"], report["auroc_tolerance"]
+    lost = f"it loses {worst:+.4f} AUROC on a type (> {tol})" if worst is not None and worst > tol else ""
+    missing = report["types_without_auroc"]
+    unmeasured = (f"its AUROC could not be measured on type(s) {', '.join(missing)} (each needs GOOD "
+                  "and defective held-out images)" if missing else "")
+    return "; ".join(x for x in (lost, unmeasured) if x) or "its AUROC could not be measured"
 
 
 def format_parity_report(report: dict[str, Any]) -> str:
@@ -573,9 +586,7 @@ def format_parity_report(report: dict[str, Any]) -> str:
     moves = ", ".join(f"{k} {n}" for k, n in report["decisions_fp32_to_int8"].items())
     lines.append(f"all: spearman {f(report['spearman'], '.4f')}, decisions agree "
                  f"{report['decision_agreement']:.3f} ({moves})")
-    verdict = ("PASSED" if report["passed"] else
-               "NOT MEASURED (no defective held-out images)" if not report["auroc_measured"] else
-               f"FAILED: worst AUROC drop {report['max_auroc_drop']:+.4f}")
+    verdict = "PASSED" if report["passed"] else f"FAILED: {parity_failure(report)}"
     lines.append(f"parity: {verdict}")
     return "\n".join(lines)
 
@@ -897,9 +908,7 @@ def _export_int8(
         target.unlink(missing_ok=True)
         (path / INT8_CALIBRATION_FILE).unlink(missing_ok=True)
     if not accepted:
-        why = (f"it loses {report['max_auroc_drop']:+.4f} AUROC on a type (> {MAX_AUROC_DROP})"
-               if report["auroc_measured"] else
-               "its AUROC could not be measured (no defective held-out images)")
+        why = parity_failure(report)
         log("!" * 78 + f"\nINT8 {'KEPT BECAUSE OF --force' if force else 'REFUSED'}: {why}.\n"
             + ("It is never chosen automatically; --precision int8 runs it.\n" if force else
                "Run again with --force to keep it anyway.\n") + "!" * 78)
