@@ -268,8 +268,10 @@ def test_prior_rank_is_validated() -> None:
     from diffqc.errors import ConfigError
 
     assert DiffusionConfig(prior_dims=10, prior_rank=10).prior_rank == 10
-    with pytest.raises(ConfigError, match=r"diffusion\.prior_rank must be in \[0, 10\]"):
-        DiffusionConfig(prior_dims=10, prior_rank=11)
+    # a rank at or above the channels modelled means full rank (the default 64 with a small model)
+    cfg = DiffusionConfig(prior_dims=10, prior_rank=64)
+    assert Denoiser(12, 1, 4, cfg).prior_rank == 10 and not Denoiser(12, 1, 4, cfg).low_rank
+    assert Denoiser(12, 1, 4, DiffusionConfig(prior_dims=10, prior_rank=3)).low_rank
     with pytest.raises(ConfigError, match="prior_rank"):
         DiffusionConfig(prior_rank=-1)
 
