@@ -172,9 +172,9 @@ def test_runtime_choice(exported: Path, tiny_model: Path, tmp_path: Path) -> Non
         OnnxDetector(stale)
 
 
-def test_baselines_are_not_exported() -> None:
-    # their per-type state is picked with data-dependent indexing a trace would freeze
-    with pytest.raises(ex.ExportError, match="patchcore"):
+def test_an_unfitted_detector_is_not_exported() -> None:
+    # baselines are exported (test_baselines_export_through_the_cli); an unfitted model is not
+    with pytest.raises(RuntimeError, match="not fitted"):
         ex.build_onnx(Detector(tiny_config("patchcore"), device="cpu"))
 
 
