@@ -131,6 +131,26 @@ def size_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def interleaved_gaussian_ms(dims_ranks: list[tuple[int, int]], n_types: int, batch: int,
+                            rounds: int) -> dict[str, float]:
+    """Median ms per image of the Gaussian path's closed form (``Denoiser.mahalanobis``, all a
+    ``train.steps=0`` model computes before upsampling) per (prior_dims, rank), the
+    configurations timed in turn in each round, so that a changing machine load hits them alike."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1024, 152, generator=gen)
+    types = torch.arange(batch) % n_types
+    models = {f"{d}/{r or 'full'}": Denoiser(152, n_types, 1024, replace(
+        DetectorConfig().diffusion, prior_dims=d, prior_rank=r)).eval() for d, r in dims_ranks}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for _ in range(rounds + 1):  # the first round warms up
+            for key, m in models.items():
+                t0 = time.perf_counter()
+                m.mahalanobis(x, types)
+                times[key].append(time.perf_counter() - t0)
+    return {k: round(1000 * statistics.median(v[1:]) / batch, 2) for k, v in times.items()}
+
+
 # ------------------------------------------------------------------------------ parity
 def synthetic_features(work: Path, cache: Path | None) -> tuple[list[Sample], torch.Tensor]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -206,6 +226,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fit-prior", action="store_true", help="fit the Gaussians (slow; same bytes and time)")
     p.add_argument("--parity", action="store_true", help="float16 parity on the synthetic set instead")
+    p.add_argument("--gaussian-timing", action="store_true",
+                   help="instead: the Gaussian closed form's ms per image, configurations interleaved")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (parity)")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "diffqc-quality")
     p.add_argument("--feature-cache", type=Path, default=None)
@@ -220,6 +242,15 @@ def main() -> int:
         return 0
     def ints(text: str) -> list[int]:
         return [int(v) for v in text.split(",") if v]
+
+    if args.gaussian_timing:
+        pairs = [(d, r) for d in ints(args.dims) for r in ints(args.ranks)]
+        n_types = max(ints(args.types))
+        print(f"# Denoiser.mahalanobis, {n_types} types, batch {args.batch}, median of {args.repeats}")
+        for key, ms in interleaved_gaussian_ms(pairs, n_types, args.batch, args.repeats).items():
+            print(f"prior_dims/rank {key}: {ms} ms/image")
+        print(f"# load after: {os.getloadavg()}", flush=True)
+        return 0
 
     with tempfile.TemporaryDirectory(prefix="diffqc-bundles-") as tmp:
         rows = size_rows(ints(args.types), ints(args.dims), ints(args.ranks), batch=args.batch,
