@@ -202,3 +202,22 @@ def test_float16_prior_storage_round_trip(rank: int, tmp_path: Path) -> None:
     assert torch.equal(old.score_maps(x, t), half)
     assert not torch.equal(half, ref)  # the rounding is real ...
     torch.testing.assert_close(half, ref, rtol=5e-3, atol=1e-3)  # ... and small (measured: 7e-4)
+
+
+def test_full_rank_bundle_loads_under_a_low_rank_default() -> None:
+    """A bundle written before diffusion.prior_rank existed has full-rank eigenbases and a
+    config.json without the field, which reads today's default rank: the stored tensors decide,
+    and it scores as it did; a mismatch the other way stays an error."""
+    g = torch.Generator().manual_seed(10)
+    feats = torch.randn(16, 10, 4, 4, generator=g) + 1.0
+    types = torch.arange(16) % 2
+    over = {"train.steps": 0, "diffusion.prior_dims": 6, "diffusion.prior_storage": "float32"}
+    full = DiffusionScorer(with_overrides(DetectorConfig(), over | {"diffusion.prior_rank": 0}))
+    full.fit(feats, types, 2)
+    low_config = with_overrides(DetectorConfig(), over | {"diffusion.prior_rank": 3})
+    loaded = DiffusionScorer.from_state(low_config, full.state_tensors(), 2, 10)
+    x, t = torch.randn(3, 10, 4, 4, generator=g) + 1.0, torch.tensor([0, 1, 1])
+    assert torch.equal(loaded.score_maps(x, t), full.score_maps(x, t))
+    low = DiffusionScorer(low_config).fit(feats, types, 2)
+    with pytest.raises(RuntimeError, match="prior_vecs"):
+        DiffusionScorer.from_state(full.config, low.state_tensors(), 2, 10)

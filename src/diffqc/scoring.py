@@ -18,7 +18,7 @@ distance (halved) on the same channels.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Self
 
 import torch
@@ -206,6 +206,11 @@ class DiffusionScorer:
     def from_state(
         cls, config: DetectorConfig, tensors: dict[str, Tensor], n_types: int, channels: int
     ) -> DiffusionScorer:
+        vecs = tensors.get("denoiser.prior_vecs")
+        if vecs is not None and vecs.shape[-1] == vecs.shape[-2] and "denoiser.prior_rest" not in tensors:
+            # full-rank Gaussians (bundles from before diffusion.prior_rank, whose config.json
+            # lacks it and so reads today's default rank): the stored eigenbases say full rank
+            config = replace(config, diffusion=replace(config.diffusion, prior_rank=0))
         self = cls(config)
         noise = tensors["bank.noise"]
         locations = int(noise.shape[1])
