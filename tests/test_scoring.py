@@ -184,6 +184,8 @@ def test_float16_prior_storage_round_trip(rank: int, tmp_path: Path) -> None:
         halves = {k.removeprefix("denoiser.") for k, v in state.items() if v.dtype == torch.float16}
         want = {"prior_mean", "prior_var", "prior_vecs", "prior_vals"} | ({"prior_rest"} if rank else set())
         assert halves == (want if storage == "float16" else set())
+        # the null type's row (training only) is not saved: one row per type
+        assert all(state[f"denoiser.{k}"].shape[0] == 2 for k in want)
         path = tmp_path / f"{storage}.safetensors"
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
         loaded = DiffusionScorer.from_state(config, load_file(str(path)), 2, 10)
@@ -200,6 +202,14 @@ def test_float16_prior_storage_round_trip(rank: int, tmp_path: Path) -> None:
     config16 = with_overrides(DetectorConfig(), over | {"diffusion.prior_storage": "float16"})
     old = DiffusionScorer.from_state(config16, scorers["float32"][0].state_tensors(), 2, 10)
     assert torch.equal(old.score_maps(x, t), half)
+    # bundles written with the null type's row still load and score the same
+    den = scorers["float32"][0].denoiser_
+    assert den is not None
+    with_null = {f"denoiser.{k}": v for k, v in den.state_dict().items()} | {
+        k: v for k, v in scorers["float32"][0].state_tensors().items() if k.startswith("bank.")}
+    assert with_null["denoiser.prior_vecs"].shape[0] == 3
+    config32 = with_overrides(DetectorConfig(), over | {"diffusion.prior_storage": "float32"})
+    assert torch.equal(DiffusionScorer.from_state(config32, with_null, 2, 10).score_maps(x, t), ref)
     assert not torch.equal(half, ref)  # the rounding is real ...
     torch.testing.assert_close(half, ref, rtol=5e-3, atol=1e-3)  # ... and small (measured: 7e-4)
 

@@ -195,7 +195,9 @@ class DiffusionScorer:
         """The bundle's tensors; the Gaussians' parameters in ``diffusion.prior_storage``."""
         denoiser, bank = self._check()
         storage = getattr(torch, self.config.diffusion.prior_storage)
-        state = {f"denoiser.{k}": v.to(storage) if k in PRIOR_TENSORS else v
+        # the null type's Gaussians (the last row) serve training only: not saved (1/(types+1)
+        # of the bundle); from_state puts the initial row back
+        state = {f"denoiser.{k}": v[: denoiser.n_types].to(storage) if k in PRIOR_TENSORS else v
                  for k, v in denoiser.state_dict().items()}
         state["bank.timesteps"] = bank.timesteps
         state["bank.noise"] = bank.noise
@@ -221,6 +223,10 @@ class DiffusionScorer:
         # stored in float16 or float32 (diffusion.prior_storage): computed in float32
         state = {k.removeprefix("denoiser."): v.float() if v.is_floating_point() else v
                  for k, v in tensors.items() if k.startswith("denoiser.")}
+        for key in PRIOR_TENSORS:  # bundles without the null type's row (see state_tensors)
+            init = getattr(denoiser, key, None)
+            if key in state and init is not None and state[key].shape == (n_types, *init.shape[1:]):
+                state[key] = torch.cat([state[key], init[n_types:]])
         denoiser.load_state_dict(state)
         # a bundle stored at a finer precision than configured (float32 bundles written before
         # diffusion.prior_storage existed) is rounded now, so that what is scored (and
