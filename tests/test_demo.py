@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from diffqc.cli import main
 def test_demo_prints_at_most_one_calibration_warning_line(tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["demo", "--out", str(tmp_path / "demo"), "--parts", "64", "--method", "padim",
-               "--set", "backbone.input_size=64", "--set", "padim.dims=20", "-q"])
+               "--set", "backbone.input_size=64", "--set", "padim.dims=20", "-q",
+               "--json", str(tmp_path / "table.json")])
     assert rc == 0
     captured = capsys.readouterr()
     warning_lines = [x for x in captured.err.splitlines() if x.startswith("diffqc: warning:")]
@@ -22,6 +24,9 @@ def test_demo_prints_at_most_one_calibration_warning_line(tmp_path: Path,
     assert "calibration:" in line and all(t in line for t in ("angle", "dots", "edge4"))
     assert "every one also calibrates" in captured.out  # the demo calibrates on every GOOD image
     assert (tmp_path / "demo" / "model" / "metadata.json").is_file()
+    # the type, withheld, is named by the router (these 8 types look nothing alike)
+    timings = json.loads((tmp_path / "demo" / "timings.json").read_text())
+    assert timings["type_accuracy"] >= 0.9
     # a second run replaces its own data and model, and refuses nothing
     assert main(["demo", "--out", str(tmp_path / "demo"), "--parts", "64", "--method", "padim",
                  "--set", "backbone.input_size=64", "--set", "padim.dims=20", "-q"]) == 0
