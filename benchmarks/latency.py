@@ -113,8 +113,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         tidx = [torch.tensor([det.type_index(t)]) for t in types]
 
         def score(i: int) -> tuple[Any, Any]:
-            m = det.score_maps(tfeats[i], tidx[i])
-            return m, det.image_scores(m)
+            # each method's own image score (PatchCore's re-weighted max reads its patch maps)
+            return det.maps_and_scores(tfeats[i], tidx[i])
 
         with torch.inference_mode():
             tfeats = [det.extractor(p) for p in tpix]
