@@ -55,18 +55,14 @@ def synthetic_dataset(cache: Path, n_parts: int = 1327, seed: int = 0) -> Path:
 
 def elpv_manifest(cache: Path) -> Path:
     """ELPV (PyPI ``elpv-dataset``) as a manifest in ``cache``: types mono/poly, GOOD = defect
-    probability 0, defective = probability >= 2/3 (the same selection as benchmarks/quality.py;
-    the CV folds replace its fixed split). Each image is its own part."""
-    try:
-        import elpv_dataset
-    except ImportError:
-        raise SystemExit("elpv: pip install elpv-dataset==1.0.0.post1") from None
-    labels = Path(elpv_dataset.__file__).parent / "data" / "labels.csv"
+    probability 0, defective = probability >= 2/3 (the selection of benchmarks/quality.py; the
+    CV folds replace its fixed split). Each image is its own part."""
+    from quality import ELPV_DEFECTIVE, elpv_labels  # benchmarks/quality.py, beside this script
+
     lines = ["path,feature_type,label"]
-    for row in (r.split() for r in labels.read_text().splitlines() if r.strip()):
-        p = float(row[1])
-        if p == 0.0 or p >= 2 / 3 - 1e-6:  # the labels hold 0.6666666666666666
-            lines.append(f"{labels.parent / row[0]},{row[2]},{'good' if p == 0.0 else 'defect'}")
+    for path, p, kind in elpv_labels():
+        if p == 0.0 or p >= ELPV_DEFECTIVE:
+            lines.append(f"{path},{kind},{'good' if p == 0.0 else 'defect'}")
     cache.mkdir(parents=True, exist_ok=True)
     out = cache / "manifest.csv"
     out.write_text("\n".join(lines) + "\n")

@@ -39,29 +39,38 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 MASK_SIDE = 128
 
 
-def elpv_samples(cache: Path, train_per_type: int = 200, test_good_per_type: int = 151,
-                 seed: int = 0) -> list[Sample]:
-    """ELPV as samples with a fixed split: per type, GOOD (p = 0) shuffled with ``seed``; the
-    first ``train_per_type`` train, the next ``test_good_per_type`` test; all p >= 0.67 test.
-    ``defect`` holds the probability so that p = 1 and p >= 0.67 can be reported apart."""
+# the defect probability from which an ELPV cell counts as defective (the labels hold 0.666…)
+ELPV_DEFECTIVE = 2 / 3 - 1e-6
+
+
+def elpv_labels() -> list[tuple[Path, float, str]]:
+    """Every ELPV image of PyPI ``elpv-dataset``: (path, defect probability, type mono/poly)."""
     try:
         import elpv_dataset
     except ImportError:
         raise SystemExit("elpv: pip install elpv-dataset==1.0.0.post1") from None
     labels = Path(elpv_dataset.__file__).parent / "data" / "labels.csv"
     rows = [line.split() for line in labels.read_text().splitlines() if line.strip()]
+    return [(labels.parent / r[0], float(r[1]), r[2]) for r in rows]
+
+
+def elpv_samples(cache: Path, train_per_type: int = 200, test_good_per_type: int = 151,
+                 seed: int = 0) -> list[Sample]:
+    """ELPV as samples with a fixed split: per type, GOOD (p = 0) shuffled with ``seed``; the
+    first ``train_per_type`` train, the next ``test_good_per_type`` test; all p >= 0.67 test.
+    ``defect`` holds the probability so that p = 1 and p >= 0.67 can be reported apart."""
+    rows = elpv_labels()
     rng = np.random.default_rng(seed)
     samples: list[Sample] = []
     for t in ("mono", "poly"):
-        good = sorted(r[0] for r in rows if r[2] == t and float(r[1]) == 0.0)
+        good = sorted(path for path, p, kind in rows if kind == t and p == 0.0)
         order = rng.permutation(len(good))
         for rank, i in enumerate(order[: train_per_type + test_good_per_type]):
             split = "train" if rank < train_per_type else "test"
-            samples.append(Sample(labels.parent / good[i], t, GOOD, split=split, defect="good"))
-        for r in rows:
-            if r[2] == t and float(r[1]) >= 2 / 3 - 1e-6:  # the labels hold 0.6666666666666666
-                samples.append(Sample(labels.parent / r[0], t, 1, split="test",
-                                      defect=f"p={float(r[1]):.2f}"))
+            samples.append(Sample(good[i], t, GOOD, split=split, defect="good"))
+        for path, p, kind in rows:
+            if kind == t and p >= ELPV_DEFECTIVE:
+                samples.append(Sample(path, t, 1, split="test", defect=f"p={p:.2f}"))
     return samples
 
 
