@@ -17,6 +17,7 @@ made on this table leaves the test splits for the one final report.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import sys
@@ -131,6 +132,7 @@ def features(det: Detector, samples: Sequence[Sample], jitter: int | None,
         for j, i in enumerate(idx):
             donor[i] = idx[(j + 1) % len(idx)]
 
+    @functools.lru_cache(maxsize=64)  # each image is read once: as itself and as the previous one's donor
     def pixels(i: int) -> np.ndarray:
         px = to_pixels([read_image(samples[i].path)], size)[0]
         if jitter is not None:
