@@ -9,11 +9,12 @@ from diffqc.config import BackboneConfig
 from diffqc.errors import BackboneError, ConfigError
 
 
-@pytest.mark.parametrize("name,channels", [("efficientnet-lite0", 152), ("mobilenet-v2", 128)])
+@pytest.mark.parametrize("name,channels", [("efficientnet-lite0", 152), ("efficientnet-lite1", 152),
+                                           ("efficientnet-lite2", 168), ("mobilenet-v2", 128)])
 def test_pretrained_features(name: str, channels: int) -> None:
     try:
         fe = FeatureExtractor(BackboneConfig(name=name, input_size=64))
-    except BackboneError as exc:  # mobilenet weights are an optional install
+    except BackboneError as exc:  # Lite1/Lite2/MobileNetV2 weights are optional installs
         pytest.skip(str(exc))
     assert fe.channels == channels and fe.grid == (8, 8) and len(fe.weights_sha256) == 64
     x = to_pixels([np.random.default_rng(0).random((50, 70, 3), dtype=np.float32)] * 2, 64)

