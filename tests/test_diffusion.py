@@ -185,24 +185,31 @@ class _Traced(torch.nn.Module):
         super().__init__()
         self.m = m
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, types: torch.Tensor,
-                x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (self.m.gaussian_eps_bank(x_t, t, types), self.m.mahalanobis(x, types),
+    def forward(self, x: torch.Tensor, types: torch.Tensor, f: torch.Tensor, t: torch.Tensor,
+                noise: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (self.m.bound_with_network(x, types, f, t, noise, w), self.m.mahalanobis(x, types),
                 self.m.log_det_term(types))
 
 
-def _gaussian_calls(m: Denoiser, x_t: torch.Tensor, t: torch.Tensor, types: torch.Tensor,
-                    x: torch.Tensor, *, traced: bool) -> list[torch.Tensor]:
-    """gaussian_eps per timestep, gaussian_eps_bank, mahalanobis and log_det_term: eagerly, or
-    (``traced``) the bank and the closed-form terms through torch.jit.trace."""
+def _gaussian_calls(m: Denoiser, x: torch.Tensor, types: torch.Tensor, f: torch.Tensor, t: torch.Tensor,
+                    noise: torch.Tensor, w: torch.Tensor, *, traced: bool) -> list[torch.Tensor]:
+    """The reference bound with the network's residuals ``f [L, N, K, C]``: ½δᵀΣ⁻¹δ +
+    Σ_k w_k (‖f_k‖² − 2 f_k·(ε_k − ε̂_G,k)) with ε̂_G formed explicitly by ``gaussian_eps`` per
+    timestep; then bound_with_network, mahalanobis and log_det_term: eagerly, or (``traced``)
+    through torch.jit.trace. ``x`` and ``noise`` in the prior's channel order."""
     prior = m.gather_prior(types)
-    natural = x_t[..., m.prior_unperm]
-    per_t = torch.stack([m.gaussian_eps(natural[i], t[i].expand(len(types)), prior)[..., m.prior_perm]
-                         for i in range(len(t))])
+    ref = m.mahalanobis(x, types)
+    for k in range(len(t)):
+        ab = m.alpha_bar[t[k]]
+        x_t = ab.sqrt() * x + (1 - ab).sqrt() * noise[k]
+        eps_g = m.gaussian_eps(x_t[..., m.prior_unperm], t[k].expand(len(types)), prior)[..., m.prior_perm]
+        fk = f[:, :, k].transpose(0, 1)
+        ref = ref + w[k] * (fk.pow(2) - 2 * fk * (noise[k] - eps_g)).sum(-1)
+    args = (x, types, f, t, noise, w)
     if traced:
-        graph = torch.jit.trace(_Traced(m), (x_t, t, types, x), check_trace=False)
-        return [per_t, *graph(x_t, t, types, x)]
-    return [per_t, m.gaussian_eps_bank(x_t, t, types), m.mahalanobis(x, types), m.log_det_term(types)]
+        graph = torch.jit.trace(_Traced(m), args, check_trace=False)
+        return [ref, *graph(*args)]
+    return [ref, m.bound_with_network(*args), m.mahalanobis(x, types), m.log_det_term(types)]
 
 
 def test_low_rank_prior_keeps_the_top_eigenpairs_and_the_mean_of_the_rest() -> None:
@@ -234,8 +241,9 @@ def test_low_rank_prior_keeps_the_top_eigenpairs_and_the_mean_of_the_rest() -> N
 @pytest.mark.parametrize("traced", [False, True])
 def test_low_rank_path_equals_the_full_path_on_a_ppca_covariance(traced: bool) -> None:
     """When the fitted covariance already has the probabilistic-PCA form (its d − r smallest
-    eigenvalues equal), the low-rank model must reproduce the full-rank model's numbers: ε̂_G per
-    timestep, the bank (single- and mixed-type batches; eager and traced), ½δᵀΣ⁻¹δ and log det."""
+    eigenvalues equal), the low-rank model must reproduce the full-rank model's numbers: the bound
+    with the network's residuals (single- and mixed-type batches; eager and traced), ½δᵀΣ⁻¹δ and
+    log det; and the closed-form bound (ε̂_G never formed) equals the one from ε̂_G per timestep."""
     g = torch.Generator().manual_seed(6)
     c, d, r, side, n_types = 8, 5, 2, 3, 3
     locs = side * side
@@ -253,15 +261,17 @@ def test_low_rank_path_equals_the_full_path_on_a_ppca_covariance(traced: bool) -
         low.prior_rest.copy_(full.prior_vals[..., 0])
     t = torch.tensor([60, 300, 700])
     x0 = torch.randn(4, locs, c, generator=g)[..., full.prior_perm]
-    x_t = torch.stack([full.alpha_bar[s].sqrt() * x0 + (1 - full.alpha_bar[s]).sqrt()
-                       * torch.randn(x0.shape, generator=g) for s in t.tolist()])
+    noise = torch.randn(3, locs, c, generator=g)
+    f = 0.3 * torch.randn(locs, 4, 3, c, generator=g)
+    w = torch.tensor([0.5, 0.3, 0.2])
     for types in (torch.tensor([0, 2, 1, 2]), torch.full((4,), 1)):
         with torch.no_grad():
-            want = _gaussian_calls(full, x_t, t, types, x0, traced=traced)
-            got = _gaussian_calls(low, x_t, t, types, x0, traced=traced)
+            want = _gaussian_calls(full, x0, types, f, t, noise, w, traced=traced)
+            got = _gaussian_calls(low, x0, types, f, t, noise, w, traced=traced)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(got[1], got[0], rtol=1e-4, atol=1e-5)  # bank = per timestep
+        for res in (got, want):  # the closed form = the explicit ε̂_G per timestep
+            torch.testing.assert_close(res[1], res[0], rtol=1e-4, atol=1e-4)
 
 
 def test_prior_rank_is_validated() -> None:

@@ -117,25 +117,10 @@ class _Block(nn.Module):
         return h + self.fc2(z)
 
 
-def _eigen_gain(r: Tensor, vecs: Tensor, vals: Tensor, alpha_bar: Tensor,
-                rest: Tensor | None = None) -> Tensor:
-    """``g(Σ) r`` with ``g(s) = √(1-ᾱ_k) / (ᾱ_k s + 1 - ᾱ_k)``, for row vectors
-    ``r [G, L, K, M, d]`` (K timesteps of ᾱ ``alpha_bar [K]``, M vectors each) and eigenbases
-    ``vecs [G, L, d, q]`` with eigenvalues ``vals [G, L, q]``: two batched products over G·L.
-    With q < d, ``rest [G, L]`` is the variance of the discarded directions (Σ_q = V diag(λ) Vᵀ
-    + σ²(I − V Vᵀ)) and the result is ``V ((g(λ) − g(σ²)) ⊙ Vᵀr) + g(σ²) r``."""
-    g, locs, k, m, d = r.shape
-    q = vecs.shape[-1]
-    ab = alpha_bar.view(1, 1, k, 1, 1)
-    gain = (1 - ab).sqrt() / (ab * vals[:, :, None, None, :] + (1 - ab))  # [G, L, K, 1, q]
-    # contiguous: a strided view (a slice of the channels) sends bmm into a per-matrix loop
-    rc = r.reshape(g, locs, k * m, d).contiguous()
-    z = (rc @ vecs).view(g, locs, k, m, q)
-    if rest is None:
-        return ((z * gain).view(g, locs, k * m, q) @ vecs.transpose(-1, -2)).view(g, locs, k, m, d)
-    gain_rest = (1 - ab).sqrt() / (ab * rest[:, :, None, None, None] + (1 - ab))  # [G, L, K, 1, 1]
-    low = ((z * (gain - gain_rest)).view(g, locs, k * m, q) @ vecs.transpose(-1, -2))
-    return low.view(g, locs, k, m, d) + gain_rest * r
+def gaussian_gain(alpha_bar: Tensor, var: Tensor) -> Tensor:
+    """``g(s) = √(1-ᾱ) / (ᾱ s + 1 - ᾱ)``: E[ε | x_t] = g(s) (x_t − √ᾱ μ) along a direction of
+    variance ``s`` of a Gaussian x_0 (broadcast over ``alpha_bar`` and ``var``)."""
+    return (1 - alpha_bar).sqrt() / (alpha_bar * var + (1 - alpha_bar))
 
 
 def _neighbours(grid: tuple[int, int], radius: int) -> Tensor:
@@ -324,10 +309,9 @@ class Denoiser(nn.Module):
         """E[ε | x_t] under the per-type, per-location Gaussian ``prior`` (see gather_prior)."""
         d = self.prior_dims
         ab = self.alpha_bar[t].view(-1, 1, 1)
-        sq, sq1 = ab.sqrt(), (1 - ab).sqrt()
-        resid = x_t[..., self.prior_perm] - sq * prior.mean  # [B, L, C]
-        diag = resid[..., d:] * sq1 / (ab * prior.var[..., d:] + (1 - ab))
-        gain = sq1 / (ab * prior.vals + (1 - ab))  # [B, L, d]
+        resid = x_t[..., self.prior_perm] - ab.sqrt() * prior.mean  # [B, L, C]
+        diag = resid[..., d:] * gaussian_gain(ab, prior.var[..., d:])
+        gain = gaussian_gain(ab, prior.vals)  # [B, L, r]
         # batched mat-vec products (not einsum): they export to ONNX as MatMul, which runs
         # several times faster than the Einsum kernel of ONNX Runtime on CPU
         r = resid[..., :d]
@@ -335,95 +319,150 @@ class Denoiser(nn.Module):
         if prior.rest is None:
             full = (prior.vecs @ (z * gain).unsqueeze(-1)).squeeze(-1)
         else:  # low rank: g(σ²) on the discarded directions, g(λ) on the kept ones
-            gain_rest = sq1 / (ab * prior.rest.unsqueeze(-1) + (1 - ab))  # [B, L, 1]
+            gain_rest = gaussian_gain(ab, prior.rest.unsqueeze(-1))  # [B, L, 1]
             full = (prior.vecs @ (z * (gain - gain_rest)).unsqueeze(-1)).squeeze(-1) + gain_rest * r
         return torch.cat([full, diag], dim=-1)[..., self.prior_unperm]
 
-    def gaussian_eps_bank(self, x_t: Tensor, t: Tensor, type_idx: Tensor) -> Tensor:
-        """:meth:`gaussian_eps` for a whole score bank at every location in order, **in the
-        prior's channel order** (``prior_perm``, in and out): ``x_t [K, N, L, C]`` noised at
-        timesteps ``t [K]``, images of types ``type_idx [N]``.
-
-        Same values as calling :meth:`gaussian_eps` once per timestep, but each eigenbasis is
-        read twice per image instead of twice per (image, timestep): the bank's K vectors of a
-        location go through one matrix product. The full-covariance block is memory-bound, so
-        this is what its cost is. Eagerly, the images are grouped by type and each type's
-        eigenbases are used in place (no per-image copy); a traced graph (ONNX) gathers them per
-        image, since the types are an input there.
-        """
-        d = self.prior_dims
-        k = t.shape[0]
-        ab = self.alpha_bar[t]
-        abv = ab.view(k, 1, 1, 1)
+    def _scoring_rows(self) -> slice:
+        """The types a scoring call may index: all rows eagerly; in a traced graph (ONNX) not the
+        null type's, which is for training only and should not be a graph constant."""
         traced = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        single = not traced and bool((type_idx == type_idx[0]).all())
-        # one type: its parameters in place (views); else gathered per image (small next to x_t)
-        sel0: Tensor | int = int(type_idx[0]) if single else type_idx
-        # traced: [: n_types], the null type's row is for training only, not a graph constant
-        rows = slice(0, self.n_types) if traced else slice(None)
-        mean, var = self.prior_mean[rows][sel0], self.prior_var[rows][sel0][..., d:]
-        resid = x_t - abv.sqrt() * mean  # [K, N, L, C]
-        diag = resid[..., d:] * ((1 - abv).sqrt() / (abv * var + (1 - abv)))
-        r = resid[..., :d]
-        if traced:
-            vecs, vals = self.prior_vecs[rows], self.prior_vals[rows]
-            rest = self.prior_rest[rows][type_idx] if self.low_rank else None
-            full = _eigen_gain(r.permute(1, 2, 0, 3).unsqueeze(3), vecs[type_idx], vals[type_idx],
-                               ab, rest).squeeze(3).permute(2, 0, 1, 3)
-        elif single:
-            ty = int(type_idx[0])
-            full = _eigen_gain(r.permute(2, 0, 1, 3).unsqueeze(0), self.prior_vecs[ty][None],
-                               self.prior_vals[ty][None], ab, self._rest_of(ty))[0].permute(1, 2, 0, 3)
-        else:
-            full = torch.empty_like(r)
-            for ty in type_idx.unique().tolist():
-                sel = (type_idx == ty).nonzero().squeeze(1)
-                part = r[:, sel].permute(2, 0, 1, 3).unsqueeze(0)  # [1, L, K, m, d]
-                out = _eigen_gain(part, self.prior_vecs[ty][None], self.prior_vals[ty][None], ab,
-                                  self._rest_of(ty))
-                full[:, sel] = out[0].permute(1, 2, 0, 3)
-        return torch.cat([full, diag], dim=-1)
+        return slice(0, self.n_types) if traced else slice(None)
 
-    def _rest_of(self, ty: int) -> Tensor | None:
-        """``[1, L]``: type ``ty``'s discarded-direction variances (None at full rank)."""
-        return self.prior_rest[ty][None] if self.low_rank else None
+    def _type_groups(self, type_idx: Tensor) -> list[tuple[Tensor | None, Tensor | int]]:
+        """How a scoring call walks its images: eagerly one group per type, ``(images, type)``
+        (``None``: all of them), so that each type's per-location parameters are used in place
+        (no per-image copy: the eigenbases are most of the model's bytes); a traced graph (ONNX),
+        whose types are an input, one group of all images, each with its type's parameters
+        gathered (``type_idx``)."""
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return [(None, type_idx)]
+        types = type_idx.unique().tolist()
+        if len(types) == 1:
+            return [(None, int(types[0]))]
+        return [((type_idx == ty).nonzero().squeeze(1), int(ty)) for ty in types]
+
+    def _params(self, sel: Tensor | int) -> PriorParams:
+        """Location-major Gaussian parameters of type ``sel`` (an int: ``[L, 1, ...]``, in place)
+        or of each image's type (``type_idx [N]``: ``[L, N, ...]``, gathered); ``var`` holds the
+        diagonal channels only and ``vecs`` is ``[L, d, r]`` or ``[L, N, d, r]``."""
+        rows, d = self._scoring_rows(), self.prior_dims
+        rest = self.prior_rest[rows][sel] if self.low_rank else None
+        if isinstance(sel, int):
+            return PriorParams(self.prior_mean[sel][:, None], self.prior_var[sel][:, None, d:],
+                               self.prior_vecs[sel], self.prior_vals[sel][:, None],
+                               None if rest is None else rest[:, None])
+        return PriorParams(self.prior_mean[rows][sel].transpose(0, 1),
+                           self.prior_var[rows][..., d:][sel].transpose(0, 1),
+                           self.prior_vecs[rows][sel].transpose(0, 1),
+                           self.prior_vals[rows][sel].transpose(0, 1),
+                           None if rest is None else rest.transpose(0, 1))
+
+    @staticmethod
+    def _project(x: Tensor, vecs: Tensor, shared: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``Vᵀ`` per location: ``x [L, N, M, d]`` -> ``[L, N, M, r]``, and ``shared [L, S, d]``
+        (the same vectors for every image: the bank's noises) -> ``[L, 1 or N, S, r]``.
+
+        With one type (``vecs [L, d, r]``) every vector of a location goes through one matrix
+        product, so each eigenbasis is read once: the Gaussian part is memory-bound, and that is
+        what it costs. Per-image bases (``vecs [L, N, d, r]``, a traced graph) take ``shared``
+        once per image."""
+        locs, n, m, d = x.shape
+        if vecs.dim() == 3:
+            rows = x.reshape(locs, n * m, d)
+            if shared is not None:
+                rows = torch.cat([rows, shared], dim=1)
+            z = rows @ vecs  # [L, N·M (+ S), r]
+            head = z[:, : n * m].view(locs, n, m, -1)
+            return head, None if shared is None else z[:, n * m :].unsqueeze(1)
+        if shared is None:
+            return x @ vecs, None
+        z = torch.cat([x, shared.unsqueeze(1).expand(-1, n, -1, -1)], dim=2) @ vecs
+        return z[:, :, :m], z[:, :, m:]
+
+    def _mahalanobis(self, delta: Tensor, z: Tensor, p: PriorParams) -> Tensor:
+        """½ δᵀΣ⁻¹δ from location-major ``delta [L, N, C]`` (prior order) and its projection
+        ``z = Vᵀδ [L, N, r]``, under the parameters ``p`` (:meth:`_params`) -> ``[L, N]``."""
+        d = self.prior_dims
+        full = (z.pow(2) / p.vals).sum(-1)
+        if p.rest is not None:  # the discarded directions: (|δ|² − |z|²) / σ²
+            left = (delta[..., :d].pow(2).sum(-1) - z.pow(2).sum(-1)).clamp_min(0)
+            full = full + left / p.rest
+        diag = (delta[..., d:].pow(2) / p.var).sum(-1)
+        return 0.5 * (full + diag)
 
     def mahalanobis(self, x: Tensor, type_idx: Tensor) -> Tensor:
         """½ δᵀΣ⁻¹δ per location (δ = x − μ) under each image's type: ``x [N, L, C]`` **in the
         prior's channel order** -> ``[N, L]``. This is the image-dependent part of −log p(x) under
         the per-location Gaussian, which the variational bound of the Gaussian path equals
         exactly when integrated over all noise levels (see docs/METHOD.md)."""
+        xl = x.transpose(0, 1)  # [L, N, C]
+        out = x.new_empty(x.shape[1], x.shape[0])
+        for sel, ty in self._type_groups(type_idx):
+            part = xl if sel is None else xl[:, sel]
+            p = self._params(ty)
+            delta = part - p.mean
+            z, _ = self._project(delta[..., None, : self.prior_dims], p.vecs)
+            maha = self._mahalanobis(delta, z[:, :, 0], p)
+            if sel is None:
+                return maha.transpose(0, 1)
+            out[:, sel] = maha
+        return out.transpose(0, 1)
+
+    def bound_with_network(self, x: Tensor, type_idx: Tensor, f: Tensor, t: Tensor, noise: Tensor,
+                           weights: Tensor) -> Tensor:
+        """½ δᵀΣ⁻¹δ + Σ_k w_k (‖f_k‖² − 2 f_k·(ε_k − ε̂_G,k)) per location: the Gaussian path's
+        closed form plus the network's correction at the score bank's pairs, for ``x [N, L, C]``
+        **in the prior's channel order** (as the bank's ``noise [K, L, C]`` and the network's
+        residuals ``f [L, N, K, C]`` (:meth:`bank_residual`) at ``x_t = √ᾱ_k x + √(1-ᾱ_k) ε_k``,
+        timesteps ``t [K]``, weights ``weights [K]``) -> ``[N, L]``.
+
+        ε̂_G is never formed: it is linear in x_t − √ᾱ μ = √ᾱ δ + √(1-ᾱ) ε, so its projection on
+        the eigenvectors is that of δ and ε, and f·ε̂_G needs only Vᵀf and a few dot products.
+        One pass over each type's eigenbases projects δ, the noises and the residuals together
+        and also gives the Mahalanobis term."""
+        xl, noise_l = x.transpose(0, 1), noise.transpose(0, 1)  # [L, N, C], [L, K, C]
+        out = x.new_empty(x.shape[1], x.shape[0])
+        for sel, ty in self._type_groups(type_idx):
+            if sel is None:
+                return self._bound_part(xl, f, t, noise_l, weights, self._params(ty)).transpose(0, 1)
+            out[:, sel] = self._bound_part(xl[:, sel], f[:, sel], t, noise_l, weights, self._params(ty))
+        return out.transpose(0, 1)
+
+    def _bound_part(self, x: Tensor, f: Tensor, t: Tensor, noise: Tensor, weights: Tensor,
+                    p: PriorParams) -> Tensor:
+        """:meth:`bound_with_network` location-major, under parameters ``p``: ``x [L, N, C]``,
+        ``f [L, N, K, C]``, ``noise [L, K, C]`` -> ``[L, N]``."""
         d = self.prior_dims
-        traced = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        rows = slice(0, self.n_types) if traced else slice(None)
-        delta = x - self.prior_mean[rows][type_idx]
-        diag = (delta[..., d:].pow(2) / self.prior_var[rows][type_idx][..., d:]).sum(-1)
-        r = delta[..., :d]
-        if traced:
-            z = (r.unsqueeze(-2) @ self.prior_vecs[rows][type_idx]).squeeze(-2)  # [N, L, r]
-            full = (z.pow(2) / self.prior_vals[rows][type_idx]).sum(-1)
-            if self.low_rank:  # the discarded directions: (|δ|² − |z|²) / σ²
-                left = (r.pow(2).sum(-1) - z.pow(2).sum(-1)).clamp_min(0)
-                full = full + left / self.prior_rest[rows][type_idx]
-        else:  # per type, its eigenbases used in place (no per-image copy)
-            full = torch.empty(r.shape[:2], dtype=r.dtype, device=r.device)
-            for ty in type_idx.unique().tolist():
-                sel = (type_idx == ty).nonzero().squeeze(1)
-                rt = r[sel].transpose(0, 1).contiguous()  # [L, m, d]
-                z = rt @ self.prior_vecs[ty]  # [L, m, r]
-                part = (z.pow(2) / self.prior_vals[ty][:, None, :]).sum(-1)  # [L, m]
-                if self.low_rank:
-                    left = (rt.pow(2).sum(-1) - z.pow(2).sum(-1)).clamp_min(0)
-                    part = part + left / self.prior_rest[ty][:, None]
-                full[sel] = part.transpose(0, 1)
-        return 0.5 * (full + diag)
+        delta = x - p.mean  # [L, N, C]
+        eps = noise[:, None]  # [L, 1, K, C]
+        rows = torch.cat([delta[:, :, None, :d], f[..., :d]], dim=2)  # [L, N, 1 + K, d]
+        z, z_eps = self._project(rows, p.vecs, noise[..., :d])
+        assert z_eps is not None
+        z_delta, z_f = z[:, :, 0], z[:, :, 1:]  # [L, N, r], [L, N, K, r]
+        ab = self.alpha_bar[t]  # [K]
+        a, b = ab.sqrt(), (1 - ab).sqrt()
+        gain = gaussian_gain(ab[:, None], p.vals[:, :, None])  # [L, 1 or N, K, r]
+        f_eps = (f[..., :d] * eps[..., :d]).sum(-1)  # [L, N, K]
+        err = f.pow(2).sum(-1) - 2 * f_eps  # ‖f‖² − 2 f·ε, then + 2 f·ε̂_G
+        if p.rest is not None:  # ε̂_G = V((g(λ) − g(σ²)) ⊙ Vᵀr) + g(σ²) r on the full block
+            g_rest = gaussian_gain(ab, p.rest[..., None])  # [L, 1 or N, K]
+            gain = gain - g_rest[..., None]
+            f_delta = (f[..., :d] * delta[:, :, None, :d]).sum(-1)
+            err = err + 2 * g_rest * (a * f_delta + b * f_eps)
+        zg = z_f * gain
+        err = err + 2 * (a * (zg * z_delta[:, :, None]).sum(-1) + b * (zg * z_eps).sum(-1))
+        if d < self.channels:  # the diagonal channels: ε̂_G = g(s) (√ᾱ δ + √(1-ᾱ) ε) per channel
+            abv = ab.view(-1, 1)
+            resid = abv.sqrt() * delta[:, :, None, d:] + (1 - abv).sqrt() * eps[..., d:]
+            eps_g = gaussian_gain(abv, p.var[:, :, None]) * resid
+            err = err + 2 * (f[..., d:] * (eps_g - eps[..., d:])).sum(-1)
+        return self._mahalanobis(delta, z_delta, p) + (err * weights).sum(-1)
 
     def log_det_term(self, type_idx: Tensor) -> Tensor:
         """The image-independent part of −log p(x) per location, ½(log det Σ + C log 2π):
         ``[N, L]`` for images of types ``type_idx [N]``."""
-        d = self.prior_dims
-        traced = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        rows = slice(0, self.n_types) if traced else slice(None)
+        d, rows = self.prior_dims, self._scoring_rows()
         logdet = self.prior_vals[rows].log().sum(-1) + self.prior_var[rows][..., d:].log().sum(-1)
         if self.low_rank:  # d − r discarded directions of variance σ²
             logdet = logdet + (d - self.prior_rank) * self.prior_rest[rows].log()
@@ -440,21 +479,48 @@ class Denoiser(nn.Module):
         cond = self.time_mlp(sinusoidal_embedding(t, self.embed_dim)) + self.type_proj(
             self.type_embed(type_idx)
         )  # [B, H]
+        if self.use_ring and ring is None:
+            if x_t.shape[1] != self.locations:
+                raise ValueError("diffusion.context=ring needs every location of the grid, or `ring`")
+            ring = ring_mean(x_t, self.grid)
+        h = self._input(x_t, ring, channel_order) + self.pos_proj(self.pos_embed(pos)) + cond[:, None, :]
+        return self._trunk(h, cond[:, None, :], channel_order)
+
+    def bank_residual(self, x_t: Tensor, t: Tensor, type_idx: Tensor,
+                      channel_order: Tensor | None = None) -> Tensor:
+        """:meth:`residual` at every location of K noisy copies of N images, laid out location-
+        major: ``x_t [L, N, K, C]`` (image n's copy at timestep ``t [K]`` k), types
+        ``type_idx [N]`` -> ``[L, N, K, C]``. The network is per location, so this is the same
+        function; the layout is the one the Gaussian part's per-location products read
+        (:meth:`bound_with_network`), and the timestep and type conditions are computed per
+        timestep and per image instead of per copy."""
+        locs, n, k, c = x_t.shape
+        ring = None
+        if self.use_ring:
+            ring = ring_mean(x_t.reshape(locs, n * k, c).transpose(0, 1), self.grid)
+            ring = ring.transpose(0, 1).reshape(locs, n, k, c)
+        cond = self.time_mlp(sinusoidal_embedding(t, self.embed_dim))[None] + self.type_proj(
+            self.type_embed(type_idx)
+        )[:, None]  # [N, K, H]
+        h = self._input(x_t, ring, channel_order) + self.pos_proj(self.pos_embed.weight)[:, None, None] + cond
+        return self._trunk(h, cond, channel_order)
+
+    def _input(self, x_t: Tensor, ring: Tensor | None, channel_order: Tensor | None) -> Tensor:
+        """The input layer on ``x_t`` (and the neighbours' mean ``ring`` with context=ring)."""
         if channel_order is None:
             h = self.inp(x_t)
         else:
             h = F.linear(x_t, self.inp.weight[:, channel_order], self.inp.bias)
-        if self.use_ring:
-            if ring is None:
-                if x_t.shape[1] != self.locations:
-                    raise ValueError("diffusion.context=ring needs every location of the grid, or `ring`")
-                ring = ring_mean(x_t, self.grid)
+        if ring is not None:
             weight = self.ring_inp.weight if channel_order is None else self.ring_inp.weight[:, channel_order]
             h = h + F.linear(ring, weight)
-        h = h + self.pos_proj(self.pos_embed(pos)) + cond[:, None, :]
-        c = cond[:, None, :]
+        return h
+
+    def _trunk(self, h: Tensor, cond: Tensor, channel_order: Tensor | None) -> Tensor:
+        """The residual blocks (condition ``cond``, broadcast over ``h``'s locations) and the output
+        layer."""
         for block in self.blocks:
-            h = block(h, c)
+            h = block(h, cond)
         h = self.out_norm(h)
         if channel_order is None:
             out: Tensor = self.out(h)

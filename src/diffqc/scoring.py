@@ -68,31 +68,21 @@ class ScoreBank:
         return ScoreBank(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
-@torch.inference_mode()
-def network_correction(
-    denoiser: Denoiser, schedule: NoiseSchedule, bank: ScoreBank, tokens: Tensor, type_idx: Tensor
-) -> Tensor:
-    """The network's part of the bound per location: ``tokens [N, L, C]`` -> ``[N, L]``,
-    Σ_k w_k (‖f_k‖² − 2 f_k·(ε_k − ε̂_G,k)) over the bank's pairs.
-
-    ``tokens`` and ``bank`` must be in the prior's channel order (``denoiser.prior_perm``; the
-    sums over channels do not depend on the order, and indexing the last axis is slow on CPU).
-    All K pairs go through the network in one pass over K·N images."""
-    n, locations, channels = tokens.shape
-    k = len(bank)
+def network_residuals(denoiser: Denoiser, schedule: NoiseSchedule, bank: ScoreBank, tokens: Tensor,
+                      type_idx: Tensor) -> Tensor:
+    """The network's residual f at each of the bank's pairs, location-major: ``tokens [N, L, C]``
+    -> ``[L, N, K, C]`` (:meth:`Denoiser.bank_residual`), all K·N noisy copies in one pass
+    (``tokens`` and ``bank`` in the prior's channel order when the denoiser has the Gaussian
+    path, see :func:`likelihood_map`)."""
     t = bank.timesteps.to(tokens.device)
-    noise = bank.noise.to(tokens.device)[:, None]  # [K, 1, L, C]
-    x_t = schedule.q_sample(tokens[None], t, noise)  # [K, N, L, C]
-    pos = torch.arange(locations, device=tokens.device).expand(k * n, locations)
+    shape = (1, 1, -1, 1)
+    # q_sample, location-major: x_t[l, n, k] = √ᾱ_k x[n, l] + √(1-ᾱ_k) ε_k[l]
+    # (contiguous operands: a strided x_t sends the input layer into a per-location matmul loop)
+    noise = bank.noise.to(tokens.device).transpose(0, 1).contiguous()  # [L, K, C]
+    x_t = (schedule.sqrt_alpha_bar[t].view(shape) * tokens.transpose(0, 1).contiguous()[:, :, None]
+           + schedule.sqrt_one_minus[t].view(shape) * noise[:, None])
     order = denoiser.prior_perm if denoiser.use_prior else None
-    f = denoiser.residual(x_t.reshape(k * n, locations, channels), t.repeat_interleave(n),
-                          type_idx.repeat(k), pos, order).view(k, n, locations, channels)
-    if denoiser.use_prior:
-        gauss = denoiser.gaussian_eps_bank(x_t, t, type_idx)
-        corr = (f * (f - 2 * (noise - gauss))).sum(dim=-1)  # [K, N, L]
-    else:  # no Gaussian path: the whole ε-error, ‖ε − f‖²
-        corr = (noise - f).pow(2).sum(dim=-1)
-    return (bank.weights.to(tokens.device).view(k, 1, 1) * corr).sum(dim=0)
+    return denoiser.bank_residual(x_t, t, type_idx, order)
 
 
 @torch.inference_mode()
@@ -102,13 +92,21 @@ def likelihood_map(
 ) -> Tensor:
     """Per-location bound on −log p(x | type) (see the module docstring), ``[N, L]``; without
     ``log_det`` the image-independent ½ log det Σ + ½ C log 2π is left out. ``tokens`` (and the
-    bank) in the prior's channel order. Without the Gaussian path (``diffusion.prior=none``) it
-    is the quadrature of the network's whole bound over the trained λ range only."""
+    bank) in the prior's channel order: the sums over channels do not depend on the order, and
+    indexing the last axis is slow on CPU. Without the Gaussian path (``diffusion.prior=none``)
+    it is the quadrature of the network's whole bound, Σ_k w_k ‖ε_k − f_k‖², over the trained λ
+    range only."""
+    weights = bank.weights.to(tokens.device)
+    noise = bank.noise.to(tokens.device)
     if not denoiser.use_prior:
-        return network_correction(denoiser, schedule, bank, tokens, type_idx)
-    nll = denoiser.mahalanobis(tokens, type_idx)
-    if not denoiser.network_is_zero():
-        nll = nll + network_correction(denoiser, schedule, bank, tokens, type_idx)
+        f = network_residuals(denoiser, schedule, bank, tokens, type_idx)  # [L, N, K, C]
+        return ((noise.transpose(0, 1)[:, None] - f).pow(2).sum(-1) * weights).sum(-1).transpose(0, 1)
+    if denoiser.network_is_zero():  # adds exactly zero: the Gaussian part alone
+        nll = denoiser.mahalanobis(tokens, type_idx)
+    else:
+        f = network_residuals(denoiser, schedule, bank, tokens, type_idx)
+        t = bank.timesteps.to(tokens.device)
+        nll = denoiser.bound_with_network(tokens, type_idx, f, t, noise, weights)
     if log_det:
         nll = nll + denoiser.log_det_term(type_idx)
     return nll
@@ -186,9 +184,17 @@ class DiffusionScorer:
                                   log_det=log_det).view(n, h, w)
         if denoiser.use_prior and denoiser.network_is_zero():  # Gaussian part only: no bank
             chunk = n
+        types = type_idx.long()
+        order = None
+        if n > 1 and bool((types[1:] < types[:-1]).any()):
+            # each type's images together: a pass then reads one type's eigenbases, not several
+            order = torch.argsort(types, stable=True)
+            tokens, types = tokens[order], types[order]
         err = torch.cat([likelihood_map(denoiser, self.schedule, bank, tokens[i : i + chunk],
-                                        type_idx[i : i + chunk].long(), log_det=log_det)
+                                        types[i : i + chunk], log_det=log_det)
                          for i in range(0, max(n, 1), max(chunk, 1))])
+        if order is not None:
+            err = torch.empty_like(err).index_copy_(0, order, err)
         return err.view(n, h, w)
 
     def state_tensors(self) -> dict[str, Tensor]:
