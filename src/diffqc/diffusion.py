@@ -353,7 +353,7 @@ class Denoiser(nn.Module):
                                self.prior_vecs[sel], self.prior_vals[sel][:, None],
                                None if rest is None else rest[:, None])
         return PriorParams(self.prior_mean[rows][sel].transpose(0, 1),
-                           self.prior_var[rows][..., d:][sel].transpose(0, 1),
+                           self.prior_var[rows][sel].transpose(0, 1)[..., d:],  # no empty constant
                            self.prior_vecs[rows][sel].transpose(0, 1),
                            self.prior_vals[rows][sel].transpose(0, 1),
                            None if rest is None else rest.transpose(0, 1))

@@ -29,6 +29,9 @@ from diffqc.config import DetectorConfig, ScoringConfig
 from diffqc.diffusion import Denoiser, NoiseSchedule, alpha_bar_of, vlb_quadrature
 from diffqc.train import TrainHistory, train_denoiser
 
+# noisy copies of an image (K per image) that go through the network in one pass: about 16 was
+# fastest here (64 was 1.5x slower: activations far beyond the caches)
+COPIES_PER_PASS = 16
 # the per-type, per-location Gaussians: nearly all of a bundle's bytes (diffusion.prior_storage)
 PRIOR_TENSORS = ("prior_mean", "prior_var", "prior_vecs", "prior_vals", "prior_rest")
 
@@ -175,9 +178,7 @@ class DiffusionScorer:
         if denoiser.use_prior:  # into the prior's channel order (see likelihood_map)
             features = features[:, denoiser.prior_perm]
         tokens = features.permute(0, 2, 3, 1).reshape(n, h * w, c)
-        # images per pass: K·chunk noised copies go through the network together. About 16
-        # copies per pass was fastest here (64 was 1.5x slower: activations far beyond the caches)
-        chunk = max(1, 16 // len(bank))
+        chunk = max(1, COPIES_PER_PASS // len(bank))
         log_det = self.config.scoring.log_det
         if torch.jit.is_tracing():  # a traced graph must not bake the trace's batch into slices
             return likelihood_map(denoiser, self.schedule, bank, tokens, type_idx.long(),
