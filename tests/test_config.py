@@ -34,7 +34,7 @@ from diffqc.errors import ConfigError
     ("diffusion.schedule", "foo", "diffusion.schedule must be one of cosine, linear; got 'foo'"),
     ("diffusion.prior", "global", "one of local, none"),
     ("train.t_max", 1000, "train.t_max must be < diffusion.timesteps"),
-    ("backbone.name", "resnet", "efficientnet-lite0, mobilenet-v2 or onnx:PATH"),
+    ("backbone.name", "resnet", "efficientnet-lite2, mobilenet-v2 or onnx:PATH"),
     ("backbone.layers", "blocks.3", "must be a list of str"),
     ("method", "vae", "method must be one of diffusion, patchcore, padim"),
     ("train.seed", True, "must be an integer, got True"),
