@@ -94,6 +94,21 @@ def test_summary_gives_the_unknown_over_known_ratio_and_the_table_labels_it() ->
                           "(diffusion takes 1.25× its time)")
 
 
+def test_targets_are_judged_on_runtimes_that_passed_parity() -> None:
+    """A faster runtime refused by its export's parity gate is marked and named, never the one
+    the targets are judged on."""
+    rows = [lat.summarise([_raw("diffusion", "onnx-fp32", [20.0] * 5, [21.0] * 5)]),
+            lat.summarise([_raw("diffusion", "onnx-int8", [12.0] * 5, [12.0] * 5)])]
+    rows[1]["offered"] = False
+    for r in rows:
+        r["floor_ms"] = 1.0
+    assert "| diffusion | onnx-int8 (refused at export) | 12.0 |" in lat.table(rows, {}, 2, 8)
+    verdict = lat.verdicts(rows, 8)
+    assert verdict[0].startswith("best CPU runtime that passed parity (diffusion, type known): onnx-fp32: "
+                                 "p50 20.0 ms (target ≤ 15: NOT met)")
+    assert verdict[1] == "faster but refused by their parity gate (not offered): onnx-int8 12.0 ms"
+
+
 def test_plan_times_int8_and_unknown_for_diffusion_models_only() -> None:
     bundles = [lat.Bundle("diffusion", Path("d"), True), lat.Bundle("gauss", Path("g"), True),
                lat.Bundle("padim", Path("p"), False)]
