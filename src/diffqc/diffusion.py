@@ -396,7 +396,7 @@ class Denoiser(nn.Module):
         prior's channel order** -> ``[N, L]``. This is the image-dependent part of −log p(x) under
         the per-location Gaussian, which the variational bound of the Gaussian path equals
         exactly when integrated over all noise levels (see docs/METHOD.md)."""
-        xl = x.transpose(0, 1)  # [L, N, C]
+        xl = x.transpose(0, 1).contiguous()  # [L, N, C] (strided operands send bmm into a per-matrix loop)
         out = x.new_empty(x.shape[1], x.shape[0])
         for sel, ty in self._type_groups(type_idx):
             part = xl if sel is None else xl[:, sel]
@@ -421,7 +421,7 @@ class Denoiser(nn.Module):
         the eigenvectors is that of δ and ε, and f·ε̂_G needs only Vᵀf and a few dot products.
         One pass over each type's eigenbases projects δ, the noises and the residuals together
         and also gives the Mahalanobis term."""
-        xl, noise_l = x.transpose(0, 1), noise.transpose(0, 1)  # [L, N, C], [L, K, C]
+        xl, noise_l = x.transpose(0, 1).contiguous(), noise.transpose(0, 1).contiguous()  # [L, N | K, C]
         out = x.new_empty(x.shape[1], x.shape[0])
         for sel, ty in self._type_groups(type_idx):
             if sel is None:
