@@ -713,6 +713,8 @@ def write_json(path: Path, facts: dict[str, Any], args: argparse.Namespace, bund
     path.write_text(json.dumps({
         **facts, "command": [sys.executable, *sys.argv], "threads": args.threads, "batch": args.batch,
         "columns": columns,
+        "models_overrides": "the default model: what it was trained with here on top of DetectorConfig() "
+                            "(empty with --model); a variant: its overrides on the default model's config",
         "models": {b.name: {"path": str(b.path), "diffusion": b.diffusion, "overrides": overrides[b.name]}
                    for b in bundles},
         "rows": rows, "failed": [{"method": m, "runtime": rt, "error": e} for (m, rt), e in failed.items()],
