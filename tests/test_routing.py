@@ -54,6 +54,15 @@ def test_router_is_lda_on_pooled_features() -> None:
     assert router.candidates(test_x, 9).shape == (90, 3)  # never more than the types
 
 
+def test_router_with_one_image_per_type_routes_by_nearest_mean() -> None:
+    # no within-type scatter at all: the covariance is zero; the router must still fit (it used to
+    # raise numpy's LinAlgError) and name each training image's own type
+    x, y = _blobs(1, 4, seed=0)
+    router = routing.TypeRouter.fit(x, y, 4)
+    assert np.isfinite(router.whiten).all()
+    assert (router.candidates(x, 1)[:, 0] == y).all()
+
+
 def test_router_needs_every_type() -> None:
     x, y = _blobs(5, 2, seed=0)
     with pytest.raises(ValueError, match="every one of 3 types"):

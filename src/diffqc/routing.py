@@ -91,7 +91,10 @@ class TypeRouter:
         x = x / scale
         means = np.stack([x[y == t].mean(axis=0) for t in range(n_types)])
         cov = _ledoit_wolf(x - means[y])
-        cov += 1e-6 * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])  # never singular
+        # never singular; with one image per type there is no within-type scatter at all, and
+        # the router falls back to the nearest type mean in unit-variance coordinates
+        ridge = 1e-6 * np.trace(cov) / cov.shape[0]
+        cov += (ridge if ridge > 1e-12 else 1.0) * np.eye(cov.shape[0])
         chol = np.linalg.cholesky(cov)
         inv = np.linalg.solve(chol, np.eye(cov.shape[0]))  # L^-1: Σ^-1 = L^-T L^-1
         whiten = inv / scale[None, :]  # fold the unit-variance scaling in
