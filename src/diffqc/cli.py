@@ -53,7 +53,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=["diffusion", "patchcore", "padim"], default=None,
                    help="scoring method (default: diffusion)")
     p.add_argument("--backbone", default=None,
-                   help="efficientnet-lite0 (default), efficientnet-lite1, efficientnet-lite2, mobilenet-v2 "
+                   help="mobilenet-v2 (default), efficientnet-lite0, efficientnet-lite1, efficientnet-lite2 "
                         "or onnx:PATH")
     p.add_argument("--layers", default=None, help="comma-separated backbone layers to tap")
     p.add_argument("--steps", type=int, default=None, help="denoiser training steps")
