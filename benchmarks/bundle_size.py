@@ -1,7 +1,8 @@
 """Model bundle size and scoring speed per number of types, prior channels, rank and storage.
 
 Sizes are real: each configuration is fitted with ``Detector.fit_features`` on random features of
-the default shape (152 x 32 x 32; one training step, so that the network is not skipped when
+the default backbone's shape (channels x 32 x 32: MobileNetV2 128, EfficientNet-Lite0 152 with
+``--set backbone.name=efficientnet-lite0``; one training step, so that the network is not skipped when
 timed) and written with ``Detector.save``, once per storage dtype (``diffusion.prior_storage``),
 and the bundle folder is measured on disk, then deleted. Neither the bytes nor the time depend on
 the values, so by default the per-location Gaussians keep their initial values (``fit_prior`` is
@@ -68,11 +69,12 @@ def random_detector(n_types: int, overrides: dict[str, Any], per_type: int, seed
     ``fit_prior`` the Gaussians keep their initial values (same shapes, bytes and cost)."""
     gen = torch.Generator().manual_seed(seed)
     n = n_types * per_type
-    raw = torch.randn(n, 152, 32, 32, generator=gen) * torch.rand(152, 1, 1, generator=gen) * 3
-    good = [Sample(Path(f"t{i % n_types}_{i}.png"), f"type{i % n_types}", GOOD, part_id=str(i),
-                   split="train") for i in range(n)]
     quick = {"train.steps": 1, "train.batch_images": 2, "train.locations_per_image": 8}
     det = Detector(with_overrides(DetectorConfig(), quick | overrides), device="cpu")
+    c, (h, w) = det.extractor.channels, det.extractor.grid
+    raw = torch.randn(n, c, h, w, generator=gen) * torch.rand(c, 1, 1, generator=gen) * 3
+    good = [Sample(Path(f"t{i % n_types}_{i}.png"), f"type{i % n_types}", GOOD, part_id=str(i),
+                   split="train") for i in range(n)]
     with contextlib.ExitStack() as stack:
         if not fit_prior:
             stack.enter_context(mock.patch.object(Denoiser, "fit_prior", lambda *_a, **_k: None))
@@ -96,12 +98,14 @@ def time_scoring(det: Detector, raw: torch.Tensor, n_types: int, batch: int, rep
 
 
 def size_rows(types: list[int], dims: list[int], ranks: list[int], batch: int, repeats: int,
-              per_type: int, work: Path, time_types: set[int], fit_prior: bool) -> list[dict[str, Any]]:
+              per_type: int, work: Path, time_types: set[int], fit_prior: bool,
+              base: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     rows = []
     for d in dims:
         for r in ranks:
             for n in types:
-                det, raw = random_detector(n, {"diffusion.prior_dims": d, "diffusion.prior_rank": r},
+                det, raw = random_detector(n, (base or {}) | {"diffusion.prior_dims": d,
+                                                               "diffusion.prior_rank": r},
                                            per_type, fit_prior=fit_prior)
                 row: dict[str, Any] = {"types": n, "prior_dims": d, "rank": r or "full"}
                 for storage in STORAGES:
@@ -228,7 +232,8 @@ def main() -> int:
     p.add_argument("--parity", action="store_true", help="float16 parity on the synthetic set instead")
     p.add_argument("--gaussian-timing", action="store_true",
                    help="instead: the Gaussian closed form's ms per image, configurations interleaved")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (parity)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override (sizes and parity)")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "diffqc-quality")
     p.add_argument("--feature-cache", type=Path, default=None)
     args = p.parse_args()
@@ -255,7 +260,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="diffqc-bundles-") as tmp:
         rows = size_rows(ints(args.types), ints(args.dims), ints(args.ranks), batch=args.batch,
                          repeats=args.repeats, per_type=args.per_type, work=Path(tmp),
-                         time_types=set(ints(args.time_types)), fit_prior=args.fit_prior)
+                         time_types=set(ints(args.time_types)), fit_prior=args.fit_prior,
+                         base=parse_overrides(args.set))
     print(size_table(rows))
     print(f"# load after: {os.getloadavg()}", flush=True)
     return 0
