@@ -1,6 +1,7 @@
 """Scoring speed of the diffusion scorer alone (after the backbone), per configuration.
 
-Fits each configuration on random features of the default shape (152 x 32 x 32, ``--types``
+Fits each configuration on random features of the default shape (``--channels`` x 32 x 32:
+128 for the default MobileNetV2, 152 for EfficientNet-Lite0; ``--types``
 types; the speed does not depend on the values) with a few training steps (so the network is
 not skipped) or none (``train.steps=0``: the Gaussian part alone), and times
 ``DiffusionScorer.score_maps`` at each ``--batches`` size (batch 32 with mixed types, every type
@@ -63,26 +64,26 @@ def load_baseline(commit: str, folder: Path) -> ModuleType:
     return sys.modules["baseline_scoring"]
 
 
-def fitted(overrides: dict[str, Any], n_types: int) -> DiffusionScorer:
+def fitted(overrides: dict[str, Any], n_types: int, channels: int) -> DiffusionScorer:
     gen = torch.Generator().manual_seed(0)
     n = 8 * n_types
-    feats = torch.randn(n, 152, 32, 32, generator=gen) * torch.rand(152, 1, 1, generator=gen) * 3
+    feats = torch.randn(n, channels, 32, 32, generator=gen) * torch.rand(channels, 1, 1, generator=gen) * 3
     quick = {"train.steps": 3, "train.batch_images": 2, "train.locations_per_image": 8}
     config = with_overrides(DetectorConfig(), quick | overrides)
     return DiffusionScorer(config).fit(feats, torch.arange(n) % n_types, n_types)
 
 
 def time_config(overrides: dict[str, Any], n_types: int, batches: list[int], runs: int,
-                baseline: ModuleType | None) -> list[dict[str, Any]]:
-    scorer = fitted(overrides, n_types)
+                baseline: ModuleType | None, channels: int = 128) -> list[dict[str, Any]]:
+    scorer = fitted(overrides, n_types, channels)
     scorers: dict[str, Any] = {"current": scorer}
     if baseline is not None:
         scorers["baseline"] = baseline.DiffusionScorer.from_state(scorer.config, scorer.state_tensors(),
-                                                                  n_types, 152)
+                                                                  n_types, channels)
     gen = torch.Generator().manual_seed(1)
     rows = []
     for n in batches:
-        x = torch.randn(n, 152, 32, 32, generator=gen) * 2
+        x = torch.randn(n, channels, 32, 32, generator=gen) * 2
         types = torch.arange(n) % n_types
         maps = {name: s.score_maps(x, types) for name, s in scorers.items()}  # warm-up
         times: dict[str, list[float]] = {name: [] for name in scorers}
@@ -107,6 +108,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--types", type=int, default=8)
+    p.add_argument("--channels", type=int, default=128,
+                   help="feature channels: 128 = the default MobileNetV2 taps, 152 = EfficientNet-Lite0")
     p.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--against", metavar="COMMIT", help="also time this commit's scorer, alternately")
@@ -123,7 +126,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="diffqc-baseline-") as tmp:
         baseline = load_baseline(args.against, Path(tmp)) if args.against else None
         for overrides in configs:
-            for row in time_config(overrides, args.types, batches, args.runs, baseline):
+            for row in time_config(overrides, args.types, batches, args.runs, baseline, args.channels):
                 print(json.dumps(row), flush=True)
     return 0
 
