@@ -433,7 +433,8 @@ def test_padim_random_channel_subset() -> None:
 
 
 # anomalib's PaDiM taps of EfficientNet-Lite0: strides 4, 8, 16 (24 + 40 + 112 channels), no pooling
-ANOMALIB_TAPS = {"backbone.layers": ["blocks.2", "blocks.4", "blocks.10"], "backbone.pool": 1}
+ANOMALIB_TAPS = {"backbone.name": "efficientnet-lite0", "backbone.pool": 1,
+                 "backbone.layers": ["blocks.2", "blocks.4", "blocks.10"]}
 
 
 @pytest.mark.parametrize(("method", "over"), [("patchcore", {}), ("padim", ANOMALIB_TAPS)],
