@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +20,21 @@ pytest_plugins = ["pytester"]
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 CLEAR_TYPES = ("stripes", "dots")
+
+
+def load_benchmark(script: str) -> Any:
+    """``benchmarks/<script>.py`` as a module (the benchmarks are scripts, not a package), loaded
+    once per session under ``diffqc_bench_<script>``."""
+    name = f"diffqc_bench_{script}"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _pattern(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:

@@ -3,8 +3,6 @@ the table it prints (no model, no timing asserted; the benchmark itself is run b
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,22 +10,9 @@ import pytest
 
 from diffqc.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import load_benchmark
 
-
-def _load() -> Any:
-    name = "diffqc_bench_latency"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "latency.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-lat = _load()
+lat = load_benchmark("latency")
 
 
 def test_variant_is_parsed_with_the_set_value_rules() -> None:

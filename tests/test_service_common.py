@@ -6,9 +6,7 @@ session on a small synthetic set (a few seconds on 2 CPU cores).
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import sys
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,24 +19,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import load_benchmark
+
 TOKEN = "test-token-abcdefghijklmnop"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _load_bench() -> Any:
-    name = "diffqc_bench_service_load"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "service_load.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_benchmark("service_load")
 
 _CACHE: dict[str, Any] = {}
 
