@@ -370,29 +370,23 @@ def floor_ms(runtime: str, floor: dict[str, Any], rates: dict[str, float]) -> fl
 
 # --------------------------------------------------------------------------- setup
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``NAME:KEY=VALUE,...`` (``--variant``) -> (NAME, config overrides), each VALUE read as
-    ``--set`` reads it (:func:`diffqc.config.parse_overrides`). A piece without ``=`` continues
-    the previous value, so that a list survives the comma split (``train.milestones=[100,200]``)."""
+    """``NAME:KEY=VALUE,...`` (``--variant``) -> (NAME, config overrides), read as ``diffqc
+    evaluate --compare-setting`` reads it (:func:`diffqc.evaluate.parse_setting`: commas inside
+    brackets stay in their value); NAME also names a folder and must not be a row's own name."""
     import re
 
-    from diffqc.config import parse_overrides
     from diffqc.errors import ConfigError
+    from diffqc.evaluate import parse_setting
 
-    name, sep, rest = text.partition(":")
-    name = name.strip()
-    if not sep or not rest.strip():
-        raise ConfigError(f"--variant expects NAME:KEY=VALUE[,KEY=VALUE...], got {text!r}")
+    try:
+        name, overrides = parse_setting(text)
+    except ValueError as exc:  # the format; a bad key or value is already a ConfigError
+        raise ConfigError(str(exc).replace("--compare-setting", "--variant")) from None
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ConfigError(f"--variant name {name!r}: use letters, digits, '_', '.', '-' (it names a folder)")
     if name in (DEFAULT, *BASELINES):
         raise ConfigError(f"--variant name {name!r} is taken by the {name} rows; choose another")
-    pairs: list[str] = []
-    for piece in rest.split(","):
-        if "=" in piece or not pairs:
-            pairs.append(piece)
-        else:
-            pairs[-1] += "," + piece
-    return name, parse_overrides(pairs)
+    return name, overrides
 
 
 def parse_variants(texts: Sequence[str]) -> dict[str, dict[str, Any]]:
