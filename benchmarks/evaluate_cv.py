@@ -11,12 +11,19 @@ once into ``--cache`` and reused. Magnetic tile is read from ``../shared/dataset
 Each dataset's report lands in ``OUT/<dataset>/`` (report.html/.md/.json) together with
 ``benchmark.md``, the Markdown tables printed at the end, and ``state.pkl``, every out-of-fold
 result, from which ``--rebuild`` re-renders the reports without refitting.
+
+``--jitter [SEED]`` evaluates the jittered variant of each dataset instead (issue 14's
+robustness setting, as ``benchmarks/quality.py --jitter`` defines it): every image, GOOD and
+defective, resized to the backbone's input and shifted by up to 12 % and rotated by up to 15°,
+its mask with it. The jittered copy is written once into ``--jitter-cache`` (a manifest keeping
+each image's part, split and defect) and the dataset is reported as ``NAME+jitter``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import math
 import pickle
@@ -33,6 +40,8 @@ from diffqc import evaluate as E
 from diffqc import report as R
 from diffqc.cli import build_config
 from diffqc.config import with_overrides
+from diffqc.data import GOOD, Sample, read_image, read_mask
+from diffqc.errors import OutputError
 from diffqc.evaluate import evaluate, load_evaluation_data, summary_lines
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +76,53 @@ def elpv_manifest(cache: Path) -> Path:
     out = cache / "manifest.csv"
     out.write_text("\n".join(lines) + "\n")
     return cache
+
+
+JITTER_MARKER = ".diffqc-jitter.json"
+
+
+def jittered_copy(samples: Sequence[Sample], dest: Path, seed: int, size: int) -> Path:
+    """Write every sample resized to ``size`` x ``size`` and moved by ``quality.jitter_transform(i,
+    seed)`` (``i``: its position in ``samples``) into ``dest``, with its mask and a manifest that
+    keeps its type, label, part, split and defect; return ``dest``. A folder this function wrote
+    for the same source, seed and size is reused; any other non-empty folder is refused, never
+    overwritten."""
+    import torch
+    from PIL import Image
+    from quality import apply_jitter, jitter_transform  # benchmarks/quality.py, beside this script
+
+    from diffqc.backbone import to_pixels
+
+    meta = {"seed": seed, "size": size, "n": len(samples),
+            "paths": hashlib.sha256("\n".join(str(s.path) for s in samples).encode()).hexdigest()}
+    marker = dest / JITTER_MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == meta and (dest / "manifest.csv").is_file():
+        return dest
+    if dest.exists() and any(dest.iterdir()) and not marker.is_file():
+        raise OutputError(f"{dest} is not empty and was not written by --jitter: "
+                          "choose another --jitter-cache")
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    (dest / "masks").mkdir(exist_ok=True)
+    lines = ["path,feature_type,label,mask,part_id,split,defect"]
+    for i, s in enumerate(samples):
+        theta = jitter_transform(i, seed)
+        pixels = apply_jitter(to_pixels([read_image(s.path)], size)[0], theta, "bilinear")
+        image = (pixels.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype("uint8")
+        Image.fromarray(image).save(dest / "images" / f"{i:05d}.png")
+        mask = ""
+        if s.mask_path is not None:
+            m = torch.from_numpy(read_mask(s.mask_path, (size, size)).astype("float32"))[None]
+            moved = apply_jitter(m, theta, "nearest")[0].numpy() > 0.5
+            Image.fromarray((moved * 255).astype("uint8")).save(dest / "masks" / f"{i:05d}.png")
+            mask = f"masks/{i:05d}.png"
+        label = "good" if s.label == GOOD else "defect"
+        fields = [f"images/{i:05d}.png", s.feature_type, label, mask, s.group, s.split, s.defect or ""]
+        if any("," in f or '"' in f for f in fields):
+            raise OutputError(f"{s.path}: a comma or quote in its fields cannot go into the manifest")
+        lines.append(",".join(fields))
+    (dest / "manifest.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    marker.write_text(json.dumps(meta))
+    return dest
 
 
 def _n(x: Any, kind: str = "num") -> str:
@@ -143,13 +199,20 @@ def rebuild(name: str, out: Path) -> dict[str, Any]:
 
 def run_one(name: str, data: Path, out: Path, args: argparse.Namespace,
             max_train_good: int | None) -> dict[str, Any]:
+    if args.jitter is not None:
+        name += "+jitter"
     if args.rebuild:
         return rebuild(name, out)
+    base = build_config(argparse.Namespace(set=args.set))
+    if args.jitter is not None:
+        original, _ = load_evaluation_data(data)
+        size = base.backbone.input_size
+        data = jittered_copy(original, args.jitter_cache / f"{name}-seed{args.jitter}-{size}",
+                             args.jitter, size)
     samples, source = load_evaluation_data(data)
     start = time.perf_counter()
     E._build_report = _keeping_state(out / name / "state.pkl")
     methods = args.methods.split(",")
-    base = build_config(argparse.Namespace(set=args.set))
     settings = {}
     for text in args.compare_setting or []:  # as `diffqc evaluate --compare-setting`
         label, over = E.parse_setting(text)
@@ -190,6 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="an extra variant of the first method, as in diffqc evaluate")
     p.add_argument("--rebuild", action="store_true",
                    help="re-render the reports in --out from their state.pkl (no refitting)")
+    p.add_argument("--jitter", type=int, nargs="?", const=0, default=None, metavar="SEED",
+                   help="evaluate the jittered variant (shift <= 12 %%, rotation <= 15 deg, seeded)")
+    p.add_argument("--jitter-cache", type=Path,
+                   default=Path.home() / ".cache" / "diffqc" / "jittered",
+                   help="where the jittered copies are written once and reused")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
