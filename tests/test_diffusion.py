@@ -248,7 +248,7 @@ def test_low_rank_path_equals_the_full_path_on_a_ppca_covariance(traced: bool) -
     c, d, r, side, n_types = 8, 5, 2, 3, 3
     locs = side * side
     x = torch.randn(30, locs, c, generator=g) @ torch.randn(c, c, generator=g)
-    cfg = {"hidden": 8, "depth": 1, "embed_dim": 8, "prior_dims": d}
+    cfg = {"hidden": 8, "depth": 1, "embed_dim": 8, "prior_dims": d, "prior_storage": "float32"}
     full = Denoiser(c, n_types, locs, DiffusionConfig(**cfg)).eval()
     low = Denoiser(c, n_types, locs, DiffusionConfig(**cfg, prior_rank=r)).eval()
     full.fit_prior(x, torch.arange(30) % n_types)

@@ -92,6 +92,13 @@ def test_onnx_graph_equals_pytorch(exported: Path, test_images: tuple) -> None:
     assert set(Path(tempfile.gettempdir()).glob("diffqc-graph-*")) == before
     assert max(len(t.raw_data) for t in model.graph.initializer) > ONNX_MAPPED_FROM
     assert not any(t.external_data for t in model.graph.initializer)
+    # the Gaussians' tables stay at the bundle's storage precision in the graph (the parity
+    # below holds because their values are exact in it): the largest constant, the
+    # eigenbases, is float16 and holds the bundle's bytes, not twice them
+    largest = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    assert det.config.diffusion.prior_storage == "float16"
+    assert largest.data_type == onnx.TensorProto.FLOAT16
+    assert len(largest.raw_data) == det.scorer_.denoiser_.prior_vecs[: len(det.classes_)].numel() * 2
     images = test_images[0][:3]
     n_types = len(det.classes_)
     pixels = np.repeat(preprocess(images, 64), n_types, axis=0)

@@ -223,6 +223,9 @@ class Denoiser(nn.Module):
         rank = config.prior_rank
         self.prior_rank = self.prior_dims if rank <= 0 or rank >= self.prior_dims else rank
         self.low_rank = self.prior_rank < self.prior_dims
+        # the precision the Gaussians' parameters are stored in (their values are rounded to
+        # it): an exported graph keeps them at it and widens each image's gathered copy
+        self.prior_storage: torch.dtype = getattr(torch, config.prior_storage)
         alpha_bar = alpha_bar_of(config)
         self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
         if self.use_prior:
@@ -352,11 +355,20 @@ class Denoiser(nn.Module):
             return PriorParams(self.prior_mean[sel][:, None], self.prior_var[sel][:, None, d:],
                                self.prior_vecs[sel], self.prior_vals[sel][:, None],
                                None if rest is None else rest[:, None])
-        return PriorParams(self.prior_mean[rows][sel].transpose(0, 1),
-                           self.prior_var[rows][sel].transpose(0, 1)[..., d:],  # no empty constant
-                           self.prior_vecs[rows][sel].transpose(0, 1),
-                           self.prior_vals[rows][sel].transpose(0, 1),
-                           None if rest is None else rest.transpose(0, 1))
+
+        def by_location(table: Tensor) -> Tensor:
+            # [T, L, ...] -> [L, N, ...]. The transpose and the rounding to the storage precision
+            # of a constant are folded at export: the graph holds the tables location-major at
+            # the precision the bundle stores (float16 by default: the values are exact in it,
+            # half the file and of the resident memory) and gathers each image's copy straight
+            # into the order it is used in (gathering first and transposing the copy moved each
+            # image's eigenbases twice), then widens the copy to float32
+            stored = table[rows].transpose(0, 1).to(self.prior_storage)
+            return torch.index_select(stored, 1, sel).float()
+
+        return PriorParams(by_location(self.prior_mean), by_location(self.prior_var)[..., d:],
+                           by_location(self.prior_vecs), by_location(self.prior_vals),
+                           None if rest is None else by_location(self.prior_rest))
 
     @staticmethod
     def _project(x: Tensor, vecs: Tensor, shared: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
