@@ -19,6 +19,7 @@ bundle and a float16 bundle, and each type's image AUROC from both.
 
     python benchmarks/bundle_size.py
     python benchmarks/bundle_size.py --types 8 --dims 152 --ranks 32
+    python benchmarks/bundle_size.py --types 1,8 --dims 128 --ranks 64 --time-types 0 --onnx  # + model.onnx
     python benchmarks/bundle_size.py --parity --work /tmp/diffqc-quality --feature-cache /tmp/feats
     python benchmarks/bundle_size.py --parity --set diffusion.prior_dims=152 --set diffusion.prior_rank=32
 """
@@ -97,9 +98,19 @@ def time_scoring(det: Detector, raw: torch.Tensor, n_types: int, batch: int, rep
     return 1000 * statistics.median(times) / batch
 
 
+def onnx_mb(bundle: Path) -> float:
+    """Size of the bundle's FP32 ONNX export (``diffqc export``, verified against PyTorch on a few
+    synthetic images; no INT8, no runtime search)."""
+    from diffqc.export import export_bundle
+
+    export_bundle(bundle, threads=1, check_images=2, search=False, openvino=False,
+                  log=lambda _: None)
+    return (bundle / "model.onnx").stat().st_size / 1e6
+
+
 def size_rows(types: list[int], dims: list[int], ranks: list[int], batch: int, repeats: int,
               per_type: int, work: Path, time_types: set[int], fit_prior: bool,
-              base: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+              base: dict[str, Any] | None = None, onnx: bool = False) -> list[dict[str, Any]]:
     rows = []
     for d in dims:
         for r in ranks:
@@ -111,6 +122,7 @@ def size_rows(types: list[int], dims: list[int], ranks: list[int], batch: int, r
                 for storage in STORAGES:
                     path = with_storage(det, storage).save(work / f"b{n}-{d}-{r}-{storage}")
                     row[f"mb_{storage}"] = folder_bytes(path) / 1e6
+                    row[f"onnx_mb_{storage}"] = onnx_mb(path) if onnx else None
                     shutil.rmtree(path)  # written by this script just above
                 row["ms_trained"] = row["ms_untrained"] = None
                 if n in time_types:
@@ -126,12 +138,14 @@ def size_rows(types: list[int], dims: list[int], ranks: list[int], batch: int, r
 
 
 def size_table(rows: list[dict[str, Any]]) -> str:
-    out = ["| types | prior_dims | rank | bundle MB (fp32) | bundle MB (fp16) | ms/img trained | "
-           "ms/img untrained |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| types | prior_dims | rank | bundle MB (fp32) | bundle MB (fp16) | ONNX MB (fp32) | "
+           "ONNX MB (fp16) | ms/img trained | ms/img untrained |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ms = [("" if r[k] is None else f"{r[k]:.1f}") for k in ("ms_trained", "ms_untrained")]
+        cells = [("" if r.get(k) is None else f"{r[k]:.1f}")
+                 for k in ("onnx_mb_float32", "onnx_mb_float16", "ms_trained", "ms_untrained")]
         out.append(f"| {r['types']} | {r['prior_dims']} | {r['rank']} | {r['mb_float32']:.1f} | "
-                   f"{r['mb_float16']:.1f} | {ms[0]} | {ms[1]} |")
+                   f"{r['mb_float16']:.1f} | {' | '.join(cells)} |")
     return "\n".join(out)
 
 
@@ -228,6 +242,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--per-type", type=int, default=8, help="random GOOD images per type")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--onnx", action="store_true",
+                   help="also export each bundle (diffqc export) and report model.onnx's size")
     p.add_argument("--fit-prior", action="store_true", help="fit the Gaussians (slow; same bytes and time)")
     p.add_argument("--parity", action="store_true", help="float16 parity on the synthetic set instead")
     p.add_argument("--gaussian-timing", action="store_true",
@@ -261,7 +277,7 @@ def main() -> int:
         rows = size_rows(ints(args.types), ints(args.dims), ints(args.ranks), batch=args.batch,
                          repeats=args.repeats, per_type=args.per_type, work=Path(tmp),
                          time_types=set(ints(args.time_types)), fit_prior=args.fit_prior,
-                         base=parse_overrides(args.set))
+                         base=parse_overrides(args.set), onnx=args.onnx)
     print(size_table(rows))
     print(f"# load after: {os.getloadavg()}", flush=True)
     return 0
