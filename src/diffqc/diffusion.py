@@ -350,11 +350,10 @@ class Denoiser(nn.Module):
         or of each image's type (``type_idx [N]``: ``[L, N, ...]``, gathered); ``var`` holds the
         diagonal channels only and ``vecs`` is ``[L, d, r]`` or ``[L, N, d, r]``."""
         rows, d = self._scoring_rows(), self.prior_dims
-        rest = self.prior_rest[rows][sel] if self.low_rank else None
         if isinstance(sel, int):
             return PriorParams(self.prior_mean[sel][:, None], self.prior_var[sel][:, None, d:],
                                self.prior_vecs[sel], self.prior_vals[sel][:, None],
-                               None if rest is None else rest[:, None])
+                               self.prior_rest[sel][:, None] if self.low_rank else None)
 
         def by_location(table: Tensor) -> Tensor:
             # [T, L, ...] -> [L, N, ...]. The transpose and the rounding to the storage precision
@@ -368,7 +367,7 @@ class Denoiser(nn.Module):
 
         return PriorParams(by_location(self.prior_mean), by_location(self.prior_var)[..., d:],
                            by_location(self.prior_vecs), by_location(self.prior_vals),
-                           None if rest is None else by_location(self.prior_rest))
+                           by_location(self.prior_rest) if self.low_rank else None)
 
     @staticmethod
     def _project(x: Tensor, vecs: Tensor, shared: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
