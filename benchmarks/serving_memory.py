@@ -82,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = [measure(args.model, args.runtime, args.threads, args.images, args.unknown, args.fast)
             for _ in range(args.repeats)]
 
-    def median(stage: str, key: str) -> float:
-        return sorted(r[stage][key] for r in runs)[len(runs) // 2]
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]  # a measured run's value, not an average of two
+
+    def memory(stage: str, key: str) -> float:
+        return median([r[stage][key] for r in runs])
 
     onnx = args.model / "model.onnx"
     report = {
@@ -91,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         "onnx_mb": round(onnx.stat().st_size / 1e6, 1) if onnx.is_file() else None,
         "runtime": args.runtime, "threads": args.threads, "unknown_type": args.unknown, "fast": args.fast,
         "load": os.getloadavg(), "torch_imported": any(r["torch_imported"] for r in runs),
-        "rss_loaded_mb": median("loaded", "VmRSS"), "rss_mb": median("inspected", "VmRSS"),
-        "anon_mb": median("inspected", "RssAnon"), "file_mb": median("inspected", "RssFile"),
-        "peak_mb": median("inspected", "VmHWM"),
-        "median_ms": sorted(r["median_ms"] for r in runs)[len(runs) // 2],
+        "rss_loaded_mb": memory("loaded", "VmRSS"), "rss_mb": memory("inspected", "VmRSS"),
+        "anon_mb": memory("inspected", "RssAnon"), "file_mb": memory("inspected", "RssFile"),
+        "peak_mb": memory("inspected", "VmHWM"),
+        "median_ms": median([r["median_ms"] for r in runs]),
     }
     print(json.dumps(report))
     return 0
