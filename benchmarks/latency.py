@@ -21,17 +21,19 @@ The floor: the backbone's and the scorer's multiply-adds per image over this mac
 matrix-multiply rate (FP32 from a large PyTorch matmul, INT8 from ONNX Runtime's MatMulInteger,
 both on ``--threads`` threads), and how far each runtime is from it.
 
-Without ``--model`` it trains the default-sized diffusion model (default network and input
-size, few training steps: latency does not depend on training length; ``--diffusion-set
-KEY=VALUE`` changes its config) on a small synthetic set. ``--variant NAME:KEY=VALUE,...``
+Without ``--model`` it fits the default diffusion model (the shipped config: the Gaussians
+alone, ``train.steps=0``; ``--steps N`` trains its network N steps, ``--diffusion-set
+KEY=VALUE`` changes any other field) on a small synthetic set. ``--variant NAME:KEY=VALUE,...``
 trains a further model from that model's config with the overrides, on the same data, exports
-it the same way and times it as method NAME (``--variant gauss:train.steps=0``: the Gaussian
-path alone). PaDiM and PatchCore are always trained on the same data, with the diffusion
+it the same way and times it as method NAME (``--variant trained:train.steps=30``: with the
+network, trained a few steps, since latency does not depend on training length). PaDiM and
+PatchCore are always trained on the same data, with the diffusion
 model's backbone, in the same run (``--reuse-baseline``: those of an earlier run in ``--work``).
 
     python benchmarks/latency.py --json latency.json
     python benchmarks/latency.py --model runs/bottle --data ../shared/datasets/mvtec_bottle
-    python benchmarks/latency.py --variant gauss:train.steps=0 --variant q1:scoring.quadrature_nodes=1
+    python benchmarks/latency.py --variant trained:train.steps=30
+    python benchmarks/latency.py --variant q1:train.steps=30,scoring.quadrature_nodes=1
 """
 
 from __future__ import annotations
@@ -402,12 +404,16 @@ def parse_variants(texts: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def default_config(steps: int, diffusion_set: dict[str, Any]) -> Any:
+def default_config(steps: int | None, diffusion_set: dict[str, Any]) -> Any:
     """The config of the default model as this script trains it: the defaults with ``train.steps``
-    and then the ``--diffusion-set`` overrides."""
+    (None: the default's) and then the ``--diffusion-set`` overrides."""
     from diffqc.config import DetectorConfig, with_overrides
 
-    return with_overrides(DetectorConfig(), {"train.steps": steps, **diffusion_set})
+    return with_overrides(DetectorConfig(), _steps(steps) | diffusion_set)
+
+
+def _steps(steps: int | None) -> dict[str, Any]:
+    return {} if steps is None else {"train.steps": steps}
 
 
 def _same_backbone(path: Path, config: Any) -> bool:
@@ -444,7 +450,8 @@ def prepare(args: argparse.Namespace, work: Path, diffusion_set: dict[str, Any],
     train = [s for s in samples if s.split == "train"] or samples
     model = Path(args.model) if args.model else work / "diffusion"
     if not args.model:
-        print(f"training the default-sized diffusion model ({args.steps} steps"
+        base_steps = default_config(args.steps, diffusion_set).train.steps
+        print(f"fitting the default diffusion model (train.steps={base_steps}"
               + "".join(f", {k}={v}" for k, v in diffusion_set.items()) + f") on {len(train)} images",
               file=sys.stderr)
         default = Detector(default_config(args.steps, diffusion_set), device="cpu")
@@ -725,14 +732,15 @@ def main(argv: list[str] | None = None) -> int:
                                                      "test images (default: synthetic)")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--parts", type=int, default=160, help="synthetic parts when no --data")
-    parser.add_argument("--steps", type=int, default=30, help="training steps of the default model")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps of the default model's network (default: the config's, 0)")
     parser.add_argument("--diffusion-set", action="append", metavar="KEY=VALUE", default=[],
                         help="config field of the default model this script trains (not with --model), "
                              "e.g. --diffusion-set scoring.quadrature_nodes=1 (repeatable)")
     parser.add_argument("--variant", action="append", metavar="NAME:KEY=VALUE,...", default=[],
                         help="also train, export and time a model with the default model's config and these "
-                             "fields, on the same data, as method NAME, e.g. --variant gauss:train.steps=0 "
-                             "(repeatable)")
+                             "fields, on the same data, as method NAME, e.g. "
+                             "--variant trained:train.steps=30 (repeatable)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
@@ -819,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
               + "; load average (1, 5, 15 min) at start " + _loads(facts["load_average_start"])
               + ", at end " + _loads(facts["load_average_end"]) + f" on {facts['cpus']} CPUs")
         if args.json:
-            trained = {"train.steps": args.steps, **diffusion_set}  # the default model's, when trained here
+            trained = _steps(args.steps) | diffusion_set  # the default model's, when trained here
             overrides = {b.name: trained if b.name == DEFAULT and not args.model
                          else variants.get(b.name, {}) for b in bundles}
             write_json(Path(args.json), facts, args, bundles, overrides, rows, failed, floors, rates,

@@ -293,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--settings", default="multi,per-type")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
-                   help="an extra diffusion variant, e.g. gauss:train.steps=0 (repeatable)")
+                   help="an extra diffusion variant, e.g. trained:train.steps=1000 (repeatable)")
     p.add_argument("--json", default=None)
     p.add_argument("--work", default=None, help="cache folder for generated data")
     p.add_argument("--threads", type=int, default=2)

@@ -110,7 +110,11 @@ def run_demo(
     cal = config.calibration
     how = (f"every one also calibrates, scored by one of {cal.folds} fold models fitted without it"
            if cal.scheme == "cross" else f"{cal.fraction:.0%} held out to calibrate")
-    print(f"[2/4] training the {config.method} model on {len(train)} GOOD images "
+    if config.method == "diffusion":
+        steps = config.train.steps
+        how += (f"; network trained {steps} steps" if steps
+                else "; the Gaussians alone, network not trained (train.steps=0)")
+    print(f"[2/4] fitting the {config.method} model on {len(train)} GOOD images "
           f"({config.backbone.name} features; {how})")
     t1 = time.perf_counter()
     det = Detector(config, device=device).fit(train, progress=progress)

@@ -85,7 +85,9 @@ def train_denoiser(
     lp = min(train.locations_per_image, locations)
     running = sep_running = float("nan")
     start = time.perf_counter()
-    bar = tqdm(range(train.steps), desc="training denoiser", disable=not progress, unit="step")
+    # train.steps=0 (the default): the Gaussians alone, no bar for a loop that does not run
+    bar = tqdm(range(train.steps), desc="training denoiser", disable=not progress or train.steps == 0,
+               unit="step")
     for step in bar:
         img = torch.randint(0, n, (b,), generator=gen)
         pos = torch.randint(0, locations, (b, lp), generator=gen)
