@@ -27,6 +27,11 @@ def test_demo_prints_at_most_one_calibration_warning_line(tmp_path: Path,
     # the type, withheld, is named by the router (these 8 types look nothing alike)
     timings = json.loads((tmp_path / "demo" / "timings.json").read_text())
     assert timings["type_accuracy"] >= 0.9
+    # every part routed to its own type and scored under it alone: the same scores, the same AUROC
+    assert timings["type_accuracy"] == 1.0
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert timings["image_auroc_type_withheld"] == pytest.approx(table[-1]["image_auroc"])
+    assert "mean image AUROC then" in captured.out
     # a second run replaces its own data and model, and refuses nothing
     assert main(["demo", "--out", str(tmp_path / "demo"), "--parts", "64", "--method", "padim",
                  "--set", "backbone.input_size=64", "--set", "padim.dims=20", "-q"]) == 0
