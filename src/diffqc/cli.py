@@ -56,7 +56,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="mobilenet-v2 (default), efficientnet-lite0, efficientnet-lite1, efficientnet-lite2 "
                         "or onnx:PATH")
     p.add_argument("--layers", default=None, help="comma-separated backbone layers to tap")
-    p.add_argument("--steps", type=int, default=None, help="denoiser training steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train the residual denoiser N steps (default: train.steps, 0 = the Gaussians alone)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--fit", choices=["squash", "pad", "crop"], default=None,
                    help="how images of another shape become the square input: squash (default), "
