@@ -13,6 +13,7 @@ from diffqc.diffusion import (
     ring_index,
     ring_mean,
     sampled_ring,
+    sinusoidal_embedding,
     vlb_quadrature,
     vlb_timestep_weights,
 )
@@ -41,6 +42,20 @@ def test_denoiser_shapes_and_no_nan() -> None:
     a = m(x, torch.full((4,), 100), torch.zeros(4, dtype=torch.long), torch.arange(16).expand(4, 16))
     b = m(x, torch.full((4,), 100), torch.full((4,), 3), torch.arange(16).expand(4, 16))
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("dim", [2, 16, 23])
+def test_any_embedding_width_works(dim: int) -> None:
+    """An odd diffusion.embed_dim got a timestep embedding one column short (a shape error at
+    the first training step): the embedding has the width asked for, and a model with it runs."""
+    t = torch.tensor([0, 10, 999])
+    emb = sinusoidal_embedding(t, dim)
+    assert emb.shape == (3, dim) and torch.isfinite(emb).all()
+    assert not torch.equal(emb[0], emb[2])  # it still tells timesteps apart
+    config = DiffusionConfig(hidden=8, depth=1, embed_dim=dim, prior="none")
+    m = Denoiser(12, n_types=2, locations=4, config=config)
+    out = m(torch.randn(3, 4, 12), t, torch.tensor([0, 1, 2]), torch.arange(4).expand(3, 4))
+    assert out.shape == (3, 4, 12)
 
 
 def test_loss_falls() -> None:

@@ -113,6 +113,33 @@ def test_onnx_graph_equals_pytorch(exported: Path, test_images: tuple) -> None:
     np.testing.assert_allclose(one_score, ref_scores[:1], rtol=ex.RTOL)
 
 
+def test_the_default_model_exports_as_the_gaussians_alone(clear_dataset: Path, tmp_path: Path,
+                                                        test_images: tuple) -> None:
+    """The shipped default does not train the network (train.steps=0): its graph holds no network
+    weights and computes PyTorch's scores, which are ½ δᵀΣ⁻¹δ under each image's type."""
+    import onnx
+
+    train = [s for s in load_dataset(clear_dataset) if s.split == "train"]
+    # widths no backbone layer has, so that any network weight in the graph would show
+    over = {"train.steps": 0, "diffusion.hidden": 37, "diffusion.embed_dim": 23}
+    det = Detector(tiny_config(**over), device="cpu").fit(train, progress=False)
+    denoiser = det.scorer_.denoiser_
+    assert denoiser.network_is_zero()
+    bundle = tmp_path / "default"
+    det.save(bundle)
+    ex.export_bundle(bundle, data=clear_dataset, threads=1, check_images=8, log=_quiet)
+    assert read_export_info(bundle)["fp32"]["parity_vs_torch"]["passed"]
+    model = onnx.load(str(bundle / "model.onnx"))
+    shapes = [tuple(t.dims) for t in model.graph.initializer]
+    # no layer of the residual network or its embeddings (one of their widths is in every weight)
+    assert not [d for d in shapes if 37 in d or 23 in d]
+    images, types, _ = test_images
+    onx = load_detector(bundle, "onnx", threads=1)
+    got = onx.inspect(images[:4], types[:4], all_types=False, maps=False)
+    ref = det.inspect(images[:4], types[:4], all_types=False, maps=False)
+    np.testing.assert_allclose([r.score for r in got], [r.score for r in ref], rtol=1e-4)
+
+
 def test_onnx_detector_reproduces_torch_inspect(exported: Path, test_images: tuple,
                                                 clear_dataset: Path) -> None:
     images, types, _ = test_images

@@ -97,10 +97,13 @@ class NoiseSchedule(nn.Module):
 
 
 def sinusoidal_embedding(x: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    """``[...]`` -> ``[..., dim]``: cosines and sines of ``dim // 2`` frequencies, and a zero
+    column when ``dim`` is odd (``diffusion.embed_dim`` may be any width)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device) / max(half, 1))
     args = x.float()[..., None] * freqs
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim - 2 * half))
 
 
 class _Block(nn.Module):
