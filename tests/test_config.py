@@ -34,6 +34,7 @@ from diffqc.errors import ConfigError
     ("diffusion.schedule", "foo", "diffusion.schedule must be one of cosine, linear; got 'foo'"),
     ("diffusion.prior", "global", "one of local, none"),
     ("train.t_max", 1000, "train.t_max must be < diffusion.timesteps"),
+    ("scoring.smooth_sigma", 1e6, "scoring.smooth_sigma must be < backbone.input_size / 4 (64 px)"),
     ("backbone.name", "resnet", "efficientnet-lite2, mobilenet-v2 or onnx:PATH"),
     ("backbone.layers", "blocks.3", "must be a list of str"),
     ("method", "vae", "method must be one of diffusion, patchcore, padim"),

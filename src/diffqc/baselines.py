@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from diffqc.config import DetectorConfig, PaDiMConfig, PatchCoreConfig
 from diffqc.covariance import ledoit_wolf_batched
+from diffqc.errors import ConfigError
 
 __all__ = [
     "PaDiMScorer",
@@ -563,7 +564,8 @@ class PaDiMScorer:
             cov = cov + self.config.epsilon * eye
             factor, info = torch.linalg.cholesky_ex(cov)
             if bool((info != 0).any()):
-                raise ValueError("PaDiM: a covariance is not positive definite; raise padim.epsilon")
+                raise ConfigError("PaDiM: a covariance is not positive definite; raise padim.epsilon "
+                                  f"(now {self.config.epsilon:g})")
             # cov = F F^T  ->  precision = F^-T F^-1 (triangular solve: far faster than
             # torch.cholesky_inverse on a batch of small matrices)
             inv_factor = torch.linalg.solve_triangular(factor, eye.expand_as(factor), upper=False)

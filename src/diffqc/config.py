@@ -376,6 +376,11 @@ class DetectorConfig:
         _check_types(self)
         _one_of(self, "method", METHODS)
         _at_least(self, "batch_size", 1)
+        # the map's smoothing kernel reaches round(4σ) pixels each way: it must fit in the image
+        sigma, size = self.scoring.smooth_sigma, self.backbone.input_size
+        if sigma > 0 and max(1, round(4 * sigma)) >= size:
+            raise ConfigError(f"scoring.smooth_sigma must be < backbone.input_size / 4 ({size / 4:g} px), "
+                              f"got {sigma:g}")
         steps = self.diffusion.timesteps
         if self.train.t_max >= steps:
             raise ConfigError(f"train.t_max must be < diffusion.timesteps ({steps}), got {self.train.t_max}")
