@@ -450,11 +450,11 @@ def prepare(args: argparse.Namespace, work: Path, diffusion_set: dict[str, Any],
     train = [s for s in samples if s.split == "train"] or samples
     model = Path(args.model) if args.model else work / "diffusion"
     if not args.model:
-        base_steps = default_config(args.steps, diffusion_set).train.steps
-        print(f"fitting the default diffusion model (train.steps={base_steps}"
+        config = default_config(args.steps, diffusion_set)
+        print(f"fitting the default diffusion model (train.steps={config.train.steps}"
               + "".join(f", {k}={v}" for k, v in diffusion_set.items()) + f") on {len(train)} images",
               file=sys.stderr)
-        default = Detector(default_config(args.steps, diffusion_set), device="cpu")
+        default = Detector(config, device="cpu")
         default.fit(train, progress=False).save(model)
     base = Detector.load(model, device="cpu").config
     if base.method != "diffusion":

@@ -26,7 +26,6 @@ def test_demo_prints_at_most_one_calibration_warning_line(tmp_path: Path,
     assert (tmp_path / "demo" / "model" / "metadata.json").is_file()
     # the type, withheld, is named by the router (these 8 types look nothing alike)
     timings = json.loads((tmp_path / "demo" / "timings.json").read_text())
-    assert timings["type_accuracy"] >= 0.9
     # every part routed to its own type and scored under it alone: the same scores, the same AUROC
     assert timings["type_accuracy"] == 1.0
     table = json.loads((tmp_path / "table.json").read_text())

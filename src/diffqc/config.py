@@ -376,9 +376,9 @@ class DetectorConfig:
         _check_types(self)
         _one_of(self, "method", METHODS)
         _at_least(self, "batch_size", 1)
-        # the map's smoothing kernel reaches round(4σ) pixels each way: it must fit in the image
+        # the map's smoothing kernel must fit in the image
         sigma, size = self.scoring.smooth_sigma, self.backbone.input_size
-        if sigma > 0 and max(1, round(4 * sigma)) >= size:
+        if sigma > 0 and smoothing_radius(sigma) >= size:
             raise ConfigError(f"scoring.smooth_sigma must be < backbone.input_size / 4 ({size / 4:g} px), "
                               f"got {sigma:g}")
         steps = self.diffusion.timesteps
@@ -441,6 +441,11 @@ _SECTIONS: dict[str, str] = {
     "PaDiMConfig": "padim.",
     "DetectorConfig": "",
 }
+
+
+def smoothing_radius(sigma: float) -> int:
+    """Pixels each way of the anomaly map's Gaussian smoothing kernel (``scoring.smooth_sigma``)."""
+    return max(1, round(4 * sigma))
 
 
 def config_keys() -> list[str]:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffqc.config import DetectorConfig, ScoringConfig
+from diffqc.config import DetectorConfig, ScoringConfig, smoothing_radius
 from diffqc.diffusion import Denoiser, NoiseSchedule, alpha_bar_of, vlb_quadrature
 from diffqc.train import TrainHistory, train_denoiser
 
@@ -247,7 +247,7 @@ class DiffusionScorer:
 
 # --------------------------------------------------------------------------- maps -> scores
 def gaussian_kernel1d(sigma: float) -> Tensor:
-    radius = max(1, round(4 * sigma))
+    radius = smoothing_radius(sigma)
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     return k / k.sum()
