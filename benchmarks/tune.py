@@ -9,9 +9,11 @@ Per dataset, the GOOD images of the ``train`` split are dealt into ``--folds`` f
 seed 0). For every fold a model is fitted on the other folds and scores the fold's GOOD images
 and, for each of them, one synthetic defective copy made from it (:func:`synthetic_anomaly`:
 cut-paste of a patch of another GOOD image of the same type, a scratch, a noise patch or a
-brightness spot; 2–6 % of the image, seeded by the image index). The figure of merit is the image
-AUROC per type, averaged over types and folds. No image of a ``test`` split is read, so a choice
-made on this table leaves the test splits for the one final report.
+brightness spot; 2–6 % of the image, seeded by the image index). The figures of merit are the
+image AUROC per type, averaged over types and folds, and the pixel AUROC of the anomaly maps
+against the synthetic defects' masks (all held-out maps of a fold pooled, then averaged over
+folds), which chooses the map's settings. No image of a ``test`` split is read, so a choice made
+on this table leaves the test splits for the one final report.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from diffqc.backbone import to_pixels
 from diffqc.config import DetectorConfig, parse_overrides, with_overrides
 from diffqc.data import GOOD, Sample, read_image
 from diffqc.evaluate import parse_setting
-from diffqc.metrics import image_auroc
+from diffqc.metrics import image_auroc, pixel_auroc
 from diffqc.model import Detector
 
 KINDS = ("cutpaste", "scratch", "noise", "spot")
@@ -58,8 +60,9 @@ def _ellipse(s: int, rng: np.random.Generator, area: float) -> np.ndarray:
 
 
 def synthetic_anomaly(image: np.ndarray, donor: np.ndarray, index: int, seed: int = 0,
-                      strength: float = 0.5) -> np.ndarray:
-    """A defective copy of ``image [S, S, 3]`` (float in [0, 1]): kind ``KINDS[index % 4]``, the
+                      strength: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """A defective copy of ``image [S, S, 3]`` (float in [0, 1]) and the defect's region
+    ``[S, S]`` (bool, the pixel-level ground truth): kind ``KINDS[index % 4]``, the
     rest drawn from a generator seeded by (seed, index). ``donor`` is another GOOD image of the
     same type and size (the source of a cut-paste patch). ``strength`` in (0, 1] scales the
     defect's area and contrast: 1 gives large obvious defects (2–6 % of the image), 0.5 (the
@@ -81,7 +84,7 @@ def synthetic_anomaly(image: np.ndarray, donor: np.ndarray, index: int, seed: in
         level = 1.0 - image[mask].mean(axis=0) if mask.any() else np.ones(3)
         mixed = (1 - strength) * image[mask] + strength * level
         out[mask] = np.clip(mixed + rng.normal(0, 0.05, size=(int(mask.sum()), 3)), 0, 1)
-        return out
+        return out, mask
     mask = _ellipse(s, rng, area)
     if kind == "cutpaste":
         ys, xs = np.nonzero(mask)
@@ -98,7 +101,7 @@ def synthetic_anomaly(image: np.ndarray, donor: np.ndarray, index: int, seed: in
     else:  # spot: a local brightness / colour change (ink blot, stain, glare)
         shift = (rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 0.4) + rng.normal(0, 0.05, size=3)) * strength
         out[mask] = np.clip(out[mask] + shift, 0, 1)
-    return out
+    return out, mask
 
 
 def fold_ids(samples: Sequence[Sample], k: int, seed: int = 0) -> np.ndarray:
@@ -113,16 +116,17 @@ def fold_ids(samples: Sequence[Sample], k: int, seed: int = 0) -> np.ndarray:
 
 
 def features(det: Detector, samples: Sequence[Sample], jitter: int | None,
-             cache: Path | None, strength: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+             cache: Path | None, strength: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw features of every GOOD training image and of its synthetic defective copy (the donor
-    of a cut-paste is the next image of the same type), cached under a key of the backbone, the
-    jitter seed and the sample list."""
+    of a cut-paste is the next image of the same type), and the copies' defect masks ``[N, S, S]``
+    (bool), cached under a key of the backbone, the jitter seed and the sample list."""
     key = json.dumps([asdict(det.config.backbone), jitter, [str(s.path) for s in samples], "select-v1",
                       strength])
     path = None if cache is None else cache / f"select-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if path is not None and path.is_file():
         data = torch.load(path, weights_only=True)
-        return data["good"], data["bad"]
+        if "mask" in data:  # caches written before the masks were kept are re-extracted
+            return data["good"], data["bad"], data["mask"]
     size = det.config.backbone.input_size
     by_type: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
@@ -139,25 +143,28 @@ def features(det: Detector, samples: Sequence[Sample], jitter: int | None,
             px = apply_jitter(px, jitter_transform(i, jitter), "bilinear")
         return px.permute(1, 2, 0).numpy()
 
-    good, bad = [], []
+    good, bad, masks = [], [], []
     for start in range(0, len(samples), 32):
         chunk = range(start, min(start + 32, len(samples)))
         imgs = [pixels(i) for i in chunk]
         defects = [synthetic_anomaly(img, pixels(donor[i]), i, strength=strength)
                    for i, img in zip(chunk, imgs, strict=True)]
         good.append(det.extract(imgs, raw=True))
-        bad.append(det.extract(defects, raw=True))
-    g, b = torch.cat(good), torch.cat(bad)
+        bad.append(det.extract([d for d, _ in defects], raw=True))
+        masks += [torch.from_numpy(m) for _, m in defects]
+    g, b, m = torch.cat(good), torch.cat(bad), torch.stack(masks)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"good": g, "bad": b}, path)
-    return g, b
+        torch.save({"good": g, "bad": b, "mask": m}, path)
+    return g, b, m
 
 
 def cross_validate(config: DetectorConfig, samples: Sequence[Sample], good: torch.Tensor, bad: torch.Tensor,
-                   folds: np.ndarray) -> dict[str, Any]:
-    """Mean image AUROC over types, per fold, of ``config`` on GOOD-vs-synthetic held-out images."""
-    per_fold, fit_s = [], []
+                   masks: torch.Tensor, folds: np.ndarray) -> dict[str, Any]:
+    """Mean image AUROC over types, per fold, of ``config`` on GOOD-vs-synthetic held-out images,
+    and per fold the pixel AUROC of their maps against the defect masks (GOOD maps all negative)."""
+    per_fold, pixel, fit_s = [], [], []
+    size = int(masks.shape[-1])
     types = [s.feature_type for s in samples]
     for f in sorted(set(folds.tolist())):
         train = np.nonzero(folds != f)[0]
@@ -165,14 +172,18 @@ def cross_validate(config: DetectorConfig, samples: Sequence[Sample], good: torc
         torch.manual_seed(0)
         det = Detector(config, device="cpu")
         t0 = time.perf_counter()
-        det.fit_features(good[train], [samples[i] for i in train])
+        det.fit_features(good[train], [samples[int(i)] for i in train])
         fit_s.append(time.perf_counter() - t0)
         raw = torch.cat([good[held], bad[held]])
         held_types = [types[i] for i in held] * 2
-        scores = []
+        truth = np.concatenate([np.zeros((len(held), size, size), dtype=bool), masks[held].numpy()])
+        scores, maps = [], []
         for j in range(0, raw.shape[0], 32):
-            res = det.inspect_features(raw[j : j + 32], held_types[j : j + 32], None, all_types=False)
+            res = det.inspect_features(raw[j : j + 32], held_types[j : j + 32],
+                                       [(size, size)] * len(held_types[j : j + 32]), all_types=False)
             scores += [r.score for r in res]
+            maps += [np.asarray(r.anomaly_map) for r in res]
+        pixel.append(pixel_auroc(truth, maps))
         labels = np.r_[np.zeros(len(held)), np.ones(len(held))]
         sc = np.asarray(scores)
         aurocs = []
@@ -182,6 +193,8 @@ def cross_validate(config: DetectorConfig, samples: Sequence[Sample], good: torc
         per_fold.append(float(np.mean(aurocs)))
     return {"auroc_folds": per_fold, "auroc": float(np.mean(per_fold)),
             "auroc_sd": float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else 0.0,
+            "pixel_folds": pixel, "pixel_auroc": float(np.mean(pixel)),
+            "pixel_sd": float(np.std(pixel, ddof=1)) if len(pixel) > 1 else 0.0,
             "fit_s": float(np.median(fit_s))}
 
 
@@ -221,24 +234,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 keep += [of_t[i] for i in sorted(rng.permutation(len(of_t))[: args.max_per_type])]
             samples = keep
         t0 = time.perf_counter()
-        good, bad = features(Detector(base, device="cpu"), samples, args.jitter, args.feature_cache,
-                             args.strength)
+        good, bad, masks = features(Detector(base, device="cpu"), samples, args.jitter, args.feature_cache,
+                                    args.strength)
         name = ds + ("+jitter" if args.jitter is not None else "")
         print(f"# {name}: {len(samples)} GOOD training images (+ as many synthetic defects), "
               f"features in {time.perf_counter() - t0:.0f} s", flush=True)
         folds = fold_ids(samples, args.folds)
         for label, config in configs.items():
-            r = cross_validate(config, samples, good, bad, folds)
+            r = cross_validate(config, samples, good, bad, masks, folds)
             r.update(dataset=name, variant=label)
             rows.append(r)
-            print(f"{name:<22}{label:<28}{r['auroc']:.4f} ± {r['auroc_sd']:.4f}  "
+            print(f"{name:<22}{label:<28}image {r['auroc']:.4f} ± {r['auroc_sd']:.4f}  "
+                  f"pixel {r['pixel_auroc']:.4f} ± {r['pixel_sd']:.4f}  "
                   f"folds {' '.join(f'{a:.3f}' for a in r['auroc_folds'])}  fit {r['fit_s']:.1f} s",
                   flush=True)
-    print("\nmean over datasets")
+    print("\nmean over datasets (image, pixel AUROC)")
     for label in configs:
-        vals = [r["auroc"] for r in rows if r["variant"] == label]
+        vals = [(r["auroc"], r["pixel_auroc"]) for r in rows if r["variant"] == label]
         if vals:
-            print(f"{label:<28}{np.mean(vals):.4f}  ({len(vals)} datasets)")
+            img, pix = np.mean(vals, axis=0)
+            print(f"{label:<28}{img:.4f}  {pix:.4f}  ({len(vals)} datasets)")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from sklearn.covariance import ledoit_wolf
 
 from diffqc.config import DiffusionConfig, TrainConfig
 from diffqc.diffusion import (
@@ -299,6 +301,37 @@ def test_prior_rank_is_validated() -> None:
     assert Denoiser(12, 1, 4, DiffusionConfig(prior_dims=10, prior_rank=3)).low_rank
     with pytest.raises(ConfigError, match="prior_rank"):
         DiffusionConfig(prior_rank=-1)
+
+
+@pytest.mark.parametrize("estimator", ["sample", "ledoit_wolf"])
+def test_prior_covariance_is_the_chosen_estimator_plus_the_floor(estimator: str) -> None:
+    """At full rank each location's Gaussian is the chosen estimate of its features' covariance
+    plus 1 % of the mean per-channel variance on the diagonal; the two estimators differ."""
+    g = torch.Generator().manual_seed(5)
+    c, n, locs = 6, 12, 3  # few samples: Ledoit-Wolf shrinks visibly
+    x = torch.randn(n, locs, c, generator=g) @ (torch.randn(c, c, generator=g) * 0.7)
+    cfg = DiffusionConfig(hidden=8, depth=1, embed_dim=8, prior_dims=c, prior_rank=0,
+                          prior_covariance=estimator)
+    m = Denoiser(c, 1, locs, cfg)
+    m.fit_prior(x, torch.zeros(n, dtype=torch.long))
+    xp = x[:, :, m.prior_perm].double()
+    floor = 0.01 * xp.var(dim=0, unbiased=False).mean()
+    for loc in range(locs):
+        v = m.prior_vecs[0, loc].double()
+        got = v @ torch.diag(m.prior_vals[0, loc].double()) @ v.T
+        ref = torch.from_numpy(np.cov(xp[:, loc].numpy(), rowvar=False))  # unbiased sample covariance
+        if estimator == "ledoit_wolf":
+            ref = torch.from_numpy(ledoit_wolf(xp[:, loc].numpy())[0])
+        torch.testing.assert_close(got, ref + floor * torch.eye(c, dtype=torch.float64), rtol=1e-4, atol=1e-5)
+    sample = np.cov(xp[:, 0].numpy(), rowvar=False)
+    assert np.abs(ledoit_wolf(xp[:, 0].numpy())[0] - sample).max() > 0.05
+
+
+def test_prior_covariance_is_validated() -> None:
+    from diffqc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="prior_covariance"):
+        DiffusionConfig(prior_covariance="empirical")
 
 
 def test_ring_mean_averages_the_neighbours_without_the_centre() -> None:

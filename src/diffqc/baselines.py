@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffqc.config import DetectorConfig, PaDiMConfig, PatchCoreConfig
-from diffqc.covariance import ledoit_wolf_batched
+from diffqc.covariance import covariance_batched, ledoit_wolf_batched, sample_covariance_batched
 from diffqc.errors import ConfigError
 
 __all__ = [
@@ -500,17 +500,6 @@ def _reweight(queries: Tensor, scores: Tensor, bank: Tensor, neighbors: int, chu
 # --------------------------------------------------------------------------------------------
 
 
-def sample_covariance_batched(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean ``[B, p]`` and unbiased sample covariance ``[B, p, p]`` (divided by ``n - 1``; zero
-    for ``n = 1``) of each sample set in ``x [B, n, p]``: PaDiM's estimate before ``+ epsilon I``."""
-    if x.ndim != 3 or x.shape[1] < 1:
-        raise ValueError(f"x must be [B, n, p] with n >= 1, got {tuple(x.shape)}")
-    n = x.shape[1]
-    mean = x.mean(dim=1)
-    xc = x - mean.unsqueeze(1)
-    return mean, xc.transpose(1, 2) @ xc / max(n - 1, 1)
-
-
 def mahalanobis_maps(x: Tensor, mean: Tensor, precision: Tensor) -> Tensor:
     """Mahalanobis distance of ``x [n, p, h, w]`` to per-location Gaussians -> ``[n, h, w]``.
 
@@ -557,10 +546,7 @@ class PaDiMScorer:
         eye = torch.eye(d, dtype=torch.float64, device=x.device)
         for s in range(0, locs, block):
             samples = per_loc[s : s + block].double()
-            if self.config.covariance == "ledoit_wolf":
-                mean, cov, _ = ledoit_wolf_batched(samples)
-            else:
-                mean, cov = sample_covariance_batched(samples)
+            mean, cov = covariance_batched(samples, self.config.covariance)
             cov = cov + self.config.epsilon * eye
             factor, info = torch.linalg.cholesky_ex(cov)
             if bool((info != 0).any()):

@@ -27,7 +27,7 @@ AGGREGATIONS = ("topk", "max", "mean")
 TAILS = ("exponential", "none")
 PATCHCORE_AGGREGATIONS = ("reweighted", "max", "topk")
 PADIM_AGGREGATIONS = ("max", "topk")
-PADIM_COVARIANCES = ("sample", "ledoit_wolf")
+COVARIANCES = ("sample", "ledoit_wolf")
 CALIBRATION_SCHEMES = ("split", "cross")
 
 
@@ -183,6 +183,9 @@ class DiffusionConfig:
     # share one variance, the mean of their eigenvalues (probabilistic PCA). 0 or >= the channels
     # modelled: all (full rank)
     prior_rank: int = 64
+    # the estimator of each location's covariance (plus 1 % of the mean variance on its diagonal):
+    # "ledoit_wolf" (shrunk toward a scaled identity) or "sample" (unbiased, PaDiM's)
+    prior_covariance: str = "ledoit_wolf"
     # dtype of the Gaussians' parameters in the saved bundle (computed in float32): float16 halves
     # the bundle; on the synthetic set it moved no image score's rank (benchmarks/bundle_size.py)
     prior_storage: str = "float16"
@@ -196,6 +199,7 @@ class DiffusionConfig:
         _at_least(self, "prior_radius", 0)
         _at_least(self, "prior_rank", 0)  # >= the channels modelled: full rank
         _one_of(self, "prior_storage", PRIOR_STORAGES)
+        _one_of(self, "prior_covariance", COVARIANCES)
         _one_of(self, "context", CONTEXTS)
         _one_of(self, "schedule", SCHEDULES)
         for name in ("hidden", "depth", "embed_dim", "prior_dims"):
@@ -353,7 +357,7 @@ class PaDiMConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _at_least(self, "dims", 1)
-        _one_of(self, "covariance", PADIM_COVARIANCES)
+        _one_of(self, "covariance", COVARIANCES)
         _at_least(self, "epsilon", 0)
         _one_of(self, "aggregation", PADIM_AGGREGATIONS)
         _in_range(self, "topk", 0, 1, high_open=False)

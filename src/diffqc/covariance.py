@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ledoit_wolf_batched"]
+__all__ = ["covariance_batched", "ledoit_wolf_batched", "sample_covariance_batched"]
 
 
 def ledoit_wolf_batched(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -36,3 +36,25 @@ def ledoit_wolf_batched(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     s = shrinkage.view(-1, 1, 1)
     cov = (1.0 - s) * emp + (s * mu.view(-1, 1, 1)) * eye
     return mean, cov, shrinkage
+
+
+def sample_covariance_batched(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean ``[B, p]`` and unbiased sample covariance ``[B, p, p]`` (divided by ``n - 1``; zero
+    for ``n = 1``) of each sample set in ``x [B, n, p]``: PaDiM's estimate before ``+ epsilon I``."""
+    if x.ndim != 3 or x.shape[1] < 1:
+        raise ValueError(f"x must be [B, n, p] with n >= 1, got {tuple(x.shape)}")
+    n = x.shape[1]
+    mean = x.mean(dim=1)
+    xc = x - mean.unsqueeze(1)
+    return mean, xc.transpose(1, 2) @ xc / max(n - 1, 1)
+
+
+def covariance_batched(x: Tensor, method: str) -> tuple[Tensor, Tensor]:
+    """Mean ``[B, p]`` and covariance ``[B, p, p]`` of each sample set in ``x [B, n, p]`` by
+    ``method``: ``"sample"`` (unbiased) or ``"ledoit_wolf"`` (shrunk toward a scaled identity)."""
+    if method == "sample":
+        return sample_covariance_batched(x)
+    if method == "ledoit_wolf":
+        mean, cov, _ = ledoit_wolf_batched(x)
+        return mean, cov
+    raise ValueError(f"unknown covariance estimator {method!r} (sample or ledoit_wolf)")

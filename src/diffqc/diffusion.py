@@ -191,11 +191,12 @@ class Denoiser(nn.Module):
 
     With ``prior="local"`` the prediction is ``ε̂_G + f_θ``. ``ε̂_G`` is the exact posterior
     mean E[ε | x_t] when x_0 ~ N(μ[type, loc], Σ[type, loc]) (Tweedie):
-    ``ε̂_G = √(1-ᾱ) (ᾱ Σ + (1-ᾱ) I)^{-1} (x_t - √ᾱ μ)``. Σ is a full (Ledoit–Wolf shrunk)
-    covariance on a fixed random subset of ``prior_dims`` channels, kept as its eigenbasis, and
-    diagonal on the others. With ``prior_rank`` r < d only the top r eigenpairs are kept and the
-    other d − r directions share one variance (the mean of their eigenvalues: the maximum-
-    likelihood probabilistic PCA of that covariance, Tipping & Bishop 1999). The network f_θ
+    ``ε̂_G = √(1-ᾱ) (ᾱ Σ + (1-ᾱ) I)^{-1} (x_t - √ᾱ μ)``. Σ is a full covariance (Ledoit–Wolf
+    shrunk or the sample covariance: ``prior_covariance``) on a fixed random subset of
+    ``prior_dims`` channels, kept as its eigenbasis, and diagonal on the others. With
+    ``prior_rank`` r < d only the top r eigenpairs are kept and the other d − r directions share
+    one variance (the mean of their eigenvalues: the maximum-likelihood probabilistic PCA of that
+    covariance, Tipping & Bishop 1999). The network f_θ
     (zero at initialisation) learns what a Gaussian misses. The statistics are buffers fitted on
     the GOOD training features (:meth:`fit_prior`); the null type gets those of all types pooled.
     """
@@ -226,6 +227,7 @@ class Denoiser(nn.Module):
         rank = config.prior_rank
         self.prior_rank = self.prior_dims if rank <= 0 or rank >= self.prior_dims else rank
         self.low_rank = self.prior_rank < self.prior_dims
+        self.prior_covariance = config.prior_covariance
         # the precision the Gaussians' parameters are stored in (their values are rounded to
         # it): an exported graph keeps them at it and widens each image's gathered copy
         self.prior_storage: torch.dtype = getattr(torch, config.prior_storage)
@@ -269,7 +271,7 @@ class Denoiser(nn.Module):
         it on the ``grid`` (h, w) (clamped at the borders)."""
         if not self.use_prior:
             return
-        from diffqc.covariance import ledoit_wolf_batched
+        from diffqc.covariance import covariance_batched
 
         d, rank = self.prior_dims, self.prior_rank
         nbr = _neighbours(grid or (self.locations, 1), radius)  # [L, M]
@@ -291,7 +293,7 @@ class Denoiser(nn.Module):
             for s in range(0, self.locations, block):  # bounded memory
                 idx = nbr[s : s + block]  # [l, M]
                 per_loc = x[:, idx, :d].permute(1, 0, 2, 3).reshape(idx.shape[0], -1, d).double()
-                _, cov, _ = ledoit_wolf_batched(per_loc)
+                _, cov = covariance_batched(per_loc, self.prior_covariance)
                 cov = cov + floor.double() * torch.eye(d, dtype=cov.dtype, device=cov.device)
                 vals, vecs = torch.linalg.eigh(cov)  # ascending: the top r are the last r
                 vals = vals.clamp_min(1e-6)
