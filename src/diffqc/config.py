@@ -184,7 +184,9 @@ class DiffusionConfig:
     # modelled: all (full rank)
     prior_rank: int = 64
     # the estimator of each location's covariance (plus 1 % of the mean variance on its diagonal):
-    # "ledoit_wolf" (shrunk toward a scaled identity) or "sample" (unbiased, PaDiM's)
+    # "ledoit_wolf" (shrunk toward a scaled identity) or "sample" (unbiased, PaDiM's). Measured
+    # (5-fold CV, BENCHMARKS.md "Session 9"): sample +0.001 image / +0.002 pixel AUROC on magnetic
+    # tile (~760 GOOD), -0.006 image on the synthetic set's 8 small types (~150 GOOD each)
     prior_covariance: str = "ledoit_wolf"
     # dtype of the Gaussians' parameters in the saved bundle (computed in float32): float16 halves
     # the bundle; on the synthetic set it moved no image score's rank (benchmarks/bundle_size.py)

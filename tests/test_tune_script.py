@@ -1,0 +1,37 @@
+"""The pure helpers of ``benchmarks/tune.py`` and ``benchmarks/map_variants.py``: the synthetic
+defects' masks (the pixel-level truth that chooses map settings) and the neighbour shift."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from .conftest import load_benchmark
+
+tune = load_benchmark("tune")
+variants = load_benchmark("map_variants")
+
+
+@pytest.mark.parametrize("index", range(8))  # two of each kind: cut-paste, scratch, noise, spot
+def test_synthetic_defect_changes_only_inside_its_mask(index: int) -> None:
+    rng = np.random.default_rng(index)
+    image = rng.uniform(0.2, 0.8, size=(64, 64, 3))
+    donor = rng.uniform(0.2, 0.8, size=(64, 64, 3))
+    out, mask = tune.synthetic_anomaly(image, donor, index, strength=1.0)
+    assert mask.shape == (64, 64) and mask.dtype == bool and mask.any()
+    changed = np.any(out != image, axis=-1)
+    assert not (changed & ~mask).any(), "a pixel outside the mask was changed"
+    assert changed[mask].mean() > 0.9, "the mask is larger than the defect"
+    assert np.array_equal(out, tune.synthetic_anomaly(image, donor, index, strength=1.0)[0])  # seeded
+
+
+def test_shifted_moves_the_grid_by_the_offset_and_replicates_the_border() -> None:
+    x = torch.arange(20.0).view(1, 1, 4, 5)
+    down = variants.shifted(x, 1, 0)  # out[p] = x[p - (1, 0)]
+    assert torch.equal(down[..., 1:, :], x[..., :-1, :])
+    assert torch.equal(down[..., 0, :], x[..., 0, :])
+    left = variants.shifted(x, 0, -1)  # out[p] = x[p + (0, 1)]
+    assert torch.equal(left[..., :, :-1], x[..., :, 1:])
+    assert torch.equal(left[..., :, -1], x[..., :, -1])
+    assert torch.equal(variants.shifted(x, 0, 0), x)
