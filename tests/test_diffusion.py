@@ -400,3 +400,19 @@ def test_ring_context_reaches_the_network_and_trains() -> None:
         assert float(moved[:, 5].min()) > 0  # its own input
         assert (float(moved[:, 6].max()) > 1e-6) == (context == "ring")  # a neighbour's
         assert float(moved[:, 15].max()) == 0.0  # far away: never
+
+
+def test_prior_radius_beyond_the_grid_is_a_config_error() -> None:
+    """A radius past the feature grid pools no more locations, only more memory (1000 ran out of
+    it): a ConfigError naming the field and the largest useful value, before any fitting."""
+    from diffqc.errors import ConfigError
+
+    feats = torch.randn(6, 4, 3, 5, generator=torch.Generator().manual_seed(2))
+    types = torch.zeros(6, dtype=torch.long)
+    steps0 = TrainConfig(steps=0)
+    with pytest.raises(ConfigError, match=r"prior_radius=1000 .* at most 4"):
+        train_denoiser(feats, types, 1, DiffusionConfig(hidden=8, depth=1, embed_dim=8, prior_radius=1000),
+                       steps0, progress=False)
+    m, _ = train_denoiser(feats, types, 1, DiffusionConfig(hidden=8, depth=1, embed_dim=8, prior_radius=4),
+                          steps0, progress=False)
+    assert bool(torch.isfinite(m.prior_vals).all())  # the largest useful radius still fits

@@ -22,6 +22,7 @@ from diffqc.diffusion import (
     sampled_ring,
     vlb_timestep_weights,
 )
+from diffqc.errors import ConfigError
 
 
 @dataclass
@@ -68,6 +69,9 @@ def train_denoiser(
     torch.manual_seed(train.seed)
     gen = torch.Generator().manual_seed(train.seed)
     n, c, h, w = features.shape
+    if diffusion.prior_radius >= max(h, w):  # beyond the grid: more memory, no more locations
+        raise ConfigError(f"diffusion.prior_radius={diffusion.prior_radius} reaches past the {h} x {w} "
+                          f"feature grid; use at most {max(h, w) - 1} (which already pools every location)")
     locations = h * w
     tokens = features.to(device).permute(0, 2, 3, 1).reshape(n, locations, c).contiguous()
     type_idx = type_idx.to(device).long()
