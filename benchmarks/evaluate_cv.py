@@ -163,7 +163,24 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
                 f"{_n(c['delong_p_holm'], 'p')} | {_n(c['mean_diff'], 'signed')} | "
                 f"{_n(c['nb_p'], 'p')} | {_n(c['nb_p_holm'], 'p')} | {_n(c['effect_size'])} |")
         out += "\n\n" + "\n".join(comp)
+    if report.get("unknown_type"):
+        out += "\n\n" + unknown_type_table(report["unknown_type"])
     return out
+
+
+def unknown_type_table(summary: Mapping[str, Any]) -> str:
+    """Type withheld (``--unknown-type``): per method the share of images routed to their true
+    type and the mean image AUROC over types with the type withheld and given."""
+    lines = ["| method | type accuracy (GOOD / defective) | mean AUROC, type withheld | "
+             "mean AUROC, type given | worst type: withheld − given |", "|" + "---|" * 5]
+    for name, u in summary.items():
+        gaps = [(r["auroc_type_withheld"] - r["auroc_type_given"], t) for t, r in u["per_type"].items()
+                if "auroc_type_withheld" in r]
+        worst = f"{_n(min(gaps)[0], 'signed')} ({min(gaps)[1]})" if gaps else "–"
+        lines.append(f"| {name} | {_n(u['type_accuracy'], 'pct')} ({_n(u['type_accuracy_good'], 'pct')} / "
+                     f"{_n(u['type_accuracy_defective'], 'pct')}) | {_n(u['mean_auroc_type_withheld'])} | "
+                     f"{_n(u['mean_auroc_type_given'])} | {worst} |")
+    return "\n".join(lines)
 
 
 def _keeping_state(path: Path) -> Any:
@@ -221,7 +238,7 @@ def run_one(name: str, data: Path, out: Path, args: argparse.Namespace,
         samples, folds=args.folds, methods=methods, settings=settings, base_config=base,
         seed=args.seed, progress=not args.quiet, out_dir=out / name, gallery=args.gallery,
         max_train_good=max_train_good, dataset_name=name, dataset_source=source,
-        feature_cache=args.feature_cache)
+        feature_cache=args.feature_cache, unknown_type=args.unknown_type)
     seconds = time.perf_counter() - start
     tables = markdown_tables(report)
     (out / name / "benchmark.md").write_text(tables + "\n", encoding="utf-8")
@@ -258,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jitter-cache", type=Path,
                    default=Path.home() / ".cache" / "diffqc" / "jittered",
                    help="where the jittered copies are written once and reused")
+    p.add_argument("--unknown-type", action="store_true",
+                   help="also score every held-out image with its type withheld (the type router picks it)")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -270,3 +270,37 @@ def test_onnx_runtime_scores_the_folds_as_torch_does(clear_dataset: Path) -> Non
         [r["decision"]["diffusion"] for r in rows["torch"]]
     with pytest.raises(ValueError, match="runtime"):
         E.evaluate(samples, folds=FOLDS, methods=("diffusion",), base_config=cfg, runtime="tensorrt")
+
+
+def test_unknown_type_summary_by_hand() -> None:
+    y = np.array([0, 0, 1, 1, 0, 1])
+    true = ["a", "a", "a", "a", "b", "b"]
+    routed = ["a", "b", "a", "a", "b", "a"]
+    known = np.array([0.1, 0.2, 0.8, 0.9, 0.3, 0.7])
+    withheld = np.array([0.1, 0.95, 0.8, 0.9, 0.3, 0.7])  # the GOOD 'a' image routed to 'b' scores high
+    u = E.unknown_type_summary(y, true, routed, withheld, known)
+    assert u["type_accuracy"] == pytest.approx(4 / 6)
+    assert u["type_accuracy_good"] == pytest.approx(2 / 3)
+    assert u["type_accuracy_defective"] == pytest.approx(2 / 3)
+    a = u["per_type"]["a"]
+    assert a["auroc_type_given"] == 1.0 and a["auroc_type_withheld"] == pytest.approx(0.5)
+    assert a["type_accuracy"] == 0.75 and u["per_type"]["b"]["type_accuracy"] == 0.5
+    assert u["mean_auroc_type_withheld"] == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_unknown_type_scores_under_the_routed_type(clear_dataset: Path) -> None:
+    """With the type withheld every held-out image is scored under the router's type; where the
+    router is right the score is the type-given one, so perfect routing gives equal AUROCs."""
+    samples = load_dataset(clear_dataset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = E.evaluate(samples, folds=FOLDS, methods=("diffusion",), base_config=tiny_config(),
+                            progress=False, n_boot=20, device="cpu", unknown_type=True)
+    u = report["unknown_type"]["diffusion"]  # type: ignore[typeddict-item]
+    assert set(u["per_type"]) == {s.feature_type for s in samples}
+    assert sum(r["images"] for r in u["per_type"].values()) == len(report["out_of_fold"])
+    assert u["type_accuracy"] == 1.0  # the clear set's types look nothing alike
+    assert u["mean_auroc_type_withheld"] == pytest.approx(u["mean_auroc_type_given"])
+    plain = E.evaluate(samples, folds=FOLDS, methods=("padim",), base_config=tiny_config(), progress=False,
+                       n_boot=20, device="cpu")
+    assert "unknown_type" not in plain

@@ -38,6 +38,7 @@ from diffqc.config import METHODS, DetectorConfig, parse_overrides, with_overrid
 from diffqc.data import DEFECTIVE, GOOD, Sample, read_image, read_mask
 from diffqc.errors import ImageReadError
 from diffqc.folds import per_type_folds
+from diffqc.metrics import has_both_classes, image_auroc
 from diffqc.model import Detector
 
 DEFAULT_METHODS = ("diffusion", "patchcore", "padim")
@@ -111,6 +112,9 @@ class _Variant:
     fit_seconds: list[float] = field(default_factory=list)
     inspect_seconds: list[float] = field(default_factory=list)
     train_images: dict[str, list[int]] = field(default_factory=dict)  # type -> per fold
+    # type withheld (``unknown_type=True``): the routed type and the score under it
+    routed_type: list[str | None] = field(default_factory=list)
+    routed_score: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @classmethod
     def empty(cls, name: str, config: DetectorConfig, n: int) -> _Variant:
@@ -281,6 +285,7 @@ def evaluate(
     feature_cache: Path | str | None = None,
     runtime: str = "torch",
     threads: int | None = None,
+    unknown_type: bool = False,
 ) -> R.Report:
     """k-fold cross-validated evaluation of ``methods`` (and named ``settings``) on ``samples``.
 
@@ -298,6 +303,10 @@ def evaluate(
     ONNX Runtime / OpenVINO (each fold's diffusion model exported in memory, FP32; baselines,
     which have no ONNX export, stay on PyTorch); ``auto`` means ``torch`` here, since an export
     per fold costs more than it saves.
+    ``unknown_type``: also score every held-out image with its type withheld (the fold model's
+    type router picks it, as ``diffqc inspect`` without ``--feature-type`` does); the report's
+    ``unknown_type`` entry holds, per variant, the type accuracy and the image AUROC per true type
+    of the scores under the routed type (:func:`unknown_type_summary`).
     """
     if runtime not in ("torch", "onnx", "openvino", "auto"):
         raise ValueError(f"runtime must be torch, onnx, openvino or auto, got {runtime!r}")
@@ -376,6 +385,9 @@ def evaluate(
                      f"(seeded subsample, seed {seed}); held-out folds are complete")
 
     variants = {name: _Variant.empty(name, cfg, n) for name, cfg in variants_cfg.items()}
+    if unknown_type:
+        for v in variants.values():
+            v.routed_type, v.routed_score = [None] * n, np.full(n, np.nan)
     calib_msgs: set[str] = set()
     jobs = list(itertools.product(range(folds), variants))
     bar = tqdm(jobs, desc="folds x methods", unit="fit", disable=not progress)
@@ -422,6 +434,10 @@ def evaluate(
                 v.z[i] = (r.score - c) / s
                 if r.anomaly_map is not None:
                     v.maps[i] = np.clip((r.anomaly_map - c) / s, -6e4, 6e4).astype(np.float16)
+            if unknown_type:
+                routed = scorer.inspect_features(raw[ids], [None] * ids.size, None, all_types=False)
+                for i, r in zip(ids, routed, strict=True):
+                    v.routed_type[i], v.routed_score[i] = r.feature_type, r.score
         v.fit_seconds.append(t2 - t1)
         v.inspect_seconds.append(time.perf_counter() - t2)
         if progress:
@@ -439,6 +455,10 @@ def evaluate(
         gallery=gallery, notes=notes, dataset_name=dataset_name, dataset_source=dataset_source,
     )
     extra = cast(dict[str, Any], report)
+    if unknown_type:
+        extra["unknown_type"] = {
+            name: unknown_type_summary(y, stypes, v.routed_type, v.routed_score, v.raw)
+            for name, v in variants.items()}
     extra["run"] = {
         "variants": {name: cfg.to_dict() for name, cfg in variants_cfg.items()},
         "max_train_good": max_train_good,
@@ -458,6 +478,37 @@ def evaluate(
 
 
 # =========================================================================== the report dict
+
+
+def unknown_type_summary(y: np.ndarray, true_types: Sequence[str], routed_types: Sequence[str | None],
+                         routed_scores: np.ndarray, known_scores: np.ndarray) -> dict[str, Any]:
+    """Type withheld vs given, over the evaluated images: the share routed to their true type
+    (all, and GOOD / defective), and per true type the image AUROC of the scores under the routed
+    type beside that of the scores under the given type; ``mean_*``: the mean over the types
+    where both classes occur."""
+    truth = np.asarray(true_types, dtype=object)
+    hit = np.array([r == t for r, t in zip(routed_types, true_types, strict=True)])
+    per_type: dict[str, dict[str, float]] = {}
+    for t in sorted(set(true_types)):
+        m = truth == t
+        row = {"images": int(m.sum()), "type_accuracy": float(hit[m].mean())}
+        if has_both_classes(y[m]):
+            row["auroc_type_withheld"] = image_auroc(y[m], routed_scores[m])
+            row["auroc_type_given"] = image_auroc(y[m], known_scores[m])
+        per_type[t] = row
+    scored = [r for r in per_type.values() if "auroc_type_withheld" in r]
+
+    def mean(values: Sequence[float] | np.ndarray) -> float:
+        return float(np.mean(values)) if len(values) else float("nan")
+
+    return {
+        "type_accuracy": mean(hit),
+        "type_accuracy_good": mean(hit[y == GOOD]),
+        "type_accuracy_defective": mean(hit[y == DEFECTIVE]),
+        "mean_auroc_type_withheld": mean([r["auroc_type_withheld"] for r in scored]),
+        "mean_auroc_type_given": mean([r["auroc_type_given"] for r in scored]),
+        "per_type": per_type,
+    }
 
 
 def _masks_for(ev: Sequence[Sample], ids: np.ndarray, y: np.ndarray,
@@ -753,4 +804,4 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 __all__ = ["DEFAULT_METHODS", "decision_threshold", "evaluate",
-           "load_evaluation_data", "parse_setting", "standardiser", "summary_lines"]
+           "load_evaluation_data", "parse_setting", "standardiser", "summary_lines", "unknown_type_summary"]
