@@ -203,6 +203,7 @@ def test_cli_type_without_defects_and_a_setting(clear_dataset: Path, tmp_path: P
     assert all((r / f"report.{ext}").is_file() for ext in ("html", "md", "json"))
     data = json.loads((r / "report.json").read_text())
     assert data["methods"] == ["padim", "padim20"]
+    assert "unknown_type" not in data  # only with --unknown-type
     assert data["run"]["variants"]["padim20"]["padim"]["dims"] == 20
     assert data["run"]["variants"]["padim20"]["method"] == "padim"
     assert data["folds"]["grouping"].startswith("part_id")
@@ -288,19 +289,23 @@ def test_unknown_type_summary_by_hand() -> None:
     assert u["mean_auroc_type_withheld"] == pytest.approx((0.5 + 1.0) / 2)
 
 
-def test_unknown_type_scores_under_the_routed_type(clear_dataset: Path) -> None:
-    """With the type withheld every held-out image is scored under the router's type; where the
-    router is right the score is the type-given one, so perfect routing gives equal AUROCs."""
-    samples = load_dataset(clear_dataset)
+def test_unknown_type_scores_under_the_routed_type(clear_dataset: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """``diffqc evaluate --unknown-type``: every held-out image is also scored under the router's
+    type; where the router is right the score is the type-given one, so perfect routing gives
+    equal AUROCs."""
+    from diffqc.cli import main
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = E.evaluate(samples, folds=FOLDS, methods=("diffusion",), base_config=tiny_config(),
-                            progress=False, n_boot=20, device="cpu", unknown_type=True)
-    u = report["unknown_type"]["diffusion"]  # type: ignore[typeddict-item]
-    assert set(u["per_type"]) == {s.feature_type for s in samples}
-    assert sum(r["images"] for r in u["per_type"].values()) == len(report["out_of_fold"])
+        code = main(["evaluate", str(clear_dataset), "--folds", "2", "--methods", "diffusion",
+                     "--unknown-type", "--out", str(tmp_path / "r"), "--set", "backbone.input_size=64",
+                     "--n-boot", "20", "--gallery", "0", "--device", "cpu", "-q"])
+    assert code == 0
+    assert "type withheld: accuracy" in capsys.readouterr().out
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    u = data["unknown_type"]["diffusion"]
+    assert set(u["per_type"]) == {s.feature_type for s in load_dataset(clear_dataset)}
+    assert sum(r["images"] for r in u["per_type"].values()) == len(data["out_of_fold"])
     assert u["type_accuracy"] == 1.0  # the clear set's types look nothing alike
     assert u["mean_auroc_type_withheld"] == pytest.approx(u["mean_auroc_type_given"])
-    plain = E.evaluate(samples, folds=FOLDS, methods=("padim",), base_config=tiny_config(), progress=False,
-                       n_boot=20, device="cpu")
-    assert "unknown_type" not in plain

@@ -54,6 +54,10 @@ def add_evaluate_command(subparsers: Any) -> None:
                    help="score held-out parts with PyTorch, ONNX Runtime or OpenVINO (each fold's "
                         "diffusion model exported in memory, FP32); auto = torch")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime / OpenVINO CPU threads")
+    p.add_argument("--unknown-type", action="store_true",
+                   help="also score every held-out image with its type withheld (the type router "
+                        "picks it): type accuracy and AUROC withheld vs given, in the printed "
+                        "summary and report.json's unknown_type")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_lazy("diffqc.evaluate", "cmd_evaluate"))
 

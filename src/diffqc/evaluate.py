@@ -732,6 +732,13 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
                          _f(c["delong_p_holm"], "p"), _f(c["nb_p"], "p"), _f(c["nb_p_holm"], "p"),
                          _f(c["effect_size"])))
         lines += ["", *_columns(comp)]
+    if report.get("unknown_type"):
+        unk = [("method", "type withheld: accuracy", "GOOD", "defective", "mean AUROC withheld", "given")]
+        for name, u in report["unknown_type"].items():
+            unk.append((name, _f(u["type_accuracy"], "pct"), _f(u["type_accuracy_good"], "pct"),
+                        _f(u["type_accuracy_defective"], "pct"), _f(u["mean_auroc_type_withheld"]),
+                        _f(u["mean_auroc_type_given"])))
+        lines += ["", *_columns(unk)]
     return lines
 
 
@@ -794,7 +801,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       base_config=base, seed=args.seed, progress=not args.quiet, out_dir=args.out,
                       gallery=args.gallery, n_boot=args.n_boot, max_train_good=args.max_train_good,
                       device=args.device, dataset_name=name, dataset_source=source,
-                      feature_cache=args.feature_cache, runtime=args.runtime, threads=args.threads)
+                      feature_cache=args.feature_cache, runtime=args.runtime, threads=args.threads,
+                      unknown_type=args.unknown_type)
     print("\n".join(summary_lines(report)))
     paths = cast(dict[str, Any], report).get("paths", {})
     print()
