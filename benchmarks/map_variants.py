@@ -33,11 +33,11 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import dataset_samples
-from tune import features, fold_ids
+from tune import features, fold_ids, mean_type_auroc
 
 from diffqc.config import DetectorConfig, with_overrides
 from diffqc.data import GOOD
-from diffqc.metrics import image_auroc, pixel_auroc
+from diffqc.metrics import pixel_auroc
 from diffqc.model import Detector, split_calibration
 from diffqc.scoring import aggregate, upsample_and_smooth
 
@@ -60,11 +60,6 @@ def neighbour_maps(det: Detector, feats: Tensor, types: Tensor) -> dict[tuple[in
         m = det.scorer_.score_maps(shifted(feats, dy, dx), types)  # s(x[l - o] | G[l])
         out[(dy, dx)] = shifted(m[:, None], -dy, -dx)[:, 0]  # at p = l - o
     return out
-
-
-def mean_type_auroc(labels: np.ndarray, scores: np.ndarray, types: np.ndarray) -> float:
-    """Image AUROC per type, averaged over the types."""
-    return float(np.mean([image_auroc(labels[types == k], scores[types == k]) for k in np.unique(types)]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -159,6 +159,11 @@ def features(det: Detector, samples: Sequence[Sample], jitter: int | None,
     return g, b, m
 
 
+def mean_type_auroc(labels: np.ndarray, scores: np.ndarray, types: np.ndarray) -> float:
+    """Image AUROC per type, averaged over the types."""
+    return float(np.mean([image_auroc(labels[types == t], scores[types == t]) for t in np.unique(types)]))
+
+
 def cross_validate(config: DetectorConfig, samples: Sequence[Sample], good: torch.Tensor, bad: torch.Tensor,
                    masks: torch.Tensor, folds: np.ndarray) -> dict[str, Any]:
     """Mean image AUROC over types, per fold, of ``config`` on GOOD-vs-synthetic held-out images,
@@ -179,18 +184,14 @@ def cross_validate(config: DetectorConfig, samples: Sequence[Sample], good: torc
         truth = np.concatenate([np.zeros((len(held), size, size), dtype=bool), masks[held].numpy()])
         scores, maps = [], []
         for j in range(0, raw.shape[0], 32):
-            res = det.inspect_features(raw[j : j + 32], held_types[j : j + 32],
-                                       [(size, size)] * len(held_types[j : j + 32]), all_types=False)
+            batch_types = held_types[j : j + 32]
+            res = det.inspect_features(raw[j : j + 32], batch_types, [(size, size)] * len(batch_types),
+                                       all_types=False)
             scores += [r.score for r in res]
             maps += [np.asarray(r.anomaly_map) for r in res]
         pixel.append(pixel_auroc(truth, maps))
         labels = np.r_[np.zeros(len(held)), np.ones(len(held))]
-        sc = np.asarray(scores)
-        aurocs = []
-        for t in sorted(set(held_types)):
-            m = np.asarray([ht == t for ht in held_types])
-            aurocs.append(image_auroc(labels[m], sc[m]))
-        per_fold.append(float(np.mean(aurocs)))
+        per_fold.append(mean_type_auroc(labels, np.asarray(scores), np.asarray(held_types)))
     return {"auroc_folds": per_fold, "auroc": float(np.mean(per_fold)),
             "auroc_sd": float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else 0.0,
             "pixel_folds": pixel, "pixel_auroc": float(np.mean(pixel)),
