@@ -16,7 +16,7 @@ import torch
 
 from diffqc import evaluate as E
 from diffqc import report as R
-from diffqc.calibration import TypeCalibration
+from diffqc.calibration import TypeCalibration, standardiser
 from diffqc.data import DEFECTIVE, GOOD, Sample, load_dataset
 from diffqc.model import Detector
 from tests.conftest import tiny_config
@@ -157,9 +157,9 @@ def test_pooled_scores_are_the_fold_scores_standardised(run: dict[str, Any]) -> 
 
 
 def test_standardiser_and_decision_threshold() -> None:
-    centre, scale = E.standardiser(np.array([1.0, 2.0, 3.0, 4.0, 5.0]))
+    centre, scale = standardiser(np.array([1.0, 2.0, 3.0, 4.0, 5.0]))
     assert (centre, scale) == (3.0, 2.0)
-    assert E.standardiser(np.ones(4)) == (1.0, 1.0)
+    assert standardiser(np.ones(4)) == (1.0, 1.0)
     cal = TypeCalibration.from_scores(np.linspace(0.0, 1.0, 199))
     assert E.decision_threshold(cal, 0.05, "exponential") == cal.threshold(0.05)
     few = TypeCalibration.from_scores(np.linspace(0.0, 1.0, 20))

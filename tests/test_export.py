@@ -140,6 +140,24 @@ def test_the_default_model_exports_as_the_gaussians_alone(clear_dataset: Path, t
     np.testing.assert_allclose([r.score for r in got], [r.score for r in ref], rtol=1e-4)
 
 
+def test_the_fused_heat_map_exports(clear_dataset: Path, tmp_path: Path, test_images: tuple) -> None:
+    """scoring.heat_map=fused: the graph gathers each image's GOOD-patch memory by type, and its
+    maps and scores are PyTorch's."""
+    train = [s for s in load_dataset(clear_dataset) if s.split == "train"]
+    over = {"train.steps": 0, "scoring.heat_map": "fused", "scoring.memory_ratio": 0.05}
+    det = Detector(tiny_config(**over), device="cpu").fit(train, progress=False)
+    bundle = det.save(tmp_path / "fused")
+    ex.export_bundle(bundle, data=clear_dataset, threads=1, check_images=8, log=_quiet)
+    assert read_export_info(bundle)["fp32"]["parity_vs_torch"]["passed"]
+    images, types, _ = test_images
+    got = load_detector(bundle, "onnx", threads=1).inspect(images[:6], types[:6], all_types=False)
+    ref = det.inspect(images[:6], types[:6], all_types=False)
+    np.testing.assert_allclose([r.score for r in got], [r.score for r in ref], rtol=1e-4)
+    for a, b in zip(got, ref, strict=True):
+        assert a.anomaly_map is not None and b.anomaly_map is not None
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-4 * np.abs(b.anomaly_map).max())
+
+
 def test_onnx_detector_reproduces_torch_inspect(exported: Path, test_images: tuple,
                                                 clear_dataset: Path) -> None:
     images, types, _ = test_images

@@ -259,3 +259,28 @@ class Calibrator:
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
             detail = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
             raise BundleError(f"{path} is damaged or unreadable ({detail})") from None
+
+
+def standardiser(cal_scores: np.ndarray) -> tuple[float, float]:
+    """``(centre, scale)`` of GOOD calibration scores: the median and the interquartile range.
+    :mod:`diffqc.evaluate` maps each fold model's scores with it onto one pooled scale, and the
+    fused heat map (``scoring.heat_map``) its two maps onto one another's.
+
+    Why this and not ``-log10(p)``: the scores of different fold models are not on one scale,
+    so they must be mapped before they are pooled. The conformal p-value is the obvious common
+    scale, but it is coarse: every score below the smallest calibration score gets p = 1 (GOOD
+    parts become ties), inside the calibration range it moves in steps of 1/(n+1), and beyond
+    the largest calibration score it depends on the fitted exponential tail. Subtracting the
+    median of the fold's GOOD calibration scores and dividing by their interquartile range is a
+    strictly increasing affine map per fold and type: it keeps every tie and order inside a fold
+    (so per-fold AUROC and the decisions are untouched), needs no tail model, is robust to a few
+    outlying calibration parts, and makes "how far above a typical GOOD part" comparable across
+    folds. The scale falls back to the standard deviation, then to 1, when the IQR is zero.
+    """
+    c = np.asarray(cal_scores, dtype=np.float64)
+    centre = float(np.median(c))
+    q1, q3 = np.quantile(c, [0.25, 0.75])
+    scale = float(q3 - q1)
+    if not scale > 1e-12:
+        scale = float(c.std()) if c.size > 1 and c.std() > 1e-12 else 1.0
+    return centre, scale

@@ -24,6 +24,7 @@ PRIORS = ("local", "none")
 PRIOR_STORAGES = ("float32", "float16")
 CONTEXTS = ("none", "ring")
 AGGREGATIONS = ("topk", "max", "mean")
+HEAT_MAPS = ("likelihood", "fused")
 TAILS = ("exponential", "none")
 PATCHCORE_AGGREGATIONS = ("reweighted", "max", "topk")
 PADIM_AGGREGATIONS = ("max", "topk")
@@ -259,10 +260,17 @@ class ScoringConfig:
     # unknown type, every method: score only the type router's top-k types (diffqc.routing);
     # 1 measured 100 % type accuracy on held-out training parts of the synthetic set
     type_candidates: int = 1
+    # the heat map (never the image score or the decision): "likelihood" is the Gaussian's
+    # per-location score; "fused" adds each location's distance to the nearest GOOD patch of a
+    # per-type coreset (PatchCore's map), both scaled by their GOOD calibration image scores
+    heat_map: str = "likelihood"
+    memory_ratio: float = 0.01  # "fused": the coreset's fraction of each type's GOOD patches
 
     def __post_init__(self) -> None:
         _check_types(self)
         _at_least(self, "type_candidates", 1)
+        _one_of(self, "heat_map", HEAT_MAPS)
+        _in_range(self, "memory_ratio", 0, 1, high_open=False)
         _at_least(self, "quadrature_nodes", 1)
         _at_least(self, "noises_per_timestep", 1)
         _one_of(self, "aggregation", AGGREGATIONS)

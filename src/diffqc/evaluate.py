@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffqc import report as R
-from diffqc.calibration import CalibrationWarning, Calibrator, TypeCalibration
+from diffqc.calibration import CalibrationWarning, Calibrator, TypeCalibration, standardiser
 from diffqc.config import METHODS, DetectorConfig, parse_overrides, with_overrides
 from diffqc.data import DEFECTIVE, GOOD, Sample, read_image, read_mask
 from diffqc.errors import ImageReadError
@@ -54,29 +54,6 @@ POOLING_NOTE = (
 
 
 # =========================================================================== scores on one scale
-
-
-def standardiser(cal_scores: np.ndarray) -> tuple[float, float]:
-    """``(centre, scale)`` that put one fold's scores on the pooled scale.
-
-    Why this and not ``-log10(p)``: the scores of different fold models are not on one scale,
-    so they must be mapped before they are pooled. The conformal p-value is the obvious common
-    scale, but it is coarse: every score below the smallest calibration score gets p = 1 (GOOD
-    parts become ties), inside the calibration range it moves in steps of 1/(n+1), and beyond
-    the largest calibration score it depends on the fitted exponential tail. Subtracting the
-    median of the fold's GOOD calibration scores and dividing by their interquartile range is a
-    strictly increasing affine map per fold and type: it keeps every tie and order inside a fold
-    (so per-fold AUROC and the decisions are untouched), needs no tail model, is robust to a few
-    outlying calibration parts, and makes "how far above a typical GOOD part" comparable across
-    folds. The scale falls back to the standard deviation, then to 1, when the IQR is zero.
-    """
-    c = np.asarray(cal_scores, dtype=np.float64)
-    centre = float(np.median(c))
-    q1, q3 = np.quantile(c, [0.25, 0.75])
-    scale = float(q3 - q1)
-    if not scale > 1e-12:
-        scale = float(c.std()) if c.size > 1 and c.std() > 1e-12 else 1.0
-    return centre, scale
 
 
 def decision_threshold(cal: TypeCalibration, alpha: float, tail: str) -> float:
@@ -812,4 +789,4 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 __all__ = ["DEFAULT_METHODS", "decision_threshold", "evaluate",
-           "load_evaluation_data", "parse_setting", "standardiser", "summary_lines", "unknown_type_summary"]
+           "load_evaluation_data", "parse_setting", "summary_lines", "unknown_type_summary"]

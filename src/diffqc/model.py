@@ -29,11 +29,13 @@ from tqdm.auto import tqdm
 
 from diffqc import __version__, routing, tiling
 from diffqc.backbone import FeatureExtractor, resolve_device, to_pixels
+from diffqc.baselines import PatchCoreScorer
 from diffqc.bundle import check_weights, read_bundle
 from diffqc.calibration import Calibrator, calibration_scores
 from diffqc.config import CalibrationConfig, DetectorConfig
 from diffqc.data import Sample, good_training, read_images
-from diffqc.errors import BundleError, DatasetError, OutputError, UnknownFeatureTypeError
+from diffqc.errors import BundleError, ConfigError, DatasetError, OutputError, UnknownFeatureTypeError
+from diffqc.heatmap import PatchMemory, memory_scorer
 from diffqc.inspection import (
     BUNDLE_FILES,
     BUNDLE_FORMAT,
@@ -145,6 +147,7 @@ class Detector:
         self.scorer_: Scorer | None = None
         self.calibration_: Calibrator | None = None
         self.router_: routing.TypeRouter | None = None  # None: a bundle from before the router
+        self.memory_: PatchMemory | None = None  # the fused heat map's GOOD-patch memory
         self.classes_: list[str] = []
         self.metadata: dict[str, Any] = {}
 
@@ -239,9 +242,13 @@ class Detector:
             views = torch.tensor([lay.views for lay in layouts], device=types.device)
             types = types.repeat_interleave(views)
         t_fit = time.perf_counter()
+        fused = _check_heat_map(self.config, tiled=layouts is not None)
         scorer = make_scorer(self.config)
         scorer.fit(feats[fit_idx], types[fit_idx], len(self.classes_), progress=progress)
         self.scorer_ = scorer
+        self.memory_ = None
+        nearest = memory_scorer(self.config).fit(feats[fit_idx], types[fit_idx], len(self.classes_),
+                                                 progress=progress) if fused else None
         self.router_ = _fit_router(feats[fit_idx], types[fit_idx], len(self.classes_))
         fit_seconds = time.perf_counter() - t_fit
         fit_idx, cal_idx = image_idx
@@ -254,6 +261,8 @@ class Detector:
             scored = self._calibration_scores(feats[cal_rows], cal_samples, progress=progress,
                                               layouts=cal_layouts)
         self.calibration_ = scored.calibrator(self.classes_, self.config.calibration)
+        if nearest is not None:
+            self.memory_ = self._calibrated_memory(nearest, feats[cal_rows], types[cal_rows])
         history = getattr(scorer, "history_", None)
         self.metadata = {
             "format": BUNDLE_FORMAT,
@@ -341,6 +350,20 @@ class Detector:
                     np.array([[scores[at[j][int(c)]] for c in row] for j, row in enumerate(cand)]))
         return out
 
+    def _calibrated_memory(self, nearest: PatchCoreScorer, feats: Tensor, types: Tensor) -> PatchMemory:
+        """The fused heat map's constants from the GOOD calibration images' image scores under
+        the likelihood (the calibrator's own) and under the memory's map (same aggregation)."""
+        assert self.calibration_ is not None
+        cfg, bs = self.config, self.config.batch_size
+        distance = torch.cat([
+            self.image_scores(upsample_and_smooth(nearest.score_maps(feats[i: i + bs], types[i: i + bs]),
+                                                  cfg.backbone.input_size, cfg.scoring.smooth_sigma))
+            for i in range(0, feats.shape[0], bs)]).cpu().numpy()
+        own = types.cpu().numpy()
+        return PatchMemory.calibrated(
+            nearest, [np.asarray(self.calibration_.known[t].scores) for t in self.classes_],
+            [distance[own == k] for k in range(len(self.classes_))])
+
     # ------------------------------------------------------------------ scoring
     def _require_fitted(self) -> tuple[Scorer, Calibrator]:
         if self.scorer_ is None or self.calibration_ is None:
@@ -360,12 +383,16 @@ class Detector:
         """Smoothed maps ``[N, S, S]`` and image scores ``[N]``. PatchCore's default image score
         (the paper's re-weighted largest patch score) is computed from the unsmoothed patch maps;
         every other rule aggregates the smoothed map (:meth:`image_scores`)."""
-        from diffqc.baselines import PatchCoreScorer
-
         scorer = self.scorer_
         if not (isinstance(scorer, PatchCoreScorer) and scorer.config.aggregation == "reweighted"):
             maps = self.score_maps(feats, type_idx)
-            return maps, self.image_scores(maps)
+            scores = self.image_scores(maps)
+            if self.memory_ is not None:  # the map only: the image score stays the likelihood's
+                distance = upsample_and_smooth(self.memory_.nearest.score_maps(feats, type_idx),
+                                               self.config.backbone.input_size,
+                                               self.config.scoring.smooth_sigma)
+                maps = self.memory_.fuse(maps, distance, type_idx)
+            return maps, scores
         patch_maps = scorer.score_maps(feats, type_idx)
         maps = upsample_and_smooth(patch_maps, self.config.backbone.input_size,
                                    self.config.scoring.smooth_sigma)
@@ -496,6 +523,8 @@ class Detector:
         tensors["features.std"] = fe.feat_std.cpu()
         if self.router_ is not None:
             tensors.update({k: torch.from_numpy(v) for k, v in self.router_.state().items()})
+        if self.memory_ is not None:
+            tensors.update({k: v.contiguous().cpu() for k, v in self.memory_.state_tensors().items()})
         save_file(tensors, str(folder / "weights.safetensors"), metadata={"format": str(BUNDLE_FORMAT)})
         self.config.to_json(folder / "config.json")
         (folder / "calibration.json").write_text(json.dumps(calibration.to_dict()))
@@ -530,6 +559,9 @@ class Detector:
             det.router_ = routing.TypeRouter.from_state(
                 {k: v.numpy() for k, v in tensors.items() if k in routing.STATE_KEYS},
                 len(det.classes_), fe.channels)
+            if config.method == "diffusion" and config.scoring.heat_map == "fused":
+                on_device = {k: v.to(det.device) for k, v in tensors.items()}
+                det.memory_ = PatchMemory.from_state(config, on_device, len(det.classes_), fe.channels)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise BundleError(f"model bundle {path} does not match its config: {exc}") from None
         det.calibration_ = cal
@@ -538,6 +570,20 @@ class Detector:
     @property
     def version(self) -> str:
         return str(self.metadata.get("model_id", "unfitted"))
+
+
+def _check_heat_map(config: DetectorConfig, *, tiled: bool) -> bool:
+    """Whether the fit builds the fused heat map's memory; a setting it cannot serve is a
+    :class:`ConfigError` before any fitting."""
+    if config.scoring.heat_map != "fused":
+        return False
+    why = ("it is the diffusion detector's map" if config.method != "diffusion" else
+           "its constants come from the split calibration images" if config.calibration.scheme != "split"
+           else "tiled images are not supported yet" if tiled else None)
+    if why is not None:
+        raise ConfigError(f"scoring.heat_map=fused needs method=diffusion, calibration.scheme=split and "
+                          f"no tiling ({why}); set scoring.heat_map=likelihood")
+    return True
 
 
 def _fit_router(feats: Tensor, types: Tensor, n_types: int) -> routing.TypeRouter:
