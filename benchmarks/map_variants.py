@@ -15,7 +15,11 @@ Variants, all from one fitted default model per fold (``train.steps=0``):
   holds out of its fit;
 - ``min_cross``, ``min_3x3``: each location scored by the best-fitting Gaussian among its own and
   its 4 or 8 neighbours' (a shift-tolerant score: the best component of a mixture over nearby
-  positions; the log-determinants left out, as in the shipped map).
+  positions; the log-determinants left out, as in the shipped map);
+- ``fused@R``: ``scoring.heat_map=fused`` at ``scoring.memory_ratio=R`` (``--memory-ratios``;
+  :mod:`diffqc.heatmap`): the map plus the distance to the nearest GOOD patch of a per-type
+  coreset, both scaled by their GOOD calibration image scores (its image score is the
+  likelihood's own, so only its pixel AUROC can differ from ``sigma=4``).
 """
 
 from __future__ import annotations
@@ -70,10 +74,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--strength", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--feature-cache", type=Path, default=None)
+    p.add_argument("--memory-ratios", default="0.01,0.1", help="scoring.memory_ratio of the fused variants")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "diffqc-quality")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = with_overrides(DetectorConfig(), {"train.steps": 0})
+    fused_configs = {
+        f"fused@{r}": with_overrides(config, {"scoring.heat_map": "fused", "scoring.memory_ratio": float(r)})
+        for r in args.memory_ratios.split(",")}
     for ds in args.datasets.split(","):
         samples = [s for s in dataset_samples(ds, args.work) or [] if s.split == "train" and s.label == GOOD]
         if not samples:
@@ -117,6 +125,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scores = aggregate(maps, "topk", config.scoring.topk).numpy()
                 results.setdefault(name, []).append(
                     (mean_type_auroc(labels, scores, types.numpy()), pixel_auroc(truth, maps.numpy())))
+            for name, cfg in fused_configs.items():
+                fused = Detector(cfg, device="cpu").fit_features(good[train], fit_samples)
+                with torch.inference_mode():
+                    maps, scores = fused.maps_and_scores(
+                        fused.extractor.standardise(torch.cat([good[held], bad[held]])), types)
+                results.setdefault(name, []).append(
+                    (mean_type_auroc(labels, scores.numpy(), types.numpy()),
+                     pixel_auroc(truth, F.interpolate(maps[:, None], size=(size, size))[:, 0].numpy())))
         label = ds + ("+jitter" if args.jitter is not None else "")
         print(f"\n{label}: {len(samples)} GOOD training images, {args.folds} folds "
               "(image AUROC, pixel AUROC: mean ± sd over folds)")

@@ -264,7 +264,9 @@ class ScoringConfig:
     # per-location score; "fused" adds each location's distance to the nearest GOOD patch of a
     # per-type coreset (PatchCore's map), both scaled by their GOOD calibration image scores
     heat_map: str = "likelihood"
-    memory_ratio: float = 0.01  # "fused": the coreset's fraction of each type's GOOD patches
+    # "fused": the coreset's share of each type's GOOD patches; 0.1 (PatchCore's) chosen over 0.01
+    # on synthetic defects in training images (benchmarks/map_variants.py, BENCHMARKS.md)
+    memory_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         _check_types(self)
