@@ -118,7 +118,8 @@ def test_a_bundle_without_its_memory_is_refused(pair: tuple[Detector, Detector],
         Detector.load(bundle, device="cpu")
 
 
-@pytest.mark.parametrize("over", [{"method": "padim"}, {"calibration.scheme": "cross"}])
+@pytest.mark.parametrize("over", [{"method": "padim"}, {"calibration.scheme": "cross"},
+                                  {"tiling.mode": "auto"}])
 def test_settings_the_fused_map_cannot_serve(clear_dataset: Path, over: dict[str, str]) -> None:
     train = [s for s in load_dataset(clear_dataset) if s.split == "train"]
     cfg = tiny_config(**{**FAST, "scoring.heat_map": "fused", **over})

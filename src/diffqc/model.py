@@ -197,6 +197,7 @@ class Detector:
             raise DatasetError("no GOOD training samples to fit on")
         # a type with too few GOOD parts fails here, before any image is read or model trained
         split_calibration(good, self.config.calibration.fraction, self.config.train.seed)
+        _check_heat_map(self.config)
         images, good, errors = read_images(good, skip_corrupt=skip_corrupt)
         layouts = None
         if tiling.uses_layouts(self.config):  # pad / crop / tiles: several views per image
@@ -242,7 +243,7 @@ class Detector:
             views = torch.tensor([lay.views for lay in layouts], device=types.device)
             types = types.repeat_interleave(views)
         t_fit = time.perf_counter()
-        fused = _check_heat_map(self.config, tiled=layouts is not None)
+        fused = _check_heat_map(self.config)
         scorer = make_scorer(self.config)
         scorer.fit(feats[fit_idx], types[fit_idx], len(self.classes_), progress=progress)
         self.scorer_ = scorer
@@ -572,17 +573,19 @@ class Detector:
         return str(self.metadata.get("model_id", "unfitted"))
 
 
-def _check_heat_map(config: DetectorConfig, *, tiled: bool) -> bool:
+def _check_heat_map(config: DetectorConfig) -> bool:
     """Whether the fit builds the fused heat map's memory; a setting it cannot serve is a
     :class:`ConfigError` before any fitting."""
     if config.scoring.heat_map != "fused":
         return False
     why = ("it is the diffusion detector's map" if config.method != "diffusion" else
            "its constants come from the split calibration images" if config.calibration.scheme != "split"
-           else "tiled images are not supported yet" if tiled else None)
+           else "views of resized or tiled images are not supported yet" if tiling.uses_layouts(config)
+           else None)
     if why is not None:
-        raise ConfigError(f"scoring.heat_map=fused needs method=diffusion, calibration.scheme=split and "
-                          f"no tiling ({why}); set scoring.heat_map=likelihood")
+        raise ConfigError(f"scoring.heat_map=fused needs method=diffusion, calibration.scheme=split, "
+                          f"backbone.resize=squash and tiling.mode=off ({why}); "
+                          "set scoring.heat_map=likelihood")
     return True
 
 
