@@ -118,13 +118,20 @@ def test_a_bundle_without_its_memory_is_refused(pair: tuple[Detector, Detector],
         Detector.load(bundle, device="cpu")
 
 
-@pytest.mark.parametrize("over", [{"method": "padim"}, {"calibration.scheme": "cross"},
-                                  {"tiling.mode": "auto"}])
+@pytest.mark.parametrize("over", [{"calibration.scheme": "cross"}, {"tiling.mode": "auto"}])
 def test_settings_the_fused_map_cannot_serve(clear_dataset: Path, over: dict[str, str]) -> None:
     train = [s for s in load_dataset(clear_dataset) if s.split == "train"]
     cfg = tiny_config(**{**FAST, "scoring.heat_map": "fused", **over})
     with pytest.raises(ConfigError, match="heat_map=fused"):
         Detector(cfg, device="cpu").fit(train, progress=False)
+
+
+def test_the_baselines_ignore_the_setting(clear_dataset: Path) -> None:
+    """``diffqc evaluate --set scoring.heat_map=fused`` with PaDiM beside: the diffusion detector's
+    setting, like ``scoring.aggregation``; PaDiM fits without a memory."""
+    train = [s for s in load_dataset(clear_dataset) if s.split == "train"]
+    det = Detector(tiny_config("padim", **FAST, **{"scoring.heat_map": "fused"}), device="cpu")
+    assert det.fit(train, progress=False).memory_ is None
 
 
 def test_heat_map_setting_is_validated() -> None:

@@ -574,18 +574,17 @@ class Detector:
 
 
 def _check_heat_map(config: DetectorConfig) -> bool:
-    """Whether the fit builds the fused heat map's memory; a setting it cannot serve is a
-    :class:`ConfigError` before any fitting."""
-    if config.scoring.heat_map != "fused":
+    """Whether the fit builds the fused heat map's memory (the diffusion detector's: PatchCore and
+    PaDiM ignore the ``scoring`` section, as they do its aggregation); a setting it cannot serve
+    is a :class:`ConfigError` before any fitting."""
+    if config.scoring.heat_map != "fused" or config.method != "diffusion":
         return False
-    why = ("it is the diffusion detector's map" if config.method != "diffusion" else
-           "its constants come from the split calibration images" if config.calibration.scheme != "split"
+    why = ("its constants come from the split calibration images" if config.calibration.scheme != "split"
            else "views of resized or tiled images are not supported yet" if tiling.uses_layouts(config)
            else None)
     if why is not None:
-        raise ConfigError(f"scoring.heat_map=fused needs method=diffusion, calibration.scheme=split, "
-                          f"backbone.resize=squash and tiling.mode=off ({why}); "
-                          "set scoring.heat_map=likelihood")
+        raise ConfigError(f"scoring.heat_map=fused needs calibration.scheme=split, backbone.resize=squash "
+                          f"and tiling.mode=off ({why}); set scoring.heat_map=likelihood")
     return True
 
 
