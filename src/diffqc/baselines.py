@@ -295,8 +295,9 @@ class PatchCoreScorer:
     detector uses it in place of an aggregate of the smoothed map.
     """
 
-    def __init__(self, config: PatchCoreConfig | None = None) -> None:
+    def __init__(self, config: PatchCoreConfig | None = None, *, label: str = "PatchCore") -> None:
         self.config = config or PatchCoreConfig()
+        self.label = label  # names its progress bars (the fused heat map's memory is one too)
         self.banks: list[Tensor] | None = None
         self.n_types = 0
         self.channels = 0
@@ -325,7 +326,7 @@ class PatchCoreScorer:
         projected = random_projection(patches, cfg.projection_dim, gen)
         start = int(torch.randint(patches.shape[0], (1,), generator=gen))
         chosen = greedy_coreset(
-            projected, k, start=start, progress=progress, desc=f"PatchCore coreset, type {t}"
+            projected, k, start=start, progress=progress, desc=f"{self.label} coreset, type {t}"
         )
         return patches[chosen.to(features.device)].contiguous()
 

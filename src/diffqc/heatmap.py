@@ -35,7 +35,8 @@ STATE_PREFIX = "memory."
 
 def memory_scorer(config: DetectorConfig) -> PatchCoreScorer:
     """An unfitted GOOD-patch memory: PatchCore's coreset at ``scoring.memory_ratio``."""
-    return PatchCoreScorer(replace(config.patchcore, coreset_ratio=config.scoring.memory_ratio))
+    return PatchCoreScorer(replace(config.patchcore, coreset_ratio=config.scoring.memory_ratio),
+                           label="heat-map memory")
 
 
 @dataclass
