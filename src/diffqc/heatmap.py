@@ -26,17 +26,21 @@ from torch import Tensor
 
 from diffqc.baselines import PatchCoreScorer
 from diffqc.calibration import standardiser
-from diffqc.config import DetectorConfig
+from diffqc.config import DetectorConfig, PatchCoreConfig
 
 __all__ = ["PatchMemory", "memory_scorer"]
 
 STATE_PREFIX = "memory."
 
 
+def _memory_config(config: DetectorConfig) -> PatchCoreConfig:
+    """PatchCore's settings with its coreset at ``scoring.memory_ratio``."""
+    return replace(config.patchcore, coreset_ratio=config.scoring.memory_ratio)
+
+
 def memory_scorer(config: DetectorConfig) -> PatchCoreScorer:
     """An unfitted GOOD-patch memory: PatchCore's coreset at ``scoring.memory_ratio``."""
-    return PatchCoreScorer(replace(config.patchcore, coreset_ratio=config.scoring.memory_ratio),
-                           label="heat-map memory")
+    return PatchCoreScorer(_memory_config(config), label="heat-map memory")
 
 
 @dataclass
@@ -82,5 +86,5 @@ class PatchMemory:
         if centre.shape != (n_types,) or weight.shape != (n_types,):
             raise ValueError(f"memory.centre / memory.weight must be [{n_types}], got "
                              f"{tuple(centre.shape)} / {tuple(weight.shape)}")
-        nearest = PatchCoreScorer.from_state(memory_scorer(config).config, own, n_types, channels)
+        nearest = PatchCoreScorer.from_state(_memory_config(config), own, n_types, channels)
         return cls(nearest, centre, weight)
