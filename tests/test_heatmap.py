@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffqc.baselines import PatchCoreScorer
 from diffqc.config import with_overrides
@@ -53,8 +54,9 @@ def test_only_the_map_changes(pair: tuple[Detector, Detector], clear_dataset: Pa
 
 def test_fused_map_is_the_likelihood_plus_the_scaled_distance(
         pair: tuple[Detector, Detector], clear_dataset: Path) -> None:
-    """The memory is PatchCore's coreset of the fit images at memory_ratio; its constants are the
-    median of its GOOD calibration image scores and the ratio of the two maps' interquartile ranges."""
+    """The memory is PatchCore's coreset of the fit images at memory_ratio, rounded to float16; its
+    constants are the median of its GOOD calibration image scores and the ratio of the two maps'
+    interquartile ranges."""
     plain, fused = pair
     assert fused.memory_ is not None and plain.memory_ is None
     train = [s for s in load_dataset(clear_dataset) if s.split == "train"]
@@ -64,6 +66,8 @@ def test_fused_map_is_the_likelihood_plus_the_scaled_distance(
     cfg = fused.config
     memory = PatchCoreScorer(with_overrides(cfg, {"patchcore.coreset_ratio": 0.05}).patchcore)
     memory.fit(feats[fit_idx], types[fit_idx], 2)
+    assert cfg.diffusion.prior_storage == "float16"  # the memory is stored, and so rounded, as the Gaussians
+    memory.banks = [b.half().float() for b in memory.banks or []]
     bank_sizes = [b.shape[0] for b in fused.memory_.nearest.banks or []]
     assert bank_sizes == [b.shape[0] for b in memory.banks or []]
     assert 0 < bank_sizes[0] < 0.06 * len(fit_idx) / 2 * 16 * 16  # a 5 % coreset, not every patch
@@ -101,7 +105,12 @@ def test_save_load_keeps_the_memory(pair: tuple[Detector, Detector], clear_datas
                                     tmp_path: Path) -> None:
     _, fused = pair
     images, types, _ = _test_set(clear_dataset)
-    loaded = Detector.load(fused.save(tmp_path / "fused"), device="cpu")
+    bundle = fused.save(tmp_path / "fused")
+    stored = load_file(str(bundle / "weights.safetensors"))
+    assert stored["memory.bank"].dtype == torch.float16  # diffusion.prior_storage, as the Gaussians
+    assert fused.memory_ is not None and fused.memory_.nearest.banks is not None
+    assert stored["memory.bank"].shape[0] == sum(b.shape[0] for b in fused.memory_.nearest.banks)
+    loaded = Detector.load(bundle, device="cpu")
     assert loaded.memory_ is not None
     for a, b in zip(fused.inspect(images[:6], types[:6]), loaded.inspect(images[:6], types[:6]), strict=True):
         assert a.score == b.score and a.decision == b.decision

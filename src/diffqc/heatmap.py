@@ -12,6 +12,9 @@ image scores (:func:`diffqc.calibration.standardiser`: median ``c`` and interqua
 
 i.e. ``s_likelihood`` times the sum of the two standardised maps, shifted by ``c_likelihood``.
 Only the map changes: the image score, the decision and the calibration stay the likelihood's.
+The memory's patches are kept at the Gaussians' precision (``diffusion.prior_storage``, float16 by
+default: half the bytes of the bundle's memory), rounded when fitted so that the fitted detector is
+exactly the one its bundle loads.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from diffqc.baselines import PatchCoreScorer
 from diffqc.calibration import standardiser
 from diffqc.config import DetectorConfig, PatchCoreConfig
 
-__all__ = ["PatchMemory", "memory_scorer"]
+__all__ = ["PatchMemory", "fit_memory"]
 
 STATE_PREFIX = "memory."
 
@@ -38,9 +41,17 @@ def _memory_config(config: DetectorConfig) -> PatchCoreConfig:
     return replace(config.patchcore, coreset_ratio=config.scoring.memory_ratio)
 
 
-def memory_scorer(config: DetectorConfig) -> PatchCoreScorer:
-    """An unfitted GOOD-patch memory: PatchCore's coreset at ``scoring.memory_ratio``."""
-    return PatchCoreScorer(_memory_config(config), label="heat-map memory")
+def fit_memory(config: DetectorConfig, features: Tensor, type_idx: Tensor, n_types: int, *,
+               progress: bool = False) -> PatchCoreScorer:
+    """The memory of the GOOD fit patches ``features [N, C, h, w]``: each type's PatchCore coreset
+    at ``scoring.memory_ratio``, its patches rounded to ``diffusion.prior_storage`` (computed in
+    float32, as the Gaussians are)."""
+    nearest = PatchCoreScorer(_memory_config(config), label="heat-map memory")
+    nearest.fit(features, type_idx, n_types, progress=progress)
+    storage = getattr(torch, config.diffusion.prior_storage)
+    assert nearest.banks is not None
+    nearest.banks = [bank.to(storage).float() for bank in nearest.banks]
+    return nearest
 
 
 @dataclass
@@ -50,10 +61,11 @@ class PatchMemory:
     nearest: PatchCoreScorer
     centre: Tensor  # [T] median of the memory's GOOD calibration image scores
     weight: Tensor  # [T] IQR of the likelihood's over IQR of the memory's
+    storage: torch.dtype = torch.float32  # the bank's dtype in the bundle (already rounded to it)
 
     @classmethod
     def calibrated(cls, nearest: PatchCoreScorer, likelihood_scores: Sequence[np.ndarray],
-                   memory_scores: Sequence[np.ndarray]) -> Self:
+                   memory_scores: Sequence[np.ndarray], storage: torch.dtype = torch.float32) -> Self:
         """Constants from each type's GOOD calibration image scores under both maps."""
         centre, weight = [], []
         for lik, mem in zip(likelihood_scores, memory_scores, strict=True):
@@ -61,7 +73,7 @@ class PatchMemory:
             weight.append(standardiser(lik)[1] / s_mem)
             centre.append(c_mem)
         return cls(nearest, torch.tensor(centre, dtype=torch.float32),
-                   torch.tensor(weight, dtype=torch.float32))
+                   torch.tensor(weight, dtype=torch.float32), storage)
 
     def fuse(self, likelihood: Tensor, distance: Tensor, type_idx: Tensor) -> Tensor:
         """The fused maps ``[N, H, W]`` from the smoothed likelihood and distance maps."""
@@ -70,7 +82,8 @@ class PatchMemory:
         return likelihood + weight * (distance - centre)
 
     def state_tensors(self) -> dict[str, Tensor]:
-        out = {f"{STATE_PREFIX}{k}": v for k, v in self.nearest.state_tensors().items()}
+        out = {f"{STATE_PREFIX}{k}": v.to(self.storage) if k == "bank" else v
+               for k, v in self.nearest.state_tensors().items()}
         out[f"{STATE_PREFIX}centre"] = self.centre.cpu()
         out[f"{STATE_PREFIX}weight"] = self.weight.cpu()
         return out
@@ -87,4 +100,4 @@ class PatchMemory:
             raise ValueError(f"memory.centre / memory.weight must be [{n_types}], got "
                              f"{tuple(centre.shape)} / {tuple(weight.shape)}")
         nearest = PatchCoreScorer.from_state(_memory_config(config), own, n_types, channels)
-        return cls(nearest, centre, weight)
+        return cls(nearest, centre, weight, getattr(torch, config.diffusion.prior_storage))

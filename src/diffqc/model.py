@@ -35,7 +35,7 @@ from diffqc.calibration import Calibrator, calibration_scores
 from diffqc.config import CalibrationConfig, DetectorConfig
 from diffqc.data import Sample, good_training, read_images
 from diffqc.errors import BundleError, ConfigError, DatasetError, OutputError, UnknownFeatureTypeError
-from diffqc.heatmap import PatchMemory, memory_scorer
+from diffqc.heatmap import PatchMemory, fit_memory
 from diffqc.inspection import (
     BUNDLE_FILES,
     BUNDLE_FORMAT,
@@ -248,8 +248,8 @@ class Detector:
         scorer.fit(feats[fit_idx], types[fit_idx], len(self.classes_), progress=progress)
         self.scorer_ = scorer
         self.memory_ = None
-        nearest = memory_scorer(self.config).fit(feats[fit_idx], types[fit_idx], len(self.classes_),
-                                                 progress=progress) if fused else None
+        nearest = fit_memory(self.config, feats[fit_idx], types[fit_idx], len(self.classes_),
+                             progress=progress) if fused else None
         self.router_ = _fit_router(feats[fit_idx], types[fit_idx], len(self.classes_))
         fit_seconds = time.perf_counter() - t_fit
         fit_idx, cal_idx = image_idx
@@ -362,7 +362,8 @@ class Detector:
         own = types.cpu().numpy()
         return PatchMemory.calibrated(
             nearest, [np.asarray(self.calibration_.known[t].scores) for t in self.classes_],
-            [distance[own == k] for k in range(len(self.classes_))])
+            [distance[own == k] for k in range(len(self.classes_))],
+            getattr(torch, self.config.diffusion.prior_storage))
 
     # ------------------------------------------------------------------ scoring
     def _require_fitted(self) -> tuple[Scorer, Calibrator]:
