@@ -125,7 +125,7 @@ class BackboneConfig:
 
     name: str = "mobilenet-v2"
     layers: tuple[str, ...] = ()
-    input_size: int = 256
+    input_size: int = 256  # 224 / 256 / 320 measured (BENCHMARKS.md "Session 11: input size")
     pool: int = 3  # local average pooling of each tap (neighbourhood aggregation)
     weights_sha256: str = ""  # recorded at fit time; checked at load time
     # how an image of another shape becomes S x S: "squash" | "pad" | "crop" (diffqc.tiling)
