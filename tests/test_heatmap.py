@@ -111,7 +111,7 @@ def test_save_load_keeps_the_memory(pair: tuple[Detector, Detector], clear_datas
     assert fused.memory_ is not None and fused.memory_.nearest.banks is not None
     assert stored["memory.bank"].shape[0] == sum(b.shape[0] for b in fused.memory_.nearest.banks)
     loaded = Detector.load(bundle, device="cpu")
-    assert loaded.memory_ is not None
+    assert loaded.memory_ is not None and loaded.memory_.storage == torch.float16
     for a, b in zip(fused.inspect(images[:6], types[:6]), loaded.inspect(images[:6], types[:6]), strict=True):
         assert a.score == b.score and a.decision == b.decision
         np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)

@@ -100,4 +100,5 @@ class PatchMemory:
             raise ValueError(f"memory.centre / memory.weight must be [{n_types}], got "
                              f"{tuple(centre.shape)} / {tuple(weight.shape)}")
         nearest = PatchCoreScorer.from_state(_memory_config(config), own, n_types, channels)
-        return cls(nearest, centre, weight, getattr(torch, config.diffusion.prior_storage))
+        # saved again as it was read: a bundle from before the float16 memory keeps its float32 bank
+        return cls(nearest, centre, weight, own["bank"].dtype)
