@@ -43,6 +43,11 @@ def alpha_bar_of(config: DiffusionConfig) -> Tensor:
     raise ValueError(f"unknown schedule {config.schedule!r} (cosine or linear)")
 
 
+def storage_dtype(config: DiffusionConfig) -> torch.dtype:
+    """The dtype the Gaussians' parameters are stored (and rounded) in: ``prior_storage``."""
+    return getattr(torch, config.prior_storage)
+
+
 def log_snr(alpha_bar: Tensor) -> Tensor:
     """λ_t = log SNR_t = log(ᾱ_t / (1 - ᾱ_t)); decreasing in t."""
     return (alpha_bar / (1 - alpha_bar)).log()
@@ -230,7 +235,7 @@ class Denoiser(nn.Module):
         self.prior_covariance = config.prior_covariance
         # the precision the Gaussians' parameters are stored in (their values are rounded to
         # it): an exported graph keeps them at it and widens each image's gathered copy
-        self.prior_storage: torch.dtype = getattr(torch, config.prior_storage)
+        self.prior_storage = storage_dtype(config)
         alpha_bar = alpha_bar_of(config)
         self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
         if self.use_prior:

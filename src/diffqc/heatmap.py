@@ -30,6 +30,7 @@ from torch import Tensor
 from diffqc.baselines import PatchCoreScorer
 from diffqc.calibration import standardiser
 from diffqc.config import DetectorConfig, PatchCoreConfig
+from diffqc.diffusion import storage_dtype
 
 __all__ = ["PatchMemory", "fit_memory"]
 
@@ -48,7 +49,7 @@ def fit_memory(config: DetectorConfig, features: Tensor, type_idx: Tensor, n_typ
     float32, as the Gaussians are)."""
     nearest = PatchCoreScorer(_memory_config(config), label="heat-map memory")
     nearest.fit(features, type_idx, n_types, progress=progress)
-    storage = getattr(torch, config.diffusion.prior_storage)
+    storage = storage_dtype(config.diffusion)
     assert nearest.banks is not None
     nearest.banks = [bank.to(storage).float() for bank in nearest.banks]
     return nearest
@@ -61,19 +62,20 @@ class PatchMemory:
     nearest: PatchCoreScorer
     centre: Tensor  # [T] median of the memory's GOOD calibration image scores
     weight: Tensor  # [T] IQR of the likelihood's over IQR of the memory's
-    storage: torch.dtype = torch.float32  # the bank's dtype in the bundle (already rounded to it)
+    storage: torch.dtype  # the bank's dtype in the bundle (already rounded to it)
 
     @classmethod
-    def calibrated(cls, nearest: PatchCoreScorer, likelihood_scores: Sequence[np.ndarray],
-                   memory_scores: Sequence[np.ndarray], storage: torch.dtype = torch.float32) -> Self:
-        """Constants from each type's GOOD calibration image scores under both maps."""
+    def calibrated(cls, config: DetectorConfig, nearest: PatchCoreScorer,
+                   likelihood_scores: Sequence[np.ndarray], memory_scores: Sequence[np.ndarray]) -> Self:
+        """Constants from each type's GOOD calibration image scores under both maps, for the
+        memory :func:`fit_memory` fitted under ``config``."""
         centre, weight = [], []
         for lik, mem in zip(likelihood_scores, memory_scores, strict=True):
             c_mem, s_mem = standardiser(mem)
             weight.append(standardiser(lik)[1] / s_mem)
             centre.append(c_mem)
         return cls(nearest, torch.tensor(centre, dtype=torch.float32),
-                   torch.tensor(weight, dtype=torch.float32), storage)
+                   torch.tensor(weight, dtype=torch.float32), storage_dtype(config.diffusion))
 
     def fuse(self, likelihood: Tensor, distance: Tensor, type_idx: Tensor) -> Tensor:
         """The fused maps ``[N, H, W]`` from the smoothed likelihood and distance maps."""

@@ -361,9 +361,8 @@ class Detector:
             for i in range(0, feats.shape[0], bs)]).cpu().numpy()
         own = types.cpu().numpy()
         return PatchMemory.calibrated(
-            nearest, [np.asarray(self.calibration_.known[t].scores) for t in self.classes_],
-            [distance[own == k] for k in range(len(self.classes_))],
-            getattr(torch, self.config.diffusion.prior_storage))
+            self.config, nearest, [np.asarray(self.calibration_.known[t].scores) for t in self.classes_],
+            [distance[own == k] for k in range(len(self.classes_))])
 
     # ------------------------------------------------------------------ scoring
     def _require_fitted(self) -> tuple[Scorer, Calibrator]:

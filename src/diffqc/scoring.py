@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffqc.config import DetectorConfig, ScoringConfig, smoothing_radius
-from diffqc.diffusion import Denoiser, NoiseSchedule, alpha_bar_of, vlb_quadrature
+from diffqc.diffusion import Denoiser, NoiseSchedule, alpha_bar_of, storage_dtype, vlb_quadrature
 from diffqc.train import TrainHistory, train_denoiser
 
 # noisy copies of an image (K per image) that go through the network in one pass: about 16 was
@@ -143,7 +143,7 @@ class DiffusionScorer:
     def _round_to_storage(self, denoiser: Denoiser) -> None:
         """Round the Gaussians' parameters to ``diffusion.prior_storage`` in place, so that the
         fitted model (and its calibration scores) is exactly the one its bundle will load."""
-        storage = getattr(torch, self.config.diffusion.prior_storage)
+        storage = storage_dtype(self.config.diffusion)
         with torch.no_grad():
             for name, buf in denoiser.named_buffers():
                 if name in PRIOR_TENSORS:
@@ -201,7 +201,7 @@ class DiffusionScorer:
     def state_tensors(self) -> dict[str, Tensor]:
         """The bundle's tensors; the Gaussians' parameters in ``diffusion.prior_storage``."""
         denoiser, bank = self._check()
-        storage = getattr(torch, self.config.diffusion.prior_storage)
+        storage = storage_dtype(self.config.diffusion)
         # the null type's Gaussians (the last row) serve training only: not saved (1/(types+1)
         # of the bundle); from_state puts the initial row back
         state = {f"denoiser.{k}": v[: denoiser.n_types].to(storage) if k in PRIOR_TENSORS else v
