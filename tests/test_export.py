@@ -158,6 +158,24 @@ def test_the_fused_heat_map_exports(clear_dataset: Path, tmp_path: Path, test_im
         np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-4 * np.abs(b.anomaly_map).max())
 
 
+def test_the_image_context_exports(clear_dataset: Path, tmp_path: Path, test_images: tuple) -> None:
+    """diffusion.prior_context: the bundle reloads the fitted detector, and the graph gathers each
+    image's context effect by type (float16 constants) and computes PyTorch's maps and scores."""
+    train = [s for s in load_dataset(clear_dataset) if s.split == "train"]
+    det = Detector(tiny_config(**{"train.steps": 0, "diffusion.prior_context": 4}), device="cpu")
+    det.fit(train, progress=False)
+    assert det.scorer_.context_ is not None and det.scorer_.context_.basis.abs().sum() > 0
+    bundle = det.save(tmp_path / "context")
+    images, types, _ = test_images
+    ref = det.inspect(images[:6], types[:6], all_types=False)
+    again = Detector.load(bundle).inspect(images[:6], types[:6], all_types=False)
+    assert [r.score for r in again] == [r.score for r in ref]
+    ex.export_bundle(bundle, data=clear_dataset, threads=1, check_images=8, log=_quiet)
+    assert read_export_info(bundle)["fp32"]["parity_vs_torch"]["passed"]
+    got = load_detector(bundle, "onnx", threads=1).inspect(images[:6], types[:6], all_types=False)
+    np.testing.assert_allclose([r.score for r in got], [r.score for r in ref], rtol=1e-4)
+
+
 def test_onnx_detector_reproduces_torch_inspect(exported: Path, test_images: tuple,
                                                 clear_dataset: Path) -> None:
     images, types, _ = test_images

@@ -195,12 +195,18 @@ class DiffusionConfig:
     # "ring": the network also sees the mean of the 8 neighbouring locations' noisy features
     # (never its own), so it can learn what a location should look like from its surroundings
     context: str = "none"
+    # K > 0: each location's Gaussian mean moves with the image's global descriptor (each
+    # channel's mean over the image), regressed on its first min(K, n / 8) whitened principal
+    # components per type (n: the type's fit images); diffqc.context. 0: the plain per-location
+    # Gaussian. Measured in BENCHMARKS.md "Session 12"
+    prior_context: int = 0
 
     def __post_init__(self) -> None:
         _check_types(self)
         _at_least(self, "timesteps", 2)
         _at_least(self, "prior_radius", 0)
         _at_least(self, "prior_rank", 0)  # >= the channels modelled: full rank
+        _at_least(self, "prior_context", 0)
         _one_of(self, "prior_storage", PRIOR_STORAGES)
         _one_of(self, "prior_covariance", COVARIANCES)
         _one_of(self, "context", CONTEXTS)

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffqc.config import DetectorConfig, ScoringConfig, smoothing_radius
+from diffqc.context import STATE_PREFIX as CONTEXT_PREFIX
+from diffqc.context import ImageContext
 from diffqc.diffusion import Denoiser, NoiseSchedule, alpha_bar_of, storage_dtype, vlb_quadrature
 from diffqc.train import TrainHistory, train_denoiser
 
@@ -126,8 +128,14 @@ class DiffusionScorer:
         self.schedule = NoiseSchedule(config.diffusion.timesteps, config.diffusion.schedule)
         self.grid_: tuple[int, int] = (0, 0)
         self._scoring_bank: ScoreBank | None = None  # bank_ in the denoiser's channel order
+        self.context_: ImageContext | None = None  # diffusion.prior_context > 0 (diffqc.context)
 
     def fit(self, features: Tensor, type_idx: Tensor, n_types: int, *, progress: bool = False) -> Self:
+        components = self.config.diffusion.prior_context
+        if components > 0:  # the Gaussians (and the network) then model what the context leaves
+            self.context_ = ImageContext.fit(features, type_idx, n_types, components,
+                                             storage_dtype(self.config.diffusion))
+            features = self.context_.remove(features, type_idx)
         self.denoiser_, self.history_ = train_denoiser(
             features, type_idx, n_types, self.config.diffusion, self.config.train, progress=progress,
             device=features.device,
@@ -175,6 +183,8 @@ class DiffusionScorer:
         if (h, w) != self.grid_ or c != denoiser.channels:
             raise ValueError(f"features {tuple(features.shape[1:])} do not match the model "
                              f"({denoiser.channels}, {self.grid_[0]}, {self.grid_[1]})")
+        if self.context_ is not None:
+            features = self.context_.remove(features, type_idx)
         if denoiser.use_prior:  # into the prior's channel order (see likelihood_map)
             features = features[:, denoiser.prior_perm]
         tokens = features.permute(0, 2, 3, 1).reshape(n, h * w, c)
@@ -209,6 +219,8 @@ class DiffusionScorer:
         state["bank.timesteps"] = bank.timesteps
         state["bank.noise"] = bank.noise
         state["bank.weights"] = bank.weights
+        if self.context_ is not None:
+            state.update(self.context_.state_tensors())
         return state
 
     @classmethod
@@ -242,6 +254,11 @@ class DiffusionScorer:
         self.denoiser_ = denoiser.to(noise.device).eval()  # on the device of the given tensors
         self._set_bank(ScoreBank(tensors["bank.timesteps"].long(), noise.float(),
                                  tensors["bank.weights"].float()))
+        if config.diffusion.prior_context > 0:
+            if not any(k.startswith(CONTEXT_PREFIX) for k in tensors):
+                raise KeyError(f"diffusion.prior_context={config.diffusion.prior_context} but the "
+                               "bundle holds no image context (context.*)")
+            self.context_ = ImageContext.from_state(tensors, storage_dtype(config.diffusion)).to(noise.device)
         return self
 
 
