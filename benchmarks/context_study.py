@@ -37,7 +37,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import dataset_samples
-from tune import features, fold_ids, mean_type_auroc
+from tune import features, fold_ids, mean_type_auroc, print_variants
 
 from diffqc.config import DetectorConfig, with_overrides
 from diffqc.context import ImageContext, descriptor
@@ -134,12 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     (mean_type_auroc(labels, scores.numpy(), types), pixel_auroc(truth, maps.numpy())))
                 print(f"  {ds} fold {f} {name:<12} image {results[name][-1][0]:.4f} "
                       f"pixel {results[name][-1][1]:.4f}", flush=True)
-        print(f"\n{ds}: {len(samples)} GOOD training images, {args.folds} folds "
-              "(image AUROC, pixel AUROC: mean ± sd over folds; image AUROC per fold)")
-        for name, rows in results.items():
-            img, pix = np.asarray(rows).T
-            print(f"{name:<12} {img.mean():.4f} ± {img.std(ddof=1):.4f}   {pix.mean():.4f} ± "
-                  f"{pix.std(ddof=1):.4f}   {' '.join(f'{a:.3f}' for a in img)}", flush=True)
+        print_variants(f"\n{ds}: {len(samples)} GOOD training images, {args.folds} folds "
+                       "(image AUROC, pixel AUROC: mean ± sd over folds; image AUROC per fold)",
+                       results, folds=True)
     return 0
 
 

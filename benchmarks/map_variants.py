@@ -37,7 +37,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import dataset_samples
-from tune import features, fold_ids, mean_type_auroc
+from tune import features, fold_ids, mean_type_auroc, print_variants
 
 from diffqc.config import DetectorConfig, with_overrides
 from diffqc.data import GOOD
@@ -134,12 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     (mean_type_auroc(labels, scores.numpy(), types.numpy()),
                      pixel_auroc(truth, F.interpolate(maps[:, None], size=(size, size))[:, 0].numpy())))
         label = ds + ("+jitter" if args.jitter is not None else "")
-        print(f"\n{label}: {len(samples)} GOOD training images, {args.folds} folds "
-              "(image AUROC, pixel AUROC: mean ± sd over folds)")
-        for name, rows in results.items():
-            img, pix = np.asarray(rows).T
-            print(f"{name:<12} {img.mean():.4f} ± {img.std(ddof=1):.4f}   "
-                  f"{pix.mean():.4f} ± {pix.std(ddof=1):.4f}", flush=True)
+        print_variants(f"\n{label}: {len(samples)} GOOD training images, {args.folds} folds "
+                       "(image AUROC, pixel AUROC: mean ± sd over folds)", results)
     return 0
 
 

@@ -64,9 +64,9 @@ def load_baseline(commit: str, folder: Path) -> ModuleType:
     return sys.modules["baseline_scoring"]
 
 
-def fitted(overrides: dict[str, Any], n_types: int, channels: int) -> DiffusionScorer:
+def fitted(overrides: dict[str, Any], n_types: int, channels: int, per_type: int = 8) -> DiffusionScorer:
     gen = torch.Generator().manual_seed(0)
-    n = 8 * n_types
+    n = per_type * n_types
     feats = torch.randn(n, channels, 32, 32, generator=gen) * torch.rand(channels, 1, 1, generator=gen) * 3
     quick = {"train.steps": 3, "train.batch_images": 2, "train.locations_per_image": 8}
     config = with_overrides(DetectorConfig(), quick | overrides)
@@ -74,8 +74,8 @@ def fitted(overrides: dict[str, Any], n_types: int, channels: int) -> DiffusionS
 
 
 def time_config(overrides: dict[str, Any], n_types: int, batches: list[int], runs: int,
-                baseline: ModuleType | None, channels: int = 128) -> list[dict[str, Any]]:
-    scorer = fitted(overrides, n_types, channels)
+                baseline: ModuleType | None, channels: int = 128, per_type: int = 8) -> list[dict[str, Any]]:
+    scorer = fitted(overrides, n_types, channels, per_type)
     scorers: dict[str, Any] = {"current": scorer}
     if baseline is not None:
         scorers["baseline"] = baseline.DiffusionScorer.from_state(scorer.config, scorer.state_tensors(),
@@ -112,6 +112,8 @@ def main() -> int:
                    help="feature channels: 128 = the default MobileNetV2 taps, 152 = EfficientNet-Lite0")
     p.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
     p.add_argument("--runs", type=int, default=7)
+    p.add_argument("--per-type", type=int, default=8,
+                   help="random GOOD images per type (diffusion.prior_context uses one component per 8)")
     p.add_argument("--against", metavar="COMMIT", help="also time this commit's scorer, alternately")
     p.add_argument("--config", action="append", default=None, metavar="JSON",
                    help="config overrides to time (repeatable; default: the built-in list)")
@@ -126,7 +128,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="diffqc-baseline-") as tmp:
         baseline = load_baseline(args.against, Path(tmp)) if args.against else None
         for overrides in configs:
-            for row in time_config(overrides, args.types, batches, args.runs, baseline, args.channels):
+            for row in time_config(overrides, args.types, batches, args.runs, baseline, args.channels,
+                                   args.per_type):
                 print(json.dumps(row), flush=True)
     return 0
 

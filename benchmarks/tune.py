@@ -159,6 +159,17 @@ def features(det: Detector, samples: Sequence[Sample], jitter: int | None,
     return g, b, m
 
 
+def print_variants(title: str, results: dict[str, list[tuple[float, float]]], *, folds: bool = False) -> None:
+    """Image and pixel AUROC of each variant (one ``(image, pixel)`` pair per fold): mean ± sd over
+    the folds and, with ``folds``, each fold's image AUROC."""
+    print(title)
+    for name, rows in results.items():
+        img, pix = np.asarray(rows).T
+        per_fold = "   " + " ".join(f"{a:.3f}" for a in img) if folds else ""
+        print(f"{name:<12} {img.mean():.4f} ± {img.std(ddof=1):.4f}   "
+              f"{pix.mean():.4f} ± {pix.std(ddof=1):.4f}{per_fold}", flush=True)
+
+
 def mean_type_auroc(labels: np.ndarray, scores: np.ndarray, types: np.ndarray) -> float:
     """Image AUROC per type, averaged over the types."""
     return float(np.mean([image_auroc(labels[types == t], scores[types == t]) for t in np.unique(types)]))

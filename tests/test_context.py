@@ -72,7 +72,8 @@ def test_traced_gather_equals_the_eager_per_type_path() -> None:
     x = torch.cat([_parts(3, 7), _parts(2, 8)])
     t = torch.tensor([1, 0, 1, 0, 0])
     traced = torch.jit.trace(lambda f, k: ctx.remove(f, k), (x, t), check_trace=False)
-    assert torch.equal(traced(x, t), ctx.remove(x, t))
+    # the same numbers, summed in another order (a batched product instead of addmm)
+    torch.testing.assert_close(traced(x, t), ctx.remove(x, t), rtol=1e-6, atol=1e-6)
 
 
 def test_scorer_with_context_is_the_gaussian_of_what_the_context_leaves(tmp_path: Path) -> None:

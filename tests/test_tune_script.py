@@ -35,3 +35,13 @@ def test_shifted_moves_the_grid_by_the_offset_and_replicates_the_border() -> Non
     assert torch.equal(left[..., :, :-1], x[..., :, 1:])
     assert torch.equal(left[..., :, -1], x[..., :, -1])
     assert torch.equal(variants.shifted(x, 0, 0), x)
+
+
+def test_print_variants_gives_mean_and_sd_over_folds(capsys: pytest.CaptureFixture[str]) -> None:
+    tune.print_variants("title", {"a": [(0.9, 0.8), (0.7, 0.6)]}, folds=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "title"
+    assert lines[1].split() == ["a", "0.8000", "±", "0.1414", "0.7000", "±", "0.1414", "0.900", "0.700"]
+    tune.print_variants("t", {"b": [(1.0, 0.5), (1.0, 0.5)]})
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row == ["b", "1.0000", "±", "0.0000", "0.5000", "±", "0.0000"]  # no per-fold column

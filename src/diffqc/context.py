@@ -111,11 +111,16 @@ class ImageContext(nn.Module):
             z = ((desc - self.centre[types]).unsqueeze(1) @ self.basis[types])  # [N, 1, K]
             effect = torch.index_select(self.effect.to(self.storage), 0, types).float()
             return (flat - (z @ effect).squeeze(1)).view_as(features)
-        out = flat.clone()
-        for ty in types.unique().tolist():
+        groups = types.unique().tolist()
+        if len(groups) == 1:  # the usual batch: one pass, flat − z A
+            ty = groups[0]
+            z = (desc - self.centre[ty]) @ self.basis[ty]
+            return torch.addmm(flat, z, self.effect[ty], alpha=-1.0).view_as(features)
+        out = torch.empty_like(flat)
+        for ty in groups:
             sel = (types == ty).nonzero().squeeze(1)
             z = (desc[sel] - self.centre[ty]) @ self.basis[ty]
-            out[sel] -= z @ self.effect[ty]
+            out[sel] = torch.addmm(flat[sel], z, self.effect[ty], alpha=-1.0)
         return out.view_as(features)
 
     def state_tensors(self) -> dict[str, Tensor]:
