@@ -40,7 +40,7 @@ from quality import dataset_samples
 from tune import features, fold_ids, mean_type_auroc, print_variants
 
 from diffqc.config import DetectorConfig, with_overrides
-from diffqc.context import ImageContext, descriptor
+from diffqc.context import ImageContext, descriptor, whitening
 from diffqc.data import GOOD
 from diffqc.metrics import pixel_auroc
 from diffqc.model import Detector
@@ -60,10 +60,7 @@ def fit_modes(raw: Tensor, m: int, k: int = 16, iters: int = 50, prior: float = 
     modes; per mode, each location's mean offset from the type's mean, shrunk by n / (n + ``prior``).
     Returns what subtracts an image's mode offset (its mode: the nearest centre)."""
     g = descriptor(raw)
-    centre = g.mean(dim=0)
-    _, s, vt = torch.linalg.svd(g - centre, full_matrices=False)
-    k = min(k, int((s > 1e-6 * s[0]).sum()))
-    basis = vt[:k].T / s[:k]
+    centre, basis = whitening(g, k)
     z = (g - centre) @ basis
     gen = torch.Generator().manual_seed(seed)
     modes = z[torch.randperm(len(z), generator=gen)[:m]].clone()

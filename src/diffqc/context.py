@@ -31,7 +31,7 @@ from typing import Self
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ImageContext", "descriptor"]
+__all__ = ["ImageContext", "descriptor", "whitening"]
 
 STATE_PREFIX = "context."
 SAMPLES_PER_COMPONENT = 8  # k <= n / 8 for n fit images of a type
@@ -41,6 +41,16 @@ RIDGE = 1e-3  # on whitened components (unit variance): a guard against exact co
 def descriptor(features: Tensor) -> Tensor:
     """The global descriptor of each image ``features [N, C, h, w]``: each channel's mean ``[N, C]``."""
     return features.mean(dim=(2, 3))
+
+
+def whitening(descriptors: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The centre ``[C]`` of ``descriptors [n, C]`` and the whitening ``[C, k']`` of their first
+    ``k' = min(k, rank)`` principal components: ``(g − centre) @ basis`` has unit variance (per
+    image count, not n − 1) on ``descriptors``. ``k'`` may be 0 (all descriptors equal)."""
+    centre = descriptors.mean(dim=0)
+    _, s, vt = torch.linalg.svd(descriptors - centre, full_matrices=False)
+    k = min(k, int((s > 1e-6 * s[0]).sum()))
+    return centre, vt[:k].T / s[:k]
 
 
 class ImageContext(nn.Module):
@@ -75,17 +85,17 @@ class ImageContext(nn.Module):
         _, c, h, w = features.shape
         fitted: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         for ty in range(n_types):
-            x = features[type_idx == ty].double()
-            k = min(components, x.shape[0] // per_component) if per_component > 0 else components
-            if k < 1 or x.shape[0] < 2:
+            sel = type_idx == ty
+            n = int(sel.sum())
+            k = min(components, n // per_component) if per_component > 0 else components
+            if k < 1 or n < 2:
                 continue  # too few images: no context (the plain per-location Gaussian)
+            x = features[sel].double()
             g = descriptor(x)
-            centre = g.mean(dim=0)
-            _, s, vt = torch.linalg.svd(g - centre, full_matrices=False)
-            k = min(k, int((s > 1e-6 * s[0]).sum()))
+            centre, basis = whitening(g, k)  # [C, k]: unit-variance components on the fit images
+            k = basis.shape[1]
             if k < 1:
                 continue
-            basis = vt[:k].T / s[:k]  # [C, k]: unit-variance components on the fit images
             z = (g - centre) @ basis
             design = torch.cat([z, torch.ones_like(z[:, :1])], dim=1)
             gram = design.T @ design + RIDGE * torch.eye(k + 1, dtype=design.dtype, device=design.device)
