@@ -83,7 +83,8 @@ def test_scorer_with_context_is_the_gaussian_of_what_the_context_leaves(tmp_path
     from safetensors.torch import load_file, save_file
 
     feats, types = _parts(64, 0), _one_type(64)
-    over = {"train.steps": 0, "diffusion.prior_dims": 4, "diffusion.prior_rank": 0}
+    over = {"train.steps": 0, "diffusion.prior_dims": 4, "diffusion.prior_rank": 0,
+            "diffusion.prior_context": 0}
     config = with_overrides(DetectorConfig(), over | {"diffusion.prior_context": 4})
     scorer = DiffusionScorer(config).fit(feats, types, 1)
     assert scorer.context_ is not None

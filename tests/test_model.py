@@ -69,6 +69,29 @@ def test_save_load_identical_scores(tiny_model: Path, clear_dataset: Path, tmp_p
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp left over
 
 
+def test_bundle_from_before_the_image_context_scores_as_it_was_fitted(clear_dataset: Path,
+                                                                      tmp_path: Path) -> None:
+    """A bundle's config.json written before ``diffusion.prior_context`` existed lacks the key
+    and its weights have no context: it loads with the context off, as it was fitted, and scores
+    the same, although today's default turns the context on."""
+    from diffqc.config import DetectorConfig
+
+    from .conftest import tiny_config
+
+    assert DetectorConfig().diffusion.prior_context > 0
+    over = {"train.steps": 0, "diffusion.prior_context": 0}
+    det = Detector(tiny_config(**over), device="cpu").fit(load_dataset(clear_dataset), progress=False)
+    bundle = det.save(tmp_path / "old")
+    config = json.loads((bundle / "config.json").read_text())
+    del config["diffusion"]["prior_context"]
+    (bundle / "config.json").write_text(json.dumps(config))
+    loaded = Detector.load(bundle, device="cpu")
+    assert loaded.config.diffusion.prior_context == 0
+    samples = _test_samples(clear_dataset)[:6]
+    scores = [r.score for r in det.inspect_samples(samples)[0]]
+    assert [r.score for r in loaded.inspect_samples(samples)[0]] == scores
+
+
 def test_unknown_feature_type(tiny_model: Path) -> None:
     det = Detector.load(tiny_model)
     with pytest.raises(UnknownFeatureTypeError, match=r"unknown feature type 'edge9'.*stripes"):

@@ -175,7 +175,9 @@ def test_float16_prior_storage_round_trip(rank: int, tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(9)
     feats = torch.randn(24, 10, 4, 4, generator=g) * torch.rand(10, 1, 1, generator=g) + 1.0
     types = torch.arange(24) % 2
-    over = {"train.steps": 0, "diffusion.prior_dims": 6, "diffusion.prior_rank": rank}
+    # the Gaussians' tensors alone (the image context's storage: tests/test_context.py)
+    over = {"train.steps": 0, "diffusion.prior_dims": 6, "diffusion.prior_rank": rank,
+            "diffusion.prior_context": 0}
     scorers = {}
     for storage in ("float32", "float16"):
         config = with_overrides(DetectorConfig(), over | {"diffusion.prior_storage": storage})
