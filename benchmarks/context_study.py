@@ -6,17 +6,19 @@ synthetic defect per held-out image), image and pixel AUROC per variant.
     python benchmarks/context_study.py --datasets magnetic_tile,elpv,synthetic,mvtec_bottle \
         --context 16,64 --modes 4,8 --feature-cache CACHE
 
-Each variant changes the features only, then fits and scores the default detector
-(``train.steps=0``: the per-type, per-location Gaussians) on what is left:
+Each variant changes the features only, then fits and scores the per-type, per-location
+Gaussians without their own context (``train.steps=0, diffusion.prior_context=0,
+diffusion.prior_rank=64``: the default detector of session 12, when this study ran) on what is left:
 
-- ``none``: the features as they are (the default detector);
+- ``none``: the features as they are (the session-12 default detector);
 - ``linear@K``: :mod:`diffqc.context` (``diffusion.prior_context``) with ``K`` components for
   every type, without the option's cap of one component per 8 fit images: the *context* of an
   image is its global descriptor (each channel's mean over all locations), whitened by the type's
   first ``K`` principal components on the fold's GOOD fit images; each location's features are
   regressed on it and the fitted context part is subtracted, so the Gaussians model
   p(x_l | context, type), a conditional Gaussian whose mean moves with the image. ``--set
-  diffusion.prior_context=K`` with ``benchmarks/tune.py`` measures the option itself (capped);
+  diffusion.prior_context=K`` with ``benchmarks/tune.py`` measures the setting itself (capped; the
+  default since session 13 at K = 64, rank 56);
 - ``modes@M``: the same descriptor (16 components) clustered into ``M`` modes by k-means per type;
   each location's mean per mode (shrunk toward the type's mean with weight n / (n + 50)) is
   subtracted: a mixture whose components differ in their means only, the mode picked by the
@@ -97,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "diffqc-quality")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    config = with_overrides(DetectorConfig(), {"train.steps": 0})
+    config = with_overrides(DetectorConfig(), {"train.steps": 0, "diffusion.prior_context": 0,
+                                               "diffusion.prior_rank": 64})
     fits = {"none": None,
             **{f"linear@{k}": (fit_linear, int(k)) for k in args.context.split(",") if k},
             **{f"modes@{m}": (fit_modes, int(m)) for m in args.modes.split(",") if m}}
