@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffqc.config import DetectorConfig, with_overrides
-from diffqc.context import ImageContext
+from diffqc.context import ImageContext, spatial_maps
 from diffqc.metrics import image_auroc
 from diffqc.scoring import DiffusionScorer
 
@@ -124,3 +124,77 @@ def test_context_separates_a_local_defect_that_the_whole_image_variation_hides()
         scorer = DiffusionScorer(config).fit(fit, _one_type(120), 1)
         auroc[name] = image_auroc(labels, scorer.score_maps(x, k).flatten(1).amax(dim=1).numpy())
     assert auroc["context"] > 0.95 and auroc["plain"] < 0.8, auroc
+
+
+def test_spatial_maps_are_the_best_low_rank_effect_and_exact_at_full_rank() -> None:
+    """``maps = r``: the effect ``[k, C·L]`` as ``B [k, C·r]`` times ``r`` shared spatial maps; at
+    ``r`` = the number of locations it is the whole effect, below it the best rank-``r`` fit
+    over locations (Eckart–Young: no other ``r`` maps leave less)."""
+    gen = torch.Generator().manual_seed(3)
+    effect = torch.randn(5, 4 * 36, generator=gen, dtype=torch.float64)
+    b, m = spatial_maps(effect, 4, 36)
+    assert b.shape == (5, 4 * 20) and m.shape == (20, 36)  # r = min(36, k·C = 20)
+    torch.testing.assert_close((b.view(5, 4, -1) @ m).reshape(5, -1), effect)
+    b, m = spatial_maps(effect, 4, 6)
+    torch.testing.assert_close(m @ m.T, torch.eye(6, dtype=torch.float64))
+    left = (effect.view(20, 36) - b.view(20, 6) @ m).pow(2).sum()
+    s = torch.linalg.svdvals(effect.view(20, 36))
+    torch.testing.assert_close(left, s[6:].pow(2).sum())
+    other = torch.linalg.qr(torch.randn(36, 6, generator=gen, dtype=torch.float64)).Q.T  # any 6 maps
+    assert left < (effect.view(20, 36) - effect.view(20, 36) @ other.T @ other).pow(2).sum()
+
+
+def test_context_through_spatial_maps_is_smaller_and_removes_a_smooth_variation() -> None:
+    """A whole-image change that moves every location along a few smooth maps is removed as
+    well through 2 maps as through the whole effect, at a fraction of the numbers; the factors
+    are rounded to float16 when fitted and reload exactly; the traced (export) path agrees."""
+    gen = torch.Generator().manual_seed(1)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 8), torch.linspace(-1, 1, 8), indexing="ij")
+    # two smooth maps [2, 8, 8], of mean 1 (so that the descriptor sees them)
+    smooth = torch.stack([1 + 0.5 * xx, 1 - 0.5 * yy])
+    weights = torch.randn(2, 6, 2, generator=gen)  # per factor: each channel's weight per map
+    base = torch.randn(6, 8, 8, generator=gen)
+
+    def parts(n: int) -> torch.Tensor:
+        a = torch.randn(n, 2, generator=gen)  # two whole-image factors per image
+        shift = torch.einsum("nf,fcm,mhw->nchw", a, weights, smooth)
+        return base + shift + 0.02 * torch.randn(n, 6, 8, 8, generator=gen)
+
+    fit, held = parts(160), parts(40)
+    one = torch.zeros(160, dtype=torch.long)
+    whole = ImageContext.fit(fit, one, 1, 4, torch.float32)
+    factored = ImageContext.fit(fit, one, 1, 4, maps=2)  # float16, 2 maps
+    assert factored.maps is not None and factored.maps.shape == (1, 2, 64)
+    assert factored.effect.numel() + factored.maps.numel() < whole.effect.numel() / 8  # 176 of 1,536
+    k = torch.zeros(40, dtype=torch.long)
+    raw_var = held.var(dim=0).mean()
+    assert whole.remove(held, k).var(dim=0).mean() < 0.01 * raw_var
+    assert factored.remove(held, k).var(dim=0).mean() < 0.01 * raw_var
+    state = factored.state_tensors()
+    assert state["context.maps"].dtype == torch.float16
+    assert torch.equal(state["context.maps"].float(), factored.maps)  # already rounded
+    loaded = ImageContext.from_state(state)
+    assert torch.equal(loaded.remove(held, k), factored.remove(held, k))
+    two = torch.tensor([0, 0, 0])
+    traced = torch.jit.trace(lambda f, t: factored.remove(f, t), (held[:3], two), check_trace=False)
+    torch.testing.assert_close(traced(held[:3], two), factored.remove(held[:3], two), rtol=1e-5, atol=1e-5)
+
+
+def test_spatial_maps_pad_types_of_different_sizes() -> None:
+    """Types with fewer components (and so fewer maps) than the widest are zero-padded; a type
+    without images keeps no context; a mixed batch equals each type's own pass."""
+    feats = torch.cat([_parts(40, 0), _parts(8, 1)])
+    types = torch.cat([_one_type(40), torch.ones(8, dtype=torch.long)])
+    ctx = ImageContext.fit(feats, types, 3, 8, torch.float32, maps=100)
+    assert ctx.maps is not None
+    assert ctx.maps.shape == (3, 16, 36)  # widest: 4 components x 4 channels = 16 maps
+    assert (ctx.maps[1].abs().sum(dim=1) > 0).sum() == 4  # 1 component x 4 channels
+    assert torch.equal(ctx.maps[2], torch.zeros_like(ctx.maps[2]))
+    x = torch.cat([_parts(2, 5), _parts(2, 6)])
+    t = torch.tensor([0, 1, 2, 1])
+    mixed = ctx.remove(x, t)
+    for i in range(4):
+        assert torch.allclose(mixed[i : i + 1], ctx.remove(x[i : i + 1], t[i : i + 1]))
+    assert torch.equal(mixed[2], x[2])
+    whole = ImageContext.fit(feats, types, 3, 8, torch.float32)  # 16 maps >= rank: exact
+    torch.testing.assert_close(mixed, whole.remove(x, t), rtol=1e-4, atol=1e-4)

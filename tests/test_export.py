@@ -158,13 +158,19 @@ def test_the_fused_heat_map_exports(clear_dataset: Path, tmp_path: Path, test_im
         np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-4 * np.abs(b.anomaly_map).max())
 
 
-def test_the_image_context_exports(clear_dataset: Path, tmp_path: Path, test_images: tuple) -> None:
+@pytest.mark.parametrize("maps", [0, 3])
+def test_the_image_context_exports(clear_dataset: Path, tmp_path: Path, test_images: tuple,
+                                   maps: int) -> None:
     """diffusion.prior_context: the bundle reloads the fitted detector, and the graph gathers each
-    image's context effect by type (float16 constants) and computes PyTorch's maps and scores."""
+    image's context effect (whole, or its factors through ``prior_context_maps`` spatial maps) by
+    type (float16 constants) and computes PyTorch's maps and scores."""
     train = [s for s in load_dataset(clear_dataset) if s.split == "train"]
-    det = Detector(tiny_config(**{"train.steps": 0, "diffusion.prior_context": 4}), device="cpu")
+    over = {"train.steps": 0, "diffusion.prior_context": 4, "diffusion.prior_context_maps": maps}
+    det = Detector(tiny_config(**over), device="cpu")
     det.fit(train, progress=False)
-    assert det.scorer_.context_ is not None and det.scorer_.context_.basis.abs().sum() > 0
+    context = det.scorer_.context_
+    assert context is not None and context.basis.abs().sum() > 0
+    assert (context.maps is None) == (maps == 0)
     bundle = det.save(tmp_path / "context")
     images, types, _ = test_images
     ref = det.inspect(images[:6], types[:6], all_types=False)

@@ -209,6 +209,10 @@ class DiffusionConfig:
     # Gaussian (the default before session 13). Measured in BENCHMARKS.md "Session 12" and
     # "Session 13" (magnetic tile 0.961 -> 0.975 in the 5-fold CV)
     prior_context: int = 64
+    # r > 0: the context's effect on each location moves it along r spatial maps per type (the
+    # effect's best rank-r approximation over locations; diffqc.context), so that a type's bytes
+    # stop growing as h·w per component. 0: the whole effect (as before session 14)
+    prior_context_maps: int = 0
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -216,6 +220,7 @@ class DiffusionConfig:
         _at_least(self, "prior_radius", 0)
         _at_least(self, "prior_rank", 0)  # >= the channels modelled: full rank
         _at_least(self, "prior_context", 0)
+        _at_least(self, "prior_context_maps", 0)
         _one_of(self, "prior_storage", PRIOR_STORAGES)
         _one_of(self, "prior_covariance", COVARIANCES)
         _one_of(self, "context", CONTEXTS)

@@ -19,9 +19,15 @@ context. ``k`` per type is ``min(K, n / 8)`` for ``n`` fit images of the type (t
 ``k + 1`` coefficients per location and channel; chosen on synthetic defects in training GOOD
 images, BENCHMARKS.md "Session 12").
 
-The effect ``A`` (``[k, h·w·C]`` per type) is stored at ``diffusion.prior_storage`` (float16 by
-default) and rounded to it when fitted, as the Gaussians are; the descriptor's centre and
-whitening stay in float32 (``C`` and ``C × k`` numbers per type).
+The effect ``A`` (``[k, C, h·w]`` per type) grows with ``k`` and so with the type's images. With
+``maps = r > 0`` (``diffusion.prior_context_maps``) it is kept as ``A ≈ B M``: ``M`` the type's
+first ``r`` right singular vectors of ``A`` seen as a ``[k·C, h·w]`` matrix (``r`` spatial maps
+that every component and channel share) and ``B = A Mᵀ`` (``[k, C, r]``), the best rank-``r``
+approximation in the least-squares sense. The context moves every location along these ``r``
+maps, so a type's bytes are ``k·C·r + r·h·w`` instead of ``k·C·h·w``. Both are stored at
+``diffusion.prior_storage`` (float16 by default) and rounded to it when fitted, as the Gaussians
+are; the descriptor's centre and whitening stay in float32 (``C`` and ``C × k`` numbers per type).
+``maps = 0`` keeps ``A`` whole (bundles from before the option: no ``context.maps`` tensor).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import Self
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ImageContext", "descriptor", "whitening"]
+__all__ = ["ImageContext", "descriptor", "spatial_maps", "whitening"]
 
 STATE_PREFIX = "context."
 SAMPLES_PER_COMPONENT = 8  # k <= n / 8 for n fit images of a type
@@ -53,37 +59,63 @@ def whitening(descriptors: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return centre, vt[:k].T / s[:k]
 
 
+def spatial_maps(effect: Tensor, channels: int, maps: int) -> tuple[Tensor, Tensor]:
+    """``effect [k, C·L]`` as ``(B [k, C·r], M [r, L])`` with ``(B.view(k, C, r) @ M)`` its best
+    rank-``r`` approximation as a ``[k·C, L]`` matrix, ``M`` orthonormal rows; ``r = min(maps,
+    k·C, L)``."""
+    k = effect.shape[0]
+    flat = effect.reshape(k * channels, -1)
+    _, _, vt = torch.linalg.svd(flat, full_matrices=False)
+    m = vt[: min(maps, vt.shape[0])]  # [r, L]
+    return (flat @ m.T).reshape(k, -1), m
+
+
 class ImageContext(nn.Module):
     """Per type: the descriptor's centre ``[T, C]``, its whitening ``[T, C, K]`` (columns beyond
     the type's ``k`` are zero) and the effect of the whitened components on every location and
-    channel ``[T, K, C·h·w]`` (rounded to the storage dtype, kept in float32)."""
+    channel: ``effect [T, K, C·h·w]``, or with ``maps > 0`` the factors ``effect [T, K, C·r]`` and
+    ``maps [T, r, h·w]`` (module docstring), rows beyond a type's own zero. Rounded to the storage
+    dtype, kept in float32."""
 
     centre: Tensor
     basis: Tensor
     effect: Tensor
+    maps: Tensor | None
 
     def __init__(self, n_types: int, channels: int, locations: int, components: int,
-                 storage: torch.dtype = torch.float16) -> None:
+                 storage: torch.dtype = torch.float16, maps: int = 0) -> None:
         super().__init__()
         if components < 1:
             raise ValueError("an image context needs at least one component")
         self.storage = storage
+        self.channels = channels
         self.register_buffer("centre", torch.zeros(n_types, channels))
         self.register_buffer("basis", torch.zeros(n_types, channels, components))
-        self.register_buffer("effect", torch.zeros(n_types, components, channels * locations))
+        width = channels * (maps if maps > 0 else locations)
+        self.register_buffer("effect", torch.zeros(n_types, components, width))
+        self.register_buffer("maps", torch.zeros(n_types, maps, locations) if maps > 0 else None)
 
     @property
     def components(self) -> int:
         return int(self.basis.shape[-1])
 
+    def _shift(self, z: Tensor, effect: Tensor, maps: Tensor | None) -> Tensor:
+        """The context part ``[N, C·L]`` of whitened components ``z [N, k]`` (one type's
+        ``effect`` and ``maps``) or ``z [N, 1, k]`` (per-image ``effect [N, k, ·]``, ``maps [N, r, L]``)."""
+        out = z @ effect
+        if maps is None:
+            return out.reshape(z.shape[0], -1)
+        return (out.reshape(z.shape[0], self.channels, -1) @ maps).reshape(z.shape[0], -1)
+
     @classmethod
     def fit(cls, features: Tensor, type_idx: Tensor, n_types: int, components: int,
-            storage: torch.dtype = torch.float16, *, per_component: int = SAMPLES_PER_COMPONENT) -> Self:
+            storage: torch.dtype = torch.float16, *, maps: int = 0,
+            per_component: int = SAMPLES_PER_COMPONENT) -> Self:
         """Fit each type's context on its GOOD fit images ``features [N, C, h, w]``: at most
         ``components`` components and one per ``per_component`` images of the type (0: no
-        such cap, for studies)."""
+        such cap, for studies); the effect through ``maps`` spatial maps per type (0: whole)."""
         _, c, h, w = features.shape
-        fitted: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        fitted: dict[int, tuple[Tensor, Tensor, Tensor, Tensor | None]] = {}
         for ty in range(n_types):
             sel = type_idx == ty
             n = int(sel.sum())
@@ -100,15 +132,26 @@ class ImageContext(nn.Module):
             design = torch.cat([z, torch.ones_like(z[:, :1])], dim=1)
             gram = design.T @ design + RIDGE * torch.eye(k + 1, dtype=design.dtype, device=design.device)
             coef = torch.linalg.solve(gram, design.T @ x.flatten(1))  # [k + 1, C·h·w]; the intercept is kept
-            fitted[ty] = (centre, basis, coef[:k])
-        # as many components as the type that uses most: the effect is nearly all of the bytes
-        width = max((basis.shape[1] for _, basis, _ in fitted.values()), default=1)
-        self = cls(n_types, c, h * w, width, storage).to(features.device)
-        for ty, (centre, basis, effect) in fitted.items():
+            effect, spatial = coef[:k], None
+            if maps > 0:
+                effect, spatial = spatial_maps(effect, c, maps)
+            fitted[ty] = (centre, basis, effect, spatial)
+        # as many components (and maps) as the type that uses most: the effect is nearly all of
+        # the bytes
+        width = max((basis.shape[1] for _, basis, _, _ in fitted.values()), default=1)
+        rows = max((m.shape[0] for *_, m in fitted.values() if m is not None), default=1) if maps > 0 else 0
+        self = cls(n_types, c, h * w, width, storage, rows).to(features.device)
+        for ty, (centre, basis, effect, spatial) in fitted.items():
             k = basis.shape[1]
             self.centre[ty] = centre.float()
             self.basis[ty, :, :k] = basis.float()
-            self.effect[ty, :k] = effect.float().to(storage).float()
+            if spatial is None:
+                self.effect[ty, :k] = effect.float().to(storage).float()
+                continue
+            assert self.maps is not None
+            r = spatial.shape[0]
+            self.effect[ty, :k].view(k, c, rows)[:, :, :r] = effect.view(k, c, r).float().to(storage).float()
+            self.maps[ty, :r] = spatial.float().to(storage).float()
         return self
 
     def remove(self, features: Tensor, type_idx: Tensor) -> Tensor:
@@ -119,33 +162,48 @@ class ImageContext(nn.Module):
         types = type_idx.long()
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # types are a graph input
             z = ((desc - self.centre[types]).unsqueeze(1) @ self.basis[types])  # [N, 1, K]
+            # gathered from the storage dtype: the exported graph keeps them at it
             effect = torch.index_select(self.effect.to(self.storage), 0, types).float()
-            return (flat - (z @ effect).squeeze(1)).view_as(features)
+            maps = None
+            if self.maps is not None:
+                maps = torch.index_select(self.maps.to(self.storage), 0, types).float()
+            return (flat - self._shift(z, effect, maps)).view_as(features)
         groups = types.unique().tolist()
-        if len(groups) == 1:  # the usual batch: one pass, flat − z A
+        if len(groups) == 1:  # the usual batch: one pass
             ty = groups[0]
             z = (desc - self.centre[ty]) @ self.basis[ty]
-            return torch.addmm(flat, z, self.effect[ty], alpha=-1.0).view_as(features)
+            return (flat - self._shift(z, self.effect[ty], self._maps(ty))).view_as(features)
         out = torch.empty_like(flat)
         for ty in groups:
             sel = (types == ty).nonzero().squeeze(1)
             z = (desc[sel] - self.centre[ty]) @ self.basis[ty]
-            out[sel] = torch.addmm(flat[sel], z, self.effect[ty], alpha=-1.0)
+            out[sel] = flat[sel] - self._shift(z, self.effect[ty], self._maps(ty))
         return out.view_as(features)
 
+    def _maps(self, ty: int) -> Tensor | None:
+        return None if self.maps is None else self.maps[ty]
+
     def state_tensors(self) -> dict[str, Tensor]:
-        """The bundle's tensors: the effect at the storage dtype, the whitening in float32."""
-        return {f"{STATE_PREFIX}centre": self.centre, f"{STATE_PREFIX}basis": self.basis,
-                f"{STATE_PREFIX}effect": self.effect.to(self.storage)}
+        """The bundle's tensors: the effect (and maps) at the storage dtype, the whitening in float32."""
+        state = {f"{STATE_PREFIX}centre": self.centre, f"{STATE_PREFIX}basis": self.basis,
+                 f"{STATE_PREFIX}effect": self.effect.to(self.storage)}
+        if self.maps is not None:
+            state[f"{STATE_PREFIX}maps"] = self.maps.to(self.storage)
+        return state
 
     @classmethod
     def from_state(cls, tensors: dict[str, Tensor], storage: torch.dtype = torch.float16) -> Self:
-        """Rebuild from :meth:`state_tensors` (``KeyError`` if a tensor is missing)."""
+        """Rebuild from :meth:`state_tensors` (``KeyError`` if a tensor is missing; no
+        ``context.maps``: the whole effect, as bundles from before the option hold it)."""
         centre, basis = tensors[f"{STATE_PREFIX}centre"], tensors[f"{STATE_PREFIX}basis"]
-        effect = tensors[f"{STATE_PREFIX}effect"]
+        effect, maps = tensors[f"{STATE_PREFIX}effect"], tensors.get(f"{STATE_PREFIX}maps")
         n_types, channels, components = basis.shape
-        self = cls(n_types, channels, effect.shape[-1] // channels, components, storage).to(basis.device)
+        rows, locations = (0, effect.shape[-1] // channels) if maps is None else maps.shape[1:]
+        self = cls(n_types, channels, locations, components, storage, rows).to(basis.device)
         self.centre.copy_(centre.float())
         self.basis.copy_(basis.float())
         self.effect.copy_(effect.to(storage).float())  # rounded, whatever precision it was stored at
+        if maps is not None:
+            assert self.maps is not None
+            self.maps.copy_(maps.to(storage).float())
         return self

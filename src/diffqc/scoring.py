@@ -134,7 +134,8 @@ class DiffusionScorer:
         components = self.config.diffusion.prior_context
         if components > 0:  # the Gaussians (and the network) then model what the context leaves
             self.context_ = ImageContext.fit(features, type_idx, n_types, components,
-                                             storage_dtype(self.config.diffusion))
+                                             storage_dtype(self.config.diffusion),
+                                             maps=self.config.diffusion.prior_context_maps)
             features = self.context_.remove(features, type_idx)
         self.denoiser_, self.history_ = train_denoiser(
             features, type_idx, n_types, self.config.diffusion, self.config.train, progress=progress,
