@@ -209,9 +209,12 @@ class DiffusionConfig:
     # Gaussian (the default before session 13). Measured in BENCHMARKS.md "Session 12" and
     # "Session 13" (magnetic tile 0.961 -> 0.975 in the 5-fold CV)
     prior_context: int = 64
-    # r > 0: the context's effect on each location moves it along r spatial maps per type (the
-    # effect's best rank-r approximation over locations; diffqc.context), so that a type's bytes
-    # stop growing as h·w per component. 0: the whole effect (as before session 14)
+    # r > 0: the context moves each location along r spatial maps per type (the effect's best
+    # rank-r approximation over locations; diffqc.context), so that a type's bytes stop growing
+    # as h·w per component. 0: the whole effect. 128 keeps an 8-type bundle within 150 MB at any
+    # number of GOOD images per type, at -0.0008 image AUROC on magnetic tile (5-fold CV, DeLong
+    # p < 0.001) and none elsewhere; by the rule written before that run it is not the default
+    # (BENCHMARKS.md "Session 14"). If the default changes, add this field to ADDED_FIELDS (0)
     prior_context_maps: int = 0
 
     def __post_init__(self) -> None:
