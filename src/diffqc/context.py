@@ -88,7 +88,6 @@ class ImageContext(nn.Module):
         if components < 1:
             raise ValueError("an image context needs at least one component")
         self.storage = storage
-        self.channels = channels
         self.register_buffer("centre", torch.zeros(n_types, channels))
         self.register_buffer("basis", torch.zeros(n_types, channels, components))
         width = channels * (maps if maps > 0 else locations)
@@ -105,7 +104,14 @@ class ImageContext(nn.Module):
         out = z @ effect
         if maps is None:
             return out.reshape(z.shape[0], -1)
-        return (out.reshape(z.shape[0], self.channels, -1) @ maps).reshape(z.shape[0], -1)
+        channels = self.centre.shape[-1]
+        return (out.reshape(z.shape[0], channels, -1) @ maps).reshape(z.shape[0], -1)
+
+    def _subtract(self, flat: Tensor, z: Tensor, ty: int) -> Tensor:
+        """``flat [N, C·L]`` minus the context part of ``z [N, k]`` under type ``ty`` (eager)."""
+        if self.maps is None:  # the whole effect: one GEMM, flat − z A
+            return torch.addmm(flat, z, self.effect[ty], alpha=-1.0)
+        return flat - self._shift(z, self.effect[ty], self.maps[ty])
 
     @classmethod
     def fit(cls, features: Tensor, type_idx: Tensor, n_types: int, components: int,
@@ -172,16 +178,13 @@ class ImageContext(nn.Module):
         if len(groups) == 1:  # the usual batch: one pass
             ty = groups[0]
             z = (desc - self.centre[ty]) @ self.basis[ty]
-            return (flat - self._shift(z, self.effect[ty], self._maps(ty))).view_as(features)
+            return self._subtract(flat, z, ty).view_as(features)
         out = torch.empty_like(flat)
         for ty in groups:
             sel = (types == ty).nonzero().squeeze(1)
             z = (desc[sel] - self.centre[ty]) @ self.basis[ty]
-            out[sel] = flat[sel] - self._shift(z, self.effect[ty], self._maps(ty))
+            out[sel] = self._subtract(flat[sel], z, ty)
         return out.view_as(features)
-
-    def _maps(self, ty: int) -> Tensor | None:
-        return None if self.maps is None else self.maps[ty]
 
     def state_tensors(self) -> dict[str, Tensor]:
         """The bundle's tensors: the effect (and maps) at the storage dtype, the whitening in float32."""
