@@ -416,3 +416,35 @@ def test_prior_radius_beyond_the_grid_is_a_config_error() -> None:
     m, _ = train_denoiser(feats, types, 1, DiffusionConfig(hidden=8, depth=1, embed_dim=8, prior_radius=4),
                           steps0, progress=False)
     assert bool(torch.isfinite(m.prior_vals).all())  # the largest useful radius still fits
+
+
+def test_image_context_reaches_the_network_and_is_required() -> None:
+    """With context=image the residual depends on each image's context components (padded with
+    zeros to prior_context when a type has fewer), the bank layout gives the same result, and a
+    call or a training run without them is an error; prior_context=0 with it is a ConfigError."""
+    from diffqc.errors import ConfigError
+
+    g = torch.Generator().manual_seed(4)
+    cfg = DiffusionConfig(hidden=16, depth=1, embed_dim=8, prior_dims=3, context="image", prior_context=3)
+    feats, types = torch.randn(10, 5, 2, 2, generator=g), torch.arange(10) % 2
+    with pytest.raises(ValueError, match="context components"):
+        train_denoiser(feats, types, 2, cfg, TrainConfig(steps=2, batch_images=4), progress=False)
+    z = torch.randn(10, 2, generator=g)  # fewer components than prior_context: padded
+    m, hist = train_denoiser(feats, types, 2, cfg, TrainConfig(steps=3, batch_images=4), progress=False,
+                             context=z)
+    assert m.context_dim == 3 and all(v == v for v in hist.loss)
+    torch.nn.init.normal_(m.out.weight)  # a visibly non-zero network
+    x_t, t, ty = torch.randn(2, 4, 5, generator=g), torch.tensor([100, 100]), torch.tensor([0, 1])
+    pos = torch.arange(4).expand(2, -1)
+    with torch.no_grad():
+        a = m.residual(x_t, t, ty, pos, context=z[:2])
+        b = m.residual(x_t, t, ty, pos, context=z[:2] + 1.0)
+        padded = m.residual(x_t, t, ty, pos, context=torch.cat([z[:2], torch.zeros(2, 1)], 1))
+        bank = m.bank_residual(x_t.transpose(0, 1)[:, :, None], t[:1], ty, context=z[:2])
+    assert float((a - b).abs().max()) > 1e-4
+    torch.testing.assert_close(padded, a)
+    torch.testing.assert_close(bank[:, :, 0].transpose(0, 1), a, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="context components"):
+        m.residual(x_t, t, ty, pos)
+    with pytest.raises(ConfigError, match="prior_context"):
+        DiffusionConfig(context="image", prior_context=0)

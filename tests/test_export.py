@@ -158,19 +158,22 @@ def test_the_fused_heat_map_exports(clear_dataset: Path, tmp_path: Path, test_im
         np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-4 * np.abs(b.anomaly_map).max())
 
 
-@pytest.mark.parametrize("maps", [0, 3])
+@pytest.mark.parametrize(("maps", "network"), [(0, "none"), (3, "none"), (0, "image")])
 def test_the_image_context_exports(clear_dataset: Path, tmp_path: Path, test_images: tuple,
-                                   maps: int) -> None:
+                                   maps: int, network: str) -> None:
     """diffusion.prior_context: the bundle reloads the fitted detector, and the graph gathers each
     image's context effect (whole, or its factors through ``prior_context_maps`` spatial maps) by
-    type (float16 constants) and computes PyTorch's maps and scores."""
+    type (float16 constants) and computes PyTorch's maps and scores; with a trained network that
+    sees the context (``diffusion.context=image``), the graph feeds it each image's components."""
     train = [s for s in load_dataset(clear_dataset) if s.split == "train"]
-    over = {"train.steps": 0, "diffusion.prior_context": 4, "diffusion.prior_context_maps": maps}
+    over = {"train.steps": 0 if network == "none" else 60, "diffusion.context": network,
+            "diffusion.prior_context": 4, "diffusion.prior_context_maps": maps}
     det = Detector(tiny_config(**over), device="cpu")
     det.fit(train, progress=False)
     context = det.scorer_.context_
     assert context is not None and context.basis.abs().sum() > 0
     assert (context.maps is None) == (maps == 0)
+    assert det.scorer_.denoiser_.network_is_zero() == (network == "none")
     bundle = det.save(tmp_path / "context")
     images, types, _ = test_images
     ref = det.inspect(images[:6], types[:6], all_types=False)

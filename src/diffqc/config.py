@@ -22,7 +22,7 @@ BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "
 SCHEDULES = ("cosine", "linear")
 PRIORS = ("local", "none")
 PRIOR_STORAGES = ("float32", "float16")
-CONTEXTS = ("none", "ring")
+CONTEXTS = ("none", "ring", "image")
 AGGREGATIONS = ("topk", "max", "mean")
 HEAT_MAPS = ("likelihood", "fused")
 TAILS = ("exponential", "none")
@@ -201,7 +201,9 @@ class DiffusionConfig:
     # the bundle; on the synthetic set it moved no image score's rank (benchmarks/bundle_size.py)
     prior_storage: str = "float16"
     # "ring": the network also sees the mean of the 8 neighbouring locations' noisy features
-    # (never its own), so it can learn what a location should look like from its surroundings
+    # (never its own), so it can learn what a location should look like from its surroundings;
+    # "image": it sees the image's context components z (needs prior_context > 0), so that how a
+    # location varies, not only its mean, may depend on the whole image (diffqc.context)
     context: str = "none"
     # K > 0: each location's Gaussian mean moves with the image's global descriptor (each
     # channel's mean over the image), regressed on its first min(K, n / 8) whitened principal
@@ -227,6 +229,9 @@ class DiffusionConfig:
         _one_of(self, "prior_storage", PRIOR_STORAGES)
         _one_of(self, "prior_covariance", COVARIANCES)
         _one_of(self, "context", CONTEXTS)
+        if self.context == "image" and self.prior_context < 1:
+            raise ConfigError("diffusion.context=image gives the network the image's context "
+                              "components: it needs diffusion.prior_context > 0")
         _one_of(self, "schedule", SCHEDULES)
         for name in ("hidden", "depth", "embed_dim", "prior_dims"):
             _at_least(self, name, 1)

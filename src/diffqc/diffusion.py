@@ -4,7 +4,9 @@ The denoiser sees one feature vector per location (no spatial context: a denoise
 its neighbours learns to copy them and rebuilds defects too). Optionally
 (``diffusion.context=ring``) it also sees the mean of the 8 neighbouring locations' noisy
 features, never its own location's, so that it can learn what a location should look like
-from its surroundings without being able to copy itself. It is conditioned on the
+from its surroundings without being able to copy itself. With ``diffusion.context=image`` it
+is also conditioned on the image's context components z (:mod:`diffqc.context`), so that the
+spread of a location, not only its mean, may follow the whole image. It is conditioned on the
 timestep, on the feature type through one learned embedding per type plus a learned *null*
 type (index ``n_types``), and on the location through a learned position embedding.
 """
@@ -222,6 +224,8 @@ class Denoiser(nn.Module):
         self.channels, self.n_types, self.locations = channels, n_types, locations
         self.grid = grid or (locations, 1)  # (h, w): only the ring context uses it
         self.use_ring = config.context == "ring"
+        # diffusion.context=image: the image's whitened context components, zero-padded to K
+        self.context_dim = config.prior_context if config.context == "image" else 0
         if self.use_ring and self.grid[0] * self.grid[1] != locations:
             raise ValueError(f"grid {self.grid} does not have {locations} locations")
         self.embed_dim = e
@@ -259,6 +263,8 @@ class Denoiser(nn.Module):
         self.inp = nn.Linear(channels, h)
         if self.use_ring:  # the neighbours' mean, projected like the input (diffusion.context)
             self.ring_inp = nn.Linear(channels, h, bias=False)
+        if self.context_dim:  # the image's context components, added to the condition
+            self.context_proj = nn.Linear(self.context_dim, h, bias=False)
         self.blocks = nn.ModuleList([_Block(h) for _ in range(config.depth)])
         self.out_norm = nn.LayerNorm(h)
         self.out = nn.Linear(h, channels)
@@ -490,16 +496,18 @@ class Denoiser(nn.Module):
         return 0.5 * (logdet + self.channels * math.log(2 * math.pi))[type_idx]
 
     def residual(self, x_t: Tensor, t: Tensor, type_idx: Tensor, pos: Tensor,
-                 channel_order: Tensor | None = None, ring: Tensor | None = None) -> Tensor:
+                 channel_order: Tensor | None = None, ring: Tensor | None = None,
+                 context: Tensor | None = None) -> Tensor:
         """The learned part f_θ alone (what :meth:`forward` adds to the Gaussian path). With
         ``channel_order`` (e.g. ``prior_perm``) the channels of ``x_t`` and of the result are in
         that order: the first and last layers' weights are permuted instead of the activations.
         With ``diffusion.context=ring``, ``ring`` is the mean of each location's neighbours in
         ``x_t``'s noisy grid (same channel order); by default it is computed from ``x_t``, which
-        must then hold every location of the grid in order (scoring)."""
+        must then hold every location of the grid in order (scoring). With
+        ``diffusion.context=image``, ``context [B, k]`` holds each image's context components."""
         cond = self.time_mlp(sinusoidal_embedding(t, self.embed_dim)) + self.type_proj(
             self.type_embed(type_idx)
-        )  # [B, H]
+        ) + self._context_condition(context, type_idx.shape[0])  # [B, H]
         if self.use_ring and ring is None:
             if x_t.shape[1] != self.locations:
                 raise ValueError("diffusion.context=ring needs every location of the grid, or `ring`")
@@ -508,7 +516,7 @@ class Denoiser(nn.Module):
         return self._trunk(h, cond[:, None, :], channel_order)
 
     def bank_residual(self, x_t: Tensor, t: Tensor, type_idx: Tensor,
-                      channel_order: Tensor | None = None) -> Tensor:
+                      channel_order: Tensor | None = None, context: Tensor | None = None) -> Tensor:
         """:meth:`residual` at every location of K noisy copies of N images, laid out location-
         major: ``x_t [L, N, K, C]`` (image n's copy at timestep ``t [K]`` k), types
         ``type_idx [N]`` -> ``[L, N, K, C]``. The network is per location, so this is the same
@@ -520,11 +528,24 @@ class Denoiser(nn.Module):
         if self.use_ring:
             ring = ring_mean(x_t.reshape(locs, n * k, c).transpose(0, 1), self.grid)
             ring = ring.transpose(0, 1).reshape(locs, n, k, c)
-        cond = self.time_mlp(sinusoidal_embedding(t, self.embed_dim))[None] + self.type_proj(
+        cond = self.time_mlp(sinusoidal_embedding(t, self.embed_dim))[None] + (self.type_proj(
             self.type_embed(type_idx)
-        )[:, None]  # [N, K, H]
+        ) + self._context_condition(context, n))[:, None]  # [N, K, H]
         h = self._input(x_t, ring, channel_order) + self.pos_proj(self.pos_embed.weight)[:, None, None] + cond
         return self._trunk(h, cond, channel_order)
+
+    def _context_condition(self, context: Tensor | None, n: int) -> Tensor | float:
+        """The condition's share of the image's context components ``context [n, k]`` (k ≤ K,
+        zero-padded to K); 0 without ``diffusion.context=image``."""
+        if not self.context_dim:
+            return 0.0
+        if context is None or context.shape[0] != n:
+            raise ValueError(f"diffusion.context=image needs the context components of each of the "
+                             f"{n} images")
+        if context.shape[-1] < self.context_dim:
+            context = F.pad(context, (0, self.context_dim - context.shape[-1]))
+        out: Tensor = self.context_proj(context)
+        return out
 
     def _input(self, x_t: Tensor, ring: Tensor | None, channel_order: Tensor | None) -> Tensor:
         """The input layer on ``x_t`` (and the neighbours' mean ``ring`` with context=ring)."""
@@ -557,15 +578,17 @@ class Denoiser(nn.Module):
         return self.n_types
 
     def forward(self, x_t: Tensor, t: Tensor, type_idx: Tensor, pos: Tensor,
-                prior: PriorParams | None = None, ring: Tensor | None = None) -> Tensor:
+                prior: PriorParams | None = None, ring: Tensor | None = None,
+                context: Tensor | None = None) -> Tensor:
         """Predicted ε for ``x_t [B, L, C]`` at locations ``pos [B, L]``; ``prior`` (from
         :meth:`gather_prior` with the same ``type_idx`` and ``pos``) saves gathering it again;
-        ``ring``: the neighbours' mean (see :meth:`residual`)."""
+        ``ring``: the neighbours' mean, ``context``: the images' context components (see
+        :meth:`residual`)."""
         if self.use_prior and not self.training and self.network_is_zero():
             # an untrained residual network (zero output layer, e.g. train.steps=0) adds exactly
             # zero: skip it (a weight property, so a traced ONNX graph skips it too)
             return self.gaussian_eps(x_t, t, prior if prior is not None else self.gather_prior(type_idx, pos))
-        out = self.residual(x_t, t, type_idx, pos, ring=ring)
+        out = self.residual(x_t, t, type_idx, pos, ring=ring, context=context)
         if self.use_prior:
             if prior is None:
                 prior = self.gather_prior(type_idx, pos)

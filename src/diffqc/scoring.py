@@ -74,11 +74,12 @@ class ScoreBank:
 
 
 def network_residuals(denoiser: Denoiser, schedule: NoiseSchedule, bank: ScoreBank, tokens: Tensor,
-                      type_idx: Tensor) -> Tensor:
+                      type_idx: Tensor, context: Tensor | None = None) -> Tensor:
     """The network's residual f at each of the bank's pairs, location-major: ``tokens [N, L, C]``
     -> ``[L, N, K, C]`` (:meth:`Denoiser.bank_residual`), all K·N noisy copies in one pass
     (``tokens`` and ``bank`` in the prior's channel order when the denoiser has the Gaussian
-    path, see :func:`likelihood_map`)."""
+    path, see :func:`likelihood_map`; ``context [N, k]``: the images' context components, with
+    ``diffusion.context=image``)."""
     t = bank.timesteps.to(tokens.device)
     shape = (1, 1, -1, 1)
     # q_sample, location-major: x_t[l, n, k] = √ᾱ_k x[n, l] + √(1-ᾱ_k) ε_k[l]
@@ -87,13 +88,13 @@ def network_residuals(denoiser: Denoiser, schedule: NoiseSchedule, bank: ScoreBa
     x_t = (schedule.sqrt_alpha_bar[t].view(shape) * tokens.transpose(0, 1).contiguous()[:, :, None]
            + schedule.sqrt_one_minus[t].view(shape) * noise[:, None])
     order = denoiser.prior_perm if denoiser.use_prior else None
-    return denoiser.bank_residual(x_t, t, type_idx, order)
+    return denoiser.bank_residual(x_t, t, type_idx, order, context)
 
 
 @torch.inference_mode()
 def likelihood_map(
     denoiser: Denoiser, schedule: NoiseSchedule, bank: ScoreBank, tokens: Tensor, type_idx: Tensor,
-    *, log_det: bool = False,
+    *, log_det: bool = False, context: Tensor | None = None,
 ) -> Tensor:
     """Per-location bound on −log p(x | type) (see the module docstring), ``[N, L]``; without
     ``log_det`` the image-independent ½ log det Σ + ½ C log 2π is left out. ``tokens`` (and the
@@ -104,12 +105,12 @@ def likelihood_map(
     weights = bank.weights.to(tokens.device)
     noise = bank.noise.to(tokens.device)
     if not denoiser.use_prior:
-        f = network_residuals(denoiser, schedule, bank, tokens, type_idx)  # [L, N, K, C]
+        f = network_residuals(denoiser, schedule, bank, tokens, type_idx, context)  # [L, N, K, C]
         return ((noise.transpose(0, 1)[:, None] - f).pow(2).sum(-1) * weights).sum(-1).transpose(0, 1)
     if denoiser.network_is_zero():  # adds exactly zero: the Gaussian part alone
         nll = denoiser.mahalanobis(tokens, type_idx)
     else:
-        f = network_residuals(denoiser, schedule, bank, tokens, type_idx)
+        f = network_residuals(denoiser, schedule, bank, tokens, type_idx, context)
         t = bank.timesteps.to(tokens.device)
         nll = denoiser.bound_with_network(tokens, type_idx, f, t, noise, weights)
     if log_det:
@@ -131,15 +132,16 @@ class DiffusionScorer:
         self.context_: ImageContext | None = None  # diffusion.prior_context > 0 (diffqc.context)
 
     def fit(self, features: Tensor, type_idx: Tensor, n_types: int, *, progress: bool = False) -> Self:
-        components = self.config.diffusion.prior_context
+        components, z = self.config.diffusion.prior_context, None
         if components > 0:  # the Gaussians (and the network) then model what the context leaves
             self.context_ = ImageContext.fit(features, type_idx, n_types, components,
                                              storage_dtype(self.config.diffusion),
                                              maps=self.config.diffusion.prior_context_maps)
+            z = self._network_context(features, type_idx)
             features = self.context_.remove(features, type_idx)
         self.denoiser_, self.history_ = train_denoiser(
             features, type_idx, n_types, self.config.diffusion, self.config.train, progress=progress,
-            device=features.device,
+            device=features.device, context=z,
         )
         self._round_to_storage(self.denoiser_)
         _, c, h, w = features.shape
@@ -148,6 +150,12 @@ class DiffusionScorer:
         self._set_bank(ScoreBank.make(self.config.scoring, alpha_bar_of(self.config.diffusion),
                                       (tr.t_min, tr.t_max), h * w, c))
         return self
+
+    def _network_context(self, features: Tensor, type_idx: Tensor) -> Tensor | None:
+        """The images' context components for the network (``diffusion.context=image``), else None."""
+        if self.context_ is None or self.config.diffusion.context != "image":
+            return None
+        return self.context_.whitened(features, type_idx)
 
     def _round_to_storage(self, denoiser: Denoiser) -> None:
         """Round the Gaussians' parameters to ``diffusion.prior_storage`` in place, so that the
@@ -184,7 +192,9 @@ class DiffusionScorer:
         if (h, w) != self.grid_ or c != denoiser.channels:
             raise ValueError(f"features {tuple(features.shape[1:])} do not match the model "
                              f"({denoiser.channels}, {self.grid_[0]}, {self.grid_[1]})")
+        z = None
         if self.context_ is not None:
+            z = self._network_context(features, type_idx)
             features = self.context_.remove(features, type_idx)
         if denoiser.use_prior:  # into the prior's channel order (see likelihood_map)
             features = features[:, denoiser.prior_perm]
@@ -193,7 +203,7 @@ class DiffusionScorer:
         log_det = self.config.scoring.log_det
         if torch.jit.is_tracing():  # a traced graph must not bake the trace's batch into slices
             return likelihood_map(denoiser, self.schedule, bank, tokens, type_idx.long(),
-                                  log_det=log_det).view(n, h, w)
+                                  log_det=log_det, context=z).view(n, h, w)
         if denoiser.use_prior and denoiser.network_is_zero():  # Gaussian part only: no bank
             chunk = n
         types = type_idx.long()
@@ -202,8 +212,10 @@ class DiffusionScorer:
             # each type's images together: a pass then reads one type's eigenbases, not several
             order = torch.argsort(types, stable=True)
             tokens, types = tokens[order], types[order]
+            z = None if z is None else z[order]
         err = torch.cat([likelihood_map(denoiser, self.schedule, bank, tokens[i : i + chunk],
-                                        types[i : i + chunk], log_det=log_det)
+                                        types[i : i + chunk], log_det=log_det,
+                                        context=None if z is None else z[i : i + chunk])
                          for i in range(0, max(n, 1), max(chunk, 1))])
         if order is not None:
             err = torch.empty_like(err).index_copy_(0, order, err)

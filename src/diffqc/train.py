@@ -55,8 +55,10 @@ def train_denoiser(
     *,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    context: Tensor | None = None,
 ) -> tuple[Denoiser, TrainHistory]:
-    """Fit the shared denoiser on standardised GOOD features ``[N, C, h, w]``.
+    """Fit the shared denoiser on standardised GOOD features ``[N, C, h, w]`` (with
+    ``diffusion.context=image``, ``context [N, k]``: each image's context components).
 
     Every step draws ``batch_images`` images and ``locations_per_image`` locations of each, a
     timestep per image in ``[t_min, t_max]`` (uniform in λ = log SNR) and fresh noise.
@@ -76,6 +78,9 @@ def train_denoiser(
     tokens = features.to(device).permute(0, 2, 3, 1).reshape(n, locations, c).contiguous()
     type_idx = type_idx.to(device).long()
     model = Denoiser(c, n_types, locations, diffusion, (h, w)).to(device)
+    if model.context_dim and (context is None or context.shape[0] != n):
+        raise ValueError("diffusion.context=image needs the context components of every image")
+    context = context.to(device) if model.context_dim and context is not None else None
     ring_cells = ring_index((h, w), device) if model.use_ring else None
     model.fit_prior(tokens, type_idx, (h, w), diffusion.prior_radius)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -106,7 +111,8 @@ def train_denoiser(
         ring = None  # diffusion.context=ring: the neighbours, noised with their own noise
         if ring_cells is not None:
             ring = sampled_ring(tokens, img.to(device), pos, t, schedule, ring_cells, gen)
-        pred = model(x_t, t, y, pos, ring=ring)
+        ctx = None if context is None else context[img.to(device)]
+        pred = model(x_t, t, y, pos, ring=ring, context=ctx)
         err = (pred - noise).pow(2).mean(dim=(1, 2))
         loss = err.mean()
         sep_value = 0.0
@@ -116,7 +122,8 @@ def train_denoiser(
                 shift = torch.randint(1, n_types, (b,), generator=gen).to(device)
                 other = (y_true + shift) % n_types
                 pred_o = model(x_t[keep], t[keep], other[keep], pos[keep],
-                               ring=None if ring is None else ring[keep])
+                               ring=None if ring is None else ring[keep],
+                               context=None if ctx is None else ctx[keep])
                 err_o = (pred_o - noise[keep]).pow(2).mean(dim=(1, 2))
                 sep = separation_hinge(err[keep], err_o, train.separation_margin)
                 loss = loss + train.separation_weight * sep
