@@ -100,7 +100,8 @@ def measure(over: dict[str, Any], good: Tensor, bad: Tensor) -> dict[str, Any]:
     fit, held_good, held_bad = ((v - mean) / std for v in (good[fit_i], good[held_i], bad[held_i]))
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    scorer = DiffusionScorer(with_overrides(DetectorConfig(), over)).fit(fit, torch.zeros(len(fit), dtype=torch.long), 1)
+    config = with_overrides(DetectorConfig(), over)
+    scorer = DiffusionScorer(config).fit(fit, torch.zeros(len(fit), dtype=torch.long), 1)
     fit_s = time.perf_counter() - t0
     gauss = gaussian_part(scorer)
     whole_g, whole_b = maps(scorer, held_good), maps(scorer, held_bad)
@@ -127,8 +128,10 @@ def report(r: dict[str, Any]) -> str:
     mse = "; ".join(f"t={t}: {g:.4f} -> {n:.4f} ({100 * (n / g - 1):+.1f} %)" for t, g, n in r["eps_mse"])
     return (f"{json.dumps(r['variant'])}  (fit {r['fit_s']:.0f} s)\n"
             f"  map sd: Gaussian part {r['sd_gaussian']:.3f}, network correction {r['sd_correction']:.3f}; "
-            f"correction mean GOOD {r['correction_mean_good']:+.3f}, defective {r['correction_mean_defective']:+.3f}\n"
-            f"  image AUROC: Gaussian part {r['auroc_gaussian']:.4f}, Gaussian + network {r['auroc_whole']:.4f}, "
+            f"correction mean GOOD {r['correction_mean_good']:+.3f}, "
+            f"defective {r['correction_mean_defective']:+.3f}\n"
+            f"  image AUROC: Gaussian part {r['auroc_gaussian']:.4f}, "
+            f"Gaussian + network {r['auroc_whole']:.4f}, "
             f"correction alone {r['auroc_correction']:.4f}\n"
             f"  held-out GOOD ε-MSE, Gaussian -> Gaussian + network: {mse}")
 
