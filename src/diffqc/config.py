@@ -203,7 +203,8 @@ class DiffusionConfig:
     # "ring": the network also sees the mean of the 8 neighbouring locations' noisy features
     # (never its own), so it can learn what a location should look like from its surroundings;
     # "image": it sees the image's context components z (needs prior_context > 0), so that how a
-    # location varies, not only its mean, may depend on the whole image (diffqc.context)
+    # location varies, not only its mean, may depend on the whole image (diffqc.context); it
+    # gained nothing on magnetic tile or ELPV (BENCHMARKS.md "Session 15")
     context: str = "none"
     # K > 0: each location's Gaussian mean moves with the image's global descriptor (each
     # channel's mean over the image), regressed on its first min(K, n / 8) whitened principal
