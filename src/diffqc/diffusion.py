@@ -505,9 +505,8 @@ class Denoiser(nn.Module):
         ``x_t``'s noisy grid (same channel order); by default it is computed from ``x_t``, which
         must then hold every location of the grid in order (scoring). With
         ``diffusion.context=image``, ``context [B, k]`` holds each image's context components."""
-        cond = self.time_mlp(sinusoidal_embedding(t, self.embed_dim)) + self.type_proj(
-            self.type_embed(type_idx)
-        ) + self._context_condition(context, type_idx.shape[0])  # [B, H]
+        time = self.time_mlp(sinusoidal_embedding(t, self.embed_dim))
+        cond = time + self._image_condition(type_idx, context)  # [B, H]
         if self.use_ring and ring is None:
             if x_t.shape[1] != self.locations:
                 raise ValueError("diffusion.context=ring needs every location of the grid, or `ring`")
@@ -528,24 +527,26 @@ class Denoiser(nn.Module):
         if self.use_ring:
             ring = ring_mean(x_t.reshape(locs, n * k, c).transpose(0, 1), self.grid)
             ring = ring.transpose(0, 1).reshape(locs, n, k, c)
-        cond = self.time_mlp(sinusoidal_embedding(t, self.embed_dim))[None] + (self.type_proj(
-            self.type_embed(type_idx)
-        ) + self._context_condition(context, n))[:, None]  # [N, K, H]
+        cond = self.time_mlp(sinusoidal_embedding(t, self.embed_dim))[None] + self._image_condition(
+            type_idx, context
+        )[:, None]  # [N, K, H]
         h = self._input(x_t, ring, channel_order) + self.pos_proj(self.pos_embed.weight)[:, None, None] + cond
         return self._trunk(h, cond, channel_order)
 
-    def _context_condition(self, context: Tensor | None, n: int) -> Tensor | float:
-        """The condition's share of the image's context components ``context [n, k]`` (k ≤ K,
-        zero-padded to K); 0 without ``diffusion.context=image``."""
+    def _image_condition(self, type_idx: Tensor, context: Tensor | None) -> Tensor:
+        """The per-image part of the condition ``[n, H]``: the type's embedding, and with
+        ``diffusion.context=image`` the image's context components ``context [n, k]`` (k ≤ K,
+        zero-padded to K) through their linear map."""
+        cond: Tensor = self.type_proj(self.type_embed(type_idx))
         if not self.context_dim:
-            return 0.0
+            return cond
+        n = type_idx.shape[0]
         if context is None or context.shape[0] != n:
             raise ValueError(f"diffusion.context=image needs the context components of each of the "
                              f"{n} images")
         if context.shape[-1] < self.context_dim:
             context = F.pad(context, (0, self.context_dim - context.shape[-1]))
-        out: Tensor = self.context_proj(context)
-        return out
+        return cond + self.context_proj(context)
 
     def _input(self, x_t: Tensor, ring: Tensor | None, channel_order: Tensor | None) -> Tensor:
         """The input layer on ``x_t`` (and the neighbours' mean ``ring`` with context=ring)."""
