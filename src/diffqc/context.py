@@ -163,8 +163,11 @@ class ImageContext(nn.Module):
     def whitened(self, features: Tensor, type_idx: Tensor) -> Tensor:
         """The whitened context components ``z [N, K]`` of each image ``features [N, C, h, w]``
         under its type (zero beyond the type's own ``k``): what the effect multiplies."""
-        types = type_idx.long()
-        return ((descriptor(features) - self.centre[types]).unsqueeze(1) @ self.basis[types]).squeeze(1)
+        return self._whiten(descriptor(features), type_idx.long())
+
+    def _whiten(self, desc: Tensor, types: Tensor) -> Tensor:
+        """:meth:`whitened` from the descriptors ``desc [N, C]``, each image's whitening gathered."""
+        return ((desc - self.centre[types]).unsqueeze(1) @ self.basis[types]).squeeze(1)
 
     def remove(self, features: Tensor, type_idx: Tensor) -> Tensor:
         """``features [N, C, h, w]`` minus the context part of each image under its type."""
@@ -173,7 +176,7 @@ class ImageContext(nn.Module):
         desc = descriptor(features)
         types = type_idx.long()
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # types are a graph input
-            z = self.whitened(features, types).unsqueeze(1)  # [N, 1, K]
+            z = self._whiten(desc, types).unsqueeze(1)  # [N, 1, K]
             # gathered from the storage dtype: the exported graph keeps them at it
             effect = torch.index_select(self.effect.to(self.storage), 0, types).float()
             maps = None
