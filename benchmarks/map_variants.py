@@ -20,6 +20,14 @@ Variants, all from one fitted default model per fold (``train.steps=0``):
   :mod:`diffqc.heatmap`): the map plus the distance to the nearest GOOD patch of a per-type
   coreset, both scaled by their GOOD calibration image scores (its image score is the
   likelihood's own, so only its pixel AUROC can differ from ``sigma=4``).
+- ``null_ratio@L`` (``--null-ratios``; sets of several types only): the type-vs-null likelihood
+  ratio, the map minus L × the map of the *null* model — the same configuration fitted on the
+  GOOD images of every type pooled as one type (:func:`null_maps`; the Gaussian path's
+  counterpart of the denoiser's learned null type). On a set of one type the null model is the
+  type's own, so the ratio is (1 − L) × the map: nothing to measure there.
+
+``--set KEY=VALUE`` changes the configuration of every variant (e.g. ``calibration.folds=2``,
+which fits fewer calibration models and changes no AUROC).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import argparse
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import dataset_samples
 from tune import features, fold_ids, mean_type_auroc, print_variants
 
-from diffqc.config import DetectorConfig, with_overrides
-from diffqc.data import GOOD
+from diffqc.config import DetectorConfig, parse_overrides, with_overrides
+from diffqc.data import GOOD, Sample
 from diffqc.metrics import pixel_auroc
 from diffqc.model import Detector, split_calibration
 from diffqc.scoring import aggregate, upsample_and_smooth
@@ -66,6 +75,17 @@ def neighbour_maps(det: Detector, feats: Tensor, types: Tensor) -> dict[tuple[in
     return out
 
 
+def null_maps(config: DetectorConfig, fit_raw: Tensor, fit_samples: Sequence[Sample], raw: Tensor) -> Tensor:
+    """Maps ``[N, h, w]`` of the raw features ``raw`` under the *null* model: ``config`` fitted on
+    ``fit_raw``, the GOOD images ``fit_samples`` of every type pooled as one type."""
+    pooled = [replace(s, feature_type="null") for s in fit_samples]
+    null = Detector(config, device="cpu").fit_features(fit_raw, pooled)
+    assert null.scorer_ is not None
+    with torch.inference_mode():
+        zeros = torch.zeros(len(raw), dtype=torch.long)
+        return null.scorer_.score_maps(null.extractor.standardise(raw), zeros)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--datasets", default="mvtec_bottle,magnetic_tile")
@@ -75,13 +95,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--feature-cache", type=Path, default=None)
     p.add_argument("--memory-ratios", default="0.01,0.1", help="scoring.memory_ratio of the fused variants")
+    p.add_argument("--null-ratios", default="", help="L of the null_ratio@L variants, e.g. 0.25,0.5,1")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "diffqc-quality")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    config = with_overrides(DetectorConfig(), {"train.steps": 0})
+    config = with_overrides(DetectorConfig(), {"train.steps": 0, **parse_overrides(args.set)})
     fused_configs = {
         f"fused@{r}": with_overrides(config, {"scoring.heat_map": "fused", "scoring.memory_ratio": float(r)})
-        for r in args.memory_ratios.split(",")}
+        for r in args.memory_ratios.split(",") if r}
+    ratios = [float(r) for r in args.null_ratios.split(",") if r]
     for ds in args.datasets.split(","):
         samples = [s for s in dataset_samples(ds, args.work) or [] if s.split == "train" and s.label == GOOD]
         if not samples:
@@ -118,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "min_cross": (torch.stack([near[o] for o in CROSS]).min(0).values, 4.0),
                 "min_3x3": (torch.stack([near[o] for o in SQUARE]).min(0).values, 4.0),
             }
+            if ratios and len(classes) > 1:
+                null = null_maps(config, good[train], fit_samples, torch.cat([good[held], bad[held]]))
+                variants.update({f"null_ratio@{r:g}": (centre - r * null, 4.0) for r in ratios})
             truth = np.concatenate([np.zeros((len(held), size, size), dtype=bool), masks[held].numpy()])
             labels = np.r_[np.zeros(len(held)), np.ones(len(held))]
             for name, (m, sigma) in variants.items():

@@ -1,7 +1,10 @@
 """The pure helpers of ``benchmarks/tune.py`` and ``benchmarks/map_variants.py``: the synthetic
-defects' masks (the pixel-level truth that chooses map settings) and the neighbour shift."""
+defects' masks (the pixel-level truth that chooses map settings), the neighbour shift and the
+null model of the type-vs-null ratio."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,3 +48,37 @@ def test_print_variants_gives_mean_and_sd_over_folds(capsys: pytest.CaptureFixtu
     tune.print_variants("t", {"b": [(1.0, 0.5), (1.0, 0.5)]})
     row = capsys.readouterr().out.splitlines()[1].split()
     assert row == ["b", "1.0000", "±", "0.0000", "0.5000", "±", "0.0000"]  # no per-fold column
+
+
+def test_null_model_of_one_type_is_the_type_s_own_and_pools_several(clear_dataset: Path) -> None:
+    """The null model of ``map_variants.py``'s type-vs-null ratio: with one type it is fitted on
+    the same images as the type's model, so its maps are that model's (the ratio at L = 1 is 0);
+    with two types it is one Gaussian per location over both, and differs from each type's."""
+    from diffqc.data import load_dataset, read_images
+    from diffqc.model import Detector
+
+    from .conftest import tiny_config
+
+    cfg = tiny_config(**{"train.steps": 0, "calibration.folds": 2})
+    good = [s for s in load_dataset(clear_dataset) if s.split == "train"]
+    images, good, _ = read_images(good)
+    det = Detector(cfg, device="cpu")
+    raw = det.extract(images, raw=True)
+    stripes = torch.tensor([s.feature_type == "stripes" for s in good])
+    one = [s for s in good if s.feature_type == "stripes"]
+    with pytest.warns(UserWarning):  # too few calibration images for α_reject
+        det.fit_features(raw[stripes], one)
+        null = variants.null_maps(cfg, raw[stripes], one, raw[stripes])
+        assert det.scorer_ is not None
+        with torch.inference_mode():
+            own = det.scorer_.score_maps(det.extractor.standardise(raw[stripes]),
+                                         torch.zeros(len(one), dtype=torch.long))
+        assert torch.allclose(null, own)
+        both = Detector(cfg, device="cpu").fit_features(raw, good)
+        pooled = variants.null_maps(cfg, raw, good, raw)
+    assert both.scorer_ is not None
+    with torch.inference_mode():
+        typed = both.scorer_.score_maps(both.extractor.standardise(raw),
+                                        torch.tensor([both.type_index(s.feature_type) for s in good]))
+    assert pooled.shape == typed.shape
+    assert (pooled - typed).abs().mean() > 0.1 * typed.abs().mean()
