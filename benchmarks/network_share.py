@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffqc.backbone import channel_moments
 from diffqc.config import DetectorConfig, with_overrides
 from diffqc.metrics import image_auroc
 from diffqc.scoring import DiffusionScorer, aggregate, upsample_and_smooth
@@ -61,8 +62,12 @@ def maps(scorer: DiffusionScorer, x: Tensor) -> Tensor:
     return torch.cat([scorer.score_maps(x[i : i + 32], types[i : i + 32]) for i in range(0, len(x), 32)])
 
 
-def image_scores(m: Tensor) -> np.ndarray:
-    return np.asarray(aggregate(upsample_and_smooth(m, 256, 4.0), "topk", 0.01).numpy())
+def image_scores(config: DetectorConfig, m: Tensor) -> np.ndarray:
+    """Image scores of the feature-grid maps ``m`` by ``config``'s rule (upsampled to the input
+    size, smoothed, aggregated), as the detector scores them."""
+    sc = config.scoring
+    smoothed = upsample_and_smooth(m, config.backbone.input_size, sc.smooth_sigma)
+    return np.asarray(aggregate(smoothed, sc.aggregation, sc.topk).numpy())
 
 
 @torch.no_grad()
@@ -93,10 +98,7 @@ def denoising_errors(scorer: DiffusionScorer, x: Tensor, timesteps: tuple[int, .
 def measure(over: dict[str, Any], good: Tensor, bad: Tensor) -> dict[str, Any]:
     """Fit the variant on three quarters of ``good``; measure on the held-out quarter."""
     fit_i, held_i = split(len(good))
-    c = good.shape[1]
-    flat = good[fit_i].transpose(0, 1).reshape(c, -1).double()
-    mean = flat.mean(1).float().view(1, -1, 1, 1)
-    std = flat.std(1).float().clamp_min(1e-6).view(1, -1, 1, 1)
+    mean, std = (m.view(1, -1, 1, 1) for m in channel_moments(good[fit_i]))
     fit, held_good, held_bad = ((v - mean) / std for v in (good[fit_i], good[held_i], bad[held_i]))
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -110,7 +112,7 @@ def measure(over: dict[str, Any], good: Tensor, bad: Tensor) -> dict[str, Any]:
     labels = np.r_[np.zeros(len(held_good)), np.ones(len(held_bad))]
 
     def auroc(g: Tensor, b: Tensor) -> float:
-        return image_auroc(labels, np.r_[image_scores(g), image_scores(b)])
+        return image_auroc(labels, np.r_[image_scores(config, g), image_scores(config, b)])
 
     t_min = scorer.config.train.t_min
     return {

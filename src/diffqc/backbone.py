@@ -266,9 +266,17 @@ class FeatureExtractor(nn.Module):
     @torch.no_grad()
     def fit_standardisation(self, raw: Tensor) -> None:
         """Per-channel mean/std over all GOOD training locations (``raw``: ``[N, C, h, w]``)."""
-        flat = raw.transpose(0, 1).reshape(self.channels, -1).double()
-        self.feat_mean.copy_(flat.mean(1).float())
-        self.feat_std.copy_(flat.std(1).clamp_min(1e-6).float())
+        mean, std = channel_moments(raw)
+        self.feat_mean.copy_(mean)
+        self.feat_std.copy_(std)
+
+
+@torch.no_grad()
+def channel_moments(raw: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std ``[C]`` (float32; std at least 1e-6) over every location of
+    ``raw [N, C, h, w]``, accumulated in float64: the standardisation of the GOOD features."""
+    flat = raw.transpose(0, 1).reshape(raw.shape[1], -1).double()
+    return flat.mean(1).float(), flat.std(1).clamp_min(1e-6).float()
 
 
 def onnx_input_size(path: Path) -> int | None:
