@@ -182,7 +182,8 @@ def test_context_through_spatial_maps_is_smaller_and_removes_a_smooth_variation(
 
 def test_spatial_maps_pad_types_of_different_sizes() -> None:
     """Types with fewer components (and so fewer maps) than the widest are zero-padded; a type
-    without images keeps no context; a mixed batch equals each type's own pass."""
+    without images keeps no context; a mixed batch equals each type's own pass, with or without
+    the components passed in."""
     feats = torch.cat([_parts(40, 0), _parts(8, 1)])
     types = torch.cat([_one_type(40), torch.ones(8, dtype=torch.long)])
     ctx = ImageContext.fit(feats, types, 3, 8, torch.float32, maps=100)
@@ -196,5 +197,8 @@ def test_spatial_maps_pad_types_of_different_sizes() -> None:
     for i in range(4):
         assert torch.allclose(mixed[i : i + 1], ctx.remove(x[i : i + 1], t[i : i + 1]))
     assert torch.equal(mixed[2], x[2])
+    z = ctx.whitened(x, t)  # the components a caller that has them passes (diffusion.context=image)
+    assert torch.equal(ctx.remove(x, t, z), mixed)
+    assert not torch.allclose(ctx.remove(x, t, z.flip(0))[:2], mixed[:2])  # each image's own row
     whole = ImageContext.fit(feats, types, 3, 8, torch.float32)  # 16 maps >= rank: exact
     torch.testing.assert_close(mixed, whole.remove(x, t), rtol=1e-4, atol=1e-4)

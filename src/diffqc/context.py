@@ -169,14 +169,16 @@ class ImageContext(nn.Module):
         """:meth:`whitened` from the descriptors ``desc [N, C]``, each image's whitening gathered."""
         return ((desc - self.centre[types]).unsqueeze(1) @ self.basis[types]).squeeze(1)
 
-    def remove(self, features: Tensor, type_idx: Tensor) -> Tensor:
-        """``features [N, C, h, w]`` minus the context part of each image under its type."""
+    def remove(self, features: Tensor, type_idx: Tensor, z: Tensor | None = None) -> Tensor:
+        """``features [N, C, h, w]`` minus the context part of each image under its type; ``z``:
+        the images' :meth:`whitened` components when the caller has them already (else computed)."""
         n = features.shape[0]
         flat = features.reshape(n, -1)
-        desc = descriptor(features)
         types = type_idx.long()
+        if z is None:
+            z = self._whiten(descriptor(features), types)  # [N, K]
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # types are a graph input
-            z = self._whiten(desc, types).unsqueeze(1)  # [N, 1, K]
+            z = z.unsqueeze(1)  # [N, 1, K]
             # gathered from the storage dtype: the exported graph keeps them at it
             effect = torch.index_select(self.effect.to(self.storage), 0, types).float()
             maps = None
@@ -185,14 +187,11 @@ class ImageContext(nn.Module):
             return (flat - self._shift(z, effect, maps)).view_as(features)
         groups = types.unique().tolist()
         if len(groups) == 1:  # the usual batch: one pass
-            ty = groups[0]
-            z = (desc - self.centre[ty]) @ self.basis[ty]
-            return self._subtract(flat, z, ty).view_as(features)
+            return self._subtract(flat, z, groups[0]).view_as(features)
         out = torch.empty_like(flat)
         for ty in groups:
             sel = (types == ty).nonzero().squeeze(1)
-            z = (desc[sel] - self.centre[ty]) @ self.basis[ty]
-            out[sel] = self._subtract(flat[sel], z, ty)
+            out[sel] = self._subtract(flat[sel], z[sel], ty)
         return out.view_as(features)
 
     def state_tensors(self) -> dict[str, Tensor]:

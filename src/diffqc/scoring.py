@@ -138,7 +138,7 @@ class DiffusionScorer:
                                              storage_dtype(self.config.diffusion),
                                              maps=self.config.diffusion.prior_context_maps)
             z = self._network_context(features, type_idx)
-            features = self.context_.remove(features, type_idx)
+            features = self.context_.remove(features, type_idx, z)
         self.denoiser_, self.history_ = train_denoiser(
             features, type_idx, n_types, self.config.diffusion, self.config.train, progress=progress,
             device=features.device, context=z,
@@ -195,7 +195,7 @@ class DiffusionScorer:
         z = None
         if self.context_ is not None:
             z = self._network_context(features, type_idx)
-            features = self.context_.remove(features, type_idx)
+            features = self.context_.remove(features, type_idx, z)
         if denoiser.use_prior:  # into the prior's channel order (see likelihood_map)
             features = features[:, denoiser.prior_perm]
         tokens = features.permute(0, 2, 3, 1).reshape(n, h * w, c)
