@@ -65,13 +65,14 @@ def synthetic_dataset(cache: Path, n_parts: int = 1327, seed: int = 0) -> Path:
 def elpv_manifest(cache: Path) -> Path:
     """ELPV (PyPI ``elpv-dataset``) as a manifest in ``cache``: types mono/poly, GOOD = defect
     probability 0, defective = probability >= 2/3 (the selection of benchmarks/quality.py; the
-    CV folds replace its fixed split). Each image is its own part."""
+    CV folds replace its fixed split). Each image is its own part; a defective image's defect
+    kind is its annotated probability (``p=0.67``, ``p=1.00``), so the report breaks AUROC down by it."""
     from quality import ELPV_DEFECTIVE, elpv_labels  # benchmarks/quality.py, beside this script
 
-    lines = ["path,feature_type,label"]
+    lines = ["path,feature_type,label,defect"]
     for path, p, kind in elpv_labels():
         if p == 0.0 or p >= ELPV_DEFECTIVE:
-            lines.append(f"{path},{kind},{'good' if p == 0.0 else 'defect'}")
+            lines.append(f"{path},{kind},{'good,good' if p == 0.0 else f'defect,p={p:.2f}'}")
     cache.mkdir(parents=True, exist_ok=True)
     out = cache / "manifest.csv"
     out.write_text("\n".join(lines) + "\n")

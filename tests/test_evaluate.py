@@ -27,13 +27,15 @@ METHODS = ("diffusion", "padim")
 
 
 def _with_parts(samples: list[Sample]) -> list[Sample]:
-    """Two crops per physical part (same type and label), as a manifest's part_id would say."""
+    """Two crops per physical part (same type and label), as a manifest's part_id would say;
+    the blobs named by kind, dark (odd index) or bright (conftest.write_clear_dataset)."""
     out, seen = [], {}
     for s in samples:
         key = (s.feature_type, s.label)
         i = seen.get(key, 0)
         seen[key] = i + 1
-        out.append(replace(s, part_id=f"{s.feature_type}-{s.label}-{i // 2}"))
+        kind = ("dark" if int(s.path.stem[-3:]) % 2 else "bright") if s.label == DEFECTIVE else s.defect
+        out.append(replace(s, part_id=f"{s.feature_type}-{s.label}-{i // 2}", defect=kind))
     return out
 
 
@@ -78,6 +80,15 @@ def test_writes_three_files_and_html_numbers_match_json(run: dict[str, Any]) -> 
     assert set(data["plots"]["calibration"]) == set(METHODS)
     assert data["run"]["seconds"]["fit"]["diffusion"] and len(data["out_of_fold"]) == 80
     assert "## Method comparisons" in (out / "report.md").read_text()
+    # each kind of defect of each type, against that type's GOOD parts
+    rows = {(r["feature_type"], r["defect"], r["method"]): r for r in data["by_defect"]}
+    assert set(rows) == {(t, k, m) for t in ("dots", "stripes") for k in ("bright", "dark")
+                         for m in METHODS}
+    for t in ("dots", "stripes"):
+        n_bad = data["results"][t]["padim"]["n_defective"]
+        assert sum(rows[t, k, "padim"]["n_defective"] for k in ("bright", "dark")) == n_bad
+    kinds = {row["defect"] for row in data["out_of_fold"] if row["label"] == DEFECTIVE}
+    assert kinds == {"bright", "dark"}
 
 
 def test_folds_never_leak_a_part(run: dict[str, Any]) -> None:

@@ -116,6 +116,9 @@ def build_report(seed: int = 0, n_boot: int = 200) -> R.Report:
                     label=int(y[idx]), score=float(r["scores"][idx]),
                     decision=str(r["decisions"][idx]), p_value=float(r["p"][idx]),
                     overlay_png=R.overlay_png_base64(image, amap)))
+            kinds = [("scratch" if i % 2 else "blob") if yi else None for i, yi in enumerate(y)]
+            report.setdefault("by_defect", []).extend(R.defect_kind_results(
+                t, m, y, r["scores"], kinds, r["decisions"], n_boot=n_boot))
         a, b = (sim["methods"][m]["scores"] for m in METHODS)
         report["comparisons"].append(R.compare_methods(t, *METHODS, y, a, b, fold, n_train=80, k=K))
     report["overall"] = {}
@@ -173,6 +176,11 @@ def test_every_html_number_matches_json(written: dict[str, Path]) -> None:
     for i in range(len(data["comparisons"])):
         for field in ("delong_p", "delong_p_holm", "nb_p", "nb_p_holm", "effect_size"):
             assert R.json_pointer("comparisons", i, field) in keys
+    with_kinds = [t for t, spec in TYPES.items() if spec[1] >= 2]  # "clean" has no defects
+    assert len(data["by_defect"]) == 2 * len(with_kinds) * len(METHODS)  # two kinds per type
+    for i in range(len(data["by_defect"])):
+        for field in ("auroc", "recall_flagged", "recall_reject", "n_defective"):
+            assert R.json_pointer("by_defect", i, field) in keys
 
 
 def test_table_cells_hold_no_unlisted_numbers(written: dict[str, Path]) -> None:
@@ -273,6 +281,30 @@ def test_markdown_numbers(written: dict[str, Path]) -> None:
     md = written["md"].read_text()
     auroc = data["results"]["edge1"]["diffusion"]["pooled"]["auroc"]
     assert f"{auroc:.3f}" in md and "## Method comparisons" in md
+    row = data["by_defect"][0]
+    assert "## By defect kind" in md
+    assert f"| {row['feature_type']} | {row['defect']} | {row['method']} |" in md
+
+
+def test_defect_kinds_hand_worked() -> None:
+    """Each kind against the type's GOOD parts: kind A lies above every GOOD score (AUROC 1),
+    kind B interleaves (3 of 8 pairs ordered); recall counts that kind's decisions only."""
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    s = np.array([0.0, 1.0, 2.0, 3.0, 10.0, 11.0, 0.5, 1.5, 20.0])
+    kinds = ["good", "good", "good", "good", "A", "A", "B", "B", None]
+    d = ["PASS", "PASS", "REVIEW", "PASS", "REJECT", "REVIEW", "PASS", "REVIEW", "REJECT"]
+    rows = R.defect_kind_results("edge1", "diffusion", y, s, kinds, d, n_boot=50)
+    by = {r["defect"]: r for r in rows}
+    assert list(by) == ["A", "B", "unnamed"]
+    assert by["A"]["auroc"] == 1.0 and by["B"]["auroc"] == pytest.approx(3 / 8)
+    assert (by["A"]["n_good"], by["A"]["n_defective"], by["unnamed"]["n_defective"]) == (4, 2, 1)
+    assert by["A"]["recall_flagged"] == 1.0 and by["A"]["recall_reject"] == 0.5
+    assert by["B"]["recall_flagged"] == 0.5 and by["B"]["recall_reject"] == 0.0
+    assert all(r["feature_type"] == "edge1" and r["method"] == "diffusion" for r in rows)
+    one_kind = ["good"] * 4 + ["A"] * 5
+    assert R.defect_kind_results("edge1", "diffusion", y, s, one_kind, d, n_boot=50) == []
+    with pytest.raises(ValueError, match="defect kinds"):
+        R.defect_kind_results("edge1", "diffusion", y, s, kinds[:-1], d)
 
 
 def test_builders_on_small_inputs() -> None:

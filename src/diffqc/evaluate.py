@@ -569,6 +569,11 @@ def _build_report(
             plots["roc"].setdefault(t, {})[name] = R.roc_entry(yt, v.z[ids])
             plots["histograms"].setdefault(t, {})[name] = R.histogram_entry(
                 yt, v.z[ids], v.review_z[t], v.reject_z[t])
+        inside = ids[fold_of[ids] >= 0]
+        for name, v in variants.items():
+            report.setdefault("by_defect", []).extend(R.defect_kind_results(
+                t, name, y[inside], v.z[inside], [ev[int(i)].defect for i in inside],
+                v.decision[inside], n_boot=n_boot, seed=seed))
         n_train = float(np.mean(variants[names[0]].train_images[t]))
         for a, b in itertools.combinations(names, 2):
             report["comparisons"].append(_compare(
@@ -602,7 +607,7 @@ def _build_report(
     extra = cast(dict[str, Any], report)
     extra["out_of_fold"] = [
         {"path": str(s.path), "feature_type": s.feature_type, "label": int(y[i]),
-         "group": s.group, "fold": int(fold_of[i]),
+         "defect": s.defect, "group": s.group, "fold": int(fold_of[i]),
          "score": {name: v.z[i] for name, v in variants.items()},
          "raw_score": {name: v.raw[i] for name, v in variants.items()},
          "p_value": {name: v.p[i] for name, v in variants.items()},

@@ -152,6 +152,20 @@ class Comparison(TypedDict):
     n_test: float
 
 
+class DefectKindResult(TypedDict):
+    """One method on one feature type's GOOD parts against one kind of its defects."""
+
+    feature_type: str
+    defect: str  # the manifest's defect name (MVTec layout: the test folder)
+    method: str
+    n_good: int
+    n_defective: int
+    auroc: float  # pooled out-of-fold scores: the type's GOOD parts vs this kind
+    auroc_ci: list[float]  # [low, high], stratified bootstrap 95% CI
+    recall_flagged: float  # share of this kind not PASSed at the decision rule
+    recall_reject: float  # share of this kind REJECTed
+
+
 class RocCurve(TypedDict):
     fpr: list[float]
     tpr: list[float]
@@ -210,6 +224,7 @@ class Report(TypedDict):
     results: dict[str, dict[str, MethodResult]]
     overall: NotRequired[dict[str, MethodResult]]
     comparisons: list[Comparison]
+    by_defect: NotRequired[list[DefectKindResult]]  # types with two or more defect kinds
     plots: Plots
     notes: NotRequired[list[str]]
 
@@ -397,6 +412,45 @@ def method_result(
         folds=per_fold,
         summary=summarise(per_fold),
     )
+
+
+def defect_kind_results(
+    feature_type: str,
+    method: str,
+    labels: npt.ArrayLike,
+    scores: npt.ArrayLike,
+    defects: Sequence[str | None],
+    decisions: Sequence[object] | np.ndarray | None = None,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> list[DefectKindResult]:
+    """Per kind of defect of one type (``defects``: each defective part's kind, None unnamed;
+    ignored for GOOD parts): the AUROC of the type's GOOD parts against that kind and its
+    recall at the decision rule. Empty when the defective parts are of fewer than two kinds
+    (one kind is the type's own result)."""
+    y, s = M.as_labels(labels), M.as_scores(scores)
+    if len(defects) != y.size:
+        raise ValueError(f"got {len(defects)} defect kinds for {y.size} labels")
+    d = None if decisions is None else M.as_decisions(decisions)
+    kind = np.array(["unnamed" if k is None else str(k) for k in defects], dtype=object)
+    kinds = sorted(set(kind[y == 1]))
+    if len(kinds) < 2:
+        return []
+    good = y == 0
+    out = []
+    for name in kinds:
+        idx = np.flatnonzero(good | ((y == 1) & (kind == name)))
+        _, lo, hi = M.bootstrap_ci(y[idx], s[idx], M.image_auroc, n_boot=n_boot, seed=seed)
+        rates = M.decision_metrics(y[idx], d[idx]) if d is not None else None
+        out.append(DefectKindResult(
+            feature_type=feature_type, defect=name, method=method, n_good=int(good.sum()),
+            n_defective=int(idx.size - good.sum()), auroc=M.image_auroc(y[idx], s[idx]),
+            auroc_ci=[lo, hi],
+            recall_flagged=rates["recall_flagged"] if rates is not None else M.NAN,
+            recall_reject=rates["recall_reject"] if rates is not None else M.NAN,
+        ))
+    return out
 
 
 def compare_methods(
@@ -968,6 +1022,34 @@ def _metrics_table(data: dict[str, Any], page: _Page, keys: Sequence[str],
             f'{"".join(body)}</tbody></table></div>')
 
 
+def _defect_cells(page: _Page, i: int) -> list[str]:
+    """AUROC [CI], recall (not PASS), recall (REJECT) of ``by_defect[i]``, formatted."""
+    cell = page.num("num", "by_defect", i, "auroc")
+    if page.data["by_defect"][i]["auroc_ci"][0] is not None:
+        cell += (f" [{page.num('num', 'by_defect', i, 'auroc_ci', 0)}, "
+                 f"{page.num('num', 'by_defect', i, 'auroc_ci', 1)}]")
+    return [cell, page.num("pct", "by_defect", i, "recall_flagged"),
+            page.num("pct", "by_defect", i, "recall_reject")]
+
+
+DEFECT_HEADER = ("Feature type", "Defect kind", "Method", "GOOD / defective", "AUROC [95% CI]",
+                 "Recall (not PASS)", "Recall (REJECT)")
+
+
+def _defect_table(data: dict[str, Any], page: _Page) -> str:
+    head = "".join((f'<th class="n">{_esc(h)}</th>' if i > 2 else f"<th>{_esc(h)}</th>")
+                   for i, h in enumerate(DEFECT_HEADER))
+    body = []
+    for i, r in enumerate(data["by_defect"]):
+        counts = (f'{page.num("int", "by_defect", i, "n_good")} / '
+                  f'{page.num("int", "by_defect", i, "n_defective")}')
+        cells = "".join(f'<td class="n">{c}</td>' for c in [counts, *_defect_cells(page, i)])
+        body.append(f'<tr><td class="type"><strong>{_esc(r["feature_type"])}</strong></td>'
+                    f'<td>{_esc(r["defect"])}</td><td>{_esc(r["method"])}</td>{cells}</tr>')
+    return (f'<div class="tablewrap"><table><thead><tr>{head}</tr></thead><tbody>'
+            f'{"".join(body)}</tbody></table></div>')
+
+
 def _type_unreliable(data: dict[str, Any], ftype: str) -> str:
     """The reason of the first unreliable method result of a type ("" when none)."""
     for r in (data["results"].get(ftype) or {}).values():
@@ -1152,6 +1234,10 @@ def render_html(data: dict[str, Any], images: dict[int, str] | None = None) -> s
                  "Pooled out-of-fold value; below: mean ± sd over folds. "
                  "Pixel metrics need ground-truth masks.",
                  _metrics_table(data, page, RANKING_KEYS)),
+        *([_section("defects", "By defect kind",
+                    "Each kind of defect of a type against the type's GOOD parts: pooled "
+                    "out-of-fold AUROC and the share of that kind flagged at the decision rule.",
+                    _defect_table(data, page))] if data.get("by_defect") else []),
         _section("decisions", "At the calibrated decision rule",
                  f"Realised rates of PASS / REVIEW / REJECT on held-out parts ({alpha_text}).",
                  _metrics_table(data, page, RATE_KEYS, shares=True)),
@@ -1230,6 +1316,13 @@ def render_markdown(data: dict[str, Any]) -> str:
             rows.append(cells)
         header = ["type", "method", "GOOD / defective", *(METRICS[k][0] for k in keys)]
         out += [f"## {title}", "", _md_table(header, rows), ""]
+    if data.get("by_defect"):
+        rows = [[r["feature_type"], r["defect"], r["method"],
+                 f"{page.num('int', 'by_defect', i, 'n_good')} / "
+                 f"{page.num('int', 'by_defect', i, 'n_defective')}", *_defect_cells(page, i)]
+                for i, r in enumerate(data["by_defect"])]
+        out += ["## By defect kind (each kind against the type's GOOD parts)", "",
+                _md_table(DEFECT_HEADER, rows), ""]
     if data["comparisons"]:
         rows = []
         for i, c in enumerate(data["comparisons"]):
@@ -1313,9 +1406,10 @@ def write_report(report: Report | dict[str, Any], out_dir: Path | str) -> dict[s
 
 __all__ = [
     "METRIC_KEYS", "OVERALL", "Calibration", "CalibrationLevel", "Comparison", "DatasetInfo",
-    "DecisionRule", "FoldInfo", "GalleryItem", "Histogram", "MethodResult", "Plots", "Report",
-    "RocCurve", "Summary", "TypeCounts", "apply_holm", "calibration_entry", "compare_methods",
-    "compute_metrics", "fmt", "histogram_entry", "json_pointer", "method_result", "new_report",
-    "overlay_png_base64", "reliability", "render_html", "render_markdown", "resolve_pointer",
-    "roc_entry", "summarise", "to_jsonable", "worst_misses", "write_report",
+    "DecisionRule", "DefectKindResult", "FoldInfo", "GalleryItem", "Histogram", "MethodResult",
+    "Plots", "Report", "RocCurve", "Summary", "TypeCounts", "apply_holm", "calibration_entry",
+    "compare_methods", "compute_metrics", "defect_kind_results", "fmt", "histogram_entry",
+    "json_pointer", "method_result", "new_report", "overlay_png_base64", "reliability",
+    "render_html", "render_markdown", "resolve_pointer", "roc_entry", "summarise", "to_jsonable",
+    "worst_misses", "write_report",
 ]
