@@ -86,16 +86,18 @@ def jittered_copy(samples: Sequence[Sample], dest: Path, seed: int, size: int) -
     """Write every sample resized to ``size`` x ``size`` and moved by ``quality.jitter_transform(i,
     seed)`` (``i``: its position in ``samples``) into ``dest``, with its mask and a manifest that
     keeps its type, label, part, split and defect; return ``dest``. A folder this function wrote
-    for the same source, seed and size is reused; any other non-empty folder is refused, never
-    overwritten."""
+    for the same samples (paths and every field above), seed and size is reused, one it wrote for
+    others is rewritten; any other non-empty folder is refused, never overwritten."""
     import torch
     from PIL import Image
     from quality import apply_jitter, jitter_transform  # benchmarks/quality.py, beside this script
 
     from diffqc.backbone import to_pixels
 
+    listing = "\n".join(f"{s.path}|{s.feature_type}|{s.label}|{s.mask_path}|{s.group}|{s.split}|{s.defect}"
+                         for s in samples)  # a changed label, mask or kind means a new copy
     meta = {"seed": seed, "size": size, "n": len(samples),
-            "paths": hashlib.sha256("\n".join(str(s.path) for s in samples).encode()).hexdigest()}
+            "samples": hashlib.sha256(listing.encode()).hexdigest()}
     marker = dest / JITTER_MARKER
     if marker.is_file() and json.loads(marker.read_text()) == meta and (dest / "manifest.csv").is_file():
         return dest

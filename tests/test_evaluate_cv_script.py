@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,9 @@ def test_jittered_copy_is_reused_and_never_writes_into_a_foreign_folder(cv, tmp_
     first = (dest / "images" / "00000.png").stat().st_mtime_ns
     cv.jittered_copy(samples, dest, seed=0, size=32)
     assert (dest / "images" / "00000.png").stat().st_mtime_ns == first
+    renamed = [*samples[:2], replace(samples[2], defect="crack")]  # a kind renamed in the source
+    cv.jittered_copy(renamed, dest, seed=0, size=32)
+    assert [s.defect for s in load_dataset(dest / "manifest.csv")] == ["good", "good", "crack"]
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
