@@ -1023,12 +1023,15 @@ def _metrics_table(data: dict[str, Any], page: _Page, keys: Sequence[str],
 
 
 def _defect_cells(page: _Page, i: int) -> list[str]:
-    """AUROC [CI], recall (not PASS), recall (REJECT) of ``by_defect[i]``, formatted."""
+    """GOOD / defective, AUROC [CI], recall (not PASS), recall (REJECT) of ``by_defect[i]``,
+    formatted: the numeric cells of its row in both the HTML and the Markdown table."""
+    counts = (f'{page.num("int", "by_defect", i, "n_good")} / '
+              f'{page.num("int", "by_defect", i, "n_defective")}')
     cell = page.num("num", "by_defect", i, "auroc")
     if page.data["by_defect"][i]["auroc_ci"][0] is not None:
         cell += (f" [{page.num('num', 'by_defect', i, 'auroc_ci', 0)}, "
                  f"{page.num('num', 'by_defect', i, 'auroc_ci', 1)}]")
-    return [cell, page.num("pct", "by_defect", i, "recall_flagged"),
+    return [counts, cell, page.num("pct", "by_defect", i, "recall_flagged"),
             page.num("pct", "by_defect", i, "recall_reject")]
 
 
@@ -1041,9 +1044,7 @@ def _defect_table(data: dict[str, Any], page: _Page) -> str:
                    for i, h in enumerate(DEFECT_HEADER))
     body = []
     for i, r in enumerate(data["by_defect"]):
-        counts = (f'{page.num("int", "by_defect", i, "n_good")} / '
-                  f'{page.num("int", "by_defect", i, "n_defective")}')
-        cells = "".join(f'<td class="n">{c}</td>' for c in [counts, *_defect_cells(page, i)])
+        cells = "".join(f'<td class="n">{c}</td>' for c in _defect_cells(page, i))
         body.append(f'<tr><td class="type"><strong>{_esc(r["feature_type"])}</strong></td>'
                     f'<td>{_esc(r["defect"])}</td><td>{_esc(r["method"])}</td>{cells}</tr>')
     return (f'<div class="tablewrap"><table><thead><tr>{head}</tr></thead><tbody>'
@@ -1317,9 +1318,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         header = ["type", "method", "GOOD / defective", *(METRICS[k][0] for k in keys)]
         out += [f"## {title}", "", _md_table(header, rows), ""]
     if data.get("by_defect"):
-        rows = [[r["feature_type"], r["defect"], r["method"],
-                 f"{page.num('int', 'by_defect', i, 'n_good')} / "
-                 f"{page.num('int', 'by_defect', i, 'n_defective')}", *_defect_cells(page, i)]
+        rows = [[r["feature_type"], r["defect"], r["method"], *_defect_cells(page, i)]
                 for i, r in enumerate(data["by_defect"])]
         out += ["## By defect kind (each kind against the type's GOOD parts)", "",
                 _md_table(DEFECT_HEADER, rows), ""]
