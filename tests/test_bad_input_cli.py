@@ -53,6 +53,13 @@ def _foreign_out(c: Ctx) -> None:
     (c.tmp / "photos" / "holiday.jpg").write_bytes(b"precious")
 
 
+def _manifest(c: Ctx) -> None:
+    """c.tmp/manifest.csv listing the dataset's dots images by absolute path."""
+    rows = ["path,feature_type,label"]
+    rows += [f"{p},dots,good" for p in sorted((c.data / "dots" / "train" / "good").iterdir())]
+    (c.tmp / "manifest.csv").write_text("\n".join(rows) + "\n")
+
+
 def _one_part_type(c: Ctx) -> None:
     root = c.tmp / "small"
     for i in range(3):
@@ -99,6 +106,12 @@ ROWS: dict[str, Row | object] = {
                                  ("overlap",)),
     "train_out_is_a_file": Row(lambda c: ["train", str(c.data), "--out", str(c.image)],
                                ("overlap",)),
+    "train_manifest_out_holds_its_images": Row(
+        lambda c: ["train", str(c.tmp / "manifest.csv"), "--out", str(c.data / "dots")],
+        ("overlap", "would lie inside the model folder"), setup=_manifest),
+    "train_manifest_out_holds_the_manifest": Row(
+        lambda c: ["train", str(c.tmp / "manifest.csv"), "--out", str(c.tmp)],
+        ("overlap", "manifest.csv would lie inside"), setup=_manifest),
     # config validation
     "set_steps_abc": Row(_train("--set", "train.steps=abc"), ("train.steps must be an integer, got 'abc'",)),
     "set_t_max_beyond_T": Row(_train("--set", "train.t_max=1000"),

@@ -47,6 +47,49 @@ def test_inspect_corrupt_image(tiny_model: Path, tmp_path: Path, clear_dataset: 
     assert "error" in rows[0] and "score" in rows[1]
 
 
+def test_train_names_every_unreadable_image_and_the_way_past_them(
+        clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(clear_dataset, data)
+    good = data / "dots" / "train" / "good"
+    (good / "zz_empty.png").write_bytes(b"")
+    (good / "zz_text.png").write_text("not an image")
+    args = ["train", str(data), "--out", str(tmp_path / "m"), "-q", "--set", "backbone.input_size=64",
+            "--set", "calibration.fraction=0.35"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "2 unreadable images" in err and "zz_empty.png" in err and "zz_text.png" in err
+    assert "--skip-corrupt" in err and not (tmp_path / "m").exists()
+    assert main([*args, "--skip-corrupt"]) == 0
+    out = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert sorted(Path(p).name for p in out["training_data"]["skipped_corrupt"]) == [
+        "zz_empty.png", "zz_text.png"]
+
+
+def test_train_writes_a_model_beside_its_manifest(
+        clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """project/manifest.csv, project/images/..., project/models/m: the model folder overlaps no
+    listed file, so it is not refused (a dataset folder's own subfolders still are)."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(clear_dataset / "dots", project / "images")
+    rows = ["path,feature_type,label"]
+    rows += [f"images/train/good/{p.name},dots,good"
+             for p in sorted((project / "images" / "train" / "good").iterdir())]
+    (project / "manifest.csv").write_text("\n".join(rows) + "\n")
+    before = sorted(p.relative_to(project) for p in project.rglob("*"))
+    rc = main(["train", str(project / "manifest.csv"), "--out", str(project / "models" / "m"), "-q",
+               "--method", "padim", "--set", "backbone.input_size=64", "--set", "calibration.fraction=0.35"])
+    assert rc == 0, capsys.readouterr().err
+    assert (project / "models" / "m" / "weights.safetensors").is_file()
+    after = sorted(r for r in (p.relative_to(project) for p in project.rglob("*"))
+                   if r.parts[0] != "models")
+    assert after == before
+
+
 def test_damaged_bundle_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "m").mkdir()
     assert main(["inspect", str(tmp_path / "m"), "x.png"]) == 1

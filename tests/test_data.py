@@ -126,6 +126,33 @@ def test_corrupt_file_named_and_skippable(tmp_path: Path, clear_dataset: Path) -
     assert len(images) == 3 and len(kept) == 3 and errors[0].source == str(bad)
 
 
+def test_every_unreadable_file_is_named_in_one_error(tmp_path: Path, clear_dataset: Path) -> None:
+    """A dataset with several broken files is mended in one pass: the error names every one
+    (the first five in the message, all in ``errors``); with one broken file the message is that
+    file's own."""
+    from dataclasses import replace
+
+    from diffqc.errors import UnreadableImagesError
+
+    samples = load_dataset(clear_dataset)[:2]
+    bad = []
+    for i in range(7):
+        path = tmp_path / f"broken{i}.png"
+        path.write_bytes(b"" if i % 2 else b"\x89PNG garbage")
+        bad.append(replace(samples[0], path=path))
+    with pytest.raises(UnreadableImagesError) as caught:
+        read_images([samples[0], *bad, samples[1]])
+    err = caught.value
+    assert isinstance(err, ImageReadError)  # callers catching the one-file error still do
+    assert [e.source for e in err.errors] == [str(s.path) for s in bad]
+    message = str(err)
+    assert "7 unreadable images" in message
+    assert all(f"broken{i}.png" in message for i in range(5))
+    assert "broken5.png" not in message and "and 2 more" in message
+    with pytest.raises(ImageReadError, match=r"^cannot read image .*broken1\.png: not a recognised"):
+        read_images([samples[0], bad[1]])
+
+
 def test_type_with_only_test_images_is_named(tmp_path: Path, clear_dataset: Path) -> None:
     from diffqc.data import DatasetWarning, good_training
 

@@ -233,6 +233,23 @@ def test_cli_type_without_defects_and_a_setting(clear_dataset: Path, tmp_path: P
         E.parse_setting("no-colon")
 
 
+def test_unreadable_images_are_left_out_and_named(clear_dataset: Path, tmp_path: Path) -> None:
+    """An unreadable file does not stop an evaluation: it is left out, and both the terminal (a
+    DatasetWarning) and the report's notes name it."""
+    from diffqc.data import DatasetWarning
+
+    samples = [s for s in load_dataset(clear_dataset) if s.feature_type == "stripes"]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG garbage")
+    samples.append(replace(samples[0], path=broken))
+    with pytest.warns(DatasetWarning, match=r"1 unreadable image\(s\) left out .*broken\.png"):
+        report = E.evaluate(samples, folds=FOLDS, methods=("padim",), base_config=tiny_config(),
+                            progress=False, n_boot=20, gallery=0, device="cpu")
+    assert any("broken.png" in note for note in report["notes"])
+    results = report["results"]["stripes"]["padim"]
+    assert results["n_good"] + results["n_defective"] == len(samples) - 1
+
+
 def test_parse_setting_keeps_list_values_whole() -> None:
     name, over = E.parse_setting("big:diffusion.prior_dims=100,scoring.bank_timesteps=[100,200]")
     assert name == "big"

@@ -17,11 +17,14 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffqc import __version__
-from diffqc.errors import ConfigError, DatasetError, DiffqcError, OutputError
+from diffqc.errors import ConfigError, DatasetError, DiffqcError, ImageReadError, OutputError
 from diffqc.runtime import add_runtime_arguments
+
+if TYPE_CHECKING:
+    from diffqc.data import Sample
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -93,12 +96,21 @@ def _nested(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def check_train_paths(data: Path, out: Path) -> None:
-    """The model folder must be neither the dataset folder, nor inside it, nor around it."""
-    root = data.parent if data.suffix.lower() == ".csv" else data
-    if _nested(out, root) or _nested(root, out):
-        raise OutputError(f"--out {out} and the training data {data} overlap; write the model "
-                          "bundle to a folder outside the dataset")
+def check_train_paths(data: Path, out: Path, samples: Sequence[Sample] = ()) -> None:
+    """The model folder must not overlap the training data. A dataset folder: the model may be
+    neither that folder, nor inside it, nor around it. A CSV manifest (its ``samples``): neither
+    the manifest nor any image or mask it lists may be the model folder or inside it; a folder
+    beside them (``models/`` next to ``manifest.csv``) is fine."""
+    if data.suffix.lower() != ".csv":
+        if _nested(out, data) or _nested(data, out):
+            raise OutputError(f"--out {out} and the training data {data} overlap; write the model "
+                              "bundle to a folder outside the dataset")
+        return
+    listed = [data, *(s.path for s in samples), *(s.mask_path for s in samples if s.mask_path)]
+    inside = next((p for p in listed if _nested(p, out)), None)
+    if inside is not None:
+        raise OutputError(f"--out {out} and the training data {data} overlap ({inside} would lie "
+                          "inside the model folder); write the model bundle to another folder")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -107,9 +119,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = build_config(args)
     data, out = Path(args.data), Path(args.out)
-    check_train_paths(data, out)
+    if data.suffix.lower() == ".csv":  # what it lists decides
+        everything = load_dataset(data)
+        check_train_paths(data, out, everything)
+    else:  # refused before the folder is even listed
+        check_train_paths(data, out)
+        everything = load_dataset(data)
     check_bundle_target(out, force=args.force)  # refused before the training, not after
-    samples = good_training(load_dataset(data))  # names any type left without GOOD training images
+    samples = good_training(everything)  # names any type left without GOOD training images
     start = time.perf_counter()
     det = Detector(config, device=args.device).fit(samples, progress=not args.quiet,
                                                     skip_corrupt=args.skip_corrupt)
@@ -153,7 +170,6 @@ def _new_heatmap_path(folder: Path, name: Path) -> Path:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from diffqc.data import IMAGE_SUFFIXES, read_image
-    from diffqc.errors import ImageReadError
     from diffqc.runtime import runtime_from_args
 
     images = _expand_images(args.images)
@@ -343,7 +359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (DiffqcError, OSError) as exc:  # the user's input or the machine, not a bug
             if os.environ.get("DIFFQC_TRACEBACK"):
                 raise
-            print(f"diffqc: error: {_describe(exc)}", file=sys.stderr)
+            hint = ""
+            if isinstance(exc, ImageReadError) and getattr(args, "skip_corrupt", True) is False:
+                hint = " (pass --skip-corrupt to leave unreadable images out)"
+            print(f"diffqc: error: {_describe(exc)}{hint}", file=sys.stderr)
             return EXIT_ERROR
         except KeyboardInterrupt:
             print("diffqc: interrupted", file=sys.stderr)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from diffqc.errors import DatasetError, ImageReadError
+from diffqc.errors import DatasetError, ImageReadError, UnreadableImagesError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm"})
 GOOD = 0
@@ -261,19 +261,25 @@ def good_training(samples: Iterable[Sample]) -> list[Sample]:
 def read_images(
     samples: Sequence[Sample], *, skip_corrupt: bool = False
 ) -> tuple[list[np.ndarray], list[Sample], list[ImageReadError]]:
-    """Read every sample's image. Corrupt files raise, or with ``skip_corrupt`` are listed."""
+    """Read every sample's image. Unreadable files are listed with ``skip_corrupt`` (a warning
+    each); without it every file is still tried, and then one error names them all (the one
+    file's :class:`ImageReadError`, or :class:`UnreadableImagesError` for several)."""
     images: list[np.ndarray] = []
     kept: list[Sample] = []
     errors: list[ImageReadError] = []
     for s in samples:
         try:
-            images.append(read_image(s.path))
-            kept.append(s)
+            image = read_image(s.path)
         except ImageReadError as exc:
-            if not skip_corrupt:
-                raise
             errors.append(exc)
-            warnings.warn(f"skipped: {exc}", stacklevel=2)
+            if skip_corrupt:
+                warnings.warn(f"skipped: {exc}", stacklevel=2)
+            continue
+        if not errors or skip_corrupt:  # once one failed, only the failures still matter
+            images.append(image)
+            kept.append(s)
+    if errors and not skip_corrupt:
+        raise errors[0] if len(errors) == 1 else UnreadableImagesError(errors)
     return images, kept, errors
 
 

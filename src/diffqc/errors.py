@@ -8,6 +8,8 @@ its traceback. Each kind keeps the built-in base it had before (``ValueError`` f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class DiffqcError(Exception):
     """Base of every error diffqc raises on purpose; ``code`` is a stable machine-readable kind."""
@@ -35,6 +37,25 @@ class ImageReadError(DiffqcError, ValueError):
     def __init__(self, source: str, reason: str) -> None:
         super().__init__(f"cannot read image {source}: {reason}")
         self.source = source
+        self.reason = reason
+
+
+class UnreadableImagesError(ImageReadError):
+    """Several images could not be decoded: all of them are named (the first few in the message,
+    every one in ``errors``), so a dataset is mended in one pass rather than one file per run."""
+
+    shown = 5
+
+    def __init__(self, errors: Sequence[ImageReadError]) -> None:
+        if not errors:
+            raise ValueError("UnreadableImagesError needs at least one ImageReadError")
+        self.errors = list(errors)
+        listed = "; ".join(f"{e.source} ({e.reason})" for e in self.errors[: self.shown])
+        more = len(self.errors) - self.shown
+        reason = (f"{len(self.errors)} unreadable image{'s' if len(self.errors) > 1 else ''}: "
+                  f"{listed}" + (f"; and {more} more" if more > 0 else ""))
+        DiffqcError.__init__(self, reason)
+        self.source = self.errors[0].source
         self.reason = reason
 
 

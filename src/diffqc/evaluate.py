@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from diffqc import report as R
 from diffqc.calibration import CalibrationWarning, Calibrator, TypeCalibration, standardiser
 from diffqc.config import METHODS, DetectorConfig, parse_overrides, with_overrides
-from diffqc.data import DEFECTIVE, GOOD, Sample, read_image, read_mask
+from diffqc.data import DEFECTIVE, GOOD, DatasetWarning, Sample, read_image, read_mask
 from diffqc.errors import ImageReadError
 from diffqc.folds import per_type_folds
 from diffqc.metrics import has_both_classes, image_auroc
@@ -328,7 +328,9 @@ def evaluate(
         labelled, extractors, progress, None if feature_cache is None else Path(feature_cache))
     extract_seconds = time.perf_counter() - t0
     if errors:
-        notes.append(f"{len(errors)} unreadable image(s) skipped, e.g. {errors[0]}")
+        shown = "; ".join(errors[:5]) + (f"; and {len(errors) - 5} more" if len(errors) > 5 else "")
+        notes.append(f"{len(errors)} unreadable image(s) left out of the evaluation: {shown}")
+        warnings.warn(notes[-1], DatasetWarning, stacklevel=2)
     n = len(ev)
     y = np.array([s.label for s in ev], dtype=np.int64)
     stypes = [s.feature_type for s in ev]
