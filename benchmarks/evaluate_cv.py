@@ -1,13 +1,17 @@
 """5-fold cross-validated evaluation, diffusion vs the baselines, on the synthetic set, magnetic
-tile and ELPV (issues 4 and 14): writes the full reports and prints the tables for BENCHMARKS.md.
+tile, ELPV and MVTec bottle (issues 4 and 14): writes the full reports and prints the tables for
+BENCHMARKS.md.
 
-    OMP_NUM_THREADS=2 python benchmarks/evaluate_cv.py [--out DIR] [--only synthetic|magnetic_tile|elpv]
-        [--magnetic-tile PATH] [--max-train-good N] [--folds 5] [--methods diffusion,patchcore]
+    OMP_NUM_THREADS=2 python benchmarks/evaluate_cv.py [--out DIR]
+        [--only synthetic|magnetic_tile|elpv|mvtec_bottle] [--magnetic-tile PATH] [--bottle PATH]
+        [--max-train-good N] [--folds 5] [--methods diffusion,patchcore]
 
 The synthetic set (``diffqc.synth.write_synthetic_dataset``, 1327 parts, seed 0) is written
-once into ``--cache`` and reused. Magnetic tile is read from ``../shared/datasets/magnetic_tile``
-(skipped with a message when absent); ELPV from PyPI ``elpv-dataset`` (a manifest is written into
-``--elpv-cache``). Default configs; ``--set KEY=VALUE`` applies to all.
+once into ``--cache`` and reused. Magnetic tile and MVTec bottle are read from
+``../shared/datasets/{magnetic_tile,mvtec_bottle}`` (each skipped with a message when absent; the
+bottle's train and test images are pooled and re-split into the folds, as every set here);
+ELPV from PyPI ``elpv-dataset`` (a manifest is written into ``--elpv-cache``). Default configs;
+``--set KEY=VALUE`` applies to all.
 Each dataset's report lands in ``OUT/<dataset>/`` (report.html/.md/.json) together with
 ``benchmark.md``, the Markdown tables printed at the end, and ``state.pkl``, every out-of-fold
 result, from which ``--rebuild`` re-renders the reports without refitting.
@@ -46,6 +50,7 @@ from diffqc.evaluate import evaluate, load_evaluation_data, summary_lines
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TILE = REPO.parent / "shared" / "datasets" / "magnetic_tile"
+DEFAULT_BOTTLE = REPO.parent / "shared" / "datasets" / "mvtec_bottle"
 
 
 def synthetic_dataset(cache: Path, n_parts: int = 1327, seed: int = 0) -> Path:
@@ -260,7 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    default=Path.home() / ".cache" / "diffqc" / "evaluate-features",
                    help="raw backbone features kept between runs")
     p.add_argument("--magnetic-tile", type=Path, default=DEFAULT_TILE)
-    p.add_argument("--only", choices=["synthetic", "magnetic_tile", "elpv"], default=None)
+    p.add_argument("--bottle", type=Path, default=DEFAULT_BOTTLE, help="MVTec AD bottle folder")
+    p.add_argument("--only", choices=["synthetic", "magnetic_tile", "elpv", "mvtec_bottle"],
+                   default=None)
     p.add_argument("--elpv-cache", type=Path, default=Path.home() / ".cache" / "diffqc" / "elpv")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--methods", default="diffusion,patchcore")
@@ -297,6 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"magnetic tile not found at {args.magnetic_tile}: skipped", file=sys.stderr)
     if args.only in (None, "elpv"):
         runs.append(run_one("elpv", elpv_manifest(args.elpv_cache), args.out, args, None))
+    if args.only in (None, "mvtec_bottle"):
+        if args.bottle.is_dir():
+            runs.append(run_one("mvtec_bottle", args.bottle, args.out, args, None))
+        else:
+            print(f"MVTec bottle not found at {args.bottle}: skipped", file=sys.stderr)
     for r in runs:
         print(f"## {r['name']} ({r['seconds'] / 60:.1f} min)\n\n{r['tables']}\n")
     return 0
