@@ -138,20 +138,25 @@ def _n(x: Any, kind: str = "num") -> str:
 
 
 def markdown_tables(report: Mapping[str, Any]) -> str:
-    """Per-type metrics (pooled, [95% CI], folds mean ± sd) and the comparisons."""
+    """Per-type metrics (pooled, [95% CI], folds mean ± sd; pixel AUROC and AUPRO where a type
+    has defect masks) and the comparisons."""
     alpha = _n(report["decision_rule"]["alpha_review"], "num")
+    every = [r for per in report["results"].values() for r in per.values()]
+    pixels = any(isinstance(x := r["pooled"].get("pixel_auroc"), float) and math.isfinite(x)
+                 for r in every)
     head = ("| type | GOOD / def | method | AUROC pooled [95% CI] | AUROC folds mean ± sd | AUPR | "
-            f"F1-max | TPR @ 5% FPR | FPR not-PASS (α={alpha}) | recall not-PASS | "
-            "REVIEW / REJECT share |")
-    lines = [head, "|" + "---|" * 11]
+            f"F1-max | TPR @ 5% FPR | {'pixel AUROC | AUPRO (0.3) | ' if pixels else ''}"
+            f"FPR not-PASS (α={alpha}) | recall not-PASS | REVIEW / REJECT share |")
+    lines = [head, "|" + "---|" * (13 if pixels else 11)]
 
     def row(ftype: str, name: str, r: Mapping[str, Any]) -> None:
         p, s, ci = r["pooled"], r["summary"]["auroc"], r["auroc_ci"]
         flag = " (unreliable)" if r["unreliable"] else ""
+        pixel = f"{_n(p.get('pixel_auroc'))} | {_n(p.get('aupro'))} | " if pixels else ""
         lines.append(
             f"| {ftype}{flag} | {r['n_good']} / {r['n_defective']} | {name} | "
             f"{_n(p['auroc'])} [{_n(ci[0])}, {_n(ci[1])}] | {_n(s['mean'])} ± {_n(s['sd'])} | "
-            f"{_n(p['aupr'])} | {_n(p['f1_max'])} | {_n(p['tpr_at_5fpr'])} | "
+            f"{_n(p['aupr'])} | {_n(p['f1_max'])} | {_n(p['tpr_at_5fpr'])} | {pixel}"
             f"{_n(p['fpr_flagged'], 'pct')} | {_n(p['recall_flagged'], 'pct')} | "
             f"{_n(p['share_review'], 'pct')} / {_n(p['share_reject'], 'pct')} |")
 

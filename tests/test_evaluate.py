@@ -91,6 +91,29 @@ def test_writes_three_files_and_html_numbers_match_json(run: dict[str, Any]) -> 
     assert kinds == {"bright", "dark"}
 
 
+def test_terminal_table_gives_the_pixel_auroc_where_masks_exist(run: dict[str, Any]) -> None:
+    import copy
+
+    report = run["report"]
+    lines = E.summary_lines(report)
+    header = re.split(r"\s{2,}", lines[0])
+    col = header.index("pixel AUROC")
+    checked = 0
+    for line in lines[1:]:
+        if not line.strip():
+            break
+        cells = re.split(r"\s{2,}", line)
+        per = report["overall"] if cells[0] == R.OVERALL else report["results"][cells[0]]
+        pooled = per[cells[1]]["pooled"]
+        assert cells[col] == R.fmt(pooled["pixel_auroc"])
+        checked += math.isfinite(pooled["pixel_auroc"])
+    assert checked >= 2  # a number, not only dashes
+    no_masks = copy.deepcopy(report)
+    for r in [r for per in no_masks["results"].values() for r in per.values()]:
+        r["pooled"]["pixel_auroc"] = float("nan")
+    assert "pixel AUROC" not in E.summary_lines(no_masks)[0]
+
+
 def test_folds_never_leak_a_part(run: dict[str, Any]) -> None:
     oof = run["report"]["out_of_fold"]
     fold_of_group: dict[str, set[int]] = {}

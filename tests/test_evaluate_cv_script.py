@@ -79,3 +79,29 @@ def test_jittered_copy_is_reused_and_never_writes_into_a_foreign_folder(cv, tmp_
         cv.jittered_copy(samples, foreign, seed=0, size=32)
     assert (foreign / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_benchmark_tables_give_pixel_metrics_where_masks_exist(cv, clear_dataset: Path) -> None:
+    import re
+    import warnings
+
+    from diffqc import report as R
+    from diffqc.evaluate import evaluate
+
+    from .conftest import tiny_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = evaluate(load_dataset(clear_dataset), folds=2, methods=("padim",),
+                          base_config=tiny_config(), progress=False, n_boot=20, gallery=0,
+                          device="cpu")
+    lines = cv.markdown_tables(report).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    pixel, aupro = header.index("pixel AUROC"), header.index("AUPRO (0.3)")
+    assert re.fullmatch(r"\|(---\|)+", lines[1]) and lines[1].count("---") == len(header)
+    for ftype, per in report["results"].items():
+        cells = next([c.strip() for c in line.strip("|").split("|")] for line in lines[2:]
+                     if re.match(rf"\| {ftype}( \(unreliable\))? \|", line))
+        assert len(cells) == len(header)
+        assert cells[pixel] == R.fmt(per["padim"]["pooled"]["pixel_auroc"]) != "–"
+        assert cells[aupro] == R.fmt(per["padim"]["pooled"]["aupro"]) != "–"

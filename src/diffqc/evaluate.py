@@ -688,9 +688,14 @@ def _f(x: Any, kind: str = "num") -> str:
 
 
 def summary_lines(report: Mapping[str, Any]) -> list[str]:
-    """A compact plain-text table of the report: one row per type and method, then comparisons."""
+    """A compact plain-text table of the report: one row per type and method (with the pixel
+    AUROC where some type has defect masks), then comparisons."""
+    every = [r for per in report["results"].values() for r in per.values()]
+    pixels = any(isinstance(x := r["pooled"].get("pixel_auroc"), float) and math.isfinite(x)
+                 for r in every)
     rows = [("type", "method", "GOOD/def", "AUROC [95% CI]", "folds mean±sd", "AUPR",
-             "TPR@5%", "FPR !PASS", "recall !PASS", "REVIEW", "REJECT", "")]
+             "TPR@5%", *(("pixel AUROC",) if pixels else ()), "FPR !PASS", "recall !PASS",
+             "REVIEW", "REJECT", "")]
 
     def add(ftype: str, name: str, r: Mapping[str, Any]) -> None:
         p, s, ci = r["pooled"], r["summary"]["auroc"], r["auroc_ci"]
@@ -698,6 +703,7 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
             ftype, name, f"{r['n_good']}/{r['n_defective']}",
             f"{_f(p['auroc'])} [{_f(ci[0])}, {_f(ci[1])}]",
             f"{_f(s['mean'])}±{_f(s['sd'])}", _f(p["aupr"]), _f(p["tpr_at_5fpr"]),
+            *((_f(p.get("pixel_auroc")),) if pixels else ()),
             _f(p["fpr_flagged"], "pct"), _f(p["recall_flagged"], "pct"),
             _f(p["share_review"], "pct"), _f(p["share_reject"], "pct"),
             "UNRELIABLE" if r["unreliable"] else ""))
