@@ -60,6 +60,11 @@ def _manifest(c: Ctx) -> None:
     (c.tmp / "manifest.csv").write_text("\n".join(rows) + "\n")
 
 
+def _foreign_report(c: Ctx) -> None:
+    _foreign_out(c)
+    (c.tmp / "photos" / "report.md").write_text("the line's own report")
+
+
 def _one_part_type(c: Ctx) -> None:
     root = c.tmp / "small"
     for i in range(3):
@@ -112,6 +117,12 @@ ROWS: dict[str, Row | object] = {
     "train_manifest_out_holds_the_manifest": Row(
         lambda c: ["train", str(c.tmp / "manifest.csv"), "--out", str(c.tmp)],
         ("overlap", "manifest.csv would lie inside"), setup=_manifest),
+    "evaluate_out_foreign_folder": Row(
+        lambda c: ["evaluate", str(c.data), "--out", str(c.tmp / "photos")],
+        ("is not empty and holds no diffqc report", "--force"), setup=_foreign_out),
+    "evaluate_force_never_replaces": Row(
+        lambda c: ["evaluate", str(c.data), "--out", str(c.tmp / "photos"), "--force"],
+        ("already holds report.md", "never replaces"), setup=_foreign_report),
     # config validation
     "set_steps_abc": Row(_train("--set", "train.steps=abc"), ("train.steps must be an integer, got 'abc'",)),
     "set_t_max_beyond_T": Row(_train("--set", "train.t_max=1000"),
@@ -167,6 +178,10 @@ ROWS: dict[str, Row | object] = {
                                                 "mysql://u:pw@host/db"], ("unsupported result store",)),
     "results_db_under_a_file": Row(lambda c: ["results", "export", str(c.tmp / "x"), "--db",
                                               str(c.image / "r.db")], ("Not a directory",)),
+    "results_export_into_a_dataset": Row(lambda c: ["results", "export", str(c.data / "dots"), "--db",
+                                                    str(c.tmp / "r.db")],
+                                         ("holds no earlier `diffqc results export`",),
+                                         absent=lambda c: c.data / "dots" / "manifest.csv"),
     "watch_feature_type_typo": Row(lambda c: ["watch", str(c.tmp / "cam"), str(c.model), "--once",
                                               "--db", str(c.tmp / "r.db"), "--feature-type", "dotz"],
                                    ("'dotz' is not a type of this model",),

@@ -166,6 +166,19 @@ def test_save_refuses_a_foreign_folder_and_force_deletes_nothing(tiny_model: Pat
     assert Detector.load(out, device="cpu").classes_ == det.classes_
 
 
+def test_force_never_replaces_a_foreign_file_of_a_bundle_files_name(tiny_model: Path,
+                                                                     tmp_path: Path) -> None:
+    det = Detector.load(tiny_model, device="cpu")
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "config.json").write_text('{"camera": "line 3"}')  # the user's own config
+    before = _tree(out)
+    with pytest.raises(OutputError, match=r"already holds config\.json.*never replaces"):
+        det.save(out, force=True)
+    assert _tree(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["project"]
+
+
 def test_save_over_a_bundle_replaces_only_its_files(tiny_model: Path, tmp_path: Path) -> None:
     det = Detector.load(tiny_model, device="cpu")
     out = det.save(tmp_path / "m")

@@ -359,6 +359,39 @@ def test_single_method_report_with_overlay_file(tmp_path: Path) -> None:
     assert data["results"]["t"]["padim"]["unreliable"]  # 2 defective per fold < 5
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_report_target_never_replaces_a_file_it_did_not_write(written: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    from diffqc.errors import OutputError
+
+    assert R.check_report_target(tmp_path / "new") == tmp_path / "new"  # new: fine
+    (tmp_path / "empty").mkdir()
+    R.check_report_target(tmp_path / "empty")
+    assert R.is_report(written["json"].parent)
+    R.check_report_target(written["json"].parent)  # an earlier report: its files are replaced
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "report.md").write_text("the line's own report")
+    (foreign / "photo.jpg").write_bytes(b"precious")
+    before = _tree(foreign)
+    with pytest.raises(OutputError, match=r"holds no diffqc report.*--force"):
+        R.check_report_target(foreign)
+    with pytest.raises(OutputError, match=r"already holds report\.md.*never replaces"):
+        R.check_report_target(foreign, force=True)
+    (foreign / "report.md").unlink()
+    R.check_report_target(foreign, force=True)  # beside photo.jpg: allowed
+    assert not R.is_report(foreign)
+    (foreign / "report.json").write_text('{"title": "not ours"}')
+    assert not R.is_report(foreign)  # a report.json without a diffqc report's keys
+    with pytest.raises(OutputError, match="not a folder"):
+        R.check_report_target(foreign / "photo.jpg")
+    assert {k: v for k, v in _tree(foreign).items() if k != "report.json"} == {
+        k: v for k, v in before.items() if k != "report.md"}
+
+
 def test_missing_key_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="comparisons"):
         R.write_report({"dataset": {}, "methods": [], "folds": {}, "decision_rule": {},

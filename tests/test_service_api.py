@@ -296,6 +296,19 @@ async def test_review_flow_and_export(detector: Any, samples: Samples, tmp_path:
     exported = load_dataset(tmp_path / "export" / "manifest.csv")
     assert len(exported) == 1 and exported[0].label == 0 and exported[0].part_id == "rv-0"
     assert exported[0].path.read_bytes() == samples.by_decision["REVIEW"][0][0]
+    # again into the same folder (an earlier export): its own files are replaced
+    assert export_reviewed_good(db, tmp_path / "export")["exported"] == 1
+    assert len(load_dataset(tmp_path / "export" / "manifest.csv")) == 1
+    # into a dataset folder with its own manifest: refused before anything is written
+    from diffqc.errors import OutputError
+
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    (dataset / "manifest.csv").write_text("path,feature_type,label\nimg.png,edge,good\n")
+    with pytest.raises(OutputError, match="holds no earlier `diffqc results export`"):
+        export_reviewed_good(db, dataset)
+    assert [p.name for p in dataset.iterdir()] == ["manifest.csv"]
+    assert (dataset / "manifest.csv").read_text().startswith("path,feature_type,label\nimg.png")
 
 
 async def test_idempotency_key_returns_the_stored_record(

@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, type=Path,
                        help="model bundle folder to write: new, empty, or an earlier bundle")
     train.add_argument("--force", action="store_true",
-                       help="write into a non-empty folder that is not a bundle (deletes nothing)")
+                       help="write into a non-empty folder that is not a bundle (deletes and replaces "
+                            "nothing)")
     _add_model_options(train)
     train.add_argument("--skip-corrupt", action="store_true", help="skip and list unreadable images")
     train.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")

@@ -35,7 +35,9 @@ def add_evaluate_command(subparsers: Any) -> None:
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated methods (default: diffusion,patchcore,padim)")
     p.add_argument("--out", type=Path, default=Path("diffqc-evaluation"),
-                   help="report folder (default: ./diffqc-evaluation)")
+                   help="report folder (default: ./diffqc-evaluation): new, empty, or an earlier report")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty folder that is not a report (deletes and replaces nothing)")
     p.add_argument("--seed", type=int, default=0, help="fold (and subsample) seed")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="config field for every method, e.g. --set train.steps=1000 (repeatable)")

@@ -263,6 +263,7 @@ def evaluate(
     runtime: str = "torch",
     threads: int | None = None,
     unknown_type: bool = False,
+    force: bool = False,
 ) -> R.Report:
     """k-fold cross-validated evaluation of ``methods`` (and named ``settings``) on ``samples``.
 
@@ -273,7 +274,9 @@ def evaluate(
     else the image) and stratified by label; all variants see the same folds.
     ``max_train_good`` caps the GOOD training images per type and fold (a seeded subsample) to
     bound the run time. ``gallery``: worst misses per variant (half missed defects, half false
-    alarms). When ``out_dir`` is given, report.json / .md / .html are written there.
+    alarms). When ``out_dir`` is given, report.json / .md / .html are written there: a new or
+    empty folder or an earlier report, checked before any work (:func:`report.check_report_target`;
+    ``force``: any folder, writing beside what is there and replacing nothing).
     ``feature_cache``: a folder where the raw backbone features are kept between runs (keyed by
     the backbone, its weights and the image files), so a re-run skips the extraction.
     ``runtime``: ``torch``, or ``onnx`` / ``openvino`` to score the held-out parts of each fold with
@@ -287,6 +290,8 @@ def evaluate(
     """
     if runtime not in ("torch", "onnx", "openvino", "auto"):
         raise ValueError(f"runtime must be torch, onnx, openvino or auto, got {runtime!r}")
+    if out_dir is not None:
+        R.check_report_target(out_dir, force=force)
     t_start = time.perf_counter()
     base = base_config or DetectorConfig()
     variants_cfg: dict[str, DetectorConfig] = {}
@@ -792,7 +797,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       gallery=args.gallery, n_boot=args.n_boot, max_train_good=args.max_train_good,
                       device=args.device, dataset_name=name, dataset_source=source,
                       feature_cache=args.feature_cache, runtime=args.runtime, threads=args.threads,
-                      unknown_type=args.unknown_type)
+                      unknown_type=args.unknown_type, force=args.force)
     print("\n".join(summary_lines(report)))
     paths = cast(dict[str, Any], report).get("paths", {})
     print()

@@ -44,6 +44,7 @@ from diffqc.inspection import (
     sha256_file,
     verdicts,
 )
+from diffqc.output import check_output_folder
 from diffqc.scoring import DiffusionScorer, aggregate, upsample_and_smooth
 
 
@@ -122,16 +123,10 @@ def is_bundle(path: Path) -> bool:
 
 def check_bundle_target(path: Path | str, *, force: bool = False) -> Path:
     """``path`` if a bundle may be written there: a new or empty folder, or an earlier bundle
-    (whose own files are replaced). Any other non-empty folder is refused unless ``force``, and
-    even then nothing already there is deleted: the bundle's files are written beside it."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"cannot write the model bundle to {path}: it exists and is not a folder")
-    if path.is_dir() and not force and not is_bundle(path) and any(path.iterdir()):
-        raise OutputError(f"{path} is not empty and is not a diffqc model bundle; choose a new or "
-                          "empty folder, or pass --force to write the bundle's files beside what "
-                          "is there (nothing is deleted)")
-    return path
+    (whose own files are replaced); any other folder only with ``force``, beside what is there
+    and replacing nothing (:func:`diffqc.output.check_output_folder`)."""
+    return check_output_folder(path, what="model bundle", names=BUNDLE_FILES, is_ours=is_bundle,
+                               foreign="is not a diffqc model bundle", force=force)
 
 
 class Detector:

@@ -54,6 +54,7 @@ from PIL import Image
 
 from diffqc import metrics as M
 from diffqc import stats as S
+from diffqc.output import check_output_folder
 
 SCHEMA_VERSION = 1
 OVERALL = "all types"
@@ -1383,6 +1384,26 @@ def check_report(report: dict[str, Any]) -> None:
                 raise ValueError(f"results[{ftype!r}][{method!r}] lacks {', '.join(lacking)}")
 
 
+REPORT_FILES = ("report.json", "report.md", "report.html", "gallery")
+
+
+def is_report(path: Path) -> bool:
+    """Whether ``path`` is a folder that diffqc wrote an evaluation report into."""
+    try:
+        data = json.loads((path / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"schema_version", "results", "methods"} <= set(data)
+
+
+def check_report_target(path: Path | str, *, force: bool = False) -> Path:
+    """``path`` if a report may be written there: a new or empty folder, or an earlier report
+    (whose own files are replaced); any other folder only with ``force``, beside what is there
+    and replacing nothing (:func:`diffqc.output.check_output_folder`)."""
+    return check_output_folder(path, what="report", names=REPORT_FILES, is_ours=is_report,
+                               foreign="holds no diffqc report", force=force)
+
+
 def write_report(report: Report | dict[str, Any], out_dir: Path | str) -> dict[str, Path]:
     """Write report.json, report.md and a self-contained report.html into ``out_dir``.
 
@@ -1404,11 +1425,11 @@ def write_report(report: Report | dict[str, Any], out_dir: Path | str) -> dict[s
 
 
 __all__ = [
-    "METRIC_KEYS", "OVERALL", "Calibration", "CalibrationLevel", "Comparison", "DatasetInfo",
-    "DecisionRule", "DefectKindResult", "FoldInfo", "GalleryItem", "Histogram", "MethodResult",
-    "Plots", "Report", "RocCurve", "Summary", "TypeCounts", "apply_holm", "calibration_entry",
-    "compare_methods", "compute_metrics", "defect_kind_results", "fmt", "histogram_entry",
-    "json_pointer", "method_result", "new_report", "overlay_png_base64", "reliability",
-    "render_html", "render_markdown", "resolve_pointer", "roc_entry", "summarise", "to_jsonable",
-    "worst_misses", "write_report",
+    "METRIC_KEYS", "OVERALL", "REPORT_FILES", "Calibration", "CalibrationLevel", "Comparison",
+    "DatasetInfo", "DecisionRule", "DefectKindResult", "FoldInfo", "GalleryItem", "Histogram",
+    "MethodResult", "Plots", "Report", "RocCurve", "Summary", "TypeCounts", "apply_holm",
+    "calibration_entry", "check_report_target", "compare_methods", "compute_metrics",
+    "defect_kind_results", "fmt", "histogram_entry", "is_report", "json_pointer", "method_result",
+    "new_report", "overlay_png_base64", "reliability", "render_html", "render_markdown",
+    "resolve_pointer", "roc_entry", "summarise", "to_jsonable", "worst_misses", "write_report",
 ]

@@ -737,7 +737,7 @@ def export_reviewed_good(
     import csv
     import shutil
 
-    out = Path(out_dir)
+    out = _export_target(Path(out_dir))
     out.mkdir(parents=True, exist_ok=True)
     artifacts = ArtifactStore(data_dir or default_artifact_root(db_url))
     exported = missing = 0
@@ -774,23 +774,34 @@ def export_reviewed_good(
                 exported += 1
     manifest = out / "manifest.csv"
     with manifest.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(
-            fh,
-            fieldnames=[
-                "path",
-                "feature_type",
-                "label",
-                "part_id",
-                "record_id",
-                "score",
-                "p_value",
-                "decision",
-                "type_known",
-            ],
-        )
+        writer = csv.DictWriter(fh, fieldnames=list(EXPORT_COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
     return {"exported": exported, "missing_image": missing, "manifest": str(manifest)}
+
+
+EXPORT_COLUMNS = ("path", "feature_type", "label", "part_id", "record_id", "score", "p_value",
+                  "decision", "type_known")
+
+
+def _export_target(out: Path) -> Path:
+    """``out`` if an export may be written there: a new or empty folder, or an earlier export
+    (its manifest.csv has the export's columns; its files are replaced). Any other folder is
+    refused before the store is opened: an export never writes over files it did not write (a
+    dataset's own manifest.csv, say)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"cannot export to {out}: it exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    try:
+        with (out / "manifest.csv").open(encoding="utf-8") as fh:
+            header = fh.readline().strip()
+    except (OSError, UnicodeDecodeError):
+        header = ""
+    if header != ",".join(EXPORT_COLUMNS):
+        raise OutputError(f"{out} is not empty and holds no earlier `diffqc results export`; "
+                          "choose a new or empty folder (an export never writes over other files)")
+    return out
 
 
 def _safe_dirname(name: str) -> str:
