@@ -142,6 +142,36 @@ def test_calibration_split_grouped_and_disjoint(clear_dataset: Path) -> None:
         assert any(good[i].feature_type == t for i in cal)
 
 
+def test_read_features_is_extract_one_image_at_a_time(clear_dataset: Path, tmp_path: Path) -> None:
+    """fit's reader decodes one image at a time; its features are Detector.extract's on the
+    images read all at once, and an unreadable file is named (with every other) or skipped."""
+    from dataclasses import replace
+
+    from diffqc.data import load_dataset, read_images
+    from diffqc.errors import ImageReadError, UnreadableImagesError
+
+    from .conftest import tiny_config
+
+    samples = load_dataset(clear_dataset)[:7]
+    det = Detector(tiny_config(**{"batch_size": 3}), device="cpu")
+    raw, layouts, kept, errors = det.read_features(samples)
+    images, _, _ = read_images(samples)
+    assert layouts is None and kept == samples and not errors
+    assert torch.equal(raw, det.extract(images, raw=True))
+    broken = [replace(samples[0], path=tmp_path / f"broken{i}.png") for i in range(2)]
+    for b in broken:
+        b.path.write_bytes(b"\x89PNG garbage")
+    mixed = [samples[0], broken[0], samples[1], broken[1], samples[2]]
+    with pytest.raises(UnreadableImagesError) as caught:
+        det.read_features(mixed)
+    assert [e.source for e in caught.value.errors] == [str(b.path) for b in broken]
+    with pytest.raises(ImageReadError, match="broken0"):
+        det.read_features(mixed[:2])
+    with pytest.warns(UserWarning, match="skipped"):
+        raw2, _, kept2, errors2 = det.read_features(mixed, skip_corrupt=True)
+    assert kept2 == samples[:3] and len(errors2) == 2 and torch.equal(raw2, raw[:3])
+
+
 # ---------------------------------------------------------------------- saving never loses files
 def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -392,6 +392,26 @@ def test_report_target_never_replaces_a_file_it_did_not_write(written: dict[str,
         k: v for k, v in before.items() if k != "report.md"}
 
 
+def test_overlay_of_a_camera_frame_is_small_and_shows_the_map_where_it_is() -> None:
+    """A full camera frame is reduced before it is coloured (the overlay is max_side high), and
+    the hot corner of the map lands in the same corner of the overlay's right half."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    frame = np.full((1500, 2000, 3), 0.5, np.float32)
+    amap = np.zeros((30, 40), np.float32)
+    amap[:10, :10] = 1.0  # hot top-left corner
+    png = Image.open(io.BytesIO(base64.b64decode(R.overlay_png_base64(frame, amap, max_side=200))))
+    rgb = np.asarray(png.convert("RGB"), np.float32)
+    assert rgb.shape[0] == 150 and 2 * 200 < rgb.shape[1] < 2 * 200 + 20
+    right = rgb[:, rgb.shape[1] - 200:]
+    assert np.allclose(rgb[:, :200], 0.5 * 255, atol=1.5)  # the image half: the grey frame
+    hot, cold = right[10:30, 10:40].mean(axis=(0, 1)), right[100:140, 150:190].mean(axis=(0, 1))
+    assert hot[0] > cold[0] + 60  # inferno: the hot corner is much redder
+
+
 def test_missing_key_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="comparisons"):
         R.write_report({"dataset": {}, "methods": [], "folds": {}, "decision_rule": {},

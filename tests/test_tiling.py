@@ -171,6 +171,21 @@ def test_tiled_model_maps_the_defect_at_full_resolution(large_data: Path) -> Non
     assert unknown.predicted_type == test[0].feature_type and unknown.anomaly_map is not None
 
 
+def test_read_features_streams_the_views_extract_views_makes(large_data: Path) -> None:
+    """fit reads one image at a time (Detector.read_features): the same rows and layouts as
+    reading every image first and cutting their views (tiling.extract_views)."""
+    from diffqc.data import read_images
+
+    samples = load_dataset(large_data)[:5]
+    det = Detector(tiny_config("padim", **{"tiling.mode": "auto", "batch_size": 3}), device="cpu")
+    raw, layouts, kept, errors = det.read_features(samples)
+    images, _, _ = read_images(samples)
+    expected, expected_layouts = tiling.extract_views(det, images)
+    assert kept == samples and not errors and layouts == expected_layouts
+    assert raw.shape[0] == sum(lay.views for lay in layouts) > len(samples)
+    assert torch.equal(raw.cpu(), expected)
+
+
 def test_onnx_export_refuses_a_pad_model(tall_data: Path) -> None:
     pytest.importorskip("onnx")
     from diffqc.export import build_onnx

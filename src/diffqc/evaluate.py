@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffqc import report as R
+from diffqc.backbone import to_pixels
 from diffqc.calibration import CalibrationWarning, Calibrator, TypeCalibration, standardiser
 from diffqc.config import METHODS, DetectorConfig, parse_overrides, with_overrides
 from diffqc.data import DEFECTIVE, GOOD, DatasetWarning, Sample, read_image, read_mask
@@ -205,7 +206,9 @@ def _extract_cached(
 def _extract_all(
     samples: Sequence[Sample], detectors: Mapping[str, Detector], progress: bool,
 ) -> tuple[list[Sample], list[tuple[int, int]], dict[str, torch.Tensor], list[str]]:
-    """Read every image once (in chunks) and extract raw features for each distinct backbone.
+    """Read every image once and extract raw features for each distinct backbone: each image is
+    cut to every backbone's input as soon as it is read, so memory holds one full-size image and
+    a chunk of model inputs, whatever the camera's resolution.
 
     Returns the samples read, their image shapes, raw features per backbone key, and the errors.
     """
@@ -216,24 +219,25 @@ def _extract_all(
     bar = tqdm(total=len(samples), desc="reading + extracting features", unit="img",
                disable=not progress)
     for idx in _chunks(len(samples), READ_CHUNK):
-        images = []
+        pixels: dict[str, list[torch.Tensor]] = {key: [] for key in detectors}
         for i in idx:
             try:
                 img = read_image(samples[i].path)
             except ImageReadError as exc:
                 errors.append(str(exc))
                 continue
-            images.append(img)
             kept.append(samples[i])
             shapes.append((int(img.shape[0]), int(img.shape[1])))
+            for key, det in detectors.items():
+                pixels[key].append(to_pixels([img], det.config.backbone.input_size))
+            del img
         for key, det in detectors.items():
-            if not images:
+            if not pixels[key]:
                 continue
-            out = det.extract(images, raw=True)
+            out = det.extract_pixels(torch.cat(pixels[key]), raw=True)
             if key not in feats:
                 feats[key] = torch.empty((len(samples), *out.shape[1:]), dtype=out.dtype)
-            start = len(kept) - len(images)
-            feats[key][start : len(kept)] = out
+            feats[key][len(kept) - out.shape[0] : len(kept)] = out
         bar.update(len(idx))
     bar.close()
     return kept, shapes, {k: v[: len(kept)] for k, v in feats.items()}, errors

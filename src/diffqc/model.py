@@ -33,8 +33,16 @@ from diffqc.baselines import PatchCoreScorer
 from diffqc.bundle import check_weights, read_bundle
 from diffqc.calibration import Calibrator, calibration_scores
 from diffqc.config import CalibrationConfig, DetectorConfig
-from diffqc.data import Sample, good_training, read_images
-from diffqc.errors import BundleError, ConfigError, DatasetError, OutputError, UnknownFeatureTypeError
+from diffqc.data import Sample, good_training, read_image
+from diffqc.errors import (
+    BundleError,
+    ConfigError,
+    DatasetError,
+    ImageReadError,
+    OutputError,
+    UnknownFeatureTypeError,
+    UnreadableImagesError,
+)
 from diffqc.heatmap import PatchMemory, fit_memory
 from diffqc.inspection import (
     BUNDLE_FILES,
@@ -163,21 +171,92 @@ class Detector:
     def extract(self, images: Sequence[np.ndarray], *, raw: bool = False, progress: bool = False) -> Tensor:
         """Backbone features ``[N, C, h, w]`` (standardised unless ``raw``), batched, on the
         detector's device."""
-        if tiling.uses_layouts(self.config):
-            from diffqc.errors import ConfigError
+        self._one_map_per_image()
+        bs = self.config.batch_size
+        out = [self.extract_pixels(to_pixels(images[i : i + bs], self.config.backbone.input_size),
+                                   raw=raw)
+               for i in tqdm(range(0, len(images), bs), desc="extracting features",
+                             disable=not progress, unit="batch")]
+        if not out:
+            fe = self.extractor
+            return torch.empty(0, fe.channels, *fe.grid, device=self.device)
+        return torch.cat(out)
 
+    def _one_map_per_image(self) -> None:
+        if tiling.uses_layouts(self.config):
             raise ConfigError("one feature map per image needs backbone.resize=squash and tiling.mode=off; "
                               "pad, crop and tiled models run through fit() and inspect()")
-        fe = self.extractor
-        out = []
-        bs = self.config.batch_size
-        for i in tqdm(range(0, len(images), bs), desc="extracting features", disable=not progress,
-                      unit="batch"):
-            pixels = to_pixels(images[i : i + bs], self.config.backbone.input_size).to(self.device)
-            out.append(fe.raw_features(pixels) if raw else fe(pixels))
+
+    @torch.inference_mode()
+    def extract_pixels(self, pixels: Tensor, *, raw: bool = False) -> Tensor:
+        """Backbone features of model inputs ``[N, 3, S, S]`` (:func:`diffqc.backbone.to_pixels`),
+        in batches of ``batch_size``, on the detector's device."""
+        self._one_map_per_image()
+        fe, bs = self.extractor, self.config.batch_size
+        out = [fe.raw_features(batch) if raw else fe(batch)
+               for batch in (pixels[i : i + bs].to(self.device) for i in range(0, len(pixels), bs))]
         if not out:
             return torch.empty(0, fe.channels, *fe.grid, device=self.device)
         return torch.cat(out)
+
+    def read_features(
+        self, samples: Sequence[Sample], *, skip_corrupt: bool = False, progress: bool = False
+    ) -> tuple[Tensor, list[tiling.Layout] | None, list[Sample], list[ImageReadError]]:
+        """Raw backbone features of the samples' images, read one at a time: each image is
+        decoded, cut to its model inputs and released before the next is read, so memory holds
+        one full-size image and the features, whatever the camera's resolution (reading every
+        image first held them all: 12-megapixel images cost 144 MB each as float32).
+
+        Returns the features (one row per image, or per view with a pad / crop / tiled model),
+        the images' layouts (``None`` without such a model), the samples read and the unreadable
+        files' errors. Unreadable files are skipped and listed with ``skip_corrupt`` (a warning
+        each); without it every file is still tried, no more features are extracted after the
+        first failure, and one error names them all, as :func:`diffqc.data.read_images` does.
+        """
+        views_of = tiling.uses_layouts(self.config)
+        fe, bs, size = self.extractor, self.config.batch_size, self.config.backbone.input_size
+        out: list[Tensor] = []
+        pending: list[Tensor] = []
+        layouts: list[tiling.Layout] = []
+        kept: list[Sample] = []
+        errors: list[ImageReadError] = []
+
+        def flush() -> None:
+            if pending:
+                with torch.inference_mode():
+                    out.append(fe.raw_features(torch.cat(pending).to(self.device)))
+                pending.clear()
+
+        n_pending = 0
+        for sample in tqdm(samples, desc="reading + extracting features", disable=not progress,
+                           unit="image"):
+            try:
+                image = read_image(sample.path)
+            except ImageReadError as exc:
+                errors.append(exc)
+                if skip_corrupt:
+                    warnings.warn(f"skipped: {exc}", stacklevel=2)
+                continue
+            if errors and not skip_corrupt:  # once one failed, only the failures still matter
+                continue
+            if views_of:  # pad / crop / tiles: the views of tiling.extract_views
+                layouts.append(tiling.plan((int(image.shape[0]), int(image.shape[1])), self.config))
+                pixels = tiling.view_pixels(image, layouts[-1])
+            else:
+                pixels = to_pixels([image], size)
+            del image
+            kept.append(sample)
+            for i in range(0, pixels.shape[0], bs):  # batches as Detector.extract makes them
+                pending.append(pixels[i : i + bs])
+                n_pending += int(pixels[i : i + bs].shape[0])
+                if n_pending >= bs:
+                    flush()
+                    n_pending = 0
+        flush()
+        if errors and not skip_corrupt:
+            raise errors[0] if len(errors) == 1 else UnreadableImagesError(errors)
+        raw = torch.cat(out) if out else torch.empty(0, fe.channels, *fe.grid, device=self.device)
+        return raw, (layouts if views_of else None), kept, errors
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -193,13 +272,8 @@ class Detector:
         # a type with too few GOOD parts fails here, before any image is read or model trained
         split_calibration(good, self.config.calibration.fraction, self.config.train.seed)
         _check_heat_map(self.config)
-        images, good, errors = read_images(good, skip_corrupt=skip_corrupt)
-        layouts = None
-        if tiling.uses_layouts(self.config):  # pad / crop / tiles: several views per image
-            raw, layouts = tiling.extract_views(self, images, progress=progress)
-        else:
-            raw = self.extract(images, raw=True, progress=progress)
-        del images
+        raw, layouts, good, errors = self.read_features(good, skip_corrupt=skip_corrupt,
+                                                        progress=progress)
         self.fit_features(raw, good, progress=progress, layouts=layouts)
         self.metadata["training_data"]["skipped_corrupt"] = [str(e.source) for e in errors]
         return self

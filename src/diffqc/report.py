@@ -641,14 +641,22 @@ def overlay_png_base64(
 ) -> str:
     """Base64 PNG of the image (H x W x 3 in [0, 1]) beside its heat-map overlay.
 
-    The map is resized to the image and scaled to [vmin, vmax] (default: its own range;
-    pass shared limits to make a gallery comparable).
+    The image is first reduced to ``max_side`` on its long side (a camera's full frame would
+    otherwise be coloured at full resolution, gigabytes for a 12-megapixel image); the map is
+    resized to it and scaled to [vmin, vmax] (default: its own range; pass shared limits to make a
+    gallery comparable).
     """
     from matplotlib import colormaps
 
-    img = np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0)
+    img = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
+    scale = max_side / max(img.shape[:2])
+    if scale < 1:
+        small = Image.fromarray((img * 255).round().astype(np.uint8)).resize(
+            (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale))),
+            Image.Resampling.LANCZOS)
+        img = (np.asarray(small, dtype=np.float32) / 255).astype(np.float32)
     amap = _resize_map(np.asarray(anomaly_map, dtype=np.float64), img.shape[:2])
     lo = float(amap.min()) if vmin is None else vmin
     hi = float(amap.max()) if vmax is None else vmax
@@ -657,12 +665,7 @@ def overlay_png_base64(
     blend = (1.0 - opacity) * img + opacity * heat
     gap = np.ones((img.shape[0], max(2, img.shape[1] // 40), 3))
     both = (np.concatenate([img, gap, blend], axis=1) * 255).round().astype(np.uint8)
-    pil = Image.fromarray(both)
-    scale = max_side / max(img.shape[:2])
-    if scale < 1:
-        pil = pil.resize((round(pil.width * scale), round(pil.height * scale)),
-                         Image.Resampling.LANCZOS)
-    return base64.b64encode(_png_bytes(np.asarray(pil))).decode("ascii")
+    return base64.b64encode(_png_bytes(both)).decode("ascii")
 
 
 def new_report(
