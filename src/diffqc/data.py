@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -258,29 +258,35 @@ def good_training(samples: Iterable[Sample]) -> list[Sample]:
     return good
 
 
-def read_images(
-    samples: Sequence[Sample], *, skip_corrupt: bool = False
-) -> tuple[list[np.ndarray], list[Sample], list[ImageReadError]]:
-    """Read every sample's image. Unreadable files are listed with ``skip_corrupt`` (a warning
-    each); without it every file is still tried, and then one error names them all (the one
-    file's :class:`ImageReadError`, or :class:`UnreadableImagesError` for several)."""
-    images: list[np.ndarray] = []
-    kept: list[Sample] = []
-    errors: list[ImageReadError] = []
+def iter_images(
+    samples: Iterable[Sample], errors: list[ImageReadError], *, skip_corrupt: bool = False
+) -> Iterator[tuple[Sample, np.ndarray]]:
+    """Each readable sample with its image, one at a time; unreadable files go to ``errors``.
+    With ``skip_corrupt`` they are skipped (a warning each); without it every file is still
+    tried, nothing more is yielded after the first failure, and the end raises one error naming
+    them all (the one file's :class:`ImageReadError`, or :class:`UnreadableImagesError`)."""
     for s in samples:
         try:
             image = read_image(s.path)
         except ImageReadError as exc:
             errors.append(exc)
             if skip_corrupt:
-                warnings.warn(f"skipped: {exc}", stacklevel=2)
+                warnings.warn(f"skipped: {exc}", stacklevel=3)
             continue
         if not errors or skip_corrupt:  # once one failed, only the failures still matter
-            images.append(image)
-            kept.append(s)
+            yield s, image
     if errors and not skip_corrupt:
         raise errors[0] if len(errors) == 1 else UnreadableImagesError(errors)
-    return images, kept, errors
+
+
+def read_images(
+    samples: Sequence[Sample], *, skip_corrupt: bool = False
+) -> tuple[list[np.ndarray], list[Sample], list[ImageReadError]]:
+    """Read every sample's image (:func:`iter_images`): the images, the samples read and the
+    unreadable files' errors."""
+    errors: list[ImageReadError] = []
+    pairs = list(iter_images(samples, errors, skip_corrupt=skip_corrupt))
+    return [image for _, image in pairs], [s for s, _ in pairs], errors
 
 
 def with_split(samples: Iterable[Sample], split: str) -> list[Sample]:

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, Self
@@ -28,12 +28,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffqc import __version__, routing, tiling
-from diffqc.backbone import FeatureExtractor, resolve_device, to_pixels
+from diffqc.backbone import FeatureExtractor, raw_features_in_batches, resolve_device, to_pixels
 from diffqc.baselines import PatchCoreScorer
 from diffqc.bundle import check_weights, read_bundle
 from diffqc.calibration import Calibrator, calibration_scores
 from diffqc.config import CalibrationConfig, DetectorConfig
-from diffqc.data import Sample, good_training, read_image
+from diffqc.data import Sample, good_training, iter_images
 from diffqc.errors import (
     BundleError,
     ConfigError,
@@ -41,7 +41,6 @@ from diffqc.errors import (
     ImageReadError,
     OutputError,
     UnknownFeatureTypeError,
-    UnreadableImagesError,
 )
 from diffqc.heatmap import PatchMemory, fit_memory
 from diffqc.inspection import (
@@ -214,48 +213,23 @@ class Detector:
         first failure, and one error names them all, as :func:`diffqc.data.read_images` does.
         """
         views_of = tiling.uses_layouts(self.config)
-        fe, bs, size = self.extractor, self.config.batch_size, self.config.backbone.input_size
-        out: list[Tensor] = []
-        pending: list[Tensor] = []
         layouts: list[tiling.Layout] = []
         kept: list[Sample] = []
         errors: list[ImageReadError] = []
 
-        def flush() -> None:
-            if pending:
-                with torch.inference_mode():
-                    out.append(fe.raw_features(torch.cat(pending).to(self.device)))
-                pending.clear()
+        def inputs() -> Iterator[Tensor]:  # one image read, cut and released at a time
+            bar = tqdm(samples, desc="reading + extracting features", disable=not progress,
+                       unit="image")
+            for sample, image in iter_images(bar, errors, skip_corrupt=skip_corrupt):
+                kept.append(sample)
+                if views_of:  # pad / crop / tiles: the views of tiling.extract_views
+                    layouts.append(tiling.plan((int(image.shape[0]), int(image.shape[1])),
+                                               self.config))
+                    yield tiling.view_pixels(image, layouts[-1])
+                else:
+                    yield to_pixels([image], self.config.backbone.input_size)
 
-        n_pending = 0
-        for sample in tqdm(samples, desc="reading + extracting features", disable=not progress,
-                           unit="image"):
-            try:
-                image = read_image(sample.path)
-            except ImageReadError as exc:
-                errors.append(exc)
-                if skip_corrupt:
-                    warnings.warn(f"skipped: {exc}", stacklevel=2)
-                continue
-            if errors and not skip_corrupt:  # once one failed, only the failures still matter
-                continue
-            if views_of:  # pad / crop / tiles: the views of tiling.extract_views
-                layouts.append(tiling.plan((int(image.shape[0]), int(image.shape[1])), self.config))
-                pixels = tiling.view_pixels(image, layouts[-1])
-            else:
-                pixels = to_pixels([image], size)
-            del image
-            kept.append(sample)
-            for i in range(0, pixels.shape[0], bs):  # batches as Detector.extract makes them
-                pending.append(pixels[i : i + bs])
-                n_pending += int(pixels[i : i + bs].shape[0])
-                if n_pending >= bs:
-                    flush()
-                    n_pending = 0
-        flush()
-        if errors and not skip_corrupt:
-            raise errors[0] if len(errors) == 1 else UnreadableImagesError(errors)
-        raw = torch.cat(out) if out else torch.empty(0, fe.channels, *fe.grid, device=self.device)
+        raw = raw_features_in_batches(self.extractor, inputs(), self.config.batch_size, self.device)
         return raw, (layouts if views_of else None), kept, errors
 
     # ------------------------------------------------------------------ fit

@@ -188,37 +188,19 @@ def rows_of(layouts: Sequence[Layout], images: Sequence[int]) -> list[int]:
     return [r for i in images for r in range(off[i], off[i + 1])]
 
 
-@torch.inference_mode()
 def extract_views(det: Detector, images: Sequence[np.ndarray], *, progress: bool = False
                   ) -> tuple[Tensor, list[Layout]]:
     """Raw backbone features of every view ``[sum V, C, h, w]`` and each image's layout."""
     from tqdm.auto import tqdm
 
-    fe = det.extractor
+    from diffqc.backbone import raw_features_in_batches
+
     layouts = [plan((int(img.shape[0]), int(img.shape[1])), det.config) for img in images]
-    out: list[Tensor] = []
-    pending: list[Tensor] = []
-    bs = det.config.batch_size
-
-    def flush() -> None:
-        if pending:
-            out.append(fe.raw_features(torch.cat(pending).to(det.device)).cpu())
-            pending.clear()
-
-    n_pending = 0
-    for img, lay in tqdm(list(zip(images, layouts, strict=True)), desc="extracting features",
-                         disable=not progress, unit="image"):
-        views = view_pixels(img, lay)
-        for i in range(0, views.shape[0], bs):  # a huge image does not make a huge batch
-            pending.append(views[i: i + bs])
-            n_pending += int(views[i: i + bs].shape[0])
-            if n_pending >= bs:
-                flush()
-                n_pending = 0
-    flush()
-    if not out:
-        return torch.empty(0, fe.channels, *fe.grid), layouts
-    return torch.cat(out), layouts
+    views = (view_pixels(img, lay) for img, lay in tqdm(
+        list(zip(images, layouts, strict=True)), desc="extracting features", disable=not progress,
+        unit="image"))
+    raw = raw_features_in_batches(det.extractor, views, det.config.batch_size, det.device)
+    return raw, layouts
 
 
 def canvases(det: Detector, feats: Tensor, layout: Layout, types: Sequence[int]) -> list[Tensor]:
