@@ -1,4 +1,5 @@
-"""Peak memory and wall time of ``diffqc train`` and ``diffqc evaluate`` on camera-sized images.
+"""Peak memory and wall time of ``diffqc train``, ``calibrate`` and ``evaluate`` on camera-sized
+images.
 
 Industrial cameras deliver 5-20 megapixels; the model sees 256 px. This benchmark writes a seeded
 synthetic set of such frames (default: 40 GOOD training, 10 GOOD and 10 defective test images of
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 commands = {
                     "train": ["train", str(data), "--out", f"{tmp}/model", "-q"],
+                    "calibrate (the trained model)": ["calibrate", f"{tmp}/model", str(data), "-q"],
                     "evaluate (PaDiM, 2 folds)": ["evaluate", str(data), "--methods", "padim",
                                                   "--folds", "2", "--out", f"{tmp}/report", "-q"],
                 }

@@ -171,3 +171,29 @@ def test_one_bundle_reader_for_every_runtime(exported: Path, tmp_path: Path, dam
     assert len(messages) == 1, messages
     assert {"classes": "calibration types", "format": "format", "calibration": "calibration.json"}[damage] \
         in messages.pop()
+
+
+def test_inspect_samples_without_maps_cuts_each_frame_to_the_input_first(
+        exported: Path, tmp_path: Path) -> None:
+    """Calibration scores (inspect_samples, maps=False) come from images cut to the model's input
+    as they are read — in either runtime, the same scores as inspecting the full frames."""
+    import numpy as np
+    from PIL import Image
+
+    from diffqc.data import Sample, read_image
+    from diffqc.model import Detector
+    from diffqc.runtime import OnnxDetector
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(5):
+        frame = (rng.uniform(0.3, 0.7, (150, 230, 3)) * 255).astype(np.uint8)  # not the input size
+        Image.fromarray(frame).save(tmp_path / f"{i}.png")
+        samples.append(Sample(tmp_path / f"{i}.png", "dots", 0))
+    frames = [read_image(s.path) for s in samples]
+    for det in (Detector.load(exported, device="cpu"), OnnxDetector(exported, threads=1)):
+        streamed, kept = det.inspect_samples(samples, maps=False)
+        whole = det.inspect(frames, ["dots"] * len(frames), maps=False)
+        assert kept == samples
+        assert [r.score for r in streamed] == [r.score for r in whole], type(det).__name__
+        assert all(r.anomaly_map is None for r in streamed)

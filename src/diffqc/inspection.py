@@ -110,19 +110,33 @@ def verdicts(
 def inspect_in_batches(
     inspect: Callable[..., list[Inspection]], samples: Sequence[Sample], batch_size: int, *,
     type_known: bool = True, progress: bool = False, all_types: bool = True, maps: bool = True,
-    skip_corrupt: bool = False,
+    skip_corrupt: bool = False, shrink: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[list[Inspection], list[Sample]]:
     """Read dataset ``samples`` in batches and ``inspect(images, types, all_types=, maps=)`` each;
-    returns the results and the samples read (the ``inspect_samples`` of both runtimes)."""
+    returns the results and the samples read (the ``inspect_samples`` of both runtimes).
+
+    ``shrink`` (only without ``maps``, whose sizes are the images'): each image is cut to the
+    model's input as soon as it is read — the runtime's own resize, which its ``inspect`` then
+    leaves as it is — so a batch holds model inputs, not camera frames."""
     from tqdm.auto import tqdm
 
-    from diffqc.data import read_images
+    from diffqc.data import iter_images
+    from diffqc.errors import ImageReadError
 
+    if shrink is not None and maps:
+        raise ValueError("shrink needs maps=False: a map is drawn at its image's own size")
     results: list[Inspection] = []
     kept: list[Sample] = []
     for i in tqdm(range(0, len(samples), batch_size), desc="inspecting", disable=not progress,
                   unit="batch"):
-        images, chunk, _ = read_images(samples[i : i + batch_size], skip_corrupt=skip_corrupt)
+        errors: list[ImageReadError] = []
+        images: list[np.ndarray] = []
+        chunk: list[Sample] = []
+        for sample, image in iter_images(samples[i : i + batch_size], errors,
+                                         skip_corrupt=skip_corrupt):
+            images.append(image if shrink is None else shrink(image))
+            chunk.append(sample)
+            del image
         types = [s.feature_type if type_known else None for s in chunk]
         results += inspect(images, types, all_types=all_types, maps=maps)
         kept += chunk

@@ -523,10 +523,17 @@ class Detector:
         self, samples: Sequence[Sample], *, type_known: bool = True, progress: bool = False,
         all_types: bool = True, maps: bool = True, skip_corrupt: bool = False,
     ) -> tuple[list[Inspection], list[Sample]]:
-        """Inspect dataset samples in batches; returns the results and the samples read."""
+        """Inspect dataset samples in batches; returns the results and the samples read. Without
+        ``maps`` (calibration, say) each image is cut to the model's input as it is read."""
+        size = self.config.backbone.input_size
+
+        def shrink(image: np.ndarray) -> np.ndarray:  # the resize inspect() would make
+            return to_pixels([image], size)[0].permute(1, 2, 0).numpy()
+
+        plain = not maps and not tiling.uses_layouts(self.config)
         return inspect_in_batches(self.inspect, samples, self.config.batch_size, type_known=type_known,
                                   progress=progress, all_types=all_types, maps=maps,
-                                  skip_corrupt=skip_corrupt)
+                                  skip_corrupt=skip_corrupt, shrink=shrink if plain else None)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: Path | str, *, force: bool = False) -> Path:

@@ -381,9 +381,13 @@ class OnnxDetector:
         all_types: bool = True, maps: bool = True, skip_corrupt: bool = False,
     ) -> tuple[list[Inspection], list[Sample]]:
         """As :meth:`diffqc.model.Detector.inspect_samples`."""
+
+        def shrink(image: np.ndarray) -> np.ndarray:  # the resize inspect() would make
+            return preprocess([image], self.input_size)[0].transpose(1, 2, 0)
+
         return inspect_in_batches(self.inspect, samples, self.config.batch_size, type_known=type_known,
                                   progress=progress, all_types=all_types, maps=maps,
-                                  skip_corrupt=skip_corrupt)
+                                  skip_corrupt=skip_corrupt, shrink=None if maps else shrink)
 
 
 # --------------------------------------------------------------------------- runtime choice
