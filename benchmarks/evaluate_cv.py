@@ -141,9 +141,7 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
     """Per-type metrics (pooled, [95% CI], folds mean ± sd; pixel AUROC and AUPRO where a type
     has defect masks) and the comparisons."""
     alpha = _n(report["decision_rule"]["alpha_review"], "num")
-    every = [r for per in report["results"].values() for r in per.values()]
-    pixels = any(isinstance(x := r["pooled"].get("pixel_auroc"), float) and math.isfinite(x)
-                 for r in every)
+    pixels = R.has_pixel_metrics(report)
     head = ("| type | GOOD / def | method | AUROC pooled [95% CI] | AUROC folds mean ± sd | AUPR | "
             f"F1-max | TPR @ 5% FPR | {'pixel AUROC | AUPRO (0.3) | ' if pixels else ''}"
             f"FPR not-PASS (α={alpha}) | recall not-PASS | REVIEW / REJECT share |")

@@ -699,9 +699,7 @@ def _f(x: Any, kind: str = "num") -> str:
 def summary_lines(report: Mapping[str, Any]) -> list[str]:
     """A compact plain-text table of the report: one row per type and method (with the pixel
     AUROC where some type has defect masks), then comparisons."""
-    every = [r for per in report["results"].values() for r in per.values()]
-    pixels = any(isinstance(x := r["pooled"].get("pixel_auroc"), float) and math.isfinite(x)
-                 for r in every)
+    pixels = R.has_pixel_metrics(report)
     rows = [("type", "method", "GOOD/def", "AUROC [95% CI]", "folds mean±sd", "AUPR",
              "TPR@5%", *(("pixel AUROC",) if pixels else ()), "FPR !PASS", "recall !PASS",
              "REVIEW", "REJECT", "")]

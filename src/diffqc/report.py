@@ -41,7 +41,7 @@ import io
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
@@ -718,6 +718,13 @@ def to_jsonable(obj: Any) -> Any:
     if obj is None or isinstance(obj, str):
         return obj
     raise TypeError(f"cannot store a {type(obj).__name__} in report.json")
+
+
+def has_pixel_metrics(report: Mapping[str, Any]) -> bool:
+    """Whether some result of ``report`` has a pixel AUROC (some type had defect masks): the
+    tables that quote it add its columns only then."""
+    return any(isinstance(x := r["pooled"].get("pixel_auroc"), float) and math.isfinite(x)
+               for per in report["results"].values() for r in per.values())
 
 
 def fmt(value: Any, kind: str = "num") -> str:
@@ -1432,7 +1439,8 @@ __all__ = [
     "DatasetInfo", "DecisionRule", "DefectKindResult", "FoldInfo", "GalleryItem", "Histogram",
     "MethodResult", "Plots", "Report", "RocCurve", "Summary", "TypeCounts", "apply_holm",
     "calibration_entry", "check_report_target", "compare_methods", "compute_metrics",
-    "defect_kind_results", "fmt", "histogram_entry", "is_report", "json_pointer", "method_result",
-    "new_report", "overlay_png_base64", "reliability", "render_html", "render_markdown",
-    "resolve_pointer", "roc_entry", "summarise", "to_jsonable", "worst_misses", "write_report",
+    "defect_kind_results", "fmt", "has_pixel_metrics", "histogram_entry", "is_report",
+    "json_pointer", "method_result", "new_report", "overlay_png_base64", "reliability",
+    "render_html", "render_markdown", "resolve_pointer", "roc_entry", "summarise", "to_jsonable",
+    "worst_misses", "write_report",
 ]
