@@ -171,15 +171,12 @@ class Detector:
         """Backbone features ``[N, C, h, w]`` (standardised unless ``raw``), batched, on the
         detector's device."""
         self._one_map_per_image()
-        bs = self.config.batch_size
-        out = [self.extract_pixels(to_pixels(images[i : i + bs], self.config.backbone.input_size),
-                                   raw=raw)
-               for i in tqdm(range(0, len(images), bs), desc="extracting features",
-                             disable=not progress, unit="batch")]
-        if not out:
-            fe = self.extractor
-            return torch.empty(0, fe.channels, *fe.grid, device=self.device)
-        return torch.cat(out)
+        bs, size = self.config.batch_size, self.config.backbone.input_size
+        batches = (to_pixels(images[i : i + bs], size)
+                   for i in tqdm(range(0, len(images), bs), desc="extracting features",
+                                 disable=not progress, unit="batch"))
+        feats = raw_features_in_batches(self.extractor, batches, bs, self.device)
+        return feats if raw else self.extractor.standardise(feats)
 
     def _one_map_per_image(self) -> None:
         if tiling.uses_layouts(self.config):
@@ -191,12 +188,8 @@ class Detector:
         """Backbone features of model inputs ``[N, 3, S, S]`` (:func:`diffqc.backbone.to_pixels`),
         in batches of ``batch_size``, on the detector's device."""
         self._one_map_per_image()
-        fe, bs = self.extractor, self.config.batch_size
-        out = [fe.raw_features(batch) if raw else fe(batch)
-               for batch in (pixels[i : i + bs].to(self.device) for i in range(0, len(pixels), bs))]
-        if not out:
-            return torch.empty(0, fe.channels, *fe.grid, device=self.device)
-        return torch.cat(out)
+        feats = raw_features_in_batches(self.extractor, [pixels], self.config.batch_size, self.device)
+        return feats if raw else self.extractor.standardise(feats)
 
     def read_features(
         self, samples: Sequence[Sample], *, skip_corrupt: bool = False, progress: bool = False
