@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,24 @@ def test_inspect_json_lines(tiny_model: Path, clear_dataset: Path, tmp_path: Pat
     assert len(rows) == len(list(folder.iterdir()))
     assert {"score", "p_value", "decision", "type_scores", "predicted_type", "heatmap"} <= set(rows[0])
     assert all(Path(r["heatmap"]).is_file() for r in rows)
+
+
+def test_inspect_folder_leaves_hidden_files_out(tiny_model: Path, clear_dataset: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``inspect FOLDER`` scores the folder's images, not macOS ``._name.png`` companions or
+    copies in hidden folders; an image named on the command line is read whatever its name."""
+    folder = tmp_path / "imgs"
+    shutil.copytree(clear_dataset / "dots" / "test" / "blob", folder)
+    images = sorted(p.name for p in folder.iterdir())
+    (folder / "._000.png").write_bytes(b"Mac resource fork")
+    (folder / ".ipynb_checkpoints").mkdir()
+    shutil.copy(folder / images[0], folder / ".ipynb_checkpoints" / images[0])
+    assert main(["inspect", str(tiny_model), str(folder), "--feature-type", "dots"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(Path(r["path"]).name for r in rows) == images
+    shutil.copy(folder / images[0], folder / ".hidden.png")
+    assert main(["inspect", str(tiny_model), str(folder / ".hidden.png"), "--feature-type", "dots"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
 
 
 def test_inspect_unknown_type_is_clear_error(tiny_model: Path, clear_dataset: Path,

@@ -44,6 +44,30 @@ def test_single_type_folder(clear_dataset: Path) -> None:
     assert {s.feature_type for s in samples} == {"dots"}
 
 
+def test_hidden_files_and_folders_are_not_data(tmp_path: Path, clear_dataset: Path) -> None:
+    """A dataset copied from a Mac or opened in Jupyter gains files named like images that are
+    not (``._000.png``) and hidden folders (``.ipynb_checkpoints``, which under ``test/`` would be
+    taken for a defect kind): a folder scan leaves them out, as a shell's ``*`` does."""
+    data = tmp_path / "data"
+    shutil.copytree(clear_dataset, data)
+    before = load_dataset(data)
+    good = data / "dots" / "train" / "good"
+    (good / "._000.png").write_bytes(b"Mac resource fork")
+    (good / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    first = next(p for p in sorted(good.iterdir()) if not p.name.startswith("."))
+    (data / "dots" / "test" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(first, data / "dots" / "test" / ".ipynb_checkpoints" / "000-checkpoint.png")
+    (data / ".trash" / "train" / "good").mkdir(parents=True)
+    shutil.copy(first, data / ".trash" / "train" / "good" / "000.png")
+    shutil.copy(first, good / "UPPER.PNG")  # a visible image is taken whatever its suffix's case
+    after = load_dataset(data)
+    assert [s.path.name for s in after if s.path.name not in {x.path.name for x in before}] == ["UPPER.PNG"]
+    assert {s.defect for s in after} == {s.defect for s in before}
+    assert {s.feature_type for s in after} == {"stripes", "dots"}
+    images, _, _ = read_images(after)  # raises on any sample that is not a readable image
+    assert len(images) == len(after)
+
+
 def test_manifest(tmp_path: Path, clear_dataset: Path) -> None:
     img = next((clear_dataset / "dots" / "train" / "good").iterdir())
     (tmp_path / "m.csv").write_text(

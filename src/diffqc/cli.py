@@ -140,13 +140,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _expand_images(paths: Sequence[str]) -> list[tuple[Path, Path]]:
     """``(image, name)`` for every image file given or found under a folder given; ``name`` is
     its path relative to that folder (for a file given alone: its file name)."""
-    from diffqc.data import IMAGE_SUFFIXES
+    from diffqc.data import is_hidden, is_image_file
 
     out: list[tuple[Path, Path]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += [(q, q.relative_to(p)) for q in sorted(p.rglob("*"))
-                    if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES]
+            out += [(q, q.relative_to(p)) for q in sorted(p.rglob("*")) if is_image_file(q)
+                    and not any(is_hidden(Path(part)) for part in q.relative_to(p).parts)]
         else:
             out.append((p, Path(p.name)))
     return out

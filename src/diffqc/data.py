@@ -121,8 +121,24 @@ def read_mask(path: Path | str | None, shape: tuple[int, int]) -> np.ndarray:
         raise ImageReadError(str(path), f"mask unreadable ({exc})") from None
 
 
+def is_hidden(path: Path) -> bool:
+    """A name starting with ``.``: ``.DS_Store``, macOS's ``._name.png`` companions (not images,
+    though named like them), ``.ipynb_checkpoints``. Folder scans leave these out, as a shell's
+    ``*`` does; a file listed by name (a manifest, a path given alone) is always read."""
+    return path.name.startswith(".")
+
+
+def is_image_file(path: Path) -> bool:
+    """A file that a folder scan takes as an image: a known suffix (any case), not hidden."""
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(path)
+
+
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not is_hidden(d))
 
 
 def _find_mask(ground_truth: Path, defect: str, image: Path) -> Path | None:
@@ -144,7 +160,7 @@ def load_mvtec_type(type_root: Path, feature_type: str | None = None) -> list[Sa
         ]
     test_root = type_root / "test"
     if test_root.is_dir():
-        for kind_dir in sorted(d for d in test_root.iterdir() if d.is_dir()):
+        for kind_dir in _subfolders(test_root):
             kind = kind_dir.name
             label = GOOD if kind == "good" else DEFECTIVE
             for p in _images_in(kind_dir):
@@ -166,7 +182,7 @@ def load_mvtec(root: Path | str) -> list[Sample]:
         samples = load_mvtec_type(root)
     else:
         samples = []
-        for sub in sorted(d for d in root.iterdir() if d.is_dir() and _is_mvtec_type(d)):
+        for sub in (d for d in _subfolders(root) if _is_mvtec_type(d)):
             samples += load_mvtec_type(sub)
     if not samples:
         raise DatasetError(
@@ -227,7 +243,7 @@ def load_dataset(source: Path | str) -> list[Sample]:
     if source.suffix.lower() == ".csv":
         return load_manifest(source)
     if source.is_dir() and (source / "manifest.csv").is_file() and not any(
-        _is_mvtec_type(d) for d in source.iterdir() if d.is_dir()
+        _is_mvtec_type(d) for d in _subfolders(source)
     ):
         return load_manifest(source / "manifest.csv")
     return load_mvtec(source)
