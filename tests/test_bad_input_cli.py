@@ -135,10 +135,26 @@ ROWS: dict[str, Row | object] = {
     "set_unknown_key": Row(_train("--set", "train.step=5"), ("did you mean train.steps",)),
     "set_removed_key": Row(_train("--set", "scoring.bank_timesteps=[100,1000]"),
                            ("unknown config field 'scoring.bank_timesteps'",)),
+    "set_negative_seed": Row(_train("--seed", "-1"), ("train.seed must be >= 0, got -1",)),
+    "demo_too_few_parts": Row(lambda c: ["demo", "--parts", "5", "--out", str(c.tmp / "demo"), "-q"],
+                              ("demo: n_parts must be at least 24, got 5",), absent=lambda c: c.tmp / "demo"),
     "set_without_equals": Row(_train("--set", "train.steps"), ("--set expects KEY=VALUE",)),
     # data
     "train_missing_data": Row(lambda c: ["train", str(c.tmp / "nothing"), "--out", str(c.tmp / "m")],
                               ("does not exist",)),
+    "evaluate_setting_named_like_a_method": Row(
+        lambda c: ["evaluate", str(c.data), "--compare-setting", "padim:train.steps=1", "--out",
+                   str(c.tmp / "rep")], ("setting name 'padim' clashes with a method name",),
+        absent=lambda c: c.tmp / "rep"),
+    "evaluate_setting_malformed": Row(
+        lambda c: ["evaluate", str(c.data), "--compare-setting", "x:", "--out", str(c.tmp / "rep")],
+        ("--compare-setting expects NAME:KEY=VALUE",), absent=lambda c: c.tmp / "rep"),
+    "evaluate_nothing": Row(lambda c: ["evaluate", str(c.data), "--methods", "", "--out", str(c.tmp / "rep")],
+                            ("nothing to evaluate",), absent=lambda c: c.tmp / "rep"),
+    "evaluate_no_type_with_enough_parts": Row(
+        lambda c: ["evaluate", str(c.tmp / "small"), "--folds", "4", "--out", str(c.tmp / "rep")],
+        ("no feature type has enough labelled parts for 4 folds", "feature type 'a' left out"),
+        setup=_one_part_type, absent=lambda c: c.tmp / "rep"),
     "train_type_with_one_part": Row(
         lambda c: ["train", str(c.tmp / "small"), "--out", str(c.tmp / "m"), "-q"],
         ("too few GOOD training parts", "'b' (1)", "c have no GOOD training images"),
@@ -243,6 +259,39 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "usage:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["evaluate", "d", "--folds", "1"], "argument --folds: must be at least 2, got 1"),
+    (["evaluate", "d", "--max-train-good", "1"], "argument --max-train-good: must be at least 2"),
+    (["evaluate", "d", "--n-boot", "0"], "argument --n-boot: must be at least 1"),
+    (["evaluate", "d", "--seed", "-1"], "argument --seed: must be from 0 to 4294967295"),
+    (["inspect", "m", "x.png", "--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    (["inspect", "m", "x.png", "--threads", "two"], "argument --threads: expected an integer, got 'two'"),
+    (["export", "m", "--opset", "9"], "argument --opset: must be from 11 to 23, got 9"),
+    (["export", "m", "--check-images", "0"], "argument --check-images: must be at least 1"),
+    (["data", "synth", "s", "--seed", "-4"], "argument --seed: must be from 0"),
+    (["serve", "m", "--port", "70000"], "argument --port: must be from 0 to 65535, got 70000"),
+    (["serve", "m", "--buffer-size", "0"], "argument --buffer-size: must be at least 1, got 0"),
+    (["serve", "m", "--max-upload-mb", "0"], "argument --max-upload-mb: must be at least 1"),
+    (["serve", "m", "--retry-after", "-1"], "argument --retry-after: must be at least 0"),
+    (["serve", "m", "--keep-days", "-1"], "argument --keep-days: must be a number more than 0"),
+    (["serve", "m", "--artifact-budget-mb", "nan"], "argument --artifact-budget-mb: must be a number"),
+    (["serve", "m", "--body-timeout", "0"], "argument --body-timeout: must be a number more than 0"),
+    (["watch", "cam", "m", "--poll", "-1"], "argument --poll: must be a number more than 0"),
+    (["watch", "cam", "m", "--settle", "inf"], "argument --settle: must be a number at least 0"),
+    (["watch", "cam", "m", "--max-batch", "0"], "argument --max-batch: must be at least 1"),
+])
+def test_numbers_out_of_range_are_usage_errors(argv: list[str], message: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """An option's number outside its range is refused as it is parsed, naming the option, before
+    any work: not a traceback deep in the run (--folds 1, --threads -3, --port 70000, watch
+    --max-batch 0), nor a service that starts and refuses every upload (--max-upload-mb 0)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
 
 
 def test_a_real_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

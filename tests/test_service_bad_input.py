@@ -439,7 +439,6 @@ def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
             ["serve", str(service_model[0]), "--no-auth", "--db", "postgresql://nobody@127.0.0.1:1/none"],
             "cannot connect",
         ),
-        (["serve", str(service_model[0]), "--buffer-size", "0", "--no-auth"], "buffer_size"),
         (["serve", str(service_model[0])], "no API token"),
         (["watch", str(tmp_path), str(service_model[0]), "--feature-type", "typo", "--once"], "typo"),
     ]

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffqc.errors import ConfigError
 from diffqc.service.buffer import (
     BufferClosed,
     BufferFull,
@@ -415,6 +416,18 @@ def test_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not token_matches(None, ["a"]) and not token_matches("", ["a"])
     assert not token_matches("a", [])
     assert token_matches("ünïcode", ["ünïcode"])
+
+
+@pytest.mark.parametrize("field,value", [("buffer_size", 0), ("max_batch", 0), ("max_upload_bytes", 0),
+                                         ("max_batch_items", 0), ("retry_after_s", -1),
+                                         ("body_timeout_s", 0.0)])
+def test_service_settings_refuse_values_that_would_refuse_every_part(field: str, value: float) -> None:
+    """The Python API checks what the command line checks as it parses (diffqc.arguments)."""
+    from diffqc.service.app import ServiceSettings
+
+    ServiceSettings(allow_no_token=True).validate()
+    with pytest.raises(ConfigError, match=field):
+        ServiceSettings(allow_no_token=True, **{field: value}).validate()
 
 
 def test_upload_limits() -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffqc import __version__
+from diffqc.arguments import SEED
 from diffqc.errors import ConfigError, DatasetError, DiffqcError, ImageReadError, OutputError
 from diffqc.runtime import add_runtime_arguments
 
@@ -246,7 +247,12 @@ def _save_heatmap(path: Path, image: Any, result: Any, det: Any) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from diffqc.demo import DEMO_DEFAULTS, run_demo
+    from diffqc.synth import check_arguments
 
+    try:
+        check_arguments(args.parts)
+    except ValueError as exc:
+        raise ConfigError(f"demo: {exc}") from None
     config = build_config(args, DEMO_DEFAULTS)
     rows = run_demo(Path(args.out), config=config, n_parts=args.parts, seed=args.data_seed,
                     json_path=Path(args.json) if args.json else None, progress=not args.quiet,
@@ -267,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth = data.add_parser("synth", help="write the synthetic inkjet-print dataset (MVTec layout)")
     synth.add_argument("out", type=Path)
     synth.add_argument("--parts", type=int, default=1327)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=SEED, default=0)
     synth.add_argument("--size", type=int, default=256, help="image side in pixels")
     synth.add_argument("--overwrite", action="store_true",
                        help="kept for compatibility: an earlier synthetic dataset in OUT is always "
@@ -305,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="synthesise -> train -> calibrate -> inspect -> table")
     demo.add_argument("--out", default="diffqc-demo", help="working folder (default: ./diffqc-demo)")
     demo.add_argument("--parts", type=int, default=1327)
-    demo.add_argument("--data-seed", type=int, default=0)
+    demo.add_argument("--data-seed", type=SEED, default=0)
     demo.add_argument("--json", default=None, help="also write the table as JSON rows")
     _add_model_options(demo)
     demo.add_argument("--device", default=None)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from diffqc.arguments import NON_NEGATIVE, POSITIVE, SEED, integer
 from diffqc.config import METHODS
 
 
@@ -31,23 +32,24 @@ def add_evaluate_command(subparsers: Any) -> None:
         description="Cross-validate methods (and settings) on all labelled images of DATA, grouped "
                     "by part and stratified by label per feature type; write report.html/.md/.json.")
     p.add_argument("data", help="MVTec-layout folder or CSV manifest (a folder's manifest.csv wins)")
-    p.add_argument("--folds", type=int, default=5, help="k of the k-fold split (default 5)")
+    p.add_argument("--folds", type=integer(2), default=5, help="k of the k-fold split (default 5)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated methods (default: diffusion,patchcore,padim)")
     p.add_argument("--out", type=Path, default=Path("diffqc-evaluation"),
                    help="report folder (default: ./diffqc-evaluation): new, empty, or an earlier report")
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty folder that is not a report (deletes and replaces nothing)")
-    p.add_argument("--seed", type=int, default=0, help="fold (and subsample) seed")
+    p.add_argument("--seed", type=SEED, default=0, help="fold (and subsample) seed")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="config field for every method, e.g. --set train.steps=1000 (repeatable)")
     p.add_argument("--compare-setting", action="append", metavar="NAME:KEY=VALUE,...",
                    help="an extra variant: the first method's config with these overrides, "
                         "e.g. sep:train.separation_weight=0.1 (repeatable; method=... to change "
                         "the method)")
-    p.add_argument("--gallery", type=int, default=8, help="worst misses shown per method (default 8)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates of the AUROC CI")
-    p.add_argument("--max-train-good", type=int, default=None,
+    p.add_argument("--gallery", type=NON_NEGATIVE, default=8,
+                   help="worst misses shown per method (default 8)")
+    p.add_argument("--n-boot", type=POSITIVE, default=1000, help="bootstrap replicates of the AUROC CI")
+    p.add_argument("--max-train-good", type=integer(2), default=None,
                    help="cap GOOD training images per type and fold (seeded subsample)")
     p.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
                    help="keep the raw backbone features in DIR so that a re-run skips extraction")
@@ -55,7 +57,7 @@ def add_evaluate_command(subparsers: Any) -> None:
     p.add_argument("--runtime", choices=("torch", "onnx", "openvino", "auto"), default="auto",
                    help="score held-out parts with PyTorch, ONNX Runtime or OpenVINO (each fold's "
                         "diffusion model exported in memory, FP32); auto = torch")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime / OpenVINO CPU threads")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="ONNX Runtime / OpenVINO CPU threads")
     p.add_argument("--unknown-type", action="store_true",
                    help="also score every held-out image with its type withheld (the type router "
                         "picks it): type accuracy and AUROC withheld vs given, in the printed "
@@ -85,11 +87,12 @@ def add_export_command(subparsers: Any) -> None:
                    help="keep an INT8 model that fails its parity check (never chosen automatically)")
     p.add_argument("--no-search", action="store_true",
                    help="quantize every layer (skip the search for layers to keep in float)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
-    p.add_argument("--check-images", type=int, default=16, help="images for the FP32 check")
-    p.add_argument("--calibration-images", type=int, default=64, help="GOOD images calibrating INT8")
-    p.add_argument("--sensitivity-images", type=int, default=16,
+    p.add_argument("--threads", type=POSITIVE, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--opset", type=integer(11, 23), default=None,
+                   help="ONNX opset, 11-23 (default 17)")
+    p.add_argument("--check-images", type=POSITIVE, default=16, help="images for the FP32 check")
+    p.add_argument("--calibration-images", type=POSITIVE, default=64, help="GOOD images calibrating INT8")
+    p.add_argument("--sensitivity-images", type=POSITIVE, default=16,
                    help="GOOD images measuring each layer's INT8 error")
     p.add_argument("--no-openvino", action="store_true",
                    help="do not check (or offer) the models on OpenVINO even when it is installed")

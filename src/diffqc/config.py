@@ -222,6 +222,7 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _at_least(self, "prior_seed", 0)  # numpy's generators take no negative seed
         _at_least(self, "timesteps", 2)
         _at_least(self, "prior_radius", 0)
         _at_least(self, "prior_rank", 0)  # >= the channels modelled: full rank
@@ -260,6 +261,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _at_least(self, "seed", 0)  # numpy's generators take no negative seed
         _at_least(self, "steps", 0)  # 0: the untrained network, i.e. the Gaussian path alone
         for name in ("batch_images", "locations_per_image"):
             _at_least(self, name, 1)
@@ -299,6 +301,7 @@ class ScoringConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _at_least(self, "seed", 0)  # numpy's generators take no negative seed
         _at_least(self, "type_candidates", 1)
         _one_of(self, "heat_map", HEAT_MAPS)
         _in_range(self, "memory_ratio", 0, 1, high_open=False)
@@ -366,6 +369,7 @@ class PatchCoreConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _at_least(self, "seed", 0)  # numpy's generators take no negative seed
         _in_range(self, "coreset_ratio", 0, 1, high_open=False)
         _at_least(self, "projection_dim", 0)
         _at_least(self, "max_bank", 0)
@@ -397,6 +401,7 @@ class PaDiMConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _at_least(self, "seed", 0)  # numpy's generators take no negative seed
         _at_least(self, "dims", 1)
         _one_of(self, "covariance", COVARIANCES)
         _at_least(self, "epsilon", 0)

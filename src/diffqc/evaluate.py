@@ -37,7 +37,7 @@ from diffqc.backbone import to_pixels
 from diffqc.calibration import CalibrationWarning, Calibrator, TypeCalibration, standardiser
 from diffqc.config import METHODS, DetectorConfig, parse_overrides, with_overrides
 from diffqc.data import DEFECTIVE, GOOD, DatasetWarning, Sample, read_image, read_mask
-from diffqc.errors import ImageReadError
+from diffqc.errors import ConfigError, DatasetError, ImageReadError
 from diffqc.folds import per_type_folds
 from diffqc.metrics import has_both_classes, image_auroc
 from diffqc.model import Detector
@@ -293,7 +293,7 @@ def evaluate(
     of the scores under the routed type (:func:`unknown_type_summary`).
     """
     if runtime not in ("torch", "onnx", "openvino", "auto"):
-        raise ValueError(f"runtime must be torch, onnx, openvino or auto, got {runtime!r}")
+        raise ConfigError(f"runtime must be torch, onnx, openvino or auto, got {runtime!r}")
     if out_dir is not None:
         R.check_report_target(out_dir, force=force)
     t_start = time.perf_counter()
@@ -301,19 +301,19 @@ def evaluate(
     variants_cfg: dict[str, DetectorConfig] = {}
     for m in methods:
         if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; use {', '.join(METHODS)}")
+            raise ConfigError(f"unknown method {m!r}; use {', '.join(METHODS)}")
         variants_cfg[m] = replace(base, method=m)
     for name, cfg in (settings or {}).items():
         if name in variants_cfg:
-            raise ValueError(f"setting name {name!r} clashes with a method name")
+            raise ConfigError(f"setting name {name!r} clashes with a method name")
         variants_cfg[name] = cfg
     if not variants_cfg:
-        raise ValueError("nothing to evaluate: no methods and no settings")
+        raise ConfigError("nothing to evaluate: no methods and no settings")
     alpha_review, alpha_reject = base.calibration.alpha_review, base.calibration.alpha_reject
     for name, cfg in variants_cfg.items():
         if (cfg.calibration.alpha_review, cfg.calibration.alpha_reject) != (alpha_review, alpha_reject):
-            raise ValueError(f"variant {name!r} uses other α levels than the base config; the "
-                             "report has one decision rule")
+            raise ConfigError(f"variant {name!r} uses other α levels than the base config; the "
+                              "report has one decision rule")
 
     notes: list[str] = []
     labelled = [s for s in samples if s.label in (GOOD, DEFECTIVE)]
@@ -325,8 +325,8 @@ def evaluate(
         warnings.warn(msg, stacklevel=2)
     labelled = [s for s in labelled if s.feature_type in types]
     if not labelled:
-        raise ValueError("no feature type has enough labelled parts to cross-validate; "
-                         + " ".join(type_notes))
+        raise DatasetError(f"no feature type has enough labelled parts for {folds} folds: "
+                           + "; ".join(type_notes))
 
     # ---- features, once
     t0 = time.perf_counter()
@@ -763,7 +763,7 @@ def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
     name, sep, rest = text.partition(":")
     name = name.strip()
     if not sep or not name or not rest.strip():
-        raise ValueError(f"--compare-setting expects NAME:KEY=VALUE[,KEY=VALUE...], got {text!r}")
+        raise ConfigError(f"--compare-setting expects NAME:KEY=VALUE[,KEY=VALUE...], got {text!r}")
     return name, parse_overrides([p for p in _split_top_level(rest) if p.strip()])
 
 

@@ -755,6 +755,17 @@ def _readme(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_arguments(n_parts: int, image_size: int = 256, defect_fraction: float = 0.25) -> None:
+    """Raise ``ValueError`` for arguments :func:`write_synthetic_dataset` cannot honour (checked
+    before any file is written; ``diffqc demo`` checks its own before its first step)."""
+    if n_parts < 3 * len(FEATURE_TYPES):
+        raise ValueError(f"n_parts must be at least {3 * len(FEATURE_TYPES)}, got {n_parts}")
+    if image_size < 32:
+        raise ValueError(f"image_size must be at least 32, got {image_size}")
+    if not 0.0 <= defect_fraction < 1.0:
+        raise ValueError(f"defect_fraction must be in [0, 1), got {defect_fraction}")
+
+
 def write_synthetic_dataset(
     out: Path | str,
     n_parts: int = 1327,
@@ -775,14 +786,8 @@ def write_synthetic_dataset(
     raised unless ``overwrite=True`` (which replaces only the paths this function writes).
     """
     out = Path(out)
-    n_parts = int(n_parts)
-    image_size = int(image_size)
-    if n_parts < 3 * len(FEATURE_TYPES):
-        raise ValueError(f"n_parts must be at least {3 * len(FEATURE_TYPES)}, got {n_parts}")
-    if image_size < 32:
-        raise ValueError(f"image_size must be at least 32, got {image_size}")
-    if not 0.0 <= defect_fraction < 1.0:
-        raise ValueError(f"defect_fraction must be in [0, 1), got {defect_fraction}")
+    n_parts, image_size = int(n_parts), int(image_size)
+    check_arguments(n_parts, image_size, defect_fraction)
     _prepare_out(out, overwrite)
 
     jobs = _plan(n_parts, seed, defect_fraction)

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from diffqc.arguments import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, integer, number
 from diffqc.runtime import add_runtime_arguments
 
 __all__ = ["add_service_commands", "export_reviewed_good", "run_server", "run_watch"]
@@ -132,7 +133,7 @@ def add_service_commands(subparsers: Any) -> None:
     p = subparsers.add_parser("serve", help="serve a model over HTTP (inspection API + dashboard)")
     p.add_argument("model", help="model bundle folder (from diffqc train)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=integer(0, 65535), default=8000)
     p.add_argument("--db", default=None, help=db_help)
     p.add_argument(
         "--token",
@@ -149,28 +150,28 @@ def add_service_commands(subparsers: Any) -> None:
         default=None,
         help="folder for heat maps and kept images (default beside the SQLite file)",
     )
-    p.add_argument("--buffer-size", type=int, default=64, help="ring buffer capacity (parts)")
+    p.add_argument("--buffer-size", type=POSITIVE, default=64, help="ring buffer capacity (parts)")
     p.add_argument(
         "--buffer-mb",
-        type=int,
+        type=POSITIVE,
         default=512,
         help="ring buffer bound in MiB of decoded images (a full buffer answers 503 overloaded)",
     )
     p.add_argument(
         "--body-timeout",
-        type=float,
+        type=POSITIVE_NUMBER,
         default=30.0,
         help="seconds an upload may send nothing before it is answered 408",
     )
-    p.add_argument("--max-batch", type=int, default=8, help="largest inference micro-batch")
+    p.add_argument("--max-batch", type=POSITIVE, default=8, help="largest inference micro-batch")
     p.add_argument(
         "--overflow",
         choices=["reject", "drop_oldest"],
         default="reject",
         help="full buffer: refuse with 503 + Retry-After, or drop the oldest part (stored as NOT_INSPECTED)",
     )
-    p.add_argument("--retry-after", type=int, default=1, help="Retry-After seconds on 503")
-    p.add_argument("--max-upload-mb", type=int, default=20)
+    p.add_argument("--retry-after", type=NON_NEGATIVE, default=1, help="Retry-After seconds on 503")
+    p.add_argument("--max-upload-mb", type=POSITIVE, default=20)
     p.add_argument(
         "--keep-images",
         choices=["none", "flagged", "all"],
@@ -195,9 +196,9 @@ def add_service_commands(subparsers: Any) -> None:
     p.add_argument("--mqtt", default=None, metavar="URL",
                    help="push every decision to an MQTT broker: mqtt://host:1883/topic-prefix")
     p.add_argument("--webhook", default=None, metavar="URL", help="POST every decision as JSON to URL")
-    p.add_argument("--keep-days", type=float, default=None,
+    p.add_argument("--keep-days", type=POSITIVE_NUMBER, default=None,
                    help="delete kept images and heat maps older than this (records stay)")
-    p.add_argument("--artifact-budget-mb", type=float, default=None,
+    p.add_argument("--artifact-budget-mb", type=POSITIVE_NUMBER, default=None,
                    help="delete the oldest kept images and heat maps beyond this disk budget")
     p.add_argument("--log-level", default="info")
     p.add_argument("--access-log", action="store_true")
@@ -213,16 +214,16 @@ def add_service_commands(subparsers: Any) -> None:
         default=None,
         help="type of every image (default: the sub-folder name, else unknown)",
     )
-    w.add_argument("--poll", type=float, default=0.5, help="seconds between scans")
+    w.add_argument("--poll", type=POSITIVE_NUMBER, default=0.5, help="seconds between scans")
     w.add_argument(
         "--settle",
-        type=float,
+        type=number(0.0),
         default=1.0,
         help="a file is complete once unchanged for this many seconds",
     )
     w.add_argument("--keep", action="store_true", help="leave files in place (default: move to processed/)")
     w.add_argument("--once", action="store_true", help="process what is there, then exit")
-    w.add_argument("--max-batch", type=int, default=8)
+    w.add_argument("--max-batch", type=POSITIVE, default=8)
     w.add_argument("--source", default=None, help="idempotency namespace (default: the folder path)")
     _add_line_arguments(w)
     w.set_defaults(func=_cmd_watch)

@@ -132,9 +132,12 @@ class ServiceSettings:
         policies = [p.value for p in OverflowPolicy]
         if self.overflow not in policies:
             raise ConfigError(f"overflow must be one of {', '.join(policies)}, got {self.overflow!r}")
-        for name in ("buffer_size", "max_batch", "buffer_max_bytes", "decode_workers"):
+        for name in ("buffer_size", "max_batch", "buffer_max_bytes", "decode_workers", "max_upload_bytes",
+                     "max_batch_upload_bytes", "max_batch_items", "max_image_pixels"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if int(self.retry_after_s) < 0:
+            raise ConfigError(f"retry_after_s must be at least 0, got {self.retry_after_s}")
         if not self.body_timeout_s > 0:
             raise ConfigError(f"body_timeout_s must be positive, got {self.body_timeout_s}")
 

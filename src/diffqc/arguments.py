@@ -1,0 +1,53 @@
+"""Number types for the command line, checked against their range as they are parsed.
+
+A value out of range (``--folds 1``, ``--threads -3``, ``--port 70000``) is then a usage error
+that names the option (exit code 2, one line) before any work, as ``argparse`` answers
+``--folds abc``; not a traceback from deep inside the run, nor a service that starts and
+refuses every upload (``--max-upload-mb 0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``[minimum, maximum]`` (no upper bound when None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            allowed = f"at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its own messages
+    return parse
+
+
+def number(minimum: float, *, inclusive: bool = True) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number ``>= minimum`` (``> minimum`` when not inclusive)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            bound = f"at least {minimum:g}" if inclusive else f"more than {minimum:g}"
+            raise argparse.ArgumentTypeError(f"must be a number {bound}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE = integer(1)
+NON_NEGATIVE = integer(0)
+SEED = integer(0, 2**32 - 1)  # numpy's seeds
+POSITIVE_NUMBER = number(0.0, inclusive=False)
