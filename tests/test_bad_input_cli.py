@@ -170,6 +170,8 @@ ROWS: dict[str, Row | object] = {
                                                     "--device", "cuda"], ("CUDA is not available",))),
     "train_device_bogus": Row(_train("--device", "tpu9"), ("device", "tpu9")),
     # inspect
+    "inspect_heatmaps_into_a_file": Row(lambda c: ["inspect", str(c.model), str(c.image), "--heatmaps",
+                                                   str(c.image)], ("is a file; give a folder",)),
     "inspect_empty_folder": Row(lambda c: ["inspect", str(c.model), str(c.tmp / "empty")],
                                 ("no images in",), setup=lambda c: (c.tmp / "empty").mkdir()),
     "inspect_missing_model": Row(lambda c: ["inspect", str(c.tmp / "nomodel"), str(c.image)],

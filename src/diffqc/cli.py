@@ -177,6 +177,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not images:
         raise DatasetError(f"no images in {', '.join(args.images)} (looked for "
                            f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+    if args.heatmaps:
+        _heatmap_folder(Path(args.heatmaps))
     det = runtime_from_args(args, args.model)
     if args.feature_type is not None:
         det.type_index(args.feature_type)  # fail early on an unknown type
@@ -205,6 +207,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if csv_out is not None:
         csv_out[0].close()
     return EXIT_OK
+
+
+def _heatmap_folder(folder: Path) -> None:
+    """Make ``--heatmaps``'s folder before any image is scored, or say why it cannot be."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"--heatmaps {folder} is a file; give a folder for the heat maps")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the heat-map folder {folder}: {exc.strerror or exc}") from None
 
 
 CSV_COLUMNS = ("path", "feature_type", "predicted_type", "score", "p_value", "decision", "heatmap", "error")
