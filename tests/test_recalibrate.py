@@ -92,6 +92,58 @@ def test_cli_calibrate_refuses_unknown_types_and_writes_nothing(tiny_model: Path
     assert {p.name: p.read_bytes() for p in model.iterdir()} == files
 
 
+def test_cli_calibrate_leaves_out_the_images_the_model_was_fit_on(
+        tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Calibrated on its own fit images (scores lower than a new GOOD part's), a model would flag
+    too many GOOD parts on the line: the bundle keeps the fit images' fingerprints and calibrate
+    leaves those out, found by content (copies under new names included); given nothing else,
+    it refuses and writes nothing."""
+    from diffqc.data import fingerprint, good_training, load_dataset
+    from diffqc.model import Detector, split_calibration
+
+    model = _copy(tiny_model, tmp_path)
+    det = Detector.load(model, device="cpu")
+    good = good_training(load_dataset(clear_dataset))
+    fit_idx, cal_idx = split_calibration(good, det.config.calibration.fraction, det.config.train.seed)
+    listed = det.metadata["training_data"]["fit_image_sha256"]
+    assert sorted({fingerprint(good[i].path) for i in fit_idx}) == listed
+    assert not {fingerprint(good[i].path) for i in cal_idx} & set(listed)
+
+    fresh = write_clear_dataset(tmp_path / "fresh", n_train=6, n_test=3, seed=5)  # 9 new GOOD per type
+    shutil.rmtree(fresh / "dots")
+    copies = [good[i].path for i in fit_idx if good[i].feature_type == "stripes"][:3]
+    for k, src in enumerate(copies):
+        shutil.copy(src, fresh / "stripes" / "train" / "good" / f"copied-{k}.png")
+    assert main(["calibrate", str(model), str(fresh), "-q"]) == 0
+    out = capsys.readouterr()
+    assert "diffqc: warning: 3 of the 12 GOOD images in" in out.err
+    assert "are images the model was fit on" in out.err
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    assert summary["images"] == {"stripes": 9} and summary["left_out_fit_images"] == 3
+
+    only_fit = tmp_path / "only-fit" / "stripes" / "train" / "good"
+    only_fit.mkdir(parents=True)
+    for src in copies:
+        shutil.copy(src, only_fit / src.name)
+    files = {p.name: p.read_bytes() for p in model.iterdir()}
+    assert main(["calibrate", str(model), str(tmp_path / "only-fit"), "-q"]) == 1
+    assert "all 3 GOOD images are images the model was fit on" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+
+
+def test_cli_calibrate_warns_when_a_bundle_cannot_say_what_it_was_fit_on(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = _copy(tiny_model, tmp_path)
+    meta = json.loads((model / "metadata.json").read_text())
+    del meta["training_data"]["fit_image_sha256"]  # as bundles written before it was kept
+    (model / "metadata.json").write_text(json.dumps(meta))
+    data = write_clear_dataset(tmp_path / "fresh", n_train=2, n_test=1, seed=6)
+    assert main(["calibrate", str(model), str(data), "-q"]) == 0
+    out = capsys.readouterr()
+    assert "diffqc: warning: this bundle does not list the images it was fit on" in out.err
+    assert json.loads(out.out.strip().splitlines()[-1])["left_out_fit_images"] == 0
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

@@ -7,6 +7,7 @@ Labels: 0 = GOOD, 1 = defective, -1 = unknown (inspection only).
 from __future__ import annotations
 
 import csv
+import hashlib
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -119,6 +120,13 @@ def read_mask(path: Path | str | None, shape: tuple[int, int]) -> np.ndarray:
             return np.asarray(m) > 127
     except (OSError, UnidentifiedImageError) as exc:
         raise ImageReadError(str(path), f"mask unreadable ({exc})") from None
+
+
+def fingerprint(path: Path | str) -> str:
+    """A file's identity by content, the first 16 hex digits of its SHA-256: a copy under another
+    name matches. A bundle keeps those of the images it was fit on (``diffqc calibrate``)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()[:16]
 
 
 def is_hidden(path: Path) -> bool:

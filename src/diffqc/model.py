@@ -33,7 +33,7 @@ from diffqc.baselines import PatchCoreScorer
 from diffqc.bundle import check_weights, read_bundle
 from diffqc.calibration import Calibrator, calibration_scores
 from diffqc.config import CalibrationConfig, DetectorConfig
-from diffqc.data import Sample, good_training, iter_images
+from diffqc.data import Sample, fingerprint, good_training, iter_images
 from diffqc.errors import (
     BundleError,
     ConfigError,
@@ -151,6 +151,7 @@ class Detector:
         self.router_: routing.TypeRouter | None = None  # None: a bundle from before the router
         self.memory_: PatchMemory | None = None  # the fused heat map's GOOD-patch memory
         self.classes_: list[str] = []
+        self.fit_indices_: list[int] = []  # the images (of fit_features' GOOD samples) fitted on
         self.metadata: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ features
@@ -242,7 +243,11 @@ class Detector:
         raw, layouts, good, errors = self.read_features(good, skip_corrupt=skip_corrupt,
                                                         progress=progress)
         self.fit_features(raw, good, progress=progress, layouts=layouts)
-        self.metadata["training_data"]["skipped_corrupt"] = [str(e.source) for e in errors]
+        training = self.metadata["training_data"]
+        training["skipped_corrupt"] = [str(e.source) for e in errors]
+        # by content, so that `diffqc calibrate` can leave out any it is given (their scores are
+        # optimistic: calibrated on them, the line's GOOD parts would be flagged too often)
+        training["fit_image_sha256"] = sorted({fingerprint(good[i].path) for i in self.fit_indices_})
         return self
 
     def fit_features(self, raw: Tensor, good: Sequence[Sample], *, progress: bool = False,
@@ -289,6 +294,7 @@ class Detector:
         self.router_ = _fit_router(feats[fit_idx], types[fit_idx], len(self.classes_))
         fit_seconds = time.perf_counter() - t_fit
         fit_idx, cal_idx = image_idx
+        self.fit_indices_ = list(fit_idx)
         cal_samples = [good[i] for i in cal_idx]
         cal_layouts = None if layouts is None else [layouts[i] for i in cal_idx]
         cal_rows = cal_idx if layouts is None else tiling.rows_of(layouts, cal_idx)

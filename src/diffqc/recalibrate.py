@@ -3,8 +3,9 @@
 The scorer stays as trained; only the conformal calibration (``calibration.json``, and
 ``calibration.int8.json`` when the bundle has an INT8 export) is recomputed from the GOOD
 images in DATA, which must be parts the model never trained on (a fresh folder, or
-``diffqc results export`` of operator-reviewed GOOD parts). Types absent from DATA keep their
-current calibration.
+``diffqc results export`` of operator-reviewed GOOD parts): those it was fit on, found by content
+(the bundle's ``metadata.json`` keeps their fingerprints), are left out with a warning. Types
+absent from DATA keep their current calibration.
 
 The rewrite is atomic: everything is scored first, then each file is written to a temporary
 sibling, fsynced and renamed over the old one (``os.replace``), after its previous content was
@@ -73,6 +74,35 @@ def _merged(old: Calibrator, known: dict[str, list[float]], unknown: dict[str, l
     return cal
 
 
+def _not_fitted_on(meta: dict[str, Any], samples: list[Any], data: Path | str) -> tuple[list[Any], int]:
+    """The samples whose files are not images the model was fit on (by content: the bundle keeps
+    their fingerprints), and how many were left out. A fit image scores lower than a new GOOD part
+    of the line would, so calibrated on it the thresholds would flag too many GOOD parts.
+    A bundle written before the fingerprints were kept cannot be checked: a warning says so."""
+    from diffqc.calibration import CalibrationWarning
+    from diffqc.data import fingerprint
+
+    fitted = meta.get("training_data", {}).get("fit_image_sha256")
+    if fitted is None:
+        warnings.warn("this bundle does not list the images it was fit on (it was written before "
+                      "bundles did): make sure DATA holds only parts the model never trained on",
+                      CalibrationWarning, stacklevel=3)
+        return samples, 0
+    fitted = set(fitted)
+    kept = [s for s in samples if not (s.path.is_file() and fingerprint(s.path) in fitted)]
+    left_out = len(samples) - len(kept)
+    if not kept:
+        raise DatasetError(f"{data}: all {left_out} GOOD images are images the model was fit on; "
+                           "calibrate on GOOD parts it never trained on (a fresh folder, or "
+                           "`diffqc results export` of parts reviewed GOOD)")
+    if left_out:
+        warnings.warn(f"{left_out} of the {len(samples)} GOOD images in {data} are images the model "
+                      "was fit on (the same file contents); they are left out: their scores are "
+                      "lower than new GOOD parts' and would set the thresholds too low",
+                      CalibrationWarning, stacklevel=3)
+    return kept, left_out
+
+
 def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = False,
                 progress: bool = False, threads: int | None = None) -> dict[str, Any]:
     """Recompute the calibration of bundle ``model`` from the GOOD images of ``data``; returns
@@ -91,6 +121,7 @@ def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = Fal
         raise UnknownFeatureTypeError(f"{data}: types {', '.join(unknown_types)} are not in the model "
                                       f"({', '.join(det.classes_)})")
     assert det.calibration_ is not None
+    samples, left_out = _not_fitted_on(det.metadata, samples, data)
     known, unknown = calibration_scores(det, samples, skip_corrupt=skip_corrupt, progress=progress)
     new = {CALIBRATION_FILE: _merged(det.calibration_, known, unknown)}
     if (path / INT8_CALIBRATION_FILE).is_file() and (path / INT8_MODEL_FILE).is_file():
@@ -119,10 +150,11 @@ def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = Fal
         "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "data": str(data),
         "images": counts,
+        "left_out_fit_images": left_out,
         "previous_sha256": previous,
     }
     write_atomic(meta_path, json.dumps(meta, indent=2).encode("utf-8"))
-    return {"model": str(path), "images": counts, "files": sorted(new),
+    return {"model": str(path), "images": counts, "left_out_fit_images": left_out, "files": sorted(new),
             "kept_previous": sorted(previous_name(n) for n in previous), "sha256": checksums,
             "thresholds": {t: new[CALIBRATION_FILE].thresholds(t) for t in counts}}
 
@@ -189,7 +221,8 @@ def add_calibrate_command(subparsers: Any) -> None:
         "calibrate",
         help="recompute a bundle's calibration from GOOD images, without retraining",
         description="Recompute the conformal calibration of MODEL from the GOOD images in DATA "
-        "(parts the model never trained on). The previous calibration is kept as "
+        "(parts the model never trained on: images it was fit on are left out). The previous "
+        "calibration is kept as "
         "calibration.prev.json; a running service picks the new one up without a restart.",
     )
     p.add_argument("model", type=Path, help="model bundle folder")
