@@ -82,10 +82,32 @@ def test_manifest(tmp_path: Path, clear_dataset: Path) -> None:
 @pytest.mark.parametrize("content,err", [
     ("path,label\nx.png,good\n", "lacks column"),
     ("path,feature_type,label\nx.png,dots,maybe\n", "unknown label"),
+    ("path,feature_type,label,split\nx.png,dots,good,validation\n", "unknown split 'validation'"),
 ])
 def test_manifest_errors(tmp_path: Path, content: str, err: str) -> None:
     (tmp_path / "m.csv").write_text(content)
     with pytest.raises(DatasetError, match=err):
+        load_manifest(tmp_path / "m.csv")
+
+
+@pytest.mark.parametrize("sep", [",", ";", "\t"])
+def test_manifest_as_a_spreadsheet_saves_it(tmp_path: Path, clear_dataset: Path, sep: str) -> None:
+    """A spreadsheet's CSV: a byte-order mark, ';' (where the decimal separator is a comma) or tabs,
+    Windows line ends, a split written 'Train', paths with umlauts."""
+    img = next((clear_dataset / "dots" / "train" / "good").iterdir())
+    shutil.copy(img, tmp_path / "Prüfteil 1.png")
+    rows = [["path", "feature_type", "label", "split"], ["Prüfteil 1.png", "dots", "good", "Train"],
+            [str(img), "dots", "defect", "TEST"]]
+    (tmp_path / "m.csv").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(sep.join(r) for r in rows).encode())
+    s = load_manifest(tmp_path / "m.csv")
+    assert [(x.path, x.label, x.split) for x in s] == [(tmp_path / "Prüfteil 1.png", GOOD, "train"),
+                                                        (img, DEFECTIVE, "test")]
+    assert read_image(s[0].path).shape[2] == 3
+
+
+def test_manifest_not_utf8_is_named(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_bytes("path,feature_type,label\nPrüfteil.png,dots,good\n".encode("cp1252"))
+    with pytest.raises(DatasetError, match=r"m\.csv is not UTF-8 text .*CSV UTF-8"):
         load_manifest(tmp_path / "m.csv")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -206,6 +207,18 @@ _LABEL_WORDS = {"good": GOOD, "ok": GOOD, "0": GOOD, "pass": GOOD, "normal": GOO
                 "1": DEFECTIVE, "anomaly": DEFECTIVE, "": UNKNOWN, "unknown": UNKNOWN, "-1": UNKNOWN}
 
 
+SPLITS = ("train", "test")
+
+
+def _delimiter(header: str) -> str:
+    """The manifest's field separator: ``,``, or ``;`` / tab when the header is split by that (a
+    spreadsheet saved as CSV where the decimal separator is a comma writes ``;``)."""
+    for sep in (",", ";", "\t"):
+        if set(MANIFEST_COLUMNS) <= {f.strip() for f in header.split(sep)}:
+            return sep
+    return ","
+
+
 def load_manifest(path: Path | str) -> list[Sample]:
     """Load a CSV manifest with columns ``path, feature_type, label[, mask][, part_id][, split]``.
 
@@ -217,29 +230,37 @@ def load_manifest(path: Path | str) -> list[Sample]:
         raise DatasetError(f"manifest {path} does not exist")
     base = path.parent
     samples: list[Sample] = []
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        fields = [f.strip() for f in (reader.fieldnames or [])]
-        missing = [c for c in MANIFEST_COLUMNS if c not in fields]
-        if missing:
-            raise DatasetError(f"manifest {path} lacks column(s) {', '.join(missing)}; has {fields}")
-        for lineno, raw in enumerate(reader, start=2):
-            row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
-            word = row["label"].lower()
-            if word not in _LABEL_WORDS:
-                raise DatasetError(f"{path}:{lineno}: unknown label {row['label']!r} (use good/defect)")
-            label = _LABEL_WORDS[word]
-            if not row["feature_type"]:
-                raise DatasetError(f"{path}:{lineno}: empty feature_type")
-            img = Path(row["path"])
-            img = img if img.is_absolute() else base / img
-            mask = row.get("mask") or None
-            mask_path = None if mask is None else (Path(mask) if Path(mask).is_absolute() else base / mask)
-            split = row.get("split") or ("train" if label == GOOD else "test")
-            samples.append(Sample(img, row["feature_type"], label, mask_path,
-                                  part_id=row.get("part_id") or None,
-                                  defect=row.get("defect") or ("good" if label == GOOD else None),
-                                  split=split))
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark is dropped
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"manifest {path} is not UTF-8 text (byte {exc.start}); save it as "
+                           "'CSV UTF-8'") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""),
+                            delimiter=_delimiter(text.partition("\n")[0]))
+    fields = [f.strip() for f in (reader.fieldnames or [])]
+    missing = [c for c in MANIFEST_COLUMNS if c not in fields]
+    if missing:
+        raise DatasetError(f"manifest {path} lacks column(s) {', '.join(missing)}; has {fields}")
+    for lineno, raw in enumerate(reader, start=2):
+        row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+        word = row["label"].lower()
+        if word not in _LABEL_WORDS:
+            raise DatasetError(f"{path}:{lineno}: unknown label {row['label']!r} (use good/defect)")
+        label = _LABEL_WORDS[word]
+        if not row["feature_type"]:
+            raise DatasetError(f"{path}:{lineno}: empty feature_type")
+        img = Path(row["path"])
+        img = img if img.is_absolute() else base / img
+        mask = row.get("mask") or None
+        mask_path = None if mask is None else (Path(mask) if Path(mask).is_absolute() else base / mask)
+        split = (row.get("split") or ("train" if label == GOOD else "test")).lower()
+        if split not in SPLITS:
+            raise DatasetError(f"{path}:{lineno}: unknown split {row['split']!r} (use "
+                               f"{' or '.join(SPLITS)}; calibration images are held out of train)")
+        samples.append(Sample(img, row["feature_type"], label, mask_path,
+                              part_id=row.get("part_id") or None,
+                              defect=row.get("defect") or ("good" if label == GOOD else None),
+                              split=split))
     if not samples:
         raise DatasetError(f"manifest {path} has no rows")
     return samples
