@@ -105,6 +105,14 @@ def test_manifest_as_a_spreadsheet_saves_it(tmp_path: Path, clear_dataset: Path,
     assert read_image(s[0].path).shape[2] == 3
 
 
+@pytest.mark.parametrize("words,labels", [("OK,NOK", [GOOD, DEFECTIVE]), ("i.O.,n.i.O.", [GOOD, DEFECTIVE]),
+                                          ("pass,fail", [GOOD, DEFECTIVE]), ("0,1", [GOOD, DEFECTIVE])])
+def test_manifest_label_words_of_a_line(tmp_path: Path, words: str, labels: list[int]) -> None:
+    good, bad = words.split(",")
+    (tmp_path / "m.csv").write_text(f"path,feature_type,label\na.png,dots,{good}\nb.png,dots,{bad}\n")
+    assert [x.label for x in load_manifest(tmp_path / "m.csv")] == labels
+
+
 def test_manifest_not_utf8_is_named(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_bytes("path,feature_type,label\nPrüfteil.png,dots,good\n".encode("cp1252"))
     with pytest.raises(DatasetError, match=r"m\.csv is not UTF-8 text .*CSV UTF-8"):

@@ -202,8 +202,10 @@ def load_mvtec(root: Path | str) -> list[Sample]:
 
 
 MANIFEST_COLUMNS = ("path", "feature_type", "label")
-_LABEL_WORDS = {"good": GOOD, "ok": GOOD, "0": GOOD, "pass": GOOD, "normal": GOOD,
-                "defect": DEFECTIVE, "defective": DEFECTIVE, "bad": DEFECTIVE, "ng": DEFECTIVE,
+# a line's own words: OK / NOK and i.O. / n.i.O. (German: in order / not in order), NG (no good)
+_LABEL_WORDS = {"good": GOOD, "ok": GOOD, "0": GOOD, "pass": GOOD, "normal": GOOD, "io": GOOD,
+                "i.o.": GOOD, "defect": DEFECTIVE, "defective": DEFECTIVE, "bad": DEFECTIVE,
+                "ng": DEFECTIVE, "nok": DEFECTIVE, "nio": DEFECTIVE, "n.i.o.": DEFECTIVE, "fail": DEFECTIVE,
                 "1": DEFECTIVE, "anomaly": DEFECTIVE, "": UNKNOWN, "unknown": UNKNOWN, "-1": UNKNOWN}
 
 
@@ -245,7 +247,7 @@ def load_manifest(path: Path | str) -> list[Sample]:
         row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
         word = row["label"].lower()
         if word not in _LABEL_WORDS:
-            raise DatasetError(f"{path}:{lineno}: unknown label {row['label']!r} (use good/defect)")
+            raise DatasetError(f"{path}:{lineno}: unknown label {row['label']!r} (use good/defect, OK/NOK)")
         label = _LABEL_WORDS[word]
         if not row["feature_type"]:
             raise DatasetError(f"{path}:{lineno}: empty feature_type")
