@@ -144,6 +144,38 @@ def test_cli_calibrate_warns_when_a_bundle_cannot_say_what_it_was_fit_on(
     assert json.loads(out.out.strip().splitlines()[-1])["left_out_fit_images"] == 0
 
 
+def test_a_retrained_bundle_is_not_half_loaded_by_a_running_service(
+        tiny_model: Path, clear_dataset: Path, tmp_path: Path) -> None:
+    """`diffqc train --out` into the folder a service serves writes new weights and a new
+    calibration: the calibration is the new model's, and the service, still holding the old
+    weights, must not take it (its p-values would be another model's); it says to restart.
+    A recalibration (same weights) is still taken."""
+    from diffqc.data import load_dataset
+    from diffqc.model import Detector
+    from diffqc.recalibrate import CalibrationReloader
+    from tests.conftest import tiny_config
+
+    model = _copy(tiny_model, tmp_path)
+    served = Detector.load(model, device="cpu")
+    reloader = CalibrationReloader(served, model)
+    before = served.calibration_
+    data = write_clear_dataset(tmp_path / "fresh", n_train=4, n_test=1, seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["calibrate", str(model), str(data), "-q"]) == 0
+    assert reloader.check() and served.calibration_ is not before and reloader.last_error is None
+    recalibrated = served.calibration_
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Detector(tiny_config(**{"train.seed": 3}), device="cpu").fit(
+            load_dataset(clear_dataset), progress=False).save(model)
+    assert not reloader.check()
+    assert served.calibration_ is recalibrated
+    assert reloader.last_error is not None and "retrained" in reloader.last_error
+    assert "restart" in reloader.last_error
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

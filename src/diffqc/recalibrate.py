@@ -183,6 +183,9 @@ class CalibrationReloader:
             name = CALIBRATION_FILE
         self.file = self.bundle / name
         self._signature = _signature(self.file)
+        # `diffqc train --out` into the served folder replaces the weights before the calibration:
+        # the new calibration is then the new model's, whose scores the loaded one does not give
+        self._weights = _signature(self.bundle / "weights.safetensors")
         self.reloads = 0
         self.last_error: str | None = None
 
@@ -192,6 +195,12 @@ class CalibrationReloader:
         if sig is None or sig == self._signature:
             return False
         self._signature = sig
+        if _signature(self.bundle / "weights.safetensors") != self._weights:
+            self.last_error = (f"{self.bundle} was retrained while this service runs: its new calibration "
+                               "belongs to the new weights, so the current one stays; restart the service "
+                               "to serve the new model")
+            log.error("new calibration not loaded: %s", self.last_error)
+            return False
         try:
             cal = Calibrator.from_dict(json.loads(self.file.read_text()))
             classes = list(self.detector.classes_)
