@@ -133,6 +133,10 @@ def test_decode_modes() -> None:
     deep = (np.arange(64 * 64, dtype=np.uint16) * 16).reshape(64, 64)
     out16 = decode_image(_png(deep))
     assert out16.max() <= 1.0 and out16.max() > 0.9  # full 16-bit range kept
+    ramp = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)  # a float image in [0, 1]
+    buf = io.BytesIO()
+    Image.fromarray(ramp, mode="F").save(buf, format="TIFF")
+    np.testing.assert_allclose(decode_image(buf.getvalue())[..., 0], ramp, atol=1e-6)
     rgba = np.zeros((32, 32, 4), np.uint8)
     rgba[..., 0] = 255
     rgba[..., 3] = 128

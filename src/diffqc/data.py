@@ -55,8 +55,12 @@ def _to_float_rgb(img: Image.Image) -> np.ndarray:
             arr = arr / 65535.0
         else:
             lo, hi = float(arr.min()), float(arr.max())
-            maxval = 65535.0 if hi > 255 else 255.0
-            arr = arr / maxval if lo >= 0 else (arr - lo) / max(hi - lo, 1e-12)
+            if img.mode == "F" and lo >= 0 and hi <= 1.0:
+                pass  # a float image in [0, 1], the convention for float images
+            elif lo >= 0:
+                arr = arr / (65535.0 if hi > 255 else 255.0)
+            else:
+                arr = (arr - lo) / max(hi - lo, 1e-12)
         arr = np.clip(arr, 0.0, 1.0).astype(np.float32)
         return np.repeat(arr[:, :, None], 3, axis=2)
     if img.mode in {"RGBA", "LA", "PA"} or (img.mode == "P" and "transparency" in img.info):
