@@ -138,6 +138,16 @@ ROWS: dict[str, Row | object] = {
     "set_negative_seed": Row(_train("--seed", "-1"), ("train.seed must be >= 0, got -1",)),
     "demo_too_few_parts": Row(lambda c: ["demo", "--parts", "5", "--out", str(c.tmp / "demo"), "-q"],
                               ("demo: n_parts must be at least 24, got 5",), absent=lambda c: c.tmp / "demo"),
+    "demo_out_holds_foreign_data": Row(
+        lambda c: ["demo", "--parts", "24", "--out", str(c.tmp / "proj"), "-q"],
+        ("holds no earlier synthetic dataset", "choose another --out"),
+        setup=lambda c: _png(c.tmp / "proj" / "data" / "dots" / "0.png"),
+        absent=lambda c: c.tmp / "proj" / "model"),
+    "demo_out_holds_foreign_model": Row(
+        lambda c: ["demo", "--parts", "24", "--out", str(c.tmp / "proj"), "-q"],
+        ("model holds files that are not a diffqc model bundle", "choose another --out"),
+        setup=lambda c: _png(c.tmp / "proj" / "model" / "photo.png"),
+        absent=lambda c: c.tmp / "proj" / "data"),
     "set_without_equals": Row(_train("--set", "train.steps"), ("--set expects KEY=VALUE",)),
     # data
     "train_missing_data": Row(lambda c: ["train", str(c.tmp / "nothing"), "--out", str(c.tmp / "m")],

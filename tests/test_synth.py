@@ -188,9 +188,12 @@ def test_refuses_foreign_non_empty_folder(tmp_path: Path) -> None:
 def test_rewrites_a_previous_synthetic_set(tmp_path: Path) -> None:
     out = tmp_path / "set"
     write_synthetic_dataset(out, n_parts=32, image_size=32, progress=False)
+    (out / "dots" / "my-notes.txt").write_text("keep me")  # a user's file inside the earlier set
+    (out / "edge1" / "extra").mkdir()
     write_synthetic_dataset(out, n_parts=24, image_size=32, seed=5, progress=False)
     assert len(load_dataset(out)) == 24  # no stale images of the first set
     assert len(_manifest(out)) == 24
+    assert (out / "dots" / "my-notes.txt").read_text() == "keep me"  # only the set's own files go
 
 
 @pytest.mark.parametrize(

@@ -75,16 +75,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_synth(args: argparse.Namespace) -> int:
-    from diffqc.synth import MARKER_NAME, write_synthetic_dataset
+    from diffqc.synth import write_synthetic_dataset
 
-    out = Path(args.out)
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER_NAME).is_file():
-        raise OutputError(f"{out} is not empty and holds no earlier synthetic dataset; choose a new "
-                          "or empty folder (nothing in it is deleted, --overwrite included)")
-    try:  # an earlier synthetic dataset (it has the marker) is replaced: its own files only
-        summary = write_synthetic_dataset(out, n_parts=args.parts, seed=args.seed,
-                                          image_size=args.size, overwrite=False,
+    try:  # an earlier synthetic dataset (it has a marker) is replaced: its own files only
+        summary = write_synthetic_dataset(Path(args.out), n_parts=args.parts, seed=args.seed,
+                                          image_size=args.size, overwrite=False,  # --overwrite too
                                           progress=not args.quiet)
+    except FileExistsError as exc:
+        raise OutputError(str(exc)) from None
     except ValueError as exc:  # its argument checks (--parts, --size)
         raise ConfigError(f"data synth: {exc}") from None
     print(json.dumps({"root": str(args.out), "splits": summary["splits"], "labels": summary["labels"]}))
@@ -259,12 +257,22 @@ def _save_heatmap(path: Path, image: Any, result: Any, det: Any) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from diffqc.demo import DEMO_DEFAULTS, run_demo
-    from diffqc.synth import check_arguments
+    from diffqc.model import check_bundle_target
+    from diffqc.synth import check_arguments, check_target
 
     try:
         check_arguments(args.parts)
     except ValueError as exc:
         raise ConfigError(f"demo: {exc}") from None
+    try:  # --out's data/ and model/ are checked before any work (an earlier demo's are replaced)
+        check_target(Path(args.out) / "data")
+    except FileExistsError as exc:
+        raise OutputError(f"demo: {exc}; or choose another --out") from None
+    try:
+        check_bundle_target(Path(args.out) / "model")
+    except OutputError:
+        raise OutputError(f"demo: {Path(args.out) / 'model'} holds files that are not a diffqc model "
+                          "bundle (nothing in it is deleted); choose another --out") from None
     config = build_config(args, DEMO_DEFAULTS)
     rows = run_demo(Path(args.out), config=config, n_parts=args.parts, seed=args.data_seed,
                     json_path=Path(args.json) if args.json else None, progress=not args.quiet,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -695,22 +694,40 @@ def _plan(n_parts: int, seed: int, defect_fraction: float) -> list[_Job]:
     return jobs
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
+def check_target(out: Path, *, overwrite: bool = False) -> None:
+    """Raise :class:`FileExistsError` unless a synthetic set may be written to ``out``: a new or
+    empty folder, or an earlier synthetic set (``overwrite``: any folder)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / MARKER_NAME).is_file() and not overwrite:
-            raise FileExistsError(
-                f"{out} is not empty and does not hold a previous synthetic dataset "
-                f"(no {MARKER_NAME}); choose an empty folder or pass overwrite=True"
-            )
-        for name in (*FEATURE_TYPES, "manifest.csv", "README.md", MARKER_NAME):
-            target = out / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER_NAME).is_file() and not overwrite:
+        raise FileExistsError(f"{out} is not empty and holds no earlier synthetic dataset (no "
+                              f"{MARKER_NAME}); choose a new or empty folder (nothing in it is deleted)")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    check_target(out, overwrite=overwrite)
+    if (out / MARKER_NAME).is_file():
+        _remove_previous(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _remove_previous(out: Path) -> None:
+    """Delete an earlier synthetic set's own files (those its manifest lists, the manifest, README
+    and marker) and the folders they leave empty; any other file in ``out`` stays."""
+    root = out.resolve()
+    listed: list[Path] = []
+    manifest = out / "manifest.csv"
+    if manifest.is_file():
+        with manifest.open(newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                listed += [out / row[k] for k in ("path", "mask") if row.get(k)]
+    for path in [*listed, manifest, out / "README.md", out / MARKER_NAME]:
+        if path.resolve().is_relative_to(root) and (path.is_file() or path.is_symlink()):
+            path.unlink()
+    for ft in FEATURE_TYPES:  # deepest first: a folder is removed only once empty
+        for folder in [*sorted((out / ft).rglob("*"), key=lambda p: -len(p.parts)), out / ft]:
+            if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _save_png(arr: np.ndarray, path: Path) -> None:
@@ -782,8 +799,9 @@ def write_synthetic_dataset(
     :data:`FEATURE_TYPES` (the remainder to the first types). Per type about 65 % go to
     ``train/good``; of the rest, ``defect_fraction`` are defective, spread round-robin
     over the type's :data:`DEFECT_KINDS`. ``out`` must be empty, missing, or a previous
-    synthetic set (whose files are replaced); otherwise :class:`FileExistsError` is
-    raised unless ``overwrite=True`` (which replaces only the paths this function writes).
+    synthetic set (whose own files are deleted first: those its manifest lists, nothing else);
+    otherwise :class:`FileExistsError` is raised unless ``overwrite=True`` (which deletes nothing
+    and replaces only the paths this function writes).
     """
     out = Path(out)
     n_parts, image_size = int(n_parts), int(image_size)
