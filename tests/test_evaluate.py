@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from diffqc import evaluate as E
 from diffqc import report as R
@@ -283,17 +284,38 @@ def test_feature_cache_skips_the_second_extraction(clear_dataset: Path, tmp_path
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     samples = load_dataset(clear_dataset)[:6]
     dets = {"b": Detector(tiny_config(), device="cpu")}
+    broken = replace(samples[0], path=tmp_path / "broken.png")
+    broken.path.write_bytes(b"\x89PNG garbage")
+    samples = [*samples, broken]
     kept, shapes, raw, errors = E._extract_cached(samples, dets, False, tmp_path)
-    assert len(kept) == 6 and not errors and len(list(tmp_path.glob("features-*.pt"))) == 1
+    assert len(kept) == 6 and len(errors) == 1 and raw["b"].shape[0] == 6
+    (cache,) = tmp_path.glob("features-*.safetensors")  # safetensors, never pickle
+    assert safe_open(str(cache), framework="pt").metadata()["errors"] == json.dumps(errors)
 
     def no_extraction(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("extracted again")
 
     monkeypatch.setattr(E, "_extract_all", no_extraction)
-    kept2, shapes2, raw2, _ = E._extract_cached(samples, dets, False, tmp_path)
-    assert kept2 == kept and shapes2 == shapes and torch.equal(raw2["b"], raw["b"])
+    kept2, shapes2, raw2, errors2 = E._extract_cached(samples, dets, False, tmp_path)
+    assert kept2 == kept and shapes2 == shapes and torch.equal(raw2["b"], raw["b"]) and errors2 == errors
     with pytest.raises(AssertionError, match="extracted again"):  # other images: a new entry
         E._extract_cached(samples[:5], dets, False, tmp_path)
+    monkeypatch.undo()
+    cache.write_bytes(cache.read_bytes()[:100])  # a damaged cache: a warning, then extracted again
+    with pytest.warns(UserWarning, match="unreadable"):
+        kept3, _, raw3, _ = E._extract_cached(samples, dets, False, tmp_path)
+    assert kept3 == kept and torch.equal(raw3["b"], raw["b"])
+
+
+def test_a_feature_cache_that_cannot_be_written_costs_a_warning_not_the_run(
+        clear_dataset: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    samples = load_dataset(clear_dataset)[:3]
+    with pytest.warns(UserWarning, match="feature cache not written"):
+        kept, _, raw, _ = E._extract_cached(samples, {"b": Detector(tiny_config(), device="cpu")}, False,
+                                            blocker / "cache")
+    assert len(kept) == 3 and raw["b"].shape[0] == 3 and blocker.read_text() == "x"
 
 
 def test_fold_warnings_are_grouped_by_type() -> None:

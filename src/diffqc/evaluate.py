@@ -16,9 +16,11 @@ misses; :func:`evaluate` writes it as report.json / report.md / report.html.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import itertools
+import json
 import math
 import sys
 import time
@@ -30,6 +32,8 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffqc import report as R
@@ -176,7 +180,37 @@ def _cache_file(cache_dir: Path, samples: Sequence[Sample], detectors: Mapping[s
             h.update(f"{s.path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{s.path}|missing\n".encode())
-    return cache_dir / f"features-{h.hexdigest()[:20]}.pt"
+    return cache_dir / f"features-{h.hexdigest()[:20]}.safetensors"
+
+
+def _read_cache(path: Path, samples: Sequence[Sample]
+                ) -> tuple[list[Sample], list[tuple[int, int]], dict[str, torch.Tensor], list[str]]:
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as fh:
+        errors = json.loads((fh.metadata() or {})["errors"])
+    kept = [samples[int(i)] for i in tensors["kept"]]
+    shapes = [(int(h), int(w)) for h, w in tensors["shapes"].tolist()]
+    raw = {k.removeprefix("raw/"): v for k, v in tensors.items() if k.startswith("raw/")}
+    return kept, shapes, raw, [str(e) for e in errors]
+
+
+def _write_cache(path: Path, kept: list[int], shapes: list[tuple[int, int]],
+                 raw: Mapping[str, torch.Tensor], errors: list[str]) -> None:
+    """The raw features as safetensors (never pickle), written beside and renamed into place; a
+    cache that cannot be written (full disk, unwritable folder) costs a warning, not the run."""
+    tensors = {"kept": torch.tensor(kept, dtype=torch.int64),
+               "shapes": torch.tensor(shapes, dtype=torch.int64).reshape(-1, 2),
+               **{f"raw/{k}": v.contiguous() for k, v in raw.items()}}
+    tmp = path.with_suffix(".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata={"errors": json.dumps(errors)})
+        tmp.replace(path)
+    except (OSError, SafetensorError) as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        warnings.warn(f"feature cache not written ({exc}); the evaluation goes on without it",
+                      stacklevel=3)
 
 
 def _extract_cached(
@@ -188,18 +222,18 @@ def _extract_cached(
         return _extract_all(samples, detectors, progress)
     path = _cache_file(cache_dir, samples, detectors)
     if path.is_file():
-        data = torch.load(path, weights_only=True)
-        if progress:
-            print(f"raw features loaded from {path}", file=sys.stderr)
-        kept = [samples[i] for i in data["kept"]]
-        return kept, [(int(h), int(w)) for h, w in data["shapes"]], dict(data["raw"]), list(data["errors"])
+        try:
+            cached = _read_cache(path, samples)
+        except (OSError, SafetensorError, ValueError, KeyError, IndexError) as exc:
+            warnings.warn(f"feature cache {path} unreadable ({exc}); extracting the features again",
+                          stacklevel=2)
+        else:
+            if progress:
+                print(f"raw features loaded from {path}", file=sys.stderr)
+            return cached
     kept, shapes, raw, errors = _extract_all(samples, detectors, progress)
     index = {id(s): i for i, s in enumerate(samples)}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"kept": [index[id(s)] for s in kept], "shapes": [list(x) for x in shapes],
-                "raw": raw, "errors": errors}, tmp)
-    tmp.replace(path)
+    _write_cache(path, [index[id(s)] for s in kept], shapes, raw, errors)
     return kept, shapes, raw, errors
 
 
