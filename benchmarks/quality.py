@@ -201,13 +201,19 @@ def cached_extract(det: Detector, samples: Sequence[Sample], jitter: int | None,
     import hashlib
 
     key = json.dumps([asdict(det.config.backbone), jitter, [str(s.path) for s in samples]])
-    path = cache / f"features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
-    if path.is_file():
-        data = torch.load(path, weights_only=False)
-        return data["raw"], data["masks"]
+    from safetensors.torch import load_file, save_file
+
+    path = cache / f"features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    if path.is_file():  # safetensors, never pickle
+        data = load_file(str(path))
+        return data["raw"], (data["masks"].numpy() if "masks" in data else None)
     raw, masks = extract(det, samples, jitter)
     cache.mkdir(parents=True, exist_ok=True)
-    torch.save({"raw": raw, "masks": masks}, path)
+    tensors = {"raw": raw.contiguous()}
+    if masks is not None:
+        tensors["masks"] = torch.from_numpy(np.ascontiguousarray(masks))
+    save_file(tensors, str(path.with_suffix(".tmp")))
+    path.with_suffix(".tmp").replace(path)
     return raw, masks
 
 
