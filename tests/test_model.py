@@ -172,32 +172,6 @@ def test_read_features_is_extract_one_image_at_a_time(clear_dataset: Path, tmp_p
     assert kept2 == samples[:3] and len(errors2) == 2 and torch.equal(raw2, raw[:3])
 
 
-def test_twelve_bit_data_in_sixteen_bit_files_is_named(clear_dataset: Path, tmp_path: Path) -> None:
-    """A 12-bit camera's images saved as 16-bit PNGs are read on the 16-bit scale: white is 6 % of
-    it. Reading them says so (a DatasetWarning with the fix); the same images in 8 bits do not."""
-    import warnings
-
-    from PIL import Image
-
-    from diffqc.data import DatasetWarning
-
-    from .conftest import tiny_config
-
-    samples = load_dataset(clear_dataset)[:4]
-    det = Detector(tiny_config(), device="cpu")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DatasetWarning)
-        det.read_features(samples)  # 8-bit: no warning
-    twelve = []
-    for i, s in enumerate(samples):
-        gray = np.asarray(Image.open(s.path).convert("L"), dtype=np.uint16) * 16  # 0..4080
-        path = tmp_path / f"{i}.png"
-        Image.fromarray(gray).save(path)  # 16-bit PNG (mode I;16)
-        twelve.append(type(s)(path, s.feature_type, s.label))
-    with pytest.warns(DatasetWarning, match=r"brightest pixel of all 4 images read is 6\.\d% of white"):
-        det.read_features(twelve)
-
-
 # ---------------------------------------------------------------------- saving never loses files
 def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -33,7 +33,7 @@ from diffqc.baselines import PatchCoreScorer
 from diffqc.bundle import check_weights, read_bundle
 from diffqc.calibration import Calibrator, calibration_scores
 from diffqc.config import CalibrationConfig, DetectorConfig
-from diffqc.data import DatasetWarning, Sample, fingerprint, good_training, iter_images
+from diffqc.data import Sample, fingerprint, good_training, iter_images
 from diffqc.errors import (
     BundleError,
     ConfigError,
@@ -136,21 +136,6 @@ def check_bundle_target(path: Path | str, *, force: bool = False) -> Path:
                                foreign="is not a diffqc model bundle", force=force)
 
 
-DIM = 0.125  # the brightest pixel of every image below this fraction of white: see _warn_if_dim
-
-
-def _warn_if_dim(brightest: float, n_images: int) -> None:
-    """A :class:`DatasetWarning` when no pixel of any image read reaches :data:`DIM` of white:
-    typically a 10- or 12-bit camera's data saved in 16-bit files, which are read on the 16-bit
-    scale (a 12-bit white is 6 % of it), so the backbone sees dark, low-contrast images."""
-    if n_images and brightest < DIM:
-        warnings.warn(
-            f"the brightest pixel of all {n_images} images read is {brightest:.1%} of white: images "
-            "this dark lose contrast in the backbone. If the camera writes 10- or 12-bit data into "
-            "16-bit files (read on the 16-bit scale), stretch them to the full 16 bits or save 8-bit",
-            DatasetWarning, stacklevel=3)
-
-
 class Detector:
     """Good-only detector over frozen backbone features, one model for all feature types."""
 
@@ -225,14 +210,12 @@ class Detector:
         layouts: list[tiling.Layout] = []
         kept: list[Sample] = []
         errors: list[ImageReadError] = []
-        brightest = [0.0]
 
         def inputs() -> Iterator[Tensor]:  # one image read, cut and released at a time
             bar = tqdm(samples, desc="reading + extracting features", disable=not progress,
                        unit="image")
             for sample, image in iter_images(bar, errors, skip_corrupt=skip_corrupt):
                 kept.append(sample)
-                brightest[0] = max(brightest[0], float(image.max()))
                 if views_of:  # pad / crop / tiles: the views of tiling.extract_views
                     layouts.append(tiling.plan((int(image.shape[0]), int(image.shape[1])),
                                                self.config))
@@ -241,7 +224,6 @@ class Detector:
                     yield to_pixels([image], self.config.backbone.input_size)
 
         raw = raw_features_in_batches(self.extractor, inputs(), self.config.batch_size, self.device)
-        _warn_if_dim(brightest[0], len(kept))
         return raw, (layouts if views_of else None), kept, errors
 
     # ------------------------------------------------------------------ fit
