@@ -148,6 +148,11 @@ ROWS: dict[str, Row | object] = {
         ("model holds files that are not a diffqc model bundle", "choose another --out"),
         setup=lambda c: _png(c.tmp / "proj" / "model" / "photo.png"),
         absent=lambda c: c.tmp / "proj" / "data"),
+    "train_layers_not_blocks": Row(_train("--layers", "foo,bar"),
+                                   ("backbone layer 'foo' of mobilenet-v2 is not a block index",
+                                    "features.6,features.13")),
+    "train_layer_beyond_the_backbone": Row(_train("--layers", "6,99"),
+                                           ("backbone layer 99 is beyond mobilenet-v2's blocks 0-17",)),
     "set_without_equals": Row(_train("--set", "train.steps"), ("--set expects KEY=VALUE",)),
     # data
     "train_missing_data": Row(lambda c: ["train", str(c.tmp / "nothing"), "--out", str(c.tmp / "m")],

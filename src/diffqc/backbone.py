@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffqc.config import BackboneConfig
-from diffqc.errors import BackboneError, DeviceError
+from diffqc.errors import BackboneError, ConfigError, DeviceError
 from diffqc.inspection import sha256_file
 
 if TYPE_CHECKING:
@@ -130,17 +130,35 @@ class _InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_res else self.conv(x)
 
 
+# (expansion, channels, repeats, stride) of each stage of inverted residual blocks
+_MOBILENET_V2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                 (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+MOBILENET_V2_BLOCKS = 1 + sum(n for _, _, n, _ in _MOBILENET_V2)  # the stem and 17 blocks: 0..17
+
+
 def _mobilenet_v2_features(depth: int) -> nn.Sequential:
     """torchvision's MobileNetV2 ``features`` (same parameter names), truncated after ``depth``."""
-    settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
     modules: list[nn.Module] = [_conv_bn(3, 32, 3, 2)]
     inp = 32
-    for t, c, n, s in settings:
+    for t, c, n, s in _MOBILENET_V2:
         for i in range(n):
             modules.append(_InvertedResidual(inp, c, s if i == 0 else 1, t))
             inp = c
     return nn.Sequential(*modules[: depth + 1])
+
+
+def _block_index(layer: str, name: str) -> int:
+    """The block a layer name taps (``features.6``, ``blocks.10`` or just ``6``)."""
+    tail = layer.rsplit(".", 1)[-1]
+    if not tail.isdigit():
+        raise ConfigError(f"backbone layer {layer!r} of {name} is not a block index; the default taps "
+                          f"are {','.join(DEFAULT_LAYERS[name])}")
+    return int(tail)
+
+
+def _check_depth(name: str, depth: int, blocks: int) -> None:
+    if depth >= blocks:
+        raise ConfigError(f"backbone layer {depth} is beyond {name}'s blocks 0-{blocks - 1}")
 
 
 # --------------------------------------------------------------------------- extractor
@@ -184,7 +202,7 @@ class FeatureExtractor(nn.Module):
             self.taps: list[int] = []
             self.net: nn.Module = nn.Identity()
         else:
-            self.taps = [int(layer.split(".")[-1]) for layer in self.layers]
+            self.taps = [_block_index(layer, name) for layer in self.layers]
             if name in _LITE_PACKAGES:
                 self.net = self._build_lite(name, config.input_size, max(self.taps))
             else:
@@ -211,10 +229,12 @@ class FeatureExtractor(nn.Module):
                 name, weights_path=str(self.weights_file), image_size=image_size
             )
         trunk = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+        _check_depth(name, depth, len(net._blocks))
         blocks = nn.ModuleList(list(net._blocks)[: depth + 1])
         return nn.ModuleDict({"stem": trunk, "blocks": blocks})
 
     def _build_mobilenet(self, depth: int) -> nn.Module:
+        _check_depth("mobilenet-v2", depth, MOBILENET_V2_BLOCKS)
         features = _mobilenet_v2_features(depth)
         state = torch.load(self.weights_file, map_location="cpu", weights_only=True)
         wanted = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
