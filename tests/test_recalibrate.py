@@ -105,7 +105,7 @@ def test_cli_calibrate_leaves_out_the_images_the_model_was_fit_on(
     det = Detector.load(model, device="cpu")
     good = good_training(load_dataset(clear_dataset))
     fit_idx, cal_idx = split_calibration(good, det.config.calibration.fraction, det.config.train.seed)
-    listed = det.metadata["training_data"]["fit_image_sha256"]
+    listed = det.metadata["training_data"]["fit_image_fingerprints"]
     assert sorted({fingerprint(good[i].path) for i in fit_idx}) == listed
     assert not {fingerprint(good[i].path) for i in cal_idx} & set(listed)
 
@@ -135,7 +135,7 @@ def test_cli_calibrate_warns_when_a_bundle_cannot_say_what_it_was_fit_on(
         tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = _copy(tiny_model, tmp_path)
     meta = json.loads((model / "metadata.json").read_text())
-    del meta["training_data"]["fit_image_sha256"]  # as bundles written before it was kept
+    del meta["training_data"]["fit_image_fingerprints"]  # as bundles written before it was kept
     (model / "metadata.json").write_text(json.dumps(meta))
     data = write_clear_dataset(tmp_path / "fresh", n_train=2, n_test=1, seed=6)
     assert main(["calibrate", str(model), str(data), "-q"]) == 0

@@ -247,7 +247,7 @@ class Detector:
         training["skipped_corrupt"] = [str(e.source) for e in errors]
         # by content, so that `diffqc calibrate` can leave out any it is given (their scores are
         # optimistic: calibrated on them, the line's GOOD parts would be flagged too often)
-        training["fit_image_sha256"] = sorted({fingerprint(good[i].path) for i in self.fit_indices_})
+        training["fit_image_fingerprints"] = sorted({fingerprint(good[i].path) for i in self.fit_indices_})
         return self
 
     def fit_features(self, raw: Tensor, good: Sequence[Sample], *, progress: bool = False,

@@ -82,7 +82,7 @@ def _not_fitted_on(meta: dict[str, Any], samples: list[Any], data: Path | str) -
     from diffqc.calibration import CalibrationWarning
     from diffqc.data import fingerprint
 
-    fitted = meta.get("training_data", {}).get("fit_image_sha256")
+    fitted = meta.get("training_data", {}).get("fit_image_fingerprints")
     if fitted is None:
         warnings.warn("this bundle does not list the images it was fit on (it was written before "
                       "bundles did): make sure DATA holds only parts the model never trained on",
