@@ -33,7 +33,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from diffqc import report as R
@@ -185,9 +185,9 @@ def _cache_file(cache_dir: Path, samples: Sequence[Sample], detectors: Mapping[s
 
 def _read_cache(path: Path, samples: Sequence[Sample]
                 ) -> tuple[list[Sample], list[tuple[int, int]], dict[str, torch.Tensor], list[str]]:
-    tensors = load_file(str(path))
     with safe_open(str(path), framework="pt") as fh:
         errors = json.loads((fh.metadata() or {})["errors"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (a safetensors handle)
     kept = [samples[int(i)] for i in tensors["kept"]]
     shapes = [(int(h), int(w)) for h, w in tensors["shapes"].tolist()]
     raw = {k.removeprefix("raw/"): v for k, v in tensors.items() if k.startswith("raw/")}
