@@ -43,3 +43,13 @@ def test_unknown_backbone() -> None:
 def test_to_pixels_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="HxWx3"):
         to_pixels([np.zeros((8, 8, 4), np.float32)], 32)
+
+
+def test_input_gain_scales_the_pixels_before_the_networks_normalisation() -> None:
+    """backbone.input_gain g: the features of pixels x are those of g * x at gain 1."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64)
+    plain = FeatureExtractor(BackboneConfig(input_size=64))
+    dim = FeatureExtractor(BackboneConfig(input_size=64, input_gain=0.0625))
+    assert torch.allclose(dim.raw_features(x), plain.raw_features(x * 0.0625), atol=1e-6)
+    assert not torch.allclose(dim.raw_features(x), plain.raw_features(x), atol=1e-3)

@@ -265,6 +265,8 @@ class FeatureExtractor(nn.Module):
 
     def raw_features(self, pixels: Tensor) -> Tensor:
         """Normalised pixels ``[N, 3, S, S]`` in [0, 1] -> unstandardised ``[N, C, S/8, S/8]``."""
+        if self.config.input_gain != 1.0:
+            pixels = pixels * self.config.input_gain
         x = (pixels - self.pixel_mean) / self.pixel_std
         return self.combine_taps(self._taps(x))
 

@@ -131,9 +131,15 @@ class BackboneConfig:
     # how an image of another shape becomes S x S: "squash" | "pad" | "crop" (diffqc.tiling)
     resize: str = "squash"
     grid: tuple[int, ...] = ()  # the feature grid (h, w), recorded at fit time
+    # pixels in [0, 1] are multiplied by this before the network's normalisation (< 1: darker,
+    # lower-contrast input). 1 = the network's own pre-processing. An option under study: 12-bit
+    # data read at 1/16 scale raised both diffqc and PaDiM on the synthetic set (BENCHMARKS.md
+    # "Session 19")
+    input_gain: float = 1.0
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _in_range(self, "input_gain", 0, 1, high_open=False)
         _one_of(self, "resize", ("squash", "pad", "crop"))
         if self.name not in BACKBONES and not (self.name.startswith("onnx:") and len(self.name) > 5):
             raise ConfigError(f"backbone.name must be one of {', '.join(BACKBONES)} or onnx:PATH; "
