@@ -232,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs = {m: replace(base, method=m) for m in args.methods.split(",") if m}
     for name, over in (parse_setting(v) for v in args.variant):
         configs[name] = with_overrides(replace(base, method="diffusion"), over)
+        if configs[name].backbone != base.backbone:  # the features are extracted once, with base's
+            p.error(f"variant {name!r} changes the backbone; pass backbone settings with --set, one "
+                    "run per backbone")
     rows: list[dict[str, Any]] = []
     for ds in args.datasets.split(","):
         samples = dataset_samples(ds, args.work)

@@ -82,3 +82,12 @@ def test_null_model_of_one_type_is_the_type_s_own_and_pools_several(clear_datase
                                         torch.tensor([both.type_index(s.feature_type) for s in good]))
     assert pooled.shape == typed.shape
     assert (pooled - typed).abs().mean() > 0.1 * typed.abs().mean()
+
+
+def test_a_variant_that_changes_the_backbone_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """The proxy extracts the features once, with --set's backbone: a variant's backbone setting
+    would be silently ignored (identical rows), so it is refused with the way to run it."""
+    with pytest.raises(SystemExit) as exc:
+        tune.main(["--datasets", "synthetic", "--variant", "dim:backbone.input_gain=0.5"])
+    assert exc.value.code == 2
+    assert "changes the backbone; pass backbone settings with --set" in capsys.readouterr().err
