@@ -132,9 +132,9 @@ class BackboneConfig:
     resize: str = "squash"
     grid: tuple[int, ...] = ()  # the feature grid (h, w), recorded at fit time
     # pixels in [0, 1] are multiplied by this before the network's normalisation (< 1: darker,
-    # lower-contrast input). 1 = the network's own pre-processing. An option under study: 12-bit
-    # data read at 1/16 scale raised both diffqc and PaDiM on the synthetic set (BENCHMARKS.md
-    # "Session 19")
+    # lower-contrast input); 1 = the network's own pre-processing. Measured (BENCHMARKS.md "Session
+    # 19"): 1/16 raised the synthetic set's real-defect AUROC but lost on the proxy everywhere
+    # (magnetic tile -0.084), so 1 stays; kept to reproduce that table
     input_gain: float = 1.0
 
     def __post_init__(self) -> None:
