@@ -449,6 +449,34 @@ def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
         assert "Traceback" not in "\n".join(err)
 
 
+def test_serve_on_a_port_in_use_is_one_line_before_anything_starts(
+    service_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second ``serve`` on the port of a running one: one error line, and no store opened, no
+    watcher started (it would take the first one's files), no sink told "offline" (retained, over
+    the running service's "online"): the port is bound before the model loads."""
+    import socket
+
+    from diffqc.service.__main__ import main
+
+    watched = tmp_path / "incoming"
+    watched.mkdir()
+    part = next(service_model[1].rglob("*.png"))
+    (watched / part.name).write_bytes(part.read_bytes())
+    with socket.socket() as running:
+        running.bind(("127.0.0.1", 0))
+        running.listen()
+        port = running.getsockname()[1]
+        db = tmp_path / "second.db"
+        argv = ["serve", str(service_model[0]), "--no-auth", "--port", str(port), "--db", str(db),
+                "--watch", str(watched)]
+        assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1] == (f"error: cannot listen on 127.0.0.1:{port}: Address already in use "
+                               "(is another diffqc serve running?)"), err
+    assert not db.exists() and sorted(p.name for p in watched.iterdir()) == [part.name]
+
+
 def test_watch_feature_type_is_checked_against_the_model(detector: Any, tmp_path: Path) -> None:
     from diffqc.errors import UnknownFeatureTypeError
     from diffqc.service.buffer import InspectionPipeline

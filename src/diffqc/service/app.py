@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import hashlib
 import logging
 import math
 import os
+import socket
 import sys
 import threading
 import time
@@ -1237,8 +1239,6 @@ def run_server(
     (``buffer_size``, ``max_batch``, ``overflow``, ``data_dir``, ``cors_origins``, ...) plus
     ``log_level``. Returns the process exit code.
     """
-    import uvicorn
-
     from diffqc.service.security import tokens_from_env
 
     log_level = str(opts.pop("log_level", "info"))
@@ -1254,7 +1254,50 @@ def run_server(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     settings.validate()
-    # fail fast, with a clear message, before the server starts listening
+    # the port first: a second `serve` on a port in use must not start its watchers, open its
+    # store or announce itself on the sinks (a retained MQTT "offline" over the running one's)
+    sockets = listening_sockets(host, port)
+    try:
+        _serve(model_path, settings, sockets, host, log_level=log_level, access_log=access_log)
+    finally:
+        for sock in sockets:
+            sock.close()
+    return 0
+
+
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bind ``host:port`` (every address the name resolves to, as asyncio's server does) before
+    the model loads. A port in use is one line: :class:`ConfigError` naming the address."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):  # unique, in order
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                hint = " (is another diffqc serve running?)" if exc.errno == errno.EADDRINUSE else ""
+                raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
+            sock.set_inheritable(True)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[socket.socket], host: str, *,
+           log_level: str, access_log: bool) -> None:
+    import uvicorn
+
+    # fail fast, with a clear message, before the server takes a request
     t0 = time.perf_counter()
     detector = load_detector(model_path, settings.runtime, precision=settings.precision,
                              threads=settings.torch_threads)
@@ -1267,13 +1310,10 @@ def run_server(
     ResultStore(settings.db_url).close()  # StoreError: one line at the CLI's error boundary
     ArtifactStore(settings.data_dir or default_artifact_root(settings.db_url))
     app = create_app(settings, detector=detector)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=access_log,
-        timeout_graceful_shutdown=30,
-        server_header=False,
-    )
-    return 0
+    port = sockets[0].getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           access_log=access_log, timeout_graceful_shutdown=30,
+                                           server_header=False))
+    shown = f"[{host}]" if ":" in host else host
+    log.info("listening on http://%s:%d (Ctrl+C to stop)", shown, port)
+    server.run(sockets=sockets)
