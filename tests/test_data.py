@@ -113,6 +113,27 @@ def test_manifest_label_words_of_a_line(tmp_path: Path, words: str, labels: list
     assert [x.label for x in load_manifest(tmp_path / "m.csv")] == labels
 
 
+def test_manifest_written_on_windows(tmp_path: Path, clear_dataset: Path) -> None:
+    """Paths with ``\\`` (a manifest made on Windows, used in the Linux container) are read with it
+    as the separator, masks too; a file whose own name holds a ``\\`` is still taken as named; a
+    drive path cannot be read here and is named with its line."""
+    img = next((clear_dataset / "dots" / "train" / "good").iterdir())
+    (tmp_path / "dots" / "train").mkdir(parents=True)
+    shutil.copy(img, tmp_path / "dots" / "train" / "a.png")
+    shutil.copy(img, tmp_path / "odd\\name.png")
+    (tmp_path / "m.csv").write_text("path,feature_type,label,mask\n"
+                                    "dots\\train\\a.png,dots,good,\n"
+                                    "odd\\name.png,dots,defect,dots\\train\\a.png\n")
+    s = load_manifest(tmp_path / "m.csv")
+    assert [x.path for x in s] == [tmp_path / "dots" / "train" / "a.png", tmp_path / "odd\\name.png"]
+    assert s[1].mask_path == tmp_path / "dots" / "train" / "a.png"
+    assert all(read_image(x.path).shape[2] == 3 for x in s)
+    (tmp_path / "m.csv").write_text("path,feature_type,label\ndots\\train\\a.png,dots,good\n"
+                                    "C:\\Daten\\dots\\b.png,dots,good\n")
+    with pytest.raises(DatasetError, match=r"m\.csv:3: 'C:\\\\Daten.*' is a Windows path \(on C:\\\)"):
+        load_manifest(tmp_path / "m.csv")
+
+
 def test_manifest_not_utf8_is_named(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_bytes("path,feature_type,label\nPrüfteil.png,dots,good\n".encode("cp1252"))
     with pytest.raises(DatasetError, match=r"m\.csv is not UTF-8 text .*CSV UTF-8"):

@@ -12,7 +12,7 @@ import io
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -225,10 +225,26 @@ def _delimiter(header: str) -> str:
     return ","
 
 
+def _listed_path(base: Path, text: str, where: str) -> Path:
+    """A manifest's file: relative to the manifest's folder unless absolute. A path written on
+    Windows (``dots\\train\\001.png``, a spreadsheet made there and used in the Linux
+    container) is read with ``\\`` as the separator when no file has the literal name (a name
+    may hold a ``\\`` here); a Windows drive or share (``C:\\...``) cannot be, and is named."""
+    literal = Path(text) if Path(text).is_absolute() else base / text
+    if "\\" not in text or isinstance(literal, PureWindowsPath) or literal.exists():
+        return literal
+    windows = PureWindowsPath(text)
+    if windows.anchor:
+        raise DatasetError(f"{where}: {text!r} is a Windows path (on {windows.anchor}); write "
+                           "the paths relative to the manifest's folder")
+    return base.joinpath(*windows.parts)
+
+
 def load_manifest(path: Path | str) -> list[Sample]:
     """Load a CSV manifest with columns ``path, feature_type, label[, mask][, part_id][, split]``.
 
-    Relative paths are resolved against the manifest's folder. Rows without a ``split``
+    Relative paths are resolved against the manifest's folder (``\\`` as written on Windows is
+    read as a separator where no file has the literal name). Rows without a ``split``
     column: GOOD images count as training candidates (``split="train"``), the rest as test.
     """
     path = Path(path)
@@ -255,10 +271,9 @@ def load_manifest(path: Path | str) -> list[Sample]:
         label = _LABEL_WORDS[word]
         if not row["feature_type"]:
             raise DatasetError(f"{path}:{lineno}: empty feature_type")
-        img = Path(row["path"])
-        img = img if img.is_absolute() else base / img
+        img = _listed_path(base, row["path"], f"{path}:{lineno}")
         mask = row.get("mask") or None
-        mask_path = None if mask is None else (Path(mask) if Path(mask).is_absolute() else base / mask)
+        mask_path = None if mask is None else _listed_path(base, mask, f"{path}:{lineno}")
         split = (row.get("split") or ("train" if label == GOOD else "test")).lower()
         if split not in SPLITS:
             raise DatasetError(f"{path}:{lineno}: unknown split {row['split']!r} (use "
