@@ -440,6 +440,16 @@ def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
             "cannot connect",
         ),
         (["serve", str(service_model[0])], "no API token"),
+        # the push targets and watched folders: checked before the model loads, not a traceback
+        # from inside the application's start (exit 3)
+        (["serve", str(service_model[0]), "--no-auth", "--mqtt", "mqtt://broker:99999/line1"],
+         "MQTT URL 'mqtt://broker:99999/line1' has a bad port"),
+        (["serve", str(service_model[0]), "--no-auth", "--mqtt", "tcp://broker/l1"], "must look like mqtt://"),
+        (["serve", str(service_model[0]), "--no-auth", "--mqtt", "mqtt://broker/l+1"], "may not contain '+'"),
+        (["serve", str(service_model[0]), "--no-auth", "--webhook", "ftp://mes/in"], "must be http://"),
+        (["serve", str(service_model[0]), "--no-auth", "--watch", str(tmp_path / "camera-1")],
+         f"watch folder {tmp_path.resolve() / 'camera-1'} does not exist"),
+        (["serve", str(service_model[0]), "--no-auth", "--watch", str(blocker)], "is a file, not a folder"),
         (["watch", str(tmp_path), str(service_model[0]), "--feature-type", "typo", "--once"], "typo"),
     ]
     for argv, needle in cases:
@@ -447,6 +457,23 @@ def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) >= 1 and err[-1].startswith("error: ") and needle in err[-1], (argv, err)
         assert "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("argv", [["serve", "MODEL", "--no-auth"],
+                                  ["results", "export", "--db", "r.db", "out"]])
+def test_service_without_its_extra_names_the_extra(argv: list[str], service_model: tuple[Path, Path],
+                                                    tmp_path: Path) -> None:
+    """``pip install diffqc`` without ``[serve]``: the service's commands say which extra to
+    install (was a ModuleNotFoundError traceback); run where FastAPI cannot be imported."""
+    argv = [str(service_model[0]) if a == "MODEL" else a for a in argv]
+    code = ("import sys\nsys.modules['fastapi'] = None\nsys.modules['uvicorn'] = None\n"
+            f"from diffqc.cli import main\nraise SystemExit(main({argv!r}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "diffqc: error: the service needs fastapi, which is not installed: pip install 'diffqc[serve]'")
+    assert "Traceback" not in out.stderr
 
 
 def test_serve_on_a_port_in_use_is_one_line_before_anything_starts(

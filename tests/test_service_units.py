@@ -430,6 +430,20 @@ def test_service_settings_refuse_values_that_would_refuse_every_part(field: str,
         ServiceSettings(allow_no_token=True, **{field: value}).validate()
 
 
+def test_service_settings_check_push_targets_and_watched_folders(tmp_path: Path) -> None:
+    from diffqc.service.app import ServiceSettings
+
+    ServiceSettings(allow_no_token=True, mqtt_url="mqtts://user:pw@broker:8883/plant/line-1",
+                    webhook_url="https://mes.example/qc", watch_dirs=(str(tmp_path),)).validate()
+    for bad, message in [({"mqtt_url": "mqtt://:1883/x"}, "must look like mqtt://"),
+                         ({"mqtt_url": "mqtt://broker/a#"}, "may not contain"),
+                         ({"webhook_url": "https://mes:0x50/qc"}, "has a bad port"),
+                         ({"webhook_url": "mes.example/qc"}, "must be http://"),
+                         ({"watch_dirs": (str(tmp_path / "nope"),)}, "does not exist")]:
+        with pytest.raises((ConfigError, FileNotFoundError), match=message):
+            ServiceSettings(allow_no_token=True, **bad).validate()
+
+
 def test_upload_limits() -> None:
     check_content_length("10", 10)
     check_content_length(None, 10)

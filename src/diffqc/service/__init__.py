@@ -11,11 +11,14 @@ Importing this package is cheap: FastAPI, uvicorn and the model load only when a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from diffqc.arguments import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, integer, number
+from diffqc.errors import RuntimeUnavailableError
 from diffqc.runtime import add_runtime_arguments
 
 __all__ = ["add_service_commands", "export_reviewed_good", "run_server", "run_watch"]
@@ -30,7 +33,8 @@ def run_server(
     **opts: Any,
 ) -> int:
     """Serve a model over HTTP (see :func:`diffqc.service.app.run_server`)."""
-    from diffqc.service.app import run_server as _run
+    with _service_extra():
+        from diffqc.service.app import run_server as _run
 
     return _run(model_path, host, port, db_url, token, **opts)
 
@@ -50,6 +54,24 @@ def export_reviewed_good(db_url: str, out_dir: str | Path, **opts: Any) -> dict[
     from diffqc.service.store import export_reviewed_good as _export
 
     return _export(db_url, out_dir, **opts)
+
+
+# the service extra's packages (pip install 'diffqc[serve]') by the names they import as
+_SERVE_PACKAGES = frozenset({"fastapi", "starlette", "pydantic", "uvicorn", "anyio", "multipart",
+                             "python_multipart"})
+
+
+@contextlib.contextmanager
+def _service_extra() -> Iterator[None]:
+    """A package of the service extra that is not installed: one line naming the extra (a
+    ``pip install diffqc`` without ``[serve]``), not a traceback; other import errors pass."""
+    try:
+        yield
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] not in _SERVE_PACKAGES:
+            raise
+        raise RuntimeUnavailableError(f"the service needs {exc.name}, which is not installed: "
+                                      "pip install 'diffqc[serve]'") from exc
 
 
 # --------------------------------------------------------------------------- argparse glue
@@ -108,7 +130,8 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from diffqc.service.app import parse_time
+    with _service_extra():
+        from diffqc.service.app import parse_time
 
     since = parse_time(args.since, "since") if args.since else None
     summary = export_reviewed_good(args.db, args.out, data_dir=args.data_dir, since=since)

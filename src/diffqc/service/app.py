@@ -62,6 +62,7 @@ from diffqc.service.security import (
     read_limited,
     token_matches,
 )
+from diffqc.service.sinks import check_sink_urls
 from diffqc.service.store import (
     DECISIONS,
     MAX_ROW_ID,
@@ -142,6 +143,12 @@ class ServiceSettings:
             raise ConfigError(f"retry_after_s must be at least 0, got {self.retry_after_s}")
         if not self.body_timeout_s > 0:
             raise ConfigError(f"body_timeout_s must be positive, got {self.body_timeout_s}")
+        check_sink_urls(self.mqtt_url, self.webhook_url)
+        if self.watch_dirs:
+            from diffqc.service.watch import check_watch_folder
+
+            for folder in self.watch_dirs:
+                check_watch_folder(folder)
 
 
 # --------------------------------------------------------------------------- errors

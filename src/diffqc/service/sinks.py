@@ -281,9 +281,7 @@ class WebhookSink:
     def __init__(self, url: str, *, timeout_s: float = 5.0, max_attempts: int = 8,
                  backoff_base_s: float = 1.0, backoff_cap_s: float = 60.0,
                  headers: dict[str, str] | None = None) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError(f"webhook URL {url!r} must be http:// or https://host/...")
+        check_webhook_url(url)
         if max_attempts < 1:
             raise ConfigError(f"webhook max_attempts must be at least 1, got {max_attempts}")
         self.url = url
@@ -342,6 +340,34 @@ class MqttTarget:
     password: str | None
 
 
+def check_webhook_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"webhook URL {url!r} must be http:// or https://host/...")
+    try:
+        _ = parts.port  # parsed lazily: a bad port raises here
+    except ValueError:
+        raise ConfigError(f"webhook URL {url!r} has a bad port") from None
+
+
+def check_sink_urls(mqtt_url: str | None, webhook_url: str | None) -> None:
+    """The push targets as given, checked before the service loads its model (a typo is one
+    line, not a failed application start): the URLs' form, and paho-mqtt for MQTT."""
+    if mqtt_url:
+        parse_mqtt_url(mqtt_url)
+        _paho()
+    if webhook_url:
+        check_webhook_url(webhook_url)
+
+
+def _paho() -> Any:
+    try:
+        import paho.mqtt.client as mqtt
+    except ImportError as exc:  # depends on the install
+        raise ConfigError("MQTT needs paho-mqtt: pip install 'diffqc[serve]'") from exc
+    return mqtt
+
+
 def parse_mqtt_url(url: str) -> MqttTarget:
     """``mqtt://[user[:password]@]host[:port][/prefix]`` (``mqtts://`` for TLS)."""
     parts = urlsplit(url)
@@ -368,10 +394,7 @@ class MqttSink:
 
     def __init__(self, url: str, *, client_id: str | None = None, keepalive_s: int = 30,
                  publish_timeout_s: float = 5.0) -> None:
-        try:
-            import paho.mqtt.client as mqtt
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ConfigError("MQTT needs paho-mqtt: pip install 'diffqc[serve]'") from exc
+        mqtt = _paho()
         self._mqtt = mqtt
         self.target = parse_mqtt_url(url)
         self.url = url

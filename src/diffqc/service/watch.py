@@ -87,6 +87,16 @@ class StepReport:
     records: list[ResultRecord] = field(default_factory=list)
 
 
+def check_watch_folder(folder: Path | str) -> Path:
+    """The folder to watch, resolved; one that does not exist or is a file is named."""
+    root = Path(folder).resolve()
+    if not root.exists():
+        raise FileNotFoundError(f"watch folder {root} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"watch folder {root} is a file, not a folder")
+    return root
+
+
 def check_feature_type(feature_type: str | None, classes: Sequence[str]) -> None:
     """A fixed ``--feature-type`` must be one of the model's types (a typo would send every
     part to NOT_INSPECTED)."""
@@ -103,9 +113,7 @@ class FolderWatcher:
         self.settings = settings
         self.pipeline = pipeline
         self.store = store
-        self.root = settings.directory.resolve()
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"watch folder {self.root} does not exist")
+        self.root = check_watch_folder(settings.directory)
         self.source = settings.source or f"watch:{self.root}"
         self.processed = (settings.processed_dir or self.root / "processed").resolve()
         self.failed = (settings.failed_dir or self.root / "failed").resolve()
