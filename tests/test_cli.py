@@ -28,6 +28,30 @@ def test_inspect_json_lines(tiny_model: Path, clear_dataset: Path, tmp_path: Pat
     assert all(Path(r["heatmap"]).is_file() for r in rows)
 
 
+def test_inspect_names_an_image_size_its_type_was_not_trained_on(
+    tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A camera's new region of interest: the first part of a type at a size outside its training
+    images' is named on stderr (once per type); parts at the trained size are not."""
+    from PIL import Image
+
+    meta = json.loads((tiny_model / "metadata.json").read_text())
+    (h0, h1), (w0, w1) = meta["training_data"]["image_sizes"]["dots"]
+    first = next((clear_dataset / "dots" / "test" / "good").iterdir())
+    with Image.open(first) as img:
+        assert (img.height, img.width) == (h0, w0) and (h0, w0) == (h1, w1)
+        img.resize((2 * w0, h0)).save(tmp_path / "wide.png")
+        img.resize((2 * w0, 2 * h0)).save(tmp_path / "large.png")
+    assert main(["inspect", str(tiny_model), str(first), "--feature-type", "dots"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["inspect", str(tiny_model), str(tmp_path / "wide.png"), str(tmp_path / "large.png"),
+                 "--feature-type", "dots"]) == 0
+    out = capsys.readouterr()
+    warned = [line for line in out.err.splitlines() if line.startswith("diffqc: warning:")]
+    assert len(warned) == 1 and f"a {2 * w0}x{h0} px image of type 'dots'" in warned[0], out.err
+    assert len(out.out.splitlines()) == 2  # scored all the same
+
+
 def test_inspect_folder_leaves_hidden_files_out(tiny_model: Path, clear_dataset: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     """``inspect FOLDER`` scores the folder's images, not macOS ``._name.png`` companions or

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.test_service_common import (  # noqa: F401 (fixtures)
@@ -502,6 +503,30 @@ def test_serve_on_a_port_in_use_is_one_line_before_anything_starts(
     assert err and err[-1] == (f"error: cannot listen on 127.0.0.1:{port}: Address already in use "
                                "(is another diffqc serve running?)"), err
     assert not db.exists() and sorted(p.name for p in watched.iterdir()) == [part.name]
+
+
+def test_pipeline_logs_a_part_outside_its_types_training_sizes(
+    detector: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The service (and the watcher, through the same pipeline) says once per type, in its log,
+    that parts arrive at a size the type was not trained on; they are inspected all the same."""
+    import logging
+
+    from diffqc.service.buffer import InspectionPipeline, Job
+    from diffqc.service.store import ResultStore
+
+    t = detector.classes_[0]
+    (h0, _), (w0, _) = detector.metadata["training_data"]["image_sizes"][t]
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        pipeline = InspectionPipeline(detector, store, None)
+        jobs = [Job(image=np.full((h0, w0, 3), 0.5, np.float32), feature_type=t),
+                Job(image=np.full((h0, 3 * w0, 3), 0.5, np.float32), feature_type=t),
+                Job(image=np.full((3 * h0, w0, 3), 0.5, np.float32), feature_type=t)]
+        with caplog.at_level(logging.WARNING, logger="diffqc.service"):
+            pipeline.process(jobs)
+        assert all(j.future.result().decision in {"PASS", "REVIEW", "REJECT"} for j in jobs)
+    notes = [r.getMessage() for r in caplog.records if "px image of type" in r.getMessage()]
+    assert len(notes) == 1 and f"a {3 * w0}x{h0} px image of type {t!r}" in notes[0], notes
 
 
 def test_watch_feature_type_is_checked_against_the_model(detector: Any, tmp_path: Path) -> None:

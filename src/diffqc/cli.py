@@ -169,6 +169,7 @@ def _new_heatmap_path(folder: Path, name: Path) -> Path:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from diffqc.data import IMAGE_SUFFIXES, read_image
+    from diffqc.inspection import ImageSizeCheck
     from diffqc.runtime import runtime_from_args
 
     images = _expand_images(args.images)
@@ -181,6 +182,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.feature_type is not None:
         det.type_index(args.feature_type)  # fail early on an unknown type
     csv_out = _open_csv(Path(args.csv), force=args.force) if args.csv else None
+    size_check = ImageSizeCheck(det.metadata)
     for path, name in images:
         try:
             image = read_image(path)
@@ -193,6 +195,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             continue
         start = time.perf_counter()
         (result,) = det.inspect([image], [args.feature_type])
+        if note := size_check(result.feature_type, *image.shape[:2]):
+            warnings.warn(note, stacklevel=1)
         row: dict[str, Any] = {"path": str(path), **result.to_json(),
                                "latency_ms": round(1000 * (time.perf_counter() - start), 1)}
         if args.heatmaps and result.anomaly_map is not None:

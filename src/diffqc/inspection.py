@@ -4,7 +4,7 @@ NumPy, so that a runtime without PyTorch (ONNX Runtime, the service) can use the
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +57,51 @@ def check_bundle_version(path: Path | str, meta: dict[str, Any]) -> None:
     if theirs is not None and ours is not None and theirs > ours:
         raise BundleError(f"model bundle {path} was written by diffqc {written}, a newer major version "
                           f"than this diffqc {__version__}; upgrade diffqc to read it")
+
+
+# how far a part's image may lie outside its type's training image sizes before it is named
+SIZE_TOLERANCE = 0.1
+
+
+def image_size_ranges(sizes: Iterable[tuple[str, int, int]]) -> dict[str, list[list[int]]]:
+    """Per type, ``[[min height, max height], [min width, max width]]`` of ``(type, height,
+    width)``: the sizes of the GOOD images a model was fit on (``metadata.json``'s
+    ``training_data.image_sizes``), for :class:`ImageSizeCheck`."""
+    out: dict[str, list[list[int]]] = {}
+    for feature_type, height, width in sizes:
+        r = out.setdefault(feature_type, [[height, height], [width, width]])
+        r[0] = [min(r[0][0], height), max(r[0][1], height)]
+        r[1] = [min(r[1][0], width), max(r[1][1], width)]
+    return out
+
+
+class ImageSizeCheck:
+    """Names, once per type, a part whose image size lies outside the sizes its type was trained
+    on (by more than :data:`SIZE_TOLERANCE`): every image is scaled to the model's input, so a
+    camera's new region of interest or lens shows every part at another scale or aspect than
+    the calibration saw, and scores move for every part at once. A bundle without the sizes
+    (older, or tiled: tiles are cut at native resolution whatever the size) checks nothing."""
+
+    def __init__(self, metadata: Mapping[str, Any]) -> None:
+        training = metadata.get("training_data") or {}
+        self.ranges: dict[str, Any] = dict(training.get("image_sizes") or {})
+        self.warned: set[str] = set()
+
+    def __call__(self, feature_type: str | None, height: int, width: int) -> str | None:
+        """The warning for this part, the first time its type is seen outside its sizes."""
+        ranges = self.ranges.get(feature_type) if feature_type is not None else None
+        if ranges is None or feature_type is None or feature_type in self.warned:
+            return None
+        (h0, h1), (w0, w1) = ranges
+        lo, hi = 1.0 - SIZE_TOLERANCE, 1.0 + SIZE_TOLERANCE
+        if lo * h0 <= height <= hi * h1 and lo * w0 <= width <= hi * w1:
+            return None
+        self.warned.add(feature_type)
+        seen = f"{w0}x{h0}" if (h0, w0) == (h1, w1) else f"{w0}-{w1} x {h0}-{h1}"
+        return (f"a {width}x{height} px image of type {feature_type!r}, whose training images were "
+                f"{seen} px: the model scales every image to its input, so parts seen at another "
+                "size or aspect score on another scale than the calibration (has the camera's region "
+                "of interest or lens changed?); said once per type")
 
 
 @dataclass(frozen=True)

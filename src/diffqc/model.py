@@ -47,6 +47,7 @@ from diffqc.inspection import (
     BUNDLE_FILES,
     BUNDLE_FORMAT,
     Inspection,
+    image_size_ranges,
     inspect_in_batches,
     sha256_file,
     verdicts,
@@ -193,7 +194,8 @@ class Detector:
         return feats if raw else self.extractor.standardise(feats)
 
     def read_features(
-        self, samples: Sequence[Sample], *, skip_corrupt: bool = False, progress: bool = False
+        self, samples: Sequence[Sample], *, skip_corrupt: bool = False, progress: bool = False,
+        sizes: list[tuple[int, int]] | None = None,
     ) -> tuple[Tensor, list[tiling.Layout] | None, list[Sample], list[ImageReadError]]:
         """Raw backbone features of the samples' images, read one at a time: each image is
         decoded, cut to its model inputs and released before the next is read, so memory holds
@@ -205,6 +207,7 @@ class Detector:
         files' errors. Unreadable files are skipped and listed with ``skip_corrupt`` (a warning
         each); without it every file is still tried, no more features are extracted after the
         first failure, and one error names them all, as :func:`diffqc.data.read_images` does.
+        ``sizes``, when given, receives each image's (height, width) as read.
         """
         views_of = tiling.uses_layouts(self.config)
         layouts: list[tiling.Layout] = []
@@ -216,6 +219,8 @@ class Detector:
                        unit="image")
             for sample, image in iter_images(bar, errors, skip_corrupt=skip_corrupt):
                 kept.append(sample)
+                if sizes is not None:
+                    sizes.append((int(image.shape[0]), int(image.shape[1])))
                 if views_of:  # pad / crop / tiles: the views of tiling.extract_views
                     layouts.append(tiling.plan((int(image.shape[0]), int(image.shape[1])),
                                                self.config))
@@ -240,11 +245,15 @@ class Detector:
         # a type with too few GOOD parts fails here, before any image is read or model trained
         split_calibration(good, self.config.calibration.fraction, self.config.train.seed)
         _check_heat_map(self.config)
+        sizes: list[tuple[int, int]] = []
         raw, layouts, good, errors = self.read_features(good, skip_corrupt=skip_corrupt,
-                                                        progress=progress)
+                                                        progress=progress, sizes=sizes)
         self.fit_features(raw, good, progress=progress, layouts=layouts)
         training = self.metadata["training_data"]
         training["skipped_corrupt"] = [str(e.source) for e in errors]
+        if self.config.tiling.mode == "off":  # for inspection.ImageSizeCheck
+            training["image_sizes"] = image_size_ranges(
+                (s.feature_type, h, w) for s, (h, w) in zip(good, sizes, strict=True))
         # by content, so that `diffqc calibrate` can leave out any it is given (their scores are
         # optimistic: calibrated on them, the line's GOOD parts would be flagged too often)
         training["fit_image_fingerprints"] = sorted({fingerprint(good[i].path) for i in self.fit_indices_})

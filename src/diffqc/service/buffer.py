@@ -25,6 +25,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from diffqc.inspection import ImageSizeCheck
 from diffqc.service.store import NOT_INSPECTED, ArtifactStore, ResultRecord, ResultStore
 
 log = logging.getLogger("diffqc.service")
@@ -292,6 +293,7 @@ class InspectionPipeline:
             if value not in KEEP_IMAGES:
                 raise ValueError(f"{name} must be one of {', '.join(KEEP_IMAGES)}, got {value!r}")
         self.detector = detector
+        self.size_check = ImageSizeCheck(getattr(detector, "metadata", None) or {})
         self.store = store
         self.artifacts = artifacts
         self.buffer: RingBuffer[Job] = RingBuffer(
@@ -428,6 +430,8 @@ class InspectionPipeline:
                 rec = self._not_inspected(job, f"inspection failed: {res}")
             else:
                 self.failing_in_a_row = 0
+                if note := self.size_check(res.feature_type, *job.image.shape[:2]):
+                    log.warning("%s", note)
                 rec = self._record(job, res, latency_ms)
             records.append(rec)
             jobs.append(job)

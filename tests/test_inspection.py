@@ -1,0 +1,30 @@
+"""The image-size check a bundle carries (diffqc.inspection.ImageSizeCheck)."""
+
+from __future__ import annotations
+
+from diffqc.inspection import ImageSizeCheck, image_size_ranges
+
+
+def test_image_size_ranges_per_type() -> None:
+    sizes = [("dots", 256, 256), ("edge", 222, 618), ("edge", 388, 103), ("dots", 256, 256)]
+    assert image_size_ranges(sizes) == {"dots": [[256, 256], [256, 256]], "edge": [[222, 388], [103, 618]]}
+    assert image_size_ranges([]) == {}
+
+
+def test_size_check_names_a_type_once_outside_its_training_sizes() -> None:
+    check = ImageSizeCheck({"training_data": {"image_sizes": {"dots": [[256, 256], [256, 256]],
+                                                              "edge": [[222, 388], [103, 618]]}}})
+    assert check("dots", 256, 256) is None
+    assert check("dots", 240, 270) is None  # within 10 %: a crop a few pixels off
+    assert check("edge", 300, 110) is None  # inside a type's range of sizes
+    note = check("dots", 256, 320)
+    assert note is not None and "320x256 px image of type 'dots'" in note and "256x256 px" in note
+    assert check("dots", 512, 512) is None  # said once per type
+    note = check("edge", 500, 600)
+    assert note is not None and "103-618 x 222-388 px" in note
+    assert check("angle", 10_000, 10) is None and check(None, 10, 10) is None  # a type it has no sizes of
+
+
+def test_size_check_of_a_bundle_without_sizes_checks_nothing() -> None:
+    for metadata in ({}, {"training_data": {}}, {"training_data": {"image_sizes": None}}):
+        assert ImageSizeCheck(metadata)("dots", 8, 4000) is None
