@@ -1,0 +1,93 @@
+"""What a change of the camera's image size does to a calibrated model (why diffqc names it).
+
+Every image is scaled to the model's input, so a part seen at another size or aspect than the
+training images (a new region of interest, another lens or resolution) is scored on another
+scale than the calibration. This benchmark fits the default model on the embedded synthetic set's
+GOOD training parts, then inspects its test parts as they are and as a changed camera would
+deliver them, and prints per variant the GOOD parts flagged (REVIEW + REJECT, 5 % target), the
+defective parts flagged, the mean per-type image AUROC, and how many types diffqc's image-size
+check (``inspection.ImageSizeCheck``) names.
+
+    OMP_NUM_THREADS=2 python benchmarks/image_size.py [--out /tmp/diffqc-image-size] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from diffqc.config import DetectorConfig
+from diffqc.data import GOOD, load_manifest, read_image
+from diffqc.inspection import ImageSizeCheck
+from diffqc.model import Detector
+from diffqc.synth import write_synthetic_dataset
+
+
+def _resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    pil = Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8))
+    return np.asarray(pil.resize((width, height), Image.Resampling.BICUBIC), np.float32) / 255.0
+
+
+def _wider_field(img: np.ndarray) -> np.ndarray:  # 1.25x the field at the same scale
+    h, w = img.shape[:2]
+    dh, dw = h // 8, w // 8
+    return np.pad(img, ((dh, dh), (dw, dw), (0, 0)), mode="reflect")
+
+
+VARIANTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "as trained": lambda img: img,
+    "field of view 1.25x, same scale": _wider_field,
+    "the same field at 1.25x resolution": lambda img: _resize(img, img.shape[1] * 5 // 4,
+                                                              img.shape[0] * 5 // 4),
+    "aspect 1.25 : 1": lambda img: _resize(img, img.shape[1] * 5 // 4, img.shape[0]),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("/tmp/diffqc-image-size"))
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    data = args.out / "data"
+    if not (data / ".diffqc-synth.json").is_file():
+        write_synthetic_dataset(data, progress=False)
+    samples = load_manifest(data / "manifest.csv")
+    test = [s for s in samples if s.split == "test"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det = Detector(DetectorConfig(), device="cpu").fit(samples, progress=False)
+    y = np.array([s.label != GOOD for s in test])
+    types = np.array([s.feature_type for s in test])
+    rows = {}
+    for name, change in VARIANTS.items():
+        images = [change(read_image(s.path)) for s in test]
+        check = ImageSizeCheck(det.metadata)
+        named = sum(check(s.feature_type, *img.shape[:2]) is not None
+                    for s, img in zip(test, images, strict=True))
+        res = det.inspect(images, [s.feature_type for s in test])
+        flagged = np.array([r.decision != "PASS" for r in res])
+        scores = np.array([r.score for r in res])
+        aurocs = [roc_auc_score(y[types == t], scores[types == t]) for t in det.classes_
+                  if 0 < y[types == t].sum() < (types == t).sum()]
+        rows[name] = {"size": f"{images[0].shape[1]}x{images[0].shape[0]}",
+                      "good_flagged": float(flagged[~y].mean()), "defects_flagged": float(flagged[y].mean()),
+                      "mean_image_auroc": float(np.mean(aurocs)), "types_named": named,
+                      "n_good": int((~y).sum()), "n_defective": int(y.sum())}
+    print(f"{'images':<38}{'size':>9}{'GOOD flagged':>14}{'defects flagged':>17}{'mean AUROC':>12}"
+          f"{'types named':>13}")
+    for name, r in rows.items():
+        print(f"{name:<38}{r['size']:>9}{r['good_flagged']:>14.1%}{r['defects_flagged']:>17.1%}"
+              f"{r['mean_image_auroc']:>12.3f}{r['types_named']:>10} / {len(det.classes_)}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
