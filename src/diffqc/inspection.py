@@ -99,9 +99,10 @@ class ImageSizeCheck:
         self.warned.add(feature_type)
         seen = f"{w0}x{h0}" if (h0, w0) == (h1, w1) else f"{w0}-{w1} x {h0}-{h1}"
         return (f"a {width}x{height} px image of type {feature_type!r}, whose training images were "
-                f"{seen} px: the model scales every image to its input, so parts seen at another "
-                "size or aspect score on another scale than the calibration (has the camera's region "
-                "of interest or lens changed?); said once per type")
+                f"{seen} px: every image is scaled to the model's input, so parts at another size "
+                "or aspect are scored on another scale than the model learned and was calibrated "
+                "on (has the camera's region of interest or lens changed? if on purpose, train "
+                "again on its images); said once per type")
 
 
 @dataclass(frozen=True)
