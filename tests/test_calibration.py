@@ -100,6 +100,18 @@ def test_single_calibration_score_gives_no_nan() -> None:
     assert one.p_value(0.4, "exponential") == 1.0
 
 
+def test_a_single_calibration_score_is_named_as_never_flagging() -> None:
+    """One calibration score: no tail, so every p-value >= 0.5 and the type flags nothing (a lens
+    cap included); the warning says so instead of promising the tail."""
+    with pytest.warns(CalibrationWarning) as record:
+        cal = Calibrator(CalibrationConfig()).fit({"dots": [1.0], "edge": [1.0, 2.0]})
+    text = str(record[0].message)
+    assert "but dots has a single calibration image" in text and "no part of it can be flagged" in text
+    assert "edge has" not in text
+    assert cal.decide(cal.p_value("dots", 1e9)) == "PASS"
+    assert cal.decide(cal.p_value("edge", 1e9)) == "REJECT"  # two scores: a tail decides
+
+
 def test_one_warning_line_names_every_short_type() -> None:
     scores = {f"t{i}": list(np.linspace(0, 1, 22)) for i in range(8)}
     with pytest.warns(CalibrationWarning) as record:

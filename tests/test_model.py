@@ -142,6 +142,19 @@ def test_calibration_split_grouped_and_disjoint(clear_dataset: Path) -> None:
         assert any(good[i].feature_type == t for i in cal)
 
 
+@pytest.mark.parametrize("parts,calibrating", [(2, 1), (3, 2), (7, 2), (12, 2), (13, 3), (100, 20)])
+def test_calibration_split_keeps_two_to_calibrate_where_it_can(clear_dataset: Path, parts: int,
+                                                               calibrating: int) -> None:
+    """A type of 3 to 7 GOOD parts got a single calibration part (0.2 x 7 rounds to 1), from which
+    no tail can be fitted: none of its parts could ever be flagged. Now 2 where there are 3."""
+    from dataclasses import replace
+
+    one = next(s for s in load_dataset(clear_dataset) if s.split == "train")
+    good = [replace(one, part_id=f"p{i}") for i in range(parts)]
+    fit, cal = split_calibration(good, 0.2, seed=0)
+    assert len(cal) == calibrating and len(fit) == parts - calibrating
+
+
 def test_read_features_is_extract_one_image_at_a_time(clear_dataset: Path, tmp_path: Path) -> None:
     """fit's reader decodes one image at a time; its features are Detector.extract's on the
     images read all at once, and an unreadable file is named (with every other) or skipped."""

@@ -163,6 +163,12 @@ class Calibrator:
         how = ("there the exponential tail decides beyond the largest calibration score, a fitted "
                "model whose GOOD flag rate is bounded by 1/(n+1), not α" if cfg.tail == "exponential"
                else "there that level can never be reached (calibration.tail=none)")
+        single = sorted(t for t, c in self.known.items() if c.scores.size < 2)
+        if single and cfg.tail == "exponential":
+            how += (f"; but {', '.join(single)} {'has' if len(single) == 1 else 'have'} a single "
+                    "calibration image, from which no tail can be fitted: no part of "
+                    f"{'it' if len(single) == 1 else 'them'} can be flagged (every p-value is at "
+                    "least 0.5) — give such a type 3 GOOD parts or more")
         return f"calibration: too few GOOD calibration images: {'; '.join(parts)}; {how} (docs/METHOD.md)"
 
     def warnings_for(self, feature_type: str, n: int) -> list[str]:

@@ -81,8 +81,10 @@ def load_scorer(config: DetectorConfig, tensors: dict[str, Tensor], n_types: int
 def split_calibration(
     samples: Sequence[Sample], fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
-    """Indices (fit, calibration) per type, grouped by part; every type keeps >= 1 on each side.
-    A type with fewer than 2 GOOD parts is a :class:`DatasetError` naming it."""
+    """Indices (fit, calibration) per type, grouped by part; every type keeps >= 1 on each side,
+    and >= 2 to calibrate where it has 3 parts or more: from a single calibration score no tail
+    can be fitted, so no part of the type could ever be flagged (``fraction`` 0.2 of up to 7 parts
+    rounds to 1). A type with fewer than 2 GOOD parts is a :class:`DatasetError` naming it."""
     rng = np.random.default_rng(seed)
     fit_idx: list[int] = []
     cal_idx: list[int] = []
@@ -98,7 +100,7 @@ def split_calibration(
     for t in sorted(by_type):
         groups = sorted(by_type[t])
         order = rng.permutation(len(groups))
-        n_cal = min(len(groups) - 1, max(1, round(fraction * len(groups))))
+        n_cal = min(len(groups) - 1, max(2, round(fraction * len(groups))))
         for rank, g in enumerate(order):
             (cal_idx if rank < n_cal else fit_idx).extend(by_type[t][groups[g]])
     return sorted(fit_idx), sorted(cal_idx)
