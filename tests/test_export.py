@@ -295,6 +295,23 @@ def test_int8_export_and_parity_report(exported: Path, clear_dataset: Path, tmp_
     assert len(int8.inspect(images, ["dots", "dots"])) == 2
 
 
+def test_data_of_types_the_model_does_not_know_is_named(exported: Path, clear_dataset: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``--data`` / ``--calibration-data`` with types the model lacks (another line's folder): those
+    images are left out as before, and now named in one warning, not silently."""
+    bundle = tmp_path / "b"
+    shutil.copytree(exported, bundle)
+    data = tmp_path / "data"
+    shutil.copytree(clear_dataset, data)
+    shutil.copytree(clear_dataset / "dots", data / "gears")
+    n_gears = sum(1 for p in (data / "gears").rglob("*.png") if "ground_truth" not in p.parts)
+    assert main(["export", str(bundle), "--data", str(data), "--threads", "1", "--check-images", "4",
+                 "--no-openvino"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffqc: warning:")]
+    assert warned == [f"diffqc: warning: {data}: {n_gears} images of types the model does not know are "
+                      "left out (gears; the model's: dots, stripes)"], warned
+
+
 def _flat_grey_dataset(root: Path, types: tuple[str, ...], n: int = 12, size: int = 64) -> Path:
     """GOOD training images of the model's types that look nothing like its parts: flat mid-grey."""
     from PIL import Image

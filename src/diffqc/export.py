@@ -672,6 +672,18 @@ def _recalibrate(det: Detector, fp32: SplitGraph, int8: SplitGraph, good: Sequen
 
 
 # --------------------------------------------------------------------------- the bundle
+def _of_the_model(samples: Sequence[Sample], classes: Sequence[str],
+                  source: Path | str | None) -> list[Sample]:
+    """The samples of the model's types; those of other types are left out, named in a warning
+    (once per data source: ``source`` None when it was named already)."""
+    foreign = sorted({s.feature_type for s in samples} - set(classes))
+    if foreign and source is not None:
+        warnings.warn(f"{source}: {sum(s.feature_type in foreign for s in samples)} images of types the "
+                      f"model does not know are left out ({', '.join(foreign)}; the model's: "
+                      f"{', '.join(classes)})", stacklevel=3)
+    return [s for s in samples if s.feature_type in classes]
+
+
 def _read_samples(samples: Sequence[Sample]) -> tuple[list[np.ndarray], list[Sample]]:
     from diffqc.data import read_images
 
@@ -712,7 +724,7 @@ def export_bundle(
     graph = OnnxGraph(model, threads)
 
     source = data or calibration_data
-    pool = [s for s in load_dataset(source) if s.feature_type in classes] if source else []
+    pool = _of_the_model(load_dataset(source), classes, source) if source else []
     preferred = [s for s in pool if s.split == "test"] or pool
     images, picked = _read_samples(_stratified(preferred, check_images))
     if images:
@@ -755,7 +767,8 @@ def export_bundle(
         outcome = _export_int8(
             det, path, graph, calibration_data, held_out, force=force, threads=threads,
             calibration_images=calibration_images, sensitivity_images=sensitivity_images,
-            max_held_out=max_held_out, search=search, progress=progress, log=log, openvino=ov_graph)
+            max_held_out=max_held_out, search=search, progress=progress, log=log, openvino=ov_graph,
+            data_named=source == calibration_data)
         info["int8"] = outcome.entry
         if outcome.graph is not None:
             graphs["onnx int8"] = outcome.graph
@@ -841,7 +854,7 @@ def _export_int8(
     det: Detector, path: Path, fp32: OnnxGraph, calibration_data: Path | str | None,
     held_out: Path | str | None, *, force: bool, threads: int, calibration_images: int,
     sensitivity_images: int, max_held_out: int, search: bool, progress: bool, log: Callable[[str], None],
-    openvino: OpenVinoGraph | None = None,
+    openvino: OpenVinoGraph | None = None, data_named: bool = False,
 ) -> _Int8Outcome:
     from diffqc.data import good_training, load_dataset
     from diffqc.inspection import sha256_file
@@ -849,8 +862,9 @@ def _export_int8(
 
     assert calibration_data is not None
     classes, size = det.classes_, det.config.backbone.input_size
-    samples = load_dataset(calibration_data)
-    good = good_training([s for s in samples if s.feature_type in classes])
+    samples = _of_the_model(load_dataset(calibration_data), classes,
+                            None if data_named else calibration_data)
+    good = good_training(samples)
     if not good:
         raise DatasetError(f"no GOOD images of the model's types ({', '.join(classes)}) "
                            f"in {calibration_data}")
@@ -877,8 +891,8 @@ def _export_int8(
         log("INT8: kept in float: " + "; ".join(f"{k} ({v})" for k, v in result.float_layers.items()))
     log(f"INT8: score change on the check images {result.score_error:.4f} GOOD-score SD (RMS)")
 
-    held = load_dataset(held_out) if held_out else [s for s in samples if s.split == "test"]
-    held = [s for s in held if s.feature_type in classes]
+    held = (_of_the_model(load_dataset(held_out), classes, held_out) if held_out
+            else [s for s in samples if s.split == "test"])
     held_note = str(held_out) if held_out else f"the test split of {calibration_data}"
     if not held:
         held, held_note = [good[i] for i in cal_idx], "the GOOD calibration images (no test split given)"
