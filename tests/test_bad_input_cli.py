@@ -65,6 +65,12 @@ def _foreign_report(c: Ctx) -> None:
     (c.tmp / "photos" / "report.md").write_text("the line's own report")
 
 
+def _empty_store(path: Path) -> None:
+    from diffqc.service.store import ResultStore
+
+    ResultStore(str(path)).close()
+
+
 def _one_part_type(c: Ctx) -> None:
     root = c.tmp / "small"
     for i in range(3):
@@ -210,10 +216,15 @@ ROWS: dict[str, Row | object] = {
     "results_db_unknown_scheme": Row(lambda c: ["results", "export", str(c.tmp / "x"), "--db",
                                                 "mysql://u:pw@host/db"], ("unsupported result store",)),
     "results_db_under_a_file": Row(lambda c: ["results", "export", str(c.tmp / "x"), "--db",
-                                              str(c.image / "r.db")], ("Not a directory",)),
+                                              str(c.image / "r.db")], ("r.db does not exist",)),
+    # a typo in --db: was an empty new database (and artifact folders) and "exported 0"
+    "results_db_typo": Row(lambda c: ["results", "export", str(c.tmp / "x"), "--db", str(c.tmp / "typo.db")],
+                           ("result store", "typo.db does not exist: nothing to export"),
+                           absent=lambda c: c.tmp / "typo.db"),
     "results_export_into_a_dataset": Row(lambda c: ["results", "export", str(c.data / "dots"), "--db",
                                                     str(c.tmp / "r.db")],
                                          ("holds no earlier `diffqc results export`",),
+                                         setup=lambda c: _empty_store(c.tmp / "r.db"),
                                          absent=lambda c: c.data / "dots" / "manifest.csv"),
     "watch_feature_type_typo": Row(lambda c: ["watch", str(c.tmp / "cam"), str(c.model), "--once",
                                               "--db", str(c.tmp / "r.db"), "--feature-type", "dotz"],

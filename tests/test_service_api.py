@@ -309,6 +309,10 @@ async def test_review_flow_and_export(detector: Any, samples: Samples, tmp_path:
         export_reviewed_good(db, dataset)
     assert [p.name for p in dataset.iterdir()] == ["manifest.csv"]
     assert (dataset / "manifest.csv").read_text().startswith("path,feature_type,label\nimg.png")
+    # a --data-dir typo: named, and no empty artifact folders made there
+    with pytest.warns(UserWarning, match="no kept images under .*typo"):
+        summary = export_reviewed_good(db, tmp_path / "export2", data_dir=tmp_path / "typo")
+    assert summary["exported"] == 0 and summary["missing_image"] == 1 and not (tmp_path / "typo").exists()
 
 
 async def test_idempotency_key_returns_the_stored_record(

@@ -21,6 +21,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -649,9 +650,10 @@ ARTIFACT_KINDS = ("heatmaps", "images")
 class ArtifactStore:
     """Heat-map overlays and kept uploads as files with generated names under ``root``."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, *, create: bool = True) -> None:
+        """``create=False``: read what is there (``results export``), making no folder."""
         self.root = Path(root)
-        for kind in ARTIFACT_KINDS:
+        for kind in ARTIFACT_KINDS if create else ():
             folder = self.root / kind
             try:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -737,9 +739,16 @@ def export_reviewed_good(
     import csv
     import shutil
 
+    if not is_postgres_url(db_url) and not sqlite_path(db_url).is_file():
+        raise StoreError(f"result store {sqlite_path(db_url)} does not exist: nothing to export "
+                         "(give the --db that `diffqc serve` or `watch` wrote)")
     out = _export_target(Path(out_dir))
+    artifacts = ArtifactStore(data_dir or default_artifact_root(db_url), create=False)
+    if not (artifacts.root / "images").is_dir():
+        warnings.warn(f"no kept images under {artifacts.root} (no images/ folder): parts reviewed "
+                      "GOOD are counted as missing_image; give the --data-dir the service used",
+                      stacklevel=2)
     out.mkdir(parents=True, exist_ok=True)
-    artifacts = ArtifactStore(data_dir or default_artifact_root(db_url))
     exported = missing = 0
     rows: list[dict[str, Any]] = []
     with ResultStore(db_url) as store:
