@@ -44,6 +44,34 @@ def test_single_type_folder(clear_dataset: Path) -> None:
     assert {s.feature_type for s in samples} == {"dots"}
 
 
+def test_images_filed_in_sub_folders_belong_to_their_split(tmp_path: Path, clear_dataset: Path) -> None:
+    """A line files its images by day (``train/good/2026-11-30/``) or by batch under a defect kind:
+    they were not found ("no images found"); now they belong to train/good or to the kind, masks
+    at the same sub-path under ground_truth/<kind>; hidden sub-folders stay out."""
+    data = tmp_path / "data"
+    shutil.copytree(clear_dataset / "dots", data / "dots")
+    good = data / "dots" / "train" / "good"
+    flat = sorted(p.name for p in good.iterdir())
+    (good / "2026-11-30").mkdir()
+    for name in flat[:3]:
+        shutil.move(good / name, good / "2026-11-30" / name)
+    (good / "2026-12-01" / ".ipynb_checkpoints").mkdir(parents=True)
+    shutil.copy(good / flat[3], good / "2026-12-01" / ".ipynb_checkpoints" / "x.png")
+    blob = data / "dots" / "test" / "blob"
+    image = sorted(blob.iterdir())[0]
+    (blob / "batch-7").mkdir()
+    shutil.move(image, blob / "batch-7" / "nested.png")
+    (data / "dots" / "ground_truth" / "blob" / "batch-7").mkdir(parents=True)
+    mask = next((data / "dots" / "ground_truth" / "blob").glob(f"{image.stem}*"))
+    shutil.copy(mask, data / "dots" / "ground_truth" / "blob" / "batch-7" / "nested_mask.png")
+    samples = load_dataset(data)
+    train = sorted(s.path.name for s in samples if s.split == "train")
+    assert train == flat and len(train) == len(set(train))
+    nested = next(s for s in samples if s.path.name == "nested.png")
+    assert (nested.label, nested.defect, nested.split) == (DEFECTIVE, "blob", "test")
+    assert nested.mask_path == data / "dots" / "ground_truth" / "blob" / "batch-7" / "nested_mask.png"
+
+
 def test_hidden_files_and_folders_are_not_data(tmp_path: Path, clear_dataset: Path) -> None:
     """A dataset copied from a Mac or opened in Jupyter gains files named like images that are
     not (``._000.png``) and hidden folders (``.ipynb_checkpoints``, which under ``test/`` would be

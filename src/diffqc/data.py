@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -147,23 +148,32 @@ def is_image_file(path: Path) -> bool:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if is_image_file(p))
+    """The images in ``folder`` and its sub-folders (``train/good/2026-11-30/``, as a line files
+    them by day), leaving hidden ones out; symbolic links to folders are not followed."""
+    found: list[Path] = []
+    for here, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [p for p in (Path(here) / f for f in files) if is_image_file(p)]
+    return sorted(found)
 
 
 def _subfolders(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not is_hidden(d))
 
 
-def _find_mask(ground_truth: Path, defect: str, image: Path) -> Path | None:
-    folder = ground_truth / defect
-    for candidate in (f"{image.stem}_mask.png", f"{image.stem}.png", f"{image.stem}_mask{image.suffix}"):
-        if (folder / candidate).is_file():
-            return folder / candidate
+def _find_mask(ground_truth: Path, defect: str, image: Path, within: Path = Path()) -> Path | None:
+    """The image's mask under ``ground_truth/<defect>``: at the image's own sub-path ``within``
+    the kind's folder first, then at the top."""
+    for folder in dict.fromkeys((ground_truth / defect / within, ground_truth / defect)):
+        for candidate in (f"{image.stem}_mask.png", f"{image.stem}.png", f"{image.stem}_mask{image.suffix}"):
+            if (folder / candidate).is_file():
+                return folder / candidate
     return None
 
 
 def load_mvtec_type(type_root: Path, feature_type: str | None = None) -> list[Sample]:
-    """Samples of one feature type laid out as ``train/good``, ``test/<kind>``, ``ground_truth``."""
+    """Samples of one feature type laid out as ``train/good``, ``test/<kind>``, ``ground_truth``
+    (images in sub-folders of ``train/good`` and ``test/<kind>`` belong to them)."""
     feature_type = feature_type or type_root.name
     samples: list[Sample] = []
     train_good = type_root / "train" / "good"
@@ -177,7 +187,8 @@ def load_mvtec_type(type_root: Path, feature_type: str | None = None) -> list[Sa
             kind = kind_dir.name
             label = GOOD if kind == "good" else DEFECTIVE
             for p in _images_in(kind_dir):
-                mask = None if label == GOOD else _find_mask(type_root / "ground_truth", kind, p)
+                mask = None if label == GOOD else _find_mask(type_root / "ground_truth", kind, p,
+                                                             p.parent.relative_to(kind_dir))
                 samples.append(Sample(p, feature_type, label, mask, defect=kind, split="test"))
     return samples
 
