@@ -121,11 +121,11 @@ def test_manifest_errors(tmp_path: Path, content: str, err: str) -> None:
 @pytest.mark.parametrize("sep", [",", ";", "\t"])
 def test_manifest_as_a_spreadsheet_saves_it(tmp_path: Path, clear_dataset: Path, sep: str) -> None:
     """A spreadsheet's CSV: a byte-order mark, ';' (where the decimal separator is a comma) or tabs,
-    Windows line ends, a split written 'Train', paths with umlauts."""
+    Windows line ends, a split written 'Train', paths with umlauts, empty rows at the end."""
     img = next((clear_dataset / "dots" / "train" / "good").iterdir())
     shutil.copy(img, tmp_path / "Prüfteil 1.png")
     rows = [["path", "feature_type", "label", "split"], ["Prüfteil 1.png", "dots", "good", "Train"],
-            [str(img), "dots", "defect", "TEST"]]
+            [str(img), "dots", "defect", "TEST"], ["", "", "", ""], [" ", "", "", ""]]  # rows once used
     (tmp_path / "m.csv").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(sep.join(r) for r in rows).encode())
     s = load_manifest(tmp_path / "m.csv")
     assert [(x.path, x.label, x.split) for x in s] == [(tmp_path / "Prüfteil 1.png", GOOD, "train"),

@@ -276,6 +276,8 @@ def load_manifest(path: Path | str) -> list[Sample]:
         raise DatasetError(f"manifest {path} lacks column(s) {', '.join(missing)}; has {fields}")
     for lineno, raw in enumerate(reader, start=2):
         row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+        if not any(row.values()):  # ",,," as a spreadsheet saves rows it once had
+            continue
         word = row["label"].lower()
         if word not in _LABEL_WORDS:
             raise DatasetError(f"{path}:{lineno}: unknown label {row['label']!r} (use good/defect, OK/NOK)")
