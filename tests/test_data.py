@@ -12,6 +12,7 @@ from diffqc.data import (
     DEFECTIVE,
     GOOD,
     DatasetError,
+    DatasetWarning,
     ImageReadError,
     decode_image,
     load_dataset,
@@ -70,6 +71,24 @@ def test_images_filed_in_sub_folders_belong_to_their_split(tmp_path: Path, clear
     nested = next(s for s in samples if s.path.name == "nested.png")
     assert (nested.label, nested.defect, nested.split) == (DEFECTIVE, "blob", "test")
     assert nested.mask_path == data / "dots" / "ground_truth" / "blob" / "batch-7" / "nested_mask.png"
+
+
+def test_images_beside_train_good_are_named_as_not_read(tmp_path: Path, clear_dataset: Path) -> None:
+    """Defective images put under ``train/defect`` (a classifier's layout) were silently not read;
+    they still are not (GOOD images only train), and one warning says where they belong."""
+    data = tmp_path / "data"
+    shutil.copytree(clear_dataset / "dots", data / "dots")
+    before = load_dataset(data)
+    defects = sorted((data / "dots" / "test" / "blob").iterdir())
+    (data / "dots" / "train" / "defect").mkdir()
+    for p in defects[:2]:
+        shutil.copy(p, data / "dots" / "train" / "defect" / p.name)
+    (data / "dots" / "train" / "empty").mkdir()
+    with pytest.warns(DatasetWarning) as record:
+        after = load_dataset(data)
+    assert [s.path for s in after] == [s.path for s in before]
+    assert len(record) == 1 and "(2 in defect/)" in str(record[0].message)
+    assert "belong under test/<kind>" in str(record[0].message)
 
 
 def test_hidden_files_and_folders_are_not_data(tmp_path: Path, clear_dataset: Path) -> None:

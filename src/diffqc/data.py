@@ -176,6 +176,7 @@ def load_mvtec_type(type_root: Path, feature_type: str | None = None) -> list[Sa
     (images in sub-folders of ``train/good`` and ``test/<kind>`` belong to them)."""
     feature_type = feature_type or type_root.name
     samples: list[Sample] = []
+    _name_what_train_leaves_out(type_root / "train")
     train_good = type_root / "train" / "good"
     if train_good.is_dir():
         samples += [
@@ -191,6 +192,22 @@ def load_mvtec_type(type_root: Path, feature_type: str | None = None) -> list[Sa
                                                              p.parent.relative_to(kind_dir))
                 samples.append(Sample(p, feature_type, label, mask, defect=kind, split="test"))
     return samples
+
+
+def _name_what_train_leaves_out(train: Path) -> None:
+    """Images under ``train/`` but not in ``train/good`` (``train/defect``, as a classifier's data
+    is laid out) are not read: one :class:`DatasetWarning` says so and where they belong."""
+    if not train.is_dir():
+        return
+    left = {d.name: len(_images_in(d)) for d in _subfolders(train) if d.name != "good"}
+    left = {name: n for name, n in left.items() if n}
+    loose = sum(1 for p in train.iterdir() if is_image_file(p))
+    if left or loose:
+        parts = [f"{n} in {name}/" for name, n in left.items()]
+        parts += [f"{loose} directly in it"] if loose else []
+        warnings.warn(f"{train}: images outside train/good are not read ({', '.join(parts)}): diffqc "
+                      "learns from GOOD images only (train/good); defective ones belong under "
+                      "test/<kind>, where `diffqc evaluate` measures them", DatasetWarning, stacklevel=4)
 
 
 def _is_mvtec_type(folder: Path) -> bool:
