@@ -73,6 +73,23 @@ def test_images_filed_in_sub_folders_belong_to_their_split(tmp_path: Path, clear
     assert nested.mask_path == data / "dots" / "ground_truth" / "blob" / "batch-7" / "nested_mask.png"
 
 
+def test_layout_folder_names_in_any_case(tmp_path: Path, clear_dataset: Path) -> None:
+    """``Train/Good``, ``Test/Good`` and ``Ground_Truth`` as made on Windows (where case does not
+    matter): Good was read as a defect kind (every GOOD test part counted defective) and
+    Train/Good not at all; now they are the layout's folders."""
+    lower = load_dataset(clear_dataset / "dots")
+    data = tmp_path / "dots"
+    shutil.copytree(clear_dataset / "dots", data)
+    for old, new in [("train/good", "train/Good"), ("train", "Train"), ("test/good", "test/Good"),
+                     ("test", "Test"), ("ground_truth", "Ground_Truth")]:
+        (data / old).rename(data / new)
+    assert sorted(p.name for p in data.iterdir()) == ["Ground_Truth", "Test", "Train"]
+    mixed = load_dataset(data)
+    key = sorted((s.path.name, s.label, s.split, s.defect, s.mask_path is None) for s in lower)
+    assert sorted((s.path.name, s.label, s.split, s.defect, s.mask_path is None) for s in mixed) == key
+    assert any(s.split == "test" and s.label == GOOD for s in mixed)
+
+
 def test_images_beside_train_good_are_named_as_not_read(tmp_path: Path, clear_dataset: Path) -> None:
     """Defective images put under ``train/defect`` (a classifier's layout) were silently not read;
     they still are not (GOOD images only train), and one warning says where they belong."""

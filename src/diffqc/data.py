@@ -173,33 +173,38 @@ def _find_mask(ground_truth: Path, defect: str, image: Path, within: Path = Path
 
 def load_mvtec_type(type_root: Path, feature_type: str | None = None) -> list[Sample]:
     """Samples of one feature type laid out as ``train/good``, ``test/<kind>``, ``ground_truth``
-    (images in sub-folders of ``train/good`` and ``test/<kind>`` belong to them)."""
+    (images in sub-folders of ``train/good`` and ``test/<kind>`` belong to them; the layout's
+    folder names in any case, ``Train/Good`` as made on Windows)."""
     feature_type = feature_type or type_root.name
     samples: list[Sample] = []
-    _name_what_train_leaves_out(type_root / "train")
-    train_good = type_root / "train" / "good"
-    if train_good.is_dir():
-        samples += [
-            Sample(p, feature_type, GOOD, split="train", defect="good") for p in _images_in(train_good)
-        ]
-    test_root = type_root / "test"
-    if test_root.is_dir():
-        for kind_dir in _subfolders(test_root):
-            kind = kind_dir.name
-            label = GOOD if kind == "good" else DEFECTIVE
+    for train in _named(type_root, "train"):
+        _name_what_train_leaves_out(train)
+        for good in _named(train, "good"):
+            samples += [Sample(p, feature_type, GOOD, split="train", defect="good") for p in _images_in(good)]
+    ground_truth = next(iter(_named(type_root, "ground_truth")), type_root / "ground_truth")
+    for test in _named(type_root, "test"):
+        for kind_dir in _subfolders(test):
+            label = GOOD if kind_dir.name.lower() == "good" else DEFECTIVE
+            kind = "good" if label == GOOD else kind_dir.name
             for p in _images_in(kind_dir):
-                mask = None if label == GOOD else _find_mask(type_root / "ground_truth", kind, p,
+                mask = None if label == GOOD else _find_mask(ground_truth, kind, p,
                                                              p.parent.relative_to(kind_dir))
                 samples.append(Sample(p, feature_type, label, mask, defect=kind, split="test"))
     return samples
 
 
+def _named(folder: Path, name: str) -> list[Path]:
+    """The sub-folders of ``folder`` called ``name`` in any case (``Good``, ``TRAIN``: a folder's
+    case does not matter on Windows, where many datasets are put together)."""
+    if not folder.is_dir():
+        return []
+    return [d for d in _subfolders(folder) if d.name.lower() == name]
+
+
 def _name_what_train_leaves_out(train: Path) -> None:
     """Images under ``train/`` but not in ``train/good`` (``train/defect``, as a classifier's data
     is laid out) are not read: one :class:`DatasetWarning` says so and where they belong."""
-    if not train.is_dir():
-        return
-    left = {d.name: len(_images_in(d)) for d in _subfolders(train) if d.name != "good"}
+    left = {d.name: len(_images_in(d)) for d in _subfolders(train) if d.name.lower() != "good"}
     left = {name: n for name, n in left.items() if n}
     loose = sum(1 for p in train.iterdir() if is_image_file(p))
     if left or loose:
@@ -211,7 +216,7 @@ def _name_what_train_leaves_out(train: Path) -> None:
 
 
 def _is_mvtec_type(folder: Path) -> bool:
-    return (folder / "train" / "good").is_dir() or (folder / "test").is_dir()
+    return any(_named(train, "good") for train in _named(folder, "train")) or bool(_named(folder, "test"))
 
 
 def load_mvtec(root: Path | str) -> list[Sample]:
