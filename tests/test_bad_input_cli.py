@@ -144,6 +144,14 @@ ROWS: dict[str, Row | object] = {
     "set_negative_seed": Row(_train("--seed", "-1"), ("train.seed must be >= 0, got -1",)),
     "demo_too_few_parts": Row(lambda c: ["demo", "--parts", "5", "--out", str(c.tmp / "demo"), "-q"],
                               ("demo: n_parts must be at least 24, got 5",), absent=lambda c: c.tmp / "demo"),
+    # --json: a folder, or a user's file (was overwritten, or IsADirectoryError after the whole demo)
+    "demo_json_is_a_folder": Row(lambda c: ["demo", "--parts", "24", "--out", str(c.tmp / "demo"), "--json",
+                                            str(c.tmp), "-q"], ("is a folder; give a file name",),
+                                 absent=lambda c: c.tmp / "demo"),
+    "demo_json_is_a_users_file": Row(
+        lambda c: ["demo", "--parts", "24", "--out", str(c.tmp / "demo"), "--json", str(c.tmp / "notes.json"),
+                   "-q"], ("notes.json exists and is not an earlier demo's table",),
+        setup=lambda c: (c.tmp / "notes.json").write_text('{"mine": 1}'), absent=lambda c: c.tmp / "demo"),
     "demo_out_holds_foreign_data": Row(
         lambda c: ["demo", "--parts", "24", "--out", str(c.tmp / "proj"), "-q"],
         ("holds no earlier synthetic dataset", "choose another --out"),

@@ -31,6 +31,7 @@ def test_demo_prints_at_most_one_calibration_warning_line(tmp_path: Path,
     table = json.loads((tmp_path / "table.json").read_text())
     assert timings["image_auroc_type_withheld"] == pytest.approx(table[-1]["image_auroc"])
     assert "mean image AUROC then" in captured.out
-    # a second run replaces its own data and model, and refuses nothing
+    # a second run replaces its own data, model and table, and refuses nothing
     assert main(["demo", "--out", str(tmp_path / "demo"), "--parts", "64", "--method", "padim",
-                 "--set", "backbone.input_size=64", "--set", "padim.dims=20", "-q"]) == 0
+                 "--set", "backbone.input_size=64", "--set", "padim.dims=20", "-q",
+                 "--json", str(tmp_path / "table.json")]) == 0

@@ -14,6 +14,7 @@ import numpy as np
 from diffqc.calibration import PASS, REJECT, REVIEW
 from diffqc.config import DetectorConfig, with_overrides
 from diffqc.data import DEFECTIVE, GOOD, Sample, load_dataset, read_image
+from diffqc.errors import OutputError
 from diffqc.metrics import image_auroc
 from diffqc.model import Detector, Inspection
 from diffqc.visualize import save_overlay
@@ -87,6 +88,24 @@ def _write_heatmaps(det: Detector, samples: Sequence[Sample], results: Sequence[
                 name = f"{t}_{kind}_{samples[i].path.stem}_{results[i].decision}.png"
                 written.append(save_overlay(out / name, image, amap))
     return written
+
+
+def check_json_target(path: Path) -> None:
+    """``--json PATH`` before any work: a new file, or an earlier demo's table (replaced); a
+    folder, or any other file (a user's, never overwritten), is an :class:`OutputError`."""
+    if path.is_dir():
+        raise OutputError(f"demo: --json {path} is a folder; give a file name")
+    if not path.exists():
+        return
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        earlier = isinstance(rows, list) and bool(rows) and all(
+            isinstance(r, dict) and {"feature_type", "image_auroc"} <= set(r) for r in rows)
+    except (OSError, ValueError):
+        earlier = False
+    if not earlier:
+        raise OutputError(f"demo: --json {path} exists and is not an earlier demo's table (nothing is "
+                          "overwritten); give a new file name")
 
 
 def run_demo(
