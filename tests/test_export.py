@@ -249,6 +249,15 @@ def test_runtime_choice(exported: Path, tiny_model: Path, tmp_path: Path) -> Non
     (stale / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="older than the model"):
         OnnxDetector(stale)
+    # the export's graph deleted (or not copied with the bundle): said, not silently PyTorch
+    gone = tmp_path / "gone"
+    shutil.copytree(exported, gone)
+    (gone / "model.onnx").unlink()
+    with pytest.warns(UserWarning, match="model.onnx, which its export lists, is missing"):
+        assert isinstance(load_detector(gone, "auto"), Detector)
+    (gone / "export.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="damaged export.json .*; using PyTorch"):
+        assert isinstance(load_detector(gone, "auto"), Detector)
 
 
 def test_an_unfitted_detector_is_not_exported() -> None:

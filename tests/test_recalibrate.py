@@ -144,6 +144,24 @@ def test_cli_calibrate_warns_when_a_bundle_cannot_say_what_it_was_fit_on(
     assert json.loads(out.out.strip().splitlines()[-1])["left_out_fit_images"] == 0
 
 
+def test_cli_calibrate_names_images_of_another_size_than_the_training(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """GOOD images from a changed camera: calibrated on all the same (the flag rate comes back),
+    and named once per type, since the model learned the parts at the old scale."""
+    from PIL import Image
+
+    model = _copy(tiny_model, tmp_path)
+    data = write_clear_dataset(tmp_path / "fresh", n_train=3, n_test=1, seed=7)
+    meta = json.loads((model / "metadata.json").read_text())
+    (h0, _), (w0, _) = meta["training_data"]["image_sizes"]["dots"]
+    for p in (data / "dots" / "train" / "good").iterdir():
+        with Image.open(p) as img:
+            img.resize((2 * w0, h0)).save(p)
+    assert main(["calibrate", str(model), str(data), "-q"]) == 0
+    warned = [x for x in capsys.readouterr().err.splitlines() if "px image of type" in x]
+    assert len(warned) == 1 and f"a {2 * w0}x{h0} px image of type 'dots'" in warned[0], warned
+
+
 def test_a_retrained_bundle_is_not_half_loaded_by_a_running_service(
         tiny_model: Path, clear_dataset: Path, tmp_path: Path) -> None:
     """`diffqc train --out` into the folder a service serves writes new weights and a new

@@ -103,6 +103,26 @@ def _not_fitted_on(meta: dict[str, Any], samples: list[Any], data: Path | str) -
     return kept, left_out
 
 
+def _name_other_sizes(meta: dict[str, Any], samples: list[Any]) -> None:
+    """Calibration images of a size their type was not trained at (a changed camera) are named,
+    once per type, as ``inspect`` names such parts: recalibrating restores the flag rate, not
+    what the model learned at the old scale. Only the files' headers are read here."""
+    from PIL import Image, UnidentifiedImageError
+
+    from diffqc.calibration import CalibrationWarning
+    from diffqc.inspection import ImageSizeCheck
+
+    check = ImageSizeCheck(meta)
+    for s in samples:
+        try:
+            with Image.open(s.path) as img:
+                width, height = img.size
+        except (OSError, UnidentifiedImageError):  # named when it is read for its score
+            continue
+        if note := check(s.feature_type, height, width):
+            warnings.warn(f"calibration image {s.path}: {note}", CalibrationWarning, stacklevel=3)
+
+
 def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = False,
                 progress: bool = False, threads: int | None = None) -> dict[str, Any]:
     """Recompute the calibration of bundle ``model`` from the GOOD images of ``data``; returns
@@ -122,6 +142,7 @@ def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = Fal
                                       f"({', '.join(det.classes_)})")
     assert det.calibration_ is not None
     samples, left_out = _not_fitted_on(det.metadata, samples, data)
+    _name_other_sizes(det.metadata, samples)
     known, unknown = calibration_scores(det, samples, skip_corrupt=skip_corrupt, progress=progress)
     new = {CALIBRATION_FILE: _merged(det.calibration_, known, unknown)}
     if (path / INT8_CALIBRATION_FILE).is_file() and (path / INT8_MODEL_FILE).is_file():

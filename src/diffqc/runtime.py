@@ -417,11 +417,21 @@ def choose_runtime(path: Path | str, device: str | None = None, precision: str =
     torch_choice = Choice("torch", "fp32", math.inf)
     if precision == "auto" and _cuda_requested(device):
         return torch_choice
+    if not (Path(path) / EXPORT_FILE).is_file():  # not exported: PyTorch
+        return torch_choice
     try:
         info = read_export_info(path)
         _, meta, _ = read_bundle(path)
-    except Exception:  # no export, or a damaged one: PyTorch can still run the bundle
+    except Exception as exc:  # a damaged export (or bundle): PyTorch can still run the bundle
+        warnings.warn(f"{exc}; using PyTorch", stacklevel=2)
         return torch_choice
+    missing = sorted({ONNX_FILES[precision] for runtime in GRAPH_RUNTIMES for precision in ("fp32", "int8")
+                      if (entry := _runtime_entry(info, runtime, precision)) is not None
+                      and _passed(entry, precision) and not (Path(path) / ONNX_FILES[precision]).is_file()})
+    if missing:  # deleted or not copied with the bundle: said, not silently slower
+        warnings.warn(f"model bundle {path}: {', '.join(missing)}, which its export lists, "
+                      f"{'is' if len(missing) == 1 else 'are'} missing; choosing among the rest "
+                      f"(run `diffqc export {path}` again)", stacklevel=2)
     if info.get("weights_file_sha256") != meta.get("weights_file_sha256"):
         warnings.warn(f"model bundle {path}: the ONNX export is stale; using PyTorch "
                       f"(run `diffqc export {path}` again)", stacklevel=2)
