@@ -274,6 +274,28 @@ def test_unreadable_images_are_left_out_and_named(clear_dataset: Path, tmp_path:
     assert results["n_good"] + results["n_defective"] == len(samples) - 1
 
 
+def test_an_unreadable_mask_leaves_its_image_out_of_the_pixel_metrics_only(clear_dataset: Path,
+                                                                          tmp_path: Path) -> None:
+    """A defect's mask missing or not an image stopped the evaluation after every fold was fitted
+    ("mask unreadable"); now it is found first, named, and that image counts in the image metrics
+    but not in the pixel metrics."""
+    from diffqc.data import DatasetWarning
+
+    samples = [s for s in load_dataset(clear_dataset) if s.feature_type == "stripes"]
+    defects = [i for i, s in enumerate(samples) if s.mask_path is not None]
+    not_an_image = tmp_path / "mask.png"
+    not_an_image.write_text("not a mask")
+    samples[defects[0]] = replace(samples[defects[0]], mask_path=tmp_path / "gone_mask.png")
+    samples[defects[1]] = replace(samples[defects[1]], mask_path=not_an_image)
+    with pytest.warns(DatasetWarning, match=r"2 defect mask\(s\) unreadable.*gone_mask\.png \(No such file"):
+        report = E.evaluate(samples, folds=FOLDS, methods=("padim",), base_config=tiny_config(),
+                            progress=False, n_boot=20, gallery=0, device="cpu")
+    assert any("mask.png (not an image)" in note for note in report["notes"])
+    results = report["results"]["stripes"]["padim"]
+    assert results["n_good"] + results["n_defective"] == len(samples)
+    assert results["pooled"]["pixel_auroc"] is not None
+
+
 def test_parse_setting_keeps_list_values_whole() -> None:
     name, over = E.parse_setting("big:diffusion.prior_dims=100,scoring.bank_timesteps=[100,200]")
     assert name == "big"

@@ -361,6 +361,12 @@ def evaluate(
     if not labelled:
         raise DatasetError(f"no feature type has enough labelled parts for {folds} folds: "
                            + "; ".join(type_notes))
+    labelled, unread = _without_unreadable_masks(labelled)
+    if unread:
+        shown = "; ".join(unread[:5]) + (f"; and {len(unread) - 5} more" if len(unread) > 5 else "")
+        notes.append(f"{len(unread)} defect mask(s) unreadable, their images left out of the pixel "
+                     f"metrics (still in the image metrics): {shown}")
+        warnings.warn(notes[-1], DatasetWarning, stacklevel=2)
 
     # ---- features, once
     t0 = time.perf_counter()
@@ -531,6 +537,26 @@ def unknown_type_summary(y: np.ndarray, true_types: Sequence[str], routed_types:
         "mean_auroc_type_given": mean([r["auroc_type_given"] for r in scored]),
         "per_type": per_type,
     }
+
+
+def _without_unreadable_masks(samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
+    """The samples with each unreadable mask (missing, or not an image: its header is read)
+    dropped to None (unknown), and the reasons; checked before any work, as a missing mask
+    used to stop the evaluation after every fold was fitted."""
+    from PIL import Image, UnidentifiedImageError
+
+    out: list[Sample] = []
+    unread: list[str] = []
+    for s in samples:
+        if s.mask_path is not None:
+            try:
+                with Image.open(s.mask_path):
+                    pass
+            except (OSError, UnidentifiedImageError) as exc:  # the latter is an OSError too
+                unread.append(f"{s.mask_path} ({exc.strerror or 'not an image'})")
+                s = replace(s, mask_path=None)
+        out.append(s)
+    return out, unread
 
 
 def _masks_for(ev: Sequence[Sample], ids: np.ndarray, y: np.ndarray,
