@@ -96,6 +96,10 @@ def _no_onnx(c: Ctx) -> None:
     c.monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
 
 
+def _no_onnxruntime(c: Ctx) -> None:
+    c.monkeypatch.setitem(sys.modules, "onnxruntime", None)
+
+
 def _cuda_row(row: Row) -> Any:
     return pytest.param(row, marks=pytest.mark.skipif(torch.cuda.is_available(),
                                                       reason="CUDA is available here"))
@@ -178,6 +182,11 @@ ROWS: dict[str, Row | object] = {
     "evaluate_setting_malformed": Row(
         lambda c: ["evaluate", str(c.data), "--compare-setting", "x:", "--out", str(c.tmp / "rep")],
         ("--compare-setting expects NAME:KEY=VALUE",), absent=lambda c: c.tmp / "rep"),
+    # was said after every feature was extracted (minutes on a real set)
+    "evaluate_runtime_not_installed": Row(
+        lambda c: ["evaluate", str(c.data), "--runtime", "onnx", "--feature-cache", str(c.tmp / "cache"),
+                   "-q"], ("ONNX Runtime is not installed",), setup=_no_onnxruntime,
+        absent=lambda c: c.tmp / "cache"),  # no feature was extracted (and cached) first
     "evaluate_nothing": Row(lambda c: ["evaluate", str(c.data), "--methods", "", "--out", str(c.tmp / "rep")],
                             ("nothing to evaluate",), absent=lambda c: c.tmp / "rep"),
     "evaluate_no_type_with_enough_parts": Row(

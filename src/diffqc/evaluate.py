@@ -328,6 +328,16 @@ def evaluate(
     """
     if runtime not in ("torch", "onnx", "openvino", "auto"):
         raise ConfigError(f"runtime must be torch, onnx, openvino or auto, got {runtime!r}")
+    if runtime in ("onnx", "openvino"):  # before any work, not after the features are extracted
+        from diffqc.backends.graph import import_onnx
+        from diffqc.backends.openvino import import_openvino
+        from diffqc.backends.ort import import_onnxruntime
+
+        import_onnx()
+        if runtime == "onnx":
+            import_onnxruntime()
+        else:
+            import_openvino()
     if out_dir is not None:
         R.check_report_target(out_dir, force=force)
     t_start = time.perf_counter()
