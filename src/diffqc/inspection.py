@@ -89,10 +89,9 @@ class ImageSizeCheck:
 
     def __call__(self, feature_type: str | None, height: int, width: int) -> str | None:
         """The warning for this part, the first time its type is seen outside its sizes."""
-        ranges = self.ranges.get(feature_type) if feature_type is not None else None
-        if ranges is None or feature_type is None or feature_type in self.warned:
+        if feature_type is None or feature_type not in self.ranges or feature_type in self.warned:
             return None
-        (h0, h1), (w0, w1) = ranges
+        (h0, h1), (w0, w1) = self.ranges[feature_type]
         lo, hi = 1.0 - SIZE_TOLERANCE, 1.0 + SIZE_TOLERANCE
         if lo * h0 <= height <= hi * h1 and lo * w0 <= width <= hi * w1:
             return None

@@ -149,13 +149,16 @@ def usable_choices(path: Path | str, info: dict[str, Any] | None = None) -> list
     out = []
     if info.get("torch_latency_ms") is not None:
         out.append(Choice("torch", "fp32", float(info["torch_latency_ms"])))
-    for runtime in GRAPH_RUNTIMES:
-        for precision in ("fp32", "int8"):
-            entry = _runtime_entry(info, runtime, precision)
-            if (entry is not None and _passed(entry, precision)
-                    and (Path(path) / ONNX_FILES[precision]).is_file()):
-                out.append(Choice(runtime, precision, float(entry.get("latency_ms") or math.inf)))
+    for runtime, precision, entry in _passed_graphs(info):
+        if (Path(path) / ONNX_FILES[precision]).is_file():
+            out.append(Choice(runtime, precision, float(entry.get("latency_ms") or math.inf)))
     return sorted(out, key=lambda c: c.latency_ms)
+
+
+def _passed_graphs(info: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(runtime, precision, entry) of every exported graph that passed its parity check."""
+    return [(runtime, precision, entry) for runtime in GRAPH_RUNTIMES for precision in ("fp32", "int8")
+            if (entry := _runtime_entry(info, runtime, precision)) is not None and _passed(entry, precision)]
 
 
 def usable_precisions(path: Path | str, info: dict[str, Any] | None = None,
@@ -425,9 +428,8 @@ def choose_runtime(path: Path | str, device: str | None = None, precision: str =
     except Exception as exc:  # a damaged export (or bundle): PyTorch can still run the bundle
         warnings.warn(f"{exc}; using PyTorch", stacklevel=2)
         return torch_choice
-    missing = sorted({ONNX_FILES[precision] for runtime in GRAPH_RUNTIMES for precision in ("fp32", "int8")
-                      if (entry := _runtime_entry(info, runtime, precision)) is not None
-                      and _passed(entry, precision) and not (Path(path) / ONNX_FILES[precision]).is_file()})
+    missing = sorted({ONNX_FILES[graph] for _, graph, _ in _passed_graphs(info)
+                      if not (Path(path) / ONNX_FILES[graph]).is_file()})
     if missing:  # deleted or not copied with the bundle: said, not silently slower
         warnings.warn(f"model bundle {path}: {', '.join(missing)}, which its export lists, "
                       f"{'is' if len(missing) == 1 else 'are'} missing; choosing among the rest "
