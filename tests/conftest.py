@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import resource
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,20 @@ pytest_plugins = ["pytester"]
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 CLEAR_TYPES = ("stripes", "dots")
+
+
+@contextlib.contextmanager
+def full_disk(limit: int) -> Iterator[None]:
+    """A real write failure, as a full disk gives: the kernel refuses to grow any file of this
+    process past ``limit`` bytes (RLIMIT_FSIZE; EFBIG where a full disk says ENOSPC)."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
 
 
 def load_benchmark(script: str) -> Any:

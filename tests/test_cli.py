@@ -8,6 +8,8 @@ import pytest
 
 from diffqc.cli import main
 
+from .conftest import full_disk
+
 
 def test_help_and_no_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
@@ -189,3 +191,22 @@ def test_export_onnx_without_data_as_the_readme_says(tiny_model: Path, tmp_path:
                  "--check-images", "8"]) == 0, capsys.readouterr().err
     assert (bundle / "model.onnx").is_file()
     assert "synthetic images" in (bundle / "export.json").read_text()
+
+
+def test_inspect_heatmaps_on_a_full_disk_reports_the_image_and_names_the_file(
+        tiny_model: Path, clear_dataset: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The heat map cannot be written (full disk): the image's result is still printed, the run
+    stops with the file named, and no truncated PNG is left (it was a partial file and a bare
+    "File too large")."""
+    image = next((clear_dataset / "dots" / "test" / "blob").iterdir())
+    hm = tmp_path / "hm"
+    with full_disk(2048):
+        rc = main(["inspect", str(tiny_model), str(image), "--feature-type", "dots",
+                   "--runtime", "torch", "--heatmaps", str(hm)])
+    assert rc == 1
+    out, err = capsys.readouterr()
+    (row,) = [json.loads(line) for line in out.splitlines()]
+    assert row["path"] == str(image) and row["decision"] and "heatmap" not in row
+    assert f"cannot write {hm / (image.stem + '_heatmap.png')}: File too large" in err
+    assert list(hm.iterdir()) == []

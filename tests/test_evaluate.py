@@ -20,7 +20,7 @@ from diffqc import report as R
 from diffqc.calibration import TypeCalibration, standardiser
 from diffqc.data import DEFECTIVE, GOOD, Sample, load_dataset
 from diffqc.model import Detector
-from tests.conftest import tiny_config
+from tests.conftest import full_disk, tiny_config
 from tests.html_numbers import assert_numbers_match
 
 FOLDS = 2
@@ -404,3 +404,21 @@ def test_unknown_type_scores_under_the_routed_type(clear_dataset: Path, tmp_path
     assert sum(r["images"] for r in u["per_type"].values()) == len(data["out_of_fold"])
     assert u["type_accuracy"] == 1.0  # the clear set's types look nothing alike
     assert u["mean_auroc_type_withheld"] == pytest.approx(u["mean_auroc_type_given"])
+
+
+def test_cli_full_disk_prints_the_results_before_the_report_fails(
+        clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A report that cannot be written (full disk) lost the whole evaluation with a bare "File too
+    large"; the table now comes first, and the error names the report file."""
+    from diffqc.cli import main
+
+    with warnings.catch_warnings(), full_disk(4096):
+        warnings.simplefilter("ignore")
+        code = main(["evaluate", str(clear_dataset), "--folds", "2", "--methods", "padim",
+                     "--out", str(tmp_path / "r"), "--set", "backbone.input_size=64", "--n-boot", "50",
+                     "--device", "cpu", "-q"])
+    assert code == 1
+    out, err = capsys.readouterr()
+    assert re.search(r"^stripes\s+padim\s+\d+/\d+\s+\d\.\d{3}", out, re.M), out
+    assert f"cannot write {tmp_path / 'r' / 'report.json'}" in err and "nothing was written" in err
+    assert not (tmp_path / "r" / "report.json").exists()

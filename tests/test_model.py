@@ -13,7 +13,7 @@ from diffqc.errors import BundleError, DatasetError, OutputError, UnknownFeature
 from diffqc.metrics import image_auroc
 from diffqc.model import Detector, split_calibration
 
-from .conftest import CLEAR_TYPES
+from .conftest import CLEAR_TYPES, full_disk
 
 
 def _test_samples(root: Path) -> list:
@@ -235,25 +235,15 @@ def test_save_over_a_bundle_replaces_only_its_files(tiny_model: Path, tmp_path: 
 
 def test_full_disk_on_save_is_an_output_error_and_keeps_the_previous_bundle(
         tiny_model: Path, tmp_path: Path) -> None:
-    import resource
-    import signal
-
     det = Detector.load(tiny_model, device="cpu")
     out = det.save(tmp_path / "m")
     (out / "extra.txt").write_text("mine")
     before = _tree(out)
-    # A real write failure: the kernel refuses to grow any file past 64 KiB (EFBIG, as ENOSPC would)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
-    try:
+    with full_disk(64 * 1024):
         with pytest.raises(OutputError, match=str(out)):
             det.save(out)
         with pytest.raises(OutputError, match="new"):
             det.save(tmp_path / "new")
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
     assert _tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no partial bundle, no temp folder
     Detector.load(out, device="cpu")

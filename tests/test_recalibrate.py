@@ -16,7 +16,7 @@ import pytest
 
 from diffqc.cli import main
 from diffqc.inspection import sha256_file
-from tests.conftest import write_clear_dataset
+from tests.conftest import full_disk, write_clear_dataset
 from tests.test_service_common import (  # noqa: F401 (fixtures)
     AUTH,
     detector,
@@ -79,6 +79,22 @@ def test_cli_calibrate_rewrites_atomically_and_keeps_the_previous(tiny_model: Pa
     assert not [p.name for p in model.iterdir() if p.name.endswith(".tmp")]
     det = Detector.load(model, device="cpu")  # still a valid bundle (weights checksum intact)
     assert det.calibration_ is not None and det.calibration_.known["stripes"].scores.size == 9
+
+
+def test_cli_calibrate_on_a_full_disk_names_the_file_and_changes_nothing(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It said a bare "File too large", without which file or whether the bundle was still whole."""
+    from diffqc.model import Detector
+
+    model = _copy(tiny_model, tmp_path)
+    data = write_clear_dataset(tmp_path / "fresh", n_train=6, n_test=3, seed=5)
+    files = {p.name: p.read_bytes() for p in model.iterdir()}
+    with warnings.catch_warnings(), full_disk(512):
+        warnings.simplefilter("ignore")
+        assert main(["calibrate", str(model), str(data), "-q"]) == 1
+    assert f"cannot write {model / 'calibration.prev.json'}: File too large" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+    Detector.load(model, device="cpu")
 
 
 def test_cli_calibrate_refuses_unknown_types_and_writes_nothing(tiny_model: Path, tmp_path: Path,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -17,7 +18,9 @@ import numpy as np
 import pytest
 
 from diffqc import report as R
+from diffqc.errors import OutputError
 from diffqc.folds import grouped_stratified_assignment
+from tests.conftest import full_disk
 from tests.html_numbers import assert_numbers_match
 
 METHODS = ("diffusion", "patchcore")
@@ -421,3 +424,18 @@ def test_missing_key_is_a_clear_error(tmp_path: Path) -> None:
 if __name__ == "__main__":
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/report_demo")
     print(R.write_report(build_report(0, n_boot=1000), target))
+
+
+def test_write_report_on_a_full_disk_names_the_file_and_keeps_the_earlier_report(
+        written: dict[str, Path], tmp_path: Path) -> None:
+    """Each file is written whole or not at all, report.json first: a full disk leaves an earlier
+    report's files as they were and says which file failed (it was a bare "File too large" and a
+    truncated gallery PNG)."""
+    out = tmp_path / "r"
+    shutil.copytree(written["json"].parent, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with full_disk(4096), pytest.raises(OutputError) as err:
+        R.write_report(build_report(1), out)
+    assert f"the report in {out} is incomplete: cannot write {out / 'report.json'}" in str(err.value)
+    assert "nothing was written" in str(err.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

@@ -5,7 +5,6 @@ adds the weights; the exported detector (:mod:`diffqc.runtime`) the ONNX graph."
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -52,25 +51,3 @@ def check_weights(path: Path | str, meta: dict[str, Any]) -> None:
     expected = meta.get("weights_file_sha256")
     if expected and sha256_file(Path(path) / WEIGHTS_FILE) != expected:
         raise BundleError(f"model bundle {path}: {WEIGHTS_FILE} is damaged (checksum mismatch)")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary sibling, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -201,11 +201,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                                "latency_ms": round(1000 * (time.perf_counter() - start), 1)}
         if args.heatmaps and result.anomaly_map is not None:
             out = _new_heatmap_path(Path(args.heatmaps), name)
-            _save_heatmap(out, image, result, det)
+            try:
+                _save_heatmap(out, image, result, det)
+            except OSError:  # a full disk: the image's result is still reported, then the run stops
+                out.unlink(missing_ok=True)  # the empty file _new_heatmap_path claimed
+                _report_row(row, csv_out)
+                raise
             row["heatmap"] = str(out)
-        print(json.dumps(row))
-        if csv_out is not None:
-            _write_csv_row(csv_out, row)
+        _report_row(row, csv_out)
     if csv_out is not None:
         csv_out[0].close()
     return EXIT_OK
@@ -238,6 +241,13 @@ def _open_csv(path: Path, *, force: bool) -> Any:
     writer.writeheader()
     fh.flush()
     return (fh, writer)
+
+
+def _report_row(row: dict[str, Any], csv_out: Any) -> None:
+    """One inspected image: a JSON line on stdout and, with ``--csv``, a CSV row."""
+    print(json.dumps(row))
+    if csv_out is not None:
+        _write_csv_row(csv_out, row)
 
 
 def _write_csv_row(out: Any, row: dict[str, Any]) -> None:

@@ -862,19 +862,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for text in args.compare_setting or []:
         name, over = parse_setting(text)
         settings[name] = with_overrides(setting_base, over)
+    R.check_report_target(args.out, force=args.force)
     samples, source = load_evaluation_data(args.data)
     name = Path(args.data).name if Path(args.data).is_dir() else Path(args.data).parent.name
     report = evaluate(samples, folds=args.folds, methods=methods, settings=settings,
-                      base_config=base, seed=args.seed, progress=not args.quiet, out_dir=args.out,
+                      base_config=base, seed=args.seed, progress=not args.quiet,
                       gallery=args.gallery, n_boot=args.n_boot, max_train_good=args.max_train_good,
                       device=args.device, dataset_name=name, dataset_source=source,
                       feature_cache=args.feature_cache, runtime=args.runtime, threads=args.threads,
-                      unknown_type=args.unknown_type, force=args.force)
-    print("\n".join(summary_lines(report)))
-    paths = cast(dict[str, Any], report).get("paths", {})
+                      unknown_type=args.unknown_type)
+    print("\n".join(summary_lines(report)))  # before the files: a full disk does not lose the table
+    paths = R.write_report(report, args.out)
     print()
     for kind in ("html", "md", "json"):
-        print(f"report.{kind}: {paths.get(kind)}")
+        print(f"report.{kind}: {paths[kind]}")
     return 0
 
 

@@ -24,7 +24,6 @@ import contextlib
 import json
 import math
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -43,8 +42,8 @@ from diffqc.backends.openvino import OpenVinoGraph, openvino_version
 from diffqc.backends.ort import OnnxBackbone, OnnxGraph, import_onnxruntime, make_session
 from diffqc.backends.tensorrt import ENGINE_FILE as TENSORRT_ENGINE
 from diffqc.backends.tensorrt import build_tensorrt_engine
-from diffqc.bundle import write_atomic
 from diffqc.errors import ConfigError, DatasetError, ExportError
+from diffqc.output import scratch_folder, write_atomic
 from diffqc.runtime import (
     EXPORT_FILE,
     EXPORT_FORMAT,
@@ -135,11 +134,11 @@ class _Half(nn.Module):
 def _trace(module: nn.Module, args: tuple[Tensor, ...], inputs: Sequence[str], outputs: Sequence[str],
            opset: int) -> onnx.ModelProto:
     onnxlib = import_onnx()
-    with (tempfile.TemporaryDirectory(prefix="diffqc-trace-") as tmp, warnings.catch_warnings(),
+    with (scratch_folder("diffqc-trace-", what="the ONNX trace") as tmp, warnings.catch_warnings(),
           torch.inference_mode(False), torch.no_grad()):
         # Shapes other than the batch are constants of the graph on purpose.
         warnings.simplefilter("ignore")
-        file = Path(tmp) / "part.onnx"
+        file = tmp / "part.onnx"
         torch.onnx.export(
             module, args, file, dynamo=False, opset_version=opset, input_names=list(inputs),
             output_names=list(outputs), dynamic_axes={n: {0: "batch"} for n in (*inputs, *outputs)},
@@ -425,9 +424,9 @@ def quantize_int8(
                 "quantized_ops": list(QUANTIZED_OPS), "check_images": len(check_pixels)}
     ref = _whole_scores(model, check_pixels, check_types, threads)
 
-    with tempfile.TemporaryDirectory(prefix="diffqc-int8-") as tmp:
-        cache = Path(tmp) / "ranges.json"
-        out = Path(tmp) / "q.onnx"
+    with scratch_folder("diffqc-int8-", what="the INT8 quantisation") as tmp:
+        cache = tmp / "ranges.json"
+        out = tmp / "q.onnx"
         reader = _feeds_reader(calib_feeds)
 
         def quantized(layer_names: Sequence[str]) -> tuple[onnx.ModelProto, float]:
@@ -615,7 +614,7 @@ def _synthetic_images(n: int, size: int) -> list[np.ndarray]:
     from diffqc.data import load_dataset, read_images
     from diffqc.synth import FEATURE_TYPES, write_synthetic_dataset
 
-    with tempfile.TemporaryDirectory(prefix="diffqc-synth-") as tmp:
+    with scratch_folder("diffqc-synth-", what="the synthetic check images") as tmp:
         write_synthetic_dataset(tmp, n_parts=max(n, 3 * len(FEATURE_TYPES)), seed=7, image_size=size,
                                 progress=False)
         images, _, _ = read_images(load_dataset(tmp)[:n])

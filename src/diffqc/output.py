@@ -1,5 +1,6 @@
-"""Where a command may write: one rule for every output folder diffqc fills (a model bundle, an
-evaluation report).
+"""Where and how a command writes: one rule for every output folder diffqc fills (a model bundle,
+an evaluation report), and one way to write a file so that a failed write leaves nothing half
+written.
 
 A folder qualifies when it is new, empty, or an earlier output of the same kind (whose own files
 are then replaced). Any other non-empty folder is refused unless ``force``; even then nothing
@@ -9,7 +10,11 @@ file or folder bearing one of their names is refused.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import errno
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from diffqc.errors import OutputError
@@ -35,3 +40,48 @@ def check_output_folder(path: Path | str, *, what: str, names: Sequence[str],
                           "--force writes beside other files but never replaces one: choose a "
                           "new or empty folder")
     return path
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary sibling, fsync, rename: ``path`` holds either its
+    previous content or all of ``data``, never part of it. A write that fails (full disk,
+    unwritable folder) is an :class:`OutputError` naming ``path``, and no temporary file is left."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+@contextmanager
+def scratch_folder(prefix: str, *, what: str) -> Iterator[Path]:
+    """A temporary folder for ``what`` (under TMPDIR), removed on exit. A write there that fails
+    for want of room (a small /tmp on an edge device) is an :class:`OutputError` that names the
+    temporary folder and how to choose another, not a bare "No space left on device"."""
+    try:
+        with tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True) as tmp:
+            yield Path(tmp)
+    except OSError as exc:
+        if isinstance(exc, OutputError) or exc.errno not in _NO_ROOM:
+            raise
+        raise OutputError(f"no room for {what} in the temporary folder {tempfile.gettempdir()} "
+                          f"({exc.strerror}); free space there or set TMPDIR to a folder with "
+                          "room") from None

@@ -27,9 +27,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from diffqc.bundle import write_atomic
 from diffqc.calibration import Calibrator
 from diffqc.errors import BundleError, DatasetError, UnknownFeatureTypeError
+from diffqc.output import write_atomic
 
 log = logging.getLogger("diffqc.recalibrate")
 

@@ -54,7 +54,8 @@ from PIL import Image
 
 from diffqc import metrics as M
 from diffqc import stats as S
-from diffqc.output import check_output_folder
+from diffqc.errors import OutputError
+from diffqc.output import check_output_folder, write_atomic
 
 SCHEMA_VERSION = 1
 OVERALL = "all types"
@@ -1362,15 +1363,16 @@ def render_markdown(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _gallery_images(data: dict[str, Any], out_dir: Path) -> dict[int, str]:
-    """Move base64 overlays to gallery/NNN.png (JSON keeps the file name); load overlay_path."""
+def _gallery_images(data: dict[str, Any]) -> tuple[dict[int, str], dict[str, bytes]]:
+    """Base64 overlays become gallery/NNN.png files (the JSON keeps the file name), overlay_path
+    ones are read: ({gallery index: base64 PNG} for the HTML, {relative path: PNG} to write)."""
     images: dict[int, str] = {}
+    files: dict[str, bytes] = {}
     for i, g in enumerate(data["plots"].get("gallery", [])):
         b64 = g.pop("overlay_png", None)
         if b64:
             rel = f"gallery/{i:03d}.png"
-            (out_dir / "gallery").mkdir(exist_ok=True)
-            (out_dir / rel).write_bytes(base64.b64decode(b64))
+            files[rel] = base64.b64decode(b64)
             g["overlay_file"] = rel
             images[i] = b64
         elif g.get("overlay_path"):
@@ -1379,7 +1381,7 @@ def _gallery_images(data: dict[str, Any], out_dir: Path) -> dict[int, str]:
             except OSError as exc:
                 warnings.warn(f"gallery overlay {g['overlay_path']} unreadable: {exc}",
                               stacklevel=3)
-    return images
+    return images, files
 
 
 def check_report(report: dict[str, Any]) -> None:
@@ -1418,19 +1420,35 @@ def write_report(report: Report | dict[str, Any], out_dir: Path | str) -> dict[s
     """Write report.json, report.md and a self-contained report.html into ``out_dir``.
 
     Returns ``{"json": path, "md": path, "html": path}``. Gallery overlays given as base64
-    are also written to ``out_dir/gallery/``.
+    are also written to ``out_dir/gallery/``. Each file is written whole or not at all,
+    report.json first; a write that fails (full disk, unwritable folder) is an
+    :class:`OutputError` naming the file and the files written before it.
     """
     check_report(dict(report))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = to_jsonable(dict(report))
     data.setdefault("schema_version", SCHEMA_VERSION)
     data.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
-    images = _gallery_images(data, out)
+    images, gallery = _gallery_images(data)
     paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
-    paths["json"].write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    paths["md"].write_text(render_markdown(data), encoding="utf-8")
-    paths["html"].write_text(render_html(data, images), encoding="utf-8")
+    files = {paths["json"]: (json.dumps(data, indent=1, allow_nan=False) + "\n").encode("utf-8"),
+             paths["md"]: render_markdown(data).encode("utf-8"),
+             paths["html"]: render_html(data, images).encode("utf-8"),
+             **{out / rel: png for rel, png in gallery.items()}}
+    try:
+        (out / "gallery" if gallery else out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the report folder {out}: {exc.strerror or exc}") from None
+    written: list[str] = []
+    for path, blob in files.items():
+        try:
+            write_atomic(path, blob)
+        except OutputError as exc:
+            done = ", ".join(written[:3]) + (" ..." if len(written) > 3 else "")
+            raise OutputError(f"the report in {out} is incomplete: {exc}; "
+                              f"{'written before it: ' + done if written else 'nothing was written'}"
+                              ) from None
+        written.append(str(path.relative_to(out)))
     return paths
 
 

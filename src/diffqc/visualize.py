@@ -7,10 +7,14 @@ CLI draw heat maps without importing matplotlib.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from diffqc.errors import OutputError
+from diffqc.output import write_atomic
 
 # matplotlib's "jet" as piecewise-linear (position, value) nodes per channel
 _JET_NODES = (
@@ -125,16 +129,26 @@ def panel(
     return np.asarray(canvas)
 
 
-def save_overlay(path: Path | str, image: np.ndarray, anomaly_map: np.ndarray, **kwargs: float) -> Path:
+def save_png(path: Path | str, picture: np.ndarray) -> Path:
+    """Write an HxWx3 uint8 picture as a PNG, whole or not at all (the folder is created): a
+    failed write (full disk, unwritable folder) is an :class:`~diffqc.errors.OutputError`
+    naming ``path``, and leaves ``path`` as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay(image, anomaly_map, **kwargs)).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(picture).save(buf, format="PNG")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    write_atomic(path, buf.getvalue())
     return path
+
+
+def save_overlay(path: Path | str, image: np.ndarray, anomaly_map: np.ndarray, **kwargs: float) -> Path:
+    """Write :func:`overlay` as a PNG (:func:`save_png`)."""
+    return save_png(path, overlay(image, anomaly_map, **kwargs))
 
 
 def save_panel(path: Path | str, image: np.ndarray, anomaly_map: np.ndarray, **kwargs: object) -> Path:
-    """Write :func:`panel` as a PNG (the folder is created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(panel(image, anomaly_map, **kwargs)).save(path)  # type: ignore[arg-type]
-    return path
+    """Write :func:`panel` as a PNG (:func:`save_png`)."""
+    return save_png(path, panel(image, anomaly_map, **kwargs))  # type: ignore[arg-type]

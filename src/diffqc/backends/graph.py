@@ -8,7 +8,6 @@ image and the scorer under one type or several.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from diffqc.errors import RuntimeUnavailableError
+from diffqc.output import scratch_folder
 
 if TYPE_CHECKING:
     import onnx
@@ -92,8 +92,7 @@ def halves_on_disk(model: onnx.ModelProto | Path | str) -> Iterator[tuple[Path, 
         whole = onnxlib.ModelProto()
         whole.CopyFrom(model)
     del model
-    with tempfile.TemporaryDirectory(prefix="diffqc-graph-", ignore_cleanup_errors=True) as tmp:
-        folder = Path(tmp)
+    with scratch_folder("diffqc-graph-", what="the model's graph") as folder:
         onnxlib.save_model(whole, str(folder / "whole.onnx"), save_as_external_data=True,
                            all_tensors_to_one_file=True, location="constants.bin",
                            size_threshold=EXTERNAL_THRESHOLD)

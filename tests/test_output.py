@@ -1,0 +1,37 @@
+"""diffqc.output: one way to write a file whole or not at all, and a temporary folder whose lack
+of room is named."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from diffqc.errors import OutputError
+from diffqc.output import scratch_folder, write_atomic
+
+from .conftest import full_disk
+
+
+def test_write_atomic_on_a_full_disk_names_the_file_and_keeps_its_content(tmp_path: Path) -> None:
+    target = tmp_path / "calibration.json"
+    target.write_bytes(b"the previous content")
+    with full_disk(4096), pytest.raises(OutputError, match=f"cannot write {target}: File too large"):
+        write_atomic(target, b"x" * 10_000)
+    assert target.read_bytes() == b"the previous content"
+    assert [p.name for p in tmp_path.iterdir()] == ["calibration.json"]  # no temporary sibling left
+    write_atomic(target, b"new")
+    assert target.read_bytes() == b"new"
+
+
+def test_scratch_folder_names_the_temporary_folder_when_it_has_no_room(tmp_path: Path) -> None:
+    """A small /tmp on an edge device: a bare "No space left on device" would not say where."""
+    with full_disk(4096), pytest.raises(OutputError) as err, \
+            scratch_folder("diffqc-test-", what="the test's graph") as folder:
+        (folder / "graph.onnx").write_bytes(b"x" * 10_000)
+    assert f"no room for the test's graph in the temporary folder {tempfile.gettempdir()}" in str(err.value)
+    assert "TMPDIR" in str(err.value)
+    assert not folder.exists()  # removed all the same
+    with pytest.raises(FileNotFoundError), scratch_folder("diffqc-test-", what="x") as folder:
+        (folder / "missing").read_bytes()  # any other error is left as it is
