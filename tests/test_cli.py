@@ -210,3 +210,26 @@ def test_inspect_heatmaps_on_a_full_disk_reports_the_image_and_names_the_file(
     assert row["path"] == str(image) and row["decision"] and "heatmap" not in row
     assert f"cannot write {hm / (image.stem + '_heatmap.png')}: File too large" in err
     assert list(hm.iterdir()) == []
+
+
+def test_inspect_csv_on_a_full_disk_ends_with_the_last_complete_row(
+        tiny_model: Path, clear_dataset: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--csv on a full disk left half a row (and said a bare "File too large"): the row that did
+    not fit is taken back, and the error names the file."""
+    import csv
+
+    folder = clear_dataset / "dots" / "test" / "blob"
+    table = tmp_path / "results.csv"
+    with full_disk(300):
+        rc = main(["inspect", str(tiny_model), str(folder), "--feature-type", "dots",
+                   "--runtime", "torch", "--csv", str(table)])
+    assert rc == 1
+    out, err = capsys.readouterr()
+    assert f"cannot write {table}: File too large; it holds every row before this one" in err
+    rows = list(csv.DictReader(table.open(newline="", encoding="utf-8")))
+    printed = [json.loads(line) for line in out.splitlines()]
+    assert 1 <= len(rows) < len(printed) <= len(list(folder.iterdir()))  # each scored image printed
+    assert table.read_bytes().endswith(b"\r\n")
+    assert [r["path"] for r in rows] == [p["path"] for p in printed[:len(rows)]]
+    assert all(r["decision"] in {"PASS", "REVIEW", "REJECT"} for r in rows)

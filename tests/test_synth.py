@@ -10,7 +10,10 @@ import pytest
 from PIL import Image
 
 from diffqc.data import DEFECTIVE, GOOD, load_dataset, read_image, read_mask
+from diffqc.errors import OutputError
 from diffqc.synth import DEFECT_KINDS, FEATURE_TYPES, render_image, write_synthetic_dataset
+
+from .conftest import full_disk
 
 MANIFEST_HEADER = ["path", "feature_type", "label", "mask", "part_id", "split", "defect"]
 
@@ -194,6 +197,21 @@ def test_rewrites_a_previous_synthetic_set(tmp_path: Path) -> None:
     assert len(load_dataset(out)) == 24  # no stale images of the first set
     assert len(_manifest(out)) == 24
     assert (out / "dots" / "my-notes.txt").read_text() == "keep me"  # only the set's own files go
+
+
+def test_a_set_cut_short_is_named_and_replaced_by_the_next_run(tmp_path: Path) -> None:
+    """A full disk (or Ctrl-C) mid-way left a folder without the marker, which every later run
+    refused as foreign ("not empty and holds no earlier synthetic dataset"), the user's to clean."""
+    out = tmp_path / "set"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with full_disk(3000), pytest.raises(OutputError, match="incomplete: the same command, run again"):
+        write_synthetic_dataset(out, n_parts=48, image_size=64, seed=3, progress=False, overwrite=True)
+    assert any(out.rglob("*.png")) and not (out / "manifest.csv").exists()  # cut short
+    write_synthetic_dataset(out, n_parts=24, image_size=32, seed=5, progress=False)  # no --overwrite
+    write_synthetic_dataset(tmp_path / "fresh", n_parts=24, image_size=32, seed=5, progress=False)
+    assert set(_files(out)) - {Path("notes.txt")} == set(_files(tmp_path / "fresh"))  # none of the 1st run's
+    assert (out / "notes.txt").read_text() == "keep me"
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ one line each, ``diffqc: warning: ...``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -168,8 +169,7 @@ def _new_heatmap_path(folder: Path, name: Path) -> Path:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from diffqc.data import IMAGE_SUFFIXES, read_image
-    from diffqc.inspection import ImageSizeCheck
+    from diffqc.data import IMAGE_SUFFIXES
     from diffqc.runtime import runtime_from_args
 
     images = _expand_images(args.images)
@@ -181,15 +181,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     det = runtime_from_args(args, args.model)
     if args.feature_type is not None:
         det.type_index(args.feature_type)  # fail early on an unknown type
-    csv_out = _open_csv(Path(args.csv), force=args.force) if args.csv else None
+    csv_out = _CsvRows(Path(args.csv), force=args.force) if args.csv else None
+    try:
+        _inspect_images(args, det, images, csv_out)
+    finally:
+        if csv_out is not None:
+            csv_out.close()
+    return EXIT_OK
+
+
+def _inspect_images(args: argparse.Namespace, det: Any, images: list[tuple[Path, Path]],
+                    csv_out: _CsvRows | None) -> None:
+    from diffqc.data import read_image
+    from diffqc.inspection import ImageSizeCheck
+
     size_check = ImageSizeCheck(det.metadata)
     for path, name in images:
         try:
             image = read_image(path)
         except ImageReadError as exc:
-            print(json.dumps({"path": str(path), "error": str(exc)}))
-            if csv_out is not None:
-                _write_csv_row(csv_out, {"path": str(path), "error": str(exc)})
+            _report_row({"path": str(path), "error": str(exc)}, csv_out)
             if not args.skip_corrupt:
                 raise
             continue
@@ -209,9 +220,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 raise
             row["heatmap"] = str(out)
         _report_row(row, csv_out)
-    if csv_out is not None:
-        csv_out[0].close()
-    return EXIT_OK
 
 
 def _heatmap_folder(folder: Path) -> None:
@@ -227,33 +235,51 @@ def _heatmap_folder(folder: Path) -> None:
 CSV_COLUMNS = ("path", "feature_type", "predicted_type", "score", "p_value", "decision", "heatmap", "error")
 
 
-def _open_csv(path: Path, *, force: bool) -> Any:
-    """The ``--csv`` file, with its header; an existing file is refused unless ``--force``."""
-    import csv
+class _CsvRows:
+    """``--csv``: one row per image, on disk as soon as it is written (a long batch run keeps every
+    finished row). A row that cannot be written (full disk) is taken back whole, so the file ends
+    with the last complete row, and is an :class:`OutputError` naming the file. An existing file
+    is refused unless ``force``."""
 
-    try:
-        fh = open(path, "w" if force else "x", newline="", encoding="utf-8")  # noqa: SIM115
-    except FileExistsError:
-        raise OutputError(f"{path} exists; pass --force to overwrite it") from None
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc}") from None
-    writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    fh.flush()
-    return (fh, writer)
+    def __init__(self, path: Path, *, force: bool) -> None:
+        self.path = path
+        try:
+            self._fh = open(path, "wb" if force else "xb", buffering=0)  # noqa: SIM115
+        except FileExistsError:
+            raise OutputError(f"{path} exists; pass --force to overwrite it") from None
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        self._write(dict(zip(CSV_COLUMNS, CSV_COLUMNS, strict=True)))
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._write({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+
+    def _write(self, row: dict[str, Any]) -> None:
+        import csv
+        import io
+
+        text = io.StringIO()
+        csv.DictWriter(text, fieldnames=CSV_COLUMNS, extrasaction="ignore").writerow(row)
+        data = memoryview(text.getvalue().encode("utf-8"))
+        start = self._fh.tell()
+        try:
+            while data:
+                data = data[self._fh.write(data) or 0:]
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self._fh.truncate(start)
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}; it holds every "
+                              "row before this one") from None
+
+    def close(self) -> None:
+        self._fh.close()
 
 
-def _report_row(row: dict[str, Any], csv_out: Any) -> None:
+def _report_row(row: dict[str, Any], csv_out: _CsvRows | None) -> None:
     """One inspected image: a JSON line on stdout and, with ``--csv``, a CSV row."""
     print(json.dumps(row))
     if csv_out is not None:
-        _write_csv_row(csv_out, row)
-
-
-def _write_csv_row(out: Any, row: dict[str, Any]) -> None:
-    fh, writer = out
-    writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
-    fh.flush()  # a long batch run leaves every finished row on disk
+        csv_out.add(row)
 
 
 def _save_heatmap(path: Path, image: Any, result: Any, det: Any) -> None:

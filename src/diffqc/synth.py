@@ -25,6 +25,7 @@ anti-aliased coverage, so the rendering is fully vectorised.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import zlib
@@ -38,6 +39,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
+
+from diffqc.errors import OutputError
 
 __all__ = ["DEFECT_KINDS", "FEATURE_TYPES", "render_image", "write_synthetic_dataset"]
 
@@ -712,8 +715,9 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def _remove_previous(out: Path) -> None:
-    """Delete an earlier synthetic set's own files (those its manifest lists, the manifest, README
-    and marker) and the folders they leave empty; any other file in ``out`` stays."""
+    """Delete an earlier synthetic set's own files (those its manifest lists or, for a set whose
+    writing was cut short before its manifest, those its marker's arguments plan; the manifest,
+    README and marker) and the folders they leave empty; any other file in ``out`` stays."""
     root = out.resolve()
     listed: list[Path] = []
     manifest = out / "manifest.csv"
@@ -721,6 +725,8 @@ def _remove_previous(out: Path) -> None:
         with manifest.open(newline="", encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
                 listed += [out / row[k] for k in ("path", "mask") if row.get(k)]
+    else:
+        listed += [out / rel for rel in _planned_files(out / MARKER_NAME)]
     for path in [*listed, manifest, out / "README.md", out / MARKER_NAME]:
         if path.resolve().is_relative_to(root) and (path.is_file() or path.is_symlink()):
             path.unlink()
@@ -730,9 +736,50 @@ def _remove_previous(out: Path) -> None:
                 folder.rmdir()
 
 
+def _planned_files(marker: Path) -> list[str]:
+    """The files (relative paths) a set with this marker's arguments writes; none when the marker
+    cannot be read."""
+    try:
+        m = json.loads(marker.read_text(encoding="utf-8"))
+        jobs = _plan(int(m["n_parts"]), int(m["seed"]), float(m["defect_fraction"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [rel for ft, _, part_id, role in jobs for rel in _paths(ft, part_id, role) if rel]
+
+
+def _paths(ft: str, part_id: str, role: str | None) -> tuple[str, str]:
+    """An image's and its mask's path in the set ("" for no mask)."""
+    if role == "train":
+        return f"{ft}/train/good/{part_id}.png", ""
+    if role is None:
+        return f"{ft}/test/good/{part_id}.png", ""
+    return f"{ft}/test/{role}/{part_id}.png", f"{ft}/ground_truth/{role}/{part_id}_mask.png"
+
+
+def _write_marker(out: Path, args: dict[str, Any], *, complete: bool) -> None:
+    marker = {"generator": "diffqc.synth", "format_version": _FORMAT_VERSION, **args,
+              "complete": complete}
+    _write_text(out / MARKER_NAME, json.dumps(marker, indent=2) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise _incomplete(path, exc) from None
+
+
+def _incomplete(path: Path, exc: OSError) -> OutputError:
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}; the synthetic dataset is "
+                       "incomplete: the same command, run again, replaces it")
+
+
 def _save_png(arr: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr, mode="L").save(path, format="PNG", compress_level=1)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr, mode="L").save(path, format="PNG", compress_level=1)
+    except OSError as exc:
+        raise _incomplete(path, exc) from None
 
 
 def _readme(summary: dict[str, Any]) -> str:
@@ -807,6 +854,11 @@ def write_synthetic_dataset(
     n_parts, image_size = int(n_parts), int(image_size)
     check_arguments(n_parts, image_size, defect_fraction)
     _prepare_out(out, overwrite)
+    args = {"seed": int(seed), "n_parts": n_parts, "image_size": image_size,
+            "defect_fraction": float(defect_fraction)}
+    # The marker comes first: a set cut short (Ctrl-C, a full disk) is still known as one, and
+    # the next run removes what it wrote (the marker's arguments name its files).
+    _write_marker(out, args, complete=False)
 
     jobs = _plan(n_parts, seed, defect_fraction)
     types: dict[str, dict[str, Any]] = {
@@ -822,16 +874,12 @@ def write_synthetic_dataset(
         img, mask = render_image(ft, kind, seed, index, image_size)
         t = types[ft]
         t["total"] += 1
-        mask_rel = ""
+        rel, mask_rel = _paths(ft, part_id, role)
         if role == "train":
-            rel = f"{ft}/train/good/{part_id}.png"
             t["train_good"] += 1
         elif role is None:
-            rel = f"{ft}/test/good/{part_id}.png"
             t["test_good"] += 1
         else:
-            rel = f"{ft}/test/{role}/{part_id}.png"
-            mask_rel = f"{ft}/ground_truth/{role}/{part_id}_mask.png"
             assert mask is not None
             _save_png(np.where(mask, 255, 0).astype(np.uint8), out / mask_rel)
             t["test_defect"] += 1
@@ -843,13 +891,14 @@ def write_synthetic_dataset(
             "defect": role if role not in (None, "train") else "good",
         })
 
-    with (out / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(
-            fh, fieldnames=["path", "feature_type", "label", "mask", "part_id", "split", "defect"],
-            lineterminator="\n",
-        )
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(
+        table, fieldnames=["path", "feature_type", "label", "mask", "part_id", "split", "defect"],
+        lineterminator="\n",
+    )
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_text(out / "manifest.csv", table.getvalue())
 
     n_train = sum(t["train_good"] for t in types.values())
     n_def = sum(t["test_defect"] for t in types.values())
@@ -863,8 +912,6 @@ def write_synthetic_dataset(
         "splits": {"train": n_train, "test": n_parts - n_train},
         "labels": {"good": n_parts - n_def, "defect": n_def},
     }
-    (out / "README.md").write_text(_readme(summary), encoding="utf-8")
-    marker = {"generator": "diffqc.synth", "format_version": _FORMAT_VERSION,
-              **{k: summary[k] for k in ("seed", "n_parts", "image_size", "defect_fraction")}}
-    (out / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    _write_text(out / "README.md", _readme(summary))
+    _write_marker(out, args, complete=True)
     return summary
