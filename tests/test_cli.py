@@ -77,7 +77,10 @@ def test_inspect_unknown_type_is_clear_error(tiny_model: Path, clear_dataset: Pa
     rc = main(["inspect", str(tiny_model), str(clear_dataset / "dots" / "test" / "good"),
                "--feature-type", "nope"])
     assert rc == 1
-    assert "unknown feature type 'nope'" in capsys.readouterr().err
+    assert "unknown feature type 'nope'; this model knows" in capsys.readouterr().err
+    assert main(["inspect", str(tiny_model), str(clear_dataset / "dots" / "test" / "good"),
+                 "--feature-type", "Dots"]) == 1
+    assert "unknown feature type 'Dots' (did you mean 'dots'?)" in capsys.readouterr().err
 
 
 def test_inspect_corrupt_image(tiny_model: Path, tmp_path: Path, clear_dataset: Path,

@@ -209,6 +209,7 @@ BAD_INPUTS: list[tuple[str, Any, int, str]] = [
     ("40000x40000 header", "huge", 413, "claims 1600000000 pixels"),
     ("truncated PNG", "truncated", 422, "truncated"),
     ("unknown feature type", "unknown-type", 422, "unknown feature type"),
+    ("a type in another case", "upper-type", 422, "(did you mean"),
     ("oversized upload", "oversized", 413, "exceeds the limit"),
 ]
 
@@ -226,6 +227,8 @@ async def test_bad_input_table(detector: Any, samples: Samples, tmp_path: Path) 
                 payload = good[: len(good) // 2]
             elif payload == "unknown-type":
                 payload, params = good, {"feature_type": "no-such-type"}
+            elif payload == "upper-type":
+                payload, params = good, {"feature_type": ftype.upper()}
             elif payload == "oversized":
                 payload = good + b"\0" * 250_000
             r = await client.post("/v1/inspect", content=payload, headers=AUTH, params=params)

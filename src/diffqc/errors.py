@@ -8,6 +8,7 @@ its traceback. Each kind keeps the built-in base it had before (``ValueError`` f
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 
 
@@ -63,6 +64,24 @@ class UnknownFeatureTypeError(DiffqcError, ValueError):
     """A feature type the model was not trained on."""
 
     code = "unknown_feature_type"
+
+
+def unknown_feature_type(name: str, known: Sequence[str]) -> UnknownFeatureTypeError:
+    """The error for a type the model does not know: the types it knows and the near miss meant."""
+    return UnknownFeatureTypeError(
+        f"unknown feature type {name!r}{did_you_mean(name, known)}; this model knows {', '.join(known)}")
+
+
+def did_you_mean(name: str, known: Sequence[str]) -> str:
+    """`` (did you mean 'dots'?)`` for a near miss of a known type (another case, a space, a
+    typo: "Dots", "edge 1", "egde1"), else ``""``. Types are matched exactly; this only names
+    the likely one."""
+    def key(text: str) -> str:
+        return "".join(ch for ch in text.casefold() if ch.isalnum())
+
+    same = [k for k in known if key(k) == key(name)]
+    close = same or difflib.get_close_matches(name, list(known), n=1, cutoff=0.8)
+    return f" (did you mean {close[0]!r}?)" if close and close[0] != name else ""
 
 
 class FoldError(DiffqcError, ValueError):

@@ -40,7 +40,7 @@ from diffqc.errors import (
     DatasetError,
     ImageReadError,
     OutputError,
-    UnknownFeatureTypeError,
+    unknown_feature_type,
 )
 from diffqc.heatmap import PatchMemory, fit_memory
 from diffqc.inspection import (
@@ -468,9 +468,7 @@ class Detector:
         try:
             return self.classes_.index(feature_type)
         except ValueError:
-            raise UnknownFeatureTypeError(
-                f"unknown feature type {feature_type!r}; this model knows {', '.join(self.classes_)}"
-            ) from None
+            raise unknown_feature_type(feature_type, self.classes_) from None
 
     @torch.inference_mode()
     def inspect(

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from diffqc.calibration import Calibrator
-from diffqc.errors import BundleError, DatasetError, UnknownFeatureTypeError
+from diffqc.errors import BundleError, DatasetError, UnknownFeatureTypeError, did_you_mean
 from diffqc.output import write_atomic
 
 log = logging.getLogger("diffqc.recalibrate")
@@ -138,7 +138,8 @@ def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = Fal
         raise DatasetError(f"{data}: no GOOD images to calibrate on")
     unknown_types = sorted({s.feature_type for s in samples} - set(det.classes_))
     if unknown_types:
-        raise UnknownFeatureTypeError(f"{data}: types {', '.join(unknown_types)} are not in the model "
+        named = ", ".join(t + did_you_mean(t, det.classes_) for t in unknown_types)
+        raise UnknownFeatureTypeError(f"{data}: types {named} are not in the model "
                                       f"({', '.join(det.classes_)})")
     assert det.calibration_ is not None
     samples, left_out = _not_fitted_on(det.metadata, samples, data)

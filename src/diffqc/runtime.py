@@ -35,7 +35,7 @@ from diffqc.backends.graph import SplitGraph
 from diffqc.bundle import WEIGHTS_FILE, read_bundle
 from diffqc.calibration import Calibrator
 from diffqc.config import DetectorConfig
-from diffqc.errors import BundleError, ConfigError, RuntimeUnavailableError, UnknownFeatureTypeError
+from diffqc.errors import BundleError, ConfigError, RuntimeUnavailableError, unknown_feature_type
 from diffqc.inspection import inspect_in_batches, sha256_file, verdicts
 
 if TYPE_CHECKING:
@@ -294,9 +294,7 @@ class OnnxDetector:
         try:
             return self.classes_.index(feature_type)
         except ValueError:
-            raise UnknownFeatureTypeError(
-                f"unknown feature type {feature_type!r}; this model knows {', '.join(self.classes_)}"
-            ) from None
+            raise unknown_feature_type(feature_type, self.classes_) from None
 
     # ------------------------------------------------------------------ inspection
     def inspect(

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffqc.data import decode_image
 from diffqc.drift import is_misrouted
-from diffqc.errors import ConfigError, DiffqcError, ImageReadError
+from diffqc.errors import ConfigError, DiffqcError, ImageReadError, unknown_feature_type
 from diffqc.service.buffer import (
     DEFAULT_BUFFER_BYTES,
     BufferClosed,
@@ -628,11 +628,8 @@ def _check_type(state: ServiceState, feature_type: str | None) -> str | None:
     if feature_type is None or feature_type == "":
         return None
     if feature_type not in state.classes:
-        raise ServiceError(
-            422,
-            "unknown_feature_type",
-            f"unknown feature type {feature_type!r}; this model knows {', '.join(state.classes)}",
-        )
+        raise ServiceError(422, "unknown_feature_type",
+                           str(unknown_feature_type(feature_type, state.classes)))
     return feature_type
 
 

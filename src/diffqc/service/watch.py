@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from diffqc.data import IMAGE_SUFFIXES, decode_image
-from diffqc.errors import ImageReadError, StoreError, UnknownFeatureTypeError
+from diffqc.errors import ImageReadError, StoreError, UnknownFeatureTypeError, did_you_mean
 from diffqc.service.buffer import BufferClosed, BufferFull, InspectionPipeline, Job, overlay_scales
 from diffqc.service.security import (
     BROWSER_FORMATS,
@@ -102,7 +102,8 @@ def check_feature_type(feature_type: str | None, classes: Sequence[str]) -> None
     part to NOT_INSPECTED)."""
     if feature_type is not None and feature_type not in classes:
         raise UnknownFeatureTypeError(
-            f"--feature-type {feature_type!r} is not a type of this model; it knows {', '.join(classes)}"
+            f"--feature-type {feature_type!r} is not a type of this model"
+            f"{did_you_mean(feature_type, classes)}; it knows {', '.join(classes)}"
         )
 
 
