@@ -307,3 +307,25 @@ def test_type_with_only_test_images_is_named(tmp_path: Path, clear_dataset: Path
     with pytest.warns(DatasetWarning, match="dots have no GOOD training images"):
         good = good_training(samples)
     assert {s.feature_type for s in good} == {"stripes"}
+
+
+@pytest.mark.parametrize("kind", ["0/255 grey", "1-bit", "0/1 grey", "VOC palette", "JPEG 0/255"])
+def test_read_mask_reads_label_images_and_0_255_masks_alike(tmp_path: Path, kind: str) -> None:
+    """0/1 masks and palette PNGs (VOC-style labelling tools: defects in dark red, index 1) were
+    read at 0/255's cut, all empty: every defect's pixels counted as clean, silently."""
+    truth = np.zeros((40, 60), bool)
+    truth[10:22, 20:44] = True
+    path = tmp_path / ("mask.jpg" if kind.startswith("JPEG") else "mask.png")
+    if kind == "0/255 grey" or kind == "JPEG 0/255":
+        Image.fromarray(truth.astype(np.uint8) * 255).save(path, quality=90)
+    elif kind == "1-bit":
+        Image.fromarray(truth).save(path)
+    elif kind == "0/1 grey":
+        Image.fromarray(truth.astype(np.uint8)).save(path)
+    else:
+        img = Image.fromarray(truth.astype(np.uint8), mode="P")
+        img.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)
+        img.save(path)
+    mask = read_mask(path, (40, 60))
+    assert (mask != truth).mean() < 0.01, kind  # JPEG: a few edge pixels may differ
+    assert read_mask(path, (20, 30)).sum() == pytest.approx(truth.sum() / 4, rel=0.1)

@@ -115,15 +115,21 @@ def read_image(path: Path | str) -> np.ndarray:
 
 
 def read_mask(path: Path | str | None, shape: tuple[int, int]) -> np.ndarray:
-    """Read a defect mask as a bool array of ``shape`` (H, W); all False when there is none."""
+    """Read a defect mask as a bool array of ``shape`` (H, W); all False when there is none.
+
+    A mask whose brightest value is above mid-grey (MVTec's 0/255, a 1-bit image) marks the
+    pixels above it; a darker one is a label image (0/1 values, or a palette PNG as VOC-style
+    labelling tools save it, defects in a dark colour) and marks every pixel that is not 0:
+    read at 0/255's cut, such masks came out empty and the pixel metrics silently wrong."""
     if path is None:
         return np.zeros(shape, dtype=bool)
     try:
         with Image.open(path) as img:
             m = img.convert("L")
+            cut = 127 if m.getextrema()[1] > 127 else 0  # type: ignore[operator]
             if m.size != (shape[1], shape[0]):
                 m = m.resize((shape[1], shape[0]), Image.Resampling.NEAREST)
-            return np.asarray(m) > 127
+            return np.asarray(m) > cut
     except (OSError, UnidentifiedImageError) as exc:
         raise ImageReadError(str(path), f"mask unreadable ({exc})") from None
 
