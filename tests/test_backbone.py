@@ -41,8 +41,18 @@ def test_unknown_backbone() -> None:
 
 
 def test_to_pixels_rejects_bad_shapes() -> None:
-    with pytest.raises(ValueError, match="HxWx3"):
-        to_pixels([np.zeros((8, 8, 4), np.float32)], 32)
+    for shape in [(8, 8, 2), (8, 8, 5), (2, 8, 8, 3)]:
+        with pytest.raises(ValueError, match="HxWx3"):
+            to_pixels([np.zeros(shape, np.float32)], 32)
+
+
+def test_to_pixels_reads_arrays_as_image_files_are_read() -> None:
+    """A uint8 array (cv2, Pillow) was clamped as floats: nearly white, every part REJECT."""
+    rng = np.random.default_rng(0)
+    img8 = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    want = to_pixels([img8.astype(np.float32) / 255], 32)
+    assert torch.equal(to_pixels([img8], 32), want)
+    assert torch.allclose(to_pixels([img8.astype(np.uint16) * 257], 32), want, atol=1e-6)
 
 
 def test_input_gain_scales_the_pixels_before_the_networks_normalisation() -> None:

@@ -14,6 +14,7 @@ from diffqc.data import (
     DatasetError,
     DatasetWarning,
     ImageReadError,
+    as_image,
     decode_image,
     load_dataset,
     load_manifest,
@@ -329,3 +330,35 @@ def test_read_mask_reads_label_images_and_0_255_masks_alike(tmp_path: Path, kind
     mask = read_mask(path, (40, 60))
     assert (mask != truth).mean() < 0.01, kind  # JPEG: a few edge pixels may differ
     assert read_mask(path, (20, 30)).sum() == pytest.approx(truth.sum() / 4, rel=0.1)
+
+
+def test_as_image_reads_arrays_as_decoded_files_are() -> None:
+    """The Python API takes arrays from cameras, cv2 and Pillow: uint8 and uint16 are scaled as
+    the image files they came from, grey and RGBA as their files; floats must lie in [0, 1]."""
+    rng = np.random.default_rng(0)
+    rgb8 = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb8).save(buf, format="PNG")
+    decoded = decode_image(buf.getvalue())
+    assert np.array_equal(as_image(rgb8), decoded)
+    assert np.allclose(as_image(rgb8.astype(np.uint16) * 257), decoded, atol=1e-6)
+    assert np.array_equal(as_image(rgb8.astype(np.int64)), decoded)  # values up to 255: 8-bit
+    assert np.array_equal(as_image(decoded), decoded)
+    grey = as_image(rgb8[:, :, 0])
+    assert grey.shape == (12, 16, 3) and np.array_equal(grey[:, :, 2], decoded[:, :, 0])
+    assert np.array_equal(as_image(rgb8[:, :, :1]), grey)
+    rgba = np.dstack([rgb8, np.full((12, 16), 255, np.uint8)])
+    assert np.allclose(as_image(rgba), decoded)
+    rgba[:, :, 3] = 0
+    assert not as_image(rgba).any()  # transparent: black, as an RGBA file is composited
+    assert as_image(np.ones((12, 16), bool)).min() == 1.0
+    with pytest.raises(ImageReadError, match=r"values 0\.\.255 lie outside \[0, 1\]; divide by 255"):
+        as_image(np.linspace(0, 255, 12 * 16).reshape(12, 16))
+    with pytest.raises(ImageReadError, match="outside"):
+        as_image(np.full((12, 16), np.nan, np.float32))
+    with pytest.raises(ImageReadError, match="not 8- or 16-bit"):
+        as_image(np.full((12, 16), -1, np.int32))
+    with pytest.raises(ImageReadError, match="HxWx3"):
+        as_image(np.zeros((12, 16, 2), np.uint8))
+    with pytest.raises(ImageReadError, match="not an image's"):
+        as_image(np.zeros((12, 16), np.complex64))

@@ -64,6 +64,8 @@ def test_preprocessing_and_map_resize_match_torch() -> None:
     for shape in ((80, 50, 3), (64, 64, 3), (40, 70, 3)):
         img = rng.random(shape, dtype=np.float32)
         assert np.abs(preprocess([img], 64) - to_pixels([img], 64).numpy()).max() < 1e-5
+        img8 = (img * 255).astype(np.uint8)  # an array from cv2 or Pillow: read as its file would be
+        assert np.abs(preprocess([img8], 64) - preprocess([img8 / np.float32(255)], 64)).max() < 1e-6
     m = rng.random((64, 64), dtype=np.float32)
     for h, w in ((80, 50), (30, 100), (64, 64)):
         ref = torch.nn.functional.interpolate(torch.from_numpy(m)[None, None], size=(h, w), mode="bilinear",

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffqc.config import BackboneConfig
+from diffqc.data import as_image
 from diffqc.errors import BackboneError, ConfigError, DeviceError
 from diffqc.inspection import sha256_file
 
@@ -348,13 +349,11 @@ def raw_features_in_batches(extractor: FeatureExtractor, inputs: Iterable[Tensor
 
 
 def to_pixels(images: Sequence[np.ndarray], size: int) -> Tensor:
-    """HxWx3 float32 images in [0, 1] (any sizes) -> ``[N, 3, size, size]`` (antialiased resize)."""
+    """Images (any sizes; as :func:`diffqc.data.as_image` reads arrays: HxWx3 float32 in [0, 1],
+    uint8, uint16, grey) -> ``[N, 3, size, size]`` (antialiased resize)."""
     batch = []
     for img in images:
-        if img.ndim == 2:
-            img = np.repeat(img[:, :, None], 3, axis=2)
-        if img.ndim != 3 or img.shape[2] != 3:
-            raise ValueError(f"expected an HxWx3 image, got shape {img.shape}")
+        img = as_image(img)
         t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)[None]
         if t.shape[-2:] != (size, size):
             t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,

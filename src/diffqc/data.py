@@ -72,6 +72,42 @@ def _to_float_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(rgb, dtype=np.float32) / 255.0
 
 
+def as_image(img: np.ndarray, source: str = "<array>") -> np.ndarray:
+    """An image given as an array (the Python API, a camera SDK, ``cv2``/Pillow arrays) as the
+    detector reads image files: HxWx3 float32 in [0, 1]. Integer arrays are scaled as decoded
+    files are (uint8 and other integers up to 255 by 1/255, uint16 and larger values by
+    1/65535), bool is 0/1, HxW and HxWx1 are grey, HxWx4 is composited on black as RGBA files
+    are; a float array must already lie in [0, 1]. Anything else is an :class:`ImageReadError`
+    (a uint8 array was taken as floats and clamped: nearly white, every part REJECT)."""
+    arr = np.asarray(img)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise ImageReadError(source, f"expected an HxW, HxWx3 or HxWx4 image, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ImageReadError(source, f"empty image of shape {arr.shape}")
+    if arr.dtype == np.bool_:
+        out = arr.astype(np.float32)
+    elif np.issubdtype(arr.dtype, np.integer):
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 65535:
+            raise ImageReadError(source, f"integer values {lo}..{hi} are not 8- or 16-bit pixels")
+        out = arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 or hi <= 255 else 65535.0)
+    elif np.issubdtype(arr.dtype, np.floating):
+        out = arr.astype(np.float32, copy=False)
+        low, high = float(out.min()), float(out.max())
+        if not (low >= -0.05 and high <= 1.05):  # also NaN; a little overshoot (bicubic) is clipped
+            hint = "; divide by 255 (or pass the uint8 array)" if 1.05 < high <= 255 and low >= 0 else ""
+            raise ImageReadError(source, f"float pixel values {low:g}..{high:g} lie outside [0, 1]{hint}")
+    else:
+        raise ImageReadError(source, f"pixel type {arr.dtype} is not an image's")
+    if out.ndim == 2:
+        out = np.repeat(out[:, :, None], 3, axis=2)
+    elif out.shape[2] == 4:
+        out = out[:, :, :3] * out[:, :, 3:]
+    return np.clip(out, 0.0, 1.0)
+
+
 def decode_image(data: bytes | Path | str, source: str | None = None) -> np.ndarray:
     """Decode an image (path or encoded bytes) to HxWx3 float32 in [0, 1].
 

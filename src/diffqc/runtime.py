@@ -35,6 +35,7 @@ from diffqc.backends.graph import SplitGraph
 from diffqc.bundle import WEIGHTS_FILE, read_bundle
 from diffqc.calibration import Calibrator
 from diffqc.config import DetectorConfig
+from diffqc.data import as_image
 from diffqc.errors import BundleError, ConfigError, RuntimeUnavailableError, unknown_feature_type
 from diffqc.inspection import inspect_in_batches, sha256_file, verdicts
 
@@ -60,15 +61,12 @@ EXPORT_FORMAT = 1
 
 # --------------------------------------------------------------------------- image plumbing
 def preprocess(images: Sequence[np.ndarray], size: int) -> np.ndarray:
-    """HxWx3 float32 images in [0, 1] -> ``[N, 3, size, size]`` float32, the antialiased bilinear
-    resize of :func:`diffqc.backbone.to_pixels` (Pillow's, which PyTorch's reproduces), in numpy."""
+    """Images (as :func:`diffqc.data.as_image` reads arrays) -> ``[N, 3, size, size]`` float32,
+    the antialiased bilinear resize of :func:`diffqc.backbone.to_pixels` (Pillow's, which
+    PyTorch's reproduces), in numpy."""
     out = np.empty((len(images), 3, size, size), dtype=np.float32)
     for i, img in enumerate(images):
-        if img.ndim == 2:
-            img = np.repeat(img[:, :, None], 3, axis=2)
-        if img.ndim != 3 or img.shape[2] != 3:
-            raise ValueError(f"expected an HxWx3 image, got shape {img.shape}")
-        img = np.ascontiguousarray(img, dtype=np.float32)
+        img = np.ascontiguousarray(as_image(img), dtype=np.float32)
         for c in range(3):
             if img.shape[:2] == (size, size):
                 out[i, c] = img[:, :, c]

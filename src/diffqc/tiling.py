@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffqc.config import DetectorConfig
+from diffqc.data import as_image
 from diffqc.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -113,9 +114,7 @@ def plan(image_hw: tuple[int, int], config: DetectorConfig) -> Layout:
 
 # --------------------------------------------------------------------------- pixels
 def _as_chw(image: np.ndarray) -> Tensor:
-    img = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
+    img = as_image(image)
     return torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)
 
 
