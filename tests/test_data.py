@@ -343,6 +343,8 @@ def test_as_image_reads_arrays_as_decoded_files_are() -> None:
     assert np.array_equal(as_image(rgb8), decoded)
     assert np.allclose(as_image(rgb8.astype(np.uint16) * 257), decoded, atol=1e-6)
     assert np.array_equal(as_image(rgb8.astype(np.int64)), decoded)  # values up to 255: 8-bit
+    dark16 = np.full((12, 16), 200, np.uint16)  # a dark 16-bit frame is not an 8-bit one
+    assert np.allclose(as_image(dark16), 200 / 65535)
     assert np.array_equal(as_image(decoded), decoded)
     grey = as_image(rgb8[:, :, 0])
     assert grey.shape == (12, 16, 3) and np.array_equal(grey[:, :, 2], decoded[:, :, 0])

@@ -75,8 +75,8 @@ def _to_float_rgb(img: Image.Image) -> np.ndarray:
 def as_image(img: np.ndarray, source: str = "<array>") -> np.ndarray:
     """An image given as an array (the Python API, a camera SDK, ``cv2``/Pillow arrays) as the
     detector reads image files: HxWx3 float32 in [0, 1]. Integer arrays are scaled as decoded
-    files are (uint8 and other integers up to 255 by 1/255, uint16 and larger values by
-    1/65535), bool is 0/1, HxW and HxWx1 are grey, HxWx4 is composited on black as RGBA files
+    files are (uint8 by 1/255, uint16 by 1/65535, other integers by 1/255 when none exceeds 255,
+    else by 1/65535), bool is 0/1, HxW and HxWx1 are grey, HxWx4 is composited on black as RGBA files
     are; a float array must already lie in [0, 1]. Anything else is an :class:`ImageReadError`
     (a uint8 array was taken as floats and clamped: nearly white, every part REJECT)."""
     arr = np.asarray(img)
@@ -92,7 +92,11 @@ def as_image(img: np.ndarray, source: str = "<array>") -> np.ndarray:
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi > 65535:
             raise ImageReadError(source, f"integer values {lo}..{hi} are not 8- or 16-bit pixels")
-        out = arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 or hi <= 255 else 65535.0)
+        if arr.dtype in (np.uint8, np.uint16):
+            scale = 255.0 if arr.dtype == np.uint8 else 65535.0
+        else:  # int32/int64 (arithmetic, 32-bit "I" images): by their values, as an "I" file is
+            scale = 255.0 if hi <= 255 else 65535.0
+        out = arr.astype(np.float32) / scale
     elif np.issubdtype(arr.dtype, np.floating):
         out = arr.astype(np.float32, copy=False)
         low, high = float(out.min()), float(out.max())
