@@ -1,8 +1,14 @@
-"""The image-size check a bundle carries (diffqc.inspection.ImageSizeCheck)."""
+"""The image-size check a bundle carries (diffqc.inspection.ImageSizeCheck) and the checks of
+``inspect``'s arguments."""
 
 from __future__ import annotations
 
-from diffqc.inspection import ImageSizeCheck, image_size_ranges
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffqc.inspection import ImageSizeCheck, image_size_ranges, inspect_arguments
 
 
 def test_image_size_ranges_per_type() -> None:
@@ -28,3 +34,21 @@ def test_size_check_names_a_type_once_outside_its_training_sizes() -> None:
 def test_size_check_of_a_bundle_without_sizes_checks_nothing() -> None:
     for metadata in ({}, {"training_data": {}}, {"training_data": {"image_sizes": None}}):
         assert ImageSizeCheck(metadata)("dots", 8, 4000) is None
+
+
+def test_inspect_arguments_name_the_calls_easy_to_get_wrong(tiny_model: Path) -> None:
+    """`det.inspect(image)` was numpy's "truth value of an array is ambiguous" (and with a type,
+    "128 images but 1 feature types": its rows taken for images); `det.inspect([image], "dots")`
+    said "1 images but 4 feature types" (the letters of the string)."""
+    from diffqc.model import Detector
+
+    det = Detector.load(tiny_model, device="cpu")
+    image = np.full((64, 64, 3), 0.5, np.float32)
+    with pytest.raises(TypeError, match=r"got one array of shape \(64, 64, 3\): pass \[image\]"):
+        det.inspect(image)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"got the string 'dots': pass \['dots'\] \* len\(images\)"):
+        det.inspect([image], "dots")
+    with pytest.raises(ValueError, match="2 images but 1 feature types"):
+        det.inspect([image, image], ["dots"])
+    assert [r.feature_type for r in det.inspect([image], ["dots"])] == ["dots"]
+    assert inspect_arguments([image], None) == [None]

@@ -126,6 +126,23 @@ class Inspection:
 
 
 
+def inspect_arguments(images: Sequence[np.ndarray], feature_types: Sequence[str | None] | None
+                      ) -> list[str | None]:
+    """The per-image types of an ``inspect(images, feature_types)`` call (None: unknown), or a
+    clear error for the calls that are easy to get wrong: one array instead of a list of them (it
+    was taken for a list of rows), a type as a string instead of a list (a list of its letters)."""
+    if isinstance(images, np.ndarray):
+        raise TypeError(f"inspect takes a list of images, got one array of shape {images.shape}: "
+                        "pass [image]")
+    if isinstance(feature_types, str):
+        raise TypeError(f"feature_types is one type per image, got the string {feature_types!r}: "
+                        f"pass [{feature_types!r}] * len(images)")
+    types: list[str | None] = list(feature_types) if feature_types is not None else [None] * len(images)
+    if len(types) != len(images):
+        raise ValueError(f"{len(images)} images but {len(types)} feature types")
+    return types
+
+
 def verdicts(
     classes: Sequence[str], calibration: Calibrator, given: Sequence[int | None], own: Sequence[int],
     scores: Sequence[float], table: np.ndarray | None = None,

@@ -48,6 +48,7 @@ from diffqc.inspection import (
     BUNDLE_FORMAT,
     Inspection,
     image_size_ranges,
+    inspect_arguments,
     inspect_in_batches,
     sha256_file,
     verdicts,
@@ -485,9 +486,7 @@ class Detector:
         every type (``type_scores``, and ``predicted_type``: the type unknown mode picks), a
         slow diagnostic; turn it off for the fastest path."""
         self._require_fitted()
-        types = list(feature_types) if feature_types is not None else [None] * len(images)
-        if len(types) != len(images):
-            raise ValueError(f"{len(images)} images but {len(types)} feature types")
+        types = inspect_arguments(images, feature_types)
         for t in types:
             if t is not None:
                 self.type_index(t)  # an unknown type fails before any work is done

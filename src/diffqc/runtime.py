@@ -37,7 +37,7 @@ from diffqc.calibration import Calibrator
 from diffqc.config import DetectorConfig
 from diffqc.data import as_image
 from diffqc.errors import BundleError, ConfigError, RuntimeUnavailableError, unknown_feature_type
-from diffqc.inspection import inspect_in_batches, sha256_file, verdicts
+from diffqc.inspection import inspect_arguments, inspect_in_batches, sha256_file, verdicts
 
 if TYPE_CHECKING:
     import argparse
@@ -304,9 +304,7 @@ class OnnxDetector:
         maps: bool = True,
     ) -> list[Inspection]:
         """As :meth:`diffqc.model.Detector.inspect`."""
-        types = list(feature_types) if feature_types is not None else [None] * len(images)
-        if len(types) != len(images):
-            raise ValueError(f"{len(images)} images but {len(types)} feature types")
+        types = inspect_arguments(images, feature_types)
         given = [None if t is None else self.type_index(t) for t in types]
         if not images:
             return []
