@@ -13,7 +13,7 @@ from diffqc.errors import BundleError, DatasetError, OutputError, UnknownFeature
 from diffqc.metrics import image_auroc
 from diffqc.model import Detector, split_calibration
 
-from .conftest import CLEAR_TYPES, full_disk
+from .conftest import CLEAR_TYPES, full_disk, tiny_config
 
 
 def _test_samples(root: Path) -> list:
@@ -75,8 +75,6 @@ def test_bundle_from_before_the_image_context_scores_as_it_was_fitted(clear_data
     and its weights have no context: it loads with the context off, as it was fitted, and scores
     the same, although today's default turns the context on."""
     from diffqc.config import DetectorConfig
-
-    from .conftest import tiny_config
 
     assert DetectorConfig().diffusion.prior_context > 0
     over = {"train.steps": 0, "diffusion.prior_context": 0}
@@ -325,3 +323,19 @@ def test_cross_conformal_calibrates_every_good_image_out_of_fold(clear_dataset: 
     for t in CLEAR_TYPES:
         own = np.mean([x for x, s in zip(in_sample, good, strict=True) if s.feature_type == t])
         assert np.mean(cal.known[t].scores) > own, t
+
+
+def test_fit_takes_a_dataset_path_or_samples(clear_dataset: Path) -> None:
+    """`Detector(cfg).fit("data/")` was "'str' object has no attribute 'label'" (a Path: "not
+    iterable"); a path is now read with load_dataset, and anything else that is not Samples is
+    named."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det = Detector(tiny_config(), device="cpu").fit(clear_dataset / "dots", progress=False)
+    assert det.classes_ == ["dots"]
+    with pytest.raises(TypeError, match=r"fit takes Samples .* got str items"):
+        Detector(tiny_config(), device="cpu").fit([str(clear_dataset / "dots")], progress=False)
+    with pytest.raises(DatasetError, match="does not exist"):
+        Detector(tiny_config(), device="cpu").fit(str(clear_dataset / "nope"), progress=False)

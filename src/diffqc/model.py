@@ -33,7 +33,7 @@ from diffqc.baselines import PatchCoreScorer
 from diffqc.bundle import check_weights, read_bundle
 from diffqc.calibration import Calibrator, calibration_scores
 from diffqc.config import CalibrationConfig, DetectorConfig
-from diffqc.data import Sample, fingerprint, good_training, iter_images
+from diffqc.data import Sample, fingerprint, good_training, iter_images, load_dataset
 from diffqc.errors import (
     BundleError,
     ConfigError,
@@ -236,9 +236,17 @@ class Detector:
 
     # ------------------------------------------------------------------ fit
     def fit(
-        self, samples: Sequence[Sample], *, progress: bool = True, skip_corrupt: bool = False
+        self, samples: Sequence[Sample] | Path | str, *, progress: bool = True, skip_corrupt: bool = False
     ) -> Detector:
-        """Fit on GOOD samples (``split == "train"`` where any is so marked) and calibrate."""
+        """Fit on GOOD samples (``split == "train"`` where any is so marked) and calibrate.
+        ``samples``: :class:`~diffqc.data.Sample` s, or a dataset (an MVTec-layout folder or a
+        CSV manifest, read with :func:`~diffqc.data.load_dataset`)."""
+        if isinstance(samples, (str, Path)):
+            samples = load_dataset(samples)
+        if not all(isinstance(s, Sample) for s in samples):
+            kinds = sorted({type(s).__name__ for s in samples if not isinstance(s, Sample)})
+            raise TypeError(f"fit takes Samples (diffqc.data.load_dataset) or a dataset's path, got "
+                            f"{', '.join(kinds)} items")
         good = good_training(samples)
         if len(good) < len(samples):
             warnings.warn(f"fit uses the {len(good)} GOOD training samples of {len(samples)} given",
