@@ -214,6 +214,17 @@ ROWS: dict[str, Row | object] = {
                                 ("no images in",), setup=lambda c: (c.tmp / "empty").mkdir()),
     "inspect_missing_model": Row(lambda c: ["inspect", str(c.tmp / "nomodel"), str(c.image)],
                                  ("does not exist",)),
+    "inspect_data_and_model_swapped": Row(lambda c: ["inspect", str(c.data), str(c.model)],
+                                          ("is not a diffqc model bundle (it holds none of",
+                                           "it comes first")),
+    "train_on_a_flat_folder_of_images": Row(
+        lambda c: ["train", str(c.tmp / "flat"), "--out", str(c.tmp / "m")],
+        ("holds 2 images directly: put GOOD ones under", "/<type>/train/good/"),
+        setup=lambda c: [_png(c.tmp / "flat" / f"{i}.png") for i in range(2)]),
+    "train_on_type_folders_without_train_good": Row(
+        lambda c: ["train", str(c.tmp / "types"), "--out", str(c.tmp / "m")],
+        ("holds 1 image directly (and 1 more folder alike): put GOOD ones under", "dots/train/good/"),
+        setup=lambda c: [_png(c.tmp / "types" / t / "0.png") for t in ("dots", "edge")]),
     "inspect_unknown_type": Row(lambda c: ["inspect", str(c.model), str(c.image), "--feature-type", "x"],
                                 ("unknown feature type 'x'",)),
     "inspect_newer_bundle": Row(lambda c: ["inspect", str(c.model), str(c.image), "--runtime", "torch"],

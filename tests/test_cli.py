@@ -141,7 +141,10 @@ def test_train_writes_a_model_beside_its_manifest(
 def test_damaged_bundle_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "m").mkdir()
     assert main(["inspect", str(tmp_path / "m"), "x.png"]) == 1
-    assert "incomplete" in capsys.readouterr().err
+    assert "is not a diffqc model bundle" in capsys.readouterr().err  # an empty folder
+    (tmp_path / "m" / "metadata.json").write_text("{}")
+    assert main(["inspect", str(tmp_path / "m"), "x.png"]) == 1
+    assert "is incomplete: missing config.json, weights.safetensors" in capsys.readouterr().err
 
 
 def test_train_and_synth_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

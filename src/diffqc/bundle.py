@@ -16,16 +16,27 @@ from diffqc.inspection import BUNDLE_FILES, check_bundle_version, sha256_file
 WEIGHTS_FILE = "weights.safetensors"
 
 
-def read_bundle(path: Path | str) -> tuple[DetectorConfig, dict[str, Any], Calibrator]:
-    """``(config, metadata, calibration)`` of the bundle at ``path``; a missing file, damaged
-    JSON, a bundle format or diffqc version this diffqc cannot read, or a calibration of other
-    types than the model's is a :class:`BundleError` that says which."""
+def check_bundle_files(path: Path | str) -> Path:
+    """``path`` if it holds a bundle's files (their content is :func:`read_bundle`'s to check);
+    a :class:`BundleError` otherwise, that tells a damaged bundle from another folder."""
     path = Path(path)
     if not path.is_dir():
         raise BundleError(f"model bundle {path} does not exist or is not a folder")
     missing = [f for f in BUNDLE_FILES if not (path / f).is_file()]
+    if len(missing) == len(BUNDLE_FILES):  # not a damaged bundle: another folder (the data?)
+        raise BundleError(f"{path} is not a diffqc model bundle (it holds none of "
+                          f"{', '.join(BUNDLE_FILES)}); a bundle is the folder `diffqc train --out` "
+                          "wrote, and it comes first: diffqc COMMAND MODEL ...")
     if missing:
         raise BundleError(f"model bundle {path} is incomplete: missing {', '.join(missing)}")
+    return path
+
+
+def read_bundle(path: Path | str) -> tuple[DetectorConfig, dict[str, Any], Calibrator]:
+    """``(config, metadata, calibration)`` of the bundle at ``path``; a missing file, damaged
+    JSON, a bundle format or diffqc version this diffqc cannot read, or a calibration of other
+    types than the model's is a :class:`BundleError` that says which."""
+    path = check_bundle_files(path)
     try:
         meta = json.loads((path / "metadata.json").read_text())
     except (OSError, ValueError) as exc:

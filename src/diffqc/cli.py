@@ -169,9 +169,11 @@ def _new_heatmap_path(folder: Path, name: Path) -> Path:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from diffqc.bundle import check_bundle_files
     from diffqc.data import IMAGE_SUFFIXES
     from diffqc.runtime import runtime_from_args
 
+    check_bundle_files(args.model)  # first: `inspect DATA MODEL` is not "no images in MODEL"
     images = _expand_images(args.images)
     if not images:
         raise DatasetError(f"no images in {', '.join(args.images)} (looked for "

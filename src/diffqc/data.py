@@ -279,9 +279,26 @@ def load_mvtec(root: Path | str) -> list[Sample]:
     if not samples:
         raise DatasetError(
             f"no images found under {root}: expected <type>/train/good and <type>/test/<kind> "
-            "folders (MVTec AD layout) or a CSV manifest"
+            f"folders (MVTec AD layout) or a CSV manifest{_loose_images_hint(root)}"
         )
     return samples
+
+
+def _loose_images_hint(root: Path) -> str:
+    """Where images lie outside the layout (directly in ``root``, or in ``root/<type>``), where
+    they belong: a folder of GOOD images is the commonest first try."""
+    def count(folder: Path) -> int:
+        return sum(1 for p in folder.iterdir() if p.is_file() and is_image_file(p))
+
+    if n := count(root):
+        return (f"; {root} holds {n} image{'s' * (n > 1)} directly: put GOOD ones under "
+                f"{root}/<type>/train/good/ (one folder per feature type)")
+    loose = [(d, k) for d in _subfolders(root) if (k := count(d))]
+    if loose:
+        d, k = loose[0]
+        more = f" (and {len(loose) - 1} more folder{'s' * (len(loose) > 2)} alike)" if len(loose) > 1 else ""
+        return f"; {d} holds {k} image{'s' * (k > 1)} directly{more}: put GOOD ones under {d}/train/good/"
+    return ""
 
 
 MANIFEST_COLUMNS = ("path", "feature_type", "label")
