@@ -44,7 +44,7 @@ from diffqc.data import DEFECTIVE, GOOD, DatasetWarning, Sample, read_image, rea
 from diffqc.errors import ConfigError, DatasetError, ImageReadError
 from diffqc.folds import per_type_folds
 from diffqc.metrics import has_both_classes, image_auroc
-from diffqc.model import Detector
+from diffqc.model import Detector, check_fit_memory
 
 DEFAULT_METHODS = ("diffusion", "patchcore", "padim")
 MAP_SIDE = 128  # anomaly maps are kept at most this many pixels on the long side
@@ -382,7 +382,9 @@ def evaluate(
     t0 = time.perf_counter()
     extractors: dict[str, Detector] = {}
     for cfg in variants_cfg.values():
-        extractors.setdefault(_backbone_key(cfg), Detector(cfg, device=device))
+        det = extractors.setdefault(_backbone_key(cfg), Detector(cfg, device=device))
+        fe = det.extractor  # every image's features are kept, and one fold's model at a time
+        check_fit_memory(cfg, fe.grid, fe.channels, len(types), len(labelled), str(det.device))
     ev, shapes, raw_by_backbone, errors = _extract_cached(
         labelled, extractors, progress, None if feature_cache is None else Path(feature_cache))
     extract_seconds = time.perf_counter() - t0
