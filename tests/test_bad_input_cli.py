@@ -48,6 +48,14 @@ def _png(path: Path, value: int = 128) -> None:
     Image.fromarray(np.full((32, 32, 3), value, np.uint8)).save(path)
 
 
+def _every_dots_training_image_broken(c: Ctx) -> None:
+    """A copy of the data in which no GOOD training image of one type can be read: with
+    --skip-corrupt the model left the type out without a word (the line met it as unknown)."""
+    shutil.copytree(c.data, c.tmp / "sk")
+    for image in (c.tmp / "sk" / "dots" / "train" / "good").iterdir():
+        image.write_bytes(b"not an image")
+
+
 def _foreign_out(c: Ctx) -> None:
     (c.tmp / "photos").mkdir()
     (c.tmp / "photos" / "holiday.jpg").write_bytes(b"precious")
@@ -217,6 +225,10 @@ ROWS: dict[str, Row | object] = {
     "inspect_data_and_model_swapped": Row(lambda c: ["inspect", str(c.data), str(c.model)],
                                           ("is not a diffqc model bundle (it holds none of",
                                            "it comes first")),
+    "train_skip_corrupt_would_drop_a_whole_type": Row(
+        lambda c: ["train", str(c.tmp / "sk"), "--out", str(c.tmp / "m"), "--skip-corrupt", "-q"],
+        ("every GOOD training image of 'dots' is unreadable", "the model would not know the type"),
+        setup=_every_dots_training_image_broken, absent=lambda c: c.tmp / "m"),
     "train_on_a_flat_folder_of_images": Row(
         lambda c: ["train", str(c.tmp / "flat"), "--out", str(c.tmp / "m")],
         ("holds 2 images directly: put GOOD ones under", "/<type>/train/good/"),

@@ -260,8 +260,13 @@ class Detector:
         check_fit_memory(self.config, fe.grid, fe.channels, len({s.feature_type for s in good}),
                          len(good), str(self.device))
         sizes: list[tuple[int, int]] = []
+        wanted = {s.feature_type for s in good}
         raw, layouts, good, errors = self.read_features(good, skip_corrupt=skip_corrupt,
                                                         progress=progress, sizes=sizes)
+        if lost := sorted(wanted - {s.feature_type for s in good}):
+            raise DatasetError(f"every GOOD training image of {', '.join(map(repr, lost))} is "
+                               "unreadable (skipped); the model would not know the type: mend "
+                               "the images, or take the type out of the data")
         self.fit_features(raw, good, progress=progress, layouts=layouts)
         training = self.metadata["training_data"]
         training["skipped_corrupt"] = [str(e.source) for e in errors]
