@@ -42,22 +42,27 @@ def check_output_folder(path: Path | str, *, what: str, names: Sequence[str],
     return path
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary sibling, fsync, rename: ``path`` holds either its
+def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Write ``data`` to ``path`` via a temporary sibling and a rename: ``path`` holds either its
     previous content or all of ``data``, never part of it. A write that fails (full disk,
-    unwritable folder) is an :class:`OutputError` naming ``path``, and no temporary file is left."""
+    unwritable folder) is an :class:`OutputError` naming ``path``, and no temporary file is left.
+    ``sync``: fsync the file and the rename, so that they outlive a power cut (a bundle's files;
+    a heat map need not wait for the disk)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and not isinstance(exc, OutputError):
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
+    if not sync:
+        return
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
     except OSError:

@@ -140,7 +140,7 @@ def save_png(path: Path | str, picture: np.ndarray) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    write_atomic(path, buf.getvalue())
+    write_atomic(path, buf.getvalue(), sync=False)
     return path
 
 
