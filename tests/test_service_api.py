@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import full_disk
 from tests.test_service_common import (  # noqa: F401 (fixtures)
     AUTH,
     TOKEN,
@@ -302,8 +303,19 @@ async def test_review_flow_and_export(detector: Any, samples: Samples, tmp_path:
     # again into the same folder (an earlier export): its own files are replaced
     assert export_reviewed_good(db, tmp_path / "export")["exported"] == 1
     assert len(load_dataset(tmp_path / "export" / "manifest.csv")) == 1
-    # into a dataset folder with its own manifest: refused before anything is written
+    # an export cut short (a full disk) names the file, and the next run into that folder
+    # replaces it: every later run refused the folder (no manifest) as not an export
     from diffqc.errors import OutputError
+
+    from diffqc.service.store import ResultStore
+
+    image_bytes = len(samples.by_decision["REVIEW"][0][0])
+    with ResultStore(db), full_disk(image_bytes // 2), pytest.raises(OutputError, match="incomplete"):
+        export_reviewed_good(db, tmp_path / "cut")  # (the store held open: SQLite's files exist)
+    assert export_reviewed_good(db, tmp_path / "cut")["exported"] == 1
+    assert load_dataset(tmp_path / "cut" / "manifest.csv")[0].path.read_bytes() == \
+        samples.by_decision["REVIEW"][0][0]
+    # into a dataset folder with its own manifest: refused before anything is written
 
     dataset = tmp_path / "dataset"
     dataset.mkdir()

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from diffqc.errors import OutputError, StoreError
+from diffqc.output import write_atomic
 from diffqc.service.security import is_artifact_name, safe_child
 
 log = logging.getLogger("diffqc.service")
@@ -737,7 +738,6 @@ def export_reviewed_good(
     Returns ``{"exported": n, "missing_image": m, "manifest": path}``.
     """
     import csv
-    import shutil
 
     if not is_postgres_url(db_url) and not sqlite_path(db_url).is_file():
         raise StoreError(f"result store {sqlite_path(db_url)} does not exist: nothing to export "
@@ -748,7 +748,14 @@ def export_reviewed_good(
         warnings.warn(f"no kept images under {artifacts.root} (no images/ folder): parts reviewed "
                       "GOOD are counted as missing_image; give the --data-dir the service used",
                       stacklevel=2)
-    out.mkdir(parents=True, exist_ok=True)
+    manifest = out / "manifest.csv"
+    header = io.StringIO()
+    csv.DictWriter(header, fieldnames=list(EXPORT_COLUMNS)).writeheader()
+    try:  # the header first: an export cut short (full disk, Ctrl-C) is still known as one
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(manifest, header.getvalue().encode("utf-8"))
+    except OSError as exc:
+        raise OutputError(f"cannot export to {out}: {exc}") from None
     exported = missing = 0
     rows: list[dict[str, Any]] = []
     with ResultStore(db_url) as store:
@@ -765,8 +772,12 @@ def export_reviewed_good(
                     continue
                 ftype = rec.feature_type
                 rel = Path(_safe_dirname(ftype)) / f"{rec.id}{src.suffix}"
-                (out / rel.parent).mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, out / rel)
+                try:
+                    (out / rel.parent).mkdir(parents=True, exist_ok=True)
+                    write_atomic(out / rel, src.read_bytes(), sync=False)
+                except OSError as exc:
+                    raise OutputError(f"{exc}; the export in {out} is incomplete: the same "
+                                      "command, run again, replaces it") from None
                 rows.append(
                     {
                         "path": rel.as_posix(),
@@ -781,11 +792,15 @@ def export_reviewed_good(
                     }
                 )
                 exported += 1
-    manifest = out / "manifest.csv"
-    with manifest.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(EXPORT_COLUMNS))
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(EXPORT_COLUMNS))
+    writer.writeheader()
+    writer.writerows(rows)
+    try:
+        write_atomic(manifest, table.getvalue().encode("utf-8"))
+    except OutputError as exc:
+        raise OutputError(f"{exc}; the export in {out} is incomplete: the same command, run "
+                          "again, replaces it") from None
     return {"exported": exported, "missing_image": missing, "manifest": str(manifest)}
 
 
