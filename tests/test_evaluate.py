@@ -422,3 +422,5 @@ def test_cli_full_disk_prints_the_results_before_the_report_fails(
     assert re.search(r"^stripes\s+padim\s+\d+/\d+\s+\d\.\d{3}", out, re.M), out
     assert f"cannot write {tmp_path / 'r' / 'report.json'}" in err and "nothing was written" in err
     assert not (tmp_path / "r" / "report.json").exists()
+    assert list((tmp_path / "r").iterdir()) == []  # an empty gallery/ made the next run refuse it
+    assert R.check_report_target(tmp_path / "r") == tmp_path / "r"

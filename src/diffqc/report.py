@@ -1436,16 +1436,18 @@ def write_report(report: Report | dict[str, Any], out_dir: Path | str) -> dict[s
              paths["html"]: render_html(data, images).encode("utf-8"),
              **{out / rel: png for rel, png in gallery.items()}}
     try:
-        (out / "gallery" if gallery else out).mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create the report folder {out}: {exc.strerror or exc}") from None
     written: list[str] = []
     for path, blob in files.items():
-        try:
+        try:  # gallery/ only after report.json: a folder holding it marks an earlier report
+            path.parent.mkdir(exist_ok=True)
             write_atomic(path, blob)
-        except OutputError as exc:
+        except OSError as exc:
             done = ", ".join(written[:3]) + (" ..." if len(written) > 3 else "")
-            raise OutputError(f"the report in {out} is incomplete: {exc}; "
+            reason = exc if isinstance(exc, OutputError) else f"cannot write {path}: {exc.strerror or exc}"
+            raise OutputError(f"the report in {out} is incomplete: {reason}; "
                               f"{'written before it: ' + done if written else 'nothing was written'}"
                               ) from None
         written.append(str(path.relative_to(out)))
