@@ -306,7 +306,6 @@ async def test_review_flow_and_export(detector: Any, samples: Samples, tmp_path:
     # an export cut short (a full disk) names the file, and the next run into that folder
     # replaces it: every later run refused the folder (no manifest) as not an export
     from diffqc.errors import OutputError
-
     from diffqc.service.store import ResultStore
 
     image_bytes = len(samples.by_decision["REVIEW"][0][0])
