@@ -103,13 +103,15 @@ def as_image(img: np.ndarray, source: str = "<array>") -> np.ndarray:
         if not (low >= -0.05 and high <= 1.05):  # also NaN; a little overshoot (bicubic) is clipped
             hint = "; divide by 255 (or pass the uint8 array)" if 1.05 < high <= 255 and low >= 0 else ""
             raise ImageReadError(source, f"float pixel values {low:g}..{high:g} lie outside [0, 1]{hint}")
+        if low < 0 or high > 1:
+            out = np.clip(out, 0.0, 1.0)
     else:
         raise ImageReadError(source, f"pixel type {arr.dtype} is not an image's")
     if out.ndim == 2:
         out = np.repeat(out[:, :, None], 3, axis=2)
     elif out.shape[2] == 4:
         out = out[:, :, :3] * out[:, :, 3:]
-    return np.clip(out, 0.0, 1.0)
+    return out  # a float32 HxWx3 array in [0, 1] comes back as it is: no copy of a large frame
 
 
 def decode_image(data: bytes | Path | str, source: str | None = None) -> np.ndarray:
