@@ -342,7 +342,7 @@ def test_fit_takes_a_dataset_path_or_samples(clear_dataset: Path) -> None:
 
 
 def test_a_fit_that_cannot_fit_in_memory_is_refused_before_any_image_is_read() -> None:
-    """`--set backbone.input_size=2000` held 21.6 GB after 5 minutes on 24 images, still fitting
+    """`--set backbone.input_size=2000` held 21.6 GB after 5 minutes on 40 images, still fitting
     (8 types, a 24 GB machine); 3000 is now refused in seconds, naming what to change. The bound
     is measured against this machine's real available memory."""
     import warnings

@@ -691,7 +691,7 @@ def check_fit_memory(config: DetectorConfig, grid: tuple[int, int], channels: in
                      n_images: int, device: str) -> None:
     """Before any image is read: a fit whose lower bound (:func:`fit_bytes`) exceeds the memory
     available is a :class:`ConfigError`; one above half of it, a warning. (A backbone.input_size
-    of 2000 held 21.6 GB after 5 minutes on 24 images, still fitting, on a 24 GB machine.)"""
+    of 2000 held 21.6 GB after 5 minutes on 40 GOOD images, still fitting, on a 24 GB machine.)"""
     features, model = fit_bytes(config, grid, channels, n_types, n_images)
     free = available_memory(device)
     if free is None or 2 * (features + model) <= free:
