@@ -505,6 +505,29 @@ def test_serve_on_a_port_in_use_is_one_line_before_anything_starts(
     assert not db.exists() and sorted(p.name for p in watched.iterdir()) == [part.name]
 
 
+def test_serve_checks_its_store_before_loading_the_model_and_the_model_path_before_the_store(
+    service_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """A --db that is not a database was refused only after the model had loaded (2 s here, more
+    for a large bundle on an edge device); a model path that is no bundle must still not leave a
+    new, empty store behind."""
+    import logging
+
+    from diffqc.service.__main__ import main
+
+    notes = tmp_path / "notes.csv"
+    notes.write_text("a,b,c\n")
+    with caplog.at_level(logging.INFO, logger="diffqc.service"):
+        assert main(["serve", str(service_model[0]), "--no-auth", "--port", "0", "--db", str(notes)]) == 1
+    assert "file is not a database" in capsys.readouterr().err
+    assert not [r for r in caplog.records if "loaded in" in r.getMessage()]  # the model never loaded
+    assert notes.read_text() == "a,b,c\n"
+    db = tmp_path / "new.db"
+    assert main(["serve", str(tmp_path / "no-model"), "--no-auth", "--port", "0", "--db", str(db)]) == 1
+    assert "does not exist" in capsys.readouterr().err and not db.exists()
+
+
 def test_pipeline_logs_a_part_outside_its_types_training_sizes(
     detector: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -35,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from diffqc.bundle import check_bundle_files
 from diffqc.data import decode_image
 from diffqc.drift import is_misrouted
 from diffqc.errors import ConfigError, DiffqcError, ImageReadError, unknown_feature_type
@@ -1301,7 +1302,12 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
            log_level: str, access_log: bool) -> None:
     import uvicorn
 
-    # fail fast, with a clear message, before the server takes a request
+    # fail fast, with a clear message, before the server takes a request: a model path that is
+    # no bundle, then the store (a typo in --db is one line, not one after the model loaded; a
+    # new store is made only for a model that can be served), then the model itself
+    check_bundle_files(model_path)
+    ResultStore(settings.db_url).close()  # StoreError: one line at the CLI's error boundary
+    ArtifactStore(settings.data_dir or default_artifact_root(settings.db_url))
     t0 = time.perf_counter()
     detector = load_detector(model_path, settings.runtime, precision=settings.precision,
                              threads=settings.torch_threads)
@@ -1311,8 +1317,6 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
         from diffqc.service.watch import check_feature_type
 
         check_feature_type(settings.watch_feature_type, detector.classes_)
-    ResultStore(settings.db_url).close()  # StoreError: one line at the CLI's error boundary
-    ArtifactStore(settings.data_dir or default_artifact_root(settings.db_url))
     app = create_app(settings, detector=detector)
     port = sockets[0].getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
