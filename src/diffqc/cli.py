@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import io
 import json
 import os
 import sys
@@ -257,9 +259,6 @@ class _CsvRows:
         self._write({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
 
     def _write(self, row: dict[str, Any]) -> None:
-        import csv
-        import io
-
         text = io.StringIO()
         csv.DictWriter(text, fieldnames=CSV_COLUMNS, extrasaction="ignore").writerow(row)
         data = memoryview(text.getvalue().encode("utf-8"))

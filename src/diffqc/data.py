@@ -249,12 +249,17 @@ def _named(folder: Path, name: str) -> list[Path]:
     return [d for d in _subfolders(folder) if d.name.lower() == name]
 
 
+def _count_images_directly(folder: Path) -> int:
+    """The images in ``folder`` itself, not in its sub-folders."""
+    return sum(1 for p in folder.iterdir() if is_image_file(p))
+
+
 def _name_what_train_leaves_out(train: Path) -> None:
     """Images under ``train/`` but not in ``train/good`` (``train/defect``, as a classifier's data
     is laid out) are not read: one :class:`DatasetWarning` says so and where they belong."""
     left = {d.name: len(_images_in(d)) for d in _subfolders(train) if d.name.lower() != "good"}
     left = {name: n for name, n in left.items() if n}
-    loose = sum(1 for p in train.iterdir() if is_image_file(p))
+    loose = _count_images_directly(train)
     if left or loose:
         parts = [f"{n} in {name}/" for name, n in left.items()]
         parts += [f"{loose} directly in it"] if loose else []
@@ -289,13 +294,10 @@ def load_mvtec(root: Path | str) -> list[Sample]:
 def _loose_images_hint(root: Path) -> str:
     """Where images lie outside the layout (directly in ``root``, or in ``root/<type>``), where
     they belong: a folder of GOOD images is the commonest first try."""
-    def count(folder: Path) -> int:
-        return sum(1 for p in folder.iterdir() if p.is_file() and is_image_file(p))
-
-    if n := count(root):
+    if n := _count_images_directly(root):
         return (f"; {root} holds {n} image{'s' * (n > 1)} directly: put GOOD ones under "
                 f"{root}/<type>/train/good/ (one folder per feature type)")
-    loose = [(d, k) for d in _subfolders(root) if (k := count(d))]
+    loose = [(d, k) for d in _subfolders(root) if (k := _count_images_directly(d))]
     if loose:
         d, k = loose[0]
         more = f" (and {len(loose) - 1} more folder{'s' * (len(loose) > 2)} alike)" if len(loose) > 1 else ""

@@ -256,11 +256,10 @@ class Detector:
         # a type with too few GOOD parts fails here, before any image is read or model trained
         split_calibration(good, self.config.calibration.fraction, self.config.train.seed)
         _check_heat_map(self.config)
-        fe = self.extractor
-        check_fit_memory(self.config, fe.grid, fe.channels, len({s.feature_type for s in good}),
-                         len(good), str(self.device))
-        sizes: list[tuple[int, int]] = []
         wanted = {s.feature_type for s in good}
+        fe = self.extractor
+        check_fit_memory(self.config, fe.grid, fe.channels, len(wanted), len(good), str(self.device))
+        sizes: list[tuple[int, int]] = []
         raw, layouts, good, errors = self.read_features(good, skip_corrupt=skip_corrupt,
                                                         progress=progress, sizes=sizes)
         if lost := sorted(wanted - {s.feature_type for s in good}):
