@@ -60,6 +60,30 @@ def test_threshold_matches_p_value() -> None:
     assert c.p_value("a", th) <= 0.05 < c.p_value("a", np.nextafter(th, -np.inf) - 1e-9)
 
 
+@pytest.mark.parametrize("tail", ["exponential", "none"])
+@pytest.mark.parametrize("n_cal", [2, 9, 30, 300])
+def test_thresholds_are_where_the_decision_changes(n_cal: int, tail: str) -> None:
+    """``thresholds`` are what the decision rule does, not only its conformal part: with few
+    calibration scores and the exponential tail, REJECT is reached beyond the largest score (a
+    service's dashboard draws it; ``calibrate`` prints it); without the tail it never is."""
+    scores = np.random.default_rng(n_cal).gamma(2.0, size=n_cal)
+    c = Calibrator(CalibrationConfig(tail=tail)).fit({"a": scores}, warn=False)
+    th = c.thresholds("a")
+    for level, at in (("review", REVIEW), ("reject", REJECT)):
+        t = th[level]
+        severity = {PASS: 0, REVIEW: 1, REJECT: 2}
+        if math.isinf(t):  # no score reaches this level
+            assert tail == "none", (level, n_cal)
+            assert severity[c.decide(c.p_value("a", float(scores.max()) * 1e6))] < severity[at]
+            continue
+        assert severity[c.decide(c.p_value("a", t))] >= severity[at]
+        assert severity[c.decide(c.p_value("a", float(np.nextafter(t, -np.inf))))] < severity[at]
+    conformal_reachable = n_cal + 1 >= 1 / 0.01
+    assert math.isfinite(th["reject"]) == (conformal_reachable or tail == "exponential")
+    if tail == "exponential" and not conformal_reachable:  # the tail's p-value is α there
+        assert c.p_value("a", th["reject"]) == pytest.approx(0.01)
+
+
 @pytest.mark.parametrize("n_cal", [20, 100, 400])
 def test_empirical_fpr_near_alpha(n_cal: int) -> None:
     """Fresh GOOD scores from the calibration distribution are flagged at about α."""

@@ -114,6 +114,12 @@ def test_train_names_every_unreadable_image_and_the_way_past_them(
     out = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert sorted(Path(p).name for p in out["training_data"]["skipped_corrupt"]) == [
         "zz_empty.png", "zz_text.png"]
+    # the summary is one readable line: the fit images' fingerprints (one per image) stay in the
+    # bundle, not on the terminal
+    kept = json.loads((tmp_path / "m" / "metadata.json").read_text())["training_data"]
+    assert len(kept["fit_image_fingerprints"]) == sum(kept["fit_images"].values())
+    assert "fit_image_fingerprints" not in out["training_data"]
+    assert out["training_data"]["fit_images"] == kept["fit_images"]
 
 
 def test_train_writes_a_model_beside_its_manifest(

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from diffqc import evaluate as E
 from diffqc import report as R
-from diffqc.calibration import TypeCalibration, standardiser
+from diffqc.calibration import standardiser
 from diffqc.data import DEFECTIVE, GOOD, Sample, load_dataset
 from diffqc.model import Detector
 from tests.conftest import full_disk, tiny_config
@@ -191,18 +191,10 @@ def test_pooled_scores_are_the_fold_scores_standardised(run: dict[str, Any]) -> 
         assert slope > 0 and np.allclose(z, np.polyval(np.polyfit(raw, z, 1), raw), atol=1e-6)
 
 
-def test_standardiser_and_decision_threshold() -> None:
+def test_standardiser() -> None:
     centre, scale = standardiser(np.array([1.0, 2.0, 3.0, 4.0, 5.0]))
     assert (centre, scale) == (3.0, 2.0)
     assert standardiser(np.ones(4)) == (1.0, 1.0)
-    cal = TypeCalibration.from_scores(np.linspace(0.0, 1.0, 199))
-    assert E.decision_threshold(cal, 0.05, "exponential") == cal.threshold(0.05)
-    few = TypeCalibration.from_scores(np.linspace(0.0, 1.0, 20))
-    assert math.isinf(few.threshold(0.01))
-    t = E.decision_threshold(few, 0.01, "exponential")
-    assert t > 1.0 and few.p_value(t, "exponential") == pytest.approx(0.01)
-    assert few.p_value(t * 0.999, "exponential") > 0.01
-    assert math.isinf(E.decision_threshold(few, 0.01, "none"))
 
 
 def _manifest_without_dots_defects(clear_dataset: Path, path: Path) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from diffqc.errors import OutputError
-from diffqc.output import scratch_folder, write_atomic
+from diffqc.output import json_line, scratch_folder, write_atomic
 
 from .conftest import full_disk
 
@@ -35,3 +35,16 @@ def test_scratch_folder_names_the_temporary_folder_when_it_has_no_room(tmp_path:
     assert not folder.exists()  # removed all the same
     with pytest.raises(FileNotFoundError), scratch_folder("diffqc-test-", what="x") as folder:
         (folder / "missing").read_bytes()  # any other error is left as it is
+
+
+def test_json_line_is_strict_json() -> None:
+    """What a command prints parses everywhere (jq, JavaScript): a value that is not a finite
+    number (an unreachable threshold, a score that could not be computed) is null."""
+    import json
+
+    row = {"score": float("nan"), "thresholds": {"a": {"reject": float("inf")}}, "n": [1.5, -float("inf")],
+           "ok": 2.0}
+    line = json_line(row)
+    assert "\n" not in line and "NaN" not in line and "Infinity" not in line
+    assert json.loads(line) == {"score": None, "thresholds": {"a": {"reject": None}}, "n": [1.5, None],
+                                "ok": 2.0}

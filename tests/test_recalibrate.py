@@ -63,7 +63,9 @@ def test_cli_calibrate_rewrites_atomically_and_keeps_the_previous(tiny_model: Pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["calibrate", str(model), str(data), "-q"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # strict JSON (jq, JavaScript): no Infinity token where a level has no conformal threshold
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads(line, parse_constant=lambda token: pytest.fail(f"{token} in {line}"))
     assert summary["images"] == {"stripes": 9}
     assert (model / "calibration.prev.json").read_bytes() == before
     assert _n(model / "calibration.json") == {"stripes": 9, "dots": old_n["dots"]}
@@ -79,6 +81,13 @@ def test_cli_calibrate_rewrites_atomically_and_keeps_the_previous(tiny_model: Pa
     assert not [p.name for p in model.iterdir() if p.name.endswith(".tmp")]
     det = Detector.load(model, device="cpu")  # still a valid bundle (weights checksum intact)
     assert det.calibration_ is not None and det.calibration_.known["stripes"].scores.size == 9
+    # 9 scores reach no conformal p-value <= 0.01; the printed REJECT threshold is where the
+    # exponential tail, which decides there, sends a part to REJECT
+    cal = det.calibration_
+    reject = summary["thresholds"]["stripes"]["reject"]
+    assert reject > cal.known["stripes"].scores[-1]
+    assert cal.decide(cal.p_value("stripes", reject)) == "REJECT"
+    assert cal.decide(cal.p_value("stripes", float(np.nextafter(reject, 0)))) == "REVIEW"
 
 
 def test_cli_calibrate_on_a_full_disk_names_the_file_and_changes_nothing(

@@ -97,6 +97,20 @@ class TypeCalibration:
         # s must exceed all but k scores: s > the (n-k)-th smallest
         return float(np.nextafter(self.scores[n - k - 1], np.inf))
 
+    def decision_threshold(self, alpha: float, tail: str) -> float:
+        """Smallest score the decision rule in use sends to p <= α: the conformal threshold where
+        one exists; otherwise, with the exponential tail, the score beyond the largest calibration
+        score where the tail's p-value reaches α; inf where no score can (``tail="none"``, or a
+        single calibration score)."""
+        t = self.threshold(alpha)
+        if math.isfinite(t) or tail != "exponential" or not 0 < self.tail_rate < math.inf:
+            return t
+        n = self.scores.size
+        t = float(self.scores[-1]) + math.log(1.0 / ((n + 1) * alpha)) / self.tail_rate
+        while self.p_value(t, tail) > alpha:  # the closed form may land a rounding step short
+            t = float(np.nextafter(t, math.inf))
+        return t
+
 
 def calibration_scores(
     classes: Sequence[str], true_types: Sequence[int], table: np.ndarray
@@ -212,10 +226,12 @@ class Calibrator:
         return PASS
 
     def thresholds(self, feature_type: str, *, type_known: bool = True) -> dict[str, float]:
-        """Score thresholds of the pure conformal rule (inf where a level is unreachable)."""
+        """Score thresholds of the decision rule in use: a score at or above ``review`` is REVIEW
+        or REJECT, at or above ``reject`` REJECT (with the exponential tail, beyond the largest
+        calibration score, where the tail decides); inf where a level cannot be reached."""
         cal = self._lookup(feature_type, type_known)
-        return {"review": cal.threshold(self.config.alpha_review),
-                "reject": cal.threshold(self.config.alpha_reject)}
+        return {"review": cal.decision_threshold(self.config.alpha_review, self.config.tail),
+                "reject": cal.decision_threshold(self.config.alpha_reject, self.config.tail)}
 
     def summary(self) -> dict[str, Any]:
         per_type = {}

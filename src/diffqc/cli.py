@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import csv
 import io
-import json
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from diffqc import __version__
 from diffqc.arguments import SEED
 from diffqc.errors import ConfigError, DatasetError, DiffqcError, ImageReadError, OutputError
+from diffqc.output import json_line
 from diffqc.runtime import add_runtime_arguments
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         raise OutputError(str(exc)) from None
     except ValueError as exc:  # its argument checks (--parts, --size)
         raise ConfigError(f"data synth: {exc}") from None
-    print(json.dumps({"root": str(args.out), "splits": summary["splits"], "labels": summary["labels"]}))
+    print(json_line({"root": str(args.out), "splits": summary["splits"], "labels": summary["labels"]}))
     return EXIT_OK
 
 
@@ -133,9 +133,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     det = Detector(config, device=args.device).fit(samples, progress=not args.quiet,
                                                     skip_corrupt=args.skip_corrupt)
     det.save(out, force=args.force)
-    print(json.dumps({"model": str(out), "classes": det.classes_, "method": config.method,
-                      "seconds": round(time.perf_counter() - start, 1),
-                      "training_data": det.metadata["training_data"]}))
+    # one line a person reads: the fit images' fingerprints (one per image) stay in metadata.json
+    training = {k: v for k, v in det.metadata["training_data"].items() if k != "fit_image_fingerprints"}
+    print(json_line({"model": str(out), "classes": det.classes_, "method": config.method,
+                      "seconds": round(time.perf_counter() - start, 1), "training_data": training}))
     return EXIT_OK
 
 
@@ -278,7 +279,7 @@ class _CsvRows:
 
 def _report_row(row: dict[str, Any], csv_out: _CsvRows | None) -> None:
     """One inspected image: a JSON line on stdout and, with ``--csv``, a CSV row."""
-    print(json.dumps(row))
+    print(json_line(row))
     if csv_out is not None:
         csv_out.add(row)
 

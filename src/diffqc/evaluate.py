@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from diffqc import report as R
 from diffqc.backbone import to_pixels
-from diffqc.calibration import CalibrationWarning, Calibrator, TypeCalibration, standardiser
+from diffqc.calibration import CalibrationWarning, Calibrator, standardiser
 from diffqc.config import METHODS, DetectorConfig, parse_overrides, with_overrides
 from diffqc.data import DEFECTIVE, GOOD, DatasetWarning, Sample, read_image, read_mask
 from diffqc.errors import ConfigError, DatasetError, ImageReadError
@@ -59,20 +59,6 @@ POOLING_NOTE = (
 
 
 # =========================================================================== scores on one scale
-
-
-def decision_threshold(cal: TypeCalibration, alpha: float, tail: str) -> float:
-    """Smallest score the decision rule in use sends to p <= ``alpha``.
-
-    The pure conformal threshold where one exists; otherwise, with the exponential tail, the score
-    beyond the largest calibration score where the tail p-value reaches ``alpha``; inf without.
-    """
-    t = cal.threshold(alpha)
-    if math.isfinite(t) or tail != "exponential" or not 0 < cal.tail_rate < math.inf:
-        return t
-    n = cal.scores.size
-    top = float(cal.scores[-1])
-    return top + math.log(1.0 / ((n + 1) * alpha)) / cal.tail_rate
 
 
 # =========================================================================== run state
@@ -455,9 +441,9 @@ def evaluate(
             c, s = std[t]
             known = cal.known[t]
             v.review_z.setdefault(t, []).append(
-                (decision_threshold(known, alpha_review, cal.config.tail) - c) / s)
+                (known.decision_threshold(alpha_review, cal.config.tail) - c) / s)
             v.reject_z.setdefault(t, []).append(
-                (decision_threshold(known, alpha_reject, cal.config.tail) - c) / s)
+                (known.decision_threshold(alpha_reject, cal.config.tail) - c) / s)
             v.train_images.setdefault(t, []).append(int(np.isin(tr, type_idx[t]).sum()))
         scorer: Any = det
         if runtime in ("onnx", "openvino") and v.config.method == "diffusion":
@@ -881,5 +867,5 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DEFAULT_METHODS", "decision_threshold", "evaluate",
+__all__ = ["DEFAULT_METHODS", "evaluate",
            "load_evaluation_data", "parse_setting", "summary_lines", "unknown_type_summary"]

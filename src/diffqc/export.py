@@ -43,7 +43,7 @@ from diffqc.backends.ort import OnnxBackbone, OnnxGraph, import_onnxruntime, mak
 from diffqc.backends.tensorrt import ENGINE_FILE as TENSORRT_ENGINE
 from diffqc.backends.tensorrt import build_tensorrt_engine
 from diffqc.errors import ConfigError, DatasetError, ExportError
-from diffqc.output import scratch_folder, write_atomic
+from diffqc.output import json_line, scratch_folder, write_atomic
 from diffqc.runtime import (
     EXPORT_FILE,
     EXPORT_FORMAT,
@@ -988,7 +988,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if int8 is not None:
         summary.update(int8_accepted=int8["accepted"], int8_float_layers=list(int8["float_layers"]),
                        int8_max_auroc_drop=int8["parity"]["max_auroc_drop"])
-    print(json.dumps(summary))
+    print(json_line(summary))
     return 1 if int8 is not None and not int8["accepted"] and not args.force else 0
 
 
@@ -1000,5 +1000,5 @@ def _cmd_tensorrt(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     size = int(info["inputs"][PIXELS][2])
     engine = build_tensorrt_engine(path / ONNX_FILES["fp32"], path / TENSORRT_ENGINE, input_size=size)
     log(f"TensorRT FP16 engine: {engine} (measure it with scripts/build_tensorrt.py)")
-    print(json.dumps({"model": str(path), "engine": str(engine)}))
+    print(json_line({"model": str(path), "engine": str(engine)}))
     return 0

@@ -1,6 +1,6 @@
 """Where and how a command writes: one rule for every output folder diffqc fills (a model bundle,
-an evaluation report), and one way to write a file so that a failed write leaves nothing half
-written.
+an evaluation report), one way to write a file so that a failed write leaves nothing half
+written, and one way to write JSON that every parser reads (no NaN or Infinity).
 
 A folder qualifies when it is new, empty, or an earlier output of the same kind (whose own files
 are then replaced). Any other non-empty folder is refused unless ``force``; even then nothing
@@ -11,11 +11,14 @@ file or folder bearing one of their names is refused.
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from diffqc.errors import OutputError
 
@@ -90,3 +93,21 @@ def scratch_folder(prefix: str, *, what: str) -> Iterator[Path]:
         raise OutputError(f"no room for {what} in the temporary folder {tempfile.gettempdir()} "
                           f"({exc.strerror}); free space there or set TMPDIR to a folder with "
                           "room") from None
+
+
+def json_safe(x: Any) -> Any:
+    """``x`` with every NaN or infinite float (in dicts, lists and tuples) as None: JSON has no
+    NaN or Infinity, and Python's ``json`` writes them as tokens that jq, JavaScript and most other
+    parsers refuse."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def json_line(x: Any) -> str:
+    """One line of strict JSON (see :func:`json_safe`): what a command prints on stdout."""
+    return json.dumps(json_safe(x), allow_nan=False)

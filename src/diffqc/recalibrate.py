@@ -29,7 +29,7 @@ from typing import Any
 
 from diffqc.calibration import Calibrator
 from diffqc.errors import BundleError, DatasetError, UnknownFeatureTypeError, did_you_mean
-from diffqc.output import write_atomic
+from diffqc.output import json_line, write_atomic
 
 log = logging.getLogger("diffqc.recalibrate")
 
@@ -242,7 +242,7 @@ class CalibrationReloader:
 # --------------------------------------------------------------------------- CLI
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     summary = recalibrate(args.model, args.data, skip_corrupt=args.skip_corrupt, progress=not args.quiet)
-    print(json.dumps(summary))
+    print(json_line(summary))
     return 0
 
 

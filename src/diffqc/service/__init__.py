@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from diffqc.arguments import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, integer, number
 from diffqc.errors import RuntimeUnavailableError
+from diffqc.output import json_line
 from diffqc.runtime import add_runtime_arguments
 
 __all__ = ["add_service_commands", "export_reviewed_good", "run_server", "run_watch"]
@@ -135,7 +135,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     since = parse_time(args.since, "since") if args.since else None
     summary = export_reviewed_good(args.db, args.out, data_dir=args.data_dir, since=since)
-    print(json.dumps(summary))
+    print(json_line(summary))
     return 0
 
 

@@ -39,6 +39,7 @@ from diffqc.bundle import check_bundle_files
 from diffqc.data import decode_image
 from diffqc.drift import is_misrouted
 from diffqc.errors import ConfigError, DiffqcError, ImageReadError, unknown_feature_type
+from diffqc.output import json_safe
 from diffqc.service.buffer import (
     DEFAULT_BUFFER_BYTES,
     BufferClosed,
@@ -391,17 +392,6 @@ class _StatusCounter:
 
 
 # --------------------------------------------------------------------------- JSON helpers
-def _finite(x: Any) -> Any:
-    """JSON-safe: NaN / inf become None, recursively."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _finite(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_finite(v) for v in x]
-    return x
-
-
 def record_json(rec: ResultRecord) -> dict[str, Any]:
     out = rec.to_json()
     rid = rec.id
@@ -410,7 +400,7 @@ def record_json(rec: ResultRecord) -> dict[str, Any]:
     out["misrouted"] = is_misrouted(rec.feature_type, rec.predicted_type, rec.type_known)
     out.pop("heatmap")
     out.pop("image")
-    return _finite(out)
+    return json_safe(out)
 
 
 def parse_time(value: str | None, name: str) -> float | None:
@@ -470,7 +460,7 @@ def _model_info(det: Any) -> dict[str, Any]:
         },
     }
     version = str(getattr(det, "version", "") or meta.get("model_id") or meta.get("version") or "")
-    return _finite(
+    return json_safe(
         {
             "classes": list(getattr(det, "classes_", [])),
             "version": version,
@@ -875,7 +865,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         """Drift watch per type, push sinks (pending, dead letters), retention, calibration."""
         if state.line is None:
             raise ServiceError(503, "not_ready", "the service is starting or stopping")
-        return dict(_finite(await run_in_threadpool(state.line.status)))
+        return dict(json_safe(await run_in_threadpool(state.line.status)))
 
     @api.post("/v1/sinks/{name}/requeue")
     async def requeue_dead_letters(name: str = PathParam(max_length=MAX_ID_LEN)) -> dict[str, Any]:
@@ -1139,7 +1129,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                 "policy": buf.policy.value,
             },
         )
-        return _finite(out)
+        return json_safe(out)
 
     app.include_router(api)
     return app

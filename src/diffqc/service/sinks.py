@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
 import urllib.error
@@ -38,6 +37,7 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from diffqc.errors import ConfigError
+from diffqc.output import json_safe
 from diffqc.service.store import ResultRecord, ResultStore
 
 log = logging.getLogger("diffqc.service.sinks")
@@ -90,16 +90,6 @@ class Message:
     created_at: float
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def decision_payload(rec: ResultRecord) -> dict[str, Any]:
     """What a receiver gets for one stored decision (the record without review fields)."""
     out = rec.to_json()
@@ -110,7 +100,7 @@ def decision_payload(rec: ResultRecord) -> dict[str, Any]:
     out["misrouted"] = bool(
         rec.type_known and rec.predicted_type is not None and rec.predicted_type != rec.feature_type
     )
-    return _json_safe(out)
+    return json_safe(out)
 
 
 def topic_key(feature_type: str | None) -> str:
@@ -162,7 +152,7 @@ class Outbox:
 
     def enqueue_alarm(self, feature_type: str | None, payload: dict[str, Any]) -> None:
         """An event that is not a record (a drift alarm), in its own transaction."""
-        body = json.dumps(_json_safe({**payload, "kind": ALARM}), allow_nan=False, sort_keys=True)
+        body = json.dumps(json_safe({**payload, "kind": ALARM}), allow_nan=False, sort_keys=True)
         with self.store._transaction() as conn:
             self._insert(conn, ALARM, None, topic_key(feature_type), body)
         self.wakeup.set()
