@@ -30,6 +30,28 @@ def test_inspect_json_lines(tiny_model: Path, clear_dataset: Path, tmp_path: Pat
     assert all(Path(r["heatmap"]).is_file() for r in rows)
 
 
+def test_inspect_streams_its_lines_and_stops_quietly_when_the_reader_goes(
+        tiny_model: Path, clear_dataset: Path) -> None:
+    """``diffqc inspect ... | head -1``: each line reaches the pipe as its image is scored (not
+    in 8 KB blocks), and when the reader closes the pipe inspect stops without an error line or
+    traceback (it said "diffqc: error: Broken pipe")."""
+    import subprocess
+    import sys
+
+    folder = clear_dataset / "dots" / "test"
+    n = sum(1 for p in folder.rglob("*.png"))
+    assert n >= 10
+    proc = subprocess.Popen([sys.executable, "-m", "diffqc.cli", "inspect", str(tiny_model), str(folder),
+                             "--feature-type", "dots"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = json.loads(proc.stdout.readline())  # before the other images are scored
+    assert first["feature_type"] == "dots"
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "error" not in err and "Traceback" not in err and "Exception" not in err, err
+
+
 def test_inspect_names_an_image_size_its_type_was_not_trained_on(
     tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -375,6 +375,57 @@ def test_sqlite_store_is_safe_across_threads(tmp_path: Path) -> None:
         assert store.count() == 100
 
 
+def test_stored_records_reads_every_match_in_batches_oldest_first(tmp_path: Path) -> None:
+    from diffqc.service.store import stored_records
+
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        store.insert_many([_rec(f"p{i}", "REJECT" if i % 3 == 0 else "PASS") for i in range(7)])
+        assert [r.part_id for r in stored_records(store, batch=2)] == [f"p{i}" for i in range(7)]
+        assert [r.part_id for r in stored_records(store, batch=3, decision="REJECT")] == [
+            "p0", "p3", "p6"]  # a last batch exactly full, then an empty one
+        assert list(stored_records(store, feature_type="none")) == []
+
+
+def test_cli_results_list_prints_the_stored_decisions(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """``diffqc results list``: what `watch` (which has no dashboard) stored, without a server:
+    JSON lines or CSV on stdout, filtered as /v1/results is; a --db that does not exist is named
+    and not created."""
+    import csv
+    import json
+
+    from diffqc.cli import main
+    from diffqc.service.store import LIST_COLUMNS
+
+    db = tmp_path / "line.db"
+    t0 = 1_700_000_000.0
+    with ResultStore(str(db)) as store:
+        store.insert_many([
+            _rec("a1", created_at=t0, line="L1"),
+            _rec("a2", "REJECT", created_at=t0 + 3600, line="L1", score=float("nan"),
+                 type_scores={"a": 9.5}),
+            _rec("b1", "REVIEW", created_at=t0 + 7200, feature_type="b", line="L2"),
+        ])
+        store.set_review(3, "GOOD", "ann", "a scratch on the fixture, not the part")
+    assert main(["results", "list", "--db", str(db)]) == 0
+    rows = [json.loads(line, parse_constant=pytest.fail) for line in capsys.readouterr().out.splitlines()]
+    assert [r["part_id"] for r in rows] == ["a1", "a2", "b1"]
+    assert rows[1]["score"] is None and rows[1]["type_scores"] == {"a": 9.5}
+    assert rows[0]["created"] == "2023-11-14T22:13:20.000Z"
+    assert main(["results", "list", "--db", str(db), "--since", "2023-11-14T23:13:20Z", "--line", "L1"]) == 0
+    assert [json.loads(x)["part_id"] for x in capsys.readouterr().out.splitlines()] == ["a2"]
+    assert main(["results", "list", "--db", str(db), "--unreviewed", "--decision", "REVIEW"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and "no stored results match" in out.err
+    assert main(["results", "list", "--db", f"sqlite:///{db}", "--format", "csv", "--review", "GOOD"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(table) == 1 and tuple(table[0]) == LIST_COLUMNS
+    assert table[0]["part_id"] == "b1" and table[0]["review_note"] == "a scratch on the fixture, not the part"
+    assert table[0]["reviewer"] == "ann" and table[0]["decision"] == "REVIEW"
+    assert main(["results", "list", "--db", str(tmp_path / "typo.db")]) == 1
+    assert "typo.db does not exist" in capsys.readouterr().err and not (tmp_path / "typo.db").exists()
+
+
 def test_store_urls() -> None:
     assert sqlite_path("sqlite:////abs/x.db") == Path("/abs/x.db")
     assert sqlite_path("rel/x.db") == Path("rel/x.db")

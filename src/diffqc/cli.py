@@ -14,6 +14,7 @@ import contextlib
 import csv
 import io
 import os
+import select
 import sys
 import time
 import warnings
@@ -279,7 +280,7 @@ class _CsvRows:
 
 def _report_row(row: dict[str, Any], csv_out: _CsvRows | None) -> None:
     """One inspected image: a JSON line on stdout and, with ``--csv``, a CSV row."""
-    print(json_line(row))
+    print(json_line(row), flush=True)  # a reader of the pipe (jq, a script) has it now
     if csv_out is not None:
         csv_out.add(row)
 
@@ -416,6 +417,24 @@ def _describe(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _stdout_is_gone() -> bool:
+    """True when the reader of stdout has gone (a pipe into ``head``): the pipe reports an error
+    condition. stdout then points at /dev/null, so that the interpreter's last flush does not fail
+    a second time."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # not a file (captured)
+        return False
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if not any(events & select.POLLERR for _, events in poller.poll(0)):
+            return False
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors: argparse says so and exits 2
@@ -427,6 +446,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = _one_line_warning
         try:
             return int(args.func(args))
+        except BrokenPipeError as exc:
+            if _stdout_is_gone():  # `diffqc inspect ... | head`: the reader has what it wanted
+                return EXIT_ERROR
+            print(f"diffqc: error: {_describe(exc)}", file=sys.stderr)
+            return EXIT_ERROR
         except (DiffqcError, OSError) as exc:  # the user's input or the machine, not a bug
             if os.environ.get("DIFFQC_TRACEBACK"):
                 raise

@@ -1,8 +1,8 @@
 """HTTP inspection service, ring buffer, result store, dashboard and folder watcher.
 
-Entry points (``diffqc serve``, ``diffqc watch``, ``diffqc results export``):
-:func:`run_server`, :func:`run_watch`, :func:`export_reviewed_good`, and
-:func:`add_service_commands` which registers the three sub-commands on an argparse
+Entry points (``diffqc serve``, ``diffqc watch``, ``diffqc results export`` and ``list``):
+:func:`run_server`, :func:`run_watch`, :func:`export_reviewed_good`, :func:`list_results`, and
+:func:`add_service_commands` which registers the sub-commands on an argparse
 sub-parsers object (each sets ``func``: call ``args.func(args)`` to run it).
 
 Importing this package is cheap: FastAPI, uvicorn and the model load only when a command runs.
@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from diffqc.arguments import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, integer, number
+from diffqc.calibration import DECISIONS, NOT_INSPECTED
 from diffqc.errors import RuntimeUnavailableError
 from diffqc.output import json_line
 from diffqc.runtime import add_runtime_arguments
@@ -72,6 +74,31 @@ def _service_extra() -> Iterator[None]:
             raise
         raise RuntimeUnavailableError(f"the service needs {exc.name}, which is not installed: "
                                       "pip install 'diffqc[serve]'") from exc
+
+
+def list_results(db_url: str, *, fmt: str = "jsonl", **filters: Any) -> int:
+    """Write the stored decisions matching ``filters`` to stdout, oldest first: JSON lines (one
+    record each, as ``/v1/results`` gives them) or CSV (:data:`~diffqc.service.store.LIST_COLUMNS`).
+    Each row is flushed as it is written; returns the number of rows."""
+    import csv
+
+    from diffqc.service.store import LIST_COLUMNS, ResultStore, check_store_exists, stored_records
+
+    check_store_exists(db_url, doing="list")
+    writer = csv.DictWriter(sys.stdout, fieldnames=LIST_COLUMNS, extrasaction="ignore")
+    if fmt == "csv":
+        writer.writeheader()
+    n = 0
+    with ResultStore(db_url) as store:
+        for rec in stored_records(store, **filters):
+            row = rec.to_json()
+            if fmt == "csv":
+                writer.writerow({k: "" if row.get(k) is None else row[k] for k in LIST_COLUMNS})
+            else:
+                sys.stdout.write(json_line(row) + "\n")
+            sys.stdout.flush()
+            n += 1
+    return n
 
 
 # --------------------------------------------------------------------------- argparse glue
@@ -136,6 +163,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     since = parse_time(args.since, "since") if args.since else None
     summary = export_reviewed_good(args.db, args.out, data_dir=args.data_dir, since=since)
     print(json_line(summary))
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    with _service_extra():
+        from diffqc.service.app import parse_time
+
+    filters = {"since": parse_time(args.since, "since"), "until": parse_time(args.until, "until"),
+               "feature_type": args.feature_type, "decision": args.decision, "review": args.review,
+               "reviewed": False if args.unreviewed else None, "part_id": args.part_id,
+               "line": args.line, "station": args.station, "camera": args.camera,
+               "source": args.source}
+    n = list_results(args.db, fmt=args.format, **filters)
+    if n == 0:
+        print("diffqc: no stored results match", file=sys.stderr)
     return 0
 
 
@@ -259,3 +301,21 @@ def add_service_commands(subparsers: Any) -> None:
     e.add_argument("--data-dir", default=None)
     e.add_argument("--since", default=None, help="only parts inspected since (ISO 8601 or epoch)")
     e.set_defaults(func=_cmd_export)
+    when = "(ISO 8601, UTC unless it has an offset such as +01:00, or epoch seconds)"
+    ls = rsub.add_parser("list", help="the stored decisions, oldest first, as JSON lines or CSV",
+                         description="Print the decisions `serve` and `watch` stored, oldest first, "
+                                     "filtered as /v1/results filters them; redirect to a file "
+                                     "for a shift's report (--format csv opens in a spreadsheet).")
+    ls.add_argument("--db", default="diffqc-results.db", help=db_help)
+    ls.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    ls.add_argument("--since", default=None, help=f"parts inspected at or after {when}")
+    ls.add_argument("--until", default=None, help=f"parts inspected before {when}")
+    ls.add_argument("--feature-type", default=None)
+    ls.add_argument("--decision", choices=[*DECISIONS, NOT_INSPECTED], default=None)
+    verdict = ls.add_mutually_exclusive_group()
+    verdict.add_argument("--review", choices=["GOOD", "BAD"], default=None,
+                         help="parts an operator reviewed with this verdict")
+    verdict.add_argument("--unreviewed", action="store_true", help="parts without a verdict")
+    for name in ("part-id", "line", "station", "camera", "source"):
+        ls.add_argument(f"--{name}", default=None)
+    ls.set_defaults(func=_cmd_list)

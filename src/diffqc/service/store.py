@@ -722,6 +722,33 @@ def default_artifact_root(db_url: str) -> Path:
     return sqlite_path(db_url).resolve().parent
 
 
+def check_store_exists(db_url: str, *, doing: str) -> None:
+    """A SQLite store that does not exist is refused for reading (opening it would create an
+    empty one, and a mistyped ``--db`` would read as a line with no parts); PostgreSQL says so
+    itself when opened."""
+    if not is_postgres_url(db_url) and not sqlite_path(db_url).is_file():
+        raise StoreError(f"result store {sqlite_path(db_url)} does not exist: nothing to {doing} "
+                         "(give the --db that `diffqc serve` or `watch` wrote)")
+
+
+def stored_records(store: ResultStore, *, batch: int = 500, **filters: Any) -> Iterator[ResultRecord]:
+    """Every record matching ``filters`` (those of :meth:`ResultStore.query`), oldest first, read
+    ``batch`` at a time: memory stays flat however many parts the store holds."""
+    after: int | None = None
+    while True:
+        found = store.query(**filters, after_id=after, limit=batch, oldest_first=True)
+        yield from found
+        if len(found) < batch:
+            return
+        after = found[-1].id
+
+
+# What `diffqc results list --format csv` writes per record (JSON lines add type_scores).
+LIST_COLUMNS = ("id", "created", "source", "part_id", "feature_type", "predicted_type", "type_known",
+                "score", "p_value", "decision", "reason", "model_version", "latency_ms", "line",
+                "station", "camera", "review", "reviewed", "reviewer", "review_note")
+
+
 def export_reviewed_good(
     db_url: str,
     out_dir: str | Path,
@@ -739,9 +766,7 @@ def export_reviewed_good(
     """
     import csv
 
-    if not is_postgres_url(db_url) and not sqlite_path(db_url).is_file():
-        raise StoreError(f"result store {sqlite_path(db_url)} does not exist: nothing to export "
-                         "(give the --db that `diffqc serve` or `watch` wrote)")
+    check_store_exists(db_url, doing="export")
     out = _export_target(Path(out_dir))
     artifacts = ArtifactStore(data_dir or default_artifact_root(db_url), create=False)
     if not (artifacts.root / "images").is_dir():
@@ -759,39 +784,33 @@ def export_reviewed_good(
     exported = missing = 0
     rows: list[dict[str, Any]] = []
     with ResultStore(db_url) as store:
-        after: int | None = None
-        while True:
-            batch = store.query(review="GOOD", since=since, after_id=after, limit=500, oldest_first=True)
-            if not batch:
-                break
-            after = batch[-1].id
-            for rec in batch:
-                src = artifacts.path("images", rec.image)
-                if src is None or rec.feature_type is None:
-                    missing += 1
-                    continue
-                ftype = rec.feature_type
-                rel = Path(_safe_dirname(ftype)) / f"{rec.id}{src.suffix}"
-                try:
-                    (out / rel.parent).mkdir(parents=True, exist_ok=True)
-                    write_atomic(out / rel, src.read_bytes(), sync=False)
-                except OSError as exc:
-                    raise OutputError(f"{exc}; the export in {out} is incomplete: the same "
-                                      "command, run again, replaces it") from None
-                rows.append(
-                    {
-                        "path": rel.as_posix(),
-                        "feature_type": ftype,
-                        "label": "good",
-                        "part_id": rec.part_id or f"record-{rec.id}",
-                        "record_id": rec.id,
-                        "score": rec.score,
-                        "p_value": rec.p_value,
-                        "decision": rec.decision,
-                        "type_known": rec.type_known,
-                    }
-                )
-                exported += 1
+        for rec in stored_records(store, review="GOOD", since=since):
+            src = artifacts.path("images", rec.image)
+            if src is None or rec.feature_type is None:
+                missing += 1
+                continue
+            ftype = rec.feature_type
+            rel = Path(_safe_dirname(ftype)) / f"{rec.id}{src.suffix}"
+            try:
+                (out / rel.parent).mkdir(parents=True, exist_ok=True)
+                write_atomic(out / rel, src.read_bytes(), sync=False)
+            except OSError as exc:
+                raise OutputError(f"{exc}; the export in {out} is incomplete: the same "
+                                  "command, run again, replaces it") from None
+            rows.append(
+                {
+                    "path": rel.as_posix(),
+                    "feature_type": ftype,
+                    "label": "good",
+                    "part_id": rec.part_id or f"record-{rec.id}",
+                    "record_id": rec.id,
+                    "score": rec.score,
+                    "p_value": rec.p_value,
+                    "decision": rec.decision,
+                    "type_known": rec.type_known,
+                }
+            )
+            exported += 1
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(EXPORT_COLUMNS))
     writer.writeheader()
