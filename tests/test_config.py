@@ -40,6 +40,9 @@ from diffqc.errors import ConfigError
     ("method", "vae", "method must be one of diffusion, patchcore, padim"),
     ("train.seed", True, "must be an integer, got True"),
     ("train.step", 3, "unknown config field 'train.step'; did you mean train.steps"),
+    # a field without its section (as train's --fit / --steps options read): the full key
+    ("resize", "pad", "unknown config field 'resize'; did you mean backbone.resize?"),
+    ("steps", 5, "unknown config field 'steps'; did you mean train.steps?"),
     ("scoring", 3, "unknown config field 'scoring'"),
     ("nosuch.key", 3, "unknown config field 'nosuch.key'"),
 ])

@@ -18,7 +18,9 @@ from safetensors import safe_open
 from diffqc import evaluate as E
 from diffqc import report as R
 from diffqc.calibration import standardiser
+from diffqc.config import DetectorConfig
 from diffqc.data import DEFECTIVE, GOOD, Sample, load_dataset
+from diffqc.errors import ConfigError
 from diffqc.model import Detector
 from tests.conftest import full_disk, tiny_config
 from tests.html_numbers import assert_numbers_match
@@ -222,7 +224,7 @@ def test_cli_type_without_defects_and_a_setting(clear_dataset: Path, tmp_path: P
         code = main(["evaluate", str(manifest), "--folds", "2", "--methods", "padim",
                      "--compare-setting", "padim20:padim.dims=20", "--out", str(tmp_path / "r"),
                      "--set", "backbone.input_size=64", "--n-boot", "50", "--gallery", "2",
-                     "--device", "cpu", "-q"])
+                     "--device", "cpu", "-q", "--fit", "pad", "--seed", "3"])
     assert code == 0
     out = capsys.readouterr().out
     assert "padim vs padim20" in out and "report.html" in out and "UNRELIABLE" in out
@@ -233,6 +235,10 @@ def test_cli_type_without_defects_and_a_setting(clear_dataset: Path, tmp_path: P
     assert "unknown_type" not in data  # only with --unknown-type
     assert data["run"]["variants"]["padim20"]["padim"]["dims"] == 20
     assert data["run"]["variants"]["padim20"]["method"] == "padim"
+    # train's model options apply to every evaluated variant (--fit pad as `train --fit pad`);
+    # evaluate's --seed is the folds', not the training seed
+    assert {v["backbone"]["resize"] for v in data["run"]["variants"].values()} == {"pad"}
+    assert {v["train"]["seed"] for v in data["run"]["variants"].values()} == {DetectorConfig().train.seed}
     assert data["folds"]["grouping"].startswith("part_id")
     # the type without defective samples: reported, marked, its GOOD-only numbers kept
     dots = data["results"]["dots"]["padim"]
@@ -330,6 +336,46 @@ def test_a_feature_cache_that_cannot_be_written_costs_a_warning_not_the_run(
         kept, _, raw, _ = E._extract_cached(samples, {"b": Detector(tiny_config(), device="cpu")}, False,
                                             blocker / "cache")
     assert len(kept) == 3 and raw["b"].shape[0] == 3 and blocker.read_text() == "x"
+
+
+def test_pad_and_tiled_models_are_cross_validated_as_train_and_inspect_run_them(
+        clear_dataset: Path, tmp_path: Path) -> None:
+    """``evaluate --fit pad`` / ``--tile`` (it refused them: a line with rectangular or large
+    images could not cross-validate its geometry): a fold's out-of-fold scores are those of a
+    model fitted on the fold's GOOD images through ``Detector.fit`` and scored by ``inspect``; the
+    feature cache (which keeps the views' features) gives the same evaluation again."""
+    from diffqc.config import with_overrides
+    from diffqc.data import read_image
+
+    samples = load_dataset(clear_dataset)
+    base = tiny_config(**{"method": "padim", "train.steps": 0, "backbone.input_size": 32})
+    tile = with_overrides(base, {"tiling.mode": "auto"})  # 64 px images: 3 x 3 tiles of 32 px
+    pad = with_overrides(base, {"backbone.resize": "pad"})
+    runs = []
+    for _ in range(2):  # the second from the cache
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runs.append(E.evaluate(samples, folds=FOLDS, methods=(), settings={"tile": tile, "pad": pad},
+                                   base_config=base, progress=False, n_boot=20, device="cpu",
+                                   feature_cache=tmp_path / "cache"))
+    assert len(list((tmp_path / "cache").glob("features-*.safetensors"))) == 1
+    rows = runs[0]["out_of_fold"]
+    assert [r["raw_score"] for r in runs[1]["out_of_fold"]] == [r["raw_score"] for r in rows]
+    by_path = {str(s.path): s for s in samples}
+    # the fold's GOOD images, test split's included, as the folds take them
+    train = [replace(by_path[r["path"]], split="train") for r in rows
+             if r["fold"] not in (0, -1) and r["label"] == GOOD]
+    held = [r for r in rows if r["fold"] == 0]
+    for name, cfg in (("tile", tile), ("pad", pad)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            det = Detector(cfg, device="cpu").fit(train)
+        got = det.inspect([read_image(r["path"]) for r in held], [r["feature_type"] for r in held])
+        np.testing.assert_allclose([g.score for g in got], [r["raw_score"][name] for r in held], rtol=1e-4)
+        assert runs[0]["results"]["dots"][name]["pooled"]["pixel_auroc"] is not None
+    with pytest.raises(ConfigError, match="PyTorch only"):
+        E.evaluate(samples, folds=FOLDS, methods=(), settings={"tile": tile}, base_config=base,
+                   runtime="onnx")
 
 
 def test_fold_warnings_are_grouped_by_type() -> None:

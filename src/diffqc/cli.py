@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from diffqc import __version__
 from diffqc.arguments import SEED
+from diffqc.commands import add_model_options, model_overrides
 from diffqc.errors import ConfigError, DatasetError, DiffqcError, ImageReadError, OutputError
 from diffqc.output import json_line
 from diffqc.runtime import add_runtime_arguments
@@ -38,43 +39,9 @@ def build_config(args: argparse.Namespace, defaults: dict[str, Any] | None = Non
     """The config from the command's options; ``defaults`` (a command's own) yield to them."""
     from diffqc.config import DetectorConfig, parse_overrides, with_overrides
 
-    over: dict[str, Any] = dict(defaults or {})
-    if getattr(args, "method", None):
-        over["method"] = args.method
-    if getattr(args, "backbone", None):
-        over["backbone.name"] = args.backbone
-    if getattr(args, "layers", None):
-        over["backbone.layers"] = [x for x in args.layers.split(",") if x]
-    if getattr(args, "steps", None) is not None:
-        over["train.steps"] = args.steps
-    if getattr(args, "seed", None) is not None:
-        over["train.seed"] = args.seed
-    if getattr(args, "fit", None):
-        over["backbone.resize"] = args.fit
-    if getattr(args, "tile", False):
-        over["tiling.mode"] = "auto"
+    over: dict[str, Any] = {**(defaults or {}), **model_overrides(args)}
     over.update(parse_overrides(getattr(args, "set", None) or []))
     return with_overrides(DetectorConfig(), over)
-
-
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=["diffusion", "patchcore", "padim"], default=None,
-                   help="scoring method (default: diffusion)")
-    p.add_argument("--backbone", default=None,
-                   help="mobilenet-v2 (default), efficientnet-lite0, efficientnet-lite1, efficientnet-lite2 "
-                        "or onnx:PATH")
-    p.add_argument("--layers", default=None, help="comma-separated backbone layers to tap")
-    p.add_argument("--steps", type=int, default=None,
-                   help="train the residual denoiser N steps (default: train.steps, 0 = the Gaussians alone)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--fit", choices=["squash", "pad", "crop"], default=None,
-                   help="how images of another shape become the square input: squash (default), "
-                        "pad (letterbox, aspect kept) or crop (centre square)")
-    p.add_argument("--tile", action="store_true",
-                   help="cut images larger than the input into overlapping input-sized tiles "
-                        "(--set tiling.overlap=0.25 --set tiling.scale=1.0)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="any config field, e.g. --set scoring.topk=0.02 (repeatable)")
 
 
 # ---------------------------------------------------------------------------- commands
@@ -353,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true",
                        help="write into a non-empty folder that is not a bundle (deletes and replaces "
                             "nothing)")
-    _add_model_options(train)
+    add_model_options(train)
     train.add_argument("--skip-corrupt", action="store_true", help="skip and list unreadable images")
     train.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     train.add_argument("-q", "--quiet", action="store_true")
@@ -378,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--parts", type=int, default=1327)
     demo.add_argument("--data-seed", type=SEED, default=0)
     demo.add_argument("--json", default=None, help="also write the table as JSON rows")
-    _add_model_options(demo)
+    add_model_options(demo)
     demo.add_argument("--device", default=None)
     demo.add_argument("-q", "--quiet", action="store_true")
     demo.set_defaults(func=cmd_demo)

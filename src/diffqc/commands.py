@@ -25,6 +25,53 @@ def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def add_model_options(p: argparse.ArgumentParser, *, method_and_seed: bool = True,
+                      set_help: str = "any config field, e.g. --set scoring.topk=0.02 (repeatable)"
+                      ) -> None:
+    """The options that shape a model (shortcuts for config fields, see :func:`model_overrides`)
+    and ``--set``: ``train`` and ``demo`` have them all; ``evaluate``, which compares methods and
+    has a seed of its own (the folds'), all but ``--method`` and ``--seed``."""
+    if method_and_seed:
+        p.add_argument("--method", choices=list(METHODS), default=None,
+                       help="scoring method (default: diffusion)")
+    p.add_argument("--backbone", default=None,
+                   help="mobilenet-v2 (default), efficientnet-lite0, efficientnet-lite1, efficientnet-lite2 "
+                        "or onnx:PATH")
+    p.add_argument("--layers", default=None, help="comma-separated backbone layers to tap")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train the residual denoiser N steps (default: train.steps, 0 = the Gaussians alone)")
+    if method_and_seed:
+        p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--fit", choices=["squash", "pad", "crop"], default=None,
+                   help="how images of another shape become the square input: squash (default), "
+                        "pad (letterbox, aspect kept) or crop (centre square)")
+    p.add_argument("--tile", action="store_true",
+                   help="cut images larger than the input into overlapping input-sized tiles "
+                        "(--set tiling.overlap=0.25 --set tiling.scale=1.0)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+
+
+def model_overrides(args: argparse.Namespace, *, seed: bool = True) -> dict[str, Any]:
+    """The config fields the options of :func:`add_model_options` set (``--set`` aside);
+    ``seed=False`` where ``--seed`` is not the training seed (``evaluate``'s is the folds')."""
+    over: dict[str, Any] = {}
+    if getattr(args, "method", None):
+        over["method"] = args.method
+    if getattr(args, "backbone", None):
+        over["backbone.name"] = args.backbone
+    if getattr(args, "layers", None):
+        over["backbone.layers"] = [x for x in args.layers.split(",") if x]
+    if getattr(args, "steps", None) is not None:
+        over["train.steps"] = args.steps
+    if seed and getattr(args, "seed", None) is not None:
+        over["train.seed"] = args.seed
+    if getattr(args, "fit", None):
+        over["backbone.resize"] = args.fit
+    if getattr(args, "tile", False):
+        over["tiling.mode"] = "auto"
+    return over
+
+
 def add_evaluate_command(subparsers: Any) -> None:
     """Register ``diffqc evaluate`` (:func:`diffqc.evaluate.cmd_evaluate`)."""
     p = subparsers.add_parser(
@@ -40,8 +87,8 @@ def add_evaluate_command(subparsers: Any) -> None:
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty folder that is not a report (deletes and replaces nothing)")
     p.add_argument("--seed", type=SEED, default=0, help="fold (and subsample) seed")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="config field for every method, e.g. --set train.steps=1000 (repeatable)")
+    add_model_options(p, method_and_seed=False,
+                      set_help="config field for every method, e.g. --set train.steps=1000 (repeatable)")
     p.add_argument("--compare-setting", action="append", metavar="NAME:KEY=VALUE,...",
                    help="an extra variant: the first method's config with these overrides, "
                         "e.g. sep:train.separation_weight=0.1 (repeatable; method=... to change "

@@ -527,7 +527,11 @@ def config_keys() -> list[str]:
 
 
 def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, config_keys(), n=3, cutoff=0.6)
+    keys = config_keys()
+    # a field named without its section ("resize", "steps") first, then near misses
+    close = [k for k in keys if k.rpartition(".")[2] == key]
+    close += [k for k in difflib.get_close_matches(key, keys, n=3, cutoff=0.6) if k not in close]
+    close = close[:3]
     hint = f"; did you mean {' or '.join(close)}?" if close else "; see docs/INTERFACES.md for the keys"
     return ConfigError(f"unknown config field {key!r}{hint}")
 

@@ -37,7 +37,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from diffqc import report as R
-from diffqc.backbone import to_pixels
+from diffqc import tiling
+from diffqc.backbone import raw_features_in_batches, to_pixels
 from diffqc.calibration import CalibrationWarning, Calibrator, standardiser
 from diffqc.config import METHODS, DetectorConfig, parse_overrides, with_overrides
 from diffqc.data import DEFECTIVE, GOOD, DatasetWarning, Sample, read_image, read_mask
@@ -91,8 +92,16 @@ class _Variant:
 
 
 def _backbone_key(config: DetectorConfig) -> str:
-    b = replace(config.backbone, weights_sha256="")
-    return repr(b)
+    """What the raw features depend on: the backbone and, for pad / crop / tiled models, the
+    geometry of their views (:mod:`diffqc.tiling`)."""
+    b = repr(replace(config.backbone, weights_sha256=""))
+    return b + repr(config.tiling) if config.tiling.mode != "off" else b
+
+
+def _layouts(config: DetectorConfig, shapes: Sequence[tuple[int, int]]) -> list[tiling.Layout] | None:
+    """Each image's views under ``config`` (None for the plain one map per image): they follow
+    from the image's shape, so the feature cache needs to keep only the shapes."""
+    return [tiling.plan(sh, config) for sh in shapes] if tiling.uses_layouts(config) else None
 
 
 def _copy_extractor(det: Detector) -> Any:
@@ -228,39 +237,60 @@ def _extract_all(
 ) -> tuple[list[Sample], list[tuple[int, int]], dict[str, torch.Tensor], list[str]]:
     """Read every image once and extract raw features for each distinct backbone: each image is
     cut to every backbone's input as soon as it is read, so memory holds one full-size image and
-    a chunk of model inputs, whatever the camera's resolution.
+    a chunk of model inputs, whatever the camera's resolution. A pad / crop / tiled model's rows
+    are its views, image after image (:func:`_layouts`).
 
     Returns the samples read, their image shapes, raw features per backbone key, and the errors.
     """
-    feats: dict[str, torch.Tensor] = {}
+    plain = {key for key, det in detectors.items() if not tiling.uses_layouts(det.config)}
+    feats: dict[str, torch.Tensor] = {}  # plain: one row per image, filled in place
+    view_feats: dict[str, list[torch.Tensor]] = {key: [] for key in detectors if key not in plain}
     kept: list[Sample] = []
     shapes: list[tuple[int, int]] = []
     errors: list[str] = []
+    pixels: dict[str, list[torch.Tensor]] = {key: [] for key in detectors}
+    rows = dict.fromkeys(plain, 0)
+
+    def flush(key: str) -> None:
+        if not pixels[key]:
+            return
+        det = detectors[key]
+        out = raw_features_in_batches(det.extractor, [torch.cat(pixels[key])], det.config.batch_size,
+                                      det.device).cpu()
+        pixels[key] = []
+        if key not in plain:
+            view_feats[key].append(out)
+            return
+        if key not in feats:
+            feats[key] = torch.empty((len(samples), *out.shape[1:]), dtype=out.dtype)
+        feats[key][rows[key]: rows[key] + out.shape[0]] = out
+        rows[key] += out.shape[0]
+
     bar = tqdm(total=len(samples), desc="reading + extracting features", unit="img",
                disable=not progress)
-    for idx in _chunks(len(samples), READ_CHUNK):
-        pixels: dict[str, list[torch.Tensor]] = {key: [] for key in detectors}
-        for i in idx:
-            try:
-                img = read_image(samples[i].path)
-            except ImageReadError as exc:
-                errors.append(str(exc))
-                continue
-            kept.append(samples[i])
+    for sample in samples:
+        try:
+            img = read_image(sample.path)
+        except ImageReadError as exc:
+            errors.append(str(exc))
+        else:
+            kept.append(sample)
             shapes.append((int(img.shape[0]), int(img.shape[1])))
             for key, det in detectors.items():
-                pixels[key].append(to_pixels([img], det.config.backbone.input_size))
+                if key in plain:
+                    pixels[key].append(to_pixels([img], det.config.backbone.input_size))
+                else:
+                    pixels[key].append(tiling.view_pixels(img, tiling.plan(shapes[-1], det.config)))
+                if sum(p.shape[0] for p in pixels[key]) >= READ_CHUNK:
+                    flush(key)
             del img
-        for key, det in detectors.items():
-            if not pixels[key]:
-                continue
-            out = det.extract_pixels(torch.cat(pixels[key]), raw=True)
-            if key not in feats:
-                feats[key] = torch.empty((len(samples), *out.shape[1:]), dtype=out.dtype)
-            feats[key][len(kept) - out.shape[0] : len(kept)] = out
-        bar.update(len(idx))
+        bar.update(1)
+    for key in detectors:
+        flush(key)
     bar.close()
-    return kept, shapes, {k: v[: len(kept)] for k, v in feats.items()}, errors
+    out = {k: v[: len(kept)] for k, v in feats.items()}
+    out.update({k: torch.cat(v) for k, v in view_feats.items() if v})
+    return kept, shapes, out, errors
 
 
 # =========================================================================== the evaluation
@@ -339,6 +369,10 @@ def evaluate(
         variants_cfg[name] = cfg
     if not variants_cfg:
         raise ConfigError("nothing to evaluate: no methods and no settings")
+    shaped = sorted(name for name, cfg in variants_cfg.items() if tiling.uses_layouts(cfg))
+    if shaped and runtime in ("onnx", "openvino"):
+        raise ConfigError(f"{', '.join(shaped)}: pad, crop and tiled models run with PyTorch only "
+                          f"(diffqc export refuses them); evaluate them with --runtime torch")
     alpha_review, alpha_reject = base.calibration.alpha_review, base.calibration.alpha_reject
     for name, cfg in variants_cfg.items():
         if (cfg.calibration.alpha_review, cfg.calibration.alpha_reject) != (alpha_review, alpha_reject):
@@ -391,6 +425,7 @@ def evaluate(
     has_masks = {t: any(ev[i].mask_path is not None for i in type_idx[t] if y[i] == DEFECTIVE)
                  for t in types}
     map_sizes = [_map_size(sh, map_side) for sh in shapes]
+    layouts = {key: _layouts(det.config, shapes) for key, det in extractors.items()}
 
     # ---- fit / calibrate / score per fold and variant
     rng = np.random.default_rng(seed)
@@ -423,12 +458,17 @@ def evaluate(
         test = np.flatnonzero(fold_of == f)
         tr = train_good[f]
         raw = raw_by_backbone[_backbone_key(v.config)]
+        lays = layouts[_backbone_key(v.config)]
         t1 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             det = Detector(v.config, device=device)
             det.extractor_ = _copy_extractor(extractors[_backbone_key(v.config)])
-            det.fit_features(raw[tr], [ev[i] for i in tr])
+            if lays is None:
+                det.fit_features(raw[tr], [ev[i] for i in tr])
+            else:
+                det.fit_features(raw[tiling.rows_of(lays, tr.tolist())], [ev[i] for i in tr],
+                                 layouts=[lays[i] for i in tr])
         for w in caught:
             if issubclass(w.category, CalibrationWarning):
                 calib_msgs.add(str(w.message))
@@ -452,8 +492,8 @@ def evaluate(
             scorer = onnx_detector(det, threads=threads, runtime=runtime)
         for chunk in _chunks(test.size, INSPECT_CHUNK):
             ids = test[chunk]
-            results = scorer.inspect_features(raw[ids], [stypes[i] for i in ids],
-                                              [map_sizes[i] for i in ids], all_types=False)
+            results = _score_held_out(scorer, raw, lays, ids, [stypes[i] for i in ids],
+                                      [map_sizes[i] for i in ids])
             for i, r in zip(ids, results, strict=True):
                 c, s = std[stypes[i]]
                 v.raw[i], v.p[i], v.decision[i] = r.score, r.p_value, r.decision
@@ -461,7 +501,7 @@ def evaluate(
                 if r.anomaly_map is not None:
                     v.maps[i] = np.clip((r.anomaly_map - c) / s, -6e4, 6e4).astype(np.float16)
             if unknown_type:
-                routed = scorer.inspect_features(raw[ids], [None] * ids.size, None, all_types=False)
+                routed = _score_held_out(scorer, raw, lays, ids, [None] * ids.size, None)
                 for i, r in zip(ids, routed, strict=True):
                     v.routed_type[i], v.routed_score[i] = r.feature_type, r.score
         v.fit_seconds.append(t2 - t1)
@@ -504,6 +544,19 @@ def evaluate(
 
 
 # =========================================================================== the report dict
+
+
+def _score_held_out(scorer: Any, raw: torch.Tensor, layouts: Sequence[tiling.Layout] | None,
+                    ids: np.ndarray, types: Sequence[str | None],
+                    map_sizes: Sequence[tuple[int, int]] | None) -> list[Any]:
+    """The fold model's inspections of held-out images ``ids`` under ``types`` (None: routed),
+    with maps at ``map_sizes`` (None: no maps), from their raw features (their views' rows for a
+    pad / crop / tiled model)."""
+    if layouts is None:
+        return list(scorer.inspect_features(raw[ids], types, map_sizes, all_types=False))
+    given = [None if t is None else scorer.type_index(t) for t in types]
+    return tiling.inspect_views(scorer, raw[tiling.rows_of(layouts, ids.tolist())], [layouts[i] for i in ids],
+                                given, map_sizes is not None, all_types=False, map_sizes=map_sizes)
 
 
 def unknown_type_summary(y: np.ndarray, true_types: Sequence[str], routed_types: Sequence[str | None],
@@ -842,7 +895,10 @@ def _split_top_level(text: str) -> list[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    base = with_overrides(DetectorConfig(), parse_overrides(args.set or []))
+    from diffqc.commands import model_overrides
+
+    base = with_overrides(DetectorConfig(), {**model_overrides(args, seed=False),
+                                                **parse_overrides(args.set or [])})
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     settings: dict[str, DetectorConfig] = {}
     # a setting varies the first method unless it names its own

@@ -228,8 +228,10 @@ def score_table(det: Detector, feats: Tensor, layouts: Sequence[Layout]) -> Tens
 def inspect_views(
     det: Detector, raw: Tensor, layouts: Sequence[Layout], given: Sequence[int | None],
     maps: bool = True, *, all_types: bool = True,
+    map_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> list[Inspection]:
-    """:meth:`Detector.inspect` for models with layouts, from :func:`extract_views`."""
+    """:meth:`Detector.inspect` for models with layouts, from :func:`extract_views`; maps at each
+    image's size, or at ``map_sizes`` (as :meth:`Detector.inspect_features` gives them)."""
     from diffqc.inspection import verdicts
 
     calibration = det.calibration_
@@ -258,5 +260,5 @@ def inspect_views(
         own.append(k)
         scores.append(image_score(det, canvas))
         if maps:
-            out_maps.append(to_image(canvas, lay))
+            out_maps.append(to_image(canvas, lay, None if map_sizes is None else map_sizes[i]))
     return verdicts(det.classes_, calibration, given, own, scores, table, out_maps if maps else None)
