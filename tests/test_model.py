@@ -371,3 +371,42 @@ def test_a_fit_that_cannot_fit_in_memory_is_refused_before_any_image_is_read() -
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_fit_memory(cfg, (32, 32), channels, types, 24, "cpu")
+
+
+def test_a_tiled_fit_is_bounded_by_its_tiles_not_its_images(tmp_path: Path) -> None:
+    """``train --tile`` holds a feature map per tile (a 4000 x 3000 px frame: 336 at 256 px), but
+    the memory check counted one per image, and even advised tiling. The tiles are now counted
+    from the files' headers, as many as the fit then holds, and the advice is about tiles."""
+    import numpy as np
+    from PIL import Image
+
+    from diffqc.config import DetectorConfig, with_overrides
+    from diffqc.data import GOOD, Sample
+    from diffqc.errors import ConfigError
+    from diffqc.model import Detector, available_memory, check_fit_memory, fit_bytes, views_to_fit
+
+    paths = []
+    for i, (h, w) in enumerate([(64, 64), (130, 250), (300, 90)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((h, w, 3), 100 + i, np.uint8)).save(paths[-1])
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    tiled = tiny_config(**{"backbone.input_size": 32, "tiling.mode": "auto"})
+    untiled = with_overrides(tiled, {"tiling.mode": "off"})
+    assert views_to_fit(tiled, paths) > 3 and views_to_fit(untiled, paths) == 3
+    assert views_to_fit(tiled, [*paths, tmp_path / "broken.png"]) == views_to_fit(tiled, paths) + 1
+    det = Detector(tiled, device="cpu")
+    raw, layouts, _, _ = det.read_features([Sample(p, "a", GOOD) for p in paths])
+    assert raw.shape[0] == views_to_fit(tiled, paths) and layouts is not None
+    Image.new("RGB", (4000, 3000)).save(tmp_path / "frame.png")
+    default_tiled = with_overrides(DetectorConfig(), {"tiling.mode": "auto"})
+    assert views_to_fit(default_tiled, [tmp_path / "frame.png"]) == 336
+
+    free = available_memory("cpu")
+    if free is None:
+        pytest.skip("no /proc/meminfo: the check cannot tell the available memory here")
+    per_input = fit_bytes(tiled, (8, 8), 128, 1, 1)[0]
+    too_many = 2 * free // per_input
+    expected = rf"features of 40 images \({too_many} tiles\) .*\(tiling\.scale, now 1"
+    with pytest.raises(ConfigError, match=expected):
+        check_fit_memory(tiled, (8, 8), 128, 1, 40, "cpu", views=too_many)
+    check_fit_memory(tiled, (8, 8), 128, 1, 40, "cpu")  # what it counted before: 40 maps

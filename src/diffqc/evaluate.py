@@ -45,7 +45,7 @@ from diffqc.data import DEFECTIVE, GOOD, DatasetWarning, Sample, read_image, rea
 from diffqc.errors import ConfigError, DatasetError, ImageReadError
 from diffqc.folds import per_type_folds
 from diffqc.metrics import has_both_classes, image_auroc
-from diffqc.model import Detector, check_fit_memory
+from diffqc.model import Detector, check_fit_memory, views_to_fit
 
 DEFAULT_METHODS = ("diffusion", "patchcore", "padim")
 MAP_SIDE = 128  # anomaly maps are kept at most this many pixels on the long side
@@ -404,7 +404,8 @@ def evaluate(
     for cfg in variants_cfg.values():
         det = extractors.setdefault(_backbone_key(cfg), Detector(cfg, device=device))
         fe = det.extractor  # every image's features are kept, and one fold's model at a time
-        check_fit_memory(cfg, fe.grid, fe.channels, len(types), len(labelled), str(det.device))
+        check_fit_memory(cfg, fe.grid, fe.channels, len(types), len(labelled), str(det.device),
+                         views=views_to_fit(cfg, [s.path for s in labelled]))
     ev, shapes, raw_by_backbone, errors = _extract_cached(
         labelled, extractors, progress, None if feature_cache is None else Path(feature_cache))
     extract_seconds = time.perf_counter() - t0

@@ -258,7 +258,8 @@ class Detector:
         _check_heat_map(self.config)
         wanted = {s.feature_type for s in good}
         fe = self.extractor
-        check_fit_memory(self.config, fe.grid, fe.channels, len(wanted), len(good), str(self.device))
+        check_fit_memory(self.config, fe.grid, fe.channels, len(wanted), len(good), str(self.device),
+                         views=views_to_fit(self.config, [s.path for s in good]))
         sizes: list[tuple[int, int]] = []
         raw, layouts, good, errors = self.read_features(good, skip_corrupt=skip_corrupt,
                                                         progress=progress, sizes=sizes)
@@ -686,12 +687,35 @@ def available_memory(device: str) -> int | None:
     return free
 
 
+def views_to_fit(config: DetectorConfig, paths: Sequence[Path | str]) -> int:
+    """How many model inputs the images at ``paths`` make, each held as a feature map by a fit:
+    one per image, or with tiling (``tiling.mode=auto``) its tiles, counted from the files'
+    headers without decoding them (an unreadable file counts one: it is named when read)."""
+    if config.tiling.mode == "off":
+        return len(paths)
+    from PIL import Image, UnidentifiedImageError
+
+    n = 0
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
+            n += 1
+            continue
+        n += tiling.plan((height, width), config).views
+    return n
+
+
 def check_fit_memory(config: DetectorConfig, grid: tuple[int, int], channels: int, n_types: int,
-                     n_images: int, device: str) -> None:
+                     n_images: int, device: str, *, views: int | None = None) -> None:
     """Before any image is read: a fit whose lower bound (:func:`fit_bytes`) exceeds the memory
     available is a :class:`ConfigError`; one above half of it, a warning. (A backbone.input_size
-    of 2000 held 21.6 GB after 5 minutes on 40 GOOD images, still fitting, on a 24 GB machine.)"""
-    features, model = fit_bytes(config, grid, channels, n_types, n_images)
+    of 2000 held 21.6 GB after 5 minutes on 40 GOOD images, still fitting, on a 24 GB machine.)
+    ``views``: the model inputs of a tiled fit (:func:`views_to_fit`), each held as a feature map
+    (a 4000 x 3000 px frame makes 336 tiles of 256 px)."""
+    inputs = n_images if views is None else views
+    features, model = fit_bytes(config, grid, channels, n_types, inputs)
     free = available_memory(device)
     if free is None or 2 * (features + model) <= free:
         return
@@ -699,12 +723,18 @@ def check_fit_memory(config: DetectorConfig, grid: tuple[int, int], channels: in
     def gb(n: int) -> str:
         return f"{n / 2**30:.1f} GB"
 
+    tiles = f" ({inputs} tiles)" if views is not None and views != n_images else ""
     what = (f"at least {gb(features + model)} of memory: {gb(features)} for the features of "
-            f"{n_images} images at {grid[0]} x {grid[1]} locations"
+            f"{n_images} images{tiles} at {grid[0]} x {grid[1]} locations"
             + (f", {gb(model)} for the per-location Gaussians of {n_types} types" if model else ""))
-    advice = (f"lower backbone.input_size (now {config.backbone.input_size}; the memory grows with "
-              "its square), or cut large images into tiles at the model's input size "
-              "(tiling.mode=auto)")
+    if tiles:
+        advice = (f"tile the images at a smaller scale (tiling.scale, now {config.tiling.scale:g}: "
+                  "fewer, coarser tiles), lower tiling.overlap (now "
+                  f"{config.tiling.overlap:g}), or fit on fewer GOOD images")
+    else:
+        advice = (f"lower backbone.input_size (now {config.backbone.input_size}; the memory grows "
+                  "with its square), or cut large images into tiles at the model's input size "
+                  "(tiling.mode=auto)")
     if features + model > free:
         raise ConfigError(f"this fit needs {what}, and {gb(free)} is available; {advice}")
     warnings.warn(f"this fit needs {what}, more than half of the {gb(free)} available: it may run "
