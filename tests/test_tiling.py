@@ -148,6 +148,38 @@ def test_pad_model_on_non_square_images_round_trips(tall_data: Path, tmp_path: P
         det.extract([np.zeros((40, 112, 3), np.float32)])  # per-image features would be squashed
 
 
+def test_patchcore_scores_padded_cropped_and_tiled_parts_as_published(
+        tall_data: Path, clear_dataset: Path) -> None:
+    """``train --method patchcore --fit pad`` (or crop, --tile) failed after the fit: the paper's
+    re-weighted image score needed one map per image. It now re-weights the largest patch score
+    among the patches on the image (a view's padding is not the part): where a layout's single
+    view is the plain input (crop of a square image), the score is the plain path's."""
+    from diffqc.config import with_overrides
+
+    samples = load_dataset(clear_dataset)
+    test = [s for s in samples if s.split == "test"]
+    plain = Detector(tiny_config("patchcore"), device="cpu").fit(samples, progress=False)
+    crop = Detector(with_overrides(plain.config, {"backbone.resize": "crop"}), device="cpu").fit(
+        samples, progress=False)
+    want, _ = plain.inspect_samples(test)
+    got, _ = crop.inspect_samples(test)
+    assert plain.config.patchcore.aggregation == "reweighted" and plain.config.patchcore.neighbors > 1
+    assert [r.score for r in got] == pytest.approx([r.score for r in want], rel=1e-4)
+    assert [r.decision for r in got] == [r.decision for r in want]
+
+    tall = load_dataset(tall_data)
+    for over in ({"backbone.resize": "pad"}, {"tiling.mode": "auto", "backbone.input_size": 32}):
+        det = Detector(tiny_config("patchcore", **over), device="cpu").fit(tall, progress=False)
+        results, kept = det.inspect_samples([s for s in tall if s.split == "test"])
+        assert _auroc(kept, results) > 0.9, over
+    # a 40 x 112 image letterboxed into 64 px fills the view's rows 20-42: of the 8 px cells
+    # (centres at 4, 12, ..., 60) those centred at 20, 28 and 36 are on it, the others padding
+    lay = tiling.plan((40, 112), tiny_config(**{"backbone.resize": "pad"}))
+    assert lay.canvas_hw == (23, 64) and lay.origins == ((-20, 0),)
+    rows = tiling._cells_on_canvas(lay, (8, 8))[0].any(dim=1).tolist()
+    assert rows == [False, False, True, True, True, False, False, False]
+
+
 def test_tiled_model_maps_the_defect_at_full_resolution(large_data: Path) -> None:
     samples = load_dataset(large_data)
     det = Detector(tiny_config("padim", **{"tiling.mode": "auto"}), device="cpu").fit(

@@ -427,7 +427,7 @@ class Detector:
         assert self.calibration_ is not None
         bs = self.config.batch_size
         distance = torch.cat([
-            self.image_scores(self._smoothed(nearest.score_maps(feats[i: i + bs], types[i: i + bs])))
+            self.image_scores(self.smooth(nearest.score_maps(feats[i: i + bs], types[i: i + bs])))
             for i in range(0, feats.shape[0], bs)]).cpu().numpy()
         own = types.cpu().numpy()
         return PatchMemory.calibrated(
@@ -445,9 +445,9 @@ class Detector:
         scorer = self.scorer_
         if scorer is None:
             raise RuntimeError("the detector is not fitted; call fit() or Detector.load()")
-        return self._smoothed(scorer.score_maps(feats, type_idx))
+        return self.smooth(scorer.score_maps(feats, type_idx))
 
-    def _smoothed(self, patch_maps: Tensor) -> Tensor:
+    def smooth(self, patch_maps: Tensor) -> Tensor:
         """Feature-grid maps ``[N, h, w]`` -> ``[N, S, S]``: upsampled to the input size, smoothed."""
         return upsample_and_smooth(patch_maps, self.config.backbone.input_size,
                                    self.config.scoring.smooth_sigma)
@@ -461,11 +461,11 @@ class Detector:
             maps = self.score_maps(feats, type_idx)
             scores = self.image_scores(maps)
             if self.memory_ is not None:  # the map only: the image score stays the likelihood's
-                distance = self._smoothed(self.memory_.nearest.score_maps(feats, type_idx))
+                distance = self.smooth(self.memory_.nearest.score_maps(feats, type_idx))
                 maps = self.memory_.fuse(maps, distance, type_idx)
             return maps, scores
         patch_maps = scorer.score_maps(feats, type_idx)
-        return self._smoothed(patch_maps), scorer.reweighted_scores(feats, type_idx, patch_maps)
+        return self.smooth(patch_maps), scorer.reweighted_scores(feats, type_idx, patch_maps)
 
     def image_scores(self, maps: Tensor) -> Tensor:
         """Image scores ``[N]`` from smoothed maps by the method's own rule: ``scoring.aggregation``

@@ -202,24 +202,53 @@ def extract_views(det: Detector, images: Sequence[np.ndarray], *, progress: bool
     return raw, layouts
 
 
-def canvases(det: Detector, feats: Tensor, layout: Layout, types: Sequence[int]) -> list[Tensor]:
-    """One image's canvas map under each of ``types``, from its standardised view features."""
+def _cells_on_canvas(layout: Layout, grid: tuple[int, int]) -> Tensor:
+    """``[V, h, w]``: whether each feature cell of each view has its centre on the canvas (not in
+    a view's padding)."""
+    h, w = grid
+    s, (ch, cw) = layout.size, layout.canvas_hw
+    out = torch.zeros(layout.views, h, w, dtype=torch.bool)
+    for k, (y, x) in enumerate(layout.origins):
+        cy = y + (torch.arange(h) + 0.5) * s / h
+        cx = x + (torch.arange(w) + 0.5) * s / w
+        out[k] = ((cy >= 0) & (cy < ch))[:, None] & ((cx >= 0) & (cx < cw))[None, :]
+    return out if bool(out.any()) else torch.ones_like(out)
+
+
+def scored_canvases(det: Detector, feats: Tensor, layout: Layout, types: Sequence[int]
+                    ) -> list[tuple[Tensor, float]]:
+    """One image's canvas map and image score under each of ``types``, from its standardised
+    view features. The score aggregates the canvas by the method's rule; PatchCore's default (the
+    paper's re-weighted largest patch score) re-weights the largest patch score among the
+    patches of all views that lie on the canvas."""
+    from diffqc.baselines import PatchCoreScorer
+
     v = layout.views
     rep = feats.repeat(len(types), 1, 1, 1)  # type-major: [T * V]
     idx = torch.tensor(types, device=feats.device).repeat_interleave(v)
-    maps = det.score_maps(rep, idx)
-    return [merge(maps[k * v: (k + 1) * v], layout) for k in range(len(types))]
-
-
-def image_score(det: Detector, canvas: Tensor) -> float:
-    return float(det.image_scores(canvas[None])[0])
+    scorer = det.scorer_
+    if not (isinstance(scorer, PatchCoreScorer) and scorer.config.aggregation == "reweighted"):
+        maps = det.score_maps(rep, idx)
+        canvases = [merge(maps[k * v: (k + 1) * v], layout) for k in range(len(types))]
+        return [(c, float(det.image_scores(c[None])[0])) for c in canvases]
+    patch = scorer.score_maps(rep, idx)  # [T * V, h, w], before smoothing
+    maps = det.smooth(patch)
+    on_canvas = _cells_on_canvas(layout, (patch.shape[-2], patch.shape[-1])).to(patch.device)
+    patch = patch.masked_fill(~on_canvas.repeat(len(types), 1, 1), float("-inf"))
+    reweighted = scorer.reweighted_scores(rep, idx, patch)  # each view's largest patch score
+    best = patch.flatten(1).amax(dim=1)
+    out = []
+    for k in range(len(types)):
+        views = slice(k * v, (k + 1) * v)
+        out.append((merge(maps[views], layout), float(reweighted[views][int(best[views].argmax())])))
+    return out
 
 
 def score_table(det: Detector, feats: Tensor, layouts: Sequence[Layout]) -> Tensor:
     """Image scores of every image under every type, ``[N, n_types]``, from view features."""
     off = offsets(layouts)
     all_types = list(range(len(det.classes_)))
-    rows = [[image_score(det, c) for c in canvases(det, feats[off[i]: off[i + 1]], lay, all_types)]
+    rows = [[score for _, score in scored_canvases(det, feats[off[i]: off[i + 1]], lay, all_types)]
             for i, lay in enumerate(layouts)]
     return torch.tensor(rows, dtype=torch.float32).view(len(layouts), len(all_types))
 
@@ -249,16 +278,16 @@ def inspect_views(
         f = feats[off[i]: off[i + 1]]
         g = given[i]
         if table is not None:
-            cans = canvases(det, f, lay, list(range(n_types)))
-            table[i] = [image_score(det, c) for c in cans]
+            scored = scored_canvases(det, f, lay, list(range(n_types)))
+            table[i] = [score for _, score in scored]
             k = int(table[i].argmin()) if g is None else g
-            canvas = cans[k]
+            canvas, score = scored[k]
         else:
             assert g is not None
             k = g
-            canvas = canvases(det, f, lay, [k])[0]
+            canvas, score = scored_canvases(det, f, lay, [k])[0]
         own.append(k)
-        scores.append(image_score(det, canvas))
+        scores.append(score)
         if maps:
             out_maps.append(to_image(canvas, lay, None if map_sizes is None else map_sizes[i]))
     return verdicts(det.classes_, calibration, given, own, scores, table, out_maps if maps else None)
