@@ -218,14 +218,21 @@ def test_read_features_streams_the_views_extract_views_makes(large_data: Path) -
     assert torch.equal(raw.cpu(), expected)
 
 
-def test_onnx_export_refuses_a_pad_model(tall_data: Path) -> None:
+def test_onnx_export_refuses_a_pad_model(tall_data: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnx")
+    from diffqc.errors import BundleError
     from diffqc.export import build_onnx
+    from diffqc.runtime import load_detector
 
     det = Detector(tiny_config(**{"backbone.resize": "pad", "train.steps": 5}), device="cpu")
     det.fit(load_dataset(tall_data), progress=False)
     with pytest.raises(ExportError, match="squash without tiling"):
         build_onnx(det)
+    # `inspect --runtime onnx` on it said "run `diffqc export`", which then refused it
+    model = det.save(tmp_path / "pad")
+    with pytest.raises(BundleError, match=r"letterboxes, crops or tiles .* use --runtime torch") as exc:
+        load_detector(model, "onnx")
+    assert "diffqc export" not in str(exc.value)
 
 
 def test_cli_trains_with_fit_pad_and_inspects_a_folder_into_a_csv(tall_data: Path, tmp_path: Path) -> None:

@@ -395,7 +395,7 @@ def _stdout_is_gone() -> bool:
     if hasattr(select, "poll"):
         poller = select.poll()
         poller.register(fd, select.POLLOUT)
-        if not any(events & select.POLLERR for _, events in poller.poll(0)):
+        if not any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
             return False
     with contextlib.suppress(OSError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), fd)

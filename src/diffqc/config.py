@@ -514,6 +514,12 @@ def smoothing_radius(sigma: float) -> int:
     return max(1, round(4 * sigma))
 
 
+def uses_layouts(config: DetectorConfig) -> bool:
+    """Whether a model needs layouts (:mod:`diffqc.tiling`: anything but plain squash without
+    tiling); such models run with PyTorch only."""
+    return config.backbone.resize != "squash" or config.tiling.mode != "off"
+
+
 def config_keys() -> list[str]:
     """Every dotted config key, e.g. ``train.steps``."""
     out: list[str] = []

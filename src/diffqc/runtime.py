@@ -34,7 +34,7 @@ from diffqc.arguments import POSITIVE
 from diffqc.backends.graph import SplitGraph
 from diffqc.bundle import WEIGHTS_FILE, read_bundle
 from diffqc.calibration import Calibrator
-from diffqc.config import DetectorConfig
+from diffqc.config import DetectorConfig, uses_layouts
 from diffqc.data import as_image
 from diffqc.errors import BundleError, ConfigError, RuntimeUnavailableError, unknown_feature_type
 from diffqc.inspection import inspect_arguments, inspect_in_batches, sha256_file, verdicts
@@ -104,6 +104,14 @@ def read_export_info(path: Path | str) -> dict[str, Any]:
     """``export.json`` of a bundle (what ``diffqc export`` wrote), or a :class:`BundleError`."""
     f = Path(path) / EXPORT_FILE
     if not f.is_file():
+        try:
+            shaped = uses_layouts(DetectorConfig.from_json(Path(path) / "config.json"))
+        except (OSError, ValueError):
+            shaped = False  # the bundle's own check names a damaged config
+        if shaped:  # `diffqc export` would refuse it: not the advice to give
+            raise BundleError(f"model bundle {path} letterboxes, crops or tiles its images (pad, "
+                              "crop or tiling.mode=auto), which only PyTorch runs: use --runtime "
+                              "torch (or auto)")
         raise BundleError(f"model bundle {path} has no ONNX export: run `diffqc export {path}`")
     try:
         info: dict[str, Any] = json.loads(f.read_text())

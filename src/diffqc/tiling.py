@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffqc.config import DetectorConfig
+from diffqc.config import uses_layouts as uses_layouts  # the rule lives beside the config
 from diffqc.data import as_image
 from diffqc.errors import ConfigError
 
@@ -61,11 +62,6 @@ class Layout:
     @property
     def views(self) -> int:
         return len(self.origins)
-
-
-def uses_layouts(config: DetectorConfig) -> bool:
-    """Whether a model needs layouts (anything but plain squash without tiling)."""
-    return config.backbone.resize != "squash" or config.tiling.mode != "off"
 
 
 def check_config(config: DetectorConfig) -> None:
