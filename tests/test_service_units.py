@@ -386,8 +386,8 @@ def test_stored_records_reads_every_match_in_batches_oldest_first(tmp_path: Path
         assert list(stored_records(store, feature_type="none")) == []
 
 
-def test_cli_results_list_prints_the_stored_decisions(tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_results_list_prints_the_stored_decisions(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """``diffqc results list``: what `watch` (which has no dashboard) stored, without a server:
     JSON lines or CSV on stdout, filtered as /v1/results is; a --db that does not exist is named
     and not created."""
@@ -424,6 +424,12 @@ def test_cli_results_list_prints_the_stored_decisions(tmp_path: Path,
     assert table[0]["reviewer"] == "ann" and table[0]["decision"] == "REVIEW"
     assert main(["results", "list", "--db", str(tmp_path / "typo.db")]) == 1
     assert "typo.db does not exist" in capsys.readouterr().err and not (tmp_path / "typo.db").exists()
+    # without --db: $DIFFQC_DB, as serve and watch (and results export) take it
+    monkeypatch.setenv("DIFFQC_DB", str(db))
+    assert main(["results", "list", "--format", "csv"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1 + 3
+    assert main(["results", "export", str(tmp_path / "reviewed")]) == 0  # it read a fixed name
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["missing_image"] == 1
 
 
 def test_store_urls() -> None:

@@ -23,7 +23,7 @@ from diffqc.errors import RuntimeUnavailableError
 from diffqc.output import json_line
 from diffqc.runtime import add_runtime_arguments
 
-__all__ = ["add_service_commands", "export_reviewed_good", "run_server", "run_watch"]
+__all__ = ["add_service_commands", "export_reviewed_good", "list_results", "run_server", "run_watch"]
 
 
 def run_server(
@@ -161,7 +161,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         from diffqc.service.app import parse_time
 
     since = parse_time(args.since, "since") if args.since else None
-    summary = export_reviewed_good(args.db, args.out, data_dir=args.data_dir, since=since)
+    from diffqc.service.store import store_url
+
+    summary = export_reviewed_good(store_url(args.db), args.out, data_dir=args.data_dir, since=since)
     print(json_line(summary))
     return 0
 
@@ -175,7 +177,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
                "reviewed": False if args.unreviewed else None, "part_id": args.part_id,
                "line": args.line, "station": args.station, "camera": args.camera,
                "source": args.source}
-    n = list_results(args.db, fmt=args.format, **filters)
+    from diffqc.service.store import store_url
+
+    n = list_results(store_url(args.db), fmt=args.format, **filters)
     if n == 0:
         print("diffqc: no stored results match", file=sys.stderr)
     return 0
@@ -297,7 +301,7 @@ def add_service_commands(subparsers: Any) -> None:
     rsub = r.add_subparsers(dest="results_command", required=True)
     e = rsub.add_parser("export", help="export parts reviewed GOOD as extra calibration data")
     e.add_argument("out", help="output folder (images + manifest.csv)")
-    e.add_argument("--db", default="diffqc-results.db", help=db_help)
+    e.add_argument("--db", default=None, help=db_help)
     e.add_argument("--data-dir", default=None)
     e.add_argument("--since", default=None, help="only parts inspected since (ISO 8601 or epoch)")
     e.set_defaults(func=_cmd_export)
@@ -306,7 +310,7 @@ def add_service_commands(subparsers: Any) -> None:
                          description="Print the decisions `serve` and `watch` stored, oldest first, "
                                      "filtered as /v1/results filters them; redirect to a file "
                                      "for a shift's report (--format csv opens in a spreadsheet).")
-    ls.add_argument("--db", default="diffqc-results.db", help=db_help)
+    ls.add_argument("--db", default=None, help=db_help)
     ls.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     ls.add_argument("--since", default=None, help=f"parts inspected at or after {when}")
     ls.add_argument("--until", default=None, help=f"parts inspected before {when}")

@@ -13,7 +13,6 @@ import errno
 import hashlib
 import logging
 import math
-import os
 import socket
 import sys
 import threading
@@ -75,6 +74,7 @@ from diffqc.service.store import (
     StoreError,
     default_artifact_root,
     redact_url,
+    store_url,
 )
 
 log = logging.getLogger("diffqc.service")
@@ -1240,7 +1240,7 @@ def run_server(
     access_log = bool(opts.pop("access_log", False))
     settings = ServiceSettings(
         model_path=model_path,
-        db_url=db_url or os.environ.get("DIFFQC_DB") or "diffqc-results.db",
+        db_url=store_url(db_url),
         tokens=tokens_from_env(token),
         **opts,
     )

@@ -722,6 +722,12 @@ def default_artifact_root(db_url: str) -> Path:
     return sqlite_path(db_url).resolve().parent
 
 
+def store_url(db_url: str | None) -> str:
+    """The result store a command uses: ``--db``, else ``$DIFFQC_DB``, else ``diffqc-results.db``
+    (the same for `serve`, `watch` and `results`)."""
+    return db_url or os.environ.get("DIFFQC_DB") or "diffqc-results.db"
+
+
 def check_store_exists(db_url: str, *, doing: str) -> None:
     """A SQLite store that does not exist is refused for reading (opening it would create an
     empty one, and a mistyped ``--db`` would read as a line with no parts); PostgreSQL says so

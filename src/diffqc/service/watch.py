@@ -364,10 +364,10 @@ def run_watch(
     Returns the process exit code.
     """
     from diffqc.runtime import load_detector  # not the HTTP app: the watcher runs without FastAPI
-    from diffqc.service.store import ArtifactStore, default_artifact_root
+    from diffqc.service.store import ArtifactStore, default_artifact_root, store_url
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    db = db_url or os.environ.get("DIFFQC_DB") or "diffqc-results.db"
+    db = store_url(db_url)
     detector: Any = load_detector(model_path, "auto", device="cpu")
     check_feature_type(feature_type, detector.classes_)  # before anything starts
     try:
