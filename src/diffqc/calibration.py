@@ -174,8 +174,12 @@ class Calibrator:
             parts.append(f"fewer than calibration.min_per_type={cfg.min_per_type} in {', '.join(few)}")
         if not parts:
             return ""
-        how = ("there the exponential tail decides beyond the largest calibration score, a fitted "
-               "model whose GOOD flag rate is bounded by 1/(n+1), not α" if cfg.tail == "exponential"
+        bound = ("whose GOOD flag rate is bounded by 1/(n+1), not α" if cfg.scheme != "cross" else
+                 "without even that bound under calibration.scheme=cross, where fold models, not the "
+                 "deployed one, scored the calibration parts (the demo with 8 GOOD parts per type "
+                 "flagged 25-33 % of its GOOD test parts)")
+        how = (f"there the exponential tail decides beyond the largest calibration score, a fitted "
+               f"model {bound}" if cfg.tail == "exponential"
                else "there that level can never be reached (calibration.tail=none)")
         single = sorted(t for t, c in self.known.items() if c.scores.size < 2)
         if single and cfg.tail == "exponential":
