@@ -413,12 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = _one_line_warning
         try:
             return int(args.func(args))
-        except BrokenPipeError as exc:
-            if _stdout_is_gone():  # `diffqc inspect ... | head`: the reader has what it wanted
-                return EXIT_ERROR
-            print(f"diffqc: error: {_describe(exc)}", file=sys.stderr)
-            return EXIT_ERROR
         except (DiffqcError, OSError) as exc:  # the user's input or the machine, not a bug
+            if isinstance(exc, BrokenPipeError) and _stdout_is_gone():
+                return EXIT_ERROR  # `diffqc inspect ... | head`: the reader has what it wanted
             if os.environ.get("DIFFQC_TRACEBACK"):
                 raise
             hint = ""

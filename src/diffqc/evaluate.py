@@ -480,11 +480,9 @@ def evaluate(
         std = {t: standardiser(cal.known[t].scores) for t in types}
         for t in types:
             c, s = std[t]
-            known = cal.known[t]
-            v.review_z.setdefault(t, []).append(
-                (known.decision_threshold(alpha_review, cal.config.tail) - c) / s)
-            v.reject_z.setdefault(t, []).append(
-                (known.decision_threshold(alpha_reject, cal.config.tail) - c) / s)
+            th = cal.thresholds(t)  # the fold model's α levels are the report's (checked above)
+            v.review_z.setdefault(t, []).append((th["review"] - c) / s)
+            v.reject_z.setdefault(t, []).append((th["reject"] - c) / s)
             v.train_images.setdefault(t, []).append(int(np.isin(tr, type_idx[t]).sum()))
         scorer: Any = det
         if runtime in ("onnx", "openvino") and v.config.method == "diffusion":

@@ -456,8 +456,8 @@ class Detector:
         """Smoothed maps ``[N, S, S]`` and image scores ``[N]``. PatchCore's default image score
         (the paper's re-weighted largest patch score) is computed from the unsmoothed patch maps;
         every other rule aggregates the smoothed map (:meth:`image_scores`)."""
-        scorer = self.scorer_
-        if not (isinstance(scorer, PatchCoreScorer) and scorer.config.aggregation == "reweighted"):
+        scorer = self.reweighting_scorer()
+        if scorer is None:
             maps = self.score_maps(feats, type_idx)
             scores = self.image_scores(maps)
             if self.memory_ is not None:  # the map only: the image score stays the likelihood's
@@ -466,6 +466,14 @@ class Detector:
             return maps, scores
         patch_maps = scorer.score_maps(feats, type_idx)
         return self.smooth(patch_maps), scorer.reweighted_scores(feats, type_idx, patch_maps)
+
+    def reweighting_scorer(self) -> PatchCoreScorer | None:
+        """The scorer when it is PatchCore with the paper's image score (``reweighted``), which
+        is computed from the unsmoothed patch maps, not from the smoothed map; else None."""
+        scorer = self.scorer_
+        if isinstance(scorer, PatchCoreScorer) and scorer.config.aggregation == "reweighted":
+            return scorer
+        return None
 
     def image_scores(self, maps: Tensor) -> Tensor:
         """Image scores ``[N]`` from smoothed maps by the method's own rule: ``scoring.aggregation``

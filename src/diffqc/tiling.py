@@ -217,13 +217,11 @@ def scored_canvases(det: Detector, feats: Tensor, layout: Layout, types: Sequenc
     view features. The score aggregates the canvas by the method's rule; PatchCore's default (the
     paper's re-weighted largest patch score) re-weights the largest patch score among the
     patches of all views that lie on the canvas."""
-    from diffqc.baselines import PatchCoreScorer
-
     v = layout.views
     rep = feats.repeat(len(types), 1, 1, 1)  # type-major: [T * V]
     idx = torch.tensor(types, device=feats.device).repeat_interleave(v)
-    scorer = det.scorer_
-    if not (isinstance(scorer, PatchCoreScorer) and scorer.config.aggregation == "reweighted"):
+    scorer = det.reweighting_scorer()
+    if scorer is None:
         maps = det.score_maps(rep, idx)
         canvases = [merge(maps[k * v: (k + 1) * v], layout) for k in range(len(types))]
         return [(c, float(det.image_scores(c[None])[0])) for c in canvases]
