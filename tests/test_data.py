@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from diffqc.data import (
     DEFECTIVE,
@@ -16,6 +16,7 @@ from diffqc.data import (
     ImageReadError,
     as_image,
     decode_image,
+    image_shape,
     load_dataset,
     load_manifest,
     read_image,
@@ -364,3 +365,32 @@ def test_as_image_reads_arrays_as_decoded_files_are() -> None:
         as_image(np.zeros((12, 16, 2), np.uint8))
     with pytest.raises(ImageReadError, match="not an image's"):
         as_image(np.zeros((12, 16), np.complex64))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
+def test_images_are_read_upright_as_their_orientation_tag_says(tmp_path: Path, fmt: str) -> None:
+    # A phone or a camera that writes EXIF Orientation stores the pixels sideways; a viewer,
+    # a browser (the dashboard) and OpenCV's imread show them turned. diffqc reads them as
+    # shown, so a heat map lies over the part as the user sees it, and the size that
+    # image_shape() reads from the header alone is the decoded one.
+    stored = np.zeros((40, 64), np.uint8)
+    stored[:8, :16] = 255  # a bright block in the stored top-left corner
+    for orientation in range(1, 9):
+        path = tmp_path / f"o{orientation}.{fmt.lower()}"
+        img = Image.fromarray(stored)
+        exif = img.getexif()
+        exif[0x0112] = orientation
+        if fmt == "TIFF":
+            # the tag in the TIFF's own directory; compressed, as Pillow 13 turns uncompressed
+            # TIFFs of orientations 5-8 wrongly (a Pillow bug)
+            img.save(path, format=fmt, tiffinfo=exif, compression="tiff_lzw")
+        else:
+            img.save(path, format=fmt, exif=exif, quality=100)
+        out = read_image(path)[..., 0]
+        assert image_shape(path) == out.shape
+        expected = np.asarray(ImageOps.exif_transpose(Image.open(path)), np.float32) / 255.0
+        np.testing.assert_allclose(out, expected, atol=1e-6)
+        if orientation == 6:  # "rotate 90° clockwise to display": the block moves top-right
+            assert out.shape == (64, 40) and out[:16, -8:].mean() > 0.9
+        if orientation == 1:
+            assert out.shape == (40, 64) and out[:8, :16].mean() > 0.9

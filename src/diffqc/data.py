@@ -28,6 +28,38 @@ UNKNOWN = -1
 # Refuse images whose header claims more pixels than this (decompression-bomb guard).
 MAX_IMAGE_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+_ORIENTATION = 0x0112  # the EXIF/TIFF tag: 1 = as stored; 5-8 turn the image by 90 degrees
+_TO_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+               6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+               8: Image.Transpose.ROTATE_90}
+
+
+def _orientation(img: Image.Image) -> int:
+    """How the image must still be turned to be shown upright: its EXIF Orientation (1-8; 1 when
+    absent or invalid). Pillow's TIFF reader turns TIFFs itself (its size says so before
+    ``load()``, and the tag is gone after)."""
+    if img.format == "TIFF":
+        return 1
+    value = img.getexif().get(_ORIENTATION, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """A loaded image as a viewer, a browser (the dashboard) and OpenCV's ``imread`` show it:
+    phones and some cameras store the pixels sideways and say so in the Orientation tag."""
+    orientation = _orientation(img)
+    return img.transpose(_TO_UPRIGHT[orientation]) if orientation != 1 else img
+
+
+def image_shape(path: Path | str) -> tuple[int, int]:
+    """(height, width) of the image file at ``path`` as :func:`read_image` returns it, from the
+    header alone (its orientation tag included). Raises what ``PIL.Image.open`` raises."""
+    with Image.open(path) as img:
+        width, height = img.size
+        if img.format == "PNG" and "exif" not in img.info:
+            return height, width  # no tag before the pixels (Pillow would decode them to look after)
+        return (width, height) if _orientation(img) >= 5 else (height, width)
 
 
 @dataclass(frozen=True)
@@ -137,7 +169,7 @@ def decode_image(data: bytes | Path | str, source: str | None = None) -> np.ndar
             if w * h > MAX_IMAGE_PIXELS:
                 raise ImageReadError(name, f"{w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
             img.load()
-            arr = _to_float_rgb(img)
+            arr = _to_float_rgb(_upright(img))
     except ImageReadError:
         raise
     except Image.DecompressionBombError as exc:
@@ -167,7 +199,8 @@ def read_mask(path: Path | str | None, shape: tuple[int, int]) -> np.ndarray:
         return np.zeros(shape, dtype=bool)
     try:
         with Image.open(path) as img:
-            m = img.convert("L")
+            img.load()
+            m = _upright(img).convert("L")  # turned as images are (a mask rarely has the tag)
             cut = 127 if m.getextrema()[1] > 127 else 0  # type: ignore[operator]
             if m.size != (shape[1], shape[0]):
                 m = m.resize((shape[1], shape[0]), Image.Resampling.NEAREST)

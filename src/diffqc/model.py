@@ -33,7 +33,7 @@ from diffqc.baselines import PatchCoreScorer
 from diffqc.bundle import check_weights, read_bundle
 from diffqc.calibration import Calibrator, calibration_scores
 from diffqc.config import CalibrationConfig, DetectorConfig
-from diffqc.data import Sample, fingerprint, good_training, iter_images, load_dataset
+from diffqc.data import Sample, fingerprint, good_training, image_shape, iter_images, load_dataset
 from diffqc.errors import (
     BundleError,
     ConfigError,
@@ -706,12 +706,11 @@ def views_to_fit(config: DetectorConfig, paths: Sequence[Path | str]) -> int:
     n = 0
     for path in paths:
         try:
-            with Image.open(path) as img:
-                width, height = img.size
+            shape = image_shape(path)
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
             n += 1
             continue
-        n += tiling.plan((height, width), config).views
+        n += tiling.plan(shape, config).views
     return n
 
 

@@ -107,16 +107,16 @@ def _name_other_sizes(meta: dict[str, Any], samples: list[Any]) -> None:
     """Calibration images of a size their type was not trained at (a changed camera) are named,
     once per type, as ``inspect`` names such parts: recalibrating restores the flag rate, not
     what the model learned at the old scale. Only the files' headers are read here."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     from diffqc.calibration import CalibrationWarning
+    from diffqc.data import image_shape
     from diffqc.inspection import ImageSizeCheck
 
     check = ImageSizeCheck(meta)
     for s in samples:
         try:
-            with Image.open(s.path) as img:
-                width, height = img.size
+            height, width = image_shape(s.path)
         except (OSError, UnidentifiedImageError):  # named when it is read for its score
             continue
         if note := check(s.feature_type, height, width):
