@@ -94,6 +94,23 @@ def test_inspect_folder_leaves_hidden_files_out(tiny_model: Path, clear_dataset:
     assert len(capsys.readouterr().out.splitlines()) == 1
 
 
+def test_inspect_expands_a_pattern_the_shell_left(tiny_model: Path, clear_dataset: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Windows' cmd and PowerShell, a quoted argument and subprocess lists pass ``*.png`` as it
+    is: inspect expands it as a shell would (a file named so is read as itself), and a pattern
+    that matches nothing is one error that says so, not "no such file"."""
+    folder = tmp_path / "imgs"
+    shutil.copytree(clear_dataset / "dots" / "test" / "blob", folder)
+    images = sorted(p.name for p in folder.iterdir())
+    (folder / "notes.txt").write_text("not an image")
+    assert main(["inspect", str(tiny_model), str(folder / "*.png"), "--feature-type", "dots"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [Path(r["path"]).name for r in rows] == images and "error" not in rows[0]
+    assert main(["inspect", str(tiny_model), str(folder / "*.bmp"), "--feature-type", "dots"]) == 1
+    err = capsys.readouterr().err
+    assert "no file matches" in err and "*.bmp" in err and "Traceback" not in err
+
+
 def test_inspect_unknown_type_is_clear_error(tiny_model: Path, clear_dataset: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["inspect", str(tiny_model), str(clear_dataset / "dots" / "test" / "good"),

@@ -110,12 +110,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _expand_images(paths: Sequence[str]) -> list[tuple[Path, Path]]:
     """``(image, name)`` for every image file given or found under a folder given; ``name`` is
-    its path relative to that folder (for a file given alone: its file name)."""
+    its path relative to that folder (for a file given alone: its file name). A pattern that
+    names no file (``*.png`` as Windows' shells, a quoted argument or a subprocess list pass
+    it) is expanded as a shell would; one that matches nothing is a :class:`DatasetError`."""
+    import glob
+
     from diffqc.data import is_hidden, is_image_file
 
     out: list[tuple[Path, Path]] = []
     for p in map(Path, paths):
-        if p.is_dir():
+        if not p.exists() and any(c in str(p) for c in "*?["):
+            if not (matches := sorted(glob.glob(str(p), recursive=True))):
+                raise DatasetError(f"no file matches {str(p)!r}")
+            out += _expand_images(matches)
+        elif p.is_dir():
             out += [(q, q.relative_to(p)) for q in sorted(p.rglob("*")) if is_image_file(q)
                     and not any(is_hidden(Path(part)) for part in q.relative_to(p).parts)]
         else:
