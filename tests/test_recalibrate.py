@@ -90,6 +90,19 @@ def test_cli_calibrate_rewrites_atomically_and_keeps_the_previous(tiny_model: Pa
     assert cal.decide(cal.p_value("stripes", float(np.nextafter(reject, 0)))) == "REVIEW"
 
 
+def test_cli_calibrate_warns_of_too_few_images_for_the_types_it_recalibrates(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """9 GOOD images cannot reach p <= 0.05 conformally: calibrate says so, as train does, for
+    the types it recalibrates (not for those whose calibration it keeps)."""
+    model = _copy(tiny_model, tmp_path)
+    data = write_clear_dataset(tmp_path / "fresh", n_train=6, n_test=3, seed=5)  # 9 GOOD per type
+    shutil.rmtree(data / "dots")
+    assert main(["calibrate", str(model), str(data), "-q"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "too few GOOD calibration" in line]
+    assert len(lines) == 1 and "stripes (9)" in lines[0] and "dots" not in lines[0]
+    assert lines[0].startswith("diffqc: warning: calibration:")
+
+
 def test_cli_calibrate_on_a_full_disk_names_the_file_and_changes_nothing(
         tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """It said a bare "File too large", without which file or whether the bundle was still whole."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,17 +159,18 @@ class Calibrator:
             warnings.warn(message, CalibrationWarning, stacklevel=2)
         return self
 
-    def warning_line(self) -> str:
-        """One line naming the types whose calibration set is too small ("" when none is)."""
+    def warning_line(self, types: Collection[str] | None = None) -> str:
+        """One line naming the types (of ``types``, default all) whose calibration set is too
+        small ("" when none is)."""
         cfg = self.config
+        known = {t: c for t, c in sorted(self.known.items()) if types is None or t in types}
         parts = []
         for name, alpha in (("REJECT", cfg.alpha_reject), ("REVIEW", cfg.alpha_review)):
             need = math.ceil(1 / alpha - 1)
-            short = [f"{t} ({c.scores.size})" for t, c in sorted(self.known.items())
-                     if c.scores.size < need]
+            short = [f"{t} ({c.scores.size})" for t, c in known.items() if c.scores.size < need]
             if short:
                 parts.append(f"{name} at α={alpha} needs at least {need}, fewer in {', '.join(short)}")
-        few = sorted(t for t, c in self.known.items() if c.scores.size < cfg.min_per_type)
+        few = [t for t, c in known.items() if c.scores.size < cfg.min_per_type]
         if few:
             parts.append(f"fewer than calibration.min_per_type={cfg.min_per_type} in {', '.join(few)}")
         if not parts:
@@ -181,7 +182,7 @@ class Calibrator:
         how = (f"there the exponential tail decides beyond the largest calibration score, a fitted "
                f"model {bound}" if cfg.tail == "exponential"
                else "there that level can never be reached (calibration.tail=none)")
-        single = sorted(t for t, c in self.known.items() if c.scores.size < 2)
+        single = [t for t, c in known.items() if c.scores.size < 2]
         if single and cfg.tail == "exponential":
             how += (f"; but {', '.join(single)} {'has' if len(single) == 1 else 'have'} a single "
                     "calibration image, from which no tail can be fitted: no part of "

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from diffqc.calibration import Calibrator
+from diffqc.calibration import CalibrationWarning, Calibrator
 from diffqc.errors import BundleError, DatasetError, UnknownFeatureTypeError, did_you_mean
 from diffqc.output import json_line, write_atomic
 
@@ -65,12 +65,9 @@ def _merged(old: Calibrator, known: dict[str, list[float]], unknown: dict[str, l
     """A calibrator with the new scores for the types given and the old ones for the rest."""
     keep_known = {t: c.scores.tolist() for t, c in old.known.items() if t not in known}
     keep_unknown = {t: c.scores.tolist() for t, c in old.unknown.items() if t not in unknown}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cal = Calibrator(old.config).fit({**keep_known, **known}, {**keep_unknown, **unknown})
-    for w in caught:  # say it once, for the types recalibrated now
-        if any(repr(t) in str(w.message) for t in known):
-            warnings.warn(str(w.message), w.category, stacklevel=3)
+    cal = Calibrator(old.config).fit({**keep_known, **known}, {**keep_unknown, **unknown}, warn=False)
+    if message := cal.warning_line(known):  # for the types recalibrated now, as train says it
+        warnings.warn(message, CalibrationWarning, stacklevel=3)
     return cal
 
 
@@ -79,7 +76,6 @@ def _not_fitted_on(meta: dict[str, Any], samples: list[Any], data: Path | str) -
     their fingerprints), and how many were left out. A fit image scores lower than a new GOOD part
     of the line would, so calibrated on it the thresholds would flag too many GOOD parts.
     A bundle written before the fingerprints were kept cannot be checked: a warning says so."""
-    from diffqc.calibration import CalibrationWarning
     from diffqc.data import fingerprint
 
     fitted = meta.get("training_data", {}).get("fit_image_fingerprints")
@@ -109,7 +105,6 @@ def _name_other_sizes(meta: dict[str, Any], samples: list[Any]) -> None:
     what the model learned at the old scale. Only the files' headers are read here."""
     from PIL import UnidentifiedImageError
 
-    from diffqc.calibration import CalibrationWarning
     from diffqc.data import image_shape
     from diffqc.inspection import ImageSizeCheck
 
