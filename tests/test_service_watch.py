@@ -63,6 +63,32 @@ def test_watch_inspects_moves_and_uses_subfolder_types(
     assert w.step().inspected == 0  # nothing new
 
 
+def test_watch_reads_the_dated_folders_a_camera_files_its_images_in(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
+) -> None:
+    """A camera that files by day (``DIR/<type>/2026-12-02/img.png``) or by hour is watched to any
+    depth, as train reads ``train/good/2026-11-30/``: the type is the top folder's name when the
+    model knows it. They were left unseen, with nothing said. processed/ keeps the layout."""
+    folder, pipe, store = rig
+    (b0, _), (b1, t1) = samples.all[0], samples.all[1]
+    (folder / t1 / "2026-12-02" / "14").mkdir(parents=True)
+    (folder / t1 / "2026-12-02" / "14" / "part-1.png").write_bytes(b1)
+    (folder / "2026-12-02").mkdir()
+    (folder / "2026-12-02" / "part-0.png").write_bytes(b0)
+    (folder / "2026-12-02" / ".thumbs").mkdir()
+    (folder / "2026-12-02" / ".thumbs" / "part-0.png").write_bytes(b0)  # hidden: not data
+    w = _watcher(folder, pipe, store)
+    assert w.step().inspected == 2
+    recs = {r.part_id: r for r in store.query(limit=None)}
+    assert set(recs) == {"part-0", "part-1"}
+    assert recs["part-1"].feature_type == t1 and recs["part-1"].type_known is True
+    assert recs["part-0"].type_known is False
+    assert (folder / "processed" / t1 / "2026-12-02" / "14" / "part-1.png").read_bytes() == b1
+    assert (folder / "processed" / "2026-12-02" / "part-0.png").read_bytes() == b0
+    assert (folder / "2026-12-02" / ".thumbs" / "part-0.png").exists()
+    assert w.step().inspected == 0  # processed/ is not watched
+
+
 def test_watch_waits_until_a_file_is_complete(
     rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
 ) -> None:

@@ -274,14 +274,15 @@ def add_service_commands(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_serve)
 
     w = subparsers.add_parser("watch", help="inspect images as a camera writes them into a folder")
-    w.add_argument("dir", help="folder the camera writes into")
+    w.add_argument("dir", help="folder the camera writes into (and its sub-folders, to any depth)")
     w.add_argument("model", help="model bundle folder")
     w.add_argument("--db", default=None, help=db_help)
     w.add_argument("--data-dir", default=None)
     w.add_argument(
         "--feature-type",
         default=None,
-        help="type of every image (default: the sub-folder name, else unknown)",
+        help="type of every image (default: the nearest folder around it named as a type, "
+        "DIR/<type>/2026-12-02/img.png; else unknown)",
     )
     w.add_argument("--poll", type=POSITIVE_NUMBER, default=0.5, help="seconds between scans")
     w.add_argument(

@@ -7,8 +7,10 @@ then is the file moved to ``processed/`` (or, with ``after="keep"``, left in pla
 crash, a file whose key is already stored is moved without being inspected again, and a file
 without a stored key is inspected: nothing is skipped, nothing counted twice.
 
-Feature type: ``feature_type`` when given, else the name of the sub-folder the file is in
-(``DIR/<type>/img.png``) when the model knows it, else unknown (scored under every type).
+Files are found to any depth below the folder (a camera filing by day or hour), not in
+``processed/``, ``failed/`` or hidden folders. Feature type: ``feature_type`` when given, else the
+name of the nearest folder around the file that the model knows (``DIR/<type>/img.png``,
+``DIR/<type>/2026-12-02/img.png``), else unknown (scored under every type).
 Files that never decode within ``fail_after_s`` are stored as ``NOT_INSPECTED`` and moved to
 ``failed/``.
 """
@@ -128,17 +130,31 @@ class FolderWatcher:
 
     # ------------------------------------------------------------------ scanning
     def _candidates(self) -> list[Path]:
+        """The image files under the folder, to any depth (a camera filing by day and hour), but
+        not in processed/, failed/ or hidden folders; a folder reached twice (a link) is read once."""
         out: list[Path] = []
         skip = {self.processed, self.failed}
-        for entry in sorted(self.root.iterdir()):
-            if entry.name.startswith((".", "~")):
+        seen: set[Path] = set()
+        stack = [self.root]
+        while stack:
+            folder = stack.pop()
+            resolved = folder.resolve()
+            if resolved in seen or resolved in skip:
                 continue
-            if entry.is_dir():
-                if entry.resolve() in skip:
+            seen.add(resolved)
+            try:
+                entries = sorted(folder.iterdir())
+            except OSError:  # removed or unreadable meanwhile: looked at again next poll
+                continue
+            subfolders = []
+            for entry in entries:
+                if entry.name.startswith((".", "~")):
                     continue
-                out.extend(p for p in sorted(entry.iterdir()) if p.is_file() and self._is_image_name(p))
-            elif entry.is_file() and self._is_image_name(entry):
-                out.append(entry)
+                if entry.is_dir():
+                    subfolders.append(entry)
+                elif entry.is_file() and self._is_image_name(entry):
+                    out.append(entry)
+            stack.extend(reversed(subfolders))
         return out
 
     @staticmethod
@@ -184,9 +200,8 @@ class FolderWatcher:
     def _feature_type(self, path: Path) -> str | None:
         if self.settings.feature_type:
             return self.settings.feature_type
-        if path.parent != self.root and path.parent.name in self.classes:
-            return path.parent.name
-        return None
+        folders = path.relative_to(self.root).parts[:-1]  # the nearest the model knows
+        return next((name for name in reversed(folders) if name in self.classes), None)
 
     def step(self) -> StepReport:
         """One pass: inspect every ready file (at most ``max_pending``)."""
