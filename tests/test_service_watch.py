@@ -111,6 +111,36 @@ def test_watch_waits_until_a_file_is_complete(
     assert rec.feature_type == ftype and rec.decision in ("PASS", "REVIEW", "REJECT")
 
 
+def test_watch_says_once_that_its_folder_is_gone_and_goes_on_when_it_returns(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A network share that drops (the folder unreadable) is one error line naming it, not a
+    traceback every poll, nor silence; when it is back, so is the watcher."""
+    import logging
+    import threading
+
+    folder, pipe, store = rig
+    w = _watcher(folder, pipe, store, poll_s=0.05)
+    hidden = folder.with_name("camera-offline")
+    folder.rename(hidden)
+    stop = threading.Event()
+    thread = threading.Thread(target=w.run, args=(stop,))
+    with caplog.at_level(logging.INFO, logger="diffqc.watch"):
+        thread.start()
+        time.sleep(0.5)  # ~10 polls without the folder
+        hidden.rename(folder)
+        (folder / "part-9.png").write_bytes(samples.all[0][0])
+        deadline = time.monotonic() + 20
+        while store.count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        thread.join()
+    assert store.count() == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and str(folder) in errors[0].getMessage() and errors[0].exc_info is None
+    assert any("again" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+
+
 def test_watch_records_unreadable_files_as_not_inspected(
     rig: tuple[Path, InspectionPipeline, ResultStore],
 ) -> None:

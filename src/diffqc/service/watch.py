@@ -72,6 +72,10 @@ class WatchSettings:
             raise ValueError(f"after must be 'move' or 'keep', got {self.after!r}")
 
 
+class _FolderUnreadable(OSError):
+    """The watched folder itself cannot be listed (a network share that dropped)."""
+
+
 @dataclass
 class _Seen:
     size: int
@@ -144,8 +148,10 @@ class FolderWatcher:
             seen.add(resolved)
             try:
                 entries = sorted(folder.iterdir())
-            except OSError:  # removed or unreadable meanwhile: looked at again next poll
-                continue
+            except OSError as exc:
+                if folder == self.root:  # a network share that dropped: run() says so, once
+                    raise _FolderUnreadable(exc.strerror or str(exc)) from exc
+                continue  # a sub-folder removed or unreadable meanwhile: looked at next poll
             subfolders = []
             for entry in entries:
                 if entry.name.startswith((".", "~")):
@@ -327,9 +333,19 @@ class FolderWatcher:
     def run(self, stop: threading.Event | None = None, *, once: bool = False) -> StepReport:
         """Poll until ``stop`` is set (or, with ``once``, until the folder holds nothing ready)."""
         stop = stop or self._stop
+        unreadable = False
         while not stop.is_set():
             try:
                 report = self.step()
+                if unreadable:
+                    log.info("watch folder %s can be read again", self.root)
+                    unreadable = False
+            except _FolderUnreadable as exc:
+                if not unreadable:
+                    log.error("watch folder %s cannot be read (%s); trying again every %g s",
+                              self.root, exc, self.settings.poll_s)
+                    unreadable = True
+                report = StepReport(waiting=1)
             except Exception:
                 log.exception("watch step failed; retrying")
                 report = StepReport(waiting=1)
