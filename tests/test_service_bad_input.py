@@ -310,10 +310,8 @@ async def test_a_failed_store_write_leaves_no_orphan_heat_map_and_readyz_says_wh
     good, ftype = samples.one("PASS")
     db = tmp_path / "results.db"
     art = tmp_path / "art"
-    async with running_app(detector, tmp_path, data_dir=str(art), store_busy_timeout_s=0.2) as (
-        client,
-        state,
-    ):
+    async with running_app(detector, tmp_path, data_dir=str(art), store_busy_timeout_s=0.2,
+                           heatmaps="all") as (client, state):  # a PASS part's heat map too
         lock = sqlite3.connect(db, isolation_level=None)
         lock.execute("BEGIN EXCLUSIVE")
         try:

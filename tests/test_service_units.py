@@ -196,7 +196,7 @@ def _pipeline(
 def test_pipeline_stores_before_completing_and_drops_are_recorded(tmp_path: Path) -> None:
     det = BlockingDetectorDouble()
     det.gate.clear()
-    pipe, store = _pipeline(tmp_path, det, capacity=2, policy="drop_oldest", max_batch=2)
+    pipe, store = _pipeline(tmp_path, det, capacity=2, policy="drop_oldest", max_batch=2, heatmaps="all")
     try:
         first = pipe.submit(_job(0.1, "p0"))
         assert det.entered.wait(5)  # the worker holds p0; the buffer is empty again
@@ -215,6 +215,42 @@ def test_pipeline_stores_before_completing_and_drops_are_recorded(tmp_path: Path
     assert all(r.model_version == "double-1" for r in stored.values())
     assert stored["p0"].heatmap and stored["p1"].heatmap is None
     store.close()
+
+
+def test_pipeline_draws_heat_maps_of_flagged_parts_at_screen_size(tmp_path: Path) -> None:
+    """Heat maps are drawn on the inference worker, so their time is every part's: by default
+    only flagged parts get one (the dashboard shows no other), with the image fitted within
+    1024 px (a 1280 x 1024 camera's own size cut the worker's throughput 4-fold;
+    benchmarks/heatmap_cost.py). ``heatmap_size=0`` keeps the image's own size."""
+    from PIL import Image
+
+    def picture_width(store: ResultStore, art: Path, part: str) -> int | None:
+        (rec,) = [r for r in store.query(limit=None) if r.part_id == part]
+        if rec.heatmap is None:
+            return None
+        with Image.open(art / "heatmaps" / rec.heatmap) as img:
+            return img.size[0]
+
+    def frame(value: float) -> Job:
+        return Job(image=np.full((1024, 1280, 3), value, np.float32), feature_type="a",
+                   part_id=f"{value}")
+
+    widths = {}
+    for name, options in (("default", {}), ("own size", {"heatmap_size": 0, "heatmaps": "all"})):
+        store = ResultStore(str(tmp_path / f"{name}.db"))
+        pipe = InspectionPipeline(BlockingDetectorDouble(), store, ArtifactStore(tmp_path / name), **options)
+        pipe.start()
+        try:
+            for f in [pipe.submit(frame(0.2)), pipe.submit(frame(0.8))]:  # PASS, REJECT
+                f.result(30)
+        finally:
+            pipe.stop()
+        widths[name] = tuple(picture_width(store, tmp_path / name, part) for part in ("0.2", "0.8"))
+        store.close()
+    pass_default, reject_default = widths["default"]
+    assert pass_default is None and reject_default is not None
+    assert 2 * 1024 < reject_default < 2 * 1024 + 200  # two halves of 1024 px, the colour bar
+    assert widths["own size"][0] is not None and widths["own size"][1] > 2 * 1280
 
 
 def test_pipeline_reject_policy_refuses_and_micro_batches(tmp_path: Path) -> None:

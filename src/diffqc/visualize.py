@@ -55,6 +55,26 @@ def _scale(anomaly_map: np.ndarray, vmin: float | None, vmax: float | None) -> t
     return lo, max(hi, lo + 1e-12)
 
 
+# the service's heat maps: the image at most this many px on its longer side. They are looked
+# at on a screen (the dashboard shows them at 160 px); drawn at a 1280 x 1024 camera's own size
+# they cut the inference worker's throughput 4-fold (benchmarks/heatmap_cost.py)
+DEFAULT_HEATMAP_SIZE = 1024
+
+
+def fit_within(image: np.ndarray, max_side: int | None) -> np.ndarray:
+    """An HxWx3 float image in [0, 1] shrunk (bilinear) so that its longer side is at most
+    ``max_side`` px; returned as it is when it already fits or ``max_side`` is None or 0. A heat
+    map is looked at on a screen: drawn at a 12-megapixel frame's own size it took seconds."""
+    h, w = image.shape[:2]
+    if not max_side or max(h, w) <= max_side:
+        return image
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8))
+    return np.asarray(small.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0),
+                      dtype=np.float32) / 255.0
+
+
 def overlay(
     image: np.ndarray, anomaly_map: np.ndarray, *, vmin: float | None = None,
     vmax: float | None = None, alpha: float = 0.45,

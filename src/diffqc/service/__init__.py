@@ -22,6 +22,7 @@ from diffqc.calibration import DECISIONS, NOT_INSPECTED
 from diffqc.errors import RuntimeUnavailableError
 from diffqc.output import json_line
 from diffqc.runtime import add_runtime_arguments
+from diffqc.visualize import DEFAULT_HEATMAP_SIZE
 
 __all__ = ["add_service_commands", "export_reviewed_good", "list_results", "run_server", "run_watch"]
 
@@ -113,6 +114,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "max_upload_bytes": args.max_upload_mb * 1024 * 1024,
         "keep_images": args.keep_images,
         "heatmaps": args.heatmaps,
+        "heatmap_size": args.heatmap_size,
         "all_types": not args.fast,
         "cors_origins": tuple(args.cors_origin or ()),
         "allow_no_token": args.no_auth,
@@ -247,7 +249,11 @@ def add_service_commands(subparsers: Any) -> None:
         default="flagged",
         help="which uploads to keep for review/export (flagged = REVIEW and REJECT)",
     )
-    p.add_argument("--heatmaps", choices=["none", "flagged", "all"], default="all")
+    p.add_argument("--heatmaps", choices=["none", "flagged", "all"], default="flagged",
+                   help="which parts get a heat-map picture (flagged = REVIEW and REJECT, as the "
+                   "dashboard shows them; drawing one takes the inference worker's time)")
+    p.add_argument("--heatmap-size", type=NON_NEGATIVE, default=DEFAULT_HEATMAP_SIZE, metavar="PX",
+                   help="the image's longer side in a heat-map picture (0 = its own size)")
     p.add_argument(
         "--fast",
         action="store_true",

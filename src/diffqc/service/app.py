@@ -76,6 +76,7 @@ from diffqc.service.store import (
     redact_url,
     store_url,
 )
+from diffqc.visualize import DEFAULT_HEATMAP_SIZE
 
 log = logging.getLogger("diffqc.service")
 
@@ -106,7 +107,8 @@ class ServiceSettings:
     body_timeout_s: float = 30.0  # an upload that sends nothing for this long gets 408
     decode_workers: int = 4  # uploads decoded at the same time (each holds its decoded image)
     keep_images: str = "flagged"
-    heatmaps: str = "all"
+    heatmaps: str = "flagged"  # the dashboard shows them for REVIEW and REJECT parts
+    heatmap_size: int = DEFAULT_HEATMAP_SIZE  # px, the image's longer side in a heat map; 0: its own
     all_types: bool = True  # score every type too (predicted type, type scores)
     cors_origins: tuple[str, ...] = ()
     torch_threads: int | None = None  # CPU threads for inference (PyTorch or ONNX Runtime)
@@ -1168,6 +1170,7 @@ def _start(state: ServiceState, detector: DetectorLike | None) -> None:
         model_version=state.model_version,
         keep_images=s.keep_images,
         heatmaps=s.heatmaps,
+        heatmap_size=s.heatmap_size,
         all_types=s.all_types,
         overlay_scale=overlay_scales(state.model_info.get("calibration") or {}),
     )

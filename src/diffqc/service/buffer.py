@@ -27,6 +27,7 @@ import numpy as np
 
 from diffqc.inspection import ImageSizeCheck
 from diffqc.service.store import NOT_INSPECTED, ArtifactStore, ResultRecord, ResultStore
+from diffqc.visualize import DEFAULT_HEATMAP_SIZE, fit_within
 
 log = logging.getLogger("diffqc.service")
 
@@ -267,7 +268,9 @@ class InspectionPipeline:
 
     ``keep_images``: which uploads are kept on disk beside the record (``flagged`` =
     REVIEW and REJECT, needed by the review queue and ``results export``).
-    ``heatmaps``: ``all``, ``flagged`` or ``none`` heat-map overlays written as PNG.
+    ``heatmaps``: ``all``, ``flagged`` or ``none`` heat-map overlays written as PNG, drawn on
+    the worker (their time is every part's), the image fitted within ``heatmap_size`` px
+    (None or 0: its own size).
     """
 
     def __init__(
@@ -282,7 +285,8 @@ class InspectionPipeline:
         max_batch: int = 8,
         model_version: str = "",
         keep_images: str = "flagged",
-        heatmaps: str = "all",
+        heatmaps: str = "flagged",
+        heatmap_size: int | None = DEFAULT_HEATMAP_SIZE,
         overlay: OverlayFn | None = None,
         overlay_scale: dict[str, tuple[float, float]] | None = None,
         all_types: bool = True,
@@ -303,6 +307,7 @@ class InspectionPipeline:
         self.model_version = model_version
         self.keep_images = keep_images
         self.heatmaps = heatmaps
+        self.heatmap_size = heatmap_size
         self.overlay = overlay or default_overlay
         self.overlay_scale = overlay_scale or {}
         self.all_types = all_types
@@ -500,7 +505,7 @@ class InspectionPipeline:
             if self._wants(self.heatmaps, decision) and res.anomaly_map is not None:
                 try:
                     scale = self.overlay_scale.get(res.feature_type or "")
-                    picture = self.overlay(job.image, res, scale)
+                    picture = self.overlay(fit_within(job.image, self.heatmap_size), res, scale)
                     heatmap = self.artifacts.save_png("heatmaps", picture)
                 except Exception as exc:
                     missing.append(self._artifact_failed("heat map", job, exc))

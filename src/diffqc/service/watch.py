@@ -42,6 +42,7 @@ from diffqc.service.security import (
     check_image_header,
 )
 from diffqc.service.store import NOT_INSPECTED, ResultRecord, ResultStore
+from diffqc.visualize import DEFAULT_HEATMAP_SIZE
 
 log = logging.getLogger("diffqc.watch")
 
@@ -380,7 +381,8 @@ def run_watch(
     once: bool = False,
     max_batch: int = 8,
     keep_images: str = "flagged",
-    heatmaps: str = "all",
+    heatmaps: str = "flagged",
+    heatmap_size: int = DEFAULT_HEATMAP_SIZE,
     source: str | None = None,
     line: str | None = None,
     station: str | None = None,
@@ -417,6 +419,7 @@ def run_watch(
         model_version=str(getattr(detector, "version", "")),
         keep_images=keep_images,
         heatmaps=heatmaps,
+        heatmap_size=heatmap_size,
         overlay_scale=overlay_scales(cal.summary()) if cal is not None else None,
     )
     settings = WatchSettings(

@@ -1,0 +1,110 @@
+"""What writing heat maps costs the service's inference worker, by image size.
+
+The service (``serve``, ``watch``) renders each part's heat-map picture (the image beside its
+overlay, diffqc.visualize.panel) and writes it as PNG on its one inference worker, before the
+part's record is stored: its time is every part's. This drives the real
+:class:`~diffqc.service.buffer.InspectionPipeline` (a real bundle, SQLite store, artifact folder)
+with parts of each ``--sizes``: without heat maps, and with one for every part drawn with the
+image fitted within each ``--heatmap-sizes`` (0: the image's own size, as before session 23),
+interleaved in ``--rounds`` rounds so that all see the same machine, and prints the worker's
+parts per second (median over rounds) and the heat-map files' mean size.
+
+    python benchmarks/heatmap_cost.py MODEL [--sizes 256x256,1024x1280] [--heatmap-sizes 1024,0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _image(height: int, width: int, seed: int) -> np.ndarray:
+    """A smooth picture of the size asked (a random field blurred by upsampling), not noise:
+    PNG compresses it as it would a part."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    small = (rng.uniform(0, 255, (16, 16, 3))).astype(np.uint8)
+    big = Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+    return np.asarray(big, dtype=np.float32) / 255.0
+
+
+def run_once(detector: Any, size: tuple[int, int], heatmaps: str, heatmap_size: int,
+             parts: int) -> dict[str, float]:
+    """Parts per second of one pipeline over ``parts`` parts of ``size``; mean heat-map bytes."""
+    from diffqc.service.buffer import InspectionPipeline, Job
+    from diffqc.service.store import ArtifactStore, ResultStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ResultStore(f"sqlite:///{tmp}/r.db")
+        artifacts = ArtifactStore(tmp)
+        pipe = InspectionPipeline(detector, store, artifacts, capacity=parts, max_bytes=None,
+                                  max_batch=8, heatmaps=heatmaps, heatmap_size=heatmap_size,
+                                  keep_images="none")
+        images = [_image(*size, seed=i) for i in range(parts)]
+        types = detector.classes_
+        pipe.start()
+        try:
+            start = time.perf_counter()
+            futures = pipe.submit_many([Job(image=im, feature_type=types[i % len(types)])
+                                        for i, im in enumerate(images)])
+            records = [f.result(timeout=600) for f in futures]
+            seconds = time.perf_counter() - start
+        finally:
+            pipe.stop()
+            store.close()
+        files = [p.stat().st_size for p in (Path(tmp) / "heatmaps").glob("*.png")]
+        assert all(r.decision in ("PASS", "REVIEW", "REJECT") for r in records)
+        kb = sum(files) / len(files) / 1024 if files else 0.0
+        return {"parts_per_s": parts / seconds, "heatmap_kb": kb}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--sizes", default="256x256,1024x1280", help="HxW,HxW,...")
+    ap.add_argument("--heatmap-sizes", default="1024,0", help="the image's longer side, px")
+    ap.add_argument("--parts", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    import torch
+
+    from diffqc.model import Detector
+
+    torch.set_num_threads(args.threads)
+    detector = Detector.load(args.model, device="cpu")
+    sizes = [(int(s.split("x")[0]), int(s.split("x")[1])) for s in args.sizes.split(",")]
+    settings = [("none", 0)] + [("all", int(px)) for px in args.heatmap_sizes.split(",")]
+    runs: dict[tuple[tuple[int, int], str, int], list[dict[str, float]]] = {}
+    run_once(detector, (256, 256), "all", 0, 8)  # warm-up: first-call costs out of the way
+    for _ in range(args.rounds):
+        for size in sizes:
+            for heatmaps, px in settings:
+                runs.setdefault((size, heatmaps, px), []).append(
+                    run_once(detector, size, heatmaps, px, args.parts))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    print(f"commit {commit}, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {args.threads} threads, "
+          f"{args.parts} parts x {args.rounds} rounds")
+    print("| image (H x W) | heat maps | parts/s (median; rounds) | heat-map file |")
+    print("|---|---|---|---|")
+    for (size, heatmaps, px), rs in runs.items():
+        rates = [r["parts_per_s"] for r in rs]
+        kb = statistics.mean(r["heatmap_kb"] for r in rs)
+        what = "none" if heatmaps == "none" else f"every part, image within {px or 'its own size'}"
+        print(f"| {size[0]} x {size[1]} | {what} | {statistics.median(rates):.1f} "
+              f"({', '.join(f'{x:.1f}' for x in rates)}) | {kb:.0f} KB |")
+
+
+if __name__ == "__main__":
+    main()
