@@ -210,6 +210,7 @@ def test_watch_cli_once(service_model: tuple[Path, Path], samples: Samples, tmp_
     folder.mkdir()
     for i in range(3):
         (folder / f"c{i}.png").write_bytes(samples.all[i][0])
+    (folder / "c0.png").write_bytes(samples.one("PASS")[0])
     (folder / "bad.png").write_bytes(b"garbage")
     env = dict(os.environ, PYTHONPATH=str(Path(diffqc.__file__).parents[1]), OMP_NUM_THREADS="1")
     db = tmp_path / "w.db"
@@ -227,6 +228,8 @@ def test_watch_cli_once(service_model: tuple[Path, Path], samples: Samples, tmp_
         "0",
         "--poll",
         "0.05",
+        "--heatmaps",  # the PASS part's too (the default draws flagged parts' only)
+        "all",
     ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -234,4 +237,6 @@ def test_watch_cli_once(service_model: tuple[Path, Path], samples: Samples, tmp_
         recs: list[ResultRecord] = store.query(limit=None)
     assert sorted(r.part_id or "" for r in recs) == ["bad", "c0", "c1", "c2"]
     assert [r.decision for r in recs if r.part_id == "bad"] == [NOT_INSPECTED]
+    by_part = {r.part_id: r for r in recs}
+    assert by_part["c0"].decision == "PASS" and all(by_part[f"c{i}"].heatmap for i in range(3))
     assert len(list((folder / "processed").iterdir())) == 3

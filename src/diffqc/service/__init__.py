@@ -151,6 +151,9 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         after="keep" if args.keep else "move",
         once=args.once,
         max_batch=args.max_batch,
+        keep_images=args.keep_images,
+        heatmaps=args.heatmaps,
+        heatmap_size=args.heatmap_size,
         source=args.source,
         line=args.line,
         station=args.station,
@@ -185,6 +188,17 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if n == 0:
         print("diffqc: no stored results match", file=sys.stderr)
     return 0
+
+
+def _add_artifact_arguments(p: argparse.ArgumentParser) -> None:
+    """What ``serve`` and ``watch`` keep beside each record."""
+    p.add_argument("--keep-images", choices=["none", "flagged", "all"], default="flagged",
+                   help="which images to keep for review/export (flagged = REVIEW and REJECT)")
+    p.add_argument("--heatmaps", choices=["none", "flagged", "all"], default="flagged",
+                   help="which parts get a heat-map picture (flagged = REVIEW and REJECT, as the "
+                   "dashboard shows them; drawing one takes the inference worker's time)")
+    p.add_argument("--heatmap-size", type=NON_NEGATIVE, default=DEFAULT_HEATMAP_SIZE, metavar="PX",
+                   help="the image's longer side in a heat-map picture (0 = its own size)")
 
 
 def _add_line_arguments(p: argparse.ArgumentParser) -> None:
@@ -243,17 +257,7 @@ def add_service_commands(subparsers: Any) -> None:
     )
     p.add_argument("--retry-after", type=NON_NEGATIVE, default=1, help="Retry-After seconds on 503")
     p.add_argument("--max-upload-mb", type=POSITIVE, default=20)
-    p.add_argument(
-        "--keep-images",
-        choices=["none", "flagged", "all"],
-        default="flagged",
-        help="which uploads to keep for review/export (flagged = REVIEW and REJECT)",
-    )
-    p.add_argument("--heatmaps", choices=["none", "flagged", "all"], default="flagged",
-                   help="which parts get a heat-map picture (flagged = REVIEW and REJECT, as the "
-                   "dashboard shows them; drawing one takes the inference worker's time)")
-    p.add_argument("--heatmap-size", type=NON_NEGATIVE, default=DEFAULT_HEATMAP_SIZE, metavar="PX",
-                   help="the image's longer side in a heat-map picture (0 = its own size)")
+    _add_artifact_arguments(p)
     p.add_argument(
         "--fast",
         action="store_true",
@@ -301,6 +305,7 @@ def add_service_commands(subparsers: Any) -> None:
     w.add_argument("--once", action="store_true", help="process what is there, then exit")
     w.add_argument("--max-batch", type=POSITIVE, default=8)
     w.add_argument("--source", default=None, help="idempotency namespace (default: the folder path)")
+    _add_artifact_arguments(w)
     _add_line_arguments(w)
     w.set_defaults(func=_cmd_watch)
 
