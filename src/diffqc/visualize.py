@@ -55,10 +55,11 @@ def _scale(anomaly_map: np.ndarray, vmin: float | None, vmax: float | None) -> t
     return lo, max(hi, lo + 1e-12)
 
 
-# the service's heat maps: the image at most this many px on its longer side. They are looked
-# at on a screen (the dashboard shows them at 160 px); drawn at a 1280 x 1024 camera's own size
-# they cut the inference worker's throughput 4-fold (benchmarks/heatmap_cost.py)
-DEFAULT_HEATMAP_SIZE = 1024
+# the service's heat maps: the image at most this many px on its longer side, so that the
+# picture (image | overlay | colour bar) is within a 1920 px screen's width. The dashboard shows
+# it at 160 px, beside the kept image at its own size; drawn at a 1280 x 1024 camera's own size
+# it took ~0.25 s of the one inference worker per part (benchmarks/heatmap_cost.py)
+DEFAULT_HEATMAP_SIZE = 768
 
 
 def fit_within(image: np.ndarray, max_side: int | None) -> np.ndarray:
