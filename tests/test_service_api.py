@@ -431,3 +431,27 @@ async def test_serve_also_ingests_a_watched_folder(detector: Any, samples: Sampl
                 break
             await asyncio.sleep(0.05)
         assert (folder / "processed" / "w-1.png").exists()
+
+
+async def test_a_watched_folder_that_cannot_be_read_is_named_in_readyz(detector: Any, tmp_path: Path) -> None:
+    """A camera share that dropped: the service still inspects what is posted (ready), but
+    /readyz says, under ``degraded``, which folder it cannot read, until it can again."""
+    folder = tmp_path / "cam"
+    folder.mkdir()
+    async with running_app(detector, tmp_path, watch_dirs=(str(folder),)) as (client, state):
+        state.watchers[0].settings.poll_s = 0.05
+        assert "degraded" not in (await client.get("/readyz")).json()
+        folder.rename(tmp_path / "cam-offline")
+        for _ in range(100):
+            body = (await client.get("/readyz")).json()
+            if "degraded" in body:
+                break
+            await asyncio.sleep(0.05)
+        assert body["ready"] is True and str(folder.resolve()) in body["degraded"]["watch"]
+        (tmp_path / "cam-offline").rename(folder)
+        for _ in range(100):
+            body = (await client.get("/readyz")).json()
+            if "degraded" not in body:
+                break
+            await asyncio.sleep(0.05)
+        assert "degraded" not in body

@@ -709,6 +709,8 @@ def readiness_problems(state: ServiceState) -> tuple[dict[str, str], dict[str, s
         reason = state.artifacts.check_write()
         if reason is not None:
             degraded["artifacts"] = f"heat maps and kept images are not being written: {reason}"
+    if unread := [w.problem for w in state.watchers if w.problem is not None]:
+        degraded["watch"] = "; ".join(unread)  # posted parts are still inspected
     return out, degraded
 
 
@@ -822,8 +824,9 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         """Ready when a part sent now would be inspected and stored: the model is loaded, the
         worker runs and its inspections are not failing, the store commits a write and the
         buffer has room; else 503 with ``reason``. Artifact folders that take no file (full
-        disk, unwritable) leave it ready, since decisions are still stored, and are reported
-        under ``degraded``."""
+        disk, unwritable) and watched folders that cannot be read (a share that dropped) leave
+        it ready, since posted parts are still inspected and stored, and are reported under
+        ``degraded``."""
         reasons, degraded = await run_in_threadpool(readiness_problems, state)
         ok = not reasons
         body: dict[str, Any] = {"ready": ok, "checks": {k: k not in reasons for k in READY_CHECKS}}

@@ -129,6 +129,7 @@ class FolderWatcher:
         check_feature_type(settings.feature_type, pipeline.detector.classes_)
         self._seen: dict[Path, _Seen] = {}
         self._kept: set[tuple[str, int, int]] = set()  # after="keep": (path, size, mtime) done
+        self.problem: str | None = None  # why the folder cannot be read now (serve's /readyz)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.totals = StepReport()
@@ -334,18 +335,17 @@ class FolderWatcher:
     def run(self, stop: threading.Event | None = None, *, once: bool = False) -> StepReport:
         """Poll until ``stop`` is set (or, with ``once``, until the folder holds nothing ready)."""
         stop = stop or self._stop
-        unreadable = False
         while not stop.is_set():
             try:
                 report = self.step()
-                if unreadable:
+                if self.problem is not None:
                     log.info("watch folder %s can be read again", self.root)
-                    unreadable = False
+                    self.problem = None
             except _FolderUnreadable as exc:
-                if not unreadable:
+                if self.problem is None:
                     log.error("watch folder %s cannot be read (%s); trying again every %g s",
                               self.root, exc, self.settings.poll_s)
-                    unreadable = True
+                self.problem = f"watch folder {self.root} cannot be read ({exc})"
                 report = StepReport(waiting=1)
             except Exception:
                 log.exception("watch step failed; retrying")
