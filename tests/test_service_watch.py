@@ -141,6 +141,49 @@ def test_watch_says_once_that_its_folder_is_gone_and_goes_on_when_it_returns(
     assert any("again" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
 
 
+def test_watch_says_once_that_the_store_is_down_and_stores_the_part_when_it_is_back(
+    detector: Any, samples: Samples, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database restart (here another connection holding SQLite's write lock): the file stays
+    in the folder and is stored once the store takes writes again; the log has one error line
+    for the outage, not a traceback every poll."""
+    import logging
+    import sqlite3
+    import threading
+
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    db = tmp_path / "results.db"
+    store = ResultStore(str(db), busy_timeout_s=0.1)
+    pipe = InspectionPipeline(detector, store, ArtifactStore(tmp_path), model_version="v")
+    pipe.start()
+    w = _watcher(folder, pipe, store, poll_s=0.05)
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    (folder / "part-7.png").write_bytes(samples.all[0][0])
+    stop = threading.Event()
+    thread = threading.Thread(target=w.run, args=(stop,))
+    try:
+        with caplog.at_level(logging.INFO, logger="diffqc.watch"):
+            thread.start()
+            time.sleep(1.5)  # polls against a store that takes no write
+            assert store.count() == 0 and (folder / "part-7.png").exists()
+            lock.execute("ROLLBACK")
+            deadline = time.monotonic() + 30
+            while store.count() == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            stop.set()
+            thread.join()
+    finally:
+        lock.close()
+        pipe.stop()
+    assert store.count() == 1 and (folder / "processed" / "part-7.png").exists()
+    store.close()
+    errors = [r for r in caplog.records if r.name == "diffqc.watch" and r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "store" in errors[0].getMessage() and errors[0].exc_info is None
+    assert any("again" in r.getMessage() for r in caplog.records if r.name == "diffqc.watch")
+
+
 def test_watch_records_unreadable_files_as_not_inspected(
     rig: tuple[Path, InspectionPipeline, ResultStore],
 ) -> None:

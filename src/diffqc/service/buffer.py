@@ -25,6 +25,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from diffqc.errors import StoreError
 from diffqc.inspection import ImageSizeCheck
 from diffqc.service.store import NOT_INSPECTED, ArtifactStore, ResultRecord, ResultStore
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE, fit_within
@@ -389,6 +390,10 @@ class InspectionPipeline:
             if batch or dropped:
                 try:
                     self.process(batch, dropped)
+                except StoreError as exc:  # a database restart: said by whoever waits for them
+                    log.error("%d part(s) not stored: %s", len(batch) + len(dropped), exc)
+                    for job in batch + dropped:
+                        _settle(job.future, exc)
                 except Exception as exc:  # keep the worker alive whatever happens
                     log.exception("inference batch failed")
                     for job in batch + dropped:

@@ -129,7 +129,7 @@ class FolderWatcher:
         check_feature_type(settings.feature_type, pipeline.detector.classes_)
         self._seen: dict[Path, _Seen] = {}
         self._kept: set[tuple[str, int, int]] = set()  # after="keep": (path, size, mtime) done
-        self.problem: str | None = None  # why the folder cannot be read now (serve's /readyz)
+        self.problem: str | None = None  # why nothing is taken now (serve's /readyz)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.totals = StepReport()
@@ -339,13 +339,15 @@ class FolderWatcher:
             try:
                 report = self.step()
                 if self.problem is not None:
-                    log.info("watch folder %s can be read again", self.root)
+                    log.info("%s: over, working again", self.problem)
                     self.problem = None
-            except _FolderUnreadable as exc:
-                if self.problem is None:
-                    log.error("watch folder %s cannot be read (%s); trying again every %g s",
-                              self.root, exc, self.settings.poll_s)
-                self.problem = f"watch folder {self.root} cannot be read ({exc})"
+            except (_FolderUnreadable, StoreError) as exc:  # said once, until it is over
+                problem = (f"watch folder {self.root} cannot be read ({exc})"
+                           if isinstance(exc, _FolderUnreadable) else str(exc))
+                if self.problem != problem:
+                    log.error("%s; the files stay, trying again every %g s", problem,
+                              self.settings.poll_s)
+                self.problem = problem
                 report = StepReport(waiting=1)
             except Exception:
                 log.exception("watch step failed; retrying")
