@@ -363,6 +363,11 @@ def test_as_image_reads_arrays_as_decoded_files_are() -> None:
         as_image(np.full((12, 16), -1, np.int32))
     with pytest.raises(ImageReadError, match="HxWx3"):
         as_image(np.zeros((12, 16, 2), np.uint8))
+    # a torch tensor's channels-first layout and a batch are named, with what to do
+    with pytest.raises(ImageReadError, match=r"channels first.*transpose\(1, 2, 0\)"):
+        as_image(np.zeros((3, 12, 16), np.float32))
+    with pytest.raises(ImageReadError, match=r"a batch of 8 images.*one array per image"):
+        as_image(np.zeros((8, 12, 16, 3), np.uint8))
     with pytest.raises(ImageReadError, match="not an image's"):
         as_image(np.zeros((12, 16), np.complex64))
 

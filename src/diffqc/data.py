@@ -115,7 +115,12 @@ def as_image(img: np.ndarray, source: str = "<array>") -> np.ndarray:
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-        raise ImageReadError(source, f"expected an HxW, HxWx3 or HxWx4 image, got shape {arr.shape}")
+        hint = ""
+        if arr.ndim == 3 and arr.shape[0] in (1, 3, 4):
+            hint = " (channels first, as a torch tensor is? pass arr.transpose(1, 2, 0))"
+        elif arr.ndim == 4 and arr.shape[3] in (1, 3, 4):
+            hint = f" (a batch of {arr.shape[0]} images? pass one array per image: list(batch))"
+        raise ImageReadError(source, f"expected an HxW, HxWx3 or HxWx4 image, got shape {arr.shape}{hint}")
     if arr.size == 0:
         raise ImageReadError(source, f"empty image of shape {arr.shape}")
     if arr.dtype == np.bool_:
