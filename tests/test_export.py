@@ -430,6 +430,22 @@ def test_onnx_backbone_errors(tmp_path: Path) -> None:
         FeatureExtractor(BackboneConfig(name=f"onnx:{tmp_path / 'missing.onnx'}", layers=("x",)))
 
 
+def test_tensorrt_without_tensorrt_is_refused_before_any_export(
+        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Without TensorRT (neither its Python package nor trtexec), ``export --format tensorrt``
+    says so at once: it used to export and check the ONNX graph first (a minute on a line PC)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    bundle = Path(shutil.copytree(tiny_model, tmp_path / "tiny"))
+    monkeypatch.setenv("PATH", str(tmp_path / "no-trtexec"))  # a PATH without trtexec
+    assert main(["export", str(bundle), "--format", "tensorrt"]) == 1
+    assert "TensorRT is not installed" in capsys.readouterr().err
+    assert not (bundle / "model.onnx").exists() and not (bundle / "export.json").exists()
+
+
 @pytest.mark.gpu
 def test_tensorrt_fp16_engine(exported: Path, test_images: tuple) -> None:
     if not torch.cuda.is_available():

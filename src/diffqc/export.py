@@ -41,7 +41,7 @@ from diffqc.backends.graph import ANOMALY_MAP, FEATURES, PIXELS, SCORE, TYPE_IDX
 from diffqc.backends.openvino import OpenVinoGraph, openvino_version
 from diffqc.backends.ort import OnnxBackbone, OnnxGraph, import_onnxruntime, make_session
 from diffqc.backends.tensorrt import ENGINE_FILE as TENSORRT_ENGINE
-from diffqc.backends.tensorrt import build_tensorrt_engine
+from diffqc.backends.tensorrt import build_tensorrt_engine, check_tensorrt_builder
 from diffqc.errors import ConfigError, DatasetError, ExportError
 from diffqc.output import json_line, scratch_folder, write_atomic
 from diffqc.runtime import (
@@ -994,6 +994,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_tensorrt(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     path = Path(args.model)
+    check_tensorrt_builder()  # before the ONNX export it needs, which takes a while
     if not (path / ONNX_FILES["fp32"]).is_file():
         export_bundle(path, data=args.data, threads=args.threads, opset=args.opset or DEFAULT_OPSET, log=log)
     info = read_export_info(path)

@@ -54,26 +54,36 @@ class TensorRTGraph:
         return outs[ANOMALY_MAP].cpu().numpy(), outs[SCORE].cpu().numpy()
 
 
+def check_tensorrt_builder() -> None:
+    """A :class:`RuntimeUnavailableError` unless an engine can be built here: TensorRT's Python
+    package or ``trtexec`` on PATH (checked before any work, without importing TensorRT)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None and shutil.which("trtexec") is None:
+        raise RuntimeUnavailableError("TensorRT is not installed (pip install tensorrt) and trtexec "
+                                      "is not on PATH")
+
+
 def build_tensorrt_engine(onnx_path: Path | str, engine_path: Path | str, *, input_size: int,
                           fp16: bool = True, max_batch: int = 8, workspace_mib: int = 2048) -> Path:
     """A TensorRT engine (FP16 by default) from an exported ``model.onnx``, for batch 1 to
     ``max_batch``; with TensorRT's Python API, else ``trtexec``. Needs an NVIDIA GPU."""
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     s = input_size
+    check_tensorrt_builder()
     try:
         import tensorrt as trt
     except ImportError:
-        trtexec = shutil.which("trtexec")
-        if trtexec is None:
-            raise RuntimeUnavailableError("TensorRT is not installed (pip install tensorrt) and trtexec "
-                                          "is not on PATH") from None
         import subprocess
 
         shapes = {"min": 1, "opt": 1, "max": max_batch}
-        cmd = [trtexec, f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
+        cmd = [str(shutil.which("trtexec")), f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
                f"--memPoolSize=workspace:{workspace_mib}M",
                *[f"--{k}Shapes={PIXELS}:{n}x3x{s}x{s},{TYPE_IDX}:{n}" for k, n in shapes.items()]]
-        subprocess.run([*cmd, "--fp16"] if fp16 else cmd, check=True)
+        done = subprocess.run([*cmd, "--fp16"] if fp16 else cmd, check=False)
+        if done.returncode != 0:
+            raise ExportError(f"trtexec failed (exit {done.returncode}; its output is above): no "
+                              f"engine written from {onnx_path}") from None
         return engine_path
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
