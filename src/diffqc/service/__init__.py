@@ -304,7 +304,7 @@ def add_service_commands(subparsers: Any) -> None:
     w.add_argument("--keep", action="store_true",
                    help="leave files in place (default: move to processed/); for a folder that "
                    "something else empties: every poll looks at every file there (20,000 files: "
-                   "0.4 s per poll)")
+                   "0.4 s per poll; BENCHMARKS.md \"Session 23\")")
     w.add_argument("--once", action="store_true", help="process what is there, then exit")
     w.add_argument("--max-batch", type=POSITIVE, default=8)
     w.add_argument("--source", default=None, help="idempotency namespace (default: the folder path)")
