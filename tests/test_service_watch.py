@@ -244,6 +244,11 @@ def test_watch_keep_mode_leaves_files_and_survives_restart(
     assert r.inspected == 0 and r.already_recorded == 1 and (folder / "k.png").exists()
     assert w2.step().already_recorded == 0  # remembered, not re-hashed
     assert store.count() == 1
+    # what is remembered goes with the file (something else empties the folder): a watcher
+    # running for months must not hold every file it ever saw
+    (folder / "k.png").unlink()
+    w2.step()
+    assert not w2._kept
 
 
 def test_watch_cli_once(service_model: tuple[Path, Path], samples: Samples, tmp_path: Path) -> None:

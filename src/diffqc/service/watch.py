@@ -198,6 +198,9 @@ class FolderWatcher:
                 ready.append(path)
         for gone in set(self._seen) - present:
             del self._seen[gone]
+        if self._kept:  # forget the files that are gone (something else emptied the folder)
+            names = {str(p) for p in present}
+            self._kept = {k for k in self._kept if k[0] in names}
         return ready
 
     # ------------------------------------------------------------------ processing
