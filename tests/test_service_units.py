@@ -253,6 +253,32 @@ def test_pipeline_draws_heat_maps_of_flagged_parts_at_screen_size(tmp_path: Path
     assert widths["own size"][0] is not None and widths["own size"][1] > 2 * 1280
 
 
+def test_pipeline_sheds_heat_maps_while_parts_back_up(tmp_path: Path) -> None:
+    """A lighting failure flags every part: drawing each one's heat map (~0.25 s at 1.3 MP on
+    the one worker) would back the buffer up until parts are refused. While more than half of
+    the buffer waits, the worker stores decisions without heat maps (the record says why, and
+    /metrics counts them); once it has caught up, heat maps come back."""
+    det = BlockingDetectorDouble()
+    det.gate.clear()
+    pipe, store = _pipeline(tmp_path, det, capacity=8, max_batch=2)
+    try:
+        first = pipe.submit(_job(0.9, "r0"))  # REJECT: a heat map is wanted for every part
+        assert det.entered.wait(5)
+        backlog = [pipe.submit(_job(0.9, f"r{i}")) for i in range(1, 8)]  # 7 of 8 waiting
+        det.gate.set()
+        recs = [f.result(10) for f in [first, *backlog]]
+        last = pipe.submit(_job(0.9, "r-after")).result(10)  # the buffer is empty again
+    finally:
+        pipe.stop()
+    assert all(r.decision == "REJECT" for r in recs)
+    shed = [r for r in recs if r.heatmap is None]
+    assert shed and all("heat map skipped" in (r.reason or "") for r in shed)
+    assert recs[-1].heatmap is not None  # the last batch found the buffer empty
+    assert last.heatmap is not None and last.reason is None
+    assert pipe.heatmaps_shed_total == len(shed)
+    store.close()
+
+
 def test_pipeline_reject_policy_refuses_and_micro_batches(tmp_path: Path) -> None:
     det = BlockingDetectorDouble()
     det.gate.clear()

@@ -303,6 +303,9 @@ class Metrics:
                 "Heat maps or kept images that could not be written (the decision was stored).",
             )
             out.append(f"diffqc_artifact_errors_total {pipeline.artifact_errors_total}")
+            head("diffqc_heatmaps_shed_total", "counter",
+                 "Heat maps not drawn while more than half of the buffer waited (decisions first).")
+            out.append(f"diffqc_heatmaps_shed_total {pipeline.heatmaps_shed_total}")
             head("diffqc_store_errors_total", "counter", "Micro-batches the store could not commit.")
             out.append(f"diffqc_store_errors_total {pipeline.store_errors_total}")
         head("diffqc_review_pending", "gauge", "REVIEW decisions without an operator verdict.")

@@ -89,6 +89,12 @@ class RingBuffer(Generic[T]):
         with self._cond:
             return len(self._items)
 
+    def backed_up(self) -> bool:
+        """More than half of either bound is taken by parts waiting."""
+        with self._cond:
+            half_bytes = self.max_bytes is not None and 2 * self.bytes > self.max_bytes
+            return 2 * len(self._items) > self.capacity or half_bytes
+
     def _over(self, n: int, nbytes: int) -> bool:
         """Would ``n`` more items weighing ``nbytes`` exceed a bound (given what waits)?"""
         if len(self._items) + n > self.capacity:
@@ -324,6 +330,7 @@ class InspectionPipeline:
         self.failing_in_a_row = 0
         self.last_inspection_error: str | None = None
         self.artifact_errors_total = 0
+        self.heatmaps_shed_total = 0  # heat maps not drawn while parts backed up
         self.last_artifact_error: str | None = None
         self.store_errors_total = 0
 
@@ -424,6 +431,8 @@ class InspectionPipeline:
     def process(self, batch: list[Job], dropped: Sequence[Job] = ()) -> None:
         """Inspect ``batch``, store it and every dropped job, then complete their futures."""
         started = time.monotonic()
+        # parts back up (a lighting failure flags them all): decisions first, no heat maps
+        shed = self.buffer.backed_up()
         try:
             results: list[InspectionLike | Exception] = self._inspect(batch)
         except Exception as exc:
@@ -442,7 +451,7 @@ class InspectionPipeline:
                 self.failing_in_a_row = 0
                 if note := self.size_check(res.feature_type, *job.image.shape[:2]):
                     log.warning("%s", note)
-                rec = self._record(job, res, latency_ms)
+                rec = self._record(job, res, latency_ms, shed_heatmap=shed)
             records.append(rec)
             jobs.append(job)
         for job in dropped:
@@ -499,15 +508,21 @@ class InspectionPipeline:
         log.error("part %s: %s not written: %s", job.part_id, what, exc)
         return f"{what} not written: {exc}"
 
-    def _record(self, job: Job, res: InspectionLike, latency_ms: float) -> ResultRecord:
+    def _record(self, job: Job, res: InspectionLike, latency_ms: float, *,
+                shed_heatmap: bool = False) -> ResultRecord:
         """The record of one inspected part. A heat map or kept image that cannot be written
         (full disk, unwritable folder) fails only itself: the decision is stored without it and
-        ``reason`` says which file is missing and why."""
+        ``reason`` says which file is missing and why. ``shed_heatmap``: parts are backing up,
+        so the heat map is not drawn (``reason`` says so)."""
         decision = str(res.decision)
         heatmap = image = None
         missing: list[str] = []
         if self.artifacts is not None:
-            if self._wants(self.heatmaps, decision) and res.anomaly_map is not None:
+            wanted = self._wants(self.heatmaps, decision) and res.anomaly_map is not None
+            if wanted and shed_heatmap:
+                self.heatmaps_shed_total += 1
+                missing.append("heat map skipped: more than half of the buffer was waiting")
+            elif wanted:
                 try:
                     scale = self.overlay_scale.get(res.feature_type or "")
                     picture = self.overlay(fit_within(job.image, self.heatmap_size), res, scale)
