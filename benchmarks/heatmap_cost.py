@@ -6,6 +6,7 @@ part's record is stored: its time is every part's. This drives the real
 :class:`~diffqc.service.buffer.InspectionPipeline` (a real bundle, SQLite store, artifact folder)
 with parts of each ``--sizes``: without heat maps, and with one for every part drawn with the
 image fitted within each ``--heatmap-sizes`` (0: the image's own size, as before session 23),
+and with ``--shedding`` a row whose buffer sheds heat maps while more than half full,
 interleaved in ``--rounds`` rounds so that all see the same machine, and prints the worker's
 parts per second (median over rounds) and the heat-map files' mean size.
 
@@ -38,15 +39,19 @@ def _image(height: int, width: int, seed: int) -> np.ndarray:
 
 
 def run_once(detector: Any, size: tuple[int, int], heatmaps: str, heatmap_size: int,
-             parts: int) -> dict[str, float]:
-    """Parts per second of one pipeline over ``parts`` parts of ``size``; mean heat-map bytes."""
+             parts: int, *, shedding: bool = False) -> dict[str, float]:
+    """Parts per second of one pipeline over ``parts`` parts of ``size``, all submitted at once;
+    mean heat-map bytes and the share of heat maps shed. The buffer holds ``2 * parts + 1``, so
+    that it is never more than half full and every heat map is drawn; with ``shedding`` it holds
+    ``parts``, and the worker skips heat maps while more than half of it waits."""
     from diffqc.service.buffer import InspectionPipeline, Job
     from diffqc.service.store import ArtifactStore, ResultStore
 
     with tempfile.TemporaryDirectory() as tmp:
         store = ResultStore(f"sqlite:///{tmp}/r.db")
         artifacts = ArtifactStore(tmp)
-        pipe = InspectionPipeline(detector, store, artifacts, capacity=parts, max_bytes=None,
+        pipe = InspectionPipeline(detector, store, artifacts, max_bytes=None,
+                                  capacity=parts if shedding else 2 * parts + 1,
                                   max_batch=8, heatmaps=heatmaps, heatmap_size=heatmap_size,
                                   keep_images="none")
         images = [_image(*size, seed=i) for i in range(parts)]
@@ -64,7 +69,7 @@ def run_once(detector: Any, size: tuple[int, int], heatmaps: str, heatmap_size: 
         files = [p.stat().st_size for p in (Path(tmp) / "heatmaps").glob("*.png")]
         assert all(r.decision in ("PASS", "REVIEW", "REJECT") for r in records)
         kb = sum(files) / len(files) / 1024 if files else 0.0
-        return {"parts_per_s": parts / seconds, "heatmap_kb": kb}
+        return {"parts_per_s": parts / seconds, "heatmap_kb": kb, "shed": pipe.heatmaps_shed_total / parts}
 
 
 def main() -> None:
@@ -75,6 +80,8 @@ def main() -> None:
     ap.add_argument("--parts", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shedding", action="store_true",
+                    help="a row with a buffer of --parts: heat maps shed while it is over half full")
     args = ap.parse_args()
 
     import torch
@@ -84,26 +91,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     detector = Detector.load(args.model, device="cpu")
     sizes = [(int(s.split("x")[0]), int(s.split("x")[1])) for s in args.sizes.split(",")]
-    settings = [("none", 0)] + [("all", int(px)) for px in args.heatmap_sizes.split(",")]
-    runs: dict[tuple[tuple[int, int], str, int], list[dict[str, float]]] = {}
+    pxs = [int(px) for px in args.heatmap_sizes.split(",")]
+    settings = [("none", 0, False)] + [("all", px, False) for px in pxs]
+    settings += [("all", pxs[0], True)] if args.shedding else []
+    runs: dict[tuple[tuple[int, int], str, int, bool], list[dict[str, float]]] = {}
     run_once(detector, (256, 256), "all", 0, 8)  # warm-up: first-call costs out of the way
     for _ in range(args.rounds):
         for size in sizes:
-            for heatmaps, px in settings:
-                runs.setdefault((size, heatmaps, px), []).append(
-                    run_once(detector, size, heatmaps, px, args.parts))
+            for heatmaps, px, shedding in settings:
+                runs.setdefault((size, heatmaps, px, shedding), []).append(
+                    run_once(detector, size, heatmaps, px, args.parts, shedding=shedding))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     print(f"commit {commit}, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {args.threads} threads, "
           f"{args.parts} parts x {args.rounds} rounds")
-    print("| image (H x W) | heat maps | parts/s (median; rounds) | heat-map file |")
-    print("|---|---|---|---|")
-    for (size, heatmaps, px), rs in runs.items():
+    print("| image (H x W) | heat maps | parts/s (median; rounds) | heat-map file | shed |")
+    print("|---|---|---|---|---|")
+    for (size, heatmaps, px, shedding), rs in runs.items():
         rates = [r["parts_per_s"] for r in rs]
         kb = statistics.mean(r["heatmap_kb"] for r in rs)
         what = "none" if heatmaps == "none" else f"every part, image within {px or 'its own size'}"
+        what += ", buffer of --parts (shedding)" if shedding else ""
+        shed = statistics.mean(r["shed"] for r in rs)
         print(f"| {size[0]} x {size[1]} | {what} | {statistics.median(rates):.1f} "
-              f"({', '.join(f'{x:.1f}' for x in rates)}) | {kb:.0f} KB |")
+              f"({', '.join(f'{x:.1f}' for x in rates)}) | {kb:.0f} KB | {shed:.0%} |")
 
 
 if __name__ == "__main__":
