@@ -163,10 +163,17 @@ def _eligible_types(samples: Sequence[Sample], k: int) -> tuple[list[str], list[
     return ok, notes
 
 
+# how image files become arrays, for the feature cache: a change here invalidates caches written
+# before it (session 23: images are turned upright as their EXIF Orientation tag says)
+IMAGE_READING = "upright by EXIF orientation"
+
+
 def _cache_file(cache_dir: Path, samples: Sequence[Sample], detectors: Mapping[str, Detector]) -> Path:
-    """Cache file name: a hash of the backbones (config and weights) and of every image file
-    (path, size, modification time), so that any change means a new extraction."""
+    """Cache file name: a hash of how images are read, of the backbones (config and weights) and
+    of every image file (path, size, modification time), so that any change means a new
+    extraction."""
     h = hashlib.sha256()
+    h.update(IMAGE_READING.encode())
     for key, det in sorted(detectors.items()):
         h.update(f"{key}|{det.extractor.weights_sha256}|".encode())
     for s in samples:
