@@ -28,6 +28,19 @@ def test_inspect_json_lines(tiny_model: Path, clear_dataset: Path, tmp_path: Pat
     assert len(rows) == len(list(folder.iterdir()))
     assert {"score", "p_value", "decision", "type_scores", "predicted_type", "heatmap"} <= set(rows[0])
     assert all(Path(r["heatmap"]).is_file() for r in rows)
+    # --heatmap-size: the image within N px in the picture (a 12-megapixel frame's took seconds)
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.open(next(folder.iterdir())).convert("RGB").resize((1200, 900)).save(big)
+    widths = []
+    for size in ("0", "600"):
+        assert main(["inspect", str(tiny_model), str(big), "--feature-type", "dots",
+                     "--heatmaps", str(tmp_path / f"hm-{size}"), "--heatmap-size", size]) == 0
+        (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        with Image.open(row["heatmap"]) as picture:
+            widths.append(picture.size[0])
+    assert widths[0] > 2 * 1200 and 2 * 600 < widths[1] < 2 * 600 + 200
 
 
 def test_inspect_streams_its_lines_and_stops_quietly_when_the_reader_goes(

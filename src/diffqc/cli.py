@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffqc import __version__
-from diffqc.arguments import SEED
+from diffqc.arguments import NON_NEGATIVE, SEED
 from diffqc.commands import add_model_options, model_overrides
 from diffqc.errors import ConfigError, DatasetError, DiffqcError, ImageReadError, OutputError
 from diffqc.output import json_line
@@ -194,7 +194,7 @@ def _inspect_images(args: argparse.Namespace, det: Any, images: list[tuple[Path,
         if args.heatmaps and result.anomaly_map is not None:
             out = _new_heatmap_path(Path(args.heatmaps), name)
             try:
-                _save_heatmap(out, image, result, det)
+                _save_heatmap(out, image, result, det, max_side=args.heatmap_size)
             except OSError:  # a full disk: the image's result is still reported, then the run stops
                 out.unlink(missing_ok=True)  # the empty file _new_heatmap_path claimed
                 _report_row(row, csv_out)
@@ -260,11 +260,14 @@ def _report_row(row: dict[str, Any], csv_out: _CsvRows | None) -> None:
         csv_out.add(row)
 
 
-def _save_heatmap(path: Path, image: Any, result: Any, det: Any) -> None:
+def _save_heatmap(path: Path, image: Any, result: Any, det: Any, *, max_side: int = 0) -> None:
     """image | overlay with score, p-value, decision and a colour bar; the colour scale of a type
-    is fixed (the service's: from its median calibration score to well above the largest)."""
+    is fixed (the service's: from its median calibration score to well above the largest); the
+    image within ``max_side`` px (0: its own size)."""
     from diffqc.service.buffer import overlay_scales
-    from diffqc.visualize import save_panel
+    from diffqc.visualize import fit_within, save_panel
+
+    image = fit_within(image, max_side)
 
     summary = det.calibration_.summary() if det.calibration_ is not None else {}
     scale = overlay_scales(summary).get(result.feature_type)
@@ -339,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("images", nargs="+", help="image files or folders")
     insp.add_argument("--feature-type", default=None, help="the images' type (default: unknown)")
     insp.add_argument("--heatmaps", default=None, help="folder for heat-map overlay PNGs")
+    insp.add_argument("--heatmap-size", type=NON_NEGATIVE, default=0, metavar="PX",
+                      help="the image's longer side in a heat map (default 0: its own size; "
+                      "serve and watch draw theirs within 768)")
     insp.add_argument("--csv", default=None, metavar="PATH",
                       help="also write one CSV row per image (path, types, score, p-value, decision, "
                            "heat map)")
