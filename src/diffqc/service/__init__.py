@@ -77,10 +77,22 @@ def _service_extra() -> Iterator[None]:
                                       "pip install 'diffqc[serve]'") from exc
 
 
+def _spreadsheet_cell(value: Any) -> Any:
+    """A CSV cell for a spreadsheet: text that it would run as a formula (=, +, -, @, a tab or
+    a carriage return first: OWASP's CSV injection; part ids and notes come from clients) gets a
+    leading apostrophe, which spreadsheets show as typed; numbers stay numbers."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
+        return "'" + value
+    return value
+
+
 def list_results(db_url: str, *, fmt: str = "jsonl", **filters: Any) -> int:
     """Write the stored decisions matching ``filters`` to stdout, oldest first: JSON lines (one
-    record each, as ``/v1/results`` gives them) or CSV (:data:`~diffqc.service.store.LIST_COLUMNS`).
-    Each row is flushed as it is written; returns the number of rows."""
+    record each, as ``/v1/results`` gives them) or CSV (:data:`~diffqc.service.store.LIST_COLUMNS`;
+    text that a spreadsheet would run as a formula gets a leading apostrophe). Each row is
+    flushed as it is written; returns the number of rows."""
     import csv
 
     from diffqc.service.store import LIST_COLUMNS, ResultStore, check_store_exists, stored_records
@@ -94,7 +106,7 @@ def list_results(db_url: str, *, fmt: str = "jsonl", **filters: Any) -> int:
         for rec in stored_records(store, **filters):
             row = rec.to_json()
             if fmt == "csv":
-                writer.writerow({k: "" if row.get(k) is None else row[k] for k in LIST_COLUMNS})
+                writer.writerow({k: _spreadsheet_cell(row.get(k)) for k in LIST_COLUMNS})
             else:
                 sys.stdout.write(json_line(row) + "\n")
             sys.stdout.flush()
