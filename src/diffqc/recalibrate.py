@@ -103,7 +103,7 @@ def _name_other_sizes(meta: dict[str, Any], samples: list[Any]) -> None:
     """Calibration images of a size their type was not trained at (a changed camera) are named,
     once per type, as ``inspect`` names such parts: recalibrating restores the flag rate, not
     what the model learned at the old scale. Only the files' headers are read here."""
-    from PIL import UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     from diffqc.data import image_shape
     from diffqc.inspection import ImageSizeCheck
@@ -112,7 +112,7 @@ def _name_other_sizes(meta: dict[str, Any], samples: list[Any]) -> None:
     for s in samples:
         try:
             height, width = image_shape(s.path)
-        except (OSError, UnidentifiedImageError):  # named when it is read for its score
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError):  # named when read
             continue
         if note := check(s.feature_type, height, width):
             warnings.warn(f"calibration image {s.path}: {note}", CalibrationWarning, stacklevel=3)
