@@ -34,6 +34,7 @@ class _NoInspection:
     """The scan needs the pipeline only for the model's types; nothing is inspected here."""
 
     detector = _Types()
+    artifacts = None
 
 
 def main() -> None:

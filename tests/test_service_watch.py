@@ -89,6 +89,29 @@ def test_watch_reads_the_dated_folders_a_camera_files_its_images_in(
     assert w.step().inspected == 0  # processed/ is not watched
 
 
+def test_watch_does_not_inspect_its_own_heat_maps_and_kept_images(
+    detector: Any, samples: Samples, tmp_path: Path
+) -> None:
+    """``cd /camera && diffqc watch . model`` puts the store and its heat maps and kept images
+    beside it, inside the watched folder: they were inspected as parts, whose heat maps were
+    inspected in turn (201 records in a minute from one image, measured). They are not read."""
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    store = ResultStore(str(folder / "diffqc-results.db"))
+    pipe = InspectionPipeline(detector, store, ArtifactStore(folder), model_version="v",
+                              heatmaps="all", keep_images="all")
+    pipe.start()
+    try:
+        (folder / "part-1.png").write_bytes(samples.all[0][0])
+        w = _watcher(folder, pipe, store)
+        assert w.step().inspected == 1
+        assert [len(list((folder / kind).iterdir())) for kind in ("heatmaps", "images")] == [1, 1]
+        assert w.step().inspected == 0 and store.count() == 1
+    finally:
+        pipe.stop()
+        store.close()
+
+
 def test_watch_waits_until_a_file_is_complete(
     rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
 ) -> None:

@@ -41,7 +41,7 @@ from diffqc.service.security import (
     ImageTooLarge,
     check_image_header,
 )
-from diffqc.service.store import NOT_INSPECTED, ResultRecord, ResultStore
+from diffqc.service.store import ARTIFACT_KINDS, NOT_INSPECTED, ResultRecord, ResultStore
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE
 
 log = logging.getLogger("diffqc.watch")
@@ -125,6 +125,10 @@ class FolderWatcher:
         self.source = settings.source or f"watch:{self.root}"
         self.processed = (settings.processed_dir or self.root / "processed").resolve()
         self.failed = (settings.failed_dir or self.root / "failed").resolve()
+        # the heat maps and kept images the pipeline writes (inside the folder when the store is,
+        # `cd /camera && diffqc watch . model`): never parts, or each would be inspected in turn
+        artifacts = pipeline.artifacts
+        self._own = {(artifacts.root / kind).resolve() for kind in ARTIFACT_KINDS} if artifacts else set()
         self.classes = set(pipeline.detector.classes_)
         check_feature_type(settings.feature_type, pipeline.detector.classes_)
         self._seen: dict[Path, _Seen] = {}
@@ -137,9 +141,10 @@ class FolderWatcher:
     # ------------------------------------------------------------------ scanning
     def _candidates(self) -> list[Path]:
         """The image files under the folder, to any depth (a camera filing by day and hour), but
-        not in processed/, failed/ or hidden folders; a folder reached twice (a link) is read once."""
+        not in processed/, failed/, hidden folders or the folders of the heat maps and kept images
+        the pipeline writes; a folder reached twice (a link) is read once."""
         out: list[Path] = []
-        skip = {self.processed, self.failed}
+        skip = {self.processed, self.failed, *self._own}
         seen: set[Path] = set()
         stack = [self.root]
         while stack:
