@@ -123,6 +123,23 @@ def test_cli_calibrate_names_a_decompression_bomb_among_its_images(
     assert (model / "calibration.json").read_bytes() == before
 
 
+def test_cli_calibrate_with_every_image_skipped_changes_nothing(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--skip-corrupt and not one readable GOOD image: it printed a summary with no images,
+    exit 0, and rewrote the calibration (its previous copy replaced). Now an error; no file is
+    touched."""
+    model = _copy(tiny_model, tmp_path)
+    (model / "calibration.prev.json").write_bytes((model / "calibration.json").read_bytes())
+    files = {p.name: p.read_bytes() for p in model.iterdir()}
+    data = tmp_path / "junk" / "stripes" / "train" / "good"
+    data.mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        (data / name).write_bytes(b"not an image")
+    assert main(["calibrate", str(model), str(tmp_path / "junk"), "--skip-corrupt", "-q"]) == 1
+    assert "none of the 2 GOOD images" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+
+
 def test_cli_calibrate_on_a_full_disk_names_the_file_and_changes_nothing(
         tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """It said a bare "File too large", without which file or whether the bundle was still whole."""

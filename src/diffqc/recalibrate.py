@@ -140,6 +140,9 @@ def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = Fal
     samples, left_out = _not_fitted_on(det.metadata, samples, data)
     _name_other_sizes(det.metadata, samples)
     known, unknown = calibration_scores(det, samples, skip_corrupt=skip_corrupt, progress=progress)
+    if not known:  # every one skipped as unreadable
+        raise DatasetError(f"{data}: none of the {len(samples)} GOOD images could be read; the "
+                           "calibration is unchanged")
     new = {CALIBRATION_FILE: _merged(det.calibration_, known, unknown)}
     if (path / INT8_CALIBRATION_FILE).is_file() and (path / INT8_MODEL_FILE).is_file():
         from diffqc.runtime import OnnxDetector
