@@ -20,7 +20,7 @@ from diffqc import report as R
 from diffqc.calibration import standardiser
 from diffqc.config import DetectorConfig
 from diffqc.data import DEFECTIVE, GOOD, Sample, load_dataset
-from diffqc.errors import ConfigError
+from diffqc.errors import ConfigError, DatasetError
 from diffqc.model import Detector
 from tests.conftest import full_disk, tiny_config
 from tests.html_numbers import assert_numbers_match
@@ -270,6 +270,21 @@ def test_unreadable_images_are_left_out_and_named(clear_dataset: Path, tmp_path:
     assert any("broken.png" in note for note in report["notes"])
     results = report["results"]["stripes"]["padim"]
     assert results["n_good"] + results["n_defective"] == len(samples) - 1
+
+
+def test_an_evaluation_whose_images_are_all_unreadable_says_so(clear_dataset: Path, tmp_path: Path) -> None:
+    """Every file unreadable (a folder of the wrong files, a share that dropped): one error that
+    says so and names some; it was a KeyError traceback after the extraction."""
+    samples = [s for s in load_dataset(clear_dataset) if s.feature_type == "stripes"]
+    for i, s in enumerate(samples):
+        broken = tmp_path / f"broken-{i}.png"
+        broken.write_bytes(b"\x89PNG garbage")
+        samples[i] = replace(s, path=broken)
+    with pytest.raises(DatasetError, match=r"none of the \d+ images could be read.*broken-0\.png"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        E.evaluate(samples, folds=FOLDS, methods=("padim",), base_config=tiny_config(),
+                   progress=False, n_boot=20, gallery=0, device="cpu")
 
 
 def test_an_unreadable_mask_leaves_its_image_out_of_the_pixel_metrics_only(clear_dataset: Path,

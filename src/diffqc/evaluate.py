@@ -418,6 +418,8 @@ def evaluate(
     extract_seconds = time.perf_counter() - t0
     if errors:
         shown = "; ".join(errors[:5]) + (f"; and {len(errors) - 5} more" if len(errors) > 5 else "")
+        if not ev:
+            raise DatasetError(f"none of the {len(errors)} images could be read: {shown}")
         notes.append(f"{len(errors)} unreadable image(s) left out of the evaluation: {shown}")
         warnings.warn(notes[-1], DatasetWarning, stacklevel=2)
     n = len(ev)
