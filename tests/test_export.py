@@ -430,6 +430,21 @@ def test_onnx_backbone_errors(tmp_path: Path) -> None:
         FeatureExtractor(BackboneConfig(name=f"onnx:{tmp_path / 'missing.onnx'}", layers=("x",)))
 
 
+def test_export_with_data_none_of_which_can_be_read_says_so(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--data`` whose images cannot be read (or are of other types): the parity check fell
+    back to synthetic images, saying "give --data for the model's own" to a user who had. It is
+    an error, before anything is written."""
+    bundle = Path(shutil.copytree(tiny_model, tmp_path / "tiny"))
+    junk = tmp_path / "junk" / "stripes" / "test" / "good"
+    junk.mkdir(parents=True)
+    (junk / "a.png").write_bytes(b"not an image")
+    assert main(["export", str(bundle), "--format", "onnx", "--data", str(tmp_path / "junk"),
+                 "--no-openvino", "-q"]) == 1
+    assert "no readable image" in capsys.readouterr().err
+    assert not (bundle / "model.onnx").exists() and not (bundle / "export.json").exists()
+
+
 def test_tensorrt_without_tensorrt_is_refused_before_any_export(
         tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

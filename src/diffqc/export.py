@@ -717,15 +717,18 @@ def export_bundle(
     det = Detector.load(path, device="cpu")
     classes, size = det.classes_, det.config.backbone.input_size
     threads = threads or available_cores()
+    source = data or calibration_data
+    pool = _of_the_model(load_dataset(source), classes, source) if source else []
+    preferred = [s for s in pool if s.split == "test"] or pool
+    images, picked = _read_samples(_stratified(preferred, check_images))
+    if source and not images:  # the user asked for their own images: not synthetic ones instead
+        raise DatasetError(f"{source}: no readable image of the model's types ({', '.join(classes)}) "
+                           "to check the export on")
     start = time.perf_counter()
     model = build_onnx(det, opset=opset)
     export_s = time.perf_counter() - start
     graph = OnnxGraph(model, threads)
 
-    source = data or calibration_data
-    pool = _of_the_model(load_dataset(source), classes, source) if source else []
-    preferred = [s for s in pool if s.split == "test"] or pool
-    images, picked = _read_samples(_stratified(preferred, check_images))
     if images:
         types = np.array([classes.index(s.feature_type) for s in picked], dtype=np.int64)
         where = f"{len(images)} images of {source}"
