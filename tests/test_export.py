@@ -431,7 +431,7 @@ def test_onnx_backbone_errors(tmp_path: Path) -> None:
 
 
 def test_export_with_data_none_of_which_can_be_read_says_so(
-        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``--data`` whose images cannot be read (or are of other types): the parity check fell
     back to synthetic images, saying "give --data for the model's own" to a user who had. It is
     an error, before anything is written."""
@@ -443,6 +443,15 @@ def test_export_with_data_none_of_which_can_be_read_says_so(
                  "--no-openvino", "-q"]) == 1
     assert "no readable image" in capsys.readouterr().err
     assert not (bundle / "model.onnx").exists() and not (bundle / "export.json").exists()
+    # INT8 calibration data none of which can be read: an error, not a traceback
+    junk_good = tmp_path / "junk" / "stripes" / "train" / "good"
+    junk_good.mkdir(parents=True)
+    for name in ("a.png", "b.png", "c.png"):
+        (junk_good / name).write_bytes(b"not an image")
+    assert main(["export", str(bundle), "--format", "onnx", "--int8", "--calibration-data",
+                 str(tmp_path / "junk"), "--data", str(clear_dataset), "--no-openvino", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "too few readable GOOD images" in err and "Traceback" not in err
 
 
 def test_tensorrt_without_tensorrt_is_refused_before_any_export(

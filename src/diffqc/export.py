@@ -873,6 +873,9 @@ def _export_int8(
     fit_idx, cal_idx = split_calibration(good, det.config.calibration.fraction, det.config.train.seed)
     calib_images, calib = _read_samples(_stratified([good[i] for i in fit_idx] or good, calibration_images))
     check_images, check = _read_samples(_stratified([good[i] for i in cal_idx] or good, sensitivity_images))
+    if not calib_images or not check_images:
+        raise DatasetError(f"{calibration_data}: too few readable GOOD images of the model's types to "
+                           "calibrate INT8 on (the unreadable ones are named above)")
     calib_feeds = [{PIXELS: preprocess([img], size),
                     TYPE_IDX: np.array([classes.index(s.feature_type)], dtype=np.int64)}
                    for img, s in zip(calib_images, calib, strict=True)]
