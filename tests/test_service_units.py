@@ -587,6 +587,13 @@ def test_service_settings_check_push_targets_and_watched_folders(tmp_path: Path)
                          ({"watch_dirs": (str(tmp_path / "nope"),)}, "does not exist")]:
         with pytest.raises((ConfigError, FileNotFoundError), match=message):
             ServiceSettings(allow_no_token=True, **bad).validate()
+    # a watched folder whose files cannot be moved into processed/ (a regular file in its way,
+    # as a read-only share refuses): refused before anything starts, naming what to run instead
+    from diffqc.errors import OutputError
+
+    (tmp_path / "processed").write_text("in the way")
+    with pytest.raises(OutputError, match=r"processed.*diffqc watch DIR MODEL --keep"):
+        ServiceSettings(allow_no_token=True, watch_dirs=(str(tmp_path),)).validate()
 
 
 def test_upload_limits() -> None:

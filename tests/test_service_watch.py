@@ -207,6 +207,44 @@ def test_watch_says_once_that_the_store_is_down_and_stores_the_part_when_it_is_b
     assert any("again" in r.getMessage() for r in caplog.records if r.name == "diffqc.watch")
 
 
+def test_watch_that_cannot_move_its_files_says_so_at_start_and_once_later(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A camera share this computer may only read: processed/ cannot be made, and every poll
+    logged the same traceback for ever (measured on a read-only mount). At start that is one
+    error naming --keep; a folder that becomes unwritable later is one error line, the files stay
+    (their records stored once) and are moved when it can be written again. Here processed/ is a
+    regular file, which no one can write into (root included, unlike chmod)."""
+    import logging
+    import threading
+
+    from diffqc.errors import OutputError
+
+    folder, pipe, store = rig
+    (folder / "processed").write_text("in the way")
+    with pytest.raises(OutputError, match=r"processed.*--keep"):
+        _watcher(folder, pipe, store)
+    (folder / "processed").unlink()
+    w = _watcher(folder, pipe, store, poll_s=0.05)
+    (folder / "processed").write_text("in the way")  # after the start: the share turned read-only
+    (folder / "part-3.png").write_bytes(samples.all[0][0])
+    stop = threading.Event()
+    thread = threading.Thread(target=w.run, args=(stop,))
+    with caplog.at_level(logging.INFO, logger="diffqc.watch"):
+        thread.start()
+        time.sleep(1.0)
+        assert store.count() == 1 and (folder / "part-3.png").exists()
+        (folder / "processed").unlink()
+        deadline = time.monotonic() + 20
+        while (folder / "part-3.png").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        thread.join()
+    assert (folder / "processed" / "part-3.png").exists() and store.count() == 1
+    errors = [r for r in caplog.records if r.name == "diffqc.watch" and r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "processed" in errors[0].getMessage() and errors[0].exc_info is None
+
+
 def test_watch_records_unreadable_files_as_not_inspected(
     rig: tuple[Path, InspectionPipeline, ResultStore],
 ) -> None:

@@ -151,8 +151,10 @@ class ServiceSettings:
         if self.watch_dirs:
             from diffqc.service.watch import check_watch_folder
 
-            for folder in self.watch_dirs:
-                check_watch_folder(folder)
+            for folder in self.watch_dirs:  # serve moves the files it inspected
+                check_watch_folder(folder, hint="serve --watch moves the files it inspected; for a "
+                                   "folder this computer may only read, run `diffqc watch DIR MODEL "
+                                   "--keep` beside the service")
 
 
 # --------------------------------------------------------------------------- errors

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from diffqc.data import IMAGE_SUFFIXES, decode_image
-from diffqc.errors import ImageReadError, StoreError, UnknownFeatureTypeError, did_you_mean
+from diffqc.errors import ImageReadError, OutputError, StoreError, UnknownFeatureTypeError, did_you_mean
 from diffqc.service.buffer import BufferClosed, BufferFull, InspectionPipeline, Job, overlay_scales
 from diffqc.service.security import (
     BROWSER_FORMATS,
@@ -77,6 +77,10 @@ class _FolderUnreadable(OSError):
     """The watched folder itself cannot be listed (a network share that dropped)."""
 
 
+class _CannotMove(OSError):
+    """An inspected file cannot be moved to processed/ or failed/ (its record is stored)."""
+
+
 @dataclass
 class _Seen:
     size: int
@@ -94,13 +98,28 @@ class StepReport:
     records: list[ResultRecord] = field(default_factory=list)
 
 
-def check_watch_folder(folder: Path | str) -> Path:
-    """The folder to watch, resolved; one that does not exist or is a file is named."""
+KEEP_HINT = "give --keep for a folder this computer may only read"
+
+
+def check_watch_folder(folder: Path | str, *, moves_into: Sequence[Path | str] = ("processed", "failed"),
+                       hint: str = KEEP_HINT) -> Path:
+    """The folder to watch, resolved; one that does not exist or is a file is named. Its files
+    are moved into ``moves_into`` (relative to it; none with ``--keep``): the folder and those
+    must take them, else an :class:`OutputError` ends with ``hint`` (a share this computer may
+    only read). Nothing is created here."""
     root = Path(folder).resolve()
     if not root.exists():
         raise FileNotFoundError(f"watch folder {root} does not exist")
     if not root.is_dir():
         raise NotADirectoryError(f"watch folder {root} is a file, not a folder")
+    for target in [root / t for t in moves_into]:
+        where = target
+        while not where.exists() and where != where.parent:  # what mkdir would write into
+            where = where.parent
+        if not (where.is_dir() and os.access(where, os.W_OK | os.X_OK)
+                               and os.access(root, os.W_OK | os.X_OK)):
+            raise OutputError(f"watch: cannot move inspected files into {target} ({where} is "
+                              f"{'not writable' if where.is_dir() else 'a file'}): {hint}")
     return root
 
 
@@ -121,10 +140,12 @@ class FolderWatcher:
         self.settings = settings
         self.pipeline = pipeline
         self.store = store
-        self.root = check_watch_folder(settings.directory)
+        self.root = check_watch_folder(settings.directory, moves_into=())
         self.source = settings.source or f"watch:{self.root}"
         self.processed = (settings.processed_dir or self.root / "processed").resolve()
         self.failed = (settings.failed_dir or self.root / "failed").resolve()
+        if settings.after == "move":
+            check_watch_folder(self.root, moves_into=(self.processed, self.failed))
         # the heat maps and kept images the pipeline writes (inside the folder when the store is,
         # `cd /camera && diffqc watch . model`): never parts, or each would be inspected in turn
         artifacts = pipeline.artifacts
@@ -332,12 +353,16 @@ class FolderWatcher:
                 pass
             return
         dest = folder / path.relative_to(self.root)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():  # the camera reused a name: keep both
-            tag = record_id if record_id is not None else int(time.time() * 1000)
-            dest = dest.with_name(f"{dest.stem}-{tag}{dest.suffix}")
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(path, dest)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():  # the camera reused a name: keep both
+                tag = record_id if record_id is not None else int(time.time() * 1000)
+                dest = dest.with_name(f"{dest.stem}-{tag}{dest.suffix}")
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(path, dest)
+        except OSError as exc:  # the record is stored: the file stays and is moved next time
+            raise _CannotMove(f"cannot move inspected files into {folder} "
+                              f"({exc.strerror or exc})") from exc
 
     # ------------------------------------------------------------------ running
     def run(self, stop: threading.Event | None = None, *, once: bool = False) -> StepReport:
@@ -349,7 +374,7 @@ class FolderWatcher:
                 if self.problem is not None:
                     log.info("%s: over, working again", self.problem)
                     self.problem = None
-            except (_FolderUnreadable, StoreError) as exc:  # said once, until it is over
+            except (_FolderUnreadable, _CannotMove, StoreError) as exc:  # said once, until over
                 problem = (f"watch folder {self.root} cannot be read ({exc})"
                            if isinstance(exc, _FolderUnreadable) else str(exc))
                 if self.problem != problem:
