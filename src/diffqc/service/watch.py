@@ -116,8 +116,8 @@ def check_watch_folder(folder: Path | str, *, moves_into: Sequence[Path | str] =
         where = target
         while not where.exists() and where != where.parent:  # what mkdir would write into
             where = where.parent
-        if not (where.is_dir() and os.access(where, os.W_OK | os.X_OK)
-                               and os.access(root, os.W_OK | os.X_OK)):
+        writable = os.access(where, os.W_OK | os.X_OK) and os.access(root, os.W_OK | os.X_OK)
+        if not (where.is_dir() and writable):
             raise OutputError(f"watch: cannot move inspected files into {target} ({where} is "
                               f"{'not writable' if where.is_dir() else 'a file'}): {hint}")
     return root
