@@ -520,6 +520,23 @@ def test_cli_results_list_csv_keeps_a_spreadsheet_from_running_what_a_client_sen
     assert record["part_id"] == formula and record["reviewer"] == "-ann"
 
 
+def test_cli_results_export_of_nothing_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No part reviewed GOOD yet: the export is an empty dataset (exit 0, as `results list`
+    with no match), and stderr says so and what fills it; a `train` on it failed later with
+    "no images found"."""
+    import json
+
+    from diffqc.cli import main
+
+    db = tmp_path / "line.db"
+    with ResultStore(str(db)) as store:
+        store.insert_many([_rec("a1", "REVIEW"), _rec("a2", "PASS")])
+    assert main(["results", "export", "--db", str(db), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out.splitlines()[-1])["exported"] == 0
+    assert "no part reviewed GOOD" in out.err and "review" in out.err
+
+
 def test_store_urls() -> None:
     assert sqlite_path("sqlite:////abs/x.db") == Path("/abs/x.db")
     assert sqlite_path("rel/x.db") == Path("rel/x.db")

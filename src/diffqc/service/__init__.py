@@ -182,6 +182,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     summary = export_reviewed_good(store_url(args.db), args.out, data_dir=args.data_dir, since=since)
     print(json_line(summary))
+    if summary["exported"] == 0:
+        print("diffqc: no part reviewed GOOD with its image kept" + (" since then" if since else "")
+              + ": operators mark flagged parts GOOD in the dashboard's review queue "
+              "(POST /v1/review/ID); the images of REVIEW and REJECT parts are kept by default",
+              file=sys.stderr)
     return 0
 
 
