@@ -124,6 +124,26 @@ def test_inspect_expands_a_pattern_the_shell_left(tiny_model: Path, clear_datase
     assert "no file matches" in err and "*.bmp" in err and "Traceback" not in err
 
 
+def test_inspect_heat_map_names_of_a_deep_folder_fit_the_file_system(
+        tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A heat map is named after the image's path below the folder given, flattened: three
+    levels of 60-character folders and a 100-character file name made a name over the file
+    system's 255 bytes, and inspect stopped ("File name too long"). Long names are shortened
+    (a digest of the whole path, then its end), so each image still gets its own file."""
+    deep = tmp_path / "line" / ("a" * 60) / ("b" * 60) / ("c" * 60)
+    deep.mkdir(parents=True)
+    source = next((clear_dataset / "dots" / "test" / "blob").iterdir())
+    for k in range(2):
+        shutil.copy(source, deep / f"{k}{'p' * 100}.png")
+    assert main(["inspect", str(tiny_model), str(tmp_path / "line"), "--feature-type", "dots",
+                 "--heatmaps", str(tmp_path / "hm")]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    names = [Path(r["heatmap"]).name for r in rows]
+    assert len(set(names)) == 2 and all(len(n.encode()) <= 255 for n in names)
+    assert all(n.endswith("p" * 100 + "_heatmap.png") for n in names)
+    assert all(Path(r["heatmap"]).stat().st_size > 0 for r in rows)
+
+
 def test_inspect_unknown_type_is_clear_error(tiny_model: Path, clear_dataset: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["inspect", str(tiny_model), str(clear_dataset / "dots" / "test" / "good"),

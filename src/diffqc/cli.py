@@ -134,8 +134,14 @@ def _expand_images(paths: Sequence[str]) -> list[tuple[Path, Path]]:
 def _new_heatmap_path(folder: Path, name: Path) -> Path:
     """A heat-map file named after the image's relative path (``test/blob/000.png`` ->
     ``test_blob_000_heatmap.png``) that did not exist before: it is created here, empty, so that
-    no file (an earlier run's, or another image's of the same name) is ever overwritten."""
+    no file (an earlier run's, or another image's of the same name) is ever overwritten. A name
+    longer than a file system takes (255 bytes) becomes a digest of the whole path and its end."""
+    import hashlib
+
     stem = "_".join([*name.parent.parts, name.stem]) or "image"
+    if len(raw := stem.encode()) > 200:  # "_heatmap-9999.png" and the digest fit the rest
+        tail = raw[-160:].decode("utf-8", errors="ignore")
+        stem = f"{hashlib.sha256(raw).hexdigest()[:12]}-{tail}"
     folder.mkdir(parents=True, exist_ok=True)
     for k in range(10_000):
         candidate = folder / (f"{stem}_heatmap.png" if k == 0 else f"{stem}_heatmap-{k}.png")
