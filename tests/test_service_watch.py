@@ -245,6 +245,21 @@ def test_watch_that_cannot_move_its_files_says_so_at_start_and_once_later(
     assert len(errors) == 1 and "processed" in errors[0].getMessage() and errors[0].exc_info is None
 
 
+def test_watch_once_ends_with_an_error_when_it_cannot_finish(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
+) -> None:
+    """``--once`` (a cron job: process what is there, then exit) met an outage and retried for
+    ever. It ends with the outage as its error; the file stays for the next run, its record
+    stored once."""
+    folder, pipe, store = rig
+    w = _watcher(folder, pipe, store, poll_s=0.05)
+    (folder / "processed").write_text("in the way")  # after the start: the share turned read-only
+    (folder / "part-4.png").write_bytes(samples.all[0][0])
+    with pytest.raises(OSError, match=r"cannot move inspected files into .*processed"):
+        w.run(once=True)
+    assert store.count() == 1 and (folder / "part-4.png").exists()
+
+
 def test_watch_records_unreadable_files_as_not_inspected(
     rig: tuple[Path, InspectionPipeline, ResultStore],
 ) -> None:

@@ -366,7 +366,8 @@ class FolderWatcher:
 
     # ------------------------------------------------------------------ running
     def run(self, stop: threading.Event | None = None, *, once: bool = False) -> StepReport:
-        """Poll until ``stop`` is set (or, with ``once``, until the folder holds nothing ready)."""
+        """Poll until ``stop`` is set (or, with ``once``, until the folder holds nothing ready;
+        then an outage — the folder unreadable or unwritable, the store down — is raised)."""
         stop = stop or self._stop
         while not stop.is_set():
             try:
@@ -377,6 +378,8 @@ class FolderWatcher:
             except (_FolderUnreadable, _CannotMove, StoreError) as exc:  # said once, until over
                 problem = (f"watch folder {self.root} cannot be read ({exc})"
                            if isinstance(exc, _FolderUnreadable) else str(exc))
+                if once:  # a batch run (cron) ends with it; the files stay for the next one
+                    raise
                 if self.problem != problem:
                     log.error("%s; the files stay, trying again every %g s", problem,
                               self.settings.poll_s)
