@@ -183,3 +183,40 @@ async def test_postgres_restart_the_service_reconnects_without_losing_an_ack(
         listed = (await client.get("/v1/results", headers=AUTH, params={"order": "oldest"})).json()
         assert [x["part_id"] for x in listed["results"]] == ["before", "after"]
         assert [x["id"] for x in listed["results"]] == acked
+
+
+def test_postgres_restart_the_push_sinks_say_it_once_and_catch_up(
+    private_cluster: tuple[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database stops under a running dispatcher: it warned "cannot read the outbox" every
+    poll (twice a second per sink, for as long as the database was down). It says so once, once
+    more when it can read again, and delivers what was committed."""
+    import logging
+    import time
+
+    from diffqc.service.sinks import Dispatcher, WebhookSink
+    from tests.test_sinks import Receiver, outbox_for, record, wait_for
+
+    url, ctl = private_cluster
+    receiver = Receiver()
+    try:
+        with ResultStore(url) as store, caplog.at_level(logging.INFO, logger="diffqc.service.sinks"):
+            box = outbox_for(store, "webhook")
+            disp = Dispatcher(box, [WebhookSink(receiver.url, backoff_base_s=0.01)], poll_s=0.05)
+            disp.start()
+            try:
+                (first,) = store.insert_many([record(1)])
+                wait_for(lambda: receiver.delivered_ids() == [first.id], what="the first delivery")
+                ctl("stop")
+                time.sleep(2.0)  # ~40 polls against a database that is down
+                ctl("start")
+                wait_for(lambda: store.check_write() is None, what="the store back")
+                (second,) = store.insert_many([record(2)])
+                wait_for(lambda: receiver.delivered_ids() == [first.id, second.id], what="the catch-up")
+            finally:
+                disp.stop()
+    finally:
+        receiver.close()
+    down = [r for r in caplog.records if "cannot read the outbox" in r.getMessage()]
+    assert len(down) == 1, [r.getMessage() for r in down]
+    assert any("can be read again" in r.getMessage() for r in caplog.records)

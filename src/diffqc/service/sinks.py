@@ -505,13 +505,21 @@ class Dispatcher:
         self.outbox.wakeup.clear()
 
     def _run(self, sink: Sink) -> None:
+        outbox_down = False
         while not self._stop.is_set():
             try:
                 idle = self.deliver_due(sink)
-            except Exception as exc:  # the store itself is down: try again later
+            except Exception as exc:  # the store itself is down: try again later, said once
                 self.last_error[sink.name] = str(exc)
-                log.warning("sink %s: cannot read the outbox: %s", sink.name, exc)
+                if not outbox_down:
+                    log.warning("sink %s: cannot read the outbox: %s; trying again every %g s",
+                                sink.name, exc, self.poll_s)
+                outbox_down = True
                 idle = True
+            else:
+                if outbox_down:
+                    log.info("sink %s: the outbox can be read again", sink.name)
+                outbox_down = False
             if idle:
                 self._wait(self.poll_s)
 
