@@ -116,10 +116,12 @@ def check_watch_folder(folder: Path | str, *, moves_into: Sequence[Path | str] =
         where = target
         while not where.exists() and where != where.parent:  # what mkdir would write into
             where = where.parent
-        writable = os.access(where, os.W_OK | os.X_OK) and os.access(root, os.W_OK | os.X_OK)
-        if not (where.is_dir() and writable):
+        if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
             raise OutputError(f"watch: cannot move inspected files into {target} ({where} is "
                               f"{'not writable' if where.is_dir() else 'a file'}): {hint}")
+    if moves_into and not os.access(root, os.W_OK | os.X_OK):  # the files leave it
+        raise OutputError(f"watch: cannot move inspected files out of {root} (it is not writable): "
+                          f"{hint}")
     return root
 
 
@@ -140,12 +142,12 @@ class FolderWatcher:
         self.settings = settings
         self.pipeline = pipeline
         self.store = store
-        self.root = check_watch_folder(settings.directory, moves_into=())
+        root = Path(settings.directory).resolve()
+        self.processed = (settings.processed_dir or root / "processed").resolve()
+        self.failed = (settings.failed_dir or root / "failed").resolve()
+        moves = (self.processed, self.failed) if settings.after == "move" else ()
+        self.root = check_watch_folder(root, moves_into=moves)
         self.source = settings.source or f"watch:{self.root}"
-        self.processed = (settings.processed_dir or self.root / "processed").resolve()
-        self.failed = (settings.failed_dir or self.root / "failed").resolve()
-        if settings.after == "move":
-            check_watch_folder(self.root, moves_into=(self.processed, self.failed))
         # the heat maps and kept images the pipeline writes (inside the folder when the store is,
         # `cd /camera && diffqc watch . model`): never parts, or each would be inspected in turn
         artifacts = pipeline.artifacts
@@ -376,10 +378,10 @@ class FolderWatcher:
                     log.info("%s: over, working again", self.problem)
                     self.problem = None
             except (_FolderUnreadable, _CannotMove, StoreError) as exc:  # said once, until over
-                problem = (f"watch folder {self.root} cannot be read ({exc})"
-                           if isinstance(exc, _FolderUnreadable) else str(exc))
                 if once:  # a batch run (cron) ends with it; the files stay for the next one
                     raise
+                problem = (f"watch folder {self.root} cannot be read ({exc})"
+                           if isinstance(exc, _FolderUnreadable) else str(exc))
                 if self.problem != problem:
                     log.error("%s; the files stay, trying again every %g s", problem,
                               self.settings.poll_s)
