@@ -52,14 +52,18 @@ def _upright(img: Image.Image) -> Image.Image:
     return img.transpose(_TO_UPRIGHT[orientation]) if orientation != 1 else img
 
 
-def image_shape(path: Path | str) -> tuple[int, int]:
+def image_shape(path: Path | str) -> tuple[int, int] | None:
     """(height, width) of the image file at ``path`` as :func:`read_image` returns it, from the
-    header alone (its orientation tag included). Raises what ``PIL.Image.open`` raises."""
-    with Image.open(path) as img:
-        width, height = img.size
-        if img.format == "PNG" and "exif" not in img.info:
-            return height, width  # no tag before the pixels (Pillow would decode them to look after)
-        return (width, height) if _orientation(img) >= 5 else (height, width)
+    header alone (its orientation tag included); None when the header cannot be read (missing,
+    not an image, a decompression bomb: :func:`read_image` names why when it reads the file)."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if img.format == "PNG" and "exif" not in img.info:
+                return height, width  # no tag before the pixels (Pillow would decode them to look)
+            return (width, height) if _orientation(img) >= 5 else (height, width)
+    except (OSError, Image.DecompressionBombError):  # UnidentifiedImageError is an OSError
+        return None
 
 
 @dataclass(frozen=True)

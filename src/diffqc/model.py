@@ -701,17 +701,8 @@ def views_to_fit(config: DetectorConfig, paths: Sequence[Path | str]) -> int:
     headers without decoding them (an unreadable file counts one: it is named when read)."""
     if config.tiling.mode == "off":
         return len(paths)
-    from PIL import Image, UnidentifiedImageError
-
-    n = 0
-    for path in paths:
-        try:
-            shape = image_shape(path)
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
-            n += 1
-            continue
-        n += tiling.plan(shape, config).views
-    return n
+    return sum(1 if (shape := image_shape(path)) is None else tiling.plan(shape, config).views
+               for path in paths)
 
 
 def check_fit_memory(config: DetectorConfig, grid: tuple[int, int], channels: int, n_types: int,

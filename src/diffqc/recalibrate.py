@@ -103,18 +103,14 @@ def _name_other_sizes(meta: dict[str, Any], samples: list[Any]) -> None:
     """Calibration images of a size their type was not trained at (a changed camera) are named,
     once per type, as ``inspect`` names such parts: recalibrating restores the flag rate, not
     what the model learned at the old scale. Only the files' headers are read here."""
-    from PIL import Image, UnidentifiedImageError
-
     from diffqc.data import image_shape
     from diffqc.inspection import ImageSizeCheck
 
     check = ImageSizeCheck(meta)
     for s in samples:
-        try:
-            height, width = image_shape(s.path)
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError):  # named when read
+        if (shape := image_shape(s.path)) is None:  # named when it is read for its score
             continue
-        if note := check(s.feature_type, height, width):
+        if note := check(s.feature_type, *shape):
             warnings.warn(f"calibration image {s.path}: {note}", CalibrationWarning, stacklevel=3)
 
 
