@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from diffqc import tiling
+from diffqc.config import uses_layouts
 from diffqc.data import GOOD, load_dataset
 from diffqc.errors import ConfigError, ExportError
 from diffqc.model import Detector
@@ -106,8 +107,8 @@ def test_crop_map_covers_only_the_centre() -> None:
 
 
 def test_squash_is_the_plain_path_and_a_bad_mode_is_a_config_error() -> None:
-    assert not tiling.uses_layouts(tiny_config())
-    assert tiling.uses_layouts(tiny_config(**{"backbone.resize": "pad"}))
+    assert not uses_layouts(tiny_config())
+    assert uses_layouts(tiny_config(**{"backbone.resize": "pad"}))
     with pytest.raises(ConfigError, match=r"backbone\.resize must be one of squash, pad, crop"):
         tiny_config(**{"backbone.resize": "letterbox"})
     with pytest.raises(ConfigError, match=r"tiling\.overlap"):

@@ -40,7 +40,7 @@ from diffqc import report as R
 from diffqc import tiling
 from diffqc.backbone import raw_features_in_batches, to_pixels
 from diffqc.calibration import CalibrationWarning, Calibrator, standardiser
-from diffqc.config import METHODS, DetectorConfig, parse_overrides, with_overrides
+from diffqc.config import METHODS, DetectorConfig, parse_overrides, uses_layouts, with_overrides
 from diffqc.data import DEFECTIVE, GOOD, DatasetWarning, Sample, read_image, read_mask
 from diffqc.errors import ConfigError, DatasetError, ImageReadError
 from diffqc.folds import per_type_folds
@@ -101,7 +101,7 @@ def _backbone_key(config: DetectorConfig) -> str:
 def _layouts(config: DetectorConfig, shapes: Sequence[tuple[int, int]]) -> list[tiling.Layout] | None:
     """Each image's views under ``config`` (None for the plain one map per image): they follow
     from the image's shape, so the feature cache needs to keep only the shapes."""
-    return [tiling.plan(sh, config) for sh in shapes] if tiling.uses_layouts(config) else None
+    return [tiling.plan(sh, config) for sh in shapes] if uses_layouts(config) else None
 
 
 def _copy_extractor(det: Detector) -> Any:
@@ -249,7 +249,7 @@ def _extract_all(
 
     Returns the samples read, their image shapes, raw features per backbone key, and the errors.
     """
-    plain = {key for key, det in detectors.items() if not tiling.uses_layouts(det.config)}
+    plain = {key for key, det in detectors.items() if not uses_layouts(det.config)}
     feats: dict[str, torch.Tensor] = {}  # plain: one row per image, filled in place
     view_feats: dict[str, list[torch.Tensor]] = {key: [] for key in detectors if key not in plain}
     kept: list[Sample] = []
@@ -376,7 +376,7 @@ def evaluate(
         variants_cfg[name] = cfg
     if not variants_cfg:
         raise ConfigError("nothing to evaluate: no methods and no settings")
-    shaped = sorted(name for name, cfg in variants_cfg.items() if tiling.uses_layouts(cfg))
+    shaped = sorted(name for name, cfg in variants_cfg.items() if uses_layouts(cfg))
     if shaped and runtime in ("onnx", "openvino"):
         raise ConfigError(f"{', '.join(shaped)}: pad, crop and tiled models run with PyTorch only "
                           f"(diffqc export refuses them); evaluate them with --runtime torch")

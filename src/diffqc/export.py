@@ -42,6 +42,7 @@ from diffqc.backends.openvino import OpenVinoGraph, openvino_version
 from diffqc.backends.ort import OnnxBackbone, OnnxGraph, import_onnxruntime, make_session
 from diffqc.backends.tensorrt import ENGINE_FILE as TENSORRT_ENGINE
 from diffqc.backends.tensorrt import build_tensorrt_engine, check_tensorrt_builder
+from diffqc.config import uses_layouts
 from diffqc.errors import ConfigError, DatasetError, ExportError
 from diffqc.output import json_line, scratch_folder, write_atomic
 from diffqc.runtime import (
@@ -203,9 +204,7 @@ def _tidy(model: onnx.ModelProto) -> None:
 
 def build_onnx(det: Detector, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """The Detector's whole inference path as one ONNX model (see the module docstring)."""
-    from diffqc import tiling
-
-    if tiling.uses_layouts(det.config):  # the graph takes one squashed S x S image per part
+    if uses_layouts(det.config):  # the graph takes one squashed S x S image per part
         raise ExportError(f"ONNX export covers backbone.resize=squash without tiling; this model uses "
                           f"resize={det.config.backbone.resize}, tiling.mode={det.config.tiling.mode}: "
                           "run it with PyTorch (--runtime torch)")

@@ -32,7 +32,7 @@ from diffqc.backbone import FeatureExtractor, raw_features_in_batches, resolve_d
 from diffqc.baselines import PatchCoreScorer
 from diffqc.bundle import check_weights, read_bundle
 from diffqc.calibration import Calibrator, calibration_scores
-from diffqc.config import CalibrationConfig, DetectorConfig
+from diffqc.config import CalibrationConfig, DetectorConfig, uses_layouts
 from diffqc.data import Sample, fingerprint, good_training, image_shape, iter_images, load_dataset
 from diffqc.errors import (
     BundleError,
@@ -184,7 +184,7 @@ class Detector:
         return feats if raw else self.extractor.standardise(feats)
 
     def _one_map_per_image(self) -> None:
-        if tiling.uses_layouts(self.config):
+        if uses_layouts(self.config):
             raise ConfigError("one feature map per image needs backbone.resize=squash and tiling.mode=off; "
                               "pad, crop and tiled models run through fit() and inspect()")
 
@@ -212,7 +212,7 @@ class Detector:
         first failure, and one error names them all, as :func:`diffqc.data.read_images` does.
         ``sizes``, when given, receives each image's (height, width) as read.
         """
-        views_of = tiling.uses_layouts(self.config)
+        views_of = uses_layouts(self.config)
         layouts: list[tiling.Layout] = []
         kept: list[Sample] = []
         errors: list[ImageReadError] = []
@@ -516,7 +516,7 @@ class Detector:
                 self.type_index(t)  # an unknown type fails before any work is done
         if not images:
             return []
-        if tiling.uses_layouts(self.config):  # pad / crop / tiles: see diffqc.tiling
+        if uses_layouts(self.config):  # pad / crop / tiles: see diffqc.tiling
             raw, layouts = tiling.extract_views(self, images)
             return tiling.inspect_views(self, raw, layouts, [None if t is None else self.type_index(t)
                                                              for t in types], maps, all_types=all_types)
@@ -561,7 +561,7 @@ class Detector:
         def shrink(image: np.ndarray) -> np.ndarray:  # the resize inspect() would make
             return to_pixels([image], size)[0].permute(1, 2, 0).numpy()
 
-        plain = not maps and not tiling.uses_layouts(self.config)
+        plain = not maps and not uses_layouts(self.config)
         return inspect_in_batches(self.inspect, samples, self.config.batch_size, type_known=type_known,
                                   progress=progress, all_types=all_types, maps=maps,
                                   skip_corrupt=skip_corrupt, shrink=shrink if plain else None)
@@ -746,7 +746,7 @@ def _check_heat_map(config: DetectorConfig) -> bool:
     if config.scoring.heat_map != "fused" or config.method != "diffusion":
         return False
     why = ("its constants come from the split calibration images" if config.calibration.scheme != "split"
-           else "views of resized or tiled images are not supported yet" if tiling.uses_layouts(config)
+           else "views of resized or tiled images are not supported yet" if uses_layouts(config)
            else None)
     if why is not None:
         raise ConfigError(f"scoring.heat_map=fused needs calibration.scheme=split, backbone.resize=squash "

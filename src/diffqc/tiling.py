@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffqc.config import DetectorConfig
-from diffqc.config import uses_layouts as uses_layouts  # the rule lives beside the config
 from diffqc.data import as_image
 from diffqc.errors import ConfigError
 
