@@ -346,6 +346,7 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
     (["serve", "m", "--keep-days", "-1"], "argument --keep-days: must be a number more than 0"),
     (["serve", "m", "--artifact-budget-mb", "nan"], "argument --artifact-budget-mb: must be a number"),
     (["serve", "m", "--body-timeout", "0"], "argument --body-timeout: must be a number more than 0"),
+    (["serve", "m", "--log-level", "verbose"], "argument --log-level: invalid choice: 'verbose'"),
     (["watch", "cam", "m", "--poll", "-1"], "argument --poll: must be a number more than 0"),
     (["watch", "cam", "m", "--settle", "inf"], "argument --settle: must be a number at least 0"),
     (["watch", "cam", "m", "--max-batch", "0"], "argument --max-batch: must be at least 1"),

@@ -317,3 +317,45 @@ def test_inspect_csv_on_a_full_disk_ends_with_the_last_complete_row(
     assert table.read_bytes().endswith(b"\r\n")
     assert [r["path"] for r in rows] == [p["path"] for p in printed[:len(rows)]]
     assert all(r["decision"] in {"PASS", "REVIEW", "REJECT"} for r in rows)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="resource limits are POSIX")
+def test_running_out_of_memory_is_one_error_line(tmp_path: Path) -> None:
+    """A job larger than the machine (here: a 4000 px synthetic set under a 800 MB address-space
+    limit) ends with one error line naming memory and how to see where, exit 1 (it was a
+    ``numpy._ArrayMemoryError`` traceback)."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (800 * 2**20, 800 * 2**20))
+
+    proc = subprocess.run([sys.executable, "-m", "diffqc.cli", "data", "synth", str(tmp_path / "set"),
+                           "--size", "4000", "--parts", "24", "-q"],
+                          capture_output=True, text=True, preexec_fn=limit, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("diffqc: error: out of memory"), proc.stderr
+    assert "DIFFQC_TRACEBACK=1" in lines[0]
+
+
+def test_every_option_says_what_it_does() -> None:
+    """``--help`` of every command explains each of its arguments (``serve --port`` and
+    ``data synth --parts`` were listed bare, their defaults unsaid)."""
+    import argparse
+
+    from diffqc.cli import build_parser
+
+    bare: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    walk(sub, f"{name} {sub_name}")
+            elif not action.help:
+                bare.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "diffqc")
+    assert not bare, bare

@@ -216,7 +216,8 @@ def test_a_set_cut_short_is_named_and_replaced_by_the_next_run(tmp_path: Path) -
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"n_parts": 5}, {"image_size": 16}, {"defect_fraction": 1.0}, {"defect_fraction": -0.1}],
+    [{"n_parts": 5}, {"image_size": 16}, {"image_size": 100_000}, {"defect_fraction": 1.0},
+     {"defect_fraction": -0.1}],
 )
 def test_rejects_bad_arguments(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(ValueError):

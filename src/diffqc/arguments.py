@@ -51,3 +51,7 @@ POSITIVE = integer(1)
 NON_NEGATIVE = integer(0)
 SEED = integer(0, 2**32 - 1)  # numpy's seeds
 POSITIVE_NUMBER = number(0.0, inclusive=False)
+
+# help texts of options several commands share, said one way
+DEVICE = "cpu or cuda (default: cuda when present)"
+QUIET = "no progress lines on stderr (errors and warnings still)"

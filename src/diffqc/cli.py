@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffqc import __version__
-from diffqc.arguments import NON_NEGATIVE, SEED
+from diffqc.arguments import DEVICE, NON_NEGATIVE, QUIET, SEED
 from diffqc.commands import add_model_options, model_overrides
 from diffqc.errors import ConfigError, DatasetError, DiffqcError, ImageReadError, OutputError
 from diffqc.output import json_line
@@ -320,14 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", metavar="ACTION")
     synth = data.add_parser("synth", help="write the synthetic inkjet-print dataset (MVTec layout)")
-    synth.add_argument("out", type=Path)
-    synth.add_argument("--parts", type=int, default=1327)
-    synth.add_argument("--seed", type=SEED, default=0)
-    synth.add_argument("--size", type=int, default=256, help="image side in pixels")
+    synth.add_argument("out", type=Path,
+                       help="folder to write: new, empty, or an earlier synthetic dataset")
+    synth.add_argument("--parts", type=int, default=1327,
+                       help="images in all, spread over the 8 types (default 1327)")
+    synth.add_argument("--seed", type=SEED, default=0, help="the same seed writes the same images")
+    synth.add_argument("--size", type=int, default=256,
+                       help="image side in pixels (default 256, at most 4096)")
     synth.add_argument("--overwrite", action="store_true",
                        help="kept for compatibility: an earlier synthetic dataset in OUT is always "
                             "replaced, and any other non-empty folder refused")
-    synth.add_argument("-q", "--quiet", action="store_true")
+    synth.add_argument("-q", "--quiet", action="store_true", help=QUIET)
     synth.set_defaults(func=cmd_synth)
 
     train = sub.add_parser("train", help="fit and calibrate a model on GOOD images")
@@ -339,12 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "nothing)")
     add_model_options(train)
     train.add_argument("--skip-corrupt", action="store_true", help="skip and list unreadable images")
-    train.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    train.add_argument("-q", "--quiet", action="store_true")
+    train.add_argument("--device", default=None, help=DEVICE)
+    train.add_argument("-q", "--quiet", action="store_true", help=QUIET)
     train.set_defaults(func=cmd_train)
 
     insp = sub.add_parser("inspect", help="score images: one JSON line per image")
-    insp.add_argument("model", type=Path)
+    insp.add_argument("model", type=Path, help="model bundle folder (from diffqc train)")
     insp.add_argument("images", nargs="+", help="image files or folders")
     insp.add_argument("--feature-type", default=None, help="the images' type (default: unknown)")
     insp.add_argument("--heatmaps", default=None, help="folder for heat-map overlay PNGs")
@@ -355,19 +358,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also write one CSV row per image (path, types, score, p-value, decision, "
                            "heat map)")
     insp.add_argument("--force", action="store_true", help="overwrite an existing --csv file")
-    insp.add_argument("--skip-corrupt", action="store_true")
-    insp.add_argument("--device", default=None)
+    insp.add_argument("--skip-corrupt", action="store_true",
+                      help="skip unreadable images, named on stderr (default: stop at the first)")
+    insp.add_argument("--device", default=None, help=DEVICE)
     add_runtime_arguments(insp)
     insp.set_defaults(func=cmd_inspect)
 
     demo = sub.add_parser("demo", help="synthesise -> train -> calibrate -> inspect -> table")
     demo.add_argument("--out", default="diffqc-demo", help="working folder (default: ./diffqc-demo)")
-    demo.add_argument("--parts", type=int, default=1327)
-    demo.add_argument("--data-seed", type=SEED, default=0)
+    demo.add_argument("--parts", type=int, default=1327,
+                      help="synthetic images in all, spread over the 8 types (default 1327)")
+    demo.add_argument("--data-seed", type=SEED, default=0, help="seed of the synthetic images")
     demo.add_argument("--json", default=None, help="also write the table as JSON rows")
     add_model_options(demo)
-    demo.add_argument("--device", default=None)
-    demo.add_argument("-q", "--quiet", action="store_true")
+    demo.add_argument("--device", default=None, help=DEVICE)
+    demo.add_argument("-q", "--quiet", action="store_true", help=QUIET)
     demo.set_defaults(func=cmd_demo)
 
     for register in _optional_registrars():
@@ -442,6 +447,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if isinstance(exc, ImageReadError) and getattr(args, "skip_corrupt", True) is False:
                 hint = " (pass --skip-corrupt to leave unreadable images out)"
             print(f"diffqc: error: {_describe(exc)}{hint}", file=sys.stderr)
+            return EXIT_ERROR
+        except MemoryError as exc:  # a job larger than the machine: say so, not a traceback
+            if os.environ.get("DIFFQC_TRACEBACK"):
+                raise
+            detail = f" ({_describe(exc)})" if str(exc) else ""
+            print(f"diffqc: error: out of memory{detail}; DIFFQC_TRACEBACK=1 shows where",
+                  file=sys.stderr)
             return EXIT_ERROR
         except KeyboardInterrupt:
             print("diffqc: interrupted", file=sys.stderr)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffqc.arguments import NON_NEGATIVE, POSITIVE, SEED, integer
+from diffqc.arguments import DEVICE, NON_NEGATIVE, POSITIVE, QUIET, SEED, integer
 from diffqc.config import METHODS
 
 
@@ -41,7 +41,8 @@ def add_model_options(p: argparse.ArgumentParser, *, method_and_seed: bool = Tru
     p.add_argument("--steps", type=int, default=None,
                    help="train the residual denoiser N steps (default: train.steps, 0 = the Gaussians alone)")
     if method_and_seed:
-        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--seed", type=int, default=None,
+                       help="seed of the calibration split and the denoiser's training (default 0)")
     p.add_argument("--fit", choices=["squash", "pad", "crop"], default=None,
                    help="how images of another shape become the square input: squash (default), "
                         "pad (letterbox, aspect kept) or crop (centre square)")
@@ -100,7 +101,7 @@ def add_evaluate_command(subparsers: Any) -> None:
                    help="cap GOOD training images per type and fold (seeded subsample)")
     p.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
                    help="keep the raw backbone features in DIR so that a re-run skips extraction")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--device", default=None, help=DEVICE)
     p.add_argument("--runtime", choices=("torch", "onnx", "openvino", "auto"), default="auto",
                    help="score held-out parts with PyTorch, ONNX Runtime or OpenVINO (each fold's "
                         "diffusion model exported in memory, FP32); auto = torch")
@@ -109,7 +110,7 @@ def add_evaluate_command(subparsers: Any) -> None:
                    help="also score every held-out image with its type withheld (the type router "
                         "picks it): type accuracy and AUROC withheld vs given, in the printed "
                         "summary and report.json's unknown_type")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help=QUIET)
     p.set_defaults(func=_lazy("diffqc.evaluate", "cmd_evaluate"))
 
 
@@ -143,5 +144,5 @@ def add_export_command(subparsers: Any) -> None:
                    help="GOOD images measuring each layer's INT8 error")
     p.add_argument("--no-openvino", action="store_true",
                    help="do not check (or offer) the models on OpenVINO even when it is installed")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help=QUIET)
     p.set_defaults(func=_lazy("diffqc.export", "cmd_export"))

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from diffqc.arguments import QUIET
 from diffqc.calibration import CalibrationWarning, Calibrator
 from diffqc.errors import BundleError, DatasetError, UnknownFeatureTypeError, did_you_mean
 from diffqc.output import json_line, write_atomic
@@ -253,5 +254,5 @@ def add_calibrate_command(subparsers: Any) -> None:
     p.add_argument("model", type=Path, help="model bundle folder")
     p.add_argument("data", help="MVTec-layout folder or CSV manifest with GOOD images")
     p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help=QUIET)
     p.set_defaults(func=_cmd_calibrate)

@@ -72,6 +72,7 @@ _TYPE_NOTES: dict[str, str] = {
 
 MARKER_NAME = ".diffqc-synth.json"
 TRAIN_FRACTION = 0.65
+MAX_IMAGE_SIZE = 4096  # a synthetic part at a camera's size; larger ones only run out of memory
 _MASK_THRESHOLD = 0.06  # |darkness(defective) - darkness(good)| that counts as defect
 _MIN_MASK_PIXELS = 3
 _FORMAT_VERSION = 1
@@ -824,8 +825,8 @@ def check_arguments(n_parts: int, image_size: int = 256, defect_fraction: float 
     before any file is written; ``diffqc demo`` checks its own before its first step)."""
     if n_parts < 3 * len(FEATURE_TYPES):
         raise ValueError(f"n_parts must be at least {3 * len(FEATURE_TYPES)}, got {n_parts}")
-    if image_size < 32:
-        raise ValueError(f"image_size must be at least 32, got {image_size}")
+    if not 32 <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be from 32 to {MAX_IMAGE_SIZE}, got {image_size}")
     if not 0.0 <= defect_fraction < 1.0:
         raise ValueError(f"defect_fraction must be in [0, 1), got {defect_fraction}")
 

@@ -25,6 +25,7 @@ from diffqc.runtime import add_runtime_arguments
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE
 
 __all__ = ["add_service_commands", "export_reviewed_good", "list_results", "run_server", "run_watch"]
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
 
 
 def run_server(
@@ -234,8 +235,10 @@ def add_service_commands(subparsers: Any) -> None:
     )
     p = subparsers.add_parser("serve", help="serve a model over HTTP (inspection API + dashboard)")
     p.add_argument("model", help="model bundle folder (from diffqc train)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=integer(0, 65535), default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0: every "
+                   "network)")
+    p.add_argument("--port", type=integer(0, 65535), default=8000, help="TCP port (default 8000)")
     p.add_argument("--db", default=None, help=db_help)
     p.add_argument(
         "--token",
@@ -273,7 +276,8 @@ def add_service_commands(subparsers: Any) -> None:
         help="full buffer: refuse with 503 + Retry-After, or drop the oldest part (stored as NOT_INSPECTED)",
     )
     p.add_argument("--retry-after", type=NON_NEGATIVE, default=1, help="Retry-After seconds on 503")
-    p.add_argument("--max-upload-mb", type=POSITIVE, default=20)
+    p.add_argument("--max-upload-mb", type=POSITIVE, default=20,
+                   help="largest upload in MiB; a larger one is answered 413 (default 20)")
     _add_artifact_arguments(p)
     p.add_argument(
         "--fast",
@@ -296,15 +300,17 @@ def add_service_commands(subparsers: Any) -> None:
                    help="delete kept images and heat maps older than this (records stay)")
     p.add_argument("--artifact-budget-mb", type=POSITIVE_NUMBER, default=None,
                    help="delete the oldest kept images and heat maps beyond this disk budget")
-    p.add_argument("--log-level", default="info")
-    p.add_argument("--access-log", action="store_true")
+    p.add_argument("--log-level", type=str.lower, default="info", choices=LOG_LEVELS,
+                   help="the service's log (default: info)")
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.set_defaults(func=_cmd_serve)
 
     w = subparsers.add_parser("watch", help="inspect images as a camera writes them into a folder")
     w.add_argument("dir", help="folder the camera writes into (and its sub-folders, to any depth)")
     w.add_argument("model", help="model bundle folder")
     w.add_argument("--db", default=None, help=db_help)
-    w.add_argument("--data-dir", default=None)
+    w.add_argument("--data-dir", default=None,
+                   help="folder for heat maps and kept images (default beside the SQLite file)")
     w.add_argument(
         "--feature-type",
         default=None,
@@ -323,7 +329,7 @@ def add_service_commands(subparsers: Any) -> None:
                    "something else empties: every poll looks at every file there (20,000 files: "
                    "0.4 s per poll; BENCHMARKS.md \"Session 23\")")
     w.add_argument("--once", action="store_true", help="process what is there, then exit")
-    w.add_argument("--max-batch", type=POSITIVE, default=8)
+    w.add_argument("--max-batch", type=POSITIVE, default=8, help="largest inference micro-batch")
     w.add_argument("--source", default=None, help="idempotency namespace (default: the folder path)")
     _add_artifact_arguments(w)
     _add_line_arguments(w)
@@ -334,7 +340,8 @@ def add_service_commands(subparsers: Any) -> None:
     e = rsub.add_parser("export", help="export parts reviewed GOOD as extra calibration data")
     e.add_argument("out", help="output folder (images + manifest.csv)")
     e.add_argument("--db", default=None, help=db_help)
-    e.add_argument("--data-dir", default=None)
+    e.add_argument("--data-dir", default=None,
+                   help="the folder serve or watch kept the images in (default beside the SQLite file)")
     e.add_argument("--since", default=None, help="only parts inspected since (ISO 8601 or epoch)")
     e.set_defaults(func=_cmd_export)
     when = "(ISO 8601, UTC unless it has an offset such as +01:00, or epoch seconds)"
@@ -343,15 +350,17 @@ def add_service_commands(subparsers: Any) -> None:
                                      "filtered as /v1/results filters them; redirect to a file "
                                      "for a shift's report (--format csv opens in a spreadsheet).")
     ls.add_argument("--db", default=None, help=db_help)
-    ls.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    ls.add_argument("--format", choices=["jsonl", "csv"], default="jsonl",
+                    help="one JSON object per line (default) or CSV with a header row")
     ls.add_argument("--since", default=None, help=f"parts inspected at or after {when}")
     ls.add_argument("--until", default=None, help=f"parts inspected before {when}")
-    ls.add_argument("--feature-type", default=None)
-    ls.add_argument("--decision", choices=[*DECISIONS, NOT_INSPECTED], default=None)
+    ls.add_argument("--feature-type", default=None, help="parts of this type")
+    ls.add_argument("--decision", choices=[*DECISIONS, NOT_INSPECTED], default=None,
+                    help="parts given this decision")
     verdict = ls.add_mutually_exclusive_group()
     verdict.add_argument("--review", choices=["GOOD", "BAD"], default=None,
                          help="parts an operator reviewed with this verdict")
     verdict.add_argument("--unreviewed", action="store_true", help="parts without a verdict")
     for name in ("part-id", "line", "station", "camera", "source"):
-        ls.add_argument(f"--{name}", default=None)
+        ls.add_argument(f"--{name}", default=None, help=f"parts whose {name.replace('-', ' ')} is this")
     ls.set_defaults(func=_cmd_list)
