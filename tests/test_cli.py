@@ -359,3 +359,28 @@ def test_every_option_says_what_it_does() -> None:
 
     walk(build_parser(), "diffqc")
     assert not bare, bare
+
+
+@pytest.mark.skipif(__import__("sys").platform != "linux",
+                    reason="Linux file systems take names that are not UTF-8")
+def test_inspect_takes_file_names_that_are_not_utf8(tiny_model: Path, clear_dataset: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """An image named in Latin-1 (``b"caf\\xe9.png"``, from an older share) stopped ``inspect
+    --heatmaps`` and ``--csv`` with a ``UnicodeEncodeError`` traceback. Its undecodable bytes are
+    written as ``\\xNN`` in the JSON line, the CSV and the heat map's name."""
+    import csv
+    import os
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    first = next((clear_dataset / "dots" / "test" / "good").iterdir())
+    latin = os.fsdecode(b"caf\xe9.png")
+    shutil.copy(first, folder / latin)
+    assert main(["inspect", str(tiny_model), str(folder), "--feature-type", "dots", "--csv",
+                 str(tmp_path / "rows.csv"), "--heatmaps", str(tmp_path / "hm")]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["path"] == str(folder / "caf\\xe9.png")
+    assert Path(row["heatmap"]).name == "caf\\xe9_heatmap.png" and Path(row["heatmap"]).is_file()
+    with open(tmp_path / "rows.csv", encoding="utf-8", newline="") as fh:
+        (cell,) = [r["path"] for r in csv.DictReader(fh)]
+    assert cell == row["path"]

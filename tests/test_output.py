@@ -48,3 +48,15 @@ def test_json_line_is_strict_json() -> None:
     assert "\n" not in line and "NaN" not in line and "Infinity" not in line
     assert json.loads(line) == {"score": None, "thresholds": {"a": {"reject": None}}, "n": [1.5, None],
                                 "ok": 2.0}
+
+
+def test_path_text_writes_undecodable_bytes_of_a_file_name_as_escapes() -> None:
+    """A Latin-1 name reaches Python with surrogate escapes; as text it gets ``\\xNN`` for the bytes
+    that are not UTF-8, and other text is left as it is."""
+    import os
+
+    from diffqc.output import path_text
+
+    assert path_text(Path(os.fsdecode(b"cam/caf\xe9.png"))) == "cam/caf\\xe9.png"
+    assert path_text("cam/café.png") == "cam/café.png"
+    assert path_text("x\ud800") == "x\\ud800"  # a surrogate no file name gives: escaped too

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -340,6 +341,9 @@ def test_pixel_metrics_resize_maps_and_skip_unknown_masks() -> None:
 
 
 def test_single_method_report_with_overlay_file(tmp_path: Path) -> None:
+    """... and an image whose name is not UTF-8 (Latin-1 from an older share, ``b"caf\\xe9.png"``:
+    evaluate's report ended in a ``UnicodeEncodeError`` after the whole run) is named with
+    ``\\xNN`` in all three files."""
     y = np.r_[np.zeros(20, int), np.ones(10, int)]
     s = np.random.default_rng(1).normal(size=30) + y
     fold = np.arange(30) % 5
@@ -352,7 +356,7 @@ def test_single_method_report_with_overlay_file(tmp_path: Path) -> None:
         decision_rule=R.DecisionRule(alpha_review=0.05, alpha_reject=0.01))
     rep["results"]["t"] = {"padim": R.method_result(y, s, fold, n_boot=50)}
     rep["plots"]["gallery"].append(R.GalleryItem(
-        feature_type="t", method="padim", kind="missed defect", path="x.png", label=1,
+        feature_type="t", method="padim", kind="missed defect", path=os.fsdecode(b"caf\xe9.png"), label=1,
         score=0.5, overlay_path=str(overlay)))
     paths = R.write_report(rep, tmp_path / "out")
     page = paths["html"].read_text()
@@ -360,6 +364,8 @@ def test_single_method_report_with_overlay_file(tmp_path: Path) -> None:
     data = json.loads(paths["json"].read_text())
     assert data["results"]["t"]["padim"]["pooled"]["fpr_reject"] is None  # no decisions given
     assert data["results"]["t"]["padim"]["unreliable"]  # 2 defective per fold < 5
+    assert data["plots"]["gallery"][0]["path"] == "caf\\xe9.png"
+    assert "caf\\xe9.png" in paths["md"].read_text(encoding="utf-8") + page
 
 
 def _tree(root: Path) -> dict[str, bytes]:

@@ -112,6 +112,32 @@ def test_watch_does_not_inspect_its_own_heat_maps_and_kept_images(
         store.close()
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux file systems take names that are not UTF-8")
+def test_watch_takes_file_names_that_are_not_utf8(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
+) -> None:
+    """A share an older Windows or Latin-1 system writes holds names that are not UTF-8
+    (``b"caf\\xe9.png"``): Python reads them with surrogate escapes, which neither SQLite nor
+    PostgreSQL stores. One such file stopped the watch: the same traceback every poll, no other
+    file inspected, for ever. The name is stored with its undecodable bytes as ``\\xNN``; the
+    files are moved as they are."""
+    folder, pipe, store = rig
+    (b0, _), (b1, _) = samples.all[0], samples.all[1]
+    latin = os.fsdecode(b"caf\xe9")
+    (folder / f"{latin}.png").write_bytes(b0)
+    (folder / f"{latin}-broken.png").write_bytes(b"not an image")
+    (folder / "part-1.png").write_bytes(b1)
+    w = _watcher(folder, pipe, store)
+    report = w.step()
+    assert (report.inspected, report.failed) == (2, 1)
+    recs = {r.part_id: r for r in store.query(limit=None)}
+    assert set(recs) == {"caf\\xe9", "caf\\xe9-broken", "part-1"}
+    assert "caf\\xe9-broken.png" in (recs["caf\\xe9-broken"].reason or "")
+    assert (folder / "processed" / f"{latin}.png").read_bytes() == b0
+    assert (folder / "failed" / f"{latin}-broken.png").is_file()
+    assert w.step().inspected == 0
+
+
 def test_watch_waits_until_a_file_is_complete(
     rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
 ) -> None:

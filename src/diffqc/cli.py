@@ -26,7 +26,7 @@ from diffqc import __version__
 from diffqc.arguments import DEVICE, NON_NEGATIVE, QUIET, SEED
 from diffqc.commands import add_model_options, model_overrides
 from diffqc.errors import ConfigError, DatasetError, DiffqcError, ImageReadError, OutputError
-from diffqc.output import json_line
+from diffqc.output import json_line, path_text
 from diffqc.runtime import add_runtime_arguments
 
 if TYPE_CHECKING:
@@ -138,7 +138,8 @@ def _new_heatmap_path(folder: Path, name: Path) -> Path:
     longer than a file system takes (255 bytes) becomes a digest of the whole path and its end."""
     import hashlib
 
-    stem = "_".join([*name.parent.parts, name.stem]) or "image"
+
+    stem = path_text("_".join([*name.parent.parts, name.stem])) or "image"
     if len(raw := stem.encode()) > 200:  # "_heatmap-9999.png" and the digest fit the rest
         tail = raw[-160:].decode("utf-8", errors="ignore")
         stem = f"{hashlib.sha256(raw).hexdigest()[:12]}-{tail}"
@@ -187,7 +188,7 @@ def _inspect_images(args: argparse.Namespace, det: Any, images: list[tuple[Path,
         try:
             image = read_image(path)
         except ImageReadError as exc:
-            _report_row({"path": str(path), "error": str(exc)}, csv_out)
+            _report_row({"path": path_text(path), "error": path_text(str(exc))}, csv_out)
             if not args.skip_corrupt:
                 raise
             continue
@@ -195,7 +196,7 @@ def _inspect_images(args: argparse.Namespace, det: Any, images: list[tuple[Path,
         (result,) = det.inspect([image], [args.feature_type])
         if note := size_check(result.feature_type, *image.shape[:2]):
             warnings.warn(note, stacklevel=1)
-        row: dict[str, Any] = {"path": str(path), **result.to_json(),
+        row: dict[str, Any] = {"path": path_text(path), **result.to_json(),
                                "latency_ms": round(1000 * (time.perf_counter() - start), 1)}
         if args.heatmaps and result.anomaly_map is not None:
             out = _new_heatmap_path(Path(args.heatmaps), name)
@@ -205,7 +206,7 @@ def _inspect_images(args: argparse.Namespace, det: Any, images: list[tuple[Path,
                 out.unlink(missing_ok=True)  # the empty file _new_heatmap_path claimed
                 _report_row(row, csv_out)
                 raise
-            row["heatmap"] = str(out)
+            row["heatmap"] = path_text(out)
         _report_row(row, csv_out)
 
 

@@ -108,6 +108,24 @@ def json_safe(x: Any) -> Any:
     return x
 
 
+def path_text(path: Path | str) -> str:
+    """A path (or a text holding one) as text that UTF-8 files, databases and JSON readers take.
+
+    A file name that is not UTF-8 (``b"caf\\xe9.png"``, written by an older Windows or Latin-1
+    system on a share) reaches Python with surrogate escapes, which no UTF-8 encoder writes; its
+    undecodable bytes become ``\\xNN`` here (``caf\\xe9.png``). Other text is returned as it is."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name gives (a caller's text): \udNNN
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def json_line(x: Any) -> str:
     """One line of strict JSON (see :func:`json_safe`): what a command prints on stdout."""
     return json.dumps(json_safe(x), allow_nan=False)

@@ -55,7 +55,7 @@ from PIL import Image
 from diffqc import metrics as M
 from diffqc import stats as S
 from diffqc.errors import OutputError
-from diffqc.output import check_output_folder, write_atomic
+from diffqc.output import check_output_folder, path_text, write_atomic
 
 SCHEMA_VERSION = 1
 OVERALL = "all types"
@@ -700,9 +700,11 @@ REQUIRED_KEYS = ("dataset", "methods", "folds", "decision_rule", "results", "com
 
 
 def to_jsonable(obj: Any) -> Any:
-    """Deep copy with numpy scalars/arrays and Paths converted; NaN and +-inf become None."""
+    """Deep copy with numpy scalars/arrays and Paths converted; NaN and +-inf become None; text
+    holding a file name that is not UTF-8 gets ``\\xNN`` for its undecodable bytes
+    (:func:`diffqc.output.path_text`)."""
     if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
+        return {path_text(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
@@ -714,9 +716,9 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, float | np.floating):
         x = float(obj)
         return x if math.isfinite(x) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    if obj is None or isinstance(obj, str):
+    if isinstance(obj, Path | str):
+        return path_text(obj)
+    if obj is None:
         return obj
     raise TypeError(f"cannot store a {type(obj).__name__} in report.json")
 

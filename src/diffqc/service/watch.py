@@ -33,6 +33,7 @@ from typing import Any
 
 from diffqc.data import IMAGE_SUFFIXES, decode_image
 from diffqc.errors import ImageReadError, OutputError, StoreError, UnknownFeatureTypeError, did_you_mean
+from diffqc.output import path_text
 from diffqc.service.buffer import BufferClosed, BufferFull, InspectionPipeline, Job, overlay_scales
 from diffqc.service.security import (
     BROWSER_FORMATS,
@@ -147,7 +148,7 @@ class FolderWatcher:
         self.failed = (settings.failed_dir or root / "failed").resolve()
         moves = (self.processed, self.failed) if settings.after == "move" else ()
         self.root = check_watch_folder(root, moves_into=moves)
-        self.source = settings.source or f"watch:{self.root}"
+        self.source = path_text(settings.source or f"watch:{self.root}")
         # the heat maps and kept images the pipeline writes (inside the folder when the store is,
         # `cd /camera && diffqc watch . model`): never parts, or each would be inspected in turn
         artifacts = pipeline.artifacts
@@ -233,8 +234,12 @@ class FolderWatcher:
 
     # ------------------------------------------------------------------ processing
     def _key(self, path: Path, data: bytes) -> str:
-        rel = path.relative_to(self.root).as_posix()
-        return f"{rel}|{hashlib.sha256(data).hexdigest()}"
+        """The file's path below the folder, as stored text (a name that is not UTF-8 with
+        ``\\xNN``: :func:`diffqc.data.path_text`), and the digest of its content."""
+        return f"{self._name(path)}|{hashlib.sha256(data).hexdigest()}"
+
+    def _name(self, path: Path) -> str:
+        return path_text(path.relative_to(self.root).as_posix())
 
     def _feature_type(self, path: Path) -> str | None:
         if self.settings.feature_type:
@@ -257,7 +262,7 @@ class FolderWatcher:
                         b"",
                         f"file larger than {self.settings.max_file_bytes} bytes",
                         report,
-                        key=f"{path.relative_to(self.root).as_posix()}|too-large",
+                        key=f"{self._name(path)}|too-large",
                     )
                     continue
                 data = path.read_bytes()
@@ -314,7 +319,7 @@ class FolderWatcher:
         return Job(
             image=image,
             feature_type=self._feature_type(path),
-            part_id=path.stem,
+            part_id=path_text(path.stem),
             source=self.source,
             dedup_key=key,
             encoded=data if ext else None,
@@ -331,10 +336,10 @@ class FolderWatcher:
                 created_at=time.time(),
                 source=self.source,
                 decision=NOT_INSPECTED,
-                part_id=path.stem,
+                part_id=path_text(path.stem),
                 feature_type=self._feature_type(path),
                 model_version=self.pipeline.model_version,
-                reason=f"unreadable file: {reason}",
+                reason=path_text(f"unreadable file: {reason}"),
                 dedup_key=key,
                 line=self.settings.line,
                 station=self.settings.station,
