@@ -286,6 +286,35 @@ def test_watch_once_ends_with_an_error_when_it_cannot_finish(
     assert store.count() == 1 and (folder / "part-4.png").exists()
 
 
+def test_watch_logs_an_unexpected_failure_once_and_once_ends_with_it(
+    rig: tuple[Path, InspectionPipeline, ResultStore], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure nobody foresaw (a bug: a file name that stopped the watch was one) logged its
+    traceback at every poll, for ever, and made ``--once`` retry for ever. Its traceback is logged
+    once (it is the watcher's ``problem``, under ``/readyz`` ``degraded``), and ``--once`` ends
+    with it."""
+    import logging
+    import threading
+
+    folder, pipe, store = rig
+    w = _watcher(folder, pipe, store, poll_s=0.02)
+
+    def failing_step() -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(w, "step", failing_step)
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    with caplog.at_level(logging.INFO, logger="diffqc.watch"):
+        w.run(stop)
+    errors = [r for r in caplog.records if r.name == "diffqc.watch" and r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None and "a bug" in errors[0].getMessage()
+    assert w.problem is not None and "a bug" in w.problem
+    with pytest.raises(RuntimeError, match="a bug"):
+        w.run(once=True)
+
+
 def test_watch_records_unreadable_files_as_not_inspected(
     rig: tuple[Path, InspectionPipeline, ResultStore],
 ) -> None:

@@ -392,8 +392,13 @@ class FolderWatcher:
                               self.settings.poll_s)
                 self.problem = problem
                 report = StepReport(waiting=1)
-            except Exception:
-                log.exception("watch step failed; retrying")
+            except Exception as exc:  # unforeseen (a bug): its traceback once, not every poll
+                if once:
+                    raise
+                problem = f"watch step failed ({type(exc).__name__}: {exc})"
+                if self.problem != problem:
+                    log.exception("%s; trying again every %g s", problem, self.settings.poll_s)
+                self.problem = problem
                 report = StepReport(waiting=1)
             busy = report.inspected + report.already_recorded + report.failed
             if once and not busy and not report.waiting and not self._seen:
