@@ -39,7 +39,8 @@ def test_size_check_of_a_bundle_without_sizes_checks_nothing() -> None:
 def test_inspect_arguments_name_the_calls_easy_to_get_wrong(tiny_model: Path) -> None:
     """`det.inspect(image)` was numpy's "truth value of an array is ambiguous" (and with a type,
     "128 images but 1 feature types": its rows taken for images); `det.inspect([image], "dots")`
-    said "1 images but 4 feature types" (the letters of the string)."""
+    said "1 images but 4 feature types" (the letters of the string); a file path for an image
+    "cannot read image <array>: ... got shape ()"."""
     from diffqc.model import Detector
 
     det = Detector.load(tiny_model, device="cpu")
@@ -50,5 +51,10 @@ def test_inspect_arguments_name_the_calls_easy_to_get_wrong(tiny_model: Path) ->
         det.inspect([image], "dots")
     with pytest.raises(ValueError, match="2 images but 1 feature types"):
         det.inspect([image, image], ["dots"])
+    # file paths, as a newcomer passes them: "cannot read image <array>: ... got shape ()"
+    with pytest.raises(TypeError, match=r"got the file path 'part.png': read it with diffqc.data.read_image"):
+        det.inspect([image, Path("part.png")], ["dots", "dots"])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"got the file path 'part.png'"):
+        det.inspect("part.png", ["dots"])  # type: ignore[arg-type]
     assert [r.feature_type for r in det.inspect([image], ["dots"])] == ["dots"]
     assert inspect_arguments([image], None) == [None]

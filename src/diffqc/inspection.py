@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -134,6 +134,10 @@ def inspect_arguments(images: Sequence[np.ndarray], feature_types: Sequence[str 
     if isinstance(images, np.ndarray):
         raise TypeError(f"inspect takes a list of images, got one array of shape {images.shape}: "
                         "pass [image]")
+    for item in [images] if isinstance(images, str | PurePath) else images:
+        if isinstance(item, str | PurePath):
+            raise TypeError(f"inspect takes image arrays, got the file path {str(item)!r}: read it "
+                            "with diffqc.data.read_image(path)")
     if isinstance(feature_types, str):
         raise TypeError(f"feature_types is one type per image, got the string {feature_types!r}: "
                         f"pass [{feature_types!r}] * len(images)")
