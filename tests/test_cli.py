@@ -384,3 +384,22 @@ def test_inspect_takes_file_names_that_are_not_utf8(tiny_model: Path, clear_data
     with open(tmp_path / "rows.csv", encoding="utf-8", newline="") as fh:
         (cell,) = [r["path"] for r in csv.DictReader(fh)]
     assert cell == row["path"]
+
+
+def test_inspect_again_does_not_score_its_own_heat_maps(tiny_model: Path, clear_dataset: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``inspect DIR --heatmaps DIR/hm`` run twice: the second run scored the first run's heat
+    maps as parts (twice the rows, half of them pictures). A folder or pattern leaves out the
+    ``--heatmaps`` folder of the same run; an image named alone is read wherever it lies."""
+    folder = tmp_path / "imgs"
+    shutil.copytree(clear_dataset / "dots" / "test" / "blob", folder)
+    n = len(list(folder.iterdir()))
+    for args in ([str(folder)], [str(folder)], [str(folder / "*.png"), str(folder / "**" / "*.png")]):
+        assert main(["inspect", str(tiny_model), *args, "--feature-type", "dots",
+                     "--heatmaps", str(folder / "hm")]) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert len({r["path"] for r in rows}) == n and all("_heatmap" not in r["path"] for r in rows)
+    picture = next((folder / "hm").iterdir())
+    assert main(["inspect", str(tiny_model), str(picture), "--feature-type", "dots",
+                 "--heatmaps", str(folder / "hm")]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1

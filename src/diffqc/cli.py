@@ -108,24 +108,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _expand_images(paths: Sequence[str]) -> list[tuple[Path, Path]]:
+def _expand_images(paths: Sequence[str], leave_out: Path | None = None) -> list[tuple[Path, Path]]:
     """``(image, name)`` for every image file given or found under a folder given; ``name`` is
     its path relative to that folder (for a file given alone: its file name). A pattern that
     names no file (``*.png`` as Windows' shells, a quoted argument or a subprocess list pass
-    it) is expanded as a shell would; one that matches nothing is a :class:`DatasetError`."""
+    it) is expanded as a shell would; one that matches nothing is a :class:`DatasetError`. A
+    folder or pattern does not find files under ``leave_out`` (``--heatmaps``'s folder: put
+    inside the folder inspected, a second run scored the first run's heat maps as parts)."""
     import glob
 
     from diffqc.data import is_hidden, is_image_file
+
+    skip = leave_out.resolve() if leave_out is not None else None
+
+    def found(q: Path) -> bool:
+        return skip is None or not q.resolve().is_relative_to(skip)
 
     out: list[tuple[Path, Path]] = []
     for p in map(Path, paths):
         if not p.exists() and any(c in str(p) for c in "*?["):
             if not (matches := sorted(glob.glob(str(p), recursive=True))):
                 raise DatasetError(f"no file matches {str(p)!r}")
-            out += _expand_images(matches)
+            out += [(q, name) for q, name in _expand_images(matches, leave_out) if found(q)]
         elif p.is_dir():
             out += [(q, q.relative_to(p)) for q in sorted(p.rglob("*")) if is_image_file(q)
-                    and not any(is_hidden(Path(part)) for part in q.relative_to(p).parts)]
+                    and not any(is_hidden(Path(part)) for part in q.relative_to(p).parts) and found(q)]
         else:
             out.append((p, Path(p.name)))
     return out
@@ -160,7 +167,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from diffqc.runtime import runtime_from_args
 
     check_bundle_files(args.model)  # first: `inspect DATA MODEL` is not "no images in MODEL"
-    images = _expand_images(args.images)
+    images = _expand_images(args.images, Path(args.heatmaps) if args.heatmaps else None)
     if not images:
         raise DatasetError(f"no images in {', '.join(args.images)} (looked for "
                            f"{', '.join(sorted(IMAGE_SUFFIXES))})")
