@@ -40,6 +40,19 @@ def full_disk(limit: int) -> Iterator[None]:
         signal.signal(signal.SIGXFSZ, handler)
 
 
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` RGB pixels, with a few bytes of pixel data:
+    a decompression bomb when large (Pillow refuses to open one above 2 x its pixel limit)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+
+
 def load_benchmark(script: str) -> Any:
     """``benchmarks/<script>.py`` as a module (the benchmarks are scripts, not a package), loaded
     once per session under ``diffqc_bench_<script>``."""

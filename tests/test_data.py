@@ -23,6 +23,7 @@ from diffqc.data import (
     read_images,
     read_mask,
 )
+from tests.conftest import png_header_only
 
 
 def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
@@ -242,17 +243,14 @@ def test_decode_errors(data: bytes, reason: str) -> None:
         decode_image(data)
 
 
-def test_decompression_bomb_header() -> None:
-    # A PNG header that claims 40,000 x 40,000 pixels: refused before decoding.
-    png = _png(np.zeros((8, 8), np.uint8))
-    import struct
-    import zlib
-
-    ihdr = struct.pack(">IIBBBBB", 40_000, 40_000, 8, 0, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    bomb = png[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[33:]
+def test_decompression_bomb_header(tmp_path: Path) -> None:
+    # A PNG header that claims 40,000 x 40,000 pixels: refused before decoding (a mask too).
+    bomb = png_header_only(40_000, 40_000)
     with pytest.raises(ImageReadError, match=r"exceeds the limit|decompression"):
         decode_image(bomb)
+    (tmp_path / "bomb_mask.png").write_bytes(bomb)
+    with pytest.raises(ImageReadError, match=r"bomb_mask\.png.*mask unreadable"):
+        read_mask(tmp_path / "bomb_mask.png", (8, 8))
 
 
 def test_corrupt_file_named_and_skippable(tmp_path: Path, clear_dataset: Path) -> None:

@@ -22,7 +22,7 @@ from diffqc.config import DetectorConfig
 from diffqc.data import DEFECTIVE, GOOD, Sample, load_dataset
 from diffqc.errors import ConfigError, DatasetError
 from diffqc.model import Detector
-from tests.conftest import full_disk, tiny_config
+from tests.conftest import full_disk, png_header_only, tiny_config
 from tests.html_numbers import assert_numbers_match
 
 FOLDS = 2
@@ -298,12 +298,16 @@ def test_an_unreadable_mask_leaves_its_image_out_of_the_pixel_metrics_only(clear
     defects = [i for i, s in enumerate(samples) if s.mask_path is not None]
     not_an_image = tmp_path / "mask.png"
     not_an_image.write_text("not a mask")
+    bomb = tmp_path / "bomb_mask.png"  # a header claiming 1.6 gigapixels: was a traceback
+    bomb.write_bytes(png_header_only(40_000, 40_000))
     samples[defects[0]] = replace(samples[defects[0]], mask_path=tmp_path / "gone_mask.png")
     samples[defects[1]] = replace(samples[defects[1]], mask_path=not_an_image)
-    with pytest.warns(DatasetWarning, match=r"2 defect mask\(s\) unreadable.*gone_mask\.png \(No such file"):
+    samples[defects[2]] = replace(samples[defects[2]], mask_path=bomb)
+    with pytest.warns(DatasetWarning, match=r"3 defect mask\(s\) unreadable.*gone_mask\.png \(No such file"):
         report = E.evaluate(samples, folds=FOLDS, methods=("padim",), base_config=tiny_config(),
                             progress=False, n_boot=20, gallery=0, device="cpu")
     assert any("mask.png (not an image)" in note for note in report["notes"])
+    assert any("bomb_mask.png (" in note for note in report["notes"])
     results = report["results"]["stripes"]["padim"]
     assert results["n_good"] + results["n_defective"] == len(samples)
     assert results["pooled"]["pixel_auroc"] is not None

@@ -16,7 +16,7 @@ import pytest
 
 from diffqc.cli import main
 from diffqc.inspection import sha256_file
-from tests.conftest import full_disk, write_clear_dataset
+from tests.conftest import full_disk, png_header_only, write_clear_dataset
 from tests.test_service_common import (  # noqa: F401 (fixtures)
     AUTH,
     detector,
@@ -107,16 +107,10 @@ def test_cli_calibrate_names_a_decompression_bomb_among_its_images(
         tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A file whose header claims 1.6 gigapixels: one error naming it (it was a traceback from
     the size check that reads the headers), the calibration unchanged."""
-    import struct
-    import zlib
-
     model = _copy(tiny_model, tmp_path)
     before = (model / "calibration.json").read_bytes()
     data = write_clear_dataset(tmp_path / "fresh", n_train=6, n_test=3, seed=5)
-    png = next((data / "stripes" / "train" / "good").iterdir()).read_bytes()
-    chunk = b"IHDR" + struct.pack(">IIBBBBB", 40_000, 40_000, 8, 0, 0, 0, 0)
-    bomb = png[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[33:]
-    (data / "stripes" / "train" / "good" / "bomb.png").write_bytes(bomb)
+    (data / "stripes" / "train" / "good" / "bomb.png").write_bytes(png_header_only(40_000, 40_000))
     assert main(["calibrate", str(model), str(data), "-q"]) == 1
     err = capsys.readouterr().err
     assert "bomb.png" in err and "decompression bomb" in err and "Traceback" not in err

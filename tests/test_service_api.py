@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import full_disk
+from tests.conftest import full_disk, png_header_only
 from tests.test_service_common import (  # noqa: F401 (fixtures)
     AUTH,
     TOKEN,
@@ -35,15 +33,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims ``width`` x ``height`` pixels (no real pixel data)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    body = struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
-    idat = zlib.compress(b"\x00" * 16)
-    idat_chunk = b"IDAT" + idat
-    body += struct.pack(">I", len(idat)) + idat_chunk + struct.pack(">I", zlib.crc32(idat_chunk))
-    return b"\x89PNG\r\n\x1a\n" + body
 
 
 def _png16(samples: Samples) -> bytes:
@@ -223,7 +212,7 @@ async def test_bad_input_table(detector: Any, samples: Samples, tmp_path: Path) 
             if payload == "1x1":
                 payload = png(np.zeros((1, 1, 3), np.uint8))
             elif payload == "huge":
-                payload = _png_header_only(40_000, 40_000)
+                payload = png_header_only(40_000, 40_000)
             elif payload == "truncated":
                 payload = good[: len(good) // 2]
             elif payload == "unknown-type":

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.conftest import png_header_only
 from tests.test_service_common import (  # noqa: F401 (fixtures)
     AUTH,
     Samples,
@@ -44,16 +45,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def _header_only_png(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims ``width`` x ``height`` pixels (a few bytes of pixel data)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
 
 
 def _multipart(fields: list[tuple[str, bytes | str]]) -> tuple[bytes, str]:
@@ -102,7 +93,7 @@ ROWS: list[tuple[str, str, str, dict[str, Any], int, str]] = [
         "bomb header",
         "POST",
         "/v1/inspect",
-        {"content": _header_only_png(60000, 60000)},
+        {"content": png_header_only(60000, 60000)},
         413,
         "image_too_large",
     ),

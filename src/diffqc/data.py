@@ -214,7 +214,7 @@ def read_mask(path: Path | str | None, shape: tuple[int, int]) -> np.ndarray:
             if m.size != (shape[1], shape[0]):
                 m = m.resize((shape[1], shape[0]), Image.Resampling.NEAREST)
             return np.asarray(m) > cut
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise ImageReadError(str(path), f"mask unreadable ({exc})") from None
 
 

@@ -614,6 +614,9 @@ def _without_unreadable_masks(samples: Sequence[Sample]) -> tuple[list[Sample], 
             except (OSError, UnidentifiedImageError) as exc:  # the latter is an OSError too
                 unread.append(f"{s.mask_path} ({exc.strerror or 'not an image'})")
                 s = replace(s, mask_path=None)
+            except Image.DecompressionBombError:
+                unread.append(f"{s.mask_path} (larger than the image size limit)")
+                s = replace(s, mask_path=None)
         out.append(s)
     return out, unread
 
