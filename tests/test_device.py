@@ -37,7 +37,7 @@ def test_device_resolution_without_cuda(name: str | None, expected: str) -> None
 @pytest.mark.parametrize(("name", "message"), [
     ("cuda", r"'cuda' requested but CUDA is not available .*use --device cpu"),
     ("cuda:1", r"'cuda:1' requested but CUDA is not available"),
-    ("tpu", r"unknown device 'tpu'; use cpu, cuda or cuda:N"),
+    ("tpu", r"device 'tpu' is not supported; use cpu, cuda or cuda:N"),
     ("mps", r"device 'mps' is not supported; use cpu, cuda or cuda:N"),
 ])
 @no_cuda

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from diffqc.config import BackboneConfig
 from diffqc.data import as_image
-from diffqc.errors import BackboneError, ConfigError, DeviceError
+from diffqc.errors import BackboneError, ConfigError, DeviceError, check_device_name
 from diffqc.inspection import sha256_file
 
 if TYPE_CHECKING:
@@ -78,22 +78,15 @@ def weights_path(name: str) -> Path:
     raise BackboneError(f"unknown backbone {name!r}; use {', '.join(DEFAULT_LAYERS)} or onnx:PATH")
 
 
-DEVICES = "cpu, cuda or cuda:N"
-
-
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """The compute device a model runs on: ``None`` (or ``"auto"``) means CUDA when PyTorch can
     use it, else the CPU. A device that is not usable here is a :class:`DeviceError`."""
+    check_device_name(device)
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise DeviceError(f"unknown device {str(device)!r}; use {DEVICES}") from None
+    dev = torch.device(device)
     if dev.type == "cpu":
         return dev
-    if dev.type != "cuda":
-        raise DeviceError(f"device {str(device)!r} is not supported; use {DEVICES}")
     if not torch.cuda.is_available():
         why = ("this PyTorch is built without CUDA" if torch.version.cuda is None
                else "no CUDA GPU or driver is usable here")

@@ -9,6 +9,7 @@ its traceback. Each kind keeps the built-in base it had before (``ValueError`` f
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Sequence
 
 
@@ -106,6 +107,19 @@ class DeviceError(DiffqcError, RuntimeError):
     """The requested compute device (e.g. ``cuda``) is not available here."""
 
     code = "device_unavailable"
+
+
+DEVICES = "cpu, cuda or cuda:N"
+
+
+def check_device_name(device: object) -> None:
+    """``device`` names one diffqc runs on: None or ``auto`` (pick), ``cpu``, ``cuda`` or ``cuda:N``
+    (a ``torch.device`` too); anything else (``gpu``, ``mps``) is a :class:`DeviceError`. Checked
+    without PyTorch, which a bundle ONNX Runtime runs does not import; whether CUDA is usable here
+    is :func:`diffqc.backbone.resolve_device`'s to say."""
+    if device is None or re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
+        return
+    raise DeviceError(f"device {str(device)!r} is not supported; use {DEVICES}")
 
 
 class RuntimeUnavailableError(DiffqcError, RuntimeError):

@@ -36,7 +36,13 @@ from diffqc.bundle import WEIGHTS_FILE, read_bundle
 from diffqc.calibration import Calibrator
 from diffqc.config import DetectorConfig, uses_layouts
 from diffqc.data import as_image
-from diffqc.errors import BundleError, ConfigError, RuntimeUnavailableError, unknown_feature_type
+from diffqc.errors import (
+    BundleError,
+    ConfigError,
+    RuntimeUnavailableError,
+    check_device_name,
+    unknown_feature_type,
+)
 from diffqc.inspection import inspect_arguments, inspect_in_batches, sha256_file, verdicts
 
 if TYPE_CHECKING:
@@ -455,6 +461,7 @@ def load_detector(path: Path | str, runtime: str = "auto", *, threads: int | Non
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_device_name(device)  # the graph runtimes take none, but `gpu` is not the CPU either
     if runtime == "auto":
         chosen = choose_runtime(path, device, precision)
         if chosen.runtime == "torch" and precision == "int8":
