@@ -76,13 +76,16 @@ def test_a_device_name_pytorch_does_not_take_is_refused_on_an_exported_bundle(ex
                                                                              runtime: str) -> None:
     """``--device gpu`` (or ``mps``) on a bundle ONNX Runtime runs was taken silently, the model
     run on the CPU; as on PyTorch, it is a :class:`DeviceError` naming the devices diffqc takes."""
-    from diffqc.errors import DeviceError
+    from diffqc.errors import ConfigError, DeviceError
     from diffqc.runtime import OnnxDetector, load_detector
 
     for name in ("gpu", "mps", "cuda:x"):
         with pytest.raises(DeviceError, match=rf"device '{name}' is not supported; use cpu, cuda or cuda:N"):
             load_detector(exported, runtime, device=name)
     assert isinstance(load_detector(exported, "onnx", device="cpu"), OnnxDetector)
+    if runtime == "onnx":  # ran on the CPU, said nothing (without a GPU too)
+        with pytest.raises(ConfigError, match=r"ONNX Runtime runs the exported model on the CPU"):
+            load_detector(exported, runtime, device="cuda")
 
 
 def test_auto_on_an_exported_bundle_imports_no_torch_when_torch_is_slower(exported: Path,

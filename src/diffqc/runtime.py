@@ -470,6 +470,10 @@ def load_detector(path: Path | str, runtime: str = "auto", *, threads: int | Non
             runtime = chosen.runtime
             precision = chosen.precision if runtime != "torch" else precision
     if runtime in GRAPH_RUNTIMES:
+        if device is not None and device.startswith("cuda"):
+            engine = "ONNX Runtime" if runtime == "onnx" else "OpenVINO"
+            raise ConfigError(f"{engine} runs the exported model on the CPU; --device {device} runs "
+                              "PyTorch (--runtime torch or auto, --precision fp32 or auto)")
         return OnnxDetector(path, precision=precision, threads=threads, runtime=runtime)
     if precision == "int8":
         raise ConfigError("INT8 runs on ONNX Runtime or OpenVINO: use --runtime onnx, openvino or auto")
