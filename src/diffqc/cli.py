@@ -145,7 +145,6 @@ def _new_heatmap_path(folder: Path, name: Path) -> Path:
     longer than a file system takes (255 bytes) becomes a digest of the whole path and its end."""
     import hashlib
 
-
     stem = path_text("_".join([*name.parent.parts, name.stem])) or "image"
     if len(raw := stem.encode()) > 200:  # "_heatmap-9999.png" and the digest fit the rest
         tail = raw[-160:].decode("utf-8", errors="ignore")
