@@ -63,3 +63,9 @@ def test_input_gain_scales_the_pixels_before_the_networks_normalisation() -> Non
     dim = FeatureExtractor(BackboneConfig(input_size=64, input_gain=0.0625))
     assert torch.allclose(dim.raw_features(x), plain.raw_features(x * 0.0625), atol=1e-6)
     assert not torch.allclose(dim.raw_features(x), plain.raw_features(x), atol=1e-3)
+    # a gain above 1 (12-bit data in 16-bit files: 16) brightens, and saturates at white as a
+    # camera does: what is white at gain 16 reads as white
+    bright = FeatureExtractor(BackboneConfig(input_size=64, input_gain=16.0))
+    assert torch.allclose(bright.raw_features(x / 16), plain.raw_features(x), atol=1e-5)
+    assert torch.allclose(bright.raw_features(x), plain.raw_features(torch.ones_like(x).minimum(16 * x)),
+                          atol=1e-5)

@@ -261,6 +261,8 @@ class FeatureExtractor(nn.Module):
         """Normalised pixels ``[N, 3, S, S]`` in [0, 1] -> unstandardised ``[N, C, S/8, S/8]``."""
         if self.config.input_gain != 1.0:
             pixels = pixels * self.config.input_gain
+            if self.config.input_gain > 1.0:  # what is white at this gain saturates, as in a camera
+                pixels = pixels.clamp(max=1.0)
         x = (pixels - self.pixel_mean) / self.pixel_std
         return self.combine_taps(self._taps(x))
 

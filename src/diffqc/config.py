@@ -134,12 +134,14 @@ class BackboneConfig:
     # pixels in [0, 1] are multiplied by this before the network's normalisation (< 1: darker,
     # lower-contrast input); 1 = the network's own pre-processing. Measured (BENCHMARKS.md "Session
     # 19"): 1/16 raised the synthetic set's real-defect AUROC but lost on the proxy everywhere
-    # (magnetic tile -0.084), so 1 stays; kept to reproduce that table
+    # (magnetic tile -0.084), so 1 stays. Above 1 (saturating at white): 16-bit files holding
+    # 10/12/14-bit data (a Mono12 camera's 0..4095) read that dark; 65535/4095 reads 4095 as
+    # white, and fit names the gain when it finds such files (data.sixteen_bit_white)
     input_gain: float = 1.0
 
     def __post_init__(self) -> None:
         _check_types(self)
-        _in_range(self, "input_gain", 0, 1, high_open=False)
+        _in_range(self, "input_gain", 0, 65535, high_open=False)
         _one_of(self, "resize", ("squash", "pad", "crop"))
         if self.name not in BACKBONES and not (self.name.startswith("onnx:") and len(self.name) > 5):
             raise ConfigError(f"backbone.name must be one of {', '.join(BACKBONES)} or onnx:PATH; "

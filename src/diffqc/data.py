@@ -225,6 +225,28 @@ def fingerprint(path: Path | str) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()[:16]
 
 
+def sixteen_bit_white(paths: Sequence[Path | str], n: int = 16) -> int | None:
+    """The white level ``2**b - 1`` of 16-bit greyscale files that hold ``b`` <= 14 bits (a Mono10,
+    Mono12 or Mono14 camera's values, right-aligned: 0..4095 for 12 bits), from up to ``n`` of
+    ``paths`` spread over them; None when any of those is not such a file or uses more bits.
+    Decoded as 16-bit (divided by 65535), such images read nearly black (1/16 of white at 12
+    bits): ``backbone.input_gain = 65535 / white`` reads them as the camera meant."""
+    if not paths:
+        return None
+    step = max(1, len(paths) // n)
+    brightest = 0
+    for path in list(paths)[::step][:n]:
+        try:
+            with Image.open(path) as img:
+                if not img.mode.startswith("I;16"):
+                    return None
+                brightest = max(brightest, int(np.asarray(img).max()))
+        except (OSError, Image.DecompressionBombError):  # unreadable: fit says so itself
+            return None
+    bits = max(brightest, 1).bit_length()
+    return 2**bits - 1 if bits <= 14 else None
+
+
 def is_hidden(path: Path) -> bool:
     """A name starting with ``.``: ``.DS_Store``, macOS's ``._name.png`` companions (not images,
     though named like them), ``.ipynb_checkpoints``. Folder scans leave these out, as a shell's

@@ -33,7 +33,15 @@ from diffqc.baselines import PatchCoreScorer
 from diffqc.bundle import check_weights, read_bundle
 from diffqc.calibration import Calibrator, calibration_scores
 from diffqc.config import CalibrationConfig, DetectorConfig, uses_layouts
-from diffqc.data import Sample, fingerprint, good_training, image_shape, iter_images, load_dataset
+from diffqc.data import (
+    Sample,
+    fingerprint,
+    good_training,
+    image_shape,
+    iter_images,
+    load_dataset,
+    sixteen_bit_white,
+)
 from diffqc.errors import (
     BundleError,
     ConfigError,
@@ -267,6 +275,13 @@ class Detector:
             raise DatasetError(f"every GOOD training image of {', '.join(map(repr, lost))} is "
                                "unreadable (skipped); the model would not know the type: mend "
                                "the images, or take the type out of the data")
+        if self.config.backbone.input_gain == 1.0 and (white := sixteen_bit_white([s.path for s in good])):
+            warnings.warn(f"the GOOD images are 16-bit files whose values stay within 0..{white} "
+                          f"({white.bit_length()}-bit data): they read nearly black (magnetic tile "
+                          "stored so: image AUROC 0.896 in 5-fold CV, 0.975 at the gain below; "
+                          'BENCHMARKS.md "Session 24"); '
+                          f"--set backbone.input_gain={65535 / white:.4f} reads {white} as white",
+                          stacklevel=2)
         self.fit_features(raw, good, progress=progress, layouts=layouts)
         training = self.metadata["training_data"]
         training["skipped_corrupt"] = [str(e.source) for e in errors]
