@@ -169,23 +169,24 @@ def test_inspect_corrupt_image(tiny_model: Path, tmp_path: Path, clear_dataset: 
 
 def test_train_names_every_unreadable_image_and_the_way_past_them(
         clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
     import shutil
 
     data = tmp_path / "data"
     shutil.copytree(clear_dataset, data)
     good = data / "dots" / "train" / "good"
     (good / "zz_empty.png").write_bytes(b"")
-    (good / "zz_text.png").write_text("not an image")
+    (good / os.fsdecode(b"zz_t\xe9xt.png")).write_text("not an image")  # a Latin-1 name, too
     args = ["train", str(data), "--out", str(tmp_path / "m"), "-q", "--set", "backbone.input_size=64",
             "--set", "calibration.fraction=0.35"]
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "2 unreadable images" in err and "zz_empty.png" in err and "zz_text.png" in err
+    assert "2 unreadable images" in err and "zz_empty.png" in err and "zz_t\\xe9xt.png" in err
     assert "--skip-corrupt" in err and not (tmp_path / "m").exists()
     assert main([*args, "--skip-corrupt"]) == 0
     out = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert sorted(Path(p).name for p in out["training_data"]["skipped_corrupt"]) == [
-        "zz_empty.png", "zz_text.png"]
+        "zz_empty.png", "zz_t\\xe9xt.png"]  # as text: \xNN for its undecodable bytes
     # the summary is one readable line: the fit images' fingerprints (one per image) stay in the
     # bundle, not on the terminal
     kept = json.loads((tmp_path / "m" / "metadata.json").read_text())["training_data"]

@@ -406,7 +406,7 @@ def _optional_registrars() -> list[Callable[[Any], None]]:
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                       file: Any = None, line: str | None = None) -> None:
-    print(f"diffqc: warning: {message}", file=sys.stderr)
+    print(f"diffqc: warning: {path_text(str(message))}", file=sys.stderr)
 
 
 def _describe(exc: BaseException) -> str:
@@ -453,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = ""
             if isinstance(exc, ImageReadError) and getattr(args, "skip_corrupt", True) is False:
                 hint = " (pass --skip-corrupt to leave unreadable images out)"
-            print(f"diffqc: error: {_describe(exc)}{hint}", file=sys.stderr)
+            print(f"diffqc: error: {path_text(_describe(exc))}{hint}", file=sys.stderr)
             return EXIT_ERROR
         except MemoryError as exc:  # a job larger than the machine: say so, not a traceback
             if os.environ.get("DIFFQC_TRACEBACK"):

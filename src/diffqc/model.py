@@ -61,7 +61,7 @@ from diffqc.inspection import (
     sha256_file,
     verdicts,
 )
-from diffqc.output import check_output_folder
+from diffqc.output import check_output_folder, path_text
 from diffqc.scoring import DiffusionScorer, aggregate, upsample_and_smooth
 
 
@@ -284,7 +284,7 @@ class Detector:
                           stacklevel=2)
         self.fit_features(raw, good, progress=progress, layouts=layouts)
         training = self.metadata["training_data"]
-        training["skipped_corrupt"] = [str(e.source) for e in errors]
+        training["skipped_corrupt"] = [path_text(e.source) for e in errors]
         if self.config.tiling.mode == "off":  # for inspection.ImageSizeCheck
             training["image_sizes"] = image_size_ranges(
                 (s.feature_type, h, w) for s, (h, w) in zip(good, sizes, strict=True))
