@@ -238,9 +238,12 @@ def sixteen_bit_white(paths: Sequence[Path | str], n: int = 16) -> int | None:
     for path in list(paths)[::step][:n]:
         try:
             with Image.open(path) as img:
-                if not img.mode.startswith("I;16"):
+                if not img.mode.startswith("I;16") and img.mode != "I":
                     return None
-                brightest = max(brightest, int(np.asarray(img).max()))
+                value = int(np.asarray(img).max())
+                if img.mode == "I" and value <= 255:  # read on the 8-bit scale (_to_float_rgb)
+                    return None
+                brightest = max(brightest, value)
         except (OSError, Image.DecompressionBombError):  # unreadable: fit says so itself
             return None
     bits = max(brightest, 1).bit_length()
