@@ -419,3 +419,71 @@ def test_watch_cli_once(service_model: tuple[Path, Path], samples: Samples, tmp_
     by_part = {r.part_id: r for r in recs}
     assert by_part["c0"].decision == "PASS" and all(by_part[f"c{i}"].heatmap for i in range(3))
     assert len(list((folder / "processed").iterdir())) == 3
+
+
+def test_watch_picks_up_a_new_calibration_without_a_restart(service_model: tuple[Path, Path],
+                                                            samples: Samples, tmp_path: Path) -> None:
+    """``diffqc calibrate MODEL DATA`` while ``diffqc watch`` runs: `serve` picks the new
+    calibration up, `watch` went on deciding with the old one until restarted, and said nothing.
+    It reloads it as `serve` does (and logs so); the next part's p-value is the new one's."""
+    import csv
+    import json
+    import shutil
+    import signal
+
+    import diffqc
+    from diffqc.calibration import Calibrator
+    from diffqc.cli import main
+    from diffqc.data import GOOD, load_dataset
+
+    model = tmp_path / "model"
+    shutil.copytree(service_model[0], model)
+    good = [s for s in load_dataset(service_model[1]) if s.label == GOOD and s.split == "test"]
+    data, ftype = samples.one("REVIEW")
+    manifest = tmp_path / "good.csv"
+    with manifest.open("w", newline="") as fh:  # a few GOOD parts per type: another calibration
+        w = csv.writer(fh)
+        w.writerow(["path", "feature_type", "label"])
+        types = sorted({s.feature_type for s in good})
+        for t in types:
+            for s in [s for s in good if s.feature_type == t][:6]:
+                w.writerow([s.path, t, "good"])
+    folder = tmp_path / "cam"
+    (folder / ftype).mkdir(parents=True)
+    db = tmp_path / "w.db"
+    log = (tmp_path / "watch.log").open("w")
+    env = dict(os.environ, PYTHONPATH=str(Path(diffqc.__file__).parents[1]), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "diffqc.service", "watch", str(folder), str(model),
+                             "--db", str(db), "--settle", "0", "--poll", "0.05"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def records(n: int) -> list[ResultRecord]:
+        for _ in range(1200):
+            if db.exists():
+                with ResultStore(str(db)) as store:
+                    if len(recs := store.query(limit=None)) >= n:
+                        return recs
+            assert proc.poll() is None, (tmp_path / "watch.log").read_text()[-2000:]
+            time.sleep(0.1)
+        raise AssertionError((tmp_path / "watch.log").read_text()[-2000:])
+
+    try:
+        (folder / ftype / "first.png").write_bytes(data)
+        (first,) = records(1)
+        assert main(["calibrate", str(model), str(manifest), "-q"]) == 0
+        new = Calibrator.from_dict(json.loads((model / "calibration.json").read_text()))
+        for _ in range(300):
+            if "calibration reloaded" in (tmp_path / "watch.log").read_text():
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError((tmp_path / "watch.log").read_text()[-2000:])
+        (folder / ftype / "second.png").write_bytes(data)
+        second = next(r for r in records(2) if r.part_id == "second")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+    assert second.score == pytest.approx(first.score, rel=1e-5)
+    assert second.p_value == pytest.approx(new.p_value(ftype, second.score))
+    assert second.p_value != first.p_value

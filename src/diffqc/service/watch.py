@@ -29,12 +29,14 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from diffqc.data import IMAGE_SUFFIXES, decode_image
 from diffqc.errors import ImageReadError, OutputError, StoreError, UnknownFeatureTypeError, did_you_mean
 from diffqc.output import path_text
 from diffqc.service.buffer import BufferClosed, BufferFull, InspectionPipeline, Job, overlay_scales
+from diffqc.service.line import LineServices
 from diffqc.service.security import (
     BROWSER_FORMATS,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -489,7 +491,16 @@ def run_watch(
     def _on_signal(signum: int, frame: object) -> None:
         stop.set()
 
+    def _calibration_changed() -> None:  # `diffqc calibrate MODEL ...` while watching
+        pipeline.overlay_scale = overlay_scales(detector.calibration_.summary())  # the heat maps' scale
+
+    # the line's services as `serve` runs them, without sinks: a new calibration is picked up
+    # (it was served only after a restart), drift is watched and logged
+    line_services = LineServices(SimpleNamespace(model_path=model_path), store, artifacts, detector,
+                                 on_calibration=_calibration_changed)
+    pipeline.listeners.append(line_services.on_record)
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    line_services.start()
     pipeline.start()
     try:
         watcher = FolderWatcher(settings, pipeline, store)
@@ -503,6 +514,7 @@ def run_watch(
         )
     finally:
         pipeline.stop()
+        line_services.stop()
         store.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
