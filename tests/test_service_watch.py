@@ -419,6 +419,18 @@ def test_watch_cli_once(service_model: tuple[Path, Path], samples: Samples, tmp_
     by_part = {r.part_id: r for r in recs}
     assert by_part["c0"].decision == "PASS" and all(by_part[f"c{i}"].heatmap for i in range(3))
     assert len(list((folder / "processed").iterdir())) == 3
+    # --keep-days (as serve's): kept images and heat maps expire, records stay; a cron job's
+    # `--once` run is over before the first pass, so it makes one as it ends (watch had none)
+    for i in range(3):
+        (folder / f"d{i}.png").write_bytes(samples.all[i][0])
+    out = subprocess.run([*cmd, "--keep-images", "all", "--keep-days", "1e-9"], env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with ResultStore(str(db)) as store:
+        recs = store.query(limit=None)
+    assert len(recs) == 7 and all(r.heatmap is None for r in recs)
+    assert all(r.heatmap_expired_at is not None for r in recs if r.decision != NOT_INSPECTED)
+    assert not [p for p in (tmp_path / "images").iterdir()] + [p for p in (tmp_path / "heatmaps").iterdir()]
 
 
 def test_watch_picks_up_a_new_calibration_without_a_restart(service_model: tuple[Path, Path],

@@ -137,10 +137,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "watch_camera": args.camera,
         "mqtt_url": args.mqtt,
         "webhook_url": args.webhook,
-        "retention_max_age_s": args.keep_days * 86400.0 if args.keep_days is not None else None,
-        "retention_max_bytes": (
-            int(args.artifact_budget_mb * 1024 * 1024) if args.artifact_budget_mb is not None else None
-        ),
+        **_retention(args),
         "log_level": args.log_level,
         "access_log": args.access_log,
     }
@@ -150,6 +147,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         opts["torch_threads"] = args.threads
     opts["runtime"], opts["precision"] = args.runtime, args.precision
     return run_server(args.model, args.host, args.port, args.db, args.token, **opts)
+
+
+def _retention(args: argparse.Namespace) -> dict[str, Any]:
+    """``--keep-days`` and ``--artifact-budget-mb`` as the service's retention settings."""
+    return {"retention_max_age_s": args.keep_days * 86400.0 if args.keep_days is not None else None,
+            "retention_max_bytes": (int(args.artifact_budget_mb * 1024 * 1024)
+                                    if args.artifact_budget_mb is not None else None)}
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
@@ -171,6 +175,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         line=args.line,
         station=args.station,
         camera=args.camera,
+        **_retention(args),
     )
 
 
@@ -217,6 +222,10 @@ def _add_artifact_arguments(p: argparse.ArgumentParser) -> None:
                    "dashboard shows them; drawing one takes the inference worker's time)")
     p.add_argument("--heatmap-size", type=NON_NEGATIVE, default=DEFAULT_HEATMAP_SIZE, metavar="PX",
                    help="the image's longer side in a heat-map picture (0 = its own size)")
+    p.add_argument("--keep-days", type=POSITIVE_NUMBER, default=None,
+                   help="delete kept images and heat maps older than this (records stay)")
+    p.add_argument("--artifact-budget-mb", type=POSITIVE_NUMBER, default=None,
+                   help="delete the oldest kept images and heat maps beyond this disk budget")
 
 
 def _add_line_arguments(p: argparse.ArgumentParser) -> None:
@@ -296,10 +305,6 @@ def add_service_commands(subparsers: Any) -> None:
     p.add_argument("--mqtt", default=None, metavar="URL",
                    help="push every decision to an MQTT broker: mqtt://host:1883/topic-prefix")
     p.add_argument("--webhook", default=None, metavar="URL", help="POST every decision as JSON to URL")
-    p.add_argument("--keep-days", type=POSITIVE_NUMBER, default=None,
-                   help="delete kept images and heat maps older than this (records stay)")
-    p.add_argument("--artifact-budget-mb", type=POSITIVE_NUMBER, default=None,
-                   help="delete the oldest kept images and heat maps beyond this disk budget")
     p.add_argument("--log-level", type=str.lower, default="info", choices=LOG_LEVELS,
                    help="the service's log (default: info)")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")

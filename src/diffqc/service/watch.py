@@ -439,14 +439,18 @@ def run_watch(
     line: str | None = None,
     station: str | None = None,
     camera: str | None = None,
+    retention_max_age_s: float | None = None,
+    retention_max_bytes: int | None = None,
 ) -> int:
     """Inspect images written into ``directory`` until SIGINT/SIGTERM (``diffqc watch``).
 
     Each complete file is inspected with the model at ``model_path``, its record stored in
     ``db_url`` (SQLite path or ``postgresql://`` URL, default ``diffqc-results.db``) together
     with the file's key, and the file is then moved to ``processed/`` (``failed/`` when it
-    cannot be decoded) unless ``after="keep"``. ``once`` processes what is there and exits.
-    Returns the process exit code.
+    cannot be decoded) unless ``after="keep"``. ``once`` processes what is there and exits. Kept
+    images and heat maps older than ``retention_max_age_s`` or beyond ``retention_max_bytes`` are
+    deleted as ``serve`` deletes them (records stay), and once more when ``once`` ends (a cron
+    job's run is over before the first pass). Returns the process exit code.
     """
     from diffqc.runtime import load_detector  # not the HTTP app: the watcher runs without FastAPI
     from diffqc.service.store import ArtifactStore, default_artifact_root, store_url
@@ -495,8 +499,10 @@ def run_watch(
         pipeline.overlay_scale = overlay_scales(detector.calibration_.summary())  # the heat maps' scale
 
     # the line's services as `serve` runs them, without sinks: a new calibration is picked up
-    # (it was served only after a restart), drift is watched and logged
-    line_services = LineServices(SimpleNamespace(model_path=model_path), store, artifacts, detector,
+    # (it was served only after a restart), drift is watched and logged, artifacts expire
+    settings_ns = SimpleNamespace(model_path=model_path, retention_max_age_s=retention_max_age_s,
+                                  retention_max_bytes=retention_max_bytes)
+    line_services = LineServices(settings_ns, store, artifacts, detector,
                                  on_calibration=_calibration_changed)
     pipeline.listeners.append(line_services.on_record)
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -506,6 +512,8 @@ def run_watch(
         watcher = FolderWatcher(settings, pipeline, store)
         log.info("watching %s (source %s)", watcher.root, watcher.source)
         totals = watcher.run(stop, once=once)
+        if once and line_services.retention is not None:
+            line_services.retention.run_once()
         log.info(
             "inspected %d, already recorded %d, failed %d",
             totals.inspected,
