@@ -517,6 +517,28 @@ def test_serve_checks_its_store_before_loading_the_model_and_the_model_path_befo
     assert "does not exist" in capsys.readouterr().err and not db.exists()
 
 
+def test_watch_checks_its_store_before_loading_the_model(
+    service_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``diffqc watch`` with a --db it cannot open loaded the model first and then printed
+    ``error: ...`` (not ``diffqc: error: ...``, as every other command says it); as `serve`, it
+    opens its store first, and a model path that is no bundle leaves no new store behind."""
+    from diffqc.cli import main
+
+    model = tmp_path / "model"  # a bundle whose weights would fail to load: the store is first
+    shutil.copytree(service_model[0], model)
+    (model / "weights.safetensors").write_bytes(b"cut short")
+    notes = tmp_path / "notes.csv"
+    notes.write_text("a,b,c\n")
+    assert main(["watch", str(tmp_path), str(model), "--db", str(notes), "--once"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("diffqc: error: ") and "not a database" in err[-1], err
+    assert notes.read_text() == "a,b,c\n"
+    db = tmp_path / "new.db"
+    assert main(["watch", str(tmp_path), str(tmp_path / "no-model"), "--db", str(db), "--once"]) == 1
+    assert "does not exist" in capsys.readouterr().err and not db.exists()
+
+
 def test_pipeline_logs_a_part_outside_its_types_training_sizes(
     detector: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

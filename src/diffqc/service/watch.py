@@ -22,7 +22,6 @@ import hashlib
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -452,18 +451,20 @@ def run_watch(
     deleted as ``serve`` deletes them (records stay), and once more when ``once`` ends (a cron
     job's run is over before the first pass). Returns the process exit code.
     """
+    from diffqc.bundle import check_bundle_files
     from diffqc.runtime import load_detector  # not the HTTP app: the watcher runs without FastAPI
     from diffqc.service.store import ArtifactStore, default_artifact_root, store_url
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     db = store_url(db_url)
-    detector: Any = load_detector(model_path, "auto", device="cpu")
-    check_feature_type(feature_type, detector.classes_)  # before anything starts
+    check_bundle_files(model_path)  # as serve: a path that is no bundle leaves no new store
+    store = ResultStore(db)  # and a --db that is no store is said before the model loads
     try:
-        store = ResultStore(db)
-    except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        detector: Any = load_detector(model_path, "auto", device="cpu")
+        check_feature_type(feature_type, detector.classes_)  # before anything starts
+    except BaseException:
+        store.close()
+        raise
     artifacts = ArtifactStore(data_dir or default_artifact_root(db))
     cal = getattr(detector, "calibration_", None)
     pipeline = InspectionPipeline(
