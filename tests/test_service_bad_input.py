@@ -537,6 +537,10 @@ def test_watch_checks_its_store_before_loading_the_model(
     db = tmp_path / "new.db"
     assert main(["watch", str(tmp_path), str(tmp_path / "no-model"), "--db", str(db), "--once"]) == 1
     assert "does not exist" in capsys.readouterr().err and not db.exists()
+    # the runtime options serve has (watch ran "auto" on all cores, whatever was asked for)
+    assert main(["watch", str(tmp_path), str(service_model[0]), "--db", str(db), "--once",
+                 "--runtime", "onnx", "--threads", "1"]) == 1
+    assert "has no ONNX export" in capsys.readouterr().err
 
 
 def test_pipeline_logs_a_part_outside_its_types_training_sizes(

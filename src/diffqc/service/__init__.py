@@ -175,6 +175,9 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         line=args.line,
         station=args.station,
         camera=args.camera,
+        runtime=args.runtime,
+        precision=args.precision,
+        threads=args.threads,
         **_retention(args),
     )
 
@@ -338,6 +341,7 @@ def add_service_commands(subparsers: Any) -> None:
     w.add_argument("--source", default=None, help="idempotency namespace (default: the folder path)")
     _add_artifact_arguments(w)
     _add_line_arguments(w)
+    add_runtime_arguments(w)
     w.set_defaults(func=_cmd_watch)
 
     r = subparsers.add_parser("results", help="work with stored results")

@@ -440,6 +440,9 @@ def run_watch(
     camera: str | None = None,
     retention_max_age_s: float | None = None,
     retention_max_bytes: int | None = None,
+    runtime: str = "auto",
+    precision: str = "auto",
+    threads: int | None = None,
 ) -> int:
     """Inspect images written into ``directory`` until SIGINT/SIGTERM (``diffqc watch``).
 
@@ -449,7 +452,8 @@ def run_watch(
     cannot be decoded) unless ``after="keep"``. ``once`` processes what is there and exits. Kept
     images and heat maps older than ``retention_max_age_s`` or beyond ``retention_max_bytes`` are
     deleted as ``serve`` deletes them (records stay), and once more when ``once`` ends (a cron
-    job's run is over before the first pass). Returns the process exit code.
+    job's run is over before the first pass). ``runtime``, ``precision`` and ``threads`` as
+    ``serve`` takes them (:func:`diffqc.runtime.load_detector`). Returns the process exit code.
     """
     from diffqc.bundle import check_bundle_files
     from diffqc.runtime import load_detector  # not the HTTP app: the watcher runs without FastAPI
@@ -460,7 +464,8 @@ def run_watch(
     check_bundle_files(model_path)  # as serve: a path that is no bundle leaves no new store
     store = ResultStore(db)  # and a --db that is no store is said before the model loads
     try:
-        detector: Any = load_detector(model_path, "auto", device="cpu")
+        detector: Any = load_detector(model_path, runtime, threads=threads, device="cpu",
+                                      precision=precision)
         check_feature_type(feature_type, detector.classes_)  # before anything starts
     except BaseException:
         store.close()
