@@ -455,18 +455,19 @@ def run_watch(
     job's run is over before the first pass). ``runtime``, ``precision`` and ``threads`` as
     ``serve`` takes them (:func:`diffqc.runtime.load_detector`). Returns the process exit code.
     """
-    from diffqc.bundle import check_bundle_files
+    from diffqc.bundle import read_bundle
     from diffqc.runtime import load_detector  # not the HTTP app: the watcher runs without FastAPI
     from diffqc.service.store import ArtifactStore, default_artifact_root, store_url
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     db = store_url(db_url)
-    check_bundle_files(model_path)  # as serve: a path that is no bundle leaves no new store
-    store = ResultStore(db)  # and a --db that is no store is said before the model loads
+    # as serve: a path that is no bundle, or a type it does not know, leaves no new store; a
+    # --db that is no store is said before the model loads
+    check_feature_type(feature_type, list(read_bundle(model_path)[1]["classes"]))
+    store = ResultStore(db)
     try:
         detector: Any = load_detector(model_path, runtime, threads=threads, device="cpu",
                                       precision=precision)
-        check_feature_type(feature_type, detector.classes_)  # before anything starts
     except BaseException:
         store.close()
         raise
