@@ -83,6 +83,13 @@ def test_a_device_name_pytorch_does_not_take_is_refused_on_an_exported_bundle(ex
         with pytest.raises(DeviceError, match=rf"device '{name}' is not supported; use cpu, cuda or cuda:N"):
             load_detector(exported, runtime, device=name)
     assert isinstance(load_detector(exported, "onnx", device="cpu"), OnnxDetector)
+    # more threads than this process may use: taken, and said (two jobs sharing cores slowed
+    # each other far more than twice, README "Deployment")
+    from diffqc.runtime import available_cores
+
+    with pytest.warns(UserWarning, match=rf"--threads {available_cores() + 1} is more than the "
+                                         rf"{available_cores()} core"):
+        load_detector(exported, "onnx", threads=available_cores() + 1)
     if runtime == "onnx":  # ran on the CPU, said nothing (without a GPU too)
         with pytest.raises(ConfigError, match=r"ONNX Runtime runs the exported model on the CPU"):
             load_detector(exported, runtime, device="cuda")

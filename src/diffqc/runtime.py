@@ -462,6 +462,9 @@ def load_detector(path: Path | str, runtime: str = "auto", *, threads: int | Non
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     check_device_name(device)  # the graph runtimes take none, but `gpu` is not the CPU either
+    if threads and threads > (cores := available_cores()):
+        warnings.warn(f"--threads {threads} is more than the {cores} core{'s' if cores > 1 else ''} "
+                      "this process may use: the threads take turns on them", stacklevel=2)
     if runtime == "auto":
         chosen = choose_runtime(path, device, precision)
         if chosen.runtime == "torch" and precision == "int8":
