@@ -236,7 +236,7 @@ class FolderWatcher:
     # ------------------------------------------------------------------ processing
     def _key(self, path: Path, data: bytes) -> str:
         """The file's path below the folder, as stored text (a name that is not UTF-8 with
-        ``\\xNN``: :func:`diffqc.data.path_text`), and the digest of its content."""
+        ``\\xNN``: :func:`diffqc.output.path_text`), and the digest of its content."""
         return f"{self._name(path)}|{hashlib.sha256(data).hexdigest()}"
 
     def _name(self, path: Path) -> str:
@@ -463,7 +463,7 @@ def run_watch(
     db = store_url(db_url)
     # as serve: a path that is no bundle, or a type it does not know, leaves no new store; a
     # --db that is no store is said before the model loads
-    check_feature_type(feature_type, list(read_bundle(model_path)[1]["classes"]))
+    check_feature_type(feature_type, read_bundle(model_path)[1]["classes"])
     store = ResultStore(db)
     try:
         detector: Any = load_detector(model_path, runtime, threads=threads, device="cpu",
