@@ -232,6 +232,19 @@ def test_decode_modes() -> None:
     assert out.shape == (32, 32, 3) and 0.4 < out[0, 0, 0] < 0.6
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_float_image_with_points_that_are_not_numbers_is_refused(bad: float) -> None:
+    """A height map from a laser profiler marks the points it could not measure NaN; one such
+    pixel in a float TIFF made the whole image NaN (every pixel rescaled by a NaN minimum), and
+    an infinite one made it black, both without a word. It is refused, as such an array is."""
+    heights = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    heights[5, 7] = bad
+    buf = io.BytesIO()
+    Image.fromarray(heights, mode="F").save(buf, format="TIFF")
+    with pytest.raises(ImageReadError, match=r"1 of 4096 pixels are not finite numbers"):
+        decode_image(buf.getvalue(), source="height.tiff")
+
+
 @pytest.mark.parametrize("data,reason", [
     (b"", "empty"),
     (b"not an image at all", "not a recognised image"),

@@ -84,10 +84,15 @@ class Sample:
         return self.part_id if self.part_id else str(self.path)
 
 
-def _to_float_rgb(img: Image.Image) -> np.ndarray:
+def _to_float_rgb(img: Image.Image, source: str) -> np.ndarray:
     """Decode any PIL mode (L, I;16, I, F, RGB, RGBA, P, ...) to HxWx3 float32 in [0, 1]."""
     if img.mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
         arr = np.asarray(img, dtype=np.float64)
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:  # a height map's unmeasured points: one NaN made the whole image NaN here
+            raise ImageReadError(source, f"{bad} of {arr.size} pixels are not finite numbers (NaN or "
+                                 "infinite, as a height map marks points it could not measure); "
+                                 "fill them before inspecting")
         if img.mode.startswith("I;16"):
             arr = arr / 65535.0
         else:
@@ -178,7 +183,7 @@ def decode_image(data: bytes | Path | str, source: str | None = None) -> np.ndar
             if w * h > MAX_IMAGE_PIXELS:
                 raise ImageReadError(name, f"{w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
             img.load()
-            arr = _to_float_rgb(_upright(img))
+            arr = _to_float_rgb(_upright(img), name)
     except ImageReadError:
         raise
     except Image.DecompressionBombError as exc:
