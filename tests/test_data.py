@@ -14,6 +14,7 @@ from diffqc.data import (
     DatasetError,
     DatasetWarning,
     ImageReadError,
+    Sample,
     as_image,
     decode_image,
     image_shape,
@@ -22,6 +23,7 @@ from diffqc.data import (
     read_image,
     read_images,
     read_mask,
+    without_copies,
 )
 from tests.conftest import png_header_only
 
@@ -230,6 +232,31 @@ def test_decode_modes() -> None:
     rgba[..., 3] = 128
     out = decode_image(_png(rgba))
     assert out.shape == (32, 32, 3) and 0.4 < out[0, 0, 0] < 0.6
+
+
+def test_without_copies_leaves_out_byte_identical_copies_and_names_label_clashes(tmp_path: Path) -> None:
+    """A copy of an image under another name (a dataset put together by copying folders) is the
+    same data point twice: left out when its type and label match, kept and named when the label
+    differs; the same bytes under another type, and files that cannot be read or are no image
+    (empty files are all alike), are kept: the reading names them."""
+    a, b = _png(np.full((16, 16), 10, np.uint8)), _png(np.full((16, 16), 200, np.uint8))
+    for name, data in {"a.png": a, "a-copy.png": a, "a-again.png": a, "b.png": b, "b-copy.png": b}.items():
+        (tmp_path / name).write_bytes(data)
+    samples = [Sample(tmp_path / "a.png", "dots", GOOD), Sample(tmp_path / "b.png", "dots", GOOD),
+               Sample(tmp_path / "a-copy.png", "dots", GOOD),
+               Sample(tmp_path / "a-again.png", "edges", GOOD),
+               Sample(tmp_path / "b-copy.png", "dots", DEFECTIVE),
+               Sample(tmp_path / "gone.png", "dots", GOOD), Sample(tmp_path / "gone.png", "dots", GOOD),
+               Sample(tmp_path / "empty-1.png", "dots", GOOD), Sample(tmp_path / "empty-2.png", "dots", GOOD)]
+    (tmp_path / "empty-1.png").write_bytes(b"")
+    (tmp_path / "empty-2.png").write_bytes(b"")
+    kept, notes = without_copies(samples)
+    assert kept == [samples[i] for i in (0, 1, 3, 4, 5, 6, 7, 8)]
+    assert len(notes) == 2
+    assert notes[0].startswith("1 image(s) are byte-identical copies") and "a-copy.png = " in notes[0]
+    assert notes[1].startswith("1 image(s) are byte-identical to an image of the same type with "
+                               "the other label") and "b-copy.png (defect) = " in notes[1]
+    assert without_copies(samples[:2]) == (samples[:2], [])
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

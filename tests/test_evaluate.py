@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -258,18 +259,38 @@ def test_cli_type_without_defects_and_a_setting(clear_dataset: Path, tmp_path: P
 def test_unreadable_images_are_left_out_and_named(clear_dataset: Path, tmp_path: Path) -> None:
     """An unreadable file does not stop an evaluation: it is left out, and both the terminal (a
     DatasetWarning) and the report's notes name it."""
-    from diffqc.data import DatasetWarning
 
     samples = [s for s in load_dataset(clear_dataset) if s.feature_type == "stripes"]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG garbage")
     samples.append(replace(samples[0], path=broken))
-    with pytest.warns(DatasetWarning, match=r"1 unreadable image\(s\) left out .*broken\.png"):
+    _assert_left_out(samples, 1, r"1 unreadable image\(s\) left out .*broken\.png", "broken.png")
+
+
+def _assert_left_out(samples: list[Sample], n: int, warning: str, note: str) -> None:
+    """``n`` of ``samples`` (type stripes) are left out of an evaluation, with a DatasetWarning
+    that matches ``warning`` and a note in the report that holds ``note``."""
+    from diffqc.data import DatasetWarning
+
+    with pytest.warns(DatasetWarning, match=warning):
         report = E.evaluate(samples, folds=FOLDS, methods=("padim",), base_config=tiny_config(),
                             progress=False, n_boot=20, gallery=0, device="cpu")
-    assert any("broken.png" in note for note in report["notes"])
+    assert any(note in text for text in report["notes"])
     results = report["results"]["stripes"]["padim"]
-    assert results["n_good"] + results["n_defective"] == len(samples) - 1
+    assert results["n_good"] + results["n_defective"] == len(samples) - n
+
+
+def test_copies_of_an_image_are_evaluated_once(clear_dataset: Path, tmp_path: Path) -> None:
+    """A GOOD image copied under other names (a dataset put together by copying folders) went
+    into the folds as parts of their own: a copy in another fold was scored by a model fit on
+    itself. The copies are left out, and the terminal and the report's notes say so."""
+
+    samples = [s for s in load_dataset(clear_dataset) if s.feature_type == "stripes"]
+    good = next(s for s in samples if s.label == GOOD)
+    for name in ("copy-1.png", "copy-2.png"):
+        shutil.copyfile(good.path, tmp_path / name)
+        samples.append(replace(good, path=tmp_path / name))
+    _assert_left_out(samples, 2, r"2 image\(s\) are byte-identical copies .*copy-1\.png = ", "copy-2.png")
 
 
 def test_an_evaluation_whose_images_are_all_unreadable_says_so(clear_dataset: Path, tmp_path: Path) -> None:

@@ -498,6 +498,45 @@ def good_training(samples: Iterable[Sample]) -> list[Sample]:
     return good
 
 
+def without_copies(samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
+    """``samples`` less each file that is a byte-identical copy of an earlier one of the same type
+    and label, and what was found, as notes. A copy of a training image in another fold is scored
+    by a model fit on itself (a nearest-neighbour distance of 0): the cross-validated AUROC would
+    count it twice and too well. Copies with the other label are kept and named (one label is
+    wrong). Files that cannot be read, or are no image (a share's empty files are all alike),
+    are kept as they are: the reading names them."""
+    first: dict[tuple[str, str], Sample] = {}
+    kept: list[Sample] = []
+    dropped: list[str] = []
+    clashes: list[str] = []
+    for s in samples:
+        try:
+            digest = fingerprint(s.path)
+        except OSError:
+            kept.append(s)
+            continue
+        original = first.setdefault((s.feature_type, digest), s)
+        if original is s or image_shape(s.path) is None:  # not an image: empty files, say
+            kept.append(s)
+        elif original.label == s.label:
+            dropped.append(f"{s.path} = {original.path}")
+        else:
+            kept.append(s)
+            label = {GOOD: "good", DEFECTIVE: "defect"}
+            clashes.append(f"{s.path} ({label.get(s.label, s.label)}) = {original.path} "
+                           f"({label.get(original.label, original.label)})")
+    notes = []
+    for found, what in ((dropped, "byte-identical copies of another image of the same type and "
+                                  "label, left out (a copy in another fold is scored by a model fit "
+                                  "on itself)"),
+                        (clashes, "byte-identical to an image of the same type with the other "
+                                  "label, kept (one of the labels is wrong)")):
+        if found:
+            shown = "; ".join(found[:5]) + (f"; and {len(found) - 5} more" if len(found) > 5 else "")
+            notes.append(f"{len(found)} image(s) are {what}: {shown}")
+    return kept, notes
+
+
 def iter_images(
     samples: Iterable[Sample], errors: list[ImageReadError], *, skip_corrupt: bool = False
 ) -> Iterator[tuple[Sample, np.ndarray]]:

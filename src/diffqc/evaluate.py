@@ -41,7 +41,7 @@ from diffqc import tiling
 from diffqc.backbone import raw_features_in_batches, to_pixels
 from diffqc.calibration import CalibrationWarning, Calibrator, standardiser
 from diffqc.config import METHODS, DetectorConfig, parse_overrides, uses_layouts, with_overrides
-from diffqc.data import DEFECTIVE, GOOD, DatasetWarning, Sample, read_image, read_mask
+from diffqc.data import DEFECTIVE, GOOD, DatasetWarning, Sample, read_image, read_mask, without_copies
 from diffqc.errors import ConfigError, DatasetError, ImageReadError
 from diffqc.folds import per_type_folds
 from diffqc.metrics import has_both_classes, image_auroc
@@ -390,6 +390,10 @@ def evaluate(
     labelled = [s for s in samples if s.label in (GOOD, DEFECTIVE)]
     if len(labelled) < len(samples):
         notes.append(f"{len(samples) - len(labelled)} unlabelled sample(s) ignored")
+    labelled, copy_notes = without_copies(labelled)
+    notes += copy_notes
+    for msg in copy_notes:
+        warnings.warn(msg, DatasetWarning, stacklevel=2)
     types, type_notes = _eligible_types(labelled, folds)
     notes += type_notes
     for msg in type_notes:
