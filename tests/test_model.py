@@ -314,6 +314,25 @@ def test_fit_names_16_bit_images_that_hold_12_bit_data(clear_dataset: Path, tmp_
         assert not [w for w in caught if "16-bit" in str(w.message)]
 
 
+def test_fit_leaves_out_copies_of_its_images(clear_dataset: Path, tmp_path: Path) -> None:
+    """A GOOD image copied under another name could land on the calibration side of its
+    original: scored as a fit image, it set the calibration's cut too low. fit leaves it out and
+    says so; the model counts the images once."""
+    import shutil
+    from dataclasses import replace
+
+    from diffqc.data import DatasetWarning, good_training
+
+    samples = [s for s in good_training(load_dataset(clear_dataset)) if s.feature_type == "dots"]
+    copies = [replace(s, path=tmp_path / f"copy-{s.path.name}") for s in samples[:3]]
+    for s, copy in zip(samples, copies, strict=False):
+        shutil.copyfile(s.path, copy.path)
+    with pytest.warns(DatasetWarning, match=r"3 image\(s\) are byte-identical copies .*copy-"):
+        det = Detector(tiny_config()).fit(samples + copies, progress=False)
+    training = det.metadata["training_data"]
+    assert training["fit_images"]["dots"] + training["calibration_images"]["dots"] == len(samples)
+
+
 def test_type_with_one_good_part_fails_before_training(clear_dataset: Path) -> None:
     samples = [s for s in load_dataset(clear_dataset) if s.split == "train"]
     samples = [s for s in samples if s.feature_type == "stripes"] + \

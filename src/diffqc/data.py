@@ -500,11 +500,12 @@ def good_training(samples: Iterable[Sample]) -> list[Sample]:
 
 def without_copies(samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
     """``samples`` less each file that is a byte-identical copy of an earlier one of the same type
-    and label, and what was found, as notes. A copy of a training image in another fold is scored
-    by a model fit on itself (a nearest-neighbour distance of 0): the cross-validated AUROC would
-    count it twice and too well. Copies with the other label are kept and named (one label is
-    wrong). Files that cannot be read, or are no image (a share's empty files are all alike),
-    are kept as they are: the reading names them."""
+    and label, and what was found, as notes. A copy of a fit image in another fold, or among the
+    calibration images, is scored by a model fit on itself (a nearest-neighbour distance of 0):
+    the cross-validated AUROC counts it twice and too well, and the calibration cuts too low
+    (the line's GOOD parts flagged too often). Copies with the other label are kept and named
+    (one label is wrong). Files that cannot be read, or are no image (a share's empty files are
+    all alike), are kept as they are: the reading names them."""
     first: dict[tuple[str, str], Sample] = {}
     kept: list[Sample] = []
     dropped: list[str] = []
@@ -527,8 +528,8 @@ def without_copies(samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
                            f"({label.get(original.label, original.label)})")
     notes = []
     for found, what in ((dropped, "byte-identical copies of another image of the same type and "
-                                  "label, left out (a copy in another fold is scored by a model fit "
-                                  "on itself)"),
+                                  "label, left out (a copy held out of a fit, in another fold or "
+                                  "the calibration images, is scored by a model fit on itself)"),
                         (clashes, "byte-identical to an image of the same type with the other "
                                   "label, kept (one of the labels is wrong)")):
         if found:

@@ -34,6 +34,7 @@ from diffqc.bundle import check_weights, read_bundle
 from diffqc.calibration import Calibrator, calibration_scores
 from diffqc.config import CalibrationConfig, DetectorConfig, uses_layouts
 from diffqc.data import (
+    DatasetWarning,
     Sample,
     fingerprint,
     good_training,
@@ -41,6 +42,7 @@ from diffqc.data import (
     iter_images,
     load_dataset,
     sixteen_bit_white,
+    without_copies,
 )
 from diffqc.errors import (
     BundleError,
@@ -261,6 +263,10 @@ class Detector:
                           stacklevel=2)
         if not good:
             raise DatasetError("no GOOD training samples to fit on")
+        # a copy on the calibration side of a fit image scores as a fit image: too low a threshold
+        good, copy_notes = without_copies(good)
+        for note in copy_notes:
+            warnings.warn(note, DatasetWarning, stacklevel=2)
         # a type with too few GOOD parts fails here, before any image is read or model trained
         split_calibration(good, self.config.calibration.fraction, self.config.train.seed)
         _check_heat_map(self.config)
