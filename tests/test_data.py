@@ -250,10 +250,11 @@ def test_without_copies_leaves_out_byte_identical_copies_and_names_label_clashes
                Sample(tmp_path / "empty-1.png", "dots", GOOD), Sample(tmp_path / "empty-2.png", "dots", GOOD)]
     (tmp_path / "empty-1.png").write_bytes(b"")
     (tmp_path / "empty-2.png").write_bytes(b"")
-    kept, notes = without_copies(samples)
+    kept, notes = without_copies([*samples, samples[1]])  # b.png listed twice, as a manifest can
     assert kept == [samples[i] for i in (0, 1, 3, 4, 5, 6, 7, 8)]
     assert len(notes) == 2
-    assert notes[0].startswith("1 image(s) are byte-identical copies") and "a-copy.png = " in notes[0]
+    assert notes[0].startswith("2 image(s) are byte-identical copies") and "a-copy.png = " in notes[0]
+    assert "b.png (listed twice)" in notes[0]
     assert notes[1].startswith("1 image(s) are byte-identical to an image of the same type with "
                                "the other label") and "b-copy.png (defect) = " in notes[1]
     assert without_copies(samples[:2]) == (samples[:2], [])

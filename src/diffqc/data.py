@@ -506,21 +506,22 @@ def without_copies(samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
     (the line's GOOD parts flagged too often). Copies with the other label are kept and named
     (one label is wrong). Files that cannot be read, or are no image (a share's empty files are
     all alike), are kept as they are: the reading names them."""
-    first: dict[tuple[str, str], Sample] = {}
+    first: dict[tuple[str, str], tuple[int, Sample]] = {}
     kept: list[Sample] = []
     dropped: list[str] = []
     clashes: list[str] = []
-    for s in samples:
+    for i, s in enumerate(samples):
         try:
             digest = fingerprint(s.path)
         except OSError:
             kept.append(s)
             continue
-        original = first.setdefault((s.feature_type, digest), s)
-        if original is s or image_shape(s.path) is None:  # not an image: empty files, say
+        at, original = first.setdefault((s.feature_type, digest), (i, s))
+        if at == i or image_shape(s.path) is None:  # not an image: empty files, say
             kept.append(s)
-        elif original.label == s.label:
-            dropped.append(f"{s.path} = {original.path}")
+        elif original.label == s.label:  # the same file listed twice, or a copy of it
+            dropped.append(f"{s.path} (listed twice)" if s.path == original.path
+                           else f"{s.path} = {original.path}")
         else:
             kept.append(s)
             label = {GOOD: "good", DEFECTIVE: "defect"}
