@@ -364,6 +364,26 @@ def test_watch_reused_name_with_new_content_is_a_new_part(
     assert store.count() == 2 and len(list((folder / "processed").iterdir())) == 2
 
 
+def test_watch_reused_name_with_the_same_content_is_a_new_part_and_named(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A camera that repeats its last frame (a stale buffer) writes the same bytes under the
+    same name: the second file was taken for one stored before a crash, moved and not recorded,
+    so a part went by with no record. Each file that arrives is recorded, and a repeated image
+    is named in the log; a file stored before a crash (the same file, unmoved) is still not."""
+    folder, pipe, store = rig
+    w = _watcher(folder, pipe, store)
+    (folder / "img.png").write_bytes(samples.all[0][0])
+    assert w.step().inspected == 1
+    (folder / "img.png").write_bytes(samples.all[0][0])
+    os.utime(folder / "img.png", ns=(time.time_ns(), time.time_ns() + 10**9))  # written later
+    with caplog.at_level("WARNING", logger="diffqc.watch"):
+        report = w.step()
+    assert report.inspected == 1 and report.already_recorded == 0 and store.count() == 2
+    assert "img.png is the same image as img.png, inspected before" in caplog.text
+    assert len(list((folder / "processed").iterdir())) == 2
+
+
 def test_watch_keep_mode_leaves_files_and_survives_restart(
     rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
 ) -> None:

@@ -1,11 +1,13 @@
 """Folder ingestion: inspect images as a camera writes them into a folder.
 
 A file is taken once it is complete: its size and modification time have not changed for
-``settle_s`` and it decodes. Each file is keyed by its path relative to the folder and the
-SHA-256 of its content; the key is stored with the record in the same transaction, and only
-then is the file moved to ``processed/`` (or, with ``after="keep"``, left in place). After a
-crash, a file whose key is already stored is moved without being inspected again, and a file
-without a stored key is inspected: nothing is skipped, nothing counted twice.
+``settle_s`` and it decodes. Each file is keyed by its path relative to the folder, the
+SHA-256 of its content and its modification time; the key is stored with the record in the same
+transaction, and only then is the file moved to ``processed/`` (or, with ``after="keep"``, left
+in place). After a crash, a file whose key is already stored is moved without being inspected
+again, and a file without a stored key is inspected: nothing is skipped, nothing counted twice.
+A file written again with the same name and bytes (a camera repeating its last frame) is a new
+file, recorded as a part, and named in the log.
 
 Files are found to any depth below the folder (a camera filing by day or hour), not in
 ``processed/``, ``failed/`` or hidden folders. Feature type: ``feature_type`` when given, else the
@@ -47,6 +49,7 @@ from diffqc.service.store import ARTIFACT_KINDS, NOT_INSPECTED, ResultRecord, Re
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE
 
 log = logging.getLogger("diffqc.watch")
+_RECENT_PARTS = 256  # images remembered to name a repeated frame (a stale camera buffer)
 
 _TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
 
@@ -158,6 +161,7 @@ class FolderWatcher:
         check_feature_type(settings.feature_type, pipeline.detector.classes_)
         self._seen: dict[Path, _Seen] = {}
         self._kept: set[tuple[str, int, int]] = set()  # after="keep": (path, size, mtime) done
+        self._recent: dict[str, str] = {}  # content digest -> name, of the last parts inspected
         self.problem: str | None = None  # why nothing is taken now (serve's /readyz)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -234,10 +238,23 @@ class FolderWatcher:
         return ready
 
     # ------------------------------------------------------------------ processing
-    def _key(self, path: Path, data: bytes) -> str:
+    def _key(self, path: Path, digest: str, mtime_ns: int) -> str:
         """The file's path below the folder, as stored text (a name that is not UTF-8 with
-        ``\\xNN``: :func:`diffqc.output.path_text`), and the digest of its content."""
-        return f"{self._name(path)}|{hashlib.sha256(data).hexdigest()}"
+        ``\\xNN``: :func:`diffqc.output.path_text`), the digest of its content and its
+        modification time: the same file after a crash has the key stored, and a file written
+        again, even with the same bytes, has a new one."""
+        return f"{self._name(path)}|{digest}|{mtime_ns}"
+
+    def _name_repeat(self, path: Path, digest: str) -> None:
+        """Log a part whose image is byte for byte one inspected shortly before: two parts never
+        give the same bytes, so a camera is sending a stale frame (its buffer not refreshed)."""
+        name = self._name(path)
+        if (earlier := self._recent.pop(digest, None)) is not None:
+            log.warning("%s is the same image as %s, inspected before: is the camera repeating "
+                        "its last frame? (recorded as a part again)", name, earlier)
+        self._recent[digest] = name
+        if len(self._recent) > _RECENT_PARTS:
+            del self._recent[next(iter(self._recent))]
 
     def _name(self, path: Path) -> str:
         return path_text(path.relative_to(self.root).as_posix())
@@ -254,26 +271,28 @@ class FolderWatcher:
         ready = self.ready_files()[: self.settings.max_pending]
         if not ready:
             return report
-        loaded: list[tuple[Path, bytes, str]] = []
+        loaded: list[tuple[Path, bytes, str, str]] = []
         for path in ready:
             try:
-                if path.stat().st_size > self.settings.max_file_bytes:
+                st = path.stat()
+                if st.st_size > self.settings.max_file_bytes:
                     self._fail(
                         path,
                         b"",
                         f"file larger than {self.settings.max_file_bytes} bytes",
                         report,
-                        key=f"{self._name(path)}|too-large",
+                        key=self._key(path, "too-large", st.st_mtime_ns),
                     )
                     continue
                 data = path.read_bytes()
             except FileNotFoundError:
                 continue
-            loaded.append((path, data, self._key(path, data)))
-        known = self.store.has_keys(self.source, [k for _, _, k in loaded])
+            digest = hashlib.sha256(data).hexdigest()
+            loaded.append((path, data, digest, self._key(path, digest, st.st_mtime_ns)))
+        known = self.store.has_keys(self.source, [k for *_, k in loaded])
         jobs: list[Job] = []
         job_paths: list[Path] = []
-        for path, data, key in loaded:
+        for path, data, digest, key in loaded:
             if key in known:  # stored before a crash: finish the move, do not re-inspect
                 report.already_recorded += 1
                 self._finish(path, self.processed)
@@ -281,6 +300,7 @@ class FolderWatcher:
             try:
                 jobs.append(self._job(path, data, key))
                 job_paths.append(path)
+                self._name_repeat(path, digest)
             except (ImageReadError, ImageTooLarge) as exc:
                 seen = self._seen.get(path)
                 age = time.monotonic() - seen.first_seen if seen else self.settings.fail_after_s
