@@ -382,6 +382,10 @@ def test_watch_reused_name_with_the_same_content_is_a_new_part_and_named(
     assert report.inspected == 1 and report.already_recorded == 0 and store.count() == 2
     assert "img.png is the same image as img.png, inspected before" in caplog.text
     assert len(list((folder / "processed").iterdir())) == 2
+    (folder / "img-0002.png").write_bytes(samples.all[0][0])  # a counter in the name: the same
+    with caplog.at_level("WARNING", logger="diffqc.watch"):
+        assert w.step().inspected == 1
+    assert "img-0002.png is the same image as img.png" in caplog.text
 
 
 def test_watch_keep_mode_leaves_files_and_survives_restart(
