@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from diffqc.service.buffer import InspectionPipeline
+from diffqc.service.buffer import BufferFull, InspectionPipeline
 from diffqc.service.store import NOT_INSPECTED, ArtifactStore, ResultRecord, ResultStore
 from diffqc.service.watch import FolderWatcher, WatchSettings
 from tests.test_service_common import Samples, detector, samples, service_model  # noqa: F401
@@ -374,7 +374,13 @@ def test_watch_reused_name_with_the_same_content_is_a_new_part_and_named(
     folder, pipe, store = rig
     w = _watcher(folder, pipe, store)
     (folder / "img.png").write_bytes(samples.all[0][0])
-    assert w.step().inspected == 1
+    submit = pipe.submit_many
+    pipe.submit_many = lambda jobs: (_ for _ in ()).throw(BufferFull("full"))  # type: ignore[method-assign]
+    assert w.step().waiting == 1  # overloaded: the file stays for the next pass
+    pipe.submit_many = submit  # type: ignore[method-assign]
+    with caplog.at_level("WARNING", logger="diffqc.watch"):
+        assert w.step().inspected == 1
+    assert "same image" not in caplog.text  # a retried file is no repeat
     (folder / "img.png").write_bytes(samples.all[0][0])
     os.utime(folder / "img.png", ns=(time.time_ns(), time.time_ns() + 10**9))  # written later
     with caplog.at_level("WARNING", logger="diffqc.watch"):

@@ -291,7 +291,7 @@ class FolderWatcher:
             loaded.append((path, data, digest, self._key(path, digest, st.st_mtime_ns)))
         known = self.store.has_keys(self.source, [k for *_, k in loaded])
         jobs: list[Job] = []
-        job_paths: list[Path] = []
+        job_paths: list[tuple[Path, str]] = []
         for path, data, digest, key in loaded:
             if key in known:  # stored before a crash: finish the move, do not re-inspect
                 report.already_recorded += 1
@@ -299,8 +299,7 @@ class FolderWatcher:
                 continue
             try:
                 jobs.append(self._job(path, data, key))
-                job_paths.append(path)
-                self._name_repeat(path, digest)
+                job_paths.append((path, digest))
             except (ImageReadError, ImageTooLarge) as exc:
                 seen = self._seen.get(path)
                 age = time.monotonic() - seen.first_seen if seen else self.settings.fail_after_s
@@ -314,13 +313,14 @@ class FolderWatcher:
             except (BufferFull, BufferClosed):
                 report.waiting += len(jobs)  # the files stay; the next pass retries
                 return self._add(report)
-            for path, fut in zip(job_paths, futures, strict=True):
+            for (path, digest), fut in zip(job_paths, futures, strict=True):
                 rec = fut.result()
                 report.records.append(rec)
                 if rec.duplicate:
                     report.already_recorded += 1
                 else:
                     report.inspected += 1
+                    self._name_repeat(path, digest)
                 # a part dropped under overload is recorded NOT_INSPECTED: keep it apart
                 done = self.failed if rec.decision == NOT_INSPECTED else self.processed
                 self._finish(path, done, rec.id)
