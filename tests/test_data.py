@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,22 @@ def test_manifest_written_on_windows(tmp_path: Path, clear_dataset: Path) -> Non
 def test_manifest_not_utf8_is_named(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_bytes("path,feature_type,label\nPrüfteil.png,dots,good\n".encode("cp1252"))
     with pytest.raises(DatasetError, match=r"m\.csv is not UTF-8 text .*CSV UTF-8"):
+        load_manifest(tmp_path / "m.csv")
+
+
+def test_manifest_names_types_that_differ_only_in_case_or_spaces(tmp_path: Path) -> None:
+    """A manifest typed by hand with "dots" and "Dots" (or "edge 1" and "edge1") was read as two
+    types, each trained on part of the images, without a word; it is still read so (types are
+    matched exactly), and a warning names them."""
+    rows = ["a.png,dots,good", "b.png,Dots,good", "c.png,edge 1,good", "d.png,edge1,good", "e.png,angle,good"]
+    (tmp_path / "m.csv").write_text("path,feature_type,label\n" + "\n".join(rows) + "\n")
+    with pytest.warns(DatasetWarning, match=r"feature types 'Dots' and 'dots'; 'edge 1' and 'edge1' "
+                                            r"differ only in case"):
+        samples = load_manifest(tmp_path / "m.csv")
+    assert sorted({s.feature_type for s in samples}) == ["Dots", "angle", "dots", "edge 1", "edge1"]
+    (tmp_path / "m.csv").write_text("path,feature_type,label\n" + "\n".join(rows[::2]) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         load_manifest(tmp_path / "m.csv")
 
 

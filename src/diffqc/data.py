@@ -18,7 +18,7 @@ from pathlib import Path, PureWindowsPath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from diffqc.errors import DatasetError, ImageReadError, UnreadableImagesError
+from diffqc.errors import DatasetError, ImageReadError, UnreadableImagesError, type_key
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm"})
 GOOD = 0
@@ -458,7 +458,21 @@ def load_manifest(path: Path | str) -> list[Sample]:
                               split=split))
     if not samples:
         raise DatasetError(f"manifest {path} has no rows")
+    _name_types_alike(path, feature_types(samples))
     return samples
+
+
+def _name_types_alike(manifest: Path, types: Sequence[str]) -> None:
+    """Warn of types whose names differ only in case, spaces or punctuation ("dots", "Dots"): a
+    spreadsheet typed by hand, read as two types, each trained on part of the images."""
+    alike: dict[str, list[str]] = {}
+    for t in types:
+        alike.setdefault(type_key(t), []).append(t)
+    groups = [" and ".join(repr(t) for t in names) for names in alike.values() if len(names) > 1]
+    if groups:
+        warnings.warn(f"manifest {manifest}: feature types {'; '.join(groups)} differ only in case, "
+                      "spaces or punctuation; they are read as different types (types are "
+                      "matched exactly): write each type one way", DatasetWarning, stacklevel=3)
 
 
 def load_dataset(source: Path | str) -> list[Sample]:

@@ -73,14 +73,17 @@ def unknown_feature_type(name: str, known: Sequence[str]) -> UnknownFeatureTypeE
         f"unknown feature type {name!r}{did_you_mean(name, known)}; this model knows {', '.join(known)}")
 
 
+def type_key(name: str) -> str:
+    """A feature type's name without case, spaces and punctuation: "Dots", "dots " and "do-ts"
+    share one. Types are matched exactly; this finds the near misses a person meant as one."""
+    return "".join(ch for ch in name.casefold() if ch.isalnum())
+
+
 def did_you_mean(name: str, known: Sequence[str]) -> str:
     """`` (did you mean 'dots'?)`` for a near miss of a known type (another case, a space, a
     typo: "Dots", "edge 1", "egde1"), else ``""``. Types are matched exactly; this only names
     the likely one."""
-    def key(text: str) -> str:
-        return "".join(ch for ch in text.casefold() if ch.isalnum())
-
-    same = [k for k in known if key(k) == key(name)]
+    same = [k for k in known if type_key(k) == type_key(name)]
     close = same or difflib.get_close_matches(name, list(known), n=1, cutoff=0.8)
     return f" (did you mean {close[0]!r}?)" if close and close[0] != name else ""
 
