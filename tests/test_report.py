@@ -288,6 +288,8 @@ def test_markdown_numbers(written: dict[str, Path]) -> None:
     row = data["by_defect"][0]
     assert "## By defect kind" in md
     assert f"| {row['feature_type']} | {row['defect']} | {row['method']} |" in md
+    # the notes (images and types left out, copies) belong with the numbers, as in report.html
+    assert "## Notes\n\n- Synthetic data: scores are random draws, not a real detector.\n" in md
 
 
 def test_defect_kinds_hand_worked() -> None:

@@ -5,7 +5,7 @@ builders below and :func:`write_report` writes three files into a folder:
 
 * ``report.json``: the dict itself; every number the pages show. Non-finite numbers
   (NaN = undefined, e.g. AUROC of a type without defective samples) are stored as ``null``.
-* ``report.md``: the tables as Markdown.
+* ``report.md``: the tables and the notes as Markdown.
 * ``report.html``: one self-contained page (inline CSS, plots as base64 PNG, no scripts,
   no external URL) that opens offline.
 
@@ -1293,7 +1293,7 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def render_markdown(data: dict[str, Any]) -> str:
-    """The Markdown version of the report tables (same numbers and formats as the HTML)."""
+    """The Markdown version of the report tables and notes (same numbers and formats as the HTML)."""
     page = _Page(data, markdown=True)
     rule = data["decision_rule"]
     out = [f"# {data.get('title', 'diffqc evaluation report')}", "",
@@ -1360,6 +1360,8 @@ def render_markdown(data: dict[str, Any]) -> str:
                 line += f" ![overlay]({g['overlay_file']})"
             out.append(line)
         out.append("")
+    if data.get("notes"):  # what was left out (unreadable images, copies, types): read with the numbers
+        out += ["## Notes", "", *(f"- {note}" for note in data["notes"]), ""]
     out += [f"Decision targets: α(review) = {fmt(rule['alpha_review'])}, "
             f"α(reject) = {fmt(rule['alpha_reject'])}. Plots: see report.html.", ""]
     return "\n".join(out)
