@@ -74,8 +74,8 @@ def unknown_feature_type(name: str, known: Sequence[str]) -> UnknownFeatureTypeE
 
 
 def type_key(name: str) -> str:
-    """A feature type's name without case, spaces and punctuation: "Dots", "dots " and "do-ts"
-    share one. Types are matched exactly; this finds the near misses a person meant as one."""
+    """A feature type's name without case, spaces and punctuation: "Edge1", "edge 1" and
+    "edge-1" share one. Types are matched exactly; this finds the near misses a person meant as one."""
     return "".join(ch for ch in name.casefold() if ch.isalnum())
 
 
