@@ -331,6 +331,26 @@ async def test_idempotency_key_returns_the_stored_record(
         assert state.store.count() == 1
 
 
+async def test_a_repeated_image_is_recorded_and_named(
+    detector: Any, samples: Samples, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A camera client sending its last frame again (a stale buffer) gives the same bytes for a
+    new part: it is recorded, named in the log and counted in /metrics; a retry with an
+    Idempotency-Key is the same part, and is not."""
+    body, ftype = samples.one("PASS")
+    async with running_app(detector, tmp_path) as (client, state):
+        headers = {**AUTH, "Idempotency-Key": "cam1-000018"}
+        with caplog.at_level("WARNING", logger="diffqc.service"):
+            for part, h in (("p1", headers), ("p1", headers), ("p2", AUTH)):
+                r = await client.post("/v1/inspect", content=body, headers=h,
+                                      params={"feature_type": ftype, "part_id": part})
+                assert r.status_code == 200
+        assert state.store.count() == 2
+        assert "part p2 (record 2) is the same image as part p1 (record 1), from http" in caplog.text
+        metrics = (await client.get("/metrics", headers=AUTH)).text
+        assert "diffqc_repeated_images_total 1" in metrics
+
+
 async def test_no_path_traversal_in_file_routes(detector: Any, samples: Samples, tmp_path: Path) -> None:
     body, ftype = samples.one("REVIEW")
     secret = tmp_path / "secret.txt"

@@ -378,20 +378,23 @@ def test_watch_reused_name_with_the_same_content_is_a_new_part_and_named(
     pipe.submit_many = lambda jobs: (_ for _ in ()).throw(BufferFull("full"))  # type: ignore[method-assign]
     assert w.step().waiting == 1  # overloaded: the file stays for the next pass
     pipe.submit_many = submit  # type: ignore[method-assign]
-    with caplog.at_level("WARNING", logger="diffqc.watch"):
+    with caplog.at_level("WARNING", logger="diffqc.service"):
         assert w.step().inspected == 1
     assert "same image" not in caplog.text  # a retried file is no repeat
     (folder / "img.png").write_bytes(samples.all[0][0])
     os.utime(folder / "img.png", ns=(time.time_ns(), time.time_ns() + 10**9))  # written later
-    with caplog.at_level("WARNING", logger="diffqc.watch"):
+    with caplog.at_level("WARNING", logger="diffqc.service"):
         report = w.step()
     assert report.inspected == 1 and report.already_recorded == 0 and store.count() == 2
-    assert "img.png is the same image as img.png, inspected before" in caplog.text
+    first, second = sorted(r.id or 0 for r in store.query(limit=None))
+    assert f"part img (record {second}) is the same image as part img (record {first})" in caplog.text
     assert len(list((folder / "processed").iterdir())) == 2
     (folder / "img-0002.png").write_bytes(samples.all[0][0])  # a counter in the name: the same
-    with caplog.at_level("WARNING", logger="diffqc.watch"):
+    with caplog.at_level("WARNING", logger="diffqc.service"):
         assert w.step().inspected == 1
-    assert "img-0002.png is the same image as img.png" in caplog.text
+    assert f"part img-0002 (record {second + 1}) is the same image as part img (record {second})" \
+        in caplog.text
+    assert pipe.repeated_images_total == 2
 
 
 def test_watch_keep_mode_leaves_files_and_survives_restart(

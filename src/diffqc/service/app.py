@@ -310,6 +310,9 @@ class Metrics:
             out.append(f"diffqc_heatmaps_shed_total {pipeline.heatmaps_shed_total}")
             head("diffqc_store_errors_total", "counter", "Micro-batches the store could not commit.")
             out.append(f"diffqc_store_errors_total {pipeline.store_errors_total}")
+            head("diffqc_repeated_images_total", "counter",
+                 "Parts whose image repeated a recent part's byte for byte (a stale camera frame).")
+            out.append(f"diffqc_repeated_images_total {pipeline.repeated_images_total}")
         head("diffqc_review_pending", "gauge", "REVIEW decisions without an operator verdict.")
         out.append(f"diffqc_review_pending {pending}")
         head("diffqc_model_info", "gauge", "The loaded model.")
@@ -619,6 +622,7 @@ def build_job(
         camera=camera,
         encoded=data if ext else None,
         encoded_ext=ext,
+        digest=hashlib.sha256(data).hexdigest(),
     )
 
 

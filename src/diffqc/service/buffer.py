@@ -243,6 +243,7 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[ResultRecord] = field(default_factory=Future)
     body_hash: str | None = None  # SHA-256 of the request (with ``dedup_key``): see the HTTP API
+    digest: str | None = None  # SHA-256 of the image file as received: names a repeated frame
     line: str | None = None  # where the part was inspected (stored on the record)
     station: str | None = None
     camera: str | None = None
@@ -256,6 +257,7 @@ class Job:
 KEEP_IMAGES = ("none", "flagged", "all")
 DEFAULT_BUFFER_BYTES = 512 * 1024 * 1024
 # Readiness fails after this many inspections in a row raised (one odd part does not count).
+RECENT_PARTS = 256  # the last parts' images a new one is compared with (a stale camera frame)
 FAILING_AFTER = 3
 
 
@@ -333,6 +335,8 @@ class InspectionPipeline:
         self.heatmaps_shed_total = 0  # heat maps not drawn while parts backed up
         self.last_artifact_error: str | None = None
         self.store_errors_total = 0
+        self.repeated_images_total = 0  # parts whose image repeated a recent one byte for byte
+        self._recent: dict[str, ResultRecord] = {}  # digest -> the last part with that image
 
     def problems(self) -> list[str]:
         """Reasons the pipeline is not healthy now (empty when it is)."""
@@ -466,6 +470,7 @@ class InspectionPipeline:
         self._remove_artifacts(
             [new for new, kept in zip(records, stored, strict=True) if kept.duplicate]
         )
+        self._name_repeats(jobs, stored)
         self.last_batch_at = time.time()
         done = time.monotonic()
         for listener in self.batch_listeners:
@@ -474,6 +479,22 @@ class InspectionPipeline:
             for fn in self.listeners:
                 fn(rec, done - job.enqueued)
             _settle(job.future, rec)
+
+    def _name_repeats(self, jobs: Sequence[Job], stored: Sequence[ResultRecord]) -> None:
+        """Log each new part whose image file is byte for byte one of the last parts': two parts
+        never give the same bytes, so a camera is sending a stale frame (its buffer not
+        refreshed). The part is recorded as any other; ``repeated_images_total`` counts them."""
+        for job, rec in zip(jobs, stored, strict=True):
+            if job.digest is None or rec.duplicate:  # a client's retry is the same part
+                continue
+            if (earlier := self._recent.pop(job.digest, None)) is not None:
+                self.repeated_images_total += 1
+                log.warning("part %s (record %s) is the same image as part %s (record %s), from "
+                            "%s: is the camera repeating its last frame?", rec.part_id, rec.id,
+                            earlier.part_id, earlier.id, rec.source)
+            self._recent[job.digest] = rec
+            if len(self._recent) > RECENT_PARTS:
+                del self._recent[next(iter(self._recent))]
 
     def _not_inspected(self, job: Job, reason: str) -> ResultRecord:
         return ResultRecord(

@@ -7,7 +7,7 @@ transaction, and only then is the file moved to ``processed/`` (or, with ``after
 in place). After a crash, a file whose key is already stored is moved without being inspected
 again, and a file without a stored key is inspected: nothing is skipped, nothing counted twice.
 A file written again with the same name and bytes (a camera repeating its last frame) is a new
-file, recorded as a part, and named in the log.
+file, recorded as a part (and named in the log by the pipeline, as any repeated image).
 
 Files are found to any depth below the folder (a camera filing by day or hour), not in
 ``processed/``, ``failed/`` or hidden folders. Feature type: ``feature_type`` when given, else the
@@ -49,7 +49,6 @@ from diffqc.service.store import ARTIFACT_KINDS, NOT_INSPECTED, ResultRecord, Re
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE
 
 log = logging.getLogger("diffqc.watch")
-_RECENT_PARTS = 256  # images remembered to name a repeated frame (a stale camera buffer)
 
 _TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
 
@@ -161,7 +160,6 @@ class FolderWatcher:
         check_feature_type(settings.feature_type, pipeline.detector.classes_)
         self._seen: dict[Path, _Seen] = {}
         self._kept: set[tuple[str, int, int]] = set()  # after="keep": (path, size, mtime) done
-        self._recent: dict[str, str] = {}  # content digest -> name, of the last parts inspected
         self.problem: str | None = None  # why nothing is taken now (serve's /readyz)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -245,17 +243,6 @@ class FolderWatcher:
         again, even with the same bytes, has a new one."""
         return f"{self._name(path)}|{digest}|{mtime_ns}"
 
-    def _name_repeat(self, path: Path, digest: str) -> None:
-        """Log a part whose image is byte for byte one inspected shortly before: two parts never
-        give the same bytes, so a camera is sending a stale frame (its buffer not refreshed)."""
-        name = self._name(path)
-        if (earlier := self._recent.pop(digest, None)) is not None:
-            log.warning("%s is the same image as %s, inspected before: is the camera repeating "
-                        "its last frame? (recorded as a part again)", name, earlier)
-        self._recent[digest] = name
-        if len(self._recent) > _RECENT_PARTS:
-            del self._recent[next(iter(self._recent))]
-
     def _name(self, path: Path) -> str:
         return path_text(path.relative_to(self.root).as_posix())
 
@@ -291,15 +278,15 @@ class FolderWatcher:
             loaded.append((path, data, digest, self._key(path, digest, st.st_mtime_ns)))
         known = self.store.has_keys(self.source, [k for *_, k in loaded])
         jobs: list[Job] = []
-        job_paths: list[tuple[Path, str]] = []
+        job_paths: list[Path] = []
         for path, data, digest, key in loaded:
             if key in known:  # stored before a crash: finish the move, do not re-inspect
                 report.already_recorded += 1
                 self._finish(path, self.processed)
                 continue
             try:
-                jobs.append(self._job(path, data, key))
-                job_paths.append((path, digest))
+                jobs.append(self._job(path, data, digest, key))
+                job_paths.append(path)
             except (ImageReadError, ImageTooLarge) as exc:
                 seen = self._seen.get(path)
                 age = time.monotonic() - seen.first_seen if seen else self.settings.fail_after_s
@@ -313,14 +300,13 @@ class FolderWatcher:
             except (BufferFull, BufferClosed):
                 report.waiting += len(jobs)  # the files stay; the next pass retries
                 return self._add(report)
-            for (path, digest), fut in zip(job_paths, futures, strict=True):
+            for path, fut in zip(job_paths, futures, strict=True):
                 rec = fut.result()
                 report.records.append(rec)
                 if rec.duplicate:
                     report.already_recorded += 1
                 else:
                     report.inspected += 1
-                    self._name_repeat(path, digest)
                 # a part dropped under overload is recorded NOT_INSPECTED: keep it apart
                 done = self.failed if rec.decision == NOT_INSPECTED else self.processed
                 self._finish(path, done, rec.id)
@@ -333,7 +319,7 @@ class FolderWatcher:
         t.failed += report.failed
         return report
 
-    def _job(self, path: Path, data: bytes, key: str) -> Job:
+    def _job(self, path: Path, data: bytes, digest: str, key: str) -> Job:
         _, _, fmt = check_image_header(data, self.settings.max_image_pixels)
         image = decode_image(data, source=str(path))
         ext = BROWSER_FORMATS.get(fmt or "")
@@ -343,6 +329,7 @@ class FolderWatcher:
             part_id=path_text(path.stem),
             source=self.source,
             dedup_key=key,
+            digest=digest,
             encoded=data if ext else None,
             encoded_ext=ext,
             line=self.settings.line,
