@@ -18,7 +18,7 @@ from pathlib import Path, PureWindowsPath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from diffqc.errors import DatasetError, ImageReadError, UnreadableImagesError, type_key
+from diffqc.errors import DatasetError, ImageReadError, UnreadableImagesError, first_few, type_key
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm"})
 GOOD = 0
@@ -524,6 +524,7 @@ def without_copies(samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
     kept: list[Sample] = []
     dropped: list[str] = []
     clashes: list[str] = []
+    label = {GOOD: "good", DEFECTIVE: "defect"}
     for i, s in enumerate(samples):
         try:
             digest = fingerprint(s.path)
@@ -538,7 +539,6 @@ def without_copies(samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
                            else f"{s.path} = {original.path}")
         else:
             kept.append(s)
-            label = {GOOD: "good", DEFECTIVE: "defect"}
             clashes.append(f"{s.path} ({label.get(s.label, s.label)}) = {original.path} "
                            f"({label.get(original.label, original.label)})")
     notes = []
@@ -548,8 +548,7 @@ def without_copies(samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
                         (clashes, "byte-identical to an image of the same type with the other "
                                   "label, kept (one of the labels is wrong)")):
         if found:
-            shown = "; ".join(found[:5]) + (f"; and {len(found) - 5} more" if len(found) > 5 else "")
-            notes.append(f"{len(found)} image(s) are {what}: {shown}")
+            notes.append(f"{len(found)} image(s) are {what}: {first_few(found)}")
     return kept, notes
 
 

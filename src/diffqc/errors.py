@@ -42,6 +42,13 @@ class ImageReadError(DiffqcError, ValueError):
         self.reason = reason
 
 
+def first_few(items: Sequence[str], shown: int = 5) -> str:
+    """The first ``shown`` of ``items`` joined by "; ", and how many more there are: a message
+    that names a long list's files without printing them all."""
+    more = len(items) - shown
+    return "; ".join(items[:shown]) + (f"; and {more} more" if more > 0 else "")
+
+
 class UnreadableImagesError(ImageReadError):
     """Several images could not be decoded: all of them are named (the first few in the message,
     every one in ``errors``), so a dataset is mended in one pass rather than one file per run."""
@@ -52,10 +59,8 @@ class UnreadableImagesError(ImageReadError):
         if not errors:
             raise ValueError("UnreadableImagesError needs at least one ImageReadError")
         self.errors = list(errors)
-        listed = "; ".join(f"{e.source} ({e.reason})" for e in self.errors[: self.shown])
-        more = len(self.errors) - self.shown
-        reason = (f"{len(self.errors)} unreadable image{'s' if len(self.errors) > 1 else ''}: "
-                  f"{listed}" + (f"; and {more} more" if more > 0 else ""))
+        listed = first_few([f"{e.source} ({e.reason})" for e in self.errors], self.shown)
+        reason = f"{len(self.errors)} unreadable image{'s' if len(self.errors) > 1 else ''}: {listed}"
         DiffqcError.__init__(self, reason)
         self.source = self.errors[0].source
         self.reason = reason

@@ -42,7 +42,7 @@ from diffqc.backbone import raw_features_in_batches, to_pixels
 from diffqc.calibration import CalibrationWarning, Calibrator, standardiser
 from diffqc.config import METHODS, DetectorConfig, parse_overrides, uses_layouts, with_overrides
 from diffqc.data import DEFECTIVE, GOOD, DatasetWarning, Sample, read_image, read_mask, without_copies
-from diffqc.errors import ConfigError, DatasetError, ImageReadError
+from diffqc.errors import ConfigError, DatasetError, ImageReadError, first_few
 from diffqc.folds import per_type_folds
 from diffqc.metrics import has_both_classes, image_auroc
 from diffqc.model import Detector, check_fit_memory, views_to_fit
@@ -404,9 +404,8 @@ def evaluate(
                            + "; ".join(type_notes))
     labelled, unread = _without_unreadable_masks(labelled)
     if unread:
-        shown = "; ".join(unread[:5]) + (f"; and {len(unread) - 5} more" if len(unread) > 5 else "")
         notes.append(f"{len(unread)} defect mask(s) unreadable, their images left out of the pixel "
-                     f"metrics (still in the image metrics): {shown}")
+                     f"metrics (still in the image metrics): {first_few(unread)}")
         warnings.warn(notes[-1], DatasetWarning, stacklevel=2)
 
     # ---- features, once
@@ -421,7 +420,7 @@ def evaluate(
         labelled, extractors, progress, None if feature_cache is None else Path(feature_cache))
     extract_seconds = time.perf_counter() - t0
     if errors:
-        shown = "; ".join(errors[:5]) + (f"; and {len(errors) - 5} more" if len(errors) > 5 else "")
+        shown = first_few(errors)
         if not ev:
             raise DatasetError(f"none of the {len(errors)} images could be read: {shown}")
         notes.append(f"{len(errors)} unreadable image(s) left out of the evaluation: {shown}")

@@ -257,8 +257,8 @@ class Job:
 KEEP_IMAGES = ("none", "flagged", "all")
 DEFAULT_BUFFER_BYTES = 512 * 1024 * 1024
 # Readiness fails after this many inspections in a row raised (one odd part does not count).
-RECENT_PARTS = 256  # the last parts' images a new one is compared with (a stale camera frame)
 FAILING_AFTER = 3
+RECENT_PARTS = 256  # the last parts' images a new one is compared with (a stale camera frame)
 
 
 def _settle(future: Future[ResultRecord], outcome: ResultRecord | BaseException) -> None:
