@@ -103,6 +103,28 @@ def test_cli_calibrate_warns_of_too_few_images_for_the_types_it_recalibrates(
     assert lines[0].startswith("diffqc: warning: calibration:")
 
 
+def test_cli_calibrate_refuses_a_calibration_that_could_flag_no_part(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One GOOD image of a type (a `results export` of the one part an operator reviewed): no
+    tail can be fitted to one score, so under the new calibration every part of the type would
+    PASS, and a running service takes it up at once. It was written with a warning, exit 0;
+    now an error names the type, and no file of the bundle is touched."""
+    model = _copy(tiny_model, tmp_path)
+    files = {p.name: p.read_bytes() for p in model.iterdir()}
+    data = write_clear_dataset(tmp_path / "fresh", n_train=1, n_test=0, seed=5)
+    shutil.rmtree(data / "dots")
+    assert main(["calibrate", str(model), str(data), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "no part of stripes (1 GOOD image) could be flagged" in err
+    assert "the calibration is unchanged" in err and "3 GOOD images or more" in err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+    # two images fit a tail: flagged parts are possible, so it is written (with the warning)
+    write_clear_dataset(tmp_path / "fresh", n_train=2, n_test=0, seed=6)
+    shutil.rmtree(data / "dots")
+    assert main(["calibrate", str(model), str(data), "-q"]) == 0
+    assert _n(model / "calibration.json")["stripes"] == 2
+
+
 def test_cli_calibrate_names_a_decompression_bomb_among_its_images(
         tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A file whose header claims 1.6 gigapixels: one error naming it (it was a traceback from

@@ -22,6 +22,7 @@ import argparse
 import datetime as _dt
 import json
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,10 +67,23 @@ def _merged(old: Calibrator, known: dict[str, list[float]], unknown: dict[str, l
     """A calibrator with the new scores for the types given and the old ones for the rest."""
     keep_known = {t: c.scores.tolist() for t, c in old.known.items() if t not in known}
     keep_unknown = {t: c.scores.tolist() for t, c in old.unknown.items() if t not in unknown}
-    cal = Calibrator(old.config).fit({**keep_known, **known}, {**keep_unknown, **unknown}, warn=False)
-    if message := cal.warning_line(known):  # for the types recalibrated now, as train says it
-        warnings.warn(message, CalibrationWarning, stacklevel=3)
-    return cal
+    return Calibrator(old.config).fit({**keep_known, **known}, {**keep_unknown, **unknown}, warn=False)
+
+
+def _refuse_unflaggable(cal: Calibrator, known: dict[str, list[float]], data: Path | str) -> None:
+    """A recalibration under which a type could flag no part (one GOOD image: no tail can be
+    fitted; ``calibration.tail=none`` with fewer images than 1/α_review needs) is refused: a
+    running service would take it up at once and pass every part of that type."""
+    dead = [t for t in sorted(known) if math.isinf(cal.thresholds(t)["review"])]
+    if not dead:
+        return
+    alpha = cal.config.alpha_review
+    give = ("3 GOOD images or more (the exponential tail is fitted to two scores at least)"
+            if cal.config.tail == "exponential" else f"{math.ceil(1 / alpha - 1)} GOOD images or more")
+    named = ", ".join(f"{t} ({len(known[t])} GOOD image{'s' if len(known[t]) != 1 else ''})" for t in dead)
+    raise DatasetError(f"{data}: calibrated on it, no part of {named} could be flagged (no score "
+                       f"reaches p <= α_review={alpha} with calibration.tail={cal.config.tail}); "
+                       f"the calibration is unchanged: give each such type {give}")
 
 
 def _not_fitted_on(meta: dict[str, Any], samples: list[Any], data: Path | str) -> tuple[list[Any], int]:
@@ -141,6 +155,9 @@ def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = Fal
         raise DatasetError(f"{data}: none of the {len(samples)} GOOD images could be read; the "
                            "calibration is unchanged")
     new = {CALIBRATION_FILE: _merged(det.calibration_, known, unknown)}
+    _refuse_unflaggable(new[CALIBRATION_FILE], known, data)
+    if message := new[CALIBRATION_FILE].warning_line(known):  # the types recalibrated now, as train says it
+        warnings.warn(message, CalibrationWarning, stacklevel=2)
     if (path / INT8_CALIBRATION_FILE).is_file() and (path / INT8_MODEL_FILE).is_file():
         from diffqc.runtime import OnnxDetector
 
