@@ -194,3 +194,19 @@ def test_damaged_calibration_file_is_a_bundle_error_naming_it(tmp_path: Path) ->
             Calibrator.from_file(f)
     with pytest.raises(BundleError, match=r"missing\.json"):
         Calibrator.from_file(tmp_path / "missing.json")
+
+
+def test_flagged_excess_p_is_the_hypergeometric_upper_tail() -> None:
+    """How often a random draw of the line's parts holds as many flagged ones as an export: the
+    sum over C(F, k) C(N - F, n - k) / C(N, n), counted here with integers."""
+    from math import comb
+
+    from diffqc.calibration import flagged_excess_p
+
+    def tail(big_n: int, big_f: int, n: int, m: int) -> float:
+        return sum(comb(big_f, k) * comb(big_n - big_f, n - k) for k in range(m, n + 1)) / comb(big_n, n)
+
+    for args in ((40, 4, 4, 4), (584, 13, 60, 2), (388, 163, 14, 14), (100, 50, 10, 3)):
+        assert flagged_excess_p(*args) == pytest.approx(tail(*args), rel=1e-9)
+    assert flagged_excess_p(40, 4, 4, 4) == pytest.approx(1 / 91390)
+    assert flagged_excess_p(40, 4, 0, 0) == 1.0 and flagged_excess_p(40, 4, 10, 0) == 1.0

@@ -125,6 +125,65 @@ def test_cli_calibrate_refuses_a_calibration_that_could_flag_no_part(
     assert _n(model / "calibration.json")["stripes"] == 2
 
 
+def _line_store(tmp_path: Path, images: list[Path], flagged: int) -> str:
+    """A result store of parts of type stripes, the first ``flagged`` of them REVIEW and the
+    rest PASS, each with its image kept (``serve --keep-images all``)."""
+    import time
+
+    from diffqc.service.store import ArtifactStore, ResultRecord, ResultStore
+
+    db = str(tmp_path / "line" / "results.db")
+    (tmp_path / "line").mkdir()
+    kept = ArtifactStore(tmp_path / "line")
+    with ResultStore(db) as store:
+        store.insert_many([
+            ResultRecord(created_at=time.time(), source="http", decision="REVIEW" if i < flagged else "PASS",
+                         part_id=f"p{i}", feature_type="stripes", score=1.0, p_value=0.5,
+                         image=kept.save_bytes("images", path.read_bytes(), "png"))
+            for i, path in enumerate(images)])
+    return db
+
+
+def test_cli_calibrate_refuses_an_export_of_the_flagged_parts_reviewed_good(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Parts an operator reviewed GOOD are the flagged ones (the review queue): the GOOD parts the
+    model scored highest. Calibrated on them the thresholds rose and defects passed (magnetic
+    tile: defect recall at REVIEW 0.89 -> 0.64), as the module's docstring had advised. The
+    export now says per type how many parts the line inspected and flagged in its period; an
+    export whose parts over-represent flagged ones is named by `results export` and refused by
+    `calibrate`. The same line with every part reviewed is a sample, and calibrates."""
+    from diffqc.service.store import ResultStore
+
+    model = _copy(tiny_model, tmp_path)
+    files = {p.name: p.read_bytes() for p in model.iterdir()}
+    data = write_clear_dataset(tmp_path / "fresh", n_train=20, n_test=20, seed=5)
+    images = sorted((data / "stripes").glob("t*/good/*.png"))  # 40 GOOD parts
+    db = _line_store(tmp_path, images, flagged=4)
+    with ResultStore(db) as store:
+        for i in range(1, 5):  # the review queue: the 4 flagged parts, all GOOD
+            store.set_review(i, "GOOD", "ann", None)
+    export = tmp_path / "export"
+    assert main(["results", "export", "--db", db, str(export)]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out.splitlines()[-1])["types"] == {"stripes": {
+        "inspected": 40, "flagged": 4, "exported": 4, "exported_flagged": 4}}
+    assert "of type stripes, 4 of the 4 parts exported were flagged" in out.err
+    assert "against 4 of the 40 parts the line inspected in the same period (10.0 %)" in out.err
+    assert main(["calibrate", str(model), str(export), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "no sample of the line's GOOD parts" in err and "the calibration is unchanged" in err
+    assert main(["calibrate", str(model), str(export / "manifest.csv"), "-q"]) == 1  # the manifest alone
+    assert "no sample of the line's GOOD parts" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+    with ResultStore(db) as store:  # every part of the period reviewed: a sample of the line's
+        for i in range(5, 41):
+            store.set_review(i, "GOOD", "ann", None)
+    assert main(["results", "export", "--db", db, str(export)]) == 0
+    assert "were flagged" not in capsys.readouterr().err
+    assert main(["calibrate", str(model), str(export), "-q"]) == 0
+    assert _n(model / "calibration.json")["stripes"] == 40
+
+
 def test_cli_calibrate_names_a_decompression_bomb_among_its_images(
         tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A file whose header claims 1.6 gigapixels: one error naming it (it was a traceback from

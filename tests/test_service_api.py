@@ -313,8 +313,10 @@ async def test_review_flow_and_export(detector: Any, samples: Samples, tmp_path:
     assert [p.name for p in dataset.iterdir()] == ["manifest.csv"]
     assert (dataset / "manifest.csv").read_text().startswith("path,feature_type,label\nimg.png")
     # a --data-dir typo: named, and no empty artifact folders made there
-    with pytest.warns(UserWarning, match="no kept images under .*typo"):
+    with pytest.warns(UserWarning) as said:
         summary = export_reviewed_good(db, tmp_path / "export2", data_dir=tmp_path / "typo")
+    assert [str(w.message).split(" under ")[0] for w in said] == [
+        "no kept images", "1 part reviewed GOOD not exported, the image being 1 not found"]
     assert summary["exported"] == 0 and summary["missing_image"] == 1 and not (tmp_path / "typo").exists()
 
 

@@ -112,6 +112,27 @@ class TypeCalibration:
         return t
 
 
+# GOOD parts whose share of flagged ones a random draw from the line's parts reaches less often
+# than this were chosen by their decision (see flagged_excess_p).
+SELECTED_BELOW = 0.01
+
+
+def flagged_excess_p(inspected: int, flagged: int, taken: int, taken_flagged: int) -> float:
+    """How often ``taken`` parts drawn at random from ``inspected`` parts, ``flagged`` of them
+    REVIEW or REJECT, hold ``taken_flagged`` flagged parts or more (the hypergeometric upper tail).
+
+    Conformal calibration needs GOOD parts drawn as the line makes them. Parts an operator
+    reviewed GOOD are mostly flagged ones (the review queue): the GOOD parts the model scored
+    highest. A small value says the parts were chosen by their decision, and calibrated on them
+    the thresholds would rise and defects pass."""
+    if taken <= 0 or taken_flagged <= 0:
+        return 1.0
+    from scipy.stats import hypergeom
+
+    inspected, flagged = max(inspected, taken), max(flagged, taken_flagged)  # counts are a subset's
+    return float(hypergeom.sf(taken_flagged - 1, inspected, flagged, taken))
+
+
 def calibration_scores(
     classes: Sequence[str], true_types: Sequence[int], table: np.ndarray
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:

@@ -2,10 +2,12 @@
 
 The scorer stays as trained; only the conformal calibration (``calibration.json``, and
 ``calibration.int8.json`` when the bundle has an INT8 export) is recomputed from the GOOD
-images in DATA, which must be parts the model never trained on (a fresh folder, or
-``diffqc results export`` of operator-reviewed GOOD parts): those it was fit on, found by content
-(the bundle's ``metadata.json`` keeps their fingerprints), are left out with a warning. Types
-absent from DATA keep their current calibration.
+images in DATA, which must be parts the model never trained on, taken as the line makes them
+(a fresh folder of GOOD parts): those it was fit on, found by content (the bundle's
+``metadata.json`` keeps their fingerprints), are left out with a warning, and a
+``diffqc results export`` whose parts were chosen by their decision (flagged parts an operator
+reviewed GOOD: the GOOD parts the model scored highest) is refused. Types absent from DATA keep
+their current calibration.
 
 The rewrite is atomic: everything is scored first, then each file is written to a temporary
 sibling, fsynced and renamed over the old one (``os.replace``), after its previous content was
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from diffqc.arguments import QUIET
-from diffqc.calibration import CalibrationWarning, Calibrator
+from diffqc.calibration import SELECTED_BELOW, CalibrationWarning, Calibrator, flagged_excess_p
 from diffqc.errors import BundleError, DatasetError, UnknownFeatureTypeError, did_you_mean
 from diffqc.output import json_line, write_atomic
 
@@ -38,6 +40,9 @@ log = logging.getLogger("diffqc.recalibrate")
 CALIBRATION_FILE = "calibration.json"
 INT8_CALIBRATION_FILE = "calibration.int8.json"
 INT8_MODEL_FILE = "model.int8.onnx"
+# `diffqc results export` writes, beside its manifest.csv, per type: how many parts the line
+# inspected in the export's period and how many were flagged, and how many of each it exported.
+EXPORT_SUMMARY_FILE = "export.json"
 
 
 def previous_name(name: str) -> str:
@@ -84,6 +89,41 @@ def _refuse_unflaggable(cal: Calibrator, known: dict[str, list[float]], data: Pa
     raise DatasetError(f"{data}: calibrated on it, no part of {named} could be flagged (no score "
                        f"reaches p <= α_review={alpha} with calibration.tail={cal.config.tail}); "
                        f"the calibration is unchanged: give each such type {give}")
+
+
+def selection_note(feature_type: str, counts: dict[str, int]) -> str | None:
+    """What says that the exported GOOD parts of a type were chosen by their decision (see
+    :func:`diffqc.calibration.flagged_excess_p`), or None when a random draw of the line's parts
+    would hold as many flagged ones. ``counts``: an :data:`EXPORT_SUMMARY_FILE` type entry."""
+    n, m = counts["exported"], counts["exported_flagged"]
+    big_n, big_f = counts["inspected"], counts["flagged"]
+    if flagged_excess_p(big_n, big_f, n, m) >= SELECTED_BELOW:
+        return None
+    return (f"of type {feature_type}, {m} of the {n} parts exported were flagged (REVIEW or REJECT) "
+            f"before an operator reviewed them GOOD, against {big_f} of the {big_n} parts the line "
+            f"inspected in the same period ({100 * big_f / max(big_n, 1):.1f} %): they are the GOOD "
+            "parts the model scored highest, not a sample of the line's")
+
+
+def _refuse_selected(data: Path | str) -> None:
+    """DATA, a `diffqc results export` whose parts of a type were chosen by their decision, is
+    refused: calibrated on them, the thresholds rise and defects pass."""
+    src = Path(data)
+    folder = src.parent if src.suffix.lower() == ".csv" and src.name == "manifest.csv" else src
+    try:
+        types = json.loads((folder / EXPORT_SUMMARY_FILE).read_text(encoding="utf-8"))["types"]
+        notes = [note for t, c in sorted(types.items()) if (note := selection_note(t, c))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, or not an export's
+        return
+    if notes:
+        raise DatasetError(f"{data} is a `diffqc results export` whose parts are no sample of the "
+                           f"line's GOOD parts: {'; '.join(notes)}. Calibrated on them, the "
+                           "thresholds would rise and defects pass (magnetic tile: defect recall at "
+                           "REVIEW 0.89 -> 0.64, BENCHMARKS.md \"Session 26\"); the calibration is "
+                           "unchanged. Calibrate on GOOD parts taken whatever their decision (a "
+                           "folder of them; or, with serve/watch --keep-images all, an export of a "
+                           "period whose every part was reviewed: --since); to have the model score "
+                           "parts like these lower, add them to its training images and retrain")
 
 
 def _not_fitted_on(meta: dict[str, Any], samples: list[Any], data: Path | str) -> tuple[list[Any], int]:
@@ -138,6 +178,7 @@ def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = Fal
     from diffqc.model import Detector
 
     path = Path(model)
+    _refuse_selected(data)
     det = Detector.load(path, device="cpu")
     samples = [s for s in load_dataset(data) if s.label == GOOD]
     if not samples:

@@ -346,7 +346,7 @@ def add_service_commands(subparsers: Any) -> None:
 
     r = subparsers.add_parser("results", help="work with stored results")
     rsub = r.add_subparsers(dest="results_command", required=True)
-    e = rsub.add_parser("export", help="export parts reviewed GOOD as extra calibration data")
+    e = rsub.add_parser("export", help="export parts reviewed GOOD as a dataset (images to retrain on)")
     e.add_argument("out", help="output folder (images + manifest.csv)")
     e.add_argument("--db", default=None, help=db_help)
     e.add_argument("--data-dir", default=None,

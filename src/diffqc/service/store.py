@@ -31,8 +31,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from diffqc.calibration import PASS, REJECT, REVIEW
 from diffqc.errors import OutputError, StoreError
 from diffqc.output import write_atomic
+from diffqc.recalibrate import EXPORT_SUMMARY_FILE, selection_note
 from diffqc.service.security import is_artifact_name, safe_child
 
 log = logging.getLogger("diffqc.service")
@@ -766,9 +768,13 @@ def export_reviewed_good(
 
     Writes ``out_dir/<feature_type>/<id>.<ext>`` and ``out_dir/manifest.csv`` with columns
     ``path, feature_type, label, part_id, record_id, score, p_value, decision, type_known``
-    (``label`` is ``good``), readable by :func:`diffqc.data.load_dataset` as extra GOOD /
-    calibration data. Parts whose upload was not kept are counted as ``missing_image``.
-    Returns ``{"exported": n, "missing_image": m, "manifest": path}``.
+    (``label`` is ``good``), readable by :func:`diffqc.data.load_dataset`: GOOD images to retrain
+    on. Parts whose upload was not kept (or has expired) are counted as ``missing_image`` and
+    named in a warning. ``out_dir/export.json`` holds, per type, the parts the line inspected in
+    the period and how many were flagged, beside how many of each were exported: parts reviewed
+    GOOD are mostly flagged ones, the GOOD parts the model scored highest, and ``diffqc
+    calibrate`` refuses an export chosen so (a warning says so here already).
+    Returns ``{"exported": n, "missing_image": m, "manifest": path, "types": {...}}``.
     """
     import csv
 
@@ -787,13 +793,17 @@ def export_reviewed_good(
         write_atomic(manifest, header.getvalue().encode("utf-8"))
     except OSError as exc:
         raise OutputError(f"cannot export to {out}: {exc}") from None
-    exported = missing = 0
+    exported = 0
+    missing = {"not kept": 0, "expired": 0, "not found": 0}
+    taken: dict[str, list[int]] = {}  # type -> [exported, of them flagged]
     rows: list[dict[str, Any]] = []
     with ResultStore(db_url) as store:
         for rec in stored_records(store, review="GOOD", since=since):
             src = artifacts.path("images", rec.image)
             if src is None or rec.feature_type is None:
-                missing += 1
+                why = ("not kept" if rec.image is None and rec.image_expired_at is None else
+                       "expired" if rec.image_expired_at is not None else "not found")
+                missing[why] += 1
                 continue
             ftype = rec.feature_type
             rel = Path(_safe_dirname(ftype)) / f"{rec.id}{src.suffix}"
@@ -817,16 +827,57 @@ def export_reviewed_good(
                 }
             )
             exported += 1
+            counts = taken.setdefault(ftype, [0, 0])
+            counts[0] += 1
+            counts[1] += rec.decision in (REVIEW, REJECT)
+        line = store.counts(since)  # after the export: a part stored meanwhile only adds to it
+    types = _export_summary(taken, line)
+    _warn_export(missing, types, artifacts.root)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(EXPORT_COLUMNS))
     writer.writeheader()
     writer.writerows(rows)
+    summary = json.dumps({"since": since, "types": types}, indent=2).encode("utf-8")
     try:
+        write_atomic(out / EXPORT_SUMMARY_FILE, summary)
         write_atomic(manifest, table.getvalue().encode("utf-8"))
     except OutputError as exc:
         raise OutputError(f"{exc}; the export in {out} is incomplete: the same command, run "
                           "again, replaces it") from None
-    return {"exported": exported, "missing_image": missing, "manifest": str(manifest)}
+    return {"exported": exported, "missing_image": sum(missing.values()), "manifest": str(manifest),
+            "types": types}
+
+
+def _export_summary(taken: dict[str, list[int]], line: list[tuple[str | None, str, int]]
+                    ) -> dict[str, dict[str, int]]:
+    """Per exported type: the parts the line inspected in the period and how many were flagged
+    (``store.counts``), and how many of each were exported."""
+    out = {t: {"inspected": 0, "flagged": 0, "exported": n, "exported_flagged": m}
+           for t, (n, m) in sorted(taken.items())}
+    for ftype, decision, n in line:
+        if ftype in out and decision in (PASS, REVIEW, REJECT):
+            out[ftype]["inspected"] += n
+            out[ftype]["flagged"] += n if decision != PASS else 0
+    return out
+
+
+def _warn_export(missing: dict[str, int], types: dict[str, dict[str, int]], root: Path) -> None:
+    """Parts reviewed GOOD left out for want of their image, and why; types whose exported parts
+    were chosen by their decision."""
+    if sum(missing.values()):
+        why = {"not kept": "not kept (serve and watch keep the images of flagged parts only, "
+                           "unless --keep-images all)",
+               "expired": "expired (--keep-days, --artifact-budget-mb)",
+               "not found": f"not found under {root} (--data-dir: the folder serve or watch kept them in)"}
+        said = ", ".join(f"{n} {why[k]}" for k, n in missing.items() if n)
+        total = sum(missing.values())
+        warnings.warn(f"{total} part{'s' if total != 1 else ''} reviewed GOOD not exported, the "
+                      f"image being {said}", stacklevel=3)
+    for t, counts in types.items():
+        if note := selection_note(t, counts):
+            warnings.warn(f"{note}. Retrain on them (add them to the type's "
+                          "training images); calibrated on them the thresholds would rise and "
+                          "defects pass, and `diffqc calibrate` refuses them", stacklevel=3)
 
 
 EXPORT_COLUMNS = ("path", "feature_type", "label", "part_id", "record_id", "score", "p_value",
