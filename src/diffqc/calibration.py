@@ -129,7 +129,7 @@ def flagged_excess_p(inspected: int, flagged: int, taken: int, taken_flagged: in
         return 1.0
     from scipy.stats import hypergeom
 
-    inspected, flagged = max(inspected, taken), max(flagged, taken_flagged)  # counts are a subset's
+    inspected, flagged = max(inspected, taken), max(flagged, taken_flagged)  # the line holds them
     return float(hypergeom.sf(taken_flagged - 1, inspected, flagged, taken))
 
 
