@@ -83,7 +83,7 @@ def _refuse_unflaggable(cal: Calibrator, known: dict[str, list[float]], data: Pa
     if not dead:
         return
     alpha = cal.config.alpha_review
-    give = ("3 GOOD images or more (the exponential tail is fitted to two scores at least)"
+    give = ("2 GOOD images or more (the exponential tail is fitted to two scores at least)"
             if cal.config.tail == "exponential" else f"{math.ceil(1 / alpha - 1)} GOOD images or more")
     named = ", ".join(f"{t} ({len(known[t])} GOOD image{'s' if len(known[t]) != 1 else ''})" for t in dead)
     raise DatasetError(f"{data}: calibrated on it, no part of {named} could be flagged (no score "
