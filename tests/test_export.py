@@ -306,6 +306,31 @@ def test_int8_export_and_parity_report(exported: Path, clear_dataset: Path, tmp_
     assert len(int8.inspect(images, ["dots", "dots"])) == 2
 
 
+def test_int8_export_of_a_recalibrated_bundle_says_so(exported: Path, clear_dataset: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A bundle recalibrated on the line's GOOD parts (`diffqc calibrate`), then exported to INT8
+    with its training data: INT8 cannot recompute that calibration, whose images it is not given.
+    The export said "the data given does not reproduce the bundle's calibration scores (not the
+    training data?)" of the very training data; it now names the recalibration and what gives
+    INT8 its own calibration, and that command does."""
+    from tests.conftest import write_clear_dataset
+
+    bundle = tmp_path / "int8"
+    shutil.copytree(exported, bundle)
+    line = write_clear_dataset(tmp_path / "line", n_train=10, n_test=0, seed=9)
+    assert main(["calibrate", str(bundle), str(line), "-q"]) == 0
+    assert main(["export", str(bundle), "--int8", "--calibration-data", str(clear_dataset), "--threads", "1",
+                 "--calibration-images", "16", "--sensitivity-images", "6", "--check-images", "4"]) == 0
+    entry = read_export_info(bundle)["int8"]
+    assert "recalibrated by `diffqc calibrate` (on " in entry["calibration"]
+    assert "not the training data" not in entry["calibration"] and entry["accepted"] is True
+    assert not (bundle / "calibration.int8.json").exists()
+    capsys.readouterr()
+    assert main(["calibrate", str(bundle), str(line), "-q"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["files"] == ["calibration.int8.json",
+                                                                             "calibration.json"]
+
+
 def test_data_of_types_the_model_does_not_know_is_named(exported: Path, clear_dataset: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """``--data`` / ``--calibration-data`` with types the model lacks (another line's folder): those

@@ -623,13 +623,18 @@ def _synthetic_images(n: int, size: int) -> list[np.ndarray]:
 def _recalibrate(det: Detector, fp32: SplitGraph, int8: SplitGraph, good: Sequence[Sample]
                  ) -> tuple[Calibrator | None, str]:
     """The INT8 model's own conformal calibration, on the very images the bundle was calibrated
-    on, when ``good`` holds them (the FP32 scores must reproduce the bundle's)."""
+    on, when ``good`` holds them (the FP32 scores must reproduce the bundle's; a bundle
+    recalibrated since its training was calibrated on other images)."""
     from diffqc.calibration import Calibrator
     from diffqc.data import read_images
     from diffqc.model import split_calibration
 
     cal = det.calibration_
     assert cal is not None
+    if (done := det.metadata.get("recalibrated")) is not None:  # its images are not the training data's
+        return None, (f"the bundle was recalibrated by `diffqc calibrate` (on {done.get('data')}), so "
+                      "INT8 is decided with that FP32 calibration; `diffqc calibrate MODEL DATA` run "
+                      "again after this export gives INT8 its own")
     if sorted({s.feature_type for s in good}) != det.classes_:
         return None, "the data given lacks some of the model's types"
     if det.config.calibration.scheme == "cross":  # its fold models are not kept in the bundle

@@ -199,7 +199,7 @@ def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = Fal
     _refuse_unflaggable(new[CALIBRATION_FILE], known, data)
     if message := new[CALIBRATION_FILE].warning_line(known):  # the types recalibrated now, as train says it
         warnings.warn(message, CalibrationWarning, stacklevel=2)
-    if (path / INT8_CALIBRATION_FILE).is_file() and (path / INT8_MODEL_FILE).is_file():
+    if (path / INT8_MODEL_FILE).is_file():  # its own calibration, or one now where export kept FP32's
         from diffqc.runtime import OnnxDetector
 
         int8 = OnnxDetector(path, precision="int8", threads=threads)
