@@ -865,8 +865,8 @@ def _warn_export(missing: dict[str, int], types: dict[str, dict[str, int]], root
     """Parts reviewed GOOD left out for want of their image, and why; types whose exported parts
     were chosen by their decision."""
     if sum(missing.values()):
-        why = {"not kept": "not kept (serve and watch keep the images of flagged parts only, "
-                           "unless --keep-images all)",
+        why = {"not kept": "not kept (serve and watch keep the images --keep-images names: "
+                           "flagged parts' by default, every part's with all)",
                "expired": "expired (--keep-days, --artifact-budget-mb)",
                "not found": f"not found under {root} (--data-dir: the folder serve or watch kept them in)"}
         said = ", ".join(f"{n} {why[k]}" for k, n in missing.items() if n)
