@@ -331,6 +331,33 @@ def test_int8_export_of_a_recalibrated_bundle_says_so(exported: Path, clear_data
                                                                              "calibration.json"]
 
 
+def test_calibrate_after_a_retrain_leaves_the_stale_int8_export_alone(
+        exported: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Retrained into its folder, a bundle's INT8 export is stale (no runtime runs it: `inspect`
+    and `serve` fall back to PyTorch). `calibrate` then stopped, after scoring every image, with
+    "the ONNX export is older than the model", and the retrained model could not be recalibrated
+    until it was exported again. It now recalibrates the model and says the stale export's
+    calibration is not recomputed."""
+    from diffqc.model import Detector
+    from tests.conftest import tiny_config, write_clear_dataset
+
+    bundle = tmp_path / "int8"
+    shutil.copytree(exported, bundle)
+    assert main(["export", str(bundle), "--int8", "--calibration-data", str(clear_dataset), "--threads", "1",
+                 "--calibration-images", "16", "--sensitivity-images", "6", "--check-images", "4",
+                 "--force"]) == 0
+    int8_calibration = (bundle / "calibration.int8.json").read_bytes()
+    retrained = Detector(tiny_config(**{"train.seed": 1}), device="cpu")
+    retrained.fit(load_dataset(clear_dataset), progress=False).save(bundle)
+    line = write_clear_dataset(tmp_path / "line", n_train=10, n_test=0, seed=9)
+    capsys.readouterr()
+    assert main(["calibrate", str(bundle), str(line), "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert "the ONNX export is older than the model" in err and "INT8 calibration is not recomputed" in err
+    assert json.loads(out.splitlines()[-1])["files"] == ["calibration.json"]
+    assert (bundle / "calibration.int8.json").read_bytes() == int8_calibration
+
+
 def test_data_of_types_the_model_does_not_know_is_named(exported: Path, clear_dataset: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """``--data`` / ``--calibration-data`` with types the model lacks (another line's folder): those

@@ -202,9 +202,13 @@ def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = Fal
     if (path / INT8_MODEL_FILE).is_file():  # its own calibration, or one now where export kept FP32's
         from diffqc.runtime import OnnxDetector
 
-        int8 = OnnxDetector(path, precision="int8", threads=threads)
-        k8, u8 = calibration_scores(int8, samples, skip_corrupt=skip_corrupt, progress=progress)
-        new[INT8_CALIBRATION_FILE] = _merged(int8.calibration_, k8, u8)
+        try:
+            int8 = OnnxDetector(path, precision="int8", threads=threads)
+        except BundleError as exc:  # a retrain made the export stale: no runtime runs it now
+            warnings.warn(f"{exc}; its INT8 calibration is not recomputed", CalibrationWarning, stacklevel=2)
+        else:
+            k8, u8 = calibration_scores(int8, samples, skip_corrupt=skip_corrupt, progress=progress)
+            new[INT8_CALIBRATION_FILE] = _merged(int8.calibration_, k8, u8)
 
     meta_path = path / "metadata.json"
     meta = json.loads(meta_path.read_text())
