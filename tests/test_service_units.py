@@ -403,6 +403,8 @@ def store_contract(store: ResultStore) -> None:
         store.set_review(b.id, "MAYBE")
     counts = {(t, d): n for t, d, n in store.counts()}
     assert counts[("a", "PASS")] == 3 and counts[("b", "REVIEW")] == 1
+    # a period's counts (what `results export` compares its parts with)
+    assert {(t, d): n for t, d, n in store.counts(since=t0 - 50)} == {("a", "PASS"): 2, ("b", "REVIEW"): 1}
     assert store.count() == 4 and store.ping()
     # a score that could not be computed is stored as NULL by every backend
     nan = store.insert(_rec("nan", decision="REJECT", score=float("nan"), p_value=float("inf")))
