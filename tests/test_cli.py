@@ -404,3 +404,27 @@ def test_inspect_again_does_not_score_its_own_heat_maps(tiny_model: Path, clear_
     assert main(["inspect", str(tiny_model), str(picture), "--feature-type", "dots",
                  "--heatmaps", str(folder / "hm")]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_inspect_names_a_type_the_bundle_can_flag_no_part_of(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Trained on 2 GOOD images of a type, a bundle calibrates it on one: no tail can be fitted,
+    every p-value is at least 1/2, and every part of the type PASSes, a clear defect included.
+    `train` warned once; `inspect`, `serve` and `watch` loaded such a bundle without a word. They
+    now name the type as they load it; a type that can be flagged is not named."""
+    from diffqc.data import load_dataset
+    from diffqc.model import Detector
+
+    from .conftest import tiny_config, write_clear_dataset
+
+    data = write_clear_dataset(tmp_path / "data", n_train=2, n_test=2)
+    more = write_clear_dataset(tmp_path / "more", n_train=8, n_test=0, seed=3)
+    for path in (more / "stripes" / "train" / "good").glob("*.png"):  # stripes: 10 GOOD, 3 calibrate
+        shutil.copy(path, data / "stripes" / "train" / "good" / f"more_{path.name}")
+    det = Detector(tiny_config(), device="cpu").fit(load_dataset(data), progress=False)
+    bundle = det.save(tmp_path / "m")
+    assert main(["inspect", str(bundle), str(data / "dots" / "test" / "blob"), "--feature-type", "dots"]) == 0
+    out, err = capsys.readouterr()
+    assert {json.loads(line)["decision"] for line in out.splitlines()} == {"PASS"}  # clear defects
+    assert f"model bundle {bundle}: no part of dots (1 GOOD calibration image) can be flagged" in err
+    assert "stripes" not in err

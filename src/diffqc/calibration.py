@@ -259,6 +259,11 @@ class Calibrator:
         return {"review": cal.decision_threshold(self.config.alpha_review, self.config.tail),
                 "reject": cal.decision_threshold(self.config.alpha_reject, self.config.tail)}
 
+    def unflaggable(self) -> list[str]:
+        """The types under which no score reaches REVIEW, so every part of them PASSes (a single
+        calibration score: no tail can be fitted; ``tail=none`` with fewer than ``1/α - 1``)."""
+        return [t for t in sorted(self.known) if math.isinf(self.thresholds(t)["review"])]
+
     def summary(self) -> dict[str, Any]:
         per_type = {}
         for t, cal in self.known.items():

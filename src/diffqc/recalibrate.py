@@ -79,7 +79,7 @@ def _refuse_unflaggable(cal: Calibrator, known: dict[str, list[float]], data: Pa
     """A recalibration under which a type could flag no part (one GOOD image: no tail can be
     fitted; ``calibration.tail=none`` with fewer images than 1/α_review needs) is refused: a
     running service would take it up at once and pass every part of that type."""
-    dead = [t for t in sorted(known) if math.isinf(cal.thresholds(t)["review"])]
+    dead = [t for t in cal.unflaggable() if t in known]
     if not dead:
         return
     alpha = cal.config.alpha_review

@@ -477,7 +477,9 @@ def load_detector(path: Path | str, runtime: str = "auto", *, threads: int | Non
             engine = "ONNX Runtime" if runtime == "onnx" else "OpenVINO"
             raise ConfigError(f"{engine} runs the exported model on the CPU; --device {device} runs "
                               "PyTorch (--runtime torch or auto, --precision fp32 or auto)")
-        return OnnxDetector(path, precision=precision, threads=threads, runtime=runtime)
+        onnx = OnnxDetector(path, precision=precision, threads=threads, runtime=runtime)
+        _name_unflaggable(onnx, path)
+        return onnx
     if precision == "int8":
         raise ConfigError("INT8 runs on ONNX Runtime or OpenVINO: use --runtime onnx, openvino or auto")
     from diffqc.model import Detector
@@ -486,7 +488,21 @@ def load_detector(path: Path | str, runtime: str = "auto", *, threads: int | Non
         import torch
 
         torch.set_num_threads(int(threads))
-    return Detector.load(path, device=device)
+    det = Detector.load(path, device=device)
+    _name_unflaggable(det, path)
+    return det
+
+
+def _name_unflaggable(det: Detector | OnnxDetector, path: Path | str) -> None:
+    """A bundle with a type under which no part can be flagged (calibrated on a single GOOD image)
+    passes every part of it: `inspect`, `serve` and `watch` say so as they load it (`train` did,
+    once, when it wrote the bundle)."""
+    if det.calibration_ is not None and (dead := det.calibration_.unflaggable()):
+        n = {t: int(det.calibration_.known[t].scores.size) for t in dead}
+        named = ", ".join(f"{t} ({k} GOOD calibration image{'s' if k != 1 else ''})" for t, k in n.items())
+        warnings.warn(f"model bundle {path}: no part of {named} can be flagged: every part of "
+                      f"{'it' if len(dead) == 1 else 'them'} PASSes; recalibrate on 2 GOOD images or more "
+                      f"(`diffqc calibrate {path} DATA`) or retrain on 3 or more", stacklevel=3)
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, *, threads: bool = True) -> None:
