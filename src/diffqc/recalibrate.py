@@ -144,8 +144,8 @@ def _not_fitted_on(meta: dict[str, Any], samples: list[Any], data: Path | str) -
     left_out = len(samples) - len(kept)
     if not kept:
         raise DatasetError(f"{data}: all {left_out} GOOD images are images the model was fit on; "
-                           "calibrate on GOOD parts it never trained on (a fresh folder, or "
-                           "`diffqc results export` of parts reviewed GOOD)")
+                           "calibrate on GOOD parts it never trained on, taken as the line makes "
+                           "them (a fresh folder of them)")
     if left_out:
         warnings.warn(f"{left_out} of the {len(samples)} GOOD images in {data} are images the model "
                       "was fit on (the same file contents); they are left out: their scores are "
