@@ -26,6 +26,7 @@ from diffqc.data import GOOD, load_dataset, read_images
 from diffqc.errors import BackboneError, BundleError, UnknownFeatureTypeError
 from diffqc.metrics import image_auroc
 from diffqc.model import Detector
+from diffqc.recalibrate import CalibrationReloader
 from diffqc.runtime import (
     OnnxDetector,
     add_runtime_arguments,
@@ -325,10 +326,19 @@ def test_int8_export_of_a_recalibrated_bundle_says_so(exported: Path, clear_data
     assert "recalibrated by `diffqc calibrate` (on " in entry["calibration"]
     assert "not the training data" not in entry["calibration"] and entry["accepted"] is True
     assert not (bundle / "calibration.int8.json").exists()
+    running = OnnxDetector(bundle, precision="int8", threads=1)  # a service on INT8, as it is now
+    reloader = CalibrationReloader(running, bundle)
+    assert reloader.file.name == "calibration.json"
     capsys.readouterr()
     assert main(["calibrate", str(bundle), str(line), "-q"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["files"] == ["calibration.int8.json",
                                                                              "calibration.json"]
+    # the running INT8 service takes up INT8's own calibration, not the FP32 one beside it
+    assert reloader.check() and reloader.file.name == "calibration.int8.json"
+    own = json.loads((bundle / "calibration.int8.json").read_text())["known"]
+    assert running.calibration_ is not None
+    assert {t: c.scores.tolist() for t, c in running.calibration_.known.items()} == own
+    assert not reloader.check()  # once
 
 
 def test_calibrate_after_a_retrain_leaves_the_stale_int8_export_alone(

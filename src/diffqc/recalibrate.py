@@ -257,9 +257,9 @@ class CalibrationReloader:
     def __init__(self, detector: Any, bundle: Path | str) -> None:
         self.detector = detector
         self.bundle = Path(bundle)
-        name = INT8_CALIBRATION_FILE if getattr(detector, "precision", "fp32") == "int8" else CALIBRATION_FILE
-        if not (self.bundle / name).is_file():
-            name = CALIBRATION_FILE
+        self.int8 = getattr(detector, "precision", "fp32") == "int8"
+        name = INT8_CALIBRATION_FILE if self.int8 and (self.bundle / INT8_CALIBRATION_FILE).is_file() \
+            else CALIBRATION_FILE
         self.file = self.bundle / name
         self._signature = _signature(self.file)
         # `diffqc train --out` into the served folder replaces the weights before the calibration:
@@ -270,6 +270,9 @@ class CalibrationReloader:
 
     def check(self) -> bool:
         """True when a new calibration was loaded now."""
+        own = self.bundle / INT8_CALIBRATION_FILE
+        if self.int8 and self.file != own and own.is_file():  # `calibrate` gave INT8 its own now
+            self.file, self._signature = own, None
         sig = _signature(self.file)
         if sig is None or sig == self._signature:
             return False
