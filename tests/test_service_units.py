@@ -7,6 +7,7 @@ overflow can be provoked deterministically; every HTTP test uses the real model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import threading
 import time
@@ -406,6 +407,11 @@ def store_contract(store: ResultStore) -> None:
     # a period's counts (what `results export` compares its parts with)
     assert {(t, d): n for t, d, n in store.counts(since=t0 - 50)} == {("a", "PASS"): 2, ("b", "REVIEW"): 1}
     assert store.count() == 4 and store.ping()
+    # a changed verdict: the record holds the latest, the history every one, oldest first
+    store.set_review(b.id, "BAD", "bob", "a crack under the fixture's mark")
+    assert [(h["review"], h["reviewer"], h["review_note"]) for h in store.review_history(b.id)] == [
+        ("GOOD", "ann", "fine"), ("BAD", "bob", "a crack under the fixture's mark")]
+    assert (store.get(b.id) or b).review == "BAD" and store.review_history(a.id) == []
     # a score that could not be computed is stored as NULL by every backend
     nan = store.insert(_rec("nan", decision="REJECT", score=float("nan"), p_value=float("inf")))
     back = store.get(nan.id or 0)
@@ -686,3 +692,24 @@ def test_cli_registration_parses_the_three_commands() -> None:
     assert e.out == "out" and e.db == "x.db" and callable(e.func)
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "m", "--overflow", "sometimes"])
+
+
+def test_a_verdict_given_before_the_history_was_kept_is_not_lost(tmp_path: Path) -> None:
+    """A store written by an older diffqc has verdicts but no review history: the first change of
+    such a verdict enters the old one in the history before the new one (a second reviewer's
+    verdict replaced the first's without a trace)."""
+    import sqlite3
+
+    db = str(tmp_path / "old.db")
+    with ResultStore(db) as store:
+        (rec,) = store.insert_many([_rec("p1", "REVIEW")])
+        store.set_review(rec.id or 0, "GOOD", "ann", "a smudge")
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("DROP TABLE diffqc_reviews")  # as an older diffqc left it
+    with ResultStore(db) as store:
+        assert store.review_history(rec.id or 0) == []
+        store.set_review(rec.id or 0, "BAD", "bob", None)
+        history = store.review_history(rec.id or 0)
+    assert [(h["review"], h["reviewer"], h["review_note"]) for h in history] == [
+        ("GOOD", "ann", "a smudge"), ("BAD", "bob", None)]
+    assert history[0]["reviewed_at"] < history[1]["reviewed_at"]

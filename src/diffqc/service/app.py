@@ -1050,7 +1050,10 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
 
     @api.get("/v1/results/{record_id}")
     async def result(record_id: int = RECORD_ID) -> dict[str, Any]:
-        return record_json(await _get_record(record_id))
+        rec = await _get_record(record_id)
+        _, store = state.require()
+        history = await run_in_threadpool(store.review_history, record_id)
+        return {**record_json(rec), "review_history": history}
 
     async def _artifact(record_id: int, kind: str) -> FileResponse:
         rec = await _get_record(record_id)

@@ -43,6 +43,7 @@ NOT_INSPECTED = "NOT_INSPECTED"
 DECISIONS = ("PASS", "REVIEW", "REJECT", NOT_INSPECTED)
 VERDICTS = ("GOOD", "BAD")
 TABLE = "diffqc_results"
+REVIEWS = "diffqc_reviews"  # every verdict given, oldest first: a changed one is not lost
 SCHEMA_VERSION = "1"
 # The largest id a row can have (SQLite INTEGER and PostgreSQL BIGINT are signed 64-bit).
 MAX_ROW_ID = 2**63 - 1
@@ -147,6 +148,15 @@ CREATE INDEX IF NOT EXISTS {table}_created ON {table} (created_at);
 CREATE INDEX IF NOT EXISTS {table}_queue ON {table} (decision, review);
 CREATE INDEX IF NOT EXISTS {table}_part ON {table} (part_id);
 CREATE TABLE IF NOT EXISTS diffqc_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS {reviews} (
+    id {pk},
+    record_id BIGINT NOT NULL,
+    review TEXT NOT NULL,
+    reviewed_at DOUBLE PRECISION,
+    reviewer TEXT,
+    review_note TEXT
+);
+CREATE INDEX IF NOT EXISTS {reviews}_record ON {reviews} (record_id);
 """
 
 
@@ -380,7 +390,8 @@ class ResultStore:
             if self.postgres
             else "INTEGER PRIMARY KEY AUTOINCREMENT"
         )
-        statements = [s.strip() for s in _SCHEMA.format(table=TABLE, pk=pk).split(";") if s.strip()]
+        statements = [s.strip() for s in _SCHEMA.format(table=TABLE, reviews=REVIEWS, pk=pk).split(";")
+                      if s.strip()]
         if not self.postgres:
             conn.execute("BEGIN IMMEDIATE")
         try:
@@ -581,20 +592,41 @@ class ResultStore:
     def set_review(
         self, record_id: int, verdict: str, reviewer: str | None = None, note: str | None = None
     ) -> ResultRecord | None:
-        """Record an operator's GOOD/BAD verdict beside the model's decision."""
+        """Record an operator's GOOD/BAD verdict beside the model's decision. The record holds the
+        latest; :meth:`review_history` every one given (a verdict given before the history was
+        kept enters it when it is first changed)."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be GOOD or BAD, got {verdict!r}")
+        log_row = self._q(f"INSERT INTO {REVIEWS} (record_id, review, reviewed_at, reviewer, review_note) "
+                          "VALUES (?, ?, ?, ?, ?)")
         with self._transaction() as conn:
-            cur = conn.execute(
+            before = conn.execute(
+                self._q(f"SELECT review, reviewed_at, reviewer, review_note FROM {TABLE} WHERE id = ?"),
+                (record_id,)).fetchone()
+            if before is None:
+                return None
+            logged = conn.execute(self._q(f"SELECT COUNT(*) FROM {REVIEWS} WHERE record_id = ?"),
+                                  (record_id,)).fetchone()[0]
+            if before[0] is not None and not logged:  # a verdict from before the history
+                conn.execute(log_row, (record_id, *before))
+            at = time.time()
+            conn.execute(
                 self._q(
                     f"UPDATE {TABLE} SET review = ?, reviewed_at = ?, reviewer = ?, "
                     "review_note = ? WHERE id = ?"
                 ),
-                (verdict, time.time(), reviewer, note, record_id),
+                (verdict, at, reviewer, note, record_id),
             )
-            if cur.rowcount == 0:
-                return None
+            conn.execute(log_row, (record_id, verdict, at, reviewer, note))
         return self.get(record_id)
+
+    def review_history(self, record_id: int) -> list[dict[str, Any]]:
+        """Every verdict given to a record, oldest first."""
+        with self._reader() as conn:
+            rows = conn.execute(
+                self._q(f"SELECT review, reviewed_at, reviewer, review_note FROM {REVIEWS} "
+                        "WHERE record_id = ? ORDER BY id"), (record_id,)).fetchall()
+        return [{"review": r[0], "reviewed_at": r[1], "reviewer": r[2], "review_note": r[3]} for r in rows]
 
     def counts(self, since: float | None = None) -> list[tuple[str | None, str, int]]:
         """``(feature_type, decision, count)`` since a time."""
