@@ -6,7 +6,8 @@ commit; PostgreSQL: ordinary synchronous commit) before the service acknowledges
 each file by name and content hash, HTTP clients may send an ``Idempotency-Key``.
 
 Heat maps and kept uploads are files under an artifact folder (``heatmaps/``, ``images/``)
-with names the service generates; rows hold only those names.
+with names the service generates; rows hold only those names. An operator's verdict is on the
+row (the latest) and in ``diffqc_reviews`` (every one given, append-only).
 """
 
 from __future__ import annotations
