@@ -264,6 +264,13 @@ class Calibrator:
         calibration score: no tail can be fitted; ``tail=none`` with fewer than ``1/α - 1``)."""
         return [t for t in sorted(self.known) if math.isinf(self.thresholds(t)["review"])]
 
+    def images_to_flag(self) -> int:
+        """The fewest calibration scores under which a type can flag a part: 2 with the
+        exponential tail (fitted to two scores at least), else ``⌈1/α_review − 1⌉``."""
+        if self.config.tail == "exponential":
+            return 2
+        return math.ceil(1 / self.config.alpha_review - 1)
+
     def summary(self) -> dict[str, Any]:
         per_type = {}
         for t, cal in self.known.items():

@@ -24,7 +24,6 @@ import argparse
 import datetime as _dt
 import json
 import logging
-import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,8 +82,9 @@ def _refuse_unflaggable(cal: Calibrator, known: dict[str, list[float]], data: Pa
     if not dead:
         return
     alpha = cal.config.alpha_review
-    give = ("2 GOOD images or more (the exponential tail is fitted to two scores at least)"
-            if cal.config.tail == "exponential" else f"{math.ceil(1 / alpha - 1)} GOOD images or more")
+    exponential = cal.config.tail == "exponential"
+    why = " (the exponential tail is fitted to two scores at least)" if exponential else ""
+    give = f"{cal.images_to_flag()} GOOD images or more{why}"
     named = ", ".join(f"{t} ({len(known[t])} GOOD image{'s' if len(known[t]) != 1 else ''})" for t in dead)
     raise DatasetError(f"{data}: calibrated on it, no part of {named} could be flagged (no score "
                        f"reaches p <= α_review={alpha} with calibration.tail={cal.config.tail}); "
@@ -258,9 +258,8 @@ class CalibrationReloader:
         self.detector = detector
         self.bundle = Path(bundle)
         self.int8 = getattr(detector, "precision", "fp32") == "int8"
-        name = INT8_CALIBRATION_FILE if self.int8 and (self.bundle / INT8_CALIBRATION_FILE).is_file() \
-            else CALIBRATION_FILE
-        self.file = self.bundle / name
+        self.file = self.bundle / CALIBRATION_FILE
+        self._take_int8_file()
         self._signature = _signature(self.file)
         # `diffqc train --out` into the served folder replaces the weights before the calibration:
         # the new calibration is then the new model's, whose scores the loaded one does not give
@@ -268,11 +267,19 @@ class CalibrationReloader:
         self.reloads = 0
         self.last_error: str | None = None
 
+    def _take_int8_file(self) -> bool:
+        """An INT8 detector decides with the INT8 calibration wherever the bundle has one (else
+        with the FP32 one): True when ``file`` moved to it now."""
+        own = self.bundle / INT8_CALIBRATION_FILE
+        if not self.int8 or self.file == own or not own.is_file():
+            return False
+        self.file = own
+        return True
+
     def check(self) -> bool:
         """True when a new calibration was loaded now."""
-        own = self.bundle / INT8_CALIBRATION_FILE
-        if self.int8 and self.file != own and own.is_file():  # `calibrate` gave INT8 its own now
-            self.file, self._signature = own, None
+        if self._take_int8_file():  # `calibrate` gave INT8 its own calibration now
+            self._signature = None
         sig = _signature(self.file)
         if sig is None or sig == self._signature:
             return False

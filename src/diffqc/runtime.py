@@ -501,7 +501,8 @@ def _name_unflaggable(det: Detector | OnnxDetector, path: Path | str) -> None:
         n = {t: int(det.calibration_.known[t].scores.size) for t in dead}
         named = ", ".join(f"{t} ({k} GOOD calibration image{'s' if k != 1 else ''})" for t, k in n.items())
         warnings.warn(f"model bundle {path}: no part of {named} can be flagged: every part of "
-                      f"{'it' if len(dead) == 1 else 'them'} PASSes; recalibrate on 2 GOOD images or more "
+                      f"{'it' if len(dead) == 1 else 'them'} PASSes; recalibrate on "
+                      f"{det.calibration_.images_to_flag()} GOOD images or more "
                       f"(`diffqc calibrate {path} DATA`) or retrain on 3 or more", stacklevel=3)
 
 

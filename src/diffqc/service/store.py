@@ -606,10 +606,9 @@ class ResultStore:
                 (record_id,)).fetchone()
             if before is None:
                 return None
-            logged = conn.execute(self._q(f"SELECT COUNT(*) FROM {REVIEWS} WHERE record_id = ?"),
-                                  (record_id,)).fetchone()[0]
-            if before[0] is not None and not logged:  # a verdict from before the history
-                conn.execute(log_row, (record_id, *before))
+            logged = self._q(f"SELECT COUNT(*) FROM {REVIEWS} WHERE record_id = ?")
+            if before[0] is not None and not conn.execute(logged, (record_id,)).fetchone()[0]:
+                conn.execute(log_row, (record_id, *before))  # a verdict from before the history
             at = time.time()
             conn.execute(
                 self._q(
