@@ -286,6 +286,7 @@ async def test_review_flow_and_export(detector: Any, samples: Samples, tmp_path:
         assert [x["id"] for x in r.json()["results"]] == [ids[0]]
         got = (await client.get(f"/v1/results/{ids[0]}", headers=AUTH)).json()
         assert [(h["review"], h["reviewer"]) for h in got["review_history"]] == [("GOOD", "ann")]
+        assert got["review_history"][0]["reviewed"] == got["reviewed"]  # ISO 8601, as the record's
     summary = export_reviewed_good(db, tmp_path / "export")
     assert summary["exported"] == 1 and summary["missing_image"] == 0
     exported = load_dataset(tmp_path / "export" / "manifest.csv")

@@ -179,3 +179,60 @@ def test_dashboard_drift_panel_shows_a_types_alarm(
         (By.CSS_SELECTOR, f'#drift tr[data-type="{ftype}"][data-alarm="1"]')))
     text = browser.find_element(By.CSS_SELECTOR, f'#drift tr[data-type="{ftype}"]').text
     assert "DRIFT" in text
+
+
+def test_dashboard_corrects_a_verdict_and_shows_its_history(
+    live_server: tuple[str, Any], browser: Any, samples: Samples
+) -> None:
+    """A mis-click in the review queue is corrected from the part's panel: the verdict changes,
+    the reviewer's name and note are stored with it and both verdicts are listed; a PASSed part
+    can be given a verdict too (a defect the line missed)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, state = live_server
+    wait = WebDriverWait(browser, 20)
+    flagged, ftype = samples.one("REVIEW")
+    rid = httpx.post(url + "/v1/inspect", content=flagged, headers=AUTH,
+                     params={"feature_type": ftype, "part_id": "p-1"}).json()["id"]
+    passed, ptype = samples.one("PASS")
+    pid = httpx.post(url + "/v1/inspect", content=passed, headers=AUTH,
+                     params={"feature_type": ptype, "part_id": "p-2"}).json()["id"]
+    browser.get(url + "/dashboard")
+    browser.find_element(By.ID, "reviewer").send_keys("ann")
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "connect").click()
+
+    card = wait.until(
+        ec.presence_of_element_located((By.CSS_SELECTOR, f'#review-queue .card[data-id="{rid}"]'))
+    )
+    card.find_element(By.CSS_SELECTOR, ".verdict-good").click()  # the wrong button
+    wait.until(ec.staleness_of(card))
+    assert (state.store.get(rid).review, state.store.get(rid).reviewer) == ("GOOD", "ann")
+
+    browser.find_element(By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"]').click()
+    panel = wait.until(ec.visibility_of_element_located((By.ID, "part")))
+    wait.until(lambda d: panel.get_attribute("data-id") == str(rid) and "p-1" in panel.text)
+    assert "GOOD by ann" in panel.text
+    browser.find_element(By.ID, "part-note").send_keys("crack at the left edge")
+    panel.find_element(By.CSS_SELECTOR, '#part-verdict [data-verdict="BAD"]').click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#part-history tbody tr")) == 2)
+    rows = [r.text for r in browser.find_elements(By.CSS_SELECTOR, "#part-history tbody tr")]
+    assert rows[0].split()[2:] == ["GOOD", "ann"] and rows[1].split()[2:4] == ["BAD", "ann"]
+    assert "crack at the left edge" in rows[1]
+    rec = state.store.get(rid)
+    assert (rec.review, rec.reviewer, rec.review_note) == ("BAD", "ann", "crack at the left edge")
+    wait.until(ec.text_to_be_present_in_element(
+        (By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"] .review-cell'), "BAD"))
+
+    # a part the line PASSed, seen to be defective, is given a verdict the same way
+    browser.find_element(By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{pid}"]').click()
+    wait.until(lambda d: panel.get_attribute("data-id") == str(pid) and "p-2" in panel.text)
+    assert browser.find_element(By.ID, "part-note").get_attribute("value") == ""
+    panel.find_element(By.CSS_SELECTOR, '#part-verdict [data-verdict="BAD"]').click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#part-history tbody tr")) == 1)
+    assert (state.store.get(pid).decision, state.store.get(pid).review) == ("PASS", "BAD")
+
+    browser.refresh()  # the reviewer's name is remembered in this browser
+    assert wait.until(lambda d: d.find_element(By.ID, "reviewer").get_attribute("value")) == "ann"

@@ -621,12 +621,14 @@ class ResultStore:
         return self.get(record_id)
 
     def review_history(self, record_id: int) -> list[dict[str, Any]]:
-        """Every verdict given to a record, oldest first."""
+        """Every verdict given to a record, oldest first (``reviewed_at`` in epoch seconds,
+        ``reviewed`` the same time in ISO 8601 UTC, as a record gives them)."""
         with self._reader() as conn:
             rows = conn.execute(
                 self._q(f"SELECT review, reviewed_at, reviewer, review_note FROM {REVIEWS} "
                         "WHERE record_id = ? ORDER BY id"), (record_id,)).fetchall()
-        return [{"review": r[0], "reviewed_at": r[1], "reviewer": r[2], "review_note": r[3]} for r in rows]
+        return [{"review": r[0], "reviewed_at": r[1], "reviewed": _iso(r[1]), "reviewer": r[2],
+                 "review_note": r[3]} for r in rows]
 
     def counts(self, since: float | None = None) -> list[tuple[str | None, str, int]]:
         """``(feature_type, decision, count)`` since a time."""
