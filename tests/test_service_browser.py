@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 import threading
 import time
@@ -199,6 +200,8 @@ def test_dashboard_corrects_a_verdict_and_shows_its_history(
     passed, ptype = samples.one("PASS")
     pid = httpx.post(url + "/v1/inspect", content=passed, headers=AUTH,
                      params={"feature_type": ptype, "part_id": "p-2"}).json()["id"]
+    # an operator at UTC+3 reads the times on their own clock (the API gives UTC)
+    browser.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": "Etc/GMT-3"})
     browser.get(url + "/dashboard")
     browser.find_element(By.ID, "reviewer").send_keys("ann")
     browser.find_element(By.ID, "token").send_keys(TOKEN)
@@ -207,6 +210,11 @@ def test_dashboard_corrects_a_verdict_and_shows_its_history(
     card = wait.until(
         ec.presence_of_element_located((By.CSS_SELECTOR, f'#review-queue .card[data-id="{rid}"]'))
     )
+    iso = state.store.get(rid).to_json()["created"]  # as the API gives it: UTC, milliseconds
+    created = dt.datetime.fromisoformat(iso.replace("Z", "+00:00")) + dt.timedelta(hours=3)
+    row = browser.find_element(By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"]')
+    assert row.find_elements(By.TAG_NAME, "td")[1].text == created.strftime("%H:%M:%S.%f")[:-3]
+    assert "Etc/GMT-3" in browser.find_element(By.CSS_SELECTOR, "#decisions thead").text
     card.find_element(By.CSS_SELECTOR, ".verdict-good").click()  # the wrong button
     wait.until(ec.staleness_of(card))
     assert (state.store.get(rid).review, state.store.get(rid).reviewer) == ("GOOD", "ann")
