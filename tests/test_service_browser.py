@@ -242,5 +242,15 @@ def test_dashboard_corrects_a_verdict_and_shows_its_history(
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#part-history tbody tr")) == 1)
     assert (state.store.get(pid).decision, state.store.get(pid).review) == ("PASS", "BAD")
 
+    # a part found by its part id (the table holds only the latest), and a record that is not there
+    browser.find_element(By.ID, "find").send_keys("p-1\n")
+    wait.until(lambda d: panel.get_attribute("data-id") == str(rid))
+    browser.find_element(By.ID, "find").clear()
+    browser.find_element(By.ID, "find").send_keys("#424242\n")
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "no record #424242"))
+    browser.find_element(By.ID, "find").clear()
+    browser.find_element(By.ID, "find").send_keys("no-such-part\n")
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "no part no-such-part stored"))
+
     browser.refresh()  # the reviewer's name is remembered in this browser
     assert wait.until(lambda d: d.find_element(By.ID, "reviewer").get_attribute("value")) == "ann"
