@@ -114,6 +114,53 @@ def test_images_beside_train_good_are_named_as_not_read(tmp_path: Path, clear_da
     assert "belong under test/<kind>" in str(record[0].message)
 
 
+def test_labelled_folders_good_beside_defect_kinds(tmp_path: Path) -> None:
+    """A line's OK/NOK folders (``<type>/good/`` beside ``<type>/<kind>/``, anomalib's Folder
+    layout) were "no images found", with a hint to put GOOD images under ``bad/train/good``: now
+    GOOD images train (training candidates, as a manifest's GOOD rows) and every other folder is
+    a defect kind, one type per folder or the root itself; mask folders are named as not read."""
+    img = _png(np.full((8, 8), 128, np.uint8))
+
+    def put(*names: str) -> None:
+        for name in names:
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_bytes(img)
+
+    put("one/good/a.png", "one/good/2026-12-01/b.png", "one/bad/c.png", "one/NOK/d.png")
+    samples = load_dataset(tmp_path / "one")  # the root is the type
+    assert {s.feature_type for s in samples} == {"one"}
+    assert sorted((s.path.name, s.label, s.split, s.defect) for s in samples) == [
+        ("a.png", GOOD, "train", "good"), ("b.png", GOOD, "train", "good"),
+        ("c.png", DEFECTIVE, "test", "bad"), ("d.png", DEFECTIVE, "test", "NOK")]
+
+    put("types/dots/OK/a.png", "types/dots/NOK/b.png", "types/edge/good/c.png", "types/edge/crack/d.png",
+        "types/edge/masks/d.png", "types/edge/e.png")
+    with pytest.warns(DatasetWarning) as record:
+        samples = load_dataset(tmp_path / "types")
+    assert sorted((s.feature_type, s.path.name, s.label) for s in samples) == [
+        ("dots", "a.png", GOOD), ("dots", "b.png", DEFECTIVE), ("edge", "c.png", GOOD),
+        ("edge", "d.png", DEFECTIVE)]
+    message = str(record[0].message)
+    assert len(record) == 1 and "1 in masks/ (masks are read in the MVTec layout only" in message
+    assert "1 directly in it" in message
+
+
+def test_a_type_named_ok_is_not_a_good_folder(tmp_path: Path, clear_dataset: Path) -> None:
+    """A root of MVTec types, one of them called ``ok``, stays a root of types."""
+    shutil.copytree(clear_dataset / "dots", tmp_path / "data" / "ok")
+    shutil.copytree(clear_dataset / "stripes", tmp_path / "data" / "stripes")
+    samples = load_dataset(tmp_path / "data")
+    assert {s.feature_type for s in samples} == {"ok", "stripes"}
+    assert len(samples) == len(load_dataset(clear_dataset))
+
+
+def test_defect_folder_without_good_folder_is_named(tmp_path: Path) -> None:
+    (tmp_path / "data" / "NOK").mkdir(parents=True)
+    (tmp_path / "data" / "NOK" / "a.png").write_bytes(_png(np.zeros((8, 8), np.uint8)))
+    with pytest.raises(DatasetError, match=r"NOK holds defective images, and no good/ folder is beside it"):
+        load_dataset(tmp_path / "data")
+
+
 def test_hidden_files_and_folders_are_not_data(tmp_path: Path, clear_dataset: Path) -> None:
     """A dataset copied from a Mac or opened in Jupyter gains files named like images that are
     not (``._000.png``) and hidden folders (``.ipynb_checkpoints``, which under ``test/`` would be

@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_synth)
 
     train = sub.add_parser("train", help="fit and calibrate a model on GOOD images")
-    train.add_argument("data", help="MVTec-layout folder or CSV manifest")
+    train.add_argument("data", help="dataset folder (MVTec layout, or <type>/good + <type>/<kind> "
+                       "folders) or CSV manifest")
     train.add_argument("--out", required=True, type=Path,
                        help="model bundle folder to write: new, empty, or an earlier bundle")
     train.add_argument("--force", action="store_true",

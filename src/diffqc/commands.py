@@ -79,7 +79,8 @@ def add_evaluate_command(subparsers: Any) -> None:
         "evaluate", help="k-fold cross-validated evaluation and comparison of methods -> report",
         description="Cross-validate methods (and settings) on all labelled images of DATA, grouped "
                     "by part and stratified by label per feature type; write report.html/.md/.json.")
-    p.add_argument("data", help="MVTec-layout folder or CSV manifest (a folder's manifest.csv wins)")
+    p.add_argument("data", help="dataset folder (MVTec layout, or <type>/good + <type>/<kind> folders) "
+                   "or CSV manifest (a folder's manifest.csv wins)")
     p.add_argument("--folds", type=integer(2), default=5, help="k of the k-fold split (default 5)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated methods (default: diffusion,patchcore,padim)")

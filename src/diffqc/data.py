@@ -11,7 +11,7 @@ import hashlib
 import io
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PureWindowsPath
 
@@ -344,21 +344,74 @@ def _is_mvtec_type(folder: Path) -> bool:
     return any(_named(train, "good") for train in _named(folder, "train")) or bool(_named(folder, "test"))
 
 
+# A folder of GOOD images beside folders of defective ones, ``<type>/good/`` + ``<type>/<kind>/``
+# (OK/NOK folders as a line's classifier keeps them; anomalib's Folder layout): a GOOD word names
+# the GOOD folder, any other sub-folder is a defect kind, except those that hold masks.
+_GOOD_FOLDER_NAMES = frozenset({"good", "ok", "pass", "normal", "io", "i.o."})
+_MASK_FOLDER_NAMES = frozenset({"ground_truth", "masks", "mask"})
+
+
+def _is_labelled_type(folder: Path) -> bool:
+    """``folder/good/`` (or ``OK/``, ``normal/``, ``i.O./``) holds images, and neither ``folder``
+    nor any of its sub-folders is laid out as MVTec (a root of types, one of them named ``ok``,
+    is not one type)."""
+    subfolders = _subfolders(folder)
+    return (not _is_mvtec_type(folder) and not any(_is_mvtec_type(d) for d in subfolders)
+            and any(_images_in(d) for d in subfolders if d.name.lower() in _GOOD_FOLDER_NAMES))
+
+
+def load_labelled_type(type_root: Path, feature_type: str | None = None) -> list[Sample]:
+    """Samples of one feature type laid out as labelled folders: ``good/`` (GOOD, training
+    candidates, as a manifest's GOOD rows without a split) and ``<kind>/`` (defective, e.g.
+    ``bad/``, ``NOK/``, ``crack/``: test images of that kind); images in their sub-folders belong
+    to them. Mask folders and images directly in ``type_root`` are not read (one
+    :class:`DatasetWarning`: masks need the MVTec layout)."""
+    feature_type = feature_type or type_root.name
+    samples: list[Sample] = []
+    left: list[str] = []
+    for folder in _subfolders(type_root):
+        images = _images_in(folder)
+        if folder.name.lower() in _GOOD_FOLDER_NAMES:
+            samples += [Sample(p, feature_type, GOOD, defect="good", split="train") for p in images]
+        elif folder.name.lower() in _MASK_FOLDER_NAMES:
+            left += [f"{len(images)} in {folder.name}/ (masks are read in the MVTec layout only: "
+                     "<type>/ground_truth/<kind>/)"] if images else []
+        else:
+            samples += [Sample(p, feature_type, DEFECTIVE, defect=folder.name) for p in images]
+    if loose := _count_images_directly(type_root):
+        left.append(f"{loose} directly in it (put GOOD ones in good/, defective ones in a folder "
+                    "named after their kind)")
+    if left:
+        warnings.warn(f"{type_root}: images not read: {'; '.join(left)}", DatasetWarning, stacklevel=3)
+    return samples
+
+
+def _type_loader(folder: Path) -> Callable[[Path], list[Sample]] | None:
+    if _is_mvtec_type(folder):
+        return load_mvtec_type
+    return load_labelled_type if _is_labelled_type(folder) else None
+
+
 def load_mvtec(root: Path | str) -> list[Sample]:
-    """Load one MVTec-layout type folder, or a root holding several of them (one per type)."""
+    """Load one type folder, or a root holding several of them (one per type, named after its
+    folder). A type folder is laid out as MVTec AD (``train/good``, ``test/<kind>``,
+    ``ground_truth``: :func:`load_mvtec_type`) or as labelled folders (``good/``,
+    ``<kind>/``: :func:`load_labelled_type`)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
-    if _is_mvtec_type(root):
-        samples = load_mvtec_type(root)
+    if loader := _type_loader(root):
+        samples = loader(root)
     else:
         samples = []
-        for sub in (d for d in _subfolders(root) if _is_mvtec_type(d)):
-            samples += load_mvtec_type(sub)
+        for sub in _subfolders(root):
+            if loader := _type_loader(sub):
+                samples += loader(sub)
     if not samples:
         raise DatasetError(
             f"no images found under {root}: expected <type>/train/good and <type>/test/<kind> "
-            f"folders (MVTec AD layout) or a CSV manifest{_loose_images_hint(root)}"
+            "folders (MVTec AD layout), <type>/good and <type>/<kind> folders (labelled folders) "
+            f"or a CSV manifest{_loose_images_hint(root)}"
         )
     return samples
 
@@ -370,6 +423,10 @@ def _loose_images_hint(root: Path) -> str:
         return (f"; {root} holds {n} image{'s' * (n > 1)} directly: put GOOD ones under "
                 f"{root}/<type>/train/good/ (one folder per feature type)")
     loose = [(d, k) for d in _subfolders(root) if (k := _count_images_directly(d))]
+    labelled = [d for d, _ in loose if _LABEL_WORDS.get(d.name.lower()) == DEFECTIVE]
+    if labelled:  # bad/ or NOK/ without good/ beside it
+        return (f"; {labelled[0]} holds defective images, and no good/ folder is beside it: diffqc "
+                f"learns from GOOD images, put them in {root}/good/")
     if loose:
         d, k = loose[0]
         more = f" (and {len(loose) - 1} more folder{'s' * (len(loose) > 2)} alike)" if len(loose) > 1 else ""
@@ -476,12 +533,12 @@ def _name_types_alike(manifest: Path, types: Sequence[str]) -> None:
 
 
 def load_dataset(source: Path | str) -> list[Sample]:
-    """Load a dataset from an MVTec-layout folder or a ``.csv`` manifest."""
+    """Load a dataset from a folder (MVTec layout or labelled folders) or a ``.csv`` manifest."""
     source = Path(source)
     if source.suffix.lower() == ".csv":
         return load_manifest(source)
     if source.is_dir() and (source / "manifest.csv").is_file() and not any(
-        _is_mvtec_type(d) for d in _subfolders(source)
+        _is_mvtec_type(d) or _is_labelled_type(d) for d in _subfolders(source)
     ):
         return load_manifest(source / "manifest.csv")
     return load_mvtec(source)

@@ -249,8 +249,8 @@ class Detector:
         self, samples: Sequence[Sample] | Path | str, *, progress: bool = True, skip_corrupt: bool = False
     ) -> Detector:
         """Fit on GOOD samples (``split == "train"`` where any is so marked) and calibrate.
-        ``samples``: :class:`~diffqc.data.Sample` s, or a dataset (an MVTec-layout folder or a
-        CSV manifest, read with :func:`~diffqc.data.load_dataset`)."""
+        ``samples``: :class:`~diffqc.data.Sample` s, or a dataset (a folder, MVTec layout or
+        labelled, or a CSV manifest, read with :func:`~diffqc.data.load_dataset`)."""
         if isinstance(samples, (str, Path)):
             samples = load_dataset(samples)
         if not all(isinstance(s, Sample) for s in samples):

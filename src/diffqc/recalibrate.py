@@ -324,7 +324,8 @@ def add_calibrate_command(subparsers: Any) -> None:
         "calibration.prev.json; a running service picks the new one up without a restart.",
     )
     p.add_argument("model", type=Path, help="model bundle folder")
-    p.add_argument("data", help="MVTec-layout folder or CSV manifest with GOOD images")
+    p.add_argument("data", help="dataset folder (MVTec layout, or <type>/good folders) or CSV manifest "
+                   "with GOOD images")
     p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images")
     p.add_argument("-q", "--quiet", action="store_true", help=QUIET)
     p.set_defaults(func=_cmd_calibrate)
