@@ -12,6 +12,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,22 +44,31 @@ pytestmark = [
 @pytest.fixture
 def live_server(detector: Any, tmp_path: Path) -> Iterator[tuple[str, Any]]:
     """The app under a real uvicorn on 127.0.0.1 (in a thread, the loaded model injected)."""
-    import uvicorn
-
     from diffqc.service.app import ServiceSettings, create_app
 
     app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,)), detector=detector)
+    with _serve(app) as url:
+        yield url, app.state.diffqc
+
+
+@contextmanager
+def _serve(app: Any) -> Iterator[str]:
+    """``app`` under a real uvicorn on 127.0.0.1, in a thread."""
+    import uvicorn
+
     port = bench.free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{port}", app.state.diffqc
-    server.should_exit = True
-    thread.join(15)
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
 
 
 @pytest.fixture
@@ -254,3 +264,26 @@ def test_dashboard_corrects_a_verdict_and_shows_its_history(
 
     browser.refresh()  # the reviewer's name is remembered in this browser
     assert wait.until(lambda d: d.find_element(By.ID, "reviewer").get_attribute("value")) == "ann"
+
+
+def test_dashboard_connects_by_itself_where_no_token_is_needed(
+    live_server: tuple[str, Any], browser: Any, detector: Any, tmp_path: Path
+) -> None:
+    """Opened on a service that needs a token, the dashboard asks for it; on one run with
+    --no-auth it connected only once some token was typed: now it connects by itself."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    url, _ = live_server
+    wait = WebDriverWait(browser, 20)
+    browser.get(url + "/dashboard")
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "enter the API token"))
+    settings = ServiceSettings(db_url=str(tmp_path / "open.db"), allow_no_token=True)
+    app = create_app(settings, detector=detector)
+    with _serve(app) as open_url:
+        browser.get(open_url + "/dashboard")
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
+        wait.until(lambda d: d.find_element(By.ID, "model-version").text not in ("", "–"))
