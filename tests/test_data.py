@@ -144,6 +144,12 @@ def test_labelled_folders_good_beside_defect_kinds(tmp_path: Path) -> None:
     assert len(record) == 1 and "1 in masks/ (masks are read in the MVTec layout only" in message
     assert "1 directly in it" in message
 
+    put("named/good/a.png", "named/good_batch2/b.png", "named/NOK/c.png")  # GOOD by name only
+    with pytest.warns(DatasetWarning, match=r"good_batch2/ is read as a defect kind: only a folder named"):
+        samples = load_dataset(tmp_path / "named")
+    assert sorted((s.path.name, s.label) for s in samples) == [
+        ("a.png", GOOD), ("b.png", DEFECTIVE), ("c.png", DEFECTIVE)]
+
 
 def test_a_type_named_ok_is_not_a_good_folder(tmp_path: Path, clear_dataset: Path) -> None:
     """A root of MVTec types, one of them called ``ok``, stays a root of types."""

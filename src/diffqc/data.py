@@ -369,21 +369,34 @@ def load_labelled_type(type_root: Path, feature_type: str | None = None) -> list
     feature_type = feature_type or type_root.name
     samples: list[Sample] = []
     left: list[str] = []
+    alike: list[str] = []  # good_batch2/: a defect kind by the rule, GOOD by its name
     for folder in _subfolders(type_root):
         images = _images_in(folder)
-        if folder.name.lower() in _GOOD_FOLDER_NAMES:
+        name = folder.name.lower()
+        if name in _GOOD_FOLDER_NAMES:
             samples += [Sample(p, feature_type, GOOD, defect="good", split="train") for p in images]
-        elif folder.name.lower() in _MASK_FOLDER_NAMES:
+        elif name in _MASK_FOLDER_NAMES:
             left += [f"{len(images)} in {folder.name}/ (masks are read in the MVTec layout only: "
                      "<type>/ground_truth/<kind>/)"] if images else []
         else:
             samples += [Sample(p, feature_type, DEFECTIVE, defect=folder.name) for p in images]
+            alike += [folder.name] if images and _first_word(name) in _GOOD_FOLDER_NAMES else []
     if loose := _count_images_directly(type_root):
         left.append(f"{loose} directly in it (put GOOD ones in good/, defective ones in a folder "
                     "named after their kind)")
     if left:
         warnings.warn(f"{type_root}: images not read: {'; '.join(left)}", DatasetWarning, stacklevel=3)
+    if alike:
+        verb = "is read as a defect kind" if len(alike) == 1 else "are read as defect kinds"
+        warnings.warn(f"{type_root}: {', '.join(f'{a}/' for a in alike)} {verb}: only a "
+                      f"folder named {', '.join(sorted(_GOOD_FOLDER_NAMES))} (any case) holds GOOD "
+                      "images; move GOOD ones there", DatasetWarning, stacklevel=3)
     return samples
+
+
+def _first_word(name: str) -> str:
+    """``good`` of ``good_batch2``, ``good-old``, ``good 2``."""
+    return name.replace("-", " ").replace("_", " ").split(" ")[0]
 
 
 def _type_loader(folder: Path) -> Callable[[Path], list[Sample]] | None:
