@@ -72,11 +72,12 @@ async def test_inspect_raw_and_multipart_store_one_record_each(
             "/v1/inspect",
             headers=AUTH,
             files={"image": ("x.png", body, "image/png")},
-            data={"feature_type": ftype, "part_id": "mp-1"},
+            data={"feature_type": ftype, "part_id": "mp-1", "line": "L1", "station": "S2", "camera": "C3"},
         )
-        assert r.status_code == 200, r.text
+        assert r.status_code == 200, r.text  # every form field the route reads (five were refused)
         mp = r.json()
         assert mp["part_id"] == "mp-1" and mp["score"] == pytest.approx(raw["score"], rel=1e-4)
+        assert (mp["line"], mp["station"], mp["camera"]) == ("L1", "S2", "C3")
 
         # stored before the answer: the store has exactly these two rows
         rows = state.store.query(limit=None)
@@ -119,6 +120,18 @@ async def test_batch_route(detector: Any, samples: Samples, tmp_path: Path) -> N
         assert state.store.count() == 5
         r = await client.post("/v1/inspect/batch", headers=AUTH, content=parts[0][0])
         assert r.status_code == 415
+    async with running_app(detector, tmp_path, max_batch_items=3) as (client, state):
+        r = await client.post("/v1/inspect/batch", headers=AUTH, files=files[:4])
+        assert (r.status_code, r.json()["code"]) == (413, "batch_too_large"), r.text
+        assert "4 images; at most 3" in r.json()["detail"]
+
+
+async def test_the_buffers_byte_bound_is_the_one_configured(detector: Any, tmp_path: Path) -> None:
+    """``serve --buffer-mb`` was not passed to the ring buffer: it held 512 MiB whatever was set."""
+    async with running_app(detector, tmp_path, buffer_max_bytes=3 * 1024 * 1024) as (client, state):
+        text = (await client.get("/metrics", headers=AUTH)).text
+        assert "diffqc_queue_max_bytes 3145728\n" in text
+        assert state.pipeline.buffer.max_bytes == 3 * 1024 * 1024
 
 
 async def test_results_filters_model_and_metrics(detector: Any, samples: Samples, tmp_path: Path) -> None:
@@ -246,6 +259,10 @@ async def test_bad_input_table(detector: Any, samples: Samples, tmp_path: Path) 
         assert state.store.count() == len(BAD_INPUTS) + 2
         text = (await client.get("/metrics", headers=AUTH)).text
         assert 'diffqc_bad_uploads_total{reason="empty_body"} 1' in text
+        # a bad query of another route is no refused upload
+        assert (await client.get("/v1/results", headers=AUTH, params={"limit": 0})).status_code == 422
+        text = (await client.get("/metrics", headers=AUTH)).text
+        assert 'reason="bad_limit"' not in text
         assert (await client.get("/healthz")).status_code == 200
 
 

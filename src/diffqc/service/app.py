@@ -418,9 +418,13 @@ def parse_time(value: str | None, name: str) -> float | None:
     if value is None or value == "":
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):  # "nan", "inf": float() takes them, no time is one
+            raise ServiceError(422, "bad_time", f"{name}={value!r} is not a time")
+        return seconds
     try:
         parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -512,7 +516,8 @@ def _is_multipart(request: Request) -> bool:
 
 
 async def _parse_form(request: Request, body: bytes, max_files: int) -> Any:
-    """Parse an already-read (size-limited) multipart body."""
+    """Parse an already-read (size-limited) multipart body: up to ``max_files`` files, each
+    with its ``feature_type`` and ``part_id``, and the line fields once (a few more spare)."""
     sent = False
 
     async def replay() -> dict[str, Any]:
@@ -523,7 +528,8 @@ async def _parse_form(request: Request, body: bytes, max_files: int) -> Any:
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        return await Request(request.scope, replay).form(max_files=max_files, max_fields=4 * max_files)
+        return await Request(request.scope, replay).form(
+            max_files=max_files, max_fields=2 * max_files + len(LINE_FIELDS) + 8)
     except Exception as exc:
         detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
         raise ServiceError(400, "bad_multipart", f"cannot parse the multipart body: {detail}") from None
@@ -681,12 +687,17 @@ def validation_error(exc: RequestValidationError) -> ServiceError:
     problems: list[str] = []
     names: list[str] = []
     for err in exc.errors():
+        if err.get("type") == "json_invalid":  # its loc is ("body", <offset>): not a parameter
+            names.append("json")
+            problems.append(f"body: not valid JSON ({err.get('msg', 'invalid')})")
+            continue
         loc = [str(x) for x in err.get("loc", ()) if x not in ("path", "query", "body", "header")]
         name = loc[0] if loc else "request"
         names.append(name)
         value = err.get("input")
-        shown = repr(value) if isinstance(value, str | int | float) else None
-        got = f" (got {shown[:80]})" if shown else ""
+        if isinstance(value, str) and len(value) > 80:
+            value = value[:80] + "…"
+        got = f" (got {value!r})" if isinstance(value, str | int | float) else ""
         problems.append(f"{'.'.join(loc) or 'request'}: {err.get('msg', 'invalid')}{got}")
     code = f"bad_{names[0]}" if len(set(names)) == 1 else "bad_request"
     return ServiceError(422, code, "; ".join(problems) or "invalid request")
@@ -757,15 +768,21 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     )
     app.state.diffqc = state
 
+    def _count_refused_upload(request: Request, code: str) -> None:
+        """An upload refused before inspection (the inspect routes only: a bad query of
+        /v1/results is no upload)."""
+        if request.url.path.startswith("/v1/inspect"):
+            state.metrics.on_bad_upload(code)
+
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         if exc.status in (400, 408, 409, 413, 415, 422):
-            state.metrics.on_bad_upload(exc.code)
+            _count_refused_upload(request, exc.code)
         return _error_response(exc)
 
     @app.exception_handler(UploadStalled)
     async def _stalled(request: Request, exc: UploadStalled) -> JSONResponse:
-        state.metrics.on_bad_upload("body_timeout")
+        _count_refused_upload(request, "body_timeout")
         return _error_response(ServiceError(408, "body_timeout", str(exc), headers={"Connection": "close"}))
 
     @app.exception_handler(StarletteHTTPException)
@@ -782,7 +799,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = validation_error(exc)
-        state.metrics.on_bad_upload(err.code)
+        _count_refused_upload(request, err.code)
         return _error_response(err)
 
     @app.exception_handler(StoreError)
@@ -951,7 +968,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                 "the batch route takes multipart/form-data with 'image' files",
             )
         body = await _read_body(request, settings.max_batch_upload_bytes)
-        form = await _parse_form(request, body, max_files=settings.max_batch_items)
+        # one file more than allowed is read, so that too many is answered as such (413 below)
+        form = await _parse_form(request, body, max_files=settings.max_batch_items + 1)
         try:
             uploads = form.getlist("image")
             if not uploads or not all(isinstance(u, UploadFile) for u in uploads):
@@ -1181,6 +1199,7 @@ def _start(state: ServiceState, detector: DetectorLike | None) -> None:
         state.artifacts,
         capacity=s.buffer_size,
         policy=s.overflow,
+        max_bytes=s.buffer_max_bytes,
         max_batch=s.max_batch,
         model_version=state.model_version,
         keep_images=s.keep_images,
