@@ -307,6 +307,31 @@ def test_int8_export_and_parity_report(exported: Path, clear_dataset: Path, tmp_
     assert len(int8.inspect(images, ["dots", "dots"])) == 2
 
 
+def test_int8_parity_on_labelled_folders_measures_every_type(
+        exported: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Labelled folders (or a manifest without a split) make every GOOD image a training one, so
+    the test split held defects only: INT8's AUROC could not be measured and the export was
+    refused. The GOOD calibration images of such a type now join its held-out defects; the
+    warnings of a dataset the export reads twice are said once."""
+    data = tmp_path / "labelled"
+    for s in load_dataset(clear_dataset):
+        folder = data / s.feature_type / ("good" if s.label == 0 else "bad")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(s.path, folder / f"{s.split}-{s.path.name}")
+    (data / "dots" / "stray.png").write_bytes((data / "dots" / "bad").iterdir().__next__().read_bytes())
+    bundle = tmp_path / "int8"
+    shutil.copytree(exported, bundle)
+    rc = main(["export", str(bundle), "--int8", "--calibration-data", str(data), "--threads", "1",
+               "--calibration-images", "16", "--sensitivity-images", "6", "--check-images", "4"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "could not be measured" not in err and "parity: PASSED" in err
+    assert err.count("images not read: 1 directly in it") == 1
+    report = read_export_info(bundle)["int8"]["parity"]
+    assert all(row["n_good"] > 0 and row["n_defective"] > 0 for row in report["per_type"].values())
+    assert "and the GOOD calibration images of dots, stripes" in report["held_out"]
+
+
 def test_int8_export_of_a_recalibrated_bundle_says_so(exported: Path, clear_dataset: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """A bundle recalibrated on the line's GOOD parts (`diffqc calibrate`), then exported to INT8

@@ -405,9 +405,19 @@ def _optional_registrars() -> list[Callable[[Any], None]]:
     return regs
 
 
-def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                      file: Any = None, line: str | None = None) -> None:
-    print(f"diffqc: warning: {path_text(str(message))}", file=sys.stderr)
+def _one_line_warnings() -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints each warning as one line, and a text said once
+    per command (a dataset read twice, by ``export`` say, names what it leaves out once)."""
+    said: set[str] = set()
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        text = path_text(str(message))
+        if text not in said:
+            said.add(text)
+            print(f"diffqc: warning: {text}", file=sys.stderr)
+
+    return show
 
 
 def _describe(exc: BaseException) -> str:
@@ -443,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        warnings.showwarning = _one_line_warning
+        warnings.showwarning = _one_line_warnings()
         try:
             return int(args.func(args))
         except (DiffqcError, OSError) as exc:  # the user's input or the machine, not a bug

@@ -862,7 +862,7 @@ def _export_int8(
     sensitivity_images: int, max_held_out: int, search: bool, progress: bool, log: Callable[[str], None],
     openvino: OpenVinoGraph | None = None, data_named: bool = False,
 ) -> _Int8Outcome:
-    from diffqc.data import good_training, load_dataset
+    from diffqc.data import GOOD, good_training, load_dataset
     from diffqc.inspection import sha256_file
     from diffqc.model import split_calibration
 
@@ -905,6 +905,13 @@ def _export_int8(
     held_note = str(held_out) if held_out else f"the test split of {calibration_data}"
     if not held:
         held, held_note = [good[i] for i in cal_idx], "the GOOD calibration images (no test split given)"
+    elif not held_out:  # labelled folders, a manifest without a split: GOOD images all train
+        tested = {s.feature_type for s in held}
+        lacking = sorted(tested - {s.feature_type for s in held if s.label == GOOD})
+        if lacking:
+            held += [good[i] for i in cal_idx if good[i].feature_type in lacking]
+            held_note += (f" and the GOOD calibration images of {', '.join(lacking)} (the test split "
+                          "has no GOOD image of it)")
     held_images, held = _read_samples(_stratified(held, max_held_out))
     cal8, cal_note = _recalibrate(det, fp32, int8, good)
     report = parity_report(fp32, int8, held, held_images, classes, cal, cal8 or cal, size)
