@@ -124,6 +124,8 @@ async def test_batch_route(detector: Any, samples: Samples, tmp_path: Path) -> N
         r = await client.post("/v1/inspect/batch", headers=AUTH, files=files[:4])
         assert (r.status_code, r.json()["code"]) == (413, "batch_too_large"), r.text
         assert "4 images; at most 3" in r.json()["detail"]
+        r = await client.post("/v1/inspect/batch", headers=AUTH, files=files)  # past the parser's limit
+        assert (r.status_code, r.json()["code"]) == (413, "batch_too_large"), r.text
 
 
 async def test_the_buffers_byte_bound_is_the_one_configured(detector: Any, tmp_path: Path) -> None:

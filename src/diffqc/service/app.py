@@ -969,16 +969,23 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             )
         body = await _read_body(request, settings.max_batch_upload_bytes)
         # one file more than allowed is read, so that too many is answered as such (413 below)
-        form = await _parse_form(request, body, max_files=settings.max_batch_items + 1)
+        limit = settings.max_batch_items
+        try:
+            form = await _parse_form(request, body, max_files=limit + 1)
+        except ServiceError as exc:  # the parser stops at the (limit + 2)-th file
+            if "Too many files" not in exc.detail:
+                raise
+            raise ServiceError(413, "batch_too_large",
+                               f"more than {limit + 1} images; at most {limit}") from None
         try:
             uploads = form.getlist("image")
             if not uploads or not all(isinstance(u, UploadFile) for u in uploads):
                 raise ServiceError(400, "missing_image", "multipart body has no file fields 'image'")
-            if len(uploads) > settings.max_batch_items:
+            if len(uploads) > limit:
                 raise ServiceError(
                     413,
                     "batch_too_large",
-                    f"{len(uploads)} images; at most {settings.max_batch_items}",
+                    f"{len(uploads)} images; at most {limit}",
                 )
             types = [str(t) for t in form.getlist("feature_type")]
             parts = [str(p) for p in form.getlist("part_id")]
