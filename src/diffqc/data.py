@@ -267,14 +267,17 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(path)
 
 
-def _images_in(folder: Path) -> list[Path]:
+def _walk_images(folder: Path) -> Iterator[Path]:
     """The images in ``folder`` and its sub-folders (``train/good/2026-11-30/``, as a line files
-    them by day), leaving hidden ones out; symbolic links to folders are not followed."""
-    found: list[Path] = []
+    them by day), as found, leaving hidden ones out; symbolic links to folders are not followed."""
     for here, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [p for p in (Path(here) / f for f in files) if is_image_file(p)]
-    return sorted(found)
+        yield from (p for p in (Path(here) / f for f in files) if is_image_file(p))
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """The images below ``folder`` (:func:`_walk_images`), sorted."""
+    return sorted(_walk_images(folder))
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -347,7 +350,6 @@ def _is_mvtec_type(folder: Path) -> bool:
 # A folder of GOOD images beside folders of defective ones, ``<type>/good/`` + ``<type>/<kind>/``
 # (OK/NOK folders as a line's classifier keeps them; anomalib's Folder layout): a GOOD word names
 # the GOOD folder, any other sub-folder is a defect kind, except those that hold masks.
-_GOOD_FOLDER_NAMES = frozenset({"good", "ok", "pass", "normal", "io", "i.o."})
 _MASK_FOLDER_NAMES = frozenset({"ground_truth", "masks", "mask"})
 
 
@@ -357,7 +359,7 @@ def _is_labelled_type(folder: Path) -> bool:
     is not one type)."""
     subfolders = _subfolders(folder)
     return (not _is_mvtec_type(folder) and not any(_is_mvtec_type(d) for d in subfolders)
-            and any(_images_in(d) for d in subfolders if d.name.lower() in _GOOD_FOLDER_NAMES))
+            and any(any(_walk_images(d)) for d in subfolders if d.name.lower() in _GOOD_FOLDER_NAMES))
 
 
 def load_labelled_type(type_root: Path, feature_type: str | None = None) -> list[Sample]:
@@ -453,6 +455,9 @@ _LABEL_WORDS = {"good": GOOD, "ok": GOOD, "0": GOOD, "pass": GOOD, "normal": GOO
                 "i.o.": GOOD, "defect": DEFECTIVE, "defective": DEFECTIVE, "bad": DEFECTIVE,
                 "ng": DEFECTIVE, "nok": DEFECTIVE, "nio": DEFECTIVE, "n.i.o.": DEFECTIVE, "fail": DEFECTIVE,
                 "1": DEFECTIVE, "anomaly": DEFECTIVE, "": UNKNOWN, "unknown": UNKNOWN, "-1": UNKNOWN}
+# the names of a labelled dataset's GOOD folder: the GOOD label words, less the digit ("0/" and
+# "1/" are a classifier's class indices, not GOOD and defect by that word)
+_GOOD_FOLDER_NAMES = frozenset(w for w, label in _LABEL_WORDS.items() if label == GOOD and not w.isdigit())
 
 
 SPLITS = ("train", "test")
