@@ -311,6 +311,14 @@ async def test_review_flow_and_export(detector: Any, samples: Samples, tmp_path:
     exported = load_dataset(tmp_path / "export" / "manifest.csv")
     assert len(exported) == 1 and exported[0].label == 0 and exported[0].part_id == "rv-0"
     assert exported[0].path.read_bytes() == samples.by_decision["REVIEW"][0][0]
+    # with the parts reviewed BAD, labelled defect (to test a model on); export.json and the
+    # selection check count the GOOD ones only
+    summary = export_reviewed_good(db, tmp_path / "both", defects=True)
+    assert summary["exported"] == 2 and summary["defects"] == 1
+    assert [t["exported"] for t in summary["types"].values()] == [1]
+    both = sorted(load_dataset(tmp_path / "both"), key=lambda s: s.label)
+    assert [(s.label, s.part_id) for s in both] == [(0, "rv-0"), (1, "rv-1")]
+    assert both[1].path.read_bytes() == samples.by_decision["REVIEW"][1][0]
     # again into the same folder (an earlier export): its own files are replaced
     assert export_reviewed_good(db, tmp_path / "export")["exported"] == 1
     assert len(load_dataset(tmp_path / "export" / "manifest.csv")) == 1
@@ -338,7 +346,7 @@ async def test_review_flow_and_export(detector: Any, samples: Samples, tmp_path:
     with pytest.warns(UserWarning) as said:
         summary = export_reviewed_good(db, tmp_path / "export2", data_dir=tmp_path / "typo")
     assert [str(w.message).split(" under ")[0] for w in said] == [
-        "no kept images", "1 part reviewed GOOD not exported, the image being 1 not found"]
+        "no kept images", "1 reviewed part not exported, the image being 1 not found"]
     assert summary["exported"] == 0 and summary["missing_image"] == 1 and not (tmp_path / "typo").exists()
 
 

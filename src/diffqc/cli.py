@@ -101,8 +101,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     det = Detector(config, device=args.device).fit(samples, progress=not args.quiet,
                                                     skip_corrupt=args.skip_corrupt)
     det.save(out, force=args.force)
-    # one line a person reads: the fit images' fingerprints (one per image) stay in metadata.json
-    training = {k: v for k, v in det.metadata["training_data"].items() if k != "fit_image_fingerprints"}
+    # one line a person reads: the images' fingerprints (one per image) stay in metadata.json
+    training = {k: v for k, v in det.metadata["training_data"].items()
+                if k not in ("fit_image_fingerprints", "calibration_image_fingerprints")}
     print(json_line({"model": str(out), "classes": det.classes_, "method": config.method,
                       "seconds": round(time.perf_counter() - start, 1), "training_data": training}))
     return EXIT_OK
@@ -392,6 +393,7 @@ def _optional_registrars() -> list[Callable[[Any], None]]:
     """Sub-commands whose modules pull optional dependencies register themselves lazily."""
     regs: list[Callable[[Any], None]] = []
     for module, name in (("diffqc.commands", "add_evaluate_command"),
+                         ("diffqc.commands", "add_test_command"),
                          ("diffqc.commands", "add_export_command"),
                          ("diffqc.recalibrate", "add_calibrate_command"),
                          ("diffqc.service", "add_service_commands")):

@@ -115,6 +115,34 @@ def add_evaluate_command(subparsers: Any) -> None:
     p.set_defaults(func=_lazy("diffqc.evaluate", "cmd_evaluate"))
 
 
+def add_test_command(subparsers: Any) -> None:
+    """Register ``diffqc test`` (:func:`diffqc.holdout.cmd_test`)."""
+    from diffqc.runtime import add_runtime_arguments
+
+    p = subparsers.add_parser(
+        "test", help="score a trained model on labelled images it never saw -> per-type table",
+        description="Score MODEL, as it runs (its runtime, precision and calibration), on the GOOD "
+                    "and defective images of DATA: per type the image AUROC, the share of GOOD "
+                    "parts flagged (FPR; the target is α_review) and of defects flagged (recall). "
+                    "Images the model was fit or calibrated on are left out (by content). "
+                    "evaluate cross-validates methods; this measures one model.")
+    p.add_argument("model", type=Path, help="model bundle folder (from diffqc train)")
+    p.add_argument("data", help="dataset folder (MVTec layout, or <type>/good + <type>/<kind> folders) "
+                   "or CSV manifest with labels")
+    p.add_argument("--unknown-type", action="store_true",
+                   help="withhold each image's type (the type router picks it), as for parts sent "
+                        "without one")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the report (the table, what was left out, every image's score "
+                        "and decision) as JSON")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images")
+    p.add_argument("--device", default=None, help=DEVICE)
+    add_runtime_arguments(p)
+    p.add_argument("-q", "--quiet", action="store_true", help=QUIET)
+    p.set_defaults(func=_lazy("diffqc.holdout", "cmd_test"))
+
+
 def add_export_command(subparsers: Any) -> None:
     """Register ``diffqc export`` (:func:`diffqc.export.cmd_export`)."""
     p = subparsers.add_parser(

@@ -567,6 +567,18 @@ def feature_types(samples: Iterable[Sample]) -> list[str]:
     return sorted({s.feature_type for s in samples})
 
 
+def of_the_model(samples: Sequence[Sample], classes: Sequence[str],
+                 source: Path | str | None) -> list[Sample]:
+    """The samples of a model's types (``classes``); those of other types are left out, named in
+    a warning (once per data source: ``source`` None when it was named already)."""
+    foreign = sorted({s.feature_type for s in samples} - set(classes))
+    if foreign and source is not None:
+        warnings.warn(f"{source}: {sum(s.feature_type in foreign for s in samples)} images of types the "
+                      f"model does not know are left out ({', '.join(foreign)}; the model's: "
+                      f"{', '.join(classes)})", stacklevel=3)
+    return [s for s in samples if s.feature_type in classes]
+
+
 class DatasetWarning(UserWarning):
     """Part of a dataset is left out (e.g. a type without GOOD training images)."""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,11 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from diffqc.calibration import PASS, REJECT, REVIEW
 from diffqc.config import DetectorConfig, with_overrides
 from diffqc.data import DEFECTIVE, GOOD, Sample, load_dataset, read_image
 from diffqc.errors import OutputError
-from diffqc.metrics import image_auroc
+from diffqc.holdout import decision_table, format_table
 from diffqc.model import Detector, Inspection
 from diffqc.visualize import save_overlay
 
@@ -24,51 +22,6 @@ from diffqc.visualize import save_overlay
 # hold out ~22 per type). It costs 5 extra fits of the scorer; docs/METHOD.md says what it
 # guarantees.
 DEMO_DEFAULTS: dict[str, Any] = {"calibration.scheme": "cross", "calibration.folds": 5}
-
-TABLE_COLUMNS = ("feature_type", "n", "defective", "image_auroc", "accuracy", "fpr",
-                 "pass", "review", "reject")
-
-
-def demo_table(samples: Sequence[Sample], results: Sequence[Inspection]) -> list[dict[str, Any]]:
-    """Rows ``{feature_type, image_auroc, accuracy, fpr, pass, review, reject, ...}`` plus ``mean``.
-
-    A part is *flagged* when its decision is not PASS. ``accuracy``: flagged == defective;
-    ``fpr``: the share of GOOD parts flagged (the calibrated target is α_review).
-    """
-    rows: list[dict[str, Any]] = []
-    types = sorted({s.feature_type for s in samples})
-    for t in [*types, "all"]:
-        idx = [i for i, s in enumerate(samples) if t in ("all", s.feature_type)]
-        labels = np.array([samples[i].label for i in idx])
-        scores = np.array([results[i].score for i in idx])
-        decisions = [results[i].decision for i in idx]
-        flagged = np.array([d != PASS for d in decisions])
-        good = labels == GOOD
-        rows.append({
-            "feature_type": t, "n": len(idx), "defective": int((labels == DEFECTIVE).sum()),
-            "image_auroc": image_auroc(labels, scores) if t != "all" else float("nan"),
-            "accuracy": float((flagged == (labels == DEFECTIVE)).mean()),
-            "fpr": float(flagged[good].mean()) if good.any() else float("nan"),
-            "pass": decisions.count(PASS), "review": decisions.count(REVIEW),
-            "reject": decisions.count(REJECT),
-        })
-    aurocs = [a for r in rows[:-1] if not math.isnan(a := float(r["image_auroc"]))]
-    rows[-1]["image_auroc"] = float(np.mean(aurocs)) if aurocs else float("nan")
-    rows[-1]["feature_type"] = "mean/all"
-    return rows
-
-
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    head = f"{'feature_type':<13}{'n':>5}{'defect':>7}{'AUROC':>8}{'acc':>7}{'FPR':>7}" \
-           f"{'PASS':>6}{'REVIEW':>8}{'REJECT':>8}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        if r["feature_type"] == "mean/all":
-            lines.append("-" * len(head))
-        lines.append(f"{r['feature_type']:<13}{r['n']:>5}{r['defective']:>7}{r['image_auroc']:>8.3f}"
-                     f"{r['accuracy']:>7.3f}{r['fpr']:>7.3f}{r['pass']:>6}{r['review']:>8}{r['reject']:>8}")
-    return "\n".join(lines)
-
 
 def _write_heatmaps(det: Detector, samples: Sequence[Sample], results: Sequence[Inspection],
                     out: Path, per_type: int = 1) -> list[Path]:
@@ -145,13 +98,13 @@ def run_demo(
     results, kept = det.inspect_samples(test, progress=progress, all_types=False)
     timings["inspect_s"] = time.perf_counter() - t2
     timings["inspect_ms_per_part"] = 1000 * timings["inspect_s"] / max(1, len(kept))
-    rows = demo_table(kept, results)
+    rows = decision_table(kept, results)
     # the same parts again with the type withheld: the type router names it, one scoring pass
     unknown, _ = det.inspect_samples(kept, type_known=False, all_types=False, maps=False)
     type_acc = float(np.mean([r.predicted_type == s.feature_type
                               for r, s in zip(unknown, kept, strict=True)]))
     # each part scored under the type the router named: the mean per-type AUROC of those scores
-    auroc_withheld = float(demo_table(kept, unknown)[-1]["image_auroc"])
+    auroc_withheld = float(decision_table(kept, unknown)[-1]["image_auroc"])
     heat = _write_heatmaps(det, kept, results, out / "heatmaps")
     timings["total_s"] = time.perf_counter() - t0
     print("[4/4] results on the held-out test parts "
@@ -163,7 +116,8 @@ def run_demo(
     print("timings: " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
     if json_path is not None:
         payload = [
-            {k: r[k] for k in ("feature_type", "image_auroc", "accuracy", "fpr", "pass", "review", "reject")}
+            {k: r[k] for k in ("feature_type", "image_auroc", "accuracy", "fpr", "recall", "pass", "review",
+                                 "reject")}
             for r in rows
         ]
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -675,18 +675,6 @@ def _recalibrate(det: Detector, fp32: SplitGraph, int8: SplitGraph, good: Sequen
 
 
 # --------------------------------------------------------------------------- the bundle
-def _of_the_model(samples: Sequence[Sample], classes: Sequence[str],
-                  source: Path | str | None) -> list[Sample]:
-    """The samples of the model's types; those of other types are left out, named in a warning
-    (once per data source: ``source`` None when it was named already)."""
-    foreign = sorted({s.feature_type for s in samples} - set(classes))
-    if foreign and source is not None:
-        warnings.warn(f"{source}: {sum(s.feature_type in foreign for s in samples)} images of types the "
-                      f"model does not know are left out ({', '.join(foreign)}; the model's: "
-                      f"{', '.join(classes)})", stacklevel=3)
-    return [s for s in samples if s.feature_type in classes]
-
-
 def _read_samples(samples: Sequence[Sample]) -> tuple[list[np.ndarray], list[Sample]]:
     from diffqc.data import read_images
 
@@ -709,7 +697,7 @@ def export_bundle(
     OpenVINO too (``record["openvino"]``). Each runtime's latency on this machine is measured
     and ``record["fastest_first"]`` lists the runtimes that passed parity, fastest first: what
     ``--runtime auto`` chooses from."""
-    from diffqc.data import load_dataset
+    from diffqc.data import load_dataset, of_the_model
     from diffqc.inspection import sha256_file
     from diffqc.model import Detector
 
@@ -722,7 +710,7 @@ def export_bundle(
     classes, size = det.classes_, det.config.backbone.input_size
     threads = threads or available_cores()
     source = data or calibration_data
-    pool = _of_the_model(load_dataset(source), classes, source) if source else []
+    pool = of_the_model(load_dataset(source), classes, source) if source else []
     preferred = [s for s in pool if s.split == "test"] or pool
     images, picked = _read_samples(_stratified(preferred, check_images))
     if source and not images:  # the user asked for their own images: not synthetic ones instead
@@ -862,13 +850,13 @@ def _export_int8(
     sensitivity_images: int, max_held_out: int, search: bool, progress: bool, log: Callable[[str], None],
     openvino: OpenVinoGraph | None = None, data_named: bool = False,
 ) -> _Int8Outcome:
-    from diffqc.data import GOOD, good_training, load_dataset
+    from diffqc.data import GOOD, good_training, load_dataset, of_the_model
     from diffqc.inspection import sha256_file
     from diffqc.model import split_calibration
 
     assert calibration_data is not None
     classes, size = det.classes_, det.config.backbone.input_size
-    samples = _of_the_model(load_dataset(calibration_data), classes,
+    samples = of_the_model(load_dataset(calibration_data), classes,
                             None if data_named else calibration_data)
     good = good_training(samples)
     if not good:
@@ -900,7 +888,7 @@ def _export_int8(
         log("INT8: kept in float: " + "; ".join(f"{k} ({v})" for k, v in result.float_layers.items()))
     log(f"INT8: score change on the check images {result.score_error:.4f} GOOD-score SD (RMS)")
 
-    held = (_of_the_model(load_dataset(held_out), classes, held_out) if held_out
+    held = (of_the_model(load_dataset(held_out), classes, held_out) if held_out
             else [s for s in samples if s.split == "test"])
     held_note = str(held_out) if held_out else f"the test split of {calibration_data}"
     if not held:

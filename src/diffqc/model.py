@@ -296,7 +296,12 @@ class Detector:
                 (s.feature_type, h, w) for s, (h, w) in zip(good, sizes, strict=True))
         # by content, so that `diffqc calibrate` can leave out any it is given (their scores are
         # optimistic: calibrated on them, the line's GOOD parts would be flagged too often)
-        training["fit_image_fingerprints"] = sorted({fingerprint(good[i].path) for i in self.fit_indices_})
+        fitted = set(self.fit_indices_)
+        training["fit_image_fingerprints"] = sorted({fingerprint(good[i].path) for i in fitted})
+        # and those it was calibrated on only, which `diffqc test` leaves out (their flag rate is
+        # the target by construction)
+        training["calibration_image_fingerprints"] = sorted(
+            {fingerprint(s.path) for i, s in enumerate(good) if i not in fitted})
         return self
 
     def fit_features(self, raw: Tensor, good: Sequence[Sample], *, progress: bool = False,

@@ -225,6 +225,12 @@ def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = Fal
         meta["calibration_int8_sha256"] = checksums[INT8_CALIBRATION_FILE]
     training = meta.setdefault("training_data", {})
     training["calibration_images"] = {**training.get("calibration_images", {}), **counts}
+    if "calibration_image_fingerprints" in training:  # `diffqc test` leaves these out too
+        from diffqc.data import fingerprint
+
+        new_prints = (fingerprint(s.path) for s in samples if s.path.is_file())
+        training["calibration_image_fingerprints"] = sorted(
+            {*training["calibration_image_fingerprints"], *new_prints})
     meta["recalibrated"] = {
         "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "data": str(data),

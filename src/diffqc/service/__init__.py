@@ -189,10 +189,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     since = parse_time(args.since, "since") if args.since else None
     from diffqc.service.store import store_url
 
-    summary = export_reviewed_good(store_url(args.db), args.out, data_dir=args.data_dir, since=since)
+    summary = export_reviewed_good(store_url(args.db), args.out, data_dir=args.data_dir, since=since,
+                                   defects=args.defects)
     print(json_line(summary))
     if summary["exported"] == 0:
-        print("diffqc: no part reviewed GOOD with its image kept" + (" since then" if since else "")
+        which = "GOOD or BAD" if args.defects else "GOOD"
+        print(f"diffqc: no part reviewed {which} with its image kept" + (" since then" if since else "")
               + ": operators mark flagged parts GOOD in the dashboard's review queue "
               "(POST /v1/review/ID); the images of REVIEW and REJECT parts are kept by default",
               file=sys.stderr)
@@ -352,6 +354,10 @@ def add_service_commands(subparsers: Any) -> None:
     e.add_argument("--data-dir", default=None,
                    help="the folder serve or watch kept the images in (default beside the SQLite file)")
     e.add_argument("--since", default=None, help="only parts inspected since (ISO 8601 or epoch)")
+    e.add_argument("--defects", action="store_true",
+                   help="also export the parts reviewed BAD, labelled defect (the line's defects "
+                        "found), to test a model on: diffqc test MODEL OUT (training reads only the "
+                        "GOOD ones)")
     e.set_defaults(func=_cmd_export)
     when = "(ISO 8601, UTC unless it has an offset such as +01:00, or epoch seconds)"
     ls = rsub.add_parser("list", help="the stored decisions, oldest first, as JSON lines or CSV",

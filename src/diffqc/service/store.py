@@ -797,18 +797,23 @@ def export_reviewed_good(
     *,
     data_dir: str | Path | None = None,
     since: float | None = None,
+    defects: bool = False,
 ) -> dict[str, Any]:
-    """Export parts an operator reviewed as GOOD as a dataset (``diffqc results export``).
+    """Export parts an operator reviewed as GOOD as a dataset (``diffqc results export``), and
+    with ``defects`` those reviewed BAD too (the line's defects found, a PASSed one included).
 
     Writes ``out_dir/<feature_type>/<id>.<ext>`` and ``out_dir/manifest.csv`` with columns
     ``path, feature_type, label, part_id, record_id, score, p_value, decision, type_known``
-    (``label`` is ``good``), readable by :func:`diffqc.data.load_dataset`: GOOD images to retrain
-    on. Parts whose upload was not kept (or has expired) are counted as ``missing_image`` and
-    named in a warning. ``out_dir/export.json`` holds, per type, the parts the line inspected in
-    the period and how many were flagged, beside how many of each were exported: parts reviewed
+    (``label`` is ``good``, or ``defect`` for a part reviewed BAD), readable by
+    :func:`diffqc.data.load_dataset`: GOOD images to retrain on, defects to test a model on
+    (``diffqc test``; training reads only the GOOD ones). Parts whose upload was not kept (or has
+    expired) are counted as ``missing_image`` and named in a warning. ``out_dir/export.json``
+    holds, per type, the parts the line inspected in the period and how many were flagged,
+    beside how many GOOD ones of each were exported: parts reviewed
     GOOD are mostly flagged ones, the GOOD parts the model scored highest, and ``diffqc
     calibrate`` refuses an export chosen so (a warning says so here already).
-    Returns ``{"exported": n, "missing_image": m, "manifest": path, "types": {...}}``.
+    Returns ``{"exported": n, "defects": d, "missing_image": m, "manifest": path, "types": {...}}``
+    (``exported`` counts the defects too; ``types`` the GOOD parts only).
     """
     import csv
 
@@ -817,7 +822,7 @@ def export_reviewed_good(
     artifacts = ArtifactStore(data_dir or default_artifact_root(db_url), create=False)
     if not (artifacts.root / "images").is_dir():
         warnings.warn(f"no kept images under {artifacts.root} (no images/ folder): parts reviewed "
-                      "GOOD are counted as missing_image; give the --data-dir the service used",
+                      "are counted as missing_image; give the --data-dir the service used",
                       stacklevel=2)
     manifest = out / "manifest.csv"
     header = io.StringIO()
@@ -827,12 +832,12 @@ def export_reviewed_good(
         write_atomic(manifest, header.getvalue().encode("utf-8"))
     except OSError as exc:
         raise OutputError(f"cannot export to {out}: {exc}") from None
-    exported = 0
+    exported = n_defects = 0
     missing = {"not kept": 0, "expired": 0, "not found": 0}
     taken: dict[str, list[int]] = {}  # type -> [exported, of them flagged]
     rows: list[dict[str, Any]] = []
     with ResultStore(db_url) as store:
-        for rec in stored_records(store, review="GOOD", since=since):
+        for rec in stored_records(store, review=None if defects else "GOOD", reviewed=True, since=since):
             src = artifacts.path("images", rec.image)
             if src is None or rec.feature_type is None:
                 why = ("not kept" if rec.image is None and rec.image_expired_at is None else
@@ -851,7 +856,7 @@ def export_reviewed_good(
                 {
                     "path": rel.as_posix(),
                     "feature_type": ftype,
-                    "label": "good",
+                    "label": "good" if rec.review == "GOOD" else "defect",
                     "part_id": rec.part_id or f"record-{rec.id}",
                     "record_id": rec.id,
                     "score": rec.score,
@@ -861,6 +866,9 @@ def export_reviewed_good(
                 }
             )
             exported += 1
+            if rec.review != "GOOD":
+                n_defects += 1
+                continue
             counts = taken.setdefault(ftype, [0, 0])
             counts[0] += 1
             counts[1] += rec.decision in (REVIEW, REJECT)
@@ -878,7 +886,8 @@ def export_reviewed_good(
     except OutputError as exc:
         raise OutputError(f"{exc}; the export in {out} is incomplete: the same command, run "
                           "again, replaces it") from None
-    return {"exported": exported, "missing_image": sum(missing.values()), "manifest": str(manifest),
+    return {"exported": exported, "defects": n_defects, "missing_image": sum(missing.values()),
+            "manifest": str(manifest),
             "types": types}
 
 
@@ -896,7 +905,7 @@ def _export_summary(taken: dict[str, list[int]], line: list[tuple[str | None, st
 
 
 def _warn_export(missing: dict[str, int], types: dict[str, dict[str, int]], root: Path) -> None:
-    """Parts reviewed GOOD left out for want of their image, and why; types whose exported parts
+    """Reviewed parts left out for want of their image, and why; types whose exported parts
     were chosen by their decision."""
     if sum(missing.values()):
         why = {"not kept": "not kept (serve and watch keep the images --keep-images names: "
@@ -905,7 +914,7 @@ def _warn_export(missing: dict[str, int], types: dict[str, dict[str, int]], root
                "not found": f"not found under {root} (--data-dir: the folder serve or watch kept them in)"}
         said = ", ".join(f"{n} {why[k]}" for k, n in missing.items() if n)
         total = sum(missing.values())
-        warnings.warn(f"{total} part{'s' if total != 1 else ''} reviewed GOOD not exported, the "
+        warnings.warn(f"{total} reviewed part{'s' if total != 1 else ''} not exported, the "
                       f"image being {said}", stacklevel=3)
     for t, counts in types.items():
         if note := selection_note(t, counts):

@@ -1,0 +1,175 @@
+"""``diffqc test MODEL DATA``: how a trained bundle, as it runs on the line, does on labelled
+images it never saw.
+
+``evaluate`` cross-validates *methods* (it refits on each fold); this scores one fixed bundle —
+its runtime, precision and calibration — on DATA's GOOD and defective images: per type the image
+AUROC, the share of GOOD parts flagged (the calibrated target is α_review) and of defects caught.
+It is the check after training on a new folder of parts, and later on the defects the line's
+operators found (``diffqc results export --defects``). Images the bundle was fit or calibrated
+on are left out, by content: fit images score low, and calibration images set the thresholds, so
+their flag rate is the target by construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffqc.calibration import PASS, REJECT, REVIEW
+from diffqc.data import DEFECTIVE, GOOD, Sample, feature_types, fingerprint, load_dataset, of_the_model
+from diffqc.errors import DatasetError, OutputError
+from diffqc.inspection import Inspection
+from diffqc.metrics import image_auroc
+from diffqc.output import json_line, json_safe, path_text, write_atomic
+
+
+def decision_table(samples: Sequence[Sample], results: Sequence[Inspection]) -> list[dict[str, Any]]:
+    """Rows ``{feature_type, n, defective, image_auroc, accuracy, fpr, recall, pass, review,
+    reject}`` per type, then ``mean/all`` (the mean of the types' AUROCs; the rest over all parts).
+
+    A part is *flagged* when its decision is not PASS. ``accuracy``: flagged == defective;
+    ``fpr``: the share of GOOD parts flagged (the calibrated target is α_review); ``recall``: the
+    share of defective parts flagged. NaN where a type has no GOOD (or no defective) part.
+    """
+    rows: list[dict[str, Any]] = []
+    types = sorted({s.feature_type for s in samples})
+    for t in [*types, "all"]:
+        idx = [i for i, s in enumerate(samples) if t in ("all", s.feature_type)]
+        labels = np.array([samples[i].label for i in idx])
+        scores = np.array([results[i].score for i in idx])
+        decisions = [results[i].decision for i in idx]
+        flagged = np.array([d != PASS for d in decisions])
+        good, bad = labels == GOOD, labels == DEFECTIVE
+        rows.append({
+            "feature_type": t, "n": len(idx), "defective": int(bad.sum()),
+            "image_auroc": image_auroc(labels, scores) if t != "all" else math.nan,
+            "accuracy": float((flagged == bad).mean()),
+            "fpr": float(flagged[good].mean()) if good.any() else math.nan,
+            "recall": float(flagged[bad].mean()) if bad.any() else math.nan,
+            "pass": decisions.count(PASS), "review": decisions.count(REVIEW),
+            "reject": decisions.count(REJECT),
+        })
+    aurocs = [a for r in rows[:-1] if not math.isnan(a := float(r["image_auroc"]))]
+    rows[-1]["image_auroc"] = float(np.mean(aurocs)) if aurocs else math.nan
+    rows[-1]["feature_type"] = "mean/all"
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """:func:`decision_table` as a fixed-width text table (NaN printed as "-")."""
+    def num(value: float, width: int) -> str:
+        return f"{'-':>{width}}" if math.isnan(value) else f"{value:>{width}.3f}"
+
+    head = (f"{'feature_type':<13}{'n':>5}{'defect':>7}{'AUROC':>8}{'acc':>7}{'FPR':>7}{'recall':>7}"
+            f"{'PASS':>6}{'REVIEW':>8}{'REJECT':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["feature_type"] == "mean/all":
+            lines.append("-" * len(head))
+        lines.append(f"{r['feature_type']:<13}{r['n']:>5}{r['defective']:>7}{num(r['image_auroc'], 8)}"
+                     f"{num(r['accuracy'], 7)}{num(r['fpr'], 7)}{num(r['recall'], 7)}{r['pass']:>6}"
+                     f"{r['review']:>8}{r['reject']:>8}")
+    return "\n".join(lines)
+
+
+def unseen(meta: dict[str, Any], samples: Sequence[Sample]) -> tuple[list[Sample], dict[str, int]]:
+    """The samples whose files the bundle was neither fit nor calibrated on (by content: the bundle
+    keeps their fingerprints), and how many of each were left out. A bundle written before it
+    kept the calibration images' is named in a warning (their flag rate is the target by
+    construction)."""
+    training = meta.get("training_data", {})
+    fitted = set(training.get("fit_image_fingerprints") or ())
+    calibrated = set(training.get("calibration_image_fingerprints") or ())
+    if "calibration_image_fingerprints" not in training:
+        warnings.warn("this bundle does not list the images it was calibrated on (written before "
+                      "bundles did); GOOD images of DATA it was calibrated on would be flagged at "
+                      "the target rate by construction: test on parts it never saw", stacklevel=3)
+    kept: list[Sample] = []
+    left = {"fit": 0, "calibration": 0}
+    for s in samples:
+        digest = fingerprint(s.path) if s.path.is_file() else None
+        if digest in fitted:
+            left["fit"] += 1
+        elif digest in calibrated:
+            left["calibration"] += 1
+        else:
+            kept.append(s)
+    return kept, left
+
+
+def test_bundle(detector: Any, data: Path | str, *, type_known: bool = True, skip_corrupt: bool = False,
+                progress: bool = False) -> dict[str, Any]:
+    """Score the labelled images of ``data`` that ``detector`` never saw; returns the report:
+    ``rows`` (:func:`decision_table`), what was left out, ``type_accuracy`` when the type was
+    withheld (``type_known=False``: the type router picks it) and ``images``, one entry per image."""
+    samples = [s for s in load_dataset(data) if s.label in (GOOD, DEFECTIVE)]
+    if not samples:
+        raise DatasetError(f"{data}: no labelled images (GOOD or defective) to test on")
+    classes = list(detector.classes_)
+    if not (ours := of_the_model(samples, classes, data)):
+        raise DatasetError(f"{data}: none of its types ({', '.join(feature_types(samples))}) is the "
+                           f"model's ({', '.join(classes)})")
+    kept, left = unseen(detector.metadata, ours)
+    if not kept:
+        raise DatasetError(f"{data}: all {len(ours)} images are images the model was fit or calibrated "
+                           "on; test on parts it never saw (a new folder of GOOD and defective parts)")
+    results, read = detector.inspect_samples(kept, type_known=type_known, all_types=False, maps=False,
+                                             skip_corrupt=skip_corrupt, progress=progress)
+    rows = decision_table(read, results)
+    report: dict[str, Any] = {
+        "data": path_text(data), "type_known": type_known,
+        "left_out": {"other_types": len(samples) - len(ours), "fit_images": left["fit"],
+                     "calibration_images": left["calibration"], "unreadable": len(kept) - len(read)},
+        "rows": rows,
+        "images": [{"path": path_text(s.path), "feature_type": s.feature_type,
+                    "label": "good" if s.label == GOOD else "defective", "defect": s.defect,
+                    "score": r.score, "p_value": r.p_value, "decision": r.decision,
+                    "predicted_type": r.predicted_type} for s, r in zip(read, results, strict=True)],
+    }
+    if not type_known:
+        report["type_accuracy"] = float(np.mean([r.predicted_type == s.feature_type
+                                                 for s, r in zip(read, results, strict=True)]))
+    return report
+
+
+def _summary(report: dict[str, Any], model: Path) -> str:
+    left = report["left_out"]
+    said = [f"{n} {what.replace('_', ' ')}" for what, n in left.items() if n]
+    lines = [f"{model} on {report['data']} (feature type {'given' if report['type_known'] else 'withheld'}"
+             f"; {report['runtime']}, {report['precision']})"
+             + (f"; left out: {', '.join(said)}" if said else ""),
+             format_table(report["rows"])]
+    if "type_accuracy" in report:
+        lines.append(f"type predicted correctly (type router): {report['type_accuracy']:.3f}")
+    rows = report["rows"][:-1]
+    if lacking := [r["feature_type"] for r in rows if math.isnan(r["fpr"])]:
+        lines.append(f"no GOOD image it never saw of {', '.join(lacking)}: its AUROC and FPR cannot be "
+                     "measured (add GOOD parts the model never trained on)")
+    return "\n".join(lines)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from diffqc.bundle import check_bundle_files
+    from diffqc.runtime import runtime_from_args
+
+    check_bundle_files(args.model)
+    json_path = Path(args.json) if args.json else None
+    if json_path is not None and json_path.exists() and not args.force:
+        raise OutputError(f"{json_path} exists; pass --force to overwrite it")
+    det = runtime_from_args(args, args.model)
+    report = test_bundle(det, args.data, type_known=not args.unknown_type,
+                         skip_corrupt=args.skip_corrupt, progress=not args.quiet)
+    report = {"model": path_text(args.model), "runtime": getattr(det, "runtime", "torch"),
+              "precision": getattr(det, "precision", "fp32"), **report}
+    print(_summary(report, args.model))
+    if json_path is not None:
+        write_atomic(json_path, (json.dumps(json_safe(report), indent=2) + "\n").encode("utf-8"))
+        print(json_line({"report": path_text(json_path)}))
+    return 0

@@ -1,0 +1,140 @@
+"""``diffqc test MODEL DATA``: one trained bundle scored on labelled images it never saw."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from diffqc.cli import main
+from diffqc.data import DEFECTIVE, GOOD, Sample
+from diffqc.holdout import decision_table, format_table
+from diffqc.inspection import Inspection
+from tests.conftest import write_clear_dataset
+
+
+def _strict_json(path: Path) -> dict:
+    def refuse(token: str) -> None:
+        raise ValueError(f"{token} in {path}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_decision_table_counts_flagged_good_parts_and_caught_defects() -> None:
+    labels = [GOOD, GOOD, GOOD, GOOD, DEFECTIVE, DEFECTIVE, GOOD]
+    decisions = ["PASS", "PASS", "PASS", "REVIEW", "REJECT", "PASS", "PASS"]
+    types = ["a"] * 6 + ["b"]
+    samples = [Sample(Path(f"{i}.png"), t, y) for i, (t, y) in enumerate(zip(types, labels, strict=True))]
+    results = [Inspection(score=float(i), p_value=0.5, decision=d, feature_type=t, predicted_type=None,
+                          type_known=True) for i, (d, t) in enumerate(zip(decisions, types, strict=True))]
+    rows = {r["feature_type"]: r for r in decision_table(samples, results)}
+    a, b, both = rows["a"], rows["b"], rows["mean/all"]
+    assert (a["n"], a["defective"], a["fpr"], a["recall"]) == (6, 2, 0.25, 0.5)
+    assert (a["pass"], a["review"], a["reject"]) == (4, 1, 1)
+    assert a["accuracy"] == pytest.approx(4 / 6)
+    assert math.isnan(b["image_auroc"]) and math.isnan(b["recall"]) and b["fpr"] == 0.0
+    assert both["image_auroc"] == a["image_auroc"]  # the mean over the types that have both labels
+    assert both["fpr"] == pytest.approx(1 / 5) and both["recall"] == 0.5
+    text = format_table(list(rows.values()))
+    assert "recall" in text.splitlines()[0] and "nan" not in text
+
+
+def test_cli_test_scores_only_the_images_the_model_never_saw(
+        tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """On the folder it was trained on, every GOOD training image is left out (fit or calibrated
+    on, by content) and the test split is scored: the clear blobs are told from GOOD parts."""
+    report_path = tmp_path / "report.json"
+    assert main(["test", str(tiny_model), str(clear_dataset), "--json", str(report_path), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "feature_type" in out and "recall" in out and "left out: " in out
+    report = _strict_json(report_path)
+    left = report["left_out"]
+    meta = json.loads((tiny_model / "metadata.json").read_text())["training_data"]
+    assert left["fit_images"] == sum(meta["fit_images"].values())
+    assert left["calibration_images"] == sum(meta["calibration_images"].values()) > 0
+    assert left["fit_images"] + left["calibration_images"] == 2 * 24  # every train/good image
+    rows = {r["feature_type"]: r for r in report["rows"]}
+    for t in ("stripes", "dots"):
+        assert (rows[t]["n"], rows[t]["defective"]) == (16, 8)
+        assert rows[t]["image_auroc"] > 0.9
+    assert len(report["images"]) == 32 and {i["label"] for i in report["images"]} == {"good", "defective"}
+    assert (report["runtime"], report["type_known"]) == ("torch", True)
+
+    # an existing --json is not overwritten without --force (refused before anything is scored)
+    before = report_path.read_bytes()
+    assert main(["test", str(tiny_model), str(clear_dataset), "--json", str(report_path), "-q"]) == 1
+    assert "--force" in capsys.readouterr().err and report_path.read_bytes() == before
+
+
+def test_cli_test_finds_copies_of_training_images_by_content(
+        tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A copy of a training image under another name, in labelled folders, is left out too; a
+    set of nothing else is refused, naming why."""
+    trained = sorted((clear_dataset / "stripes" / "train" / "good").iterdir())[:3]
+    data = tmp_path / "line" / "stripes"
+    (data / "good").mkdir(parents=True)
+    (data / "bad").mkdir()
+    for k, src in enumerate(trained):
+        shutil.copy(src, data / "good" / f"renamed-{k}.png")
+    assert main(["test", str(tiny_model), str(tmp_path / "line"), "-q"]) == 1
+    assert "all 3 images are images the model was fit or calibrated on" in capsys.readouterr().err
+
+    fresh = write_clear_dataset(tmp_path / "fresh", n_train=1, n_test=4, seed=9)
+    for kind in ("good", "blob"):
+        for p in (fresh / "stripes" / "test" / kind).iterdir():
+            shutil.copy(p, data / ("good" if kind == "good" else "bad") / p.name)
+    report_path = tmp_path / "r.json"
+    assert main(["test", str(tiny_model), str(tmp_path / "line"), "--json", str(report_path), "-q"]) == 0
+    report = _strict_json(report_path)
+    assert report["left_out"]["fit_images"] + report["left_out"]["calibration_images"] == 3
+    assert report["rows"][0]["n"] == 8 and report["rows"][0]["defective"] == 4
+
+
+def test_cli_test_with_the_type_withheld_reports_the_routers_accuracy(
+        tiny_model: Path, clear_dataset: Path, tmp_path: Path) -> None:
+    report_path = tmp_path / "r.json"
+    assert main(["test", str(tiny_model), str(clear_dataset), "--unknown-type", "--json",
+                 str(report_path), "-q"]) == 0
+    report = _strict_json(report_path)
+    assert report["type_known"] is False and report["type_accuracy"] > 0.9
+    assert {i["predicted_type"] for i in report["images"]} == {"stripes", "dots"}
+
+
+def test_cli_test_names_types_the_model_does_not_know(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_clear_dataset(tmp_path / "fresh", n_train=1, n_test=3, seed=7)
+    (data / "dots").rename(data / "squares")
+    assert main(["test", str(tiny_model), str(data), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "images of types the model does not know are left out (squares" in err
+    shutil.rmtree(data / "stripes")
+    assert main(["test", str(tiny_model), str(data), "-q"]) == 1
+    assert "none of its types (squares) is the model's" in capsys.readouterr().err
+
+
+def test_cli_test_warns_when_a_bundle_cannot_say_what_it_was_calibrated_on(
+        tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    meta = json.loads((model / "metadata.json").read_text())
+    del meta["training_data"]["calibration_image_fingerprints"]  # as bundles written before
+    (model / "metadata.json").write_text(json.dumps(meta))
+    report_path = tmp_path / "r.json"
+    assert main(["test", str(model), str(clear_dataset), "--json", str(report_path), "-q"]) == 0
+    assert "does not list the images it was calibrated on" in capsys.readouterr().err
+    assert _strict_json(report_path)["left_out"]["calibration_images"] == 0
+
+
+def test_images_a_model_was_recalibrated_on_are_left_out_of_its_test(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    data = write_clear_dataset(tmp_path / "fresh", n_train=6, n_test=2, seed=5)
+    assert main(["calibrate", str(model), str(data), "-q"]) == 0
+    report_path = tmp_path / "r.json"
+    assert main(["test", str(model), str(data), "--json", str(report_path), "-q"]) == 0
+    report = _strict_json(report_path)
+    assert report["left_out"]["calibration_images"] == 2 * (6 + 2)  # every GOOD image it was given
+    assert len(report["images"]) == 2 * 2 and {i["label"] for i in report["images"]} == {"defective"}
+    assert "its AUROC and FPR cannot be measured" in capsys.readouterr().out
