@@ -165,6 +165,13 @@ ROWS: list[tuple[str, str, str, dict[str, Any], int, str]] = [
         "bad_multipart",
     ),
     ("batch not multipart", "POST", "/v1/inspect/batch", {"content": GOOD}, 415, "multipart_required"),
+    # text PostgreSQL cannot store (a NUL) read there as the store being down (503)
+    ("reviewer with NUL", "POST", "/v1/review/1", {"json": {"verdict": "BAD", "reviewer": "a\x00b"}},
+     422, "bad_reviewer"),
+    ("note with ESC", "POST", "/v1/review/1", {"json": {"verdict": "BAD", "note": "x\x1b[2Jy"}},
+     422, "bad_note"),
+    ("filter with NUL", "GET", "/v1/results", {"params": {"part_id": "p\x00"}}, 422, "bad_part_id"),
+    ("source filter with NUL", "GET", "/v1/results", {"params": {"source": "\x00"}}, 422, "bad_source"),
     ("unknown route", "GET", "/v1/nothing-here", {}, 404, "no_such_route"),
     ("wrong method", "DELETE", "/v1/results", {}, 405, "method_not_allowed"),
     ("no token", "GET", "/v1/results", {"headers": {"Authorization": ""}}, 401, "unauthorized"),

@@ -98,13 +98,22 @@ async def test_service_on_postgres(detector: Any, samples: Samples, pg_url: str,
             ids.append(r.json()["id"])
         r = await client.post(f"/v1/review/{ids[0]}", headers=AUTH, json={"verdict": "GOOD"})
         assert r.json()["review"] == "GOOD"
+        # a NUL (PostgreSQL stores none) is the client's 422, not a store outage's 503; a note's
+        # line breaks are kept
+        r = await client.post(f"/v1/review/{ids[1]}", headers=AUTH, json={"verdict": "BAD", "note": "a\x00"})
+        assert (r.status_code, r.json()["code"]) == (422, "bad_note")
+        r = await client.get("/v1/results", headers=AUTH, params={"line": "l\x00"})
+        assert (r.status_code, r.json()["code"]) == (422, "bad_line")
+        r = await client.post(f"/v1/review/{ids[1]}", headers=AUTH,
+                              json={"verdict": "GOOD", "reviewer": "ann", "note": "scratch,\nnot a crack"})
+        assert r.json()["review_note"] == "scratch,\nnot a crack"
         res = (await client.get("/v1/results", headers=AUTH, params={"decision": "REVIEW"})).json()
         assert sorted(x["id"] for x in res["results"]) == ids
         assert (await client.get(f"/v1/results/{ids[1]}/heatmap", headers=AUTH)).status_code == 200
         model = (await client.get("/v1/model", headers=AUTH)).json()
         assert model["service"]["store"].startswith("postgresql://")
     with ResultStore(pg_url) as store:
-        assert store.count() == 3 and store.pending_reviews() == 2
+        assert store.count() == 3 and store.pending_reviews() == 1
 
 
 @pytest.fixture

@@ -542,15 +542,21 @@ def _bad_char(c: str) -> bool:
     return o < 32 or 0x7F <= o <= 0x9F or o in (0x2028, 0x2029, 0xFFFD) or 0xD800 <= o <= 0xDFFF
 
 
-def _check_id(value: str | None, name: str) -> str | None:
+def _check_id(value: str | None, name: str, *, max_len: int = MAX_ID_LEN, breaks: bool = False) -> str | None:
+    """``value`` (None stays None), or a 422 ``bad_<name>``: empty, over ``max_len`` characters or
+    holding a character :func:`_bad_char` names (with ``breaks``, line breaks and tabs are let
+    through: a note). PostgreSQL refuses a NUL in any text, so one would otherwise reach the store
+    and read as the store being down."""
     if value is None:
         return None
-    if not value or len(value) > MAX_ID_LEN or any(_bad_char(c) for c in value):
+    allowed = "\n\r\t" if breaks else ""
+    if not value or len(value) > max_len or any(_bad_char(c) and c not in allowed for c in value):
+        but = " but line breaks and tabs" if breaks else ""
         raise ServiceError(
             422,
             f"bad_{name}",
-            f"{name} must be 1..{MAX_ID_LEN} printable characters of valid UTF-8 "
-            "(no control characters, DEL or line separators)",
+            f"{name} must be 1..{max_len} printable characters of valid UTF-8 "
+            f"(no control characters{but}, DEL or line separators)",
         )
     return value
 
@@ -1044,6 +1050,10 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     ) -> dict[str, Any]:
         if decision is not None and decision not in DECISIONS:
             raise ServiceError(422, "bad_decision", f"decision must be one of {', '.join(DECISIONS)}")
+        for name, value in (("feature_type", feature_type), ("part_id", part_id), ("line", line),
+                            ("station", station), ("camera", camera), ("source", source)):
+            if value:  # an empty one filters as it always did
+                _check_id(value, name, max_len=1000 if name == "source" else MAX_ID_LEN)
         _, store = state.require()
         recs = await run_in_threadpool(
             lambda: store.query(
@@ -1114,6 +1124,10 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
 
     @api.post("/v1/review/{record_id}")
     async def review(body: ReviewIn, record_id: int = RECORD_ID) -> dict[str, Any]:
+        if body.reviewer:
+            _check_id(body.reviewer, "reviewer")
+        if body.note:
+            _check_id(body.note, "note", max_len=2000, breaks=True)
         rec = await _get_record(record_id)
         if rec.decision == NOT_INSPECTED:
             raise ServiceError(409, "not_inspected", f"result {record_id} was not inspected")
