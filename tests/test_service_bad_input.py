@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -591,3 +592,17 @@ def test_watch_feature_type_is_checked_against_the_model(detector: Any, tmp_path
         assert "'tpye_a'" in str(err.value)
         assert all(t in str(err.value) for t in detector.classes_)
         FolderWatcher(WatchSettings(tmp_path, feature_type=detector.classes_[0]), pipeline, store)
+
+
+async def test_a_request_while_the_service_starts_or_stops_is_told_when_to_retry(
+        detector: Any, tmp_path: Path) -> None:
+    """Before its lifespan has started (or after it ended) the app answers 503 not_ready, with
+    the Retry-After its other 503s (overloaded, store_unavailable) carry."""
+    from diffqc.service.app import ServiceSettings, create_app
+
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=("t",), retry_after_s=3),
+                     detector=detector)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client:
+        for url in ("/v1/results", "/v1/line"):
+            r = await client.get(url, headers={"Authorization": "Bearer t"})
+            assert (r.status_code, r.json()["code"], r.headers.get("retry-after")) == (503, "not_ready", "3")

@@ -454,8 +454,14 @@ class ServiceState:
 
     def require(self) -> tuple[InspectionPipeline, ResultStore]:
         if self.pipeline is None or self.store is None:
-            raise ServiceError(503, "not_ready", "the service is starting or stopping")
+            raise self.not_ready()
         return self.pipeline, self.store
+
+    def not_ready(self) -> ServiceError:
+        """The 503 of a request that comes while the service starts or stops, with the
+        Retry-After its other 503s carry."""
+        return ServiceError(503, "not_ready", "the service is starting or stopping",
+                            headers={"Retry-After": str(self.settings.retry_after_s)})
 
 
 def _model_info(det: Any) -> dict[str, Any]:
@@ -901,7 +907,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     async def line_status() -> dict[str, Any]:
         """Drift watch per type, push sinks (pending, dead letters), retention, calibration."""
         if state.line is None:
-            raise ServiceError(503, "not_ready", "the service is starting or stopping")
+            raise state.not_ready()
         return dict(json_safe(await run_in_threadpool(state.line.status)))
 
     @api.post("/v1/sinks/{name}/requeue")
