@@ -11,7 +11,7 @@ import pytest
 
 from diffqc.cli import main
 from diffqc.data import DEFECTIVE, GOOD, Sample
-from diffqc.holdout import decision_table, format_table
+from diffqc.holdout import decision_table, format_table, recall_by_kind
 from diffqc.inspection import Inspection
 from tests.conftest import write_clear_dataset
 
@@ -42,6 +42,20 @@ def test_decision_table_counts_flagged_good_parts_and_caught_defects() -> None:
     assert "recall" in text.splitlines()[0] and "nan" not in text
 
 
+def test_recall_by_defect_kind_names_the_defects_that_pass() -> None:
+    kinds = ["crack", "crack", "crack", "hole", None]
+    decisions = ["REJECT", "PASS", "PASS", "REVIEW", "PASS"]
+    samples = [Sample(Path(f"{i}.png"), "a", DEFECTIVE, defect=k) for i, k in enumerate(kinds)]
+    samples.append(Sample(Path("g.png"), "a", GOOD, defect="good"))
+    results = [Inspection(score=0.0, p_value=0.5, decision=d, feature_type="a", predicted_type=None,
+                          type_known=True) for d in [*decisions, "REVIEW"]]
+    got = recall_by_kind(samples, results)["a"]
+    assert list(got) == ["crack", "defect", "hole"]  # GOOD parts are not a kind
+    assert (got["crack"]["n"], got["crack"]["flagged"]) == (3, 1)
+    assert got["crack"]["recall"] == pytest.approx(1 / 3) and got["hole"]["recall"] == 1.0
+    assert got["defect"]["recall"] == 0.0
+
+
 def test_cli_test_scores_only_the_images_the_model_never_saw(
         tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """On the folder it was trained on, every GOOD training image is left out (fit or calibrated
@@ -62,6 +76,8 @@ def test_cli_test_scores_only_the_images_the_model_never_saw(
         assert rows[t]["image_auroc"] > 0.9
     assert len(report["images"]) == 32 and {i["label"] for i in report["images"]} == {"good", "defective"}
     assert (report["runtime"], report["type_known"]) == ("torch", True)
+    assert {t: list(k) for t, k in report["defect_kinds"].items()} == {"dots": ["blob"], "stripes": ["blob"]}
+    assert report["defect_kinds"]["dots"]["blob"]["n"] == 8
 
     # an existing --json is not overwritten without --force (refused before anything is scored)
     before = report_path.read_bytes()

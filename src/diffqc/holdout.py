@@ -79,6 +79,22 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def recall_by_kind(samples: Sequence[Sample], results: Sequence[Inspection]) -> dict[str, dict[str, Any]]:
+    """Per type and defect kind (the folder a defect came from; ``defect`` without one): how many
+    defective parts, and the share flagged (REVIEW or REJECT) — which defects the model lets pass."""
+    out: dict[str, dict[str, Any]] = {}
+    for s, r in zip(samples, results, strict=True):
+        if s.label != DEFECTIVE:
+            continue
+        kind = out.setdefault(s.feature_type, {}).setdefault(s.defect or "defect", {"n": 0, "flagged": 0})
+        kind["n"] += 1
+        kind["flagged"] += r.decision != PASS
+    for kinds in out.values():
+        for counts in kinds.values():
+            counts["recall"] = counts["flagged"] / counts["n"]
+    return {t: dict(sorted(k.items())) for t, k in sorted(out.items())}
+
+
 def unseen(meta: dict[str, Any], samples: Sequence[Sample]) -> tuple[list[Sample], dict[str, int]]:
     """The samples whose files the bundle was neither fit nor calibrated on (by content: the bundle
     keeps their fingerprints), and how many of each were left out. A bundle written before it
@@ -133,6 +149,7 @@ def test_bundle(detector: Any, data: Path | str, *, type_known: bool = True, ski
                     "score": r.score, "p_value": r.p_value, "decision": r.decision,
                     "predicted_type": r.predicted_type} for s, r in zip(read, results, strict=True)],
     }
+    report["defect_kinds"] = recall_by_kind(read, results)
     if not type_known:
         report["type_accuracy"] = float(np.mean([r.predicted_type == s.feature_type
                                                  for s, r in zip(read, results, strict=True)]))
@@ -146,6 +163,10 @@ def _summary(report: dict[str, Any], model: Path) -> str:
              f"; {report['runtime']}, {report['precision']})"
              + (f"; left out: {', '.join(said)}" if said else ""),
              format_table(report["rows"])]
+    for t, kinds in report["defect_kinds"].items():
+        if len(kinds) > 1:
+            lines.append(f"recall by defect kind, {t}: " + ", ".join(
+                f"{k} {c['recall']:.3f} ({c['flagged']}/{c['n']})" for k, c in kinds.items()))
     if "type_accuracy" in report:
         lines.append(f"type predicted correctly (type router): {report['type_accuracy']:.3f}")
     rows = report["rows"][:-1]
