@@ -120,7 +120,7 @@ def unseen(meta: dict[str, Any], samples: Sequence[Sample]) -> tuple[list[Sample
     return kept, left
 
 
-def test_bundle(detector: Any, data: Path | str, *, type_known: bool = True, skip_corrupt: bool = False,
+def holdout_report(detector: Any, data: Path | str, *, type_known: bool = True, skip_corrupt: bool = False,
                 progress: bool = False) -> dict[str, Any]:
     """Score the labelled images of ``data`` that ``detector`` never saw; returns the report:
     ``rows`` (:func:`decision_table`), what was left out, ``type_accuracy`` when the type was
@@ -185,7 +185,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     if json_path is not None and json_path.exists() and not args.force:
         raise OutputError(f"{json_path} exists; pass --force to overwrite it")
     det = runtime_from_args(args, args.model)
-    report = test_bundle(det, args.data, type_known=not args.unknown_type,
+    report = holdout_report(det, args.data, type_known=not args.unknown_type,
                          skip_corrupt=args.skip_corrupt, progress=not args.quiet)
     report = {"model": path_text(args.model), "runtime": getattr(det, "runtime", "torch"),
               "precision": getattr(det, "precision", "fp32"), **report}
