@@ -108,6 +108,16 @@ def test_cli_test_finds_copies_of_training_images_by_content(
     assert report["left_out"]["fit_images"] + report["left_out"]["calibration_images"] == 3
     assert report["rows"][0]["n"] == 8 and report["rows"][0]["defective"] == 4
 
+    # a manifest's rows without a label are not scored, and counted
+    label = {"good": "good", "bad": ""}
+    rows = ["path,feature_type,label"] + [f"{p.as_posix()},stripes,{label[p.parent.name]}"
+                                           for p in sorted(data.rglob("*.png"))]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    assert main(["test", str(tiny_model), str(tmp_path / "m.csv"), "--json", str(report_path), "--force",
+                 "-q"]) == 0
+    assert _strict_json(report_path)["left_out"]["unlabelled"] == 4
+    assert "4 unlabelled" in capsys.readouterr().out
+
 
 def test_cli_test_with_the_type_withheld_reports_the_routers_accuracy(
         tiny_model: Path, clear_dataset: Path, tmp_path: Path) -> None:

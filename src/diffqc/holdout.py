@@ -125,7 +125,8 @@ def holdout_report(detector: Any, data: Path | str, *, type_known: bool = True, 
     """Score the labelled images of ``data`` that ``detector`` never saw; returns the report:
     ``rows`` (:func:`decision_table`), what was left out, ``type_accuracy`` when the type was
     withheld (``type_known=False``: the type router picks it) and ``images``, one entry per image."""
-    samples = [s for s in load_dataset(data) if s.label in (GOOD, DEFECTIVE)]
+    listed = load_dataset(data)
+    samples = [s for s in listed if s.label in (GOOD, DEFECTIVE)]
     if not samples:
         raise DatasetError(f"{data}: no labelled images (GOOD or defective) to test on")
     classes = list(detector.classes_)
@@ -141,8 +142,9 @@ def holdout_report(detector: Any, data: Path | str, *, type_known: bool = True, 
     rows = decision_table(read, results)
     report: dict[str, Any] = {
         "data": path_text(data), "type_known": type_known,
-        "left_out": {"other_types": len(samples) - len(ours), "fit_images": left["fit"],
-                     "calibration_images": left["calibration"], "unreadable": len(kept) - len(read)},
+        "left_out": {"unlabelled": len(listed) - len(samples), "other_types": len(samples) - len(ours),
+                     "fit_images": left["fit"], "calibration_images": left["calibration"],
+                     "unreadable": len(kept) - len(read)},
         "rows": rows,
         "images": [{"path": path_text(s.path), "feature_type": s.feature_type,
                     "label": "good" if s.label == GOOD else "defective", "defect": s.defect,
