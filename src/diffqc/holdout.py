@@ -103,10 +103,14 @@ def unseen(meta: dict[str, Any], samples: Sequence[Sample]) -> tuple[list[Sample
     training = meta.get("training_data", {})
     fitted = set(training.get("fit_image_fingerprints") or ())
     calibrated = set(training.get("calibration_image_fingerprints") or ())
-    if "calibration_image_fingerprints" not in training:
-        warnings.warn("this bundle does not list the images it was calibrated on (written before "
-                      "bundles did); GOOD images of DATA it was calibrated on would be flagged at "
-                      "the target rate by construction: test on parts it never saw", stacklevel=3)
+    unlisted = [what for what, key in (("fit", "fit_image_fingerprints"),
+                                       ("calibrated", "calibration_image_fingerprints"))
+                if key not in training]
+    if unlisted:
+        warnings.warn(f"this bundle does not list the images it was {' or '.join(unlisted)} on "
+                      "(written before bundles did): GOOD images of DATA it was calibrated on would "
+                      "be flagged at the target rate by construction, and those it was fit on less "
+                      "often than new parts; test on parts it never saw", stacklevel=3)
     kept: list[Sample] = []
     left = {"fit": 0, "calibration": 0}
     for s in samples:
@@ -120,8 +124,8 @@ def unseen(meta: dict[str, Any], samples: Sequence[Sample]) -> tuple[list[Sample
     return kept, left
 
 
-def holdout_report(detector: Any, data: Path | str, *, type_known: bool = True, skip_corrupt: bool = False,
-                progress: bool = False) -> dict[str, Any]:
+def holdout_report(detector: Any, data: Path | str, *, type_known: bool = True,
+                   skip_corrupt: bool = False, progress: bool = False) -> dict[str, Any]:
     """Score the labelled images of ``data`` that ``detector`` never saw; returns the report:
     ``rows`` (:func:`decision_table`), what was left out, ``type_accuracy`` when the type was
     withheld (``type_known=False``: the type router picks it) and ``images``, one entry per image."""
@@ -150,8 +154,8 @@ def holdout_report(detector: Any, data: Path | str, *, type_known: bool = True, 
                     "label": "good" if s.label == GOOD else "defective", "defect": s.defect,
                     "score": r.score, "p_value": r.p_value, "decision": r.decision,
                     "predicted_type": r.predicted_type} for s, r in zip(read, results, strict=True)],
+        "defect_kinds": recall_by_kind(read, results),
     }
-    report["defect_kinds"] = recall_by_kind(read, results)
     if not type_known:
         report["type_accuracy"] = float(np.mean([r.predicted_type == s.feature_type
                                                  for s, r in zip(read, results, strict=True)]))
@@ -188,7 +192,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         raise OutputError(f"{json_path} exists; pass --force to overwrite it")
     det = runtime_from_args(args, args.model)
     report = holdout_report(det, args.data, type_known=not args.unknown_type,
-                         skip_corrupt=args.skip_corrupt, progress=not args.quiet)
+                            skip_corrupt=args.skip_corrupt, progress=not args.quiet)
     report = {"model": path_text(args.model), "runtime": getattr(det, "runtime", "torch"),
               "precision": getattr(det, "precision", "fp32"), **report}
     print(_summary(report, args.model))
