@@ -319,6 +319,12 @@ async def test_review_flow_and_export(detector: Any, samples: Samples, tmp_path:
     both = sorted(load_dataset(tmp_path / "both"), key=lambda s: s.label)
     assert [(s.label, s.part_id) for s in both] == [(0, "rv-0"), (1, "rv-1")]
     assert both[1].path.read_bytes() == samples.by_decision["REVIEW"][1][0]
+    from diffqc.holdout import holdout_report
+
+    with pytest.warns(UserWarning, match="is a `diffqc results export`: its parts are those operators"):
+        report = holdout_report(detector, tmp_path / "both")  # what `diffqc test MODEL OUT` says
+    assert [(i["label"], i["decision"]) for i in report["images"]] == [
+        ("good", "REVIEW"), ("defective", "REVIEW")]
     # again into the same folder (an earlier export): its own files are replaced
     assert export_reviewed_good(db, tmp_path / "export")["exported"] == 1
     assert len(load_dataset(tmp_path / "export" / "manifest.csv")) == 1

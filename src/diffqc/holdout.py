@@ -28,6 +28,7 @@ from diffqc.errors import DatasetError, OutputError
 from diffqc.inspection import Inspection
 from diffqc.metrics import image_auroc
 from diffqc.output import json_line, json_safe, path_text, write_atomic
+from diffqc.recalibrate import export_selection_notes
 
 
 def decision_table(samples: Sequence[Sample], results: Sequence[Inspection]) -> list[dict[str, Any]]:
@@ -130,6 +131,11 @@ def holdout_report(detector: Any, data: Path | str, *, type_known: bool = True,
     ``rows`` (:func:`decision_table`), what was left out, ``type_accuracy`` when the type was
     withheld (``type_known=False``: the type router picks it) and ``images``, one entry per image."""
     listed = load_dataset(data)
+    if export_selection_notes(data) is not None:
+        warnings.warn(f"{data} is a `diffqc results export`: its parts are those operators reviewed, "
+                      "chosen by their decision (the flagged ones, mostly), so the FPR and recall "
+                      "below are not the line's rates: they say which of these parts the model "
+                      "still flags", stacklevel=2)
     samples = [s for s in listed if s.label in (GOOD, DEFECTIVE)]
     if not samples:
         raise DatasetError(f"{data}: no labelled images (GOOD or defective) to test on")

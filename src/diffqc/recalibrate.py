@@ -105,17 +105,22 @@ def selection_note(feature_type: str, counts: dict[str, int]) -> str | None:
             "parts the model scored highest, not a sample of the line's")
 
 
-def _refuse_selected(data: Path | str) -> None:
-    """DATA, a `diffqc results export` whose parts of a type were chosen by their decision, is
-    refused: calibrated on them, the thresholds rise and defects pass."""
+def export_selection_notes(data: Path | str) -> list[str] | None:
+    """None when DATA is not a `diffqc results export` (no readable :data:`EXPORT_SUMMARY_FILE`
+    beside its manifest); else the :func:`selection_note` of each type that has one."""
     src = Path(data)
     folder = src.parent if src.suffix.lower() == ".csv" and src.name == "manifest.csv" else src
     try:
         types = json.loads((folder / EXPORT_SUMMARY_FILE).read_text(encoding="utf-8"))["types"]
-        notes = [note for t, c in sorted(types.items()) if (note := selection_note(t, c))]
+        return [note for t, c in sorted(types.items()) if (note := selection_note(t, c))]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, or not an export's
-        return
-    if notes:
+        return None
+
+
+def _refuse_selected(data: Path | str) -> None:
+    """DATA, a `diffqc results export` whose parts of a type were chosen by their decision, is
+    refused: calibrated on them, the thresholds rise and defects pass."""
+    if notes := export_selection_notes(data):
         raise DatasetError(f"{data} is a `diffqc results export` whose parts are no sample of the "
                            f"line's GOOD parts: {'; '.join(notes)}. Calibrated on them, the "
                            "thresholds would rise and defects pass (magnetic tile: defect recall at "
