@@ -79,9 +79,20 @@ async def test_inspect_raw_and_multipart_store_one_record_each(
         assert mp["part_id"] == "mp-1" and mp["score"] == pytest.approx(raw["score"], rel=1e-4)
         assert (mp["line"], mp["station"], mp["camera"]) == ("L1", "S2", "C3")
 
-        # stored before the answer: the store has exactly these two rows
+        # an empty part id is none, as an empty line, station or camera is (it was a 422 in the
+        # query string, which a PLC template sending `part_id=` for a part without one met)
+        r = await client.post("/v1/inspect", content=body, headers=AUTH,
+                              params={"feature_type": ftype, "part_id": "", "line": ""})
+        assert r.status_code == 200, r.text
+        assert (r.json()["part_id"], r.json()["line"]) == (None, None)
+        two = [("image", (f"{k}.png", body, "image/png")) for k in "ab"]
+        r = await client.post("/v1/inspect/batch", headers=AUTH, data={"part_id": ["b-1", ""]}, files=two)
+        assert r.status_code == 200, r.text
+        assert [x["part_id"] for x in r.json()["results"]] == ["b-1", None]
+
+        # stored before the answer: the store has exactly these rows
         rows = state.store.query(limit=None)
-        assert sorted(x.part_id for x in rows) == ["mp-1", "raw-1"]
+        assert sorted(x.part_id or "" for x in rows) == ["", "", "b-1", "mp-1", "raw-1"]
 
         heat = await client.get(raw["heatmap_url"], headers=AUTH)
         assert heat.status_code == 200 and heat.headers["content-type"] == "image/png"

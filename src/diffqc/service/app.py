@@ -927,7 +927,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     ) -> JSONResponse:
         t0 = time.perf_counter()
         ftype = _check_type(state, feature_type)
-        part = _check_id(part_id, "part_id")
+        part = _check_id(part_id or None, "part_id")  # empty: none, as line/station/camera
         key = _check_id(_header(request, "idempotency-key"), "idempotency_key")
         _, store = state.require()
         body = await _read_body(request, settings.max_upload_bytes)
@@ -1013,7 +1013,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         ftypes = [_check_type(state, t) for t in (types * n if len(types) == 1 else types)] or [
             default_type
         ] * n
-        pids = [_check_id(p, "part_id") for p in parts] or [None] * n
+        pids = [_check_id(p or None, "part_id") for p in parts] or [None] * n
 
         jobs = []
         for i, data in enumerate(datas):
