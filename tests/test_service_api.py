@@ -93,6 +93,9 @@ async def test_inspect_raw_and_multipart_store_one_record_each(
         # stored before the answer: the store has exactly these rows
         rows = state.store.query(limit=None)
         assert sorted(x.part_id or "" for x in rows) == ["", "", "b-1", "mp-1", "raw-1"]
+        # and an empty filter (a form's empty field) is no filter
+        r = await client.get("/v1/results", headers=AUTH, params={"part_id": "", "line": "", "source": ""})
+        assert r.json()["count"] == 5
 
         heat = await client.get(raw["heatmap_url"], headers=AUTH)
         assert heat.status_code == 200 and heat.headers["content-type"] == "image/png"

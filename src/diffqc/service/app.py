@@ -1056,24 +1056,19 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     ) -> dict[str, Any]:
         if decision is not None and decision not in DECISIONS:
             raise ServiceError(422, "bad_decision", f"decision must be one of {', '.join(DECISIONS)}")
-        for name, value in (("feature_type", feature_type), ("part_id", part_id), ("line", line),
-                            ("station", station), ("camera", camera), ("source", source)):
-            if value:  # an empty one filters as it always did
-                _check_id(value, name, max_len=1000 if name == "source" else MAX_ID_LEN)
+        # an empty value (a form's empty field) is no filter, as on an upload it is no value
+        text = {name: _check_id(value or None, name, max_len=1000 if name == "source" else MAX_ID_LEN)
+                for name, value in (("feature_type", feature_type), ("part_id", part_id), ("line", line),
+                                    ("station", station), ("camera", camera), ("source", source))}
         _, store = state.require()
         recs = await run_in_threadpool(
             lambda: store.query(
                 since=parse_time(since, "since"),
                 until=parse_time(until, "until"),
-                feature_type=feature_type,
                 decision=decision,
                 reviewed=reviewed,
                 review=review,
-                part_id=part_id,
-                line=line,
-                station=station,
-                camera=camera,
-                source=source,
+                **text,
                 after_id=after_id,
                 before_id=before_id,
                 limit=limit,
