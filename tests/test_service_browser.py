@@ -108,7 +108,12 @@ def test_dashboard_shows_decisions_and_records_a_review(
     browser.find_element(By.ID, "token").send_keys("wrong-token")
     browser.find_element(By.ID, "connect").click()
     wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "token refused"))
+    # and a part looked for meanwhile keeps that said (it was overwritten by "unauthorized")
+    browser.find_element(By.ID, "find").send_keys("#1\n")
+    time.sleep(0.5)
+    assert "token refused" in browser.find_element(By.ID, "status").text
 
+    browser.find_element(By.ID, "token").clear()
     browser.find_element(By.ID, "token").send_keys(TOKEN)
     browser.find_element(By.ID, "connect").click()
     wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
