@@ -857,7 +857,7 @@ def _export_int8(
     assert calibration_data is not None
     classes, size = det.classes_, det.config.backbone.input_size
     samples = of_the_model(load_dataset(calibration_data), classes,
-                            None if data_named else calibration_data)
+                           None if data_named else calibration_data)
     good = good_training(samples)
     if not good:
         raise DatasetError(f"no GOOD images of the model's types ({', '.join(classes)}) "
