@@ -548,12 +548,14 @@ def _bad_char(c: str) -> bool:
     return o < 32 or 0x7F <= o <= 0x9F or o in (0x2028, 0x2029, 0xFFFD) or 0xD800 <= o <= 0xDFFF
 
 
-def _check_id(value: str | None, name: str, *, max_len: int = MAX_ID_LEN, breaks: bool = False) -> str | None:
-    """``value`` (None stays None), or a 422 ``bad_<name>``: empty, over ``max_len`` characters or
-    holding a character :func:`_bad_char` names (with ``breaks``, line breaks and tabs are let
-    through: a note). PostgreSQL refuses a NUL in any text, so one would otherwise reach the store
-    and read as the store being down."""
-    if value is None:
+def _check_id(value: str | None, name: str, *, max_len: int = MAX_ID_LEN, breaks: bool = False,
+              allow_empty: bool = True) -> str | None:
+    """``value``; None for None or an empty one (no value, as a form's empty field sends it;
+    with ``allow_empty=False``, a key that must name something, a 422 instead); or a 422
+    ``bad_<name>`` when over ``max_len`` characters or holding a character :func:`_bad_char`
+    names (with ``breaks``, line breaks and tabs are let through: a note). PostgreSQL refuses a
+    NUL in any text, so one would otherwise reach the store and read as the store being down."""
+    if value is None or (value == "" and allow_empty):
         return None
     allowed = "\n\r\t" if breaks else ""
     if not value or len(value) > max_len or any(_bad_char(c) and c not in allowed for c in value):
@@ -927,8 +929,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     ) -> JSONResponse:
         t0 = time.perf_counter()
         ftype = _check_type(state, feature_type)
-        part = _check_id(part_id or None, "part_id")  # empty: none, as line/station/camera
-        key = _check_id(_header(request, "idempotency-key"), "idempotency_key")
+        part = _check_id(part_id, "part_id")
+        key = _check_id(_header(request, "idempotency-key"), "idempotency_key", allow_empty=False)
         _, store = state.require()
         body = await _read_body(request, settings.max_upload_bytes)
         meta = _line_meta(request)
@@ -1013,7 +1015,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         ftypes = [_check_type(state, t) for t in (types * n if len(types) == 1 else types)] or [
             default_type
         ] * n
-        pids = [_check_id(p or None, "part_id") for p in parts] or [None] * n
+        pids = [_check_id(p, "part_id") for p in parts] or [None] * n
 
         jobs = []
         for i, data in enumerate(datas):
@@ -1057,7 +1059,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         if decision is not None and decision not in DECISIONS:
             raise ServiceError(422, "bad_decision", f"decision must be one of {', '.join(DECISIONS)}")
         # an empty value (a form's empty field) is no filter, as on an upload it is no value
-        text = {name: _check_id(value or None, name, max_len=1000 if name == "source" else MAX_ID_LEN)
+        text = {name: _check_id(value, name, max_len=1000 if name == "source" else MAX_ID_LEN)
                 for name, value in (("feature_type", feature_type), ("part_id", part_id), ("line", line),
                                     ("station", station), ("camera", camera), ("source", source))}
         _, store = state.require()
@@ -1125,10 +1127,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
 
     @api.post("/v1/review/{record_id}")
     async def review(body: ReviewIn, record_id: int = RECORD_ID) -> dict[str, Any]:
-        if body.reviewer:
-            _check_id(body.reviewer, "reviewer")
-        if body.note:
-            _check_id(body.note, "note", max_len=2000, breaks=True)
+        _check_id(body.reviewer, "reviewer")
+        _check_id(body.note, "note", max_len=2000, breaks=True)
         rec = await _get_record(record_id)
         if rec.decision == NOT_INSPECTED:
             raise ServiceError(409, "not_inspected", f"result {record_id} was not inspected")
