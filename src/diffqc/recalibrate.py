@@ -131,10 +131,12 @@ def _refuse_selected(data: Path | str) -> None:
                            "parts like these lower, add them to its training images and retrain")
 
 
-def _not_fitted_on(meta: dict[str, Any], samples: list[Any], data: Path | str) -> tuple[list[Any], int]:
+def _not_fitted_on(meta: dict[str, Any], samples: list[Any], data: Path | str
+                   ) -> tuple[list[Any], int, list[str]]:
     """The samples whose files are not images the model was fit on (by content: the bundle keeps
-    their fingerprints), and how many were left out. A fit image scores lower than a new GOOD part
-    of the line would, so calibrated on it the thresholds would flag too many GOOD parts.
+    their fingerprints), how many were left out, and the kept ones' fingerprints (none for such a
+    bundle, below). A fit image scores lower than a new GOOD part of the line would, so
+    calibrated on it the thresholds would flag too many GOOD parts.
     A bundle written before the fingerprints were kept cannot be checked: a warning says so."""
     from diffqc.data import fingerprint
 
@@ -143,9 +145,10 @@ def _not_fitted_on(meta: dict[str, Any], samples: list[Any], data: Path | str) -
         warnings.warn("this bundle does not list the images it was fit on (it was written before "
                       "bundles did): make sure DATA holds only parts the model never trained on",
                       CalibrationWarning, stacklevel=3)
-        return samples, 0
+        return samples, 0, []
     fitted = set(fitted)
-    kept = [s for s in samples if not (s.path.is_file() and fingerprint(s.path) in fitted)]
+    prints = {s.path: fingerprint(s.path) for s in samples if s.path.is_file()}
+    kept = [s for s in samples if prints.get(s.path) not in fitted]
     left_out = len(samples) - len(kept)
     if not kept:
         raise DatasetError(f"{data}: all {left_out} GOOD images are images the model was fit on; "
@@ -156,7 +159,7 @@ def _not_fitted_on(meta: dict[str, Any], samples: list[Any], data: Path | str) -
                       "was fit on (the same file contents); they are left out: their scores are "
                       "lower than new GOOD parts' and would set the thresholds too low",
                       CalibrationWarning, stacklevel=3)
-    return kept, left_out
+    return kept, left_out, [prints[s.path] for s in kept if s.path in prints]
 
 
 def _name_other_sizes(meta: dict[str, Any], samples: list[Any]) -> None:
@@ -194,7 +197,7 @@ def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = Fal
         raise UnknownFeatureTypeError(f"{data}: types {named} are not in the model "
                                       f"({', '.join(det.classes_)})")
     assert det.calibration_ is not None
-    samples, left_out = _not_fitted_on(det.metadata, samples, data)
+    samples, left_out, kept_prints = _not_fitted_on(det.metadata, samples, data)
     _name_other_sizes(det.metadata, samples)
     known, unknown = calibration_scores(det, samples, skip_corrupt=skip_corrupt, progress=progress)
     if not known:  # every one skipped as unreadable
@@ -231,11 +234,8 @@ def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = Fal
     training = meta.setdefault("training_data", {})
     training["calibration_images"] = {**training.get("calibration_images", {}), **counts}
     if "calibration_image_fingerprints" in training:  # `diffqc test` leaves these out too
-        from diffqc.data import fingerprint
-
-        new_prints = (fingerprint(s.path) for s in samples if s.path.is_file())
         training["calibration_image_fingerprints"] = sorted(
-            {*training["calibration_image_fingerprints"], *new_prints})
+            {*training["calibration_image_fingerprints"], *kept_prints})
     meta["recalibrated"] = {
         "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "data": str(data),
