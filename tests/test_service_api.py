@@ -383,6 +383,36 @@ async def test_idempotency_key_returns_the_stored_record(
         assert state.store.count() == 1
 
 
+async def test_a_not_inspected_part_is_inspected_when_retried_with_its_key(
+    detector: Any, samples: Samples, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NOT_INSPECTED is the service's failure, not the part's answer: a client's retry with the
+    same Idempotency-Key is inspected, and the failed attempt's record stays."""
+    body, ftype = samples.one("PASS")
+    async with running_app(detector, tmp_path) as (client, state):
+        headers = {**AUTH, "Idempotency-Key": "cam1-000019"}
+        params = {"feature_type": ftype, "part_id": "p19"}
+
+        def broken(batch: Any) -> Any:
+            raise RuntimeError("GPU out of memory")
+
+        with monkeypatch.context() as m:
+            m.setattr(state.pipeline, "_inspect", broken)
+            a = await client.post("/v1/inspect", content=body, headers=headers, params=params)
+        assert a.json()["decision"] == "NOT_INSPECTED"
+        b = await client.post("/v1/inspect", content=body, headers=headers, params=params)
+        assert b.status_code == 200 and b.json()["decision"] == "PASS"
+        assert b.json()["duplicate"] is False and b.json()["id"] != a.json()["id"]
+        c = await client.post("/v1/inspect", content=body, headers=headers, params=params)
+        assert c.json()["id"] == b.json()["id"] and c.json()["duplicate"] is True
+        first = state.store.get(a.json()["id"])
+        assert first is not None and first.decision == "NOT_INSPECTED"  # the failure stays stored
+        assert state.store.count() == 2
+        other = {**params, "part_id": "x"}  # the key still names one part
+        reused = await client.post("/v1/inspect", content=body, headers=headers, params=other)
+        assert reused.status_code == 409
+
+
 async def test_a_repeated_image_is_recorded_and_named(
     detector: Any, samples: Samples, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -48,7 +48,7 @@ def test_postgres_store_contract(pg_url: str) -> None:
         assert store.postgres
         store_contract(store)
     with ResultStore(pg_url) as again:  # schema creation is idempotent
-        assert again.count() == 5
+        assert again.count() == 7
 
 
 def test_postgres_concurrent_writers_and_two_processes_schema(pg_url: str) -> None:

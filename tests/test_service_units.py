@@ -380,7 +380,7 @@ def store_contract(store: ResultStore) -> None:
     assert w2.duplicate and w2.id == w1.id and w2.part_id == "f1"
     other = store.insert(_rec("f1", source="watch:y", dedup_key="f1.png|abc"))
     assert not other.duplicate and other.id != w1.id
-    assert store.has_keys("watch:x", ["f1.png|abc", "nope"]) == {"f1.png|abc"}
+    assert store.inspected_keys("watch:x", ["f1.png|abc", "nope"]) == {"f1.png|abc"}
     assert store.find_key("watch:x", "f1.png|abc") is not None
     # filters
     assert [r.part_id for r in store.query(decision="REVIEW")] == ["b1"]
@@ -416,6 +416,14 @@ def store_contract(store: ResultStore) -> None:
     nan = store.insert(_rec("nan", decision="REJECT", score=float("nan"), p_value=float("inf")))
     back = store.get(nan.id or 0)
     assert back is not None and back.score is None and back.p_value is None
+    # a key stored NOT_INSPECTED is not done: the next attempt takes the key, the failure stays
+    lost = store.insert(_rec("n1", NOT_INSPECTED, source="watch:x", dedup_key="n.png|d"))
+    assert store.inspected_keys("watch:x", ["n.png|d"]) == set()
+    retry = store.insert(_rec("n1", source="watch:x", dedup_key="n.png|d"))
+    assert not retry.duplicate and retry.id != lost.id
+    assert (store.get(lost.id or 0) or retry).decision == NOT_INSPECTED
+    assert (store.find_key("watch:x", "n.png|d") or lost).id == retry.id
+    assert store.insert(_rec("n1", source="watch:x", dedup_key="n.png|d")).duplicate
 
 
 def test_sqlite_store_contract_and_durability(tmp_path: Path) -> None:
@@ -426,7 +434,7 @@ def test_sqlite_store_contract_and_durability(tmp_path: Path) -> None:
         sync = store._writer.execute("PRAGMA synchronous").fetchone()[0]
         assert mode == "wal" and sync == 2  # FULL: fsync on every commit
     with ResultStore(f"sqlite:///{db}") as again:  # reopens, schema already there
-        assert again.count() == 5
+        assert again.count() == 7
 
 
 def test_sqlite_store_is_safe_across_threads(tmp_path: Path) -> None:

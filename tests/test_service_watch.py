@@ -327,6 +327,38 @@ def test_watch_records_unreadable_files_as_not_inspected(
     assert (folder / "failed" / "junk.png").exists()
 
 
+def test_a_failed_file_moved_back_is_tried_again(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file in failed/ (its inspection failed, or it was dropped under overload) moved back
+    into the folder as it was (same bytes, same modification time) is inspected, not taken for
+    a file stored before a crash and moved to processed/ uninspected."""
+    folder, pipe, store = rig
+    data, ftype = samples.all[0]
+    (folder / ftype).mkdir()
+    (folder / ftype / "p1.png").write_bytes(data)
+    w = _watcher(folder, pipe, store)
+
+    def broken(batch: Any) -> Any:
+        raise RuntimeError("GPU out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(pipe, "_inspect", broken)
+        w.step()
+    failed = folder / "failed" / ftype / "p1.png"
+    assert failed.is_file() and [r.decision for r in store.query()] == [NOT_INSPECTED]
+    os.rename(failed, folder / ftype / "p1.png")
+    report = w.step()
+    assert (report.inspected, report.already_recorded) == (1, 0)
+    assert (folder / "processed" / ftype / "p1.png").read_bytes() == data
+    assert sorted(r.decision != NOT_INSPECTED for r in store.query()) == [False, True]
+    (folder / "junk.png").write_bytes(b"not an image")  # unreadable: failed again, both stored
+    w.step()
+    os.rename(folder / "failed" / "junk.png", folder / "junk.png")
+    assert w.step().failed == 1 and (folder / "failed" / "junk.png").is_file()
+    assert [r.part_id for r in store.query()].count("junk") == 2
+
+
 def test_watch_restart_neither_skips_nor_double_counts(
     rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -953,7 +953,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             existing = await run_in_threadpool(store.find_key, HTTP_SOURCE, key)
             if existing is not None:
                 _check_replay(existing, digest)
-                return _inspect_response(existing, t0, duplicate=True)
+                if existing.decision != NOT_INSPECTED:  # else the retry is inspected
+                    return _inspect_response(existing, t0, duplicate=True)
         job = await decode(data, ftype, part, dedup_key=key, body_hash=digest, **meta)
         (rec,) = await _submit(state, [job])
         return _inspect_response(rec, t0, duplicate=rec.duplicate)

@@ -473,10 +473,18 @@ class ResultStore:
         """Store records in one transaction; returns them with ids.
 
         A record whose ``(source, dedup_key)`` is already stored is not inserted again: the
-        stored row comes back instead, flagged ``duplicate``.
+        stored row comes back instead, flagged ``duplicate``. A key stored with a
+        ``NOT_INSPECTED`` record (dropped under overload, its inspection failed, unreadable) is
+        not done: that record keeps its row and gives up its key, suffixed ``#<its id>``, to the
+        new attempt's (keys stored before this call only: one call stores one record per key).
         """
         if not records:
             return []
+        retire = self._q(
+            f"UPDATE {TABLE} SET dedup_key = dedup_key || '#' || CAST(id AS TEXT) "
+            "WHERE source = ? AND dedup_key = ? AND decision = ?"
+        )
+        keyed = {(r.source, r.dedup_key) for r in records if r.dedup_key is not None}
         cols = ", ".join(_COLUMNS)
         marks = ", ".join("?" for _ in _COLUMNS)
         ins = self._q(
@@ -486,6 +494,8 @@ class ResultStore:
         sel = self._q(f"SELECT {_SELECT} FROM {TABLE} WHERE source = ? AND dedup_key = ?")
         out: list[ResultRecord] = []
         with self._transaction() as conn:
+            for source, key in keyed:
+                conn.execute(retire, (source, key, NOT_INSPECTED))
             for rec in records:
                 row = conn.execute(ins, self._values(rec)).fetchone()
                 if row is not None:
@@ -520,16 +530,18 @@ class ResultStore:
             ).fetchone()
         return None if row is None else self._row(row)
 
-    def has_keys(self, source: str, keys: Sequence[str]) -> set[str]:
-        """The subset of ``keys`` already stored for ``source``."""
+    def inspected_keys(self, source: str, keys: Sequence[str]) -> set[str]:
+        """The subset of ``keys`` stored for ``source`` with a decision (not ``NOT_INSPECTED``:
+        such a part is tried again)."""
         found: set[str] = set()
         with self._reader() as conn:
             for start in range(0, len(keys), 200):
                 chunk = list(keys[start : start + 200])
                 marks = ", ".join("?" for _ in chunk)
                 rows = conn.execute(
-                    self._q(f"SELECT dedup_key FROM {TABLE} WHERE source = ? AND dedup_key IN ({marks})"),
-                    [source, *chunk],
+                    self._q(f"SELECT dedup_key FROM {TABLE} WHERE source = ? AND decision <> ? "
+                            f"AND dedup_key IN ({marks})"),
+                    [source, NOT_INSPECTED, *chunk],
                 ).fetchall()
                 found.update(r[0] for r in rows)
         return found

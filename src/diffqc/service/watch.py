@@ -6,6 +6,8 @@ SHA-256 of its content and its modification time; the key is stored with the rec
 transaction, and only then is the file moved to ``processed/`` (or, with ``after="keep"``, left
 in place). After a crash, a file whose key is already stored is moved without being inspected
 again, and a file without a stored key is inspected: nothing is skipped, nothing counted twice.
+A key stored ``NOT_INSPECTED`` is not done: a file moved back from ``failed/`` as it was is tried
+again (its earlier record stays).
 A file written again with the same name and bytes (a camera repeating its last frame) is a new
 file, recorded as a part (and named in the log by the pipeline, as any repeated image).
 
@@ -276,7 +278,7 @@ class FolderWatcher:
                 continue
             digest = hashlib.sha256(data).hexdigest()
             loaded.append((path, data, digest, self._key(path, digest, st.st_mtime_ns)))
-        known = self.store.has_keys(self.source, [k for *_, k in loaded])
+        known = self.store.inspected_keys(self.source, [k for *_, k in loaded])
         jobs: list[Job] = []
         job_paths: list[Path] = []
         for path, data, digest, key in loaded:
