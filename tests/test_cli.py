@@ -193,6 +193,11 @@ def test_train_names_every_unreadable_image_and_the_way_past_them(
     assert len(kept["fit_image_fingerprints"]) == sum(kept["fit_images"].values())
     assert "fit_image_fingerprints" not in out["training_data"]
     assert out["training_data"]["fit_images"] == kept["fit_images"]
+    # and what DATA holds besides the GOOD training images: left for `diffqc test`
+    test = list(data.glob("*/test/*/*.png"))
+    assert out["not_trained_on"] == {"good": sum(p.parent.name == "good" for p in test),
+                                     "defect": sum(p.parent.name != "good" for p in test)}
+    assert out["not_trained_on"]["defect"] > 0
 
 
 def test_train_writes_a_model_beside_its_manifest(

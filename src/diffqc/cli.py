@@ -84,7 +84,7 @@ def check_train_paths(data: Path, out: Path, samples: Sequence[Sample] = ()) -> 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from diffqc.data import good_training, load_dataset
+    from diffqc.data import DEFECTIVE, GOOD, UNKNOWN, good_training, load_dataset
     from diffqc.model import Detector, check_bundle_target
 
     config = build_config(args)
@@ -104,8 +104,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     # one line a person reads: the images' fingerprints (one per image) stay in metadata.json
     training = {k: v for k, v in det.metadata["training_data"].items()
                 if k not in ("fit_image_fingerprints", "calibration_image_fingerprints")}
+    # what DATA holds besides: a test split, the line's defects (`results export --defects`)
+    trained = {id(s) for s in samples}
+    rest = [s for s in everything if id(s) not in trained]
+    not_trained = {name: n for name, label in (("good", GOOD), ("defect", DEFECTIVE), ("unlabelled", UNKNOWN))
+                   if (n := sum(s.label == label for s in rest))}
     print(json_line({"model": str(out), "classes": det.classes_, "method": config.method,
-                      "seconds": round(time.perf_counter() - start, 1), "training_data": training}))
+                      "seconds": round(time.perf_counter() - start, 1), "training_data": training,
+                      "not_trained_on": not_trained}))
     return EXIT_OK
 
 
