@@ -359,6 +359,38 @@ def test_a_failed_file_moved_back_is_tried_again(
     assert [r.part_id for r in store.query()].count("junk") == 2
 
 
+def test_a_file_it_may_not_read_fails_alone(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A camera's file this user may not read (written 0600 by an FTP server's user; tests run
+    as root, who reads anything, so the refusal is raised here as the OS raises it) waits
+    ``fail_after_s`` and is then recorded NOT_INSPECTED and moved to failed/: the other files
+    are inspected, where the whole folder used to stall on it, poll after poll."""
+    folder, pipe, store = rig
+    data, _ = samples.all[0]
+    (folder / "locked.png").write_bytes(data)
+    (folder / "open.png").write_bytes(data)
+    read_bytes = Path.read_bytes
+
+    def refuse(self: Path) -> bytes:
+        if self.name == "locked.png":
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    w = _watcher(folder, pipe, store, fail_after_s=60.0)
+    report = w.step()
+    assert (report.inspected, report.failed, report.waiting) == (1, 0, 1)  # it may be being written
+    assert (folder / "locked.png").is_file() and (folder / "processed" / "open.png").is_file()
+    w = _watcher(folder, pipe, store, fail_after_s=0.0)
+    assert w.step().failed == 1 and (folder / "failed" / "locked.png").is_file()
+    rec = next(r for r in store.query() if r.part_id == "locked")
+    assert rec.decision == NOT_INSPECTED and "Permission denied" in (rec.reason or "")
+    monkeypatch.undo()  # its permission mended, moved back: inspected
+    os.rename(folder / "failed" / "locked.png", folder / "locked.png")
+    assert w.step().inspected == 1 and (folder / "processed" / "locked.png").is_file()
+
+
 def test_watch_restart_neither_skips_nor_double_counts(
     rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,8 +15,8 @@ Files are found to any depth below the folder (a camera filing by day or hour), 
 ``processed/``, ``failed/`` or hidden folders. Feature type: ``feature_type`` when given, else the
 name of the nearest folder around the file that the model knows (``DIR/<type>/img.png``,
 ``DIR/<type>/2026-12-02/img.png``), else unknown (scored under every type).
-Files that never decode within ``fail_after_s`` are stored as ``NOT_INSPECTED`` and moved to
-``failed/``.
+Files that never decode, or cannot be read (a camera's file this user may not read), within
+``fail_after_s`` are stored as ``NOT_INSPECTED`` and moved to ``failed/``.
 """
 
 from __future__ import annotations
@@ -276,6 +276,13 @@ class FolderWatcher:
                 data = path.read_bytes()
             except FileNotFoundError:
                 continue
+            except OSError as exc:  # a file this user may not read: it alone fails, not the folder
+                if self._age(path) < self.settings.fail_after_s:
+                    report.waiting += 1  # a camera may open it to others once written
+                    continue
+                self._fail(path, b"", f"cannot be read: {exc.strerror or exc}", report,
+                           key=self._key(path, "unreadable", st.st_mtime_ns))
+                continue
             digest = hashlib.sha256(data).hexdigest()
             loaded.append((path, data, digest, self._key(path, digest, st.st_mtime_ns)))
         known = self.store.inspected_keys(self.source, [k for *_, k in loaded])
@@ -290,9 +297,7 @@ class FolderWatcher:
                 jobs.append(self._job(path, data, digest, key))
                 job_paths.append(path)
             except (ImageReadError, ImageTooLarge) as exc:
-                seen = self._seen.get(path)
-                age = time.monotonic() - seen.first_seen if seen else self.settings.fail_after_s
-                if age < self.settings.fail_after_s and not isinstance(exc, ImageTooLarge):
+                if self._age(path) < self.settings.fail_after_s and not isinstance(exc, ImageTooLarge):
                     report.waiting += 1  # maybe still being written
                     continue
                 self._fail(path, data, str(exc), report, key=key)
@@ -313,6 +318,11 @@ class FolderWatcher:
                 done = self.failed if rec.decision == NOT_INSPECTED else self.processed
                 self._finish(path, done, rec.id)
         return self._add(report)
+
+    def _age(self, path: Path) -> float:
+        """Seconds since the file was first seen (a file not seen before: old enough to fail)."""
+        seen = self._seen.get(path)
+        return time.monotonic() - seen.first_seen if seen else self.settings.fail_after_s
 
     def _add(self, report: StepReport) -> StepReport:
         t = self.totals
