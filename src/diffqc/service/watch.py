@@ -280,7 +280,7 @@ class FolderWatcher:
                 if self._age(path) < self.settings.fail_after_s:
                     report.waiting += 1  # a camera may open it to others once written
                     continue
-                self._fail(path, b"", f"cannot be read: {exc.strerror or exc}", report,
+                self._fail(path, b"", exc.strerror or str(exc), report,
                            key=self._key(path, "unreadable", st.st_mtime_ns))
                 continue
             digest = hashlib.sha256(data).hexdigest()
