@@ -83,6 +83,17 @@ def test_cli_test_scores_only_the_images_the_model_never_saw(
     before = report_path.read_bytes()
     assert main(["test", str(tiny_model), str(clear_dataset), "--json", str(report_path), "-q"]) == 1
     assert "--force" in capsys.readouterr().err and report_path.read_bytes() == before
+    # --force replaces an earlier report only: never a file diffqc did not write as one (the
+    # bundle's metadata.json, a typo'd manifest), nor a folder; refused before anything is scored
+    meta_path = tiny_model / "metadata.json"
+    meta_before = meta_path.read_bytes()
+    test = ["test", str(tiny_model), str(clear_dataset), "--force", "-q", "--json"]
+    for target in (meta_path, tmp_path):
+        assert main([*test, str(target)]) == 1
+        err = capsys.readouterr()
+        assert "--json" in err.err and err.out == ""  # nothing scored
+    assert meta_path.read_bytes() == meta_before
+    assert main([*test, str(report_path)]) == 0  # an earlier report: replaced
 
 
 def test_cli_test_finds_copies_of_training_images_by_content(

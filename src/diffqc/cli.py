@@ -297,8 +297,9 @@ def _save_heatmap(path: Path, image: Any, result: Any, det: Any, *, max_side: in
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from diffqc.demo import DEMO_DEFAULTS, check_json_target, run_demo
+    from diffqc.demo import DEMO_DEFAULTS, is_demo_table, run_demo
     from diffqc.model import check_bundle_target
+    from diffqc.output import check_output_file
     from diffqc.synth import check_arguments, check_target
 
     try:
@@ -315,7 +316,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise OutputError(f"demo: {Path(args.out) / 'model'} holds files that are not a diffqc model "
                           "bundle (nothing in it is deleted); choose another --out") from None
     if args.json:
-        check_json_target(Path(args.json))
+        check_output_file(Path(args.json), option="demo: --json", is_ours=is_demo_table,
+                          what="demo's table")
     config = build_config(args, DEMO_DEFAULTS)
     rows = run_demo(Path(args.out), config=config, n_parts=args.parts, seed=args.data_seed,
                     json_path=Path(args.json) if args.json else None, progress=not args.quiet,

@@ -12,7 +12,6 @@ import numpy as np
 
 from diffqc.config import DetectorConfig, with_overrides
 from diffqc.data import DEFECTIVE, GOOD, Sample, load_dataset, read_image
-from diffqc.errors import OutputError
 from diffqc.holdout import decision_table, format_table
 from diffqc.model import Detector, Inspection
 from diffqc.visualize import save_overlay
@@ -43,22 +42,10 @@ def _write_heatmaps(det: Detector, samples: Sequence[Sample], results: Sequence[
     return written
 
 
-def check_json_target(path: Path) -> None:
-    """``--json PATH`` before any work: a new file, or an earlier demo's table (replaced); a
-    folder, or any other file (a user's, never overwritten), is an :class:`OutputError`."""
-    if path.is_dir():
-        raise OutputError(f"demo: --json {path} is a folder; give a file name")
-    if not path.exists():
-        return
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        earlier = isinstance(rows, list) and bool(rows) and all(
-            isinstance(r, dict) and {"feature_type", "image_auroc"} <= set(r) for r in rows)
-    except (OSError, ValueError):
-        earlier = False
-    if not earlier:
-        raise OutputError(f"demo: --json {path} exists and is not an earlier demo's table (nothing is "
-                          "overwritten); give a new file name")
+def is_demo_table(rows: Any) -> bool:
+    """Whether ``rows`` (a JSON file's) is the table ``demo --json`` writes."""
+    return isinstance(rows, list) and bool(rows) and all(
+        isinstance(r, dict) and {"feature_type", "image_auroc"} <= set(r) for r in rows)
 
 
 def run_demo(

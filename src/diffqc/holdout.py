@@ -24,10 +24,10 @@ import numpy as np
 
 from diffqc.calibration import PASS, REJECT, REVIEW
 from diffqc.data import DEFECTIVE, GOOD, Sample, feature_types, fingerprint, load_dataset, of_the_model
-from diffqc.errors import DatasetError, OutputError
+from diffqc.errors import DatasetError
 from diffqc.inspection import Inspection
 from diffqc.metrics import image_auroc
-from diffqc.output import json_line, json_safe, path_text, write_atomic
+from diffqc.output import check_output_file, json_line, json_safe, path_text, write_atomic
 from diffqc.recalibrate import export_selection_notes
 
 
@@ -188,14 +188,20 @@ def _summary(report: dict[str, Any], model: Path) -> str:
     return "\n".join(lines)
 
 
+def is_test_report(report: Any) -> bool:
+    """Whether ``report`` (a JSON file's) is what ``diffqc test --json`` writes."""
+    return isinstance(report, dict) and {"model", "data", "rows", "images"} <= set(report)
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     from diffqc.bundle import check_bundle_files
     from diffqc.runtime import runtime_from_args
 
     check_bundle_files(args.model)
     json_path = Path(args.json) if args.json else None
-    if json_path is not None and json_path.exists() and not args.force:
-        raise OutputError(f"{json_path} exists; pass --force to overwrite it")
+    if json_path is not None:
+        check_output_file(json_path, option="--json", is_ours=is_test_report,
+                          what="`diffqc test` report", force=args.force)
     det = runtime_from_args(args, args.model)
     report = holdout_report(det, args.data, type_known=not args.unknown_type,
                             skip_corrupt=args.skip_corrupt, progress=not args.quiet)

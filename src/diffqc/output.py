@@ -45,6 +45,26 @@ def check_output_folder(path: Path | str, *, what: str, names: Sequence[str],
     return path
 
 
+def check_output_file(path: Path, *, option: str, is_ours: Callable[[Any], bool], what: str,
+                      force: bool = True) -> None:
+    """``option PATH`` before any work: a new file, or an earlier ``what`` (replaced if
+    ``force``); a folder, or any other file (a user's, never replaced), is an
+    :class:`OutputError`. ``is_ours``: whether the file's JSON is an earlier ``what``."""
+    if path.is_dir():
+        raise OutputError(f"{option} {path} is a folder; give a file name")
+    if not path.exists():
+        return
+    try:
+        earlier = is_ours(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        earlier = False
+    if not earlier:
+        raise OutputError(f"{option} {path} exists and is not an earlier {what} (nothing is "
+                          "replaced); give a new file name")
+    if not force:
+        raise OutputError(f"{option} {path} exists (an earlier {what}); pass --force to replace it")
+
+
 def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
     """Write ``data`` to ``path`` via a temporary sibling and a rename: ``path`` holds either its
     previous content or all of ``data``, never part of it. A write that fails (full disk,
