@@ -390,6 +390,15 @@ def test_inspect_takes_file_names_that_are_not_utf8(tiny_model: Path, clear_data
     with open(tmp_path / "rows.csv", encoding="utf-8", newline="") as fh:
         (cell,) = [r["path"] for r in csv.DictReader(fh)]
     assert cell == row["path"]
+    # --force replaces an earlier inspect CSV only, never a file it did not write as one (the
+    # bundle's metadata.json): refused before any image is scored
+    inspect = ["inspect", str(tiny_model), str(folder), "--feature-type", "dots", "--force", "--csv"]
+    meta = (tiny_model / "metadata.json").read_bytes()
+    assert main([*inspect, str(tiny_model / "metadata.json")]) == 1
+    out, err = capsys.readouterr()
+    assert "is not an earlier inspect CSV" in err and out == ""
+    assert (tiny_model / "metadata.json").read_bytes() == meta
+    assert main([*inspect, str(tmp_path / "rows.csv")]) == 0
 
 
 def test_inspect_again_does_not_score_its_own_heat_maps(tiny_model: Path, clear_dataset: Path, tmp_path: Path,

@@ -26,7 +26,7 @@ from diffqc import __version__
 from diffqc.arguments import DEVICE, NON_NEGATIVE, QUIET, SEED
 from diffqc.commands import add_model_options, model_overrides
 from diffqc.errors import ConfigError, DatasetError, DiffqcError, ImageReadError, OutputError
-from diffqc.output import json_line, path_text
+from diffqc.output import check_output_file, json_line, path_text
 from diffqc.runtime import add_runtime_arguments
 
 if TYPE_CHECKING:
@@ -182,7 +182,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     det = runtime_from_args(args, args.model)
     if args.feature_type is not None:
         det.type_index(args.feature_type)  # fail early on an unknown type
-    csv_out = _CsvRows(Path(args.csv), force=args.force) if args.csv else None
+    csv_out = _CsvRows(Path(args.csv), force=args.force) if args.csv else None  # before any work
     try:
         _inspect_images(args, det, images, csv_out)
     finally:
@@ -236,18 +236,25 @@ def _heatmap_folder(folder: Path) -> None:
 CSV_COLUMNS = ("path", "feature_type", "predicted_type", "score", "p_value", "decision", "heatmap", "error")
 
 
+def _is_inspect_csv(path: Path) -> bool:
+    """Whether the file is a table ``inspect --csv`` wrote (its header is the first line)."""
+    with open(path, "rb") as fh:
+        return fh.readline().decode("utf-8").rstrip("\r\n") == ",".join(CSV_COLUMNS)
+
+
 class _CsvRows:
     """``--csv``: one row per image, on disk as soon as it is written (a long batch run keeps every
     finished row). A row that cannot be written (full disk) is taken back whole, so the file ends
     with the last complete row, and is an :class:`OutputError` naming the file. An existing file
-    is refused unless ``force``."""
+    is replaced only if it is an earlier one, and only with ``force``."""
 
     def __init__(self, path: Path, *, force: bool) -> None:
         self.path = path
+        check_output_file(path, option="--csv", is_ours=_is_inspect_csv, what="inspect CSV", force=force)
         try:
-            self._fh = open(path, "wb" if force else "xb", buffering=0)  # noqa: SIM115
-        except FileExistsError:
-            raise OutputError(f"{path} exists; pass --force to overwrite it") from None
+            self._fh = open(path, "wb" if path.exists() else "xb", buffering=0)  # noqa: SIM115
+        except FileExistsError:  # written by something else since it was checked
+            raise OutputError(f"--csv {path} appeared meanwhile; give a new file name") from None
         except OSError as exc:
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
         self._write(dict(zip(CSV_COLUMNS, CSV_COLUMNS, strict=True)))
@@ -299,7 +306,6 @@ def _save_heatmap(path: Path, image: Any, result: Any, det: Any, *, max_side: in
 def cmd_demo(args: argparse.Namespace) -> int:
     from diffqc.demo import DEMO_DEFAULTS, is_demo_table, run_demo
     from diffqc.model import check_bundle_target
-    from diffqc.output import check_output_file
     from diffqc.synth import check_arguments, check_target
 
     try:

@@ -42,8 +42,9 @@ def _write_heatmaps(det: Detector, samples: Sequence[Sample], results: Sequence[
     return written
 
 
-def is_demo_table(rows: Any) -> bool:
-    """Whether ``rows`` (a JSON file's) is the table ``demo --json`` writes."""
+def is_demo_table(path: Path) -> bool:
+    """Whether the file is a table ``demo --json`` wrote."""
+    rows = json.loads(path.read_text(encoding="utf-8"))
     return isinstance(rows, list) and bool(rows) and all(
         isinstance(r, dict) and {"feature_type", "image_auroc"} <= set(r) for r in rows)
 

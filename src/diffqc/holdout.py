@@ -188,8 +188,9 @@ def _summary(report: dict[str, Any], model: Path) -> str:
     return "\n".join(lines)
 
 
-def is_test_report(report: Any) -> bool:
-    """Whether ``report`` (a JSON file's) is what ``diffqc test --json`` writes."""
+def is_test_report(path: Path) -> bool:
+    """Whether the file is a report ``diffqc test --json`` wrote."""
+    report = json.loads(path.read_text(encoding="utf-8"))
     return isinstance(report, dict) and {"model", "data", "rows", "images"} <= set(report)
 
 

@@ -45,17 +45,18 @@ def check_output_folder(path: Path | str, *, what: str, names: Sequence[str],
     return path
 
 
-def check_output_file(path: Path, *, option: str, is_ours: Callable[[Any], bool], what: str,
+def check_output_file(path: Path, *, option: str, is_ours: Callable[[Path], bool], what: str,
                       force: bool = True) -> None:
     """``option PATH`` before any work: a new file, or an earlier ``what`` (replaced if
     ``force``); a folder, or any other file (a user's, never replaced), is an
-    :class:`OutputError`. ``is_ours``: whether the file's JSON is an earlier ``what``."""
+    :class:`OutputError`. ``is_ours``: whether a file is an earlier ``what`` (a file it cannot
+    read, or not as it expects, is not)."""
     if path.is_dir():
         raise OutputError(f"{option} {path} is a folder; give a file name")
     if not path.exists():
         return
     try:
-        earlier = is_ours(json.loads(path.read_text(encoding="utf-8")))
+        earlier = is_ours(path)
     except (OSError, ValueError):
         earlier = False
     if not earlier:
