@@ -115,11 +115,20 @@ def test_an_old_store_gains_the_line_columns_and_keeps_its_rows(tmp_path: Path) 
     db = tmp_path / "old.db"
     with sqlite3.connect(db) as conn:  # a store written before line metadata existed
         conn.execute(_OLD_SCHEMA)
-        conn.execute("INSERT INTO diffqc_results (created_at, source, decision, part_id) "
-                     "VALUES (1.0, 'http', 'PASS', 'old-part')")
+        conn.execute("INSERT INTO diffqc_results (created_at, source, decision, part_id, review) "
+                     "VALUES (1.0, 'http', 'PASS', 'old-part', 'BAD')")
+        # and its review history before verdicts named a defect's kind
+        conn.execute("CREATE TABLE diffqc_reviews (id INTEGER PRIMARY KEY AUTOINCREMENT, record_id BIGINT "
+                     "NOT NULL, review TEXT NOT NULL, reviewed_at DOUBLE PRECISION, reviewer TEXT, "
+                     "review_note TEXT)")
+        conn.execute("INSERT INTO diffqc_reviews (record_id, review, reviewed_at) VALUES (1, 'BAD', 1.5)")
     with ResultStore(str(db)) as store:
         (old,) = store.query()
         assert old.part_id == "old-part" and old.line is None and old.heatmap_expired_at is None
+        assert old.review == "BAD" and old.review_defect is None
+        store.set_review(1, "BAD", "ann", defect="scratch")
+        assert [(h["review"], h["review_defect"]) for h in store.review_history(1)] == [
+            ("BAD", None), ("BAD", "scratch")]
         store.insert(ResultRecord(created_at=2.0, source="http", decision="REJECT", part_id="new",
                                   line="L1", station="S1", camera="C1"))
         assert [r.part_id for r in store.query(line="L1")] == ["new"]
@@ -127,7 +136,7 @@ def test_an_old_store_gains_the_line_columns_and_keeps_its_rows(tmp_path: Path) 
         assert store.query(line="L2") == []
     with sqlite3.connect(db) as conn:
         cols = {row[1] for row in conn.execute("PRAGMA table_info(diffqc_results)")}
-    assert {"line", "station", "camera", "heatmap_expired_at", "image_expired_at"} <= cols
+    assert {"line", "station", "camera", "heatmap_expired_at", "image_expired_at", "review_defect"} <= cols
 
 
 @pytest.fixture

@@ -306,8 +306,13 @@ async def test_review_flow_and_export(detector: Any, samples: Samples, tmp_path:
         assert r.status_code == 200
         out = r.json()
         assert out["review"] == "GOOD" and out["decision"] == "REVIEW" and out["reviewer"] == "ann"
-        r = await client.post(f"/v1/review/{ids[1]}", headers=AUTH, json={"verdict": "BAD"})
-        assert r.json()["review"] == "BAD"
+        # a defect kind goes with a BAD verdict only (its text is checked as a note's: the table
+        # of bad input)
+        url = f"/v1/review/{ids[1]}"
+        r = await client.post(url, headers=AUTH, json={"verdict": "GOOD", "defect": "crack"})
+        assert (r.status_code, r.json()["code"]) == (422, "bad_defect")
+        r = await client.post(url, headers=AUTH, json={"verdict": "BAD", "defect": "crack"})
+        assert (r.json()["review"], r.json()["review_defect"]) == ("BAD", "crack")
         r = await client.post(f"/v1/review/{ids[2]}", headers=AUTH, json={"verdict": "MAYBE"})
         assert r.status_code == 422
         assert (
@@ -331,7 +336,7 @@ async def test_review_flow_and_export(detector: Any, samples: Samples, tmp_path:
     assert summary["exported"] == 2 and summary["defects"] == 1
     assert [t["exported"] for t in summary["types"].values()] == [1]
     both = sorted(load_dataset(tmp_path / "both"), key=lambda s: s.label)
-    assert [(s.label, s.part_id) for s in both] == [(0, "rv-0"), (1, "rv-1")]
+    assert [(s.label, s.part_id, s.defect) for s in both] == [(0, "rv-0", "good"), (1, "rv-1", "crack")]
     assert both[1].path.read_bytes() == samples.by_decision["REVIEW"][1][0]
     from diffqc.holdout import holdout_report
 
@@ -339,7 +344,12 @@ async def test_review_flow_and_export(detector: Any, samples: Samples, tmp_path:
         report = holdout_report(detector, tmp_path / "both")  # what `diffqc test MODEL OUT` says
     assert [(i["label"], i["decision"]) for i in report["images"]] == [
         ("good", "REVIEW"), ("defective", "REVIEW")]
-    # again into the same folder (an earlier export): its own files are replaced
+    assert [list(kinds) for kinds in report["defect_kinds"].values()] == [["crack"]]  # recall by kind
+    # again into the same folder (an earlier export): its own files are replaced; an export
+    # written before the defect column is one too
+    assert export_reviewed_good(db, tmp_path / "export")["exported"] == 1
+    manifest = tmp_path / "export" / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace(",defect\n", "\n", 1))
     assert export_reviewed_good(db, tmp_path / "export")["exported"] == 1
     assert len(load_dataset(tmp_path / "export" / "manifest.csv")) == 1
     # an export cut short (a full disk) names the file, and the next run into that folder

@@ -171,6 +171,8 @@ ROWS: list[tuple[str, str, str, dict[str, Any], int, str]] = [
      422, "bad_reviewer"),
     ("note with ESC", "POST", "/v1/review/1", {"json": {"verdict": "BAD", "note": "x\x1b[2Jy"}},
      422, "bad_note"),
+    ("defect kind with NUL", "POST", "/v1/review/1", {"json": {"verdict": "BAD", "defect": "cr\x00ack"}},
+     422, "bad_defect"),
     ("filter with NUL", "GET", "/v1/results", {"params": {"part_id": "p\x00"}}, 422, "bad_part_id"),
     ("source filter with NUL", "GET", "/v1/results", {"params": {"source": "\x00"}}, 422, "bad_source"),
     ("unknown route", "GET", "/v1/nothing-here", {}, 404, "no_such_route"),

@@ -238,14 +238,17 @@ def test_dashboard_corrects_a_verdict_and_shows_its_history(
     panel = wait.until(ec.visibility_of_element_located((By.ID, "part")))
     wait.until(lambda d: panel.get_attribute("data-id") == str(rid) and "p-1" in panel.text)
     assert "GOOD by ann" in panel.text
-    browser.find_element(By.ID, "part-note").send_keys("crack at the left edge")
+    browser.find_element(By.ID, "part-note").send_keys("under the fixture's mark")
+    browser.find_element(By.ID, "part-defect").send_keys("crack")  # its kind, for the export
     panel.find_element(By.CSS_SELECTOR, '#part-verdict [data-verdict="BAD"]').click()
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#part-history tbody tr")) == 2)
     rows = [r.text for r in browser.find_elements(By.CSS_SELECTOR, "#part-history tbody tr")]
-    assert rows[0].split()[2:] == ["GOOD", "ann"] and rows[1].split()[2:4] == ["BAD", "ann"]
-    assert "crack at the left edge" in rows[1]
+    assert rows[0].split()[2:] == ["GOOD", "ann"] and rows[1].split()[2:5] == ["BAD", "crack", "ann"]
+    assert "under the fixture's mark" in rows[1] and "BAD (crack) by ann" in panel.text
     rec = state.store.get(rid)
-    assert (rec.review, rec.reviewer, rec.review_note) == ("BAD", "ann", "crack at the left edge")
+    assert (rec.review, rec.review_defect, rec.reviewer, rec.review_note) == (
+        "BAD", "crack", "ann", "under the fixture's mark")
+    assert browser.find_element(By.ID, "part-defect").get_attribute("value") == ""
     wait.until(ec.text_to_be_present_in_element(
         (By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"] .review-cell'), "BAD"))
 

@@ -408,9 +408,13 @@ def store_contract(store: ResultStore) -> None:
     assert {(t, d): n for t, d, n in store.counts(since=t0 - 50)} == {("a", "PASS"): 2, ("b", "REVIEW"): 1}
     assert store.count() == 4 and store.ping()
     # a changed verdict: the record holds the latest, the history every one, oldest first
-    store.set_review(b.id, "BAD", "bob", "a crack under the fixture's mark")
-    assert [(h["review"], h["reviewer"], h["review_note"]) for h in store.review_history(b.id)] == [
-        ("GOOD", "ann", "fine"), ("BAD", "bob", "a crack under the fixture's mark")]
+    store.set_review(b.id, "BAD", "bob", "under the fixture's mark", defect="crack")
+    assert [(h["review"], h["reviewer"], h["review_note"], h["review_defect"])
+            for h in store.review_history(b.id)] == [
+        ("GOOD", "ann", "fine", None), ("BAD", "bob", "under the fixture's mark", "crack")]
+    assert (store.get(b.id) or b).review_defect == "crack"
+    with pytest.raises(ValueError, match="BAD"):
+        store.set_review(b.id, "GOOD", defect="crack")
     assert (store.get(b.id) or b).review == "BAD" and store.review_history(a.id) == []
     # a score that could not be computed is stored as NULL by every backend
     nan = store.insert(_rec("nan", decision="REJECT", score=float("nan"), p_value=float("inf")))

@@ -756,6 +756,7 @@ class ReviewIn(BaseModel):
     verdict: Literal["GOOD", "BAD"]
     reviewer: str | None = Field(default=None, max_length=MAX_ID_LEN)
     note: str | None = Field(default=None, max_length=2000)
+    defect: str | None = Field(default=None, max_length=MAX_ID_LEN)  # its kind, with BAD
 
 
 # --------------------------------------------------------------------------- the app
@@ -1130,11 +1131,15 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     async def review(body: ReviewIn, record_id: int = RECORD_ID) -> dict[str, Any]:
         _check_id(body.reviewer, "reviewer")
         _check_id(body.note, "note", max_len=2000, breaks=True)
+        defect = _check_id(body.defect, "defect")
+        if defect is not None and body.verdict != "BAD":
+            raise ServiceError(422, "bad_defect", "a defect kind goes with a BAD verdict")
         rec = await _get_record(record_id)
         if rec.decision == NOT_INSPECTED:
             raise ServiceError(409, "not_inspected", f"result {record_id} was not inspected")
         _, store = state.require()
-        updated = await run_in_threadpool(store.set_review, record_id, body.verdict, body.reviewer, body.note)
+        updated = await run_in_threadpool(store.set_review, record_id, body.verdict, body.reviewer, body.note,
+                                          defect)
         if updated is None:  # pragma: no cover - deleted in between
             raise ServiceError(404, "not_found", f"no result with id {record_id}")
         return record_json(updated)

@@ -93,7 +93,8 @@ class Message:
 def decision_payload(rec: ResultRecord) -> dict[str, Any]:
     """What a receiver gets for one stored decision (the record without review fields)."""
     out = rec.to_json()
-    for key in ("review", "reviewed_at", "reviewer", "review_note", "reviewed", "heatmap", "image"):
+    for key in ("review", "reviewed_at", "reviewer", "review_note", "review_defect", "reviewed", "heatmap",
+                "image"):
         out.pop(key, None)
     out["record_id"] = out.pop("id")
     out["kind"] = DECISION

@@ -84,6 +84,7 @@ class ResultRecord:
     reviewed_at: float | None = None
     reviewer: str | None = None
     review_note: str | None = None
+    review_defect: str | None = None  # the defect's kind an operator named with a BAD verdict
     id: int | None = None
     # not persisted: True when the insert hit an existing (source, dedup_key) row
     duplicate: bool = field(default=False, compare=False)
@@ -103,16 +104,20 @@ def _iso(ts: float) -> str:
 
 
 _COLUMNS = [f.name for f in fields(ResultRecord) if f.name not in ("id", "duplicate")]
-# Columns newer than the first schema: (name, SQL type), added to an existing table on open.
+# Columns newer than the first schema: (table, name, SQL type), added to an existing table on open.
 _ADDED_COLUMNS = (
-    ("body_hash", "TEXT"),
-    ("line", "TEXT"),
-    ("station", "TEXT"),
-    ("camera", "TEXT"),
-    ("heatmap_expired_at", "DOUBLE PRECISION"),
-    ("image_expired_at", "DOUBLE PRECISION"),
+    (TABLE, "body_hash", "TEXT"),
+    (TABLE, "line", "TEXT"),
+    (TABLE, "station", "TEXT"),
+    (TABLE, "camera", "TEXT"),
+    (TABLE, "heatmap_expired_at", "DOUBLE PRECISION"),
+    (TABLE, "image_expired_at", "DOUBLE PRECISION"),
+    (TABLE, "review_defect", "TEXT"),
+    (REVIEWS, "review_defect", "TEXT"),
 )
 _SELECT = "id, " + ", ".join(_COLUMNS)
+# A verdict, as the record holds its latest and the review history each one.
+_REVIEW_FIELDS = ("review", "reviewed_at", "reviewer", "review_note", "review_defect")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS {table} (
@@ -143,6 +148,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     reviewed_at DOUBLE PRECISION,
     reviewer TEXT,
     review_note TEXT,
+    review_defect TEXT,
     UNIQUE (source, dedup_key)
 );
 CREATE INDEX IF NOT EXISTS {table}_created ON {table} (created_at);
@@ -155,7 +161,8 @@ CREATE TABLE IF NOT EXISTS {reviews} (
     review TEXT NOT NULL,
     reviewed_at DOUBLE PRECISION,
     reviewer TEXT,
-    review_note TEXT
+    review_note TEXT,
+    review_defect TEXT
 );
 CREATE INDEX IF NOT EXISTS {reviews}_record ON {reviews} (record_id);
 """
@@ -416,14 +423,11 @@ class ResultStore:
 
     def _add_missing_columns(self, conn: Any) -> None:
         """Columns added after a store was created: add them to old tables."""
-        if self.postgres:
-            for name, kind in _ADDED_COLUMNS:
-                conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS {name} {kind}")
-            return
-        have = {row[1] for row in conn.execute(f"PRAGMA table_info({TABLE})").fetchall()}
-        for name, kind in _ADDED_COLUMNS:
-            if name not in have:
-                conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN {name} {kind}")
+        for table, name, kind in _ADDED_COLUMNS:
+            if self.postgres:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
+            elif name not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})").fetchall()}:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def _create_schema(self) -> None:
         with self._write_lock:
@@ -603,18 +607,22 @@ class ResultStore:
         return self.query(decision="REVIEW", reviewed=False, limit=limit, oldest_first=True)
 
     def set_review(
-        self, record_id: int, verdict: str, reviewer: str | None = None, note: str | None = None
+        self, record_id: int, verdict: str, reviewer: str | None = None, note: str | None = None,
+        defect: str | None = None,
     ) -> ResultRecord | None:
-        """Record an operator's GOOD/BAD verdict beside the model's decision. The record holds the
-        latest; :meth:`review_history` every one given (a verdict given before the history was
-        kept enters it when it is first changed)."""
+        """Record an operator's GOOD/BAD verdict beside the model's decision, with a BAD one the
+        defect's kind (``defect``: "crack"; `results export --defects` labels the part with it).
+        The record holds the latest; :meth:`review_history` every one given (a verdict given
+        before the history was kept enters it when it is first changed)."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be GOOD or BAD, got {verdict!r}")
-        log_row = self._q(f"INSERT INTO {REVIEWS} (record_id, review, reviewed_at, reviewer, review_note) "
-                          "VALUES (?, ?, ?, ?, ?)")
+        if defect is not None and verdict != "BAD":
+            raise ValueError("a defect kind goes with a BAD verdict")
+        log_row = self._q(f"INSERT INTO {REVIEWS} (record_id, {', '.join(_REVIEW_FIELDS)}) "
+                          "VALUES (?, ?, ?, ?, ?, ?)")
         with self._transaction() as conn:
             before = conn.execute(
-                self._q(f"SELECT review, reviewed_at, reviewer, review_note FROM {TABLE} WHERE id = ?"),
+                self._q(f"SELECT {', '.join(_REVIEW_FIELDS)} FROM {TABLE} WHERE id = ?"),
                 (record_id,)).fetchone()
             if before is None:
                 return None
@@ -623,13 +631,10 @@ class ResultStore:
                 conn.execute(log_row, (record_id, *before))  # a verdict from before the history
             at = time.time()
             conn.execute(
-                self._q(
-                    f"UPDATE {TABLE} SET review = ?, reviewed_at = ?, reviewer = ?, "
-                    "review_note = ? WHERE id = ?"
-                ),
-                (verdict, at, reviewer, note, record_id),
+                self._q(f"UPDATE {TABLE} SET {', '.join(f'{c} = ?' for c in _REVIEW_FIELDS)} WHERE id = ?"),
+                (verdict, at, reviewer, note, defect, record_id),
             )
-            conn.execute(log_row, (record_id, verdict, at, reviewer, note))
+            conn.execute(log_row, (record_id, verdict, at, reviewer, note, defect))
         return self.get(record_id)
 
     def review_history(self, record_id: int) -> list[dict[str, Any]]:
@@ -637,10 +642,10 @@ class ResultStore:
         ``reviewed`` the same time in ISO 8601 UTC, as a record gives them)."""
         with self._reader() as conn:
             rows = conn.execute(
-                self._q(f"SELECT review, reviewed_at, reviewer, review_note FROM {REVIEWS} "
+                self._q(f"SELECT {', '.join(_REVIEW_FIELDS)} FROM {REVIEWS} "
                         "WHERE record_id = ? ORDER BY id"), (record_id,)).fetchall()
         return [{"review": r[0], "reviewed_at": r[1], "reviewed": _iso(r[1]), "reviewer": r[2],
-                 "review_note": r[3]} for r in rows]
+                 "review_note": r[3], "review_defect": r[4]} for r in rows]
 
     def counts(self, since: float | None = None) -> list[tuple[str | None, str, int]]:
         """``(feature_type, decision, count)`` since a time."""
@@ -800,7 +805,7 @@ def stored_records(store: ResultStore, *, batch: int = 500, **filters: Any) -> I
 # What `diffqc results list --format csv` writes per record (JSON lines add type_scores).
 LIST_COLUMNS = ("id", "created", "source", "part_id", "feature_type", "predicted_type", "type_known",
                 "score", "p_value", "decision", "reason", "model_version", "latency_ms", "line",
-                "station", "camera", "review", "reviewed", "reviewer", "review_note")
+                "station", "camera", "review", "reviewed", "reviewer", "review_note", "review_defect")
 
 
 def export_reviewed_good(
@@ -815,8 +820,9 @@ def export_reviewed_good(
     with ``defects`` those reviewed BAD too (the line's defects found, a PASSed one included).
 
     Writes ``out_dir/<feature_type>/<id>.<ext>`` and ``out_dir/manifest.csv`` with columns
-    ``path, feature_type, label, part_id, record_id, score, p_value, decision, type_known``
-    (``label`` is ``good``, or ``defect`` for a part reviewed BAD), readable by
+    ``path, feature_type, label, part_id, record_id, score, p_value, decision, type_known, defect``
+    (``label`` is ``good``, or ``defect`` for a part reviewed BAD; ``defect`` the kind the
+    operator named with the verdict, if any), readable by
     :func:`diffqc.data.load_dataset`: GOOD images to retrain on, defects to test a model on
     (``diffqc test``; training reads only the GOOD ones). Parts whose upload was not kept (or has
     expired) are counted as ``missing_image`` and named in a warning. ``out_dir/export.json``
@@ -875,6 +881,7 @@ def export_reviewed_good(
                     "p_value": rec.p_value,
                     "decision": rec.decision,
                     "type_known": rec.type_known,
+                    "defect": rec.review_defect if rec.review == "BAD" else None,
                 }
             )
             exported += 1
@@ -936,7 +943,9 @@ def _warn_export(missing: dict[str, int], types: dict[str, dict[str, int]], root
 
 
 EXPORT_COLUMNS = ("path", "feature_type", "label", "part_id", "record_id", "score", "p_value",
-                  "decision", "type_known")
+                  "decision", "type_known", "defect")
+# the manifest's first line, of this and of an earlier version (before the defect kind)
+_EXPORT_HEADERS = (",".join(EXPORT_COLUMNS), ",".join(EXPORT_COLUMNS[:-1]))
 
 
 def _export_target(out: Path) -> Path:
@@ -953,7 +962,7 @@ def _export_target(out: Path) -> Path:
             header = fh.readline().strip()
     except (OSError, UnicodeDecodeError):
         header = ""
-    if header != ",".join(EXPORT_COLUMNS):
+    if header not in _EXPORT_HEADERS:
         raise OutputError(f"{out} is not empty and holds no earlier `diffqc results export`; "
                           "choose a new or empty folder (an export never writes over other files)")
     return out
