@@ -175,3 +175,35 @@ def test_images_a_model_was_recalibrated_on_are_left_out_of_its_test(
     assert report["left_out"]["calibration_images"] == 2 * (6 + 2)  # every GOOD image it was given
     assert len(report["images"]) == 2 * 2 and {i["label"] for i in report["images"]} == {"defective"}
     assert "its AUROC and FPR cannot be measured" in capsys.readouterr().out
+
+
+def test_cli_test_draws_heat_maps_of_its_misses(
+        tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--heatmaps DIR: a heat map of each defect that passed (DIR/missed) and of each GOOD part
+    flagged (DIR/flagged), none of the parts the model got right. Labelled folders with some
+    images under the wrong label make misses of both sorts."""
+    good = sorted((clear_dataset / "dots" / "test" / "good").iterdir())
+    blobs = sorted((clear_dataset / "dots" / "test" / "blob").iterdir())
+    data = tmp_path / "line"
+    for folder, images in (("good", good[:4] + blobs[:3]), ("crack", good[4:7] + blobs[3:6])):
+        (data / "dots" / folder).mkdir(parents=True)
+        for p in images:
+            shutil.copy(p, data / "dots" / folder / p.name)
+    hm, report_path = tmp_path / "hm", tmp_path / "r.json"
+    assert main(["test", str(tiny_model), str(data), "--heatmaps", str(hm), "--json", str(report_path),
+                 "-q"]) == 0
+    out = capsys.readouterr().out
+    images = _strict_json(report_path)["images"]
+    missed = [i for i in images if i["label"] == "defective" and i["decision"] == "PASS"]
+    flagged = [i for i in images if i["label"] == "good" and i["decision"] != "PASS"]
+    assert missed and flagged  # both sorts happen here
+    assert {i["path"] for i in images if i.get("heatmap")} == {i["path"] for i in missed + flagged}
+    for sort, which in (("missed", missed), ("flagged", flagged)):
+        drawn = sorted(p.name for p in (hm / sort).iterdir())
+        assert drawn == sorted(Path(i["heatmap"]).name for i in which)
+        assert all(Path(i["heatmap"]).parent == hm / sort for i in which)
+    assert f"{len(missed)} defects that passed" in out and f"{len(flagged)} GOOD parts flagged" in out
+    # a file named as the folder: refused before any image is scored
+    assert main(["test", str(tiny_model), str(data), "--heatmaps", str(report_path), "-q"]) == 1
+    captured = capsys.readouterr()
+    assert "--heatmaps" in captured.err and captured.out == ""

@@ -666,7 +666,7 @@ def test_safe_child(tmp_path: Path) -> None:
 
 
 def test_overlay_scales_from_calibration_summary() -> None:
-    from diffqc.service.buffer import overlay_scales
+    from diffqc.visualize import overlay_scales
 
     summary = {"types": {"a": {"median": 1.0, "max": 1.5}, "b": {"median": 2.0, "max": 2.0}, "c": {"n": 3}}}
     assert overlay_scales(summary) == {"a": (1.0, 2.0)}

@@ -145,32 +145,11 @@ def _expand_images(paths: Sequence[str], leave_out: Path | None = None) -> list[
     return out
 
 
-def _new_heatmap_path(folder: Path, name: Path) -> Path:
-    """A heat-map file named after the image's relative path (``test/blob/000.png`` ->
-    ``test_blob_000_heatmap.png``) that did not exist before: it is created here, empty, so that
-    no file (an earlier run's, or another image's of the same name) is ever overwritten. A name
-    longer than a file system takes (255 bytes) becomes a digest of the whole path and its end."""
-    import hashlib
-
-    stem = path_text("_".join([*name.parent.parts, name.stem])) or "image"
-    if len(raw := stem.encode()) > 200:  # "_heatmap-9999.png" and the digest fit the rest
-        tail = raw[-160:].decode("utf-8", errors="ignore")
-        stem = f"{hashlib.sha256(raw).hexdigest()[:12]}-{tail}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for k in range(10_000):
-        candidate = folder / (f"{stem}_heatmap.png" if k == 0 else f"{stem}_heatmap-{k}.png")
-        try:
-            with open(candidate, "xb"):
-                return candidate
-        except FileExistsError:
-            continue
-    raise OutputError(f"no free heat-map file name for {name} in {folder}")
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     from diffqc.bundle import check_bundle_files
     from diffqc.data import IMAGE_SUFFIXES
     from diffqc.runtime import runtime_from_args
+    from diffqc.visualize import heatmap_folder
 
     check_bundle_files(args.model)  # first: `inspect DATA MODEL` is not "no images in MODEL"
     images = _expand_images(args.images, Path(args.heatmaps) if args.heatmaps else None)
@@ -178,7 +157,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise DatasetError(f"no images in {', '.join(args.images)} (looked for "
                            f"{', '.join(sorted(IMAGE_SUFFIXES))})")
     if args.heatmaps:
-        _heatmap_folder(Path(args.heatmaps))
+        heatmap_folder(Path(args.heatmaps))
     det = runtime_from_args(args, args.model)
     if args.feature_type is not None:
         det.type_index(args.feature_type)  # fail early on an unknown type
@@ -195,8 +174,10 @@ def _inspect_images(args: argparse.Namespace, det: Any, images: list[tuple[Path,
                     csv_out: _CsvRows | None) -> None:
     from diffqc.data import read_image
     from diffqc.inspection import ImageSizeCheck
+    from diffqc.visualize import write_heatmap
 
     size_check = ImageSizeCheck(det.metadata)
+    summary = det.calibration_.summary() if det.calibration_ is not None else {}
     for path, name in images:
         try:
             image = read_image(path)
@@ -212,25 +193,14 @@ def _inspect_images(args: argparse.Namespace, det: Any, images: list[tuple[Path,
         row: dict[str, Any] = {"path": path_text(path), **result.to_json(),
                                "latency_ms": round(1000 * (time.perf_counter() - start), 1)}
         if args.heatmaps and result.anomaly_map is not None:
-            out = _new_heatmap_path(Path(args.heatmaps), name)
             try:
-                _save_heatmap(out, image, result, det, max_side=args.heatmap_size)
+                out = write_heatmap(Path(args.heatmaps), name, image, result, summary,
+                                    max_side=args.heatmap_size)
             except OSError:  # a full disk: the image's result is still reported, then the run stops
-                out.unlink(missing_ok=True)  # the empty file _new_heatmap_path claimed
                 _report_row(row, csv_out)
                 raise
             row["heatmap"] = path_text(out)
         _report_row(row, csv_out)
-
-
-def _heatmap_folder(folder: Path) -> None:
-    """Make ``--heatmaps``'s folder before any image is scored, or say why it cannot be."""
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"--heatmaps {folder} is a file; give a folder for the heat maps")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the heat-map folder {folder}: {exc.strerror or exc}") from None
 
 
 CSV_COLUMNS = ("path", "feature_type", "predicted_type", "score", "p_value", "decision", "heatmap", "error")
@@ -285,22 +255,6 @@ def _report_row(row: dict[str, Any], csv_out: _CsvRows | None) -> None:
     print(json_line(row), flush=True)  # a reader of the pipe (jq, a script) has it now
     if csv_out is not None:
         csv_out.add(row)
-
-
-def _save_heatmap(path: Path, image: Any, result: Any, det: Any, *, max_side: int = 0) -> None:
-    """image | overlay with score, p-value, decision and a colour bar; the colour scale of a type
-    is fixed (the service's: from its median calibration score to well above the largest); the
-    image within ``max_side`` px (0: its own size)."""
-    from diffqc.service.buffer import overlay_scales
-    from diffqc.visualize import fit_within, save_panel
-
-    image = fit_within(image, max_side)
-
-    summary = det.calibration_.summary() if det.calibration_ is not None else {}
-    scale = overlay_scales(summary).get(result.feature_type)
-    save_panel(path, image, result.anomaly_map, score=result.score, p_value=result.p_value,
-               decision=result.decision, feature_type=result.feature_type,
-               vmin=scale[0] if scale else None, vmax=scale[1] if scale else None)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

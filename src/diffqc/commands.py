@@ -135,7 +135,12 @@ def add_test_command(subparsers: Any) -> None:
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the report (the table, what was left out, every image's score "
                         "and decision) as JSON")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    p.add_argument("--force", action="store_true", help="replace an earlier --json report")
+    p.add_argument("--heatmaps", default=None, metavar="DIR",
+                   help="heat maps of the misses: the defects that passed (DIR/missed) and the GOOD "
+                        "parts flagged (DIR/flagged)")
+    p.add_argument("--heatmap-size", type=NON_NEGATIVE, default=0, metavar="PX",
+                   help="the image's longer side in a heat map (default 0: its own size)")
     p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images")
     p.add_argument("--device", default=None, help=DEVICE)
     add_runtime_arguments(p)

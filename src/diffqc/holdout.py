@@ -126,10 +126,12 @@ def unseen(meta: dict[str, Any], samples: Sequence[Sample]) -> tuple[list[Sample
 
 
 def holdout_report(detector: Any, data: Path | str, *, type_known: bool = True,
-                   skip_corrupt: bool = False, progress: bool = False) -> dict[str, Any]:
+                   skip_corrupt: bool = False, progress: bool = False, heatmaps: Path | None = None,
+                   heatmap_size: int = 0) -> dict[str, Any]:
     """Score the labelled images of ``data`` that ``detector`` never saw; returns the report:
     ``rows`` (:func:`decision_table`), what was left out, ``type_accuracy`` when the type was
-    withheld (``type_known=False``: the type router picks it) and ``images``, one entry per image."""
+    withheld (``type_known=False``: the type router picks it) and ``images``, one entry per image.
+    With ``heatmaps``, a heat map of each miss (:func:`draw_misses`), named in its entry."""
     listed = load_dataset(data)
     if export_selection_notes(data) is not None:
         warnings.warn(f"{data} is a `diffqc results export`: its parts are those operators reviewed, "
@@ -165,7 +167,39 @@ def holdout_report(detector: Any, data: Path | str, *, type_known: bool = True,
     if not type_known:
         report["type_accuracy"] = float(np.mean([r.predicted_type == s.feature_type
                                                  for s, r in zip(read, results, strict=True)]))
+    if heatmaps is not None:
+        report["heatmaps"] = draw_misses(detector, read, results, report["images"], heatmaps,
+                                         type_known=type_known, max_side=heatmap_size)
     return report
+
+
+def draw_misses(detector: Any, samples: Sequence[Sample], results: Sequence[Inspection],
+                entries: list[dict[str, Any]], folder: Path, *, type_known: bool,
+                max_side: int = 0) -> dict[str, Any]:
+    """A heat map of each defect that passed (``folder/missed``) and of each GOOD part flagged
+    (``folder/flagged``), named ``<type>_<kind>_<image>_heatmap.png`` and in its ``entries`` item
+    (``heatmap``): what a QC engineer looks at first. The first pass scores without maps (memory);
+    the misses are scored again, one by one, with them."""
+    from diffqc.data import read_image
+    from diffqc.visualize import write_heatmap
+
+    summary = detector.calibration_.summary() if detector.calibration_ is not None else {}
+    drawn = {"missed": 0, "flagged": 0}
+    for s, r, entry in zip(samples, results, entries, strict=True):
+        sort = ("missed" if s.label == DEFECTIVE and r.decision == PASS else
+                "flagged" if s.label == GOOD and r.decision != PASS else None)
+        if sort is None:
+            continue
+        image = read_image(s.path)
+        (again,) = detector.inspect([image], [s.feature_type if type_known else None])
+        if again.anomaly_map is None:  # a runtime without maps
+            continue
+        kind = s.defect or ("good" if s.label == GOOD else "defect")
+        out = write_heatmap(folder / sort, Path(s.feature_type or "unknown", kind, s.path.name), image, again,
+                            summary, max_side=max_side)
+        entry["heatmap"] = path_text(out)
+        drawn[sort] += 1
+    return {"folder": path_text(folder), **drawn}
 
 
 def _summary(report: dict[str, Any], model: Path) -> str:
@@ -181,6 +215,10 @@ def _summary(report: dict[str, Any], model: Path) -> str:
                 f"{k} {c['recall']:.3f} ({c['flagged']}/{c['n']})" for k, c in kinds.items()))
     if "type_accuracy" in report:
         lines.append(f"type predicted correctly (type router): {report['type_accuracy']:.3f}")
+    if drawn := report.get("heatmaps"):
+        m, f = drawn["missed"], drawn["flagged"]
+        lines.append(f"heat maps of the {m} defect{'s' * (m != 1)} that passed ({drawn['folder']}/missed) "
+                     f"and the {f} GOOD part{'s' * (f != 1)} flagged ({drawn['folder']}/flagged)")
     rows = report["rows"][:-1]
     if lacking := [r["feature_type"] for r in rows if math.isnan(r["fpr"])]:
         lines.append(f"no GOOD image it never saw of {', '.join(lacking)}: its AUROC and FPR cannot be "
@@ -197,15 +235,20 @@ def is_test_report(path: Path) -> bool:
 def cmd_test(args: argparse.Namespace) -> int:
     from diffqc.bundle import check_bundle_files
     from diffqc.runtime import runtime_from_args
+    from diffqc.visualize import heatmap_folder
 
     check_bundle_files(args.model)
     json_path = Path(args.json) if args.json else None
     if json_path is not None:
         check_output_file(json_path, option="--json", is_ours=is_test_report,
                           what="`diffqc test` report", force=args.force)
+    heatmaps = Path(args.heatmaps) if args.heatmaps else None
+    if heatmaps is not None:
+        heatmap_folder(heatmaps)
     det = runtime_from_args(args, args.model)
     report = holdout_report(det, args.data, type_known=not args.unknown_type,
-                            skip_corrupt=args.skip_corrupt, progress=not args.quiet)
+                            skip_corrupt=args.skip_corrupt, progress=not args.quiet, heatmaps=heatmaps,
+                            heatmap_size=args.heatmap_size)
     report = {"model": path_text(args.model), "runtime": getattr(det, "runtime", "torch"),
               "precision": getattr(det, "precision", "fp32"), **report}
     print(_summary(report, args.model))

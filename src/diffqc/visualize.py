@@ -7,14 +7,16 @@ CLI draw heat maps without importing matplotlib.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from diffqc.errors import OutputError
-from diffqc.output import write_atomic
+from diffqc.output import path_text, write_atomic
 
 # matplotlib's "jet" as piecewise-linear (position, value) nodes per channel
 _JET_NODES = (
@@ -173,3 +175,65 @@ def save_overlay(path: Path | str, image: np.ndarray, anomaly_map: np.ndarray, *
 def save_panel(path: Path | str, image: np.ndarray, anomaly_map: np.ndarray, **kwargs: object) -> Path:
     """Write :func:`panel` as a PNG (:func:`save_png`)."""
     return save_png(path, panel(image, anomaly_map, **kwargs))  # type: ignore[arg-type]
+
+
+def overlay_scales(calibration_summary: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """A fixed colour scale per type, so that heat maps of different parts compare: from the
+    median calibration (GOOD) score, transparent, to well above the largest one, saturated."""
+    out: dict[str, tuple[float, float]] = {}
+    for ftype, info in (calibration_summary.get("types") or {}).items():
+        try:
+            med, top = float(info["median"]), float(info["max"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if np.isfinite(med) and np.isfinite(top) and top > med:
+            out[str(ftype)] = (med, top + (top - med))
+    return out
+
+
+def heatmap_folder(folder: Path) -> None:
+    """Make ``--heatmaps``'s folder before any image is scored, or say why it cannot be."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"--heatmaps {folder} is a file; give a folder for the heat maps")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the heat-map folder {folder}: {exc.strerror or exc}") from None
+
+
+def new_heatmap_path(folder: Path, name: Path) -> Path:
+    """A heat-map file named after the image's relative path (``test/blob/000.png`` ->
+    ``test_blob_000_heatmap.png``) that did not exist before: it is created here, empty, so that
+    no file (an earlier run's, or another image's of the same name) is ever overwritten. A name
+    longer than a file system takes (255 bytes) becomes a digest of the whole path and its end."""
+    stem = path_text("_".join([*name.parent.parts, name.stem])) or "image"
+    if len(raw := stem.encode()) > 200:  # "_heatmap-9999.png" and the digest fit the rest
+        tail = raw[-160:].decode("utf-8", errors="ignore")
+        stem = f"{hashlib.sha256(raw).hexdigest()[:12]}-{tail}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(10_000):
+        candidate = folder / (f"{stem}_heatmap.png" if k == 0 else f"{stem}_heatmap-{k}.png")
+        try:
+            with open(candidate, "xb"):
+                return candidate
+        except FileExistsError:
+            continue
+    raise OutputError(f"no free heat-map file name for {name} in {folder}")
+
+
+def write_heatmap(folder: Path, name: Path, image: np.ndarray, result: Any,
+                  calibration_summary: dict[str, Any], *, max_side: int = 0) -> Path:
+    """One inspected image's heat map (:func:`panel`: image | overlay with score, p-value,
+    decision and a colour bar) in a new file of ``folder`` (:func:`new_heatmap_path`); the colour
+    scale of a type is fixed (:func:`overlay_scales`, as the service draws them); the image within
+    ``max_side`` px (0: its own size). A failed write leaves no file and is raised."""
+    out = new_heatmap_path(folder, name)
+    scale = overlay_scales(calibration_summary).get(result.feature_type)
+    try:
+        save_panel(out, fit_within(image, max_side), result.anomaly_map, score=result.score,
+                   p_value=result.p_value, decision=result.decision, feature_type=result.feature_type,
+                   vmin=scale[0] if scale else None, vmax=scale[1] if scale else None)
+    except OSError:
+        out.unlink(missing_ok=True)  # the empty file new_heatmap_path claimed
+        raise
+    return out

@@ -47,7 +47,6 @@ from diffqc.service.buffer import (
     InspectionPipeline,
     Job,
     OverflowPolicy,
-    overlay_scales,
 )
 from diffqc.service.line import LineServices
 from diffqc.service.security import (
@@ -76,7 +75,7 @@ from diffqc.service.store import (
     redact_url,
     store_url,
 )
-from diffqc.visualize import DEFAULT_HEATMAP_SIZE
+from diffqc.visualize import DEFAULT_HEATMAP_SIZE, overlay_scales
 
 log = logging.getLogger("diffqc.service")
 

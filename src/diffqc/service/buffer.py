@@ -210,20 +210,6 @@ def default_overlay(
                  vmax=scale[1] if scale else None)
 
 
-def overlay_scales(calibration_summary: dict[str, Any]) -> dict[str, tuple[float, float]]:
-    """A fixed colour scale per type, so that heat maps of different parts compare: from the
-    median calibration (GOOD) score, transparent, to well above the largest one, saturated."""
-    out: dict[str, tuple[float, float]] = {}
-    for ftype, info in (calibration_summary.get("types") or {}).items():
-        try:
-            med, top = float(info["median"]), float(info["max"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if np.isfinite(med) and np.isfinite(top) and top > med:
-            out[str(ftype)] = (med, top + (top - med))
-    return out
-
-
 def _to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 

@@ -38,7 +38,7 @@ from typing import Any
 from diffqc.data import IMAGE_SUFFIXES, decode_image
 from diffqc.errors import ImageReadError, OutputError, StoreError, UnknownFeatureTypeError, did_you_mean
 from diffqc.output import path_text
-from diffqc.service.buffer import BufferClosed, BufferFull, InspectionPipeline, Job, overlay_scales
+from diffqc.service.buffer import BufferClosed, BufferFull, InspectionPipeline, Job
 from diffqc.service.line import LineServices
 from diffqc.service.security import (
     BROWSER_FORMATS,
@@ -48,7 +48,7 @@ from diffqc.service.security import (
     check_image_header,
 )
 from diffqc.service.store import ARTIFACT_KINDS, NOT_INSPECTED, ResultRecord, ResultStore
-from diffqc.visualize import DEFAULT_HEATMAP_SIZE
+from diffqc.visualize import DEFAULT_HEATMAP_SIZE, overlay_scales
 
 log = logging.getLogger("diffqc.watch")
 
