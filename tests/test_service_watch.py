@@ -352,6 +352,16 @@ def test_a_failed_file_moved_back_is_tried_again(
     assert (report.inspected, report.already_recorded) == (1, 0)
     assert (folder / "processed" / ftype / "p1.png").read_bytes() == data
     assert sorted(r.decision != NOT_INSPECTED for r in store.query()) == [False, True]
+    # with --keep the file stays: not tried again in this run, tried again at the next start
+    (folder / ftype / "p2.png").write_bytes(data)
+    kept = _watcher(folder, pipe, store, after="keep")
+    with monkeypatch.context() as m:
+        m.setattr(pipe, "_inspect", broken)
+        kept.step()
+    assert kept.step().inspected == 0 and (folder / ftype / "p2.png").is_file()
+    assert _watcher(folder, pipe, store, after="keep").step().inspected == 1
+    assert [r.decision == NOT_INSPECTED for r in store.query() if r.part_id == "p2"] == [False, True]
+    (folder / ftype / "p2.png").unlink()
     (folder / "junk.png").write_bytes(b"not an image")  # unreadable: failed again, both stored
     w.step()
     os.rename(folder / "failed" / "junk.png", folder / "junk.png")
