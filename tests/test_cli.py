@@ -87,6 +87,14 @@ def test_inspect_names_an_image_size_its_type_was_not_trained_on(
     warned = [line for line in out.err.splitlines() if line.startswith("diffqc: warning:")]
     assert len(warned) == 1 and f"a {2 * w0}x{h0} px image of type 'dots'" in warned[0], out.err
     assert len(out.out.splitlines()) == 2  # scored all the same
+    # a camera switched from mono to colour: the trained type's colour named, once
+    assert meta["training_data"]["image_colours"] == {"dots": "grey", "stripes": "grey"}
+    with Image.open(first) as img:
+        Image.merge("RGB", (img.convert("L"), img.convert("L"), Image.new("L", img.size, 40))).save(
+            tmp_path / "tinted.png")
+    assert main(["inspect", str(tiny_model), str(tmp_path / "tinted.png"), "--feature-type", "stripes"]) == 0
+    err = capsys.readouterr().err
+    assert "diffqc: warning: a colour image of type 'stripes', whose training images were grey" in err
 
 
 def test_inspect_folder_leaves_hidden_files_out(tiny_model: Path, clear_dataset: Path, tmp_path: Path,

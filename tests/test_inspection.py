@@ -1,5 +1,5 @@
-"""The image-size check a bundle carries (diffqc.inspection.ImageSizeCheck) and the checks of
-``inspect``'s arguments."""
+"""The image checks a bundle carries (diffqc.inspection.ImageCheck: size and colour) and the
+checks of ``inspect``'s arguments."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffqc.inspection import ImageSizeCheck, image_size_ranges, inspect_arguments
+from diffqc.inspection import ImageCheck, image_colours, image_size_ranges, inspect_arguments, is_grey
 
 
 def test_image_size_ranges_per_type() -> None:
@@ -18,7 +18,7 @@ def test_image_size_ranges_per_type() -> None:
 
 
 def test_size_check_names_a_type_once_outside_its_training_sizes() -> None:
-    check = ImageSizeCheck({"training_data": {"image_sizes": {"dots": [[256, 256], [256, 256]],
+    check = ImageCheck({"training_data": {"image_sizes": {"dots": [[256, 256], [256, 256]],
                                                               "edge": [[222, 388], [103, 618]]}}})
     assert check("dots", 256, 256) is None
     assert check("dots", 240, 270) is None  # within 10 %: a crop a few pixels off
@@ -33,7 +33,43 @@ def test_size_check_names_a_type_once_outside_its_training_sizes() -> None:
 
 def test_size_check_of_a_bundle_without_sizes_checks_nothing() -> None:
     for metadata in ({}, {"training_data": {}}, {"training_data": {"image_sizes": None}}):
-        assert ImageSizeCheck(metadata)("dots", 8, 4000) is None
+        assert ImageCheck(metadata)("dots", 8, 4000) is None
+
+
+def test_grey_images_are_told_from_colour_ones() -> None:
+    grey = np.repeat(np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64, 1), 3, axis=2)
+    assert is_grey(grey) and is_grey(grey[..., 0])
+    jpeg = grey.copy()
+    jpeg[..., 2] += 1.0 / 255.0  # a JPEG's rounding of a grey image: still grey
+    assert is_grey(jpeg)
+    tinted = grey.copy()
+    tinted[20:40, 20:40, 0] += 0.1  # a red mark: colour
+    assert not is_grey(tinted)
+    seen = [("dots", True), ("edge", False), ("mix", True), ("mix", False), ("dots", True)]
+    assert image_colours(seen) == {"dots": "grey", "edge": "colour", "mix": "mixed"}
+
+
+def test_colour_check_names_a_type_once_seen_in_the_other_colour() -> None:
+    """A mono camera set to colour (or back) after a firmware update moves every part's score;
+    the part is named once per type, beside its size."""
+    colours = {"dots": "grey", "edge": "colour", "mix": "mixed"}
+    check = ImageCheck({"training_data": {"image_colours": colours}})
+    grey = np.full((32, 32, 3), 0.5, np.float32)
+    colour = grey.copy()
+    colour[..., 0] = 0.9
+    assert check("dots", 32, 32, grey) is None and check("edge", 32, 32, colour) is None
+    assert check("mix", 32, 32, colour) is None and check("mix", 32, 32, grey) is None
+    assert check("dots", 32, 32) is None  # no pixels (a file's header): its size only
+    note = check("dots", 32, 32, colour)
+    assert note is not None and "a colour image of type 'dots', whose training images were grey" in note
+    assert check("dots", 32, 32, colour) is None  # said once per type
+    note = check("edge", 32, 32, grey)
+    assert note is not None and "a grey image of type 'edge', whose training images were in colour" in note
+    # size and colour at once: both said
+    both = ImageCheck({"training_data": {"image_colours": {"dots": "grey"},
+                                         "image_sizes": {"dots": [[32, 32], [32, 32]]}}})
+    note = both("dots", 64, 64, np.full((64, 64, 3), [0.9, 0.1, 0.1], np.float32))
+    assert note is not None and "64x64 px image" in note and "a colour image" in note
 
 
 def test_inspect_arguments_name_the_calls_easy_to_get_wrong(tiny_model: Path) -> None:

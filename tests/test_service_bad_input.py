@@ -579,6 +579,15 @@ def test_pipeline_logs_a_part_outside_its_types_training_sizes(
         assert all(j.future.result().decision in {"PASS", "REVIEW", "REJECT"} for j in jobs)
     notes = [r.getMessage() for r in caplog.records if "px image of type" in r.getMessage()]
     assert len(notes) == 1 and f"a {3 * w0}x{h0} px image of type {t!r}" in notes[0], notes
+    # the model learned grey parts (the synthetic set): a colour camera's part is named too
+    assert detector.metadata["training_data"]["image_colours"][t] == "grey"
+    colour = np.full((h0, w0, 3), 0.5, np.float32)
+    colour[..., 0] = 0.8
+    jobs = [Job(image=colour, feature_type=t) for _ in range(2)]
+    with ResultStore(str(tmp_path / "c.db")) as store, caplog.at_level(logging.WARNING, "diffqc.service"):
+        InspectionPipeline(detector, store, None).process(jobs)
+    notes = [r.getMessage() for r in caplog.records if "a colour image of type" in r.getMessage()]
+    assert len(notes) == 1 and "whose training images were grey" in notes[0], notes
 
 
 def test_watch_feature_type_is_checked_against_the_model(detector: Any, tmp_path: Path) -> None:

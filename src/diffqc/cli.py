@@ -173,10 +173,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _inspect_images(args: argparse.Namespace, det: Any, images: list[tuple[Path, Path]],
                     csv_out: _CsvRows | None) -> None:
     from diffqc.data import read_image
-    from diffqc.inspection import ImageSizeCheck
+    from diffqc.inspection import ImageCheck
     from diffqc.visualize import write_heatmap
 
-    size_check = ImageSizeCheck(det.metadata)
+    image_check = ImageCheck(det.metadata)
     summary = det.calibration_.summary() if det.calibration_ is not None else {}
     for path, name in images:
         try:
@@ -188,7 +188,7 @@ def _inspect_images(args: argparse.Namespace, det: Any, images: list[tuple[Path,
             continue
         start = time.perf_counter()
         (result,) = det.inspect([image], [args.feature_type])
-        if note := size_check(result.feature_type, *image.shape[:2]):
+        if note := image_check(result.feature_type, image.shape[0], image.shape[1], image):
             warnings.warn(note, stacklevel=1)
         row: dict[str, Any] = {"path": path_text(path), **result.to_json(),
                                "latency_ms": round(1000 * (time.perf_counter() - start), 1)}

@@ -66,7 +66,7 @@ SIZE_TOLERANCE = 0.1
 def image_size_ranges(sizes: Iterable[tuple[str, int, int]]) -> dict[str, list[list[int]]]:
     """Per type, ``[[min height, max height], [min width, max width]]`` of ``(type, height,
     width)``: the sizes of the GOOD images a model was fit on (``metadata.json``'s
-    ``training_data.image_sizes``), for :class:`ImageSizeCheck`."""
+    ``training_data.image_sizes``), for :class:`ImageCheck`."""
     out: dict[str, list[list[int]]] = {}
     for feature_type, height, width in sizes:
         r = out.setdefault(feature_type, [[height, height], [width, width]])
@@ -75,33 +75,84 @@ def image_size_ranges(sizes: Iterable[tuple[str, int, int]]) -> dict[str, list[l
     return out
 
 
-class ImageSizeCheck:
-    """Names, once per type, a part whose image size lies outside the sizes its type was trained
-    on (by more than :data:`SIZE_TOLERANCE`): every image is scaled to the model's input, so a
-    camera's new region of interest or lens shows every part at another scale or aspect than
-    the calibration saw, and scores move for every part at once. A bundle without the sizes
-    (older, or tiled: tiles are cut at native resolution whatever the size) checks nothing."""
+# how far apart an image's channels may lie (a JPEG's rounding of a grey image) for it to be grey
+GREY_TOLERANCE = 2.0 / 255.0
+
+
+def is_grey(image: np.ndarray) -> bool:
+    """Whether an image (HxW, or HxWxC in [0, 1]) is grey: its channels equal within
+    :data:`GREY_TOLERANCE`, looked at on every 8th pixel of every 8th row (a mono camera's
+    frame; a colour camera's has channels that differ)."""
+    if image.ndim == 2 or image.shape[-1] == 1:
+        return True
+    view = image[::8, ::8, :3]
+    return bool(np.abs(view - view[..., :1]).max(initial=0.0) <= GREY_TOLERANCE)
+
+
+def image_colours(seen: Iterable[tuple[str, bool]]) -> dict[str, str]:
+    """Per type, ``grey`` when every one of ``(type, grey)`` is grey, ``colour`` when none is,
+    else ``mixed``: the GOOD images a model was fit on (``metadata.json``'s
+    ``training_data.image_colours``), for :class:`ImageCheck`."""
+    greys: dict[str, set[bool]] = {}
+    for feature_type, grey in seen:
+        greys.setdefault(feature_type, set()).add(grey)
+    return {t: "mixed" if len(g) > 1 else "grey" if True in g else "colour" for t, g in greys.items()}
+
+
+class ImageCheck:
+    """Names, once per type, a part whose image lies outside what its type was trained on, in
+    size (by more than :data:`SIZE_TOLERANCE`) or in colour: every image is scaled to the model's
+    input, so a camera's new region of interest or lens shows every part at another scale or
+    aspect than the calibration saw, and a camera switched between mono and colour (a firmware
+    update, a new pixel format) changes every part's features; scores move for every part at
+    once. A bundle without the sizes (older, or tiled: tiles are cut at native resolution
+    whatever the size) checks no size; one without the colours, no colour."""
 
     def __init__(self, metadata: Mapping[str, Any]) -> None:
         training = metadata.get("training_data") or {}
         self.ranges: dict[str, Any] = dict(training.get("image_sizes") or {})
-        self.warned: set[str] = set()
+        self.colours: dict[str, str] = dict(training.get("image_colours") or {})
+        self.warned: set[tuple[str, str]] = set()
 
-    def __call__(self, feature_type: str | None, height: int, width: int) -> str | None:
-        """The warning for this part, the first time its type is seen outside its sizes."""
-        if feature_type is None or feature_type not in self.ranges or feature_type in self.warned:
+    def __call__(self, feature_type: str | None, height: int, width: int,
+                 image: np.ndarray | None = None) -> str | None:
+        """The warning for this part, the first time its type is seen outside its sizes or its
+        colour (``image``'s pixels; without them, the size alone)."""
+        if feature_type is None:
+            return None
+        notes = [note for note in (self._size(feature_type, height, width),
+                                   self._colour(feature_type, image)) if note]
+        if not notes:
+            return None
+        return "; ".join(notes) + " (said once per type)"
+
+    def _size(self, feature_type: str, height: int, width: int) -> str | None:
+        if feature_type not in self.ranges or (feature_type, "size") in self.warned:
             return None
         (h0, h1), (w0, w1) = self.ranges[feature_type]
         lo, hi = 1.0 - SIZE_TOLERANCE, 1.0 + SIZE_TOLERANCE
         if lo * h0 <= height <= hi * h1 and lo * w0 <= width <= hi * w1:
             return None
-        self.warned.add(feature_type)
+        self.warned.add((feature_type, "size"))
         seen = f"{w0}x{h0}" if (h0, w0) == (h1, w1) else f"{w0}-{w1} x {h0}-{h1}"
         return (f"a {width}x{height} px image of type {feature_type!r}, whose training images were "
                 f"{seen} px: every image is scaled to the model's input, so parts at another size "
                 "or aspect are scored on another scale than the model learned and was calibrated "
                 "on (has the camera's region of interest or lens changed? if on purpose, train "
-                "again on its images); said once per type")
+                "again on its images)")
+
+    def _colour(self, feature_type: str, image: np.ndarray | None) -> str | None:
+        trained = self.colours.get(feature_type)
+        if image is None or trained not in ("grey", "colour") or (feature_type, "colour") in self.warned:
+            return None
+        if is_grey(image) == (trained == "grey"):
+            return None
+        self.warned.add((feature_type, "colour"))
+        seen, was = ("colour", "grey") if trained == "grey" else ("grey", "in colour")
+        return (f"a {seen} image of type {feature_type!r}, whose training images were {was}: the "
+                "model learned and was calibrated on the other, so every part's score moves (has "
+                "the camera's pixel format changed, mono to colour or back? if on purpose, train "
+                "again on its images)")
 
 
 @dataclass(frozen=True)

@@ -57,9 +57,11 @@ from diffqc.inspection import (
     BUNDLE_FILES,
     BUNDLE_FORMAT,
     Inspection,
+    image_colours,
     image_size_ranges,
     inspect_arguments,
     inspect_in_batches,
+    is_grey,
     sha256_file,
     verdicts,
 )
@@ -208,7 +210,7 @@ class Detector:
 
     def read_features(
         self, samples: Sequence[Sample], *, skip_corrupt: bool = False, progress: bool = False,
-        sizes: list[tuple[int, int]] | None = None,
+        sizes: list[tuple[int, int]] | None = None, greys: list[bool] | None = None,
     ) -> tuple[Tensor, list[tiling.Layout] | None, list[Sample], list[ImageReadError]]:
         """Raw backbone features of the samples' images, read one at a time: each image is
         decoded, cut to its model inputs and released before the next is read, so memory holds
@@ -220,7 +222,8 @@ class Detector:
         files' errors. Unreadable files are skipped and listed with ``skip_corrupt`` (a warning
         each); without it every file is still tried, no more features are extracted after the
         first failure, and one error names them all, as :func:`diffqc.data.read_images` does.
-        ``sizes``, when given, receives each image's (height, width) as read.
+        ``sizes``, when given, receives each image's (height, width) as read; ``greys`` whether
+        it is grey (:func:`diffqc.inspection.is_grey`).
         """
         views_of = uses_layouts(self.config)
         layouts: list[tiling.Layout] = []
@@ -234,6 +237,8 @@ class Detector:
                 kept.append(sample)
                 if sizes is not None:
                     sizes.append((int(image.shape[0]), int(image.shape[1])))
+                if greys is not None:
+                    greys.append(is_grey(image))
                 if views_of:  # pad / crop / tiles: the views of tiling.extract_views
                     layouts.append(tiling.plan((int(image.shape[0]), int(image.shape[1])),
                                                self.config))
@@ -275,8 +280,9 @@ class Detector:
         check_fit_memory(self.config, fe.grid, fe.channels, len(wanted), len(good), str(self.device),
                          views=views_to_fit(self.config, [s.path for s in good]))
         sizes: list[tuple[int, int]] = []
+        greys: list[bool] = []
         raw, layouts, good, errors = self.read_features(good, skip_corrupt=skip_corrupt,
-                                                        progress=progress, sizes=sizes)
+                                                        progress=progress, sizes=sizes, greys=greys)
         if lost := sorted(wanted - {s.feature_type for s in good}):
             raise DatasetError(f"every GOOD training image of {', '.join(map(repr, lost))} is "
                                "unreadable (skipped); the model would not know the type: mend "
@@ -291,9 +297,11 @@ class Detector:
         self.fit_features(raw, good, progress=progress, layouts=layouts)
         training = self.metadata["training_data"]
         training["skipped_corrupt"] = [path_text(e.source) for e in errors]
-        if self.config.tiling.mode == "off":  # for inspection.ImageSizeCheck
+        if self.config.tiling.mode == "off":  # for inspection.ImageCheck
             training["image_sizes"] = image_size_ranges(
                 (s.feature_type, h, w) for s, (h, w) in zip(good, sizes, strict=True))
+        training["image_colours"] = image_colours(
+            (s.feature_type, grey) for s, grey in zip(good, greys, strict=True))
         # by content, so that `diffqc calibrate` can leave out any it is given (their scores are
         # optimistic: calibrated on them, the line's GOOD parts would be flagged too often)
         fitted = set(self.fit_indices_)

@@ -167,9 +167,9 @@ def _name_other_sizes(meta: dict[str, Any], samples: list[Any]) -> None:
     once per type, as ``inspect`` names such parts: recalibrating restores the flag rate, not
     what the model learned at the old scale. Only the files' headers are read here."""
     from diffqc.data import image_shape
-    from diffqc.inspection import ImageSizeCheck
+    from diffqc.inspection import ImageCheck
 
-    check = ImageSizeCheck(meta)
+    check = ImageCheck(meta)
     for s in samples:
         if (shape := image_shape(s.path)) is None:  # named when it is read for its score
             continue

@@ -26,7 +26,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 
 from diffqc.errors import StoreError
-from diffqc.inspection import ImageSizeCheck
+from diffqc.inspection import ImageCheck
 from diffqc.service.store import NOT_INSPECTED, ArtifactStore, ResultRecord, ResultStore
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE, fit_within
 
@@ -292,7 +292,7 @@ class InspectionPipeline:
             if value not in KEEP_IMAGES:
                 raise ValueError(f"{name} must be one of {', '.join(KEEP_IMAGES)}, got {value!r}")
         self.detector = detector
-        self.size_check = ImageSizeCheck(getattr(detector, "metadata", None) or {})
+        self.image_check = ImageCheck(getattr(detector, "metadata", None) or {})
         self.store = store
         self.artifacts = artifacts
         self.buffer: RingBuffer[Job] = RingBuffer(
@@ -439,7 +439,8 @@ class InspectionPipeline:
                 rec = self._not_inspected(job, f"inspection failed: {res}")
             else:
                 self.failing_in_a_row = 0
-                if note := self.size_check(res.feature_type, *job.image.shape[:2]):
+                height, width = job.image.shape[:2]
+                if note := self.image_check(res.feature_type, height, width, job.image):
                     log.warning("%s", note)
                 rec = self._record(job, res, latency_ms, shed_heatmap=shed)
             records.append(rec)
