@@ -6,7 +6,7 @@ scale than the calibration. This benchmark fits the default model on the embedde
 GOOD training parts, then inspects its test parts as they are and as a changed camera would
 deliver them, and prints per variant the GOOD parts flagged (REVIEW + REJECT, 5 % target), the
 defective parts flagged, the mean per-type image AUROC, and how many types diffqc's image-size
-check (``inspection.ImageSizeCheck``) names.
+check (``inspection.ImageCheck``) names.
 
     OMP_NUM_THREADS=2 python benchmarks/image_size.py [--out /tmp/diffqc-image-size] [--json PATH]
 """
@@ -27,7 +27,7 @@ from sklearn.metrics import roc_auc_score
 
 from diffqc.config import DetectorConfig
 from diffqc.data import GOOD, load_manifest, read_image
-from diffqc.inspection import ImageSizeCheck
+from diffqc.inspection import ImageCheck
 from diffqc.model import Detector
 from diffqc.recalibrate import recalibrate
 from diffqc.synth import write_synthetic_dataset
@@ -71,7 +71,7 @@ def main() -> None:
 
     def measure(det: Detector, change: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
         images = [change(read_image(s.path)) for s in test]
-        check = ImageSizeCheck(det.metadata)
+        check = ImageCheck(det.metadata)
         named = sum(check(s.feature_type, *img.shape[:2]) is not None
                     for s, img in zip(test, images, strict=True))
         res = det.inspect(images, [s.feature_type for s in test])
