@@ -154,11 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, cfg in fused_configs.items():
                 fused = Detector(cfg, device="cpu").fit_features(good[train], fit_samples)
                 with torch.inference_mode():
-                    maps, scores = fused.maps_and_scores(
+                    fused_maps, fused_scores = fused.maps_and_scores(
                         fused.extractor.standardise(torch.cat([good[held], bad[held]])), types)
                 results.setdefault(name, []).append(
-                    (mean_type_auroc(labels, scores.numpy(), types.numpy()),
-                     pixel_auroc(truth, F.interpolate(maps[:, None], size=(size, size))[:, 0].numpy())))
+                    (mean_type_auroc(labels, fused_scores.numpy(), types.numpy()),
+                     pixel_auroc(truth, F.interpolate(fused_maps[:, None], size=(size, size))[:, 0].numpy())))
         label = ds + ("+jitter" if args.jitter is not None else "")
         print_variants(f"\n{label}: {len(samples)} GOOD training images, {args.folds} folds "
                        "(image AUROC, pixel AUROC: mean ± sd over folds)", results)

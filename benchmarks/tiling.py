@@ -39,7 +39,7 @@ from diffqc.metrics import image_auroc, pixel_auroc
 from diffqc.model import Detector
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
-GEOMETRIES = {
+GEOMETRIES: dict[str, dict[str, Any]] = {
     "squash": {},
     "pad": {"backbone.resize": "pad"},
     "tile": {"tiling.mode": "auto"},
