@@ -334,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--csv", default=None, metavar="PATH",
                       help="also write one CSV row per image (path, types, score, p-value, decision, "
                            "heat map)")
-    insp.add_argument("--force", action="store_true", help="overwrite an existing --csv file")
+    insp.add_argument("--force", action="store_true",
+                      help="replace an earlier --csv table (never another file)")
     insp.add_argument("--skip-corrupt", action="store_true",
                       help="skip unreadable images, named on stderr (default: stop at the first)")
     insp.add_argument("--device", default=None, help=DEVICE)
