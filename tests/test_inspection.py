@@ -70,6 +70,13 @@ def test_colour_check_names_a_type_once_seen_in_the_other_colour() -> None:
                                          "image_sizes": {"dots": [[32, 32], [32, 32]]}}})
     note = both("dots", 64, 64, np.full((64, 64, 3), [0.9, 0.1, 0.1], np.float32))
     assert note is not None and "64x64 px image" in note and "a colour image" in note
+    # every part is counted, per type and check, though named once: a camera mended is seen
+    assert both("dots", 64, 64) is None and both("dots", 32, 32, np.zeros((32, 32, 3), np.float32)) is None
+    [colour_seen, size_seen] = both.snapshot()
+    assert (colour_seen["check"], colour_seen["parts"], size_seen["check"], size_seen["parts"]) == (
+        "colour", 1, "size", 2)
+    assert size_seen["feature_type"] == "dots" and "64x64 px image" in size_seen["note"]
+    assert size_seen["first_at"] <= size_seen["last_at"] and check.snapshot()[0]["parts"] == 2
 
 
 def test_inspect_arguments_name_the_calls_easy_to_get_wrong(tiny_model: Path) -> None:

@@ -23,6 +23,7 @@ from tests.test_service_common import (  # noqa: F401 (fixtures)
     running_app,
     samples,
     service_model,
+    tinted,
 )
 
 pytestmark = pytest.mark.anyio
@@ -441,6 +442,25 @@ async def test_a_repeated_image_is_recorded_and_named(
         assert "part p2 (record 2) is the same image as part p1 (record 1), from http" in caplog.text
         metrics = (await client.get("/metrics", headers=AUTH)).text
         assert "diffqc_repeated_images_total 1" in metrics
+
+
+async def test_parts_unlike_their_training_images_are_shown_in_line_and_metrics(
+        detector: Any, samples: Samples, tmp_path: Path) -> None:
+    """A camera switched to colour (the model learned grey parts) was named once in the
+    service's log only: the operators saw REJECTs without a word of why. /v1/line lists the
+    type with the parts seen unlike its training images and when, and /metrics counts them."""
+    body, ftype = samples.one("PASS")
+    colour = tinted(body)
+    async with running_app(detector, tmp_path) as (client, _):
+        for image in (body, colour, colour, body):
+            r = await client.post("/v1/inspect", content=image, headers=AUTH, params={"feature_type": ftype})
+            assert r.status_code == 200
+        line = (await client.get("/v1/line", headers=AUTH)).json()
+        metrics = (await client.get("/metrics", headers=AUTH)).text
+    [seen] = line["images"]
+    assert (seen["feature_type"], seen["check"], seen["parts"]) == (ftype, "colour", 2)
+    assert "a colour image of type" in seen["note"] and seen["first_at"] <= seen["last_at"]
+    assert f'diffqc_parts_unlike_training_total{{feature_type="{ftype}",check="colour"}} 2' in metrics
 
 
 async def test_no_path_traversal_in_file_routes(detector: Any, samples: Samples, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from tests.test_service_common import (  # noqa: F401 (fixtures)
     detector,
     samples,
     service_model,
+    tinted,
 )
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -195,6 +196,17 @@ def test_dashboard_drift_panel_shows_a_types_alarm(
         (By.CSS_SELECTOR, f'#drift tr[data-type="{ftype}"][data-alarm="1"]')))
     text = browser.find_element(By.CSS_SELECTOR, f'#drift tr[data-type="{ftype}"]').text
     assert "DRIFT" in text
+    # a camera switched to colour (the model learned grey parts): the panel of parts unlike
+    # their training images, hidden until then, names the type, the check and the parts
+    assert not browser.find_element(By.ID, "unlike").is_displayed()
+    colour = tinted(body)
+    for _ in range(3):
+        r = httpx.post(url + "/v1/inspect", content=colour, headers=AUTH, params={"feature_type": ftype})
+        assert r.status_code == 200
+    row = wait.until(ec.visibility_of_element_located(
+        (By.CSS_SELECTOR, f'#unlike tr[data-type="{ftype}"][data-check="colour"]')))
+    wait.until(lambda _: row.find_elements(By.TAG_NAME, "td")[2].text == "3")
+    assert "a colour image of type" in row.text
 
 
 def test_dashboard_corrects_a_verdict_and_shows_its_history(

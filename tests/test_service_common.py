@@ -36,6 +36,13 @@ def png(arr: np.ndarray, mode: str | None = None) -> bytes:
     return buf.getvalue()
 
 
+def tinted(body: bytes) -> bytes:
+    """A grey part's image as a colour camera gives it: the red channel raised (PNG)."""
+    rgb = np.asarray(Image.open(io.BytesIO(body)).convert("RGB")).astype(np.int16)
+    rgb[..., 0] += 25
+    return png(np.clip(rgb, 0, 255).astype(np.uint8))
+
+
 @dataclass
 class Samples:
     """Encoded test images of the synthetic set, sorted by the model's decision."""

@@ -4,6 +4,8 @@ NumPy, so that a runtime without PyTorch (ONNX Runtime, the service) can use the
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -106,13 +108,21 @@ class ImageCheck:
     aspect than the calibration saw, and a camera switched between mono and colour (a firmware
     update, a new pixel format) changes every part's features; scores move for every part at
     once. A bundle without the sizes (older, or tiled: tiles are cut at native resolution
-    whatever the size) checks no size; one without the colours, no colour."""
+    whatever the size) checks no size; one without the colours, no colour.
+
+    Every part is checked (a type's parts cost the same whether it was named or not), and
+    :meth:`snapshot` counts, per type and check, the parts outside and when the first and the
+    last came: what the service shows its operators (``/v1/line``, ``/metrics``), so that a
+    camera mended is seen as mended. Thread-safe: the service's worker calls it while a request
+    reads the snapshot."""
 
     def __init__(self, metadata: Mapping[str, Any]) -> None:
         training = metadata.get("training_data") or {}
         self.ranges: dict[str, Any] = dict(training.get("image_sizes") or {})
         self.colours: dict[str, str] = dict(training.get("image_colours") or {})
-        self.warned: set[tuple[str, str]] = set()
+        # (type, "size" | "colour") -> {"note", "parts", "first_at", "last_at"}
+        self.outside: dict[tuple[str, str], dict[str, Any]] = {}
+        self._lock = threading.Lock()
 
     def __call__(self, feature_type: str | None, height: int, width: int,
                  image: np.ndarray | None = None) -> str | None:
@@ -120,20 +130,38 @@ class ImageCheck:
         colour (``image``'s pixels; without them, the size alone)."""
         if feature_type is None:
             return None
-        notes = [note for note in (self._size(feature_type, height, width),
-                                   self._colour(feature_type, image)) if note]
-        if not notes:
-            return None
-        return "; ".join(notes) + " (said once per type)"
+        found = [(check, note) for check, note in (("size", self._size(feature_type, height, width)),
+                                                   ("colour", self._colour(feature_type, image)))
+                 if note]
+        now = time.time()
+        first: list[str] = []
+        with self._lock:
+            for check, note in found:
+                seen = self.outside.get((feature_type, check))
+                if seen is None:
+                    first.append(note)
+                    self.outside[(feature_type, check)] = {"note": note, "parts": 1, "first_at": now,
+                                                           "last_at": now}
+                else:
+                    seen["parts"] += 1
+                    seen["last_at"] = now
+        return "; ".join(first) + " (said once per type)" if first else None
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The types seen outside their training images, one entry per type and check
+        (``feature_type``, ``check``, ``parts``, ``first_at``, ``last_at`` as Unix times, the
+        ``note`` said the first time), by type."""
+        with self._lock:
+            return [{"feature_type": t, "check": c, **dict(v)}
+                    for (t, c), v in sorted(self.outside.items())]
 
     def _size(self, feature_type: str, height: int, width: int) -> str | None:
-        if feature_type not in self.ranges or (feature_type, "size") in self.warned:
+        if feature_type not in self.ranges:
             return None
         (h0, h1), (w0, w1) = self.ranges[feature_type]
         lo, hi = 1.0 - SIZE_TOLERANCE, 1.0 + SIZE_TOLERANCE
         if lo * h0 <= height <= hi * h1 and lo * w0 <= width <= hi * w1:
             return None
-        self.warned.add((feature_type, "size"))
         seen = f"{w0}x{h0}" if (h0, w0) == (h1, w1) else f"{w0}-{w1} x {h0}-{h1}"
         return (f"a {width}x{height} px image of type {feature_type!r}, whose training images were "
                 f"{seen} px: every image is scaled to the model's input, so parts at another size "
@@ -143,11 +171,10 @@ class ImageCheck:
 
     def _colour(self, feature_type: str, image: np.ndarray | None) -> str | None:
         trained = self.colours.get(feature_type)
-        if image is None or trained not in ("grey", "colour") or (feature_type, "colour") in self.warned:
+        if image is None or trained not in ("grey", "colour"):
             return None
         if is_grey(image) == (trained == "grey"):
             return None
-        self.warned.add((feature_type, "colour"))
         seen, was = ("colour", "grey") if trained == "grey" else ("grey", "in colour")
         return (f"a {seen} image of type {feature_type!r}, whose training images were {was}: the "
                 "model learned and was calibrated on the other, so every part's score moves (has "

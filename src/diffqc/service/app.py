@@ -312,6 +312,12 @@ class Metrics:
             head("diffqc_repeated_images_total", "counter",
                  "Parts whose image repeated a recent part's byte for byte (a stale camera frame).")
             out.append(f"diffqc_repeated_images_total {pipeline.repeated_images_total}")
+            head("diffqc_parts_unlike_training_total", "counter",
+                 "Parts of a type whose image came at another size or colour than its training "
+                 "images (a changed camera).")
+            for seen in pipeline.image_check.snapshot():
+                labels = f'feature_type="{_esc(seen["feature_type"])}",check="{seen["check"]}"'
+                out.append(f"diffqc_parts_unlike_training_total{{{labels}}} {seen['parts']}")
         head("diffqc_review_pending", "gauge", "REVIEW decisions without an operator verdict.")
         out.append(f"diffqc_review_pending {pending}")
         head("diffqc_model_info", "gauge", "The loaded model.")
@@ -907,10 +913,13 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     # ---------------------------------------------------------------- the line
     @api.get("/v1/line")
     async def line_status() -> dict[str, Any]:
-        """Drift watch per type, push sinks (pending, dead letters), retention, calibration."""
+        """Drift watch per type, push sinks (pending, dead letters), retention, calibration, and
+        the types whose parts came unlike their training images (size, colour)."""
         if state.line is None:
             raise state.not_ready()
-        return dict(json_safe(await run_in_threadpool(state.line.status)))
+        status = dict(await run_in_threadpool(state.line.status))
+        status["images"] = state.pipeline.image_check.snapshot() if state.pipeline is not None else []
+        return dict(json_safe(status))
 
     @api.post("/v1/sinks/{name}/requeue")
     async def requeue_dead_letters(name: str = PathParam(max_length=MAX_ID_LEN)) -> dict[str, Any]:
