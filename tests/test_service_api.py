@@ -312,8 +312,13 @@ async def test_review_flow_and_export(detector: Any, samples: Samples, tmp_path:
         url = f"/v1/review/{ids[1]}"
         r = await client.post(url, headers=AUTH, json={"verdict": "GOOD", "defect": "crack"})
         assert (r.status_code, r.json()["code"]) == (422, "bad_defect")
-        r = await client.post(url, headers=AUTH, json={"verdict": "BAD", "defect": "crack"})
-        assert (r.json()["review"], r.json()["review_defect"]) == ("BAD", "crack")
+        r = await client.post(url, headers=AUTH, json={"verdict": "BAD", "defect": " crack "})
+        assert (r.json()["review"], r.json()["review_defect"]) == ("BAD", "crack")  # typed with spaces
+        r = await client.post(url, headers=AUTH, json={"verdict": "GOOD", "defect": "  "})
+        assert (r.status_code, r.json()["review_defect"]) == (200, None)  # only spaces: no kind
+        await client.post(url, headers=AUTH, json={"verdict": "BAD", "defect": "crack"})
+        kinds = (await client.get("/v1/defects", headers=AUTH)).json()
+        assert kinds == {"defects": [{"defect": "crack", "verdicts": 2}]}  # the corrected one counted
         r = await client.post(f"/v1/review/{ids[2]}", headers=AUTH, json={"verdict": "MAYBE"})
         assert r.status_code == 422
         assert (

@@ -268,8 +268,18 @@ def test_dashboard_corrects_a_verdict_and_shows_its_history(
     browser.find_element(By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{pid}"]').click()
     wait.until(lambda d: panel.get_attribute("data-id") == str(pid) and "p-2" in panel.text)
     assert browser.find_element(By.ID, "part-note").get_attribute("value") == ""
+    # the kinds given before are offered as the reviewer types (one kind, one spelling)
+    wait.until(lambda d: [o.get_attribute("value") for o in d.find_elements(
+        By.CSS_SELECTOR, "#defect-kinds option")] == ["crack"])
+    assert browser.find_element(By.ID, "part-defect").get_attribute("list") == "defect-kinds"
+    # a kind typed and then GOOD clicked (a GOOD part has no kind) is said not to be kept
+    browser.find_element(By.ID, "part-defect").send_keys("scratch")
+    panel.find_element(By.CSS_SELECTOR, '#part-verdict [data-verdict="GOOD"]').click()
+    wait.until(ec.text_to_be_present_in_element(
+        (By.ID, "status"), "defect kind \u201cscratch\u201d not kept"))
+    assert (state.store.get(pid).review, state.store.get(pid).review_defect) == ("GOOD", None)
     panel.find_element(By.CSS_SELECTOR, '#part-verdict [data-verdict="BAD"]').click()
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#part-history tbody tr")) == 1)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#part-history tbody tr")) == 2)
     assert (state.store.get(pid).decision, state.store.get(pid).review) == ("PASS", "BAD")
 
     # a part found by its part id (the table holds only the latest), and a record that is not there

@@ -416,6 +416,11 @@ def store_contract(store: ResultStore) -> None:
     with pytest.raises(ValueError, match="BAD"):
         store.set_review(b.id, "GOOD", defect="crack")
     assert (store.get(b.id) or b).review == "BAD" and store.review_history(a.id) == []
+    # the kinds given, the most given first: what the dashboard offers as a reviewer types
+    assert store.defect_kinds() == [("crack", 1)]
+    store.set_review(a.id, "BAD", defect="scratch")
+    store.set_review(a.id, "BAD", defect="crack")
+    assert store.defect_kinds() == [("crack", 2), ("scratch", 1)] and store.defect_kinds(1) == [("crack", 2)]
     # a score that could not be computed is stored as NULL by every backend
     nan = store.insert(_rec("nan", decision="REJECT", score=float("nan"), p_value=float("inf")))
     back = store.get(nan.id or 0)

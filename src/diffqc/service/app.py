@@ -1135,11 +1135,19 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         pending = await run_in_threadpool(store.pending_reviews)
         return {"queue": [record_json(r) for r in recs], "pending": pending}
 
+    @api.get("/v1/defects")
+    async def defect_kinds(limit: int = Query(default=200, ge=1, le=1000)) -> dict[str, Any]:
+        """The defect kinds given with BAD verdicts, the most given first (the dashboard offers
+        them as the reviewer types)."""
+        _, store = state.require()
+        kinds = await run_in_threadpool(store.defect_kinds, limit)
+        return {"defects": [{"defect": kind, "verdicts": n} for kind, n in kinds]}
+
     @api.post("/v1/review/{record_id}")
     async def review(body: ReviewIn, record_id: int = RECORD_ID) -> dict[str, Any]:
         _check_id(body.reviewer, "reviewer")
         _check_id(body.note, "note", max_len=2000, breaks=True)
-        defect = _check_id(body.defect, "defect")
+        defect = _check_id(body.defect.strip() if body.defect else None, "defect")  # " crack" is "crack"
         if defect is not None and body.verdict != "BAD":
             raise ServiceError(422, "bad_defect", "a defect kind goes with a BAD verdict")
         rec = await _get_record(record_id)

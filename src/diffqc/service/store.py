@@ -647,6 +647,16 @@ class ResultStore:
         return [{"review": r[0], "reviewed_at": r[1], "reviewed": _iso(r[1]), "reviewer": r[2],
                  "review_note": r[3], "review_defect": r[4]} for r in rows]
 
+    def defect_kinds(self, limit: int = 200) -> list[tuple[str, int]]:
+        """``(kind, verdicts)``: the defect kinds given with BAD verdicts (the review history,
+        corrected ones included), the most given first, then by name; what the dashboard offers
+        as the reviewer types, so that one kind keeps one spelling."""
+        sql = (f"SELECT review_defect, COUNT(*) FROM {REVIEWS} WHERE review_defect IS NOT NULL "
+               "GROUP BY review_defect ORDER BY COUNT(*) DESC, review_defect LIMIT ?")
+        with self._reader() as conn:
+            rows = conn.execute(self._q(sql), (int(limit),)).fetchall()
+        return [(str(r[0]), int(r[1])) for r in rows]
+
     def counts(self, since: float | None = None) -> list[tuple[str | None, str, int]]:
         """``(feature_type, decision, count)`` since a time."""
         sql = f"SELECT feature_type, decision, COUNT(*) FROM {TABLE}"
