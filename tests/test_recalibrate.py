@@ -312,6 +312,27 @@ def test_cli_calibrate_names_images_of_another_size_than_the_training(
     assert len(warned) == 1 and f"a {2 * w0}x{h0} px image of type 'dots'" in warned[0], warned
 
 
+def test_cli_calibrate_names_images_of_another_colour_than_the_training(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A camera switched to colour (the model learned grey parts): calibrated all the same, and
+    named once per type, as a changed size is."""
+    import numpy as np
+    from PIL import Image
+
+    model = _copy(tiny_model, tmp_path)
+    meta = json.loads((model / "metadata.json").read_text())
+    assert meta["training_data"]["image_colours"]["dots"] == "grey"
+    data = write_clear_dataset(tmp_path / "fresh", n_train=3, n_test=1, seed=7)
+    for p in (data / "dots" / "train" / "good").iterdir():
+        with Image.open(p) as img:
+            rgb = np.asarray(img.convert("RGB")).astype(np.int16)
+        rgb[..., 0] += 25
+        Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(p)
+    assert main(["calibrate", str(model), str(data), "-q"]) == 0
+    warned = [x for x in capsys.readouterr().err.splitlines() if "image of type" in x]
+    assert len(warned) == 1 and "a colour image of type 'dots', whose training images were grey" in warned[0]
+
+
 def test_a_retrained_bundle_is_not_half_loaded_by_a_running_service(
         tiny_model: Path, clear_dataset: Path, tmp_path: Path) -> None:
     """`diffqc train --out` into the folder a service serves writes new weights and a new

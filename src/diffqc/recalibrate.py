@@ -21,6 +21,7 @@ signature once a second) and decides the next parts with it, without a restart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -162,18 +163,31 @@ def _not_fitted_on(meta: dict[str, Any], samples: list[Any], data: Path | str
     return kept, left_out, [prints[s.path] for s in kept if s.path in prints]
 
 
-def _name_other_sizes(meta: dict[str, Any], samples: list[Any]) -> None:
-    """Calibration images of a size their type was not trained at (a changed camera) are named,
-    once per type, as ``inspect`` names such parts: recalibrating restores the flag rate, not
-    what the model learned at the old scale. Only the files' headers are read here."""
-    from diffqc.data import image_shape
+# how many of a type's calibration images are read for their colour (a camera's format is one for
+# all its frames: the first few show it, without decoding every image a second time)
+COLOUR_LOOKS = 4
+
+
+def _name_other_images(meta: dict[str, Any], samples: list[Any]) -> None:
+    """Calibration images of a size or colour their type was not trained on (a changed camera)
+    are named, once per type, as ``inspect`` names such parts: recalibrating restores the flag
+    rate, not what the model learned from the old camera. Sizes are read from every file's
+    header; colour from the pixels of a type's first :data:`COLOUR_LOOKS` images."""
+    from diffqc.data import image_shape, read_image
+    from diffqc.errors import ImageReadError
     from diffqc.inspection import ImageCheck
 
     check = ImageCheck(meta)
+    looked: dict[str, int] = {}
     for s in samples:
         if (shape := image_shape(s.path)) is None:  # named when it is read for its score
             continue
-        if note := check(s.feature_type, *shape):
+        pixels = None
+        if looked.get(s.feature_type, 0) < COLOUR_LOOKS:
+            looked[s.feature_type] = looked.get(s.feature_type, 0) + 1
+            with contextlib.suppress(ImageReadError, OSError):  # named when read for its score
+                pixels = read_image(s.path)
+        if note := check(s.feature_type, *shape, pixels):
             warnings.warn(f"calibration image {s.path}: {note}", CalibrationWarning, stacklevel=3)
 
 
@@ -198,7 +212,7 @@ def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = Fal
                                       f"({', '.join(det.classes_)})")
     assert det.calibration_ is not None
     samples, left_out, kept_prints = _not_fitted_on(det.metadata, samples, data)
-    _name_other_sizes(det.metadata, samples)
+    _name_other_images(det.metadata, samples)
     known, unknown = calibration_scores(det, samples, skip_corrupt=skip_corrupt, progress=progress)
     if not known:  # every one skipped as unreadable
         raise DatasetError(f"{data}: none of the {len(samples)} GOOD images could be read; the "
