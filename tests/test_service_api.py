@@ -399,6 +399,47 @@ async def test_idempotency_key_returns_the_stored_record(
         assert state.store.count() == 1
 
 
+async def test_a_batch_retried_with_its_idempotency_key_is_not_stored_twice(
+        detector: Any, samples: Samples, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch route did not read Idempotency-Key: a PLC retrying a batch whose answer it lost
+    stored every part twice (and pushed every decision twice). Image i is keyed K/i: the retry
+    gets the stored records, a part stored NOT_INSPECTED is inspected, other images under the
+    key are refused."""
+    parts = samples.all[:3]
+    files = [("image", (f"{i}.png", b, "image/png")) for i, (b, _) in enumerate(parts)]
+    data = {"feature_type": [t for _, t in parts], "part_id": [f"k-{i}" for i in range(3)]}
+    headers = {**AUTH, "Idempotency-Key": "L1-batch-7"}
+    async with running_app(detector, tmp_path) as (client, state):
+        first = (await client.post("/v1/inspect/batch", headers=headers, files=files, data=data)).json()
+        again = (await client.post("/v1/inspect/batch", headers=headers, files=files, data=data)).json()
+        assert [r["id"] for r in again["results"]] == [r["id"] for r in first["results"]]
+        assert [r["duplicate"] for r in first["results"]] == [False] * 3
+        assert [r["duplicate"] for r in again["results"]] == [True] * 3 and state.store.count() == 3
+        assert state.store.find_key("http", "L1-batch-7/2") is not None
+        # one part of a batch not inspected (its micro-batch failed): the retry inspects it only
+        original = state.pipeline._inspect
+
+        def second_fails(batch: Any) -> Any:
+            return [RuntimeError("GPU out of memory") if job.part_id == "k-1" else res
+                    for job, res in zip(batch, original(batch), strict=True)]
+
+        other = {**headers, "Idempotency-Key": "L1-batch-8"}
+        with monkeypatch.context() as m:
+            m.setattr(state.pipeline, "_inspect", second_fails)
+            got = (await client.post("/v1/inspect/batch", headers=other, files=files, data=data)).json()
+        assert [r["decision"] == "NOT_INSPECTED" for r in got["results"]] == [False, True, False]
+        retry = (await client.post("/v1/inspect/batch", headers=other, files=files, data=data)).json()
+        assert [r["duplicate"] for r in retry["results"]] == [True, False, True]
+        assert retry["results"][1]["decision"] != "NOT_INSPECTED" and state.store.count() == 7
+        # a different image under the key names the image, and stores nothing
+        swapped = [files[0], files[2], files[1]]
+        r = await client.post("/v1/inspect/batch", headers=headers, files=swapped, data=data)
+        assert (r.status_code, r.json()["code"]) == (409, "idempotency_key_reused")
+        assert r.json()["detail"].startswith("image 1: ") and state.store.count() == 7
+        r = await client.post("/v1/inspect/batch", headers={**AUTH, "Idempotency-Key": "a\x7fb"}, files=files)
+        assert (r.status_code, r.json()["code"]) == (422, "bad_idempotency_key")
+
+
 async def test_a_not_inspected_part_is_inspected_when_retried_with_its_key(
     detector: Any, samples: Samples, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

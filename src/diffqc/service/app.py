@@ -981,10 +981,12 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         feature_type: str | None = Query(default=None, max_length=MAX_ID_LEN),
     ) -> JSONResponse:
         """Multipart: repeated file fields ``image``; optional repeated ``part_id`` and
-        ``feature_type`` fields (one per image, or one ``feature_type`` for all)."""
+        ``feature_type`` fields (one per image, or one ``feature_type`` for all). An
+        ``Idempotency-Key`` K keys image i as ``K/i``: a retried batch gets its records back."""
         t0 = time.perf_counter()
         default_type = _check_type(state, feature_type)
-        state.require()
+        key = _check_id(_header(request, "idempotency-key"), "idempotency_key", allow_empty=False)
+        _, store = state.require()
         if not _is_multipart(request):
             raise ServiceError(
                 415,
@@ -1026,20 +1028,36 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             default_type
         ] * n
         pids = [_check_id(p, "part_id") for p in parts] or [None] * n
+        keys = [None if key is None else f"{key}/{i}" for i in range(n)]
+        digests = [None if k is None else request_hash(d, t, p)
+                   for k, d, t, p in zip(keys, datas, ftypes, pids, strict=True)]
+        done: dict[int, ResultRecord] = {}  # stored before under their keys: answered as they are
+        if key is not None:
+            found = await run_in_threadpool(lambda: [store.find_key(HTTP_SOURCE, k) for k in keys if k])
+            for i, existing in enumerate(found):
+                if existing is None:
+                    continue
+                try:
+                    _check_replay(existing, digests[i])
+                except ServiceError as exc:
+                    raise ServiceError(exc.status, exc.code, f"image {i}: {exc.detail}") from None
+                if existing.decision != NOT_INSPECTED:  # else the retry is inspected
+                    done[i] = existing
 
+        todo = [i for i in range(n) if i not in done]
         jobs = []
-        for i, data in enumerate(datas):
+        for i in todo:
             try:
-                jobs.append(await decode(data, ftypes[i], pids[i], **meta))
+                jobs.append(await decode(datas[i], ftypes[i], pids[i], dedup_key=keys[i],
+                                         body_hash=digests[i], **meta))
             except ServiceError as exc:
                 raise ServiceError(exc.status, exc.code, f"image {i}: {exc.detail}") from None
-        recs = await _submit(state, jobs)
-        return JSONResponse(
-            {
-                "results": [record_json(r) for r in recs],
-                "total_ms": round((time.perf_counter() - t0) * 1000.0, 3),
-            }
-        )
+        new = dict(zip(todo, await _submit(state, jobs) if jobs else [], strict=True))
+        results = []
+        for i in range(n):
+            rec = done.get(i) or new[i]
+            results.append({**record_json(rec), "duplicate": i in done or rec.duplicate})
+        return JSONResponse({"results": results, "total_ms": round((time.perf_counter() - t0) * 1000.0, 3)})
 
     def _inspect_response(rec: ResultRecord, t0: float, *, duplicate: bool) -> JSONResponse:
         body = record_json(rec)
