@@ -271,6 +271,11 @@ ROWS: dict[str, Row | object] = {
                                    ("'dotz' is not a type of this model",),
                                    setup=lambda c: _png(c.tmp / "cam" / "0.png"),
                                    absent=lambda c: c.tmp / "r.db"),
+    # `--db data/` for `--db data/results.db`: was sqlite's "unable to open database file"
+    "watch_db_is_a_folder": Row(lambda c: ["watch", str(c.tmp / "cam"), str(c.model), "--once",
+                                           "--db", str(c.tmp / "cam")],
+                                ("it is a folder; give a file path", "diffqc-results.db"),
+                                setup=lambda c: _png(c.tmp / "cam" / "0.png")),
     # export
     "export_int8_without_data": Row(lambda c: ["export", str(c.model), "--int8", "-q"],
                                     ("--int8 needs --calibration-data",)),

@@ -257,6 +257,9 @@ class ResultStore:
                 reason = " ".join(str(exc).split())  # libpq's message spans lines
                 raise StoreError(f"cannot connect to {redact_url(self.url)}: {reason}") from None
         assert self.path is not None
+        if Path(self.path).is_dir():  # `--db data/` for `--db data/results.db`
+            raise StoreError(f"cannot open SQLite store {self.path}: it is a folder; give a file "
+                             f"path, such as {Path(self.path) / 'diffqc-results.db'}")
         try:
             conn = sqlite3.connect(
                 self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
