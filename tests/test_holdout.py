@@ -96,6 +96,40 @@ def test_cli_test_scores_only_the_images_the_model_never_saw(
     assert main([*test, str(report_path)]) == 0  # an earlier report: replaced
 
 
+def test_cli_test_writes_every_image_as_a_csv_row(
+        tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--csv`: the report's image entries as a table a QC engineer sorts in a spreadsheet; the
+    same rules as --json for what may be replaced."""
+    import csv
+
+    table, report_path = tmp_path / "images.csv", tmp_path / "report.json"
+    assert main(["test", str(tiny_model), str(clear_dataset), "-q", "--csv", str(table),
+                 "--json", str(report_path)]) == 0
+    assert '"table"' in capsys.readouterr().out
+    with open(table, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    images = json.loads(report_path.read_text())["images"]
+    assert len(rows) == len(images) == 32
+    assert [r["path"] for r in rows] == [i["path"] for i in images]
+    assert [float(r["score"]) for r in rows] == pytest.approx([i["score"] for i in images])
+    assert {(r["label"], r["defect"]) for r in rows} == {("good", "good"), ("defective", "blob")}
+    assert list(rows[0]) == ["path", "feature_type", "label", "defect", "score", "p_value", "decision",
+                             "predicted_type", "heatmap"] and rows[0]["heatmap"] == ""
+    # an earlier table needs --force; a file diffqc did not write, the same file as --json or a
+    # folder is refused before anything is scored
+    test = ["test", str(tiny_model), str(clear_dataset), "-q"]
+    assert main([*test, "--csv", str(table)]) == 1 and "--force" in capsys.readouterr().err
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,feature_type,label\n")
+    for argv in (["--csv", str(manifest)], ["--csv", str(tmp_path)],
+                 ["--csv", str(tmp_path / "x.csv"), "--json", str(tmp_path / "x.csv")]):
+        assert main([*test, "--force", *argv]) == 1
+        err = capsys.readouterr()
+        assert "--csv" in err.err and err.out == "", argv
+    assert manifest.read_text() == "path,feature_type,label\n" and not (tmp_path / "x.csv").exists()
+    assert main([*test, "--force", "--csv", str(table)]) == 0  # an earlier table: replaced
+
+
 def test_cli_test_finds_copies_of_training_images_by_content(
         tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A copy of a training image under another name, in labelled folders, is left out too; a

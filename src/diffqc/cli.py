@@ -26,7 +26,7 @@ from diffqc import __version__
 from diffqc.arguments import DEVICE, NON_NEGATIVE, QUIET, SEED
 from diffqc.commands import add_model_options, model_overrides
 from diffqc.errors import ConfigError, DatasetError, DiffqcError, ImageReadError, OutputError
-from diffqc.output import check_output_file, json_line, path_text
+from diffqc.output import check_output_file, is_csv_table, json_line, path_text
 from diffqc.runtime import add_runtime_arguments
 
 if TYPE_CHECKING:
@@ -206,12 +206,6 @@ def _inspect_images(args: argparse.Namespace, det: Any, images: list[tuple[Path,
 CSV_COLUMNS = ("path", "feature_type", "predicted_type", "score", "p_value", "decision", "heatmap", "error")
 
 
-def _is_inspect_csv(path: Path) -> bool:
-    """Whether the file is a table ``inspect --csv`` wrote (its header is the first line)."""
-    with open(path, "rb") as fh:
-        return fh.readline().decode("utf-8").rstrip("\r\n") == ",".join(CSV_COLUMNS)
-
-
 class _CsvRows:
     """``--csv``: one row per image, on disk as soon as it is written (a long batch run keeps every
     finished row). A row that cannot be written (full disk) is taken back whole, so the file ends
@@ -220,7 +214,8 @@ class _CsvRows:
 
     def __init__(self, path: Path, *, force: bool) -> None:
         self.path = path
-        check_output_file(path, option="--csv", is_ours=_is_inspect_csv, what="inspect CSV", force=force)
+        check_output_file(path, option="--csv", is_ours=is_csv_table(CSV_COLUMNS), what="inspect CSV",
+                          force=force)
         try:
             self._fh = open(path, "wb" if path.exists() else "xb", buffering=0)  # noqa: SIM115
         except FileExistsError:  # written by something else since it was checked

@@ -135,7 +135,10 @@ def add_test_command(subparsers: Any) -> None:
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the report (the table, what was left out, every image's score "
                         "and decision) as JSON")
-    p.add_argument("--force", action="store_true", help="replace an earlier --json report")
+    p.add_argument("--csv", default=None, metavar="PATH",
+                   help="also write every image's row (path, type, label, defect kind, score, "
+                        "p-value, decision, predicted type, heat map) as CSV, for a spreadsheet")
+    p.add_argument("--force", action="store_true", help="replace an earlier --json report or --csv table")
     p.add_argument("--heatmaps", default=None, metavar="DIR",
                    help="heat maps of the misses: the defects that passed (DIR/missed) and the GOOD "
                         "parts flagged (DIR/flagged)")

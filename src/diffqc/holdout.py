@@ -13,6 +13,8 @@ their flag rate is the target by construction.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import math
 import warnings
@@ -24,10 +26,10 @@ import numpy as np
 
 from diffqc.calibration import PASS, REJECT, REVIEW
 from diffqc.data import DEFECTIVE, GOOD, Sample, feature_types, fingerprint, load_dataset, of_the_model
-from diffqc.errors import DatasetError
+from diffqc.errors import DatasetError, OutputError
 from diffqc.inspection import Inspection
 from diffqc.metrics import image_auroc
-from diffqc.output import check_output_file, json_line, json_safe, path_text, write_atomic
+from diffqc.output import check_output_file, is_csv_table, json_line, json_safe, path_text, write_atomic
 from diffqc.recalibrate import export_selection_notes
 
 
@@ -226,6 +228,21 @@ def _summary(report: dict[str, Any], model: Path) -> str:
     return "\n".join(lines)
 
 
+# ``test --csv``: one row per image, the report's image entries
+CSV_COLUMNS = ("path", "feature_type", "label", "defect", "score", "p_value", "decision",
+               "predicted_type", "heatmap")
+
+
+def images_csv(images: Sequence[dict[str, Any]]) -> bytes:
+    """The report's image entries as a CSV table (UTF-8, a header line first)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for entry in images:
+        writer.writerow({k: "" if entry.get(k) is None else entry[k] for k in CSV_COLUMNS})
+    return text.getvalue().encode("utf-8")
+
+
 def is_test_report(path: Path) -> bool:
     """Whether the file is a report ``diffqc test --json`` wrote."""
     report = json.loads(path.read_text(encoding="utf-8"))
@@ -242,6 +259,12 @@ def cmd_test(args: argparse.Namespace) -> int:
     if json_path is not None:
         check_output_file(json_path, option="--json", is_ours=is_test_report,
                           what="`diffqc test` report", force=args.force)
+    csv_path = Path(args.csv) if args.csv else None
+    if csv_path is not None and json_path is not None and csv_path.resolve() == json_path.resolve():
+        raise OutputError(f"--csv and --json are the same file {csv_path}; give two file names")
+    if csv_path is not None:
+        check_output_file(csv_path, option="--csv", is_ours=is_csv_table(CSV_COLUMNS),
+                          what="`diffqc test` CSV table", force=args.force)
     heatmaps = Path(args.heatmaps) if args.heatmaps else None
     if heatmaps is not None:
         heatmap_folder(heatmaps)
@@ -255,4 +278,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     if json_path is not None:
         write_atomic(json_path, (json.dumps(json_safe(report), indent=2) + "\n").encode("utf-8"))
         print(json_line({"report": path_text(json_path)}))
+    if csv_path is not None:
+        write_atomic(csv_path, images_csv(report["images"]))
+        print(json_line({"table": path_text(csv_path)}))
     return 0

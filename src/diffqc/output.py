@@ -66,6 +66,18 @@ def check_output_file(path: Path, *, option: str, is_ours: Callable[[Path], bool
         raise OutputError(f"{option} {path} exists (an earlier {what}); pass --force to replace it")
 
 
+def is_csv_table(columns: Sequence[str]) -> Callable[[Path], bool]:
+    """For :func:`check_output_file`: whether a file is a CSV table this program wrote with
+    ``columns`` (its header is the first line)."""
+    header = ",".join(columns)
+
+    def ours(path: Path) -> bool:
+        with open(path, "rb") as fh:
+            return fh.readline().decode("utf-8").rstrip("\r\n") == header
+
+    return ours
+
+
 def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
     """Write ``data`` to ``path`` via a temporary sibling and a rename: ``path`` holds either its
     previous content or all of ``data``, never part of it. A write that fails (full disk,
