@@ -314,8 +314,10 @@ async def test_review_flow_and_export(detector: Any, samples: Samples, tmp_path:
         assert (r.status_code, r.json()["code"]) == (422, "bad_defect")
         r = await client.post(url, headers=AUTH, json={"verdict": "BAD", "defect": " crack "})
         assert (r.json()["review"], r.json()["review_defect"]) == ("BAD", "crack")  # typed with spaces
-        r = await client.post(url, headers=AUTH, json={"verdict": "GOOD", "defect": "  "})
+        r = await client.post(url, headers=AUTH, json={"verdict": "GOOD", "defect": "  ", "reviewer": "",
+                                                       "note": ""})
         assert (r.status_code, r.json()["review_defect"]) == (200, None)  # only spaces: no kind
+        assert (r.json()["reviewer"], r.json()["review_note"]) == (None, None)  # empty fields: none
         await client.post(url, headers=AUTH, json={"verdict": "BAD", "defect": "crack"})
         kinds = (await client.get("/v1/defects", headers=AUTH)).json()
         assert kinds == {"defects": [{"defect": "crack", "verdicts": 2}]}  # the corrected one counted

@@ -1163,8 +1163,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
 
     @api.post("/v1/review/{record_id}")
     async def review(body: ReviewIn, record_id: int = RECORD_ID) -> dict[str, Any]:
-        _check_id(body.reviewer, "reviewer")
-        _check_id(body.note, "note", max_len=2000, breaks=True)
+        reviewer = _check_id(body.reviewer, "reviewer")  # "" (an empty form field): none
+        note = _check_id(body.note, "note", max_len=2000, breaks=True)
         defect = _check_id(body.defect.strip() if body.defect else None, "defect")  # " crack" is "crack"
         if defect is not None and body.verdict != "BAD":
             raise ServiceError(422, "bad_defect", "a defect kind goes with a BAD verdict")
@@ -1172,8 +1172,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         if rec.decision == NOT_INSPECTED:
             raise ServiceError(409, "not_inspected", f"result {record_id} was not inspected")
         _, store = state.require()
-        updated = await run_in_threadpool(store.set_review, record_id, body.verdict, body.reviewer, body.note,
-                                          defect)
+        updated = await run_in_threadpool(store.set_review, record_id, body.verdict, reviewer, note, defect)
         if updated is None:  # pragma: no cover - deleted in between
             raise ServiceError(404, "not_found", f"no result with id {record_id}")
         return record_json(updated)

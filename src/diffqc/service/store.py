@@ -647,8 +647,7 @@ class ResultStore:
             rows = conn.execute(
                 self._q(f"SELECT {', '.join(_REVIEW_FIELDS)} FROM {REVIEWS} "
                         "WHERE record_id = ? ORDER BY id"), (record_id,)).fetchall()
-        return [{"review": r[0], "reviewed_at": r[1], "reviewed": _iso(r[1]), "reviewer": r[2],
-                 "review_note": r[3], "review_defect": r[4]} for r in rows]
+        return [{**dict(zip(_REVIEW_FIELDS, r, strict=True)), "reviewed": _iso(r[1])} for r in rows]
 
     def defect_kinds(self, limit: int = 200) -> list[tuple[str, int]]:
         """``(kind, verdicts)``: the defect kinds given with BAD verdicts (the review history,
