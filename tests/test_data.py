@@ -151,6 +151,23 @@ def test_labelled_folders_good_beside_defect_kinds(tmp_path: Path) -> None:
         ("a.png", GOOD), ("b.png", DEFECTIVE), ("c.png", DEFECTIVE)]
 
 
+def test_a_good_folder_beside_type_folders_is_refused(tmp_path: Path, clear_dataset: Path) -> None:
+    """``root/good/`` beside ``root/edge/good/`` and ``root/edge/crack/`` (a type's GOOD folder
+    copied one level too high) was read as one type whose defect kind ``edge`` held edge's GOOD
+    images: GOOD parts tested as defects without a word. It is an error naming both."""
+    img = _png(np.full((8, 8), 128, np.uint8))
+    for name in ("mixed/good/a.png", "mixed/edge/good/b.png", "mixed/edge/crack/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(img)
+    with pytest.raises(DatasetError, match=r"holds good/ .* beside type folders \(edge/\)"):
+        load_dataset(tmp_path / "mixed")
+    shutil.copytree(clear_dataset / "dots", tmp_path / "mvtec" / "dots")  # an MVTec type beside it
+    shutil.copytree(tmp_path / "mixed" / "good", tmp_path / "mvtec" / "OK")
+    with pytest.raises(DatasetError, match=r"holds OK/ .* \(dots/\)"):
+        load_dataset(tmp_path / "mvtec")
+    assert {s.feature_type for s in load_dataset(tmp_path / "mixed" / "edge")} == {"edge"}  # one type
+
+
 def test_a_type_named_ok_is_not_a_good_folder(tmp_path: Path, clear_dataset: Path) -> None:
     """A root of MVTec types, one of them called ``ok``, stays a root of types."""
     shutil.copytree(clear_dataset / "dots", tmp_path / "data" / "ok")

@@ -415,6 +415,7 @@ def load_mvtec(root: Path | str) -> list[Sample]:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
+    _refuse_good_beside_types(root)
     if loader := _type_loader(root):
         samples = loader(root)
     else:
@@ -429,6 +430,21 @@ def load_mvtec(root: Path | str) -> list[Sample]:
             f"or a CSV manifest{_loose_images_hint(root)}"
         )
     return samples
+
+
+def _refuse_good_beside_types(root: Path) -> None:
+    """A root holding a GOOD folder beside type folders (``good/`` + ``edge/good/``,
+    ``edge/crack/``: a type's GOOD folder copied one level too high) is neither one type nor a
+    root of types: read as one type, every type folder's images, its GOOD ones too, were taken
+    for defects of a kind named after the type. A :class:`DatasetError` naming both."""
+    types = [d.name for d in _subfolders(root) if _is_mvtec_type(d) or _is_labelled_type(d)]
+    goods = [d.name for d in _subfolders(root) if d.name.lower() in _GOOD_FOLDER_NAMES
+             and d.name not in types and any(_walk_images(d))]  # a type named ``ok`` is a type
+    if goods and types:
+        raise DatasetError(
+            f"{root} holds {goods[0]}/ (the GOOD images of one type) beside type folders "
+            f"({', '.join(f'{t}/' for t in types)}): is it one type or a root of types? Move "
+            f"{goods[0]}/ into the folder of its type, or give the folder of one type")
 
 
 def _loose_images_hint(root: Path) -> str:
