@@ -160,6 +160,18 @@ def test_dashboard_shows_decisions_and_records_a_review(
     )
     rec = state.store.get(rid)
     assert rec.review == "GOOD" and rec.reviewer == "dashboard" and rec.decision == "REVIEW"
+    # a BAD verdict from the queue names the defect's kind in the card's own field
+    second, stype = samples.by_decision["REVIEW"][1]
+    sid = httpx.post(url + "/v1/inspect", content=second, headers=AUTH,
+                     params={"feature_type": stype}).json()["id"]
+    card = wait.until(
+        ec.presence_of_element_located((By.CSS_SELECTOR, f'#review-queue .card[data-id="{sid}"]')))
+    card.find_element(By.CSS_SELECTOR, "input.defect").send_keys("blowhole")
+    card.find_element(By.CSS_SELECTOR, ".verdict-bad").click()
+    wait.until(ec.staleness_of(card))
+    assert (state.store.get(sid).review, state.store.get(sid).review_defect) == ("BAD", "blowhole")
+    wait.until(lambda d: [o.get_attribute("value") for o in d.find_elements(
+        By.CSS_SELECTOR, "#defect-kinds option")] == ["blowhole"])  # offered from now on
     logs = [
         e
         for e in browser.get_log("browser")
