@@ -730,3 +730,13 @@ def test_a_verdict_given_before_the_history_was_kept_is_not_lost(tmp_path: Path)
     assert [(h["review"], h["reviewer"], h["review_note"]) for h in history] == [
         ("GOOD", "ann", "a smudge"), ("BAD", "bob", None)]
     assert history[0]["reviewed_at"] < history[1]["reviewed_at"]
+
+
+def test_serve_names_the_dashboards_address() -> None:
+    """`serve` logged the address it listens on; the operator had to know the dashboard's path,
+    and `--host 0.0.0.0` is no address a browser opens."""
+    from diffqc.service.app import dashboard_url
+
+    assert dashboard_url("127.0.0.1", 8080) == "http://127.0.0.1:8080/dashboard"
+    assert dashboard_url("0.0.0.0", 80) == dashboard_url("::", 80) == "http://localhost:80/dashboard"
+    assert dashboard_url("::1", 8080) == "http://[::1]:8080/dashboard"

@@ -329,6 +329,13 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
+def dashboard_url(host: str, port: int) -> str:
+    """Where this machine's browser finds the dashboard of a service bound to ``host``: a
+    service on every address (``0.0.0.0``, ``::``) answers on ``localhost`` too."""
+    host = {"0.0.0.0": "localhost", "::": "localhost", "": "localhost"}.get(host, host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/dashboard"
+
+
 def resident_memory_bytes(pid: int | str = "self") -> int | None:
     """VmRSS from /proc (Linux); None elsewhere."""
     try:
@@ -1411,5 +1418,6 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
                                            access_log=access_log, timeout_graceful_shutdown=30,
                                            server_header=False))
     shown = f"[{host}]" if ":" in host else host
-    log.info("listening on http://%s:%d (Ctrl+C to stop)", shown, port)
+    log.info("listening on http://%s:%d, dashboard at %s (Ctrl+C to stop)", shown, port,
+             dashboard_url(host, port))
     server.run(sockets=sockets)
