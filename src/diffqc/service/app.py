@@ -613,6 +613,26 @@ def _check_replay(rec: ResultRecord, body_hash: str | None) -> None:
         )
 
 
+def _stored_answers(store: ResultStore, keys: Sequence[str], digests: Sequence[str | None], *,
+                    batch: bool = False) -> dict[int, ResultRecord]:
+    """The records a retry is answered with, by the index of the part: part ``i`` stored before
+    under ``keys[i]``, asking the same (else ``409``, with ``batch`` naming the image). A part
+    stored under its key ``NOT_INSPECTED`` is not done: it is absent, and inspected again."""
+    done: dict[int, ResultRecord] = {}
+    for i, (key, digest) in enumerate(zip(keys, digests, strict=True)):
+        if (existing := store.find_key(HTTP_SOURCE, key)) is None:
+            continue
+        try:
+            _check_replay(existing, digest)
+        except ServiceError as exc:
+            if not batch:
+                raise
+            raise ServiceError(exc.status, exc.code, f"image {i}: {exc.detail}") from None
+        if existing.decision != NOT_INSPECTED:
+            done[i] = existing
+    return done
+
+
 def build_job(
     data: bytes,
     feature_type: str | None,
@@ -965,12 +985,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         else:
             data = body
         digest = request_hash(data, ftype, part) if key is not None else None
-        if key is not None:
-            existing = await run_in_threadpool(store.find_key, HTTP_SOURCE, key)
-            if existing is not None:
-                _check_replay(existing, digest)
-                if existing.decision != NOT_INSPECTED:  # else the retry is inspected
-                    return _inspect_response(existing, t0, duplicate=True)
+        if key is not None and (done := await run_in_threadpool(_stored_answers, store, [key], [digest])):
+            return _inspect_response(done[0], t0, duplicate=True)
         job = await decode(data, ftype, part, dedup_key=key, body_hash=digest, **meta)
         (rec,) = await _submit(state, [job])
         return _inspect_response(rec, t0, duplicate=rec.duplicate)
@@ -1038,19 +1054,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         keys = [None if key is None else f"{key}/{i}" for i in range(n)]
         digests = [None if k is None else request_hash(d, t, p)
                    for k, d, t, p in zip(keys, datas, ftypes, pids, strict=True)]
-        done: dict[int, ResultRecord] = {}  # stored before under their keys: answered as they are
-        if key is not None:
-            found = await run_in_threadpool(lambda: [store.find_key(HTTP_SOURCE, k) for k in keys if k])
-            for i, existing in enumerate(found):
-                if existing is None:
-                    continue
-                try:
-                    _check_replay(existing, digests[i])
-                except ServiceError as exc:
-                    raise ServiceError(exc.status, exc.code, f"image {i}: {exc.detail}") from None
-                if existing.decision != NOT_INSPECTED:  # else the retry is inspected
-                    done[i] = existing
-
+        done = {} if key is None else await run_in_threadpool(  # stored before: answered as they are
+            lambda: _stored_answers(store, [k for k in keys if k], digests, batch=True))
         todo = [i for i in range(n) if i not in done]
         jobs = []
         for i in todo:
