@@ -415,14 +415,12 @@ def load_mvtec(root: Path | str) -> list[Sample]:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
-    _refuse_good_beside_types(root)
+    typed = [(sub, loader) for sub in _subfolders(root) if (loader := _type_loader(sub))]
+    _refuse_good_beside_types(root, [sub.name for sub, _ in typed])
     if loader := _type_loader(root):
         samples = loader(root)
     else:
-        samples = []
-        for sub in _subfolders(root):
-            if loader := _type_loader(sub):
-                samples += loader(sub)
+        samples = [s for sub, load in typed for s in load(sub)]
     if not samples:
         raise DatasetError(
             f"no images found under {root}: expected <type>/train/good and <type>/test/<kind> "
@@ -432,12 +430,11 @@ def load_mvtec(root: Path | str) -> list[Sample]:
     return samples
 
 
-def _refuse_good_beside_types(root: Path) -> None:
-    """A root holding a GOOD folder beside type folders (``good/`` + ``edge/good/``,
+def _refuse_good_beside_types(root: Path, types: Sequence[str]) -> None:
+    """A root holding a GOOD folder beside type folders (``types``; ``good/`` + ``edge/good/``,
     ``edge/crack/``: a type's GOOD folder copied one level too high) is neither one type nor a
     root of types: read as one type, every type folder's images, its GOOD ones too, were taken
     for defects of a kind named after the type. A :class:`DatasetError` naming both."""
-    types = [d.name for d in _subfolders(root) if _is_mvtec_type(d) or _is_labelled_type(d)]
     goods = [d.name for d in _subfolders(root) if d.name.lower() in _GOOD_FOLDER_NAMES
              and d.name not in types and any(_walk_images(d))]  # a type named ``ok`` is a type
     if goods and types:
