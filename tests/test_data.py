@@ -360,6 +360,23 @@ def test_a_float_image_with_points_that_are_not_numbers_is_refused(bad: float) -
         decode_image(buf.getvalue(), source="height.tiff")
 
 
+def test_a_file_of_several_images_is_refused_and_a_preview_page_is_not() -> None:
+    """A camera writing one TIFF per part under several lightings (or a stack of parts) gave
+    diffqc its first page only, without a word: the other pages were never inspected. A file with
+    more than one image of the first one's size is refused; a smaller page (a preview, a
+    reduced-resolution page) is not a part, and the first page is read as before."""
+    pages = [Image.fromarray(np.full((64, 48), v, np.uint8)) for v in (10, 120, 240)]
+    buf = io.BytesIO()
+    pages[0].save(buf, format="TIFF", save_all=True, append_images=pages[1:])
+    with pytest.raises(ImageReadError, match=r"holds 3 images of 48x64 .*one image per file"):
+        decode_image(buf.getvalue(), source="lightings.tiff")
+
+    buf = io.BytesIO()
+    pages[0].save(buf, format="TIFF", save_all=True, append_images=[pages[1].resize((12, 16))])
+    arr = decode_image(buf.getvalue(), source="with-preview.tiff")
+    assert arr.shape == (64, 48, 3) and np.allclose(arr, 10 / 255)
+
+
 @pytest.mark.parametrize("data,reason", [
     (b"", "empty"),
     (b"not an image at all", "not a recognised image"),

@@ -160,6 +160,20 @@ def as_image(img: np.ndarray, source: str = "<array>") -> np.ndarray:
     return out  # a float32 HxWx3 array in [0, 1] comes back as it is: no copy of a large frame
 
 
+def _images_of_first_size(img: Image.Image) -> int:
+    """How many of a file's images (pages, frames) have the first one's size; a smaller page is
+    a preview or a reduced-resolution copy, not another part. Leaves the file at its first image."""
+    frames = int(getattr(img, "n_frames", 1))
+    if frames == 1:
+        return 1
+    size, alike = img.size, 0
+    for i in range(frames):
+        img.seek(i)
+        alike += img.size == size
+    img.seek(0)
+    return alike
+
+
 def decode_image(data: bytes | Path | str, source: str | None = None) -> np.ndarray:
     """Decode an image (path or encoded bytes) to HxWx3 float32 in [0, 1].
 
@@ -182,6 +196,11 @@ def decode_image(data: bytes | Path | str, source: str | None = None) -> np.ndar
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:
                 raise ImageReadError(name, f"{w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
+            parts = _images_of_first_size(img)
+            if parts > 1:  # several lightings or parts in one file: only the first was inspected
+                raise ImageReadError(name, f"holds {parts} images of {w}x{h} (a multi-page TIFF or an "
+                                     "animation); diffqc inspects one image per file: save each "
+                                     "page as its own file")
             img.load()
             arr = _to_float_rgb(_upright(img), name)
     except ImageReadError:
