@@ -333,6 +333,78 @@ def test_cli_calibrate_names_images_of_another_colour_than_the_training(
     assert len(warned) == 1 and "a colour image of type 'dots', whose training images were grey" in warned[0]
 
 
+def test_cli_calibrate_decides_at_other_levels_without_images(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The line's manager wants 20 % of GOOD parts reviewed, not 5 %: the levels were set at train
+    time only (`--set calibration.alpha_review=...`, a retrain), while the calibration scores they
+    apply to are in the bundle. `calibrate MODEL --alpha-review A` decides at the new levels on
+    the same scores, as atomically as with images, and a running service takes them up."""
+    from diffqc.model import Detector
+    from diffqc.recalibrate import CalibrationReloader
+
+    model = _copy(tiny_model, tmp_path)
+    served = Detector.load(model, device="cpu")
+    reloader = CalibrationReloader(served, model)
+    before = (model / "calibration.json").read_bytes()
+    old = served.calibration_
+    assert old is not None and old.config.alpha_review == 0.05
+    assert main(["calibrate", str(model), "--alpha-review", "0.2", "--alpha-reject", "0.02", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["alpha_review"], summary["alpha_reject"], summary["images"]) == (0.2, 0.02, {})
+    assert sorted(summary["thresholds"]) == ["dots", "stripes"]
+    assert (model / "calibration.prev.json").read_bytes() == before
+    new = json.loads((model / "calibration.json").read_text())
+    assert new["known"] == json.loads(before)["known"]  # the same GOOD scores
+    assert (new["config"]["alpha_review"], new["config"]["alpha_reject"]) == (0.2, 0.02)
+    config = json.loads((model / "config.json").read_text())["calibration"]
+    assert (config["alpha_review"], config["alpha_reject"]) == (0.2, 0.02)
+    meta = json.loads((model / "metadata.json").read_text())
+    assert meta["recalibrated"]["data"] is None and meta["recalibrated"]["alpha_review"] == 0.2
+    assert meta["calibration_sha256"] == sha256_file(model / "calibration.json")
+
+    assert reloader.check() and served.calibration_ is not None
+    cal = served.calibration_
+    for t in ("dots", "stripes"):  # a score between the two REVIEW thresholds: PASS before, REVIEW now
+        assert cal.thresholds(t)["review"] < old.thresholds(t)["review"]
+        between = (cal.thresholds(t)["review"] + old.thresholds(t)["review"]) / 2
+        assert old.decide(old.p_value(t, between)) == "PASS"
+        assert cal.decide(cal.p_value(t, between)) == "REVIEW"
+    assert Detector.load(model, device="cpu").config.calibration.alpha_review == 0.2
+
+    # bad levels, or nothing to do: one error line, and no file of the bundle touched
+    files = {p.name: p.read_bytes() for p in model.iterdir()}
+    for argv, says in [([], "give DATA"),
+                       (["--alpha-reject", "0.3"], "alpha_reject (0.3) must be <= "
+                                                   "calibration.alpha_review (0.2)"),
+                       (["--alpha-review", "1.5"], "alpha_review"),
+                       (["--alpha-review", "0"], "alpha_review")]:
+        assert main(["calibrate", str(model), *argv, "-q"]) == 1
+        assert says in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+
+
+def test_cli_calibrate_refuses_levels_under_which_a_type_could_flag_no_part(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a fitted tail (`calibration.tail=none`) 8 GOOD scores reach p = 1/9 at best: at
+    α_review = 0.1 no part of either type could be flagged, so those levels are refused; levels
+    that leave a type as unflaggable as it was (its scores kept) are not this change's doing."""
+    model = _copy(tiny_model, tmp_path)
+    cal = json.loads((model / "calibration.json").read_text())
+    cal["config"]["tail"] = "none"  # as trained with --set calibration.tail=none
+    (model / "calibration.json").write_text(json.dumps(cal))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the bundle flags nothing at 0.05: warned at every load
+        assert main(["calibrate", str(model), "--alpha-reject", "0.001", "-q"]) == 0
+        assert main(["calibrate", str(model), "--alpha-review", "0.2", "-q"]) == 0
+    capsys.readouterr()
+    files = {p.name: p.read_bytes() for p in model.iterdir()}
+    assert main(["calibrate", str(model), "--alpha-review", "0.1", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "at α_review=0.1, no part of dots (8 GOOD images), stripes (8 GOOD images) could be flagged" in err
+    assert "the calibration is unchanged" in err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+
+
 def test_a_retrained_bundle_is_not_half_loaded_by_a_running_service(
         tiny_model: Path, clear_dataset: Path, tmp_path: Path) -> None:
     """`diffqc train --out` into the folder a service serves writes new weights and a new

@@ -1,4 +1,4 @@
-"""Recalibrate a model bundle without retraining (``diffqc calibrate MODEL DATA``).
+"""Recalibrate a model bundle without retraining (``diffqc calibrate MODEL [DATA]``).
 
 The scorer stays as trained; only the conformal calibration (``calibration.json``, and
 ``calibration.int8.json`` when the bundle has an INT8 export) is recomputed from the GOOD
@@ -8,6 +8,10 @@ images in DATA, which must be parts the model never trained on, taken as the lin
 ``diffqc results export`` whose parts were chosen by their decision (flagged parts an operator
 reviewed GOOD: the GOOD parts the model scored highest) is refused. Types absent from DATA keep
 their current calibration.
+
+The levels it decides at (``--alpha-review``, ``--alpha-reject``: the target shares of GOOD parts
+flagged) change without images: the calibration scores stay, the thresholds move, and
+``config.json`` says the new levels.
 
 The rewrite is atomic: everything is scored first, then each file is written to a temporary
 sibling, fsynced and renamed over the old one (``os.replace``), after its previous content was
@@ -26,13 +30,15 @@ import datetime as _dt
 import json
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from diffqc.arguments import QUIET
 from diffqc.calibration import SELECTED_BELOW, CalibrationWarning, Calibrator, flagged_excess_p
-from diffqc.errors import BundleError, DatasetError, UnknownFeatureTypeError, did_you_mean
+from diffqc.config import CalibrationConfig
+from diffqc.errors import BundleError, ConfigError, DatasetError, UnknownFeatureTypeError, did_you_mean
 from diffqc.output import json_line, write_atomic
 
 log = logging.getLogger("diffqc.recalibrate")
@@ -68,27 +74,33 @@ def calibration_scores(detector: Any, samples: Sequence[Any], *, skip_corrupt: b
     return known, unknown
 
 
-def _merged(old: Calibrator, known: dict[str, list[float]], unknown: dict[str, list[float]]) -> Calibrator:
-    """A calibrator with the new scores for the types given and the old ones for the rest."""
+def _merged(old: Calibrator, known: dict[str, list[float]], unknown: dict[str, list[float]],
+            config: CalibrationConfig) -> Calibrator:
+    """A calibrator under ``config`` with the new scores for the types given and the old ones for
+    the rest."""
     keep_known = {t: c.scores.tolist() for t, c in old.known.items() if t not in known}
     keep_unknown = {t: c.scores.tolist() for t, c in old.unknown.items() if t not in unknown}
-    return Calibrator(old.config).fit({**keep_known, **known}, {**keep_unknown, **unknown}, warn=False)
+    return Calibrator(config).fit({**keep_known, **known}, {**keep_unknown, **unknown}, warn=False)
 
 
-def _refuse_unflaggable(cal: Calibrator, known: dict[str, list[float]], data: Path | str) -> None:
+def _refuse_unflaggable(old: Calibrator, new: Calibrator, known: Collection[str], source: str) -> None:
     """A recalibration under which a type could flag no part (one GOOD image: no tail can be
     fitted; ``calibration.tail=none`` with fewer images than 1/α_review needs) is refused: a
-    running service would take it up at once and pass every part of that type."""
-    dead = [t for t in cal.unflaggable() if t in known]
+    running service would take it up at once and pass every part of that type. ``known``: the
+    types calibrated on new images; a type that keeps its scores and flagged no part before is
+    not this recalibration's doing (``train`` and every load warn of it)."""
+    was_dead = set(old.unflaggable())
+    dead = [t for t in new.unflaggable() if t in known or t not in was_dead]
     if not dead:
         return
-    alpha = cal.config.alpha_review
-    exponential = cal.config.tail == "exponential"
+    alpha = new.config.alpha_review
+    exponential = new.config.tail == "exponential"
     why = " (the exponential tail is fitted to two scores at least)" if exponential else ""
-    give = f"{cal.images_to_flag()} GOOD images or more{why}"
-    named = ", ".join(f"{t} ({len(known[t])} GOOD image{'s' if len(known[t]) != 1 else ''})" for t in dead)
-    raise DatasetError(f"{data}: calibrated on it, no part of {named} could be flagged (no score "
-                       f"reaches p <= α_review={alpha} with calibration.tail={cal.config.tail}); "
+    give = f"{new.images_to_flag()} GOOD images or more{why}"
+    sizes = {t: new.known[t].scores.size for t in dead}
+    named = ", ".join(f"{t} ({n} GOOD image{'s' if n != 1 else ''})" for t, n in sizes.items())
+    raise DatasetError(f"{source}, no part of {named} could be flagged (no score "
+                       f"reaches p <= α_review={alpha} with calibration.tail={new.config.tail}); "
                        f"the calibration is unchanged: give each such type {give}")
 
 
@@ -191,17 +203,12 @@ def _name_other_images(meta: dict[str, Any], samples: list[Any]) -> None:
             warnings.warn(f"calibration image {s.path}: {note}", CalibrationWarning, stacklevel=3)
 
 
-def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = False,
-                progress: bool = False, threads: int | None = None) -> dict[str, Any]:
-    """Recompute the calibration of bundle ``model`` from the GOOD images of ``data``; returns
-    a summary (images per type, files written, checksums)."""
+def _good_scores(det: Any, data: Path | str, *, skip_corrupt: bool, progress: bool
+                 ) -> tuple[dict[str, list[float]], dict[str, list[float]], list[Any], int, list[str]]:
+    """The calibration scores of DATA's GOOD images (those the model was fit on left out), the
+    images scored, the fit images left out and the fingerprints of those kept."""
     from diffqc.data import GOOD, load_dataset
-    from diffqc.inspection import sha256_file
-    from diffqc.model import Detector
 
-    path = Path(model)
-    _refuse_selected(data)
-    det = Detector.load(path, device="cpu")
     samples = [s for s in load_dataset(data) if s.label == GOOD]
     if not samples:
         raise DatasetError(f"{data}: no GOOD images to calibrate on")
@@ -210,16 +217,49 @@ def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = Fal
         named = ", ".join(t + did_you_mean(t, det.classes_) for t in unknown_types)
         raise UnknownFeatureTypeError(f"{data}: types {named} are not in the model "
                                       f"({', '.join(det.classes_)})")
-    assert det.calibration_ is not None
     samples, left_out, kept_prints = _not_fitted_on(det.metadata, samples, data)
     _name_other_images(det.metadata, samples)
     known, unknown = calibration_scores(det, samples, skip_corrupt=skip_corrupt, progress=progress)
     if not known:  # every one skipped as unreadable
         raise DatasetError(f"{data}: none of the {len(samples)} GOOD images could be read; the "
                            "calibration is unchanged")
-    new = {CALIBRATION_FILE: _merged(det.calibration_, known, unknown)}
-    _refuse_unflaggable(new[CALIBRATION_FILE], known, data)
-    if message := new[CALIBRATION_FILE].warning_line(known):  # the types recalibrated now, as train says it
+    return known, unknown, samples, left_out, kept_prints
+
+
+def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_review: float | None = None,
+                alpha_reject: float | None = None, skip_corrupt: bool = False, progress: bool = False,
+                threads: int | None = None) -> dict[str, Any]:
+    """Recompute the calibration of bundle ``model`` from the GOOD images of ``data``, and/or
+    decide at other levels (``alpha_review``, ``alpha_reject``: the target share of GOOD parts
+    flagged REVIEW or REJECT, and REJECT) on the scores it holds; returns a summary (images per
+    type, levels, thresholds, files written, checksums)."""
+    from diffqc.inspection import sha256_file
+    from diffqc.model import Detector
+
+    if data is None and alpha_review is None and alpha_reject is None:
+        raise ConfigError("give DATA (GOOD images to calibrate on), --alpha-review or --alpha-reject")
+    if data is not None:
+        _refuse_selected(data)
+    path = Path(model)
+    det = Detector.load(path, device="cpu")
+    assert det.calibration_ is not None
+    old = det.calibration_
+    config = replace(old.config,  # a ConfigError for a level outside (0, 1), or REJECT's above REVIEW's
+                     alpha_review=old.config.alpha_review if alpha_review is None else alpha_review,
+                     alpha_reject=old.config.alpha_reject if alpha_reject is None else alpha_reject)
+    known: dict[str, list[float]] = {}
+    unknown: dict[str, list[float]] = {}
+    samples: list[Any] = []
+    left_out = 0
+    kept_prints: list[str] = []
+    if data is not None:
+        known, unknown, samples, left_out, kept_prints = _good_scores(
+            det, data, skip_corrupt=skip_corrupt, progress=progress)
+    new = {CALIBRATION_FILE: _merged(old, known, unknown, config)}
+    source = f"{data}: calibrated on it" if data is not None else f"at α_review={config.alpha_review}"
+    _refuse_unflaggable(old, new[CALIBRATION_FILE], known, source)
+    renewed = old.known.keys() if config != old.config else known.keys()
+    if message := new[CALIBRATION_FILE].warning_line(renewed):  # the types recalibrated now, as train says it
         warnings.warn(message, CalibrationWarning, stacklevel=2)
     if (path / INT8_MODEL_FILE).is_file():  # its own calibration, or one now where export kept FP32's
         from diffqc.runtime import OnnxDetector
@@ -229,8 +269,10 @@ def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = Fal
         except BundleError as exc:  # a retrain made the export stale: no runtime runs it now
             warnings.warn(f"{exc}; its INT8 calibration is not recomputed", CalibrationWarning, stacklevel=2)
         else:
-            k8, u8 = calibration_scores(int8, samples, skip_corrupt=skip_corrupt, progress=progress)
-            new[INT8_CALIBRATION_FILE] = _merged(int8.calibration_, k8, u8)
+            k8, u8 = ({}, {}) if data is None else calibration_scores(
+                int8, samples, skip_corrupt=skip_corrupt, progress=progress)
+            if data is not None or (path / INT8_CALIBRATION_FILE).is_file():  # else it decides with FP32's
+                new[INT8_CALIBRATION_FILE] = _merged(int8.calibration_, k8, u8, config)
 
     meta_path = path / "metadata.json"
     meta = json.loads(meta_path.read_text())
@@ -240,6 +282,9 @@ def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = Fal
         if target.is_file():
             write_atomic(path / previous_name(name), target.read_bytes())
         write_atomic(target, json.dumps(cal.to_dict()).encode("utf-8"))
+    if config != old.config:  # the bundle's config says the levels it decides at
+        write_atomic(path / "config.json", json.dumps(replace(det.config, calibration=config).to_dict(),
+                                                      indent=2, sort_keys=True).encode("utf-8"))
     checksums = {name: sha256_file(path / name) for name in new}
     counts = {t: len(v) for t, v in sorted(known.items())}
     meta["calibration_sha256"] = checksums[CALIBRATION_FILE]
@@ -250,17 +295,20 @@ def recalibrate(model: Path | str, data: Path | str, *, skip_corrupt: bool = Fal
     if "calibration_image_fingerprints" in training:  # `diffqc test` leaves these out too
         training["calibration_image_fingerprints"] = sorted(
             {*training["calibration_image_fingerprints"], *kept_prints})
+    levels = {"alpha_review": config.alpha_review, "alpha_reject": config.alpha_reject}
     meta["recalibrated"] = {
         "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "data": str(data),
+        "data": None if data is None else str(data),
         "images": counts,
+        **levels,
         "left_out_fit_images": left_out,
         "previous_sha256": previous,
     }
     write_atomic(meta_path, json.dumps(meta, indent=2).encode("utf-8"))
-    return {"model": str(path), "images": counts, "left_out_fit_images": left_out, "files": sorted(new),
-            "kept_previous": sorted(previous_name(n) for n in previous), "sha256": checksums,
-            "thresholds": {t: new[CALIBRATION_FILE].thresholds(t) for t in counts}}
+    return {"model": str(path), "images": counts, **levels, "left_out_fit_images": left_out,
+            "files": sorted(new), "kept_previous": sorted(previous_name(n) for n in previous),
+            "sha256": checksums,
+            "thresholds": {t: new[CALIBRATION_FILE].thresholds(t) for t in sorted(renewed)}}
 
 
 # --------------------------------------------------------------------------- the service side
@@ -333,24 +381,34 @@ class CalibrationReloader:
 
 # --------------------------------------------------------------------------- CLI
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    summary = recalibrate(args.model, args.data, skip_corrupt=args.skip_corrupt, progress=not args.quiet)
+    summary = recalibrate(args.model, args.data, alpha_review=args.alpha_review,
+                          alpha_reject=args.alpha_reject, skip_corrupt=args.skip_corrupt,
+                          progress=not args.quiet)
     print(json_line(summary))
     return 0
 
 
 def add_calibrate_command(subparsers: Any) -> None:
-    """Register ``diffqc calibrate MODEL DATA`` on an argparse sub-parsers object."""
+    """Register ``diffqc calibrate MODEL [DATA]`` on an argparse sub-parsers object."""
     p = subparsers.add_parser(
         "calibrate",
-        help="recompute a bundle's calibration from GOOD images, without retraining",
+        help="recompute a bundle's calibration from GOOD images, or decide at other levels, without "
+        "retraining",
         description="Recompute the conformal calibration of MODEL from the GOOD images in DATA "
-        "(parts the model never trained on: images it was fit on are left out). The previous "
-        "calibration is kept as "
-        "calibration.prev.json; a running service picks the new one up without a restart.",
+        "(parts the model never trained on: images it was fit on are left out), and/or decide at "
+        "other levels (--alpha-review, --alpha-reject) on the GOOD scores the bundle holds. The "
+        "previous calibration is kept as calibration.prev.json; a running service picks the new "
+        "one up without a restart.",
     )
     p.add_argument("model", type=Path, help="model bundle folder")
-    p.add_argument("data", help="dataset folder (MVTec layout, or <type>/good folders) or CSV manifest "
-                   "with GOOD images")
+    p.add_argument("data", nargs="?", help="dataset folder (MVTec layout, or <type>/good folders) or CSV "
+                   "manifest with GOOD images (default: keep the bundle's GOOD scores)")
+    p.add_argument("--alpha-review", type=float, metavar="A",
+                   help="target share of GOOD parts flagged REVIEW or REJECT (e.g. 0.02; default: the "
+                   "bundle's, 0.05 from train)")
+    p.add_argument("--alpha-reject", type=float, metavar="A",
+                   help="target share of GOOD parts flagged REJECT, at most --alpha-review (default: "
+                   "the bundle's, 0.01 from train)")
     p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images")
     p.add_argument("-q", "--quiet", action="store_true", help=QUIET)
     p.set_defaults(func=_cmd_calibrate)
