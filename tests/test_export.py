@@ -364,6 +364,12 @@ def test_int8_export_of_a_recalibrated_bundle_says_so(exported: Path, clear_data
     assert running.calibration_ is not None
     assert {t: c.scores.tolist() for t, c in running.calibration_.known.items()} == own
     assert not reloader.check()  # once
+    # other levels, without images: INT8's own calibration decides at them too, on its own scores
+    assert main(["calibrate", str(bundle), "--alpha-review", "0.2", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["files"] == ["calibration.int8.json",
+                                                                             "calibration.json"]
+    assert json.loads((bundle / "calibration.int8.json").read_text())["known"] == own
+    assert reloader.check() and running.calibration_.config.alpha_review == 0.2
 
 
 def test_calibrate_after_a_retrain_leaves_the_stale_int8_export_alone(
