@@ -473,6 +473,31 @@ def test_stored_records_reads_every_match_in_batches_oldest_first(tmp_path: Path
         assert list(stored_records(store, feature_type="none")) == []
 
 
+def test_a_time_can_be_a_span_back_from_now(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """"The last shift" was a time to work out and type (`--since 2026-12-03T06:00Z`, in UTC);
+    `8h`, `90m`, `2d`, `30s` are that long before now, in `results list`/`export` and the API's
+    `since`/`until` alike (one parser). Anything else is still refused."""
+    import json
+
+    from diffqc.cli import main
+    from diffqc.service.app import ServiceError, parse_time
+
+    now = time.time()
+    for text, seconds in [("8h", 8 * 3600), ("90m", 5400), ("1.5d", 129600), ("30s", 30)]:
+        when = parse_time(text, "since")
+        assert when is not None and abs(when - (now - seconds)) < 5
+    for bad in ["8 hours", "1y", "-1h", "h"]:
+        with pytest.raises(ServiceError, match="neither epoch seconds nor ISO 8601 nor a span"):
+            parse_time(bad, "since")
+    db = tmp_path / "line.db"
+    with ResultStore(str(db)) as store:
+        store.insert_many([_rec("night", created_at=now - 10 * 3600), _rec("shift", created_at=now - 3600)])
+    assert main(["results", "list", "--db", str(db), "--since", "8h"]) == 0
+    assert [json.loads(x)["part_id"] for x in capsys.readouterr().out.splitlines()] == ["shift"]
+    assert main(["results", "list", "--db", str(db), "--until", "120m"]) == 0
+    assert [json.loads(x)["part_id"] for x in capsys.readouterr().out.splitlines()] == ["night"]
+
+
 def test_cli_results_list_prints_the_stored_decisions(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """``diffqc results list``: what `watch` (which has no dashboard) stored, without a server:

@@ -353,13 +353,15 @@ def add_service_commands(subparsers: Any) -> None:
     e.add_argument("--db", default=None, help=db_help)
     e.add_argument("--data-dir", default=None,
                    help="the folder serve or watch kept the images in (default beside the SQLite file)")
-    e.add_argument("--since", default=None, help="only parts inspected since (ISO 8601 or epoch)")
+    e.add_argument("--since", default=None,
+                   help="only parts inspected since (ISO 8601, epoch seconds or a span back from now: 8h)")
     e.add_argument("--defects", action="store_true",
                    help="also export the parts reviewed BAD, labelled defect (the line's defects "
                         "found), to test a model on: diffqc test MODEL OUT (training reads only the "
                         "GOOD ones)")
     e.set_defaults(func=_cmd_export)
-    when = "(ISO 8601, UTC unless it has an offset such as +01:00, or epoch seconds)"
+    when = ("(ISO 8601, UTC unless it has an offset such as +01:00, epoch seconds, or a span back "
+            "from now: 8h, 90m, 2d)")
     ls = rsub.add_parser("list", help="the stored decisions, oldest first, as JSON lines or CSV",
                          description="Print the decisions `serve` and `watch` stored, oldest first, "
                                      "filtered as /v1/results filters them; redirect to a file "

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import logging
 import math
+import re
 import socket
 import sys
 import threading
@@ -425,10 +426,17 @@ def record_json(rec: ResultRecord) -> dict[str, Any]:
     return json_safe(out)
 
 
+_SPAN = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_SPAN_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
 def parse_time(value: str | None, name: str) -> float | None:
-    """Epoch seconds or ISO 8601 (UTC when no offset) -> epoch seconds."""
+    """Epoch seconds, ISO 8601 (UTC when no offset) or a span back from now (``8h``: eight hours
+    ago; ``s``, ``m``, ``h``, ``d``) -> epoch seconds."""
     if value is None or value == "":
         return None
+    if span := _SPAN.fullmatch(value):
+        return time.time() - float(span[1]) * _SPAN_SECONDS[span[2]]
     try:
         seconds = float(value)
     except ValueError:
@@ -441,7 +449,8 @@ def parse_time(value: str | None, name: str) -> float | None:
         parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise ServiceError(
-            422, "bad_time", f"{name}={value!r} is neither epoch seconds nor ISO 8601"
+            422, "bad_time", f"{name}={value!r} is neither epoch seconds nor ISO 8601 nor a span "
+            "back from now such as 8h"
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.UTC)
