@@ -64,7 +64,9 @@ def test_cli_test_scores_only_the_images_the_model_never_saw(
     assert main(["test", str(tiny_model), str(clear_dataset), "--json", str(report_path), "-q"]) == 0
     out = capsys.readouterr().out
     assert "feature_type" in out and "recall" in out and "left out: " in out
+    assert "FPR's target α_review=0.05, α_reject=0.01" in out  # what its FPR column is held to
     report = _strict_json(report_path)
+    assert report["decision_rule"] == {"alpha_review": 0.05, "alpha_reject": 0.01}
     left = report["left_out"]
     meta = json.loads((tiny_model / "metadata.json").read_text())["training_data"]
     assert left["fit_images"] == sum(meta["fit_images"].values())

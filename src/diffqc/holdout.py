@@ -160,6 +160,9 @@ def holdout_report(detector: Any, data: Path | str, *, type_known: bool = True,
                      "fit_images": left["fit"], "calibration_images": left["calibration"],
                      "unreadable": len(kept) - len(read)},
         "rows": rows,
+        # the levels the decisions were taken at: FPR's target is alpha_review
+        "decision_rule": {"alpha_review": detector.calibration_.config.alpha_review,
+                          "alpha_reject": detector.calibration_.config.alpha_reject},
         "images": [{"path": path_text(s.path), "feature_type": s.feature_type,
                     "label": "good" if s.label == GOOD else "defective", "defect": s.defect,
                     "score": r.score, "p_value": r.p_value, "decision": r.decision,
@@ -207,8 +210,10 @@ def draw_misses(detector: Any, samples: Sequence[Sample], results: Sequence[Insp
 def _summary(report: dict[str, Any], model: Path) -> str:
     left = report["left_out"]
     said = [f"{n} {what.replace('_', ' ')}" for what, n in left.items() if n]
+    rule = report["decision_rule"]
     lines = [f"{model} on {report['data']} (feature type {'given' if report['type_known'] else 'withheld'}"
-             f"; {report['runtime']}, {report['precision']})"
+             f"; {report['runtime']}, {report['precision']}; FPR's target α_review="
+             f"{rule['alpha_review']:g}, α_reject={rule['alpha_reject']:g})"
              + (f"; left out: {', '.join(said)}" if said else ""),
              format_table(report["rows"])]
     for t, kinds in report["defect_kinds"].items():
