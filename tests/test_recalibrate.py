@@ -363,6 +363,7 @@ def test_cli_calibrate_decides_at_other_levels_without_images(
     assert meta["calibration_sha256"] == sha256_file(model / "calibration.json")
 
     assert reloader.check() and served.calibration_ is not None
+    assert served.config.calibration.alpha_review == 0.2  # what /v1/model says of its config
     cal = served.calibration_
     for t in ("dots", "stripes"):  # a score between the two REVIEW thresholds: PASS before, REVIEW now
         assert cal.thresholds(t)["review"] < old.thresholds(t)["review"]

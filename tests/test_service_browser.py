@@ -138,6 +138,14 @@ def test_dashboard_shows_decisions_and_records_a_review(
     assert "REVIEW" in row.text and "browser-1" in row.text
     # rates per type and a score histogram are drawn
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, f'#rates tr[data-type="{ftype}"]')))
+    # the share flagged beside the levels the calibration decides at (the REVIEW part: 100 %)
+    share = "100 %" if ftype != ptype else "50 %"
+    wait.until(ec.text_to_be_present_in_element(
+        (By.CSS_SELECTOR, f'#rates tr[data-type="{ftype}"] td.flagged'), share))
+    levels = state.model_info["thresholds"]
+    target = browser.find_element(By.ID, "rates-target").text
+    assert f"the calibration flags {levels['alpha_review'] * 100:g} % of GOOD parts" in target
+    assert f"rejects {levels['alpha_reject'] * 100:g} %" in target
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, f'#hists svg[data-type="{ftype}"]')))
 
     # the review card shows the image and its heat-map overlay (fetched with the token)

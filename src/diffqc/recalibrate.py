@@ -373,6 +373,8 @@ class CalibrationReloader:
             log.error("new calibration not loaded, keeping the current one: %s", self.last_error)
             return False
         self.detector.calibration_ = cal  # one attribute store: a batch uses the old or the new
+        if (config := getattr(self.detector, "config", None)) is not None:  # /v1/model's config: its levels
+            self.detector.config = replace(config, calibration=cal.config)
         self.reloads += 1
         self.last_error = None
         log.info("calibration reloaded from %s", self.file)
