@@ -247,14 +247,8 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
     config = replace(old.config,  # a ConfigError for a level outside (0, 1), or REJECT's above REVIEW's
                      alpha_review=old.config.alpha_review if alpha_review is None else alpha_review,
                      alpha_reject=old.config.alpha_reject if alpha_reject is None else alpha_reject)
-    known: dict[str, list[float]] = {}
-    unknown: dict[str, list[float]] = {}
-    samples: list[Any] = []
-    left_out = 0
-    kept_prints: list[str] = []
-    if data is not None:
-        known, unknown, samples, left_out, kept_prints = _good_scores(
-            det, data, skip_corrupt=skip_corrupt, progress=progress)
+    known, unknown, samples, left_out, kept_prints = ({}, {}, [], 0, []) if data is None else _good_scores(
+        det, data, skip_corrupt=skip_corrupt, progress=progress)
     new = {CALIBRATION_FILE: _merged(old, known, unknown, config)}
     source = f"{data}: calibrated on it" if data is not None else f"at α_review={config.alpha_review}"
     _refuse_unflaggable(old, new[CALIBRATION_FILE], known, source)
