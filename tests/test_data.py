@@ -51,6 +51,28 @@ def test_single_type_folder(clear_dataset: Path) -> None:
     assert {s.feature_type for s in samples} == {"dots"}
 
 
+@pytest.mark.parametrize("split", ["test", "train", "Test"])
+def test_a_split_folder_of_a_type_is_read_as_that_types_split(
+        clear_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, split: str) -> None:
+    """`diffqc test MODEL bottle/test` (or `train DATA/bottle/train`) read the split folder as a
+    type named after it, `test`: `test` then said "none of its types (test) is the model's", and
+    `train` fitted a model whose one type was `train`, both without a word of why. A type's split
+    folder is read as that split of its type (masks and all, as the type folder gives them)."""
+    dots = Path(shutil.copytree(clear_dataset / "dots", tmp_path / "dots"))
+    expected = [s for s in load_dataset(dots) if s.split == split.lower()]
+    if split != split.lower():  # made on Windows: the layout's names in any case
+        (dots / split.lower()).rename(dots / split)
+    samples = load_dataset(dots / split)
+    assert [(s.path.name, s.feature_type, s.label, s.split, s.defect, s.mask_path) for s in samples] == [
+        (s.path.name, s.feature_type, s.label, s.split, s.defect, s.mask_path) for s in expected]
+    assert {s.feature_type for s in samples} == {"dots"} and len(samples) == (24 if split == "train" else 16)
+    assert all((s.mask_path is None) == (s.label == GOOD) for s in samples)
+    if split == "test":  # given from inside the type's folder: still the type's name
+        monkeypatch.chdir(dots)
+        assert [(str(s.path), s.feature_type) for s in load_dataset("test")] == [
+            (str(s.path.relative_to(dots)), "dots") for s in expected]
+
+
 def test_images_filed_in_sub_folders_belong_to_their_split(tmp_path: Path, clear_dataset: Path) -> None:
     """A line files its images by day (``train/good/2026-11-30/``) or by batch under a defect kind:
     they were not found ("no images found"); now they belong to train/good or to the kind, masks

@@ -430,16 +430,22 @@ def load_mvtec(root: Path | str) -> list[Sample]:
     """Load one type folder, or a root holding several of them (one per type, named after its
     folder). A type folder is laid out as MVTec AD (``train/good``, ``test/<kind>``,
     ``ground_truth``: :func:`load_mvtec_type`) or as labelled folders (``good/``,
-    ``<kind>/``: :func:`load_labelled_type`)."""
+    ``<kind>/``: :func:`load_labelled_type`). The ``train`` or ``test`` folder of an MVTec type
+    is that split of the type."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
-    typed = [(sub, loader) for sub in _subfolders(root) if (loader := _type_loader(sub))]
-    _refuse_good_beside_types(root, [sub.name for sub, _ in typed])
-    if loader := _type_loader(root):
-        samples = loader(root)
+    if (split := root.name.lower()) in ("train", "test") and _is_mvtec_type(root.parent):
+        # a type's split folder (``bottle/test``): that split of the type, not a type named ``test``
+        type_name = root.absolute().parent.name  # of ``test`` given inside ``bottle/`` too
+        samples = [s for s in load_mvtec_type(root.parent, type_name) if s.split == split]
     else:
-        samples = [s for sub, load in typed for s in load(sub)]
+        typed = [(sub, loader) for sub in _subfolders(root) if (loader := _type_loader(sub))]
+        _refuse_good_beside_types(root, [sub.name for sub, _ in typed])
+        if loader := _type_loader(root):
+            samples = loader(root)
+        else:
+            samples = [s for sub, load in typed for s in load(sub)]
     if not samples:
         raise DatasetError(
             f"no images found under {root}: expected <type>/train/good and <type>/test/<kind> "
