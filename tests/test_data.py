@@ -73,6 +73,22 @@ def test_a_split_folder_of_a_type_is_read_as_that_types_split(
             (str(s.path.relative_to(dots)), "dots") for s in expected]
 
 
+@pytest.mark.parametrize("name", ["test", "train"])
+def test_a_dataset_root_named_test_is_still_a_root_of_types(clear_dataset: Path, tmp_path: Path,
+                                                            name: str) -> None:
+    """A held-out set kept as ``line/test/`` (type folders inside, MVTec or labelled) is a root
+    of types, though its parent holds a folder named ``test`` (itself): not the test split of a
+    type named ``line`` whose defect kinds are the types, every GOOD image taken for a defect."""
+    root = tmp_path / "line" / name
+    shutil.copytree(clear_dataset / "dots", root / "dots")
+    labelled = root / "stripes"
+    shutil.copytree(clear_dataset / "stripes" / "test" / "good", labelled / "good")
+    shutil.copytree(clear_dataset / "stripes" / "test" / "blob", labelled / "blob")
+    samples = load_dataset(root)
+    assert {s.feature_type for s in samples} == {"dots", "stripes"}
+    assert sum(s.label == GOOD for s in samples) == 24 + 8 + 8
+
+
 def test_images_filed_in_sub_folders_belong_to_their_split(tmp_path: Path, clear_dataset: Path) -> None:
     """A line files its images by day (``train/good/2026-11-30/``) or by batch under a defect kind:
     they were not found ("no images found"); now they belong to train/good or to the kind, masks

@@ -435,17 +435,17 @@ def load_mvtec(root: Path | str) -> list[Sample]:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
-    if (split := root.name.lower()) in ("train", "test") and _is_mvtec_type(root.parent):
-        # a type's split folder (``bottle/test``): that split of the type, not a type named ``test``
+    loader = _type_loader(root)
+    split = root.name.lower()
+    if loader is load_labelled_type and split in ("train", "test") and _is_mvtec_type(root.parent):
+        # a type's split folder (``bottle/test``: good/ beside kinds), not a type named ``test``;
+        # a root of types named ``test`` is not read as one type, so it stays a root of types
         type_name = root.absolute().parent.name  # of ``test`` given inside ``bottle/`` too
         samples = [s for s in load_mvtec_type(root.parent, type_name) if s.split == split]
     else:
-        typed = [(sub, loader) for sub in _subfolders(root) if (loader := _type_loader(sub))]
+        typed = [(sub, load) for sub in _subfolders(root) if (load := _type_loader(sub))]
         _refuse_good_beside_types(root, [sub.name for sub, _ in typed])
-        if loader := _type_loader(root):
-            samples = loader(root)
-        else:
-            samples = [s for sub, load in typed for s in load(sub)]
+        samples = loader(root) if loader else [s for sub, load in typed for s in load(sub)]
     if not samples:
         raise DatasetError(
             f"no images found under {root}: expected <type>/train/good and <type>/test/<kind> "
