@@ -115,6 +115,37 @@ def test_inspect_folder_leaves_hidden_files_out(tiny_model: Path, clear_dataset:
     assert len(capsys.readouterr().out.splitlines()) == 1
 
 
+def test_inspect_takes_each_image_type_from_its_folder(tiny_model: Path, clear_dataset: Path,
+                                                     tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``inspect`` a folder laid out by type (``<type>/...``, as ``watch`` and ``diffqc test``
+    read it): each image is scored under the nearest folder of its path named after a model
+    type, a file given alone too; an MVTec type's masks (``ground_truth/``) under a folder given
+    are left out, with a word; ``--feature-type`` is for all of them."""
+    assert main(["inspect", str(tiny_model), str(clear_dataset)]) == 0
+    out = capsys.readouterr()
+    rows = [json.loads(line) for line in out.out.splitlines()]
+    parts = [p for p in clear_dataset.rglob("*.png") if "ground_truth" not in p.parts]
+    assert sorted(r["path"] for r in rows) == sorted(map(str, parts))
+    for row in rows:
+        kind = Path(row["path"]).relative_to(clear_dataset).parts[0]
+        assert row["type_known"] and row["feature_type"] == kind, row
+    assert "left out 16 images in ground_truth/ folders (masks, not parts" in out.err, out.err
+    folder = clear_dataset / "dots"
+    assert main(["inspect", str(tiny_model), str(folder / "test")]) == 0  # from the folder given
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 16 and all(r["type_known"] and r["feature_type"] == "dots" for r in rows)
+    mask = next((folder / "ground_truth" / "blob").iterdir())  # a file given is read as it is
+    alone = tmp_path / "part.png"  # in no folder named after a type: the router names it
+    shutil.copy(next((folder / "test" / "good").iterdir()), alone)
+    assert main(["inspect", str(tiny_model), str(mask), str(alone)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["feature_type"], r["type_known"]) for r in rows] == [("dots", True), ("dots", False)]
+    assert main(["inspect", str(tiny_model), str(folder), "--feature-type", "stripes"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows and all(r["feature_type"] == "stripes" and r["type_known"] for r in rows)
+
+
 def test_inspect_expands_a_pattern_the_shell_left(tiny_model: Path, clear_dataset: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """Windows' cmd and PowerShell, a quoted argument and subprocess lists pass ``*.png`` as it

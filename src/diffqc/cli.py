@@ -138,11 +138,25 @@ def _expand_images(paths: Sequence[str], leave_out: Path | None = None) -> list[
                 raise DatasetError(f"no file matches {str(p)!r}")
             out += [(q, name) for q, name in _expand_images(matches, leave_out) if found(q)]
         elif p.is_dir():
-            out += [(q, q.relative_to(p)) for q in sorted(p.rglob("*")) if is_image_file(q)
+            here = [(q, q.relative_to(p)) for q in sorted(p.rglob("*")) if is_image_file(q)
                     and not any(is_hidden(Path(part)) for part in q.relative_to(p).parts) and found(q)]
+            masks = [m for _, name in here if (m := _mask_folder(name))]
+            if masks:
+                warnings.warn(f"{p}: left out {len(masks)} images in "
+                              f"{', '.join(f'{m}/' for m in sorted(set(masks)))} folders (masks, not "
+                              "parts; name a file to inspect it)", stacklevel=2)
+            out += [(q, name) for q, name in here if not _mask_folder(name)]
         else:
             out.append((p, Path(p.name)))
     return out
+
+
+def _mask_folder(name: Path) -> str | None:
+    """The folder of masks (an MVTec type's ``ground_truth/``) an image below a folder given is
+    in, else None: a mask is not a part."""
+    from diffqc.data import MASK_FOLDER_NAMES
+
+    return next((folder for folder in name.parts[:-1] if folder.lower() in MASK_FOLDER_NAMES), None)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -172,7 +186,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _inspect_images(args: argparse.Namespace, det: Any, images: list[tuple[Path, Path]],
                     csv_out: _CsvRows | None) -> None:
-    from diffqc.data import read_image
+    from diffqc.data import read_image, type_of_folders
     from diffqc.inspection import ImageCheck
     from diffqc.visualize import write_heatmap
 
@@ -187,7 +201,8 @@ def _inspect_images(args: argparse.Namespace, det: Any, images: list[tuple[Path,
                 raise
             continue
         start = time.perf_counter()
-        (result,) = det.inspect([image], [args.feature_type])
+        feature_type = args.feature_type or type_of_folders(path.parent.parts, det.classes_)
+        (result,) = det.inspect([image], [feature_type])
         if note := image_check(result.feature_type, image.shape[0], image.shape[1], image):
             warnings.warn(note, stacklevel=1)
         row: dict[str, Any] = {"path": path_text(path), **result.to_json(),
@@ -321,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     insp = sub.add_parser("inspect", help="score images: one JSON line per image")
     insp.add_argument("model", type=Path, help="model bundle folder (from diffqc train)")
     insp.add_argument("images", nargs="+", help="image files or folders")
-    insp.add_argument("--feature-type", default=None, help="the images' type (default: unknown)")
+    insp.add_argument("--feature-type", default=None,
+                      help="the images' type (default: the nearest folder of each image's path "
+                      "named after a model type, else the type router's pick)")
     insp.add_argument("--heatmaps", default=None, help="folder for heat-map overlay PNGs")
     insp.add_argument("--heatmap-size", type=NON_NEGATIVE, default=0, metavar="PX",
                       help="the image's longer side in a heat map (default 0: its own size; "

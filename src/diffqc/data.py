@@ -11,7 +11,7 @@ import hashlib
 import io
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PureWindowsPath
 
@@ -369,7 +369,13 @@ def _is_mvtec_type(folder: Path) -> bool:
 # A folder of GOOD images beside folders of defective ones, ``<type>/good/`` + ``<type>/<kind>/``
 # (OK/NOK folders as a line's classifier keeps them; anomalib's Folder layout): a GOOD word names
 # the GOOD folder, any other sub-folder is a defect kind, except those that hold masks.
-_MASK_FOLDER_NAMES = frozenset({"ground_truth", "masks", "mask"})
+MASK_FOLDER_NAMES = frozenset({"ground_truth", "masks", "mask"})
+
+
+def type_of_folders(folders: Sequence[str], types: Collection[str]) -> str | None:
+    """The type an image's folders name: the nearest (last) of ``folders`` named after one of
+    ``types`` (``<type>/<day>/part.png``, ``<type>/test/good/part.png``), else None."""
+    return next((name for name in reversed(folders) if name in types), None)
 
 
 def _is_labelled_type(folder: Path) -> bool:
@@ -396,7 +402,7 @@ def load_labelled_type(type_root: Path, feature_type: str | None = None) -> list
         name = folder.name.lower()
         if name in _GOOD_FOLDER_NAMES:
             samples += [Sample(p, feature_type, GOOD, defect="good", split="train") for p in images]
-        elif name in _MASK_FOLDER_NAMES:
+        elif name in MASK_FOLDER_NAMES:
             left += [f"{len(images)} in {folder.name}/ (masks are read in the MVTec layout only: "
                      "<type>/ground_truth/<kind>/)"] if images else []
         else:

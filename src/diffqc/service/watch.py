@@ -35,7 +35,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from diffqc.data import IMAGE_SUFFIXES, decode_image
+from diffqc.data import IMAGE_SUFFIXES, decode_image, type_of_folders
 from diffqc.errors import ImageReadError, OutputError, StoreError, UnknownFeatureTypeError, did_you_mean
 from diffqc.output import path_text
 from diffqc.service.buffer import BufferClosed, BufferFull, InspectionPipeline, Job
@@ -251,8 +251,7 @@ class FolderWatcher:
     def _feature_type(self, path: Path) -> str | None:
         if self.settings.feature_type:
             return self.settings.feature_type
-        folders = path.relative_to(self.root).parts[:-1]  # the nearest the model knows
-        return next((name for name in reversed(folders) if name in self.classes), None)
+        return type_of_folders(path.relative_to(self.root).parts[:-1], self.classes)
 
     def step(self) -> StepReport:
         """One pass: inspect every ready file (at most ``max_pending``)."""
