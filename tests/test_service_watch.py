@@ -87,6 +87,12 @@ def test_watch_reads_the_dated_folders_a_camera_files_its_images_in(
     assert (folder / "processed" / "2026-12-02" / "part-0.png").read_bytes() == b0
     assert (folder / "2026-12-02" / ".thumbs" / "part-0.png").exists()
     assert w.step().inspected == 0  # processed/ is not watched
+    # a folder watched per type (one camera per type: `watch incoming/<type>`) names its parts'
+    # type, as `inspect incoming/<type>` does
+    (folder / t1 / "part-3.png").write_bytes(next(b for b, t in samples.all[2:] if t == t1))
+    assert _watcher(folder / t1, pipe, store).step().inspected == 1
+    rec = next(r for r in store.query(limit=None) if r.part_id == "part-3")
+    assert rec.feature_type == t1 and rec.type_known is True
 
 
 def test_watch_does_not_inspect_its_own_heat_maps_and_kept_images(

@@ -325,7 +325,7 @@ def add_service_commands(subparsers: Any) -> None:
         "--feature-type",
         default=None,
         help="type of every image (default: the nearest folder around it named as a type, "
-        "DIR/<type>/2026-12-02/img.png; else unknown)",
+        "DIR/<type>/2026-12-02/img.png, DIR itself included; else unknown)",
     )
     w.add_argument("--poll", type=POSITIVE_NUMBER, default=0.5, help="seconds between scans")
     w.add_argument(

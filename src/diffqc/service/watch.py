@@ -251,7 +251,8 @@ class FolderWatcher:
     def _feature_type(self, path: Path) -> str | None:
         if self.settings.feature_type:
             return self.settings.feature_type
-        return type_of_folders(path.relative_to(self.root).parts[:-1], self.classes)
+        # the folder watched, then those below it (`watch incoming/<type>`, `watch incoming`)
+        return type_of_folders((self.root.name, *path.relative_to(self.root).parts[:-1]), self.classes)
 
     def step(self) -> StepReport:
         """One pass: inspect every ready file (at most ``max_pending``)."""
