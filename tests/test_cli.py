@@ -18,6 +18,31 @@ def test_help_and_no_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 0
 
 
+def test_data_info_says_what_a_train_would_read(clear_dataset: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``diffqc data info DATA``, before a long train on one's own folder: per type the GOOD
+    images a model fits on, the held-out GOOD ones, the defects by kind and their masks, the
+    image sizes from the headers, and the files that cannot be read, named."""
+    data = tmp_path / "data"
+    shutil.copytree(clear_dataset, data)
+    (data / "dots" / "train" / "good" / "broken.png").write_bytes(b"not a png")
+    assert main(["data", "info", str(data), "--json"]) == 0
+    out = capsys.readouterr()
+    info = json.loads(out.out)["types"]
+    assert info["stripes"] == {"train": 24, "good": 8, "defects": {"blob": 8}, "masks": 8,
+                               "unlabelled": 0, "sizes": [[64, 64, 40]], "unreadable": []}
+    assert info["dots"]["train"] == 25 and info["dots"]["sizes"] == [[64, 64, 40]]
+    assert info["dots"]["unreadable"] == [str(data / "dots" / "train" / "good" / "broken.png")]
+    assert main(["data", "info", str(data)]) == 0
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert lines[0].split()[:3] == ["feature_type", "train", "good"]
+    assert lines[1].split() == ["dots", "25", "8", "8", "8", "0", "1", "64x64", "blob", "8"]
+    assert "1 files cannot be read as images" in out.err and "broken.png" in out.err
+    assert main(["data", "info", str(tmp_path / "none")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_inspect_json_lines(tiny_model: Path, clear_dataset: Path, tmp_path: Path,
                             capsys: pytest.CaptureFixture[str]) -> None:
     folder = clear_dataset / "dots" / "test" / "blob"

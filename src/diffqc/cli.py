@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from diffqc import __version__
 from diffqc.arguments import DEVICE, NON_NEGATIVE, QUIET, SEED
 from diffqc.commands import add_model_options, model_overrides
-from diffqc.errors import ConfigError, DatasetError, DiffqcError, ImageReadError, OutputError
+from diffqc.errors import ConfigError, DatasetError, DiffqcError, ImageReadError, OutputError, first_few
 from diffqc.output import check_output_file, is_csv_table, json_line, path_text
 from diffqc.runtime import add_runtime_arguments
 
@@ -57,6 +57,30 @@ def cmd_synth(args: argparse.Namespace) -> int:
     except ValueError as exc:  # its argument checks (--parts, --size)
         raise ConfigError(f"data synth: {exc}") from None
     print(json_line({"root": str(args.out), "splits": summary["splits"], "labels": summary["labels"]}))
+    return EXIT_OK
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from diffqc.data import describe, load_dataset
+
+    info = describe(load_dataset(args.data))  # the loaders' and good_training's warnings as at train
+    if args.json:
+        print(json_line({"data": str(args.data), "types": info}))
+        return EXIT_OK
+    print(f"{'feature_type':<14} {'train':>6} {'good':>6} {'defect':>6} {'masks':>6} {'unlab.':>6} "
+          f"{'unread.':>7}  size (HxW)  defect kinds")
+    for t, row in info.items():
+        sizes = row["sizes"]  # the one size, or how many and their range (--json lists them)
+        hs, ws = [h for h, _, _ in sizes], [w for _, w, _ in sizes]
+        size = (f"{hs[0]}x{ws[0]}" if len(sizes) == 1 else f"{len(sizes)} sizes, {min(hs)}-{max(hs)}"
+                f"x{min(ws)}-{max(ws)}" if sizes else "-")
+        kinds = ", ".join(f"{kind} {n}" for kind, n in row["defects"].items())
+        print(f"{t:<14} {row['train']:>6} {row['good']:>6} {sum(row['defects'].values()):>6} "
+              f"{row['masks']:>6} {row['unlabelled']:>6} {len(row['unreadable']):>7}  {size:<10}  {kinds}")
+    unreadable = [p for row in info.values() for p in row["unreadable"]]
+    if unreadable:
+        warnings.warn(f"{len(unreadable)} files cannot be read as images: {first_few(unreadable)} "
+                      "(train --skip-corrupt leaves them out)", stacklevel=1)
     return EXIT_OK
 
 
@@ -318,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "replaced, and any other non-empty folder refused")
     synth.add_argument("-q", "--quiet", action="store_true", help=QUIET)
     synth.set_defaults(func=cmd_synth)
+    info = data.add_parser("info", help="what diffqc reads in a dataset, per type (before a train)")
+    info.add_argument("data", type=Path, help="dataset folder (MVTec layout, or <type>/good folders) "
+                      "or CSV manifest")
+    info.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    info.set_defaults(func=cmd_data_info)
 
     train = sub.add_parser("train", help="fit and calibrate a model on GOOD images")
     train.add_argument("data", help="dataset folder (MVTec layout, or <type>/good + <type>/<kind> "

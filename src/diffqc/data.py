@@ -11,9 +11,11 @@ import hashlib
 import io
 import os
 import warnings
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PureWindowsPath
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -641,6 +643,30 @@ def good_training(samples: Iterable[Sample]) -> list[Sample]:
                       "are left out of the model: training needs GOOD training images of every type",
                       DatasetWarning, stacklevel=2)
     return good
+
+
+def describe(samples: Sequence[Sample]) -> dict[str, dict[str, Any]]:
+    """Per type, what a dataset holds as diffqc reads it (``diffqc data info``): ``train``, the
+    GOOD images a model fits on (:func:`good_training`); ``good``, the other GOOD images (held
+    out: ``diffqc test`` measures them); ``defects`` per kind; ``masks``, the defects with one;
+    ``unlabelled``; ``sizes``, the image sizes (H, W) from the headers with their counts; and
+    ``unreadable``, the images whose header cannot be read."""
+    training = {id(s) for s in good_training(samples)}
+    out: dict[str, dict[str, Any]] = {}
+    for t in feature_types(samples):
+        mine = [s for s in samples if s.feature_type == t]
+        defects = [s for s in mine if s.label == DEFECTIVE]
+        shapes = [(s, image_shape(s.path)) for s in mine]
+        out[t] = {
+            "train": sum(id(s) in training for s in mine),
+            "good": sum(s.label == GOOD and id(s) not in training for s in mine),
+            "defects": dict(sorted(Counter(str(s.defect or "defect") for s in defects).items())),
+            "masks": sum(s.mask_path is not None for s in defects),
+            "unlabelled": sum(s.label == UNKNOWN for s in mine),
+            "sizes": [[h, w, n] for (h, w), n in sorted(Counter(hw for _, hw in shapes if hw).items())],
+            "unreadable": [str(s.path) for s, hw in shapes if hw is None],
+        }
+    return out
 
 
 def without_copies(samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
