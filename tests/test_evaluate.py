@@ -229,6 +229,8 @@ def test_cli_type_without_defects_and_a_setting(clear_dataset: Path, tmp_path: P
     assert code == 0
     out = capsys.readouterr().out
     assert "padim vs padim20" in out and "report.html" in out and "UNRELIABLE" in out
+    # the terminal says why, as the report's badge does: a type without defects has no AUROC
+    assert "UNRELIABLE (dots): no defective samples: AUROC, recall and all defect-based metrics" in out
     r = tmp_path / "r"
     assert all((r / f"report.{ext}").is_file() for ext in ("html", "md", "json"))
     data = json.loads((r / "report.json").read_text())

@@ -846,6 +846,13 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     for name, r in (report.get("overall") or {}).items():
         add(R.OVERALL, name, r)
     lines = _columns(rows)
+    why: dict[str, list[str]] = {}  # each reason once, with its types (the report's badge says it)
+    for ftype, per in [*report["results"].items(), (R.OVERALL, report.get("overall") or {})]:
+        for r in per.values():
+            if r["unreliable"] and ftype not in why.setdefault(r["reason"], []):
+                why[r["reason"]].append(ftype)
+    if why:
+        lines += ["", *(f"UNRELIABLE ({', '.join(types)}): {reason}" for reason, types in why.items())]
     if report["comparisons"]:
         comp = [("type", "A vs B", "ΔAUROC", "DeLong p", "p Holm", "NB p", "p Holm", "d_z")]
         for c in report["comparisons"]:
