@@ -43,6 +43,21 @@ def test_data_info_says_what_a_train_would_read(clear_dataset: Path, tmp_path: P
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_train_on_a_test_split_says_it_fits_the_held_out_images(clear_dataset: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``train DATA/dots/test`` (a type's test split given by mistake, or for want of train/):
+    the model fits on the GOOD images kept for testing, and `diffqc test` then leaves them out as
+    fit images; said, not done silently. The type's own folder says nothing of the kind."""
+    args = ["-q", "--set", "backbone.input_size=64", "--set", "calibration.fraction=0.35"]
+    assert main(["train", str(clear_dataset / "dots" / "test"), "--out", str(tmp_path / "m"), *args]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out.splitlines()[-1])["training_data"]["fit_images"] == {"dots": 5}
+    assert "none of its GOOD images is marked for training" in out.err, out.err
+    assert "the 8 GOOD images held out for testing" in out.err
+    assert main(["train", str(clear_dataset / "dots"), "--out", str(tmp_path / "m2"), *args]) == 0
+    assert "held out for testing" not in capsys.readouterr().err
+
+
 def test_inspect_json_lines(tiny_model: Path, clear_dataset: Path, tmp_path: Path,
                             capsys: pytest.CaptureFixture[str]) -> None:
     folder = clear_dataset / "dots" / "test" / "blob"

@@ -121,6 +121,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         everything = load_dataset(data)
     check_bundle_target(out, force=args.force)  # refused before the training, not after
     samples = good_training(everything)  # names any type left without GOOD training images
+    if samples and all(s.split == "test" for s in samples):  # a test split given (DATA/<type>/test)
+        warnings.warn(f"{data}: none of its GOOD images is marked for training (train/good, or "
+                      f"split=train in a manifest): the model fits on the {len(samples)} GOOD images "
+                      "held out for testing, and `diffqc test` leaves them out as fit images; for a "
+                      "type's training images give its folder or its train/ folder", stacklevel=1)
     start = time.perf_counter()
     det = Detector(config, device=args.device).fit(samples, progress=not args.quiet,
                                                     skip_corrupt=args.skip_corrupt)
