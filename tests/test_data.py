@@ -51,6 +51,27 @@ def test_single_type_folder(clear_dataset: Path) -> None:
     assert {s.feature_type for s in samples} == {"dots"}
 
 
+@pytest.mark.parametrize("word", ["OK", "normal", "i.O."])
+def test_an_mvtec_type_may_name_its_good_folders_as_labelled_folders_do(
+        clear_dataset: Path, tmp_path: Path, word: str) -> None:
+    """``train/OK`` and ``test/OK`` beside ``test/NOK`` (a line's words, which the labelled layout
+    already takes for GOOD): train/OK was not read ("GOOD images only train"), and test/OK was
+    read as a defect kind named OK, every GOOD test part a defect. Read as train/good, test/good."""
+    dots = Path(shutil.copytree(clear_dataset / "dots", tmp_path / "dots"))
+
+    def read(root: Path) -> list[tuple[str, int, str, str | None, bool]]:
+        return sorted((s.path.name, s.label, s.split, s.defect, s.mask_path is None)
+                      for s in load_dataset(root))
+
+    expected = read(dots)
+    for split in ("train", "test"):
+        (dots / split / "good").rename(dots / split / word)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and nothing said to be left out
+        assert read(tmp_path) == expected
+    assert sum(s.label == GOOD and s.split == "train" for s in load_dataset(dots)) == 24
+
+
 @pytest.mark.parametrize("split", ["test", "train", "Test"])
 def test_a_split_folder_of_a_type_is_read_as_that_types_split(
         clear_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, split: str) -> None:

@@ -323,12 +323,12 @@ def load_mvtec_type(type_root: Path, feature_type: str | None = None) -> list[Sa
     samples: list[Sample] = []
     for train in _named(type_root, "train"):
         _name_what_train_leaves_out(train)
-        for good in _named(train, "good"):
+        for good in _good_folders(train):
             samples += [Sample(p, feature_type, GOOD, split="train", defect="good") for p in _images_in(good)]
     ground_truth = next(iter(_named(type_root, "ground_truth")), type_root / "ground_truth")
     for test in _named(type_root, "test"):
         for kind_dir in _subfolders(test):
-            label = GOOD if kind_dir.name.lower() == "good" else DEFECTIVE
+            label = GOOD if kind_dir.name.lower() in _GOOD_FOLDER_NAMES else DEFECTIVE
             kind = "good" if label == GOOD else kind_dir.name
             for p in _images_in(kind_dir):
                 mask = None if label == GOOD else _find_mask(ground_truth, kind, p,
@@ -345,6 +345,12 @@ def _named(folder: Path, name: str) -> list[Path]:
     return [d for d in _subfolders(folder) if d.name.lower() == name]
 
 
+def _good_folders(split: Path) -> list[Path]:
+    """The GOOD folders of a split: ``good/``, or the other GOOD words a line uses (``OK/``,
+    ``normal/``, ``i.O./``), as the labelled layout reads them."""
+    return [d for d in _subfolders(split) if d.name.lower() in _GOOD_FOLDER_NAMES]
+
+
 def _count_images_directly(folder: Path) -> int:
     """The images in ``folder`` itself, not in its sub-folders."""
     return sum(1 for p in folder.iterdir() if is_image_file(p))
@@ -353,7 +359,8 @@ def _count_images_directly(folder: Path) -> int:
 def _name_what_train_leaves_out(train: Path) -> None:
     """Images under ``train/`` but not in ``train/good`` (``train/defect``, as a classifier's data
     is laid out) are not read: one :class:`DatasetWarning` says so and where they belong."""
-    left = {d.name: len(_images_in(d)) for d in _subfolders(train) if d.name.lower() != "good"}
+    good = set(_good_folders(train))
+    left = {d.name: len(_images_in(d)) for d in _subfolders(train) if d not in good}
     left = {name: n for name, n in left.items() if n}
     loose = _count_images_directly(train)
     if left or loose:
@@ -365,7 +372,7 @@ def _name_what_train_leaves_out(train: Path) -> None:
 
 
 def _is_mvtec_type(folder: Path) -> bool:
-    return any(_named(train, "good") for train in _named(folder, "train")) or bool(_named(folder, "test"))
+    return any(_good_folders(train) for train in _named(folder, "train")) or bool(_named(folder, "test"))
 
 
 # A folder of GOOD images beside folders of defective ones, ``<type>/good/`` + ``<type>/<kind>/``
