@@ -72,6 +72,26 @@ def test_an_mvtec_type_may_name_its_good_folders_as_labelled_folders_do(
     assert sum(s.label == GOOD and s.split == "train" for s in load_dataset(dots)) == 24
 
 
+def test_masks_are_found_in_a_kind_folder_of_any_case_and_a_missing_one_is_named(
+        clear_dataset: Path, tmp_path: Path) -> None:
+    """``ground_truth/Blob`` for ``test/blob`` (made by hand, on Windows) lost every mask of the
+    kind, and a mask saved under another name (``_gt.png``) lost its image's: both without a word,
+    and pixel metrics quietly left the images out. The kind's folder is found in any case, and a
+    type with a ground_truth folder names the defects it found no mask for."""
+    dots = Path(shutil.copytree(clear_dataset / "dots", tmp_path / "dots"))
+    (dots / "ground_truth" / "blob").rename(dots / "ground_truth" / "Blob")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        defects = [s for s in load_dataset(dots) if s.label == DEFECTIVE]
+    assert len(defects) == 8 and all(s.mask_path is not None and s.mask_path.is_file() for s in defects)
+    mask = defects[0].mask_path
+    assert mask is not None
+    mask.rename(mask.with_name(mask.name.replace("_mask", "_gt")))
+    with pytest.warns(DatasetWarning, match=r"1 of 8 defect images have no mask .*blob 1") as caught:
+        assert sum(s.mask_path is None for s in load_dataset(dots) if s.label == DEFECTIVE) == 1
+    assert defects[0].path.name in str(caught[0].message)
+
+
 @pytest.mark.parametrize("split", ["test", "train", "Test"])
 def test_a_split_folder_of_a_type_is_read_as_that_types_split(
         clear_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, split: str) -> None:

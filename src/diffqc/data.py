@@ -308,7 +308,8 @@ def _subfolders(folder: Path) -> list[Path]:
 def _find_mask(ground_truth: Path, defect: str, image: Path, within: Path = Path()) -> Path | None:
     """The image's mask under ``ground_truth/<defect>``: at the image's own sub-path ``within``
     the kind's folder first, then at the top."""
-    for folder in dict.fromkeys((ground_truth / defect / within, ground_truth / defect)):
+    kind = next(iter(_named(ground_truth, defect.lower())), ground_truth / defect)  # Blob/ for blob
+    for folder in dict.fromkeys((kind / within, kind)):
         for candidate in (f"{image.stem}_mask.png", f"{image.stem}.png", f"{image.stem}_mask{image.suffix}"):
             if (folder / candidate).is_file():
                 return folder / candidate
@@ -334,7 +335,21 @@ def load_mvtec_type(type_root: Path, feature_type: str | None = None) -> list[Sa
                 mask = None if label == GOOD else _find_mask(ground_truth, kind, p,
                                                              p.parent.relative_to(kind_dir))
                 samples.append(Sample(p, feature_type, label, mask, defect=kind, split="test"))
+    _name_defects_without_masks(ground_truth, [s for s in samples if s.label == DEFECTIVE])
     return samples
+
+
+def _name_defects_without_masks(ground_truth: Path, defects: list[Sample]) -> None:
+    """A type that has a ground_truth folder but no mask for some defects (a mask saved under
+    another name, in another kind's folder): one :class:`DatasetWarning` names them, as pixel
+    metrics leave them out."""
+    missing = [s for s in defects if s.mask_path is None]
+    if missing and ground_truth.is_dir():
+        kinds = Counter(str(s.defect) for s in missing)
+        warnings.warn(f"{ground_truth}: {len(missing)} of {len(defects)} defect images have no mask "
+                      f"({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))}: "
+                      f"{first_few([s.path.name for s in missing], 3)}); looked for <kind>/<name>_mask.png "
+                      "or <kind>/<name>.png; pixel metrics leave them out", DatasetWarning, stacklevel=4)
 
 
 def _named(folder: Path, name: str) -> list[Path]:
