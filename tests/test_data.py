@@ -92,6 +92,25 @@ def test_masks_are_found_in_a_kind_folder_of_any_case_and_a_missing_one_is_named
     assert defects[0].path.name in str(caught[0].message)
 
 
+def test_netpbm_gif_and_jfif_files_are_images(clear_dataset: Path, tmp_path: Path) -> None:
+    """A camera or a GStreamer/Aravis pipeline that saves ``.ppm`` (``.pgm`` was read), ``.pnm``,
+    ``.pbm``, ``.gif`` or ``.jfif`` files: they were passed over in a folder without a word."""
+    good = tmp_path / "t" / "train" / "good"
+    good.mkdir(parents=True)
+    source = next((clear_dataset / "dots" / "train" / "good").iterdir())
+    with Image.open(source) as img:
+        for suffix in (".ppm", ".pnm", ".pgm", ".gif", ".jfif", ".png"):
+            img.convert("RGB" if suffix == ".ppm" else "L").save(
+                good / f"part{suffix}", format={".pnm": "PPM", ".jfif": "JPEG"}.get(suffix))
+    img1 = good / "part.pbm"
+    Image.open(source).convert("1").save(img1)
+    samples = load_dataset(tmp_path)
+    assert sorted(s.path.suffix for s in samples) == sorted([".ppm", ".pnm", ".pgm", ".gif", ".jfif",
+                                                             ".png", ".pbm"])
+    for s in samples:
+        assert read_image(s.path).shape == (64, 64, 3)
+
+
 @pytest.mark.parametrize("split", ["test", "train", "Test"])
 def test_a_split_folder_of_a_type_is_read_as_that_types_split(
         clear_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, split: str) -> None:

@@ -166,6 +166,27 @@ def test_watch_waits_until_a_file_is_complete(
     assert rec.feature_type == ftype and rec.decision in ("PASS", "REVIEW", "REJECT")
 
 
+def test_watch_names_once_each_kind_of_file_it_passes_over(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A camera set to a format diffqc does not read (``.raw``, ``.bin``) filled the folder and
+    nothing was inspected, with nothing in the log: each such file ending is named once."""
+    import logging
+
+    folder, pipe, store = rig
+    for name in ("a.raw", "b.raw", "c.RAW", "log.txt"):
+        (folder / name).write_bytes(samples.all[0][0])
+    (folder / "part.png.tmp").write_bytes(samples.all[0][0])  # being written: not passed over
+    w = _watcher(folder, pipe, store)
+    with caplog.at_level(logging.INFO, logger="diffqc.watch"):
+        assert w.step().inspected == 0
+        (folder / "d.raw").write_bytes(samples.all[0][0])
+        assert w.step().inspected == 0
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 2 and ".raw" in said[0] and ".txt" in said[1] and ".png" in said[0], said
+    assert "3 files" in said[0] and "a.raw" in said[0]
+
+
 def test_watch_says_once_that_its_folder_is_gone_and_goes_on_when_it_returns(
     rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -22,7 +22,8 @@ from PIL import Image, UnidentifiedImageError
 
 from diffqc.errors import DatasetError, ImageReadError, UnreadableImagesError, first_few, type_key
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".tif", ".tiff", ".webp", ".gif",
+                            ".pgm", ".ppm", ".pnm", ".pbm"})
 GOOD = 0
 DEFECTIVE = 1
 UNKNOWN = -1

@@ -36,7 +36,14 @@ from types import SimpleNamespace
 from typing import Any
 
 from diffqc.data import IMAGE_SUFFIXES, decode_image, type_of_folders
-from diffqc.errors import ImageReadError, OutputError, StoreError, UnknownFeatureTypeError, did_you_mean
+from diffqc.errors import (
+    ImageReadError,
+    OutputError,
+    StoreError,
+    UnknownFeatureTypeError,
+    did_you_mean,
+    first_few,
+)
 from diffqc.output import path_text
 from diffqc.service.buffer import BufferClosed, BufferFull, InspectionPipeline, Job
 from diffqc.service.line import LineServices
@@ -162,6 +169,7 @@ class FolderWatcher:
         check_feature_type(settings.feature_type, pipeline.detector.classes_)
         self._seen: dict[Path, _Seen] = {}
         self._kept: set[tuple[str, int, int]] = set()  # after="keep": (path, size, mtime) done
+        self._passed_over: set[str] = set()  # the file endings named in the log (once each)
         self.problem: str | None = None  # why nothing is taken now (serve's /readyz)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -173,6 +181,7 @@ class FolderWatcher:
         not in processed/, failed/, hidden folders or the folders of the heat maps and kept images
         the pipeline writes; a folder reached twice (a link) is read once."""
         out: list[Path] = []
+        other: dict[str, list[str]] = {}  # files of an ending diffqc does not read, by ending
         skip = {self.processed, self.failed, *self._own}
         seen: set[Path] = set()
         stack = [self.root]
@@ -196,8 +205,21 @@ class FolderWatcher:
                     subfolders.append(entry)
                 elif entry.is_file() and self._is_image_name(entry):
                     out.append(entry)
+                elif entry.is_file() and not entry.name.lower().endswith(_TEMP_SUFFIXES):
+                    other.setdefault(entry.suffix.lower() or "(none)", []).append(entry.name)
             stack.extend(reversed(subfolders))
+        self._name_passed_over(other)
         return out
+
+    def _name_passed_over(self, other: dict[str, list[str]]) -> None:
+        """A camera set to a format diffqc does not read (``.raw``) fills the folder and nothing is
+        inspected: each file ending passed over is named once, with the endings that are read."""
+        for suffix, names in sorted(other.items()):
+            if suffix not in self._passed_over:
+                self._passed_over.add(suffix)
+                log.warning("%s: passing over %d files ending %s (%s): not an image file diffqc "
+                            "reads (%s)", self.root, len(names), suffix, first_few(names, 3),
+                            ", ".join(sorted(IMAGE_SUFFIXES)))
 
     @staticmethod
     def _is_image_name(p: Path) -> bool:
