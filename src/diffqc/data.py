@@ -306,11 +306,10 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not is_hidden(d))
 
 
-def _find_mask(ground_truth: Path, defect: str, image: Path, within: Path = Path()) -> Path | None:
-    """The image's mask under ``ground_truth/<defect>``: at the image's own sub-path ``within``
-    the kind's folder first, then at the top."""
-    kind = next(iter(_named(ground_truth, defect.lower())), ground_truth / defect)  # Blob/ for blob
-    for folder in dict.fromkeys((kind / within, kind)):
+def _find_mask(masks: Path, image: Path, within: Path = Path()) -> Path | None:
+    """The image's mask in its kind's folder of masks ``ground_truth/<defect>``: at the image's
+    own sub-path ``within`` the kind's folder first, then at the top."""
+    for folder in dict.fromkeys((masks / within, masks)):
         for candidate in (f"{image.stem}_mask.png", f"{image.stem}.png", f"{image.stem}_mask{image.suffix}"):
             if (folder / candidate).is_file():
                 return folder / candidate
@@ -332,9 +331,9 @@ def load_mvtec_type(type_root: Path, feature_type: str | None = None) -> list[Sa
         for kind_dir in _subfolders(test):
             label = GOOD if kind_dir.name.lower() in _GOOD_FOLDER_NAMES else DEFECTIVE
             kind = "good" if label == GOOD else kind_dir.name
+            masks = next(iter(_named(ground_truth, kind.lower())), ground_truth / kind)  # Blob/: blob
             for p in _images_in(kind_dir):
-                mask = None if label == GOOD else _find_mask(ground_truth, kind, p,
-                                                             p.parent.relative_to(kind_dir))
+                mask = None if label == GOOD else _find_mask(masks, p, p.parent.relative_to(kind_dir))
                 samples.append(Sample(p, feature_type, label, mask, defect=kind, split="test"))
     _name_defects_without_masks(ground_truth, [s for s in samples if s.label == DEFECTIVE])
     return samples
