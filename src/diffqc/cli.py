@@ -79,8 +79,9 @@ def cmd_data_info(args: argparse.Namespace) -> int:
               f"{row['masks']:>6} {row['unlabelled']:>6} {len(row['unreadable']):>7}  {size:<10}  {kinds}")
     unreadable = [p for row in info.values() for p in row["unreadable"]]
     if unreadable:
-        warnings.warn(f"{len(unreadable)} files cannot be read as images: {first_few(unreadable)} "
-                      "(train --skip-corrupt leaves them out)", stacklevel=1)
+        warnings.warn(f"{len(unreadable)} files cannot be read as images (missing, not an image or "
+                      f"damaged): {first_few(unreadable)}; train --skip-corrupt leaves them out",
+                      stacklevel=1)
     return EXIT_OK
 
 
