@@ -111,6 +111,17 @@ def test_netpbm_gif_and_jfif_files_are_images(clear_dataset: Path, tmp_path: Pat
         assert read_image(s.path).shape == (64, 64, 3)
 
 
+def test_a_root_whose_types_are_one_level_down_says_where_they_are(clear_dataset: Path,
+                                                                   tmp_path: Path) -> None:
+    """``data/lineA/<type>/train/good``, ``data/lineB/<type>/...`` given as ``data``: the error
+    said the layout expected, not that the types are there one level down."""
+    for line, t in (("lineA", "dots"), ("lineB", "stripes")):
+        shutil.copytree(clear_dataset / t, tmp_path / line / t)
+    with pytest.raises(DatasetError, match=r"one level down: lineA/ \(dots\), lineB/ \(stripes\); give "
+                       r"one of those folders"):
+        load_dataset(tmp_path)
+
+
 @pytest.mark.parametrize("split", ["test", "train", "Test"])
 def test_a_split_folder_of_a_type_is_read_as_that_types_split(
         clear_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, split: str) -> None:

@@ -514,6 +514,12 @@ def _loose_images_hint(root: Path) -> str:
         d, k = loose[0]
         more = f" (and {len(loose) - 1} more folder{'s' * (len(loose) > 2)} alike)" if len(loose) > 1 else ""
         return f"; {d} holds {k} image{'s' * (k > 1)} directly{more}: put GOOD ones under {d}/train/good/"
+    deeper = [(d, types) for d in _subfolders(root)
+              if (types := [t.name for t in _subfolders(d) if _type_loader(t)])]
+    if deeper:  # data/lineA/<type>/..., data/lineB/<type>/...
+        where = ", ".join(f"{d.name}/ ({', '.join(types)})" for d, types in deeper)
+        return (f"; the types are one level down: {where}; give one of those folders, or list them "
+                "all in a CSV manifest")
     return ""
 
 
