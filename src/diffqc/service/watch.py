@@ -203,10 +203,13 @@ class FolderWatcher:
                     continue
                 if entry.is_dir():
                     subfolders.append(entry)
-                elif entry.is_file() and self._is_image_name(entry):
+                elif not entry.is_file():
+                    continue
+                elif self._is_image_name(entry):
                     out.append(entry)
-                elif entry.is_file() and not entry.name.lower().endswith(_TEMP_SUFFIXES):
-                    other.setdefault(entry.suffix.lower() or "(none)", []).append(entry.name)
+                elif (ending := entry.suffix.lower() or "(none)") not in self._passed_over and not (
+                        entry.name.lower().endswith(_TEMP_SUFFIXES)):  # named once: not collected again
+                    other.setdefault(ending, []).append(entry.name)
             stack.extend(reversed(subfolders))
         self._name_passed_over(other)
         return out
@@ -214,12 +217,11 @@ class FolderWatcher:
     def _name_passed_over(self, other: dict[str, list[str]]) -> None:
         """A camera set to a format diffqc does not read (``.raw``) fills the folder and nothing is
         inspected: each file ending passed over is named once, with the endings that are read."""
-        for suffix, names in sorted(other.items()):
-            if suffix not in self._passed_over:
-                self._passed_over.add(suffix)
-                log.warning("%s: passing over %d files ending %s (%s): not an image file diffqc "
-                            "reads (%s)", self.root, len(names), suffix, first_few(names, 3),
-                            ", ".join(sorted(IMAGE_SUFFIXES)))
+        for suffix, names in sorted(other.items()):  # endings not named before (_candidates)
+            self._passed_over.add(suffix)
+            log.warning("%s: passing over %d files ending %s (%s): not an image file diffqc reads "
+                        "(%s)", self.root, len(names), suffix, first_few(names, 3),
+                        ", ".join(sorted(IMAGE_SUFFIXES)))
 
     @staticmethod
     def _is_image_name(p: Path) -> bool:
