@@ -144,6 +144,43 @@ def test_a_split_folder_of_a_type_is_read_as_that_types_split(
             (str(s.path.relative_to(dots)), "dots") for s in expected]
 
 
+@pytest.mark.parametrize("folder", ["train/good", "test/good", "test/blob", "Test/Good"])
+def test_a_folder_of_one_kind_in_a_types_split_is_read_as_those_images_of_the_type(
+        clear_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, folder: str) -> None:
+    """`train DATA/bottle/train/good` (the first folder of GOOD images one points at),
+    `calibrate MODEL DATA/bottle/test/good`, `test MODEL DATA/bottle/test/crack`: refused with
+    "no images found", and told to put the images under ``good/<type>/train/good/``. Such a
+    folder is read as those images of its type and split (masks and all)."""
+    dots = Path(shutil.copytree(clear_dataset / "dots", tmp_path / "dots"))
+    split, kind = folder.lower().split("/")
+    expected = [s for s in load_dataset(dots) if s.split == split and (s.defect or "good") == kind]
+    if folder != folder.lower():  # made on Windows
+        (dots / "test").rename(dots / "Test")
+        (dots / "Test" / "good").rename(dots / "Test" / "Good")
+    samples = load_dataset(dots / folder)
+    assert expected and [(s.path.name, s.feature_type, s.label, s.split, s.defect, s.mask_path)
+                         for s in samples] == [
+        (s.path.name, s.feature_type, s.label, s.split, s.defect, s.mask_path) for s in expected]
+    monkeypatch.chdir(dots / folder.split("/")[0])  # given from inside the split: still the type
+    assert [(s.path.name, s.feature_type) for s in load_dataset(folder.split("/")[1])] == [
+        (s.path.name, "dots") for s in expected]
+    assert all((Path.cwd() / s.path).is_file() for s in load_dataset(folder.split("/")[1]))
+
+
+@pytest.mark.parametrize("kind", ["good", "blob"])
+def test_a_folder_of_one_kind_of_a_labelled_type_is_read_as_those_images_of_the_type(
+        clear_dataset: Path, tmp_path: Path, kind: str) -> None:
+    """``edge/good`` of a labelled type (``edge/good``, ``edge/blob``) given alone: those images of
+    the type, not "no images found"."""
+    labelled = tmp_path / "edge"
+    for k in ("good", "blob"):
+        shutil.copytree(clear_dataset / "dots" / "test" / k, labelled / k)
+    expected = [s for s in load_dataset(labelled) if s.defect == kind]
+    samples = load_dataset(labelled / kind)
+    assert expected and [(s.path, s.feature_type, s.label, s.split, s.defect) for s in samples] == [
+        (s.path, s.feature_type, s.label, s.split, s.defect) for s in expected]
+
+
 @pytest.mark.parametrize("name", ["test", "train"])
 def test_a_dataset_root_named_test_is_still_a_root_of_types(clear_dataset: Path, tmp_path: Path,
                                                             name: str) -> None:

@@ -461,7 +461,8 @@ def load_mvtec(root: Path | str) -> list[Sample]:
     folder). A type folder is laid out as MVTec AD (``train/good``, ``test/<kind>``,
     ``ground_truth``: :func:`load_mvtec_type`) or as labelled folders (``good/``,
     ``<kind>/``: :func:`load_labelled_type`). The ``train`` or ``test`` folder of an MVTec type
-    is that split of the type."""
+    is that split of the type; one kind's folder (``train/good``, ``test/crack``, a labelled
+    type's ``good/``) is those images of the type (:func:`_one_kind_of_a_type`)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
@@ -475,7 +476,12 @@ def load_mvtec(root: Path | str) -> list[Sample]:
     else:
         typed = [(sub, load) for sub in _subfolders(root) if (load := _type_loader(sub))]
         _refuse_good_beside_types(root, [sub.name for sub, _ in typed])
-        samples = loader(root) if loader else [s for sub, load in typed for s in load(sub)]
+        if loader:
+            samples = loader(root)
+        elif typed:
+            samples = [s for sub, load in typed for s in load(sub)]
+        else:  # neither a type nor a root of them: one kind's folder of a type?
+            samples = _one_kind_of_a_type(root)
     if not samples:
         raise DatasetError(
             f"no images found under {root}: expected <type>/train/good and <type>/test/<kind> "
@@ -483,6 +489,25 @@ def load_mvtec(root: Path | str) -> list[Sample]:
             f"or a CSV manifest{_loose_images_hint(root)}"
         )
     return samples
+
+
+def _one_kind_of_a_type(folder: Path) -> list[Sample]:
+    """The samples of ``folder`` when it holds one kind of a type's images, given alone: a split's
+    ``<type>/train/good``, ``<type>/test/<kind>`` (MVTec layout: `train DATA/bottle/train/good`,
+    the first folder of GOOD images one points at) or a labelled type's ``<type>/<kind>``; the
+    type is named after its folder, as when the type's folder is given. Empty otherwise."""
+    if folder.name in ("", ".."):  # `.` or `..`: the folder's own name is needed
+        folder = Path(os.path.abspath(folder))
+    names = Path(os.path.abspath(folder)).parts  # the real names, of `good` given inside `test/`
+    parent = folder.parent
+    grand = parent.parent if len(folder.parts) > 1 else Path("..")  # `good` inside `test/`
+    if len(names) > 3 and names[-2].lower() in SPLITS and _is_mvtec_type(grand):
+        return [s for s in load_mvtec_type(grand, names[-3])
+                if s.path.relative_to(grand).parts[:2] == names[-2:]]
+    if len(names) > 2 and folder.name.lower() not in MASK_FOLDER_NAMES and _is_labelled_type(parent):
+        return [s for s in load_labelled_type(parent, names[-2])
+                if s.path.relative_to(parent).parts[0] == names[-1]]
+    return []
 
 
 def _refuse_good_beside_types(root: Path, types: Sequence[str]) -> None:
