@@ -231,7 +231,8 @@ ROWS: dict[str, Row | object] = {
         setup=_every_dots_training_image_broken, absent=lambda c: c.tmp / "m"),
     "train_on_a_flat_folder_of_images": Row(
         lambda c: ["train", str(c.tmp / "flat"), "--out", str(c.tmp / "m")],
-        ("holds 2 images directly: put GOOD ones under", "/<type>/train/good/"),
+        ("holds 2 images directly: for one type, put GOOD ones in", "flat/good/ (a type named flat) and "
+         "defective ones in", "for several, one folder per type", "/<type>/good/"),
         setup=lambda c: [_png(c.tmp / "flat" / f"{i}.png") for i in range(2)]),
     "train_on_type_folders_without_train_good": Row(
         lambda c: ["train", str(c.tmp / "types"), "--out", str(c.tmp / "m")],

@@ -527,9 +527,10 @@ def _refuse_good_beside_types(root: Path, types: Sequence[str]) -> None:
 def _loose_images_hint(root: Path) -> str:
     """Where images lie outside the layout (directly in ``root``, or in ``root/<type>``), where
     they belong: a folder of GOOD images is the commonest first try."""
-    if n := _count_images_directly(root):
-        return (f"; {root} holds {n} image{'s' * (n > 1)} directly: put GOOD ones under "
-                f"{root}/<type>/train/good/ (one folder per feature type)")
+    if n := _count_images_directly(root):  # the simplest layout first: the folder is one type
+        return (f"; {root} holds {n} image{'s' * (n > 1)} directly: for one type, put GOOD ones in "
+                f"{root}/good/ (a type named {Path(os.path.abspath(root)).name}) and defective ones "
+                f"in {root}/<kind>/; for several, one folder per type: {root}/<type>/good/")
     loose = [(d, k) for d in _subfolders(root) if (k := _count_images_directly(d))]
     labelled = [d for d, _ in loose if _LABEL_WORDS.get(d.name.lower()) == DEFECTIVE]
     if labelled:  # bad/ or NOK/ without good/ beside it
