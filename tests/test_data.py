@@ -399,6 +399,20 @@ def test_manifest_label_words_of_a_line(tmp_path: Path, words: str, labels: list
     assert [x.label for x in load_manifest(tmp_path / "m.csv")] == labels
 
 
+def test_manifest_labels_as_pandas_writes_an_integer_column_with_a_gap(tmp_path: Path) -> None:
+    """pandas writes a label column of 0/1 with an empty (NaN) cell in it as floats, ``0.0``,
+    ``1.0``: refused as "unknown label '0.0'". They are 0 and 1; a grade (``0.33``, as ELPV's
+    defect probabilities) stays refused, and the error says a label must be chosen from it."""
+    (tmp_path / "m.csv").write_text("path,feature_type,label\na.png,dots,0.0\nb.png,dots,1.0\n"
+                                    "c.png,dots,\nd.png,dots,-1.0\n")
+    assert [x.label for x in load_manifest(tmp_path / "m.csv")] == [GOOD, DEFECTIVE, -1, -1]
+    (tmp_path / "m.csv").write_text("path,feature_type,label\na.png,dots,0.3333\n")
+    with pytest.raises(DatasetError, match=r"m.csv:2: unknown label '0.3333' \(use good/defect, OK/NOK "
+                       r"or 0/1; empty: unlabelled\): a grade or a probability is no label: decide "
+                       r"which grades are defects"):
+        load_manifest(tmp_path / "m.csv")
+
+
 def test_manifest_written_on_windows(tmp_path: Path, clear_dataset: Path) -> None:
     """Paths with ``\\`` (a manifest made on Windows, used in the Linux container) are read with it
     as the separator, masks too; a file whose own name holds a ``\\`` is still taken as named; a

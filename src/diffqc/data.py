@@ -614,10 +614,7 @@ def load_manifest(path: Path | str) -> list[Sample]:
         row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
         if not any(row.values()):  # ",,," as a spreadsheet saves rows it once had
             continue
-        word = row["label"].lower()
-        if word not in _LABEL_WORDS:
-            raise DatasetError(f"{path}:{lineno}: unknown label {row['label']!r} (use good/defect, OK/NOK)")
-        label = _LABEL_WORDS[word]
+        label = _manifest_label(row["label"], f"{path}:{lineno}")
         if not row["feature_type"]:
             raise DatasetError(f"{path}:{lineno}: empty feature_type")
         img = _listed_path(base, row["path"], f"{path}:{lineno}")
@@ -635,6 +632,24 @@ def load_manifest(path: Path | str) -> list[Sample]:
         raise DatasetError(f"manifest {path} has no rows")
     _name_types_alike(path, feature_types(samples))
     return samples
+
+
+def _manifest_label(text: str, where: str) -> int:
+    """A manifest's label: a word of :data:`_LABEL_WORDS`, or a number equal to one of its digits
+    (``1.0``: pandas writes a 0/1 column with an empty cell in it as floats)."""
+    word = text.lower()
+    try:
+        number = float(word)
+    except ValueError:
+        number = None
+    if number is not None and number.is_integer():
+        word = str(int(number))
+    if word in _LABEL_WORDS:
+        return _LABEL_WORDS[word]
+    grade = (": a grade or a probability is no label: decide which grades are defects"
+             if number is not None else "")
+    raise DatasetError(f"{where}: unknown label {text!r} (use good/defect, OK/NOK or 0/1; "
+                       f"empty: unlabelled){grade}")
 
 
 def _name_types_alike(manifest: Path, types: Sequence[str]) -> None:
