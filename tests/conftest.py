@@ -6,7 +6,9 @@ import contextlib
 import importlib.util
 import os
 import resource
+import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +40,24 @@ def full_disk(limit: int) -> Iterator[None]:
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, handler)
+
+
+def run_with_mount(source: Path, target: Path, argv: list[str], *,
+                   read_only: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` where ``target`` is a bind mount of ``source`` (read-only with ``read_only``),
+    as a volume mounted into a container is: in a mount namespace of the command's own
+    (util-linux ``unshare``; a user namespace where the test runs unprivileged), so the mount is
+    real and gone when the command ends. Skips where the system allows no mount namespace."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux's unshare (a mount namespace)")
+    remount = 'mount -o remount,bind,ro "$2" && ' if read_only else ""
+    script = f'mount --bind "$1" "$2" && {remount}shift 2 && exec "$@"'
+    flags = "-m" if os.geteuid() == 0 else "-rm"
+    probe = subprocess.run(["unshare", flags, "true"], capture_output=True, text=True)
+    if probe.returncode:
+        pytest.skip(f"no mount namespace here: {probe.stderr.strip()}")
+    return subprocess.run(["unshare", flags, "sh", "-c", script, "sh", str(source), str(target), *argv],
+                          capture_output=True, text=True, timeout=300)
 
 
 def png_header_only(width: int, height: int) -> bytes:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,12 @@ import torch
 
 from diffqc.data import DEFECTIVE, load_dataset, read_image
 from diffqc.errors import BundleError, DatasetError, OutputError, UnknownFeatureTypeError
+from diffqc.inspection import BUNDLE_FILES
 from diffqc.metrics import image_auroc
 from diffqc.model import Detector, split_calibration
+from diffqc.output import PARTIAL_PREFIX
 
-from .conftest import CLEAR_TYPES, full_disk, tiny_config
+from .conftest import CLEAR_TYPES, full_disk, run_with_mount, tiny_config
 
 
 def _test_samples(root: Path) -> list:
@@ -245,6 +248,46 @@ def test_full_disk_on_save_is_an_output_error_and_keeps_the_previous_bundle(
     assert _tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no partial bundle, no temp folder
     Detector.load(out, device="cpu")
+
+
+def test_save_into_a_bundle_folder_that_is_a_mount_point(tiny_model: Path, tmp_path: Path) -> None:
+    """A volume mounted at the bundle's folder (``-v ./models/edge:/models/edge``, a Kubernetes
+    volume): retraining into it failed with "Invalid cross-device link" (the new files were
+    written beside the folder, in its parent, and a rename cannot leave a mount). They are
+    written inside it now; the previous bundle's other files stay. On a read-only volume the
+    error says so, not the name of a temporary folder."""
+    volume, mounted = tmp_path / "volume", tmp_path / "models" / "edge"
+    shutil.copytree(tiny_model, volume)
+    (volume / "README.txt").write_text("the operator's note")
+    (volume / "weights.safetensors").write_bytes(b"an earlier bundle's")
+    mounted.mkdir(parents=True)
+    save = f"from diffqc.model import Detector; Detector.load({str(tiny_model)!r}).save({str(mounted)!r})"
+    proc = run_with_mount(volume, mounted, [sys.executable, "-c", save])
+    assert proc.returncode == 0, proc.stderr
+    assert (volume / "weights.safetensors").read_bytes() == (tiny_model / "weights.safetensors").read_bytes()
+    assert sorted(p.name for p in volume.iterdir()) == sorted(["README.txt", *BUNDLE_FILES])
+    assert not any(mounted.iterdir())  # the mount is gone with the command
+    Detector.load(volume, device="cpu")
+    before = _tree(volume)
+    proc = run_with_mount(volume, mounted, [sys.executable, "-c", save], read_only=True)
+    assert proc.returncode == 1
+    assert f"OutputError: cannot write the model bundle {mounted}: Read-only file system" in proc.stderr
+    assert ".partial" not in proc.stderr and _tree(volume) == before
+
+
+
+def test_a_save_killed_in_an_empty_folder_leaves_it_usable(tiny_model: Path, tmp_path: Path) -> None:
+    """A bundle is written inside an existing folder first (a mount point's moves cannot leave
+    it): a run killed there leaves its hidden partial folder, and the folder, empty to `ls`, was
+    then refused as "not empty and not a diffqc model bundle". It still counts as empty; the
+    leftover is not deleted (another run may be writing it)."""
+    out = tmp_path / "edge"
+    leftover = out / f"{PARTIAL_PREFIX}abc123"
+    leftover.mkdir(parents=True)
+    (leftover / "weights.safetensors").write_bytes(b"half")
+    Detector.load(tiny_model, device="cpu").save(out)
+    Detector.load(out, device="cpu")
+    assert (leftover / "weights.safetensors").read_bytes() == b"half"
 
 
 def test_unwritable_destination_is_an_output_error(tiny_model: Path, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import csv
 import json
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 
 from diffqc.cli import main
 from diffqc.inspection import sha256_file
-from tests.conftest import full_disk, png_header_only, write_clear_dataset
+from tests.conftest import full_disk, png_header_only, run_with_mount, write_clear_dataset
 from tests.test_service_common import (  # noqa: F401 (fixtures)
     AUTH,
     detector,
@@ -485,3 +486,26 @@ async def test_the_service_picks_up_a_new_calibration_without_a_restart(
     assert second["p_value"] == pytest.approx(new.p_value(ftype, second["score"]))
     assert second["p_value"] != first["p_value"]
     assert line["calibration"]["reloads"] == 1 and "diffqc_calibration_reloads_total 1" in metrics
+
+
+def test_calibrate_a_bundle_on_a_read_only_volume_names_the_bundle_file(tiny_model: Path,
+                                                                        tmp_path: Path) -> None:
+    """A bundle on a read-only volume (a container's ``:ro`` mount): `calibrate` said
+    "<bundle>/.calibration.prev.json.<pid>.tmp: Read-only file system", a file the user never
+    made (removing the temporary file it could not write failed too, and that error won). It
+    names the bundle's file now, changes nothing, and the bundle is read as before."""
+    volume, mounted = _copy(tiny_model, tmp_path), tmp_path / "mounted"
+    mounted.mkdir()
+    before = {p.name: p.read_bytes() for p in volume.iterdir()}
+    cli = [sys.executable, "-m", "diffqc.cli"]
+    proc = run_with_mount(volume, mounted, [*cli, "calibrate", str(mounted), "--alpha-review", "0.02"],
+                          read_only=True)
+    assert proc.returncode == 1
+    assert f"diffqc: error: cannot write {mounted}/calibration" in proc.stderr
+    assert "Read-only file system" in proc.stderr and ".tmp" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in volume.iterdir()} == before
+    image = next((write_clear_dataset(tmp_path / "data") / "dots" / "test" / "good").iterdir())
+    proc = run_with_mount(volume, mounted, [*cli, "inspect", str(mounted), str(image),
+                                            "--feature-type", "dots"], read_only=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["decision"] in ("PASS", "REVIEW", "REJECT")

@@ -65,7 +65,7 @@ from diffqc.inspection import (
     sha256_file,
     verdicts,
 )
-from diffqc.output import check_output_folder, path_text
+from diffqc.output import PARTIAL_PREFIX, check_output_folder, path_text
 from diffqc.scoring import DiffusionScorer, aggregate, upsample_and_smooth
 
 
@@ -604,7 +604,8 @@ class Detector:
     def save(self, path: Path | str, *, force: bool = False) -> Path:
         """Write the bundle: a new folder appears whole (written beside it, then renamed); into an
         existing folder (an earlier bundle, an empty folder or, with ``force``, any folder) the
-        bundle's own files are written beside it first and then moved in, ``metadata.json`` last.
+        bundle's own files are written in a hidden folder inside it first and then moved in,
+        ``metadata.json`` last.
         Nothing this method did not write is ever deleted. A write that fails (full disk,
         unwritable folder) raises :class:`OutputError` naming the path, leaves no partial files
         and any previous bundle as it was."""
@@ -612,9 +613,12 @@ class Detector:
         path = check_bundle_target(path, force=force)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+            # into an existing folder: written inside it, where the moves cannot cross a mount
+            # (a volume mounted at the bundle's folder: a rename out of its parent is refused)
+            tmp = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX if path.is_dir() else f".{path.name}.partial-",
+                                        dir=path if path.is_dir() else path.parent))
         except OSError as exc:
-            raise OutputError(f"cannot write the model bundle {path}: {exc}") from None
+            raise OutputError(f"cannot write the model bundle {path}: {exc.strerror or exc}") from None
         try:
             self._write_bundle(tmp, scorer, calibration)
             if path.is_dir():
@@ -624,7 +628,8 @@ class Detector:
             else:
                 os.replace(tmp, path)
         except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
-            raise OutputError(f"cannot write the model bundle {path}: {exc}") from None
+            why = getattr(exc, "strerror", None) or exc  # the OS's words, not our temporary file's name
+            raise OutputError(f"cannot write the model bundle {path}: {why}") from None
         finally:
             if tmp.exists():  # our own temporary folder, never the destination
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -16,11 +16,15 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from diffqc.errors import OutputError
+
+# the hidden folder a bundle is written in inside an existing folder before its files are moved
+# in (a run killed there leaves it: the folder still counts as empty, and nothing deletes it)
+PARTIAL_PREFIX = ".diffqc-partial-"
 
 
 def check_output_folder(path: Path | str, *, what: str, names: Sequence[str],
@@ -31,7 +35,8 @@ def check_output_folder(path: Path | str, *, what: str, names: Sequence[str],
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"cannot write the {what} to {path}: it exists and is not a folder")
-    if not path.is_dir() or is_ours(path) or not any(path.iterdir()):
+    if not path.is_dir() or is_ours(path) or not any(not p.name.startswith(PARTIAL_PREFIX)
+                                                     for p in path.iterdir()):
         return path
     if not force:
         raise OutputError(f"{path} is not empty and {foreign}; choose a new or empty folder, or "
@@ -93,7 +98,8 @@ def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # a read-only folder refuses even this (EROFS)
+            tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and not isinstance(exc, OutputError):
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
