@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from diffqc.cli import main
+from tests.conftest import run_with_mount
 
 
 @dataclass
@@ -379,3 +380,26 @@ def test_a_real_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setattr(cli, "cmd_synth", broken)
     with pytest.raises(ZeroDivisionError):
         main(["data", "synth", str(tmp_path / "s")])
+
+
+@pytest.mark.parametrize("given", ["--db", "default"])
+def test_a_result_store_in_a_read_only_folder_names_the_folder(tiny_model: Path, tmp_path: Path,
+                                                               given: str) -> None:
+    """`serve` or `watch` started in a read-only folder (a container's read-only root, its
+    working directory ``/app``) or given `--db` there said "cannot open SQLite store
+    diffqc-results.db: unable to open database file": neither where nor why. The error names
+    the store's full path and that its folder is not writable, and what to give instead."""
+    volume, mounted = tmp_path / "volume", tmp_path / "app"
+    volume.mkdir()
+    mounted.mkdir()
+    _png(tmp_path / "cam" / "0.png")
+    db = [] if given == "default" else ["--db", str(mounted / "results.db")]
+    watch = [sys.executable, "-m", "diffqc.cli", "watch", str(tmp_path / "cam"), str(tiny_model), "--once",
+             *db]
+    proc = run_with_mount(volume, mounted, ["sh", "-c", f'cd "{mounted}" && exec "$@"', "sh", *watch],
+                          read_only=True)
+    name = "results.db" if db else "diffqc-results.db"
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert (f"diffqc: error: cannot open SQLite store {mounted / name}: its folder {mounted} is not "
+            "writable (Read-only file system): give --db a file in a writable folder") in proc.stderr
+    assert not any(volume.iterdir()) and (tmp_path / "cam" / "0.png").is_file()

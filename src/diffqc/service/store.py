@@ -203,6 +203,21 @@ def _db_errors() -> tuple[type[BaseException], ...]:
     return (sqlite3.Error, psycopg.Error)
 
 
+def _unwritable_folder(path: Path) -> str | None:
+    """Why SQLite cannot write beside ``path`` (the store and its ``-wal`` file live in one
+    folder), where its folder is the cause: a read-only file system (a container's read-only
+    root) or permissions; None otherwise."""
+    folder = path.absolute().parent
+    if os.access(folder, os.W_OK):
+        return None
+    try:
+        why = "Read-only file system" if os.statvfs(folder).f_flag & os.ST_RDONLY else "permission denied"
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    return (f"its folder {folder} is not writable ({why}): give --db a file in a writable folder "
+            "(or set $DIFFQC_DB)")
+
+
 class ResultStore:
     """Result rows in SQLite (default) or PostgreSQL, same SQL for both.
 
@@ -268,7 +283,8 @@ class ResultStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from None
+            raise StoreError(f"cannot open SQLite store {Path(self.path).absolute()}: "
+                             f"{_unwritable_folder(Path(self.path)) or exc}") from None
         return conn
 
     def _identity(self) -> Any:
