@@ -1,7 +1,11 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -521,3 +525,36 @@ def test_inspect_names_a_type_the_bundle_can_flag_no_part_of(tmp_path: Path,
     assert {json.loads(line)["decision"] for line in out.splitlines()} == {"PASS"}  # clear defects
     assert f"model bundle {bundle}: no part of dots (1 GOOD calibration image) can be flagged" in err
     assert "stripes" not in err
+
+
+def test_ctrl_c_during_train_ends_with_interrupted_on_its_own_line(tmp_path: Path) -> None:
+    """Ctrl-C while `train` read its images printed "diffqc: interrupted" in the middle of the
+    progress bar's line, and the bar again after it (closed as the process ended): the last
+    thing on the terminal was a half-done bar. The bar ends first now, and nothing follows the
+    message. The interrupt comes once the bar counts a batch, with most of the images left."""
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        folder = tmp_path / "data" / "dots" / "train" / "good"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(folder / f"{i}.png")
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "diffqc.cli", "train", str(tmp_path / "data"),
+                                 "--out", str(tmp_path / "model")], stdout=subprocess.DEVNULL, stderr=stderr,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    counted = re.compile(r"features: +\d+%\|[^|]*\| ([1-9]\d)/300")
+    while not counted.search(log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.02)  # a batch in the backbone (the bar waits for it), with most images left
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, log.read_text()
+    shown = log.read_text().replace("\r", "\n")
+    lines = [line for line in shown.splitlines() if line.strip()]
+    assert "/300" in shown and "300/300" not in shown  # interrupted while the bar was open
+    assert lines[-1] == "diffqc: interrupted", lines[-3:]
+    assert not (tmp_path / "model").exists()

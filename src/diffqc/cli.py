@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import gc
 import io
 import os
 import select
@@ -492,8 +493,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return EXIT_ERROR
         except KeyboardInterrupt:
-            print("diffqc: interrupted", file=sys.stderr)
-            return 130
+            pass
+    # out of the handler, the interrupted job's frames are gone: its progress bars close (and end
+    # their lines) now, not after the message as the process ends
+    gc.collect()
+    print("diffqc: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":
