@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from diffqc.errors import ConfigError
-from diffqc.service.retention import RetentionPolicy, RetentionWorker, apply_retention
+from diffqc.service.retention import ARTIFACT_ROWS, RetentionPolicy, RetentionWorker, apply_retention
 from diffqc.service.store import ArtifactStore, ResultRecord, ResultStore
 from tests.test_service_common import (  # noqa: F401 (fixtures)
     AUTH,
@@ -86,6 +86,17 @@ def test_a_file_already_gone_is_noted_and_nothing_else_breaks(stores) -> None:  
     assert out["expired"] == 2
     got = store.get(rec.id)  # type: ignore[arg-type]
     assert got is not None and got.image is None and got.image_expired_at is not None
+
+
+def test_the_retention_pass_reads_the_rows_naming_files_through_their_index(stores) -> None:  # type: ignore[no-untyped-def]
+    """Records are never deleted: a month on the line holds millions of rows, a few thousand of
+    them naming a kept image or heat map. The retention pass (every 60 s) read the whole table
+    to find those (100 ms at 1M rows, growing with the history; BENCHMARKS.md "Session 33"):
+    SQLite's plan for it now searches their partial index, which an expired row leaves."""
+    store, _ = stores
+    with store._reader() as conn:
+        plan = " ".join(str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + ARTIFACT_ROWS))
+    assert plan == "SCAN diffqc_results USING INDEX diffqc_results_artifacts"
 
 
 def test_worker_and_policy_validation(stores) -> None:  # type: ignore[no-untyped-def]

@@ -62,14 +62,16 @@ class Artifact:
     size: int  # bytes on disk (0 when the file is already gone)
 
 
+# the predicate of the store's partial index ``<table>_artifacts``: read through it, not the table
+ARTIFACT_ROWS = (f"SELECT id, created_at, heatmap, image FROM {TABLE} "
+                 "WHERE heatmap IS NOT NULL OR image IS NOT NULL ORDER BY id")
+
+
 def referenced_artifacts(store: ResultStore, artifacts: ArtifactStore) -> list[Artifact]:
     """Every artifact a row names, oldest record first, with its size on disk."""
     out: list[Artifact] = []
     with store._reader() as conn:
-        rows = conn.execute(
-            f"SELECT id, created_at, heatmap, image FROM {TABLE} "
-            "WHERE heatmap IS NOT NULL OR image IS NOT NULL ORDER BY id"
-        ).fetchall()
+        rows = conn.execute(ARTIFACT_ROWS).fetchall()
     for rid, created, heatmap, image in rows:
         for kind, name in (("heatmaps", heatmap), ("images", image)):
             if name is None:
@@ -107,10 +109,11 @@ def apply_retention(store: ResultStore, artifacts: ArtifactStore, policy: Retent
     now = time.time() if now is None else now
     items = referenced_artifacts(store, artifacts)
     doomed: list[Artifact] = []
-    if policy.max_age_s is not None:
+    kept = items
+    if policy.max_age_s is not None:  # two passes over the list (a list's `in` made it quadratic)
         cutoff = now - policy.max_age_s
         doomed = [a for a in items if a.created_at < cutoff]
-    kept = [a for a in items if a not in doomed] if doomed else items
+        kept = [a for a in items if a.created_at >= cutoff]
     total = sum(a.size for a in kept)
     if policy.max_bytes is not None and total > policy.max_bytes:
         over = []

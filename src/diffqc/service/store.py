@@ -119,6 +119,8 @@ _SELECT = "id, " + ", ".join(_COLUMNS)
 # A verdict, as the record holds its latest and the review history each one.
 _REVIEW_FIELDS = ("review", "reviewed_at", "reviewer", "review_note", "review_defect")
 
+# ``<table>_artifacts``: the rows that still name a kept image or heat map, what retention's pass
+# reads every minute (a few thousand of a history of millions: an expired row leaves the index)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS {table} (
     id {pk},
@@ -154,6 +156,7 @@ CREATE TABLE IF NOT EXISTS {table} (
 CREATE INDEX IF NOT EXISTS {table}_created ON {table} (created_at);
 CREATE INDEX IF NOT EXISTS {table}_queue ON {table} (decision, review);
 CREATE INDEX IF NOT EXISTS {table}_part ON {table} (part_id);
+CREATE INDEX IF NOT EXISTS {table}_artifacts ON {table} (id) WHERE heatmap IS NOT NULL OR image IS NOT NULL;
 CREATE TABLE IF NOT EXISTS diffqc_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS {reviews} (
     id {pk},

@@ -1,0 +1,172 @@
+"""What the result store's reads cost as it grows: after a month on the line.
+
+Records are never deleted ("every decision stored"), so a line inspecting a part a second for a
+month holds millions of rows. This fills a SQLite store (a temporary folder) through the
+service's own insert path, in steps up to ``--records``, as a line would (8 types, 95 % PASS,
+4 % REVIEW, 1 % REJECT, a part id each, one part in 5 of the flagged ones reviewed, a kept
+image named on each flagged part), and after each step times each read the service makes
+again and again: the dashboard's polls (latest decisions, decisions after the last one seen,
+the rates and score histograms of the last hour, the review queue, the defect kinds, a part
+found by its id), `results list --since 8h` and a past period's (a day ago), the retention pass
+(every 60 s, keeping a day of kept images: the first pass expires the older ones), opening the
+store (a restart) and storing one more part. Median of ``--rounds``, in milliseconds. The
+read session 33 gave an index, the rows naming a file, is also timed as it ran before
+(``before:``, the table scanned), in the same run on the same rows.
+
+    python benchmarks/store_scale.py [--records 1000000] [--steps 10000,100000,1000000] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffqc.service.retention import ARTIFACT_ROWS, Artifact, RetentionPolicy, apply_retention
+from diffqc.service.store import TABLE, ArtifactStore, ResultRecord, ResultStore
+
+TYPES = ("angle", "dist1", "dist6", "dots", "edge1", "edge2", "edge3", "edge4")
+PER_SECOND = 1.0  # one part a second: the step's records end now
+
+
+def _records(rng: np.random.Generator, first: int, n: int, end: float) -> list[ResultRecord]:
+    u = rng.uniform(size=n)
+    decisions = np.where(u < 0.95, "PASS", np.where(u < 0.99, "REVIEW", "REJECT"))
+    out = []
+    for i in range(n):
+        k = first + i
+        flagged = decisions[i] != "PASS"
+        out.append(ResultRecord(
+            created_at=end - (n - i) / PER_SECOND, source="http", decision=str(decisions[i]),
+            part_id=f"P{k:09d}", feature_type=TYPES[k % len(TYPES)], predicted_type=TYPES[k % len(TYPES)],
+            type_known=True, score=float(rng.normal(100, 10)), p_value=float(rng.uniform()),
+            model_version="bench", latency_ms=5.0, image=f"{k}.png" if flagged else None,
+            dedup_key=f"K{k}"))
+    return out
+
+
+def _rows(store: ResultStore, sql: str, args: list[object]) -> list[Any]:
+    with store._reader() as conn:
+        return list(conn.execute(sql, args).fetchall())
+
+
+def _median_ms(call: Callable[[], object], rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def _measure(store: ResultStore, artifacts: ArtifactStore, url: str, rounds: int) -> dict[str, float]:
+    """Each repeated read's median milliseconds on the store as it is now."""
+    last = store.query(limit=1)[0].id or 0
+    part = f"P{last // 2:09d}"
+    now = time.time()
+    day = RetentionPolicy(max_age_s=86400)
+    table_scan = ARTIFACT_ROWS.replace(f"FROM {TABLE}", f"FROM {TABLE} NOT INDEXED")
+    calls: dict[str, Callable[[], object]] = {
+        "dashboard: latest 100 decisions": lambda: store.query(limit=100),
+        "dashboard: decisions after the last seen": lambda: store.query(
+            after_id=last - 1, oldest_first=True, limit=500),
+        "dashboard: rates + histograms, last hour": lambda: (
+            store.counts(now - 3600), store.query(since=now - 3600, limit=1000), store.pending_reviews()),
+        "dashboard: review queue (20)": lambda: store.review_queue(20),
+        "dashboard: defect kinds": lambda: store.defect_kinds(),
+        "dashboard: a part by its id": lambda: store.query(part_id=part, limit=1),
+        "results list --since 8h": lambda: store.query(since=now - 8 * 3600, limit=None),
+        "results list, a day ago (8 h)": lambda: store.query(
+            since=now - 32 * 3600, until=now - 24 * 3600, limit=None),
+        "retention pass (a day of kept images)": lambda: apply_retention(store, artifacts, day),
+        "retention: rows naming files (their index)": lambda: _rows(store, ARTIFACT_ROWS, []),
+        "before: rows naming files (table scan)": lambda: _rows(store, table_scan, []),
+        "open the store (a restart)": lambda: ResultStore(url).close(),
+    }
+    out = {name: _median_ms(call, rounds) for name, call in calls.items()}
+    rng = np.random.default_rng(1)
+    k = [last]
+
+    def one_more() -> None:
+        k[0] += 1
+        store.insert(_records(rng, k[0], 1, time.time())[0])
+
+    out["store one more part"] = _median_ms(one_more, rounds)
+    return out
+
+
+def _partition_ms(n: int) -> tuple[float, float]:
+    """The first retention pass's split of ``n`` artifacts into those to expire (9 in 10, a
+    backlog) and those kept: as it was before session 33 (``a not in doomed``, a list: quadratic)
+    and as it is (by age, one pass)."""
+    items = [Artifact(i, "images", f"{i}.png", float(i), 1000) for i in range(n)]
+    cutoff = 0.9 * n
+    t0 = time.perf_counter()
+    doomed = [a for a in items if a.created_at < cutoff]
+    before = [a for a in items if a not in doomed]
+    t1 = time.perf_counter()
+    kept = [a for a in items if a.created_at >= cutoff]
+    t2 = time.perf_counter()
+    assert kept == before
+    return (t1 - t0) * 1000, (t2 - t1) * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", default="10000,100000,1000000",
+                    help="store sizes to measure at, comma-separated")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--partition", default="1000,5000,20000",
+                    help="artifact counts at which to time the first pass's split, before and now")
+    args = ap.parse_args()
+    steps = [int(s) for s in args.steps.split(",")]
+    rng = np.random.default_rng(args.seed)
+    fill_s: list[float] = []
+    first_pass: list[float] = []
+    cols: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        url = str(Path(tmp) / "results.db")
+        artifacts = ArtifactStore(Path(tmp) / "data")
+        with ResultStore(url) as store:
+            for size in steps:
+                t0 = time.perf_counter()
+                stored = store.count()
+                while stored < size:
+                    n = min(5000, size - stored)
+                    # the step's last part is inspected now: the last hour holds 3600 parts
+                    end = time.time() - (size - stored - n) / PER_SECOND
+                    store.insert_many(_records(rng, stored, n, end))
+                    stored += n
+                queue = store.query(decision="REVIEW", reviewed=False, limit=None, oldest_first=True)
+                for rec in queue[: len(queue) // 5]:  # one in 5 reviewed, as an operator keeps up
+                    bad = (rec.id or 0) % 3 == 0
+                    store.set_review(rec.id or 0, "BAD" if bad else "GOOD", reviewer="bench",
+                                     defect="crack" if bad else None)
+                fill_s.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                apply_retention(store, artifacts, RetentionPolicy(max_age_s=86400))
+                first_pass.append((time.perf_counter() - t0) * 1000)
+                for name, ms in _measure(store, artifacts, url, args.rounds).items():
+                    cols.setdefault(name, []).append(ms)
+    print(f"fill time per step (s): {', '.join(f'{s:.0f}' for s in fill_s)}")
+    print(f"first retention pass per step, expiring what is older than a day (ms): "
+          f"{', '.join(f'{s:.0f}' for s in first_pass)}")
+    for n in (int(x) for x in args.partition.split(",")):
+        old, new = _partition_ms(n)
+        print(f"first pass's split of {n:,} kept files, 9 in 10 expired: before {old:.0f} ms, "
+              f"now {new:.1f} ms")
+    print("| median ms | " + " | ".join(f"{s:,} rows" for s in steps) + " |")
+    print("|---|" + "---:|" * len(steps))
+    for name, values in cols.items():
+        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+
+
+if __name__ == "__main__":
+    main()
