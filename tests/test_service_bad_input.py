@@ -249,6 +249,23 @@ async def test_idempotency_key_replayed_with_another_body_is_refused(
         assert state.store.count() == 2  # p42 once, the race's winner once
 
 
+async def test_an_image_under_another_field_name_is_told_the_name(
+    detector: Any, samples: Samples, tmp_path: Path
+) -> None:
+    """A client sending the image as ``file`` (the name FastAPI's and most HTTP examples use)
+    was told "multipart body has no file field 'image'", not what it had sent instead. The
+    answer names the fields it got and what to send."""
+    good, ftype = samples.one("PASS")
+    async with running_app(detector, tmp_path) as (client, state):
+        for url in ("/v1/inspect", "/v1/inspect/batch"):
+            r = await client.post(url, files={"file": ("part.png", good, "image/png")},
+                                  data={"feature_type": ftype}, headers=AUTH)
+            assert r.status_code == 400 and r.json()["code"] == "missing_image", r.text
+            assert "it has file 'file' and field 'feature_type'" in r.json()["detail"], r.text
+            assert "send the image as the file field 'image' (curl -F image=@part.png)" in r.json()["detail"]
+        assert state.store.count() == 0
+
+
 async def _stalled_body() -> AsyncIterator[bytes]:
     yield b"\x89PNG\r\n\x1a\n"
     await asyncio.sleep(30)  # the client stops sending

@@ -984,7 +984,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             try:
                 upload = form.get("image")
                 if not isinstance(upload, UploadFile):
-                    raise ServiceError(400, "missing_image", "multipart body has no file field 'image'")
+                    raise _missing_image(form, "file field 'image'")
                 data = await upload.read()
                 ftype = _check_type(state, ftype or _form_str(form, "feature_type"))
                 part = part or _check_id(_form_str(form, "part_id"), "part_id")
@@ -1038,7 +1038,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         try:
             uploads = form.getlist("image")
             if not uploads or not all(isinstance(u, UploadFile) for u in uploads):
-                raise ServiceError(400, "missing_image", "multipart body has no file fields 'image'")
+                raise _missing_image(form, "file fields 'image'")
             if len(uploads) > limit:
                 raise ServiceError(
                     413,
@@ -1250,6 +1250,19 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
 
     app.include_router(api)
     return app
+
+
+def _missing_image(form: Any, wanted: str) -> ServiceError:
+    """A multipart body without its image: what it holds instead (``file``, the name most HTTP
+    examples use) and what to send."""
+    items = list(form.multi_items())
+    files = list(dict.fromkeys(k for k, v in items if isinstance(v, UploadFile)))
+    fields = list(dict.fromkeys(k for k, v in items if not isinstance(v, UploadFile)))
+    held = [f"{kind}{'s' * (len(names) > 1)} {', '.join(repr(n) for n in names)}"
+            for kind, names in (("file", files), ("field", fields)) if names]
+    return ServiceError(400, "missing_image",
+                        f"multipart body has no {wanted} (it has {' and '.join(held) or 'nothing'}): "
+                        "send the image as the file field 'image' (curl -F image=@part.png)")
 
 
 def _form_str(form: Any, name: str) -> str | None:
