@@ -266,6 +266,34 @@ async def test_an_image_under_another_field_name_is_told_the_name(
         assert state.store.count() == 0
 
 
+async def test_an_image_sent_as_base64_or_json_is_told_to_send_its_bytes(
+    detector: Any, samples: Samples, tmp_path: Path
+) -> None:
+    """A line's client written in JavaScript or a PLC's HTTP block often sends the image as
+    base64 text, bare, as a data URL or inside JSON: the answer was "not a recognised image
+    format", as for a damaged file. It says what the body is and what to send."""
+    import base64
+    import json
+
+    good, ftype = samples.one("PASS")
+    text = base64.b64encode(good)
+    bodies = {
+        "the body is JSON": json.dumps({"image": text.decode(), "feature_type": ftype}).encode(),
+        "the body is base64 text": text,
+        "the body is base64 text (a data URL)": b"data:image/png;base64," + text,
+    }
+    async with running_app(detector, tmp_path) as (client, state):
+        for said, body in bodies.items():
+            r = await client.post("/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype})
+            assert r.status_code == 422 and r.json()["code"] == "unreadable_image", r.text
+            assert f"{said}: send the image file's own bytes as the body (curl --data-binary @part.png)" \
+                   in r.json()["detail"], r.text
+        damaged = await client.post("/v1/inspect", content=good[:200], headers=AUTH,
+                                    params={"feature_type": ftype})
+        assert damaged.status_code == 422 and "the body is" not in damaged.json()["detail"]
+        assert state.store.count() == 0  # a refused upload is answered, not stored
+
+
 async def _stalled_body() -> AsyncIterator[bytes]:
     yield b"\x89PNG\r\n\x1a\n"
     await asyncio.sleep(30)  # the client stops sending

@@ -669,7 +669,7 @@ def build_job(
     try:
         image = decode_image(data, source=part_id or "upload")
     except ImageReadError as exc:
-        raise ServiceError(422, "unreadable_image", str(exc)) from None
+        raise ServiceError(422, "unreadable_image", str(exc) + _encoded_body(data)) from None
     ext = BROWSER_FORMATS.get(fmt or "")
     return Job(
         image=image,
@@ -1250,6 +1250,26 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
 
     app.include_router(api)
     return app
+
+
+# the first bytes of base64 text of an image file: PNG, JPEG, BMP, TIFF (both orders), WebP
+_BASE64_IMAGE_STARTS = (b"iVBORw0KGgo", b"/9j/", b"Qk", b"SUkq", b"TU0A", b"UklGR")
+
+
+def _encoded_body(data: bytes) -> str:
+    """What an upload that is no image is, where it is an image sent as text (base64, bare, as a
+    data URL or in JSON, as JavaScript clients and PLC HTTP blocks send one), and what to send."""
+    head = data[:64].lstrip()
+    if head.startswith((b"{", b"[")):
+        what = "JSON"
+    elif head.startswith(b"data:image/"):
+        what = "base64 text (a data URL)"
+    elif head.startswith(_BASE64_IMAGE_STARTS):
+        what = "base64 text"
+    else:
+        return ""
+    return (f"; the body is {what}: send the image file's own bytes as the body (curl --data-binary "
+            "@part.png) or as the multipart file field 'image', not encoded")
 
 
 def _missing_image(form: Any, wanted: str) -> ServiceError:
