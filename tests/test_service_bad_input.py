@@ -67,6 +67,7 @@ GOOD = b"<good image>"  # placeholders replaced by a real PNG (or its first half
 HALF = b"<half image>"
 BAD_MULTIPART, BAD_MULTIPART_TYPE = b"--x\r\nnot a multipart body", "multipart/form-data; boundary=x"
 DEL_FORM, DEL_FORM_TYPE = _multipart([("image", GOOD), ("part_id", "cam\x7f1")])
+TYPO_FORM, TYPO_FORM_TYPE = _multipart([("image", GOOD), ("partid", "cam1")])
 
 # (id, method, url, request kwargs, status, code)
 ROWS: list[tuple[str, str, str, dict[str, Any], int, str]] = [
@@ -166,6 +167,14 @@ ROWS: list[tuple[str, str, str, dict[str, Any], int, str]] = [
         "bad_multipart",
     ),
     ("batch not multipart", "POST", "/v1/inspect/batch", {"content": GOOD}, 415, "multipart_required"),
+    # a misspelled parameter or field was ignored: the part scored under the router's type, its
+    # part id lost, a results filter not applied (every row returned)
+    ("query parameter misspelled", "POST", "/v1/inspect", {"params": {"partid": "cam1"}}, 422,
+     "unknown_parameter"),
+    ("results filter misspelled", "GET", "/v1/results", {"params": {"feature-type": "dots"}}, 422,
+     "unknown_parameter"),
+    ("form field misspelled", "POST", "/v1/inspect", {"content": TYPO_FORM, "headers": {
+        "Content-Type": TYPO_FORM_TYPE}}, 422, "unknown_field"),
     # text PostgreSQL cannot store (a NUL) read there as the store being down (503)
     ("reviewer with NUL", "POST", "/v1/review/1", {"json": {"verdict": "BAD", "reviewer": "a\x00b"}},
      422, "bad_reviewer"),
@@ -292,6 +301,37 @@ async def test_an_image_sent_as_base64_or_json_is_told_to_send_its_bytes(
                                     params={"feature_type": ftype})
         assert damaged.status_code == 422 and "the body is" not in damaged.json()["detail"]
         assert state.store.count() == 0  # a refused upload is answered, not stored
+
+
+async def test_a_misspelled_parameter_or_field_is_refused_with_the_names_it_takes(
+    detector: Any, samples: Samples, tmp_path: Path
+) -> None:
+    """``?type=edge1``, ``?featureType=edge1`` or a form's ``partid`` were ignored: the part was
+    scored under the type router's pick (``type_known`` false) and its part id lost, and
+    ``GET /v1/results?feature-type=dots`` returned every row. Each is a 422 naming the names the
+    route takes (and a near miss); the names it takes still work, line fields included."""
+    good, ftype = samples.one("PASS")
+    async with running_app(detector, tmp_path) as (client, state):
+        r = await client.post("/v1/inspect", content=good, headers=AUTH, params={"featureType": ftype})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"] == ("unknown query parameter 'featureType' (did you mean 'feature_type'?); "
+                                      "/v1/inspect takes camera, feature_type, line, part_id, station")
+        r = await client.post("/v1/inspect", content=good, headers=AUTH, params={"type": ftype})
+        assert "unknown query parameter 'type';" in r.json()["detail"], r.text
+        r = await client.post("/v1/inspect/batch", files=[("image", ("a.png", good, "image/png"))],
+                              data={"type": ftype}, headers=AUTH)
+        assert r.status_code == 422 and r.json()["code"] == "unknown_field", r.text
+        assert r.json()["detail"] == ("unknown form field 'type'; /v1/inspect/batch takes the fields "
+                                      "camera, feature_type, image, line, part_id, station")
+        assert state.store.count() == 0
+        ok = await client.post("/v1/inspect", content=good, headers=AUTH,
+                               params={"feature_type": ftype, "part_id": "p1", "line": "L1"})
+        assert ok.status_code == 200 and ok.json()["type_known"] and ok.json()["line"] == "L1", ok.text
+        form = await client.post("/v1/inspect", files={"image": ("a.png", good, "image/png")},
+                                 data={"feature_type": ftype, "part_id": "p2", "station": "S1"}, headers=AUTH)
+        assert form.status_code == 200 and form.json()["station"] == "S1", form.text
+        listed = await client.get("/v1/results", headers=AUTH, params={"feature_type": ftype, "limit": 5})
+        assert listed.status_code == 200 and len(listed.json()["results"]) == 2
 
 
 async def _stalled_body() -> AsyncIterator[bytes]:

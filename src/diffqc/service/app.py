@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -38,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from diffqc.bundle import check_bundle_files
 from diffqc.data import decode_image
 from diffqc.drift import is_misrouted
-from diffqc.errors import ConfigError, DiffqcError, ImageReadError, unknown_feature_type
+from diffqc.errors import ConfigError, DiffqcError, ImageReadError, did_you_mean, unknown_feature_type
 from diffqc.output import json_safe
 from diffqc.service.buffer import (
     DEFAULT_BUFFER_BYTES,
@@ -591,6 +592,27 @@ def _check_id(value: str | None, name: str, *, max_len: int = MAX_ID_LEN, breaks
 
 
 LINE_FIELDS = ("line", "station", "camera")
+# the fields of an upload's multipart form, and the query parameters a route reads by hand (the
+# line fields, from the query or the form) beside those it declares
+UPLOAD_FIELDS = ("image", "feature_type", "part_id", *LINE_FIELDS)
+_QUERY_READ_BY_HAND = {"/v1/inspect": LINE_FIELDS, "/v1/inspect/batch": LINE_FIELDS}
+
+
+def _refuse_unknown(names: Iterable[str], known: Collection[str], what: str, where: str,
+                    code: str) -> None:
+    """A 422 ``code`` for the first of ``names`` not ``known`` (``where`` says whose they are): a
+    misspelled parameter or field (``featureType``, ``partid``) is not ignored, for ignored it
+    loses a part id or a type, or a filter."""
+    if unknown := sorted(set(names) - set(known)):
+        near = did_you_mean(unknown[0], sorted(known))
+        names_known = ", ".join(sorted(known))
+        raise ServiceError(422, code, f"unknown {what} {unknown[0]!r}{near}; {where} {names_known}")
+
+
+def _query_names(dependant: Any) -> set[str]:
+    """The query parameters a route declares, its dependencies' included."""
+    return {p.alias for p in dependant.query_params}.union(
+        *(_query_names(d) for d in dependant.dependencies))
 
 
 def _line_meta(request: Request, form: Any | None = None) -> dict[str, str | None]:
@@ -893,7 +915,14 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    api = APIRouter(dependencies=[Depends(require_token)])
+    async def known_query_only(request: Request) -> None:
+        route = request.scope.get("route")
+        if isinstance(route, APIRoute):
+            known = _query_names(route.dependant) | set(_QUERY_READ_BY_HAND.get(route.path, ()))
+            _refuse_unknown(request.query_params.keys(), known, "query parameter", f"{route.path} takes",
+                            "unknown_parameter")
+
+    api = APIRouter(dependencies=[Depends(require_token), Depends(known_query_only)])
     decode_limiter = anyio.CapacityLimiter(settings.decode_workers)
 
     # ---------------------------------------------------------------- health
@@ -985,6 +1014,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                 upload = form.get("image")
                 if not isinstance(upload, UploadFile):
                     raise _missing_image(form, "file field 'image'")
+                _refuse_unknown(form.keys(), UPLOAD_FIELDS, "form field", "/v1/inspect takes the fields",
+                                "unknown_field")
                 data = await upload.read()
                 ftype = _check_type(state, ftype or _form_str(form, "feature_type"))
                 part = part or _check_id(_form_str(form, "part_id"), "part_id")
@@ -1039,6 +1070,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             uploads = form.getlist("image")
             if not uploads or not all(isinstance(u, UploadFile) for u in uploads):
                 raise _missing_image(form, "file fields 'image'")
+            _refuse_unknown(form.keys(), UPLOAD_FIELDS, "form field", "/v1/inspect/batch takes the fields",
+                            "unknown_field")
             if len(uploads) > limit:
                 raise ServiceError(
                     413,
