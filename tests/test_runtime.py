@@ -5,6 +5,7 @@ process, through the CLI entry point)."""
 from __future__ import annotations
 
 import ast
+import io
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 pytest.importorskip("onnxruntime")
 
@@ -129,7 +131,8 @@ def test_serve_on_an_exported_bundle_imports_no_torch(exported: Path, clear_data
     code = ("from diffqc.cli import main\n"
             f"raise SystemExit(main(['serve', {str(exported)!r}, '--host', '127.0.0.1', '--port', '{port}', "
             f"'--db', {str(tmp_path / 'r.db')!r}, '--data-dir', {str(tmp_path / 'data')!r}, "
-            f"'--runtime', {runtime!r}, '--threads', '1', '--log-level', 'warning']))\n")
+            f"'--runtime', {runtime!r}, '--threads', '1', '--log-level', 'warning', "
+            "'--max-image-mpx', '20']))\n")
     err = tmp_path / "stderr.txt"
     with open(err, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-X", "importtime", "-c", code], stderr=fh,
@@ -153,6 +156,11 @@ def test_serve_on_an_exported_bundle_imports_no_torch(exported: Path, clear_data
                                 "Content-Type": "application/octet-stream"}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["decision"] in ("PASS", "REVIEW", "REJECT")
+        frame = io.BytesIO()  # above the default 16.8 MP, within the --max-image-mpx 20 given
+        Image.new("L", (4200, 4200), 128).save(frame, format="PNG")
+        r = httpx.post(url + "/v1/inspect", content=frame.getvalue(), params={"feature_type": "dots"},
+                       headers={"Authorization": f"Bearer {token}"}, timeout=120)
+        assert r.status_code == 200, r.text
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -567,6 +567,40 @@ def test_watch_cli_once(service_model: tuple[Path, Path], samples: Samples, tmp_
     assert not [p for p in (tmp_path / "images").iterdir()] + [p for p in (tmp_path / "heatmaps").iterdir()]
 
 
+def test_a_camera_frame_above_the_default_image_limit_is_taken_with_max_image_mpx(
+        service_model: tuple[Path, Path], tmp_path: Path) -> None:
+    """A 20-megapixel camera (5472 x 3648, common on inspection lines) was refused by `watch`
+    (every part NOT_INSPECTED: "image header claims 5472x3648 pixels; the limit is 16777216
+    pixels") and by `serve` (413), with no way to raise the limit, though `train` and `inspect`
+    read such frames. `--max-image-mpx` sets it, and the refusal names it. (A 4200 x 4200 frame
+    here: just above the default's 16.8 MP.)"""
+    from PIL import Image
+
+    import diffqc
+
+    folder = tmp_path / "cam"
+    folder.mkdir()
+    Image.new("L", (4200, 4200), 128).save(folder / "big.png")
+    env = dict(os.environ, PYTHONPATH=str(Path(diffqc.__file__).parents[1]), OMP_NUM_THREADS="1")
+    db = tmp_path / "w.db"
+    cmd = [sys.executable, "-m", "diffqc.service", "watch", str(folder), str(service_model[0]), "--db",
+           str(db), "--once", "--settle", "0", "--poll", "0.05", "--feature-type", "dots"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert ("image header claims 4200x4200 pixels (17.6 MP); the limit is 16.8 MP: --max-image-mpx "
+            "takes larger frames") in out.stderr
+    (folder / "failed" / "big.png").rename(folder / "big.png")  # tried again once moved back
+    out = subprocess.run([*cmd, "--max-image-mpx", "20"], env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with ResultStore(str(db)) as store:
+        decisions = [r.decision for r in store.query(limit=None, oldest_first=True)]
+    assert decisions[0] == NOT_INSPECTED and decisions[1] in ("PASS", "REVIEW", "REJECT")
+    out = subprocess.run([*cmd, "--max-image-mpx", "65"], env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 2 and "at most 64" in out.stderr, out.stderr[-2000:]
+
+
 def test_watch_picks_up_a_new_calibration_without_a_restart(service_model: tuple[Path, Path],
                                                             samples: Samples, tmp_path: Path) -> None:
     """``diffqc calibrate MODEL DATA`` while ``diffqc watch`` runs: `serve` picks the new

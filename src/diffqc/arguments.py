@@ -30,16 +30,20 @@ def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def number(minimum: float, *, inclusive: bool = True) -> Callable[[str], float]:
-    """An argparse ``type``: a finite number ``>= minimum`` (``> minimum`` when not inclusive)."""
+def number(minimum: float, *, inclusive: bool = True,
+           maximum: float | None = None) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number ``>= minimum`` (``> minimum`` when not inclusive)
+    and, when ``maximum`` is given, ``<= maximum``."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+        if (not math.isfinite(value) or value < minimum or (value == minimum and not inclusive)
+                or (maximum is not None and value > maximum)):
             bound = f"at least {minimum:g}" if inclusive else f"more than {minimum:g}"
+            bound += f" and at most {maximum:g}" if maximum is not None else ""
             raise argparse.ArgumentTypeError(f"must be a number {bound}, got {text}")
         return value
 

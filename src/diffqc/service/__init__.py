@@ -19,9 +19,11 @@ from typing import Any
 
 from diffqc.arguments import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, integer, number
 from diffqc.calibration import DECISIONS, NOT_INSPECTED
+from diffqc.data import MAX_IMAGE_PIXELS
 from diffqc.errors import RuntimeUnavailableError
 from diffqc.output import json_line
 from diffqc.runtime import add_runtime_arguments
+from diffqc.service.security import DEFAULT_MAX_IMAGE_PIXELS
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE
 
 __all__ = ["add_service_commands", "export_reviewed_good", "list_results", "run_server", "run_watch"]
@@ -125,6 +127,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "overflow": args.overflow,
         "retry_after_s": args.retry_after,
         "max_upload_bytes": args.max_upload_mb * 1024 * 1024,
+        "max_image_pixels": int(args.max_image_mpx * 1e6),
         "keep_images": args.keep_images,
         "heatmaps": args.heatmaps,
         "heatmap_size": args.heatmap_size,
@@ -178,6 +181,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         precision=args.precision,
         threads=args.threads,
+        max_image_pixels=int(args.max_image_mpx * 1e6),
         **_retention(args),
     )
 
@@ -231,6 +235,16 @@ def _add_artifact_arguments(p: argparse.ArgumentParser) -> None:
                    help="delete kept images and heat maps older than this (records stay)")
     p.add_argument("--artifact-budget-mb", type=POSITIVE_NUMBER, default=None,
                    help="delete the oldest kept images and heat maps beyond this disk budget")
+
+
+def _add_image_limit_argument(p: argparse.ArgumentParser) -> None:
+    """The largest image ``serve`` and ``watch`` decode (a guard on memory and decompression
+    bombs); the readers' own limit (``diffqc.data.MAX_IMAGE_PIXELS``) bounds it."""
+    p.add_argument("--max-image-mpx", type=number(0.0, inclusive=False, maximum=MAX_IMAGE_PIXELS / 1e6),
+                   default=DEFAULT_MAX_IMAGE_PIXELS / 1e6, metavar="MPX",
+                   help="largest image in megapixels it decodes; a larger one is refused (413, or "
+                   f"NOT_INSPECTED from a watched folder) (default {DEFAULT_MAX_IMAGE_PIXELS / 1e6:.1f}: "
+                   "4096 x 4096; a 20 MP camera needs 20)")
 
 
 def _add_line_arguments(p: argparse.ArgumentParser) -> None:
@@ -292,6 +306,7 @@ def add_service_commands(subparsers: Any) -> None:
     p.add_argument("--retry-after", type=NON_NEGATIVE, default=1, help="Retry-After seconds on 503")
     p.add_argument("--max-upload-mb", type=POSITIVE, default=20,
                    help="largest upload in MiB; a larger one is answered 413 (default 20)")
+    _add_image_limit_argument(p)
     _add_artifact_arguments(p)
     p.add_argument(
         "--fast",
@@ -341,6 +356,7 @@ def add_service_commands(subparsers: Any) -> None:
     w.add_argument("--once", action="store_true", help="process what is there, then exit")
     w.add_argument("--max-batch", type=POSITIVE, default=8, help="largest inference micro-batch")
     w.add_argument("--source", default=None, help="idempotency namespace (default: the folder path)")
+    _add_image_limit_argument(w)
     _add_artifact_arguments(w)
     _add_line_arguments(w)
     add_runtime_arguments(w)

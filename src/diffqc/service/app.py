@@ -1371,7 +1371,8 @@ def _start(state: ServiceState, detector: DetectorLike | None) -> None:
         for folder in s.watch_dirs:
             watcher = FolderWatcher(
                 WatchSettings(Path(folder), feature_type=s.watch_feature_type, line=s.watch_line,
-                              station=s.watch_station, camera=s.watch_camera),
+                              station=s.watch_station, camera=s.watch_camera,
+                              max_image_pixels=s.max_image_pixels),
                 pipeline,
                 state.store,
             )

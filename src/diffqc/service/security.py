@@ -128,14 +128,17 @@ def check_image_header(data: bytes, max_pixels: int) -> tuple[int, int, str | No
     except Image.DecompressionBombError as exc:
         found = re.search(r"\((\d+) pixels\)", str(exc))
         claimed = f"{found.group(1)} pixels" if found else "too many pixels"
-        raise ImageTooLarge(
-            f"image header claims {claimed}; the limit is {max_pixels} pixels (decompression-bomb guard)"
-        ) from None
+        raise ImageTooLarge(f"image header claims {claimed}; {_limit(max_pixels)}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return (0, 0, None)
     if w * h > max_pixels:
-        raise ImageTooLarge(f"image header claims {w}x{h} pixels; the limit is {max_pixels} pixels")
+        claimed = f"{w}x{h} pixels ({w * h / 1e6:.1f} MP)"
+        raise ImageTooLarge(f"image header claims {claimed}; {_limit(max_pixels)}")
     return (w, h, fmt)
+
+
+def _limit(max_pixels: int) -> str:
+    return f"the limit is {max_pixels / 1e6:.1f} MP: --max-image-mpx takes larger frames"
 
 
 def is_artifact_name(name: str) -> bool:

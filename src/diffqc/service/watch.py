@@ -486,6 +486,7 @@ def run_watch(
     runtime: str = "auto",
     precision: str = "auto",
     threads: int | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> int:
     """Inspect images written into ``directory`` until SIGINT/SIGTERM (``diffqc watch``).
 
@@ -539,6 +540,7 @@ def run_watch(
         line=line,
         station=station,
         camera=camera,
+        max_image_pixels=max_image_pixels,
     )
     stop = threading.Event()
 
