@@ -237,14 +237,16 @@ def _add_artifact_arguments(p: argparse.ArgumentParser) -> None:
                    help="delete the oldest kept images and heat maps beyond this disk budget")
 
 
-def _add_image_limit_argument(p: argparse.ArgumentParser) -> None:
+def _add_image_limit_argument(p: argparse.ArgumentParser, *, buffered: bool) -> None:
     """The largest image ``serve`` and ``watch`` decode (a guard on memory and decompression
     bombs); the readers' own limit (``diffqc.data.MAX_IMAGE_PIXELS``) bounds it."""
     p.add_argument("--max-image-mpx", type=number(0.0, inclusive=False, maximum=MAX_IMAGE_PIXELS / 1e6),
                    default=DEFAULT_MAX_IMAGE_PIXELS / 1e6, metavar="MPX",
                    help="largest image in megapixels it decodes; a larger one is refused (413, or "
                    f"NOT_INSPECTED from a watched folder) (default {DEFAULT_MAX_IMAGE_PIXELS / 1e6:.1f}: "
-                   "4096 x 4096; a 20 MP camera needs 20)")
+                   "4096 x 4096; a 20 MP camera needs 20)" + (
+                       ". A decoded part waiting in the buffer holds 12 bytes a pixel (240 MB at "
+                       "20 MP): raise --buffer-mb with it" if buffered else ""))
 
 
 def _add_line_arguments(p: argparse.ArgumentParser) -> None:
@@ -306,7 +308,7 @@ def add_service_commands(subparsers: Any) -> None:
     p.add_argument("--retry-after", type=NON_NEGATIVE, default=1, help="Retry-After seconds on 503")
     p.add_argument("--max-upload-mb", type=POSITIVE, default=20,
                    help="largest upload in MiB; a larger one is answered 413 (default 20)")
-    _add_image_limit_argument(p)
+    _add_image_limit_argument(p, buffered=True)
     _add_artifact_arguments(p)
     p.add_argument(
         "--fast",
@@ -356,7 +358,7 @@ def add_service_commands(subparsers: Any) -> None:
     w.add_argument("--once", action="store_true", help="process what is there, then exit")
     w.add_argument("--max-batch", type=POSITIVE, default=8, help="largest inference micro-batch")
     w.add_argument("--source", default=None, help="idempotency namespace (default: the folder path)")
-    _add_image_limit_argument(w)
+    _add_image_limit_argument(w, buffered=False)
     _add_artifact_arguments(w)
     _add_line_arguments(w)
     add_runtime_arguments(w)
