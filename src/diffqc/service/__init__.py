@@ -23,7 +23,6 @@ from diffqc.data import MAX_IMAGE_PIXELS
 from diffqc.errors import RuntimeUnavailableError
 from diffqc.output import json_line
 from diffqc.runtime import add_runtime_arguments
-from diffqc.service.security import DEFAULT_MAX_IMAGE_PIXELS
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE
 
 __all__ = ["add_service_commands", "export_reviewed_good", "list_results", "run_server", "run_watch"]
@@ -240,6 +239,8 @@ def _add_artifact_arguments(p: argparse.ArgumentParser) -> None:
 def _add_image_limit_argument(p: argparse.ArgumentParser, *, buffered: bool) -> None:
     """The largest image ``serve`` and ``watch`` decode (a guard on memory and decompression
     bombs); the readers' own limit (``diffqc.data.MAX_IMAGE_PIXELS``) bounds it."""
+    from diffqc.service.security import DEFAULT_MAX_IMAGE_PIXELS  # a submodule: not at import time
+
     p.add_argument("--max-image-mpx", type=number(0.0, inclusive=False, maximum=MAX_IMAGE_PIXELS / 1e6),
                    default=DEFAULT_MAX_IMAGE_PIXELS / 1e6, metavar="MPX",
                    help="largest image in megapixels it decodes; a larger one is refused (413, or "
