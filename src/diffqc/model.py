@@ -615,8 +615,9 @@ class Detector:
             path.parent.mkdir(parents=True, exist_ok=True)
             # into an existing folder: written inside it, where the moves cannot cross a mount
             # (a volume mounted at the bundle's folder: a rename out of its parent is refused)
-            tmp = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX if path.is_dir() else f".{path.name}.partial-",
-                                        dir=path if path.is_dir() else path.parent))
+            inside = path.is_dir()
+            tmp = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX if inside else f".{path.name}.partial-",
+                                        dir=path if inside else path.parent))
         except OSError as exc:
             raise OutputError(f"cannot write the model bundle {path}: {exc.strerror or exc}") from None
         try:

@@ -615,6 +615,15 @@ def _query_names(dependant: Any) -> set[str]:
         *(_query_names(d) for d in dependant.dependencies))
 
 
+async def _known_query_only(request: Request) -> None:
+    """Every ``/v1/`` route's dependency: a query parameter it does not take is a 422."""
+    route = request.scope.get("route")
+    if isinstance(route, APIRoute):
+        known = _query_names(route.dependant) | set(_QUERY_READ_BY_HAND.get(route.path, ()))
+        _refuse_unknown(request.query_params.keys(), known, "query parameter", f"{route.path} takes",
+                        "unknown_parameter")
+
+
 def _line_meta(request: Request, form: Any | None = None) -> dict[str, str | None]:
     """``line``, ``station``, ``camera`` of an upload: query parameters, else form fields."""
     out: dict[str, str | None] = {}
@@ -915,14 +924,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    async def known_query_only(request: Request) -> None:
-        route = request.scope.get("route")
-        if isinstance(route, APIRoute):
-            known = _query_names(route.dependant) | set(_QUERY_READ_BY_HAND.get(route.path, ()))
-            _refuse_unknown(request.query_params.keys(), known, "query parameter", f"{route.path} takes",
-                            "unknown_parameter")
-
-    api = APIRouter(dependencies=[Depends(require_token), Depends(known_query_only)])
+    api = APIRouter(dependencies=[Depends(require_token), Depends(_known_query_only)])
     decode_limiter = anyio.CapacityLimiter(settings.decode_workers)
 
     # ---------------------------------------------------------------- health
