@@ -367,6 +367,11 @@ def test_manifest(tmp_path: Path, clear_dataset: Path) -> None:
 
 @pytest.mark.parametrize("content,err", [
     ("path,label\nx.png,good\n", "lacks column"),
+    # ELPV's labels.csv: no header, columns separated by spaces
+    ("images/cell0001.png  1.0  mono\n", r"lacks column.*its first line is a row \(images/cell0001.png\), "
+     r"not the column names: write path,feature_type,label\[,mask\]\[,part_id\]\[,split\]\[,defect\] first"),
+    ("path feature_type label\nx.png dots good\n", r"lacks column.*its columns are separated by spaces: "
+     r"separate them by commas, semicolons or tabs"),
     ("path,feature_type,label\nx.png,dots,maybe\n", "unknown label"),
     ("path,feature_type,label,split\nx.png,dots,good,validation\n", "unknown split 'validation'"),
 ])

@@ -604,12 +604,13 @@ def load_manifest(path: Path | str) -> list[Sample]:
     except UnicodeDecodeError as exc:
         raise DatasetError(f"manifest {path} is not UTF-8 text (byte {exc.start}); save it as "
                            "'CSV UTF-8'") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""),
-                            delimiter=_delimiter(text.partition("\n")[0]))
+    first_line = text.partition("\n")[0]
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_delimiter(first_line))
     fields = [f.strip() for f in (reader.fieldnames or [])]
     missing = [c for c in MANIFEST_COLUMNS if c not in fields]
     if missing:
-        raise DatasetError(f"manifest {path} lacks column(s) {', '.join(missing)}; has {fields}")
+        raise DatasetError(f"manifest {path} lacks column(s) {', '.join(missing)}; has {fields}"
+                           f"{_header_hint(first_line)}")
     for lineno, raw in enumerate(reader, start=2):
         row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
         if not any(row.values()):  # ",,," as a spreadsheet saves rows it once had
@@ -632,6 +633,18 @@ def load_manifest(path: Path | str) -> list[Sample]:
         raise DatasetError(f"manifest {path} has no rows")
     _name_types_alike(path, feature_types(samples))
     return samples
+
+
+def _header_hint(header: str) -> str:
+    """Why a manifest's first line names no columns: it is a row (a list without a header, as
+    ELPV's ``labels.csv``), or its columns are separated by spaces."""
+    first = header.strip().split()[0] if header.strip() else ""
+    if Path(first.strip(",;")).suffix.lower() in IMAGE_SUFFIXES:
+        return (f"; its first line is a row ({first.strip(',;')}), not the column names: write "
+                "path,feature_type,label[,mask][,part_id][,split][,defect] first")
+    if not any(sep in header for sep in ",;\t") and len(header.split()) > 1:
+        return "; its columns are separated by spaces: separate them by commas, semicolons or tabs"
+    return ""
 
 
 def _manifest_label(text: str, where: str) -> int:
