@@ -593,6 +593,32 @@ def test_serve_on_a_port_in_use_is_one_line_before_anything_starts(
     assert not db.exists() and sorted(p.name for p in watched.iterdir()) == [part.name]
 
 
+def test_serve_warns_of_an_api_token_short_enough_to_guess(
+    service_model: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`serve --token abc` (a first try, left in place on the line) was taken without a word,
+    though anyone on the plant's network can guess three characters. The service starts (it is
+    the user's choice) and says so, with how to make a good one; a long token says nothing. The
+    port is taken here, so nothing more starts."""
+    import socket
+
+    from diffqc.service.__main__ import main
+
+    with socket.socket() as running:
+        running.bind(("127.0.0.1", 0))
+        running.listen()
+        port = running.getsockname()[1]
+        said = {}
+        for token in ("abc", "k3" * 12):
+            caplog.clear()
+            assert main(["serve", str(service_model[0]), "--token", token, "--port", str(port), "--db",
+                         str(tmp_path / "r.db")]) == 1
+            said[token] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said["abc"] == ["an API token of 3 characters can be guessed by anyone on the network: use "
+                           "16 or more (python -c \"import secrets; print(secrets.token_urlsafe(32))\")"]
+    assert said["k3" * 12] == []
+
+
 def test_serve_checks_its_store_before_loading_the_model_and_the_model_path_before_the_store(
     service_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture

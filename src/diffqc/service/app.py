@@ -80,6 +80,7 @@ from diffqc.service.store import (
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE, overlay_scales
 
 log = logging.getLogger("diffqc.service")
+MIN_TOKEN_LENGTH = 16  # shorter, a token is said to be guessable at start (it is still taken)
 
 STATIC_DIR = Path(__file__).parent / "static"
 HTTP_SOURCE = "http"
@@ -1437,6 +1438,10 @@ def run_server(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     settings.validate()
+    for length in sorted({len(t) for t in settings.tokens if len(t) < MIN_TOKEN_LENGTH}):
+        log.warning("an API token of %d characters can be guessed by anyone on the network: use %d "
+                    "or more (python -c \"import secrets; print(secrets.token_urlsafe(32))\")",
+                    length, MIN_TOKEN_LENGTH)
     # the port first: a second `serve` on a port in use must not start its watchers, open its
     # store or announce itself on the sinks (a retained MQTT "offline" over the running one's)
     sockets = listening_sockets(host, port)
