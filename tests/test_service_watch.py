@@ -63,6 +63,33 @@ def test_watch_inspects_moves_and_uses_subfolder_types(
     assert w.step().inspected == 0  # nothing new
 
 
+def test_watch_names_once_a_folder_named_almost_as_a_type(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A camera's folder misspelled (``egde1/`` for ``edge1/``, ``Edge1/``) had its parts scored
+    under the type router's pick without a word: the line meant the type, the model never took
+    it. The watcher says so once per folder; a dated folder, or a folder under a type's, says
+    nothing."""
+    folder, pipe, store = rig
+    (b0, t0), (b1, _) = samples.all[0], samples.all[1]
+    typo = t0[:-2] + t0[-1] + t0[-2]  # the last two letters swapped
+    for name, data in ((f"{typo}/a.png", b0), (f"{typo}/b.png", b1), (f"{t0}/2026-12-03/c.png", b0),
+                       ("2026-12-03/d.png", b1)):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    w = _watcher(folder, pipe, store)
+    with caplog.at_level("WARNING", logger="diffqc.watch"):
+        assert w.step().inspected == 4
+        (folder / typo / "e.png").write_bytes(b0)
+        assert w.step().inspected == 1
+    said = [r.getMessage() for r in caplog.records if "named like no type" in r.getMessage()]
+    assert said == [f"folder {typo}/ is named like no type of the model (did you mean {t0!r}?): its parts "
+                    "are scored under the type router's pick (type_known false); name it after the type, "
+                    "or give --feature-type"], said
+    assert {r.part_id: r.type_known for r in store.query(limit=None)} == {
+        "a": False, "b": False, "c": True, "d": False, "e": False}
+
+
 def test_watch_reads_the_dated_folders_a_camera_files_its_images_in(
     rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
 ) -> None:

@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from diffqc.errors import DatasetError, ImageReadError, UnreadableImagesError, first_few, type_key
+from diffqc.errors import (
+    DatasetError,
+    ImageReadError,
+    UnreadableImagesError,
+    did_you_mean,
+    first_few,
+    type_key,
+)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".tif", ".tiff", ".webp", ".gif",
                             ".pgm", ".ppm", ".pnm", ".pbm"})
@@ -400,6 +407,16 @@ def type_of_folders(folders: Sequence[str], types: Collection[str]) -> str | Non
     """The type an image's folders name: the nearest (last) of ``folders`` named after one of
     ``types`` (``<type>/<day>/part.png``, ``<type>/test/good/part.png``), else None."""
     return next((name for name in reversed(folders) if name in types), None)
+
+
+def folder_like_a_type(folders: Sequence[str], types: Collection[str]) -> tuple[int, str] | None:
+    """Where none of ``folders`` names one of ``types`` (:func:`type_of_folders`) but one is named
+    almost as one (``egde1``, ``Edge1``: a misspelled camera folder, whose images then go to the
+    type router), its index (the nearest) and the near miss, `` (did you mean 'edge1'?)``."""
+    if type_of_folders(folders, types) is not None:
+        return None
+    near = ((i, did_you_mean(name, sorted(types))) for i, name in reversed(list(enumerate(folders))))
+    return next(((i, hint) for i, hint in near if hint), None)
 
 
 def _is_labelled_type(folder: Path) -> bool:

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from diffqc.data import IMAGE_SUFFIXES, decode_image, type_of_folders
+from diffqc.data import IMAGE_SUFFIXES, decode_image, folder_like_a_type, type_of_folders
 from diffqc.errors import (
     ImageReadError,
     OutputError,
@@ -170,6 +170,7 @@ class FolderWatcher:
         self._seen: dict[Path, _Seen] = {}
         self._kept: set[tuple[str, int, int]] = set()  # after="keep": (path, size, mtime) done
         self._passed_over: set[str] = set()  # the file endings named in the log (once each)
+        self._near_types: set[str] = set()  # folders named almost as a type, named in the log
         self.problem: str | None = None  # why nothing is taken now (serve's /readyz)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -276,7 +277,16 @@ class FolderWatcher:
         if self.settings.feature_type:
             return self.settings.feature_type
         # the folder watched, then those below it (`watch incoming/<type>`, `watch incoming`)
-        return type_of_folders((self.root.name, *path.relative_to(self.root).parts[:-1]), self.classes)
+        folders = (self.root.name, *path.relative_to(self.root).parts[:-1])
+        found = type_of_folders(folders, self.classes)
+        if found is None and (near := folder_like_a_type(folders, self.classes)):
+            folder = "/".join(folders[1: near[0] + 1]) or folders[0]  # below the root, or the root
+            if folder not in self._near_types:
+                self._near_types.add(folder)
+                log.warning("folder %s/ is named like no type of the model%s: its parts are scored under "
+                            "the type router's pick (type_known false); name it after the type, or give "
+                            "--feature-type", path_text(folder), near[1])
+        return found
 
     def step(self) -> StepReport:
         """One pass: inspect every ready file (at most ``max_pending``)."""
