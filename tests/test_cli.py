@@ -190,6 +190,24 @@ def test_inspect_takes_each_image_type_from_its_folder(tiny_model: Path, clear_d
     assert rows and all(r["feature_type"] == "stripes" and r["type_known"] for r in rows)
 
 
+def test_inspect_names_once_a_folder_named_almost_as_a_type(tiny_model: Path, clear_dataset: Path,
+                                                          tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """``inspect parts/`` with a type's folder named in another case (``Dots/`` for ``dots/``): its images
+    were scored under the router's pick without a word, as `watch` scored them. A warning names
+    the folder once, with the near miss."""
+    typo = tmp_path / "parts" / "Dots"
+    shutil.copytree(clear_dataset / "dots" / "test" / "good", typo)
+    assert main(["inspect", str(tiny_model), str(tmp_path / "parts")]) == 0
+    out = capsys.readouterr()
+    rows = [json.loads(line) for line in out.out.splitlines()]
+    assert len(rows) == 8 and not any(r["type_known"] for r in rows)
+    said = [line for line in out.err.splitlines() if "named like no type" in line]
+    assert said == [f"diffqc: warning: folder {typo}/ is named like no type of the model (did you mean "
+                    "'dots'?): its images are scored under the type router's pick (type_known false); "
+                    "name it after the type, or give --feature-type"], out.err
+
+
 def test_inspect_expands_a_pattern_the_shell_left(tiny_model: Path, clear_dataset: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """Windows' cmd and PowerShell, a quoted argument and subprocess lists pass ``*.png`` as it

@@ -83,7 +83,7 @@ def test_watch_names_once_a_folder_named_almost_as_a_type(
         (folder / typo / "e.png").write_bytes(b0)
         assert w.step().inspected == 1
     said = [r.getMessage() for r in caplog.records if "named like no type" in r.getMessage()]
-    assert said == [f"folder {typo}/ is named like no type of the model (did you mean {t0!r}?): its parts "
+    assert said == [f"folder {typo}/ is named like no type of the model (did you mean {t0!r}?): its images "
                     "are scored under the type router's pick (type_known false); name it after the type, "
                     "or give --feature-type"], said
     assert {r.part_id: r.type_known for r in store.query(limit=None)} == {

@@ -217,12 +217,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _inspect_images(args: argparse.Namespace, det: Any, images: list[tuple[Path, Path]],
                     csv_out: _CsvRows | None) -> None:
-    from diffqc.data import read_image, type_of_folders
+    from diffqc.data import folder_like_a_type, read_image, type_of_folders
     from diffqc.inspection import ImageCheck
     from diffqc.visualize import write_heatmap
 
     image_check = ImageCheck(det.metadata)
     summary = det.calibration_.summary() if det.calibration_ is not None else {}
+    named: set[Path] = set()  # the folders named almost as a type, warned of once each
     for path, name in images:
         try:
             image = read_image(path)
@@ -233,6 +234,10 @@ def _inspect_images(args: argparse.Namespace, det: Any, images: list[tuple[Path,
             continue
         start = time.perf_counter()
         feature_type = args.feature_type or type_of_folders(path.parent.parts, det.classes_)
+        near = None if feature_type else folder_like_a_type(path.parent.parts, det.classes_)
+        if near is not None and (like := Path(*path.parent.parts[: near[0] + 1])) not in named:
+            named.add(like)
+            warnings.warn(f"folder {path_text(like)}/{near[1]}", stacklevel=1)
         (result,) = det.inspect([image], [feature_type])
         if note := image_check(result.feature_type, image.shape[0], image.shape[1], image):
             warnings.warn(note, stacklevel=1)

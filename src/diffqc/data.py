@@ -412,11 +412,14 @@ def type_of_folders(folders: Sequence[str], types: Collection[str]) -> str | Non
 def folder_like_a_type(folders: Sequence[str], types: Collection[str]) -> tuple[int, str] | None:
     """Where none of ``folders`` names one of ``types`` (:func:`type_of_folders`) but one is named
     almost as one (``egde1``, ``Edge1``: a misspelled camera folder, whose images then go to the
-    type router), its index (the nearest) and the near miss, `` (did you mean 'edge1'?)``."""
+    type router), its index (the nearest) and what to say after ``folder <it>/``."""
     if type_of_folders(folders, types) is not None:
         return None
     near = ((i, did_you_mean(name, sorted(types))) for i, name in reversed(list(enumerate(folders))))
-    return next(((i, hint) for i, hint in near if hint), None)
+    found = next(((i, hint) for i, hint in near if hint), None)
+    return None if found is None else (found[0], (
+        f" is named like no type of the model{found[1]}: its images are scored under the type "
+        "router's pick (type_known false); name it after the type, or give --feature-type"))
 
 
 def _is_labelled_type(folder: Path) -> bool:

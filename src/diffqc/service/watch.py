@@ -283,9 +283,7 @@ class FolderWatcher:
             folder = "/".join(folders[1: near[0] + 1]) or folders[0]  # below the root, or the root
             if folder not in self._near_types:
                 self._near_types.add(folder)
-                log.warning("folder %s/ is named like no type of the model%s: its parts are scored under "
-                            "the type router's pick (type_known false); name it after the type, or give "
-                            "--feature-type", path_text(folder), near[1])
+                log.warning("folder %s/%s", path_text(folder), near[1])
         return found
 
     def step(self) -> StepReport:
