@@ -529,6 +529,16 @@ def test_cli_results_list_prints_the_stored_decisions(tmp_path: Path, capsys: py
     assert main(["results", "list", "--db", str(db), "--unreviewed", "--decision", "REVIEW"]) == 0
     out = capsys.readouterr()
     assert out.out == "" and "no stored results match" in out.err
+    # a type as the store does not hold it (Edge1 for edge1): the stored ones named, a near miss;
+    # a decision or verdict in lower case is read (it was a usage error)
+    assert main(["results", "list", "--db", str(db), "--feature-type", "A"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.strip() == ("diffqc: no stored results match; no part of type 'A' is "
+                                                 "stored (did you mean 'a'?): the store holds a, b")
+    assert main(["results", "list", "--db", str(db), "--decision", "reject", "--review", "good"]) == 0
+    assert capsys.readouterr().err.strip() == "diffqc: no stored results match"
+    assert main(["results", "list", "--db", str(db), "--decision", "review", "--review", "good"]) == 0
+    assert [json.loads(x)["part_id"] for x in capsys.readouterr().out.splitlines()] == ["b1"]
     assert main(["results", "list", "--db", f"sqlite:///{db}", "--format", "csv", "--review", "GOOD"]) == 0
     table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(table) == 1 and tuple(table[0]) == LIST_COLUMNS

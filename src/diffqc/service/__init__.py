@@ -217,8 +217,26 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     n = list_results(store_url(args.db), fmt=args.format, **filters)
     if n == 0:
-        print("diffqc: no stored results match", file=sys.stderr)
+        print(f"diffqc: no stored results match{_absent_type(store_url(args.db), args.feature_type)}",
+              file=sys.stderr)
     return 0
+
+
+def _absent_type(db_url: str, feature_type: str | None) -> str:
+    """Where ``--feature-type`` names no stored part's type (types are matched exactly: ``Edge1``
+    for ``edge1``), the types stored and a near miss."""
+    if feature_type is None:
+        return ""
+    from diffqc.errors import did_you_mean
+    from diffqc.service.store import ResultStore
+
+    with ResultStore(db_url) as store:
+        types = sorted({t for t, _, _ in store.counts() if t})
+    if feature_type in types:
+        return ""
+    held = ", ".join(types[:20]) + (f" and {len(types) - 20} more" if len(types) > 20 else "")
+    return (f"; no part of type {feature_type!r} is stored{did_you_mean(feature_type, types)}: the store "
+            f"holds {held or 'no part of a known type'}")
 
 
 def _add_artifact_arguments(p: argparse.ArgumentParser) -> None:
@@ -391,10 +409,10 @@ def add_service_commands(subparsers: Any) -> None:
     ls.add_argument("--since", default=None, help=f"parts inspected at or after {when}")
     ls.add_argument("--until", default=None, help=f"parts inspected before {when}")
     ls.add_argument("--feature-type", default=None, help="parts of this type")
-    ls.add_argument("--decision", choices=[*DECISIONS, NOT_INSPECTED], default=None,
+    ls.add_argument("--decision", choices=[*DECISIONS, NOT_INSPECTED], default=None, type=str.upper,
                     help="parts given this decision")
     verdict = ls.add_mutually_exclusive_group()
-    verdict.add_argument("--review", choices=["GOOD", "BAD"], default=None,
+    verdict.add_argument("--review", choices=["GOOD", "BAD"], default=None, type=str.upper,
                          help="parts an operator reviewed with this verdict")
     verdict.add_argument("--unreviewed", action="store_true", help="parts without a verdict")
     for name in ("part-id", "line", "station", "camera", "source"):
