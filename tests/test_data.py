@@ -167,6 +167,20 @@ def test_a_folder_of_one_kind_in_a_types_split_is_read_as_those_images_of_the_ty
     assert all((Path.cwd() / s.path).is_file() for s in load_dataset(folder.split("/")[1]))
 
 
+@pytest.mark.parametrize("inside", ["", "test", "test/blob", "train/good"])
+def test_a_folder_given_as_dot_is_named_after_the_folder(
+        clear_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inside: str) -> None:
+    """`diffqc train .` (or `data info .`, `test MODEL .`) inside a type's folder or its split read
+    the type under the name of ``.``, an empty one: a model whose one type was ``''``. ``.`` is
+    the folder it stands for, as any other name for it is."""
+    dots = Path(shutil.copytree(clear_dataset / "dots", tmp_path / "dots"))
+    expected = [(s.path.name, s.label, s.split, s.defect) for s in load_dataset(dots / inside)]
+    monkeypatch.chdir(dots / inside)
+    samples = load_dataset(".")
+    assert {s.feature_type for s in samples} == {"dots"}
+    assert [(s.path.name, s.label, s.split, s.defect) for s in samples] == expected
+
+
 @pytest.mark.parametrize("kind", ["good", "blob"])
 def test_a_folder_of_one_kind_of_a_labelled_type_is_read_as_those_images_of_the_type(
         clear_dataset: Path, tmp_path: Path, kind: str) -> None:

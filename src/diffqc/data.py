@@ -486,6 +486,8 @@ def load_mvtec(root: Path | str) -> list[Sample]:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
+    if root.name in ("", ".."):  # `.`, `..`: the folder's own name names its type (or split)
+        root = Path(os.path.abspath(root))
     loader = _type_loader(root)
     split = root.name.lower()
     if loader is load_labelled_type and split in ("train", "test") and _is_mvtec_type(root.parent):
@@ -516,8 +518,6 @@ def _one_kind_of_a_type(folder: Path) -> list[Sample]:
     ``<type>/train/good``, ``<type>/test/<kind>`` (MVTec layout: `train DATA/bottle/train/good`,
     the first folder of GOOD images one points at) or a labelled type's ``<type>/<kind>``; the
     type is named after its folder, as when the type's folder is given. Empty otherwise."""
-    if folder.name in ("", ".."):  # `.` or `..`: the folder's own name is needed
-        folder = Path(os.path.abspath(folder))
     names = Path(os.path.abspath(folder)).parts  # the real names, of `good` given inside `test/`
     parent = folder.parent
     grand = parent.parent if len(folder.parts) > 1 else Path("..")  # `good` inside `test/`
