@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from diffqc.errors import ConfigError
+from diffqc.output import write_atomic
 
 T = TypeVar("T")
 
@@ -451,7 +452,8 @@ class DetectorConfig:
         return _build(cls, data)
 
     def to_json(self, path: Path | str) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        """Write the config (a bundle's ``config.json``) whole or not at all."""
+        write_atomic(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True).encode("utf-8"))
 
     @classmethod
     def from_json(cls, path: Path | str) -> DetectorConfig:

@@ -277,8 +277,7 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
             write_atomic(path / previous_name(name), target.read_bytes())
         write_atomic(target, json.dumps(cal.to_dict()).encode("utf-8"))
     if config != old.config:  # the bundle's config says the levels it decides at
-        write_atomic(path / "config.json", json.dumps(replace(det.config, calibration=config).to_dict(),
-                                                      indent=2, sort_keys=True).encode("utf-8"))
+        replace(det.config, calibration=config).to_json(path / "config.json")
     checksums = {name: sha256_file(path / name) for name in new}
     counts = {t: len(v) for t, v in sorted(known.items())}
     meta["calibration_sha256"] = checksums[CALIBRATION_FILE]
