@@ -273,6 +273,25 @@ ROWS: dict[str, Row | object] = {
                                    ("'dotz' is not a type of this model",),
                                    setup=lambda c: _png(c.tmp / "cam" / "0.png"),
                                    absent=lambda c: c.tmp / "r.db"),
+    # watch alone takes its folder first (DIR MODEL): given as the other commands take theirs,
+    # it was "CAM is not a diffqc model bundle ... it comes first: diffqc COMMAND MODEL" (it was)
+    "watch_model_and_folder_swapped": Row(lambda c: ["watch", str(c.model), str(c.tmp / "cam"), "--once",
+                                                     "--db", str(c.tmp / "r.db")],
+                                          ("is not a diffqc model bundle and", "is one: watch takes "
+                                           "the folder first, then the model: diffqc watch ", "/cam "),
+                                          setup=lambda c: _png(c.tmp / "cam" / "0.png"),
+                                          absent=lambda c: c.tmp / "r.db"),
+    "watch_model_not_a_bundle": Row(lambda c: ["watch", str(c.tmp / "cam"), str(c.data), "--once",
+                                               "--db", str(c.tmp / "r.db")],
+                                    ("is not a diffqc model bundle (it holds none of",
+                                     "diffqc watch DIR MODEL"),
+                                    setup=lambda c: _png(c.tmp / "cam" / "0.png"),
+                                    absent=lambda c: c.tmp / "r.db"),
+    # the folder is named before the model loads and the store is made (an empty store was left)
+    "watch_folder_missing": Row(lambda c: ["watch", str(c.tmp / "nocam"), str(c.model), "--once",
+                                           "--db", str(c.tmp / "r.db")],
+                                ("watch folder", "nocam does not exist"),
+                                absent=lambda c: c.tmp / "r.db"),
     # `--db data/` for `--db data/results.db`: was sqlite's "unable to open database file"
     "watch_db_is_a_folder": Row(lambda c: ["watch", str(c.tmp / "cam"), str(c.model), "--once",
                                            "--db", str(c.tmp / "cam")],

@@ -16,9 +16,10 @@ from diffqc.inspection import BUNDLE_FILES, check_bundle_version, sha256_file
 WEIGHTS_FILE = "weights.safetensors"
 
 
-def check_bundle_files(path: Path | str) -> Path:
+def check_bundle_files(path: Path | str, *, usage: str = "it comes first: diffqc COMMAND MODEL ...") -> Path:
     """``path`` if it holds a bundle's files (their content is :func:`read_bundle`'s to check);
-    a :class:`BundleError` otherwise, that tells a damaged bundle from another folder."""
+    a :class:`BundleError` otherwise, that tells a damaged bundle from another folder (and for
+    another folder ends with ``usage``: where the command takes its bundle)."""
     path = Path(path)
     if not path.is_dir():
         raise BundleError(f"model bundle {path} does not exist or is not a folder")
@@ -26,7 +27,7 @@ def check_bundle_files(path: Path | str) -> Path:
     if len(missing) == len(BUNDLE_FILES):  # not a damaged bundle: another folder (the data?)
         raise BundleError(f"{path} is not a diffqc model bundle (it holds none of "
                           f"{', '.join(BUNDLE_FILES)}); a bundle is the folder `diffqc train --out` "
-                          "wrote, and it comes first: diffqc COMMAND MODEL ...")
+                          f"wrote, and {usage}")
     if missing:
         raise BundleError(f"model bundle {path} is incomplete: missing {', '.join(missing)}")
     return path

@@ -37,6 +37,7 @@ from typing import Any
 
 from diffqc.data import IMAGE_SUFFIXES, decode_image, folder_like_a_type, type_of_folders
 from diffqc.errors import (
+    BundleError,
     ImageReadError,
     OutputError,
     StoreError,
@@ -44,6 +45,7 @@ from diffqc.errors import (
     did_you_mean,
     first_few,
 )
+from diffqc.inspection import BUNDLE_FILES
 from diffqc.output import path_text
 from diffqc.service.buffer import BufferClosed, BufferFull, InspectionPipeline, Job
 from diffqc.service.line import LineServices
@@ -112,6 +114,23 @@ class StepReport:
 
 
 KEEP_HINT = "give --keep for a folder this computer may only read"
+
+
+def check_watch_arguments(directory: Path | str, model_path: Path | str, *, keep: bool) -> Path:
+    """The folder to watch, resolved (:func:`check_watch_folder`), once ``model_path`` holds a
+    bundle's files. ``watch`` alone takes its folder first: a bundle given as the folder and a
+    folder that is none as the model are named as the two swapped. Nothing is created here."""
+    from diffqc.bundle import check_bundle_files
+
+    try:
+        check_bundle_files(model_path, usage="it comes after the folder: diffqc watch DIR MODEL")
+    except BundleError:
+        if all((Path(directory) / name).is_file() for name in BUNDLE_FILES):
+            raise BundleError(f"{model_path} is not a diffqc model bundle and {directory} is one: "
+                              "watch takes the folder first, then the model: "
+                              f"diffqc watch {model_path} {directory}") from None
+        raise
+    return check_watch_folder(directory, moves_into=() if keep else ("processed", "failed"))
 
 
 def check_watch_folder(folder: Path | str, *, moves_into: Sequence[Path | str] = ("processed", "failed"),
@@ -515,6 +534,7 @@ def run_watch(
     db = store_url(db_url)
     # as serve: a path that is no bundle, or a type it does not know, leaves no new store; a
     # --db that is no store is said before the model loads
+    check_watch_arguments(directory, model_path, keep=after == "keep")
     check_feature_type(feature_type, read_bundle(model_path)[1]["classes"])
     store = ResultStore(db)
     try:
