@@ -55,17 +55,24 @@ print(json.dumps({"loaded": loaded, "inspected": status(),
 """
 
 
+def run_fresh(child: str, argv: list[str], threads: int) -> dict[str, Any]:
+    """The JSON object that a fresh Python process running ``child`` with ``argv`` (and
+    ``threads`` OpenMP threads) prints last; a process that fails ends the benchmark with its
+    error output."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    out = subprocess.run([sys.executable, "-c", child, *argv], capture_output=True, text=True, env=env,
+                         check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"the measured process failed:\n{out.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
 def measure(model: Path, runtime: str, threads: int, images: int, unknown: bool,
             fast: bool) -> dict[str, Any]:
     """One fresh process's memory and inspection time (see the module docstring)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-c", CHILD, str(model), runtime, str(threads), str(images),
-           "1" if unknown else "0", "1" if fast else "0"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"the serving process failed:\n{out.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    return run_fresh(CHILD, [str(model), runtime, str(threads), str(images), "1" if unknown else "0",
+                             "1" if fast else "0"], threads)
 
 
 def main(argv: list[str] | None = None) -> int:

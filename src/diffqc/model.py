@@ -59,6 +59,7 @@ from diffqc.inspection import (
     Inspection,
     image_colours,
     image_size_ranges,
+    in_batches,
     inspect_arguments,
     inspect_in_batches,
     is_grey,
@@ -550,6 +551,9 @@ class Detector:
                 self.type_index(t)  # an unknown type fails before any work is done
         if not images:
             return []
+        if len(images) > self.config.batch_size:
+            return in_batches(self.inspect, images, types, self.config.batch_size, all_types=all_types,
+                              maps=maps)
         if uses_layouts(self.config):  # pad / crop / tiles: see diffqc.tiling
             raw, layouts = tiling.extract_views(self, images)
             return tiling.inspect_views(self, raw, layouts, [None if t is None else self.type_index(t)

@@ -43,7 +43,7 @@ from diffqc.errors import (
     check_device_name,
     unknown_feature_type,
 )
-from diffqc.inspection import inspect_arguments, inspect_in_batches, sha256_file, verdicts
+from diffqc.inspection import in_batches, inspect_arguments, inspect_in_batches, sha256_file, verdicts
 
 if TYPE_CHECKING:
     import argparse
@@ -322,6 +322,9 @@ class OnnxDetector:
         given = [None if t is None else self.type_index(t) for t in types]
         if not images:
             return []
+        if len(images) > self.config.batch_size:
+            return in_batches(self.inspect, images, types, self.config.batch_size, all_types=all_types,
+                              maps=maps)
         pixels = preprocess(images, self.input_size)
         sizes = [(int(img.shape[0]), int(img.shape[1])) for img in images] if maps else None
         return self.inspect_pixels(pixels, given, sizes, all_types=all_types)
