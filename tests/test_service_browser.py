@@ -337,3 +337,91 @@ def test_dashboard_connects_by_itself_where_no_token_is_needed(
         browser.get(open_url + "/dashboard")
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
         wait.until(lambda d: d.find_element(By.ID, "model-version").text not in ("", "–"))
+
+
+@contextmanager
+def _behind_a_prefix(upstream: str, prefix: str) -> Iterator[str]:
+    """A reverse proxy on 127.0.0.1 that serves ``upstream`` under ``prefix`` (``/qc/x`` is
+    asked upstream as ``/x``, as nginx's ``location /qc/ { proxy_pass http://svc/; }`` does;
+    headers and bodies pass as they are): the proxy's own URL."""
+    import http.client
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
+
+    target = urlsplit(upstream)
+
+    class Forward(BaseHTTPRequestHandler):
+        def _forward(self) -> None:
+            if not self.path.startswith(prefix + "/"):
+                self.send_error(404, "not under " + prefix)
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+            conn.request(self.command, self.path[len(prefix):], body=body or None, headers=headers)
+            reply = conn.getresponse()
+            data = reply.read()
+            self.send_response(reply.status)
+            for key, value in reply.getheaders():
+                if key.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            conn.close()
+
+        do_GET = do_POST = do_PUT = do_DELETE = _forward
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{proxy.server_address[1]}"
+    finally:
+        proxy.shutdown()
+        thread.join(15)
+
+
+def test_dashboard_works_behind_a_proxy_that_serves_it_under_a_path(
+    live_server: tuple[str, Any], browser: Any, samples: Samples
+) -> None:
+    """A line's reverse proxy often serves the service under a path of its own
+    (https://hmi/qc/). The dashboard was opened at /qc/ and sent to /dashboard, the proxy's
+    root; opened at /qc/dashboard it asked /v1/... there, none of which is the service, and
+    showed nothing. It follows its own address: every call, image and heat map under /qc/."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, state = live_server
+    wait = WebDriverWait(browser, 20)
+    with _behind_a_prefix(url, "/qc") as proxy:
+        browser.get(proxy + "/qc/")
+        assert browser.current_url == proxy + "/qc/dashboard"
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "connect").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
+        body, ftype = samples.one("REVIEW")
+        r = httpx.post(proxy + "/qc/v1/inspect", content=body, headers=AUTH,
+                       params={"feature_type": ftype, "part_id": "proxied-1"})
+        assert r.status_code == 200, r.text
+        rid = r.json()["id"]
+        row = wait.until(ec.presence_of_element_located(
+            (By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"]')))
+        assert "proxied-1" in row.text
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, f'#rates tr[data-type="{ftype}"]')))
+        card = wait.until(ec.presence_of_element_located(
+            (By.CSS_SELECTOR, f'#review-queue .card[data-id="{rid}"]')))
+        wait.until(lambda d: all(
+            (img.get_attribute("src") or "").startswith("blob:")
+            and d.execute_script("return arguments[0].naturalWidth", img) > 0
+            for img in card.find_elements(By.TAG_NAME, "img")))
+        card.find_element(By.CSS_SELECTOR, ".verdict-good").click()
+        wait.until(ec.staleness_of(card))
+        assert state.store.get(rid).review == "GOOD"
+        severe = [e for e in browser.get_log("browser")  # the first call, before the token: 401
+                  if e.get("level") == "SEVERE" and "401" not in e.get("message", "")]
+        assert severe == []

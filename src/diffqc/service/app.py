@@ -953,7 +953,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     # ---------------------------------------------------------------- dashboard
     @app.get("/", include_in_schema=False)
     async def root() -> Response:
-        return Response(status_code=307, headers={"Location": "/dashboard"})
+        # relative: a proxy that serves the service under a path of its own (/qc/) keeps it
+        return Response(status_code=307, headers={"Location": "dashboard"})
 
     @app.get("/dashboard", include_in_schema=False)
     async def dashboard() -> HTMLResponse:
