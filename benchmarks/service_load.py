@@ -27,6 +27,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -129,10 +130,11 @@ class Server:
     port: int
     db: str
     log: Path
+    ca: str | None = None  # served over TLS (serve --tls-cert): the CA file a client trusts
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ca else 'http'}://127.0.0.1:{self.port}"
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -161,8 +163,10 @@ def start_server(
     port: int | None = None,
     extra: tuple[str, ...] = (),
     timeout: float = 120.0,
+    ca: str | None = None,
 ) -> Server:
-    """Start ``python -m diffqc.service serve`` on 127.0.0.1 and wait until /readyz is 200."""
+    """Start ``python -m diffqc.service serve`` on 127.0.0.1 and wait until /readyz is 200
+    (over TLS, trusting ``ca``, when ``extra`` gives ``--tls-cert`` and ``--tls-key``)."""
     import diffqc
 
     port = port or free_port()
@@ -190,13 +194,14 @@ def start_server(
     ]
     with open(log, "ab") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=workdir)
-    server = Server(proc, port, db, log)
+    server = Server(proc, port, db, log, ca)
+    trust = ssl.create_default_context(cafile=ca) if ca else True
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if httpx.get(server.url + "/readyz", timeout=1.0).status_code == 200:
+            if httpx.get(server.url + "/readyz", timeout=1.0, verify=trust).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass

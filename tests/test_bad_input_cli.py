@@ -74,6 +74,31 @@ def _foreign_report(c: Ctx) -> None:
     (c.tmp / "photos" / "report.md").write_text("the line's own report")
 
 
+def _tls(c: Ctx, *, other_key: bool = False, encrypted: bool = False) -> None:
+    """c.tmp/cert.pem and c.tmp/key.pem: a certificate and its key, or another certificate's
+    key, or its key encrypted with a passphrase (as `openssl genrsa -aes256` writes one)."""
+    import trustme
+    from cryptography.hazmat.primitives import serialization
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost")
+    issued.cert_chain_pems[0].write_to_path(str(c.tmp / "cert.pem"))
+    key = (ca.issue_cert("localhost") if other_key else issued).private_key_pem
+    if encrypted:
+        loaded = serialization.load_pem_private_key(key.bytes(), password=None)
+        (c.tmp / "key.pem").write_bytes(loaded.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret")))
+    else:
+        key.write_to_path(str(c.tmp / "key.pem"))
+
+
+def _serve(*tls: str) -> Callable[[Ctx], list[str]]:
+    """`serve` with a token, a store in c.tmp and the TLS options given (c.tmp's files)."""
+    return lambda c: ["serve", str(c.model), "--token", "t" * 32, "--db", str(c.tmp / "r.db"),
+                      *[str(c.tmp / a) if a.endswith(".pem") else a for a in tls]]
+
+
 def _empty_store(path: Path) -> None:
     from diffqc.service.store import ResultStore
 
@@ -297,6 +322,26 @@ ROWS: dict[str, Row | object] = {
                                            "--db", str(c.tmp / "cam")],
                                 ("it is a folder; give a file path", "diffqc-results.db"),
                                 setup=lambda c: _png(c.tmp / "cam" / "0.png")),
+    # serve over TLS: each file named before the port, the store or the model
+    "serve_tls_cert_without_key": Row(_serve("--tls-cert", "cert.pem"),
+                                      ("--tls-cert and --tls-key go together",),
+                                      setup=_tls, absent=lambda c: c.tmp / "r.db"),
+    "serve_tls_cert_missing": Row(_serve("--tls-cert", "nocert.pem", "--tls-key", "key.pem"),
+                                  ("cannot serve over TLS", "nocert.pem", "No such file"),
+                                  setup=_tls, absent=lambda c: c.tmp / "r.db"),
+    "serve_tls_key_of_another_cert": Row(_serve("--tls-cert", "cert.pem", "--tls-key", "key.pem"),
+                                         ("cannot serve over TLS", "key.pem is not the key of"),
+                                         setup=lambda c: _tls(c, other_key=True),
+                                         absent=lambda c: c.tmp / "r.db"),
+    "serve_tls_encrypted_key": Row(_serve("--tls-cert", "cert.pem", "--tls-key", "key.pem"),
+                                   ("cannot serve over TLS", "key.pem is encrypted",
+                                    "openssl pkey -in"),
+                                   setup=lambda c: _tls(c, encrypted=True),
+                                   absent=lambda c: c.tmp / "r.db"),
+    "serve_tls_cert_not_pem": Row(_serve("--tls-cert", "cert.pem", "--tls-key", "key.pem"),
+                                  ("cannot serve over TLS", "cert.pem", "PEM"),
+                                  setup=lambda c: (_tls(c), (c.tmp / "cert.pem").write_bytes(b"\x30junk")),
+                                  absent=lambda c: c.tmp / "r.db"),
     # export
     "export_int8_without_data": Row(lambda c: ["export", str(c.model), "--int8", "-q"],
                                     ("--int8 needs --calibration-data",)),

@@ -16,6 +16,7 @@ import pytest
 
 from tests.test_service_common import (  # noqa: F401 (fixtures)
     AUTH,
+    TOKEN,
     Samples,
     bench,
     detector,
@@ -143,3 +144,48 @@ async def test_overload_drop_oldest_accounts_for_every_part(
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
+    """A certificate for 127.0.0.1 and localhost, its key and the CA that signed it (PEM)."""
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    cert, key, ca_file = folder / "cert.pem", folder / "key.pem", folder / "ca.pem"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    return cert, key, ca_file
+
+
+def test_serve_over_tls(service_model: tuple[Path, Path], samples: Samples, tmp_path: Path) -> None:
+    """`serve --host 0.0.0.0` sent the API token and the parts' images over the network in the
+    clear, with no way to serve HTTPS but a proxy in front. `--tls-cert` and `--tls-key` serve
+    it over TLS: the API, the dashboard and the log's address; plain HTTP is not answered."""
+    import ssl
+
+    import httpx
+
+    cert, key, ca = _tls_files(tmp_path)
+    trust = ssl.create_default_context(cafile=str(ca))
+    srv = bench.start_server(service_model[0], str(tmp_path / "r.db"), workdir=tmp_path, ca=str(ca),
+                             token=TOKEN,
+                             extra=("--tls-cert", str(cert), "--tls-key", str(key), "--log-level", "info"))
+    try:
+        assert srv.url.startswith("https://")
+        body, ftype = samples.all[0]
+        r = httpx.post(srv.url + "/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype},
+                       verify=trust, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["feature_type"] == ftype
+        assert httpx.get(srv.url + "/dashboard", verify=trust).status_code == 200
+        with pytest.raises(httpx.HTTPError):  # no certificate the client trusts
+            httpx.get(srv.url + "/healthz")
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port
+            httpx.get(f"http://127.0.0.1:{srv.port}/healthz", timeout=5)
+    finally:
+        srv.stop()
+    log = srv.log.read_text()
+    assert f"listening on https://127.0.0.1:{srv.port}" in log
+    assert f"dashboard at https://127.0.0.1:{srv.port}/dashboard" in log

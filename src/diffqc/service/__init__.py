@@ -137,6 +137,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "watch_line": args.line,
         "watch_station": args.station,
         "watch_camera": args.camera,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
         "mqtt_url": args.mqtt,
         "webhook_url": args.webhook,
         **_retention(args),
@@ -343,6 +345,11 @@ def add_service_commands(subparsers: Any) -> None:
     )
     add_runtime_arguments(p)
     _add_line_arguments(p)
+    p.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help="serve over HTTPS with this certificate (PEM, its chain after it): the API "
+                        "token and the parts' images cross the network encrypted")
+    p.add_argument("--tls-key", default=None, metavar="PEM",
+                   help="the certificate's private key (PEM, unencrypted; readable by this user only)")
     p.add_argument("--mqtt", default=None, metavar="URL",
                    help="push every decision to an MQTT broker: mqtt://host:1883/topic-prefix")
     p.add_argument("--webhook", default=None, metavar="URL", help="POST every decision as JSON to URL")

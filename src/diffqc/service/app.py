@@ -61,6 +61,7 @@ from diffqc.service.security import (
     bearer_token,
     check_content_length,
     check_image_header,
+    check_tls,
     read_limited,
     token_matches,
 )
@@ -132,12 +133,18 @@ class ServiceSettings:
     retention_max_age_s: float | None = None  # kept images / heat maps older than this go
     retention_max_bytes: int | None = None  # ... and the oldest beyond this disk budget
     retention_interval_s: float = 60.0
+    tls_cert: str | Path | None = None  # serve over HTTPS: the certificate (PEM) ...
+    tls_key: str | Path | None = None  # ... and its private key (PEM, unencrypted)
 
     def validate(self) -> None:
         if not self.tokens and not self.allow_no_token:
             raise ConfigError(
                 "no API token: pass --token or set DIFFQC_TOKEN (or --no-auth on a trusted host)"
             )
+        try:
+            check_tls(self.tls_cert, self.tls_key)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         policies = [p.value for p in OverflowPolicy]
         if self.overflow not in policies:
             raise ConfigError(f"overflow must be one of {', '.join(policies)}, got {self.overflow!r}")
@@ -332,11 +339,11 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
-def dashboard_url(host: str, port: int) -> str:
+def dashboard_url(host: str, port: int, scheme: str = "http") -> str:
     """Where this machine's browser finds the dashboard of a service bound to ``host``: a
     service on every address (``0.0.0.0``, ``::``) answers on ``localhost`` too."""
     host = {"0.0.0.0": "localhost", "::": "localhost", "": "localhost"}.get(host, host)
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}/dashboard"
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/dashboard"
 
 
 def resident_memory_bytes(pid: int | str = "self") -> int | None:
@@ -1503,10 +1510,14 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
         check_feature_type(settings.watch_feature_type, detector.classes_)
     app = create_app(settings, detector=detector)
     port = sockets[0].getsockname()[1]
+    tls = settings.tls_cert is not None
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            access_log=access_log, timeout_graceful_shutdown=30,
-                                           server_header=False))
+                                           server_header=False,
+                                           ssl_certfile=str(settings.tls_cert) if tls else None,
+                                           ssl_keyfile=str(settings.tls_key) if tls else None))
+    scheme = "https" if tls else "http"
     shown = f"[{host}]" if ":" in host else host
-    log.info("listening on http://%s:%d, dashboard at %s (Ctrl+C to stop)", shown, port,
-             dashboard_url(host, port))
+    log.info("listening on %s://%s:%d, dashboard at %s (Ctrl+C to stop)", scheme, shown, port,
+             dashboard_url(host, port, scheme))
     server.run(sockets=sockets)
