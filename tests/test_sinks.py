@@ -72,7 +72,8 @@ def outbox_for(store: ResultStore, *sinks: str) -> Outbox:
 class Receiver:
     """A webhook receiver on 127.0.0.1 that answers 503 to its first ``fail_first`` requests."""
 
-    def __init__(self, fail_first: int = 0, port: int = 0, always_fail: bool = False) -> None:
+    def __init__(self, fail_first: int = 0, port: int = 0, always_fail: bool = False,
+                 tls: Any = None) -> None:
         self.fail_first = fail_first
         self.always_fail = always_fail
         self.requests: list[tuple[int, dict[str, str], dict[str, Any]]] = []
@@ -94,8 +95,14 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        if tls is not None:  # a trustme certificate: answer over HTTPS
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.configure_cert(context)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.url = f"{'https' if tls is not None else 'http'}://127.0.0.1:{self.port}/hook"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -163,6 +170,35 @@ def test_webhook_retries_until_the_receiver_answers(store: ResultStore) -> None:
     assert headers["Idempotency-Key"] == f"decision-{ids[-1]}"
     assert headers["X-Diffqc-Record-Id"] == str(ids[-1]) and body["record_id"] == ids[-1]
     assert box.dead("webhook") == 0 and disp.failures_total["webhook"] == 3
+
+
+def test_webhook_to_an_endpoint_whose_certificate_an_internal_ca_signed(
+        store: ResultStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A line's MES over HTTPS with a certificate its own CA signed: every push failed, retried
+    and dead-lettered with "certificate verify failed", and nothing said how to trust that CA.
+    The failure names the way (OpenSSL's SSL_CERT_FILE in the service's environment), and with
+    it set the push arrives."""
+    import trustme
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    receiver = Receiver(tls=ca.issue_cert("127.0.0.1"))
+    box = outbox_for(store, "webhook")
+    sink = WebhookSink(receiver.url, timeout_s=10)
+    try:
+        (stored,) = store.insert_many([record(1)])
+        (message,) = box.due("webhook", time.time())
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        with pytest.raises(RuntimeError) as info:
+            sink.send(message)
+        assert "certificate verify failed" in str(info.value)
+        assert "SSL_CERT_FILE=" in str(info.value) and "the endpoint's CA" in str(info.value)
+        assert receiver.requests == []
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+        sink.send(message)
+        assert receiver.delivered_ids() == [stored.id]
+    finally:
+        receiver.close()
 
 
 def test_webhook_dead_letters_after_max_attempts_and_requeues(store: ResultStore) -> None:
@@ -359,7 +395,7 @@ def test_mqtt_last_will_says_offline_when_the_process_dies() -> None:
 class Broker:
     """A private Mosquitto (persistent sessions, so that a subscriber misses nothing)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, tls: Any = None) -> None:
         self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(self.binary).exists():
             pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
@@ -369,6 +405,10 @@ class Broker:
         self.conf = folder / "mosquitto.conf"
         # as root, mosquitto would drop to its own user, which cannot write the session file here
         user = "user root\n" if os.geteuid() == 0 else ""
+        if tls is not None:  # a trustme certificate: the listener speaks TLS (mqtts://)
+            tls.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+            tls.private_key_pem.write_to_path(str(folder / "key.pem"))
+            user += f"certfile {folder}/cert.pem\nkeyfile {folder}/key.pem\n"
         self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
                              f"persistence_location {folder}/\nlog_dest file {folder}/broker.log\n{user}")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -564,3 +604,50 @@ def test_outbox_dead_letters_retention_and_migration_on_postgres(tmp_path: Path)
         bad.close()
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.mark.mqtt
+def test_mqtts_to_a_broker_whose_certificate_an_internal_ca_signed(
+        store: ResultStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A line's broker on mqtts:// with a certificate its own CA signed: the sink never
+    connected and the log said nothing of why (paho retries the handshake in silence). Each
+    reason a connection fails is logged once, the certificate's with the way to trust its CA
+    (OpenSSL's SSL_CERT_FILE), and with it set the messages arrive."""
+    import logging
+
+    import trustme
+
+    mqtt_url()  # the same switch as the other broker tests
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    broker = Broker(tmp_path / "broker", tls=ca.issue_cert("127.0.0.1"))
+    broker.start()
+    box = outbox_for(store, "mqtt")
+    url = f"mqtts://127.0.0.1:{broker.port}/line"
+    try:
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        sink = MqttSink(url)
+        with caplog.at_level(logging.WARNING, logger="diffqc"):
+            sink.start()
+            try:
+                wait_for(lambda: "unreachable" in caplog.text, 15, "the failed handshake logged")
+                time.sleep(3)  # the client retries every 1 to 5 s
+            finally:
+                sink.stop()
+        failures = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+        assert len(failures) == 1, failures  # once, not at every retry
+        assert "certificate verify failed" in failures[0] and "SSL_CERT_FILE=" in failures[0]
+        assert not sink.ready()
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+        sink = MqttSink(url)
+        disp = Dispatcher(box, [sink], poll_s=0.05)
+        disp.start()
+        try:
+            wait_for(sink.ready, 15, "the sink to connect over TLS")
+            store.insert_many([record(1)])
+            wait_for(lambda: box.pending("mqtt") == 0, 15, "the message acknowledged by the broker")
+        finally:
+            disp.stop()
+    finally:
+        broker.stop()

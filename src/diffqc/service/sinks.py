@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
+import sys
 import threading
 import time
 import urllib.error
@@ -264,6 +266,12 @@ def _backoff(base: float, cap: float, attempts: int) -> float:
     return float(min(cap, base * 2.0 ** max(0, attempts - 1)))
 
 
+def trust_hint(peer: str) -> str:
+    """What to do about a certificate no CA this process trusts signed (a line's own CA)."""
+    return (f"trust the {peer}'s CA with SSL_CERT_FILE=/path/ca.pem in the service's environment "
+            "(or add it to the system's certificate store)")
+
+
 class WebhookSink:
     """POST each message as JSON to ``url``; 2xx is success, anything else is retried."""
 
@@ -316,6 +324,9 @@ class WebhookSink:
         except urllib.error.HTTPError as exc:
             raise RuntimeError(f"webhook answered {exc.code}") from None
         except (urllib.error.URLError, OSError) as exc:
+            if isinstance(getattr(exc, "reason", exc), ssl.SSLCertVerificationError):
+                raise RuntimeError(f"webhook unreachable: {getattr(exc, 'reason', exc)}: "
+                                   f"{trust_hint('endpoint')}") from None
             raise RuntimeError(f"webhook unreachable: {exc}") from None
         if not 200 <= status < 300:
             raise RuntimeError(f"webhook answered {status}")
@@ -403,8 +414,10 @@ class MqttSink:
         client.will_set(self.status_topic, "offline", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=5)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         self._client = client
+        self._last_failure: str | None = None
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if getattr(reason, "is_failure", False):
@@ -412,8 +425,21 @@ class MqttSink:
                         self.target.port, reason)
             return
         client.publish(self.status_topic, "online", qos=1, retain=True)
+        self._last_failure = None  # a later outage is said again
         self._connected.set()
         log.info("MQTT connected to %s:%s", self.target.host, self.target.port)
+
+    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
+        """paho retries a connection that fails (refused, a TLS handshake) in silence, and calls
+        this from the ``except`` that caught it: each reason is logged once (not every retry)."""
+        exc = sys.exc_info()[1]
+        reason = str(exc or "the connection failed")
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            reason += f": {trust_hint('broker')}"
+        if reason != self._last_failure:
+            self._last_failure = reason
+            log.warning("MQTT broker %s:%s unreachable: %s (retrying; decisions wait in the outbox)",
+                        self.target.host, self.target.port, reason)
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if self._connected.is_set():
