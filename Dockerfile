@@ -38,8 +38,9 @@ USER diffqc
 VOLUME ["/data"]
 EXPOSE 8000
 
+# HTTP, or HTTPS where serve is given --tls-cert/--tls-key (its own address: no certificate check)
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/healthz', timeout=3)"]
+    CMD ["python", "-c", "import ssl, sys, urllib.request as u\nfor scheme in ('http', 'https'):\n    try:\n        u.urlopen(scheme + '://127.0.0.1:8000/healthz', timeout=2, context=ssl._create_unverified_context())\n        sys.exit(0)\n    except Exception:\n        pass\nsys.exit(1)"]
 
 # The token comes from DIFFQC_TOKEN, the store from DIFFQC_DB (default: SQLite under /data).
 # The model bundle should carry its export (`diffqc export MODEL --int8 ...`, run where the

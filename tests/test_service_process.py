@@ -184,8 +184,32 @@ def test_serve_over_tls(service_model: tuple[Path, Path], samples: Samples, tmp_
             httpx.get(srv.url + "/healthz")
         with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port
             httpx.get(f"http://127.0.0.1:{srv.port}/healthz", timeout=5)
+        # the container's health check finds it healthy over HTTPS (it said unhealthy: http://)
+        assert _docker_healthcheck(srv.port) == 0
     finally:
         srv.stop()
     log = srv.log.read_text()
     assert f"listening on https://127.0.0.1:{srv.port}" in log
     assert f"dashboard at https://127.0.0.1:{srv.port}/dashboard" in log
+
+
+def _docker_healthcheck(port: int) -> int:
+    """The Dockerfile's HEALTHCHECK, run as Docker runs it (its exec form's JSON array) against
+    ``port`` of this machine: its exit code (0 healthy)."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    text = (Path(__file__).resolve().parents[1] / "Dockerfile").read_text()
+    found = re.search(r"^HEALTHCHECK [^\n]*\\\n\s*CMD (\[.*\])$", text, re.MULTILINE)
+    assert found, "no HEALTHCHECK ... CMD [...] in the Dockerfile"
+    argv = json.loads(found.group(1))
+    assert argv[:2] == ["python", "-c"] and ":8000/" in argv[2]
+    code = argv[2].replace(":8000/", f":{port}/")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30).returncode
+
+
+def test_the_containers_health_check_over_http(server: Any) -> None:
+    assert _docker_healthcheck(server.port) == 0
+    assert _docker_healthcheck(bench.free_port()) == 1  # nothing listening
