@@ -342,6 +342,12 @@ ROWS: dict[str, Row | object] = {
                                   ("cannot serve over TLS", "cert.pem", "PEM"),
                                   setup=lambda c: (_tls(c), (c.tmp / "cert.pem").write_bytes(b"\x30junk")),
                                   absent=lambda c: c.tmp / "r.db"),
+    "serve_token_file_missing": Row(lambda c: ["serve", str(c.model), "--db", str(c.tmp / "r.db")],
+                                    ("cannot read DIFFQC_TOKEN_FILE", "No such file"),
+                                    setup=lambda c: (c.monkeypatch.delenv("DIFFQC_TOKEN", raising=False),
+                                                     c.monkeypatch.setenv("DIFFQC_TOKEN_FILE",
+                                                                          str(c.tmp / "secret"))),
+                                    absent=lambda c: c.tmp / "r.db"),
     # export
     "export_int8_without_data": Row(lambda c: ["export", str(c.model), "--int8", "-q"],
                                     ("--int8 needs --calibration-data",)),

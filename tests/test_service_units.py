@@ -640,6 +640,29 @@ def test_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     assert token_matches("ünïcode", ["ünïcode"])
 
 
+def test_tokens_from_a_secret_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A token in the environment or on the command line is read by anyone who may read the
+    process's environment or `ps`; Docker and Kubernetes secrets, and systemd's credentials,
+    are files (/run/secrets/diffqc_token). $DIFFQC_TOKEN_FILE names one: one token per line
+    (or comma-separated), after --token and $DIFFQC_TOKEN; a file that cannot be read or holds
+    no token is said, not a service without a token."""
+    monkeypatch.delenv("DIFFQC_TOKEN", raising=False)
+    secret = tmp_path / "diffqc_token"
+    secret.write_text("first-token-0123456789\nsecond-token-0123456789\n")
+    monkeypatch.setenv("DIFFQC_TOKEN_FILE", str(secret))
+    assert tokens_from_env(None) == ("first-token-0123456789", "second-token-0123456789")
+    assert tokens_from_env("cli") == ("cli",)
+    monkeypatch.setenv("DIFFQC_TOKEN", "env")
+    assert tokens_from_env(None) == ("env",)
+    monkeypatch.delenv("DIFFQC_TOKEN")
+    secret.write_text("\n")
+    with pytest.raises(ConfigError, match=r"DIFFQC_TOKEN_FILE .*diffqc_token holds no token"):
+        tokens_from_env(None)
+    monkeypatch.setenv("DIFFQC_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match=r"cannot read DIFFQC_TOKEN_FILE .*missing: No such file"):
+        tokens_from_env(None)
+
+
 @pytest.mark.parametrize("field,value", [("buffer_size", 0), ("max_batch", 0), ("max_upload_bytes", 0),
                                          ("max_batch_items", 0), ("retry_after_s", -1),
                                          ("body_timeout_s", 0.0)])

@@ -294,7 +294,9 @@ def add_service_commands(subparsers: Any) -> None:
     p.add_argument(
         "--token",
         action="append",
-        help="accepted API token (repeatable; default $DIFFQC_TOKEN, comma-separated)",
+        help="accepted API token (repeatable; default $DIFFQC_TOKEN, comma-separated, or the file "
+             "$DIFFQC_TOKEN_FILE names: a token here or in the environment is seen by those who may "
+             "read this process's command line or environment)",
     )
     p.add_argument(
         "--no-auth",

@@ -139,7 +139,8 @@ class ServiceSettings:
     def validate(self) -> None:
         if not self.tokens and not self.allow_no_token:
             raise ConfigError(
-                "no API token: pass --token or set DIFFQC_TOKEN (or --no-auth on a trusted host)"
+                "no API token: pass --token or set DIFFQC_TOKEN or DIFFQC_TOKEN_FILE (a file holding "
+                "it) (or --no-auth on a trusted host)"
             )
         try:
             check_tls(self.tls_cert, self.tls_key)

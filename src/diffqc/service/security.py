@@ -16,7 +16,10 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from diffqc.errors import ConfigError
+
 TOKEN_ENV = "DIFFQC_TOKEN"
+TOKEN_FILE_ENV = "DIFFQC_TOKEN_FILE"  # a file holding the token(s): a container's secret
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 
@@ -58,9 +61,22 @@ def parse_tokens(value: str | Iterable[str] | None) -> tuple[str, ...]:
 
 
 def tokens_from_env(explicit: str | Iterable[str] | None = None) -> tuple[str, ...]:
-    """Explicit tokens win; else ``$DIFFQC_TOKEN`` (comma-separated for several)."""
-    tokens = parse_tokens(explicit)
-    return tokens if tokens else parse_tokens(os.environ.get(TOKEN_ENV))
+    """Explicit tokens win; else ``$DIFFQC_TOKEN`` (comma-separated for several); else the file
+    ``$DIFFQC_TOKEN_FILE`` names (a Docker or Kubernetes secret, a systemd credential: one
+    token per line, or comma-separated), which must be readable and hold one."""
+    tokens = parse_tokens(explicit) or parse_tokens(os.environ.get(TOKEN_ENV))
+    path = os.environ.get(TOKEN_FILE_ENV)
+    if tokens or not path:
+        return tokens
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {TOKEN_FILE_ENV} {path}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    tokens = parse_tokens(text.splitlines())
+    if not tokens:
+        raise ConfigError(f"{TOKEN_FILE_ENV} {path} holds no token (one per line)")
+    return tokens
 
 
 def new_token() -> str:
