@@ -11,7 +11,9 @@ found by its id), `results list --since 8h` and a past period's (a day ago), the
 (every 60 s, keeping a day of kept images: the first pass expires the older ones), opening the
 store (a restart) and storing one more part. Median of ``--rounds``, in milliseconds. The
 read session 33 gave an index, the rows naming a file, is also timed as it ran before
-(``before:``, the table scanned), in the same run on the same rows.
+(``before:``, the table scanned), in the same run on the same rows; so are the retention pass's
+sizes of kept files on disk (``--kept-files``: every row naming one, as ``--keep-images all``
+for days leaves them), read one file path at a time before session 34.
 
     python benchmarks/store_scale.py [--records 1000000] [--steps 10000,100000,1000000] [--rounds 7]
 """
@@ -28,7 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from diffqc.service.retention import ARTIFACT_ROWS, Artifact, RetentionPolicy, apply_retention
+from diffqc.service.retention import (
+    ARTIFACT_ROWS,
+    Artifact,
+    RetentionPolicy,
+    apply_retention,
+    referenced_artifacts,
+)
 from diffqc.service.store import TABLE, ArtifactStore, ResultRecord, ResultStore
 
 TYPES = ("angle", "dist1", "dist6", "dots", "edge1", "edge2", "edge3", "edge4")
@@ -117,6 +125,35 @@ def _partition_ms(n: int) -> tuple[float, float]:
     return (t1 - t0) * 1000, (t2 - t1) * 1000
 
 
+def _kept_files_ms(n: int, rounds: int) -> tuple[float, float]:
+    """The sizes the retention pass reads when every one of ``n`` rows names a kept image on
+    disk (``--keep-images all`` for days): as before session 34 (each named file's path
+    resolved, then stat'ed) and now (:func:`referenced_artifacts`: one listing per folder);
+    median milliseconds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = ArtifactStore(Path(tmp) / "data")
+        with ResultStore(str(Path(tmp) / "kept.db")) as store:
+            rng = np.random.default_rng(2)
+            for first in range(0, n, 5000):
+                records = _records(rng, first, min(5000, n - first), time.time())
+                for rec in records:
+                    rec.image = artifacts.save_bytes("images", b"x" * 100, "png")
+                store.insert_many(records)
+
+            def before() -> int:
+                total = 0
+                for _, _, _, image in _rows(store, ARTIFACT_ROWS, []):
+                    path = artifacts.path("images", image)
+                    total += path.stat().st_size if path is not None else 0
+                return total
+
+            def now() -> int:
+                return sum(a.size for a in referenced_artifacts(store, artifacts))
+
+            assert before() == now() == 100 * n
+            return _median_ms(before, rounds), _median_ms(now, rounds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", default="10000,100000,1000000",
@@ -125,6 +162,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--partition", default="1000,5000,20000",
                     help="artifact counts at which to time the first pass's split, before and now")
+    ap.add_argument("--kept-files", default="20000,200000",
+                    help="files on disk, each named by a row, at which to time the pass's sizes, "
+                         "before and now (0: skip)")
     args = ap.parse_args()
     steps = [int(s) for s in args.steps.split(",")]
     rng = np.random.default_rng(args.seed)
@@ -162,6 +202,9 @@ def main() -> None:
         old, new = _partition_ms(n)
         print(f"first pass's split of {n:,} kept files, 9 in 10 expired: before {old:.0f} ms, "
               f"now {new:.1f} ms")
+    for n in (int(x) for x in args.kept_files.split(",") if int(x) > 0):
+        old, new = _kept_files_ms(n, min(args.rounds, 3))
+        print(f"retention pass's sizes of {n:,} kept files on disk: before {old:.0f} ms, now {new:.0f} ms")
     print("| median ms | " + " | ".join(f"{s:,} rows" for s in steps) + " |")
     print("|---|" + "---:|" * len(steps))
     for name, values in cols.items():

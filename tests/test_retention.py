@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 from diffqc.errors import ConfigError
-from diffqc.service.retention import ARTIFACT_ROWS, RetentionPolicy, RetentionWorker, apply_retention
+from diffqc.service.retention import (
+    ARTIFACT_ROWS,
+    RetentionPolicy,
+    RetentionWorker,
+    apply_retention,
+    artifact_sizes,
+)
 from diffqc.service.store import ArtifactStore, ResultRecord, ResultStore
 from tests.test_service_common import (  # noqa: F401 (fixtures)
     AUTH,
@@ -97,6 +103,21 @@ def test_the_retention_pass_reads_the_rows_naming_files_through_their_index(stor
     with store._reader() as conn:
         plan = " ".join(str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + ARTIFACT_ROWS))
     assert plan == "SCAN diffqc_results USING INDEX diffqc_results_artifacts"
+
+
+def test_sizes_come_from_one_listing_of_the_files_the_service_wrote(tmp_path: Path) -> None:
+    """The budget's sizes are read from one listing of each folder (a path resolved per file
+    took 8 s a pass for 200,000 kept files): only generated names count, a symlink named as one
+    is not followed (a file outside, of no size to us), a missing folder is empty."""
+    art = ArtifactStore(tmp_path / "data")
+    name = art.save_bytes("images", b"x" * 10, "png")
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"y" * 1000)
+    (tmp_path / "data" / "images" / f"{'a' * 32}.png").symlink_to(outside)
+    (tmp_path / "data" / "images" / "notes.txt").write_text("the operator's")
+    assert artifact_sizes(art, "images") == {name: 10}
+    assert artifact_sizes(art, "heatmaps") == {}
+    assert artifact_sizes(ArtifactStore(tmp_path / "nothing"), "images") == {}
 
 
 def test_worker_and_policy_validation(stores) -> None:  # type: ignore[no-untyped-def]
