@@ -210,6 +210,10 @@ def _docker_healthcheck(port: int) -> int:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30).returncode
 
 
-def test_the_containers_health_check_over_http(server: Any) -> None:
-    assert _docker_healthcheck(server.port) == 0
-    assert _docker_healthcheck(bench.free_port()) == 1  # nothing listening
+def test_the_containers_health_check_over_http(service_model: tuple[Path, Path], tmp_path: Path) -> None:
+    srv = bench.start_server(service_model[0], str(tmp_path / "r.db"), workdir=tmp_path)
+    try:  # a server of its own: the module's is killed by the kill -9 test
+        assert _docker_healthcheck(srv.port) == 0
+    finally:
+        srv.stop()
+    assert _docker_healthcheck(srv.port) == 1  # nothing listening

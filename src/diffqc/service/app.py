@@ -142,10 +142,7 @@ class ServiceSettings:
                 "no API token: pass --token or set DIFFQC_TOKEN or DIFFQC_TOKEN_FILE (a file holding "
                 "it) (or --no-auth on a trusted host)"
             )
-        try:
-            check_tls(self.tls_cert, self.tls_key)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        check_tls(self.tls_cert, self.tls_key)
         policies = [p.value for p in OverflowPolicy]
         if self.overflow not in policies:
             raise ConfigError(f"overflow must be one of {', '.join(policies)}, got {self.overflow!r}")

@@ -115,11 +115,11 @@ def _no_passphrase() -> bytes:
 
 def check_tls(cert: str | Path | None, key: str | Path | None) -> None:
     """``serve --tls-cert CERT --tls-key KEY``: both or neither; the certificate a PEM file (its
-    chain after it), the key its own, in PEM, unencrypted. Anything else is a ``ValueError``
+    chain after it), the key its own, in PEM, unencrypted. Anything else is a :class:`ConfigError`
     that names the file, said before the port is bound and the model loads (the server would
     fail later, or ask for an encrypted key's passphrase on a terminal no one watches)."""
     if (cert is None) != (key is None):
-        raise ValueError("--tls-cert and --tls-key go together: the certificate (PEM, its chain "
+        raise ConfigError("--tls-cert and --tls-key go together: the certificate (PEM, its chain "
                          "after it) and its private key (PEM, unencrypted)")
     if cert is None or key is None:
         return
@@ -130,22 +130,22 @@ def check_tls(cert: str | Path | None, key: str | Path | None) -> None:
             with open(path, "rb"):
                 pass
         except OSError as exc:
-            raise ValueError(f"cannot serve over TLS: {path}: {exc.strerror or exc}") from None
+            raise ConfigError(f"cannot serve over TLS: {path}: {exc.strerror or exc}") from None
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=str(cert))
     except ssl.SSLError:
-        raise ValueError(f"cannot serve over TLS: {cert} holds no PEM certificate "
+        raise ConfigError(f"cannot serve over TLS: {cert} holds no PEM certificate "
                          "(-----BEGIN CERTIFICATE-----)") from None
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key), password=_no_passphrase)
     except _Encrypted:
-        raise ValueError(f"cannot serve over TLS: {key} is encrypted: give the key unencrypted, "
+        raise ConfigError(f"cannot serve over TLS: {key} is encrypted: give the key unencrypted, "
                          f"readable by the service's user only (openssl pkey -in {key} -out "
                          "plain-key.pem)") from None
     except ssl.SSLError as exc:
         what = (f"{key} is not the key of {cert}" if exc.reason == "KEY_VALUES_MISMATCH"
                 else f"{key} holds no PEM private key (-----BEGIN PRIVATE KEY-----)")
-        raise ValueError(f"cannot serve over TLS: {what}") from None
+        raise ConfigError(f"cannot serve over TLS: {what}") from None
 
 
 def check_content_length(header: str | None, limit: int) -> None:
