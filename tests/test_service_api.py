@@ -511,6 +511,18 @@ async def test_parts_unlike_their_training_images_are_shown_in_line_and_metrics(
     assert f'diffqc_parts_unlike_training_total{{feature_type="{ftype}",check="colour"}} 2' in metrics
 
 
+async def test_a_nearly_full_disk_is_shown_in_line_and_metrics(detector: Any, tmp_path: Path) -> None:
+    """The store's file system is watched: /v1/line and /metrics say how much is free and
+    whether it is low (here: below a threshold larger than any disk)."""
+    async with running_app(detector, tmp_path, disk_min_free_bytes=2**60) as (client, _):
+        line = (await client.get("/v1/line", headers=AUTH)).json()
+        metrics = (await client.get("/metrics", headers=AUTH)).text
+    [fs] = line["disk"]
+    assert fs["low"] and fs["path"] == str(tmp_path) and fs["free_bytes"] > 0
+    assert f'diffqc_disk_low{{path="{tmp_path}"}} 1' in metrics
+    assert f'diffqc_disk_free_bytes{{path="{tmp_path}"}} ' in metrics
+
+
 async def test_no_path_traversal_in_file_routes(detector: Any, samples: Samples, tmp_path: Path) -> None:
     body, ftype = samples.one("REVIEW")
     secret = tmp_path / "secret.txt"

@@ -425,3 +425,32 @@ def test_dashboard_works_behind_a_proxy_that_serves_it_under_a_path(
         severe = [e for e in browser.get_log("browser")  # the first call, before the token: 401
                   if e.get("level") == "SEVERE" and "401" not in e.get("message", "")]
         assert severe == []
+
+
+def test_dashboard_says_when_a_disk_is_nearly_full(detector: Any, browser: Any, tmp_path: Path) -> None:
+    """The operators see the store's disk running low before parts stop being stored (here:
+    below a threshold larger than any disk); hidden while there is room."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    wait = WebDriverWait(browser, 20)
+    for limit, shown in ((2**60, True), (0, False)):
+        folder = tmp_path / str(limit)
+        app = create_app(ServiceSettings(db_url=str(folder / "r.db"), tokens=(TOKEN,),
+                                         disk_min_free_bytes=limit, disk_min_free_ratio=0.0),
+                         detector=detector)
+        with _serve(app) as url:
+            browser.get(url + "/dashboard")
+            browser.find_element(By.ID, "token").send_keys(TOKEN)
+            browser.find_element(By.ID, "connect").click()
+            wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
+            if shown:
+                item = wait.until(ec.visibility_of_element_located(
+                    (By.CSS_SELECTOR, f'#disk li[data-path="{folder}"]')))
+                assert "GB free" in item.text and "Nearly full" in browser.find_element(By.ID, "disk").text
+            else:
+                time.sleep(3)  # a few polls of /v1/line
+                assert not browser.find_element(By.ID, "disk").is_displayed()

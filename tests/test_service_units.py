@@ -798,3 +798,34 @@ def test_serve_names_the_dashboards_address() -> None:
     assert dashboard_url("127.0.0.1", 8080) == "http://127.0.0.1:8080/dashboard"
     assert dashboard_url("0.0.0.0", 80) == dashboard_url("::", 80) == "http://localhost:80/dashboard"
     assert dashboard_url("::1", 8080) == "http://[::1]:8080/dashboard"
+
+
+# ----------------------------------------------------------------------------- line
+def test_disk_watch_says_when_the_stores_file_system_runs_low(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Records are never deleted: a line's store grows until its disk is full, and then no
+    part can be stored. The free space of the store's and the data folder's file systems is
+    watched: low below ``min_free_bytes`` or ``min_free_ratio``, said in the log once when it
+    turns low and once when it recovers; folders on one file system are one entry."""
+    import logging
+    import shutil
+
+    from diffqc.service.line import DiskWatch
+
+    (tmp_path / "data").mkdir()
+    free = shutil.disk_usage(tmp_path).free
+    watch = DiskWatch([tmp_path / "results.db", tmp_path / "data"], min_free_bytes=free + 2**40,
+                      min_free_ratio=0.0)
+    with caplog.at_level(logging.INFO, logger="diffqc"):
+        [fs] = watch.check()
+        watch.check()
+        assert fs["low"] and fs["path"] == str(tmp_path)
+        assert 0 < fs["free_bytes"] <= fs["total_bytes"] and 0 < fs["free_ratio"] <= 1
+        assert caplog.text.count("is nearly full") == 1, caplog.text
+        assert "records are never deleted" in caplog.text
+        watch.min_free_bytes = 0
+        [fs] = watch.check()
+        assert not fs["low"] and caplog.text.count("has room again") == 1
+    never = DiskWatch([tmp_path / "absent" / "results.db"], min_free_bytes=1, min_free_ratio=0.0)
+    [fs] = never.check()  # a folder not made yet: its nearest existing parent's file system
+    assert fs["path"] == str(tmp_path) and not fs["low"]

@@ -73,6 +73,11 @@ def is_misrouted(feature_type: str | None, predicted_type: str | None, type_know
     )
 
 
+def prometheus_label(value: object) -> str:
+    """``value`` as a Prometheus label value (backslash, quote and newline escaped)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 @dataclass(frozen=True)
 class DriftConfig:
     window: int = 200  # p-values per type kept
@@ -228,9 +233,7 @@ class DriftMonitor:
             out.append(f"# HELP {name} {text}")
             out.append(f"# TYPE {name} {kind}")
 
-        def lab(t: str) -> str:
-            return t.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
+        lab = prometheus_label
         head("diffqc_drift_statistic", "gauge",
              "One-sided KS statistic of the window's p-values against uniform, per type.")
         for t, row in snap.items():

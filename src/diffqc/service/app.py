@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffqc.bundle import check_bundle_files
 from diffqc.data import decode_image
-from diffqc.drift import is_misrouted
+from diffqc.drift import is_misrouted, prometheus_label
 from diffqc.errors import ConfigError, DiffqcError, ImageReadError, did_you_mean, unknown_feature_type
 from diffqc.output import json_safe
 from diffqc.service.buffer import (
@@ -133,6 +133,8 @@ class ServiceSettings:
     retention_max_age_s: float | None = None  # kept images / heat maps older than this go
     retention_max_bytes: int | None = None  # ... and the oldest beyond this disk budget
     retention_interval_s: float = 60.0
+    disk_min_free_bytes: int = 1 << 30  # the store's or data folder's disk is low below this ...
+    disk_min_free_ratio: float = 0.05  # ... or this share of its size (log, /v1/line, dashboard)
     tls_cert: str | Path | None = None  # serve over HTTPS: the certificate (PEM) ...
     tls_key: str | Path | None = None  # ... and its private key (PEM, unencrypted)
 
@@ -183,10 +185,6 @@ def _error_response(exc: ServiceError) -> JSONResponse:
 # --------------------------------------------------------------------------- metrics
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-
-
-def _esc(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class Histogram:
@@ -258,7 +256,7 @@ class Metrics:
         with self._lock:
             head("diffqc_decisions_total", "counter", "Stored decisions per feature type.")
             for (ftype, decision), n in sorted(self.decisions.items()):
-                labels = f'feature_type="{_esc(ftype)}",decision="{decision}"'
+                labels = f'feature_type="{prometheus_label(ftype)}",decision="{decision}"'
                 out.append(f"diffqc_decisions_total{{{labels}}} {n}")
             head(
                 "diffqc_inspection_latency_seconds",
@@ -283,7 +281,7 @@ class Metrics:
                 "Uploads refused before inspection, by reason.",
             )
             for reason, n in sorted(self.rejected_uploads.items()):
-                out.append(f'diffqc_bad_uploads_total{{reason="{_esc(reason)}"}} {n}')
+                out.append(f'diffqc_bad_uploads_total{{reason="{prometheus_label(reason)}"}} {n}')
         if pipeline is not None:
             buf = pipeline.buffer
             head("diffqc_queue_depth", "gauge", "Parts waiting in the ring buffer.")
@@ -324,12 +322,12 @@ class Metrics:
                  "Parts of a type whose image came at another size or colour than its training "
                  "images (a changed camera).")
             for seen in pipeline.image_check.snapshot():
-                labels = f'feature_type="{_esc(seen["feature_type"])}",check="{seen["check"]}"'
+                labels = f'feature_type="{prometheus_label(seen["feature_type"])}",check="{seen["check"]}"'
                 out.append(f"diffqc_parts_unlike_training_total{{{labels}}} {seen['parts']}")
         head("diffqc_review_pending", "gauge", "REVIEW decisions without an operator verdict.")
         out.append(f"diffqc_review_pending {pending}")
         head("diffqc_model_info", "gauge", "The loaded model.")
-        out.append(f'diffqc_model_info{{version="{_esc(model_version)}"}} 1')
+        out.append(f'diffqc_model_info{{version="{prometheus_label(model_version)}"}} 1')
         rss = resident_memory_bytes()
         if rss is not None:
             head("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")

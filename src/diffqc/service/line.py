@@ -5,24 +5,91 @@ into a running service (``create_app`` starts it before the inspection worker, s
 Configured by :class:`diffqc.service.app.ServiceSettings` fields: ``mqtt_url``,
 ``webhook_url``, ``webhook_max_attempts``, ``drift_window``, ``drift_min_parts``,
 ``drift_level``, ``calibration_poll_s``, ``retention_max_age_s``, ``retention_max_bytes``,
-``retention_interval_s``.
+``retention_interval_s``, ``disk_min_free_bytes``, ``disk_min_free_ratio``. It also watches
+the free space of the disks it writes to (:class:`DiskWatch`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor
+from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, prometheus_label
 from diffqc.recalibrate import CalibrationReloader
 from diffqc.service.retention import RetentionPolicy, RetentionWorker
 from diffqc.service.sinks import Dispatcher, Outbox, build_sinks
 from diffqc.service.store import ArtifactStore, ResultRecord, ResultStore
 
 log = logging.getLogger("diffqc.service")
+
+
+class DiskWatch:
+    """The free space of the file systems a service writes to: the SQLite store's folder and
+    the kept images' and heat maps' folder. Records are never deleted, so a line's store grows
+    until its disk is full, and then no part can be stored; a file system is ``low`` below
+    ``min_free_bytes`` or ``min_free_ratio`` of its size, said in the log once each time it
+    turns low and once when it has room again."""
+
+    def __init__(self, folders: list[Path], *, min_free_bytes: int = 1 << 30,
+                 min_free_ratio: float = 0.05) -> None:
+        self.folders = folders
+        self.min_free_bytes = min_free_bytes
+        self.min_free_ratio = min_free_ratio
+        self._low: dict[str, bool] = {}
+
+    @staticmethod
+    def _existing(folder: Path) -> Path:
+        """``folder``, or the nearest parent that exists (a store not made yet)."""
+        folder = folder.resolve()
+        while not folder.is_dir() and folder != folder.parent:
+            folder = folder.parent
+        return folder
+
+    def check(self) -> list[dict[str, Any]]:
+        """Per file system (the first of the folders on it): ``path``, ``free_bytes``,
+        ``total_bytes``, ``free_ratio``, ``low``."""
+        out: list[dict[str, Any]] = []
+        seen: set[int] = set()
+        for folder in (self._existing(f) for f in self.folders):
+            try:
+                device = os.stat(folder).st_dev
+                usage = shutil.disk_usage(folder)
+            except OSError:  # a share that dropped: the store says so itself
+                continue
+            if device in seen:
+                continue
+            seen.add(device)
+            ratio = usage.free / usage.total if usage.total else 1.0
+            low = usage.free < self.min_free_bytes or ratio < self.min_free_ratio
+            path = str(folder)
+            if low != self._low.get(path, False):
+                if low:
+                    log.warning("the disk of %s is nearly full: %.1f GB free (%.1f %%); records are never "
+                                "deleted, and once it is full no part can be stored: free space, or move "
+                                "the store (--db) or the kept images (--data-dir, --keep-days)",
+                                path, usage.free / 1e9, 100 * ratio)
+                else:
+                    log.info("the disk of %s has room again: %.1f GB free", path, usage.free / 1e9)
+            self._low[path] = low
+            out.append({"path": path, "free_bytes": usage.free, "total_bytes": usage.total,
+                        "free_ratio": round(ratio, 4), "low": low})
+        return out
+
+    def metrics_lines(self) -> list[str]:
+        disks, lab = self.check(), prometheus_label
+        out = ["# HELP diffqc_disk_free_bytes Free bytes on the file systems the service writes to.",
+               "# TYPE diffqc_disk_free_bytes gauge"]
+        out += [f'diffqc_disk_free_bytes{{path="{lab(d["path"])}"}} {d["free_bytes"]}' for d in disks]
+        out += ["# HELP diffqc_disk_low 1 when a file system the service writes to is nearly full.",
+                "# TYPE diffqc_disk_low gauge"]
+        out += [f'diffqc_disk_low{{path="{lab(d["path"])}"}} {int(d["low"])}' for d in disks]
+        return out
 
 
 class LineServices:
@@ -53,6 +120,11 @@ class LineServices:
                                  float(getattr(settings, "retention_interval_s", 60.0))).validate()
         self.retention = (RetentionWorker(store, artifacts, policy)
                           if policy.active and artifacts is not None else None)
+        folders = [store.path] if store.path is not None else []  # PostgreSQL's disk is its server's
+        self.disk = DiskWatch(folders + ([artifacts.root] if artifacts is not None else []),
+                              min_free_bytes=int(getattr(settings, "disk_min_free_bytes", 1 << 30)),
+                              min_free_ratio=float(getattr(settings, "disk_min_free_ratio", 0.05)))
+        self.disk_poll_s = 60.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -64,10 +136,8 @@ class LineServices:
             self.dispatcher.start()
         if self.retention is not None:
             self.retention.start()
-        if self.reloader is not None:
-            self._thread = threading.Thread(target=self._watch_calibration, name="diffqc-calibration",
-                                            daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._watch, name="diffqc-line", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
         """After the inspection worker stopped; what is not delivered stays in the outbox."""
@@ -112,8 +182,18 @@ class LineServices:
             self.on_calibration()
         return True
 
-    def _watch_calibration(self) -> None:
-        while not self._stop.wait(self.poll_s):
+    def _watch(self) -> None:
+        """The calibration file every ``poll_s``, the disks every ``disk_poll_s`` (first now)."""
+        disk_due = 0.0
+        while True:
+            if time.monotonic() >= disk_due:
+                disk_due = time.monotonic() + self.disk_poll_s
+                try:
+                    self.disk.check()
+                except Exception:
+                    log.exception("disk check failed")
+            if self._stop.wait(self.poll_s):
+                return
             try:
                 self.check_calibration()
             except Exception:
@@ -129,6 +209,7 @@ class LineServices:
                 log.warning("sink metrics unavailable: %s", exc)
         if self.retention is not None:
             out += self.retention.metrics_lines()
+        out += self.disk.metrics_lines()
         if self.reloader is not None:
             out += ["# HELP diffqc_calibration_reloads_total Calibrations picked up without a restart.",
                     "# TYPE diffqc_calibration_reloads_total counter",
@@ -145,6 +226,7 @@ class LineServices:
                 "expired_total": self.retention.expired_total,
                 "kept_bytes": self.retention.kept_bytes,
             },
+            "disk": self.disk.check(),
             "calibration": None if self.reloader is None else {
                 "file": str(self.reloader.file),
                 "reloads": self.reloader.reloads,
