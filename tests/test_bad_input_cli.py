@@ -348,6 +348,14 @@ ROWS: dict[str, Row | object] = {
                                                      c.monkeypatch.setenv("DIFFQC_TOKEN_FILE",
                                                                           str(c.tmp / "secret"))),
                                     absent=lambda c: c.tmp / "r.db"),
+    "serve_webhook_header_without_webhook": Row(
+        lambda c: ["serve", str(c.model), "--token", "t" * 32, "--db", str(c.tmp / "r.db"),
+                   "--webhook-header", "Authorization: Bearer x"],
+        ("--webhook-header needs --webhook",), absent=lambda c: c.tmp / "r.db"),
+    "serve_webhook_header_malformed": Row(
+        lambda c: ["serve", str(c.model), "--token", "t" * 32, "--db", str(c.tmp / "r.db"),
+                   "--webhook", "http://127.0.0.1:9/hook", "--webhook-header", "Bearer s3cr3t"],
+        ("--webhook-header 1 is not 'Name: value'",), absent=lambda c: c.tmp / "r.db"),
     # export
     "export_int8_without_data": Row(lambda c: ["export", str(c.model), "--int8", "-q"],
                                     ("--int8 needs --calibration-data",)),

@@ -31,6 +31,7 @@ from diffqc.service.sinks import (
     Outbox,
     WebhookSink,
     parse_mqtt_url,
+    webhook_headers,
 )
 from diffqc.service.store import ResultRecord, ResultStore
 from tests.test_service_common import (  # noqa: F401 (fixtures)
@@ -508,6 +509,51 @@ async def test_service_pushes_each_decision_and_a_drift_alarm_to_the_webhook(det
             assert (await client.post("/v1/sinks/nope/requeue", headers=AUTH)).status_code == 404
     finally:
         receiver.close()
+
+
+def test_webhook_headers_as_given_or_read_from_a_file(tmp_path: Path) -> None:
+    """`--webhook-header 'Authorization: Bearer ...'` (repeatable), or `@FILE` for header lines
+    kept in a secret file (curl's -H @file); a malformed one is named by its place, never by
+    its value (a secret), and diffqc's own headers are not replaced."""
+    secret = tmp_path / "mes_headers"
+    secret.write_text("Authorization: Bearer s3cr3t-token\n\nX-Plant:  Hall 4 \n")
+    assert webhook_headers(["X-Line: L1", f"@{secret}"]) == {
+        "X-Line": "L1", "Authorization": "Bearer s3cr3t-token", "X-Plant": "Hall 4"}
+    assert webhook_headers([]) == {}
+    for bad, message in (("Authorization Bearer s3cr3t", "--webhook-header 1 is not 'Name: value'"),
+                         (": s3cr3t", "--webhook-header 1 is not 'Name: value'"),
+                         ("Bad Name: s3cr3t", "--webhook-header 1 is not 'Name: value'"),
+                         ("Content-Type: text/plain", "Content-Type is set by diffqc"),
+                         ("idempotency-key: 1", "Idempotency-Key is set by diffqc"),
+                         ("X-Diffqc-Kind: x", "X-Diffqc-Kind is set by diffqc"),
+                         (f"@{tmp_path / 'missing'}", "cannot read --webhook-header @")):
+        with pytest.raises(ConfigError) as info:
+            webhook_headers([bad])
+        assert message in str(info.value) and "s3cr3t" not in str(info.value), (bad, info.value)
+    secret.write_text("Authorization: Bearer s3cr3t\nnot a header line\n")
+    with pytest.raises(ConfigError, match="line 2 of") as info:
+        webhook_headers([f"@{secret}"])
+    assert "s3cr3t" not in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_service_sends_the_webhook_headers_given(detector: Any, samples: Any, tmp_path: Path) -> None:
+    """A MES endpoint wants its token in a header: every push carries the headers given."""
+    receiver = Receiver()
+    data, ftype = samples.one("PASS")
+    try:
+        headers = ("Authorization: Bearer mes-token-0123456789",)
+        async with running_app(detector, tmp_path, webhook_url=receiver.url,
+                               webhook_headers=headers) as (client, _):
+            r = await client.post("/v1/inspect", params={"feature_type": ftype}, content=data, headers=AUTH)
+            assert r.status_code == 200
+            await asyncio.to_thread(wait_for, lambda: receiver.delivered_ids() == [r.json()["id"]],
+                                    30, "the decision at the webhook")
+    finally:
+        receiver.close()
+    _, headers, _ = receiver.requests[0]
+    assert headers["Authorization"] == "Bearer mes-token-0123456789"
+    assert headers["Content-Type"] == "application/json"
 
 
 @pytest.mark.anyio

@@ -141,6 +141,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "tls_key": args.tls_key,
         "mqtt_url": args.mqtt,
         "webhook_url": args.webhook,
+        "webhook_headers": tuple(args.webhook_header or ()),
         **_retention(args),
         "log_level": args.log_level,
         "access_log": args.access_log,
@@ -355,6 +356,10 @@ def add_service_commands(subparsers: Any) -> None:
     p.add_argument("--mqtt", default=None, metavar="URL",
                    help="push every decision to an MQTT broker: mqtt://host:1883/topic-prefix")
     p.add_argument("--webhook", default=None, metavar="URL", help="POST every decision as JSON to URL")
+    p.add_argument("--webhook-header", action="append", default=None, metavar="'NAME: VALUE' or @FILE",
+                   help="a header sent with every push, e.g. 'Authorization: Bearer TOKEN' "
+                        "(repeatable); @FILE reads header lines from a file (a secret's, kept off "
+                        "the command line)")
     p.add_argument("--log-level", type=str.lower, default="info", choices=LOG_LEVELS,
                    help="the service's log (default: info)")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")

@@ -65,7 +65,7 @@ from diffqc.service.security import (
     read_limited,
     token_matches,
 )
-from diffqc.service.sinks import check_sink_urls
+from diffqc.service.sinks import check_sink_urls, webhook_headers
 from diffqc.service.store import (
     DECISIONS,
     MAX_ROW_ID,
@@ -126,6 +126,7 @@ class ServiceSettings:
     mqtt_url: str | None = None  # mqtt://host:port/prefix
     webhook_url: str | None = None  # POST each decision as JSON
     webhook_max_attempts: int = 8  # then the message goes to the dead-letter table
+    webhook_headers: tuple[str, ...] = ()  # "Name: value" or "@FILE" (sinks.webhook_headers)
     drift_window: int = 200  # p-values per type in the drift window
     drift_min_parts: int = 30
     drift_level: float = 1e-4  # false-alarm bound per drift test
@@ -157,6 +158,9 @@ class ServiceSettings:
         if not self.body_timeout_s > 0:
             raise ConfigError(f"body_timeout_s must be positive, got {self.body_timeout_s}")
         check_sink_urls(self.mqtt_url, self.webhook_url)
+        if self.webhook_headers and not self.webhook_url:
+            raise ConfigError("--webhook-header needs --webhook URL (the endpoint it is sent to)")
+        webhook_headers(self.webhook_headers)
         if self.watch_dirs:
             from diffqc.service.watch import check_watch_folder
 

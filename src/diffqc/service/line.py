@@ -3,7 +3,7 @@ for drift, pick up a new calibration, expire old artifacts. :class:`LineServices
 into a running service (``create_app`` starts it before the inspection worker, stops it after).
 
 Configured by :class:`diffqc.service.app.ServiceSettings` fields: ``mqtt_url``,
-``webhook_url``, ``webhook_max_attempts``, ``drift_window``, ``drift_min_parts``,
+``webhook_url``, ``webhook_max_attempts``, ``webhook_headers``, ``drift_window``, ``drift_min_parts``,
 ``drift_level``, ``calibration_poll_s``, ``retention_max_age_s``, ``retention_max_bytes``,
 ``retention_interval_s``, ``disk_min_free_bytes``, ``disk_min_free_ratio``. It also watches
 the free space of the disks it writes to (:class:`DiskWatch`).
@@ -23,7 +23,7 @@ from typing import Any
 from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, prometheus_label
 from diffqc.recalibrate import CalibrationReloader
 from diffqc.service.retention import RetentionPolicy, RetentionWorker
-from diffqc.service.sinks import Dispatcher, Outbox, build_sinks
+from diffqc.service.sinks import Dispatcher, Outbox, build_sinks, webhook_headers
 from diffqc.service.store import ArtifactStore, ResultRecord, ResultStore
 
 log = logging.getLogger("diffqc.service")
@@ -99,7 +99,8 @@ class LineServices:
                  detector: Any, *, on_calibration: Callable[[], None] | None = None) -> None:
         self.store = store
         sinks = build_sinks(getattr(settings, "mqtt_url", None), getattr(settings, "webhook_url", None),
-                            max_attempts=int(getattr(settings, "webhook_max_attempts", 8)))
+                            max_attempts=int(getattr(settings, "webhook_max_attempts", 8)),
+                            headers=webhook_headers(getattr(settings, "webhook_headers", ())))
         self.outbox: Outbox | None = None
         self.dispatcher: Dispatcher | None = None
         if sinks:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import ssl
 import sys
 import threading
@@ -35,6 +36,7 @@ import urllib.request
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -310,11 +312,11 @@ class WebhookSink:
             data=message.payload.encode("utf-8"),
             method="POST",
             headers={
+                **self.headers,
                 "Content-Type": "application/json",
                 "Idempotency-Key": key,
                 "X-Diffqc-Kind": message.kind,
                 **({"X-Diffqc-Record-Id": str(message.record_id)} if message.record_id is not None else {}),
-                **self.headers,
             },
         )
         try:
@@ -350,6 +352,41 @@ def check_webhook_url(url: str) -> None:
         _ = parts.port  # parsed lazily: a bad port raises here
     except ValueError:
         raise ConfigError(f"webhook URL {url!r} has a bad port") from None
+
+
+# the headers diffqc sets on every push itself (a receiver's deduplication and parsing rest on them)
+OWN_HEADERS = ("Content-Type", "Idempotency-Key", "X-Diffqc-Kind", "X-Diffqc-Record-Id")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110's token
+
+
+def webhook_headers(items: Sequence[str]) -> dict[str, str]:
+    """``--webhook-header`` values as headers: ``Name: value``, or ``@FILE`` whose lines are
+    such headers (curl's ``-H @file``: a token kept in a secret file, not on the command line).
+    A malformed one is a :class:`ConfigError` that names its place, never its value (a
+    secret); diffqc's own headers (:data:`OWN_HEADERS`) are not replaced."""
+    headers: dict[str, str] = {}
+    for i, item in enumerate(items, 1):
+        where, lines = f"--webhook-header {i}", [item]
+        if item.startswith("@"):
+            try:
+                lines = Path(item[1:]).read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"cannot read --webhook-header {item}: "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from None
+        for n, line in enumerate(lines, 1):
+            if item.startswith("@") and not line.strip():
+                continue
+            name, colon, value = line.partition(":")
+            name, value = name.strip(), value.strip()
+            if not colon or not _HEADER_NAME.match(name) or "\r" in value or "\n" in value:
+                place = f"line {n} of {item}" if item.startswith("@") else where
+                raise ConfigError(f"{place} is not 'Name: value' (a header such as "
+                                  "'Authorization: Bearer TOKEN')")
+            own = next((h for h in OWN_HEADERS if h.lower() == name.lower()), None)
+            if own is not None:
+                raise ConfigError(f"{where}: {own} is set by diffqc on every push")
+            headers[name] = value
+    return headers
 
 
 def check_sink_urls(mqtt_url: str | None, webhook_url: str | None) -> None:
