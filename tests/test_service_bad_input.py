@@ -275,12 +275,13 @@ async def test_an_image_under_another_field_name_is_told_the_name(
         assert state.store.count() == 0
 
 
-async def test_an_image_sent_as_base64_or_json_is_told_to_send_its_bytes(
+async def test_an_image_sent_as_base64_text_is_told_how_to_send_it(
     detector: Any, samples: Samples, tmp_path: Path
 ) -> None:
     """A line's client written in JavaScript or a PLC's HTTP block often sends the image as
-    base64 text, bare, as a data URL or inside JSON: the answer was "not a recognised image
-    format", as for a damaged file. It says what the body is and what to send."""
+    base64 text, bare, as a data URL or inside JSON without saying so: the answer was "not a
+    recognised image format", as for a damaged file. It says what the body is and what to send
+    (a JSON upload says so with its Content-Type: see test_an_image_sent_as_json_is_inspected)."""
     import base64
     import json
 
@@ -297,10 +298,53 @@ async def test_an_image_sent_as_base64_or_json_is_told_to_send_its_bytes(
             assert r.status_code == 422 and r.json()["code"] == "unreadable_image", r.text
             assert f"{said}: send the image file's own bytes as the body (curl --data-binary @part.png)" \
                    in r.json()["detail"], r.text
+            assert "or as JSON with Content-Type: application/json" in r.json()["detail"], r.text
         damaged = await client.post("/v1/inspect", content=good[:200], headers=AUTH,
                                     params={"feature_type": ftype})
         assert damaged.status_code == 422 and "the body is" not in damaged.json()["detail"]
         assert state.store.count() == 0  # a refused upload is answered, not stored
+
+
+async def test_an_image_sent_as_json_is_inspected(detector: Any, samples: Samples, tmp_path: Path) -> None:
+    """A PLC's HTTP block or a JavaScript client that can send only text sends JSON:
+    ``{"image": "<base64>" or a data URL, "feature_type", "part_id", "line", ...}`` with
+    ``Content-Type: application/json``. It is inspected as the same image's bytes are; what is
+    wrong with one is said (no image, not base64, a misspelled field, not an object, too large)
+    and nothing is stored."""
+    import base64
+
+    good, ftype = samples.one("PASS")
+    text = base64.b64encode(good).decode()
+    async with running_app(detector, tmp_path, max_upload_bytes=len(good) + 10) as (client, state):
+        raw = (await client.post("/v1/inspect", content=good, headers=AUTH,
+                                 params={"feature_type": ftype})).json()
+        r = await client.post("/v1/inspect", headers=AUTH, json={
+            "image": text, "feature_type": ftype, "part_id": 4711, "line": "L1", "camera": "cam-2"})
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert (got["feature_type"], got["part_id"], got["line"], got["camera"]) == (
+            ftype, "4711", "L1", "cam-2")
+        assert got["score"] == raw["score"] and got["type_known"] is True
+        r = await client.post("/v1/inspect", headers=AUTH, params={"feature_type": ftype},
+                              json={"image": f"data:image/png;base64,{text}"})
+        assert r.status_code == 200 and r.json()["score"] == raw["score"], r.text
+        assert state.store.count() == 3
+        refused = {
+            "missing_image": ({"feature_type": ftype}, 400, "the JSON body has no 'image'"),
+            "not_base64": ({"image": "not base64!"}, 422, "JSON field 'image' is not base64"),
+            "unknown_field": ({"image": text, "partid": "7"}, 422,
+                              "unknown JSON field 'partid' (did you mean 'part_id'?)"),
+            "not_an_object": ([text], 422, "a JSON upload is an object"),
+            "a_list_for_a_field": ({"image": text, "part_id": ["7"]}, 422, "JSON field 'part_id'"),
+            "too_large": ({"image": base64.b64encode(good + b"\0" * 64).decode()}, 413, "upload exceeds"),
+        }
+        for name, (body, status, said) in refused.items():
+            r = await client.post("/v1/inspect", headers=AUTH, json=body)
+            assert r.status_code == status and said in r.json()["detail"], (name, r.text)
+        r = await client.post("/v1/inspect", headers={**AUTH, "Content-Type": "application/json"},
+                              content=b"{broken")
+        assert r.status_code == 422 and "not valid JSON" in r.json()["detail"], r.text
+        assert state.store.count() == 3
 
 
 async def test_a_misspelled_parameter_or_field_is_refused_with_the_names_it_takes(

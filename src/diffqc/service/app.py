@@ -8,9 +8,12 @@ loop only moves bytes. A request is answered 200 only after its record is commit
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import datetime as dt
 import errno
 import hashlib
+import json
 import logging
 import math
 import re
@@ -551,6 +554,45 @@ def _is_multipart(request: Request) -> bool:
     return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
 
 
+def _is_json(request: Request) -> bool:
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower() == "application/json"
+
+
+def _json_upload(body: bytes, limit: int) -> tuple[bytes, dict[str, str]]:
+    """An upload sent as JSON (a PLC's HTTP block, a JavaScript client that sends text):
+    ``{"image": base64 of the file or a data URL, "feature_type", "part_id", "line", "station",
+    "camera"}``. The image's bytes (at most ``limit``) and the other fields as strings (a number
+    for a part id is taken as its digits); each fault is a :class:`ServiceError` naming it."""
+    try:
+        obj = json.loads(body)
+    except ValueError as exc:
+        raise ServiceError(422, "bad_request", f"the body is not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ServiceError(422, "bad_request", 'a JSON upload is an object: {"image": "<base64 of the '
+                           'image file>", "feature_type": "...", "part_id": "..."}')
+    _refuse_unknown(obj.keys(), UPLOAD_FIELDS, "JSON field", "/v1/inspect takes the fields", "unknown_field")
+    fields: dict[str, str] = {}
+    for name, value in obj.items():
+        if name == "image" or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ServiceError(422, "bad_request", f"JSON field {name!r} must be a string")
+        fields[name] = str(value)
+    image = obj.get("image")
+    if not isinstance(image, str) or not image:
+        raise ServiceError(400, "missing_image", "the JSON body has no 'image': the image file's bytes "
+                           "in base64, or a data URL (data:image/png;base64,...)")
+    text = image.partition(",")[2] if image.startswith("data:") else image
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ServiceError(422, "unreadable_image", "JSON field 'image' is not base64 (nor a data URL): "
+                           "the image file's bytes, base64-encoded") from None
+    if len(data) > limit:
+        raise ServiceError(413, "upload_too_large", str(UploadTooLarge(limit)))
+    return data, fields
+
+
 async def _parse_form(request: Request, body: bytes, max_files: int) -> Any:
     """Parse an already-read (size-limited) multipart body: up to ``max_files`` files, each
     with its ``feature_type`` and ``part_id``, and the line fields once (a few more spare)."""
@@ -1017,9 +1059,16 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         part = _check_id(part_id, "part_id")
         key = _check_id(_header(request, "idempotency-key"), "idempotency_key", allow_empty=False)
         _, store = state.require()
-        body = await _read_body(request, settings.max_upload_bytes)
+        as_json = _is_json(request)  # base64 is 4/3 the image's bytes, the fields a few more
+        body = await _read_body(request, settings.max_upload_bytes * 4 // 3 + 64 * 1024 if as_json
+                                else settings.max_upload_bytes)
         meta = _line_meta(request)
-        if _is_multipart(request):
+        if as_json:
+            data, fields = _json_upload(body, settings.max_upload_bytes)
+            ftype = _check_type(state, ftype or _form_str(fields, "feature_type"))
+            part = part or _check_id(_form_str(fields, "part_id"), "part_id")
+            meta = _line_meta(request, fields)
+        elif _is_multipart(request):
             form = await _parse_form(request, body, max_files=1)
             try:
                 upload = form.get("image")
@@ -1313,7 +1362,8 @@ def _encoded_body(data: bytes) -> str:
     else:
         return ""
     return (f"; the body is {what}: send the image file's own bytes as the body (curl --data-binary "
-            "@part.png) or as the multipart file field 'image', not encoded")
+            "@part.png) or as the multipart file field 'image', or as JSON with Content-Type: "
+            'application/json ({"image": "<base64>", "feature_type": ...})')
 
 
 def _missing_image(form: Any, wanted: str) -> ServiceError:
