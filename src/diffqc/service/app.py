@@ -1063,11 +1063,9 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         body = await _read_body(request, settings.max_upload_bytes * 4 // 3 + 64 * 1024 if as_json
                                 else settings.max_upload_bytes)
         meta = _line_meta(request)
+        fields: dict[str, str] | None = None  # the upload's own values, beside the image
         if as_json:
             data, fields = _json_upload(body, settings.max_upload_bytes)
-            ftype = _check_type(state, ftype or _form_str(fields, "feature_type"))
-            part = part or _check_id(_form_str(fields, "part_id"), "part_id")
-            meta = _line_meta(request, fields)
         elif _is_multipart(request):
             form = await _parse_form(request, body, max_files=1)
             try:
@@ -1077,13 +1075,15 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                 _refuse_unknown(form.keys(), UPLOAD_FIELDS, "form field", "/v1/inspect takes the fields",
                                 "unknown_field")
                 data = await upload.read()
-                ftype = _check_type(state, ftype or _form_str(form, "feature_type"))
-                part = part or _check_id(_form_str(form, "part_id"), "part_id")
-                meta = _line_meta(request, form)
+                fields = {k: v for k, v in form.items() if isinstance(v, str)}
             finally:
                 await form.close()
         else:
             data = body
+        if fields is not None:  # the query wins
+            ftype = _check_type(state, ftype or _form_str(fields, "feature_type"))
+            part = part or _check_id(_form_str(fields, "part_id"), "part_id")
+            meta = _line_meta(request, fields)
         digest = request_hash(data, ftype, part) if key is not None else None
         if key is not None and (done := await run_in_threadpool(_stored_answers, store, [key], [digest])):
             return _inspect_response(done[0], t0, duplicate=True)
