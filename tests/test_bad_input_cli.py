@@ -324,7 +324,9 @@ ROWS: dict[str, Row | object] = {
                                 setup=lambda c: _png(c.tmp / "cam" / "0.png")),
     # serve over TLS: each file named before the port, the store or the model
     "serve_tls_cert_without_key": Row(_serve("--tls-cert", "cert.pem"),
-                                      ("--tls-cert and --tls-key go together",),
+                                      ("cert.pem holds no private key: give --tls-key",),
+                                      setup=_tls, absent=lambda c: c.tmp / "r.db"),
+    "serve_tls_key_without_cert": Row(_serve("--tls-key", "key.pem"), ("--tls-key needs --tls-cert",),
                                       setup=_tls, absent=lambda c: c.tmp / "r.db"),
     "serve_tls_cert_missing": Row(_serve("--tls-cert", "nocert.pem", "--tls-key", "key.pem"),
                                   ("cannot serve over TLS", "nocert.pem", "No such file"),

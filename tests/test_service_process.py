@@ -159,19 +159,26 @@ def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
     return cert, key, ca_file
 
 
-def test_serve_over_tls(service_model: tuple[Path, Path], samples: Samples, tmp_path: Path) -> None:
+@pytest.mark.parametrize("files", ["cert and key", "one PEM"])
+def test_serve_over_tls(service_model: tuple[Path, Path], samples: Samples, tmp_path: Path,
+                        files: str) -> None:
     """`serve --host 0.0.0.0` sent the API token and the parts' images over the network in the
     clear, with no way to serve HTTPS but a proxy in front. `--tls-cert` and `--tls-key` serve
-    it over TLS: the API, the dashboard and the log's address; plain HTTP is not answered."""
+    it over TLS (or `--tls-cert` alone, of a PEM holding the key too): the API, the dashboard
+    and the log's address; plain HTTP is not answered."""
     import ssl
 
     import httpx
 
     cert, key, ca = _tls_files(tmp_path)
+    tls = ("--tls-cert", str(cert), "--tls-key", str(key))
+    if files == "one PEM":
+        combined = tmp_path / "combined.pem"
+        combined.write_bytes(key.read_bytes() + cert.read_bytes())
+        tls = ("--tls-cert", str(combined))
     trust = ssl.create_default_context(cafile=str(ca))
     srv = bench.start_server(service_model[0], str(tmp_path / "r.db"), workdir=tmp_path, ca=str(ca),
-                             token=TOKEN,
-                             extra=("--tls-cert", str(cert), "--tls-key", str(key), "--log-level", "info"))
+                             token=TOKEN, extra=(*tls, "--log-level", "info"))
     try:
         assert srv.url.startswith("https://")
         body, ftype = samples.all[0]

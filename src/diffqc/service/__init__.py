@@ -352,7 +352,8 @@ def add_service_commands(subparsers: Any) -> None:
                    help="serve over HTTPS with this certificate (PEM, its chain after it): the API "
                         "token and the parts' images cross the network encrypted")
     p.add_argument("--tls-key", default=None, metavar="PEM",
-                   help="the certificate's private key (PEM, unencrypted; readable by this user only)")
+                   help="the certificate's private key (PEM, unencrypted; readable by this user "
+                        "only); without it, the key is read from --tls-cert's file (one PEM)")
     p.add_argument("--mqtt", default=None, metavar="URL",
                    help="push every decision to an MQTT broker: mqtt://host:1883/topic-prefix")
     p.add_argument("--webhook", default=None, metavar="URL", help="POST every decision as JSON to URL")

@@ -140,7 +140,7 @@ class ServiceSettings:
     disk_min_free_bytes: int = 1 << 30  # the store's or data folder's disk is low below this ...
     disk_min_free_ratio: float = 0.05  # ... or this share of its size (log, /v1/line, dashboard)
     tls_cert: str | Path | None = None  # serve over HTTPS: the certificate (PEM) ...
-    tls_key: str | Path | None = None  # ... and its private key (PEM, unencrypted)
+    tls_key: str | Path | None = None  # ... and its private key (PEM, unencrypted; else in tls_cert)
 
     def validate(self) -> None:
         if not self.tokens and not self.allow_no_token:
@@ -1565,7 +1565,8 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
                                            access_log=access_log, timeout_graceful_shutdown=30,
                                            server_header=False,
                                            ssl_certfile=str(settings.tls_cert) if tls else None,
-                                           ssl_keyfile=str(settings.tls_key) if tls else None))
+                                           ssl_keyfile=None if settings.tls_key is None
+                                           else str(settings.tls_key)))
     scheme = "https" if tls else "http"
     shown = f"[{host}]" if ":" in host else host
     log.info("listening on %s://%s:%d, dashboard at %s (Ctrl+C to stop)", scheme, shown, port,
