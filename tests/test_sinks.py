@@ -396,7 +396,7 @@ def test_mqtt_last_will_says_offline_when_the_process_dies() -> None:
 class Broker:
     """A private Mosquitto (persistent sessions, so that a subscriber misses nothing)."""
 
-    def __init__(self, folder: Path, tls: Any = None) -> None:
+    def __init__(self, folder: Path, tls: Any = None, users: dict[str, str] | None = None) -> None:
         self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(self.binary).exists():
             pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
@@ -410,8 +410,17 @@ class Broker:
             tls.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
             tls.private_key_pem.write_to_path(str(folder / "key.pem"))
             user += f"certfile {folder}/cert.pem\nkeyfile {folder}/key.pem\n"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-                             f"persistence_location {folder}/\nlog_dest file {folder}/broker.log\n{user}")
+        if users:  # a user and password to connect (mosquitto_passwd hashes them)
+            passwd = folder / "passwd"
+            for name, password in users.items():
+                create = [] if passwd.exists() else ["-c"]
+                subprocess.run(["mosquitto_passwd", "-b", *create, str(passwd), name, password],
+                               check=True, capture_output=True)
+            user += f"password_file {passwd}\n"
+        anonymous = "false" if users else "true"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous {anonymous}\n"
+                             f"persistence true\npersistence_location {folder}/\n"
+                             f"log_dest file {folder}/broker.log\n{user}")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -697,3 +706,53 @@ def test_mqtts_to_a_broker_whose_certificate_an_internal_ca_signed(
             disp.stop()
     finally:
         broker.stop()
+
+
+@pytest.mark.mqtt
+def test_mqtt_password_from_a_secret_file(store: ResultStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A broker that wants a user and a password: in the --mqtt URL the password is read by
+    anyone who may run `ps`. DIFFQC_MQTT_PASSWORD_FILE gives it from a file (a Docker secret)
+    for the user the URL names; a wrong one is the broker's refusal in the log, the password
+    itself in no message."""
+    import logging
+
+    mqtt_url()  # the same switch as the other broker tests
+    broker = Broker(tmp_path / "broker", users={"line": "s3cr3t-pw"})
+    broker.start()
+    secret = tmp_path / "mqtt_password"
+    secret.write_text("s3cr3t-pw\n")
+    monkeypatch.setenv("DIFFQC_MQTT_PASSWORD_FILE", str(secret))
+    url = f"mqtt://line@127.0.0.1:{broker.port}/line"
+    assert parse_mqtt_url(url).password == "s3cr3t-pw"
+    box = outbox_for(store, "mqtt")
+    try:
+        sink = MqttSink(url)
+        disp = Dispatcher(box, [sink], poll_s=0.05)
+        disp.start()
+        try:
+            wait_for(sink.ready, 15, "the sink to connect with the password from the file")
+            store.insert_many([record(1)])
+            wait_for(lambda: box.pending("mqtt") == 0, 15, "the message acknowledged by the broker")
+        finally:
+            disp.stop()
+        secret.write_text("wrong-pw\n")
+        sink = MqttSink(url)
+        with caplog.at_level(logging.WARNING, logger="diffqc"):
+            sink.start()
+            try:
+                wait_for(lambda: "refused the connection" in caplog.text, 15, "the refusal logged")
+            finally:
+                sink.stop()
+        assert not sink.ready() and "wrong-pw" not in caplog.text
+    finally:
+        broker.stop()
+    monkeypatch.setenv("DIFFQC_MQTT_PASSWORD_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="cannot read DIFFQC_MQTT_PASSWORD_FILE"):
+        parse_mqtt_url(url)
+    monkeypatch.setenv("DIFFQC_MQTT_PASSWORD_FILE", str(secret))
+    with pytest.raises(ConfigError, match="needs the user name in the MQTT URL"):
+        parse_mqtt_url(f"mqtt://127.0.0.1:{broker.port}/line")
+    with pytest.raises(ConfigError) as info:  # a URL's own password is not echoed in its error
+        parse_mqtt_url("mqtt://line:s3cr3t-pw@127.0.0.1:bad/line")
+    assert "s3cr3t-pw" not in str(info.value)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import ssl
 import sys
@@ -42,7 +43,7 @@ from urllib.parse import unquote, urlsplit
 
 from diffqc.errors import ConfigError
 from diffqc.output import json_safe
-from diffqc.service.store import ResultRecord, ResultStore
+from diffqc.service.store import ResultRecord, ResultStore, redact_url
 
 log = logging.getLogger("diffqc.service.sinks")
 
@@ -407,11 +408,18 @@ def _paho() -> Any:
     return mqtt
 
 
+MQTT_PASSWORD_FILE_ENV = "DIFFQC_MQTT_PASSWORD_FILE"  # the broker password, kept off the command line
+
+
 def parse_mqtt_url(url: str) -> MqttTarget:
-    """``mqtt://[user[:password]@]host[:port][/prefix]`` (``mqtts://`` for TLS)."""
+    """``mqtt://[user[:password]@]host[:port][/prefix]`` (``mqtts://`` for TLS). Without a
+    password in the URL, the file ``$DIFFQC_MQTT_PASSWORD_FILE`` names holds the user's (a
+    Docker secret: a URL's password is read by anyone who may run ``ps``). Errors show the URL
+    without its password."""
     parts = urlsplit(url)
+    shown = redact_url(url)
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise ConfigError(f"MQTT URL {url!r} must look like mqtt://host:1883/prefix (or mqtts://)")
+        raise ConfigError(f"MQTT URL {shown!r} must look like mqtt://host:1883/prefix (or mqtts://)")
     tls = parts.scheme == "mqtts"
     prefix = parts.path.strip("/") or "diffqc"
     if any(c in prefix for c in "+#") or parts.fragment or "#" in url:
@@ -419,10 +427,19 @@ def parse_mqtt_url(url: str) -> MqttTarget:
     try:
         port = parts.port or (8883 if tls else 1883)
     except ValueError:
-        raise ConfigError(f"MQTT URL {url!r} has a bad port") from None
-    return MqttTarget(parts.hostname, port, prefix, tls,
-                      unquote(parts.username) if parts.username else None,
-                      unquote(parts.password) if parts.password else None)
+        raise ConfigError(f"MQTT URL {shown!r} has a bad port") from None
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    if password is None and (path := os.environ.get(MQTT_PASSWORD_FILE_ENV)):
+        if user is None:
+            raise ConfigError(f"{MQTT_PASSWORD_FILE_ENV} needs the user name in the MQTT URL "
+                              f"(mqtt://USER@{parts.hostname}/...)")
+        try:
+            password = Path(path).read_text(encoding="utf-8").strip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {MQTT_PASSWORD_FILE_ENV} {path}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
+    return MqttTarget(parts.hostname, port, prefix, tls, user, password)
 
 
 class MqttSink:
