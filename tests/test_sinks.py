@@ -695,17 +695,22 @@ def test_mqtts_to_a_broker_whose_certificate_an_internal_ca_signed(
         assert "certificate verify failed" in failures[0] and "SSL_CERT_FILE=" in failures[0]
         assert not sink.ready()
         monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
-        sink = MqttSink(url)
-        disp = Dispatcher(box, [sink], poll_s=0.05)
-        disp.start()
-        try:
-            wait_for(sink.ready, 15, "the sink to connect over TLS")
-            store.insert_many([record(1)])
-            wait_for(lambda: box.pending("mqtt") == 0, 15, "the message acknowledged by the broker")
-        finally:
-            disp.stop()
+        _one_message_acknowledged(store, box, url)
     finally:
         broker.stop()
+
+
+def _one_message_acknowledged(store: ResultStore, box: Outbox, url: str) -> None:
+    """A sink on ``url`` connects, and a stored part's message is acknowledged by the broker."""
+    sink = MqttSink(url)
+    disp = Dispatcher(box, [sink], poll_s=0.05)
+    disp.start()
+    try:
+        wait_for(sink.ready, 15, "the sink to connect")
+        store.insert_many([record(1)])
+        wait_for(lambda: box.pending("mqtt") == 0, 15, "the message acknowledged by the broker")
+    finally:
+        disp.stop()
 
 
 @pytest.mark.mqtt
@@ -727,15 +732,7 @@ def test_mqtt_password_from_a_secret_file(store: ResultStore, tmp_path: Path, mo
     assert parse_mqtt_url(url).password == "s3cr3t-pw"
     box = outbox_for(store, "mqtt")
     try:
-        sink = MqttSink(url)
-        disp = Dispatcher(box, [sink], poll_s=0.05)
-        disp.start()
-        try:
-            wait_for(sink.ready, 15, "the sink to connect with the password from the file")
-            store.insert_many([record(1)])
-            wait_for(lambda: box.pending("mqtt") == 0, 15, "the message acknowledged by the broker")
-        finally:
-            disp.stop()
+        _one_message_acknowledged(store, box, url)
         secret.write_text("wrong-pw\n")
         sink = MqttSink(url)
         with caplog.at_level(logging.WARNING, logger="diffqc"):
