@@ -347,6 +347,42 @@ async def test_an_image_sent_as_json_is_inspected(detector: Any, samples: Sample
         assert state.store.count() == 3
 
 
+async def test_a_batch_sent_as_json_is_inspected(detector: Any, samples: Samples, tmp_path: Path) -> None:
+    """The batch route took multipart only: a client that sends only text had no batch. JSON
+    with the form's fields as lists — ``{"image": [base64, ...], "feature_type": one or a list,
+    "part_id": [...], "line": ...}`` — is inspected as the same images' bytes are; a fault is
+    named and nothing stored."""
+    import base64
+
+    (good, gtype), (other, otype) = samples.all[0], samples.all[1]
+    texts = [base64.b64encode(b).decode() for b in (good, other)]
+    async with running_app(detector, tmp_path, max_batch_items=2) as (client, state):
+        raw = [(await client.post("/v1/inspect", content=b, headers=AUTH, params={"feature_type": t})).json()
+               for b, t in ((good, gtype), (other, otype))]
+        r = await client.post("/v1/inspect/batch", headers=AUTH, json={
+            "image": [texts[0], f"data:image/png;base64,{texts[1]}"], "feature_type": [gtype, otype],
+            "part_id": ["a-1", 2], "station": "S2"})
+        assert r.status_code == 200, r.text
+        got = r.json()["results"]
+        assert [g["score"] for g in got] == pytest.approx([x["score"] for x in raw], rel=1e-5)  # batched
+        assert [(g["part_id"], g["station"], g["feature_type"]) for g in got] == [
+            ("a-1", "S2", gtype), ("2", "S2", otype)]
+        assert state.store.count() == 4
+        refused = {
+            "no image list": ({"image": texts[0]}, 400, "the JSON body has no 'image' list"),
+            "too many": ({"image": texts * 2}, 413, "4 images; at most 2"),
+            "not base64": ({"image": [texts[0], "??"]}, 422, "JSON field 'image' 1 is not base64"),
+            "misspelled": ({"image": texts, "partids": ["a", "b"]}, 422, "unknown JSON field 'partids'"),
+            "ids for fewer": ({"image": texts, "part_id": ["a"]}, 422, "1 part_id fields for 2 images"),
+        }
+        for name, (body, status, said) in refused.items():
+            r = await client.post("/v1/inspect/batch", headers=AUTH, json=body)
+            assert r.status_code == status and said in r.json()["detail"], (name, r.text)
+        r = await client.post("/v1/inspect/batch", headers=AUTH, content=good)
+        assert r.status_code == 415 and "or JSON" in r.json()["detail"]
+        assert state.store.count() == 4
+
+
 async def test_a_misspelled_parameter_or_field_is_refused_with_the_names_it_takes(
     detector: Any, samples: Samples, tmp_path: Path
 ) -> None:

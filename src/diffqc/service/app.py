@@ -558,11 +558,8 @@ def _is_json(request: Request) -> bool:
     return request.headers.get("content-type", "").partition(";")[0].strip().lower() == "application/json"
 
 
-def _json_upload(body: bytes, limit: int) -> tuple[bytes, dict[str, str]]:
-    """An upload sent as JSON (a PLC's HTTP block, a JavaScript client that sends text):
-    ``{"image": base64 of the file or a data URL, "feature_type", "part_id", "line", "station",
-    "camera"}``. The image's bytes (at most ``limit``) and the other fields as strings (a number
-    for a part id is taken as its digits); each fault is a :class:`ServiceError` naming it."""
+def _json_object(body: bytes, route: str) -> dict[str, Any]:
+    """An upload's JSON object, its names those of a form (a misspelled one is a 422)."""
     try:
         obj = json.loads(body)
     except ValueError as exc:
@@ -570,27 +567,66 @@ def _json_upload(body: bytes, limit: int) -> tuple[bytes, dict[str, str]]:
     if not isinstance(obj, dict):
         raise ServiceError(422, "bad_request", 'a JSON upload is an object: {"image": "<base64 of the '
                            'image file>", "feature_type": "...", "part_id": "..."}')
-    _refuse_unknown(obj.keys(), UPLOAD_FIELDS, "JSON field", "/v1/inspect takes the fields", "unknown_field")
-    fields: dict[str, str] = {}
-    for name, value in obj.items():
-        if name == "image" or value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise ServiceError(422, "bad_request", f"JSON field {name!r} must be a string")
-        fields[name] = str(value)
-    image = obj.get("image")
-    if not isinstance(image, str) or not image:
-        raise ServiceError(400, "missing_image", "the JSON body has no 'image': the image file's bytes "
+    _refuse_unknown(obj.keys(), UPLOAD_FIELDS, "JSON field", f"{route} takes the fields", "unknown_field")
+    return obj
+
+
+def _json_text(name: str, value: object) -> str | None:
+    """A JSON upload's value as text: a string, or a number's digits (a PLC's part id)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ServiceError(422, "bad_request", f"JSON field {name!r} must be a string")
+    return str(value)
+
+
+def _base64_image(value: object, where: str, limit: int | None) -> bytes:
+    """The bytes of an image sent as base64 text or a data URL (at most ``limit``)."""
+    if not isinstance(value, str) or not value:
+        raise ServiceError(400, "missing_image", f"the JSON body has no {where}: the image file's bytes "
                            "in base64, or a data URL (data:image/png;base64,...)")
-    text = image.partition(",")[2] if image.startswith("data:") else image
+    text = value.partition(",")[2] if value.startswith("data:") else value
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ServiceError(422, "unreadable_image", "JSON field 'image' is not base64 (nor a data URL): "
+        raise ServiceError(422, "unreadable_image", f"JSON field {where} is not base64 (nor a data URL): "
                            "the image file's bytes, base64-encoded") from None
-    if len(data) > limit:
+    if limit is not None and len(data) > limit:
         raise ServiceError(413, "upload_too_large", str(UploadTooLarge(limit)))
-    return data, fields
+    return data
+
+
+def _json_upload(body: bytes, limit: int) -> tuple[bytes, dict[str, str]]:
+    """An upload sent as JSON (a PLC's HTTP block, a JavaScript client that sends text):
+    ``{"image": base64 of the file or a data URL, "feature_type", "part_id", "line", "station",
+    "camera"}``. The image's bytes (at most ``limit``) and the other fields as strings (a number
+    for a part id is taken as its digits); each fault is a :class:`ServiceError` naming it."""
+    obj = _json_object(body, "/v1/inspect")
+    fields = {name: text for name, value in obj.items()
+              if name != "image" and (text := _json_text(name, value)) is not None}
+    return _base64_image(obj.get("image"), "'image'", limit), fields
+
+
+def _json_batch(body: bytes, max_items: int) -> tuple[list[bytes], list[str], list[str], dict[str, str]]:
+    """A batch sent as JSON, the form's fields as lists: ``{"image": [base64, ...],
+    "feature_type": one or a list, "part_id": [...], "line", "station", "camera"}``. The images'
+    bytes, the types and part ids given (as the form's repeated fields) and the line fields."""
+    obj = _json_object(body, "/v1/inspect/batch")
+    images = obj.get("image")
+    if not isinstance(images, list) or not images:
+        raise ServiceError(400, "missing_image", "the JSON body has no 'image' list: each image file's "
+                           "bytes in base64, or a data URL")
+    if len(images) > max_items:
+        raise ServiceError(413, "batch_too_large", f"{len(images)} images; at most {max_items}")
+    datas = [_base64_image(v, f"'image' {i}", None) for i, v in enumerate(images)]
+
+    def texts(name: str) -> list[str]:
+        value = obj.get(name)
+        items = value if isinstance(value, list) else [] if value is None else [value]
+        return [t for v in items if (t := _json_text(name, v)) is not None]
+
+    fields = {name: text for name in LINE_FIELDS if (text := _json_text(name, obj.get(name))) is not None}
+    return datas, texts("feature_type"), texts("part_id"), fields
 
 
 async def _parse_form(request: Request, body: bytes, max_files: int) -> Any:
@@ -1104,46 +1140,54 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         feature_type: str | None = Query(default=None, max_length=MAX_ID_LEN),
     ) -> JSONResponse:
         """Multipart: repeated file fields ``image``; optional repeated ``part_id`` and
-        ``feature_type`` fields (one per image, or one ``feature_type`` for all). An
+        ``feature_type`` fields (one per image, or one ``feature_type`` for all); or JSON, the
+        same fields as lists (``{"image": [base64, ...], "part_id": [...]}``). An
         ``Idempotency-Key`` K keys image i as ``K/i``: a retried batch gets its records back."""
         t0 = time.perf_counter()
         default_type = _check_type(state, feature_type)
         key = _check_id(_header(request, "idempotency-key"), "idempotency_key", allow_empty=False)
         _, store = state.require()
-        if not _is_multipart(request):
+        as_json = _is_json(request)
+        if not as_json and not _is_multipart(request):
             raise ServiceError(
                 415,
                 "multipart_required",
-                "the batch route takes multipart/form-data with 'image' files",
+                "the batch route takes multipart/form-data with 'image' files, or JSON "
+                '(Content-Type: application/json; {"image": ["<base64>", ...]})',
             )
-        body = await _read_body(request, settings.max_batch_upload_bytes)
-        # one file more than allowed is read, so that too many is answered as such (413 below)
         limit = settings.max_batch_items
-        try:
-            form = await _parse_form(request, body, max_files=limit + 1)
-        except ServiceError as exc:  # the parser stops at the (limit + 2)-th file
-            if "Too many files" not in exc.detail:
-                raise
-            raise ServiceError(413, "batch_too_large",
-                               f"more than {limit + 1} images; at most {limit}") from None
-        try:
-            uploads = form.getlist("image")
-            if not uploads or not all(isinstance(u, UploadFile) for u in uploads):
-                raise _missing_image(form, "file fields 'image'")
-            _refuse_unknown(form.keys(), UPLOAD_FIELDS, "form field", "/v1/inspect/batch takes the fields",
-                            "unknown_field")
-            if len(uploads) > limit:
-                raise ServiceError(
-                    413,
-                    "batch_too_large",
-                    f"{len(uploads)} images; at most {limit}",
-                )
-            types = [str(t) for t in form.getlist("feature_type")]
-            parts = [str(p) for p in form.getlist("part_id")]
-            meta = _line_meta(request, form)
-            datas = [await u.read() for u in uploads]
-        finally:
-            await form.close()
+        if as_json:  # base64 is 4/3 the images' bytes
+            body = await _read_body(request, settings.max_batch_upload_bytes * 4 // 3 + 64 * 1024)
+            datas, types, parts, fields = _json_batch(body, limit)
+            meta = _line_meta(request, fields)
+        else:
+            body = await _read_body(request, settings.max_batch_upload_bytes)
+            # one file more than allowed is read, so that too many is answered as such (413 below)
+            try:
+                form = await _parse_form(request, body, max_files=limit + 1)
+            except ServiceError as exc:  # the parser stops at the (limit + 2)-th file
+                if "Too many files" not in exc.detail:
+                    raise
+                raise ServiceError(413, "batch_too_large",
+                                   f"more than {limit + 1} images; at most {limit}") from None
+            try:
+                uploads = form.getlist("image")
+                if not uploads or not all(isinstance(u, UploadFile) for u in uploads):
+                    raise _missing_image(form, "file fields 'image'")
+                _refuse_unknown(form.keys(), UPLOAD_FIELDS, "form field",
+                                "/v1/inspect/batch takes the fields", "unknown_field")
+                if len(uploads) > limit:
+                    raise ServiceError(
+                        413,
+                        "batch_too_large",
+                        f"{len(uploads)} images; at most {limit}",
+                    )
+                types = [str(t) for t in form.getlist("feature_type")]
+                parts = [str(p) for p in form.getlist("part_id")]
+                meta = _line_meta(request, form)
+                datas = [await u.read() for u in uploads]
+            finally:
+                await form.close()
         n = len(datas)
         if types and len(types) not in (1, n):
             raise ServiceError(422, "bad_feature_types", f"{len(types)} feature_type fields for {n} images")
