@@ -126,7 +126,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "overflow": args.overflow,
         "retry_after_s": args.retry_after,
         "max_upload_bytes": args.max_upload_mb * 1024 * 1024,
-        "max_image_pixels": int(args.max_image_mpx * 1e6),
+        "max_image_pixels": args.max_image_pixels,
         "keep_images": args.keep_images,
         "heatmaps": args.heatmaps,
         "heatmap_size": args.heatmap_size,
@@ -183,7 +183,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         precision=args.precision,
         threads=args.threads,
-        max_image_pixels=int(args.max_image_mpx * 1e6),
+        max_image_pixels=args.max_image_pixels,
         **_retention(args),
     )
 
@@ -262,8 +262,9 @@ def _add_image_limit_argument(p: argparse.ArgumentParser, *, buffered: bool) -> 
     bombs); the readers' own limit (``diffqc.data.MAX_IMAGE_PIXELS``) bounds it."""
     from diffqc.service.security import DEFAULT_MAX_IMAGE_PIXELS  # a submodule: not at import time
 
-    p.add_argument("--max-image-mpx", type=number(0.0, inclusive=False, maximum=MAX_IMAGE_PIXELS / 1e6),
-                   default=DEFAULT_MAX_IMAGE_PIXELS / 1e6, metavar="MPX",
+    megapixels = number(0.0, inclusive=False, maximum=MAX_IMAGE_PIXELS / 1e6)
+    p.add_argument("--max-image-mpx", dest="max_image_pixels", type=lambda text: int(megapixels(text) * 1e6),
+                   default=DEFAULT_MAX_IMAGE_PIXELS, metavar="MPX",
                    help="largest image in megapixels it decodes; a larger one is refused (413, or "
                    f"NOT_INSPECTED from a watched folder) (default {DEFAULT_MAX_IMAGE_PIXELS / 1e6:.1f}: "
                    "4096 x 4096; a 20 MP camera needs 20)" + (

@@ -558,6 +558,12 @@ def _is_json(request: Request) -> bool:
     return request.headers.get("content-type", "").partition(";")[0].strip().lower() == "application/json"
 
 
+def _base64_body_limit(limit: int) -> int:
+    """The largest JSON body that carries ``limit`` bytes of images: base64 is 4/3 their bytes,
+    the other fields a few more."""
+    return limit * 4 // 3 + 64 * 1024
+
+
 def _json_object(body: bytes, route: str) -> dict[str, Any]:
     """An upload's JSON object, its names those of a form (a misspelled one is a 422)."""
     try:
@@ -1095,8 +1101,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         part = _check_id(part_id, "part_id")
         key = _check_id(_header(request, "idempotency-key"), "idempotency_key", allow_empty=False)
         _, store = state.require()
-        as_json = _is_json(request)  # base64 is 4/3 the image's bytes, the fields a few more
-        body = await _read_body(request, settings.max_upload_bytes * 4 // 3 + 64 * 1024 if as_json
+        as_json = _is_json(request)
+        body = await _read_body(request, _base64_body_limit(settings.max_upload_bytes) if as_json
                                 else settings.max_upload_bytes)
         meta = _line_meta(request)
         fields: dict[str, str] | None = None  # the upload's own values, beside the image
@@ -1156,8 +1162,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                 '(Content-Type: application/json; {"image": ["<base64>", ...]})',
             )
         limit = settings.max_batch_items
-        if as_json:  # base64 is 4/3 the images' bytes
-            body = await _read_body(request, settings.max_batch_upload_bytes * 4 // 3 + 64 * 1024)
+        if as_json:
+            body = await _read_body(request, _base64_body_limit(settings.max_batch_upload_bytes))
             datas, types, parts, fields = _json_batch(body, limit)
             meta = _line_meta(request, fields)
         else:
