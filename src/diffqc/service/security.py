@@ -60,6 +60,16 @@ def parse_tokens(value: str | Iterable[str] | None) -> tuple[str, ...]:
     return tuple(t for t in out if t)
 
 
+def read_secret_file(path: str | Path, what: str) -> str:
+    """The text of a file holding a secret (a Docker or Kubernetes secret, a systemd credential:
+    a token, a password, header lines); one that cannot be read is a :class:`ConfigError` that
+    names ``what`` (the option or variable and the file), never the secret."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {what}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 def tokens_from_env(explicit: str | Iterable[str] | None = None) -> tuple[str, ...]:
     """Explicit tokens win; else ``$DIFFQC_TOKEN`` (comma-separated for several); else the file
     ``$DIFFQC_TOKEN_FILE`` names (a Docker or Kubernetes secret, a systemd credential: one
@@ -68,12 +78,7 @@ def tokens_from_env(explicit: str | Iterable[str] | None = None) -> tuple[str, .
     path = os.environ.get(TOKEN_FILE_ENV)
     if tokens or not path:
         return tokens
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {TOKEN_FILE_ENV} {path}: "
-                          f"{getattr(exc, 'strerror', None) or exc}") from None
-    tokens = parse_tokens(text.splitlines())
+    tokens = parse_tokens(read_secret_file(path, f"{TOKEN_FILE_ENV} {path}").splitlines())
     if not tokens:
         raise ConfigError(f"{TOKEN_FILE_ENV} {path} holds no token (one per line)")
     return tokens
@@ -125,11 +130,10 @@ def check_tls(cert: str | Path | None, key: str | Path | None) -> None:
         return
     import ssl
 
-    for path in (cert, key):
+    for path in (p for p in (cert, key) if p is not None):
         try:
-            if path is not None:
-                with open(path, "rb"):
-                    pass
+            with open(path, "rb"):
+                pass
         except OSError as exc:
             raise ConfigError(f"cannot serve over TLS: {path}: {exc.strerror or exc}") from None
     try:

@@ -37,12 +37,12 @@ import urllib.request
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from diffqc.errors import ConfigError
 from diffqc.output import json_safe
+from diffqc.service.security import read_secret_file
 from diffqc.service.store import ResultRecord, ResultStore, redact_url
 
 log = logging.getLogger("diffqc.service.sinks")
@@ -369,11 +369,7 @@ def webhook_headers(items: Sequence[str]) -> dict[str, str]:
     for i, item in enumerate(items, 1):
         where, lines = f"--webhook-header {i}", [item]
         if item.startswith("@"):
-            try:
-                lines = Path(item[1:]).read_text(encoding="utf-8").splitlines()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"cannot read --webhook-header {item}: "
-                                  f"{getattr(exc, 'strerror', None) or exc}") from None
+            lines = read_secret_file(item[1:], f"--webhook-header {item}").splitlines()
         for n, line in enumerate(lines, 1):
             if item.startswith("@") and not line.strip():
                 continue
@@ -434,11 +430,7 @@ def parse_mqtt_url(url: str) -> MqttTarget:
         if user is None:
             raise ConfigError(f"{MQTT_PASSWORD_FILE_ENV} needs the user name in the MQTT URL "
                               f"(mqtt://USER@{parts.hostname}/...)")
-        try:
-            password = Path(path).read_text(encoding="utf-8").strip("\r\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read {MQTT_PASSWORD_FILE_ENV} {path}: "
-                              f"{getattr(exc, 'strerror', None) or exc}") from None
+        password = read_secret_file(path, f"{MQTT_PASSWORD_FILE_ENV} {path}").strip("\r\n")
     return MqttTarget(parts.hostname, port, prefix, tls, user, password)
 
 
