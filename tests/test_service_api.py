@@ -523,6 +523,31 @@ async def test_a_nearly_full_disk_is_shown_in_line_and_metrics(detector: Any, tm
     assert f'diffqc_disk_free_bytes{{path="{tmp_path}"}} ' in metrics
 
 
+async def test_the_served_certificates_expiry_is_shown_in_line_and_metrics(detector: Any,
+                                                                          tmp_path: Path) -> None:
+    """With ``tls_cert`` the date the certificate expires is in /v1/line (``tls``) and /metrics
+    (the blackbox exporter's convention: seconds since the epoch), so a line's monitoring can
+    warn before browsers refuse the service; without TLS there is no entry."""
+    import datetime as dt
+
+    import trustme
+
+    until = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(days=5)
+    leaf = trustme.CA().issue_cert("localhost", not_after=until)
+    pem = tmp_path / "server.pem"
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(pem))
+    async with running_app(detector, tmp_path, tls_cert=pem) as (client, _):
+        line = (await client.get("/v1/line", headers=AUTH)).json()
+        metrics = (await client.get("/metrics", headers=AUTH)).text
+    tls = line["tls"]
+    assert tls["file"] == str(pem) and tls["not_after"] == until.timestamp()
+    assert tls["expiring"] and not tls["expired"] and 4 < tls["days_left"] <= 5
+    assert f'diffqc_tls_certificate_not_after_seconds{{file="{pem}"}} {until.timestamp():.0f}' in metrics
+    assert f'diffqc_tls_certificate_expiring{{file="{pem}"}} 1' in metrics
+    async with running_app(detector, tmp_path / "plain") as (client, _):
+        assert (await client.get("/v1/line", headers=AUTH)).json()["tls"] is None
+
+
 async def test_no_path_traversal_in_file_routes(detector: Any, samples: Samples, tmp_path: Path) -> None:
     body, ftype = samples.one("REVIEW")
     secret = tmp_path / "secret.txt"

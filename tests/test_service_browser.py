@@ -454,3 +454,32 @@ def test_dashboard_says_when_a_disk_is_nearly_full(detector: Any, browser: Any, 
             else:
                 time.sleep(3)  # a few polls of /v1/line
                 assert not browser.find_element(By.ID, "disk").is_displayed()
+                assert not browser.find_element(By.ID, "certificate").is_displayed()  # no TLS
+
+
+def test_dashboard_says_when_the_tls_certificate_expires_soon(detector: Any, browser: Any,
+                                                              tmp_path: Path) -> None:
+    """A certificate that expires within days is shown to whoever has the dashboard open, with
+    the date: once it expires the browsers refuse the page."""
+    import datetime as dt
+
+    import trustme
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    until = dt.datetime.now(dt.UTC) + dt.timedelta(days=3)
+    pem = tmp_path / "server.pem"
+    leaf = trustme.CA().issue_cert("localhost", not_after=until)
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(pem))
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,), tls_cert=pem),
+                     detector=detector)
+    with _serve(app) as url:  # the page's panel, served here over HTTP
+        browser.get(url + "/dashboard")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "connect").click()
+        panel = WebDriverWait(browser, 20).until(ec.visibility_of_element_located((By.ID, "certificate")))
+        assert "expires on " + until.astimezone().strftime("%Y-%m-%d") in panel.text, panel.text
+        assert "in 2 days" in panel.text or "in 3 days" in panel.text, panel.text

@@ -801,6 +801,75 @@ def test_serve_names_the_dashboards_address() -> None:
 
 
 # ----------------------------------------------------------------------------- line
+def test_certificate_expiry_reads_the_served_certificates_not_after(tmp_path: Path) -> None:
+    """The date a TLS certificate stops being accepted, read from the PEM file ``serve
+    --tls-cert`` takes: the first certificate's (the server's own, its chain after it), in a
+    certificate-only file and in a combined PEM whose key comes first; None where the file
+    holds no certificate or cannot be read."""
+    import datetime as dt
+
+    import trustme
+
+    from diffqc.service.security import certificate_expiry
+
+    ca = trustme.CA()
+    until = dt.datetime(2031, 5, 17, 8, 30, 5, tzinfo=dt.UTC)
+    leaf = ca.issue_cert("localhost", not_after=until)
+    alone, combined = tmp_path / "cert.pem", tmp_path / "combined.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(alone))
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(combined))
+    assert certificate_expiry(alone) == until.timestamp()
+    assert certificate_expiry(combined) == until.timestamp()
+    (tmp_path / "key.pem").write_bytes(leaf.private_key_pem.bytes())
+    assert certificate_expiry(tmp_path / "key.pem") is None
+    assert certificate_expiry(tmp_path / "absent.pem") is None
+
+
+def test_certificate_watch_warns_before_the_served_certificate_expires(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """uvicorn reads the certificate once, at start, and serves it until it expires; then every
+    client that checks certificates (browsers, the MES) refuses the service. The watch says so
+    ahead (``warn_days``), once, and says when the file on disk was renewed but the service
+    still serves the old one (a restart picks it up)."""
+    import datetime as dt
+    import logging
+
+    import trustme
+
+    from diffqc.service.line import CertificateWatch
+
+    ca = trustme.CA()
+    now = dt.datetime.now(dt.UTC)
+    cert = tmp_path / "cert.pem"
+    leaf = ca.issue_cert("localhost", not_after=now + dt.timedelta(days=60))
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    watch = CertificateWatch(cert, warn_days=14)
+    with caplog.at_level(logging.INFO, logger="diffqc"):
+        status = watch.check()
+        assert not status["expiring"] and not status["expired"] and not status["renewed_on_disk"]
+        assert 59 < status["days_left"] <= 60 and caplog.text == ""
+        watch.warn_days = 90  # 60 days left now count as soon
+        status = watch.check()
+        watch.check()
+        assert status["expiring"] and not status["expired"]
+        assert caplog.text.count("expires on") == 1 and "renew it" in caplog.text, caplog.text
+        later = now + dt.timedelta(days=400)
+        ca.issue_cert("localhost", not_after=later).cert_chain_pems[0].write_to_path(str(cert))
+        status = watch.check()
+        watch.check()
+        assert status["renewed_on_disk"] and 59 < status["days_left"] <= 60  # still the old one served
+        assert status["file_not_after"] == later.replace(microsecond=0).timestamp()
+        assert caplog.text.count("was renewed") == 1 and "restart" in caplog.text, caplog.text
+    caplog.clear()
+    old = tmp_path / "old.pem"
+    ca.issue_cert("localhost", not_before=now - dt.timedelta(days=30),
+                  not_after=now - dt.timedelta(days=2)).cert_chain_pems[0].write_to_path(str(old))
+    with caplog.at_level(logging.INFO, logger="diffqc"):
+        status = CertificateWatch(old).check()
+    assert status["expired"] and status["days_left"] < 0
+    assert "expired on" in caplog.text and "refuse" in caplog.text, caplog.text
+
+
 def test_disk_watch_says_when_the_stores_file_system_runs_low(tmp_path: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     """Records are never deleted: a line's store grows until its disk is full, and then no

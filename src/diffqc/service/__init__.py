@@ -351,7 +351,8 @@ def add_service_commands(subparsers: Any) -> None:
     _add_line_arguments(p)
     p.add_argument("--tls-cert", default=None, metavar="PEM",
                    help="serve over HTTPS with this certificate (PEM, its chain after it): the API "
-                        "token and the parts' images cross the network encrypted")
+                        "token and the parts' images cross the network encrypted; read at start "
+                        "(a renewed file is served after a restart), named 14 days before it expires")
     p.add_argument("--tls-key", default=None, metavar="PEM",
                    help="the certificate's private key (PEM, unencrypted; readable by this user "
                         "only); without it, the key is read from --tls-cert's file (one PEM)")

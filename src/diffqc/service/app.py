@@ -141,6 +141,7 @@ class ServiceSettings:
     disk_min_free_ratio: float = 0.05  # ... or this share of its size (log, /v1/line, dashboard)
     tls_cert: str | Path | None = None  # serve over HTTPS: the certificate (PEM) ...
     tls_key: str | Path | None = None  # ... and its private key (PEM, unencrypted; else in tls_cert)
+    tls_warn_days: float = 14.0  # the certificate is named as expiring this long before (log, /v1/line)
 
     def validate(self) -> None:
         if not self.tokens and not self.allow_no_token:

@@ -5,8 +5,9 @@ into a running service (``create_app`` starts it before the inspection worker, s
 Configured by :class:`diffqc.service.app.ServiceSettings` fields: ``mqtt_url``,
 ``webhook_url``, ``webhook_max_attempts``, ``webhook_headers``, ``drift_window``, ``drift_min_parts``,
 ``drift_level``, ``calibration_poll_s``, ``retention_max_age_s``, ``retention_max_bytes``,
-``retention_interval_s``, ``disk_min_free_bytes``, ``disk_min_free_ratio``. It also watches
-the free space of the disks it writes to (:class:`DiskWatch`).
+``retention_interval_s``, ``disk_min_free_bytes``, ``disk_min_free_ratio``, ``tls_cert``,
+``tls_warn_days``. It also watches the free space of the disks it writes to (:class:`DiskWatch`)
+and the expiry of the TLS certificate it serves (:class:`CertificateWatch`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, prometheus_label
 from diffqc.recalibrate import CalibrationReloader
 from diffqc.service.retention import RetentionPolicy, RetentionWorker
+from diffqc.service.security import certificate_expiry
 from diffqc.service.sinks import Dispatcher, Outbox, build_sinks, webhook_headers
 from diffqc.service.store import ArtifactStore, ResultRecord, ResultStore
 
@@ -92,6 +94,74 @@ class DiskWatch:
         return out
 
 
+def _day(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
+
+
+class CertificateWatch:
+    """The TLS certificate ``serve --tls-cert`` serves. uvicorn reads it once, at start, and
+    serves it until it expires, when every client that checks certificates (browsers, the MES)
+    refuses the service. It is ``expiring`` within ``warn_days`` of its notAfter; the log says
+    so once, says once that it ``expired``, and once that the file on disk was renewed while the
+    service still serves the certificate it read at start."""
+
+    def __init__(self, path: Path, *, warn_days: float = 14.0) -> None:
+        self.path = path
+        self.warn_days = warn_days
+        self.not_after = certificate_expiry(path)  # the certificate being served
+        self._said: set[str] = set()
+
+    def _say(self, key: str, level: int, message: str, *args: Any) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            log.log(level, message, *args)
+
+    def check(self) -> dict[str, Any]:
+        """``file``, ``not_after`` (epoch s), ``days_left``, ``expiring``, ``expired``,
+        ``file_not_after`` (the file's certificate now) and ``renewed_on_disk``."""
+        on_disk = certificate_expiry(self.path)
+        out: dict[str, Any] = {"file": str(self.path), "not_after": self.not_after, "days_left": None,
+                               "expiring": False, "expired": False, "file_not_after": on_disk,
+                               "renewed_on_disk": False}
+        if self.not_after is None:
+            return out
+        days = (self.not_after - time.time()) / 86400.0
+        expired = days <= 0
+        expiring = days < self.warn_days
+        renewed = on_disk is not None and on_disk > self.not_after
+        out.update(days_left=round(days, 2), expiring=expiring, expired=expired, renewed_on_disk=renewed)
+        where = self.path, _day(self.not_after)
+        if expired:
+            self._say("expired", logging.ERROR, "the TLS certificate %s expired on %s: clients that check "
+                      "certificates (browsers, the MES) refuse the service: renew it and restart the "
+                      "service", *where)
+        elif expiring:
+            self._say("expiring", logging.WARNING, "the TLS certificate %s expires on %s (in %.0f days): "
+                      "renew it and restart the service (it reads the certificate at start); once it "
+                      "expires, clients that check certificates (browsers, the MES) refuse the service",
+                      *where, days)
+        if renewed and on_disk is not None:
+            self._say(f"renewed {on_disk}", logging.WARNING, "the TLS certificate %s was renewed on disk "
+                      "(it expires on %s) but the service still serves the one it read at start (it "
+                      "expires on %s): restart the service to serve the new one", self.path,
+                      _day(on_disk), _day(self.not_after))
+        return out
+
+    def metrics_lines(self) -> list[str]:
+        status, lab = self.check(), prometheus_label
+        if status["not_after"] is None:
+            return []
+        file = lab(status["file"])
+        return ["# HELP diffqc_tls_certificate_not_after_seconds When the served TLS certificate "
+                "expires (seconds since the epoch).",
+                "# TYPE diffqc_tls_certificate_not_after_seconds gauge",
+                f'diffqc_tls_certificate_not_after_seconds{{file="{file}"}} {status["not_after"]:.0f}',
+                "# HELP diffqc_tls_certificate_expiring 1 when the served TLS certificate expires soon "
+                "or has expired.",
+                "# TYPE diffqc_tls_certificate_expiring gauge",
+                f'diffqc_tls_certificate_expiring{{file="{file}"}} {int(status["expiring"])}']
+
+
 class LineServices:
     """Sinks + outbox, drift monitor, calibration reloader and retention worker of one service."""
 
@@ -125,6 +195,9 @@ class LineServices:
         self.disk = DiskWatch(folders + ([artifacts.root] if artifacts is not None else []),
                               min_free_bytes=int(getattr(settings, "disk_min_free_bytes", 1 << 30)),
                               min_free_ratio=float(getattr(settings, "disk_min_free_ratio", 0.05)))
+        cert = getattr(settings, "tls_cert", None)
+        warn_days = float(getattr(settings, "tls_warn_days", 14.0))
+        self.certificate = CertificateWatch(Path(cert), warn_days=warn_days) if cert is not None else None
         self.disk_poll_s = 60.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -191,8 +264,10 @@ class LineServices:
                 disk_due = time.monotonic() + self.disk_poll_s
                 try:
                     self.disk.check()
+                    if self.certificate is not None:
+                        self.certificate.check()
                 except Exception:
-                    log.exception("disk check failed")
+                    log.exception("disk or certificate check failed")
             if self._stop.wait(self.poll_s):
                 return
             try:
@@ -211,6 +286,8 @@ class LineServices:
         if self.retention is not None:
             out += self.retention.metrics_lines()
         out += self.disk.metrics_lines()
+        if self.certificate is not None:
+            out += self.certificate.metrics_lines()
         if self.reloader is not None:
             out += ["# HELP diffqc_calibration_reloads_total Calibrations picked up without a restart.",
                     "# TYPE diffqc_calibration_reloads_total counter",
@@ -228,6 +305,7 @@ class LineServices:
                 "kept_bytes": self.retention.kept_bytes,
             },
             "disk": self.disk.check(),
+            "tls": None if self.certificate is None else self.certificate.check(),
             "calibration": None if self.reloader is None else {
                 "file": str(self.reloader.file),
                 "reloads": self.reloader.reloads,

@@ -6,11 +6,13 @@ turns the exceptions into HTTP answers.
 
 from __future__ import annotations
 
+import calendar
 import hmac
 import io
 import os
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
@@ -157,6 +159,61 @@ def check_tls(cert: str | Path | None, key: str | Path | None) -> None:
         else:
             what = f"{key} holds no PEM private key (-----BEGIN PRIVATE KEY-----)"
         raise ConfigError(f"cannot serve over TLS: {what}") from None
+
+
+def _der(data: bytes, pos: int) -> tuple[int, int, int]:
+    """The DER element at ``pos``: its tag, and where its content starts and ends."""
+    tag, size = data[pos], data[pos + 1]
+    pos += 2
+    if size & 0x80:
+        n = size & 0x7F
+        size = int.from_bytes(data[pos:pos + n], "big")
+        pos += n
+    if pos + size > len(data):
+        raise ValueError("truncated DER")
+    return tag, pos, pos + size
+
+
+def _asn1_time(tag: int, text: str) -> float:
+    """A UTCTime (YYMMDDHHMMSSZ, 1950-2049) or GeneralizedTime (YYYYMMDDHHMMSSZ) as epoch s."""
+    if tag == 0x17:
+        year = int(text[:2])
+        text = ("19" if year >= 50 else "20") + text
+    return float(calendar.timegm(time.strptime(text, "%Y%m%d%H%M%SZ")))
+
+
+def certificate_expiry(path: str | Path) -> float | None:
+    """When the first certificate in the PEM file ``path`` expires (its notAfter, seconds since
+    the epoch): the server's own certificate, which ``serve --tls-cert`` serves, its chain after
+    it. None when the file cannot be read or holds no certificate. Read from the DER structure
+    (Certificate > TBSCertificate > Validity), so no X.509 library is needed."""
+    import base64
+    import binascii
+
+    try:
+        text = Path(path).read_text("ascii", errors="replace")
+    except OSError:
+        return None
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    start = text.find(begin)
+    stop = text.find(end, start + 1)
+    if start < 0 or stop < 0:
+        return None
+    try:
+        der = base64.b64decode("".join(text[start + len(begin):stop].split()), validate=True)
+        _, pos, _ = _der(der, 0)  # Certificate
+        _, pos, _ = _der(der, pos)  # TBSCertificate
+        tag, _, after = _der(der, pos)
+        if tag == 0xA0:  # [0] version
+            pos = after
+        for _field in ("serialNumber", "signature", "issuer"):
+            pos = _der(der, pos)[2]
+        _, pos, _ = _der(der, pos)  # Validity
+        not_before = _der(der, pos)
+        tag, start, stop = _der(der, not_before[2])
+        return _asn1_time(tag, der[start:stop].decode("ascii"))
+    except (binascii.Error, ValueError, IndexError, UnicodeDecodeError):
+        return None
 
 
 def check_content_length(header: str | None, limit: int) -> None:
