@@ -84,13 +84,50 @@ def test_misrouted_parts_are_counted_and_kept_out_of_the_window() -> None:
     assert not is_misrouted("a", None, True)
     mon = DriftMonitor(DriftConfig(window=50, min_parts=10))
     for _ in range(30):
-        assert mon.observe("a", 0.0001, predicted_type="b", type_known=True) is None
+        assert mon.observe("a", 0.0001, predicted_type="b", type_known=True) == []
     snap = mon.snapshot()["a"]
     assert snap["misrouted_total"] == 30 and snap["window_parts"] == 0 and not snap["alarm"]
     assert 'diffqc_misrouted_total{feature_type="a",predicted_type="b"} 30' in mon.metrics_lines()
-    assert mon.observe("a", 0.5, decision="NOT_INSPECTED") is None
-    assert mon.observe("a", float("nan")) is None
+    assert mon.observe("a", 0.5, decision="NOT_INSPECTED") == []
+    assert mon.observe("a", float("nan")) == []
     assert mon.snapshot()["a"]["parts_total"] == 30
+
+
+def test_one_camera_of_four_drifting_is_named_where_the_types_window_misses_it() -> None:
+    """A type seen by several cameras: one camera's lamp ages (its p-values squared) while the
+    other three are fine. Its parts are a quarter of the type's window, which dilutes the shift
+    below the type's threshold (here D+ about 0.11 against 0.15); each camera's own window tests
+    it alone, so the alarm comes early and names the camera. A type seen by one camera has no
+    camera windows (they would repeat the type's test)."""
+    rng, other = np.random.default_rng(3), np.random.default_rng(4)
+    mon = DriftMonitor(DriftConfig(window=200, min_parts=30, level=1e-4))
+    seen = []
+    mon.listeners.append(seen.append)
+    returned = []
+    for i in range(800):
+        camera = f"cam{i % 4}"
+        u = float(rng.uniform())
+        returned += mon.observe("edge", u**2 if camera == "cam2" else u, camera=camera)
+        mon.observe("dots", float(other.uniform()), camera="cam0")
+    snap = mon.snapshot()
+    edge = snap["edge"]
+    assert not edge["alarm"] and edge["statistic"] < edge["threshold"]
+    cams = edge["cameras"]
+    assert sorted(cams) == ["cam0", "cam1", "cam2", "cam3"]
+    assert cams["cam2"]["alarm"] and cams["cam2"]["window_parts"] == cams["cam2"]["parts_total"] == 200
+    assert not any(cams[c]["alarm"] for c in ("cam0", "cam1", "cam3"))
+    assert snap["dots"]["cameras"] == {}
+    [event] = returned
+    assert seen == [event]
+    assert (event.feature_type, event.camera, event.alarm) == ("edge", "cam2", True)
+    assert event.to_json()["camera"] == "cam2"
+    lines = mon.metrics_lines()
+    assert 'diffqc_drift_camera_alarm{feature_type="edge",camera="cam2"} 1' in lines
+    assert 'diffqc_drift_camera_alarm{feature_type="edge",camera="cam0"} 0' in lines
+    assert not any('feature_type="dots",camera=' in line for line in lines)
+    assert 'diffqc_drift_alarm{feature_type="edge"} 0' in lines
+    mon.reset()
+    assert not mon.snapshot()["edge"]["cameras"]["cam2"]["alarm"]
 
 
 # --------------------------------------------------------------------------- acceptance
@@ -132,9 +169,9 @@ def test_drift_alarm_fires_after_a_brightness_shift_and_not_before(tiny_model: P
     assert mon.observe_many(("stripes", p) for p in calm) == []
     fired = None
     for i, p in enumerate(shifted):
-        event = mon.observe("stripes", p)
-        if event is not None:
-            assert event.alarm
+        events = mon.observe("stripes", p)
+        if events:
+            assert [e.alarm for e in events] == [True]
             fired = i + 1
             break
     assert fired is not None and fired <= DETECT_WITHIN, f"alarm after {fired} shifted parts"

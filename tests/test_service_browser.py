@@ -216,6 +216,16 @@ def test_dashboard_drift_panel_shows_a_types_alarm(
         (By.CSS_SELECTOR, f'#drift tr[data-type="{ftype}"][data-alarm="1"]')))
     text = browser.find_element(By.CSS_SELECTOR, f'#drift tr[data-type="{ftype}"]').text
     assert "DRIFT" in text
+    # the type is seen by two cameras, one of them drifting: a row per camera, the one named
+    n = monitor.config.min_parts + 10
+    for i in range(n):
+        monitor.observe(ftype, (i + 0.5) / n, camera="cam-a")  # as uniform as n p-values get
+        monitor.observe(ftype, 0.002, camera="cam-b")
+    cam = wait.until(ec.presence_of_element_located(
+        (By.CSS_SELECTOR, f'#drift tr[data-type="{ftype}"][data-camera="cam-b"][data-alarm="1"]')))
+    assert "camera cam-b" in cam.text and "DRIFT" in cam.text
+    calm = browser.find_element(By.CSS_SELECTOR, f'#drift tr[data-type="{ftype}"][data-camera="cam-a"]')
+    assert calm.get_attribute("data-alarm") == "0" and "OK" in calm.text
     # a camera switched to colour (the model learned grey parts): the panel of parts unlike
     # their training images, hidden until then, names the type, the check and the parts
     assert not browser.find_element(By.ID, "unlike").is_displayed()

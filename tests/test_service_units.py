@@ -801,6 +801,31 @@ def test_serve_names_the_dashboards_address() -> None:
 
 
 # ----------------------------------------------------------------------------- line
+def test_line_services_watch_drift_per_camera_and_name_the_camera(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Each stored record's camera reaches the drift watch: parts of one type from two cameras,
+    one of them giving p-values far below uniform, raise that camera's alarm, named in the log
+    and in the line's status."""
+    import logging
+    import time
+    from types import SimpleNamespace
+
+    from diffqc.service.line import LineServices
+    from diffqc.service.store import ResultRecord, ResultStore
+
+    settings = SimpleNamespace(drift_window=20, drift_min_parts=10, drift_level=0.01)
+    with ResultStore(str(tmp_path / "r.db")) as store, caplog.at_level(logging.WARNING, logger="diffqc"):
+        line = LineServices(settings, store, None, None)
+        for i in range(20):
+            camera = "cam-b" if i % 2 else "cam-a"
+            p = 0.001 if camera == "cam-b" else (i + 0.5) / 20
+            line.on_record(ResultRecord(created_at=time.time(), source="test", decision="PASS",
+                                        feature_type="edge", p_value=p, camera=camera), 0.01)
+        cameras = line.status()["drift"]["edge"]["cameras"]
+    assert cameras["cam-b"]["alarm"] and not cameras["cam-a"]["alarm"]
+    assert "drift ALARM for type 'edge' on camera 'cam-b'" in caplog.text, caplog.text
+
+
 def test_certificate_expiry_reads_the_served_certificates_not_after(tmp_path: Path) -> None:
     """The date a TLS certificate stops being accepted, read from the PEM file ``serve
     --tls-cert`` takes: the first certificate's (the server's own, its chain after it), in a

@@ -347,6 +347,9 @@ def test_mqtt_publishes_decisions_and_a_retained_status(store: ResultStore) -> N
         assert len(sub.on(f"{prefix}/decisions/a_b")) == 1  # '/' in a type is one topic level
         box.enqueue_alarm("stripes", {"event": "drift_alarm", "statistic": 0.4})
         wait_for(lambda: len(sub.on(f"{prefix}/alarms/stripes")) == 1, what="the drift alarm")
+        box.enqueue_alarm("stripes", {"event": "drift_alarm", "camera": "cam/2"}, camera="cam/2")
+        wait_for(lambda: len(sub.on(f"{prefix}/alarms/stripes/cam_2")) == 1, what="one camera's drift alarm")
+        assert len(sub.on(f"{prefix}/alarms/stripes")) == 1  # the type's retained state is its own
     finally:
         disp.stop()
         sub.close()
@@ -357,6 +360,7 @@ def test_mqtt_publishes_decisions_and_a_retained_status(store: ResultStore) -> N
         wait_for(lambda: len(late.on(f"{prefix}/alarms/stripes")) == 1, 10, "the retained alarm")
     finally:
         late.client.publish(f"{prefix}/alarms/stripes", b"", qos=1, retain=True).wait_for_publish(5)
+        late.client.publish(f"{prefix}/alarms/stripes/cam_2", b"", qos=1, retain=True).wait_for_publish(5)
         late.client.publish(f"{prefix}/status", b"", qos=1, retain=True).wait_for_publish(5)
         late.close()
 

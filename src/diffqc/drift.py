@@ -23,6 +23,13 @@ alarm clears once ``D+`` falls below ``clear_fraction`` of the threshold (hyster
 it does not flap). Conformal p-values are discrete (steps of ``1/(n+1)`` for n calibration
 images); the statistic taken at the sorted p-values is then conservative.
 
+A type imaged by several cameras (the records' ``camera``) is also tested per camera, in a
+window of its own: one camera of four whose lamp ages shifts only a quarter of the type's
+window, which dilutes a moderate shift below the type's threshold, and the type's alarm would
+not say which camera to look at. A camera's alarm names it. A type seen by one camera has no
+camera windows (they would repeat the type's test). Each camera window is one more test per
+part, so the union bound above grows by the number of cameras.
+
 A part whose predicted type (the arg-min over the types' scores) differs from the type it was
 declared as is *mis-routed* (a crop sent down the wrong lane): it is counted apart and kept out
 of the window, since its p-value says nothing about drift.
@@ -111,7 +118,7 @@ class TypeState:
 
 @dataclass(frozen=True)
 class DriftEvent:
-    """An alarm raised or cleared for a type."""
+    """An alarm raised or cleared for a type, or for one camera of a type."""
 
     feature_type: str
     alarm: bool
@@ -120,11 +127,13 @@ class DriftEvent:
     parts: int  # p-values in the window
     at: float
     detail: dict[str, Any] = field(default_factory=dict)
+    camera: str | None = None  # None: the type's window (all its cameras)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "event": "drift_alarm" if self.alarm else "drift_cleared",
             "feature_type": self.feature_type,
+            "camera": self.camera,
             "alarm": self.alarm,
             "statistic": round(self.statistic, 6),
             "threshold": round(self.threshold, 6),
@@ -141,6 +150,7 @@ class DriftMonitor:
         self.config = (config or DriftConfig()).validate()
         self._lock = threading.Lock()
         self._types: dict[str, TypeState] = {}
+        self._cameras: dict[str, dict[str, TypeState]] = {}  # type -> camera -> its window
         self.misrouted: Counter[tuple[str, str]] = Counter()  # (declared, predicted) -> n
         self.listeners: list[Callable[[DriftEvent], None]] = []
 
@@ -151,27 +161,43 @@ class DriftMonitor:
         return st
 
     def observe(self, feature_type: str | None, p_value: float | None, *, decision: str = "",
-                predicted_type: str | None = None, type_known: bool | None = True) -> DriftEvent | None:
-        """Take one inspected part; returns the event when its type's alarm state changed."""
+                predicted_type: str | None = None, type_known: bool | None = True,
+                camera: str | None = None) -> list[DriftEvent]:
+        """Take one inspected part; returns the events it caused: its type's alarm raised or
+        cleared, then its camera's (each also given to the listeners)."""
         if feature_type is None or p_value is None or decision == NOT_INSPECTED:
-            return None
+            return []
         if not math.isfinite(p_value):
-            return None
+            return []
+        events: list[DriftEvent] = []
         with self._lock:
             st = self._state(feature_type)
             st.parts_total += 1
             if is_misrouted(feature_type, predicted_type, type_known):
                 st.misrouted_total += 1
                 self.misrouted[(feature_type, str(predicted_type))] += 1
-                return None
+                return []
             st.window.append(float(p_value))
             event = self._test(feature_type, st)
-        if event is not None:
+            if event is not None:
+                events.append(event)
+            if camera is not None:
+                cameras = self._cameras.setdefault(feature_type, {})
+                cam = cameras.get(camera)
+                if cam is None:
+                    cam = cameras[camera] = TypeState(deque(maxlen=self.config.window))
+                cam.parts_total += 1
+                cam.window.append(float(p_value))
+                if len(cameras) > 1:  # one camera alone is the type's own test
+                    event = self._test(feature_type, cam, camera)
+                    if event is not None:
+                        events.append(event)
+        for event in events:
             for fn in self.listeners:
                 fn(event)
-        return event
+        return events
 
-    def _test(self, feature_type: str, st: TypeState) -> DriftEvent | None:
+    def _test(self, feature_type: str, st: TypeState, camera: str | None = None) -> DriftEvent | None:
         m = len(st.window)
         if m < self.config.min_parts:
             st.statistic, st.threshold = ks_below_uniform(st.window), math.inf
@@ -187,40 +213,46 @@ class DriftMonitor:
             return None
         flagged = float(np.mean(np.asarray(st.window) <= 0.05))
         return DriftEvent(feature_type, st.alarm, st.statistic, st.threshold, m, time.time(),
-                          {"share_p_below_0.05": round(flagged, 4)})
+                          {"share_p_below_0.05": round(flagged, 4)}, camera)
 
     def observe_many(self, parts: Iterable[tuple[str | None, float | None]]) -> list[DriftEvent]:
         """``observe`` each ``(feature_type, p_value)`` in order; the events that happened."""
-        out = []
+        out: list[DriftEvent] = []
         for ftype, p in parts:
-            event = self.observe(ftype, p)
-            if event is not None:
-                out.append(event)
+            out += self.observe(ftype, p)
         return out
 
     def reset(self) -> None:
         """Forget every window (the calibration changed: old p-values no longer apply)."""
         with self._lock:
-            for st in self._types.values():
+            for st in [*self._types.values(), *(c for cams in self._cameras.values() for c in cams.values())]:
                 st.window.clear()
                 st.statistic, st.threshold = 0.0, math.inf
                 st.alarm, st.since = False, None
 
+    @staticmethod
+    def _row(st: TypeState) -> dict[str, Any]:
+        return {
+            "statistic": st.statistic,
+            "threshold": None if math.isinf(st.threshold) else st.threshold,
+            "alarm": st.alarm,
+            "alarm_since": st.since,
+            "window_parts": len(st.window),
+            "alarms_total": st.alarms_total,
+            "parts_total": st.parts_total,
+        }
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Per type: its window's test, ``misrouted_total``, and ``cameras``: per camera, its
+        own window's test (``{}`` unless the type was seen by two cameras or more)."""
         with self._lock:
-            return {
-                t: {
-                    "statistic": st.statistic,
-                    "threshold": None if math.isinf(st.threshold) else st.threshold,
-                    "alarm": st.alarm,
-                    "alarm_since": st.since,
-                    "window_parts": len(st.window),
-                    "alarms_total": st.alarms_total,
-                    "parts_total": st.parts_total,
-                    "misrouted_total": st.misrouted_total,
-                }
-                for t, st in sorted(self._types.items())
-            }
+            out = {}
+            for t, st in sorted(self._types.items()):
+                cameras = self._cameras.get(t, {})
+                out[t] = {**self._row(st), "misrouted_total": st.misrouted_total,
+                          "cameras": {c: self._row(cameras[c]) for c in sorted(cameras)}
+                          if len(cameras) > 1 else {}}
+            return out
 
     def metrics_lines(self) -> list[str]:
         """Prometheus text lines (same style as :class:`diffqc.service.app.Metrics`)."""
@@ -253,6 +285,16 @@ class DriftMonitor:
         head("diffqc_drift_alarms_total", "counter", "Drift alarms raised per type.")
         for t, row in snap.items():
             out.append(f'diffqc_drift_alarms_total{{feature_type="{lab(t)}"}} {row["alarms_total"]}')
+        cams = [(t, c, row) for t, type_row in snap.items() for c, row in type_row["cameras"].items()]
+        head("diffqc_drift_camera_statistic", "gauge",
+             "One-sided KS statistic of one camera's window, per type seen by several cameras.")
+        for t, c, row in cams:
+            out.append(f'diffqc_drift_camera_statistic{{feature_type="{lab(t)}",camera="{lab(c)}"}} '
+                       f'{row["statistic"]:.6f}')
+        head("diffqc_drift_camera_alarm", "gauge", "1 while one camera's drift alarm for a type is raised.")
+        for t, c, row in cams:
+            out.append(f'diffqc_drift_camera_alarm{{feature_type="{lab(t)}",camera="{lab(c)}"}} '
+                       f'{int(row["alarm"])}')
         head("diffqc_misrouted_total", "counter",
              "Parts whose predicted type differs from the declared one.")
         for (declared, predicted), n in misrouted:

@@ -235,15 +235,16 @@ class LineServices:
         if rec.duplicate:
             return
         self.drift.observe(rec.feature_type, rec.p_value, decision=rec.decision,
-                           predicted_type=rec.predicted_type, type_known=rec.type_known)
+                           predicted_type=rec.predicted_type, type_known=rec.type_known, camera=rec.camera)
 
     def _on_drift(self, event: DriftEvent) -> None:
-        log.warning("drift %s for type %r: D+=%.3f (threshold %.3f, %d parts)",
-                    "ALARM" if event.alarm else "cleared", event.feature_type, event.statistic,
+        where = "" if event.camera is None else f" on camera {event.camera!r}"
+        log.warning("drift %s for type %r%s: D+=%.3f (threshold %.3f, %d parts)",
+                    "ALARM" if event.alarm else "cleared", event.feature_type, where, event.statistic,
                     event.threshold, event.parts)
         if self.outbox is not None:
             try:
-                self.outbox.enqueue_alarm(event.feature_type, event.to_json())
+                self.outbox.enqueue_alarm(event.feature_type, event.to_json(), camera=event.camera)
             except Exception:  # the store is down: the alarm is still in /metrics and the log
                 log.exception("could not queue the drift alarm for the sinks")
 

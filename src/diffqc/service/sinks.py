@@ -19,7 +19,8 @@ again). MQTT messages are never dead-lettered: while the broker is unreachable t
 MQTT topics under the prefix (``mqtt://host:port/PREFIX``, default ``diffqc``):
 ``PREFIX/status`` (retained, ``online``; ``offline`` by last will or on a clean stop),
 ``PREFIX/decisions/<feature_type>`` (QoS 1, one per decision) and
-``PREFIX/alarms/<feature_type>`` (QoS 1, retained: the latest drift alarm state).
+``PREFIX/alarms/<feature_type>`` (QoS 1, retained: the latest drift alarm state) and, for a
+type seen by several cameras, ``PREFIX/alarms/<feature_type>/<camera>`` (one camera's).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def decision_payload(rec: ResultRecord) -> dict[str, Any]:
 
 
 def topic_key(feature_type: str | None) -> str:
-    """A feature type as one MQTT topic level (no ``/``, ``+``, ``#``)."""
+    """A feature type (or a camera) as one MQTT topic level (no ``/``, ``+``, ``#``)."""
     if not feature_type:
         return UNKNOWN_TYPE
     return "".join("_" if c in "/+#\x00" else c for c in feature_type)
@@ -156,11 +157,14 @@ class Outbox:
             payload = json.dumps(decision_payload(rec), allow_nan=False, sort_keys=True)
             self._insert(conn, DECISION, rec.id, topic_key(rec.feature_type), payload)
 
-    def enqueue_alarm(self, feature_type: str | None, payload: dict[str, Any]) -> None:
-        """An event that is not a record (a drift alarm), in its own transaction."""
+    def enqueue_alarm(self, feature_type: str | None, payload: dict[str, Any], *,
+                      camera: str | None = None) -> None:
+        """An event that is not a record (a drift alarm: a type's, or one camera's of a type,
+        under ``alarms/<type>/<camera>``), in its own transaction."""
         body = json.dumps(json_safe({**payload, "kind": ALARM}), allow_nan=False, sort_keys=True)
+        key = topic_key(feature_type) + ("" if camera is None else "/" + topic_key(camera))
         with self.store._transaction() as conn:
-            self._insert(conn, ALARM, None, topic_key(feature_type), body)
+            self._insert(conn, ALARM, None, key, body)
         self.wakeup.set()
 
     # ------------------------------------------------------------------ delivery bookkeeping
