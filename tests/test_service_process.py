@@ -224,3 +224,22 @@ def test_the_containers_health_check_over_http(service_model: tuple[Path, Path],
     finally:
         srv.stop()
     assert _docker_healthcheck(srv.port) == 1  # nothing listening
+
+
+def test_serve_takes_the_disk_watchs_thresholds(service_model: tuple[Path, Path], tmp_path: Path) -> None:
+    """The nearly-full disk warning fires below 1 GiB or 5 % free: too late for a small edge
+    box's card, early for a large disk. `--disk-min-free-mb` and `--disk-min-free-percent` set
+    them (here: any disk is below 100 %; 0 and 0: none is ever low)."""
+    import httpx
+
+    for percent, low in (("100", True), ("0", False)):
+        srv = bench.start_server(service_model[0], str(tmp_path / "r.db"), workdir=tmp_path, token=TOKEN,
+                                 extra=("--disk-min-free-mb", "0", "--disk-min-free-percent", percent))
+        try:
+            [disk] = httpx.get(srv.url + "/v1/line", headers=AUTH, timeout=30).json()["disk"]
+        finally:
+            srv.stop()
+        assert disk["path"] == str(tmp_path) and disk["low"] is low
+        log = srv.log.read_text()
+        assert log.count(f"the disk of {tmp_path} is nearly full") == int(low), log[-3000:]
+

@@ -571,8 +571,10 @@ def test_watch_cli_once(service_model: tuple[Path, Path], samples: Samples, tmp_
         "--heatmaps",  # the PASS part's too (the default draws flagged parts' only)
         "all",
     ]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    out = subprocess.run([*cmd, "--disk-min-free-mb", "0", "--disk-min-free-percent", "0"], env=env,
+                         capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "is nearly full" not in out.stderr  # no floor: no disk is low
     with ResultStore(str(db)) as store:
         recs: list[ResultRecord] = store.query(limit=None)
     assert sorted(r.part_id or "" for r in recs) == ["bad", "c0", "c1", "c2"]
@@ -584,9 +586,10 @@ def test_watch_cli_once(service_model: tuple[Path, Path], samples: Samples, tmp_
     # `--once` run is over before the first pass, so it makes one as it ends (watch had none)
     for i in range(3):
         (folder / f"d{i}.png").write_bytes(samples.all[i][0])
-    out = subprocess.run([*cmd, "--keep-images", "all", "--keep-days", "1e-9"], env=env,
-                         capture_output=True, text=True, timeout=180)
+    retention = ("--keep-images", "all", "--keep-days", "1e-9", "--disk-min-free-percent", "100")
+    out = subprocess.run([*cmd, *retention], env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "is nearly full" in out.stderr  # watch's disks are watched as serve's, at its thresholds
     with ResultStore(str(db)) as store:
         recs = store.query(limit=None)
     assert len(recs) == 7 and all(r.heatmap is None for r in recs)

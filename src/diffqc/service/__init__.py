@@ -155,10 +155,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _retention(args: argparse.Namespace) -> dict[str, Any]:
-    """``--keep-days`` and ``--artifact-budget-mb`` as the service's retention settings."""
+    """``--keep-days`` and ``--artifact-budget-mb`` as the service's retention settings, and
+    ``--disk-min-free-mb`` / ``--disk-min-free-percent`` as its disk watch's."""
     return {"retention_max_age_s": args.keep_days * 86400.0 if args.keep_days is not None else None,
             "retention_max_bytes": (int(args.artifact_budget_mb * 1024 * 1024)
-                                    if args.artifact_budget_mb is not None else None)}
+                                    if args.artifact_budget_mb is not None else None),
+            "disk_min_free_bytes": int(args.disk_min_free_mb * 1024 * 1024),
+            "disk_min_free_ratio": args.disk_min_free_percent / 100.0}
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
@@ -255,6 +258,11 @@ def _add_artifact_arguments(p: argparse.ArgumentParser) -> None:
                    help="delete kept images and heat maps older than this (records stay)")
     p.add_argument("--artifact-budget-mb", type=POSITIVE_NUMBER, default=None,
                    help="delete the oldest kept images and heat maps beyond this disk budget")
+    p.add_argument("--disk-min-free-mb", type=number(0.0), default=1024.0, metavar="MB",
+                   help="say a disk it writes to (the store's, the kept images') is nearly full below "
+                   "this many MB free (log, /v1/line, /metrics, dashboard; default 1024; 0: no such floor)")
+    p.add_argument("--disk-min-free-percent", type=number(0.0, maximum=100.0), default=5.0, metavar="P",
+                   help="... or below this share of its size (default 5; 0: no such floor)")
 
 
 def _add_image_limit_argument(p: argparse.ArgumentParser, *, buffered: bool) -> None:

@@ -510,6 +510,8 @@ def run_watch(
     camera: str | None = None,
     retention_max_age_s: float | None = None,
     retention_max_bytes: int | None = None,
+    disk_min_free_bytes: int = 1 << 30,
+    disk_min_free_ratio: float = 0.05,
     runtime: str = "auto",
     precision: str = "auto",
     threads: int | None = None,
@@ -523,8 +525,10 @@ def run_watch(
     cannot be decoded) unless ``after="keep"``. ``once`` processes what is there and exits. Kept
     images and heat maps older than ``retention_max_age_s`` or beyond ``retention_max_bytes`` are
     deleted as ``serve`` deletes them (records stay), and once more when ``once`` ends (a cron
-    job's run is over before the first pass). ``runtime``, ``precision`` and ``threads`` as
-    ``serve`` takes them (:func:`diffqc.runtime.load_detector`). Returns the process exit code.
+    job's run is over before the first pass). The disks it writes to are said to be nearly full
+    below ``disk_min_free_bytes`` or ``disk_min_free_ratio`` of their size, as ``serve``'s are.
+    ``runtime``, ``precision`` and ``threads`` as ``serve`` takes them
+    (:func:`diffqc.runtime.load_detector`). Returns the process exit code.
     """
     from diffqc.bundle import read_bundle
     from diffqc.runtime import load_detector  # not the HTTP app: the watcher runs without FastAPI
@@ -581,7 +585,9 @@ def run_watch(
     # the line's services as `serve` runs them, without sinks: a new calibration is picked up
     # (it was served only after a restart), drift is watched and logged, artifacts expire
     settings_ns = SimpleNamespace(model_path=model_path, retention_max_age_s=retention_max_age_s,
-                                  retention_max_bytes=retention_max_bytes)
+                                  retention_max_bytes=retention_max_bytes,
+                                  disk_min_free_bytes=disk_min_free_bytes,
+                                  disk_min_free_ratio=disk_min_free_ratio)
     line_services = LineServices(settings_ns, store, artifacts, detector,
                                  on_calibration=_calibration_changed)
     pipeline.listeners.append(line_services.on_record)
