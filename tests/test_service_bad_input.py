@@ -230,6 +230,32 @@ async def test_bad_input_gets_a_4xx_with_a_code_and_the_service_stays_up(
         assert (await client.get("/readyz")).status_code == 200
 
 
+async def test_a_verdict_with_a_misspelled_field_or_not_in_json_is_refused_and_not_stored(
+    detector: Any, samples: Samples, tmp_path: Path
+) -> None:
+    """`{"verdict": "GOOD", "reviewr": "anna"}` stored the verdict without its reviewer (the
+    audit trail's who), the misspelled field ignored; a verdict sent as a form (`curl -d
+    verdict=GOOD`) or without a body was answered "request: Field required". A field the route
+    does not take is refused with the near miss and the fields it takes; a body that is no JSON
+    object is named as such; nothing is stored."""
+    good, ftype = samples.one("PASS")
+    async with running_app(detector, tmp_path) as (client, _):
+        rid = (await client.post("/v1/inspect", content=good, headers=AUTH,
+                                 params={"feature_type": ftype})).json()["id"]
+        r = await client.post(f"/v1/review/{rid}", headers=AUTH, json={"verdict": "GOOD", "reviewr": "anna"})
+        assert (r.status_code, r.json()["code"]) == (422, "unknown_field"), r.text
+        assert "'reviewr' (did you mean 'reviewer'?)" in r.json()["detail"]
+        assert "defect, note, reviewer, verdict" in r.json()["detail"]
+        for kwargs in ({"data": {"verdict": "GOOD"}}, {}, {"json": "GOOD"}, {"json": ["GOOD"]}):
+            r = await client.post(f"/v1/review/{rid}", headers=AUTH, **kwargs)
+            assert (r.status_code, r.json()["code"]) == (422, "bad_request"), (kwargs, r.text)
+            assert "a JSON object" in r.json()["detail"] and '"verdict"' in r.json()["detail"], r.text
+        stored = (await client.get(f"/v1/results/{rid}", headers=AUTH)).json()
+        assert stored["review"] is None and stored["reviewer"] is None
+        r = await client.post(f"/v1/review/{rid}", headers=AUTH, json={"verdict": "GOOD", "reviewer": "anna"})
+        assert r.status_code == 200 and r.json()["reviewer"] == "anna"
+
+
 async def test_idempotency_key_replayed_with_another_body_is_refused(
     detector: Any, samples: Samples, tmp_path: Path
 ) -> None:

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iter
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -34,7 +34,7 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -860,24 +860,52 @@ def _header(request: Request, name: str) -> str | None:
     return None
 
 
-def validation_error(exc: RequestValidationError) -> ServiceError:
+def body_model(request: Request) -> type[BaseModel] | None:
+    """The JSON body model of the route ``request`` reached (``ReviewIn``), if it has one."""
+    route = request.scope.get("route")
+    for param in getattr(getattr(route, "dependant", None), "body_params", ()):
+        model = param.field_info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            return model
+    return None
+
+
+def _body_example(model: type[BaseModel]) -> str:
+    """A JSON object of ``model``'s required fields (a literal's first value): ``{"verdict": "GOOD"}``."""
+    example = {name: (get_args(f.annotation) or ("...",))[0] for name, f in model.model_fields.items()
+               if f.is_required()}
+    return json.dumps(example)
+
+
+def validation_error(exc: RequestValidationError, *, route: str = "the route",
+                     body: type[BaseModel] | None = None) -> ServiceError:
     """FastAPI's request-validation error in the service's own shape, ``{"detail", "code"}``:
-    ``code`` is ``bad_<parameter>`` (e.g. ``bad_record_id``), ``detail`` one sentence per problem."""
+    ``code`` is ``bad_<parameter>`` (e.g. ``bad_record_id``), ``detail`` one sentence per problem.
+    With the route's JSON ``body`` model: a field it does not take is ``unknown_field`` (with the
+    near miss), and a body that is no JSON object (a form, none, a string) says what to send."""
     problems: list[str] = []
     names: list[str] = []
+    fields = sorted(body.model_fields) if body is not None else []
     for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
         if err.get("type") == "json_invalid":  # its loc is ("body", <offset>): not a parameter
             names.append("json")
             problems.append(f"body: not valid JSON ({err.get('msg', 'invalid')})")
             continue
-        loc = [str(x) for x in err.get("loc", ()) if x not in ("path", "query", "body", "header")]
-        name = loc[0] if loc else "request"
+        if body is not None and err.get("type") == "extra_forbidden" and len(loc) == 2:
+            _refuse_unknown([str(loc[1])], fields, "JSON field", f"{route} takes the fields", "unknown_field")
+        if body is not None and loc == ("body",):  # missing, or not an object
+            raise ServiceError(422, "bad_request", "the body must be a JSON object (Content-Type: "
+                               f"application/json), such as {_body_example(body)}; {route} takes the "
+                               f"fields {', '.join(fields)}")
+        names_at = [str(x) for x in loc if x not in ("path", "query", "body", "header")]
+        name = names_at[0] if names_at else "request"
         names.append(name)
         value = err.get("input")
         if isinstance(value, str) and len(value) > 80:
             value = value[:80] + "…"
         got = f" (got {value!r})" if isinstance(value, str | int | float) else ""
-        problems.append(f"{'.'.join(loc) or 'request'}: {err.get('msg', 'invalid')}{got}")
+        problems.append(f"{'.'.join(names_at) or 'request'}: {err.get('msg', 'invalid')}{got}")
     code = f"bad_{names[0]}" if len(set(names)) == 1 else "bad_request"
     return ServiceError(422, code, "; ".join(problems) or "invalid request")
 
@@ -918,6 +946,8 @@ READY_CHECKS = ("model", "worker", "store", "buffer")
 
 # --------------------------------------------------------------------------- request models
 class ReviewIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelled "reviewr" is refused, not dropped
+
     verdict: Literal["GOOD", "BAD"]
     reviewer: str | None = Field(default=None, max_length=MAX_ID_LEN)
     note: str | None = Field(default=None, max_length=2000)
@@ -978,7 +1008,11 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        err = validation_error(exc)
+        try:
+            path = getattr(request.scope.get("route"), "path", request.url.path)  # /v1/review/{record_id}
+            err = validation_error(exc, route=path, body=body_model(request))
+        except ServiceError as refused:
+            err = refused
         _count_refused_upload(request, err.code)
         return _error_response(err)
 
