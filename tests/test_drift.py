@@ -130,6 +130,40 @@ def test_one_camera_of_four_drifting_is_named_where_the_types_window_misses_it()
     assert not mon.snapshot()["edge"]["cameras"]["cam2"]["alarm"]
 
 
+def test_a_reset_clears_raised_alarms_aloud_and_a_restore_keeps_them_until_parts_clear_them() -> None:
+    """A new calibration resets the windows: an alarm raised under the old one was dropped in
+    silence, so a consumer holding its state (MQTT's retained alarm, a webhook's receiver)
+    showed it for ever. ``reset`` says each cleared alarm to the listeners. ``restore`` (a
+    service restarted) raises the alarms it is given again, window empty, until enough parts
+    show the line in order (cleared aloud) or it stays raised without a second alarm."""
+    mon = DriftMonitor(DriftConfig(window=50, min_parts=20, level=1e-3))
+    heard = []
+    mon.listeners.append(heard.append)
+    for i in range(40):
+        mon.observe("a", 0.001, camera=f"c{i % 2}")
+    raised = mon.alarms()
+    assert {(a["feature_type"], a["camera"]) for a in raised} == {("a", None), ("a", "c0"), ("a", "c1")}
+    assert all(a["since"] is not None for a in raised)
+    heard.clear()
+    cleared = mon.reset()
+    assert heard == cleared and len(cleared) == 3 and not any(e.alarm for e in cleared)
+    assert all(e.detail["reason"] == "calibration changed" for e in cleared)
+    assert mon.alarms() == [] and mon.reset() == []
+
+    fresh = DriftMonitor(DriftConfig(window=50, min_parts=20, level=1e-3))
+    fresh.restore([{"feature_type": "a", "camera": None, "since": 123.0},
+                   {"feature_type": "b", "since": 7.0}])
+    snap = fresh.snapshot()
+    assert snap["a"]["alarm"] and snap["a"]["alarm_since"] == 123.0 and snap["a"]["window_parts"] == 0
+    assert fresh.alarms() == [{"feature_type": "a", "camera": None, "since": 123.0},
+                              {"feature_type": "b", "camera": None, "since": 7.0}]
+    calm = [(i + 0.5) / 20 for i in range(20)]
+    events = [e for p in calm for e in fresh.observe("a", p)]
+    assert [(e.feature_type, e.alarm) for e in events] == [("a", False)]  # cleared once shown calm
+    assert [e for _ in range(20) for e in fresh.observe("b", 0.001)] == []  # still drifting: no second alarm
+    assert fresh.snapshot()["b"]["alarm"] and fresh.snapshot()["b"]["alarms_total"] == 0
+
+
 # --------------------------------------------------------------------------- acceptance
 SHIFT = 0.10  # brightness added to every pixel (images in [0, 1])
 STREAM = 80  # unshifted GOOD parts, then the same parts shifted

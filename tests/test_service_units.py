@@ -433,6 +433,14 @@ def store_contract(store: ResultStore) -> None:
     assert (store.get(lost.id or 0) or retry).decision == NOT_INSPECTED
     assert (store.find_key("watch:x", "n.png|d") or lost).id == retry.id
     assert store.insert(_rec("n1", source="watch:x", dedup_key="n.png|d")).duplicate
+    # the store's own key-value entries (the raised drift alarms): written, replaced, deleted
+    store.set_meta('drift_alarm/["a", null]', '{"since": 1}')
+    store.set_meta('drift_alarm/["a", "cam_1%"]', '{"since": 2}')
+    store.set_meta('drift_alarm/["a", null]', '{"since": 3}')
+    assert store.meta_items("drift_alarm/") == {'drift_alarm/["a", null]': '{"since": 3}',
+                                                'drift_alarm/["a", "cam_1%"]': '{"since": 2}'}
+    store.set_meta('drift_alarm/["a", null]', None)
+    assert list(store.meta_items("drift_alarm/")) == ['drift_alarm/["a", "cam_1%"]']
 
 
 def test_sqlite_store_contract_and_durability(tmp_path: Path) -> None:
@@ -824,6 +832,51 @@ def test_line_services_watch_drift_per_camera_and_name_the_camera(tmp_path: Path
         cameras = line.status()["drift"]["edge"]["cameras"]
     assert cameras["cam-b"]["alarm"] and not cameras["cam-a"]["alarm"]
     assert "drift ALARM for type 'edge' on camera 'cam-b'" in caplog.text, caplog.text
+
+
+def test_a_drift_alarm_outlives_a_restart_of_the_service(tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A restart (the operator's first remedy) emptied the drift windows and dropped a raised
+    alarm without a word: the dashboard showed the type OK, and the alarm retained on the MQTT
+    broker was never cleared. The raised alarms are kept in the store; a new service raises them
+    again and clears them (aloud, to the sinks) once its parts show the line in order."""
+    import logging
+    import time
+    from types import SimpleNamespace
+
+    from diffqc.service.line import LineServices
+    from diffqc.service.store import ResultRecord, ResultStore
+
+    settings = SimpleNamespace(drift_window=20, drift_min_parts=10, drift_level=0.01)
+
+    def part(p: float) -> ResultRecord:
+        return ResultRecord(created_at=time.time(), source="test", decision="PASS", feature_type="edge",
+                            p_value=p)
+
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        first = LineServices(settings, store, None, None)
+        for _ in range(10):
+            first.on_record(part(0.001), 0.01)
+        since = first.status()["drift"]["edge"]["alarm_since"]
+        assert since is not None
+    with ResultStore(str(tmp_path / "r.db")) as store, caplog.at_level(logging.INFO, logger="diffqc"):
+        again = LineServices(settings, store, None, None)
+        heard = []
+        again.drift.listeners.append(heard.append)
+        edge = again.status()["drift"]["edge"]
+        assert edge["alarm"] and edge["alarm_since"] == since and edge["window_parts"] == 0
+        assert "drift alarm for type 'edge'" in caplog.text and "before the restart" in caplog.text
+        for i in range(10):
+            again.on_record(part((i + 0.5) / 10), 0.01)
+        assert [(e.feature_type, e.alarm) for e in heard] == [("edge", False)]
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        line = LineServices(settings, store, None, None)
+        assert not line.status()["drift"]  # cleared: nothing kept
+        for _ in range(10):
+            line.on_record(part(0.001), 0.01)
+        assert list(store.meta_items("drift_alarm/")) == ['drift_alarm/["edge", null]']
+        line.drift.reset()  # a new calibration: the alarm is cleared aloud, and forgotten
+        assert store.meta_items("drift_alarm/") == {}
 
 
 def test_certificate_expiry_reads_the_served_certificates_not_after(tmp_path: Path) -> None:

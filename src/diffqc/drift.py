@@ -30,6 +30,11 @@ not say which camera to look at. A camera's alarm names it. A type seen by one c
 camera windows (they would repeat the type's test). Each camera window is one more test per
 part, so the union bound above grows by the number of cameras.
 
+A new calibration empties the windows (old p-values no longer apply) and clears each raised
+alarm aloud (an event per alarm). A restarted service raises again the alarms its predecessor
+left raised (:meth:`DriftMonitor.restore`, kept in the result store by the service) until its
+own parts clear them: a restart is no remedy for drift.
+
 A part whose predicted type (the arg-min over the types' scores) differs from the type it was
 declared as is *mis-routed* (a crop sent down the wrong lane): it is counted apart and kept out
 of the window, since its p-value says nothing about drift.
@@ -204,15 +209,16 @@ class DriftMonitor:
             return None
         st.statistic = ks_below_uniform(st.window)
         st.threshold = alarm_threshold(m, self.config.level)
+        now = time.time()
         if not st.alarm and st.statistic > st.threshold:
-            st.alarm, st.since = True, time.time()
+            st.alarm, st.since = True, now
             st.alarms_total += 1
         elif st.alarm and st.statistic < self.config.clear_fraction * st.threshold:
             st.alarm, st.since = False, None
         else:
             return None
         flagged = float(np.mean(np.asarray(st.window) <= 0.05))
-        return DriftEvent(feature_type, st.alarm, st.statistic, st.threshold, m, time.time(),
+        return DriftEvent(feature_type, st.alarm, st.statistic, st.threshold, m, now,
                           {"share_p_below_0.05": round(flagged, 4)}, camera)
 
     def observe_many(self, parts: Iterable[tuple[str | None, float | None]]) -> list[DriftEvent]:
@@ -222,13 +228,51 @@ class DriftMonitor:
             out += self.observe(ftype, p)
         return out
 
-    def reset(self) -> None:
-        """Forget every window (the calibration changed: old p-values no longer apply)."""
+    def _all_states(self) -> list[tuple[str, str | None, TypeState]]:
+        """``(type, camera or None, state)`` of every window, the types' first."""
+        return [(t, None, st) for t, st in sorted(self._types.items())] + [
+            (t, c, st) for t, cams in sorted(self._cameras.items()) for c, st in sorted(cams.items())]
+
+    def reset(self) -> list[DriftEvent]:
+        """Forget every window (the calibration changed: old p-values no longer apply). Each
+        alarm that was raised is cleared aloud: the events, also given to the listeners (a
+        consumer holding the alarm's state, such as MQTT's retained message, would keep it)."""
+        events = []
         with self._lock:
-            for st in [*self._types.values(), *(c for cams in self._cameras.values() for c in cams.values())]:
+            for ftype, camera, st in self._all_states():
+                if st.alarm:
+                    events.append(DriftEvent(ftype, False, st.statistic, st.threshold, len(st.window),
+                                             time.time(), {"reason": "calibration changed"}, camera))
                 st.window.clear()
                 st.statistic, st.threshold = 0.0, math.inf
                 st.alarm, st.since = False, None
+        for event in events:
+            for fn in self.listeners:
+                fn(event)
+        return events
+
+    def alarms(self) -> list[dict[str, Any]]:
+        """The raised alarms, ``{"feature_type", "camera", "since"}`` each (camera None: the
+        type's own), to keep across a restart (:meth:`restore`)."""
+        with self._lock:
+            return [{"feature_type": t, "camera": c, "since": st.since}
+                    for t, c, st in self._all_states() if st.alarm]
+
+    def restore(self, alarms: Iterable[dict[str, Any]]) -> None:
+        """Raise again the alarms a previous process had raised (:meth:`alarms`): each stays
+        raised, its window empty, until ``min_parts`` parts show the line in order (then it is
+        cleared, aloud) or stays raised without a second alarm."""
+        with self._lock:
+            for alarm in alarms:
+                ftype, camera = str(alarm["feature_type"]), alarm.get("camera")
+                if camera is None:
+                    st = self._state(ftype)
+                else:
+                    self._state(ftype)
+                    cams = self._cameras.setdefault(ftype, {})
+                    st = cams.setdefault(str(camera), TypeState(deque(maxlen=self.config.window)))
+                since = alarm.get("since")
+                st.alarm, st.since = True, float(since) if since is not None else time.time()
 
     @staticmethod
     def _row(st: TypeState) -> dict[str, Any]:

@@ -12,6 +12,7 @@ and the expiry of the TLS certificate it serves (:class:`CertificateWatch`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -26,9 +27,10 @@ from diffqc.recalibrate import CalibrationReloader
 from diffqc.service.retention import RetentionPolicy, RetentionWorker
 from diffqc.service.security import certificate_expiry
 from diffqc.service.sinks import Dispatcher, Outbox, build_sinks, webhook_headers
-from diffqc.service.store import ArtifactStore, ResultRecord, ResultStore
+from diffqc.service.store import ArtifactStore, ResultRecord, ResultStore, StoreError
 
 log = logging.getLogger("diffqc.service")
+ALARM_KEY = "drift_alarm/"  # the store's key-value entries of raised drift alarms: + [type, camera]
 
 
 class DiskWatch:
@@ -181,6 +183,7 @@ class LineServices:
             min_parts=int(getattr(settings, "drift_min_parts", 30)),
             level=float(getattr(settings, "drift_level", 1e-4)),
         ))
+        self._restore_alarms()
         self.drift.listeners.append(self._on_drift)
         bundle = getattr(settings, "model_path", None) or getattr(detector, "path", None)
         self.reloader = CalibrationReloader(detector, Path(bundle)) if bundle else None
@@ -237,11 +240,37 @@ class LineServices:
         self.drift.observe(rec.feature_type, rec.p_value, decision=rec.decision,
                            predicted_type=rec.predicted_type, type_known=rec.type_known, camera=rec.camera)
 
+    def _restore_alarms(self) -> None:
+        """Raise again the drift alarms a previous process left raised in the store: a restart
+        must not clear an alarm that no parts have cleared (nor leave a consumer's copy of it,
+        MQTT's retained message, raised for ever)."""
+        try:
+            kept = [json.loads(v) for v in self.store.meta_items(ALARM_KEY).values()]
+        except (StoreError, ValueError) as exc:
+            log.warning("the drift alarms raised before the restart cannot be read: %s", exc)
+            return
+        self.drift.restore(kept)
+        for alarm in kept:
+            where = "" if alarm.get("camera") is None else f" on camera {alarm['camera']!r}"
+            log.warning("drift alarm for type %r%s, raised before the restart (%s), stays raised until "
+                        "%d parts show the line in order", alarm["feature_type"], where,
+                        _day(float(alarm.get("since") or time.time())), self.drift.config.min_parts)
+
+    def _keep_alarm(self, event: DriftEvent) -> None:
+        """The alarm's state in the store (raised: kept; cleared: removed), for a restart."""
+        key = ALARM_KEY + json.dumps([event.feature_type, event.camera])
+        self.store.set_meta(key, json.dumps({"feature_type": event.feature_type, "camera": event.camera,
+                                             "since": event.at}) if event.alarm else None)
+
     def _on_drift(self, event: DriftEvent) -> None:
         where = "" if event.camera is None else f" on camera {event.camera!r}"
         log.warning("drift %s for type %r%s: D+=%.3f (threshold %.3f, %d parts)",
                     "ALARM" if event.alarm else "cleared", event.feature_type, where, event.statistic,
                     event.threshold, event.parts)
+        try:
+            self._keep_alarm(event)
+        except StoreError as exc:  # the alarm still reaches the log, /metrics and the sinks
+            log.warning("could not keep the drift alarm's state in the store: %s", exc)
         if self.outbox is not None:
             try:
                 self.outbox.enqueue_alarm(event.feature_type, event.to_json(), camera=event.camera)

@@ -712,6 +712,21 @@ class ResultStore:
         except StoreError:
             return False
 
+    def meta_items(self, prefix: str) -> dict[str, str]:
+        """The store's own key-value entries whose key starts with ``prefix`` (a few rows)."""
+        with self._reader() as conn:
+            rows = conn.execute("SELECT key, value FROM diffqc_meta").fetchall()
+        return {str(k): str(v) for k, v in rows if str(k).startswith(prefix)}
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        """Write the key-value entry ``key`` (``None``: delete it), in its own transaction."""
+        with self._transaction() as conn:
+            if value is None:
+                conn.execute(self._q("DELETE FROM diffqc_meta WHERE key = ?"), (key,))
+            else:
+                conn.execute(self._q("INSERT INTO diffqc_meta (key, value) VALUES (?, ?) "
+                                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value"), (key, value))
+
     def check_write(self) -> str | None:
         """Commit a heartbeat row: None when the store can write, else the reason it cannot."""
         try:
