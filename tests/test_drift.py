@@ -130,6 +130,22 @@ def test_one_camera_of_four_drifting_is_named_where_the_types_window_misses_it()
     assert not mon.snapshot()["edge"]["cameras"]["cam2"]["alarm"]
 
 
+def test_camera_windows_are_bounded_per_type() -> None:
+    """A camera name is the client's free text: a client that sends a part's serial number or a
+    time stamp as its camera would add a window, and lines to /metrics and /v1/line, per part.
+    A type keeps at most ``max_cameras`` camera windows; parts of further cameras are tested in
+    the type's window only, and counted."""
+    mon = DriftMonitor(DriftConfig(window=20, min_parts=5, max_cameras=3))
+    for i in range(50):
+        mon.observe("a", 0.5, camera=f"serial-{i}")
+    snap = mon.snapshot()["a"]
+    assert sorted(snap["cameras"]) == ["serial-0", "serial-1", "serial-2"]
+    assert snap["untracked_camera_parts"] == 47 and snap["parts_total"] == 50
+    assert len([line for line in mon.metrics_lines() if 'camera="' in line]) == 2 * 3
+    with pytest.raises(ConfigError, match="max_cameras"):
+        DriftConfig(max_cameras=-1).validate()
+
+
 def test_a_reset_clears_raised_alarms_aloud_and_a_restore_keeps_them_until_parts_clear_them() -> None:
     """A new calibration resets the windows: an alarm raised under the old one was dropped in
     silence, so a consumer holding its state (MQTT's retained alarm, a webhook's receiver)

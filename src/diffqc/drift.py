@@ -96,6 +96,7 @@ class DriftConfig:
     min_parts: int = 30  # no test before this many parts of a type
     level: float = 1e-4  # per-test false-alarm bound
     clear_fraction: float = 0.5  # the alarm clears below this share of the threshold
+    max_cameras: int = 16  # camera windows per type (a camera is the client's free text)
 
     def validate(self) -> DriftConfig:
         if self.window < 2 or not 1 <= self.min_parts <= self.window:
@@ -104,6 +105,8 @@ class DriftConfig:
         alarm_threshold(1, self.level)
         if not 0.0 < self.clear_fraction <= 1.0:
             raise ConfigError(f"drift clear_fraction must be in (0, 1], got {self.clear_fraction}")
+        if self.max_cameras < 0:
+            raise ConfigError(f"drift max_cameras must be at least 0, got {self.max_cameras}")
         return self
 
 
@@ -118,6 +121,7 @@ class TypeState:
     alarms_total: int = 0
     parts_total: int = 0
     misrouted_total: int = 0
+    untracked_camera_parts: int = 0  # parts of cameras beyond max_cameras (the type's window only)
     since: float | None = None  # when the current alarm was raised
 
 
@@ -186,14 +190,11 @@ class DriftMonitor:
             event = self._test(feature_type, st)
             if event is not None:
                 events.append(event)
-            if camera is not None:
-                cameras = self._cameras.setdefault(feature_type, {})
-                cam = cameras.get(camera)
-                if cam is None:
-                    cam = cameras[camera] = TypeState(deque(maxlen=self.config.window))
+            cam = self._camera_state(feature_type, st, camera)
+            if cam is not None and camera is not None:
                 cam.parts_total += 1
                 cam.window.append(float(p_value))
-                if len(cameras) > 1:  # one camera alone is the type's own test
+                if len(self._cameras[feature_type]) > 1:  # one camera alone is the type's own test
                     event = self._test(feature_type, cam, camera)
                     if event is not None:
                         events.append(event)
@@ -201,6 +202,20 @@ class DriftMonitor:
             for fn in self.listeners:
                 fn(event)
         return events
+
+    def _camera_state(self, feature_type: str, st: TypeState, camera: str | None) -> TypeState | None:
+        """``camera``'s window of the type (made on its first part); None without a camera, or
+        for a camera beyond ``max_cameras`` (counted in the type's ``untracked_camera_parts``)."""
+        if camera is None:
+            return None
+        cameras = self._cameras.setdefault(feature_type, {})
+        cam = cameras.get(camera)
+        if cam is None:
+            if len(cameras) >= self.config.max_cameras:
+                st.untracked_camera_parts += 1
+                return None
+            cam = cameras[camera] = TypeState(deque(maxlen=self.config.window))
+        return cam
 
     def _test(self, feature_type: str, st: TypeState, camera: str | None = None) -> DriftEvent | None:
         m = len(st.window)
@@ -294,6 +309,7 @@ class DriftMonitor:
             for t, st in sorted(self._types.items()):
                 cameras = self._cameras.get(t, {})
                 out[t] = {**self._row(st), "misrouted_total": st.misrouted_total,
+                          "untracked_camera_parts": st.untracked_camera_parts,
                           "cameras": {c: self._row(cameras[c]) for c in sorted(cameras)}
                           if len(cameras) > 1 else {}}
             return out

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
+from diffqc.drift import is_misrouted
 from diffqc.errors import ConfigError
 from diffqc.output import json_safe
 from diffqc.service.security import read_secret_file
@@ -104,9 +105,7 @@ def decision_payload(rec: ResultRecord) -> dict[str, Any]:
         out.pop(key, None)
     out["record_id"] = out.pop("id")
     out["kind"] = DECISION
-    out["misrouted"] = bool(
-        rec.type_known and rec.predicted_type is not None and rec.predicted_type != rec.feature_type
-    )
+    out["misrouted"] = is_misrouted(rec.feature_type, rec.predicted_type, rec.type_known)
     return json_safe(out)
 
 
