@@ -9,7 +9,9 @@ again and again: the dashboard's polls (latest decisions, decisions after the la
 the rates and score histograms of the last hour, the review queue, the defect kinds, a part
 found by its id), `results list --since 8h` and a past period's (a day ago), the retention pass
 (every 60 s, keeping a day of kept images: the first pass expires the older ones), opening the
-store (a restart) and storing one more part. Median of ``--rounds``, in milliseconds. The
+store (a restart), a restart's refill of the drift windows from the stored parts (since
+session 35: each type's latest 200 of the last week, one type with none) and storing one more
+part. Median of ``--rounds``, in milliseconds. The
 read session 33 gave an index, the rows naming a file, is also timed as it ran before
 (``before:``, the table scanned), in the same run on the same rows; so are the retention pass's
 sizes of kept files on disk (``--kept-files``: every row naming one, as ``--keep-images all``
@@ -26,10 +28,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
+from diffqc.service.line import LineServices
 from diffqc.service.retention import (
     ARTIFACT_ROWS,
     Artifact,
@@ -96,6 +100,8 @@ def _measure(store: ResultStore, artifacts: ArtifactStore, url: str, rounds: int
         "retention: rows naming files (their index)": lambda: _rows(store, ARTIFACT_ROWS, []),
         "before: rows naming files (table scan)": lambda: _rows(store, table_scan, []),
         "open the store (a restart)": lambda: ResultStore(url).close(),
+        "a restart's drift windows (8 types + 1 absent)": lambda: LineServices(
+            SimpleNamespace(), store, None, SimpleNamespace(classes_=[*TYPES, "absent"])),
     }
     out = {name: _median_ms(call, rounds) for name, call in calls.items()}
     rng = np.random.default_rng(1)

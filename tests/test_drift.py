@@ -130,6 +130,20 @@ def test_one_camera_of_four_drifting_is_named_where_the_types_window_misses_it()
     assert not mon.snapshot()["edge"]["cameras"]["cam2"]["alarm"]
 
 
+def test_refilled_windows_are_tested_from_the_next_part_on() -> None:
+    """``refill`` (a restarted service, a cron job's `watch --once`) puts stored p-values back in
+    the windows, the type's and its cameras', without testing them or counting them as this
+    process's parts; the next part is tested against the whole window."""
+    mon = DriftMonitor(DriftConfig(window=50, min_parts=20, level=1e-3))
+    mon.refill([("a", 0.001, f"c{i % 2}") for i in range(30)] + [("b", 0.5, None)])
+    snap = mon.snapshot()
+    assert snap["a"]["window_parts"] == 30 and not snap["a"]["alarm"] and snap["a"]["parts_total"] == 0
+    assert snap["a"]["statistic"] > snap["a"]["threshold"]  # measured, not yet said
+    assert snap["a"]["cameras"]["c1"]["window_parts"] == 15
+    events = mon.observe("a", 0.001, camera="c0")
+    assert [(e.camera, e.alarm) for e in events] == [(None, True)]  # c0: 16 parts, too few
+
+
 def test_camera_windows_are_bounded_per_type() -> None:
     """A camera name is the client's free text: a client that sends a part's serial number or a
     time stamp as its camera would add a window, and lines to /metrics and /v1/line, per part.

@@ -879,6 +879,47 @@ def test_a_drift_alarm_outlives_a_restart_of_the_service(tmp_path: Path,
         assert store.meta_items("drift_alarm/") == {}
 
 
+def test_a_restarted_service_tests_drift_on_its_stored_parts(tmp_path: Path) -> None:
+    """The drift windows lived in memory only: a service restarted, or `watch --once` run by cron
+    (a batch each run), tested no part until 30 of a type came in that run. The windows are
+    refilled from the store's latest parts of each type the model knows (not NOT_INSPECTED
+    parts, nor mis-routed ones, nor parts older than the calibration), so the first new part is
+    tested against them."""
+    import os
+    import time
+    from types import SimpleNamespace
+
+    from diffqc.service.line import LineServices
+    from diffqc.service.store import ResultRecord, ResultStore
+
+    bundle = tmp_path / "model"
+    bundle.mkdir()
+    (bundle / "calibration.json").write_text("{}")
+    now = time.time()
+    os.utime(bundle / "calibration.json", (now - 3600, now - 3600))
+    settings = SimpleNamespace(drift_window=20, drift_min_parts=10, drift_level=0.01, model_path=bundle,
+                               calibration_poll_s=1.0)
+    detector = SimpleNamespace(classes_=["edge", "dots"], path=bundle)
+
+    def part(p: float, **kw: object) -> ResultRecord:
+        fields: dict = {"created_at": now - 60, "source": "test", "decision": "REJECT",
+                        "feature_type": "edge", "predicted_type": "edge", "type_known": True, "p_value": p,
+                        "camera": "cam-a", **kw}
+        return ResultRecord(**fields)
+
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        unused = [part(0.9, predicted_type="dots"), part(0.9, decision="NOT_INSPECTED", p_value=None)]
+        store.insert_many([part(0.9, created_at=now - 7200)] * 5  # before the calibration: not used
+                          + [part(0.001) for _ in range(12)] + unused)
+        line = LineServices(settings, store, None, detector)
+        edge = line.status()["drift"]["edge"]
+        assert edge["window_parts"] == 12 and not edge["alarm"] and edge["misrouted_total"] == 0
+        heard = []
+        line.drift.listeners.append(heard.append)
+        line.on_record(part(0.001), 0.01)
+        assert [(e.feature_type, e.alarm) for e in heard] == [("edge", True)]
+
+
 def test_certificate_expiry_reads_the_served_certificates_not_after(tmp_path: Path) -> None:
     """The date a TLS certificate stops being accepted, read from the PEM file ``serve
     --tls-cert`` takes: the first certificate's (the server's own, its chain after it), in a

@@ -31,9 +31,10 @@ camera windows (they would repeat the type's test). Each camera window is one mo
 part, so the union bound above grows by the number of cameras.
 
 A new calibration empties the windows (old p-values no longer apply) and clears each raised
-alarm aloud (an event per alarm). A restarted service raises again the alarms its predecessor
-left raised (:meth:`DriftMonitor.restore`, kept in the result store by the service) until its
-own parts clear them: a restart is no remedy for drift.
+alarm aloud (an event per alarm). A restarted service refills the windows with the stored
+parts (:meth:`DriftMonitor.refill`) and raises again the alarms its predecessor left raised
+(:meth:`DriftMonitor.restore`, kept in the result store by the service) until its own parts
+clear them: a restart is no remedy for drift.
 
 A part whose predicted type (the arg-min over the types' scores) differs from the type it was
 declared as is *mis-routed* (a crop sent down the wrong lane): it is counted apart and kept out
@@ -265,6 +266,23 @@ class DriftMonitor:
             for fn in self.listeners:
                 fn(event)
         return events
+
+    def refill(self, parts: Iterable[tuple[str, float, str | None]]) -> None:
+        """Put stored ``(feature_type, p_value, camera)`` back in the windows, oldest first (a
+        restarted process): neither tested nor counted as this process's parts; each window's
+        statistic is measured, and the next part is tested against the whole window."""
+        with self._lock:
+            for ftype, p_value, camera in parts:
+                st = self._state(ftype)
+                st.window.append(float(p_value))
+                cam = self._camera_state(ftype, st, camera)
+                if cam is not None:
+                    cam.window.append(float(p_value))
+            for _, _, st in self._all_states():
+                m = len(st.window)
+                st.statistic = ks_below_uniform(st.window)
+                st.threshold = (alarm_threshold(m, self.config.level) if m >= self.config.min_parts
+                                else math.inf)
 
     def alarms(self) -> list[dict[str, Any]]:
         """The raised alarms, ``{"feature_type", "camera", "since"}`` each (camera None: the

@@ -12,8 +12,10 @@ and the expiry of the TLS certificate it serves (:class:`CertificateWatch`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, prometheus_label
+from diffqc.drift import NOT_INSPECTED, DriftConfig, DriftEvent, DriftMonitor, is_misrouted, prometheus_label
 from diffqc.recalibrate import CalibrationReloader
 from diffqc.service.retention import RetentionPolicy, RetentionWorker
 from diffqc.service.security import certificate_expiry
@@ -183,10 +185,11 @@ class LineServices:
             min_parts=int(getattr(settings, "drift_min_parts", 30)),
             level=float(getattr(settings, "drift_level", 1e-4)),
         ))
-        self._restore_alarms()
-        self.drift.listeners.append(self._on_drift)
         bundle = getattr(settings, "model_path", None) or getattr(detector, "path", None)
         self.reloader = CalibrationReloader(detector, Path(bundle)) if bundle else None
+        self._refill_windows(list(getattr(detector, "classes_", None) or ()))
+        self._restore_alarms()
+        self.drift.listeners.append(self._on_drift)
         self.poll_s = float(getattr(settings, "calibration_poll_s", 1.0))
         self.on_calibration = on_calibration
         policy = RetentionPolicy(getattr(settings, "retention_max_age_s", None),
@@ -239,6 +242,28 @@ class LineServices:
             return
         self.drift.observe(rec.feature_type, rec.p_value, decision=rec.decision,
                            predicted_type=rec.predicted_type, type_known=rec.type_known, camera=rec.camera)
+
+    def _refill_windows(self, types: list[str]) -> None:
+        """Each type's drift windows from the store's latest parts of it (a restart, or a cron
+        job's `watch --once`, would otherwise test nothing until ``min_parts`` new parts came):
+        parts inspected since the calibration file was written, at most a week ago, neither
+        NOT_INSPECTED nor mis-routed."""
+        since = time.time() - 7 * 86400.0
+        if self.reloader is not None:
+            with contextlib.suppress(OSError):  # no calibration file: the week bounds it
+                since = max(since, self.reloader.file.stat().st_mtime)
+        parts: list[tuple[str, float, str | None]] = []
+        try:
+            for ftype in types:
+                recent = self.store.query(feature_type=ftype, since=since, limit=self.drift.config.window)
+                parts += [(ftype, float(r.p_value), r.camera) for r in reversed(recent)
+                          if r.decision != NOT_INSPECTED and r.p_value is not None
+                          and math.isfinite(r.p_value)
+                          and not is_misrouted(r.feature_type, r.predicted_type, r.type_known)]
+        except StoreError as exc:
+            log.warning("the drift windows cannot be refilled from the store: %s", exc)
+            return
+        self.drift.refill(parts)
 
     def _restore_alarms(self) -> None:
         """Raise again the drift alarms a previous process left raised in the store: a restart
