@@ -483,3 +483,50 @@ def test_a_result_store_in_a_read_only_folder_names_the_folder(tiny_model: Path,
     assert (f"diffqc: error: cannot open SQLite store {mounted / name}: its folder {mounted} is not "
             "writable (Read-only file system): give --db a file in a writable folder") in proc.stderr
     assert not any(volume.iterdir()) and (tmp_path / "cam" / "0.png").is_file()
+
+
+def test_results_list_and_export_read_a_store_on_a_read_only_share(tmp_path: Path) -> None:
+    """A line's store, copied to a read-only share or a write-protected stick for a QC engineer,
+    or given to `results list` from a read-only volume, was refused: "its folder is not
+    writable: give --db a file in a writable folder" (SQLite's WAL wants to write beside it).
+    The reading commands open it read-only: a copy taken while the service ran (the store, its
+    -wal and -shm files) reads every record; a -wal file alone, whose records SQLite cannot
+    read without writing the -shm beside it, is named with what to copy. Nothing is written."""
+    import json
+    import shutil
+    import time
+
+    from diffqc.service.store import ResultRecord, ResultStore
+
+    cli = [sys.executable, "-m", "diffqc.cli"]
+    volume, mounted = tmp_path / "volume", tmp_path / "share"
+    volume.mkdir()
+    mounted.mkdir()
+    line = ResultStore(str(tmp_path / "line" / "results.db"))  # the running service's store
+    stored = line.insert_many([ResultRecord(created_at=time.time(), source="http", decision="PASS",
+                                            feature_type="edge", p_value=0.5, part_id=f"p{i}")
+                               for i in range(3)])
+    line.set_review(stored[0].id or 0, "GOOD", reviewer="anna")
+    try:
+        for suffix in ("", "-wal", "-shm"):  # copied while it runs: the records are in the -wal
+            shutil.copy(tmp_path / "line" / f"results.db{suffix}", volume / f"results.db{suffix}")
+    finally:
+        line.close()
+    assert (volume / "results.db-wal").stat().st_size > 0
+    before = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in volume.iterdir())
+    proc = run_with_mount(volume, mounted, [*cli, "results", "list", "--db", str(mounted / "results.db")],
+                          read_only=True)
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(row)["part_id"] for row in proc.stdout.splitlines()] == ["p0", "p1", "p2"]
+    export = [*cli, "results", "export", "--db", str(mounted / "results.db"), str(tmp_path / "out")]
+    proc = run_with_mount(volume, mounted, export, read_only=True)
+    assert proc.returncode == 0 and '"exported": 0' in proc.stdout, proc.stderr  # its image was not kept
+    assert sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in volume.iterdir()) == before
+
+    (volume / "results.db-shm").unlink()  # the -wal without its -shm: SQLite would write one
+    proc = run_with_mount(volume, mounted, [*cli, "results", "list", "--db", str(mounted / "results.db")],
+                          read_only=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "results.db-wal holds records not yet in the database file" in proc.stderr, proc.stderr
+    assert "copy results.db, results.db-wal and results.db-shm together" in proc.stderr
+

@@ -75,6 +75,39 @@ def test_postgres_concurrent_writers_and_two_processes_schema(pg_url: str) -> No
             s.close()
 
 
+def test_postgres_results_list_with_a_role_that_may_only_read(pg_url: str) -> None:
+    """A QC engineer given a PostgreSQL role that may only read the line's results (a common
+    grant for reporting) was refused by `results list`: it created the tables first ("cannot
+    create the result tables ...: permission denied"). The reading commands create nothing."""
+    import json
+    import subprocess
+    import sys
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+
+    with ResultStore(pg_url) as store:
+        store.insert_many([_rec("r1"), _rec("r2")])
+    schema = pg_url.rsplit("search_path%3D", 1)[-1]
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    assert URL
+    with psycopg.connect(URL, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
+        conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role}")
+    parts = urlsplit(pg_url)
+    reader = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "diffqc.cli", "results", "list", "--db", reader],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert sorted(json.loads(row)["part_id"] for row in proc.stdout.splitlines()) == ["r1", "r2"]
+    finally:
+        with psycopg.connect(URL, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
 def test_postgres_bad_url_is_a_clear_error() -> None:
     from diffqc.errors import StoreError
 

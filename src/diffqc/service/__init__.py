@@ -104,7 +104,7 @@ def list_results(db_url: str, *, fmt: str = "jsonl", **filters: Any) -> int:
     if fmt == "csv":
         writer.writeheader()
     n = 0
-    with ResultStore(db_url) as store:
+    with ResultStore(db_url, read_only=True) as store:
         for rec in stored_records(store, **filters):
             row = rec.to_json()
             if fmt == "csv":
@@ -236,7 +236,7 @@ def _absent_type(db_url: str, feature_type: str | None) -> str:
     from diffqc.errors import did_you_mean
     from diffqc.service.store import ResultStore
 
-    with ResultStore(db_url) as store:
+    with ResultStore(db_url, read_only=True) as store:
         types = sorted({t for t, _, _ in store.counts() if t})
     if feature_type in types:
         return ""

@@ -217,8 +217,13 @@ def _unwritable_folder(path: Path) -> str | None:
         why = "Read-only file system" if os.statvfs(folder).f_flag & os.ST_RDONLY else "permission denied"
     except OSError as exc:
         why = exc.strerror or str(exc)
-    return (f"its folder {folder} is not writable ({why}): give --db a file in a writable folder "
-            "(or set $DIFFQC_DB)")
+    return f"its folder {folder} is not writable ({why})"
+
+
+def _writable_store_hint(path: Path) -> str | None:
+    """:func:`_unwritable_folder` with what to do about it, for a store that must be written."""
+    why = _unwritable_folder(path)
+    return None if why is None else f"{why}: give --db a file in a writable folder (or set $DIFFQC_DB)"
 
 
 class ResultStore:
@@ -232,8 +237,13 @@ class ResultStore:
     ``last_write_error`` holds the reason of the last failed write (None after a good one).
     """
 
-    def __init__(self, url: str, *, pool_size: int = 4, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, *, pool_size: int = 4, busy_timeout_s: float = 30.0,
+                 read_only: bool = False) -> None:
+        """``read_only``: the reading commands' store (`results list`, `results export`): it
+        creates no table or folder, and a SQLite store is opened read-only, so that a copy on a
+        read-only share (or a PostgreSQL role that may only read) is read as it is."""
         self.url = url
+        self.read_only = read_only
         self.busy_timeout_s = busy_timeout_s  # SQLite: how long a write waits for a lock
         self.postgres = is_postgres_url(url)
         self.path: Path | None = None if self.postgres else sqlite_path(url)
@@ -247,7 +257,7 @@ class ResultStore:
         self.insert_hooks: list[Callable[[Any, list[ResultRecord]], None]] = []
         self.last_write_error: str | None = None
         self.reconnects = 0
-        if self.path is not None:
+        if self.path is not None and not read_only:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -256,6 +266,8 @@ class ResultStore:
         self._writer_identity: Any = None
         self._writer = self._connect(autocommit=False)
         self._writer_identity = self._identity()
+        if read_only:
+            return
         try:
             self._create_schema()
         except BaseException:
@@ -278,6 +290,8 @@ class ResultStore:
         if Path(self.path).is_dir():  # `--db data/` for `--db data/results.db`
             raise StoreError(f"cannot open SQLite store {self.path}: it is a folder; give a file "
                              f"path, such as {Path(self.path) / 'diffqc-results.db'}")
+        if self.read_only:
+            return self._connect_read_only(Path(self.path).absolute())
         try:
             conn = sqlite3.connect(
                 self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
@@ -287,7 +301,38 @@ class ResultStore:
             conn.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {Path(self.path).absolute()}: "
-                             f"{_unwritable_folder(Path(self.path)) or exc}") from None
+                             f"{_writable_store_hint(Path(self.path)) or exc}") from None
+        return conn
+
+    def _connect_read_only(self, path: Path) -> Any:
+        """SQLite opened read-only. In WAL mode SQLite reads the ``-wal`` file through the
+        ``-shm`` beside it, which it must write when it is absent: where the folder cannot be
+        written, a store whose ``-wal`` holds nothing is opened as immutable, and one whose
+        ``-wal`` holds records is refused with what to copy."""
+        uri = path.as_uri()
+        try:
+            conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=self.busy_timeout_s,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.Error as exc:
+            first = exc
+        folder = _unwritable_folder(path)
+        wal = Path(f"{path}-wal")
+        if folder is None or not path.is_file():
+            raise StoreError(f"cannot open SQLite store {path}: {first}") from None
+        if wal.is_file() and wal.stat().st_size > 0:
+            raise StoreError(f"cannot read SQLite store {path}: {wal.name} holds records not yet in the "
+                             f"database file, which SQLite reads through a {path.name}-shm file it cannot "
+                             f"write here ({folder}): copy {path.name}, {wal.name} and "
+                             f"{path.name}-shm together (or stop the service first, which folds them into "
+                             f"{path.name})")
+        try:
+            conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite store {path}: {exc}") from None
         return conn
 
     def _identity(self) -> Any:
@@ -900,7 +945,7 @@ def export_reviewed_good(
     missing = {"not kept": 0, "expired": 0, "not found": 0}
     taken: dict[str, list[int]] = {}  # type -> [exported, of them flagged]
     rows: list[dict[str, Any]] = []
-    with ResultStore(db_url) as store:
+    with ResultStore(db_url, read_only=True) as store:
         for rec in stored_records(store, review=None if defects else "GOOD", reviewed=True, since=since):
             src = artifacts.path("images", rec.image)
             if src is None or rec.feature_type is None:
