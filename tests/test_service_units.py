@@ -443,6 +443,32 @@ def store_contract(store: ResultStore) -> None:
     assert list(store.meta_items("drift_alarm/")) == ['drift_alarm/["a", "cam_1%"]']
 
 
+MOUNTS = """\
+/dev/sda1 / ext4 rw,relatime 0 0
+nas:/export/qc /mnt/nas nfs4 rw,relatime,vers=4.2 0 0
+//srv/line\\040share /mnt/line\\040share cifs rw 0 0
+/dev/sdb1 /mnt/nas/local ext4 rw 0 0
+tmpfs /mnt/nas tmpfs rw 0 0
+"""
+
+
+def test_a_sqlite_store_on_a_network_file_system_is_named(tmp_path: Path) -> None:
+    """SQLite's locking is not reliable on a network file system and its WAL needs the shared
+    memory of one host: a store put on the plant's NAS (so the QC office sees it) risks
+    "database disk image is malformed". The file system holding a path is found from the mount
+    table (the longest mount point above it; an escaped space; a mount stacked over another
+    counts as the last), and a network one is named."""
+    from diffqc.service.store import network_file_system
+
+    assert network_file_system(Path("/mnt/line share/results.db"), MOUNTS) == "cifs"
+    assert network_file_system(Path("/mnt/nas/local/results.db"), MOUNTS) is None  # ext4 below the NAS
+    assert network_file_system(Path("/mnt/nas/results.db"), MOUNTS) is None  # tmpfs stacked over it
+    assert network_file_system(Path("/mnt/nas/results.db"), MOUNTS.replace("tmpfs /mnt/nas tmpfs rw 0 0\n",
+                                                                            "")) == "nfs4"
+    assert network_file_system(Path("/data/results.db"), MOUNTS) is None
+    assert network_file_system(tmp_path / "results.db") is None  # this machine's own mount table
+
+
 def test_sqlite_store_contract_and_durability(tmp_path: Path) -> None:
     db = tmp_path / "sub" / "results.db"
     with ResultStore(str(db)) as store:

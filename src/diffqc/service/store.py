@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -206,6 +207,37 @@ def _db_errors() -> tuple[type[BaseException], ...]:
     return (sqlite3.Error, psycopg.Error)
 
 
+# file systems on which SQLite's locks are not reliable and its WAL's shared memory is one host's
+NETWORK_FILE_SYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph", "glusterfs", "lustre",
+    "gpfs", "beegfs", "davfs", "fuse.sshfs", "fuse.glusterfs", "fuse.cephfs", "fuse.s3fs",
+    "fuse.rclone", "fuse.davfs2", "fuse.gcsfuse", "fuse.juicefs",
+})
+
+
+def network_file_system(path: Path, mounts: str | None = None) -> str | None:
+    """The type of the network file system holding ``path`` (``nfs4``, ``cifs``, ...), or None
+    for a local one (or where the mount table cannot be read: not Linux). ``mounts``: the text of
+    ``/proc/self/mounts`` (read when None); the longest mount point above ``path`` holds it, the
+    last of a stack of mounts on one point."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/self/mounts").read_text(errors="replace")
+        except OSError:
+            return None
+    where = os.path.realpath(path.absolute().parent)
+    best, kind = "", ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        inside = where == point or where.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind if kind in NETWORK_FILE_SYSTEMS else None
+
+
 def _unwritable_folder(path: Path) -> str | None:
     """Why SQLite cannot write beside ``path`` (the store and its ``-wal`` file live in one
     folder), where its folder is the cause: a read-only file system (a container's read-only
@@ -262,6 +294,12 @@ class ResultStore:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"cannot create the folder of SQLite store {self.path}: {exc}") from None
+            if kind := network_file_system(self.path):
+                log.warning("the SQLite store %s is on a network file system (%s): SQLite's locks are not "
+                            "reliable there and its WAL needs the shared memory of one host, so the store "
+                            "can be corrupted ('database disk image is malformed'): keep it on a local "
+                            "disk (--db), and give others PostgreSQL (--db postgresql://...) or a copy "
+                            "(results list reads one)", self.path.absolute(), kind)
         self._writer: Any = None
         self._writer_identity: Any = None
         self._writer = self._connect(autocommit=False)
