@@ -548,6 +548,16 @@ async def test_the_served_certificates_expiry_is_shown_in_line_and_metrics(detec
         assert (await client.get("/v1/line", headers=AUTH)).json()["tls"] is None
 
 
+async def test_the_clock_watch_is_in_line_and_metrics(detector: Any, tmp_path: Path) -> None:
+    """/v1/line's ``clock``: steps of the system clock seen and whether it reads before the
+    model was trained (this machine's clock is set: neither)."""
+    async with running_app(detector, tmp_path) as (client, _):
+        line = (await client.get("/v1/line", headers=AUTH)).json()
+        metrics = (await client.get("/metrics", headers=AUTH)).text
+    assert line["clock"] == {"steps_total": 0, "last_step_s": None, "behind_model": False}
+    assert "diffqc_clock_steps_total 0" in metrics and "diffqc_clock_behind_model 0" in metrics
+
+
 async def test_no_path_traversal_in_file_routes(detector: Any, samples: Samples, tmp_path: Path) -> None:
     body, ftype = samples.one("REVIEW")
     secret = tmp_path / "secret.txt"

@@ -946,6 +946,38 @@ def test_a_restarted_service_tests_drift_on_its_stored_parts(tmp_path: Path) -> 
         assert [(e.feature_type, e.alarm) for e in heard] == [("edge", True)]
 
 
+def test_clock_watch_names_a_stepped_clock_and_one_never_set(caplog: pytest.LogCaptureFixture) -> None:
+    """Every record carries the wall clock's time. An edge box without a clock battery boots at
+    a date long past until NTP is reached, then steps; an operator sets it by hand: records on
+    either side of a step are that far apart, and `--since` and the dashboard's rates count by
+    them. A step of more than a minute against the boot-time clock is logged and counted (a
+    slew of a second is not), and a clock that reads before the model was trained is named."""
+    import logging
+
+    from diffqc.service.line import ClockWatch
+
+    trained = 1_796_000_000.0  # 2026-11-29
+    wall, boot = [trained - 400 * 86400.0], [100.0]  # a clock never set: a year before training
+    watch = ClockWatch(trained, wall=lambda: wall[0], boot=lambda: boot[0])
+    with caplog.at_level(logging.INFO, logger="diffqc"):
+        first = watch.check()
+        assert first["behind_model"] and first["steps_total"] == 0
+        assert caplog.text.count("before this model was trained") == 1, caplog.text
+        wall[0] = trained + 5 * 86400.0  # NTP reached: the clock steps 405 days forward
+        boot[0] += 1.0
+        stepped = watch.check()
+        assert not stepped["behind_model"] and stepped["steps_total"] == 1
+        assert stepped["last_step_s"] == pytest.approx(405 * 86400.0 - 1.0)
+        assert "the system clock stepped forward by 34991999 s" in caplog.text, caplog.text
+        wall[0] += 0.5  # NTP's slew: half a second in two
+        boot[0] += 2.0
+        assert watch.check()["steps_total"] == 1
+        wall[0] -= 3600.0  # set back an hour by hand
+        boot[0] += 1.0
+        assert watch.check()["steps_total"] == 2 and "stepped back by 3601 s" in caplog.text
+    assert 'diffqc_clock_steps_total 2' in watch.metrics_lines()
+
+
 def test_certificate_expiry_reads_the_served_certificates_not_after(tmp_path: Path) -> None:
     """The date a TLS certificate stops being accepted, read from the PEM file ``serve
     --tls-cert`` takes: the first certificate's (the server's own, its chain after it), in a

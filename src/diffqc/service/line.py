@@ -13,6 +13,7 @@ and the expiry of the TLS certificate it serves (:class:`CertificateWatch`).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -166,6 +167,77 @@ class CertificateWatch:
                 f'diffqc_tls_certificate_expiring{{file="{file}"}} {int(status["expiring"])}']
 
 
+def _boot_clock() -> float:
+    """Seconds since boot, suspend included where the system counts it (Linux's BOOTTIME)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
+
+
+class ClockWatch:
+    """The wall clock every record's time is read from. An edge box without a clock battery
+    boots at a date long past until NTP is reached, then steps; an operator sets it by hand.
+    Records on either side of a step are that far apart, and ``--since`` and the dashboard's
+    rates count by their times. A step of more than ``step_s`` against the boot-time clock is
+    logged and counted; a clock that reads more than a day before the model was trained is
+    named once (each time it turns so)."""
+
+    def __init__(self, trained_at: float | None, *, step_s: float = 60.0,
+                 wall: Callable[[], float] = time.time, boot: Callable[[], float] = _boot_clock) -> None:
+        self.trained_at = trained_at
+        self.step_s = step_s
+        self._wall, self._boot = wall, boot
+        self._offset: float | None = None
+        self.steps_total = 0
+        self.last_step_s: float | None = None
+        self._behind = False
+        self._lock = threading.Lock()  # the line's thread, /v1/line and /metrics check it
+
+    def check(self) -> dict[str, Any]:
+        """``steps_total``, ``last_step_s`` (signed: back is negative) and ``behind_model``."""
+        with self._lock:
+            return self._check()
+
+    def _check(self) -> dict[str, Any]:
+        now = self._wall()
+        offset = now - self._boot()
+        if self._offset is not None and abs(offset - self._offset) > self.step_s:
+            step = offset - self._offset
+            self.steps_total += 1
+            self.last_step_s = step
+            log.warning("the system clock stepped %s by %.0f s (NTP reached, or set by hand): the times of "
+                        "parts stored before it are that far %s those after it, and --since and the "
+                        "dashboard's rates count by them", "forward" if step > 0 else "back", abs(step),
+                        "behind" if step > 0 else "ahead of")
+        self._offset = offset
+        behind = self.trained_at is not None and now < self.trained_at - 86400.0
+        if behind and not self._behind and self.trained_at is not None:
+            log.warning("the system clock reads %s, before this model was trained (%s): it was not set (an "
+                        "edge box without a clock battery, NTP not reached), and every record's time is "
+                        "wrong until it is", _day(now), _day(self.trained_at))
+        self._behind = behind
+        return {"steps_total": self.steps_total, "last_step_s": self.last_step_s, "behind_model": behind}
+
+    def metrics_lines(self) -> list[str]:
+        status = self.check()
+        return ["# HELP diffqc_clock_steps_total Steps of the system clock seen (more than a minute).",
+                "# TYPE diffqc_clock_steps_total counter",
+                f"diffqc_clock_steps_total {status['steps_total']}",
+                "# HELP diffqc_clock_behind_model 1 while the system clock reads before the model was "
+                "trained.",
+                "# TYPE diffqc_clock_behind_model gauge",
+                f"diffqc_clock_behind_model {int(status['behind_model'])}"]
+
+
+def _trained_at(bundle: Path | None) -> float | None:
+    """When the bundle's model was trained (metadata.json's ``created``), or None."""
+    if bundle is None:
+        return None
+    try:
+        created = json.loads((bundle / "metadata.json").read_text())["created"]
+        return datetime.datetime.fromisoformat(str(created)).timestamp()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class LineServices:
     """Sinks + outbox, drift monitor, calibration reloader and retention worker of one service."""
 
@@ -202,6 +274,7 @@ class LineServices:
                               min_free_bytes=int(getattr(settings, "disk_min_free_bytes", 1 << 30)),
                               min_free_ratio=float(getattr(settings, "disk_min_free_ratio", 0.05)))
         cert = getattr(settings, "tls_cert", None)
+        self.clock = ClockWatch(_trained_at(Path(bundle) if bundle else None))
         warn_days = float(getattr(settings, "tls_warn_days", 14.0))
         self.certificate = CertificateWatch(Path(cert), warn_days=warn_days) if cert is not None else None
         self.disk_poll_s = 60.0
@@ -323,6 +396,10 @@ class LineServices:
                         self.certificate.check()
                 except Exception:
                     log.exception("disk or certificate check failed")
+            try:
+                self.clock.check()
+            except Exception:
+                log.exception("clock check failed")
             if self._stop.wait(self.poll_s):
                 return
             try:
@@ -341,6 +418,7 @@ class LineServices:
         if self.retention is not None:
             out += self.retention.metrics_lines()
         out += self.disk.metrics_lines()
+        out += self.clock.metrics_lines()
         if self.certificate is not None:
             out += self.certificate.metrics_lines()
         if self.reloader is not None:
@@ -360,6 +438,7 @@ class LineServices:
                 "kept_bytes": self.retention.kept_bytes,
             },
             "disk": self.disk.check(),
+            "clock": self.clock.check(),
             "tls": None if self.certificate is None else self.certificate.check(),
             "calibration": None if self.reloader is None else {
                 "file": str(self.reloader.file),
