@@ -351,8 +351,8 @@ class LineServices:
         for alarm in kept:
             where = "" if alarm.get("camera") is None else f" on camera {alarm['camera']!r}"
             log.warning("drift alarm for type %r%s, raised before the restart (%s), stays raised until "
-                        "%d parts show the line in order", alarm["feature_type"], where,
-                        _day(float(alarm.get("since") or time.time())), self.drift.config.min_parts)
+                        "its parts show the line in order", alarm["feature_type"], where,
+                        _day(float(alarm.get("since") or time.time())))
 
     def _keep_alarm(self, event: DriftEvent) -> None:
         """The alarm's state in the store (raised: kept; cleared: removed), for a restart."""
