@@ -164,9 +164,11 @@ def start_server(
     extra: tuple[str, ...] = (),
     timeout: float = 120.0,
     ca: str | None = None,
+    prefix: tuple[str, ...] = (),
 ) -> Server:
     """Start ``python -m diffqc.service serve`` on 127.0.0.1 and wait until /readyz is 200
-    (over TLS, trusting ``ca``, when ``extra`` gives ``--tls-cert`` and ``--tls-key``)."""
+    (over TLS, trusting ``ca``, when ``extra`` gives ``--tls-cert`` and ``--tls-key``);
+    ``prefix``: a command that runs it (``sh -c '...; exec "$@"' sh``, say)."""
     import diffqc
 
     port = port or free_port()
@@ -177,6 +179,7 @@ def start_server(
     env["DIFFQC_TOKEN"] = token
     log = workdir / f"server-{port}.log"
     cmd = [
+        *prefix,
         sys.executable,
         "-m",
         "diffqc.service",

@@ -243,3 +243,24 @@ def test_serve_takes_the_disk_watchs_thresholds(service_model: tuple[Path, Path]
         log = srv.log.read_text()
         assert log.count(f"the disk of {tmp_path} is nearly full") == int(low), log[-3000:]
 
+
+def test_serve_in_a_container_too_small_for_its_buffer_says_so(service_model: tuple[Path, Path],
+                                                                tmp_path: Path) -> None:
+    """A container given less memory than the buffer may fill (`--buffer-mb` of decoded parts
+    waiting, beside the loaded model) served until a burst of parts, when it was killed for
+    memory (exit 137, restarted in a loop). At start the service compares its memory cgroup's
+    room with the buffer's bound and says so: here a real cgroup of 3 GB, a buffer of 8 GB."""
+    from tests.conftest import memory_cgroup
+
+    folder = memory_cgroup(3 * 2**30)
+    join = ("sh", "-c", f'echo $$ > "{folder}/cgroup.procs" && exec "$@"', "sh")
+    try:
+        srv = bench.start_server(service_model[0], str(tmp_path / "r.db"), workdir=tmp_path, token=TOKEN,
+                                 prefix=join, extra=("--buffer-mb", "8000"))
+        srv.stop()
+    finally:
+        folder.rmdir()
+    log = srv.log.read_text()
+    assert "its buffer holds up to 8000 MB of decoded parts" in log, log[-3000:]
+    assert "lower --buffer-mb" in log
+

@@ -66,6 +66,7 @@ from diffqc.inspection import (
     sha256_file,
     verdicts,
 )
+from diffqc.machine import cgroup_memory_room
 from diffqc.output import PARTIAL_PREFIX, check_output_folder, path_text
 from diffqc.scoring import DiffusionScorer, aggregate, upsample_and_smooth
 
@@ -720,7 +721,9 @@ def fit_bytes(config: DetectorConfig, grid: tuple[int, int], channels: int, n_ty
 
 def available_memory(device: str) -> int | None:
     """Bytes of memory a fit may still take: the free CUDA memory, else Linux's MemAvailable
-    bounded by the container's limit (cgroup v2); None where it cannot be told."""
+    bounded by the process's memory cgroup (a container's limit:
+    :func:`diffqc.machine.cgroup_memory_room`);
+    None where it cannot be told."""
     if device.startswith("cuda"):
         return int(torch.cuda.mem_get_info(torch.device(device))[0])
     try:
@@ -729,14 +732,8 @@ def available_memory(device: str) -> int | None:
                     if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError, IndexError):
         return None
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit != "max":
-            free = min(free, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return free
+    room = cgroup_memory_room()
+    return free if room is None else min(free, room)
 
 
 def views_to_fit(config: DetectorConfig, paths: Sequence[Path | str]) -> int:

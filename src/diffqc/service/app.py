@@ -43,6 +43,7 @@ from diffqc.bundle import check_bundle_files
 from diffqc.data import decode_image
 from diffqc.drift import is_misrouted, prometheus_label
 from diffqc.errors import ConfigError, DiffqcError, ImageReadError, did_you_mean, unknown_feature_type
+from diffqc.machine import cgroup_memory_room
 from diffqc.output import json_safe
 from diffqc.service.buffer import (
     DEFAULT_BUFFER_BYTES,
@@ -1504,6 +1505,7 @@ def _start(state: ServiceState, detector: DetectorLike | None) -> None:
     )
     pipeline.listeners.append(state.metrics.on_record)
     pipeline.batch_listeners.append(state.metrics.on_batch)
+    _check_buffer_memory(s.buffer_max_bytes)
     # before the worker starts: the sinks' outbox hook must see the first record
     state.line = LineServices(s, state.store, state.artifacts, detector,
                               on_calibration=lambda: _calibration_changed(state))
@@ -1524,6 +1526,17 @@ def _start(state: ServiceState, detector: DetectorLike | None) -> None:
             )
             watcher.start_thread()
             state.watchers.append(watcher)
+
+
+def _check_buffer_memory(buffer_bytes: int) -> None:
+    """With the model loaded: a memory cgroup (a container's limit) with less room than the
+    buffer may fill would get the service killed for memory by a burst of parts."""
+    room = cgroup_memory_room()
+    if room is not None and room < buffer_bytes:
+        log.warning("with the model loaded this service may take %.0f MB more memory (its container's "
+                    "limit), and its buffer holds up to %.0f MB of decoded parts waiting (--buffer-mb): "
+                    "a burst of parts would get it killed for memory: give the container more memory, "
+                    "or lower --buffer-mb", room / 2**20, buffer_bytes / 2**20)
 
 
 def _calibration_changed(state: ServiceState) -> None:

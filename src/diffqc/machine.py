@@ -1,0 +1,40 @@
+"""What the machine a process runs on gives it: the room its memory cgroup (a container's limit)
+leaves. Imports nothing of diffqc, so that the training side and the service both read it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def cgroup_memory_room() -> int | None:
+    """Bytes this process's memory cgroup may still take (its limit less its usage, the
+    tightest of its own and its parents'), in cgroup v2 or v1's memory controller; None without
+    a limit. A container with a cgroup namespace sees its own cgroup as the root; one without
+    (Docker on a v1 host) has its own mounted there: the root is read last."""
+    root = Path("/sys/fs/cgroup")
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    room: int | None = None
+    for line in lines:
+        _, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if controllers == "":
+            folder, files = root, ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            folder, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        parts = [p for p in path.strip().split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            here = folder.joinpath(*parts[:depth])
+            try:
+                limit_text = (here / files[0]).read_text().strip()
+                used = int((here / files[1]).read_text())
+            except (OSError, ValueError):
+                continue
+            if limit_text == "max" or not limit_text.isdigit() or int(limit_text) >= 1 << 60:
+                continue  # no limit here (v1 writes "none" as a huge number)
+            left = max(0, int(limit_text) - used)
+            room = left if room is None else min(room, left)
+    return room
