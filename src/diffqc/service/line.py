@@ -276,7 +276,8 @@ class LineServices:
         cert = getattr(settings, "tls_cert", None)
         self.clock = ClockWatch(_trained_at(Path(bundle) if bundle else None))
         warn_days = float(getattr(settings, "tls_warn_days", 14.0))
-        self.certificate = CertificateWatch(Path(cert), warn_days=warn_days) if cert is not None else None
+        self.certificate = (CertificateWatch(Path(cert).absolute(), warn_days=warn_days)
+                            if cert is not None else None)  # the log names it wherever serve ran
         self.disk_poll_s = 60.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
