@@ -433,6 +433,11 @@ def store_contract(store: ResultStore) -> None:
     assert (store.get(lost.id or 0) or retry).decision == NOT_INSPECTED
     assert (store.find_key("watch:x", "n.png|d") or lost).id == retry.id
     assert store.insert(_rec("n1", source="watch:x", dedup_key="n.png|d")).duplicate
+    # `results summary`'s counts: every part once, grouped as asked, and only by known columns
+    grouped = store.summary_counts(["feature_type", "camera"])
+    assert sum(row[-1] for row in grouped) == store.count() and all(len(row) == 5 for row in grouped)
+    with pytest.raises(ValueError, match="cannot group by 'score; DROP'"):
+        store.summary_counts(["score; DROP"])
     # the store's own key-value entries (the raised drift alarms): written, replaced, deleted
     store.set_meta('drift_alarm/["a", null]', '{"since": 1}')
     store.set_meta('drift_alarm/["a", "cam_1%"]', '{"since": 2}')
@@ -586,6 +591,54 @@ def test_cli_results_list_prints_the_stored_decisions(tmp_path: Path, capsys: py
     assert len(capsys.readouterr().out.strip().splitlines()) == 1 + 3
     assert main(["results", "export", str(tmp_path / "reviewed")]) == 0  # it read a fixed name
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["missing_image"] == 1
+
+
+def test_cli_results_summary_counts_a_periods_decisions_and_verdicts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A QC engineer's question each shift: per type (or camera, line, ...), how many parts were
+    inspected and flagged, and of the flagged ones the operators reviewed, how many were real
+    defects (BAD) and how many false alarms (GOOD); and which passed parts were found BAD later
+    (escapes). `results list` gave the rows only, to count in a spreadsheet."""
+    import csv
+    import json
+
+    from diffqc.cli import main
+
+    db = tmp_path / "line.db"
+    t0 = 1_700_000_000.0
+    rows = ([_rec(f"a{i}", created_at=t0 + i, camera="c1") for i in range(6)]
+            + [_rec("a6", "REVIEW", created_at=t0 + 6, camera="c1"),
+               _rec("a7", "REVIEW", created_at=t0 + 7, camera="c2"),
+               _rec("a8", "REJECT", created_at=t0 + 8, camera="c2"),
+               _rec("a9", "REVIEW", created_at=t0 + 9, camera="c2"),
+               _rec("a10", NOT_INSPECTED, created_at=t0 + 10, camera="c2", score=None, p_value=None),
+               _rec("b0", "PASS", created_at=t0 + 11, feature_type="b", camera="c1"),
+               _rec("old", "REJECT", created_at=t0 - 86400, camera="c1")])
+    with ResultStore(str(db)) as store:
+        ids = {r.part_id: r.id for r in store.insert_many(rows)}
+        store.set_review(ids["a6"] or 0, "GOOD")  # a false alarm
+        store.set_review(ids["a8"] or 0, "BAD", defect="crack")  # a real defect
+        store.set_review(ids["a2"] or 0, "BAD", defect="void")  # passed, found BAD later: an escape
+    since = ["--since", str(t0)]
+    assert main(["results", "summary", "--db", str(db), *since, "--format", "jsonl"]) == 0
+    got = {r["feature_type"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert got["a"] == {"feature_type": "a", "inspected": 10, "PASS": 6, "REVIEW": 3, "REJECT": 1,
+                        "NOT_INSPECTED": 1, "flagged_share": 0.4, "flagged_reviewed": 2, "flagged_bad": 1,
+                        "flagged_good": 1, "review_pending": 2, "passed_found_bad": 1}
+    assert got["b"]["inspected"] == 1 and got["b"]["flagged_share"] == 0.0
+    assert got["all"]["inspected"] == 11 and got["all"]["flagged_bad"] == 1
+    assert main(["results", "summary", "--db", str(db), *since, "--by", "feature_type", "--by", "camera",
+                 "--format", "csv"]) == 0
+    found = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    table = {(r["feature_type"], r["camera"]): r for r in found}
+    assert table[("a", "c2")]["REJECT"] == "1" and table[("a", "c2")]["NOT_INSPECTED"] == "1"
+    assert table[("a", "c1")]["passed_found_bad"] == "1" and table[("all", "")]["inspected"] == "11"
+    assert main(["results", "summary", "--db", str(db), *since]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].split()[:4] == ["feature_type", "inspected", "PASS", "REVIEW"]
+    assert text.splitlines()[-1].split()[:2] == ["all", "11"]
+    assert main(["results", "summary", "--db", str(db), "--since", str(t0 + 3600)]) == 0
+    assert "no stored results" in capsys.readouterr().err
 
 
 def test_cli_results_list_csv_keeps_a_spreadsheet_from_running_what_a_client_sent(

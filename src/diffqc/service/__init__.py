@@ -23,6 +23,7 @@ from diffqc.data import MAX_IMAGE_PIXELS
 from diffqc.errors import RuntimeUnavailableError
 from diffqc.output import json_line
 from diffqc.runtime import add_runtime_arguments
+from diffqc.service.store import SUMMARY_KEYS
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE
 
 __all__ = ["add_service_commands", "export_reviewed_good", "list_results", "run_server", "run_watch"]
@@ -114,6 +115,73 @@ def list_results(db_url: str, *, fmt: str = "jsonl", **filters: Any) -> int:
             sys.stdout.flush()
             n += 1
     return n
+
+
+SUMMARY_COLUMNS = ("inspected", "PASS", "REVIEW", "REJECT", NOT_INSPECTED, "flagged_share",
+                   "flagged_reviewed", "flagged_bad", "flagged_good", "review_pending", "passed_found_bad")
+
+
+def summarize(counts: list[tuple[Any, ...]], n_keys: int) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Per group (the first ``n_keys`` values of each count row, then a total, ``("all", None,
+    ...)``): parts inspected and by decision, the share flagged (REVIEW or REJECT), of the flagged
+    ones those an operator reviewed, found BAD (real defects) and GOOD (false alarms), REVIEW parts
+    waiting for a verdict, and PASS parts reviewed BAD (escapes)."""
+    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
+    total = ("all", *([None] * (n_keys - 1)))
+    for row in counts:
+        key, decision, review, n = tuple(row[:n_keys]), row[n_keys], row[n_keys + 1], int(row[n_keys + 2])
+        for k in (key, total):
+            g = groups.setdefault(k, dict.fromkeys(SUMMARY_COLUMNS, 0))
+            g[decision] = g.get(decision, 0) + n
+            flagged = decision in ("REVIEW", "REJECT")
+            g["flagged_reviewed"] += n if flagged and review is not None else 0
+            g["flagged_bad"] += n if flagged and review == "BAD" else 0
+            g["flagged_good"] += n if flagged and review == "GOOD" else 0
+            g["review_pending"] += n if decision == "REVIEW" and review is None else 0
+            g["passed_found_bad"] += n if decision == "PASS" and review == "BAD" else 0
+    for g in groups.values():
+        g["inspected"] = g["PASS"] + g["REVIEW"] + g["REJECT"]
+        flagged = g["REVIEW"] + g["REJECT"]
+        g["flagged_share"] = round(flagged / g["inspected"], 4) if g["inspected"] else None
+    def text(key: tuple[Any, ...]) -> tuple[str, ...]:
+        return tuple("" if v is None else str(v) for v in key)
+
+    order = sorted((k for k in groups if k != total), key=text)
+    return [(k, groups[k]) for k in [*order, total] if k in groups]
+
+
+def summary_results(db_url: str, by: list[str], *, fmt: str = "table", since: float | None = None,
+                    until: float | None = None) -> int:
+    """Print :func:`summarize` of the store's parts in ``[since, until)`` grouped by ``by``: an
+    aligned table, CSV or JSON lines; returns the number of groups (0: no part in the period)."""
+    import csv
+
+    from diffqc.service.store import ResultStore, check_store_exists
+
+    check_store_exists(db_url, doing="summarize")
+    with ResultStore(db_url, read_only=True) as store:
+        rows = summarize(store.summary_counts(by, since, until), len(by))
+    if not rows:
+        return 0
+    header = [*by, *SUMMARY_COLUMNS]
+    if fmt == "jsonl":
+        for key, g in rows:
+            sys.stdout.write(json_line({**dict(zip(by, key, strict=True)), **g}) + "\n")
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(header)
+        for key, g in rows:
+            writer.writerow([_spreadsheet_cell(v) for v in [*key, *(g[c] for c in SUMMARY_COLUMNS)]])
+    else:
+        cells = [header] + [["" if v is None else str(v) for v in key]
+                            + [("" if g[c] is None else f"{100 * g[c]:.1f}%") if c == "flagged_share"
+                               else str(g[c]) for c in SUMMARY_COLUMNS] for key, g in rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+        for r in cells:  # the groups' names to the left, the counts to the right
+            line = "  ".join(v.ljust(w) if i < len(by) else v.rjust(w)
+                             for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+            sys.stdout.write(line.rstrip() + "\n")
+    return len(rows)
 
 
 # --------------------------------------------------------------------------- argparse glue
@@ -225,6 +293,19 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if n == 0:
         print(f"diffqc: no stored results match{_absent_type(store_url(args.db), args.feature_type)}",
               file=sys.stderr)
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    with _service_extra():
+        from diffqc.service.app import parse_time
+
+    from diffqc.service.store import store_url
+
+    n = summary_results(store_url(args.db), args.by or ["feature_type"], fmt=args.format,
+                        since=parse_time(args.since, "since"), until=parse_time(args.until, "until"))
+    if n == 0:
+        print("diffqc: no stored results in this period", file=sys.stderr)
     return 0
 
 
@@ -443,3 +524,19 @@ def add_service_commands(subparsers: Any) -> None:
     for name in ("part-id", "line", "station", "camera", "source"):
         ls.add_argument(f"--{name}", default=None, help=f"parts whose {name.replace('-', ' ')} is this")
     ls.set_defaults(func=_cmd_list)
+    sm = rsub.add_parser("summary", help="a period's counts per type (or camera, line, ...): decisions, "
+                                         "the share flagged, verdicts on them, escapes",
+                         description="Count the parts `serve` and `watch` stored in a period, per "
+                                     "type (--by): inspected and by decision, the share flagged "
+                                     "(REVIEW or REJECT), of the flagged parts those an operator "
+                                     "reviewed BAD (real defects) and GOOD (false alarms), REVIEW "
+                                     "parts waiting for a verdict, and PASS parts reviewed BAD later "
+                                     "(escapes); a last row of all.")
+    sm.add_argument("--db", default=None, help=db_help)
+    sm.add_argument("--since", default=None, help=f"parts inspected at or after {when}")
+    sm.add_argument("--until", default=None, help=f"parts inspected before {when}")
+    sm.add_argument("--by", action="append", choices=list(SUMMARY_KEYS), default=None,
+                    help="group by this (repeatable, in order; default feature_type)")
+    sm.add_argument("--format", choices=["table", "csv", "jsonl"], default="table",
+                    help="an aligned table (default), CSV with a header row, or one JSON object per group")
+    sm.set_defaults(func=_cmd_summary)

@@ -45,6 +45,7 @@ NOT_INSPECTED = "NOT_INSPECTED"
 DECISIONS = ("PASS", "REVIEW", "REJECT", NOT_INSPECTED)
 VERDICTS = ("GOOD", "BAD")
 TABLE = "diffqc_results"
+SUMMARY_KEYS = ("feature_type", "camera", "line", "station", "source")  # `results summary --by`
 REVIEWS = "diffqc_reviews"  # every verdict given, oldest first: a changed one is not lost
 SCHEMA_VERSION = "1"
 # The largest id a row can have (SQLite INTEGER and PostgreSQL BIGINT are signed 64-bit).
@@ -772,6 +773,26 @@ class ResultStore:
         with self._reader() as conn:
             rows = conn.execute(self._q(sql), args).fetchall()
         return [(r[0], str(r[1]), int(r[2])) for r in rows]
+
+    def summary_counts(self, by: Sequence[str], since: float | None = None,
+                       until: float | None = None) -> list[tuple[Any, ...]]:
+        """``(*by values, decision, review, count)`` of the parts inspected in ``[since, until)``,
+        grouped by the columns ``by`` (of :data:`SUMMARY_KEYS`)."""
+        unknown = [k for k in by if k not in SUMMARY_KEYS]
+        if unknown:
+            raise ValueError(f"cannot group by {unknown[0]!r}: one of {', '.join(SUMMARY_KEYS)}")
+        keys = ", ".join([*by, "decision", "review"])
+        sql = f"SELECT {keys}, COUNT(*) FROM {TABLE}"
+        where, args = [], []
+        for cond, value in (("created_at >= ?", since), ("created_at < ?", until)):
+            if value is not None:
+                where.append(cond)
+                args.append(value)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" GROUP BY {keys}"
+        with self._reader() as conn:
+            return [tuple(r) for r in conn.execute(self._q(sql), args).fetchall()]
 
     def pending_reviews(self) -> int:
         with self._reader() as conn:
