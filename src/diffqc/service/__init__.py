@@ -23,7 +23,6 @@ from diffqc.data import MAX_IMAGE_PIXELS
 from diffqc.errors import RuntimeUnavailableError
 from diffqc.output import json_line
 from diffqc.runtime import add_runtime_arguments
-from diffqc.service.store import SUMMARY_KEYS
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE
 
 __all__ = ["add_service_commands", "export_reviewed_good", "list_results", "run_server", "run_watch"]
@@ -535,6 +534,8 @@ def add_service_commands(subparsers: Any) -> None:
     sm.add_argument("--db", default=None, help=db_help)
     sm.add_argument("--since", default=None, help=f"parts inspected at or after {when}")
     sm.add_argument("--until", default=None, help=f"parts inspected before {when}")
+    from diffqc.service.store import SUMMARY_KEYS  # a submodule: not at import time
+
     sm.add_argument("--by", action="append", choices=list(SUMMARY_KEYS), default=None,
                     help="group by this (repeatable, in order; default feature_type)")
     sm.add_argument("--format", choices=["table", "csv", "jsonl"], default="table",
