@@ -204,16 +204,18 @@ class DriftMonitor:
                 fn(event)
         return events
 
-    def _camera_state(self, feature_type: str, st: TypeState, camera: str | None) -> TypeState | None:
+    def _camera_state(self, feature_type: str, st: TypeState, camera: str | None, *,
+                      count: bool = True) -> TypeState | None:
         """``camera``'s window of the type (made on its first part); None without a camera, or
-        for a camera beyond ``max_cameras`` (counted in the type's ``untracked_camera_parts``)."""
+        for a camera beyond ``max_cameras`` (with ``count``, counted in the type's
+        ``untracked_camera_parts``)."""
         if camera is None:
             return None
         cameras = self._cameras.setdefault(feature_type, {})
         cam = cameras.get(camera)
         if cam is None:
             if len(cameras) >= self.config.max_cameras:
-                st.untracked_camera_parts += 1
+                st.untracked_camera_parts += int(count)
                 return None
             cam = cameras[camera] = TypeState(deque(maxlen=self.config.window))
         return cam
@@ -275,7 +277,7 @@ class DriftMonitor:
             for ftype, p_value, camera in parts:
                 st = self._state(ftype)
                 st.window.append(float(p_value))
-                cam = self._camera_state(ftype, st, camera)
+                cam = self._camera_state(ftype, st, camera, count=False)
                 if cam is not None:
                     cam.window.append(float(p_value))
             for _, _, st in self._all_states():
@@ -293,8 +295,8 @@ class DriftMonitor:
 
     def restore(self, alarms: Iterable[dict[str, Any]]) -> None:
         """Raise again the alarms a previous process had raised (:meth:`alarms`): each stays
-        raised, its window empty, until ``min_parts`` parts show the line in order (then it is
-        cleared, aloud) or stays raised without a second alarm."""
+        raised until its window (:meth:`refill`'s stored parts and the new ones, at least
+        ``min_parts``) shows the line in order, then it is cleared, aloud; no second alarm."""
         with self._lock:
             for alarm in alarms:
                 ftype, camera = str(alarm["feature_type"]), alarm.get("camera")
