@@ -894,11 +894,15 @@ def validation_error(exc: RequestValidationError, *, route: str = "the route",
             problems.append(f"body: not valid JSON ({err.get('msg', 'invalid')})")
             continue
         if body is not None and err.get("type") == "extra_forbidden" and len(loc) == 2:
-            _refuse_unknown([str(loc[1])], fields, "JSON field", f"{route} takes the fields", "unknown_field")
+            try:
+                _refuse_unknown([str(loc[1])], fields, "JSON field", f"{route} takes the fields",
+                                "unknown_field")
+            except ServiceError as refused:
+                return refused
         if body is not None and loc == ("body",):  # missing, or not an object
-            raise ServiceError(422, "bad_request", "the body must be a JSON object (Content-Type: "
-                               f"application/json), such as {_body_example(body)}; {route} takes the "
-                               f"fields {', '.join(fields)}")
+            return ServiceError(422, "bad_request", "the body must be a JSON object (Content-Type: "
+                                f"application/json), such as {_body_example(body)}; {route} takes the "
+                                f"fields {', '.join(fields)}")
         names_at = [str(x) for x in loc if x not in ("path", "query", "body", "header")]
         name = names_at[0] if names_at else "request"
         names.append(name)
@@ -1009,11 +1013,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        try:
-            path = getattr(request.scope.get("route"), "path", request.url.path)  # /v1/review/{record_id}
-            err = validation_error(exc, route=path, body=body_model(request))
-        except ServiceError as refused:
-            err = refused
+        path = getattr(request.scope.get("route"), "path", request.url.path)  # /v1/review/{record_id}
+        err = validation_error(exc, route=path, body=body_model(request))
         _count_refused_upload(request, err.code)
         return _error_response(err)
 
