@@ -558,6 +558,34 @@ async def test_the_clock_watch_is_in_line_and_metrics(detector: Any, tmp_path: P
     assert "diffqc_clock_steps_total 0" in metrics and "diffqc_clock_behind_model 0" in metrics
 
 
+async def test_summary_counts_a_periods_parts_per_type_and_camera(detector: Any, samples: Samples,
+                                                                  tmp_path: Path) -> None:
+    """GET /v1/summary: a shift's counts for a MES or an HMI, as `results summary` prints them;
+    an unknown grouping is a 422 naming the ones there are."""
+    (good, ftype), (bad, btype) = samples.one("PASS"), samples.one("REJECT")
+    async with running_app(detector, tmp_path) as (client, _):
+        for body, kind, camera in ((good, ftype, "c1"), (good, ftype, "c1"), (bad, btype, "c2")):
+            r = await client.post("/v1/inspect", content=body, headers=AUTH,
+                                  params={"feature_type": kind, "camera": camera})
+            assert r.status_code == 200
+        rid = r.json()["id"]
+        verdict = await client.post(f"/v1/review/{rid}", headers=AUTH, json={"verdict": "BAD"})
+        assert verdict.status_code == 200
+        r = await client.get("/v1/summary", headers=AUTH, params={"since": "1h", "by": ["camera"]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["by"] == ["camera"] and body["until"] is None and body["since"] > 0
+        groups = {g["camera"]: g for g in body["groups"]}
+        assert groups["c1"]["inspected"] == 2 and groups["c1"]["PASS"] == 2
+        assert groups["c2"]["REJECT"] == 1 and groups["c2"]["flagged_bad"] == 1
+        assert groups["all"]["inspected"] == 3 and body["groups"][-1]["camera"] == "all"
+        default = (await client.get("/v1/summary", headers=AUTH)).json()
+        assert default["by"] == ["feature_type"] and default["groups"][-1]["inspected"] == 3
+        r = await client.get("/v1/summary", headers=AUTH, params={"by": "score"})
+        assert (r.status_code, r.json()["code"]) == (422, "bad_by")
+        assert "feature_type, camera, line, station, source" in r.json()["detail"]
+
+
 async def test_no_path_traversal_in_file_routes(detector: Any, samples: Samples, tmp_path: Path) -> None:
     body, ftype = samples.one("REVIEW")
     secret = tmp_path / "secret.txt"

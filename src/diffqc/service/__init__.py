@@ -116,46 +116,13 @@ def list_results(db_url: str, *, fmt: str = "jsonl", **filters: Any) -> int:
     return n
 
 
-SUMMARY_COLUMNS = ("inspected", "PASS", "REVIEW", "REJECT", NOT_INSPECTED, "flagged_share",
-                   "flagged_reviewed", "flagged_bad", "flagged_good", "review_pending", "passed_found_bad")
-
-
-def summarize(counts: list[tuple[Any, ...]], n_keys: int) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
-    """Per group (the first ``n_keys`` values of each count row, then a total, ``("all", None,
-    ...)``): parts inspected and by decision, the share flagged (REVIEW or REJECT), of the flagged
-    ones those an operator reviewed, found BAD (real defects) and GOOD (false alarms), REVIEW parts
-    waiting for a verdict, and PASS parts reviewed BAD (escapes)."""
-    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
-    total = ("all", *([None] * (n_keys - 1)))
-    for row in counts:
-        key, decision, review, n = tuple(row[:n_keys]), row[n_keys], row[n_keys + 1], int(row[n_keys + 2])
-        for k in (key, total):
-            g = groups.setdefault(k, dict.fromkeys(SUMMARY_COLUMNS, 0))
-            g[decision] = g.get(decision, 0) + n
-            flagged = decision in ("REVIEW", "REJECT")
-            g["flagged_reviewed"] += n if flagged and review is not None else 0
-            g["flagged_bad"] += n if flagged and review == "BAD" else 0
-            g["flagged_good"] += n if flagged and review == "GOOD" else 0
-            g["review_pending"] += n if decision == "REVIEW" and review is None else 0
-            g["passed_found_bad"] += n if decision == "PASS" and review == "BAD" else 0
-    for g in groups.values():
-        g["inspected"] = g["PASS"] + g["REVIEW"] + g["REJECT"]
-        flagged = g["REVIEW"] + g["REJECT"]
-        g["flagged_share"] = round(flagged / g["inspected"], 4) if g["inspected"] else None
-    def text(key: tuple[Any, ...]) -> tuple[str, ...]:
-        return tuple("" if v is None else str(v) for v in key)
-
-    order = sorted((k for k in groups if k != total), key=text)
-    return [(k, groups[k]) for k in [*order, total] if k in groups]
-
-
 def summary_results(db_url: str, by: list[str], *, fmt: str = "table", since: float | None = None,
                     until: float | None = None) -> int:
     """Print :func:`summarize` of the store's parts in ``[since, until)`` grouped by ``by``: an
     aligned table, CSV or JSON lines; returns the number of groups (0: no part in the period)."""
     import csv
 
-    from diffqc.service.store import ResultStore, check_store_exists
+    from diffqc.service.store import SUMMARY_COLUMNS, ResultStore, check_store_exists, summarize
 
     check_store_exists(db_url, doing="summarize")
     with ResultStore(db_url, read_only=True) as store:

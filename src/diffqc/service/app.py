@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iter
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -74,6 +74,7 @@ from diffqc.service.store import (
     DECISIONS,
     MAX_ROW_ID,
     NOT_INSPECTED,
+    SUMMARY_KEYS,
     ArtifactStore,
     ResultRecord,
     ResultStore,
@@ -81,6 +82,7 @@ from diffqc.service.store import (
     default_artifact_root,
     redact_url,
     store_url,
+    summarize,
 )
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE, overlay_scales
 
@@ -1391,6 +1393,20 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             "queue_depth": len(pipeline.buffer) if pipeline else None,
         }
         return info
+
+    @api.get("/v1/summary")
+    async def summary(since: str | None = None, until: str | None = None,
+                      by: Annotated[list[str] | None, Query()] = None) -> dict[str, Any]:
+        """A period's counts per group (``results summary``), the last group all of them."""
+        by = by or ["feature_type"]
+        if unknown := [k for k in by if k not in SUMMARY_KEYS]:
+            raise ServiceError(422, "bad_by", f"cannot group by {unknown[0]!r}: by is one of "
+                               f"{', '.join(SUMMARY_KEYS)} (repeatable)")
+        start, end = parse_time(since, "since"), parse_time(until, "until")
+        _, store = state.require()
+        counts = await run_in_threadpool(store.summary_counts, by, start, end)
+        groups = [{**dict(zip(by, key, strict=True)), **row} for key, row in summarize(counts, len(by))]
+        return json_safe({"by": by, "since": start, "until": end, "groups": groups})
 
     @api.get("/v1/stats")
     async def stats(window_s: float = Query(default=3600.0, gt=0, le=30 * 86400)) -> dict[str, Any]:
