@@ -586,6 +586,28 @@ async def test_summary_counts_a_periods_parts_per_type_and_camera(detector: Any,
         assert "feature_type, camera, line, station, source" in r.json()["detail"]
 
 
+async def test_refused_tokens_are_logged_once_a_minute_per_client(detector: Any, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A MES configured with an old token (a rotation it missed) got 401 for every call and the
+    service's log said nothing: "your service is broken" with nothing to look at, and a guesser
+    went unseen too. A refused request is logged with the client's address and why (no token, a
+    wrong one; never the token), once, then at most once a minute per client with the count."""
+    async with running_app(detector, tmp_path) as (client, _):
+        with caplog.at_level("INFO", logger="diffqc.service"):
+            for _ in range(3):
+                r = await client.get("/v1/line", headers={"Authorization": "Bearer old-token-from-the-mes"})
+                assert r.status_code == 401
+            assert (await client.get("/v1/line")).status_code == 401
+            assert (await client.get("/v1/line", headers=AUTH)).status_code == 200
+        metrics = (await client.get("/metrics", headers=AUTH)).text
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 1, refused  # the same client within the minute: counted, not said again
+    assert "127.0.0.1" in refused[0] and "a wrong API token" in refused[0]
+    assert "old-token-from-the-mes" not in caplog.text
+    assert 'diffqc_auth_refused_total{reason="wrong_token"} 3' in metrics
+    assert 'diffqc_auth_refused_total{reason="no_token"} 1' in metrics
+
+
 async def test_no_path_traversal_in_file_routes(detector: Any, samples: Samples, tmp_path: Path) -> None:
     body, ftype = samples.one("REVIEW")
     secret = tmp_path / "secret.txt"

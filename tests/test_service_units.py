@@ -887,6 +887,24 @@ def test_serve_names_the_dashboards_address() -> None:
     assert dashboard_url("::1", 8080) == "http://[::1]:8080/dashboard"
 
 
+def test_refused_requests_are_said_once_then_once_a_minute_with_the_count() -> None:
+    """Per client address: the first refusal said at once (with why), then what came in each
+    minute, counted by reason; a bounded number of addresses is remembered."""
+    from diffqc.service.security import RefusedRequests
+
+    refused = RefusedRequests(every_s=60.0, max_clients=2)
+    first = refused.refuse("10.0.0.5", "wrong_token", 1000.0)
+    assert first is not None and first.startswith("refused a request from 10.0.0.5 with a wrong API token")
+    assert [refused.refuse("10.0.0.5", r, 1000.0 + i) for i, r in
+            enumerate(["wrong_token", "wrong_token", "no_token"])] == [None, None, None]
+    later = refused.refuse("10.0.0.5", "wrong_token", 1061.0)
+    assert later == ("refused 4 requests from 10.0.0.5 in the last 61 s: 1 without an API token, "
+                     "3 with a wrong API token")
+    assert refused.refuse("10.0.0.6", "no_token", 1062.0) is not None  # another client: its own
+    assert refused.refuse("10.0.0.7", "no_token", 1063.0) is not None  # the oldest address forgotten
+    assert len(refused._clients) == 2 and refused.totals == {"wrong_token": 4, "no_token": 3}
+
+
 # ----------------------------------------------------------------------------- line
 def test_line_services_watch_drift_per_camera_and_name_the_camera(tmp_path: Path,
                                                                    caplog: pytest.LogCaptureFixture) -> None:

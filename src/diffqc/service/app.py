@@ -60,6 +60,7 @@ from diffqc.service.security import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_UPLOAD_BYTES,
     ImageTooLarge,
+    RefusedRequests,
     UploadStalled,
     UploadTooLarge,
     bearer_token,
@@ -236,6 +237,7 @@ class Metrics:
         self.inference_seconds = 0.0
         self.responses: Counter[int] = Counter()
         self.rejected_uploads: Counter[str] = Counter()
+        self.refused = RefusedRequests()  # requests refused for their token, said in the log
 
     def on_record(self, rec: ResultRecord, seconds: float) -> None:
         with self._lock:
@@ -293,6 +295,9 @@ class Metrics:
             )
             for reason, n in sorted(self.rejected_uploads.items()):
                 out.append(f'diffqc_bad_uploads_total{{reason="{prometheus_label(reason)}"}} {n}')
+        head("diffqc_auth_refused_total", "counter", "Requests refused for their API token, by reason.")
+        for reason, n in sorted(self.refused.totals.items()):
+            out.append(f'diffqc_auth_refused_total{{reason="{reason}"}} {n}')
         if pipeline is not None:
             buf = pipeline.buffer
             head("diffqc_queue_depth", "gauge", "Parts waiting in the ring buffer.")
@@ -1047,7 +1052,13 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     async def require_token(request: Request) -> None:
         if not settings.tokens:
             return
-        if not token_matches(bearer_token(request.headers.get("authorization")), settings.tokens):
+        given = bearer_token(request.headers.get("authorization"))
+        if not token_matches(given, settings.tokens):
+            client = request.client.host if request.client is not None else "an unknown address"
+            reason = "no_token" if given is None else "wrong_token"
+            said = state.metrics.refused.refuse(client, reason, time.time())
+            if said is not None:
+                log.warning("%s", said)
             raise ServiceError(
                 401,
                 "unauthorized",

@@ -9,10 +9,13 @@ from __future__ import annotations
 import calendar
 import hmac
 import io
+import math
 import os
 import re
 import secrets
+import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
@@ -110,6 +113,42 @@ def token_matches(provided: str | None, accepted: Iterable[str]) -> bool:
     for token in accepted:
         ok |= hmac.compare_digest(given, token.encode("utf-8", "surrogateescape"))
     return ok
+
+
+REFUSED_REASONS = {"no_token": "without an API token (no 'Authorization: Bearer ...' header)",
+                   "wrong_token": "with a wrong API token (not one of --token's, $DIFFQC_TOKEN's or "
+                                  "$DIFFQC_TOKEN_FILE's)"}
+
+
+class RefusedRequests:
+    """Requests refused for their token, per client address: the first said at once, then at
+    most once each ``every_s`` with what came since (a client with an old token, a guesser);
+    ``totals`` counts them by reason. At most ``max_clients`` addresses are remembered."""
+
+    def __init__(self, every_s: float = 60.0, max_clients: int = 1024) -> None:
+        self.every_s, self.max_clients = every_s, max_clients
+        self.totals: Counter[str] = Counter()
+        self._clients: dict[str, tuple[float, Counter[str]]] = {}  # address -> (last said, since)
+        self._lock = threading.Lock()
+
+    def refuse(self, client: str, reason: str, now: float) -> str | None:
+        """Count one refusal; the sentence to log now, or None (said less than ``every_s`` ago)."""
+        with self._lock:
+            self.totals[reason] += 1
+            said, since = self._clients.get(client, (-math.inf, Counter()))
+            since[reason] += 1
+            if now - said < self.every_s:
+                self._clients[client] = (said, since)
+                return None
+            if client not in self._clients and len(self._clients) >= self.max_clients:
+                self._clients.pop(next(iter(self._clients)))
+            self._clients[client] = (now, Counter())
+        n = sum(since.values())
+        if math.isinf(said):
+            return (f"refused a request from {client} {REFUSED_REASONS[reason]}; said again at most "
+                    "once a minute")
+        parts = ", ".join(f"{k} {REFUSED_REASONS[r].split(' (')[0]}" for r, k in sorted(since.items()))
+        return f"refused {n} requests from {client} in the last {now - said:.0f} s: {parts}"
 
 
 class _Encrypted(Exception):
