@@ -635,7 +635,8 @@ def test_cli_results_summary_counts_a_periods_decisions_and_verdicts(
     assert table[("a", "c1")]["passed_found_bad"] == "1" and table[("all", "")]["inspected"] == "11"
     assert main(["results", "summary", "--db", str(db), *since]) == 0
     text = capsys.readouterr().out
-    assert text.splitlines()[0].split()[:4] == ["feature_type", "inspected", "PASS", "REVIEW"]
+    assert text.splitlines()[0] == "parts inspected from 2023-11-14 22:13:20 UTC to now"
+    assert text.splitlines()[1].split()[:4] == ["feature_type", "inspected", "PASS", "REVIEW"]
     assert text.splitlines()[-1].split()[:2] == ["all", "11"]
     assert main(["results", "summary", "--db", str(db), "--since", str(t0 + 3600)]) == 0
     assert "no stored results" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,11 @@ def summary_results(db_url: str, by: list[str], *, fmt: str = "table", since: fl
         writer.writerow(header)
         for key, g in rows:
             writer.writerow([_spreadsheet_cell(v) for v in [*key, *(g[c] for c in SUMMARY_COLUMNS)]])
-    else:
+    else:  # a shift's report says which shift: the period first
+        def when(t: float | None, none: str) -> str:
+            return none if t is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+        sys.stdout.write(f"parts inspected from {when(since, 'the first')} to {when(until, 'now')}\n")
         cells = [header] + [["" if v is None else str(v) for v in key]
                             + [("" if g[c] is None else f"{100 * g[c]:.1f}%") if c == "flagged_share"
                                else str(g[c]) for c in SUMMARY_COLUMNS] for key, g in rows]
