@@ -259,6 +259,12 @@ def _writable_store_hint(path: Path) -> str | None:
     return None if why is None else f"{why}: give --db a file in a writable folder (or set $DIFFQC_DB)"
 
 
+def _where(conditions: Sequence[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
+    """The SQL conditions whose value is given (not None), and their values, in order."""
+    given = [(cond, value) for cond, value in conditions if value is not None]
+    return [c for c, _ in given], [v for _, v in given]
+
+
 class ResultStore:
     """Result rows in SQLite (default) or PostgreSQL, same SQL for both.
 
@@ -676,9 +682,7 @@ class ResultStore:
         oldest_first: bool = False,
     ) -> list[ResultRecord]:
         """Rows matching every given filter, newest first unless ``oldest_first``."""
-        where: list[str] = []
-        args: list[Any] = []
-        for cond, value in (
+        where, args = _where([
             ("created_at >= ?", since),
             ("created_at < ?", until),
             ("feature_type = ?", feature_type),
@@ -691,10 +695,7 @@ class ResultStore:
             ("camera = ?", camera),
             ("id > ?", after_id),
             ("id < ?", before_id),
-        ):
-            if value is not None:
-                where.append(cond)
-                args.append(value)
+        ])
         if reviewed is not None:
             where.append("review IS NOT NULL" if reviewed else "review IS NULL")
         sql = f"SELECT {_SELECT} FROM {TABLE}"
@@ -765,10 +766,9 @@ class ResultStore:
     def counts(self, since: float | None = None) -> list[tuple[str | None, str, int]]:
         """``(feature_type, decision, count)`` since a time."""
         sql = f"SELECT feature_type, decision, COUNT(*) FROM {TABLE}"
-        args: list[Any] = []
-        if since is not None:
-            sql += " WHERE created_at >= ?"
-            args.append(since)
+        where, args = _where([("created_at >= ?", since)])
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         sql += " GROUP BY feature_type, decision"
         with self._reader() as conn:
             rows = conn.execute(self._q(sql), args).fetchall()
@@ -783,11 +783,7 @@ class ResultStore:
             raise ValueError(f"cannot group by {unknown[0]!r}: one of {', '.join(SUMMARY_KEYS)}")
         keys = ", ".join([*by, "decision", "review"])
         sql = f"SELECT {keys}, COUNT(*) FROM {TABLE}"
-        where, args = [], []
-        for cond, value in (("created_at >= ?", since), ("created_at < ?", until)):
-            if value is not None:
-                where.append(cond)
-                args.append(value)
+        where, args = _where([("created_at >= ?", since), ("created_at < ?", until)])
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += f" GROUP BY {keys}"
