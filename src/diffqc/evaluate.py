@@ -46,6 +46,7 @@ from diffqc.errors import ConfigError, DatasetError, ImageReadError, first_few
 from diffqc.folds import per_type_folds
 from diffqc.metrics import has_both_classes, image_auroc
 from diffqc.model import Detector, check_fit_memory, views_to_fit
+from diffqc.output import text_columns
 
 DEFAULT_METHODS = ("diffusion", "patchcore", "padim")
 MAP_SIDE = 128  # anomaly maps are kept at most this many pixels on the long side
@@ -845,7 +846,7 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
             add(ftype, name, r)
     for name, r in (report.get("overall") or {}).items():
         add(R.OVERALL, name, r)
-    lines = _columns(rows)
+    lines = text_columns(rows)
     why: dict[str, list[str]] = {}  # each reason once, with its types (the report's badge says it)
     for ftype, per in [*report["results"].items(), (R.OVERALL, report.get("overall") or {})]:
         for r in per.values():
@@ -860,20 +861,15 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
                          _f(c["delta"], "signed"), _f(c["delong_p"], "p"),
                          _f(c["delong_p_holm"], "p"), _f(c["nb_p"], "p"), _f(c["nb_p_holm"], "p"),
                          _f(c["effect_size"])))
-        lines += ["", *_columns(comp)]
+        lines += ["", *text_columns(comp)]
     if report.get("unknown_type"):
         unk = [("method", "type withheld: accuracy", "GOOD", "defective", "mean AUROC withheld", "given")]
         for name, u in report["unknown_type"].items():
             unk.append((name, _f(u["type_accuracy"], "pct"), _f(u["type_accuracy_good"], "pct"),
                         _f(u["type_accuracy_defective"], "pct"), _f(u["mean_auroc_type_withheld"]),
                         _f(u["mean_auroc_type_given"])))
-        lines += ["", *_columns(unk)]
+        lines += ["", *text_columns(unk)]
     return lines
-
-
-def _columns(rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
 # =========================================================================== CLI

@@ -165,6 +165,15 @@ def path_text(path: Path | str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def text_columns(rows: Sequence[Sequence[str]], *, right_from: int | None = None) -> list[str]:
+    """``rows`` of text as aligned lines, two spaces between columns: left-justified, or from
+    column ``right_from`` on right-justified (counts)."""
+    widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
+    edge = len(widths) if right_from is None else right_from
+    return ["  ".join(c.ljust(w) if j < edge else c.rjust(w)
+                      for j, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip() for r in rows]
+
+
 def json_line(x: Any) -> str:
     """One line of strict JSON (see :func:`json_safe`): what a command prints on stdout."""
     return json.dumps(json_safe(x), allow_nan=False)

@@ -22,7 +22,7 @@ from diffqc.arguments import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, integer, n
 from diffqc.calibration import DECISIONS, NOT_INSPECTED
 from diffqc.data import MAX_IMAGE_PIXELS
 from diffqc.errors import RuntimeUnavailableError
-from diffqc.output import json_line
+from diffqc.output import json_line, text_columns
 from diffqc.runtime import add_runtime_arguments
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE
 
@@ -147,11 +147,8 @@ def summary_results(db_url: str, by: list[str], *, fmt: str = "table", since: fl
         cells = [header] + [["" if v is None else str(v) for v in key]
                             + [("" if g[c] is None else f"{100 * g[c]:.1f}%") if c == "flagged_share"
                                else str(g[c]) for c in SUMMARY_COLUMNS] for key, g in rows]
-        widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-        for r in cells:  # the groups' names to the left, the counts to the right
-            line = "  ".join(v.ljust(w) if i < len(by) else v.rjust(w)
-                             for i, (v, w) in enumerate(zip(r, widths, strict=True)))
-            sys.stdout.write(line.rstrip() + "\n")
+        for line in text_columns(cells, right_from=len(by)):  # the groups' names left, the counts right
+            sys.stdout.write(line + "\n")
     return len(rows)
 
 
