@@ -164,10 +164,13 @@ class DriftMonitor:
         self.misrouted: Counter[tuple[str, str]] = Counter()  # (declared, predicted) -> n
         self.listeners: list[Callable[[DriftEvent], None]] = []
 
+    def _new_window(self) -> TypeState:
+        return TypeState(deque(maxlen=self.config.window))
+
     def _state(self, feature_type: str) -> TypeState:
         st = self._types.get(feature_type)
         if st is None:
-            st = self._types[feature_type] = TypeState(deque(maxlen=self.config.window))
+            st = self._types[feature_type] = self._new_window()
         return st
 
     def observe(self, feature_type: str | None, p_value: float | None, *, decision: str = "",
@@ -217,7 +220,7 @@ class DriftMonitor:
             if len(cameras) >= self.config.max_cameras:
                 st.untracked_camera_parts += int(count)
                 return None
-            cam = cameras[camera] = TypeState(deque(maxlen=self.config.window))
+            cam = cameras[camera] = self._new_window()
         return cam
 
     def _test(self, feature_type: str, st: TypeState, camera: str | None = None) -> DriftEvent | None:
@@ -302,10 +305,9 @@ class DriftMonitor:
                 ftype, camera = str(alarm["feature_type"]), alarm.get("camera")
                 if camera is None:
                     st = self._state(ftype)
-                else:
+                else:  # kept across the restart even beyond max_cameras: it was raised
                     self._state(ftype)
-                    cams = self._cameras.setdefault(ftype, {})
-                    st = cams.setdefault(str(camera), TypeState(deque(maxlen=self.config.window)))
+                    st = self._cameras.setdefault(ftype, {}).setdefault(str(camera), self._new_window())
                 since = alarm.get("since")
                 st.alarm, st.since = True, float(since) if since is not None else time.time()
 

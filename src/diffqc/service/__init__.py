@@ -178,7 +178,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "mqtt_url": args.mqtt,
         "webhook_url": args.webhook,
         "webhook_headers": tuple(args.webhook_header or ()),
-        **_retention(args),
+        **_artifact_settings(args),
         "log_level": args.log_level,
         "access_log": args.access_log,
     }
@@ -190,9 +190,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run_server(args.model, args.host, args.port, args.db, args.token, **opts)
 
 
-def _retention(args: argparse.Namespace) -> dict[str, Any]:
-    """``--keep-days`` and ``--artifact-budget-mb`` as the service's retention settings, and
-    ``--disk-min-free-mb`` / ``--disk-min-free-percent`` as its disk watch's."""
+def _artifact_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What :func:`_add_artifact_arguments` added, as the service's settings: ``--keep-days`` and
+    ``--artifact-budget-mb`` its retention's, ``--disk-min-free-mb`` / ``--disk-min-free-percent``
+    its disk watch's."""
     return {"retention_max_age_s": args.keep_days * 86400.0 if args.keep_days is not None else None,
             "retention_max_bytes": (int(args.artifact_budget_mb * 1024 * 1024)
                                     if args.artifact_budget_mb is not None else None),
@@ -223,7 +224,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         precision=args.precision,
         threads=args.threads,
         max_image_pixels=args.max_image_pixels,
-        **_retention(args),
+        **_artifact_settings(args),
     )
 
 

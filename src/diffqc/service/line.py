@@ -386,17 +386,21 @@ class LineServices:
         return True
 
     def _watch(self) -> None:
-        """The calibration file every ``poll_s``, the disks every ``disk_poll_s`` (first now)."""
+        """The calibration file and the clock every ``poll_s``, the disks and the TLS certificate
+        every ``disk_poll_s`` (first now); one failing check does not stop the others."""
         disk_due = 0.0
         while True:
             if time.monotonic() >= disk_due:
                 disk_due = time.monotonic() + self.disk_poll_s
                 try:
                     self.disk.check()
+                except Exception:
+                    log.exception("disk check failed")
+                try:
                     if self.certificate is not None:
                         self.certificate.check()
                 except Exception:
-                    log.exception("disk or certificate check failed")
+                    log.exception("certificate check failed")
             try:
                 self.clock.check()
             except Exception:
