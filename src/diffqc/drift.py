@@ -79,6 +79,11 @@ def alarm_threshold(m: int, level: float) -> float:
     return math.sqrt(math.log(1.0 / level) / (2.0 * m))
 
 
+def scored(p_value: float | None, decision: str) -> bool:
+    """A part with a p-value to test: inspected (not NOT_INSPECTED), its p-value finite."""
+    return decision != NOT_INSPECTED and p_value is not None and math.isfinite(p_value)
+
+
 def is_misrouted(feature_type: str | None, predicted_type: str | None, type_known: bool | None) -> bool:
     """A part declared as one type that the model finds closest to another."""
     return bool(type_known) and predicted_type is not None and feature_type is not None and (
@@ -178,9 +183,7 @@ class DriftMonitor:
                 camera: str | None = None) -> list[DriftEvent]:
         """Take one inspected part; returns the events it caused: its type's alarm raised or
         cleared, then its camera's (each also given to the listeners)."""
-        if feature_type is None or p_value is None or decision == NOT_INSPECTED:
-            return []
-        if not math.isfinite(p_value):
+        if feature_type is None or p_value is None or not scored(p_value, decision):
             return []
         events: list[DriftEvent] = []
         with self._lock:

@@ -16,7 +16,6 @@ import contextlib
 import datetime
 import json
 import logging
-import math
 import os
 import shutil
 import threading
@@ -25,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffqc.drift import NOT_INSPECTED, DriftConfig, DriftEvent, DriftMonitor, is_misrouted, prometheus_label
+from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, is_misrouted, prometheus_label, scored
 from diffqc.recalibrate import CalibrationReloader
 from diffqc.service.retention import RetentionPolicy, RetentionWorker
 from diffqc.service.security import certificate_expiry
@@ -330,9 +329,8 @@ class LineServices:
         try:
             for ftype in types:
                 recent = self.store.query(feature_type=ftype, since=since, limit=self.drift.config.window)
-                parts += [(ftype, float(r.p_value), r.camera) for r in reversed(recent)
-                          if r.decision != NOT_INSPECTED and r.p_value is not None
-                          and math.isfinite(r.p_value)
+                parts += [(ftype, float(r.p_value), r.camera) for r in reversed(recent)  # as observe does
+                          if r.p_value is not None and scored(r.p_value, r.decision)
                           and not is_misrouted(r.feature_type, r.predicted_type, r.type_known)]
         except StoreError as exc:
             log.warning("the drift windows cannot be refilled from the store: %s", exc)
