@@ -264,3 +264,46 @@ def test_serve_in_a_container_too_small_for_its_buffer_says_so(service_model: tu
     assert "its buffer holds up to 8000 MB of decoded parts" in log, log[-3000:]
     assert "lower --buffer-mb" in log
 
+
+
+def test_serve_logs_json_lines(service_model: tuple[Path, Path], samples: Samples, tmp_path: Path) -> None:
+    """`serve` logged text, its HTTP server's lines in uvicorn's own format (access lines on
+    stdout, coloured), which a log collector (Loki, Elasticsearch) reads as free text, and a
+    traceback as many entries. `--log-format json` makes every line of the process one JSON
+    object: the service's, uvicorn's (an access line with its request as fields), and the
+    error that ends a second `serve` on the same port."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    srv = bench.start_server(service_model[0], str(tmp_path / "r.db"), workdir=tmp_path, token=TOKEN,
+                             extra=("--log-level", "info", "--log-format", "json", "--access-log"))
+    try:
+        body, ftype = samples.all[0]
+        r = httpx.post(srv.url + "/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        wrong = {"Authorization": "Bearer wrong"}
+        assert httpx.get(srv.url + "/v1/results", headers=wrong).status_code == 401
+        src = str(Path(bench.__file__).resolve().parents[1] / "src")
+        second = subprocess.run([sys.executable, "-m", "diffqc.cli", "serve", str(service_model[0]), "--port",
+                                 str(srv.port), "--db", str(tmp_path / "r.db"), "--log-format", "json"],
+                                capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "PYTHONPATH": src, "DIFFQC_TOKEN": TOKEN})
+    finally:
+        srv.stop()
+    lines = [json.loads(line) for line in srv.log.read_text().splitlines() if line.strip()]
+    messages = [(x["logger"], x["level"], x["message"]) for x in lines]
+    assert ("diffqc.service", "INFO", f"listening on http://127.0.0.1:{srv.port}, dashboard at "
+            f"http://127.0.0.1:{srv.port}/dashboard (Ctrl+C to stop)") in messages
+    assert any(logger == "uvicorn.error" and "Application startup complete" in m for logger, _, m in messages)
+    access = [x for x in lines if x["logger"] == "uvicorn.access"]
+    assert {(x["method"], x["path"].split("?")[0], x["status"]) for x in access} >= {
+        ("POST", "/v1/inspect", 200), ("GET", "/v1/results", 401)}
+    assert any(x["level"] == "WARNING" and "token" in x["message"] for x in lines)  # the refused one
+    assert second.returncode == 1
+    last = json.loads(second.stderr.strip().splitlines()[-1])
+    assert last["level"] == "ERROR" and last["message"].startswith(f"cannot listen on 127.0.0.1:{srv.port}")

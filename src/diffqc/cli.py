@@ -488,22 +488,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = ""
             if isinstance(exc, ImageReadError) and getattr(args, "skip_corrupt", True) is False:
                 hint = " (pass --skip-corrupt to leave unreadable images out)"
-            print(f"diffqc: error: {path_text(_describe(exc))}{hint}", file=sys.stderr)
+            _last_word(args, "ERROR", f"{path_text(_describe(exc))}{hint}")
             return EXIT_ERROR
         except MemoryError as exc:  # a job larger than the machine: say so, not a traceback
             if os.environ.get("DIFFQC_TRACEBACK"):
                 raise
             detail = f" ({_describe(exc)})" if str(exc) else ""
-            print(f"diffqc: error: out of memory{detail}; DIFFQC_TRACEBACK=1 shows where",
-                  file=sys.stderr)
+            _last_word(args, "ERROR", f"out of memory{detail}; DIFFQC_TRACEBACK=1 shows where")
             return EXIT_ERROR
         except KeyboardInterrupt:
             pass
     # out of the handler, the interrupted job's frames are gone: its progress bars close (and end
     # their lines) now, not after the message as the process ends
     gc.collect()
-    print("diffqc: interrupted", file=sys.stderr)
+    _last_word(args, "INFO", "interrupted")
     return 130
+
+
+def _last_word(args: argparse.Namespace, level: str, text: str) -> None:
+    """``diffqc: error: TEXT`` (or ``diffqc: interrupted``) on stderr; for a command whose log
+    is JSON lines (``serve``/``watch --log-format json``), one more such line."""
+    if getattr(args, "log_format", "text") == "json":
+        from diffqc.service.logs import json_log_line
+
+        print(json_log_line(level, text), file=sys.stderr)
+    else:
+        print(f"diffqc: {'error: ' if level == 'ERROR' else ''}{text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

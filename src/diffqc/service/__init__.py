@@ -27,7 +27,6 @@ from diffqc.runtime import add_runtime_arguments
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE
 
 __all__ = ["add_service_commands", "export_reviewed_good", "list_results", "run_server", "run_watch"]
-LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
 
 
 def run_server(
@@ -180,6 +179,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "webhook_headers": tuple(args.webhook_header or ()),
         **_artifact_settings(args),
         "log_level": args.log_level,
+        "log_format": args.log_format,
         "access_log": args.access_log,
     }
     if args.data_dir:
@@ -224,6 +224,8 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         precision=args.precision,
         threads=args.threads,
         max_image_pixels=args.max_image_pixels,
+        log_level=args.log_level,
+        log_format=args.log_format,
         **_artifact_settings(args),
     )
 
@@ -335,6 +337,17 @@ def _add_line_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{name}", default=None, help=f"{name} recorded on watched-folder parts")
 
 
+def _add_log_arguments(p: argparse.ArgumentParser) -> None:
+    from diffqc.service.logs import LOG_FORMAT_ENV, LOG_FORMATS, LOG_LEVELS, default_log_format
+
+    p.add_argument("--log-level", type=str.lower, default="info", choices=LOG_LEVELS,
+                   help="the log's least severe lines (default: info)")
+    p.add_argument("--log-format", type=str.lower, default=default_log_format(), choices=LOG_FORMATS,
+                   help="text lines (default), or one JSON object per line for a log collector "
+                   "(time, level, logger, message, exception: a traceback stays one line; "
+                   f"default ${LOG_FORMAT_ENV})")
+
+
 def add_service_commands(subparsers: Any) -> None:
     """Register ``serve``, ``watch`` and ``results export`` on an argparse sub-parsers object.
 
@@ -421,8 +434,7 @@ def add_service_commands(subparsers: Any) -> None:
                    help="a header sent with every push, e.g. 'Authorization: Bearer TOKEN' "
                         "(repeatable); @FILE reads header lines from a file (a secret's, kept off "
                         "the command line)")
-    p.add_argument("--log-level", type=str.lower, default="info", choices=LOG_LEVELS,
-                   help="the service's log (default: info)")
+    _add_log_arguments(p)
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.set_defaults(func=_cmd_serve)
 
@@ -456,6 +468,7 @@ def add_service_commands(subparsers: Any) -> None:
     _add_artifact_arguments(w)
     _add_line_arguments(w)
     add_runtime_arguments(w)
+    _add_log_arguments(w)
     w.set_defaults(func=_cmd_watch)
 
     r = subparsers.add_parser("results", help="work with stored results")

@@ -1607,9 +1607,11 @@ def run_server(
     (``buffer_size``, ``max_batch``, ``overflow``, ``data_dir``, ``cors_origins``, ...) plus
     ``log_level``. Returns the process exit code.
     """
+    from diffqc.service.logs import configure_logging
     from diffqc.service.security import tokens_from_env
 
     log_level = str(opts.pop("log_level", "info"))
+    log_format = str(opts.pop("log_format", "text"))
     access_log = bool(opts.pop("access_log", False))
     settings = ServiceSettings(
         model_path=model_path,
@@ -1617,10 +1619,7 @@ def run_server(
         tokens=tokens_from_env(token),
         **opts,
     )
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(log_level, log_format)
     settings.validate()
     for length in sorted({len(t) for t in settings.tokens if len(t) < MIN_TOKEN_LENGTH}):
         log.warning("an API token of %d characters can be guessed by anyone on the network: use %d "
@@ -1630,7 +1629,8 @@ def run_server(
     # store or announce itself on the sinks (a retained MQTT "offline" over the running one's)
     sockets = listening_sockets(host, port)
     try:
-        _serve(model_path, settings, sockets, host, log_level=log_level, access_log=access_log)
+        _serve(model_path, settings, sockets, host, log_level=log_level, log_format=log_format,
+               access_log=access_log)
     finally:
         for sock in sockets:
             sock.close()
@@ -1666,8 +1666,10 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
 
 
 def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[socket.socket], host: str, *,
-           log_level: str, access_log: bool) -> None:
+           log_level: str, log_format: str, access_log: bool) -> None:
     import uvicorn
+
+    from diffqc.service.logs import uvicorn_log_config
 
     # fail fast, with a clear message, before the server takes a request: a model path that is
     # no bundle, then the store (a typo in --db is one line, not one after the model loaded; a
@@ -1688,6 +1690,7 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
     port = sockets[0].getsockname()[1]
     tls = settings.tls_cert is not None
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           log_config=uvicorn_log_config(log_format),
                                            access_log=access_log, timeout_graceful_shutdown=30,
                                            server_header=False,
                                            ssl_certfile=str(settings.tls_cert) if tls else None,

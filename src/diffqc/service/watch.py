@@ -516,6 +516,8 @@ def run_watch(
     precision: str = "auto",
     threads: int | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    log_level: str = "info",
+    log_format: str = "text",
 ) -> int:
     """Inspect images written into ``directory`` until SIGINT/SIGTERM (``diffqc watch``).
 
@@ -528,13 +530,15 @@ def run_watch(
     job's run is over before the first pass). The disks it writes to are said to be nearly full
     below ``disk_min_free_bytes`` or ``disk_min_free_ratio`` of their size, as ``serve``'s are.
     ``runtime``, ``precision`` and ``threads`` as ``serve`` takes them
-    (:func:`diffqc.runtime.load_detector`). Returns the process exit code.
+    (:func:`diffqc.runtime.load_detector`). The log goes to stderr at ``log_level``, as text
+    or JSON lines (``log_format``, :mod:`diffqc.service.logs`). Returns the process exit code.
     """
     from diffqc.bundle import read_bundle
     from diffqc.runtime import load_detector  # not the HTTP app: the watcher runs without FastAPI
+    from diffqc.service.logs import configure_logging
     from diffqc.service.store import ArtifactStore, default_artifact_root, store_url
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level, log_format)
     db = store_url(db_url)
     # as serve: a path that is no bundle, or a type it does not know, leaves no new store; a
     # --db that is no store is said before the model loads

@@ -1,0 +1,103 @@
+"""The log of ``serve`` and ``watch``: text lines for a terminal, or one JSON object per line
+for a log collector (Loki, Elasticsearch, Graylog, journald's JSON readers).
+
+A traceback in a text log is many lines, which a collector reading line by line takes for many
+entries; in JSON it is one object's ``exception`` field. The HTTP server's own lines (uvicorn's
+start-up, errors and, with ``--access-log``, each request) come out in the same format: in JSON,
+an access line also carries its ``client``, ``method``, ``path`` and ``status`` as fields.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import warnings
+from typing import Any, TextIO
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMAT_ENV = "DIFFQC_LOG_FORMAT"
+
+# the attributes every LogRecord has (and those formatting adds): the rest came from `extra=`
+_RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "color_message", "taskName"}
+
+
+def default_log_format() -> str:
+    """``$DIFFQC_LOG_FORMAT`` (a container sets the format once for every command), else text."""
+    value = os.environ.get(LOG_FORMAT_ENV, "").strip().lower()
+    return value if value else "text"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ``time`` (UTC, ISO 8601 with milliseconds), ``level``,
+    ``logger``, ``message``; a logged exception's traceback in ``exception``; the fields given
+    with ``extra=``; for uvicorn's access lines ``client``, ``method``, ``path``, ``status``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = dt.datetime.fromtimestamp(record.created, dt.UTC)
+        out: dict[str, Any] = {
+            "time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            client, method, path, _version, status = record.args
+            out.update(client=client, method=method, path=path, status=status)
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRIBUTES and not key.startswith("_") and key not in out:
+                out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["exception"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def json_log_line(level: str, message: str, logger: str = "diffqc") -> str:
+    """One line of the JSON log made without the logging machinery: the CLI's last word (an
+    error that ends the process, which it prints rather than logs) in a JSON log's format."""
+    record = logging.LogRecord(logger, getattr(logging, level), "", 0, "%s", (message,), None)
+    return JsonFormatter().format(record)
+
+
+def configure_logging(level: str = "info", fmt: str = "text") -> None:
+    """Send the process's log to stderr at ``level`` in ``fmt`` (:data:`LOG_FORMATS`). In JSON
+    the root logger's handler is the only one: uvicorn is then started without its own
+    (:func:`uvicorn_log_config`), so its lines pass through it too, and Python's warnings
+    (``py.warnings``) are logged rather than printed."""
+    if fmt not in LOG_FORMATS:
+        from diffqc.errors import ConfigError
+
+        raise ConfigError(f"log format {fmt!r} is not one of {', '.join(LOG_FORMATS)} "
+                          f"(--log-format, or ${LOG_FORMAT_ENV})")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    numeric = 5 if level.lower() == "trace" else getattr(logging, level.upper(), logging.INFO)
+    logging.basicConfig(level=numeric, handlers=[handler])
+    if fmt == "json":  # a Python warning (a model's too few calibration images) is a line as well
+        warnings.showwarning = _log_warning
+
+
+def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:
+    """:func:`warnings.showwarning` for the JSON log: the warning's text as the message, its
+    class and where it was raised as fields (Python's own prints them as a two-line text)."""
+    logging.getLogger("py.warnings").warning("%s", message, extra={
+        "category": category.__name__, "location": f"{filename}:{lineno}"})
+
+
+def uvicorn_log_config(fmt: str) -> dict[str, Any] | None:
+    """uvicorn's ``log_config``: its own (coloured text, access lines on stdout) for text, none
+    for JSON, so that its loggers propagate to the root's JSON handler."""
+    if fmt == "json":
+        return None
+    from uvicorn.config import LOGGING_CONFIG
+
+    return LOGGING_CONFIG

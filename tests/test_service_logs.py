@@ -1,0 +1,110 @@
+"""The log of serve and watch as a log collector reads it: one JSON object per line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffqc.errors import ConfigError
+from diffqc.service.logs import JsonFormatter, configure_logging, default_log_format
+
+
+def _record(name: str = "diffqc.service", msg: str = "hello %s", args: object = ("line",),
+            exc: bool = False, **extra: object) -> logging.LogRecord:
+    exc_info = None
+    if exc:
+        try:
+            raise RuntimeError("the store went away\nsecond line")
+        except RuntimeError:
+            exc_info = sys.exc_info()
+    record = logging.LogRecord(name, logging.WARNING, __file__, 1, msg, args, exc_info)  # type: ignore[arg-type]
+    record.created = 1764806400.25  # 2025-12-04 00:00:00.250 UTC
+    record.__dict__.update(extra)
+    return record
+
+
+def test_a_record_is_one_json_line_with_its_fields_and_traceback() -> None:
+    line = JsonFormatter().format(_record(exc=True, camera="cam-b"))
+    assert "\n" not in line  # a collector reading lines takes it as one entry
+    out = json.loads(line)
+    assert out["time"] == "2025-12-04T00:00:00.250Z"
+    assert (out["level"], out["logger"], out["message"]) == ("WARNING", "diffqc.service", "hello line")
+    assert out["camera"] == "cam-b"  # given with extra=
+    assert out["exception"].startswith("Traceback")
+    assert "RuntimeError: the store went away" in out["exception"]
+    assert not {"args", "msg", "exc_info", "levelno", "pathname"} & set(out)
+
+
+def test_an_access_line_carries_its_request_as_fields() -> None:
+    rec = _record("uvicorn.access", '%s - "%s %s HTTP/%s" %d',
+                  ("10.0.0.7:5012", "POST", "/v1/inspect?feature_type=edge", "1.1", 503))
+    out = json.loads(JsonFormatter().format(rec))
+    assert out["message"] == '10.0.0.7:5012 - "POST /v1/inspect?feature_type=edge HTTP/1.1" 503'
+    assert (out["client"], out["method"], out["path"], out["status"]) == (
+        "10.0.0.7:5012", "POST", "/v1/inspect?feature_type=edge", 503)
+
+
+def test_the_format_is_text_or_json_defaulting_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DIFFQC_LOG_FORMAT", raising=False)
+    assert default_log_format() == "text"
+    monkeypatch.setenv("DIFFQC_LOG_FORMAT", "JSON")
+    assert default_log_format() == "json"
+    with pytest.raises(ConfigError, match="log format 'xml' is not one of text, json"):
+        configure_logging("info", "xml")
+
+
+def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import diffqc
+
+    src = str(Path(diffqc.__file__).resolve().parents[1])
+    full = {**os.environ, "PYTHONPATH": src, **(env or {})}
+    if env is None:
+        full.pop("DIFFQC_LOG_FORMAT", None)
+    return subprocess.run([sys.executable, "-m", "diffqc.cli", *args], capture_output=True, text=True,
+                          env=full, timeout=300)
+
+
+@pytest.mark.parametrize("how", ["--log-format json", "DIFFQC_LOG_FORMAT=json"])
+def test_watch_logs_json_lines(tiny_model: Path, tmp_path: Path, how: str) -> None:
+    """`watch` logged text lines only (a traceback many lines), which a log collector reads as
+    many entries. With --log-format json (or $DIFFQC_LOG_FORMAT, a container's setting) every
+    line it writes is one JSON object: a file it cannot decode is one warning among them, and a
+    Python warning (here a damaged export, for which it runs PyTorch) is logged, not printed."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "export.json").write_text("{ damaged")
+    cam = tmp_path / "cam" / "good"
+    cam.mkdir(parents=True)
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(cam / "0.png")
+    (cam / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    args = ["watch", str(tmp_path / "cam"), str(model), "--db", str(tmp_path / "r.db"), "--once",
+            "--settle", "0"]
+    if how.startswith("--"):
+        proc = _cli([*args, *how.split()])
+    else:
+        proc = _cli(args, env={"DIFFQC_LOG_FORMAT": "json"})
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and all({"time", "level", "logger", "message"} <= set(x) for x in lines)
+    assert any(x["level"] == "WARNING" and "1.png" in x["message"] for x in lines), lines
+    said = [x for x in lines if x["logger"] == "py.warnings"]
+    assert len(said) == 1 and said[0]["message"].startswith(f"model bundle {model}: damaged export.json")
+    assert said[0]["message"].endswith("; using PyTorch") and said[0]["category"] == "UserWarning"
+
+
+def test_watch_logs_text_by_default(tiny_model: Path, tmp_path: Path) -> None:
+    (tmp_path / "cam").mkdir()
+    proc = _cli(["watch", str(tmp_path / "cam"), str(tiny_model), "--db", str(tmp_path / "r.db"), "--once"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() and not proc.stderr.lstrip().startswith("{")
+    assert " INFO diffqc." in proc.stderr
