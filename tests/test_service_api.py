@@ -699,6 +699,42 @@ async def test_serve_also_ingests_a_watched_folder(detector: Any, samples: Sampl
         assert (folder / "processed" / "w-1.png").exists()
 
 
+async def test_serve_records_each_watched_folders_camera(detector: Any, samples: Samples,
+                                                         tmp_path: Path) -> None:
+    """`serve --watch A --watch B --camera cam-a` recorded one camera on both folders' parts, so
+    the drift watch tested two cameras as one and the results could not tell them apart.
+    `--camera` is taken once per `--watch`, in order (or once for all, as before)."""
+    folders = [tmp_path / "cam-a", tmp_path / "cam-b"]
+    for folder in folders:
+        folder.mkdir()
+    body, ftype = samples.one("PASS")
+    async with running_app(detector, tmp_path, watch_dirs=tuple(map(str, folders)), watch_feature_type=ftype,
+                           watch_camera=("cam-a", "cam-b")) as (client, _):
+        for folder in folders:
+            (folder / f"{folder.name}-1.png").write_bytes(body)
+        for _ in range(200):
+            res = (await client.get("/v1/results", headers=AUTH)).json()
+            if res["count"] == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert sorted((r["part_id"], r["camera"]) for r in res["results"]) == [
+            ("cam-a-1", "cam-a"), ("cam-b-1", "cam-b")]
+        line = (await client.get("/v1/line", headers=AUTH)).json()
+        assert set(line["drift"][ftype]["cameras"]) == {"cam-a", "cam-b"}
+
+
+async def test_several_folders_under_one_camera_are_named_at_start(detector: Any, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    folders = (str(tmp_path / "a"), str(tmp_path / "b"))
+    for folder in folders:
+        Path(folder).mkdir()
+    with caplog.at_level("INFO", logger="diffqc.service"):
+        async with running_app(detector, tmp_path, watch_dirs=folders, watch_camera="cam-1"):
+            pass
+    assert ("the 2 watched folders' parts are recorded as camera 'cam-1': the drift watch tests them as one "
+            "camera (give --camera once per --watch, in order, to tell them apart)") in caplog.messages
+
+
 async def test_a_watched_folder_that_cannot_be_read_is_named_in_readyz(detector: Any, tmp_path: Path) -> None:
     """A camera share that dropped: the service still inspects what is posted (ready), but
     /readyz says, under ``degraded``, which folder it cannot read, until it can again."""

@@ -645,6 +645,10 @@ def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
         (["serve", str(service_model[0]), "--no-auth", "--watch", str(tmp_path / "camera-1")],
          f"watch folder {tmp_path.resolve() / 'camera-1'} does not exist"),
         (["serve", str(service_model[0]), "--no-auth", "--watch", str(blocker)], "is a file, not a folder"),
+        (["serve", str(service_model[0]), "--no-auth", "--watch", str(tmp_path), "--watch", str(tmp_path),
+          "--camera", "a", "--camera", "b", "--camera", "c"],
+         "--camera is given 3 times for 2 --watch folders: give it once (every folder's parts) or once "
+         "per --watch, in the same order"),
         (["watch", str(tmp_path), str(service_model[0]), "--feature-type", "typo", "--once"], "typo"),
     ]
     for argv, needle in cases:

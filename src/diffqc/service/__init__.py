@@ -171,7 +171,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "watch_dirs": tuple(args.watch or ()),
         "watch_line": args.line,
         "watch_station": args.station,
-        "watch_camera": args.camera,
+        "watch_camera": None if not args.camera else args.camera[0] if len(args.camera) == 1
+        else tuple(args.camera),
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "mqtt_url": args.mqtt,
@@ -332,9 +333,15 @@ def _add_image_limit_argument(p: argparse.ArgumentParser, *, buffered: bool) -> 
                        "20 MP): raise --buffer-mb with it" if buffered else ""))
 
 
-def _add_line_arguments(p: argparse.ArgumentParser) -> None:
-    for name in ("line", "station", "camera"):
+def _add_line_arguments(p: argparse.ArgumentParser, *, folders: bool = False) -> None:
+    for name in ("line", "station"):
         p.add_argument(f"--{name}", default=None, help=f"{name} recorded on watched-folder parts")
+    if folders:  # serve --watch A --watch B: one camera each
+        p.add_argument("--camera", action="append", default=None,
+                       help="camera recorded on watched-folder parts: once for every folder, or once "
+                       "per --watch, in the same order (the drift watch tests each camera apart)")
+    else:
+        p.add_argument("--camera", default=None, help="camera recorded on watched-folder parts")
 
 
 def _add_log_arguments(p: argparse.ArgumentParser) -> None:
@@ -419,7 +426,7 @@ def add_service_commands(subparsers: Any) -> None:
         help="also ingest images written into DIR (repeatable)",
     )
     add_runtime_arguments(p)
-    _add_line_arguments(p)
+    _add_line_arguments(p, folders=True)
     p.add_argument("--tls-cert", default=None, metavar="PEM",
                    help="serve over HTTPS with this certificate (PEM, its chain after it): the API "
                         "token and the parts' images cross the network encrypted; read at start "

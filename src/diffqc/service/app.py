@@ -128,7 +128,13 @@ class ServiceSettings:
     watch_feature_type: str | None = None
     watch_line: str | None = None  # line / station / camera recorded for watched-folder parts
     watch_station: str | None = None
-    watch_camera: str | None = None
+    watch_camera: str | tuple[str, ...] | None = None  # one for every folder, or one per folder
+
+    def folder_camera(self, index: int) -> str | None:
+        """The camera recorded on the parts of ``watch_dirs[index]``."""
+        if isinstance(self.watch_camera, tuple):
+            return self.watch_camera[index]
+        return self.watch_camera
     # the line (diffqc.service.line): push sinks, drift watch, calibration reload, retention
     mqtt_url: str | None = None  # mqtt://host:port/prefix
     webhook_url: str | None = None  # POST each decision as JSON
@@ -169,6 +175,10 @@ class ServiceSettings:
         if self.webhook_headers and not self.webhook_url:
             raise ConfigError("--webhook-header needs --webhook URL (the endpoint it is sent to)")
         webhook_headers(self.webhook_headers)
+        if isinstance(self.watch_camera, tuple) and len(self.watch_camera) != len(self.watch_dirs):
+            raise ConfigError(f"--camera is given {len(self.watch_camera)} times for {len(self.watch_dirs)} "
+                              "--watch folders: give it once (every folder's parts) or once per --watch, "
+                              "in the same order")
         if self.watch_dirs:
             from diffqc.service.watch import check_watch_folder
 
@@ -1544,10 +1554,14 @@ def _start(state: ServiceState, detector: DetectorLike | None) -> None:
     if s.watch_dirs:
         from diffqc.service.watch import FolderWatcher, WatchSettings
 
-        for folder in s.watch_dirs:
+        if len(s.watch_dirs) > 1 and not isinstance(s.watch_camera, tuple):
+            log.info("the %d watched folders' parts are recorded as %s: the drift watch tests them "
+                     "as one camera (give --camera once per --watch, in order, to tell them apart)",
+                     len(s.watch_dirs), f"camera {s.watch_camera!r}" if s.watch_camera else "no camera")
+        for index, folder in enumerate(s.watch_dirs):
             watcher = FolderWatcher(
                 WatchSettings(Path(folder), feature_type=s.watch_feature_type, line=s.watch_line,
-                              station=s.watch_station, camera=s.watch_camera,
+                              station=s.watch_station, camera=s.folder_camera(index),
                               max_image_pixels=s.max_image_pixels),
                 pipeline,
                 state.store,
