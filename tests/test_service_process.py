@@ -307,3 +307,35 @@ def test_serve_logs_json_lines(service_model: tuple[Path, Path], samples: Sample
     assert second.returncode == 1
     last = json.loads(second.stderr.strip().splitlines()[-1])
     assert last["level"] == "ERROR" and last["message"].startswith(f"cannot listen on 127.0.0.1:{srv.port}")
+
+
+def test_serve_takes_the_certificate_warnings_lead_time(service_model: tuple[Path, Path],
+                                                        tmp_path: Path) -> None:
+    """The certificate was named 14 days before it expired, a setting of the Python API only:
+    too late where a restart waits for a monthly maintenance window. `--tls-warn-days`."""
+    import datetime as dt
+    import ssl
+
+    import httpx
+    import trustme
+
+    ca = trustme.CA()
+    until = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(days=60)
+    leaf = ca.issue_cert("127.0.0.1", "localhost", not_after=until)
+    pem, ca_file = tmp_path / "server.pem", tmp_path / "ca.pem"
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(pem))
+    ca.cert_pem.write_to_path(str(ca_file))
+    trust = ssl.create_default_context(cafile=str(ca_file))
+    seen = {}
+    for days in ("14", "90"):
+        srv = bench.start_server(service_model[0], str(tmp_path / "r.db"), workdir=tmp_path, ca=str(ca_file),
+                                 token=TOKEN, extra=("--tls-cert", str(pem), "--tls-warn-days", days))
+        try:
+            r = httpx.get(srv.url + "/v1/line", headers=AUTH, verify=trust)
+            assert r.status_code == 200, r.text
+            seen[days] = r.json()["tls"]
+        finally:
+            srv.stop()
+    assert not seen["14"]["expiring"] and seen["90"]["expiring"]
+    assert 59 < seen["90"]["days_left"] <= 60
+    assert f"the TLS certificate {pem} expires on {until:%Y-%m-%d %H:%M} UTC (in " in srv.log.read_text()

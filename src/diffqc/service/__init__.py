@@ -175,6 +175,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         else tuple(args.camera),
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
+        "tls_warn_days": args.tls_warn_days,
         "mqtt_url": args.mqtt,
         "webhook_url": args.webhook,
         "webhook_headers": tuple(args.webhook_header or ()),
@@ -430,7 +431,12 @@ def add_service_commands(subparsers: Any) -> None:
     p.add_argument("--tls-cert", default=None, metavar="PEM",
                    help="serve over HTTPS with this certificate (PEM, its chain after it): the API "
                         "token and the parts' images cross the network encrypted; read at start "
-                        "(a renewed file is served after a restart), named 14 days before it expires")
+                        "(a renewed file is served after a restart), named --tls-warn-days before "
+                        "it expires")
+    p.add_argument("--tls-warn-days", type=number(0.0), default=14.0, metavar="DAYS",
+                   help="say this many days before the --tls-cert certificate expires that it "
+                   "does (log, /v1/line, /metrics, dashboard; default 14; 30 or more where a "
+                   "restart waits for a maintenance window)")
     p.add_argument("--tls-key", default=None, metavar="PEM",
                    help="the certificate's private key (PEM, unencrypted; readable by this user "
                         "only); without it, the key is read from --tls-cert's file (one PEM)")
