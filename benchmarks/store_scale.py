@@ -2,20 +2,21 @@
 
 Records are never deleted ("every decision stored"), so a line inspecting a part a second for a
 month holds millions of rows. This fills a SQLite store (a temporary folder) through the
-service's own insert path, in steps up to ``--records``, as a line would (8 types, 95 % PASS,
-4 % REVIEW, 1 % REJECT, a part id each, one part in 5 of the flagged ones reviewed, a kept
-image named on each flagged part), and after each step times each read the service makes
-again and again: the dashboard's polls (latest decisions, decisions after the last one seen,
-the rates and score histograms of the last hour, the review queue, the defect kinds, a part
-found by its id), `results list --since 8h` and a past period's (a day ago), the retention pass
-(every 60 s, keeping a day of kept images: the first pass expires the older ones), opening the
-store (a restart), a restart's refill of the drift windows from the stored parts (since
-session 35: each type's latest 200 of the last week, one type with none) and storing one more
-part. Median of ``--rounds``, in milliseconds. The
-read session 33 gave an index, the rows naming a file, is also timed as it ran before
-(``before:``, the table scanned), in the same run on the same rows; so are the retention pass's
-sizes of kept files on disk (``--kept-files``: every row naming one, as ``--keep-images all``
-for days leaves them), read one file path at a time before session 34.
+service's own insert path, in steps up to ``--records``, as a line would (8 types, 95 % PASS, 4
+% REVIEW, 1 % REJECT, a part id each, one part in 5 of the flagged ones reviewed, a kept image
+named on each flagged part), and after each step times each read the service makes again and
+again: the dashboard's polls (latest decisions, decisions after the last one seen, the rates and
+score histograms of the last hour, the review queue, the defect kinds, a part found by its id),
+`results list --since 8h` and a past period's (a day ago), the retention pass (every 60 s,
+keeping a day of kept images: the first pass expires the older ones), opening the store (a
+restart), a restart's refill of the drift windows from the stored parts (since session 35: each
+type's latest 200 of the last week, one type with none; since session 36 also each camera's own
+latest 200, the parts coming from 4 cameras a type in turn, beside the types' windows alone, as
+session 35 read them: ``before:``) and storing one more part. Median of ``--rounds``, in
+milliseconds. The read session 33 gave an index, the rows naming a file, is also timed as it ran
+before (``before:``, the table scanned), in the same run on the same rows; so are the retention
+pass's sizes of kept files on disk (``--kept-files``: every row naming one, as ``--keep-images
+all`` for days leaves them), read one file path at a time before session 34.
 
     python benchmarks/store_scale.py [--records 1000000] [--steps 10000,100000,1000000] [--rounds 7]
 """
@@ -45,6 +46,7 @@ from diffqc.service.store import TABLE, ArtifactStore, ResultRecord, ResultStore
 
 TYPES = ("angle", "dist1", "dist6", "dots", "edge1", "edge2", "edge3", "edge4")
 PER_SECOND = 1.0  # one part a second: the step's records end now
+CAMERAS = 4  # each type's parts come from 4 cameras in turn (since session 36)
 
 
 def _records(rng: np.random.Generator, first: int, n: int, end: float) -> list[ResultRecord]:
@@ -57,6 +59,7 @@ def _records(rng: np.random.Generator, first: int, n: int, end: float) -> list[R
         out.append(ResultRecord(
             created_at=end - (n - i) / PER_SECOND, source="http", decision=str(decisions[i]),
             part_id=f"P{k:09d}", feature_type=TYPES[k % len(TYPES)], predicted_type=TYPES[k % len(TYPES)],
+            camera=f"cam-{(k // len(TYPES)) % CAMERAS}",
             type_known=True, score=float(rng.normal(100, 10)), p_value=float(rng.uniform()),
             model_version="bench", latency_ms=5.0, image=f"{k}.png" if flagged else None,
             dedup_key=f"K{k}"))
@@ -102,6 +105,8 @@ def _measure(store: ResultStore, artifacts: ArtifactStore, url: str, rounds: int
         "open the store (a restart)": lambda: ResultStore(url).close(),
         "a restart's drift windows (8 types + 1 absent)": lambda: LineServices(
             SimpleNamespace(), store, None, SimpleNamespace(classes_=[*TYPES, "absent"])),
+        "before: the types' windows only (no camera's own)": lambda: [
+            store.query(feature_type=t, since=now - 7 * 86400, limit=200) for t in [*TYPES, "absent"]],
     }
     out = {name: _median_ms(call, rounds) for name, call in calls.items()}
     rng = np.random.default_rng(1)

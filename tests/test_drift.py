@@ -132,10 +132,11 @@ def test_one_camera_of_four_drifting_is_named_where_the_types_window_misses_it()
 
 def test_refilled_windows_are_tested_from_the_next_part_on() -> None:
     """``refill`` (a restarted service, a cron job's `watch --once`) puts stored p-values back in
-    the windows, the type's and its cameras', without testing them or counting them as this
-    process's parts; the next part is tested against the whole window."""
+    the windows, the type's (camera None) and its cameras', without testing them or counting
+    them as this process's parts; the next part is tested against the whole window."""
     mon = DriftMonitor(DriftConfig(window=50, min_parts=20, level=1e-3))
-    mon.refill([("a", 0.001, f"c{i % 2}") for i in range(30)] + [("b", 0.5, None)])
+    cameras = [("a", 0.001, f"c{i % 2}") for i in range(30)]
+    mon.refill([("a", 0.001, None)] * 30 + cameras + [("b", 0.5, None)])
     snap = mon.snapshot()
     assert snap["a"]["window_parts"] == 30 and not snap["a"]["alarm"] and snap["a"]["parts_total"] == 0
     assert snap["a"]["statistic"] > snap["a"]["threshold"]  # measured, not yet said

@@ -1018,6 +1018,40 @@ def test_a_restarted_service_tests_drift_on_its_stored_parts(tmp_path: Path) -> 
         assert [(e.feature_type, e.alarm) for e in heard] == [("edge", True)]
 
 
+def test_a_restart_refills_each_cameras_window_with_its_own_parts(tmp_path: Path) -> None:
+    """A restart gave a type's camera windows their share of the type's latest parts: two
+    cameras taking turns got half a window each, and a camera's window was tested only when
+    half a window was ``min_parts`` or more. Each camera seen among the type's latest parts
+    gets its own latest parts back, a full window."""
+    import time
+    from types import SimpleNamespace
+
+    from diffqc.service.line import LineServices
+    from diffqc.service.store import ResultRecord, ResultStore
+
+    settings = SimpleNamespace(drift_window=20, drift_min_parts=15, drift_level=0.01, model_path=None,
+                               calibration_poll_s=1.0)
+    detector = SimpleNamespace(classes_=["edge"], path=None)
+    now = time.time()
+
+    def part(i: int) -> ResultRecord:  # cam-a's lamp has aged: its parts score low; cam-b's do not
+        camera = "cam-a" if i % 2 == 0 else "cam-b"
+        return ResultRecord(created_at=now - 600 + i, source="test", decision="PASS", feature_type="edge",
+                            predicted_type="edge", type_known=True, camera=camera,
+                            p_value=0.002 if camera == "cam-a" else 0.3 + 0.6 * (i % 7) / 7)
+
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        store.insert_many([part(i) for i in range(60)])
+        line = LineServices(settings, store, None, detector)
+        edge = line.status()["drift"]["edge"]
+        assert edge["window_parts"] == 20
+        assert {c: v["window_parts"] for c, v in edge["cameras"].items()} == {"cam-a": 20, "cam-b": 20}
+        heard = []
+        line.drift.listeners.append(heard.append)
+        line.on_record(part(60), 0.01)
+        assert ("edge", "cam-a", True) in [(e.feature_type, e.camera, e.alarm) for e in heard]
+
+
 def test_clock_watch_names_a_stepped_clock_and_one_never_set(caplog: pytest.LogCaptureFixture) -> None:
     """Every record carries the wall clock's time. An edge box without a clock battery boots at
     a date long past until NTP is reached, then steps; an operator sets it by hand: records on

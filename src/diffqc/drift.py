@@ -277,12 +277,16 @@ class DriftMonitor:
 
     def refill(self, parts: Iterable[tuple[str, float, str | None]]) -> None:
         """Put stored ``(feature_type, p_value, camera)`` back in the windows, oldest first (a
-        restarted process): neither tested nor counted as this process's parts; each window's
-        statistic is measured, and the next part is tested against the whole window."""
+        restarted process): camera None into the type's window, a camera into that camera's
+        (each window gets its own latest parts: a camera's share of the type's would be a
+        fraction of its window). Neither tested nor counted as this process's parts; each
+        window's statistic is measured, and the next part is tested against the whole window."""
         with self._lock:
             for ftype, p_value, camera in parts:
                 st = self._state(ftype)
-                st.window.append(float(p_value))
+                if camera is None:
+                    st.window.append(float(p_value))
+                    continue
                 cam = self._camera_state(ftype, st, camera, count=False)
                 if cam is not None:
                     cam.window.append(float(p_value))

@@ -320,18 +320,30 @@ class LineServices:
         """Each type's drift windows from the store's latest parts of it (a restart, or a cron
         job's `watch --once`, would otherwise test nothing until ``min_parts`` new parts came):
         parts inspected since the calibration file was written, at most a week ago, neither
-        NOT_INSPECTED nor mis-routed."""
+        NOT_INSPECTED nor mis-routed; the type's window from its latest parts, and each camera
+        among them (up to ``max_cameras``, the latest seen first) from that camera's own."""
         since = time.time() - 7 * 86400.0
         if self.reloader is not None:
             with contextlib.suppress(OSError):  # no calibration file: the week bounds it
                 since = max(since, self.reloader.file.stat().st_mtime)
+        config = self.drift.config
+
+        def latest(ftype: str, camera: str | None = None) -> list[ResultRecord]:
+            return self.store.query(feature_type=ftype, camera=camera, since=since, limit=config.window)
+
+        def window(rows: list[ResultRecord], camera: str | None) -> list[tuple[str, float, str | None]]:
+            return [(str(r.feature_type), float(r.p_value), camera) for r in reversed(rows)  # oldest first
+                    if r.p_value is not None and scored(r.p_value, r.decision)
+                    and not is_misrouted(r.feature_type, r.predicted_type, r.type_known)]
+
         parts: list[tuple[str, float, str | None]] = []
         try:
             for ftype in types:
-                recent = self.store.query(feature_type=ftype, since=since, limit=self.drift.config.window)
-                parts += [(ftype, float(r.p_value), r.camera) for r in reversed(recent)  # as observe does
-                          if r.p_value is not None and scored(r.p_value, r.decision)
-                          and not is_misrouted(r.feature_type, r.predicted_type, r.type_known)]
+                recent = latest(ftype)
+                parts += window(recent, None)
+                cameras = dict.fromkeys(r.camera for r in recent if r.camera is not None)
+                for camera in list(cameras)[:config.max_cameras]:
+                    parts += window(latest(ftype, camera), camera)
         except StoreError as exc:
             log.warning("the drift windows cannot be refilled from the store: %s", exc)
             return
