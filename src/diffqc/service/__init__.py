@@ -232,6 +232,13 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_backup(args: argparse.Namespace) -> int:
+    from diffqc.service.store import backup_store, store_url
+
+    print(json_line(backup_store(store_url(args.db), args.out, force=args.force)))
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     with _service_extra():
         from diffqc.service.app import parse_time
@@ -537,3 +544,15 @@ def add_service_commands(subparsers: Any) -> None:
     sm.add_argument("--format", choices=["table", "csv", "jsonl"], default="table",
                     help="an aligned table (default), CSV with a header row, or one JSON object per group")
     sm.set_defaults(func=_cmd_summary)
+    bk = rsub.add_parser("backup", help="copy a SQLite result store while serve or watch write to it",
+                         description="Copy a SQLite result store as of one commit, while `serve` or "
+                                     "`watch` go on writing to it (a cp of a store being written can "
+                                     "be torn, or miss the records still in its -wal file): one file, "
+                                     "checked, written whole or not at all. Kept images and heat maps "
+                                     "are files: copy --data-dir's folder beside it. A PostgreSQL store "
+                                     "is backed up with pg_dump.")
+    bk.add_argument("out", help="the backup's file, or a folder (a file in it named by the store and "
+                                "the UTC time: results-20261203-220000.db)")
+    bk.add_argument("--db", default=None, help=db_help)
+    bk.add_argument("--force", action="store_true", help="replace OUT when it is an earlier backup")
+    bk.set_defaults(func=_cmd_backup)

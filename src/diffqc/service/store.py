@@ -969,6 +969,89 @@ def check_store_exists(db_url: str, *, doing: str) -> None:
                          "(give the --db that `diffqc serve` or `watch` wrote)")
 
 
+def backup_store(db_url: str, out: str | Path, *, force: bool = False) -> dict[str, Any]:
+    """Copy a SQLite result store to ``out`` while `serve` or `watch` go on writing to it
+    (``diffqc results backup``): SQLite's online backup in one step, one read transaction, so the
+    copy is the store as of one commit (a ``cp`` of a store being written, or of its file without
+    its ``-wal``, can be torn or miss the latest records). The copy is a single file (rollback
+    journal, not WAL), checked (``PRAGMA integrity_check``) and then renamed into place: ``out``
+    is the whole copy or nothing. ``out`` a folder: a file in it named by the store and the UTC
+    time. An existing ``out`` is replaced only with ``force`` and only when it is a result store
+    (an earlier backup). Returns ``{"backup", "records", "bytes", "seconds"}``. PostgreSQL is
+    backed up with its own tools (``pg_dump``)."""
+    if is_postgres_url(db_url):
+        raise StoreError(f"{redact_url(db_url)} is a PostgreSQL store: back it up with PostgreSQL's own "
+                         "tools, e.g. pg_dump --format=custom --file=results.dump URL (pg_restore reads "
+                         "it back); results backup copies a SQLite store")
+    check_store_exists(db_url, doing="back up")
+    t0 = time.perf_counter()
+    source = sqlite_path(db_url).absolute()
+    target = Path(out).absolute()
+    if target.is_dir():
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        target = target / f"{source.stem}-{stamp}{source.suffix or '.db'}"
+    if not target.parent.is_dir():
+        raise StoreError(f"cannot write the backup {target}: its folder {target.parent} does not exist")
+    if target.exists():
+        if target.samefile(source):
+            raise StoreError(f"{target} is the store itself: give the backup another path")
+        if not force:
+            raise StoreError(f"{target} exists: give another path (a folder names each backup by its "
+                             "time), or --force to replace an earlier backup")
+        if not _holds_results(target):
+            raise StoreError(f"{target} is not a diffqc result store: --force replaces an earlier "
+                             "backup only; give another path")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        with ResultStore(str(source), read_only=True) as store:
+            copy = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                store._writer.backup(copy)  # every page in one step: one read transaction of the store
+                copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+                problems = [r[0] for r in copy.execute("PRAGMA integrity_check").fetchall()]
+                if problems != ["ok"]:
+                    raise StoreError(f"the copy of {source} fails SQLite's integrity check: "
+                                     f"{'; '.join(problems[:3])}; the store may be damaged "
+                                     "(sqlite3 STORE '.recover' reads what it can)")
+                records = int(copy.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()[0])
+            finally:
+                copy.close()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException as exc:
+        for leftover in (tmp, Path(f"{tmp}-journal"), Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            with contextlib.suppress(OSError):  # ours: written by this call
+                leftover.unlink(missing_ok=True)
+        if isinstance(exc, sqlite3.Error | OSError) and not isinstance(exc, StoreError):
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if isinstance(exc, OSError) or why in ("disk I/O error", "database or disk is full"):
+                raise StoreError(f"cannot write the backup {target}: {why}") from None
+            raise StoreError(f"cannot back up {source}: {why}") from None
+        raise
+    with contextlib.suppress(OSError):  # the rename outlives a power cut
+        folder = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    return {"backup": str(target), "records": records, "bytes": target.stat().st_size,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _holds_results(path: Path) -> bool:
+    """Is ``path`` a SQLite file with diffqc's results table (an earlier backup)?"""
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+        try:
+            return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                (TABLE,)).fetchone() is not None
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False
+
+
 def stored_records(store: ResultStore, *, batch: int = 500, **filters: Any) -> Iterator[ResultRecord]:
     """Every record matching ``filters`` (those of :meth:`ResultStore.query`), oldest first, read
     ``batch`` at a time: memory stays flat however many parts the store holds."""

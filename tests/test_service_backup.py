@@ -1,0 +1,129 @@
+"""`diffqc results backup`: a copy of a SQLite store taken while the line writes to it."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from diffqc.cli import main
+from diffqc.errors import StoreError
+from diffqc.service.store import ResultRecord, ResultStore, backup_store
+from tests.conftest import full_disk
+
+
+def _part(i: int) -> ResultRecord:
+    return ResultRecord(created_at=time.time(), source="line", decision="PASS", feature_type="edge",
+                        p_value=0.5, part_id=f"p{i}", camera="cam-a")
+
+
+def _ids(path: Path) -> list[int]:
+    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # one file
+        return [r[0] for r in conn.execute("SELECT id FROM diffqc_results ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def test_a_backup_taken_while_the_line_writes_is_the_store_as_of_one_commit(tmp_path: Path) -> None:
+    """A store being written is in two files (the database and its -wal): a `cp` of the first
+    misses the latest records, and a copy of either mid-write can be torn. `results backup`
+    copies it as of one commit while a writer goes on: a single file, every record committed
+    before the backup began and no half of a later batch (each batch of 10 whole), readable by
+    `results list`."""
+    db = tmp_path / "line" / "results.db"
+    line = ResultStore(str(db))
+    line.insert_many([_part(i) for i in range(500)])
+    stop, written = threading.Event(), [500]
+
+    def keep_writing() -> None:  # the service's worker: a batch of 10 parts per commit
+        while not stop.is_set():
+            line.insert_many([_part(written[0] + k) for k in range(10)])
+            written[0] += 10
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    try:
+        time.sleep(0.2)
+        before = written[0]
+        out = backup_store(str(db), tmp_path / "copy.db")
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        writer.join()
+        line.close()
+    ids = _ids(tmp_path / "copy.db")
+    assert before <= out["records"] == len(ids) < written[0]
+    assert ids == list(range(1, len(ids) + 1)) and len(ids) % 10 == 0  # whole batches, none lost
+    assert out["backup"] == str(tmp_path / "copy.db")
+    assert out["bytes"] == (tmp_path / "copy.db").stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.db", "line"]  # no -wal, nothing left over
+
+
+def test_results_backup_names_replaces_and_refuses(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder gets a file named by the store and the time (a cron job's nightly copy); an
+    existing file is replaced only with --force and only when it is an earlier backup; the
+    store itself, a missing folder and a PostgreSQL store are refused with what to do."""
+    db = tmp_path / "results.db"
+    with ResultStore(str(db)) as store:
+        store.insert_many([_part(i) for i in range(3)])
+    nightly = tmp_path / "nas"
+    nightly.mkdir()
+    assert main(["results", "backup", str(nightly), "--db", str(db)]) == 0
+    said = json.loads(capsys.readouterr().out)
+    [made] = list(nightly.iterdir())
+    assert said["backup"] == str(made) and said["records"] == 3
+    assert made.name.startswith("results-") and made.suffix == ".db" and len(_ids(made)) == 3
+
+    copy = tmp_path / "copy.db"
+    assert main(["results", "backup", str(copy), "--db", str(db)]) == 0
+    with ResultStore(str(db)) as store:
+        store.insert_many([_part(3)])
+    capsys.readouterr()
+    assert main(["results", "backup", str(copy), "--db", str(db)]) == 1
+    assert f"{copy} exists: give another path (a folder names each backup by its time), or --force" \
+        in capsys.readouterr().err
+    assert main(["results", "backup", str(copy), "--db", str(db), "--force"]) == 0
+    assert len(_ids(copy)) == 4
+
+    notes = tmp_path / "notes.db"
+    notes.write_bytes(b"the shift's notes, not a result store")
+    assert main(["results", "backup", str(notes), "--db", str(db), "--force"]) == 1
+    said = capsys.readouterr().err
+    assert f"{notes} is not a diffqc result store: --force replaces an earlier backup only" in said
+    assert notes.read_bytes() == b"the shift's notes, not a result store"
+
+    for out, needle in [(db, "is the store itself"),
+                        (tmp_path / "no" / "copy.db", f"its folder {tmp_path / 'no'} does not exist")]:
+        assert main(["results", "backup", str(out), "--db", str(db), "--force"]) == 1
+        assert needle in capsys.readouterr().err
+    with pytest.raises(StoreError) as refused:
+        backup_store("postgresql://qc:secret@db/line", tmp_path / "pg.db")
+    assert str(refused.value).startswith("postgresql://qc:***@db/line is a PostgreSQL store: back it up "
+                                         "with PostgreSQL's own tools, e.g. pg_dump")
+    assert main(["results", "backup", str(tmp_path / "x.db"), "--db", str(tmp_path / "typo.db")]) == 1
+    assert "does not exist: nothing to back up" in capsys.readouterr().err
+    assert not (tmp_path / "typo.db").exists()
+
+
+def test_a_backup_that_cannot_be_written_leaves_nothing(tmp_path: Path) -> None:
+    """A full disk mid-copy: the error names the backup, and no partial file is left behind (an
+    earlier backup at the path stays as it was)."""
+    db = tmp_path / "results.db"
+    with ResultStore(str(db)) as store:
+        store.insert_many([_part(i) for i in range(2000)])
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = backup_store(str(db), out / "copy.db")
+    before = (out / "copy.db").read_bytes()
+    with full_disk(64 * 1024), pytest.raises(StoreError, match=f"cannot write the backup {out / 'copy.db'}"):
+        backup_store(str(db), out / "copy.db", force=True)
+    assert [p.name for p in out.iterdir()] == ["copy.db"] and (out / "copy.db").read_bytes() == before
+    assert earlier["records"] == 2000
