@@ -12,11 +12,12 @@ keeping a day of kept images: the first pass expires the older ones), opening th
 restart), a restart's refill of the drift windows from the stored parts (since session 35: each
 type's latest 200 of the last week, one type with none; since session 36 also each camera's own
 latest 200, the parts coming from 4 cameras a type in turn, beside the types' windows alone, as
-session 35 read them: ``before:``) and storing one more part. Median of ``--rounds``, in
-milliseconds. The read session 33 gave an index, the rows naming a file, is also timed as it ran
-before (``before:``, the table scanned), in the same run on the same rows; so are the retention
-pass's sizes of kept files on disk (``--kept-files``: every row naming one, as ``--keep-images
-all`` for days leaves them), read one file path at a time before session 34.
+session 35 read them: ``before:``), `results backup` of the whole store (since session 36) and
+storing one more part. Median of ``--rounds``, in milliseconds. The read session 33 gave an
+index, the rows naming a file, is also timed as it ran before (``before:``, the table scanned),
+in the same run on the same rows; so are the retention pass's sizes of kept files on disk
+(``--kept-files``: every row naming one, as ``--keep-images all`` for days leaves them), read
+one file path at a time before session 34.
 
     python benchmarks/store_scale.py [--records 1000000] [--steps 10000,100000,1000000] [--rounds 7]
 """
@@ -42,7 +43,7 @@ from diffqc.service.retention import (
     apply_retention,
     referenced_artifacts,
 )
-from diffqc.service.store import TABLE, ArtifactStore, ResultRecord, ResultStore
+from diffqc.service.store import TABLE, ArtifactStore, ResultRecord, ResultStore, backup_store
 
 TYPES = ("angle", "dist1", "dist6", "dots", "edge1", "edge2", "edge3", "edge4")
 PER_SECOND = 1.0  # one part a second: the step's records end now
@@ -103,6 +104,8 @@ def _measure(store: ResultStore, artifacts: ArtifactStore, url: str, rounds: int
         "retention: rows naming files (their index)": lambda: _rows(store, ARTIFACT_ROWS, []),
         "before: rows naming files (table scan)": lambda: _rows(store, table_scan, []),
         "open the store (a restart)": lambda: ResultStore(url).close(),
+        "results backup (the whole store, a copy)": lambda: backup_store(
+            url, Path(url).with_name("backup.db"), force=True),
         "a restart's drift windows (8 types + 1 absent)": lambda: LineServices(
             SimpleNamespace(), store, None, SimpleNamespace(classes_=[*TYPES, "absent"])),
         "before: the types' windows only (no camera's own)": lambda: [
