@@ -32,6 +32,7 @@ from diffqc.service.sinks import (
     WebhookSink,
     parse_mqtt_url,
     webhook_headers,
+    webhook_secret,
 )
 from diffqc.service.store import ResultRecord, ResultStore
 from tests.test_service_common import (  # noqa: F401 (fixtures)
@@ -78,14 +79,17 @@ class Receiver:
         self.fail_first = fail_first
         self.always_fail = always_fail
         self.requests: list[tuple[int, dict[str, str], dict[str, Any]]] = []
+        self.raw: list[bytes] = []  # each request's body as received (a signature covers it)
         self.lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.loads(raw)
                 with outer.lock:
                     n = len(outer.requests)
+                    outer.raw.append(raw)
                     status = 503 if outer.always_fail or n < outer.fail_first else 200
                     outer.requests.append((status, dict(self.headers), body))
                 self.send_response(status)
@@ -171,6 +175,67 @@ def test_webhook_retries_until_the_receiver_answers(store: ResultStore) -> None:
     assert headers["Idempotency-Key"] == f"decision-{ids[-1]}"
     assert headers["X-Diffqc-Record-Id"] == str(ids[-1]) and body["record_id"] == ids[-1]
     assert box.dead("webhook") == 0 and disp.failures_total["webhook"] == 3
+
+
+def test_a_signed_webhook_is_verified_by_a_standard_webhooks_receiver(store: ResultStore,
+                                                                     tmp_path: Path) -> None:
+    """A MES took any POST to its webhook URL as diffqc's decision: anyone on the plant network
+    could post a PASS, and a replayed push could not be told from a new one. With a secret each
+    push carries Standard Webhooks' signature headers, which that standard's own receiver library
+    verifies (the body unchanged, sent recently); a retry keeps its webhook-id; a changed body
+    or another key is refused by the receiver."""
+    import base64
+    import secrets
+
+    from standardwebhooks import Webhook, WebhookVerificationError
+
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    (tmp_path / "secret").write_text(secret + "\n")
+    receiver = Receiver(fail_first=1)
+    box = outbox_for(store, "webhook")
+    sink = WebhookSink(receiver.url, backoff_base_s=0.01, backoff_cap_s=0.02,
+                       secret=webhook_secret(f"@{tmp_path / 'secret'}"))
+    disp = Dispatcher(box, [sink], poll_s=0.02)
+    disp.start()
+    try:
+        ids = [r.id for r in store.insert_many([record(i) for i in range(2)])]
+        wait_for(lambda: receiver.delivered_ids() == ids, what="both records delivered")
+    finally:
+        disp.stop()
+        receiver.close()
+    verifier = Webhook(secret)
+    for (_, headers, body), raw in zip(receiver.requests, receiver.raw, strict=True):
+        assert verifier.verify(raw, headers) == body
+        forged = raw.replace(b'"REJECT"', b'"PASS"')  # a rejected part passed off as good
+        assert forged != raw
+        with pytest.raises(WebhookVerificationError):
+            verifier.verify(forged, headers)
+        with pytest.raises(WebhookVerificationError):
+            Webhook(base64.b64encode(secrets.token_bytes(32)).decode()).verify(raw, headers)
+    first, retried = ({k.lower(): v for k, v in receiver.requests[i][1].items()} for i in (0, 1))
+    assert first["webhook-id"] == retried["webhook-id"] == f"decision-{ids[0]}" == first["idempotency-key"]
+
+
+def test_a_webhook_secret_is_read_and_checked_without_being_shown(tmp_path: Path) -> None:
+    import base64
+
+    from diffqc.service.app import ServiceSettings
+
+    key = bytes(range(32))
+    assert webhook_secret("whsec_" + base64.b64encode(key).decode()) == key
+    assert webhook_secret(base64.b64encode(key).decode().rstrip("=")) == key  # no prefix, no padding
+    how = "make one: python -c \"import base64, secrets; print('whsec_' + "
+    short = "whsec_" + base64.b64encode(b"short").decode()
+    for value, said in [("whsec_not base64!", f"--webhook-secret is not whsec_ and base64 (the Standard "
+                                              f"Webhooks form): {how}"),
+                        (short, f"--webhook-secret holds 5 bytes: a signing key needs at least 24: {how}"),
+                        (f"@{tmp_path / 'gone'}", f"cannot read --webhook-secret @{tmp_path / 'gone'}")]:
+        with pytest.raises(ConfigError) as info:
+            webhook_secret(value)
+        assert str(info.value).startswith(said), str(info.value)
+        assert "not base64!" not in str(info.value) and short not in str(info.value)  # never shown
+    with pytest.raises(ConfigError, match="--webhook-secret needs --webhook URL"):
+        ServiceSettings(allow_no_token=True, webhook_secret=base64.b64encode(key).decode()).validate()
 
 
 def test_webhook_to_an_endpoint_whose_certificate_an_internal_ca_signed(

@@ -179,6 +179,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "mqtt_url": args.mqtt,
         "webhook_url": args.webhook,
         "webhook_headers": tuple(args.webhook_header or ()),
+        "webhook_secret": args.webhook_secret,
         **_artifact_settings(args),
         "log_level": args.log_level,
         "log_format": args.log_format,
@@ -454,6 +455,11 @@ def add_service_commands(subparsers: Any) -> None:
                    help="a header sent with every push, e.g. 'Authorization: Bearer TOKEN' "
                         "(repeatable); @FILE reads header lines from a file (a secret's, kept off "
                         "the command line)")
+    p.add_argument("--webhook-secret", default=None, metavar="whsec_KEY or @FILE",
+                   help="sign every push as Standard Webhooks does (webhook-id, webhook-timestamp, "
+                        "webhook-signature: HMAC-SHA256), so the receiver can check that this service "
+                        "sent it, unchanged and recently; the key as whsec_ and base64, or @FILE "
+                        "holding it (kept off the command line)")
     _add_log_arguments(p)
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.set_defaults(func=_cmd_serve)

@@ -70,7 +70,7 @@ from diffqc.service.security import (
     read_limited,
     token_matches,
 )
-from diffqc.service.sinks import check_sink_urls, webhook_headers
+from diffqc.service.sinks import check_sink_urls, webhook_headers, webhook_secret
 from diffqc.service.store import (
     DECISIONS,
     MAX_ROW_ID,
@@ -140,6 +140,7 @@ class ServiceSettings:
     webhook_url: str | None = None  # POST each decision as JSON
     webhook_max_attempts: int = 8  # then the message goes to the dead-letter table
     webhook_headers: tuple[str, ...] = ()  # "Name: value" or "@FILE" (sinks.webhook_headers)
+    webhook_secret: str | None = None  # "whsec_..." or "@FILE": sign each push (sinks.webhook_secret)
     drift_window: int = 200  # p-values per type in the drift window
     drift_min_parts: int = 30
     drift_level: float = 1e-4  # false-alarm bound per drift test
@@ -175,6 +176,10 @@ class ServiceSettings:
         if self.webhook_headers and not self.webhook_url:
             raise ConfigError("--webhook-header needs --webhook URL (the endpoint it is sent to)")
         webhook_headers(self.webhook_headers)
+        if self.webhook_secret is not None:
+            if not self.webhook_url:
+                raise ConfigError("--webhook-secret needs --webhook URL (the endpoint whose pushes it signs)")
+            webhook_secret(self.webhook_secret)
         if isinstance(self.watch_camera, tuple) and len(self.watch_camera) != len(self.watch_dirs):
             raise ConfigError(f"--camera is given {len(self.watch_camera)} times for {len(self.watch_dirs)} "
                               "--watch folders: give it once (every folder's parts) or once per --watch, "

@@ -28,7 +28,7 @@ from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, is_misrouted, pr
 from diffqc.recalibrate import CalibrationReloader
 from diffqc.service.retention import RetentionPolicy, RetentionWorker
 from diffqc.service.security import certificate_expiry
-from diffqc.service.sinks import Dispatcher, Outbox, build_sinks, webhook_headers
+from diffqc.service.sinks import Dispatcher, Outbox, build_sinks, webhook_headers, webhook_secret
 from diffqc.service.store import ArtifactStore, ResultRecord, ResultStore, StoreError
 
 log = logging.getLogger("diffqc.service")
@@ -245,7 +245,8 @@ class LineServices:
         self.store = store
         sinks = build_sinks(getattr(settings, "mqtt_url", None), getattr(settings, "webhook_url", None),
                             max_attempts=int(getattr(settings, "webhook_max_attempts", 8)),
-                            headers=webhook_headers(getattr(settings, "webhook_headers", ())))
+                            headers=webhook_headers(getattr(settings, "webhook_headers", ())),
+                            secret=_signing_key(getattr(settings, "webhook_secret", None)))
         self.outbox: Outbox | None = None
         self.dispatcher: Dispatcher | None = None
         if sinks:
@@ -461,3 +462,8 @@ class LineServices:
                 "last_error": self.reloader.last_error,
             },
         }
+
+
+def _signing_key(value: str | None) -> bytes | None:
+    """The webhook's signing key from ``--webhook-secret`` (none: pushes are not signed)."""
+    return None if value is None else webhook_secret(value)

@@ -25,6 +25,9 @@ type seen by several cameras, ``PREFIX/alarms/<feature_type>/<camera>`` (one cam
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -285,7 +288,9 @@ class WebhookSink:
 
     def __init__(self, url: str, *, timeout_s: float = 5.0, max_attempts: int = 8,
                  backoff_base_s: float = 1.0, backoff_cap_s: float = 60.0,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, secret: bytes | None = None) -> None:
+        """``secret``: sign each push as Standard Webhooks does (:func:`webhook_secret`), so a
+        receiver can tell that diffqc sent it, unchanged and recently."""
         check_webhook_url(url)
         if max_attempts < 1:
             raise ConfigError(f"webhook max_attempts must be at least 1, got {max_attempts}")
@@ -295,6 +300,7 @@ class WebhookSink:
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
         self.headers = dict(headers or {})
+        self.secret = secret
 
     def ready(self) -> bool:
         return True
@@ -311,9 +317,10 @@ class WebhookSink:
     def send(self, message: Message) -> None:
         ref = message.record_id if message.record_id is not None else f"o{message.id}"
         key = f"{message.kind}-{ref}"
+        body = message.payload.encode("utf-8")
         req = urllib.request.Request(
             self.url,
-            data=message.payload.encode("utf-8"),
+            data=body,
             method="POST",
             headers={
                 **self.headers,
@@ -321,6 +328,7 @@ class WebhookSink:
                 "Idempotency-Key": key,
                 "X-Diffqc-Kind": message.kind,
                 **({"X-Diffqc-Record-Id": str(message.record_id)} if message.record_id is not None else {}),
+                **(signature_headers(self.secret, key, body) if self.secret is not None else {}),
             },
         )
         try:
@@ -359,7 +367,41 @@ def check_webhook_url(url: str) -> None:
 
 
 # the headers diffqc sets on every push itself (a receiver's deduplication and parsing rest on them)
-OWN_HEADERS = ("Content-Type", "Idempotency-Key", "X-Diffqc-Kind", "X-Diffqc-Record-Id")
+OWN_HEADERS = ("Content-Type", "Idempotency-Key", "X-Diffqc-Kind", "X-Diffqc-Record-Id", "webhook-id",
+               "webhook-timestamp", "webhook-signature")
+WEBHOOK_SECRET_MIN_BYTES = 24  # Standard Webhooks: 24 to 64 bytes
+
+
+def webhook_secret(value: str) -> bytes:
+    """``--webhook-secret``'s key: ``whsec_`` and base64 (the Standard Webhooks form, as the
+    receiver's library or the MES generates it), or ``@FILE`` holding it (a Docker secret). A
+    malformed or short one is a :class:`ConfigError` that never shows it."""
+    what = "--webhook-secret"
+    if value.startswith("@"):
+        what = f"--webhook-secret {value}"
+        value = read_secret_file(value[1:], what)
+    text = value.strip().removeprefix("whsec_")
+    how = ("make one: python -c \"import base64, secrets; print('whsec_' + "
+           "base64.b64encode(secrets.token_bytes(32)).decode())\"")
+    try:
+        key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except ValueError:
+        raise ConfigError(f"{what} is not whsec_ and base64 (the Standard Webhooks form): {how}") from None
+    if len(key) < WEBHOOK_SECRET_MIN_BYTES:
+        raise ConfigError(f"{what} holds {len(key)} bytes: a signing key needs at least "
+                          f"{WEBHOOK_SECRET_MIN_BYTES}: {how}")
+    return key
+
+
+def signature_headers(secret: bytes, message_id: str, body: bytes) -> dict[str, str]:
+    """Standard Webhooks' headers of one push (https://www.standardwebhooks.com): ``webhook-id``
+    (the message's key, the same on every retry), ``webhook-timestamp`` (this attempt's, epoch
+    seconds) and ``webhook-signature`` (``v1,`` and base64 of HMAC-SHA256 over
+    ``id.timestamp.body``), which its receiver libraries verify."""
+    stamp = str(int(time.time()))
+    mac = hmac.new(secret, f"{message_id}.{stamp}.".encode() + body, hashlib.sha256).digest()
+    return {"webhook-id": message_id, "webhook-timestamp": stamp,
+            "webhook-signature": "v1," + base64.b64encode(mac).decode("ascii")}
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110's token
 
 
