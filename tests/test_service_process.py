@@ -339,3 +339,76 @@ def test_serve_takes_the_certificate_warnings_lead_time(service_model: tuple[Pat
     assert not seen["14"]["expiring"] and seen["90"]["expiring"]
     assert 59 < seen["90"]["days_left"] <= 60
     assert f"the TLS certificate {pem} expires on {until:%Y-%m-%d %H:%M} UTC (in " in srv.log.read_text()
+
+
+def test_serve_serves_a_renewed_certificate_without_a_restart(service_model: tuple[Path, Path],
+                                                              tmp_path: Path) -> None:
+    """`serve --tls-cert` read its certificate once: one renewed on disk (certbot, cert-manager)
+    was served only after a restart, which on a line waits for a maintenance window while the
+    old one runs out. Renewed files are now served to new connections within seconds; a pair
+    that does not fit (a key that is not the new certificate's) is said once and the working
+    certificate stays."""
+    import datetime as dt
+    import os
+    import socket
+    import ssl
+    import time
+
+    import httpx
+    import trustme
+
+    ca = trustme.CA()
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    cert, key, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    trust = ssl.create_default_context(cafile=str(ca_file))
+
+    def install(days: int, key_of: Any = None) -> Any:  # as certbot does: new files moved into place
+        leaf = ca.issue_cert("127.0.0.1", "localhost", not_after=now + dt.timedelta(days=days))
+        leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "new-cert.pem"))
+        (key_of or leaf).private_key_pem.write_to_path(str(tmp_path / "new-key.pem"))
+        os.replace(tmp_path / "new-key.pem", key)
+        os.replace(tmp_path / "new-cert.pem", cert)
+        return leaf
+
+    def served_until(port: int) -> str:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                trust.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return str(tls.getpeercert()["notAfter"])
+
+    def wait_for_served(port: int, days: int) -> str:
+        want = (now + dt.timedelta(days=days)).strftime("%b %e %H:%M:%S %Y GMT")
+        for _ in range(100):
+            got = served_until(port)
+            if got == want:
+                return got
+            time.sleep(0.2)
+        raise AssertionError(f"still serving {got}, not {want}")
+
+    first = install(5)
+    srv = bench.start_server(service_model[0], str(tmp_path / "r.db"), workdir=tmp_path, ca=str(ca_file),
+                             token=TOKEN, extra=("--tls-cert", str(cert), "--tls-key", str(key),
+                                                 "--log-level", "info"))
+    try:
+        wait_for_served(srv.port, 5)
+        with httpx.Client(verify=trust) as kept:  # a connection opened before the renewal
+            assert kept.get(srv.url + "/healthz").status_code == 200
+            install(90)
+            wait_for_served(srv.port, 90)
+            assert kept.get(srv.url + "/healthz").status_code == 200  # it goes on
+        tls = httpx.get(srv.url + "/v1/line", headers=AUTH, verify=trust).json()["tls"]
+        assert tls["reloads"] == 1 and not tls["expiring"] and not tls["renewed_on_disk"]
+        assert tls["not_after"] == (now + dt.timedelta(days=90)).timestamp()
+        metrics = httpx.get(srv.url + "/metrics", headers=AUTH, verify=trust).text
+        assert f'diffqc_tls_certificate_reloads_total{{file="{cert}"}} 1' in metrics
+        install(200, key_of=first)  # a certificate beside another's key: not served
+        time.sleep(3)
+        assert served_until(srv.port) == (now + dt.timedelta(days=90)).strftime("%b %e %H:%M:%S %Y GMT")
+        assert httpx.get(srv.url + "/healthz", verify=trust).status_code == 200
+    finally:
+        srv.stop()
+    log = srv.log.read_text()
+    assert f"serving the renewed TLS certificate {cert} (it expires on " in log
+    assert f"the TLS certificate {cert} changed on disk but cannot be served: cannot serve over TLS: " \
+           f"{key} is not the key of {cert}; the service goes on serving the one it had" in log
+    assert "restart the service" not in log

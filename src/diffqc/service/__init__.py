@@ -438,9 +438,9 @@ def add_service_commands(subparsers: Any) -> None:
     _add_line_arguments(p, folders=True)
     p.add_argument("--tls-cert", default=None, metavar="PEM",
                    help="serve over HTTPS with this certificate (PEM, its chain after it): the API "
-                        "token and the parts' images cross the network encrypted; read at start "
-                        "(a renewed file is served after a restart), named --tls-warn-days before "
-                        "it expires")
+                        "token and the parts' images cross the network encrypted; a renewed file "
+                        "(certbot, cert-manager) is served without a restart; named --tls-warn-days "
+                        "before it expires")
     p.add_argument("--tls-warn-days", type=number(0.0), default=14.0, metavar="DAYS",
                    help="say this many days before the --tls-cert certificate expires that it "
                    "does (log, /v1/line, /metrics, dashboard; default 14; 30 or more where a "

@@ -68,6 +68,7 @@ from diffqc.service.security import (
     check_image_header,
     check_tls,
     read_limited,
+    tls_reloader,
     token_matches,
 )
 from diffqc.service.sinks import check_sink_urls, webhook_headers, webhook_secret
@@ -508,6 +509,7 @@ class ServiceState:
     started: float = field(default_factory=time.time)
     watchers: list[Any] = field(default_factory=list)
     line: LineServices | None = None  # sinks, drift watch, calibration reload, retention
+    tls_context: Any = None  # the SSL context uvicorn serves with (serve --tls-cert), set before it starts
 
     def require(self) -> tuple[InspectionPipeline, ResultStore]:
         if self.pipeline is None or self.store is None:
@@ -989,7 +991,11 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await run_in_threadpool(_start, state, detector)
+        reload = None
+        if state.tls_context is not None and settings.tls_cert is not None:  # renewed files served
+            reload = tls_reloader(state.tls_context, settings.tls_cert, settings.tls_key,
+                                  asyncio.get_running_loop())
+        await run_in_threadpool(_start, state, detector, reload)
         try:
             yield
         finally:
@@ -1513,7 +1519,9 @@ def _form_str(form: Any, name: str) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _start(state: ServiceState, detector: DetectorLike | None) -> None:
+def _start(state: ServiceState, detector: DetectorLike | None,
+           tls_reload: Callable[[], None] | None = None) -> None:
+    """``tls_reload``: serves renewed certificate files (:func:`tls_reloader`), with TLS."""
     s = state.settings
     if s.torch_threads and "torch" in sys.modules:  # an ONNX-only service never imports torch
         import torch
@@ -1550,7 +1558,7 @@ def _start(state: ServiceState, detector: DetectorLike | None) -> None:
     pipeline.batch_listeners.append(state.metrics.on_batch)
     _check_buffer_memory(s.buffer_max_bytes)
     # before the worker starts: the sinks' outbox hook must see the first record
-    state.line = LineServices(s, state.store, state.artifacts, detector,
+    state.line = LineServices(s, state.store, state.artifacts, detector, tls_reload=tls_reload,
                               on_calibration=lambda: _calibration_changed(state))
     pipeline.listeners.append(state.line.on_record)
     state.line.start()
@@ -1708,13 +1716,16 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
     app = create_app(settings, detector=detector)
     port = sockets[0].getsockname()[1]
     tls = settings.tls_cert is not None
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           log_config=uvicorn_log_config(log_format),
-                                           access_log=access_log, timeout_graceful_shutdown=30,
-                                           server_header=False,
-                                           ssl_certfile=str(settings.tls_cert) if tls else None,
-                                           ssl_keyfile=None if settings.tls_key is None
-                                           else str(settings.tls_key)))
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            log_config=uvicorn_log_config(log_format),
+                            access_log=access_log, timeout_graceful_shutdown=30,
+                            server_header=False,
+                            ssl_certfile=str(settings.tls_cert) if tls else None,
+                            ssl_keyfile=None if settings.tls_key is None else str(settings.tls_key))
+    config.load()  # its SSL context, which a renewed certificate is loaded into (not at each start)
+    if tls and config.ssl is not None:
+        app.state.diffqc.tls_context = config.ssl
+    server = uvicorn.Server(config)
     scheme = "https" if tls else "http"
     shown = f"[{host}]" if ":" in host else host
     log.info("listening on %s://%s:%d, dashboard at %s (Ctrl+C to stop)", scheme, shown, port,

@@ -103,17 +103,64 @@ def _day(epoch: float) -> str:
 
 
 class CertificateWatch:
-    """The TLS certificate ``serve --tls-cert`` serves. uvicorn reads it once, at start, and
-    serves it until it expires, when every client that checks certificates (browsers, the MES)
-    refuses the service. It is ``expiring`` within ``warn_days`` of its notAfter; the log says
-    so once, says once that it ``expired``, and once that the file on disk was renewed while the
-    service still serves the certificate it read at start."""
+    """The TLS certificate ``serve --tls-cert`` serves, until it expires, when every client that
+    checks certificates (browsers, the MES) refuses the service. It is ``expiring`` within
+    ``warn_days`` of its notAfter; the log says so once, and once that it ``expired``.
 
-    def __init__(self, path: Path, *, warn_days: float = 14.0) -> None:
+    With ``reload`` (the served SSL context's, :func:`diffqc.service.security.tls_reloader`),
+    files changed on disk (certbot, cert-manager: ``renew`` looks at them every poll) are served
+    without a restart; a change that cannot be served (a key that is not the certificate's) is
+    said once, and the certificate served so far stays. Without it (or while a change cannot be
+    served) the log says once that the file on disk was renewed while the service still serves
+    the one it read."""
+
+    def __init__(self, path: Path, *, warn_days: float = 14.0, key: Path | None = None,
+                 reload: Callable[[], None] | None = None) -> None:
         self.path = path
+        self.key = key
         self.warn_days = warn_days
+        self.reload = reload
         self.not_after = certificate_expiry(path)  # the certificate being served
+        self.reloads = 0
+        self._seen = self._files()
         self._said: set[str] = set()
+
+    def _files(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """What the certificate and key files are now (inode, size, mtime): a renewal changes it
+        (certbot moves a symbolic link, cert-manager a folder's)."""
+        out: list[tuple[int, int, int] | None] = []
+        for path in (self.path, self.key):
+            try:
+                st = os.stat(path) if path is not None else None
+            except OSError:
+                st = None
+            out.append(None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
+    def renew(self) -> bool:
+        """Serve the files anew when they changed since last looked at (and ``reload`` is
+        given); True when the service now serves what they hold."""
+        if self.reload is None:
+            return False
+        files = self._files()
+        if files == self._seen:
+            return False
+        self._seen = files
+        try:
+            self.reload()
+        except Exception as exc:
+            log.warning("the TLS certificate %s changed on disk but cannot be served: %s; the service "
+                        "goes on serving the one it had (it expires on %s)", self.path, exc,
+                        _day(self.not_after) if self.not_after is not None else "?")
+            return False
+        before, self.not_after = self.not_after, certificate_expiry(self.path)
+        self.reloads += 1
+        self._said -= {"expiring", "expired"}  # the new one is named in its own time
+        log.info("serving the renewed TLS certificate %s (it expires on %s; the one before on %s) to new "
+                 "connections, without a restart", self.path,
+                 _day(self.not_after) if self.not_after is not None else "?",
+                 _day(before) if before is not None else "?")
+        return True
 
     def _say(self, key: str, level: int, message: str, *args: Any) -> None:
         if key not in self._said:
@@ -122,11 +169,12 @@ class CertificateWatch:
 
     def check(self) -> dict[str, Any]:
         """``file``, ``not_after`` (epoch s), ``days_left``, ``expiring``, ``expired``,
-        ``file_not_after`` (the file's certificate now) and ``renewed_on_disk``."""
+        ``file_not_after`` (the file's certificate now), ``renewed_on_disk`` (a later one there
+        than the one served) and ``reloads`` (renewed files served without a restart)."""
         on_disk = certificate_expiry(self.path)
         out: dict[str, Any] = {"file": str(self.path), "not_after": self.not_after, "days_left": None,
                                "expiring": False, "expired": False, "file_not_after": on_disk,
-                               "renewed_on_disk": False}
+                               "renewed_on_disk": False, "reloads": self.reloads}
         if self.not_after is None:
             return out
         days = (self.not_after - time.time()) / 86400.0
@@ -135,16 +183,16 @@ class CertificateWatch:
         renewed = on_disk is not None and on_disk > self.not_after
         out.update(days_left=round(days, 2), expiring=expiring, expired=expired, renewed_on_disk=renewed)
         where = self.path, _day(self.not_after)
+        then = ("renew the file: the service serves a renewed one within seconds" if self.reload is not None
+                else "renew it and restart the service (it reads the certificate at start)")
         if expired:
             self._say("expired", logging.ERROR, "the TLS certificate %s expired on %s: clients that check "
-                      "certificates (browsers, the MES) refuse the service: renew it and restart the "
-                      "service", *where)
+                      "certificates (browsers, the MES) refuse the service: %s", *where, then)
         elif expiring:
             self._say("expiring", logging.WARNING, "the TLS certificate %s expires on %s (in %.0f days): "
-                      "renew it and restart the service (it reads the certificate at start); once it "
-                      "expires, clients that check certificates (browsers, the MES) refuse the service",
-                      *where, days)
-        if renewed and on_disk is not None:
+                      "%s; once it expires, clients that check certificates (browsers, the MES) refuse "
+                      "the service", *where, days, then)
+        if renewed and on_disk is not None and self.reload is None:
             self._say(f"renewed {on_disk}", logging.WARNING, "the TLS certificate %s was renewed on disk "
                       "(it expires on %s) but the service still serves the one it read at start (it "
                       "expires on %s): restart the service to serve the new one", self.path,
@@ -163,7 +211,11 @@ class CertificateWatch:
                 "# HELP diffqc_tls_certificate_expiring 1 when the served TLS certificate expires soon "
                 "or has expired.",
                 "# TYPE diffqc_tls_certificate_expiring gauge",
-                f'diffqc_tls_certificate_expiring{{file="{file}"}} {int(status["expiring"])}']
+                f'diffqc_tls_certificate_expiring{{file="{file}"}} {int(status["expiring"])}',
+                "# HELP diffqc_tls_certificate_reloads_total Renewed certificate files served without a "
+                "restart.",
+                "# TYPE diffqc_tls_certificate_reloads_total counter",
+                f'diffqc_tls_certificate_reloads_total{{file="{file}"}} {status["reloads"]}']
 
 
 def _boot_clock() -> float:
@@ -241,7 +293,10 @@ class LineServices:
     """Sinks + outbox, drift monitor, calibration reloader and retention worker of one service."""
 
     def __init__(self, settings: Any, store: ResultStore, artifacts: ArtifactStore | None,
-                 detector: Any, *, on_calibration: Callable[[], None] | None = None) -> None:
+                 detector: Any, *, on_calibration: Callable[[], None] | None = None,
+                 tls_reload: Callable[[], None] | None = None) -> None:
+        """``tls_reload``: serves renewed certificate files without a restart (the server's SSL
+        context's, :func:`diffqc.service.security.tls_reloader`)."""
         self.store = store
         sinks = build_sinks(getattr(settings, "mqtt_url", None), getattr(settings, "webhook_url", None),
                             max_attempts=int(getattr(settings, "webhook_max_attempts", 8)),
@@ -276,7 +331,10 @@ class LineServices:
         cert = getattr(settings, "tls_cert", None)
         self.clock = ClockWatch(_trained_at(Path(bundle) if bundle else None))
         warn_days = float(getattr(settings, "tls_warn_days", 14.0))
-        self.certificate = (CertificateWatch(Path(cert).absolute(), warn_days=warn_days)
+        key = getattr(settings, "tls_key", None)
+        self.certificate = (CertificateWatch(Path(cert).absolute(), warn_days=warn_days,
+                                             key=Path(key).absolute() if key is not None else None,
+                                             reload=tls_reload)
                             if cert is not None else None)  # the log names it wherever serve ran
         self.disk_poll_s = 60.0
         self._stop = threading.Event()
@@ -397,8 +455,9 @@ class LineServices:
         return True
 
     def _watch(self) -> None:
-        """The calibration file and the clock every ``poll_s``, the disks and the TLS certificate
-        every ``disk_poll_s`` (first now); one failing check does not stop the others."""
+        """The calibration file, the clock and the certificate's files (renewed?) every
+        ``poll_s``, the disks and the certificate's expiry every ``disk_poll_s`` (first now); one
+        failing check does not stop the others."""
         disk_due = 0.0
         while True:
             if time.monotonic() >= disk_due:
@@ -416,6 +475,11 @@ class LineServices:
                 self.clock.check()
             except Exception:
                 log.exception("clock check failed")
+            try:  # a renewed certificate is served within a poll (a stat of its files)
+                if self.certificate is not None and self.certificate.renew():
+                    self.certificate.check()
+            except Exception:
+                log.exception("certificate renewal failed")
             if self._stop.wait(self.poll_s):
                 return
             try:

@@ -16,8 +16,9 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -198,6 +199,28 @@ def check_tls(cert: str | Path | None, key: str | Path | None) -> None:
         else:
             what = f"{key} holds no PEM private key (-----BEGIN PRIVATE KEY-----)"
         raise ConfigError(f"cannot serve over TLS: {what}") from None
+
+
+def tls_reloader(context: Any, cert: str | Path, key: str | Path | None, loop: Any) -> Callable[[], None]:
+    """A function that serves the certificate files anew (certbot or cert-manager renewed them)
+    without a restart: the files are checked as at start (:func:`check_tls`: a key that is not
+    the new certificate's, a file half-written, is a :class:`ConfigError` and nothing changes),
+    then loaded into the SSL context the server accepts connections with, on its event loop
+    ``loop`` (where handshakes happen): new connections get the new certificate, open ones keep
+    theirs. Called from another thread."""
+    import asyncio
+
+    keyfile = str(key) if key is not None else None
+
+    def reload() -> None:
+        check_tls(cert, key)
+
+        async def swap() -> None:
+            context.load_cert_chain(str(cert), keyfile, password=_no_passphrase)
+
+        asyncio.run_coroutine_threadsafe(swap(), loop).result(timeout=30)
+
+    return reload
 
 
 def _der(data: bytes, pos: int) -> tuple[int, int, int]:
