@@ -1108,6 +1108,54 @@ def test_certificate_expiry_reads_the_served_certificates_not_after(tmp_path: Pa
     assert certificate_expiry(tmp_path / "absent.pem") is None
 
 
+def test_certificate_watch_serves_renewed_files_once_they_are_whole(tmp_path: Path) -> None:
+    """A renewal writes the certificate and then its key: served between the two, the pair
+    would not fit. Changed files are served once they stayed as they are for one look, and
+    then once; a reload that fails is tried again only when the files change again."""
+    import datetime as dt
+    import os
+
+    import trustme
+
+    from diffqc.service.line import CertificateWatch
+
+    ca, now = trustme.CA(), dt.datetime.now(dt.UTC).replace(microsecond=0)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+
+    def write(days: int, which: str = "both") -> None:
+        leaf = ca.issue_cert("localhost", not_after=now + dt.timedelta(days=days))
+        if which in ("both", "cert"):
+            leaf.cert_chain_pems[0].write_to_path(str(cert))
+        if which in ("both", "key"):
+            leaf.private_key_pem.write_to_path(str(key))
+        for path in (cert, key):  # a new second each write: the change is seen on any file system
+            os.utime(path, ns=(os.stat(path).st_mtime_ns + 10**9,) * 2)
+
+    write(5)
+    calls: list[int] = []
+    fail = [False]
+
+    def reload() -> None:
+        calls.append(1)
+        if fail[0]:
+            raise ValueError("not the key of the certificate")
+
+    watch = CertificateWatch(cert, key=key, reload=reload)
+    assert not watch.renew() and not calls  # nothing changed
+    write(90, "cert")
+    assert not watch.renew() and not calls  # changed: wait one look
+    write(90, "key")
+    assert not watch.renew() and not calls  # changed again: wait again
+    assert watch.renew() and len(calls) == 1 and watch.reloads == 1
+    assert watch.not_after == (now + dt.timedelta(days=90)).timestamp()
+    assert not watch.renew() and len(calls) == 1  # served: not again
+    fail[0] = True
+    write(120)
+    assert not watch.renew() and not watch.renew() and len(calls) == 2  # tried once, failed
+    assert not watch.renew() and len(calls) == 2 and watch.reloads == 1
+    assert watch.not_after == (now + dt.timedelta(days=90)).timestamp()  # the working one stays
+
+
 def test_certificate_watch_warns_before_the_served_certificate_expires(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """uvicorn reads the certificate once, at start, and serves it until it expires; then every

@@ -122,7 +122,7 @@ class CertificateWatch:
         self.reload = reload
         self.not_after = certificate_expiry(path)  # the certificate being served
         self.reloads = 0
-        self._seen = self._files()
+        self._seen = self._pending = self._files()
         self._said: set[str] = set()
 
     def _files(self) -> tuple[tuple[int, int, int] | None, ...]:
@@ -138,12 +138,16 @@ class CertificateWatch:
         return tuple(out)
 
     def renew(self) -> bool:
-        """Serve the files anew when they changed since last looked at (and ``reload`` is
-        given); True when the service now serves what they hold."""
+        """Serve the files anew when they changed and then stayed as they are for one look (a
+        renewal that writes the certificate and the key one after the other is over), with
+        ``reload``; True when the service now serves what they hold."""
         if self.reload is None:
             return False
         files = self._files()
         if files == self._seen:
+            return False
+        if files != self._pending:  # changed since the last look: let a renewal finish (a
+            self._pending = files   # certificate written before its key) before serving it
             return False
         self._seen = files
         try:
