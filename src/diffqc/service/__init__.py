@@ -180,6 +180,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "webhook_url": args.webhook,
         "webhook_headers": tuple(args.webhook_header or ()),
         "webhook_secret": args.webhook_secret,
+        "opcua_url": args.opcua,
         **_artifact_settings(args),
         "log_level": args.log_level,
         "log_format": args.log_format,
@@ -455,6 +456,10 @@ def add_service_commands(subparsers: Any) -> None:
                    help="a header sent with every push, e.g. 'Authorization: Bearer TOKEN' "
                         "(repeatable); @FILE reads header lines from a file (a secret's, kept off "
                         "the command line)")
+    p.add_argument("--opcua", default=None, metavar="opc.tcp://HOST:PORT",
+                   help="also serve the decisions as an OPC UA server on this address, for PLCs and "
+                        "SCADA (e.g. opc.tcp://0.0.0.0:4840): the latest decision, and each type's "
+                        "with its counts and drift alarm, read-only, anonymous, unencrypted (docs/API.md)")
     p.add_argument("--webhook-secret", default=None, metavar="whsec_KEY or @FILE",
                    help="sign every push as Standard Webhooks does (webhook-id, webhook-timestamp, "
                         "webhook-signature: HMAC-SHA256), so the receiver can check that this service "

@@ -142,6 +142,7 @@ class ServiceSettings:
     webhook_max_attempts: int = 8  # then the message goes to the dead-letter table
     webhook_headers: tuple[str, ...] = ()  # "Name: value" or "@FILE" (sinks.webhook_headers)
     webhook_secret: str | None = None  # "whsec_..." or "@FILE": sign each push (sinks.webhook_secret)
+    opcua_url: str | None = None  # opc.tcp://host:port: an OPC UA server of the decisions (service.opcua)
     drift_window: int = 200  # p-values per type in the drift window
     drift_min_parts: int = 30
     drift_level: float = 1e-4  # false-alarm bound per drift test
@@ -177,6 +178,10 @@ class ServiceSettings:
         if self.webhook_headers and not self.webhook_url:
             raise ConfigError("--webhook-header needs --webhook URL (the endpoint it is sent to)")
         webhook_headers(self.webhook_headers)
+        if self.opcua_url:
+            from diffqc.service.opcua import check_opcua_url
+
+            check_opcua_url(self.opcua_url)
         if self.webhook_secret is not None:
             if not self.webhook_url:
                 raise ConfigError("--webhook-secret needs --webhook URL (the endpoint whose pushes it signs)")

@@ -340,6 +340,12 @@ class LineServices:
                                              key=Path(key).absolute() if key is not None else None,
                                              reload=tls_reload)
                             if cert is not None else None)  # the log names it wherever serve ran
+        self.opcua: Any = None  # the OPC UA server of the decisions (serve --opcua)
+        if getattr(settings, "opcua_url", None):
+            from diffqc.service.opcua import OpcUaServer
+
+            self.opcua = OpcUaServer(settings.opcua_url, list(getattr(detector, "classes_", None) or ()),
+                                     model_version=str(getattr(detector, "version", "") or ""))
         self.disk_poll_s = 60.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -352,6 +358,11 @@ class LineServices:
             self.dispatcher.start()
         if self.retention is not None:
             self.retention.start()
+        if self.opcua is not None:
+            self.opcua.start()
+            for alarm in self.drift.alarms():  # raised before a restart: still raised
+                if alarm["camera"] is None:
+                    self.opcua.alarm(alarm["feature_type"], True)
         self._thread = threading.Thread(target=self._watch, name="diffqc-line", daemon=True)
         self._thread.start()
 
@@ -362,6 +373,8 @@ class LineServices:
             self._thread.join(5)
         if self.retention is not None:
             self.retention.stop()
+        if self.opcua is not None:
+            self.opcua.stop()
         if self.dispatcher is not None:
             self.dispatcher.stop()
         if self.outbox is not None:
@@ -376,6 +389,8 @@ class LineServices:
             self.dispatcher.notify()
         if rec.duplicate:
             return
+        if self.opcua is not None:
+            self.opcua.publish(rec)
         self.drift.observe(rec.feature_type, rec.p_value, decision=rec.decision,
                            predicted_type=rec.predicted_type, type_known=rec.type_known, camera=rec.camera)
 
@@ -443,6 +458,8 @@ class LineServices:
             self._keep_alarm(event)
         except StoreError as exc:  # the alarm still reaches the log, /metrics and the sinks
             log.warning("could not keep the drift alarm's state in the store: %s", exc)
+        if self.opcua is not None and event.camera is None:
+            self.opcua.alarm(event.feature_type, event.alarm)
         if self.outbox is not None:
             try:
                 self.outbox.enqueue_alarm(event.feature_type, event.to_json(), camera=event.camera)
@@ -524,6 +541,7 @@ class LineServices:
             "disk": self.disk.check(),
             "clock": self.clock.check(),
             "tls": None if self.certificate is None else self.certificate.check(),
+            "opcua": None if self.opcua is None else self.opcua.status(),
             "calibration": None if self.reloader is None else {
                 "file": str(self.reloader.file),
                 "reloads": self.reloader.reloads,

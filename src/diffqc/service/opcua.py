@@ -1,0 +1,262 @@
+"""The line's decisions as an OPC UA server (``serve --opcua opc.tcp://0.0.0.0:4840``).
+
+PLCs and SCADA systems read a machine's state over OPC UA (IEC 62541), not HTTP: a reject gate's
+PLC subscribes to the latest decision, an HMI shows each type's counts and drift alarm. The
+service runs an OPC UA server (asyncua, ``pip install 'diffqc[opcua]'``) in a thread of its own,
+fed after each decision is committed, so a slow client never delays inspection. Its address
+space, in the namespace :data:`NAMESPACE`, with string node ids a PLC program can name
+(``ns=2;s=diffqc.Last.Decision``)::
+
+    Objects/diffqc                      ModelVersion, TypeNames (the types the model knows)
+    Objects/diffqc/Last                 the latest decision of any type: RecordId, PartId,
+                                        FeatureType, Decision, Score, PValue, Time, Line,
+                                        Station, Camera
+    Objects/diffqc/Types/<type>         the latest decision of that type (the same fields but
+                                        FeatureType), Inspected, Pass, Review, Reject,
+                                        NotInspected (counts since the service started) and
+                                        DriftAlarm
+
+Every variable is read-only. ``RecordId`` is written last, so a client that triggers on its
+change reads the other fields of the same decision (unless the next one came in between: a
+subscription's publish carries the values of one moment). The server offers no encryption and
+takes anonymous clients, as it holds no image and takes no command: keep it on the line's
+network, or behind an OPC UA gateway that adds security.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import math
+import socket
+import threading
+from collections import Counter
+from typing import Any
+from urllib.parse import urlsplit
+
+from diffqc.errors import ConfigError
+from diffqc.service.store import NOT_INSPECTED, ResultRecord
+
+log = logging.getLogger("diffqc.service.opcua")
+
+NAMESPACE = "urn:diffqc"
+DEFAULT_PORT = 4840  # IANA's port for OPC UA over TCP
+# (browse name, OPC UA type) of a decision's variables; RecordId last: written last
+DECISION_FIELDS = (("PartId", "String"), ("FeatureType", "String"), ("Decision", "String"),
+                   ("Score", "Double"), ("PValue", "Double"), ("Time", "DateTime"), ("Line", "String"),
+                   ("Station", "String"), ("Camera", "String"), ("RecordId", "Int64"))
+COUNTS = (("Inspected", None), ("Pass", "PASS"), ("Review", "REVIEW"), ("Reject", "REJECT"),
+          ("NotInspected", NOT_INSPECTED))
+
+
+def parse_opcua_url(url: str) -> tuple[str, int]:
+    """``opc.tcp://HOST[:PORT][/path]``: the address and port the server listens on (the port
+    4840 by default); anything else is a :class:`ConfigError`."""
+    parts = urlsplit(url)
+    if parts.scheme != "opc.tcp" or not parts.hostname:
+        raise ConfigError(f"OPC UA endpoint {url!r} must look like opc.tcp://0.0.0.0:4840 (the address "
+                          "and port this service listens on)")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"OPC UA endpoint {url!r} has a bad port") from None
+    return parts.hostname, port if port is not None else DEFAULT_PORT
+
+
+def check_opcua_url(url: str) -> None:
+    """The endpoint as given, before the model loads: its form, asyncua installed, and its port
+    free (a second service, or another OPC UA server, on it is one line, not a failed start)."""
+    host, port = parse_opcua_url(url)
+    _asyncua()
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot serve OPC UA on {host}:{port}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve OPC UA on {host}:{port}: {exc.strerror or exc} (is another "
+                              "OPC UA server, or diffqc serve, on that port?)") from None
+
+
+def _asyncua() -> Any:
+    try:
+        import asyncua
+    except ImportError as exc:  # depends on the install
+        raise ConfigError("OPC UA needs asyncua: pip install 'diffqc[opcua]'") from exc
+    return asyncua
+
+
+def _value(rec: ResultRecord, name: str) -> Any:
+    """A decision's variable's value: a missing text is "", a missing number NaN."""
+    if name == "Time":
+        return dt.datetime.fromtimestamp(rec.created_at, dt.UTC)
+    if name == "RecordId":
+        return int(rec.id or 0)
+    if name in ("Score", "PValue"):
+        value = rec.score if name == "Score" else rec.p_value
+        return float(value) if value is not None and math.isfinite(value) else math.nan
+    attr = {"PartId": "part_id", "FeatureType": "feature_type", "Decision": "decision", "Line": "line",
+            "Station": "station", "Camera": "camera"}[name]
+    return str(getattr(rec, attr) or "")
+
+
+class OpcUaServer:
+    """The OPC UA server of one service: :meth:`start`, then :meth:`publish` each committed
+    decision and :meth:`alarm` each drift alarm (from any thread), :meth:`stop`."""
+
+    def __init__(self, url: str, types: list[str], *, model_version: str = "") -> None:
+        self.url = url
+        self.host, self.port = parse_opcua_url(url)
+        self.types = list(types)
+        self.model_version = model_version
+        self.published_total = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[tuple[str, Any]] | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._counts: Counter[tuple[str, str]] = Counter()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, timeout: float = 30.0) -> None:
+        """Listen on the endpoint; returns once clients can connect (or raises why not)."""
+        self._thread = threading.Thread(target=self._run, name="diffqc-opcua", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise ConfigError(f"the OPC UA server on {self.url} did not start within {timeout:.0f} s")
+        if self._error is not None:
+            raise ConfigError(f"cannot serve OPC UA on {self.url}: {self._error}") from self._error
+        log.info("OPC UA server on %s (namespace %s): the latest decision under diffqc/Last, each "
+                 "type's under diffqc/Types", self.url, NAMESPACE)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._queue is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, ("stop", None))
+            self._thread.join(10)
+
+    def publish(self, rec: ResultRecord) -> None:
+        """A committed decision (thread-safe; never blocks the caller)."""
+        self._put("record", rec)
+
+    def alarm(self, feature_type: str, alarm: bool) -> None:
+        """A type's drift alarm raised (True) or cleared."""
+        self._put("alarm", (feature_type, alarm))
+
+    def _put(self, kind: str, item: Any) -> None:
+        loop, queue = self._loop, self._queue
+        if loop is not None and queue is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # stopping: its loop is closed
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
+
+    def status(self) -> dict[str, Any]:
+        return {"endpoint": self.url, "namespace": NAMESPACE, "published_total": self.published_total,
+                "running": self._started.is_set() and self._error is None}
+
+    # ------------------------------------------------------------------ the server's thread
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as exc:  # a failed start: said by start(); later ones: logged
+            if not self._started.is_set():
+                self._error = exc
+                self._started.set()
+            else:
+                log.exception("the OPC UA server stopped")
+        finally:
+            loop.close()
+
+    async def _serve(self) -> None:
+        asyncua = _asyncua()
+        ua = asyncua.ua
+        # its INFO lines are per request, and it warns of user certificates and passwords,
+        # which an anonymous server without encryption takes none of
+        logging.getLogger("asyncua").setLevel(logging.ERROR)
+        server = asyncua.Server()
+        await server.init()
+        server.set_endpoint(f"opc.tcp://{self.host}:{self.port}")
+        server.set_server_name("diffqc inspection service")
+        await server.set_application_uri("urn:diffqc:server")
+        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        nodes = await self._address_space(server, ua, await server.register_namespace(NAMESPACE))
+        self._queue = asyncio.Queue()
+        async with server:
+            self._started.set()
+            while True:
+                batch = [await self._queue.get()]
+                while not self._queue.empty():  # a burst: counts for each, values of the latest
+                    batch.append(self._queue.get_nowait())
+                if await self._write(server, batch, nodes, ua):
+                    return
+
+    async def _address_space(self, server: Any, ua: Any, idx: int) -> dict[str, dict[str, Any]]:
+        """The module's nodes under Objects; the variables of the latest decision (key "") and
+        of each type's, by browse name."""
+
+        def node_id(path: str) -> Any:
+            return ua.NodeId(path, idx)
+
+        def name(text: str) -> Any:
+            return ua.QualifiedName(text, idx)
+
+        async def variable(parent: Any, path: str, bname: str, value: Any, vtype: str) -> Any:
+            return await parent.add_variable(node_id(f"{path}.{bname}"), name(bname),
+                                             ua.Variant(value, getattr(ua.VariantType, vtype)))
+
+        empty = ResultRecord(created_at=0.0, source="", decision="")
+        root = await server.nodes.objects.add_object(node_id("diffqc"), name("diffqc"))
+        await variable(root, "diffqc", "ModelVersion", self.model_version, "String")
+        await variable(root, "diffqc", "TypeNames", self.types, "String")
+        last = await root.add_object(node_id("diffqc.Last"), name("Last"))
+        nodes = {"": {n: await variable(last, "diffqc.Last", n, _value(empty, n), t)
+                      for n, t in DECISION_FIELDS}}
+        folder = await root.add_folder(node_id("diffqc.Types"), name("Types"))
+        for ftype in self.types:
+            path = f"diffqc.Types.{ftype}"
+            obj = await folder.add_object(node_id(path), name(ftype))
+            nodes[ftype] = {n: await variable(obj, path, n, _value(empty, n), t)
+                            for n, t in DECISION_FIELDS if n != "FeatureType"}
+            for count, _ in COUNTS:
+                nodes[ftype][count] = await variable(obj, path, count, 0, "UInt64")
+            nodes[ftype]["DriftAlarm"] = await variable(obj, path, "DriftAlarm", False, "Boolean")
+        return nodes
+
+    async def _write(self, server: Any, batch: list[tuple[str, Any]], nodes: dict[str, dict[str, Any]],
+                     ua: Any) -> bool:
+        """Write a batch's values; True when it asked to stop."""
+
+        async def write(node: Any, value: Any, vtype: str) -> None:  # the server's own path: 5x a client's
+            variant = ua.Variant(value, getattr(ua.VariantType, vtype))
+            await server.write_attribute_value(node.nodeid, ua.DataValue(variant))
+
+        latest: dict[str, ResultRecord] = {}
+        stop = False
+        for kind, item in batch:
+            if kind == "stop":
+                stop = True
+            elif kind == "alarm" and item[0] in nodes:
+                await write(nodes[item[0]]["DriftAlarm"], bool(item[1]), "Boolean")
+            elif kind == "record":
+                rec: ResultRecord = item
+                self.published_total += 1
+                latest[""] = rec
+                if rec.feature_type in nodes:
+                    latest[rec.feature_type] = rec
+                    self._counts[(rec.feature_type, "Inspected")] += 1
+                    for count, decision in COUNTS[1:]:
+                        self._counts[(rec.feature_type, count)] += int(rec.decision == decision)
+        for key, rec in latest.items():
+            for field, vtype in DECISION_FIELDS:  # RecordId last
+                if field in nodes[key]:
+                    await write(nodes[key][field], _value(rec, field), vtype)
+            if key:
+                for count, _ in COUNTS:
+                    await write(nodes[key][count], self._counts[(key, count)], "UInt64")
+        return stop

@@ -1,0 +1,172 @@
+"""The OPC UA server of `serve --opcua`, read by a real OPC UA client (asyncua's), as a PLC or
+SCADA system reads it."""
+
+# ruff: noqa: F811  (fixtures imported from tests.test_service_common are re-bound as arguments)
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from diffqc.errors import ConfigError
+from diffqc.service.opcua import NAMESPACE, OpcUaServer, check_opcua_url
+from diffqc.service.store import ResultRecord
+from tests.test_service_common import (  # noqa: F401 (fixtures)
+    AUTH,
+    TOKEN,
+    Samples,
+    bench,
+    detector,
+    samples,
+    service_model,
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _read(url: str, paths: list[str]) -> dict[str, Any]:
+    from asyncua import Client
+
+    async with Client(url) as client:
+        ns = await client.get_namespace_index(NAMESPACE)
+        return {p: await client.get_node(f"ns={ns};s={p}").read_value() for p in paths}
+
+
+def _record(i: int, decision: str, ftype: str | None = "edge", score: float | None = 1.5) -> ResultRecord:
+    return ResultRecord(id=i, created_at=1_796_000_000.0 + i, source="test", decision=decision,
+                        feature_type=ftype, score=score, p_value=None if score is None else 0.2,
+                        part_id=f"p{i}", camera="cam-a")
+
+
+def test_the_latest_decision_and_each_types_counts_are_read_by_a_client() -> None:
+    url = f"opc.tcp://127.0.0.1:{_free_port()}"
+    server = OpcUaServer(url, ["edge", "dots"], model_version="m-1")
+    server.start()
+    try:
+        for i, decision in enumerate(["PASS", "PASS", "REVIEW", "REJECT"], 1):
+            server.publish(_record(i, decision))
+        server.publish(_record(5, "NOT_INSPECTED", score=None))
+        server.publish(_record(6, "PASS", ftype=None))  # no type given, none predicted: Last only
+        server.alarm("edge", True)
+        for _ in range(50):
+            if server.published_total == 6:
+                break
+            time.sleep(0.05)
+        got = asyncio.run(_read(url, [
+            "diffqc.Last.RecordId", "diffqc.Last.Decision", "diffqc.Last.FeatureType",
+            "diffqc.Types.edge.RecordId", "diffqc.Types.edge.Decision", "diffqc.Types.edge.PartId",
+            "diffqc.Types.edge.Score", "diffqc.Types.edge.Camera", "diffqc.Types.edge.Time",
+            "diffqc.Types.edge.Inspected", "diffqc.Types.edge.Pass", "diffqc.Types.edge.Review",
+            "diffqc.Types.edge.Reject", "diffqc.Types.edge.NotInspected", "diffqc.Types.edge.DriftAlarm",
+            "diffqc.Types.dots.Inspected", "diffqc.Types.dots.DriftAlarm", "diffqc.TypeNames",
+            "diffqc.ModelVersion"]))
+    finally:
+        server.stop()
+    assert (got["diffqc.Last.RecordId"], got["diffqc.Last.Decision"], got["diffqc.Last.FeatureType"]) == (
+        6, "PASS", "")
+    edge = {k.rsplit(".", 1)[1]: v for k, v in got.items() if k.startswith("diffqc.Types.edge.")}
+    assert (edge["RecordId"], edge["Decision"], edge["PartId"], edge["Camera"]) == (5, "NOT_INSPECTED", "p5",
+                                                                                   "cam-a")
+    assert math.isnan(edge["Score"]) and edge["Time"].timestamp() == 1_796_000_005.0
+    assert [edge[k] for k in ("Inspected", "Pass", "Review", "Reject", "NotInspected")] == [5, 2, 1, 1, 1]
+    assert edge["DriftAlarm"] is True and got["diffqc.Types.dots.DriftAlarm"] is False
+    assert got["diffqc.Types.dots.Inspected"] == 0
+    assert got["diffqc.TypeNames"] == ["edge", "dots"] and got["diffqc.ModelVersion"] == "m-1"
+
+
+def test_a_subscribed_client_gets_each_new_decision_and_cannot_write() -> None:
+    """A reject gate's PLC subscribes to the latest decision's record id and reads the decision
+    when it changes; nothing a client writes changes the server's values."""
+    from asyncua import Client, ua
+
+    url = f"opc.tcp://127.0.0.1:{_free_port()}"
+    server = OpcUaServer(url, ["edge"])
+    server.start()
+
+    async def subscribe() -> tuple[list[int], str, Exception | None]:
+        seen: list[int] = []
+
+        class Handler:
+            def datachange_notification(self, node: Any, value: Any, data: Any) -> None:
+                seen.append(int(value))
+
+        async with Client(url) as client:
+            ns = await client.get_namespace_index(NAMESPACE)
+            record_id = client.get_node(f"ns={ns};s=diffqc.Last.RecordId")
+            sub = await client.create_subscription(20, Handler())
+            await sub.subscribe_data_change(record_id)
+            await asyncio.sleep(0.3)
+            server.publish(_record(41, "REJECT"))
+            for _ in range(100):
+                if 41 in seen:
+                    break
+                await asyncio.sleep(0.05)
+            decision = await client.get_node(f"ns={ns};s=diffqc.Last.Decision").read_value()
+            refused = None
+            try:
+                await client.get_node(f"ns={ns};s=diffqc.Last.Decision").write_value(
+                    ua.DataValue(ua.Variant("PASS", ua.VariantType.String)))
+            except Exception as exc:  # the server's Bad status
+                refused = exc
+            decision_after = await client.get_node(f"ns={ns};s=diffqc.Last.Decision").read_value()
+            assert decision_after == "REJECT"
+            return seen, decision, refused
+
+    try:
+        seen, decision, refused = asyncio.run(subscribe())
+    finally:
+        server.stop()
+    assert seen[0] == 0 and seen[-1] == 41 and decision == "REJECT"
+    assert refused is not None and "BadUserAccessDenied" in repr(refused), repr(refused)
+
+
+def test_the_endpoint_is_checked_before_anything_starts() -> None:
+    with pytest.raises(ConfigError, match=r"must look like opc\.tcp://0\.0\.0\.0:4840"):
+        check_opcua_url("http://plc:4840")
+    with pytest.raises(ConfigError, match="has a bad port"):
+        check_opcua_url("opc.tcp://0.0.0.0:99999")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot serve OPC UA on 127.0.0.1:{port}: .*in use"):
+            check_opcua_url(f"opc.tcp://127.0.0.1:{port}")
+
+
+def test_serve_publishes_its_decisions_over_opc_ua(service_model: tuple[Path, Path], samples: Samples,
+                                                   tmp_path: Path) -> None:
+    """`serve --opcua`: a part posted over HTTP is read by an OPC UA client as the latest
+    decision and its type's, with the record id and decision the HTTP answer gave."""
+    import httpx
+
+    url = f"opc.tcp://127.0.0.1:{_free_port()}"
+    srv = bench.start_server(service_model[0], str(tmp_path / "r.db"), workdir=tmp_path, token=TOKEN,
+                             extra=("--opcua", url))
+    try:
+        body, ftype = samples.all[0]
+        answer = httpx.post(srv.url + "/v1/inspect", content=body, headers=AUTH,
+                            params={"feature_type": ftype, "part_id": "plc-1"}, timeout=60).json()
+        got: dict[str, Any] = {}
+        paths = ["diffqc.Last.RecordId", "diffqc.Last.Decision", "diffqc.Last.PartId",
+                 f"diffqc.Types.{ftype}.Inspected"]
+        for _ in range(50):
+            got = asyncio.run(_read(url, paths))
+            if got["diffqc.Last.RecordId"] == answer["id"]:
+                break
+            time.sleep(0.1)
+        line = httpx.get(srv.url + "/v1/line", headers=AUTH).json()["opcua"]
+    finally:
+        srv.stop()
+    assert got == {"diffqc.Last.RecordId": answer["id"], "diffqc.Last.Decision": answer["decision"],
+                   "diffqc.Last.PartId": "plc-1", f"diffqc.Types.{ftype}.Inspected": 1}
+    assert line == {"endpoint": url, "namespace": NAMESPACE, "published_total": 1, "running": True}
