@@ -104,12 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=8)
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="diffqc-opcua-"))
-    if args.model is None:
-        model, data = bench.train_tiny_model(work / "tiny")
-    else:
-        model, data = args.model, args.data
-        if data is None:
-            ap.error("--data is needed with --model")
+    model, data = bench.model_and_data(ap, args.model, args.data, work)
     parts = bench.payloads(data)
     runs: dict[str, list[dict[str, float]]] = {"without": [], "with --opcua + a subscriber": []}
     for r in range(args.rounds):

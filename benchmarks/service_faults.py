@@ -394,12 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="diffqc-faults-"))
     work.mkdir(parents=True, exist_ok=True)
-    if args.model is None:
-        model, data = bench.train_tiny_model(work / "tiny")
-    else:
-        model, data = args.model, args.data
-        if data is None:
-            ap.error("--data is needed with --model")
+    model, data = bench.model_and_data(ap, args.model, args.data, work)
     parts = bench.payloads(data)
     run_dir = work / time.strftime("run-%Y%m%d-%H%M%S")  # fresh stores: counts are this run's only
     run_dir.mkdir()

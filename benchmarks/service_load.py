@@ -98,6 +98,19 @@ def png_bytes(image: np.ndarray, mode: str | None = None) -> bytes:
     return buf.getvalue()
 
 
+def model_and_data(ap: argparse.ArgumentParser, model: Path | None, data: Path | None,
+                   work: Path) -> tuple[Path, Path]:
+    """A benchmark's ``--model`` and ``--data``, or without ``--model`` the tiny model trained
+    here under ``work`` and its data (``--model`` needs ``--data``: argparse's usage error)."""
+    if model is None:
+        t0 = time.perf_counter()
+        model, data = train_tiny_model(work / "tiny")
+        print(f"trained tiny model in {time.perf_counter() - t0:.1f} s -> {model}", flush=True)
+    elif data is None:
+        ap.error("--data is needed with --model")
+    return model, data
+
+
 def payloads(data: Path, n: int = 16) -> list[tuple[bytes, str]]:
     """PNG bytes and feature type of up to ``n`` test images of the synthetic set."""
     from diffqc.data import load_dataset
@@ -486,14 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="diffqc-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    if args.model is None:
-        t0 = time.perf_counter()
-        model, data = train_tiny_model(work / "tiny")
-        print(f"trained tiny model in {time.perf_counter() - t0:.1f} s -> {model}", flush=True)
-    else:
-        model, data = args.model, args.data
-        if data is None:
-            ap.error("--data is needed with --model")
+    model, data = model_and_data(ap, args.model, args.data, work)
     parts = payloads(data)
     report: dict[str, Any] = {"cpu_count": os.cpu_count(), "workdir": str(work)}
     server = start_server(model, str(work / "results.db"), workdir=work)
