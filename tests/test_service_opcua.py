@@ -170,3 +170,32 @@ def test_serve_publishes_its_decisions_over_opc_ua(service_model: tuple[Path, Pa
     assert got == {"diffqc.Last.RecordId": answer["id"], "diffqc.Last.Decision": answer["decision"],
                    "diffqc.Last.PartId": "plc-1", f"diffqc.Types.{ftype}.Inspected": 1}
     assert line == {"endpoint": url, "namespace": NAMESPACE, "published_total": 1, "running": True}
+
+
+def test_a_drift_alarm_raised_before_a_restart_is_raised_over_opc_ua(tmp_path: Path) -> None:
+    """The drift alarm a previous process left raised (kept in the store) is raised on the OPC
+    UA server of the restarted service too, not shown clear until parts clear it."""
+    import json
+    from types import SimpleNamespace
+
+    from diffqc.service.line import ALARM_KEY, LineServices
+    from diffqc.service.store import ResultStore
+
+    url = f"opc.tcp://127.0.0.1:{_free_port()}"
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        store.set_meta(ALARM_KEY + json.dumps(["edge", None]),
+                       json.dumps({"feature_type": "edge", "camera": None, "since": 1_796_000_000.0}))
+        line = LineServices(SimpleNamespace(opcua_url=url), store, None,
+                            SimpleNamespace(classes_=["edge", "dots"]))
+        line.start()
+        try:
+            got: dict[str, Any] = {}
+            alarms = ["diffqc.Types.edge.DriftAlarm", "diffqc.Types.dots.DriftAlarm"]
+            for _ in range(50):
+                got = asyncio.run(_read(url, alarms))
+                if got["diffqc.Types.edge.DriftAlarm"]:
+                    break
+                time.sleep(0.05)
+        finally:
+            line.stop()
+    assert got == {"diffqc.Types.edge.DriftAlarm": True, "diffqc.Types.dots.DriftAlarm": False}
