@@ -199,3 +199,32 @@ def test_a_drift_alarm_raised_before_a_restart_is_raised_over_opc_ua(tmp_path: P
         finally:
             line.stop()
     assert got == {"diffqc.Types.edge.DriftAlarm": True, "diffqc.Types.dots.DriftAlarm": False}
+
+
+def test_a_retrained_model_is_named_and_its_types_served() -> None:
+    """A retrained model served without a restart: its version is written; with other types
+    the address space is made again (clients reconnect) and has the new type's nodes."""
+    url = f"opc.tcp://127.0.0.1:{_free_port()}"
+    server = OpcUaServer(url, ["edge"], model_version="m-1")
+    server.start()
+    try:
+        same = server.use_model(["edge"], "m-2")
+        assert same is server
+        for _ in range(50):
+            got = asyncio.run(_read(url, ["diffqc.ModelVersion"]))
+            if got["diffqc.ModelVersion"] == "m-2":
+                break
+            time.sleep(0.05)
+        assert got == {"diffqc.ModelVersion": "m-2"}
+        server = server.use_model(["edge", "dots"], "m-3")
+        server.publish(_record(7, "REVIEW", ftype="dots"))
+        paths = ["diffqc.ModelVersion", "diffqc.TypeNames", "diffqc.Types.dots.Review"]
+        for _ in range(50):
+            got = asyncio.run(_read(url, paths))
+            if got["diffqc.Types.dots.Review"] == 1:
+                break
+            time.sleep(0.05)
+    finally:
+        server.stop()
+    assert got == {"diffqc.ModelVersion": "m-3", "diffqc.TypeNames": ["edge", "dots"],
+                   "diffqc.Types.dots.Review": 1}

@@ -412,3 +412,71 @@ def test_serve_serves_a_renewed_certificate_without_a_restart(service_model: tup
     assert f"the TLS certificate {cert} changed on disk but cannot be served: cannot serve over TLS: " \
            f"{key} is not the key of {cert}; the service goes on serving the one it had" in log
     assert "restart the service" not in log
+
+
+def _retrain_into(folder: Path, source: Path, model_id: str) -> None:
+    """`diffqc train --out FOLDER --force` as the service sees it: a bundle with another model id
+    saved into the served folder, its files moved in one by one, metadata.json last."""
+    import warnings
+
+    from diffqc.model import Detector
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        retrained = Detector.load(source, device="cpu")
+    retrained.metadata = {**retrained.metadata, "model_id": model_id}
+    retrained.save(folder, force=True)
+
+
+def test_serve_serves_a_retrained_model_without_a_restart(service_model: tuple[Path, Path],
+                                                          samples: Samples, tmp_path: Path) -> None:
+    """A model retrained into the served folder (`diffqc train --out SERVED --force`, the
+    README's loop) was not served until a restart, which stops the line; its new calibration
+    was refused as another model's. The service loads it once its files are complete, as it
+    loaded the first (runtime and precision chosen again), and inspects with it from the next
+    batch on: records carry its version, /v1/model names it, its drift windows start again. A
+    damaged bundle is said once and the model served so far stays."""
+    import shutil
+    import time
+
+    import httpx
+
+    served = tmp_path / "model"
+    shutil.copytree(service_model[0], served)
+    srv = bench.start_server(served, str(tmp_path / "r.db"), workdir=tmp_path, token=TOKEN,
+                             extra=("--log-level", "info"))
+    body, ftype = samples.all[0]
+
+    def inspect() -> dict[str, Any]:
+        r = httpx.post(srv.url + "/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    def served_version() -> str:
+        return str(httpx.get(srv.url + "/v1/model", headers=AUTH).json()["version"])
+
+    try:
+        first = served_version()
+        assert inspect()["model_version"] == first
+        _retrain_into(served, service_model[0], "retrained-1")
+        for _ in range(100):
+            if served_version() == "retrained-1":
+                break
+            time.sleep(0.2)
+        assert served_version() == "retrained-1"
+        assert inspect()["model_version"] == "retrained-1"
+        model = httpx.get(srv.url + "/v1/line", headers=AUTH).json()["model"]
+        assert model["model_id"] == "retrained-1" and model["reloads"] == 1 and model["last_error"] is None
+        (served / "metadata.json").write_text("{ damaged")
+        for _ in range(100):
+            if httpx.get(srv.url + "/v1/line", headers=AUTH).json()["model"]["last_error"]:
+                break
+            time.sleep(0.2)
+        assert inspect()["model_version"] == "retrained-1"
+    finally:
+        srv.stop()
+    log = srv.log.read_text()
+    assert f"serving the retrained model retrained-1 from {served} without a restart" in log
+    assert f"the model in {served} changed but cannot be served: its metadata.json cannot be read" in log
+    assert "restart the service to serve the new model" not in log

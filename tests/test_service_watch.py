@@ -697,3 +697,56 @@ def test_watch_picks_up_a_new_calibration_without_a_restart(service_model: tuple
     assert second.score == pytest.approx(first.score, rel=1e-5)
     assert second.p_value == pytest.approx(new.p_value(ftype, second.score))
     assert second.p_value != first.p_value
+
+
+def test_a_running_watch_inspects_with_a_retrained_model(service_model: tuple[Path, Path], samples: Samples,
+                                                         tmp_path: Path) -> None:
+    """`watch` served the model it started with until restarted; a model retrained into its
+    folder (`diffqc train --out MODEL --force`) is loaded once complete, and the parts after it
+    carry its version."""
+    import shutil
+    import signal
+
+    import diffqc
+    from tests.test_service_process import _retrain_into
+
+    model = tmp_path / "model"
+    shutil.copytree(service_model[0], model)
+    data, ftype = samples.all[0]
+    folder = tmp_path / "cam"
+    (folder / ftype).mkdir(parents=True)
+    db = tmp_path / "w.db"
+    log_path = tmp_path / "watch.log"
+    env = dict(os.environ, PYTHONPATH=str(Path(diffqc.__file__).parents[1]), OMP_NUM_THREADS="1")
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "diffqc.service", "watch", str(folder), str(model),
+                                 "--db", str(db), "--settle", "0", "--poll", "0.05"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+
+        def record(part: str) -> ResultRecord:
+            for _ in range(1200):
+                if db.exists():
+                    with ResultStore(str(db)) as store:
+                        if found := store.query(part_id=part, limit=1):
+                            return found[0]
+                assert proc.poll() is None, log_path.read_text()[-2000:]
+                time.sleep(0.1)
+            raise AssertionError(log_path.read_text()[-2000:])
+
+        try:
+            (folder / ftype / "first.png").write_bytes(data)
+            first = record("first")
+            _retrain_into(model, service_model[0], "retrained-w")
+            for _ in range(300):
+                if "serving the retrained model retrained-w" in log_path.read_text():
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError(log_path.read_text()[-2000:])
+            (folder / ftype / "second.png").write_bytes(data)
+            second = record("second")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    assert first.model_version != "retrained-w" and second.model_version == "retrained-w"
+    assert second.decision in ("PASS", "REVIEW", "REJECT")

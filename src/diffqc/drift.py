@@ -257,16 +257,17 @@ class DriftMonitor:
         return [(t, None, st) for t, st in sorted(self._types.items())] + [
             (t, c, st) for t, cams in sorted(self._cameras.items()) for c, st in sorted(cams.items())]
 
-    def reset(self) -> list[DriftEvent]:
-        """Forget every window (the calibration changed: old p-values no longer apply). Each
-        alarm that was raised is cleared aloud: the events, also given to the listeners (a
-        consumer holding the alarm's state, such as MQTT's retained message, would keep it)."""
+    def reset(self, reason: str = "calibration changed") -> list[DriftEvent]:
+        """Forget every window (the calibration or the model changed: old p-values no longer
+        apply). Each alarm that was raised is cleared aloud, with ``reason``: the events, also
+        given to the listeners (a consumer holding the alarm's state, such as MQTT's retained
+        message, would keep it)."""
         events = []
         with self._lock:
             for ftype, camera, st in self._all_states():
                 if st.alarm:
                     events.append(DriftEvent(ftype, False, st.statistic, st.threshold, len(st.window),
-                                             time.time(), {"reason": "calibration changed"}, camera))
+                                             time.time(), {"reason": reason}, camera))
                 st.window.clear()
                 st.statistic, st.threshold = 0.0, math.inf
                 st.alarm, st.since = False, None

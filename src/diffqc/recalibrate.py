@@ -320,8 +320,12 @@ class CalibrationReloader:
     size, inode) changed, and keeps the current calibration when the new file is unusable.
     """
 
-    def __init__(self, detector: Any, bundle: Path | str) -> None:
+    def __init__(self, detector: Any, bundle: Path | str, *, follows_retrain: bool = False) -> None:
+        """``follows_retrain``: a retrain into the bundle's folder is served whole by another
+        watch (the service's :class:`~diffqc.service.line.ModelWatch`), so new weights are no
+        error here: their calibration comes with them."""
         self.detector = detector
+        self.follows_retrain = follows_retrain
         self.bundle = Path(bundle)
         self.int8 = getattr(detector, "precision", "fp32") == "int8"
         self.file = self.bundle / CALIBRATION_FILE
@@ -351,6 +355,8 @@ class CalibrationReloader:
             return False
         self._signature = sig
         if _signature(self.bundle / "weights.safetensors") != self._weights:
+            if self.follows_retrain:  # the new model is loaded with its calibration
+                return False
             self.last_error = (f"{self.bundle} was retrained while this service runs: its new calibration "
                                "belongs to the new weights, so the current one stays; restart the service "
                                "to serve the new model")

@@ -1563,8 +1563,14 @@ def _start(state: ServiceState, detector: DetectorLike | None,
     pipeline.batch_listeners.append(state.metrics.on_batch)
     _check_buffer_memory(s.buffer_max_bytes)
     # before the worker starts: the sinks' outbox hook must see the first record
+    load = None
+    if (bundle := s.model_path) is not None:  # a retrained bundle in its folder: loaded as this one was
+        def load() -> Any:
+            return load_detector(bundle, s.runtime, precision=s.precision, threads=s.torch_threads)
+
     state.line = LineServices(s, state.store, state.artifacts, detector, tls_reload=tls_reload,
-                              on_calibration=lambda: _calibration_changed(state))
+                              on_calibration=lambda: _calibration_changed(state),
+                              load_model=load, on_model=lambda new: _model_changed(state, new))
     pipeline.listeners.append(state.line.on_record)
     state.line.start()
     pipeline.start()
@@ -1606,6 +1612,18 @@ def _calibration_changed(state: ServiceState) -> None:
     state.model_info = _model_info(state.detector)
     if state.pipeline is not None:
         state.pipeline.overlay_scale = overlay_scales(state.model_info.get("calibration") or {})
+
+
+def _model_changed(state: ServiceState, detector: Any) -> None:
+    """A retrained bundle was loaded (:class:`~diffqc.service.line.ModelWatch`): the API's model,
+    types and version are its, and the worker inspects with it from its next batch on."""
+    state.detector = detector
+    state.model_info = _model_info(detector)
+    state.model_version = str(state.model_info.get("version") or "")
+    state.classes = list(detector.classes_)
+    if state.pipeline is not None:
+        state.pipeline.use_model(detector, state.model_version,
+                                 overlay_scales(state.model_info.get("calibration") or {}))
 
 
 def _stop(state: ServiceState) -> None:

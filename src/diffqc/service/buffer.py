@@ -323,6 +323,8 @@ class InspectionPipeline:
         self.store_errors_total = 0
         self.repeated_images_total = 0  # parts whose image repeated a recent one byte for byte
         self._recent: dict[str, ResultRecord] = {}  # digest -> the last part with that image
+        self._next_model: tuple[Any, str, dict[str, tuple[float, float]]] | None = None
+        self._model_lock = threading.Lock()
 
     def problems(self) -> list[str]:
         """Reasons the pipeline is not healthy now (empty when it is)."""
@@ -380,9 +382,25 @@ class InspectionPipeline:
             self._dropped.clear()
             return out
 
+    def use_model(self, detector: Any, model_version: str,
+                  overlay_scale: dict[str, tuple[float, float]] | None = None) -> None:
+        """Inspect with ``detector`` from the next batch on (a retrained model served without a
+        restart): a batch is inspected by one model, and its records carry that model's
+        version; the parts-unlike-training check takes the new model's training images."""
+        with self._model_lock:
+            self._next_model = (detector, model_version, overlay_scale or {})
+
+    def _take_model(self) -> None:
+        with self._model_lock:
+            nxt, self._next_model = self._next_model, None
+        if nxt is not None:
+            self.detector, self.model_version, self.overlay_scale = nxt
+            self.image_check = ImageCheck(getattr(self.detector, "metadata", None) or {})
+
     def _run(self) -> None:
         while True:
             batch = self.buffer.get_batch(self.max_batch, timeout=0.25)
+            self._take_model()
             dropped = self._take_dropped()
             if batch or dropped:
                 try:

@@ -102,6 +102,83 @@ def _day(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
 
 
+class FileChange:
+    """Whether files changed on disk and are complete: ``settled()`` is True once, when they
+    differ from when last taken (inode, size, mtime: a new file moved into place changes them)
+    and stayed as they are for one look since (a certificate written before its key, a bundle's
+    files one after another, are then all written)."""
+
+    def __init__(self, *paths: Path | None) -> None:
+        self.paths = paths
+        self._seen = self._pending = self._now()
+
+    def _now(self) -> tuple[tuple[int, int, int] | None, ...]:
+        out: list[tuple[int, int, int] | None] = []
+        for path in self.paths:
+            try:
+                st = os.stat(path) if path is not None else None
+            except OSError:
+                st = None
+            out.append(None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
+    def settled(self) -> bool:
+        now = self._now()
+        if now == self._seen:
+            return False
+        if now != self._pending:  # changed since the last look: let it finish
+            self._pending = now
+            return False
+        self._seen = now
+        return True
+
+
+class ModelWatch:
+    """The bundle a service serves. `diffqc train --out SERVED --force` (or a bundle copied over
+    it) writes its files one by one, ``metadata.json`` last: once that file changed and stayed
+    as it is for one look, a model with another ``model_id`` is loaded (``load``: as at start,
+    the runtime and precision chosen again) and :meth:`check` returns it; one that cannot be
+    loaded (a damaged bundle) is said once, and the model served so far stays."""
+
+    def __init__(self, bundle: Path, model_id: str, load: Callable[[], Any]) -> None:
+        self.bundle = bundle
+        self.model_id = model_id
+        self.load = load
+        self.reloads = 0
+        self.last_error: str | None = None
+        self._files = FileChange(bundle / "metadata.json")
+
+    def check(self) -> Any | None:
+        """The retrained model, loaded, when there is one; else None."""
+        if not self._files.settled():
+            return None
+        try:
+            model_id = str(json.loads((self.bundle / "metadata.json").read_text())["model_id"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self._failed(f"its metadata.json cannot be read ({exc})")
+            return None
+        if model_id == self.model_id:  # rewritten, the same model (a calibration is watched apart)
+            return None
+        t0 = time.perf_counter()
+        try:
+            detector = self.load()
+        except Exception as exc:  # a damaged bundle, a failed export check: keep serving
+            self._failed(str(exc))
+            return None
+        log.info("serving the retrained model %s from %s without a restart (loaded in %.1f s; it "
+                 "replaces %s): drift windows start again", model_id, self.bundle,
+                 time.perf_counter() - t0, self.model_id)
+        self.model_id, self.last_error = model_id, None
+        self.reloads += 1
+        return detector
+
+    def _failed(self, why: str) -> None:
+        self.last_error = why
+        log.error("the model in %s changed but cannot be served: %s; the service goes on serving model %s",
+                  self.bundle, why, self.model_id)
+        return None
+
+
 class CertificateWatch:
     """The TLS certificate ``serve --tls-cert`` serves, until it expires, when every client that
     checks certificates (browsers, the MES) refuses the service. It is ``expiring`` within
@@ -122,34 +199,15 @@ class CertificateWatch:
         self.reload = reload
         self.not_after = certificate_expiry(path)  # the certificate being served
         self.reloads = 0
-        self._seen = self._pending = self._files()
+        self._files = FileChange(path, key)  # certbot moves a symbolic link, cert-manager a folder's
         self._said: set[str] = set()
-
-    def _files(self) -> tuple[tuple[int, int, int] | None, ...]:
-        """What the certificate and key files are now (inode, size, mtime): a renewal changes it
-        (certbot moves a symbolic link, cert-manager a folder's)."""
-        out: list[tuple[int, int, int] | None] = []
-        for path in (self.path, self.key):
-            try:
-                st = os.stat(path) if path is not None else None
-            except OSError:
-                st = None
-            out.append(None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns))
-        return tuple(out)
 
     def renew(self) -> bool:
         """Serve the files anew when they changed and then stayed as they are for one look (a
         renewal that writes the certificate and the key one after the other is over), with
         ``reload``; True when the service now serves what they hold."""
-        if self.reload is None:
+        if self.reload is None or not self._files.settled():
             return False
-        files = self._files()
-        if files == self._seen:
-            return False
-        if files != self._pending:  # changed since the last look: let a renewal finish (a
-            self._pending = files   # certificate written before its key) before serving it
-            return False
-        self._seen = files
         try:
             self.reload()
         except Exception as exc:
@@ -298,9 +356,13 @@ class LineServices:
 
     def __init__(self, settings: Any, store: ResultStore, artifacts: ArtifactStore | None,
                  detector: Any, *, on_calibration: Callable[[], None] | None = None,
-                 tls_reload: Callable[[], None] | None = None) -> None:
+                 tls_reload: Callable[[], None] | None = None,
+                 load_model: Callable[[], Any] | None = None,
+                 on_model: Callable[[Any], None] | None = None) -> None:
         """``tls_reload``: serves renewed certificate files without a restart (the server's SSL
-        context's, :func:`diffqc.service.security.tls_reloader`)."""
+        context's, :func:`diffqc.service.security.tls_reloader`). ``load_model``: loads the
+        bundle as the service did at start; with it a retrained bundle is served without a
+        restart (:class:`ModelWatch`), handed to ``on_model`` to inspect with."""
         self.store = store
         sinks = build_sinks(getattr(settings, "mqtt_url", None), getattr(settings, "webhook_url", None),
                             max_attempts=int(getattr(settings, "webhook_max_attempts", 8)),
@@ -317,7 +379,13 @@ class LineServices:
             level=float(getattr(settings, "drift_level", 1e-4)),
         ))
         bundle = getattr(settings, "model_path", None) or getattr(detector, "path", None)
-        self.reloader = CalibrationReloader(detector, Path(bundle)) if bundle else None
+        self.bundle = Path(bundle) if bundle else None
+        self.model_watch = (ModelWatch(self.bundle, str(getattr(detector, "version", "") or ""), load_model)
+                            if self.bundle is not None and load_model is not None else None)
+        self.on_model = on_model
+        follows = self.model_watch is not None
+        self.reloader = (CalibrationReloader(detector, self.bundle, follows_retrain=follows)
+                         if self.bundle is not None else None)
         self._refill_windows(list(getattr(detector, "classes_", None) or ()))
         self._restore_alarms()
         self.drift.listeners.append(self._on_drift)
@@ -466,6 +534,23 @@ class LineServices:
             except Exception:  # the store is down: the alarm is still in /metrics and the log
                 log.exception("could not queue the drift alarm for the sinks")
 
+    def check_model(self) -> bool:
+        """Serve a retrained bundle now, when there is one complete (:class:`ModelWatch`); True
+        when the service now inspects with it."""
+        if self.model_watch is None or self.bundle is None:
+            return False
+        detector = self.model_watch.check()
+        if detector is None:
+            return False
+        self.reloader = CalibrationReloader(detector, self.bundle, follows_retrain=True)
+        self.drift.reset("model changed")  # its p-values are the new model's
+        if self.opcua is not None:
+            self.opcua = self.opcua.use_model(list(getattr(detector, "classes_", None) or ()),
+                                              str(getattr(detector, "version", "") or ""))
+        if self.on_model is not None:
+            self.on_model(detector)
+        return True
+
     def check_calibration(self) -> bool:
         """Reload a changed calibration file now; True when it was reloaded."""
         if self.reloader is None or not self.reloader.check():
@@ -503,6 +588,10 @@ class LineServices:
                 log.exception("certificate renewal failed")
             if self._stop.wait(self.poll_s):
                 return
+            try:
+                self.check_model()
+            except Exception:
+                log.exception("model check failed")
             try:
                 self.check_calibration()
             except Exception:
@@ -542,6 +631,12 @@ class LineServices:
             "clock": self.clock.check(),
             "tls": None if self.certificate is None else self.certificate.check(),
             "opcua": None if self.opcua is None else self.opcua.status(),
+            "model": None if self.model_watch is None else {
+                "bundle": str(self.model_watch.bundle),
+                "model_id": self.model_watch.model_id,
+                "reloads": self.model_watch.reloads,
+                "last_error": self.model_watch.last_error,
+            },
             "calibration": None if self.reloader is None else {
                 "file": str(self.reloader.file),
                 "reloads": self.reloader.reloads,

@@ -122,6 +122,7 @@ class OpcUaServer:
         self._started = threading.Event()
         self._error: BaseException | None = None
         self._counts: Counter[tuple[str, str]] = Counter()
+        self._version_node: Any = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 30.0) -> None:
@@ -147,6 +148,18 @@ class OpcUaServer:
     def alarm(self, feature_type: str, alarm: bool) -> None:
         """A type's drift alarm raised (True) or cleared."""
         self._put("alarm", (feature_type, alarm))
+
+    def use_model(self, types: list[str], model_version: str) -> OpcUaServer:
+        """A retrained model is served: its version written; with other types the address space
+        is made again (the server restarts: clients reconnect). Returns the server now serving."""
+        if types == self.types:
+            self.model_version = model_version
+            self._put("model", model_version)
+            return self
+        self.stop()
+        server = OpcUaServer(self.url, types, model_version=model_version)
+        server.start()
+        return server
 
     def _put(self, kind: str, item: Any) -> None:
         loop, queue = self._loop, self._queue
@@ -212,7 +225,7 @@ class OpcUaServer:
 
         empty = ResultRecord(created_at=0.0, source="", decision="")
         root = await server.nodes.objects.add_object(node_id("diffqc"), name("diffqc"))
-        await variable(root, "diffqc", "ModelVersion", self.model_version, "String")
+        self._version_node = await variable(root, "diffqc", "ModelVersion", self.model_version, "String")
         await variable(root, "diffqc", "TypeNames", self.types, "String")
         last = await root.add_object(node_id("diffqc.Last"), name("Last"))
         nodes = {"": {n: await variable(last, "diffqc.Last", n, _value(empty, n), t)
@@ -241,6 +254,8 @@ class OpcUaServer:
         for kind, item in batch:
             if kind == "stop":
                 stop = True
+            elif kind == "model":
+                await write(self._version_node, str(item), "String")
             elif kind == "alarm" and item[0] in nodes:
                 await write(nodes[item[0]]["DriftAlarm"], bool(item[1]), "Boolean")
             elif kind == "record":

@@ -184,7 +184,7 @@ class FolderWatcher:
         # `cd /camera && diffqc watch . model`): never parts, or each would be inspected in turn
         artifacts = pipeline.artifacts
         self._own = {(artifacts.root / kind).resolve() for kind in ARTIFACT_KINDS} if artifacts else set()
-        self.classes = set(pipeline.detector.classes_)
+        self.pipeline = pipeline
         check_feature_type(settings.feature_type, pipeline.detector.classes_)
         self._seen: dict[Path, _Seen] = {}
         self._kept: set[tuple[str, int, int]] = set()  # after="keep": (path, size, mtime) done
@@ -196,6 +196,11 @@ class FolderWatcher:
         self.totals = StepReport()
 
     # ------------------------------------------------------------------ scanning
+
+    @property
+    def classes(self) -> set[str]:
+        """The types of the model the pipeline serves now (a retrained one may add types)."""
+        return set(self.pipeline.detector.classes_)
     def _candidates(self) -> list[Path]:
         """The image files under the folder, to any depth (a camera filing by day and hour), but
         not in processed/, failed/, hidden folders or the folders of the heat maps and kept images
@@ -592,8 +597,17 @@ def run_watch(
                                   retention_max_bytes=retention_max_bytes,
                                   disk_min_free_bytes=disk_min_free_bytes,
                                   disk_min_free_ratio=disk_min_free_ratio)
+    def _model_changed(new: Any) -> None:  # `diffqc train --out MODEL --force` while watching
+        nonlocal detector
+        detector = new
+        pipeline.use_model(new, str(getattr(new, "version", "")), overlay_scales(new.calibration_.summary()))
+
+    def _load() -> Any:
+        return load_detector(model_path, runtime, threads=threads, device="cpu", precision=precision)
+
     line_services = LineServices(settings_ns, store, artifacts, detector,
-                                 on_calibration=_calibration_changed)
+                                 on_calibration=_calibration_changed, load_model=_load,
+                                 on_model=_model_changed)
     pipeline.listeners.append(line_services.on_record)
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     line_services.start()
