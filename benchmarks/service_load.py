@@ -111,6 +111,21 @@ def model_and_data(ap: argparse.ArgumentParser, model: Path | None, data: Path |
     return model, data
 
 
+def retrain_into(folder: Path, source: Path, model_id: str) -> None:
+    """`diffqc train --out FOLDER --force` as a service serving FOLDER sees it: the bundle at
+    ``source`` under another model id saved into FOLDER, its files moved in one by one,
+    ``metadata.json`` last."""
+    import warnings
+
+    from diffqc.model import Detector
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        retrained = Detector.load(source, device="cpu")
+    retrained.metadata = {**retrained.metadata, "model_id": model_id}
+    retrained.save(folder, force=True)
+
+
 def payloads(data: Path, n: int = 16) -> list[tuple[bytes, str]]:
     """PNG bytes and feature type of up to ``n`` test images of the synthetic set."""
     from diffqc.data import load_dataset

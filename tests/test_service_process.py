@@ -414,20 +414,6 @@ def test_serve_serves_a_renewed_certificate_without_a_restart(service_model: tup
     assert "restart the service" not in log
 
 
-def _retrain_into(folder: Path, source: Path, model_id: str) -> None:
-    """`diffqc train --out FOLDER --force` as the service sees it: a bundle with another model id
-    saved into the served folder, its files moved in one by one, metadata.json last."""
-    import warnings
-
-    from diffqc.model import Detector
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        retrained = Detector.load(source, device="cpu")
-    retrained.metadata = {**retrained.metadata, "model_id": model_id}
-    retrained.save(folder, force=True)
-
-
 def test_serve_serves_a_retrained_model_without_a_restart(service_model: tuple[Path, Path],
                                                           samples: Samples, tmp_path: Path) -> None:
     """A model retrained into the served folder (`diffqc train --out SERVED --force`, the
@@ -459,7 +445,7 @@ def test_serve_serves_a_retrained_model_without_a_restart(service_model: tuple[P
     try:
         first = served_version()
         assert inspect()["model_version"] == first
-        _retrain_into(served, service_model[0], "retrained-1")
+        bench.retrain_into(served, service_model[0], "retrained-1")
         for _ in range(100):
             if served_version() == "retrained-1":
                 break

@@ -708,7 +708,7 @@ def test_a_running_watch_inspects_with_a_retrained_model(service_model: tuple[Pa
     import signal
 
     import diffqc
-    from tests.test_service_process import _retrain_into
+    from tests.test_service_common import bench
 
     model = tmp_path / "model"
     shutil.copytree(service_model[0], model)
@@ -736,7 +736,7 @@ def test_a_running_watch_inspects_with_a_retrained_model(service_model: tuple[Pa
         try:
             (folder / ftype / "first.png").write_bytes(data)
             first = record("first")
-            _retrain_into(model, service_model[0], "retrained-w")
+            bench.retrain_into(model, service_model[0], "retrained-w")
             for _ in range(300):
                 if "serving the retrained model retrained-w" in log_path.read_text():
                     break
