@@ -454,6 +454,19 @@ def test_serve_serves_a_retrained_model_without_a_restart(service_model: tuple[P
         assert inspect()["model_version"] == "retrained-1"
         model = httpx.get(srv.url + "/v1/line", headers=AUTH).json()["model"]
         assert model["model_id"] == "retrained-1" and model["reloads"] == 1 and model["last_error"] is None
+        # `diffqc export SERVED` then: the faster runtime it measured is taken, the same model
+        from diffqc.export import export_bundle
+
+        assert httpx.get(srv.url + "/v1/model", headers=AUTH).json()["runtime"] == "torch"
+        export_bundle(served, data=service_model[1], threads=1, check_images=4, openvino=False,
+                      log=lambda _: None)
+        for _ in range(100):
+            if httpx.get(srv.url + "/v1/line", headers=AUTH).json()["model"]["reloads"] == 2:
+                break
+            time.sleep(0.2)
+        info = httpx.get(srv.url + "/v1/model", headers=AUTH).json()
+        assert info["version"] == "retrained-1" and info["runtime"] == "onnx", info
+        assert inspect()["model_version"] == "retrained-1"
         (served / "metadata.json").write_text("{ damaged")
         for _ in range(100):
             if httpx.get(srv.url + "/v1/line", headers=AUTH).json()["model"]["last_error"]:
@@ -463,6 +476,7 @@ def test_serve_serves_a_retrained_model_without_a_restart(service_model: tuple[P
     finally:
         srv.stop()
     log = srv.log.read_text()
-    assert f"serving the retrained model retrained-1 from {served} without a restart" in log
+    assert f"serving the retrained model retrained-1 from {served} without a restart (torch, fp32;" in log
+    assert f"serving model retrained-1 from {served} again, as its files changed (onnx, fp32;" in log
     assert f"the model in {served} changed but cannot be served: its metadata.json cannot be read" in log
     assert "restart the service to serve the new model" not in log

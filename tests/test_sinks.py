@@ -32,7 +32,7 @@ from diffqc.service.sinks import (
     WebhookSink,
     parse_mqtt_url,
     webhook_headers,
-    webhook_secret,
+    webhook_secrets,
 )
 from diffqc.service.store import ResultRecord, ResultStore
 from tests.test_service_common import (  # noqa: F401 (fixtures)
@@ -183,18 +183,19 @@ def test_a_signed_webhook_is_verified_by_a_standard_webhooks_receiver(store: Res
     could post a PASS, and a replayed push could not be told from a new one. With a secret each
     push carries Standard Webhooks' signature headers, which that standard's own receiver library
     verifies (the body unchanged, sent recently); a retry keeps its webhook-id; a changed body
-    or another key is refused by the receiver."""
+    or another key is refused by the receiver. While a key is replaced, pushes are signed with
+    the old and the new one: a receiver holding either accepts them."""
     import base64
     import secrets
 
     from standardwebhooks import Webhook, WebhookVerificationError
 
-    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-    (tmp_path / "secret").write_text(secret + "\n")
+    secret, successor = ("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode() for _ in range(2))
+    (tmp_path / "secret").write_text(f"{secret}\n\n{successor}\n")  # a key a line
     receiver = Receiver(fail_first=1)
     box = outbox_for(store, "webhook")
     sink = WebhookSink(receiver.url, backoff_base_s=0.01, backoff_cap_s=0.02,
-                       secret=webhook_secret(f"@{tmp_path / 'secret'}"))
+                       secrets=webhook_secrets([f"@{tmp_path / 'secret'}"]))
     disp = Dispatcher(box, [sink], poll_s=0.02)
     disp.start()
     try:
@@ -206,6 +207,7 @@ def test_a_signed_webhook_is_verified_by_a_standard_webhooks_receiver(store: Res
     verifier = Webhook(secret)
     for (_, headers, body), raw in zip(receiver.requests, receiver.raw, strict=True):
         assert verifier.verify(raw, headers) == body
+        assert Webhook(successor).verify(raw, headers) == body
         forged = raw.replace(b'"REJECT"', b'"PASS"')  # a rejected part passed off as good
         assert forged != raw
         with pytest.raises(WebhookVerificationError):
@@ -222,20 +224,23 @@ def test_a_webhook_secret_is_read_and_checked_without_being_shown(tmp_path: Path
     from diffqc.service.app import ServiceSettings
 
     key = bytes(range(32))
-    assert webhook_secret("whsec_" + base64.b64encode(key).decode()) == key
-    assert webhook_secret(base64.b64encode(key).decode().rstrip("=")) == key  # no prefix, no padding
+    assert webhook_secrets(["whsec_" + base64.b64encode(key).decode()]) == [key]
+    assert webhook_secrets([base64.b64encode(key).decode().rstrip("=")]) == [key]  # no prefix, no padding
+    (tmp_path / "empty").write_text("\n")
     how = "make one: python -c \"import base64, secrets; print('whsec_' + "
     short = "whsec_" + base64.b64encode(b"short").decode()
     for value, said in [("whsec_not base64!", f"--webhook-secret is not whsec_ and base64 (the Standard "
                                               f"Webhooks form): {how}"),
                         (short, f"--webhook-secret holds 5 bytes: a signing key needs at least 24: {how}"),
-                        (f"@{tmp_path / 'gone'}", f"cannot read --webhook-secret @{tmp_path / 'gone'}")]:
+                        (f"@{tmp_path / 'gone'}", f"cannot read --webhook-secret @{tmp_path / 'gone'}"),
+                        (f"@{tmp_path / 'empty'}",
+                         f"--webhook-secret @{tmp_path / 'empty'} holds no key: {how}")]:
         with pytest.raises(ConfigError) as info:
-            webhook_secret(value)
+            webhook_secrets([value])
         assert str(info.value).startswith(said), str(info.value)
         assert "not base64!" not in str(info.value) and short not in str(info.value)  # never shown
     with pytest.raises(ConfigError, match="--webhook-secret needs --webhook URL"):
-        ServiceSettings(allow_no_token=True, webhook_secret=base64.b64encode(key).decode()).validate()
+        ServiceSettings(allow_no_token=True, webhook_secrets=(base64.b64encode(key).decode(),)).validate()
 
 
 def test_webhook_to_an_endpoint_whose_certificate_an_internal_ca_signed(

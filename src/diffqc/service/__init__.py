@@ -179,7 +179,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "mqtt_url": args.mqtt,
         "webhook_url": args.webhook,
         "webhook_headers": tuple(args.webhook_header or ()),
-        "webhook_secret": args.webhook_secret,
+        "webhook_secrets": tuple(args.webhook_secret or ()),
         "opcua_url": args.opcua,
         **_artifact_settings(args),
         "log_level": args.log_level,
@@ -460,11 +460,12 @@ def add_service_commands(subparsers: Any) -> None:
                    help="also serve the decisions as an OPC UA server on this address, for PLCs and "
                         "SCADA (e.g. opc.tcp://0.0.0.0:4840): the latest decision, and each type's "
                         "with its counts and drift alarm, read-only, anonymous, unencrypted (docs/API.md)")
-    p.add_argument("--webhook-secret", default=None, metavar="whsec_KEY or @FILE",
+    p.add_argument("--webhook-secret", action="append", default=None, metavar="whsec_KEY or @FILE",
                    help="sign every push as Standard Webhooks does (webhook-id, webhook-timestamp, "
                         "webhook-signature: HMAC-SHA256), so the receiver can check that this service "
                         "sent it, unchanged and recently; the key as whsec_ and base64, or @FILE "
-                        "holding it (kept off the command line)")
+                        "holding it (kept off the command line); repeatable, or a key a line in FILE: "
+                        "signed with each, to replace a key without a gap")
     _add_log_arguments(p)
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.set_defaults(func=_cmd_serve)

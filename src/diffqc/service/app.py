@@ -71,7 +71,7 @@ from diffqc.service.security import (
     tls_reloader,
     token_matches,
 )
-from diffqc.service.sinks import check_sink_urls, webhook_headers, webhook_secret
+from diffqc.service.sinks import check_sink_urls, webhook_headers, webhook_secrets
 from diffqc.service.store import (
     DECISIONS,
     MAX_ROW_ID,
@@ -141,7 +141,7 @@ class ServiceSettings:
     webhook_url: str | None = None  # POST each decision as JSON
     webhook_max_attempts: int = 8  # then the message goes to the dead-letter table
     webhook_headers: tuple[str, ...] = ()  # "Name: value" or "@FILE" (sinks.webhook_headers)
-    webhook_secret: str | None = None  # "whsec_..." or "@FILE": sign each push (sinks.webhook_secret)
+    webhook_secrets: tuple[str, ...] = ()  # "whsec_..." or "@FILE": sign each push (sinks.webhook_secrets)
     opcua_url: str | None = None  # opc.tcp://host:port: an OPC UA server of the decisions (service.opcua)
     drift_window: int = 200  # p-values per type in the drift window
     drift_min_parts: int = 30
@@ -182,10 +182,10 @@ class ServiceSettings:
             from diffqc.service.opcua import check_opcua_url
 
             check_opcua_url(self.opcua_url)
-        if self.webhook_secret is not None:
+        if self.webhook_secrets:
             if not self.webhook_url:
                 raise ConfigError("--webhook-secret needs --webhook URL (the endpoint whose pushes it signs)")
-            webhook_secret(self.webhook_secret)
+            webhook_secrets(self.webhook_secrets)
         if isinstance(self.watch_camera, tuple) and len(self.watch_camera) != len(self.watch_dirs):
             raise ConfigError(f"--camera is given {len(self.watch_camera)} times for {len(self.watch_dirs)} "
                               "--watch folders: give it once (every folder's parts) or once per --watch, "

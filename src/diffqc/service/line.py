@@ -26,9 +26,10 @@ from typing import Any
 
 from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, is_misrouted, prometheus_label, scored
 from diffqc.recalibrate import CalibrationReloader
+from diffqc.runtime import EXPORT_FILE
 from diffqc.service.retention import RetentionPolicy, RetentionWorker
 from diffqc.service.security import certificate_expiry
-from diffqc.service.sinks import Dispatcher, Outbox, build_sinks, webhook_headers, webhook_secret
+from diffqc.service.sinks import Dispatcher, Outbox, build_sinks, webhook_headers, webhook_secrets
 from diffqc.service.store import ArtifactStore, ResultRecord, ResultStore, StoreError
 
 log = logging.getLogger("diffqc.service")
@@ -135,10 +136,12 @@ class FileChange:
 
 class ModelWatch:
     """The bundle a service serves. `diffqc train --out SERVED --force` (or a bundle copied over
-    it) writes its files one by one, ``metadata.json`` last: once that file changed and stayed
-    as it is for one look, a model with another ``model_id`` is loaded (``load``: as at start,
-    the runtime and precision chosen again) and :meth:`check` returns it; one that cannot be
-    loaded (a damaged bundle) is said once, and the model served so far stays."""
+    it) writes its files one by one, ``metadata.json`` last; `diffqc export SERVED` writes
+    ``export.json`` last. Once either changed and stayed as it is for one look, the bundle is
+    loaded again (``load``: as at start, the runtime and precision chosen again, so a new
+    export's faster runtime is taken) and :meth:`check` returns it, with whether it is another
+    model (another ``model_id``); one that cannot be loaded (a damaged bundle) is said once,
+    and the model served so far stays."""
 
     def __init__(self, bundle: Path, model_id: str, load: Callable[[], Any]) -> None:
         self.bundle = bundle
@@ -146,10 +149,10 @@ class ModelWatch:
         self.load = load
         self.reloads = 0
         self.last_error: str | None = None
-        self._files = FileChange(bundle / "metadata.json")
+        self._files = FileChange(bundle / "metadata.json", bundle / EXPORT_FILE)
 
-    def check(self) -> Any | None:
-        """The retrained model, loaded, when there is one; else None."""
+    def check(self) -> tuple[Any, bool] | None:
+        """``(detector, another model)`` when the bundle changed and was loaded; else None."""
         if not self._files.settled():
             return None
         try:
@@ -157,26 +160,29 @@ class ModelWatch:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self._failed(f"its metadata.json cannot be read ({exc})")
             return None
-        if model_id == self.model_id:  # rewritten, the same model (a calibration is watched apart)
-            return None
         t0 = time.perf_counter()
         try:
             detector = self.load()
         except Exception as exc:  # a damaged bundle, a failed export check: keep serving
             self._failed(str(exc))
             return None
-        log.info("serving the retrained model %s from %s without a restart (loaded in %.1f s; it "
-                 "replaces %s): drift windows start again", model_id, self.bundle,
-                 time.perf_counter() - t0, self.model_id)
+        retrained = model_id != self.model_id
+        runtime = f"{getattr(detector, 'runtime', 'torch')}, {getattr(detector, 'precision', 'fp32')}"
+        if retrained:
+            log.info("serving the retrained model %s from %s without a restart (%s; loaded in %.1f s; it "
+                     "replaces %s): drift windows start again", model_id, self.bundle, runtime,
+                     time.perf_counter() - t0, self.model_id)
+        else:
+            log.info("serving model %s from %s again, as its files changed (%s; loaded in %.1f s)",
+                     model_id, self.bundle, runtime, time.perf_counter() - t0)
         self.model_id, self.last_error = model_id, None
         self.reloads += 1
-        return detector
+        return detector, retrained
 
     def _failed(self, why: str) -> None:
         self.last_error = why
         log.error("the model in %s changed but cannot be served: %s; the service goes on serving model %s",
                   self.bundle, why, self.model_id)
-        return None
 
 
 class CertificateWatch:
@@ -367,7 +373,7 @@ class LineServices:
         sinks = build_sinks(getattr(settings, "mqtt_url", None), getattr(settings, "webhook_url", None),
                             max_attempts=int(getattr(settings, "webhook_max_attempts", 8)),
                             headers=webhook_headers(getattr(settings, "webhook_headers", ())),
-                            secret=_signing_key(getattr(settings, "webhook_secret", None)))
+                            secrets=webhook_secrets(getattr(settings, "webhook_secrets", ())))
         self.outbox: Outbox | None = None
         self.dispatcher: Dispatcher | None = None
         if sinks:
@@ -539,11 +545,13 @@ class LineServices:
         when the service now inspects with it."""
         if self.model_watch is None or self.bundle is None:
             return False
-        detector = self.model_watch.check()
-        if detector is None:
+        loaded = self.model_watch.check()
+        if loaded is None:
             return False
+        detector, retrained = loaded
         self.reloader = CalibrationReloader(detector, self.bundle, follows_retrain=True)
-        self.drift.reset("model changed")  # its p-values are the new model's
+        if retrained:
+            self.drift.reset("model changed")  # its p-values are the new model's
         if self.opcua is not None:
             self.opcua = self.opcua.use_model(list(getattr(detector, "classes_", None) or ()),
                                               str(getattr(detector, "version", "") or ""))
@@ -643,8 +651,3 @@ class LineServices:
                 "last_error": self.reloader.last_error,
             },
         }
-
-
-def _signing_key(value: str | None) -> bytes | None:
-    """The webhook's signing key from ``--webhook-secret`` (none: pushes are not signed)."""
-    return None if value is None else webhook_secret(value)

@@ -288,9 +288,10 @@ class WebhookSink:
 
     def __init__(self, url: str, *, timeout_s: float = 5.0, max_attempts: int = 8,
                  backoff_base_s: float = 1.0, backoff_cap_s: float = 60.0,
-                 headers: dict[str, str] | None = None, secret: bytes | None = None) -> None:
-        """``secret``: sign each push as Standard Webhooks does (:func:`webhook_secret`), so a
-        receiver can tell that diffqc sent it, unchanged and recently."""
+                 headers: dict[str, str] | None = None, secrets: Sequence[bytes] = ()) -> None:
+        """``secrets``: sign each push with each key as Standard Webhooks does
+        (:func:`webhook_secrets`), so a receiver can tell that diffqc sent it, unchanged and
+        recently."""
         check_webhook_url(url)
         if max_attempts < 1:
             raise ConfigError(f"webhook max_attempts must be at least 1, got {max_attempts}")
@@ -300,7 +301,7 @@ class WebhookSink:
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
         self.headers = dict(headers or {})
-        self.secret = secret
+        self.secrets = list(secrets)
 
     def ready(self) -> bool:
         return True
@@ -328,7 +329,7 @@ class WebhookSink:
                 "Idempotency-Key": key,
                 "X-Diffqc-Kind": message.kind,
                 **({"X-Diffqc-Record-Id": str(message.record_id)} if message.record_id is not None else {}),
-                **(signature_headers(self.secret, key, body) if self.secret is not None else {}),
+                **(signature_headers(self.secrets, key, body) if self.secrets else {}),
             },
         )
         try:
@@ -372,36 +373,48 @@ OWN_HEADERS = ("Content-Type", "Idempotency-Key", "X-Diffqc-Kind", "X-Diffqc-Rec
 WEBHOOK_SECRET_MIN_BYTES = 24  # Standard Webhooks: 24 to 64 bytes
 
 
-def webhook_secret(value: str) -> bytes:
-    """``--webhook-secret``'s key: ``whsec_`` and base64 (the Standard Webhooks form, as the
-    receiver's library or the MES generates it), or ``@FILE`` holding it (a Docker secret). A
-    malformed or short one is a :class:`ConfigError` that never shows it."""
-    what = "--webhook-secret"
-    if value.startswith("@"):
-        what = f"--webhook-secret {value}"
-        value = read_secret_file(value[1:], what)
-    text = value.strip().removeprefix("whsec_")
+def webhook_secrets(values: Sequence[str]) -> list[bytes]:
+    """``--webhook-secret``'s keys (repeatable: a key being replaced and its successor, each push
+    signed with both while receivers move over): each ``whsec_`` and base64 (the Standard
+    Webhooks form, as the receiver's library or the MES generates it), or ``@FILE`` holding one
+    a line (a Docker secret). A malformed or short one is a :class:`ConfigError` that never
+    shows it."""
     how = ("make one: python -c \"import base64, secrets; print('whsec_' + "
            "base64.b64encode(secrets.token_bytes(32)).decode())\"")
-    try:
-        key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except ValueError:
-        raise ConfigError(f"{what} is not whsec_ and base64 (the Standard Webhooks form): {how}") from None
-    if len(key) < WEBHOOK_SECRET_MIN_BYTES:
-        raise ConfigError(f"{what} holds {len(key)} bytes: a signing key needs at least "
-                          f"{WEBHOOK_SECRET_MIN_BYTES}: {how}")
-    return key
+    keys: list[bytes] = []
+    for value in values:
+        what, texts = "--webhook-secret", [value]
+        if value.startswith("@"):
+            what = f"--webhook-secret {value}"
+            texts = [line for line in read_secret_file(value[1:], what).splitlines() if line.strip()]
+            if not texts:
+                raise ConfigError(f"{what} holds no key: {how}")
+        for text in (t.strip().removeprefix("whsec_") for t in texts):
+            try:
+                key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+            except ValueError:
+                raise ConfigError(f"{what} is not whsec_ and base64 (the Standard Webhooks form): "
+                                  f"{how}") from None
+            if len(key) < WEBHOOK_SECRET_MIN_BYTES:
+                raise ConfigError(f"{what} holds {len(key)} bytes: a signing key needs at least "
+                                  f"{WEBHOOK_SECRET_MIN_BYTES}: {how}")
+            keys.append(key)
+    return keys
 
 
-def signature_headers(secret: bytes, message_id: str, body: bytes) -> dict[str, str]:
+def signature_headers(secrets: Sequence[bytes], message_id: str, body: bytes) -> dict[str, str]:
     """Standard Webhooks' headers of one push (https://www.standardwebhooks.com): ``webhook-id``
     (the message's key, the same on every retry), ``webhook-timestamp`` (this attempt's, epoch
     seconds) and ``webhook-signature`` (``v1,`` and base64 of HMAC-SHA256 over
-    ``id.timestamp.body``), which its receiver libraries verify."""
+    ``id.timestamp.body``, one such with each key, space-separated), which its receiver
+    libraries verify (a receiver holding either key accepts)."""
     stamp = str(int(time.time()))
-    mac = hmac.new(secret, f"{message_id}.{stamp}.".encode() + body, hashlib.sha256).digest()
-    return {"webhook-id": message_id, "webhook-timestamp": stamp,
-            "webhook-signature": "v1," + base64.b64encode(mac).decode("ascii")}
+    signed = f"{message_id}.{stamp}.".encode() + body
+    signatures = ["v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
+                  for key in secrets]
+    return {"webhook-id": message_id, "webhook-timestamp": stamp, "webhook-signature": " ".join(signatures)}
+
+
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110's token
 
 
