@@ -53,12 +53,13 @@ def live_server(detector: Any, tmp_path: Path) -> Iterator[tuple[str, Any]]:
 
 
 @contextmanager
-def _serve(app: Any) -> Iterator[str]:
+def _serve(app: Any, root_path: str = "") -> Iterator[str]:
     """``app`` under a real uvicorn on 127.0.0.1, in a thread."""
     import uvicorn
 
     port = bench.free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           root_path=root_path))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -395,20 +396,27 @@ def _behind_a_prefix(upstream: str, prefix: str) -> Iterator[str]:
         thread.join(15)
 
 
+@pytest.mark.parametrize("root_path", ["", "/qc"])
 def test_dashboard_works_behind_a_proxy_that_serves_it_under_a_path(
-    live_server: tuple[str, Any], browser: Any, samples: Samples
+    detector: Any, browser: Any, samples: Samples, tmp_path: Path, root_path: str
 ) -> None:
     """A line's reverse proxy often serves the service under a path of its own
     (https://hmi/qc/). The dashboard was opened at /qc/ and sent to /dashboard, the proxy's
     root; opened at /qc/dashboard it asked /v1/... there, none of which is the service, and
-    showed nothing. It follows its own address: every call, image and heat map under /qc/."""
+    showed nothing. It follows its own address: every call, image and heat map under /qc/.
+    With `serve --root-path /qc` the API's image and heat-map URLs carry the prefix too, so a
+    client behind the proxy fetches them as given (they were the service's own paths)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    url, state = live_server
+    from diffqc.service.app import ServiceSettings, create_app
+
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,), root_path=root_path),
+                     detector=detector)
+    state = app.state.diffqc
     wait = WebDriverWait(browser, 20)
-    with _behind_a_prefix(url, "/qc") as proxy:
+    with _serve(app, root_path) as url, _behind_a_prefix(url, "/qc") as proxy:
         browser.get(proxy + "/qc/")
         assert browser.current_url == proxy + "/qc/dashboard"
         browser.find_element(By.ID, "token").send_keys(TOKEN)
@@ -419,6 +427,11 @@ def test_dashboard_works_behind_a_proxy_that_serves_it_under_a_path(
                        params={"feature_type": ftype, "part_id": "proxied-1"})
         assert r.status_code == 200, r.text
         rid = r.json()["id"]
+        image_url = r.json()["image_url"]
+        assert image_url == f"{root_path}/v1/results/{rid}/image"
+        if root_path:  # the URL as given, through the proxy
+            fetched = httpx.get(proxy + image_url, headers=AUTH)
+            assert fetched.status_code == 200 and fetched.headers["content-type"].startswith("image/")
         row = wait.until(ec.presence_of_element_located(
             (By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"]')))
         assert "proxied-1" in row.text

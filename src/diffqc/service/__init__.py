@@ -176,6 +176,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "tls_warn_days": args.tls_warn_days,
+        "root_path": args.root_path,
         "mqtt_url": args.mqtt,
         "webhook_url": args.webhook,
         "webhook_headers": tuple(args.webhook_header or ()),
@@ -442,6 +443,10 @@ def add_service_commands(subparsers: Any) -> None:
                         "token and the parts' images cross the network encrypted; a renewed file "
                         "(certbot, cert-manager) is served without a restart; named --tls-warn-days "
                         "before it expires")
+    p.add_argument("--root-path", default="", metavar="/PATH",
+                   help="the path a reverse proxy serves this service under (https://hmi/qc/ -> "
+                        "/qc): the API's heatmap_url and image_url carry it; requests with or "
+                        "without it are answered (a proxy that strips it, or one that does not)")
     p.add_argument("--tls-warn-days", type=number(0.0), default=14.0, metavar="DAYS",
                    help="say this many days before the --tls-cert certificate expires that it "
                    "does (log, /v1/line, /metrics, dashboard; default 14; 30 or more where a "

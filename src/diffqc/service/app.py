@@ -155,6 +155,7 @@ class ServiceSettings:
     tls_cert: str | Path | None = None  # serve over HTTPS: the certificate (PEM) ...
     tls_key: str | Path | None = None  # ... and its private key (PEM, unencrypted; else in tls_cert)
     tls_warn_days: float = 14.0  # the certificate is named as expiring this long before (log, /v1/line)
+    root_path: str = ""  # the path a reverse proxy serves the service under ("/qc"): in the API's URLs
 
     def validate(self) -> None:
         if not self.tokens and not self.allow_no_token:
@@ -163,6 +164,9 @@ class ServiceSettings:
                 "it) (or --no-auth on a trusted host)"
             )
         check_tls(self.tls_cert, self.tls_key)
+        if self.root_path and not re.fullmatch(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+", self.root_path):
+            raise ConfigError(f"--root-path {self.root_path!r} must look like /qc or /line-1/qc (the path a "
+                              "reverse proxy serves this service under; no trailing /)")
         policies = [p.value for p in OverflowPolicy]
         if self.overflow not in policies:
             raise ConfigError(f"overflow must be one of {', '.join(policies)}, got {self.overflow!r}")
@@ -457,11 +461,13 @@ class _StatusCounter:
 
 
 # --------------------------------------------------------------------------- JSON helpers
-def record_json(rec: ResultRecord) -> dict[str, Any]:
+def record_json(rec: ResultRecord, root_path: str = "") -> dict[str, Any]:
+    """A record as the API answers it; its pictures' URLs are paths under ``root_path`` (the
+    path a proxy serves the service under, ``--root-path``)."""
     out = rec.to_json()
     rid = rec.id
-    out["heatmap_url"] = f"/v1/results/{rid}/heatmap" if rec.heatmap else None
-    out["image_url"] = f"/v1/results/{rid}/image" if rec.image else None
+    out["heatmap_url"] = f"{root_path}/v1/results/{rid}/heatmap" if rec.heatmap else None
+    out["image_url"] = f"{root_path}/v1/results/{rid}/image" if rec.image else None
     out["misrouted"] = is_misrouted(rec.feature_type, rec.predicted_type, rec.type_known)
     out.pop("heatmap")
     out.pop("image")
@@ -1296,11 +1302,11 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         results = []
         for i in range(n):
             rec = done.get(i) or new[i]
-            results.append({**record_json(rec), "duplicate": i in done or rec.duplicate})
+            results.append({**record_json(rec, settings.root_path), "duplicate": i in done or rec.duplicate})
         return JSONResponse({"results": results, "total_ms": round((time.perf_counter() - t0) * 1000.0, 3)})
 
     def _inspect_response(rec: ResultRecord, t0: float, *, duplicate: bool) -> JSONResponse:
-        body = record_json(rec)
+        body = record_json(rec, settings.root_path)
         body["total_ms"] = round((time.perf_counter() - t0) * 1000.0, 3)
         body["duplicate"] = duplicate
         return JSONResponse(body)
@@ -1345,7 +1351,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                 oldest_first=order == "oldest",
             )
         )
-        return {"results": [record_json(r) for r in recs], "count": len(recs)}
+        return {"results": [record_json(r, settings.root_path) for r in recs], "count": len(recs)}
 
     async def _get_record(record_id: int) -> ResultRecord:
         _, store = state.require()
@@ -1359,7 +1365,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         rec = await _get_record(record_id)
         _, store = state.require()
         history = await run_in_threadpool(store.review_history, record_id)
-        return {**record_json(rec), "review_history": history}
+        return {**record_json(rec, settings.root_path), "review_history": history}
 
     async def _artifact(record_id: int, kind: str) -> FileResponse:
         rec = await _get_record(record_id)
@@ -1391,7 +1397,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         _, store = state.require()
         recs = await run_in_threadpool(store.review_queue, limit)
         pending = await run_in_threadpool(store.pending_reviews)
-        return {"queue": [record_json(r) for r in recs], "pending": pending}
+        return {"queue": [record_json(r, settings.root_path) for r in recs], "pending": pending}
 
     @api.get("/v1/defects")
     async def defect_kinds(limit: int = Query(default=200, ge=1, le=1000)) -> dict[str, Any]:
@@ -1415,7 +1421,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         updated = await run_in_threadpool(store.set_review, record_id, body.verdict, reviewer, note, defect)
         if updated is None:  # pragma: no cover - deleted in between
             raise ServiceError(404, "not_found", f"no result with id {record_id}")
-        return record_json(updated)
+        return record_json(updated, settings.root_path)
 
     # ---------------------------------------------------------------- model / stats
     @api.get("/v1/model")
@@ -1739,7 +1745,7 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
     app = create_app(settings, detector=detector)
     port = sockets[0].getsockname()[1]
     tls = settings.tls_cert is not None
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, root_path=settings.root_path,
                             log_config=uvicorn_log_config(log_format),
                             access_log=access_log, timeout_graceful_shutdown=30,
                             server_header=False,
