@@ -506,3 +506,31 @@ def test_dashboard_says_when_the_tls_certificate_expires_soon(detector: Any, bro
         panel = WebDriverWait(browser, 20).until(ec.visibility_of_element_located((By.ID, "certificate")))
         assert "expires on " + until.astimezone().strftime("%Y-%m-%d") in panel.text, panel.text
         assert "in 2 days" in panel.text or "in 3 days" in panel.text, panel.text
+
+
+def test_dashboard_follows_a_retrained_model(service_model: tuple[Path, Path], browser: Any,
+                                             tmp_path: Path) -> None:
+    """The dashboard read the model (its version, the levels it decides at) once, when it
+    connected: after a calibration or a model the service took without a restart it showed the
+    old ones until the page was reloaded. It reads them again when `/v1/line` says the service
+    took a new one."""
+    import shutil
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    served = tmp_path / "model"
+    shutil.copytree(service_model[0], served)
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,), model_path=served))
+    with _serve(app) as url:
+        browser.get(url + "/dashboard")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "connect").click()
+        wait = WebDriverWait(browser, 30)
+        first = app.state.diffqc.model_version
+        wait.until(lambda d: d.find_element(By.ID, "model-version").text == first)
+        time.sleep(6)  # a poll of /v1/line has seen the model served at first
+        bench.retrain_into(served, service_model[0], "retrained-dash")
+        wait.until(lambda d: d.find_element(By.ID, "model-version").text == "retrained-dash")
