@@ -507,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _last_word(args: argparse.Namespace, level: str, text: str) -> None:
     """``diffqc: error: TEXT`` (or ``diffqc: interrupted``) on stderr; for a command whose log
-    is JSON lines (``serve``/``watch --log-format json``), one more such line."""
+    is JSON lines (``serve``/``watch --log-format json``), a JSON line of ``level`` instead."""
     if getattr(args, "log_format", "text") == "json":
         from diffqc.service.logs import json_log_line
 

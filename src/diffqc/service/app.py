@@ -1661,7 +1661,8 @@ def run_server(
     ``postgresql://`` URL. ``token``: accepted API token(s); default ``$DIFFQC_TOKEN``
     (comma-separated for several). Other options are :class:`ServiceSettings` fields
     (``buffer_size``, ``max_batch``, ``overflow``, ``data_dir``, ``cors_origins``, ...) plus
-    ``log_level``. Returns the process exit code.
+    ``log_level``, ``log_format`` (:mod:`diffqc.service.logs`) and ``access_log``. Returns the
+    process exit code.
     """
     from diffqc.service.logs import configure_logging
     from diffqc.service.security import tokens_from_env
@@ -1751,7 +1752,7 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
                             server_header=False,
                             ssl_certfile=str(settings.tls_cert) if tls else None,
                             ssl_keyfile=None if settings.tls_key is None else str(settings.tls_key))
-    config.load()  # its SSL context, which a renewed certificate is loaded into (not at each start)
+    config.load()  # makes its SSL context now: renewed certificate files are loaded into it later
     if tls and config.ssl is not None:
         app.state.diffqc.tls_context = config.ssl
     server = uvicorn.Server(config)

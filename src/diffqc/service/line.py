@@ -1,13 +1,16 @@
-"""What the service does for the line beyond answering requests: push decisions (sinks), watch
-for drift, pick up a new calibration, expire old artifacts. :class:`LineServices` wires the four
-into a running service (``create_app`` starts it before the inspection worker, stops it after).
+"""What the service does for the line beyond answering requests: push decisions (sinks, and an
+OPC UA server), watch for drift, pick up a new calibration or a retrained model, expire old
+artifacts. :class:`LineServices` wires them into a running service (``create_app`` starts it
+before the inspection worker, stops it after).
 
 Configured by :class:`diffqc.service.app.ServiceSettings` fields: ``mqtt_url``,
-``webhook_url``, ``webhook_max_attempts``, ``webhook_headers``, ``drift_window``, ``drift_min_parts``,
-``drift_level``, ``calibration_poll_s``, ``retention_max_age_s``, ``retention_max_bytes``,
-``retention_interval_s``, ``disk_min_free_bytes``, ``disk_min_free_ratio``, ``tls_cert``,
-``tls_warn_days``. It also watches the free space of the disks it writes to (:class:`DiskWatch`)
-and the expiry of the TLS certificate it serves (:class:`CertificateWatch`).
+``webhook_url``, ``webhook_max_attempts``, ``webhook_headers``, ``webhook_secrets``,
+``opcua_url``, ``drift_window``, ``drift_min_parts``, ``drift_level``, ``calibration_poll_s``,
+``retention_max_age_s``, ``retention_max_bytes``, ``retention_interval_s``,
+``disk_min_free_bytes``, ``disk_min_free_ratio``, ``tls_cert``, ``tls_key``, ``tls_warn_days``.
+It also watches the free space of the disks it writes to (:class:`DiskWatch`), the TLS
+certificate it serves (:class:`CertificateWatch`: its expiry, and renewed files served), the
+system clock (:class:`ClockWatch`) and the bundle (:class:`ModelWatch`).
 """
 
 from __future__ import annotations
@@ -358,7 +361,8 @@ def _trained_at(bundle: Path | None) -> float | None:
 
 
 class LineServices:
-    """Sinks + outbox, drift monitor, calibration reloader and retention worker of one service."""
+    """Sinks + outbox, OPC UA server, drift monitor, calibration and model reloaders, retention
+    worker, and the disk, clock and certificate watches of one service."""
 
     def __init__(self, settings: Any, store: ResultStore, artifacts: ArtifactStore | None,
                  detector: Any, *, on_calibration: Callable[[], None] | None = None,
@@ -569,9 +573,9 @@ class LineServices:
         return True
 
     def _watch(self) -> None:
-        """The calibration file, the clock and the certificate's files (renewed?) every
-        ``poll_s``, the disks and the certificate's expiry every ``disk_poll_s`` (first now); one
-        failing check does not stop the others."""
+        """The clock, the certificate's files (renewed?), the bundle (retrained?) and its
+        calibration file every ``poll_s``, the disks and the certificate's expiry every
+        ``disk_poll_s`` (first now); one failing check does not stop the others."""
         disk_due = 0.0
         while True:
             if time.monotonic() >= disk_due:

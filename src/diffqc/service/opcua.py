@@ -13,7 +13,8 @@ space, in the namespace :data:`NAMESPACE`, with string node ids a PLC program ca
                                         Station, Camera
     Objects/diffqc/Types/<type>         the latest decision of that type (the same fields but
                                         FeatureType), Inspected, Pass, Review, Reject,
-                                        NotInspected (counts since the service started) and
+                                        NotInspected (counts since the server started: with
+                                        the service, or a model with other types) and
                                         DriftAlarm
 
 Every variable is read-only. ``RecordId`` is written last, so a client that triggers on its
@@ -137,8 +138,8 @@ class OpcUaServer:
                  "type's under diffqc/Types", self.url, NAMESPACE)
 
     def stop(self) -> None:
-        if self._loop is not None and self._queue is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, ("stop", None))
+        self._put("stop", None)  # nothing to do when its loop already ended (a failed server)
+        if self._thread is not None:
             self._thread.join(10)
 
     def publish(self, rec: ResultRecord) -> None:
