@@ -7,9 +7,11 @@ saves a retrained bundle into the served folder (the same weights under another 
 ``diffqc train --out SERVED --force`` writes a bundle: files moved in, ``metadata.json`` last).
 Per round: the parts answered by each model, any part not answered 200, and the latency of the
 parts before the save and of those sent from the save until the new model answered (the load
-runs beside inference, on the same cores). Medians over ``--rounds``.
+runs beside inference, on the same cores). Medians over ``--rounds``. Then one service takes
+``--swaps`` retrained models in turn: its resident memory after each (a replaced model that
+stays in memory would add its size each time).
 
-    python benchmarks/model_swap.py [--rounds 3] [--before 4] [--after 4]
+    python benchmarks/model_swap.py [--rounds 3] [--before 4] [--after 4] [--swaps 5]
 """
 
 from __future__ import annotations
@@ -87,6 +89,39 @@ def _round(model: Path, parts: list[tuple[bytes, str]], work: Path, r: int, args
             "after_p50_ms": float(np.median(after))}
 
 
+def memory_over_swaps(model: Path, parts: list[tuple[bytes, str]], work: Path, swaps: int) -> list[float]:
+    """One service, ``swaps`` retrained models in turn: its resident memory (MB) once the first
+    model served 20 parts, then after each swap and 20 parts (a model that stays in memory after
+    it was replaced would add its size each time)."""
+    served = work / "served-memory"
+    shutil.copytree(model, served)
+    server = bench.start_server(served, str(work / "memory.db"), workdir=work)
+    headers = {"Authorization": f"Bearer {bench.TOKEN}"}
+    rss: list[float] = []
+    try:
+        with httpx.Client(base_url=server.url, headers=headers, timeout=30) as http:
+            def twenty() -> None:
+                for i in range(20):
+                    body, ftype = parts[i % len(parts)]
+                    answer = http.post("/v1/inspect", content=body, params={"feature_type": ftype})
+                    assert answer.status_code == 200, answer.text
+
+            twenty()
+            rss.append(server.rss() / 2**20)
+            for k in range(swaps):
+                bench.retrain_into(served, model, f"memory-{k}")
+                deadline = time.monotonic() + 60
+                while http.get("/v1/model").json()["version"] != f"memory-{k}":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the retrained model was not served within 60 s")
+                    time.sleep(0.2)
+                twenty()
+                rss.append(server.rss() / 2**20)
+    finally:
+        server.stop()
+    return rss
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="model bundle (default: a tiny one)")
@@ -94,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--before", type=float, default=4.0, help="seconds of parts before the retrain is saved")
     ap.add_argument("--after", type=float, default=4.0, help="seconds of parts after the new model answers")
+    ap.add_argument("--swaps", type=int, default=5, help="retrained models in turn, for the memory")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="diffqc-swap-"))
     model, data = bench.model_and_data(ap, args.model, args.data, work)
@@ -106,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmedian of {args.rounds} rounds:")
     for key in rows[0]:
         print(f"  {key}: {statistics.median(row[key] for row in rows):.2f}")
+    if args.swaps:
+        rss = memory_over_swaps(model, parts, work, args.swaps)
+        print(f"\nresident memory (MB) at the first model, then after each of {args.swaps} swaps: "
+              + ", ".join(f"{v:.0f}" for v in rss))
     return 0
 
 
