@@ -1229,3 +1229,35 @@ def test_disk_watch_says_when_the_stores_file_system_runs_low(tmp_path: Path,
     never = DiskWatch([tmp_path / "absent" / "results.db"], min_free_bytes=1, min_free_ratio=0.0)
     [fs] = never.check()  # a folder not made yet: its nearest existing parent's file system
     assert fs["path"] == str(tmp_path) and not fs["low"]
+
+
+def test_model_watch_loads_a_retrained_model_or_a_new_export_not_a_recalibration(tmp_path: Path) -> None:
+    """The bundle is loaded again for another model (a retrain's metadata.json, written last)
+    or a new export (export.json), each once complete; `diffqc calibrate` also rewrites
+    metadata.json, under the same model id: that is the calibration watch's, not a reload."""
+    import json
+    import os
+
+    from diffqc.service.line import ModelWatch
+
+    meta = tmp_path / "metadata.json"
+
+    def write(path: Path, data: dict) -> None:
+        path.write_text(json.dumps(data))
+        os.utime(path, ns=(os.stat(path).st_mtime_ns + 10**9,) * 2)  # a new second on any file system
+
+    write(meta, {"model_id": "m1"})
+    loads: list[int] = []
+    watch = ModelWatch(tmp_path, "m1", lambda: loads.append(1) or f"detector-{len(loads)}")
+
+    def settle() -> Any:
+        first = watch.check()
+        return first if first is not None else watch.check()
+
+    write(meta, {"model_id": "m1", "recalibrated": {"at": "now"}})  # diffqc calibrate
+    assert settle() is None and not loads and watch.reloads == 0
+    write(tmp_path / "export.json", {"fastest_first": ["onnx"]})  # diffqc export
+    assert settle() == ("detector-1", False) and watch.model_id == "m1"
+    write(meta, {"model_id": "m2"})  # diffqc train --out SERVED --force
+    assert settle() == ("detector-2", True) and watch.model_id == "m2" and watch.reloads == 2
+    assert watch.check() is None and len(loads) == 2

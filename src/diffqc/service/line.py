@@ -152,17 +152,21 @@ class ModelWatch:
         self.load = load
         self.reloads = 0
         self.last_error: str | None = None
-        self._files = FileChange(bundle / "metadata.json", bundle / EXPORT_FILE)
+        self._metadata = FileChange(bundle / "metadata.json")
+        self._export = FileChange(bundle / EXPORT_FILE)
 
     def check(self) -> tuple[Any, bool] | None:
         """``(detector, another model)`` when the bundle changed and was loaded; else None."""
-        if not self._files.settled():
+        retrain, export = self._metadata.settled(), self._export.settled()
+        if not (retrain or export):
             return None
         try:
             model_id = str(json.loads((self.bundle / "metadata.json").read_text())["model_id"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self._failed(f"its metadata.json cannot be read ({exc})")
             return None
+        if model_id == self.model_id and not export:  # `diffqc calibrate` rewrote it: the
+            return None  # calibration's own watch takes the new calibration
         t0 = time.perf_counter()
         try:
             detector = self.load()
