@@ -757,3 +757,28 @@ async def test_a_watched_folder_that_cannot_be_read_is_named_in_readyz(detector:
                 break
             await asyncio.sleep(0.05)
         assert "degraded" not in body
+
+
+async def test_a_replaced_model_is_let_go(service_model: tuple[Path, Path], samples: Samples,
+                                          tmp_path: Path) -> None:
+    """A service that takes a retrained model every week for months must not keep the models it
+    replaced: once the worker inspected with the new one, nothing holds the old one."""
+    import gc
+    import shutil
+    import weakref
+
+    from tests.test_service_common import bench
+
+    served = tmp_path / "model"
+    shutil.copytree(service_model[0], served)
+    body, ftype = samples.all[0]
+    async with running_app(None, tmp_path, model_path=served) as (client, state):
+        old = weakref.ref(state.detector)
+        bench.retrain_into(served, service_model[0], "retrained-gc")
+        for _ in range(3):  # changed, settled, loaded
+            state.line.check_model()
+        assert state.model_version == "retrained-gc"
+        r = await client.post("/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype})
+        assert r.json()["model_version"] == "retrained-gc"
+        gc.collect()
+        assert old() is None, [type(x).__name__ for x in gc.get_referrers(old())]
