@@ -228,3 +228,51 @@ def test_a_retrained_model_is_named_and_its_types_served() -> None:
         server.stop()
     assert got == {"diffqc.ModelVersion": "m-3", "diffqc.TypeNames": ["edge", "dots"],
                    "diffqc.Types.dots.Review": 1}
+
+
+def test_no_client_can_change_what_a_plc_reads() -> None:
+    """asyncua's default user manager gives a session that logs in as "admin", with any
+    password, the administrator's role: such a client wrote PASS into the latest decision a
+    reject gate's PLC reads, and added nodes. A user name login is refused; an anonymous
+    session can neither write nor add nodes."""
+    from asyncua import Client, ua
+
+    url = f"opc.tcp://127.0.0.1:{_free_port()}"
+    server = OpcUaServer(url, ["edge"])
+    server.start()
+
+    async def attempts() -> dict[str, str]:
+        out: dict[str, str] = {}
+        admin = Client(url)
+        admin.set_user("admin")
+        admin.set_password("anything")
+        try:
+            async with admin:
+                out["admin"] = "connected"
+        except Exception as exc:
+            out["admin"] = type(exc).__name__
+        async with Client(url) as client:
+            ns = await client.get_namespace_index(NAMESPACE)
+            decision = client.get_node(f"ns={ns};s=diffqc.Last.Decision")
+            passed = ua.DataValue(ua.Variant("PASS", ua.VariantType.String))
+            try:
+                await decision.write_value(passed)
+                out["write"] = "done"
+            except Exception as exc:
+                out["write"] = type(exc).__name__
+            try:
+                await client.nodes.objects.add_object(ns, "evil")
+                out["add"] = "done"
+            except Exception as exc:
+                out["add"] = type(exc).__name__
+            out["value"] = await decision.read_value()
+        return out
+
+    try:
+        server.publish(_record(1, "REJECT"))
+        time.sleep(0.3)
+        got = asyncio.run(attempts())
+    finally:
+        server.stop()
+    assert got["admin"] == "BadIdentityTokenRejected" and got["value"] == "REJECT"
+    assert got["write"] == "BadUserAccessDenied" and got["add"] == "BadUserAccessDenied", got

@@ -107,6 +107,21 @@ def _value(rec: ResultRecord, name: str) -> Any:
     return str(getattr(rec, attr) or "")
 
 
+class _AnonymousReaders:
+    """asyncua's user manager for this server: an anonymous session is a plain user (it reads,
+    browses and subscribes; writes and node management are refused), and a login with a user
+    name is refused. asyncua's default gives a session logged in as "admin", with any password,
+    the administrator's role: it could write PASS into a decision a PLC reads."""
+
+    def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
+                 certificate: Any = None) -> Any:
+        from asyncua.crypto.permission_rules import User, UserRole
+
+        if username is not None:  # (certificate identity tokens are not offered)
+            return None
+        return User(role=UserRole.User)
+
+
 class OpcUaServer:
     """The OPC UA server of one service: :meth:`start`, then :meth:`publish` each committed
     decision and :meth:`alarm` each drift alarm (from any thread), :meth:`stop`."""
@@ -193,8 +208,9 @@ class OpcUaServer:
         # its INFO lines are per request, and it warns of user certificates and passwords,
         # which an anonymous server without encryption takes none of
         logging.getLogger("asyncua").setLevel(logging.ERROR)
-        server = asyncua.Server()
+        server = asyncua.Server(user_manager=_AnonymousReaders())
         await server.init()
+        server.set_security_IDs(["Anonymous"])  # offer no user name login: there are no users
         server.set_endpoint(f"opc.tcp://{self.host}:{self.port}")
         server.set_server_name("diffqc inspection service")
         await server.set_application_uri("urn:diffqc:server")
