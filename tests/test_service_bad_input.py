@@ -644,6 +644,8 @@ def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
         (["serve", str(service_model[0]), "--no-auth", "--webhook", "ftp://mes/in"], "must be http://"),
         (["serve", str(service_model[0]), "--no-auth", "--root-path", "qc/"],
          "--root-path 'qc/' must look like /qc or /line-1/qc (the path a reverse proxy serves"),
+        (["serve", str(service_model[0]), "--no-auth", "--opcua", "opc.tcp://127.0.0.1:0", "--opcua-users",
+          str(blocker)], f"line 1 of --opcua-users {blocker} is not name:password"),
         (["serve", str(service_model[0]), "--no-auth", "--opcua", "tcp://plc:4840"],
          "OPC UA endpoint 'tcp://plc:4840' must look like opc.tcp://0.0.0.0:4840"),
         (["serve", str(service_model[0]), "--no-auth", "--webhook", "http://mes/in", "--webhook-secret",

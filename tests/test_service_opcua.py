@@ -169,7 +169,8 @@ def test_serve_publishes_its_decisions_over_opc_ua(service_model: tuple[Path, Pa
         srv.stop()
     assert got == {"diffqc.Last.RecordId": answer["id"], "diffqc.Last.Decision": answer["decision"],
                    "diffqc.Last.PartId": "plc-1", f"diffqc.Types.{ftype}.Inspected": 1}
-    assert line == {"endpoint": url, "namespace": NAMESPACE, "published_total": 1, "running": True}
+    assert line == {"endpoint": url, "namespace": NAMESPACE, "published_total": 1, "running": True,
+                    "security": "none", "certificate_sha1": None}
 
 
 def test_a_drift_alarm_raised_before_a_restart_is_raised_over_opc_ua(tmp_path: Path) -> None:
@@ -276,3 +277,79 @@ def test_no_client_can_change_what_a_plc_reads() -> None:
         server.stop()
     assert got["admin"] == "BadIdentityTokenRejected" and got["value"] == "REJECT"
     assert got["write"] == "BadUserAccessDenied" and got["add"] == "BadUserAccessDenied", got
+
+
+def test_with_users_a_client_logs_in_over_an_encrypted_channel(tmp_path: Path) -> None:
+    """A plant whose network policy wants OPC UA clients authenticated and the traffic
+    encrypted: with users, a session logs in with a name and password over Basic256Sha256
+    (sign and encrypt), the server's certificate made once in its folder (key readable by the
+    service's user only) and kept across restarts; an anonymous or unencrypted client, and a
+    wrong password, are refused."""
+    import hashlib
+    import stat
+
+    from asyncua import Client
+    from asyncua.crypto.cert_gen import setup_self_signed_certificate
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from diffqc.service.opcua import read_users
+
+    (tmp_path / "users").write_text("# the line's PLC\nplc:s3cret\n\nscada:other\n")
+    users = read_users(tmp_path / "users")
+    assert users == {"plc": "s3cret", "scada": "other"}
+    url = f"opc.tcp://127.0.0.1:{_free_port()}"
+    folder = tmp_path / "data" / "opcua"
+
+    async def sessions() -> dict[str, Any]:
+        key, cert = tmp_path / "plc-key.pem", tmp_path / "plc-cert.der"
+        await setup_self_signed_certificate(key, cert, "urn:line:plc", "plc",
+                                            [ExtendedKeyUsageOID.CLIENT_AUTH], {"commonName": "plc"})
+        out: dict[str, Any] = {}
+        for name, password in (("good", "s3cret"), ("wrong", "guess"), ("anonymous", None)):
+            client = Client(url)
+            if password is not None:
+                client.application_uri = "urn:line:plc"
+                await client.set_security_string(f"Basic256Sha256,SignAndEncrypt,{cert},{key}")
+                client.set_user("plc")
+                client.set_password(password)
+            try:
+                async with client:
+                    ns = await client.get_namespace_index(NAMESPACE)
+                    out[name] = await client.get_node(f"ns={ns};s=diffqc.Last.Decision").read_value()
+            except Exception as exc:
+                out[name] = type(exc).__name__
+        return out
+
+    thumbprints = []
+    for _ in range(2):  # a restart keeps the certificate a client's administrator trusted
+        server = OpcUaServer(url, ["edge"], users=users, certificate_dir=folder)
+        server.start()
+        try:
+            server.publish(_record(3, "REJECT"))
+            time.sleep(0.3)
+            got = asyncio.run(sessions())
+            status = server.status()
+        finally:
+            server.stop()
+        assert got["good"] == "REJECT", got
+        assert got["wrong"] == "BadUserAccessDenied" and got["anonymous"] not in ("REJECT", ""), got
+        assert status["security"] == "sign_and_encrypt"
+        thumbprints.append(status["certificate_sha1"])
+    cert = folder / "server-cert.der"
+    assert thumbprints[0] == thumbprints[1] == hashlib.sha1(cert.read_bytes()).hexdigest()
+    assert stat.S_IMODE((folder / "server-key.pem").stat().st_mode) == 0o600
+
+
+def test_users_file_is_checked_without_showing_it(tmp_path: Path) -> None:
+    from diffqc.service.app import ServiceSettings
+    from diffqc.service.opcua import read_users
+
+    (tmp_path / "users").write_text("plc:secret\nno-colon-here\n")
+    with pytest.raises(ConfigError) as info:
+        read_users(tmp_path / "users")
+    assert str(info.value) == f"line 2 of --opcua-users {tmp_path / 'users'} is not name:password"
+    (tmp_path / "empty").write_text("# nobody yet\n")
+    with pytest.raises(ConfigError, match="holds no name:password line"):
+        read_users(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="--opcua-users needs --opcua"):
+        ServiceSettings(allow_no_token=True, opcua_users=tmp_path / "users").validate()

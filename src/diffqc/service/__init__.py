@@ -182,6 +182,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "webhook_headers": tuple(args.webhook_header or ()),
         "webhook_secrets": tuple(args.webhook_secret or ()),
         "opcua_url": args.opcua,
+        "opcua_users": args.opcua_users,
         **_artifact_settings(args),
         "log_level": args.log_level,
         "log_format": args.log_format,
@@ -465,6 +466,11 @@ def add_service_commands(subparsers: Any) -> None:
                    help="also serve the decisions as an OPC UA server on this address, for PLCs and "
                         "SCADA (e.g. opc.tcp://0.0.0.0:4840): the latest decision, and each type's "
                         "with its counts and drift alarm, read-only, anonymous, unencrypted (docs/API.md)")
+    p.add_argument("--opcua-users", default=None, metavar="FILE",
+                   help="OPC UA logins: a name:password a line (a secret's file); with it a client "
+                        "must log in, over an encrypted channel (Basic256Sha256 and newer), with "
+                        "the server's own certificate, made self-signed in --data-dir/opcua/ on the "
+                        "first start (its thumbprint logged); without it, anonymous and unencrypted")
     p.add_argument("--webhook-secret", action="append", default=None, metavar="whsec_KEY or @FILE",
                    help="sign every push as Standard Webhooks does (webhook-id, webhook-timestamp, "
                         "webhook-signature: HMAC-SHA256), so the receiver can check that this service "

@@ -143,6 +143,7 @@ class ServiceSettings:
     webhook_headers: tuple[str, ...] = ()  # "Name: value" or "@FILE" (sinks.webhook_headers)
     webhook_secrets: tuple[str, ...] = ()  # "whsec_..." or "@FILE": sign each push (sinks.webhook_secrets)
     opcua_url: str | None = None  # opc.tcp://host:port: an OPC UA server of the decisions (service.opcua)
+    opcua_users: str | Path | None = None  # a name:password file: logins only, encrypted
     drift_window: int = 200  # p-values per type in the drift window
     drift_min_parts: int = 30
     drift_level: float = 1e-4  # false-alarm bound per drift test
@@ -182,10 +183,14 @@ class ServiceSettings:
         if self.webhook_headers and not self.webhook_url:
             raise ConfigError("--webhook-header needs --webhook URL (the endpoint it is sent to)")
         webhook_headers(self.webhook_headers)
+        if self.opcua_users is not None and not self.opcua_url:
+            raise ConfigError("--opcua-users needs --opcua opc.tcp://HOST:PORT (the server they log in to)")
         if self.opcua_url:
-            from diffqc.service.opcua import check_opcua_url
+            from diffqc.service.opcua import check_opcua_url, read_users
 
             check_opcua_url(self.opcua_url)
+            if self.opcua_users is not None:
+                read_users(self.opcua_users)
         if self.webhook_secrets:
             if not self.webhook_url:
                 raise ConfigError("--webhook-secret needs --webhook URL (the endpoint whose pushes it signs)")

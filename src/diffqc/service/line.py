@@ -424,10 +424,13 @@ class LineServices:
                             if cert is not None else None)  # the log names it wherever serve ran
         self.opcua: Any = None  # the OPC UA server of the decisions (serve --opcua)
         if getattr(settings, "opcua_url", None):
-            from diffqc.service.opcua import OpcUaServer
+            from diffqc.service.opcua import OpcUaServer, read_users
 
+            users_file = getattr(settings, "opcua_users", None)
             self.opcua = OpcUaServer(settings.opcua_url, list(getattr(detector, "classes_", None) or ()),
-                                     model_version=str(getattr(detector, "version", "") or ""))
+                                     model_version=str(getattr(detector, "version", "") or ""),
+                                     users=None if users_file is None else read_users(users_file),
+                                     certificate_dir=None if artifacts is None else artifacts.root / "opcua")
         self.disk_poll_s = 60.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

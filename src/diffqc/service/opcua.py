@@ -29,20 +29,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hmac
 import logging
 import math
+import os
 import socket
 import threading
 from collections import Counter
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from diffqc.errors import ConfigError
+from diffqc.service.security import read_secret_file
 from diffqc.service.store import NOT_INSPECTED, ResultRecord
 
 log = logging.getLogger("diffqc.service.opcua")
 
 NAMESPACE = "urn:diffqc"
+APPLICATION_URI = "urn:diffqc:server"
 DEFAULT_PORT = 4840  # IANA's port for OPC UA over TCP
 # (browse name, OPC UA type) of a decision's variables; RecordId last: written last
 DECISION_FIELDS = (("PartId", "String"), ("FeatureType", "String"), ("Decision", "String"),
@@ -107,26 +112,60 @@ def _value(rec: ResultRecord, name: str) -> Any:
     return str(getattr(rec, attr) or "")
 
 
-class _AnonymousReaders:
-    """asyncua's user manager for this server: an anonymous session is a plain user (it reads,
-    browses and subscribes; writes and node management are refused), and a login with a user
-    name is refused. asyncua's default gives a session logged in as "admin", with any password,
-    the administrator's role: it could write PASS into a decision a PLC reads."""
+class _Readers:
+    """asyncua's user manager for this server: every session it lets in is a plain user (it
+    reads, browses and subscribes; writes and node management are refused). Without ``users``
+    only anonymous sessions; with them, only a user name and its password (compared in constant
+    time). asyncua's default gives a session logged in as "admin", with any password, the
+    administrator's role: it could write PASS into a decision a PLC reads."""
+
+    def __init__(self, users: dict[str, str] | None) -> None:
+        self.users = users
 
     def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
                  certificate: Any = None) -> Any:
         from asyncua.crypto.permission_rules import User, UserRole
 
-        if username is not None:  # (certificate identity tokens are not offered)
+        if self.users is None:
+            return User(role=UserRole.User) if username is None else None
+        known = self.users.get(username or "")
+        if known is None or not hmac.compare_digest(known.encode(), (password or "").encode()):
             return None
-        return User(role=UserRole.User)
+        return User(role=UserRole.User, name=username)
+
+
+def read_users(path: str | Path) -> dict[str, str]:
+    """``--opcua-users FILE``: a ``name:password`` a line (a Docker secret; blank lines and
+    lines starting with ``#`` skipped). A malformed line is a :class:`ConfigError` naming its
+    number, never its text."""
+    users: dict[str, str] = {}
+    text = read_secret_file(path, f"--opcua-users {path}")
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, colon, password = line.strip().partition(":")
+        if not colon or not name or not password:
+            raise ConfigError(f"line {n} of --opcua-users {path} is not name:password")
+        users[name] = password
+    if not users:
+        raise ConfigError(f"--opcua-users {path} holds no name:password line")
+    return users
 
 
 class OpcUaServer:
     """The OPC UA server of one service: :meth:`start`, then :meth:`publish` each committed
     decision and :meth:`alarm` each drift alarm (from any thread), :meth:`stop`."""
 
-    def __init__(self, url: str, types: list[str], *, model_version: str = "") -> None:
+    def __init__(self, url: str, types: list[str], *, model_version: str = "",
+                 users: dict[str, str] | None = None, certificate_dir: Path | None = None) -> None:
+        """``users``: name -> password; with them a session must log in, over an encrypted
+        channel, with the server's own certificate, kept in ``certificate_dir`` (made there,
+        self-signed, on the first start: :meth:`_certificate`)."""
+        if users is not None and certificate_dir is None:
+            raise ConfigError("OPC UA users need a folder for the server's certificate")
+        self.users = users
+        self.certificate_dir = certificate_dir
+        self.thumbprint: str | None = None
         self.url = url
         self.host, self.port = parse_opcua_url(url)
         self.types = list(types)
@@ -150,7 +189,11 @@ class OpcUaServer:
         if self._error is not None:
             raise ConfigError(f"cannot serve OPC UA on {self.url}: {self._error}") from self._error
         log.info("OPC UA server on %s (namespace %s): the latest decision under diffqc/Last, each "
-                 "type's under diffqc/Types", self.url, NAMESPACE)
+                 "type's under diffqc/Types; %s", self.url, NAMESPACE,
+                 "anonymous readers, unencrypted" if self.users is None else
+                 f"{len(self.users)} users, encrypted (Basic256Sha256 and newer, sign and encrypt), "
+                 f"its certificate {self.certificate_dir}/server-cert.der, SHA-1 thumbprint "
+                 f"{self.thumbprint}")
 
     def stop(self) -> None:
         self._put("stop", None)  # nothing to do when its loop already ended (a failed server)
@@ -173,7 +216,8 @@ class OpcUaServer:
             self._put("model", model_version)
             return self
         self.stop()
-        server = OpcUaServer(self.url, types, model_version=model_version)
+        server = OpcUaServer(self.url, types, model_version=model_version, users=self.users,
+                             certificate_dir=self.certificate_dir)
         server.start()
         return server
 
@@ -185,7 +229,9 @@ class OpcUaServer:
 
     def status(self) -> dict[str, Any]:
         return {"endpoint": self.url, "namespace": NAMESPACE, "published_total": self.published_total,
-                "running": self._started.is_set() and self._error is None}
+                "running": self._started.is_set() and self._error is None,
+                "security": "none" if self.users is None else "sign_and_encrypt",
+                "certificate_sha1": self.thumbprint}
 
     # ------------------------------------------------------------------ the server's thread
     def _run(self) -> None:
@@ -208,13 +254,20 @@ class OpcUaServer:
         # its INFO lines are per request, and it warns of user certificates and passwords,
         # which an anonymous server without encryption takes none of
         logging.getLogger("asyncua").setLevel(logging.ERROR)
-        server = asyncua.Server(user_manager=_AnonymousReaders())
+        server = asyncua.Server(user_manager=_Readers(self.users))
         await server.init()
-        server.set_security_IDs(["Anonymous"])  # offer no user name login: there are no users
         server.set_endpoint(f"opc.tcp://{self.host}:{self.port}")
         server.set_server_name("diffqc inspection service")
-        await server.set_application_uri("urn:diffqc:server")
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        await server.set_application_uri(APPLICATION_URI)
+        if self.users is None:  # anonymous readers, no user name login: there are no users
+            server.set_identity_tokens([ua.AnonymousIdentityToken])
+            server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        else:  # users: their passwords, and the decisions, cross the network encrypted
+            await self._certificate(server)
+            server.set_identity_tokens([ua.UserNameIdentityToken])
+            server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
+                                        ua.SecurityPolicyType.Aes256Sha256RsaPss_SignAndEncrypt,
+                                        ua.SecurityPolicyType.Aes128Sha256RsaOaep_SignAndEncrypt])
         nodes = await self._address_space(server, ua, await server.register_namespace(NAMESPACE))
         self._queue = asyncio.Queue()
         async with server:
@@ -225,6 +278,28 @@ class OpcUaServer:
                     batch.append(self._queue.get_nowait())
                 if await self._write(server, batch, nodes, ua):
                     return
+
+    async def _certificate(self, server: Any) -> None:
+        """The server's application instance certificate (DER) and key (PEM, readable by this
+        user only) in ``certificate_dir``: made self-signed on the first start (and again when
+        expired, a year on), for the application URI and this host; its SHA-1 thumbprint is
+        logged, for a client's administrator to check when trusting it."""
+        import hashlib
+
+        from asyncua.crypto.cert_gen import setup_self_signed_certificate
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        assert self.certificate_dir is not None
+        folder = self.certificate_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        cert, key = folder / "server-cert.der", folder / "server-key.pem"
+        uses = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        await setup_self_signed_certificate(key, cert, APPLICATION_URI, socket.gethostname(), uses,
+                                            {"commonName": "diffqc inspection service"})
+        os.chmod(key, 0o600)
+        await server.load_certificate(str(cert))
+        await server.load_private_key(str(key))
+        self.thumbprint = hashlib.sha1(cert.read_bytes()).hexdigest()  # OPC UA's thumbprint is SHA-1
 
     async def _address_space(self, server: Any, ua: Any, idx: int) -> dict[str, dict[str, Any]]:
         """The module's nodes under Objects; the variables of the latest decision (key "") and
