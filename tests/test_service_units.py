@@ -977,6 +977,39 @@ def test_a_drift_alarm_outlives_a_restart_of_the_service(tmp_path: Path,
         assert store.meta_items("drift_alarm/") == {}
 
 
+def test_services_sharing_a_store_keep_their_drift_alarms_apart(tmp_path: Path) -> None:
+    """Stations sharing one store (a PostgreSQL for the plant) kept their raised drift alarms
+    under one key per type: one station's restart raised the other's alarm, and one clearing
+    its alarm removed the other's kept one. A service's `--station` names its kept alarms."""
+    import time
+    from types import SimpleNamespace
+
+    from diffqc.service.line import LineServices
+    from diffqc.service.store import ResultRecord, ResultStore
+
+    def settings(station: str | None) -> SimpleNamespace:
+        return SimpleNamespace(drift_window=20, drift_min_parts=10, drift_level=0.01, watch_station=station)
+
+    def part(p: float) -> ResultRecord:
+        return ResultRecord(created_at=time.time(), source="test", decision="PASS", feature_type="edge",
+                            p_value=p)
+
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        a = LineServices(settings("st-a"), store, None, None)
+        for _ in range(10):
+            a.on_record(part(0.001), 0.01)
+        assert a.status()["drift"]["edge"]["alarm"]
+        b = LineServices(settings("st-b"), store, None, None)  # station B restarts
+        assert "edge" not in b.status()["drift"]  # not A's alarm
+        for i in range(10):  # B's line is in order
+            b.on_record(part((i + 0.5) / 10), 0.01)
+        unscoped = LineServices(settings(None), store, None, None)  # a service without --station
+        assert "edge" not in unscoped.status()["drift"]
+        a_again = LineServices(settings("st-a"), store, None, None)  # A restarts: its alarm stays
+        assert a_again.status()["drift"]["edge"]["alarm"]
+        assert list(store.meta_items("drift_alarm/")) == ['drift_alarm/["edge", null, "st-a"]']
+
+
 def test_a_restarted_service_tests_drift_on_its_stored_parts(tmp_path: Path) -> None:
     """The drift windows lived in memory only: a service restarted, or `watch --once` run by cron
     (a batch each run), tested no part until 30 of a type came in that run. The windows are

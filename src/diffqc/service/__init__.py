@@ -346,8 +346,10 @@ def _add_image_limit_argument(p: argparse.ArgumentParser, *, buffered: bool) -> 
 
 
 def _add_line_arguments(p: argparse.ArgumentParser, *, folders: bool = False) -> None:
-    for name in ("line", "station"):
-        p.add_argument(f"--{name}", default=None, help=f"{name} recorded on watched-folder parts")
+    p.add_argument("--line", default=None, help="line recorded on watched-folder parts")
+    p.add_argument("--station", default=None,
+                   help="station recorded on watched-folder parts; it also names this service's kept "
+                        "drift alarms, apart from other services' on a shared store")
     if folders:  # serve --watch A --watch B: one camera each
         p.add_argument("--camera", action="append", default=None,
                        help="camera recorded on watched-folder parts: once for every folder, or once "

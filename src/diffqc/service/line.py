@@ -36,7 +36,7 @@ from diffqc.service.sinks import Dispatcher, Outbox, build_sinks, webhook_header
 from diffqc.service.store import ArtifactStore, ResultRecord, ResultStore, StoreError
 
 log = logging.getLogger("diffqc.service")
-ALARM_KEY = "drift_alarm/"  # the store's key-value entries of raised drift alarms: + [type, camera]
+ALARM_KEY = "drift_alarm/"  # the store's entries of raised drift alarms: + [type, camera(, station)]
 
 
 class DiskWatch:
@@ -392,6 +392,9 @@ class LineServices:
             min_parts=int(getattr(settings, "drift_min_parts", 30)),
             level=float(getattr(settings, "drift_level", 1e-4)),
         ))
+        # names this service's kept drift alarms on a store that several services share
+        self.station: str | None = (getattr(settings, "watch_station", None)
+                                    or getattr(settings, "station", None))
         bundle = getattr(settings, "model_path", None) or getattr(detector, "path", None)
         self.bundle = Path(bundle) if bundle else None
         self.model_watch = (ModelWatch(self.bundle, str(getattr(detector, "version", "") or ""), load_model)
@@ -521,6 +524,7 @@ class LineServices:
         except (StoreError, ValueError) as exc:
             log.warning("the drift alarms raised before the restart cannot be read: %s", exc)
             return
+        kept = [a for a in kept if a.get("station") == self.station]  # this service's, on a shared store
         self.drift.restore(kept)
         for alarm in kept:
             where = "" if alarm.get("camera") is None else f" on camera {alarm['camera']!r}"
@@ -529,10 +533,13 @@ class LineServices:
                         _day(float(alarm.get("since") or time.time())))
 
     def _keep_alarm(self, event: DriftEvent) -> None:
-        """The alarm's state in the store (raised: kept; cleared: removed), for a restart."""
-        key = ALARM_KEY + json.dumps([event.feature_type, event.camera])
-        self.store.set_meta(key, json.dumps({"feature_type": event.feature_type, "camera": event.camera,
-                                             "since": event.at}) if event.alarm else None)
+        """The alarm's state in the store (raised: kept; cleared: removed), for a restart; under
+        this service's ``station``, so that services sharing a store (stations on one
+        PostgreSQL) keep their alarms apart."""
+        scope = [event.feature_type, event.camera] + ([self.station] if self.station is not None else [])
+        self.store.set_meta(ALARM_KEY + json.dumps(scope), json.dumps(
+            {"feature_type": event.feature_type, "camera": event.camera, "since": event.at,
+             **({"station": self.station} if self.station is not None else {})}) if event.alarm else None)
 
     def _on_drift(self, event: DriftEvent) -> None:
         where = "" if event.camera is None else f" on camera {event.camera!r}"

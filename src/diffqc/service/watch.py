@@ -593,7 +593,8 @@ def run_watch(
 
     # the line's services as `serve` runs them, without sinks: a new calibration is picked up
     # (it was served only after a restart), drift is watched and logged, artifacts expire
-    settings_ns = SimpleNamespace(model_path=model_path, retention_max_age_s=retention_max_age_s,
+    settings_ns = SimpleNamespace(model_path=model_path, station=station,
+                                  retention_max_age_s=retention_max_age_s,
                                   retention_max_bytes=retention_max_bytes,
                                   disk_min_free_bytes=disk_min_free_bytes,
                                   disk_min_free_ratio=disk_min_free_ratio)
