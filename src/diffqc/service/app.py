@@ -86,6 +86,7 @@ from diffqc.service.store import (
     store_url,
     summarize,
 )
+from diffqc.service.systemd import Watchdog, notify, worker_problems
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE, overlay_scales
 
 log = logging.getLogger("diffqc.service")
@@ -1012,9 +1013,15 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             reload = tls_reloader(state.tls_context, settings.tls_cert, settings.tls_key,
                                   asyncio.get_running_loop())
         await run_in_threadpool(_start, state, detector, reload)
+        status = f"inspecting with model {state.model_version}"
+        watchdog = Watchdog(lambda: worker_problems(state.pipeline), status)
+        watchdog.start()
+        notify(f"READY=1\nSTATUS={status}")  # systemd's Type=notify: started now, not at exec
         try:
             yield
         finally:
+            notify("STOPPING=1")
+            watchdog.stop()
             await run_in_threadpool(_stop, state)
 
     app = FastAPI(

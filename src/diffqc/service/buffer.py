@@ -323,6 +323,7 @@ class InspectionPipeline:
         self.store_errors_total = 0
         self.repeated_images_total = 0  # parts whose image repeated a recent one byte for byte
         self._recent: dict[str, ResultRecord] = {}  # digest -> the last part with that image
+        self._turned_at = time.monotonic()  # the worker's last time round its loop
         self._next_model: tuple[Any, str, dict[str, tuple[float, float]]] | None = None
         self._model_lock = threading.Lock()
 
@@ -397,8 +398,18 @@ class InspectionPipeline:
             self.detector, self.model_version, self.overlay_scale = nxt
             self.image_check = ImageCheck(getattr(self.detector, "metadata", None) or {})
 
+    def stuck_for(self) -> float | None:
+        """Seconds since the worker last came round its loop (it does so at least every quarter
+        second when idle, and after each batch); None when it is not running. A worker hung in
+        an inference call grows this without bound: systemd's watchdog is fed only while it is
+        small (:mod:`diffqc.service.systemd`)."""
+        if not self.alive:
+            return None
+        return time.monotonic() - self._turned_at
+
     def _run(self) -> None:
         while True:
+            self._turned_at = time.monotonic()
             batch = self.buffer.get_batch(self.max_batch, timeout=0.25)
             self._take_model()
             dropped = self._take_dropped()

@@ -57,6 +57,7 @@ from diffqc.service.security import (
     check_image_header,
 )
 from diffqc.service.store import ARTIFACT_KINDS, NOT_INSPECTED, ResultRecord, ResultStore
+from diffqc.service.systemd import Watchdog, notify, worker_problems
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE, overlay_scales
 
 log = logging.getLogger("diffqc.watch")
@@ -613,9 +614,12 @@ def run_watch(
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     line_services.start()
     pipeline.start()
+    watchdog = Watchdog(lambda: worker_problems(pipeline), f"watching {directory}")
     try:
         watcher = FolderWatcher(settings, pipeline, store)
         log.info("watching %s (source %s)", watcher.root, watcher.source)
+        watchdog.start()
+        notify(f"READY=1\nSTATUS=watching {watcher.root}")  # systemd's Type=notify
         totals = watcher.run(stop, once=once)
         if once and line_services.retention is not None:
             line_services.retention.run_once()
@@ -626,6 +630,8 @@ def run_watch(
             totals.failed,
         )
     finally:
+        notify("STOPPING=1")
+        watchdog.stop()
         pipeline.stop()
         line_services.stop()
         store.close()
