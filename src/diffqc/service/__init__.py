@@ -1,6 +1,8 @@
-"""HTTP inspection service, ring buffer, result store, dashboard and folder watcher.
+"""HTTP inspection service, ring buffer, result store, dashboard and folder watcher, and what
+they do for the line (sinks, OPC UA, drift and file watches, retention, logs, systemd).
 
-Entry points (``diffqc serve``, ``diffqc watch``, ``diffqc results export`` and ``list``):
+Entry points (``diffqc serve``, ``diffqc watch``, ``diffqc results export``, ``list``,
+``summary`` and ``backup``):
 :func:`run_server`, :func:`run_watch`, :func:`export_reviewed_good`, :func:`list_results`, and
 :func:`add_service_commands` which registers the sub-commands on an argparse
 sub-parsers object (each sets ``func``: call ``args.func(args)`` to run it).
