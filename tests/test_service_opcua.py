@@ -217,7 +217,9 @@ def test_a_retrained_model_is_named_and_its_types_served() -> None:
                 break
             time.sleep(0.05)
         assert got == {"diffqc.ModelVersion": "m-2"}
+        first = server
         server = server.use_model(["edge", "dots"], "m-3")
+        assert not first.status()["running"] and server.status()["running"]  # the first one stopped
         server.publish(_record(7, "REVIEW", ftype="dots"))
         paths = ["diffqc.ModelVersion", "diffqc.TypeNames", "diffqc.Types.dots.Review"]
         for _ in range(50):

@@ -229,7 +229,8 @@ class OpcUaServer:
 
     def status(self) -> dict[str, Any]:
         return {"endpoint": self.url, "namespace": NAMESPACE, "published_total": self.published_total,
-                "running": self._started.is_set() and self._error is None,
+                "running": (self._started.is_set() and self._error is None and self._thread is not None
+                            and self._thread.is_alive()),
                 "security": "none" if self.users is None else "sign_and_encrypt",
                 "certificate_sha1": self.thumbprint}
 
