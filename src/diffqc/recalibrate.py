@@ -305,7 +305,9 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
 
 
 # --------------------------------------------------------------------------- the service side
-def _signature(path: Path) -> tuple[int, int, int] | None:
+def file_signature(path: Path) -> tuple[int, int, int] | None:
+    """A file's (mtime, size, inode), None when it is gone: a file rewritten or moved into
+    place changes it (the calibration's and the service's file watches)."""
     try:
         st = path.stat()
     except OSError:
@@ -330,10 +332,10 @@ class CalibrationReloader:
         self.int8 = getattr(detector, "precision", "fp32") == "int8"
         self.file = self.bundle / CALIBRATION_FILE
         self._take_int8_file()
-        self._signature = _signature(self.file)
+        self._signature = file_signature(self.file)
         # `diffqc train --out` into the served folder replaces the weights before the calibration:
         # the new calibration is then the new model's, whose scores the loaded one does not give
-        self._weights = _signature(self.bundle / "weights.safetensors")
+        self._weights = file_signature(self.bundle / "weights.safetensors")
         self.reloads = 0
         self.last_error: str | None = None
 
@@ -350,11 +352,11 @@ class CalibrationReloader:
         """True when a new calibration was loaded now."""
         if self._take_int8_file():  # `calibrate` gave INT8 its own calibration now
             self._signature = None
-        sig = _signature(self.file)
+        sig = file_signature(self.file)
         if sig is None or sig == self._signature:
             return False
         self._signature = sig
-        if _signature(self.bundle / "weights.safetensors") != self._weights:
+        if file_signature(self.bundle / "weights.safetensors") != self._weights:
             if self.follows_retrain:  # the new model is loaded with its calibration
                 return False
             self.last_error = (f"{self.bundle} was retrained while this service runs: its new calibration "

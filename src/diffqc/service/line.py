@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, is_misrouted, prometheus_label, scored
-from diffqc.recalibrate import CalibrationReloader
+from diffqc.recalibrate import CalibrationReloader, file_signature
 from diffqc.runtime import EXPORT_FILE
 from diffqc.service.retention import RetentionPolicy, RetentionWorker
 from diffqc.service.security import certificate_expiry
@@ -117,14 +117,7 @@ class FileChange:
         self._seen = self._pending = self._now()
 
     def _now(self) -> tuple[tuple[int, int, int] | None, ...]:
-        out: list[tuple[int, int, int] | None] = []
-        for path in self.paths:
-            try:
-                st = os.stat(path) if path is not None else None
-            except OSError:
-                st = None
-            out.append(None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns))
-        return tuple(out)
+        return tuple(None if path is None else file_signature(path) for path in self.paths)
 
     def settled(self) -> bool:
         now = self._now()
