@@ -124,7 +124,8 @@ async def test_batch_route(detector: Any, samples: Samples, tmp_path: Path) -> N
     async with running_app(detector, tmp_path, max_batch=4) as (client, state):
         r = await client.post("/v1/inspect/batch", headers=AUTH, files=files, data=data)
         assert r.status_code == 200, r.text
-        res = r.json()["results"]
+        res_body = r.json()
+        res = res_body["results"]
         assert [x["part_id"] for x in res] == [f"b-{i}" for i in range(5)]
         assert [x["feature_type"] for x in res] == [t for _, t in parts]
         assert state.store.count() == 5
@@ -135,6 +136,24 @@ async def test_batch_route(detector: Any, samples: Samples, tmp_path: Path) -> N
         assert state.store.count() == 5
         r = await client.post("/v1/inspect/batch", headers=AUTH, content=parts[0][0])
         assert r.status_code == 415
+        # the batch answers each part id's verdict from its images
+        assert [(p["part_id"], p["images"]) for p in res_body["parts"]] == [(f"b-{i}", 1) for i in range(5)]
+        assert [p["decision"] for p in res_body["parts"]] == [x["decision"] for x in res]
+        # one part id: every image is a crop of that part
+        r = await client.post("/v1/inspect/batch", headers=AUTH, files=files[:3],
+                              data={"feature_type": data["feature_type"][:3], "part_id": "P-7"})
+        assert r.status_code == 200, r.text
+        crops = r.json()["results"]
+        assert [x["part_id"] for x in crops] == ["P-7"] * 3
+        (part,) = r.json()["parts"]
+        decisions = {x["decision"] for x in crops}
+        worst = next(d for d in ("REJECT", "NOT_INSPECTED", "REVIEW", "PASS") if d in decisions)
+        assert (part["part_id"], part["decision"]) == ("P-7", worst)
+        # a type given twice counts once, with its later image
+        assert part["types"] == {x["feature_type"]: x["decision"] for x in crops}
+        assert part["images"] == len(set(data["feature_type"][:3])) == 3 - part["superseded"]
+        stored = (await client.get("/v1/parts/P-7", headers=AUTH)).json()
+        assert {k: stored[k] for k in part} == part
     async with running_app(detector, tmp_path, max_batch_items=3) as (client, state):
         r = await client.post("/v1/inspect/batch", headers=AUTH, files=files[:4])
         assert (r.status_code, r.json()["code"]) == (413, "batch_too_large"), r.text
@@ -782,3 +801,53 @@ async def test_a_replaced_model_is_let_go(service_model: tuple[Path, Path], samp
         assert r.json()["model_version"] == "retrained-gc"
         gc.collect()
         assert old() is None, [type(x).__name__ for x in gc.get_referrers(old())]
+
+
+async def test_part_verdict_from_its_images(detector: Any, samples: Samples, tmp_path: Path) -> None:
+    passed: dict[str, bytes] = {}
+    for body, ftype in samples.by_decision["PASS"]:
+        passed.setdefault(ftype, body)
+    (t1, b1), (t2, b2) = list(passed.items())[:2]
+    flagged, t3 = samples.one("REVIEW")
+    async with running_app(detector, tmp_path) as (client, _):
+        async def send(body: bytes, ftype: str, part: str = "A/1", **extra: str) -> dict[str, Any]:
+            r = await client.post("/v1/inspect", content=body, headers=AUTH,
+                                  params={"feature_type": ftype, "part_id": part, **extra})
+            assert r.status_code == 200, r.text
+            return dict(r.json())
+
+        first = await send(b1, t1, line="L1")
+        await send(b2, t2, line="L1")
+        await send(flagged, t3, part="B-2")  # another part
+        r = await client.get("/v1/parts/A/1", headers=AUTH)  # a part id with a slash
+        assert r.status_code == 200, r.text
+        part = r.json()
+        assert (part["part_id"], part["decision"], part["review"], part["images"]) == ("A/1", "PASS", None, 2)
+        assert part["types"] == {t1: "PASS", t2: "PASS"} and part["superseded"] == 0 and not part["truncated"]
+        assert [x["id"] for x in part["results"]] == [first["id"], first["id"] + 1]
+
+        review = await send(flagged, t3, line="L2")  # a flagged crop of a third type (or of t1/t2 again)
+        part = (await client.get("/v1/parts/A/1", headers=AUTH)).json()
+        assert (part["decision"], part["pending_review"], part["types"][t3]) == ("REVIEW", 1, "REVIEW")
+        r = await client.post(f"/v1/review/{review['id']}", headers=AUTH, json={"verdict": "GOOD"})
+        assert r.status_code == 200, r.text
+        part = (await client.get("/v1/parts/A/1", headers=AUTH)).json()
+        assert (part["decision"], part["review"], part["pending_review"]) == ("REVIEW", "GOOD", 0)
+
+        again = await send(b1, t1)  # the first crop sent again replaces the first record
+        part = (await client.get("/v1/parts/A/1", headers=AUTH)).json()
+        assert again["id"] in [x["id"] for x in part["results"]] and part["superseded"] >= 1
+        assert first["id"] not in [x["id"] for x in part["results"]]
+
+        # the part's images at one place; a part no record names; a bad id; the token
+        part = (await client.get("/v1/parts/A/1", headers=AUTH, params={"line": "L1"})).json()
+        assert part["decision"] == "PASS" and part["types"] == {t1: "PASS", t2: "PASS"}
+        r = await client.get("/v1/parts/A/1", headers=AUTH, params={"line": "L9"})
+        assert r.status_code == 404 and "period or place" in r.json()["detail"]
+        r = await client.get("/v1/parts/nope", headers=AUTH)
+        assert (r.status_code, r.json()["code"]) == (404, "not_found") and "'nope'" in r.json()["detail"]
+        r = await client.get("/v1/parts/a%01b", headers=AUTH)
+        assert (r.status_code, r.json()["code"]) == (422, "bad_part_id")
+        r = await client.get("/v1/parts/A/1", headers=AUTH, params={"partid": "x"})
+        assert (r.status_code, r.json()["code"]) == (422, "unknown_parameter")
+        assert (await client.get("/v1/parts/A/1")).status_code == 401

@@ -399,7 +399,8 @@ async def test_a_batch_sent_as_json_is_inspected(detector: Any, samples: Samples
             "too many": ({"image": texts * 2}, 413, "4 images; at most 2"),
             "not base64": ({"image": [texts[0], "??"]}, 422, "JSON field 'image' 1 is not base64"),
             "misspelled": ({"image": texts, "partids": ["a", "b"]}, 422, "unknown JSON field 'partids'"),
-            "ids for fewer": ({"image": texts, "part_id": ["a"]}, 422, "1 part_id fields for 2 images"),
+            "ids for more": ({"image": texts, "part_id": ["a", "b", "c"]}, 422,
+                             "3 part_id fields for 2 images"),
         }
         for name, (body, status, said) in refused.items():
             r = await client.post("/v1/inspect/batch", headers=AUTH, json=body)

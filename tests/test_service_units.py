@@ -1294,3 +1294,45 @@ def test_model_watch_loads_a_retrained_model_or_a_new_export_not_a_recalibration
     write(meta, {"model_id": "m2"})  # diffqc train --out SERVED --force
     assert settle() == ("detector-2", True) and watch.model_id == "m2" and watch.reloads == 2
     assert watch.check() is None and len(loads) == 2
+
+
+def test_cli_results_parts_prints_each_parts_verdict(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``diffqc results parts``: a part seen as one crop per type gets one verdict, the worst of
+    its types' latest images, in the order of its first image; images without a part id are named."""
+    import csv
+    import json
+
+    from diffqc.cli import main
+    from diffqc.service.store import NOT_INSPECTED
+
+    db = tmp_path / "line.db"
+    t0 = 1_700_000_000.0
+    with ResultStore(str(db)) as store:
+        store.insert_many([
+            _rec("P-1", created_at=t0, feature_type="a", type_known=True, line="L1"),
+            _rec("P-2", "REVIEW", created_at=t0 + 1, feature_type="a", type_known=True, line="L1"),
+            _rec("P-1", NOT_INSPECTED, created_at=t0 + 2, feature_type="b", line="L1"),
+            _rec("P-2", created_at=t0 + 3, feature_type="b", type_known=True, line="L1"),
+            _rec("P-1", created_at=t0 + 4, feature_type="b", type_known=True, line="L1"),  # b again
+            _rec("P-3", "REJECT", created_at=t0 + 5, feature_type="a", type_known=True, line="L2"),
+        ])
+        store.insert(ResultRecord(created_at=t0 + 6, source="http", decision="PASS", feature_type="a"))
+        store.set_review(2, "GOOD", "ann", None)
+    assert main(["results", "parts", "--db", str(db)]) == 0
+    out = capsys.readouterr()
+    rows = [json.loads(x) for x in out.out.splitlines()]
+    assert [(r["part_id"], r["decision"], r["images"], r["superseded"]) for r in rows] == [
+        ("P-1", "PASS", 2, 1), ("P-2", "REVIEW", 2, 0), ("P-3", "REJECT", 1, 0)]
+    assert rows[0]["types"] == {"a": "PASS", "b": "PASS"} and rows[1]["review"] == "GOOD"
+    assert rows[0]["first"] == "2023-11-14T22:13:20.000Z" and rows[0]["last"].endswith("24.000Z")
+    assert "stored images without a part id (in no part): 1" in out.err
+    assert main(["results", "parts", "--db", str(db), "--decision", "reject", "--format", "csv"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["part_id"], r["decision"], r["types"]) for r in table] == [("P-3", "REJECT", "a=REJECT")]
+    # a period that ends before P-1's crop of b was sent again: the crop not inspected decides
+    assert main(["results", "parts", "--db", str(db), "--line", "L1", "--until", str(t0 + 3.5)]) == 0
+    verdicts = [json.loads(x)["decision"] for x in capsys.readouterr().out.splitlines()]
+    assert verdicts == [NOT_INSPECTED, "REVIEW"]
+    assert main(["results", "parts", "--db", str(db), "--part-id", "P-9"]) == 0
+    assert "no part matches" in capsys.readouterr().err

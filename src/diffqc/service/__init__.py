@@ -118,6 +118,52 @@ def list_results(db_url: str, *, fmt: str = "jsonl", **filters: Any) -> int:
     return n
 
 
+PART_COLUMNS = ("part_id", "first", "last", "decision", "review", "pending_review", "images", "superseded",
+                "types")
+
+
+def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
+               **filters: Any) -> tuple[int, int]:
+    """Write each part's verdict (:func:`~diffqc.service.parts.part_verdict`) from the stored
+    images matching ``filters`` to stdout, in the order of each part's first image: JSON lines or
+    CSV (:data:`PART_COLUMNS`; ``types`` as ``type=DECISION`` pairs). ``decision``: only parts
+    with this verdict. Holds the period's records in memory. Returns (parts written, images
+    without a part id, which no part holds)."""
+    import csv
+
+    from diffqc.service.parts import part_verdict
+    from diffqc.service.store import ResultRecord, ResultStore, check_store_exists, stored_records
+
+    check_store_exists(db_url, doing="list")
+    groups: dict[str, list[ResultRecord]] = {}
+    loose = 0
+    with ResultStore(db_url, read_only=True) as store:
+        for rec in stored_records(store, **filters):
+            if rec.part_id is None:
+                loose += 1
+            else:
+                groups.setdefault(rec.part_id, []).append(rec)
+    writer = csv.DictWriter(sys.stdout, fieldnames=PART_COLUMNS)
+    if fmt == "csv":
+        writer.writeheader()
+    n = 0
+    for pid, recs in groups.items():
+        v = part_verdict(pid, recs)
+        if decision is not None and v.decision != decision:
+            continue
+        row = {"part_id": pid, "first": v.counted[0].to_json()["created"],
+               "last": v.counted[-1].to_json()["created"], "decision": v.decision, "review": v.review,
+               "pending_review": v.pending_review, "images": len(v.counted), "superseded": v.superseded}
+        if fmt == "csv":
+            types = " ".join(f"{t}={d}" for t, d in v.types.items())
+            writer.writerow({k: _spreadsheet_cell(x) for k, x in {**row, "types": types}.items()})
+        else:
+            sys.stdout.write(json_line({**row, "types": v.types}) + "\n")
+        n += 1
+    sys.stdout.flush()
+    return n, loose
+
+
 def summary_results(db_url: str, by: list[str], *, fmt: str = "table", since: float | None = None,
                     until: float | None = None) -> int:
     """Print :func:`summarize` of the store's parts in ``[since, until)`` grouped by ``by``: an
@@ -279,6 +325,22 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if n == 0:
         print(f"diffqc: no stored results match{_absent_type(store_url(args.db), args.feature_type)}",
               file=sys.stderr)
+    return 0
+
+
+def _cmd_parts(args: argparse.Namespace) -> int:
+    with _service_extra():
+        from diffqc.service.app import parse_time
+
+    from diffqc.service.store import store_url
+
+    filters = {"since": parse_time(args.since, "since"), "until": parse_time(args.until, "until"),
+               "part_id": args.part_id, "line": args.line, "station": args.station, "camera": args.camera}
+    n, loose = list_parts(store_url(args.db), fmt=args.format, decision=args.decision, **filters)
+    if loose:
+        print(f"diffqc: stored images without a part id (in no part): {loose}", file=sys.stderr)
+    if n == 0:
+        print("diffqc: no part matches", file=sys.stderr)
     return 0
 
 
@@ -538,11 +600,16 @@ def add_service_commands(subparsers: Any) -> None:
                          description="Print the decisions `serve` and `watch` stored, oldest first, "
                                      "filtered as /v1/results filters them; redirect to a file "
                                      "for a shift's report (--format csv opens in a spreadsheet).")
-    ls.add_argument("--db", default=None, help=db_help)
-    ls.add_argument("--format", choices=["jsonl", "csv"], default="jsonl",
-                    help="one JSON object per line (default) or CSV with a header row")
-    ls.add_argument("--since", default=None, help=f"parts inspected at or after {when}")
-    ls.add_argument("--until", default=None, help=f"parts inspected before {when}")
+
+    def listing(sub: argparse.ArgumentParser, what: str) -> None:
+        """The options of a listing: its store, format and period."""
+        sub.add_argument("--db", default=None, help=db_help)
+        sub.add_argument("--format", choices=["jsonl", "csv"], default="jsonl",
+                         help="one JSON object per line (default) or CSV with a header row")
+        sub.add_argument("--since", default=None, help=f"{what} inspected at or after {when}")
+        sub.add_argument("--until", default=None, help=f"{what} inspected before {when}")
+
+    listing(ls, "parts")
     ls.add_argument("--feature-type", default=None, help="parts of this type")
     ls.add_argument("--decision", choices=[*DECISIONS, NOT_INSPECTED], default=None, type=str.upper,
                     help="parts given this decision")
@@ -553,6 +620,21 @@ def add_service_commands(subparsers: Any) -> None:
     for name in ("part-id", "line", "station", "camera", "source"):
         ls.add_argument(f"--{name}", default=None, help=f"parts whose {name.replace('-', ' ')} is this")
     ls.set_defaults(func=_cmd_list)
+    pt = rsub.add_parser("parts", help="each part's verdict from its images (one per feature type), "
+                                       "as JSON lines or CSV",
+                         description="Print each part's verdict, from the stored images sent with its "
+                                     "part id (serve: part_id; watch: the file's name without its "
+                                     "suffix): per feature type its latest image, the part's decision "
+                                     "the worst of theirs (REJECT, NOT_INSPECTED, REVIEW, PASS), as "
+                                     "GET /v1/parts/{part_id} gives it; in the order of each part's "
+                                     "first image. Give a period shorter than the cycle of part ids "
+                                     "that repeat (a counter reset each shift).")
+    listing(pt, "images")
+    pt.add_argument("--decision", choices=[*DECISIONS, NOT_INSPECTED], default=None, type=str.upper,
+                    help="parts given this verdict")
+    for name in ("part-id", "line", "station", "camera"):
+        pt.add_argument(f"--{name}", default=None, help=f"images whose {name.replace('-', ' ')} is this")
+    pt.set_defaults(func=_cmd_parts)
     sm = rsub.add_parser("summary", help="a period's counts per type (or camera, line, ...): decisions, "
                                          "the share flagged, verdicts on them, escapes",
                          description="Count the parts `serve` and `watch` stored in a period, per "

@@ -55,6 +55,7 @@ from diffqc.service.buffer import (
     OverflowPolicy,
 )
 from diffqc.service.line import LineServices
+from diffqc.service.parts import PartVerdict, part_verdict
 from diffqc.service.security import (
     BROWSER_FORMATS,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -467,6 +468,28 @@ class _StatusCounter:
 
 
 # --------------------------------------------------------------------------- JSON helpers
+def part_json(verdict: PartVerdict) -> dict[str, Any]:
+    """A part's verdict as the API answers it, without its records."""
+    return {
+        "part_id": verdict.part_id,
+        "decision": verdict.decision,
+        "review": verdict.review,
+        "pending_review": verdict.pending_review,
+        "types": verdict.types,
+        "images": len(verdict.counted),
+        "superseded": verdict.superseded,
+    }
+
+
+def _batch_parts(recs: Sequence[ResultRecord]) -> list[dict[str, Any]]:
+    """The verdict of each part id of a batch from the batch's images, in order of first image."""
+    by_part: dict[str, list[ResultRecord]] = {}
+    for rec in recs:
+        if rec.part_id is not None:
+            by_part.setdefault(rec.part_id, []).append(rec)
+    return [part_json(part_verdict(pid, group)) for pid, group in by_part.items()]
+
+
 def record_json(rec: ResultRecord, root_path: str = "") -> dict[str, Any]:
     """A record as the API answers it; its pictures' URLs are paths under ``root_path`` (the
     path a proxy serves the service under, ``--root-path``)."""
@@ -727,6 +750,8 @@ def _check_id(value: str | None, name: str, *, max_len: int = MAX_ID_LEN, breaks
 
 
 LINE_FIELDS = ("line", "station", "camera")
+# a part's verdict reads its latest images, at most this many (a part id repeated for months)
+PART_RECORDS = 1000
 # the fields of an upload's multipart form, and the query parameters a route reads by hand (the
 # line fields, from the query or the form) beside those it declares
 UPLOAD_FIELDS = ("image", "feature_type", "part_id", *LINE_FIELDS)
@@ -1291,12 +1316,12 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         n = len(datas)
         if types and len(types) not in (1, n):
             raise ServiceError(422, "bad_feature_types", f"{len(types)} feature_type fields for {n} images")
-        if parts and len(parts) != n:
+        if parts and len(parts) not in (1, n):  # one: every image is a crop of that part
             raise ServiceError(422, "bad_part_ids", f"{len(parts)} part_id fields for {n} images")
         ftypes = [_check_type(state, t) for t in (types * n if len(types) == 1 else types)] or [
             default_type
         ] * n
-        pids = [_check_id(p, "part_id") for p in parts] or [None] * n
+        pids = [_check_id(p, "part_id") for p in (parts * n if len(parts) == 1 else parts)] or [None] * n
         keys = [None if key is None else f"{key}/{i}" for i in range(n)]
         digests = [None if k is None else request_hash(d, t, p)
                    for k, d, t, p in zip(keys, datas, ftypes, pids, strict=True)]
@@ -1311,11 +1336,11 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             except ServiceError as exc:
                 raise ServiceError(exc.status, exc.code, f"image {i}: {exc.detail}") from None
         new = dict(zip(todo, await _submit(state, jobs) if jobs else [], strict=True))
-        results = []
-        for i in range(n):
-            rec = done.get(i) or new[i]
+        results, recs = [], [done.get(i) or new[i] for i in range(n)]
+        for i, rec in enumerate(recs):
             results.append({**record_json(rec, settings.root_path), "duplicate": i in done or rec.duplicate})
-        return JSONResponse({"results": results, "total_ms": round((time.perf_counter() - t0) * 1000.0, 3)})
+        return JSONResponse({"results": results, "parts": _batch_parts(recs),
+                             "total_ms": round((time.perf_counter() - t0) * 1000.0, 3)})
 
     def _inspect_response(rec: ResultRecord, t0: float, *, duplicate: bool) -> JSONResponse:
         body = record_json(rec, settings.root_path)
@@ -1402,6 +1427,33 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     @api.get("/v1/results/{record_id}/image")
     async def image(record_id: int = RECORD_ID) -> FileResponse:
         return await _artifact(record_id, "images")
+
+    # ---------------------------------------------------------------- parts
+    @api.get("/v1/parts/{part_id:path}")
+    async def part(
+        part_id: str,
+        since: str | None = None,
+        until: str | None = None,
+        line: str | None = Query(default=None, max_length=MAX_ID_LEN),
+        station: str | None = Query(default=None, max_length=MAX_ID_LEN),
+        camera: str | None = Query(default=None, max_length=MAX_ID_LEN),
+    ) -> dict[str, Any]:
+        """The part's verdict from the decisions on its images (one per feature type, each
+        type's latest: :func:`diffqc.service.parts.part_verdict`)."""
+        pid = str(_check_id(part_id, "part_id", allow_empty=False))
+        place = (_check_id(line, "line"), _check_id(station, "station"), _check_id(camera, "camera"))
+        _, store = state.require()
+        recs = await run_in_threadpool(
+            lambda: store.query(part_id=pid, since=parse_time(since, "since"),
+                                until=parse_time(until, "until"), line=place[0], station=place[1],
+                                camera=place[2], limit=PART_RECORDS + 1)
+        )
+        if not recs:
+            narrowed = " in the period or place given" if since or until or any(place) else ""
+            raise ServiceError(404, "not_found", f"no result with part id {pid!r}{narrowed}")
+        verdict = part_verdict(pid, recs[:PART_RECORDS])
+        return {**part_json(verdict), "truncated": len(recs) > PART_RECORDS,
+                "results": [record_json(r, settings.root_path) for r in verdict.counted]}
 
     # ---------------------------------------------------------------- review
     @api.get("/v1/review")

@@ -1,0 +1,77 @@
+"""A part's verdict from the decisions on its images.
+
+On the line a part is seen as several images, one crop per feature type, sent with the same
+``part_id``; each image gets its own decision and record. A PLC diverting the part needs one
+verdict, which :func:`part_verdict` makes from those records:
+
+- each feature type counts once, with its latest record: a crop sent again (a re-inspection after
+  ``NOT_INSPECTED``, a second shot) replaces the earlier one, and a part id that repeats (a counter
+  reset each shift) gives the latest part's crops. An image sent without a type (the model chose
+  it) counts on its own: two such images may be two crops routed to one type;
+- ``decision`` is the worst counted decision, in the order REJECT, NOT_INSPECTED, REVIEW, PASS:
+  a part passes only when every counted image passed, and a crop that was not inspected outranks
+  a REVIEW because no operator verdict can settle it (it must be inspected again);
+- ``review`` is BAD when an operator reviewed any counted image BAD, GOOD when every flagged
+  (REVIEW or REJECT) counted image was reviewed GOOD and none is NOT_INSPECTED, else None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from diffqc.service.store import NOT_INSPECTED, ResultRecord
+
+# worst first: the part's decision is the first of these any counted image has
+SEVERITY = ("REJECT", NOT_INSPECTED, "REVIEW", "PASS")
+FLAGGED = ("REVIEW", "REJECT")
+
+
+@dataclass(frozen=True)
+class PartVerdict:
+    part_id: str
+    decision: str
+    review: str | None
+    pending_review: int  # counted flagged images without an operator verdict
+    types: dict[str, str]  # feature type -> the decision of its counted image (the worst of them)
+    counted: list[ResultRecord]  # oldest first
+    superseded: int  # earlier images of a type sent again, not counted
+
+
+def _given_type(rec: ResultRecord) -> str | None:
+    """The type the image was sent with, or None when the model chose it (or none was sent)."""
+    if rec.type_known or (rec.decision == NOT_INSPECTED and rec.type_known is None):
+        return rec.feature_type
+    return None
+
+
+def part_verdict(part_id: str, records: Sequence[ResultRecord]) -> PartVerdict:
+    """The verdict of the part from its records (any order; at least one)."""
+    if not records:
+        raise ValueError(f"part {part_id!r} has no records")
+    ordered = sorted(records, key=lambda r: (r.id or 0, r.created_at))
+    latest: dict[str, ResultRecord] = {}
+    counted: list[ResultRecord] = []
+    for rec in ordered:
+        given = _given_type(rec)
+        if given is None:
+            counted.append(rec)
+        else:
+            latest[given] = rec  # a later image of the type replaces an earlier one
+    counted = sorted([*counted, *latest.values()], key=lambda r: (r.id or 0, r.created_at))
+    decisions = {rec.decision for rec in counted}
+    decision = next(d for d in SEVERITY if d in decisions)
+    flagged = [rec for rec in counted if rec.decision in FLAGGED]
+    pending = sum(rec.review is None for rec in flagged)
+    if any(rec.review == "BAD" for rec in counted):
+        review: str | None = "BAD"
+    elif flagged and pending == 0 and NOT_INSPECTED not in decisions:
+        review = "GOOD"
+    else:
+        review = None
+    types: dict[str, str] = {}  # two images routed to one type: its worse decision
+    for rec in counted:
+        if rec.feature_type is not None:
+            earlier = types.get(rec.feature_type, "PASS")
+            types[rec.feature_type] = min(earlier, rec.decision, key=SEVERITY.index)
+    return PartVerdict(part_id, decision, review, pending, types, counted, len(ordered) - len(counted))

@@ -1,0 +1,66 @@
+"""A part's verdict from the decisions on its images (``diffqc.service.parts``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffqc.service.parts import part_verdict
+from diffqc.service.store import NOT_INSPECTED, ResultRecord
+
+
+def _rec(rid: int, ftype: str | None, decision: str, *, known: bool | None = True,
+         review: str | None = None) -> ResultRecord:
+    if decision == NOT_INSPECTED:
+        known = None
+    return ResultRecord(created_at=1000.0 + rid, source="http", decision=decision, part_id="P-1",
+                        feature_type=ftype, type_known=known, review=review, id=rid)
+
+
+def test_worst_decision_of_the_types_wins() -> None:
+    v = part_verdict("P-1", [_rec(1, "dots", "PASS"), _rec(2, "edge1", "REVIEW"), _rec(3, "angle", "PASS")])
+    assert (v.decision, v.review, v.pending_review) == ("REVIEW", None, 1)
+    assert v.types == {"dots": "PASS", "edge1": "REVIEW", "angle": "PASS"}
+    assert [r.id for r in v.counted] == [1, 2, 3] and v.superseded == 0
+    assert part_verdict("P-1", [_rec(1, "dots", "PASS"), _rec(2, "edge1", "PASS")]).decision == "PASS"
+    # REJECT outranks everything; a crop not inspected outranks REVIEW (no verdict can settle it)
+    assert part_verdict("P-1", [_rec(1, "dots", "REJECT"), _rec(2, "edge1", NOT_INSPECTED)]).decision \
+        == "REJECT"
+    assert part_verdict("P-1", [_rec(1, "dots", "REVIEW"), _rec(2, "edge1", NOT_INSPECTED)]).decision \
+        == NOT_INSPECTED
+
+
+def test_a_type_sent_again_replaces_its_earlier_image_in_any_order() -> None:
+    recs = [_rec(4, "edge1", "PASS"), _rec(1, "dots", "PASS"), _rec(2, "edge1", NOT_INSPECTED),
+            _rec(3, "dots", "REJECT")]
+    v = part_verdict("P-1", recs)
+    assert v.decision == "REJECT" and v.types == {"dots": "REJECT", "edge1": "PASS"}
+    assert [r.id for r in v.counted] == [3, 4] and v.superseded == 2
+    # the re-inspection of the one crop that was not inspected lets the part pass
+    assert part_verdict("P-1", recs[:3]).decision == "PASS"
+
+
+def test_images_the_model_routed_each_count() -> None:
+    # two crops sent without a type, both routed to dots: neither replaces the other
+    v = part_verdict("P-1", [_rec(1, "dots", "REVIEW", known=False), _rec(2, "dots", "PASS", known=False)])
+    assert v.decision == "REVIEW" and v.types == {"dots": "REVIEW"} and len(v.counted) == 2
+    # a part not inspected before the model chose a type counts on its own too
+    v = part_verdict("P-1", [_rec(1, None, NOT_INSPECTED), _rec(2, "dots", "PASS")])
+    assert v.decision == NOT_INSPECTED and v.types == {"dots": "PASS"} and v.superseded == 0
+
+
+def test_review_of_the_part_from_its_flagged_images() -> None:
+    flagged = [_rec(1, "dots", "REVIEW", review="GOOD"), _rec(2, "edge1", "REJECT"), _rec(3, "angle", "PASS")]
+    v = part_verdict("P-1", flagged)
+    assert (v.review, v.pending_review) == (None, 1)  # the REJECT is not reviewed yet
+    flagged[1] = _rec(2, "edge1", "REJECT", review="GOOD")
+    assert (part_verdict("P-1", flagged).review, part_verdict("P-1", flagged).pending_review) == ("GOOD", 0)
+    # one BAD verdict on any image, a passed one too, makes the part BAD
+    assert part_verdict("P-1", [*flagged[:2], _rec(3, "angle", "PASS", review="BAD")]).review == "BAD"
+    # nothing flagged: no review; a crop not inspected: the part is not settled by verdicts
+    assert part_verdict("P-1", [_rec(1, "dots", "PASS")]).review is None
+    assert part_verdict("P-1", [*flagged[:2], _rec(3, "angle", NOT_INSPECTED)]).review is None
+
+
+def test_no_records_is_an_error() -> None:
+    with pytest.raises(ValueError, match="P-9"):
+        part_verdict("P-9", [])
