@@ -122,6 +122,54 @@ def test_watch_reads_the_dated_folders_a_camera_files_its_images_in(
     assert rec.feature_type == t1 and rec.type_known is True
 
 
+def test_a_part_id_pattern_takes_the_part_id_from_a_camera_s_file_names(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A camera names each crop by part and type (``P-0001_dots.png``): each file's name was its
+    part id, so the crops of one part had 8 part ids and no part verdict could be made.
+    ``--part-id-pattern`` finds the part id in the name; a name it is not found in is stored
+    without one (logged once)."""
+    from diffqc.service.parts import part_verdict
+
+    folder, pipe, store = rig
+    by_type: dict[str, bytes] = {}
+    for body, ftype in samples.all:
+        by_type.setdefault(ftype, body)
+    (t1, b1), (t2, b2) = list(by_type.items())[:2]
+    for ftype, body in ((t1, b1), (t2, b2)):
+        (folder / ftype).mkdir()
+        (folder / ftype / f"P-0001_{ftype}.png").write_bytes(body)
+    (folder / t1 / f"P-0002_{t1}.png").write_bytes(b1)
+    (folder / t1 / "snapshot.png").write_bytes(b1)
+    (folder / t2 / "other.png").write_bytes(b2)
+    w = _watcher(folder, pipe, store, part_id_pattern=r"^(P-\d+)_")
+    with caplog.at_level("WARNING", logger="diffqc.watch"):
+        assert w.step().inspected == 5
+    recs = store.query(limit=None, oldest_first=True)
+    assert sorted(str(r.part_id) for r in recs) == ["None", "None", "P-0001", "P-0001", "P-0002"]
+    verdict = part_verdict("P-0001", [r for r in recs if r.part_id == "P-0001"])
+    assert set(verdict.types) == {t1, t2} and verdict.superseded == 0
+    said = [r.getMessage() for r in caplog.records if "--part-id-pattern" in r.getMessage()]
+    assert len(said) == 1 and "stored without a part id" in said[0], said
+
+
+def test_part_id_pattern_forms_and_refusals() -> None:
+    from diffqc.errors import ConfigError
+    from diffqc.service.watch import compile_part_id_pattern, part_id_of
+
+    assert part_id_of("P-0001_dots", None) == "P-0001_dots"  # no pattern: the name, as before
+    assert part_id_of("P-0001_dots", compile_part_id_pattern(r"P-\d+")) == "P-0001"  # the match
+    assert part_id_of("cam2_P-0001_dots", compile_part_id_pattern(r"_(P-\d+)_")) == "P-0001"  # its group
+    named = compile_part_id_pattern(r"(?P<line>L\d)-(?P<part>\d+)")
+    assert part_id_of("L1-0042", named) == "0042"
+    assert part_id_of("snapshot", named) is None
+    assert part_id_of("x", compile_part_id_pattern(r"x(\d*)")) is None  # an empty group: no id
+    with pytest.raises(ConfigError, match="not a regular expression"):
+        compile_part_id_pattern("P-(\\d+")
+    with pytest.raises(ConfigError, match=r"has 2 groups: name the part id's \(\?P<part>"):
+        compile_part_id_pattern(r"(L\d)-(\d+)")
+
+
 def test_watch_does_not_inspect_its_own_heat_maps_and_kept_images(
     detector: Any, samples: Samples, tmp_path: Path
 ) -> None:

@@ -221,6 +221,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "watch_station": args.station,
         "watch_camera": None if not args.camera else args.camera[0] if len(args.camera) == 1
         else tuple(args.camera),
+        "watch_part_id_pattern": args.part_id_pattern,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "tls_warn_days": args.tls_warn_days,
@@ -274,6 +275,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         line=args.line,
         station=args.station,
         camera=args.camera,
+        part_id_pattern=args.part_id_pattern,
         runtime=args.runtime,
         precision=args.precision,
         threads=args.threads,
@@ -420,6 +422,11 @@ def _add_line_arguments(p: argparse.ArgumentParser, *, folders: bool = False) ->
                        "per --watch, in the same order (the drift watch tests each camera apart)")
     else:
         p.add_argument("--camera", default=None, help="camera recorded on watched-folder parts")
+    p.add_argument("--part-id-pattern", default=None, metavar="REGEX",
+                   help="the part id in a watched file's name without its suffix: the regular "
+                        "expression's group named part, its only group, or its match "
+                        "(P-\\d+ finds P-0001 in P-0001_dots.png; default: the whole name). The crops "
+                        "of one part, named alike, then share a part id (diffqc results parts)")
 
 
 def _add_log_arguments(p: argparse.ArgumentParser) -> None:

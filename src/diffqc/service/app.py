@@ -132,6 +132,7 @@ class ServiceSettings:
     watch_line: str | None = None  # line / station / camera recorded for watched-folder parts
     watch_station: str | None = None
     watch_camera: str | tuple[str, ...] | None = None  # one for every folder, or one per folder
+    watch_part_id_pattern: str | None = None  # the part id in a watched file's name
 
     def folder_camera(self, index: int) -> str | None:
         """The camera recorded on the parts of ``watch_dirs[index]``."""
@@ -202,8 +203,10 @@ class ServiceSettings:
                               "--watch folders: give it once (every folder's parts) or once per --watch, "
                               "in the same order")
         if self.watch_dirs:
-            from diffqc.service.watch import check_watch_folder
+            from diffqc.service.watch import check_watch_folder, compile_part_id_pattern
 
+            if self.watch_part_id_pattern is not None:
+                compile_part_id_pattern(self.watch_part_id_pattern)
             for folder in self.watch_dirs:  # serve moves the files it inspected
                 check_watch_folder(folder, hint="serve --watch moves the files it inspected; for a "
                                    "folder this computer may only read, run `diffqc watch DIR MODEL "
@@ -1656,7 +1659,7 @@ def _start(state: ServiceState, detector: DetectorLike | None,
             watcher = FolderWatcher(
                 WatchSettings(Path(folder), feature_type=s.watch_feature_type, line=s.watch_line,
                               station=s.watch_station, camera=s.folder_camera(index),
-                              max_image_pixels=s.max_image_pixels),
+                              part_id_pattern=s.watch_part_id_pattern, max_image_pixels=s.max_image_pixels),
                 pipeline,
                 state.store,
             )

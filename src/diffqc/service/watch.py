@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -38,6 +39,7 @@ from typing import Any
 from diffqc.data import IMAGE_SUFFIXES, decode_image, folder_like_a_type, type_of_folders
 from diffqc.errors import (
     BundleError,
+    ConfigError,
     ImageReadError,
     OutputError,
     StoreError,
@@ -82,11 +84,41 @@ class WatchSettings:
     line: str | None = None  # recorded on every part from this folder
     station: str | None = None
     camera: str | None = None
+    part_id_pattern: str | None = None  # the part id in a file's name (part_id_of); None: the name
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
         if self.after not in ("move", "keep"):
             raise ValueError(f"after must be 'move' or 'keep', got {self.after!r}")
+
+
+def compile_part_id_pattern(text: str) -> re.Pattern[str]:
+    """``--part-id-pattern``: a regular expression found in a file's name without its suffix;
+    the part id is its group named ``part``, else its only group, else the whole match."""
+    try:
+        pattern = re.compile(text)
+    except re.error as exc:
+        raise ConfigError(f"--part-id-pattern {text!r} is not a regular expression: {exc}") from None
+    if pattern.groups > 1 and "part" not in pattern.groupindex:
+        raise ConfigError(f"--part-id-pattern {text!r} has {pattern.groups} groups: name the part id's "
+                          "(?P<part>...) or make the others non-capturing (?:...)")
+    return pattern
+
+
+def part_id_of(stem: str, pattern: re.Pattern[str] | None) -> str | None:
+    """The part id in a file's name without its suffix (``P-0001_dots`` -> ``P-0001`` by
+    ``P-\\d+``): the name itself without a pattern; None when the pattern is not found in it
+    (or finds nothing)."""
+    if pattern is None:
+        return stem
+    found = pattern.search(stem)
+    if found is None:
+        return None
+    if "part" in pattern.groupindex:
+        value = found.group("part")
+    else:
+        value = found.group(1) if pattern.groups else found.group(0)
+    return value or None
 
 
 class _FolderUnreadable(OSError):
@@ -191,6 +223,9 @@ class FolderWatcher:
         self._kept: set[tuple[str, int, int]] = set()  # after="keep": (path, size, mtime) done
         self._passed_over: set[str] = set()  # the file endings named in the log (once each)
         self._near_types: set[str] = set()  # folders named almost as a type, named in the log
+        self._pattern = (compile_part_id_pattern(settings.part_id_pattern)
+                         if settings.part_id_pattern is not None else None)
+        self._unmatched_logged = False  # a name the part id pattern is not found in: logged once
         self.problem: str | None = None  # why nothing is taken now (serve's /readyz)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -395,7 +430,7 @@ class FolderWatcher:
         return Job(
             image=image,
             feature_type=self._feature_type(path),
-            part_id=path_text(path.stem),
+            part_id=self._part_id(path),
             source=self.source,
             dedup_key=key,
             digest=digest,
@@ -406,6 +441,14 @@ class FolderWatcher:
             camera=self.settings.camera,
         )
 
+    def _part_id(self, path: Path) -> str | None:
+        part = part_id_of(path_text(path.stem), self._pattern)
+        if part is None and not self._unmatched_logged:
+            self._unmatched_logged = True
+            log.warning("--part-id-pattern %r is not found in the name of %s: its parts are stored "
+                        "without a part id (logged once)", self.settings.part_id_pattern, path)
+        return part
+
     def _fail(self, path: Path, data: bytes, reason: str, report: StepReport, *, key: str) -> None:
         log.warning("not inspected: %s (%s)", path, reason)
         rec = self.store.insert(
@@ -413,7 +456,7 @@ class FolderWatcher:
                 created_at=time.time(),
                 source=self.source,
                 decision=NOT_INSPECTED,
-                part_id=path_text(path.stem),
+                part_id=self._part_id(path),
                 feature_type=self._feature_type(path),
                 model_version=self.pipeline.model_version,
                 reason=path_text(f"unreadable file: {reason}"),
@@ -514,6 +557,7 @@ def run_watch(
     line: str | None = None,
     station: str | None = None,
     camera: str | None = None,
+    part_id_pattern: str | None = None,
     retention_max_age_s: float | None = None,
     retention_max_bytes: int | None = None,
     disk_min_free_bytes: int = 1 << 30,
@@ -550,6 +594,8 @@ def run_watch(
     # --db that is no store is said before the model loads
     check_watch_arguments(directory, model_path, keep=after == "keep")
     check_feature_type(feature_type, read_bundle(model_path)[1]["classes"])
+    if part_id_pattern is not None:
+        compile_part_id_pattern(part_id_pattern)
     store = ResultStore(db)
     try:
         detector: Any = load_detector(model_path, runtime, threads=threads, device="cpu",
@@ -582,6 +628,7 @@ def run_watch(
         line=line,
         station=station,
         camera=camera,
+        part_id_pattern=part_id_pattern,
         max_image_pixels=max_image_pixels,
     )
     stop = threading.Event()
