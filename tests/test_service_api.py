@@ -851,3 +851,42 @@ async def test_part_verdict_from_its_images(detector: Any, samples: Samples, tmp
         r = await client.get("/v1/parts/A/1", headers=AUTH, params={"partid": "x"})
         assert (r.status_code, r.json()["code"]) == (422, "unknown_parameter")
         assert (await client.get("/v1/parts/A/1")).status_code == 401
+
+
+async def test_metrics_say_when_each_type_and_camera_last_sent_a_part(
+    detector: Any, samples: Samples, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A camera that stops sending (a cable, a crashed acquisition PC) went unnoticed: nothing
+    in /metrics said when a type's or a camera's last part came. The gauge
+    ``diffqc_last_decision_timestamp_seconds{feature_type,camera}`` says it (an alert:
+    ``time() - ... > 900``), read back from the store at start, so a restart keeps the series of a
+    camera already silent; a week back at most, and at most LAST_SERIES series."""
+    import time
+
+    from diffqc.service import app as app_module
+    from diffqc.service.store import ResultRecord, ResultStore
+
+    body, ftype = samples.one("PASS")
+    now = time.time()
+    with ResultStore(str(tmp_path / "results.db")) as store:
+        store.insert_many([
+            ResultRecord(created_at=now - age, source="http", decision="PASS", feature_type=ftype,
+                         camera=camera)
+            for age, camera in ((3600, "cam-2"), (1800, "cam-2"), (8 * 86400, "cam-old"))])
+    gauge = "diffqc_last_decision_timestamp_seconds"
+    async with running_app(detector, tmp_path) as (client, _):
+        text = (await client.get("/metrics", headers=AUTH)).text
+        assert f'{gauge}{{feature_type="{ftype}",camera="cam-2"}} {now - 1800:.3f}' in text
+        assert "cam-old" not in text  # older than a week
+        r = await client.post("/v1/inspect", content=body, headers=AUTH,
+                              params={"feature_type": ftype, "camera": "cam-1"})
+        assert r.status_code == 200, r.text
+        text = (await client.get("/metrics", headers=AUTH)).text
+        assert f'{gauge}{{feature_type="{ftype}",camera="cam-1"}} {r.json()["created_at"]:.3f}' in text
+        assert f'{gauge}{{feature_type="{ftype}",camera="cam-2"}} {now - 1800:.3f}' in text
+    monkeypatch.setattr(app_module, "LAST_SERIES", 1)
+    metrics = app_module.Metrics()
+    metrics.seed_last([("a", None, 5.0), ("b", "c", 6.0)])
+    assert metrics.last_at == {("a", ""): 5.0} and metrics.last_untracked == 1
+    metrics.seed_last([("a", None, 4.0)])  # an older time does not move it back
+    assert metrics.last_at == {("a", ""): 5.0}

@@ -388,6 +388,10 @@ def store_contract(store: ResultStore) -> None:
     assert [r.part_id for r in store.query(until=t0 - 50)] == ["a1"]
     assert {r.part_id for r in store.query(since=t0 - 50)} == {"b1", "f1"}
     assert [r.part_id for r in store.query(source="watch:y")] == ["f1"]
+    # the latest record's time per (type, camera) since a time (/metrics' last decision)
+    latest = {(t, c): at for t, c, at in store.latest_times(t0 - 50)}
+    assert latest.keys() == {("a", None), ("b", None)}
+    assert latest[("b", None)] == pytest.approx(b.created_at) and latest[("a", None)] >= t0 - 50
     assert [r.id for r in store.query(limit=2)] == sorted((r.id or 0 for r in store.query()), reverse=True)[
         :2
     ]

@@ -261,6 +261,11 @@ class Histogram:
         return lines
 
 
+# /metrics' last decision per (type, camera): at most this many series, seeded from this far back
+LAST_SERIES = 256
+LAST_SEED_S = 7 * 86400.0
+
+
 class Metrics:
     """Counters kept in memory (they restart at zero with the process, as Prometheus expects)."""
 
@@ -273,10 +278,28 @@ class Metrics:
         self.responses: Counter[int] = Counter()
         self.rejected_uploads: Counter[str] = Counter()
         self.refused = RefusedRequests()  # requests refused for their token, said in the log
+        # (feature type, camera) -> when its latest decision was stored: a camera gone silent
+        self.last_at: dict[tuple[str, str], float] = {}
+        self.last_untracked = 0  # decisions of pairs beyond LAST_SERIES
+
+    def _note_last(self, ftype: str | None, camera: str | None, at: float) -> None:
+        key = (ftype or "", camera or "")
+        if key not in self.last_at and len(self.last_at) >= LAST_SERIES:
+            self.last_untracked += 1  # a client's camera names are its own text: bounded
+            return
+        self.last_at[key] = max(at, self.last_at.get(key, at))
+
+    def seed_last(self, rows: Iterable[tuple[str | None, str | None, float]]) -> None:
+        """The stored latest decision of each (type, camera), read at start (a restart would
+        otherwise drop the series of a camera already silent)."""
+        with self._lock:
+            for ftype, camera, at in rows:
+                self._note_last(ftype, camera, at)
 
     def on_record(self, rec: ResultRecord, seconds: float) -> None:
         with self._lock:
             self.decisions[(rec.feature_type or "", rec.decision)] += 1
+            self._note_last(rec.feature_type, rec.camera, rec.created_at)
             if rec.decision != NOT_INSPECTED:
                 self.latency.observe(seconds)
 
@@ -306,6 +329,11 @@ class Metrics:
             for (ftype, decision), n in sorted(self.decisions.items()):
                 labels = f'feature_type="{prometheus_label(ftype)}",decision="{decision}"'
                 out.append(f"diffqc_decisions_total{{{labels}}} {n}")
+            head("diffqc_last_decision_timestamp_seconds", "gauge",
+                 "When the latest decision of a feature type and camera was stored (epoch seconds).")
+            for (ftype, camera), at in sorted(self.last_at.items()):
+                labels = f'feature_type="{prometheus_label(ftype)}",camera="{prometheus_label(camera)}"'
+                out.append(f"diffqc_last_decision_timestamp_seconds{{{labels}}} {at:.3f}")
             head(
                 "diffqc_inspection_latency_seconds",
                 "histogram",
@@ -1634,6 +1662,10 @@ def _start(state: ServiceState, detector: DetectorLike | None,
     )
     pipeline.listeners.append(state.metrics.on_record)
     pipeline.batch_listeners.append(state.metrics.on_batch)
+    try:  # the latest stored decision of each type and camera of the last week
+        state.metrics.seed_last(state.store.latest_times(time.time() - LAST_SEED_S))
+    except StoreError as exc:  # a store down at start: the series start with the first parts
+        log.warning("the latest decisions per type and camera could not be read: %s", exc)
     _check_buffer_memory(s.buffer_max_bytes)
     # before the worker starts: the sinks' outbox hook must see the first record
     load = None

@@ -790,6 +790,14 @@ class ResultStore:
         with self._reader() as conn:
             return [tuple(r) for r in conn.execute(self._q(sql), args).fetchall()]
 
+    def latest_times(self, since: float) -> list[tuple[str | None, str | None, float]]:
+        """``(feature_type, camera, created_at of its latest record)`` of each pair with a record
+        created at or after ``since`` (read through the creation-time index)."""
+        sql = (f"SELECT feature_type, camera, MAX(created_at) FROM {TABLE} WHERE created_at >= ? "
+               "GROUP BY feature_type, camera")
+        with self._reader() as conn:
+            return [(t, c, float(at)) for t, c, at in conn.execute(self._q(sql), (since,)).fetchall()]
+
     def pending_reviews(self) -> int:
         with self._reader() as conn:
             row = conn.execute(
