@@ -84,6 +84,38 @@ def test_the_latest_decision_and_each_types_counts_are_read_by_a_client() -> Non
     assert got["diffqc.TypeNames"] == ["edge", "dots"] and got["diffqc.ModelVersion"] == "m-1"
 
 
+def test_a_plc_reads_the_verdict_of_the_latest_part() -> None:
+    """A part is seen as one crop per type: the reject gate's PLC needs the part's verdict, not
+    each crop's. ``diffqc/Part`` holds the verdict of the latest decision's part (the worst of
+    its types' latest decisions) and how many types it has so far."""
+    url = f"opc.tcp://127.0.0.1:{_free_port()}"
+    server = OpcUaServer(url, ["edge", "dots"])
+    server.start()
+    crops = [("edge", "PASS"), ("dots", "REVIEW"), ("dots", "PASS")]  # dots sent again: it passes
+    try:
+        before = asyncio.run(_read(url, ["diffqc.Part.PartId", "diffqc.Part.Images", "diffqc.Part.RecordId"]))
+        for i, (ftype, decision) in enumerate(crops, 1):
+            server.publish(ResultRecord(id=i, created_at=1_796_000_000.0 + i, source="test",
+                                        decision=decision, feature_type=ftype, type_known=True,
+                                        part_id="P-7"))
+        server.publish(ResultRecord(id=4, created_at=1_796_000_004.0, source="test", decision="REJECT",
+                                    feature_type="edge", type_known=True))  # no part id: Part unchanged
+        for _ in range(50):
+            if server.published_total == 4:
+                break
+            time.sleep(0.05)
+        got = asyncio.run(_read(url, [f"diffqc.Part.{n}" for n in
+                                      ("PartId", "Decision", "Images", "Types", "RecordId")]))
+        mid = asyncio.run(_read(url, ["diffqc.Last.Decision"]))
+    finally:
+        server.stop()
+    assert before == {"diffqc.Part.PartId": "", "diffqc.Part.Images": 0, "diffqc.Part.RecordId": 0}
+    part = {k.rsplit(".", 1)[1]: v for k, v in got.items()}
+    assert part == {"PartId": "P-7", "Decision": "PASS", "Images": 2, "Types": "edge=PASS dots=PASS",
+                    "RecordId": 3}
+    assert mid["diffqc.Last.Decision"] == "REJECT"
+
+
 def test_a_subscribed_client_gets_each_new_decision_and_cannot_write() -> None:
     """A reject gate's PLC subscribes to the latest decision's record id and reads the decision
     when it changes; nothing a client writes changes the server's values."""

@@ -64,3 +64,27 @@ def test_review_of_the_part_from_its_flagged_images() -> None:
 def test_no_records_is_an_error() -> None:
     with pytest.raises(ValueError, match="P-9"):
         part_verdict("P-9", [])
+
+
+def test_recent_parts_judge_each_part_as_its_images_come() -> None:
+    from diffqc.service.parts import PART_IMAGES, RecentParts
+
+    recent = RecentParts(capacity=2)
+    assert recent.add(ResultRecord(created_at=1.0, source="http", decision="PASS")) is None  # no part id
+    first = recent.add(_rec(1, "dots", "PASS"))
+    assert first is not None and (first.decision, len(first.counted)) == ("PASS", 1)
+    v = recent.add(_rec(2, "edge1", "REVIEW"))
+    assert v is not None and (v.decision, v.types) == ("REVIEW", {"dots": "PASS", "edge1": "REVIEW"})
+    v = recent.add(_rec(3, "edge1", "PASS"))  # edge1 again: replaces its REVIEW
+    assert v is not None and (v.decision, len(v.counted), v.superseded) == ("PASS", 2, 1)
+    again = recent.add(_rec(3, "edge1", "PASS"))  # the same record twice counts once
+    assert again is not None and len(again.counted) == 2 and again.superseded == 0
+    # the least recently seen part is forgotten beyond the capacity
+    for pid in ("P-2", "P-3"):
+        recent.add(ResultRecord(created_at=9.0, source="http", decision="PASS", part_id=pid, id=9))
+    v = recent.add(_rec(10, "angle", "PASS"))
+    assert v is not None and set(v.types) == {"angle"}
+    # a part id every image is sent with, routed: its latest images only
+    for i in range(PART_IMAGES + 5):
+        v = recent.add(_rec(100 + i, "dots", "PASS", known=False))
+    assert v is not None and len(v.counted) == PART_IMAGES

@@ -16,6 +16,11 @@ space, in the namespace :data:`NAMESPACE`, with string node ids a PLC program ca
                                         NotInspected (counts since the server started: with
                                         the service, or a model with other types) and
                                         DriftAlarm
+    Objects/diffqc/Part                 the verdict of the part of the latest decision with a
+                                        part id (diffqc.service.parts): PartId, Decision,
+                                        Images (its types counted so far), Types ("dots=PASS
+                                        edge1=REVIEW"), RecordId (the latest image's); from
+                                        the images since the server started
 
 Every variable is read-only. ``RecordId`` is written last, so a client that triggers on its
 change reads the other fields of the same decision (unless the next one came in between: a
@@ -41,6 +46,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from diffqc.errors import ConfigError
+from diffqc.service.parts import PartVerdict, RecentParts
 from diffqc.service.security import read_secret_file
 from diffqc.service.store import NOT_INSPECTED, ResultRecord
 
@@ -53,6 +59,9 @@ DEFAULT_PORT = 4840  # IANA's port for OPC UA over TCP
 DECISION_FIELDS = (("PartId", "String"), ("FeatureType", "String"), ("Decision", "String"),
                    ("Score", "Double"), ("PValue", "Double"), ("Time", "DateTime"), ("Line", "String"),
                    ("Station", "String"), ("Camera", "String"), ("RecordId", "Int64"))
+# a part's verdict (diffqc.service.parts), RecordId last
+PART_FIELDS = (("PartId", "String"), ("Decision", "String"), ("Images", "UInt32"), ("Types", "String"),
+               ("RecordId", "Int64"))
 COUNTS = (("Inspected", None), ("Pass", "PASS"), ("Review", "REVIEW"), ("Reject", "REJECT"),
           ("NotInspected", NOT_INSPECTED))
 
@@ -110,6 +119,17 @@ def _value(rec: ResultRecord, name: str) -> Any:
     attr = {"PartId": "part_id", "FeatureType": "feature_type", "Decision": "decision", "Line": "line",
             "Station": "station", "Camera": "camera"}[name]
     return str(getattr(rec, attr) or "")
+
+
+def _part_value(verdict: PartVerdict, name: str) -> Any:
+    """A part's variable's value (:data:`PART_FIELDS`)."""
+    if name == "RecordId":
+        return int(verdict.counted[-1].id or 0) if verdict.counted else 0
+    if name == "Images":
+        return len(verdict.counted)
+    if name == "Types":
+        return " ".join(f"{t}={d}" for t, d in verdict.types.items())
+    return verdict.part_id if name == "PartId" else verdict.decision
 
 
 class _Readers:
@@ -178,6 +198,8 @@ class OpcUaServer:
         self._error: BaseException | None = None
         self._counts: Counter[tuple[str, str]] = Counter()
         self._version_node: Any = None
+        self._parts = RecentParts()
+        self._part_nodes: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 30.0) -> None:
@@ -323,6 +345,10 @@ class OpcUaServer:
         last = await root.add_object(node_id("diffqc.Last"), name("Last"))
         nodes = {"": {n: await variable(last, "diffqc.Last", n, _value(empty, n), t)
                       for n, t in DECISION_FIELDS}}
+        part = await root.add_object(node_id("diffqc.Part"), name("Part"))
+        nobody = PartVerdict("", "", None, 0, {}, [], 0)
+        self._part_nodes = {n: await variable(part, "diffqc.Part", n, _part_value(nobody, n), t)
+                            for n, t in PART_FIELDS}
         folder = await root.add_folder(node_id("diffqc.Types"), name("Types"))
         for ftype in self.types:
             path = f"diffqc.Types.{ftype}"
@@ -343,6 +369,7 @@ class OpcUaServer:
             await server.write_attribute_value(node.nodeid, ua.DataValue(variant))
 
         latest: dict[str, ResultRecord] = {}
+        part: PartVerdict | None = None
         stop = False
         for kind, item in batch:
             if kind == "stop":
@@ -355,6 +382,7 @@ class OpcUaServer:
                 rec: ResultRecord = item
                 self.published_total += 1
                 latest[""] = rec
+                part = self._parts.add(rec) or part
                 if rec.feature_type in nodes:
                     latest[rec.feature_type] = rec
                     self._counts[(rec.feature_type, "Inspected")] += 1
@@ -367,4 +395,7 @@ class OpcUaServer:
             if key:
                 for count, _ in COUNTS:
                     await write(nodes[key][count], self._counts[(key, count)], "UInt64")
+        if part is not None:
+            for field, vtype in PART_FIELDS:  # RecordId last
+                await write(self._part_nodes[field], _part_value(part, field), vtype)
         return stop

@@ -17,6 +17,7 @@ verdict, which :func:`part_verdict` makes from those records:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from diffqc.service.store import NOT_INSPECTED, ResultRecord
 # worst first: the part's decision is the first of these any counted image has
 SEVERITY = ("REJECT", NOT_INSPECTED, "REVIEW", "PASS")
 FLAGGED = ("REVIEW", "REJECT")
+PART_IMAGES = 64  # the images a RecentParts keeps per part
 
 
 @dataclass(frozen=True)
@@ -75,3 +77,26 @@ def part_verdict(part_id: str, records: Sequence[ResultRecord]) -> PartVerdict:
             earlier = types.get(rec.feature_type, "PASS")
             types[rec.feature_type] = min(earlier, rec.decision, key=SEVERITY.index)
     return PartVerdict(part_id, decision, review, pending, types, counted, len(ordered) - len(counted))
+
+
+class RecentParts:
+    """The verdicts of the parts seen lately, from the records as they are stored (the OPC UA
+    server's ``Part``): the latest ``capacity`` part ids, the least recently seen forgotten. A
+    part whose images came before this was made (a restart) is judged on the later ones only."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+        self._parts: OrderedDict[str, list[ResultRecord]] = OrderedDict()
+
+    def add(self, rec: ResultRecord) -> PartVerdict | None:
+        """The verdict of ``rec``'s part with it; None for a record without a part id."""
+        if rec.part_id is None:
+            return None
+        records = self._parts.pop(rec.part_id, [])
+        records = [r for r in records if r.id is None or r.id != rec.id]  # the same record again
+        # its latest PART_IMAGES images at most (a part id every image is sent with)
+        verdict = part_verdict(rec.part_id, [*records[-(PART_IMAGES - 1):], rec])
+        self._parts[rec.part_id] = verdict.counted  # what counts
+        while len(self._parts) > self.capacity:
+            self._parts.popitem(last=False)
+        return verdict
