@@ -327,6 +327,51 @@ def test_dashboard_corrects_a_verdict_and_shows_its_history(
     assert wait.until(lambda d: d.find_element(By.ID, "reviewer").get_attribute("value")) == "ann"
 
 
+def test_dashboard_shows_the_other_crops_of_a_part(
+    live_server: tuple[str, Any], browser: Any, samples: Samples
+) -> None:
+    """A reviewer judging a flagged crop saw it alone: the part's other crops, and the part's
+    verdict, were not on the page. The part panel lists them (one per type, with its decision)
+    and shows any of them on a click."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = live_server
+    wait = WebDriverWait(browser, 20)
+    flagged, ftype = samples.one("REVIEW")
+    passed, ptype = next((b, t) for b, t in samples.by_decision["PASS"] if t != ftype)
+    r = httpx.post(url + "/v1/inspect/batch", headers=AUTH,
+                   data={"feature_type": [ptype, ftype], "part_id": "A/7"},
+                   files=[("image", (f"{i}.png", b, "image/png")) for i, b in enumerate((passed, flagged))])
+    assert r.status_code == 200, r.text
+    pass_id, review_id = (x["id"] for x in r.json()["results"])
+    browser.get(url + "/dashboard")
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "connect").click()
+    row = f'#decisions tbody tr[data-id="{review_id}"]'
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, row)))
+    browser.find_element(By.CSS_SELECTOR, row).click()
+    crops = wait.until(ec.visibility_of_element_located((By.ID, "part-crops")))
+    assert "part A/7: REVIEW 2 images, 1 to review" in crops.text
+    buttons = crops.find_elements(By.TAG_NAME, "button")
+    assert [b.text for b in buttons] == [f"{ptype} PASS", f"{ftype} REVIEW"]
+    assert "chosen" in buttons[1].get_attribute("class")
+    buttons[0].click()  # the part's other crop
+    panel = browser.find_element(By.ID, "part")
+    wait.until(lambda d: panel.get_attribute("data-id") == str(pass_id))
+    chosen = f'#part-crops button[data-id="{pass_id}"]'
+    wait.until(lambda d: "chosen" in d.find_element(By.CSS_SELECTOR, chosen).get_attribute("class"))
+    # a record without a part id shows no crops
+    single = httpx.post(url + "/v1/inspect", content=passed, headers=AUTH,
+                        params={"feature_type": ptype}).json()
+    row = f'#decisions tbody tr[data-id="{single["id"]}"]'
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, row)))
+    browser.find_element(By.CSS_SELECTOR, row).click()
+    wait.until(lambda d: panel.get_attribute("data-id") == str(single["id"]))
+    wait.until(ec.invisibility_of_element_located((By.ID, "part-crops")))
+
+
 def test_dashboard_connects_by_itself_where_no_token_is_needed(
     live_server: tuple[str, Any], browser: Any, detector: Any, tmp_path: Path
 ) -> None:
