@@ -3,7 +3,8 @@
 Records are never deleted ("every decision stored"), so a line inspecting a part a second for a
 month holds millions of rows. This fills a SQLite store (a temporary folder) through the
 service's own insert path, in steps up to ``--records``, as a line would (8 types, 95 % PASS, 4
-% REVIEW, 1 % REJECT, a part id each, one part in 5 of the flagged ones reviewed, a kept image
+% REVIEW, 1 % REJECT, a part id on each 8 images, one of each type (since session 37; one per
+image before), one part in 5 of the flagged ones reviewed, a kept image
 named on each flagged part), and after each step times each read the service makes again and
 again: the dashboard's polls (latest decisions, decisions after the last one seen, the rates and
 score histograms of the last hour, the review queue, the defect kinds, a part found by its id),
@@ -12,14 +13,15 @@ keeping a day of kept images: the first pass expires the older ones), opening th
 restart), a restart's refill of the drift windows from the stored parts (since session 35: each
 type's latest 200 of the last week, one type with none; since session 36 also each camera's own
 latest 200, the parts coming from 4 cameras a type in turn, beside the types' windows alone, as
-session 35 read them: ``before:``), `results backup` of the whole store (since session 36) and
-storing one more part. Median of ``--rounds``, in milliseconds. The read session 33 gave an
+session 35 read them: ``before:``), `results backup` of the whole store (since session 36), a
+part's verdict from its images and `results parts --since 8h` (since session 37) and storing one
+more part. Median of ``--rounds``, in milliseconds. The read session 33 gave an
 index, the rows naming a file, is also timed as it ran before (``before:``, the table scanned),
 in the same run on the same rows; so are the retention pass's sizes of kept files on disk
 (``--kept-files``: every row naming one, as ``--keep-images all`` for days leaves them), read
 one file path at a time before session 34.
 
-    python benchmarks/store_scale.py [--records 1000000] [--steps 10000,100000,1000000] [--rounds 7]
+    python benchmarks/store_scale.py [--steps 10000,100000,1000000] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from diffqc.service.line import LineServices
+from diffqc.service.parts import part_verdict
 from diffqc.service.retention import (
     ARTIFACT_ROWS,
     Artifact,
@@ -43,7 +46,14 @@ from diffqc.service.retention import (
     apply_retention,
     referenced_artifacts,
 )
-from diffqc.service.store import TABLE, ArtifactStore, ResultRecord, ResultStore, backup_store
+from diffqc.service.store import (
+    TABLE,
+    ArtifactStore,
+    ResultRecord,
+    ResultStore,
+    backup_store,
+    records_by_part,
+)
 
 TYPES = ("angle", "dist1", "dist6", "dots", "edge1", "edge2", "edge3", "edge4")
 PER_SECOND = 1.0  # one part a second: the step's records end now
@@ -59,7 +69,8 @@ def _records(rng: np.random.Generator, first: int, n: int, end: float) -> list[R
         flagged = decisions[i] != "PASS"
         out.append(ResultRecord(
             created_at=end - (n - i) / PER_SECOND, source="http", decision=str(decisions[i]),
-            part_id=f"P{k:09d}", feature_type=TYPES[k % len(TYPES)], predicted_type=TYPES[k % len(TYPES)],
+            part_id=f"P{k // len(TYPES):09d}", feature_type=TYPES[k % len(TYPES)],
+            predicted_type=TYPES[k % len(TYPES)],
             camera=f"cam-{(k // len(TYPES)) % CAMERAS}",
             type_known=True, score=float(rng.normal(100, 10)), p_value=float(rng.uniform()),
             model_version="bench", latency_ms=5.0, image=f"{k}.png" if flagged else None,
@@ -84,7 +95,7 @@ def _median_ms(call: Callable[[], object], rounds: int) -> float:
 def _measure(store: ResultStore, artifacts: ArtifactStore, url: str, rounds: int) -> dict[str, float]:
     """Each repeated read's median milliseconds on the store as it is now."""
     last = store.query(limit=1)[0].id or 0
-    part = f"P{last // 2:09d}"
+    part = f"P{last // 2 // len(TYPES):09d}"
     now = time.time()
     day = RetentionPolicy(max_age_s=86400)
     table_scan = ARTIFACT_ROWS.replace(f"FROM {TABLE}", f"FROM {TABLE} NOT INDEXED")
@@ -103,6 +114,10 @@ def _measure(store: ResultStore, artifacts: ArtifactStore, url: str, rounds: int
         "retention pass (a day of kept images)": lambda: apply_retention(store, artifacts, day),
         "retention: rows naming files (their index)": lambda: _rows(store, ARTIFACT_ROWS, []),
         "before: rows naming files (table scan)": lambda: _rows(store, table_scan, []),
+        "GET /v1/parts/{id} (a part of 8 images)": lambda: part_verdict(
+            part, store.query(part_id=part, limit=1001)),
+        "results parts --since 8h (every part's verdict)": lambda: [
+            part_verdict(pid, rows) for pid, rows in records_by_part(store, since=now - 8 * 3600)],
         "open the store (a restart)": lambda: ResultStore(url).close(),
         "results backup (the whole store, a copy)": lambda: backup_store(
             url, Path(url).with_name("backup.db"), force=True),

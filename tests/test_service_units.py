@@ -489,6 +489,22 @@ def test_sqlite_store_contract_and_durability(tmp_path: Path) -> None:
         assert again.count() == 7
 
 
+def part_order_contract(store: ResultStore) -> None:
+    """Each part's records together (`diffqc results parts`), across batches, parts interleaved
+    (also run against PostgreSQL)."""
+    from diffqc.service.store import records_by_part
+
+    crops = store.insert_many([_rec(f"part-{i % 3}", line="L9") for i in range(7)])
+    store.insert(_rec("x", line="L8"))
+    store.insert(ResultRecord(created_at=time.time(), source="http", decision="PASS", line="L9"))
+    grouped = list(records_by_part(store, batch=2, line="L9"))
+    assert [(pid, [r.id for r in rows]) for pid, rows in grouped] == [
+        (f"part-{k}", [c.id for c in crops[k::3]]) for k in range(3)]
+    assert [pid for pid, _ in records_by_part(store, batch=2, line="L9", part_id="part-1")] == ["part-1"]
+    assert [r.part_id for r in store.query(has_part=False, line="L9")] == [None]
+    assert len(store.query(has_part=True, line="L9")) == 7
+
+
 def test_sqlite_store_is_safe_across_threads(tmp_path: Path) -> None:
     with ResultStore(str(tmp_path / "t.db")) as store:
 
@@ -503,6 +519,11 @@ def test_sqlite_store_is_safe_across_threads(tmp_path: Path) -> None:
         for t in threads:
             t.join()
         assert store.count() == 100
+
+
+def test_sqlite_records_by_part(tmp_path: Path) -> None:
+    with ResultStore(str(tmp_path / "p.db")) as store:
+        part_order_contract(store)
 
 
 def test_stored_records_reads_every_match_in_batches_oldest_first(tmp_path: Path) -> None:

@@ -125,42 +125,36 @@ PART_COLUMNS = ("part_id", "first", "last", "decision", "review", "pending_revie
 def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
                **filters: Any) -> tuple[int, int]:
     """Write each part's verdict (:func:`~diffqc.service.parts.part_verdict`) from the stored
-    images matching ``filters`` to stdout, in the order of each part's first image: JSON lines or
-    CSV (:data:`PART_COLUMNS`; ``types`` as ``type=DECISION`` pairs). ``decision``: only parts
-    with this verdict. Holds the period's records in memory. Returns (parts written, images
-    without a part id, which no part holds)."""
+    images matching ``filters`` to stdout, in the order of part ids: JSON lines or CSV
+    (:data:`PART_COLUMNS`; ``types`` as ``type=DECISION`` pairs). ``decision``: only parts with
+    this verdict. Reads the store part by part: memory holds one part's images. Returns (parts
+    written, images without a part id, which no part holds)."""
     import csv
 
     from diffqc.service.parts import part_verdict
-    from diffqc.service.store import ResultRecord, ResultStore, check_store_exists, stored_records
+    from diffqc.service.store import ResultStore, check_store_exists, records_by_part, stored_records
 
     check_store_exists(db_url, doing="list")
-    groups: dict[str, list[ResultRecord]] = {}
-    loose = 0
-    with ResultStore(db_url, read_only=True) as store:
-        for rec in stored_records(store, **filters):
-            if rec.part_id is None:
-                loose += 1
-            else:
-                groups.setdefault(rec.part_id, []).append(rec)
     writer = csv.DictWriter(sys.stdout, fieldnames=PART_COLUMNS)
     if fmt == "csv":
         writer.writeheader()
     n = 0
-    for pid, recs in groups.items():
-        v = part_verdict(pid, recs)
-        if decision is not None and v.decision != decision:
-            continue
-        row = {"part_id": pid, "first": v.counted[0].to_json()["created"],
-               "last": v.counted[-1].to_json()["created"], "decision": v.decision, "review": v.review,
-               "pending_review": v.pending_review, "images": len(v.counted), "superseded": v.superseded}
-        if fmt == "csv":
-            types = " ".join(f"{t}={d}" for t, d in v.types.items())
-            writer.writerow({k: _spreadsheet_cell(x) for k, x in {**row, "types": types}.items()})
-        else:
-            sys.stdout.write(json_line({**row, "types": v.types}) + "\n")
-        n += 1
-    sys.stdout.flush()
+    with ResultStore(db_url, read_only=True) as store:
+        for pid, recs in records_by_part(store, **filters):
+            v = part_verdict(pid, recs)
+            if decision is not None and v.decision != decision:
+                continue
+            row = {"part_id": pid, "first": v.counted[0].to_json()["created"],
+                   "last": v.counted[-1].to_json()["created"], "decision": v.decision, "review": v.review,
+                   "pending_review": v.pending_review, "images": len(v.counted), "superseded": v.superseded}
+            if fmt == "csv":
+                types = " ".join(f"{t}={d}" for t, d in v.types.items())
+                writer.writerow({k: _spreadsheet_cell(x) for k, x in {**row, "types": types}.items()})
+            else:
+                sys.stdout.write(json_line({**row, "types": v.types}) + "\n")
+            sys.stdout.flush()
+            n += 1
+        loose = sum(1 for _ in stored_records(store, has_part=False, **filters))
     return n, loose
 
 
@@ -633,9 +627,9 @@ def add_service_commands(subparsers: Any) -> None:
                                      "part id (serve: part_id; watch: the file's name without its "
                                      "suffix): per feature type its latest image, the part's decision "
                                      "the worst of theirs (REJECT, NOT_INSPECTED, REVIEW, PASS), as "
-                                     "GET /v1/parts/{part_id} gives it; in the order of each part's "
-                                     "first image. Give a period shorter than the cycle of part ids "
-                                     "that repeat (a counter reset each shift).")
+                                     "GET /v1/parts/{part_id} gives it; in the order of part ids. "
+                                     "Give a period shorter than the cycle of part ids that repeat "
+                                     "(a counter reset each shift).")
     listing(pt, "images")
     pt.add_argument("--decision", choices=[*DECISIONS, NOT_INSPECTED], default=None, type=str.upper,
                     help="parts given this verdict")

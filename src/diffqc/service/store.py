@@ -680,8 +680,12 @@ class ResultStore:
         before_id: int | None = None,
         limit: int | None = 100,
         oldest_first: bool = False,
+        has_part: bool | None = None,
+        after_part: tuple[str, int] | None = None,
     ) -> list[ResultRecord]:
-        """Rows matching every given filter, newest first unless ``oldest_first``."""
+        """Rows matching every given filter, newest first unless ``oldest_first``; ``has_part``:
+        only rows with (True) or without (False) a part id; ``after_part`` = (part id, id): rows
+        with a part id, in the order of (part id, id), after that one (a part's rows together)."""
         where, args = _where([
             ("created_at >= ?", since),
             ("created_at < ?", until),
@@ -698,10 +702,18 @@ class ResultStore:
         ])
         if reviewed is not None:
             where.append("review IS NOT NULL" if reviewed else "review IS NULL")
+        if has_part is not None:
+            where.append("part_id IS NOT NULL" if has_part else "part_id IS NULL")
+        if after_part is not None:
+            where.append("(part_id > ? OR (part_id = ? AND id > ?))")
+            args += [after_part[0], after_part[0], after_part[1]]
         sql = f"SELECT {_SELECT} FROM {TABLE}"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id " + ("ASC" if oldest_first else "DESC")
+        if after_part is not None:
+            sql += " ORDER BY part_id, id"
+        else:
+            sql += " ORDER BY id " + ("ASC" if oldest_first else "DESC")
         if limit is not None:
             sql += " LIMIT ?"
             args.append(int(limit))
@@ -1070,6 +1082,28 @@ def stored_records(store: ResultStore, *, batch: int = 500, **filters: Any) -> I
         if len(found) < batch:
             return
         after = found[-1].id
+
+
+def records_by_part(store: ResultStore, *, batch: int = 500,
+                    **filters: Any) -> Iterator[tuple[str, list[ResultRecord]]]:
+    """(part id, its records oldest first) of every part with a record matching ``filters``,
+    in the order of part ids, read ``batch`` rows at a time: memory holds one part's rows."""
+    after = ("", 0)  # before every part id ("" is no part id: stored as NULL)
+    part: str | None = None
+    rows: list[ResultRecord] = []
+    while True:
+        found = store.query(**filters, after_part=after, limit=batch)
+        for rec in found:
+            if rec.part_id != part:
+                if part is not None:
+                    yield part, rows
+                part, rows = rec.part_id, []
+            rows.append(rec)
+        if len(found) < batch:
+            if part is not None:
+                yield part, rows
+            return
+        after = (str(found[-1].part_id), int(found[-1].id or 0))
 
 
 # What `diffqc results list --format csv` writes per record (JSON lines add type_scores).
