@@ -280,13 +280,11 @@ class Metrics:
         self.refused = RefusedRequests()  # requests refused for their token, said in the log
         # (feature type, camera) -> when its latest decision was stored: a camera gone silent
         self.last_at: dict[tuple[str, str], float] = {}
-        self.last_untracked = 0  # decisions of pairs beyond LAST_SERIES
 
     def _note_last(self, ftype: str | None, camera: str | None, at: float) -> None:
         key = (ftype or "", camera or "")
         if key not in self.last_at and len(self.last_at) >= LAST_SERIES:
-            self.last_untracked += 1  # a client's camera names are its own text: bounded
-            return
+            return  # a client's camera names are its own text: the series are bounded
         self.last_at[key] = max(at, self.last_at.get(key, at))
 
     def seed_last(self, rows: Iterable[tuple[str | None, str | None, float]]) -> None:

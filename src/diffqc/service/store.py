@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 from PIL import Image
@@ -263,6 +263,54 @@ def _where(conditions: Sequence[tuple[str, Any]]) -> tuple[list[str], list[Any]]
     """The SQL conditions whose value is given (not None), and their values, in order."""
     given = [(cond, value) for cond, value in conditions if value is not None]
     return [c for c, _ in given], [v for _, v in given]
+
+
+class Filters(TypedDict, total=False):
+    """The filters of :meth:`ResultStore.query`: each given one must match. ``has_part``: rows
+    with (True) or without (False) a part id; ``parts``: rows of these part ids."""
+
+    since: float | None
+    until: float | None
+    feature_type: str | None
+    decision: str | None
+    reviewed: bool | None
+    review: str | None
+    source: str | None
+    part_id: str | None
+    line: str | None
+    station: str | None
+    camera: str | None
+    after_id: int | None
+    before_id: int | None
+    has_part: bool | None
+    parts: Sequence[str] | None
+
+
+def _conditions(filters: Filters) -> tuple[str, list[Any]]:
+    """`` WHERE ...`` of the given filters (or ""), and its values in order."""
+    get = filters.get
+    where, args = _where([
+        ("created_at >= ?", get("since")),
+        ("created_at < ?", get("until")),
+        ("feature_type = ?", get("feature_type")),
+        ("decision = ?", get("decision")),
+        ("review = ?", get("review")),
+        ("source = ?", get("source")),
+        ("part_id = ?", get("part_id")),
+        ("line = ?", get("line")),
+        ("station = ?", get("station")),
+        ("camera = ?", get("camera")),
+        ("id > ?", get("after_id")),
+        ("id < ?", get("before_id")),
+    ])
+    if (reviewed := filters.get("reviewed")) is not None:
+        where.append("review IS NOT NULL" if reviewed else "review IS NULL")
+    if (has_part := filters.get("has_part")) is not None:
+        where.append("part_id IS NOT NULL" if has_part else "part_id IS NULL")
+    if (parts := filters.get("parts")) is not None:
+        where.append(f"part_id IN ({', '.join('?' * len(parts)) or 'NULL'})")
+        args += list(parts)
+    return (" WHERE " + " AND ".join(where) if where else ""), args
 
 
 class ResultStore:
@@ -662,55 +710,14 @@ class ResultStore:
                 found.update(r[0] for r in rows)
         return found
 
-    def query(
-        self,
-        *,
-        since: float | None = None,
-        until: float | None = None,
-        feature_type: str | None = None,
-        decision: str | None = None,
-        reviewed: bool | None = None,
-        review: str | None = None,
-        source: str | None = None,
-        part_id: str | None = None,
-        line: str | None = None,
-        station: str | None = None,
-        camera: str | None = None,
-        after_id: int | None = None,
-        before_id: int | None = None,
-        limit: int | None = 100,
-        oldest_first: bool = False,
-        has_part: bool | None = None,
-        after_part: tuple[str, int] | None = None,
-    ) -> list[ResultRecord]:
-        """Rows matching every given filter, newest first unless ``oldest_first``; ``has_part``:
-        only rows with (True) or without (False) a part id; ``after_part`` = (part id, id): rows
-        with a part id, in the order of (part id, id), after that one (a part's rows together)."""
-        where, args = _where([
-            ("created_at >= ?", since),
-            ("created_at < ?", until),
-            ("feature_type = ?", feature_type),
-            ("decision = ?", decision),
-            ("review = ?", review),
-            ("source = ?", source),
-            ("part_id = ?", part_id),
-            ("line = ?", line),
-            ("station = ?", station),
-            ("camera = ?", camera),
-            ("id > ?", after_id),
-            ("id < ?", before_id),
-        ])
-        if reviewed is not None:
-            where.append("review IS NOT NULL" if reviewed else "review IS NULL")
-        if has_part is not None:
-            where.append("part_id IS NOT NULL" if has_part else "part_id IS NULL")
-        if after_part is not None:
-            where.append("(part_id > ? OR (part_id = ? AND id > ?))")
-            args += [after_part[0], after_part[0], after_part[1]]
-        sql = f"SELECT {_SELECT} FROM {TABLE}"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        if after_part is not None:
+    def query(self, *, limit: int | None = 100, oldest_first: bool = False,
+              **filters: Unpack[Filters]) -> list[ResultRecord]:
+        """Rows matching every given filter (:class:`Filters`), newest first unless
+        ``oldest_first``; with ``parts``, in the order of (part id, id): each part's rows
+        together."""
+        where, args = _conditions(filters)
+        sql = f"SELECT {_SELECT} FROM {TABLE}{where}"
+        if filters.get("parts") is not None:
             sql += " ORDER BY part_id, id"
         else:
             sql += " ORDER BY id " + ("ASC" if oldest_first else "DESC")
@@ -720,6 +727,14 @@ class ResultStore:
         with self._reader() as conn:
             rows = conn.execute(self._q(sql), args).fetchall()
         return [self._row(r) for r in rows]
+
+    def part_ids(self, **filters: Unpack[Filters]) -> list[str]:
+        """The part ids of the rows matching ``filters``, each once, sorted."""
+        where, args = _conditions({**filters, "has_part": True})
+        with self._reader() as conn:
+            rows = conn.execute(self._q(f"SELECT DISTINCT part_id FROM {TABLE}{where} ORDER BY part_id"),
+                                args).fetchall()
+        return [str(r[0]) for r in rows]
 
     def review_queue(self, limit: int = 50) -> list[ResultRecord]:
         """REVIEW decisions without an operator verdict, oldest first."""
@@ -1085,25 +1100,17 @@ def stored_records(store: ResultStore, *, batch: int = 500, **filters: Any) -> I
 
 
 def records_by_part(store: ResultStore, *, batch: int = 500,
-                    **filters: Any) -> Iterator[tuple[str, list[ResultRecord]]]:
-    """(part id, its records oldest first) of every part with a record matching ``filters``,
-    in the order of part ids, read ``batch`` rows at a time: memory holds one part's rows."""
-    after = ("", 0)  # before every part id ("" is no part id: stored as NULL)
-    part: str | None = None
-    rows: list[ResultRecord] = []
-    while True:
-        found = store.query(**filters, after_part=after, limit=batch)
-        for rec in found:
-            if rec.part_id != part:
-                if part is not None:
-                    yield part, rows
-                part, rows = rec.part_id, []
-            rows.append(rec)
-        if len(found) < batch:
-            if part is not None:
-                yield part, rows
-            return
-        after = (str(found[-1].part_id), int(found[-1].id or 0))
+                    **filters: Unpack[Filters]) -> Iterator[tuple[str, list[ResultRecord]]]:
+    """(part id, its rows matching ``filters``, oldest first) of every part with such a row, in
+    the order of part ids: the part ids first (through the filters' indexes: a period's, not the
+    whole store's), then ``batch`` parts' rows at a time, so memory holds their rows."""
+    ids = store.part_ids(**filters)
+    for i in range(0, len(ids), batch):
+        rows: dict[str, list[ResultRecord]] = {}
+        chunk: Filters = {**filters, "parts": ids[i:i + batch]}
+        for rec in store.query(**chunk, limit=None):
+            rows.setdefault(str(rec.part_id), []).append(rec)
+        yield from rows.items()
 
 
 # What `diffqc results list --format csv` writes per record (JSON lines add type_scores).
