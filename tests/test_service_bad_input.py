@@ -659,6 +659,8 @@ def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
          "--camera is given 3 times for 2 --watch folders: give it once (every folder's parts) or once "
          "per --watch, in the same order"),
         (["watch", str(tmp_path), str(service_model[0]), "--feature-type", "typo", "--once"], "typo"),
+        (["serve", str(service_model[0]), "--no-auth", "--push-parts"],
+         "--push-parts needs --mqtt or --webhook (the sinks it pushes to)"),
         (["watch", str(tmp_path), str(service_model[0]), "--part-id-pattern", "P-(", "--once"],
          "--part-id-pattern 'P-(' is not a regular expression"),
         (["serve", str(service_model[0]), "--no-auth", "--watch", str(tmp_path), "--part-id-pattern",

@@ -146,6 +146,35 @@ def test_outbox_row_is_written_in_the_records_transaction(store: ResultStore) ->
     assert store.count() == 2 and box.pending("webhook") == 2
 
 
+def test_push_parts_writes_each_parts_verdict_with_its_images(store: ResultStore) -> None:
+    """``--push-parts``: after each commit, a part's verdict from its stored images (those of
+    earlier commits too), once per part, in the same transaction; nothing without it."""
+    box = Outbox(store, ["webhook"], parts=True)
+    store.insert_hooks.append(box.enqueue_records)
+
+    def crop(part: str, ftype: str, decision: str) -> ResultRecord:
+        return ResultRecord(created_at=time.time(), source="test", decision=decision, part_id=part,
+                            feature_type=ftype, type_known=True, line="L1")
+
+    first = store.insert_many([crop("A/1", "edge", "PASS"), crop("A/1", "dots", "REVIEW"),
+                               crop("B", "edge", "PASS"),
+                               ResultRecord(created_at=time.time(), source="test", decision="PASS")])
+    due = box.due("webhook", time.time())
+    assert [m.kind for m in due] == ["decision"] * 4 + ["part", "part"]
+    parts = [json.loads(m.payload) for m in due[4:]]
+    assert [(p["part_id"], p["decision"], p["images"], p["record_id"]) for p in parts] == [
+        ("A/1", "REVIEW", 2, first[1].id), ("B", "PASS", 1, first[2].id)]
+    assert parts[0]["types"] == {"edge": "PASS", "dots": "REVIEW"} and parts[0]["line"] == "L1"
+    assert due[4].topic_key == "A_1"  # one MQTT topic level
+    again = store.insert(crop("A/1", "dots", "PASS"))  # the flagged crop sent again, a commit later
+    part = json.loads(box.due("webhook", time.time(), limit=100)[-1].payload)
+    assert (part["decision"], part["images"], part["superseded"]) == ("PASS", 2, 1)
+    assert part["record_id"] == again.id
+    plain = outbox_for(store, "mqtt")  # without --push-parts: decisions only
+    store.insert(crop("A/1", "edge", "PASS"))
+    assert [m.kind for m in plain.due("mqtt", time.time())] == ["decision"]
+
+
 def test_a_duplicate_record_is_not_pushed_twice(store: ResultStore) -> None:
     box = outbox_for(store, "webhook")
     first = store.insert(record(1, key="k1"))
@@ -647,17 +676,29 @@ async def test_service_publishes_each_decision_over_mqtt(detector: Any, samples:
     sub = await asyncio.to_thread(Subscriber, base.host, base.port, prefix)
     data, ftype = samples.one("PASS")
     try:
-        async with running_app(detector, tmp_path, mqtt_url=f"mqtt://{base.host}:{base.port}/{prefix}") as (
-                client, _):
+        async with running_app(detector, tmp_path, mqtt_url=f"mqtt://{base.host}:{base.port}/{prefix}",
+                               push_parts=True) as (client, _):
             r = await client.post("/v1/inspect", params={"feature_type": ftype, "camera": "c1"}, content=data,
                                   headers=AUTH)
             assert r.status_code == 200
             rid = r.json()["id"]
             await asyncio.to_thread(wait_for, lambda: sub.record_ids() == {rid}, 30, "the decision over MQTT")
-        (payload,) = sub.on(f"{prefix}/decisions/{ftype}")
+            # --push-parts: a part's two crops in one batch, its verdict once under parts/<part id>
+            b = await client.post("/v1/inspect/batch", headers=AUTH,
+                                  data={"part_id": "P-9", "feature_type": ftype},
+                                  files=[("image", (f"{i}.png", data, "image/png")) for i in range(2)])
+            assert b.status_code == 200, b.text
+            await asyncio.to_thread(wait_for, lambda: len(sub.on(f"{prefix}/parts/P-9")) == 1, 30,
+                                    "the part's verdict over MQTT")
+        payload, *batch = sub.on(f"{prefix}/decisions/{ftype}")
+        assert len(batch) == 2  # the batch's two crops
         body = json.loads(payload)
         assert body["record_id"] == rid and body["decision"] == r.json()["decision"]
         assert body["camera"] == "c1" and body["kind"] == "decision"
+        part = json.loads(sub.on(f"{prefix}/parts/P-9")[0])
+        crops = b.json()["results"]
+        assert (part["kind"], part["part_id"], part["record_id"]) == ("part", "P-9", crops[1]["id"])
+        assert {k: part[k] for k in b.json()["parts"][0]} == b.json()["parts"][0]  # as the answer's
         await asyncio.to_thread(wait_for, lambda: sub.on(f"{prefix}/status")[-1:] == [b"offline"], 10,
                                 "offline after the service stopped")
     finally:

@@ -216,6 +216,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "watch_camera": None if not args.camera else args.camera[0] if len(args.camera) == 1
         else tuple(args.camera),
         "watch_part_id_pattern": args.part_id_pattern,
+        "push_parts": args.push_parts,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "tls_warn_days": args.tls_warn_days,
@@ -538,6 +539,10 @@ def add_service_commands(subparsers: Any) -> None:
                         "must log in, over an encrypted channel (Basic256Sha256 and newer), with "
                         "the server's own certificate, made self-signed in --data-dir/opcua/ on the "
                         "first start (its thumbprint logged); without it, anonymous and unencrypted")
+    p.add_argument("--push-parts", action="store_true",
+                   help="also push each part's verdict (its images sent with one part_id, one per "
+                        "type: the worst of their decisions, GET /v1/parts/{part_id}) each time images "
+                        "of it are stored: MQTT PREFIX/parts/<part_id>, a webhook POST of kind part")
     p.add_argument("--webhook-secret", action="append", default=None, metavar="whsec_KEY or @FILE",
                    help="sign every push as Standard Webhooks does (webhook-id, webhook-timestamp, "
                         "webhook-signature: HMAC-SHA256), so the receiver can check that this service "

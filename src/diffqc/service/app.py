@@ -144,6 +144,7 @@ class ServiceSettings:
     webhook_url: str | None = None  # POST each decision as JSON
     webhook_max_attempts: int = 8  # then the message goes to the dead-letter table
     webhook_headers: tuple[str, ...] = ()  # "Name: value" or "@FILE" (sinks.webhook_headers)
+    push_parts: bool = False  # the sinks also get each part's verdict as its images are stored
     webhook_secrets: tuple[str, ...] = ()  # "whsec_..." or "@FILE": sign each push (sinks.webhook_secrets)
     opcua_url: str | None = None  # opc.tcp://host:port: an OPC UA server of the decisions (service.opcua)
     opcua_users: str | Path | None = None  # a name:password file: logins only, encrypted
@@ -194,6 +195,8 @@ class ServiceSettings:
             check_opcua_url(self.opcua_url)
             if self.opcua_users is not None:
                 read_users(self.opcua_users)
+        if self.push_parts and not (self.mqtt_url or self.webhook_url):
+            raise ConfigError("--push-parts needs --mqtt or --webhook (the sinks it pushes to)")
         if self.webhook_secrets:
             if not self.webhook_url:
                 raise ConfigError("--webhook-secret needs --webhook URL (the endpoint whose pushes it signs)")

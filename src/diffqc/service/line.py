@@ -378,7 +378,8 @@ class LineServices:
         self.outbox: Outbox | None = None
         self.dispatcher: Dispatcher | None = None
         if sinks:
-            self.outbox = Outbox(store, [s.name for s in sinks])
+            self.outbox = Outbox(store, [s.name for s in sinks],
+                                 parts=bool(getattr(settings, "push_parts", False)))
             self.dispatcher = Dispatcher(self.outbox, sinks)
         self.drift = DriftMonitor(DriftConfig(
             window=int(getattr(settings, "drift_window", 200)),
