@@ -146,10 +146,12 @@ def test_outbox_row_is_written_in_the_records_transaction(store: ResultStore) ->
     assert store.count() == 2 and box.pending("webhook") == 2
 
 
-def test_push_parts_writes_each_parts_verdict_with_its_images(store: ResultStore) -> None:
+def push_parts_contract(store: ResultStore) -> None:
     """``--push-parts``: after each commit, a part's verdict from its stored images (those of
-    earlier commits too), once per part, in the same transaction; nothing without it."""
-    box = Outbox(store, ["webhook"], parts=True)
+    earlier commits too), once per part, in the same transaction; nothing without it (also run
+    against PostgreSQL)."""
+    store.insert_hooks.clear()
+    box = Outbox(store, ["hook-parts"], parts=True)
     store.insert_hooks.append(box.enqueue_records)
 
     def crop(part: str, ftype: str, decision: str) -> ResultRecord:
@@ -159,7 +161,7 @@ def test_push_parts_writes_each_parts_verdict_with_its_images(store: ResultStore
     first = store.insert_many([crop("A/1", "edge", "PASS"), crop("A/1", "dots", "REVIEW"),
                                crop("B", "edge", "PASS"),
                                ResultRecord(created_at=time.time(), source="test", decision="PASS")])
-    due = box.due("webhook", time.time())
+    due = box.due("hook-parts", time.time())
     assert [m.kind for m in due] == ["decision"] * 4 + ["part", "part"]
     parts = [json.loads(m.payload) for m in due[4:]]
     assert [(p["part_id"], p["decision"], p["images"], p["record_id"]) for p in parts] == [
@@ -167,12 +169,17 @@ def test_push_parts_writes_each_parts_verdict_with_its_images(store: ResultStore
     assert parts[0]["types"] == {"edge": "PASS", "dots": "REVIEW"} and parts[0]["line"] == "L1"
     assert due[4].topic_key == "A_1"  # one MQTT topic level
     again = store.insert(crop("A/1", "dots", "PASS"))  # the flagged crop sent again, a commit later
-    part = json.loads(box.due("webhook", time.time(), limit=100)[-1].payload)
+    part = json.loads(box.due("hook-parts", time.time(), limit=100)[-1].payload)
     assert (part["decision"], part["images"], part["superseded"]) == ("PASS", 2, 1)
     assert part["record_id"] == again.id
-    plain = outbox_for(store, "mqtt")  # without --push-parts: decisions only
+    store.insert_hooks.clear()
+    plain = outbox_for(store, "plain")  # without --push-parts: decisions only
     store.insert(crop("A/1", "edge", "PASS"))
-    assert [m.kind for m in plain.due("mqtt", time.time())] == ["decision"]
+    assert [m.kind for m in plain.due("plain", time.time())] == ["decision"]
+
+
+def test_push_parts_writes_each_parts_verdict_with_its_images(store: ResultStore) -> None:
+    push_parts_contract(store)
 
 
 def test_a_duplicate_record_is_not_pushed_twice(store: ResultStore) -> None:
@@ -769,6 +776,7 @@ def test_outbox_dead_letters_retention_and_migration_on_postgres(tmp_path: Path)
             got = store.get(kept.id)  # type: ignore[arg-type]
             assert got is not None and got.heatmap is None and got.heatmap_expired_at is not None
             assert [r.id for r in store.query(line="L1")] == [kept.id]
+            push_parts_contract(store)
     finally:
         receiver.close()
         bad.close()
