@@ -15,7 +15,8 @@ type's latest 200 of the last week, one type with none; since session 36 also ea
 latest 200, the parts coming from 4 cameras a type in turn, beside the types' windows alone, as
 session 35 read them: ``before:``), `results backup` of the whole store (since session 36), a
 part's verdict from its images and `results parts --since 8h` (since session 37) and storing one
-more part. Median of ``--rounds``, in milliseconds. The read session 33 gave an
+more part (since session 37 also with a sink's outbox row, and with `--push-parts`' part
+verdict). Median of ``--rounds``, in milliseconds. The read session 33 gave an
 index, the rows naming a file, is also timed as it ran before (``before:``, the table scanned),
 in the same run on the same rows; so are the retention pass's sizes of kept files on disk
 (``--kept-files``: every row naming one, as ``--keep-images all`` for days leaves them), read
@@ -46,6 +47,7 @@ from diffqc.service.retention import (
     apply_retention,
     referenced_artifacts,
 )
+from diffqc.service.sinks import OUTBOX, Outbox
 from diffqc.service.store import (
     TABLE,
     ArtifactStore,
@@ -135,6 +137,16 @@ def _measure(store: ResultStore, artifacts: ArtifactStore, url: str, rounds: int
         store.insert(_records(rng, k[0], 1, time.time())[0])
 
     out["store one more part"] = _median_ms(one_more, rounds)
+    # with a sink's outbox row written in its transaction, and with --push-parts the part's
+    # verdict too (since session 37); the outbox emptied after, so later steps start without it
+    for name, parts in (("store one more part, with a sink's outbox", False),
+                        ("store one more part, with a sink's outbox and --push-parts", True)):
+        box = Outbox(store, ["bench"], parts=parts)
+        store.insert_hooks.append(box.enqueue_records)
+        out[name] = _median_ms(one_more, rounds)
+        store.insert_hooks.clear()
+        with store._transaction() as conn:
+            conn.execute(f"DELETE FROM {OUTBOX}")
     return out
 
 
