@@ -205,6 +205,50 @@ def test_serve_publishes_its_decisions_over_opc_ua(service_model: tuple[Path, Pa
                     "security": "none", "certificate_sha1": None}
 
 
+def test_watch_publishes_its_decisions_over_opc_ua(service_model: tuple[Path, Path], samples: Samples,
+                                                   tmp_path: Path) -> None:
+    """A line without HTTP, a camera writing into a folder: `watch --opcua` serves the PLC as
+    `serve --opcua` does (it had no such option); a port already taken is one error line."""
+    import signal
+    import subprocess
+    import sys
+
+    body, ftype = samples.all[0]
+    camera = tmp_path / "camera"
+    (camera / ftype).mkdir(parents=True)
+    url = f"opc.tcp://127.0.0.1:{_free_port()}"
+    cmd = [sys.executable, "-m", "diffqc.cli", "watch", str(camera), str(service_model[0]), "--db",
+           str(tmp_path / "r.db"), "--settle", "0.2", "--poll", "0.1", "--part-id-pattern", r"P-\d+"]
+    proc = subprocess.Popen([*cmd, "--opcua", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        paths = ["diffqc.Last.RecordId", "diffqc.Last.Decision", "diffqc.Part.PartId", "diffqc.Part.Images"]
+        got: dict[str, Any] = {}
+        for _ in range(300):  # the model loads, then the server listens
+            try:
+                got = asyncio.run(_read(url, paths))
+                break
+            except (OSError, TimeoutError):
+                time.sleep(0.2)
+        assert got, "the OPC UA server did not start"
+        (camera / ftype / f"P-0042_{ftype}.png").write_bytes(body)
+        for _ in range(100):
+            got = asyncio.run(_read(url, paths))
+            if got["diffqc.Last.RecordId"]:
+                break
+            time.sleep(0.1)
+        taken = subprocess.run([*cmd, "--opcua", url, "--once"], capture_output=True, text=True, timeout=120)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert got["diffqc.Last.RecordId"] == 1 and got["diffqc.Last.Decision"] in ("PASS", "REVIEW", "REJECT")
+    assert (got["diffqc.Part.PartId"], got["diffqc.Part.Images"]) == ("P-0042", 1)
+    assert taken.returncode == 1 and "Traceback" not in taken.stderr, taken.stderr
+    last = taken.stderr.strip().splitlines()[-1]
+    assert last.startswith("diffqc: error: cannot serve OPC UA on 127.0.0.1:"), last
+    assert "already in use" in last, last
+
+
 def test_a_drift_alarm_raised_before_a_restart_is_raised_over_opc_ua(tmp_path: Path) -> None:
     """The drift alarm a previous process left raised (kept in the store) is raised on the OPC
     UA server of the restarted service too, not shown clear until parts clear it."""

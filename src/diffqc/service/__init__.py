@@ -271,6 +271,8 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         station=args.station,
         camera=args.camera,
         part_id_pattern=args.part_id_pattern,
+        opcua_url=args.opcua,
+        opcua_users=args.opcua_users,
         runtime=args.runtime,
         precision=args.precision,
         threads=args.threads,
@@ -424,6 +426,18 @@ def _add_line_arguments(p: argparse.ArgumentParser, *, folders: bool = False) ->
                         "of one part, named alike, then share a part id (diffqc results parts)")
 
 
+def _add_opcua_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--opcua", default=None, metavar="opc.tcp://HOST:PORT",
+                   help="also serve the decisions as an OPC UA server on this address, for PLCs and "
+                        "SCADA (e.g. opc.tcp://0.0.0.0:4840): the latest decision, and each type's "
+                        "with its counts and drift alarm, read-only, anonymous, unencrypted (docs/API.md)")
+    p.add_argument("--opcua-users", default=None, metavar="FILE",
+                   help="OPC UA logins: a name:password a line (a secret's file); with it a client "
+                        "must log in, over an encrypted channel (Basic256Sha256 and newer), with "
+                        "the server's own certificate, made self-signed in --data-dir/opcua/ on the "
+                        "first start (its thumbprint logged); without it, anonymous and unencrypted")
+
+
 def _add_log_arguments(p: argparse.ArgumentParser) -> None:
     from diffqc.service.logs import LOG_FORMAT_ENV, LOG_FORMATS, LOG_LEVELS, default_log_format
 
@@ -530,15 +544,7 @@ def add_service_commands(subparsers: Any) -> None:
                    help="a header sent with every push, e.g. 'Authorization: Bearer TOKEN' "
                         "(repeatable); @FILE reads header lines from a file (a secret's, kept off "
                         "the command line)")
-    p.add_argument("--opcua", default=None, metavar="opc.tcp://HOST:PORT",
-                   help="also serve the decisions as an OPC UA server on this address, for PLCs and "
-                        "SCADA (e.g. opc.tcp://0.0.0.0:4840): the latest decision, and each type's "
-                        "with its counts and drift alarm, read-only, anonymous, unencrypted (docs/API.md)")
-    p.add_argument("--opcua-users", default=None, metavar="FILE",
-                   help="OPC UA logins: a name:password a line (a secret's file); with it a client "
-                        "must log in, over an encrypted channel (Basic256Sha256 and newer), with "
-                        "the server's own certificate, made self-signed in --data-dir/opcua/ on the "
-                        "first start (its thumbprint logged); without it, anonymous and unencrypted")
+    _add_opcua_arguments(p)
     p.add_argument("--push-parts", action="store_true",
                    help="also push each part's verdict (its images sent with one part_id, one per "
                         "type: the worst of their decisions, GET /v1/parts/{part_id}) each time images "
@@ -583,6 +589,7 @@ def add_service_commands(subparsers: Any) -> None:
     _add_artifact_arguments(w)
     _add_line_arguments(w)
     add_runtime_arguments(w)
+    _add_opcua_arguments(w)
     _add_log_arguments(w)
     w.set_defaults(func=_cmd_watch)
 

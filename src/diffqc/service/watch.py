@@ -558,6 +558,8 @@ def run_watch(
     station: str | None = None,
     camera: str | None = None,
     part_id_pattern: str | None = None,
+    opcua_url: str | None = None,
+    opcua_users: str | Path | None = None,
     retention_max_age_s: float | None = None,
     retention_max_bytes: int | None = None,
     disk_min_free_bytes: int = 1 << 30,
@@ -596,6 +598,14 @@ def run_watch(
     check_feature_type(feature_type, read_bundle(model_path)[1]["classes"])
     if part_id_pattern is not None:
         compile_part_id_pattern(part_id_pattern)
+    if opcua_users is not None and not opcua_url:
+        raise ConfigError("--opcua-users needs --opcua opc.tcp://HOST:PORT (the server they log in to)")
+    if opcua_url:  # as serve: a bad endpoint or users file is said before the model loads
+        from diffqc.service.opcua import check_opcua_url, read_users
+
+        check_opcua_url(opcua_url)
+        if opcua_users is not None:
+            read_users(opcua_users)
     store = ResultStore(db)
     try:
         detector: Any = load_detector(model_path, runtime, threads=threads, device="cpu",
@@ -641,7 +651,8 @@ def run_watch(
 
     # the line's services as `serve` runs them, without sinks: a new calibration is picked up
     # (it was served only after a restart), drift is watched and logged, artifacts expire
-    settings_ns = SimpleNamespace(model_path=model_path, station=station,
+    settings_ns = SimpleNamespace(model_path=model_path, station=station, opcua_url=opcua_url,
+                                  opcua_users=opcua_users,
                                   retention_max_age_s=retention_max_age_s,
                                   retention_max_bytes=retention_max_bytes,
                                   disk_min_free_bytes=disk_min_free_bytes,
@@ -658,8 +669,13 @@ def run_watch(
                                  on_calibration=_calibration_changed, load_model=_load,
                                  on_model=_model_changed)
     pipeline.listeners.append(line_services.on_record)
+    try:  # an OPC UA port in use: said, and what started is stopped
+        line_services.start()
+    except BaseException:
+        line_services.stop()
+        store.close()
+        raise
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    line_services.start()
     pipeline.start()
     watchdog = Watchdog(lambda: worker_problems(pipeline), f"watching {directory}")
     try:
