@@ -1352,6 +1352,7 @@ def test_cli_results_parts_prints_each_parts_verdict(tmp_path: Path,
     assert rows[0]["types"] == {"a": "PASS", "b": "PASS"} and rows[1]["review"] == "GOOD"
     assert rows[0]["first"] == "2023-11-14T22:13:20.000Z" and rows[0]["last"].endswith("24.000Z")
     assert "stored images without a part id (in no part): 1" in out.err
+    assert "diffqc: 3 parts: PASS 1 (33.3 %), REVIEW 1 (33.3 %), REJECT 1 (33.3 %)" in out.err
     assert main(["results", "parts", "--db", str(db), "--decision", "reject", "--format", "csv"]) == 0
     table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [(r["part_id"], r["decision"], r["types"]) for r in table] == [("P-3", "REJECT", "a=REJECT")]

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -123,12 +124,12 @@ PART_COLUMNS = ("part_id", "first", "last", "decision", "review", "pending_revie
 
 
 def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
-               **filters: Any) -> tuple[int, int]:
+               **filters: Any) -> tuple[Counter[str], int]:
     """Write each part's verdict (:func:`~diffqc.service.parts.part_verdict`) from the stored
     images matching ``filters`` to stdout, in the order of part ids: JSON lines or CSV
     (:data:`PART_COLUMNS`; ``types`` as ``type=DECISION`` pairs). ``decision``: only parts with
-    this verdict. Reads the store part by part: memory holds one part's images. Returns (parts
-    written, images without a part id, which no part holds)."""
+    this verdict. Reads the store 500 parts at a time. Returns (the parts written, counted by
+    verdict; images without a part id, which no part holds)."""
     import csv
 
     from diffqc.service.parts import part_verdict
@@ -138,7 +139,7 @@ def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
     writer = csv.DictWriter(sys.stdout, fieldnames=PART_COLUMNS)
     if fmt == "csv":
         writer.writeheader()
-    n = 0
+    n: Counter[str] = Counter()
     with ResultStore(db_url, read_only=True) as store:
         for pid, recs in records_by_part(store, **filters):
             v = part_verdict(pid, recs)
@@ -153,7 +154,7 @@ def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
             else:
                 sys.stdout.write(json_line({**row, "types": v.types}) + "\n")
             sys.stdout.flush()
-            n += 1
+            n[v.decision] += 1
         loose = sum(1 for _ in stored_records(store, has_part=False, **filters))
     return n, loose
 
@@ -335,11 +336,16 @@ def _cmd_parts(args: argparse.Namespace) -> int:
 
     filters = {"since": parse_time(args.since, "since"), "until": parse_time(args.until, "until"),
                "part_id": args.part_id, "line": args.line, "station": args.station, "camera": args.camera}
-    n, loose = list_parts(store_url(args.db), fmt=args.format, decision=args.decision, **filters)
+    counts, loose = list_parts(store_url(args.db), fmt=args.format, decision=args.decision, **filters)
     if loose:
         print(f"diffqc: stored images without a part id (in no part): {loose}", file=sys.stderr)
-    if n == 0:
+    total = sum(counts.values())
+    if total == 0:
         print("diffqc: no part matches", file=sys.stderr)
+    else:  # a shift's part-level count, beside the lines (stdout stays the parts alone)
+        shares = ", ".join(f"{d} {counts[d]} ({100 * counts[d] / total:.1f} %)"
+                           for d in ("PASS", "REVIEW", "REJECT", NOT_INSPECTED) if counts[d])
+        print(f"diffqc: {total} parts: {shares}", file=sys.stderr)
     return 0
 
 
