@@ -120,6 +120,47 @@ def test_sizes_come_from_one_listing_of_the_files_the_service_wrote(tmp_path: Pa
     assert artifact_sizes(ArtifactStore(tmp_path / "nothing"), "images") == {}
 
 
+def test_later_passes_read_only_the_files_new_since_the_last(stores, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pass listed both folders every minute (1.2 s for 200,000 kept files, a burst beside
+    inspection on an edge box's cores; BENCHMARKS.md "Session 34"). The worker keeps the sizes
+    between passes: a kept file is written whole before its row and never changed, so a later
+    pass reads only the new files' sizes (a symlink among them not followed) and forgets the
+    expired ones; the bytes kept are the same as a listing's."""
+    from diffqc.service import retention
+
+    store, artifacts = stores
+    now = time.time()
+    listings: list[str] = []
+    real = retention.artifact_sizes
+
+    def counted(art: ArtifactStore, kind: str) -> dict[str, int]:
+        listings.append(kind)
+        return real(art, kind)
+
+    monkeypatch.setattr(retention, "artifact_sizes", counted)
+    worker = RetentionWorker(store, artifacts, RetentionPolicy(max_age_s=1000))
+    _store_parts(store, artifacts, [5000, 10], now)
+    first = worker.run_once()
+    assert listings == ["heatmaps", "images"] and first["expired"] == 2
+    new = _store_parts(store, artifacts, [5], now)
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"y" * 5000)
+    link = f"{'b' * 32}.png"
+    (artifacts.root / "images" / link).symlink_to(outside)
+    store.insert(ResultRecord(created_at=now, source="t", decision="REJECT", image=link))
+    second = worker.run_once()
+    assert listings == ["heatmaps", "images"]  # no listing again
+    fresh: dict[tuple[str, str], int] = {}  # what a pass without the kept sizes reads
+    listed = apply_retention(store, artifacts, RetentionPolicy(), known=fresh)
+    assert second["kept_bytes"] == listed["kept_bytes"]
+    on_disk = sum(artifacts.path(k, n).stat().st_size  # type: ignore[union-attr]
+                  for r in store.query(limit=None) if r.image != link
+                  for k, n in (("heatmaps", r.heatmap), ("images", r.image)) if n)
+    assert second["kept_bytes"] == on_disk  # the symlink counts 0
+    assert set(worker._sizes) == set(fresh) and (("images", new[0].image) in worker._sizes)
+
+
 def test_worker_and_policy_validation(stores) -> None:  # type: ignore[no-untyped-def]
     store, artifacts = stores
     with pytest.raises(ConfigError, match="max age"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -87,16 +88,47 @@ def artifact_sizes(artifacts: ArtifactStore, kind: str) -> dict[str, int]:
     return sizes
 
 
-def referenced_artifacts(store: ResultStore, artifacts: ArtifactStore) -> list[Artifact]:
-    """Every artifact a row names, oldest record first, with its size on disk (0: no file)."""
+def _size_on_disk(artifacts: ArtifactStore, kind: str, name: str) -> int:
+    """One kept file's bytes, as :func:`artifact_sizes` reads them (0: none, or not a file)."""
+    if not is_artifact_name(name):
+        return 0
+    try:
+        st = os.stat(artifacts.root / kind / name, follow_symlinks=False)
+    except OSError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
+def referenced_artifacts(store: ResultStore, artifacts: ArtifactStore,
+                         known: dict[tuple[str, str], int] | None = None) -> list[Artifact]:
+    """Every artifact a row names, oldest record first, with its size on disk (0: no file).
+
+    ``known``: the sizes an earlier pass read, by (kind, name), updated in place to this pass's.
+    A kept file is written whole before its row is committed and never changed, so only the
+    files new since then are read (one ``stat`` each); without ``known``, or when it is empty
+    (the first pass), one listing per folder reads them all."""
     out: list[Artifact] = []
     with store._reader() as conn:
         rows = conn.execute(ARTIFACT_ROWS).fetchall()
-    sizes = {kind: artifact_sizes(artifacts, kind) for kind in COLUMNS}
+    listed = ({kind: artifact_sizes(artifacts, kind) for kind in COLUMNS}
+              if not known else None)
+    seen: dict[tuple[str, str], int] = {}
     for rid, created, heatmap, image in rows:
         for kind, name in (("heatmaps", heatmap), ("images", image)):
-            if name is not None:
-                out.append(Artifact(int(rid), kind, str(name), float(created), sizes[kind].get(name, 0)))
+            if name is None:
+                continue
+            key = (kind, str(name))
+            if listed is not None:
+                size = listed[kind].get(key[1], 0)
+            elif known is not None and key in known:
+                size = known[key]
+            else:
+                size = _size_on_disk(artifacts, kind, key[1])
+            seen[key] = size
+            out.append(Artifact(int(rid), kind, key[1], float(created), size))
+    if known is not None:  # files no row names any more (expired) are forgotten
+        known.clear()
+        known.update(seen)
     return out
 
 
@@ -117,10 +149,12 @@ def expire(store: ResultStore, artifacts: ArtifactStore, items: list[Artifact], 
 
 
 def apply_retention(store: ResultStore, artifacts: ArtifactStore, policy: RetentionPolicy,
-                    now: float | None = None) -> dict[str, Any]:
-    """Expire what the policy says; returns counts and the bytes kept."""
+                    now: float | None = None,
+                    known: dict[tuple[str, str], int] | None = None) -> dict[str, Any]:
+    """Expire what the policy says; returns counts and the bytes kept. ``known``: the sizes of
+    the files an earlier pass read (:func:`referenced_artifacts`), kept by the caller."""
     now = time.time() if now is None else now
-    items = referenced_artifacts(store, artifacts)
+    items = referenced_artifacts(store, artifacts, known)
     doomed: list[Artifact] = []
     kept = items
     if policy.max_age_s is not None:  # two passes over the list (a list's `in` made it quadratic)
@@ -157,9 +191,10 @@ class RetentionWorker:
         self.freed_bytes_total = 0
         self.kept_bytes = 0
         self.last_error: str | None = None
+        self._sizes: dict[tuple[str, str], int] = {}  # the kept files' sizes, between passes
 
     def run_once(self) -> dict[str, Any]:
-        out = apply_retention(self.store, self.artifacts, self.policy)
+        out = apply_retention(self.store, self.artifacts, self.policy, known=self._sizes)
         self.expired_total += out["expired"]
         self.freed_bytes_total += out["freed_bytes"]
         self.kept_bytes = out["kept_bytes"]
