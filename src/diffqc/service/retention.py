@@ -10,7 +10,10 @@ Order of work, per artifact: the row is updated first (committed), then the file
 A crash in between leaves an unreferenced file (kept, never a row that points at nothing).
 
 The budget counts the bytes of the files the rows reference; when they exceed it, the oldest
-artifacts (by record id) are expired until the total fits.
+artifacts (by record id) are expired until the total fits. The worker reads the sizes once (the
+first pass lists both folders) and keeps them: a later pass reads only the new files' (a kept
+file is written whole before its row is committed, and never changed), so a file removed by
+hand still counts its size until its row expires.
 """
 
 from __future__ import annotations
