@@ -55,7 +55,7 @@ from diffqc.service.buffer import (
     OverflowPolicy,
 )
 from diffqc.service.line import LineServices
-from diffqc.service.parts import PartVerdict, part_verdict
+from diffqc.service.parts import PART_RECORDS, PartVerdict, part_verdict
 from diffqc.service.security import (
     BROWSER_FORMATS,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -782,8 +782,6 @@ def _check_id(value: str | None, name: str, *, max_len: int = MAX_ID_LEN, breaks
 
 
 LINE_FIELDS = ("line", "station", "camera")
-# a part's verdict reads its latest images, at most this many (a part id repeated for months)
-PART_RECORDS = 1000
 # the fields of an upload's multipart form, and the query parameters a route reads by hand (the
 # line fields, from the query or the form) beside those it declares
 UPLOAD_FIELDS = ("image", "feature_type", "part_id", *LINE_FIELDS)

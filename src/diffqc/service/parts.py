@@ -27,6 +27,7 @@ from diffqc.service.store import NOT_INSPECTED, ResultRecord
 SEVERITY = ("REJECT", NOT_INSPECTED, "REVIEW", "PASS")
 FLAGGED = ("REVIEW", "REJECT")
 PART_IMAGES = 64  # the images a RecentParts keeps per part
+PART_RECORDS = 1000  # a stored part's verdict reads its latest images, at most this many
 
 
 @dataclass(frozen=True)

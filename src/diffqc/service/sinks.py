@@ -50,7 +50,7 @@ from urllib.parse import unquote, urlsplit
 from diffqc.drift import is_misrouted
 from diffqc.errors import ConfigError
 from diffqc.output import json_safe
-from diffqc.service.parts import PartVerdict, part_verdict
+from diffqc.service.parts import PART_RECORDS, PartVerdict, part_verdict
 from diffqc.service.security import read_secret_file
 from diffqc.service.store import ResultRecord, ResultStore, redact_url
 
@@ -176,7 +176,8 @@ class Outbox:
         if self.parts:  # each part once, after all of its images of this commit
             latest = {rec.part_id: rec for rec in new if rec.part_id is not None}
             for part_id, rec in latest.items():
-                verdict = part_verdict(part_id, self.store.part_records(part_id, conn=conn))
+                rows = self.store.part_records(part_id, conn=conn, limit=PART_RECORDS)
+                verdict = part_verdict(part_id, rows)
                 body = json.dumps(part_payload(verdict, rec), allow_nan=False, sort_keys=True)
                 self._insert(conn, PART, rec.id, topic_key(part_id), body)
 

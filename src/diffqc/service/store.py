@@ -728,14 +728,11 @@ class ResultStore:
             rows = conn.execute(self._q(sql), args).fetchall()
         return [self._row(r) for r in rows]
 
-    def part_records(self, part_id: str, *, conn: Any = None, limit: int = 1000) -> list[ResultRecord]:
-        """The latest ``limit`` rows of a part, newest first; on ``conn`` when given (a hook's
-        transaction, which sees the rows it inserted)."""
+    def part_records(self, part_id: str, *, conn: Any, limit: int) -> list[ResultRecord]:
+        """The latest ``limit`` rows of a part, newest first, on ``conn`` (an insert hook's
+        transaction, which sees the rows it inserted; a reader's is :meth:`query`)."""
         sql = self._q(f"SELECT {_SELECT} FROM {TABLE} WHERE part_id = ? ORDER BY id DESC LIMIT ?")
-        if conn is not None:
-            return [self._row(r) for r in conn.execute(sql, (part_id, limit)).fetchall()]
-        with self._reader() as reader:
-            return [self._row(r) for r in reader.execute(sql, (part_id, limit)).fetchall()]
+        return [self._row(r) for r in conn.execute(sql, (part_id, limit)).fetchall()]
 
     def part_ids(self, **filters: Unpack[Filters]) -> list[str]:
         """The part ids of the rows matching ``filters``, each once, sorted."""
