@@ -1400,9 +1400,10 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         if decision is not None and decision not in DECISIONS:
             raise ServiceError(422, "bad_decision", f"decision must be one of {', '.join(DECISIONS)}")
         # an empty value (a form's empty field) is no filter, as on an upload it is no value
+        given = (("feature_type", feature_type), ("part_id", part_id), ("line", line), ("station", station),
+                 ("camera", camera), ("source", source))
         text: dict[str, Any] = {name: _check_id(value, name, max_len=1000 if name == "source" else MAX_ID_LEN)
-                for name, value in (("feature_type", feature_type), ("part_id", part_id), ("line", line),
-                                    ("station", station), ("camera", camera), ("source", source))}
+                                for name, value in given}
         _, store = state.require()
         recs = await run_in_threadpool(
             lambda: store.query(
