@@ -187,14 +187,10 @@ class ServiceSettings:
         if self.webhook_headers and not self.webhook_url:
             raise ConfigError("--webhook-header needs --webhook URL (the endpoint it is sent to)")
         webhook_headers(self.webhook_headers)
-        if self.opcua_users is not None and not self.opcua_url:
-            raise ConfigError("--opcua-users needs --opcua opc.tcp://HOST:PORT (the server they log in to)")
-        if self.opcua_url:
-            from diffqc.service.opcua import check_opcua_url, read_users
+        if self.opcua_url or self.opcua_users is not None:
+            from diffqc.service.opcua import check_opcua_options
 
-            check_opcua_url(self.opcua_url)
-            if self.opcua_users is not None:
-                read_users(self.opcua_users)
+            check_opcua_options(self.opcua_url, self.opcua_users)
         if self.push_parts and not (self.mqtt_url or self.webhook_url):
             raise ConfigError("--push-parts needs --mqtt or --webhook (the sinks it pushes to)")
         if self.webhook_secrets:

@@ -99,6 +99,17 @@ def check_opcua_url(url: str) -> None:
                               "OPC UA server, or diffqc serve, on that port?)") from None
 
 
+def check_opcua_options(url: str | None, users: str | Path | None) -> None:
+    """``--opcua`` and ``--opcua-users`` as given to `serve` or `watch`, before the model loads:
+    users need an endpoint, the endpoint :func:`check_opcua_url`, the users file :func:`read_users`."""
+    if users is not None and not url:
+        raise ConfigError("--opcua-users needs --opcua opc.tcp://HOST:PORT (the server they log in to)")
+    if url:
+        check_opcua_url(url)
+        if users is not None:
+            read_users(users)
+
+
 def _asyncua() -> Any:
     try:
         import asyncua

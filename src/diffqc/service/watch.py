@@ -598,14 +598,10 @@ def run_watch(
     check_feature_type(feature_type, read_bundle(model_path)[1]["classes"])
     if part_id_pattern is not None:
         compile_part_id_pattern(part_id_pattern)
-    if opcua_users is not None and not opcua_url:
-        raise ConfigError("--opcua-users needs --opcua opc.tcp://HOST:PORT (the server they log in to)")
-    if opcua_url:  # as serve: a bad endpoint or users file is said before the model loads
-        from diffqc.service.opcua import check_opcua_url, read_users
+    if opcua_url or opcua_users is not None:  # as serve: said before the model loads
+        from diffqc.service.opcua import check_opcua_options
 
-        check_opcua_url(opcua_url)
-        if opcua_users is not None:
-            read_users(opcua_users)
+        check_opcua_options(opcua_url, opcua_users)
     store = ResultStore(db)
     try:
         detector: Any = load_detector(model_path, runtime, threads=threads, device="cpu",
