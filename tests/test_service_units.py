@@ -502,6 +502,7 @@ def part_order_contract(store: ResultStore) -> None:
         (f"part-{k}", [c.id for c in crops[k::3]]) for k in range(3)]
     assert [pid for pid, _ in records_by_part(store, batch=2, line="L9", part_id="part-1")] == ["part-1"]
     assert [r.part_id for r in store.query(has_part=False, line="L9")] == [None]
+    assert store.count(has_part=False, line="L9") == 1 and store.count(line="L9") == 8
     assert len(store.query(has_part=True, line="L9")) == 7
 
 

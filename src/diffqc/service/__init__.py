@@ -133,7 +133,7 @@ def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
     import csv
 
     from diffqc.service.parts import part_verdict
-    from diffqc.service.store import ResultStore, check_store_exists, records_by_part, stored_records
+    from diffqc.service.store import ResultStore, check_store_exists, records_by_part
 
     check_store_exists(db_url, doing="list")
     writer = csv.DictWriter(sys.stdout, fieldnames=PART_COLUMNS)
@@ -155,7 +155,7 @@ def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
                 sys.stdout.write(json_line({**row, "types": v.types}) + "\n")
             sys.stdout.flush()
             n[v.decision] += 1
-        loose = sum(1 for _ in stored_records(store, has_part=False, **filters))
+        loose = store.count(has_part=False, **filters)
     return n, loose
 
 

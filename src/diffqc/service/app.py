@@ -55,7 +55,7 @@ from diffqc.service.buffer import (
     OverflowPolicy,
 )
 from diffqc.service.line import LineServices
-from diffqc.service.parts import PART_RECORDS, PartVerdict, part_verdict
+from diffqc.service.parts import PART_RECORDS, part_verdict
 from diffqc.service.security import (
     BROWSER_FORMATS,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -496,26 +496,13 @@ class _StatusCounter:
 
 
 # --------------------------------------------------------------------------- JSON helpers
-def part_json(verdict: PartVerdict) -> dict[str, Any]:
-    """A part's verdict as the API answers it, without its records."""
-    return {
-        "part_id": verdict.part_id,
-        "decision": verdict.decision,
-        "review": verdict.review,
-        "pending_review": verdict.pending_review,
-        "types": verdict.types,
-        "images": len(verdict.counted),
-        "superseded": verdict.superseded,
-    }
-
-
 def _batch_parts(recs: Sequence[ResultRecord]) -> list[dict[str, Any]]:
     """The verdict of each part id of a batch from the batch's images, in order of first image."""
     by_part: dict[str, list[ResultRecord]] = {}
     for rec in recs:
         if rec.part_id is not None:
             by_part.setdefault(rec.part_id, []).append(rec)
-    return [part_json(part_verdict(pid, group)) for pid, group in by_part.items()]
+    return [part_verdict(pid, group).to_json() for pid, group in by_part.items()]
 
 
 def record_json(rec: ResultRecord, root_path: str = "") -> dict[str, Any]:
@@ -1479,7 +1466,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             narrowed = " in the period or place given" if since or until or any(place) else ""
             raise ServiceError(404, "not_found", f"no result with part id {pid!r}{narrowed}")
         verdict = part_verdict(pid, recs[:PART_RECORDS])
-        return {**part_json(verdict), "truncated": len(recs) > PART_RECORDS,
+        return {**verdict.to_json(), "truncated": len(recs) > PART_RECORDS,
                 "results": [record_json(r, settings.root_path) for r in verdict.counted]}
 
     # ---------------------------------------------------------------- review

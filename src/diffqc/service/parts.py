@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from diffqc.service.store import NOT_INSPECTED, ResultRecord
 
@@ -39,6 +40,12 @@ class PartVerdict:
     types: dict[str, str]  # feature type -> the decision of its counted image (the worst of them)
     counted: list[ResultRecord]  # oldest first
     superseded: int  # earlier images of a type sent again, not counted
+
+    def to_json(self) -> dict[str, Any]:
+        """The verdict as the API answers it and the sinks push it, without its records."""
+        return {"part_id": self.part_id, "decision": self.decision, "review": self.review,
+                "pending_review": self.pending_review, "types": self.types, "images": len(self.counted),
+                "superseded": self.superseded}
 
 
 def _given_type(rec: ResultRecord) -> str | None:

@@ -119,9 +119,7 @@ def decision_payload(rec: ResultRecord) -> dict[str, Any]:
 def part_payload(verdict: PartVerdict, latest: ResultRecord) -> dict[str, Any]:
     """What a receiver gets for a part's verdict, as its image ``latest`` is stored."""
     return json_safe({
-        "kind": PART, "part_id": verdict.part_id, "decision": verdict.decision, "review": verdict.review,
-        "pending_review": verdict.pending_review, "types": verdict.types, "images": len(verdict.counted),
-        "superseded": verdict.superseded, "record_id": latest.id, "created_at": latest.created_at,
+        "kind": PART, **verdict.to_json(), "record_id": latest.id, "created_at": latest.created_at,
         "created": latest.to_json()["created"], "line": latest.line, "station": latest.station,
     })
 

@@ -839,9 +839,11 @@ class ResultStore:
             ).fetchone()
         return int(row[0])
 
-    def count(self) -> int:
+    def count(self, **filters: Unpack[Filters]) -> int:
+        """How many rows match ``filters`` (every row without)."""
+        where, args = _conditions(filters)
         with self._reader() as conn:
-            row = conn.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()
+            row = conn.execute(self._q(f"SELECT COUNT(*) FROM {TABLE}{where}"), args).fetchone()
         return int(row[0])
 
     def ping(self) -> bool:
