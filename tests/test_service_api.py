@@ -151,6 +151,7 @@ async def test_batch_route(detector: Any, samples: Samples, tmp_path: Path) -> N
         assert (part["part_id"], part["decision"]) == ("P-7", worst)
         # a type given twice counts once, with its later image
         assert part["types"] == {x["feature_type"]: x["decision"] for x in crops}
+        assert part["missing"] == [t for t in detector.classes_ if t not in part["types"]]
         assert part["images"] == len(set(data["feature_type"][:3])) == 3 - part["superseded"]
         stored = (await client.get("/v1/parts/P-7", headers=AUTH)).json()
         assert {k: stored[k] for k in part} == part
@@ -824,6 +825,8 @@ async def test_part_verdict_from_its_images(detector: Any, samples: Samples, tmp
         part = r.json()
         assert (part["part_id"], part["decision"], part["review"], part["images"]) == ("A/1", "PASS", None, 2)
         assert part["types"] == {t1: "PASS", t2: "PASS"} and part["superseded"] == 0 and not part["truncated"]
+        # the model's other types have not come: the part's PASS is not its last word
+        assert part["missing"] == [t for t in detector.classes_ if t not in (t1, t2)] and not part["complete"]
         assert [x["id"] for x in part["results"]] == [first["id"], first["id"] + 1]
 
         review = await send(flagged, t3, line="L2")  # a flagged crop of a third type (or of t1/t2 again)

@@ -346,6 +346,8 @@ def test_dashboard_shows_the_other_crops_of_a_part(
                    files=[("image", (f"{i}.png", b, "image/png")) for i, b in enumerate((passed, flagged))])
     assert r.status_code == 200, r.text
     pass_id, review_id = (x["id"] for x in r.json()["results"])
+    missing = r.json()["parts"][0]["missing"]  # the model's other types
+    assert missing
     browser.get(url + "/dashboard")
     browser.find_element(By.ID, "token").send_keys(TOKEN)
     browser.find_element(By.ID, "connect").click()
@@ -353,7 +355,7 @@ def test_dashboard_shows_the_other_crops_of_a_part(
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, row)))
     browser.find_element(By.CSS_SELECTOR, row).click()
     crops = wait.until(ec.visibility_of_element_located((By.ID, "part-crops")))
-    assert "part A/7: REVIEW 2 images, 1 to review" in crops.text
+    assert f"part A/7: REVIEW 2 images, 1 to review, no image yet of {', '.join(missing)}" in crops.text
     buttons = crops.find_elements(By.TAG_NAME, "button")
     assert [b.text for b in buttons] == [f"{ptype} PASS", f"{ftype} REVIEW"]
     assert "chosen" in buttons[1].get_attribute("class")

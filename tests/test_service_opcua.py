@@ -89,11 +89,12 @@ def test_a_plc_reads_the_verdict_of_the_latest_part() -> None:
     each crop's. ``diffqc/Part`` holds the verdict of the latest decision's part (the worst of
     its types' latest decisions) and how many types it has so far."""
     url = f"opc.tcp://127.0.0.1:{_free_port()}"
-    server = OpcUaServer(url, ["edge", "dots"])
+    server = OpcUaServer(url, ["edge", "dots", "angle"])
     server.start()
     crops = [("edge", "PASS"), ("dots", "REVIEW"), ("dots", "PASS")]  # dots sent again: it passes
     try:
-        before = asyncio.run(_read(url, ["diffqc.Part.PartId", "diffqc.Part.Images", "diffqc.Part.RecordId"]))
+        before = asyncio.run(_read(url, ["diffqc.Part.PartId", "diffqc.Part.Images", "diffqc.Part.Complete",
+                                         "diffqc.Part.RecordId"]))
         for i, (ftype, decision) in enumerate(crops, 1):
             server.publish(ResultRecord(id=i, created_at=1_796_000_000.0 + i, source="test",
                                         decision=decision, feature_type=ftype, type_known=True,
@@ -105,14 +106,17 @@ def test_a_plc_reads_the_verdict_of_the_latest_part() -> None:
                 break
             time.sleep(0.05)
         got = asyncio.run(_read(url, [f"diffqc.Part.{n}" for n in
-                                      ("PartId", "Decision", "Images", "Types", "RecordId")]))
+                                      ("PartId", "Decision", "Images", "Types", "Complete", "Missing",
+                                       "RecordId")]))
         mid = asyncio.run(_read(url, ["diffqc.Last.Decision"]))
     finally:
         server.stop()
-    assert before == {"diffqc.Part.PartId": "", "diffqc.Part.Images": 0, "diffqc.Part.RecordId": 0}
+    assert before == {"diffqc.Part.PartId": "", "diffqc.Part.Images": 0, "diffqc.Part.Complete": False,
+                      "diffqc.Part.RecordId": 0}
     part = {k.rsplit(".", 1)[1]: v for k, v in got.items()}
+    # the PASS of two crops is not the part's yet: its angle has not come
     assert part == {"PartId": "P-7", "Decision": "PASS", "Images": 2, "Types": "edge=PASS dots=PASS",
-                    "RecordId": 3}
+                    "Complete": False, "Missing": "angle", "RecordId": 3}
     assert mid["diffqc.Last.Decision"] == "REJECT"
 
 

@@ -61,6 +61,26 @@ def test_review_of_the_part_from_its_flagged_images() -> None:
     assert part_verdict("P-1", [*flagged[:2], _rec(3, "angle", NOT_INSPECTED)]).review is None
 
 
+def test_a_part_is_complete_when_every_expected_type_came() -> None:
+    """A PLC reading the part's decision after its first crop saw PASS with 7 of its 8 types
+    still to come: ``missing`` names the expected types (the model's) without a counted image,
+    in the order given, and ``complete`` says none is missing."""
+    types = ["angle", "dots", "edge1"]
+    v = part_verdict("P-1", [_rec(1, "dots", "PASS")], expected=types)
+    assert (v.decision, v.missing, v.complete) == ("PASS", ["angle", "edge1"], False)
+    v = part_verdict("P-1", [_rec(1, "dots", "PASS"), _rec(2, "edge1", NOT_INSPECTED),
+                             _rec(3, "angle", "PASS", known=False)], expected=types)
+    assert (v.missing, v.complete) == ([], True)  # a routed crop and one not inspected came too
+    assert {"missing": [], "complete": True}.items() <= v.to_json().items()
+    # a crop not inspected before the model chose its type fills no type
+    v = part_verdict("P-1", [_rec(1, None, NOT_INSPECTED)], expected=["dots"])
+    assert (v.missing, v.complete) == (["dots"], False)
+    # without expected types nothing is known about completeness
+    v = part_verdict("P-1", [_rec(1, "dots", "PASS")])
+    assert (v.missing, v.complete) == (None, None)
+    assert {"missing": None, "complete": None}.items() <= v.to_json().items()
+
+
 def test_no_records_is_an_error() -> None:
     with pytest.raises(ValueError, match="P-9"):
         part_verdict("P-9", [])
@@ -69,12 +89,13 @@ def test_no_records_is_an_error() -> None:
 def test_recent_parts_judge_each_part_as_its_images_come() -> None:
     from diffqc.service.parts import PART_IMAGES, RecentParts
 
-    recent = RecentParts(capacity=2)
+    recent = RecentParts(capacity=2, types=["dots", "edge1"])
     assert recent.add(ResultRecord(created_at=1.0, source="http", decision="PASS")) is None  # no part id
     first = recent.add(_rec(1, "dots", "PASS"))
-    assert first is not None and (first.decision, len(first.counted)) == ("PASS", 1)
+    assert first is not None and (first.decision, len(first.counted), first.missing) == ("PASS", 1, ["edge1"])
     v = recent.add(_rec(2, "edge1", "REVIEW"))
     assert v is not None and (v.decision, v.types) == ("REVIEW", {"dots": "PASS", "edge1": "REVIEW"})
+    assert v.complete
     v = recent.add(_rec(3, "edge1", "PASS"))  # edge1 again: replaces its REVIEW
     assert v is not None and (v.decision, len(v.counted), v.superseded) == ("PASS", 2, 1)
     again = recent.add(_rec(3, "edge1", "PASS"))  # the same record twice counts once

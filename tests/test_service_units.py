@@ -1363,3 +1363,33 @@ def test_cli_results_parts_prints_each_parts_verdict(tmp_path: Path,
     assert verdicts == [NOT_INSPECTED, "REVIEW"]
     assert main(["results", "parts", "--db", str(db), "--part-id", "P-9"]) == 0
     assert "no part matches" in capsys.readouterr().err
+    assert rows[0]["complete"] is None  # which types a part should have: not known without --model
+
+
+def test_cli_results_parts_names_the_types_a_part_lacks(tmp_path: Path, tiny_model: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """With ``--model`` a part lacking some of the model's types is named incomplete (a shift's
+    parts that never got all their crops); a damaged bundle is one error line."""
+    import csv
+    import json
+
+    from diffqc.bundle import read_bundle
+    from diffqc.cli import main
+
+    types = list(read_bundle(tiny_model)[1]["classes"])
+    db = tmp_path / "line.db"
+    with ResultStore(str(db)) as store:
+        store.insert_many([_rec("P-1", feature_type=t, type_known=True) for t in types]
+                          + [_rec("P-2", feature_type=types[0], type_known=True)])
+    assert main(["results", "parts", "--db", str(db), "--model", str(tiny_model)]) == 0
+    out = capsys.readouterr()
+    rows = [json.loads(x) for x in out.out.splitlines()]
+    assert [(r["part_id"], r["complete"], r["missing"]) for r in rows] == [
+        ("P-1", True, []), ("P-2", False, types[1:])]
+    assert "1 part incomplete (without an image of every type of the model)" in out.err
+    assert main(["results", "parts", "--db", str(db), "--model", str(tiny_model), "--format", "csv"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["complete"], r["missing"]) for r in table] == [("True", ""), ("False", " ".join(types[1:]))]
+    (tmp_path / "broken").mkdir()
+    assert main(["results", "parts", "--db", str(db), "--model", str(tmp_path / "broken")]) == 1
+    assert "broken" in capsys.readouterr().err

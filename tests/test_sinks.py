@@ -151,7 +151,7 @@ def push_parts_contract(store: ResultStore) -> None:
     earlier commits too), once per part, in the same transaction; nothing without it (also run
     against PostgreSQL)."""
     store.insert_hooks.clear()
-    box = Outbox(store, ["hook-parts"], parts=True)
+    box = Outbox(store, ["hook-parts"], parts=True, types=["edge", "dots"])
     store.insert_hooks.append(box.enqueue_records)
 
     def crop(part: str, ftype: str, decision: str) -> ResultRecord:
@@ -167,6 +167,7 @@ def push_parts_contract(store: ResultStore) -> None:
     assert [(p["part_id"], p["decision"], p["images"], p["record_id"]) for p in parts] == [
         ("A/1", "REVIEW", 2, first[1].id), ("B", "PASS", 1, first[2].id)]
     assert parts[0]["types"] == {"edge": "PASS", "dots": "REVIEW"} and parts[0]["line"] == "L1"
+    assert [(p["complete"], p["missing"]) for p in parts] == [(True, []), (False, ["dots"])]
     assert due[4].topic_key == "A_1"  # one MQTT topic level
     again = store.insert(crop("A/1", "dots", "PASS"))  # the flagged crop sent again, a commit later
     part = json.loads(box.due("hook-parts", time.time(), limit=100)[-1].payload)

@@ -17,7 +17,7 @@ import contextlib
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,16 +120,17 @@ def list_results(db_url: str, *, fmt: str = "jsonl", **filters: Any) -> int:
 
 
 PART_COLUMNS = ("part_id", "first", "last", "decision", "review", "pending_review", "images", "superseded",
-                "types")
+                "complete", "missing", "types")
 
 
 def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
-               **filters: Any) -> tuple[Counter[str], int]:
+               types: Sequence[str] | None = None, **filters: Any) -> tuple[Counter[str], int, int]:
     """Write each part's verdict (:func:`~diffqc.service.parts.part_verdict`) from the stored
     images matching ``filters`` to stdout, in the order of part ids: JSON lines or CSV
-    (:data:`PART_COLUMNS`; ``types`` as ``type=DECISION`` pairs). ``decision``: only parts with
-    this verdict. Reads the store 500 parts at a time. Returns (the parts written, counted by
-    verdict; images without a part id, which no part holds)."""
+    (:data:`PART_COLUMNS`; ``types`` as ``type=DECISION`` pairs, ``missing`` space-separated).
+    ``decision``: only parts with this verdict; ``types``: those a part should have. Reads the
+    store 500 parts at a time. Returns (the parts written, counted by verdict; images without a
+    part id, which no part holds; the parts written that lack some of ``types``)."""
     import csv
 
     from diffqc.service.parts import part_verdict
@@ -140,23 +141,27 @@ def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
     if fmt == "csv":
         writer.writeheader()
     n: Counter[str] = Counter()
+    incomplete = 0
     with ResultStore(db_url, read_only=True) as store:
         for pid, recs in records_by_part(store, **filters):
-            v = part_verdict(pid, recs)
+            v = part_verdict(pid, recs, types)
             if decision is not None and v.decision != decision:
                 continue
             row = {"part_id": pid, "first": v.counted[0].to_json()["created"],
                    "last": v.counted[-1].to_json()["created"], "decision": v.decision, "review": v.review,
-                   "pending_review": v.pending_review, "images": len(v.counted), "superseded": v.superseded}
+                   "pending_review": v.pending_review, "images": len(v.counted), "superseded": v.superseded,
+                   "complete": v.complete}
             if fmt == "csv":
-                types = " ".join(f"{t}={d}" for t, d in v.types.items())
-                writer.writerow({k: _spreadsheet_cell(x) for k, x in {**row, "types": types}.items()})
+                cells = {**row, "missing": " ".join(v.missing or ()),
+                         "types": " ".join(f"{t}={d}" for t, d in v.types.items())}
+                writer.writerow({k: _spreadsheet_cell(x) for k, x in cells.items()})
             else:
-                sys.stdout.write(json_line({**row, "types": v.types}) + "\n")
+                sys.stdout.write(json_line({**row, "missing": v.missing, "types": v.types}) + "\n")
             sys.stdout.flush()
             n[v.decision] += 1
+            incomplete += v.complete is False
         loose = store.count(has_part=False, **filters)
-    return n, loose
+    return n, loose, incomplete
 
 
 def summary_results(db_url: str, by: list[str], *, fmt: str = "table", since: float | None = None,
@@ -336,7 +341,16 @@ def _cmd_parts(args: argparse.Namespace) -> int:
 
     filters = {"since": parse_time(args.since, "since"), "until": parse_time(args.until, "until"),
                "part_id": args.part_id, "line": args.line, "station": args.station, "camera": args.camera}
-    counts, loose = list_parts(store_url(args.db), fmt=args.format, decision=args.decision, **filters)
+    types = None
+    if args.model is not None:
+        from diffqc.bundle import read_bundle
+
+        types = list(read_bundle(args.model)[1]["classes"])
+    counts, loose, incomplete = list_parts(store_url(args.db), fmt=args.format, decision=args.decision,
+                                           types=types, **filters)
+    if incomplete:
+        print(f"diffqc: {incomplete} part{'s' if incomplete != 1 else ''} incomplete (without an image "
+              "of every type of the model)", file=sys.stderr)
     if loose:
         print(f"diffqc: stored images without a part id (in no part): {loose}", file=sys.stderr)
     total = sum(counts.values())
@@ -653,6 +667,9 @@ def add_service_commands(subparsers: Any) -> None:
                     help="parts given this verdict")
     for name in ("part-id", "line", "station", "camera"):
         pt.add_argument(f"--{name}", default=None, help=f"images whose {name.replace('-', ' ')} is this")
+    pt.add_argument("--model", default=None, metavar="MODEL",
+                    help="the bundle whose types a part should have: each part's `complete` and `missing` "
+                         "(the types without an image) and a count of the incomplete parts")
     pt.set_defaults(func=_cmd_parts)
     sm = rsub.add_parser("summary", help="a period's counts per type (or camera, line, ...): decisions, "
                                          "the share flagged, verdicts on them, escapes",

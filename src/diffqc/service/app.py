@@ -496,13 +496,14 @@ class _StatusCounter:
 
 
 # --------------------------------------------------------------------------- JSON helpers
-def _batch_parts(recs: Sequence[ResultRecord]) -> list[dict[str, Any]]:
-    """The verdict of each part id of a batch from the batch's images, in order of first image."""
+def _batch_parts(recs: Sequence[ResultRecord], types: Sequence[str]) -> list[dict[str, Any]]:
+    """The verdict of each part id of a batch from the batch's images, in order of first image;
+    ``types``: those a part should have (the model's)."""
     by_part: dict[str, list[ResultRecord]] = {}
     for rec in recs:
         if rec.part_id is not None:
             by_part.setdefault(rec.part_id, []).append(rec)
-    return [part_verdict(pid, group).to_json() for pid, group in by_part.items()]
+    return [part_verdict(pid, group, types).to_json() for pid, group in by_part.items()]
 
 
 def record_json(rec: ResultRecord, root_path: str = "") -> dict[str, Any]:
@@ -1352,7 +1353,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         results, recs = [], [done.get(i) or new[i] for i in range(n)]
         for i, rec in enumerate(recs):
             results.append({**record_json(rec, settings.root_path), "duplicate": i in done or rec.duplicate})
-        return JSONResponse({"results": results, "parts": _batch_parts(recs),
+        return JSONResponse({"results": results, "parts": _batch_parts(recs, state.classes),
                              "total_ms": round((time.perf_counter() - t0) * 1000.0, 3)})
 
     def _inspect_response(rec: ResultRecord, t0: float, *, duplicate: bool) -> JSONResponse:
@@ -1465,7 +1466,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         if not recs:
             narrowed = " in the period or place given" if since or until or any(place) else ""
             raise ServiceError(404, "not_found", f"no result with part id {pid!r}{narrowed}")
-        verdict = part_verdict(pid, recs[:PART_RECORDS])
+        verdict = part_verdict(pid, recs[:PART_RECORDS], state.classes)
         return {**verdict.to_json(), "truncated": len(recs) > PART_RECORDS,
                 "results": [record_json(r, settings.root_path) for r in verdict.counted]}
 

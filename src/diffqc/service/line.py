@@ -379,7 +379,8 @@ class LineServices:
         self.dispatcher: Dispatcher | None = None
         if sinks:
             self.outbox = Outbox(store, [s.name for s in sinks],
-                                 parts=bool(getattr(settings, "push_parts", False)))
+                                 parts=bool(getattr(settings, "push_parts", False)),
+                                 types=list(getattr(detector, "classes_", None) or ()))
             self.dispatcher = Dispatcher(self.outbox, sinks)
         self.drift = DriftMonitor(DriftConfig(
             window=int(getattr(settings, "drift_window", 200)),
@@ -564,9 +565,11 @@ class LineServices:
         self.reloader = CalibrationReloader(detector, self.bundle, follows_retrain=True)
         if retrained:
             self.drift.reset("model changed")  # its p-values are the new model's
+        types = list(getattr(detector, "classes_", None) or ())
+        if self.outbox is not None:
+            self.outbox.types = types
         if self.opcua is not None:
-            self.opcua = self.opcua.use_model(list(getattr(detector, "classes_", None) or ()),
-                                              str(getattr(detector, "version", "") or ""))
+            self.opcua = self.opcua.use_model(types, str(getattr(detector, "version", "") or ""))
         if self.on_model is not None:
             self.on_model(detector)
         return True

@@ -61,7 +61,7 @@ DECISION_FIELDS = (("PartId", "String"), ("FeatureType", "String"), ("Decision",
                    ("Station", "String"), ("Camera", "String"), ("RecordId", "Int64"))
 # a part's verdict (diffqc.service.parts), RecordId last
 PART_FIELDS = (("PartId", "String"), ("Decision", "String"), ("Images", "UInt32"), ("Types", "String"),
-               ("RecordId", "Int64"))
+               ("Complete", "Boolean"), ("Missing", "String"), ("RecordId", "Int64"))
 COUNTS = (("Inspected", None), ("Pass", "PASS"), ("Review", "REVIEW"), ("Reject", "REJECT"),
           ("NotInspected", NOT_INSPECTED))
 
@@ -140,6 +140,10 @@ def _part_value(verdict: PartVerdict, name: str) -> Any:
         return len(verdict.counted)
     if name == "Types":
         return " ".join(f"{t}={d}" for t, d in verdict.types.items())
+    if name == "Complete":
+        return bool(verdict.complete)
+    if name == "Missing":
+        return " ".join(verdict.missing or ())
     return verdict.part_id if name == "PartId" else verdict.decision
 
 
@@ -209,7 +213,7 @@ class OpcUaServer:
         self._error: BaseException | None = None
         self._counts: Counter[tuple[str, str]] = Counter()
         self._version_node: Any = None
-        self._parts = RecentParts()
+        self._parts = RecentParts(types=self.types)
         self._part_nodes: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ lifecycle

@@ -12,7 +12,10 @@ verdict, which :func:`part_verdict` makes from those records:
   a part passes only when every counted image passed, and a crop that was not inspected outranks
   a REVIEW because no operator verdict can settle it (it must be inspected again);
 - ``review`` is BAD when an operator reviewed any counted image BAD, GOOD when every flagged
-  (REVIEW or REJECT) counted image was reviewed GOOD and none is NOT_INSPECTED, else None.
+  (REVIEW or REJECT) counted image was reviewed GOOD and none is NOT_INSPECTED, else None;
+- given the types a part should have (the model's), ``missing`` names those without a counted
+  image (sent with the type, or routed to it) and ``complete`` says none is missing: the PASS of
+  a part whose other crops have not come yet is not its last word.
 """
 
 from __future__ import annotations
@@ -40,12 +43,18 @@ class PartVerdict:
     types: dict[str, str]  # feature type -> the decision of its counted image (the worst of them)
     counted: list[ResultRecord]  # oldest first
     superseded: int  # earlier images of a type sent again, not counted
+    missing: list[str] | None = None  # the expected types without a counted image; None: none expected
+
+    @property
+    def complete(self) -> bool | None:
+        """Every expected type has an image; None when no types were expected."""
+        return None if self.missing is None else not self.missing
 
     def to_json(self) -> dict[str, Any]:
         """The verdict as the API answers it and the sinks push it, without its records."""
         return {"part_id": self.part_id, "decision": self.decision, "review": self.review,
                 "pending_review": self.pending_review, "types": self.types, "images": len(self.counted),
-                "superseded": self.superseded}
+                "superseded": self.superseded, "complete": self.complete, "missing": self.missing}
 
 
 def _given_type(rec: ResultRecord) -> str | None:
@@ -55,8 +64,10 @@ def _given_type(rec: ResultRecord) -> str | None:
     return None
 
 
-def part_verdict(part_id: str, records: Sequence[ResultRecord]) -> PartVerdict:
-    """The verdict of the part from its records (any order; at least one)."""
+def part_verdict(part_id: str, records: Sequence[ResultRecord],
+                 expected: Sequence[str] | None = None) -> PartVerdict:
+    """The verdict of the part from its records (any order; at least one); ``expected``: the
+    types it should have, in the order ``missing`` names them."""
     if not records:
         raise ValueError(f"part {part_id!r} has no records")
     ordered = sorted(records, key=lambda r: (r.id or 0, r.created_at))
@@ -84,16 +95,20 @@ def part_verdict(part_id: str, records: Sequence[ResultRecord]) -> PartVerdict:
         if rec.feature_type is not None:
             earlier = types.get(rec.feature_type, "PASS")
             types[rec.feature_type] = min(earlier, rec.decision, key=SEVERITY.index)
-    return PartVerdict(part_id, decision, review, pending, types, counted, len(ordered) - len(counted))
+    missing = None if expected is None else [t for t in expected if t not in types]
+    return PartVerdict(part_id, decision, review, pending, types, counted, len(ordered) - len(counted),
+                       missing)
 
 
 class RecentParts:
     """The verdicts of the parts seen lately, from the records as they are stored (the OPC UA
     server's ``Part``): the latest ``capacity`` part ids, the least recently seen forgotten. A
-    part whose images came before this was made (a restart) is judged on the later ones only."""
+    part whose images came before this was made (a restart) is judged on the later ones only.
+    ``types``: those a part should have (:func:`part_verdict`'s ``expected``)."""
 
-    def __init__(self, capacity: int = 256) -> None:
+    def __init__(self, capacity: int = 256, types: Sequence[str] | None = None) -> None:
         self.capacity = capacity
+        self.types = None if types is None else list(types)
         self._parts: OrderedDict[str, list[ResultRecord]] = OrderedDict()
 
     def add(self, rec: ResultRecord) -> PartVerdict | None:
@@ -103,7 +118,7 @@ class RecentParts:
         records = self._parts.pop(rec.part_id, [])
         records = [r for r in records if r.id is None or r.id != rec.id]  # the same record again
         # its latest PART_IMAGES images at most (a part id every image is sent with)
-        verdict = part_verdict(rec.part_id, [*records[-(PART_IMAGES - 1):], rec])
+        verdict = part_verdict(rec.part_id, [*records[-(PART_IMAGES - 1):], rec], self.types)
         self._parts[rec.part_id] = verdict.counted  # what counts
         while len(self._parts) > self.capacity:
             self._parts.popitem(last=False)
