@@ -284,6 +284,10 @@ ROWS: dict[str, Row | object] = {
                                                 "mysql://u:pw@host/db"], ("unsupported result store",)),
     "results_db_under_a_file": Row(lambda c: ["results", "export", str(c.tmp / "x"), "--db",
                                               str(c.image / "r.db")], ("r.db does not exist",)),
+    # the folder of the store for the store: was "does not exist", which it does
+    "results_db_a_folder": Row(lambda c: ["results", "parts", "--db", str(c.tmp / "line")],
+                               ("result store", "line is a folder, not a store's file", "line/results.db"),
+                               setup=lambda c: _empty_store(c.tmp / "line" / "results.db")),
     # a typo in --db: was an empty new database (and artifact folders) and "exported 0"
     "results_db_typo": Row(lambda c: ["results", "export", str(c.tmp / "x"), "--db", str(c.tmp / "typo.db")],
                            ("result store", "typo.db does not exist: nothing to export"),

@@ -1007,9 +1007,16 @@ def check_store_exists(db_url: str, *, doing: str) -> None:
     """A SQLite store that does not exist is refused for reading (opening it would create an
     empty one, and a mistyped ``--db`` would read as a line with no parts); PostgreSQL says so
     itself when opened."""
-    if not is_postgres_url(db_url) and not sqlite_path(db_url).is_file():
-        raise StoreError(f"result store {sqlite_path(db_url)} does not exist: nothing to {doing} "
-                         "(give the --db that `diffqc serve` or `watch` wrote)")
+    if is_postgres_url(db_url) or sqlite_path(db_url).is_file():
+        return
+    path = sqlite_path(db_url)
+    if path.is_dir():  # `--db data/` for `--db data/results.db`
+        held = sorted(str(p) for p in path.glob("*.db") if p.is_file())[:3]
+        raise StoreError(f"result store {path} is a folder, not a store's file: give the --db that "
+                         "`diffqc serve` or `watch` wrote"
+                         + (f" ({', '.join(held)}?)" if held else " (it holds no .db file)"))
+    raise StoreError(f"result store {path} does not exist: nothing to {doing} "
+                     "(give the --db that `diffqc serve` or `watch` wrote)")
 
 
 def backup_store(db_url: str, out: str | Path, *, force: bool = False) -> dict[str, Any]:
