@@ -628,6 +628,8 @@ def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
 
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
+    users = tmp_path / "users"
+    users.write_text("plc:s3cret\n")
     cases = [
         (["serve", str(tmp_path / "no-model"), "--no-auth"], "no-model"),
         (["serve", str(service_model[0]), "--no-auth", "--db", str(blocker / "r.db")], "SQLite"),
@@ -665,6 +667,10 @@ def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
          "OPC UA endpoint 'tcp://plc:4840' must look like opc.tcp://0.0.0.0:4840"),
         (["watch", str(tmp_path), str(service_model[0]), "--opcua-users", str(blocker), "--once"],
          "--opcua-users needs --opcua"),
+        (["watch", str(tmp_path), str(service_model[0]), "--opcua", "opc.tcp://127.0.0.1:0", "--opcua-trust",
+          str(tmp_path), "--once"], "--opcua-trust needs --opcua-users"),
+        (["serve", str(service_model[0]), "--no-auth", "--opcua", "opc.tcp://127.0.0.1:0", "--opcua-users",
+          str(users), "--opcua-trust", str(blocker)], f"--opcua-trust {blocker} is not a folder"),
         (["watch", str(tmp_path), str(service_model[0]), "--part-id-pattern", "P-(", "--once"],
          "--part-id-pattern 'P-(' is not a regular expression"),
         (["serve", str(service_model[0]), "--no-auth", "--watch", str(tmp_path), "--part-id-pattern",

@@ -206,7 +206,7 @@ def test_serve_publishes_its_decisions_over_opc_ua(service_model: tuple[Path, Pa
     assert got == {"diffqc.Last.RecordId": answer["id"], "diffqc.Last.Decision": answer["decision"],
                    "diffqc.Last.PartId": "plc-1", f"diffqc.Types.{ftype}.Inspected": 1}
     assert line == {"endpoint": url, "namespace": NAMESPACE, "published_total": 1, "running": True,
-                    "security": "none", "certificate_sha1": None}
+                    "security": "none", "certificate_sha1": None, "trusted_clients": None}
 
 
 def test_watch_publishes_its_decisions_over_opc_ua(service_model: tuple[Path, Path], samples: Samples,
@@ -435,3 +435,117 @@ def test_users_file_is_checked_without_showing_it(tmp_path: Path) -> None:
         read_users(tmp_path / "empty")
     with pytest.raises(ConfigError, match="--opcua-users needs --opcua"):
         ServiceSettings(allow_no_token=True, opcua_users=tmp_path / "users").validate()
+
+
+async def _client_certificate(folder: Path, name: str) -> tuple[Path, Path]:
+    """A client's self-signed application instance certificate (DER) and key, as a PLC has."""
+    from asyncua.crypto.cert_gen import setup_self_signed_certificate
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    key, cert = folder / f"{name}-key.pem", folder / f"{name}-cert.der"
+    await setup_self_signed_certificate(key, cert, f"urn:line:{name}", name,
+                                        [ExtendedKeyUsageOID.CLIENT_AUTH], {"commonName": name})
+    return cert, key
+
+
+def test_trust_list_holds_certificates_and_names_each_refused_one(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """``--opcua-trust DIR``: a client's certificate is trusted when DIR holds it (DER or PEM,
+    read again when DIR changes); a refused one is written once to the rejected folder, named
+    in the log once, for an administrator to move into DIR; an expired one is refused; a file
+    that is no certificate is skipped and named."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from diffqc.service.opcua import TrustList
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    plc, _ = asyncio.run(_client_certificate(keys, "plc"))
+    scada, _ = asyncio.run(_client_certificate(keys, "scada"))
+    trust, rejected = tmp_path / "trusted", tmp_path / "data" / "opcua" / "rejected"
+    trust.mkdir()
+    (trust / "plc.der").write_bytes(plc.read_bytes())
+    (trust / "notes.txt").write_text("the line's PLC and SCADA")  # not a certificate file's name
+    (trust / "junk.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n")
+    trusted = TrustList(trust, rejected)
+    assert trusted.count() == 1
+    assert "junk.pem" in caplog.text and "notes.txt" not in caplog.text
+    assert trusted.check(plc.read_bytes())
+    assert not trusted.check(scada.read_bytes()) and not trusted.check(scada.read_bytes())
+    thumb = hashlib.sha1(scada.read_bytes()).hexdigest()
+    assert [p.name for p in rejected.iterdir()] == [f"{thumb}.der"]
+    assert (rejected / f"{thumb}.der").read_bytes() == scada.read_bytes()
+    assert caplog.text.count(f"refused the OPC UA client certificate CN=urn:line:scada (SHA-1 {thumb})") == 1
+    assert f"move {rejected / (thumb + '.der')} into {trust}" in caplog.text
+    assert not trusted.check(None) and not trusted.check(b"garbage")
+    # the administrator trusts it (as PEM here): read again without a restart
+    pem = x509.load_der_x509_certificate(scada.read_bytes()).public_bytes(Encoding.PEM)
+    (trust / "scada.pem").write_bytes(pem)
+    assert trusted.check(scada.read_bytes()) and trusted.count() == 2
+    (trust / "plc.der").unlink()  # and no longer the PLC's
+    assert not trusted.check(plc.read_bytes())
+
+
+def test_with_a_trust_list_only_its_clients_log_in(tmp_path: Path) -> None:
+    """A plant's security policy (IEC 62443) lets only known OPC UA clients in: with
+    ``--opcua-trust DIR`` a client whose certificate DIR does not hold is refused with the right
+    password (BadCertificateUntrusted), its certificate kept for an administrator, who moves it
+    into DIR; it then logs in, the server not restarted."""
+    from asyncua import Client
+
+    from diffqc.service.opcua import read_users
+
+    (tmp_path / "users").write_text("plc:s3cret\n")
+    url = f"opc.tcp://127.0.0.1:{_free_port()}"
+    trust, folder = tmp_path / "trusted", tmp_path / "data" / "opcua"
+    trust.mkdir()
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    plc = asyncio.run(_client_certificate(keys, "plc"))
+    intruder = asyncio.run(_client_certificate(keys, "laptop"))
+    (trust / "plc.der").write_bytes(plc[0].read_bytes())
+
+    async def login(cert: Path, key: Path, name: str) -> Any:
+        client = Client(url)
+        client.application_uri = f"urn:line:{name}"
+        await client.set_security_string(f"Basic256Sha256,SignAndEncrypt,{cert},{key}")
+        client.set_user("plc")
+        client.set_password("s3cret")
+        try:
+            async with client:
+                ns = await client.get_namespace_index(NAMESPACE)
+                return await client.get_node(f"ns={ns};s=diffqc.Last.Decision").read_value()
+        except Exception as exc:
+            return type(exc).__name__
+
+    server = OpcUaServer(url, ["edge"], users=read_users(tmp_path / "users"), certificate_dir=folder,
+                         trust_dir=trust)
+    server.start()
+    try:
+        server.publish(_record(3, "REJECT"))
+        time.sleep(0.3)
+        got = asyncio.run(login(*plc, "plc"))
+        refused = asyncio.run(login(*intruder, "laptop"))
+        (kept,) = (folder / "rejected").iterdir()
+        kept.rename(trust / kept.name)  # the administrator trusts it
+        later = asyncio.run(login(*intruder, "laptop"))
+        status = server.status()
+    finally:
+        server.stop()
+    assert (got, refused, later) == ("REJECT", "BadCertificateUntrusted", "REJECT")
+    assert status["trusted_clients"] == 2
+
+
+def test_trust_list_needs_users_and_a_folder(tmp_path: Path) -> None:
+    from diffqc.service.app import ServiceSettings
+
+    (tmp_path / "users").write_text("plc:secret\n")
+    url = "opc.tcp://127.0.0.1:4840"
+    with pytest.raises(ConfigError, match="--opcua-trust needs --opcua-users"):
+        ServiceSettings(allow_no_token=True, opcua_url=url, opcua_trust=tmp_path).validate()
+    with pytest.raises(ConfigError, match=r"--opcua-trust .*nope is not a folder"):
+        ServiceSettings(allow_no_token=True, opcua_url=url, opcua_users=tmp_path / "users",
+                        opcua_trust=tmp_path / "nope").validate()

@@ -233,6 +233,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "webhook_secrets": tuple(args.webhook_secret or ()),
         "opcua_url": args.opcua,
         "opcua_users": args.opcua_users,
+        "opcua_trust": args.opcua_trust,
         **_artifact_settings(args),
         "log_level": args.log_level,
         "log_format": args.log_format,
@@ -279,6 +280,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         part_id_pattern=args.part_id_pattern,
         opcua_url=args.opcua,
         opcua_users=args.opcua_users,
+        opcua_trust=args.opcua_trust,
         runtime=args.runtime,
         precision=args.precision,
         threads=args.threads,
@@ -456,6 +458,11 @@ def _add_opcua_arguments(p: argparse.ArgumentParser) -> None:
                         "must log in, over an encrypted channel (Basic256Sha256 and newer), with "
                         "the server's own certificate, made self-signed in --data-dir/opcua/ on the "
                         "first start (its thumbprint logged); without it, anonymous and unencrypted")
+    p.add_argument("--opcua-trust", default=None, metavar="DIR",
+                   help="with --opcua-users, only OPC UA clients whose application certificates "
+                        "(DER or PEM) this folder holds; a refused one is kept in "
+                        "--data-dir/opcua/rejected/ and logged, to be moved into DIR (read again "
+                        "when it changes, no restart)")
 
 
 def _add_log_arguments(p: argparse.ArgumentParser) -> None:

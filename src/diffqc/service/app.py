@@ -148,6 +148,7 @@ class ServiceSettings:
     webhook_secrets: tuple[str, ...] = ()  # "whsec_..." or "@FILE": sign each push (sinks.webhook_secrets)
     opcua_url: str | None = None  # opc.tcp://host:port: an OPC UA server of the decisions (service.opcua)
     opcua_users: str | Path | None = None  # a name:password file: logins only, encrypted
+    opcua_trust: str | Path | None = None  # with users: the trusted clients' certificates
     drift_window: int = 200  # p-values per type in the drift window
     drift_min_parts: int = 30
     drift_level: float = 1e-4  # false-alarm bound per drift test
@@ -187,10 +188,10 @@ class ServiceSettings:
         if self.webhook_headers and not self.webhook_url:
             raise ConfigError("--webhook-header needs --webhook URL (the endpoint it is sent to)")
         webhook_headers(self.webhook_headers)
-        if self.opcua_url or self.opcua_users is not None:
+        if self.opcua_url or self.opcua_users is not None or self.opcua_trust is not None:
             from diffqc.service.opcua import check_opcua_options
 
-            check_opcua_options(self.opcua_url, self.opcua_users)
+            check_opcua_options(self.opcua_url, self.opcua_users, self.opcua_trust)
         if self.push_parts and not (self.mqtt_url or self.webhook_url):
             raise ConfigError("--push-parts needs --mqtt or --webhook (the sinks it pushes to)")
         if self.webhook_secrets:

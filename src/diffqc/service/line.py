@@ -425,10 +425,12 @@ class LineServices:
             from diffqc.service.opcua import OpcUaServer, read_users
 
             users_file = getattr(settings, "opcua_users", None)
+            trust = getattr(settings, "opcua_trust", None)
             self.opcua = OpcUaServer(settings.opcua_url, list(getattr(detector, "classes_", None) or ()),
                                      model_version=str(getattr(detector, "version", "") or ""),
                                      users=None if users_file is None else read_users(users_file),
-                                     certificate_dir=None if artifacts is None else artifacts.root / "opcua")
+                                     certificate_dir=None if artifacts is None else artifacts.root / "opcua",
+                                     trust_dir=None if trust is None else Path(trust).absolute())
         self.disk_poll_s = 60.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

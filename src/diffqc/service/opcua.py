@@ -19,14 +19,17 @@ space, in the namespace :data:`NAMESPACE`, with string node ids a PLC program ca
     Objects/diffqc/Part                 the verdict of the part of the latest decision with a
                                         part id (diffqc.service.parts): PartId, Decision,
                                         Images (its types counted so far), Types ("dots=PASS
-                                        edge1=REVIEW"), RecordId (the latest image's); from
-                                        the images since the server started
+                                        edge1=REVIEW"), Complete and Missing (the model's types
+                                        without an image yet), RecordId (the latest image's);
+                                        from the images since the server started
 
 Every variable is read-only. ``RecordId`` is written last, so a client that triggers on its
 change reads the other fields of the same decision (unless the next one came in between: a
-subscription's publish carries the values of one moment). The server offers no encryption and
-takes anonymous clients, as it holds no image and takes no command: keep it on the line's
-network, or behind an OPC UA gateway that adds security.
+subscription's publish carries the values of one moment). By default the server offers no
+encryption and takes anonymous clients, as it holds no image and takes no command: keep it on
+the line's network. With users (``--opcua-users``) a client logs in over an encrypted channel;
+with a trust list (``--opcua-trust``, :class:`TrustList`) only clients whose certificates it
+holds.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import hmac
 import logging
 import math
@@ -99,15 +103,126 @@ def check_opcua_url(url: str) -> None:
                               "OPC UA server, or diffqc serve, on that port?)") from None
 
 
-def check_opcua_options(url: str | None, users: str | Path | None) -> None:
-    """``--opcua`` and ``--opcua-users`` as given to `serve` or `watch`, before the model loads:
-    users need an endpoint, the endpoint :func:`check_opcua_url`, the users file :func:`read_users`."""
+def check_opcua_options(url: str | None, users: str | Path | None,
+                        trust: str | Path | None = None) -> None:
+    """``--opcua``, ``--opcua-users`` and ``--opcua-trust`` as given to `serve` or `watch`, before
+    the model loads: users need an endpoint, the endpoint :func:`check_opcua_url`, the users file
+    :func:`read_users`; a trust list needs users (only the encrypted channel they log in over
+    carries a client's certificate) and a folder."""
     if users is not None and not url:
         raise ConfigError("--opcua-users needs --opcua opc.tcp://HOST:PORT (the server they log in to)")
+    if trust is not None and users is None:
+        raise ConfigError("--opcua-trust needs --opcua-users: a client's certificate comes with the "
+                          "encrypted channel its users log in over")
     if url:
         check_opcua_url(url)
         if users is not None:
             read_users(users)
+    if trust is not None and not Path(trust).is_dir():
+        raise ConfigError(f"--opcua-trust {trust} is not a folder (of the trusted clients' certificates)")
+
+
+CERTIFICATE_SUFFIXES = (".der", ".cer", ".crt", ".pem")
+REJECTED_KEPT = 64  # refused clients' certificates kept for an administrator, at most
+
+
+class TrustList:
+    """``--opcua-trust DIR``: the OPC UA clients a server with users lets in, by their
+    application instance certificates (self-signed, as PLCs and SCADA make them) held in DIR as
+    DER or PEM files (``.der``, ``.cer``, ``.crt``, ``.pem``). A certificate is trusted when DIR
+    holds that very certificate (not one signed by a CA in DIR) and it is within its validity
+    period. DIR is read again when its files change, so a certificate moved in (or out) counts
+    from the next login without a restart. A refused client's certificate is written once to
+    ``rejected`` as ``<SHA-1 thumbprint>.der`` (at most :data:`REJECTED_KEPT` files) and named in
+    the log once per process: an administrator who checks its thumbprint moves it into DIR, as
+    OPC UA's trust lists are kept (a "rejected" folder beside the "trusted")."""
+
+    def __init__(self, folder: Path, rejected: Path) -> None:
+        self.folder = Path(folder)
+        self.rejected = Path(rejected)
+        self._listing: tuple[tuple[str, int, int], ...] | None = None
+        self._trusted: set[bytes] = set()
+        self._named: set[str] = set()  # files that are no certificate, and refused thumbprints, logged
+        self._lock = threading.Lock()
+
+    def _files(self) -> tuple[tuple[str, int, int], ...]:
+        out = []
+        with contextlib.suppress(OSError), os.scandir(self.folder) as entries:
+            for entry in entries:
+                if entry.name.lower().endswith(CERTIFICATE_SUFFIXES) and not entry.name.startswith("."):
+                    with contextlib.suppress(OSError):
+                        st = entry.stat()
+                        out.append((entry.name, st.st_mtime_ns, st.st_size))
+        return tuple(sorted(out))
+
+    def _reload(self) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        listing = self._files()
+        if listing == self._listing:
+            return
+        trusted: set[bytes] = set()
+        for name, _, _ in listing:
+            try:
+                data = (self.folder / name).read_bytes()
+                certs = (x509.load_pem_x509_certificates(data) if b"-----BEGIN" in data
+                         else [x509.load_der_x509_certificate(data)])
+            except (OSError, ValueError) as exc:
+                if name not in self._named:
+                    self._named.add(name)
+                    log.warning("--opcua-trust %s: %s is not a certificate, skipped (%s)", self.folder, name,
+                                " ".join(str(exc).split()) or type(exc).__name__)
+                continue
+            trusted.update(hashlib.sha256(c.public_bytes(Encoding.DER)).digest() for c in certs)
+        self._listing, self._trusted = listing, trusted
+
+    def count(self) -> int:
+        """The certificates DIR holds now."""
+        with self._lock:
+            self._reload()
+            return len(self._trusted)
+
+    def check(self, der: bytes | None) -> bool:
+        """True when the client's certificate (DER, from its channel) is trusted."""
+        from cryptography import x509
+
+        if not der:
+            return False
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            return False
+        with self._lock:
+            self._reload()
+            known = hashlib.sha256(der).digest() in self._trusted
+        now = dt.datetime.now(dt.UTC)
+        if known and cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            return True
+        self._refused(der, cert, "it expired or is not yet valid" if known else "")
+        return False
+
+    def _refused(self, der: bytes, cert: Any, why: str) -> None:
+        from cryptography.x509.oid import NameOID
+
+        thumb = hashlib.sha1(der).hexdigest()  # OPC UA's thumbprint is SHA-1
+        kept = self.rejected / f"{thumb}.der"
+        with self._lock:
+            if thumb in self._named:
+                return
+            self._named.add(thumb)
+        with contextlib.suppress(OSError):
+            self.rejected.mkdir(parents=True, exist_ok=True)
+            if not kept.exists() and sum(1 for _ in self.rejected.iterdir()) < REJECTED_KEPT:
+                tmp = kept.with_name(f".{kept.name}.tmp")
+                tmp.write_bytes(der)
+                os.replace(tmp, kept)
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        name = str(names[0].value) if names else "(no common name)"
+        hint = (why if why else
+                f"not in --opcua-trust {self.folder}; to trust it, move {kept} into {self.folder}"
+                if kept.exists() else f"not in --opcua-trust {self.folder}")
+        log.warning("refused the OPC UA client certificate CN=%s (SHA-1 %s): %s", name, thumb, hint)
 
 
 def _asyncua() -> Any:
@@ -154,13 +269,20 @@ class _Readers:
     time). asyncua's default gives a session logged in as "admin", with any password, the
     administrator's role: it could write PASS into a decision a PLC reads."""
 
-    def __init__(self, users: dict[str, str] | None) -> None:
+    def __init__(self, users: dict[str, str] | None, trust: TrustList | None = None) -> None:
         self.users = users
+        self.trust = trust
 
     def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
                  certificate: Any = None) -> Any:
+        """``certificate``: the client's, from the encrypted channel it opened (asyncua passes the
+        channel's peer certificate for a user name login), checked against the trust list first."""
+        from asyncua import ua
+        from asyncua.common.utils import ServiceError
         from asyncua.crypto.permission_rules import User, UserRole
 
+        if self.trust is not None and not self.trust.check(certificate):
+            raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
         if self.users is None:
             return User(role=UserRole.User) if username is None else None
         known = self.users.get(username or "")
@@ -192,14 +314,22 @@ class OpcUaServer:
     decision and :meth:`alarm` each drift alarm (from any thread), :meth:`stop`."""
 
     def __init__(self, url: str, types: list[str], *, model_version: str = "",
-                 users: dict[str, str] | None = None, certificate_dir: Path | None = None) -> None:
+                 users: dict[str, str] | None = None, certificate_dir: Path | None = None,
+                 trust_dir: Path | None = None) -> None:
         """``users``: name -> password; with them a session must log in, over an encrypted
         channel, with the server's own certificate, kept in ``certificate_dir`` (made there,
-        self-signed, on the first start: :meth:`_certificate`)."""
+        self-signed, on the first start: :meth:`_certificate`). ``trust_dir``: with users, only
+        clients whose certificates it holds (:class:`TrustList`; those refused are kept in
+        ``certificate_dir/rejected``)."""
         if users is not None and certificate_dir is None:
             raise ConfigError("OPC UA users need a folder for the server's certificate")
+        if trust_dir is not None and users is None:
+            raise ConfigError("an OPC UA trust list needs users (their encrypted channel)")
         self.users = users
         self.certificate_dir = certificate_dir
+        self.trust_dir = trust_dir
+        self._trust = (TrustList(trust_dir, certificate_dir / "rejected")
+                       if trust_dir is not None and certificate_dir is not None else None)
         self.thumbprint: str | None = None
         self.url = url
         self.host, self.port = parse_opcua_url(url)
@@ -230,7 +360,10 @@ class OpcUaServer:
                  "anonymous readers, unencrypted" if self.users is None else
                  f"{len(self.users)} users, encrypted (Basic256Sha256 and newer, sign and encrypt), "
                  f"its certificate {self.certificate_dir}/server-cert.der, SHA-1 thumbprint "
-                 f"{self.thumbprint}")
+                 f"{self.thumbprint}" + ("" if self._trust is None else
+                                         f"; clients whose certificates {self.trust_dir} holds "
+                                         f"({self._trust.count()} now), those refused kept in "
+                                         f"{self._trust.rejected}"))
 
     def stop(self) -> None:
         self._put("stop", None)  # nothing to do when its loop already ended (a failed server)
@@ -254,7 +387,7 @@ class OpcUaServer:
             return self
         self.stop()
         server = OpcUaServer(self.url, types, model_version=model_version, users=self.users,
-                             certificate_dir=self.certificate_dir)
+                             certificate_dir=self.certificate_dir, trust_dir=self.trust_dir)
         server.start()
         return server
 
@@ -269,7 +402,8 @@ class OpcUaServer:
                 "running": (self._started.is_set() and self._error is None and self._thread is not None
                             and self._thread.is_alive()),
                 "security": "none" if self.users is None else "sign_and_encrypt",
-                "certificate_sha1": self.thumbprint}
+                "certificate_sha1": self.thumbprint,
+                "trusted_clients": None if self._trust is None else self._trust.count()}
 
     # ------------------------------------------------------------------ the server's thread
     def _run(self) -> None:
@@ -292,7 +426,7 @@ class OpcUaServer:
         # its INFO lines are per request, and it warns of user certificates and passwords,
         # which an anonymous server without encryption takes none of
         logging.getLogger("asyncua").setLevel(logging.ERROR)
-        server = asyncua.Server(user_manager=_Readers(self.users))
+        server = asyncua.Server(user_manager=_Readers(self.users, self._trust))
         await server.init()
         server.set_endpoint(f"opc.tcp://{self.host}:{self.port}")
         server.set_server_name("diffqc inspection service")
@@ -322,8 +456,6 @@ class OpcUaServer:
         user only) in ``certificate_dir``: made self-signed on the first start (and again when
         expired, a year on), for the application URI and this host; its SHA-1 thumbprint is
         logged, for a client's administrator to check when trusting it."""
-        import hashlib
-
         from asyncua.crypto.cert_gen import setup_self_signed_certificate
         from cryptography.x509.oid import ExtendedKeyUsageOID
 

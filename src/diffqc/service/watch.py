@@ -560,6 +560,7 @@ def run_watch(
     part_id_pattern: str | None = None,
     opcua_url: str | None = None,
     opcua_users: str | Path | None = None,
+    opcua_trust: str | Path | None = None,
     retention_max_age_s: float | None = None,
     retention_max_bytes: int | None = None,
     disk_min_free_bytes: int = 1 << 30,
@@ -598,10 +599,10 @@ def run_watch(
     check_feature_type(feature_type, read_bundle(model_path)[1]["classes"])
     if part_id_pattern is not None:
         compile_part_id_pattern(part_id_pattern)
-    if opcua_url or opcua_users is not None:  # as serve: said before the model loads
+    if opcua_url or opcua_users is not None or opcua_trust is not None:  # as serve: before the model loads
         from diffqc.service.opcua import check_opcua_options
 
-        check_opcua_options(opcua_url, opcua_users)
+        check_opcua_options(opcua_url, opcua_users, opcua_trust)
     store = ResultStore(db)
     try:
         detector: Any = load_detector(model_path, runtime, threads=threads, device="cpu",
@@ -648,7 +649,7 @@ def run_watch(
     # the line's services as `serve` runs them, without sinks: a new calibration is picked up
     # (it was served only after a restart), drift is watched and logged, artifacts expire
     settings_ns = SimpleNamespace(model_path=model_path, station=station, opcua_url=opcua_url,
-                                  opcua_users=opcua_users,
+                                  opcua_users=opcua_users, opcua_trust=opcua_trust,
                                   retention_max_age_s=retention_max_age_s,
                                   retention_max_bytes=retention_max_bytes,
                                   disk_min_free_bytes=disk_min_free_bytes,
