@@ -24,7 +24,7 @@ from typing import Any
 from diffqc.arguments import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, integer, number
 from diffqc.calibration import DECISIONS, NOT_INSPECTED
 from diffqc.data import MAX_IMAGE_PIXELS
-from diffqc.errors import RuntimeUnavailableError
+from diffqc.errors import ConfigError, RuntimeUnavailableError
 from diffqc.output import json_line, text_columns
 from diffqc.runtime import add_runtime_arguments
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE
@@ -124,11 +124,13 @@ PART_COLUMNS = ("part_id", "first", "last", "decision", "review", "pending_revie
 
 
 def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
-               types: Sequence[str] | None = None, **filters: Any) -> tuple[Counter[str], int, int]:
+               types: Sequence[str] | None = None, incomplete: bool = False,
+               **filters: Any) -> tuple[Counter[str], int, int]:
     """Write each part's verdict (:func:`~diffqc.service.parts.part_verdict`) from the stored
     images matching ``filters`` to stdout, in the order of part ids: JSON lines or CSV
     (:data:`PART_COLUMNS`; ``types`` as ``type=DECISION`` pairs, ``missing`` space-separated).
-    ``decision``: only parts with this verdict; ``types``: those a part should have. Reads the
+    ``decision``: only parts with this verdict; ``types``: those a part should have
+    (``incomplete``: only parts without an image of some of them). Reads the
     store 500 parts at a time. Returns (the parts written, counted by verdict; images without a
     part id, which no part holds; the parts written that lack some of ``types``)."""
     import csv
@@ -145,7 +147,7 @@ def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
     with ResultStore(db_url, read_only=True) as store:
         for pid, recs in records_by_part(store, **filters):
             v = part_verdict(pid, recs, types)
-            if decision is not None and v.decision != decision:
+            if (decision is not None and v.decision != decision) or (incomplete and v.complete is not False):
                 continue
             row = {"part_id": pid, "first": v.counted[0].to_json()["created"],
                    "last": v.counted[-1].to_json()["created"], "decision": v.decision, "review": v.review,
@@ -344,12 +346,14 @@ def _cmd_parts(args: argparse.Namespace) -> int:
     filters = {"since": parse_time(args.since, "since"), "until": parse_time(args.until, "until"),
                "part_id": args.part_id, "line": args.line, "station": args.station, "camera": args.camera}
     types = None
+    if args.incomplete and args.model is None:
+        raise ConfigError("--incomplete needs --model MODEL (the types a part should have)")
     if args.model is not None:
         from diffqc.bundle import read_bundle
 
         types = list(read_bundle(args.model)[1]["classes"])
     counts, loose, incomplete = list_parts(store_url(args.db), fmt=args.format, decision=args.decision,
-                                           types=types, **filters)
+                                           types=types, incomplete=args.incomplete, **filters)
     if incomplete:
         print(f"diffqc: {incomplete} part{'s' if incomplete != 1 else ''} incomplete (without an image "
               "of every type of the model)", file=sys.stderr)
@@ -677,6 +681,9 @@ def add_service_commands(subparsers: Any) -> None:
     pt.add_argument("--model", default=None, metavar="MODEL",
                     help="the bundle whose types a part should have: each part's `complete` and `missing` "
                          "(the types without an image) and a count of the incomplete parts")
+    pt.add_argument("--incomplete", action="store_true",
+                    help="only parts without an image of some of --model's types (a camera that missed "
+                         "crops)")
     pt.set_defaults(func=_cmd_parts)
     sm = rsub.add_parser("summary", help="a period's counts per type (or camera, line, ...): decisions, "
                                          "the share flagged, verdicts on them, escapes",
