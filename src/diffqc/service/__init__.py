@@ -143,7 +143,7 @@ def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
     if fmt == "csv":
         writer.writeheader()
     n: Counter[str] = Counter()
-    incomplete = 0
+    lacking = 0  # parts written without an image of some of ``types``
     with ResultStore(db_url, read_only=True) as store:
         for pid, recs in records_by_part(store, **filters):
             v = part_verdict(pid, recs, types)
@@ -161,9 +161,9 @@ def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
                 sys.stdout.write(json_line({**row, "missing": v.missing, "types": v.types}) + "\n")
             sys.stdout.flush()
             n[v.decision] += 1
-            incomplete += v.complete is False
+            lacking += v.complete is False
         loose = store.count(has_part=False, **filters)
-    return n, loose, incomplete
+    return n, loose, lacking
 
 
 def summary_results(db_url: str, by: list[str], *, fmt: str = "table", since: float | None = None,
