@@ -855,6 +855,25 @@ async def test_part_verdict_from_its_images(detector: Any, samples: Samples, tmp
         assert (r.status_code, r.json()["code"]) == (422, "unknown_parameter")
         assert (await client.get("/v1/parts/A/1")).status_code == 401
 
+        # the latest parts, newest first: A/1's image sent again is the newest
+        listed = (await client.get("/v1/parts", headers=AUTH)).json()
+        assert [p["part_id"] for p in listed["parts"]] == ["A/1", "B-2"] and not listed["truncated"]
+        whole = (await client.get("/v1/parts/A/1", headers=AUTH)).json()
+        assert listed["parts"][0] == {k: v for k, v in whole.items() if k not in ("results", "truncated")}
+        one = (await client.get("/v1/parts", headers=AUTH, params={"limit": 1})).json()["parts"]
+        assert [p["part_id"] for p in one] == ["A/1"]
+        at_l2 = (await client.get("/v1/parts", headers=AUTH, params={"line": "L2"})).json()["parts"]
+        assert [(p["part_id"], p["images"]) for p in at_l2] == [("A/1", 1)]  # its images seen there
+        flagged_parts = (await client.get("/v1/parts", headers=AUTH, params={"decision": "review"})).json()
+        assert {p["decision"] for p in flagged_parts["parts"]} == {"REVIEW"}
+        none = (await client.get("/v1/parts", headers=AUTH, params={"complete": "true"})).json()["parts"]
+        assert none == []  # no part has an image of every type of the model
+        for bad, code in (({"decision": "MAYBE"}, "bad_decision"), ({"limit": 0}, "bad_limit"),
+                          ({"partid": "x"}, "unknown_parameter"), ({"since": "soon"}, "bad_time")):
+            r = await client.get("/v1/parts", headers=AUTH, params=bad)
+            assert (r.status_code, r.json()["code"]) == (422, code), (bad, r.text)
+        assert (await client.get("/v1/parts")).status_code == 401
+
 
 async def test_metrics_say_when_each_type_and_camera_last_sent_a_part(
     detector: Any, samples: Samples, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

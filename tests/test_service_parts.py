@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from diffqc.service.parts import part_verdict
@@ -109,3 +111,34 @@ def test_recent_parts_judge_each_part_as_its_images_come() -> None:
     for i in range(PART_IMAGES + 5):
         v = recent.add(_rec(100 + i, "dots", "PASS", known=False))
     assert v is not None and len(v.counted) == PART_IMAGES
+
+
+def test_latest_parts_newest_first_from_their_images(tmp_path: Path) -> None:
+    """``GET /v1/parts``: the parts whose latest image is newest, each judged from its images
+    (those older than the rows read too), filtered by verdict and completeness; a scan that
+    stops before enough parts says so."""
+    from diffqc.service.parts import latest_parts
+    from diffqc.service.store import ResultStore
+
+    def crop(part: str, ftype: str, decision: str = "PASS", line: str = "L1") -> ResultRecord:
+        return ResultRecord(created_at=1000.0, source="http", decision=decision, part_id=part,
+                            feature_type=ftype, type_known=True, line=line)
+
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        store.insert_many([crop("A", "dots"), crop("B", "dots", "REVIEW"), crop("A", "edge"),
+                           crop("C", "dots", line="L2"), crop("B", "edge"),
+                           ResultRecord(created_at=1000.0, source="http", decision="REJECT")])
+        parts, truncated = latest_parts(store, limit=10, types=["dots", "edge"])
+        assert [(v.part_id, v.decision, v.complete) for v in parts] == [
+            ("B", "REVIEW", True), ("C", "PASS", False), ("A", "PASS", True)] and not truncated
+        assert [v.part_id for v in latest_parts(store, limit=1, types=None)[0]] == ["B"]
+        assert [v.part_id for v in latest_parts(store, limit=10, types=["dots", "edge"], complete=False)[0]] \
+            == ["C"]
+        assert [v.part_id for v in latest_parts(store, limit=10, types=None, verdict="PASS")[0]] == ["C", "A"]
+        assert [v.part_id for v in latest_parts(store, limit=10, types=None, line="L1")[0]] == ["B", "A"]
+        # B's newest row alone is read, yet B is judged from both of its images
+        (b,), _ = latest_parts(store, limit=1, types=None, page=1)
+        assert (b.part_id, len(b.counted)) == ("B", 2)
+        # the scan stops after max_rows rows: the parts found so far, truncated
+        parts, truncated = latest_parts(store, limit=10, types=None, verdict="PASS", page=1, max_rows=2)
+        assert [v.part_id for v in parts] == ["C"] and truncated

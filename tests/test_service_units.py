@@ -504,6 +504,11 @@ def part_order_contract(store: ResultStore) -> None:
     assert [r.part_id for r in store.query(has_part=False, line="L9")] == [None]
     assert store.count(has_part=False, line="L9") == 1 and store.count(line="L9") == 8
     assert len(store.query(has_part=True, line="L9")) == 7
+    # the newest rows with a part id, newest first, paged back (GET /v1/parts)
+    newest = store.recent_part_rows(3, line="L9")
+    assert newest == [(c.id, c.part_id) for c in crops[::-1][:3]]
+    assert store.recent_part_rows(2, line="L9", before_id=newest[-1][0]) == [
+        (c.id, c.part_id) for c in crops[::-1][3:5]]
 
 
 def test_sqlite_store_is_safe_across_threads(tmp_path: Path) -> None:

@@ -149,16 +149,13 @@ def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
             v = part_verdict(pid, recs, types)
             if (decision is not None and v.decision != decision) or (incomplete and v.complete is not False):
                 continue
-            row = {"part_id": pid, "first": v.counted[0].to_json()["created"],
-                   "last": v.counted[-1].to_json()["created"], "decision": v.decision, "review": v.review,
-                   "pending_review": v.pending_review, "images": len(v.counted), "superseded": v.superseded,
-                   "complete": v.complete}
+            row = v.to_json()
             if fmt == "csv":
                 cells = {**row, "missing": " ".join(v.missing or ()),
                          "types": " ".join(f"{t}={d}" for t, d in v.types.items())}
-                writer.writerow({k: _spreadsheet_cell(x) for k, x in cells.items()})
+                writer.writerow({k: _spreadsheet_cell(cells[k]) for k in PART_COLUMNS})
             else:
-                sys.stdout.write(json_line({**row, "missing": v.missing, "types": v.types}) + "\n")
+                sys.stdout.write(json_line(row) + "\n")
             sys.stdout.flush()
             n[v.decision] += 1
             lacking += v.complete is False

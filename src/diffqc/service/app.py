@@ -55,7 +55,7 @@ from diffqc.service.buffer import (
     OverflowPolicy,
 )
 from diffqc.service.line import LineServices
-from diffqc.service.parts import PART_RECORDS, part_verdict
+from diffqc.service.parts import PART_RECORDS, latest_parts, part_verdict
 from diffqc.service.security import (
     BROWSER_FORMATS,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -1445,6 +1445,30 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         return await _artifact(record_id, "images")
 
     # ---------------------------------------------------------------- parts
+    @api.get("/v1/parts")
+    async def parts(
+        since: str | None = None,
+        until: str | None = None,
+        line: str | None = Query(default=None, max_length=MAX_ID_LEN),
+        station: str | None = Query(default=None, max_length=MAX_ID_LEN),
+        camera: str | None = Query(default=None, max_length=MAX_ID_LEN),
+        decision: str | None = None,
+        complete: bool | None = None,
+        limit: int = Query(default=50, ge=1, le=500),
+    ) -> dict[str, Any]:
+        """The latest parts' verdicts, newest first (:func:`diffqc.service.parts.latest_parts`)."""
+        verdict = None if decision is None else decision.upper()
+        if verdict is not None and verdict not in DECISIONS:
+            raise ServiceError(422, "bad_decision", f"decision must be one of {', '.join(DECISIONS)}")
+        place = (_check_id(line, "line"), _check_id(station, "station"), _check_id(camera, "camera"))
+        period = (parse_time(since, "since"), parse_time(until, "until"))
+        _, store = state.require()
+        found, truncated = await run_in_threadpool(
+            lambda: latest_parts(store, limit=limit, types=state.classes, verdict=verdict, complete=complete,
+                                 since=period[0], until=period[1], line=place[0], station=place[1],
+                                 camera=place[2]))
+        return {"parts": [v.to_json() for v in found], "truncated": truncated}
+
     @api.get("/v1/parts/{part_id:path}")
     async def part(
         part_id: str,

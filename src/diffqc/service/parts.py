@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Unpack
 
-from diffqc.service.store import NOT_INSPECTED, ResultRecord
+from diffqc.service.store import NOT_INSPECTED, Filters, ResultRecord, ResultStore, iso_time
 
 # worst first: the part's decision is the first of these any counted image has
 SEVERITY = ("REJECT", NOT_INSPECTED, "REVIEW", "PASS")
@@ -54,7 +54,9 @@ class PartVerdict:
         """The verdict as the API answers it and the sinks push it, without its records."""
         return {"part_id": self.part_id, "decision": self.decision, "review": self.review,
                 "pending_review": self.pending_review, "types": self.types, "images": len(self.counted),
-                "superseded": self.superseded, "complete": self.complete, "missing": self.missing}
+                "superseded": self.superseded, "complete": self.complete, "missing": self.missing,
+                "first": iso_time(self.counted[0].created_at) if self.counted else None,
+                "last": iso_time(self.counted[-1].created_at) if self.counted else None}
 
 
 def _given_type(rec: ResultRecord) -> str | None:
@@ -123,3 +125,40 @@ class RecentParts:
         while len(self._parts) > self.capacity:
             self._parts.popitem(last=False)
         return verdict
+
+
+def latest_parts(store: ResultStore, *, limit: int, types: Sequence[str] | None,
+                 verdict: str | None = None, complete: bool | None = None, page: int = 1000,
+                 max_rows: int = 50_000, **filters: Unpack[Filters]) -> tuple[list[PartVerdict], bool]:
+    """The verdicts of the ``limit`` parts whose latest image matching ``filters`` is newest,
+    newest first (``GET /v1/parts``): the store's rows are read newest first, ``page`` at a
+    time, and each new part id is judged from its latest :data:`PART_RECORDS` images matching
+    ``filters`` (as ``GET /v1/parts/{part_id}``), kept when its decision is ``verdict`` and its
+    completeness (by ``types``) is ``complete``. Returns (the verdicts, True when the read stopped
+    after ``max_rows`` rows with fewer than ``limit`` parts found: older parts were not read)."""
+    found: list[PartVerdict] = []
+    seen: set[str] = set()
+    before: int | None = None
+    read = 0
+    while len(found) < limit:
+        if read >= max_rows:
+            return found, True
+        back: Filters = {**filters, "before_id": before}
+        rows = store.recent_part_rows(min(page, max_rows - read), **back)
+        if not rows:
+            break
+        read += len(rows)
+        before = rows[-1][0]
+        for _, pid in rows:
+            if pid in seen:
+                continue
+            seen.add(pid)
+            of_part: Filters = {**filters, "part_id": pid}
+            recs = store.query(**of_part, limit=PART_RECORDS)
+            judged = part_verdict(pid, recs, types)
+            if (verdict is None or judged.decision == verdict) and (
+                    complete is None or judged.complete is complete):
+                found.append(judged)
+                if len(found) == limit:
+                    break
+    return found, False

@@ -52,7 +52,7 @@ from diffqc.errors import ConfigError
 from diffqc.output import json_safe
 from diffqc.service.parts import PART_RECORDS, PartVerdict, part_verdict
 from diffqc.service.security import read_secret_file
-from diffqc.service.store import ResultRecord, ResultStore, redact_url
+from diffqc.service.store import ResultRecord, ResultStore, iso_time, redact_url
 
 log = logging.getLogger("diffqc.service.sinks")
 
@@ -120,7 +120,7 @@ def part_payload(verdict: PartVerdict, latest: ResultRecord) -> dict[str, Any]:
     """What a receiver gets for a part's verdict, as its image ``latest`` is stored."""
     return json_safe({
         "kind": PART, **verdict.to_json(), "record_id": latest.id, "created_at": latest.created_at,
-        "created": latest.to_json()["created"], "line": latest.line, "station": latest.station,
+        "created": iso_time(latest.created_at), "line": latest.line, "station": latest.station,
     })
 
 

@@ -96,12 +96,13 @@ class ResultRecord:
         out.pop("duplicate")
         out.pop("dedup_key")
         out.pop("body_hash")
-        out["created"] = _iso(self.created_at)
-        out["reviewed"] = _iso(self.reviewed_at) if self.reviewed_at else None
+        out["created"] = iso_time(self.created_at)
+        out["reviewed"] = iso_time(self.reviewed_at) if self.reviewed_at else None
         return out
 
 
-def _iso(ts: float) -> str:
+def iso_time(ts: float) -> str:
+    """Epoch seconds as the API writes times: UTC, milliseconds, ``2026-12-04T06:00:00.000Z``."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
@@ -734,6 +735,14 @@ class ResultStore:
         sql = self._q(f"SELECT {_SELECT} FROM {TABLE} WHERE part_id = ? ORDER BY id DESC LIMIT ?")
         return [self._row(r) for r in conn.execute(sql, (part_id, limit)).fetchall()]
 
+    def recent_part_rows(self, limit: int, **filters: Unpack[Filters]) -> list[tuple[int, str]]:
+        """``(id, part_id)`` of the newest ``limit`` rows with a part id matching ``filters``,
+        newest first (``before_id`` pages back through them)."""
+        where, args = _conditions({**filters, "has_part": True})
+        sql = self._q(f"SELECT id, part_id FROM {TABLE}{where} ORDER BY id DESC LIMIT ?")
+        with self._reader() as conn:
+            return [(int(i), str(p)) for i, p in conn.execute(sql, [*args, int(limit)]).fetchall()]
+
     def part_ids(self, **filters: Unpack[Filters]) -> list[str]:
         """The part ids of the rows matching ``filters``, each once, sorted."""
         where, args = _conditions({**filters, "has_part": True})
@@ -784,7 +793,7 @@ class ResultStore:
             rows = conn.execute(
                 self._q(f"SELECT {', '.join(_REVIEW_FIELDS)} FROM {REVIEWS} "
                         "WHERE record_id = ? ORDER BY id"), (record_id,)).fetchall()
-        return [{**dict(zip(_REVIEW_FIELDS, r, strict=True)), "reviewed": _iso(r[1])} for r in rows]
+        return [{**dict(zip(_REVIEW_FIELDS, r, strict=True)), "reviewed": iso_time(r[1])} for r in rows]
 
     def defect_kinds(self, limit: int = 200) -> list[tuple[str, int]]:
         """``(kind, verdicts)``: the defect kinds given with BAD verdicts (the review history,
