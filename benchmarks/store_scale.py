@@ -14,7 +14,8 @@ restart), a restart's refill of the drift windows from the stored parts (since s
 type's latest 200 of the last week, one type with none; since session 36 also each camera's own
 latest 200, the parts coming from 4 cameras a type in turn, beside the types' windows alone, as
 session 35 read them: ``before:``), `results backup` of the whole store (since session 36), a
-part's verdict from its images and `results parts --since 8h` (since session 37) and storing one
+part's verdict from its images and `results parts --since 8h` (since session 37), the latest parts'
+verdicts, `GET /v1/parts` (since session 38: all, the rejected, the incomplete) and storing one
 more part (since session 37 also with a sink's outbox row, and with `--push-parts`' part
 verdict). Median of ``--rounds``, in milliseconds. The read session 33 gave an
 index, the rows naming a file, is also timed as it ran before (``before:``, the table scanned),
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from diffqc.service.line import LineServices
-from diffqc.service.parts import part_verdict
+from diffqc.service.parts import latest_parts, part_verdict
 from diffqc.service.retention import (
     ARTIFACT_ROWS,
     Artifact,
@@ -119,6 +120,11 @@ def _measure(store: ResultStore, artifacts: ArtifactStore, url: str, rounds: int
         "before: rows naming files (table scan)": lambda: _rows(store, table_scan, []),
         "GET /v1/parts/{id} (a part of 8 images)": lambda: part_verdict(
             part, store.query(part_id=part, limit=1001)),
+        "GET /v1/parts (the latest 50 parts)": lambda: latest_parts(store, limit=50, types=TYPES),
+        "GET /v1/parts?decision=REJECT (the latest 50 rejected)": lambda: latest_parts(
+            store, limit=50, types=TYPES, verdict="REJECT"),
+        "GET /v1/parts?complete=false (none: reads its 50,000 rows)": lambda: latest_parts(
+            store, limit=50, types=TYPES, complete=False),
         "results parts --since 8h (every part's verdict)": lambda: [
             part_verdict(pid, rows) for pid, rows in records_by_part(store, since=now - 8 * 3600)],
         "open the store (a restart)": lambda: ResultStore(url).close(),

@@ -372,6 +372,13 @@ def test_dashboard_shows_the_other_crops_of_a_part(
     browser.find_element(By.CSS_SELECTOR, row).click()
     wait.until(lambda d: panel.get_attribute("data-id") == str(single["id"]))
     wait.until(ec.invisibility_of_element_located((By.ID, "part-crops")))
+    # the latest parts, one row each: its verdict, how many of the model's types came, the others
+    wait.until(ec.visibility_of_element_located((By.ID, "parts")))
+    row = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, '#parts tbody tr[data-part="A/7"]')))
+    cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+    assert cells[:4] == ["A/7", "REVIEW", f"2 of {2 + len(missing)}", " ".join(missing)], cells
+    row.click()  # shows its latest crop
+    wait.until(lambda d: panel.get_attribute("data-id") == str(review_id))
 
 
 def test_dashboard_connects_by_itself_where_no_token_is_needed(
