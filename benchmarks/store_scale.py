@@ -123,7 +123,7 @@ def _measure(store: ResultStore, artifacts: ArtifactStore, url: str, rounds: int
         "GET /v1/parts (the latest 50 parts)": lambda: latest_parts(store, limit=50, types=TYPES),
         "GET /v1/parts?decision=REJECT (the latest 50 rejected)": lambda: latest_parts(
             store, limit=50, types=TYPES, verdict="REJECT"),
-        "GET /v1/parts?complete=false (none: reads its 50,000 rows)": lambda: latest_parts(
+        "GET /v1/parts?complete=false (none: reads its 10,000 rows)": lambda: latest_parts(
             store, limit=50, types=TYPES, complete=False),
         "results parts --since 8h (every part's verdict)": lambda: [
             part_verdict(pid, rows) for pid, rows in records_by_part(store, since=now - 8 * 3600)],
