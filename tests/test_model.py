@@ -281,13 +281,32 @@ def test_a_save_killed_in_an_empty_folder_leaves_it_usable(tiny_model: Path, tmp
     it): a run killed there leaves its hidden partial folder, and the folder, empty to `ls`, was
     then refused as "not empty and not a diffqc model bundle". It still counts as empty; the
     leftover is not deleted (another run may be writing it)."""
+    import os
+    import time
+    import warnings
+
     out = tmp_path / "edge"
     leftover = out / f"{PARTIAL_PREFIX}abc123"
     leftover.mkdir(parents=True)
     (leftover / "weights.safetensors").write_bytes(b"half")
-    Detector.load(tiny_model, device="cpu").save(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a leftover of a minute ago may be a save running now
+        Detector.load(tiny_model, device="cpu").save(out)
     Detector.load(out, device="cpu")
     assert (leftover / "weights.safetensors").read_bytes() == b"half"
+    # an hour old, and one beside a new bundle's folder: named, so that its room is not lost
+    # unseen (retrains on an edge device cut by power), and still not deleted
+    beside = tmp_path / ".edge2.partial-xyz"
+    beside.mkdir()
+    hour_ago = time.time() - 3600
+    for folder in (leftover, beside):
+        os.utime(folder, (hour_ago, hour_ago))
+    with pytest.warns(UserWarning, match=r"left by a save that was interrupted") as seen:
+        Detector.load(tiny_model, device="cpu").save(out)
+    assert str(leftover) in str(seen[0].message) and "delete it" in str(seen[0].message)
+    with pytest.warns(UserWarning, match=str(beside)):
+        Detector.load(tiny_model, device="cpu").save(tmp_path / "edge2")
+    assert (leftover / "weights.safetensors").read_bytes() == b"half" and beside.is_dir()
 
 
 def test_unwritable_destination_is_an_output_error(tiny_model: Path, tmp_path: Path) -> None:

@@ -67,7 +67,7 @@ from diffqc.inspection import (
     verdicts,
 )
 from diffqc.machine import cgroup_memory_room
-from diffqc.output import PARTIAL_PREFIX, check_output_folder, path_text
+from diffqc.output import PARTIAL_PREFIX, check_output_folder, folder_bytes, interrupted_saves, path_text
 from diffqc.scoring import DiffusionScorer, aggregate, upsample_and_smooth
 
 
@@ -639,6 +639,12 @@ class Detector:
         finally:
             if tmp.exists():  # our own temporary folder, never the destination
                 shutil.rmtree(tmp, ignore_errors=True)
+        left = interrupted_saves(path)
+        if left:  # e.g. retrains on an edge device cut by power: their room was lost unseen
+            named = ", ".join(f"{path_text(p)} ({folder_bytes(p) / 1e6:.0f} MB)" for p in left)
+            was, it = ("was", "it") if len(left) == 1 else ("were", "them")
+            warnings.warn(f"{named} {was} left by a save that was interrupted (killed, or a power cut); "
+                          f"nothing deletes {it}: delete {it} when no save is running", stacklevel=2)
         return path
 
     def _write_bundle(self, folder: Path, scorer: Scorer, calibration: Calibrator) -> None:

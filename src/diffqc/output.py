@@ -15,6 +15,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -25,6 +26,30 @@ from diffqc.errors import OutputError
 # the hidden folder a bundle is written in inside an existing folder before its files are moved
 # in (a run killed there leaves it: the folder still counts as empty, and nothing deletes it)
 PARTIAL_PREFIX = ".diffqc-partial-"
+
+
+def interrupted_saves(path: Path, *, min_age_s: float = 600.0) -> list[Path]:
+    """The hidden folders a save of a bundle to ``path`` left when it was interrupted (killed, or
+    a power cut, between its first write and its last move): inside ``path`` and beside it, older
+    than ``min_age_s`` (a younger one may be a save running now). Never deleted here."""
+    now = time.time()
+    found = []
+    for folder, prefix in ((path, PARTIAL_PREFIX), (path.parent, f".{path.name}.partial-")):
+        with suppress(OSError):
+            for p in folder.iterdir():
+                if p.name.startswith(prefix) and p.is_dir() and now - p.stat().st_mtime > min_age_s:
+                    found.append(p)
+    return sorted(found)
+
+
+def folder_bytes(path: Path) -> int:
+    """The bytes of the files under ``path`` (0 for what cannot be read)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
 
 
 def check_output_folder(path: Path | str, *, what: str, names: Sequence[str],

@@ -132,7 +132,8 @@ class RecentParts:
 
 def latest_parts(store: ResultStore, *, limit: int, types: Sequence[str] | None,
                  verdict: str | None = None, complete: bool | None = None, page: int = 1000,
-                 max_rows: int = LATEST_PARTS_ROWS, **filters: Unpack[Filters]) -> tuple[list[PartVerdict], bool]:
+                 max_rows: int = LATEST_PARTS_ROWS,
+                 **filters: Unpack[Filters]) -> tuple[list[PartVerdict], bool]:
     """The verdicts of the ``limit`` parts whose latest image matching ``filters`` is newest,
     newest first (``GET /v1/parts``): the store's rows are read newest first, ``page`` at a
     time, and each new part id is judged from its latest :data:`PART_RECORDS` images matching
