@@ -487,6 +487,30 @@ def test_trust_list_holds_certificates_and_names_each_refused_one(tmp_path: Path
     assert trusted.check(scada.read_bytes()) and trusted.count() == 2
     (trust / "plc.der").unlink()  # and no longer the PLC's
     assert not trusted.check(plc.read_bytes())
+    # a certificate DIR holds that expired yesterday
+    old = _expired_certificate()
+    (trust / "old.der").write_bytes(old)
+    assert not trusted.check(old)
+    assert "it expired or is not yet valid" in caplog.text
+
+
+def _expired_certificate() -> bytes:
+    """A self-signed certificate (DER) valid from ten days ago until yesterday."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old-plc")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=10))
+            .not_valid_after(now - dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    return cert.public_bytes(Encoding.DER)
 
 
 def test_with_a_trust_list_only_its_clients_log_in(tmp_path: Path) -> None:
