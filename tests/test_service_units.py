@@ -1393,7 +1393,9 @@ def test_cli_results_parts_names_the_types_a_part_lacks(tmp_path: Path, tiny_mod
         ("P-1", True, []), ("P-2", False, types[1:])]
     assert "1 part incomplete (without an image of every type of the model)" in out.err
     assert main(["results", "parts", "--db", str(db), "--model", str(tiny_model), "--incomplete"]) == 0
-    assert [json.loads(x)["part_id"] for x in capsys.readouterr().out.splitlines()] == ["P-2"]
+    out = capsys.readouterr()
+    assert [json.loads(x)["part_id"] for x in out.out.splitlines()] == ["P-2"]
+    assert "diffqc: 1 part: PASS 1 (100.0 %)" in out.err
     assert main(["results", "parts", "--db", str(db), "--incomplete"]) == 1  # which types: the model's
     assert "--incomplete needs --model" in capsys.readouterr().err
     assert main(["results", "parts", "--db", str(db), "--model", str(tiny_model), "--format", "csv"]) == 0

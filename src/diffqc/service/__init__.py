@@ -362,7 +362,7 @@ def _cmd_parts(args: argparse.Namespace) -> int:
     else:  # a shift's part-level count, beside the lines (stdout stays the parts alone)
         shares = ", ".join(f"{d} {counts[d]} ({100 * counts[d] / total:.1f} %)"
                            for d in ("PASS", "REVIEW", "REJECT", NOT_INSPECTED) if counts[d])
-        print(f"diffqc: {total} parts: {shares}", file=sys.stderr)
+        print(f"diffqc: {total} part{'s' if total != 1 else ''}: {shares}", file=sys.stderr)
     return 0
 
 
