@@ -513,7 +513,7 @@ def _expired_certificate() -> bytes:
     return cert.public_bytes(Encoding.DER)
 
 
-def test_with_a_trust_list_only_its_clients_log_in(tmp_path: Path) -> None:
+def test_with_a_trust_list_only_its_clients_log_in(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A plant's security policy (IEC 62443) lets only known OPC UA clients in: with
     ``--opcua-trust DIR`` a client whose certificate DIR does not hold is refused with the right
     password (BadCertificateUntrusted), its certificate kept for an administrator, who moves it
@@ -547,6 +547,7 @@ def test_with_a_trust_list_only_its_clients_log_in(tmp_path: Path) -> None:
 
     server = OpcUaServer(url, ["edge"], users=read_users(tmp_path / "users"), certificate_dir=folder,
                          trust_dir=trust)
+    caplog.set_level("INFO", logger="diffqc.service.opcua")
     server.start()
     try:
         server.publish(_record(3, "REJECT"))
@@ -561,6 +562,9 @@ def test_with_a_trust_list_only_its_clients_log_in(tmp_path: Path) -> None:
         server.stop()
     assert (got, refused, later) == ("REJECT", "BadCertificateUntrusted", "REJECT")
     assert status["trusted_clients"] == 2
+    assert "1 user, encrypted" in caplog.text and "the latest part's under diffqc/Part" in caplog.text
+    assert f"only clients whose certificates {trust} holds (1 now), those refused kept in {folder}" \
+        in caplog.text
 
 
 def test_trust_list_needs_users_and_a_folder(tmp_path: Path) -> None:

@@ -356,14 +356,21 @@ class OpcUaServer:
         if self._error is not None:
             raise ConfigError(f"cannot serve OPC UA on {self.url}: {self._error}") from self._error
         log.info("OPC UA server on %s (namespace %s): the latest decision under diffqc/Last, each "
-                 "type's under diffqc/Types; %s", self.url, NAMESPACE,
-                 "anonymous readers, unencrypted" if self.users is None else
-                 f"{len(self.users)} users, encrypted (Basic256Sha256 and newer, sign and encrypt), "
-                 f"its certificate {self.certificate_dir}/server-cert.der, SHA-1 thumbprint "
-                 f"{self.thumbprint}" + ("" if self._trust is None else
-                                         f"; clients whose certificates {self.trust_dir} holds "
-                                         f"({self._trust.count()} now), those refused kept in "
-                                         f"{self._trust.rejected}"))
+                 "type's under diffqc/Types, the latest part's under diffqc/Part; %s", self.url, NAMESPACE,
+                 self._security_text())
+
+    def _security_text(self) -> str:
+        """Who may read, as the start's log line says it."""
+        if self.users is None:
+            return "anonymous readers, unencrypted"
+        n = len(self.users)
+        text = (f"{n} user{'s' if n != 1 else ''}, encrypted (Basic256Sha256 and newer, sign and "
+                f"encrypt), its certificate {self.certificate_dir}/server-cert.der, SHA-1 thumbprint "
+                f"{self.thumbprint}")
+        if self._trust is None:
+            return text
+        return (f"{text}; only clients whose certificates {self.trust_dir} holds ({self._trust.count()} "
+                f"now), those refused kept in {self._trust.rejected}")
 
     def stop(self) -> None:
         self._put("stop", None)  # nothing to do when its loop already ended (a failed server)
