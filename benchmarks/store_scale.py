@@ -47,7 +47,6 @@ from diffqc.service.retention import (
     Artifact,
     RetentionPolicy,
     apply_retention,
-    referenced_artifacts,
 )
 from diffqc.service.sinks import OUTBOX, Outbox
 from diffqc.service.store import (
@@ -176,9 +175,9 @@ def _partition_ms(n: int) -> tuple[float, float]:
 def _kept_files_ms(n: int, rounds: int) -> tuple[float, float, float]:
     """The sizes the retention pass reads when every one of ``n`` rows names a kept image on
     disk (``--keep-images all`` for days): as before session 34 (each named file's path
-    resolved, then stat'ed), a first pass (:func:`referenced_artifacts`: one listing per folder)
-    and a later pass of the worker (since session 37: the sizes kept from the pass before, 60
-    new files read); median milliseconds."""
+    resolved, then stat'ed), a first pass (one listing per folder) and a later pass of the worker
+    (since session 37: the sizes kept from the pass before, 60 new files read; since session 38
+    the whole pass, :func:`apply_retention`, in plain loops); median milliseconds."""
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = ArtifactStore(Path(tmp) / "data")
         with ResultStore(str(Path(tmp) / "kept.db")) as store:
@@ -197,10 +196,10 @@ def _kept_files_ms(n: int, rounds: int) -> tuple[float, float, float]:
                 return total
 
             def now() -> int:
-                return sum(a.size for a in referenced_artifacts(store, artifacts))
+                return int(apply_retention(store, artifacts, RetentionPolicy())["kept_bytes"])
 
-            known: dict[tuple[str, str], int] = {}
-            referenced_artifacts(store, artifacts, known)  # the first pass
+            known: dict[str, dict[str, int]] = {}
+            apply_retention(store, artifacts, RetentionPolicy(), known=known)  # the first pass
             k = [n]
 
             def later() -> int:  # a minute's new parts at a part a second, each with its image
@@ -210,7 +209,7 @@ def _kept_files_ms(n: int, rounds: int) -> tuple[float, float, float]:
                 store.insert_many(records)
                 k[0] += 60
                 t0 = time.perf_counter()
-                sum(a.size for a in referenced_artifacts(store, artifacts, known))
+                apply_retention(store, artifacts, RetentionPolicy(), known=known)
                 return int((time.perf_counter() - t0) * 1e6)
 
             assert before() == now() == 100 * n

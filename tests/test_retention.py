@@ -83,6 +83,24 @@ def test_disk_budget_expires_the_oldest_first(stores) -> None:  # type: ignore[n
     assert store.count() == 4
 
 
+def test_age_and_budget_together_expire_the_old_then_the_oldest(stores) -> None:  # type: ignore[no-untyped-def]
+    """Both limits in one pass: the files of parts past the age go, then the oldest of the rest
+    while they exceed the budget; a heat map goes before its part's image (its row's order)."""
+    store, artifacts = stores
+    now = time.time()
+    recs = _store_parts(store, artifacts, [5000, 300, 200, 100], now)
+    image_bytes = artifacts.path("images", recs[3].image).stat().st_size  # type: ignore[union-attr]
+    heat_bytes = artifacts.path("heatmaps", recs[3].heatmap).stat().st_size  # type: ignore[union-attr]
+    both = {r.id: artifacts.path("heatmaps", r.heatmap).stat().st_size  # type: ignore[union-attr]
+            + artifacts.path("images", r.image).stat().st_size for r in recs}  # type: ignore[union-attr]
+    budget = both[recs[2].id] + image_bytes + heat_bytes - 1  # the youngest, and part 2 less a byte
+    out = apply_retention(store, artifacts, RetentionPolicy(max_age_s=1000, max_bytes=budget), now=now)
+    got = [store.get(r.id) for r in recs]  # type: ignore[arg-type]
+    assert [(g.heatmap is not None, g.image is not None) for g in got if g] == [
+        (False, False), (False, False), (False, True), (True, True)]
+    assert out["expired"] == 5 and out["kept"] == 3 and out["kept_bytes"] <= budget
+
+
 def test_a_file_already_gone_is_noted_and_nothing_else_breaks(stores) -> None:  # type: ignore[no-untyped-def]
     store, artifacts = stores
     now = time.time()
@@ -151,14 +169,15 @@ def test_later_passes_read_only_the_files_new_since_the_last(stores, tmp_path: P
     store.insert(ResultRecord(created_at=now, source="t", decision="REJECT", image=link))
     second = worker.run_once()
     assert listings == ["heatmaps", "images"]  # no listing again
-    fresh: dict[tuple[str, str], int] = {}  # what a pass without the kept sizes reads
+    fresh: dict[str, dict[str, int]] = {}  # what a pass without the kept sizes reads
     listed = apply_retention(store, artifacts, RetentionPolicy(), known=fresh)
     assert second["kept_bytes"] == listed["kept_bytes"]
     on_disk = sum(artifacts.path(k, n).stat().st_size  # type: ignore[union-attr]
                   for r in store.query(limit=None) if r.image != link
                   for k, n in (("heatmaps", r.heatmap), ("images", r.image)) if n)
     assert second["kept_bytes"] == on_disk  # the symlink counts 0
-    assert set(worker._sizes) == set(fresh) and (("images", new[0].image) in worker._sizes)
+    assert {k: set(v) for k, v in worker._sizes.items()} == {k: set(v) for k, v in fresh.items()}
+    assert new[0].image in worker._sizes["images"] and new[0].heatmap in worker._sizes["heatmaps"]
 
 
 def test_worker_and_policy_validation(stores) -> None:  # type: ignore[no-untyped-def]
