@@ -877,3 +877,37 @@ def test_mqtt_password_from_a_secret_file(store: ResultStore, tmp_path: Path, mo
     with pytest.raises(ConfigError) as info:  # a URL's own password is not echoed in its error
         parse_mqtt_url("mqtt://line:s3cr3t-pw@127.0.0.1:bad/line")
     assert "s3cr3t-pw" not in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_pushed_parts_follow_a_retrained_models_types(service_model: tuple[Path, Path], samples: Any,
+                                                            tiny_model: Path, clear_dataset: Path,
+                                                            tmp_path: Path) -> None:
+    """A part's `missing` in the pushes names the types of the model the service inspects with:
+    after a retrained bundle of other types is served (no restart), those of the new model."""
+    from tests.test_service_common import bench
+
+    served = tmp_path / "model"
+    shutil.copytree(service_model[0], served)
+    data, ftype = samples.one("PASS")
+    async with running_app(None, tmp_path, model_path=served, webhook_url="http://127.0.0.1:9/hook",
+                           push_parts=True) as (client, state):
+        outbox = state.line.outbox
+        first_types = list(state.classes)
+
+        async def pushed_part(body: bytes, feature_type: str, part: str) -> dict[str, Any]:
+            r = await client.post("/v1/inspect", content=body, headers=AUTH,
+                                  params={"feature_type": feature_type, "part_id": part})
+            assert r.status_code == 200, r.text
+            rows = outbox.due(outbox.sinks[0], time.time() + 3600, limit=1000)
+            return dict(json.loads([m for m in rows if m.kind == "part"][-1].payload))
+
+        part = await pushed_part(data, ftype, "P-1")
+        assert part["missing"] == [t for t in first_types if t != ftype]
+        bench.retrain_into(served, tiny_model, "other-types")
+        for _ in range(3):  # changed, settled, loaded
+            state.line.check_model()
+        assert state.classes == ["dots", "stripes"] != first_types
+        stripes = next((clear_dataset / "stripes" / "test" / "good").iterdir()).read_bytes()
+        part = await pushed_part(stripes, "stripes", "P-2")
+        assert (part["missing"], part["complete"]) == (["dots"], False)
