@@ -15,7 +15,9 @@ type's latest 200 of the last week, one type with none; since session 36 also ea
 latest 200, the parts coming from 4 cameras a type in turn, beside the types' windows alone, as
 session 35 read them: ``before:``), `results backup` of the whole store (since session 36), a
 part's verdict from its images and `results parts --since 8h` (since session 37), the latest parts'
-verdicts, `GET /v1/parts` (since session 38: all, the rejected, the incomplete) and storing one
+verdicts, `GET /v1/parts` (since session 38: all, the rejected, the incomplete), `results list
+--since 8h` written as JSON lines (since session 38, beside the record's JSON form as it was made
+before: ``before:``) and storing one
 more part (since session 37 also with a sink's outbox row, and with `--push-parts`' part
 verdict). Median of ``--rounds``, in milliseconds. The read session 33 gave an
 index, the rows naming a file, is also timed as it ran before (``before:``, the table scanned),
@@ -30,6 +32,7 @@ by the worker's later passes from the sizes it kept, reading the new files' only
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -40,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from diffqc.output import json_line
 from diffqc.service.line import LineServices
 from diffqc.service.parts import latest_parts, part_verdict
 from diffqc.service.retention import (
@@ -55,6 +59,7 @@ from diffqc.service.store import (
     ResultRecord,
     ResultStore,
     backup_store,
+    iso_time,
     records_by_part,
 )
 
@@ -86,6 +91,16 @@ def _rows(store: ResultStore, sql: str, args: list[object]) -> list[Any]:
         return list(conn.execute(sql, args).fetchall())
 
 
+def _asdict_json(rec: ResultRecord) -> dict[str, Any]:
+    """``ResultRecord.to_json`` as it was before session 38 (a deep copy of every field)."""
+    out = dataclasses.asdict(rec)
+    for name in ("duplicate", "dedup_key", "body_hash"):
+        out.pop(name)
+    out["created"] = iso_time(rec.created_at)
+    out["reviewed"] = iso_time(rec.reviewed_at) if rec.reviewed_at else None
+    return out
+
+
 def _median_ms(call: Callable[[], object], rounds: int) -> float:
     times = []
     for _ in range(rounds):
@@ -112,6 +127,10 @@ def _measure(store: ResultStore, artifacts: ArtifactStore, url: str, rounds: int
         "dashboard: defect kinds": lambda: store.defect_kinds(),
         "dashboard: a part by its id": lambda: store.query(part_id=part, limit=1),
         "results list --since 8h": lambda: store.query(since=now - 8 * 3600, limit=None),
+        "results list --since 8h, as JSON lines (each record's to_json)": lambda: [
+            json_line(r.to_json()) for r in store.query(since=now - 8 * 3600, limit=None)],
+        "before: the same through dataclasses.asdict (to_json before session 38)": lambda: [
+            json_line(_asdict_json(r)) for r in store.query(since=now - 8 * 3600, limit=None)],
         "results list, a day ago (8 h)": lambda: store.query(
             since=now - 32 * 3600, until=now - 24 * 3600, limit=None),
         "retention pass (a day of kept images)": lambda: apply_retention(store, artifacts, day),

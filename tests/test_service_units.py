@@ -527,6 +527,23 @@ def test_sqlite_store_is_safe_across_threads(tmp_path: Path) -> None:
         assert store.count() == 100
 
 
+def test_a_records_json_form_is_its_fields_in_order_and_its_own() -> None:
+    """``to_json`` (every answer's record): the fields in order without the client's key and
+    request hash, the times in ISO 8601 too; its type scores are a copy (changing the answer
+    leaves the record as it was)."""
+    from dataclasses import fields
+
+    rec = _rec("P-1", type_scores={"a": 0.5}, dedup_key="k", body_hash="h", reviewed_at=1_700_000_100.0,
+               created_at=1_700_000_000.0)
+    out = rec.to_json()
+    names = [f.name for f in fields(ResultRecord) if f.name not in ("duplicate", "dedup_key", "body_hash")]
+    assert list(out) == [*names, "created", "reviewed"]
+    assert (out["created"], out["reviewed"]) == ("2023-11-14T22:13:20.000Z", "2023-11-14T22:15:00.000Z")
+    assert {k: out[k] for k in names} == {k: getattr(rec, k) for k in names}
+    out["type_scores"]["b"] = 1.0
+    assert rec.type_scores == {"a": 0.5}
+
+
 def test_sqlite_records_by_part(tmp_path: Path) -> None:
     with ResultStore(str(tmp_path / "p.db")) as store:
         part_order_contract(store)
