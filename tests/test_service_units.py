@@ -690,6 +690,47 @@ def test_cli_results_summary_counts_a_periods_decisions_and_verdicts(
     assert "no stored results" in capsys.readouterr().err
 
 
+def test_cli_results_summary_of_parts_counts_each_part_once(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A shift's report at the part level (``--parts``): each part counted once, by its verdict
+    from its crops (the worst of its types' latest), grouped by its latest crop's line; its
+    review as the part's (BAD on any BAD crop); the images without a part id named, not counted;
+    a part spans types, so grouping parts by type is refused."""
+    import json
+
+    from diffqc.cli import main
+
+    db = tmp_path / "line.db"
+    t0 = 1_700_000_000.0
+    crops = [_rec("P-1", created_at=t0, feature_type="a", type_known=True, line="L1"),
+             _rec("P-1", "REVIEW", created_at=t0 + 1, feature_type="b", type_known=True, line="L1"),
+             _rec("P-2", created_at=t0 + 2, feature_type="a", type_known=True, line="L1"),
+             _rec("P-2", created_at=t0 + 3, feature_type="b", type_known=True, line="L1"),
+             _rec("P-3", "REJECT", created_at=t0 + 4, feature_type="a", type_known=True, line="L2"),
+             _rec("P-3", created_at=t0 + 5, feature_type="b", type_known=True, line="L2")]
+    with ResultStore(str(db)) as store:
+        ids = [r.id for r in store.insert_many(crops)]
+        store.insert(ResultRecord(created_at=t0 + 6, source="http", decision="REJECT", line="L2"))
+        store.set_review(ids[4] or 0, "BAD", defect="crack")
+    since = ["--since", str(t0)]
+    assert main(["results", "summary", "--db", str(db), *since, "--parts", "--by", "line",
+                 "--format", "jsonl"]) == 0
+    out = capsys.readouterr()
+    got = {r["line"]: r for r in map(json.loads, out.out.splitlines())}
+    assert {k: got["L1"][k] for k in ("inspected", "PASS", "REVIEW", "REJECT", "flagged_share",
+                                      "review_pending")} == {
+        "inspected": 2, "PASS": 1, "REVIEW": 1, "REJECT": 0, "flagged_share": 0.5, "review_pending": 1}
+    assert (got["L2"]["REJECT"], got["L2"]["flagged_bad"]) == (1, 1)
+    assert got["all"]["inspected"] == 3
+    assert "1 stored image without a part id, in no part: not counted" in out.err
+    assert main(["results", "summary", "--db", str(db), *since, "--parts"]) == 0  # by line
+    text = capsys.readouterr().out.splitlines()
+    assert text[0] == "parts, each judged from its crops, inspected from 2023-11-14 22:13:20 UTC to now"
+    assert text[1].split()[:2] == ["line", "inspected"] and text[-1].split()[:2] == ["all", "3"]
+    assert main(["results", "summary", "--db", str(db), "--parts", "--by", "feature_type"]) == 1
+    assert "a part spans feature types" in capsys.readouterr().err
+
+
 def test_cli_results_list_csv_keeps_a_spreadsheet_from_running_what_a_client_sent(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The CSV is a shift's report for a spreadsheet, and part ids, lines and review notes come

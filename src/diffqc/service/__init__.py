@@ -163,17 +163,45 @@ def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
     return n, loose, lacking
 
 
+def _part_counts(store: Any, by: list[str], since: float | None,
+                 until: float | None) -> tuple[list[tuple[Any, ...]], int]:
+    """:func:`summarize`'s count rows of the parts with images in ``[since, until)``, one a part:
+    its latest counted image's ``by`` values, its verdict and review
+    (:func:`~diffqc.service.parts.part_verdict`); and the images without a part id."""
+    from diffqc.service.parts import part_verdict
+    from diffqc.service.store import records_by_part
+
+    if "feature_type" in by:
+        raise ConfigError("a part spans feature types: group parts by line, station, camera or source "
+                          "(--by), or leave out --parts to count images by type")
+    counts = []
+    for pid, recs in records_by_part(store, since=since, until=until):
+        v = part_verdict(pid, recs)
+        last = v.counted[-1]
+        counts.append((*(getattr(last, k) for k in by), v.decision, v.review, 1))
+    return counts, store.count(has_part=False, since=since, until=until)
+
+
 def summary_results(db_url: str, by: list[str], *, fmt: str = "table", since: float | None = None,
-                    until: float | None = None) -> int:
-    """Print :func:`summarize` of the store's parts in ``[since, until)`` grouped by ``by``: an
-    aligned table, CSV or JSON lines; returns the number of groups (0: no part in the period)."""
+                    until: float | None = None, parts: bool = False) -> int:
+    """Print :func:`summarize` of the store's images in ``[since, until)`` grouped by ``by``
+    (``parts``: of its parts, each counted once by its verdict from its crops, grouped by its
+    latest crop's values): an aligned table, CSV or JSON lines; returns the number of groups (0:
+    nothing in the period)."""
     import csv
 
     from diffqc.service.store import SUMMARY_COLUMNS, ResultStore, check_store_exists, summarize
 
     check_store_exists(db_url, doing="summarize")
     with ResultStore(db_url, read_only=True) as store:
-        rows = summarize(store.summary_counts(by, since, until), len(by))
+        if parts:
+            counts, loose = _part_counts(store, by, since, until)
+            if loose:
+                print(f"diffqc: {loose} stored image{'s' if loose != 1 else ''} without a part id, in no "
+                      "part: not counted", file=sys.stderr)
+            rows = summarize(counts, len(by))
+        else:
+            rows = summarize(store.summary_counts(by, since, until), len(by))
     if not rows:
         return 0
     header = [*by, *SUMMARY_COLUMNS]
@@ -189,7 +217,8 @@ def summary_results(db_url: str, by: list[str], *, fmt: str = "table", since: fl
         def when(t: float | None, none: str) -> str:
             return none if t is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
-        sys.stdout.write(f"parts inspected from {when(since, 'the first')} to {when(until, 'now')}\n")
+        unit = "parts, each judged from its crops," if parts else "parts"
+        sys.stdout.write(f"{unit} inspected from {when(since, 'the first')} to {when(until, 'now')}\n")
         cells = [header] + [["" if v is None else str(v) for v in key]
                             + [("" if g[c] is None else f"{100 * g[c]:.1f}%") if c == "flagged_share"
                                else str(g[c]) for c in SUMMARY_COLUMNS] for key, g in rows]
@@ -372,8 +401,9 @@ def _cmd_summary(args: argparse.Namespace) -> int:
 
     from diffqc.service.store import store_url
 
-    n = summary_results(store_url(args.db), args.by or ["feature_type"], fmt=args.format,
-                        since=parse_time(args.since, "since"), until=parse_time(args.until, "until"))
+    n = summary_results(store_url(args.db), args.by or (["line"] if args.parts else ["feature_type"]),
+                        fmt=args.format, since=parse_time(args.since, "since"),
+                        until=parse_time(args.until, "until"), parts=args.parts)
     if n == 0:
         print("diffqc: no stored results in this period", file=sys.stderr)
     return 0
@@ -696,7 +726,11 @@ def add_service_commands(subparsers: Any) -> None:
     from diffqc.service.store import SUMMARY_KEYS  # a submodule: not at import time
 
     sm.add_argument("--by", action="append", choices=list(SUMMARY_KEYS), default=None,
-                    help="group by this (repeatable, in order; default feature_type)")
+                    help="group by this (repeatable, in order; default feature_type, with --parts line)")
+    sm.add_argument("--parts", action="store_true",
+                    help="count parts, not images: each part once, by its verdict from its crops (the "
+                         "worst of its types' latest, as results parts gives it), grouped by its latest "
+                         "crop's line, station, camera or source")
     sm.add_argument("--format", choices=["table", "csv", "jsonl"], default="table",
                     help="an aligned table (default), CSV with a header row, or one JSON object per group")
     sm.set_defaults(func=_cmd_summary)
