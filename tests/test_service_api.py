@@ -223,6 +223,11 @@ async def test_results_filters_model_and_metrics(detector: Any, samples: Samples
 async def test_health_needs_no_token_everything_else_does(detector: Any, tmp_path: Path) -> None:
     async with running_app(detector, tmp_path) as (client, _):
         assert (await client.get("/healthz")).status_code == 200
+        # uptime monitors and load balancers that check with HEAD (UptimeRobot, HAProxy's
+        # httpchk) read the same status, without a body
+        for path in ("/healthz", "/readyz"):
+            r = await client.head(path)
+            assert (r.status_code, r.content) == (200, b""), path
         ready = await client.get("/readyz")
         assert ready.status_code == 200 and ready.json()["ready"] is True
         assert (await client.get("/dashboard")).status_code == 200  # static page, no data

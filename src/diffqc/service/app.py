@@ -1175,6 +1175,16 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             body["degraded"] = degraded
         return JSONResponse(body, status_code=200 if ok else 503)
 
+    # uptime monitors and load balancers that check with HEAD read the GET's status, no body
+    @app.head("/healthz", include_in_schema=False)
+    async def healthz_head() -> Response:
+        return Response(status_code=200)
+
+    @app.head("/readyz", include_in_schema=False)
+    async def readyz_head() -> Response:
+        reasons, _ = await run_in_threadpool(readiness_problems, state)
+        return Response(status_code=503 if reasons else 200)
+
     # ---------------------------------------------------------------- dashboard
     @app.get("/", include_in_schema=False)
     async def root() -> Response:
