@@ -55,7 +55,7 @@ from diffqc.service.buffer import (
     OverflowPolicy,
 )
 from diffqc.service.line import LineServices
-from diffqc.service.parts import PART_RECORDS, latest_parts, part_verdict
+from diffqc.service.parts import latest_parts, part_verdict, stored_part
 from diffqc.service.security import (
     BROWSER_FORMATS,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -1182,8 +1182,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
 
     @app.head("/readyz", include_in_schema=False)
     async def readyz_head() -> Response:
-        reasons, _ = await run_in_threadpool(readiness_problems, state)
-        return Response(status_code=503 if reasons else 200)
+        return Response(status_code=(await readyz()).status_code)
 
     # ---------------------------------------------------------------- dashboard
     @app.get("/", include_in_schema=False)
@@ -1493,16 +1492,16 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         pid = str(_check_id(part_id, "part_id", allow_empty=False))
         place = (_check_id(line, "line"), _check_id(station, "station"), _check_id(camera, "camera"))
         _, store = state.require()
-        recs = await run_in_threadpool(
-            lambda: store.query(part_id=pid, since=parse_time(since, "since"),
-                                until=parse_time(until, "until"), line=place[0], station=place[1],
-                                camera=place[2], limit=PART_RECORDS + 1)
+        period = (parse_time(since, "since"), parse_time(until, "until"))
+        stored = await run_in_threadpool(
+            lambda: stored_part(store, pid, state.classes, since=period[0], until=period[1], line=place[0],
+                                station=place[1], camera=place[2])
         )
-        if not recs:
+        if stored is None:
             narrowed = " in the period or place given" if since or until or any(place) else ""
             raise ServiceError(404, "not_found", f"no result with part id {pid!r}{narrowed}")
-        verdict = part_verdict(pid, recs[:PART_RECORDS], state.classes)
-        return {**verdict.to_json(), "truncated": len(recs) > PART_RECORDS,
+        verdict, truncated = stored
+        return {**verdict.to_json(), "truncated": truncated,
                 "results": [record_json(r, settings.root_path) for r in verdict.counted]}
 
     # ---------------------------------------------------------------- review

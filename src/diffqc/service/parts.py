@@ -130,14 +130,26 @@ class RecentParts:
         return verdict
 
 
+def stored_part(store: ResultStore, part: str, types: Sequence[str] | None, /,
+                **filters: Unpack[Filters]) -> tuple[PartVerdict, bool] | None:
+    """The verdict of the stored part ``part`` from its latest :data:`PART_RECORDS` images matching
+    ``filters`` (``GET /v1/parts/{part_id}``), and whether it has more (truncated); None when no
+    image of it matches."""
+    of_part: Filters = {**filters, "part_id": part}
+    recs = store.query(**of_part, limit=PART_RECORDS + 1)
+    if not recs:
+        return None
+    return part_verdict(part, recs[:PART_RECORDS], types), len(recs) > PART_RECORDS
+
+
 def latest_parts(store: ResultStore, *, limit: int, types: Sequence[str] | None,
                  verdict: str | None = None, complete: bool | None = None, page: int = 1000,
                  max_rows: int = LATEST_PARTS_ROWS,
                  **filters: Unpack[Filters]) -> tuple[list[PartVerdict], bool]:
     """The verdicts of the ``limit`` parts whose latest image matching ``filters`` is newest,
     newest first (``GET /v1/parts``): the store's rows are read newest first, ``page`` at a
-    time, and each new part id is judged from its latest :data:`PART_RECORDS` images matching
-    ``filters`` (as ``GET /v1/parts/{part_id}``), kept when its decision is ``verdict`` and its
+    time, and each new part id is judged by :func:`stored_part` with ``filters`` (as ``GET
+    /v1/parts/{part_id}``), kept when its decision is ``verdict`` and its
     completeness (by ``types``) is ``complete``. Returns (the verdicts, True when the read stopped
     after ``max_rows`` rows with fewer than ``limit`` parts found: older parts were not read)."""
     found: list[PartVerdict] = []
@@ -157,9 +169,10 @@ def latest_parts(store: ResultStore, *, limit: int, types: Sequence[str] | None,
             if pid in seen:
                 continue
             seen.add(pid)
-            of_part: Filters = {**filters, "part_id": pid}
-            recs = store.query(**of_part, limit=PART_RECORDS)
-            judged = part_verdict(pid, recs, types)
+            stored = stored_part(store, pid, types, **filters)
+            if stored is None:  # pragma: no cover - a row read just now matches its own filters
+                continue
+            judged = stored[0]
             if (verdict is None or judged.decision == verdict) and (
                     complete is None or judged.complete is complete):
                 found.append(judged)
