@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -878,6 +880,48 @@ async def test_part_verdict_from_its_images(detector: Any, samples: Samples, tmp
             r = await client.get("/v1/parts", headers=AUTH, params=bad)
             assert (r.status_code, r.json()["code"]) == (422, code), (bad, r.text)
         assert (await client.get("/v1/parts")).status_code == 401
+
+
+async def test_a_line_whose_parts_have_fewer_types_than_the_model(detector: Any, samples: Samples,
+                                                                   tmp_path: Path) -> None:
+    """A model trained for 8 types serving a station whose parts have 2: with ``part_types``
+    (``--part-types``) a part of those 2 is complete, in a stored part, the latest parts, a
+    batch's parts and the pushes; without it, it would wait for types its line never sends."""
+    from diffqc.errors import ConfigError, UnknownFeatureTypeError
+
+    passed: dict[str, bytes] = {}
+    for body, ftype in samples.by_decision["PASS"]:
+        passed.setdefault(ftype, body)
+    (t1, b1), (t2, b2) = list(passed.items())[:2]
+    assert len(detector.classes_) > 2
+    async with running_app(detector, tmp_path, part_types=(t2, t1), webhook_url="http://127.0.0.1:9/hook",
+                           push_parts=True) as (client, state):
+        for body, ftype in ((b1, t1), (b2, t2)):
+            r = await client.post("/v1/inspect", content=body, headers=AUTH,
+                                  params={"feature_type": ftype, "part_id": "S-1"})
+            assert r.status_code == 200, r.text
+        part = (await client.get("/v1/parts/S-1", headers=AUTH)).json()
+        assert (part["decision"], part["complete"], part["missing"]) == ("PASS", True, [])
+        listed = (await client.get("/v1/parts", headers=AUTH, params={"complete": "true"})).json()["parts"]
+        assert [p["part_id"] for p in listed] == ["S-1"]
+        files = [("image", ("a.png", b2, "image/png"))]
+        r = await client.post("/v1/inspect/batch", headers=AUTH, files=files,
+                              data={"feature_type": t2, "part_id": "S-2"})
+        assert r.status_code == 200, r.text
+        (batch_part,) = r.json()["parts"]
+        assert (batch_part["complete"], batch_part["missing"]) == (False, [t1])
+        assert state.line.outbox is not None
+        rows = state.line.outbox.due(state.line.outbox.sinks[0], time.time() + 3600, limit=1000)
+        pushed = [json.loads(m.payload) for m in rows if m.kind == "part"]
+        assert [(p["part_id"], p["complete"]) for p in pushed] == [("S-1", False), ("S-1", True),
+                                                                   ("S-2", False)]
+    # a type the model does not know (a typo) or one given twice: the service does not start
+    with pytest.raises(UnknownFeatureTypeError, match=r"--part-types.*'Dots'.*did you mean 'dots'"):
+        async with running_app(detector, tmp_path, part_types=("Dots",)):
+            pass
+    with pytest.raises(ConfigError, match=r"--part-types names 'dots' twice"):
+        async with running_app(detector, tmp_path, part_types=("dots", "dots")):
+            pass
 
 
 async def test_metrics_say_when_each_type_and_camera_last_sent_a_part(

@@ -661,6 +661,11 @@ def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
          "--camera is given 3 times for 2 --watch folders: give it once (every folder's parts) or once "
          "per --watch, in the same order"),
         (["watch", str(tmp_path), str(service_model[0]), "--feature-type", "typo", "--once"], "typo"),
+        # a part type the model does not know: every part would read incomplete
+        (["serve", str(service_model[0]), "--no-auth", "--part-types", "typo"],
+         "--part-types names 'typo', not a type of this model"),
+        (["watch", str(tmp_path), str(service_model[0]), "--part-types", "typo", "--once"],
+         "--part-types names 'typo', not a type of this model"),
         (["serve", str(service_model[0]), "--no-auth", "--push-parts"],
          "--push-parts needs --mqtt or --webhook (the sinks it pushes to)"),
         (["watch", str(tmp_path), str(service_model[0]), "--opcua", "tcp://plc:4840", "--once"],
@@ -681,6 +686,11 @@ def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) >= 1 and err[-1].startswith("error: ") and needle in err[-1], (argv, err)
         assert "Traceback" not in "\n".join(err)
+    # a list with an empty name is a usage error, before anything else
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", str(service_model[0]), "--no-auth", "--part-types", "dots,,edge1"])
+    assert exc.value.code == 2
+    assert "expected names separated by commas (dots,edge1), got 'dots,,edge1'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["serve", "MODEL", "--no-auth"],

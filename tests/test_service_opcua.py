@@ -120,6 +120,46 @@ def test_a_plc_reads_the_verdict_of_the_latest_part() -> None:
     assert mid["diffqc.Last.Decision"] == "REJECT"
 
 
+def test_a_part_of_a_line_with_fewer_types_than_the_model_is_complete(tmp_path: Path) -> None:
+    """A station whose parts have 2 of the model's 3 types (``--part-types edge,dots``): its
+    part is complete with those 2; after a retrained model of other types is served, the line's
+    types still count (one the new model lacks is named missing)."""
+    from types import SimpleNamespace
+
+    from diffqc.service.line import LineServices
+    from diffqc.service.store import ResultStore
+
+    url = f"opc.tcp://127.0.0.1:{_free_port()}"
+    store = ResultStore(str(tmp_path / "r.db"))
+    line = LineServices(SimpleNamespace(opcua_url=url, part_types=("dots", "edge")), store, None,
+                        SimpleNamespace(classes_=["edge", "dots", "angle"]))
+    line.start()
+    server = line.opcua
+    names = [f"diffqc.Part.{n}" for n in ("PartId", "Complete", "Missing")]
+
+    def publish(i: int, ftype: str, part: str) -> None:
+        server.publish(ResultRecord(id=i, created_at=1_796_000_000.0 + i, source="test", decision="PASS",
+                                    feature_type=ftype, type_known=True, part_id=part))
+        for _ in range(50):
+            if server.published_total == i:
+                break
+            time.sleep(0.05)
+
+    try:
+        publish(1, "edge", "P-1")
+        publish(2, "dots", "P-1")
+        complete = asyncio.run(_read(url, names))
+        server = server.use_model(["edge", "angle"], "m-2")  # other types: the server starts again
+        publish(1, "edge", "P-2")
+        swapped = asyncio.run(_read(url, names))
+    finally:
+        server.stop()
+        line.stop()
+        store.close()
+    assert list(complete.values()) == ["P-1", True, ""]
+    assert list(swapped.values()) == ["P-2", False, "dots"]
+
+
 def test_a_subscribed_client_gets_each_new_decision_and_cannot_write() -> None:
     """A reject gate's PLC subscribes to the latest decision's record id and reads the decision
     when it changes; nothing a client writes changes the server's values."""

@@ -1455,7 +1455,15 @@ def test_cli_results_parts_names_the_types_a_part_lacks(tmp_path: Path, tiny_mod
     assert [json.loads(x)["part_id"] for x in out.out.splitlines()] == ["P-2"]
     assert "diffqc: 1 part: PASS 1 (100.0 %)" in out.err
     assert main(["results", "parts", "--db", str(db), "--incomplete"]) == 1  # which types: the model's
-    assert "--incomplete needs --model" in capsys.readouterr().err
+    assert "--incomplete needs --model MODEL or --part-types" in capsys.readouterr().err
+    # a line whose parts have fewer types than the model: P-2's one type is the whole part
+    assert main(["results", "parts", "--db", str(db), "--part-types", types[0], "--incomplete"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and "no part matches" in out.err
+    assert main(["results", "parts", "--db", str(db), "--part-types", f"{types[0]}, x"]) == 0  # no model
+    assert [json.loads(x)["missing"] for x in capsys.readouterr().out.splitlines()] == [["x"], ["x"]]
+    assert main(["results", "parts", "--db", str(db), "--model", str(tiny_model), "--part-types", "x"]) == 1
+    assert "--part-types names 'x', not a type of this model" in capsys.readouterr().err
     assert main(["results", "parts", "--db", str(db), "--model", str(tiny_model), "--format", "csv"]) == 0
     table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [(r["complete"], r["missing"]) for r in table] == [("True", ""), ("False", " ".join(types[1:]))]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import signal
@@ -911,3 +912,33 @@ async def test_pushed_parts_follow_a_retrained_models_types(service_model: tuple
         stripes = next((clear_dataset / "stripes" / "test" / "good").iterdir()).read_bytes()
         part = await pushed_part(stripes, "stripes", "P-2")
         assert (part["missing"], part["complete"]) == (["dots"], False)
+
+
+@pytest.mark.anyio
+async def test_a_lines_part_types_outlive_a_retrained_model(service_model: tuple[Path, Path], samples: Any,
+                                                            tiny_model: Path, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """With ``--part-types`` a part's `missing` in the pushes names the line's types, not the
+    model's; a retrained model that lacks one of them is said in the log, and its parts still
+    read it missing (the line still sends it)."""
+    from tests.test_service_common import bench
+
+    served = tmp_path / "model"
+    shutil.copytree(service_model[0], served)
+    data, ftype = samples.one("PASS")
+    async with running_app(None, tmp_path, model_path=served, webhook_url="http://127.0.0.1:9/hook",
+                           push_parts=True, part_types=(ftype,)) as (client, state):
+        outbox = state.line.outbox
+        r = await client.post("/v1/inspect", content=data, headers=AUTH,
+                              params={"feature_type": ftype, "part_id": "P-1"})
+        assert r.status_code == 200, r.text
+        (part,) = [json.loads(m.payload) for m in outbox.due(outbox.sinks[0], time.time() + 3600, limit=1000)
+                   if m.kind == "part"]
+        assert (part["complete"], part["missing"]) == (True, [])  # not the model's other types
+        bench.retrain_into(served, tiny_model, "other-types")
+        with caplog.at_level(logging.WARNING, logger="diffqc"):
+            for _ in range(3):  # changed, settled, loaded
+                state.line.check_model()
+        assert ftype not in state.classes
+        assert f"the model now served does not know {ftype} of --part-types" in caplog.text
+        assert outbox.types == [ftype] and state.part_types == [ftype]

@@ -1,4 +1,4 @@
-"""Number types for the command line, checked against their range as they are parsed.
+"""Number and list types for the command line, checked as they are parsed.
 
 A value out of range (``--folds 1``, ``--threads -3``, ``--port 70000``) is then a usage error
 that names the option (exit code 2, one line) before any work, as ``argparse`` answers
@@ -49,6 +49,15 @@ def number(minimum: float, *, inclusive: bool = True,
 
     parse.__name__ = "number"
     return parse
+
+
+def names(text: str) -> tuple[str, ...]:
+    """An argparse ``type``: comma-separated names (``dots,edge1``; spaces around each dropped),
+    none empty."""
+    items = tuple(item.strip() for item in text.split(","))
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected names separated by commas (dots,edge1), got {text!r}")
+    return items
 
 
 POSITIVE = integer(1)

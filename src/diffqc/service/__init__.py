@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from diffqc.arguments import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, integer, number
+from diffqc.arguments import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, integer, names, number
 from diffqc.calibration import DECISIONS, NOT_INSPECTED
 from diffqc.data import MAX_IMAGE_PIXELS
 from diffqc.errors import ConfigError, RuntimeUnavailableError
@@ -250,6 +250,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "watch_camera": None if not args.camera else args.camera[0] if len(args.camera) == 1
         else tuple(args.camera),
         "watch_part_id_pattern": args.part_id_pattern,
+        "part_types": args.part_types,
         "push_parts": args.push_parts,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
@@ -306,6 +307,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         station=args.station,
         camera=args.camera,
         part_id_pattern=args.part_id_pattern,
+        part_types=args.part_types,
         opcua_url=args.opcua,
         opcua_users=args.opcua_users,
         opcua_trust=args.opcua_trust,
@@ -371,18 +373,22 @@ def _cmd_parts(args: argparse.Namespace) -> int:
 
     filters = {"since": parse_time(args.since, "since"), "until": parse_time(args.until, "until"),
                "part_id": args.part_id, "line": args.line, "station": args.station, "camera": args.camera}
-    types = None
-    if args.incomplete and args.model is None:
-        raise ConfigError("--incomplete needs --model MODEL (the types a part should have)")
+    types = list(args.part_types) or None
+    if args.incomplete and types is None and args.model is None:
+        raise ConfigError("--incomplete needs --model MODEL or --part-types TYPES (the types a part "
+                          "should have)")
     if args.model is not None:
         from diffqc.bundle import read_bundle
+        from diffqc.service.parts import check_part_types, part_types
 
-        types = list(read_bundle(args.model)[1]["classes"])
+        classes = read_bundle(args.model)[1]["classes"]
+        check_part_types(args.part_types, classes)
+        types = part_types(classes, args.part_types)
     counts, loose, incomplete = list_parts(store_url(args.db), fmt=args.format, decision=args.decision,
                                            types=types, incomplete=args.incomplete, **filters)
     if incomplete:
         print(f"diffqc: {incomplete} part{'s' if incomplete != 1 else ''} incomplete (without an image "
-              "of every type of the model)", file=sys.stderr)
+              f"of every type of the {'line' if args.part_types else 'model'})", file=sys.stderr)
     if loose:
         print(f"diffqc: stored images without a part id (in no part): {loose}", file=sys.stderr)
     total = sum(counts.values())
@@ -477,6 +483,10 @@ def _add_line_arguments(p: argparse.ArgumentParser, *, folders: bool = False) ->
                         "expression's group named part, its only group, or its match "
                         "(P-\\d+ finds P-0001 in P-0001_dots.png; default: the whole name). The crops "
                         "of one part, named alike, then share a part id (diffqc results parts)")
+    p.add_argument("--part-types", type=names, default=(), metavar="TYPES",
+                   help="the types a part of this line has, when fewer than the model's (dots,edge1): a "
+                        "part is complete with an image of each (its verdict's complete and missing); "
+                        "default: every type of the model")
 
 
 def _add_opcua_arguments(p: argparse.ArgumentParser) -> None:
@@ -708,9 +718,12 @@ def add_service_commands(subparsers: Any) -> None:
     pt.add_argument("--model", default=None, metavar="MODEL",
                     help="the bundle whose types a part should have: each part's `complete` and `missing` "
                          "(the types without an image) and a count of the incomplete parts")
+    pt.add_argument("--part-types", type=names, default=(), metavar="TYPES",
+                    help="the types a part should have, when fewer than --model's or without it "
+                         "(dots,edge1), as serve and watch take them")
     pt.add_argument("--incomplete", action="store_true",
-                    help="only parts without an image of some of --model's types (a camera that missed "
-                         "crops)")
+                    help="only parts without an image of some of --model's types (or --part-types) (a "
+                         "camera that missed crops)")
     pt.set_defaults(func=_cmd_parts)
     sm = rsub.add_parser("summary", help="a period's counts per type (or camera, line, ...): decisions, "
                                          "the share flagged, verdicts on them, escapes",

@@ -39,7 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from diffqc.bundle import check_bundle_files
+from diffqc.bundle import check_bundle_files, read_bundle
 from diffqc.data import decode_image
 from diffqc.drift import is_misrouted, prometheus_label
 from diffqc.errors import ConfigError, DiffqcError, ImageReadError, did_you_mean, unknown_feature_type
@@ -55,7 +55,7 @@ from diffqc.service.buffer import (
     OverflowPolicy,
 )
 from diffqc.service.line import LineServices
-from diffqc.service.parts import latest_parts, part_verdict, stored_part
+from diffqc.service.parts import check_part_types, latest_parts, part_types, part_verdict, stored_part
 from diffqc.service.security import (
     BROWSER_FORMATS,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -123,6 +123,7 @@ class ServiceSettings:
     heatmaps: str = "flagged"  # the dashboard shows them for REVIEW and REJECT parts
     heatmap_size: int = DEFAULT_HEATMAP_SIZE  # px, the image's longer side in a heat map; 0: its own
     all_types: bool = True  # score every type too (predicted type, type scores)
+    part_types: tuple[str, ...] = ()  # the types a part of this line has (parts.part_types); (): the model's
     cors_origins: tuple[str, ...] = ()
     torch_threads: int | None = None  # CPU threads for inference (PyTorch or ONNX Runtime)
     runtime: str = "auto"  # torch | onnx | auto (see diffqc.runtime.choose_runtime)
@@ -499,7 +500,7 @@ class _StatusCounter:
 # --------------------------------------------------------------------------- JSON helpers
 def _batch_parts(recs: Sequence[ResultRecord], types: Sequence[str]) -> list[dict[str, Any]]:
     """The verdict of each part id of a batch from the batch's images, in order of first image;
-    ``types``: those a part should have (the model's)."""
+    ``types``: those a part should have (:func:`~diffqc.service.parts.part_types`)."""
     by_part: dict[str, list[ResultRecord]] = {}
     for rec in recs:
         if rec.part_id is not None:
@@ -563,6 +564,7 @@ class ServiceState:
     model_info: dict[str, Any] = field(default_factory=dict)
     model_version: str = ""
     classes: list[str] = field(default_factory=list)
+    part_types: list[str] = field(default_factory=list)  # those a part should have (parts.part_types)
     started: float = field(default_factory=time.time)
     watchers: list[Any] = field(default_factory=list)
     line: LineServices | None = None  # sinks, drift watch, calibration reload, retention
@@ -1363,7 +1365,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         results, recs = [], [done.get(i) or new[i] for i in range(n)]
         for i, rec in enumerate(recs):
             results.append({**record_json(rec, settings.root_path), "duplicate": i in done or rec.duplicate})
-        return JSONResponse({"results": results, "parts": _batch_parts(recs, state.classes),
+        return JSONResponse({"results": results, "parts": _batch_parts(recs, state.part_types),
                              "total_ms": round((time.perf_counter() - t0) * 1000.0, 3)})
 
     def _inspect_response(rec: ResultRecord, t0: float, *, duplicate: bool) -> JSONResponse:
@@ -1473,9 +1475,9 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         period = (parse_time(since, "since"), parse_time(until, "until"))
         _, store = state.require()
         found, truncated = await run_in_threadpool(
-            lambda: latest_parts(store, limit=limit, types=state.classes, verdict=verdict, complete=complete,
-                                 since=period[0], until=period[1], line=place[0], station=place[1],
-                                 camera=place[2]))
+            lambda: latest_parts(store, limit=limit, types=state.part_types, verdict=verdict,
+                                 complete=complete, since=period[0], until=period[1], line=place[0],
+                                 station=place[1], camera=place[2]))
         return {"parts": [v.to_json() for v in found], "truncated": truncated}
 
     @api.get("/v1/parts/{part_id:path}")
@@ -1494,7 +1496,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         _, store = state.require()
         period = (parse_time(since, "since"), parse_time(until, "until"))
         stored = await run_in_threadpool(
-            lambda: stored_part(store, pid, state.classes, since=period[0], until=period[1], line=place[0],
+            lambda: stored_part(store, pid, state.part_types, since=period[0], until=period[1], line=place[0],
                                 station=place[1], camera=place[2])
         )
         if stored is None:
@@ -1661,6 +1663,8 @@ def _start(state: ServiceState, detector: DetectorLike | None,
     state.model_info = _model_info(detector)
     state.model_version = str(state.model_info.get("version") or "")
     state.classes = list(detector.classes_)
+    check_part_types(s.part_types, state.classes)
+    state.part_types = part_types(state.classes, s.part_types)
     state.store = ResultStore(s.db_url, busy_timeout_s=s.store_busy_timeout_s)
     state.artifacts = ArtifactStore(s.data_dir or default_artifact_root(s.db_url))
     pipeline = InspectionPipeline(
@@ -1744,6 +1748,7 @@ def _model_changed(state: ServiceState, detector: Any) -> None:
     state.model_info = _model_info(detector)
     state.model_version = str(state.model_info.get("version") or "")
     state.classes = list(detector.classes_)
+    state.part_types = part_types(state.classes, state.settings.part_types)
     if state.pipeline is not None:
         state.pipeline.use_model(detector, state.model_version,
                                  overlay_scales(state.model_info.get("calibration") or {}))
@@ -1849,6 +1854,8 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
     # no bundle, then the store (a typo in --db is one line, not one after the model loaded; a
     # new store is made only for a model that can be served), then the model itself
     check_bundle_files(model_path)
+    if settings.part_types:
+        check_part_types(settings.part_types, read_bundle(model_path)[1]["classes"])
     ResultStore(settings.db_url).close()  # StoreError: one line at the CLI's error boundary
     ArtifactStore(settings.data_dir or default_artifact_root(settings.db_url))
     t0 = time.perf_counter()

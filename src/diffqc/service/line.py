@@ -30,6 +30,7 @@ from typing import Any
 from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, is_misrouted, prometheus_label, scored
 from diffqc.recalibrate import CalibrationReloader, file_signature
 from diffqc.runtime import EXPORT_FILE
+from diffqc.service.parts import part_types
 from diffqc.service.retention import RetentionPolicy, RetentionWorker
 from diffqc.service.security import certificate_expiry
 from diffqc.service.sinks import Dispatcher, Outbox, build_sinks, webhook_headers, webhook_secrets
@@ -377,10 +378,13 @@ class LineServices:
                             secrets=webhook_secrets(getattr(settings, "webhook_secrets", ())))
         self.outbox: Outbox | None = None
         self.dispatcher: Dispatcher | None = None
+        # those a part of this line has (--part-types), when fewer than the model's
+        self.chosen_part_types = tuple(getattr(settings, "part_types", None) or ())
         if sinks:
             self.outbox = Outbox(store, [s.name for s in sinks],
                                  parts=bool(getattr(settings, "push_parts", False)),
-                                 types=list(getattr(detector, "classes_", None) or ()))
+                                 types=part_types(list(getattr(detector, "classes_", None) or ()),
+                                                  self.chosen_part_types))
             self.dispatcher = Dispatcher(self.outbox, sinks)
         self.drift = DriftMonitor(DriftConfig(
             window=int(getattr(settings, "drift_window", 200)),
@@ -430,7 +434,8 @@ class LineServices:
                                      model_version=str(getattr(detector, "version", "") or ""),
                                      users=None if users_file is None else read_users(users_file),
                                      certificate_dir=None if artifacts is None else artifacts.root / "opcua",
-                                     trust_dir=None if trust is None else Path(trust).absolute())
+                                     trust_dir=None if trust is None else Path(trust).absolute(),
+                                     chosen_part_types=self.chosen_part_types)
         self.disk_poll_s = 60.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -568,8 +573,14 @@ class LineServices:
         if retrained:
             self.drift.reset("model changed")  # its p-values are the new model's
         types = list(getattr(detector, "classes_", None) or ())
+        unknown = [t for t in self.chosen_part_types if t not in types]
+        if unknown:  # its parts cannot be complete: said, and the line's parts still need them
+            log.warning("the model now served does not know %s of --part-types: its parts read %s missing "
+                        "until a model that knows %s is served (its types: %s)", ", ".join(unknown),
+                        "it" if len(unknown) == 1 else "them", "it" if len(unknown) == 1 else "them",
+                        ", ".join(types))
         if self.outbox is not None:
-            self.outbox.types = types
+            self.outbox.types = part_types(types, self.chosen_part_types)
         if self.opcua is not None:
             self.opcua = self.opcua.use_model(types, str(getattr(detector, "version", "") or ""))
         if self.on_model is not None:

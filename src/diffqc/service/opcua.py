@@ -19,8 +19,9 @@ space, in the namespace :data:`NAMESPACE`, with string node ids a PLC program ca
     Objects/diffqc/Part                 the verdict of the part of the latest decision with a
                                         part id (diffqc.service.parts): PartId, Decision,
                                         Images (its types counted so far), Types ("dots=PASS
-                                        edge1=REVIEW"), Complete and Missing (the model's types
-                                        without an image yet), RecordId (the latest image's);
+                                        edge1=REVIEW"), Complete and Missing (the model's types,
+                                        or --part-types', without an image yet), RecordId (the
+                                        latest image's);
                                         from the images since the server started
 
 Every variable is read-only. ``RecordId`` is written last, so a client that triggers on its
@@ -50,7 +51,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from diffqc.errors import ConfigError
-from diffqc.service.parts import PartVerdict, RecentParts
+from diffqc.service.parts import PartVerdict, RecentParts, part_types
 from diffqc.service.security import read_secret_file
 from diffqc.service.store import NOT_INSPECTED, ResultRecord
 
@@ -315,12 +316,13 @@ class OpcUaServer:
 
     def __init__(self, url: str, types: list[str], *, model_version: str = "",
                  users: dict[str, str] | None = None, certificate_dir: Path | None = None,
-                 trust_dir: Path | None = None) -> None:
-        """``users``: name -> password; with them a session must log in, over an encrypted
-        channel, with the server's own certificate, kept in ``certificate_dir`` (made there,
-        self-signed, on the first start: :meth:`_certificate`). ``trust_dir``: with users, only
-        clients whose certificates it holds (:class:`TrustList`; those refused are kept in
-        ``certificate_dir/rejected``)."""
+                 trust_dir: Path | None = None, chosen_part_types: tuple[str, ...] = ()) -> None:
+        """``chosen_part_types``: those a part of this line has, when fewer than ``types``
+        (:func:`~diffqc.service.parts.part_types`). ``users``: name -> password; with them a
+        session must log in, over an encrypted channel, with the server's own certificate, kept
+        in ``certificate_dir`` (made there, self-signed, on the first start:
+        :meth:`_certificate`). ``trust_dir``: with users, only clients whose certificates it
+        holds (:class:`TrustList`; those refused are kept in ``certificate_dir/rejected``)."""
         if users is not None and certificate_dir is None:
             raise ConfigError("OPC UA users need a folder for the server's certificate")
         if trust_dir is not None and users is None:
@@ -343,7 +345,8 @@ class OpcUaServer:
         self._error: BaseException | None = None
         self._counts: Counter[tuple[str, str]] = Counter()
         self._version_node: Any = None
-        self._parts = RecentParts(types=self.types)
+        self.chosen_part_types = chosen_part_types
+        self._parts = RecentParts(types=part_types(self.types, chosen_part_types))
         self._part_nodes: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -394,7 +397,8 @@ class OpcUaServer:
             return self
         self.stop()
         server = OpcUaServer(self.url, types, model_version=model_version, users=self.users,
-                             certificate_dir=self.certificate_dir, trust_dir=self.trust_dir)
+                             certificate_dir=self.certificate_dir, trust_dir=self.trust_dir,
+                             chosen_part_types=self.chosen_part_types)
         server.start()
         return server
 

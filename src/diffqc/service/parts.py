@@ -13,9 +13,10 @@ verdict, which :func:`part_verdict` makes from those records:
   a REVIEW because no operator verdict can settle it (it must be inspected again);
 - ``review`` is BAD when an operator reviewed any counted image BAD, GOOD when every flagged
   (REVIEW or REJECT) counted image was reviewed GOOD and none is NOT_INSPECTED, else None;
-- given the types a part should have (the model's), ``missing`` names those without a counted
-  image (sent with the type, or routed to it) and ``complete`` says none is missing: the PASS of
-  a part whose other crops have not come yet is not its last word.
+- given the types a part should have (the model's, or the fewer a line's parts have:
+  :func:`part_types`), ``missing`` names those without a counted image (sent with the type, or
+  routed to it) and ``complete`` says none is missing: the PASS of a part whose other crops have
+  not come yet is not its last word.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Unpack
 
+from diffqc.errors import ConfigError, UnknownFeatureTypeError, did_you_mean
 from diffqc.service.store import NOT_INSPECTED, Filters, ResultRecord, ResultStore, iso_time
 
 # worst first: the part's decision is the first of these any counted image has
@@ -60,6 +62,27 @@ class PartVerdict:
                 "superseded": self.superseded, "complete": self.complete, "missing": self.missing,
                 "first": iso_time(self.counted[0].created_at) if self.counted else None,
                 "last": iso_time(self.counted[-1].created_at) if self.counted else None}
+
+
+def part_types(model_types: Sequence[str], chosen: Sequence[str] = ()) -> list[str]:
+    """The types a part should have: ``chosen`` (``--part-types``, for a line whose parts have
+    fewer types than the model: a model of 8 types serving a station that crops 2), in its
+    order, or else every type of the model."""
+    return list(chosen) if chosen else list(model_types)
+
+
+def check_part_types(chosen: Sequence[str], model_types: Sequence[str]) -> None:
+    """``--part-types`` names each type once, and only types the model knows (a typo would
+    leave every part incomplete)."""
+    seen: set[str] = set()
+    for name in chosen:
+        if name in seen:
+            raise ConfigError(f"--part-types names {name!r} twice")
+        seen.add(name)
+        if name not in model_types:
+            raise UnknownFeatureTypeError(f"--part-types names {name!r}, not a type of this model"
+                                          f"{did_you_mean(name, model_types)}; it knows "
+                                          f"{', '.join(model_types)}")
 
 
 def _given_type(rec: ResultRecord) -> str | None:

@@ -51,6 +51,7 @@ from diffqc.inspection import BUNDLE_FILES
 from diffqc.output import path_text
 from diffqc.service.buffer import BufferClosed, BufferFull, InspectionPipeline, Job
 from diffqc.service.line import LineServices
+from diffqc.service.parts import check_part_types
 from diffqc.service.security import (
     BROWSER_FORMATS,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -558,6 +559,7 @@ def run_watch(
     station: str | None = None,
     camera: str | None = None,
     part_id_pattern: str | None = None,
+    part_types: tuple[str, ...] = (),
     opcua_url: str | None = None,
     opcua_users: str | Path | None = None,
     opcua_trust: str | Path | None = None,
@@ -582,7 +584,9 @@ def run_watch(
     deleted as ``serve`` deletes them (records stay), and once more when ``once`` ends (a cron
     job's run is over before the first pass). The disks it writes to are said to be nearly full
     below ``disk_min_free_bytes`` or ``disk_min_free_ratio`` of their size, as ``serve``'s are.
-    ``runtime``, ``precision`` and ``threads`` as ``serve`` takes them
+    ``part_types``: those a part has, when fewer than the model's
+    (:func:`diffqc.service.parts.part_types`). ``runtime``, ``precision`` and ``threads`` as
+    ``serve`` takes them
     (:func:`diffqc.runtime.load_detector`). The log goes to stderr at ``log_level``, as text
     or JSON lines (``log_format``, :mod:`diffqc.service.logs`). Returns the process exit code.
     """
@@ -596,7 +600,9 @@ def run_watch(
     # as serve: a path that is no bundle, or a type it does not know, leaves no new store; a
     # --db that is no store is said before the model loads
     check_watch_arguments(directory, model_path, keep=after == "keep")
-    check_feature_type(feature_type, read_bundle(model_path)[1]["classes"])
+    classes = read_bundle(model_path)[1]["classes"]
+    check_feature_type(feature_type, classes)
+    check_part_types(part_types, classes)
     if part_id_pattern is not None:
         compile_part_id_pattern(part_id_pattern)
     if opcua_url or opcua_users is not None or opcua_trust is not None:  # as serve: before the model loads
@@ -648,7 +654,8 @@ def run_watch(
 
     # the line's services as `serve` runs them, without sinks: a new calibration is picked up
     # (it was served only after a restart), drift is watched and logged, artifacts expire
-    settings_ns = SimpleNamespace(model_path=model_path, station=station, opcua_url=opcua_url,
+    settings_ns = SimpleNamespace(model_path=model_path, station=station, part_types=part_types,
+                                  opcua_url=opcua_url,
                                   opcua_users=opcua_users, opcua_trust=opcua_trust,
                                   retention_max_age_s=retention_max_age_s,
                                   retention_max_bytes=retention_max_bytes,
