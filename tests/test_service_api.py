@@ -902,6 +902,8 @@ async def test_a_line_whose_parts_have_fewer_types_than_the_model(detector: Any,
             assert r.status_code == 200, r.text
         part = (await client.get("/v1/parts/S-1", headers=AUTH)).json()
         assert (part["decision"], part["complete"], part["missing"]) == ("PASS", True, [])
+        model = (await client.get("/v1/model", headers=AUTH)).json()
+        assert model["service"]["part_types"] == [t2, t1] and len(model["classes"]) > 2
         listed = (await client.get("/v1/parts", headers=AUTH, params={"complete": "true"})).json()["parts"]
         assert [p["part_id"] for p in listed] == ["S-1"]
         files = [("image", ("a.png", b2, "image/png"))]

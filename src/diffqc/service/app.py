@@ -1549,6 +1549,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             "overflow": settings.overflow,
             "store": redact_url(settings.db_url),
             "queue_depth": len(pipeline.buffer) if pipeline else None,
+            "part_types": state.part_types,
         }
         return info
 
