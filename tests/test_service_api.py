@@ -612,6 +612,19 @@ async def test_summary_counts_a_periods_parts_per_type_and_camera(detector: Any,
         assert (r.status_code, r.json()["code"]) == (422, "bad_by")
         assert "feature_type, camera, line, station, source" in r.json()["detail"]
 
+        # parts, each counted once by its verdict from its crops (`results summary --parts`)
+        for body, kind, part in ((good, ftype, "P-1"), (bad, btype, "P-1"), (good, ftype, "P-2")):
+            r = await client.post("/v1/inspect", content=body, headers=AUTH,
+                                  params={"feature_type": kind, "part_id": part, "line": "L1"})
+            assert r.status_code == 200
+        parts = (await client.get("/v1/summary", headers=AUTH, params={"parts": "true"})).json()
+        assert parts["by"] == ["line"] and parts["parts"] and parts["images_without_part"] == 3
+        by_line = {g["line"]: g for g in parts["groups"]}
+        assert (by_line["L1"]["inspected"], by_line["L1"]["PASS"], by_line["L1"]["REJECT"]) == (2, 1, 1)
+        assert by_line["L1"]["flagged_share"] == 0.5 and set(by_line) == {"L1", "all"}
+        r = await client.get("/v1/summary", headers=AUTH, params={"parts": "true", "by": "feature_type"})
+        assert (r.status_code, r.json()["code"]) == (422, "bad_by") and "a part spans" in r.json()["detail"]
+
 
 async def test_refused_tokens_are_logged_once_a_minute_per_client(detector: Any, tmp_path: Path,
                                                                   caplog: pytest.LogCaptureFixture) -> None:

@@ -163,25 +163,6 @@ def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
     return n, loose, lacking
 
 
-def _part_counts(store: Any, by: list[str], since: float | None,
-                 until: float | None) -> tuple[list[tuple[Any, ...]], int]:
-    """:func:`summarize`'s count rows of the parts with images in ``[since, until)``, one a part:
-    its latest counted image's ``by`` values, its verdict and review
-    (:func:`~diffqc.service.parts.part_verdict`); and the images without a part id."""
-    from diffqc.service.parts import part_verdict
-    from diffqc.service.store import records_by_part
-
-    if "feature_type" in by:
-        raise ConfigError("a part spans feature types: group parts by line, station, camera or source "
-                          "(--by), or leave out --parts to count images by type")
-    counts = []
-    for pid, recs in records_by_part(store, since=since, until=until):
-        v = part_verdict(pid, recs)
-        last = v.counted[-1]
-        counts.append((*(getattr(last, k) for k in by), v.decision, v.review, 1))
-    return counts, store.count(has_part=False, since=since, until=until)
-
-
 def summary_results(db_url: str, by: list[str], *, fmt: str = "table", since: float | None = None,
                     until: float | None = None, parts: bool = False) -> int:
     """Print :func:`summarize` of the store's images in ``[since, until)`` grouped by ``by``
@@ -190,12 +171,13 @@ def summary_results(db_url: str, by: list[str], *, fmt: str = "table", since: fl
     nothing in the period)."""
     import csv
 
+    from diffqc.service.parts import part_summary_counts
     from diffqc.service.store import SUMMARY_COLUMNS, ResultStore, check_store_exists, summarize
 
     check_store_exists(db_url, doing="summarize")
     with ResultStore(db_url, read_only=True) as store:
         if parts:
-            counts, loose = _part_counts(store, by, since, until)
+            counts, loose = part_summary_counts(store, by, since, until)
             if loose:
                 print(f"diffqc: {loose} stored image{'s' if loose != 1 else ''} without a part id, in no "
                       "part: not counted", file=sys.stderr)

@@ -55,7 +55,14 @@ from diffqc.service.buffer import (
     OverflowPolicy,
 )
 from diffqc.service.line import LineServices
-from diffqc.service.parts import check_part_types, latest_parts, part_types, part_verdict, stored_part
+from diffqc.service.parts import (
+    check_part_types,
+    latest_parts,
+    part_summary_counts,
+    part_types,
+    part_verdict,
+    stored_part,
+)
 from diffqc.service.security import (
     BROWSER_FORMATS,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -1555,17 +1562,26 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
 
     @api.get("/v1/summary")
     async def summary(since: str | None = None, until: str | None = None,
-                      by: Annotated[list[str] | None, Query()] = None) -> dict[str, Any]:
-        """A period's counts per group (``results summary``), the last group all of them."""
-        by = by or ["feature_type"]
+                      by: Annotated[list[str] | None, Query()] = None, parts: bool = False) -> dict[str, Any]:
+        """A period's counts per group (``results summary``), the last group all of them;
+        ``parts``: each part counted once by its verdict (``results summary --parts``)."""
+        by = by or (["line"] if parts else ["feature_type"])
         if unknown := [k for k in by if k not in SUMMARY_KEYS]:
             raise ServiceError(422, "bad_by", f"cannot group by {unknown[0]!r}: by is one of "
                                f"{', '.join(SUMMARY_KEYS)} (repeatable)")
         start, end = parse_time(since, "since"), parse_time(until, "until")
         _, store = state.require()
-        counts = await run_in_threadpool(store.summary_counts, by, start, end)
+        extra: dict[str, Any] = {}
+        if parts:
+            try:
+                counts, extra["images_without_part"] = await run_in_threadpool(
+                    part_summary_counts, store, by, start, end)
+            except ConfigError as exc:
+                raise ServiceError(422, "bad_by", str(exc)) from None
+        else:
+            counts = await run_in_threadpool(store.summary_counts, by, start, end)
         groups = [{**dict(zip(by, key, strict=True)), **row} for key, row in summarize(counts, len(by))]
-        return json_safe({"by": by, "since": start, "until": end, "groups": groups})
+        return json_safe({"by": by, "since": start, "until": end, "parts": parts, **extra, "groups": groups})
 
     @api.get("/v1/stats")
     async def stats(window_s: float = Query(default=3600.0, gt=0, le=30 * 86400)) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Unpack
 
 from diffqc.errors import ConfigError, UnknownFeatureTypeError, did_you_mean
-from diffqc.service.store import NOT_INSPECTED, Filters, ResultRecord, ResultStore, iso_time
+from diffqc.service.store import NOT_INSPECTED, Filters, ResultRecord, ResultStore, iso_time, records_by_part
 
 # worst first: the part's decision is the first of these any counted image has
 SEVERITY = ("REJECT", NOT_INSPECTED, "REVIEW", "PASS")
@@ -126,6 +126,23 @@ def part_verdict(part_id: str, records: Sequence[ResultRecord],
     missing = None if expected is None else [t for t in expected if t not in types]
     return PartVerdict(part_id, decision, review, pending, types, counted, len(ordered) - len(counted),
                        missing)
+
+
+def part_summary_counts(store: ResultStore, by: Sequence[str], since: float | None,
+                        until: float | None) -> tuple[list[tuple[Any, ...]], int]:
+    """:func:`~diffqc.service.store.summarize`'s count rows of the parts with images in
+    ``[since, until)``, one a part: its latest counted image's ``by`` values, its verdict and
+    review; and the number of images without a part id (``results summary --parts``,
+    ``GET /v1/summary?parts=true``). A part spans types: ``feature_type`` in ``by`` is refused."""
+    if "feature_type" in by:
+        raise ConfigError("a part spans feature types: group parts by line, station, camera or source, "
+                          "or count images (without parts) by type")
+    counts = []
+    for pid, recs in records_by_part(store, since=since, until=until):
+        v = part_verdict(pid, recs)
+        last = v.counted[-1]
+        counts.append((*(getattr(last, k) for k in by), v.decision, v.review, 1))
+    return counts, store.count(has_part=False, since=since, until=until)
 
 
 class RecentParts:
