@@ -15,7 +15,8 @@ type's latest 200 of the last week, one type with none; since session 36 also ea
 latest 200, the parts coming from 4 cameras a type in turn, beside the types' windows alone, as
 session 35 read them: ``before:``), `results backup` of the whole store (since session 36), a
 part's verdict from its images and `results parts --since 8h` (since session 37), the latest parts'
-verdicts, `GET /v1/parts` (since session 38: all, the rejected, the incomplete), `results list
+verdicts, `GET /v1/parts` (since session 38: all, the rejected, the incomplete), a shift's
+summary of images and of parts (`GET /v1/summary`, `?parts=true`: since session 39), `results list
 --since 8h` written as JSON lines (since session 38, beside the record's JSON form as it was made
 before: ``before:``) and storing one
 more part (since session 37 also with a sink's outbox row, and with `--push-parts`' part
@@ -45,7 +46,7 @@ import numpy as np
 
 from diffqc.output import json_line
 from diffqc.service.line import LineServices
-from diffqc.service.parts import latest_parts, part_verdict
+from diffqc.service.parts import latest_parts, part_summary_counts, part_verdict
 from diffqc.service.retention import (
     ARTIFACT_ROWS,
     Artifact,
@@ -61,6 +62,7 @@ from diffqc.service.store import (
     backup_store,
     iso_time,
     records_by_part,
+    summarize,
 )
 
 TYPES = ("angle", "dist1", "dist6", "dots", "edge1", "edge2", "edge3", "edge4")
@@ -145,6 +147,10 @@ def _measure(store: ResultStore, artifacts: ArtifactStore, url: str, rounds: int
             store, limit=50, types=TYPES, complete=False),
         "results parts --since 8h (every part's verdict)": lambda: [
             part_verdict(pid, rows) for pid, rows in records_by_part(store, since=now - 8 * 3600)],
+        "GET /v1/summary, 8 h (images per type)": lambda: summarize(
+            store.summary_counts(["feature_type"], now - 8 * 3600, None), 1),
+        "GET /v1/summary?parts=true, 8 h (parts per line)": lambda: summarize(
+            part_summary_counts(store, ["line"], now - 8 * 3600, None)[0], 1),
         "open the store (a restart)": lambda: ResultStore(url).close(),
         "results backup (the whole store, a copy)": lambda: backup_store(
             url, Path(url).with_name("backup.db"), force=True),
