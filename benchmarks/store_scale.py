@@ -170,8 +170,8 @@ def _measure(store: ResultStore, artifacts: ArtifactStore, url: str, rounds: int
     out["store one more part"] = _median_ms(one_more, rounds)
     # with a sink's outbox row written in its transaction, and with --push-parts the part's
     # verdict too (since session 37); the outbox emptied after, so later steps start without it
-    for name, parts in (("store one more part, with a sink's outbox", False),
-                        ("store one more part, with a sink's outbox and --push-parts", True)):
+    for name, parts in (("store one more part, with a sink's outbox", None),
+                        ("store one more part, with a sink's outbox and --push-parts", "each")):
         box = Outbox(store, ["bench"], parts=parts)
         store.insert_hooks.append(box.enqueue_records)
         out[name] = _median_ms(one_more, rounds)

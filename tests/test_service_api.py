@@ -908,7 +908,7 @@ async def test_a_line_whose_parts_have_fewer_types_than_the_model(detector: Any,
     (t1, b1), (t2, b2) = list(passed.items())[:2]
     assert len(detector.classes_) > 2
     async with running_app(detector, tmp_path, part_types=(t2, t1), webhook_url="http://127.0.0.1:9/hook",
-                           push_parts=True) as (client, state):
+                           push_parts="each") as (client, state):
         for body, ftype in ((b1, t1), (b2, t2)):
             r = await client.post("/v1/inspect", content=body, headers=AUTH,
                                   params={"feature_type": ftype, "part_id": "S-1"})

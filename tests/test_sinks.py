@@ -152,7 +152,7 @@ def push_parts_contract(store: ResultStore) -> None:
     earlier commits too), once per part, in the same transaction; nothing without it (also run
     against PostgreSQL)."""
     store.insert_hooks.clear()
-    box = Outbox(store, ["hook-parts"], parts=True, types=["edge", "dots"])
+    box = Outbox(store, ["hook-parts"], parts="each", types=["edge", "dots"])
     store.insert_hooks.append(box.enqueue_records)
 
     def crop(part: str, ftype: str, decision: str) -> ResultRecord:
@@ -178,6 +178,16 @@ def push_parts_contract(store: ResultStore) -> None:
     plain = outbox_for(store, "plain")  # without --push-parts: decisions only
     store.insert(crop("A/1", "edge", "PASS"))
     assert [m.kind for m in plain.due("plain", time.time())] == ["decision"]
+    # --push-parts complete: a part once each of its types came, not its crops before
+    store.insert_hooks.clear()
+    done = Outbox(store, ["hook-done"], parts="complete", types=["edge", "dots"])
+    store.insert_hooks.append(done.enqueue_records)
+    store.insert(crop("C", "edge", "PASS"))
+    last = store.insert(crop("C", "dots", "PASS"))
+    pushed = [json.loads(m.payload) for m in done.due("hook-done", time.time()) if m.kind == "part"]
+    assert [(p["part_id"], p["complete"], p["record_id"]) for p in pushed] == [("C", True, last.id)]
+    with pytest.raises(ValueError, match="parts must be one of each, complete"):
+        Outbox(store, ["x"], parts="yes")
 
 
 def test_push_parts_writes_each_parts_verdict_with_its_images(store: ResultStore) -> None:
@@ -686,7 +696,7 @@ async def test_service_publishes_each_decision_over_mqtt(detector: Any, samples:
     data, ftype = samples.one("PASS")
     try:
         async with running_app(detector, tmp_path, mqtt_url=f"mqtt://{base.host}:{base.port}/{prefix}",
-                               push_parts=True) as (client, _):
+                               push_parts="each") as (client, _):
             r = await client.post("/v1/inspect", params={"feature_type": ftype, "camera": "c1"}, content=data,
                                   headers=AUTH)
             assert r.status_code == 200
@@ -892,7 +902,7 @@ async def test_pushed_parts_follow_a_retrained_models_types(service_model: tuple
     shutil.copytree(service_model[0], served)
     data, ftype = samples.one("PASS")
     async with running_app(None, tmp_path, model_path=served, webhook_url="http://127.0.0.1:9/hook",
-                           push_parts=True) as (client, state):
+                           push_parts="each") as (client, state):
         outbox = state.line.outbox
         first_types = list(state.classes)
 
@@ -927,7 +937,7 @@ async def test_a_lines_part_types_outlive_a_retrained_model(service_model: tuple
     shutil.copytree(service_model[0], served)
     data, ftype = samples.one("PASS")
     async with running_app(None, tmp_path, model_path=served, webhook_url="http://127.0.0.1:9/hook",
-                           push_parts=True, part_types=(ftype,)) as (client, state):
+                           push_parts="each", part_types=(ftype,)) as (client, state):
         outbox = state.line.outbox
         r = await client.post("/v1/inspect", content=data, headers=AUTH,
                               params={"feature_type": ftype, "part_id": "P-1"})

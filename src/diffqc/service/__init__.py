@@ -504,6 +504,8 @@ def add_service_commands(subparsers: Any) -> None:
 
     Each parser sets ``func``; the caller runs ``args.func(args)`` (an int exit code).
     """
+    from diffqc.service.sinks import PART_PUSHES  # no HTTP stack: the sinks need none
+
     db_help = (
         "result store: SQLite path or sqlite:///path, or postgresql://user@host/db "
         "(default $DIFFQC_DB or diffqc-results.db)"
@@ -595,10 +597,12 @@ def add_service_commands(subparsers: Any) -> None:
                         "(repeatable); @FILE reads header lines from a file (a secret's, kept off "
                         "the command line)")
     _add_opcua_arguments(p)
-    p.add_argument("--push-parts", action="store_true",
+    p.add_argument("--push-parts", nargs="?", const="each", default=None, choices=PART_PUSHES,
                    help="also push each part's verdict (its images sent with one part_id, one per "
                         "type: the worst of their decisions, GET /v1/parts/{part_id}) each time images "
-                        "of it are stored: MQTT PREFIX/parts/<part_id>, a webhook POST of kind part")
+                        "of it are stored (each, the default) or only then when it is complete (an "
+                        "image of each of its types: --part-types, else the model's): MQTT "
+                        "PREFIX/parts/<part_id>, a webhook POST of kind part")
     p.add_argument("--webhook-secret", action="append", default=None, metavar="whsec_KEY or @FILE",
                    help="sign every push as Standard Webhooks does (webhook-id, webhook-timestamp, "
                         "webhook-signature: HMAC-SHA256), so the receiver can check that this service "

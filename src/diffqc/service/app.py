@@ -79,7 +79,7 @@ from diffqc.service.security import (
     tls_reloader,
     token_matches,
 )
-from diffqc.service.sinks import check_sink_urls, webhook_headers, webhook_secrets
+from diffqc.service.sinks import PART_PUSHES, check_sink_urls, webhook_headers, webhook_secrets
 from diffqc.service.store import (
     DECISIONS,
     MAX_ROW_ID,
@@ -152,7 +152,7 @@ class ServiceSettings:
     webhook_url: str | None = None  # POST each decision as JSON
     webhook_max_attempts: int = 8  # then the message goes to the dead-letter table
     webhook_headers: tuple[str, ...] = ()  # "Name: value" or "@FILE" (sinks.webhook_headers)
-    push_parts: bool = False  # the sinks also get each part's verdict as its images are stored
+    push_parts: str | None = None  # the sinks also get a part's verdict: "each" time, or once "complete"
     webhook_secrets: tuple[str, ...] = ()  # "whsec_..." or "@FILE": sign each push (sinks.webhook_secrets)
     opcua_url: str | None = None  # opc.tcp://host:port: an OPC UA server of the decisions (service.opcua)
     opcua_users: str | Path | None = None  # a name:password file: logins only, encrypted
@@ -200,6 +200,8 @@ class ServiceSettings:
             from diffqc.service.opcua import check_opcua_options
 
             check_opcua_options(self.opcua_url, self.opcua_users, self.opcua_trust)
+        if self.push_parts is not None and self.push_parts not in PART_PUSHES:
+            raise ConfigError(f"push_parts must be one of {', '.join(PART_PUSHES)}, got {self.push_parts!r}")
         if self.push_parts and not (self.mqtt_url or self.webhook_url):
             raise ConfigError("--push-parts needs --mqtt or --webhook (the sinks it pushes to)")
         if self.webhook_secrets:

@@ -382,7 +382,7 @@ class LineServices:
         self.chosen_part_types = tuple(getattr(settings, "part_types", None) or ())
         if sinks:
             self.outbox = Outbox(store, [s.name for s in sinks],
-                                 parts=bool(getattr(settings, "push_parts", False)),
+                                 parts=getattr(settings, "push_parts", None),
                                  types=part_types(list(getattr(detector, "classes_", None) or ()),
                                                   self.chosen_part_types))
             self.dispatcher = Dispatcher(self.outbox, sinks)

@@ -59,6 +59,8 @@ log = logging.getLogger("diffqc.service.sinks")
 OUTBOX = "diffqc_outbox"
 DEAD_LETTERS = "diffqc_dead_letters"
 DECISION, ALARM, PART = "decision", "alarm", "part"
+# --push-parts: a part's verdict after each commit holding images of it, or only once it is complete
+PART_PUSHES = ("each", "complete")
 UNKNOWN_TYPE = "unknown"
 
 _SCHEMA = """
@@ -135,10 +137,13 @@ def topic_key(feature_type: str | None) -> str:
 class Outbox:
     """Outbox and dead-letter tables in the result store, for the sinks named ``sinks``."""
 
-    def __init__(self, store: ResultStore, sinks: Sequence[str], *, parts: bool = False,
+    def __init__(self, store: ResultStore, sinks: Sequence[str], *, parts: str | None = None,
                  types: Sequence[str] | None = None) -> None:
-        """``parts``: also a part's verdict each time images of it are stored; ``types``: those a
-        part should have (the model's: :func:`~diffqc.service.parts.part_verdict`'s ``expected``)."""
+        """``parts`` (:data:`PART_PUSHES`): also a part's verdict, ``"each"`` time images of it
+        are stored or only when it is ``"complete"`` then; ``types``: those a part should have
+        (:func:`~diffqc.service.parts.part_types`)."""
+        if parts is not None and parts not in PART_PUSHES:
+            raise ValueError(f"parts must be one of {', '.join(PART_PUSHES)} or None, got {parts!r}")
         self.store = store
         self.sinks = tuple(sinks)
         self.parts = parts
@@ -174,11 +179,13 @@ class Outbox:
         for rec in new:
             payload = json.dumps(decision_payload(rec), allow_nan=False, sort_keys=True)
             self._insert(conn, DECISION, rec.id, topic_key(rec.feature_type), payload)
-        if self.parts:  # each part once, after all of its images of this commit
+        if self.parts is not None:  # each part once, after all of its images of this commit
             latest = {rec.part_id: rec for rec in new if rec.part_id is not None}
             for part_id, rec in latest.items():
                 rows = self.store.part_records(part_id, conn=conn, limit=PART_RECORDS)
                 verdict = part_verdict(part_id, rows, self.types)
+                if self.parts == "complete" and verdict.complete is not True:
+                    continue  # its other crops are still to come
                 body = json.dumps(part_payload(verdict, rec), allow_nan=False, sort_keys=True)
                 self._insert(conn, PART, rec.id, topic_key(part_id), body)
 
