@@ -908,7 +908,7 @@ async def test_a_line_whose_parts_have_fewer_types_than_the_model(detector: Any,
     (t1, b1), (t2, b2) = list(passed.items())[:2]
     assert len(detector.classes_) > 2
     async with running_app(detector, tmp_path, part_types=(t2, t1), webhook_url="http://127.0.0.1:9/hook",
-                           push_parts="each") as (client, state):
+                           push_parts="each", part_timeout_s=0.5, calibration_poll_s=0.2) as (client, state):
         for body, ftype in ((b1, t1), (b2, t2)):
             r = await client.post("/v1/inspect", content=body, headers=AUTH,
                                   params={"feature_type": ftype, "part_id": "S-1"})
@@ -930,6 +930,18 @@ async def test_a_line_whose_parts_have_fewer_types_than_the_model(detector: Any,
         pushed = [json.loads(m.payload) for m in rows if m.kind == "part"]
         assert [(p["part_id"], p["complete"]) for p in pushed] == [("S-1", False), ("S-1", True),
                                                                    ("S-2", False)]
+        # --part-timeout: the line's loop pushes S-2, still incomplete, once more as overdue
+
+        def overdue() -> list[str]:
+            rows = state.line.outbox.due(state.line.outbox.sinks[0], time.time() + 3600, limit=1000)
+            parts = [json.loads(m.payload) for m in rows if m.kind == "part"]
+            return [p["part_id"] for p in parts if p["overdue"]]
+
+        for _ in range(100):
+            if overdue():
+                break
+            await asyncio.sleep(0.1)
+        assert overdue() == ["S-2"]
     # a type the model does not know (a typo) or one given twice: the service does not start
     with pytest.raises(UnknownFeatureTypeError, match=r"--part-types.*'Dots'.*did you mean 'dots'"):
         async with running_app(detector, tmp_path, part_types=("Dots",)):

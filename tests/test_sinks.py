@@ -188,6 +188,23 @@ def push_parts_contract(store: ResultStore) -> None:
     assert [(p["part_id"], p["complete"], p["record_id"]) for p in pushed] == [("C", True, last.id)]
     with pytest.raises(ValueError, match="parts must be one of each, complete"):
         Outbox(store, ["x"], parts="yes")
+    # --part-timeout: a part still incomplete that long after its latest image is pushed once,
+    # as it stands (`overdue`), so a MES hears of each part: complete, or overdue
+    store.insert_hooks.clear()
+    late = Outbox(store, ["hook-late"], parts="complete", types=["edge", "dots"], part_timeout_s=30.0)
+    store.insert_hooks.append(late.enqueue_records)
+    half = store.insert(crop("D", "edge", "REVIEW"))  # its dots never comes
+    store.insert(crop("E", "edge", "PASS"))
+    store.insert(crop("E", "dots", "PASS"))  # complete in time: pushed as complete, never overdue
+    assert late.enqueue_overdue(half.created_at + 29.0) == 0  # not overdue yet
+    assert late.enqueue_overdue(half.created_at + 31.0) == 1
+    assert late.enqueue_overdue(half.created_at + 3600.0) == 0  # once
+    rows = late.due("hook-late", time.time() + 60, limit=100)
+    pushed = [json.loads(m.payload) for m in rows if m.kind == "part"]
+    assert [(p["part_id"], p["complete"], p["overdue"]) for p in pushed] == [("E", True, False),
+                                                                               ("D", False, True)]
+    assert pushed[1]["missing"] == ["dots"] and pushed[1]["decision"] == "REVIEW"
+    assert pushed[1]["record_id"] == half.id
 
 
 def test_push_parts_writes_each_parts_verdict_with_its_images(store: ResultStore) -> None:

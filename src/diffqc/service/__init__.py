@@ -234,6 +234,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "watch_part_id_pattern": args.part_id_pattern,
         "part_types": args.part_types,
         "push_parts": args.push_parts,
+        "part_timeout_s": args.part_timeout,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "tls_warn_days": args.tls_warn_days,
@@ -603,6 +604,10 @@ def add_service_commands(subparsers: Any) -> None:
                         "of it are stored (each, the default) or only then when it is complete (an "
                         "image of each of its types: --part-types, else the model's): MQTT "
                         "PREFIX/parts/<part_id>, a webhook POST of kind part")
+    p.add_argument("--part-timeout", type=POSITIVE_NUMBER, default=None, metavar="SECONDS",
+                   help="with --push-parts: a part still incomplete this long after its latest image "
+                        "is pushed once more as it stands, overdue: true (its other crops never came), "
+                        "so with --push-parts complete a MES hears of every part once")
     p.add_argument("--webhook-secret", action="append", default=None, metavar="whsec_KEY or @FILE",
                    help="sign every push as Standard Webhooks does (webhook-id, webhook-timestamp, "
                         "webhook-signature: HMAC-SHA256), so the receiver can check that this service "

@@ -383,6 +383,7 @@ class LineServices:
         if sinks:
             self.outbox = Outbox(store, [s.name for s in sinks],
                                  parts=getattr(settings, "push_parts", None),
+                                 part_timeout_s=getattr(settings, "part_timeout_s", None),
                                  types=part_types(list(getattr(detector, "classes_", None) or ()),
                                                   self.chosen_part_types))
             self.dispatcher = Dispatcher(self.outbox, sinks)
@@ -624,6 +625,11 @@ class LineServices:
                 log.exception("certificate renewal failed")
             if self._stop.wait(self.poll_s):
                 return
+            try:  # --part-timeout: the parts whose other crops are overdue
+                if self.outbox is not None:
+                    self.outbox.enqueue_overdue(time.time())
+            except Exception:
+                log.exception("pushing the overdue parts failed")
             try:
                 self.check_model()
             except Exception:

@@ -42,6 +42,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -61,6 +62,7 @@ DEAD_LETTERS = "diffqc_dead_letters"
 DECISION, ALARM, PART = "decision", "alarm", "part"
 # --push-parts: a part's verdict after each commit holding images of it, or only once it is complete
 PART_PUSHES = ("each", "complete")
+OVERDUE_PARTS = 10_000  # incomplete parts an outbox keeps to push as overdue (--part-timeout)
 UNKNOWN_TYPE = "unknown"
 
 _SCHEMA = """
@@ -118,11 +120,13 @@ def decision_payload(rec: ResultRecord) -> dict[str, Any]:
     return json_safe(out)
 
 
-def part_payload(verdict: PartVerdict, latest: ResultRecord) -> dict[str, Any]:
-    """What a receiver gets for a part's verdict, as its image ``latest`` is stored."""
+def part_payload(verdict: PartVerdict, latest: ResultRecord, *, overdue: bool = False) -> dict[str, Any]:
+    """What a receiver gets for a part's verdict, as its image ``latest`` is stored (or, when
+    ``overdue``, as it stands once the part's other crops are overdue: ``--part-timeout``)."""
     return json_safe({
-        "kind": PART, **verdict.to_json(), "record_id": latest.id, "created_at": latest.created_at,
-        "created": iso_time(latest.created_at), "line": latest.line, "station": latest.station,
+        "kind": PART, **verdict.to_json(), "overdue": overdue, "record_id": latest.id,
+        "created_at": latest.created_at, "created": iso_time(latest.created_at), "line": latest.line,
+        "station": latest.station,
     })
 
 
@@ -138,15 +142,22 @@ class Outbox:
     """Outbox and dead-letter tables in the result store, for the sinks named ``sinks``."""
 
     def __init__(self, store: ResultStore, sinks: Sequence[str], *, parts: str | None = None,
-                 types: Sequence[str] | None = None) -> None:
+                 types: Sequence[str] | None = None, part_timeout_s: float | None = None) -> None:
         """``parts`` (:data:`PART_PUSHES`): also a part's verdict, ``"each"`` time images of it
         are stored or only when it is ``"complete"`` then; ``types``: those a part should have
-        (:func:`~diffqc.service.parts.part_types`)."""
+        (:func:`~diffqc.service.parts.part_types`); ``part_timeout_s``: a part stored here still
+        incomplete this long after its latest image is pushed once more, ``overdue``
+        (:meth:`enqueue_overdue`)."""
         if parts is not None and parts not in PART_PUSHES:
             raise ValueError(f"parts must be one of {', '.join(PART_PUSHES)} or None, got {parts!r}")
         self.store = store
         self.sinks = tuple(sinks)
         self.parts = parts
+        self.part_timeout_s = part_timeout_s if parts is not None else None
+        # part id -> its latest image's time, of the parts left incomplete by their latest commit
+        # here, oldest first; at most OVERDUE_PARTS (the oldest forgotten) and not kept over a restart
+        self._incomplete: OrderedDict[str, float] = OrderedDict()
+        self._incomplete_lock = threading.Lock()
         self.types = None if types is None else list(types)
         self.wakeup = threading.Event()
         pk = (
@@ -184,10 +195,48 @@ class Outbox:
             for part_id, rec in latest.items():
                 rows = self.store.part_records(part_id, conn=conn, limit=PART_RECORDS)
                 verdict = part_verdict(part_id, rows, self.types)
+                if self.part_timeout_s is not None:
+                    self._note_incomplete(part_id, rec.created_at, verdict.complete is False)
                 if self.parts == "complete" and verdict.complete is not True:
                     continue  # its other crops are still to come
                 body = json.dumps(part_payload(verdict, rec), allow_nan=False, sort_keys=True)
                 self._insert(conn, PART, rec.id, topic_key(part_id), body)
+
+    def _note_incomplete(self, part_id: str, at: float, incomplete: bool) -> None:
+        with self._incomplete_lock:
+            self._incomplete.pop(part_id, None)
+            if incomplete:
+                self._incomplete[part_id] = at
+                while len(self._incomplete) > OVERDUE_PARTS:
+                    self._incomplete.popitem(last=False)
+
+    def enqueue_overdue(self, now: float) -> int:
+        """Push, once, each part stored here whose latest image is ``part_timeout_s`` or more
+        before ``now`` and that is still incomplete, judged again from its stored images
+        (``overdue``: its other crops never came); returns how many were pushed."""
+        if self.part_timeout_s is None:
+            return 0
+        cutoff = now - self.part_timeout_s
+        with self._incomplete_lock:
+            due = [pid for pid, at in self._incomplete.items() if at <= cutoff]
+            for pid in due:
+                del self._incomplete[pid]
+        pushed = 0
+        for part_id in due:
+            with self.store._transaction() as conn:
+                rows = self.store.part_records(part_id, conn=conn, limit=PART_RECORDS)
+                if not rows or rows[0].created_at > cutoff:
+                    continue  # a later image of it (another service's) is not overdue yet
+                verdict = part_verdict(part_id, rows, self.types)
+                if verdict.complete is not False:
+                    continue
+                body = json.dumps(part_payload(verdict, rows[0], overdue=True), allow_nan=False,
+                                  sort_keys=True)
+                self._insert(conn, PART, rows[0].id, topic_key(part_id), body)
+                pushed += 1
+        if pushed:
+            self.wakeup.set()
+        return pushed
 
     def enqueue_alarm(self, feature_type: str | None, payload: dict[str, Any], *,
                       camera: str | None = None) -> None:
