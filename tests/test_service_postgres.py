@@ -267,3 +267,43 @@ def test_postgres_restart_the_push_sinks_say_it_once_and_catch_up(
     down = [r for r in caplog.records if "cannot read the outbox" in r.getMessage()]
     assert len(down) == 1, [r.getMessage() for r in down]
     assert any("can be read again" in r.getMessage() for r in caplog.records)
+
+
+def test_postgres_restart_overdue_parts_are_pushed_once_it_is_back(
+    private_cluster: tuple[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--part-timeout`` while the database is down: the line's loop says so once (not every
+    second), keeps the incomplete part, and pushes it as overdue once the database is back."""
+    import json
+    import logging
+    import time
+    from types import SimpleNamespace
+
+    from diffqc.service.line import LineServices
+    from diffqc.service.store import ResultRecord
+    from tests.test_sinks import wait_for
+
+    url, ctl = private_cluster
+    settings = SimpleNamespace(webhook_url="http://127.0.0.1:9/hook", push_parts="complete",
+                               part_timeout_s=0.3, calibration_poll_s=0.05)
+    with ResultStore(url) as store, caplog.at_level(logging.INFO, logger="diffqc"):
+        line = LineServices(settings, store, None, SimpleNamespace(classes_=["edge", "dots"]))
+        line.start()
+        try:
+            assert line.outbox is not None
+            store.insert(ResultRecord(created_at=time.time(), source="test", decision="PASS", part_id="Q-1",
+                                      feature_type="edge", type_known=True))
+            ctl("stop")
+            time.sleep(1.5)  # ~30 polls against a database that is down, the part overdue meanwhile
+            ctl("start")
+
+            def overdue() -> list[str]:
+                rows = line.outbox.due("webhook", time.time() + 3600, limit=100) if line.outbox else []
+                return [json.loads(m.payload)["part_id"] for m in rows if m.kind == "part"]
+
+            wait_for(lambda: store.check_write() is None and overdue() == ["Q-1"], what="Q-1 pushed")
+        finally:
+            line.stop()
+    down = [r for r in caplog.records if "cannot push the overdue parts" in r.getMessage()]
+    assert len(down) == 1, [r.getMessage() for r in down]
+    assert any("the overdue parts can be pushed again" in r.getMessage() for r in caplog.records)

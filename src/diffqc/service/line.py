@@ -438,6 +438,7 @@ class LineServices:
                                      trust_dir=None if trust is None else Path(trust).absolute(),
                                      chosen_part_types=self.chosen_part_types)
         self.disk_poll_s = 60.0
+        self._overdue_down = False  # the overdue parts could not be pushed (the store down): said once
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -588,6 +589,22 @@ class LineServices:
             self.on_model(detector)
         return True
 
+    def _push_overdue(self) -> None:
+        """--part-timeout: push the parts whose other crops are overdue; the store down is said
+        once, and once more when they can be pushed again."""
+        if self.outbox is None or self.outbox.part_timeout_s is None:
+            return
+        try:
+            self.outbox.enqueue_overdue(time.time())
+        except Exception as exc:
+            if not self._overdue_down:
+                log.warning("cannot push the overdue parts: %s; trying again every %g s", exc, self.poll_s)
+            self._overdue_down = True
+            return
+        if self._overdue_down:
+            log.info("the overdue parts can be pushed again")
+        self._overdue_down = False
+
     def check_calibration(self) -> bool:
         """Reload a changed calibration file now; True when it was reloaded."""
         if self.reloader is None or not self.reloader.check():
@@ -625,11 +642,7 @@ class LineServices:
                 log.exception("certificate renewal failed")
             if self._stop.wait(self.poll_s):
                 return
-            try:  # --part-timeout: the parts whose other crops are overdue
-                if self.outbox is not None:
-                    self.outbox.enqueue_overdue(time.time())
-            except Exception:
-                log.exception("pushing the overdue parts failed")
+            self._push_overdue()
             try:
                 self.check_model()
             except Exception:

@@ -213,30 +213,45 @@ class Outbox:
     def enqueue_overdue(self, now: float) -> int:
         """Push, once, each part stored here whose latest image is ``part_timeout_s`` or more
         before ``now`` and that is still incomplete, judged again from its stored images
-        (``overdue``: its other crops never came); returns how many were pushed."""
+        (``overdue``: its other crops never came); returns how many were pushed. The store
+        down: raises, the parts not pushed yet kept for the next call."""
         if self.part_timeout_s is None:
             return 0
         cutoff = now - self.part_timeout_s
         with self._incomplete_lock:
-            due = [pid for pid, at in self._incomplete.items() if at <= cutoff]
-            for pid in due:
+            due = [(pid, at) for pid, at in self._incomplete.items() if at <= cutoff]
+            for pid, _ in due:
                 del self._incomplete[pid]
-        pushed = 0
-        for part_id in due:
-            with self.store._transaction() as conn:
-                rows = self.store.part_records(part_id, conn=conn, limit=PART_RECORDS)
-                if not rows or rows[0].created_at > cutoff:
-                    continue  # a later image of it (another service's) is not overdue yet
-                verdict = part_verdict(part_id, rows, self.types)
-                if verdict.complete is not False:
-                    continue
-                body = json.dumps(part_payload(verdict, rows[0], overdue=True), allow_nan=False,
-                                  sort_keys=True)
-                self._insert(conn, PART, rows[0].id, topic_key(part_id), body)
-                pushed += 1
-        if pushed:
-            self.wakeup.set()
+        pushed = done = 0
+        try:
+            for part_id, _ in due:
+                pushed += self._overdue_part(part_id, cutoff)
+                done += 1
+        except Exception:
+            with self._incomplete_lock:  # back in front, oldest first, unless seen again meanwhile
+                for pid, at in reversed(due[done:]):
+                    if pid not in self._incomplete:
+                        self._incomplete[pid] = at
+                        self._incomplete.move_to_end(pid, last=False)
+            raise
+        finally:
+            if pushed:
+                self.wakeup.set()
         return pushed
+
+    def _overdue_part(self, part_id: str, cutoff: float) -> bool:
+        """Push the part as it stands when its latest image is at or before ``cutoff`` and it
+        is incomplete; True when pushed."""
+        with self.store._transaction() as conn:
+            rows = self.store.part_records(part_id, conn=conn, limit=PART_RECORDS)
+            if not rows or rows[0].created_at > cutoff:
+                return False  # a later image of it (another service's) is not overdue yet
+            verdict = part_verdict(part_id, rows, self.types)
+            if verdict.complete is not False:
+                return False
+            body = json.dumps(part_payload(verdict, rows[0], overdue=True), allow_nan=False, sort_keys=True)
+            self._insert(conn, PART, rows[0].id, topic_key(part_id), body)
+            return True
 
     def enqueue_alarm(self, feature_type: str | None, payload: dict[str, Any], *,
                       camera: str | None = None) -> None:
