@@ -160,6 +160,44 @@ def test_a_part_of_a_line_with_fewer_types_than_the_model_is_complete(tmp_path: 
     assert list(swapped.values()) == ["P-2", False, "dots"]
 
 
+def test_a_reject_gates_plc_asks_for_the_verdict_of_a_part_by_its_id(tmp_path: Path) -> None:
+    """Parts are buffered between the camera and the reject gate: when part P-1 reaches the
+    gate the latest part is another one. The gate's PLC calls ``diffqc.GetPart("P-1")`` and
+    gets P-1's verdict from the store (parts inspected before a restart too); a part never seen
+    answers an empty decision."""
+    from types import SimpleNamespace
+
+    from asyncua import Client
+
+    from diffqc.service.line import LineServices
+    from diffqc.service.store import ResultStore
+
+    url = f"opc.tcp://127.0.0.1:{_free_port()}"
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        for i, (part, ftype, decision) in enumerate([("P-1", "edge", "REJECT"), ("P-1", "dots", "PASS"),
+                                                      ("P-2", "edge", "PASS")]):
+            store.insert(ResultRecord(created_at=1_796_000_000.0 + i, source="test", decision=decision,
+                                      feature_type=ftype, type_known=True, part_id=part))
+        line = LineServices(SimpleNamespace(opcua_url=url), store, None,
+                            SimpleNamespace(classes_=["edge", "dots", "angle"]))
+        line.start()
+
+        async def call(*args: object) -> list[Any]:
+            async with Client(url) as client:
+                ns = await client.get_namespace_index(NAMESPACE)
+                root = client.get_node(f"ns={ns};s=diffqc")
+                return [await root.call_method(f"{ns}:GetPart", *args)]
+
+        try:
+            (p1,), (p2,), (nobody,) = (asyncio.run(call(p)) for p in ("P-1", "P-2", "P-9"))
+        finally:
+            line.stop()
+    # Decision, Images, Types, Complete, Missing, RecordId
+    assert p1 == ["REJECT", 2, "edge=REJECT dots=PASS", False, "angle", 2]
+    assert p2[:5] == ["PASS", 1, "edge=PASS", False, "dots angle"]
+    assert nobody == ["", 0, "", False, "", 0]
+
+
 def test_a_subscribed_client_gets_each_new_decision_and_cannot_write() -> None:
     """A reject gate's PLC subscribes to the latest decision's record id and reads the decision
     when it changes; nothing a client writes changes the server's values."""

@@ -307,3 +307,52 @@ def test_postgres_restart_overdue_parts_are_pushed_once_it_is_back(
     down = [r for r in caplog.records if "cannot push the overdue parts" in r.getMessage()]
     assert len(down) == 1, [r.getMessage() for r in down]
     assert any("the overdue parts can be pushed again" in r.getMessage() for r in caplog.records)
+
+
+def test_postgres_restart_opcua_get_part_answers_bad_resource_unavailable(
+    private_cluster: tuple[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database stops under the OPC UA server: ``diffqc.GetPart`` answers
+    ``BadResourceUnavailable`` (a PLC diverts the part), said once in the log; once the
+    database is back it answers the part's verdict again."""
+    import asyncio
+    import logging
+    import socket
+    import time
+
+    from asyncua import Client, ua
+
+    from diffqc.service.opcua import NAMESPACE, OpcUaServer
+    from diffqc.service.store import ResultRecord
+    from tests.test_sinks import wait_for
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"opc.tcp://127.0.0.1:{s.getsockname()[1]}"
+    url, ctl = private_cluster
+
+    async def call(part: str) -> Any:
+        async with Client(endpoint) as client:
+            ns = await client.get_namespace_index(NAMESPACE)
+            try:
+                return await client.get_node(f"ns={ns};s=diffqc").call_method(f"{ns}:GetPart", part)
+            except ua.UaStatusCodeError as exc:
+                return exc.code
+
+    with ResultStore(url) as store, caplog.at_level(logging.INFO, logger="diffqc"):
+        store.insert(ResultRecord(created_at=time.time(), source="test", decision="REJECT", part_id="G-1",
+                                  feature_type="edge", type_known=True))
+        server = OpcUaServer(endpoint, ["edge"], store=store)
+        server.start()
+        try:
+            assert asyncio.run(call("G-1"))[:2] == ["REJECT", 1]
+            ctl("stop")
+            down = [asyncio.run(call("G-1")) for _ in range(3)]
+            ctl("start")
+            wait_for(lambda: store.check_write() is None, what="the store back")
+            assert asyncio.run(call("G-1"))[:2] == ["REJECT", 1]
+        finally:
+            server.stop()
+    assert down == [ua.StatusCodes.BadResourceUnavailable] * 3
+    said = [r for r in caplog.records if "GetPart cannot read the result store" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]

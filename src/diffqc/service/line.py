@@ -436,7 +436,7 @@ class LineServices:
                                      users=None if users_file is None else read_users(users_file),
                                      certificate_dir=None if artifacts is None else artifacts.root / "opcua",
                                      trust_dir=None if trust is None else Path(trust).absolute(),
-                                     chosen_part_types=self.chosen_part_types)
+                                     chosen_part_types=self.chosen_part_types, store=store)
         self.disk_poll_s = 60.0
         self._overdue_down = False  # the overdue parts could not be pushed (the store down): said once
         self._stop = threading.Event()

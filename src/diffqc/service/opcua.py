@@ -23,10 +23,14 @@ space, in the namespace :data:`NAMESPACE`, with string node ids a PLC program ca
                                         or --part-types', without an image yet), RecordId (the
                                         latest image's);
                                         from the images since the server started
+    Objects/diffqc/GetPart(PartId)      a method: any stored part's verdict by its id (a reject
+                                        gate's PLC asking for the part now at the gate, other
+                                        parts inspected since): Decision, Images, Types,
+                                        Complete, Missing, RecordId, as GET /v1/parts/{id}
 
-Every variable is read-only. ``RecordId`` is written last, so a client that triggers on its
-change reads the other fields of the same decision (unless the next one came in between: a
-subscription's publish carries the values of one moment). By default the server offers no
+Every variable is read-only; ``GetPart`` reads only. ``RecordId`` is written last, so a client
+that triggers on its change reads the other fields of the same decision (unless the next one
+came in between: a subscription's publish carries the values of one moment). By default the server offers no
 encryption and takes anonymous clients, as it holds no image and takes no command: keep it on
 the line's network. With users (``--opcua-users``) a client logs in over an encrypted channel;
 with a trust list (``--opcua-trust``, :class:`TrustList`) only clients whose certificates it
@@ -51,9 +55,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from diffqc.errors import ConfigError
-from diffqc.service.parts import PartVerdict, RecentParts, part_types
+from diffqc.service.parts import PartVerdict, RecentParts, part_types, stored_part
 from diffqc.service.security import read_secret_file
-from diffqc.service.store import NOT_INSPECTED, ResultRecord
+from diffqc.service.store import NOT_INSPECTED, ResultRecord, ResultStore, StoreError
 
 log = logging.getLogger("diffqc.service.opcua")
 
@@ -316,9 +320,11 @@ class OpcUaServer:
 
     def __init__(self, url: str, types: list[str], *, model_version: str = "",
                  users: dict[str, str] | None = None, certificate_dir: Path | None = None,
-                 trust_dir: Path | None = None, chosen_part_types: tuple[str, ...] = ()) -> None:
+                 trust_dir: Path | None = None, chosen_part_types: tuple[str, ...] = (),
+                 store: ResultStore | None = None) -> None:
         """``chosen_part_types``: those a part of this line has, when fewer than ``types``
-        (:func:`~diffqc.service.parts.part_types`). ``users``: name -> password; with them a
+        (:func:`~diffqc.service.parts.part_types`). ``store``: the result store, whose parts
+        ``diffqc.GetPart`` judges (:meth:`_get_part`). ``users``: name -> password; with them a
         session must log in, over an encrypted channel, with the server's own certificate, kept
         in ``certificate_dir`` (made there, self-signed, on the first start:
         :meth:`_certificate`). ``trust_dir``: with users, only clients whose certificates it
@@ -346,6 +352,8 @@ class OpcUaServer:
         self._counts: Counter[tuple[str, str]] = Counter()
         self._version_node: Any = None
         self.chosen_part_types = chosen_part_types
+        self.store = store
+        self._store_down = False  # GetPart could not read the store: said once
         self._parts = RecentParts(types=part_types(self.types, chosen_part_types))
         self._part_nodes: dict[str, Any] = {}
 
@@ -398,7 +406,7 @@ class OpcUaServer:
         self.stop()
         server = OpcUaServer(self.url, types, model_version=model_version, users=self.users,
                              certificate_dir=self.certificate_dir, trust_dir=self.trust_dir,
-                             chosen_part_types=self.chosen_part_types)
+                             chosen_part_types=self.chosen_part_types, store=self.store)
         server.start()
         return server
 
@@ -507,6 +515,10 @@ class OpcUaServer:
         nobody = PartVerdict("", "", None, 0, {}, [], 0)
         self._part_nodes = {n: await variable(part, "diffqc.Part", n, _part_value(nobody, n), t)
                             for n, t in PART_FIELDS}
+        if self.store is not None:  # a part's verdict by its id: PART_FIELDS but PartId, out
+            outputs = [getattr(ua.VariantType, t) for n, t in PART_FIELDS if n != "PartId"]
+            await root.add_method(node_id("diffqc.GetPart"), name("GetPart"), self._get_part,
+                                  [ua.VariantType.String], outputs)
         folder = await root.add_folder(node_id("diffqc.Types"), name("Types"))
         for ftype in self.types:
             path = f"diffqc.Types.{ftype}"
@@ -517,6 +529,31 @@ class OpcUaServer:
                 nodes[ftype][count] = await variable(obj, path, count, 0, "UInt64")
             nodes[ftype]["DriftAlarm"] = await variable(obj, path, "DriftAlarm", False, "Boolean")
         return nodes
+
+    def _get_part(self, parent: Any, part_id: Any) -> Any:
+        """``diffqc.GetPart(PartId)``, in asyncua's worker threads: the part's verdict from the
+        store, as ``GET /v1/parts/{part_id}`` judges it: Decision, Images, Types, Complete,
+        Missing, RecordId (``""`` and zeros for a part never stored); the store down is
+        ``BadResourceUnavailable``."""
+        from asyncua import ua
+
+        pid = part_id.Value if isinstance(part_id, ua.Variant) else None
+        if not isinstance(pid, str):
+            return ua.StatusCode(ua.UInt32(ua.StatusCodes.BadInvalidArgument))
+        assert self.store is not None
+        expected = part_types(self.types, self.chosen_part_types)
+        try:
+            found = stored_part(self.store, pid, expected) if pid else None
+        except StoreError as exc:
+            if not self._store_down:
+                log.warning("OPC UA GetPart cannot read the result store: %s (answering "
+                            "BadResourceUnavailable until it can)", exc)
+            self._store_down = True
+            return ua.StatusCode(ua.UInt32(ua.StatusCodes.BadResourceUnavailable))
+        self._store_down = False
+        verdict = found[0] if found is not None else PartVerdict(pid, "", None, 0, {}, [], 0)
+        return [ua.Variant(_part_value(verdict, n), getattr(ua.VariantType, t))
+                for n, t in PART_FIELDS if n != "PartId"]
 
     async def _write(self, server: Any, batch: list[tuple[str, Any]], nodes: dict[str, dict[str, Any]],
                      ua: Any) -> bool:
