@@ -211,6 +211,31 @@ def test_push_parts_writes_each_parts_verdict_with_its_images(store: ResultStore
     push_parts_contract(store)
 
 
+def test_an_overdue_part_reaches_a_webhook_as_a_message_of_its_own(store: ResultStore) -> None:
+    """With ``--push-parts`` (each) a part's verdict after its latest crop and its overdue
+    verdict later name the same latest record: a receiver dropping repeats by their
+    Idempotency-Key (or Standard Webhooks' webhook-id) must not take the second for a repeat."""
+    from diffqc.service.sinks import WebhookSink
+
+    box = Outbox(store, ["webhook"], parts="each", types=["edge", "dots"], part_timeout_s=1.0)
+    store.insert_hooks.append(box.enqueue_records)
+    rec = store.insert(ResultRecord(created_at=time.time(), source="test", decision="PASS", part_id="F",
+                                    feature_type="edge", type_known=True))
+    assert box.enqueue_overdue(rec.created_at + 2.0) == 1
+    receiver = Receiver()
+    try:
+        sink = WebhookSink(receiver.url, secrets=[b"k" * 32])
+        for message in box.due("webhook", time.time() + 60):
+            sink.send(message)
+    finally:
+        receiver.close()
+    parts = [(body, {k.lower(): v for k, v in headers.items()}) for _, headers, body in receiver.requests
+             if body["kind"] == "part"]
+    assert [(p["overdue"], p["record_id"]) for p, _ in parts] == [(False, rec.id), (True, rec.id)]
+    for header in ("idempotency-key", "webhook-id"):
+        assert parts[0][1][header] != parts[1][1][header], header
+
+
 def test_a_duplicate_record_is_not_pushed_twice(store: ResultStore) -> None:
     box = outbox_for(store, "webhook")
     first = store.insert(record(1, key="k1"))

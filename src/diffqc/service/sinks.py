@@ -250,7 +250,9 @@ class Outbox:
             if verdict.complete is not False:
                 return False
             body = json.dumps(part_payload(verdict, rows[0], overdue=True), allow_nan=False, sort_keys=True)
-            self._insert(conn, PART, rows[0].id, topic_key(part_id), body)
+            # no record id of its own: its key (part-o<row id>) is not that of the push its latest
+            # record already made, which a receiver dropping repeats would take it for
+            self._insert(conn, PART, None, topic_key(part_id), body)
             return True
 
     def enqueue_alarm(self, feature_type: str | None, payload: dict[str, Any], *,
