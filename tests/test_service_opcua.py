@@ -476,13 +476,20 @@ def test_with_users_a_client_logs_in_over_an_encrypted_channel(tmp_path: Path) -
                 async with client:
                     ns = await client.get_namespace_index(NAMESPACE)
                     out[name] = await client.get_node(f"ns={ns};s=diffqc.Last.Decision").read_value()
+                    if name == "good":  # a user may call GetPart (it only reads)
+                        root = client.get_node(f"ns={ns};s=diffqc")
+                        out["get"] = await root.call_method(f"{ns}:GetPart", "p3")
             except Exception as exc:
                 out[name] = type(exc).__name__
         return out
 
+    from diffqc.service.store import ResultStore
+
+    store = ResultStore(str(tmp_path / "r.db"))
+    store.insert(_record(3, "REJECT"))
     thumbprints = []
     for _ in range(2):  # a restart keeps the certificate a client's administrator trusted
-        server = OpcUaServer(url, ["edge"], users=users, certificate_dir=folder)
+        server = OpcUaServer(url, ["edge"], users=users, certificate_dir=folder, store=store)
         server.start()
         try:
             server.publish(_record(3, "REJECT"))
@@ -491,10 +498,11 @@ def test_with_users_a_client_logs_in_over_an_encrypted_channel(tmp_path: Path) -
             status = server.status()
         finally:
             server.stop()
-        assert got["good"] == "REJECT", got
+        assert got["good"] == "REJECT" and got["get"][:2] == ["REJECT", 1], got
         assert got["wrong"] == "BadUserAccessDenied" and got["anonymous"] not in ("REJECT", ""), got
         assert status["security"] == "sign_and_encrypt"
         thumbprints.append(status["certificate_sha1"])
+    store.close()
     cert = folder / "server-cert.der"
     assert thumbprints[0] == thumbprints[1] == hashlib.sha1(cert.read_bytes()).hexdigest()
     assert stat.S_IMODE((folder / "server-key.pem").stat().st_mode) == 0o600
