@@ -41,6 +41,25 @@ def test_a_type_sent_again_replaces_its_earlier_image_in_any_order() -> None:
     assert part_verdict("P-1", recs[:3]).decision == "PASS"
 
 
+def test_a_part_id_that_repeats_hours_later_is_a_new_part() -> None:
+    """A counter reset each shift gives today's P-1 the id of yesterday's: its crops of the
+    types today's has not sent yet must not make it complete (nor decide it). Images of the id
+    more than PART_WINDOW_S before its latest are an earlier part's: not counted."""
+    from diffqc.service.parts import PART_WINDOW_S
+
+    yesterday = [_rec(i, t, "PASS") for i, t in enumerate(["angle", "dots", "edge1"], 1)]
+    today = ResultRecord(created_at=1003.0 + 8 * 3600, source="http", decision="REVIEW", part_id="P-1",
+                         feature_type="dots", type_known=True, id=4)
+    v = part_verdict("P-1", [*yesterday, today], ["angle", "dots", "edge1"])
+    assert (v.decision, v.types, v.missing, v.complete) == ("REVIEW", {"dots": "REVIEW"}, ["angle", "edge1"],
+                                                            False)
+    assert [r.id for r in v.counted] == [4] and v.superseded == 3
+    # crops of one part a few minutes apart (a crop sent again after an outage) still count
+    later = ResultRecord(created_at=1001.0 + PART_WINDOW_S, source="http", decision="PASS", part_id="P-1",
+                         feature_type="dots", type_known=True, id=4)
+    assert part_verdict("P-1", [*yesterday, later], ["angle", "dots", "edge1"]).complete is True
+
+
 def test_images_the_model_routed_each_count() -> None:
     # two crops sent without a type, both routed to dots: neither replaces the other
     v = part_verdict("P-1", [_rec(1, "dots", "REVIEW", known=False), _rec(2, "dots", "PASS", known=False)])

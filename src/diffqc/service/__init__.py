@@ -699,8 +699,10 @@ def add_service_commands(subparsers: Any) -> None:
                                      "suffix): per feature type its latest image, the part's decision "
                                      "the worst of theirs (REJECT, NOT_INSPECTED, REVIEW, PASS), as "
                                      "GET /v1/parts/{part_id} gives it; in the order of part ids. "
-                                     "Give a period shorter than the cycle of part ids that repeat "
-                                     "(a counter reset each shift).")
+                                     "Images of an id more than an hour before its latest are an "
+                                     "earlier part's and not counted, nor listed: give a period "
+                                     "shorter than the cycle of part ids that repeat (a counter reset "
+                                     "each shift).")
     listing(pt, "images")
     pt.add_argument("--decision", choices=[*DECISIONS, NOT_INSPECTED], default=None, type=str.upper,
                     help="parts given this verdict")

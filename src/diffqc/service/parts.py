@@ -5,9 +5,11 @@ On the line a part is seen as several images, one crop per feature type, sent wi
 verdict, which :func:`part_verdict` makes from those records:
 
 - each feature type counts once, with its latest record: a crop sent again (a re-inspection after
-  ``NOT_INSPECTED``, a second shot) replaces the earlier one, and a part id that repeats (a counter
-  reset each shift) gives the latest part's crops. An image sent without a type (the model chose
-  it) counts on its own: two such images may be two crops routed to one type;
+  ``NOT_INSPECTED``, a second shot) replaces the earlier one. Images of the id more than
+  :data:`PART_WINDOW_S` before its latest image are an earlier part's (a counter reset each
+  shift gave both the id) and do not count: its crops not sent yet are missing, not taken from
+  the earlier part. An image sent without a type (the model chose it) counts on its own: two
+  such images may be two crops routed to one type;
 - ``decision`` is the worst counted decision, in the order REJECT, NOT_INSPECTED, REVIEW, PASS:
   a part passes only when every counted image passed, and a crop that was not inspected outranks
   a REVIEW because no operator verdict can settle it (it must be inspected again);
@@ -37,6 +39,8 @@ PART_RECORDS = 1000  # a stored part's verdict reads its latest images, at most 
 # GET /v1/parts reads the store's rows newest first, at most this many a request: a client that
 # polls a filter few parts pass (complete=false) costs ~85 ms a poll, not seconds
 LATEST_PARTS_ROWS = 10_000
+# a part's crops come within this of its latest one; the id's older images are an earlier part's
+PART_WINDOW_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ class PartVerdict:
     pending_review: int  # counted flagged images without an operator verdict
     types: dict[str, str]  # feature type -> the decision of its counted image (the worst of them)
     counted: list[ResultRecord]  # oldest first
-    superseded: int  # earlier images of a type sent again, not counted
+    superseded: int  # earlier images not counted: of a type sent again, or of an earlier part of the id
     missing: list[str] | None = None  # the expected types without a counted image; None: none expected
 
     @property
@@ -99,9 +103,12 @@ def part_verdict(part_id: str, records: Sequence[ResultRecord],
     if not records:
         raise ValueError(f"part {part_id!r} has no records")
     ordered = sorted(records, key=lambda r: (r.id or 0, r.created_at))
+    start = ordered[-1].created_at - PART_WINDOW_S  # before it: an earlier part of the same id
     latest: dict[str, ResultRecord] = {}
     counted: list[ResultRecord] = []
     for rec in ordered:
+        if rec.created_at < start:
+            continue
         given = _given_type(rec)
         if given is None:
             counted.append(rec)
