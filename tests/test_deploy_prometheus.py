@@ -47,7 +47,7 @@ def test_the_alert_rules_load_and_pass_their_unit_tests(tmp_path: Path) -> None:
     shutil.copy(DEPLOY / "alerts.yml", tmp_path / "alerts.yml")
     loaded = _promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     said = loaded.stdout + loaded.stderr
-    assert loaded.returncode == 0 and "SUCCESS: 11 rules found" in said, said
+    assert loaded.returncode == 0 and "SUCCESS: 12 rules found" in said, said
 
 
 def test_a_broken_rule_fails_its_unit_test(tmp_path: Path) -> None:
@@ -75,11 +75,13 @@ def test_every_metric_the_rules_name_is_one_the_service_exports() -> None:
 async def test_the_metrics_text_passes_promtools_lint(detector: Any, samples: Samples,
                                                       tmp_path: Path) -> None:
     body, ftype = samples.one("REVIEW")
-    async with running_app(detector, tmp_path, retention_max_age_s=3600.0) as (client, _):
+    async with running_app(detector, tmp_path, retention_max_age_s=3600.0,
+                           part_timeout_s=30.0) as (client, _):
         r = await client.post("/v1/inspect", content=body, headers=AUTH,
                               params={"feature_type": ftype, "camera": 'cam "1"\\'})
         assert r.status_code == 200, r.text
         text = (await client.get("/metrics", headers=AUTH)).text
     assert 'diffqc_last_decision_timestamp_seconds{feature_type="' in text
+    assert 'diffqc_parts_overdue_total{feature_type="' in text
     linted = _promtool("check", "metrics", stdin=text)
     assert linted.returncode == 0 and not linted.stdout.strip(), linted.stdout + linted.stderr

@@ -942,6 +942,12 @@ async def test_a_line_whose_parts_have_fewer_types_than_the_model(detector: Any,
                 break
             await asyncio.sleep(0.1)
         assert overdue() == ["S-2"]
+        metrics = (await client.get("/metrics", headers=AUTH)).text
+        assert f'diffqc_parts_overdue_total{{feature_type="{t1}"}} 1' in metrics
+        assert f'diffqc_parts_overdue_total{{feature_type="{t2}"}} 0' in metrics
+        parts = (await client.get("/v1/line", headers=AUTH)).json()["parts"]
+        assert {k: parts[k] for k in ("types", "timeout_s", "waiting", "overdue_total", "lacking")} == {
+            "types": [t2, t1], "timeout_s": 0.5, "waiting": 0, "overdue_total": 1, "lacking": {t1: 1}}
     # a type the model does not know (a typo) or one given twice: the service does not start
     with pytest.raises(UnknownFeatureTypeError, match=r"--part-types.*'Dots'.*did you mean 'dots'"):
         async with running_app(detector, tmp_path, part_types=("Dots",)):

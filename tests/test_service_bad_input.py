@@ -670,8 +670,6 @@ def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
          "--push-parts needs --mqtt or --webhook (the sinks it pushes to)"),
         (["serve", str(service_model[0]), "--no-auth", "--push-parts", "complete"],
          "--push-parts needs --mqtt or --webhook (the sinks it pushes to)"),
-        (["serve", str(service_model[0]), "--no-auth", "--part-timeout", "30"],
-         "--part-timeout needs --push-parts (the part messages it adds to)"),
         (["watch", str(tmp_path), str(service_model[0]), "--opcua", "tcp://plc:4840", "--once"],
          "OPC UA endpoint 'tcp://plc:4840' must look like opc.tcp://0.0.0.0:4840"),
         (["watch", str(tmp_path), str(service_model[0]), "--opcua-users", str(blocker), "--once"],

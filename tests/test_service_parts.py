@@ -161,3 +161,35 @@ def test_latest_parts_newest_first_from_their_images(tmp_path: Path) -> None:
         # the scan stops after max_rows rows: the parts found so far, truncated
         parts, truncated = latest_parts(store, limit=10, types=None, verdict="PASS", page=1, max_rows=2)
         assert [v.part_id for v in parts] == ["C"] and truncated
+
+
+def test_overdue_parts_without_sinks_are_counted_by_the_types_they_lack(tmp_path: Path) -> None:
+    """``--part-timeout`` without pushes (a line watching /metrics for a camera that misses
+    triggers): a store hook notes each part's verdict; a part still incomplete the timeout
+    after its latest image is overdue once, counted per type it lacks; a part completed in time,
+    and one with a later image, are not; at most ``capacity`` parts wait (the oldest forgotten)."""
+    from diffqc.service.parts import OverdueParts
+    from diffqc.service.store import ResultStore
+
+    def crop(part: str, ftype: str, at: float) -> ResultRecord:
+        return ResultRecord(created_at=at, source="http", decision="PASS", part_id=part, feature_type=ftype,
+                            type_known=True)
+
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        overdue = OverdueParts(store, 10.0, ["angle", "dots", "edge1"], capacity=3)
+        store.insert_hooks.append(overdue.on_insert)
+        store.insert_many([crop("A", "dots", 100.0), crop("A", "edge1", 101.0)])  # lacks angle
+        store.insert_many([crop(p, "dots", 102.0) for p in ("B", "C")])
+        store.insert(crop("C", "angle", 103.0))
+        store.insert(crop("C", "edge1", 104.0))  # complete in time
+        store.insert(crop("D", "dots", 105.0))
+        assert overdue.waiting() == 3  # A, B, D
+        store.insert(crop("E", "dots", 106.0))  # a fourth: the oldest waiting (A) is forgotten
+        assert overdue.waiting() == 3
+        assert overdue.sweep(111.0) == []  # B's latest image is 102: 9 s
+        assert [v.part_id for v, _ in overdue.sweep(112.0)] == ["B"]
+        store.insert(crop("D", "edge1", 114.0))  # D's second crop came: it waits again, from 114
+        assert [v.part_id for v, _ in overdue.sweep(120.0)] == ["E"]
+        assert [(v.part_id, v.missing) for v, _ in overdue.sweep(130.0)] == [("D", ["angle"])]
+        assert overdue.lacking == {"angle": 3, "edge1": 2} and overdue.overdue_total == 3
+        assert overdue.waiting() == 0 and overdue.last_error is None

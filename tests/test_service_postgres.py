@@ -304,9 +304,11 @@ def test_postgres_restart_overdue_parts_are_pushed_once_it_is_back(
             wait_for(lambda: store.check_write() is None and overdue() == ["Q-1"], what="Q-1 pushed")
         finally:
             line.stop()
-    down = [r for r in caplog.records if "cannot push the overdue parts" in r.getMessage()]
+    down = [r for r in caplog.records if "cannot judge or push the overdue parts" in r.getMessage()]
     assert len(down) == 1, [r.getMessage() for r in down]
-    assert any("the overdue parts can be pushed again" in r.getMessage() for r in caplog.records)
+    assert any("the overdue parts can be judged and pushed again" in r.getMessage() for r in caplog.records)
+    assert any("parts overdue, no image of a type 0.3 s after their latest: dots 1" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_postgres_restart_opcua_get_part_answers_bad_resource_unavailable(

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from diffqc.errors import ConfigError
+from diffqc.service.parts import OverdueParts
 from diffqc.service.sinks import (
     DEAD_LETTERS,
     OUTBOX,
@@ -191,14 +192,17 @@ def push_parts_contract(store: ResultStore) -> None:
     # --part-timeout: a part still incomplete that long after its latest image is pushed once,
     # as it stands (`overdue`), so a MES hears of each part: complete, or overdue
     store.insert_hooks.clear()
-    late = Outbox(store, ["hook-late"], parts="complete", types=["edge", "dots"], part_timeout_s=30.0)
+    late = Outbox(store, ["hook-late"], parts="complete", types=["edge", "dots"])
+    late.overdue = OverdueParts(store, 30.0, ["edge", "dots"])  # noted from the outbox's verdicts
     store.insert_hooks.append(late.enqueue_records)
     half = store.insert(crop("D", "edge", "REVIEW"))  # its dots never comes
     store.insert(crop("E", "edge", "PASS"))
     store.insert(crop("E", "dots", "PASS"))  # complete in time: pushed as complete, never overdue
-    assert late.enqueue_overdue(half.created_at + 29.0) == 0  # not overdue yet
-    assert late.enqueue_overdue(half.created_at + 31.0) == 1
-    assert late.enqueue_overdue(half.created_at + 3600.0) == 0  # once
+    assert late.overdue.sweep(half.created_at + 29.0) == []  # not overdue yet
+    ((verdict, latest),) = late.overdue.sweep(half.created_at + 31.0)
+    assert late.overdue.sweep(half.created_at + 3600.0) == []  # once
+    assert late.overdue.lacking == {"dots": 1} and late.overdue.overdue_total == 1
+    late.enqueue_overdue(verdict, latest)
     rows = late.due("hook-late", time.time() + 60, limit=100)
     pushed = [json.loads(m.payload) for m in rows if m.kind == "part"]
     assert [(p["part_id"], p["complete"], p["overdue"]) for p in pushed] == [("E", True, False),
@@ -217,11 +221,13 @@ def test_an_overdue_part_reaches_a_webhook_as_a_message_of_its_own(store: Result
     Idempotency-Key (or Standard Webhooks' webhook-id) must not take the second for a repeat."""
     from diffqc.service.sinks import WebhookSink
 
-    box = Outbox(store, ["webhook"], parts="each", types=["edge", "dots"], part_timeout_s=1.0)
+    box = Outbox(store, ["webhook"], parts="each", types=["edge", "dots"])
+    box.overdue = OverdueParts(store, 1.0, ["edge", "dots"])
     store.insert_hooks.append(box.enqueue_records)
     rec = store.insert(ResultRecord(created_at=time.time(), source="test", decision="PASS", part_id="F",
                                     feature_type="edge", type_known=True))
-    assert box.enqueue_overdue(rec.created_at + 2.0) == 1
+    for verdict, latest in box.overdue.sweep(rec.created_at + 2.0):
+        box.enqueue_overdue(verdict, latest)
     receiver = Receiver()
     try:
         sink = WebhookSink(receiver.url, secrets=[b"k" * 32])

@@ -291,6 +291,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         camera=args.camera,
         part_id_pattern=args.part_id_pattern,
         part_types=args.part_types,
+        part_timeout_s=args.part_timeout,
         opcua_url=args.opcua,
         opcua_users=args.opcua_users,
         opcua_trust=args.opcua_trust,
@@ -470,6 +471,11 @@ def _add_line_arguments(p: argparse.ArgumentParser, *, folders: bool = False) ->
                    help="the types a part of this line has, when fewer than the model's (dots,edge1): a "
                         "part is complete with an image of each (its verdict's complete and missing); "
                         "default: every type of the model")
+    p.add_argument("--part-timeout", type=POSITIVE_NUMBER, default=None, metavar="SECONDS",
+                   help="a part still incomplete this long after its latest image is overdue (its other "
+                        "crops never came: a camera missing triggers): counted per type it lacks "
+                        "(/metrics diffqc_parts_overdue_total, /v1/line), logged, and with --push-parts "
+                        "pushed once more as it stands, overdue: true")
 
 
 def _add_opcua_arguments(p: argparse.ArgumentParser) -> None:
@@ -604,10 +610,6 @@ def add_service_commands(subparsers: Any) -> None:
                         "of it are stored (each, the default) or only then when it is complete (an "
                         "image of each of its types: --part-types, else the model's): MQTT "
                         "PREFIX/parts/<part_id>, a webhook POST of kind part")
-    p.add_argument("--part-timeout", type=POSITIVE_NUMBER, default=None, metavar="SECONDS",
-                   help="with --push-parts: a part still incomplete this long after its latest image "
-                        "is pushed once more as it stands, overdue: true (its other crops never came), "
-                        "so with --push-parts complete a MES hears of every part once")
     p.add_argument("--webhook-secret", action="append", default=None, metavar="whsec_KEY or @FILE",
                    help="sign every push as Standard Webhooks does (webhook-id, webhook-timestamp, "
                         "webhook-signature: HMAC-SHA256), so the receiver can check that this service "

@@ -153,7 +153,7 @@ class ServiceSettings:
     webhook_max_attempts: int = 8  # then the message goes to the dead-letter table
     webhook_headers: tuple[str, ...] = ()  # "Name: value" or "@FILE" (sinks.webhook_headers)
     push_parts: str | None = None  # the sinks also get a part's verdict: "each" time, or once "complete"
-    part_timeout_s: float | None = None  # ... and once more, "overdue", when still incomplete this long after
+    part_timeout_s: float | None = None  # a part still incomplete this long after its latest image: overdue
     webhook_secrets: tuple[str, ...] = ()  # "whsec_..." or "@FILE": sign each push (sinks.webhook_secrets)
     opcua_url: str | None = None  # opc.tcp://host:port: an OPC UA server of the decisions (service.opcua)
     opcua_users: str | Path | None = None  # a name:password file: logins only, encrypted
@@ -203,8 +203,6 @@ class ServiceSettings:
             check_opcua_options(self.opcua_url, self.opcua_users, self.opcua_trust)
         if self.push_parts is not None and self.push_parts not in PART_PUSHES:
             raise ConfigError(f"push_parts must be one of {', '.join(PART_PUSHES)}, got {self.push_parts!r}")
-        if self.part_timeout_s is not None and not self.push_parts:
-            raise ConfigError("--part-timeout needs --push-parts (the part messages it adds to)")
         if self.part_timeout_s is not None and not self.part_timeout_s > 0:
             raise ConfigError(f"part_timeout_s must be positive, got {self.part_timeout_s}")
         if self.push_parts and not (self.mqtt_url or self.webhook_url):

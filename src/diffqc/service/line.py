@@ -23,6 +23,7 @@ import os
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from typing import Any
 from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, is_misrouted, prometheus_label, scored
 from diffqc.recalibrate import CalibrationReloader, file_signature
 from diffqc.runtime import EXPORT_FILE
-from diffqc.service.parts import part_types
+from diffqc.service.parts import OverdueParts, part_types
 from diffqc.service.retention import RetentionPolicy, RetentionWorker
 from diffqc.service.security import certificate_expiry
 from diffqc.service.sinks import Dispatcher, Outbox, build_sinks, webhook_headers, webhook_secrets
@@ -383,10 +384,15 @@ class LineServices:
         if sinks:
             self.outbox = Outbox(store, [s.name for s in sinks],
                                  parts=getattr(settings, "push_parts", None),
-                                 part_timeout_s=getattr(settings, "part_timeout_s", None),
                                  types=part_types(list(getattr(detector, "classes_", None) or ()),
                                                   self.chosen_part_types))
             self.dispatcher = Dispatcher(self.outbox, sinks)
+        timeout = getattr(settings, "part_timeout_s", None)  # --part-timeout: the parts overdue
+        self.overdue = (OverdueParts(store, float(timeout), part_types(
+            list(getattr(detector, "classes_", None) or ()), self.chosen_part_types))
+            if timeout is not None else None)
+        # the overdue parts not logged yet, by the types they lack, and when they were last (once a minute)
+        self._overdue_said: tuple[float, Counter[str]] = (float("-inf"), Counter())
         self.drift = DriftMonitor(DriftConfig(
             window=int(getattr(settings, "drift_window", 200)),
             min_parts=int(getattr(settings, "drift_min_parts", 30)),
@@ -438,7 +444,7 @@ class LineServices:
                                      trust_dir=None if trust is None else Path(trust).absolute(),
                                      chosen_part_types=self.chosen_part_types, store=store)
         self.disk_poll_s = 60.0
-        self._overdue_down = False  # the overdue parts could not be pushed (the store down): said once
+        self._overdue_down = False  # the overdue parts could not be judged or pushed: said once
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -448,6 +454,11 @@ class LineServices:
         if self.outbox is not None and self.dispatcher is not None:
             self.store.insert_hooks.append(self.outbox.enqueue_records)
             self.dispatcher.start()
+        if self.overdue is not None:  # the outbox's part verdicts, or a hook of its own
+            if self.outbox is not None and self.outbox.parts is not None:
+                self.outbox.overdue = self.overdue
+            else:
+                self.store.insert_hooks.append(self.overdue.on_insert)
         if self.retention is not None:
             self.retention.start()
         if self.opcua is not None:
@@ -469,10 +480,10 @@ class LineServices:
             self.opcua.stop()
         if self.dispatcher is not None:
             self.dispatcher.stop()
-        if self.outbox is not None:
-            hooks = self.store.insert_hooks
-            if self.outbox.enqueue_records in hooks:
-                hooks.remove(self.outbox.enqueue_records)
+        hooks = self.store.insert_hooks
+        for hook in (getattr(self.outbox, "enqueue_records", None), getattr(self.overdue, "on_insert", None)):
+            if hook is not None and hook in hooks:
+                hooks.remove(hook)
 
     # ------------------------------------------------------------------ listeners
     def on_record(self, rec: ResultRecord, seconds: float) -> None:
@@ -583,27 +594,43 @@ class LineServices:
                         ", ".join(types))
         if self.outbox is not None:
             self.outbox.types = part_types(types, self.chosen_part_types)
+        if self.overdue is not None:
+            self.overdue.types = part_types(types, self.chosen_part_types)
         if self.opcua is not None:
             self.opcua = self.opcua.use_model(types, str(getattr(detector, "version", "") or ""))
         if self.on_model is not None:
             self.on_model(detector)
         return True
 
-    def _push_overdue(self) -> None:
-        """--part-timeout: push the parts whose other crops are overdue; the store down is said
-        once, and once more when they can be pushed again."""
-        if self.outbox is None or self.outbox.part_timeout_s is None:
+    def check_overdue(self) -> None:
+        """--part-timeout: the parts whose other crops are overdue, counted (``/metrics``,
+        ``/v1/line``), logged at most once a minute by the types they lack, and pushed with
+        ``--push-parts``; the store down is said once, and once more when they can be judged
+        and pushed again."""
+        if self.overdue is None:
             return
+        found = self.overdue.sweep(time.time())
+        error = self.overdue.last_error
         try:
-            self.outbox.enqueue_overdue(time.time())
-        except Exception as exc:
-            if not self._overdue_down:
-                log.warning("cannot push the overdue parts: %s; trying again every %g s", exc, self.poll_s)
-            self._overdue_down = True
-            return
-        if self._overdue_down:
-            log.info("the overdue parts can be pushed again")
-        self._overdue_down = False
+            if self.outbox is not None and self.outbox.parts is not None:
+                for verdict, latest in found:
+                    self.outbox.enqueue_overdue(verdict, latest)
+        except Exception as exc:  # judged, but not pushed: counted and logged still
+            error = str(exc) or type(exc).__name__
+        if error is not None and not self._overdue_down:
+            log.warning("cannot judge or push the overdue parts: %s; trying again every %g s", error,
+                        self.poll_s)
+        elif error is None and self._overdue_down:
+            log.info("the overdue parts can be judged and pushed again")
+        self._overdue_down = error is not None
+        said_at, lacking = self._overdue_said
+        for verdict, _ in found:
+            lacking.update(verdict.missing or ())
+        if lacking and time.monotonic() - said_at >= 60.0:
+            log.warning("parts overdue, no image of a type %g s after their latest: %s (a camera missing "
+                        "triggers?)", self.overdue.timeout_s,
+                        ", ".join(f"{t} {n}" for t, n in lacking.most_common()))
+            self._overdue_said = (time.monotonic(), Counter())
 
     def check_calibration(self) -> bool:
         """Reload a changed calibration file now; True when it was reloaded."""
@@ -642,7 +669,7 @@ class LineServices:
                 log.exception("certificate renewal failed")
             if self._stop.wait(self.poll_s):
                 return
-            self._push_overdue()
+            self.check_overdue()
             try:
                 self.check_model()
             except Exception:
@@ -662,6 +689,13 @@ class LineServices:
                 log.warning("sink metrics unavailable: %s", exc)
         if self.retention is not None:
             out += self.retention.metrics_lines()
+        if self.overdue is not None:
+            out += ["# HELP diffqc_parts_overdue_total Parts without an image of this type --part-timeout "
+                    "after their latest (a camera missing triggers).",
+                    "# TYPE diffqc_parts_overdue_total counter"]
+            out += [f'diffqc_parts_overdue_total{{feature_type="{prometheus_label(t)}"}} '
+                    f'{self.overdue.lacking.get(t, 0)}'
+                    for t in sorted({*(self.overdue.types or ()), *self.overdue.lacking})]
         out += self.disk.metrics_lines()
         out += self.clock.metrics_lines()
         if self.certificate is not None:
@@ -686,6 +720,13 @@ class LineServices:
             "clock": self.clock.check(),
             "tls": None if self.certificate is None else self.certificate.check(),
             "opcua": None if self.opcua is None else self.opcua.status(),
+            "parts": None if self.overdue is None else {
+                "types": self.overdue.types,
+                "timeout_s": self.overdue.timeout_s,
+                "waiting": self.overdue.waiting(),
+                "overdue_total": self.overdue.overdue_total,
+                "lacking": dict(self.overdue.lacking),
+            },
             "model": None if self.model_watch is None else {
                 "bundle": str(self.model_watch.bundle),
                 "model_id": self.model_watch.model_id,

@@ -23,7 +23,8 @@ verdict, which :func:`part_verdict` makes from those records:
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Unpack
@@ -41,6 +42,7 @@ PART_RECORDS = 1000  # a stored part's verdict reads its latest images, at most 
 LATEST_PARTS_ROWS = 10_000
 # a part's crops come within this of its latest one; the id's older images are an earlier part's
 PART_WINDOW_S = 3600.0
+OVERDUE_PARTS = 10_000  # incomplete parts an OverdueParts keeps waiting (--part-timeout)
 
 
 @dataclass(frozen=True)
@@ -226,3 +228,76 @@ def latest_parts(store: ResultStore, *, limit: int, types: Sequence[str] | None,
                 if len(found) == limit:
                     break
     return found, False
+
+
+class OverdueParts:
+    """The parts left incomplete by their latest commit, judged again ``timeout_s`` after their
+    latest image (``--part-timeout``): those still incomplete are overdue, their other crops
+    never came (a camera missing triggers), counted per type they lack (``lacking``). Waiting
+    parts are kept in memory: at most ``capacity`` (the oldest forgotten), none over a restart."""
+
+    def __init__(self, store: ResultStore, timeout_s: float, types: Sequence[str] | None,
+                 capacity: int = OVERDUE_PARTS) -> None:
+        self.store = store
+        self.timeout_s = timeout_s
+        self.types = None if types is None else list(types)
+        self.capacity = capacity
+        self.lacking: Counter[str] = Counter()  # overdue parts per type they had no image of
+        self.overdue_total = 0
+        self.last_error: str | None = None  # why the latest sweep stopped early (the store down)
+        self._waiting: OrderedDict[str, float] = OrderedDict()  # part id -> its latest image's time
+        self._lock = threading.Lock()
+
+    def note(self, verdict: PartVerdict, at: float) -> None:
+        """The part's verdict after a commit of its images, the latest made at ``at``: it
+        waits while incomplete."""
+        with self._lock:
+            self._waiting.pop(verdict.part_id, None)
+            if verdict.complete is False:
+                self._waiting[verdict.part_id] = at
+                while len(self._waiting) > self.capacity:
+                    self._waiting.popitem(last=False)
+
+    def on_insert(self, conn: Any, records: Sequence[ResultRecord]) -> None:
+        """A store insert hook (where no outbox judges the parts already): :meth:`note` each
+        part of the commit, judged on the commit's connection."""
+        latest = {rec.part_id: rec for rec in records
+                  if rec.part_id is not None and rec.id is not None and not rec.duplicate}
+        for part_id, rec in latest.items():
+            rows = self.store.part_records(part_id, conn=conn, limit=PART_RECORDS)
+            self.note(part_verdict(part_id, rows, self.types), rec.created_at)
+
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    def sweep(self, now: float) -> list[tuple[PartVerdict, ResultRecord]]:
+        """The parts overdue at ``now``, each once, judged again from the store (one with a
+        later image, another service's, is left to that service): (verdict, its latest record).
+        The store down stops the sweep: ``last_error`` says why, the parts not judged yet wait on."""
+        cutoff = now - self.timeout_s
+        with self._lock:
+            due = [(pid, at) for pid, at in self._waiting.items() if at <= cutoff]
+            for pid, _ in due:
+                del self._waiting[pid]
+        found: list[tuple[PartVerdict, ResultRecord]] = []
+        for done, (part_id, _) in enumerate(due):
+            try:
+                rows = self.store.query(part_id=part_id, limit=PART_RECORDS)
+            except Exception as exc:  # the store down: the rest wait, in front, oldest first
+                self.last_error = str(exc) or type(exc).__name__
+                with self._lock:
+                    for pid, at in reversed(due[done:]):
+                        if pid not in self._waiting:  # unless seen again meanwhile
+                            self._waiting[pid] = at
+                            self._waiting.move_to_end(pid, last=False)
+                return found
+            if not rows or rows[0].created_at > cutoff:
+                continue
+            verdict = part_verdict(part_id, rows, self.types)
+            if verdict.complete is False:
+                found.append((verdict, rows[0]))
+                self.overdue_total += 1
+                self.lacking.update(verdict.missing or ())
+        self.last_error = None
+        return found

@@ -42,7 +42,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -51,7 +50,7 @@ from urllib.parse import unquote, urlsplit
 from diffqc.drift import is_misrouted
 from diffqc.errors import ConfigError
 from diffqc.output import json_safe
-from diffqc.service.parts import PART_RECORDS, PartVerdict, part_verdict
+from diffqc.service.parts import PART_RECORDS, OverdueParts, PartVerdict, part_verdict
 from diffqc.service.security import read_secret_file
 from diffqc.service.store import ResultRecord, ResultStore, iso_time, redact_url
 
@@ -62,7 +61,6 @@ DEAD_LETTERS = "diffqc_dead_letters"
 DECISION, ALARM, PART = "decision", "alarm", "part"
 # --push-parts: a part's verdict after each commit holding images of it, or only once it is complete
 PART_PUSHES = ("each", "complete")
-OVERDUE_PARTS = 10_000  # incomplete parts an outbox keeps to push as overdue (--part-timeout)
 UNKNOWN_TYPE = "unknown"
 
 _SCHEMA = """
@@ -142,22 +140,17 @@ class Outbox:
     """Outbox and dead-letter tables in the result store, for the sinks named ``sinks``."""
 
     def __init__(self, store: ResultStore, sinks: Sequence[str], *, parts: str | None = None,
-                 types: Sequence[str] | None = None, part_timeout_s: float | None = None) -> None:
+                 types: Sequence[str] | None = None) -> None:
         """``parts`` (:data:`PART_PUSHES`): also a part's verdict, ``"each"`` time images of it
         are stored or only when it is ``"complete"`` then; ``types``: those a part should have
-        (:func:`~diffqc.service.parts.part_types`); ``part_timeout_s``: a part stored here still
-        incomplete this long after its latest image is pushed once more, ``overdue``
-        (:meth:`enqueue_overdue`)."""
+        (:func:`~diffqc.service.parts.part_types`). With ``overdue`` set, the verdicts it makes
+        are noted there too (``--part-timeout``: :meth:`enqueue_overdue`)."""
         if parts is not None and parts not in PART_PUSHES:
             raise ValueError(f"parts must be one of {', '.join(PART_PUSHES)} or None, got {parts!r}")
         self.store = store
         self.sinks = tuple(sinks)
         self.parts = parts
-        self.part_timeout_s = part_timeout_s if parts is not None else None
-        # part id -> its latest image's time, of the parts left incomplete by their latest commit
-        # here, oldest first; at most OVERDUE_PARTS (the oldest forgotten) and not kept over a restart
-        self._incomplete: OrderedDict[str, float] = OrderedDict()
-        self._incomplete_lock = threading.Lock()
+        self.overdue: OverdueParts | None = None
         self.types = None if types is None else list(types)
         self.wakeup = threading.Event()
         pk = (
@@ -195,65 +188,22 @@ class Outbox:
             for part_id, rec in latest.items():
                 rows = self.store.part_records(part_id, conn=conn, limit=PART_RECORDS)
                 verdict = part_verdict(part_id, rows, self.types)
-                if self.part_timeout_s is not None:
-                    self._note_incomplete(part_id, rec.created_at, verdict.complete is False)
+                if self.overdue is not None:
+                    self.overdue.note(verdict, rec.created_at)
                 if self.parts == "complete" and verdict.complete is not True:
                     continue  # its other crops are still to come
                 body = json.dumps(part_payload(verdict, rec), allow_nan=False, sort_keys=True)
                 self._insert(conn, PART, rec.id, topic_key(part_id), body)
 
-    def _note_incomplete(self, part_id: str, at: float, incomplete: bool) -> None:
-        with self._incomplete_lock:
-            self._incomplete.pop(part_id, None)
-            if incomplete:
-                self._incomplete[part_id] = at
-                while len(self._incomplete) > OVERDUE_PARTS:
-                    self._incomplete.popitem(last=False)
-
-    def enqueue_overdue(self, now: float) -> int:
-        """Push, once, each part stored here whose latest image is ``part_timeout_s`` or more
-        before ``now`` and that is still incomplete, judged again from its stored images
-        (``overdue``: its other crops never came); returns how many were pushed. The store
-        down: raises, the parts not pushed yet kept for the next call."""
-        if self.part_timeout_s is None:
-            return 0
-        cutoff = now - self.part_timeout_s
-        with self._incomplete_lock:
-            due = [(pid, at) for pid, at in self._incomplete.items() if at <= cutoff]
-            for pid, _ in due:
-                del self._incomplete[pid]
-        pushed = done = 0
-        try:
-            for part_id, _ in due:
-                pushed += self._overdue_part(part_id, cutoff)
-                done += 1
-        except Exception:
-            with self._incomplete_lock:  # back in front, oldest first, unless seen again meanwhile
-                for pid, at in reversed(due[done:]):
-                    if pid not in self._incomplete:
-                        self._incomplete[pid] = at
-                        self._incomplete.move_to_end(pid, last=False)
-            raise
-        finally:
-            if pushed:
-                self.wakeup.set()
-        return pushed
-
-    def _overdue_part(self, part_id: str, cutoff: float) -> bool:
-        """Push the part as it stands when its latest image is at or before ``cutoff`` and it
-        is incomplete; True when pushed."""
+    def enqueue_overdue(self, verdict: PartVerdict, latest: ResultRecord) -> None:
+        """A part whose other crops are overdue (:class:`~diffqc.service.parts.OverdueParts`),
+        as it stands, in its own transaction."""
+        body = json.dumps(part_payload(verdict, latest, overdue=True), allow_nan=False, sort_keys=True)
         with self.store._transaction() as conn:
-            rows = self.store.part_records(part_id, conn=conn, limit=PART_RECORDS)
-            if not rows or rows[0].created_at > cutoff:
-                return False  # a later image of it (another service's) is not overdue yet
-            verdict = part_verdict(part_id, rows, self.types)
-            if verdict.complete is not False:
-                return False
-            body = json.dumps(part_payload(verdict, rows[0], overdue=True), allow_nan=False, sort_keys=True)
             # no record id of its own: its key (part-o<row id>) is not that of the push its latest
             # record already made, which a receiver dropping repeats would take it for
-            self._insert(conn, PART, None, topic_key(part_id), body)
-            return True
+            self._insert(conn, PART, None, topic_key(verdict.part_id), body)
+        self.wakeup.set()
 
     def enqueue_alarm(self, feature_type: str | None, payload: dict[str, Any], *,
                       camera: str | None = None) -> None:

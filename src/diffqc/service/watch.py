@@ -560,6 +560,7 @@ def run_watch(
     camera: str | None = None,
     part_id_pattern: str | None = None,
     part_types: tuple[str, ...] = (),
+    part_timeout_s: float | None = None,
     opcua_url: str | None = None,
     opcua_users: str | Path | None = None,
     opcua_trust: str | Path | None = None,
@@ -585,8 +586,9 @@ def run_watch(
     job's run is over before the first pass). The disks it writes to are said to be nearly full
     below ``disk_min_free_bytes`` or ``disk_min_free_ratio`` of their size, as ``serve``'s are.
     ``part_types``: those a part has, when fewer than the model's
-    (:func:`diffqc.service.parts.part_types`). ``runtime``, ``precision`` and ``threads`` as
-    ``serve`` takes them
+    (:func:`diffqc.service.parts.part_types`); ``part_timeout_s``: a part still incomplete this
+    long after its latest image is overdue, logged (:class:`~diffqc.service.parts.OverdueParts`).
+    ``runtime``, ``precision`` and ``threads`` as ``serve`` takes them
     (:func:`diffqc.runtime.load_detector`). The log goes to stderr at ``log_level``, as text
     or JSON lines (``log_format``, :mod:`diffqc.service.logs`). Returns the process exit code.
     """
@@ -655,6 +657,7 @@ def run_watch(
     # the line's services as `serve` runs them, without sinks: a new calibration is picked up
     # (it was served only after a restart), drift is watched and logged, artifacts expire
     settings_ns = SimpleNamespace(model_path=model_path, station=station, part_types=part_types,
+                                  part_timeout_s=part_timeout_s,
                                   opcua_url=opcua_url,
                                   opcua_users=opcua_users, opcua_trust=opcua_trust,
                                   retention_max_age_s=retention_max_age_s,
