@@ -307,7 +307,8 @@ def test_postgres_restart_overdue_parts_are_pushed_once_it_is_back(
     down = [r for r in caplog.records if "cannot judge or push the overdue parts" in r.getMessage()]
     assert len(down) == 1, [r.getMessage() for r in down]
     assert any("the overdue parts can be judged and pushed again" in r.getMessage() for r in caplog.records)
-    assert any("parts overdue, no image of a type 0.3 s after their latest: dots 1" in r.getMessage()
+    assert any("parts overdue (incomplete 0.3 s after their latest image), by the type they lack: dots 1"
+               in r.getMessage()
                for r in caplog.records)
 
 

@@ -627,8 +627,8 @@ class LineServices:
         for verdict, _ in found:
             lacking.update(verdict.missing or ())
         if lacking and time.monotonic() - said_at >= 60.0:
-            log.warning("parts overdue, no image of a type %g s after their latest: %s (a camera missing "
-                        "triggers?)", self.overdue.timeout_s,
+            log.warning("parts overdue (incomplete %g s after their latest image), by the type they lack: "
+                        "%s (a camera missing triggers?)", self.overdue.timeout_s,
                         ", ".join(f"{t} {n}" for t, n in lacking.most_common()))
             self._overdue_said = (time.monotonic(), Counter())
 
