@@ -381,16 +381,13 @@ class LineServices:
         self.dispatcher: Dispatcher | None = None
         # those a part of this line has (--part-types), when fewer than the model's
         self.chosen_part_types = tuple(getattr(settings, "part_types", None) or ())
+        expected = part_types(list(getattr(detector, "classes_", None) or ()), self.chosen_part_types)
         if sinks:
             self.outbox = Outbox(store, [s.name for s in sinks],
-                                 parts=getattr(settings, "push_parts", None),
-                                 types=part_types(list(getattr(detector, "classes_", None) or ()),
-                                                  self.chosen_part_types))
+                                 parts=getattr(settings, "push_parts", None), types=expected)
             self.dispatcher = Dispatcher(self.outbox, sinks)
         timeout = getattr(settings, "part_timeout_s", None)  # --part-timeout: the parts overdue
-        self.overdue = (OverdueParts(store, float(timeout), part_types(
-            list(getattr(detector, "classes_", None) or ()), self.chosen_part_types))
-            if timeout is not None else None)
+        self.overdue = OverdueParts(store, float(timeout), expected) if timeout is not None else None
         # the overdue parts not logged yet, by the types they lack, and when they were last (once a minute)
         self._overdue_said: tuple[float, Counter[str]] = (float("-inf"), Counter())
         self.drift = DriftMonitor(DriftConfig(
@@ -588,14 +585,13 @@ class LineServices:
         types = list(getattr(detector, "classes_", None) or ())
         unknown = [t for t in self.chosen_part_types if t not in types]
         if unknown:  # its parts cannot be complete: said, and the line's parts still need them
-            log.warning("the model now served does not know %s of --part-types: its parts read %s missing "
-                        "until a model that knows %s is served (its types: %s)", ", ".join(unknown),
-                        "it" if len(unknown) == 1 else "them", "it" if len(unknown) == 1 else "them",
+            log.warning("the model now served does not know %s of --part-types (its types: %s): parts "
+                        "read them missing until a model that knows them is served", ", ".join(unknown),
                         ", ".join(types))
-        if self.outbox is not None:
-            self.outbox.types = part_types(types, self.chosen_part_types)
-        if self.overdue is not None:
-            self.overdue.types = part_types(types, self.chosen_part_types)
+        expected = part_types(types, self.chosen_part_types)
+        for judge in (self.outbox, self.overdue):
+            if judge is not None:
+                judge.types = expected
         if self.opcua is not None:
             self.opcua = self.opcua.use_model(types, str(getattr(detector, "version", "") or ""))
         if self.on_model is not None:
@@ -669,7 +665,10 @@ class LineServices:
                 log.exception("certificate renewal failed")
             if self._stop.wait(self.poll_s):
                 return
-            self.check_overdue()
+            try:
+                self.check_overdue()
+            except Exception:
+                log.exception("overdue parts check failed")
             try:
                 self.check_model()
             except Exception:
