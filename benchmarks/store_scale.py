@@ -18,10 +18,10 @@ part's verdict from its images and `results parts --since 8h` (since session 37)
 verdicts, `GET /v1/parts` (since session 38: all, the rejected, the incomplete), a shift's
 summary of images and of parts (`GET /v1/summary`, `?parts=true`: since session 39), `results list
 --since 8h` written as JSON lines (since session 38, beside the record's JSON form as it was made
-before: ``before:``) and storing one
-more part (since session 37 also with a sink's outbox row, and with `--push-parts`' part
-verdict). Median of ``--rounds``, in milliseconds. The read session 33 gave an
-index, the rows naming a file, is also timed as it ran before (``before:``, the table scanned),
+before: ``before:``) and storing one more part (since session 37 also with a sink's outbox row,
+and with `--push-parts`' part verdict; since session 39 with `--part-timeout`'s hook, and its
+sweep). Median of ``--rounds``, in milliseconds. The read session 33 gave an index, the rows
+naming a file, is also timed as it ran before (``before:``, the table scanned),
 in the same run on the same rows; so are the retention pass's sizes of kept files on disk
 (``--kept-files``: every row naming one, as ``--keep-images all`` for days leaves them), read
 one file path at a time before session 34, by one listing per folder since, and since session 37
@@ -46,7 +46,7 @@ import numpy as np
 
 from diffqc.output import json_line
 from diffqc.service.line import LineServices
-from diffqc.service.parts import latest_parts, part_summary_counts, part_verdict
+from diffqc.service.parts import OverdueParts, latest_parts, part_summary_counts, part_verdict
 from diffqc.service.retention import (
     ARTIFACT_ROWS,
     Artifact,
@@ -178,6 +178,14 @@ def _measure(store: ResultStore, artifacts: ArtifactStore, url: str, rounds: int
         store.insert_hooks.clear()
         with store._transaction() as conn:
             conn.execute(f"DELETE FROM {OUTBOX}")
+    # with --part-timeout and no sink: the part's verdict judged in the commit by its own hook
+    # (since session 39), then a sweep of the parts still incomplete 30 s after their latest
+    overdue = OverdueParts(store, 30.0, TYPES)
+    store.insert_hooks.append(overdue.on_insert)
+    out["store one more part, with --part-timeout (no sink)"] = _median_ms(one_more, rounds)
+    store.insert_hooks.clear()
+    out["--part-timeout's sweep, once a second (nothing due)"] = _median_ms(
+        lambda: overdue.sweep(time.time()), rounds)
     return out
 
 
