@@ -534,6 +534,39 @@ def test_dashboard_says_when_a_disk_is_nearly_full(detector: Any, browser: Any, 
                 assert not browser.find_element(By.ID, "certificate").is_displayed()  # no TLS
 
 
+def test_dashboard_names_the_types_parts_went_without(detector: Any, browser: Any, samples: Samples,
+                                                       tmp_path: Path) -> None:
+    """With ``--part-timeout`` the operators see which types parts went without (a camera
+    missing triggers), how many and when last; hidden while no part was overdue."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    wait = WebDriverWait(browser, 20)
+    body, ftype = samples.one("PASS")
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,), part_timeout_s=0.3,
+                                     calibration_poll_s=0.1), detector=detector)
+    with _serve(app) as url:
+        browser.get(url + "/dashboard")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "connect").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
+        time.sleep(2)  # a few polls of /v1/line: no part overdue yet
+        assert not browser.find_element(By.ID, "overdue").is_displayed()
+        r = httpx.post(url + "/v1/inspect", content=body, headers=AUTH,
+                       params={"feature_type": ftype, "part_id": "M-1"})
+        assert r.status_code == 200, r.text
+        lacking = [t for t in detector.classes_ if t != ftype]
+        row = wait.until(ec.visibility_of_element_located(
+            (By.CSS_SELECTOR, f'#overdue tbody tr[data-type="{lacking[0]}"]')))
+        assert [td.text for td in row.find_elements(By.TAG_NAME, "td")][:2] == [lacking[0], "1"]
+        rows = browser.find_elements(By.CSS_SELECTOR, "#overdue tbody tr")
+        assert sorted(r.get_attribute("data-type") for r in rows) == sorted(lacking)
+        assert "a camera missing triggers" in browser.find_element(By.ID, "overdue").text
+
+
 def test_dashboard_says_when_the_tls_certificate_expires_soon(detector: Any, browser: Any,
                                                               tmp_path: Path) -> None:
     """A certificate that expires within days is shown to whoever has the dashboard open, with

@@ -192,4 +192,5 @@ def test_overdue_parts_without_sinks_are_counted_by_the_types_they_lack(tmp_path
         assert [v.part_id for v, _ in overdue.sweep(120.0)] == ["E"]
         assert [(v.part_id, v.missing) for v, _ in overdue.sweep(130.0)] == [("D", ["angle"])]
         assert overdue.lacking == {"angle": 3, "edge1": 2} and overdue.overdue_total == 3
+        assert overdue.last_at == {"angle": 114.0, "edge1": 106.0}  # the latest image of the latest lacking
         assert overdue.waiting() == 0 and overdue.last_error is None

@@ -725,6 +725,7 @@ class LineServices:
                 "waiting": self.overdue.waiting(),
                 "overdue_total": self.overdue.overdue_total,
                 "lacking": dict(self.overdue.lacking),
+                "last_at": dict(self.overdue.last_at),
             },
             "model": None if self.model_watch is None else {
                 "bundle": str(self.model_watch.bundle),

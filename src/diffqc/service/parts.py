@@ -243,6 +243,7 @@ class OverdueParts:
         self.types = None if types is None else list(types)
         self.capacity = capacity
         self.lacking: Counter[str] = Counter()  # overdue parts per type they had no image of
+        self.last_at: dict[str, float] = {}  # per type, the latest image of the latest part lacking it
         self.overdue_total = 0
         self.last_error: str | None = None  # why the latest sweep stopped early (the store down)
         self._waiting: OrderedDict[str, float] = OrderedDict()  # part id -> its latest image's time
@@ -299,5 +300,6 @@ class OverdueParts:
                 found.append((verdict, rows[0]))
                 self.overdue_total += 1
                 self.lacking.update(verdict.missing or ())
+                self.last_at.update((t, rows[0].created_at) for t in verdict.missing or ())
         self.last_error = None
         return found
