@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from diffqc.service.parts import part_verdict
-from diffqc.service.store import NOT_INSPECTED, ResultRecord
+from diffqc.service.store import NOT_INSPECTED, ResultRecord, ResultStore
 
 
 def _rec(rid: int, ftype: str | None, decision: str, *, known: bool | None = True,
@@ -163,34 +163,38 @@ def test_latest_parts_newest_first_from_their_images(tmp_path: Path) -> None:
         assert [v.part_id for v in parts] == ["C"] and truncated
 
 
-def test_overdue_parts_without_sinks_are_counted_by_the_types_they_lack(tmp_path: Path) -> None:
+def overdue_parts_contract(store: ResultStore) -> None:
     """``--part-timeout`` without pushes (a line watching /metrics for a camera that misses
     triggers): a store hook notes each part's verdict; a part still incomplete the timeout
     after its latest image is overdue once, counted per type it lacks; a part completed in time,
-    and one with a later image, are not; at most ``capacity`` parts wait (the oldest forgotten)."""
+    and one with a later image, are not; at most ``capacity`` parts wait (the oldest forgotten).
+    Also run against PostgreSQL."""
     from diffqc.service.parts import OverdueParts
-    from diffqc.service.store import ResultStore
 
     def crop(part: str, ftype: str, at: float) -> ResultRecord:
         return ResultRecord(created_at=at, source="http", decision="PASS", part_id=part, feature_type=ftype,
                             type_known=True)
 
+    overdue = OverdueParts(store, 10.0, ["angle", "dots", "edge1"], capacity=3)
+    store.insert_hooks.append(overdue.on_insert)
+    store.insert_many([crop("A", "dots", 100.0), crop("A", "edge1", 101.0)])  # lacks angle
+    store.insert_many([crop(p, "dots", 102.0) for p in ("B", "C")])
+    store.insert(crop("C", "angle", 103.0))
+    store.insert(crop("C", "edge1", 104.0))  # complete in time
+    store.insert(crop("D", "dots", 105.0))
+    assert overdue.waiting() == 3  # A, B, D
+    store.insert(crop("E", "dots", 106.0))  # a fourth: the oldest waiting (A) is forgotten
+    assert overdue.waiting() == 3
+    assert overdue.sweep(111.0) == []  # B's latest image is 102: 9 s
+    assert [v.part_id for v, _ in overdue.sweep(112.0)] == ["B"]
+    store.insert(crop("D", "edge1", 114.0))  # D's second crop came: it waits again, from 114
+    assert [v.part_id for v, _ in overdue.sweep(120.0)] == ["E"]
+    assert [(v.part_id, v.missing) for v, _ in overdue.sweep(130.0)] == [("D", ["angle"])]
+    assert overdue.lacking == {"angle": 3, "edge1": 2} and overdue.overdue_total == 3
+    assert overdue.last_at == {"angle": 114.0, "edge1": 106.0}  # the latest image of the latest lacking
+    assert overdue.waiting() == 0 and overdue.last_error is None
+
+
+def test_overdue_parts_without_sinks_are_counted_by_the_types_they_lack(tmp_path: Path) -> None:
     with ResultStore(str(tmp_path / "r.db")) as store:
-        overdue = OverdueParts(store, 10.0, ["angle", "dots", "edge1"], capacity=3)
-        store.insert_hooks.append(overdue.on_insert)
-        store.insert_many([crop("A", "dots", 100.0), crop("A", "edge1", 101.0)])  # lacks angle
-        store.insert_many([crop(p, "dots", 102.0) for p in ("B", "C")])
-        store.insert(crop("C", "angle", 103.0))
-        store.insert(crop("C", "edge1", 104.0))  # complete in time
-        store.insert(crop("D", "dots", 105.0))
-        assert overdue.waiting() == 3  # A, B, D
-        store.insert(crop("E", "dots", 106.0))  # a fourth: the oldest waiting (A) is forgotten
-        assert overdue.waiting() == 3
-        assert overdue.sweep(111.0) == []  # B's latest image is 102: 9 s
-        assert [v.part_id for v, _ in overdue.sweep(112.0)] == ["B"]
-        store.insert(crop("D", "edge1", 114.0))  # D's second crop came: it waits again, from 114
-        assert [v.part_id for v, _ in overdue.sweep(120.0)] == ["E"]
-        assert [(v.part_id, v.missing) for v, _ in overdue.sweep(130.0)] == [("D", ["angle"])]
-        assert overdue.lacking == {"angle": 3, "edge1": 2} and overdue.overdue_total == 3
-        assert overdue.last_at == {"angle": 114.0, "edge1": 106.0}  # the latest image of the latest lacking
-        assert overdue.waiting() == 0 and overdue.last_error is None
+        overdue_parts_contract(store)
