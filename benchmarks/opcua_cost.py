@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import sys
 import tempfile
@@ -29,12 +28,6 @@ if str(REPO / "benchmarks") not in sys.path:
     sys.path.insert(0, str(REPO / "benchmarks"))
 
 import service_load as bench  # noqa: E402  (benchmarks/ is no package)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Subscriber:
@@ -77,7 +70,7 @@ class Subscriber:
 
 def _round(model: Path, parts: list[tuple[bytes, str]], work: Path, opcua: bool, args: argparse.Namespace
            ) -> dict[str, float]:
-    url = f"opc.tcp://127.0.0.1:{_free_port()}"
+    url = f"opc.tcp://127.0.0.1:{bench.free_port()}"
     db = str(work / f"r-{time.monotonic_ns()}.db")
     server = bench.start_server(model, db, workdir=work, extra=("--opcua", url) if opcua else ())
     subscriber = Subscriber(url) if opcua else None

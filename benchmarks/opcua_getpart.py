@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import sys
 import tempfile
@@ -28,16 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "benchmarks") not in sys.path:
     sys.path.insert(0, str(REPO / "benchmarks"))
 
-from store_scale import TYPES, _records  # noqa: E402  (benchmarks/ is no package)
+import service_load as bench  # noqa: E402  (benchmarks/ is no package)
+from store_scale import TYPES, _records  # noqa: E402
 
 from diffqc.service.opcua import NAMESPACE, OpcUaServer  # noqa: E402
 from diffqc.service.store import ResultStore  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _ms(samples: list[float]) -> tuple[float, float]:
@@ -83,7 +77,7 @@ def main() -> None:
                 stored += n
             whole = stored // len(TYPES) - 1  # the last part may have fewer crops
             parts = [f"P{int(k):09d}" for k in rng.integers(0, whole, size=args.calls)]
-            url = f"opc.tcp://127.0.0.1:{_free_port()}"
+            url = f"opc.tcp://127.0.0.1:{bench.free_port()}"
             server = OpcUaServer(url, list(TYPES), store=store)
             server.start()
             try:
