@@ -957,6 +957,28 @@ async def test_a_line_whose_parts_have_fewer_types_than_the_model(detector: Any,
             pass
 
 
+async def test_the_part_window_tells_the_parts_of_a_repeated_id_apart(detector: Any, tmp_path: Path) -> None:
+    """``--part-window 60`` (a ring counter repeating every few minutes): images of a part id
+    two minutes before its latest are an earlier part's, in ``GET /v1/parts/{id}``, the latest
+    parts and the summary of parts; without it (an hour) they count."""
+    from diffqc.service.store import ResultRecord
+
+    t1, t2 = detector.classes_[:2]
+    for window, counted in ((60.0, {t2: "PASS"}), (None, {t1: "REJECT", t2: "PASS"})):
+        settings = {} if window is None else {"part_window_s": window}
+        async with running_app(detector, tmp_path / str(window), **settings) as (client, state):
+            now = time.time()
+            for at, ftype, decision in ((now - 120, t1, "REJECT"), (now, t2, "PASS")):
+                state.store.insert(ResultRecord(created_at=at, source="test", decision=decision,
+                                                part_id="W-1", feature_type=ftype, type_known=True))
+            part = (await client.get("/v1/parts/W-1", headers=AUTH)).json()
+            assert part["types"] == counted, window
+            (listed,) = (await client.get("/v1/parts", headers=AUTH)).json()["parts"]
+            assert listed["types"] == counted
+            summary = (await client.get("/v1/summary", headers=AUTH, params={"parts": "true"})).json()
+            assert summary["groups"][-1]["REJECT"] == (0 if window else 1)
+
+
 async def test_metrics_say_when_each_type_and_camera_last_sent_a_part(
     detector: Any, samples: Samples, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -663,3 +663,42 @@ def test_trust_list_needs_users_and_a_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--opcua-trust .*nope is not a folder"):
         ServiceSettings(allow_no_token=True, opcua_url=url, opcua_users=tmp_path / "users",
                         opcua_trust=tmp_path / "nope").validate()
+
+
+def test_get_part_and_the_latest_part_take_the_lines_part_window(tmp_path: Path) -> None:
+    """``--part-window 0.5``: a part id whose crops are a second apart is two parts, in
+    ``diffqc.GetPart`` (the store) as in ``diffqc.Part`` (the decisions as they come)."""
+    from types import SimpleNamespace
+
+    from asyncua import Client
+
+    from diffqc.service.line import LineServices
+    from diffqc.service.store import ResultStore
+
+    url = f"opc.tcp://127.0.0.1:{_free_port()}"
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        records = [store.insert(ResultRecord(created_at=1_796_000_000.0 + i, source="test", decision=d,
+                                             feature_type=t, type_known=True, part_id="R-1"))
+                   for i, (t, d) in enumerate([("edge", "REJECT"), ("dots", "PASS")])]
+        line = LineServices(SimpleNamespace(opcua_url=url, part_window_s=0.5), store, None,
+                            SimpleNamespace(classes_=["edge", "dots"]))
+        line.start()
+
+        async def read() -> tuple[Any, Any]:
+            async with Client(url) as client:
+                ns = await client.get_namespace_index(NAMESPACE)
+                got = await client.get_node(f"ns={ns};s=diffqc").call_method(f"{ns}:GetPart", "R-1")
+                return got, await client.get_node(f"ns={ns};s=diffqc.Part.Decision").read_value()
+
+        try:
+            for rec in records:
+                line.on_record(rec, 0.0)
+            for _ in range(50):
+                if line.opcua.published_total == 2:
+                    break
+                time.sleep(0.05)
+            got, latest = asyncio.run(read())
+        finally:
+            line.stop()
+    assert got[:5] == ["PASS", 1, "dots=PASS", False, "edge"]  # the REJECT a second before: an earlier part
+    assert latest == "PASS"

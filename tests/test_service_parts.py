@@ -58,6 +58,12 @@ def test_a_part_id_that_repeats_hours_later_is_a_new_part() -> None:
     later = ResultRecord(created_at=1001.0 + PART_WINDOW_S, source="http", decision="PASS", part_id="P-1",
                          feature_type="dots", type_known=True, id=4)
     assert part_verdict("P-1", [*yesterday, later], ["angle", "dots", "edge1"]).complete is True
+    # a ring counter that repeats every few minutes: --part-window 60 tells its parts apart
+    two_minutes = ResultRecord(created_at=1003.0 + 120, source="http", decision="PASS", part_id="P-1",
+                               feature_type="dots", type_known=True, id=4)
+    v = part_verdict("P-1", [*yesterday, two_minutes], ["angle", "dots", "edge1"], window_s=60.0)
+    assert (v.missing, v.superseded) == (["angle", "edge1"], 3)
+    assert part_verdict("P-1", [*yesterday, two_minutes], ["angle", "dots", "edge1"]).complete is True
 
 
 def test_images_the_model_routed_each_count() -> None:

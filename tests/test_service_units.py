@@ -1426,6 +1426,16 @@ def test_cli_results_parts_prints_each_parts_verdict(tmp_path: Path,
     assert verdicts == [NOT_INSPECTED, "REVIEW"]
     assert main(["results", "parts", "--db", str(db), "--part-id", "P-9"]) == 0
     assert "no part matches" in capsys.readouterr().err
+    # --part-window 1.5: P-1's crop of a, 4 s before its latest, is an earlier part's; so is
+    # P-2's REVIEW crop, 2 s before its latest: P-2 passes
+    assert main(["results", "parts", "--db", str(db), "--part-id", "P-1", "--part-window", "1.5"]) == 0
+    windowed = json.loads(capsys.readouterr().out)
+    assert (windowed["types"], windowed["images"], windowed["superseded"]) == ({"b": "PASS"}, 1, 2)
+    summary = ["results", "summary", "--db", str(db), "--parts", "--format", "jsonl"]
+    for window, counts in ((["--part-window", "1.5"], (2, 0, 1)), ([], (1, 1, 1))):
+        assert main([*summary, *window]) == 0
+        everything = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert (everything["PASS"], everything["REVIEW"], everything["REJECT"]) == counts, window
     assert rows[0]["complete"] is None  # which types a part should have: not known without --model
 
 

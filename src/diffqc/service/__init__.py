@@ -124,21 +124,23 @@ PART_COLUMNS = ("part_id", "first", "last", "decision", "review", "pending_revie
 
 
 def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
-               types: Sequence[str] | None = None, incomplete: bool = False,
+               types: Sequence[str] | None = None, incomplete: bool = False, window_s: float | None = None,
                **filters: Any) -> tuple[Counter[str], int, int]:
     """Write each part's verdict (:func:`~diffqc.service.parts.part_verdict`) from the stored
     images matching ``filters`` to stdout, in the order of part ids: JSON lines or CSV
     (:data:`PART_COLUMNS`; ``types`` as ``type=DECISION`` pairs, ``missing`` space-separated).
     ``decision``: only parts with this verdict; ``types``: those a part should have
-    (``incomplete``: only parts without an image of some of them). Reads the
+    (``incomplete``: only parts without an image of some of them); ``window_s``: as
+    :func:`~diffqc.service.parts.part_verdict` takes it (None: its default). Reads the
     store 500 parts at a time. Returns (the parts written, counted by verdict; images without a
     part id, which no part holds; the parts written that lack some of ``types``)."""
     import csv
 
-    from diffqc.service.parts import part_verdict
+    from diffqc.service.parts import PART_WINDOW_S, part_verdict
     from diffqc.service.store import ResultStore, check_store_exists, records_by_part
 
     check_store_exists(db_url, doing="list")
+    window = PART_WINDOW_S if window_s is None else window_s
     writer = csv.DictWriter(sys.stdout, fieldnames=PART_COLUMNS)
     if fmt == "csv":
         writer.writeheader()
@@ -146,7 +148,7 @@ def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
     lacking = 0  # parts written without an image of some of ``types``
     with ResultStore(db_url, read_only=True) as store:
         for pid, recs in records_by_part(store, **filters):
-            v = part_verdict(pid, recs, types)
+            v = part_verdict(pid, recs, types, window)
             if (decision is not None and v.decision != decision) or (incomplete and v.complete is not False):
                 continue
             row = v.to_json()
@@ -164,20 +166,21 @@ def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
 
 
 def summary_results(db_url: str, by: list[str], *, fmt: str = "table", since: float | None = None,
-                    until: float | None = None, parts: bool = False) -> int:
+                    until: float | None = None, parts: bool = False, window_s: float | None = None) -> int:
     """Print :func:`summarize` of the store's images in ``[since, until)`` grouped by ``by``
     (``parts``: of its parts, each counted once by its verdict from its crops, grouped by its
-    latest crop's values): an aligned table, CSV or JSON lines; returns the number of groups (0:
-    nothing in the period)."""
+    latest crop's values; ``window_s`` as :func:`~diffqc.service.parts.part_verdict` takes it):
+    an aligned table, CSV or JSON lines; returns the number of groups (0: nothing in the period)."""
     import csv
 
-    from diffqc.service.parts import part_summary_counts
+    from diffqc.service.parts import PART_WINDOW_S, part_summary_counts
     from diffqc.service.store import SUMMARY_COLUMNS, ResultStore, check_store_exists, summarize
 
     check_store_exists(db_url, doing="summarize")
     with ResultStore(db_url, read_only=True) as store:
         if parts:
-            counts, loose = part_summary_counts(store, by, since, until)
+            window = PART_WINDOW_S if window_s is None else window_s
+            counts, loose = part_summary_counts(store, by, since, until, window)
             if loose:
                 print(f"diffqc: {loose} stored image{'s' if loose != 1 else ''} without a part id, in no "
                       "part: not counted", file=sys.stderr)
@@ -235,6 +238,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "part_types": args.part_types,
         "push_parts": args.push_parts,
         "part_timeout_s": args.part_timeout,
+        "part_window_s": args.part_window,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "tls_warn_days": args.tls_warn_days,
@@ -292,6 +296,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         part_id_pattern=args.part_id_pattern,
         part_types=args.part_types,
         part_timeout_s=args.part_timeout,
+        part_window_s=args.part_window,
         opcua_url=args.opcua,
         opcua_users=args.opcua_users,
         opcua_trust=args.opcua_trust,
@@ -369,7 +374,8 @@ def _cmd_parts(args: argparse.Namespace) -> int:
         check_part_types(args.part_types, classes)
         types = part_types(classes, args.part_types)
     counts, loose, incomplete = list_parts(store_url(args.db), fmt=args.format, decision=args.decision,
-                                           types=types, incomplete=args.incomplete, **filters)
+                                           types=types, incomplete=args.incomplete,
+                                           window_s=args.part_window, **filters)
     if incomplete:
         print(f"diffqc: {incomplete} part{'s' if incomplete != 1 else ''} incomplete (without an image "
               f"of every type of the {'line' if args.part_types else 'model'})", file=sys.stderr)
@@ -393,7 +399,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
 
     n = summary_results(store_url(args.db), args.by or (["line"] if args.parts else ["feature_type"]),
                         fmt=args.format, since=parse_time(args.since, "since"),
-                        until=parse_time(args.until, "until"), parts=args.parts)
+                        until=parse_time(args.until, "until"), parts=args.parts, window_s=args.part_window)
     if n == 0:
         print("diffqc: no stored results in this period", file=sys.stderr)
     return 0
@@ -451,7 +457,9 @@ def _add_image_limit_argument(p: argparse.ArgumentParser, *, buffered: bool) -> 
                        "20 MP): raise --buffer-mb with it" if buffered else ""))
 
 
-def _add_line_arguments(p: argparse.ArgumentParser, *, folders: bool = False) -> None:
+def _add_line_arguments(p: argparse.ArgumentParser, window_help: str, *, folders: bool = False) -> None:
+    from diffqc.service.parts import PART_WINDOW_S
+
     p.add_argument("--line", default=None, help="line recorded on watched-folder parts")
     p.add_argument("--station", default=None,
                    help="station recorded on watched-folder parts; it also names this service's kept "
@@ -476,6 +484,8 @@ def _add_line_arguments(p: argparse.ArgumentParser, *, folders: bool = False) ->
                         "crops never came: a camera missing triggers): counted per type it lacks "
                         "(/metrics diffqc_parts_overdue_total, /v1/line), logged, and with --push-parts "
                         "pushed once more as it stands, overdue: true")
+    p.add_argument("--part-window", type=POSITIVE_NUMBER, default=PART_WINDOW_S, metavar="SECONDS",
+                   help=window_help)
 
 
 def _add_opcua_arguments(p: argparse.ArgumentParser) -> None:
@@ -511,7 +521,12 @@ def add_service_commands(subparsers: Any) -> None:
 
     Each parser sets ``func``; the caller runs ``args.func(args)`` (an int exit code).
     """
+    from diffqc.service.parts import PART_WINDOW_S
     from diffqc.service.sinks import PART_PUSHES  # no HTTP stack: the sinks need none
+
+    window_help = (f"a part id's images more than SECONDS before its latest are an earlier part's (a "
+                   f"counter that repeats) and do not count (default {PART_WINDOW_S:.0f}: a part's crops "
+                   "come within an hour)")
 
     db_help = (
         "result store: SQLite path or sqlite:///path, or postgresql://user@host/db "
@@ -579,7 +594,7 @@ def add_service_commands(subparsers: Any) -> None:
         help="also ingest images written into DIR (repeatable)",
     )
     add_runtime_arguments(p)
-    _add_line_arguments(p, folders=True)
+    _add_line_arguments(p, window_help, folders=True)
     p.add_argument("--tls-cert", default=None, metavar="PEM",
                    help="serve over HTTPS with this certificate (PEM, its chain after it): the API "
                         "token and the parts' images cross the network encrypted; a renewed file "
@@ -648,7 +663,7 @@ def add_service_commands(subparsers: Any) -> None:
     w.add_argument("--source", default=None, help="idempotency namespace (default: the folder path)")
     _add_image_limit_argument(w, buffered=False)
     _add_artifact_arguments(w)
-    _add_line_arguments(w)
+    _add_line_arguments(w, window_help)
     add_runtime_arguments(w)
     _add_opcua_arguments(w)
     _add_log_arguments(w)
@@ -701,10 +716,10 @@ def add_service_commands(subparsers: Any) -> None:
                                      "suffix): per feature type its latest image, the part's decision "
                                      "the worst of theirs (REJECT, NOT_INSPECTED, REVIEW, PASS), as "
                                      "GET /v1/parts/{part_id} gives it; in the order of part ids. "
-                                     "Images of an id more than an hour before its latest are an "
-                                     "earlier part's and not counted, nor listed: give a period "
-                                     "shorter than the cycle of part ids that repeat (a counter reset "
-                                     "each shift).")
+                                     "Images of an id more than --part-window (an hour) before its "
+                                     "latest are an earlier part's and not counted, nor listed: give "
+                                     "a period shorter than the cycle of part ids that repeat (a "
+                                     "counter reset each shift).")
     listing(pt, "images")
     pt.add_argument("--decision", choices=[*DECISIONS, NOT_INSPECTED], default=None, type=str.upper,
                     help="parts given this verdict")
@@ -716,6 +731,8 @@ def add_service_commands(subparsers: Any) -> None:
     pt.add_argument("--part-types", type=names, default=(), metavar="TYPES",
                     help="the types a part should have, when fewer than --model's or without it "
                          "(dots,edge1), as serve and watch take them")
+    pt.add_argument("--part-window", type=POSITIVE_NUMBER, default=PART_WINDOW_S, metavar="SECONDS",
+                    help=window_help)
     pt.add_argument("--incomplete", action="store_true",
                     help="only parts without an image of some of --model's types (or --part-types) (a "
                          "camera that missed crops)")
@@ -739,6 +756,8 @@ def add_service_commands(subparsers: Any) -> None:
                     help="count parts, not images: each part once, by its verdict from its crops (the "
                          "worst of its types' latest, as results parts gives it), grouped by its latest "
                          "crop's line, station, camera or source")
+    sm.add_argument("--part-window", type=POSITIVE_NUMBER, default=PART_WINDOW_S, metavar="SECONDS",
+                    help="with --parts: " + window_help)
     sm.add_argument("--format", choices=["table", "csv", "jsonl"], default="table",
                     help="an aligned table (default), CSV with a header row, or one JSON object per group")
     sm.set_defaults(func=_cmd_summary)

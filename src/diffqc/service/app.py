@@ -56,6 +56,7 @@ from diffqc.service.buffer import (
 )
 from diffqc.service.line import LineServices
 from diffqc.service.parts import (
+    PART_WINDOW_S,
     check_part_types,
     latest_parts,
     part_summary_counts,
@@ -154,6 +155,7 @@ class ServiceSettings:
     webhook_headers: tuple[str, ...] = ()  # "Name: value" or "@FILE" (sinks.webhook_headers)
     push_parts: str | None = None  # the sinks also get a part's verdict: "each" time, or once "complete"
     part_timeout_s: float | None = None  # a part still incomplete this long after its latest image: overdue
+    part_window_s: float = PART_WINDOW_S  # a part id's images this long before its latest: an earlier part's
     webhook_secrets: tuple[str, ...] = ()  # "whsec_..." or "@FILE": sign each push (sinks.webhook_secrets)
     opcua_url: str | None = None  # opc.tcp://host:port: an OPC UA server of the decisions (service.opcua)
     opcua_users: str | Path | None = None  # a name:password file: logins only, encrypted
@@ -205,6 +207,8 @@ class ServiceSettings:
             raise ConfigError(f"push_parts must be one of {', '.join(PART_PUSHES)}, got {self.push_parts!r}")
         if self.part_timeout_s is not None and not self.part_timeout_s > 0:
             raise ConfigError(f"part_timeout_s must be positive, got {self.part_timeout_s}")
+        if not self.part_window_s > 0:
+            raise ConfigError(f"part_window_s must be positive, got {self.part_window_s}")
         if self.push_parts and not (self.mqtt_url or self.webhook_url):
             raise ConfigError("--push-parts needs --mqtt or --webhook (the sinks it pushes to)")
         if self.webhook_secrets:
@@ -1487,7 +1491,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         period = (parse_time(since, "since"), parse_time(until, "until"))
         _, store = state.require()
         found, truncated = await run_in_threadpool(
-            lambda: latest_parts(store, limit=limit, types=state.part_types, verdict=verdict,
+            lambda: latest_parts(store, limit=limit, types=state.part_types, window_s=settings.part_window_s,
+                                 verdict=verdict,
                                  complete=complete, since=period[0], until=period[1], line=place[0],
                                  station=place[1], camera=place[2]))
         return {"parts": [v.to_json() for v in found], "truncated": truncated}
@@ -1508,8 +1513,9 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         _, store = state.require()
         period = (parse_time(since, "since"), parse_time(until, "until"))
         stored = await run_in_threadpool(
-            lambda: stored_part(store, pid, state.part_types, since=period[0], until=period[1], line=place[0],
-                                station=place[1], camera=place[2])
+            lambda: stored_part(store, pid, state.part_types, window_s=settings.part_window_s,
+                                since=period[0], until=period[1], line=place[0], station=place[1],
+                                camera=place[2])
         )
         if stored is None:
             narrowed = " in the period or place given" if since or until or any(place) else ""
@@ -1580,7 +1586,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         if parts:
             try:
                 counts, extra["images_without_part"] = await run_in_threadpool(
-                    part_summary_counts, store, by, start, end)
+                    part_summary_counts, store, by, start, end, settings.part_window_s)
             except ConfigError as exc:
                 raise ServiceError(422, "bad_by", str(exc)) from None
         else:

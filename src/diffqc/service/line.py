@@ -5,12 +5,14 @@ before the inspection worker, stops it after).
 
 Configured by :class:`diffqc.service.app.ServiceSettings` fields: ``mqtt_url``,
 ``webhook_url``, ``webhook_max_attempts``, ``webhook_headers``, ``webhook_secrets``,
-``opcua_url``, ``drift_window``, ``drift_min_parts``, ``drift_level``, ``calibration_poll_s``,
-``retention_max_age_s``, ``retention_max_bytes``, ``retention_interval_s``,
-``disk_min_free_bytes``, ``disk_min_free_ratio``, ``tls_cert``, ``tls_key``, ``tls_warn_days``.
-It also watches the free space of the disks it writes to (:class:`DiskWatch`), the TLS
-certificate it serves (:class:`CertificateWatch`: its expiry, and renewed files served), the
-system clock (:class:`ClockWatch`) and the bundle (:class:`ModelWatch`).
+``opcua_url``, ``opcua_users``, ``opcua_trust``, ``drift_window``, ``drift_min_parts``,
+``drift_level``, ``calibration_poll_s``, ``retention_max_age_s``, ``retention_max_bytes``,
+``retention_interval_s``, ``disk_min_free_bytes``, ``disk_min_free_ratio``, ``tls_cert``,
+``tls_key``, ``tls_warn_days``, ``push_parts``, ``part_types``, ``part_timeout_s`` (the
+overdue parts: :class:`~diffqc.service.parts.OverdueParts`) and ``part_window_s``. It also
+watches the free space of the disks it writes to (:class:`DiskWatch`), the TLS certificate it
+serves (:class:`CertificateWatch`: its expiry, and renewed files served), the system clock
+(:class:`ClockWatch`) and the bundle (:class:`ModelWatch`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, is_misrouted, prometheus_label, scored
 from diffqc.recalibrate import CalibrationReloader, file_signature
 from diffqc.runtime import EXPORT_FILE
-from diffqc.service.parts import OverdueParts, part_types
+from diffqc.service.parts import PART_WINDOW_S, OverdueParts, part_types
 from diffqc.service.retention import RetentionPolicy, RetentionWorker
 from diffqc.service.security import certificate_expiry
 from diffqc.service.sinks import Dispatcher, Outbox, build_sinks, webhook_headers, webhook_secrets
@@ -382,12 +384,14 @@ class LineServices:
         # those a part of this line has (--part-types), when fewer than the model's
         self.chosen_part_types = tuple(getattr(settings, "part_types", None) or ())
         expected = part_types(list(getattr(detector, "classes_", None) or ()), self.chosen_part_types)
+        window = float(getattr(settings, "part_window_s", PART_WINDOW_S))  # --part-window
         if sinks:
             self.outbox = Outbox(store, [s.name for s in sinks],
-                                 parts=getattr(settings, "push_parts", None), types=expected)
+                                 parts=getattr(settings, "push_parts", None), types=expected, window_s=window)
             self.dispatcher = Dispatcher(self.outbox, sinks)
         timeout = getattr(settings, "part_timeout_s", None)  # --part-timeout: the parts overdue
-        self.overdue = OverdueParts(store, float(timeout), expected) if timeout is not None else None
+        self.overdue = (OverdueParts(store, float(timeout), expected, window_s=window)
+                        if timeout is not None else None)
         # the overdue parts not logged yet, by the types they lack, and when they were last (once a minute)
         self._overdue_said: tuple[float, Counter[str]] = (float("-inf"), Counter())
         self.drift = DriftMonitor(DriftConfig(
@@ -439,7 +443,8 @@ class LineServices:
                                      users=None if users_file is None else read_users(users_file),
                                      certificate_dir=None if artifacts is None else artifacts.root / "opcua",
                                      trust_dir=None if trust is None else Path(trust).absolute(),
-                                     chosen_part_types=self.chosen_part_types, store=store)
+                                     chosen_part_types=self.chosen_part_types, store=store,
+                                     part_window_s=window)
         self.disk_poll_s = 60.0
         self._overdue_down = False  # the overdue parts could not be judged or pushed: said once
         self._stop = threading.Event()

@@ -55,7 +55,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from diffqc.errors import ConfigError
-from diffqc.service.parts import PartVerdict, RecentParts, part_types, stored_part
+from diffqc.service.parts import PART_WINDOW_S, PartVerdict, RecentParts, part_types, stored_part
 from diffqc.service.security import read_secret_file
 from diffqc.service.store import NOT_INSPECTED, ResultRecord, ResultStore, StoreError
 
@@ -321,9 +321,10 @@ class OpcUaServer:
     def __init__(self, url: str, types: list[str], *, model_version: str = "",
                  users: dict[str, str] | None = None, certificate_dir: Path | None = None,
                  trust_dir: Path | None = None, chosen_part_types: tuple[str, ...] = (),
-                 store: ResultStore | None = None) -> None:
+                 store: ResultStore | None = None, part_window_s: float = PART_WINDOW_S) -> None:
         """``chosen_part_types``: those a part of this line has, when fewer than ``types``
-        (:func:`~diffqc.service.parts.part_types`). ``store``: the result store, whose parts
+        (:func:`~diffqc.service.parts.part_types`); ``part_window_s``: as
+        :func:`~diffqc.service.parts.part_verdict`'s ``window_s``. ``store``: the result store, whose parts
         ``diffqc.GetPart`` judges (:meth:`_get_part`). ``users``: name -> password; with them a
         session must log in, over an encrypted channel, with the server's own certificate, kept
         in ``certificate_dir`` (made there, self-signed, on the first start:
@@ -354,7 +355,8 @@ class OpcUaServer:
         self.chosen_part_types = chosen_part_types
         self.store = store
         self._store_down = False  # GetPart could not read the store: said once
-        self._parts = RecentParts(types=part_types(self.types, chosen_part_types))
+        self.part_window_s = part_window_s
+        self._parts = RecentParts(types=part_types(self.types, chosen_part_types), window_s=part_window_s)
         self._part_nodes: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -406,7 +408,8 @@ class OpcUaServer:
         self.stop()
         server = OpcUaServer(self.url, types, model_version=model_version, users=self.users,
                              certificate_dir=self.certificate_dir, trust_dir=self.trust_dir,
-                             chosen_part_types=self.chosen_part_types, store=self.store)
+                             chosen_part_types=self.chosen_part_types, store=self.store,
+                             part_window_s=self.part_window_s)
         server.start()
         return server
 
@@ -543,7 +546,7 @@ class OpcUaServer:
         assert self.store is not None
         expected = part_types(self.types, self.chosen_part_types)
         try:
-            found = stored_part(self.store, pid, expected) if pid else None
+            found = stored_part(self.store, pid, expected, window_s=self.part_window_s) if pid else None
         except StoreError as exc:
             if not self._store_down:
                 log.warning("OPC UA GetPart cannot read the result store: %s (answering "

@@ -6,10 +6,10 @@ verdict, which :func:`part_verdict` makes from those records:
 
 - each feature type counts once, with its latest record: a crop sent again (a re-inspection after
   ``NOT_INSPECTED``, a second shot) replaces the earlier one. Images of the id more than
-  :data:`PART_WINDOW_S` before its latest image are an earlier part's (a counter reset each
-  shift gave both the id) and do not count: its crops not sent yet are missing, not taken from
-  the earlier part. An image sent without a type (the model chose it) counts on its own: two
-  such images may be two crops routed to one type;
+  ``window_s`` (:data:`PART_WINDOW_S`, ``--part-window``) before its latest image are an
+  earlier part's (a counter reset each shift gave both the id) and do not count: its crops not
+  sent yet are missing, not taken from the earlier part. An image sent without a type (the
+  model chose it) counts on its own: two such images may be two crops routed to one type;
 - ``decision`` is the worst counted decision, in the order REJECT, NOT_INSPECTED, REVIEW, PASS:
   a part passes only when every counted image passed, and a crop that was not inspected outranks
   a REVIEW because no operator verdict can settle it (it must be inspected again);
@@ -99,13 +99,14 @@ def _given_type(rec: ResultRecord) -> str | None:
 
 
 def part_verdict(part_id: str, records: Sequence[ResultRecord],
-                 expected: Sequence[str] | None = None) -> PartVerdict:
+                 expected: Sequence[str] | None = None, window_s: float = PART_WINDOW_S) -> PartVerdict:
     """The verdict of the part from its records (any order; at least one); ``expected``: the
-    types it should have, in the order ``missing`` names them."""
+    types it should have, in the order ``missing`` names them; ``window_s``: its images more
+    than this before its latest are an earlier part's (``--part-window``)."""
     if not records:
         raise ValueError(f"part {part_id!r} has no records")
     ordered = sorted(records, key=lambda r: (r.id or 0, r.created_at))
-    start = ordered[-1].created_at - PART_WINDOW_S  # before it: an earlier part of the same id
+    start = ordered[-1].created_at - window_s  # before it: an earlier part of the same id
     latest: dict[str, ResultRecord] = {}
     counted: list[ResultRecord] = []
     for rec in ordered:
@@ -137,8 +138,8 @@ def part_verdict(part_id: str, records: Sequence[ResultRecord],
                        missing)
 
 
-def part_summary_counts(store: ResultStore, by: Sequence[str], since: float | None,
-                        until: float | None) -> tuple[list[tuple[Any, ...]], int]:
+def part_summary_counts(store: ResultStore, by: Sequence[str], since: float | None, until: float | None,
+                        window_s: float = PART_WINDOW_S) -> tuple[list[tuple[Any, ...]], int]:
     """:func:`~diffqc.service.store.summarize`'s count rows of the parts with images in
     ``[since, until)``, one a part: its latest counted image's ``by`` values, its verdict and
     review; and the number of images without a part id (``results summary --parts``,
@@ -148,7 +149,7 @@ def part_summary_counts(store: ResultStore, by: Sequence[str], since: float | No
                           "or count images (without parts) by type")
     counts = []
     for pid, recs in records_by_part(store, since=since, until=until):
-        v = part_verdict(pid, recs)
+        v = part_verdict(pid, recs, window_s=window_s)
         last = v.counted[-1]
         counts.append((*(getattr(last, k) for k in by), v.decision, v.review, 1))
     return counts, store.count(has_part=False, since=since, until=until)
@@ -158,11 +159,13 @@ class RecentParts:
     """The verdicts of the parts seen lately, from the records as they are stored (the OPC UA
     server's ``Part``): the latest ``capacity`` part ids, the least recently seen forgotten. A
     part whose images came before this was made (a restart) is judged on the later ones only.
-    ``types``: those a part should have (:func:`part_verdict`'s ``expected``)."""
+    ``types`` and ``window_s``: as :func:`part_verdict` takes them."""
 
-    def __init__(self, capacity: int = 256, types: Sequence[str] | None = None) -> None:
+    def __init__(self, capacity: int = 256, types: Sequence[str] | None = None,
+                 window_s: float = PART_WINDOW_S) -> None:
         self.capacity = capacity
         self.types = None if types is None else list(types)
+        self.window_s = window_s
         self._parts: OrderedDict[str, list[ResultRecord]] = OrderedDict()
 
     def add(self, rec: ResultRecord) -> PartVerdict | None:
@@ -172,14 +175,16 @@ class RecentParts:
         records = self._parts.pop(rec.part_id, [])
         records = [r for r in records if r.id is None or r.id != rec.id]  # the same record again
         # its latest PART_IMAGES images at most (a part id every image is sent with)
-        verdict = part_verdict(rec.part_id, [*records[-(PART_IMAGES - 1):], rec], self.types)
+        recent = [*records[-(PART_IMAGES - 1):], rec]
+        verdict = part_verdict(rec.part_id, recent, self.types, self.window_s)
         self._parts[rec.part_id] = verdict.counted  # what counts
         while len(self._parts) > self.capacity:
             self._parts.popitem(last=False)
         return verdict
 
 
-def stored_part(store: ResultStore, part: str, types: Sequence[str] | None, /,
+def stored_part(store: ResultStore, part: str, types: Sequence[str] | None, /, *,
+                window_s: float = PART_WINDOW_S,
                 **filters: Unpack[Filters]) -> tuple[PartVerdict, bool] | None:
     """The verdict of the stored part ``part`` from its latest :data:`PART_RECORDS` images matching
     ``filters`` (``GET /v1/parts/{part_id}``), and whether it has more (truncated); None when no
@@ -188,12 +193,12 @@ def stored_part(store: ResultStore, part: str, types: Sequence[str] | None, /,
     recs = store.query(**of_part, limit=PART_RECORDS + 1)
     if not recs:
         return None
-    return part_verdict(part, recs[:PART_RECORDS], types), len(recs) > PART_RECORDS
+    return part_verdict(part, recs[:PART_RECORDS], types, window_s), len(recs) > PART_RECORDS
 
 
 def latest_parts(store: ResultStore, *, limit: int, types: Sequence[str] | None,
                  verdict: str | None = None, complete: bool | None = None, page: int = 1000,
-                 max_rows: int = LATEST_PARTS_ROWS,
+                 max_rows: int = LATEST_PARTS_ROWS, window_s: float = PART_WINDOW_S,
                  **filters: Unpack[Filters]) -> tuple[list[PartVerdict], bool]:
     """The verdicts of the ``limit`` parts whose latest image matching ``filters`` is newest,
     newest first (``GET /v1/parts``): the store's rows are read newest first, ``page`` at a
@@ -218,7 +223,7 @@ def latest_parts(store: ResultStore, *, limit: int, types: Sequence[str] | None,
             if pid in seen:
                 continue
             seen.add(pid)
-            stored = stored_part(store, pid, types, **filters)
+            stored = stored_part(store, pid, types, window_s=window_s, **filters)
             if stored is None:  # pragma: no cover - a row read just now matches its own filters
                 continue
             judged = stored[0]
@@ -237,8 +242,9 @@ class OverdueParts:
     parts are kept in memory: at most ``capacity`` (the oldest forgotten), none over a restart."""
 
     def __init__(self, store: ResultStore, timeout_s: float, types: Sequence[str] | None,
-                 capacity: int = OVERDUE_PARTS) -> None:
+                 capacity: int = OVERDUE_PARTS, window_s: float = PART_WINDOW_S) -> None:
         self.store = store
+        self.window_s = window_s
         self.timeout_s = timeout_s
         self.types = None if types is None else list(types)
         self.capacity = capacity
@@ -266,7 +272,7 @@ class OverdueParts:
                   if rec.part_id is not None and rec.id is not None and not rec.duplicate}
         for part_id, rec in latest.items():
             rows = self.store.part_records(part_id, conn=conn, limit=PART_RECORDS)
-            self.note(part_verdict(part_id, rows, self.types), rec.created_at)
+            self.note(part_verdict(part_id, rows, self.types, self.window_s), rec.created_at)
 
     def waiting(self) -> int:
         with self._lock:
@@ -295,7 +301,7 @@ class OverdueParts:
                 return found
             if not rows or rows[0].created_at > cutoff:
                 continue
-            verdict = part_verdict(part_id, rows, self.types)
+            verdict = part_verdict(part_id, rows, self.types, self.window_s)
             if verdict.complete is False:
                 found.append((verdict, rows[0]))
                 self.overdue_total += 1

@@ -50,7 +50,7 @@ from urllib.parse import unquote, urlsplit
 from diffqc.drift import is_misrouted
 from diffqc.errors import ConfigError
 from diffqc.output import json_safe
-from diffqc.service.parts import PART_RECORDS, OverdueParts, PartVerdict, part_verdict
+from diffqc.service.parts import PART_RECORDS, PART_WINDOW_S, OverdueParts, PartVerdict, part_verdict
 from diffqc.service.security import read_secret_file
 from diffqc.service.store import ResultRecord, ResultStore, iso_time, redact_url
 
@@ -140,16 +140,18 @@ class Outbox:
     """Outbox and dead-letter tables in the result store, for the sinks named ``sinks``."""
 
     def __init__(self, store: ResultStore, sinks: Sequence[str], *, parts: str | None = None,
-                 types: Sequence[str] | None = None) -> None:
+                 types: Sequence[str] | None = None, window_s: float = PART_WINDOW_S) -> None:
         """``parts`` (:data:`PART_PUSHES`): also a part's verdict, ``"each"`` time images of it
         are stored or only when it is ``"complete"`` then; ``types``: those a part should have
-        (:func:`~diffqc.service.parts.part_types`). With ``overdue`` set, the verdicts it makes
+        (:func:`~diffqc.service.parts.part_types`) and ``window_s`` as
+        :func:`~diffqc.service.parts.part_verdict` takes them. With ``overdue`` set, the verdicts it makes
         are noted there too (``--part-timeout``: :meth:`enqueue_overdue`)."""
         if parts is not None and parts not in PART_PUSHES:
             raise ValueError(f"parts must be one of {', '.join(PART_PUSHES)} or None, got {parts!r}")
         self.store = store
         self.sinks = tuple(sinks)
         self.parts = parts
+        self.window_s = window_s
         self.overdue: OverdueParts | None = None
         self.types = None if types is None else list(types)
         self.wakeup = threading.Event()
@@ -187,7 +189,7 @@ class Outbox:
             latest = {rec.part_id: rec for rec in new if rec.part_id is not None}
             for part_id, rec in latest.items():
                 rows = self.store.part_records(part_id, conn=conn, limit=PART_RECORDS)
-                verdict = part_verdict(part_id, rows, self.types)
+                verdict = part_verdict(part_id, rows, self.types, self.window_s)
                 if self.overdue is not None:
                     self.overdue.note(verdict, rec.created_at)
                 if self.parts == "complete" and verdict.complete is not True:

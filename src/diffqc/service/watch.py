@@ -51,7 +51,7 @@ from diffqc.inspection import BUNDLE_FILES
 from diffqc.output import path_text
 from diffqc.service.buffer import BufferClosed, BufferFull, InspectionPipeline, Job
 from diffqc.service.line import LineServices
-from diffqc.service.parts import check_part_types
+from diffqc.service.parts import PART_WINDOW_S, check_part_types
 from diffqc.service.security import (
     BROWSER_FORMATS,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -561,6 +561,7 @@ def run_watch(
     part_id_pattern: str | None = None,
     part_types: tuple[str, ...] = (),
     part_timeout_s: float | None = None,
+    part_window_s: float = PART_WINDOW_S,
     opcua_url: str | None = None,
     opcua_users: str | Path | None = None,
     opcua_trust: str | Path | None = None,
@@ -587,7 +588,8 @@ def run_watch(
     below ``disk_min_free_bytes`` or ``disk_min_free_ratio`` of their size, as ``serve``'s are.
     ``part_types``: those a part has, when fewer than the model's
     (:func:`diffqc.service.parts.part_types`); ``part_timeout_s``: a part still incomplete this
-    long after its latest image is overdue, logged (:class:`~diffqc.service.parts.OverdueParts`).
+    long after its latest image is overdue, logged (:class:`~diffqc.service.parts.OverdueParts`);
+    ``part_window_s``: as :func:`~diffqc.service.parts.part_verdict`'s ``window_s``.
     ``runtime``, ``precision`` and ``threads`` as ``serve`` takes them
     (:func:`diffqc.runtime.load_detector`). The log goes to stderr at ``log_level``, as text
     or JSON lines (``log_format``, :mod:`diffqc.service.logs`). Returns the process exit code.
@@ -658,6 +660,7 @@ def run_watch(
     # (it was served only after a restart), drift is watched and logged, artifacts expire
     settings_ns = SimpleNamespace(model_path=model_path, station=station, part_types=part_types,
                                   part_timeout_s=part_timeout_s,
+                                  part_window_s=part_window_s,
                                   opcua_url=opcua_url,
                                   opcua_users=opcua_users, opcua_trust=opcua_trust,
                                   retention_max_age_s=retention_max_age_s,
