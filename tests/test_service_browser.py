@@ -537,7 +537,9 @@ def test_dashboard_says_when_a_disk_is_nearly_full(detector: Any, browser: Any, 
 def test_dashboard_names_the_types_parts_went_without(detector: Any, browser: Any, samples: Samples,
                                                        tmp_path: Path) -> None:
     """With ``--part-timeout`` the operators see which types parts went without (a camera
-    missing triggers), how many and when last; hidden while no part was overdue."""
+    missing triggers), how many and when last; hidden while no part was overdue. With
+    ``--part-types``, the latest parts count a part's types among the line's: a crop of another
+    type (sent by mistake) is not one of them."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -546,8 +548,9 @@ def test_dashboard_names_the_types_parts_went_without(detector: Any, browser: An
 
     wait = WebDriverWait(browser, 20)
     body, ftype = samples.one("PASS")
+    other, stray = [t for t in detector.classes_ if t != ftype][:2]
     app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,), part_timeout_s=0.3,
-                                     calibration_poll_s=0.1), detector=detector)
+                                     calibration_poll_s=0.1, part_types=(ftype, other)), detector=detector)
     with _serve(app) as url:
         browser.get(url + "/dashboard")
         browser.find_element(By.ID, "token").send_keys(TOKEN)
@@ -555,16 +558,19 @@ def test_dashboard_names_the_types_parts_went_without(detector: Any, browser: An
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
         time.sleep(2)  # a few polls of /v1/line: no part overdue yet
         assert not browser.find_element(By.ID, "overdue").is_displayed()
-        r = httpx.post(url + "/v1/inspect", content=body, headers=AUTH,
-                       params={"feature_type": ftype, "part_id": "M-1"})
-        assert r.status_code == 200, r.text
-        lacking = [t for t in detector.classes_ if t != ftype]
+        for kind in (ftype, stray):
+            r = httpx.post(url + "/v1/inspect", content=body, headers=AUTH,
+                           params={"feature_type": kind, "part_id": "M-1"})
+            assert r.status_code == 200, r.text
         row = wait.until(ec.visibility_of_element_located(
-            (By.CSS_SELECTOR, f'#overdue tbody tr[data-type="{lacking[0]}"]')))
-        assert [td.text for td in row.find_elements(By.TAG_NAME, "td")][:2] == [lacking[0], "1"]
+            (By.CSS_SELECTOR, f'#overdue tbody tr[data-type="{other}"]')))
+        assert [td.text for td in row.find_elements(By.TAG_NAME, "td")][:2] == [other, "1"]
         rows = browser.find_elements(By.CSS_SELECTOR, "#overdue tbody tr")
-        assert sorted(r.get_attribute("data-type") for r in rows) == sorted(lacking)
+        assert [r.get_attribute("data-type") for r in rows] == [other]
         assert "a camera missing triggers" in browser.find_element(By.ID, "overdue").text
+        part = wait.until(ec.presence_of_element_located(
+            (By.CSS_SELECTOR, '#parts tbody tr[data-part="M-1"]')))
+        assert [td.text for td in part.find_elements(By.TAG_NAME, "td")][2:4] == ["1 of 2", other]
 
 
 def test_dashboard_says_when_the_tls_certificate_expires_soon(detector: Any, browser: Any,
