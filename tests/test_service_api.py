@@ -896,7 +896,8 @@ async def test_part_verdict_from_its_images(detector: Any, samples: Samples, tmp
 
 
 async def test_a_line_whose_parts_have_fewer_types_than_the_model(detector: Any, samples: Samples,
-                                                                   tmp_path: Path) -> None:
+                                                                   tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """A model trained for 8 types serving a station whose parts have 2: with ``part_types``
     (``--part-types``) a part of those 2 is complete, in a stored part, the latest parts, a
     batch's parts and the pushes; without it, it would wait for types its line never sends."""
@@ -907,8 +908,11 @@ async def test_a_line_whose_parts_have_fewer_types_than_the_model(detector: Any,
         passed.setdefault(ftype, body)
     (t1, b1), (t2, b2) = list(passed.items())[:2]
     assert len(detector.classes_) > 2
+    caplog.set_level("INFO", logger="diffqc")
     async with running_app(detector, tmp_path, part_types=(t2, t1), webhook_url="http://127.0.0.1:9/hook",
                            push_parts="each", part_timeout_s=0.5, calibration_poll_s=0.2) as (client, state):
+        # the start's log says what a part is, for whoever reads it on the line
+        assert f"parts: complete with an image of each of {t2}, {t1}; overdue 0.5 s after" in caplog.text
         for body, ftype in ((b1, t1), (b2, t2)):
             r = await client.post("/v1/inspect", content=body, headers=AUTH,
                                   params={"feature_type": ftype, "part_id": "S-1"})

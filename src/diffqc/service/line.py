@@ -461,6 +461,10 @@ class LineServices:
                 self.outbox.overdue = self.overdue
             else:
                 self.store.insert_hooks.append(self.overdue.on_insert)
+            log.info("parts: complete with an image of each of %s; overdue %g s after their latest image "
+                     "while incomplete", ", ".join(self.overdue.types or ()), self.overdue.timeout_s)
+        elif self.chosen_part_types:
+            log.info("parts: complete with an image of each of %s", ", ".join(self.chosen_part_types))
         if self.retention is not None:
             self.retention.start()
         if self.opcua is not None:
