@@ -544,9 +544,9 @@ class OpcUaServer:
         if not isinstance(pid, str):
             return ua.StatusCode(ua.UInt32(ua.StatusCodes.BadInvalidArgument))
         assert self.store is not None
-        expected = part_types(self.types, self.chosen_part_types)
-        try:
-            found = stored_part(self.store, pid, expected, window_s=self.part_window_s) if pid else None
+        try:  # judged as the latest part is: the line's types, its window
+            found = (stored_part(self.store, pid, self._parts.types, window_s=self._parts.window_s)
+                     if pid else None)
         except StoreError as exc:
             if not self._store_down:
                 log.warning("OPC UA GetPart cannot read the result store: %s (answering "

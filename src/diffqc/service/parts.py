@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Unpack
 
@@ -183,6 +183,19 @@ class RecentParts:
         return verdict
 
 
+def commit_verdicts(store: ResultStore, conn: Any, records: Sequence[ResultRecord],
+                    types: Sequence[str] | None,
+                    window_s: float = PART_WINDOW_S) -> Iterator[tuple[PartVerdict, ResultRecord]]:
+    """In a store insert hook: each part of the commit's new ``records`` (not repeats), judged
+    on the commit's connection from its latest stored images (those of earlier commits too),
+    with its latest record of the commit; once per part, after all of its images."""
+    latest = {rec.part_id: rec for rec in records
+              if rec.part_id is not None and rec.id is not None and not rec.duplicate}
+    for part_id, rec in latest.items():
+        rows = store.part_records(part_id, conn=conn, limit=PART_RECORDS)
+        yield part_verdict(part_id, rows, types, window_s), rec
+
+
 def stored_part(store: ResultStore, part: str, types: Sequence[str] | None, /, *,
                 window_s: float = PART_WINDOW_S,
                 **filters: Unpack[Filters]) -> tuple[PartVerdict, bool] | None:
@@ -267,12 +280,9 @@ class OverdueParts:
 
     def on_insert(self, conn: Any, records: Sequence[ResultRecord]) -> None:
         """A store insert hook (where no outbox judges the parts already): :meth:`note` each
-        part of the commit, judged on the commit's connection."""
-        latest = {rec.part_id: rec for rec in records
-                  if rec.part_id is not None and rec.id is not None and not rec.duplicate}
-        for part_id, rec in latest.items():
-            rows = self.store.part_records(part_id, conn=conn, limit=PART_RECORDS)
-            self.note(part_verdict(part_id, rows, self.types, self.window_s), rec.created_at)
+        part of the commit (:func:`commit_verdicts`)."""
+        for verdict, rec in commit_verdicts(self.store, conn, records, self.types, self.window_s):
+            self.note(verdict, rec.created_at)
 
     def waiting(self) -> int:
         with self._lock:
@@ -290,7 +300,7 @@ class OverdueParts:
         found: list[tuple[PartVerdict, ResultRecord]] = []
         for done, (part_id, _) in enumerate(due):
             try:
-                rows = self.store.query(part_id=part_id, limit=PART_RECORDS)
+                stored = stored_part(self.store, part_id, self.types, window_s=self.window_s)
             except Exception as exc:  # the store down: the rest wait, in front, oldest first
                 self.last_error = str(exc) or type(exc).__name__
                 with self._lock:
@@ -299,13 +309,15 @@ class OverdueParts:
                             self._waiting[pid] = at
                             self._waiting.move_to_end(pid, last=False)
                 return found
-            if not rows or rows[0].created_at > cutoff:
+            if stored is None:
                 continue
-            verdict = part_verdict(part_id, rows, self.types, self.window_s)
+            verdict, latest = stored[0], stored[0].counted[-1]  # its latest image always counts
+            if latest.created_at > cutoff:
+                continue
             if verdict.complete is False:
-                found.append((verdict, rows[0]))
+                found.append((verdict, latest))
                 self.overdue_total += 1
                 self.lacking.update(verdict.missing or ())
-                self.last_at.update((t, rows[0].created_at) for t in verdict.missing or ())
+                self.last_at.update((t, latest.created_at) for t in verdict.missing or ())
         self.last_error = None
         return found

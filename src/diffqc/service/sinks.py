@@ -50,7 +50,7 @@ from urllib.parse import unquote, urlsplit
 from diffqc.drift import is_misrouted
 from diffqc.errors import ConfigError
 from diffqc.output import json_safe
-from diffqc.service.parts import PART_RECORDS, PART_WINDOW_S, OverdueParts, PartVerdict, part_verdict
+from diffqc.service.parts import PART_WINDOW_S, OverdueParts, PartVerdict, commit_verdicts
 from diffqc.service.security import read_secret_file
 from diffqc.service.store import ResultRecord, ResultStore, iso_time, redact_url
 
@@ -186,16 +186,13 @@ class Outbox:
             payload = json.dumps(decision_payload(rec), allow_nan=False, sort_keys=True)
             self._insert(conn, DECISION, rec.id, topic_key(rec.feature_type), payload)
         if self.parts is not None:  # each part once, after all of its images of this commit
-            latest = {rec.part_id: rec for rec in new if rec.part_id is not None}
-            for part_id, rec in latest.items():
-                rows = self.store.part_records(part_id, conn=conn, limit=PART_RECORDS)
-                verdict = part_verdict(part_id, rows, self.types, self.window_s)
+            for verdict, rec in commit_verdicts(self.store, conn, new, self.types, self.window_s):
                 if self.overdue is not None:
                     self.overdue.note(verdict, rec.created_at)
                 if self.parts == "complete" and verdict.complete is not True:
                     continue  # its other crops are still to come
                 body = json.dumps(part_payload(verdict, rec), allow_nan=False, sort_keys=True)
-                self._insert(conn, PART, rec.id, topic_key(part_id), body)
+                self._insert(conn, PART, rec.id, topic_key(verdict.part_id), body)
 
     def enqueue_overdue(self, verdict: PartVerdict, latest: ResultRecord) -> None:
         """A part whose other crops are overdue (:class:`~diffqc.service.parts.OverdueParts`),
