@@ -895,6 +895,38 @@ async def test_part_verdict_from_its_images(detector: Any, samples: Samples, tmp
         assert (await client.get("/v1/parts")).status_code == 401
 
 
+async def test_a_part_left_incomplete_when_the_service_restarted_is_still_pushed_overdue(
+        detector: Any, samples: Samples, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``--part-timeout`` over a restart (a deploy, a crash): a part whose other crops never
+    came before the service stopped is judged by the next run, and pushed as overdue once."""
+    body, ftype = samples.by_decision["PASS"][0]
+    caplog.set_level("INFO", logger="diffqc")
+    hook = {"webhook_url": "http://127.0.0.1:9/hook", "push_parts": "each", "calibration_poll_s": 0.1}
+
+    def pushed(state: Any) -> list[tuple[str, bool]]:
+        rows = state.line.outbox.due(state.line.outbox.sinks[0], time.time() + 3600, limit=1000)
+        parts = [json.loads(m.payload) for m in rows if m.kind == "part"]
+        return [(p["part_id"], p["overdue"]) for p in parts]
+
+    async with running_app(detector, tmp_path, part_timeout_s=30.0, **hook) as (client, state):
+        r = await client.post("/v1/inspect", content=body, headers=AUTH,
+                              params={"feature_type": ftype, "part_id": "R-1"})
+        assert r.status_code == 200, r.text
+        assert state.line.overdue.waiting() == 1
+    # the next run, with a shorter timeout: R-1 waits again, and is pushed as overdue
+    async with running_app(detector, tmp_path, part_timeout_s=0.3, **hook) as (client, state):
+        assert "parts a previous run left incomplete wait for their crops again: 1" in caplog.text
+        for _ in range(100):
+            if ("R-1", True) in pushed(state):
+                break
+            await asyncio.sleep(0.1)
+        assert pushed(state) == [("R-1", False), ("R-1", True)]
+    caplog.clear()
+    async with running_app(detector, tmp_path, part_timeout_s=0.3, **hook) as (client, state):
+        await asyncio.sleep(0.5)  # R-1 was judged: not again
+        assert pushed(state) == [("R-1", False), ("R-1", True)] and "left incomplete" not in caplog.text
+
+
 async def test_a_line_whose_parts_have_fewer_types_than_the_model(detector: Any, samples: Samples,
                                                                    tmp_path: Path,
                                                                    caplog: pytest.LogCaptureFixture) -> None:

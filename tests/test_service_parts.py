@@ -201,6 +201,45 @@ def overdue_parts_contract(store: ResultStore) -> None:
     assert overdue.waiting() == 0 and overdue.last_error is None
 
 
+def overdue_resume_contract(store: ResultStore) -> None:
+    """A restart of a service with ``--part-timeout``: the parts its previous run left waiting
+    (an image after that run's last sweep, kept in the store) are judged by the next run, those
+    already judged are not again, nor another station's; a station's first run resumes nothing.
+    Also run against PostgreSQL."""
+    from diffqc.service.parts import OverdueParts
+
+    def crop(part: str, ftype: str, at: float, station: str | None = "S1") -> ResultRecord:
+        return ResultRecord(created_at=at, source="http", decision="PASS", part_id=part, feature_type=ftype,
+                            type_known=True, station=station)
+
+    types = ["dots", "edge1"]
+    first = OverdueParts(store, 10.0, types, station="S1")
+    assert first.resume(now=95.0) == 0  # its first run: nothing left waiting by an earlier one
+    store.insert_hooks.append(first.on_insert)
+    store.insert(crop("A", "dots", 100.0))
+    assert [v.part_id for v, _ in first.sweep(111.0)] == ["A"]  # judged by the first run
+    store.insert_many([crop("B", "dots", 112.0), crop("C", "dots", 113.0), crop("C", "edge1", 114.0),
+                       crop("X", "dots", 115.0, station="S2"), crop("Y", "edge1", 116.0, station=None)])
+    assert first.sweep(120.0) == [] and first.waiting() == 3  # B, X, Y; C is complete
+    first.save()  # it stops: swept until 110, B's image (112) is later
+    store.insert_hooks.remove(first.on_insert)
+    second = OverdueParts(store, 10.0, types, station="S1")
+    # B, and Y sent without a station: not A (judged), C (complete), X (another station's)
+    assert second.resume(now=200.0) == 2 and second.waiting() == 2
+    assert [(v.part_id, v.missing) for v, _ in second.sweep(200.0)] == [("B", ["edge1"]), ("Y", ["dots"])]
+    second.save(before=112.0)  # B's push waited for the store when it stopped: judged again, with Y
+    assert OverdueParts(store, 10.0, types, station="S1").resume(now=250.0) == 2
+    second.save()
+    assert OverdueParts(store, 10.0, types, station="S1").resume(now=300.0) == 0  # B and Y were judged
+    # another station on the same store resumes its own parts only (none ran before)
+    assert OverdueParts(store, 10.0, types, station="S2").resume(now=300.0) == 0
+
+
 def test_overdue_parts_without_sinks_are_counted_by_the_types_they_lack(tmp_path: Path) -> None:
     with ResultStore(str(tmp_path / "r.db")) as store:
         overdue_parts_contract(store)
+
+
+def test_overdue_parts_left_waiting_by_a_stopped_run_are_judged_by_the_next(tmp_path: Path) -> None:
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        overdue_resume_contract(store)

@@ -19,7 +19,7 @@ import pytest
 
 from diffqc.service.store import ResultStore
 from tests.test_service_common import AUTH, Samples, detector, running_app, samples, service_model  # noqa: F401
-from tests.test_service_parts import overdue_parts_contract
+from tests.test_service_parts import overdue_parts_contract, overdue_resume_contract
 from tests.test_service_units import _rec, part_order_contract, store_contract
 
 URL = os.environ.get("DIFFQC_TEST_POSTGRES_URL")
@@ -60,6 +60,11 @@ def test_postgres_records_by_part(pg_url: str) -> None:
 def test_postgres_overdue_parts(pg_url: str) -> None:
     with ResultStore(pg_url) as store:
         overdue_parts_contract(store)
+
+
+def test_postgres_overdue_parts_resumed_after_a_restart(pg_url: str) -> None:
+    with ResultStore(pg_url) as store:
+        overdue_resume_contract(store)
 
 
 def test_postgres_concurrent_writers_and_two_processes_schema(pg_url: str) -> None:

@@ -1480,3 +1480,51 @@ def test_cli_results_parts_names_the_types_a_part_lacks(tmp_path: Path, tiny_mod
     (tmp_path / "broken").mkdir()
     assert main(["results", "parts", "--db", str(db), "--model", str(tmp_path / "broken")]) == 1
     assert "broken" in capsys.readouterr().err
+
+
+def test_an_overdue_part_whose_push_the_store_refused_is_pushed_once_it_can_write(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``--part-timeout --push-parts``: the store refusing writes while it still reads (a full
+    disk) when a part came due judged the part and lost its push; the push now waits for the
+    store and goes once it can write, once."""
+    import json
+    import logging
+    import sqlite3
+    import time
+    from types import SimpleNamespace
+
+    from diffqc.service.line import LineServices
+    from diffqc.service.sinks import OUTBOX
+    from diffqc.service.store import ResultRecord, ResultStore
+    from tests.test_sinks import wait_for
+
+    db = tmp_path / "r.db"
+    settings = SimpleNamespace(webhook_url="http://127.0.0.1:9/hook", push_parts="complete",
+                               part_timeout_s=0.3, calibration_poll_s=0.05)
+    with ResultStore(str(db)) as store, caplog.at_level(logging.INFO, logger="diffqc"):
+        line = LineServices(settings, store, None, SimpleNamespace(classes_=["edge", "dots"]))
+        line.start()
+        try:
+            assert line.outbox is not None and line.overdue is not None
+            store.insert(ResultRecord(created_at=time.time(), source="test", decision="PASS", part_id="Q-1",
+                                      feature_type="edge", type_known=True))
+            with sqlite3.connect(db) as admin:  # the database refuses the outbox's rows from now on
+                admin.execute(f"CREATE TRIGGER full BEFORE INSERT ON {OUTBOX} "
+                              "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+            wait_for(lambda: line.overdue is not None and line.overdue.overdue_total == 1, what="Q-1 judged")
+            time.sleep(0.3)  # a few more polls against the refusing store
+            with sqlite3.connect(db) as admin:
+                admin.execute("DROP TRIGGER full")
+
+            def overdue() -> list[str]:
+                rows = line.outbox.due("webhook", time.time() + 3600, limit=100) if line.outbox else []
+                return [json.loads(m.payload)["part_id"] for m in rows if m.kind == "part"]
+
+            wait_for(lambda: overdue() == ["Q-1"], what="Q-1 pushed")
+            time.sleep(0.3)
+            assert overdue() == ["Q-1"]  # once
+        finally:
+            line.stop()
+    down = [r for r in caplog.records if "cannot judge or push the overdue parts" in r.getMessage()]
+    assert len(down) == 1 and "database or disk is full" in down[0].getMessage()
+    assert any("the overdue parts can be judged and pushed again" in r.getMessage() for r in caplog.records)

@@ -33,7 +33,7 @@ from typing import Any
 from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, is_misrouted, prometheus_label, scored
 from diffqc.recalibrate import CalibrationReloader, file_signature
 from diffqc.runtime import EXPORT_FILE
-from diffqc.service.parts import PART_WINDOW_S, OverdueParts, part_types
+from diffqc.service.parts import PART_WINDOW_S, OverdueParts, PartVerdict, part_types
 from diffqc.service.retention import RetentionPolicy, RetentionWorker
 from diffqc.service.security import certificate_expiry
 from diffqc.service.sinks import Dispatcher, Outbox, build_sinks, webhook_headers, webhook_secrets
@@ -389,9 +389,16 @@ class LineServices:
             self.outbox = Outbox(store, [s.name for s in sinks],
                                  parts=getattr(settings, "push_parts", None), types=expected, window_s=window)
             self.dispatcher = Dispatcher(self.outbox, sinks)
+        # names this service's kept drift alarms, and its parts left waiting, on a store that
+        # several services share
+        self.station: str | None = (getattr(settings, "watch_station", None)
+                                    or getattr(settings, "station", None))
         timeout = getattr(settings, "part_timeout_s", None)  # --part-timeout: the parts overdue
-        self.overdue = (OverdueParts(store, float(timeout), expected, window_s=window)
+        self.overdue = (OverdueParts(store, float(timeout), expected, window_s=window, station=self.station)
                         if timeout is not None else None)
+        self._overdue_saved = time.monotonic()  # how far its sweeps got, kept in the store once a minute
+        # overdue parts judged whose push the store refused (a full disk): pushed, in order, when it can write
+        self._overdue_unpushed: list[tuple[PartVerdict, ResultRecord]] = []
         # the overdue parts not logged yet, by the types they lack, and when they were last (once a minute)
         self._overdue_said: tuple[float, Counter[str]] = (float("-inf"), Counter())
         self.drift = DriftMonitor(DriftConfig(
@@ -399,9 +406,6 @@ class LineServices:
             min_parts=int(getattr(settings, "drift_min_parts", 30)),
             level=float(getattr(settings, "drift_level", 1e-4)),
         ))
-        # names this service's kept drift alarms on a store that several services share
-        self.station: str | None = (getattr(settings, "watch_station", None)
-                                    or getattr(settings, "station", None))
         bundle = getattr(settings, "model_path", None) or getattr(detector, "path", None)
         self.bundle = Path(bundle) if bundle else None
         self.model_watch = (ModelWatch(self.bundle, str(getattr(detector, "version", "") or ""), load_model)
@@ -463,6 +467,7 @@ class LineServices:
                 self.store.insert_hooks.append(self.overdue.on_insert)
             log.info("parts: complete with an image of each of %s; overdue %g s after their latest image "
                      "while incomplete", ", ".join(self.overdue.types or ()), self.overdue.timeout_s)
+            self._resume_overdue()
         elif self.chosen_part_types:
             log.info("parts: complete with an image of each of %s", ", ".join(self.chosen_part_types))
         if self.retention is not None:
@@ -476,10 +481,16 @@ class LineServices:
         self._thread.start()
 
     def stop(self) -> None:
-        """After the inspection worker stopped; what is not delivered stays in the outbox."""
+        """After the inspection worker stopped; what is not delivered stays in the outbox, how
+        far the overdue parts were judged in the store."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+        if self.overdue is not None:
+            try:
+                self._save_overdue()
+            except Exception as exc:  # the next run judges again the parts since the last kept
+                log.warning("cannot keep how far the overdue parts were judged: %s", exc)
         if self.retention is not None:
             self.retention.stop()
         if self.opcua is not None:
@@ -607,6 +618,26 @@ class LineServices:
             self.on_model(detector)
         return True
 
+    def _save_overdue(self) -> None:
+        """Keep how far the overdue parts were judged, before any whose push waits: a restart
+        judges those again."""
+        assert self.overdue is not None
+        self.overdue.save(before=min((rec.created_at for _, rec in self._overdue_unpushed), default=None))
+        self._overdue_saved = time.monotonic()
+
+    def _resume_overdue(self) -> None:
+        """At start: the parts the previous run left waiting (a restart must not lose a part
+        whose other crops never came), said when there are any."""
+        assert self.overdue is not None
+        try:
+            resumed = self.overdue.resume(time.time())
+        except Exception as exc:  # served all the same: the parts it stores are judged
+            log.warning("cannot read the parts a previous run left waiting for their crops: %s", exc)
+            return
+        if resumed:
+            log.info("parts a previous run left incomplete wait for their crops again: %d (overdue %g s "
+                     "after their latest image)", resumed, self.overdue.timeout_s)
+
     def check_overdue(self) -> None:
         """--part-timeout: the parts whose other crops are overdue, counted (``/metrics``,
         ``/v1/line``), logged at most once a minute by the types they lack, and pushed with
@@ -616,11 +647,17 @@ class LineServices:
             return
         found = self.overdue.sweep(time.time())
         error = self.overdue.last_error
+        unpushed = self._overdue_unpushed
+        if self.outbox is not None and self.outbox.parts is not None:
+            unpushed += found
+            del unpushed[:-self.overdue.capacity]  # the oldest forgotten, as the parts waiting are
         try:
-            if self.outbox is not None and self.outbox.parts is not None:
-                for verdict, latest in found:
-                    self.outbox.enqueue_overdue(verdict, latest)
-        except Exception as exc:  # judged, but not pushed: counted and logged still
+            while unpushed and self.outbox is not None:
+                self.outbox.enqueue_overdue(*unpushed[0])
+                del unpushed[0]
+            if error is None and time.monotonic() - self._overdue_saved >= 60.0:
+                self._save_overdue()  # a crash judges again at most the last minute's parts
+        except Exception as exc:  # judged and counted; the rest pushed once the store can write
             error = str(exc) or type(exc).__name__
         if error is not None and not self._overdue_down:
             log.warning("cannot judge or push the overdue parts: %s; trying again every %g s", error,

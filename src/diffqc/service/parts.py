@@ -43,6 +43,8 @@ LATEST_PARTS_ROWS = 10_000
 # a part's crops come within this of its latest one; the id's older images are an earlier part's
 PART_WINDOW_S = 3600.0
 OVERDUE_PARTS = 10_000  # incomplete parts an OverdueParts keeps waiting (--part-timeout)
+# the store's meta entry (+ "/" + station) keeping how far a --part-timeout run judged its parts
+OVERDUE_KEY = "parts.overdue_swept"
 
 
 @dataclass(frozen=True)
@@ -252,15 +254,22 @@ class OverdueParts:
     """The parts left incomplete by their latest commit, judged again ``timeout_s`` after their
     latest image (``--part-timeout``): those still incomplete are overdue, their other crops
     never came (a camera missing triggers), counted per type they lack (``lacking``). Waiting
-    parts are kept in memory: at most ``capacity`` (the oldest forgotten), none over a restart."""
+    parts are kept in memory, at most ``capacity`` (the oldest forgotten); over a restart, the
+    store keeps how far the sweeps got (:meth:`save`), and the next run judges the parts
+    ``station`` stored after that (:meth:`resume`)."""
 
     def __init__(self, store: ResultStore, timeout_s: float, types: Sequence[str] | None,
-                 capacity: int = OVERDUE_PARTS, window_s: float = PART_WINDOW_S) -> None:
+                 capacity: int = OVERDUE_PARTS, window_s: float = PART_WINDOW_S,
+                 station: str | None = None) -> None:
         self.store = store
         self.window_s = window_s
         self.timeout_s = timeout_s
         self.types = None if types is None else list(types)
         self.capacity = capacity
+        self.station = station  # whose parts a restart resumes, on a store several services share
+        self.key = OVERDUE_KEY if station is None else f"{OVERDUE_KEY}/{station}"
+        # every part whose latest image is at or before this was judged (the latest full sweep's cutoff)
+        self.swept_until: float | None = None
         self.lacking: Counter[str] = Counter()  # overdue parts per type they had no image of
         self.last_at: dict[str, float] = {}  # per type, the latest image of the latest part lacking it
         self.overdue_total = 0
@@ -320,4 +329,41 @@ class OverdueParts:
                 self.lacking.update(verdict.missing or ())
                 self.last_at.update((t, latest.created_at) for t in verdict.missing or ())
         self.last_error = None
+        self.swept_until = cutoff if self.swept_until is None else max(self.swept_until, cutoff)
         return found
+
+    def save(self, before: float | None = None) -> None:
+        """Keep in the store how far the sweeps got, for the next run's :meth:`resume`; not past
+        ``before`` (the latest image of a part judged whose push waits: judged again)."""
+        if self.swept_until is not None:
+            until = self.swept_until if before is None else min(self.swept_until, before)
+            self.store.set_meta(self.key, repr(until))
+
+    def resume(self, now: float) -> int:
+        """At start, before any image of this run is stored: :meth:`note` the parts a previous
+        run left waiting, those with an image after its kept :meth:`save` (of ``station`` or of
+        none, when given: a store several services share) that are incomplete; returns how
+        many. With nothing kept (this station's first run with ``--part-timeout``) the sweeps
+        start now."""
+        kept = self.store.meta_items(self.key).get(self.key)
+        if kept is None:
+            self.swept_until = now
+            self.save()
+            return 0
+        self.swept_until = float(kept)
+        parts: dict[str, None] = {}  # newest first, each once
+        before: int | None = None
+        while len(parts) < self.capacity:
+            rows = self.store.recent_part_rows(1000, since=self.swept_until, station_or_none=self.station,
+                                               before_id=before)
+            parts.update((part_id, None) for _, part_id in rows)
+            if len(rows) < 1000:
+                break
+            before = rows[-1][0]
+        resumed = 0
+        for part_id in reversed(list(parts)[:self.capacity]):  # oldest first: the first forgotten
+            stored = stored_part(self.store, part_id, self.types, window_s=self.window_s)
+            if stored is not None and stored[0].complete is False:
+                self.note(stored[0], stored[0].counted[-1].created_at)
+                resumed += 1
+        return resumed

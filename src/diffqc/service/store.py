@@ -275,7 +275,8 @@ def _where(conditions: Sequence[tuple[str, Any]]) -> tuple[list[str], list[Any]]
 
 class Filters(TypedDict, total=False):
     """The filters of :meth:`ResultStore.query`: each given one must match. ``has_part``: rows
-    with (True) or without (False) a part id; ``parts``: rows of these part ids."""
+    with (True) or without (False) a part id; ``parts``: rows of these part ids;
+    ``station_or_none``: rows of this station or of none."""
 
     since: float | None
     until: float | None
@@ -287,6 +288,7 @@ class Filters(TypedDict, total=False):
     part_id: str | None
     line: str | None
     station: str | None
+    station_or_none: str | None
     camera: str | None
     after_id: int | None
     before_id: int | None
@@ -307,6 +309,7 @@ def _conditions(filters: Filters) -> tuple[str, list[Any]]:
         ("part_id = ?", get("part_id")),
         ("line = ?", get("line")),
         ("station = ?", get("station")),
+        ("(station = ? OR station IS NULL)", get("station_or_none")),
         ("camera = ?", get("camera")),
         ("id > ?", get("after_id")),
         ("id < ?", get("before_id")),
