@@ -1486,7 +1486,8 @@ def test_an_overdue_part_whose_push_the_store_refused_is_pushed_once_it_can_writ
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """``--part-timeout --push-parts``: the store refusing writes while it still reads (a full
     disk) when a part came due judged the part and lost its push; the push now waits for the
-    store and goes once it can write, once."""
+    store and goes once it can write, once. Once pushed, the store keeps that it was judged: a
+    crash now, and the next run would not push it again."""
     import json
     import logging
     import sqlite3
@@ -1494,6 +1495,7 @@ def test_an_overdue_part_whose_push_the_store_refused_is_pushed_once_it_can_writ
     from types import SimpleNamespace
 
     from diffqc.service.line import LineServices
+    from diffqc.service.parts import OverdueParts
     from diffqc.service.sinks import OUTBOX
     from diffqc.service.store import ResultRecord, ResultStore
     from tests.test_sinks import wait_for
@@ -1523,6 +1525,8 @@ def test_an_overdue_part_whose_push_the_store_refused_is_pushed_once_it_can_writ
             wait_for(lambda: overdue() == ["Q-1"], what="Q-1 pushed")
             time.sleep(0.3)
             assert overdue() == ["Q-1"]  # once
+            # what a run started after a crash now (no stop) would resume: nothing
+            assert OverdueParts(store, 0.3, ["edge", "dots"]).resume(time.time()) == 0
         finally:
             line.stop()
     down = [r for r in caplog.records if "cannot judge or push the overdue parts" in r.getMessage()]

@@ -651,12 +651,16 @@ class LineServices:
         if self.outbox is not None and self.outbox.parts is not None:
             unpushed += found
             del unpushed[:-self.overdue.capacity]  # the oldest forgotten, as the parts waiting are
+        pushed = 0
         try:
             while unpushed and self.outbox is not None:
                 self.outbox.enqueue_overdue(*unpushed[0])
                 del unpushed[0]
-            if error is None and time.monotonic() - self._overdue_saved >= 60.0:
-                self._save_overdue()  # a crash judges again at most the last minute's parts
+                pushed += 1
+            if error is None and (found or pushed or time.monotonic() - self._overdue_saved >= 60.0):
+                # at once after overdue parts were judged (a crash must not judge them again), and
+                # once a minute (a restart then reads little of the store again)
+                self._save_overdue()
         except Exception as exc:  # judged and counted; the rest pushed once the store can write
             error = str(exc) or type(exc).__name__
         if error is not None and not self._overdue_down:
