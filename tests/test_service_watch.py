@@ -153,6 +153,38 @@ def test_a_part_id_pattern_takes_the_part_id_from_a_camera_s_file_names(
     assert len(said) == 1 and "stored without a part id" in said[0], said
 
 
+def test_a_backlog_is_inspected_oldest_file_first(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
+) -> None:
+    """A camera filing each type in its own folder (DIR/<type>/...) left a backlog (the watcher
+    was down, or slower for a while): it was inspected in path order, every dots crop before
+    any edge crop, so a part's crops were inspected minutes apart (overdue with --part-timeout,
+    complete in the end) and the oldest parts waited longest. Files are inspected oldest first,
+    as the camera wrote them: a part's crops together."""
+    folder, pipe, store = rig
+    by_type: dict[str, bytes] = {}
+    for body, ftype in samples.all:
+        by_type.setdefault(ftype, body)
+    (t1, b1), (t2, b2) = sorted(by_type.items())[:2]
+    written = []
+    for ftype in (t1, t2):
+        (folder / ftype).mkdir()
+    for n in range(3):  # P-0's two crops first, then P-1's, then P-2's
+        for ftype, body in ((t2, b2), (t1, b1)):  # each part's t2 crop first: not the paths' order
+            path = folder / ftype / f"P-{n}.png"
+            path.write_bytes(body)
+            at = 1_700_000_000 + len(written)
+            os.utime(path, (at, at))
+            written.append((f"P-{n}", ftype))
+    w = _watcher(folder, pipe, store, max_pending=2)
+    assert w.step().inspected == 2
+    first = store.query(limit=None, oldest_first=True)
+    assert [(r.part_id, r.feature_type) for r in first] == written[:2]  # P-0 complete after one step
+    while w.step().inspected:
+        pass
+    assert [(r.part_id, r.feature_type) for r in store.query(limit=None, oldest_first=True)] == written
+
+
 def test_part_id_pattern_forms_and_refusals() -> None:
     from diffqc.errors import ConfigError
     from diffqc.service.watch import compile_part_id_pattern, part_id_of

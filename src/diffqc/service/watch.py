@@ -295,9 +295,11 @@ class FolderWatcher:
         )
 
     def ready_files(self) -> list[Path]:
-        """Files whose size and mtime have been stable for ``settle_s``."""
+        """Files whose size and mtime have been stable for ``settle_s``, oldest first (as the
+        camera wrote them: a backlog in per-type folders is inspected a part's crops together,
+        not every crop of one type before any of the next)."""
         now = time.monotonic()
-        ready: list[Path] = []
+        ready: list[tuple[int, str, Path]] = []
         present = set()
         for path in self._candidates():
             try:
@@ -315,13 +317,13 @@ class FolderWatcher:
                     continue
                 seen = self._seen[path]
             if st.st_size > 0 and now - seen.stable_since >= self.settings.settle_s:
-                ready.append(path)
+                ready.append((st.st_mtime_ns, str(path), path))
         for gone in set(self._seen) - present:
             del self._seen[gone]
         if self._kept:  # forget the files that are gone (something else emptied the folder)
             names = {str(p) for p in present}
             self._kept = {k for k in self._kept if k[0] in names}
-        return ready
+        return [path for *_, path in sorted(ready)]
 
     # ------------------------------------------------------------------ processing
     def _key(self, path: Path, digest: str, mtime_ns: int) -> str:
