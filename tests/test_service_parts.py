@@ -203,9 +203,9 @@ def overdue_parts_contract(store: ResultStore) -> None:
 
 def overdue_resume_contract(store: ResultStore) -> None:
     """A restart of a service with ``--part-timeout``: the parts its previous run left waiting
-    (an image after that run's last sweep, kept in the store) are judged by the next run, those
-    already judged are not again, nor another station's; a station's first run resumes nothing.
-    Also run against PostgreSQL."""
+    (an image after that run's last sweep, kept in the store) are judged by the next run, a
+    timeout after its start; those already judged are not again, nor another station's; a
+    station's first run resumes nothing. Also run against PostgreSQL."""
     from diffqc.service.parts import OverdueParts
 
     def crop(part: str, ftype: str, at: float, station: str | None = "S1") -> ResultRecord:
@@ -226,7 +226,10 @@ def overdue_resume_contract(store: ResultStore) -> None:
     second = OverdueParts(store, 10.0, types, station="S1")
     # B, and Y sent without a station: not A (judged), C (complete), X (another station's)
     assert second.resume(now=200.0) == 2 and second.waiting() == 2
-    assert [(v.part_id, v.missing) for v, _ in second.sweep(200.0)] == [("B", ["edge1"]), ("Y", ["dots"])]
+    # their crops may still come now that the service is back (a camera's folder kept them):
+    # overdue a timeout after the restart, not at once
+    assert second.sweep(209.0) == []
+    assert [(v.part_id, v.missing) for v, _ in second.sweep(210.0)] == [("B", ["edge1"]), ("Y", ["dots"])]
     second.save(before=112.0)  # B's push waited for the store when it stopped: judged again, with Y
     assert OverdueParts(store, 10.0, types, station="S1").resume(now=250.0) == 2
     second.save()

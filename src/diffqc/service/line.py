@@ -635,8 +635,8 @@ class LineServices:
             log.warning("cannot read the parts a previous run left waiting for their crops: %s", exc)
             return
         if resumed:
-            log.info("parts a previous run left incomplete wait for their crops again: %d (overdue %g s "
-                     "after their latest image)", resumed, self.overdue.timeout_s)
+            log.info("parts a previous run left incomplete wait for their crops again: %d (overdue when "
+                     "still incomplete in %g s)", resumed, self.overdue.timeout_s)
 
     def check_overdue(self) -> None:
         """--part-timeout: the parts whose other crops are overdue, counted (``/metrics``,

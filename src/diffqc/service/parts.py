@@ -342,9 +342,10 @@ class OverdueParts:
     def resume(self, now: float) -> int:
         """At start, before any image of this run is stored: :meth:`note` the parts a previous
         run left waiting, those with an image after its kept :meth:`save` (of ``station`` or of
-        none, when given: a store several services share) that are incomplete; returns how
-        many. With nothing kept (this station's first run with ``--part-timeout``) the sweeps
-        start now."""
+        none, when given: a store several services share) that are incomplete, as if their
+        latest image came ``now`` (their other crops may still come now that the service is
+        back: a camera's folder kept them); returns how many. With nothing kept (this station's
+        first run with ``--part-timeout``) the sweeps start now."""
         kept = self.store.meta_items(self.key).get(self.key)
         if kept is None:
             self.swept_until = now
@@ -364,6 +365,6 @@ class OverdueParts:
         for part_id in reversed(list(parts)[:self.capacity]):  # oldest first: the first forgotten
             stored = stored_part(self.store, part_id, self.types, window_s=self.window_s)
             if stored is not None and stored[0].complete is False:
-                self.note(stored[0], stored[0].counted[-1].created_at)
+                self.note(stored[0], max(stored[0].counted[-1].created_at, now))
                 resumed += 1
         return resumed
