@@ -462,14 +462,45 @@ async def test_a_stalled_upload_gets_408(detector: Any, samples: Samples, tmp_pa
         assert state.store.count() == 1
 
 
+async def test_a_store_that_refuses_writes_is_said_once_not_for_every_part(
+    detector: Any, samples: Samples, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database refusing writes (a full disk) logged three errors for every part refused,
+    hundreds of lines a minute on a line, which bury the first one (and journald drops lines
+    past its rate limit): it is said once when it starts, and once more, with the parts not
+    stored, when the store writes again. Each part is still answered 503 store_unavailable."""
+    db = tmp_path / "results.db"
+    (body, ftype) = samples.all[0]
+    caplog.set_level("INFO", logger="diffqc")
+    async with running_app(detector, tmp_path) as (client, state):
+        with sqlite3.connect(db) as admin:  # the database refuses every new row, as a full disk does
+            admin.execute("CREATE TRIGGER full BEFORE INSERT ON diffqc_results "
+                          "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+        for n in range(5):
+            r = await client.post("/v1/inspect", content=body, headers=AUTH,
+                                  params={"feature_type": ftype, "part_id": f"F-{n}"})
+            assert r.status_code == 503 and r.json()["code"] == "store_unavailable", r.text
+        with sqlite3.connect(db) as admin:
+            admin.execute("DROP TRIGGER full")
+        r = await client.post("/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype})
+        assert r.status_code == 200, r.text
+        assert state.store.count() == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "cannot store parts: " in errors[0], errors
+    assert "database or disk is full" in errors[0]
+    assert "the result store can write again: 5 parts were not stored over" in caplog.text
+
+
 async def test_an_artifact_that_cannot_be_written_fails_only_itself(
-    detector: Any, samples: Samples, tmp_path: Path
+    detector: Any, samples: Samples, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The kept-image folder replaced by a regular file (fails as root too, unlike chmod): every
     part of the micro-batch is still answered 200 and stored, with its heat map; the record
-    says its image is missing and why; /readyz stays ready and reports the degraded folder."""
+    says its image is missing and why; /readyz stays ready and reports the degraded folder.
+    The log says so once, not for every part, and once more when images are kept again."""
     art = tmp_path / "art"
     parts = samples.all[:4]
+    caplog.set_level("INFO", logger="diffqc")
     async with running_app(detector, tmp_path, data_dir=str(art), keep_images="all", heatmaps="all") as (
         client,
         state,
@@ -496,6 +527,12 @@ async def test_an_artifact_that_cannot_be_written_fails_only_itself(
         (art / "images").unlink()
         (art / "images").mkdir()
         assert "degraded" not in (await client.get("/readyz")).json()
+        said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(said) == 1 and "kept image not written" in said[0], said
+        p, t = parts[0]
+        r = await client.post("/v1/inspect", content=p, headers=AUTH, params={"feature_type": t})
+        assert r.status_code == 200 and r.json()["image_url"] is not None, r.text
+        assert f"kept images are written again: {len(parts)} parts went without theirs over" in caplog.text
 
 
 async def test_a_failed_store_write_leaves_no_orphan_heat_map_and_readyz_says_why(

@@ -108,3 +108,24 @@ def test_watch_logs_text_by_default(tiny_model: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() and not proc.stderr.lstrip().startswith("{")
     assert " INFO diffqc." in proc.stderr
+
+
+def test_an_outage_is_said_once_when_it_starts_and_once_when_it_ends(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from diffqc.service.logs import Outage
+
+    outage = Outage(logging.getLogger("diffqc.test"), "cannot store parts",
+                    "the store can write again: %d parts were not stored over %.0f s")
+    outage.worked()  # nothing failed: nothing said
+    with caplog.at_level(logging.INFO, logger="diffqc"):
+        outage.failed("disk full", 2)
+        outage.failed("disk full")
+        outage.failed("another reason")
+        outage.worked()
+        outage.worked()
+        outage.failed("disk full again")
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in said] == ["ERROR", "INFO", "ERROR"], said
+    assert said[0][1].startswith("cannot store parts: disk full (said once")
+    assert said[1][1] == "the store can write again: 4 parts were not stored over 0 s"
+    assert "disk full again" in said[2][1] and outage.count == 1

@@ -933,8 +933,7 @@ async def _submit(state: ServiceState, jobs: list[Job]) -> list[ResultRecord]:
     try:
         # shield: a client that hangs up does not cancel the part; it is still stored
         recs = list(await asyncio.shield(asyncio.gather(*(asyncio.wrap_future(f) for f in futures))))
-    except Exception as exc:
-        log.error("could not store or inspect parts: %s", exc)
+    except Exception as exc:  # said by the pipeline's worker (once while the store refuses writes)
         raise ServiceError(
             503,
             "store_unavailable",

@@ -27,6 +27,7 @@ import numpy as np
 
 from diffqc.errors import StoreError
 from diffqc.inspection import ImageCheck
+from diffqc.service.logs import Outage
 from diffqc.service.store import NOT_INSPECTED, ArtifactStore, ResultRecord, ResultStore
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE, fit_within
 
@@ -321,6 +322,13 @@ class InspectionPipeline:
         self.heatmaps_shed_total = 0  # heat maps not drawn while parts backed up
         self.last_artifact_error: str | None = None
         self.store_errors_total = 0
+        # said once each while they last, not for every part (hundreds of lines a minute)
+        self.store_outage = Outage(log, "cannot store parts",
+                                   "the result store can write again: %d parts were not stored over %.0f s")
+        self.artifact_outages = {what: Outage(log, f"{what} not written",
+                                              f"{what}s are written again: %d parts went without theirs "
+                                              "over %.0f s")
+                                 for what in ("heat map", "kept image")}
         self.repeated_images_total = 0  # parts whose image repeated a recent one byte for byte
         self._recent: dict[str, ResultRecord] = {}  # digest -> the last part with that image
         self._turned_at = time.monotonic()  # the worker's last time round its loop
@@ -416,8 +424,8 @@ class InspectionPipeline:
             if batch or dropped:
                 try:
                     self.process(batch, dropped)
-                except StoreError as exc:  # a database restart: said by whoever waits for them
-                    log.error("%d part(s) not stored: %s", len(batch) + len(dropped), exc)
+                except StoreError as exc:  # a database restart, a full disk: each part refused
+                    self.store_outage.failed(str(exc), len(batch) + len(dropped))
                     for job in batch + dropped:
                         _settle(job.future, exc)
                 except Exception as exc:  # keep the worker alive whatever happens
@@ -483,6 +491,7 @@ class InspectionPipeline:
             self.store_errors_total += 1
             self._remove_artifacts(records)  # no heat map or image without its row
             raise
+        self.store_outage.worked()
         self._remove_artifacts(
             [new for new, kept in zip(records, stored, strict=True) if kept.duplicate]
         )
@@ -542,7 +551,7 @@ class InspectionPipeline:
     def _artifact_failed(self, what: str, job: Job, exc: Exception) -> str:
         self.artifact_errors_total += 1
         self.last_artifact_error = f"{what}: {exc}"
-        log.error("part %s: %s not written: %s", job.part_id, what, exc)
+        self.artifact_outages[what].failed(f"part {job.part_id}: {exc}")
         return f"{what} not written: {exc}"
 
     def _record(self, job: Job, res: InspectionLike, latency_ms: float, *,
@@ -564,6 +573,7 @@ class InspectionPipeline:
                     scale = self.overlay_scale.get(res.feature_type or "")
                     picture = self.overlay(fit_within(job.image, self.heatmap_size), res, scale)
                     heatmap = self.artifacts.save_png("heatmaps", picture)
+                    self.artifact_outages["heat map"].worked()
                 except Exception as exc:
                     missing.append(self._artifact_failed("heat map", job, exc))
             if self._wants(self.keep_images, decision):
@@ -572,6 +582,7 @@ class InspectionPipeline:
                         image = self.artifacts.save_bytes("images", job.encoded, job.encoded_ext)
                     else:
                         image = self.artifacts.save_png("images", _to_uint8(job.image))
+                    self.artifact_outages["kept image"].worked()
                 except Exception as exc:
                     missing.append(self._artifact_failed("kept image", job, exc))
         type_scores: dict[str, Any] = {str(k): float(v) for k, v in (res.type_scores or {}).items()}

@@ -13,6 +13,8 @@ import datetime as dt
 import json
 import logging
 import os
+import threading
+import time
 import warnings
 from typing import Any, TextIO
 
@@ -101,3 +103,39 @@ def uvicorn_log_config(fmt: str) -> dict[str, Any] | None:
     from uvicorn.config import LOGGING_CONFIG
 
     return LOGGING_CONFIG
+
+
+class Outage:
+    """A failure that repeats with every part while it lasts (the store refusing writes, a
+    folder that cannot be written): said once when it starts, the parts it cost counted, and
+    said once more when it ends, so that hundreds of lines a minute do not bury the first one
+    (nor pass journald's rate limit, which drops lines). Thread-safe."""
+
+    def __init__(self, logger: logging.Logger, start: str, end: str) -> None:
+        """``start``: the line's text before the reason ("cannot store parts"); ``end``: the
+        recovery line's, a format of the count and seconds ("... %d parts ... over %.0f s")."""
+        self.logger = logger
+        self.start = start
+        self.end = end
+        self.count = 0
+        self.since: float | None = None  # monotonic time of the first failure, None while it works
+        self._lock = threading.Lock()
+
+    def failed(self, reason: str, parts: int = 1) -> None:
+        with self._lock:
+            self.count += parts
+            if self.since is not None:
+                return
+            self.since = time.monotonic()
+        self.logger.error("%s: %s (said once; the parts it costs are counted until it works again)",
+                          self.start, reason)
+
+    def worked(self) -> None:
+        if self.since is None:  # the common case: nothing to say, no lock taken
+            return
+        with self._lock:
+            if self.since is None:
+                return
+            count, seconds = self.count, time.monotonic() - self.since
+            self.count, self.since = 0, None
+        self.logger.info(self.end, count, seconds)
