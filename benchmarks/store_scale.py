@@ -20,8 +20,10 @@ summary of images and of parts (`GET /v1/summary`, `?parts=true`: since session 
 --since 8h` written as JSON lines (since session 38, beside the record's JSON form as it was made
 before: ``before:``) and storing one more part (since session 37 also with a sink's outbox row,
 and with `--push-parts`' part verdict; since session 39 with `--part-timeout`'s hook, and its
-sweep). Median of ``--rounds``, in milliseconds. The read session 33 gave an index, the rows
-naming a file, is also timed as it ran before (``before:``, the table scanned),
+sweep), and a restart's resume of `--part-timeout` (since session 40: the parts stored after the
+mark the previous run kept judged again, the mark a minute and an hour old). Median of
+``--rounds``, in milliseconds. The read session 33 gave an index, the rows naming a file, is
+also timed as it ran before (``before:``, the table scanned),
 in the same run on the same rows; so are the retention pass's sizes of kept files on disk
 (``--kept-files``: every row naming one, as ``--keep-images all`` for days leaves them), read
 one file path at a time before session 34, by one listing per folder since, and since session 37
@@ -46,7 +48,13 @@ import numpy as np
 
 from diffqc.output import json_line
 from diffqc.service.line import LineServices
-from diffqc.service.parts import OverdueParts, latest_parts, part_summary_counts, part_verdict
+from diffqc.service.parts import (
+    OVERDUE_KEY,
+    OverdueParts,
+    latest_parts,
+    part_summary_counts,
+    part_verdict,
+)
 from diffqc.service.retention import (
     ARTIFACT_ROWS,
     Artifact,
@@ -186,6 +194,13 @@ def _measure(store: ResultStore, artifacts: ArtifactStore, url: str, rounds: int
     store.insert_hooks.clear()
     out["--part-timeout's sweep, once a second (nothing due)"] = _median_ms(
         lambda: overdue.sweep(time.time()), rounds)
+    # a restart with --part-timeout (since session 40): the parts stored after the kept mark
+    # judged again, the previous run's mark a minute old (a crash) and an hour old (down an hour)
+    for name, age in (("a restart's resume of --part-timeout, its mark a minute old", 60.0),
+                      ("a restart's resume of --part-timeout, its mark an hour old", 3600.0)):
+        store.set_meta(OVERDUE_KEY, repr(now - age))
+        out[name] = _median_ms(lambda: OverdueParts(store, 30.0, TYPES).resume(now), rounds)
+    store.set_meta(OVERDUE_KEY, None)
     return out
 
 
