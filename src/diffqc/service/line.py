@@ -396,7 +396,7 @@ class LineServices:
         timeout = getattr(settings, "part_timeout_s", None)  # --part-timeout: the parts overdue
         self.overdue = (OverdueParts(store, float(timeout), expected, window_s=window, station=self.station)
                         if timeout is not None else None)
-        self._overdue_saved = time.monotonic()  # how far its sweeps got, kept in the store once a minute
+        self._overdue_saved = time.monotonic()  # how far its sweeps got, last kept in the store
         # overdue parts judged whose push the store refused (a full disk): pushed, in order, when it can write
         self._overdue_unpushed: list[tuple[PartVerdict, ResultRecord]] = []
         # the overdue parts not logged yet, by the types they lack, and when they were last (once a minute)

@@ -255,8 +255,8 @@ class OverdueParts:
     latest image (``--part-timeout``): those still incomplete are overdue, their other crops
     never came (a camera missing triggers), counted per type they lack (``lacking``). Waiting
     parts are kept in memory, at most ``capacity`` (the oldest forgotten); over a restart, the
-    store keeps how far the sweeps got (:meth:`save`), and the next run judges the parts
-    ``station`` stored after that (:meth:`resume`)."""
+    store keeps how far the sweeps got (:meth:`save`), and the next run judges the parts stored
+    after that, of ``station`` or of none (:meth:`resume`)."""
 
     def __init__(self, store: ResultStore, timeout_s: float, types: Sequence[str] | None,
                  capacity: int = OVERDUE_PARTS, window_s: float = PART_WINDOW_S,
