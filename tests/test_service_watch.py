@@ -675,6 +675,13 @@ def test_watch_cli_once(service_model: tuple[Path, Path], samples: Samples, tmp_
     assert len(recs) == 7 and all(r.heatmap is None for r in recs)
     assert all(r.heatmap_expired_at is not None for r in recs if r.decision != NOT_INSPECTED)
     assert not [p for p in (tmp_path / "images").iterdir()] + [p for p in (tmp_path / "heatmaps").iterdir()]
+    # --part-timeout with --once: a run ends before its parts are due, so none would ever be
+    # overdue; refused at start, in one line, nothing inspected
+    (folder / "e0.png").write_bytes(samples.all[0][0])
+    out = subprocess.run([*cmd, "--part-timeout", "30"], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr[-2000:]
+    assert "--part-timeout needs a watch that keeps running, not --once" in out.stderr
+    assert (folder / "e0.png").exists()
 
 
 def test_a_camera_frame_above_the_default_image_limit_is_taken_with_max_image_mpx(

@@ -603,6 +603,10 @@ def run_watch(
 
     configure_logging(log_level, log_format)
     db = store_url(db_url)
+    if once and part_timeout_s is not None:
+        raise ConfigError("--part-timeout needs a watch that keeps running, not --once: a run ends before "
+                          "its parts are due (a cron job's incomplete parts: diffqc results parts "
+                          "--incomplete)")
     # as serve: a path that is no bundle, or a type it does not know, leaves no new store; a
     # --db that is no store is said before the model loads
     check_watch_arguments(directory, model_path, keep=after == "keep")
