@@ -491,6 +491,29 @@ async def test_a_store_that_refuses_writes_is_said_once_not_for_every_part(
     assert "the result store can write again: 5 parts were not stored over" in caplog.text
 
 
+async def test_a_store_that_cannot_be_read_is_said_once_a_minute_not_for_every_request(
+    detector: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dashboard, an HMI and a MES polling while the database is down (a PostgreSQL failover,
+    a SQLite file damaged) logged an error for every request refused: the first is said, the
+    later ones counted into the next such line, at most one a minute. Each request is still
+    answered 503."""
+    db = tmp_path / "results.db"
+    caplog.set_level("INFO", logger="diffqc")
+    async with running_app(detector, tmp_path) as (client, _):
+        with sqlite3.connect(db) as admin:  # the store's table gone from under it: every read fails
+            admin.execute("ALTER TABLE diffqc_results RENAME TO moved_away")
+        for _ in range(6):
+            r = await client.get("/v1/results", headers=AUTH)
+            assert r.status_code == 503 and r.json()["code"] == "store_unavailable", r.text
+        with sqlite3.connect(db) as admin:
+            admin.execute("ALTER TABLE moved_away RENAME TO diffqc_results")
+        assert (await client.get("/v1/results", headers=AUTH)).status_code == 200
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith("result store error on /v1/results: "), errors
+    assert "moved_away" not in errors[0] and "no such table" in errors[0]
+
+
 async def test_an_artifact_that_cannot_be_written_fails_only_itself(
     detector: Any, samples: Samples, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -1126,9 +1126,20 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         _count_refused_upload(request, err.code)
         return _error_response(err)
 
+    # requests refused by the store since its last line: said at most once a minute (a dashboard,
+    # an HMI and a MES polling a database that is down would log a line each request)
+    store_errors = {"said_at": float("-inf"), "more": 0}
+
     @app.exception_handler(StoreError)
     async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
-        log.error("result store error on %s: %s", request.url.path, exc)
+        now = time.monotonic()
+        if now - store_errors["said_at"] >= 60.0:  # on the event loop: no lock needed
+            more = int(store_errors["more"])
+            since = f" ({more} more requests refused by the store since the last such line)" if more else ""
+            log.error("result store error on %s: %s%s", request.url.path, exc, since)
+            store_errors.update(said_at=now, more=0)
+        else:
+            store_errors["more"] += 1
         return _error_response(
             ServiceError(
                 503,
