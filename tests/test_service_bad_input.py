@@ -488,7 +488,7 @@ async def test_a_store_that_refuses_writes_is_said_once_not_for_every_part(
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "cannot store parts: " in errors[0], errors
     assert "database or disk is full" in errors[0]
-    assert "the result store can write again: 5 parts were not stored over" in caplog.text
+    assert "the result store can write again; parts not stored meanwhile: 5, over" in caplog.text
 
 
 async def test_a_store_that_cannot_be_read_is_said_once_a_minute_not_for_every_request(
@@ -555,7 +555,8 @@ async def test_an_artifact_that_cannot_be_written_fails_only_itself(
         p, t = parts[0]
         r = await client.post("/v1/inspect", content=p, headers=AUTH, params={"feature_type": t})
         assert r.status_code == 200 and r.json()["image_url"] is not None, r.text
-        assert f"kept images are written again: {len(parts)} parts went without theirs over" in caplog.text
+        said = f"kept images are written again; parts without one meanwhile: {len(parts)}, over"
+        assert said in caplog.text
 
 
 async def test_a_failed_store_write_leaves_no_orphan_heat_map_and_readyz_says_why(
@@ -629,9 +630,13 @@ async def test_store_errors_on_read_routes_are_503_and_the_store_recovers(
 
 
 async def test_inspections_failing_make_readyz_not_ready(
-    detector: Any, samples: Samples, tmp_path: Path
+    detector: Any, samples: Samples, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Every inspection failing (the model's weights unreadable): each part is NOT_INSPECTED,
+    /readyz says so; the log says it once, not for every part, and once more when parts are
+    inspected again."""
     good, ftype = samples.one("PASS")
+    caplog.set_level("INFO", logger="diffqc")
     async with running_app(detector, tmp_path) as (client, state):
         pipeline = state.pipeline
         real = pipeline.detector
@@ -652,6 +657,9 @@ async def test_inspections_failing_make_readyz_not_ready(
         r = await client.post("/v1/inspect", content=good, headers=AUTH, params={"feature_type": ftype})
         assert r.json()["decision"] != "NOT_INSPECTED"
         assert (await client.get("/readyz")).status_code == 200
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "model weights unreadable" in errors[0], errors
+    assert "parts are inspected again; parts not inspected meanwhile: 3, over" in caplog.text
 
 
 def test_a_full_disk_fails_the_artifact_write_cleanly(tmp_path: Path) -> None:

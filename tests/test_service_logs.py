@@ -115,7 +115,7 @@ def test_an_outage_is_said_once_when_it_starts_and_once_when_it_ends(
     from diffqc.service.logs import Outage
 
     outage = Outage(logging.getLogger("diffqc.test"), "cannot store parts",
-                    "the store can write again: %d parts were not stored over %.0f s")
+                    "the store can write again; parts not stored meanwhile: %d, over %.0f s")
     outage.worked()  # nothing failed: nothing said
     with caplog.at_level(logging.INFO, logger="diffqc"):
         outage.failed("disk full", 2)
@@ -127,5 +127,5 @@ def test_an_outage_is_said_once_when_it_starts_and_once_when_it_ends(
     said = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert [level for level, _ in said] == ["ERROR", "INFO", "ERROR"], said
     assert said[0][1].startswith("cannot store parts: disk full (said once")
-    assert said[1][1] == "the store can write again: 4 parts were not stored over 0 s"
+    assert said[1][1] == "the store can write again; parts not stored meanwhile: 4, over 0 s"
     assert "disk full again" in said[2][1] and outage.count == 1

@@ -323,11 +323,13 @@ class InspectionPipeline:
         self.last_artifact_error: str | None = None
         self.store_errors_total = 0
         # said once each while they last, not for every part (hundreds of lines a minute)
-        self.store_outage = Outage(log, "cannot store parts",
-                                   "the result store can write again: %d parts were not stored over %.0f s")
+        self.store_outage = Outage(log, "cannot store parts", "the result store can write again; "
+                                   "parts not stored meanwhile: %d, over %.0f s")
+        self.inspect_outage = Outage(log, "inspection failed", "parts are inspected again; parts not "
+                                     "inspected meanwhile: %d, over %.0f s")
         self.artifact_outages = {what: Outage(log, f"{what} not written",
-                                              f"{what}s are written again: %d parts went without theirs "
-                                              "over %.0f s")
+                                              f"{what}s are written again; parts without one "
+                                              "meanwhile: %d, over %.0f s")
                                  for what in ("heat map", "kept image")}
         self.repeated_images_total = 0  # parts whose image repeated a recent one byte for byte
         self._recent: dict[str, ResultRecord] = {}  # digest -> the last part with that image
@@ -472,10 +474,11 @@ class InspectionPipeline:
                 self.errors_total += 1
                 self.failing_in_a_row += 1
                 self.last_inspection_error = str(res) or type(res).__name__
-                log.error("inspection of part %s failed: %s", job.part_id, res)
+                self.inspect_outage.failed(f"part {job.part_id}: {res}")
                 rec = self._not_inspected(job, f"inspection failed: {res}")
             else:
                 self.failing_in_a_row = 0
+                self.inspect_outage.worked()
                 height, width = job.image.shape[:2]
                 if note := self.image_check(res.feature_type, height, width, job.image):
                     log.warning("%s", note)

@@ -113,7 +113,7 @@ class Outage:
 
     def __init__(self, logger: logging.Logger, start: str, end: str) -> None:
         """``start``: the line's text before the reason ("cannot store parts"); ``end``: the
-        recovery line's, a format of the count and seconds ("... %d parts ... over %.0f s")."""
+        recovery line's, a format of the count and seconds ("...; parts ...: %d, over %.0f s")."""
         self.logger = logger
         self.start = start
         self.end = end
