@@ -251,7 +251,11 @@ def test_a_duplicate_record_is_not_pushed_twice(store: ResultStore) -> None:
 
 
 # --------------------------------------------------------------------------- webhook
-def test_webhook_retries_until_the_receiver_answers(store: ResultStore) -> None:
+def test_webhook_retries_until_the_receiver_answers(store: ResultStore,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A receiver refusing (down, overloaded) is said once in the log as it starts, not at the
+    first dead letter minutes later, and once more when it takes messages again."""
+    caplog.set_level("INFO", logger="diffqc")
     receiver = Receiver(fail_first=3)
     box = outbox_for(store, "webhook")
     sink = WebhookSink(receiver.url, backoff_base_s=0.01, backoff_cap_s=0.05, max_attempts=10)
@@ -271,6 +275,10 @@ def test_webhook_retries_until_the_receiver_answers(store: ResultStore) -> None:
     assert headers["Idempotency-Key"] == f"decision-{ids[-1]}"
     assert headers["X-Diffqc-Record-Id"] == str(ids[-1]) and body["record_id"] == ids[-1]
     assert box.dead("webhook") == 0 and disp.failures_total["webhook"] == 3
+    said = [r.getMessage() for r in caplog.records if "sink webhook" in r.getMessage()]
+    assert len(said) == 2, said
+    assert said[0].startswith("sink webhook: cannot deliver: ") and "503" in said[0]
+    assert said[1].startswith("sink webhook: delivering again; failed attempts meanwhile: 3, over")
 
 
 def test_a_signed_webhook_is_verified_by_a_standard_webhooks_receiver(store: ResultStore,

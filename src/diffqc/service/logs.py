@@ -127,8 +127,7 @@ class Outage:
             if self.since is not None:
                 return
             self.since = time.monotonic()
-        self.logger.error("%s: %s (said once; the parts it costs are counted until it works again)",
-                          self.start, reason)
+        self.logger.error("%s: %s (said once; counted until it works again)", self.start, reason)
 
     def worked(self) -> None:
         if self.since is None:  # the common case: nothing to say, no lock taken

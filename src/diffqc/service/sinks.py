@@ -50,6 +50,7 @@ from urllib.parse import unquote, urlsplit
 from diffqc.drift import is_misrouted
 from diffqc.errors import ConfigError
 from diffqc.output import json_safe
+from diffqc.service.logs import Outage
 from diffqc.service.parts import PART_WINDOW_S, OverdueParts, PartVerdict, commit_verdicts
 from diffqc.service.security import read_secret_file
 from diffqc.service.store import ResultRecord, ResultStore, iso_time, redact_url
@@ -649,6 +650,9 @@ class Dispatcher:
         self._threads: list[threading.Thread] = []
         self.delivered_total: dict[str, int] = {s.name: 0 for s in sinks}
         self.failures_total: dict[str, int] = {s.name: 0 for s in sinks}
+        # a receiver refusing is said as it starts (not at the first dead letter, minutes on), once
+        self.outages = {s.name: Outage(log, f"sink {s.name}: cannot deliver", f"sink {s.name}: delivering "
+                                       "again; failed attempts meanwhile: %d, over %.0f s") for s in sinks}
         self.dead_total: dict[str, int] = {s.name: 0 for s in sinks}
         self.last_error: dict[str, str | None] = {s.name: None for s in sinks}
 
@@ -713,6 +717,7 @@ class Dispatcher:
                 error = str(exc) or type(exc).__name__
                 self.failures_total[sink.name] += 1
                 self.last_error[sink.name] = error
+                self.outages[sink.name].failed(f"{error} (retrying; messages wait in the outbox)")
                 if sink.max_attempts is not None and message.attempts + 1 >= sink.max_attempts:
                     log.error("sink %s: message %s (record %s) dead-lettered after %d attempts: %s",
                               sink.name, message.id, message.record_id, message.attempts + 1, error)
@@ -722,6 +727,7 @@ class Dispatcher:
                 self.outbox.failed(message, error, time.time() + sink.backoff(message.attempts + 1))
                 return True
             self.outbox.delivered(message)
+            self.outages[sink.name].worked()
             self.delivered_total[sink.name] += 1
             self.last_error[sink.name] = None
         return len(due) == 0
