@@ -116,6 +116,20 @@ def test_onnx_graph_equals_pytorch(exported: Path, test_images: tuple) -> None:
     np.testing.assert_allclose(one_score, ref_scores[:1], rtol=ex.RTOL)
 
 
+def test_the_exported_graph_holds_no_empty_tensor(exported: Path) -> None:
+    """At the default rank every channel is in the full covariance, so the diagonal channels'
+    term was a slice of none: an empty tensor in the graph, which torch 2.11's exporter turned
+    into a sum ONNX Runtime could not broadcast (every export there failed its parity check).
+    No value of the graph is empty (shapes propagated with the constants)."""
+    import onnx
+    from onnx import shape_inference
+
+    model = shape_inference.infer_shapes(onnx.load(str(exported / "model.onnx")), data_prop=True)
+    empty = [v.name for v in model.graph.value_info
+             if any(d.HasField("dim_value") and d.dim_value == 0 for d in v.type.tensor_type.shape.dim)]
+    assert empty == [] and len(model.graph.value_info) > 100
+
+
 def test_the_default_model_exports_as_the_gaussians_alone(clear_dataset: Path, tmp_path: Path,
                                                         test_images: tuple) -> None:
     """The shipped default does not train the network (train.steps=0): its graph holds no network

@@ -329,7 +329,6 @@ class Denoiser(nn.Module):
         d = self.prior_dims
         ab = self.alpha_bar[t].view(-1, 1, 1)
         resid = x_t[..., self.prior_perm] - ab.sqrt() * prior.mean  # [B, L, C]
-        diag = resid[..., d:] * gaussian_gain(ab, prior.var[..., d:])
         gain = gaussian_gain(ab, prior.vals)  # [B, L, r]
         # batched mat-vec products (not einsum): they export to ONNX as MatMul, which runs
         # several times faster than the Einsum kernel of ONNX Runtime on CPU
@@ -340,7 +339,9 @@ class Denoiser(nn.Module):
         else:  # low rank: g(σ²) on the discarded directions, g(λ) on the kept ones
             gain_rest = gaussian_gain(ab, prior.rest.unsqueeze(-1))  # [B, L, 1]
             full = (prior.vecs @ (z * (gain - gain_rest)).unsqueeze(-1)).squeeze(-1) + gain_rest * r
-        return torch.cat([full, diag], dim=-1)[..., self.prior_unperm]
+        if d < self.channels:  # the diagonal channels (none at the default rank: no empty slice)
+            full = torch.cat([full, resid[..., d:] * gaussian_gain(ab, prior.var[..., d:])], dim=-1)
+        return full[..., self.prior_unperm]
 
     def _scoring_rows(self) -> slice:
         """The types a scoring call may index: all rows eagerly; in a traced graph (ONNX) not the
@@ -415,8 +416,10 @@ class Denoiser(nn.Module):
         if p.rest is not None:  # the discarded directions: (|δ|² − |z|²) / σ²
             left = (delta[..., :d].pow(2).sum(-1) - z.pow(2).sum(-1)).clamp_min(0)
             full = full + left / p.rest
-        diag = (delta[..., d:].pow(2) / p.var).sum(-1)
-        return 0.5 * (full + diag)
+        if d < self.channels:  # the diagonal channels (none at the default rank: no empty slice, which
+            # torch 2.11's ONNX exporter turned into a sum that ONNX Runtime cannot broadcast)
+            full = full + (delta[..., d:].pow(2) / p.var).sum(-1)
+        return 0.5 * full
 
     def mahalanobis(self, x: Tensor, type_idx: Tensor) -> Tensor:
         """½ δᵀΣ⁻¹δ per location (δ = x − μ) under each image's type: ``x [N, L, C]`` **in the

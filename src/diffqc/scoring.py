@@ -258,7 +258,7 @@ class DiffusionScorer:
         for key in PRIOR_TENSORS:  # bundles without the null type's row (see state_tensors)
             init = getattr(denoiser, key, None)
             if key in state and init is not None and state[key].shape == (n_types, *init.shape[1:]):
-                state[key] = torch.cat([state[key], init[n_types:]])
+                state[key] = torch.cat([state[key], init[n_types:].to(state[key].device)])
         denoiser.load_state_dict(state)
         # a bundle stored at a finer precision than configured (float32 bundles written before
         # diffusion.prior_storage existed) is rounded now, so that what is scored (and
