@@ -375,6 +375,7 @@ def test_dashboard_shows_the_other_crops_of_a_part(
     # the latest parts, one row each: its verdict, how many of the model's types came, the others
     wait.until(ec.visibility_of_element_located((By.ID, "parts")))
     row = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, '#parts tbody tr[data-part="A/7"]')))
+    time.sleep(3)  # a poll later (2.5 s), nothing changed: the same row, not one rebuilt under the click
     cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
     assert cells[:4] == ["A/7", "REVIEW", f"2 of {2 + len(missing)}", " ".join(missing)], cells
     row.click()  # shows its latest crop
