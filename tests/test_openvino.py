@@ -20,7 +20,10 @@ from diffqc.data import GOOD, load_dataset, read_images
 from diffqc.errors import BundleError
 from diffqc.runtime import OnnxDetector, choose_runtime, load_detector, read_export_info, usable_choices
 
-INT8_AGREEMENT = 0.02  # |OpenVINO INT8 - ONNX Runtime INT8| <= this x the largest score
+# |OpenVINO INT8 - ONNX Runtime INT8| <= this x the largest score: the INT8 kernels OpenVINO picks
+# depend on the processor (within 2 % on the machines where 7ecb480 set this bound; 2.5 % on an
+# AMD EPYC with AVX-512 VNNI in session 40, at ff4c816 as at its head); the ranking is asserted apart
+INT8_AGREEMENT = 0.03
 
 
 def _quiet(_: str) -> None:
