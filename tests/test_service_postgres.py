@@ -370,3 +370,5 @@ def test_postgres_restart_opcua_get_part_answers_bad_resource_unavailable(
     assert down == [ua.StatusCodes.BadResourceUnavailable] * 3
     said = [r for r in caplog.records if "GetPart cannot read the result store" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in said]
+    # and once when it reads again, with the calls it refused meanwhile
+    assert "OPC UA GetPart reads the result store again; calls refused meanwhile: 3, over" in caplog.text

@@ -33,6 +33,7 @@ from typing import Any
 from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, is_misrouted, prometheus_label, scored
 from diffqc.recalibrate import CalibrationReloader, file_signature
 from diffqc.runtime import EXPORT_FILE
+from diffqc.service.logs import Outage
 from diffqc.service.parts import PART_WINDOW_S, OverdueParts, PartVerdict, part_types
 from diffqc.service.retention import RetentionPolicy, RetentionWorker
 from diffqc.service.security import certificate_expiry
@@ -450,7 +451,11 @@ class LineServices:
                                      chosen_part_types=self.chosen_part_types, store=store,
                                      part_window_s=window)
         self.disk_poll_s = 60.0
-        self._overdue_down = False  # the overdue parts could not be judged or pushed: said once
+        # the overdue parts could not be judged or pushed: said once
+        self._overdue_outage = Outage(
+            log, "cannot judge or push the overdue parts",
+            "the overdue parts can be judged and pushed again; checks failed meanwhile: %d, over %.0f s",
+            level=logging.WARNING)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -663,12 +668,10 @@ class LineServices:
                 self._save_overdue()
         except Exception as exc:  # judged and counted; the rest pushed once the store can write
             error = str(exc) or type(exc).__name__
-        if error is not None and not self._overdue_down:
-            log.warning("cannot judge or push the overdue parts: %s; trying again every %g s", error,
-                        self.poll_s)
-        elif error is None and self._overdue_down:
-            log.info("the overdue parts can be judged and pushed again")
-        self._overdue_down = error is not None
+        if error is not None:
+            self._overdue_outage.failed(f"{error}; trying again every {self.poll_s:g} s")
+        else:
+            self._overdue_outage.worked()
         said_at, lacking = self._overdue_said
         for verdict, _ in found:
             lacking.update(verdict.missing or ())

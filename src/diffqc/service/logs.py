@@ -111,12 +111,14 @@ class Outage:
     said once more when it ends, so that hundreds of lines a minute do not bury the first one
     (nor pass journald's rate limit, which drops lines). Thread-safe."""
 
-    def __init__(self, logger: logging.Logger, start: str, end: str) -> None:
-        """``start``: the line's text before the reason ("cannot store parts"); ``end``: the
-        recovery line's, a format of the count and seconds ("...; parts ...: %d, over %.0f s")."""
+    def __init__(self, logger: logging.Logger, start: str, end: str, *, level: int = logging.ERROR) -> None:
+        """``start``: the line's text before the reason ("cannot store parts"), at ``level``;
+        ``end``: the recovery line's (INFO), a format of the count and seconds ("...; parts ...:
+        %d, over %.0f s")."""
         self.logger = logger
         self.start = start
         self.end = end
+        self.level = level
         self.count = 0
         self.since: float | None = None  # monotonic time of the first failure, None while it works
         self._lock = threading.Lock()
@@ -127,7 +129,7 @@ class Outage:
             if self.since is not None:
                 return
             self.since = time.monotonic()
-        self.logger.error("%s: %s (said once; counted until it works again)", self.start, reason)
+        self.logger.log(self.level, "%s: %s (said once; counted until it works again)", self.start, reason)
 
     def worked(self) -> None:
         if self.since is None:  # the common case: nothing to say, no lock taken

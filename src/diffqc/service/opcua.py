@@ -55,6 +55,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from diffqc.errors import ConfigError
+from diffqc.service.logs import Outage
 from diffqc.service.parts import PART_WINDOW_S, PartVerdict, RecentParts, part_types, stored_part
 from diffqc.service.security import read_secret_file
 from diffqc.service.store import NOT_INSPECTED, ResultRecord, ResultStore, StoreError
@@ -354,7 +355,11 @@ class OpcUaServer:
         self._version_node: Any = None
         self.chosen_part_types = chosen_part_types
         self.store = store
-        self._store_down = False  # GetPart could not read the store: said once
+        # GetPart could not read the store: said once, and once when it can
+        self._store_outage = Outage(
+            log, "OPC UA GetPart cannot read the result store",
+            "OPC UA GetPart reads the result store again; calls refused meanwhile: %d, over %.0f s",
+            level=logging.WARNING)
         self.part_window_s = part_window_s
         self._parts = RecentParts(types=part_types(self.types, chosen_part_types), window_s=part_window_s)
         self._part_nodes: dict[str, Any] = {}
@@ -548,12 +553,9 @@ class OpcUaServer:
             found = (stored_part(self.store, pid, self._parts.types, window_s=self._parts.window_s)
                      if pid else None)
         except StoreError as exc:
-            if not self._store_down:
-                log.warning("OPC UA GetPart cannot read the result store: %s (answering "
-                            "BadResourceUnavailable until it can)", exc)
-            self._store_down = True
+            self._store_outage.failed(f"{exc} (answering BadResourceUnavailable until it can)")
             return ua.StatusCode(ua.UInt32(ua.StatusCodes.BadResourceUnavailable))
-        self._store_down = False
+        self._store_outage.worked()
         verdict = found[0] if found is not None else PartVerdict(pid, "", None, 0, {}, [], 0)
         return [ua.Variant(_part_value(verdict, n), getattr(ua.VariantType, t))
                 for n, t in PART_FIELDS if n != "PartId"]

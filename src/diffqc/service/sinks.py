@@ -651,8 +651,14 @@ class Dispatcher:
         self.delivered_total: dict[str, int] = {s.name: 0 for s in sinks}
         self.failures_total: dict[str, int] = {s.name: 0 for s in sinks}
         # a receiver refusing is said as it starts (not at the first dead letter, minutes on), once
-        self.outages = {s.name: Outage(log, f"sink {s.name}: cannot deliver", f"sink {s.name}: delivering "
-                                       "again; failed attempts meanwhile: %d, over %.0f s") for s in sinks}
+        self.outages = {s.name: Outage(
+            log, f"sink {s.name}: cannot deliver",
+            f"sink {s.name}: delivering again; failed attempts meanwhile: %d, over %.0f s") for s in sinks}
+        # the store itself down (its outbox unreadable): said once, and once when it is back
+        self.outbox_outages = {s.name: Outage(
+            log, f"sink {s.name}: cannot read the outbox",
+            f"sink {s.name}: the outbox can be read again; reads failed meanwhile: %d, over %.0f s",
+            level=logging.WARNING) for s in sinks}
         self.dead_total: dict[str, int] = {s.name: 0 for s in sinks}
         self.last_error: dict[str, str | None] = {s.name: None for s in sinks}
 
@@ -685,21 +691,15 @@ class Dispatcher:
         self.outbox.wakeup.clear()
 
     def _run(self, sink: Sink) -> None:
-        outbox_down = False
         while not self._stop.is_set():
             try:
                 idle = self.deliver_due(sink)
             except Exception as exc:  # the store itself is down: try again later, said once
                 self.last_error[sink.name] = str(exc)
-                if not outbox_down:
-                    log.warning("sink %s: cannot read the outbox: %s; trying again every %g s",
-                                sink.name, exc, self.poll_s)
-                outbox_down = True
+                self.outbox_outages[sink.name].failed(f"{exc}; trying again every {self.poll_s:g} s")
                 idle = True
             else:
-                if outbox_down:
-                    log.info("sink %s: the outbox can be read again", sink.name)
-                outbox_down = False
+                self.outbox_outages[sink.name].worked()
             if idle:
                 self._wait(self.poll_s)
 
