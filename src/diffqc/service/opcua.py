@@ -360,7 +360,6 @@ class OpcUaServer:
             log, "OPC UA GetPart cannot read the result store",
             "OPC UA GetPart reads the result store again; calls refused meanwhile: %d, over %.0f s",
             level=logging.WARNING)
-        self.part_window_s = part_window_s
         self._parts = RecentParts(types=part_types(self.types, chosen_part_types), window_s=part_window_s)
         self._part_nodes: dict[str, Any] = {}
 
@@ -414,7 +413,7 @@ class OpcUaServer:
         server = OpcUaServer(self.url, types, model_version=model_version, users=self.users,
                              certificate_dir=self.certificate_dir, trust_dir=self.trust_dir,
                              chosen_part_types=self.chosen_part_types, store=self.store,
-                             part_window_s=self.part_window_s)
+                             part_window_s=self._parts.window_s)
         server.start()
         return server
 
