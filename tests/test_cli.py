@@ -447,6 +447,22 @@ def test_running_out_of_memory_is_one_error_line(tmp_path: Path) -> None:
     assert "DIFFQC_TRACEBACK=1" in lines[0]
 
 
+def test_torch_running_out_of_memory_is_one_error_line(clear_dataset: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """PyTorch's allocator says it has no room with a RuntimeError (the CPU's ``DefaultCPUAllocator:
+    can't allocate memory``) or ``torch.OutOfMemoryError`` (CUDA's), not Python's MemoryError: a
+    backbone.input_size no machine holds (here the backbone's first look at the input size, 300 TB)
+    ended in a RuntimeError traceback; it is the same one error line, saying how much was asked."""
+    out = tmp_path / "model"
+    assert main(["train", str(clear_dataset), "--out", str(out), "-q",
+                 "--set", "backbone.input_size=5000000"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("diffqc: error: out of memory: it tried to allocate 272.8 TiB at once"), lines
+    assert "DIFFQC_TRACEBACK=1" in lines[0] and "alloc_cpu" not in lines[0]
+    assert not out.exists()
+
+
 def test_every_option_says_what_it_does() -> None:
     """``--help`` of every command explains each of its arguments (``serve --port`` and
     ``data synth --parts`` were listed bare, their defaults unsaid)."""

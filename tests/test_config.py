@@ -37,6 +37,11 @@ from diffqc.errors import ConfigError
     ("scoring.smooth_sigma", 1e6, "scoring.smooth_sigma must be < backbone.input_size / 4 (64 px)"),
     ("backbone.name", "resnet", "efficientnet-lite2, mobilenet-v2 or onnx:PATH"),
     ("backbone.layers", "blocks.3", "must be a list of str"),
+    # --set reads a value as JSON: a comma-separated string is not a list, and it says how
+    ("backbone.layers", "blocks.3,blocks.5", "backbone.layers must be a list of str, got 'blocks.3,blocks.5' "
+     """(a list in JSON: --set 'backbone.layers=["blocks.3", "blocks.5"]')"""),
+    ("backbone.grid", "4,4",
+     "backbone.grid must be a list of int, got '4,4' (a list in JSON: --set 'backbone.grid=[4, 4]')"),
     ("method", "vae", "method must be one of diffusion, patchcore, padim"),
     ("train.seed", True, "must be an integer, got True"),
     ("train.step", 3, "unknown config field 'train.step'; did you mean train.steps"),

@@ -8,6 +8,7 @@ Deselected by default (marker ``gpu``); run with ``pytest -m gpu`` on a machine 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,6 +101,25 @@ def test_cli_inspect_on_cuda(cuda_bundle: Path, clear_dataset: Path, tmp_path: P
     assert len(rows) == len(list(folder.iterdir()))
     assert all(r["feature_type"] == "dots" and r["score"] > 0 for r in rows)
     assert any((tmp_path / "maps").iterdir())
+
+
+def test_a_gpu_without_room_is_one_error_line(cuda_bundle: Path, clear_dataset: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """CUDA's allocator says it has no room with ``torch.OutOfMemoryError``, no MemoryError (a GPU
+    another process holds; here this process's share of it cut to a few hundred kB): `inspect
+    --device cuda` says out of memory on the GPU and how much was asked, in one line. It was a
+    traceback, or, from the bundle's load, a bundle that "does not match its config"."""
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(1e-6)
+    try:
+        rc = main(["inspect", str(cuda_bundle), str(clear_dataset / "dots" / "test" / "blob"),
+                   "--feature-type", "dots", "--runtime", "torch", "--device", "cuda"])
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1, err
+    assert re.fullmatch(r"diffqc: error: out of memory on the GPU: it tried to allocate [\d.]+ [KMG]iB at "
+                        r"once; DIFFQC_TRACEBACK=1 shows where", err[-1]), err
 
 
 def test_export_of_a_cuda_trained_bundle(cuda_bundle: Path, clear_dataset: Path, tmp_path: Path,

@@ -11,6 +11,7 @@ check what the client gets, what ``/readyz`` says, and that the decisions are ke
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -855,6 +856,32 @@ def test_serve_checks_its_store_before_loading_the_model_and_the_model_path_befo
     db = tmp_path / "new.db"
     assert main(["serve", str(tmp_path / "no-model"), "--no-auth", "--port", "0", "--db", str(db)]) == 1
     assert "does not exist" in capsys.readouterr().err and not db.exists()
+
+
+def test_a_model_larger_than_the_machine_is_said_so_not_a_damaged_bundle(
+    service_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bundle whose load cannot find the memory it needs (here an input size of 5,000,000 px,
+    300 TB for the backbone's first look at it; on a GPU, another process holding its memory) was
+    called a bundle that "does not match its config", with PyTorch's allocator text: the operator
+    would retrain a sound model. `serve` (the container's entry point) and `inspect` say out of
+    memory, with how much was asked, in one line."""
+    from diffqc.cli import main as cli_main
+    from diffqc.service.__main__ import main
+
+    model = tmp_path / "model"
+    shutil.copytree(service_model[0], model)
+    config = json.loads((model / "config.json").read_text())
+    config["backbone"]["input_size"] = 5_000_000
+    (model / "config.json").write_text(json.dumps(config))
+    assert main(["serve", str(model), "--no-auth", "--port", "0", "--db", str(tmp_path / "r.db")]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: out of memory: it tried to allocate 272.8 TiB at once"]
+    assert cli_main(["inspect", str(model), str(service_model[1])]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("diffqc: error: out of memory: it tried to allocate 272.8 TiB at once; "
+                       "DIFFQC_TRACEBACK=1 shows where"), err
+    assert not any("Traceback" in line or "config" in line for line in err), err
 
 
 def test_watch_checks_its_store_before_loading_the_model(

@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING, Any
 from diffqc import __version__
 from diffqc.arguments import DEVICE, NON_NEGATIVE, QUIET, SEED
 from diffqc.commands import add_model_options, model_overrides
-from diffqc.errors import ConfigError, DatasetError, DiffqcError, ImageReadError, OutputError, first_few
+from diffqc.errors import (
+    ConfigError,
+    DatasetError,
+    DiffqcError,
+    ImageReadError,
+    OutputError,
+    first_few,
+    out_of_memory,
+)
 from diffqc.output import check_output_file, is_csv_table, json_line, path_text
 from diffqc.runtime import add_runtime_arguments
 
@@ -490,11 +498,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 hint = " (pass --skip-corrupt to leave unreadable images out)"
             _last_word(args, "ERROR", f"{path_text(_describe(exc))}{hint}")
             return EXIT_ERROR
-        except MemoryError as exc:  # a job larger than the machine: say so, not a traceback
-            if os.environ.get("DIFFQC_TRACEBACK"):
+        except (MemoryError, RuntimeError) as exc:  # a job larger than the machine: say so
+            said = out_of_memory(exc)
+            if said is None or os.environ.get("DIFFQC_TRACEBACK"):
                 raise
-            detail = f" ({_describe(exc)})" if str(exc) else ""
-            _last_word(args, "ERROR", f"out of memory{detail}; DIFFQC_TRACEBACK=1 shows where")
+            _last_word(args, "ERROR", f"{said}; DIFFQC_TRACEBACK=1 shows where")
             return EXIT_ERROR
         except KeyboardInterrupt:
             pass

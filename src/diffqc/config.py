@@ -63,7 +63,12 @@ def _coerce(name: str, value: object, hint: Any) -> object:
     if typing.get_origin(hint) is tuple:
         item = typing.get_args(hint)[0]
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise _type_error(name, f"a list of {item.__name__}", value)
+            error = _type_error(name, f"a list of {item.__name__}", value)
+            if isinstance(value, str):  # --set reads JSON: "a,b" is a string, and it says how
+                words = [w.strip() for w in value.split(",")]
+                items = [int(w) if item is int and w.lstrip("-").isdigit() else w for w in words]
+                error = ConfigError(f"{error} (a list in JSON: --set '{name}={json.dumps(items)}')")
+            raise error
         return tuple(_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value))
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if not isinstance(value, hint):

@@ -152,3 +152,36 @@ class StoreError(DiffqcError, RuntimeError):
     """The result store cannot be opened or used."""
 
     code = "store_unavailable"
+
+
+_TORCH_ALLOCATION = re.compile(r"tried to allocate (\d+) bytes|Tried to allocate ([\d.]+ [KMGT]?i?B)")
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """``out of memory ...`` for an allocation that found no room, None for any other error:
+    Python's MemoryError (NumPy's included), or PyTorch's, which is no MemoryError: the CPU
+    allocator's RuntimeError, CUDA's ``torch.OutOfMemoryError``. PyTorch's says how much it asked."""
+    if isinstance(exc, MemoryError):
+        return f"out of memory ({' '.join(str(exc).split())})" if str(exc) else "out of memory"
+    text = str(exc)
+    cuda = type(exc).__name__ == "OutOfMemoryError"
+    if not cuda and "can't allocate memory" not in text:
+        return None
+    found = _TORCH_ALLOCATION.search(text)
+    if found is None:
+        size = ""
+    elif found.group(1):
+        size = f": it tried to allocate {_binary_size(int(found.group(1)))} at once"
+    else:
+        size = f": it tried to allocate {found.group(2)} at once"
+    return f"out of memory{' on the GPU' if cuda else ''}{size}"
+
+
+def _binary_size(n: int) -> str:
+    """``n`` bytes as PyTorch's CUDA allocator says them: ``272.8 TiB``."""
+    size, unit = float(n), "bytes"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{n} bytes" if unit == "bytes" else f"{size:.1f} {unit}"

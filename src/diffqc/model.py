@@ -50,6 +50,7 @@ from diffqc.errors import (
     DatasetError,
     ImageReadError,
     OutputError,
+    out_of_memory,
     unknown_feature_type,
 )
 from diffqc.heatmap import PatchMemory, fit_memory
@@ -694,6 +695,8 @@ class Detector:
                 on_device = {k: v.to(det.device) for k, v in tensors.items()}
                 det.memory_ = PatchMemory.from_state(config, on_device, len(det.classes_), fe.channels)
         except (KeyError, RuntimeError, ValueError) as exc:
+            if out_of_memory(exc) is not None:
+                raise  # the machine's room, not the bundle: the CLI and the service say so
             raise BundleError(f"model bundle {path} does not match its config: {exc}") from None
         det.calibration_ = cal
         return det

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffqc.errors import DiffqcError
+from diffqc.errors import DiffqcError, out_of_memory
 from diffqc.service import add_service_commands
 
 EXIT_ERROR = 1
@@ -24,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except (DiffqcError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (MemoryError, RuntimeError) as exc:  # a model larger than the machine, not a bug
+        said = out_of_memory(exc)
+        if said is None:
+            raise
+        print(f"error: {said}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
