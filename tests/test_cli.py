@@ -463,6 +463,40 @@ def test_torch_running_out_of_memory_is_one_error_line(clear_dataset: Path, tmp_
     assert not out.exists()
 
 
+@pytest.mark.parametrize("argv", [
+    ["inspect", "", "x.png"], ["inspect", "m", ""], ["inspect", "m", "x.png", "--heatmaps", ""],
+    ["inspect", "m", "x.png", "--csv", ""], ["train", "", "--out", "o"], ["train", "d", "--out", ""],
+    ["evaluate", ""], ["evaluate", "d", "--out", ""], ["evaluate", "d", "--feature-cache", ""],
+    ["test", "", "d"], ["test", "m", ""], ["test", "m", "d", "--json", ""], ["test", "m", "d", "--csv", ""],
+    ["test", "m", "d", "--heatmaps", ""], ["export", ""], ["export", "m", "--int8", "--calibration-data", ""],
+    ["export", "m", "--data", ""], ["export", "m", "--held-out", ""],
+    ["calibrate", ""], ["calibrate", "m", ""],
+    ["data", "synth", ""], ["data", "info", ""], ["demo", "--out", ""], ["demo", "--json", ""],
+    ["serve", ""], ["serve", "m", "--db", ""], ["serve", "m", "--data-dir", ""],
+    ["serve", "m", "--watch", " "], ["serve", "m", "--tls-cert", ""], ["serve", "m", "--tls-key", ""],
+    ["serve", "m", "--opcua-users", ""], ["serve", "m", "--opcua-trust", ""],
+    ["watch", "", "m"], ["watch", "d", ""], ["watch", "d", "m", "--db", ""],
+    ["watch", "d", "m", "--data-dir", ""],
+    ["results", "export", ""], ["results", "export", "o", "--db", ""],
+    ["results", "export", "o", "--data-dir", ""],
+    ["results", "list", "--db", ""], ["results", "summary", "--db", ""],
+    ["results", "parts", "--db", ""], ["results", "parts", "--model", ""], ["results", "backup", ""],
+    ["results", "backup", "o", "--db", ""],
+], ids=lambda argv: " ".join(a or "''" for a in argv))
+def test_an_empty_file_or_folder_name_is_a_usage_error(argv: list[str],
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty name (a script's "$DIR" of a variable it never set) was the current folder:
+    `inspect MODEL ""` scanned it to any depth and inspected what it found there, `--heatmaps ""`
+    and `--csv ""` wrote nothing without a word, `serve --db ""` opened the default store; it is
+    refused as it is parsed, naming the argument (exit 2), before any work."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("expected a file or folder, got an empty name (a shell variable that was never "
+                            "set?)"), err
+
+
 def test_every_option_says_what_it_does() -> None:
     """``--help`` of every command explains each of its arguments (``serve --port`` and
     ``data synth --parts`` were listed bare, their defaults unsaid)."""

@@ -1,4 +1,4 @@
-"""Number and list types for the command line, checked as they are parsed.
+"""Number, list and path types for the command line, checked as they are parsed.
 
 A value out of range (``--folds 1``, ``--threads -3``, ``--port 70000``) is then a usage error
 that names the option (exit code 2, one line) before any work, as ``argparse`` answers
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 
 def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -58,6 +59,21 @@ def names(text: str) -> tuple[str, ...]:
     if not all(items):
         raise argparse.ArgumentTypeError(f"expected names separated by commas (dots,edge1), got {text!r}")
     return items
+
+
+def path_name(text: str) -> str:
+    """An argparse ``type``: a file or folder (or a store's URL), as given, not empty. An empty
+    one (a script's ``"$DIR"`` of a variable it never set) reads as the current folder: ``inspect
+    MODEL ""`` would scan it to any depth, ``demo --out ""`` write its set and model there."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "expected a file or folder, got an empty name (a shell variable that was never set?)")
+    return text
+
+
+def path_value(text: str) -> Path:
+    """An argparse ``type``: :func:`path_name` as a :class:`~pathlib.Path`."""
+    return Path(path_name(text))
 
 
 POSITIVE = integer(1)

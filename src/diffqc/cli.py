@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffqc import __version__
-from diffqc.arguments import DEVICE, NON_NEGATIVE, QUIET, SEED
+from diffqc.arguments import DEVICE, NON_NEGATIVE, QUIET, SEED, path_name, path_value
 from diffqc.commands import add_model_options, model_overrides
 from diffqc.errors import (
     ConfigError,
@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", metavar="ACTION")
     synth = data.add_parser("synth", help="write the synthetic inkjet-print dataset (MVTec layout)")
-    synth.add_argument("out", type=Path,
+    synth.add_argument("out", type=path_value,
                        help="folder to write: new, empty, or an earlier synthetic dataset")
     synth.add_argument("--parts", type=int, default=1327,
                        help="images in all, spread over the 8 types (default 1327)")
@@ -363,15 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("-q", "--quiet", action="store_true", help=QUIET)
     synth.set_defaults(func=cmd_synth)
     info = data.add_parser("info", help="what diffqc reads in a dataset, per type (before a train)")
-    info.add_argument("data", type=Path, help="dataset folder (MVTec layout, or <type>/good folders) "
+    info.add_argument("data", type=path_value, help="dataset folder (MVTec layout, or <type>/good folders) "
                       "or CSV manifest")
     info.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     info.set_defaults(func=cmd_data_info)
 
     train = sub.add_parser("train", help="fit and calibrate a model on GOOD images")
-    train.add_argument("data", help="dataset folder (MVTec layout, or <type>/good + <type>/<kind> "
+    train.add_argument("data", type=path_name,
+                       help="dataset folder (MVTec layout, or <type>/good + <type>/<kind> "
                        "folders) or CSV manifest")
-    train.add_argument("--out", required=True, type=Path,
+    train.add_argument("--out", required=True, type=path_value,
                        help="model bundle folder to write: new, empty, or an earlier bundle")
     train.add_argument("--force", action="store_true",
                        help="write into a non-empty folder that is not a bundle (deletes and replaces "
@@ -383,16 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     insp = sub.add_parser("inspect", help="score images: one JSON line per image")
-    insp.add_argument("model", type=Path, help="model bundle folder (from diffqc train)")
-    insp.add_argument("images", nargs="+", help="image files or folders")
+    insp.add_argument("model", type=path_value, help="model bundle folder (from diffqc train)")
+    insp.add_argument("images", nargs="+", type=path_name, help="image files or folders")
     insp.add_argument("--feature-type", default=None,
                       help="the images' type (default: the nearest folder of each image's path "
                       "named after a model type, else the type router's pick)")
-    insp.add_argument("--heatmaps", default=None, help="folder for heat-map overlay PNGs")
+    insp.add_argument("--heatmaps", type=path_name, default=None, help="folder for heat-map overlay PNGs")
     insp.add_argument("--heatmap-size", type=NON_NEGATIVE, default=0, metavar="PX",
                       help="the image's longer side in a heat map (default 0: its own size; "
                       "serve and watch draw theirs within 768)")
-    insp.add_argument("--csv", default=None, metavar="PATH",
+    insp.add_argument("--csv", type=path_name, default=None, metavar="PATH",
                       help="also write one CSV row per image (path, types, score, p-value, decision, "
                            "heat map)")
     insp.add_argument("--force", action="store_true",
@@ -404,11 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     insp.set_defaults(func=cmd_inspect)
 
     demo = sub.add_parser("demo", help="synthesise -> train -> calibrate -> inspect -> table")
-    demo.add_argument("--out", default="diffqc-demo", help="working folder (default: ./diffqc-demo)")
+    demo.add_argument("--out", type=path_name, default="diffqc-demo",
+                      help="working folder (default: ./diffqc-demo)")
     demo.add_argument("--parts", type=int, default=1327,
                       help="synthetic images in all, spread over the 8 types (default 1327)")
     demo.add_argument("--data-seed", type=SEED, default=0, help="seed of the synthetic images")
-    demo.add_argument("--json", default=None, help="also write the table as JSON rows")
+    demo.add_argument("--json", type=path_name, default=None, help="also write the table as JSON rows")
     add_model_options(demo)
     demo.add_argument("--device", default=None, help=DEVICE)
     demo.add_argument("-q", "--quiet", action="store_true", help=QUIET)

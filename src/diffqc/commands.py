@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffqc.arguments import DEVICE, NON_NEGATIVE, POSITIVE, QUIET, SEED, integer
+from diffqc.arguments import DEVICE, NON_NEGATIVE, POSITIVE, QUIET, SEED, integer, path_name, path_value
 from diffqc.config import METHODS
 
 
@@ -79,12 +79,13 @@ def add_evaluate_command(subparsers: Any) -> None:
         "evaluate", help="k-fold cross-validated evaluation and comparison of methods -> report",
         description="Cross-validate methods (and settings) on all labelled images of DATA, grouped "
                     "by part and stratified by label per feature type; write report.html/.md/.json.")
-    p.add_argument("data", help="dataset folder (MVTec layout, or <type>/good + <type>/<kind> folders) "
+    p.add_argument("data", type=path_name,
+                   help="dataset folder (MVTec layout, or <type>/good + <type>/<kind> folders) "
                    "or CSV manifest (a folder's manifest.csv wins)")
     p.add_argument("--folds", type=integer(2), default=5, help="k of the k-fold split (default 5)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated methods (default: diffusion,patchcore,padim)")
-    p.add_argument("--out", type=Path, default=Path("diffqc-evaluation"),
+    p.add_argument("--out", type=path_value, default=Path("diffqc-evaluation"),
                    help="report folder (default: ./diffqc-evaluation): new, empty, or an earlier report")
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty folder that is not a report (deletes and replaces nothing)")
@@ -100,7 +101,7 @@ def add_evaluate_command(subparsers: Any) -> None:
     p.add_argument("--n-boot", type=POSITIVE, default=1000, help="bootstrap replicates of the AUROC CI")
     p.add_argument("--max-train-good", type=integer(2), default=None,
                    help="cap GOOD training images per type and fold (seeded subsample)")
-    p.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
+    p.add_argument("--feature-cache", type=path_value, default=None, metavar="DIR",
                    help="keep the raw backbone features in DIR so that a re-run skips extraction")
     p.add_argument("--device", default=None, help=DEVICE)
     p.add_argument("--runtime", choices=("torch", "onnx", "openvino", "auto"), default="auto",
@@ -126,20 +127,21 @@ def add_test_command(subparsers: Any) -> None:
                     "parts flagged (FPR; the target is α_review) and of defects flagged (recall). "
                     "Images the model was fit or calibrated on are left out (by content). "
                     "evaluate cross-validates methods; this measures one model.")
-    p.add_argument("model", type=Path, help="model bundle folder (from diffqc train)")
-    p.add_argument("data", help="dataset folder (MVTec layout, or <type>/good + <type>/<kind> folders) "
+    p.add_argument("model", type=path_value, help="model bundle folder (from diffqc train)")
+    p.add_argument("data", type=path_name,
+                   help="dataset folder (MVTec layout, or <type>/good + <type>/<kind> folders) "
                    "or CSV manifest with labels")
     p.add_argument("--unknown-type", action="store_true",
                    help="withhold each image's type (the type router picks it), as for parts sent "
                         "without one")
-    p.add_argument("--json", default=None, metavar="PATH",
+    p.add_argument("--json", type=path_name, default=None, metavar="PATH",
                    help="also write the report (the table, what was left out, every image's score "
                         "and decision) as JSON")
-    p.add_argument("--csv", default=None, metavar="PATH",
+    p.add_argument("--csv", type=path_name, default=None, metavar="PATH",
                    help="also write every image's row (path, type, label, defect kind, score, "
                         "p-value, decision, predicted type, heat map) as CSV, for a spreadsheet")
     p.add_argument("--force", action="store_true", help="replace an earlier --json report or --csv table")
-    p.add_argument("--heatmaps", default=None, metavar="DIR",
+    p.add_argument("--heatmaps", type=path_name, default=None, metavar="DIR",
                    help="heat maps of the misses: the defects that passed (DIR/missed) and the GOOD "
                         "parts flagged (DIR/flagged)")
     p.add_argument("--heatmap-size", type=NON_NEGATIVE, default=0, metavar="PX",
@@ -158,16 +160,17 @@ def add_export_command(subparsers: Any) -> None:
         description="Write model.onnx (the whole path: pixels + feature-type index -> anomaly map and "
                     "score), verified against PyTorch; with --int8 also model.int8.onnx with a parity "
                     "report; all recorded in export.json inside the bundle.")
-    p.add_argument("model", type=Path, help="model bundle folder (from diffqc train)")
+    p.add_argument("model", type=path_value, help="model bundle folder (from diffqc train)")
     p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx",
                    help="onnx (default), or a TensorRT FP16 engine built from it (needs a GPU)")
     p.add_argument("--int8", action="store_true", help="also quantize to INT8 (static QDQ, per-channel)")
-    p.add_argument("--calibration-data", default=None,
+    p.add_argument("--calibration-data", type=path_name, default=None,
                    help="dataset (folder or CSV) whose GOOD training images calibrate INT8; its test "
                         "split is the held-out data of the parity report")
-    p.add_argument("--data", default=None,
+    p.add_argument("--data", type=path_name, default=None,
                    help="images to verify the export on (default: the calibration data, else synthetic)")
-    p.add_argument("--held-out", default=None, help="labelled data for the INT8 parity report")
+    p.add_argument("--held-out", type=path_name, default=None,
+                   help="labelled data for the INT8 parity report")
     p.add_argument("--force", action="store_true",
                    help="keep an INT8 model that fails its parity check (never chosen automatically)")
     p.add_argument("--no-search", action="store_true",

@@ -35,7 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from diffqc.arguments import QUIET
+from diffqc.arguments import QUIET, path_name, path_value
 from diffqc.calibration import SELECTED_BELOW, CalibrationWarning, Calibrator, flagged_excess_p
 from diffqc.config import CalibrationConfig
 from diffqc.errors import BundleError, ConfigError, DatasetError, UnknownFeatureTypeError, did_you_mean
@@ -403,8 +403,9 @@ def add_calibrate_command(subparsers: Any) -> None:
         "previous calibration is kept as calibration.prev.json; a running service picks the new "
         "one up without a restart.",
     )
-    p.add_argument("model", type=Path, help="model bundle folder")
-    p.add_argument("data", nargs="?", help="dataset folder (MVTec layout, or <type>/good folders) or CSV "
+    p.add_argument("model", type=path_value, help="model bundle folder")
+    p.add_argument("data", nargs="?", type=path_name,
+                   help="dataset folder (MVTec layout, or <type>/good folders) or CSV "
                    "manifest with GOOD images (default: keep the bundle's GOOD scores)")
     p.add_argument("--alpha-review", type=float, metavar="A",
                    help="target share of GOOD parts flagged REVIEW or REJECT (e.g. 0.02; default: the "

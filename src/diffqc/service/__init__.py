@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from diffqc.arguments import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, integer, names, number
+from diffqc.arguments import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, integer, names, number, path_name
 from diffqc.calibration import DECISIONS, NOT_INSPECTED
 from diffqc.data import MAX_IMAGE_PIXELS
 from diffqc.errors import ConfigError, RuntimeUnavailableError
@@ -493,12 +493,12 @@ def _add_opcua_arguments(p: argparse.ArgumentParser) -> None:
                    help="also serve the decisions as an OPC UA server on this address, for PLCs and "
                         "SCADA (e.g. opc.tcp://0.0.0.0:4840): the latest decision, and each type's "
                         "with its counts and drift alarm, read-only, anonymous, unencrypted (docs/API.md)")
-    p.add_argument("--opcua-users", default=None, metavar="FILE",
+    p.add_argument("--opcua-users", type=path_name, default=None, metavar="FILE",
                    help="OPC UA logins: a name:password a line (a secret's file); with it a client "
                         "must log in, over an encrypted channel (Basic256Sha256 and newer), with "
                         "the server's own certificate, made self-signed in --data-dir/opcua/ on the "
                         "first start (its thumbprint logged); without it, anonymous and unencrypted")
-    p.add_argument("--opcua-trust", default=None, metavar="DIR",
+    p.add_argument("--opcua-trust", type=path_name, default=None, metavar="DIR",
                    help="with --opcua-users, only OPC UA clients whose application certificates "
                         "(DER or PEM) this folder holds; a refused one is kept in "
                         "--data-dir/opcua/rejected/ and logged, to be moved into DIR (read again "
@@ -533,12 +533,12 @@ def add_service_commands(subparsers: Any) -> None:
         "(default $DIFFQC_DB or diffqc-results.db)"
     )
     p = subparsers.add_parser("serve", help="serve a model over HTTP (inspection API + dashboard)")
-    p.add_argument("model", help="model bundle folder (from diffqc train)")
+    p.add_argument("model", type=path_name, help="model bundle folder (from diffqc train)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0: every "
                    "network)")
     p.add_argument("--port", type=integer(0, 65535), default=8000, help="TCP port (default 8000)")
-    p.add_argument("--db", default=None, help=db_help)
+    p.add_argument("--db", type=path_name, default=None, help=db_help)
     p.add_argument(
         "--token",
         action="append",
@@ -553,6 +553,7 @@ def add_service_commands(subparsers: Any) -> None:
     )
     p.add_argument(
         "--data-dir",
+        type=path_name,
         default=None,
         help="folder for heat maps and kept images (default beside the SQLite file)",
     )
@@ -589,13 +590,14 @@ def add_service_commands(subparsers: Any) -> None:
     p.add_argument("--cors-origin", action="append", help="allow this browser origin (repeatable)")
     p.add_argument(
         "--watch",
+        type=path_name,
         action="append",
         metavar="DIR",
         help="also ingest images written into DIR (repeatable)",
     )
     add_runtime_arguments(p)
     _add_line_arguments(p, window_help, folders=True)
-    p.add_argument("--tls-cert", default=None, metavar="PEM",
+    p.add_argument("--tls-cert", type=path_name, default=None, metavar="PEM",
                    help="serve over HTTPS with this certificate (PEM, its chain after it): the API "
                         "token and the parts' images cross the network encrypted; a renewed file "
                         "(certbot, cert-manager) is served without a restart; named --tls-warn-days "
@@ -608,7 +610,7 @@ def add_service_commands(subparsers: Any) -> None:
                    help="say this many days before the --tls-cert certificate expires that it "
                    "does (log, /v1/line, /metrics, dashboard; default 14; 30 or more where a "
                    "restart waits for a maintenance window)")
-    p.add_argument("--tls-key", default=None, metavar="PEM",
+    p.add_argument("--tls-key", type=path_name, default=None, metavar="PEM",
                    help="the certificate's private key (PEM, unencrypted; readable by this user "
                         "only); without it, the key is read from --tls-cert's file (one PEM)")
     p.add_argument("--mqtt", default=None, metavar="URL",
@@ -636,10 +638,11 @@ def add_service_commands(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_serve)
 
     w = subparsers.add_parser("watch", help="inspect images as a camera writes them into a folder")
-    w.add_argument("dir", help="folder the camera writes into (and its sub-folders, to any depth)")
-    w.add_argument("model", help="model bundle folder")
-    w.add_argument("--db", default=None, help=db_help)
-    w.add_argument("--data-dir", default=None,
+    w.add_argument("dir", type=path_name,
+                   help="folder the camera writes into (and its sub-folders, to any depth)")
+    w.add_argument("model", type=path_name, help="model bundle folder")
+    w.add_argument("--db", type=path_name, default=None, help=db_help)
+    w.add_argument("--data-dir", type=path_name, default=None,
                    help="folder for heat maps and kept images (default beside the SQLite file)")
     w.add_argument(
         "--feature-type",
@@ -672,9 +675,9 @@ def add_service_commands(subparsers: Any) -> None:
     r = subparsers.add_parser("results", help="work with stored results")
     rsub = r.add_subparsers(dest="results_command", required=True)
     e = rsub.add_parser("export", help="export parts reviewed GOOD as a dataset (images to retrain on)")
-    e.add_argument("out", help="output folder (images + manifest.csv)")
-    e.add_argument("--db", default=None, help=db_help)
-    e.add_argument("--data-dir", default=None,
+    e.add_argument("out", type=path_name, help="output folder (images + manifest.csv)")
+    e.add_argument("--db", type=path_name, default=None, help=db_help)
+    e.add_argument("--data-dir", type=path_name, default=None,
                    help="the folder serve or watch kept the images in (default beside the SQLite file)")
     e.add_argument("--since", default=None,
                    help="only parts inspected since (ISO 8601, epoch seconds or a span back from now: 8h)")
@@ -692,7 +695,7 @@ def add_service_commands(subparsers: Any) -> None:
 
     def listing(sub: argparse.ArgumentParser, what: str) -> None:
         """The options of a listing: its store, format and period."""
-        sub.add_argument("--db", default=None, help=db_help)
+        sub.add_argument("--db", type=path_name, default=None, help=db_help)
         sub.add_argument("--format", choices=["jsonl", "csv"], default="jsonl",
                          help="one JSON object per line (default) or CSV with a header row")
         sub.add_argument("--since", default=None, help=f"{what} inspected at or after {when}")
@@ -725,7 +728,7 @@ def add_service_commands(subparsers: Any) -> None:
                     help="parts given this verdict")
     for name in ("part-id", "line", "station", "camera"):
         pt.add_argument(f"--{name}", default=None, help=f"images whose {name.replace('-', ' ')} is this")
-    pt.add_argument("--model", default=None, metavar="MODEL",
+    pt.add_argument("--model", type=path_name, default=None, metavar="MODEL",
                     help="the bundle whose types a part should have: each part's `complete` and `missing` "
                          "(the types without an image) and a count of the incomplete parts")
     pt.add_argument("--part-types", type=names, default=(), metavar="TYPES",
@@ -745,7 +748,7 @@ def add_service_commands(subparsers: Any) -> None:
                                      "reviewed BAD (real defects) and GOOD (false alarms), REVIEW "
                                      "parts waiting for a verdict, and PASS parts reviewed BAD later "
                                      "(escapes); a last row of all.")
-    sm.add_argument("--db", default=None, help=db_help)
+    sm.add_argument("--db", type=path_name, default=None, help=db_help)
     sm.add_argument("--since", default=None, help=f"parts inspected at or after {when}")
     sm.add_argument("--until", default=None, help=f"parts inspected before {when}")
     from diffqc.service.store import SUMMARY_KEYS  # a submodule: not at import time
@@ -768,8 +771,9 @@ def add_service_commands(subparsers: Any) -> None:
                                      "checked, written whole or not at all. Kept images and heat maps "
                                      "are files: copy --data-dir's folder beside it. A PostgreSQL store "
                                      "is backed up with pg_dump.")
-    bk.add_argument("out", help="the backup's file, or a folder (a file in it named by the store and "
+    bk.add_argument("out", type=path_name,
+                    help="the backup's file, or a folder (a file in it named by the store and "
                                 "the UTC time: results-20261203-220000.db)")
-    bk.add_argument("--db", default=None, help=db_help)
+    bk.add_argument("--db", type=path_name, default=None, help=db_help)
     bk.add_argument("--force", action="store_true", help="replace OUT when it is an earlier backup")
     bk.set_defaults(func=_cmd_backup)
