@@ -410,6 +410,21 @@ def test_manifest_as_a_spreadsheet_saves_it(tmp_path: Path, clear_dataset: Path,
     assert read_image(s[0].path).shape[2] == 3
 
 
+@pytest.mark.parametrize("name", ["m.tsv", "m.txt", "M.TXT"])
+def test_a_tab_separated_manifest_as_spreadsheets_name_it(tmp_path: Path, clear_dataset: Path,
+                                                          name: str) -> None:
+    """A spreadsheet's tab-separated table is saved as .tsv or .txt (Excel's "Text (Tab
+    delimited)"): it was taken for a dataset folder, and said not to exist; it is read as a
+    manifest. A file of any other kind is named as a file, not as a folder that does not exist."""
+    img = next((clear_dataset / "dots" / "train" / "good").iterdir())
+    (tmp_path / name).write_text(f"path\tfeature_type\tlabel\r\n{img}\tdots\tgood\r\n")
+    assert [(s.path, s.feature_type, s.label) for s in load_dataset(tmp_path / name)] == [(img, "dots", GOOD)]
+    (tmp_path / "m.xlsx").write_bytes(b"PK\x03\x04")
+    with pytest.raises(DatasetError, match=r"m\.xlsx is a file, not a dataset folder: a manifest is a table "
+                                           r"saved as \.csv, \.tsv or \.txt"):
+        load_dataset(tmp_path / "m.xlsx")
+
+
 @pytest.mark.parametrize("words,labels", [("OK,NOK", [GOOD, DEFECTIVE]), ("i.O.,n.i.O.", [GOOD, DEFECTIVE]),
                                           ("pass,fail", [GOOD, DEFECTIVE]), ("0,1", [GOOD, DEFECTIVE])])
 def test_manifest_label_words_of_a_line(tmp_path: Path, words: str, labels: list[int]) -> None:

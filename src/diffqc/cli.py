@@ -102,10 +102,12 @@ def _nested(a: Path, b: Path) -> bool:
 
 def check_train_paths(data: Path, out: Path, samples: Sequence[Sample] = ()) -> None:
     """The model folder must not overlap the training data. A dataset folder: the model may be
-    neither that folder, nor inside it, nor around it. A CSV manifest (its ``samples``): neither
+    neither that folder, nor inside it, nor around it. A manifest (its ``samples``): neither
     the manifest nor any image or mask it lists may be the model folder or inside it; a folder
     beside them (``models/`` next to ``manifest.csv``) is fine."""
-    if data.suffix.lower() != ".csv":
+    from diffqc.data import is_manifest
+
+    if not is_manifest(data):
         if _nested(out, data) or _nested(data, out):
             raise OutputError(f"--out {out} and the training data {data} overlap; write the model "
                               "bundle to a folder outside the dataset")
@@ -118,12 +120,12 @@ def check_train_paths(data: Path, out: Path, samples: Sequence[Sample] = ()) -> 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from diffqc.data import DEFECTIVE, GOOD, UNKNOWN, good_training, load_dataset
+    from diffqc.data import DEFECTIVE, GOOD, UNKNOWN, good_training, is_manifest, load_dataset
     from diffqc.model import Detector, check_bundle_target
 
     config = build_config(args)
     data, out = Path(args.data), Path(args.out)
-    if data.suffix.lower() == ".csv":  # what it lists decides
+    if is_manifest(data):  # what it lists decides
         everything = load_dataset(data)
         check_train_paths(data, out, everything)
     else:  # refused before the folder is even listed

@@ -484,6 +484,9 @@ def load_mvtec(root: Path | str) -> list[Sample]:
     is that split of the type; one kind's folder (``train/good``, ``test/crack``, a labelled
     type's ``good/``) is those images of the type (:func:`_one_kind_of_a_type`)."""
     root = Path(root)
+    if root.is_file():
+        raise DatasetError(f"{root} is a file, not a dataset folder: a manifest is a table saved as "
+                           ".csv, .tsv or .txt (path,feature_type,label columns)")
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
     if root.name in ("", ".."):  # `.`, `..`: the folder's own name names its type (or split)
@@ -570,6 +573,13 @@ def _loose_images_hint(root: Path) -> str:
 
 
 MANIFEST_COLUMNS = ("path", "feature_type", "label")
+# a table as spreadsheets save it: CSV, or tab-separated as .tsv or .txt (Excel's "Text (Tab delimited)")
+MANIFEST_SUFFIXES = frozenset({".csv", ".tsv", ".txt"})
+
+
+def is_manifest(path: Path) -> bool:
+    """Whether ``path`` names a manifest (by its suffix, any case), not a dataset folder."""
+    return path.suffix.lower() in MANIFEST_SUFFIXES
 # a line's own words: OK / NOK and i.O. / n.i.O. (German: in order / not in order), NG (no good)
 _LABEL_WORDS = {"good": GOOD, "ok": GOOD, "0": GOOD, "pass": GOOD, "normal": GOOD, "io": GOOD,
                 "i.o.": GOOD, "defect": DEFECTIVE, "defective": DEFECTIVE, "bad": DEFECTIVE,
@@ -699,9 +709,10 @@ def _name_types_alike(manifest: Path, types: Sequence[str]) -> None:
 
 
 def load_dataset(source: Path | str) -> list[Sample]:
-    """Load a dataset from a folder (MVTec layout or labelled folders) or a ``.csv`` manifest."""
+    """Load a dataset from a folder (MVTec layout or labelled folders) or a manifest
+    (:func:`is_manifest`)."""
     source = Path(source)
-    if source.suffix.lower() == ".csv":
+    if is_manifest(source):
         return load_manifest(source)
     if source.is_dir() and (source / "manifest.csv").is_file() and not any(
         _is_mvtec_type(d) or _is_labelled_type(d) for d in _subfolders(source)
