@@ -126,6 +126,30 @@ def test_damaged_bundle(tiny_model: Path, tmp_path: Path, damage: str) -> None:
         Detector.load(bundle)
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("input_size", 96, r"does not match its config: backbone\.input_size 96 gives a 12 x 12 feature grid, "
+                       r"the model was fitted on 8 x 8"),
+    ("grid", [-1, 8], r"config\.json is damaged \(.*config\.json: backbone\.grid must be two positive "
+                      r"integers \(h, w\), got \(-1, 8\)\)"),
+    ("grid", [8, 8, 1], r"backbone\.grid must be two positive integers"),
+    ("input_size", 10**30, r"config\.json is damaged \(.*config\.json: backbone\.input_size must be at most "
+                           r"8192, got 1000000000000000000000000000000: cut larger images into tiles"),
+])
+def test_a_config_edited_by_hand_is_a_bundle_error(tiny_model: Path, tmp_path: Path, field: str,
+                                                   value: object, message: str) -> None:
+    """A bundle's config.json edited by hand (the input size, "for the new camera", or the
+    recorded feature grid) loaded and then failed on every image with a ValueError (features
+    that do not match the model) or an overflow deep in PyTorch; it is refused as it loads."""
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_model, bundle)
+    config = json.loads((bundle / "config.json").read_text())
+    assert config["backbone"]["input_size"] == 64 and config["backbone"]["grid"] == [8, 8]
+    config["backbone"][field] = value
+    (bundle / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match=message):
+        Detector.load(bundle)
+
+
 def test_missing_bundle(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="does not exist"):
         Detector.load(tmp_path / "nothing")

@@ -153,7 +153,15 @@ class BackboneConfig:
             raise ConfigError(f"backbone.name must be one of {', '.join(BACKBONES)} or onnx:PATH; "
                               f"got {self.name!r}")
         _at_least(self, "input_size", 32)
+        if self.input_size > MAX_INPUT_SIZE:
+            raise ConfigError(f"backbone.input_size must be at most {MAX_INPUT_SIZE}, got {self.input_size}: "
+                              "cut larger images into tiles at the model's input size (tiling.mode=auto)")
         _at_least(self, "pool", 1)
+        if self.grid and (len(self.grid) != 2 or min(self.grid) < 1):
+            raise ConfigError(f"backbone.grid must be two positive integers (h, w), got {self.grid}")
+
+
+MAX_INPUT_SIZE = 8192  # the backbone's square input; larger images are cut into tiles (tiling.mode)
 
 
 @dataclass(frozen=True)

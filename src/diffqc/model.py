@@ -682,6 +682,11 @@ class Detector:
         det.metadata = meta
         try:
             fe = det.extractor
+            fitted = config.backbone.grid  # recorded at fit time (bundles from before: not checked)
+            if fitted and tuple(fitted) != fe.grid:  # an input size edited into config.json, say
+                raise ValueError(f"backbone.input_size {config.backbone.input_size} gives a {fe.grid[0]} x "
+                                 f"{fe.grid[1]} feature grid, the model was fitted on {fitted[0]} x "
+                                 f"{fitted[1]}")
             fe.feat_mean.copy_(tensors["features.mean"])
             fe.feat_std.copy_(tensors["features.std"])
             # the scorer lives on the device of the tensors it is built from
