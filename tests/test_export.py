@@ -266,6 +266,16 @@ def test_runtime_choice(exported: Path, tiny_model: Path, tmp_path: Path) -> Non
     (stale / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="older than the model"):
         OnnxDetector(stale)
+    # an input size edited into config.json after the export: refused, as PyTorch refuses it (it
+    # was ONNX Runtime's InvalidArgument traceback on the first image)
+    edited = tmp_path / "edited"
+    shutil.copytree(exported, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["backbone"]["input_size"] += 32
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match=rf"backbone\.input_size {config['backbone']['input_size']} differs "
+                                          r"from its ONNX export's input, \d+ px"):
+        OnnxDetector(edited)
     # the export's graph deleted (or not copied with the bundle): said, not silently PyTorch
     gone = tmp_path / "gone"
     shutil.copytree(exported, gone)

@@ -229,6 +229,13 @@ class OnnxDetector:
         if info.get("weights_file_sha256") != self.metadata.get("weights_file_sha256"):
             raise BundleError(f"model bundle {self.path}: the ONNX export is older than the model; "
                               f"run `diffqc export {self.path}` again")
+        inputs = info.get("inputs")
+        pixels = inputs.get("pixels") if isinstance(inputs, dict) else None
+        exported = pixels[-1] if isinstance(pixels, list) and pixels else None
+        if exported not in (None, self.config.backbone.input_size):  # config.json edited by hand
+            raise BundleError(f"model bundle {self.path}: backbone.input_size "
+                              f"{self.config.backbone.input_size} differs from its ONNX export's input, "
+                              f"{exported} px (config.json was edited after the export)")
         if precision == "auto":
             usable = usable_precisions(self.path, info, runtime)
             if not usable:
