@@ -1,8 +1,9 @@
 """One error hierarchy for diffqc: every error a user can cause is a :class:`DiffqcError`.
 
 The CLI and the service each have one error boundary that turns a ``DiffqcError`` into a clear
-message (exit code 1, or a 4xx/5xx JSON body with a ``code``); anything else is a bug and keeps
-its traceback. Each kind keeps the built-in base it had before (``ValueError`` for bad input,
+message (exit code 1, or a 4xx/5xx JSON body with a ``code``), and a job larger than the machine's
+memory into ``out of memory ...`` (:func:`out_of_memory`); anything else is a bug and keeps its
+traceback. Each kind keeps the built-in base it had before (``ValueError`` for bad input,
 ``RuntimeError`` for an unusable environment) so ``except ValueError`` in user code still works.
 """
 
