@@ -48,6 +48,8 @@ def read_bundle(path: Path | str) -> tuple[DetectorConfig, dict[str, Any], Calib
     classes = meta.get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise BundleError(f"model bundle {path}: metadata.json is damaged (classes: {classes!r})")
+    if (wrong := _wrong_training_data(meta)) is not None:
+        raise BundleError(f"model bundle {path}: metadata.json is damaged ({wrong[0]}: {wrong[1]!r})")
     try:
         config = DetectorConfig.from_json(path / "config.json")
     except ValueError as exc:
@@ -56,6 +58,30 @@ def read_bundle(path: Path | str) -> tuple[DetectorConfig, dict[str, Any], Calib
     if set(cal.known) != set(classes):
         raise BundleError(f"model bundle {path}: calibration types {sorted(cal.known)} != classes {classes}")
     return config, meta, cal
+
+
+def _wrong_training_data(meta: dict[str, Any]) -> tuple[str, Any] | None:
+    """The key and value of ``training_data`` that is not of its kind (each optional: bundles from
+    before lack them), or None: an object; its ``image_sizes`` an object of ``[[h0, h1], [w0, w1]]``
+    per type, its ``image_colours`` one of strings."""
+    training = meta.get("training_data", {})
+    if not isinstance(training, dict):
+        return "training_data", training
+    for key, fits in (("image_sizes", _size_ranges), ("image_colours", lambda v: isinstance(v, str))):
+        entries = training.get(key, {})
+        if not isinstance(entries, dict):
+            return f"training_data.{key}", entries
+        for t, value in entries.items():
+            if not fits(value):
+                return f"training_data.{key}.{t}", value
+    return None
+
+
+def _size_ranges(value: Any) -> bool:
+    """``[[h0, h1], [w0, w1]]`` of numbers."""
+    return (isinstance(value, list) and len(value) == 2
+            and all(isinstance(r, list) and len(r) == 2 and all(isinstance(x, (int, float)) for x in r)
+                    for r in value))
 
 
 def check_weights(path: Path | str, meta: dict[str, Any]) -> None:

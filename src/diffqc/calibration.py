@@ -316,7 +316,8 @@ class Calibrator:
             if not isinstance(data, dict):
                 raise TypeError("not a JSON object")
             return cls.from_dict(data)
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            # AttributeError: a value of another kind where an object is ("known": [])
             detail = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
             raise BundleError(f"{path} is damaged or unreadable ({detail})") from None
 

@@ -42,9 +42,11 @@ def _coerce(name: str, value: object, hint: Any) -> object:
     """``value`` as the field's type (int -> float and list -> tuple are accepted), else ConfigError."""
     if hint is int:
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
             raise _type_error(name, "an integer", value)
+        if abs(value) > 2**53:  # JSON's exact integers; more overflowed inside PyTorch
+            raise _type_error(name, "an integer of at most 2^53", value)
         return value
     if hint is float:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
