@@ -451,14 +451,15 @@ def test_torch_running_out_of_memory_is_one_error_line(clear_dataset: Path, tmp_
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """PyTorch's allocator says it has no room with a RuntimeError (the CPU's ``DefaultCPUAllocator:
     can't allocate memory``) or ``torch.OutOfMemoryError`` (CUDA's), not Python's MemoryError: a
-    backbone.input_size no machine holds (here the backbone's first look at the input size, 300 TB)
-    ended in a RuntimeError traceback; it is the same one error line, saying how much was asked."""
+    job no machine holds (found with backbone.input_size=100000; here a noise schedule of 2^53 steps,
+    the most an integer setting takes, 64 PiB) ended in a RuntimeError traceback; it is the same
+    one error line, saying how much was asked."""
     out = tmp_path / "model"
     assert main(["train", str(clear_dataset), "--out", str(out), "-q",
-                 "--set", "backbone.input_size=5000000"]) == 1
+                 "--set", f"diffusion.timesteps={2**53}"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
-    assert lines[0].startswith("diffqc: error: out of memory: it tried to allocate 272.8 TiB at once"), lines
+    assert lines[0].startswith("diffqc: error: out of memory: it tried to allocate 64.0 PiB at once"), lines
     assert "DIFFQC_TRACEBACK=1" in lines[0] and "alloc_cpu" not in lines[0]
     assert not out.exists()
 

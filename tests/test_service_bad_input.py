@@ -861,8 +861,8 @@ def test_serve_checks_its_store_before_loading_the_model_and_the_model_path_befo
 def test_a_model_larger_than_the_machine_is_said_so_not_a_damaged_bundle(
     service_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A bundle whose load cannot find the memory it needs (here an input size of 5,000,000 px,
-    300 TB for the backbone's first look at it; on a GPU, another process holding its memory) was
+    """A bundle whose load cannot find the memory it needs (here a noise schedule of 2^53 steps,
+    64 PiB; on a GPU, another process holding its memory) was
     called a bundle that "does not match its config", with PyTorch's allocator text: the operator
     would retrain a sound model. `serve` (the container's entry point) and `inspect` say out of
     memory, with how much was asked, in one line."""
@@ -872,14 +872,14 @@ def test_a_model_larger_than_the_machine_is_said_so_not_a_damaged_bundle(
     model = tmp_path / "model"
     shutil.copytree(service_model[0], model)
     config = json.loads((model / "config.json").read_text())
-    config["backbone"]["input_size"] = 5_000_000
+    config["diffusion"]["timesteps"] = 2**53
     (model / "config.json").write_text(json.dumps(config))
     assert main(["serve", str(model), "--no-auth", "--port", "0", "--db", str(tmp_path / "r.db")]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: out of memory: it tried to allocate 272.8 TiB at once"]
+        "error: out of memory: it tried to allocate 64.0 PiB at once"]
     assert cli_main(["inspect", str(model), str(service_model[1])]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("diffqc: error: out of memory: it tried to allocate 272.8 TiB at once; "
+    assert err[-1] == ("diffqc: error: out of memory: it tried to allocate 64.0 PiB at once; "
                        "DIFFQC_TRACEBACK=1 shows where"), err
     assert not any("Traceback" in line or "config" in line for line in err), err
 

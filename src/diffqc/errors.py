@@ -181,7 +181,7 @@ def out_of_memory(exc: BaseException) -> str | None:
 def _binary_size(n: int) -> str:
     """``n`` bytes as PyTorch's CUDA allocator says them: ``272.8 TiB``."""
     size, unit = float(n), "bytes"
-    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+    for bigger in ("KiB", "MiB", "GiB", "TiB", "PiB"):
         if size < 1024:
             break
         size, unit = size / 1024, bigger
