@@ -498,6 +498,22 @@ def test_an_empty_file_or_folder_name_is_a_usage_error(argv: list[str],
                             "set?)"), err
 
 
+@pytest.mark.parametrize("argv", [
+    ["inspect", "m", "x.png", "--threads", "100000"], ["evaluate", "d", "--threads", "100000"],
+    ["export", "m", "--threads", "100000"], ["serve", "m", "--threads", "100000"],
+    ["watch", "d", "m", "--threads", "100000"],
+])
+def test_a_thread_count_no_machine_has_is_a_usage_error(argv: list[str],
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``--threads 100000`` (a typo, or a count of cores in the wrong unit): `serve` was killed by
+    a segmentation fault (exit 139) as its thread pools were made; refused as it is parsed."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "argument --threads: must be from 1 to 1024, got 100000")
+
+
 def test_every_option_says_what_it_does() -> None:
     """``--help`` of every command explains each of its arguments (``serve --port`` and
     ``data synth --parts`` were listed bare, their defaults unsaid)."""

@@ -751,6 +751,16 @@ def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
          "--part-id-pattern 'P-(' is not a regular expression"),
         (["serve", str(service_model[0]), "--no-auth", "--watch", str(tmp_path), "--part-id-pattern",
           "(L\\d)-(\\d+)"], "has 2 groups: name the part id's (?P<part>...)"),
+        # a pattern without a folder to read names from was ignored, an invalid one included
+        (["serve", str(service_model[0]), "--no-auth", "--part-id-pattern", "P-("],
+         "--part-id-pattern needs --watch DIR (it reads the part id from a watched file's name)"),
+        # an IPv6 host without its ']': urllib's ValueError was a traceback
+        (["serve", str(service_model[0]), "--no-auth", "--webhook", "http://[::1/in"],
+         "webhook URL 'http://[::1/in' is not a URL (Invalid IPv6 URL)"),
+        (["serve", str(service_model[0]), "--no-auth", "--mqtt", "mqtt://qc:pw@[::1/line1"],
+         "MQTT URL 'mqtt://qc:***@[::1/line1' is not a URL (Invalid IPv6 URL)"),
+        (["watch", str(tmp_path), str(service_model[0]), "--opcua", "opc.tcp://[::1", "--once"],
+         "OPC UA endpoint 'opc.tcp://[::1' is not a URL (Invalid IPv6 URL)"),
     ]
     for argv, needle in cases:
         assert main(argv) == 1, argv

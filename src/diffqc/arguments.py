@@ -80,6 +80,7 @@ POSITIVE = integer(1)
 NON_NEGATIVE = integer(0)
 SEED = integer(0, 2**32 - 1)  # numpy's seeds
 POSITIVE_NUMBER = number(0.0, inclusive=False)
+THREADS = integer(1, 1024)  # 100000 crashed `serve` (a segmentation fault as its thread pools were made)
 
 # help texts of options several commands share, said one way
 DEVICE = "cpu or cuda (default: cuda when present)"

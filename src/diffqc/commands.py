@@ -11,7 +11,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffqc.arguments import DEVICE, NON_NEGATIVE, POSITIVE, QUIET, SEED, integer, path_name, path_value
+from diffqc.arguments import (
+    DEVICE,
+    NON_NEGATIVE,
+    POSITIVE,
+    QUIET,
+    SEED,
+    THREADS,
+    integer,
+    path_name,
+    path_value,
+)
 from diffqc.config import METHODS
 
 
@@ -107,7 +117,7 @@ def add_evaluate_command(subparsers: Any) -> None:
     p.add_argument("--runtime", choices=("torch", "onnx", "openvino", "auto"), default="auto",
                    help="score held-out parts with PyTorch, ONNX Runtime or OpenVINO (each fold's "
                         "diffusion model exported in memory, FP32); auto = torch")
-    p.add_argument("--threads", type=POSITIVE, default=None, help="ONNX Runtime / OpenVINO CPU threads")
+    p.add_argument("--threads", type=THREADS, default=None, help="ONNX Runtime / OpenVINO CPU threads")
     p.add_argument("--unknown-type", action="store_true",
                    help="also score every held-out image with its type withheld (the type router "
                         "picks it): type accuracy and AUROC withheld vs given, in the printed "
@@ -175,7 +185,7 @@ def add_export_command(subparsers: Any) -> None:
                    help="keep an INT8 model that fails its parity check (never chosen automatically)")
     p.add_argument("--no-search", action="store_true",
                    help="quantize every layer (skip the search for layers to keep in float)")
-    p.add_argument("--threads", type=POSITIVE, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=THREADS, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--opset", type=integer(11, 23), default=None,
                    help="ONNX opset, 11-23 (default 17)")
     p.add_argument("--check-images", type=POSITIVE, default=16, help="images for the FP32 check")

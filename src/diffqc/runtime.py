@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from diffqc import routing
-from diffqc.arguments import POSITIVE
+from diffqc.arguments import THREADS
 from diffqc.backends.graph import SplitGraph
 from diffqc.bundle import WEIGHTS_FILE, read_bundle
 from diffqc.calibration import Calibrator
@@ -525,7 +525,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, threads: bool = Tr
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="exported model: fp32, int8 or auto (the fastest that passed parity)")
     if threads:
-        parser.add_argument("--threads", type=POSITIVE, default=None,
+        parser.add_argument("--threads", type=THREADS, default=None,
                             help="CPU threads for inference (default: all cores)")
 
 

@@ -219,6 +219,9 @@ class ServiceSettings:
             raise ConfigError(f"--camera is given {len(self.watch_camera)} times for {len(self.watch_dirs)} "
                               "--watch folders: give it once (every folder's parts) or once per --watch, "
                               "in the same order")
+        if self.watch_part_id_pattern is not None and not self.watch_dirs:
+            raise ConfigError("--part-id-pattern needs --watch DIR (it reads the part id from a watched "
+                              "file's name)")
         if self.watch_dirs:
             from diffqc.service.watch import check_watch_folder, compile_part_id_pattern
 

@@ -52,13 +52,12 @@ import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from diffqc.errors import ConfigError
 from diffqc.service.logs import Outage
 from diffqc.service.parts import PART_WINDOW_S, PartVerdict, RecentParts, part_types, stored_part
 from diffqc.service.security import read_secret_file
-from diffqc.service.store import NOT_INSPECTED, ResultRecord, ResultStore, StoreError
+from diffqc.service.store import NOT_INSPECTED, ResultRecord, ResultStore, StoreError, split_url
 
 log = logging.getLogger("diffqc.service.opcua")
 
@@ -79,7 +78,7 @@ COUNTS = (("Inspected", None), ("Pass", "PASS"), ("Review", "REVIEW"), ("Reject"
 def parse_opcua_url(url: str) -> tuple[str, int]:
     """``opc.tcp://HOST[:PORT][/path]``: the address and port the server listens on (the port
     4840 by default); anything else is a :class:`ConfigError`."""
-    parts = urlsplit(url)
+    parts = split_url(url, "OPC UA endpoint")
     if parts.scheme != "opc.tcp" or not parts.hostname:
         raise ConfigError(f"OPC UA endpoint {url!r} must look like opc.tcp://0.0.0.0:4840 (the address "
                           "and port this service listens on)")

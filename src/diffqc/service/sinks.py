@@ -45,7 +45,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from diffqc.drift import is_misrouted
 from diffqc.errors import ConfigError
@@ -53,7 +53,7 @@ from diffqc.output import json_safe
 from diffqc.service.logs import Outage
 from diffqc.service.parts import PART_WINDOW_S, OverdueParts, PartVerdict, commit_verdicts
 from diffqc.service.security import read_secret_file
-from diffqc.service.store import ResultRecord, ResultStore, iso_time, redact_url
+from diffqc.service.store import ResultRecord, ResultStore, iso_time, redact_url, split_url
 
 log = logging.getLogger("diffqc.service.sinks")
 
@@ -404,7 +404,7 @@ class MqttTarget:
 
 
 def check_webhook_url(url: str) -> None:
-    parts = urlsplit(url)
+    parts = split_url(url, "webhook URL")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"webhook URL {url!r} must be http:// or https://host/...")
     try:
@@ -516,7 +516,7 @@ def parse_mqtt_url(url: str) -> MqttTarget:
     password in the URL, the file ``$DIFFQC_MQTT_PASSWORD_FILE`` names holds the user's (a
     Docker secret: a URL's password is read by anyone who may run ``ps``). Errors show the URL
     without its password."""
-    parts = urlsplit(url)
+    parts = split_url(url, "MQTT URL")
     shown = redact_url(url)
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
         raise ConfigError(f"MQTT URL {shown!r} must look like mqtt://host:1883/prefix (or mqtts://)")

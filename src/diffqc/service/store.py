@@ -29,12 +29,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
+from urllib.parse import SplitResult, urlsplit
 
 import numpy as np
 from PIL import Image
 
 from diffqc.calibration import PASS, REJECT, REVIEW
-from diffqc.errors import OutputError, StoreError
+from diffqc.errors import ConfigError, OutputError, StoreError
 from diffqc.output import write_atomic
 from diffqc.recalibrate import EXPORT_SUMMARY_FILE, selection_note
 from diffqc.service.security import is_artifact_name, safe_child
@@ -195,6 +196,15 @@ def sqlite_path(url: str) -> Path:
         raise StoreError(f"unsupported result store {redact_url(url)!r}; use a SQLite path, "
                          "sqlite:///path/to/results.db or postgresql://user@host/db")
     return Path(url)
+
+
+def split_url(url: str, what: str) -> SplitResult:
+    """``urlsplit`` of ``url``, or a ConfigError naming it as ``what`` (without its password):
+    urllib raises a ValueError for a URL it cannot split (an IPv6 host without its ``]``)."""
+    try:
+        return urlsplit(url)
+    except ValueError as exc:
+        raise ConfigError(f"{what} {redact_url(url)!r} is not a URL ({exc})") from None
 
 
 def redact_url(url: str) -> str:
