@@ -425,7 +425,7 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
     (["evaluate", "d", "--max-train-good", "1"], "argument --max-train-good: must be at least 2"),
     (["evaluate", "d", "--n-boot", "0"], "argument --n-boot: must be at least 1"),
     (["evaluate", "d", "--seed", "-1"], "argument --seed: must be from 0 to 4294967295"),
-    (["inspect", "m", "x.png", "--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    (["inspect", "m", "x.png", "--threads", "0"], "argument --threads: must be from 1 to 1024, got 0"),
     (["inspect", "m", "x.png", "--threads", "two"], "argument --threads: expected an integer, got 'two'"),
     (["export", "m", "--opset", "9"], "argument --opset: must be from 11 to 23, got 9"),
     (["export", "m", "--check-images", "0"], "argument --check-images: must be at least 1"),
