@@ -20,6 +20,7 @@ T = TypeVar("T")
 
 METHODS = ("diffusion", "patchcore", "padim")
 BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "mobilenet-v2")  # | onnx:PATH
+MAX_INPUT_SIZE = 8192  # the backbone's square input; larger images are cut into tiles (tiling.mode)
 SCHEDULES = ("cosine", "linear")
 PRIORS = ("local", "none")
 PRIOR_STORAGES = ("float32", "float16")
@@ -161,9 +162,6 @@ class BackboneConfig:
         _at_least(self, "pool", 1)
         if self.grid and (len(self.grid) != 2 or min(self.grid) < 1):
             raise ConfigError(f"backbone.grid must be two positive integers (h, w), got {self.grid}")
-
-
-MAX_INPUT_SIZE = 8192  # the backbone's square input; larger images are cut into tiles (tiling.mode)
 
 
 @dataclass(frozen=True)
