@@ -1471,7 +1471,16 @@ def test_cli_results_parts_names_the_types_a_part_lacks(tmp_path: Path, tiny_mod
     out = capsys.readouterr()
     assert out.out == "" and "no part matches" in out.err
     assert main(["results", "parts", "--db", str(db), "--part-types", f"{types[0]}, x"]) == 0  # no model
-    assert [json.loads(x)["missing"] for x in capsys.readouterr().out.splitlines()] == [["x"], ["x"]]
+    out = capsys.readouterr()
+    assert [json.loads(x)["missing"] for x in out.out.splitlines()] == [["x"], ["x"]]
+    # a type the store holds no image of (a typo without --model to check it by) is said, not
+    # only every part incomplete for it
+    assert (f"diffqc: --part-types names 'x', of which the store holds no image: every part lacks it; "
+            f"the store holds {', '.join(sorted(types))}") in out.err
+    assert main(["results", "parts", "--db", str(db), "--part-types", types[0][:-1]]) == 0
+    assert f"(did you mean {types[0]!r}?)" in capsys.readouterr().err
+    assert main(["results", "parts", "--db", str(db), "--part-types", types[0]]) == 0
+    assert "--part-types" not in capsys.readouterr().err
     assert main(["results", "parts", "--db", str(db), "--model", str(tiny_model), "--part-types", "x"]) == 1
     assert "--part-types names 'x', not a type of this model" in capsys.readouterr().err
     assert main(["results", "parts", "--db", str(db), "--model", str(tiny_model), "--format", "csv"]) == 0

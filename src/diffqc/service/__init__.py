@@ -376,6 +376,8 @@ def _cmd_parts(args: argparse.Namespace) -> int:
     counts, loose, incomplete = list_parts(store_url(args.db), fmt=args.format, decision=args.decision,
                                            types=types, incomplete=args.incomplete,
                                            window_s=args.part_window, **filters)
+    if args.model is None:
+        _say_unstored_part_types(store_url(args.db), args.part_types)
     if incomplete:
         print(f"diffqc: {incomplete} part{'s' if incomplete != 1 else ''} incomplete (without an image "
               f"of every type of the {'line' if args.part_types else 'model'})", file=sys.stderr)
@@ -405,21 +407,44 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stored_types(db_url: str) -> list[str]:
+    from diffqc.service.store import ResultStore
+
+    with ResultStore(db_url, read_only=True) as store:
+        return sorted({t for t, _, _ in store.counts() if t})
+
+
+def _held(types: list[str]) -> str:
+    """The stored types, as a message names them."""
+    held = ", ".join(types[:20]) + (f" and {len(types) - 20} more" if len(types) > 20 else "")
+    return f"the store holds {held or 'no part of a known type'}"
+
+
 def _absent_type(db_url: str, feature_type: str | None) -> str:
     """Where ``--feature-type`` names no stored part's type (types are matched exactly: ``Edge1``
     for ``edge1``), the types stored and a near miss."""
     if feature_type is None:
         return ""
     from diffqc.errors import did_you_mean
-    from diffqc.service.store import ResultStore
 
-    with ResultStore(db_url, read_only=True) as store:
-        types = sorted({t for t, _, _ in store.counts() if t})
+    types = _stored_types(db_url)
     if feature_type in types:
         return ""
-    held = ", ".join(types[:20]) + (f" and {len(types) - 20} more" if len(types) > 20 else "")
-    return (f"; no part of type {feature_type!r} is stored{did_you_mean(feature_type, types)}: the store "
-            f"holds {held or 'no part of a known type'}")
+    return f"; no part of type {feature_type!r} is stored{did_you_mean(feature_type, types)}: {_held(types)}"
+
+
+def _say_unstored_part_types(db_url: str, chosen: Sequence[str]) -> None:
+    """``results parts --part-types`` without ``--model`` to check the names by: a name no stored
+    image has (a typo: ``dot`` for ``dots``) is said, with a near miss, as every part then lacks it."""
+    if not chosen:
+        return
+    from diffqc.errors import did_you_mean
+
+    types = _stored_types(db_url)
+    for name in chosen:
+        if name not in types:
+            print(f"diffqc: --part-types names {name!r}, of which the store holds no image: every part "
+                  f"lacks it{did_you_mean(name, types)}; {_held(types)}", file=sys.stderr)
 
 
 def _add_artifact_arguments(p: argparse.ArgumentParser) -> None:
