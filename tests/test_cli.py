@@ -323,6 +323,30 @@ def test_train_writes_a_model_beside_its_manifest(
     assert after == before
 
 
+def test_train_on_several_datasets_fits_them_together(
+        clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Retraining on the line's parts reviewed GOOD (`results export`) beside the first dataset:
+    `train DATA MORE --out M` fits on both (it took one DATA, and the export alone would drop
+    the first set). Each is checked as one alone is; one named twice is refused."""
+    import json
+
+    from tests.conftest import write_clear_dataset
+
+    more = write_clear_dataset(tmp_path / "more", n_train=6, n_test=2, seed=1)
+    fit = ["-q", "--method", "padim", "--set", "backbone.input_size=64", "--set", "calibration.fraction=0.35"]
+    assert main(["train", str(clear_dataset), str(more), "--out", str(tmp_path / "m"), *fit]) == 0
+    out = json.loads(capsys.readouterr().out.splitlines()[-1])
+    seen = {t: out["training_data"]["fit_images"][t] + out["training_data"]["calibration_images"][t]
+            for t in out["classes"]}
+    assert seen == {t: 24 + 6 for t in out["classes"]}
+    assert out["not_trained_on"] == {"good": 2 * (8 + 2), "defect": 2 * (8 + 2)}
+    assert main(["train", str(more), str(more / "dots" / ".."), "--out", str(tmp_path / "m2"), *fit]) == 1
+    assert f"names {more / 'dots' / '..'} twice" in capsys.readouterr().err
+    assert main(["train", str(clear_dataset), str(more), "--out", str(more / "m"), *fit]) == 1
+    assert f"--out {more / 'm'} and the training data {more} overlap" in capsys.readouterr().err
+    assert not (tmp_path / "m2").exists() and not (more / "m").exists()
+
+
 def test_damaged_bundle_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "m").mkdir()
     assert main(["inspect", str(tmp_path / "m"), "x.png"]) == 1

@@ -124,20 +124,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     from diffqc.model import Detector, check_bundle_target
 
     config = build_config(args)
-    data, out = Path(args.data), Path(args.out)
-    if is_manifest(data):  # what it lists decides
-        everything = load_dataset(data)
-        check_train_paths(data, out, everything)
-    else:  # refused before the folder is even listed
-        check_train_paths(data, out)
-        everything = load_dataset(data)
+    sources, out = [Path(d) for d in args.data], Path(args.out)
+    twice = next((d for i, d in enumerate(sources) if d.resolve() in {s.resolve() for s in sources[:i]}),
+                 None)
+    if twice is not None:
+        raise ConfigError(f"the training data names {twice} twice")
+    everything: list[Sample] = []
+    for data in sources:
+        if is_manifest(data):  # what it lists decides
+            listed = load_dataset(data)
+            check_train_paths(data, out, listed)
+        else:  # refused before the folder is even listed
+            check_train_paths(data, out)
+            listed = load_dataset(data)
+        everything += listed
     check_bundle_target(out, force=args.force)  # refused before the training, not after
     samples = good_training(everything)  # names any type left without GOOD training images
     if samples and all(s.split == "test" for s in samples):  # a test split given (DATA/<type>/test)
-        warnings.warn(f"{data}: none of its GOOD images is marked for training (train/good, or "
-                      f"split=train in a manifest): the model fits on the {len(samples)} GOOD images "
-                      "held out for testing, and `diffqc test` leaves them out as fit images; for a "
-                      "type's training images give its folder or its train/ folder", stacklevel=1)
+        warnings.warn(f"{', '.join(map(str, sources))}: none of its GOOD images is marked for training "
+                      f"(train/good, or split=train in a manifest): the model fits on the "
+                      f"{len(samples)} GOOD images held out for testing, and `diffqc test` leaves "
+                      "them out as fit images; for a type's training images give its folder or its "
+                      "train/ folder", stacklevel=1)
     start = time.perf_counter()
     det = Detector(config, device=args.device).fit(samples, progress=not args.quiet,
                                                     skip_corrupt=args.skip_corrupt)
@@ -371,9 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_data_info)
 
     train = sub.add_parser("train", help="fit and calibrate a model on GOOD images")
-    train.add_argument("data", type=path_name,
+    train.add_argument("data", type=path_name, nargs="+",
                        help="dataset folder (MVTec layout, or <type>/good + <type>/<kind> "
-                       "folders) or CSV manifest")
+                       "folders) or CSV manifest; several are fitted on together (a dataset and "
+                       "`results export`s of the line's parts reviewed GOOD)")
     train.add_argument("--out", required=True, type=path_value,
                        help="model bundle folder to write: new, empty, or an earlier bundle")
     train.add_argument("--force", action="store_true",
