@@ -79,6 +79,13 @@ def test_writes_three_files_and_html_numbers_match_json(run: dict[str, Any]) -> 
     assert r["pooled"]["pixel_auroc"] is not None and r["pooled"]["aupro"] is not None
     assert r["auroc_ci"][0] <= r["pooled"]["auroc"] <= r["auroc_ci"][1]
     assert data["plots"]["gallery"] and all("overlay_file" in g for g in data["plots"]["gallery"])
+    # a gallery part is a "missed defect" or a "false alarm" only where its decision was wrong
+    # (the lowest-scored defects were called missed though flagged, the top GOOD parts false
+    # alarms though passed)
+    for g in data["plots"]["gallery"]:
+        wrong = (g["decision"] == "PASS") == (g["label"] == 1)
+        assert (g["kind"] in ("missed defect", "false alarm")) == wrong, g
+    assert {g["kind"] for g in data["plots"]["gallery"]} >= {"defect caught", "false alarm"}
     hist = data["plots"]["histograms"]["stripes"]["padim"]
     assert len(hist["review_thresholds"]) == FOLDS
     assert set(data["plots"]["calibration"]) == set(METHODS)

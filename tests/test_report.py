@@ -112,7 +112,7 @@ def build_report(seed: int = 0, n_boot: int = 200) -> R.Report:
             for key, v in (("y", y), ("s", r["scores"]), ("f", fold), ("d", r["decisions"]),
                            ("p", r["p"])):
                 pooled[m][key].append(v)
-            for idx, kind in R.worst_misses(y, r["scores"], k=1):
+            for idx, kind in R.worst_misses(y, r["scores"], r["decisions"], k=1):
                 image = rng.uniform(0.2, 0.8, size=(32, 32, 3))
                 amap = r["maps"][idx] if r["maps"] else rng.normal(size=(8, 8))
                 plots["gallery"].append(R.GalleryItem(
@@ -316,7 +316,10 @@ def test_defect_kinds_hand_worked() -> None:
 def test_builders_on_small_inputs() -> None:
     y = np.array([0, 0, 0, 1, 1])
     s = np.array([0.1, 0.9, 0.3, 0.2, 0.8])
-    assert R.worst_misses(y, s, k=1) == [(3, "missed defect"), (1, "false alarm")]
+    assert R.worst_misses(y, s, ["PASS", "REVIEW", "PASS", "PASS", "REJECT"], k=1) == [
+        (3, "missed defect"), (1, "false alarm")]
+    assert R.worst_misses(y, s, ["PASS", "PASS", "PASS", "REJECT", "REJECT"], k=1) == [
+        (3, "defect caught"), (1, "GOOD passed")]
     p = np.array([0.5, 0.02, 0.2, 0.04, 0.001])
     cal = R.calibration_entry(y, 0.05, 0.01, p_values=p, grid=[0.01, 0.05, 0.5])
     assert cal["realised_fpr"] == pytest.approx([0.0, 1 / 3, 1.0])

@@ -107,7 +107,8 @@ def add_evaluate_command(subparsers: Any) -> None:
                         "e.g. sep:train.separation_weight=0.1 (repeatable; method=... to change "
                         "the method)")
     p.add_argument("--gallery", type=NON_NEGATIVE, default=8,
-                   help="worst misses shown per method (default 8)")
+                   help="worst misses shown per method: its lowest-scored defects and highest-scored "
+                   "GOOD parts, each named by its decision (default 8)")
     p.add_argument("--n-boot", type=POSITIVE, default=1000, help="bootstrap replicates of the AUROC CI")
     p.add_argument("--max-train-good", type=integer(2), default=None,
                    help="cap GOOD training images per type and fold (seeded subsample)")

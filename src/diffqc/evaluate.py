@@ -790,9 +790,8 @@ def _gallery(ev: Sequence[Sample], y: np.ndarray, stypes: Sequence[str], fold_of
     k_miss = (per_variant + 1) // 2
     k_alarm = per_variant // 2
     for name, v in variants.items():
-        picks = R.worst_misses(y, v.z, k=max(k_miss, k_alarm))
-        chosen = ([p for p in picks if p[1] == "missed defect"][:k_miss]
-                  + [p for p in picks if p[1] == "false alarm"][:k_alarm])
+        picks = R.worst_misses(y, v.z, [str(d) for d in v.decision], k=max(k_miss, k_alarm))
+        chosen = [p for p in picks if y[p[0]] == 1][:k_miss] + [p for p in picks if y[p[0]] == 0][:k_alarm]
         for i, kind in chosen:
             item = R.GalleryItem(
                 feature_type=stypes[i], method=name, kind=kind, path=str(ev[i].path),

@@ -197,7 +197,7 @@ class Calibration(TypedDict):
 class GalleryItem(TypedDict):
     feature_type: str
     method: str
-    kind: str  # "missed defect" | "false alarm"
+    kind: str  # "missed defect" | "defect caught" | "false alarm" | "GOOD passed" (worst_misses)
     path: str
     label: int
     score: float
@@ -613,16 +613,19 @@ def calibration_entry(
     )
 
 
-def worst_misses(labels: npt.ArrayLike, scores: npt.ArrayLike, k: int = 4) -> list[tuple[int, str]]:
-    """Indices of the ``k`` lowest-scored defective parts ("missed defect") and the ``k``
-    highest-scored GOOD parts ("false alarm"), worst first."""
+def worst_misses(labels: npt.ArrayLike, scores: npt.ArrayLike, decisions: Sequence[str],
+                 k: int = 4) -> list[tuple[int, str]]:
+    """Indices of the ``k`` lowest-scored defective parts and the ``k`` highest-scored GOOD
+    parts, worst first, each named by its decision: a "missed defect" passed, a "false alarm"
+    was flagged; a "defect caught" or a "GOOD passed" is where the method's worst was right."""
     y = M.as_labels(labels)
     s = M.as_scores(scores, y.size)
     bad = np.flatnonzero(y == 1)
     good = np.flatnonzero(y == 0)
     missed = bad[np.argsort(s[bad], kind="mergesort")][:k]
     alarms = good[np.argsort(-s[good], kind="mergesort")][:k]
-    return [(int(i), "missed defect") for i in missed] + [(int(i), "false alarm") for i in alarms]
+    return ([(int(i), "missed defect" if decisions[i] == "PASS" else "defect caught") for i in missed]
+            + [(int(i), "GOOD passed" if decisions[i] == "PASS" else "false alarm") for i in alarms])
 
 
 def _png_bytes(rgb: np.ndarray) -> bytes:
@@ -908,6 +911,7 @@ padding:1px 6px;border-radius:4px;margin-left:6px;vertical-align:1px}
 .badge.warn{background:#f59e0b;color:#fff}
 .badge.miss{background:var(--bad);color:#fff}
 .badge.alarm{background:#d97706;color:#fff}
+.badge.right{background:#64748b;color:#fff}
 td.type{white-space:nowrap}
 .sig{font-weight:700;color:var(--ok)}
 .callout{border-left:4px solid #f59e0b;background:var(--warn-bg);padding:10px 14px;
@@ -1203,7 +1207,7 @@ def _gallery_html(data: dict[str, Any], images: dict[int, str], page: _Page) -> 
     cards = []
     for i, g in enumerate(data["plots"].get("gallery", [])):
         kind = str(g.get("kind", ""))
-        badge = "miss" if kind == "missed defect" else "alarm"
+        badge = {"missed defect": "miss", "false alarm": "alarm"}.get(kind, "right")
         img = (f'<img alt="{_esc(g.get("path", ""))}" src="data:image/png;base64,{images[i]}">'
                if i in images else '<div class="noimg">no heat map</div>')
         extra = ""
@@ -1271,8 +1275,9 @@ def render_html(data: dict[str, Any], images: dict[int, str] | None = None) -> s
                  "decision levels. On the dotted line, calibration is exact.",
                  cal or '<p class="lead">No calibration data.</p>'),
         _section("gallery", "Worst misses",
-                 "Lowest-scored defective parts and highest-scored GOOD parts "
-                 "(left: image, right: heat-map overlay).",
+                 "Lowest-scored defective parts and highest-scored GOOD parts, each named by "
+                 "its decision: a missed defect passed, a false alarm was flagged (left: image, "
+                 "right: heat-map overlay).",
                  _gallery_html(data, images or {}, page)),
     ]
     return (
@@ -1354,8 +1359,9 @@ def render_markdown(data: dict[str, Any]) -> str:
         out += ["## Worst misses", ""]
         for i, g in enumerate(gallery):
             score = page.num("num", "plots", "gallery", i, "score")
-            line = (f"- {g.get('kind', '')}: {g.get('feature_type', '')} / {g.get('method', '')}, "
-                    f"score {score}, `{g.get('path', '')}`")
+            decided = f", {g['decision']}" if "decision" in g else ""
+            line = (f"- {g.get('kind', '')}: {g.get('feature_type', '')} / {g.get('method', '')}"
+                    f"{decided}, score {score}, `{g.get('path', '')}`")
             if "overlay_file" in g:
                 line += f" ![overlay]({g['overlay_file']})"
             out.append(line)
