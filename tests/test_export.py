@@ -475,6 +475,16 @@ def test_int8_refused_when_parity_fails(exported: Path, clear_dataset: Path, tmp
     assert isinstance(load_detector(bundle, "onnx"), OnnxDetector)  # FP32 is still there
     with pytest.raises(BundleError, match="INT8"):
         OnnxDetector(bundle, precision="int8")
+    # -q leaves out the progress and the reports, not why it exits 1 (it said nothing but the
+    # JSON line's int8_accepted false); the JSON line says it too, for a script
+    rc = main(["export", str(bundle), "--int8", "--calibration-data", str(grey), "--held-out",
+               str(clear_dataset), "--no-search", "--threads", "1", "--calibration-images", "8",
+               "--sensitivity-images", "4", "--check-images", "4", "-q"])
+    out, err = capsys.readouterr()
+    why = ex.parity_failure(read_export_info(bundle)["int8"]["parity"])
+    assert rc == 1 and "parity: FAILED" not in err and why.startswith("it loses")
+    assert err.strip() == f"diffqc: INT8 refused: {why} (--force keeps it, never chosen automatically)"
+    assert json.loads(out.strip().splitlines()[-1])["int8_parity_failed"] == why
 
 
 def _tiny_onnx_backbone(path: Path, size: int | None = None) -> Path:

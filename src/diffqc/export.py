@@ -993,6 +993,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     if int8 is not None:
         summary.update(int8_accepted=int8["accepted"], int8_float_layers=list(int8["float_layers"]),
                        int8_max_auroc_drop=int8["parity"]["max_auroc_drop"])
+        if not int8["accepted"]:  # why, for a script and under -q, which leaves out the banner above
+            summary["int8_parity_failed"] = parity_failure(int8["parity"])
+            if args.quiet:
+                print(f"diffqc: INT8 kept by --force: {summary['int8_parity_failed']} (never chosen "
+                      "automatically; --precision int8 runs it)" if args.force else
+                      f"diffqc: INT8 refused: {summary['int8_parity_failed']} (--force keeps it, never "
+                      "chosen automatically)", file=sys.stderr)
     print(json_line(summary))
     return 1 if int8 is not None and not int8["accepted"] and not args.force else 0
 
