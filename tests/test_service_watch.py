@@ -203,11 +203,15 @@ def test_part_id_pattern_forms_and_refusals() -> None:
 
 
 def test_watch_does_not_inspect_its_own_heat_maps_and_kept_images(
-    detector: Any, samples: Samples, tmp_path: Path
+    detector: Any, samples: Samples, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``cd /camera && diffqc watch . model`` puts the store and its heat maps and kept images
     beside it, inside the watched folder: they were inspected as parts, whose heat maps were
-    inspected in turn (201 records in a minute from one image, measured). They are not read."""
+    inspected in turn (201 records in a minute from one image, measured). They are not read,
+    and the store's own files are not named as files it passes over (three warnings at start,
+    .db, .db-shm and .db-wal, "not an image file diffqc reads"); another .db file still is."""
+    import logging
+
     folder = tmp_path / "camera"
     folder.mkdir()
     store = ResultStore(str(folder / "diffqc-results.db"))
@@ -217,9 +221,16 @@ def test_watch_does_not_inspect_its_own_heat_maps_and_kept_images(
     try:
         (folder / "part-1.png").write_bytes(samples.all[0][0])
         w = _watcher(folder, pipe, store)
-        assert w.step().inspected == 1
+        with caplog.at_level(logging.WARNING, logger="diffqc"):
+            assert w.step().inspected == 1
         assert [len(list((folder / kind).iterdir())) for kind in ("heatmaps", "images")] == [1, 1]
-        assert w.step().inspected == 0 and store.count() == 1
+        assert sorted(p.name for p in folder.iterdir() if p.name.startswith("diffqc-results.db")) == [
+            "diffqc-results.db", "diffqc-results.db-shm", "diffqc-results.db-wal"]
+        assert "passing over" not in caplog.text, caplog.text
+        (folder / "other.db").write_bytes(b"")
+        with caplog.at_level(logging.WARNING, logger="diffqc"):
+            assert w.step().inspected == 0 and store.count() == 1
+        assert "passing over 1 files ending .db (other.db)" in caplog.text
     finally:
         pipe.stop()
         store.close()

@@ -218,6 +218,10 @@ class FolderWatcher:
         # `cd /camera && diffqc watch . model`): never parts, or each would be inspected in turn
         artifacts = pipeline.artifacts
         self._own = {(artifacts.root / kind).resolve() for kind in ARTIFACT_KINDS} if artifacts else set()
+        # and a SQLite store's own files there: not named as files passed over
+        db = store.path.resolve() if store.path is not None else None
+        self._store_files = ({db.with_name(db.name + end) for end in ("", "-wal", "-shm", "-journal")}
+                             if db is not None else set())
         self.pipeline = pipeline
         check_feature_type(settings.feature_type, pipeline.detector.classes_)
         self._seen: dict[Path, _Seen] = {}
@@ -265,7 +269,7 @@ class FolderWatcher:
                     continue
                 if entry.is_dir():
                     subfolders.append(entry)
-                elif not entry.is_file():
+                elif not entry.is_file() or resolved / entry.name in self._store_files:
                     continue
                 elif self._is_image_name(entry):
                     out.append(entry)
