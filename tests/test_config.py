@@ -32,6 +32,8 @@ from diffqc.errors import ConfigError
     ("calibration.alpha_reject", 0.2, "must be <= calibration.alpha_review"),
     ("calibration.fraction", 1.0, "calibration.fraction must be in (0, 1)"),
     ("diffusion.schedule", "foo", "diffusion.schedule must be one of cosine, linear; got 'foo'"),
+    # a block per unit of depth, built one by one: 10^30 (a hand edit) built until the OOM killer
+    ("diffusion.depth", 65, "diffusion.depth must be in [1, 64], got 65"),
     ("diffusion.prior", "global", "one of local, none"),
     ("train.t_max", 1000, "train.t_max must be < diffusion.timesteps"),
     ("scoring.smooth_sigma", 1e6, "scoring.smooth_sigma must be < backbone.input_size / 4 (64 px)"),

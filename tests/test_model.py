@@ -160,6 +160,8 @@ def test_a_config_edited_by_hand_is_a_bundle_error(tiny_model: Path, tmp_path: P
     ("calibration.json", {"known": []}, r"calibration\.json is damaged or unreadable"),
     ("config.json", {"diffusion": {"hidden": 10**30}},
      r"config\.json is damaged \(.*diffusion\.hidden must be an integer of at most 2\^53, got 10+\)"),
+    ("config.json", {"diffusion": {"depth": 10**15}},
+     r"config\.json is damaged \(.*diffusion\.depth must be in \[1, 64\], got 10+\)"),
 ])
 def test_a_bundle_file_of_the_wrong_shape_is_a_bundle_error(tiny_model: Path, tmp_path: Path, file: str,
                                                            edit: dict[str, Any], message: str) -> None:

@@ -21,6 +21,7 @@ T = TypeVar("T")
 METHODS = ("diffusion", "patchcore", "padim")
 BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "mobilenet-v2")  # | onnx:PATH
 MAX_INPUT_SIZE = 8192  # the backbone's square input; larger images are cut into tiles (tiling.mode)
+MAX_DEPTH = 64  # the denoiser's residual blocks (3 by default)
 SCHEDULES = ("cosine", "linear")
 PRIORS = ("local", "none")
 PRIOR_STORAGES = ("float32", "float16")
@@ -257,8 +258,10 @@ class DiffusionConfig:
             raise ConfigError("diffusion.context=image gives the network the image's context "
                               "components: it needs diffusion.prior_context > 0")
         _one_of(self, "schedule", SCHEDULES)
-        for name in ("hidden", "depth", "embed_dim", "prior_dims"):
+        for name in ("hidden", "embed_dim", "prior_dims"):
             _at_least(self, name, 1)
+        # blocks are built one by one: a depth in the millions fills memory a block at a time
+        _in_range(self, "depth", 1, MAX_DEPTH, low_open=False, high_open=False)
         _in_range(self, "null_prob", 0, 1, low_open=False)
         _one_of(self, "prior", PRIORS)
 
