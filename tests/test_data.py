@@ -707,6 +707,14 @@ def test_as_image_reads_arrays_as_decoded_files_are() -> None:
         as_image(np.zeros((8, 12, 16, 3), np.uint8))
     with pytest.raises(ImageReadError, match="not an image's"):
         as_image(np.zeros((12, 16), np.complex64))
+    # smaller than a file may be (a 1 x 1 array was scored, far off every part: REJECT)
+    with pytest.raises(ImageReadError, match=r"image is 7x12; at least 8x8 is needed"):
+        as_image(rgb8[:, :7])
+    # a Pillow image, of any mode, as its file is decoded (a palette PNG's indices are no grey)
+    for mode in ("RGB", "P", "L", "I;16"):
+        img = Image.fromarray(rgb8).convert(mode) if mode != "I;16" else Image.fromarray(dark16)
+        img.save(buf := io.BytesIO(), format="PNG")
+        assert np.array_equal(as_image(img), decode_image(buf.getvalue())), mode
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])

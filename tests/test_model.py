@@ -57,6 +57,13 @@ def test_inspection_contract(tiny_model: Path, clear_dataset: Path) -> None:
 
     mask = read_mask(sample.mask_path, img.shape[:2])
     assert r.anomaly_map[mask].mean() > r.anomaly_map[~mask].mean()
+    # a Pillow image as Image.open gives it is read as its file is (it was an AttributeError,
+    # 'PngImageFile' object has no attribute 'shape')
+    from PIL import Image
+
+    with Image.open(sample.path) as opened:
+        (pil,) = det.inspect([opened], [sample.feature_type], all_types=False, maps=False)
+    assert pil.score == fast.score
 
 
 def test_save_load_identical_scores(tiny_model: Path, clear_dataset: Path, tmp_path: Path) -> None:

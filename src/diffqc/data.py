@@ -38,6 +38,7 @@ UNKNOWN = -1
 # Refuse images whose header claims more pixels than this (decompression-bomb guard).
 MAX_IMAGE_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+MIN_IMAGE_SIDE = 8  # a smaller image (a thumbnail, a 1 x 1 test array) is no part
 _ORIENTATION = 0x0112  # the EXIF/TIFF tag: 1 = as stored; 5-8 turn the image by 90 degrees
 _TO_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
@@ -123,13 +124,24 @@ def _to_float_rgb(img: Image.Image, source: str) -> np.ndarray:
     return np.asarray(rgb, dtype=np.float32) / 255.0
 
 
-def as_image(img: np.ndarray, source: str = "<array>") -> np.ndarray:
-    """An image given as an array (the Python API, a camera SDK, ``cv2``/Pillow arrays) as the
-    detector reads image files: HxWx3 float32 in [0, 1]. Integer arrays are scaled as decoded
-    files are (uint8 by 1/255, uint16 by 1/65535, other integers by 1/255 when none exceeds 255,
-    else by 1/65535), bool is 0/1, HxW and HxWx1 are grey, HxWx4 is composited on black as RGBA files
-    are; a float array must already lie in [0, 1]. Anything else is an :class:`ImageReadError`
-    (a uint8 array was taken as floats and clamped: nearly white, every part REJECT)."""
+def _big_enough(arr: np.ndarray, source: str) -> np.ndarray:
+    if min(arr.shape[:2]) < MIN_IMAGE_SIDE:
+        raise ImageReadError(source, f"image is {arr.shape[1]}x{arr.shape[0]}; at least "
+                             f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} is needed")
+    return arr
+
+
+def as_image(img: np.ndarray | Image.Image, source: str = "<array>") -> np.ndarray:
+    """An image given as an array (the Python API, a camera SDK, ``cv2``/Pillow arrays) or a
+    Pillow image as the detector reads image files: HxWx3 float32 in [0, 1]. A Pillow image is
+    decoded as its file is (every mode, its orientation tag). Integer arrays are scaled as
+    decoded files are (uint8 by 1/255, uint16 by 1/65535, other integers by 1/255 when none
+    exceeds 255, else by 1/65535), bool is 0/1, HxW and HxWx1 are grey, HxWx4 is composited on
+    black as RGBA files are; a float array must already lie in [0, 1]. Anything else, or
+    smaller than 8 x 8 as a file may not be, is an :class:`ImageReadError` (a uint8 array was
+    taken as floats and clamped: nearly white, every part REJECT)."""
+    if isinstance(img, Image.Image):
+        return _big_enough(_to_float_rgb(_upright(img), source), source)
     arr = np.asarray(img)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
@@ -167,7 +179,7 @@ def as_image(img: np.ndarray, source: str = "<array>") -> np.ndarray:
         out = np.repeat(out[:, :, None], 3, axis=2)
     elif out.shape[2] == 4:
         out = out[:, :, :3] * out[:, :, 3:]
-    return out  # a float32 HxWx3 array in [0, 1] comes back as it is: no copy of a large frame
+    return _big_enough(out, source)  # a float32 HxWx3 array in [0, 1] comes back as it is: no copy
 
 
 def _images_of_first_size(img: Image.Image) -> int:
@@ -221,9 +233,7 @@ def decode_image(data: bytes | Path | str, source: str | None = None) -> np.ndar
         raise ImageReadError(name, "not a recognised image format") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(name, f"corrupt or truncated image ({exc})") from None
-    if min(arr.shape[:2]) < 8:
-        raise ImageReadError(name, f"image is {arr.shape[1]}x{arr.shape[0]}; at least 8x8 is needed")
-    return arr
+    return _big_enough(arr, name)
 
 
 def read_image(path: Path | str) -> np.ndarray:

@@ -204,7 +204,7 @@ class Inspection:
 
 
 
-def inspect_arguments(images: Sequence[np.ndarray], feature_types: Sequence[str | None] | None
+def inspect_arguments(images: Sequence[Any], feature_types: Sequence[str | None] | None
                       ) -> list[str | None]:
     """The per-image types of an ``inspect(images, feature_types)`` call (None: unknown), or a
     clear error for the calls that are easy to get wrong: one array instead of a list of them (it
@@ -223,6 +223,16 @@ def inspect_arguments(images: Sequence[np.ndarray], feature_types: Sequence[str 
     if len(types) != len(images):
         raise ValueError(f"{len(images)} images but {len(types)} feature types")
     return types
+
+
+def as_arrays(images: Sequence[Any]) -> list[np.ndarray]:
+    """A batch's images as arrays: a Pillow image (``Image.open(path)``) decoded as its file is
+    (:func:`diffqc.data.as_image`; it was an AttributeError), an array as it is."""
+    from PIL import Image
+
+    from diffqc.data import as_image
+
+    return [as_image(im) if isinstance(im, Image.Image) else im for im in images]
 
 
 def verdicts(
@@ -251,7 +261,7 @@ def verdicts(
     return results
 
 
-def in_batches(inspect: Callable[..., list[Inspection]], images: Sequence[np.ndarray],
+def in_batches(inspect: Callable[..., list[Inspection]], images: Sequence[Any],
                types: Sequence[str | None], batch_size: int, **kwargs: Any) -> list[Inspection]:
     """``inspect(images, types, **kwargs)`` ``batch_size`` images at a time: one call's memory
     grows with its images (under ``all_types``, every type's maps of each), so a whole test set

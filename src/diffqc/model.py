@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ from diffqc.inspection import (
     BUNDLE_FILES,
     BUNDLE_FORMAT,
     Inspection,
+    as_arrays,
     image_colours,
     image_size_ranges,
     in_batches,
@@ -70,6 +71,9 @@ from diffqc.inspection import (
 from diffqc.machine import cgroup_memory_room
 from diffqc.output import PARTIAL_PREFIX, check_output_folder, folder_bytes, interrupted_saves, path_text
 from diffqc.scoring import DiffusionScorer, aggregate, upsample_and_smooth
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 class Scorer(Protocol):
@@ -535,7 +539,7 @@ class Detector:
     @torch.inference_mode()
     def inspect(
         self,
-        images: Sequence[np.ndarray],
+        images: Sequence[np.ndarray | Image.Image],
         feature_types: Sequence[str | None] | None = None,
         *,
         all_types: bool = True,
@@ -556,6 +560,7 @@ class Detector:
         if len(images) > self.config.batch_size:
             return in_batches(self.inspect, images, types, self.config.batch_size, all_types=all_types,
                               maps=maps)
+        images = as_arrays(images)  # a batch's Pillow images, decoded
         if uses_layouts(self.config):  # pad / crop / tiles: see diffqc.tiling
             raw, layouts = tiling.extract_views(self, images)
             return tiling.inspect_views(self, raw, layouts, [None if t is None else self.type_index(t)

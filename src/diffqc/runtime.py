@@ -43,12 +43,20 @@ from diffqc.errors import (
     check_device_name,
     unknown_feature_type,
 )
-from diffqc.inspection import in_batches, inspect_arguments, inspect_in_batches, sha256_file, verdicts
+from diffqc.inspection import (
+    as_arrays,
+    in_batches,
+    inspect_arguments,
+    inspect_in_batches,
+    sha256_file,
+    verdicts,
+)
 
 if TYPE_CHECKING:
     import argparse
 
     import onnx
+    from PIL import Image
 
     from diffqc.data import Sample
     from diffqc.inspection import Inspection
@@ -318,7 +326,7 @@ class OnnxDetector:
     # ------------------------------------------------------------------ inspection
     def inspect(
         self,
-        images: Sequence[np.ndarray],
+        images: Sequence[np.ndarray | Image.Image],
         feature_types: Sequence[str | None] | None = None,
         *,
         all_types: bool = True,
@@ -332,6 +340,7 @@ class OnnxDetector:
         if len(images) > self.config.batch_size:
             return in_batches(self.inspect, images, types, self.config.batch_size, all_types=all_types,
                               maps=maps)
+        images = as_arrays(images)  # a batch's Pillow images, decoded
         pixels = preprocess(images, self.input_size)
         sizes = [(int(img.shape[0]), int(img.shape[1])) for img in images] if maps else None
         return self.inspect_pixels(pixels, given, sizes, all_types=all_types)
