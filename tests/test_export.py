@@ -745,7 +745,7 @@ def test_int8_parity_gate_needs_every_type_measured() -> None:
               ("b", 1): [0.5, 0.8]}
 
     def held(keys: list[tuple[str, int]]) -> tuple[list[Sample], list[np.ndarray]]:
-        pairs = [(Sample(Path(f"{t}{lab}{v}.png"), t, lab), np.full((4, 4, 3), v, np.float32))
+        pairs = [(Sample(Path(f"{t}{lab}{v}.png"), t, lab), np.full((8, 8, 3), v, np.float32))
                  for t, lab in keys for v in levels[(t, lab)]]
         return [s for s, _ in pairs], [img for _, img in pairs]
 
