@@ -641,6 +641,50 @@ def test_cli_results_list_prints_the_stored_decisions(tmp_path: Path, capsys: py
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["missing_image"] == 1
 
 
+def test_cli_says_a_period_time_without_zone_is_utc_where_the_machine_is_not(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`results summary --since 2026-12-04T06:00` on a line PC in Germany: the shift's start in
+    its clock, read as UTC (as the API reads it), an hour off without a word ("no stored
+    results in this period" for the last half hour's parts). Said, with how to write either;
+    not where the machine's clock is UTC or the time has its zone; a period starting in the
+    future is said too."""
+    import time
+
+    from diffqc.cli import main
+
+    db = tmp_path / "line.db"
+    with ResultStore(str(db)) as store:
+        store.insert_many([_rec("a1", created_at=1_700_000_000.0)])  # 2023-11-14T22:13:20Z
+    monkeypatch.setenv("TZ", "XYZ-1")  # UTC+1, a POSIX zone: no tz database needed
+    time.tzset()
+    try:
+        assert main(["results", "summary", "--db", str(db), "--since", "2023-11-14T22:00"]) == 0
+        err = capsys.readouterr().err
+        assert ("--since 2023-11-14T22:00 has no time zone: read as UTC, 23:00 on this machine's "
+                "clock (UTC+01:00); write 2023-11-14T22:00+01:00 for 22:00 here, or 2023-11-14T22:00Z "
+                "for UTC") in err, err
+        for given in ("2023-11-14T22:00Z", "2023-11-14T22:00+01:00", "8h", "1700000000"):
+            assert main(["results", "list", "--db", str(db), "--since", given]) == 0
+            assert "time zone" not in capsys.readouterr().err, given
+        assert main(["results", "list", "--db", str(db), "--until", "2023-11-15"]) == 0
+        assert "--until 2023-11-15 has no time zone" in capsys.readouterr().err
+        assert main(["results", "list", "--db", str(db), "--since", "2999-01-01T00:00Z"]) == 0
+        assert "--since 2999-01-01T00:00Z lies in the future" in capsys.readouterr().err
+        for edge in ("9999-12-31T23:59", "0001-01-01"):  # an hour off leaves the calendar
+            assert main(["results", "list", "--db", str(db), "--since", edge]) == 0
+            assert "milliseconds" not in capsys.readouterr().err
+        assert main(["results", "list", "--db", str(db), "--since", "1700000000000"]) == 0  # milliseconds
+        assert ("--since 1700000000000 lies in the future (epoch seconds: milliseconds divided by "
+                "1000?)") in capsys.readouterr().err
+        monkeypatch.setenv("TZ", "UTC0")
+        time.tzset()
+        assert main(["results", "summary", "--db", str(db), "--since", "2023-11-14T22:00"]) == 0
+        assert "time zone" not in capsys.readouterr().err
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_cli_results_summary_counts_a_periods_decisions_and_verdicts(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A QC engineer's question each shift: per type (or camera, line, ...), how many parts were

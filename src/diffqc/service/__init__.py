@@ -310,6 +310,42 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     )
 
 
+def _period_time(value: str | None, name: str) -> float | None:
+    """A ``results`` command's ``--since``/``--until`` as the API reads it (a wall-clock time
+    without a zone is UTC). Where this machine's clock is not UTC, such a time is said, with how
+    to write either (a shift's start typed in the line's clock was an hour or more off without
+    a word); a ``--since`` in the future is said too."""
+    import datetime as dt
+    import warnings
+
+    with _service_extra():
+        from diffqc.service.app import parse_time, without_zone
+
+    seconds = parse_time(value, name)
+    if seconds is None or value is None:
+        return seconds
+    wall, here = without_zone(value), None
+    if wall is not None:
+        with contextlib.suppress(ValueError, OverflowError, OSError):  # years 1 and 9999 near the edge
+            here = dt.datetime.fromtimestamp(seconds).astimezone()
+    if wall is not None and here is not None and here.utcoffset():
+        offset = here.isoformat()[-6:]
+        written = value if wall.time() != dt.time() or len(value) > 10 else f"{value}T00:00"
+        shown = "%H:%M" if here.date() == wall.date() else "%Y-%m-%d %H:%M"
+        warnings.warn(f"--{name} {value} has no time zone: read as UTC, {here.strftime(shown)} on this "
+                      f"machine's clock (UTC{offset}); write {written}{offset} for "
+                      f"{wall.strftime('%H:%M')} here, or {written}Z for UTC", stacklevel=2)
+    if name == "since" and seconds > time.time() + 60:
+        when = f"{seconds:.0f} s after 1970 UTC"
+        with contextlib.suppress(ValueError, OverflowError, OSError):  # past the year 9999
+            when = dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="seconds")
+        if value.replace(".", "", 1).isdigit() and seconds > 1e11:  # the year 5138 on
+            when = "epoch seconds: milliseconds divided by 1000?"
+        warnings.warn(f"--since {value} lies in the future ({when}): nothing is stored after it yet",
+                      stacklevel=2)
+    return seconds
+
+
 def _cmd_backup(args: argparse.Namespace) -> int:
     from diffqc.service.store import backup_store, store_url
 
@@ -318,10 +354,7 @@ def _cmd_backup(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    with _service_extra():
-        from diffqc.service.app import parse_time
-
-    since = parse_time(args.since, "since") if args.since else None
+    since = _period_time(args.since, "since") if args.since else None
     from diffqc.service.store import store_url
 
     summary = export_reviewed_good(store_url(args.db), args.out, data_dir=args.data_dir, since=since,
@@ -337,10 +370,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    with _service_extra():
-        from diffqc.service.app import parse_time
-
-    filters = {"since": parse_time(args.since, "since"), "until": parse_time(args.until, "until"),
+    filters = {"since": _period_time(args.since, "since"), "until": _period_time(args.until, "until"),
                "feature_type": args.feature_type, "decision": args.decision, "review": args.review,
                "reviewed": False if args.unreviewed else None, "part_id": args.part_id,
                "line": args.line, "station": args.station, "camera": args.camera,
@@ -355,12 +385,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_parts(args: argparse.Namespace) -> int:
-    with _service_extra():
-        from diffqc.service.app import parse_time
-
     from diffqc.service.store import store_url
 
-    filters = {"since": parse_time(args.since, "since"), "until": parse_time(args.until, "until"),
+    filters = {"since": _period_time(args.since, "since"), "until": _period_time(args.until, "until"),
                "part_id": args.part_id, "line": args.line, "station": args.station, "camera": args.camera}
     types = list(args.part_types) or None
     if args.incomplete and types is None and args.model is None:
@@ -394,14 +421,11 @@ def _cmd_parts(args: argparse.Namespace) -> int:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    with _service_extra():
-        from diffqc.service.app import parse_time
-
     from diffqc.service.store import store_url
 
     n = summary_results(store_url(args.db), args.by or (["line"] if args.parts else ["feature_type"]),
-                        fmt=args.format, since=parse_time(args.since, "since"),
-                        until=parse_time(args.until, "until"), parts=args.parts, window_s=args.part_window)
+                        fmt=args.format, since=_period_time(args.since, "since"),
+                        until=_period_time(args.until, "until"), parts=args.parts, window_s=args.part_window)
     if n == 0:
         print("diffqc: no stored results in this period", file=sys.stderr)
     return 0

@@ -571,6 +571,21 @@ def parse_time(value: str | None, name: str) -> float | None:
     return parsed.timestamp()
 
 
+def without_zone(value: str) -> dt.datetime | None:
+    """The wall-clock time of an ISO 8601 ``value`` that names no zone (which :func:`parse_time`
+    reads as UTC); None for any other form."""
+    try:
+        float(value)
+        return None  # epoch seconds
+    except ValueError:
+        pass
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is None else None
+
+
 # --------------------------------------------------------------------------- state
 @dataclass
 class ServiceState:
