@@ -868,6 +868,23 @@ def test_serve_checks_its_store_before_loading_the_model_and_the_model_path_befo
     assert "does not exist" in capsys.readouterr().err and not db.exists()
 
 
+def test_the_entrypoint_says_a_warning_in_one_line(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The container's entry point (`docker run IMAGE results list ...`) printed a command's
+    warnings as Python does, with the file, line number and source line of diffqc's code; they
+    are one line each, as `diffqc` prints them."""
+    from diffqc.service.__main__ import main
+    from diffqc.service.store import ResultStore
+
+    with ResultStore(str(tmp_path / "r.db")):
+        pass
+    argv = ["results", "list", "--db", str(tmp_path / "r.db"), "--since", "2999-01-01T00:00Z"]
+    assert main(argv) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --since 2999-01-01T00:00Z lies in the future (2999-01-01T00:00:00+00:00): nothing is "
+        "stored after it yet", "diffqc: no stored results match"]
+
+
 def test_a_model_larger_than_the_machine_is_said_so_not_a_damaged_bundle(
     service_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -354,7 +354,7 @@ def _cmd_backup(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    since = _period_time(args.since, "since") if args.since else None
+    since = _period_time(args.since, "since")
     from diffqc.service.store import store_url
 
     summary = export_reviewed_good(store_url(args.db), args.out, data_dir=args.data_dir, since=since,

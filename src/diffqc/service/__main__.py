@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from diffqc.errors import DiffqcError, out_of_memory
+from diffqc.output import one_line_warnings
 from diffqc.service import add_service_commands
 
 EXIT_ERROR = 1
@@ -20,6 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_service_commands(sub)
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = one_line_warnings("warning: ")  # serve/watch log theirs
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except (DiffqcError, OSError, ValueError) as exc:
