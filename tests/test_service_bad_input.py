@@ -765,7 +765,7 @@ def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
     for argv, needle in cases:
         assert main(argv) == 1, argv
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) >= 1 and err[-1].startswith("error: ") and needle in err[-1], (argv, err)
+        assert len(err) >= 1 and err[-1].startswith("diffqc: error: ") and needle in err[-1], (argv, err)
         assert "Traceback" not in "\n".join(err)
     # a list with an empty name is a usage error, before anything else
     with pytest.raises(SystemExit) as exc:
@@ -814,7 +814,7 @@ def test_serve_on_a_port_in_use_is_one_line_before_anything_starts(
                 "--watch", str(watched)]
         assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1] == (f"error: cannot listen on 127.0.0.1:{port}: Address already in use "
+    assert err and err[-1] == (f"diffqc: error: cannot listen on 127.0.0.1:{port}: Address already in use "
                                "(is another diffqc serve running?)"), err
     assert not db.exists() and sorted(p.name for p in watched.iterdir()) == [part.name]
 
@@ -870,9 +870,12 @@ def test_serve_checks_its_store_before_loading_the_model_and_the_model_path_befo
 
 def test_the_entrypoint_says_a_warning_in_one_line(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    """The container's entry point (`docker run IMAGE results list ...`) printed a command's
-    warnings as Python does, with the file, line number and source line of diffqc's code; they
-    are one line each, as `diffqc` prints them."""
+    """The container's entry point (`docker run IMAGE results list ...`) had an error boundary
+    of its own: a command's warnings came as Python prints them, with the file, line number and
+    source line of diffqc's code; `serve --log-format json`'s error was a text line in a JSON
+    log; `| head` ended with "error: [Errno 32] Broken pipe". It is now the CLI's."""
+    import json
+
     from diffqc.service.__main__ import main
     from diffqc.service.store import ResultStore
 
@@ -881,8 +884,12 @@ def test_the_entrypoint_says_a_warning_in_one_line(tmp_path: Path,
     argv = ["results", "list", "--db", str(tmp_path / "r.db"), "--since", "2999-01-01T00:00Z"]
     assert main(argv) == 0
     assert capsys.readouterr().err.splitlines() == [
-        "warning: --since 2999-01-01T00:00Z lies in the future (2999-01-01T00:00:00+00:00): nothing is "
-        "stored after it yet", "diffqc: no stored results match"]
+        "diffqc: warning: --since 2999-01-01T00:00Z lies in the future (2999-01-01T00:00:00+00:00): "
+        "nothing is stored after it yet", "diffqc: no stored results match"]
+    assert main(["serve", str(tmp_path / "none"), "--no-auth", "--log-format", "json"]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    said = json.loads(line)
+    assert said["level"] == "ERROR" and "none does not exist" in said["message"], said
 
 
 def test_a_model_larger_than_the_machine_is_said_so_not_a_damaged_bundle(
@@ -903,7 +910,7 @@ def test_a_model_larger_than_the_machine_is_said_so_not_a_damaged_bundle(
     (model / "config.json").write_text(json.dumps(config))
     assert main(["serve", str(model), "--no-auth", "--port", "0", "--db", str(tmp_path / "r.db")]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: out of memory: it tried to allocate 64.0 PiB at once"]
+        "diffqc: error: out of memory: it tried to allocate 64.0 PiB at once; DIFFQC_TRACEBACK=1 shows where"]
     assert cli_main(["inspect", str(model), str(service_model[1])]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("diffqc: error: out of memory: it tried to allocate 64.0 PiB at once; "

@@ -35,7 +35,7 @@ from diffqc.errors import (
     first_few,
     out_of_memory,
 )
-from diffqc.output import check_output_file, is_csv_table, json_line, one_line_warnings, path_text
+from diffqc.output import check_output_file, is_csv_table, json_line, path_text
 from diffqc.runtime import add_runtime_arguments
 
 if TYPE_CHECKING:
@@ -450,6 +450,21 @@ def _optional_registrars() -> list[Callable[[Any], None]]:
     return regs
 
 
+def _one_line_warnings() -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints each warning as one line, and a text said once
+    per command (a dataset read twice, by ``export`` say, names what it leaves out once)."""
+    said: set[str] = set()
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        text = path_text(str(message))
+        if text not in said:
+            said.add(text)
+            print(f"diffqc: warning: {text}", file=sys.stderr)
+
+    return show
+
+
 def _describe(exc: BaseException) -> str:
     """One line: the message; for a bare OSError its file name and reason."""
     if isinstance(exc, OSError) and not isinstance(exc, DiffqcError) and exc.strerror:
@@ -483,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        warnings.showwarning = one_line_warnings("diffqc: warning: ")
+        warnings.showwarning = _one_line_warnings()
         try:
             return int(args.func(args))
         except (DiffqcError, OSError) as exc:  # the user's input or the machine, not a bug

@@ -190,24 +190,6 @@ def path_text(path: Path | str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def one_line_warnings(prefix: str) -> Callable[..., None]:
-    """A ``warnings.showwarning`` that prints each warning as one line after ``prefix`` on
-    stderr (not Python's file, line and source line), and a text said once per command (a
-    dataset read twice, by ``export`` say, names what it leaves out once)."""
-    import sys
-
-    said: set[str] = set()
-
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-             file: Any = None, line: str | None = None) -> None:
-        text = path_text(str(message))
-        if text not in said:
-            said.add(text)
-            print(f"{prefix}{text}", file=sys.stderr)
-
-    return show
-
-
 def text_columns(rows: Sequence[Sequence[str]], *, right_from: int | None = None) -> list[str]:
     """``rows`` of text as aligned lines, two spaces between columns: left-justified, or from
     column ``right_from`` on right-justified (counts)."""
