@@ -98,6 +98,24 @@ def test_cli_test_scores_only_the_images_the_model_never_saw(
     assert main([*test, str(report_path)]) == 0  # an earlier report: replaced
 
 
+def test_holdout_report_takes_samples_as_fit_does(tiny_model: Path, clear_dataset: Path) -> None:
+    """The Python API: `Detector.fit` takes a dataset's path or its Samples (load_dataset, then
+    filtered), `holdout_report` took a path only (a list of Samples was pathlib's TypeError,
+    "expected str, bytes or os.PathLike object, not list"); it takes both, with the same rows."""
+    from diffqc.data import load_dataset
+    from diffqc.holdout import holdout_report
+    from diffqc.model import Detector
+
+    det = Detector.load(tiny_model)
+    samples = [s for s in load_dataset(clear_dataset) if s.feature_type == "dots"]
+    by_path = holdout_report(det, clear_dataset)
+    given = holdout_report(det, samples)
+    assert given["rows"][0] == next(r for r in by_path["rows"] if r["feature_type"] == "dots")
+    assert given["data"] == f"{len(samples)} samples given" and given["left_out"]["fit_images"] > 0
+    with pytest.raises(TypeError, match=r"holdout_report takes Samples .* or a dataset's path, got int"):
+        holdout_report(det, [5])  # type: ignore[list-item]
+
+
 def test_cli_test_writes_every_image_as_a_csv_row(
         tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`--csv`: the report's image entries as a table a QC engineer sorts in a spreadsheet; the

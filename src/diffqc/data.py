@@ -731,6 +731,19 @@ def load_dataset(source: Path | str) -> list[Sample]:
     return load_mvtec(source)
 
 
+def samples_of(data: Sequence[Sample] | Path | str, taker: str) -> list[Sample]:
+    """A dataset given to the Python API: its path (read with :func:`load_dataset`) or its
+    :class:`Sample` s (read, then filtered, say); anything else is a TypeError naming ``taker``."""
+    if isinstance(data, str | Path):
+        return load_dataset(data)
+    items = list(data)
+    if not all(isinstance(s, Sample) for s in items):
+        kinds = sorted({type(s).__name__ for s in items if not isinstance(s, Sample)})
+        raise TypeError(f"{taker} takes Samples (diffqc.data.load_dataset) or a dataset's path, got "
+                        f"{', '.join(kinds)} items")
+    return items
+
+
 def feature_types(samples: Iterable[Sample]) -> list[str]:
     """Sorted distinct feature types."""
     return sorted({s.feature_type for s in samples})

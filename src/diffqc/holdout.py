@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from diffqc.calibration import PASS, REJECT, REVIEW
-from diffqc.data import DEFECTIVE, GOOD, Sample, feature_types, fingerprint, load_dataset, of_the_model
+from diffqc.data import DEFECTIVE, GOOD, Sample, feature_types, fingerprint, of_the_model, samples_of
 from diffqc.errors import DatasetError, OutputError
 from diffqc.inspection import Inspection
 from diffqc.metrics import image_auroc
@@ -127,35 +127,37 @@ def unseen(meta: dict[str, Any], samples: Sequence[Sample]) -> tuple[list[Sample
     return kept, left
 
 
-def holdout_report(detector: Any, data: Path | str, *, type_known: bool = True,
+def holdout_report(detector: Any, data: Sequence[Sample] | Path | str, *, type_known: bool = True,
                    skip_corrupt: bool = False, progress: bool = False, heatmaps: Path | None = None,
                    heatmap_size: int = 0) -> dict[str, Any]:
     """Score the labelled images of ``data`` that ``detector`` never saw; returns the report:
     ``rows`` (:func:`decision_table`), what was left out, ``type_accuracy`` when the type was
     withheld (``type_known=False``: the type router picks it) and ``images``, one entry per image.
-    With ``heatmaps``, a heat map of each miss (:func:`draw_misses`), named in its entry."""
-    listed = load_dataset(data)
-    if export_selection_notes(data) is not None:
-        warnings.warn(f"{data} is a `diffqc results export`: its parts are those operators reviewed, "
+    With ``heatmaps``, a heat map of each miss (:func:`draw_misses`), named in its entry.
+    ``data``: a dataset's path or its :class:`~diffqc.data.Sample` s, as ``Detector.fit`` takes."""
+    listed = samples_of(data, "holdout_report")
+    name = path_text(data) if isinstance(data, str | Path) else f"{len(listed)} samples given"
+    if isinstance(data, str | Path) and export_selection_notes(data) is not None:
+        warnings.warn(f"{name} is a `diffqc results export`: its parts are those operators reviewed, "
                       "chosen by their decision (the flagged ones, mostly), so the FPR and recall "
                       "below are not the line's rates: they say which of these parts the model "
                       "still flags", stacklevel=2)
     samples = [s for s in listed if s.label in (GOOD, DEFECTIVE)]
     if not samples:
-        raise DatasetError(f"{data}: no labelled images (GOOD or defective) to test on")
+        raise DatasetError(f"{name}: no labelled images (GOOD or defective) to test on")
     classes = list(detector.classes_)
-    if not (ours := of_the_model(samples, classes, data)):
-        raise DatasetError(f"{data}: none of its types ({', '.join(feature_types(samples))}) is the "
+    if not (ours := of_the_model(samples, classes, name)):
+        raise DatasetError(f"{name}: none of its types ({', '.join(feature_types(samples))}) is the "
                            f"model's ({', '.join(classes)})")
     kept, left = unseen(detector.metadata, ours)
     if not kept:
-        raise DatasetError(f"{data}: all {len(ours)} images are images the model was fit or calibrated "
+        raise DatasetError(f"{name}: all {len(ours)} images are images the model was fit or calibrated "
                            "on; test on parts it never saw (a new folder of GOOD and defective parts)")
     results, read = detector.inspect_samples(kept, type_known=type_known, all_types=False, maps=False,
                                              skip_corrupt=skip_corrupt, progress=progress)
     rows = decision_table(read, results)
     report: dict[str, Any] = {
-        "data": path_text(data), "type_known": type_known,
+        "data": name, "type_known": type_known,
         "left_out": {"unlabelled": len(listed) - len(samples), "other_types": len(samples) - len(ours),
                      "fit_images": left["fit"], "calibration_images": left["calibration"],
                      "unreadable": len(kept) - len(read)},

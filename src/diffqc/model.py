@@ -40,7 +40,7 @@ from diffqc.data import (
     good_training,
     image_shape,
     iter_images,
-    load_dataset,
+    samples_of,
     sixteen_bit_white,
     without_copies,
 )
@@ -263,12 +263,7 @@ class Detector:
         """Fit on GOOD samples (``split == "train"`` where any is so marked) and calibrate.
         ``samples``: :class:`~diffqc.data.Sample` s, or a dataset (a folder, MVTec layout or
         labelled, or a CSV manifest, read with :func:`~diffqc.data.load_dataset`)."""
-        if isinstance(samples, (str, Path)):
-            samples = load_dataset(samples)
-        if not all(isinstance(s, Sample) for s in samples):
-            kinds = sorted({type(s).__name__ for s in samples if not isinstance(s, Sample)})
-            raise TypeError(f"fit takes Samples (diffqc.data.load_dataset) or a dataset's path, got "
-                            f"{', '.join(kinds)} items")
+        samples = samples_of(samples, "fit")
         good = good_training(samples)
         if len(good) < len(samples):
             warnings.warn(f"fit uses the {len(good)} GOOD training samples of {len(samples)} given",
