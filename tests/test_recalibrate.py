@@ -91,6 +91,37 @@ def test_cli_calibrate_rewrites_atomically_and_keeps_the_previous(tiny_model: Pa
     assert cal.decide(cal.p_value("stripes", float(np.nextafter(reject, 0)))) == "REVIEW"
 
 
+def test_cli_calibrate_writes_nothing_into_a_bundle_retrained_while_it_scored(
+        tiny_model: Path, service_model: tuple[Path, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`calibrate SERVED new-good/` scores its images for minutes; a nightly `train --out SERVED
+    --force` that lands meanwhile got the old model's calibration written over its own (another
+    model's score scale: the line's thresholds wrong, and the service took them at once). The
+    bundle's model is checked again before anything is written: a retrained one is left as it
+    is, and the command says so."""
+    import diffqc.recalibrate as recal
+
+    model = _copy(tiny_model, tmp_path)
+    data = write_clear_dataset(tmp_path / "fresh", n_train=6, n_test=3, seed=5)
+    scored = recal._good_scores
+
+    def retrained_meanwhile(*args: object, **kw: object) -> object:
+        out = scored(*args, **kw)  # type: ignore[arg-type]
+        for name in ("weights.safetensors", "config.json", "calibration.json", "metadata.json"):
+            shutil.copyfile(service_model[0] / name, model / name)  # train --out SERVED --force
+        return out
+
+    monkeypatch.setattr(recal, "_good_scores", retrained_meanwhile)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["calibrate", str(model), str(data), "-q"]) == 1
+    assert ("was retrained while calibrate scored its images: nothing is written (its calibration is "
+            "the new model's); run calibrate again") in capsys.readouterr().err
+    for name in ("calibration.json", "metadata.json", "config.json"):
+        assert (model / name).read_bytes() == (service_model[0] / name).read_bytes(), name
+    assert not (model / "calibration.prev.json").exists()
+
+
 def test_cli_calibrate_warns_of_too_few_images_for_the_types_it_recalibrates(
         tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """9 GOOD images cannot reach p <= 0.05 conformally: calibrate says so, as train does, for
