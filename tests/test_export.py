@@ -9,6 +9,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,13 +24,14 @@ from diffqc.backends.graph import EXTERNAL_THRESHOLD as ONNX_MAPPED_FROM
 from diffqc.backends.ort import OnnxGraph
 from diffqc.cli import main
 from diffqc.data import GOOD, load_dataset, read_images
-from diffqc.errors import BackboneError, BundleError, UnknownFeatureTypeError
+from diffqc.errors import BackboneError, BundleError, OutputError, UnknownFeatureTypeError
 from diffqc.metrics import image_auroc
 from diffqc.model import Detector
 from diffqc.recalibrate import CalibrationReloader
 from diffqc.runtime import (
     OnnxDetector,
     add_runtime_arguments,
+    choose_runtime,
     load_detector,
     preprocess,
     read_export_info,
@@ -450,6 +452,31 @@ def _flat_grey_dataset(root: Path, types: tuple[str, ...], n: int = 12, size: in
         for i in range(n):
             Image.fromarray(np.full((size, size), 110 + i % 3, dtype=np.uint8)).save(folder / f"{i:03d}.png")
     return root
+
+
+def test_an_export_of_a_bundle_retrained_meanwhile_is_not_recorded_as_its_export(
+        tiny_model: Path, clear_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`diffqc export SERVED` builds and checks the graph for a minute; a `train --out SERVED
+    --force` that landed meanwhile got an export.json naming the NEW weights' checksum beside the
+    OLD model's graph: not stale by that check, so `--runtime auto` (a service's reload) ran the
+    old model under the new one's calibration. The bundle's model is checked again before
+    export.json is written: a retrained one gets none, and PyTorch runs it."""
+    bundle = tmp_path / "served"
+    shutil.copytree(tiny_model, bundle)
+    checked = ex.check_fp32
+
+    def retrained_meanwhile(*args: Any, **kw: Any) -> Any:
+        out = checked(*args, **kw)
+        meta = json.loads((bundle / "metadata.json").read_text())  # what a retrain rewrites
+        meta.update(model_id="diffusion-retrained", weights_file_sha256="0" * 64)
+        (bundle / "metadata.json").write_text(json.dumps(meta))
+        return out
+
+    monkeypatch.setattr(ex, "check_fp32", retrained_meanwhile)
+    with pytest.raises(OutputError, match=r"was retrained while export ran: export\.json is not written"):
+        ex.export_bundle(bundle, data=clear_dataset, threads=1, check_images=4, log=_quiet, openvino=False)
+    assert not (bundle / "export.json").exists()
+    assert choose_runtime(bundle).runtime == "torch"
 
 
 def test_int8_refused_when_parity_fails(exported: Path, clear_dataset: Path, tmp_path: Path,

@@ -10,7 +10,7 @@ from typing import Any
 
 from diffqc.calibration import Calibrator
 from diffqc.config import DetectorConfig
-from diffqc.errors import BundleError
+from diffqc.errors import BundleError, OutputError
 from diffqc.inspection import BUNDLE_FILES, check_bundle_version, sha256_file
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -82,6 +82,17 @@ def _size_ranges(value: Any) -> bool:
     return (isinstance(value, list) and len(value) == 2
             and all(isinstance(r, list) and len(r) == 2 and all(isinstance(x, (int, float)) for x in r)
                     for r in value))
+
+
+def check_not_retrained(path: Path | str, loaded: dict[str, Any], while_: str) -> dict[str, Any]:
+    """``metadata.json`` as it is now, once it still names the model of ``loaded`` (the metadata
+    read as a command's work on the bundle began: ``calibrate``'s scoring, ``export``'s graphs);
+    a bundle retrained meanwhile (``train --out PATH --force``) is an :class:`OutputError` saying
+    ``while_``: what the work computed is the old model's, on another scale than the new one's."""
+    meta: dict[str, Any] = json.loads((Path(path) / "metadata.json").read_text())
+    if any(meta.get(key) != loaded.get(key) for key in ("model_id", "weights_file_sha256")):
+        raise OutputError(f"{path} was retrained while {while_}")
+    return meta
 
 
 def check_weights(path: Path | str, meta: dict[str, Any]) -> None:

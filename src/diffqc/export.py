@@ -42,6 +42,7 @@ from diffqc.backends.openvino import OpenVinoGraph, openvino_version
 from diffqc.backends.ort import OnnxBackbone, OnnxGraph, import_onnxruntime, make_session
 from diffqc.backends.tensorrt import ENGINE_FILE as TENSORRT_ENGINE
 from diffqc.backends.tensorrt import build_tensorrt_engine, check_tensorrt_builder
+from diffqc.bundle import check_not_retrained
 from diffqc.config import uses_layouts
 from diffqc.errors import ConfigError, DatasetError, ExportError
 from diffqc.output import json_line, scratch_folder, write_atomic
@@ -742,7 +743,7 @@ def export_bundle(
     previous = _previous_export(path, meta)
     info: dict[str, Any] = {
         "format": EXPORT_FORMAT, "diffqc_version": __version__, "model_id": det.metadata.get("model_id"),
-        "weights_file_sha256": meta.get("weights_file_sha256"), "opset": opset,
+        "weights_file_sha256": det.metadata.get("weights_file_sha256"), "opset": opset,  # the graph's
         "exporter": f"torch.onnx (TorchScript tracer), torch {torch.__version__}",
         "inputs": {PIXELS: ["N", 3, size, size], TYPE_IDX: ["N"]},
         "outputs": {ANOMALY_MAP: ["N", size, size], SCORE: ["N"]},
@@ -786,6 +787,8 @@ def export_bundle(
     info["fastest_first"] = [c._asdict() for c in usable_choices(path, info)]
     log("runtimes that passed parity, fastest first (--runtime auto takes the first installed): "
         + ", ".join(f"{c['runtime']} {c['precision']}" for c in info["fastest_first"]))
+    check_not_retrained(path, det.metadata, "export ran: export.json is not written (model.onnx is the "
+                        "old model's, which no runtime takes); run export again")
     write_atomic(path / EXPORT_FILE, json.dumps(info, indent=2).encode())
     return info
 

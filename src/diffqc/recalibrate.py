@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from diffqc.arguments import QUIET, path_name, path_value
+from diffqc.bundle import check_not_retrained
 from diffqc.calibration import SELECTED_BELOW, CalibrationWarning, Calibrator, flagged_excess_p
 from diffqc.config import CalibrationConfig
 from diffqc.errors import (
     BundleError,
     ConfigError,
     DatasetError,
-    OutputError,
     UnknownFeatureTypeError,
     did_you_mean,
 )
@@ -276,12 +276,8 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
                 new[INT8_CALIBRATION_FILE] = _merged(int8.calibration_, k8, u8, config)
 
     meta_path = path / "metadata.json"
-    meta = json.loads(meta_path.read_text())
-    if any(meta.get(key) != det.metadata.get(key) for key in ("model_id", "weights_file_sha256")):
-        # `train --out MODEL --force` landed while the images were scored: these scores are the
-        # old model's, on another scale than the new one's
-        raise OutputError(f"{path} was retrained while calibrate scored its images: nothing is written "
-                          "(its calibration is the new model's); run calibrate again")
+    meta = check_not_retrained(path, det.metadata, "calibrate scored its images: nothing is written (its "
+                               "calibration is the new model's); run calibrate again")
     previous = {name: sha256_file(path / name) for name in new if (path / name).is_file()}
     for name, cal in new.items():
         target = path / name
