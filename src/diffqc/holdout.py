@@ -136,8 +136,9 @@ def holdout_report(detector: Any, data: Sequence[Sample] | Path | str, *, type_k
     With ``heatmaps``, a heat map of each miss (:func:`draw_misses`), named in its entry.
     ``data``: a dataset's path or its :class:`~diffqc.data.Sample` s, as ``Detector.fit`` takes."""
     listed = samples_of(data, "holdout_report")
-    name = path_text(data) if isinstance(data, str | Path) else f"{len(listed)} samples given"
-    if isinstance(data, str | Path) and export_selection_notes(data) is not None:
+    folder = data if isinstance(data, str | Path) else None
+    name = path_text(folder) if folder is not None else f"{len(listed)} samples given"
+    if folder is not None and export_selection_notes(folder) is not None:
         warnings.warn(f"{name} is a `diffqc results export`: its parts are those operators reviewed, "
                       "chosen by their decision (the flagged ones, mostly), so the FPR and recall "
                       "below are not the line's rates: they say which of these parts the model "

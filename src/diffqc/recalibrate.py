@@ -39,13 +39,7 @@ from diffqc.arguments import QUIET, path_name, path_value
 from diffqc.bundle import check_not_retrained
 from diffqc.calibration import SELECTED_BELOW, CalibrationWarning, Calibrator, flagged_excess_p
 from diffqc.config import CalibrationConfig
-from diffqc.errors import (
-    BundleError,
-    ConfigError,
-    DatasetError,
-    UnknownFeatureTypeError,
-    did_you_mean,
-)
+from diffqc.errors import BundleError, ConfigError, DatasetError, UnknownFeatureTypeError, did_you_mean
 from diffqc.output import json_line, write_atomic
 
 log = logging.getLogger("diffqc.recalibrate")
