@@ -732,6 +732,15 @@ def test_cli_results_summary_counts_a_periods_decisions_and_verdicts(
     assert text.splitlines()[-1].split()[:2] == ["all", "11"]
     assert main(["results", "summary", "--db", str(db), "--since", str(t0 + 3600)]) == 0
     assert "no stored results" in capsys.readouterr().err
+    # a period given the wrong way round (--since 8h --until 9h for the hour before the last
+    # eight) is said as such, not as a period without results; a column asked for twice is one
+    for command in ("summary", "list", "parts"):
+        assert main(["results", command, "--db", str(db), "--since", "8h", "--until", "9h"]) == 0
+        assert ("--since 8h is not before --until 9h: the period is empty (--since is its start, "
+                "--until its end)") in capsys.readouterr().err, command
+    assert main(["results", "summary", "--db", str(db), *since, "--by", "camera", "--by", "camera",
+                 "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split(",")[:2] == ["camera", "inspected"]
 
 
 def test_cli_results_summary_of_parts_counts_each_part_once(tmp_path: Path,

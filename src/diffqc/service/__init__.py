@@ -346,6 +346,18 @@ def _period_time(value: str | None, name: str) -> float | None:
     return seconds
 
 
+def _period(args: argparse.Namespace) -> dict[str, float | None]:
+    """``since``/``until`` of a ``results`` command (:func:`_period_time`); one given the wrong
+    way round (``--since 8h --until 9h``) is said as such, not as a period without results."""
+    import warnings
+
+    since, until = _period_time(args.since, "since"), _period_time(args.until, "until")
+    if since is not None and until is not None and since >= until:
+        warnings.warn(f"--since {args.since} is not before --until {args.until}: the period is empty "
+                      "(--since is its start, --until its end)", stacklevel=2)
+    return {"since": since, "until": until}
+
+
 def _cmd_backup(args: argparse.Namespace) -> int:
     from diffqc.service.store import backup_store, store_url
 
@@ -370,9 +382,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    filters = {"since": _period_time(args.since, "since"), "until": _period_time(args.until, "until"),
-               "feature_type": args.feature_type, "decision": args.decision, "review": args.review,
-               "reviewed": False if args.unreviewed else None, "part_id": args.part_id,
+    filters = {**_period(args), "feature_type": args.feature_type, "decision": args.decision,
+               "review": args.review, "reviewed": False if args.unreviewed else None, "part_id": args.part_id,
                "line": args.line, "station": args.station, "camera": args.camera,
                "source": args.source}
     from diffqc.service.store import store_url
@@ -387,8 +398,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_parts(args: argparse.Namespace) -> int:
     from diffqc.service.store import store_url
 
-    filters = {"since": _period_time(args.since, "since"), "until": _period_time(args.until, "until"),
-               "part_id": args.part_id, "line": args.line, "station": args.station, "camera": args.camera}
+    filters = {**_period(args), "part_id": args.part_id, "line": args.line, "station": args.station,
+               "camera": args.camera}
     types = list(args.part_types) or None
     if args.incomplete and types is None and args.model is None:
         raise ConfigError("--incomplete needs --model MODEL or --part-types TYPES (the types a part "
@@ -423,9 +434,9 @@ def _cmd_parts(args: argparse.Namespace) -> int:
 def _cmd_summary(args: argparse.Namespace) -> int:
     from diffqc.service.store import store_url
 
-    n = summary_results(store_url(args.db), args.by or (["line"] if args.parts else ["feature_type"]),
-                        fmt=args.format, since=_period_time(args.since, "since"),
-                        until=_period_time(args.until, "until"), parts=args.parts, window_s=args.part_window)
+    by = list(dict.fromkeys(args.by or ())) or (["line"] if args.parts else ["feature_type"])  # each once
+    n = summary_results(store_url(args.db), by, fmt=args.format, **_period(args), parts=args.parts,
+                        window_s=args.part_window)
     if n == 0:
         print("diffqc: no stored results in this period", file=sys.stderr)
     return 0
