@@ -99,5 +99,12 @@ def test_inspect_arguments_name_the_calls_easy_to_get_wrong(tiny_model: Path) ->
         det.inspect([image, Path("part.png")], ["dots", "dots"])  # type: ignore[list-item]
     with pytest.raises(TypeError, match=r"got the file path 'part.png'"):
         det.inspect("part.png", ["dots"])  # type: ignore[arg-type]
+    # a generator of images (`inspect(read_image(p) for p in paths)`): "object of type
+    # 'generator' has no len()" from inside, after the check had consumed it
+    with pytest.raises(TypeError, match=r"takes a list of images, got a generator: pass list\(images\), or "
+                                        r"batches of it"):
+        det.inspect(im for im in [image])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"feature_types is one type per image, got a map"):
+        det.inspect([image], map(str, ["dots"]))  # type: ignore[arg-type]
     assert [r.feature_type for r in det.inspect([image], ["dots"])] == ["dots"]
     assert inspect_arguments([image], None) == [None]

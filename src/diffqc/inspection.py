@@ -212,6 +212,12 @@ def inspect_arguments(images: Sequence[Any], feature_types: Sequence[str | None]
     if isinstance(images, np.ndarray):
         raise TypeError(f"inspect takes a list of images, got one array of shape {images.shape}: "
                         "pass [image]")
+    if not isinstance(images, Sequence):  # a generator: its length is unknown, and a look uses it up
+        raise TypeError(f"inspect takes a list of images, got a {type(images).__name__}: pass "
+                        "list(images), or batches of it (each call holds its images and results)")
+    if feature_types is not None and not isinstance(feature_types, Sequence):
+        raise TypeError(f"feature_types is one type per image, got a {type(feature_types).__name__}: "
+                        "pass a list")
     for item in [images] if isinstance(images, str | PurePath) else images:
         if isinstance(item, str | PurePath):
             raise TypeError(f"inspect takes image arrays, got the file path {str(item)!r}: read it "
