@@ -336,6 +336,7 @@ def test_train_on_several_datasets_fits_them_together(
     fit = ["-q", "--method", "padim", "--set", "backbone.input_size=64", "--set", "calibration.fraction=0.35"]
     assert main(["train", str(clear_dataset), str(more), "--out", str(tmp_path / "m"), *fit]) == 0
     out = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert out["classes"] == ["dots", "stripes"]
     seen = {t: out["training_data"]["fit_images"][t] + out["training_data"]["calibration_images"][t]
             for t in out["classes"]}
     assert seen == {t: 24 + 6 for t in out["classes"]}
@@ -345,6 +346,12 @@ def test_train_on_several_datasets_fits_them_together(
     assert main(["train", str(clear_dataset), str(more), "--out", str(more / "m"), *fit]) == 1
     assert f"--out {more / 'm'} and the training data {more} overlap" in capsys.readouterr().err
     assert not (tmp_path / "m2").exists() and not (more / "m").exists()
+    # two sets naming one type two ways (a colleague's "Dots"): two types, as one manifest's
+    # would be, and said as a manifest's are
+    (more / "dots").rename(more / "Dots")
+    assert main(["train", str(clear_dataset), str(more), "--out", str(tmp_path / "m3"), *fit]) == 0
+    assert (f"diffqc: warning: {clear_dataset}, {more}: feature types 'Dots' and 'dots' differ only in "
+            "case, spaces or punctuation") in capsys.readouterr().err
 
 
 def test_damaged_bundle_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

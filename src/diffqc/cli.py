@@ -120,7 +120,16 @@ def check_train_paths(data: Path, out: Path, samples: Sequence[Sample] = ()) -> 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from diffqc.data import DEFECTIVE, GOOD, UNKNOWN, good_training, is_manifest, load_dataset
+    from diffqc.data import (
+        DEFECTIVE,
+        GOOD,
+        UNKNOWN,
+        feature_types,
+        good_training,
+        is_manifest,
+        load_dataset,
+        name_types_alike,
+    )
     from diffqc.model import Detector, check_bundle_target
 
     config = build_config(args)
@@ -138,6 +147,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             check_train_paths(data, out)
             listed = load_dataset(data)
         everything += listed
+    if len(sources) > 1:  # one set's "dots", another's "Dots"
+        name_types_alike(", ".join(map(str, sources)), feature_types(everything))
     check_bundle_target(out, force=args.force)  # refused before the training, not after
     samples = good_training(everything)  # names any type left without GOOD training images
     if samples and all(s.split == "test" for s in samples):  # a test split given (DATA/<type>/test)

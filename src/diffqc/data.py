@@ -671,7 +671,7 @@ def load_manifest(path: Path | str) -> list[Sample]:
                               split=split))
     if not samples:
         raise DatasetError(f"manifest {path} has no rows")
-    _name_types_alike(path, feature_types(samples))
+    name_types_alike(f"manifest {path}", feature_types(samples))
     return samples
 
 
@@ -705,15 +705,16 @@ def _manifest_label(text: str, where: str) -> int:
                        f"empty: unlabelled){grade}")
 
 
-def _name_types_alike(manifest: Path, types: Sequence[str]) -> None:
+def name_types_alike(where: str, types: Sequence[str]) -> None:
     """Warn of types whose names differ only in case, spaces or punctuation ("dots", "Dots"): a
-    spreadsheet typed by hand, read as two types, each trained on part of the images."""
+    spreadsheet typed by hand, or two datasets trained on together, read as two types, each
+    trained on part of the images."""
     alike: dict[str, list[str]] = {}
     for t in types:
         alike.setdefault(type_key(t), []).append(t)
     groups = [" and ".join(repr(t) for t in names) for names in alike.values() if len(names) > 1]
     if groups:
-        warnings.warn(f"manifest {manifest}: feature types {'; '.join(groups)} differ only in case, "
+        warnings.warn(f"{where}: feature types {'; '.join(groups)} differ only in case, "
                       "spaces or punctuation; they are read as different types (types are "
                       "matched exactly): write each type one way", DatasetWarning, stacklevel=3)
 
