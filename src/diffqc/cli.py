@@ -100,23 +100,26 @@ def _nested(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def check_train_paths(data: Path, out: Path, samples: Sequence[Sample] = ()) -> None:
-    """The model folder must not overlap the training data. A dataset folder: the model may be
-    neither that folder, nor inside it, nor around it. A manifest (its ``samples``): neither
-    the manifest nor any image or mask it lists may be the model folder or inside it; a folder
-    beside them (``models/`` next to ``manifest.csv``) is fine."""
-    from diffqc.data import is_manifest
+def _training_data(data: Path, out: Path) -> list[Sample]:
+    """The samples of ``data``, once the model folder ``out`` does not overlap them. A dataset
+    folder: the model may be neither that folder, nor inside it, nor around it (refused before
+    the folder is even listed). A manifest (what it lists decides): neither the manifest nor any
+    image or mask it lists may be the model folder or inside it; a folder beside them
+    (``models/`` next to ``manifest.csv``) is fine."""
+    from diffqc.data import is_manifest, load_dataset
 
     if not is_manifest(data):
         if _nested(out, data) or _nested(data, out):
             raise OutputError(f"--out {out} and the training data {data} overlap; write the model "
                               "bundle to a folder outside the dataset")
-        return
+        return load_dataset(data)
+    samples = load_dataset(data)
     listed = [data, *(s.path for s in samples), *(s.mask_path for s in samples if s.mask_path)]
     inside = next((p for p in listed if _nested(p, out)), None)
     if inside is not None:
         raise OutputError(f"--out {out} and the training data {data} overlap ({inside} would lie "
                           "inside the model folder); write the model bundle to another folder")
+    return samples
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -126,8 +129,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         UNKNOWN,
         feature_types,
         good_training,
-        is_manifest,
-        load_dataset,
         name_types_alike,
     )
     from diffqc.model import Detector, check_bundle_target
@@ -138,15 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  None)
     if twice is not None:
         raise ConfigError(f"the training data names {twice} twice")
-    everything: list[Sample] = []
-    for data in sources:
-        if is_manifest(data):  # what it lists decides
-            listed = load_dataset(data)
-            check_train_paths(data, out, listed)
-        else:  # refused before the folder is even listed
-            check_train_paths(data, out)
-            listed = load_dataset(data)
-        everything += listed
+    everything = [s for data in sources for s in _training_data(data, out)]
     if len(sources) > 1:  # one set's "dots", another's "Dots"
         name_types_alike(", ".join(map(str, sources)), feature_types(everything))
     check_bundle_target(out, force=args.force)  # refused before the training, not after
