@@ -457,6 +457,36 @@ def test_inspect_csv_on_a_full_disk_ends_with_the_last_complete_row(
     assert all(r["decision"] in {"PASS", "REVIEW", "REJECT"} for r in rows)
 
 
+def test_reports_and_tables_go_to_dev_stdout(tiny_model: Path, clear_dataset: Path, tmp_path: Path) -> None:
+    """``--json /dev/stdout`` in a pipeline hung (the check whether it was an earlier report read
+    the pipe) and, redirected to a file, was refused as "not an earlier report": standard output
+    (a pipe or a file) takes the report after what was printed, and ``/dev/full`` is a full disk."""
+    folder = clear_dataset / "dots" / "test" / "blob"
+    cli = [sys.executable, "-m", "diffqc.cli"]
+    piped = subprocess.run([*cli, "test", str(tiny_model), str(clear_dataset), "-q", "--json", "/dev/stdout"],
+                           capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    lines = piped.stdout.splitlines()
+    assert lines[-1] == '{"report": "/dev/stdout"}'
+    start = lines.index("{")  # the report, after the summary table
+    report = json.loads("\n".join(lines[start:-1]))
+    assert {"rows", "images"} <= set(report) and lines[0] and start > 0
+    into = tmp_path / "out.txt"
+    with into.open("w") as fh:
+        to_file = subprocess.run([*cli, "inspect", str(tiny_model), str(folder), "--feature-type", "dots",
+                                  "--runtime", "torch", "--csv", "/dev/stdout"],
+                                 stdout=fh, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert to_file.returncode == 0, to_file.stderr
+    lines = into.read_text().splitlines()
+    assert lines[0] == "path,feature_type,predicted_type,score,p_value,decision,heatmap,error"
+    rows = [json.loads(line) for line in lines if line.startswith("{")]
+    assert len(rows) == len(list(folder.iterdir())) == len(lines) - 1 - len(rows)  # each as JSON and CSV
+    full = subprocess.run([*cli, "test", str(tiny_model), str(clear_dataset), "-q", "--json", "/dev/full"],
+                          capture_output=True, text=True, timeout=120)
+    assert full.returncode == 1
+    assert full.stderr.strip().endswith("diffqc: error: cannot write /dev/full: No space left on device")
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="resource limits are POSIX")
 def test_running_out_of_memory_is_one_error_line(tmp_path: Path) -> None:
     """A job larger than the machine (here: a 4000 px synthetic set under a 800 MB address-space

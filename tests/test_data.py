@@ -425,6 +425,24 @@ def test_a_tab_separated_manifest_as_spreadsheets_name_it(tmp_path: Path, clear_
         load_dataset(tmp_path / "m.xlsx")
 
 
+def test_a_device_or_a_pipe_given_as_an_image_or_a_dataset_is_named_as_such(tmp_path: Path) -> None:
+    """``inspect MODEL /dev/zero`` said "no such file" and ``train /dev/zero`` "dataset folder
+    /dev/zero does not exist": it exists, and is neither an image file nor a folder."""
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for path in (Path("/dev/zero"), fifo):
+        with pytest.raises(ImageReadError, match=r"not a file \(a device or a pipe\)"):
+            decode_image(path)
+        with pytest.raises(DatasetError, match=f"{path} is a device or a pipe, not a dataset folder"):
+            load_dataset(path)
+    with pytest.raises(ImageReadError, match="no such file"):
+        decode_image(tmp_path / "missing.png")
+    with pytest.raises(ImageReadError, match="a folder, not an image file"):
+        decode_image(tmp_path)
+
+
 @pytest.mark.parametrize("words,labels", [("OK,NOK", [GOOD, DEFECTIVE]), ("i.O.,n.i.O.", [GOOD, DEFECTIVE]),
                                           ("pass,fail", [GOOD, DEFECTIVE]), ("0,1", [GOOD, DEFECTIVE])])
 def test_manifest_label_words_of_a_line(tmp_path: Path, words: str, labels: list[int]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from diffqc.errors import OutputError
-from diffqc.output import json_line, scratch_folder, write_atomic
+from diffqc.output import check_output_file, json_line, scratch_folder, write_atomic
 
 from .conftest import full_disk
 
@@ -60,3 +60,43 @@ def test_path_text_writes_undecodable_bytes_of_a_file_name_as_escapes() -> None:
     assert path_text(Path(os.fsdecode(b"cam/caf\xe9.png"))) == "cam/caf\\xe9.png"
     assert path_text("cam/café.png") == "cam/café.png"
     assert path_text("x\ud800") == "x\\ud800"  # a surrogate no file name gives: escaped too
+
+
+def test_a_device_or_a_pipe_is_taken_as_an_output_without_being_read(tmp_path: Path) -> None:
+    """``--csv /dev/full`` (or ``/dev/zero``) read zeros until memory ran out, and a named pipe
+    blocked, in the check whether the file was an earlier output: a device or a pipe is written to
+    as it is, never read or replaced (``--force`` not needed); a disk device is refused."""
+    import os
+
+    def never(path: Path) -> bool:
+        raise AssertionError(f"{path} was read")
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for path in (Path("/dev/null"), Path("/dev/zero"), fifo):
+        check_output_file(path, option="--csv", is_ours=never, what="table", force=False)
+    disk = next((p for p in Path("/dev").iterdir() if p.is_block_device()), None)
+    if disk is not None:  # none in some containers
+        with pytest.raises(OutputError, match=f"--csv {disk} is a disk device"):
+            check_output_file(disk, option="--csv", is_ours=never, what="table")
+
+
+def test_write_atomic_writes_into_a_pipe_or_device_as_it_is(tmp_path: Path) -> None:
+    """A pipe (or ``/dev/stdout`` in a pipeline) is written into, not replaced by a renamed
+    temporary file (as root, that rename replaced ``/dev/stdout`` itself); ``/dev/full`` is the
+    full-disk error, naming it."""
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    write_atomic(fifo, b"a report\n")
+    reader.join(10)
+    assert got == [b"a report\n"]
+    assert [p.name for p in tmp_path.iterdir()] == ["pipe"] and fifo.is_fifo()
+    write_atomic(Path("/dev/null"), b"nothing")
+    with pytest.raises(OutputError, match="cannot write /dev/full: No space left on device"):
+        write_atomic(Path("/dev/full"), b"x")

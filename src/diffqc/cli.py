@@ -35,7 +35,15 @@ from diffqc.errors import (
     first_few,
     out_of_memory,
 )
-from diffqc.output import check_output_file, is_csv_table, json_line, path_text
+from diffqc.output import (
+    check_output_file,
+    is_csv_table,
+    is_stream,
+    json_line,
+    open_stream,
+    path_text,
+    write_all,
+)
 from diffqc.runtime import add_runtime_arguments
 
 if TYPE_CHECKING:
@@ -283,19 +291,26 @@ class _CsvRows:
     """``--csv``: one row per image, on disk as soon as it is written (a long batch run keeps every
     finished row). A row that cannot be written (full disk) is taken back whole, so the file ends
     with the last complete row, and is an :class:`OutputError` naming the file. An existing file
-    is replaced only if it is an earlier one, and only with ``force``."""
+    is replaced only if it is an earlier one, and only with ``force``; a device or a pipe
+    (``/dev/stdout``) is written into as it is."""
 
     def __init__(self, path: Path, *, force: bool) -> None:
         self.path = path
         check_output_file(path, option="--csv", is_ours=is_csv_table(CSV_COLUMNS), what="inspect CSV",
                           force=force)
+        self._stream = is_stream(path)
         try:
-            self._fh = open(path, "wb" if path.exists() else "xb", buffering=0)  # noqa: SIM115
+            self._fh = (open_stream(path) if self._stream
+                        else open(path, "wb" if path.exists() else "xb", buffering=0))  # noqa: SIM115
         except FileExistsError:  # written by something else since it was checked
             raise OutputError(f"--csv {path} appeared meanwhile; give a new file name") from None
         except OSError as exc:
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-        self._write(dict(zip(CSV_COLUMNS, CSV_COLUMNS, strict=True)))
+        try:
+            self._write(dict(zip(CSV_COLUMNS, CSV_COLUMNS, strict=True)))
+        except OutputError:
+            self._fh.close()
+            raise
 
     def add(self, row: dict[str, Any]) -> None:
         self._write({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
@@ -303,16 +318,15 @@ class _CsvRows:
     def _write(self, row: dict[str, Any]) -> None:
         text = io.StringIO()
         csv.DictWriter(text, fieldnames=CSV_COLUMNS, extrasaction="ignore").writerow(row)
-        data = memoryview(text.getvalue().encode("utf-8"))
-        start = self._fh.tell()
+        start = None if self._stream else self._fh.tell()
         try:
-            while data:
-                data = data[self._fh.write(data) or 0:]
+            write_all(self._fh, text.getvalue().encode("utf-8"))
         except OSError as exc:
             with contextlib.suppress(OSError):
-                self._fh.truncate(start)
-            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}; it holds every "
-                              "row before this one") from None
+                if start is not None:
+                    self._fh.truncate(start)
+            kept = "" if start is None else "; it holds every row before this one"
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}{kept}") from None
 
     def close(self) -> None:
         self._fh.close()

@@ -212,7 +212,9 @@ def decode_image(data: bytes | Path | str, source: str | None = None) -> np.ndar
     else:
         handle = Path(data)
         if not handle.is_file():
-            raise ImageReadError(name, "no such file")
+            raise ImageReadError(name, "no such file" if not handle.exists()
+                                 else "a folder, not an image file" if handle.is_dir()
+                                 else "not a file (a device or a pipe); give an image file")
     try:
         with Image.open(handle) as img:
             w, h = img.size
@@ -497,6 +499,8 @@ def load_mvtec(root: Path | str) -> list[Sample]:
     if root.is_file():
         raise DatasetError(f"{root} is a file, not a dataset folder: a manifest is a table saved as "
                            ".csv, .tsv or .txt (path,feature_type,label columns)")
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"{root} is a device or a pipe, not a dataset folder")
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
     if root.name in ("", ".."):  # `.`, `..`: the folder's own name names its type (or split)

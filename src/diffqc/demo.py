@@ -14,6 +14,7 @@ from diffqc.config import DetectorConfig, with_overrides
 from diffqc.data import DEFECTIVE, GOOD, Sample, load_dataset, read_image
 from diffqc.holdout import decision_table, format_table
 from diffqc.model import Detector, Inspection
+from diffqc.output import write_atomic
 from diffqc.visualize import save_overlay
 
 # The demo calibrates on every GOOD training image (cross-conformal, 5 folds): its ~108 GOOD
@@ -109,7 +110,7 @@ def run_demo(
             for r in rows
         ]
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(payload, indent=2))
+        write_atomic(json_path, json.dumps(payload, indent=2).encode("utf-8"))
         facts = dict(timings, type_accuracy=type_acc, image_auroc_type_withheld=auroc_withheld)
         (out / "timings.json").write_text(json.dumps(facts, indent=2))
     return rows

@@ -14,12 +14,14 @@ import errno
 import json
 import math
 import os
+import stat
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from diffqc.errors import OutputError
 
@@ -75,16 +77,61 @@ def check_output_folder(path: Path | str, *, what: str, names: Sequence[str],
     return path
 
 
+def is_stream(path: Path) -> bool:
+    """Whether ``path`` is written as a stream rather than as a file: a character device
+    (``/dev/null``), a pipe (a named pipe, ``/dev/stdout`` in a pipeline), or this process's own
+    standard output or error (``/dev/stdout`` redirected to a file). Such a path is never read,
+    truncated or replaced (:func:`open_stream`)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return False
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+        return True
+    return any(_same_file(st, fd) for fd in (1, 2))
+
+
+def _same_file(st: os.stat_result, fd: int) -> bool:
+    try:
+        return os.path.samestat(st, os.fstat(fd))
+    except OSError:  # no such descriptor (a daemon's closed stdout)
+        return False
+
+
+def open_stream(path: Path) -> BinaryIO:
+    """``path`` (:func:`is_stream`) opened to write, unbuffered: this process's standard output or
+    error through its own descriptor, after what was printed to it (flushed first), so that the
+    two do not overwrite each other; a device or a pipe appended to."""
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError, AttributeError):
+            stream.flush()
+    st = os.stat(path)
+    for fd in (1, 2):
+        if _same_file(st, fd):
+            return open(os.dup(fd), "wb", buffering=0)
+    return open(path, "ab", buffering=0)
+
+
+def write_all(fh: BinaryIO, data: bytes) -> None:
+    """Write all of ``data`` to an unbuffered file (whose one write may take part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[fh.write(view) or 0:]
+
+
 def check_output_file(path: Path, *, option: str, is_ours: Callable[[Path], bool], what: str,
                       force: bool = True) -> None:
     """``option PATH`` before any work: a new file, or an earlier ``what`` (replaced if
     ``force``); a folder, or any other file (a user's, never replaced), is an
     :class:`OutputError`. ``is_ours``: whether a file is an earlier ``what`` (a file it cannot
-    read, or not as it expects, is not)."""
+    read, or not as it expects, is not). A device or a pipe (:func:`is_stream`:
+    ``/dev/stdout``, ``/dev/null``) is written to as it is, never read; a disk device is refused."""
     if path.is_dir():
         raise OutputError(f"{option} {path} is a folder; give a file name")
-    if not path.exists():
+    if not path.exists() or is_stream(path):
         return
+    if not path.is_file():
+        raise OutputError(f"{option} {path} is a disk device or a socket, not a file; give a file name")
     try:
         earlier = is_ours(path)
     except (OSError, ValueError):
@@ -113,7 +160,15 @@ def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
     previous content or all of ``data``, never part of it. A write that fails (full disk,
     unwritable folder) is an :class:`OutputError` naming ``path``, and no temporary file is left.
     ``sync``: fsync the file and the rename, so that they outlive a power cut (a bundle's files;
-    a heat map need not wait for the disk)."""
+    a heat map need not wait for the disk). A device or a pipe (:func:`is_stream`) is written
+    into as it is."""
+    if is_stream(path):
+        try:
+            with open_stream(path) as fh:
+                write_all(fh, data)
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
