@@ -13,7 +13,7 @@ from diffqc.cli import main
 from diffqc.data import DEFECTIVE, GOOD, Sample
 from diffqc.holdout import decision_table, format_table, recall_by_kind
 from diffqc.inspection import Inspection
-from tests.conftest import write_clear_dataset
+from tests.conftest import tiny_config, write_clear_dataset
 
 
 def _strict_json(path: Path) -> dict:
@@ -114,6 +114,18 @@ def test_holdout_report_takes_samples_as_fit_does(tiny_model: Path, clear_datase
     assert given["data"] == f"{len(samples)} samples given" and given["left_out"]["fit_images"] > 0
     with pytest.raises(TypeError, match=r"holdout_report takes Samples .* or a dataset's path, got int"):
         holdout_report(det, [5])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"holdout_report takes Samples .* or a dataset's path, got int$"):
+        holdout_report(det, 5)  # type: ignore[arg-type]  # was "'int' object is not iterable"
+
+
+def test_holdout_report_of_an_unfitted_detector_says_so(clear_dataset: Path) -> None:
+    """It said "none of its types (dots, stripes) is the model's ()"."""
+    from diffqc.errors import NotFittedError
+    from diffqc.holdout import holdout_report
+    from diffqc.model import Detector
+
+    with pytest.raises(NotFittedError, match=r"detector is not fitted; call fit\(\) or Detector.load\(\)"):
+        holdout_report(Detector(tiny_config()), clear_dataset)
 
 
 def test_cli_test_writes_every_image_as_a_csv_row(

@@ -741,7 +741,11 @@ def samples_of(data: Sequence[Sample] | Path | str, taker: str) -> list[Sample]:
     :class:`Sample` s (read, then filtered, say); anything else is a TypeError naming ``taker``."""
     if isinstance(data, str | Path):
         return load_dataset(data)
-    items = list(data)
+    try:
+        items = list(data)
+    except TypeError:  # an int, None: not a collection at all
+        raise TypeError(f"{taker} takes Samples (diffqc.data.load_dataset) or a dataset's path, got "
+                        f"{type(data).__name__}") from None
     if not all(isinstance(s, Sample) for s in items):
         kinds = sorted({type(s).__name__ for s in items if not isinstance(s, Sample)})
         raise TypeError(f"{taker} takes Samples (diffqc.data.load_dataset) or a dataset's path, got "

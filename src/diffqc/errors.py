@@ -106,6 +106,15 @@ class BundleError(DiffqcError, RuntimeError):
     code = "bad_bundle"
 
 
+class NotFittedError(DiffqcError, RuntimeError):
+    """A detector used before ``fit()`` or ``Detector.load()`` (scikit-learn's name)."""
+
+    code = "not_fitted"
+
+    def __init__(self) -> None:
+        super().__init__("the detector is not fitted; call fit() or Detector.load()")
+
+
 class BackboneError(DiffqcError, RuntimeError):
     """The backbone or its weights are not available."""
 

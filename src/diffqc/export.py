@@ -44,7 +44,7 @@ from diffqc.backends.tensorrt import ENGINE_FILE as TENSORRT_ENGINE
 from diffqc.backends.tensorrt import build_tensorrt_engine, check_tensorrt_builder
 from diffqc.bundle import check_not_retrained
 from diffqc.config import uses_layouts
-from diffqc.errors import ConfigError, DatasetError, ExportError
+from diffqc.errors import ConfigError, DatasetError, ExportError, NotFittedError
 from diffqc.output import json_line, scratch_folder, write_atomic
 from diffqc.runtime import (
     EXPORT_FILE,
@@ -91,7 +91,7 @@ class InferenceGraph(nn.Module):
     def __init__(self, det: Detector) -> None:
         super().__init__()
         if det.scorer_ is None:
-            raise RuntimeError("the detector is not fitted; call fit() or Detector.load()")
+            raise NotFittedError
         self.extractor = det.extractor
         self.scorer = nn.ModuleDict({name.strip("_"): m for name, m in vars(det.scorer_).items()
                                      if isinstance(m, nn.Module)})
@@ -814,7 +814,7 @@ def onnx_detector(det: Detector, *, threads: int | None = None, runtime: str = "
     """A fitted (PyTorch) Detector exported in memory and run by ONNX Runtime or OpenVINO, FP32;
     for code that fits models itself, such as a cross-validation, and wants their speed."""
     if det.calibration_ is None:
-        raise RuntimeError("the detector is not fitted; call fit() or Detector.load()")
+        raise NotFittedError
     fe = det.extractor
     stats = (fe.feat_mean.detach().cpu().numpy(), fe.feat_std.detach().cpu().numpy())
     return OnnxDetector.from_model(build_onnx(det), config=det.config, metadata=det.metadata,

@@ -26,7 +26,7 @@ import numpy as np
 
 from diffqc.calibration import PASS, REJECT, REVIEW
 from diffqc.data import DEFECTIVE, GOOD, Sample, feature_types, fingerprint, of_the_model, samples_of
-from diffqc.errors import DatasetError, OutputError
+from diffqc.errors import DatasetError, NotFittedError, OutputError
 from diffqc.inspection import Inspection
 from diffqc.metrics import image_auroc
 from diffqc.output import check_output_file, is_csv_table, json_line, json_safe, path_text, write_atomic
@@ -147,6 +147,8 @@ def holdout_report(detector: Any, data: Sequence[Sample] | Path | str, *, type_k
     if not samples:
         raise DatasetError(f"{name}: no labelled images (GOOD or defective) to test on")
     classes = list(detector.classes_)
+    if not classes:
+        raise NotFittedError
     if not (ours := of_the_model(samples, classes, name)):
         raise DatasetError(f"{name}: none of its types ({', '.join(feature_types(samples))}) is the "
                            f"model's ({', '.join(classes)})")

@@ -49,6 +49,7 @@ from diffqc.errors import (
     ConfigError,
     DatasetError,
     ImageReadError,
+    NotFittedError,
     OutputError,
     out_of_memory,
     unknown_feature_type,
@@ -473,14 +474,14 @@ class Detector:
     # ------------------------------------------------------------------ scoring
     def _require_fitted(self) -> tuple[Scorer, Calibrator]:
         if self.scorer_ is None or self.calibration_ is None:
-            raise RuntimeError("the detector is not fitted; call fit() or Detector.load()")
+            raise NotFittedError
         return self.scorer_, self.calibration_
 
     def score_maps(self, feats: Tensor, type_idx: Tensor) -> Tensor:
         """Smoothed anomaly maps ``[N, S, S]`` at the backbone input size."""
         scorer = self.scorer_
         if scorer is None:
-            raise RuntimeError("the detector is not fitted; call fit() or Detector.load()")
+            raise NotFittedError
         return self.smooth(scorer.score_maps(feats, type_idx))
 
     def smooth(self, patch_maps: Tensor) -> Tensor:

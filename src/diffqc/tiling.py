@@ -35,7 +35,7 @@ from torch import Tensor
 
 from diffqc.config import DetectorConfig
 from diffqc.data import as_image
-from diffqc.errors import ConfigError
+from diffqc.errors import ConfigError, NotFittedError
 
 if TYPE_CHECKING:
     from diffqc.inspection import Inspection
@@ -258,7 +258,7 @@ def inspect_views(
 
     calibration = det.calibration_
     if calibration is None:
-        raise RuntimeError("the detector is not fitted; call fit() or Detector.load()")
+        raise NotFittedError
     feats = det.extractor.standardise(raw.to(det.device))
     off = offsets(layouts)
     n_types = len(det.classes_)
