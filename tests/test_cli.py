@@ -508,6 +508,25 @@ def test_running_out_of_memory_is_one_error_line(tmp_path: Path) -> None:
     assert "DIFFQC_TRACEBACK=1" in lines[0]
 
 
+@pytest.mark.parametrize("value,traceback", [("1", True), ("yes", True), ("0", False), ("false", False),
+                                             ("", False), (" no ", False), ("off", False)])
+def test_diffqc_traceback_off_as_environment_flags_are(value: str, traceback: bool, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``DIFFQC_TRACEBACK=0`` (as a compose file or a unit turns a flag off) gave the traceback:
+    any value did. 0, false, no, off and empty are off, as systemd and Docker read them."""
+    from diffqc.errors import DatasetError
+
+    monkeypatch.setenv("DIFFQC_TRACEBACK", value)
+    if traceback:
+        with pytest.raises(DatasetError):
+            main(["data", "info", str(tmp_path / "nope")])
+    else:
+        assert main(["data", "info", str(tmp_path / "nope")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err == f"diffqc: error: dataset folder {tmp_path / 'nope'} does not exist"
+
+
 def test_torch_running_out_of_memory_is_one_error_line(clear_dataset: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """PyTorch's allocator says it has no room with a RuntimeError (the CPU's ``DefaultCPUAllocator:

@@ -891,6 +891,11 @@ def test_tokens_from_a_secret_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("DIFFQC_TOKEN_FILE", str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match=r"cannot read DIFFQC_TOKEN_FILE .*missing: No such file"):
         tokens_from_env(None)
+    # a file far larger than any secret (here /dev/zero, endless) was read until memory ran out
+    monkeypatch.setenv("DIFFQC_TOKEN_FILE", "/dev/zero")
+    with pytest.raises(ConfigError, match=r"DIFFQC_TOKEN_FILE /dev/zero holds more than 1 MiB: a secret "
+                                          r"file holds a token, a password or header lines"):
+        tokens_from_env(None)
 
 
 @pytest.mark.parametrize("field,value", [("buffer_size", 0), ("max_batch", 0), ("max_upload_bytes", 0),

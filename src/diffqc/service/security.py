@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from diffqc.errors import ConfigError
 
 TOKEN_ENV = "DIFFQC_TOKEN"
+MAX_SECRET_BYTES = 2**20  # as a Kubernetes secret
 TOKEN_FILE_ENV = "DIFFQC_TOKEN_FILE"  # a file holding the token(s): a container's secret
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
@@ -69,9 +70,15 @@ def parse_tokens(value: str | Iterable[str] | None) -> tuple[str, ...]:
 def read_secret_file(path: str | Path, what: str) -> str:
     """The text of a file holding a secret (a Docker or Kubernetes secret, a systemd credential:
     a token, a password, header lines); one that cannot be read is a :class:`ConfigError` that
-    names ``what`` (the option or variable and the file), never the secret."""
+    names ``what`` (the option or variable and the file), never the secret; so is one larger
+    than :data:`MAX_SECRET_BYTES` (a wrong file: a model's weights, ``/dev/zero``)."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_SECRET_BYTES + 1)
+        if len(data) > MAX_SECRET_BYTES:
+            raise ConfigError(f"{what} holds more than 1 MiB: a secret file holds a token, a password or "
+                              "header lines; is it the right file?")
+        return data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {what}: {getattr(exc, 'strerror', None) or exc}") from None
 
