@@ -525,6 +525,10 @@ def test_diffqc_traceback_off_as_environment_flags_are(value: str, traceback: bo
         assert main(["data", "info", str(tmp_path / "nope")]) == 1
         err = capsys.readouterr().err.strip()
         assert err == f"diffqc: error: dataset folder {tmp_path / 'nope'} does not exist"
+    monkeypatch.setenv("DIFFQC_TRACEBACK", "maybe")  # neither: said, before any work
+    assert main(["data", "info", str(tmp_path / "nope")]) == 1
+    assert capsys.readouterr().err.strip() == ("diffqc: error: DIFFQC_TRACEBACK='maybe' is not a flag: "
+                                               "give 1 or 0 (true or false)")
 
 
 def test_torch_running_out_of_memory_is_one_error_line(clear_dataset: Path, tmp_path: Path,

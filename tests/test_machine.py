@@ -27,3 +27,24 @@ def test_available_memory_is_bounded_by_the_containers_limit() -> None:
     assert proc.returncode == 0, proc.stderr
     room, available = (int(x) for x in proc.stdout.split())
     assert 0 < available <= room <= 600 * 2**20, proc.stdout
+
+
+def test_an_environment_flag_reads_as_systemd_and_docker_read_one(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``DIFFQC_ORT_SPINNING=true`` left spinning off (only ``1`` counted), as
+    ``DIFFQC_TRACEBACK=0`` turned tracebacks on: every diffqc flag reads 1/true/yes/on as on and
+    0/false/no/off/empty/unset as off."""
+    import pytest
+
+    from diffqc.backends.ort import session_options
+    from diffqc.machine import env_flag
+
+    for value, on in [("1", True), ("true", True), (" Yes ", True), ("on", True), ("0", False),
+                      ("false", False), ("no", False), ("OFF", False), ("", False)]:
+        monkeypatch.setenv("DIFFQC_ORT_SPINNING", value)
+        assert env_flag("DIFFQC_ORT_SPINNING") is on, value
+        assert session_options().get_session_config_entry("session.intra_op.allow_spinning") == str(int(on))
+    monkeypatch.delenv("DIFFQC_ORT_SPINNING")
+    assert env_flag("DIFFQC_ORT_SPINNING") is False
+    monkeypatch.setenv("DIFFQC_ORT_SPINNING", "maybe")
+    with pytest.raises(ValueError, match="DIFFQC_ORT_SPINNING='maybe' is not a flag: give 1 or 0"):
+        env_flag("DIFFQC_ORT_SPINNING")

@@ -35,6 +35,7 @@ from diffqc.errors import (
     first_few,
     out_of_memory,
 )
+from diffqc.machine import env_flag
 from diffqc.output import (
     check_output_file,
     is_csv_table,
@@ -468,12 +469,6 @@ def _optional_registrars() -> list[Callable[[Any], None]]:
     return regs
 
 
-def _traceback_wanted() -> bool:
-    """``DIFFQC_TRACEBACK`` set to a value that is not off (0, false, no, off or empty: as systemd
-    and Docker read a flag)."""
-    return os.environ.get("DIFFQC_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off")
-
-
 def _one_line_warnings() -> Callable[..., None]:
     """A ``warnings.showwarning`` that prints each warning as one line, and a text said once
     per command (a dataset read twice, by ``export`` say, names what it leaves out once)."""
@@ -520,6 +515,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    try:
+        traceback = env_flag("DIFFQC_TRACEBACK")
+    except ConfigError as exc:
+        _last_word(args, "ERROR", str(exc))
+        return EXIT_ERROR
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         warnings.showwarning = _one_line_warnings()
@@ -528,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (DiffqcError, OSError) as exc:  # the user's input or the machine, not a bug
             if isinstance(exc, BrokenPipeError) and _stdout_is_gone():
                 return EXIT_ERROR  # `diffqc inspect ... | head`: the reader has what it wanted
-            if _traceback_wanted():
+            if traceback:
                 raise
             hint = ""
             if isinstance(exc, ImageReadError) and getattr(args, "skip_corrupt", True) is False:
@@ -537,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_ERROR
         except (MemoryError, RuntimeError) as exc:  # a job larger than the machine: say so
             said = out_of_memory(exc)
-            if said is None or _traceback_wanted():
+            if said is None or traceback:
                 raise
             _last_word(args, "ERROR", f"{said}; DIFFQC_TRACEBACK=1 shows where")
             return EXIT_ERROR

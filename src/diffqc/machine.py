@@ -1,9 +1,24 @@
 """What the machine a process runs on gives it: the room its memory cgroup (a container's limit)
-leaves. Imports nothing of diffqc, so that the training side and the service both read it."""
+leaves, and the flags its environment sets. Imports nothing of diffqc but its errors, so that the
+training side and the service both read it."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+from diffqc.errors import ConfigError
+
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def env_flag(name: str) -> bool:
+    """The flag ``$name``: 1, true, yes or on is on; 0, false, no, off, empty or unset is off (as
+    systemd and Docker read one); anything else is a :class:`ConfigError`."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in _ON or value in _OFF:
+        return value in _ON
+    raise ConfigError(f"{name}={os.environ[name]!r} is not a flag: give 1 or 0 (true or false)")
 
 
 def cgroup_memory_room() -> int | None:

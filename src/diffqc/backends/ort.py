@@ -3,7 +3,6 @@ model as a frozen feature extractor (:class:`OnnxBackbone`)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +21,7 @@ from diffqc.backends.graph import (
     import_onnx,
 )
 from diffqc.errors import BackboneError, RuntimeUnavailableError
+from diffqc.machine import env_flag
 
 if TYPE_CHECKING:
     import onnx
@@ -49,8 +49,7 @@ def session_options(threads: int | None = None) -> Any:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    spinning = "1" if os.environ.get("DIFFQC_ORT_SPINNING", "0") == "1" else "0"
-    so.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    so.add_session_config_entry("session.intra_op.allow_spinning", str(int(env_flag("DIFFQC_ORT_SPINNING"))))
     if threads:
         so.intra_op_num_threads = int(threads)
     return so
