@@ -360,6 +360,27 @@ async def test_review_flow_and_export(detector: Any, samples: Samples, tmp_path:
         got = (await client.get(f"/v1/results/{ids[0]}", headers=AUTH)).json()
         assert [(h["review"], h["reviewer"]) for h in got["review_history"]] == [("GOOD", "ann")]
         assert got["review_history"][0]["reviewed"] == got["reviewed"]  # ISO 8601, as the record's
+        # two reviewers on one part: one whose screen was stale (it showed the part unreviewed)
+        # replaced ann's verdict without knowing of it. Sent with the verdict it saw
+        # (`replaces`), it is refused while another came first, and the record is unchanged
+        r = await client.post(f"/v1/review/{ids[0]}", headers=AUTH,
+                              json={"verdict": "BAD", "reviewer": "bob", "replaces": None})
+        assert (r.status_code, r.json()["code"]) == (409, "review_conflict")
+        assert r.json()["detail"].startswith(f"result {ids[0]} was reviewed meanwhile: GOOD by ann at 20")
+        assert r.json()["detail"].endswith('nothing changed (send "replaces": "GOOD" to change it)')
+        r = await client.post(f"/v1/review/{ids[0]}", headers=AUTH,
+                              json={"verdict": "BAD", "reviewer": "bob", "replaces": "BAD"})
+        assert (r.status_code, r.json()["code"]) == (409, "review_conflict")
+        got = (await client.get(f"/v1/results/{ids[0]}", headers=AUTH)).json()
+        assert (got["review"], got["reviewer"], len(got["review_history"])) == ("GOOD", "ann", 1)
+        r = await client.post(f"/v1/review/{ids[0]}", headers=AUTH,
+                              json={"verdict": "BAD", "reviewer": "bob", "replaces": "GOOD"})
+        assert (r.status_code, r.json()["review"], r.json()["reviewer"]) == (200, "BAD", "bob")
+        url = f"/v1/review/{ids[0]}"
+        r = await client.post(url, headers=AUTH, json={"verdict": "GOOD", "reviewer": "ann"})
+        assert r.status_code == 200  # without `replaces`: the latest verdict wins, as before
+        r = await client.post(url, headers=AUTH, json={"verdict": "GOOD", "replaces": "MAYBE"})
+        assert (r.status_code, r.json()["code"]) == (422, "bad_replaces")
     summary = export_reviewed_good(db, tmp_path / "export")
     assert summary["exported"] == 1 and summary["missing_image"] == 0
     exported = load_dataset(tmp_path / "export" / "manifest.csv")

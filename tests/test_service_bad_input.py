@@ -246,7 +246,7 @@ async def test_a_verdict_with_a_misspelled_field_or_not_in_json_is_refused_and_n
         r = await client.post(f"/v1/review/{rid}", headers=AUTH, json={"verdict": "GOOD", "reviewr": "anna"})
         assert (r.status_code, r.json()["code"]) == (422, "unknown_field"), r.text
         assert "'reviewr' (did you mean 'reviewer'?)" in r.json()["detail"]
-        assert "defect, note, reviewer, verdict" in r.json()["detail"]
+        assert "defect, note, replaces, reviewer, verdict" in r.json()["detail"]
         for kwargs in ({"data": {"verdict": "GOOD"}}, {}, {"json": "GOOD"}, {"json": ["GOOD"]}):
             r = await client.post(f"/v1/review/{rid}", headers=AUTH, **kwargs)
             assert (r.status_code, r.json()["code"]) == (422, "bad_request"), (kwargs, r.text)

@@ -327,6 +327,46 @@ def test_dashboard_corrects_a_verdict_and_shows_its_history(
     assert wait.until(lambda d: d.find_element(By.ID, "reviewer").get_attribute("value")) == "ann"
 
 
+def test_a_verdict_given_on_a_stale_screen_does_not_replace_another_reviewers(
+    live_server: tuple[str, Any], browser: Any, samples: Samples
+) -> None:
+    """Two reviewers on one part: ann's panel showed it without a verdict, bob gave GOOD from his
+    screen, and ann's BAD then replaced his without her seeing it (only the history kept it).
+    Her verdict is refused and said, the panel shows his; given again, it replaces his."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, state = live_server
+    wait = WebDriverWait(browser, 20)
+    flagged, ftype = samples.one("REVIEW")
+    rid = httpx.post(url + "/v1/inspect", content=flagged, headers=AUTH,
+                     params={"feature_type": ftype, "part_id": "p-1"}).json()["id"]
+    browser.get(url + "/dashboard")
+    browser.find_element(By.ID, "reviewer").send_keys("ann")
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "connect").click()
+    wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"]'))).click()
+    panel = wait.until(ec.visibility_of_element_located((By.ID, "part")))
+    wait.until(lambda d: panel.get_attribute("data-id") == str(rid) and "p-1" in panel.text)
+    assert "verdict\nnone" in panel.text or "verdict none" in panel.text
+    r = httpx.post(f"{url}/v1/review/{rid}", headers=AUTH, json={"verdict": "GOOD", "reviewer": "bob"})
+    assert r.status_code == 200  # bob, at another screen
+    browser.find_element(By.ID, "part-note").send_keys("a scratch")
+    panel.find_element(By.CSS_SELECTOR, '#part-verdict [data-verdict="BAD"]').click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "your verdict was not given"))
+    status = browser.find_element(By.ID, "status").text
+    assert status.startswith(f"result {rid} was reviewed meanwhile: GOOD by bob at "), status
+    wait.until(lambda d: "GOOD by bob" in panel.text)
+    assert (state.store.get(rid).review, state.store.get(rid).reviewer) == ("GOOD", "bob")
+    assert browser.find_element(By.ID, "part-note").get_attribute("value") == "a scratch"  # kept to send
+    panel.find_element(By.CSS_SELECTOR, '#part-verdict [data-verdict="BAD"]').click()  # seen: given
+    wait.until(lambda d: "BAD by ann" in panel.text)
+    rec = state.store.get(rid)
+    assert (rec.review, rec.reviewer, rec.review_note) == ("BAD", "ann", "a scratch")
+    assert [h["reviewer"] for h in state.store.review_history(rid)] == ["bob", "ann"]
+
+
 def test_dashboard_shows_the_other_crops_of_a_part(
     live_server: tuple[str, Any], browser: Any, samples: Samples
 ) -> None:

@@ -89,6 +89,7 @@ from diffqc.service.store import (
     ArtifactStore,
     ResultRecord,
     ResultStore,
+    ReviewConflict,
     StoreError,
     default_artifact_root,
     redact_url,
@@ -1073,6 +1074,8 @@ class ReviewIn(BaseModel):
     reviewer: str | None = Field(default=None, max_length=MAX_ID_LEN)
     note: str | None = Field(default=None, max_length=2000)
     defect: str | None = Field(default=None, max_length=MAX_ID_LEN)  # its kind, with BAD
+    # the verdict the reviewer saw (null: none): refused (409) if another came first
+    replaces: Literal["GOOD", "BAD"] | None = None
 
 
 # --------------------------------------------------------------------------- the app
@@ -1579,7 +1582,12 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         if rec.decision == NOT_INSPECTED:
             raise ServiceError(409, "not_inspected", f"result {record_id} was not inspected")
         _, store = state.require()
-        updated = await run_in_threadpool(store.set_review, record_id, body.verdict, reviewer, note, defect)
+        replaces = body.replaces if "replaces" in body.model_fields_set else ...
+        try:
+            updated = await run_in_threadpool(lambda: store.set_review(
+                record_id, body.verdict, reviewer, note, defect, replaces=replaces))
+        except ReviewConflict as exc:
+            raise ServiceError(409, exc.code, str(exc)) from None
         if updated is None:  # pragma: no cover - deleted in between
             raise ServiceError(404, "not_found", f"no result with id {record_id}")
         return record_json(updated, settings.root_path)

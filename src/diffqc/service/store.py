@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from types import EllipsisType
 from typing import Any, TypedDict, Unpack
 from urllib.parse import SplitResult, urlsplit
 
@@ -129,6 +130,24 @@ _ADDED_COLUMNS = (
 _SELECT = "id, " + ", ".join(_COLUMNS)
 # A verdict, as the record holds its latest and the review history each one.
 _REVIEW_FIELDS = ("review", "reviewed_at", "reviewer", "review_note", "review_defect")
+
+
+class ReviewConflict(StoreError):
+    """A verdict sent as replacing the one its reviewer saw (``replaces``) while the record holds
+    another: a second reviewer's came first. Nothing was changed."""
+
+    code = "review_conflict"
+
+    def __init__(self, record_id: int, review: str | None, reviewed_at: float | None,
+                 reviewer: str | None) -> None:
+        if review is None:
+            said = f"result {record_id} has no verdict; nothing changed (send \"replaces\": null to give one)"
+        else:
+            who = reviewer or "a reviewer without a name"
+            said = (f"result {record_id} was reviewed meanwhile: {review} by {who} at "
+                    f"{iso_time(reviewed_at or 0.0)}; nothing changed (send \"replaces\": \"{review}\" "
+                    "to change it)")
+        super().__init__(said)
 
 # ``<table>_artifacts``: the rows that still name a kept image or heat map, what retention's pass
 # reads every minute (a few thousand of a history of millions: an expired row leaves the index)
@@ -777,12 +796,15 @@ class ResultStore:
 
     def set_review(
         self, record_id: int, verdict: str, reviewer: str | None = None, note: str | None = None,
-        defect: str | None = None,
+        defect: str | None = None, *, replaces: str | EllipsisType | None = ...,
     ) -> ResultRecord | None:
         """Record an operator's GOOD/BAD verdict beside the model's decision, with a BAD one the
         defect's kind (``defect``: "crack"; `results export --defects` labels the part with it).
         The record holds the latest; :meth:`review_history` every one given (a verdict given
-        before the history was kept enters it when it is first changed)."""
+        before the history was kept enters it when it is first changed). ``replaces``: the
+        verdict the reviewer saw (None: none); where the record holds another (a second
+        reviewer's came first), :class:`ReviewConflict` and nothing changes. Not given: the
+        latest verdict wins."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be GOOD or BAD, got {verdict!r}")
         if defect is not None and verdict != "BAD":
@@ -795,6 +817,8 @@ class ResultStore:
                 (record_id,)).fetchone()
             if before is None:
                 return None
+            if replaces is not ... and before[0] != replaces:
+                raise ReviewConflict(record_id, before[0], before[1], before[2])
             logged = self._q(f"SELECT COUNT(*) FROM {REVIEWS} WHERE record_id = ?")
             if before[0] is not None and not conn.execute(logged, (record_id,)).fetchone()[0]:
                 conn.execute(log_row, (record_id, *before))  # a verdict from before the history
