@@ -497,6 +497,25 @@ def test_cross_conformal_calibrates_every_good_image_out_of_fold(clear_dataset: 
         assert np.mean(cal.known[t].scores) > own, t
 
 
+def test_fit_refuses_a_type_name_the_service_could_not_take(clear_dataset: Path) -> None:
+    """A type named by a 250-character folder, or holding a control character (a manifest's
+    cell), was trained; `watch` stored its parts, but `POST /v1/inspect` and `GET /v1/results`
+    refuse such a name (422 bad_feature_type): a type the service can never be asked about. A
+    folder named in Latin-1 (``\xd6se``, from a Windows share) trained too, and `watch
+    --feature-type` of it ended in a UnicodeEncodeError traceback."""
+    from dataclasses import replace
+
+    from diffqc.data import MAX_NAME_LEN, load_dataset
+
+    samples = load_dataset(clear_dataset)
+    for bad, why in [("y" * (MAX_NAME_LEN + 1), "is 201 characters: at most 200"),
+                     ("dots\x01", "holds a control character"),
+                     ("\udcd6se", "holds a control character or bytes that are not UTF-8")]:  # Latin-1 "Öse"
+        renamed = [replace(s, feature_type=bad) if s.feature_type == "dots" else s for s in samples]
+        with pytest.raises(DatasetError, match=f"feature type .* {why}"):
+            Detector(tiny_config(), device="cpu").fit(renamed, progress=False)
+
+
 def test_fit_takes_a_dataset_path_or_samples(clear_dataset: Path) -> None:
     """`Detector(cfg).fit("data/")` was "'str' object has no attribute 'label'" (a Path: "not
     iterable"); a path is now read with load_dataset, and anything else that is not Samples is

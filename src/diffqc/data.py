@@ -28,6 +28,7 @@ from diffqc.errors import (
     first_few,
     type_key,
 )
+from diffqc.output import path_text
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".tif", ".tiff", ".webp", ".gif",
                             ".pgm", ".ppm", ".pnm", ".pbm"})
@@ -75,6 +76,32 @@ def image_shape(path: Path | str) -> tuple[int, int] | None:
             return (width, height) if _orientation(img) >= 5 else (height, width)
     except (OSError, Image.DecompressionBombError):  # UnidentifiedImageError is an OSError
         return None
+
+
+# the longest feature type (and the service's part id, line, ...): the API takes no longer one
+MAX_NAME_LEN = 200
+
+
+def unprintable(c: str) -> bool:
+    """Control characters (C0, DEL, C1), line/paragraph separators, surrogates (a file name that
+    is not UTF-8), U+FFFD (what invalid UTF-8 decodes to): never in a name the service takes."""
+    o = ord(c)
+    return o < 32 or 0x7F <= o <= 0x9F or o in (0x2028, 0x2029, 0xFFFD) or 0xD800 <= o <= 0xDFFF
+
+
+def check_type_names(types: Iterable[str]) -> None:
+    """A :class:`DatasetError` for a feature type the service could not be asked about (its API
+    refuses the name): longer than :data:`MAX_NAME_LEN` characters, or holding a character
+    :func:`unprintable` names."""
+    for name in types:
+        shown = "'" + path_text(name[:60]) + ("...'" if len(name) > 60 else "'")
+        if len(name) > MAX_NAME_LEN:
+            raise DatasetError(f"feature type {shown} is {len(name)} characters: at most {MAX_NAME_LEN} "
+                               "(the service's limit); name its folder or manifest cell shorter")
+        if any(unprintable(c) for c in name):
+            raise DatasetError(f"feature type {shown} holds a control character or bytes that are "
+                               "not UTF-8, which the service does not take; rename its folder or "
+                               "manifest cell")
 
 
 @dataclass(frozen=True)

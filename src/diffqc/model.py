@@ -36,6 +36,7 @@ from diffqc.config import CalibrationConfig, DetectorConfig, uses_layouts
 from diffqc.data import (
     DatasetWarning,
     Sample,
+    check_type_names,
     fingerprint,
     good_training,
     image_shape,
@@ -271,6 +272,7 @@ class Detector:
                           stacklevel=2)
         if not good:
             raise DatasetError("no GOOD training samples to fit on")
+        check_type_names({s.feature_type for s in good})
         # a copy on the calibration side of a fit image scores as a fit image: too low a threshold
         good, copy_notes = without_copies(good)
         for note in copy_notes:

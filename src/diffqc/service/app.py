@@ -40,7 +40,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffqc.bundle import check_bundle_files, read_bundle
-from diffqc.data import decode_image
+from diffqc.data import MAX_NAME_LEN, decode_image, unprintable
 from diffqc.drift import is_misrouted, prometheus_label
 from diffqc.errors import ConfigError, DiffqcError, ImageReadError, did_you_mean, unknown_feature_type
 from diffqc.machine import cgroup_memory_room
@@ -104,7 +104,7 @@ MIN_TOKEN_LENGTH = 16  # shorter, a token is said to be guessable at start (it i
 
 STATIC_DIR = Path(__file__).parent / "static"
 HTTP_SOURCE = "http"
-MAX_ID_LEN = 200
+MAX_ID_LEN = MAX_NAME_LEN
 
 
 @dataclass
@@ -775,24 +775,17 @@ async def _parse_form(request: Request, body: bytes, max_files: int) -> Any:
         raise ServiceError(400, "bad_multipart", f"cannot parse the multipart body: {detail}") from None
 
 
-def _bad_char(c: str) -> bool:
-    """Control characters (C0, DEL, C1), line/paragraph separators, surrogates, U+FFFD (what
-    invalid UTF-8 decodes to)."""
-    o = ord(c)
-    return o < 32 or 0x7F <= o <= 0x9F or o in (0x2028, 0x2029, 0xFFFD) or 0xD800 <= o <= 0xDFFF
-
-
 def _check_id(value: str | None, name: str, *, max_len: int = MAX_ID_LEN, breaks: bool = False,
               allow_empty: bool = True) -> str | None:
     """``value``; None for None or an empty one (no value, as a form's empty field sends it;
     with ``allow_empty=False``, a key that must name something, a 422 instead); or a 422
-    ``bad_<name>`` when over ``max_len`` characters or holding a character :func:`_bad_char`
+    ``bad_<name>`` when over ``max_len`` characters or holding a character :func:`unprintable`
     names (with ``breaks``, line breaks and tabs are let through: a note). PostgreSQL refuses a
     NUL in any text, so one would otherwise reach the store and read as the store being down."""
     if value is None or (value == "" and allow_empty):
         return None
     allowed = "\n\r\t" if breaks else ""
-    if not value or len(value) > max_len or any(_bad_char(c) and c not in allowed for c in value):
+    if not value or len(value) > max_len or any(unprintable(c) and c not in allowed for c in value):
         but = " but line breaks and tabs" if breaks else ""
         raise ServiceError(
             422,
