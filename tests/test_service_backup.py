@@ -127,3 +127,76 @@ def test_a_backup_that_cannot_be_written_leaves_nothing(tmp_path: Path) -> None:
         backup_store(str(db), out / "copy.db", force=True)
     assert [p.name for p in out.iterdir()] == ["copy.db"] and (out / "copy.db").read_bytes() == before
     assert earlier["records"] == 2000
+
+
+def test_results_restore_puts_the_backup_back_whatever_wal_a_crash_left(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A backup put back with `cp` over a store that a crash (a power cut, kill -9) left with its
+    -wal file is not the backup: SQLite applies that file's pages over it (here the backup's 50
+    records read as 80, the 30 it was taken to undo among them). `results restore BACKUP` puts
+    it back through SQLite, the store's own -wal applied first and then every page replaced,
+    after a copy of the store as it was, kept beside it; it is refused while another process
+    holds the store open (serve, watch), and for a backup that is not a result store."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    db = tmp_path / "results.db"
+    with ResultStore(str(db)) as store:
+        store.insert_many([_part(i) for i in range(50)])
+    backup_store(str(db), tmp_path / "b.db")
+    crash = ("import os, sys, time; from diffqc.service.store import ResultRecord, ResultStore; "
+             "s = ResultStore(sys.argv[1]); s.insert_many([ResultRecord(created_at=time.time(), "
+             "source='line', decision='PASS', feature_type='edge') for _ in range(30)]); os._exit(0)")
+    subprocess.run([sys.executable, "-c", crash, str(db)], check=True, timeout=60)
+    assert (tmp_path / "results.db-wal").exists()  # what the crash left
+    shutil.copy(tmp_path / "results.db-wal", tmp_path / "wal.saved")
+    shutil.copy(db, tmp_path / "db.saved")
+    shutil.copy(tmp_path / "b.db", db)  # the cp a user would do
+    with ResultStore(str(db), read_only=True) as store:
+        assert len(store.query(limit=None)) == 80  # not the backup
+    shutil.copy(tmp_path / "db.saved", db)
+    shutil.copy(tmp_path / "wal.saved", tmp_path / "results.db-wal")
+
+    assert main(["results", "restore", str(tmp_path / "b.db"), "--db", str(db)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["store"], out["records"]) == (str(db), 50)
+    assert [r.id for r in ResultStore(str(db), read_only=True).query(limit=None, oldest_first=True)] == \
+        list(range(1, 51))
+    kept = Path(out["kept"])
+    assert kept.parent == tmp_path and kept.name.startswith("results.db.before-restore-")
+    assert len(_ids(kept)) == 80  # the store as it was, with what the crash had committed
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from diffqc.service.store import "
+                               "ResultStore; s = ResultStore(sys.argv[1]); print('open', flush=True); "
+                               "time.sleep(60)", str(db)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"  # as serve holds it
+        assert main(["results", "restore", str(kept), "--db", str(db)]) == 1
+        err = capsys.readouterr().err
+        assert f"{db} is open in another process (serve or watch?): stop it, then restore" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(ResultStore(str(db), read_only=True).query(limit=None)) == 50  # unchanged
+    (tmp_path / "notes.txt").write_text("not a store")
+    for backup, why in [(tmp_path / "notes.txt", "is not a diffqc result store"),
+                        (tmp_path / "missing.db", "does not exist"), (db, "is the store itself")]:
+        assert main(["results", "restore", str(backup), "--db", str(db)]) == 1
+        assert why in capsys.readouterr().err
+    for store, why in [("postgresql://line@127.0.0.1:1/qc", "restore it with PostgreSQL's own tools"),
+                       (str(tmp_path / "notes.txt"), "notes.txt is not a diffqc result store; nothing is")]:
+        assert main(["results", "restore", str(kept), "--db", store]) == 1
+        assert why in capsys.readouterr().err
+    with full_disk(40_000):  # no room for the copy of the store as it is: nothing restored
+        assert main(["results", "restore", str(kept), "--db", str(db)]) == 1
+    assert f"cannot keep a copy of {db} as {db}.before-restore-" in capsys.readouterr().err
+    with full_disk(4096):  # nor to read the store (SQLite's -shm): said, not "not a result store"
+        assert main(["results", "restore", str(kept), "--db", str(db)]) == 1
+    assert f"cannot read {db}: disk I/O error" in capsys.readouterr().err
+    assert len(ResultStore(str(db), read_only=True).query(limit=None)) == 50
+    assert main(["results", "restore", str(kept), "--db", str(tmp_path / "new.db")]) == 0  # a new store
+    assert "kept" not in json.loads(capsys.readouterr().out)
+    assert len(ResultStore(str(tmp_path / "new.db"), read_only=True).query(limit=None)) == 80
+    assert os.path.exists(kept)

@@ -2,7 +2,7 @@
 they do for the line (sinks, OPC UA, drift and file watches, retention, logs, systemd).
 
 Entry points (``diffqc serve``, ``diffqc watch``, ``diffqc results export``, ``list``,
-``summary`` and ``backup``):
+``summary``, ``backup`` and ``restore``):
 :func:`run_server`, :func:`run_watch`, :func:`export_reviewed_good`, :func:`list_results`, and
 :func:`add_service_commands` which registers the sub-commands on an argparse
 sub-parsers object (each sets ``func``: call ``args.func(args)`` to run it).
@@ -362,6 +362,13 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     from diffqc.service.store import backup_store, store_url
 
     print(json_line(backup_store(store_url(args.db), args.out, force=args.force)))
+    return 0
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from diffqc.service.store import restore_store, store_url
+
+    print(json_line(restore_store(args.backup, store_url(args.db))))
     return 0
 
 
@@ -837,3 +844,14 @@ def add_service_commands(subparsers: Any) -> None:
     bk.add_argument("--db", type=path_name, default=None, help=db_help)
     bk.add_argument("--force", action="store_true", help="replace OUT when it is an earlier backup")
     bk.set_defaults(func=_cmd_backup)
+    rs = rsub.add_parser("restore", help="put a backup back as the SQLite result store (serve and watch "
+                                         "stopped)",
+                         description="Put a `results backup` back as the result store, through SQLite (a "
+                                     "cp of the backup over a store that a crash left with its -wal file "
+                                     "is not the backup: SQLite applies that file over it). The store as "
+                                     "it was is first copied beside it (STORE.before-restore-<UTC "
+                                     "time>.db). Refused while serve or watch hold the store open: stop "
+                                     "them first. A PostgreSQL store is restored with pg_restore.")
+    rs.add_argument("backup", type=path_name, help="the backup's file")
+    rs.add_argument("--db", type=path_name, default=None, help=db_help)
+    rs.set_defaults(func=_cmd_restore)

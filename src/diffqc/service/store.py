@@ -1104,46 +1104,131 @@ def backup_store(db_url: str, out: str | Path, *, force: bool = False) -> dict[s
         if not _holds_results(target):
             raise StoreError(f"{target} is not a diffqc result store: --force replaces an earlier "
                              "backup only; give another path")
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
         with ResultStore(str(source), read_only=True) as store:
-            copy = sqlite3.connect(tmp, isolation_level=None)
-            try:
-                store._writer.backup(copy)  # every page in one step: one read transaction of the store
-                copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
-                problems = [r[0] for r in copy.execute("PRAGMA integrity_check").fetchall()]
-                if problems != ["ok"]:
-                    raise StoreError(f"the copy of {source} fails SQLite's integrity check: "
-                                     f"{'; '.join(problems[:3])}; the store may be damaged "
-                                     "(sqlite3 STORE '.recover' reads what it can)")
-                records = int(copy.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()[0])
-            finally:
-                copy.close()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException as exc:
-        for leftover in (tmp, Path(f"{tmp}-journal"), Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
-            with contextlib.suppress(OSError):  # ours: written by this call
-                leftover.unlink(missing_ok=True)
-        if isinstance(exc, sqlite3.Error | OSError) and not isinstance(exc, StoreError):
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            if isinstance(exc, OSError) or why in ("disk I/O error", "database or disk is full"):
-                raise StoreError(f"cannot write the backup {target}: {why}") from None
-            raise StoreError(f"cannot back up {source}: {why}") from None
-        raise
-    with contextlib.suppress(OSError):  # the rename outlives a power cut
-        folder = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+            records = _copy_store(store._writer, source, target)
+    except (sqlite3.Error, OSError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if isinstance(exc, OSError) or why in ("disk I/O error", "database or disk is full"):
+            raise StoreError(f"cannot write the backup {target}: {why}") from None
+        raise StoreError(f"cannot back up {source}: {why}") from None
     return {"backup": str(target), "records": records, "bytes": target.stat().st_size,
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
+def restore_store(backup: str | Path, db_url: str) -> dict[str, Any]:
+    """Put a backup (:func:`backup_store`) back as the SQLite result store ``db_url`` (``diffqc
+    results restore``), through SQLite's backup API into the store itself: the store's own -wal
+    is applied first and then every page replaced (a ``cp`` of the backup over a store that a
+    crash left with its -wal gives the backup plus that file's pages, not the backup). The store
+    as it was is first copied beside it, ``<store>.before-restore-<UTC time>.db``: nothing is
+    lost. Refused while another process holds the store open (``serve``, ``watch``), and for a
+    backup that is not a result store or fails SQLite's integrity check. A store that does not
+    exist is made from the backup. Returns ``{"store", "records", "kept", "seconds"}`` (``kept``
+    only where there was a store)."""
+    if is_postgres_url(db_url):
+        raise StoreError(f"{redact_url(db_url)} is a PostgreSQL store: restore it with PostgreSQL's own "
+                         "tools (pg_restore); results restore puts back a SQLite store")
+    t0 = time.perf_counter()
+    source, target = Path(backup).absolute(), sqlite_path(db_url).absolute()
+    if not source.is_file():
+        raise StoreError(f"the backup {source} does not exist or is not a file")
+    if target.exists() and target.samefile(source):
+        raise StoreError(f"{source} is the store itself: give the backup to put back")
+    if not _holds_results(source):
+        raise StoreError(f"{source} is not a diffqc result store (a `diffqc results backup`)")
+    if not target.parent.is_dir():
+        raise StoreError(f"cannot restore to {target}: its folder {target.parent} does not exist")
+    had_store = target.exists() and target.stat().st_size > 0
+    if had_store and not _holds_results(target):
+        raise StoreError(f"{target} is not a diffqc result store; nothing is replaced: give --db the store")
+    src = sqlite3.connect(f"{source.as_uri()}?mode=ro", uri=True)
+    try:
+        problems = [r[0] for r in src.execute("PRAGMA integrity_check").fetchall()]
+        if problems != ["ok"]:
+            raise StoreError(f"the backup {source} fails SQLite's integrity check: {'; '.join(problems[:3])}")
+        conn = sqlite3.connect(target, timeout=0, isolation_level=None)
+        try:
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")  # held until closed: no one opens it meanwhile
+            try:
+                conn.execute("BEGIN EXCLUSIVE")
+                conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # its -wal applied
+                conn.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                raise StoreError(f"{target} is open in another process (serve or watch?): stop it, then "
+                                 "restore") from None
+            result: dict[str, Any] = {"store": str(target)}
+            if had_store:
+                stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+                kept = target.with_name(f"{target.name}.before-restore-{stamp}.db")
+                n = 1
+                while kept.exists():  # a second restore within the second
+                    n += 1
+                    kept = target.with_name(f"{target.name}.before-restore-{stamp}-{n}.db")
+                try:
+                    _copy_store(conn, target, kept)
+                except (sqlite3.Error, OSError) as exc:
+                    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                    raise StoreError(f"cannot keep a copy of {target} as {kept} ({why}); nothing was "
+                                     "restored") from None
+                result["kept"] = str(kept)
+            src.backup(conn)
+            if conn.execute("PRAGMA integrity_check").fetchone()[0] != "ok":  # pragma: no cover
+                raise StoreError(f"{target} fails SQLite's integrity check after the restore; the store "
+                                 f"as it was is {result.get('kept')}")
+            result["records"] = int(conn.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()[0])
+        finally:
+            conn.close()
+    except (sqlite3.Error, OSError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise StoreError(f"cannot restore {source} to {target}: {why}") from None
+    finally:
+        src.close()
+    return {**result, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _copy_store(conn: sqlite3.Connection, source: Path, out: Path) -> int:
+    """Copy the store ``conn`` holds (``source``) to ``out`` as one self-contained file (rollback
+    journal, not WAL), in one step (one read transaction: the store as of one commit), checked
+    (``PRAGMA integrity_check``), then renamed into place: ``out`` is the whole copy or nothing.
+    Returns its records."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        copy = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.backup(copy)
+            copy.execute("PRAGMA journal_mode=DELETE")
+            problems = [r[0] for r in copy.execute("PRAGMA integrity_check").fetchall()]
+            if problems != ["ok"]:
+                raise StoreError(f"the copy of {source} fails SQLite's integrity check: "
+                                 f"{'; '.join(problems[:3])}; the store may be damaged "
+                                 "(sqlite3 STORE '.recover' reads what it can)")
+            records = int(copy.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()[0])
+        finally:
+            copy.close()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        for leftover in (tmp, Path(f"{tmp}-journal"), Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            with contextlib.suppress(OSError):  # ours: written by this call
+                leftover.unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):  # the rename outlives a power cut
+        folder = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    return records
+
+
 def _holds_results(path: Path) -> bool:
-    """Is ``path`` a SQLite file with diffqc's results table (an earlier backup)?"""
+    """Is ``path`` a SQLite file with diffqc's results table (an earlier backup)? One SQLite
+    cannot read for want of room or rights (a full disk) is a :class:`StoreError` saying so,
+    not "no"."""
     try:
         conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
         try:
@@ -1151,8 +1236,12 @@ def _holds_results(path: Path) -> bool:
                                 (TABLE,)).fetchone() is not None
         finally:
             conn.close()
-    except sqlite3.Error:
-        return False
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc):
+            return False
+        raise StoreError(f"cannot read {path}: {exc}") from None
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from None
 
 
 def stored_records(store: ResultStore, *, batch: int = 500, **filters: Any) -> Iterator[ResultRecord]:
