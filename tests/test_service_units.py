@@ -576,6 +576,15 @@ def test_a_time_can_be_a_span_back_from_now(tmp_path: Path, capsys: pytest.Captu
     for bad in ["8 hours", "1y", "-1h", "h"]:
         with pytest.raises(ServiceError, match="neither epoch seconds nor ISO 8601 nor a span"):
             parse_time(bad, "since")
+    # what a script sends by mistake: JavaScript's Date.now() (milliseconds: an empty answer, the
+    # year 58890 as seconds), and an offset's "+" unescaped in a URL (read as a space)
+    with pytest.raises(ServiceError, match=r"since=1796414640000 lies past the year 9999 as epoch "
+                                           r"seconds: milliseconds\? give seconds \(1796414640\)"):
+        parse_time("1796414640000", "since")
+    assert parse_time("253402300799", "until") == 253402300799  # 9999-12-31T23:59:59Z: "for ever"
+    with pytest.raises(ServiceError, match=r"since='2026-12-04T18:00 01:00' is neither .*; a \+ in a "
+                                           r"URL's query reads as a space: write it %2B"):
+        parse_time("2026-12-04T18:00 01:00", "since")
     db = tmp_path / "line.db"
     with ResultStore(str(db)) as store:
         store.insert_many([_rec("night", created_at=now - 10 * 3600), _rec("shift", created_at=now - 3600)])
@@ -673,9 +682,9 @@ def test_cli_says_a_period_time_without_zone_is_utc_where_the_machine_is_not(
         for edge in ("9999-12-31T23:59", "0001-01-01"):  # an hour off leaves the calendar
             assert main(["results", "list", "--db", str(db), "--since", edge]) == 0
             assert "milliseconds" not in capsys.readouterr().err
-        assert main(["results", "list", "--db", str(db), "--since", "1700000000000"]) == 0  # milliseconds
-        assert ("--since 1700000000000 lies in the future (epoch seconds: milliseconds divided by "
-                "1000?)") in capsys.readouterr().err
+        assert main(["results", "list", "--db", str(db), "--since", "1700000000000"]) == 1  # milliseconds
+        assert ("since=1700000000000 lies past the year 9999 as epoch seconds: milliseconds? give "
+                "seconds (1700000000)") in capsys.readouterr().err
         monkeypatch.setenv("TZ", "UTC0")
         time.tzset()
         assert main(["results", "summary", "--db", str(db), "--since", "2023-11-14T22:00"]) == 0

@@ -336,11 +336,7 @@ def _period_time(value: str | None, name: str) -> float | None:
                       f"machine's clock (UTC{offset}); write {written}{offset} for "
                       f"{wall.strftime('%H:%M')} here, or {written}Z for UTC", stacklevel=2)
     if name == "since" and seconds > time.time() + 60:
-        when = f"{seconds:.0f} s after 1970 UTC"
-        with contextlib.suppress(ValueError, OverflowError, OSError):  # past the year 9999
-            when = dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="seconds")
-        if value.replace(".", "", 1).isdigit() and seconds > 1e11:  # the year 5138 on
-            when = "epoch seconds: milliseconds divided by 1000?"
+        when = dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="seconds")
         warnings.warn(f"--since {value} lies in the future ({when}): nothing is stored after it yet",
                       stacklevel=2)
     return seconds

@@ -545,6 +545,10 @@ _SPAN = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _SPAN_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+LAST_SECOND = 253402300799  # 9999-12-31T23:59:59Z, the last time ISO 8601 and Python write
+_SPACED_OFFSET = re.compile(r"\d \d\d(:?\d\d)?$")  # 18:00+01:00 sent unescaped: "18:00 01:00"
+
+
 def parse_time(value: str | None, name: str) -> float | None:
     """Epoch seconds, ISO 8601 (UTC when no offset) or a span back from now (``8h``: eight hours
     ago; ``s``, ``m``, ``h``, ``d``) -> epoch seconds."""
@@ -559,13 +563,17 @@ def parse_time(value: str | None, name: str) -> float | None:
     else:
         if not math.isfinite(seconds):  # "nan", "inf": float() takes them, no time is one
             raise ServiceError(422, "bad_time", f"{name}={value!r} is not a time")
+        if seconds > LAST_SECOND:  # JavaScript's Date.now(): no record's time, an empty answer
+            raise ServiceError(422, "bad_time", f"{name}={value} lies past the year 9999 as epoch seconds: "
+                               f"milliseconds? give seconds ({seconds / 1000:.0f})")
         return seconds
     try:
         parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
+        plus = "; a + in a URL's query reads as a space: write it %2B" if _SPACED_OFFSET.search(value) else ""
         raise ServiceError(
             422, "bad_time", f"{name}={value!r} is neither epoch seconds nor ISO 8601 nor a span "
-            "back from now such as 8h"
+            f"back from now such as 8h{plus}"
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.UTC)
