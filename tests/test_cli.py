@@ -487,6 +487,22 @@ def test_reports_and_tables_go_to_dev_stdout(tiny_model: Path, clear_dataset: Pa
     assert full.stderr.strip().endswith("diffqc: error: cannot write /dev/full: No space left on device")
 
 
+def test_inspect_reads_an_image_from_a_pipe(tiny_model: Path, clear_dataset: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """``grab | diffqc inspect MODEL /dev/stdin`` (or ``<(curl -s http://camera/snapshot)``) was
+    "no such file": the piped image is scored."""
+    image = next((clear_dataset / "dots" / "test" / "blob").iterdir())
+    proc = subprocess.run([sys.executable, "-m", "diffqc.cli", "inspect", str(tiny_model), "/dev/stdin",
+                           "--feature-type", "dots", "--runtime", "torch"],
+                          input=image.read_bytes(), capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert row["path"] == "/dev/stdin"
+    assert main(["inspect", str(tiny_model), str(image), "--feature-type", "dots", "--runtime", "torch"]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert (row["score"], row["decision"]) == pytest.approx((from_file["score"], from_file["decision"]))
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="resource limits are POSIX")
 def test_running_out_of_memory_is_one_error_line(tmp_path: Path) -> None:
     """A job larger than the machine (here: a 4000 px synthetic set under a 800 MB address-space

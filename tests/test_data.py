@@ -425,16 +425,31 @@ def test_a_tab_separated_manifest_as_spreadsheets_name_it(tmp_path: Path, clear_
         load_dataset(tmp_path / "m.xlsx")
 
 
-def test_a_device_or_a_pipe_given_as_an_image_or_a_dataset_is_named_as_such(tmp_path: Path) -> None:
-    """``inspect MODEL /dev/zero`` said "no such file" and ``train /dev/zero`` "dataset folder
-    /dev/zero does not exist": it exists, and is neither an image file nor a folder."""
+def test_an_image_from_a_pipe_is_read_and_a_device_or_pipe_is_no_dataset(
+        tmp_path: Path, clear_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image from a pipe (``inspect MODEL /dev/stdin`` fed by a grabber, ``<(curl -s
+    http://camera/snapshot)``, a named pipe) was "no such file": it is read, at most
+    ``MAX_STREAM_BYTES`` (``/dev/zero`` is not read for ever); ``train /dev/zero`` said "dataset
+    folder /dev/zero does not exist": it exists, and is no folder."""
     import os
+    import threading
 
+    from diffqc import data
+
+    image = next((clear_dataset / "dots" / "train" / "good").iterdir())
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
+    feeder = threading.Thread(target=lambda: fifo.write_bytes(image.read_bytes()), daemon=True)
+    feeder.start()
+    assert (decode_image(fifo) == decode_image(image)).all()
+    feeder.join(10)
+    monkeypatch.setattr(data, "MAX_STREAM_BYTES", 2**20)
+    with pytest.raises(ImageReadError, match=r"/dev/zero: more than 1 MiB from a pipe or device: not one "
+                                             r"image"):
+        decode_image(Path("/dev/zero"))
+    with pytest.raises(ImageReadError, match="empty input"):
+        decode_image(Path("/dev/null"))
     for path in (Path("/dev/zero"), fifo):
-        with pytest.raises(ImageReadError, match=r"not a file \(a device or a pipe\)"):
-            decode_image(path)
         with pytest.raises(DatasetError, match=f"{path} is a device or a pipe, not a dataset folder"):
             load_dataset(path)
     with pytest.raises(ImageReadError, match="no such file"):

@@ -78,6 +78,9 @@ def image_shape(path: Path | str) -> tuple[int, int] | None:
         return None
 
 
+# the most read from a pipe or a character device as one image (/dev/zero gives for ever)
+MAX_STREAM_BYTES = 256 * 2**20
+
 # the longest feature type (and the service's part id, line, ...): the API takes no longer one
 MAX_NAME_LEN = 200
 
@@ -223,6 +226,21 @@ def _images_of_first_size(img: Image.Image) -> int:
     return alike
 
 
+def _read_stream(path: Path, name: str) -> bytes:
+    """The bytes a pipe or a character device gives, at most :data:`MAX_STREAM_BYTES`."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_STREAM_BYTES + 1)
+    except OSError as exc:
+        raise ImageReadError(name, exc.strerror or str(exc)) from None
+    if len(data) > MAX_STREAM_BYTES:
+        raise ImageReadError(name, f"more than {MAX_STREAM_BYTES >> 20} MiB from a pipe or device: not one "
+                             "image")
+    if not data:
+        raise ImageReadError(name, "empty input")
+    return data
+
+
 def decode_image(data: bytes | Path | str, source: str | None = None) -> np.ndarray:
     """Decode an image (path or encoded bytes) to HxWx3 float32 in [0, 1].
 
@@ -237,11 +255,15 @@ def decode_image(data: bytes | Path | str, source: str | None = None) -> np.ndar
             raise ImageReadError(name, "empty input")
         handle: io.BytesIO | Path = io.BytesIO(data)
     else:
-        handle = Path(data)
-        if not handle.is_file():
-            raise ImageReadError(name, "no such file" if not handle.exists()
-                                 else "a folder, not an image file" if handle.is_dir()
-                                 else "not a file (a device or a pipe); give an image file")
+        path = Path(data)
+        if path.is_file():
+            handle = path
+        elif path.exists() and not path.is_dir() and not path.is_block_device():
+            handle = io.BytesIO(_read_stream(path, name))  # /dev/stdin, <(curl ...), a grabber's FIFO
+        else:
+            why = ("no such file" if not path.exists() else "a folder, not an image file" if path.is_dir()
+                   else "a disk device, not an image file")
+            raise ImageReadError(name, why)
     try:
         with Image.open(handle) as img:
             w, h = img.size
