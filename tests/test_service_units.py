@@ -1608,3 +1608,21 @@ def test_an_overdue_part_whose_push_the_store_refused_is_pushed_once_it_can_writ
     down = [r for r in caplog.records if "cannot judge or push the overdue parts" in r.getMessage()]
     assert len(down) == 1 and "database or disk is full" in down[0].getMessage()
     assert any("the overdue parts can be judged and pushed again" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("option", ["--line", "--station", "--camera"])
+def test_a_line_name_the_api_could_not_filter_by_is_refused_as_parsed(
+        option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`watch --line "L1<tab>X"` stored the line with every part, but `GET /v1/results?line=...`
+    refuses a tab (422 bad_line): a line its own API could not be asked about; `serve --station`
+    with a control character started alike. A usage error now, as the API's rule (at most 200
+    printable characters, not empty)."""
+    from diffqc.cli import main
+
+    for bad, said in [("L1\tX", "printable"), ("c" * 201, "at most 200"), ("", "empty")]:
+        for command in (["watch", str(tmp_path), str(tmp_path)], ["serve", str(tmp_path)]):
+            with pytest.raises(SystemExit) as exit_:
+                main([*command, option, bad])
+            assert exit_.value.code == 2
+            err = capsys.readouterr().err
+            assert f"argument {option}: expected" in err and said in err, err

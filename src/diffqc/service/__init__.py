@@ -23,9 +23,9 @@ from typing import Any
 
 from diffqc.arguments import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, integer, names, number, path_name
 from diffqc.calibration import DECISIONS, NOT_INSPECTED
-from diffqc.data import MAX_IMAGE_PIXELS
+from diffqc.data import MAX_IMAGE_PIXELS, MAX_NAME_LEN, unprintable
 from diffqc.errors import ConfigError, RuntimeUnavailableError
-from diffqc.output import json_line, text_columns
+from diffqc.output import json_line, path_text, text_columns
 from diffqc.runtime import add_runtime_arguments
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE
 
@@ -520,19 +520,33 @@ def _add_image_limit_argument(p: argparse.ArgumentParser, *, buffered: bool) -> 
                        "20 MP): raise --buffer-mb with it" if buffered else ""))
 
 
+def recorded_name(text: str) -> str:
+    """An argparse ``type``: a name recorded with every part (``--line``, ``--station``,
+    ``--camera``), as the API takes it to filter by: 1 to :data:`~diffqc.data.MAX_NAME_LEN`
+    printable characters."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a name, got an empty one")
+    if len(text) > MAX_NAME_LEN or any(unprintable(c) for c in text):
+        raise argparse.ArgumentTypeError(
+            f"expected at most {MAX_NAME_LEN} printable characters (no tab, line break or control "
+            f"character), as the API takes it to filter by, got {path_text(text[:60])!r}")
+    return text
+
+
 def _add_line_arguments(p: argparse.ArgumentParser, window_help: str, *, folders: bool = False) -> None:
     from diffqc.service.parts import PART_WINDOW_S
 
-    p.add_argument("--line", default=None, help="line recorded on watched-folder parts")
-    p.add_argument("--station", default=None,
+    p.add_argument("--line", type=recorded_name, default=None, help="line recorded on watched-folder parts")
+    p.add_argument("--station", type=recorded_name, default=None,
                    help="station recorded on watched-folder parts; it also names this service's kept "
                         "drift alarms, apart from other services' on a shared store")
     if folders:  # serve --watch A --watch B: one camera each
-        p.add_argument("--camera", action="append", default=None,
+        p.add_argument("--camera", type=recorded_name, action="append", default=None,
                        help="camera recorded on watched-folder parts: once for every folder, or once "
                        "per --watch, in the same order (the drift watch tests each camera apart)")
     else:
-        p.add_argument("--camera", default=None, help="camera recorded on watched-folder parts")
+        p.add_argument("--camera", type=recorded_name, default=None,
+                       help="camera recorded on watched-folder parts")
     p.add_argument("--part-id-pattern", default=None, metavar="REGEX",
                    help="the part id in a watched file's name without its suffix: the regular "
                         "expression's group named part, its only group, or its match "
