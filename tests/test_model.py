@@ -296,6 +296,31 @@ def test_save_over_a_bundle_replaces_only_its_files(tiny_model: Path, tmp_path: 
     Detector.load(out, device="cpu")
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_saved_bundle_is_readable_as_the_umask_says(tiny_model: Path, tmp_path: Path, umask: int) -> None:
+    """A new bundle's folder was 0700 and its weights 0600 whatever the umask (a temporary
+    folder renamed into place; safetensors writes 0600): `sudo diffqc train ... --out
+    /opt/diffqc/models/edge` gave a bundle that deploy/diffqc.service (DynamicUser) or the
+    container's user could not read. The folder and every file now have the modes the umask
+    gives any other file, a new folder or one saved into alike."""
+    import os
+    import stat
+
+    det = Detector.load(tiny_model, device="cpu")
+    old = os.umask(umask)
+    try:
+        new = det.save(tmp_path / "new")
+        (tmp_path / "existing").mkdir()
+        into = det.save(tmp_path / "existing")
+    finally:
+        os.umask(old)
+    for folder in (new, into):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {
+            name: 0o666 & ~umask for name in ("weights.safetensors", "config.json", "calibration.json",
+                                             "metadata.json")}
+
+
 def test_full_disk_on_save_is_an_output_error_and_keeps_the_previous_bundle(
         tiny_model: Path, tmp_path: Path) -> None:
     det = Detector.load(tiny_model, device="cpu")

@@ -71,7 +71,14 @@ from diffqc.inspection import (
     verdicts,
 )
 from diffqc.machine import cgroup_memory_room
-from diffqc.output import PARTIAL_PREFIX, check_output_folder, folder_bytes, interrupted_saves, path_text
+from diffqc.output import (
+    PARTIAL_PREFIX,
+    check_output_folder,
+    folder_bytes,
+    interrupted_saves,
+    path_text,
+    with_plain_modes,
+)
 from diffqc.scoring import DiffusionScorer, aggregate, upsample_and_smooth
 
 if TYPE_CHECKING:
@@ -669,6 +676,7 @@ class Detector:
         for name in BUNDLE_FILES:
             with open(folder / name, "rb") as fh:
                 os.fsync(fh.fileno())
+        with_plain_modes(folder, BUNDLE_FILES)  # a service run as another user reads it
 
     @classmethod
     def load(cls, path: Path | str, *, device: str | None = None) -> Detector:

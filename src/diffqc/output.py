@@ -44,6 +44,29 @@ def interrupted_saves(path: Path, *, min_age_s: float = 600.0) -> list[Path]:
     return sorted(found)
 
 
+def umask() -> int:
+    """This process's umask: from ``/proc/self/status`` on Linux (read without changing it, as
+    another thread may be making a file), else by setting and restoring it."""
+    with suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def with_plain_modes(folder: Path, names: Sequence[str]) -> None:
+    """Give ``folder`` and its files ``names`` the modes the umask gives any new folder and file
+    (0755 and 0644 under the usual 022): a temporary folder is made 0700, and safetensors writes
+    0600, which a service run as another user (systemd's DynamicUser, a container's) cannot read.
+    A file system without modes (a FAT stick, some network shares) keeps its own."""
+    mask = umask()
+    for path, mode in [*((folder / name, 0o666) for name in names), (folder, 0o777)]:
+        with suppress(OSError):
+            os.chmod(path, mode & ~mask)
+
+
 def folder_bytes(path: Path) -> int:
     """The bytes of the files under ``path`` (0 for what cannot be read)."""
     total = 0
