@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -61,6 +62,29 @@ def test_watch_inspects_moves_and_uses_subfolder_types(
     assert (folder / "processed" / t1 / "part-1.png").is_file()
     assert (folder / "notes.txt").exists() and (folder / "part-2.png.tmp").exists()
     assert w.step().inspected == 0  # nothing new
+
+
+def test_watch_refuses_to_take_a_dataset_apart(tmp_path: Path, service_model: tuple[Path, Path],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`diffqc watch DATA MODEL` (a new user's `watch` for `inspect`) moved every image of the
+    dataset, training ones too, into DATA/processed/...: `train DATA` then found no images. A
+    folder holding a dataset (a train/ or test/ folder with good/ in it, at any of the layout's
+    levels) is refused unless --keep, which moves nothing; nothing is moved."""
+    from diffqc.cli import main
+
+    model, dataset = service_model
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*.png"))
+    for folder in (data, data / "dots", data / "dots" / "train", data / "dots" / "train" / "good"):
+        assert main(["watch", str(folder), str(model), "--once", "--db", str(tmp_path / "r.db")]) == 1
+        err = capsys.readouterr().err
+        assert f"watch: {folder.resolve()} holds a dataset (" in err and "would take it apart" in err, err
+        assert "--keep" in err
+    assert sorted(p.relative_to(data) for p in data.rglob("*.png")) == before
+    assert main(["watch", str(data / "dots" / "test"), str(model), "--once", "--keep",
+                 "--db", str(tmp_path / "r.db")]) == 0  # moves nothing
+    assert sorted(p.relative_to(data) for p in data.rglob("*.png")) == before
 
 
 def test_watch_names_once_a_folder_named_almost_as_a_type(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -188,7 +189,38 @@ def check_watch_folder(folder: Path | str, *, moves_into: Sequence[Path | str] =
     if moves_into and not os.access(root, os.W_OK | os.X_OK):  # the files leave it
         raise OutputError(f"watch: cannot move inspected files out of {root} (it is not writable): "
                           f"{hint}")
+    if moves_into and (held := dataset_in(root)) is not None:
+        raise OutputError(f"watch: {root} holds a dataset ({held}): watch moves each image it inspects "
+                          "into processed/, which would take it apart; score a dataset with `diffqc "
+                          "inspect MODEL DIR` or `diffqc test MODEL DIR` (`diffqc watch DIR MODEL --keep` "
+                          "moves nothing)")
     return root
+
+
+_SPLITS = ("train", "test")
+
+
+def dataset_in(root: Path, *, most: int = 64) -> Path | None:
+    """A sign that ``root`` holds a dataset in MVTec's layout (a camera's folder never does): a
+    ``train/`` or ``test/`` folder with ``good/`` in it, as ``root`` or in it or in one of its
+    first ``most`` folders (a root of types), or ``root`` being such a ``good/``. None if not."""
+
+    def folders(p: Path) -> list[Path]:
+        with contextlib.suppress(OSError), os.scandir(p) as entries:
+            found = (Path(e.path) for e in entries if e.is_dir() and not e.name.startswith("."))
+            return list(itertools.islice(found, most))
+        return []
+
+    def good_in(split: Path) -> Path | None:
+        if split.name.lower() not in _SPLITS:
+            return None
+        return next((g for g in folders(split) if g.name.lower() == "good"), None)
+
+    if root.name.lower() == "good" and root.parent.name.lower() in _SPLITS:
+        return root
+    below = folders(root)  # a type's splits, or a root's types
+    splits = [root, *below, *(split for folder in below for split in folders(folder))]
+    return next((good for split in splits if (good := good_in(split)) is not None), None)
 
 
 def check_feature_type(feature_type: str | None, classes: Sequence[str]) -> None:
