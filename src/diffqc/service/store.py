@@ -1108,12 +1108,17 @@ def backup_store(db_url: str, out: str | Path, *, force: bool = False) -> dict[s
         with ResultStore(str(source), read_only=True) as store:
             records = _copy_store(store._writer, source, target)
     except (sqlite3.Error, OSError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        why = _why(exc)
         if isinstance(exc, OSError) or why in ("disk I/O error", "database or disk is full"):
             raise StoreError(f"cannot write the backup {target}: {why}") from None
         raise StoreError(f"cannot back up {source}: {why}") from None
     return {"backup": str(target), "records": records, "bytes": target.stat().st_size,
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _why(exc: sqlite3.Error | OSError) -> str:
+    """The OS's or SQLite's words for a failure (not the file's name twice)."""
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 def restore_store(backup: str | Path, db_url: str) -> dict[str, Any]:
@@ -1126,22 +1131,8 @@ def restore_store(backup: str | Path, db_url: str) -> dict[str, Any]:
     backup that is not a result store or fails SQLite's integrity check. A store that does not
     exist is made from the backup. Returns ``{"store", "records", "kept", "seconds"}`` (``kept``
     only where there was a store)."""
-    if is_postgres_url(db_url):
-        raise StoreError(f"{redact_url(db_url)} is a PostgreSQL store: restore it with PostgreSQL's own "
-                         "tools (pg_restore); results restore puts back a SQLite store")
     t0 = time.perf_counter()
-    source, target = Path(backup).absolute(), sqlite_path(db_url).absolute()
-    if not source.is_file():
-        raise StoreError(f"the backup {source} does not exist or is not a file")
-    if target.exists() and target.samefile(source):
-        raise StoreError(f"{source} is the store itself: give the backup to put back")
-    if not _holds_results(source):
-        raise StoreError(f"{source} is not a diffqc result store (a `diffqc results backup`)")
-    if not target.parent.is_dir():
-        raise StoreError(f"cannot restore to {target}: its folder {target.parent} does not exist")
-    had_store = target.exists() and target.stat().st_size > 0
-    if had_store and not _holds_results(target):
-        raise StoreError(f"{target} is not a diffqc result store; nothing is replaced: give --db the store")
+    source, target, had_store = _restore_paths(backup, db_url)
     src = sqlite3.connect(f"{source.as_uri()}?mode=ro", uri=True)
     try:
         problems = [r[0] for r in src.execute("PRAGMA integrity_check").fetchall()]
@@ -1170,7 +1161,7 @@ def restore_store(backup: str | Path, db_url: str) -> dict[str, Any]:
                 try:
                     _copy_store(conn, target, kept)
                 except (sqlite3.Error, OSError) as exc:
-                    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                    why = _why(exc)
                     raise StoreError(f"cannot keep a copy of {target} as {kept} ({why}); nothing was "
                                      "restored") from None
                 result["kept"] = str(kept)
@@ -1182,11 +1173,32 @@ def restore_store(backup: str | Path, db_url: str) -> dict[str, Any]:
         finally:
             conn.close()
     except (sqlite3.Error, OSError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        why = _why(exc)
         raise StoreError(f"cannot restore {source} to {target}: {why}") from None
     finally:
         src.close()
     return {**result, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _restore_paths(backup: str | Path, db_url: str) -> tuple[Path, Path, bool]:
+    """The backup and the store of :func:`restore_store`, checked, and whether the store holds
+    anything (a copy of it is then kept)."""
+    if is_postgres_url(db_url):
+        raise StoreError(f"{redact_url(db_url)} is a PostgreSQL store: restore it with PostgreSQL's own "
+                         "tools (pg_restore); results restore puts back a SQLite store")
+    source, target = Path(backup).absolute(), sqlite_path(db_url).absolute()
+    if not source.is_file():
+        raise StoreError(f"the backup {source} does not exist or is not a file")
+    if target.exists() and target.samefile(source):
+        raise StoreError(f"{source} is the store itself: give the backup to put back")
+    if not _holds_results(source):
+        raise StoreError(f"{source} is not a diffqc result store (a `diffqc results backup`)")
+    if not target.parent.is_dir():
+        raise StoreError(f"cannot restore to {target}: its folder {target.parent} does not exist")
+    had_store = target.exists() and target.stat().st_size > 0
+    if had_store and not _holds_results(target):
+        raise StoreError(f"{target} is not a diffqc result store; nothing is replaced: give --db the store")
+    return source, target, had_store
 
 
 def _copy_store(conn: sqlite3.Connection, source: Path, out: Path) -> int:
