@@ -1626,3 +1626,7 @@ def test_a_line_name_the_api_could_not_filter_by_is_refused_as_parsed(
             assert exit_.value.code == 2
             err = capsys.readouterr().err
             assert f"argument {option}: expected" in err and said in err, err
+    for bad, said in [("cam\n1", "printable"), ("s" * 1001, "at most 1000")]:  # watch's own, its source
+        with pytest.raises(SystemExit):
+            main(["watch", str(tmp_path), str(tmp_path), "--source", bad])
+        assert said in capsys.readouterr().err

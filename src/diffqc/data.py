@@ -83,6 +83,7 @@ MAX_STREAM_BYTES = 256 * 2**20
 
 # the longest feature type (and the service's part id, line, ...): the API takes no longer one
 MAX_NAME_LEN = 200
+MAX_SOURCE_LEN = 1000  # a record's source (a watched folder's path)
 
 
 def unprintable(c: str) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 
 from diffqc.arguments import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, integer, names, number, path_name
 from diffqc.calibration import DECISIONS, NOT_INSPECTED
-from diffqc.data import MAX_IMAGE_PIXELS, MAX_NAME_LEN, unprintable
+from diffqc.data import MAX_IMAGE_PIXELS, MAX_NAME_LEN, MAX_SOURCE_LEN, unprintable
 from diffqc.errors import ConfigError, RuntimeUnavailableError
 from diffqc.output import json_line, path_text, text_columns
 from diffqc.runtime import add_runtime_arguments
@@ -520,17 +520,21 @@ def _add_image_limit_argument(p: argparse.ArgumentParser, *, buffered: bool) -> 
                        "20 MP): raise --buffer-mb with it" if buffered else ""))
 
 
-def recorded_name(text: str) -> str:
+def recorded_name(text: str, *, max_len: int = MAX_NAME_LEN) -> str:
     """An argparse ``type``: a name recorded with every part (``--line``, ``--station``,
-    ``--camera``), as the API takes it to filter by: 1 to :data:`~diffqc.data.MAX_NAME_LEN`
+    ``--camera``; ``--source`` up to 1000), as the API takes it to filter by: 1 to ``max_len``
     printable characters."""
     if not text:
         raise argparse.ArgumentTypeError("expected a name, got an empty one")
-    if len(text) > MAX_NAME_LEN or any(unprintable(c) for c in text):
+    if len(text) > max_len or any(unprintable(c) for c in text):
         raise argparse.ArgumentTypeError(
-            f"expected at most {MAX_NAME_LEN} printable characters (no tab, line break or control "
+            f"expected at most {max_len} printable characters (no tab, line break or control "
             f"character), as the API takes it to filter by, got {path_text(text[:60])!r}")
     return text
+
+
+def _recorded_source(text: str) -> str:
+    return recorded_name(text, max_len=MAX_SOURCE_LEN)
 
 
 def _add_line_arguments(p: argparse.ArgumentParser, window_help: str, *, folders: bool = False) -> None:
@@ -740,7 +744,8 @@ def add_service_commands(subparsers: Any) -> None:
                    "0.4 s per poll; BENCHMARKS.md \"Session 23\")")
     w.add_argument("--once", action="store_true", help="process what is there, then exit")
     w.add_argument("--max-batch", type=POSITIVE, default=8, help="largest inference micro-batch")
-    w.add_argument("--source", default=None, help="idempotency namespace (default: the folder path)")
+    w.add_argument("--source", type=_recorded_source, default=None,
+                   help="idempotency namespace (default: the folder path)")
     _add_image_limit_argument(w, buffered=False)
     _add_artifact_arguments(w)
     _add_line_arguments(w, window_help)

@@ -40,7 +40,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffqc.bundle import check_bundle_files, read_bundle
-from diffqc.data import MAX_NAME_LEN, decode_image, unprintable
+from diffqc.data import MAX_NAME_LEN, MAX_SOURCE_LEN, decode_image, unprintable
 from diffqc.drift import is_misrouted, prometheus_label
 from diffqc.errors import ConfigError, DiffqcError, ImageReadError, did_you_mean, unknown_feature_type
 from diffqc.machine import cgroup_memory_room
@@ -1435,7 +1435,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         line: str | None = Query(default=None, max_length=MAX_ID_LEN),
         station: str | None = Query(default=None, max_length=MAX_ID_LEN),
         camera: str | None = Query(default=None, max_length=MAX_ID_LEN),
-        source: str | None = Query(default=None, max_length=1000),
+        source: str | None = Query(default=None, max_length=MAX_SOURCE_LEN),
         after_id: int | None = Query(default=None, ge=0, le=MAX_ROW_ID),
         before_id: int | None = Query(default=None, ge=0, le=MAX_ROW_ID),
         limit: int = Query(default=100, ge=1, le=1000),
@@ -1446,8 +1446,9 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         # an empty value (a form's empty field) is no filter, as on an upload it is no value
         given = (("feature_type", feature_type), ("part_id", part_id), ("line", line), ("station", station),
                  ("camera", camera), ("source", source))
-        text: dict[str, Any] = {name: _check_id(value, name, max_len=1000 if name == "source" else MAX_ID_LEN)
-                                for name, value in given}
+        text: dict[str, Any] = {
+            name: _check_id(value, name, max_len=MAX_SOURCE_LEN if name == "source" else MAX_ID_LEN)
+            for name, value in given}
         _, store = state.require()
         recs = await run_in_threadpool(
             lambda: store.query(
