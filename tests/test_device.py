@@ -35,7 +35,7 @@ def test_device_resolution_without_cuda(name: str | None, expected: str) -> None
 
 
 @pytest.mark.parametrize(("name", "message"), [
-    ("cuda", r"'cuda' requested but CUDA is not available .*use --device cpu"),
+    ("cuda", r"'cuda' requested but CUDA is not available .*use --device cpu \(device='cpu' from Python\)"),
     ("cuda:1", r"'cuda:1' requested but CUDA is not available"),
     ("tpu", r"device 'tpu' is not supported; use cpu, cuda or cuda:N"),
     ("mps", r"device 'mps' is not supported; use cpu, cuda or cuda:N"),

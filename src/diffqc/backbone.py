@@ -91,7 +91,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         why = ("this PyTorch is built without CUDA" if torch.version.cuda is None
                else "no CUDA GPU or driver is usable here")
         raise DeviceError(f"device {str(device)!r} requested but CUDA is not available ({why}); "
-                          "use --device cpu")
+                          "use --device cpu (device='cpu' from Python)")
     count = torch.cuda.device_count()
     if dev.index is not None and dev.index >= count:
         raise DeviceError(f"device {str(device)!r} requested but this machine has {count} CUDA "
