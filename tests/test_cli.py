@@ -481,6 +481,11 @@ def test_reports_and_tables_go_to_dev_stdout(tiny_model: Path, clear_dataset: Pa
     assert lines[0] == "path,feature_type,predicted_type,score,p_value,decision,heatmap,error"
     rows = [json.loads(line) for line in lines if line.startswith("{")]
     assert len(rows) == len(list(folder.iterdir())) == len(lines) - 1 - len(rows)  # each as JSON and CSV
+    dash = subprocess.run([*cli, "test", str(tiny_model), str(clear_dataset), "-q", "--csv", "-"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)  # "-": standard output
+    assert dash.returncode == 0, dash.stderr
+    assert dash.stdout.splitlines()[-1] == '{"table": "-"}' and "path,feature_type" in dash.stdout
+    assert not (tmp_path / "-").exists()  # no file named "-"
     full = subprocess.run([*cli, "test", str(tiny_model), str(clear_dataset), "-q", "--json", "/dev/full"],
                           capture_output=True, text=True, timeout=120)
     assert full.returncode == 1
@@ -498,6 +503,11 @@ def test_inspect_reads_an_image_from_a_pipe(tiny_model: Path, clear_dataset: Pat
     assert proc.returncode == 0, proc.stderr
     (row,) = [json.loads(line) for line in proc.stdout.splitlines()]
     assert row["path"] == "/dev/stdin"
+    dash = subprocess.run([sys.executable, "-m", "diffqc.cli", "inspect", str(tiny_model), "-",
+                           "--feature-type", "dots", "--runtime", "torch"],
+                          input=image.read_bytes(), capture_output=True, timeout=120)  # "-": standard input
+    assert dash.returncode == 0, dash.stderr
+    assert json.loads(dash.stdout)["score"] == row["score"]
     assert main(["inspect", str(tiny_model), str(image), "--feature-type", "dots", "--runtime", "torch"]) == 0
     from_file = json.loads(capsys.readouterr().out)
     assert (row["score"], row["decision"]) == pytest.approx((from_file["score"], from_file["decision"]))

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import os
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -28,7 +29,7 @@ from diffqc.errors import (
     first_few,
     type_key,
 )
-from diffqc.output import path_text
+from diffqc.output import STDIO, path_text
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".tif", ".tiff", ".webp", ".gif",
                             ".pgm", ".ppm", ".pnm", ".pbm"})
@@ -228,10 +229,14 @@ def _images_of_first_size(img: Image.Image) -> int:
 
 
 def _read_stream(path: Path, name: str) -> bytes:
-    """The bytes a pipe or a character device gives, at most :data:`MAX_STREAM_BYTES`."""
+    """The bytes a pipe or a character device gives (``-``: standard input), at most
+    :data:`MAX_STREAM_BYTES`."""
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_STREAM_BYTES + 1)
+        if str(path) == STDIO:
+            data = sys.stdin.buffer.read(MAX_STREAM_BYTES + 1)
+        else:
+            with open(path, "rb") as fh:
+                data = fh.read(MAX_STREAM_BYTES + 1)
     except OSError as exc:
         raise ImageReadError(name, exc.strerror or str(exc)) from None
     if len(data) > MAX_STREAM_BYTES:
@@ -257,9 +262,9 @@ def decode_image(data: bytes | Path | str, source: str | None = None) -> np.ndar
         handle: io.BytesIO | Path = io.BytesIO(data)
     else:
         path = Path(data)
-        if path.is_file():
+        if path.is_file() and str(path) != STDIO:
             handle = path
-        elif path.exists() and not path.is_dir() and not path.is_block_device():
+        elif str(path) == STDIO or (path.exists() and not path.is_dir() and not path.is_block_device()):
             handle = io.BytesIO(_read_stream(path, name))  # /dev/stdin, <(curl ...), a grabber's FIFO
         else:
             why = ("no such file" if not path.exists() else "a folder, not an image file" if path.is_dir()

@@ -100,11 +100,18 @@ def check_output_folder(path: Path | str, *, what: str, names: Sequence[str],
     return path
 
 
+# a report's or table's path meaning standard output (an image's: standard input), as curl -o -
+# and tar -f - read it
+STDIO = "-"
+
+
 def is_stream(path: Path) -> bool:
-    """Whether ``path`` is written as a stream rather than as a file: a character device
-    (``/dev/null``), a pipe (a named pipe, ``/dev/stdout`` in a pipeline), or this process's own
-    standard output or error (``/dev/stdout`` redirected to a file). Such a path is never read,
-    truncated or replaced (:func:`open_stream`)."""
+    """Whether ``path`` is written as a stream rather than as a file: ``-`` (standard output), a
+    character device (``/dev/null``), a pipe (a named pipe, ``/dev/stdout`` in a pipeline), or
+    this process's own standard output or error (``/dev/stdout`` redirected to a file). Such a
+    path is never read, truncated or replaced (:func:`open_stream`)."""
+    if str(path) == STDIO:
+        return True
     try:
         st = os.stat(path)
     except (OSError, ValueError):
@@ -128,6 +135,8 @@ def open_stream(path: Path) -> BinaryIO:
     for stream in (sys.stdout, sys.stderr):
         with suppress(OSError, ValueError, AttributeError):
             stream.flush()
+    if str(path) == STDIO:
+        return open(os.dup(1), "wb", buffering=0)
     st = os.stat(path)
     for fd in (1, 2):
         if _same_file(st, fd):
