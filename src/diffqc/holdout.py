@@ -135,6 +135,9 @@ def holdout_report(detector: Any, data: Sequence[Sample] | Path | str, *, type_k
     withheld (``type_known=False``: the type router picks it) and ``images``, one entry per image.
     With ``heatmaps``, a heat map of each miss (:func:`draw_misses`), named in its entry.
     ``data``: a dataset's path or its :class:`~diffqc.data.Sample` s, as ``Detector.fit`` takes."""
+    classes = list(detector.classes_)
+    if not classes:  # before the data is read
+        raise NotFittedError
     listed = samples_of(data, "holdout_report")
     folder = data if isinstance(data, str | Path) else None
     name = path_text(folder) if folder is not None else f"{len(listed)} samples given"
@@ -146,9 +149,6 @@ def holdout_report(detector: Any, data: Sequence[Sample] | Path | str, *, type_k
     samples = [s for s in listed if s.label in (GOOD, DEFECTIVE)]
     if not samples:
         raise DatasetError(f"{name}: no labelled images (GOOD or defective) to test on")
-    classes = list(detector.classes_)
-    if not classes:
-        raise NotFittedError
     if not (ours := of_the_model(samples, classes, name)):
         raise DatasetError(f"{name}: none of its types ({', '.join(feature_types(samples))}) is the "
                            f"model's ({', '.join(classes)})")

@@ -110,22 +110,29 @@ def is_stream(path: Path) -> bool:
     character device (``/dev/null``), a pipe (a named pipe, ``/dev/stdout`` in a pipeline), or
     this process's own standard output or error (``/dev/stdout`` redirected to a file). Such a
     path is never read, truncated or replaced (:func:`open_stream`)."""
-    if str(path) == STDIO:
+    if _own_stream(path) is not None:
         return True
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
+
+
+def _own_stream(path: Path) -> int | None:
+    """The descriptor of this process's standard output or error that ``path`` names (``-``:
+    standard output), else None."""
+    if str(path) == STDIO:
+        return 1
     try:
         st = os.stat(path)
     except (OSError, ValueError):
-        return False
-    if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
-        return True
-    return any(_same_file(st, fd) for fd in (1, 2))
-
-
-def _same_file(st: os.stat_result, fd: int) -> bool:
-    try:
-        return os.path.samestat(st, os.fstat(fd))
-    except OSError:  # no such descriptor (a daemon's closed stdout)
-        return False
+        return None
+    for fd in (1, 2):
+        with suppress(OSError):  # no such descriptor (a daemon's closed stdout)
+            if os.path.samestat(st, os.fstat(fd)):
+                return fd
+    return None
 
 
 def open_stream(path: Path) -> BinaryIO:
@@ -135,13 +142,8 @@ def open_stream(path: Path) -> BinaryIO:
     for stream in (sys.stdout, sys.stderr):
         with suppress(OSError, ValueError, AttributeError):
             stream.flush()
-    if str(path) == STDIO:
-        return open(os.dup(1), "wb", buffering=0)
-    st = os.stat(path)
-    for fd in (1, 2):
-        if _same_file(st, fd):
-            return open(os.dup(fd), "wb", buffering=0)
-    return open(path, "ab", buffering=0)
+    fd = _own_stream(path)
+    return open(path, "ab", buffering=0) if fd is None else open(os.dup(fd), "wb", buffering=0)
 
 
 def write_all(fh: BinaryIO, data: bytes) -> None:
