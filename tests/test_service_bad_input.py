@@ -1004,3 +1004,31 @@ async def test_a_request_while_the_service_starts_or_stops_is_told_when_to_retry
         for url in ("/v1/results", "/v1/line"):
             r = await client.get(url, headers={"Authorization": "Bearer t"})
             assert (r.status_code, r.json()["code"], r.headers.get("retry-after")) == (503, "not_ready", "3")
+
+
+def test_a_sqlite_database_of_another_program_is_not_taken_as_the_store(tmp_path: Path) -> None:
+    """`--db ../mes/orders.db` (a typo, or a path copied from the wrong line) wrote diffqc's tables
+    into another program's database and switched its journal to WAL, without a word. Such a file is
+    refused, unchanged; a diffqc store a user added a table of their own to is still opened."""
+    from diffqc.errors import StoreError
+    from diffqc.service.store import ResultStore
+
+    app = tmp_path / "orders.db"
+    with sqlite3.connect(app) as conn:
+        conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, item TEXT)")
+        conn.execute("INSERT INTO orders (item) VALUES ('bracket')")
+    conn.close()
+    before = app.read_bytes()
+    with pytest.raises(StoreError) as err:
+        ResultStore(str(app))
+    assert str(err.value) == (
+        f"{app.absolute()} is a SQLite database of another program (its tables: orders), not a diffqc "
+        "result store; nothing was written to it: give --db a new file or a diffqc store")
+    assert app.read_bytes() == before and not Path(f"{app}-wal").exists()
+    ours = tmp_path / "results.db"
+    ResultStore(str(ours)).close()
+    with sqlite3.connect(ours) as conn:
+        conn.execute("CREATE TABLE my_notes (id INTEGER PRIMARY KEY)")
+    conn.close()
+    with ResultStore(str(ours)) as store:
+        assert store.count() == 0

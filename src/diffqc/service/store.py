@@ -353,6 +353,26 @@ def _conditions(filters: Filters) -> tuple[str, list[Any]]:
     return (" WHERE " + " AND ".join(where) if where else ""), args
 
 
+def _foreign_tables(path: Path) -> list[str]:
+    """The tables of an existing SQLite file at ``path`` when none is diffqc's (another program's
+    database), read without writing to it; [] for a diffqc store, a new or empty file, or one
+    SQLite cannot read (its own error says so when the store opens it)."""
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            return []
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+    except (OSError, sqlite3.Error):
+        return []
+    try:
+        names = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                                "AND name NOT LIKE 'sqlite%' ORDER BY name")]
+    except sqlite3.Error:
+        return []
+    finally:
+        conn.close()
+    return [] if TABLE in names else names
+
+
 class ResultStore:
     """Result rows in SQLite (default) or PostgreSQL, same SQL for both.
 
@@ -397,6 +417,10 @@ class ResultStore:
                             "(results list reads one)", self.path.absolute(), kind)
         self._writer: Any = None
         self._writer_identity: Any = None
+        if self.path is not None and not read_only and (foreign := _foreign_tables(Path(self.path))):
+            raise StoreError(f"{Path(self.path).absolute()} is a SQLite database of another program (its "
+                             f"tables: {', '.join(foreign[:5])}), not a diffqc result store; nothing was "
+                             "written to it: give --db a new file or a diffqc store")
         self._writer = self._connect(autocommit=False)
         self._writer_identity = self._identity()
         if read_only:
