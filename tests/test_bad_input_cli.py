@@ -244,6 +244,22 @@ ROWS: dict[str, Row | object] = {
     # inspect
     "inspect_heatmaps_into_a_file": Row(lambda c: ["inspect", str(c.model), str(c.image), "--heatmaps",
                                                    str(c.image)], ("is a file; give a folder",)),
+    # heat maps or a gallery written into a dataset were read back as parts: GOOD ones to train on
+    "inspect_heatmaps_into_a_datasets_good_folder": Row(
+        lambda c: ["inspect", str(c.model), str(c.image), "--heatmaps",
+                   str(c.data / "dots" / "train" / "good")],
+        ("--heatmaps", "lies in", "dots/train/good, a folder of a dataset's images",
+         "give a folder outside the dataset"),
+        absent=lambda c: c.data / "dots" / "train" / "good" / f"{c.image.stem}_heatmap.png"),
+    "test_heatmaps_below_a_datasets_defects": Row(
+        lambda c: ["test", str(c.model), str(c.data), "--heatmaps",
+                   str(c.data / "dots" / "test" / "blob" / "hm")],
+        ("dots/test/blob, a folder of a dataset's images",),
+        absent=lambda c: c.data / "dots" / "test" / "blob" / "hm"),
+    "evaluate_out_in_a_datasets_good_folder": Row(
+        lambda c: ["evaluate", str(c.data), "--out", str(c.data / "dots" / "train" / "good" / "rep"), "-q"],
+        ("--out", "dots/train/good, a folder of a dataset's images",),
+        absent=lambda c: c.data / "dots" / "train" / "good" / "rep"),
     "inspect_empty_folder": Row(lambda c: ["inspect", str(c.model), str(c.tmp / "empty")],
                                 ("no images in",), setup=lambda c: (c.tmp / "empty").mkdir()),
     "inspect_missing_model": Row(lambda c: ["inspect", str(c.tmp / "nomodel"), str(c.image)],

@@ -777,3 +777,23 @@ def test_images_are_read_upright_as_their_orientation_tag_says(tmp_path: Path, f
             assert out.shape == (64, 40) and out[:16, -8:].mean() > 0.9
         if orientation == 1:
             assert out.shape == (40, 64) and out[:8, :16].mean() > 0.9
+
+
+def test_dataset_folder_of_names_the_dataset_folder_an_output_would_land_in(tmp_path: Path,
+                                                                            clear_dataset: Path) -> None:
+    """Heat maps or a report's gallery written into a dataset's ``train/good`` (or a folder below
+    it, or a ``test/<kind>``) are read back as parts by the next train, test or evaluate: GOOD
+    images to train on. Folders that only look like a split are no dataset's."""
+    from diffqc.data import dataset_folder_of
+
+    data = shutil.copytree(clear_dataset, tmp_path / "data")
+    good, blob = data / "dots" / "train" / "good", data / "dots" / "test" / "blob"
+    assert dataset_folder_of(good) == good
+    assert dataset_folder_of(good / "heat" / "new") == good  # not made yet
+    assert dataset_folder_of(blob / "hm") == blob
+    for elsewhere in (data, data / "dots", data / "dots" / "train", data / "dots" / "ground_truth" / "blob",
+                      tmp_path / "heat" / "test" / "good", tmp_path / "runs" / "train" / "x", tmp_path):
+        assert dataset_folder_of(elsewhere) is None, elsewhere
+    (tmp_path / "heat" / "test" / "good").mkdir(parents=True)  # heat maps filed as a dataset is
+    Image.new("L", (8, 8)).save(tmp_path / "heat" / "test" / "good" / "a_heatmap.png")
+    assert dataset_folder_of(tmp_path / "heat" / "test" / "good") is None  # no train/good: no dataset

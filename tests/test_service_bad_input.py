@@ -1032,3 +1032,20 @@ def test_a_sqlite_database_of_another_program_is_not_taken_as_the_store(tmp_path
     conn.close()
     with ResultStore(str(ours)) as store:
         assert store.count() == 0
+
+
+def test_kept_images_and_heat_maps_are_never_written_into_a_dataset(clear_dataset: Path,
+                                                                     tmp_path: Path) -> None:
+    """`serve --data-dir data/dots/train/good/kept` (or a store beside a dataset's images) put
+    every kept upload, REJECTs too, and every heat map where the next train reads GOOD parts."""
+    from diffqc.errors import OutputError
+    from diffqc.service.store import ArtifactStore
+
+    data = shutil.copytree(clear_dataset, tmp_path / "data")
+    kept = data / "dots" / "train" / "good" / "kept"
+    said = r"the data folder \(--data-dir; by default the store's folder\) .*kept lies in .*good, a folder"
+    with pytest.raises(OutputError, match=said):
+        ArtifactStore(kept)
+    assert not kept.exists()
+    ArtifactStore(data / "kept")  # beside the dataset's types: no type reads it
+    assert (data / "kept" / "heatmaps").is_dir()

@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from diffqc.errors import (
     DatasetError,
     ImageReadError,
+    OutputError,
     UnreadableImagesError,
     did_you_mean,
     first_few,
@@ -660,6 +661,30 @@ _GOOD_FOLDER_NAMES = frozenset(w for w, label in _LABEL_WORDS.items() if label =
 
 
 SPLITS = ("train", "test")
+
+
+def dataset_folder_of(path: Path | str) -> Path | None:
+    """The folder of a dataset's images that ``path`` is or lies in (made yet or not): a kind's
+    folder of a split, ``<type>/train/good`` or ``<type>/test/<kind>``, of a type laid out as
+    MVTec whose ``train/`` holds GOOD images. An image an output writes there is read back as a
+    part by train, test and evaluate (from ``train/good``: a GOOD one to train on). None if not."""
+    here = Path(os.path.abspath(path))
+    for folder in (here, *here.parents):
+        split = folder.parent
+        if (split.name.lower() in SPLITS and folder.name.lower() not in MASK_FOLDER_NAMES
+                and any(any(_walk_images(good)) for train in _named(split.parent, "train")
+                        for good in _good_folders(train))):
+            return folder
+    return None
+
+
+def check_outside_datasets(path: Path | str, option: str, what: str) -> None:
+    """An :class:`OutputError` when ``path`` (an output folder, given as ``option``) lies in a
+    dataset's folder of images (:func:`dataset_folder_of`), where ``what`` would be read as parts."""
+    if (folder := dataset_folder_of(path)) is not None:
+        raise OutputError(f"{option} {path_text(path)} lies in {path_text(folder)}, a folder of a dataset's "
+                          f"images: train, test and evaluate would read {what} written there as parts "
+                          "(GOOD ones to train on, in train/good); give a folder outside the dataset")
 
 
 def _delimiter(header: str) -> str:

@@ -54,6 +54,7 @@ from PIL import Image
 
 from diffqc import metrics as M
 from diffqc import stats as S
+from diffqc.data import check_outside_datasets
 from diffqc.errors import OutputError
 from diffqc.output import check_output_folder, path_text, write_atomic
 
@@ -1421,7 +1422,9 @@ def is_report(path: Path) -> bool:
 def check_report_target(path: Path | str, *, force: bool = False) -> Path:
     """``path`` if a report may be written there: a new or empty folder, or an earlier report
     (whose own files are replaced); any other folder only with ``force``, beside what is there
-    and replacing nothing (:func:`diffqc.output.check_output_folder`)."""
+    and replacing nothing (:func:`diffqc.output.check_output_folder`); never in a dataset's folder
+    of images, where its gallery would be read as parts (:func:`diffqc.data.check_outside_datasets`)."""
+    check_outside_datasets(path, "--out", "the report's gallery images")
     return check_output_folder(path, what="report", names=REPORT_FILES, is_ours=is_report,
                                foreign="holds no diffqc report", force=force)
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from diffqc.data import check_outside_datasets
 from diffqc.errors import OutputError
 from diffqc.output import path_text, write_atomic
 
@@ -195,6 +196,7 @@ def heatmap_folder(folder: Path) -> None:
     """Make ``--heatmaps``'s folder before any image is scored, or say why it cannot be."""
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"--heatmaps {folder} is a file; give a folder for the heat maps")
+    check_outside_datasets(folder, "--heatmaps", "the heat maps")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

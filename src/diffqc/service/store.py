@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from diffqc.calibration import PASS, REJECT, REVIEW
+from diffqc.data import check_outside_datasets
 from diffqc.errors import ConfigError, OutputError, StoreError
 from diffqc.output import write_atomic
 from diffqc.recalibrate import EXPORT_SUMMARY_FILE, selection_note
@@ -1004,8 +1005,12 @@ class ArtifactStore:
     """Heat-map overlays and kept uploads as files with generated names under ``root``."""
 
     def __init__(self, root: Path | str, *, create: bool = True) -> None:
-        """``create=False``: read what is there (``results export``), making no folder."""
+        """``create=False``: read what is there (``results export``), making no folder. Never
+        in a dataset's folder of images, where the next train would read what it keeps."""
         self.root = Path(root)
+        if create:
+            check_outside_datasets(self.root, "the data folder (--data-dir; by default the store's folder)",
+                                   "the kept images and heat maps")
         for kind in ARTIFACT_KINDS if create else ():
             folder = self.root / kind
             try:
