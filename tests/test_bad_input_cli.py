@@ -313,6 +313,20 @@ ROWS: dict[str, Row | object] = {
                                          ("holds no earlier `diffqc results export`",),
                                          setup=lambda c: _empty_store(c.tmp / "r.db"),
                                          absent=lambda c: c.data / "dots" / "manifest.csv"),
+    "results_export_below_a_datasets_good_folder": Row(
+        lambda c: ["results", "export", str(c.data / "dots" / "train" / "good" / "reviewed"), "--db",
+                   str(c.tmp / "r.db")],
+        ("results export OUT", "dots/train/good, a folder of a dataset's images"),
+        setup=lambda c: _empty_store(c.tmp / "r.db"),
+        absent=lambda c: c.data / "dots" / "train" / "good" / "reviewed"),
+    "synth_below_a_datasets_good_folder": Row(
+        lambda c: ["data", "synth", str(c.data / "dots" / "train" / "good" / "syn"), "--parts", "24", "-q"],
+        ("dots/train/good, a folder of a dataset's images",),
+        absent=lambda c: c.data / "dots" / "train" / "good" / "syn"),
+    "demo_out_in_a_datasets_defects": Row(
+        lambda c: ["demo", "--parts", "24", "--out", str(c.data / "dots" / "test" / "blob" / "demo"), "-q"],
+        ("dots/test/blob, a folder of a dataset's images",),
+        absent=lambda c: c.data / "dots" / "test" / "blob" / "demo"),
     "watch_feature_type_typo": Row(lambda c: ["watch", str(c.tmp / "cam"), str(c.model), "--once",
                                               "--db", str(c.tmp / "r.db"), "--feature-type", "dotz"],
                                    ("'dotz' is not a type of this model",),

@@ -40,6 +40,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from diffqc.data import check_outside_datasets
 from diffqc.errors import OutputError
 
 __all__ = ["DEFECT_KINDS", "FEATURE_TYPES", "render_image", "write_synthetic_dataset"]
@@ -700,9 +701,11 @@ def _plan(n_parts: int, seed: int, defect_fraction: float) -> list[_Job]:
 
 def check_target(out: Path, *, overwrite: bool = False) -> None:
     """Raise :class:`FileExistsError` unless a synthetic set may be written to ``out``: a new or
-    empty folder, or an earlier synthetic set (``overwrite``: any folder)."""
+    empty folder, or an earlier synthetic set (``overwrite``: any folder); never in another
+    dataset's folder of images (an :class:`OutputError`: it would read them as its parts)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
+    check_outside_datasets(out, "the synthetic dataset's folder", "the synthetic images")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER_NAME).is_file() and not overwrite:
         raise FileExistsError(f"{out} is not empty and holds no earlier synthetic dataset (no "
                               f"{MARKER_NAME}); choose a new or empty folder (nothing in it is deleted)")

@@ -1464,6 +1464,7 @@ def _export_target(out: Path) -> Path:
     dataset's own manifest.csv, say)."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"cannot export to {out}: it exists and is not a folder")
+    check_outside_datasets(out, "results export OUT", "the exported images")
     if not out.is_dir() or not any(out.iterdir()):
         return out
     try:
