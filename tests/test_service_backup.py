@@ -200,3 +200,48 @@ def test_results_restore_puts_the_backup_back_whatever_wal_a_crash_left(
     assert "kept" not in json.loads(capsys.readouterr().out)
     assert len(ResultStore(str(tmp_path / "new.db"), read_only=True).query(limit=None)) == 80
     assert os.path.exists(kept)
+
+
+def _as_an_older_diffqc_wrote_it(conn: sqlite3.Connection) -> None:
+    """The columns added to the store since its first release dropped (with their indexes)."""
+    from diffqc.service.store import _ADDED_COLUMNS
+
+    for table, column, _ in _ADDED_COLUMNS:
+        for (index,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ? "
+                                     "AND sql LIKE ?", (table, f"%{column}%")).fetchall():
+            conn.execute(f"DROP INDEX {index}")
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    conn.commit()
+
+
+def test_the_results_commands_read_a_store_an_older_diffqc_wrote(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """After an upgrade, `results list` (or `parts`, `export`, `summary --by camera`) of a store the
+    line's older diffqc still writes (or a copy of it) failed with "no such column: body_hash": a
+    reading command may not add the columns, as serve and watch do. It reads them as empty, and
+    the store is left as it was."""
+    db = tmp_path / "results.db"
+    with ResultStore(str(db)) as store:
+        store.insert_many([_part(i) for i in range(3)])
+    conn = sqlite3.connect(db)
+    _as_an_older_diffqc_wrote_it(conn)
+    conn.execute("PRAGMA journal_mode=DELETE")
+    conn.close()
+    before = db.read_bytes()
+    assert main(["results", "list", "--db", str(db)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["part_id"], r["camera"], r["line"]) for r in rows] == [("p0", None, None), ("p1", None, None),
+                                                                      ("p2", None, None)]
+    assert main(["results", "list", "--db", str(db), "--camera", "cam-a"]) == 0
+    assert capsys.readouterr().out == ""  # no record names a camera
+    assert main(["results", "parts", "--db", str(db)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert main(["results", "summary", "--db", str(db), "--by", "camera"]) == 0
+    assert main(["results", "export", str(tmp_path / "out"), "--db", str(db)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["exported"] == 0
+    assert db.read_bytes() == before
+    with ResultStore(str(db)) as store:  # as serve opens it: the columns added
+        assert store.query(limit=None)[0].camera is None
+        store.insert_many([_part(3)])
+    assert [r.camera for r in ResultStore(str(db), read_only=True).query(limit=None)] == ["cam-a", None, None,
+                                                                                          None]

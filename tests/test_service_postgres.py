@@ -372,3 +372,29 @@ def test_postgres_restart_opcua_get_part_answers_bad_resource_unavailable(
     assert len(said) == 1, [r.getMessage() for r in said]
     # and once when it reads again, with the calls it refused meanwhile
     assert "OPC UA GetPart reads the result store again; calls refused meanwhile: 3, over" in caplog.text
+
+
+def test_a_reading_command_reads_a_postgres_store_an_older_diffqc_wrote(pg_url: str) -> None:
+    """The QC office's diffqc upgraded before the line's: `results list` of the store the older
+    one still writes failed with "column body_hash does not exist"; it reads such columns as
+    empty, changing nothing in the store (a temporary view of its session)."""
+    import psycopg
+
+    from diffqc.service.store import _ADDED_COLUMNS
+
+    with ResultStore(pg_url) as store:
+        store.insert_many([_rec("p1", "PASS"), _rec("p2", "REJECT")])
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        for table, column, _ in _ADDED_COLUMNS:
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN {column} CASCADE")
+    with ResultStore(pg_url, read_only=True) as reader:
+        assert [(r.decision, r.camera, r.body_hash) for r in reader.query(limit=None, oldest_first=True)] == [
+            ("PASS", None, None), ("REJECT", None, None)]
+        assert reader.count(camera="cam-a") == 0
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # nothing was added by the reader
+        names = {r[0] for r in conn.execute("SELECT column_name FROM information_schema.columns "
+                                            "WHERE table_name = 'diffqc_results'")}
+    assert "body_hash" not in names and "decision" in names
+    with ResultStore(pg_url) as store:  # as serve opens it: the columns added
+        store.insert_many([_rec("p3", "REVIEW", camera="cam-a")])
+        assert store.count(camera="cam-a") == 1

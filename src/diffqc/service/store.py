@@ -129,6 +129,35 @@ _ADDED_COLUMNS = (
     (REVIEWS, "review_defect", "TEXT"),
 )
 _SELECT = "id, " + ", ".join(_COLUMNS)
+
+
+def _added_columns_read_as_null(conn: Any, *, postgres: bool) -> None:
+    """On a reading connection to a store an older diffqc wrote, which lacks some of
+    :data:`_ADDED_COLUMNS` (a writing store adds them; a reader may not write), a temporary view
+    of each such table, named as the table, that reads them as NULL: SQLite and PostgreSQL look a
+    name up in the connection's temporary schema first. Nothing is written to the store; where
+    the server refuses even a temporary view (a read-only standby), the reads fail as before."""
+    for table in dict.fromkeys(t for t, _, _ in _ADDED_COLUMNS):
+        if postgres:  # the name resolved now, before the view of that name exists
+            rows = conn.execute("SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+                                "AND attnum > 0 AND NOT attisdropped", (table,))
+            have = {r[0] for r in rows}
+            source = table
+        else:
+            have = {r[1] for r in conn.execute(f"PRAGMA main.table_info({table})")}
+            source = f"main.{table}"
+        missing = [f"CAST(NULL AS {kind}) AS {name}" for t, name, kind in _ADDED_COLUMNS
+                   if t == table and name not in have]
+        if not have or not missing:
+            continue
+        try:
+            conn.execute(f"CREATE TEMP VIEW {table} AS SELECT *, {', '.join(missing)} FROM {source}")
+            if postgres and not conn.autocommit:
+                conn.commit()
+        except _db_errors():
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            return
 # A verdict, as the record holds its latest and the review history each one.
 _REVIEW_FIELDS = ("review", "reviewed_at", "reviewer", "review_note", "review_defect")
 
@@ -434,6 +463,12 @@ class ResultStore:
 
     # ------------------------------------------------------------------ connections
     def _connect(self, *, autocommit: bool) -> Any:
+        conn = self._open(autocommit=autocommit)
+        if self.read_only:  # a store an older diffqc wrote, which a reader may not add columns to
+            _added_columns_read_as_null(conn, postgres=self.postgres)
+        return conn
+
+    def _open(self, *, autocommit: bool) -> Any:
         if self.postgres:
             try:
                 import psycopg
