@@ -287,6 +287,20 @@ def test_runtime_choice(exported: Path, tiny_model: Path, tmp_path: Path) -> Non
     (gone / "export.json").write_text("{not json")
     with pytest.warns(UserWarning, match="damaged export.json .*; using PyTorch"):
         assert isinstance(load_detector(gone, "auto"), Detector)
+    # the graph damaged (a bit flipped on an edge device's SD card): as a damaged export.json,
+    # auto runs PyTorch and says so (it refused to start); asked for by name, it is refused
+    damaged = tmp_path / "damaged"
+    shutil.copytree(exported, damaged)
+    with open(damaged / "model.onnx", "r+b") as fh:
+        fh.seek(-100, 2)
+        byte = fh.read(1)
+        fh.seek(-100, 2)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.warns(UserWarning, match=r"model\.onnx is damaged \(checksum mismatch\); using PyTorch "
+                                         r"\(run `diffqc export .*damaged` again\)"):
+        assert isinstance(load_detector(damaged, "auto"), Detector)
+    with pytest.raises(BundleError, match=r"model\.onnx is damaged"):
+        load_detector(damaged, "onnx")
 
 
 def test_an_unfitted_detector_is_not_exported() -> None:

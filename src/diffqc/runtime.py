@@ -484,6 +484,7 @@ def load_detector(path: Path | str, runtime: str = "auto", *, threads: int | Non
     if threads and threads > (cores := available_cores()):
         warnings.warn(f"--threads {threads} is more than the {cores} core{'s' if cores > 1 else ''} "
                       "this process may use: the threads take turns on them", stacklevel=2)
+    by_auto = runtime == "auto" and precision == "auto"  # a graph auto chose, not one asked for
     if runtime == "auto":
         chosen = choose_runtime(path, device, precision)
         if chosen.runtime == "torch" and precision == "int8":
@@ -496,9 +497,16 @@ def load_detector(path: Path | str, runtime: str = "auto", *, threads: int | Non
             engine = "ONNX Runtime" if runtime == "onnx" else "OpenVINO"
             raise ConfigError(f"{engine} runs the exported model on the CPU; --device {device} runs "
                               "PyTorch (--runtime torch or auto, --precision fp32 or auto)")
-        onnx = OnnxDetector(path, precision=precision, threads=threads, runtime=runtime)
-        _name_unflaggable(onnx, path)
-        return onnx
+        try:
+            onnx = OnnxDetector(path, precision=precision, threads=threads, runtime=runtime)
+        except BundleError as exc:  # a damaged graph auto chose: PyTorch runs the bundle, as for
+            if not by_auto:         # a damaged export.json (choose_runtime)
+                raise
+            warnings.warn(f"{exc}; using PyTorch (run `diffqc export {path}` again)", stacklevel=2)
+            precision = "auto"
+        else:
+            _name_unflaggable(onnx, path)
+            return onnx
     if precision == "int8":
         raise ConfigError("INT8 runs on ONNX Runtime or OpenVINO: use --runtime onnx, openvino or auto")
     from diffqc.model import Detector
