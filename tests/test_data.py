@@ -92,6 +92,26 @@ def test_masks_are_found_in_a_kind_folder_of_any_case_and_a_missing_one_is_named
     assert defects[0].path.name in str(caught[0].message)
 
 
+def test_a_mask_of_another_shape_than_its_image_is_named(clear_dataset: Path, tmp_path: Path) -> None:
+    """A mask whose shape is not its image's (cropped in an editor, another image's, a mask of the
+    camera's full frame beside a cropped part) was stretched onto the image without a word, and
+    the pixel metrics measured the map against a misplaced defect. Such masks are named; a mask
+    at another scale of the same shape (saved smaller) is read as before."""
+    dots = Path(shutil.copytree(clear_dataset / "dots", tmp_path / "dots"))
+    masks = sorted((dots / "ground_truth" / "blob").iterdir())
+    with Image.open(masks[0]) as m:
+        m.crop((0, 0, m.width, m.height * 3 // 4)).save(masks[0])  # 64x48 for a 64x64 image
+    with Image.open(masks[1]) as m:
+        m.resize((m.width // 2, m.height // 2)).save(masks[1])  # the same shape, smaller
+    with pytest.warns(DatasetWarning) as caught:
+        load_dataset(dots)
+    said = [str(w.message) for w in caught if "shape" in str(w.message)]
+    assert said == [f"{dots / 'ground_truth'}: 1 of 8 defect masks has another shape than its image "
+                    f"(blob/{masks[0].name}: 64x48 px for a 64x64 px image): it is stretched onto the "
+                    "image, so the pixel metrics measure the map against a misplaced defect; is it the "
+                    "mask of that image?"]
+
+
 def test_netpbm_gif_and_jfif_files_are_images(clear_dataset: Path, tmp_path: Path) -> None:
     """A camera or a GStreamer/Aravis pipeline that saves ``.ppm`` (``.pgm`` was read), ``.pnm``,
     ``.pbm``, ``.gif`` or ``.jfif`` files: they were passed over in a folder without a word."""

@@ -411,6 +411,7 @@ def load_mvtec_type(type_root: Path, feature_type: str | None = None) -> list[Sa
                 mask = None if label == GOOD else _find_mask(masks, p, p.parent.relative_to(kind_dir))
                 samples.append(Sample(p, feature_type, label, mask, defect=kind, split="test"))
     _name_defects_without_masks(ground_truth, [s for s in samples if s.label == DEFECTIVE])
+    _name_masks_of_another_shape(ground_truth, [s for s in samples if s.mask_path is not None])
     return samples
 
 
@@ -425,6 +426,26 @@ def _name_defects_without_masks(ground_truth: Path, defects: list[Sample]) -> No
                       f"({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))}: "
                       f"{first_few([s.path.name for s in missing], 3)}); looked for <kind>/<name>_mask.png "
                       "or <kind>/<name>.png; pixel metrics leave them out", DatasetWarning, stacklevel=4)
+
+
+def _name_masks_of_another_shape(ground_truth: Path, masked: list[Sample]) -> None:
+    """Masks whose shape (height to width, 1 % apart) is not their image's, read from the headers:
+    :func:`read_mask` stretches a mask onto its image, right for one saved at another scale,
+    wrong for one cropped or of another image. One :class:`DatasetWarning` names them."""
+    odd = []
+    for s in masked:
+        assert s.mask_path is not None
+        mask, image = image_shape(s.mask_path), image_shape(s.path)
+        if mask and image and abs(mask[0] * image[1] - mask[1] * image[0]) > 0.01 * mask[1] * image[0]:
+            odd.append(f"{s.mask_path.relative_to(ground_truth)}: {mask[1]}x{mask[0]} px for a "
+                       f"{image[1]}x{image[0]} px image")
+    if odd:
+        one = len(odd) == 1
+        warnings.warn(f"{ground_truth}: {len(odd)} of {len(masked)} defect masks {'has' if one else 'have'} "
+                      f"another shape than {'its image' if one else 'their images'} ({first_few(odd, 3)}): "
+                      f"{'it is' if one else 'they are'} stretched onto the image, so the pixel metrics "
+                      "measure the map against a misplaced defect; is it the mask of that image?",
+                      DatasetWarning, stacklevel=4)
 
 
 def _named(folder: Path, name: str) -> list[Path]:
