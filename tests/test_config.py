@@ -21,7 +21,18 @@ from diffqc.errors import ConfigError
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("train.steps", "abc", "train.steps must be an integer, got 'abc'"),
     ("train.steps", -1, "train.steps must be >= 0"),
-    ("train.lr", -1, "train.lr must be in (0, inf)"),
+    ("train.lr", -1, "train.lr must be in (0, 1]"),
+    # values a slip of the keyboard gives (--set ...=1e308, 10^11): each was a traceback, or ate
+    # the machine's memory until the kernel killed the process
+    ("train.lr", 1e308, "train.lr must be in (0, 1], got 1e+308"),
+    ("scoring.smooth_sigma", 1e308,
+     "scoring.smooth_sigma must be < backbone.input_size / 4 (64 px), got 1e+308"),
+    ("backbone.pool", 10**11,
+     "backbone.pool must be in [1, 256] (at most backbone.input_size), got 100000000000"),
+    ("scoring.quadrature_nodes", 10**11, "scoring.quadrature_nodes must be at most the 751 timesteps the "
+     "network is trained on (train.t_min..t_max, 50..800), got 100000000000"),
+    ("scoring.noises_per_timestep", 10**11,
+     "scoring.noises_per_timestep must be in [1, 4096], got 100000000000"),
     ("scoring.bank_timesteps", [100, 1000], "unknown config field 'scoring.bank_timesteps'"),
     ("scoring.quadrature_nodes", 0, "scoring.quadrature_nodes must be >= 1"),
     ("scoring.log_det", "yes", "scoring.log_det must be true or false"),

@@ -21,6 +21,7 @@ T = TypeVar("T")
 METHODS = ("diffusion", "patchcore", "padim")
 BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "mobilenet-v2")  # | onnx:PATH
 MAX_INPUT_SIZE = 8192  # the backbone's square input; larger images are cut into tiles (tiling.mode)
+MAX_NOISES = 4096  # scoring.noises_per_timestep: the noise bank is allocated whole (scoring.ScoreBank)
 MAX_DEPTH = 64  # the denoiser's residual blocks (3 by default)
 SCHEDULES = ("cosine", "linear")
 PRIORS = ("local", "none")
@@ -160,7 +161,9 @@ class BackboneConfig:
         if self.input_size > MAX_INPUT_SIZE:
             raise ConfigError(f"backbone.input_size must be at most {MAX_INPUT_SIZE}, got {self.input_size}: "
                               "cut larger images into tiles at the model's input size (tiling.mode=auto)")
-        _at_least(self, "pool", 1)
+        if not 1 <= self.pool <= self.input_size:  # a wider window only pads more
+            raise ConfigError(f"backbone.pool must be in [1, {self.input_size}] (at most "
+                              f"backbone.input_size), got {self.pool}")
         if self.grid and (len(self.grid) != 2 or min(self.grid) < 1):
             raise ConfigError(f"backbone.grid must be two positive integers (h, w), got {self.grid}")
 
@@ -290,7 +293,7 @@ class TrainConfig:
         _at_least(self, "steps", 0)  # 0: the untrained network, i.e. the Gaussian path alone
         for name in ("batch_images", "locations_per_image"):
             _at_least(self, name, 1)
-        _in_range(self, "lr", 0, math.inf)
+        _in_range(self, "lr", 0, 1, high_open=False)  # AdamW: above 1 only diverges
         _at_least(self, "weight_decay", 0)
         _in_range(self, "ema_decay", 0, 1, low_open=False)
         _at_least(self, "t_min", 0)
@@ -331,7 +334,8 @@ class ScoringConfig:
         _one_of(self, "heat_map", HEAT_MAPS)
         _in_range(self, "memory_ratio", 0, 1, high_open=False)
         _at_least(self, "quadrature_nodes", 1)
-        _at_least(self, "noises_per_timestep", 1)
+        # the bank holds quadrature_nodes x noises_per_timestep noise maps of every location
+        _in_range(self, "noises_per_timestep", 1, MAX_NOISES, low_open=False, high_open=False)
         _one_of(self, "aggregation", AGGREGATIONS)
         _in_range(self, "topk", 0, 1, high_open=False)
         _at_least(self, "smooth_sigma", 0)
@@ -453,12 +457,17 @@ class DetectorConfig:
         _at_least(self, "batch_size", 1)
         # the map's smoothing kernel must fit in the image
         sigma, size = self.scoring.smooth_sigma, self.backbone.input_size
-        if sigma > 0 and smoothing_radius(sigma) >= size:
+        if sigma > 0 and smoothing_radius(min(sigma, size)) >= size:  # min: no int of 4 x 1e308
             raise ConfigError(f"scoring.smooth_sigma must be < backbone.input_size / 4 ({size / 4:g} px), "
                               f"got {sigma:g}")
         steps = self.diffusion.timesteps
         if self.train.t_max >= steps:
             raise ConfigError(f"train.t_max must be < diffusion.timesteps ({steps}), got {self.train.t_max}")
+        trained = self.train.t_max - self.train.t_min + 1  # more nodes than these repeat timesteps
+        if self.scoring.quadrature_nodes > trained:
+            raise ConfigError(f"scoring.quadrature_nodes must be at most the {trained} timesteps the network "
+                              f"is trained on (train.t_min..t_max, {self.train.t_min}..{self.train.t_max}), "
+                              f"got {self.scoring.quadrature_nodes}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

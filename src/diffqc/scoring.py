@@ -53,18 +53,19 @@ class ScoreBank:
             raise ValueError("noises_per_timestep must be >= 1")
         nodes, node_w = vlb_quadrature(alpha_bar, t_range[0], t_range[1], config.quadrature_nodes)
         gen = torch.Generator().manual_seed(config.seed)
-        ts, noises, ws = [], [], []
+        ts: list[int] = []
+        ws: list[float] = []
         m = config.noises_per_timestep
+        # whole, at once: a bank larger than the machine is PyTorch's out-of-memory error now,
+        # not a loop that takes memory until the kernel kills the process
+        noise = torch.empty(len(nodes) * m, locations, channels)
         for t, w in zip(nodes.tolist(), node_w.tolist(), strict=True):
             for j in range(m):
-                if j % 2 == 0:
-                    noises.append(torch.randn(locations, channels, generator=gen))
-                else:
-                    noises.append(-noises[-1])
+                k = len(ts)
+                noise[k] = torch.randn(locations, channels, generator=gen) if j % 2 == 0 else -noise[k - 1]
                 ts.append(t)
                 ws.append(w / m)
-        return cls(torch.tensor(ts, dtype=torch.long), torch.stack(noises),
-                   torch.tensor(ws, dtype=torch.float32))
+        return cls(torch.tensor(ts, dtype=torch.long), noise, torch.tensor(ws, dtype=torch.float32))
 
     def __len__(self) -> int:
         return int(self.timesteps.shape[0])
