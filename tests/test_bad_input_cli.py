@@ -467,6 +467,13 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
     (["serve", "m", "--keep-days", "-1"], "argument --keep-days: must be a number more than 0"),
     (["serve", "m", "--artifact-budget-mb", "nan"], "argument --artifact-budget-mb: must be a number"),
     (["serve", "m", "--body-timeout", "0"], "argument --body-timeout: must be a number more than 0"),
+    # a slip (1e308, 10^11): a traceback (int() of inf, a wait beyond the clock's range) once running
+    (["watch", "d", "m", "--poll", "1e11"],
+     "argument --poll: must be a number more than 0 and at most 1e+09"),
+    (["watch", "d", "m", "--artifact-budget-mb", "1e308"], "argument --artifact-budget-mb: must be a number "
+     "more than 0 and at most 1e+09, got 1e308"),
+    (["serve", "m", "--disk-min-free-mb", "1e308"],
+     "argument --disk-min-free-mb: must be a number at least 0 and at most 1e+09"),
     (["serve", "m", "--log-level", "verbose"], "argument --log-level: invalid choice: 'verbose'"),
     (["watch", "cam", "m", "--poll", "-1"], "argument --poll: must be a number more than 0"),
     (["watch", "cam", "m", "--settle", "inf"], "argument --settle: must be a number at least 0"),

@@ -31,10 +31,16 @@ def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+# the largest number an option takes unless it names its own: a billion seconds (31 years), MB
+# (a petabyte) or days; beyond it a slip (1e308) was a traceback once running (int() of inf, a
+# wait past the range of the clock's nanoseconds)
+MAX_NUMBER = 1e9
+
+
 def number(minimum: float, *, inclusive: bool = True,
-           maximum: float | None = None) -> Callable[[str], float]:
+           maximum: float = MAX_NUMBER) -> Callable[[str], float]:
     """An argparse ``type``: a finite number ``>= minimum`` (``> minimum`` when not inclusive)
-    and, when ``maximum`` is given, ``<= maximum``."""
+    and ``<= maximum``."""
 
     def parse(text: str) -> float:
         try:
@@ -42,9 +48,9 @@ def number(minimum: float, *, inclusive: bool = True,
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if (not math.isfinite(value) or value < minimum or (value == minimum and not inclusive)
-                or (maximum is not None and value > maximum)):
+                or value > maximum):
             bound = f"at least {minimum:g}" if inclusive else f"more than {minimum:g}"
-            bound += f" and at most {maximum:g}" if maximum is not None else ""
+            bound += f" and at most {maximum:g}"
             raise argparse.ArgumentTypeError(f"must be a number {bound}, got {text}")
         return value
 
