@@ -668,3 +668,33 @@ def test_dashboard_follows_a_retrained_model(service_model: tuple[Path, Path], b
         time.sleep(6)  # a poll of /v1/line has seen the model served at first
         bench.retrain_into(served, service_model[0], "retrained-dash")
         wait.until(lambda d: d.find_element(By.ID, "model-version").text == "retrained-dash")
+
+
+def test_the_dashboard_fits_a_line_pcs_screen(live_server: tuple[str, Any], browser: Any,
+                                              samples: Samples) -> None:
+    """At 1366 x 768 (a line PC's or HMI's screen) the latest parts' table of a part missing
+    most of its types, or one with a long id (a lot and serial number), ran past the page's right
+    edge: the page scrolled sideways and the last column went off screen. A wide table now
+    scrolls inside its own panel and the missing types wrap; the page is no wider than the
+    screen."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = live_server
+    browser.set_window_size(1366, 768)
+    wait = WebDriverWait(browser, 20)
+    flagged, ftype = samples.one("REVIEW")
+    long_id = "LOT-2026-12-04-LINE-3-PRINTER-SOUTH/" + "S" * 120
+    for part in ("P-1", long_id):
+        r = httpx.post(url + "/v1/inspect", content=flagged, headers=AUTH,
+                       params={"feature_type": ftype, "part_id": part})
+        assert r.status_code == 200, r.text
+    browser.get(url + "/dashboard")
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "connect").click()
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, '#parts tbody tr[data-part="P-1"]')))
+    time.sleep(1)
+    width, scrolled = browser.execute_script(
+        "return [document.documentElement.clientWidth, document.documentElement.scrollWidth]")
+    assert scrolled <= width, (scrolled, width)
