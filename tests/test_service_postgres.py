@@ -392,8 +392,9 @@ def test_a_reading_command_reads_a_postgres_store_an_older_diffqc_wrote(pg_url: 
             ("PASS", None, None), ("REJECT", None, None)]
         assert reader.count(camera="cam-a") == 0
     with psycopg.connect(pg_url, autocommit=True) as conn:  # nothing was added by the reader
-        names = {r[0] for r in conn.execute("SELECT column_name FROM information_schema.columns "
-                                            "WHERE table_name = 'diffqc_results'")}
+        names = {r[0] for r in conn.execute("SELECT column_name FROM information_schema.columns WHERE "
+                                            "table_name = 'diffqc_results' AND "
+                                            "table_schema = current_schema()")}
     assert "body_hash" not in names and "decision" in names
     with ResultStore(pg_url) as store:  # as serve opens it: the columns added
         store.insert_many([_rec("p3", "REVIEW", camera="cam-a")])

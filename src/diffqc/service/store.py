@@ -158,6 +158,8 @@ def _added_columns_read_as_null(conn: Any, *, postgres: bool) -> None:
             with contextlib.suppress(Exception):
                 conn.rollback()
             return
+
+
 # A verdict, as the record holds its latest and the review history each one.
 _REVIEW_FIELDS = ("review", "reviewed_at", "reviewer", "review_note", "review_defect")
 
