@@ -298,6 +298,19 @@ ROWS: dict[str, Row | object] = {
                                    ("since='yesterday'", "ISO 8601"), absent=lambda c: c.tmp / "r.db"),
     "results_db_unknown_scheme": Row(lambda c: ["results", "export", str(c.tmp / "x"), "--db",
                                                 "mysql://u:pw@host/db"], ("unsupported result store",)),
+    # SQLite's own spellings: the store went to /x/r.db, its kept images and heat maps under a
+    # folder named "file:" in the working folder, and the store reconnected on every write; an
+    # in-memory store lost every record (each connection its own) and kept files in the cwd
+    "watch_db_sqlite_file_uri": Row(
+        lambda c: ["watch", str(c.tmp / "cam"), str(c.model), "--once", "--db", f"file:{c.tmp}/r.db"],
+        ("is a SQLite URI, which diffqc does not take", "give the path, "),
+        setup=lambda c: ((c.tmp / "cam").mkdir(), c.monkeypatch.chdir(c.tmp)),
+        absent=lambda c: c.tmp / "file:"),
+    "watch_db_in_memory": Row(
+        lambda c: ["watch", str(c.tmp / "cam"), str(c.model), "--once", "--db", ":memory:"],
+        ("an in-memory SQLite store keeps nothing",),
+        setup=lambda c: ((c.tmp / "cam").mkdir(), c.monkeypatch.chdir(c.tmp)),
+        absent=lambda c: c.tmp / "heatmaps"),
     "results_db_under_a_file": Row(lambda c: ["results", "export", str(c.tmp / "x"), "--db",
                                               str(c.image / "r.db")], ("r.db does not exist",)),
     # the folder of the store for the store: was "does not exist", which it does

@@ -238,15 +238,27 @@ def is_postgres_url(url: str) -> bool:
 
 
 def sqlite_path(url: str) -> Path:
-    """``sqlite:///abs/path``, ``sqlite:///./rel``, or a plain path."""
+    """``sqlite:///abs/path``, ``sqlite:///./rel``, or a plain path. SQLite's own spellings are
+    refused: ``:memory:`` (each connection would hold its own store, lost at exit) and a ``file:``
+    URI (SQLite opens the file it names, while the data folder beside it and the checks of the
+    store's file would read the text as a path)."""
     if url.startswith("sqlite:///"):
-        return Path(url[len("sqlite:///") :])
-    if url.startswith("sqlite://"):
+        path = url[len("sqlite:///") :]
+    elif url.startswith("sqlite://"):
         raise StoreError(f"unsupported SQLite URL {url!r}; use sqlite:///path/to/results.db")
-    if "://" in url:  # e.g. mysql://...: not a file name to create
+    elif "://" in url:  # e.g. mysql://...: not a file name to create
         raise StoreError(f"unsupported result store {redact_url(url)!r}; use a SQLite path, "
                          "sqlite:///path/to/results.db or postgresql://user@host/db")
-    return Path(url)
+    else:
+        path = url
+    if path == ":memory:":
+        raise StoreError("an in-memory SQLite store keeps nothing (each of the service's connections "
+                         "would hold its own, and every record is lost at exit): give a file, such as "
+                         "diffqc-results.db")
+    if path.startswith("file:"):
+        raise StoreError(f"{path} is a SQLite URI, which diffqc does not take: give the path, "
+                         f"{urlsplit(path).path or path[len('file:'):]}")
+    return Path(path)
 
 
 def split_url(url: str, what: str) -> SplitResult:
