@@ -299,8 +299,8 @@ ROWS: dict[str, Row | object] = {
     "results_db_unknown_scheme": Row(lambda c: ["results", "export", str(c.tmp / "x"), "--db",
                                                 "mysql://u:pw@host/db"], ("unsupported result store",)),
     # SQLite's own spellings: the store went to /x/r.db, its kept images and heat maps under a
-    # folder named "file:" in the working folder, and the store reconnected on every write; an
-    # in-memory store lost every record (each connection its own) and kept files in the cwd
+    # folder named "file:" in the working folder (and a lost connection was logged); an in-memory
+    # store keeps nothing past the process (each connection its own) and kept files in the cwd
     "watch_db_sqlite_file_uri": Row(
         lambda c: ["watch", str(c.tmp / "cam"), str(c.model), "--once", "--db", f"file:{c.tmp}/r.db"],
         ("is a SQLite URI, which diffqc does not take", "give the path, "),
