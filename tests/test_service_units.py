@@ -919,6 +919,26 @@ def test_service_settings_refuse_values_that_would_refuse_every_part(field: str,
         ServiceSettings(allow_no_token=True, **{field: value}).validate()
 
 
+def test_push_target_urls_at_odd_values_are_refused_as_given_and_without_their_password() -> None:
+    """A fuzz of --mqtt and --webhook: a password in a webhook URL was printed with its error (a
+    bad port said `http://qc:s3cret@mes:99999/in`, into the journal); port 0 was taken (MQTT's
+    silently as 1883); an MQTT prefix `x/#` was said as `'x' may not contain '#'` (the URL's
+    fragment); a control character in the prefix, which MQTT forbids in a topic, was taken."""
+    from diffqc.service.sinks import check_sink_urls
+
+    for mqtt, webhook, said in [
+        (None, "http://qc:s3cret@mes:99999/in", "webhook URL 'http://qc:***@mes:99999/in' has a bad port"),
+        (None, "https://mes:0/in", "webhook URL 'https://mes:0/in' has a bad port"),
+        ("mqtt://broker:0/line1", None, "MQTT URL 'mqtt://broker:0/line1' has a bad port"),
+        ("mqtt://qc:s3cret@broker/line1/#", None,
+         "MQTT topic prefix of 'mqtt://qc:***@broker/line1/#' may not contain '+' or '#'"),
+        ("mqtt://broker/line\x001", None, "MQTT topic prefix 'line\\x001' may not hold a control character"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            check_sink_urls(mqtt, webhook)
+        assert str(err.value) == said and "s3cret" not in str(err.value)
+
+
 def test_service_settings_check_push_targets_and_watched_folders(tmp_path: Path) -> None:
     from diffqc.service.app import ServiceSettings
 

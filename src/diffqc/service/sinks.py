@@ -45,8 +45,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import unquote
+from urllib.parse import SplitResult, unquote
 
+from diffqc.data import unprintable
 from diffqc.drift import is_misrouted
 from diffqc.errors import ConfigError
 from diffqc.output import json_safe
@@ -404,13 +405,22 @@ class MqttTarget:
 
 
 def check_webhook_url(url: str) -> None:
+    """The webhook URL's form; errors show it without its password."""
     parts = split_url(url, "webhook URL")
+    shown = redact_url(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"webhook URL {url!r} must be http:// or https://host/...")
+        raise ConfigError(f"webhook URL {shown!r} must be http:// or https://host/...")
+    _check_port(parts, f"webhook URL {shown!r}")
+
+
+def _check_port(parts: SplitResult, named: str) -> None:
+    """A URL's port, if it names one, is 1 to 65535 (urllib parses it only when asked, and takes 0)."""
     try:
-        _ = parts.port  # parsed lazily: a bad port raises here
+        port = parts.port
     except ValueError:
-        raise ConfigError(f"webhook URL {url!r} has a bad port") from None
+        port = 0
+    if port == 0:
+        raise ConfigError(f"{named} has a bad port")
 
 
 # the headers diffqc sets on every push itself (a receiver's deduplication and parsing rest on them)
@@ -522,12 +532,12 @@ def parse_mqtt_url(url: str) -> MqttTarget:
         raise ConfigError(f"MQTT URL {shown!r} must look like mqtt://host:1883/prefix (or mqtts://)")
     tls = parts.scheme == "mqtts"
     prefix = parts.path.strip("/") or "diffqc"
-    if any(c in prefix for c in "+#") or parts.fragment or "#" in url:
-        raise ConfigError(f"MQTT topic prefix {prefix!r} may not contain '+' or '#'")
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError:
-        raise ConfigError(f"MQTT URL {shown!r} has a bad port") from None
+    if any(c in prefix for c in "+#") or parts.fragment or "#" in url:  # '#' ends a URL's path
+        raise ConfigError(f"MQTT topic prefix of {shown!r} may not contain '+' or '#'")
+    if any(unprintable(c) for c in prefix):  # MQTT forbids U+0000 in a topic; the rest, a typo
+        raise ConfigError(f"MQTT topic prefix {prefix!r} may not hold a control character")
+    _check_port(parts, f"MQTT URL {shown!r}")
+    port = parts.port or (8883 if tls else 1883)
     user = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
     if password is None and (path := os.environ.get(MQTT_PASSWORD_FILE_ENV)):
