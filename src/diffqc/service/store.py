@@ -397,23 +397,25 @@ def _conditions(filters: Filters) -> tuple[str, list[Any]]:
     return (" WHERE " + " AND ".join(where) if where else ""), args
 
 
-def _foreign_tables(path: Path) -> list[str]:
-    """The tables of an existing SQLite file at ``path`` when none is diffqc's (another program's
-    database), read without writing to it; [] for a diffqc store, a new or empty file, or one
-    SQLite cannot read (its own error says so when the store opens it)."""
+def _sqlite_tables(path: Path) -> list[str]:
+    """The tables of the SQLite file at ``path``, read without writing to it (SQLite's own left
+    out); sqlite3's errors as they come."""
+    conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
     try:
-        if not path.is_file() or path.stat().st_size == 0:
-            return []
-        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
-    except (OSError, sqlite3.Error):
-        return []
-    try:
-        names = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
-                                                "AND name NOT LIKE 'sqlite%' ORDER BY name")]
-    except sqlite3.Error:
-        return []
+        return [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                               "AND name NOT LIKE 'sqlite%' ORDER BY name")]
     finally:
         conn.close()
+
+
+def _foreign_tables(path: Path) -> list[str]:
+    """The tables of an existing SQLite file at ``path`` when none is diffqc's (another program's
+    database); [] for a diffqc store, a new or empty file, or one SQLite cannot read (its own
+    error says so when the store opens it)."""
+    try:
+        names = _sqlite_tables(path) if path.is_file() and path.stat().st_size else []
+    except (OSError, sqlite3.Error):
+        return []
     return [] if TABLE in names else names
 
 
@@ -1320,12 +1322,7 @@ def _holds_results(path: Path) -> bool:
     cannot read for want of room or rights (a full disk) is a :class:`StoreError` saying so,
     not "no"."""
     try:
-        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
-        try:
-            return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                                (TABLE,)).fetchone() is not None
-        finally:
-            conn.close()
+        return TABLE in _sqlite_tables(path)
     except sqlite3.DatabaseError as exc:
         if "not a database" in str(exc):
             return False
