@@ -87,6 +87,44 @@ def test_watch_refuses_to_take_a_dataset_apart(tmp_path: Path, service_model: tu
     assert sorted(p.relative_to(data) for p in data.rglob("*.png")) == before
 
 
+def test_watch_follows_no_link_back_up_or_into_a_dataset(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, service_model: tuple[Path, Path],
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """A link in the camera's folder to a folder above it (`up -> ..`) or to a dataset: watch
+    followed it and moved every image it reached (608 in the drill: a whole scratch folder, a
+    dataset's training images among them) into processed/. Such a link is passed over, said
+    once; a link to another folder of images (a camera's share linked in) is still read."""
+    import logging
+
+    folder, pipe, store = rig
+    (b0, _), (b1, _) = samples.all[0], samples.all[1]
+    (folder / "part-0.png").write_bytes(b0)
+    beside = folder.parent / "archive"  # images beside the camera's folder, reached through `up`
+    beside.mkdir()
+    (beside / "old-part.png").write_bytes(b1)
+    data = shutil.copytree(service_model[1], folder.parent / "data")
+    share = folder.parent / "share"
+    share.mkdir()
+    (share / "part-9.png").write_bytes(b1)
+    (folder / "up").symlink_to("..")
+    (folder / "data").symlink_to(data)
+    (folder / "cam2").symlink_to(share)
+    before = sorted(p.relative_to(data) for p in data.rglob("*.png"))
+    with caplog.at_level(logging.WARNING, logger="diffqc.watch"):
+        w = _watcher(folder, pipe, store)
+        assert w.step().inspected == 2  # part-0 and the share's part-9
+        assert w.step().inspected == 0
+    assert {r.part_id for r in store.query(limit=None)} == {"part-0", "part-9"}
+    assert (beside / "old-part.png").is_file()
+    assert sorted(p.relative_to(data) for p in data.rglob("*.png")) == before
+    said = [r.getMessage() for r in caplog.records if "passing over the link" in r.getMessage()]
+    assert len(said) == 2, said
+    up = f"{folder / 'up'} (it leads to {folder.parent}, which holds the watched folder)"
+    assert any(up in s for s in said)
+    assert any(f"{folder / 'data'} (it leads to a dataset" in s for s in said)
+
+
 def test_watch_names_once_a_folder_named_almost_as_a_type(
     rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, caplog: pytest.LogCaptureFixture
 ) -> None:

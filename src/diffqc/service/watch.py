@@ -37,7 +37,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from diffqc.data import IMAGE_SUFFIXES, decode_image, folder_like_a_type, type_of_folders
+from diffqc.data import IMAGE_SUFFIXES, dataset_folder_of, decode_image, folder_like_a_type, type_of_folders
 from diffqc.errors import (
     BundleError,
     ConfigError,
@@ -259,6 +259,7 @@ class FolderWatcher:
         self._seen: dict[Path, _Seen] = {}
         self._kept: set[tuple[str, int, int]] = set()  # after="keep": (path, size, mtime) done
         self._passed_over: set[str] = set()  # the file endings named in the log (once each)
+        self._links: dict[tuple[Path, Path], bool] = {}  # (link, where it leads): passed over?
         self._near_types: set[str] = set()  # folders named almost as a type, named in the log
         self._pattern = (compile_part_id_pattern(settings.part_id_pattern)
                          if settings.part_id_pattern is not None else None)
@@ -300,7 +301,8 @@ class FolderWatcher:
                 if entry.name.startswith((".", "~")):
                     continue
                 if entry.is_dir():
-                    subfolders.append(entry)
+                    if not (entry.is_symlink() and self._passes_over_link(entry)):
+                        subfolders.append(entry)
                 elif not entry.is_file() or resolved / entry.name in self._store_files:
                     continue
                 elif self._is_image_name(entry):
@@ -311,6 +313,25 @@ class FolderWatcher:
             stack.extend(reversed(subfolders))
         self._name_passed_over(other)
         return out
+
+    def _passes_over_link(self, link: Path) -> bool:
+        """Whether the linked folder ``link`` is passed over, said once: a link to the watched
+        folder's own folder or one above it (reading it would take in the folders beside this
+        one, this one again among them) or, when files are moved, to a dataset (its images moved
+        into processed/ would take it apart). A link to another folder (a camera's share) is read."""
+        target = link.resolve()
+        known = self._links.get((link, target))
+        if known is not None:
+            return known
+        why = None
+        if self.root.is_relative_to(target):
+            why = f"it leads to {target}, which holds the watched folder"
+        elif self.settings.after == "move" and (held := dataset_in(target) or dataset_folder_of(target)):
+            why = f"it leads to a dataset ({held}), which moving its images into processed/ would take apart"
+        if why is not None:
+            log.warning("%s: passing over the link %s (%s)", self.root, link, why)
+        self._links[(link, target)] = why is not None
+        return why is not None
 
     def _name_passed_over(self, other: dict[str, list[str]]) -> None:
         """A camera set to a format diffqc does not read (``.raw``) fills the folder and nothing is
