@@ -410,17 +410,19 @@ def check_webhook_url(url: str) -> None:
     shown = redact_url(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"webhook URL {shown!r} must be http:// or https://host/...")
-    _check_port(parts, f"webhook URL {shown!r}")
+    _checked_port(parts, f"webhook URL {shown!r}")
 
 
-def _check_port(parts: SplitResult, named: str) -> None:
-    """A URL's port, if it names one, is 1 to 65535 (urllib parses it only when asked, and takes 0)."""
+def _checked_port(parts: SplitResult, named: str) -> int | None:
+    """A URL's port (None when it names none), checked to be 1 to 65535 (urllib parses it only
+    when asked, and takes 0)."""
     try:
         port = parts.port
     except ValueError:
         port = 0
     if port == 0:
         raise ConfigError(f"{named} has a bad port")
+    return port
 
 
 # the headers diffqc sets on every push itself (a receiver's deduplication and parsing rest on them)
@@ -536,8 +538,7 @@ def parse_mqtt_url(url: str) -> MqttTarget:
         raise ConfigError(f"MQTT topic prefix of {shown!r} may not contain '+' or '#'")
     if any(unprintable(c) for c in prefix):  # MQTT forbids U+0000 in a topic; the rest, a typo
         raise ConfigError(f"MQTT topic prefix {prefix!r} may not hold a control character")
-    _check_port(parts, f"MQTT URL {shown!r}")
-    port = parts.port or (8883 if tls else 1883)
+    port = _checked_port(parts, f"MQTT URL {shown!r}") or (8883 if tls else 1883)
     user = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
     if password is None and (path := os.environ.get(MQTT_PASSWORD_FILE_ENV)):

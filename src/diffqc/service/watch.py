@@ -37,7 +37,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from diffqc.data import IMAGE_SUFFIXES, dataset_folder_of, decode_image, folder_like_a_type, type_of_folders
+from diffqc.data import (
+    IMAGE_SUFFIXES,
+    SPLITS,
+    dataset_folder_of,
+    decode_image,
+    folder_like_a_type,
+    type_of_folders,
+)
 from diffqc.errors import (
     BundleError,
     ConfigError,
@@ -197,9 +204,6 @@ def check_watch_folder(folder: Path | str, *, moves_into: Sequence[Path | str] =
     return root
 
 
-_SPLITS = ("train", "test")
-
-
 def dataset_in(root: Path, *, most: int = 64) -> Path | None:
     """A sign that ``root`` holds a dataset in MVTec's layout (a camera's folder never does): a
     ``train/`` or ``test/`` folder with ``good/`` in it, as ``root`` or in it or in one of its
@@ -212,11 +216,11 @@ def dataset_in(root: Path, *, most: int = 64) -> Path | None:
         return []
 
     def good_in(split: Path) -> Path | None:
-        if split.name.lower() not in _SPLITS:
+        if split.name.lower() not in SPLITS:
             return None
         return next((g for g in folders(split) if g.name.lower() == "good"), None)
 
-    if root.name.lower() == "good" and root.parent.name.lower() in _SPLITS:
+    if root.name.lower() == "good" and root.parent.name.lower() in SPLITS:
         return root
     below = folders(root)  # a type's splits, or a root's types
     splits = [root, *below, *(split for folder in below for split in folders(folder))]
