@@ -702,3 +702,47 @@ def test_get_part_and_the_latest_part_take_the_lines_part_window(tmp_path: Path)
             line.stop()
     assert got[:5] == ["PASS", 1, "dots=PASS", False, "edge"]  # the REJECT a second before: an earlier part
     assert latest == "PASS"
+
+
+def test_get_part_called_with_wrong_arguments_answers_a_status_and_logs_no_traceback(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A PLC program's call set up wrongly (no argument, two, a part id the service never
+    takes: a NUL byte, 201 characters) is answered the OPC UA status for it, not an
+    ``BadUnexpectedError`` with a traceback in the service's log on every call, nor (a NUL byte
+    on PostgreSQL) a store outage said and answered; a good call after them is answered."""
+    from types import SimpleNamespace
+
+    from asyncua import Client, ua
+
+    from diffqc.service.line import LineServices
+    from diffqc.service.store import ResultStore
+
+    url = f"opc.tcp://127.0.0.1:{_free_port()}"
+    calls: list[tuple[object, ...]] = [(), ("P-1", "P-2"), ("P\x001",), ("P" * 201,), ("P-1",)]
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        store.insert(ResultRecord(created_at=1_796_000_000.0, source="test", decision="PASS",
+                                  feature_type="edge", type_known=True, part_id="P-1"))
+        line = LineServices(SimpleNamespace(opcua_url=url), store, None, SimpleNamespace(classes_=["edge"]))
+        line.start()
+
+        async def call_all() -> list[Any]:
+            out: list[Any] = []
+            async with Client(url) as client:
+                ns = await client.get_namespace_index(NAMESPACE)
+                root = client.get_node(f"ns={ns};s=diffqc")
+                for args in calls:
+                    try:
+                        out.append(await root.call_method(f"{ns}:GetPart", *args))
+                    except ua.UaStatusCodeError as exc:
+                        out.append(type(exc).__name__)
+            return out
+
+        try:
+            with caplog.at_level("DEBUG"):
+                got = asyncio.run(call_all())
+        finally:
+            line.stop()
+    assert got == ["BadArgumentsMissing", "BadTooManyArguments", "BadInvalidArgument", "BadInvalidArgument",
+                   ["PASS", 1, "edge=PASS", True, "", 1]]
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+    assert "result store" not in caplog.text

@@ -53,6 +53,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from diffqc.data import MAX_NAME_LEN, unprintable
 from diffqc.errors import ConfigError
 from diffqc.service.logs import Outage
 from diffqc.service.parts import PART_WINDOW_S, PartVerdict, RecentParts, part_types, stored_part
@@ -536,15 +537,22 @@ class OpcUaServer:
             nodes[ftype]["DriftAlarm"] = await variable(obj, path, "DriftAlarm", False, "Boolean")
         return nodes
 
-    def _get_part(self, parent: Any, part_id: Any) -> Any:
+    def _get_part(self, parent: Any, *args: Any) -> Any:
         """``diffqc.GetPart(PartId)``, in asyncua's worker threads: the part's verdict from the
         store, as ``GET /v1/parts/{part_id}`` judges it: Decision, Images, Types, Complete,
         Missing, RecordId (``""`` and zeros for a part never stored); the store down is
-        ``BadResourceUnavailable``."""
+        ``BadResourceUnavailable``. A call set up wrongly is answered its status (asyncua checks
+        no argument): none or two arguments, ``BadArgumentsMissing`` or ``BadTooManyArguments``;
+        not a string, or one no part id is (the API's rule: over :data:`MAX_NAME_LEN` characters,
+        a control character; PostgreSQL refuses a NUL, read as the store down),
+        ``BadInvalidArgument``."""
         from asyncua import ua
 
-        pid = part_id.Value if isinstance(part_id, ua.Variant) else None
-        if not isinstance(pid, str):
+        if len(args) != 1:
+            code = ua.StatusCodes.BadArgumentsMissing if not args else ua.StatusCodes.BadTooManyArguments
+            return ua.StatusCode(ua.UInt32(code))
+        pid = args[0].Value if isinstance(args[0], ua.Variant) else None
+        if not isinstance(pid, str) or len(pid) > MAX_NAME_LEN or any(unprintable(c) for c in pid):
             return ua.StatusCode(ua.UInt32(ua.StatusCodes.BadInvalidArgument))
         assert self.store is not None
         try:  # judged as the latest part is: the line's types, its window
