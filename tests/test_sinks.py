@@ -397,6 +397,75 @@ def test_webhook_dead_letters_after_max_attempts_and_requeues(store: ResultStore
     assert box.dead("webhook") == 0 and box.pending("webhook") == 0
 
 
+class _OddReceiver:
+    """A receiver behind a redirect (``/hook`` answers 301 to ``/moved``, which answers any GET
+    200: a reverse proxy's http-to-https rule, a login page) and one that answers 200 and then
+    sends its body a byte every 0.2 s for 20 s (a stream: a camera's MJPEG URL given by
+    mistake); ``hung_up`` is set when the client closes before that body ends."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str | None]] = []
+        self.hung_up = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                outer.seen.append(("POST", self.path, self.headers.get("Authorization")))
+                if self.path == "/hook":
+                    self.send_response(301)
+                    self.send_header("Location", f"http://127.0.0.1:{outer.port}/moved")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.end_headers()
+                try:
+                    for _ in range(100):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                except OSError:
+                    outer.hung_up.set()
+
+            def do_GET(self) -> None:
+                outer.seen.append(("GET", self.path, self.headers.get("Authorization")))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_a_redirect_is_not_delivered_and_a_response_body_is_not_waited_for(store: ResultStore) -> None:
+    """A webhook URL that redirects: urllib followed a POST's 301 with a GET to the new URL,
+    without the body, and counted its 200 as delivered (the decision lost), the
+    ``Authorization`` header sent along to wherever it pointed. A redirect now fails the push,
+    named with where it leads, so it is retried and dead-lettered. A receiver's response body
+    is not read: one that streams it (a camera's stream URL) held the sink for as long as it
+    sent."""
+    from diffqc.service.sinks import Message
+
+    odd = _OddReceiver()
+    message = Message(1, "webhook", "decision", 7, "edge", '{"kind": "decision"}', 0, time.time())
+    try:
+        sink = WebhookSink(f"http://127.0.0.1:{odd.port}/hook", headers={"Authorization": "Bearer T"})
+        with pytest.raises(RuntimeError, match=rf"webhook answered 301: a redirect to "
+                                               rf"http://127.0.0.1:{odd.port}/moved"):
+            sink.send(message)
+        assert odd.seen == [("POST", "/hook", "Bearer T")]  # no GET, the token sent nowhere else
+        WebhookSink(f"http://127.0.0.1:{odd.port}/stream").send(message)  # its 200: delivered
+        assert odd.hung_up.wait(10), "the sink read the receiver's body to its end"
+    finally:
+        odd.server.shutdown()
+        odd.server.server_close()
+
+
 def test_webhook_down_never_blocks_and_catches_up_after_a_restart(tmp_path: Path) -> None:
     """Records keep being stored while the receiver is unreachable; after a restart of the
     service (new store, outbox and dispatcher) and of the receiver, every message arrives."""

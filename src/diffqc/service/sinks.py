@@ -45,7 +45,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import SplitResult, unquote
+from urllib.parse import SplitResult, unquote, urljoin
 
 from diffqc.data import unprintable
 from diffqc.drift import is_misrouted
@@ -328,8 +328,24 @@ def trust_hint(peer: str) -> str:
             "(or add it to the system's certificate store)")
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A webhook's redirect is not followed: urllib follows a POST's 301, 302 or 303 with a
+    GET to the new URL, without the body and with the request's headers (its
+    ``Authorization`` too, to any host), so a 200 there counted as delivered a decision the
+    receiver never got. Returning no request makes urllib raise the 3xx as an ``HTTPError``."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+# urlopen's handlers (proxies from the environment, HTTPS with the default trust store) but that
+_OPENER = urllib.request.build_opener(_NoRedirect())
+
+
 class WebhookSink:
-    """POST each message as JSON to ``url``; 2xx is success, anything else is retried."""
+    """POST each message as JSON to ``url``; 2xx is success, anything else is retried (a
+    redirect too: :class:`_NoRedirect`). The response's body is not read: its status is the
+    answer, and a body that never ends (a stream's URL) would hold the sink."""
 
     name = "webhook"
 
@@ -380,10 +396,15 @@ class WebhookSink:
             },
         )
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                resp.read()
+            with _OPENER.open(req, timeout=self.timeout_s) as resp:
                 status = int(resp.status)
         except urllib.error.HTTPError as exc:
+            exc.close()
+            if 300 <= exc.code < 400 and (location := exc.headers.get("Location")):
+                raise RuntimeError(
+                    f"webhook answered {exc.code}: a redirect to {redact_url(urljoin(self.url, location))}, "
+                    "not followed (the decision would arrive as a GET, without its body): give "
+                    "--webhook the URL it leads to") from None
             raise RuntimeError(f"webhook answered {exc.code}") from None
         except (urllib.error.URLError, OSError) as exc:
             if isinstance(getattr(exc, "reason", exc), ssl.SSLCertVerificationError):
