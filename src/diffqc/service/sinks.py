@@ -600,11 +600,11 @@ class MqttSink:
         client.on_disconnect = self._on_disconnect
         self._client = client
         self._last_failure: str | None = None
+        self._stopping = False  # stop()'s own disconnect is not an outage to log
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if getattr(reason, "is_failure", False):
-            log.warning("MQTT broker %s:%s refused the connection: %s", self.target.host,
-                        self.target.port, reason)
+        if getattr(reason, "is_failure", False):  # a wrong password: refused at every retry
+            self._failed(f"refused the connection: {reason}")
             return
         client.publish(self.status_topic, "online", qos=1, retain=True)
         self._last_failure = None  # a later outage is said again
@@ -618,13 +618,17 @@ class MqttSink:
         reason = str(exc or "the connection failed")
         if isinstance(exc, ssl.SSLCertVerificationError):
             reason += f": {trust_hint('broker')}"
-        if reason != self._last_failure:
-            self._last_failure = reason
-            log.warning("MQTT broker %s:%s unreachable: %s (retrying; decisions wait in the outbox)",
-                        self.target.host, self.target.port, reason)
+        self._failed(f"unreachable: {reason}")
+
+    def _failed(self, said: str) -> None:
+        """Each reason a connection fails for is logged once, not at every retry."""
+        if said != self._last_failure:
+            self._last_failure = said
+            log.warning("MQTT broker %s:%s %s (retrying; decisions wait in the outbox)",
+                        self.target.host, self.target.port, said)
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if self._connected.is_set():
+        if self._connected.is_set() and not self._stopping:
             log.warning("MQTT broker %s:%s disconnected: %s", self.target.host, self.target.port, reason)
         self._connected.clear()
 
@@ -633,6 +637,7 @@ class MqttSink:
         self._client.loop_start()
 
     def stop(self) -> None:
+        self._stopping = True
         if self._connected.is_set():
             try:
                 info = self._client.publish(self.status_topic, "offline", qos=1, retain=True)
