@@ -643,7 +643,8 @@ def test_mqtt_last_will_says_offline_when_the_process_dies() -> None:
 class Broker:
     """A private Mosquitto (persistent sessions, so that a subscriber misses nothing)."""
 
-    def __init__(self, folder: Path, tls: Any = None, users: dict[str, str] | None = None) -> None:
+    def __init__(self, folder: Path, tls: Any = None, users: dict[str, str] | None = None,
+                 acl: str | None = None) -> None:
         self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(self.binary).exists():
             pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
@@ -664,6 +665,9 @@ class Broker:
                 subprocess.run(["mosquitto_passwd", "-b", *create, str(passwd), name, password],
                                check=True, capture_output=True)
             user += f"password_file {passwd}\n"
+        if acl is not None:  # mosquitto's access list: what each user may publish
+            (folder / "acl").write_text(acl)
+            user += f"acl_file {folder}/acl\n"
         anonymous = "false" if users else "true"
         self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous {anonymous}\n"
                              f"persistence true\npersistence_location {folder}/\n"
@@ -1018,6 +1022,81 @@ def test_mqtt_password_from_a_secret_file(store: ResultStore, tmp_path: Path, mo
     with pytest.raises(ConfigError) as info:  # a URL's own password is not echoed in its error
         parse_mqtt_url("mqtt://line:s3cr3t-pw@127.0.0.1:bad/line")
     assert "s3cr3t-pw" not in str(info.value)
+
+
+@pytest.mark.mqtt
+def test_a_message_the_brokers_access_list_refuses_is_dead_lettered_not_lost(
+        store: ResultStore, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A broker whose access list lets the line's user publish its status but not its
+    decisions: over MQTT 3.1.1 the broker acknowledged each decision and dropped it, and the
+    sink counted it delivered. Over MQTT 5 its PUBACK says ``Not authorized``: the message is
+    retried, dead-lettered (kept, named in the log with the topic) and resent once requeued."""
+    mqtt_url()  # the same switch as the other broker tests
+    broker = Broker(tmp_path / "broker", users={"line": "pw"},
+                    acl="user line\ntopic readwrite line/status\n")
+    broker.start()
+    box = outbox_for(store, "mqtt")
+    sink = MqttSink(f"mqtt://line:pw@127.0.0.1:{broker.port}/line")
+    sink.backoff = lambda attempts: 0.01  # type: ignore[method-assign]  # eight tries at once
+    disp = Dispatcher(box, [sink], poll_s=0.02)
+    disp.start()
+    try:
+        wait_for(sink.ready, 15, "the sink to connect")
+        rec = store.insert(record(1))
+        wait_for(lambda: box.dead("mqtt") == 1, 30, "the refused message dead-lettered")
+        (dead,) = box.dead_letters("mqtt")
+        assert dead["record_id"] == rec.id and dead["attempts"] == 8
+        assert "refused the message on line/decisions/stripes: Not authorized" in dead["last_error"]
+        assert disp.delivered_total["mqtt"] == 0 and box.pending("mqtt") == 0
+    finally:
+        disp.stop()
+        broker.stop()
+    assert "Not authorized" in caplog.text
+
+
+@pytest.mark.mqtt
+def test_a_broker_that_speaks_mqtt_3_1_1_only_is_published_to(store: ResultStore, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """amqtt, a broker that speaks MQTT 3.1.1 only (and, given a version 5 CONNECT with a will,
+    waits instead of refusing the version): the sink tries 3.1.1 once a connection ends
+    unaccepted, says once that a refused message cannot be told there, and every message
+    arrives."""
+    mqtt_url()  # the same switch as the other broker tests
+    port = free_port()
+    conf = tmp_path / "amqtt.yaml"
+    conf.write_text(f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{port}\n"
+                    "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
+                    "    allow_anonymous: true\n")
+    amqtt = shutil.which("amqtt", path=str(Path(sys.executable).parent)) or shutil.which("amqtt")
+    if amqtt is None:
+        pytest.skip("amqtt is not installed (pip install -e '.[dev]')")
+    proc = subprocess.Popen([amqtt, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    box = outbox_for(store, "mqtt")
+    sink = MqttSink(f"mqtt://127.0.0.1:{port}/line", keepalive_s=2)  # a stalled try ends in seconds
+    disp = Dispatcher(box, [sink], poll_s=0.05)
+    try:
+        wait_for(lambda: _listening(port), 30, "amqtt to listen")
+        subscriber = Subscriber("127.0.0.1", port, "line", client_id="reader")
+        with caplog.at_level(logging.INFO, logger="diffqc"):
+            disp.start()
+            wait_for(sink.ready, 60, "the sink to connect")
+            store.insert_many([record(i) for i in range(3)])
+            wait_for(lambda: box.pending("mqtt") == 0, 15, "the messages acknowledged")
+        wait_for(lambda: len(subscriber.record_ids()) == 3, 15, "the messages to arrive")
+        subscriber.close()
+    finally:
+        disp.stop()
+        proc.terminate()
+        proc.wait(10)
+    assert caplog.text.count("speaks MQTT 3.1.1, not 5") == 1
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
 
 
 @pytest.mark.anyio

@@ -14,7 +14,8 @@ webhooks) so that receivers can drop duplicates.
 
 A webhook message that still fails after ``max_attempts`` (exponential backoff in between) is
 moved to ``diffqc_dead_letters`` (kept, never dropped; :meth:`Outbox.requeue_dead` sends it
-again). MQTT messages are never dead-lettered: while the broker is unreachable they wait.
+again). MQTT messages wait while the broker is unreachable; one the broker refuses (MQTT 5's
+PUBACK: its access list) is dead-lettered after :data:`MAX_ATTEMPTS`, as a webhook's.
 
 MQTT topics under the prefix (``mqtt://host:port/PREFIX``, default ``diffqc``):
 ``PREFIX/status`` (retained, ``online``; ``offline`` by last will or on a clean stop),
@@ -307,6 +308,14 @@ class Outbox:
 
 
 # --------------------------------------------------------------------------- sinks
+MAX_ATTEMPTS = 8  # a webhook's by default, and an MQTT message's the broker refuses
+
+
+class Refused(RuntimeError):
+    """The receiver took the message and refused it (an MQTT broker's access list): waiting for
+    the receiver will not change that, so it is dead-lettered after :data:`MAX_ATTEMPTS`."""
+
+
 class Sink(Protocol):
     name: str
     max_attempts: int | None  # None: never dead-letter (wait for the receiver)
@@ -349,7 +358,7 @@ class WebhookSink:
 
     name = "webhook"
 
-    def __init__(self, url: str, *, timeout_s: float = 5.0, max_attempts: int = 8,
+    def __init__(self, url: str, *, timeout_s: float = 5.0, max_attempts: int = MAX_ATTEMPTS,
                  backoff_base_s: float = 1.0, backoff_cap_s: float = 60.0,
                  headers: dict[str, str] | None = None, secrets: Sequence[bytes] = ()) -> None:
         """``secrets``: sign each push with each key as Standard Webhooks does
@@ -571,7 +580,14 @@ def parse_mqtt_url(url: str) -> MqttTarget:
 
 
 class MqttSink:
-    """Publish with QoS 1 through paho-mqtt; a message counts as sent on the broker's PUBACK."""
+    """Publish with QoS 1 through paho-mqtt; a message counts as sent on the broker's PUBACK.
+
+    MQTT 5, whose PUBACK says whether the broker took the message: a broker's access list that
+    does not let the user publish to the prefix refuses each (``Not authorized``), where MQTT
+    3.1.1 acknowledges it and drops it, so a decision was counted delivered and lost. Until a
+    broker has accepted a connection, one it ends unaccepted (a 3.1.1 broker refuses version 5,
+    or, not all as the standard says, closes or stalls) is tried again with the other version;
+    one accepted with 3.1.1 is said once."""
 
     name = "mqtt"
     max_attempts: int | None = None
@@ -587,7 +603,7 @@ class MqttSink:
         self.keepalive_s = keepalive_s
         self.status_topic = f"{self.prefix}/status"
         self._connected = threading.Event()
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
                              client_id=client_id or f"diffqc-{uuid.uuid4().hex[:12]}")
         if self.target.username is not None:
             client.username_pw_set(self.target.username, self.target.password)
@@ -598,16 +614,25 @@ class MqttSink:
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
         self._client = client
-        self._last_failure: str | None = None
+        self._refused: dict[int, str] = {}  # a publish's message id -> why the broker refused it
+        self._said: set[str] = set()  # why connections failed since the last one that worked
+        self._accepted = False  # a broker accepted a connection (its MQTT version is kept)
         self._stopping = False  # stop()'s own disconnect is not an outage to log
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if getattr(reason, "is_failure", False):  # a wrong password: refused at every retry
-            self._failed(f"refused the connection: {reason}")
+            if str(reason) != "Unsupported protocol version":  # the next try speaks the other
+                self._failed(f"refused the connection: {reason}")
             return
+        if not self._accepted and client.protocol != self._mqtt.MQTTv5:
+            log.warning("MQTT broker %s:%s speaks MQTT 3.1.1, not 5: a message it refuses (its access "
+                        "list) is acknowledged as taken, and counted delivered", self.target.host,
+                        self.target.port)
+        self._accepted = True
         client.publish(self.status_topic, "online", qos=1, retain=True)
-        self._last_failure = None  # a later outage is said again
+        self._said.clear()  # a later outage is said again
         self._connected.set()
         log.info("MQTT connected to %s:%s", self.target.host, self.target.port)
 
@@ -622,8 +647,8 @@ class MqttSink:
 
     def _failed(self, said: str) -> None:
         """Each reason a connection fails for is logged once, not at every retry."""
-        if said != self._last_failure:
-            self._last_failure = said
+        if said not in self._said:
+            self._said.add(said)
             log.warning("MQTT broker %s:%s %s (retrying; decisions wait in the outbox)",
                         self.target.host, self.target.port, said)
 
@@ -631,9 +656,20 @@ class MqttSink:
         if self._connected.is_set() and not self._stopping:
             log.warning("MQTT broker %s:%s disconnected: %s", self.target.host, self.target.port, reason)
         self._connected.clear()
+        if not self._accepted and not self._stopping:
+            # paho reconnects with the version set here (it has no setter); 3.1.1's session
+            # clean, as MQTT 5's is by the connect's clean_start
+            v5 = client.protocol == self._mqtt.MQTTv5
+            client._protocol, client._clean_session = (self._mqtt.MQTTv311 if v5 else self._mqtt.MQTTv5), True
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        """Called before the publish counts as done: :meth:`send` then reads why it was refused."""
+        if getattr(reason, "is_failure", False):
+            self._refused[mid] = str(reason)
 
     def start(self) -> None:
-        self._client.connect_async(self.target.host, self.target.port, keepalive=self.keepalive_s)
+        self._client.connect_async(self.target.host, self.target.port, keepalive=self.keepalive_s,
+                                   clean_start=True)
         self._client.loop_start()
 
     def stop(self) -> None:
@@ -670,6 +706,9 @@ class MqttSink:
             raise RuntimeError(f"MQTT publish failed: {exc}") from None
         if not info.is_published():
             raise RuntimeError("MQTT broker did not acknowledge the message in time")
+        if (refused := self._refused.pop(info.mid, None)) is not None:
+            raise Refused(f"MQTT broker refused the message on {self.topic(message)}: {refused} "
+                          "(does its access list let this user publish there?)")
 
 
 # --------------------------------------------------------------------------- delivery
@@ -755,7 +794,8 @@ class Dispatcher:
                 self.failures_total[sink.name] += 1
                 self.last_error[sink.name] = error
                 self.outages[sink.name].failed(f"{error} (retrying; messages wait in the outbox)")
-                if sink.max_attempts is not None and message.attempts + 1 >= sink.max_attempts:
+                limit = sink.max_attempts or (MAX_ATTEMPTS if isinstance(exc, Refused) else None)
+                if limit is not None and message.attempts + 1 >= limit:
                     log.error("sink %s: message %s (record %s) dead-lettered after %d attempts: %s",
                               sink.name, message.id, message.record_id, message.attempts + 1, error)
                     self.outbox.dead_letter(message, error)
