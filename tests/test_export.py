@@ -24,7 +24,7 @@ from diffqc.backends.graph import EXTERNAL_THRESHOLD as ONNX_MAPPED_FROM
 from diffqc.backends.ort import OnnxGraph
 from diffqc.cli import main
 from diffqc.data import GOOD, load_dataset, read_images
-from diffqc.errors import BackboneError, BundleError, OutputError, UnknownFeatureTypeError
+from diffqc.errors import BackboneError, BundleError, ExportError, OutputError, UnknownFeatureTypeError
 from diffqc.metrics import image_auroc
 from diffqc.model import Detector
 from diffqc.recalibrate import CalibrationReloader
@@ -579,6 +579,100 @@ def test_bring_your_own_onnx_backbone(clear_dataset: Path, tmp_path: Path) -> No
     ref = again.inspect(images, [s.feature_type for s in test[:4]])
     assert [r.decision for r in onx.inspect(images, [s.feature_type for s in test[:4]])] == \
         [r.decision for r in ref]
+
+
+def _edited(path: Path, out: Path, *, half: bool = False, tap_op: str | None = None) -> Path:
+    """The tiny backbone edited as other exports give it: ``half``, a float16 input and a
+    float16 tap ``half_tap`` (ultralytics' ``half=True``); ``tap_op``, a tap ``odd`` that is
+    ``model.5``'s output through ``Cast`` to int32 (``"int"``), ``Log`` of a ReLU (``"log"``:
+    -inf where it is 0) or times zero (``"zero"``: no longer depends on the image)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    tap = [n for n in graph.node if "/model.5/" in n.name][-1].output[0]  # the module's output
+    extra: list[Any] = []
+    if half:
+        for node in graph.node:
+            node.input[:] = ["images/f32" if x == "images" else x for x in node.input]
+        extra.append(helper.make_node("Cast", ["images"], ["images/f32"], to=TensorProto.FLOAT))
+        graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+        graph.node.append(helper.make_node("Cast", [tap], ["half_tap"], to=TensorProto.FLOAT16))
+    if tap_op == "int":
+        graph.node.append(helper.make_node("Cast", [tap], ["odd"], to=TensorProto.INT32))
+    elif tap_op == "log":
+        graph.node.extend([helper.make_node("Relu", [tap], ["relu"]),
+                           helper.make_node("Log", ["relu"], ["odd"])])
+    elif tap_op == "zero":
+        graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.float32), "zero"))
+        graph.node.append(helper.make_node("Mul", [tap, "zero"], ["odd"]))
+    nodes = [*extra, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(out))
+    return out
+
+
+def test_a_half_precision_onnx_backbone_is_fitted_and_exported(clear_dataset: Path, tmp_path: Path) -> None:
+    """A backbone exported in half precision (a float16 input, float16 taps: ultralytics'
+    ``half=True``, for an edge GPU) was a traceback from ONNX Runtime at the first image; a
+    float16 tap, a traceback at export. Its input is given float16 pixels and its taps are read
+    as float32; the export casts both ways in the graph and passes its parity check."""
+    half = _edited(_tiny_onnx_backbone(tmp_path / "net.onnx"), tmp_path / "half.onnx", half=True)
+    config = tiny_config(**{"backbone.name": f"onnx:{half}", "backbone.layers": ["half_tap", "model.7"]})
+    samples = load_dataset(clear_dataset)
+    det = Detector(config, device="cpu").fit(samples, progress=False)
+    test = [s for s in samples if s.split == "test"]
+    results, kept = det.inspect_samples(test)
+    assert image_auroc([s.label != GOOD for s in kept], [r.score for r in results]) > 0.6
+    bundle = det.save(tmp_path / "byo")
+    info = ex.export_bundle(bundle, data=clear_dataset, threads=1, check_images=4, log=_quiet)
+    assert info["fp32"]["parity_vs_torch"]["passed"]
+    images, _, _ = read_images(test[:4])
+    onx = OnnxDetector(bundle, threads=1).inspect(images, [s.feature_type for s in test[:4]])
+    np.testing.assert_allclose([r.score for r in onx], [r.score for r in results[:4]], rtol=1e-4)
+
+
+def test_an_onnx_tap_a_model_cannot_use_is_refused_naming_it(tmp_path: Path) -> None:
+    """A tap of integers, one that holds -inf (a Log of zeros), one that is the same whatever
+    the image (a constant: a model fitted on it passes every part), an input of bytes: each was
+    a traceback deep in the fit (or, the constant, a model scoring every part 0.0); each is
+    refused at load naming the tensor."""
+    from diffqc.backbone import FeatureExtractor
+    from diffqc.config import BackboneConfig
+
+    net = _tiny_onnx_backbone(tmp_path / "net.onnx")
+    for op, said in [("int", "'odd' is int32; taps must be floating point"),
+                     ("log", "'odd' holds NaN or infinite values for a black image"),
+                     ("zero", "'odd' is the same for a black and a white image")]:
+        graph = _edited(net, tmp_path / f"{op}.onnx", tap_op=op)
+        with pytest.raises(BackboneError, match=said):
+            FeatureExtractor(BackboneConfig(name=f"onnx:{graph}", layers=("odd",), input_size=64))
+    import onnx
+
+    model = onnx.load(str(net))
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    onnx.save(model, str(tmp_path / "bytes.onnx"))
+    with pytest.raises(BackboneError, match="'images' is uint8; diffqc gives it pixels in \\[0, 1\\]"):
+        FeatureExtractor(BackboneConfig(name=f"onnx:{tmp_path / 'bytes.onnx'}", layers=("model.5",),
+                                        input_size=64))
+
+
+def test_an_onnx_backbone_of_a_fixed_batch_is_not_exported(clear_dataset: Path, tmp_path: Path) -> None:
+    """A backbone whose batch is fixed at 1 is fitted on (an image at a time); its export, which
+    runs batches, was ONNX Runtime's "Got invalid dimensions" traceback: it is refused with
+    what to do."""
+    import onnx
+
+    model = onnx.load(str(_tiny_onnx_backbone(tmp_path / "net.onnx")))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, str(tmp_path / "one.onnx"))
+    config = tiny_config(**{"backbone.name": f"onnx:{tmp_path / 'one.onnx'}", "backbone.layers": ["model.5"]})
+    det = Detector(config, device="cpu").fit(load_dataset(clear_dataset), progress=False)
+    bundle = det.save(tmp_path / "m")
+    with pytest.raises(ExportError, match=r"takes a batch of 1 image\(s\) only .* dynamic batch"):
+        ex.export_bundle(bundle, data=clear_dataset, threads=1, check_images=4, log=_quiet)
 
 
 def test_onnx_backbone_errors(tmp_path: Path) -> None:

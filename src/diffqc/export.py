@@ -156,20 +156,26 @@ def _byo_features(graph: InferenceGraph, backbone: OnnxBackbone, opset: int) -> 
     onnxlib = import_onnx()
     from onnx import compose, version_converter
 
+    if backbone.static_batch is not None:
+        raise ExportError(f"the ONNX backbone {backbone.path} takes a batch of {backbone.static_batch} "
+                          "image(s) only (its input's first dimension is fixed): the export runs "
+                          "batches; export the backbone with a dynamic batch (ultralytics: "
+                          "dynamic=True), or run this bundle with PyTorch (--runtime torch)")
     body = onnxlib.ModelProto()
     body.CopyFrom(backbone.model)
+    taps = _float32_io(body, backbone)
     body_opset = next((o.version for o in body.opset_import if o.domain in ("", "ai.onnx")), opset)
     opset = max(opset, body_opset)
     if body_opset < opset:
         body = version_converter.convert_version(body, opset)
-    taps = [torch.zeros(2, *shape) for shape in backbone.shapes]
-    tap_names = [f"tap{i}" for i in range(len(taps))]
-    head = _trace(_Half(graph, "taps"), tuple(taps), tap_names, [FEATURES], opset)
+    zeros = [torch.zeros(2, *shape) for shape in backbone.shapes]
+    tap_names = [f"tap{i}" for i in range(len(zeros))]
+    head = _trace(_Half(graph, "taps"), tuple(zeros), tap_names, [FEATURES], opset)
     body = compose.add_prefix(body, "backbone/", rename_inputs=False, rename_outputs=False)
     head = compose.add_prefix(head, "head/", rename_inputs=False, rename_outputs=False)
     body.ir_version = head.ir_version = max(body.ir_version, head.ir_version)
     merged: onnx.ModelProto = compose.merge_models(
-        body, head, io_map=list(zip(backbone.tensors, tap_names, strict=True)),
+        body, head, io_map=list(zip(taps, tap_names, strict=True)),
         outputs=[FEATURES])
     for inp in merged.graph.input:
         if inp.name == backbone.input_name:
@@ -178,6 +184,36 @@ def _byo_features(graph: InferenceGraph, backbone: OnnxBackbone, opset: int) -> 
             for node in merged.graph.node:
                 node.input[:] = [PIXELS if x == old else x for x in node.input]
     return merged
+
+
+def _float32_io(body: onnx.ModelProto, backbone: OnnxBackbone) -> list[str]:
+    """Casts in ``body`` (the backbone cut at its taps) so that it takes float32 pixels and gives
+    float32 taps, as the head traced after it does (a half-precision export takes and gives
+    float16); the names of the taps to join to the head."""
+    onnxlib = import_onnx()
+    helper, float32 = onnxlib.helper, onnxlib.TensorProto.FLOAT
+    casts = []
+    if backbone.input_dtype != np.float32:
+        (given,) = [i for i in body.graph.input if i.name == backbone.input_name]
+        inner = f"{given.name}/as_{backbone.input_dtype}"
+        for node in body.graph.node:
+            node.input[:] = [inner if x == given.name else x for x in node.input]
+        casts.append(helper.make_node("Cast", [given.name], [inner], to=given.type.tensor_type.elem_type))
+        given.type.tensor_type.elem_type = float32
+    taps = []
+    for name, dtype in zip(backbone.tensors, backbone.tap_dtypes, strict=True):
+        if dtype == np.float32:
+            taps.append(name)
+            continue
+        taps.append(f"{name}/as_float32")
+        body.graph.node.append(helper.make_node("Cast", [name], [taps[-1]], to=float32))
+        (out,) = [o for o in body.graph.output if o.name == name]
+        out.name, out.type.tensor_type.elem_type = taps[-1], float32
+    if casts:  # node order is topological: the input's cast first
+        nodes = [*casts, *body.graph.node]
+        del body.graph.node[:]
+        body.graph.node.extend(nodes)
+    return taps
 
 
 def _tidy(model: onnx.ModelProto) -> None:

@@ -67,7 +67,7 @@ def extract_subgraph(model: onnx.ModelProto, inputs: Sequence[str],
     def value_info(name: str) -> Any:
         if name in declared:
             return declared[name]
-        return helper.make_tensor_value_info(name, onnxlib.TensorProto.FLOAT, None)
+        return onnxlib.ValueInfoProto(name=name)  # its type as inferred (a float16 tap is float16)
 
     sub = helper.make_graph(
         [node for node in graph.node if id(node) in nodes], graph.name,

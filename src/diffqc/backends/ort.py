@@ -92,13 +92,20 @@ class OnnxGraph(SplitGraph):
 
 
 # --------------------------------------------------------------------------- BYO backbone
+# the ONNX element types of an input that takes pixels in [0, 1] (a half-precision export too)
+FLOAT_INPUTS = {1: np.float32, 10: np.float16, 11: np.float64}  # FLOAT, FLOAT16, DOUBLE
+
+
 class OnnxBackbone:
     """Any ONNX model as a frozen feature extractor: named intermediate tensors are the taps.
 
     ``layers`` name a tensor, a node (its first output) or a module scope of a PyTorch export
     such as ultralytics' YOLOv8 (``model.4`` -> the output of the last node under ``/model.4/``).
     The model is cut after the deepest tap, so a detection head costs nothing. Taps come back
-    finest grid first (the grid the others are resized to). Pixels go in as they are, in [0, 1].
+    finest grid first (the grid the others are resized to), as float32. Pixels go in as they
+    are, in [0, 1], in the input's float type (a half-precision export takes float16). A tap
+    that is not floating point is refused at load, and one holding NaN or an infinity (a graph
+    that overflows) when it does, naming it: the fit and the scores cannot use it.
     """
 
     def __init__(self, path: Path | str, layers: Sequence[str], input_size: int,
@@ -123,6 +130,13 @@ class OnnxBackbone:
         if len(dims) != 4:
             raise BackboneError(f"ONNX backbone input {self.input_name!r} has rank {len(dims)}, "
                                 "expected NCHW")
+        elem = inputs[0].type.tensor_type.elem_type
+        if elem not in FLOAT_INPUTS:
+            kind = onnxlib.TensorProto.DataType.Name(elem).lower() if elem else "of no type"
+            raise BackboneError(f"ONNX backbone input {self.input_name!r} is {kind}; diffqc gives it "
+                                "pixels in [0, 1] as floating point (float32, float16 or float64): "
+                                "export the graph with a float input")
+        self.input_dtype = np.dtype(FLOAT_INPUTS[elem])
         if dims[1] not in (None, 3):
             raise BackboneError(f"ONNX backbone input {self.input_name!r} has {dims[1]} channels, expected 3")
         for d in dims[2:]:
@@ -134,24 +148,46 @@ class OnnxBackbone:
         names = resolve_tensors(model, layers)
         self.model = extract_subgraph(model, [self.input_name], names)
         self.session = make_session(self.model, threads)
-        probe = self.session.run(names, {self.input_name: np.zeros((1, 3, input_size, input_size),
-                                                                   dtype=np.float32)})
-        for name, arr in zip(names, probe, strict=True):
+        black, white = (np.full((1, 3, input_size, input_size), v, dtype=self.input_dtype) for v in (0, 1))
+        probe = self.session.run(names, {self.input_name: black})
+        for name, arr, other in zip(names, probe, self.session.run(names, {self.input_name: white}),
+                                    strict=True):
             if arr.ndim != 4:
                 raise BackboneError(f"ONNX tensor {name!r} has shape {arr.shape}; taps must be NCHW")
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise BackboneError(f"ONNX tensor {name!r} is {arr.dtype}; taps must be floating point "
+                                    "(a feature map)")
+            if np.array_equal(arr, other):  # a model fitted on it would pass every part
+                raise BackboneError(f"ONNX tensor {name!r} is the same for a black and a white image: "
+                                    "it does not depend on the image (a constant of the graph); tap "
+                                    "another tensor (--layers)")
         # finest grid first; ties keep the order given
         order = sorted(range(len(names)), key=lambda i: -probe[i].shape[2] * probe[i].shape[3])
         self.tensors = [names[i] for i in order]
         self.shapes = [tuple(int(d) for d in probe[i].shape[1:]) for i in order]
+        self.tap_dtypes = [probe[i].dtype for i in order]
+        _float32(self.path, names, probe, "a black image")
 
     def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
-        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        pixels = np.ascontiguousarray(pixels, dtype=self.input_dtype)
         if self.static_batch in (None, pixels.shape[0]):
             outs: list[np.ndarray] = self.session.run(self.tensors, {self.input_name: pixels})
-            return outs
-        per_image = [self.session.run(self.tensors, {self.input_name: pixels[i: i + 1]})
-                     for i in range(pixels.shape[0])]
-        return [np.concatenate([p[k] for p in per_image]) for k in range(len(self.tensors))]
+        else:
+            per_image = [self.session.run(self.tensors, {self.input_name: pixels[i: i + 1]})
+                         for i in range(pixels.shape[0])]
+            outs = [np.concatenate([p[k] for p in per_image]) for k in range(len(self.tensors))]
+        return _float32(self.path, self.tensors, outs, "this image")
+
+
+def _float32(path: Path, names: Sequence[str], taps: Sequence[np.ndarray], given: str) -> list[np.ndarray]:
+    """The taps as float32, each checked finite (a graph that overflows gives NaN or inf)."""
+    out = [np.asarray(t, dtype=np.float32) for t in taps]
+    for name, tap in zip(names, out, strict=True):
+        if not np.isfinite(tap).all():
+            raise BackboneError(f"ONNX backbone {path}: tensor {name!r} holds NaN or infinite values for "
+                                f"{given}: the graph overflows or divides by zero there; tap another "
+                                "tensor (--layers)")
+    return out
 
 
 def resolve_tensors(model: onnx.ModelProto, layers: Sequence[str]) -> list[str]:
