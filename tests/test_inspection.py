@@ -106,5 +106,12 @@ def test_inspect_arguments_name_the_calls_easy_to_get_wrong(tiny_model: Path) ->
         det.inspect(im for im in [image])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"feature_types is one type per image, got a map"):
         det.inspect([image], map(str, ["dots"]))  # type: ignore[arg-type]
+    # a class index as a classifier's label, "'int' object has no attribute 'casefold'"; a
+    # stack of images (N x H x W x 3) was told to pass [image]
+    with pytest.raises(TypeError, match=r"a feature type is its name \(a str\) or None \(unknown\), "
+                                        r"got 1 \(int\)"):
+        det.inspect([image, image], ["dots", 1])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"got one array of shape \(2, 64, 64, 3\): pass list\(images\)"):
+        det.inspect(np.stack([image, image]), ["dots", "dots"])  # type: ignore[arg-type]
     assert [r.feature_type for r in det.inspect([image], ["dots"])] == ["dots"]
     assert inspect_arguments([image], None) == [None]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffqc.config import DetectorConfig
 from diffqc.data import DEFECTIVE, load_dataset, read_image
 from diffqc.errors import BundleError, DatasetError, OutputError, UnknownFeatureTypeError
 from diffqc.inspection import BUNDLE_FILES
@@ -555,6 +556,17 @@ def test_fit_takes_a_dataset_path_or_samples(clear_dataset: Path) -> None:
         Detector(tiny_config(), device="cpu").fit([str(clear_dataset / "dots")], progress=False)
     with pytest.raises(DatasetError, match="does not exist"):
         Detector(tiny_config(), device="cpu").fit(str(clear_dataset / "nope"), progress=False)
+
+
+def test_a_config_that_is_not_a_detector_config_is_named_at_once() -> None:
+    """`Detector({"method": "padim"})`, as a dict of settings is given elsewhere, was taken and
+    failed at fit, after the images were read ("'dict' object has no attribute
+    'calibration'"); it is named when the detector is made, with the call that reads a dict."""
+    with pytest.raises(TypeError, match=r"got a dict: pass DetectorConfig.from_dict\(config\)"):
+        Detector({"method": "padim"})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"got a str: pass DetectorConfig\(...\)"):
+        Detector("padim")  # type: ignore[arg-type]
+    assert DetectorConfig.from_dict({"method": "padim"}).method == "padim"
 
 
 def test_a_fit_that_cannot_fit_in_memory_is_refused_before_any_image_is_read() -> None:

@@ -210,8 +210,9 @@ def inspect_arguments(images: Sequence[Any], feature_types: Sequence[str | None]
     clear error for the calls that are easy to get wrong: one array instead of a list of them (it
     was taken for a list of rows), a type as a string instead of a list (a list of its letters)."""
     if isinstance(images, np.ndarray):
+        given = "list(images)" if images.ndim == 4 else "[image]"  # a stack of images, or one
         raise TypeError(f"inspect takes a list of images, got one array of shape {images.shape}: "
-                        "pass [image]")
+                        f"pass {given}")
     if not isinstance(images, Sequence):  # a generator: its length is unknown, and a look uses it up
         raise TypeError(f"inspect takes a list of images, got a {type(images).__name__}: pass "
                         "list(images), or batches of it (each call holds its images and results)")
@@ -228,6 +229,10 @@ def inspect_arguments(images: Sequence[Any], feature_types: Sequence[str | None]
     types: list[str | None] = list(feature_types) if feature_types is not None else [None] * len(images)
     if len(types) != len(images):
         raise ValueError(f"{len(images)} images but {len(types)} feature types")
+    odd = next((t for t in types if t is not None and not isinstance(t, str)), None)
+    if odd is not None:  # a class index (3), as a classifier's label: it was an AttributeError
+        raise TypeError(f"a feature type is its name (a str) or None (unknown), got {odd!r} "
+                        f"({type(odd).__name__})")
     return types
 
 

@@ -175,6 +175,10 @@ class Detector:
     precision = "fp32"
 
     def __init__(self, config: DetectorConfig | None = None, *, device: str | None = None) -> None:
+        if config is not None and not isinstance(config, DetectorConfig):  # it failed at fit
+            given = "DetectorConfig.from_dict(config)" if isinstance(config, dict) else "DetectorConfig(...)"
+            raise TypeError(f"Detector takes a DetectorConfig, got a {type(config).__name__}: pass {given} "
+                            "(diffqc.config)")
         self.config = config or DetectorConfig()
         self.device = resolve_device(device)  # DeviceError when it is not usable here
         self.extractor_: FeatureExtractor | None = None
