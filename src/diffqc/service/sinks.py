@@ -663,9 +663,12 @@ class MqttSink:
             client._protocol, client._clean_session = (self._mqtt.MQTTv311 if v5 else self._mqtt.MQTTv5), True
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        """Called before the publish counts as done: :meth:`send` then reads why it was refused."""
+        """Called before the publish counts as done: :meth:`send` then reads why it was refused
+        (an id is reused after 65,535 publishes: a refusal nobody read, the status's, is dropped)."""
         if getattr(reason, "is_failure", False):
             self._refused[mid] = str(reason)
+        else:
+            self._refused.pop(mid, None)
 
     def start(self) -> None:
         self._client.connect_async(self.target.host, self.target.port, keepalive=self.keepalive_s,
