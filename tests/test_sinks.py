@@ -376,6 +376,35 @@ def test_webhook_to_an_endpoint_whose_certificate_an_internal_ca_signed(
         receiver.close()
 
 
+def test_a_certificate_for_another_name_or_expired_is_named_as_that_not_an_untrusted_ca(
+        store: ResultStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The line's CA trusted (SSL_CERT_FILE set), but the endpoint's certificate names another
+    host (issued for mes.plant.local, the URL gives its IP address) or has expired: the error
+    said to trust the endpoint's CA, which was trusted, so the user looked in the wrong place.
+    Each is now named as what it is, with what to do."""
+    import datetime as dt
+
+    import trustme
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    box = outbox_for(store, "webhook")
+    store.insert_many([record(1)])
+    (message,) = box.due("webhook", time.time())
+    past = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    for cert, said in [(ca.issue_cert("mes.plant.local"), "the certificate is not for this host (127.0.0.1)"),
+                       (ca.issue_cert("127.0.0.1", not_after=past, not_before=past - dt.timedelta(days=9)),
+                        "the certificate has expired")]:
+        receiver = Receiver(tls=cert)
+        try:
+            with pytest.raises(RuntimeError) as info:
+                WebhookSink(receiver.url, timeout_s=10).send(message)
+        finally:
+            receiver.close()
+        assert said in str(info.value) and "SSL_CERT_FILE" not in str(info.value)
+
+
 def test_webhook_dead_letters_after_max_attempts_and_requeues(store: ResultStore) -> None:
     receiver = Receiver(always_fail=True)
     box = outbox_for(store, "webhook")

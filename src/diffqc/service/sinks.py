@@ -46,7 +46,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import SplitResult, unquote, urljoin
+from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 from diffqc.data import unprintable
 from diffqc.drift import is_misrouted
@@ -331,8 +331,18 @@ def _backoff(base: float, cap: float, attempts: int) -> float:
     return float(min(cap, base * 2.0 ** max(0, attempts - 1)))
 
 
-def trust_hint(peer: str) -> str:
-    """What to do about a certificate no CA this process trusts signed (a line's own CA)."""
+def trust_hint(peer: str, exc: ssl.SSLCertVerificationError, host: str) -> str:
+    """What to do about a certificate this process would not verify: by OpenSSL's reason, as
+    trusting a CA is not the remedy for a certificate that names another host (62, 64), has
+    expired (10) or is not valid yet (9); otherwise no CA this process trusts signed it (a
+    line's own CA)."""
+    if exc.verify_code in (62, 64):
+        return (f"the certificate is not for this host ({host}): give the {peer}'s URL a name its "
+                f"certificate was issued for, or have the {peer} a certificate issued for {host}")
+    if exc.verify_code == 10:
+        return f"the certificate has expired: renew the {peer}'s certificate"
+    if exc.verify_code == 9:
+        return f"the certificate is not valid yet: are this machine's clock and the {peer}'s right?"
     return (f"trust the {peer}'s CA with SSL_CERT_FILE=/path/ca.pem in the service's environment "
             "(or add it to the system's certificate store)")
 
@@ -416,9 +426,9 @@ class WebhookSink:
                     "--webhook the URL it leads to") from None
             raise RuntimeError(f"webhook answered {exc.code}") from None
         except (urllib.error.URLError, OSError) as exc:
-            if isinstance(getattr(exc, "reason", exc), ssl.SSLCertVerificationError):
-                raise RuntimeError(f"webhook unreachable: {getattr(exc, 'reason', exc)}: "
-                                   f"{trust_hint('endpoint')}") from None
+            if isinstance(cause := getattr(exc, "reason", exc), ssl.SSLCertVerificationError):
+                hint = trust_hint("endpoint", cause, urlsplit(self.url).hostname or "")
+                raise RuntimeError(f"webhook unreachable: {cause}: {hint}") from None
             raise RuntimeError(f"webhook unreachable: {exc}") from None
         if not 200 <= status < 300:
             raise RuntimeError(f"webhook answered {status}")
@@ -642,7 +652,7 @@ class MqttSink:
         exc = sys.exc_info()[1]
         reason = str(exc or "the connection failed")
         if isinstance(exc, ssl.SSLCertVerificationError):
-            reason += f": {trust_hint('broker')}"
+            reason += f": {trust_hint('broker', exc, self.target.host)}"
         self._failed(f"unreachable: {reason}")
 
     def _failed(self, said: str) -> None:
