@@ -697,6 +697,7 @@ def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
 
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
+    (tmp_path / "cam2").mkdir()
     users = tmp_path / "users"
     users.write_text("plc:s3cret\n")
     cases = [
@@ -729,6 +730,14 @@ def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
           "--camera", "a", "--camera", "b", "--camera", "c"],
          "--camera is given 3 times for 2 --watch folders: give it once (every folder's parts) or once "
          "per --watch, in the same order"),
+        # a folder and one in it: the first's watcher reads the second's files too (each inspected
+        # twice, stored twice, the second named a repeated frame); or one folder twice
+        (["serve", str(service_model[0]), "--no-auth", "--watch", str(tmp_path), "--watch",
+          str(tmp_path / "cam2")], f"--watch {tmp_path / 'cam2'} lies in --watch {tmp_path}, whose watcher "
+         "reads its sub-folders too: each of its files would be inspected twice; give one of them"),
+        (["serve", str(service_model[0]), "--no-auth", "--watch", str(tmp_path / "cam2"), "--watch",
+          f"{tmp_path}/cam2/../cam2/"], f"--watch {tmp_path}/cam2/../cam2/ is the folder --watch "
+         f"{tmp_path / 'cam2'} names: give it once"),
         (["watch", str(tmp_path), str(service_model[0]), "--feature-type", "typo", "--once"], "typo"),
         # a part type the model does not know: every part would read incomplete
         (["serve", str(service_model[0]), "--no-auth", "--part-types", "typo"],

@@ -224,7 +224,11 @@ class ServiceSettings:
             raise ConfigError("--part-id-pattern needs --watch DIR (it reads the part id from a watched "
                               "file's name)")
         if self.watch_dirs:
-            from diffqc.service.watch import check_watch_folder, compile_part_id_pattern
+            from diffqc.service.watch import (
+                check_watch_folder,
+                check_watch_folders_apart,
+                compile_part_id_pattern,
+            )
 
             if self.watch_part_id_pattern is not None:
                 compile_part_id_pattern(self.watch_part_id_pattern)
@@ -232,6 +236,7 @@ class ServiceSettings:
                 check_watch_folder(folder, hint="serve --watch moves the files it inspected; for a "
                                    "folder this computer may only read, run `diffqc watch DIR MODEL "
                                    "--keep` beside the service")
+            check_watch_folders_apart(self.watch_dirs)
 
 
 # --------------------------------------------------------------------------- errors

@@ -204,6 +204,22 @@ def check_watch_folder(folder: Path | str, *, moves_into: Sequence[Path | str] =
     return root
 
 
+def check_watch_folders_apart(folders: Sequence[Path | str]) -> None:
+    """A :class:`ConfigError` for ``serve --watch`` folders that are one folder, or one inside
+    another: a folder's watcher reads its sub-folders too, so each file there was inspected by
+    both (two records of one part, the second named a repeated frame)."""
+    roots = [(str(f), Path(f).resolve()) for f in folders]
+    for i, (given, root) in enumerate(roots):
+        for other, outer in roots[:i]:
+            if root == outer:
+                raise ConfigError(f"--watch {given} is the folder --watch {other} names: give it once")
+            inner, around = (given, other) if root.is_relative_to(outer) else (other, given)
+            if root.is_relative_to(outer) or outer.is_relative_to(root):
+                raise ConfigError(f"--watch {inner} lies in --watch {around}, whose watcher reads its "
+                                  "sub-folders too: each of its files would be inspected twice; give "
+                                  "one of them")
+
+
 def dataset_in(root: Path, *, most: int = 64) -> Path | None:
     """A sign that ``root`` holds a dataset in MVTec's layout (a camera's folder never does): a
     ``train/`` or ``test/`` folder with ``good/`` in it, as ``root`` or in it or in one of its
