@@ -900,6 +900,11 @@ def test_tokens_from_a_secret_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("DIFFQC_TOKEN_FILE", str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match=r"cannot read DIFFQC_TOKEN_FILE .*missing: No such file"):
         tokens_from_env(None)
+    # written on Windows (Notepad, PowerShell's Out-File: a byte order mark, CRLF line ends): the
+    # first token read as "\ufefffirst-...", and every request with it was refused
+    secret.write_bytes("\ufefffirst-token-0123456789\r\nsecond-token-0123456789\r\n".encode())
+    monkeypatch.setenv("DIFFQC_TOKEN_FILE", str(secret))
+    assert tokens_from_env(None) == ("first-token-0123456789", "second-token-0123456789")
     # a file far larger than any secret (here /dev/zero, endless) was read until memory ran out
     monkeypatch.setenv("DIFFQC_TOKEN_FILE", "/dev/zero")
     with pytest.raises(ConfigError, match=r"DIFFQC_TOKEN_FILE /dev/zero holds more than 1 MiB: a secret "

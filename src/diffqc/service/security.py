@@ -71,14 +71,15 @@ def read_secret_file(path: str | Path, what: str) -> str:
     """The text of a file holding a secret (a Docker or Kubernetes secret, a systemd credential:
     a token, a password, header lines); one that cannot be read is a :class:`ConfigError` that
     names ``what`` (the option or variable and the file), never the secret; so is one larger
-    than :data:`MAX_SECRET_BYTES` (a wrong file: a model's weights, ``/dev/zero``)."""
+    than :data:`MAX_SECRET_BYTES` (a wrong file: a model's weights, ``/dev/zero``). A byte order
+    mark is dropped (a file saved on Windows: it read as part of the first token, user or header)."""
     try:
         with open(path, "rb") as fh:
             data = fh.read(MAX_SECRET_BYTES + 1)
         if len(data) > MAX_SECRET_BYTES:
             raise ConfigError(f"{what} holds more than 1 MiB: a secret file holds a token, a password or "
                               "header lines; is it the right file?")
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {what}: {getattr(exc, 'strerror', None) or exc}") from None
 
