@@ -648,6 +648,12 @@ def test_cli_results_list_prints_the_stored_decisions(tmp_path: Path, capsys: py
     assert len(capsys.readouterr().out.strip().splitlines()) == 1 + 3
     assert main(["results", "export", str(tmp_path / "reviewed")]) == 0  # it read a fixed name
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["missing_image"] == 1
+    # blank (a compose file's `DIFFQC_DB: " "`) is unset, as an empty one is: it named a store
+    # " " in the working folder, a file whose name no listing shows
+    from diffqc.service.store import store_url
+
+    monkeypatch.setenv("DIFFQC_DB", " ")
+    assert store_url(None) == "diffqc-results.db"
 
 
 def test_cli_says_a_period_time_without_zone_is_utc_where_the_machine_is_not(

@@ -1131,9 +1131,11 @@ def default_artifact_root(db_url: str) -> Path:
 
 
 def store_url(db_url: str | None) -> str:
-    """The result store a command uses: ``--db``, else ``$DIFFQC_DB``, else ``diffqc-results.db``
-    (the same for `serve`, `watch` and `results`)."""
-    return db_url or os.environ.get("DIFFQC_DB") or "diffqc-results.db"
+    """The result store a command uses: ``--db``, else ``$DIFFQC_DB`` (blank is unset, as an
+    empty one is: it named a store " "), else ``diffqc-results.db`` (the same for `serve`,
+    `watch` and `results`)."""
+    env = os.environ.get("DIFFQC_DB", "")
+    return db_url or (env if env.strip() else "diffqc-results.db")
 
 
 def check_store_exists(db_url: str, *, doing: str) -> None:
