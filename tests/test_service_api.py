@@ -538,6 +538,11 @@ async def test_a_repeated_image_is_recorded_and_named(
         assert "part p2 (record 2) is the same image as part p1 (record 1), from http" in caplog.text
         metrics = (await client.get("/metrics", headers=AUTH)).text
         assert "diffqc_repeated_images_total 1" in metrics
+        # parts sent without an id (a camera that has none) were named "part None"
+        with caplog.at_level("WARNING", logger="diffqc.service"):
+            r = await client.post("/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype})
+            assert r.status_code == 200
+        assert "a part without id (record 3) is the same image as part p2 (record 2)" in caplog.text
 
 
 async def test_parts_unlike_their_training_images_are_shown_in_line_and_metrics(

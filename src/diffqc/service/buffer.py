@@ -259,6 +259,11 @@ def _settle(future: Future[ResultRecord], outcome: ResultRecord | BaseException)
         pass
 
 
+
+def _part_name(rec: ResultRecord) -> str:
+    """A record's part as the log names it ("part None" for a part sent without an id)."""
+    return f"part {rec.part_id}" if rec.part_id else "a part without id"
+
 class InspectionPipeline:
     """The ring buffer, one inference worker and the durable store behind it.
 
@@ -517,9 +522,9 @@ class InspectionPipeline:
                 continue
             if (earlier := self._recent.pop(job.digest, None)) is not None:
                 self.repeated_images_total += 1
-                log.warning("part %s (record %s) is the same image as part %s (record %s), from "
-                            "%s: is the camera repeating its last frame?", rec.part_id, rec.id,
-                            earlier.part_id, earlier.id, rec.source)
+                log.warning("%s (record %s) is the same image as %s (record %s), from %s: is the "
+                            "camera repeating its last frame?", _part_name(rec), rec.id,
+                            _part_name(earlier), earlier.id, rec.source)
             self._recent[job.digest] = rec
             if len(self._recent) > RECENT_PARTS:
                 del self._recent[next(iter(self._recent))]
