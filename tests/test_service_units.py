@@ -847,6 +847,10 @@ def test_store_urls() -> None:
     assert sqlite_path("rel/x.db") == Path("rel/x.db")
     assert redact_url("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
     assert redact_url("postgresql://u@h/db") == "postgresql://u@h/db"
+    # libpq takes the password as a parameter too: it was shown in /v1/model and the errors
+    assert redact_url("postgresql://u@h/db?sslmode=require&password=secret") == \
+        "postgresql://u@h/db?sslmode=require&password=***"
+    assert redact_url("postgresql://h/db?PASSWORD=s%26x&user=u") == "postgresql://h/db?PASSWORD=***&user=u"
 
 
 def test_artifact_store_writes_atomically_and_never_leaves_its_folder(tmp_path: Path) -> None:

@@ -271,7 +271,9 @@ def split_url(url: str, what: str) -> SplitResult:
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password (for logs and /v1/model)."""
+    """The URL without its password (for logs and /v1/model): the user's, and a ``password``
+    parameter's (libpq takes ``postgresql://u@h/db?password=...``)."""
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
     if "://" not in url or "@" not in url:
         return url
     scheme, rest = url.split("://", 1)
