@@ -74,12 +74,14 @@ def outbox_for(store: ResultStore, *sinks: str) -> Outbox:
 
 # --------------------------------------------------------------------------- a real HTTP receiver
 class Receiver:
-    """A webhook receiver on 127.0.0.1 that answers 503 to its first ``fail_first`` requests."""
+    """A webhook receiver on 127.0.0.1 that answers ``status`` (503) to its first ``fail_first``
+    requests (or all, ``always_fail``)."""
 
     def __init__(self, fail_first: int = 0, port: int = 0, always_fail: bool = False,
-                 tls: Any = None) -> None:
+                 tls: Any = None, status: int = 503) -> None:
         self.fail_first = fail_first
         self.always_fail = always_fail
+        self.status = status
         self.requests: list[tuple[int, dict[str, str], dict[str, Any]]] = []
         self.raw: list[bytes] = []  # each request's body as received (a signature covers it)
         self.lock = threading.Lock()
@@ -92,7 +94,7 @@ class Receiver:
                 with outer.lock:
                     n = len(outer.requests)
                     outer.raw.append(raw)
-                    status = 503 if outer.always_fail or n < outer.fail_first else 200
+                    status = outer.status if outer.always_fail or n < outer.fail_first else 200
                     outer.requests.append((status, dict(self.headers), body))
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
@@ -406,7 +408,7 @@ def test_a_certificate_for_another_name_or_expired_is_named_as_that_not_an_untru
 
 
 def test_webhook_dead_letters_after_max_attempts_and_requeues(store: ResultStore) -> None:
-    receiver = Receiver(always_fail=True)
+    receiver = Receiver(always_fail=True, status=500)  # the receiver fails on this message
     box = outbox_for(store, "webhook")
     sink = WebhookSink(receiver.url, backoff_base_s=0.01, backoff_cap_s=0.02, max_attempts=3)
     disp = Dispatcher(box, [sink], poll_s=0.02)
@@ -416,7 +418,7 @@ def test_webhook_dead_letters_after_max_attempts_and_requeues(store: ResultStore
         wait_for(lambda: box.dead("webhook") == 1, what="the dead letter")
         assert box.pending("webhook") == 0 and len(receiver.requests) == 3
         (dead,) = box.dead_letters("webhook")
-        assert dead["record_id"] == rec.id and dead["attempts"] == 3 and "503" in dead["last_error"]
+        assert dead["record_id"] == rec.id and dead["attempts"] == 3 and "500" in dead["last_error"]
         receiver.always_fail = False
         assert box.requeue_dead("webhook") == 1
         wait_for(lambda: receiver.delivered_ids() == [rec.id], what="the requeued message")
@@ -493,6 +495,36 @@ def test_a_redirect_is_not_delivered_and_a_response_body_is_not_waited_for(store
     finally:
         odd.server.shutdown()
         odd.server.server_close()
+
+
+@pytest.mark.parametrize("away", ["503", "unreachable"])
+def test_a_receiver_away_for_longer_than_the_retries_makes_no_dead_letter(store: ResultStore,
+                                                                          away: str) -> None:
+    """A MES restarted for ten minutes (its proxy answering 503, or nothing listening): each
+    message in turn burnt its 8 attempts in about two minutes and became a dead letter, to be
+    resent by hand. A receiver that is away (unreachable, 502/503/504, 429, a wrong URL or
+    token: what it would answer every message) is waited for however long, as an MQTT broker
+    is; the messages arrive, in order, once it answers; none is a dead letter."""
+    port = free_port()
+    receiver = Receiver(always_fail=True, port=port) if away == "503" else None
+    box = outbox_for(store, "webhook")
+    sink = WebhookSink(f"http://127.0.0.1:{port}/hook", backoff_base_s=0.01, backoff_cap_s=0.02,
+                       max_attempts=2, timeout_s=1.0)
+    disp = Dispatcher(box, [sink], poll_s=0.02)
+    disp.start()
+    try:
+        ids = [r.id for r in store.insert_many([record(i) for i in range(3)])]
+        wait_for(lambda: disp.failures_total["webhook"] >= 10, what="ten failed attempts")
+        assert box.dead("webhook") == 0 and box.pending("webhook") == 3
+        if receiver is None:
+            receiver = Receiver(port=port)
+        receiver.always_fail = False
+        wait_for(lambda: receiver is not None and receiver.delivered_ids() == ids, what="the backlog")
+    finally:
+        disp.stop()
+        if receiver is not None:
+            receiver.close()
+    assert box.dead("webhook") == 0
 
 
 def test_webhook_down_never_blocks_and_catches_up_after_a_restart(tmp_path: Path) -> None:
@@ -917,7 +949,7 @@ def test_outbox_dead_letters_retention_and_migration_on_postgres(tmp_path: Path)
     sep = "&" if "?" in url else "?"
     pg = f"{url}{sep}options={quote(f'-csearch_path={schema}')}"
     receiver = Receiver(fail_first=1)
-    bad = Receiver(always_fail=True)
+    bad = Receiver(always_fail=True, status=500)
     try:
         with ResultStore(pg) as store:
             assert store.query(source="old")[0].line is None  # migrated, old row intact

@@ -12,9 +12,10 @@ Delivery is at-least-once: a crash between the receiver's acknowledgement and th
 sends it again. Every message carries the ``record_id`` (and an ``Idempotency-Key`` header for
 webhooks) so that receivers can drop duplicates.
 
-A webhook message that still fails after ``max_attempts`` (exponential backoff in between) is
-moved to ``diffqc_dead_letters`` (kept, never dropped; :meth:`Outbox.requeue_dead` sends it
-again). MQTT messages wait while the broker is unreachable; one the broker refuses (MQTT 5's
+A webhook message its endpoint still refuses after ``max_attempts`` (exponential backoff in
+between; an endpoint that is away, :class:`Unavailable`, is waited for, not counted) is moved
+to ``diffqc_dead_letters`` (kept, never dropped; :meth:`Outbox.requeue_dead` sends it again).
+MQTT messages wait while the broker is unreachable; one the broker refuses (MQTT 5's
 PUBACK: its access list) is dead-lettered after :data:`MAX_ATTEMPTS`, as a webhook's.
 
 MQTT topics under the prefix (``mqtt://host:port/PREFIX``, default ``diffqc``):
@@ -240,11 +241,13 @@ class Outbox:
         with self.store._transaction() as conn:
             conn.execute(self.store._q(f"DELETE FROM {OUTBOX} WHERE id = ?"), (message.id,))
 
-    def failed(self, message: Message, error: str, retry_at: float) -> None:
+    def failed(self, message: Message, error: str, retry_at: float, *, attempt: bool = True) -> None:
+        """Try ``message`` again at ``retry_at``; ``attempt``: it counts towards its dead letter
+        (not when the receiver was away: :class:`Unavailable`)."""
         with self.store._transaction() as conn:
             conn.execute(
                 self.store._q(f"UPDATE {OUTBOX} SET attempts = ?, next_at = ?, last_error = ? WHERE id = ?"),
-                (message.attempts + 1, retry_at, error[:2000], message.id),
+                (message.attempts + int(attempt), retry_at, error[:2000], message.id),
             )
 
     def dead_letter(self, message: Message, error: str) -> None:
@@ -316,6 +319,18 @@ class Refused(RuntimeError):
     the receiver will not change that, so it is dead-lettered after :data:`MAX_ATTEMPTS`."""
 
 
+class Unavailable(RuntimeError):
+    """The receiver, not the message: it cannot be reached, or answers what it answers every
+    message (down behind its proxy, a wrong URL or token, a rate limit). The message waits, as
+    an unreachable MQTT broker's do, however long, and is not a dead letter: a MES restarted
+    for ten minutes dead-lettered a message every two."""
+
+
+# a webhook's answers about the receiver (its URL, its login, its load), not about one message
+RECEIVER_STATUSES = frozenset({301, 302, 303, 307, 308, 401, 403, 404, 405, 407, 408, 410, 429, 502,
+                               503, 504})
+
+
 class Sink(Protocol):
     name: str
     max_attempts: int | None  # None: never dead-letter (wait for the receiver)
@@ -363,7 +378,8 @@ _OPENER = urllib.request.build_opener(_NoRedirect())
 
 class WebhookSink:
     """POST each message as JSON to ``url``; 2xx is success, anything else is retried (a
-    redirect too: :class:`_NoRedirect`). The response's body is not read: its status is the
+    redirect too: :class:`_NoRedirect`): an answer about the receiver (:data:`RECEIVER_STATUSES`,
+    no answer) as :class:`Unavailable`. The response's body is not read: its status is the
     answer, and a body that never ends (a stream's URL) would hold the sink."""
 
     name = "webhook"
@@ -419,17 +435,18 @@ class WebhookSink:
                 status = int(resp.status)
         except urllib.error.HTTPError as exc:
             exc.close()
+            error = Unavailable if exc.code in RECEIVER_STATUSES else RuntimeError
             if 300 <= exc.code < 400 and (location := exc.headers.get("Location")):
-                raise RuntimeError(
+                raise error(
                     f"webhook answered {exc.code}: a redirect to {redact_url(urljoin(self.url, location))}, "
                     "not followed (the decision would arrive as a GET, without its body): give "
                     "--webhook the URL it leads to") from None
-            raise RuntimeError(f"webhook answered {exc.code}") from None
+            raise error(f"webhook answered {exc.code}") from None
         except (urllib.error.URLError, OSError) as exc:
             if isinstance(cause := getattr(exc, "reason", exc), ssl.SSLCertVerificationError):
                 hint = trust_hint("endpoint", cause, urlsplit(self.url).hostname or "")
-                raise RuntimeError(f"webhook unreachable: {cause}: {hint}") from None
-            raise RuntimeError(f"webhook unreachable: {exc}") from None
+                raise Unavailable(f"webhook unreachable: {cause}: {hint}") from None
+            raise Unavailable(f"webhook unreachable: {exc}") from None
         if not 200 <= status < 300:
             raise RuntimeError(f"webhook answered {status}")
 
@@ -749,6 +766,7 @@ class Dispatcher:
             f"sink {s.name}: the outbox can be read again; reads failed meanwhile: %d, over %.0f s",
             level=logging.WARNING) for s in sinks}
         self.dead_total: dict[str, int] = {s.name: 0 for s in sinks}
+        self._away: dict[str, int] = {s.name: 0 for s in sinks}  # failures in a row of an away receiver
         self.last_error: dict[str, str | None] = {s.name: None for s in sinks}
 
     def start(self) -> None:
@@ -807,6 +825,11 @@ class Dispatcher:
                 self.failures_total[sink.name] += 1
                 self.last_error[sink.name] = error
                 self.outages[sink.name].failed(f"{error} (retrying; messages wait in the outbox)")
+                if isinstance(exc, Unavailable):  # backing off by the sink's failures, not the message's
+                    self._away[sink.name] += 1
+                    self.outbox.failed(message, error, time.time() + sink.backoff(self._away[sink.name]),
+                                       attempt=False)
+                    return True
                 limit = sink.max_attempts or (MAX_ATTEMPTS if isinstance(exc, Refused) else None)
                 if limit is not None and message.attempts + 1 >= limit:
                     log.error("sink %s: message %s (record %s) dead-lettered after %d attempts: %s",
@@ -817,6 +840,7 @@ class Dispatcher:
                 self.outbox.failed(message, error, time.time() + sink.backoff(message.attempts + 1))
                 return True
             self.outbox.delivered(message)
+            self._away[sink.name] = 0
             self.outages[sink.name].worked()
             self.delivered_total[sink.name] += 1
             self.last_error[sink.name] = None
