@@ -516,10 +516,14 @@ def test_a_receiver_away_for_longer_than_the_retries_makes_no_dead_letter(store:
         ids = [r.id for r in store.insert_many([record(i) for i in range(3)])]
         wait_for(lambda: disp.failures_total["webhook"] >= 10, what="ten failed attempts")
         assert box.dead("webhook") == 0 and box.pending("webhook") == 3
+        # not up (/metrics' diffqc_sink_up 0: the DiffqcSinkDown alert), as no dead letter says it
+        assert disp.status()["webhook"]["ready"] is False
+        assert 'diffqc_sink_up{sink="webhook"} 0' in disp.metrics_lines()
         if receiver is None:
             receiver = Receiver(port=port)
         receiver.always_fail = False
         wait_for(lambda: receiver is not None and receiver.delivered_ids() == ids, what="the backlog")
+        assert disp.status()["webhook"]["ready"] is True
     finally:
         disp.stop()
         if receiver is not None:

@@ -849,8 +849,8 @@ class Dispatcher:
     def status(self) -> dict[str, dict[str, Any]]:
         out = {}
         for sink in self.sinks:
-            out[sink.name] = {
-                "ready": sink.ready(),
+            out[sink.name] = {  # a webhook is tried whenever due: away, it is not ready
+                "ready": sink.ready() and not self._away[sink.name],
                 "pending": self.outbox.pending(sink.name),
                 "dead_letters": self.outbox.dead(sink.name),
                 "delivered_total": self.delivered_total[sink.name],
