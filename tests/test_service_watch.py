@@ -324,6 +324,33 @@ def test_watch_takes_file_names_that_are_not_utf8(
     assert w.step().inspected == 0
 
 
+def test_a_file_name_no_part_id_can_be_is_stored_as_one_the_service_takes(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file's name is its part id, and the service takes a part id of at most 200 printable
+    characters (the API answers 422 to another, OPC UA's GetPart BadInvalidArgument). A name
+    with a tab or a line break (a script's slip on the camera's share) was stored as it was:
+    a part the API could not be asked for, and a line break split the log's line; one of 230
+    characters likewise. Control characters are written ``\\xNN``, as undecodable bytes are;
+    a name still too long is stored without a part id, said once."""
+    from diffqc.data import MAX_NAME_LEN, unprintable
+
+    folder, pipe, store = rig
+    (b0, _), (b1, _) = samples.all[0], samples.all[1]
+    (folder / "P-1\tcam2.png").write_bytes(b0)
+    (folder / "P-2\nFAKE.png").write_bytes(b1)
+    (folder / f"{'P' * 230}.png").write_bytes(b0 + b"")
+    w = _watcher(folder, pipe, store)
+    with caplog.at_level("WARNING", logger="diffqc.watch"):
+        assert w.step().inspected == 3
+    ids = sorted(str(r.part_id) for r in store.query(limit=None))
+    assert ids == ["None", "P-1\\x09cam2", "P-2\\x0aFAKE"]
+    for pid in ids:
+        assert len(pid) <= MAX_NAME_LEN and not any(unprintable(c) for c in pid)
+    said = [r.getMessage() for r in caplog.records if "longer than 200" in r.getMessage()]
+    assert len(said) == 1 and "stored without a part id" in said[0], said
+
+
 def test_watch_waits_until_a_file_is_complete(
     rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
 ) -> None:

@@ -39,11 +39,13 @@ from typing import Any
 
 from diffqc.data import (
     IMAGE_SUFFIXES,
+    MAX_NAME_LEN,
     SPLITS,
     dataset_folder_of,
     decode_image,
     folder_like_a_type,
     type_of_folders,
+    unprintable,
 )
 from diffqc.errors import (
     BundleError,
@@ -284,6 +286,7 @@ class FolderWatcher:
         self._pattern = (compile_part_id_pattern(settings.part_id_pattern)
                          if settings.part_id_pattern is not None else None)
         self._unmatched_logged = False  # a name the part id pattern is not found in: logged once
+        self._long_logged = False  # a part id longer than any the service takes: logged once
         self.problem: str | None = None  # why nothing is taken now (serve's /readyz)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -522,11 +525,24 @@ class FolderWatcher:
         )
 
     def _part_id(self, path: Path) -> str | None:
+        """The part id in the file's name, as one the service takes (the API's rule): a control
+        character written ``\\xNN`` (as an undecodable byte is), none when still too long."""
         part = part_id_of(path_text(path.stem), self._pattern)
         if part is None and not self._unmatched_logged:
             self._unmatched_logged = True
             log.warning("--part-id-pattern %r is not found in the name of %s: its parts are stored "
                         "without a part id (logged once)", self.settings.part_id_pattern, path)
+        if part is None:
+            return None
+        part = "".join((f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") if unprintable(c) else c
+                       for c in part)
+        if len(part) > MAX_NAME_LEN:
+            if not self._long_logged:
+                self._long_logged = True
+                log.warning("the part id in the name of %s is longer than %d characters, which no part id "
+                            "is: its parts are stored without a part id (--part-id-pattern takes the id "
+                            "out of a longer name; logged once)", path_text(path), MAX_NAME_LEN)
+            return None
         return part
 
     def _fail(self, path: Path, data: bytes, reason: str, report: StepReport, *, key: str) -> None:
