@@ -14,7 +14,13 @@ import pytest
 from PIL import Image
 
 from diffqc.errors import ConfigError
-from diffqc.service.logs import JsonFormatter, configure_logging, default_log_format
+from diffqc.service.logs import (
+    TEXT_FORMAT,
+    JsonFormatter,
+    TextFormatter,
+    configure_logging,
+    default_log_format,
+)
 
 
 def _record(name: str = "diffqc.service", msg: str = "hello %s", args: object = ("line",),
@@ -41,6 +47,20 @@ def test_a_record_is_one_json_line_with_its_fields_and_traceback() -> None:
     assert out["exception"].startswith("Traceback")
     assert "RuntimeError: the store went away" in out["exception"]
     assert not {"args", "msg", "exc_info", "levelno", "pathname"} & set(out)
+
+
+def test_a_text_record_is_one_line_whatever_its_values_hold() -> None:
+    """A file's name from a camera share is a value of many lines (``not inspected: PATH``):
+    a line break in it made a second line of the text log, which whoever names the files
+    could make read as diffqc's own (``P-2\\n2026-12-05 ... ERROR ...``). A message is one line:
+    its line breaks and other control characters are written ``\\n``, ``\\x1b``; a traceback
+    still follows on its own lines, as Python prints it."""
+    fmt = TextFormatter(TEXT_FORMAT)
+    line = fmt.format(_record(msg="not inspected: %s", args=("/cam/P-2\n2026 ERROR forged\r\x1b[2J.png",)))
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line
+    assert line.endswith("not inspected: /cam/P-2\\n2026 ERROR forged\\r\\x1b[2J.png")
+    with_traceback = fmt.format(_record(exc=True))
+    assert with_traceback.splitlines()[1] == "Traceback (most recent call last):"
 
 
 def test_an_access_line_carries_its_request_as_fields() -> None:

@@ -331,7 +331,7 @@ def test_a_file_name_no_part_id_can_be_is_stored_as_one_the_service_takes(
     characters (the API answers 422 to another, OPC UA's GetPart BadInvalidArgument). A name
     with a tab or a line break (a script's slip on the camera's share) was stored as it was:
     a part the API could not be asked for, and a line break split the log's line; one of 230
-    characters likewise. Control characters are written ``\\xNN``, as undecodable bytes are;
+    characters likewise. Control characters are written as in a string literal (``\\t``);
     a name still too long is stored without a part id, said once."""
     from diffqc.data import MAX_NAME_LEN, unprintable
 
@@ -344,7 +344,7 @@ def test_a_file_name_no_part_id_can_be_is_stored_as_one_the_service_takes(
     with caplog.at_level("WARNING", logger="diffqc.watch"):
         assert w.step().inspected == 3
     ids = sorted(str(r.part_id) for r in store.query(limit=None))
-    assert ids == ["None", "P-1\\x09cam2", "P-2\\x0aFAKE"]
+    assert ids == ["None", "P-1\\tcam2", "P-2\\nFAKE"]
     for pid in ids:
         assert len(pid) <= MAX_NAME_LEN and not any(unprintable(c) for c in pid)
     said = [r.getMessage() for r in caplog.records if "longer than 200" in r.getMessage()]

@@ -95,6 +95,13 @@ def unprintable(c: str) -> bool:
     return o < 32 or 0x7F <= o <= 0x9F or o in (0x2028, 0x2029, 0xFFFD) or 0xD800 <= o <= 0xDFFF
 
 
+def escaped(text: str, keep: str = "") -> str:
+    """``text`` with each character :func:`unprintable` names (but those in ``keep``) written as
+    Python writes it in a string literal (``\\n``, ``\\x1b``, ``\\u2028``): one printable line."""
+    return "".join(c.encode("unicode_escape").decode("ascii") if unprintable(c) and c not in keep else c
+                   for c in text)
+
+
 def check_type_names(types: Iterable[str]) -> None:
     """A :class:`DatasetError` for a feature type the service could not be asked about (its API
     refuses the name): longer than :data:`MAX_NAME_LEN` characters, or holding a character

@@ -18,6 +18,8 @@ import time
 import warnings
 from typing import Any, TextIO
 
+from diffqc.data import escaped
+
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -62,6 +64,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """:data:`TEXT_FORMAT`, a record a line: a line break or other control character in a
+    message's values (a file's name on a camera share) is written ``\\n``, ``\\xNN``, so whoever
+    names a file cannot make a line of the log (nor clear a terminal); a logged exception's
+    traceback follows on its own lines, as Python prints it."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escaped(super().formatMessage(record), keep="\t")
+
+
 def json_log_line(level: str, message: str, logger: str = "diffqc") -> str:
     """One line of the JSON log made without the logging machinery: the CLI's last word (an
     error that ends the process, which it prints rather than logs) in a JSON log's format."""
@@ -80,7 +92,7 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
         raise ConfigError(f"log format {fmt!r} is not one of {', '.join(LOG_FORMATS)} "
                           f"(--log-format, or ${LOG_FORMAT_ENV})")
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
     numeric = 5 if level.lower() == "trace" else getattr(logging, level.upper(), logging.INFO)
     logging.basicConfig(level=numeric, handlers=[handler])
     if fmt == "json":  # a Python warning (a model's too few calibration images) is a line as well

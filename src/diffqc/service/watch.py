@@ -43,9 +43,9 @@ from diffqc.data import (
     SPLITS,
     dataset_folder_of,
     decode_image,
+    escaped,
     folder_like_a_type,
     type_of_folders,
-    unprintable,
 )
 from diffqc.errors import (
     BundleError,
@@ -526,7 +526,7 @@ class FolderWatcher:
 
     def _part_id(self, path: Path) -> str | None:
         """The part id in the file's name, as one the service takes (the API's rule): a control
-        character written ``\\xNN`` (as an undecodable byte is), none when still too long."""
+        character written as in a string literal (``\\t``), none when still too long."""
         part = part_id_of(path_text(path.stem), self._pattern)
         if part is None and not self._unmatched_logged:
             self._unmatched_logged = True
@@ -534,8 +534,7 @@ class FolderWatcher:
                         "without a part id (logged once)", self.settings.part_id_pattern, path)
         if part is None:
             return None
-        part = "".join((f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") if unprintable(c) else c
-                       for c in part)
+        part = escaped(part)
         if len(part) > MAX_NAME_LEN:
             if not self._long_logged:
                 self._long_logged = True
