@@ -742,15 +742,7 @@ class Broker:
     def start(self) -> None:
         self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-
-        def listening() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return True
-            except OSError:
-                return False
-
-        wait_for(listening, 10, "the broker to listen")
+        wait_for(lambda: _listening(self.port), 10, "the broker to listen")
 
     def stop(self) -> None:
         if self.proc is not None:
