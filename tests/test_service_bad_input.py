@@ -736,6 +736,9 @@ def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
           str(tmp_path / "cam2")], f"--watch {tmp_path / 'cam2'} lies in --watch {tmp_path}, whose watcher "
          "reads its sub-folders too: each of its files would be inspected twice; give one of them"),
         (["serve", str(service_model[0]), "--no-auth", "--watch", str(tmp_path / "cam2"), "--watch",
+          str(tmp_path)], f"--watch {tmp_path / 'cam2'} lies in --watch {tmp_path}, whose watcher "
+         "reads its sub-folders too"),
+        (["serve", str(service_model[0]), "--no-auth", "--watch", str(tmp_path / "cam2"), "--watch",
           f"{tmp_path}/cam2/../cam2/"], f"--watch {tmp_path}/cam2/../cam2/ is the folder --watch "
          f"{tmp_path / 'cam2'} names: give it once"),
         (["watch", str(tmp_path), str(service_model[0]), "--feature-type", "typo", "--once"], "typo"),

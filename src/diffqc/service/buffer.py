@@ -259,10 +259,10 @@ def _settle(future: Future[ResultRecord], outcome: ResultRecord | BaseException)
         pass
 
 
-
 def _part_name(rec: ResultRecord) -> str:
     """A record's part as the log names it ("part None" for a part sent without an id)."""
     return f"part {rec.part_id}" if rec.part_id else "a part without id"
+
 
 class InspectionPipeline:
     """The ring buffer, one inference worker and the durable store behind it.

@@ -215,11 +215,15 @@ def check_watch_folders_apart(folders: Sequence[Path | str]) -> None:
         for other, outer in roots[:i]:
             if root == outer:
                 raise ConfigError(f"--watch {given} is the folder --watch {other} names: give it once")
-            inner, around = (given, other) if root.is_relative_to(outer) else (other, given)
-            if root.is_relative_to(outer) or outer.is_relative_to(root):
-                raise ConfigError(f"--watch {inner} lies in --watch {around}, whose watcher reads its "
-                                  "sub-folders too: each of its files would be inspected twice; give "
-                                  "one of them")
+            if root.is_relative_to(outer):
+                inner, around = given, other
+            elif outer.is_relative_to(root):
+                inner, around = other, given
+            else:
+                continue
+            raise ConfigError(f"--watch {inner} lies in --watch {around}, whose watcher reads its "
+                              "sub-folders too: each of its files would be inspected twice; give "
+                              "one of them")
 
 
 def dataset_in(root: Path, *, most: int = 64) -> Path | None:
