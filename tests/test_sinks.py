@@ -709,7 +709,7 @@ class Broker:
     """A private Mosquitto (persistent sessions, so that a subscriber misses nothing)."""
 
     def __init__(self, folder: Path, tls: Any = None, users: dict[str, str] | None = None,
-                 acl: str | None = None) -> None:
+                 acl: str | None = None, extra: str = "") -> None:
         self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(self.binary).exists():
             pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
@@ -733,6 +733,7 @@ class Broker:
         if acl is not None:  # mosquitto's access list: what each user may publish
             (folder / "acl").write_text(acl)
             user += f"acl_file {folder}/acl\n"
+        user += extra  # more of mosquitto's options, one a line
         anonymous = "false" if users else "true"
         self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous {anonymous}\n"
                              f"persistence true\npersistence_location {folder}/\n"
@@ -1081,6 +1082,16 @@ def test_mqtt_password_from_a_secret_file(store: ResultStore, tmp_path: Path, mo
     assert "s3cr3t-pw" not in str(info.value)
 
 
+def _retrying_at_once(store: ResultStore, url: str) -> tuple[Outbox, MqttSink, Dispatcher]:
+    """A started delivery of ``store``'s messages to the broker at ``url``, its eight tries at once."""
+    box = outbox_for(store, "mqtt")
+    sink = MqttSink(url)
+    sink.backoff = lambda attempts: 0.01  # type: ignore[method-assign]
+    disp = Dispatcher(box, [sink], poll_s=0.02)
+    disp.start()
+    return box, sink, disp
+
+
 @pytest.mark.mqtt
 def test_a_message_the_brokers_access_list_refuses_is_dead_lettered_not_lost(
         store: ResultStore, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -1092,11 +1103,7 @@ def test_a_message_the_brokers_access_list_refuses_is_dead_lettered_not_lost(
     broker = Broker(tmp_path / "broker", users={"line": "pw"},
                     acl="user line\ntopic readwrite line/status\n")
     broker.start()
-    box = outbox_for(store, "mqtt")
-    sink = MqttSink(f"mqtt://line:pw@127.0.0.1:{broker.port}/line")
-    sink.backoff = lambda attempts: 0.01  # type: ignore[method-assign]  # eight tries at once
-    disp = Dispatcher(box, [sink], poll_s=0.02)
-    disp.start()
+    box, sink, disp = _retrying_at_once(store, f"mqtt://line:pw@127.0.0.1:{broker.port}/line")
     try:
         wait_for(sink.ready, 15, "the sink to connect")
         rec = store.insert(record(1))
@@ -1109,6 +1116,37 @@ def test_a_message_the_brokers_access_list_refuses_is_dead_lettered_not_lost(
         disp.stop()
         broker.stop()
     assert "Not authorized" in caplog.text
+
+
+@pytest.mark.mqtt
+def test_a_message_larger_than_the_broker_takes_is_dead_lettered_and_the_others_go_on(
+        store: ResultStore, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A broker that takes packets up to a size (Mosquitto's ``max_packet_size``, an edge
+    broker's guard) says so in its CONNACK. A message larger than that was sent anyway: the
+    broker dropped the connection, and paho sent it again at every reconnect, so no message
+    after it arrived, ever, and the log said the disconnect every second. It is refused before
+    it is sent, retried, dead-lettered naming both sizes; the line's other messages arrive."""
+    mqtt_url()  # the same switch as the other broker tests
+    broker = Broker(tmp_path / "broker", extra="max_packet_size 600\n")
+    broker.start()
+    box, sink, disp = _retrying_at_once(store, f"mqtt://127.0.0.1:{broker.port}/line")
+    big = record(1)
+    big.part_id = "p" * 200  # about 700 bytes of JSON: a part id as long as one may be
+    try:
+        wait_for(sink.ready, 15, "the sink to connect")
+        rec = store.insert(big)
+        store.insert_many([record(2), record(3)])
+        wait_for(lambda: disp.delivered_total["mqtt"] == 2, 30, "the messages after the large one")
+        wait_for(lambda: box.dead("mqtt") == 1, 30, "the large message dead-lettered")
+        (dead,) = box.dead_letters("mqtt")
+        assert dead["record_id"] == rec.id and dead["attempts"] == 8
+        assert "the broker takes packets of up to 600 bytes" in dead["last_error"]
+        assert box.pending("mqtt") == 0 and sink.ready()
+    finally:
+        disp.stop()
+        broker.stop()
+    assert "oversize" not in (broker.folder / "broker.log").read_text()
+    assert "disconnected" not in caplog.text
 
 
 @pytest.mark.mqtt

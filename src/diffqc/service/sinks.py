@@ -647,6 +647,7 @@ class MqttSink:
         self._said: set[str] = set()  # why connections failed since the last one that worked
         self._accepted = False  # a broker accepted a connection (its MQTT version is kept)
         self._stopping = False  # stop()'s own disconnect is not an outage to log
+        self._max_packet: int | None = None  # the broker's Maximum Packet Size (its CONNACK)
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if getattr(reason, "is_failure", False):  # a wrong password: refused at every retry
@@ -658,6 +659,7 @@ class MqttSink:
                         "list) is acknowledged as taken, and counted delivered", self.target.host,
                         self.target.port)
         self._accepted = True
+        self._max_packet = getattr(props, "MaximumPacketSize", None)  # MQTT 5 only
         client.publish(self.status_topic, "online", qos=1, retain=True)
         self._said.clear()  # a later outage is said again
         self._connected.set()
@@ -726,8 +728,13 @@ class MqttSink:
     def send(self, message: Message) -> None:
         if not self._connected.is_set():
             raise RuntimeError("MQTT broker not connected")
-        info = self._client.publish(self.topic(message), message.payload, qos=1,
-                                    retain=message.kind == ALARM)
+        topic, payload = self.topic(message), message.payload.encode()
+        size = publish_size(topic, payload, v5=self._client.protocol == self._mqtt.MQTTv5)
+        if self._max_packet is not None and size > self._max_packet:
+            # sent, it would end the connection, and paho would send it again at each reconnect
+            raise Refused(f"MQTT message on {topic} is {size} bytes: the broker takes packets of up "
+                          f"to {self._max_packet} bytes (its max_packet_size)")
+        info = self._client.publish(topic, payload, qos=1, retain=message.kind == ALARM)
         if info.rc != self._mqtt.MQTT_ERR_SUCCESS:
             raise RuntimeError(f"MQTT publish failed: {self._mqtt.error_string(info.rc)}")
         try:
@@ -737,8 +744,17 @@ class MqttSink:
         if not info.is_published():
             raise RuntimeError("MQTT broker did not acknowledge the message in time")
         if (refused := self._refused.pop(info.mid, None)) is not None:
-            raise Refused(f"MQTT broker refused the message on {self.topic(message)}: {refused} "
+            raise Refused(f"MQTT broker refused the message on {topic}: {refused} "
                           "(does its access list let this user publish there?)")
+
+
+def publish_size(topic: str, payload: bytes, *, v5: bool) -> int:
+    """Bytes of a QoS 1 PUBLISH packet without properties, as MQTT 5's Maximum Packet Size
+    counts them: fixed header, topic, message id, (MQTT 5) property length, payload (Mosquitto
+    2.0 leaves out the remaining length's bytes, so it takes up to 3 more: this side is safe)."""
+    remaining = 2 + len(topic.encode()) + 2 + (1 if v5 else 0) + len(payload)
+    length_bytes = 1 + (remaining >= 128) + (remaining >= 16_384) + (remaining >= 2_097_152)
+    return 1 + length_bytes + remaining
 
 
 # --------------------------------------------------------------------------- delivery
