@@ -69,6 +69,8 @@ HALF = b"<half image>"
 BAD_MULTIPART, BAD_MULTIPART_TYPE = b"--x\r\nnot a multipart body", "multipart/form-data; boundary=x"
 DEL_FORM, DEL_FORM_TYPE = _multipart([("image", GOOD), ("part_id", "cam\x7f1")])
 TYPO_FORM, TYPO_FORM_TYPE = _multipart([("image", GOOD), ("partid", "cam1")])
+TWICE_FORM, TWICE_FORM_TYPE = _multipart([("image", GOOD), ("feature_type", "a"), ("feature_type", "b")])
+TWICE_LINE, TWICE_LINE_TYPE = _multipart([("image", GOOD), ("line", "L1"), ("line", "L2")])
 
 # (id, method, url, request kwargs, status, code)
 ROWS: list[tuple[str, str, str, dict[str, Any], int, str]] = [
@@ -176,6 +178,21 @@ ROWS: list[tuple[str, str, str, dict[str, Any], int, str]] = [
      "unknown_parameter"),
     ("form field misspelled", "POST", "/v1/inspect", {"content": TYPO_FORM, "headers": {
         "Content-Type": TYPO_FORM_TYPE}}, 422, "unknown_field"),
+    # a name given twice (a form built from a template and appended to, a query string joined
+    # twice): the last one was taken, in silence, the part scored under the other type, filed
+    # under the other part id, or a filter other than the one meant applied
+    ("query parameter given twice", "POST", "/v1/inspect", {"params": [("part_id", "a"), ("part_id", "b")]},
+     422, "repeated_parameter"),
+    ("results filter given twice", "GET", "/v1/results", {"params": [("decision", "PASS"),
+                                                                     ("decision", "REJECT")]},
+     422, "repeated_parameter"),
+    ("form field given twice", "POST", "/v1/inspect", {"content": TWICE_FORM, "headers": {
+        "Content-Type": TWICE_FORM_TYPE}}, 422, "repeated_field"),
+    ("batch line field given twice", "POST", "/v1/inspect/batch", {"content": TWICE_LINE, "headers": {
+        "Content-Type": TWICE_LINE_TYPE}}, 422, "repeated_field"),
+    ("JSON field given twice", "POST", "/v1/inspect", {"content": b'{"image": "x", "feature_type": "a", '
+                                                                  b'"feature_type": "b"}', "headers": {
+        "Content-Type": "application/json"}}, 422, "repeated_field"),
     # text PostgreSQL cannot store (a NUL) read there as the store being down (503)
     ("reviewer with NUL", "POST", "/v1/review/1", {"json": {"verdict": "BAD", "reviewer": "a\x00b"}},
      422, "bad_reviewer"),

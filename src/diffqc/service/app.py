@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iter
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -699,14 +699,21 @@ def _base64_body_limit(limit: int) -> int:
 
 def _json_object(body: bytes, route: str) -> dict[str, Any]:
     """An upload's JSON object, its names those of a form (a misspelled one is a 422)."""
+    names: list[list[str]] = []  # each object's names as given, a name twice included (json keeps the last)
+
+    def keep_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        names.append([name for name, _ in pairs])
+        return dict(pairs)
+
     try:
-        obj = json.loads(body)
+        obj = json.loads(body, object_pairs_hook=keep_names)
     except ValueError as exc:
         raise ServiceError(422, "bad_request", f"the body is not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise ServiceError(422, "bad_request", 'a JSON upload is an object: {"image": "<base64 of the '
                            'image file>", "feature_type": "...", "part_id": "..."}')
     _refuse_unknown(obj.keys(), UPLOAD_FIELDS, "JSON field", f"{route} takes the fields", "unknown_field")
+    _refuse_repeated(names[-1], UPLOAD_FIELDS, "JSON field", "repeated_field")  # the outer object's
     return obj
 
 
@@ -827,19 +834,40 @@ def _refuse_unknown(names: Iterable[str], known: Collection[str], what: str, whe
         raise ServiceError(422, code, f"unknown {what} {unknown[0]!r}{near}; {where} {names_known}")
 
 
-def _query_names(dependant: Any) -> set[str]:
-    """The query parameters a route declares, its dependencies' included."""
-    return {p.alias for p in dependant.query_params}.union(
-        *(_query_names(d) for d in dependant.dependencies))
+def _refuse_repeated(names: Iterable[str], once: Collection[str], what: str, code: str) -> None:
+    """A 422 ``code`` for the first of ``names`` in ``once`` given more than once: the last was
+    taken, in silence (a form built from a template and appended to), a part scored under
+    another type or filed under another part id."""
+    counts = Counter(names)
+    if repeated := [name for name in counts if name in once and counts[name] > 1]:
+        raise ServiceError(422, code, f"{what} {repeated[0]!r} given {counts[repeated[0]]} times: "
+                           "it takes one value; give it once")
+
+
+def _query_names(dependant: Any, *, repeatable: bool | None = None) -> set[str]:
+    """The query parameters a route declares, its dependencies' included; with ``repeatable``,
+    those that take a list (``?by=line&by=camera``), or with False those that take one value."""
+    def takes(p: Any) -> bool:
+        annotation = p.field_info.annotation
+        is_list = any(get_origin(a) in (list, tuple, set) for a in (annotation, *get_args(annotation)))
+        return repeatable is None or is_list == repeatable
+
+    return {p.alias for p in dependant.query_params if takes(p)}.union(
+        *(_query_names(d, repeatable=repeatable) for d in dependant.dependencies))
 
 
 async def _known_query_only(request: Request) -> None:
-    """Every ``/v1/`` route's dependency: a query parameter it does not take is a 422."""
+    """Every ``/v1/`` route's dependency: a query parameter it does not take, or one that takes
+    a value given more than once, is a 422."""
     route = request.scope.get("route")
     if isinstance(route, APIRoute):
-        known = _query_names(route.dependant) | set(_QUERY_READ_BY_HAND.get(route.path, ()))
+        by_hand = set(_QUERY_READ_BY_HAND.get(route.path, ()))
+        known = _query_names(route.dependant) | by_hand
         _refuse_unknown(request.query_params.keys(), known, "query parameter", f"{route.path} takes",
                         "unknown_parameter")
+        _refuse_repeated([k for k, _ in request.query_params.multi_items()],
+                         _query_names(route.dependant, repeatable=False) | by_hand, "query parameter",
+                         "repeated_parameter")
 
 
 def _line_meta(request: Request, form: Any | None = None) -> dict[str, str | None]:
@@ -1314,6 +1342,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                     raise _missing_image(form, "file field 'image'")
                 _refuse_unknown(form.keys(), UPLOAD_FIELDS, "form field", "/v1/inspect takes the fields",
                                 "unknown_field")
+                _refuse_repeated([k for k, _ in form.multi_items()], UPLOAD_FIELDS, "form field",
+                                 "repeated_field")
                 data = await upload.read()
                 fields = {k: v for k, v in form.items() if isinstance(v, str)}
             finally:
@@ -1380,6 +1410,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                     raise _missing_image(form, "file fields 'image'")
                 _refuse_unknown(form.keys(), UPLOAD_FIELDS, "form field",
                                 "/v1/inspect/batch takes the fields", "unknown_field")
+                _refuse_repeated([k for k, _ in form.multi_items()], LINE_FIELDS, "form field",
+                                 "repeated_field")
                 if len(uploads) > limit:
                     raise ServiceError(
                         413,
