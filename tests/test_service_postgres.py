@@ -399,3 +399,9 @@ def test_a_reading_command_reads_a_postgres_store_an_older_diffqc_wrote(pg_url: 
     with ResultStore(pg_url) as store:  # as serve opens it: the columns added
         store.insert_many([_rec("p3", "REVIEW", camera="cam-a")])
         assert store.count(camera="cam-a") == 1
+
+
+def test_postgres_services_sharing_a_store_each_deliver_their_stations_messages(pg_url: str) -> None:
+    from tests.test_sinks import stations_kept_apart
+
+    stations_kept_apart(pg_url)

@@ -386,14 +386,14 @@ class LineServices:
         self.chosen_part_types = tuple(getattr(settings, "part_types", None) or ())
         expected = part_types(list(getattr(detector, "classes_", None) or ()), self.chosen_part_types)
         window = float(getattr(settings, "part_window_s", PART_WINDOW_S))  # --part-window
-        if sinks:
-            self.outbox = Outbox(store, [s.name for s in sinks],
-                                 parts=getattr(settings, "push_parts", None), types=expected, window_s=window)
-            self.dispatcher = Dispatcher(self.outbox, sinks)
-        # names this service's kept drift alarms, and its parts left waiting, on a store that
-        # several services share
+        # names this service's kept drift alarms, its parts left waiting and its pushes, on a
+        # store that several services share
         self.station: str | None = (getattr(settings, "watch_station", None)
                                     or getattr(settings, "station", None))
+        if sinks:
+            self.outbox = Outbox(store, [s.name for s in sinks], parts=getattr(settings, "push_parts", None),
+                                 types=expected, window_s=window, station=self.station)
+            self.dispatcher = Dispatcher(self.outbox, sinks)
         timeout = getattr(settings, "part_timeout_s", None)  # --part-timeout: the parts overdue
         self.overdue = (OverdueParts(store, float(timeout), expected, window_s=window, station=self.station)
                         if timeout is not None else None)
