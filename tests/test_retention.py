@@ -31,13 +31,13 @@ from tests.test_service_common import (  # noqa: F401 (fixtures)
 
 
 def _store_parts(store: ResultStore, artifacts: ArtifactStore, ages_s: list[float],
-                 now: float) -> list[ResultRecord]:
+                 now: float, station: str | None = None) -> list[ResultRecord]:
     recs = []
     for i, age in enumerate(ages_s):
         heat = artifacts.save_png("heatmaps", np.full((16, 16, 3), i, np.uint8))
         image = artifacts.save_bytes("images", bytes(1000 + i), "png")
         recs.append(ResultRecord(created_at=now - age, source="t", decision="REJECT", part_id=f"p{i}",
-                                 feature_type="stripes", heatmap=heat, image=image))
+                                 feature_type="stripes", heatmap=heat, image=image, station=station))
     return store.insert_many(recs)
 
 
@@ -110,6 +110,32 @@ def test_a_file_already_gone_is_noted_and_nothing_else_breaks(stores) -> None:  
     assert out["expired"] == 2
     got = store.get(rec.id)  # type: ignore[arg-type]
     assert got is not None and got.image is None and got.image_expired_at is not None
+
+
+def test_a_station_on_a_shared_store_expires_only_its_own_files(tmp_path: Path) -> None:
+    """Two stations' services on one store (a plant's PostgreSQL), each keeping its files in its
+    own data folder: a service's retention expired every row naming a file, the other station's
+    too, whose files it cannot see, so their rows lost their pictures, and the files, which no
+    row named any more, stayed on the other station's disk for ever (its own retention no longer
+    saw them). With its ``--station`` a service expires the rows whose files are in its folder,
+    and those of its station (a file of its own already gone is noted, as before)."""
+    now = time.time()
+    with ResultStore(str(tmp_path / "shared.db")) as store:
+        here, there = ArtifactStore(tmp_path / "a"), ArtifactStore(tmp_path / "b")
+        (mine,) = _store_parts(store, here, [10 * 86400], now)  # sent without a station
+        (gone,) = _store_parts(store, here, [10 * 86400], now, station="A")
+        here.path("images", gone.image).unlink()  # type: ignore[union-attr]
+        old_b, _ = _store_parts(store, there, [10 * 86400, 60], now)
+        out = apply_retention(store, here, RetentionPolicy(max_age_s=86400), now=now, station="A")
+        assert out["expired"] == 4  # its two records' heat maps and images
+        for rec, expired in ((mine, True), (gone, True), (old_b, False)):
+            got = store.get(rec.id)  # type: ignore[arg-type]
+            assert got is not None and (got.image is None) == expired, rec
+        assert there.path("images", old_b.image) is not None  # station B's file, still named
+        out = apply_retention(store, here, RetentionPolicy(max_bytes=1), now=now, station="A")
+        assert out["expired"] == 0 and out["kept_bytes"] == 0  # none of B's counted in A's budget
+        out = apply_retention(store, there, RetentionPolicy(max_age_s=86400), now=now, station="B")
+        assert out["expired"] == 2 and there.path("images", old_b.image) is None
 
 
 def test_the_retention_pass_reads_the_rows_naming_files_through_their_index(stores) -> None:  # type: ignore[no-untyped-def]

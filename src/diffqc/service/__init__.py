@@ -543,8 +543,8 @@ def _add_line_arguments(p: argparse.ArgumentParser, window_help: str, *, folders
     p.add_argument("--line", type=recorded_name, default=None, help="line recorded on watched-folder parts")
     p.add_argument("--station", type=recorded_name, default=None,
                    help="station recorded on watched-folder parts; it also names this service's kept "
-                        "drift alarms and its pushes (--mqtt, --webhook), apart from other services' on a "
-                        "shared store")
+                        "drift alarms, its pushes (--mqtt, --webhook) and its kept files (--keep-days), "
+                        "apart from other services' on a shared store")
     if folders:  # serve --watch A --watch B: one camera each
         p.add_argument("--camera", type=recorded_name, action="append", default=None,
                        help="camera recorded on watched-folder parts: once for every folder, or once "

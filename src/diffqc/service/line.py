@@ -423,7 +423,7 @@ class LineServices:
         policy = RetentionPolicy(getattr(settings, "retention_max_age_s", None),
                                  getattr(settings, "retention_max_bytes", None),
                                  float(getattr(settings, "retention_interval_s", 60.0))).validate()
-        self.retention = (RetentionWorker(store, artifacts, policy)
+        self.retention = (RetentionWorker(store, artifacts, policy, station=self.station)
                           if policy.active and artifacts is not None else None)
         folders = [store.path] if store.path is not None else []  # PostgreSQL's disk is its server's
         self.disk = DiskWatch(folders + ([artifacts.root] if artifacts is not None else []),

@@ -14,6 +14,12 @@ artifacts (by record id) are expired until the total fits. The worker reads the 
 first pass lists both folders) and keeps them: a later pass reads only the new files' (a kept
 file is written whole before its row is committed, and never changed), so a file removed by
 hand still counts its size until its row expires.
+
+On a store that several services share (stations on one PostgreSQL, each keeping its files in
+its own folder), a service given its station expires only its own: the rows whose files are in
+its folder, and its station's rows (a file of its own already gone is noted, as a single
+service's is). The others' rows it neither counts nor expires: it cannot see their files, and
+a row that no longer named its file left that file on the other station's disk for good.
 """
 
 from __future__ import annotations
@@ -71,7 +77,7 @@ class Artifact:
 
 
 # the predicate of the store's partial index ``<table>_artifacts``: read through it, not the table
-ARTIFACT_ROWS = (f"SELECT id, created_at, heatmap, image FROM {TABLE} "
+ARTIFACT_ROWS = (f"SELECT id, created_at, heatmap, image, station FROM {TABLE} "
                  "WHERE heatmap IS NOT NULL OR image IS NOT NULL ORDER BY id")
 
 
@@ -92,15 +98,19 @@ def artifact_sizes(artifacts: ArtifactStore, kind: str) -> dict[str, int]:
     return sizes
 
 
-def _size_on_disk(artifacts: ArtifactStore, kind: str, name: str) -> int:
-    """One kept file's bytes, as :func:`artifact_sizes` reads them (0: none, or not a file)."""
+def _file_size(artifacts: ArtifactStore, sizes: Sizes, listed: bool, kind: str, name: str) -> int | None:
+    """A kept file's bytes: from the pass's listing, or the earlier passes' sizes, else (a file
+    new since) as :func:`artifact_sizes` reads them; None: not in this service's folder (gone,
+    or not a file)."""
+    if listed or name in sizes[kind]:
+        return sizes[kind].get(name)
     if not is_artifact_name(name):
-        return 0
+        return None
     try:
         st = os.stat(artifacts.root / kind / name, follow_symlinks=False)
     except OSError:
-        return 0
-    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 # the sizes of the kept files a pass read, by kind and name, kept by the worker between passes
@@ -132,7 +142,8 @@ def expire(store: ResultStore, artifacts: ArtifactStore, items: list[Artifact], 
 
 
 def apply_retention(store: ResultStore, artifacts: ArtifactStore, policy: RetentionPolicy,
-                    now: float | None = None, known: Sizes | None = None) -> dict[str, Any]:
+                    now: float | None = None, known: Sizes | None = None,
+                    station: str | None = None) -> dict[str, Any]:
     """Expire what the policy says; returns counts and the bytes kept. ``known``: the sizes of
     the kept files an earlier pass read, by kind and name, kept by the caller and replaced in
     place by this pass's (those of the files the rows name now). A kept file is written whole
@@ -141,7 +152,10 @@ def apply_retention(store: ResultStore, artifacts: ArtifactStore, policy: Retent
 
     One pass over the rows naming a file, oldest record first, in plain loops (an object per
     file made a pass over 200,000 kept files take 0.7 s, every minute): the files of records
-    older than the maximum age are expired, and while the rest exceed the budget, its oldest."""
+    older than the maximum age are expired, and while the rest exceed the budget, its oldest.
+    ``station``: the service's (``--station``), on a store that others may share: a row of
+    another station (or none) whose file is not in ``artifacts`` is another service's, left as
+    it is. Without it every row naming a file is this service's (a single service's store)."""
     now = time.time() if now is None else now
     with store._reader() as conn:
         rows = conn.execute(ARTIFACT_ROWS).fetchall()
@@ -150,13 +164,17 @@ def apply_retention(store: ResultStore, artifacts: ArtifactStore, policy: Retent
     seen: Sizes = {kind: {} for kind in COLUMNS}
     doomed: list[Artifact] = []
     total = kept = 0
-    for rid, created, heatmap, image in rows:
-        for kind, name in (("heatmaps", heatmap), ("images", image)):
+    ours: list[tuple[Any, ...]] = []  # the rows of this service's files
+    for rid, created, heatmap, image, row_station in rows:
+        heat_size = None if heatmap is None else _file_size(artifacts, sizes, listed, "heatmaps", heatmap)
+        image_size = None if image is None else _file_size(artifacts, sizes, listed, "images", image)
+        if station is not None and row_station != station and heat_size is None and image_size is None:
+            continue  # another station's: its files are in its own folder
+        ours.append((rid, created, heatmap, image))
+        for kind, name, found in (("heatmaps", heatmap, heat_size), ("images", image, image_size)):
             if name is None:
                 continue
-            size = sizes[kind].get(name)
-            if size is None:  # new since the last pass, or gone (a listing did not find it)
-                size = 0 if listed else _size_on_disk(artifacts, kind, name)
+            size = found or 0  # 0: gone
             seen[kind][name] = size
             if created < cutoff:
                 doomed.append(Artifact(int(rid), kind, str(name), float(created), size))
@@ -164,7 +182,7 @@ def apply_retention(store: ResultStore, artifacts: ArtifactStore, policy: Retent
                 total += size
                 kept += 1
     if policy.max_bytes is not None and total > policy.max_bytes:  # the oldest out (a second loop)
-        for rid, created, heatmap, image in rows:
+        for rid, created, heatmap, image in ours:
             if total <= policy.max_bytes:
                 break
             if created < cutoff:
@@ -186,10 +204,13 @@ def apply_retention(store: ResultStore, artifacts: ArtifactStore, policy: Retent
 
 
 class RetentionWorker:
-    """Applies a policy every ``policy.interval_s`` seconds in a background thread."""
+    """Applies a policy every ``policy.interval_s`` seconds in a background thread, to the files
+    of ``station`` (:func:`apply_retention`)."""
 
-    def __init__(self, store: ResultStore, artifacts: ArtifactStore, policy: RetentionPolicy) -> None:
+    def __init__(self, store: ResultStore, artifacts: ArtifactStore, policy: RetentionPolicy,
+                 station: str | None = None) -> None:
         self.store = store
+        self.station = station
         self.artifacts = artifacts
         self.policy = policy.validate()
         self._stop = threading.Event()
@@ -201,7 +222,8 @@ class RetentionWorker:
         self._sizes: Sizes = {}  # the kept files' sizes, between passes
 
     def run_once(self) -> dict[str, Any]:
-        out = apply_retention(self.store, self.artifacts, self.policy, known=self._sizes)
+        out = apply_retention(self.store, self.artifacts, self.policy, known=self._sizes,
+                              station=self.station)
         self.expired_total += out["expired"]
         self.freed_bytes_total += out["freed_bytes"]
         self.kept_bytes = out["kept_bytes"]
