@@ -1276,6 +1276,38 @@ def test_a_restart_refills_each_cameras_window_with_its_own_parts(tmp_path: Path
         assert ("edge", "cam-a", True) in [(e.feature_type, e.camera, e.alarm) for e in heard]
 
 
+def test_a_restarted_station_refills_its_drift_windows_with_its_own_parts(tmp_path: Path) -> None:
+    """Stations on one store: a restarted service refilled its drift windows with the type's
+    latest parts of every station, so another station's drift (its lamp ageing) raised an alarm
+    here, under this station, pushed to this line's receivers. With ``--station`` a service
+    refills from its station's parts and those sent without one, as its overdue parts resume."""
+    import time
+    from types import SimpleNamespace
+
+    from diffqc.service.line import LineServices
+    from diffqc.service.store import ResultRecord, ResultStore
+
+    now = time.time()
+
+    def part(i: int, station: str | None, p: float) -> ResultRecord:
+        return ResultRecord(created_at=now - 600 + i, source="test", decision="PASS", feature_type="edge",
+                            predicted_type="edge", type_known=True, station=station, p_value=p)
+
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        store.insert_many([part(i, "A", 0.3 + 0.6 * (i % 7) / 7) for i in range(6)]
+                          + [part(i, None, 0.3 + 0.6 * (i % 5) / 5) for i in range(6, 12)]
+                          + [part(i, "B", 0.002) for i in range(12, 40)])  # B's drifting
+        settings = SimpleNamespace(drift_window=20, drift_min_parts=10, drift_level=0.01, model_path=None,
+                                   calibration_poll_s=1.0, station="A")
+        line = LineServices(settings, store, None, SimpleNamespace(classes_=["edge"], path=None))
+        edge = line.status()["drift"]["edge"]
+        assert edge["window_parts"] == 12 and not edge["alarm"]  # A's 6 and the 6 without a station
+        heard = []
+        line.drift.listeners.append(heard.append)
+        line.on_record(part(41, "A", 0.5), 0.01)
+        assert not [e for e in heard if e.alarm]
+
+
 def test_clock_watch_names_a_stepped_clock_and_one_never_set(caplog: pytest.LogCaptureFixture) -> None:
     """Every record carries the wall clock's time. An edge box without a clock battery boots at
     a date long past until NTP is reached, then steps; an operator sets it by hand: records on

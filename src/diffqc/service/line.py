@@ -524,7 +524,8 @@ class LineServices:
         job's `watch --once`, would otherwise test nothing until ``min_parts`` new parts came):
         parts inspected since the calibration file was written, at most a week ago, neither
         NOT_INSPECTED nor mis-routed; the type's window from its latest parts, and each camera
-        among them (up to ``max_cameras``, the latest seen first) from that camera's own."""
+        among them (up to ``max_cameras``, the latest seen first) from that camera's own. With a
+        ``station``, its parts and those without one (a shared store holds other stations')."""
         since = time.time() - 7 * 86400.0
         if self.reloader is not None:
             with contextlib.suppress(OSError):  # no calibration file: the week bounds it
@@ -532,7 +533,8 @@ class LineServices:
         config = self.drift.config
 
         def latest(ftype: str, camera: str | None = None) -> list[ResultRecord]:
-            return self.store.query(feature_type=ftype, camera=camera, since=since, limit=config.window)
+            return self.store.query(feature_type=ftype, camera=camera, since=since, limit=config.window,
+                                    station_or_none=self.station)
 
         def window(rows: list[ResultRecord], camera: str | None) -> list[tuple[str, float, str | None]]:
             return [(str(r.feature_type), float(r.p_value), camera) for r in reversed(rows)  # oldest first
