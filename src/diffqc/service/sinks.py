@@ -185,10 +185,7 @@ class Outbox:
                 if stmt:
                     conn.execute(stmt)
             for table in (OUTBOX, DEAD_LETTERS):  # tables made before stations were kept apart
-                if store.postgres:
-                    conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS station TEXT")
-                elif "station" not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
-                    conn.execute(f"ALTER TABLE {table} ADD COLUMN station TEXT")
+                store._add_column(conn, table, "station", "TEXT")
 
     def _mine(self, sink: str) -> tuple[str, tuple[Any, ...]]:
         """The SQL condition (and its parameters) of this service's rows of ``sink``."""

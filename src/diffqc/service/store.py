@@ -702,10 +702,14 @@ class ResultStore:
     def _add_missing_columns(self, conn: Any) -> None:
         """Columns added after a store was created: add them to old tables."""
         for table, name, kind in _ADDED_COLUMNS:
-            if self.postgres:
-                conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
-            elif name not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})").fetchall()}:
-                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+            self._add_column(conn, table, name, kind)
+
+    def _add_column(self, conn: Any, table: str, name: str, kind: str) -> None:
+        """Add a column to ``table`` (on ``conn``, in its transaction) unless it has one so named."""
+        if self.postgres:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
+        elif name not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})").fetchall()}:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def _create_schema(self) -> None:
         with self._write_lock:
