@@ -1200,6 +1200,33 @@ def test_a_message_larger_than_the_broker_takes_is_dead_lettered_and_the_others_
 
 
 @pytest.mark.mqtt
+def test_a_broker_that_keeps_no_retained_messages_is_published_to(
+        store: ResultStore, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A broker that keeps no retained messages (Mosquitto's ``retain_available false``, as
+    some cloud and SCADA brokers run) refuses a connection whose last will is retained: the
+    sink's was, so it never connected, and every decision waited in the outbox for good. It
+    connects with a will not retained, says so once, and publishes its status, decisions and
+    alarms without the retain flag (which such a broker refuses)."""
+    mqtt_url()  # the same switch as the other broker tests
+    broker = Broker(tmp_path / "broker", extra="retain_available false\n")
+    broker.start()
+    sub = Subscriber("127.0.0.1", broker.port, "line")
+    box, sink, disp = _retrying_at_once(store, f"mqtt://127.0.0.1:{broker.port}/line")
+    try:
+        wait_for(sink.ready, 15, "the sink to connect")
+        (rec,) = store.insert_many([record(1)])
+        box.enqueue_alarm("stripes", {"alarm": True})
+        wait_for(lambda: sub.on("line/alarms/stripes") != [], 15, "the alarm")
+        assert sub.record_ids() == {rec.id} and sub.on("line/status") == [b"online"]
+        assert box.pending("mqtt") == 0 and disp.delivered_total["mqtt"] == 2
+    finally:
+        disp.stop()
+        sub.close()
+        broker.stop()
+    assert caplog.text.count("keeps no retained messages") == 1
+
+
+@pytest.mark.mqtt
 def test_a_broker_that_speaks_mqtt_3_1_1_only_is_published_to(store: ResultStore, tmp_path: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     """amqtt, a broker that speaks MQTT 3.1.1 only (and, given a version 5 CONNECT with a will,

@@ -327,6 +327,7 @@ class Outbox:
 
 # --------------------------------------------------------------------------- sinks
 MAX_ATTEMPTS = 8  # a webhook's by default, and an MQTT message's the broker refuses
+RETAIN_NOT_SUPPORTED = 0x9A  # MQTT 5's reason code: a retained will or publish refused
 
 
 class Refused(RuntimeError):
@@ -651,6 +652,7 @@ class MqttSink:
             client.username_pw_set(self.target.username, self.target.password)
         if self.target.tls:
             client.tls_set()
+        self._retain = True  # until a broker keeps no retained messages (MQTT 5 says so)
         client.will_set(self.status_topic, "offline", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=5)
         client.on_connect = self._on_connect
@@ -665,9 +667,13 @@ class MqttSink:
         self._max_packet: int | None = None  # the broker's Maximum Packet Size (its CONNACK)
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if getattr(reason, "is_failure", False):  # a wrong password: refused at every retry
-            if str(reason) != "Unsupported protocol version":  # the next try speaks the other
-                self._failed(f"refused the connection: {reason}")
+        refused = getattr(reason, "is_failure", False)
+        no_retain = getattr(reason, "value", None) == RETAIN_NOT_SUPPORTED
+        if no_retain or getattr(props, "RetainAvailable", 1) == 0:
+            self._no_retain(client)  # refused for the will's retain flag: the next try has none
+        elif refused and str(reason) != "Unsupported protocol version":  # the next try speaks the other
+            self._failed(f"refused the connection: {reason}")  # a wrong password: at every retry
+        if refused:
             return
         if not self._accepted and client.protocol != self._mqtt.MQTTv5:
             log.warning("MQTT broker %s:%s speaks MQTT 3.1.1, not 5: a message it refuses (its access "
@@ -675,10 +681,20 @@ class MqttSink:
                         self.target.port)
         self._accepted = True
         self._max_packet = getattr(props, "MaximumPacketSize", None)  # MQTT 5 only
-        client.publish(self.status_topic, "online", qos=1, retain=True)
+        client.publish(self.status_topic, "online", qos=1, retain=self._retain)
         self._said.clear()  # a later outage is said again
         self._connected.set()
         log.info("MQTT connected to %s:%s", self.target.host, self.target.port)
+
+    def _no_retain(self, client: Any) -> None:
+        """A broker that keeps no retained messages refuses a retained will or publish (MQTT 5):
+        the status, its will and the alarms go without the retain flag from now on."""
+        if self._retain:
+            self._retain = False
+            client.will_set(self.status_topic, "offline", qos=1, retain=False)
+            log.warning("MQTT broker %s:%s keeps no retained messages: the status and drift alarms are "
+                        "published without the retain flag (a subscriber that comes later does not get "
+                        "the latest)", self.target.host, self.target.port)
 
     def _on_connect_fail(self, client: Any, userdata: Any) -> None:
         """paho retries a connection that fails (refused, a TLS handshake) in silence, and calls
@@ -723,7 +739,7 @@ class MqttSink:
         self._stopping = True
         if self._connected.is_set():
             try:
-                info = self._client.publish(self.status_topic, "offline", qos=1, retain=True)
+                info = self._client.publish(self.status_topic, "offline", qos=1, retain=self._retain)
                 info.wait_for_publish(timeout=2.0)
             except Exception:  # the broker went away meanwhile: the last will says it
                 pass
@@ -749,7 +765,7 @@ class MqttSink:
             # sent, it would end the connection, and paho would send it again at each reconnect
             raise Refused(f"MQTT message on {topic} is {size} bytes: the broker takes packets of up "
                           f"to {self._max_packet} bytes (its max_packet_size)")
-        info = self._client.publish(topic, payload, qos=1, retain=message.kind == ALARM)
+        info = self._client.publish(topic, payload, qos=1, retain=message.kind == ALARM and self._retain)
         if info.rc != self._mqtt.MQTT_ERR_SUCCESS:
             raise RuntimeError(f"MQTT publish failed: {self._mqtt.error_string(info.rc)}")
         try:
