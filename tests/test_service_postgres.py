@@ -124,6 +124,40 @@ def test_postgres_results_list_with_a_role_that_may_only_read(pg_url: str) -> No
             conn.execute(f"DROP ROLE {role}")
 
 
+def test_postgres_a_database_without_a_store_or_a_schema_to_make_one_is_named(pg_url: str) -> None:
+    """A new PostgreSQL database given to `serve` under a role of its own (PostgreSQL 15 lets
+    only the database's owner create tables in ``public``) was refused with the server's words
+    alone (``permission denied for schema public``), and `results list` of a database `serve`
+    never wrote to answered ``relation "diffqc_results" does not exist`` and its SQL. The first
+    says what to grant; the second that the database holds no result store."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+
+    from diffqc.errors import StoreError
+
+    with pytest.raises(StoreError, match=r"holds no diffqc result store \(no diffqc_results table"):
+        ResultStore(pg_url, read_only=True)
+    schema = pg_url.rsplit("search_path%3D", 1)[-1]
+    role = f"line_{uuid.uuid4().hex[:8]}"
+    assert URL
+    with psycopg.connect(URL, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
+    parts = urlsplit(pg_url)
+    line = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
+    try:
+        with pytest.raises(StoreError) as info:
+            ResultStore(line)
+        assert "permission denied for schema" in str(info.value)
+        assert f"GRANT CREATE ON SCHEMA {schema} TO {role}" in str(info.value)
+        assert "\n" not in str(info.value) and "LINE 1" not in str(info.value)
+    finally:
+        with psycopg.connect(URL, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
 def test_postgres_bad_url_is_a_clear_error() -> None:
     from diffqc.errors import StoreError
 

@@ -472,6 +472,14 @@ class ResultStore:
         self._writer = self._connect(autocommit=False)
         self._writer_identity = self._identity()
         if read_only:
+            if self.postgres:  # a database serve never wrote to: said so, not a query's SQL error
+                (found,) = self._writer.execute("SELECT to_regclass(%s)", (TABLE,)).fetchone()
+                self._writer.rollback()
+                if found is None:
+                    self._writer.close()
+                    raise StoreError(f"{redact_url(url)} holds no diffqc result store (no {TABLE} table in "
+                                     "the schemas of its search path): give the --db that `diffqc serve` "
+                                     "or `watch` write to")
             return
         try:
             self._create_schema()
@@ -621,7 +629,7 @@ class ResultStore:
                 if not self.postgres:
                     conn.execute("BEGIN IMMEDIATE")
             except errors as exc:
-                self.last_write_error = f"cannot write to the result store: {exc}"
+                self.last_write_error = f"cannot write to the result store: {_db_reason(exc)}"
                 raise StoreError(self.last_write_error) from None
             except StoreError as exc:
                 self.last_write_error = str(exc)
@@ -633,7 +641,7 @@ class ResultStore:
                 with contextlib.suppress(Exception):
                     conn.rollback()
                 if isinstance(exc, errors):
-                    self.last_write_error = f"cannot write to the result store: {exc}"
+                    self.last_write_error = f"cannot write to the result store: {_db_reason(exc)}"
                     raise StoreError(self.last_write_error) from None
                 raise
             self.last_write_error = None
@@ -660,7 +668,7 @@ class ResultStore:
             yield conn
             ok = True
         except _db_errors() as exc:
-            raise StoreError(f"cannot read the result store: {exc}") from None
+            raise StoreError(f"cannot read the result store: {_db_reason(exc)}") from None
         finally:
             with self._pool_lock:
                 if ok and not self._closed and len(self._pool) < self._pool_size:
@@ -696,8 +704,23 @@ class ResultStore:
                 conn.rollback()
             if isinstance(exc, _db_errors()):
                 where = redact_url(self.url)
-                raise StoreError(f"cannot create the result tables in {where}: {exc}") from None
+                raise StoreError(f"cannot create the result tables in {where}: {_db_reason(exc)}"
+                                 f"{self._grant_hint(conn, exc)}") from None
             raise
+
+    def _grant_hint(self, conn: Any, exc: BaseException) -> str:
+        """What to grant a PostgreSQL role that may not create tables in its schema (PostgreSQL 15
+        lets only a database's owner create them in ``public``)."""
+        if getattr(exc, "sqlstate", None) != "42501":  # insufficient_privilege
+            return ""
+        try:
+            schema, role = conn.execute("SELECT current_schema(), current_user").fetchone()
+        except Exception:
+            return ""
+        if schema is None:  # no schema of its search path exists
+            return f": create a schema for role {role} (CREATE SCHEMA diffqc AUTHORIZATION {role})"
+        return (f": let role {role} create the store's tables (GRANT CREATE ON SCHEMA {schema} TO {role}, "
+                f"or make it the database's owner), or give --db a role that may")
 
     def _add_missing_columns(self, conn: Any) -> None:
         """Columns added after a store was created: add them to old tables."""
@@ -1142,6 +1165,12 @@ def store_url(db_url: str | None) -> str:
     `watch` and `results`)."""
     env = os.environ.get("DIFFQC_DB", "")
     return db_url or (env if env.strip() else "diffqc-results.db")
+
+
+def _db_reason(exc: BaseException) -> str:
+    """A database error in one line: PostgreSQL's primary message (not the SQL it quotes)."""
+    primary = getattr(getattr(exc, "diag", None), "message_primary", None)
+    return str(primary) if primary else " ".join(str(exc).split())
 
 
 def check_store_exists(db_url: str, *, doing: str) -> None:
