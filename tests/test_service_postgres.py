@@ -8,6 +8,7 @@ prints one); skipped when unset. Each test works in its own schema, dropped afte
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -98,26 +99,34 @@ def test_postgres_results_list_with_a_role_that_may_only_read(pg_url: str) -> No
     import json
     import subprocess
     import sys
-    from urllib.parse import urlsplit, urlunsplit
-
-    import psycopg
 
     with ResultStore(pg_url) as store:
         store.insert_many([_rec("r1"), _rec("r2")])
-    schema = pg_url.rsplit("search_path%3D", 1)[-1]
-    role = f"reader_{uuid.uuid4().hex[:8]}"
-    assert URL
-    with psycopg.connect(URL, autocommit=True) as conn:
-        conn.execute(f"CREATE ROLE {role} LOGIN")
-        conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
-        conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role}")
-    parts = urlsplit(pg_url)
-    reader = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
-    try:
+    with role_of(pg_url, "SELECT ON ALL TABLES IN SCHEMA {schema}") as (reader, _, _):
         proc = subprocess.run([sys.executable, "-m", "diffqc.cli", "results", "list", "--db", reader],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert sorted(json.loads(row)["part_id"] for row in proc.stdout.splitlines()) == ["r1", "r2"]
+
+
+@contextlib.contextmanager
+def role_of(pg_url: str, *grants: str) -> Iterator[tuple[str, str, str]]:
+    """A new login role that may use the test's schema, and what ``grants`` give it (``{schema}``
+    in them is its name): ``pg_url`` as that role, the role and the schema; dropped after."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+
+    schema = pg_url.rsplit("search_path%3D", 1)[-1]
+    role = f"role_{uuid.uuid4().hex[:8]}"
+    assert URL
+    with psycopg.connect(URL, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        for grant in (f"USAGE ON SCHEMA {schema}", *grants):
+            conn.execute(f"GRANT {grant.format(schema=schema)} TO {role}")
+    parts = urlsplit(pg_url)
+    try:
+        yield urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}")), role, schema
     finally:
         with psycopg.connect(URL, autocommit=True) as conn:
             conn.execute(f"DROP OWNED BY {role}")
@@ -130,32 +139,15 @@ def test_postgres_a_database_without_a_store_or_a_schema_to_make_one_is_named(pg
     alone (``permission denied for schema public``), and `results list` of a database `serve`
     never wrote to answered ``relation "diffqc_results" does not exist`` and its SQL. The first
     says what to grant; the second that the database holds no result store."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    import psycopg
-
     from diffqc.errors import StoreError
 
     with pytest.raises(StoreError, match=r"holds no diffqc result store \(no diffqc_results table"):
         ResultStore(pg_url, read_only=True)
-    schema = pg_url.rsplit("search_path%3D", 1)[-1]
-    role = f"line_{uuid.uuid4().hex[:8]}"
-    assert URL
-    with psycopg.connect(URL, autocommit=True) as conn:
-        conn.execute(f"CREATE ROLE {role} LOGIN")
-        conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
-    parts = urlsplit(pg_url)
-    line = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
-    try:
-        with pytest.raises(StoreError) as info:
-            ResultStore(line)
-        assert "permission denied for schema" in str(info.value)
-        assert f"GRANT CREATE ON SCHEMA {schema} TO {role}" in str(info.value)
-        assert "\n" not in str(info.value) and "LINE 1" not in str(info.value)
-    finally:
-        with psycopg.connect(URL, autocommit=True) as conn:
-            conn.execute(f"DROP OWNED BY {role}")
-            conn.execute(f"DROP ROLE {role}")
+    with role_of(pg_url) as (line, role, schema), pytest.raises(StoreError) as info:
+        ResultStore(line)
+    assert "permission denied for schema" in str(info.value)
+    assert f"GRANT CREATE ON SCHEMA {schema} TO {role}" in str(info.value)
+    assert "\n" not in str(info.value) and "LINE 1" not in str(info.value)
 
 
 def test_postgres_bad_url_is_a_clear_error() -> None:
