@@ -853,6 +853,25 @@ def test_store_urls() -> None:
     assert redact_url("postgresql://h/db?PASSWORD=s%26x&user=u") == "postgresql://h/db?PASSWORD=***&user=u"
 
 
+@pytest.mark.parametrize(("url", "told"), [
+    ("postgresql://qc:p@ss#1@127.0.0.1:1/plant", "'@' in the URL's user or password: write it %40"),
+    ("postgresql://qc:p/ss@127.0.0.1:1/plant", "'/' in the URL's user or password: write it %2F"),
+    ("postgresql://qc:pa ss@127.0.0.1:1/plant", "a space in the URL: write it %20"),
+])
+def test_a_postgresql_password_a_url_must_encode_is_named_without_showing_it(url: str, told: str) -> None:
+    """A password pasted into the URL as the DBA made it (``p@ss#1``): libpq read the text after
+    its ``@`` as the host, and its error showed that part of the password (``failed to resolve
+    host 'ss#1@127.0.0.1'``), in the log; a ``/`` made the user and password the host and port
+    (``failed to resolve host 'qc'``); a space was quoted with the password around it. Each is
+    named, with how to write it, before any connection, and no part of the password is shown."""
+    from diffqc.errors import StoreError
+
+    with pytest.raises(StoreError) as info:
+        ResultStore(url)
+    assert told in str(info.value) and "PGPASSWORD" in str(info.value), str(info.value)
+    assert not any(piece in str(info.value) for piece in ("ss#1", "p/ss", "pa ss", "ss@")), str(info.value)
+
+
 def test_artifact_store_writes_atomically_and_never_leaves_its_folder(tmp_path: Path) -> None:
     art = ArtifactStore(tmp_path)
     name = art.save_png("heatmaps", np.zeros((9, 7, 3), np.uint8))

@@ -282,6 +282,30 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
 
 
+_ENCODE_HINT = ("; or leave the password out of the URL: libpq reads it from PGPASSWORD or "
+                "~/.pgpass")
+
+
+def postgres_url_problem(url: str) -> str | None:
+    """What in a PostgreSQL URL libpq reads otherwise than its writer meant, as libpq parses it,
+    without any part of its password: an ``@`` or a ``/`` in the user or password (a password
+    as a DBA makes it, ``p@ss/1``: libpq reads the text after the ``@`` as the host, or the user
+    and password as host and port, and its error shows that text), or a space; None if none."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        parts = conninfo_to_dict(url)
+    except Exception as exc:  # its message quotes the text around the fault: the password, maybe
+        if "spaces" in str(exc):
+            return "a space in the URL: write it %20" + _ENCODE_HINT
+        return "libpq cannot read it" + _ENCODE_HINT
+    if "@" in str(parts.get("host", "")):
+        return "'@' in the URL's user or password: write it %40" + _ENCODE_HINT
+    if not all(p.strip().isdigit() or not p.strip() for p in str(parts.get("port", "")).split(",")):
+        return "'/' in the URL's user or password: write it %2F (or the port is not a number)" + _ENCODE_HINT
+    return None
+
+
 def _db_errors() -> tuple[type[BaseException], ...]:
     """The exception types a database driver raises (sqlite3, and psycopg when installed)."""
     try:
@@ -500,6 +524,8 @@ class ResultStore:
                 import psycopg
             except ImportError as exc:  # pragma: no cover - depends on the install
                 raise StoreError("PostgreSQL needs psycopg: pip install 'diffqc[serve]'") from exc
+            if problem := postgres_url_problem(self.url):
+                raise StoreError(f"PostgreSQL URL {redact_url(self.url)}: {problem}")
             try:
                 return psycopg.connect(self.url, autocommit=autocommit, connect_timeout=10)
             except psycopg.Error as exc:
