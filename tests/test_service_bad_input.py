@@ -874,6 +874,34 @@ def test_serve_warns_of_an_api_token_short_enough_to_guess(
     assert said["k3" * 12] == []
 
 
+def test_serve_without_a_token_on_an_address_others_reach_says_so(
+    service_model: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`serve --no-auth --host 0.0.0.0` (the first try at reaching the dashboard from another
+    machine) started without a word, though anyone on the plant's network could then read the
+    parts' images and record verdicts. It starts (the user's choice) and says so; on 127.0.0.1
+    it says nothing. The port is taken here, so nothing more starts."""
+    import socket
+
+    from diffqc.service.__main__ import main
+
+    with socket.socket() as running:
+        running.bind(("0.0.0.0", 0))
+        running.listen()
+        port = running.getsockname()[1]
+        said = {}
+        for host in ("0.0.0.0", "127.0.0.1"):
+            caplog.clear()
+            assert main(["serve", str(service_model[0]), "--no-auth", "--host", host, "--port", str(port),
+                         "--db", str(tmp_path / "r.db")]) == 1
+            said[host] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said["0.0.0.0"] == [f"serving without an API token (--no-auth) on 0.0.0.0:{port}, which other "
+                               "machines can reach: anyone on the network can read the parts' images and "
+                               "results and record verdicts; give --token (or $DIFFQC_TOKEN_FILE), or "
+                               "--host 127.0.0.1"]
+    assert said["127.0.0.1"] == []
+
+
 def test_serve_checks_its_store_before_loading_the_model_and_the_model_path_before_the_store(
     service_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture

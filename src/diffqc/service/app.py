@@ -1890,7 +1890,7 @@ def run_server(
     process exit code.
     """
     from diffqc.service.logs import configure_logging
-    from diffqc.service.security import tokens_from_env
+    from diffqc.service.security import reachable_from_others, tokens_from_env
 
     log_level = str(opts.pop("log_level", "info"))
     log_format = str(opts.pop("log_format", "text"))
@@ -1907,6 +1907,10 @@ def run_server(
         log.warning("an API token of %d characters can be guessed by anyone on the network: use %d "
                     "or more (python -c \"import secrets; print(secrets.token_urlsafe(32))\")",
                     length, MIN_TOKEN_LENGTH)
+    if not settings.tokens and reachable_from_others(host):
+        log.warning("serving without an API token (--no-auth) on %s:%s, which other machines can reach: "
+                    "anyone on the network can read the parts' images and results and record verdicts; "
+                    "give --token (or $DIFFQC_TOKEN_FILE), or --host 127.0.0.1", host, port)
     # the port first: a second `serve` on a port in use must not start its watchers, open its
     # store or announce itself on the sinks (a retained MQTT "offline" over the running one's)
     sockets = listening_sockets(host, port)

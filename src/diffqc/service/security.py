@@ -103,6 +103,19 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def reachable_from_others(host: str) -> bool:
+    """Whether a server listening on ``host`` takes connections from other machines: any address
+    the name resolves to but a loopback one (``0.0.0.0``, ``::``, the host's own addresses)."""
+    import ipaddress
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host or None, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False  # binding fails, and says so
+    return any(not ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
+
+
 def bearer_token(authorization: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header, else None."""
     if not authorization:
