@@ -1072,9 +1072,52 @@ def test_mqtts_to_a_broker_whose_certificate_an_internal_ca_signed(
         broker.stop()
 
 
-def _one_message_acknowledged(store: ResultStore, box: Outbox, url: str) -> None:
+@pytest.mark.mqtt
+def test_mqtts_with_the_client_certificate_a_broker_requires(
+        store: ResultStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker that lets in only clients with a certificate its CA signed (Mosquitto's
+    ``require_certificate``, AWS IoT Core, a plant's PKI): the sink had no way to present one and
+    never connected. ``--mqtt-cert`` (and ``--mqtt-key``) give it, checked before anything
+    starts: an mqtt:// URL, a key not the certificate's, an encrypted key are named."""
+    import trustme
+
+    mqtt_url()  # the same switch as the other broker tests
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    broker = Broker(tmp_path / "broker", tls=ca.issue_cert("127.0.0.1"),
+                    extra=f"cafile {tmp_path}/ca.pem\nrequire_certificate true\n")
+    broker.start()
+    client, other = ca.issue_cert("line-3"), ca.issue_cert("line-4")
+    client.cert_chain_pems[0].write_to_path(str(tmp_path / "line.pem"))
+    client.private_key_pem.write_to_path(str(tmp_path / "line.key"))
+    other.private_key_pem.write_to_path(str(tmp_path / "other.key"))
+    url = f"mqtts://127.0.0.1:{broker.port}/line"
+    try:
+        without = MqttSink(url)
+        without.start()
+        try:
+            time.sleep(3)
+            assert not without.ready()  # the broker ends the handshake
+        finally:
+            without.stop()
+        _one_message_acknowledged(store, outbox_for(store, "mqtt"), url, client_cert=tmp_path / "line.pem",
+                                  client_key=tmp_path / "line.key")
+    finally:
+        broker.stop()
+    with pytest.raises(ConfigError, match="--mqtt-cert needs an mqtts:// broker URL"):
+        MqttSink(f"mqtt://127.0.0.1:{broker.port}/line", client_cert=tmp_path / "line.pem")
+    with pytest.raises(ConfigError, match=f"{tmp_path}/other.key is not the key of {tmp_path}/line.pem"):
+        MqttSink(url, client_cert=tmp_path / "line.pem", client_key=tmp_path / "other.key")
+    from diffqc.service.app import ServiceSettings  # serve's options, checked before the model loads
+
+    with pytest.raises(ConfigError, match=r"present a certificate to the MQTT broker: .*line\.key holds no"):
+        ServiceSettings(mqtt_url=url, mqtt_cert=tmp_path / "line.key", allow_no_token=True).validate()
+
+
+def _one_message_acknowledged(store: ResultStore, box: Outbox, url: str, **sink_opts: Any) -> None:
     """A sink on ``url`` connects, and a stored part's message is acknowledged by the broker."""
-    sink = MqttSink(url)
+    sink = MqttSink(url, **sink_opts)
     disp = Dispatcher(box, [sink], poll_s=0.05)
     disp.start()
     try:

@@ -244,6 +244,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "tls_warn_days": args.tls_warn_days,
         "root_path": args.root_path,
         "mqtt_url": args.mqtt,
+        "mqtt_cert": args.mqtt_cert,
+        "mqtt_key": args.mqtt_key,
         "webhook_url": args.webhook,
         "webhook_headers": tuple(args.webhook_header or ()),
         "webhook_secrets": tuple(args.webhook_secret or ()),
@@ -543,8 +545,8 @@ def _add_line_arguments(p: argparse.ArgumentParser, window_help: str, *, folders
     p.add_argument("--line", type=recorded_name, default=None, help="line recorded on watched-folder parts")
     p.add_argument("--station", type=recorded_name, default=None,
                    help="station recorded on watched-folder parts; it also names this service's kept "
-                        "drift alarms, its pushes (--mqtt, --webhook) and its kept files (--keep-days), "
-                        "apart from other services' on a shared store")
+                        "drift alarms, its pushes (serve's --mqtt, --webhook) and its kept files "
+                        "(--keep-days), apart from other services' on a shared store")
     if folders:  # serve --watch A --watch B: one camera each
         p.add_argument("--camera", type=recorded_name, action="append", default=None,
                        help="camera recorded on watched-folder parts: once for every folder, or once "
@@ -697,6 +699,11 @@ def add_service_commands(subparsers: Any) -> None:
                         "only); without it, the key is read from --tls-cert's file (one PEM)")
     p.add_argument("--mqtt", default=None, metavar="URL",
                    help="push every decision to an MQTT broker: mqtt://host:1883/topic-prefix")
+    p.add_argument("--mqtt-cert", type=path_name, default=None, metavar="PEM",
+                   help="the client certificate an mqtts:// broker lets in (its CA's: require_certificate, "
+                        "AWS IoT Core), its chain after it; its key in the same file or --mqtt-key")
+    p.add_argument("--mqtt-key", type=path_name, default=None, metavar="PEM",
+                   help="--mqtt-cert's private key (PEM, unencrypted; readable by this user only)")
     p.add_argument("--webhook", default=None, metavar="URL", help="POST every decision as JSON to URL")
     p.add_argument("--webhook-header", action="append", default=None, metavar="'NAME: VALUE' or @FILE",
                    help="a header sent with every push, e.g. 'Authorization: Bearer TOKEN' "

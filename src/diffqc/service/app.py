@@ -80,7 +80,13 @@ from diffqc.service.security import (
     tls_reloader,
     token_matches,
 )
-from diffqc.service.sinks import PART_PUSHES, check_sink_urls, webhook_headers, webhook_secrets
+from diffqc.service.sinks import (
+    PART_PUSHES,
+    check_mqtt_client_cert,
+    check_sink_urls,
+    webhook_headers,
+    webhook_secrets,
+)
 from diffqc.service.store import (
     DECISIONS,
     MAX_ROW_ID,
@@ -151,6 +157,8 @@ class ServiceSettings:
         return self.watch_camera
     # the line (diffqc.service.line): push sinks, drift watch, calibration reload, retention
     mqtt_url: str | None = None  # mqtt://host:port/prefix
+    mqtt_cert: str | Path | None = None  # the client certificate an mqtts:// broker asks for (PEM)
+    mqtt_key: str | Path | None = None  # its key, when not in mqtt_cert's file
     webhook_url: str | None = None  # POST each decision as JSON
     webhook_max_attempts: int = 8  # then the message goes to the dead-letter table
     webhook_headers: tuple[str, ...] = ()  # "Name: value" or "@FILE" (sinks.webhook_headers)
@@ -197,6 +205,7 @@ class ServiceSettings:
         if not self.body_timeout_s > 0:
             raise ConfigError(f"body_timeout_s must be positive, got {self.body_timeout_s}")
         check_sink_urls(self.mqtt_url, self.webhook_url)
+        check_mqtt_client_cert(self.mqtt_url, self.mqtt_cert, self.mqtt_key)
         if self.webhook_headers and not self.webhook_url:
             raise ConfigError("--webhook-header needs --webhook URL (the endpoint it is sent to)")
         webhook_headers(self.webhook_headers)

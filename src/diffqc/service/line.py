@@ -377,6 +377,8 @@ class LineServices:
         restart (:class:`ModelWatch`), handed to ``on_model`` to inspect with."""
         self.store = store
         sinks = build_sinks(getattr(settings, "mqtt_url", None), getattr(settings, "webhook_url", None),
+                            mqtt_cert=getattr(settings, "mqtt_cert", None),
+                            mqtt_key=getattr(settings, "mqtt_key", None),
                             max_attempts=int(getattr(settings, "webhook_max_attempts", 8)),
                             headers=webhook_headers(getattr(settings, "webhook_headers", ())),
                             secrets=webhook_secrets(getattr(settings, "webhook_secrets", ())))

@@ -181,15 +181,18 @@ def _no_passphrase() -> bytes:
     raise _Encrypted
 
 
-def check_tls(cert: str | Path | None, key: str | Path | None) -> None:
-    """``serve --tls-cert CERT [--tls-key KEY]``: the certificate a PEM file (its chain after
-    it), its key in KEY or, without one, in CERT too (a combined PEM), in PEM, unencrypted.
-    Anything else is a :class:`ConfigError` that names the file, said before the port is bound
-    and the model loads (the server would fail later, or ask for an encrypted key's passphrase
-    on a terminal no one watches)."""
+def check_tls(cert: str | Path | None, key: str | Path | None, *, options: str = "--tls",
+              doing: str = "serve over TLS") -> None:
+    """``serve --tls-cert CERT [--tls-key KEY]`` (``options`` names the pair: ``--mqtt`` for a
+    client's certificate, ``--mqtt-cert``): the certificate a PEM file (its chain after it), its
+    key in KEY or, without one, in CERT too (a combined PEM), in PEM, unencrypted. Anything else
+    is a :class:`ConfigError` that names the file, said before the port is bound and the model
+    loads (the server would fail later, or ask for an encrypted key's passphrase on a terminal
+    no one watches)."""
     if cert is None:
         if key is not None:
-            raise ConfigError("--tls-key needs --tls-cert (the certificate, PEM, its chain after it)")
+            raise ConfigError(f"{options}-key needs {options}-cert (the certificate, PEM, its chain "
+                              "after it)")
         return
     import ssl
 
@@ -198,28 +201,28 @@ def check_tls(cert: str | Path | None, key: str | Path | None) -> None:
             with open(path, "rb"):
                 pass
         except OSError as exc:
-            raise ConfigError(f"cannot serve over TLS: {path}: {exc.strerror or exc}") from None
+            raise ConfigError(f"cannot {doing}: {path}: {exc.strerror or exc}") from None
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=str(cert))
     except ssl.SSLError:
-        raise ConfigError(f"cannot serve over TLS: {cert} holds no PEM certificate "
+        raise ConfigError(f"cannot {doing}: {cert} holds no PEM certificate "
                           "(-----BEGIN CERTIFICATE-----)") from None
     keyfile = str(key) if key is not None else None
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), keyfile, password=_no_passphrase)
     except _Encrypted:
-        raise ConfigError(f"cannot serve over TLS: {key or cert} is encrypted: give the key unencrypted, "
+        raise ConfigError(f"cannot {doing}: {key or cert} is encrypted: give the key unencrypted, "
                           f"readable by the service's user only (openssl pkey -in {key or cert} -out "
                           "plain-key.pem)") from None
     except ssl.SSLError as exc:
         if key is None:
-            what = (f"{cert} holds no private key: give --tls-key KEY.pem (or one PEM holding the "
+            what = (f"{cert} holds no private key: give {options}-key KEY.pem (or one PEM holding the "
                     "certificate and its key)")
         elif exc.reason == "KEY_VALUES_MISMATCH":
             what = f"{key} is not the key of {cert}"
         else:
             what = f"{key} holds no PEM private key (-----BEGIN PRIVATE KEY-----)"
-        raise ConfigError(f"cannot serve over TLS: {what}") from None
+        raise ConfigError(f"cannot {doing}: {what}") from None
 
 
 def tls_reloader(context: Any, cert: str | Path, key: str | Path | None, loop: Any) -> Callable[[], None]:

@@ -51,6 +51,7 @@ import urllib.request
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
@@ -60,7 +61,7 @@ from diffqc.errors import ConfigError
 from diffqc.output import json_safe
 from diffqc.service.logs import Outage
 from diffqc.service.parts import PART_WINDOW_S, OverdueParts, PartVerdict, commit_verdicts
-from diffqc.service.security import read_secret_file
+from diffqc.service.security import check_tls, read_secret_file
 from diffqc.service.store import ResultRecord, ResultStore, iso_time, redact_url, split_url
 
 log = logging.getLogger("diffqc.service.sinks")
@@ -575,6 +576,16 @@ def webhook_headers(items: Sequence[str]) -> dict[str, str]:
     return headers
 
 
+def check_mqtt_client_cert(url: str | None, cert: str | Path | None, key: str | Path | None) -> None:
+    """``--mqtt-cert`` (``--mqtt-key``): for an mqtts:// broker, a certificate and its key
+    (:func:`~diffqc.service.security.check_tls`), checked before anything starts."""
+    if cert is None and key is None:
+        return
+    if url is None or not parse_mqtt_url(url).tls:
+        raise ConfigError("--mqtt-cert needs an mqtts:// broker URL (a certificate is presented over TLS)")
+    check_tls(cert, key, options="--mqtt", doing="present a certificate to the MQTT broker")
+
+
 def check_sink_urls(mqtt_url: str | None, webhook_url: str | None) -> None:
     """The push targets as given, checked before the service loads its model (a typo is one
     line, not a failed application start): the URLs' form, and paho-mqtt for MQTT."""
@@ -636,7 +647,10 @@ class MqttSink:
     max_attempts: int | None = None
 
     def __init__(self, url: str, *, client_id: str | None = None, keepalive_s: int = 30,
-                 publish_timeout_s: float = 5.0) -> None:
+                 publish_timeout_s: float = 5.0, client_cert: str | Path | None = None,
+                 client_key: str | Path | None = None) -> None:
+        """``client_cert`` (``--mqtt-cert``, its key in it or ``client_key``): the certificate
+        presented to a broker that lets in only clients its CA signed (mqtts:// only)."""
         mqtt = _paho()
         self._mqtt = mqtt
         self.target = parse_mqtt_url(url)
@@ -650,8 +664,10 @@ class MqttSink:
                              client_id=client_id or f"diffqc-{uuid.uuid4().hex[:12]}")
         if self.target.username is not None:
             client.username_pw_set(self.target.username, self.target.password)
+        check_mqtt_client_cert(url, client_cert, client_key)
         if self.target.tls:
-            client.tls_set()
+            client.tls_set(certfile=None if client_cert is None else str(client_cert),
+                           keyfile=None if client_key is None else str(client_key))
         self._retain = True  # until a broker keeps no retained messages (MQTT 5 says so)
         client.will_set(self.status_topic, "offline", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=5)
@@ -925,11 +941,12 @@ class Dispatcher:
         return out
 
 
-def build_sinks(mqtt_url: str | None, webhook_url: str | None, **webhook_opts: Any) -> list[Sink]:
+def build_sinks(mqtt_url: str | None, webhook_url: str | None, *, mqtt_cert: str | Path | None = None,
+                mqtt_key: str | Path | None = None, **webhook_opts: Any) -> list[Sink]:
     """The sinks a service is configured with (none, MQTT, webhook or both)."""
     sinks: list[Sink] = []
     if mqtt_url:
-        sinks.append(MqttSink(mqtt_url))
+        sinks.append(MqttSink(mqtt_url, client_cert=mqtt_cert, client_key=mqtt_key))
     if webhook_url:
         sinks.append(WebhookSink(webhook_url, **webhook_opts))
     return sinks
