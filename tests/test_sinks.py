@@ -31,6 +31,7 @@ from diffqc.service.sinks import (
     Dispatcher,
     MqttSink,
     Outbox,
+    Unavailable,
     WebhookSink,
     parse_mqtt_url,
     webhook_headers,
@@ -493,6 +494,12 @@ class _OddReceiver:
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 outer.seen.append(("POST", self.path, self.headers.get("Authorization")))
+                if self.path == "/slow":  # a MES that takes its time (an ERP call behind it)
+                    time.sleep(1.0)
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.path == "/hook":
                     self.send_response(301)
                     self.send_header("Location", f"http://127.0.0.1:{outer.port}/moved")
@@ -545,6 +552,28 @@ def test_a_redirect_is_not_delivered_and_a_response_body_is_not_waited_for(store
     finally:
         odd.server.shutdown()
         odd.server.server_close()
+
+
+def test_an_endpoint_slower_than_the_timeout_is_named_so_and_the_timeout_can_be_raised() -> None:
+    """A MES that answers in 7 s (an ERP call behind it) with the sink's 5 s timeout: each push
+    was taken by the endpoint, given up on, said as ``webhook unreachable: timed out``, and sent
+    again, for ever (a drill: one decision five times in 45 s, none counted delivered, the next
+    never sent). The log says the endpoint did not answer in time, naming ``--webhook-timeout``,
+    which a slow endpoint is given."""
+    from diffqc.service.app import ServiceSettings
+    from diffqc.service.sinks import Message
+
+    odd = _OddReceiver()
+    message = Message(1, "webhook", "decision", 7, "edge", '{"kind": "decision"}', 0, time.time())
+    try:
+        with pytest.raises(Unavailable, match=r"webhook did not answer within 0\.3 s \(--webhook-timeout\)"):
+            WebhookSink(f"http://127.0.0.1:{odd.port}/slow", timeout_s=0.3).send(message)
+        WebhookSink(f"http://127.0.0.1:{odd.port}/slow", timeout_s=5.0).send(message)  # delivered
+    finally:
+        odd.server.shutdown()
+        odd.server.server_close()
+    with pytest.raises(ConfigError, match="--webhook-timeout must be positive"):
+        ServiceSettings(webhook_url="http://mes/hook", webhook_timeout_s=0, allow_no_token=True).validate()
 
 
 @pytest.mark.parametrize("away", ["503", "unreachable"])

@@ -247,6 +247,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "mqtt_cert": args.mqtt_cert,
         "mqtt_key": args.mqtt_key,
         "webhook_url": args.webhook,
+        "webhook_timeout_s": args.webhook_timeout,
         "webhook_headers": tuple(args.webhook_header or ()),
         "webhook_secrets": tuple(args.webhook_secret or ()),
         "opcua_url": args.opcua,
@@ -705,6 +706,9 @@ def add_service_commands(subparsers: Any) -> None:
     p.add_argument("--mqtt-key", type=path_name, default=None, metavar="PEM",
                    help="--mqtt-cert's private key (PEM, unencrypted; readable by this user only)")
     p.add_argument("--webhook", default=None, metavar="URL", help="POST every decision as JSON to URL")
+    p.add_argument("--webhook-timeout", type=POSITIVE_NUMBER, default=5.0, metavar="SECONDS",
+                   help="how long a push waits for the endpoint's answer (default 5); a slower answer is "
+                        "none, and the message is sent again: give a slow endpoint (an ERP behind it) more")
     p.add_argument("--webhook-header", action="append", default=None, metavar="'NAME: VALUE' or @FILE",
                    help="a header sent with every push, e.g. 'Authorization: Bearer TOKEN' "
                         "(repeatable); @FILE reads header lines from a file (a secret's, kept off "

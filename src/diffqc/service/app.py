@@ -161,6 +161,7 @@ class ServiceSettings:
     mqtt_key: str | Path | None = None  # its key, when not in mqtt_cert's file
     webhook_url: str | None = None  # POST each decision as JSON
     webhook_max_attempts: int = 8  # then the message goes to the dead-letter table
+    webhook_timeout_s: float = 5.0  # an answer slower than this is none (the message sent again)
     webhook_headers: tuple[str, ...] = ()  # "Name: value" or "@FILE" (sinks.webhook_headers)
     push_parts: str | None = None  # the sinks also get a part's verdict: "each" time, or once "complete"
     part_timeout_s: float | None = None  # a part still incomplete this long after its latest image: overdue
@@ -206,6 +207,8 @@ class ServiceSettings:
             raise ConfigError(f"body_timeout_s must be positive, got {self.body_timeout_s}")
         check_sink_urls(self.mqtt_url, self.webhook_url)
         check_mqtt_client_cert(self.mqtt_url, self.mqtt_cert, self.mqtt_key)
+        if not self.webhook_timeout_s > 0:
+            raise ConfigError(f"--webhook-timeout must be positive, got {self.webhook_timeout_s}")
         if self.webhook_headers and not self.webhook_url:
             raise ConfigError("--webhook-header needs --webhook URL (the endpoint it is sent to)")
         webhook_headers(self.webhook_headers)

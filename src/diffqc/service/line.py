@@ -380,6 +380,7 @@ class LineServices:
                             mqtt_cert=getattr(settings, "mqtt_cert", None),
                             mqtt_key=getattr(settings, "mqtt_key", None),
                             max_attempts=int(getattr(settings, "webhook_max_attempts", 8)),
+                            timeout_s=float(getattr(settings, "webhook_timeout_s", 5.0)),
                             headers=webhook_headers(getattr(settings, "webhook_headers", ())),
                             secrets=webhook_secrets(getattr(settings, "webhook_secrets", ())))
         self.outbox: Outbox | None = None

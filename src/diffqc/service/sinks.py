@@ -459,6 +459,10 @@ class WebhookSink:
                     "not followed (the decision would arrive as a GET, without its body): give "
                     "--webhook the URL it leads to") from None
             raise error(f"webhook answered {exc.code}") from None
+        except TimeoutError:  # sent, and no answer in time: the endpoint may have taken it
+            raise Unavailable(f"webhook did not answer within {self.timeout_s:g} s (--webhook-timeout): it "
+                              "may have taken the message, which is sent again (the same Idempotency-Key); "
+                              "give a slow endpoint a longer --webhook-timeout") from None
         except (urllib.error.URLError, OSError) as exc:
             if isinstance(cause := getattr(exc, "reason", exc), ssl.SSLCertVerificationError):
                 hint = trust_hint("endpoint", cause, urlsplit(self.url).hostname or "")
