@@ -1204,10 +1204,10 @@ def test_mqtt_password_from_a_secret_file(store: ResultStore, tmp_path: Path, mo
     assert "s3cr3t-pw" not in str(info.value)
 
 
-def _retrying_at_once(store: ResultStore, url: str) -> tuple[Outbox, MqttSink, Dispatcher]:
+def _retrying_at_once(store: ResultStore, url: str, **sink_opts: Any) -> tuple[Outbox, MqttSink, Dispatcher]:
     """A started delivery of ``store``'s messages to the broker at ``url``, its eight tries at once."""
     box = outbox_for(store, "mqtt")
-    sink = MqttSink(url)
+    sink = MqttSink(url, **sink_opts)
     sink.backoff = lambda attempts: 0.01  # type: ignore[method-assign]
     disp = Dispatcher(box, [sink], poll_s=0.02)
     disp.start()
@@ -1269,6 +1269,40 @@ def test_a_message_larger_than_the_broker_takes_is_dead_lettered_and_the_others_
         broker.stop()
     assert "oversize" not in (broker.folder / "broker.log").read_text()
     assert "disconnected" not in caplog.text
+
+
+@pytest.mark.mqtt
+def test_the_client_id_a_brokers_access_list_names_is_given(store: ResultStore, tmp_path: Path) -> None:
+    """A broker whose access list lets a client publish under its own client id (Mosquitto's
+    ``pattern write %c/#``; AWS IoT Core's policies name the thing's client id): the sink's was
+    random, so every message was refused. ``--mqtt-client-id`` gives the one the broker knows."""
+    mqtt_url()  # the same switch as the other broker tests
+    broker = Broker(tmp_path / "broker", users={"line": "pw"}, acl="pattern readwrite %c/#\n")
+    broker.start()
+    url = f"mqtt://line:pw@127.0.0.1:{broker.port}/line-3"
+    try:
+        box, sink, disp = _retrying_at_once(store, url)  # a random client id: refused
+        try:
+            wait_for(sink.ready, 15, "the sink to connect")
+            store.insert_many([record(1)])
+            wait_for(lambda: box.dead("mqtt") == 1, 30, "the refused message dead-lettered")
+        finally:
+            disp.stop()
+        store.insert_hooks.clear()
+        box, sink, disp = _retrying_at_once(store, url, client_id="line-3")
+        try:
+            wait_for(sink.ready, 15, "the sink to connect")
+            assert box.requeue_dead("mqtt") == 1
+            wait_for(lambda: disp.delivered_total["mqtt"] == 1, 15, "the message taken")
+            assert box.dead("mqtt") == 0 and box.pending("mqtt") == 0
+        finally:
+            disp.stop()
+    finally:
+        broker.stop()
+    from diffqc.service.app import ServiceSettings  # serve's option, checked before the model loads
+
+    with pytest.raises(ConfigError, match="--mqtt-client-id needs --mqtt"):
+        ServiceSettings(mqtt_client_id="line-3", allow_no_token=True).validate()
 
 
 @pytest.mark.mqtt

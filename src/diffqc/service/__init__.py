@@ -246,6 +246,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "mqtt_url": args.mqtt,
         "mqtt_cert": args.mqtt_cert,
         "mqtt_key": args.mqtt_key,
+        "mqtt_client_id": args.mqtt_client_id,
         "webhook_url": args.webhook,
         "webhook_timeout_s": args.webhook_timeout,
         "webhook_headers": tuple(args.webhook_header or ()),
@@ -705,6 +706,10 @@ def add_service_commands(subparsers: Any) -> None:
                         "AWS IoT Core), its chain after it; its key in the same file or --mqtt-key")
     p.add_argument("--mqtt-key", type=path_name, default=None, metavar="PEM",
                    help="--mqtt-cert's private key (PEM, unencrypted; readable by this user only)")
+    p.add_argument("--mqtt-client-id", type=recorded_name, default=None, metavar="ID",
+                   help="the MQTT client id, when the broker's access list names it (pattern %%c, AWS IoT's "
+                        "thing name; default: a random one); one per service: a second client with it "
+                        "ends the first's connection")
     p.add_argument("--webhook", default=None, metavar="URL", help="POST every decision as JSON to URL")
     p.add_argument("--webhook-timeout", type=POSITIVE_NUMBER, default=5.0, metavar="SECONDS",
                    help="how long a push waits for the endpoint's answer (default 5); a slower answer is "

@@ -159,6 +159,7 @@ class ServiceSettings:
     mqtt_url: str | None = None  # mqtt://host:port/prefix
     mqtt_cert: str | Path | None = None  # the client certificate an mqtts:// broker asks for (PEM)
     mqtt_key: str | Path | None = None  # its key, when not in mqtt_cert's file
+    mqtt_client_id: str | None = None  # the one a broker's access list names; None: a random one
     webhook_url: str | None = None  # POST each decision as JSON
     webhook_max_attempts: int = 8  # then the message goes to the dead-letter table
     webhook_timeout_s: float = 5.0  # an answer slower than this is none (the message sent again)
@@ -207,6 +208,8 @@ class ServiceSettings:
             raise ConfigError(f"body_timeout_s must be positive, got {self.body_timeout_s}")
         check_sink_urls(self.mqtt_url, self.webhook_url)
         check_mqtt_client_cert(self.mqtt_url, self.mqtt_cert, self.mqtt_key)
+        if self.mqtt_client_id is not None and not self.mqtt_url:
+            raise ConfigError("--mqtt-client-id needs --mqtt URL (the broker it names this service to)")
         if not self.webhook_timeout_s > 0:
             raise ConfigError(f"--webhook-timeout must be positive, got {self.webhook_timeout_s}")
         if self.webhook_headers and not self.webhook_url:

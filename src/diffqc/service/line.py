@@ -379,6 +379,7 @@ class LineServices:
         sinks = build_sinks(getattr(settings, "mqtt_url", None), getattr(settings, "webhook_url", None),
                             mqtt_cert=getattr(settings, "mqtt_cert", None),
                             mqtt_key=getattr(settings, "mqtt_key", None),
+                            mqtt_client_id=getattr(settings, "mqtt_client_id", None),
                             max_attempts=int(getattr(settings, "webhook_max_attempts", 8)),
                             timeout_s=float(getattr(settings, "webhook_timeout_s", 5.0)),
                             headers=webhook_headers(getattr(settings, "webhook_headers", ())),

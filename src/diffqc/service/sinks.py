@@ -946,11 +946,12 @@ class Dispatcher:
 
 
 def build_sinks(mqtt_url: str | None, webhook_url: str | None, *, mqtt_cert: str | Path | None = None,
-                mqtt_key: str | Path | None = None, **webhook_opts: Any) -> list[Sink]:
+                mqtt_key: str | Path | None = None, mqtt_client_id: str | None = None,
+                **webhook_opts: Any) -> list[Sink]:
     """The sinks a service is configured with (none, MQTT, webhook or both)."""
     sinks: list[Sink] = []
     if mqtt_url:
-        sinks.append(MqttSink(mqtt_url, client_cert=mqtt_cert, client_key=mqtt_key))
+        sinks.append(MqttSink(mqtt_url, client_id=mqtt_client_id, client_cert=mqtt_cert, client_key=mqtt_key))
     if webhook_url:
         sinks.append(WebhookSink(webhook_url, **webhook_opts))
     return sinks
