@@ -1298,6 +1298,33 @@ def test_the_client_id_a_brokers_access_list_names_is_given(store: ResultStore, 
 
 
 @pytest.mark.mqtt
+def test_two_services_given_one_client_id_are_said_once_not_every_second(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Two services given the same ``--mqtt-client-id`` (a unit file copied to a second
+    station): the broker ends one's connection when the other connects, each reconnects within a
+    second, and each disconnect was a warning: one a second, for ever. The first is said, then,
+    at the third connection ended within seconds of being made, what the likely cause is."""
+    import logging
+
+    base = parse_mqtt_url(mqtt_url())
+    url = f"mqtt://{base.host}:{base.port}/{_unique_prefix('twin')}"
+    first, second = MqttSink(url, client_id="line-3"), MqttSink(url, client_id="line-3")
+    with caplog.at_level(logging.WARNING, logger="diffqc"):
+        first.start()
+        try:
+            wait_for(first.ready, 15, "the first to connect")
+            second.start()
+            wait_for(lambda: "client id 'line-3'" in caplog.text, 20, "the likely cause said")
+            time.sleep(3)
+        finally:
+            first.stop()
+            second.stop()
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("disconnected" in m for m in said) <= 2, said  # each sink's first, not one a second
+    assert sum("client id 'line-3'" in m for m in said) <= 2, said  # once per sink
+
+
+@pytest.mark.mqtt
 def test_a_broker_that_keeps_no_retained_messages_is_published_to(
         store: ResultStore, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A broker that keeps no retained messages (Mosquitto's ``retain_available false``, as

@@ -329,6 +329,7 @@ class Outbox:
 # --------------------------------------------------------------------------- sinks
 MAX_ATTEMPTS = 8  # a webhook's by default, and an MQTT message's the broker refuses
 RETAIN_NOT_SUPPORTED = 0x9A  # MQTT 5's reason code: a retained will or publish refused
+SHORT_LIVED_S = 10.0  # an MQTT connection the broker ends sooner: said once, not each time
 
 
 class Refused(RuntimeError):
@@ -685,6 +686,9 @@ class MqttSink:
         self._accepted = False  # a broker accepted a connection (its MQTT version is kept)
         self._stopping = False  # stop()'s own disconnect is not an outage to log
         self._max_packet: int | None = None  # the broker's Maximum Packet Size (its CONNACK)
+        self.client_id = client_id
+        self._connected_at = 0.0  # monotonic, of the latest connection
+        self._short = 0  # connections in a row the broker ended within SHORT_LIVED_S
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         refused = getattr(reason, "is_failure", False)
@@ -703,8 +707,10 @@ class MqttSink:
         self._max_packet = getattr(props, "MaximumPacketSize", None)  # MQTT 5 only
         client.publish(self.status_topic, "online", qos=1, retain=self._retain)
         self._said.clear()  # a later outage is said again
+        self._connected_at = time.monotonic()
         self._connected.set()
-        log.info("MQTT connected to %s:%s", self.target.host, self.target.port)
+        if self._short == 0:  # not each time in a run of connections the broker ends at once
+            log.info("MQTT connected to %s:%s", self.target.host, self.target.port)
 
     def _no_retain(self, client: Any) -> None:
         """A broker that keeps no retained messages refuses a retained will or publish (MQTT 5):
@@ -734,7 +740,17 @@ class MqttSink:
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if self._connected.is_set() and not self._stopping:
-            log.warning("MQTT broker %s:%s disconnected: %s", self.target.host, self.target.port, reason)
+            short = time.monotonic() - self._connected_at < SHORT_LIVED_S
+            if not short or self._short == 0:  # a connection ended within seconds again: said below
+                log.warning("MQTT broker %s:%s disconnected: %s", self.target.host, self.target.port, reason)
+            self._short = self._short + 1 if short else 0
+            if self._short == 3:
+                twin = (f": does another client connect with client id {self.client_id!r} (--mqtt-client-id "
+                        "given to two services)? Each takes the connection from the other"
+                        if self.client_id else "")
+                log.warning("MQTT broker %s:%s ends this connection within seconds of making it, 3 times in "
+                            "a row (%s); said again once a connection lasts%s", self.target.host,
+                            self.target.port, reason, twin)
         self._connected.clear()
         if not self._accepted and not self._stopping:
             # paho reconnects with the version set here (it has no setter); 3.1.1's session
