@@ -6,6 +6,7 @@ MQTT sink against a real Mosquitto broker (marker ``mqtt``: DIFFQC_TEST_MQTT_URL
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -1322,6 +1323,112 @@ def test_two_services_given_one_client_id_are_said_once_not_every_second(
     said = [r.getMessage() for r in caplog.records]
     assert sum("disconnected" in m for m in said) <= 2, said  # each sink's first, not one a second
     assert sum("client id 'line-3'" in m for m in said) <= 2, said  # once per sink
+
+
+class _GatedProxy:
+    """A TCP proxy in front of the broker that, once :meth:`hold_answers` is called, holds the
+    broker's bytes to the client until the client has sent ``until`` more bytes (or 30 s): the
+    acknowledgements of a far broker, on their way while later messages already are."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target = (host, port)
+        self.sent = 0  # the client's bytes since the hold began
+        self.until: int | None = None
+        self.changed = threading.Condition()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold_answers(self, until: int) -> None:
+        with self.changed:
+            self.sent, self.until = 0, until
+
+    def release(self) -> None:
+        with self.changed:
+            self.until = None
+            self.changed.notify_all()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                broker = socket.create_connection(self.target)
+                threading.Thread(target=self._pump, args=(client, broker, True), daemon=True).start()
+                threading.Thread(target=self._pump, args=(broker, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                with self.changed:
+                    if upstream:
+                        self.sent += len(data)
+                        self.changed.notify_all()
+                    else:
+                        self.changed.wait_for(lambda: self.until is None or self.sent >= self.until, 30)
+                        self.until = None
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.mqtt
+def test_mqtt_messages_go_out_without_waiting_for_each_ones_acknowledgement(store: ResultStore) -> None:
+    """Each message waited for its acknowledgement before the next was sent: one message per
+    round trip, so a broker 50 ms away took 19 a second (measured, 200 through a proxy delaying
+    25 ms each way), fewer than a line of 8 types at 2 parts a second makes, and the outbox grew
+    without end. Messages now go out together (up to the broker's in-flight window) and their
+    acknowledgements are waited for as they come. Here the broker's answers are held until ten
+    messages have passed: one at a time, the first waited in vain, failed and was sent again."""
+    base = parse_mqtt_url(mqtt_url())
+    proxy = _GatedProxy(base.host, base.port)
+    box = outbox_for(store, "mqtt")
+    sink = MqttSink(f"mqtt://127.0.0.1:{proxy.port}/{_unique_prefix('window')}")
+    disp = Dispatcher(box, [sink], poll_s=0.02)
+    disp.start()
+    try:
+        wait_for(sink.ready, 15, "the sink to connect")
+        proxy.hold_answers(until=10 * 300)  # ten decisions' bytes (each is more)
+        store.insert_many([record(i) for i in range(20)])
+        wait_for(lambda: box.pending("mqtt") == 0, 20, "the twenty messages acknowledged")
+        assert disp.failures_total["mqtt"] == 0 and disp.delivered_total["mqtt"] == 20
+    finally:
+        disp.stop()
+        proxy.close()
+
+
+@pytest.mark.mqtt
+def test_mqtt_messages_on_their_way_are_no_more_than_the_broker_takes(
+        store: ResultStore, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A broker that takes fewer messages on their way at once than paho sends (MQTT 5's Receive
+    Maximum, said in its acknowledgement of the connection: Mosquitto's ``max_inflight_messages
+    3``; HiveMQ's default is 10) may end a connection that sends more (a protocol error): the
+    sink keeps to the broker's window, less one for its status. Here the broker's answers are
+    held: the sink sends two messages and waits, then all forty arrive."""
+    mqtt_url()  # the same switch as the other broker tests
+    broker = Broker(tmp_path / "broker", extra="max_inflight_messages 3\n")
+    broker.start()
+    proxy = _GatedProxy("127.0.0.1", broker.port)
+    try:
+        box, sink, disp = _retrying_at_once(store, f"mqtt://127.0.0.1:{proxy.port}/line")
+        try:
+            wait_for(sink.ready, 15, "the sink to connect")
+            proxy.hold_answers(until=1 << 30)
+            store.insert_many([record(i) for i in range(40)])
+            wait_for(lambda: proxy.sent > 0, 10, "the first messages sent")
+            time.sleep(1.0)  # time to send more, were it to
+            assert proxy.sent < 3 * 500, proxy.sent  # two messages of about 510 bytes, not nineteen
+            proxy.release()
+            wait_for(lambda: box.pending("mqtt") == 0, 20, "the forty messages acknowledged")
+            assert disp.failures_total["mqtt"] == 0
+        finally:
+            disp.stop()
+    finally:
+        proxy.close()
+        broker.stop()
+    assert "disconnected" not in caplog.text
 
 
 @pytest.mark.mqtt

@@ -36,12 +36,15 @@ images, written in the same transaction as theirs.
 from __future__ import annotations
 
 import base64
+import collections
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import os
 import re
+import socket
 import ssl
 import sys
 import threading
@@ -329,6 +332,7 @@ class Outbox:
 # --------------------------------------------------------------------------- sinks
 MAX_ATTEMPTS = 8  # a webhook's by default, and an MQTT message's the broker refuses
 RETAIN_NOT_SUPPORTED = 0x9A  # MQTT 5's reason code: a retained will or publish refused
+MAX_IN_FLIGHT = 20  # MQTT messages sent and not yet acknowledged, at most (paho's own limit)
 SHORT_LIVED_S = 10.0  # an MQTT connection the broker ends sooner: said once, not each time
 
 
@@ -687,6 +691,7 @@ class MqttSink:
         self._stopping = False  # stop()'s own disconnect is not an outage to log
         self._max_packet: int | None = None  # the broker's Maximum Packet Size (its CONNACK)
         self.client_id = client_id
+        self._window = MAX_IN_FLIGHT - 1  # messages sent at once (the broker's CONNACK may say fewer)
         self._connected_at = 0.0  # monotonic, of the latest connection
         self._short = 0  # connections in a row the broker ended within SHORT_LIVED_S
 
@@ -705,6 +710,11 @@ class MqttSink:
                         self.target.port)
         self._accepted = True
         self._max_packet = getattr(props, "MaximumPacketSize", None)  # MQTT 5 only
+        # messages sent unacknowledged at once: paho's 20, fewer where the broker takes fewer (MQTT
+        # 5's Receive Maximum: more is a protocol error that ends the connection), one kept for the status
+        self._window = max(1, min(MAX_IN_FLIGHT, int(getattr(props, "ReceiveMaximum", MAX_IN_FLIGHT))) - 1)
+        with contextlib.suppress(OSError, AttributeError):  # a window's packets not held back (Nagle)
+            client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.publish(self.status_topic, "online", qos=1, retain=self._retain)
         self._said.clear()  # a later outage is said again
         self._connected_at = time.monotonic()
@@ -793,6 +803,35 @@ class MqttSink:
         return f"{self.prefix}/{level}/{message.topic_key}"
 
     def send(self, message: Message) -> None:
+        if (error := self.send_many([message])[0]) is not None:
+            raise error
+
+    def send_many(self, messages: Sequence[Message]) -> list[Exception | None]:
+        """Publish ``messages`` together, then wait for their acknowledgements as they come (paho
+        keeps up to the broker's in-flight window on the way): one at a time, each waited for
+        its own, a broker a round trip of 50 ms away took 19 a second. Each one's outcome, in
+        order: None when the broker took it, else why not (as :meth:`send` raises it)."""
+        out: list[Exception | None] = [None] * len(messages)
+        on_the_way: collections.deque[tuple[int, str, Any, float]] = collections.deque()
+
+        def settle() -> None:  # the oldest on its way: acknowledged, refused or timed out
+            i, topic, info, deadline = on_the_way.popleft()
+            out[i] = self._acknowledged(topic, info, deadline)
+
+        for i, message in enumerate(messages):
+            if len(on_the_way) >= self._window:  # the window full: the next goes as one comes back
+                settle()
+            try:
+                topic, info = self._publish(message)
+            except Exception as exc:
+                out[i] = exc
+                continue
+            on_the_way.append((i, topic, info, time.monotonic() + self.publish_timeout_s))
+        while on_the_way:
+            settle()
+        return out
+
+    def _publish(self, message: Message) -> tuple[str, Any]:
         if not self._connected.is_set():
             raise RuntimeError("MQTT broker not connected")
         topic, payload = self.topic(message), message.payload.encode()
@@ -804,15 +843,19 @@ class MqttSink:
         info = self._client.publish(topic, payload, qos=1, retain=message.kind == ALARM and self._retain)
         if info.rc != self._mqtt.MQTT_ERR_SUCCESS:
             raise RuntimeError(f"MQTT publish failed: {self._mqtt.error_string(info.rc)}")
+        return topic, info
+
+    def _acknowledged(self, topic: str, info: Any, deadline: float) -> Exception | None:
         try:
-            info.wait_for_publish(timeout=self.publish_timeout_s)
+            info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
         except (RuntimeError, ValueError) as exc:
-            raise RuntimeError(f"MQTT publish failed: {exc}") from None
+            return RuntimeError(f"MQTT publish failed: {exc}")
         if not info.is_published():
-            raise RuntimeError("MQTT broker did not acknowledge the message in time")
+            return RuntimeError("MQTT broker did not acknowledge the message in time")
         if (refused := self._refused.pop(info.mid, None)) is not None:
-            raise Refused(f"MQTT broker refused the message on {topic}: {refused} "
-                          "(does its access list let this user publish there?)")
+            return Refused(f"MQTT broker refused the message on {topic}: {refused} "
+                           "(does its access list let this user publish there?)")
+        return None
 
 
 def publish_size(topic: str, payload: bytes, *, v5: bool) -> int:
@@ -825,6 +868,15 @@ def publish_size(topic: str, payload: bytes, *, v5: bool) -> int:
 
 
 # --------------------------------------------------------------------------- delivery
+def _outcome(sink: Sink, message: Message) -> Exception | None:
+    """One message sent: None when the receiver took it, else why not."""
+    try:
+        sink.send(message)
+    except Exception as exc:
+        return exc
+    return None
+
+
 class Dispatcher:
     """One delivery thread per sink over one :class:`Outbox`."""
 
@@ -894,16 +946,19 @@ class Dispatcher:
                 self._wait(self.poll_s)
 
     def deliver_due(self, sink: Sink) -> bool:
-        """Send what is due, in order, stopping at the first failure; True when idle."""
+        """Send what is due, in order, stopping at the first failure; True when idle. A sink
+        that sends many at once (``send_many``: MQTT's in-flight window) has each one's outcome
+        kept: those the receiver took are delivered, a failed one waits."""
         if not sink.ready():
             return True
         due = self.outbox.due(sink.name, time.time())
-        for message in due:
+        send_many = getattr(sink, "send_many", None)
+        outcomes = send_many(due) if send_many is not None and due else None
+        for i, message in enumerate(due):
             if self._stop.is_set():
                 return True
-            try:
-                sink.send(message)
-            except Exception as exc:
+            exc = outcomes[i] if outcomes is not None else _outcome(sink, message)
+            if exc is not None:
                 error = str(exc) or type(exc).__name__
                 self.failures_total[sink.name] += 1
                 self.last_error[sink.name] = error
@@ -921,7 +976,9 @@ class Dispatcher:
                     self.dead_total[sink.name] += 1
                     continue
                 self.outbox.failed(message, error, time.time() + sink.backoff(message.attempts + 1))
-                return True
+                if outcomes is None:  # the later ones were not sent
+                    return True
+                continue
             self.outbox.delivered(message)
             self._away[sink.name] = 0
             self.outages[sink.name].worked()
