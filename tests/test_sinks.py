@@ -1384,10 +1384,7 @@ def test_mqtt_messages_go_out_without_waiting_for_each_ones_acknowledgement(stor
     messages have passed: one at a time, the first waited in vain, failed and was sent again."""
     base = parse_mqtt_url(mqtt_url())
     proxy = _GatedProxy(base.host, base.port)
-    box = outbox_for(store, "mqtt")
-    sink = MqttSink(f"mqtt://127.0.0.1:{proxy.port}/{_unique_prefix('window')}")
-    disp = Dispatcher(box, [sink], poll_s=0.02)
-    disp.start()
+    box, sink, disp = _retrying_at_once(store, f"mqtt://127.0.0.1:{proxy.port}/{_unique_prefix('window')}")
     try:
         wait_for(sink.ready, 15, "the sink to connect")
         proxy.hold_answers(until=10 * 300)  # ten decisions' bytes (each is more)
