@@ -291,8 +291,10 @@ def postgres_url_problem(url: str) -> str | None:
     without any part of its password: an ``@`` or a ``/`` in the user or password (a password
     as a DBA makes it, ``p@ss/1``: libpq reads the text after the ``@`` as the host, or the user
     and password as host and port, and its error shows that text), or a space; None if none."""
-    from psycopg.conninfo import conninfo_to_dict
-
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:  # pragma: no cover - depends on the install; opening it names the extra
+        return None
     try:
         parts = conninfo_to_dict(url)
     except Exception as exc:  # its message quotes the text around the fault: the password, maybe
@@ -465,6 +467,8 @@ class ResultStore:
         self.read_only = read_only
         self.busy_timeout_s = busy_timeout_s  # SQLite: how long a write waits for a lock
         self.postgres = is_postgres_url(url)
+        if self.postgres and (problem := postgres_url_problem(url)):  # before any connection is tried
+            raise StoreError(f"PostgreSQL URL {redact_url(url)}: {problem}")
         self.path: Path | None = None if self.postgres else sqlite_path(url)
         self._pool_size = pool_size
         self._pool: list[tuple[Any, Any, float]] = []  # (connection, file identity, last used)
@@ -524,8 +528,6 @@ class ResultStore:
                 import psycopg
             except ImportError as exc:  # pragma: no cover - depends on the install
                 raise StoreError("PostgreSQL needs psycopg: pip install 'diffqc[serve]'") from exc
-            if problem := postgres_url_problem(self.url):
-                raise StoreError(f"PostgreSQL URL {redact_url(self.url)}: {problem}")
             try:
                 return psycopg.connect(self.url, autocommit=autocommit, connect_timeout=10)
             except psycopg.Error as exc:
