@@ -859,16 +859,15 @@ def _refuse_repeated(names: Iterable[str], once: Collection[str], what: str, cod
                            "it takes one value; give it once")
 
 
-def _query_names(dependant: Any, *, repeatable: bool | None = None) -> set[str]:
-    """The query parameters a route declares, its dependencies' included; with ``repeatable``,
-    those that take a list (``?by=line&by=camera``), or with False those that take one value."""
-    def takes(p: Any) -> bool:
-        annotation = p.field_info.annotation
-        is_list = any(get_origin(a) in (list, tuple, set) for a in (annotation, *get_args(annotation)))
-        return repeatable is None or is_list == repeatable
-
-    return {p.alias for p in dependant.query_params if takes(p)}.union(
-        *(_query_names(d, repeatable=repeatable) for d in dependant.dependencies))
+def _query_names(dependant: Any) -> dict[str, bool]:
+    """The query parameters a route declares, its dependencies' included, each with whether it
+    takes a list (``?by=line&by=camera``) rather than one value."""
+    names = {p.alias: any(get_origin(a) in (list, tuple, set)
+                          for a in (p.field_info.annotation, *get_args(p.field_info.annotation)))
+             for p in dependant.query_params}
+    for dependency in dependant.dependencies:
+        names.update(_query_names(dependency))
+    return names
 
 
 async def _known_query_only(request: Request) -> None:
@@ -877,12 +876,12 @@ async def _known_query_only(request: Request) -> None:
     route = request.scope.get("route")
     if isinstance(route, APIRoute):
         by_hand = set(_QUERY_READ_BY_HAND.get(route.path, ()))
-        known = _query_names(route.dependant) | by_hand
-        _refuse_unknown(request.query_params.keys(), known, "query parameter", f"{route.path} takes",
-                        "unknown_parameter")
+        declared = _query_names(route.dependant)
+        _refuse_unknown(request.query_params.keys(), set(declared) | by_hand, "query parameter",
+                        f"{route.path} takes", "unknown_parameter")
         _refuse_repeated([k for k, _ in request.query_params.multi_items()],
-                         _query_names(route.dependant, repeatable=False) | by_hand, "query parameter",
-                         "repeated_parameter")
+                         {name for name, is_list in declared.items() if not is_list} | by_hand,
+                         "query parameter", "repeated_parameter")
 
 
 def _line_meta(request: Request, form: Any | None = None) -> dict[str, str | None]:
