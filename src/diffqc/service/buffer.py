@@ -260,7 +260,8 @@ def _settle(future: Future[ResultRecord], outcome: ResultRecord | BaseException)
 
 
 def _part_name(rec: ResultRecord) -> str:
-    """A record's part as the log names it ("part None" for a part sent without an id)."""
+    """A record's part as the log names it ("a part without id" for one sent without, not
+    "part None")."""
     return f"part {rec.part_id}" if rec.part_id else "a part without id"
 
 

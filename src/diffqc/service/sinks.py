@@ -807,10 +807,11 @@ class MqttSink:
             raise error
 
     def send_many(self, messages: Sequence[Message]) -> list[Exception | None]:
-        """Publish ``messages`` together, then wait for their acknowledgements as they come (paho
-        keeps up to the broker's in-flight window on the way): one at a time, each waited for
-        its own, a broker a round trip of 50 ms away took 19 a second. Each one's outcome, in
-        order: None when the broker took it, else why not (as :meth:`send` raises it)."""
+        """Publish ``messages`` with a window of them on the way at once (the broker's Receive
+        Maximum, less one), the next sent as the oldest's acknowledgement comes back: one at a
+        time, each waited for before the next, a broker a round trip of 50 ms away took 19 a
+        second. Each one's outcome, in order: None when the broker took it, else why not (as
+        :meth:`send` raises it)."""
         out: list[Exception | None] = [None] * len(messages)
         on_the_way: collections.deque[tuple[int, str, Any, float]] = collections.deque()
 

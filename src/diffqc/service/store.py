@@ -530,9 +530,8 @@ class ResultStore:
                 raise StoreError("PostgreSQL needs psycopg: pip install 'diffqc[serve]'") from exc
             try:
                 return psycopg.connect(self.url, autocommit=autocommit, connect_timeout=10)
-            except psycopg.Error as exc:
-                reason = " ".join(str(exc).split())  # libpq's message spans lines
-                raise StoreError(f"cannot connect to {redact_url(self.url)}: {reason}") from None
+            except psycopg.Error as exc:  # libpq's message spans lines, and has no primary message
+                raise StoreError(f"cannot connect to {redact_url(self.url)}: {_db_reason(exc)}") from None
         assert self.path is not None
         if Path(self.path).is_dir():  # `--db data/` for `--db data/results.db`
             raise StoreError(f"cannot open SQLite store {self.path}: it is a folder; give a file "
