@@ -25,14 +25,17 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from diffqc.service.sinks import Dispatcher, MqttSink, Outbox, parse_mqtt_url
 from diffqc.service.store import ResultRecord, ResultStore
 
 
-def _delay_proxy(target: tuple[str, int], one_way_s: float) -> int:
+def _delay_proxy(target: tuple[str, int], one_way_s: float, *, handshake: bool = False) -> int:
     """A TCP proxy on loopback that holds every chunk ``one_way_s`` in each direction (in order);
-    returns its port. Runs in a daemon thread for the rest of the process."""
+    returns its port. Runs in a daemon thread for the rest of the process. ``handshake``: a new
+    connection's bytes pass only a round trip after it is made, as TCP's handshake costs one (a
+    connection to the proxy itself is made at once, on loopback)."""
     ready: list[int] = []
     started = threading.Event()
 
@@ -60,6 +63,8 @@ def _delay_proxy(target: tuple[str, int], one_way_s: float) -> int:
         await asyncio.gather(read(), write())
 
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if handshake:
+            await asyncio.sleep(2 * one_way_s)
         broker_r, broker_w = await asyncio.open_connection(*target)
         await asyncio.gather(pipe(client_r, broker_w), pipe(broker_r, client_w), return_exceptions=True)
 
@@ -90,27 +95,33 @@ class _OneAtATime:
         self.backoff = sink.backoff
 
 
-def _dispatcher_rate(url: str, n: int, folder: Path, *, window: bool) -> float:
-    """Messages a second the delivery thread drains from an outbox of ``n`` decisions; without
-    ``window``, through the sink's one-at-a-time ``send`` (each waits for its acknowledgement),
-    the delivery thread's path for a sink that has no ``send_many``, as MQTT's was."""
+def _drain_rate(sink: Any, n: int, folder: Path) -> float:
+    """Messages a second the delivery thread (``Dispatcher``) drains to ``sink`` from an outbox
+    of ``n`` decisions."""
     with ResultStore(str(folder / f"outbox-{time.monotonic_ns()}.db")) as store:
-        box = Outbox(store, ["mqtt"])
+        box = Outbox(store, [sink.name])
         store.insert_hooks.append(box.enqueue_records)
         store.insert_many(_records(n))
-        sink = MqttSink(url)
-        disp = Dispatcher(box, [sink if window else _OneAtATime(sink)], poll_s=0.02)
+        disp = Dispatcher(box, [sink], poll_s=0.02)
         start = time.perf_counter()
         disp.start()
         try:
-            while box.pending("mqtt") and time.perf_counter() - start < 300:
+            while box.pending(sink.name) and time.perf_counter() - start < 300:
                 time.sleep(0.01)
             elapsed = time.perf_counter() - start
-            if box.pending("mqtt"):
-                raise RuntimeError(f"{box.pending('mqtt')} messages left after 300 s")
+            if box.pending(sink.name):
+                raise RuntimeError(f"{box.pending(sink.name)} messages left after 300 s")
         finally:
             disp.stop()
     return n / elapsed
+
+
+def _dispatcher_rate(url: str, n: int, folder: Path, *, window: bool) -> float:
+    """Messages a second the delivery thread drains to the broker at ``url``; without ``window``,
+    through the sink's one-at-a-time ``send`` (each waits for its acknowledgement), the delivery
+    thread's path for a sink that has no ``send_many``, as MQTT's was."""
+    sink = MqttSink(url)
+    return _drain_rate(sink if window else _OneAtATime(sink), n, folder)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,9 @@ MQTT sink against a real Mosquitto broker (marker ``mqtt``: DIFFQC_TEST_MQTT_URL
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import http.client
 import json
 import logging
 import os
@@ -21,6 +23,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -34,6 +37,7 @@ from diffqc.service.sinks import (
     Outbox,
     Unavailable,
     WebhookSink,
+    check_sink_urls,
     parse_mqtt_url,
     webhook_headers,
     webhook_secrets,
@@ -77,25 +81,34 @@ def outbox_for(store: ResultStore, *sinks: str) -> Outbox:
 # --------------------------------------------------------------------------- a real HTTP receiver
 class Receiver:
     """A webhook receiver on 127.0.0.1 that answers ``status`` (503) to its first ``fail_first``
-    requests (or all, ``always_fail``)."""
+    requests (or all, ``always_fail``). ``keep_alive``: it speaks HTTP/1.1 and keeps a connection
+    open between requests (as nginx, uvicorn and IIS do), and with ``drop_every`` closes it after
+    every that many requests without saying so (an idle timeout's close, racing the next push);
+    ``peers`` is each request's client address."""
 
     def __init__(self, fail_first: int = 0, port: int = 0, always_fail: bool = False,
-                 tls: Any = None, status: int = 503) -> None:
+                 tls: Any = None, status: int = 503, keep_alive: bool = False, drop_every: int = 0) -> None:
         self.fail_first = fail_first
         self.always_fail = always_fail
         self.status = status
         self.requests: list[tuple[int, dict[str, str], dict[str, Any]]] = []
         self.raw: list[bytes] = []  # each request's body as received (a signature covers it)
+        self.peers: list[tuple[str, int]] = []
         self.lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers["Content-Length"]))
                 body = json.loads(raw)
                 with outer.lock:
                     n = len(outer.requests)
                     outer.raw.append(raw)
+                    outer.peers.append(self.client_address)
+                    if drop_every and (n + 1) % drop_every == 0:
+                        self.close_connection = True  # after this answer, with no "Connection: close"
                     status = outer.status if outer.always_fail or n < outer.fail_first else 200
                     outer.requests.append((status, dict(self.headers), body))
                 self.send_response(status)
@@ -575,6 +588,172 @@ def test_an_endpoint_slower_than_the_timeout_is_named_so_and_the_timeout_can_be_
         odd.server.server_close()
     with pytest.raises(ConfigError, match="--webhook-timeout must be positive"):
         ServiceSettings(webhook_url="http://mes/hook", webhook_timeout_s=0, allow_no_token=True).validate()
+
+
+def _message(record_id: int = 7) -> Any:
+    from diffqc.service.sinks import Message
+
+    return Message(1, "webhook", "decision", record_id, "edge", '{"kind": "decision"}', 0, time.time())
+
+
+def test_a_user_and_password_in_the_webhook_url_are_sent_as_basic_auth() -> None:
+    """A MES whose endpoint takes HTTP Basic authentication, given as curl, requests and
+    browsers take it (``https://user:password@mes/hook``): urllib read the user and password as
+    part of the host name, every push failed as ``Name or service not known`` (a DNS problem
+    to the user reading the log) and waited for ever. They are now sent as the request's
+    ``Authorization: Basic`` header, percent-escapes decoded, and not shown in any error; an
+    ``Authorization`` header given as well (``--webhook-header``) is refused at start."""
+    receiver = Receiver()
+    url = receiver.url.replace("http://", "http://line%2D1:p%40ss%3Aw@")
+    try:
+        WebhookSink(url).send(_message())
+    finally:
+        receiver.close()
+    (_, headers, _), = receiver.requests
+    assert headers["Authorization"] == "Basic " + base64.b64encode(b"line-1:p@ss:w").decode()
+    from diffqc.service.app import ServiceSettings
+
+    with pytest.raises(ConfigError, match=r"gives a user and password.*--webhook-header.*Authorization"):
+        ServiceSettings(webhook_url=url, webhook_headers=("authorization: Bearer T",),
+                        allow_no_token=True).validate()  # at start, before the model loads
+    with pytest.raises(Unavailable) as info:
+        WebhookSink(f"http://mes:secret@127.0.0.1:{free_port()}/hook").send(_message())
+    assert "secret" not in str(info.value) and "Name or service" not in str(info.value)
+    assert "webhook unreachable" in str(info.value)
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_webhook_pushes_share_one_connection_and_outlive_the_endpoints_idle_close(
+        store: ResultStore, scheme: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each push opened a connection of its own (and for https:// made a TLS handshake): an
+    endpoint 50 ms away took 18.5 pushes a second over http and 9.1 over https (measured, 60
+    decisions through a proxy delaying each direction 25 ms), fewer than a line of 8 types
+    makes at a part a second. Pushes now go over one kept connection, as HTTP/1.1 clients do;
+    one the endpoint closed while idle (an idle timeout, racing the next push) is opened again
+    without a failure."""
+    import trustme
+
+    tls = None
+    if scheme == "https":
+        ca = trustme.CA()
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+        tls = ca.issue_cert("127.0.0.1")
+    for drop_every, connections in [(0, 1), (2, 3)]:
+        receiver = Receiver(keep_alive=True, drop_every=drop_every, tls=tls)
+        with ResultStore(str(tmp_path / f"outbox-{drop_every}.db")) as own:
+            box = outbox_for(own, "webhook")
+            disp = Dispatcher(box, [WebhookSink(receiver.url)], poll_s=0.02)
+            disp.start()
+            try:
+                ids = [r.id for r in own.insert_many([record(i) for i in range(6)])]
+                wait_for(lambda r=receiver, want=ids: r.delivered_ids() == want, 20,
+                         "six decisions delivered in order")
+            finally:
+                disp.stop()
+                receiver.close()
+        assert len(set(receiver.peers)) == connections, receiver.peers
+        assert disp.failures_total["webhook"] == 0, disp.last_error
+
+
+class _ForwardProxy:
+    """An HTTP proxy on 127.0.0.1, as a plant's outbound proxy (squid) is: a request for an
+    ``http://`` URL arrives naming the whole URL and is forwarded; for an ``https://`` one the
+    client asks ``CONNECT host:port`` and the bytes are passed through. ``seen`` is each request's
+    method, target and ``Proxy-Authorization``."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str | None]] = []
+        outer = self
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_CONNECT(self) -> None:
+                outer.seen.append(("CONNECT", self.path, self.headers.get("Proxy-Authorization")))
+                host, port = self.path.rsplit(":", 1)
+                with socket.create_connection((host, int(port)), timeout=10) as upstream:
+                    self.send_response(200)
+                    self.end_headers()
+                    back = threading.Thread(target=pump, args=(upstream, self.connection), daemon=True)
+                    back.start()
+                    pump(self.connection, upstream)
+                    back.join(10)
+                self.close_connection = True
+
+            def do_POST(self) -> None:
+                outer.seen.append(("POST", self.path, self.headers.get("Proxy-Authorization")))
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                target = urlsplit(self.path)
+                conn = http.client.HTTPConnection(target.hostname or "", target.port, timeout=10)
+                hop = ("proxy-authorization", "proxy-connection", "connection", "host")
+                conn.request("POST", target.path, body, {k: v for k, v in self.headers.items()
+                                                         if k.lower() not in hop})
+                status = conn.getresponse().status
+                conn.close()
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_webhook_goes_through_the_proxy_the_environment_names(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plant whose machines reach a MES in the cloud only through its outbound proxy, named
+    in the service's environment as curl, pip and urllib read it (``HTTP_PROXY``,
+    ``HTTPS_PROXY``, with a user and password, and ``NO_PROXY`` for the plant's own hosts):
+    an http:// push is sent to the proxy naming its URL, an https:// one through a ``CONNECT``
+    tunnel (the proxy sees neither the body nor the headers), the proxy's password as
+    ``Proxy-Authorization`` and never to the endpoint; a host in ``NO_PROXY`` is reached
+    directly. The environment is read as the service starts."""
+    import trustme
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    for name in ("http_proxy", "https_proxy", "no_proxy", "all_proxy", "NO_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    proxy = _ForwardProxy()
+    plain, secure = Receiver(), Receiver(tls=ca.issue_cert("127.0.0.1"))
+    creds = "Basic " + base64.b64encode(b"plant:pr@xy").decode()
+    try:
+        monkeypatch.setenv("HTTP_PROXY", f"http://plant:pr%40xy@127.0.0.1:{proxy.port}")
+        monkeypatch.setenv("HTTPS_PROXY", f"http://plant:pr%40xy@127.0.0.1:{proxy.port}")
+        WebhookSink(plain.url).send(_message())
+        WebhookSink(secure.url).send(_message())
+        assert proxy.seen == [("POST", plain.url, creds), ("CONNECT", f"127.0.0.1:{secure.port}", creds)]
+        assert [len(plain.requests), len(secure.requests)] == [1, 1]
+        assert "Proxy-Authorization" not in plain.requests[0][1] | secure.requests[0][1]
+        monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+        WebhookSink(plain.url).send(_message())
+        WebhookSink(secure.url).send(_message())
+        assert len(proxy.seen) == 2 and [len(plain.requests), len(secure.requests)] == [2, 2]
+        monkeypatch.delenv("NO_PROXY")
+        monkeypatch.setenv("HTTP_PROXY", "socks5://127.0.0.1:1080")
+        with pytest.raises(ConfigError, match=r"HTTP_PROXY 'socks5://127.0.0.1:1080' must be http://host:port"):
+            check_sink_urls(None, plain.url)  # at start
+    finally:
+        proxy.close()
+        plain.close()
+        secure.close()
 
 
 @pytest.mark.parametrize("away", ["503", "unreachable"])

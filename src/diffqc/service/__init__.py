@@ -710,7 +710,9 @@ def add_service_commands(subparsers: Any) -> None:
                    help="the MQTT client id, when the broker's access list names it (pattern %%c, AWS IoT's "
                         "thing name; default: a random one); one per service: a second client with it "
                         "ends the first's connection")
-    p.add_argument("--webhook", default=None, metavar="URL", help="POST every decision as JSON to URL")
+    p.add_argument("--webhook", default=None, metavar="URL",
+                   help="POST every decision as JSON to URL (https://USER:PASSWORD@host/... for HTTP "
+                        "Basic authentication; through HTTP(S)_PROXY unless NO_PROXY names the host)")
     p.add_argument("--webhook-timeout", type=POSITIVE_NUMBER, default=5.0, metavar="SECONDS",
                    help="how long a push waits for the endpoint's answer (default 5); a slower answer is "
                         "none, and the message is sent again: give a slow endpoint (an ERP behind it) more")

@@ -84,6 +84,7 @@ from diffqc.service.sinks import (
     PART_PUSHES,
     check_mqtt_client_cert,
     check_sink_urls,
+    webhook_auth,
     webhook_headers,
     webhook_secrets,
 )
@@ -214,7 +215,9 @@ class ServiceSettings:
             raise ConfigError(f"--webhook-timeout must be positive, got {self.webhook_timeout_s}")
         if self.webhook_headers and not self.webhook_url:
             raise ConfigError("--webhook-header needs --webhook URL (the endpoint it is sent to)")
-        webhook_headers(self.webhook_headers)
+        headers = webhook_headers(self.webhook_headers)
+        if self.webhook_url:
+            webhook_auth(self.webhook_url, headers)
         if self.opcua_url or self.opcua_users is not None or self.opcua_trust is not None:
             from diffqc.service.opcua import check_opcua_options
 

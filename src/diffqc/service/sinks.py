@@ -40,16 +40,17 @@ import collections
 import contextlib
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import os
 import re
+import select
 import socket
 import ssl
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Sequence
@@ -384,25 +385,80 @@ def trust_hint(peer: str, exc: ssl.SSLCertVerificationError, host: str) -> str:
             "(or add it to the system's certificate store)")
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A webhook's redirect is not followed: urllib follows a POST's 301, 302 or 303 with a
-    GET to the new URL, without the body and with the request's headers (its
-    ``Authorization`` too, to any host), so a 200 there counted as delivered a decision the
-    receiver never got. Returning no request makes urllib raise the 3xx as an ``HTTPError``."""
+@dataclass(frozen=True)
+class _Route:
+    """Where a webhook's requests go: to the endpoint, or to the proxy the service's environment
+    names for it (``HTTP_PROXY``, ``HTTPS_PROXY``, ``NO_PROXY``, read as urllib and curl read them)."""
 
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
+    tls: bool  # the endpoint is https://
+    host: str  # the endpoint's
+    port: int
+    target: str  # the request line's: the path, or the whole URL to a proxy of an http:// endpoint
+    proxy: tuple[str, int] | None = None
+    proxy_headers: dict[str, str] | None = None  # its Proxy-Authorization: the CONNECT's, or each request's
+    shown: str = ""  # " through the proxy host:port", for errors
 
 
-# urlopen's handlers (proxies from the environment, HTTPS with the default trust store) but that
-_OPENER = urllib.request.build_opener(_NoRedirect())
+def _basic(user: str | None, password: str | None) -> str:
+    """An ``Authorization: Basic`` value of a URL's user and password (percent-escapes decoded)."""
+    return "Basic " + base64.b64encode(f"{unquote(user or '')}:{unquote(password or '')}".encode()).decode()
+
+
+def _route(url: str) -> _Route:
+    """Where a webhook URL's pushes go, the URL and the environment's proxy for it checked."""
+    check_webhook_url(url)
+    parts = urlsplit(url)
+    tls = parts.scheme == "https"
+    host, port = parts.hostname or "", parts.port or (443 if tls else 80)
+    netloc = parts.netloc.rpartition("@")[2]
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    proxy_url = urllib.request.getproxies().get(parts.scheme)
+    if not proxy_url or urllib.request.proxy_bypass(netloc):
+        return _Route(tls, host, port, path)
+    proxy = urlsplit(proxy_url if "://" in proxy_url else f"http://{proxy_url}")
+    named = f"{parts.scheme.upper()}_PROXY {redact_url(proxy_url)!r}"
+    if not proxy.hostname or (proxy.scheme != "http" and not tls):
+        raise ConfigError(f"{named} must be http://host:port (a proxy this webhook reaches over plain HTTP)")
+    proxy_port = _checked_port(proxy, named) or 80
+    auth = {"Proxy-Authorization": _basic(proxy.username, proxy.password)} if proxy.username else {}
+    return _Route(tls, host, port, path if tls else f"http://{netloc}{path}", (proxy.hostname, proxy_port),
+                  auth, f" through the proxy {proxy.hostname}:{proxy_port}")
+
+
+def webhook_auth(url: str, headers: dict[str, str]) -> dict[str, str]:
+    """The headers given (``--webhook-header``) and, for a URL with a user and password, their
+    ``Authorization: Basic`` (as curl sends them); both is a :class:`ConfigError`."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return dict(headers)
+    if any(name.lower() == "authorization" for name in headers):
+        raise ConfigError(f"webhook URL {redact_url(url)!r} gives a user and password, and "
+                          "--webhook-header an Authorization header: give one of them")
+    return {**headers, "Authorization": _basic(parts.username, parts.password)}
+
+
+def _drained(resp: http.client.HTTPResponse, deadline: float) -> bool:
+    """Read the rest of a short answer's body so that its connection can carry the next push;
+    False, leaving it, for one longer than 64 KiB or still coming at ``deadline`` (a stream's
+    URL, whose body never ends, would hold the sink)."""
+    total = 0
+    while (chunk := resp.read1(65536)) and (total := total + len(chunk)) <= 65536:
+        if time.monotonic() > deadline:
+            return False
+    if chunk:
+        return False
+    resp.read()  # at its end: marks it read (read1 leaves a body of known length open at its end)
+    return True
 
 
 class WebhookSink:
-    """POST each message as JSON to ``url``; 2xx is success, anything else is retried (a
-    redirect too: :class:`_NoRedirect`): an answer about the receiver (:data:`RECEIVER_STATUSES`,
-    no answer) as :class:`Unavailable`. The response's body is not read: its status is the
-    answer, and a body that never ends (a stream's URL) would hold the sink."""
+    """POST each message as JSON to ``url``, over one kept connection (HTTP/1.1 keep-alive,
+    through the environment's proxy when it names one); 2xx is success, anything else is
+    retried (a redirect too: it is not followed, as a POST followed is a GET without the body):
+    an answer about the receiver (:data:`RECEIVER_STATUSES`, no answer) as :class:`Unavailable`.
+    A user and password in the URL are sent as HTTP Basic authentication. The response's body
+    is read only when short (:func:`_drained`), else the connection is closed: its status is
+    the answer."""
 
     name = "webhook"
 
@@ -412,7 +468,7 @@ class WebhookSink:
         """``secrets``: sign each push with each key as Standard Webhooks does
         (:func:`webhook_secrets`), so a receiver can tell that diffqc sent it, unchanged and
         recently."""
-        check_webhook_url(url)
+        self._route = _route(url)
         if max_attempts < 1:
             raise ConfigError(f"webhook max_attempts must be at least 1, got {max_attempts}")
         self.url = url
@@ -420,8 +476,9 @@ class WebhookSink:
         self.max_attempts: int | None = max_attempts
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
-        self.headers = dict(headers or {})
+        self.headers = webhook_auth(url, headers or {})
         self.secrets = list(secrets)
+        self._conn: http.client.HTTPConnection | None = None
 
     def ready(self) -> bool:
         return True
@@ -430,51 +487,93 @@ class WebhookSink:
         pass
 
     def stop(self) -> None:
-        pass
+        self._close()
 
     def backoff(self, attempts: int) -> float:
         return _backoff(self.backoff_base_s, self.backoff_cap_s, attempts)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connect(self) -> http.client.HTTPConnection:
+        route = self._route
+        host, port = route.proxy or (route.host, route.port)
+        if not route.tls:
+            return http.client.HTTPConnection(host, port, timeout=self.timeout_s)
+        conn = http.client.HTTPSConnection(host, port, timeout=self.timeout_s)  # the default trust, now
+        if route.proxy is not None:
+            conn.set_tunnel(route.host, route.port, headers=route.proxy_headers)
+        return conn
+
+    def _answer(self, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
+        """POST over the kept connection: the answer's status and ``Location``. A kept connection
+        the endpoint has closed since (its idle timeout) is opened again, and a push it took
+        as it closed is sent once more on the new one (the same Idempotency-Key)."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            kept = self._conn is not None and not _closed_by_peer(self._conn)
+            if not kept:
+                self._close()
+                self._conn = self._connect()
+            conn = self._conn
+            assert conn is not None
+            try:
+                conn.request("POST", self._route.target, body=body, headers=headers if self._route.tls
+                             else {**headers, **(self._route.proxy_headers or {})})
+                resp = conn.getresponse()
+                status, location = resp.status, resp.getheader("Location")
+                if resp.will_close or not _drained(resp, deadline):
+                    self._close()
+                return status, location
+            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+                self._close()
+                if not kept:
+                    raise
+            except BaseException:
+                self._close()
+                raise
 
     def send(self, message: Message) -> None:
         ref = message.record_id if message.record_id is not None else f"o{message.id}"
         key = f"{message.kind}-{ref}"
         body = message.payload.encode("utf-8")
-        req = urllib.request.Request(
-            self.url,
-            data=body,
-            method="POST",
-            headers={
-                **self.headers,
-                "Content-Type": "application/json",
-                "Idempotency-Key": key,
-                "X-Diffqc-Kind": message.kind,
-                **({"X-Diffqc-Record-Id": str(message.record_id)} if message.record_id is not None else {}),
-                **(signature_headers(self.secrets, key, body) if self.secrets else {}),
-            },
-        )
+        headers = {
+            **self.headers,
+            "Content-Type": "application/json",
+            "Idempotency-Key": key,
+            "X-Diffqc-Kind": message.kind,
+            **({"X-Diffqc-Record-Id": str(message.record_id)} if message.record_id is not None else {}),
+            **(signature_headers(self.secrets, key, body) if self.secrets else {}),
+        }
         try:
-            with _OPENER.open(req, timeout=self.timeout_s) as resp:
-                status = int(resp.status)
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            error = Unavailable if exc.code in RECEIVER_STATUSES else RuntimeError
-            if 300 <= exc.code < 400 and (location := exc.headers.get("Location")):
-                raise error(
-                    f"webhook answered {exc.code}: a redirect to {redact_url(urljoin(self.url, location))}, "
-                    "not followed (the decision would arrive as a GET, without its body): give "
-                    "--webhook the URL it leads to") from None
-            raise error(f"webhook answered {exc.code}") from None
+            status, location = self._answer(body, headers)
         except TimeoutError:  # sent, and no answer in time: the endpoint may have taken it
             raise Unavailable(f"webhook did not answer within {self.timeout_s:g} s (--webhook-timeout): it "
                               "may have taken the message, which is sent again (the same Idempotency-Key); "
                               "give a slow endpoint a longer --webhook-timeout") from None
-        except (urllib.error.URLError, OSError) as exc:
-            if isinstance(cause := getattr(exc, "reason", exc), ssl.SSLCertVerificationError):
-                hint = trust_hint("endpoint", cause, urlsplit(self.url).hostname or "")
-                raise Unavailable(f"webhook unreachable: {cause}: {hint}") from None
-            raise Unavailable(f"webhook unreachable: {exc}") from None
-        if not 200 <= status < 300:
-            raise RuntimeError(f"webhook answered {status}")
+        except ssl.SSLCertVerificationError as exc:
+            hint = trust_hint("endpoint", exc, self._route.host)
+            raise Unavailable(f"webhook unreachable{self._route.shown}: {exc}: {hint}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            said = str(exc) or type(exc).__name__
+            raise Unavailable(f"webhook unreachable{self._route.shown}: {said}") from None
+        if 200 <= status < 300:
+            return
+        error = Unavailable if status in RECEIVER_STATUSES else RuntimeError
+        if 300 <= status < 400 and location:
+            raise error(
+                f"webhook answered {status}: a redirect to {redact_url(urljoin(self.url, location))}, "
+                "not followed (the decision would arrive as a GET, without its body): give "
+                "--webhook the URL it leads to")
+        raise error(f"webhook answered {status}")
+
+
+def _closed_by_peer(conn: http.client.HTTPConnection) -> bool:
+    """A kept connection the other end has closed (or sent on unasked) since its last answer."""
+    sock = conn.sock
+    return sock is None or bool(select.select([sock], [], [], 0)[0])
 
 
 @dataclass(frozen=True)
@@ -602,7 +701,7 @@ def check_sink_urls(mqtt_url: str | None, webhook_url: str | None) -> None:
         parse_mqtt_url(mqtt_url)
         _paho()
     if webhook_url:
-        check_webhook_url(webhook_url)
+        _route(webhook_url)  # the environment's proxy for it too
 
 
 def _paho() -> Any:
