@@ -493,6 +493,12 @@ def test_webhook_dead_letters_after_max_attempts_and_requeues(store: ResultStore
     assert box.dead("webhook") == 0 and box.pending("webhook") == 0
 
 
+def _message(record_id: int = 7) -> Any:
+    from diffqc.service.sinks import Message
+
+    return Message(1, "webhook", "decision", record_id, "edge", '{"kind": "decision"}', 0, time.time())
+
+
 class _OddReceiver:
     """A receiver behind a redirect (``/hook`` answers 301 to ``/moved``, which answers any GET
     200: a reverse proxy's http-to-https rule, a login page) and one that answers 200 and then
@@ -551,10 +557,8 @@ def test_a_redirect_is_not_delivered_and_a_response_body_is_not_waited_for(store
     named with where it leads, so it is retried and dead-lettered. A receiver's response body
     is not read: one that streams it (a camera's stream URL) held the sink for as long as it
     sent."""
-    from diffqc.service.sinks import Message
-
     odd = _OddReceiver()
-    message = Message(1, "webhook", "decision", 7, "edge", '{"kind": "decision"}', 0, time.time())
+    message = _message()
     try:
         sink = WebhookSink(f"http://127.0.0.1:{odd.port}/hook", headers={"Authorization": "Bearer T"})
         with pytest.raises(RuntimeError, match=rf"webhook answered 301: a redirect to "
@@ -573,12 +577,12 @@ def test_an_endpoint_slower_than_the_timeout_is_named_so_and_the_timeout_can_be_
     was taken by the endpoint, given up on, said as ``webhook unreachable: timed out``, and sent
     again, for ever (a drill: one decision five times in 45 s, none counted delivered, the next
     never sent). The log says the endpoint did not answer in time, naming ``--webhook-timeout``,
-    which a slow endpoint is given."""
+    which a slow endpoint is given. A connection not made in that time (a TLS handshake no one
+    answers: a wrong port, a host gone) is said as unreachable: no push was sent on it."""
     from diffqc.service.app import ServiceSettings
-    from diffqc.service.sinks import Message
 
     odd = _OddReceiver()
-    message = Message(1, "webhook", "decision", 7, "edge", '{"kind": "decision"}', 0, time.time())
+    message = _message()
     try:
         with pytest.raises(Unavailable, match=r"webhook did not answer within 0\.3 s \(--webhook-timeout\)"):
             WebhookSink(f"http://127.0.0.1:{odd.port}/slow", timeout_s=0.3).send(message)
@@ -586,14 +590,11 @@ def test_an_endpoint_slower_than_the_timeout_is_named_so_and_the_timeout_can_be_
     finally:
         odd.server.shutdown()
         odd.server.server_close()
+    with (socket.create_server(("127.0.0.1", 0)) as silent,  # takes connections, never says a word
+          pytest.raises(Unavailable, match=r"webhook unreachable: no connection made within 0\.3 s")):
+        WebhookSink(f"https://127.0.0.1:{silent.getsockname()[1]}/hook", timeout_s=0.3).send(message)
     with pytest.raises(ConfigError, match="--webhook-timeout must be positive"):
         ServiceSettings(webhook_url="http://mes/hook", webhook_timeout_s=0, allow_no_token=True).validate()
-
-
-def _message(record_id: int = 7) -> Any:
-    from diffqc.service.sinks import Message
-
-    return Message(1, "webhook", "decision", record_id, "edge", '{"kind": "decision"}', 0, time.time())
 
 
 def test_a_user_and_password_in_the_webhook_url_are_sent_as_basic_auth() -> None:

@@ -498,13 +498,24 @@ class WebhookSink:
             self._conn = None
 
     def _connect(self) -> http.client.HTTPConnection:
+        """A new connection, made (TCP's, a proxy's ``CONNECT`` and TLS's handshakes): one not
+        made within the timeout is the endpoint unreachable (no push went on it), not one it may
+        have taken."""
         route = self._route
         host, port = route.proxy or (route.host, route.port)
-        if not route.tls:
-            return http.client.HTTPConnection(host, port, timeout=self.timeout_s)
-        conn = http.client.HTTPSConnection(host, port, timeout=self.timeout_s)  # the default trust, now
-        if route.proxy is not None:
+        conn = (http.client.HTTPSConnection(host, port, timeout=self.timeout_s) if route.tls  # default trust
+                else http.client.HTTPConnection(host, port, timeout=self.timeout_s))
+        if route.tls and route.proxy is not None:
             conn.set_tunnel(route.host, route.port, headers=route.proxy_headers)
+        try:
+            conn.connect()
+        except TimeoutError:
+            conn.close()
+            raise Unavailable(f"webhook unreachable{route.shown}: no connection made within "
+                              f"{self.timeout_s:g} s (--webhook-timeout)") from None
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _answer(self, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
