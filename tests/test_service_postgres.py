@@ -150,6 +150,22 @@ def test_postgres_a_database_without_a_store_or_a_schema_to_make_one_is_named(pg
     assert "\n" not in str(info.value) and "LINE 1" not in str(info.value)
 
 
+def test_postgres_a_read_only_server_or_role_is_named_with_what_to_give(pg_url: str) -> None:
+    """`serve` pointed at a read-only PostgreSQL, a replica the DBA named for reports or a role
+    set read-only: it said ``cannot execute CREATE TABLE in a read-only transaction`` and no
+    more. It now says the session is read-only and what to give instead (a hot standby, the
+    same drill on a real one: that it is a standby, its primary or both hosts with
+    ``target_session_attrs=read-write`` so that a failover is followed)."""
+    from diffqc.errors import StoreError
+
+    read_only = pg_url.replace("options=", "options=-cdefault_transaction_read_only%3Don%20", 1)
+    with pytest.raises(StoreError) as info:
+        ResultStore(read_only)
+    assert "read-only transaction" in str(info.value)
+    assert "the session is read-only (default_transaction_read_only" in str(info.value)
+    assert "give --db a role and database that may write" in str(info.value)
+
+
 def test_postgres_bad_url_is_a_clear_error() -> None:
     from diffqc.errors import StoreError
 

@@ -732,18 +732,31 @@ class ResultStore:
             if isinstance(exc, _db_errors()):
                 where = redact_url(self.url)
                 raise StoreError(f"cannot create the result tables in {where}: {_db_reason(exc)}"
-                                 f"{self._grant_hint(conn, exc)}") from None
+                                 f"{self._write_hint(conn, exc)}") from None
             raise
 
-    def _grant_hint(self, conn: Any, exc: BaseException) -> str:
-        """What to grant a PostgreSQL role that may not create tables in its schema (PostgreSQL 15
-        lets only a database's owner create them in ``public``)."""
-        if getattr(exc, "sqlstate", None) != "42501":  # insufficient_privilege
+    def _write_hint(self, conn: Any, exc: BaseException) -> str:
+        """What to give a PostgreSQL store that may not create its tables: what to grant a role
+        that may not create them in its schema (PostgreSQL 15 lets only a database's owner create
+        them in ``public``); for a read-only session (a standby, a role or database set
+        read-only), a server and role that may write."""
+        state = getattr(exc, "sqlstate", None)
+        if state not in ("42501", "25006"):  # insufficient_privilege, read_only_sql_transaction
             return ""
         try:
-            schema, role = conn.execute("SELECT current_schema(), current_user").fetchone()
+            if state == "25006":
+                (standby,) = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+            else:
+                schema, role = conn.execute("SELECT current_schema(), current_user").fetchone()
         except Exception:
             return ""
+        if state == "25006" and standby:
+            return (": the server is a standby (a read-only replica): give --db its primary, or both "
+                    "hosts (postgresql://primary,standby/db?target_session_attrs=read-write) so that a "
+                    "failover is followed")
+        if state == "25006":
+            return (": the session is read-only (default_transaction_read_only, set for this role or "
+                    "database): give --db a role and database that may write")
         if schema is None:  # no schema of its search path exists
             return f": create a schema for role {role} (CREATE SCHEMA diffqc AUTHORIZATION {role})"
         return (f": let role {role} create the store's tables (GRANT CREATE ON SCHEMA {schema} TO {role}, "
