@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -87,7 +88,8 @@ class Receiver:
     ``peers`` is each request's client address."""
 
     def __init__(self, fail_first: int = 0, port: int = 0, always_fail: bool = False,
-                 tls: Any = None, status: int = 503, keep_alive: bool = False, drop_every: int = 0) -> None:
+                 tls: Any = None, status: int = 503, keep_alive: bool = False, drop_every: int = 0,
+                 client_ca: Any = None) -> None:
         self.fail_first = fail_first
         self.always_fail = always_fail
         self.status = status
@@ -120,10 +122,11 @@ class Receiver:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         if tls is not None:  # a trustme certificate: answer over HTTPS
-            import ssl
-
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             tls.configure_cert(context)
+            if client_ca is not None:  # mutual TLS: only a client with a certificate this CA signed
+                context.verify_mode = ssl.CERT_REQUIRED
+                client_ca.configure_trust(context)
             self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.url = f"{'https' if tls is not None else 'http'}://127.0.0.1:{self.port}/hook"
@@ -655,6 +658,42 @@ def test_webhook_pushes_share_one_connection_and_outlive_the_endpoints_idle_clos
                 receiver.close()
         assert len(set(receiver.peers)) == connections, receiver.peers
         assert disp.failures_total["webhook"] == 0, disp.last_error
+
+
+def test_webhook_presents_the_client_certificate_an_endpoint_requires(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MES behind mutual TLS (its gateway lets in only clients with a certificate the plant's
+    CA signed, as zero-trust networks and cloud API gateways do): the webhook sink had no way to
+    present one (MQTT's ``--mqtt-cert`` had): every push failed as ``tlsv13 alert certificate
+    required`` and waited for ever. ``--webhook-cert`` (``--webhook-key``) presents it; without
+    one the failure says the endpoint asks for one, and a certificate the endpoint does not
+    trust is said as that; the files are checked at start, as ``--mqtt-cert``'s are."""
+    import trustme
+
+    from diffqc.service.app import ServiceSettings
+
+    ca, plant = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    for signer, name in [(plant, "line.pem"), (trustme.CA(), "other.pem")]:
+        signer.issue_cert("line-1.plant").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / name))
+    receiver = Receiver(tls=ca.issue_cert("127.0.0.1"), client_ca=plant)
+    try:
+        with pytest.raises(Unavailable, match=r"client certificate \(mutual TLS\).*give --webhook-cert"):
+            WebhookSink(receiver.url).send(_message())
+        with pytest.raises(Unavailable, match=r"not trust the certificate --webhook-cert gives"):
+            WebhookSink(receiver.url, client_cert=tmp_path / "other.pem").send(_message())
+        assert receiver.requests == []
+        WebhookSink(receiver.url, client_cert=tmp_path / "line.pem").send(_message())
+        assert len(receiver.requests) == 1
+    finally:
+        receiver.close()
+    with pytest.raises(ConfigError, match=r"--webhook-cert needs an https:// endpoint"):
+        ServiceSettings(webhook_url="http://mes/hook", webhook_cert=tmp_path / "line.pem",
+                        allow_no_token=True).validate()
+    with pytest.raises(ConfigError, match=r"ca.pem holds no private key: give --webhook-key"):
+        ServiceSettings(webhook_url=receiver.url, webhook_cert=tmp_path / "ca.pem",
+                        allow_no_token=True).validate()
 
 
 class _ForwardProxy:

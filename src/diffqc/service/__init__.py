@@ -250,6 +250,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "webhook_url": args.webhook,
         "webhook_timeout_s": args.webhook_timeout,
         "webhook_headers": tuple(args.webhook_header or ()),
+        "webhook_cert": args.webhook_cert,
+        "webhook_key": args.webhook_key,
         "webhook_secrets": tuple(args.webhook_secret or ()),
         "opcua_url": args.opcua,
         "opcua_users": args.opcua_users,
@@ -713,6 +715,11 @@ def add_service_commands(subparsers: Any) -> None:
     p.add_argument("--webhook", default=None, metavar="URL",
                    help="POST every decision as JSON to URL (https://USER:PASSWORD@host/... for HTTP "
                         "Basic authentication; through HTTP(S)_PROXY unless NO_PROXY names the host)")
+    p.add_argument("--webhook-cert", type=path_name, default=None, metavar="PEM",
+                   help="the client certificate an https:// endpoint behind mutual TLS lets in, its chain "
+                        "after it; its key in the same file or --webhook-key")
+    p.add_argument("--webhook-key", type=path_name, default=None, metavar="PEM",
+                   help="--webhook-cert's private key (PEM, unencrypted; readable by this user only)")
     p.add_argument("--webhook-timeout", type=POSITIVE_NUMBER, default=5.0, metavar="SECONDS",
                    help="how long a push waits for the endpoint's answer (default 5); a slower answer is "
                         "none, and the message is sent again: give a slow endpoint (an ERP behind it) more")

@@ -84,6 +84,7 @@ from diffqc.service.sinks import (
     PART_PUSHES,
     check_mqtt_client_cert,
     check_sink_urls,
+    check_webhook_client_cert,
     webhook_auth,
     webhook_headers,
     webhook_secrets,
@@ -165,6 +166,8 @@ class ServiceSettings:
     webhook_max_attempts: int = 8  # then the message goes to the dead-letter table
     webhook_timeout_s: float = 5.0  # an answer slower than this is none (the message sent again)
     webhook_headers: tuple[str, ...] = ()  # "Name: value" or "@FILE" (sinks.webhook_headers)
+    webhook_cert: str | Path | None = None  # the client certificate an https:// endpoint asks for (PEM)
+    webhook_key: str | Path | None = None  # its key, when not in webhook_cert's file
     push_parts: str | None = None  # the sinks also get a part's verdict: "each" time, or once "complete"
     part_timeout_s: float | None = None  # a part still incomplete this long after its latest image: overdue
     part_window_s: float = PART_WINDOW_S  # a part id's images this long before its latest: an earlier part's
@@ -218,6 +221,7 @@ class ServiceSettings:
         headers = webhook_headers(self.webhook_headers)
         if self.webhook_url:
             webhook_auth(self.webhook_url, headers)
+        check_webhook_client_cert(self.webhook_url, self.webhook_cert, self.webhook_key)
         if self.opcua_url or self.opcua_users is not None or self.opcua_trust is not None:
             from diffqc.service.opcua import check_opcua_options
 

@@ -383,6 +383,8 @@ class LineServices:
                             max_attempts=int(getattr(settings, "webhook_max_attempts", 8)),
                             timeout_s=float(getattr(settings, "webhook_timeout_s", 5.0)),
                             headers=webhook_headers(getattr(settings, "webhook_headers", ())),
+                            client_cert=getattr(settings, "webhook_cert", None),
+                            client_key=getattr(settings, "webhook_key", None),
                             secrets=webhook_secrets(getattr(settings, "webhook_secrets", ())))
         self.outbox: Outbox | None = None
         self.dispatcher: Dispatcher | None = None

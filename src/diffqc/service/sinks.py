@@ -464,10 +464,13 @@ class WebhookSink:
 
     def __init__(self, url: str, *, timeout_s: float = 5.0, max_attempts: int = MAX_ATTEMPTS,
                  backoff_base_s: float = 1.0, backoff_cap_s: float = 60.0,
-                 headers: dict[str, str] | None = None, secrets: Sequence[bytes] = ()) -> None:
+                 headers: dict[str, str] | None = None, secrets: Sequence[bytes] = (),
+                 client_cert: str | Path | None = None, client_key: str | Path | None = None) -> None:
         """``secrets``: sign each push with each key as Standard Webhooks does
         (:func:`webhook_secrets`), so a receiver can tell that diffqc sent it, unchanged and
-        recently."""
+        recently. ``client_cert`` (``--webhook-cert``, its key in it or ``client_key``): the
+        certificate an https:// endpoint behind mutual TLS asks for, read at each connection
+        (a renewed one is presented without a restart)."""
         self._route = _route(url)
         if max_attempts < 1:
             raise ConfigError(f"webhook max_attempts must be at least 1, got {max_attempts}")
@@ -478,6 +481,8 @@ class WebhookSink:
         self.backoff_cap_s = backoff_cap_s
         self.headers = webhook_auth(url, headers or {})
         self.secrets = list(secrets)
+        check_webhook_client_cert(url, client_cert, client_key)
+        self.client_cert, self.client_key = client_cert, client_key
         self._conn: http.client.HTTPConnection | None = None
 
     def ready(self) -> bool:
@@ -503,8 +508,8 @@ class WebhookSink:
         have taken."""
         route = self._route
         host, port = route.proxy or (route.host, route.port)
-        conn = (http.client.HTTPSConnection(host, port, timeout=self.timeout_s) if route.tls  # default trust
-                else http.client.HTTPConnection(host, port, timeout=self.timeout_s))
+        conn = (http.client.HTTPSConnection(host, port, timeout=self.timeout_s, context=self._tls())
+                if route.tls else http.client.HTTPConnection(host, port, timeout=self.timeout_s))
         if route.tls and route.proxy is not None:
             conn.set_tunnel(route.host, route.port, headers=route.proxy_headers)
         try:
@@ -517,6 +522,16 @@ class WebhookSink:
             conn.close()
             raise
         return conn
+
+    def _tls(self) -> ssl.SSLContext:
+        """The TLS settings of a new connection: the default trust (``SSL_CERT_FILE`` as it is
+        now), HTTP/1.1 named, and the client certificate when one is given."""
+        context = ssl.create_default_context()
+        context.set_alpn_protocols(["http/1.1"])
+        if self.client_cert is not None:
+            key = None if self.client_key is None else str(self.client_key)
+            context.load_cert_chain(str(self.client_cert), key)
+        return context
 
     def _answer(self, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
         """POST over the kept connection: the answer's status and ``Location``. A kept connection
@@ -569,7 +584,8 @@ class WebhookSink:
             raise Unavailable(f"webhook unreachable{self._route.shown}: {exc}: {hint}") from None
         except (OSError, http.client.HTTPException) as exc:
             said = str(exc) or type(exc).__name__
-            raise Unavailable(f"webhook unreachable{self._route.shown}: {said}") from None
+            hint = self._client_hint(exc)
+            raise Unavailable(f"webhook unreachable{self._route.shown}: {said}{hint}") from None
         if 200 <= status < 300:
             return
         error = Unavailable if status in RECEIVER_STATUSES else RuntimeError
@@ -579,6 +595,35 @@ class WebhookSink:
                 "not followed (the decision would arrive as a GET, without its body): give "
                 "--webhook the URL it leads to")
         raise error(f"webhook answered {status}")
+
+
+    def _client_hint(self, exc: BaseException) -> str:
+        """What to do about an endpoint that refused the TLS client (mutual TLS). One that ends
+        the connection may do so before its alert saying why arrives: then the likely why."""
+        reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
+        ended = isinstance(exc, ssl.SSLEOFError)
+        if self.client_cert is None:
+            if reason in ("TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_HANDSHAKE_FAILURE"):
+                return (": the endpoint asks for a client certificate (mutual TLS): give --webhook-cert "
+                        "(and --webhook-key)")
+            return (": the endpoint ended the TLS connection: if it asks for a client certificate (mutual "
+                    "TLS), give --webhook-cert (and --webhook-key)") if ended else ""
+        if reason in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE",
+                      "SSLV3_ALERT_CERTIFICATE_UNKNOWN"):
+            return (": the endpoint does not trust the certificate --webhook-cert gives (have it signed by "
+                    "the CA the endpoint trusts)")
+        return (": the endpoint ended the TLS connection: if it does not trust the certificate "
+                "--webhook-cert gives, have it signed by the CA the endpoint trusts") if ended else ""
+
+
+def check_webhook_client_cert(url: str | None, cert: str | Path | None, key: str | Path | None) -> None:
+    """``--webhook-cert`` (``--webhook-key``): for an https:// endpoint, a certificate and its
+    key (:func:`~diffqc.service.security.check_tls`), checked before anything starts."""
+    if cert is None and key is None:
+        return
+    if url is None or urlsplit(url).scheme != "https":
+        raise ConfigError("--webhook-cert needs an https:// endpoint (a certificate is presented over TLS)")
+    check_tls(cert, key, options="--webhook", doing="present a certificate to the webhook endpoint")
 
 
 def _closed_by_peer(conn: http.client.HTTPConnection) -> bool:
