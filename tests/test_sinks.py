@@ -89,7 +89,7 @@ class Receiver:
 
     def __init__(self, fail_first: int = 0, port: int = 0, always_fail: bool = False,
                  tls: Any = None, status: int = 503, keep_alive: bool = False, drop_every: int = 0,
-                 client_ca: Any = None) -> None:
+                 client_ca: Any = None, answer: bytes = b"") -> None:
         self.fail_first = fail_first
         self.always_fail = always_fail
         self.status = status
@@ -114,8 +114,9 @@ class Receiver:
                     status = outer.status if outer.always_fail or n < outer.fail_first else 200
                     outer.requests.append((status, dict(self.headers), body))
                 self.send_response(status)
-                self.send_header("Content-Length", "0")
+                self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
+                self.wfile.write(answer)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -658,6 +659,34 @@ def test_webhook_pushes_share_one_connection_and_outlive_the_endpoints_idle_clos
                 receiver.close()
         assert len(set(receiver.peers)) == connections, receiver.peers
         assert disp.failures_total["webhook"] == 0, disp.last_error
+
+
+@pytest.mark.parametrize("keep_alive", [False, True])
+def test_a_refused_push_says_what_the_endpoint_answered(store: ResultStore, keep_alive: bool) -> None:
+    """A MES that refuses a push says why in its answer's body (a 422's ``{"detail": "part_id is
+    required"}``, nginx's ``400 No required SSL certificate was sent`` page): the log, the dead
+    letter and ``GET /v1/line`` said only ``webhook answered 422``, so whoever wires the MES
+    could not tell what it wanted. The error now carries what the answer says, on one line (an
+    HTML page's title), up to 200 characters."""
+    receiver = Receiver(always_fail=True, status=422, keep_alive=keep_alive,
+                        answer=b'{"detail": "part_id is required",\n "type": "missing"}')
+    page = (b"<html>\r\n<head><title>400 No required SSL certificate was sent</title></head>\r\n<body>\r\n"
+            b"<center><h1>400 Bad Request</h1></center>\r\n" + b"x" * 3000 + b"</body></html>")
+    html = Receiver(always_fail=True, status=400, keep_alive=keep_alive, answer=page)
+    long = Receiver(always_fail=True, status=500, keep_alive=keep_alive, answer=b"Traceback: " + b"y" * 500)
+    try:
+        with pytest.raises(RuntimeError) as info:
+            WebhookSink(receiver.url).send(_message())
+        assert str(info.value) == 'webhook answered 422: {"detail": "part_id is required", "type": "missing"}'
+        with pytest.raises(RuntimeError) as info:
+            WebhookSink(html.url).send(_message())
+        assert str(info.value) == "webhook answered 400: 400 No required SSL certificate was sent"
+        with pytest.raises(RuntimeError) as info:
+            WebhookSink(long.url).send(_message())
+        assert str(info.value) == "webhook answered 500: Traceback: " + "y" * 188 + "…"
+    finally:
+        for each in (receiver, html, long):
+            each.close()
 
 
 def test_webhook_presents_the_client_certificate_an_endpoint_requires(tmp_path: Path,

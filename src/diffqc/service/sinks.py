@@ -437,18 +437,29 @@ def webhook_auth(url: str, headers: dict[str, str]) -> dict[str, str]:
     return {**headers, "Authorization": _basic(parts.username, parts.password)}
 
 
-def _drained(resp: http.client.HTTPResponse, deadline: float) -> bool:
-    """Read the rest of a short answer's body so that its connection can carry the next push;
-    False, leaving it, for one longer than 64 KiB or still coming at ``deadline`` (a stream's
-    URL, whose body never ends, would hold the sink)."""
-    total = 0
-    while (chunk := resp.read1(65536)) and (total := total + len(chunk)) <= 65536:
-        if time.monotonic() > deadline:
-            return False
-    if chunk:
-        return False
+def _drained(resp: http.client.HTTPResponse, deadline: float) -> bytes | None:
+    """The rest of a short answer's body, read so that its connection can carry the next push
+    (and a refusal can say why); None, leaving it, for one longer than 64 KiB or still coming at
+    ``deadline`` (a stream's URL, whose body never ends, would hold the sink)."""
+    body = b""
+    while chunk := resp.read1(65536):
+        body += chunk
+        if len(body) > 65536 or time.monotonic() > deadline:
+            return None
     resp.read()  # at its end: marks it read (read1 leaves a body of known length open at its end)
-    return True
+    return body
+
+
+def _said(body: bytes, limit: int = 200) -> str:
+    """What an endpoint's answer says, on one line: an HTML page's title (or its text), any
+    other body as it is; at most ``limit`` characters."""
+    text = body.decode("utf-8", "replace")
+    if title := re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL):
+        text = title.group(1)
+    elif text.lstrip().startswith("<"):
+        text = re.sub(r"<[^>]*>", " ", text)
+    text = " ".join("".join(" " if unprintable(c) else c for c in text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 class WebhookSink:
@@ -533,8 +544,9 @@ class WebhookSink:
             context.load_cert_chain(str(self.client_cert), key)
         return context
 
-    def _answer(self, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
-        """POST over the kept connection: the answer's status and ``Location``. A kept connection
+    def _answer(self, body: bytes, headers: dict[str, str]) -> tuple[int, str | None, bytes]:
+        """POST over the kept connection: the answer's status, ``Location`` and body (read unless
+        a success's on a connection that ends, or too long: then empty). A kept connection
         the endpoint has closed since (its idle timeout) is opened again, and a push it took
         as it closed is sent once more on the new one (the same Idempotency-Key)."""
         deadline = time.monotonic() + self.timeout_s
@@ -550,9 +562,10 @@ class WebhookSink:
                              else {**headers, **(self._route.proxy_headers or {})})
                 resp = conn.getresponse()
                 status, location = resp.status, resp.getheader("Location")
-                if resp.will_close or not _drained(resp, deadline):
+                said = None if resp.will_close and 200 <= status < 300 else _drained(resp, deadline)
+                if resp.will_close or said is None:
                     self._close()
-                return status, location
+                return status, location, said or b""
             except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
                 self._close()
                 if not kept:
@@ -574,7 +587,7 @@ class WebhookSink:
             **(signature_headers(self.secrets, key, body) if self.secrets else {}),
         }
         try:
-            status, location = self._answer(body, headers)
+            status, location, answer = self._answer(body, headers)
         except TimeoutError:  # sent, and no answer in time: the endpoint may have taken it
             raise Unavailable(f"webhook did not answer within {self.timeout_s:g} s (--webhook-timeout): it "
                               "may have taken the message, which is sent again (the same Idempotency-Key); "
@@ -594,7 +607,8 @@ class WebhookSink:
                 f"webhook answered {status}: a redirect to {redact_url(urljoin(self.url, location))}, "
                 "not followed (the decision would arrive as a GET, without its body): give "
                 "--webhook the URL it leads to")
-        raise error(f"webhook answered {status}")
+        said = _said(answer)
+        raise error(f"webhook answered {status}{': ' if said else ''}{said}")
 
 
     def _client_hint(self, exc: BaseException) -> str:
