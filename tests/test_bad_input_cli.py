@@ -584,3 +584,23 @@ def test_results_list_and_export_read_a_store_on_a_read_only_share(tmp_path: Pat
     assert "results.db-wal holds records not yet in the database file" in proc.stderr, proc.stderr
     assert "copy results.db, results.db-wal and results.db-shm together" in proc.stderr
 
+
+
+def test_export_and_calibrate_into_a_read_only_bundle_are_refused_before_their_work(
+        tiny_model: Path, clear_dataset: Path, tmp_path: Path) -> None:
+    """A bundle on a read-only volume (a container's ``:ro`` mount): `export` checked the ONNX
+    graph against PyTorch, timed it and, with ``--int8``, quantised it (11 s for the 8-type
+    model, minutes with INT8) before its first write failed; `calibrate DATA` scored every
+    GOOD image first. Each now says the bundle's file it cannot write before its work, and
+    changes nothing."""
+    volume, mounted = Path(shutil.copytree(tiny_model, tmp_path / "model")), tmp_path / "mounted"
+    mounted.mkdir()
+    before = {p.name: p.read_bytes() for p in volume.iterdir()}
+    cli = [sys.executable, "-m", "diffqc.cli"]
+    for argv, file in [(["export", str(mounted)], "model.onnx"),
+                       (["calibrate", str(mounted), str(clear_dataset)], "calibration.json")]:
+        proc = run_with_mount(volume, mounted, [*cli, *argv], read_only=True)
+        assert proc.returncode == 1
+        said = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert said == [f"diffqc: error: cannot write {mounted}/{file}: Read-only file system"], said
+    assert {p.name: p.read_bytes() for p in volume.iterdir()} == before

@@ -42,10 +42,10 @@ from diffqc.backends.openvino import OpenVinoGraph, openvino_version
 from diffqc.backends.ort import OnnxBackbone, OnnxGraph, import_onnxruntime, make_session
 from diffqc.backends.tensorrt import ENGINE_FILE as TENSORRT_ENGINE
 from diffqc.backends.tensorrt import build_tensorrt_engine, check_tensorrt_builder
-from diffqc.bundle import check_not_retrained
+from diffqc.bundle import check_bundle_files, check_not_retrained
 from diffqc.config import uses_layouts
 from diffqc.errors import ConfigError, DatasetError, ExportError, NotFittedError
-from diffqc.output import json_line, scratch_folder, write_atomic
+from diffqc.output import check_writable, json_line, scratch_folder, write_atomic
 from diffqc.runtime import (
     EXPORT_FILE,
     EXPORT_FORMAT,
@@ -744,6 +744,7 @@ def export_bundle(
         raise ConfigError("--int8 needs --calibration-data DATA (GOOD images of the model's types)")
     path = Path(path)
     det = Detector.load(path, device="cpu")
+    check_writable(path / ONNX_FILES["fp32"])  # a read-only bundle: before the checks and timings
     classes, size = det.classes_, det.config.backbone.input_size
     threads = threads or available_cores()
     source = data or calibration_data
@@ -1046,6 +1047,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _cmd_tensorrt(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     path = Path(args.model)
     check_tensorrt_builder()  # before the ONNX export it needs, which takes a while
+    check_writable(check_bundle_files(path) / TENSORRT_ENGINE)  # a read-only bundle: before the export
     if not (path / ONNX_FILES["fp32"]).is_file():
         export_bundle(path, data=args.data, threads=args.threads, opset=args.opset or DEFAULT_OPSET, log=log)
     info = read_export_info(path)

@@ -189,6 +189,18 @@ def is_csv_table(columns: Sequence[str]) -> Callable[[Path], bool]:
     return ours
 
 
+def check_writable(path: Path) -> None:
+    """An :class:`OutputError` naming ``path``, a file written after long work, when its folder
+    takes no new file (a read-only volume, another user's folder): said before the work, not
+    after it. A probe file is made there and removed."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
     """Write ``data`` to ``path`` via a temporary sibling and a rename: ``path`` holds either its
     previous content or all of ``data``, never part of it. A write that fails (full disk,

@@ -40,7 +40,7 @@ from diffqc.bundle import check_not_retrained
 from diffqc.calibration import SELECTED_BELOW, CalibrationWarning, Calibrator, flagged_excess_p
 from diffqc.config import CalibrationConfig
 from diffqc.errors import BundleError, ConfigError, DatasetError, UnknownFeatureTypeError, did_you_mean
-from diffqc.output import json_line, write_atomic
+from diffqc.output import check_writable, json_line, write_atomic
 
 log = logging.getLogger("diffqc.recalibrate")
 
@@ -243,6 +243,7 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
         _refuse_selected(data)
     path = Path(model)
     det = Detector.load(path, device="cpu")
+    check_writable(path / CALIBRATION_FILE)  # a read-only bundle: before the images are scored
     assert det.calibration_ is not None
     old = det.calibration_
     config = replace(old.config,  # a ConfigError for a level outside (0, 1), or REJECT's above REVIEW's
