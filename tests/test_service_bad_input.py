@@ -193,6 +193,10 @@ ROWS: list[tuple[str, str, str, dict[str, Any], int, str]] = [
     ("JSON field given twice", "POST", "/v1/inspect", {"content": b'{"image": "x", "feature_type": "a", '
                                                                   b'"feature_type": "b"}', "headers": {
         "Content-Type": "application/json"}}, 422, "repeated_field"),
+    # a review whose verdict is given twice ({"verdict": "GOOD", ..., "verdict": "BAD"}) was filed as the last
+    ("review verdict given twice", "POST", "/v1/review/1", {"content": b'{"verdict": "GOOD", "note": "n", '
+                                                                       b'"verdict": "BAD"}', "headers": {
+        "Content-Type": "application/json"}}, 422, "repeated_field"),
     # text PostgreSQL cannot store (a NUL) read there as the store being down (503)
     ("reviewer with NUL", "POST", "/v1/review/1", {"json": {"verdict": "BAD", "reviewer": "a\x00b"}},
      422, "bad_reviewer"),

@@ -719,9 +719,10 @@ def _base64_body_limit(limit: int) -> int:
     return limit * 4 // 3 + 64 * 1024
 
 
-def _json_object(body: bytes, route: str) -> dict[str, Any]:
-    """An upload's JSON object, its names those of a form (a misspelled one is a 422)."""
-    names: list[list[str]] = []  # each object's names as given, a name twice included (json keeps the last)
+def _json_with_names(body: bytes) -> tuple[Any, list[str]]:
+    """A JSON body and, when it is an object, its names as given, a name twice included (json
+    keeps the last value, in silence)."""
+    names: list[list[str]] = []  # each object's, the outer one last
 
     def keep_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         names.append([name for name, _ in pairs])
@@ -731,11 +732,17 @@ def _json_object(body: bytes, route: str) -> dict[str, Any]:
         obj = json.loads(body, object_pairs_hook=keep_names)
     except ValueError as exc:
         raise ServiceError(422, "bad_request", f"the body is not valid JSON ({exc})") from None
+    return obj, names[-1] if isinstance(obj, dict) else []
+
+
+def _json_object(body: bytes, route: str) -> dict[str, Any]:
+    """An upload's JSON object, its names those of a form (a misspelled one is a 422)."""
+    obj, names = _json_with_names(body)
     if not isinstance(obj, dict):
         raise ServiceError(422, "bad_request", 'a JSON upload is an object: {"image": "<base64 of the '
                            'image file>", "feature_type": "...", "part_id": "..."}')
     _refuse_unknown(obj.keys(), UPLOAD_FIELDS, "JSON field", f"{route} takes the fields", "unknown_field")
-    _refuse_repeated(names[-1], UPLOAD_FIELDS, "JSON field", "repeated_field")  # the outer object's
+    _refuse_repeated(names, UPLOAD_FIELDS, "JSON field", "repeated_field")
     return obj
 
 
@@ -1632,7 +1639,9 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         return {"defects": [{"defect": kind, "verdicts": n} for kind, n in kinds]}
 
     @api.post("/v1/review/{record_id}")
-    async def review(body: ReviewIn, record_id: int = RECORD_ID) -> dict[str, Any]:
+    async def review(request: Request, body: ReviewIn, record_id: int = RECORD_ID) -> dict[str, Any]:
+        _, given = _json_with_names(await request.body())  # as ReviewIn took it: read once, kept
+        _refuse_repeated(given, ReviewIn.model_fields, "JSON field", "repeated_field")
         reviewer = _check_id(body.reviewer, "reviewer")  # "" (an empty form field): none
         note = _check_id(body.note, "note", max_len=2000, breaks=True)
         defect = _check_id(body.defect.strip() if body.defect else None, "defect")  # " crack" is "crack"
