@@ -436,6 +436,44 @@ async def test_review_flow_and_export(detector: Any, samples: Samples, tmp_path:
     assert summary["exported"] == 0 and summary["missing_image"] == 1 and not (tmp_path / "typo").exists()
 
 
+def test_results_export_takes_one_stations_or_lines_parts(tmp_path: Path) -> None:
+    """A store shared by stations (a plant's PostgreSQL, each station's kept images in a data
+    folder of its own) or by lines: `results export` took every part reviewed GOOD, so a model
+    retrained on one station's export learnt another's parts as its GOOD ones (the same type
+    names, another product) or counted them as images not found, and export.json counted
+    every station's inspected parts as this one's. It now takes ``--station``, ``--line``,
+    ``--camera``, ``--feature-type`` and ``--until`` as `results list` does, and an export of
+    several stations' or lines' parts without one says so."""
+    from diffqc.cli import main
+    from diffqc.data import load_dataset
+    from diffqc.service import export_reviewed_good
+    from diffqc.service.store import ResultRecord, ResultStore
+
+    db, data = str(tmp_path / "plant.db"), tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    now = time.time()
+    with ResultStore(db) as store:
+        records = store.insert_many([
+            ResultRecord(created_at=now, source="t", decision=decision, part_id=f"{station}-{i}",
+                         feature_type="dots", score=1, p_value=0.01, image=f"{ord(station):030x}{i:02x}.png",
+                         station=station, line="L1")
+            for station in "AB" for i, decision in enumerate(["REVIEW", "PASS", "REJECT"])])
+        for rec in records:
+            assert rec.image is not None and rec.id is not None
+            (data / "images" / rec.image).write_bytes(rec.image.encode())
+            if rec.decision != "PASS":
+                store.set_review(rec.id, "GOOD")
+    with pytest.warns(UserWarning, match=r"parts of 2 stations \(A, B\).*give --station"):
+        assert export_reviewed_good(db, tmp_path / "all", data_dir=data)["exported"] == 4
+    summary = export_reviewed_good(db, tmp_path / "a", data_dir=data, station="A")
+    assert sorted(s.part_id for s in load_dataset(tmp_path / "a")) == ["A-0", "A-2"]
+    assert summary["types"]["dots"] == {"inspected": 3, "flagged": 2, "exported": 2, "exported_flagged": 2}
+    assert export_reviewed_good(db, tmp_path / "none", data_dir=data, line="L2")["exported"] == 0
+    rc = main(["results", "export", str(tmp_path / "b"), "--db", db, "--data-dir", str(data),
+               "--station", "B", "--line", "L1", "--feature-type", "dots", "--until", "2999-01-01"])
+    assert rc == 0 and sorted(s.part_id for s in load_dataset(tmp_path / "b")) == ["B-0", "B-2"]
+
+
 async def test_idempotency_key_returns_the_stored_record(
     detector: Any, samples: Samples, tmp_path: Path
 ) -> None:

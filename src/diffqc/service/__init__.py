@@ -375,11 +375,13 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    since = _period_time(args.since, "since")
+    period = _period(args)
+    since = period["since"]
     from diffqc.service.store import store_url
 
-    summary = export_reviewed_good(store_url(args.db), args.out, data_dir=args.data_dir, since=since,
-                                   defects=args.defects)
+    summary = export_reviewed_good(store_url(args.db), args.out, data_dir=args.data_dir, defects=args.defects,
+                                   **period, line=args.line, station=args.station, camera=args.camera,
+                                   feature_type=args.feature_type)
     print(json_line(summary))
     if summary["exported"] == 0:
         which = "GOOD or BAD" if args.defects else "GOOD"
@@ -796,6 +798,10 @@ def add_service_commands(subparsers: Any) -> None:
     e.set_defaults(func=_cmd_export)
     when = ("(ISO 8601, UTC unless it has an offset such as +01:00, epoch seconds, or a span back "
             "from now: 8h, 90m, 2d)")
+    e.add_argument("--until", default=None, help=f"only parts inspected before {when}")
+    e.add_argument("--feature-type", default=None, help="only parts of this type")
+    for name in ("line", "station", "camera"):  # of a store several share: a model is retrained on its own
+        e.add_argument(f"--{name}", default=None, help=f"only parts whose {name} is this")
     ls = rsub.add_parser("list", help="the stored decisions, oldest first, as JSON lines or CSV",
                          description="Print the decisions `serve` and `watch` stored, oldest first, "
                                      "filtered as /v1/results filters them; redirect to a file "

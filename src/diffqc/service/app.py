@@ -1707,7 +1707,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
 
         def collect() -> dict[str, Any]:
             per_type: dict[str, dict[str, Any]] = {}
-            for ftype, decision, n in store.counts(since):
+            for ftype, decision, n in store.counts(since=since):
                 row = per_type.setdefault(ftype or "", {d: 0 for d in DECISIONS})
                 row[decision] = row.get(decision, 0) + n
             for row in per_type.values():

@@ -994,13 +994,10 @@ class ResultStore:
             rows = conn.execute(self._q(sql), (int(limit),)).fetchall()
         return [(str(r[0]), int(r[1])) for r in rows]
 
-    def counts(self, since: float | None = None) -> list[tuple[str | None, str, int]]:
-        """``(feature_type, decision, count)`` since a time."""
-        sql = f"SELECT feature_type, decision, COUNT(*) FROM {TABLE}"
-        where, args = _where([("created_at >= ?", since)])
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " GROUP BY feature_type, decision"
+    def counts(self, **filters: Unpack[Filters]) -> list[tuple[str | None, str, int]]:
+        """``(feature_type, decision, count)`` of the rows matching ``filters``."""
+        where, args = _conditions(filters)
+        sql = f"SELECT feature_type, decision, COUNT(*) FROM {TABLE}{where} GROUP BY feature_type, decision"
         with self._reader() as conn:
             rows = conn.execute(self._q(sql), args).fetchall()
         return [(r[0], str(r[1]), int(r[2])) for r in rows]
@@ -1447,9 +1444,16 @@ def export_reviewed_good(
     data_dir: str | Path | None = None,
     since: float | None = None,
     defects: bool = False,
+    until: float | None = None,
+    line: str | None = None,
+    station: str | None = None,
+    camera: str | None = None,
+    feature_type: str | None = None,
 ) -> dict[str, Any]:
     """Export parts an operator reviewed as GOOD as a dataset (``diffqc results export``), and
-    with ``defects`` those reviewed BAD too (the line's defects found, a PASSed one included).
+    with ``defects`` those reviewed BAD too (the line's defects found, a PASSed one included);
+    of the period, line, station, camera and type given (one station's of a store stations
+    share); an export of several stations' or lines' parts without one is said.
 
     Writes ``out_dir/<feature_type>/<id>.<ext>`` and ``out_dir/manifest.csv`` with columns
     ``path, feature_type, label, part_id, record_id, score, p_value, decision, type_known, defect``
@@ -1486,8 +1490,11 @@ def export_reviewed_good(
     missing = {"not kept": 0, "expired": 0, "not found": 0}
     taken: dict[str, list[int]] = {}  # type -> [exported, of them flagged]
     rows: list[dict[str, Any]] = []
+    chosen: Filters = {"since": since, "until": until, "line": line, "station": station, "camera": camera,
+                       "feature_type": feature_type}
+    places: dict[str, set[str]] = {"station": set(), "line": set()}  # of the parts exported
     with ResultStore(db_url, read_only=True) as store:
-        for rec in stored_records(store, review=None if defects else "GOOD", reviewed=True, since=since):
+        for rec in stored_records(store, **chosen, review=None if defects else "GOOD", reviewed=True):
             src = artifacts.path("images", rec.image)
             if src is None or rec.feature_type is None:
                 why = ("not kept" if rec.image is None and rec.image_expired_at is None else
@@ -1517,15 +1524,23 @@ def export_reviewed_good(
                 }
             )
             exported += 1
+            for key, seen in places.items():
+                if (value := getattr(rec, key)) is not None:
+                    seen.add(value)
             if rec.review != "GOOD":
                 n_defects += 1
                 continue
             counts = taken.setdefault(ftype, [0, 0])
             counts[0] += 1
             counts[1] += rec.decision in (REVIEW, REJECT)
-        line = store.counts(since)  # after the export: a part stored meanwhile only adds to it
-    types = _export_summary(taken, line)
+        inspected = store.counts(**chosen)  # after the export: a part stored meanwhile only adds to it
+    types = _export_summary(taken, inspected)
     _warn_export(missing, types, artifacts.root)
+    for key, seen in places.items():
+        if len(seen) > 1 and chosen.get(key) is None:
+            warnings.warn(f"the export holds parts of {len(seen)} {key}s ({', '.join(sorted(seen))}), a "
+                          f"store they share: a model is retrained on its own {key}'s parts; give --{key} "
+                          f"to export one {key}'s", stacklevel=2)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(EXPORT_COLUMNS))
     writer.writeheader()
