@@ -872,6 +872,23 @@ def test_a_postgresql_password_a_url_must_encode_is_named_without_showing_it(url
     assert not any(piece in str(info.value) for piece in ("ss#1", "p/ss", "pa ss", "ss@")), str(info.value)
 
 
+def test_a_postgresql_url_libpq_cannot_read_says_why_when_it_shows_no_password() -> None:
+    """A misspelled option in a PostgreSQL URL (``?sslmod=require``): the error said only "libpq
+    cannot read it; or leave the password out of the URL", of a URL holding no password, so the
+    user looked for a fault in a password. libpq's reason is now given where it quotes nothing
+    of the user and password (``invalid URI query parameter: "sslmod"``), and the password hint
+    only where the URL holds one."""
+    from diffqc.errors import StoreError
+
+    with pytest.raises(StoreError) as info:
+        ResultStore("postgresql://qc@127.0.0.1:1/plant?sslmod=require")
+    assert str(info.value).endswith('libpq cannot read it: invalid URI query parameter: "sslmod"'), info.value
+    with pytest.raises(StoreError) as info:  # the fault in the password: not quoted
+        ResultStore("postgresql://qc:p%zz9@127.0.0.1:1/plant")
+    said = str(info.value)
+    assert "libpq cannot read it; or leave the password out" in said and "zz9" not in said
+
+
 def test_artifact_store_writes_atomically_and_never_leaves_its_folder(tmp_path: Path) -> None:
     art = ArtifactStore(tmp_path)
     name = art.save_png("heatmaps", np.zeros((9, 7, 3), np.uint8))

@@ -290,7 +290,8 @@ def postgres_url_problem(url: str) -> str | None:
     """What in a PostgreSQL URL libpq reads otherwise than its writer meant, as libpq parses it,
     without any part of its password: an ``@`` or a ``/`` in the user or password (a password
     as a DBA makes it, ``p@ss/1``: libpq reads the text after the ``@`` as the host, or the user
-    and password as host and port, and its error shows that text), or a space; None if none."""
+    and password as host and port, and its error shows that text), or a space; libpq's own reason
+    where it quotes nothing of the user and password (a misspelled option); None if none."""
     try:
         from psycopg.conninfo import conninfo_to_dict
     except ImportError:  # pragma: no cover - depends on the install; opening it names the extra
@@ -298,9 +299,14 @@ def postgres_url_problem(url: str) -> str | None:
     try:
         parts = conninfo_to_dict(url)
     except Exception as exc:  # its message quotes the text around the fault: the password, maybe
-        if "spaces" in str(exc):
+        said = " ".join(str(exc).split())
+        if "spaces" in said:
             return "a space in the URL: write it %20" + _ENCODE_HINT
-        return "libpq cannot read it" + _ENCODE_HINT
+        userinfo = url.partition("://")[2].partition("/")[0].rpartition("@")[0]  # "user:password", or ""
+        quoted = re.findall(r'"([^"]*)"', said)
+        if ":" in userinfo and any(q in userinfo or userinfo in q for q in quoted):  # the password's fault
+            return "libpq cannot read it" + _ENCODE_HINT
+        return f"libpq cannot read it: {said}"
     if "@" in str(parts.get("host", "")):
         return "'@' in the URL's user or password: write it %40" + _ENCODE_HINT
     if not all(p.strip().isdigit() or not p.strip() for p in str(parts.get("port", "")).split(",")):
