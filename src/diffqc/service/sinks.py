@@ -566,7 +566,7 @@ class WebhookSink:
                 if resp.will_close or said is None:
                     self._close()
                 return status, location, said or b""
-            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+            except (ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError):  # closed under the push
                 self._close()
                 if not kept:
                     raise
@@ -609,7 +609,6 @@ class WebhookSink:
                 "--webhook the URL it leads to")
         said = _said(answer)
         raise error(f"webhook answered {status}{': ' if said else ''}{said}")
-
 
     def _client_hint(self, exc: BaseException) -> str:
         """What to do about an endpoint that refused the TLS client (mutual TLS). One that ends
