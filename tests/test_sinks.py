@@ -96,6 +96,7 @@ class Receiver:
         self.requests: list[tuple[int, dict[str, str], dict[str, Any]]] = []
         self.raw: list[bytes] = []  # each request's body as received (a signature covers it)
         self.peers: list[tuple[str, int]] = []
+        self.paths: list[str] = []  # each request's target as it arrived
         self.lock = threading.Lock()
         outer = self
 
@@ -109,6 +110,7 @@ class Receiver:
                     n = len(outer.requests)
                     outer.raw.append(raw)
                     outer.peers.append(self.client_address)
+                    outer.paths.append(self.path)
                     if drop_every and (n + 1) % drop_every == 0:
                         self.close_connection = True  # after this answer, with no "Connection: close"
                     status = outer.status if outer.always_fail or n < outer.fail_first else 200
@@ -625,6 +627,20 @@ def test_a_user_and_password_in_the_webhook_url_are_sent_as_basic_auth() -> None
         WebhookSink(f"http://mes:secret@127.0.0.1:{free_port()}/hook").send(_message())
     assert "secret" not in str(info.value) and "Name or service" not in str(info.value)
     assert "webhook unreachable" in str(info.value)
+
+
+def test_a_webhook_url_with_a_space_or_umlaut_is_sent_escaped() -> None:
+    """A MES path as its integrator wrote it down (``/qs/prüfung``, ``/my hook``, ``?station=Halle 2``):
+    a space failed every push as ``URL can't contain control characters`` (waited for ever), an
+    umlaut as ``'ascii' codec can't encode character`` (dead-lettered after 8). They are sent
+    percent-encoded (UTF-8), as browsers and requests send them; escapes already written stay."""
+    receiver = Receiver()
+    try:
+        for path in ["/qs/prüfung", "/my hook?station=Halle 2", "/a%20b?x=%C3%A4"]:
+            WebhookSink(receiver.url.replace("/hook", path)).send(_message())
+    finally:
+        receiver.close()
+    assert receiver.paths == ["/qs/pr%C3%BCfung", "/my%20hook?station=Halle%202", "/a%20b?x=%C3%A4"]
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])

@@ -57,7 +57,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import SplitResult, unquote, urljoin, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urljoin, urlsplit
 
 from diffqc.data import unprintable
 from diffqc.drift import is_misrouted
@@ -411,7 +411,9 @@ def _route(url: str) -> _Route:
     tls = parts.scheme == "https"
     host, port = parts.hostname or "", parts.port or (443 if tls else 80)
     netloc = parts.netloc.rpartition("@")[2]
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # a space or an umlaut as written (/qs/prüfung): percent-encoded, UTF-8, as browsers send them
+    path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=~") + (
+        f"?{quote(parts.query, safe='/?%:@!$&()*+,;=~')}" if parts.query else "")
     proxy_url = urllib.request.getproxies().get(parts.scheme)
     if not proxy_url or urllib.request.proxy_bypass(netloc):
         return _Route(tls, host, port, path)
