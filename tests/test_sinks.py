@@ -614,10 +614,18 @@ def test_a_user_and_password_in_the_webhook_url_are_sent_as_basic_auth() -> None
     url = receiver.url.replace("http://", "http://line%2D1:p%40ss%3Aw@")
     try:
         WebhookSink(url).send(_message())
+        WebhookSink(receiver.url, headers={"user-agent": "line-1"}).send(_message())
     finally:
         receiver.close()
-    (_, headers, _), = receiver.requests
+    (_, headers, _), (_, given, _) = receiver.requests
+    assert [v for k, v in given.items() if k.lower() == "user-agent"] == ["line-1"]
+    assert "Authorization" not in given
     assert headers["Authorization"] == "Basic " + base64.b64encode(b"line-1:p@ss:w").decode()
+    # a User-Agent, as urllib sent one (a cloud WAF's rule set refuses a request without: AWS's
+    # NoUserAgent_HEADER); one given with --webhook-header is sent instead
+    from diffqc import __version__
+
+    assert headers["User-Agent"] == f"diffqc/{__version__}"
     from diffqc.service.app import ServiceSettings
 
     with pytest.raises(ConfigError, match=r"gives a user and password.*--webhook-header.*Authorization"):

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import SplitResult, quote, unquote, urljoin, urlsplit
 
+from diffqc import __version__
 from diffqc.data import unprintable
 from diffqc.drift import is_misrouted
 from diffqc.errors import ConfigError
@@ -493,6 +494,8 @@ class WebhookSink:
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
         self.headers = webhook_auth(url, headers or {})
+        if not any(name.lower() == "user-agent" for name in self.headers):  # as urllib sent one
+            self.headers = {"User-Agent": f"diffqc/{__version__}", **self.headers}
         self.secrets = list(secrets)
         check_webhook_client_cert(url, client_cert, client_key)
         self.client_cert, self.client_key = client_cert, client_key
