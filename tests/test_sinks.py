@@ -89,7 +89,8 @@ class Receiver:
 
     def __init__(self, fail_first: int = 0, port: int = 0, always_fail: bool = False,
                  tls: Any = None, status: int = 503, keep_alive: bool = False, drop_every: int = 0,
-                 client_ca: Any = None, answer: bytes = b"") -> None:
+                 client_ca: Any = None, answer: bytes = b"",
+                 answer_headers: dict[str, str] | None = None) -> None:
         self.fail_first = fail_first
         self.always_fail = always_fail
         self.status = status
@@ -117,6 +118,8 @@ class Receiver:
                     outer.requests.append((status, dict(self.headers), body))
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(answer)))
+                for name, value in (answer_headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(answer)
 
@@ -714,6 +717,29 @@ def test_a_refused_push_says_what_the_endpoint_answered(store: ResultStore, keep
     finally:
         for each in (receiver, html, long):
             each.close()
+
+
+@pytest.mark.parametrize("retry_after", ["30", "{http_date}"])
+def test_a_rate_limited_push_waits_as_long_as_the_endpoint_asks(store: ResultStore, retry_after: str) -> None:
+    """A MES behind an API gateway that throttles (``429``) or is in maintenance (``503``) says
+    when to come back (``Retry-After: 30``, or an HTTP date): the sink tried again after 1, 2, 4
+    s, as for any endpoint away, each try refused and counted. It now waits at least as long as
+    asked (at most an hour), and the error says so."""
+    import email.utils
+
+    value = retry_after.format(http_date=email.utils.formatdate(time.time() + 30, usegmt=True))
+    receiver = Receiver(fail_first=1, status=429, answer_headers={"Retry-After": value})
+    box = outbox_for(store, "webhook")
+    disp = Dispatcher(box, [WebhookSink(receiver.url, backoff_base_s=0.01)], poll_s=0.02)
+    try:
+        store.insert_many([record(1)])
+        started = time.time()
+        assert disp.deliver_due(disp.sinks[0])  # refused: it waits
+        assert box.due("webhook", started + 25) == [] and len(box.due("webhook", started + 32)) == 1
+        said = disp.last_error["webhook"]
+        assert said is not None and said.startswith("webhook answered 429") and "(Retry-After)" in said
+    finally:
+        receiver.close()
 
 
 def test_webhook_presents_the_client_certificate_an_endpoint_requires(tmp_path: Path,

@@ -38,6 +38,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import email.utils
 import hashlib
 import hmac
 import http.client
@@ -347,7 +348,30 @@ class Unavailable(RuntimeError):
     """The receiver, not the message: it cannot be reached, or answers what it answers every
     message (down behind its proxy, a wrong URL or token, a rate limit). The message waits, as
     an unreachable MQTT broker's do, however long, and is not a dead letter: a MES restarted
-    for ten minutes dead-lettered a message every two."""
+    for ten minutes dead-lettered a message every two. ``retry_after_s``: how long the receiver
+    asked to be left alone (``Retry-After``), the least wait before the next try."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+RETRY_AFTER_MAX_S = 3600.0  # a Retry-After longer than this is read as this
+
+
+def retry_after(value: str | None, now: float) -> float | None:
+    """A ``Retry-After`` header's wait in seconds (its delay, or its HTTP date less ``now``), at
+    most :data:`RETRY_AFTER_MAX_S`; None for none or one that cannot be read."""
+    if not value or not (value := value.strip()):
+        return None
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError, IndexError):
+            return None
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX_S)
 
 
 # a webhook's answers about the receiver (its URL, its login, its load), not about one message
@@ -549,11 +573,11 @@ class WebhookSink:
             context.load_cert_chain(str(self.client_cert), key)
         return context
 
-    def _answer(self, body: bytes, headers: dict[str, str]) -> tuple[int, str | None, bytes]:
-        """POST over the kept connection: the answer's status, ``Location`` and body (read unless
-        a success's on a connection that ends, or too long: then empty). A kept connection
-        the endpoint has closed since (its idle timeout) is opened again, and a push it took
-        as it closed is sent once more on the new one (the same Idempotency-Key)."""
+    def _answer(self, body: bytes, headers: dict[str, str]) -> tuple[int, str | None, str | None, bytes]:
+        """POST over the kept connection: the answer's status, ``Location``, ``Retry-After`` and
+        body (read unless a success's on a connection that ends, or too long: then empty). A kept
+        connection the endpoint has closed since (its idle timeout) is opened again, and a push
+        it took as it closed is sent once more on the new one (the same Idempotency-Key)."""
         deadline = time.monotonic() + self.timeout_s
         while True:
             kept = self._conn is not None and not _closed_by_peer(self._conn)
@@ -566,11 +590,11 @@ class WebhookSink:
                 conn.request("POST", self._route.target, body=body, headers=headers if self._route.tls
                              else {**headers, **(self._route.proxy_headers or {})})
                 resp = conn.getresponse()
-                status, location = resp.status, resp.getheader("Location")
+                status = resp.status
                 said = None if resp.will_close and 200 <= status < 300 else _drained(resp, deadline)
                 if resp.will_close or said is None:
                     self._close()
-                return status, location, said or b""
+                return status, resp.getheader("Location"), resp.getheader("Retry-After"), said or b""
             except (ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError):  # closed under the push
                 self._close()
                 if not kept:
@@ -592,7 +616,7 @@ class WebhookSink:
             **(signature_headers(self.secrets, key, body) if self.secrets else {}),
         }
         try:
-            status, location, answer = self._answer(body, headers)
+            status, location, wait, answer = self._answer(body, headers)
         except TimeoutError:  # sent, and no answer in time: the endpoint may have taken it
             raise Unavailable(f"webhook did not answer within {self.timeout_s:g} s (--webhook-timeout): it "
                               "may have taken the message, which is sent again (the same Idempotency-Key); "
@@ -613,7 +637,11 @@ class WebhookSink:
                 "not followed (the decision would arrive as a GET, without its body): give "
                 "--webhook the URL it leads to")
         said = _said(answer)
-        raise error(f"webhook answered {status}{': ' if said else ''}{said}")
+        text = f"webhook answered {status}{': ' if said else ''}{said}"
+        if error is Unavailable and (seconds := retry_after(wait, time.time())) is not None:
+            raise Unavailable(f"{text}; it asks for the next try in {seconds:.0f} s (Retry-After)",
+                              retry_after_s=seconds)
+        raise error(text)
 
     def _client_hint(self, exc: BaseException) -> str:
         """What to do about an endpoint that refused the TLS client (mutual TLS). One that ends
@@ -1138,9 +1166,9 @@ class Dispatcher:
                 self.last_error[sink.name] = error
                 self.outages[sink.name].failed(f"{error} (retrying; messages wait in the outbox)")
                 if isinstance(exc, Unavailable):  # backing off by the sink's failures, not the message's
-                    self._away[sink.name] += 1
-                    self.outbox.failed(message, error, time.time() + sink.backoff(self._away[sink.name]),
-                                       attempt=False)
+                    self._away[sink.name] += 1  # and for as long as the receiver asked (Retry-After)
+                    wait = max(sink.backoff(self._away[sink.name]), exc.retry_after_s or 0.0)
+                    self.outbox.failed(message, error, time.time() + wait, attempt=False)
                     return True
                 limit = sink.max_attempts or (MAX_ATTEMPTS if isinstance(exc, Refused) else None)
                 if limit is not None and message.attempts + 1 >= limit:
