@@ -132,7 +132,8 @@ def _measure(store: ResultStore, artifacts: ArtifactStore, url: str, rounds: int
         "dashboard: decisions after the last seen": lambda: store.query(
             after_id=last - 1, oldest_first=True, limit=500),
         "dashboard: rates + histograms, last hour": lambda: (
-            store.counts(since=now - 3600), store.query(since=now - 3600, limit=1000), store.pending_reviews()),
+            store.counts(since=now - 3600), store.query(since=now - 3600, limit=1000),
+            store.pending_reviews()),
         "dashboard: review queue (20)": lambda: store.review_queue(20),
         "dashboard: defect kinds": lambda: store.defect_kinds(),
         "dashboard: a part by its id": lambda: store.query(part_id=part, limit=1),

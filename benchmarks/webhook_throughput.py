@@ -6,7 +6,8 @@ This fills a SQLite outbox with ``--messages`` decisions and times the delivery 
 (``Dispatcher``) draining it to a local HTTP/1.1 endpoint (HTTPS with a throw-away CA's
 certificate) through a TCP proxy that delays each direction by half of each ``--rtt-ms`` and a
 new connection by a round trip, beside the same sink with its connection closed after each push
-(the sink's way before) in the same run: median messages a second of ``--repeat`` runs each.
+(the sink's way before) and with four kept connections at once (``--webhook-connections 4``) in
+the same run: median messages a second of ``--repeat`` runs each.
 
     python benchmarks/webhook_throughput.py [--rtt-ms 0,50,100] [--messages 100] [--repeat 3]
 """
@@ -61,6 +62,10 @@ class _ConnectionEachPush(WebhookSink):
             self.stop()
 
 
+def _four_connections(url: str) -> WebhookSink:
+    return WebhookSink(url, connections=4)
+
+
 def main(argv: list[str] | None = None) -> int:
     import trustme
 
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert("127.0.0.1").configure_cert(context)
     print(f"{args.messages} decisions, median of {args.repeat} runs, messages a second")
-    print(f"{'endpoint':>9} {'round trip':>12} {'a connection each':>18} {'one kept':>9}")
+    print(f"{'endpoint':>9} {'round trip':>12} {'a connection each':>18} {'one kept':>9} {'4 kept':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         ca.cert_pem.write_to_path(os.path.join(tmp, "ca.pem"))
         os.environ["SSL_CERT_FILE"] = os.path.join(tmp, "ca.pem")  # the sink trusts the throw-away CA
@@ -81,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
             for rtt in (float(x) for x in args.rtt_ms.split(",")):
                 via = port if rtt == 0 else _delay_proxy(("127.0.0.1", port), rtt / 2000, handshake=True)
                 url = f"{scheme}://127.0.0.1:{via}/hook"
-                each, kept = ([_drain_rate(sink(url), args.messages, Path(tmp)) for _ in range(args.repeat)]
-                              for sink in (_ConnectionEachPush, WebhookSink))
+                each, kept, four = ([_drain_rate(make(url), args.messages, Path(tmp))
+                                     for _ in range(args.repeat)]
+                                    for make in (_ConnectionEachPush, WebhookSink, _four_connections))
                 print(f"{scheme:>9} {rtt:>9.0f} ms {statistics.median(each):>18.1f} "
-                      f"{statistics.median(kept):>9.1f}", flush=True)
+                      f"{statistics.median(kept):>9.1f} {statistics.median(four):>7.1f}", flush=True)
     return 0
 
 

@@ -90,7 +90,7 @@ class Receiver:
     def __init__(self, fail_first: int = 0, port: int = 0, always_fail: bool = False,
                  tls: Any = None, status: int = 503, keep_alive: bool = False, drop_every: int = 0,
                  client_ca: Any = None, answer: bytes = b"",
-                 answer_headers: dict[str, str] | None = None) -> None:
+                 answer_headers: dict[str, str] | None = None, delay_s: float = 0.0) -> None:
         self.fail_first = fail_first
         self.always_fail = always_fail
         self.status = status
@@ -98,6 +98,7 @@ class Receiver:
         self.raw: list[bytes] = []  # each request's body as received (a signature covers it)
         self.peers: list[tuple[str, int]] = []
         self.paths: list[str] = []  # each request's target as it arrived
+        self.in_flight = self.most_in_flight = 0  # requests being answered at once (each ``delay_s``)
         self.lock = threading.Lock()
         outer = self
 
@@ -108,6 +109,11 @@ class Receiver:
                 raw = self.rfile.read(int(self.headers["Content-Length"]))
                 body = json.loads(raw)
                 with outer.lock:
+                    outer.in_flight += 1
+                    outer.most_in_flight = max(outer.most_in_flight, outer.in_flight)
+                time.sleep(delay_s)
+                with outer.lock:
+                    outer.in_flight -= 1
                     n = len(outer.requests)
                     outer.raw.append(raw)
                     outer.peers.append(self.client_address)
@@ -776,6 +782,30 @@ def test_webhook_presents_the_client_certificate_an_endpoint_requires(tmp_path: 
     with pytest.raises(ConfigError, match=r"ca.pem holds no private key: give --webhook-key"):
         ServiceSettings(webhook_url=receiver.url, webhook_cert=tmp_path / "ca.pem",
                         allow_no_token=True).validate()
+
+
+def test_webhook_connections_send_pushes_at_once(store: ResultStore) -> None:
+    """An endpoint far away takes one push per round trip over one connection (9.6 a second at
+    100 ms: BENCHMARKS.md "Session 47"), fewer than a fast line makes. ``--webhook-connections
+    4`` sends over four kept connections at once (the order of arrival then not kept: each
+    push carries its record id and Idempotency-Key), each outcome kept."""
+    receiver = Receiver(keep_alive=True, delay_s=0.2)
+    box = outbox_for(store, "webhook")
+    disp = Dispatcher(box, [WebhookSink(receiver.url, connections=4)], poll_s=0.02)
+    disp.start()
+    try:
+        ids = [r.id for r in store.insert_many([record(i) for i in range(12)])]
+        wait_for(lambda: sorted(receiver.delivered_ids()) == ids, 30, "twelve decisions delivered")
+        wait_for(lambda: box.pending("webhook") == 0, 10, "the outbox to drain")
+    finally:
+        disp.stop()
+        receiver.close()
+    assert receiver.most_in_flight == 4 and len(set(receiver.peers)) == 4, receiver.peers
+    assert disp.failures_total["webhook"] == 0 and disp.delivered_total["webhook"] == 12
+    from diffqc.service.app import ServiceSettings
+
+    with pytest.raises(ConfigError, match="--webhook-connections must be 1 to 64, got 65"):
+        ServiceSettings(webhook_url=receiver.url, webhook_connections=65, allow_no_token=True).validate()
 
 
 class _ForwardProxy:

@@ -249,6 +249,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "mqtt_client_id": args.mqtt_client_id,
         "webhook_url": args.webhook,
         "webhook_timeout_s": args.webhook_timeout,
+        "webhook_connections": args.webhook_connections,
         "webhook_headers": tuple(args.webhook_header or ()),
         "webhook_cert": args.webhook_cert,
         "webhook_key": args.webhook_key,
@@ -722,6 +723,9 @@ def add_service_commands(subparsers: Any) -> None:
                         "after it; its key in the same file or --webhook-key")
     p.add_argument("--webhook-key", type=path_name, default=None, metavar="PEM",
                    help="--webhook-cert's private key (PEM, unencrypted; readable by this user only)")
+    p.add_argument("--webhook-connections", type=POSITIVE, default=1, metavar="N",
+                   help="push over N kept connections at once (an endpoint far away: one push per round trip "
+                        "each; the order of arrival then not kept); default 1, one after another, in order")
     p.add_argument("--webhook-timeout", type=POSITIVE_NUMBER, default=5.0, metavar="SECONDS",
                    help="how long a push waits for the endpoint's answer (default 5); a slower answer is "
                         "none, and the message is sent again: give a slow endpoint (an ERP behind it) more")

@@ -81,6 +81,7 @@ from diffqc.service.security import (
     token_matches,
 )
 from diffqc.service.sinks import (
+    MAX_WEBHOOK_CONNECTIONS,
     PART_PUSHES,
     check_mqtt_client_cert,
     check_sink_urls,
@@ -165,6 +166,7 @@ class ServiceSettings:
     webhook_url: str | None = None  # POST each decision as JSON
     webhook_max_attempts: int = 8  # then the message goes to the dead-letter table
     webhook_timeout_s: float = 5.0  # an answer slower than this is none (the message sent again)
+    webhook_connections: int = 1  # above 1: pushes over that many kept connections at once, not in order
     webhook_headers: tuple[str, ...] = ()  # "Name: value" or "@FILE" (sinks.webhook_headers)
     webhook_cert: str | Path | None = None  # the client certificate an https:// endpoint asks for (PEM)
     webhook_key: str | Path | None = None  # its key, when not in webhook_cert's file
@@ -216,6 +218,9 @@ class ServiceSettings:
             raise ConfigError("--mqtt-client-id needs --mqtt URL (the broker it names this service to)")
         if not self.webhook_timeout_s > 0:
             raise ConfigError(f"--webhook-timeout must be positive, got {self.webhook_timeout_s}")
+        if not 1 <= self.webhook_connections <= MAX_WEBHOOK_CONNECTIONS:
+            raise ConfigError(f"--webhook-connections must be 1 to {MAX_WEBHOOK_CONNECTIONS}, "
+                              f"got {self.webhook_connections}")
         if self.webhook_headers and not self.webhook_url:
             raise ConfigError("--webhook-header needs --webhook URL (the endpoint it is sent to)")
         headers = webhook_headers(self.webhook_headers)

@@ -382,6 +382,7 @@ class LineServices:
                             mqtt_client_id=getattr(settings, "mqtt_client_id", None),
                             max_attempts=int(getattr(settings, "webhook_max_attempts", 8)),
                             timeout_s=float(getattr(settings, "webhook_timeout_s", 5.0)),
+                            connections=int(getattr(settings, "webhook_connections", 1)),
                             headers=webhook_headers(getattr(settings, "webhook_headers", ())),
                             client_cert=getattr(settings, "webhook_cert", None),
                             client_key=getattr(settings, "webhook_key", None),

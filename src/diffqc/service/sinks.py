@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import base64
 import collections
+import concurrent.futures
 import contextlib
+import copy
 import email.utils
 import hashlib
 import hmac
@@ -45,6 +47,7 @@ import http.client
 import json
 import logging
 import os
+import queue
 import re
 import select
 import socket
@@ -54,7 +57,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -357,6 +360,7 @@ class Unavailable(RuntimeError):
 
 
 RETRY_AFTER_MAX_S = 3600.0  # a Retry-After longer than this is read as this
+MAX_WEBHOOK_CONNECTIONS = 64  # --webhook-connections: at most as many as a delivery pass takes
 
 
 def retry_after(value: str | None, now: float) -> float | None:
@@ -503,12 +507,15 @@ class WebhookSink:
     def __init__(self, url: str, *, timeout_s: float = 5.0, max_attempts: int = MAX_ATTEMPTS,
                  backoff_base_s: float = 1.0, backoff_cap_s: float = 60.0,
                  headers: dict[str, str] | None = None, secrets: Sequence[bytes] = (),
-                 client_cert: str | Path | None = None, client_key: str | Path | None = None) -> None:
+                 client_cert: str | Path | None = None, client_key: str | Path | None = None,
+                 connections: int = 1) -> None:
         """``secrets``: sign each push with each key as Standard Webhooks does
         (:func:`webhook_secrets`), so a receiver can tell that diffqc sent it, unchanged and
         recently. ``client_cert`` (``--webhook-cert``, its key in it or ``client_key``): the
         certificate an https:// endpoint behind mutual TLS asks for, read at each connection
-        (a renewed one is presented without a restart)."""
+        (a renewed one is presented without a restart). ``connections`` (``--webhook-connections``):
+        above 1, pushes go over that many kept connections at once (:meth:`_send_at_once`),
+        their order of arrival not kept; 1 sends them one after another, in order."""
         self._route = _route(url)
         if max_attempts < 1:
             raise ConfigError(f"webhook max_attempts must be at least 1, got {max_attempts}")
@@ -523,7 +530,20 @@ class WebhookSink:
         self.secrets = list(secrets)
         check_webhook_client_cert(url, client_cert, client_key)
         self.client_cert, self.client_key = client_cert, client_key
+        if not 1 <= connections <= MAX_WEBHOOK_CONNECTIONS:
+            raise ConfigError(f"webhook connections must be 1 to {MAX_WEBHOOK_CONNECTIONS}, "
+                              f"got {connections}")
         self._conn: http.client.HTTPConnection | None = None
+        # the delivery thread's way for more than one connection (Dispatcher.deliver_due)
+        self.send_many: Callable[[Sequence[Message]], list[Exception | None]] | None = None
+        self._lanes: list[WebhookSink] = []
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # the lanes' threads, while sending
+        if connections > 1:
+            self._lanes = [copy.copy(self) for _ in range(connections)]  # each keeps a connection of its own
+            self._free: queue.SimpleQueue[WebhookSink] = queue.SimpleQueue()
+            for lane in self._lanes:
+                self._free.put(lane)
+            self.send_many = self._send_at_once
 
     def ready(self) -> bool:
         return True
@@ -532,10 +552,30 @@ class WebhookSink:
         pass
 
     def stop(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         self._close()
+        for lane in self._lanes:
+            lane._close()
 
     def backoff(self, attempts: int) -> float:
         return _backoff(self.backoff_base_s, self.backoff_cap_s, attempts)
+
+    def _send_at_once(self, messages: Sequence[Message]) -> list[Exception | None]:
+        """Each message's outcome, sent over the kept connections at once, each on the first free
+        one (so not in order)."""
+        def one(message: Message) -> Exception | None:
+            lane = self._free.get()
+            try:
+                return _outcome(lane, message)
+            finally:
+                self._free.put(lane)
+
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(len(self._lanes),
+                                                               thread_name_prefix="diffqc-webhook")
+        return list(self._pool.map(one, messages))
 
     def _close(self) -> None:
         if self._conn is not None:
