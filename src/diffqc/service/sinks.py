@@ -1189,13 +1189,15 @@ class Dispatcher:
 
     def deliver_due(self, sink: Sink) -> bool:
         """Send what is due, in order, stopping at the first failure; True when idle. A sink
-        that sends many at once (``send_many``: MQTT's in-flight window) has each one's outcome
-        kept: those the receiver took are delivered, a failed one waits."""
+        that sends many at once (``send_many``: MQTT's in-flight window, the webhook's
+        connections) has each one's outcome kept: those the receiver took are delivered, a failed
+        one waits (a receiver away: each of its messages backs off, the sink's away count once)."""
         if not sink.ready():
             return True
         due = self.outbox.due(sink.name, time.time())
         send_many = getattr(sink, "send_many", None)
         outcomes = send_many(due) if send_many is not None and due else None
+        away = False  # the receiver was away for a message of this pass
         for i, message in enumerate(due):
             if self._stop.is_set():
                 return True
@@ -1206,10 +1208,14 @@ class Dispatcher:
                 self.last_error[sink.name] = error
                 self.outages[sink.name].failed(f"{error} (retrying; messages wait in the outbox)")
                 if isinstance(exc, Unavailable):  # backing off by the sink's failures, not the message's
-                    self._away[sink.name] += 1  # and for as long as the receiver asked (Retry-After)
+                    if not away:  # once a pass; and for as long as the receiver asked (Retry-After)
+                        self._away[sink.name] += 1
+                        away = True
                     wait = max(sink.backoff(self._away[sink.name]), exc.retry_after_s or 0.0)
                     self.outbox.failed(message, error, time.time() + wait, attempt=False)
-                    return True
+                    if outcomes is None:  # the later ones were not sent
+                        return True
+                    continue
                 limit = sink.max_attempts or (MAX_ATTEMPTS if isinstance(exc, Refused) else None)
                 if limit is not None and message.attempts + 1 >= limit:
                     log.error("sink %s: message %s (record %s) dead-lettered after %d attempts: %s",
@@ -1222,11 +1228,12 @@ class Dispatcher:
                     return True
                 continue
             self.outbox.delivered(message)
-            self._away[sink.name] = 0
-            self.outages[sink.name].worked()
             self.delivered_total[sink.name] += 1
-            self.last_error[sink.name] = None
-        return len(due) == 0
+            if not away:
+                self._away[sink.name] = 0
+                self.outages[sink.name].worked()
+                self.last_error[sink.name] = None
+        return away or len(due) == 0
 
     def status(self) -> dict[str, dict[str, Any]]:
         out = {}
