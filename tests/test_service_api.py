@@ -468,6 +468,7 @@ def test_results_export_takes_one_stations_or_lines_parts(tmp_path: Path) -> Non
     summary = export_reviewed_good(db, tmp_path / "a", data_dir=data, station="A")
     assert sorted(s.part_id for s in load_dataset(tmp_path / "a")) == ["A-0", "A-2"]
     assert summary["types"]["dots"] == {"inspected": 3, "flagged": 2, "exported": 2, "exported_flagged": 2}
+    assert json.loads((tmp_path / "a" / "export.json").read_text())["station"] == "A"  # what it holds
     assert export_reviewed_good(db, tmp_path / "none", data_dir=data, line="L2")["exported"] == 0
     rc = main(["results", "export", str(tmp_path / "b"), "--db", db, "--data-dir", str(data),
                "--station", "B", "--line", "L1", "--feature-type", "dots", "--until", "2999-01-01"])

@@ -1551,7 +1551,8 @@ def export_reviewed_good(
     writer = csv.DictWriter(table, fieldnames=list(EXPORT_COLUMNS))
     writer.writeheader()
     writer.writerows(rows)
-    summary = json.dumps({"since": since, "types": types}, indent=2).encode("utf-8")
+    held = {k: v for k, v in chosen.items() if v is not None or k == "since"}  # the parts it holds
+    summary = json.dumps({**held, "types": types}, indent=2).encode("utf-8")
     try:
         write_atomic(out / EXPORT_SUMMARY_FILE, summary)
         write_atomic(manifest, table.getvalue().encode("utf-8"))
