@@ -635,9 +635,9 @@ class WebhookSink:
                 if resp.will_close or said is None:
                     self._close()
                 return status, resp.getheader("Location"), resp.getheader("Retry-After"), said or b""
-            except (ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError):  # closed under the push
+            except (OSError, http.client.HTTPException) as exc:  # a kept one closed under the push: again
                 self._close()
-                if not kept:
+                if not kept or isinstance(exc, TimeoutError):
                     raise
             except BaseException:
                 self._close()
