@@ -927,6 +927,9 @@ def test_webhook_goes_through_the_proxy_the_environment_names(tmp_path: Path,
         monkeypatch.setenv("HTTP_PROXY", "socks5://127.0.0.1:1080")
         with pytest.raises(ConfigError, match=r"HTTP_PROXY 'socks5://127.0.0.1:1080' must be http://host:port"):
             check_sink_urls(None, plain.url)  # at start
+        monkeypatch.setenv("HTTPS_PROXY", "socks5h://127.0.0.1:1080")
+        with pytest.raises(ConfigError, match=r"HTTPS_PROXY 'socks5h://127.0.0.1:1080' must be http://host:port"):
+            check_sink_urls(None, secure.url)
     finally:
         proxy.close()
         plain.close()

@@ -448,7 +448,7 @@ def _route(url: str) -> _Route:
         return _Route(tls, host, port, path)
     proxy = urlsplit(proxy_url if "://" in proxy_url else f"http://{proxy_url}")
     named = f"{parts.scheme.upper()}_PROXY {redact_url(proxy_url)!r}"
-    if not proxy.hostname or (proxy.scheme != "http" and not tls):
+    if not proxy.hostname or proxy.scheme not in ("http", "https") or (proxy.scheme == "https" and not tls):
         raise ConfigError(f"{named} must be http://host:port (a proxy this webhook reaches over plain HTTP)")
     proxy_port = _checked_port(proxy, named) or 80
     auth = {"Proxy-Authorization": _basic(proxy.username, proxy.password)} if proxy.username else {}
