@@ -809,11 +809,12 @@ def test_webhook_connections_send_pushes_at_once(store: ResultStore, tmp_path: P
     from diffqc.service.app import ServiceSettings
 
     # a receiver away for one message of a pass: the others it took are delivered, not sent again;
-    # away for all: each waits its backoff (they were sent again at every poll, 63 at a time)
-    for fail, messages, expected in [({"once": [1]}, 4, 5), ({"always": True}, 8, 8)]:
+    # away for all: those sent wait their backoff (they were sent again at every poll, 63 at a
+    # time), the rest behind them, untried (a pass stops at an endpoint away)
+    for fail, messages, expected in [({"once": [1]}, 4, 5), ({"always": True}, 8, 4)]:
         with ResultStore(str(tmp_path / f"outbox-{messages}.db")) as own:
-            receiver = Receiver(keep_alive=True, fail_once=fail.get("once", ()),
-                                always_fail=bool(fail.get("always")))
+            receiver = Receiver(keep_alive=True, fail_once=fail.get("once", ()),  # each pass's 4 sent at once
+                                always_fail=bool(fail.get("always")), delay_s=0.2)
             box = outbox_for(own, "webhook")
             backoff = 60.0 if fail.get("always") else 0.01
             disp = Dispatcher(box, [WebhookSink(receiver.url, connections=4, backoff_base_s=backoff)],
@@ -831,6 +832,27 @@ def test_webhook_connections_send_pushes_at_once(store: ResultStore, tmp_path: P
                 assert sorted(receiver.delivered_ids()) == ids
     with pytest.raises(ConfigError, match="--webhook-connections must be 1 to 64, got 65"):
         ServiceSettings(webhook_url=receiver.url, webhook_connections=65, allow_no_token=True).validate()
+
+
+def test_webhook_connections_stop_a_pass_at_an_endpoint_away(store: ResultStore) -> None:
+    """An endpoint that takes connections and answers nothing (a MES hung, a host gone): with
+    ``--webhook-connections`` above 1 a delivery pass tried every due message, N at a time, each
+    waiting ``--webhook-timeout`` (64 messages over 4 connections at 5 s: 80 s, the endpoint
+    back meanwhile unseen), where one connection stops at its first failure. A pass now stops
+    when a push finds the endpoint away: the pushes under way end, the rest wait, untried."""
+    receiver = Receiver(keep_alive=True, delay_s=1.0)  # answers after the sink gave up
+    box = outbox_for(store, "webhook")
+    sink = WebhookSink(receiver.url, connections=2, timeout_s=0.3)
+    disp = Dispatcher(box, [sink])
+    try:
+        store.insert_many([record(i) for i in range(10)])
+        assert disp.deliver_due(sink) is True  # the endpoint away: idle until the next poll
+        wait_for(lambda: receiver.in_flight == 0, 10, "the receiver's late answers")
+    finally:
+        disp.stop()
+        receiver.close()
+    assert len(receiver.requests) == 2, [b["record_id"] for _, _, b in receiver.requests]
+    assert disp.failures_total["webhook"] == 2 and box.pending("webhook") == 10  # 8 untried: no failure
 
 
 class _ForwardProxy:

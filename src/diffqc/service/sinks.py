@@ -359,6 +359,12 @@ class Unavailable(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+class NotSent(RuntimeError):
+    """A message a sink sending many at once left unsent, its receiver found away by another of
+    them (``send_many``): it stays due, no attempt counted, as one after a failure over one
+    connection does."""
+
+
 RETRY_AFTER_MAX_S = 3600.0  # a Retry-After longer than this is read as this
 MAX_WEBHOOK_CONNECTIONS = 64  # --webhook-connections: at most as many as a delivery pass takes
 
@@ -564,11 +570,20 @@ class WebhookSink:
 
     def _send_at_once(self, messages: Sequence[Message]) -> list[Exception | None]:
         """Each message's outcome, sent over the kept connections at once, each on the first free
-        one (so not in order)."""
+        one (so not in order). Once one finds the endpoint away (:class:`Unavailable`: a timeout,
+        a refusal of every push), those not yet sent are not (:class:`NotSent`): a pass over an
+        endpoint that answers nothing ends with the pushes under way, not every due one's timeout."""
+        away = threading.Event()
+
         def one(message: Message) -> Exception | None:
             lane = self._free.get()
             try:
-                return _outcome(lane, message)
+                if away.is_set():
+                    return NotSent("not sent: the endpoint was found away")
+                outcome = _outcome(lane, message)
+                if isinstance(outcome, Unavailable):
+                    away.set()
+                return outcome
             finally:
                 self._free.put(lane)
 
@@ -1202,6 +1217,8 @@ class Dispatcher:
             if self._stop.is_set():
                 return True
             exc = outcomes[i] if outcomes is not None else _outcome(sink, message)
+            if isinstance(exc, NotSent):  # due again at the next pass
+                continue
             if exc is not None:
                 error = str(exc) or type(exc).__name__
                 self.failures_total[sink.name] += 1
