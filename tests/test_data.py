@@ -607,6 +607,33 @@ def test_a_float_image_with_points_that_are_not_numbers_is_refused(bad: float) -
         decode_image(buf.getvalue(), source="height.tiff")
 
 
+def _tiff(values: np.ndarray, mode: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(values, mode=mode).save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def test_a_32_bit_image_is_read_on_a_fixed_scale_or_refused() -> None:
+    """A float or 32-bit integer TIFF (a laser profiler's height map about a reference plane)
+    was read on a scale of its own when a point lay below 0 (its minimum to its maximum), and on
+    the 8-bit scale when none did: two scans of one surface 0.02 mm apart in level came in 127
+    times apart in contrast, so parts of one type were read unlike each other, without a word;
+    values above 16 bits were clipped to white. Such images are refused, naming the fix (one
+    scale for the type's images); those on a fixed scale are read as before."""
+    surface = np.linspace(0, 2, 64 * 64, dtype=np.float32).reshape(64, 64)  # heights in mm
+    np.testing.assert_allclose(decode_image(_tiff(surface + 0.01, "F"))[..., 0], (surface + 0.01) / 255,
+                               rtol=1e-6)  # on the 8-bit scale, as before
+    with pytest.raises(ImageReadError, match=r"pixel values -0\.01\.\.1\.99 lie below 0 .*not by "
+                       r"its own range.*\(h - LO\) / \(HI - LO\)"):
+        decode_image(_tiff(surface - 0.01, "F"), source="scan-2.tiff")
+    overshoot = np.clip(surface / 2, 0, 1) * 1.04 - 0.02  # [0, 1] with a bicubic resize's overshoot
+    np.testing.assert_allclose(decode_image(_tiff(overshoot, "F"))[..., 0], np.clip(overshoot, 0, 1))
+    with pytest.raises(ImageReadError, match=r"pixel values -5\.\.4090 lie below 0"):
+        decode_image(_tiff(np.linspace(-5, 4090, 64 * 64).astype(np.int32).reshape(64, 64), "I"))
+    with pytest.raises(ImageReadError, match=r"pixel values 0\.\.70000 lie above 65535"):
+        decode_image(_tiff(np.linspace(0, 70000, 64 * 64).astype(np.int32).reshape(64, 64), "I"))
+
+
 def test_a_file_of_several_images_is_refused_and_a_preview_page_is_not() -> None:
     """A camera writing one TIFF per part under several lightings (or a stack of parts) gave
     diffqc its first page only, without a word: the other pages were never inspected. A file with

@@ -135,6 +135,23 @@ class Sample:
         return self.part_id if self.part_id else str(self.path)
 
 
+def _fixed_scale(mode: str, lo: float, hi: float, source: str) -> float:
+    """What a 32-bit image (PIL mode ``F`` or ``I``) with values ``lo..hi`` is divided by: 1 for a
+    float image in [0, 1] (the convention; a resize's overshoot of 0.05 clipped, as an array's), else
+    255 or 65535 as its values are 8- or 16-bit ones. Below 0 or above 65535 (a height map about a
+    reference plane) is refused: a scale of its own range would read each part unlike the others."""
+    if mode == "F" and lo >= -0.05 and hi <= 1.05:
+        return 1.0
+    if lo < 0 or hi > 65535:
+        where = "below 0 (a height map about a reference plane?)" if lo < 0 else "above 65535"
+        raise ImageReadError(source, f"pixel values {lo:g}..{hi:g} lie {where}: an image is read on a "
+                             "fixed scale (a float image in [0, 1] as it is, else as 8- or 16-bit values), "
+                             "not by its own range, which would read each part unlike the others; write "
+                             "the type's images on one scale, (h - LO) / (HI - LO) for its range LO..HI, "
+                             "as float TIFFs in [0, 1] or 16-bit PNGs")
+    return 65535.0 if hi > 255 else 255.0
+
+
 def _to_float_rgb(img: Image.Image, source: str) -> np.ndarray:
     """Decode any PIL mode (L, I;16, I, F, RGB, RGBA, P, ...) to HxWx3 float32 in [0, 1]."""
     if img.mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
@@ -147,14 +164,8 @@ def _to_float_rgb(img: Image.Image, source: str) -> np.ndarray:
         if img.mode.startswith("I;16"):
             arr = arr / 65535.0
         else:
-            lo, hi = float(arr.min()), float(arr.max())
-            if img.mode == "F" and lo >= 0 and hi <= 1.0:
-                pass  # a float image in [0, 1], the convention for float images
-            elif lo >= 0:
-                arr = arr / (65535.0 if hi > 255 else 255.0)
-            else:
-                arr = (arr - lo) / max(hi - lo, 1e-12)
-        arr = np.clip(arr, 0.0, 1.0).astype(np.float32)
+            arr = arr / _fixed_scale(img.mode, float(arr.min()), float(arr.max()), source)
+        arr = np.clip(arr, 0.0, 1.0).astype(np.float32)  # a float image's overshoot, as an array's
         return np.repeat(arr[:, :, None], 3, axis=2)
     if img.mode in {"RGBA", "LA", "PA"} or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
