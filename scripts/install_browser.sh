@@ -6,10 +6,6 @@ if command -v chromium >/dev/null 2>&1 && [ -x /usr/bin/chromedriver ]; then
     echo "chromium and chromedriver already installed"
     exit 0
 fi
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+bash "$(dirname "$0")/apt_install.sh" chromium chromium-driver
 chromium --version
 /usr/bin/chromedriver --version

@@ -31,11 +31,7 @@ fi
 MOSQUITTO="$(command -v mosquitto || ls /usr/sbin/mosquitto 2>/dev/null || true)"
 if [ -z "$MOSQUITTO" ]; then
     log "installing mosquitto (apt)"
-    SUDO=""
-    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-    export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -qq >&2
-    $SUDO apt-get install -y -qq --no-install-recommends mosquitto >&2
+    bash "$(dirname "$0")/apt_install.sh" mosquitto
     MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
 fi
 

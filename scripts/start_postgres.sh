@@ -20,11 +20,7 @@ find_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; 
 PGBIN="$(find_bin || true)"
 if [ -z "$PGBIN" ] || [ ! -x "$PGBIN/initdb" ]; then
     log "installing postgresql (apt)"
-    SUDO=""
-    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-    export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -qq >&2
-    $SUDO apt-get install -y -qq --no-install-recommends postgresql >&2
+    bash "$(dirname "$0")/apt_install.sh" postgresql
     PGBIN="$(find_bin)"
 fi
 

@@ -92,6 +92,62 @@ def test_postgres_concurrent_writers_and_two_processes_schema(pg_url: str) -> No
             s.close()
 
 
+PGBOUNCER_URL = os.environ.get("DIFFQC_TEST_PGBOUNCER_URL")  # scripts/start_pgbouncer.sh
+
+
+@pytest.fixture
+def pgbouncer_url() -> Iterator[str]:
+    """A database of its own on the test server, reached through PgBouncer in transaction
+    pooling (which takes no ``options=-csearch_path``, so no schema of its own)."""
+    import psycopg
+
+    if not PGBOUNCER_URL:
+        pytest.skip("DIFFQC_TEST_PGBOUNCER_URL is not set (scripts/start_pgbouncer.sh)")
+    assert URL
+    name = f"diffqc_b_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(URL, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield f"{PGBOUNCER_URL.rsplit('/', 1)[0]}/{name}"
+    with psycopg.connect(URL, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")  # PgBouncer's server connections too
+
+
+def test_postgres_through_pgbouncer_in_transaction_pooling(pgbouncer_url: str) -> None:
+    """A plant's DBA gives a PgBouncer's address (transaction pooling: each transaction on any of
+    its server connections). psycopg prepares a statement on the server after its fifth run, so
+    a store's next run of it, on another server connection, failed: `cannot read the result
+    store: prepared statement "_pg3_0" already exists` (or `does not exist`), for services
+    sharing the store and for one service's writer beside its readers. Statements are no longer
+    prepared on the server."""
+    import threading
+
+    with ResultStore(pgbouncer_url) as store:
+        store_contract(store)
+    stores = [ResultStore(pgbouncer_url) for _ in range(3)]  # serve, watch, results list
+    errors: list[str] = []
+
+    def work(k: int) -> None:
+        try:
+            for i in range(30):
+                stores[k].insert(_rec(f"b{k}-{i}"))
+                stores[k].query(limit=5)
+                stores[k].count()
+        except Exception as exc:
+            errors.append(str(exc))
+
+    try:
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert stores[0].count() == 7 + 90
+    finally:
+        for s in stores:
+            s.close()
+
+
 def test_postgres_results_list_with_a_role_that_may_only_read(pg_url: str) -> None:
     """A QC engineer given a PostgreSQL role that may only read the line's results (a common
     grant for reporting) was refused by `results list`: it created the tables first ("cannot

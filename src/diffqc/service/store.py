@@ -534,8 +534,10 @@ class ResultStore:
                 import psycopg
             except ImportError as exc:  # pragma: no cover - depends on the install
                 raise StoreError("PostgreSQL needs psycopg: pip install 'diffqc[serve]'") from exc
-            try:
-                return psycopg.connect(self.url, autocommit=autocommit, connect_timeout=10)
+            try:  # no statement prepared on the server: through PgBouncer's transaction pooling (as
+                # DBAs run it) the next run of one, on another server connection, failed
+                return psycopg.connect(self.url, autocommit=autocommit, connect_timeout=10,
+                                       prepare_threshold=None)
             except psycopg.Error as exc:  # libpq's message spans lines, and has no primary message
                 raise StoreError(f"cannot connect to {redact_url(self.url)}: {_db_reason(exc)}") from None
         assert self.path is not None
