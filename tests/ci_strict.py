@@ -1,4 +1,4 @@
-"""Under ``CI=true`` a test that needs a service (PostgreSQL, Chromium, an MQTT broker, promtool) must
+"""Under ``CI=true`` a test that needs a service (PostgreSQL, Chromium, an MQTT broker, promtool, nginx) must
 run: its skip is turned into a failure, so CI cannot be green without those tests.
 
 Loaded by ``tests/conftest.py``; without ``CI=true`` such tests skip as usual (a local run
@@ -12,7 +12,7 @@ from collections.abc import Generator
 
 import pytest
 
-SERVICE_MARKERS = ("postgres", "browser", "mqtt", "prometheus")
+SERVICE_MARKERS = ("postgres", "browser", "mqtt", "prometheus", "nginx")
 
 
 def ci_strict() -> bool:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +19,15 @@ import pytest
 
 from tests.test_service_common import (  # noqa: F401 (fixtures)
     AUTH,
+    NGINX,
     TOKEN,
     Samples,
+    behind_nginx,
     bench,
     detector,
     samples,
     service_model,
+    serving,
     tinted,
 )
 
@@ -48,29 +49,8 @@ def live_server(detector: Any, tmp_path: Path) -> Iterator[tuple[str, Any]]:
     from diffqc.service.app import ServiceSettings, create_app
 
     app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,)), detector=detector)
-    with _serve(app) as url:
+    with serving(app) as url:
         yield url, app.state.diffqc
-
-
-@contextmanager
-def _serve(app: Any, root_path: str = "") -> Iterator[str]:
-    """``app`` under a real uvicorn on 127.0.0.1, in a thread."""
-    import uvicorn
-
-    port = bench.free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           root_path=root_path))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.started
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 @pytest.fixture
@@ -439,58 +419,14 @@ def test_dashboard_connects_by_itself_where_no_token_is_needed(
     wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "enter the API token"))
     settings = ServiceSettings(db_url=str(tmp_path / "open.db"), allow_no_token=True)
     app = create_app(settings, detector=detector)
-    with _serve(app) as open_url:
+    with serving(app) as open_url:
         browser.get(open_url + "/dashboard")
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
         wait.until(lambda d: d.find_element(By.ID, "model-version").text not in ("", "–"))
 
 
-@contextmanager
-def _behind_a_prefix(upstream: str, prefix: str) -> Iterator[str]:
-    """A reverse proxy on 127.0.0.1 that serves ``upstream`` under ``prefix`` (``/qc/x`` is
-    asked upstream as ``/x``, as nginx's ``location /qc/ { proxy_pass http://svc/; }`` does;
-    headers and bodies pass as they are): the proxy's own URL."""
-    import http.client
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    from urllib.parse import urlsplit
-
-    target = urlsplit(upstream)
-
-    class Forward(BaseHTTPRequestHandler):
-        def _forward(self) -> None:
-            if not self.path.startswith(prefix + "/"):
-                self.send_error(404, "not under " + prefix)
-                return
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-            conn.request(self.command, self.path[len(prefix):], body=body or None, headers=headers)
-            reply = conn.getresponse()
-            data = reply.read()
-            self.send_response(reply.status)
-            for key, value in reply.getheaders():
-                if key.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
-                    self.send_header(key, value)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-            conn.close()
-
-        do_GET = do_POST = do_PUT = do_DELETE = _forward
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{proxy.server_address[1]}"
-    finally:
-        proxy.shutdown()
-        thread.join(15)
-
-
+@pytest.mark.nginx
+@pytest.mark.skipif(NGINX is None, reason="nginx not installed (apt-get install nginx-light)")
 @pytest.mark.parametrize("root_path", ["", "/qc"])
 def test_dashboard_works_behind_a_proxy_that_serves_it_under_a_path(
     detector: Any, browser: Any, samples: Samples, tmp_path: Path, root_path: str
@@ -511,7 +447,7 @@ def test_dashboard_works_behind_a_proxy_that_serves_it_under_a_path(
                      detector=detector)
     state = app.state.diffqc
     wait = WebDriverWait(browser, 20)
-    with _serve(app, root_path) as url, _behind_a_prefix(url, "/qc") as proxy:
+    with serving(app, root_path) as url, behind_nginx(url, tmp_path / "nginx") as proxy:
         browser.get(proxy + "/qc/")
         assert browser.current_url == proxy + "/qc/dashboard"
         browser.find_element(By.ID, "token").send_keys(TOKEN)
@@ -560,7 +496,7 @@ def test_dashboard_says_when_a_disk_is_nearly_full(detector: Any, browser: Any, 
         app = create_app(ServiceSettings(db_url=str(folder / "r.db"), tokens=(TOKEN,),
                                          disk_min_free_bytes=limit, disk_min_free_ratio=0.0),
                          detector=detector)
-        with _serve(app) as url:
+        with serving(app) as url:
             browser.get(url + "/dashboard")
             browser.find_element(By.ID, "token").send_keys(TOKEN)
             browser.find_element(By.ID, "connect").click()
@@ -592,7 +528,7 @@ def test_dashboard_names_the_types_parts_went_without(detector: Any, browser: An
     other, stray = [t for t in detector.classes_ if t != ftype][:2]
     app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,), part_timeout_s=0.3,
                                      calibration_poll_s=0.1, part_types=(ftype, other)), detector=detector)
-    with _serve(app) as url:
+    with serving(app) as url:
         browser.get(url + "/dashboard")
         browser.find_element(By.ID, "token").send_keys(TOKEN)
         browser.find_element(By.ID, "connect").click()
@@ -633,7 +569,7 @@ def test_dashboard_says_when_the_tls_certificate_expires_soon(detector: Any, bro
     leaf.private_key_and_cert_chain_pem.write_to_path(str(pem))
     app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,), tls_cert=pem),
                      detector=detector)
-    with _serve(app) as url:  # the page's panel, served here over HTTP
+    with serving(app) as url:  # the page's panel, served here over HTTP
         browser.get(url + "/dashboard")
         browser.find_element(By.ID, "token").send_keys(TOKEN)
         browser.find_element(By.ID, "connect").click()
@@ -658,7 +594,7 @@ def test_dashboard_follows_a_retrained_model(service_model: tuple[Path, Path], b
     served = tmp_path / "model"
     shutil.copytree(service_model[0], served)
     app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,), model_path=served))
-    with _serve(app) as url:
+    with serving(app) as url:
         browser.get(url + "/dashboard")
         browser.find_element(By.ID, "token").send_keys(TOKEN)
         browser.find_element(By.ID, "connect").click()

@@ -7,9 +7,15 @@ session on a small synthetic set (a few seconds on 2 CPU cores).
 from __future__ import annotations
 
 import io
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
 import warnings
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,3 +120,62 @@ async def running_app(
     client = httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=60.0)
     async with app.router.lifespan_context(app), client:
         yield client, app.state.diffqc
+
+
+@contextmanager
+def serving(app: Any, root_path: str = "") -> Iterator[str]:
+    """``app`` under a real uvicorn on 127.0.0.1, in a thread: its URL."""
+    import uvicorn
+
+    port = bench.free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           root_path=root_path))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+API_DOC = Path(__file__).resolve().parents[1] / "docs" / "API.md"
+
+
+@contextmanager
+def behind_nginx(upstream: str, folder: Path) -> Iterator[str]:
+    """A real nginx on 127.0.0.1 running docs/API.md's ``location /qc/`` block as it stands there,
+    its ``proxy_pass`` pointed at ``upstream`` (``/qc/x`` asked upstream as ``/x``): its URL."""
+    block = re.search(r"```nginx\n(.*?)```", API_DOC.read_text(encoding="utf-8"), re.S)
+    assert block is not None and NGINX is not None
+    location = block[1].replace("http://127.0.0.1:8000/", f"{upstream}/")
+    port = bench.free_port()
+    temp = "".join(f"{kind}_temp_path {folder / kind};\n" for kind in
+                   ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    folder.mkdir(parents=True, exist_ok=True)
+    # as root its workers would be nobody, who may not write the test's folders
+    user = "user root;\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
+    (folder / "nginx.conf").write_text(
+        f"daemon off;\n{user}worker_processes 1;\npid {folder / 'nginx.pid'};\n"
+        f"error_log {folder / 'error.log'};\nevents {{ worker_connections 64; }}\n"
+        f"http {{\naccess_log off;\n{temp}server {{\nlisten 127.0.0.1:{port};\n{location}}}\n}}\n")
+    proc = subprocess.Popen([NGINX, "-p", str(folder), "-c", str(folder / "nginx.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (proc.stderr.read() if proc.stderr else b"").decode()
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(15)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import errno
 import hashlib
@@ -707,7 +708,27 @@ async def _read_body(request: Request, limit: int) -> bytes:
         check_content_length(request.headers.get("content-length"), limit)
         return await read_limited(request.stream(), limit)
     except UploadTooLarge as exc:
+        await _drain(request)
         raise ServiceError(413, "upload_too_large", str(exc)) from None
+
+
+DRAIN_BYTES = 64 * 1024 * 1024  # the most of a body refused as too large read and dropped
+
+
+async def _drain(request: Request) -> None:
+    """The rest of a body refused as too large, read and dropped (up to :data:`DRAIN_BYTES`,
+    within the body timeout), so that the 413 reaches the client: a connection closed with the
+    body unread is reset, and a proxy that sends a body on once it has it whole (nginx) answered
+    its client 502 instead. A body declared larger, or one that stalls or ends, is left."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > DRAIN_BYTES:
+        return
+    dropped = 0
+    with contextlib.suppress(Exception):  # the client gone, the body stalled: the 413 as it can
+        async for chunk in request.stream():
+            dropped += len(chunk)
+            if dropped > DRAIN_BYTES:
+                return
 
 
 def _is_multipart(request: Request) -> bool:

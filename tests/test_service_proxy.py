@@ -1,0 +1,65 @@
+"""The service behind a real nginx, configured as docs/API.md ("Behind a reverse proxy") says.
+
+Needs nginx (Debian's ``nginx-light``; ``.ci/run`` installs it): under ``CI=true`` these tests
+may not skip.
+"""
+
+# ruff: noqa: F811  (fixtures imported from tests.test_service_common are re-bound as arguments)
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.test_service_common import (  # noqa: F401 (fixtures)
+    AUTH,
+    NGINX,
+    TOKEN,
+    Samples,
+    behind_nginx,
+    detector,
+    png,
+    samples,
+    service_model,
+    serving,
+)
+
+pytestmark = [
+    pytest.mark.nginx,
+    pytest.mark.skipif(NGINX is None, reason="nginx not installed (apt-get install nginx-light)"),
+]
+
+
+def test_a_cameras_image_passes_the_documented_nginx_and_a_too_large_one_is_answered_by_the_service(
+        detector: Any, samples: Samples, tmp_path: Path) -> None:
+    """docs/API.md showed nginx's ``location /qc/ { proxy_pass ...; }`` alone: nginx takes request
+    bodies up to 1 MB unless told more, so a camera's 2 MB image was refused by nginx (`413
+    Request Entity Too Large`, an HTML page) before the service saw it. The documented block now
+    sets ``client_max_body_size`` above the service's own limit: such an image is inspected, and
+    one beyond ``--max-upload-mb`` is answered by the service (its JSON 413), not by nginx. The
+    service answered such a body before reading the rest of it, and closed the connection with it
+    unread, which is a reset: nginx, which sends a body on once it has it whole, answered its
+    client `502 Bad Gateway` (6 times in 8 by hand). The rest is now read and dropped first."""
+    from diffqc.service.app import ServiceSettings, create_app
+
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,), root_path="/qc"),
+                     detector=detector)
+    ftype = samples.all[0][1]
+    camera = png(np.random.default_rng(0).integers(0, 256, (1400, 1400), dtype=np.uint8))
+    assert len(camera) > 1_500_000  # more than nginx's default of 1 MB
+    with serving(app, "/qc") as url, behind_nginx(url, tmp_path / "nginx") as proxy:
+        r = httpx.post(f"{proxy}/qc/v1/inspect", files={"image": ("part.png", camera, "image/png")},
+                       data={"feature_type": ftype, "part_id": "cam-1"}, headers=AUTH, timeout=60)
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["image_url"] is None or r.json()["image_url"].startswith("/qc/v1/results/")
+        too_large = b"\0" * (app.state.diffqc.settings.max_upload_bytes + 2_000_000)
+        for _ in range(5):  # the service's answer each time (nginx answered most 502: see below)
+            r = httpx.post(f"{proxy}/qc/v1/inspect", params={"feature_type": ftype}, headers=AUTH,
+                           content=too_large, timeout=60)
+            assert r.status_code == 413 and r.json()["code"] == "upload_too_large", r.text[:300]
+        page = httpx.get(f"{proxy}/qc/dashboard", timeout=30)
+        assert page.status_code == 200 and "<html" in page.text.lower()
