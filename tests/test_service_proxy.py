@@ -1,15 +1,20 @@
-"""The service behind a real nginx, configured as docs/API.md ("Behind a reverse proxy") says.
+"""The service over real HTTP connections, as proxies and clients make them: behind a real nginx
+configured as docs/API.md ("Behind a reverse proxy") says, and a client that asks before it
+sends its body (``Expect: 100-continue``).
 
-Needs nginx (Debian's ``nginx-light``; ``.ci/run`` installs it): under ``CI=true`` these tests
-may not skip.
+The nginx test needs nginx (Debian's ``nginx-light``; ``.ci/run`` installs it): under
+``CI=true`` it may not skip.
 """
 
 # ruff: noqa: F811  (fixtures imported from tests.test_service_common are re-bound as arguments)
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -28,12 +33,9 @@ from tests.test_service_common import (  # noqa: F401 (fixtures)
     serving,
 )
 
-pytestmark = [
-    pytest.mark.nginx,
-    pytest.mark.skipif(NGINX is None, reason="nginx not installed (apt-get install nginx-light)"),
-]
 
-
+@pytest.mark.nginx
+@pytest.mark.skipif(NGINX is None, reason="nginx not installed (apt-get install nginx-light)")
 def test_a_cameras_image_passes_the_documented_nginx_and_a_too_large_one_is_answered_by_the_service(
         detector: Any, samples: Samples, tmp_path: Path) -> None:
     """docs/API.md showed nginx's ``location /qc/ { proxy_pass ...; }`` alone: nginx takes request
@@ -63,3 +65,25 @@ def test_a_cameras_image_passes_the_documented_nginx_and_a_too_large_one_is_answ
             assert r.status_code == 413 and r.json()["code"] == "upload_too_large", r.text[:300]
         page = httpx.get(f"{proxy}/qc/dashboard", timeout=30)
         assert page.status_code == 200 and "<html" in page.text.lower()
+
+
+def test_a_client_that_asks_before_sending_a_body_too_large_is_refused_before_it_sends_it(
+        detector: Any, tmp_path: Path) -> None:
+    """A client that asks before it sends a large body (``Expect: 100-continue``: curl above 1 MB,
+    .NET's HttpClient) and declares one over the limit is answered 413 at once, without the
+    ``100 Continue`` that would have it send the body only to have it dropped."""
+    from diffqc.service.app import ServiceSettings, create_app
+
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,)), detector=detector)
+    size = app.state.diffqc.settings.max_upload_bytes + 2_000_000
+    with serving(app) as url:
+        where = urlsplit(url)
+        with socket.create_connection((where.hostname, where.port), timeout=10) as conn:
+            conn.sendall(f"POST /v1/inspect HTTP/1.1\r\nHost: {where.netloc}\r\nAuthorization: "
+                         f"{AUTH['Authorization']}\r\nContent-Type: image/png\r\nContent-Length: {size}"
+                         "\r\nExpect: 100-continue\r\n\r\n".encode())
+            answer = b""
+            deadline = time.monotonic() + 10
+            while b"\r\n\r\n" not in answer and time.monotonic() < deadline:
+                answer += conn.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]

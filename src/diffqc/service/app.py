@@ -704,11 +704,15 @@ def load_detector(model_path: str | Path, runtime: str = "auto", *, precision: s
 # --------------------------------------------------------------------------- uploads
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, at most ``limit`` bytes (413 when larger; a stalled body: see _BodyTimeout)."""
+    # a client that waits to be let send its body (Expect: 100-continue) is refused before it does
+    waiting = "100-continue" in request.headers.get("expect", "").lower()
     try:
         check_content_length(request.headers.get("content-length"), limit)
+        waiting = False  # reading lets it send: what it sends is read to its end
         return await read_limited(request.stream(), limit)
     except UploadTooLarge as exc:
-        await _drain(request)
+        if not waiting:
+            await _drain(request)
         raise ServiceError(413, "upload_too_large", str(exc)) from None
 
 
