@@ -373,6 +373,35 @@ def test_watch_waits_until_a_file_is_complete(
     assert rec.feature_type == ftype and rec.decision in ("PASS", "REVIEW", "REJECT")
 
 
+def test_watch_does_not_fail_a_file_still_being_written_however_long_it_takes(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
+) -> None:
+    """A camera's upload over a slow or busy link (FTP, a share) can take longer than
+    ``fail_after_s`` with pauses longer than ``settle_s``: the file was failed (recorded
+    NOT_INSPECTED and moved to failed/, where the upload went on into it) once it had been seen
+    ``fail_after_s`` before, though it was still changing. A file fails only once it has stopped
+    changing for ``fail_after_s`` and still does not decode."""
+    folder, pipe, store = rig
+    body, ftype = samples.all[2]
+    w = _watcher(folder, pipe, store, feature_type=ftype, settle_s=0.05, fail_after_s=0.5)
+    path = folder / "uploading.png"
+    cuts = [len(body) * k // 8 for k in range(1, 8)]
+    path.write_bytes(body[: cuts[0]])
+    for start, end in zip(cuts, [*cuts[1:], len(body)], strict=True):
+        w.step()  # sees it grown
+        time.sleep(0.15)  # a pause longer than settle_s: the part written so far is tried
+        assert w.step().failed == 0 and store.count() == 0, "failed while still being written"
+        with open(path, "ab") as fh:  # over 1 s in all: twice fail_after_s since first seen
+            fh.write(body[start:end])
+    w.step()
+    time.sleep(0.15)
+    assert w.step().inspected == 1 and (folder / "processed" / "uploading.png").exists()
+    (folder / "stuck.png").write_bytes(body[: len(body) // 2])  # a camera that stopped mid-file
+    w.step()
+    time.sleep(0.6)
+    assert w.step().failed == 1 and (folder / "failed" / "stuck.png").exists()
+
+
 def test_watch_names_once_each_kind_of_file_it_passes_over(
     rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, caplog: pytest.LogCaptureFixture
 ) -> None:

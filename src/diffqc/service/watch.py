@@ -15,8 +15,9 @@ Files are found to any depth below the folder (a camera filing by day or hour), 
 ``processed/``, ``failed/`` or hidden folders. Feature type: ``feature_type`` when given, else the
 name of the nearest folder around the file that the model knows (``DIR/<type>/img.png``,
 ``DIR/<type>/2026-12-02/img.png``), else unknown (scored under every type).
-Files that never decode, or cannot be read (a camera's file this user may not read), within
-``fail_after_s`` are stored as ``NOT_INSPECTED`` and moved to ``failed/``.
+Files that do not decode, or cannot be read (a camera's file this user may not read), once they
+have not changed for ``fail_after_s`` are stored as ``NOT_INSPECTED`` and moved to ``failed/``
+(one still being written, however slowly, is waited for).
 """
 
 from __future__ import annotations
@@ -144,8 +145,7 @@ class _CannotMove(OSError):
 class _Seen:
     size: int
     mtime_ns: int
-    first_seen: float
-    stable_since: float
+    stable_since: float  # monotonic: when its size and mtime were first seen as they are
 
 
 @dataclass
@@ -395,8 +395,7 @@ class FolderWatcher:
                 continue
             seen = self._seen.get(path)
             if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
-                first = seen.first_seen if seen is not None else now
-                self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, first, now)
+                self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now)
                 if self.settings.settle_s > 0:
                     continue
                 seen = self._seen[path]
@@ -456,7 +455,7 @@ class FolderWatcher:
             except FileNotFoundError:
                 continue
             except OSError as exc:  # a file this user may not read: it alone fails, not the folder
-                if self._age(path) < self.settings.fail_after_s:
+                if self._unchanged_for(path) < self.settings.fail_after_s:
                     report.waiting += 1  # a camera may open it to others once written
                     continue
                 self._fail(path, b"", exc.strerror or str(exc), report,
@@ -476,7 +475,8 @@ class FolderWatcher:
                 jobs.append(self._job(path, data, digest, key))
                 job_paths.append(path)
             except (ImageReadError, ImageTooLarge) as exc:
-                if self._age(path) < self.settings.fail_after_s and not isinstance(exc, ImageTooLarge):
+                waited = self._unchanged_for(path) >= self.settings.fail_after_s
+                if not waited and not isinstance(exc, ImageTooLarge):
                     report.waiting += 1  # maybe still being written
                     continue
                 self._fail(path, data, str(exc), report, key=key)
@@ -498,10 +498,11 @@ class FolderWatcher:
                 self._finish(path, done, rec.id)
         return self._add(report)
 
-    def _age(self, path: Path) -> float:
-        """Seconds since the file was first seen (a file not seen before: old enough to fail)."""
+    def _unchanged_for(self, path: Path) -> float:
+        """Seconds the file has kept its size and mtime (a file not seen before: long enough to
+        fail): one still being written, however slowly, is not failed."""
         seen = self._seen.get(path)
-        return time.monotonic() - seen.first_seen if seen else self.settings.fail_after_s
+        return time.monotonic() - seen.stable_since if seen else self.settings.fail_after_s
 
     def _add(self, report: StepReport) -> StepReport:
         t = self.totals
