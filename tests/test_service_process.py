@@ -414,6 +414,45 @@ def test_serve_serves_a_renewed_certificate_without_a_restart(service_model: tup
     assert "restart the service" not in log
 
 
+def test_a_bundle_copied_over_the_served_one_in_any_order_is_served_once_complete(
+        service_model: tuple[Path, Path], tmp_path: Path) -> None:
+    """A bundle copied over the served folder (`cp -r new/. SERVED/`, `scp`, `rsync`) arrives
+    file by file in the copier's order, not diffqc's: with metadata.json before the weights, the
+    bundle was loaded as metadata.json settled, refused (its checksums), and never looked at
+    again: the new weights in place, the old model served until a restart. A bundle is loaded
+    again when any of its files changed and all stayed as they are for one look."""
+    import shutil
+    import warnings
+
+    from diffqc.config import with_overrides
+    from diffqc.data import load_dataset
+    from diffqc.model import Detector
+    from diffqc.service.line import ModelWatch
+
+    served, new = tmp_path / "model", tmp_path / "new"
+    shutil.copytree(service_model[0], served)
+    with warnings.catch_warnings():  # another model: other weights (another training seed)
+        warnings.simplefilter("ignore")
+        retrained = Detector(with_overrides(bench.tiny_config(), {"train.seed": 1}), device="cpu")
+        retrained.fit(load_dataset(service_model[1]), progress=False)
+    retrained.metadata = {**retrained.metadata, "model_id": "retrained-copy"}
+    retrained.save(new)
+    first = Detector.load(served, device="cpu")
+    watch = ModelWatch(served, str(first.metadata["model_id"]), lambda: Detector.load(served, device="cpu"))
+
+    def look() -> Any:
+        return watch.check() or watch.check()  # a change, then the look that finds it settled
+
+    shutil.copy2(new / "metadata.json", served / "metadata.json")  # the copier's order
+    assert look() is None and watch.last_error is not None  # the weights are the old ones yet
+    for name in sorted(p.name for p in new.iterdir() if p.name != "metadata.json"):
+        shutil.copy2(new / name, served / name)
+    found = look()
+    assert found is not None, watch.last_error
+    detector, retrained = found
+    assert retrained and detector.metadata["model_id"] == "retrained-copy" and watch.last_error is None
+
+
 def test_serve_serves_a_retrained_model_without_a_restart(service_model: tuple[Path, Path],
                                                           samples: Samples, tmp_path: Path) -> None:
     """A model retrained into the served folder (`diffqc train --out SERVED --force`, the

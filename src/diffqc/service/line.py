@@ -121,7 +121,7 @@ class FileChange:
         self.paths = paths
         self._seen = self._pending = self._now()
 
-    def _now(self) -> tuple[tuple[int, int, int] | None, ...]:
+    def _now(self) -> tuple[Any, ...]:
         return tuple(None if path is None else file_signature(path) for path in self.paths)
 
     def settled(self) -> bool:
@@ -135,14 +135,29 @@ class FileChange:
         return True
 
 
+class FolderChange(FileChange):
+    """:class:`FileChange` of every file in a folder, to any depth (files come and go)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        super().__init__()
+
+    def _now(self) -> tuple[Any, ...]:
+        with contextlib.suppress(OSError):  # the folder gone or being replaced: as it is now
+            return tuple(sorted((str(p.relative_to(self.folder)), file_signature(p))
+                                for p in self.folder.rglob("*") if p.is_file()))
+        return ()
+
+
 class ModelWatch:
-    """The bundle a service serves. `diffqc train --out SERVED --force` (or a bundle copied over
-    it) writes its files one by one, ``metadata.json`` last; `diffqc export SERVED` writes
-    ``export.json`` last. Once either changed and stayed as it is for one look, the bundle is
-    loaded again (``load``: as at start, the runtime and precision chosen again, so a new
-    export's faster runtime is taken) and :meth:`check` returns it, with whether it is another
-    model (another ``model_id``); one that cannot be loaded (a damaged bundle) is said once,
-    and the model served so far stays."""
+    """The bundle a service serves. `diffqc train --out SERVED --force` writes its files one by
+    one, ``metadata.json`` last; `diffqc export SERVED` writes ``export.json`` last; a bundle
+    copied over it (``cp -r``, ``scp``, ``rsync``) comes in the copier's order. Once any of its
+    files changed and all stayed as they are for one look, the bundle is loaded again (``load``:
+    as at start, the runtime and precision chosen again, so a new export's faster runtime is
+    taken) and :meth:`check` returns it, with whether it is another model (another
+    ``model_id``); one that cannot be loaded (a damaged bundle, one copied in part) is said
+    once, and the model served so far stays until the bundle changes again."""
 
     def __init__(self, bundle: Path, model_id: str, load: Callable[[], Any]) -> None:
         self.bundle = bundle
@@ -150,14 +165,14 @@ class ModelWatch:
         self.load = load
         self.reloads = 0
         self.last_error: str | None = None
-        self._metadata = FileChange(bundle / "metadata.json")
-        self._export = FileChange(bundle / EXPORT_FILE)
+        self._files = FolderChange(bundle)
+        self._export = file_signature(bundle / EXPORT_FILE)  # as last loaded
 
     def check(self) -> tuple[Any, bool] | None:
         """``(detector, another model)`` when the bundle changed and was loaded; else None."""
-        retrain, export = self._metadata.settled(), self._export.settled()
-        if not (retrain or export):
+        if not self._files.settled():
             return None
+        export = file_signature(self.bundle / EXPORT_FILE) != self._export
         try:
             model_id = str(json.loads((self.bundle / "metadata.json").read_text())["model_id"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -181,6 +196,7 @@ class ModelWatch:
             log.info("serving model %s from %s again, as its files changed (%s; loaded in %.1f s)",
                      model_id, self.bundle, runtime, time.perf_counter() - t0)
         self.model_id, self.last_error = model_id, None
+        self._export = file_signature(self.bundle / EXPORT_FILE)
         self.reloads += 1
         return detector, retrained
 
