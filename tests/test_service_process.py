@@ -420,7 +420,9 @@ def test_a_bundle_copied_over_the_served_one_in_any_order_is_served_once_complet
     file by file in the copier's order, not diffqc's: with metadata.json before the weights, the
     bundle was loaded as metadata.json settled, refused (its checksums), and never looked at
     again: the new weights in place, the old model served until a restart. A bundle is loaded
-    again when any of its files changed and all stayed as they are for one look."""
+    again when any of its files changed and all stayed as they are for one look (a result
+    store kept in its folder, written with every decision, is not one of them)."""
+    import os
     import shutil
     import warnings
 
@@ -440,8 +442,11 @@ def test_a_bundle_copied_over_the_served_one_in_any_order_is_served_once_complet
     first = Detector.load(served, device="cpu")
     watch = ModelWatch(served, str(first.metadata["model_id"]), lambda: Detector.load(served, device="cpu"))
 
-    def look() -> Any:
-        return watch.check() or watch.check()  # a change, then the look that finds it settled
+    def look() -> Any:  # a change, then the look that finds it settled; the line's decisions meanwhile
+        (served / "results.db").write_bytes(os.urandom(64))
+        first = watch.check()
+        (served / "results.db-wal").write_bytes(os.urandom(64))
+        return first or watch.check()
 
     shutil.copy2(new / "metadata.json", served / "metadata.json")  # the copier's order
     assert look() is None and watch.last_error is not None  # the weights are the old ones yet

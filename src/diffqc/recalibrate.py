@@ -29,6 +29,7 @@ import contextlib
 import datetime as _dt
 import json
 import logging
+import re
 import warnings
 from collections.abc import Collection, Sequence
 from dataclasses import replace
@@ -318,11 +319,28 @@ def file_signature(path: Path) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+_STORE_FILE = re.compile(r".*\.(db|sqlite3?)(-wal|-shm|-journal)?", re.IGNORECASE)
+
+
+def bundle_signature(folder: Path) -> tuple[tuple[str, tuple[int, int, int] | None], ...]:
+    """Each file's :func:`file_signature` in a bundle's ``folder`` by name (a bundle's files, and
+    a copier's temporary ones, lie in it, not below it), empty when it cannot be read: a file
+    that comes, goes or changes changes it. A result store kept in the folder (SQLite's files),
+    which changes with every decision, is left out."""
+    with contextlib.suppress(OSError):
+        return tuple(sorted((p.name, file_signature(p)) for p in folder.iterdir()
+                            if p.is_file() and not _STORE_FILE.fullmatch(p.name)))
+    return ()
+
+
 class CalibrationReloader:
     """Swap a loaded detector's calibration when its bundle file changes on disk.
 
-    ``check()`` is cheap (one ``stat``); it loads the file only when its signature (mtime,
-    size, inode) changed, and keeps the current calibration when the new file is unusable.
+    ``check()`` is cheap while nothing changed (one ``stat``); once the file changed, it waits
+    until none of the bundle's files changed since the last look (a bundle copied over the served
+    one comes file by file, in the copier's order: another model's calibration may come before
+    its weights and metadata), then loads it if the bundle is still the served model's (its
+    weights, its ``model_id``), and keeps the current calibration when the new file is unusable.
     """
 
     def __init__(self, detector: Any, bundle: Path | str, *, follows_retrain: bool = False) -> None:
@@ -336,11 +354,21 @@ class CalibrationReloader:
         self.file = self.bundle / CALIBRATION_FILE
         self._take_int8_file()
         self._signature = file_signature(self.file)
+        self._files = bundle_signature(self.bundle)  # as at the last look
         # `diffqc train --out` into the served folder replaces the weights before the calibration:
         # the new calibration is then the new model's, whose scores the loaded one does not give
         self._weights = file_signature(self.bundle / "weights.safetensors")
+        self.model_id = str(getattr(detector, "version", "") or "")
         self.reloads = 0
         self.last_error: str | None = None
+
+    def _another_model(self) -> bool:
+        """The bundle's metadata.json names a model other than the one served."""
+        try:
+            named = json.loads((self.bundle / "metadata.json").read_text())["model_id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False  # none named: the weights' signature decides
+        return bool(self.model_id) and str(named) != self.model_id
 
     def _take_int8_file(self) -> bool:
         """An INT8 detector decides with the INT8 calibration wherever the bundle has one (else
@@ -358,8 +386,12 @@ class CalibrationReloader:
         sig = file_signature(self.file)
         if sig is None or sig == self._signature:
             return False
+        files = bundle_signature(self.bundle)
+        if files != self._files:  # still being written: look again
+            self._files = files
+            return False
         self._signature = sig
-        if file_signature(self.bundle / "weights.safetensors") != self._weights:
+        if file_signature(self.bundle / "weights.safetensors") != self._weights or self._another_model():
             if self.follows_retrain:  # the new model is loaded with its calibration
                 return False
             self.last_error = (f"{self.bundle} was retrained while this service runs: its new calibration "

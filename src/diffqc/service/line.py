@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, is_misrouted, prometheus_label, scored
-from diffqc.recalibrate import CalibrationReloader, file_signature
+from diffqc.recalibrate import CalibrationReloader, bundle_signature, file_signature
 from diffqc.runtime import EXPORT_FILE
 from diffqc.service.logs import Outage
 from diffqc.service.parts import PART_WINDOW_S, OverdueParts, PartVerdict, part_types
@@ -135,18 +135,16 @@ class FileChange:
         return True
 
 
-class FolderChange(FileChange):
-    """:class:`FileChange` of every file in a folder, to any depth (files come and go)."""
+class BundleChange(FileChange):
+    """:class:`FileChange` of a bundle's files (:func:`~diffqc.recalibrate.bundle_signature`:
+    files come and go)."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, bundle: Path) -> None:
+        self.bundle = bundle
         super().__init__()
 
     def _now(self) -> tuple[Any, ...]:
-        with contextlib.suppress(OSError):  # the folder gone or being replaced: as it is now
-            return tuple(sorted((str(p.relative_to(self.folder)), file_signature(p))
-                                for p in self.folder.rglob("*") if p.is_file()))
-        return ()
+        return bundle_signature(self.bundle)
 
 
 class ModelWatch:
@@ -165,7 +163,7 @@ class ModelWatch:
         self.load = load
         self.reloads = 0
         self.last_error: str | None = None
-        self._files = FolderChange(bundle)
+        self._files = BundleChange(bundle)
         self._export = file_signature(bundle / EXPORT_FILE)  # as last loaded
 
     def check(self) -> tuple[Any, bool] | None:
