@@ -402,6 +402,34 @@ def test_watch_does_not_fail_a_file_still_being_written_however_long_it_takes(
     assert w.step().failed == 1 and (folder / "failed" / "stuck.png").exists()
 
 
+def test_watch_names_a_file_rewritten_faster_than_it_settles(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A camera set to write every image under one name (``image.png``, overwritten at each
+    trigger) faster than ``--settle`` never leaves the file unchanged long enough: nothing was
+    inspected, and nothing said. A file rewritten (not grown) three times before it settled is
+    named once, with what to do; one that only grows (a slow upload) is not."""
+    import logging
+
+    folder, pipe, store = rig
+    (a, ftype), (b, _) = samples.all[0], samples.all[1]
+    w = _watcher(folder, pipe, store, feature_type=ftype, settle_s=0.3)
+    caplog.set_level(logging.WARNING, logger="diffqc.watch")
+    fixed, growing = folder / "image.png", folder / "upload.png"
+    for i in range(8):  # each trigger rewrites it before it settles
+        fixed.write_bytes((a, b)[i % 2])
+        with open(growing, "ab") as fh:
+            fh.write(a[i * len(a) // 8:(i + 1) * len(a) // 8])
+        os.utime(fixed, ns=(time.time_ns() + i * 10**9,) * 2)  # a new mtime on any file system
+        assert w.step().inspected == 0
+        time.sleep(0.05)
+    said = [r.getMessage() for r in caplog.records if "rewritten" in r.getMessage()]
+    assert len(said) == 1 and "image.png" in said[0] and "upload.png" not in said[0], said
+    assert "a name of its own" in said[0] and "--settle" in said[0]
+    time.sleep(0.35)
+    assert w.step().inspected == 2  # once they rest, both are inspected
+
+
 def test_watch_names_once_each_kind_of_file_it_passes_over(
     rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -141,11 +141,16 @@ class _CannotMove(OSError):
     """An inspected file cannot be moved to processed/ or failed/ (its record is stored)."""
 
 
+REWRITES_SAID = 3  # rewrites of a file before it rests that name it in the log
+
+
 @dataclass
 class _Seen:
     size: int
     mtime_ns: int
     stable_since: float  # monotonic: when its size and mtime were first seen as they are
+    rewrites: int = 0  # changes that did not grow it, since it last rested for settle_s
+    said: bool = False  # named in the log as rewritten faster than it settles
 
 
 @dataclass
@@ -395,11 +400,11 @@ class FolderWatcher:
                 continue
             seen = self._seen.get(path)
             if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
-                self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now)
+                self._seen[path] = seen = self._changed(path, seen, st.st_size, st.st_mtime_ns, now)
                 if self.settings.settle_s > 0:
                     continue
-                seen = self._seen[path]
             if st.st_size > 0 and now - seen.stable_since >= self.settings.settle_s:
+                seen.rewrites = 0
                 ready.append((st.st_mtime_ns, str(path), path))
         for gone in set(self._seen) - present:
             del self._seen[gone]
@@ -407,6 +412,22 @@ class FolderWatcher:
             names = {str(p) for p in present}
             self._kept = {k for k in self._kept if k[0] in names}
         return [path for *_, path in sorted(ready)]
+
+    def _changed(self, path: Path, seen: _Seen | None, size: int, mtime_ns: int, now: float) -> _Seen:
+        """``path`` as it is now; one rewritten (not grown) :data:`REWRITES_SAID` times before it
+        rested for ``settle_s`` is named once: a camera writing every image under one name faster
+        than that, none of which is inspected."""
+        if seen is None:
+            return _Seen(size, mtime_ns, now)
+        out = _Seen(size, mtime_ns, now, seen.rewrites + (size <= seen.size), seen.said)
+        if out.rewrites >= REWRITES_SAID and not out.said:
+            out.said = True
+            log.warning("%s was rewritten %d times before it stayed unchanged for --settle %g s, and is "
+                        "not inspected until it does: is a camera writing every image under this one "
+                        "name? give each image a name of its own (a counter or the time in it), or a "
+                        "--settle below the camera's interval", path_text(path), out.rewrites,
+                        self.settings.settle_s)
+        return out
 
     # ------------------------------------------------------------------ processing
     def _key(self, path: Path, digest: str, mtime_ns: int) -> str:
