@@ -45,7 +45,8 @@ def test_a_cameras_image_passes_the_documented_nginx_and_a_too_large_one_is_answ
     one beyond ``--max-upload-mb`` is answered by the service (its JSON 413), not by nginx. The
     service answered such a body before reading the rest of it, and closed the connection with it
     unread, which is a reset: nginx, which sends a body on once it has it whole, answered its
-    client `502 Bad Gateway` (6 times in 8 by hand). The rest is now read and dropped first."""
+    client `502 Bad Gateway` (6 times in 8 by hand), as it did any answer given before the body
+    was read (a wrong token: 502 once in 3). The rest is now read and dropped first."""
     from diffqc.service.app import ServiceSettings, create_app
 
     app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,), root_path="/qc"),
@@ -63,6 +64,9 @@ def test_a_cameras_image_passes_the_documented_nginx_and_a_too_large_one_is_answ
             r = httpx.post(f"{proxy}/qc/v1/inspect", params={"feature_type": ftype}, headers=AUTH,
                            content=too_large, timeout=60)
             assert r.status_code == 413 and r.json()["code"] == "upload_too_large", r.text[:300]
+            r = httpx.post(f"{proxy}/qc/v1/inspect", params={"feature_type": ftype}, content=too_large,
+                           headers={"Authorization": "Bearer a-wrong-token-of-a-camera"}, timeout=60)
+            assert r.status_code == 401, r.text[:300]  # any answer before the body: a wrong token
         page = httpx.get(f"{proxy}/qc/dashboard", timeout=30)
         assert page.status_code == 200 and "<html" in page.text.lower()
 

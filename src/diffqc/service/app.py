@@ -485,11 +485,21 @@ def resident_memory_bytes(pid: int | str = "self") -> int | None:
     return None
 
 
-class _BodyTimeout:
-    """Pure ASGI middleware: a request whose body stalls (no chunk for ``timeout_s`` seconds
-    while more is announced) raises :class:`UploadStalled`, answered 408 ``body_timeout``; so a
-    slow or stuck client cannot hold a connection and a worker forever. Once the body is
-    complete, ``receive`` is left alone (it then only reports a disconnect)."""
+DRAIN_BYTES = 64 * 1024 * 1024  # the most of a request's body read and dropped to answer it
+
+
+class _RequestBody:
+    """Pure ASGI middleware over a request's body as its connection carries it. A body that
+    stalls (no chunk for ``timeout_s`` seconds while more is announced) raises
+    :class:`UploadStalled`, answered 408 ``body_timeout``; so a slow or stuck client cannot hold
+    a connection and a worker forever. Once the body is complete, ``receive`` is left alone (it
+    then only reports a disconnect). An answer that comes before the body was read whole (a
+    413 of a body too large, a 401, a 503 while the store is down) is sent once the rest is read and
+    dropped (up to :data:`DRAIN_BYTES` in all, within the timeout; one declared larger is
+    answered at once): a connection closed with a body unread is reset, and a proxy that sends
+    a body on once it has it whole (nginx) answered its client 502 instead. A client that asks
+    before it sends (``Expect: 100-continue``) answered before anything was read is not let
+    send it."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], timeout_s: float) -> None:
         self.app = app
@@ -504,11 +514,16 @@ class _BodyTimeout:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        done = False
+        done = asked = False
         received = 0
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        waits = headers.get(b"expect", b"").lower() == b"100-continue"  # to be let send it
+        declared = headers.get(b"content-length", b"")
+        too_long = declared.isdigit() and int(declared) > DRAIN_BYTES
 
         async def timed_receive() -> MutableMapping[str, Any]:
-            nonlocal done, received
+            nonlocal done, received, asked
+            asked = True
             if done:
                 return await receive()
             try:
@@ -522,7 +537,15 @@ class _BodyTimeout:
                 done = True
             return message
 
-        await self.app(scope, timed_receive, send)
+        async def drained_send(message: MutableMapping[str, Any]) -> None:
+            unread = not done and not too_long and (asked or not waits)
+            if message["type"] == "http.response.start" and unread:
+                with contextlib.suppress(Exception):  # it stalls, the client is gone: answered as it can
+                    while not done and received <= DRAIN_BYTES:
+                        await timed_receive()
+            await send(message)
+
+        await self.app(scope, timed_receive, drained_send)
 
 
 class _StatusCounter:
@@ -703,36 +726,13 @@ def load_detector(model_path: str | Path, runtime: str = "auto", *, precision: s
 
 # --------------------------------------------------------------------------- uploads
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, at most ``limit`` bytes (413 when larger; a stalled body: see _BodyTimeout)."""
-    # a client that waits to be let send its body (Expect: 100-continue) is refused before it does
-    waiting = "100-continue" in request.headers.get("expect", "").lower()
+    """The body, at most ``limit`` bytes (413 when larger, its rest read and dropped before the
+    answer; a stalled body: see :class:`_RequestBody`)."""
     try:
         check_content_length(request.headers.get("content-length"), limit)
-        waiting = False  # reading lets it send: what it sends is read to its end
         return await read_limited(request.stream(), limit)
     except UploadTooLarge as exc:
-        if not waiting:
-            await _drain(request)
         raise ServiceError(413, "upload_too_large", str(exc)) from None
-
-
-DRAIN_BYTES = 64 * 1024 * 1024  # the most of a body refused as too large read and dropped
-
-
-async def _drain(request: Request) -> None:
-    """The rest of a body refused as too large, read and dropped (up to :data:`DRAIN_BYTES`,
-    within the body timeout), so that the 413 reaches the client: a connection closed with the
-    body unread is reset, and a proxy that sends a body on once it has it whole (nginx) answered
-    its client 502 instead. A body declared larger, or one that stalls or ends, is left."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > DRAIN_BYTES:
-        return
-    dropped = 0
-    with contextlib.suppress(Exception):  # the client gone, the body stalled: the 413 as it can
-        async for chunk in request.stream():
-            dropped += len(chunk)
-            if dropped > DRAIN_BYTES:
-                return
 
 
 def _is_multipart(request: Request) -> bool:
@@ -1271,7 +1271,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
         )
-    app.add_middleware(_BodyTimeout, timeout_s=settings.body_timeout_s)
+    app.add_middleware(_RequestBody, timeout_s=settings.body_timeout_s)
     app.add_middleware(_StatusCounter, metrics=state.metrics)
 
     async def require_token(request: Request) -> None:
