@@ -515,21 +515,25 @@ class _RequestBody:
             await self.app(scope, receive, send)
             return
         done = asked = False
-        received = 0
+        received = reading = 0  # bytes so far; receives under way (a streamed answer's own)
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         waits = headers.get(b"expect", b"").lower() == b"100-continue"  # to be let send it
         declared = headers.get(b"content-length", b"")
+        has_body = b"transfer-encoding" in headers or (declared.isdigit() and int(declared) > 0)
         too_long = declared.isdigit() and int(declared) > DRAIN_BYTES
 
         async def timed_receive() -> MutableMapping[str, Any]:
-            nonlocal done, received, asked
+            nonlocal done, received, asked, reading
             asked = True
             if done:
                 return await receive()
+            reading += 1
             try:
                 message = await asyncio.wait_for(receive(), self.timeout_s)
             except TimeoutError:
                 raise UploadStalled(self.timeout_s, received) from None
+            finally:
+                reading -= 1
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 done = not message.get("more_body", False)
@@ -538,7 +542,8 @@ class _RequestBody:
             return message
 
         async def drained_send(message: MutableMapping[str, Any]) -> None:
-            unread = not done and not too_long and (asked or not waits)
+            # a streamed answer (a file, the dashboard) listens for a disconnect with its own receive
+            unread = has_body and not done and not too_long and not reading and (asked or not waits)
             if message["type"] == "http.response.start" and unread:
                 with contextlib.suppress(Exception):  # it stalls, the client is gone: answered as it can
                     while not done and received <= DRAIN_BYTES:
