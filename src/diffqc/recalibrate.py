@@ -333,6 +333,42 @@ def bundle_signature(folder: Path) -> tuple[tuple[str, tuple[int, int, int] | No
     return ()
 
 
+class FileChange:
+    """Whether files changed on disk and are complete: ``settled()`` is True once, when they
+    differ from when last taken (inode, size, mtime: a new file moved into place changes them)
+    and stayed as they are for one look since (a certificate written before its key, a bundle's
+    files one after another, are then all written)."""
+
+    def __init__(self, *paths: Path | None) -> None:
+        self.paths = paths
+        self._seen = self._pending = self._now()
+
+    def _now(self) -> tuple[Any, ...]:
+        return tuple(None if path is None else file_signature(path) for path in self.paths)
+
+    def settled(self) -> bool:
+        now = self._now()
+        if now == self._seen:
+            return False
+        if now != self._pending:  # changed since the last look: let it finish
+            self._pending = now
+            return False
+        self._seen = now
+        return True
+
+
+class BundleChange(FileChange):
+    """:class:`FileChange` of a bundle's files (:func:`bundle_signature`:
+    files come and go)."""
+
+    def __init__(self, bundle: Path) -> None:
+        self.bundle = bundle
+        super().__init__()
+
+    def _now(self) -> tuple[Any, ...]:
+        return bundle_signature(self.bundle)
+
+
 class CalibrationReloader:
     """Swap a loaded detector's calibration when its bundle file changes on disk.
 
@@ -354,7 +390,7 @@ class CalibrationReloader:
         self.file = self.bundle / CALIBRATION_FILE
         self._take_int8_file()
         self._signature = file_signature(self.file)
-        self._files = bundle_signature(self.bundle)  # as at the last look
+        self._files = BundleChange(self.bundle)
         # `diffqc train --out` into the served folder replaces the weights before the calibration:
         # the new calibration is then the new model's, whose scores the loaded one does not give
         self._weights = file_signature(self.bundle / "weights.safetensors")
@@ -386,9 +422,7 @@ class CalibrationReloader:
         sig = file_signature(self.file)
         if sig is None or sig == self._signature:
             return False
-        files = bundle_signature(self.bundle)
-        if files != self._files:  # still being written: look again
-            self._files = files
+        if not self._files.settled():  # still being written: look again
             return False
         self._signature = sig
         if file_signature(self.bundle / "weights.safetensors") != self._weights or self._another_model():

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, is_misrouted, prometheus_label, scored
-from diffqc.recalibrate import CalibrationReloader, bundle_signature, file_signature
+from diffqc.recalibrate import BundleChange, CalibrationReloader, FileChange, file_signature
 from diffqc.runtime import EXPORT_FILE
 from diffqc.service.logs import Outage
 from diffqc.service.parts import PART_WINDOW_S, OverdueParts, PartVerdict, part_types
@@ -109,42 +109,6 @@ class DiskWatch:
 
 def _day(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
-
-
-class FileChange:
-    """Whether files changed on disk and are complete: ``settled()`` is True once, when they
-    differ from when last taken (inode, size, mtime: a new file moved into place changes them)
-    and stayed as they are for one look since (a certificate written before its key, a bundle's
-    files one after another, are then all written)."""
-
-    def __init__(self, *paths: Path | None) -> None:
-        self.paths = paths
-        self._seen = self._pending = self._now()
-
-    def _now(self) -> tuple[Any, ...]:
-        return tuple(None if path is None else file_signature(path) for path in self.paths)
-
-    def settled(self) -> bool:
-        now = self._now()
-        if now == self._seen:
-            return False
-        if now != self._pending:  # changed since the last look: let it finish
-            self._pending = now
-            return False
-        self._seen = now
-        return True
-
-
-class BundleChange(FileChange):
-    """:class:`FileChange` of a bundle's files (:func:`~diffqc.recalibrate.bundle_signature`:
-    files come and go)."""
-
-    def __init__(self, bundle: Path) -> None:
-        self.bundle = bundle
-        super().__init__()
-
-    def _now(self) -> tuple[Any, ...]:
-        return bundle_signature(self.bundle)
 
 
 class ModelWatch:
