@@ -28,12 +28,7 @@ if [ "${1:-start}" = "stop" ]; then
     exit 0
 fi
 
-MOSQUITTO="$(command -v mosquitto || ls /usr/sbin/mosquitto 2>/dev/null || true)"
-if [ -z "$MOSQUITTO" ]; then
-    log "installing mosquitto (apt)"
-    bash "$(dirname "$0")/apt_install.sh" mosquitto
-    MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
-fi
+MOSQUITTO="$(bash "$(dirname "$0")/apt_program.sh" mosquitto)"
 
 if ! running; then
     if port_open; then

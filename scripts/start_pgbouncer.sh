@@ -36,12 +36,7 @@ if [ "${1:-start}" = "stop" ]; then
     exit 0
 fi
 
-PGBOUNCER="$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true)"
-if [ -z "$PGBOUNCER" ]; then
-    log "installing pgbouncer (apt)"
-    bash "$(dirname "$0")/apt_install.sh" pgbouncer
-    PGBOUNCER="$(command -v pgbouncer || echo /usr/sbin/pgbouncer)"
-fi
+PGBOUNCER="$(bash "$(dirname "$0")/apt_program.sh" pgbouncer)"
 
 if ! running; then
     if port_open; then
