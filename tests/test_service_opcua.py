@@ -746,3 +746,75 @@ def test_get_part_called_with_wrong_arguments_answers_a_status_and_logs_no_trace
                    ["PASS", 1, "edge=PASS", True, "", 1]]
     assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
     assert "result store" not in caplog.text
+
+
+def test_each_value_carries_its_time_as_a_historian_logs_it() -> None:
+    """A SCADA historian or a PLC's data log files a value under its SourceTimestamp: each
+    decision's values carry the decision's time, every value the server's time of writing it
+    (written without either, a client saw a null time, logged as 1601 or refused)."""
+    from asyncua import Client
+
+    url = f"opc.tcp://127.0.0.1:{_free_port()}"
+    server = OpcUaServer(url, ["edge"])
+    server.start()
+
+    async def read() -> dict[str, Any]:
+        async with Client(url) as client:
+            ns = await client.get_namespace_index(NAMESPACE)
+            return {p: await client.get_node(f"ns={ns};s=diffqc.{p}").read_data_value()
+                    for p in ("Last.Decision", "Last.RecordId", "Types.edge.Inspected", "Part.Decision",
+                              "ModelVersion")}
+
+    try:
+        before = time.time()
+        server.publish(_record(7, "REJECT"))
+        for _ in range(50):
+            if server.published_total == 1:
+                break
+            time.sleep(0.05)
+        values = asyncio.run(read())
+    finally:
+        server.stop()
+    for path in ("Last.Decision", "Last.RecordId", "Types.edge.Inspected", "Part.Decision"):
+        value = values[path]
+        assert value.SourceTimestamp is not None, path
+        assert value.SourceTimestamp.timestamp() == 1_796_000_007.0, path  # the decision's time
+        assert value.ServerTimestamp is not None and value.ServerTimestamp.timestamp() >= before - 1, path
+    assert values["Last.Decision"].Value.Value == "REJECT"
+    assert values["ModelVersion"].SourceTimestamp is not None
+
+
+def test_get_parts_arguments_are_named_and_type_names_is_an_array(tmp_path: Path) -> None:
+    """An integrator's client shows a method's arguments by name (UaExpert's call dialog), and a
+    PLC's OPC UA client interface imports them by name: GetPart's were unnamed. TypeNames is a
+    one-dimensional array (ValueRank 1), as a client maps it to an array tag."""
+    from asyncua import Client, ua
+
+    from diffqc.service.store import ResultStore
+
+    url = f"opc.tcp://127.0.0.1:{_free_port()}"
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        server = OpcUaServer(url, ["edge", "dots"], store=store)
+        server.start()
+
+        async def read() -> tuple[list[Any], list[Any], int, list[int] | None]:
+            async with Client(url) as client:
+                ns = await client.get_namespace_index(NAMESPACE)
+                method = client.get_node(f"ns={ns};s=diffqc.GetPart")
+                inputs = await (await method.get_child("0:InputArguments")).read_value()
+                outputs = await (await method.get_child("0:OutputArguments")).read_value()
+                names = client.get_node(f"ns={ns};s=diffqc.TypeNames")
+                return inputs, outputs, await names.read_value_rank(), await names.read_array_dimensions()
+
+        try:
+            inputs, outputs, rank, dims = asyncio.run(read())
+        finally:
+            server.stop()
+    assert [a.Name for a in inputs] == ["PartId"]
+    assert [a.Name for a in outputs] == ["Decision", "Images", "Types", "Complete", "Missing", "RecordId"]
+    assert all(a.Description.Text for a in inputs + outputs)
+    assert [a.DataType for a in outputs] == [ua.NodeId(i) for i in (
+        ua.ObjectIds.String, ua.ObjectIds.UInt32, ua.ObjectIds.String, ua.ObjectIds.Boolean,
+        ua.ObjectIds.String, ua.ObjectIds.Int64)]
+    assert all(a.ValueRank == -1 for a in inputs + outputs)
+    assert rank == 1 and dims == [0]

@@ -72,6 +72,16 @@ DECISION_FIELDS = (("PartId", "String"), ("FeatureType", "String"), ("Decision",
 # a part's verdict (diffqc.service.parts), RecordId last
 PART_FIELDS = (("PartId", "String"), ("Decision", "String"), ("Images", "UInt32"), ("Types", "String"),
                ("Complete", "Boolean"), ("Missing", "String"), ("RecordId", "Int64"))
+# what each of them means, GetPart's arguments' descriptions (a client's call dialog shows them)
+PART_FIELD_TEXT = {
+    "PartId": "the part's id, as its images were sent with",
+    "Decision": "the part's verdict: the worst of its types' latest decisions (\"\" for a part never stored)",
+    "Images": "its images counted, one per type",
+    "Types": "each counted type's decision, such as \"dots=PASS edge1=REVIEW\"",
+    "Complete": "every type the line's parts have has an image",
+    "Missing": "the types without an image yet, separated by spaces",
+    "RecordId": "the id of its latest image's record",
+}
 COUNTS = (("Inspected", None), ("Pass", "PASS"), ("Review", "REVIEW"), ("Reject", "REJECT"),
           ("NotInspected", NOT_INSPECTED))
 
@@ -266,6 +276,16 @@ def _part_value(verdict: PartVerdict, name: str) -> Any:
     if name == "Missing":
         return " ".join(verdict.missing or ())
     return verdict.part_id if name == "PartId" else verdict.decision
+
+
+def _argument(ua: Any, name: str, vtype: str, description: str) -> Any:
+    """A method's argument as a client shows and imports it: named, described, a scalar."""
+    arg = ua.Argument()
+    arg.Name = name
+    arg.DataType = ua.NodeId(getattr(ua.ObjectIds, vtype))
+    arg.ValueRank = -1
+    arg.Description = ua.LocalizedText(description)
+    return arg
 
 
 class _Readers:
@@ -514,7 +534,9 @@ class OpcUaServer:
         empty = ResultRecord(created_at=0.0, source="", decision="")
         root = await server.nodes.objects.add_object(node_id("diffqc"), name("diffqc"))
         self._version_node = await variable(root, "diffqc", "ModelVersion", self.model_version, "String")
-        await variable(root, "diffqc", "TypeNames", self.types, "String")
+        names = await variable(root, "diffqc", "TypeNames", self.types, "String")
+        await names.write_value_rank(1)  # one dimension of any length (asyncua says "one or more")
+        await names.write_array_dimensions([0])
         last = await root.add_object(node_id("diffqc.Last"), name("Last"))
         nodes = {"": {n: await variable(last, "diffqc.Last", n, _value(empty, n), t)
                       for n, t in DECISION_FIELDS}}
@@ -523,9 +545,9 @@ class OpcUaServer:
         self._part_nodes = {n: await variable(part, "diffqc.Part", n, _part_value(nobody, n), t)
                             for n, t in PART_FIELDS}
         if self.store is not None:  # a part's verdict by its id: PART_FIELDS but PartId, out
-            outputs = [getattr(ua.VariantType, t) for n, t in PART_FIELDS if n != "PartId"]
+            arguments = [_argument(ua, n, t, PART_FIELD_TEXT[n]) for n, t in PART_FIELDS]
             await root.add_method(node_id("diffqc.GetPart"), name("GetPart"), self._get_part,
-                                  [ua.VariantType.String], outputs)
+                                  arguments[:1], arguments[1:])
         folder = await root.add_folder(node_id("diffqc.Types"), name("Types"))
         for ftype in self.types:
             path = f"diffqc.Types.{ftype}"
@@ -570,9 +592,17 @@ class OpcUaServer:
                      ua: Any) -> bool:
         """Write a batch's values; True when it asked to stop."""
 
-        async def write(node: Any, value: Any, vtype: str) -> None:  # the server's own path: 5x a client's
+        now = dt.datetime.now(dt.UTC)
+
+        async def write(node: Any, value: Any, vtype: str, at: float | None = None) -> None:
+            """The server's own path (5x a client's), which stamps no time: a value carries the
+            time of the decision it comes from (``at``), else of its writing, as its
+            SourceTimestamp, and the time of its writing as its ServerTimestamp (a historian files
+            a value under them)."""
             variant = ua.Variant(value, getattr(ua.VariantType, vtype))
-            await server.write_attribute_value(node.nodeid, ua.DataValue(variant))
+            source = now if at is None else dt.datetime.fromtimestamp(at, dt.UTC)
+            await server.write_attribute_value(
+                node.nodeid, ua.DataValue(variant, SourceTimestamp=source, ServerTimestamp=now))
 
         latest: dict[str, ResultRecord] = {}
         part: PartVerdict | None = None
@@ -597,11 +627,12 @@ class OpcUaServer:
         for key, rec in latest.items():
             for field, vtype in DECISION_FIELDS:  # RecordId last
                 if field in nodes[key]:
-                    await write(nodes[key][field], _value(rec, field), vtype)
+                    await write(nodes[key][field], _value(rec, field), vtype, rec.created_at)
             if key:
                 for count, _ in COUNTS:
-                    await write(nodes[key][count], self._counts[(key, count)], "UInt64")
+                    await write(nodes[key][count], self._counts[(key, count)], "UInt64", rec.created_at)
         if part is not None:
+            at = part.counted[-1].created_at if part.counted else None
             for field, vtype in PART_FIELDS:  # RecordId last
-                await write(self._part_nodes[field], _part_value(part, field), vtype)
+                await write(self._part_nodes[field], _part_value(part, field), vtype, at)
         return stop
