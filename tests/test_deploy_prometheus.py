@@ -1,26 +1,45 @@
 """The Prometheus files in ``deploy/`` and the service's ``/metrics``, checked by Prometheus's own
-``promtool`` (``scripts/install_promtool.sh``; under ``CI=true`` these tests may not skip)."""
+``promtool`` and a real Prometheus server scraping a running service (both installed by
+``scripts/install_prometheus.sh``; under ``CI=true`` these tests may not skip)."""
 
 # ruff: noqa: F811  (fixtures imported from tests.test_service_common are re-bound as arguments)
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from tests.test_service_common import AUTH, Samples, detector, running_app, samples, service_model  # noqa: F401
+from tests.test_service_common import (  # noqa: F401 (fixtures)
+    AUTH,
+    TOKEN,
+    Samples,
+    bench,
+    detector,
+    running_app,
+    samples,
+    service_model,
+    serving,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 SOURCES = ROOT / "src" / "diffqc"
 PROMTOOL = shutil.which("promtool")
+PROMETHEUS = shutil.which("prometheus")
 pytestmark = [pytest.mark.anyio, pytest.mark.prometheus,
-              pytest.mark.skipif(PROMTOOL is None, reason="no promtool (scripts/install_promtool.sh)")]
+              pytest.mark.skipif(PROMTOOL is None, reason="no promtool (scripts/install_prometheus.sh)")]
 
 
 @pytest.fixture
@@ -85,3 +104,87 @@ async def test_the_metrics_text_passes_promtools_lint(detector: Any, samples: Sa
     assert 'diffqc_parts_overdue_total{feature_type="' in text
     linted = _promtool("check", "metrics", stdin=text)
     assert linted.returncode == 0 and not linted.stdout.strip(), linted.stdout + linted.stderr
+
+
+def _query(base: str, path: str, **params: str) -> Any:
+    url = f"{base}{path}?{urllib.parse.urlencode(params)}" if params else f"{base}{path}"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return json.load(answer)["data"]
+
+
+def _until(check: Any, timeout_s: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = check()
+        if got or time.monotonic() > deadline:
+            return got
+        time.sleep(0.5)
+
+
+@contextmanager
+def _prometheus(folder: Path, port: int) -> Iterator[str]:
+    """A Prometheus server on ``folder``'s ``prometheus.yml``, listening on ``port``: its URL."""
+    assert PROMETHEUS is not None
+    with (folder / "prometheus.log").open("w") as log:
+        server = subprocess.Popen([PROMETHEUS, f"--config.file={folder / 'prometheus.yml'}",
+                                   f"--storage.tsdb.path={folder / 'tsdb'}",
+                                   f"--web.listen-address=127.0.0.1:{port}"],
+                                  stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus (scripts/install_prometheus.sh)")
+def test_prometheus_scrapes_the_service_with_composes_configuration(detector: Any, samples: Samples,
+                                                                    tmp_path: Path) -> None:
+    """compose.yaml's Prometheus, run for real: ``deploy/prometheus.yml`` as it stands (only the
+    target, the token secret's path and the intervals changed) scrapes a running service with
+    the token from a file written as ``echo`` writes it, evaluates ``deploy/alerts.yml`` on what it
+    scraped (a decision's camera and type as the silent-camera rule's labels), and once the
+    service stops, raises DiffqcDown."""
+    from diffqc.service.app import ServiceSettings, create_app
+
+    body, ftype = samples.one("PASS")
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    service_port = bench.free_port()
+    config = ((DEPLOY / "prometheus.yml").read_text()
+              .replace("/run/secrets/diffqc_token", str(token))
+              .replace("diffqc:8000", f"127.0.0.1:{service_port}")
+              .replace("scrape_interval: 15s", "scrape_interval: 1s")
+              .replace("evaluation_interval: 15s", "evaluation_interval: 1s"))
+    assert f":{service_port}" in config and str(token) in config and "interval: 15s" not in config
+    (tmp_path / "prometheus.yml").write_text(config)
+    shutil.copy(DEPLOY / "alerts.yml", tmp_path / "alerts.yml")
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "results.db"), tokens=(TOKEN,)), detector=detector)
+    with _prometheus(tmp_path, bench.free_port()) as prometheus:
+        with serving(app, port=service_port) as url:
+            inspected = httpx.post(f"{url}/v1/inspect", content=body, headers=AUTH, timeout=60,
+                                   params={"feature_type": ftype, "camera": "cam-1"})
+            assert inspected.status_code == 200, inspected.text
+
+            def up() -> list[Any]:
+                try:
+                    return [t for t in _query(prometheus, "/api/v1/targets")["activeTargets"]
+                            if t["health"] == "up"]
+                except OSError:  # not listening yet
+                    return []
+
+            targets = _until(up)
+            assert targets, (tmp_path / "prometheus.log").read_text()[-2000:]
+            assert targets[0]["labels"]["job"] == "diffqc"
+            series = _query(prometheus, "/api/v1/query",
+                            query="time() - diffqc_last_decision_timestamp_seconds")["result"]
+            labels = [(s["metric"]["feature_type"], s["metric"]["camera"]) for s in series]
+            assert labels == [(ftype, "cam-1")]
+            evaluated = _until(lambda: [r for g in _query(prometheus, "/api/v1/rules")["groups"]
+                                        for r in g["rules"] if r.get("lastEvaluation", "").startswith("2")])
+            assert len(evaluated) == 12 and all(r["health"] == "ok" for r in evaluated), evaluated
+            assert not [r["name"] for r in evaluated if r["state"] != "inactive"]
+        # the service stopped: its target down, the alert pending its `for:`
+        down = _until(lambda: [a for a in _query(prometheus, "/api/v1/alerts")["alerts"]
+                               if a["labels"]["alertname"] == "DiffqcDown"])
+        assert down and down[0]["state"] == "pending" and down[0]["labels"]["severity"] == "critical", down

@@ -123,11 +123,11 @@ async def running_app(
 
 
 @contextmanager
-def serving(app: Any, root_path: str = "") -> Iterator[str]:
-    """``app`` under a real uvicorn on 127.0.0.1, in a thread: its URL."""
+def serving(app: Any, root_path: str = "", port: int = 0) -> Iterator[str]:
+    """``app`` under a real uvicorn on 127.0.0.1 (on ``port``, else a free one), in a thread: its URL."""
     import uvicorn
 
-    port = bench.free_port()
+    port = port or bench.free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            root_path=root_path))
     thread = threading.Thread(target=server.run, daemon=True)
