@@ -818,3 +818,31 @@ def test_get_parts_arguments_are_named_and_type_names_is_an_array(tmp_path: Path
         ua.ObjectIds.String, ua.ObjectIds.Int64)]
     assert all(a.ValueRank == -1 for a in inputs + outputs)
     assert rank == 1 and dims == [0]
+
+
+def test_the_server_names_itself_diffqc_and_its_version() -> None:
+    """An integrator's client shows the server's BuildInfo, and a plant's asset inventory (an OT
+    monitor reading OPC UA) files the software and its version from it: it said "FreeOpcUa
+    Python Server" 1.0pre (asyncua's placeholder) and a client-and-server application."""
+    from asyncua import Client, ua
+
+    import diffqc
+
+    url = f"opc.tcp://127.0.0.1:{_free_port()}"
+    server = OpcUaServer(url, ["edge"])
+    server.start()
+
+    async def read() -> tuple[Any, list[Any]]:
+        async with Client(url) as client:
+            info = await client.get_node(ua.ObjectIds.Server_ServerStatus_BuildInfo).read_value()
+            return info, await client.find_servers()
+
+    try:
+        info, servers = asyncio.run(read())
+    finally:
+        server.stop()
+    assert (info.ProductName, info.ManufacturerName, info.SoftwareVersion, info.BuildNumber) == (
+        "diffqc inspection service", "diffqc", diffqc.__version__, diffqc.__version__)
+    assert info.ProductUri == "urn:diffqc" and info.BuildDate.timestamp() <= time.time()
+    assert [(s.ProductUri, s.ApplicationType, s.ApplicationUri) for s in servers] == [
+        ("urn:diffqc", ua.ApplicationType.Server, "urn:diffqc:server")]

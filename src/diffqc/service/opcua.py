@@ -53,6 +53,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from diffqc import __version__
 from diffqc.data import MAX_NAME_LEN, unprintable
 from diffqc.errors import ConfigError
 from diffqc.service.logs import Outage
@@ -64,6 +65,8 @@ log = logging.getLogger("diffqc.service.opcua")
 
 NAMESPACE = "urn:diffqc"
 APPLICATION_URI = "urn:diffqc:server"
+PRODUCT_URI = "urn:diffqc"
+SERVER_NAME = "diffqc inspection service"
 DEFAULT_PORT = 4840  # IANA's port for OPC UA over TCP
 # (browse name, OPC UA type) of a decision's variables; RecordId last: written last
 DECISION_FIELDS = (("PartId", "String"), ("FeatureType", "String"), ("Decision", "String"),
@@ -278,6 +281,12 @@ def _part_value(verdict: PartVerdict, name: str) -> Any:
     return verdict.part_id if name == "PartId" else verdict.decision
 
 
+def _installed_at() -> dt.datetime:
+    """The BuildInfo's BuildDate: when this diffqc was installed (its package's files written),
+    the nearest to a build time an installed package knows."""
+    return dt.datetime.fromtimestamp(Path(__file__).stat().st_mtime, dt.UTC)
+
+
 def _argument(ua: Any, name: str, vtype: str, description: str) -> Any:
     """A method's argument as a client shows and imports it: named, described, a scalar."""
     arg = ua.Argument()
@@ -475,8 +484,14 @@ class OpcUaServer:
         server = asyncua.Server(user_manager=_Readers(self.users, self._trust))
         await server.init()
         server.set_endpoint(f"opc.tcp://{self.host}:{self.port}")
-        server.set_server_name("diffqc inspection service")
+        server.set_server_name(SERVER_NAME)
         await server.set_application_uri(APPLICATION_URI)
+        # who it is, as a client shows it and an asset inventory files it (asyncua's placeholder
+        # said "FreeOpcUa Python Server" 1.0pre); a server, not a client too
+        server.product_uri = PRODUCT_URI
+        server.application_type = ua.ApplicationType.Server
+        await server.set_build_info(PRODUCT_URI, "diffqc", SERVER_NAME, __version__, __version__,
+                                    _installed_at())
         if self.users is None:  # anonymous readers, no user name login: there are no users
             server.set_identity_tokens([ua.AnonymousIdentityToken])
             server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
@@ -511,7 +526,7 @@ class OpcUaServer:
         cert, key = folder / "server-cert.der", folder / "server-key.pem"
         uses = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
         await setup_self_signed_certificate(key, cert, APPLICATION_URI, socket.gethostname(), uses,
-                                            {"commonName": "diffqc inspection service"})
+                                            {"commonName": SERVER_NAME})
         os.chmod(key, 0o600)
         await server.load_certificate(str(cert))
         await server.load_private_key(str(key))
