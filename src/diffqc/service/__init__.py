@@ -17,14 +17,14 @@ import contextlib
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from diffqc.arguments import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, integer, names, number, path_name
 from diffqc.calibration import DECISIONS, NOT_INSPECTED
 from diffqc.data import MAX_IMAGE_PIXELS, MAX_NAME_LEN, MAX_SOURCE_LEN, unprintable
-from diffqc.errors import ConfigError, RuntimeUnavailableError
+from diffqc.errors import ConfigError, OutputError, RuntimeUnavailableError
 from diffqc.output import json_line, path_text, text_columns
 from diffqc.runtime import add_runtime_arguments
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE
@@ -93,10 +93,35 @@ def _spreadsheet_cell(value: Any) -> Any:
     return value
 
 
+def _xlsx_out(header: Sequence[str], rows: Iterable[Sequence[Any]], *, sheet: str,
+              dates: Sequence[str] = (), percents: Sequence[str] = ()) -> int:
+    """Write ``rows`` under ``header`` to stdout as an Excel workbook (:mod:`diffqc.service.xlsx`),
+    whole once all are read (a zip is written seekable); refused to a terminal, as gzip refuses
+    binary output there. Returns the rows written."""
+    import shutil
+    import tempfile
+
+    from diffqc.service.xlsx import TooManyRows, write_xlsx
+
+    if sys.stdout.isatty():
+        raise ConfigError("--format xlsx writes a binary file: redirect it, such as > shift.xlsx")
+    with tempfile.SpooledTemporaryFile(max_size=64 << 20) as book:
+        try:
+            n = write_xlsx(book, header, rows, sheet=sheet, dates=dates, percents=percents)
+        except TooManyRows as exc:
+            raise OutputError(f"cannot write the workbook: {exc}; narrow the period (--since, --until) or "
+                              "use --format csv") from None
+        book.seek(0)
+        shutil.copyfileobj(book, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    return n
+
+
 def list_results(db_url: str, *, fmt: str = "jsonl", **filters: Any) -> int:
     """Write the stored decisions matching ``filters`` to stdout, oldest first: JSON lines (one
-    record each, as ``/v1/results`` gives them) or CSV (:data:`~diffqc.service.store.LIST_COLUMNS`;
-    text that a spreadsheet would run as a formula gets a leading apostrophe). Each row is
+    record each, as ``/v1/results`` gives them), CSV (:data:`~diffqc.service.store.LIST_COLUMNS`;
+    text that a spreadsheet would run as a formula gets a leading apostrophe) or an Excel
+    workbook of the same columns (typed cells, times as dates in UTC). Each JSON or CSV row is
     flushed as it is written; returns the number of rows."""
     import csv
 
@@ -108,6 +133,9 @@ def list_results(db_url: str, *, fmt: str = "jsonl", **filters: Any) -> int:
         writer.writeheader()
     n = 0
     with ResultStore(db_url, read_only=True) as store:
+        if fmt == "xlsx":
+            cells = ([rec.to_json().get(k) for k in LIST_COLUMNS] for rec in stored_records(store, **filters))
+            return _xlsx_out(LIST_COLUMNS, cells, sheet="results", dates=("created", "reviewed"))
         for rec in stored_records(store, **filters):
             row = rec.to_json()
             if fmt == "csv":
@@ -128,7 +156,8 @@ def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
                **filters: Any) -> tuple[Counter[str], int, int]:
     """Write each part's verdict (:func:`~diffqc.service.parts.part_verdict`) from the stored
     images matching ``filters`` to stdout, in the order of part ids: JSON lines or CSV
-    (:data:`PART_COLUMNS`; ``types`` as ``type=DECISION`` pairs, ``missing`` space-separated).
+    (:data:`PART_COLUMNS`; ``types`` as ``type=DECISION`` pairs, ``missing`` space-separated) or
+    an Excel workbook of the same columns.
     ``decision``: only parts with this verdict; ``types``: those a part should have
     (``incomplete``: only parts without an image of some of them); ``window_s``: as
     :func:`~diffqc.service.parts.part_verdict` takes it (None: its default). Reads the
@@ -136,7 +165,7 @@ def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
     part id, which no part holds; the parts written that lack some of ``types``)."""
     import csv
 
-    from diffqc.service.parts import PART_WINDOW_S, part_verdict
+    from diffqc.service.parts import PART_WINDOW_S, PartVerdict, part_verdict
     from diffqc.service.store import ResultStore, check_store_exists, records_by_part
 
     check_store_exists(db_url, doing="list")
@@ -146,21 +175,32 @@ def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
         writer.writeheader()
     n: Counter[str] = Counter()
     lacking = 0  # parts written without an image of some of ``types``
-    with ResultStore(db_url, read_only=True) as store:
+
+    def cells(v: PartVerdict) -> dict[str, Any]:
+        return {**v.to_json(), "missing": " ".join(v.missing or ()),
+                "types": " ".join(f"{t}={d}" for t, d in v.types.items())}
+
+    def verdicts(store: ResultStore) -> Iterator[PartVerdict]:
+        nonlocal lacking
         for pid, recs in records_by_part(store, **filters):
             v = part_verdict(pid, recs, types, window)
             if (decision is not None and v.decision != decision) or (incomplete and v.complete is not False):
                 continue
-            row = v.to_json()
-            if fmt == "csv":
-                cells = {**row, "missing": " ".join(v.missing or ()),
-                         "types": " ".join(f"{t}={d}" for t, d in v.types.items())}
-                writer.writerow({k: _spreadsheet_cell(cells[k]) for k in PART_COLUMNS})
-            else:
-                sys.stdout.write(json_line(row) + "\n")
-            sys.stdout.flush()
             n[v.decision] += 1
             lacking += v.complete is False
+            yield v
+
+    with ResultStore(db_url, read_only=True) as store:
+        if fmt == "xlsx":
+            _xlsx_out(PART_COLUMNS, ([cells(v)[k] for k in PART_COLUMNS] for v in verdicts(store)),
+                      sheet="parts", dates=("first", "last"))
+        else:
+            for v in verdicts(store):
+                if fmt == "csv":
+                    writer.writerow({k: _spreadsheet_cell(cells(v)[k]) for k in PART_COLUMNS})
+                else:
+                    sys.stdout.write(json_line(v.to_json()) + "\n")
+                sys.stdout.flush()
         loose = store.count(has_part=False, **filters)
     return n, loose, lacking
 
@@ -170,7 +210,8 @@ def summary_results(db_url: str, by: list[str], *, fmt: str = "table", since: fl
     """Print :func:`summarize` of the store's images in ``[since, until)`` grouped by ``by``
     (``parts``: of its parts, each counted once by its verdict from its crops, grouped by its
     latest crop's values; ``window_s`` as :func:`~diffqc.service.parts.part_verdict` takes it):
-    an aligned table, CSV or JSON lines; returns the number of groups (0: nothing in the period)."""
+    an aligned table, CSV, JSON lines or an Excel workbook (the share flagged a percentage);
+    returns the number of groups (0: nothing in the period)."""
     import csv
 
     from diffqc.service.parts import PART_WINDOW_S, part_summary_counts
@@ -193,6 +234,9 @@ def summary_results(db_url: str, by: list[str], *, fmt: str = "table", since: fl
     if fmt == "jsonl":
         for key, g in rows:
             sys.stdout.write(json_line({**dict(zip(by, key, strict=True)), **g}) + "\n")
+    elif fmt == "xlsx":
+        _xlsx_out(header, ([*key, *(g[c] for c in SUMMARY_COLUMNS)] for key, g in rows), sheet="summary",
+                  percents=("flagged_share",))
     elif fmt == "csv":
         writer = csv.writer(sys.stdout)
         writer.writerow(header)
@@ -814,8 +858,10 @@ def add_service_commands(subparsers: Any) -> None:
     def listing(sub: argparse.ArgumentParser, what: str) -> None:
         """The options of a listing: its store, format and period."""
         sub.add_argument("--db", type=path_name, default=None, help=db_help)
-        sub.add_argument("--format", choices=["jsonl", "csv"], default="jsonl",
-                         help="one JSON object per line (default) or CSV with a header row")
+        sub.add_argument("--format", choices=["jsonl", "csv", "xlsx"], default="jsonl",
+                         help="one JSON object per line (default), CSV with a header row, or an Excel "
+                              "workbook (typed cells, times as dates in UTC: opens in any locale's "
+                              "spreadsheet; redirect it, > shift.xlsx)")
         sub.add_argument("--since", default=None, help=f"{what} inspected at or after {when}")
         sub.add_argument("--until", default=None, help=f"{what} inspected before {when}")
 
@@ -879,8 +925,9 @@ def add_service_commands(subparsers: Any) -> None:
                          "crop's line, station, camera or source")
     sm.add_argument("--part-window", type=POSITIVE_NUMBER, default=PART_WINDOW_S, metavar="SECONDS",
                     help="with --parts: " + window_help)
-    sm.add_argument("--format", choices=["table", "csv", "jsonl"], default="table",
-                    help="an aligned table (default), CSV with a header row, or one JSON object per group")
+    sm.add_argument("--format", choices=["table", "csv", "jsonl", "xlsx"], default="table",
+                    help="an aligned table (default), CSV with a header row, one JSON object per group, "
+                         "or an Excel workbook (redirect it, > shift.xlsx)")
     sm.set_defaults(func=_cmd_summary)
     bk = rsub.add_parser("backup", help="copy a SQLite result store while serve or watch write to it",
                          description="Copy a SQLite result store as of one commit, while `serve` or "
