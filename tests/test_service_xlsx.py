@@ -97,6 +97,10 @@ def test_results_parts_and_summary_as_workbooks(store: Path, tmp_path: Path) -> 
     column = column_name(rows[0].index("flagged_share"))
     assert sheet[f"{column}2"].number_format == "0.00%"
     assert table["all"]["REJECT"] == 1
+    # a period without parts: said, and still a workbook (its header), not an empty file
+    done = _diffqc("results", "summary", "--db", str(store), "--since", "1h", "--format", "xlsx", out=summary)
+    assert done.returncode == 0 and "no stored results in this period" in done.stderr
+    assert _sheet(summary)[1] == [["feature_type", *SUMMARY_COLUMNS]]
 
 
 def test_a_workbook_is_not_written_to_a_terminal(store: Path) -> None:

@@ -228,7 +228,7 @@ def summary_results(db_url: str, by: list[str], *, fmt: str = "table", since: fl
             rows = summarize(counts, len(by))
         else:
             rows = summarize(store.summary_counts(by, since, until), len(by))
-    if not rows:
+    if not rows and fmt != "xlsx":  # a workbook is written, its header alone: a file a spreadsheet opens
         return 0
     header = [*by, *SUMMARY_COLUMNS]
     if fmt == "jsonl":
