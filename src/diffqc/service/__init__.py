@@ -134,7 +134,8 @@ def list_results(db_url: str, *, fmt: str = "jsonl", **filters: Any) -> int:
     n = 0
     with ResultStore(db_url, read_only=True) as store:
         if fmt == "xlsx":
-            cells = ([rec.to_json().get(k) for k in LIST_COLUMNS] for rec in stored_records(store, **filters))
+            rows = (rec.to_json() for rec in stored_records(store, **filters))
+            cells = ([row.get(k) for k in LIST_COLUMNS] for row in rows)
             return _xlsx_out(LIST_COLUMNS, cells, sheet="results", dates=("created", "reviewed"))
         for rec in stored_records(store, **filters):
             row = rec.to_json()
@@ -170,15 +171,16 @@ def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
 
     check_store_exists(db_url, doing="list")
     window = PART_WINDOW_S if window_s is None else window_s
-    writer = csv.DictWriter(sys.stdout, fieldnames=PART_COLUMNS)
+    writer = csv.writer(sys.stdout)
     if fmt == "csv":
-        writer.writeheader()
+        writer.writerow(PART_COLUMNS)
     n: Counter[str] = Counter()
     lacking = 0  # parts written without an image of some of ``types``
 
-    def cells(v: PartVerdict) -> dict[str, Any]:
-        return {**v.to_json(), "missing": " ".join(v.missing or ()),
-                "types": " ".join(f"{t}={d}" for t, d in v.types.items())}
+    def cells(v: PartVerdict) -> list[Any]:  # a CSV or workbook row, in PART_COLUMNS' order
+        row = {**v.to_json(), "missing": " ".join(v.missing or ()),
+               "types": " ".join(f"{t}={d}" for t, d in v.types.items())}
+        return [row[k] for k in PART_COLUMNS]
 
     def verdicts(store: ResultStore) -> Iterator[PartVerdict]:
         nonlocal lacking
@@ -192,12 +194,11 @@ def list_parts(db_url: str, *, fmt: str = "jsonl", decision: str | None = None,
 
     with ResultStore(db_url, read_only=True) as store:
         if fmt == "xlsx":
-            _xlsx_out(PART_COLUMNS, ([cells(v)[k] for k in PART_COLUMNS] for v in verdicts(store)),
-                      sheet="parts", dates=("first", "last"))
+            _xlsx_out(PART_COLUMNS, map(cells, verdicts(store)), sheet="parts", dates=("first", "last"))
         else:
             for v in verdicts(store):
                 if fmt == "csv":
-                    writer.writerow({k: _spreadsheet_cell(cells(v)[k]) for k in PART_COLUMNS})
+                    writer.writerow([_spreadsheet_cell(c) for c in cells(v)])
                 else:
                     sys.stdout.write(json_line(v.to_json()) + "\n")
                 sys.stdout.flush()
