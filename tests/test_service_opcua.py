@@ -846,3 +846,24 @@ def test_the_server_names_itself_diffqc_and_its_version() -> None:
     assert info.ProductUri == "urn:diffqc" and info.BuildDate.timestamp() <= time.time()
     assert [(s.ProductUri, s.ApplicationType, s.ApplicationUri) for s in servers] == [
         ("urn:diffqc", ua.ApplicationType.Server, "urn:diffqc:server")]
+
+
+def test_an_ipv6_endpoint_serves() -> None:
+    """``--opcua opc.tcp://[::1]:4840`` (or ``[::]``, every address) passed the check at start and
+    then failed to start: the endpoint was given to asyncua as ``opc.tcp://::1:4840``."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    port = _free_port()
+    check_opcua_url(f"opc.tcp://[::1]:{port}")
+    server = OpcUaServer(f"opc.tcp://[::1]:{port}", ["edge"], model_version="m-6")
+    server.start()
+    try:
+        got = asyncio.run(_read(f"opc.tcp://[::1]:{port}", ["diffqc.ModelVersion"]))
+    finally:
+        server.stop()
+    assert got == {"diffqc.ModelVersion": "m-6"}

@@ -483,7 +483,8 @@ class OpcUaServer:
         logging.getLogger("asyncua").setLevel(logging.ERROR)
         server = asyncua.Server(user_manager=_Readers(self.users, self._trust))
         await server.init()
-        server.set_endpoint(f"opc.tcp://{self.host}:{self.port}")
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address, as a URL writes it
+        server.set_endpoint(f"opc.tcp://{host}:{self.port}")
         server.set_server_name(SERVER_NAME)
         await server.set_application_uri(APPLICATION_URI)
         # who it is, as a client shows it and an asset inventory files it (asyncua's placeholder
