@@ -84,6 +84,12 @@ def _size_ranges(value: Any) -> bool:
                     for r in value))
 
 
+def named_model_id(path: Path | str) -> str:
+    """The ``model_id`` that ``metadata.json`` names as it is now (a watch's look at a bundle being
+    replaced under a service); OSError, ValueError, KeyError or TypeError when it names none."""
+    return str(json.loads((Path(path) / "metadata.json").read_text())["model_id"])
+
+
 def check_not_retrained(path: Path | str, loaded: dict[str, Any], while_: str) -> dict[str, Any]:
     """``metadata.json`` as it is now, once it still names the model of ``loaded`` (the metadata
     read as a command's work on the bundle began: ``calibrate``'s scoring, ``export``'s graphs);

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from diffqc.arguments import QUIET, path_name, path_value
-from diffqc.bundle import check_not_retrained
+from diffqc.bundle import check_not_retrained, named_model_id
 from diffqc.calibration import SELECTED_BELOW, CalibrationWarning, Calibrator, flagged_excess_p
 from diffqc.config import CalibrationConfig
 from diffqc.errors import BundleError, ConfigError, DatasetError, UnknownFeatureTypeError, did_you_mean
@@ -401,10 +401,10 @@ class CalibrationReloader:
     def _another_model(self) -> bool:
         """The bundle's metadata.json names a model other than the one served."""
         try:
-            named = json.loads((self.bundle / "metadata.json").read_text())["model_id"]
+            named = named_model_id(self.bundle)
         except (OSError, ValueError, KeyError, TypeError):
             return False  # none named: the weights' signature decides
-        return bool(self.model_id) and str(named) != self.model_id
+        return bool(self.model_id) and named != self.model_id
 
     def _take_int8_file(self) -> bool:
         """An INT8 detector decides with the INT8 calibration wherever the bundle has one (else

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from diffqc.bundle import named_model_id
 from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, is_misrouted, prometheus_label, scored
 from diffqc.recalibrate import BundleChange, CalibrationReloader, FileChange, file_signature
 from diffqc.runtime import EXPORT_FILE
@@ -134,9 +135,10 @@ class ModelWatch:
         """``(detector, another model)`` when the bundle changed and was loaded; else None."""
         if not self._files.settled():
             return None
-        export = file_signature(self.bundle / EXPORT_FILE) != self._export
+        export_now = file_signature(self.bundle / EXPORT_FILE)
+        export = export_now != self._export
         try:
-            model_id = str(json.loads((self.bundle / "metadata.json").read_text())["model_id"])
+            model_id = named_model_id(self.bundle)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self._failed(f"its metadata.json cannot be read ({exc})")
             return None
@@ -158,7 +160,7 @@ class ModelWatch:
             log.info("serving model %s from %s again, as its files changed (%s; loaded in %.1f s)",
                      model_id, self.bundle, runtime, time.perf_counter() - t0)
         self.model_id, self.last_error = model_id, None
-        self._export = file_signature(self.bundle / EXPORT_FILE)
+        self._export = export_now
         self.reloads += 1
         return detector, retrained
 
