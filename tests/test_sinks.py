@@ -39,6 +39,7 @@ from diffqc.service.sinks import (
     Unavailable,
     WebhookSink,
     check_sink_urls,
+    message_key,
     parse_mqtt_url,
     webhook_headers,
     webhook_secrets,
@@ -358,7 +359,7 @@ def test_webhook_retries_until_the_receiver_answers(store: ResultStore,
     statuses = [s for s, _, _ in receiver.requests]
     assert statuses == [503, 503, 503, 200, 200, 200]
     _, headers, body = receiver.requests[-1]
-    assert headers["Idempotency-Key"] == f"decision-{ids[-1]}"
+    assert headers["Idempotency-Key"].startswith(f"decision-{ids[-1]}-")
     assert headers["X-Diffqc-Record-Id"] == str(ids[-1]) and body["record_id"] == ids[-1]
     assert box.dead("webhook") == 0 and disp.failures_total["webhook"] == 3
     said = [r.getMessage() for r in caplog.records if "sink webhook" in r.getMessage()]
@@ -405,7 +406,49 @@ def test_a_signed_webhook_is_verified_by_a_standard_webhooks_receiver(store: Res
         with pytest.raises(WebhookVerificationError):
             Webhook(base64.b64encode(secrets.token_bytes(32)).decode()).verify(raw, headers)
     first, retried = ({k.lower(): v for k, v in receiver.requests[i][1].items()} for i in (0, 1))
-    assert first["webhook-id"] == retried["webhook-id"] == f"decision-{ids[0]}" == first["idempotency-key"]
+    assert first["webhook-id"] == retried["webhook-id"] == first["idempotency-key"]
+    assert first["webhook-id"].startswith(f"decision-{ids[0]}-")
+
+
+def test_two_stores_record_one_reach_one_receiver_under_different_keys(tmp_path: Path) -> None:
+    """Two stations with a store each (or one store made anew after a disk swap, or put back from
+    an older backup) number their records from 1 again: the push's Idempotency-Key and
+    Standard Webhooks' webhook-id were ``decision-<record_id>``, so a MES dropping repeats by
+    them (what those headers are for; Standard Webhooks has the id unique across all messages)
+    dropped the second station's decision 1 as a repeat of the first's. The two now differ, and
+    a message sent again (a retry, a dead letter requeued: an alarm's key named its outbox row,
+    new on requeue) keeps its key."""
+    receiver = Receiver()
+    try:
+        sink = WebhookSink(receiver.url, secrets=[b"k" * 32])
+        for name, attempts in (("station-a.db", 2), ("station-b.db", 1)):
+            with ResultStore(str(tmp_path / name)) as store:
+                box = outbox_for(store, "webhook")
+                assert store.insert(record(1)).id == 1
+                (message,) = box.due("webhook", time.time() + 60)
+                for _ in range(attempts):
+                    sink.send(message)
+    finally:
+        receiver.close()
+    sent = [({k.lower(): v for k, v in headers.items()}, body) for _, headers, body in receiver.requests]
+    assert [body["record_id"] for _, body in sent] == [1, 1, 1]
+    (a, _), (again, _), (b, _) = sent
+    assert a["idempotency-key"] == again["idempotency-key"] == a["webhook-id"] == again["webhook-id"]
+    assert a["idempotency-key"] != b["idempotency-key"] and a["webhook-id"] != b["webhook-id"]
+    assert a["idempotency-key"].startswith("decision-1-") and b["idempotency-key"].startswith("decision-1-")
+
+
+def test_a_requeued_alarm_keeps_its_key(store: ResultStore) -> None:
+    box = outbox_for(store, "webhook")
+    box.enqueue_alarm("stripes", {"event": "drift_alarm", "statistic": 0.4})
+    (message,) = box.due("webhook", time.time() + 60)
+    box.dead_letter(message, "refused")
+    box.enqueue_alarm("stripes", {"event": "drift_alarm", "statistic": 0.4})  # the next, as like as can be
+    assert box.requeue_dead("webhook") == 1
+    later, requeued = box.due("webhook", time.time() + 60)
+    assert requeued.id != message.id and requeued.payload == message.payload
+    assert message_key(requeued) == message_key(message) != message_key(later)
+    assert message_key(message).startswith("alarm-") and len(message_key(message)) == len("alarm-") + 16
 
 
 def test_a_webhook_secret_is_read_and_checked_without_being_shown(tmp_path: Path) -> None:

@@ -14,8 +14,9 @@ PostgreSQL) each push their own parts to their own receivers, one's receiver dow
 back another's.
 
 Delivery is at-least-once: a crash between the receiver's acknowledgement and the row's delete
-sends it again. Every message carries the ``record_id`` (and an ``Idempotency-Key`` header for
-webhooks) so that receivers can drop duplicates.
+sends it again. Every message carries the ``record_id`` (unique in its store) and a webhook's an
+``Idempotency-Key`` header (unique across stores: :func:`message_key`) so that receivers can drop
+duplicates.
 
 A webhook message its endpoint still refuses after ``max_attempts`` (exponential backoff in
 between; an endpoint that is away, :class:`Unavailable`, is waited for, not counted) is moved
@@ -129,6 +130,18 @@ class Message:
     created_at: float
 
 
+def message_key(message: Message) -> str:
+    """A webhook push's ``Idempotency-Key`` and Standard Webhooks' ``webhook-id``: the same on
+    each attempt at one message, and another for any other message, from this store or any other
+    (``decision-<record_id>`` alone was the same for record 1 of two stations' stores, or of a store
+    made anew, and a MES dropping repeats dropped the second): its kind, its record id for a
+    reader (none for an alarm or an overdue part), and a digest of its body and the time it was
+    queued, which a dead letter sent again keeps (an alarm's key named its outbox row, a new one
+    on ``requeue``)."""
+    digest = hashlib.sha256(f"{message.created_at!r}\n{message.payload}".encode()).hexdigest()[:16]
+    return "-".join((message.kind, *([] if message.record_id is None else [str(message.record_id)]), digest))
+
+
 def decision_payload(rec: ResultRecord) -> dict[str, Any]:
     """What a receiver gets for one stored decision (the record without review fields)."""
     out = rec.to_json()
@@ -231,7 +244,7 @@ class Outbox:
         as it stands, in its own transaction."""
         body = json.dumps(part_payload(verdict, latest, overdue=True), allow_nan=False, sort_keys=True)
         with self.store._transaction() as conn:
-            # no record id of its own: its key (part-o<row id>) is not that of the push its latest
+            # no record id of its own: its key (message_key) is not that of the push its latest
             # record already made, which a receiver dropping repeats would take it for
             self._insert(conn, PART, None, topic_key(verdict.part_id), body)
         self.wakeup.set()
@@ -659,8 +672,7 @@ class WebhookSink:
                 raise
 
     def send(self, message: Message) -> None:
-        ref = message.record_id if message.record_id is not None else f"o{message.id}"
-        key = f"{message.kind}-{ref}"
+        key = message_key(message)
         body = message.payload.encode("utf-8")
         headers = {
             **self.headers,
