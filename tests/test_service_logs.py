@@ -149,3 +149,58 @@ def test_an_outage_is_said_once_when_it_starts_and_once_when_it_ends(
     assert said[0][1].startswith("cannot store parts: disk full (said once")
     assert said[1][1] == "the store can write again; parts not stored meanwhile: 4, over 0 s"
     assert "disk full again" in said[2][1] and outage.count == 1
+
+
+def _journal_run(args: list[str], tmp_path: Path, *, on_journal: bool, fmt: str) -> list[str]:
+    """The lines ``diffqc ARGS`` writes to stderr, a file that ``$JOURNAL_STREAM`` names (as
+    systemd names a unit's journal stream: its device and inode) or, ``on_journal`` false, names
+    another (a unit whose StandardError= is a file, a pipe)."""
+    import diffqc
+
+    err, other = tmp_path / f"stderr-{fmt}-{on_journal}", tmp_path / "other"
+    other.touch()
+    with err.open("w") as stream:
+        named = os.fstat(stream.fileno()) if on_journal else os.stat(other)
+        env = {**os.environ, "PYTHONPATH": str(Path(diffqc.__file__).resolve().parents[1]),
+               "JOURNAL_STREAM": f"{named.st_dev}:{named.st_ino}", "DIFFQC_LOG_FORMAT": fmt}
+        subprocess.run([sys.executable, "-m", "diffqc.cli", *args], stdout=subprocess.DEVNULL,
+                       stderr=stream, env=env, timeout=300, check=False)
+    return [line for line in err.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_under_systemd_each_line_reaches_the_journal_at_its_level(tiny_model: Path, tmp_path: Path,
+                                                                  fmt: str) -> None:
+    """deploy/diffqc.service logs to the journal, which stored every line of diffqc at priority 6
+    (info), an error as well: `journalctl -u diffqc -p err` showed nothing, and a syslog rule
+    that forwards errors (rsyslog's `*.err`) forwarded none. A line on the journal's stream
+    (``$JOURNAL_STREAM``, systemd.exec(5)) now begins with its syslog priority, ``<3>`` an error,
+    ``<4>`` a warning, ``<6>`` info (sd-daemon(3), which journald reads), each line of a text
+    traceback too; written anywhere else, a line is as it was."""
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(cam / "0.png")
+    (cam / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    watch = ["watch", str(cam), str(tiny_model), "--db", str(tmp_path / f"r-{fmt}.db"), "--once",
+             "--settle", "0"]
+    lines = _journal_run(watch, tmp_path, on_journal=True, fmt=fmt)
+    assert lines and all(line[:3] in ("<4>", "<6>") for line in lines), lines
+    assert any(line.startswith("<4>") and "1.png" in line for line in lines), lines
+    assert any(line.startswith("<6>") and "INFO" in line for line in lines), lines
+    if fmt == "json":
+        levels = {"<4>": "WARNING", "<6>": "INFO"}
+        assert all(json.loads(line[3:])["level"] == levels[line[:3]] for line in lines), lines
+    fatal = _journal_run(["watch", str(cam), str(tmp_path / "no-model")], tmp_path, on_journal=True, fmt=fmt)
+    assert fatal and all(line.startswith("<3>") for line in fatal), fatal
+    elsewhere = _journal_run(watch, tmp_path, on_journal=False, fmt=fmt)
+    assert elsewhere and not any(line.startswith("<") for line in elsewhere), elsewhere
+
+
+def test_a_text_traceback_reaches_the_journal_at_its_records_level() -> None:
+    from diffqc.service.logs import JournalFormatter
+
+    record = _record(exc=True)
+    record.levelno, record.levelname = logging.ERROR, "ERROR"
+    lines = JournalFormatter(TextFormatter(TEXT_FORMAT)).format(record).splitlines()
+    assert len(lines) > 3 and all(line.startswith("<3>") for line in lines), lines
+    assert lines[1] == "<3>Traceback (most recent call last):"

@@ -14,6 +14,7 @@ import contextlib
 import csv
 import gc
 import io
+import logging
 import os
 import select
 import sys
@@ -479,7 +480,7 @@ def _one_line_warnings() -> Callable[..., None]:
         text = path_text(str(message))
         if text not in said:
             said.add(text)
-            print(f"diffqc: warning: {text}", file=sys.stderr)
+            _say(logging.WARNING, f"diffqc: warning: {text}")
 
     return show
 
@@ -556,9 +557,16 @@ def _last_word(args: argparse.Namespace, level: str, text: str) -> None:
     if getattr(args, "log_format", "text") == "json":
         from diffqc.service.logs import json_log_line
 
-        print(json_log_line(level, text), file=sys.stderr)
+        _say(getattr(logging, level), json_log_line(level, text))
     else:
-        print(f"diffqc: {'error: ' if level == 'ERROR' else ''}{text}", file=sys.stderr)
+        _say(getattr(logging, level), f"diffqc: {'error: ' if level == 'ERROR' else ''}{text}")
+
+
+def _say(levelno: int, line: str) -> None:
+    """``line`` on stderr; on a systemd unit's journal, at ``levelno``'s priority."""
+    from diffqc.service.logs import for_journal, on_journal
+
+    print(for_journal(line, levelno) if on_journal() else line, file=sys.stderr)
 
 
 if __name__ == "__main__":

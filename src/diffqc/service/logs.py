@@ -5,6 +5,10 @@ A traceback in a text log is many lines, which a collector reading line by line 
 entries; in JSON it is one object's ``exception`` field. The HTTP server's own lines (uvicorn's
 start-up, errors and, with ``--access-log``, each request) come out in the same format: in JSON,
 an access line also carries its ``client``, ``method``, ``path`` and ``status`` as fields.
+
+Run as a systemd unit whose stderr is the journal (``deploy/diffqc.service``), each line begins
+with its syslog priority (``<3>`` an error, sd-daemon(3)), which journald takes off and keeps as
+the entry's priority: ``journalctl -p err`` and a syslog rule forwarding errors see diffqc's.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import datetime as dt
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
@@ -74,6 +79,41 @@ class TextFormatter(logging.Formatter):
         return escaped(super().formatMessage(record), keep="\t")
 
 
+class JournalFormatter(logging.Formatter):
+    """Another formatter's lines, each prefixed with the record's syslog priority for journald
+    (:func:`for_journal`): a text traceback's lines at the level of the record they belong to."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return for_journal(self.inner.format(record), record.levelno)
+
+
+# the syslog priorities of the logging levels (critical 2, error 3, warning 4, info 6; below, debug 7)
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+def on_journal(stream: TextIO | None = None) -> bool:
+    """Whether ``stream`` (stderr) is the journal's stream of a systemd unit: ``$JOURNAL_STREAM``
+    names that stream's device and inode (systemd.exec(5)); a unit whose stderr is a file or a
+    pipe, a container, a terminal, has another or none."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat((sys.stderr if stream is None else stream).fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError, AttributeError):  # unset or malformed; a stream without a descriptor
+        return False
+
+
+def for_journal(text: str, levelno: int) -> str:
+    """``text`` with each line prefixed ``<N>``, ``levelno``'s syslog priority, which journald
+    reads off a line on a unit's stream as the entry's priority (sd-daemon(3))."""
+    prefix = f"<{next((p for level, p in _PRIORITIES if levelno >= level), 7)}>"
+    return "\n".join(prefix + line for line in text.split("\n"))
+
+
 def json_log_line(level: str, message: str, logger: str = "diffqc") -> str:
     """One line of the JSON log made without the logging machinery: the CLI's last word (an
     error that ends the process, which it prints rather than logs) in a JSON log's format."""
@@ -92,7 +132,8 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
         raise ConfigError(f"log format {fmt!r} is not one of {', '.join(LOG_FORMATS)} "
                           f"(--log-format, or ${LOG_FORMAT_ENV})")
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
+    inner = JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT)
+    handler.setFormatter(JournalFormatter(inner) if on_journal(handler.stream) else inner)
     numeric = 5 if level.lower() == "trace" else getattr(logging, level.upper(), logging.INFO)
     logging.basicConfig(level=numeric, handlers=[handler])
     if fmt == "json":  # a Python warning (a model's too few calibration images) is a line as well
@@ -109,8 +150,8 @@ def _log_warning(message: Warning | str, category: type[Warning], filename: str,
 
 def uvicorn_log_config(fmt: str) -> dict[str, Any] | None:
     """uvicorn's ``log_config``: its own (coloured text, access lines on stdout) for text, none
-    for JSON, so that its loggers propagate to the root's JSON handler."""
-    if fmt == "json":
+    for JSON or on the journal, so that its loggers propagate to the root's handler."""
+    if fmt == "json" or on_journal():
         return None
     from uvicorn.config import LOGGING_CONFIG
 
