@@ -539,6 +539,19 @@ def test_a_result_store_in_a_read_only_folder_names_the_folder(tiny_model: Path,
     assert not any(volume.iterdir()) and (tmp_path / "cam" / "0.png").is_file()
 
 
+def test_a_folder_not_writable_is_named_where_there_is_no_statvfs(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Naming why a store's folder is not writable asked os.statvfs, which Windows has not: the
+    error said about a folder not writable became an AttributeError there. Without it the
+    reason is a permission's."""
+    from diffqc.service import store
+
+    monkeypatch.setattr(store.os, "access", lambda *args, **kwargs: False)
+    monkeypatch.delattr(store.os, "statvfs")
+    said = store._unwritable_folder(tmp_path / "results.db")
+    assert said == f"its folder {tmp_path} is not writable (permission denied)"
+
+
 def test_results_list_and_export_read_a_store_on_a_read_only_share(tmp_path: Path) -> None:
     """A line's store, copied to a read-only share or a write-protected stick for a QC engineer,
     or given to `results list` from a read-only volume, was refused: "its folder is not

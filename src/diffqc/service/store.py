@@ -361,8 +361,10 @@ def _unwritable_folder(path: Path) -> str | None:
     folder = path.absolute().parent
     if os.access(folder, os.W_OK):
         return None
+    statvfs = getattr(os, "statvfs", None)  # not on Windows
     try:
-        why = "Read-only file system" if os.statvfs(folder).f_flag & os.ST_RDONLY else "permission denied"
+        read_only = statvfs is not None and statvfs(folder).f_flag & os.ST_RDONLY
+        why = "Read-only file system" if read_only else "permission denied"
     except OSError as exc:
         why = exc.strerror or str(exc)
     return f"its folder {folder} is not writable ({why})"
