@@ -395,6 +395,45 @@ async def test_an_image_sent_as_json_is_inspected(detector: Any, samples: Sample
         assert state.store.count() == 3
 
 
+async def test_base64_wrapped_in_lines_or_url_safe_is_inspected(detector: Any, samples: Samples,
+                                                                tmp_path: Path) -> None:
+    """Base64 as most encoders write it was refused "not base64": wrapped in lines of 76
+    characters (GNU `base64 part.png`, Python's `base64.encodebytes`, MIME; .NET's with
+    `InsertLineBreaks`, `\\r\\n`) and the URL-safe alphabet (`-_`, unpadded: Go's `RawURLEncoding`,
+    a JWT library's). Each is now read as the same bytes; the body may be as much longer as the
+    line breaks make it, so an image at the size limit sent wrapped is taken too."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    good, ftype = samples.one("PASS")
+    noise = np.random.default_rng(0).integers(0, 256, (900, 900, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    large = buf.getvalue()  # 2.4 MB: the body limit's 64 KiB to spare does not cover its line breaks
+    async with running_app(detector, tmp_path, max_upload_bytes=len(large)) as (client, state):
+        raw = (await client.post("/v1/inspect", content=good, headers=AUTH,
+                                 params={"feature_type": ftype})).json()
+        forms = {
+            "lines": base64.encodebytes(good).decode(),
+            "crlf lines": base64.encodebytes(good).decode().replace("\n", "\r\n"),
+            "url-safe": base64.urlsafe_b64encode(good).decode().rstrip("="),
+            "data url, lines": "data:image/png;base64," + base64.encodebytes(good).decode(),
+        }
+        for name, text in forms.items():
+            r = await client.post("/v1/inspect", headers=AUTH, json={"image": text, "feature_type": ftype})
+            assert r.status_code == 200 and r.json()["score"] == raw["score"], (name, r.text)
+        wrapped = base64.encodebytes(large).decode().replace("\n", "\r\n")
+        r = await client.post("/v1/inspect", headers=AUTH, json={"image": wrapped, "feature_type": ftype})
+        assert r.status_code == 200, r.text
+        for text in ("abcde", "not base64!", base64.b64encode(good).decode()[:-4] + "-_+/"):
+            r = await client.post("/v1/inspect", headers=AUTH, json={"image": text})
+            assert r.status_code == 422 and "is not base64" in r.json()["detail"], (text[-8:], r.text)
+        assert state.store.count() == 1 + len(forms) + 1
+
+
 async def test_a_batch_sent_as_json_is_inspected(detector: Any, samples: Samples, tmp_path: Path) -> None:
     """The batch route took multipart only: a client that sends only text had no batch. JSON
     with the form's fields as lists — ``{"image": [base64, ...], "feature_type": one or a list,
