@@ -323,6 +323,27 @@ async def test_an_image_under_another_field_name_is_told_the_name(
         assert state.store.count() == 0
 
 
+async def test_an_image_part_without_a_filename_is_told_so(detector: Any, samples: Samples,
+                                                          tmp_path: Path) -> None:
+    """An image part without a filename (Node-RED's `http request` node given `{image: buffer}`,
+    .NET's `content.Add(new ByteArrayContent(bytes), "image")`) is a text field to a multipart
+    parser, and was answered "no file field 'image' (it has field 'image')", which named no
+    cause. The answer says the part has no filename and how each client gives one."""
+    good, ftype = samples.one("PASS")
+    boundary = "b0undary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n")
+    body = head.encode() + good + f"\r\n--{boundary}--\r\n".encode()
+    async with running_app(detector, tmp_path) as (client, state):
+        r = await client.post("/v1/inspect", content=body, params={"feature_type": ftype},
+                              headers={**AUTH, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert r.status_code == 400 and r.json()["code"] == "missing_image", r.text
+        said = r.json()["detail"]
+        assert "its part 'image' has no filename" in said, said
+        assert "curl -F image=@part.png" in said and '"image", "part.png"' in said, said
+        assert state.store.count() == 0
+
+
 async def test_an_image_sent_as_base64_text_is_told_how_to_send_it(
     detector: Any, samples: Samples, tmp_path: Path
 ) -> None:

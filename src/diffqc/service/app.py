@@ -1819,6 +1819,12 @@ def _missing_image(form: Any, wanted: str) -> ServiceError:
     fields = list(dict.fromkeys(k for k, v in items if not isinstance(v, UploadFile)))
     held = [f"{kind}{'s' * (len(names) > 1)} {', '.join(repr(n) for n in names)}"
             for kind, names in (("file", files), ("field", fields)) if names]
+    if "image" in fields:  # a part without a filename is text to a multipart parser
+        return ServiceError(400, "missing_image",
+                            f"multipart body has no {wanted}: its part 'image' has no filename in its "
+                            "Content-Disposition, which makes it a text field; give it one (curl -F "
+                            'image=@part.png; .NET: content.Add(bytes, "image", "part.png"); Node-RED: '
+                            '{image: {value: buffer, options: {filename: "part.png"}}})')
     return ServiceError(400, "missing_image",
                         f"multipart body has no {wanted} (it has {' and '.join(held) or 'nothing'}): "
                         "send the image as the file field 'image' (curl -F image=@part.png)")
