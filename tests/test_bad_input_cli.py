@@ -543,13 +543,34 @@ def test_a_folder_not_writable_is_named_where_there_is_no_statvfs(tmp_path: Path
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Naming why a store's folder is not writable asked os.statvfs, which Windows has not: the
     error said about a folder not writable became an AttributeError there. Without it the
-    reason is a permission's."""
+    reason is a permission's, naming the user this process runs as."""
+    import os
+    import pwd
+
     from diffqc.service import store
 
     monkeypatch.setattr(store.os, "access", lambda *args, **kwargs: False)
     monkeypatch.delattr(store.os, "statvfs")
     said = store._unwritable_folder(tmp_path / "results.db")
-    assert said == f"its folder {tmp_path} is not writable (permission denied)"
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    assert said == f"its folder {tmp_path} is not writable (permission denied for user {user})"
+
+
+def test_watch_on_a_read_only_folder_says_why_it_is_not_writable(tiny_model: Path, tmp_path: Path) -> None:
+    """`watch` of a camera folder it may not write (a read-only share, a systemd unit's
+    ProtectSystem=strict without ReadWritePaths=, a folder its dynamic user may not write) said
+    "(DIR is not writable)" whatever the cause, where the cure differs: a writable path, or a
+    permission. It now says which: here a read-only file system."""
+    volume, mounted = tmp_path / "volume", tmp_path / "camera"
+    mounted.mkdir()
+    _png(volume / "dots" / "0.png")
+    watch = [sys.executable, "-m", "diffqc.cli", "watch", str(mounted), str(tiny_model), "--once",
+             "--db", str(tmp_path / "r.db")]
+    proc = run_with_mount(volume, mounted, watch, read_only=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert (f"cannot move inspected files into {mounted / 'processed'} ({mounted} is not writable: "
+            "Read-only file system): give --keep") in proc.stderr, proc.stderr
+    assert (volume / "dots" / "0.png").is_file() and not (volume / "processed").exists()
 
 
 def test_results_list_and_export_read_a_store_on_a_read_only_share(tmp_path: Path) -> None:

@@ -10,8 +10,10 @@ traceback. Each kind keeps the built-in base it had before (``ValueError`` for b
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 
 class DiffqcError(Exception):
@@ -195,3 +197,25 @@ def _binary_size(n: int) -> str:
             break
         size, unit = size / 1024, bigger
     return f"{n} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+
+
+def why_unwritable(folder: Path) -> str:
+    """Why this process may not write in ``folder``, which it may not: a read-only file system
+    (a read-only share or volume, a systemd unit's ``ProtectSystem=strict`` without
+    ``ReadWritePaths=``), else a permission, naming the user this process runs as (a systemd
+    unit's dynamic user, say), or what asking said."""
+    statvfs = getattr(os, "statvfs", None)  # not on Windows
+    try:
+        read_only = statvfs is not None and statvfs(folder).f_flag & os.ST_RDONLY
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return "Read-only file system" if read_only else f"permission denied for user {_user_name()}"
+
+
+def _user_name() -> str:
+    try:
+        import pwd  # not on Windows
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return os.environ.get("USERNAME") or "this process's"

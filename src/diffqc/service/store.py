@@ -37,7 +37,7 @@ from PIL import Image
 
 from diffqc.calibration import PASS, REJECT, REVIEW
 from diffqc.data import check_outside_datasets
-from diffqc.errors import ConfigError, OutputError, StoreError
+from diffqc.errors import ConfigError, OutputError, StoreError, why_unwritable
 from diffqc.output import write_atomic
 from diffqc.recalibrate import EXPORT_SUMMARY_FILE, selection_note
 from diffqc.service.security import is_artifact_name, safe_child
@@ -361,13 +361,7 @@ def _unwritable_folder(path: Path) -> str | None:
     folder = path.absolute().parent
     if os.access(folder, os.W_OK):
         return None
-    statvfs = getattr(os, "statvfs", None)  # not on Windows
-    try:
-        read_only = statvfs is not None and statvfs(folder).f_flag & os.ST_RDONLY
-        why = "Read-only file system" if read_only else "permission denied"
-    except OSError as exc:
-        why = exc.strerror or str(exc)
-    return f"its folder {folder} is not writable ({why})"
+    return f"its folder {folder} is not writable ({why_unwritable(folder)})"
 
 
 def _writable_store_hint(path: Path) -> str | None:

@@ -57,6 +57,7 @@ from diffqc.errors import (
     UnknownFeatureTypeError,
     did_you_mean,
     first_few,
+    why_unwritable,
 )
 from diffqc.inspection import BUNDLE_FILES
 from diffqc.output import path_text
@@ -199,10 +200,11 @@ def check_watch_folder(folder: Path | str, *, moves_into: Sequence[Path | str] =
             where = where.parent
         if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
             raise OutputError(f"watch: cannot move inspected files into {target} ({where} is "
-                              f"{'not writable' if where.is_dir() else 'a file'}): {hint}")
+                              f"{f'not writable: {why_unwritable(where)}' if where.is_dir() else 'a file'}): "
+                              f"{hint}")
     if moves_into and not os.access(root, os.W_OK | os.X_OK):  # the files leave it
-        raise OutputError(f"watch: cannot move inspected files out of {root} (it is not writable): "
-                          f"{hint}")
+        raise OutputError(f"watch: cannot move inspected files out of {root} (it is not writable: "
+                          f"{why_unwritable(root)}): {hint}")
     if moves_into and (held := dataset_in(root)) is not None:
         raise OutputError(f"watch: {root} holds a dataset ({held}): watch moves each image it inspects "
                           "into processed/, which would take it apart; score a dataset with `diffqc "
