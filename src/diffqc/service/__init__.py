@@ -672,7 +672,7 @@ def add_service_commands(subparsers: Any) -> None:
     p.add_argument("model", type=path_name, help="model bundle folder (from diffqc train)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0: every "
-                   "network)")
+                   "IPv4 network; :: every IPv6 one, not IPv4's)")
     p.add_argument("--port", type=integer(0, 65535), default=8000, help="TCP port (default 8000)")
     p.add_argument("--db", type=path_name, default=None, help=db_help)
     p.add_argument(
