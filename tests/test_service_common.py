@@ -123,13 +123,14 @@ async def running_app(
 
 
 @contextmanager
-def serving(app: Any, root_path: str = "", port: int = 0) -> Iterator[str]:
-    """``app`` under a real uvicorn on 127.0.0.1 (on ``port``, else a free one), in a thread: its URL."""
+def serving(app: Any, root_path: str = "", port: int = 0, **config: Any) -> Iterator[str]:
+    """``app`` under a real uvicorn on 127.0.0.1 (on ``port``, else a free one), in a thread: its URL.
+    ``config``: more of uvicorn's settings (``http=``, a protocol class)."""
     import uvicorn
 
     port = port or bench.free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           root_path=root_path))
+                                           root_path=root_path, **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

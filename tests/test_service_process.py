@@ -226,6 +226,28 @@ def test_the_containers_health_check_over_http(service_model: tuple[Path, Path],
     assert _docker_healthcheck(srv.port) == 1  # nothing listening
 
 
+def test_serve_closes_a_connection_that_sends_no_request(service_model: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    """`serve` runs uvicorn with diffqc's connections (tests/test_service_connections.py): one
+    that sends no request is closed after --body-timeout, where uvicorn kept it for ever; a
+    request is answered."""
+    import socket
+    import time
+
+    import httpx
+
+    srv = bench.start_server(service_model[0], str(tmp_path / "r.db"), workdir=tmp_path, token=TOKEN,
+                             extra=("--body-timeout", "1"))
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port)) as idle:
+            idle.settimeout(10)
+            t0 = time.monotonic()
+            assert idle.recv(1) == b"" and time.monotonic() - t0 < 5
+        assert httpx.get(srv.url + "/healthz", timeout=30).status_code == 200
+    finally:
+        srv.stop()
+
+
 def test_serve_takes_the_disk_watchs_thresholds(service_model: tuple[Path, Path], tmp_path: Path) -> None:
     """The nearly-full disk warning fires below 1 GiB or 5 % free: too late for a small edge
     box's card, early for a large disk. `--disk-min-free-mb` and `--disk-min-free-percent` set

@@ -704,7 +704,9 @@ def add_service_commands(subparsers: Any) -> None:
         "--body-timeout",
         type=POSITIVE_NUMBER,
         default=30.0,
-        help="seconds an upload may send nothing before it is answered 408",
+        help="seconds an upload may send nothing before it is answered 408; also the seconds a "
+        "connection has to send a request's headers (from its opening or its last answer) before it "
+        "is closed",
     )
     p.add_argument("--max-batch", type=POSITIVE, default=8, help="largest inference micro-batch")
     p.add_argument(

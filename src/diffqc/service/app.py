@@ -2042,6 +2042,7 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
            log_level: str, log_format: str, access_log: bool) -> None:
     import uvicorn
 
+    from diffqc.service.connections import BACKLOG, connection_cap, http_protocol
     from diffqc.service.logs import uvicorn_log_config
 
     # fail fast, with a clear message, before the server takes a request: a model path that is
@@ -2067,7 +2068,8 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, root_path=settings.root_path,
                             log_config=uvicorn_log_config(log_format),
                             access_log=access_log, timeout_graceful_shutdown=30,
-                            server_header=False,
+                            server_header=False, backlog=BACKLOG,
+                            http=http_protocol(settings.body_timeout_s, connection_cap()),
                             ssl_certfile=str(settings.tls_cert) if tls else None,
                             ssl_keyfile=None if settings.tls_key is None else str(settings.tls_key))
     config.load()  # makes its SSL context now: renewed certificate files are loaded into it later
