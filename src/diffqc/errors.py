@@ -218,4 +218,4 @@ def _user_name() -> str:
 
         return pwd.getpwuid(os.geteuid()).pw_name
     except (ImportError, KeyError):
-        return os.environ.get("USERNAME") or "this process's"
+        return os.environ.get("USERNAME") or "unknown"

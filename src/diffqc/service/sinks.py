@@ -14,9 +14,9 @@ PostgreSQL) each push their own parts to their own receivers, one's receiver dow
 back another's.
 
 Delivery is at-least-once: a crash between the receiver's acknowledgement and the row's delete
-sends it again. Every message carries the ``record_id`` (unique in its store) and a webhook's an
-``Idempotency-Key`` header (unique across stores: :func:`message_key`) so that receivers can drop
-duplicates.
+sends it again. Every message carries the ``record_id`` (unique in its store) and, to a webhook,
+an ``Idempotency-Key`` header (unique across stores: :func:`message_key`) so that receivers can
+drop duplicates.
 
 A webhook message its endpoint still refuses after ``max_attempts`` (exponential backoff in
 between; an endpoint that is away, :class:`Unavailable`, is waited for, not counted) is moved
