@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from diffqc.service.connections import BACKLOG, RESERVED_FDS, http_protocol
+from diffqc.service.connections import BACKLOG, OPCUA_FDS, RESERVED_FDS, http_protocol
 from tests.test_service_common import serving
 
 
@@ -107,16 +107,17 @@ def test_connections_beyond_the_cap_are_closed_and_said_once(caplog: pytest.LogC
 
 def test_the_cap_leaves_file_descriptors_for_the_service() -> None:
     """Under systemd's default soft limit, 1024, the service takes 640 connections, keeping 256
-    descriptors for its store and files and 128 for connections accepted in a row; a lower
-    limit still takes 64."""
+    descriptors for its store and files and 128 for connections accepted in a row (476 beside an
+    OPC UA server, whose connections it leaves room for); a lower limit still takes 64."""
     import subprocess
     import sys
 
-    def cap(limit: int) -> int:
-        probe = "from diffqc.service.connections import connection_cap; print(connection_cap())"
+    def cap(limit: int, opcua: bool = False) -> int:
+        probe = f"from diffqc.service.connections import connection_cap; print(connection_cap({opcua}))"
         out = subprocess.run(["sh", "-c", f'ulimit -n {limit} && exec "$0" -c "$1"', sys.executable, probe],
                              capture_output=True, text=True, check=True)
         return int(out.stdout)
 
     assert cap(1024) == 1024 - RESERVED_FDS - BACKLOG == 640
+    assert cap(1024, opcua=True) == 640 - OPCUA_FDS == 476  # its server's connections beside
     assert cap(200) == 64

@@ -84,6 +84,35 @@ def test_the_latest_decision_and_each_types_counts_are_read_by_a_client() -> Non
     assert got["diffqc.TypeNames"] == ["edge", "dots"] and got["diffqc.ModelVersion"] == "m-1"
 
 
+def test_connections_beyond_the_servers_few_are_refused() -> None:
+    """asyncua takes up to 1000 connections: 1000 left idle (a scanner, a client in a loop) took
+    the file descriptors of a service run under systemd's default 1024 (the store and model
+    files could not be opened, 10 MB of log in 8 s). A line's OPC UA clients are few: the
+    server takes 64, and closes any more as they come."""
+    import socket
+
+    from diffqc.service.opcua import MAX_CONNECTIONS
+
+    port = _free_port()
+    server = OpcUaServer(f"opc.tcp://127.0.0.1:{port}", ["edge"], model_version="m-1")
+    server.start()
+    held: list[socket.socket] = []
+    try:
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS)]
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", port)) as extra:
+            extra.settimeout(5)
+            assert extra.recv(1) == b""  # closed at once
+        for s in held[-3:]:  # the ones it took stay open
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.recv(1)
+    finally:
+        for s in held:
+            s.close()
+        server.stop()
+
+
 def test_a_plc_reads_the_verdict_of_the_latest_part() -> None:
     """A part is seen as one crop per type: the reject gate's PLC needs the part's verdict, not
     each crop's. ``diffqc/Part`` holds the verdict of the latest decision's part (the worst of

@@ -2069,7 +2069,8 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
                             log_config=uvicorn_log_config(log_format),
                             access_log=access_log, timeout_graceful_shutdown=30,
                             server_header=False, backlog=BACKLOG,
-                            http=http_protocol(settings.body_timeout_s, connection_cap()),
+                            http=http_protocol(settings.body_timeout_s,
+                                               connection_cap(opcua=settings.opcua_url is not None)),
                             ssl_certfile=str(settings.tls_cert) if tls else None,
                             ssl_keyfile=None if settings.tls_key is None else str(settings.tls_key))
     config.load()  # makes its SSL context now: renewed certificate files are loaded into it later

@@ -31,11 +31,15 @@ RESERVED_FDS = 256  # file descriptors kept from connections: the store, model f
 # connections taken at once (uvicorn's backlog, 2048 by default): asyncio accepts up to this many
 # in a row before any is told to a protocol, so they come on top of the cap
 BACKLOG = 128
+# with --opcua: its server's connections (diffqc.service.opcua.MAX_CONNECTIONS) and the 100 asyncio
+# may accept in a row for it (its default backlog, which asyncua keeps)
+OPCUA_FDS = 64 + 100
 
 
-def connection_cap() -> int:
+def connection_cap(opcua: bool = False) -> int:
     """The open connections the service takes: this process's soft limit of file descriptors
-    less :data:`RESERVED_FDS` and :data:`BACKLOG` (640 under systemd's default 1024), at least 64."""
+    less :data:`RESERVED_FDS` and :data:`BACKLOG` (640 under systemd's default 1024), and with
+    an OPC UA server (``opcua``) less :data:`OPCUA_FDS` (476), at least 64."""
     try:
         import resource  # not on Windows
     except ImportError:
@@ -43,7 +47,7 @@ def connection_cap() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return 65536
-    return max(64, soft - RESERVED_FDS - BACKLOG)
+    return max(64, soft - RESERVED_FDS - BACKLOG - (OPCUA_FDS if opcua else 0))
 
 
 def http_protocol(request_timeout_s: float, cap: int) -> type[asyncio.Protocol]:

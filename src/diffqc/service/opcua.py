@@ -63,6 +63,11 @@ from diffqc.service.store import NOT_INSPECTED, ResultRecord, ResultStore, Store
 
 log = logging.getLogger("diffqc.service.opcua")
 
+# connections the server takes (asyncua's 1000, left idle, took the file descriptors of a service
+# run under systemd's default 1024: the store and the model's files could not be opened); a line's
+# PLC, SCADA and historian are a few. More are closed as they come.
+MAX_CONNECTIONS = 64
+
 NAMESPACE = "urn:diffqc"
 APPLICATION_URI = "urn:diffqc:server"
 PRODUCT_URI = "urn:diffqc"
@@ -483,6 +488,7 @@ class OpcUaServer:
         logging.getLogger("asyncua").setLevel(logging.ERROR)
         server = asyncua.Server(user_manager=_Readers(self.users, self._trust))
         await server.init()
+        server.iserver.max_connections = MAX_CONNECTIONS
         host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address, as a URL writes it
         server.set_endpoint(f"opc.tcp://{host}:{self.port}")
         server.set_server_name(SERVER_NAME)
