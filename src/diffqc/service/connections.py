@@ -24,6 +24,7 @@ from typing import Any
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from diffqc.service.logs import Outage
+from diffqc.service.opcua import MAX_CONNECTIONS as OPCUA_CONNECTIONS
 
 log = logging.getLogger("diffqc.service")
 
@@ -31,9 +32,9 @@ RESERVED_FDS = 256  # file descriptors kept from connections: the store, model f
 # connections taken at once (uvicorn's backlog, 2048 by default): asyncio accepts up to this many
 # in a row before any is told to a protocol, so they come on top of the cap
 BACKLOG = 128
-# with --opcua: its server's connections (diffqc.service.opcua.MAX_CONNECTIONS) and the 100 asyncio
-# may accept in a row for it (its default backlog, which asyncua keeps)
-OPCUA_FDS = 64 + 100
+# with --opcua: its server's connections and the 100 asyncio may accept in a row for it (its default
+# backlog, which asyncua keeps)
+OPCUA_FDS = OPCUA_CONNECTIONS + 100
 
 
 def connection_cap(opcua: bool = False) -> int:
