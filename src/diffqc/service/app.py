@@ -80,6 +80,7 @@ from diffqc.service.security import (
     read_limited,
     tls_reloader,
     token_matches,
+    url_host,
 )
 from diffqc.service.sinks import (
     MAX_WEBHOOK_CONNECTIONS,
@@ -470,7 +471,7 @@ def dashboard_url(host: str, port: int, scheme: str = "http") -> str:
     """Where this machine's browser finds the dashboard of a service bound to ``host``: a
     service on every address (``0.0.0.0``, ``::``) answers on ``localhost`` too."""
     host = {"0.0.0.0": "localhost", "::": "localhost", "": "localhost"}.get(host, host)
-    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/dashboard"
+    return f"{scheme}://{url_host(host)}:{port}/dashboard"
 
 
 def resident_memory_bytes(pid: int | str = "self") -> int | None:
@@ -2078,7 +2079,6 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
         app.state.diffqc.tls_context = config.ssl
     server = uvicorn.Server(config)
     scheme = "https" if tls else "http"
-    shown = f"[{host}]" if ":" in host else host
-    log.info("listening on %s://%s:%d, dashboard at %s (Ctrl+C to stop)", scheme, shown, port,
+    log.info("listening on %s://%s:%d, dashboard at %s (Ctrl+C to stop)", scheme, url_host(host), port,
              dashboard_url(host, port, scheme))
     server.run(sockets=sockets)

@@ -58,7 +58,7 @@ from diffqc.data import MAX_NAME_LEN, unprintable
 from diffqc.errors import ConfigError
 from diffqc.service.logs import Outage
 from diffqc.service.parts import PART_WINDOW_S, PartVerdict, RecentParts, part_types, stored_part
-from diffqc.service.security import read_secret_file
+from diffqc.service.security import read_secret_file, url_host
 from diffqc.service.store import NOT_INSPECTED, ResultRecord, ResultStore, StoreError, split_url
 
 log = logging.getLogger("diffqc.service.opcua")
@@ -489,8 +489,7 @@ class OpcUaServer:
         server = asyncua.Server(user_manager=_Readers(self.users, self._trust))
         await server.init()
         server.iserver.max_connections = MAX_CONNECTIONS
-        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address, as a URL writes it
-        server.set_endpoint(f"opc.tcp://{host}:{self.port}")
+        server.set_endpoint(f"opc.tcp://{url_host(self.host)}:{self.port}")
         server.set_server_name(SERVER_NAME)
         await server.set_application_uri(APPLICATION_URI)
         # who it is, as a client shows it and an asset inventory files it (asyncua's placeholder

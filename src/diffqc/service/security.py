@@ -103,6 +103,11 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def url_host(host: str) -> str:
+    """``host`` as a URL writes it: an IPv6 address in brackets (``[::1]``), else as it is."""
+    return f"[{host}]" if ":" in host else host
+
+
 def reachable_from_others(host: str) -> bool:
     """Whether a server listening on ``host`` takes connections from other machines: any address
     the name resolves to but a loopback one (``0.0.0.0``, ``::``, the host's own addresses)."""

@@ -199,9 +199,8 @@ def check_watch_folder(folder: Path | str, *, moves_into: Sequence[Path | str] =
         while not where.exists() and where != where.parent:  # what mkdir would write into
             where = where.parent
         if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
-            raise OutputError(f"watch: cannot move inspected files into {target} ({where} is "
-                              f"{f'not writable: {why_unwritable(where)}' if where.is_dir() else 'a file'}): "
-                              f"{hint}")
+            why = f"not writable: {why_unwritable(where)}" if where.is_dir() else "a file"
+            raise OutputError(f"watch: cannot move inspected files into {target} ({where} is {why}): {hint}")
     if moves_into and not os.access(root, os.W_OK | os.X_OK):  # the files leave it
         raise OutputError(f"watch: cannot move inspected files out of {root} (it is not writable: "
                           f"{why_unwritable(root)}): {hint}")
