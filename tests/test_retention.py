@@ -101,6 +101,28 @@ def test_age_and_budget_together_expire_the_old_then_the_oldest(stores) -> None:
     assert out["expired"] == 5 and out["kept"] == 3 and out["kept_bytes"] <= budget
 
 
+def test_parts_stored_while_the_clock_was_behind_keep_their_files_for_the_age(stores, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An edge box without a clock battery boots with its clock behind (at its last shutdown,
+    or at systemd's build date) and stores parts so before NTP sets it: they were not inspected
+    200 days ago, only said so, and they follow a part stored 5 days ago. Their files are kept
+    for the age as that part's are; a first store with such a clock cannot know, and a time in the
+    future (a clock ahead) holds back no later part's expiry."""
+    store, artifacts = stores
+    now = time.time()
+    day = 86400.0
+    recs = _store_parts(store, artifacts, [5 * day, 200 * day, 200 * day, 60], now)
+    out = apply_retention(store, artifacts, RetentionPolicy(max_age_s=30 * day), now=now)
+    assert out["expired"] == 0
+    assert all(g is not None and g.image is not None for g in (store.get(r.id) for r in recs))  # type: ignore[arg-type]
+    # another store: its first part with the clock behind; a clock ahead by ten years for one
+    # part, set right before the next, 40 days ago
+    with ResultStore(str(tmp_path / "other.db")) as other:
+        first, ahead, behind = _store_parts(other, artifacts, [200 * day, -3650 * day, 40 * day], now)
+        apply_retention(other, artifacts, RetentionPolicy(max_age_s=30 * day), now=now)
+        got = [other.get(r.id) for r in (first, ahead, behind)]  # type: ignore[arg-type]
+    assert [g is not None and g.image is not None for g in got] == [False, True, False]
+
+
 def test_a_file_already_gone_is_noted_and_nothing_else_breaks(stores) -> None:  # type: ignore[no-untyped-def]
     store, artifacts = stores
     now = time.time()

@@ -9,6 +9,12 @@ no record is ever deleted: an expired artifact's row keeps a note, ``heatmap_exp
 Order of work, per artifact: the row is updated first (committed), then the file is removed.
 A crash in between leaves an unreferenced file (kept, never a row that points at nothing).
 
+A part is as old as its time says, or as the latest part stored before it (records are numbered
+in the order they are stored), whichever is younger: an edge box without a clock battery boots
+with its clock behind (at its last shutdown, or at systemd's build date) and stores parts so until
+NTP sets it; their files expired at the first pass after. A time in the future (a clock ahead)
+holds back no later part's. A first store with a clock behind cannot know.
+
 The budget counts the bytes of the files the rows reference; when they exceed it, the oldest
 artifacts (by record id) are expired until the total fits. The worker reads the sizes once (the
 first pass lists both folders) and keeps them: a later pass reads only the new files' (a kept
@@ -165,11 +171,15 @@ def apply_retention(store: ResultStore, artifacts: ArtifactStore, policy: Retent
     doomed: list[Artifact] = []
     total = kept = 0
     ours: list[tuple[Any, ...]] = []  # the rows of this service's files
-    for rid, created, heatmap, image, row_station in rows:
+    latest = -math.inf  # the latest time stored so far, in record order, none in the future
+    for rid, stored_at, heatmap, image, row_station in rows:
         heat_size = None if heatmap is None else _file_size(artifacts, sizes, listed, "heatmaps", heatmap)
         image_size = None if image is None else _file_size(artifacts, sizes, listed, "images", image)
         if station is not None and row_station != station and heat_size is None and image_size is None:
             continue  # another station's: its files are in its own folder
+        if stored_at <= now:
+            latest = max(latest, stored_at)
+        created = max(stored_at, latest)  # not before a part stored earlier: a clock behind
         ours.append((rid, created, heatmap, image))
         for kind, name, found in (("heatmaps", heatmap, heat_size), ("images", image, image_size)):
             if name is None:
