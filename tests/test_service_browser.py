@@ -634,3 +634,40 @@ def test_the_dashboard_fits_a_line_pcs_screen(live_server: tuple[str, Any], brow
     width, scrolled = browser.execute_script(
         "return [document.documentElement.clientWidth, document.documentElement.scrollWidth]")
     assert scrolled <= width, (scrolled, width)
+
+
+def test_the_dashboard_dates_a_part_of_another_day(live_server: tuple[str, Any], browser: Any) -> None:
+    """Opened in the morning, the live decisions and latest parts showed last night's parts with
+    their time of day only, as if they were this morning's (the date was in a tooltip, which a
+    touch panel does not show): a time of another day than the browser's today is dated."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service.store import ResultRecord
+
+    url, state = live_server
+    now = time.time()
+    old, new = state.store.insert_many([
+        ResultRecord(created_at=now - 2 * 86400, source="t", decision="REJECT", part_id="night",
+                     feature_type="stripes"),
+        ResultRecord(created_at=now, source="t", decision="PASS", part_id="morning", feature_type="stripes")])
+    browser.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": "Etc/GMT-3"})
+    browser.get(url + "/dashboard")
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "connect").click()
+    wait = WebDriverWait(browser, 20)
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, '#parts tbody tr[data-part="night"]')))
+
+    def shown(rec: Any) -> str:
+        return (dt.datetime.fromtimestamp(rec.created_at, dt.UTC)
+                + dt.timedelta(hours=3)).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+    def cells(selector: str) -> list[str]:
+        row = browser.find_element(By.CSS_SELECTOR, selector)
+        return [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+
+    assert cells(f'#decisions tbody tr[data-id="{old.id}"]')[1] == shown(old)
+    assert cells(f'#decisions tbody tr[data-id="{new.id}"]')[1] == shown(new).split()[1]  # today's
+    assert cells('#parts tbody tr[data-part="night"]')[-1] == shown(old)
+    assert cells('#parts tbody tr[data-part="morning"]')[-1] == shown(new).split()[1]
