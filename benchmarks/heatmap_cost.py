@@ -8,7 +8,10 @@ with parts of each ``--sizes``: without heat maps, and with one for every part d
 image fitted within each ``--heatmap-sizes`` (0: the image's own size, as before session 23),
 and with ``--shedding`` a row whose buffer sheds heat maps while more than half full,
 interleaved in ``--rounds`` rounds so that all see the same machine, and prints the worker's
-parts per second (median over rounds) and the heat-map files' mean size.
+parts per second (median over rounds) and the heat-map files' mean size. ``--keep-images all``
+keeps each part's image too; ``--without-fsync`` adds each row again with the files not
+flushed to the disk before their records are committed (as before session 51: ``os.fsync`` a
+no-op for that run), to price the flush.
 
     python benchmarks/heatmap_cost.py MODEL [--sizes 256x256,1024x1280] [--heatmap-sizes 1024,0]
 """
@@ -16,11 +19,14 @@ parts per second (median over rounds) and the heat-map files' mean size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import os
 import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +44,20 @@ def _image(height: int, width: int, seed: int) -> np.ndarray:
     return np.asarray(big, dtype=np.float32) / 255.0
 
 
+@contextlib.contextmanager
+def no_fsync() -> Iterator[None]:
+    """``os.fsync`` a no-op while in it (the artifact files and folders; SQLite syncs by itself)."""
+    real = os.fsync
+    os.fsync = lambda fd: None
+    try:
+        yield
+    finally:
+        os.fsync = real
+
+
 def run_once(detector: Any, size: tuple[int, int], heatmaps: str, heatmap_size: int,
-             parts: int, *, shedding: bool = False) -> dict[str, float]:
+             parts: int, *, shedding: bool = False, keep_images: str = "none",
+             fsync: bool = True) -> dict[str, float]:
     """Parts per second of one pipeline over ``parts`` parts of ``size``, all submitted at once;
     mean heat-map bytes and the share of heat maps shed. The buffer holds ``2 * parts + 1``, so
     that it is never more than half full and every heat map is drawn; with ``shedding`` it holds
@@ -53,16 +71,17 @@ def run_once(detector: Any, size: tuple[int, int], heatmaps: str, heatmap_size: 
         pipe = InspectionPipeline(detector, store, artifacts, max_bytes=None,
                                   capacity=parts if shedding else 2 * parts + 1,
                                   max_batch=8, heatmaps=heatmaps, heatmap_size=heatmap_size,
-                                  keep_images="none")
+                                  keep_images=keep_images)
         images = [_image(*size, seed=i) for i in range(parts)]
         types = detector.classes_
         pipe.start()
         try:
-            start = time.perf_counter()
-            futures = pipe.submit_many([Job(image=im, feature_type=types[i % len(types)])
-                                        for i, im in enumerate(images)])
-            records = [f.result(timeout=600) for f in futures]
-            seconds = time.perf_counter() - start
+            with contextlib.nullcontext() if fsync else no_fsync():
+                start = time.perf_counter()
+                futures = pipe.submit_many([Job(image=im, feature_type=types[i % len(types)])
+                                            for i, im in enumerate(images)])
+                records = [f.result(timeout=600) for f in futures]
+                seconds = time.perf_counter() - start
         finally:
             pipe.stop()
             store.close()
@@ -82,6 +101,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shedding", action="store_true",
                     help="a row with a buffer of --parts: heat maps shed while it is over half full")
+    ap.add_argument("--keep-images", default="none", choices=["none", "flagged", "all"])
+    ap.add_argument("--without-fsync", action="store_true",
+                    help="each row again with os.fsync a no-op (the files not flushed, as before)")
     args = ap.parse_args()
 
     import torch
@@ -94,24 +116,28 @@ def main() -> None:
     pxs = [int(px) for px in args.heatmap_sizes.split(",")]
     settings = [("none", 0, False)] + [("all", px, False) for px in pxs]
     settings += [("all", pxs[0], True)] if args.shedding else []
-    runs: dict[tuple[tuple[int, int], str, int, bool], list[dict[str, float]]] = {}
+    syncs = (True, False) if args.without_fsync else (True,)
+    runs: dict[tuple[tuple[int, int], str, int, bool, bool], list[dict[str, float]]] = {}
     run_once(detector, (256, 256), "all", 0, 8)  # warm-up: first-call costs out of the way
     for _ in range(args.rounds):
         for size in sizes:
             for heatmaps, px, shedding in settings:
-                runs.setdefault((size, heatmaps, px, shedding), []).append(
-                    run_once(detector, size, heatmaps, px, args.parts, shedding=shedding))
+                for fsync in syncs:
+                    runs.setdefault((size, heatmaps, px, shedding, fsync), []).append(
+                        run_once(detector, size, heatmaps, px, args.parts, shedding=shedding,
+                                 keep_images=args.keep_images, fsync=fsync))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     print(f"commit {commit}, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {args.threads} threads, "
-          f"{args.parts} parts x {args.rounds} rounds")
+          f"{args.parts} parts x {args.rounds} rounds, --keep-images {args.keep_images}")
     print("| image (H x W) | heat maps | parts/s (median; rounds) | heat-map file | shed |")
     print("|---|---|---|---|---|")
-    for (size, heatmaps, px, shedding), rs in runs.items():
+    for (size, heatmaps, px, shedding, fsync), rs in runs.items():
         rates = [r["parts_per_s"] for r in rs]
         kb = statistics.mean(r["heatmap_kb"] for r in rs)
         what = "none" if heatmaps == "none" else f"every part, image within {px or 'its own size'}"
         what += ", buffer of --parts (shedding)" if shedding else ""
+        what += "" if fsync else ", files not flushed (before)"
         shed = statistics.mean(r["shed"] for r in rs)
         print(f"| {size[0]} x {size[1]} | {what} | {statistics.median(rates):.1f} "
               f"({', '.join(f'{x:.1f}' for x in rates)}) | {kb:.0f} KB | {shed:.0%} |")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -215,6 +216,44 @@ def test_pipeline_stores_before_completing_and_drops_are_recorded(tmp_path: Path
     assert len(stored) == 6 and all(stored[p].id == by_part[p].id for p in stored)
     assert all(r.model_version == "double-1" for r in stored.values())
     assert stored["p0"].heatmap and stored["p1"].heatmap is None
+    store.close()
+
+
+def test_a_parts_files_are_on_disk_before_its_record_is_committed(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record is committed with fsync (SQLite's ``synchronous=FULL``) before the part is
+    acknowledged; its heat map and kept image were only renamed into place. On a power cut (an
+    edge box's usual end) the row survived and its files could come back empty or missing (ext4
+    writes a new file's data later than its name): the review's evidence lost, an empty image in
+    an export. Each file, and its folder's entry, is flushed to the disk before the commit."""
+    events: list[tuple[str, Any]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        events.append(("fsync", (st.st_dev, st.st_ino)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    det = BlockingDetectorDouble()
+    pipe, store = _pipeline(tmp_path, det, heatmaps="all", keep_images="all")
+    real_insert = store.insert_many
+
+    def insert_many(records: Any) -> Any:
+        events.append(("commit", None))
+        return real_insert(records)
+
+    store.insert_many = insert_many  # type: ignore[method-assign]
+    try:
+        rec = pipe.submit(_job(0.8, "p0")).result(10)
+    finally:
+        pipe.stop()
+    assert rec.heatmap and rec.image
+    synced = {key for kind, key in events[: events.index(("commit", None))] if kind == "fsync"}
+    for path in (tmp_path / "art" / "heatmaps" / rec.heatmap, tmp_path / "art" / "images" / rec.image,
+                 tmp_path / "art" / "heatmaps", tmp_path / "art" / "images"):
+        st = path.stat()
+        assert (st.st_dev, st.st_ino) in synced, path
     store.close()
 
 

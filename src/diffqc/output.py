@@ -206,8 +206,8 @@ def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
     previous content or all of ``data``, never part of it. A write that fails (full disk,
     unwritable folder) is an :class:`OutputError` naming ``path``, and no temporary file is left.
     ``sync``: fsync the file and the rename, so that they outlive a power cut (a bundle's files;
-    a heat map need not wait for the disk). A device or a pipe (:func:`is_stream`) is written
-    into as it is."""
+    a picture the ``visualize`` command draws need not wait for the disk). A device or a pipe
+    (:func:`is_stream`) is written into as it is."""
     if is_stream(path):
         try:
             with open_stream(path) as fh:
@@ -229,14 +229,22 @@ def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
         if isinstance(exc, OSError) and not isinstance(exc, OutputError):
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
-    if not sync:
-        return
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    if sync:
+        sync_folder(path.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """Flush ``folder``'s entries (a rename into it, a new file's name) to the disk, so that they
+    outlive a power cut. Where a folder cannot be opened or synced (Windows, some network
+    shares), nothing: the file's own fsync is what such a system offers."""
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(dir_fd)
+    except OSError:
+        pass
     finally:
         os.close(dir_fd)
 

@@ -495,6 +495,8 @@ class InspectionPipeline:
             records.append(self._not_inspected(job, "dropped: buffer full (drop_oldest policy)"))
             jobs.append(job)
         try:
+            if self.artifacts is not None:
+                self.artifacts.sync()  # the files the records name outlive a power cut as the rows do
             stored = self.store.insert_many(records)
         except Exception:
             self.store_errors_total += 1

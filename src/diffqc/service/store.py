@@ -38,7 +38,7 @@ from PIL import Image
 from diffqc.calibration import PASS, REJECT, REVIEW
 from diffqc.data import check_outside_datasets
 from diffqc.errors import ConfigError, OutputError, StoreError, why_unwritable
-from diffqc.output import write_atomic
+from diffqc.output import sync_folder, write_atomic
 from diffqc.recalibrate import EXPORT_SUMMARY_FILE, selection_note
 from diffqc.service.security import is_artifact_name, safe_child
 
@@ -1123,12 +1123,16 @@ ARTIFACT_KINDS = ("heatmaps", "images")
 
 
 class ArtifactStore:
-    """Heat-map overlays and kept uploads as files with generated names under ``root``."""
+    """Heat-map overlays and kept uploads as files with generated names under ``root``. Each file
+    is fsynced before its rename, and :meth:`sync` flushes the renames before the records naming
+    them are committed: a power cut leaves no record whose file came back empty or missing."""
 
     def __init__(self, root: Path | str, *, create: bool = True) -> None:
         """``create=False``: read what is there (``results export``), making no folder. Never
         in a dataset's folder of images, where the next train would read what it keeps."""
         self.root = Path(root)
+        self._unsynced: set[Path] = set()  # folders with files renamed in since the last sync()
+        self._lock = threading.Lock()
         if create:
             check_outside_datasets(self.root, "the data folder (--data-dir; by default the store's folder)",
                                    "the kept images and heat maps")
@@ -1152,12 +1156,24 @@ class ArtifactStore:
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())  # its bytes on the disk before its name
             os.replace(tmp, final)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise OutputError(f"cannot write {kind[:-1]} {final}: {exc}") from None
+        with self._lock:
+            self._unsynced.add(final.parent)
         return name
+
+    def sync(self) -> None:
+        """Flush the renames of the files written since the last call to the disk: called before
+        their records are committed."""
+        with self._lock:
+            folders, self._unsynced = self._unsynced, set()
+        for folder in folders:
+            sync_folder(folder)
 
     def remove(self, kind: str, name: str | None) -> None:
         """Delete a file this store wrote (a generated name under ``root/kind``); else nothing."""
@@ -1386,12 +1402,7 @@ def _copy_store(conn: sqlite3.Connection, source: Path, out: Path) -> int:
             with contextlib.suppress(OSError):  # ours: written by this call
                 leftover.unlink(missing_ok=True)
         raise
-    with contextlib.suppress(OSError):  # the rename outlives a power cut
-        folder = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+    sync_folder(out.parent)  # the rename outlives a power cut
     return records
 
 
