@@ -11,7 +11,7 @@ rows wait, and the sink catches up when it returns, also across a restart of the
 Each row is the service's ``station`` (``--station``; none by default), and a service delivers,
 counts, dead-letters and requeues only its station's: services sharing a store (stations on one
 PostgreSQL) each push their own parts to their own receivers, one's receiver down never holding
-back another's.
+back another's. A row an older diffqc queued without a station is its record's station's.
 
 Delivery is at-least-once: a crash between the receiver's acknowledgement and the row's delete
 sends it again. Every message carries the ``record_id`` (unique in its store) and, to a webhook,
@@ -72,7 +72,7 @@ from diffqc.output import json_safe
 from diffqc.service.logs import Outage
 from diffqc.service.parts import PART_WINDOW_S, OverdueParts, PartVerdict, commit_verdicts
 from diffqc.service.security import check_tls, read_secret_file
-from diffqc.service.store import ResultRecord, ResultStore, iso_time, redact_url, split_url
+from diffqc.service.store import TABLE, ResultRecord, ResultStore, iso_time, redact_url, split_url
 
 log = logging.getLogger("diffqc.service.sinks")
 
@@ -209,6 +209,24 @@ class Outbox:
                     conn.execute(stmt)
             for table in (OUTBOX, DEAD_LETTERS):  # tables made before stations were kept apart
                 store._add_column(conn, table, "station", "TEXT")
+            if station is not None:
+                left = self._adopt(conn)
+        if station is not None and left:
+            log.warning("%d messages queued by a service on this store without --station wait in its "
+                        "outbox: this service (--station %r) does not send them; the service run "
+                        "without --station does", left, station)
+
+    def _adopt(self, conn: Any) -> int:
+        """Take the rows of this station's records that a diffqc before 9f9a463 queued (it kept no
+        station in its rows, and so no service sent them after the upgrade); return how many
+        rows of no station are left, a service's without ``--station``."""
+        for table in (OUTBOX, DEAD_LETTERS):
+            conn.execute(self.store._q(
+                f"UPDATE {table} SET station = ? WHERE station IS NULL AND record_id IS NOT NULL AND "
+                f"EXISTS (SELECT 1 FROM {TABLE} r WHERE r.id = {table}.record_id AND r.station = ?)"),
+                (self.station, self.station))
+        row = conn.execute(f"SELECT COUNT(*) FROM {OUTBOX} WHERE station IS NULL").fetchone()
+        return int(row[0])
 
     def _mine(self, sink: str) -> tuple[str, tuple[Any, ...]]:
         """The SQL condition (and its parameters) of this service's rows of ``sink``."""
