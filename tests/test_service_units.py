@@ -419,7 +419,7 @@ def store_contract(store: ResultStore) -> None:
     assert w2.duplicate and w2.id == w1.id and w2.part_id == "f1"
     other = store.insert(_rec("f1", source="watch:y", dedup_key="f1.png|abc"))
     assert not other.duplicate and other.id != w1.id
-    assert store.inspected_keys("watch:x", ["f1.png|abc", "nope"]) == {"f1.png|abc"}
+    assert store.inspected_keys("watch:x", ["f1.png|abc", "nope"]) == {"f1.png|abc": w1.created_at}
     assert store.find_key("watch:x", "f1.png|abc") is not None
     # filters
     assert [r.part_id for r in store.query(decision="REVIEW")] == ["b1"]
@@ -470,7 +470,7 @@ def store_contract(store: ResultStore) -> None:
     assert back is not None and back.score is None and back.p_value is None
     # a key stored NOT_INSPECTED is not done: the next attempt takes the key, the failure stays
     lost = store.insert(_rec("n1", NOT_INSPECTED, source="watch:x", dedup_key="n.png|d"))
-    assert store.inspected_keys("watch:x", ["n.png|d"]) == set()
+    assert store.inspected_keys("watch:x", ["n.png|d"]) == {}
     retry = store.insert(_rec("n1", source="watch:x", dedup_key="n.png|d"))
     assert not retry.duplicate and retry.id != lost.id
     assert (store.get(lost.id or 0) or retry).decision == NOT_INSPECTED

@@ -780,6 +780,29 @@ def test_watch_keep_mode_leaves_files_and_survives_restart(
     assert not w2._kept
 
 
+def test_watch_keeps_what_a_diffqc_before_the_modification_time_key_recorded(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
+) -> None:
+    """A diffqc before 755c3fe keyed a file by its path and content only; after an upgrade,
+    ``watch --keep`` inspected again every file it had recorded (a drill: 6 files left in a
+    camera's folder, 12 records after the upgrade, each pushed twice). A file whose key of then
+    is stored, by a record made after the file was written, is recorded; one written again
+    since is a new part."""
+    import hashlib
+
+    folder, pipe, store = rig
+    for i in range(3):
+        (folder / f"k{i}.png").write_bytes(samples.all[i][0])
+    w = _watcher(folder, pipe, store, after="keep")
+    store.insert_many([ResultRecord(
+        created_at=time.time() + 1, source=w.source, decision="PASS", part_id=f"k{i}", feature_type="a",
+        dedup_key=f"k{i}.png|{hashlib.sha256(samples.all[i][0]).hexdigest()}") for i in range(3)])
+    later = time.time_ns() + 60 * 10**9
+    os.utime(folder / "k2.png", ns=(later, later))  # written again, with the same bytes, since
+    report = w.step()
+    assert (report.already_recorded, report.inspected) == (2, 1) and store.count() == 4
+
+
 def test_watch_cli_once(service_model: tuple[Path, Path], samples: Samples, tmp_path: Path) -> None:
     import diffqc
 

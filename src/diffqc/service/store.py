@@ -883,20 +883,20 @@ class ResultStore:
             ).fetchone()
         return None if row is None else self._row(row)
 
-    def inspected_keys(self, source: str, keys: Sequence[str]) -> set[str]:
-        """The subset of ``keys`` stored for ``source`` with a decision (not ``NOT_INSPECTED``:
-        such a part is tried again)."""
-        found: set[str] = set()
+    def inspected_keys(self, source: str, keys: Sequence[str]) -> dict[str, float]:
+        """Those of ``keys`` stored for ``source`` with a decision (not ``NOT_INSPECTED``: such a
+        part is tried again), each with the time of its latest record."""
+        found: dict[str, float] = {}
         with self._reader() as conn:
             for start in range(0, len(keys), 200):
                 chunk = list(keys[start : start + 200])
                 marks = ", ".join("?" for _ in chunk)
                 rows = conn.execute(
-                    self._q(f"SELECT dedup_key FROM {TABLE} WHERE source = ? AND decision <> ? "
-                            f"AND dedup_key IN ({marks})"),
+                    self._q(f"SELECT dedup_key, MAX(created_at) FROM {TABLE} WHERE source = ? AND "
+                            f"decision <> ? AND dedup_key IN ({marks}) GROUP BY dedup_key"),
                     [source, NOT_INSPECTED, *chunk],
                 ).fetchall()
-                found.update(r[0] for r in rows)
+                found.update((r[0], float(r[1])) for r in rows)
         return found
 
     def query(self, *, limit: int | None = 100, oldest_first: bool = False,

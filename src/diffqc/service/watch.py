@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import math
 import os
 import re
 import signal
@@ -460,7 +461,7 @@ class FolderWatcher:
         ready = self.ready_files()[: self.settings.max_pending]
         if not ready:
             return report
-        loaded: list[tuple[Path, bytes, str, str]] = []
+        loaded: list[tuple[Path, bytes, str, str, float]] = []
         for path in ready:
             try:
                 st = path.stat()
@@ -484,12 +485,18 @@ class FolderWatcher:
                            key=self._key(path, "unreadable", st.st_mtime_ns))
                 continue
             digest = hashlib.sha256(data).hexdigest()
-            loaded.append((path, data, digest, self._key(path, digest, st.st_mtime_ns)))
-        known = self.store.inspected_keys(self.source, [k for *_, k in loaded])
+            loaded.append((path, data, digest, self._key(path, digest, st.st_mtime_ns), st.st_mtime))
+        keys = [key for *_, key, _ in loaded]
+        # a diffqc before 755c3fe keyed a file without its modification time: a file so stored by
+        # a record made after it was written is that file (after an upgrade, `--keep` inspected
+        # every file again)
+        before = {key: key.rsplit("|", 1)[0] for key in keys}
+        known = self.store.inspected_keys(self.source, keys + list(before.values()))
         jobs: list[Job] = []
         job_paths: list[Path] = []
-        for path, data, digest, key in loaded:
-            if key in known:  # stored before a crash: finish the move, do not re-inspect
+        for path, data, digest, key, mtime in loaded:
+            if key in known or known.get(before[key], -math.inf) >= mtime:
+                # stored before a crash: finish the move, do not re-inspect
                 report.already_recorded += 1
                 self._finish(path, self.processed)
                 continue
