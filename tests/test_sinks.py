@@ -1984,6 +1984,32 @@ async def test_pushed_parts_follow_a_retrained_models_types(service_model: tuple
 
 
 @pytest.mark.anyio
+async def test_a_retrained_model_without_a_type_the_line_sends_is_said(
+        service_model: tuple[Path, Path], samples: Any, tiny_model: Path, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A model retrained without one of the types it inspected (a dataset folder left out) was
+    served without a word: the line's images of that type were refused from then on (and
+    `watch` took a folder of that name for no type). The log names the types it lost."""
+    from tests.test_service_common import bench
+
+    served = tmp_path / "model"
+    shutil.copytree(service_model[0], served)
+    data, ftype = samples.one("PASS")
+    async with running_app(None, tmp_path, model_path=served) as (client, state):
+        before = list(state.classes)
+        bench.retrain_into(served, tiny_model, "other-types")
+        with caplog.at_level(logging.WARNING, logger="diffqc"):
+            for _ in range(3):  # changed, settled, loaded
+                state.line.check_model()
+        lost = [t for t in before if t not in state.classes]
+        assert ftype in lost
+        said = [r.getMessage() for r in caplog.records if "types the model before it" in r.getMessage()]
+        assert len(said) == 1 and all(t in said[0] for t in lost), said
+        r = await client.post("/v1/inspect", content=data, headers=AUTH, params={"feature_type": ftype})
+        assert r.status_code == 422 and r.json()["code"] == "unknown_feature_type"
+
+
+@pytest.mark.anyio
 async def test_a_lines_part_types_outlive_a_retrained_model(service_model: tuple[Path, Path], samples: Any,
                                                             tiny_model: Path, tmp_path: Path,
                                                             caplog: pytest.LogCaptureFixture) -> None:

@@ -593,10 +593,16 @@ class LineServices:
         if loaded is None:
             return False
         detector, retrained = loaded
+        before = getattr(self.reloader, "detector", None)  # the model served until now
         self.reloader = CalibrationReloader(detector, self.bundle, follows_retrain=True)
         if retrained:
             self.drift.reset("model changed")  # its p-values are the new model's
         types = list(getattr(detector, "classes_", None) or ())
+        if lost := [t for t in getattr(before, "classes_", None) or () if t not in types]:
+            log.warning("the model now served does not know %s, types the model before it inspected (its "
+                        "types: %s): images sent as one are refused, and watch takes a folder of that name "
+                        "for no type (scored under every type); was a type's folder left out of the "
+                        "training data?", ", ".join(lost), ", ".join(types))
         unknown = [t for t in self.chosen_part_types if t not in types]
         if unknown:  # its parts cannot be complete: said, and the line's parts still need them
             log.warning("the model now served does not know %s of --part-types (its types: %s): parts "
