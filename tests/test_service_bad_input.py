@@ -374,6 +374,27 @@ async def test_an_image_sent_as_base64_text_is_told_how_to_send_it(
         assert state.store.count() == 0  # a refused upload is answered, not stored
 
 
+async def test_an_image_sent_with_curl_d_is_told_its_line_breaks_were_dropped(
+    detector: Any, samples: Samples, tmp_path: Path
+) -> None:
+    """``curl -d @part.png``, the first form of curl most people type, sends a file as a form
+    (``application/x-www-form-urlencoded``) with its carriage returns and line feeds removed, a
+    PNG's own signature among them: the answer was "not a recognised image format", as for a
+    damaged file. It says what curl did and what to send; an image that came whole is inspected."""
+    good, ftype = samples.one("PASS")
+    form = {"Content-Type": "application/x-www-form-urlencoded", **AUTH}
+    async with running_app(detector, tmp_path) as (client, state):
+        r = await client.post("/v1/inspect", content=good.replace(b"\r", b"").replace(b"\n", b""),
+                              headers=form, params={"feature_type": ftype})
+        assert r.status_code == 422 and r.json()["code"] == "unreadable_image", r.text
+        said = r.json()["detail"]
+        assert "sent as a form (Content-Type: application/x-www-form-urlencoded" in said, said
+        assert "curl --data-binary @part.png" in said and "curl -F image=@part.png" in said, said
+        assert state.store.count() == 0
+        whole = await client.post("/v1/inspect", content=good, headers=form, params={"feature_type": ftype})
+        assert whole.status_code == 200, whole.text
+
+
 async def test_an_image_sent_as_json_is_inspected(detector: Any, samples: Samples, tmp_path: Path) -> None:
     """A PLC's HTTP block or a JavaScript client that can send only text sends JSON:
     ``{"image": "<base64>" or a data URL, "feature_type", "part_id", "line", ...}`` with

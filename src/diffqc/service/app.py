@@ -749,6 +749,12 @@ def _is_json(request: Request) -> bool:
     return request.headers.get("content-type", "").partition(";")[0].strip().lower() == "application/json"
 
 
+def _is_form(request: Request) -> bool:
+    """Sent as an HTML form's fields: curl's ``-d``, which drops a file's line breaks."""
+    content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    return content_type == "application/x-www-form-urlencoded"
+
+
 def _base64_body_limit(limit: int) -> int:
     """The largest JSON body that carries ``limit`` bytes of images: base64 is 4/3 their bytes,
     wrapped in lines of 76 with ``\\r\\n`` (4 characters in JSON) 80/76 of that, 1.40 in all;
@@ -1011,8 +1017,10 @@ def build_job(
     line: str | None = None,
     station: str | None = None,
     camera: str | None = None,
+    form: bool = False,
 ) -> Job:
-    """Validate and decode one upload into a job (CPU work: call it off the event loop)."""
+    """Validate and decode one upload into a job (CPU work: call it off the event loop);
+    ``form``: the body came as a form's fields (:func:`_is_form`)."""
     if not data:
         raise ServiceError(
             400,
@@ -1026,7 +1034,8 @@ def build_job(
     try:
         image = decode_image(data, source=part_id or "upload")
     except ImageReadError as exc:
-        raise ServiceError(422, "unreadable_image", str(exc) + _encoded_body(data)) from None
+        hint = _FORM_BODY if form else _encoded_body(data)
+        raise ServiceError(422, "unreadable_image", str(exc) + hint) from None
     ext = BROWSER_FORMATS.get(fmt or "")
     return Job(
         image=image,
@@ -1437,7 +1446,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         digest = request_hash(data, ftype, part) if key is not None else None
         if key is not None and (done := await run_in_threadpool(_stored_answers, store, [key], [digest])):
             return _inspect_response(done[0], t0, duplicate=True)
-        job = await decode(data, ftype, part, dedup_key=key, body_hash=digest, **meta)
+        job = await decode(data, ftype, part, dedup_key=key, body_hash=digest, form=_is_form(request), **meta)
         (rec,) = await _submit(state, [job])
         return _inspect_response(rec, t0, duplicate=rec.duplicate)
 
@@ -1793,6 +1802,12 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
 
 # the first bytes of base64 text of an image file: PNG, JPEG, BMP, TIFF (both orders), WebP
 _BASE64_IMAGE_STARTS = (b"iVBORw0KGgo", b"/9j/", b"Qk", b"SUkq", b"TU0A", b"UklGR")
+
+
+_FORM_BODY = ("; the body was sent as a form (Content-Type: application/x-www-form-urlencoded, as curl -d "
+              "sends a file, without its line breaks, and so without bytes of the image): send the "
+              "image file's own bytes (curl --data-binary @part.png) or as the multipart file field "
+              "'image' (curl -F image=@part.png)")
 
 
 def _encoded_body(data: bytes) -> str:
