@@ -252,6 +252,27 @@ async def test_bad_input_gets_a_4xx_with_a_code_and_the_service_stays_up(
         assert (await client.get("/readyz")).status_code == 200
 
 
+async def test_a_route_without_its_version_or_with_another_method_is_told_the_one_there_is(
+    detector: Any, samples: Samples, tmp_path: Path
+) -> None:
+    """``POST /inspect`` (the API's prefix left out, as a URL typed from memory) was answered
+    "Not Found", and ``curl -T part.png`` (a PUT) "Method Not Allowed": each now names the route
+    or the method there is; a route that is nowhere is still only not found."""
+    good, ftype = samples.one("PASS")
+    async with running_app(detector, tmp_path) as (client, _):
+        r = await client.post("/inspect", content=good, headers=AUTH, params={"feature_type": ftype})
+        assert (r.status_code, r.json()["code"]) == (404, "no_such_route"), r.text
+        assert "no route POST /inspect; the API's is POST /v1/inspect" in r.json()["detail"], r.text
+        r = await client.get("/results/7", headers=AUTH)
+        assert "the API's is GET /v1/results/7" in r.json()["detail"], r.text
+        r = await client.put("/v1/inspect", content=good, headers=AUTH, params={"feature_type": ftype})
+        assert (r.status_code, r.json()["code"]) == (405, "method_not_allowed"), r.text
+        assert r.json()["detail"] == "PUT /v1/inspect: this route takes POST", r.text
+        assert r.headers["allow"] == "POST"
+        r = await client.get("/nothing-here", headers=AUTH)
+        assert r.status_code == 404 and "/v1" not in r.json()["detail"], r.text
+
+
 async def test_a_verdict_with_a_misspelled_field_or_not_in_json_is_refused_and_not_stored(
     detector: Any, samples: Samples, tmp_path: Path
 ) -> None:

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from diffqc.bundle import check_bundle_files, read_bundle
 from diffqc.data import MAX_NAME_LEN, MAX_SOURCE_LEN, decode_image, unprintable
@@ -1093,6 +1094,24 @@ HTTP_CODES = {400: "bad_request", 404: "no_such_route", 405: "method_not_allowed
 RECORD_ID = PathParam(ge=1, le=MAX_ROW_ID, description="a result id")
 
 
+def _route_told(request: Request, status: int, allow: str | None) -> str | None:
+    """A 405's methods, and a 404's route that is there with the API's prefix (``POST /inspect``,
+    a URL typed from memory), named; else None."""
+    method, root = request.method, request.scope.get("root_path", "")
+    path = request.scope["path"].removeprefix(root) if root else request.scope["path"]
+    if status == 405 and allow:
+        return f"{method} {root}{path}: this route takes {allow}"
+    if status != 404 or path.startswith("/v1/"):
+        return None
+    scope = {**request.scope, "path": f"{root}/v1{path}"}
+    for route in request.app.routes:  # the API's routes take GET or POST
+        methods = [m for m in (method, "GET", "POST")
+                   if route.matches({**scope, "method": m})[0] is Match.FULL]
+        if methods:
+            return f"no route {method} {root}{path}; the API's is {methods[0]} {root}/v1{path}"
+    return None
+
+
 def _header(request: Request, name: str) -> str | None:
     """A header as text; its raw bytes decoded as UTF-8 (U+FFFD where invalid, then refused)."""
     for key, value in request.headers.raw:
@@ -1261,7 +1280,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             return await _stalled(request, cause)
         code = HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         headers = dict(exc.headers or {})
-        return _error_response(ServiceError(exc.status_code, code, str(exc.detail), headers=headers))
+        detail = _route_told(request, exc.status_code, headers.get("Allow")) or str(exc.detail)
+        return _error_response(ServiceError(exc.status_code, code, detail, headers=headers))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
