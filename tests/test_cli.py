@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -753,3 +754,21 @@ def test_ctrl_c_during_train_ends_with_interrupted_on_its_own_line(tmp_path: Pat
     assert "/300" in shown and "300/300" not in shown  # interrupted while the bar was open
     assert lines[-1] == "diffqc: interrupted", lines[-3:]
     assert not (tmp_path / "model").exists()
+
+
+def test_a_name_the_terminal_cannot_show_is_escaped_not_a_crash(clear_dataset: Path, tmp_path: Path) -> None:
+    """Where standard output's encoding cannot write a type's name (a Windows pipe's code page, an
+    old system's ISO 8859-1 locale: here ``PYTHONIOENCODING``), ``data info`` ended in a
+    UnicodeEncodeError traceback; the name is now written escaped (``\\xfc``) and the table whole."""
+    data = tmp_path / "data"
+    shutil.copytree(clear_dataset, data)
+    (data / "dots").rename(data / "Prüfung")
+    (data / "stripes").rename(data / "角度")
+    for encoding in ("ascii", "latin-1"):
+        env = {**os.environ, "PYTHONIOENCODING": encoding}
+        proc = subprocess.run([sys.executable, "-m", "diffqc.cli", "data", "info", str(data)],
+                              capture_output=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+        out = proc.stdout.decode(encoding)
+        assert ("Pr\\xfcfung" if encoding == "ascii" else "Prüfung") in out, out
+        assert "\\u89d2\\u5ea6" in out, out

@@ -510,7 +510,17 @@ def _stdout_is_gone() -> bool:
     return True
 
 
+def _escaping_streams() -> None:
+    """Standard output and error write what their encoding cannot as escapes (``\\xfc``) where a
+    type's or file's name ended the command in a UnicodeEncodeError (a Windows pipe's code page,
+    an old system's ISO 8859-1 locale)."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _escaping_streams()
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors: argparse says so and exits 2
     if not getattr(args, "func", None):
