@@ -742,18 +742,22 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise ServiceError(413, "upload_too_large", str(exc)) from None
 
 
+def _content_type(request: Request) -> str:
+    """The request's media type, without its parameters, in lower case."""
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
 def _is_multipart(request: Request) -> bool:
-    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+    return _content_type(request) == "multipart/form-data"
 
 
 def _is_json(request: Request) -> bool:
-    return request.headers.get("content-type", "").partition(";")[0].strip().lower() == "application/json"
+    return _content_type(request) == "application/json"
 
 
 def _is_form(request: Request) -> bool:
     """Sent as an HTML form's fields: curl's ``-d``, which drops a file's line breaks."""
-    content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    return content_type == "application/x-www-form-urlencoded"
+    return _content_type(request) == "application/x-www-form-urlencoded"
 
 
 def _base64_body_limit(limit: int) -> int:
