@@ -340,8 +340,7 @@ def test_a_service_given_a_station_says_what_a_service_without_one_left_queued(
     """A service run without ``--station`` queued decisions while its MES was down, then was
     restarted with ``--station S1``: they are a service's without a station (the records say no
     other), which it does not send, and it said nothing; now it names them and what sends them."""
-    Outbox(store, ["webhook"])
-    store.insert_hooks.append(Outbox(store, ["webhook"]).enqueue_records)
+    outbox_for(store, "webhook")
     store.insert_many([record(1), record(2)])
     store.insert_hooks.clear()
     caplog.set_level("WARNING", logger="diffqc")
