@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -616,6 +617,32 @@ def test_watch_records_unreadable_files_as_not_inspected(
     (rec,) = store.query()
     assert rec.decision == NOT_INSPECTED and "not a recognised image" in (rec.reason or "")
     assert (folder / "failed" / "junk.png").exists()
+
+
+def test_an_empty_file_is_waited_for_then_failed_and_once_ends(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
+) -> None:
+    """A file left empty (a camera that crashed or ran out of room after creating it) was never
+    taken: no record of the part, nothing said, and ``watch --once`` (a cron job) never ended.
+    An empty file is waited for as one being written is, then stored NOT_INSPECTED and moved to
+    failed/, as a file that does not decode."""
+    folder, pipe, store = rig
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "ok.png").write_bytes(samples.all[0][0])
+    w = _watcher(folder, pipe, store, fail_after_s=0.3, poll_s=0.05)
+    first = w.step()
+    assert (first.inspected, first.failed) == (1, 0)  # the empty one may still be written
+    stop = threading.Event()
+    timer = threading.Timer(20, stop.set)  # before: run(once=True) never returned
+    timer.start()
+    try:
+        w.run(stop, once=True)
+    finally:
+        timer.cancel()
+    assert not stop.is_set(), "watch --once did not end"
+    assert (folder / "failed" / "zero.png").exists()
+    (failed,) = [r for r in store.query(limit=None) if r.part_id == "zero"]
+    assert failed.decision == NOT_INSPECTED and "empty" in (failed.reason or ""), failed.reason
 
 
 def test_a_failed_file_moved_back_is_tried_again(

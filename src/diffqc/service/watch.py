@@ -15,9 +15,9 @@ Files are found to any depth below the folder (a camera filing by day or hour), 
 ``processed/``, ``failed/`` or hidden folders. Feature type: ``feature_type`` when given, else the
 name of the nearest folder around the file that the model knows (``DIR/<type>/img.png``,
 ``DIR/<type>/2026-12-02/img.png``), else unknown (scored under every type).
-Files that do not decode, or cannot be read (a camera's file this user may not read), once they
-have not changed for ``fail_after_s`` are stored as ``NOT_INSPECTED`` and moved to ``failed/``
-(one still being written, however slowly, is waited for).
+Files that do not decode (an empty one too), or cannot be read (a camera's file this user may not
+read), once they have not changed for ``fail_after_s`` are stored as ``NOT_INSPECTED`` and moved to
+``failed/`` (one still being written, however slowly, is waited for).
 """
 
 from __future__ import annotations
@@ -405,7 +405,8 @@ class FolderWatcher:
                 self._seen[path] = seen = self._changed(path, seen, st.st_size, st.st_mtime_ns, now)
                 if self.settings.settle_s > 0:
                     continue
-            if st.st_size > 0 and now - seen.stable_since >= self.settings.settle_s:
+            rested = now - seen.stable_since  # an empty one: until it fails, unless it is written
+            if rested >= self.settings.settle_s and (st.st_size > 0 or rested >= self.settings.fail_after_s):
                 seen.rewrites = 0
                 ready.append((st.st_mtime_ns, str(path), path))
         for gone in set(self._seen) - present:
