@@ -713,6 +713,36 @@ async def test_refused_tokens_are_logged_once_a_minute_per_client(detector: Any,
     assert 'diffqc_auth_refused_total{reason="no_token"} 1' in metrics
 
 
+async def test_a_token_sent_in_another_form_is_told_where_it_goes(detector: Any, tmp_path: Path) -> None:
+    """A client that sent its token as ``Authorization: <token>`` (no scheme), in an
+    ``X-API-Key`` header (as many APIs take it) or in the URL (``?token=``) was told "missing or
+    wrong API token", as one with a wrong token: the integrator checked the token, not the form,
+    and the log counted it as sent without one. Each is now told where the token came and where it
+    goes, and counted as ``token_form``; a wrong token is told it is wrong; neither names it."""
+    token = AUTH["Authorization"].split()[1]
+    no_bearer = "the Authorization header does not begin with 'Bearer '"
+    cases = [
+        ({"headers": {"Authorization": token}}, no_bearer),
+        ({"headers": {"Authorization": f"Token {token}"}}, no_bearer),
+        ({"headers": {"X-API-Key": token}}, "the token came in a 'x-api-key' header"),
+        ({"params": {"token": token}}, "the token came in the URL's query ('token=')"),
+        ({"params": {"api_key": token}}, "the token came in the URL's query ('api_key=')"),
+        ({"headers": {"Authorization": "Bearer nope"}}, "wrong API token: not one the service accepts"),
+        ({}, "no API token"),
+    ]
+    async with running_app(detector, tmp_path) as (client, _):
+        for request, said in cases:
+            r = await client.get("/v1/line", **request)  # type: ignore[arg-type]
+            assert (r.status_code, r.json()["code"]) == (401, "unauthorized"), request
+            assert said in r.json()["detail"], (request, r.json())
+            assert "send it as 'Authorization: Bearer <token>'" in r.json()["detail"] or "wrong" in said
+            assert token not in r.text and "nope" not in r.text
+        metrics = (await client.get("/metrics", headers=AUTH)).text
+    assert 'diffqc_auth_refused_total{reason="token_form"} 5' in metrics
+    assert 'diffqc_auth_refused_total{reason="wrong_token"} 1' in metrics
+    assert 'diffqc_auth_refused_total{reason="no_token"} 1' in metrics
+
+
 async def test_no_path_traversal_in_file_routes(detector: Any, samples: Samples, tmp_path: Path) -> None:
     body, ftype = samples.one("REVIEW")
     secret = tmp_path / "secret.txt"

@@ -81,6 +81,7 @@ from diffqc.service.security import (
     read_limited,
     tls_reloader,
     token_matches,
+    token_refusal,
     url_host,
 )
 from diffqc.service.sinks import (
@@ -1335,16 +1336,11 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         given = bearer_token(request.headers.get("authorization"))
         if not token_matches(given, settings.tokens):
             client = request.client.host if request.client is not None else "an unknown address"
-            reason = "no_token" if given is None else "wrong_token"
+            reason, detail = token_refusal(given, request.headers, request.query_params.keys())
             said = state.metrics.refused.refuse(client, reason, time.time())
             if said is not None:
                 log.warning("%s", said)
-            raise ServiceError(
-                401,
-                "unauthorized",
-                "missing or wrong API token: send 'Authorization: Bearer <token>'",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            raise ServiceError(401, "unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
 
     api = APIRouter(dependencies=[Depends(require_token), Depends(_known_query_only)])
     decode_limiter = anyio.CapacityLimiter(settings.decode_workers)

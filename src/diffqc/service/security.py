@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +143,34 @@ def token_matches(provided: str | None, accepted: Iterable[str]) -> bool:
 
 
 REFUSED_REASONS = {"no_token": "without an API token (no 'Authorization: Bearer ...' header)",
+                   "token_form": "with a token elsewhere than an 'Authorization: Bearer ...' header",
                    "wrong_token": "with a wrong API token (not one of --token's, $DIFFQC_TOKEN's or "
                                   "$DIFFQC_TOKEN_FILE's)"}
+
+# where other APIs take a key, and clients send diffqc's
+_KEY_HEADERS = ("x-api-key", "api-key", "apikey", "x-auth-token", "x-access-token", "x-token")
+_KEY_PARAMETERS = ("token", "access_token", "api_key", "apikey", "key", "auth")
+
+
+def token_refusal(given: str | None, headers: Mapping[str, str], query: Iterable[str]) -> tuple[str, str]:
+    """Why a request's token was refused: a key of :data:`REFUSED_REASONS` and what its client is
+    told. ``given``: its ``Authorization: Bearer`` token (:func:`bearer_token`); without one, a
+    token sent in another form (an ``Authorization`` header without ``Bearer``, an API-key header,
+    the URL's query) is told where it goes. Never names the token."""
+    send = "send it as 'Authorization: Bearer <token>'"
+    if given is not None:
+        return "wrong_token", "wrong API token: not one the service accepts"
+    scheme = headers.get("authorization", "").strip().partition(" ")[0]
+    if scheme and scheme.lower() != "bearer":
+        return "token_form", f"the Authorization header does not begin with 'Bearer ': {send}"
+    header = next((name for name in _KEY_HEADERS if name in headers), None)
+    if header is not None:
+        return "token_form", f"the token came in a '{header}' header, where diffqc reads none: {send}"
+    parameter = next((name for name in query if name.lower() in _KEY_PARAMETERS), None)
+    if parameter is not None:
+        return "token_form", (f"the token came in the URL's query ('{parameter}='), where diffqc reads "
+                              f"none (proxies and browsers keep URLs in their logs): {send}")
+    return "no_token", f"no API token: {send}"
 
 
 class RefusedRequests:
