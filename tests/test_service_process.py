@@ -546,3 +546,45 @@ def test_serve_serves_a_retrained_model_without_a_restart(service_model: tuple[P
     assert f"serving model retrained-1 from {served} again, as its files changed (onnx, fp32;" in log
     assert f"the model in {served} changed but cannot be served: its metadata.json cannot be read" in log
     assert "restart the service to serve the new model" not in log
+
+
+def test_a_closed_terminal_stops_serve_and_watch_as_sigterm_does(service_model: tuple[Path, Path],
+                                                                 samples: Samples, tmp_path: Path) -> None:
+    """`serve` or `watch` run in a terminal whose session ends (an SSH connection dropped: the
+    kernel sends SIGHUP) ended at once, as under kill -9: no drain of the parts in hand, no last
+    line in the log, `watch` without its totals. SIGHUP now stops them as SIGTERM and Ctrl-C do."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import diffqc
+
+    served = bench.start_server(service_model[0], str(tmp_path / "s.db"), workdir=tmp_path,
+                                extra=("--log-level", "info"))
+    served.proc.send_signal(signal.SIGHUP)
+    served.proc.wait(60)
+    assert "Application shutdown complete" in served.log.read_text(), served.log.read_text()[-2000:]
+
+    data, ftype = samples.all[0]
+    (tmp_path / "cam" / ftype).mkdir(parents=True)
+    (tmp_path / "cam" / ftype / "p1.png").write_bytes(data)
+    log_path = tmp_path / "watch.log"
+    env = dict(os.environ, PYTHONPATH=str(Path(diffqc.__file__).parents[1]), OMP_NUM_THREADS="1")
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "diffqc.service", "watch", str(tmp_path / "cam"),
+                                 str(service_model[0]), "--db", str(tmp_path / "w.db"), "--settle", "0",
+                                 "--poll", "0.05"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while "p1.png" not in str(list((tmp_path / "cam").rglob("processed/**/*.png"))):
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGHUP)
+            assert proc.wait(60) == 0, log_path.read_text()[-2000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert "inspected 1, already recorded 0, failed 0" in log_path.read_text()

@@ -18,12 +18,22 @@ import json
 import logging
 import math
 import re
+import signal
 import socket
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, MutableMapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    MutableMapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +119,7 @@ from diffqc.service.store import (
     store_url,
     summarize,
 )
-from diffqc.service.systemd import Watchdog, notify, worker_problems
+from diffqc.service.systemd import STOP_SIGNALS, Watchdog, notify, worker_problems
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE, overlay_scales
 
 log = logging.getLogger("diffqc.service")
@@ -2074,6 +2084,28 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
+def _server(config: Any) -> Any:
+    """uvicorn's server, stopped gracefully by each of :data:`STOP_SIGNALS`, where uvicorn's takes
+    SIGINT and SIGTERM only (a SIGHUP, the terminal closed, ended the service at once)."""
+    import uvicorn
+    from uvicorn.server import HANDLED_SIGNALS
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                more = [s for s in STOP_SIGNALS if s not in HANDLED_SIGNALS]
+                main = threading.current_thread() is threading.main_thread()  # where signals are told
+                previous = {s: signal.signal(s, self.handle_exit) for s in more} if main else {}
+                try:
+                    yield
+                finally:
+                    for s, handler in previous.items():
+                        signal.signal(s, handler)
+
+    return Server(config)
+
+
 def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[socket.socket], host: str, *,
            log_level: str, log_format: str, access_log: bool) -> None:
     import uvicorn
@@ -2112,7 +2144,7 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
     config.load()  # makes its SSL context now: renewed certificate files are loaded into it later
     if tls and config.ssl is not None:
         app.state.diffqc.tls_context = config.ssl
-    server = uvicorn.Server(config)
+    server = _server(config)
     scheme = "https" if tls else "http"
     log.info("listening on %s://%s:%d, dashboard at %s (Ctrl+C to stop)", scheme, url_host(host), port,
              dashboard_url(host, port, scheme))

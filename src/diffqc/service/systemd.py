@@ -1,5 +1,5 @@
 """systemd's notify protocol (``sd_notify``), for `serve` and `watch` run as a ``Type=notify``
-unit on an edge box (``deploy/diffqc.service``).
+unit on an edge box (``deploy/diffqc.service``), and the signals that stop them.
 
 A unit of ``Type=notify`` is started when the service says ``READY=1`` (the model loaded, the
 store open: not when the process began), and with ``WatchdogSec=`` systemd restarts a service
@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("diffqc.service")
+
+# What stops `serve` and `watch` gracefully (the parts in hand inspected and stored, the last
+# lines logged): Ctrl-C, the SIGTERM of systemd, docker and kill, and the SIGHUP the kernel sends
+# when the terminal they run in closes (an SSH session dropped), which ended them at once.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, name))
 
 
 def notify(message: str) -> bool:

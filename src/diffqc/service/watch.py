@@ -73,7 +73,7 @@ from diffqc.service.security import (
     check_image_header,
 )
 from diffqc.service.store import ARTIFACT_KINDS, NOT_INSPECTED, ResultRecord, ResultStore
-from diffqc.service.systemd import Watchdog, notify, worker_problems
+from diffqc.service.systemd import STOP_SIGNALS, Watchdog, notify, worker_problems
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE, overlay_scales
 
 log = logging.getLogger("diffqc.watch")
@@ -818,7 +818,7 @@ def run_watch(
         line_services.stop()
         store.close()
         raise
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
     pipeline.start()
     watchdog = Watchdog(lambda: worker_problems(pipeline), f"watching {directory}")
     try:
