@@ -153,6 +153,47 @@ def test_watch_names_once_a_folder_named_almost_as_a_type(
         "a": False, "b": False, "c": True, "d": False, "e": False}
 
 
+def test_watch_names_once_a_folder_of_a_type_the_model_served_now_lacks(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`watch` started with a model retrained without one of the line's types (its folder left out
+    of the training data) took the camera's folder of that type for no type and scored its parts
+    under the type router's pick without a word (the hot reload of such a model says so; a start
+    did not). A folder named after a type the store's parts had and the model lacks is named once
+    in the log; a dated folder is not."""
+    import datetime as dt
+
+    folder, pipe, store = rig
+    (b0, _), (b1, _) = samples.all[0], samples.all[1]
+    day = dt.datetime(2026, 12, 1, 14, 30, tzinfo=dt.UTC).timestamp()
+    store.insert(ResultRecord(created_at=day, source="watch:old", decision="PASS", part_id="old",
+                              feature_type="hinge", type_known=True, model_version="v-before"))
+    for name, data in (("hinge/a.png", b0), ("hinge/b.png", b1), ("2026-12-03/c.png", b0)):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    w = _watcher(folder, pipe, store)
+    with caplog.at_level("WARNING", logger="diffqc.watch"):
+        assert w.step().inspected == 3
+        (folder / "hinge" / "d.png").write_bytes(b0)
+        assert w.step().inspected == 1
+    said = [r.getMessage() for r in caplog.records if "hinge" in r.getMessage()]
+    types = ", ".join(sorted(pipe.detector.classes_))
+    assert said == [f"folder hinge/ is named after hinge, a type of the parts stored before (the latest "
+                    f"2026-12-01 14:30 UTC, model v-before) that the model served now does not know (its "
+                    f"types: {types}): its images are scored under the type router's pick (type_known "
+                    "false); was hinge's folder left out of the training data?"], said
+    assert not [r for r in caplog.records if "2026-12-03" in r.getMessage()]
+
+    # a type only older parts had (here: older than the latest one) is not looked for
+    monkeypatch.setattr("diffqc.service.watch.RECENT_PARTS", 1)
+    caplog.clear()
+    (folder / "hinge" / "e.png").write_bytes(b1)
+    with caplog.at_level("WARNING", logger="diffqc.watch"):
+        assert _watcher(folder, pipe, store).step().inspected == 1
+    assert not [r for r in caplog.records if "hinge" in r.getMessage()]
+
+
 def test_watch_reads_the_dated_folders_a_camera_files_its_images_in(
     rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
 ) -> None:

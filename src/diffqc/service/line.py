@@ -108,7 +108,8 @@ class DiskWatch:
         return out
 
 
-def _day(epoch: float) -> str:
+def utc_minute(epoch: float) -> str:
+    """A time as the log says it: ``2026-12-01 14:30 UTC``."""
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
 
 
@@ -204,15 +205,15 @@ class CertificateWatch:
         except Exception as exc:
             log.warning("the TLS certificate %s changed on disk but cannot be served: %s; the service "
                         "goes on serving the one it had (it expires on %s)", self.path, exc,
-                        _day(self.not_after) if self.not_after is not None else "?")
+                        utc_minute(self.not_after) if self.not_after is not None else "?")
             return False
         before, self.not_after = self.not_after, certificate_expiry(self.path)
         self.reloads += 1
         self._said -= {"expiring", "expired"}  # the new one is named in its own time
         log.info("serving the renewed TLS certificate %s (it expires on %s; the one before on %s) to new "
                  "connections, without a restart", self.path,
-                 _day(self.not_after) if self.not_after is not None else "?",
-                 _day(before) if before is not None else "?")
+                 utc_minute(self.not_after) if self.not_after is not None else "?",
+                 utc_minute(before) if before is not None else "?")
         return True
 
     def _say(self, key: str, level: int, message: str, *args: Any) -> None:
@@ -235,7 +236,7 @@ class CertificateWatch:
         expiring = days < self.warn_days
         renewed = on_disk is not None and on_disk > self.not_after
         out.update(days_left=round(days, 2), expiring=expiring, expired=expired, renewed_on_disk=renewed)
-        where = self.path, _day(self.not_after)
+        where = self.path, utc_minute(self.not_after)
         then = ("renew the file: the service serves a renewed one within seconds" if self.reload is not None
                 else "renew it and restart the service (it reads the certificate at start)")
         if expired:
@@ -249,7 +250,7 @@ class CertificateWatch:
             self._say(f"renewed {on_disk}", logging.WARNING, "the TLS certificate %s was renewed on disk "
                       "(it expires on %s) but the service still serves the one it read at start (it "
                       "expires on %s): restart the service to serve the new one", self.path,
-                      _day(on_disk), _day(self.not_after))
+                      utc_minute(on_disk), utc_minute(self.not_after))
         return out
 
     def metrics_lines(self) -> list[str]:
@@ -316,7 +317,7 @@ class ClockWatch:
         if behind and not self._behind and self.trained_at is not None:
             log.warning("the system clock reads %s, before this model was trained (%s): it was not set (an "
                         "edge box without a clock battery, NTP not reached), and every record's time is "
-                        "wrong until it is", _day(now), _day(self.trained_at))
+                        "wrong until it is", utc_minute(now), utc_minute(self.trained_at))
         self._behind = behind
         return {"steps_total": self.steps_total, "last_step_s": self.last_step_s, "behind_model": behind}
 
@@ -556,7 +557,7 @@ class LineServices:
             where = "" if alarm.get("camera") is None else f" on camera {alarm['camera']!r}"
             log.warning("drift alarm for type %r%s, raised before the restart (%s), stays raised until "
                         "its parts show the line in order", alarm["feature_type"], where,
-                        _day(float(alarm.get("since") or time.time())))
+                        utc_minute(float(alarm.get("since") or time.time())))
 
     def _keep_alarm(self, event: DriftEvent) -> None:
         """The alarm's state in the store (raised: kept; cleared: removed), for a restart; under

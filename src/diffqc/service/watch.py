@@ -63,7 +63,7 @@ from diffqc.errors import (
 from diffqc.inspection import BUNDLE_FILES
 from diffqc.output import path_text
 from diffqc.service.buffer import BufferClosed, BufferFull, InspectionPipeline, Job
-from diffqc.service.line import LineServices
+from diffqc.service.line import LineServices, utc_minute
 from diffqc.service.parts import PART_WINDOW_S, check_part_types
 from diffqc.service.security import (
     BROWSER_FORMATS,
@@ -256,6 +256,9 @@ def dataset_in(root: Path, *, most: int = 64) -> Path | None:
     return next((good for split in splits if (good := good_in(split)) is not None), None)
 
 
+RECENT_PARTS = 10_000  # the stored parts a folder's name is looked for among as a former type
+
+
 def check_feature_type(feature_type: str | None, classes: Sequence[str]) -> None:
     """A fixed ``--feature-type`` must be one of the model's types (a typo would send every
     part to NOT_INSPECTED)."""
@@ -294,6 +297,8 @@ class FolderWatcher:
         self._passed_over: set[str] = set()  # the file endings named in the log (once each)
         self._links: dict[tuple[Path, Path], bool] = {}  # (link, where it leads): passed over?
         self._near_types: set[str] = set()  # folders named almost as a type, named in the log
+        self._asked_store: set[str] = set()  # folder names looked for as a type of stored parts
+        self._former_types: set[str] = set()  # those found: named in the log
         self._pattern = (compile_part_id_pattern(settings.part_id_pattern)
                          if settings.part_id_pattern is not None else None)
         self._unmatched_logged = False  # a name the part id pattern is not found in: logged once
@@ -449,12 +454,42 @@ class FolderWatcher:
         # the folder watched, then those below it (`watch incoming/<type>`, `watch incoming`)
         folders = (self.root.name, *path.relative_to(self.root).parts[:-1])
         found = type_of_folders(folders, self.classes)
-        if found is None and (near := folder_like_a_type(folders, self.classes)):
+        if found is None and not self._former_type(folders) and (
+                near := folder_like_a_type(folders, self.classes)):
             folder = "/".join(folders[1: near[0] + 1]) or folders[0]  # below the root, or the root
             if folder not in self._near_types:
                 self._near_types.add(folder)
                 log.warning("folder %s/%s", path_text(folder), near[1])
         return found
+
+    def _former_type(self, folders: Sequence[str]) -> bool:
+        """Whether one of ``folders`` (an image's, none named after a type of the model) is named
+        after a type of the latest :data:`RECENT_PARTS` parts stored, which the model served now
+        lacks (one retrained without that type's folder); said once a name. The store is asked
+        once a name, and reads at most those rows (a camera's dated folders are new names)."""
+        for i, name in reversed(list(enumerate(folders))):
+            if name not in self._asked_store:
+                try:
+                    newest = self.store.query(limit=1)
+                    after = (newest[0].id or 0) - RECENT_PARTS if newest else 0
+                    latest = self.store.query(feature_type=name, after_id=after, limit=1)
+                except StoreError:
+                    return False  # asked again at the next image
+                self._asked_store.add(name)
+                if not latest:
+                    continue
+                rec = latest[0]
+                self._former_types.add(name)
+                log.warning("folder %s/ is named after %s, a type of the parts stored before (the latest "
+                            "%s, model %s) that the model served now does not know (its types: %s): its "
+                            "images are scored under the type router's pick (type_known false); was %s's "
+                            "folder left out of the training data?",
+                            path_text("/".join(folders[1: i + 1]) or folders[0]), path_text(name),
+                            utc_minute(rec.created_at), rec.model_version or "?",
+                            ", ".join(sorted(self.classes)), path_text(name))
+            if name in self._former_types:
+                return True
+        return False
 
     def step(self) -> StepReport:
         """One pass: inspect every ready file (at most ``max_pending``)."""
