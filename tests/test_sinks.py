@@ -1583,7 +1583,7 @@ def test_mqtts_with_the_client_certificate_a_broker_requires(
                                   client_key=tmp_path / "line.key")
     finally:
         broker.stop()
-    with pytest.raises(ConfigError, match="--mqtt-cert needs an mqtts:// broker URL"):
+    with pytest.raises(ConfigError, match=r"--mqtt-cert needs an mqtts:// \(or wss://\) broker URL"):
         MqttSink(f"mqtt://127.0.0.1:{broker.port}/line", client_cert=tmp_path / "line.pem")
     with pytest.raises(ConfigError, match=f"{tmp_path}/other.key is not the key of {tmp_path}/line.pem"):
         MqttSink(url, client_cert=tmp_path / "line.pem", client_key=tmp_path / "other.key")
@@ -1607,6 +1607,48 @@ def _one_message_acknowledged(store: ResultStore, box: Outbox, url: str, *,
         wait_for(settled or (lambda: box.pending("mqtt") == 0), 30, "the message acknowledged or refused")
     finally:
         disp.stop()
+
+
+@pytest.mark.mqtt
+def test_mqtt_over_websockets_as_a_broker_behind_port_443_takes_it(store: ResultStore, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plant whose firewall lets only HTTPS out reaches its cloud broker by MQTT over WebSockets
+    (``wss://broker:443/mqtt``, the URL the broker's console gives): `--mqtt wss://...` was
+    refused at start as no mqtt:// or mqtts:// URL. ``ws://`` and ``wss://`` URLs are taken as
+    the broker gives them, the path the WebSocket's (default ``/mqtt``), the topic prefix in
+    ``?prefix=``: the decisions arrive under it, over TLS too (a real Mosquitto's WebSocket
+    listeners; a subscriber on its MQTT port)."""
+    import trustme
+
+    mqtt_url()  # the same switch as the other broker tests
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "ws.pem"))
+    ws, wss = free_port(), free_port()
+    pem = tmp_path / "ws.pem"
+    broker = Broker(tmp_path / "broker", extra=(
+        f"listener {ws} 127.0.0.1\nprotocol websockets\n"
+        f"listener {wss} 127.0.0.1\nprotocol websockets\ncertfile {pem}\nkeyfile {pem}\n"))
+    broker.start()
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    target = parse_mqtt_url("wss://u@127.0.0.1/?prefix=/plant/line-1/")
+    assert (target.websocket_path, target.prefix, target.username) == ("/", "plant/line-1", "u")
+    target = parse_mqtt_url("wss://broker.example.com/mqtt")
+    assert (target.port, target.tls, target.websocket_path, target.prefix) == (443, True, "/mqtt", "diffqc")
+    assert parse_mqtt_url("ws://broker.example.com").websocket_path == "/mqtt"
+    with pytest.raises(ConfigError, match=r"takes no query parameter 'topic' \(only prefix="):
+        parse_mqtt_url("wss://broker.example.com/mqtt?topic=plant")
+    sub = Subscriber("127.0.0.1", broker.port, "plant/line-1")
+    box = outbox_for(store, "mqtt")
+    try:
+        for url in (f"ws://127.0.0.1:{ws}/mqtt?prefix=plant/line-1",
+                    f"wss://127.0.0.1:{wss}/mqtt?prefix=plant/line-1"):
+            _one_message_acknowledged(store, box, url)
+        wait_for(lambda: len(sub.on("plant/line-1/decisions/stripes")) == 2, 15, "both decisions")
+        assert {json.loads(p)["record_id"] for p in sub.on("plant/line-1/decisions/stripes")} == {1, 2}
+    finally:
+        sub.close()
+        broker.stop()
 
 
 @pytest.mark.mqtt

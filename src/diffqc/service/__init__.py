@@ -752,7 +752,9 @@ def add_service_commands(subparsers: Any) -> None:
                    help="the certificate's private key (PEM, unencrypted; readable by this user "
                         "only); without it, the key is read from --tls-cert's file (one PEM)")
     p.add_argument("--mqtt", default=None, metavar="URL",
-                   help="push every decision to an MQTT broker: mqtt://host:1883/topic-prefix")
+                   help="push every decision to an MQTT broker: mqtt://host:1883/topic-prefix (mqtts:// "
+                        "for TLS; over WebSockets, a broker reached through port 443 only: "
+                        "wss://host/mqtt?prefix=topic-prefix)")
     p.add_argument("--mqtt-cert", type=path_name, default=None, metavar="PEM",
                    help="the client certificate an mqtts:// broker lets in (its CA's: require_certificate, "
                         "AWS IoT Core), its chain after it; its key in the same file or --mqtt-key")

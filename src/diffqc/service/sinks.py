@@ -24,7 +24,8 @@ to ``diffqc_dead_letters`` (kept, never dropped; :meth:`Outbox.requeue_dead` sen
 MQTT messages wait while the broker is unreachable; one the broker refuses (MQTT 5's
 PUBACK: its access list) is dead-lettered after :data:`MAX_ATTEMPTS`, as a webhook's.
 
-MQTT topics under the prefix (``mqtt://host:port/PREFIX``, default ``diffqc``):
+MQTT topics under the prefix (``mqtt://host:port/PREFIX``, ``wss://host/mqtt?prefix=PREFIX`` over
+WebSockets; default ``diffqc``):
 ``PREFIX/status`` (retained, ``online``; ``offline`` by last will or on a clean stop),
 ``PREFIX/decisions/<feature_type>`` (QoS 1, one per decision) and
 ``PREFIX/alarms/<feature_type>`` (QoS 1, retained: the latest drift alarm state) and, for a
@@ -62,7 +63,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import SplitResult, quote, unquote, urljoin, urlsplit
+from urllib.parse import SplitResult, parse_qs, quote, unquote, urljoin, urlsplit
 
 from diffqc import __version__
 from diffqc.data import unprintable
@@ -771,6 +772,7 @@ class MqttTarget:
     tls: bool
     username: str | None
     password: str | None
+    websocket_path: str | None = None  # MQTT over WebSockets (ws://, wss://): the path
 
 
 def check_webhook_url(url: str) -> None:
@@ -877,7 +879,8 @@ def check_mqtt_client_cert(url: str | None, cert: str | Path | None, key: str | 
     if cert is None and key is None:
         return
     if url is None or not parse_mqtt_url(url).tls:
-        raise ConfigError("--mqtt-cert needs an mqtts:// broker URL (a certificate is presented over TLS)")
+        raise ConfigError("--mqtt-cert needs an mqtts:// (or wss://) broker URL (a certificate is presented "
+                          "over TLS)")
     check_tls(cert, key, options="--mqtt", doing="present a certificate to the MQTT broker")
 
 
@@ -900,24 +903,37 @@ def _paho() -> Any:
 
 
 MQTT_PASSWORD_FILE_ENV = "DIFFQC_MQTT_PASSWORD_FILE"  # the broker password, kept off the command line
+_MQTT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}  # an MQTT URL's schemes, default ports
 
 
 def parse_mqtt_url(url: str) -> MqttTarget:
-    """``mqtt://[user[:password]@]host[:port][/prefix]`` (``mqtts://`` for TLS). Without a
-    password in the URL, the file ``$DIFFQC_MQTT_PASSWORD_FILE`` names holds the user's (a
-    Docker secret: a URL's password is read by anyone who may run ``ps``). Errors show the URL
-    without its password."""
+    """``mqtt://[user[:password]@]host[:port][/prefix]`` (``mqtts://`` for TLS); MQTT over
+    WebSockets (a broker reached through an HTTPS port only) as the broker gives its URL,
+    ``wss://[user@]host[:port][/path][?prefix=PREFIX]`` (``ws://`` without TLS; the path
+    ``/mqtt`` when none). Without a password in the URL, the file
+    ``$DIFFQC_MQTT_PASSWORD_FILE`` names holds the user's (a Docker secret: a URL's password is
+    read by anyone who may run ``ps``). Errors show the URL without its password."""
     parts = split_url(url, "MQTT URL")
     shown = redact_url(url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise ConfigError(f"MQTT URL {shown!r} must look like mqtt://host:1883/prefix (or mqtts://)")
-    tls = parts.scheme == "mqtts"
-    prefix = parts.path.strip("/") or "diffqc"
+    if parts.scheme not in _MQTT_PORTS or not parts.hostname:
+        raise ConfigError(f"MQTT URL {shown!r} must look like mqtt://host:1883/prefix (or mqtts://; over "
+                          "WebSockets, wss://host/mqtt?prefix=PREFIX)")
+    tls = parts.scheme in ("mqtts", "wss")
+    websocket_path = None
+    if parts.scheme in ("ws", "wss"):  # the path is the WebSocket's: the prefix is a parameter
+        query = parse_qs(parts.query, keep_blank_values=True)
+        if unknown := sorted(set(query) - {"prefix"}):
+            raise ConfigError(f"MQTT URL {shown!r} takes no query parameter {unknown[0]!r} (only prefix=, "
+                              "the topic prefix)")
+        websocket_path = parts.path or "/mqtt"
+        prefix = (query.get("prefix") or [""])[-1].strip("/") or "diffqc"
+    else:
+        prefix = parts.path.strip("/") or "diffqc"
     if any(c in prefix for c in "+#") or parts.fragment or "#" in url:  # '#' ends a URL's path
         raise ConfigError(f"MQTT topic prefix of {shown!r} may not contain '+' or '#'")
     if any(unprintable(c) for c in prefix):  # MQTT forbids U+0000 in a topic; the rest, a typo
         raise ConfigError(f"MQTT topic prefix {prefix!r} may not hold a control character")
-    port = _checked_port(parts, f"MQTT URL {shown!r}") or (8883 if tls else 1883)
+    port = _checked_port(parts, f"MQTT URL {shown!r}") or _MQTT_PORTS[parts.scheme]
     user = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
     if password is None and (path := os.environ.get(MQTT_PASSWORD_FILE_ENV)):
@@ -925,7 +941,7 @@ def parse_mqtt_url(url: str) -> MqttTarget:
             raise ConfigError(f"{MQTT_PASSWORD_FILE_ENV} needs the user name in the MQTT URL "
                               f"(mqtt://USER@{parts.hostname}/...)")
         password = read_secret_file(path, f"{MQTT_PASSWORD_FILE_ENV} {path}").strip("\r\n")
-    return MqttTarget(parts.hostname, port, prefix, tls, user, password)
+    return MqttTarget(parts.hostname, port, prefix, tls, user, password, websocket_path)
 
 
 class MqttSink:
@@ -955,8 +971,12 @@ class MqttSink:
         self.keepalive_s = keepalive_s
         self.status_topic = f"{self.prefix}/status"
         self._connected = threading.Event()
+        websocket = self.target.websocket_path is not None
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
-                             client_id=client_id or f"diffqc-{uuid.uuid4().hex[:12]}")
+                             client_id=client_id or f"diffqc-{uuid.uuid4().hex[:12]}",
+                             transport="websockets" if websocket else "tcp")
+        if websocket:
+            client.ws_set_options(path=self.target.websocket_path)
         if self.target.username is not None:
             client.username_pw_set(self.target.username, self.target.password)
         check_mqtt_client_cert(url, client_cert, client_key)
