@@ -240,9 +240,9 @@ def test_serve_closes_a_connection_that_sends_no_request(service_model: tuple[Pa
                              extra=("--body-timeout", "1"))
     try:
         with socket.create_connection(("127.0.0.1", srv.port)) as idle:
-            idle.settimeout(10)
+            idle.settimeout(60)
             t0 = time.monotonic()
-            assert idle.recv(1) == b"" and time.monotonic() - t0 < 5
+            assert idle.recv(1) == b"" and time.monotonic() - t0 < 30  # closed, not kept
         assert httpx.get(srv.url + "/healthz", timeout=30).status_code == 200
     finally:
         srv.stop()

@@ -110,8 +110,8 @@ def test_ring_buffer_batches_what_is_waiting_and_never_waits_for_company() -> No
     buf: RingBuffer[int] = RingBuffer(10)
     buf.put(1)
     t0 = time.monotonic()
-    assert buf.get_batch(4, timeout=5) == [1]  # a lone item comes out at once
-    assert time.monotonic() - t0 < 0.5
+    assert buf.get_batch(4, timeout=60) == [1]  # a lone item comes out at once
+    assert time.monotonic() - t0 < 30  # not after the timeout (a margin for a loaded machine)
     buf.put_many(list(range(6)))
     assert buf.get_batch(4) == [0, 1, 2, 3] and buf.get_batch(4) == [4, 5]
     assert buf.get_batch(4, timeout=0.01) == []
