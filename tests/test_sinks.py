@@ -353,6 +353,40 @@ def test_a_service_given_a_station_says_what_a_service_without_one_left_queued(
     assert not caplog.records
 
 
+def test_a_renamed_station_is_told_of_the_messages_left_under_its_former_name(
+        store: ResultStore, caplog: pytest.LogCaptureFixture) -> None:
+    """A station renamed (``--station S1`` to ``--station L1-S1``) while its MES was down left its
+    waiting decisions under the former name, sent by no service and said by none. A service now
+    names the stations whose messages have waited in its store's outbox for more than 5 minutes
+    and that it does not send (each with its count and oldest), and how to send them; another
+    station's messages queued just now (its MES up, on a shared store) are not said."""
+    import datetime as dt
+
+    old = outbox_for(store, "webhook")
+    old.station = "S1"  # as the service run with --station S1 queued them
+    store.insert_many([replace(record(1), station="S1"), replace(record(2), station="S1")])
+    store.insert_hooks.clear()
+    then = dt.datetime(2026, 12, 5, 6, 30, tzinfo=dt.UTC).timestamp()
+    with store._transaction() as conn:
+        conn.execute("UPDATE diffqc_outbox SET created_at = ?", (then,))
+    busy = outbox_for(store, "webhook")
+    busy.station = "B"  # another station on the store, its message queued now
+    store.insert_many([replace(record(3), station="B")])
+    caplog.set_level("WARNING", logger="diffqc")
+    for station in ("L1-S1", None):
+        caplog.clear()
+        Outbox(store, ["webhook"], station=station)
+        said = [r.getMessage() for r in caplog.records if "outbox" in r.getMessage()]
+        this = "without --station" if station is None else f"--station {station!r}"
+        assert said == [f"2 messages of station 'S1' have waited in this store's outbox since 2026-12-05 "
+                        f"06:30 UTC, which this service ({this}) does not send: the service run with "
+                        "--station 'S1' sends them (a station renamed: run it once under its former name "
+                        "until they are sent)"], said
+    caplog.clear()
+    Outbox(store, ["webhook"], station="S1")  # the station itself: nothing to say
+    assert not [r for r in caplog.records if "outbox" in r.getMessage()]
+
+
 def test_a_duplicate_record_is_not_pushed_twice(store: ResultStore) -> None:
     box = outbox_for(store, "webhook")
     first = store.insert(record(1, key="k1"))

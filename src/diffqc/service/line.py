@@ -34,7 +34,7 @@ from diffqc.bundle import named_model_id
 from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, is_misrouted, prometheus_label, scored
 from diffqc.recalibrate import BundleChange, CalibrationReloader, FileChange, file_signature
 from diffqc.runtime import EXPORT_FILE
-from diffqc.service.logs import Outage
+from diffqc.service.logs import Outage, utc_minute
 from diffqc.service.parts import PART_WINDOW_S, OverdueParts, PartVerdict, part_types
 from diffqc.service.retention import RetentionPolicy, RetentionWorker
 from diffqc.service.security import certificate_expiry
@@ -108,9 +108,6 @@ class DiskWatch:
         return out
 
 
-def utc_minute(epoch: float) -> str:
-    """A time as the log says it: ``2026-12-01 14:30 UTC``."""
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
 
 
 class ModelWatch:

@@ -35,6 +35,11 @@ _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, No
     "message", "asctime", "color_message", "taskName"}
 
 
+def utc_minute(epoch: float) -> str:
+    """A time as the log says it: ``2026-12-01 14:30 UTC``."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
+
+
 def default_log_format() -> str:
     """``$DIFFQC_LOG_FORMAT`` (a container sets the format once for every command), else text."""
     value = os.environ.get(LOG_FORMAT_ENV, "").strip().lower()

@@ -70,7 +70,7 @@ from diffqc.data import unprintable
 from diffqc.drift import is_misrouted
 from diffqc.errors import ConfigError
 from diffqc.output import json_safe
-from diffqc.service.logs import Outage
+from diffqc.service.logs import Outage, utc_minute
 from diffqc.service.parts import PART_WINDOW_S, OverdueParts, PartVerdict, commit_verdicts
 from diffqc.service.security import check_tls, read_secret_file
 from diffqc.service.store import TABLE, ResultRecord, ResultStore, iso_time, redact_url, split_url
@@ -113,6 +113,7 @@ CREATE TABLE IF NOT EXISTS {dead} (
     station TEXT
 )
 """
+STRANDED_S = 300.0  # another station's messages waiting longer are named at start (a renamed station's)
 _INSERT = (f"INSERT INTO {OUTBOX} (sink, kind, record_id, topic_key, payload, created_at, station) "
            "VALUES (?, ?, ?, ?, ?, ?, ?)")
 
@@ -212,10 +213,28 @@ class Outbox:
                 store._add_column(conn, table, "station", "TEXT")
             if station is not None:
                 left = self._adopt(conn)
+            elsewhere = self._waiting_elsewhere(conn, time.time() - STRANDED_S)
         if station is not None and left:
             log.warning("%d messages queued by a service on this store without --station wait in its "
                         "outbox: this service (--station %r) does not send them; the service run "
                         "without --station does", left, station)
+        this = "without --station" if station is None else f"--station {station!r}"
+        for other, n, since in elsewhere:
+            log.warning("%d messages of station %r have waited in this store's outbox since %s, which this "
+                        "service (%s) does not send: the service run with --station %r sends them (a "
+                        "station renamed: run it once under its former name until they are sent)",
+                        n, other, utc_minute(since), this, other)
+
+    def _waiting_elsewhere(self, conn: Any, before: float) -> list[tuple[str, int, float]]:
+        """Other stations' rows queued before ``before`` (station, count, the oldest's time), the
+        oldest first, at most 10 stations: messages a station renamed left under its former name,
+        sent by no service, or a station's whose receiver is down."""
+        mine, args = (("", (before,)) if self.station is None
+                      else (" AND station <> ?", (before, self.station)))
+        rows = conn.execute(self.store._q(
+            f"SELECT station, COUNT(*), MIN(created_at) FROM {OUTBOX} WHERE station IS NOT NULL AND "
+            f"created_at < ?{mine} GROUP BY station ORDER BY MIN(created_at) LIMIT 10"), args).fetchall()
+        return [(str(s), int(n), float(t)) for s, n, t in rows]
 
     def _adopt(self, conn: Any) -> int:
         """Take the rows of this station's records that a diffqc before 9f9a463 queued (it kept no

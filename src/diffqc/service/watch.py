@@ -63,7 +63,8 @@ from diffqc.errors import (
 from diffqc.inspection import BUNDLE_FILES
 from diffqc.output import path_text
 from diffqc.service.buffer import BufferClosed, BufferFull, InspectionPipeline, Job
-from diffqc.service.line import LineServices, utc_minute
+from diffqc.service.line import LineServices
+from diffqc.service.logs import utc_minute
 from diffqc.service.parts import PART_WINDOW_S, check_part_types
 from diffqc.service.security import (
     BROWSER_FORMATS,
