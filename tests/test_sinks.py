@@ -1672,6 +1672,9 @@ def test_mqtt_over_websockets_as_a_broker_behind_port_443_takes_it(store: Result
     assert parse_mqtt_url("ws://broker.example.com").websocket_path == "/mqtt"
     with pytest.raises(ConfigError, match=r"takes no query parameter 'topic' \(only prefix="):
         parse_mqtt_url("wss://broker.example.com/mqtt?topic=plant")
+    with pytest.raises(ConfigError, match=r"may not contain '\+' or '#'"):  # not read as a space
+        parse_mqtt_url("wss://broker.example.com/mqtt?prefix=plant+1")
+    assert parse_mqtt_url("wss://h/mqtt?prefix=plant%2Fline%201").prefix == "plant/line 1"
     sub = Subscriber("127.0.0.1", broker.port, "plant/line-1")
     box = outbox_for(store, "mqtt")
     try:

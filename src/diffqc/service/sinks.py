@@ -940,7 +940,7 @@ def parse_mqtt_url(url: str) -> MqttTarget:
     tls = parts.scheme in ("mqtts", "wss")
     websocket_path = None
     if parts.scheme in ("ws", "wss"):  # the path is the WebSocket's: the prefix is a parameter
-        query = parse_qs(parts.query, keep_blank_values=True)
+        query = parse_qs(parts.query.replace("+", "%2B"), keep_blank_values=True)  # a '+' is one
         if unknown := sorted(set(query) - {"prefix"}):
             raise ConfigError(f"MQTT URL {shown!r} takes no query parameter {unknown[0]!r} (only prefix=, "
                               "the topic prefix)")
