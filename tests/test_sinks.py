@@ -1590,31 +1590,40 @@ def test_mqtts_with_the_client_certificate_a_broker_requires(
     """A broker that lets in only clients with a certificate its CA signed (Mosquitto's
     ``require_certificate``, AWS IoT Core, a plant's PKI): the sink had no way to present one and
     never connected. ``--mqtt-cert`` (and ``--mqtt-key``) give it, checked before anything
-    starts: an mqtt:// URL, a key not the certificate's, an encrypted key are named."""
+    starts: an mqtt:// URL, a key not the certificate's, an encrypted key are named. The same over
+    MQTT over WebSockets (wss://, the broker's WebSocket listener requiring one too)."""
     import trustme
 
     mqtt_url()  # the same switch as the other broker tests
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
-    broker = Broker(tmp_path / "broker", tls=ca.issue_cert("127.0.0.1"),
-                    extra=f"cafile {tmp_path}/ca.pem\nrequire_certificate true\n")
+    ws = free_port()
+    required = f"cafile {tmp_path}/ca.pem\nrequire_certificate true\n"
+    broker = Broker(tmp_path / "broker", tls=ca.issue_cert("127.0.0.1"), extra=(
+        f"{required}listener {ws} 127.0.0.1\nprotocol websockets\ncertfile {tmp_path}/broker/cert.pem\n"
+        f"keyfile {tmp_path}/broker/key.pem\n{required}"))
     broker.start()
     client, other = ca.issue_cert("line-3"), ca.issue_cert("line-4")
     client.cert_chain_pems[0].write_to_path(str(tmp_path / "line.pem"))
     client.private_key_pem.write_to_path(str(tmp_path / "line.key"))
     other.private_key_pem.write_to_path(str(tmp_path / "other.key"))
     url = f"mqtts://127.0.0.1:{broker.port}/line"
+    over_ws = f"wss://127.0.0.1:{ws}/mqtt?prefix=line"
     try:
-        without = MqttSink(url)
-        without.start()
+        without = [MqttSink(url), MqttSink(over_ws)]
+        for sink in without:
+            sink.start()
         try:
             time.sleep(3)
-            assert not without.ready()  # the broker ends the handshake
+            assert not any(sink.ready() for sink in without)  # the broker ends the handshake
         finally:
-            without.stop()
-        _one_message_acknowledged(store, outbox_for(store, "mqtt"), url, client_cert=tmp_path / "line.pem",
-                                  client_key=tmp_path / "line.key")
+            for sink in without:
+                sink.stop()
+        box = outbox_for(store, "mqtt")
+        for each in (url, over_ws):
+            _one_message_acknowledged(store, box, each, client_cert=tmp_path / "line.pem",
+                                      client_key=tmp_path / "line.key")
     finally:
         broker.stop()
     with pytest.raises(ConfigError, match=r"--mqtt-cert needs an mqtts:// \(or wss://\) broker URL"):
