@@ -72,6 +72,50 @@ def test_an_access_line_carries_its_request_as_fields() -> None:
         "10.0.0.7:5012", "POST", "/v1/inspect?feature_type=edge", 503)
 
 
+def test_uvicorns_lines_are_coloured_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve 2> serve.log` run in a terminal wrote uvicorn's lines into the file with the
+    terminal's colour codes (``\x1b[32mINFO\x1b[0m:``: a `grep '^INFO'` found none), as uvicorn
+    colours its stderr lines when stdout is a terminal. Each stream is coloured only when it is
+    a terminal itself, and never under ``NO_COLOR`` (no-color.org)."""
+    import io
+
+    from uvicorn.logging import AccessFormatter, DefaultFormatter
+
+    from diffqc.service.logs import uvicorn_log_config
+
+    master, slave = os.openpty()  # a real terminal
+    terminal = os.fdopen(slave, "w")
+    record = _record("uvicorn.error", "Started server process [%d]", (42,))
+    record.levelno, record.levelname = logging.INFO, "INFO"
+    access = _record("uvicorn.access", '%s - "%s %s HTTP/%s" %d',
+                     ("127.0.0.1:5000", "GET", "/readyz", "1.1", 200))
+
+    def lines() -> tuple[str, str]:
+        config = uvicorn_log_config("text")
+        assert config is not None
+        default = DefaultFormatter(fmt="%(levelprefix)s %(message)s",
+                                   use_colors=config["formatters"]["default"]["use_colors"])
+        access_fmt = config["formatters"]["access"]
+        acc = AccessFormatter(fmt=access_fmt["fmt"], use_colors=access_fmt.get("use_colors"))
+        return default.format(record), acc.format(access)
+
+    try:
+        monkeypatch.delenv("NO_COLOR", raising=False)
+        monkeypatch.setattr(sys, "stdout", terminal)
+        monkeypatch.setattr(sys, "stderr", io.StringIO())  # 2> serve.log
+        err, out = lines()
+        assert err == "INFO:     Started server process [42]" and "\x1b[" in out
+        monkeypatch.setattr(sys, "stderr", terminal)
+        monkeypatch.setattr(sys, "stdout", io.StringIO())  # > access.log
+        err, out = lines()
+        assert "\x1b[" in err and "\x1b[" not in out
+        monkeypatch.setenv("NO_COLOR", "1")
+        assert not any("\x1b[" in line for line in lines())
+    finally:
+        terminal.close()
+        os.close(master)
+
+
 def test_the_format_is_text_or_json_defaulting_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DIFFQC_LOG_FORMAT", raising=False)
     assert default_log_format() == "text"

@@ -13,6 +13,7 @@ the entry's priority: ``journalctl -p err`` and a syslog rule forwarding errors 
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import logging
@@ -154,13 +155,26 @@ def _log_warning(message: Warning | str, category: type[Warning], filename: str,
 
 
 def uvicorn_log_config(fmt: str) -> dict[str, Any] | None:
-    """uvicorn's ``log_config``: its own (coloured text, access lines on stdout) for text, none
-    for JSON or on the journal, so that its loggers propagate to the root's handler."""
+    """uvicorn's ``log_config``: its own (text, access lines on stdout) for text, none for JSON
+    or on the journal, so that its loggers propagate to the root's handler. Each stream is
+    coloured only when it is a terminal itself (uvicorn asks stdout for both: ``serve 2> log``
+    run in a terminal wrote colour codes into the file), and never under ``NO_COLOR``."""
     if fmt == "json" or on_journal():
         return None
     from uvicorn.config import LOGGING_CONFIG
 
-    return LOGGING_CONFIG
+    config = copy.deepcopy(LOGGING_CONFIG)
+    colour = not os.environ.get("NO_COLOR")  # no-color.org: set and not empty
+    for formatter, stream in (("default", sys.stderr), ("access", sys.stdout)):
+        config["formatters"][formatter]["use_colors"] = colour and _is_terminal(stream)
+    return config
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no stream, or a closed one
+        return False
 
 
 class Outage:
