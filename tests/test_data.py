@@ -785,6 +785,12 @@ def test_as_image_reads_arrays_as_decoded_files_are() -> None:
         as_image(np.zeros((3, 12, 16), np.float32))
     with pytest.raises(ImageReadError, match=r"a batch of 8 images.*one array per image"):
         as_image(np.zeros((8, 12, 16, 3), np.uint8))
+    # a torch batch (N x C x H x W) and a file's encoded bytes were "got shape (1, 3, 12, 16)",
+    # "got shape ()": named too
+    with pytest.raises(ImageReadError, match=r"a batch of 2 images, channels first.*permute\(1, 2, 0\)"):
+        as_image(np.zeros((2, 3, 12, 16), np.float32))
+    with pytest.raises(ImageReadError, match=r"got the 5 bytes of an encoded file.*decode_image\(data\)"):
+        as_image(b"\x89PNG\r")  # type: ignore[arg-type]
     with pytest.raises(ImageReadError, match="not an image's"):
         as_image(np.zeros((12, 16), np.complex64))
     # smaller than a file may be (a 1 x 1 array was scored, far off every part: REJECT)

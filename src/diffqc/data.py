@@ -193,6 +193,9 @@ def as_image(img: np.ndarray | Image.Image, source: str = "<array>") -> np.ndarr
     taken as floats and clamped: nearly white, every part REJECT)."""
     if isinstance(img, Image.Image):
         return _big_enough(_to_float_rgb(_upright(img), source), source)
+    if isinstance(img, (bytes, bytearray, memoryview)):
+        raise ImageReadError(source, f"got the {len(img)} bytes of an encoded file, not an image array: "
+                             "decode them first (diffqc.data.decode_image(data))")
     arr = np.asarray(img)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
@@ -202,6 +205,9 @@ def as_image(img: np.ndarray | Image.Image, source: str = "<array>") -> np.ndarr
             hint = " (channels first, as a torch tensor is? pass arr.transpose(1, 2, 0))"
         elif arr.ndim == 4 and arr.shape[3] in (1, 3, 4):
             hint = f" (a batch of {arr.shape[0]} images? pass one array per image: list(batch))"
+        elif arr.ndim == 4 and arr.shape[1] in (1, 3, 4):
+            hint = (f" (a batch of {arr.shape[0]} images, channels first, as a torch batch is? pass one "
+                    "HxWxC array per image: [t.permute(1, 2, 0).numpy() for t in batch])")
         raise ImageReadError(source, f"expected an HxW, HxWx3 or HxWx4 image, got shape {arr.shape}{hint}")
     if arr.size == 0:
         raise ImageReadError(source, f"empty image of shape {arr.shape}")
