@@ -850,3 +850,34 @@ def test_dataset_folder_of_names_the_dataset_folder_an_output_would_land_in(tmp_
     (tmp_path / "heat" / "test" / "good").mkdir(parents=True)  # heat maps filed as a dataset is
     Image.new("L", (8, 8)).save(tmp_path / "heat" / "test" / "good" / "a_heatmap.png")
     assert dataset_folder_of(tmp_path / "heat" / "test" / "good") is None  # no train/good: no dataset
+
+
+def test_images_of_a_format_diffqc_does_not_read_are_named_not_passed_over(tmp_path: Path) -> None:
+    """Photos taken with a phone (HEIC) or a camera's RAW files in a dataset were passed over in
+    silence: a type of them alone was "no images found under DATA: expected <type>/train/good
+    ..." (its layout was right), and beside PNGs the fit left them out without a word. They are
+    now named, with what to do; `inspect` of such a folder says so too."""
+    from diffqc.errors import DatasetError
+
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic"
+    only = tmp_path / "only" / "dots" / "train" / "good"
+    only.mkdir(parents=True)
+    for name in ("a.heic", "b.HEIC", "c.dng"):
+        (only / name).write_bytes(heic)
+    with pytest.raises(DatasetError, match=r"holds 3 files of an image format diffqc does not read "
+                                           r"\(\.dng: 1, \.heic: 2; e\.g\. .*a\.heic\): convert them to PNG"):
+        load_dataset(tmp_path / "only")
+    mixed = tmp_path / "mixed" / "dots" / "train" / "good"
+    mixed.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (16, 16), (i, i, i)).save(mixed / f"p{i}.png")
+    (mixed / "phone.heic").write_bytes(heic)
+    (mixed / "notes.txt").write_text("not an image: not named")
+    with pytest.warns(UserWarning, match=r"left out 1 file of an image format diffqc does not read "
+                                         r"\(\.heic: 1; e\.g\. .*phone\.heic\)"):
+        samples = load_dataset(tmp_path / "mixed")
+    assert sorted(s.path.name for s in samples) == ["p0.png", "p1.png", "p2.png"]
+    from diffqc.cli import _expand_images
+
+    with pytest.warns(UserWarning, match=r"only: left out 3 files of an image format diffqc does not read"):
+        assert _expand_images([str(tmp_path / "only")]) == []

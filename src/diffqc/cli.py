@@ -187,7 +187,7 @@ def _expand_images(paths: Sequence[str], leave_out: Path | None = None) -> list[
     inside the folder inspected, a second run scored the first run's heat maps as parts)."""
     import glob
 
-    from diffqc.data import is_hidden, is_image_file
+    from diffqc.data import is_hidden, is_image_file, unread_images, unread_images_note
 
     skip = leave_out.resolve() if leave_out is not None else None
 
@@ -209,6 +209,8 @@ def _expand_images(paths: Sequence[str], leave_out: Path | None = None) -> list[
                               f"{', '.join(f'{m}/' for m in sorted(set(masks)))} folders (masks, not "
                               "parts; name a file to inspect it)", stacklevel=2)
             out += [(q, name) for q, name in here if not _mask_folder(name)]
+            if unread := [q for q in unread_images(p) if found(q)]:
+                warnings.warn(f"{p}: left out {unread_images_note(unread)}", stacklevel=2)
         else:
             out.append((p, Path(p.name)))
     return out

@@ -34,6 +34,10 @@ from diffqc.output import STDIO, path_text
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".tif", ".tiff", ".webp", ".gif",
                             ".pgm", ".ppm", ".pnm", ".pbm"})
+# image formats a phone or a camera writes that diffqc does not read: named where a folder scan
+# finds them, not passed over in silence as other files are
+OTHER_IMAGE_SUFFIXES = frozenset({".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".dng", ".raw", ".cr2",
+                                  ".cr3", ".nef", ".arw", ".psd", ".svg", ".exr", ".hdr"})
 GOOD = 0
 DEFECTIVE = 1
 UNKNOWN = -1
@@ -396,6 +400,26 @@ def _walk_images(folder: Path) -> Iterator[Path]:
         yield from (p for p in (Path(here) / f for f in files) if is_image_file(p))
 
 
+def unread_images(folder: Path) -> list[Path]:
+    """The files below ``folder`` (hidden ones left out) of an image format diffqc does not read
+    (:data:`OTHER_IMAGE_SUFFIXES`), sorted."""
+    found: list[Path] = []
+    for here, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(here) / f for f in files
+                  if not f.startswith(".") and Path(f).suffix.lower() in OTHER_IMAGE_SUFFIXES]
+    return sorted(found)
+
+
+def unread_images_note(files: Sequence[Path]) -> str:
+    """What :func:`unread_images` found, and what to do: "3 files of an image format diffqc does
+    not read (.dng: 1, .heic: 2; e.g. ...): convert them to PNG, JPEG or TIFF"."""
+    counts = Counter(p.suffix.lower() for p in files)
+    kinds = ", ".join(f"{suffix}: {n}" for suffix, n in sorted(counts.items()))
+    return (f"{len(files)} file{'s' * (len(files) > 1)} of an image format diffqc does not read ({kinds}; "
+            f"e.g. {path_text(files[0])}): convert {'them' if len(files) > 1 else 'it'} to PNG, JPEG or TIFF")
+
+
 def _images_in(folder: Path) -> list[Path]:
     """The images below ``folder`` (:func:`_walk_images`), sorted."""
     return sorted(_walk_images(folder))
@@ -622,12 +646,16 @@ def load_mvtec(root: Path | str) -> list[Sample]:
             samples = [s for sub, load in typed for s in load(sub)]
         else:  # neither a type nor a root of them: one kind's folder of a type?
             samples = _one_kind_of_a_type(root)
+    unread = unread_images(root)
     if not samples:
+        hint = f"; {root} holds {unread_images_note(unread)}" if unread else _loose_images_hint(root)
         raise DatasetError(
             f"no images found under {root}: expected <type>/train/good and <type>/test/<kind> "
             "folders (MVTec AD layout), <type>/good and <type>/<kind> folders (labelled folders) "
-            f"or a CSV manifest{_loose_images_hint(root)}"
+            f"or a CSV manifest{hint}"
         )
+    if unread:
+        warnings.warn(f"{root}: left out {unread_images_note(unread)}", DatasetWarning, stacklevel=3)
     return samples
 
 
