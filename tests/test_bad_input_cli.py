@@ -638,3 +638,25 @@ def test_export_and_calibrate_into_a_read_only_bundle_are_refused_before_their_w
         said = [line for line in proc.stderr.splitlines() if line.strip()]
         assert said == [f"diffqc: error: cannot write {mounted}/{file}: Read-only file system"], said
     assert {p.name: p.read_bytes() for p in volume.iterdir()} == before
+
+
+def test_a_misspelt_option_is_told_by_its_command_with_the_option_it_likely_meant(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`diffqc serve MODEL --tokn T` answered with the top-level usage ("usage: diffqc [-h]
+    [--version] COMMAND ...") and "unrecognized arguments: --tokn T": neither the command's
+    options nor the one meant. The command's own usage now answers, naming the option likely
+    meant; an option no command has near it is named alone."""
+    from diffqc.cli import main
+
+    for argv, usage, said in [
+        (["serve", str(tmp_path), "--tokn", "x"], "usage: diffqc serve ",
+         "diffqc serve: error: unrecognized arguments: --tokn x (did you mean '--token'?)"),
+        (["results", "list", "--sinse=8h"], "usage: diffqc results list ",
+         "diffqc results list: error: unrecognized arguments: --sinse=8h (did you mean '--since'?)"),
+        (["train", str(tmp_path), "--out", str(tmp_path / "m"), "--epochs", "3"], "usage: diffqc train ",
+         "diffqc train: error: unrecognized arguments: --epochs 3\n"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith(usage) and said in err, err

@@ -33,6 +33,7 @@ from diffqc.errors import (
     DiffqcError,
     ImageReadError,
     OutputError,
+    did_you_mean,
     first_few,
     out_of_memory,
 )
@@ -521,10 +522,31 @@ def _escaping_streams() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the command ``args`` names (``diffqc results list``'s), else ``parser``."""
+    while True:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        name = getattr(args, sub.dest, None) if sub is not None else None
+        if sub is None or name not in sub.choices:
+            return parser
+        parser = sub.choices[name]
+
+
+def _refuse_unknown_options(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> None:
+    """argparse's "unrecognized arguments", from the command's parser, with the option an
+    unknown one likely meant (``--tokn``: ``--token``)."""
+    options = [o for o in parser._option_string_actions if o.startswith("--")]
+    meant = next((hint for arg in unknown if arg.startswith("--")
+                  and (hint := did_you_mean(arg.partition("=")[0], options))), "")
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}{meant}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _escaping_streams()
     parser = build_parser()
-    args = parser.parse_args(argv)  # usage errors: argparse says so and exits 2
+    args, unknown = parser.parse_known_args(argv)  # usage errors: argparse says so and exits 2
+    if unknown:  # by the command's parser, with its usage: the root's named no option of it
+        _refuse_unknown_options(_command_parser(parser, args), unknown)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
