@@ -425,6 +425,32 @@ def test_dashboard_connects_by_itself_where_no_token_is_needed(
         wait.until(lambda d: d.find_element(By.ID, "model-version").text not in ("", "–"))
 
 
+def test_a_kiosk_screen_connects_with_the_token_in_its_start_address(
+    live_server: tuple[str, Any], browser: Any
+) -> None:
+    """A line-side screen in kiosk mode (`chromium --kiosk URL`, no keyboard) asked for the API
+    token at each power-on, as the dashboard keeps it for its tab only. Its start address may
+    carry it as ``/dashboard#token=...`` (a fragment: never sent to the service, nor to a proxy's
+    log): the dashboard connects with it and takes it off the address bar."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = live_server
+    wait = WebDriverWait(browser, 20)
+    browser.get(url + "/dashboard")
+    browser.execute_script("sessionStorage.clear()")  # a kiosk's fresh start
+    browser.get("about:blank")
+    browser.get(url + "/dashboard")
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "enter the API token"))
+    browser.get("about:blank")
+    browser.get(f"{url}/dashboard#token={TOKEN}")
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
+    assert TOKEN not in browser.current_url and browser.current_url == url + "/dashboard"
+    browser.refresh()  # the tab keeps it, as a typed one
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
+
+
 @pytest.mark.nginx
 @pytest.mark.skipif(NGINX is None, reason="nginx not installed (apt-get install nginx-light)")
 @pytest.mark.parametrize("root_path", ["", "/qc"])
