@@ -739,6 +739,43 @@ def test_cli_says_a_period_time_without_zone_is_utc_where_the_machine_is_not(
         time.tzset()
 
 
+def test_cli_periods_take_today_and_yesterday_on_the_machines_clock(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`results summary --since today` (as journalctl takes it), or `--since 1w`, was refused:
+    "since='today' is neither epoch seconds nor ISO 8601 nor a span back from now such as 8h".
+    ``today`` and ``yesterday`` are this machine's midnights (a shift report's day on the line's
+    clock), ``now`` is now; a span takes weeks (``w``) too."""
+    import datetime as dt
+    import json
+
+    from diffqc.cli import main
+
+    monkeypatch.setenv("TZ", "XYZ-3")  # UTC+3, a POSIX zone: no tz database needed
+    time.tzset()
+    try:
+        midnight = dt.datetime.combine(dt.date.today(), dt.time()).astimezone().timestamp()
+        db = tmp_path / "line.db"
+        with ResultStore(str(db)) as store:
+            store.insert_many([_rec("before-yesterday", created_at=midnight - 86400 - 60),
+                               _rec("yesterday", created_at=midnight - 3600),
+                               _rec("today", created_at=midnight),
+                               _rec("week", created_at=midnight - 5 * 86400)])
+
+        def parts(*period: str) -> list[str]:
+            assert main(["results", "list", "--db", str(db), *period]) == 0
+            out = capsys.readouterr()
+            assert "time zone" not in out.err, out.err
+            return [json.loads(line)["part_id"] for line in out.out.splitlines()]
+
+        assert parts("--since", "today") == ["today"]
+        assert parts("--since", "Yesterday", "--until", "today") == ["yesterday"]
+        week = ["before-yesterday", "today", "week", "yesterday"]
+        assert sorted(parts("--until", "now", "--since", "1w")) == week
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_cli_results_summary_counts_a_periods_decisions_and_verdicts(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A QC engineer's question each shift: per type (or camera, line, ...), how many parts were

@@ -362,17 +362,26 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     )
 
 
+_DAY_WORDS = {"now": 0, "today": 0, "yesterday": 1}  # a period's words: days before today's midnight
+
+
 def _period_time(value: str | None, name: str) -> float | None:
     """A ``results`` command's ``--since``/``--until`` as the API reads it (a wall-clock time
-    without a zone is UTC). Where this machine's clock is not UTC, such a time is said, with how
-    to write either (a shift's start typed in the line's clock was an hour or more off without
-    a word); a ``--since`` in the future is said too."""
+    without a zone is UTC), or ``today``, ``yesterday`` (this machine's midnights) and ``now``.
+    Where this machine's clock is not UTC, a time without a zone is said, with how to write
+    either (a shift's start typed in the line's clock was an hour or more off without a word);
+    a ``--since`` in the future is said too."""
     import datetime as dt
     import warnings
 
     with _service_extra():
         from diffqc.service.app import parse_time, without_zone
 
+    if value is not None and (word := value.strip().lower()) in _DAY_WORDS:  # as journalctl takes them
+        if word == "now":
+            return time.time()
+        day = dt.date.today() - dt.timedelta(days=_DAY_WORDS[word])
+        return dt.datetime.combine(day, dt.time()).astimezone().timestamp()  # this machine's midnight
     seconds = parse_time(value, name)
     if seconds is None or value is None:
         return seconds
@@ -843,14 +852,15 @@ def add_service_commands(subparsers: Any) -> None:
     e.add_argument("--data-dir", type=path_name, default=None,
                    help="the folder serve or watch kept the images in (default beside the SQLite file)")
     e.add_argument("--since", default=None,
-                   help="only parts inspected since (ISO 8601, epoch seconds or a span back from now: 8h)")
+                   help="only parts inspected since (ISO 8601, epoch seconds, a span back from now: 8h, "
+                        "or today, yesterday)")
     e.add_argument("--defects", action="store_true",
                    help="also export the parts reviewed BAD, labelled defect (the line's defects "
                         "found), to test a model on: diffqc test MODEL OUT (training reads only the "
                         "GOOD ones)")
     e.set_defaults(func=_cmd_export)
-    when = ("(ISO 8601, UTC unless it has an offset such as +01:00, epoch seconds, or a span back "
-            "from now: 8h, 90m, 2d)")
+    when = ("(ISO 8601, UTC unless it has an offset such as +01:00, epoch seconds, a span back "
+            "from now: 8h, 90m, 2d, 1w, or today, yesterday: this machine's midnights, or now)")
     e.add_argument("--until", default=None, help=f"only parts inspected before {when}")
     e.add_argument("--feature-type", default=None, help="only parts of this type")
     for name in ("line", "station", "camera"):  # of a store several share: a model is retrained on its own

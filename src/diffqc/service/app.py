@@ -615,8 +615,8 @@ def record_json(rec: ResultRecord, root_path: str = "") -> dict[str, Any]:
     return json_safe(out)
 
 
-_SPAN = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-_SPAN_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SPAN = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_SPAN_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 LAST_SECOND = 253402300799  # 9999-12-31T23:59:59Z, the last time ISO 8601 and Python write
@@ -625,7 +625,7 @@ _SPACED_OFFSET = re.compile(r"\d \d\d(:?\d\d)?$")  # 18:00+01:00 sent unescaped:
 
 def parse_time(value: str | None, name: str) -> float | None:
     """Epoch seconds, ISO 8601 (UTC when no offset) or a span back from now (``8h``: eight hours
-    ago; ``s``, ``m``, ``h``, ``d``) -> epoch seconds."""
+    ago; ``s``, ``m``, ``h``, ``d``, ``w``) -> epoch seconds."""
     if value is None or value == "":
         return None
     if span := _SPAN.fullmatch(value):
