@@ -362,7 +362,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     )
 
 
-_DAY_WORDS = {"now": 0, "today": 0, "yesterday": 1}  # a period's words: days before today's midnight
+_MIDNIGHTS = {"today": 0, "yesterday": 1}  # a period's words: this machine's midnight, days before
 
 
 def _period_time(value: str | None, name: str) -> float | None:
@@ -377,11 +377,12 @@ def _period_time(value: str | None, name: str) -> float | None:
     with _service_extra():
         from diffqc.service.app import parse_time, without_zone
 
-    if value is not None and (word := value.strip().lower()) in _DAY_WORDS:  # as journalctl takes them
-        if word == "now":
-            return time.time()
-        day = dt.date.today() - dt.timedelta(days=_DAY_WORDS[word])
-        return dt.datetime.combine(day, dt.time()).astimezone().timestamp()  # this machine's midnight
+    word = (value or "").strip().lower()  # journalctl's words
+    if word == "now":
+        return time.time()
+    if word in _MIDNIGHTS:
+        day = dt.date.today() - dt.timedelta(days=_MIDNIGHTS[word])
+        return dt.datetime.combine(day, dt.time()).astimezone().timestamp()
     seconds = parse_time(value, name)
     if seconds is None or value is None:
         return seconds
