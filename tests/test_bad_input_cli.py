@@ -293,9 +293,9 @@ ROWS: dict[str, Row | object] = {
     "inspect_int8_on_torch": Row(lambda c: ["inspect", str(c.model), str(c.image), "--runtime", "torch",
                                             "--precision", "int8"], ("INT8 runs on",)),
     # results store
-    "results_since_yesterday": Row(lambda c: ["results", "export", str(c.tmp / "x"), "--db",
-                                              str(c.tmp / "r.db"), "--since", "yesterday"],
-                                   ("since='yesterday'", "ISO 8601"), absent=lambda c: c.tmp / "r.db"),
+    "results_since_a_phrase": Row(lambda c: ["results", "export", str(c.tmp / "x"), "--db",
+                                             str(c.tmp / "r.db"), "--since", "last shift"],
+                                  ("since='last shift'", "ISO 8601"), absent=lambda c: c.tmp / "r.db"),
     "results_db_unknown_scheme": Row(lambda c: ["results", "export", str(c.tmp / "x"), "--db",
                                                 "mysql://u:pw@host/db"], ("unsupported result store",)),
     # SQLite's own spellings: the store went to /x/r.db, its kept images and heat maps under a
