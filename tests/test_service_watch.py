@@ -334,7 +334,7 @@ def test_watch_does_not_inspect_its_own_heat_maps_and_kept_images(
         (folder / "other.db").write_bytes(b"")
         with caplog.at_level(logging.WARNING, logger="diffqc"):
             assert w.step().inspected == 0 and store.count() == 1
-        assert "passing over 1 files ending .db (other.db)" in caplog.text
+        assert "passing over 1 file ending .db (other.db)" in caplog.text
     finally:
         pipe.stop()
         store.close()
@@ -491,6 +491,10 @@ def test_watch_names_once_each_kind_of_file_it_passes_over(
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(said) == 2 and ".raw" in said[0] and ".txt" in said[1] and ".png" in said[0], said
     assert "3 files" in said[0] and "a.raw" in said[0]
+    # an image format a camera may be set to is named as one, with what to do; a log file is not
+    assert "an image format diffqc does not read: set the camera to write PNG, BMP or TIFF" in said[0]
+    assert "passing over 1 file ending .txt (log.txt): not an image file diffqc reads" in said[1]
+    assert "set the camera" not in said[1]
 
 
 def test_watch_says_once_that_its_folder_is_gone_and_goes_on_when_it_returns(

@@ -42,6 +42,7 @@ from typing import Any
 from diffqc.data import (
     IMAGE_SUFFIXES,
     MAX_NAME_LEN,
+    OTHER_IMAGE_SUFFIXES,
     SPLITS,
     dataset_folder_of,
     decode_image,
@@ -378,9 +379,11 @@ class FolderWatcher:
         inspected: each file ending passed over is named once, with the endings that are read."""
         for suffix, names in sorted(other.items()):  # endings not named before (_candidates)
             self._passed_over.add(suffix)
-            log.warning("%s: passing over %d files ending %s (%s): not an image file diffqc reads "
-                        "(%s)", self.root, len(names), suffix, first_few(names, 3),
-                        ", ".join(sorted(IMAGE_SUFFIXES)))
+            image = ("; an image format diffqc does not read: set the camera to write PNG, BMP or TIFF"
+                     if suffix in OTHER_IMAGE_SUFFIXES else "")
+            log.warning("%s: passing over %d file%s ending %s (%s): not an image file diffqc reads "
+                        "(%s)%s", self.root, len(names), "s" * (len(names) > 1), suffix, first_few(names, 3),
+                        ", ".join(sorted(IMAGE_SUFFIXES)), image)
 
     @staticmethod
     def _is_image_name(p: Path) -> bool:
