@@ -392,23 +392,24 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(path)
 
 
-def _walk_images(folder: Path) -> Iterator[Path]:
-    """The images in ``folder`` and its sub-folders (``train/good/2026-11-30/``, as a line files
-    them by day), as found, leaving hidden ones out; symbolic links to folders are not followed."""
+def _walk_files(folder: Path) -> Iterator[Path]:
+    """The files in ``folder`` and its sub-folders (``train/good/2026-11-30/``, as a line files
+    them by day), as found, hidden folders left out; symbolic links to folders are not followed."""
     for here, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        yield from (p for p in (Path(here) / f for f in files) if is_image_file(p))
+        yield from (Path(here) / f for f in files)
+
+
+def _walk_images(folder: Path) -> Iterator[Path]:
+    """The images below ``folder`` (:func:`_walk_files`), hidden ones left out."""
+    return (p for p in _walk_files(folder) if is_image_file(p))
 
 
 def unread_images(folder: Path) -> list[Path]:
-    """The files below ``folder`` (hidden ones left out) of an image format diffqc does not read
-    (:data:`OTHER_IMAGE_SUFFIXES`), sorted."""
-    found: list[Path] = []
-    for here, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(here) / f for f in files
-                  if not f.startswith(".") and Path(f).suffix.lower() in OTHER_IMAGE_SUFFIXES]
-    return sorted(found)
+    """The files below ``folder`` (:func:`_walk_files`; hidden ones left out) of an image format
+    diffqc does not read (:data:`OTHER_IMAGE_SUFFIXES`), sorted."""
+    return sorted(p for p in _walk_files(folder)
+                  if not is_hidden(p) and p.suffix.lower() in OTHER_IMAGE_SUFFIXES)
 
 
 def unread_images_note(files: Sequence[Path]) -> str:
