@@ -188,7 +188,7 @@ def _expand_images(paths: Sequence[str], leave_out: Path | None = None) -> list[
     inside the folder inspected, a second run scored the first run's heat maps as parts)."""
     import glob
 
-    from diffqc.data import is_hidden, is_image_file, unread_images, unread_images_note
+    from diffqc.data import OTHER_IMAGE_SUFFIXES, is_hidden, is_image_file, unread_images_note
 
     skip = leave_out.resolve() if leave_out is not None else None
 
@@ -202,15 +202,16 @@ def _expand_images(paths: Sequence[str], leave_out: Path | None = None) -> list[
                 raise DatasetError(f"no file matches {str(p)!r}")
             out += [(q, name) for q, name in _expand_images(matches, leave_out) if found(q)]
         elif p.is_dir():
-            here = [(q, q.relative_to(p)) for q in sorted(p.rglob("*")) if is_image_file(q)
-                    and not any(is_hidden(Path(part)) for part in q.relative_to(p).parts) and found(q)]
+            listed = [(q, q.relative_to(p)) for q in sorted(p.rglob("*"))
+                      if not any(is_hidden(Path(part)) for part in q.relative_to(p).parts) and found(q)]
+            here = [(q, name) for q, name in listed if is_image_file(q)]
             masks = [m for _, name in here if (m := _mask_folder(name))]
             if masks:
                 warnings.warn(f"{p}: left out {len(masks)} images in "
                               f"{', '.join(f'{m}/' for m in sorted(set(masks)))} folders (masks, not "
                               "parts; name a file to inspect it)", stacklevel=2)
             out += [(q, name) for q, name in here if not _mask_folder(name)]
-            if unread := [q for q in unread_images(p) if found(q)]:
+            if unread := [q for q, _ in listed if q.suffix.lower() in OTHER_IMAGE_SUFFIXES and q.is_file()]:
                 warnings.warn(f"{p}: left out {unread_images_note(unread)}", stacklevel=2)
         else:
             out.append((p, Path(p.name)))
