@@ -98,6 +98,69 @@ def test_cli_test_scores_only_the_images_the_model_never_saw(
     assert main([*test, str(report_path)]) == 0  # an earlier report: replaced
 
 
+def test_cli_test_makes_its_reports_folder_and_refuses_an_unwritable_one_before_scoring(
+        tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--json reports/2026-12/run.json`` whose folder did not exist failed after every image
+    was scored ("cannot write ...: No such file or directory"), the run's scores lost; the folder
+    is made now, as ``demo --json`` and ``evaluate --out`` make theirs. A folder that takes no
+    file (a read-only volume) is refused before the first image is scored."""
+    import sys
+
+    from tests.conftest import run_with_mount
+
+    report = tmp_path / "reports" / "2026-12" / "run.json"
+    table = tmp_path / "tables" / "run.csv"
+    assert main(["test", str(tiny_model), str(clear_dataset), "--json", str(report),
+                 "--csv", str(table), "-q"]) == 0
+    assert len(_strict_json(report)["images"]) == 32
+    assert table.read_text().count("\n") == 33
+    capsys.readouterr()
+
+    volume, mounted = tmp_path / "volume", tmp_path / "mounted"
+    volume.mkdir()
+    mounted.mkdir()
+    for option in ("--json", "--csv"):
+        proc = run_with_mount(volume, mounted, [sys.executable, "-m", "diffqc.cli", "test", str(tiny_model),
+                                                str(clear_dataset), option, str(mounted / "run.out")],
+                              read_only=True)
+        assert proc.returncode == 1
+        assert f"diffqc: error: cannot write {mounted}/run.out: Read-only file system" in proc.stderr
+        assert "feature_type" not in proc.stdout and "scoring" not in proc.stderr  # nothing scored
+    assert list(volume.iterdir()) == []
+
+
+def test_cli_test_names_images_of_another_size_or_colour_than_the_training(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A test set from a camera set otherwise (its region of interest twice as wide; colour where
+    the model learned grey) was scored without a word, as `inspect`, `serve` and `calibrate` name
+    such parts: the table measured the model on another scale than it learned. Named once per
+    type and check, each naming one of its images; the images are scored all the same."""
+    import numpy as np
+    from PIL import Image
+
+    data = write_clear_dataset(tmp_path / "fresh", n_train=1, n_test=4, seed=8)
+    meta = json.loads((tiny_model / "metadata.json").read_text())["training_data"]
+    (h0, _), (w0, _) = meta["image_sizes"]["dots"]
+    assert meta["image_colours"]["stripes"] == "grey"
+    for p in sorted((data / "dots" / "test").rglob("*.png")):
+        with Image.open(p) as img:
+            img.resize((2 * w0, h0)).save(p)
+    for p in sorted((data / "stripes" / "test").rglob("*.png")):
+        with Image.open(p) as img:
+            rgb = np.asarray(img.convert("RGB")).astype(np.int16)
+        rgb[..., 2] += 30
+        Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(p)
+    report = tmp_path / "report.json"
+    assert main(["test", str(tiny_model), str(data), "--json", str(report), "-q"]) == 0
+    warned = [x for x in capsys.readouterr().err.splitlines() if "image of type" in x]
+    assert len(warned) == 2, warned
+    size = next(x for x in warned if "'dots'" in x)
+    assert f"a {2 * w0}x{h0} px image of type 'dots'" in size and f"{data}/dots/test/" in size
+    colour = next(x for x in warned if "'stripes'" in x)
+    assert "a colour image of type 'stripes', whose training images were grey" in colour
+    assert len(_strict_json(report)["images"]) == 2 * (1 + 8)  # scored all the same
+
+
 def test_holdout_report_takes_samples_as_fit_does(tiny_model: Path, clear_dataset: Path) -> None:
     """The Python API: `Detector.fit` takes a dataset's path or its Samples (load_dataset, then
     filtered), `holdout_report` took a path only (a list of Samples was pathlib's TypeError,

@@ -27,7 +27,7 @@ import numpy as np
 from diffqc.calibration import PASS, REJECT, REVIEW
 from diffqc.data import DEFECTIVE, GOOD, Sample, feature_types, fingerprint, of_the_model, samples_of
 from diffqc.errors import DatasetError, NotFittedError, OutputError
-from diffqc.inspection import Inspection
+from diffqc.inspection import Inspection, other_images
 from diffqc.metrics import image_auroc
 from diffqc.output import check_output_file, is_csv_table, json_line, json_safe, path_text, write_atomic
 from diffqc.recalibrate import export_selection_notes
@@ -156,6 +156,8 @@ def holdout_report(detector: Any, data: Sequence[Sample] | Path | str, *, type_k
     if not kept:
         raise DatasetError(f"{name}: all {len(ours)} images are images the model was fit or calibrated "
                            "on; test on parts it never saw (a new folder of GOOD and defective parts)")
+    for note in other_images(detector.metadata, kept):
+        warnings.warn(f"test image {note}", stacklevel=2)
     results, read = detector.inspect_samples(kept, type_known=type_known, all_types=False, maps=False,
                                              skip_corrupt=skip_corrupt, progress=progress)
     rows = decision_table(read, results)

@@ -3,6 +3,7 @@ NumPy, so that a runtime without PyTorch (ONNX Runtime, the service) can use the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -180,6 +181,36 @@ class ImageCheck:
                 "model learned and was calibrated on the other, so every part's score moves (has "
                 "the camera's pixel format changed, mono to colour or back? if on purpose, train "
                 "again on its images)")
+
+
+# how many of a type's images are read for their colour by :func:`other_images` (a camera's format
+# is one for all its frames: the first few show it, without decoding every image a second time)
+COLOUR_LOOKS = 4
+
+
+def other_images(metadata: Mapping[str, Any], samples: Iterable[Sample]) -> list[str]:
+    """``"<path>: <note>"`` for the first of ``samples`` of each type (and check) whose size or
+    colour its type was not trained on (:class:`ImageCheck`), as ``inspect`` names such parts:
+    a dataset from a changed camera, given to ``calibrate`` or ``test``. Sizes are read from
+    every file's header; colour from the pixels of a type's first :data:`COLOUR_LOOKS` images.
+    A file that cannot be read is passed over (named where it is read for its score)."""
+    from diffqc.data import image_shape, read_image
+    from diffqc.errors import ImageReadError
+
+    check = ImageCheck(metadata)
+    looked: dict[str, int] = {}
+    notes = []
+    for s in samples:
+        if (shape := image_shape(s.path)) is None:
+            continue
+        pixels = None
+        if looked.get(s.feature_type, 0) < COLOUR_LOOKS:
+            looked[s.feature_type] = looked.get(s.feature_type, 0) + 1
+            with contextlib.suppress(ImageReadError, OSError):
+                pixels = read_image(s.path)
+        if note := check(s.feature_type, *shape, pixels):
+            notes.append(f"{s.path}: {note}")
+    return notes
 
 
 @dataclass(frozen=True)

@@ -159,10 +159,19 @@ def check_output_file(path: Path, *, option: str, is_ours: Callable[[Path], bool
     ``force``); a folder, or any other file (a user's, never replaced), is an
     :class:`OutputError`. ``is_ours``: whether a file is an earlier ``what`` (a file it cannot
     read, or not as it expects, is not). A device or a pipe (:func:`is_stream`:
-    ``/dev/stdout``, ``/dev/null``) is written to as it is, never read; a disk device is refused."""
+    ``/dev/stdout``, ``/dev/null``) is written to as it is, never read; a disk device is refused.
+    The file's folder is made if it does not exist, and one that takes no new file is refused
+    (:func:`check_writable`): said before the work, not after it."""
     if path.is_dir():
         raise OutputError(f"{option} {path} is a folder; give a file name")
-    if not path.exists() or is_stream(path):
+    if is_stream(path):
+        return
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        check_writable(path)
         return
     if not path.is_file():
         raise OutputError(f"{option} {path} is a disk device or a socket, not a file; give a file name")
@@ -175,6 +184,7 @@ def check_output_file(path: Path, *, option: str, is_ours: Callable[[Path], bool
                           "replaced); give a new file name")
     if not force:
         raise OutputError(f"{option} {path} exists (an earlier {what}); pass --force to replace it")
+    check_writable(path)
 
 
 def is_csv_table(columns: Sequence[str]) -> Callable[[Path], bool]:

@@ -41,6 +41,7 @@ from diffqc.bundle import check_not_retrained, named_model_id
 from diffqc.calibration import SELECTED_BELOW, CalibrationWarning, Calibrator, flagged_excess_p
 from diffqc.config import CalibrationConfig
 from diffqc.errors import BundleError, ConfigError, DatasetError, UnknownFeatureTypeError, did_you_mean
+from diffqc.inspection import other_images
 from diffqc.output import check_writable, json_line, write_atomic
 
 log = logging.getLogger("diffqc.recalibrate")
@@ -177,34 +178,6 @@ def _not_fitted_on(meta: dict[str, Any], samples: list[Any], data: Path | str
     return kept, left_out, [prints[s.path] for s in kept if s.path in prints]
 
 
-# how many of a type's calibration images are read for their colour (a camera's format is one for
-# all its frames: the first few show it, without decoding every image a second time)
-COLOUR_LOOKS = 4
-
-
-def _name_other_images(meta: dict[str, Any], samples: list[Any]) -> None:
-    """Calibration images of a size or colour their type was not trained on (a changed camera)
-    are named, once per type, as ``inspect`` names such parts: recalibrating restores the flag
-    rate, not what the model learned from the old camera. Sizes are read from every file's
-    header; colour from the pixels of a type's first :data:`COLOUR_LOOKS` images."""
-    from diffqc.data import image_shape, read_image
-    from diffqc.errors import ImageReadError
-    from diffqc.inspection import ImageCheck
-
-    check = ImageCheck(meta)
-    looked: dict[str, int] = {}
-    for s in samples:
-        if (shape := image_shape(s.path)) is None:  # named when it is read for its score
-            continue
-        pixels = None
-        if looked.get(s.feature_type, 0) < COLOUR_LOOKS:
-            looked[s.feature_type] = looked.get(s.feature_type, 0) + 1
-            with contextlib.suppress(ImageReadError, OSError):  # named when read for its score
-                pixels = read_image(s.path)
-        if note := check(s.feature_type, *shape, pixels):
-            warnings.warn(f"calibration image {s.path}: {note}", CalibrationWarning, stacklevel=3)
-
-
 def _good_scores(det: Any, data: Path | str, *, skip_corrupt: bool, progress: bool
                  ) -> tuple[dict[str, list[float]], dict[str, list[float]], list[Any], int, list[str]]:
     """The calibration scores of DATA's GOOD images (those the model was fit on left out), the
@@ -220,7 +193,8 @@ def _good_scores(det: Any, data: Path | str, *, skip_corrupt: bool, progress: bo
         raise UnknownFeatureTypeError(f"{data}: types {named} are not in the model "
                                       f"({', '.join(det.classes_)})")
     samples, left_out, kept_prints = _not_fitted_on(det.metadata, samples, data)
-    _name_other_images(det.metadata, samples)
+    for note in other_images(det.metadata, samples):
+        warnings.warn(f"calibration image {note}", CalibrationWarning, stacklevel=3)
     known, unknown = calibration_scores(det, samples, skip_corrupt=skip_corrupt, progress=progress)
     if not known:  # every one skipped as unreadable
         raise DatasetError(f"{data}: none of the {len(samples)} GOOD images could be read; the "
