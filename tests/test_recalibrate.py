@@ -407,13 +407,31 @@ def test_cli_calibrate_decides_at_other_levels_without_images(
     # bad levels, or nothing to do: one error line, and no file of the bundle touched
     files = {p.name: p.read_bytes() for p in model.iterdir()}
     for argv, says in [([], "give DATA"),
-                       (["--alpha-reject", "0.3"], "alpha_reject (0.3) must be <= "
-                                                   "calibration.alpha_review (0.2)"),
-                       (["--alpha-review", "1.5"], "alpha_review"),
-                       (["--alpha-review", "0"], "alpha_review")]:
+                       (["--alpha-reject", "0.3"], "--alpha-reject 0.3 is above the bundle's α_review "
+                                                   "0.2: give --alpha-review too, at least 0.3"),
+                       (["--alpha-review", "0.01"], "--alpha-review 0.01 is below the bundle's α_reject "
+                                                    "0.02: give --alpha-reject too, at most 0.01"),
+                       (["--alpha-review", "0.01", "--alpha-reject", "0.02"],
+                        "--alpha-reject 0.02 is above --alpha-review 0.01"),
+                       ]:
         assert main(["calibrate", str(model), *argv, "-q"]) == 1
         assert says in capsys.readouterr().err
         assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+    # a level out of (0, 1) is a usage error naming the option; 5 meant as 5 % is told how to write it
+    for argv, says in [(["--alpha-review", "1.5"], "--alpha-review: must be a share of GOOD parts "
+                                                   "between 0 and 1 (0.05, or 5%), got 1.5"),
+                       (["--alpha-review", "5"], "(0.05, or 5%), got 5: for 5 % write 0.05 or 5%"),
+                       (["--alpha-reject", "0"], "--alpha-reject: must be a share"),
+                       (["--alpha-review", "nan"], "--alpha-review: must be a share"),
+                       (["--alpha-review", "five"], "--alpha-review: must be a share")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["calibrate", str(model), *argv, "-q"])
+        assert exit_.value.code == 2 and says in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+    # a percentage is read as one
+    assert main(["calibrate", str(model), "--alpha-review", "10%", "--alpha-reject", "2.5 %", "-q"]) == 0
+    cal = Detector.load(model, device="cpu").config.calibration
+    assert (cal.alpha_review, cal.alpha_reject) == (0.1, 0.025)
 
 
 def test_cli_calibrate_refuses_levels_under_which_a_type_could_flag_no_part(

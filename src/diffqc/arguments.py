@@ -58,6 +58,23 @@ def number(minimum: float, *, inclusive: bool = True,
     return parse
 
 
+def share(text: str) -> float:
+    """An argparse ``type``: a share strictly between 0 and 1, as ``0.05`` or as a percentage
+    (``5%``). A number from 1 to 100 without ``%`` is refused with the share it likely meant."""
+    body = text.strip()
+    percent = body.endswith("%")
+    try:
+        value = float(body[:-1]) / 100 if percent else float(body)
+    except ValueError:
+        value = math.nan
+    if math.isfinite(value) and 0 < value < 1:
+        return value
+    meant = (f": for {value:g} % write {value / 100:g} or {value:g}%"
+             if not percent and 1 <= value < 100 else "")
+    raise argparse.ArgumentTypeError(f"must be a share of GOOD parts between 0 and 1 (0.05, or 5%), "
+                                     f"got {text}{meant}")
+
+
 def names(text: str) -> tuple[str, ...]:
     """An argparse ``type``: comma-separated names (``dots,edge1``; spaces around each dropped),
     none empty."""

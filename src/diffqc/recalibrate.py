@@ -36,7 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from diffqc.arguments import QUIET, path_name, path_value
+from diffqc.arguments import QUIET, path_name, path_value, share
 from diffqc.bundle import check_not_retrained, named_model_id
 from diffqc.calibration import SELECTED_BELOW, CalibrationWarning, Calibrator, flagged_excess_p
 from diffqc.config import CalibrationConfig
@@ -202,6 +202,23 @@ def _good_scores(det: Any, data: Path | str, *, skip_corrupt: bool, progress: bo
     return known, unknown, samples, left_out, kept_prints
 
 
+def _check_levels(old: CalibrationConfig, alpha_review: float | None, alpha_reject: float | None) -> None:
+    """A :class:`ConfigError` when the new levels put REJECT's above REVIEW's, in the options'
+    words: one level given against the bundle's other, or both given."""
+    review = old.alpha_review if alpha_review is None else alpha_review
+    reject = old.alpha_reject if alpha_reject is None else alpha_reject
+    if reject <= review:
+        return
+    if alpha_review is None:
+        raise ConfigError(f"--alpha-reject {reject:g} is above the bundle's α_review {review:g}: give "
+                          f"--alpha-review too, at least {reject:g}")
+    if alpha_reject is None:
+        raise ConfigError(f"--alpha-review {review:g} is below the bundle's α_reject {reject:g}: give "
+                          f"--alpha-reject too, at most {review:g}")
+    raise ConfigError(f"--alpha-reject {reject:g} is above --alpha-review {review:g}: REJECT's share of "
+                      "GOOD parts is part of REVIEW's")
+
+
 def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_review: float | None = None,
                 alpha_reject: float | None = None, skip_corrupt: bool = False, progress: bool = False,
                 threads: int | None = None) -> dict[str, Any]:
@@ -221,7 +238,8 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
     check_writable(path / CALIBRATION_FILE)  # a read-only bundle: before the images are scored
     assert det.calibration_ is not None
     old = det.calibration_
-    config = replace(old.config,  # a ConfigError for a level outside (0, 1), or REJECT's above REVIEW's
+    _check_levels(old.config, alpha_review, alpha_reject)
+    config = replace(old.config,  # a ConfigError for a level outside (0, 1)
                      alpha_review=old.config.alpha_review if alpha_review is None else alpha_review,
                      alpha_reject=old.config.alpha_reject if alpha_reject is None else alpha_reject)
     known, unknown, samples, left_out, kept_prints = ({}, {}, [], 0, []) if data is None else _good_scores(
@@ -450,10 +468,10 @@ def add_calibrate_command(subparsers: Any) -> None:
     p.add_argument("data", nargs="?", type=path_name,
                    help="dataset folder (MVTec layout, or <type>/good folders) or CSV "
                    "manifest with GOOD images (default: keep the bundle's GOOD scores)")
-    p.add_argument("--alpha-review", type=float, metavar="A",
-                   help="target share of GOOD parts flagged REVIEW or REJECT (e.g. 0.02; default: the "
-                   "bundle's, 0.05 from train)")
-    p.add_argument("--alpha-reject", type=float, metavar="A",
+    p.add_argument("--alpha-review", type=share, metavar="A",
+                   help="target share of GOOD parts flagged REVIEW or REJECT (e.g. 0.02 or 2%%; default: "
+                   "the bundle's, 0.05 from train)")
+    p.add_argument("--alpha-reject", type=share, metavar="A",
                    help="target share of GOOD parts flagged REJECT, at most --alpha-review (default: "
                    "the bundle's, 0.01 from train)")
     p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images")
