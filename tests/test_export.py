@@ -732,6 +732,27 @@ def test_tensorrt_without_tensorrt_is_refused_before_any_export(
     assert not (bundle / "model.onnx").exists() and not (bundle / "export.json").exists()
 
 
+def test_options_an_export_does_not_use_are_refused_before_any_export(
+        tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``export --held-out DATA`` without ``--int8`` wrote the FP32 export and no parity report,
+    without a word (the held-out data, the INT8 image counts and ``--no-search`` are the INT8
+    export's); ``--format tensorrt --int8`` built an FP16 engine. Each is refused at once, naming
+    the options and what they need, with nothing written."""
+    bundle = Path(shutil.copytree(tiny_model, tmp_path / "tiny"))
+    before = sorted(p.name for p in bundle.iterdir())
+    for argv, says in [
+            (["--held-out", str(clear_dataset)], "--held-out is an option of the INT8 export: give --int8 "
+                                                 "too, or leave it out"),
+            (["--no-search", "--calibration-images", "8", "--sensitivity-images", "4"],
+             "--no-search, --calibration-images, --sensitivity-images are options of the INT8 export"),
+            (["--format", "tensorrt", "--int8", "--no-openvino"],
+             "--int8, --no-openvino are not options of --format tensorrt (an FP16 engine built from "
+             "model.onnx; it takes --data, --threads, --opset): leave them out")]:
+        assert main(["export", str(bundle), *argv]) == 1
+        assert f"diffqc: error: {says}" in capsys.readouterr().err
+        assert sorted(p.name for p in bundle.iterdir()) == before
+
+
 @pytest.mark.gpu
 def test_tensorrt_fp16_engine(exported: Path, test_images: tuple) -> None:
     if not torch.cuda.is_available():

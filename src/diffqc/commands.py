@@ -189,10 +189,12 @@ def add_export_command(subparsers: Any) -> None:
     p.add_argument("--threads", type=THREADS, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--opset", type=integer(11, 23), default=None,
                    help="ONNX opset, 11-23 (default 17)")
-    p.add_argument("--check-images", type=POSITIVE, default=16, help="images for the FP32 check")
-    p.add_argument("--calibration-images", type=POSITIVE, default=64, help="GOOD images calibrating INT8")
-    p.add_argument("--sensitivity-images", type=POSITIVE, default=16,
-                   help="GOOD images measuring each layer's INT8 error")
+    p.add_argument("--check-images", type=POSITIVE, default=None,
+                   help="images for the FP32 check (default 16)")
+    p.add_argument("--calibration-images", type=POSITIVE, default=None,
+                   help="GOOD images calibrating INT8 (default 64)")
+    p.add_argument("--sensitivity-images", type=POSITIVE, default=None,
+                   help="GOOD images measuring each layer's INT8 error (default 16)")
     p.add_argument("--no-openvino", action="store_true",
                    help="do not check (or offer) the models on OpenVINO even when it is installed")
     p.add_argument("-q", "--quiet", action="store_true", help=QUIET)

@@ -1004,6 +1004,31 @@ def _openvino_int8_parity(
 
 
 # --------------------------------------------------------------------------- the command
+# `export`'s options that only the INT8 export uses, and those that `--format tensorrt` does not
+# take (it builds an FP16 engine from model.onnx, exporting that first with --data, --threads, --opset)
+INT8_OPTIONS = ("held_out", "no_search", "calibration_images", "sensitivity_images")
+NOT_TENSORRT_OPTIONS = ("int8", "calibration_data", *INT8_OPTIONS, "check_images", "no_openvino")
+
+
+def _refuse_unused_options(args: argparse.Namespace) -> None:
+    """A :class:`ConfigError` naming the options given that this export would not use (the INT8
+    export's without ``--int8``; :data:`NOT_TENSORRT_OPTIONS` with ``--format tensorrt``), before
+    any work: a parity report asked for and not made is not left for the user to find."""
+    tensorrt = args.format == "tensorrt"
+    names = NOT_TENSORRT_OPTIONS if tensorrt else () if args.int8 else INT8_OPTIONS
+    unused = ["--" + n.replace("_", "-") for n in names if getattr(args, n) not in (None, False)]
+    if not unused:
+        return
+    one = len(unused) == 1
+    them = "it" if one else "them"
+    if tensorrt:
+        raise ConfigError(f"{', '.join(unused)} {'is not an option' if one else 'are not options'} of "
+                          "--format tensorrt (an FP16 engine built from model.onnx; it takes --data, "
+                          f"--threads, --opset): leave {them} out")
+    raise ConfigError(f"{', '.join(unused)} {'is an option' if one else 'are options'} of the INT8 "
+                      f"export: give --int8 too, or leave {them} out")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import sys
 
@@ -1012,14 +1037,16 @@ def cmd_export(args: argparse.Namespace) -> int:
             print(msg, file=sys.stderr)
 
     # errors go to the CLI's one error boundary (diffqc.cli.main)
+    _refuse_unused_options(args)
     if args.format == "tensorrt":
         return _cmd_tensorrt(args, log)
+    counts = {k: getattr(args, k) for k in ("check_images", "calibration_images", "sensitivity_images")
+              if getattr(args, k) is not None}  # else export_bundle's defaults
     info = export_bundle(
         args.model, data=args.data, int8=args.int8, calibration_data=args.calibration_data,
         held_out=args.held_out, force=args.force, threads=args.threads, opset=args.opset or DEFAULT_OPSET,
-        check_images=args.check_images, calibration_images=args.calibration_images,
-        sensitivity_images=args.sensitivity_images, search=not args.no_search,
-        progress=not args.quiet, log=log, openvino=not args.no_openvino)
+        search=not args.no_search, progress=not args.quiet, log=log, openvino=not args.no_openvino,
+        **counts)
     int8 = info.get("int8") if args.int8 else None
     files = [info["fp32"]["file"]] + ([int8["file"]] if int8 and int8["file"] else [])
     summary: dict[str, Any] = {"model": str(args.model), "files": files,
