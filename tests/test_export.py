@@ -493,6 +493,29 @@ def test_an_export_of_a_bundle_retrained_meanwhile_is_not_recorded_as_its_export
     assert choose_runtime(bundle).runtime == "torch"
 
 
+def test_int8_without_held_out_images_to_measure_every_type_is_refused_before_quantizing(
+        exported: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Calibration data of one type of two (or whose test split holds no defect): INT8 was
+    calibrated and each layer searched (minutes on a line PC), then refused, as its AUROC could
+    not be measured on the other type. Said before the quantization now, with what to give;
+    ``--force`` (keep it unmeasured) still quantizes."""
+    bundle = tmp_path / "one-type"
+    shutil.copytree(exported, bundle)
+    data = tmp_path / "dots-only"
+    shutil.copytree(clear_dataset / "dots", data / "dots")
+    argv = ["export", str(bundle), "--int8", "--calibration-data", str(data), "--no-search",
+            "--threads", "1", "--calibration-images", "4", "--sensitivity-images", "2", "--check-images", "2"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert (f"diffqc: error: INT8's parity check needs GOOD and defective held-out images of each type, "
+            f"and the test split of {data} lacks them for stripes: give --held-out labelled images of "
+            "every type, or --force to keep INT8 unmeasured (never chosen automatically)") in err
+    assert "calibrating activations" not in err and not (bundle / "model.int8.onnx").exists()
+    assert main([*argv, "--force"]) == 0
+    assert "could not be measured on type(s) stripes" in capsys.readouterr().err
+    assert (bundle / "model.int8.onnx").exists()
+
+
 def test_int8_refused_when_parity_fails(exported: Path, clear_dataset: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     """The parity gate fails for real: INT8 calibrated on flat grey images (nothing like the

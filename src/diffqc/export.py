@@ -890,7 +890,7 @@ def _export_int8(
     sensitivity_images: int, max_held_out: int, search: bool, progress: bool, log: Callable[[str], None],
     openvino: OpenVinoGraph | None = None, data_named: bool = False,
 ) -> _Int8Outcome:
-    from diffqc.data import GOOD, good_training, load_dataset, of_the_model
+    from diffqc.data import DEFECTIVE, GOOD, good_training, load_dataset, of_the_model
     from diffqc.inspection import sha256_file
     from diffqc.model import split_calibration
 
@@ -908,6 +908,25 @@ def _export_int8(
     if not calib_images or not check_images:
         raise DatasetError(f"{calibration_data}: too few readable GOOD images of the model's types to "
                            "calibrate INT8 on (the unreadable ones are named above)")
+    held = (of_the_model(load_dataset(held_out), classes, held_out) if held_out
+            else [s for s in samples if s.split == "test"])
+    held_note = str(held_out) if held_out else f"the test split of {calibration_data}"
+    if not held:
+        held, held_note = [good[i] for i in cal_idx], "the GOOD calibration images (no test split given)"
+    elif not held_out:  # labelled folders, a manifest without a split: GOOD images all train
+        tested = {s.feature_type for s in held}
+        lacking = sorted(tested - {s.feature_type for s in held if s.label == GOOD})
+        if lacking:
+            held += [good[i] for i in cal_idx if good[i].feature_type in lacking]
+            held_note += (f" and the GOOD calibration images of {', '.join(lacking)} (the test split "
+                          "has no GOOD image of it)")
+    unmeasurable = [t for t in classes
+                    if not {GOOD, DEFECTIVE} <= {s.label for s in held if s.feature_type == t}]
+    if unmeasurable and not force:  # the parity gate would refuse it: said before the quantization
+        raise DatasetError(f"INT8's parity check needs GOOD and defective held-out images of each type, "
+                           f"and {held_note} lacks them for {', '.join(unmeasurable)}: give --held-out "
+                           "labelled images of every type, or --force to keep INT8 unmeasured (never "
+                           "chosen automatically)")
     calib_feeds = [{PIXELS: preprocess([img], size),
                     TYPE_IDX: np.array([classes.index(s.feature_type)], dtype=np.int64)}
                    for img, s in zip(calib_images, calib, strict=True)]
@@ -928,18 +947,6 @@ def _export_int8(
         log("INT8: kept in float: " + "; ".join(f"{k} ({v})" for k, v in result.float_layers.items()))
     log(f"INT8: score change on the check images {result.score_error:.4f} GOOD-score SD (RMS)")
 
-    held = (of_the_model(load_dataset(held_out), classes, held_out) if held_out
-            else [s for s in samples if s.split == "test"])
-    held_note = str(held_out) if held_out else f"the test split of {calibration_data}"
-    if not held:
-        held, held_note = [good[i] for i in cal_idx], "the GOOD calibration images (no test split given)"
-    elif not held_out:  # labelled folders, a manifest without a split: GOOD images all train
-        tested = {s.feature_type for s in held}
-        lacking = sorted(tested - {s.feature_type for s in held if s.label == GOOD})
-        if lacking:
-            held += [good[i] for i in cal_idx if good[i].feature_type in lacking]
-            held_note += (f" and the GOOD calibration images of {', '.join(lacking)} (the test split "
-                          "has no GOOD image of it)")
     held_images, held = _read_samples(_stratified(held, max_held_out))
     cal8, cal_note = _recalibrate(det, fp32, int8, good)
     report = parity_report(fp32, int8, held, held_images, classes, cal, cal8 or cal, size)
