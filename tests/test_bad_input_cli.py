@@ -69,6 +69,12 @@ def _manifest(c: Ctx) -> None:
     (c.tmp / "manifest.csv").write_text("\n".join(rows) + "\n")
 
 
+def _labelled(c: Ctx) -> None:
+    """c.tmp/lf: the dataset's dots as labelled folders (``dots/good``, ``dots/blob``)."""
+    shutil.copytree(c.data / "dots" / "train" / "good", c.tmp / "lf" / "dots" / "good")
+    shutil.copytree(c.data / "dots" / "test" / "blob", c.tmp / "lf" / "dots" / "blob")
+
+
 def _foreign_report(c: Ctx) -> None:
     _foreign_out(c)
     (c.tmp / "photos" / "report.md").write_text("the line's own report")
@@ -260,6 +266,16 @@ ROWS: dict[str, Row | object] = {
         lambda c: ["evaluate", str(c.data), "--out", str(c.data / "dots" / "train" / "good" / "rep"), "-q"],
         ("--out", "dots/train/good, a folder of a dataset's images",),
         absent=lambda c: c.data / "dots" / "train" / "good" / "rep"),
+    "evaluate_out_in_a_labelled_types_folder": Row(  # read back as a defect kind 'report'
+        lambda c: ["evaluate", str(c.tmp / "lf"), "--methods", "padim", "--out",
+                   str(c.tmp / "lf" / "dots" / "report"), "-q"],
+        ("--out", "lf/dots/report lies in", "lf/dots, a folder of a dataset's images", "as parts"),
+        setup=_labelled, absent=lambda c: c.tmp / "lf" / "dots" / "report"),
+    "test_heatmaps_in_a_labelled_types_folder": Row(
+        lambda c: ["test", str(c.model), str(c.tmp / "lf"), "--heatmaps",
+                   str(c.tmp / "lf" / "dots" / "heat")],
+        ("--heatmaps", "lf/dots/heat lies in", "lf/dots, a folder of a dataset's images"),
+        setup=_labelled, absent=lambda c: c.tmp / "lf" / "dots" / "heat"),
     "inspect_empty_folder": Row(lambda c: ["inspect", str(c.model), str(c.tmp / "empty")],
                                 ("no images in",), setup=lambda c: (c.tmp / "empty").mkdir()),
     "inspect_missing_model": Row(lambda c: ["inspect", str(c.tmp / "nomodel"), str(c.image)],

@@ -850,6 +850,15 @@ def test_dataset_folder_of_names_the_dataset_folder_an_output_would_land_in(tmp_
     (tmp_path / "heat" / "test" / "good").mkdir(parents=True)  # heat maps filed as a dataset is
     Image.new("L", (8, 8)).save(tmp_path / "heat" / "test" / "good" / "a_heatmap.png")
     assert dataset_folder_of(tmp_path / "heat" / "test" / "good") is None  # no train/good: no dataset
+    # labelled folders (<type>/OK beside <type>/<kind>): the type's folder, whose every new
+    # sub-folder is read as a defect kind ('report/gallery': 'report')
+    labelled = tmp_path / "lf" / "dots"
+    shutil.copytree(good, labelled / "OK")
+    shutil.copytree(blob, labelled / "NOK")
+    for inside in (labelled, labelled / "OK", labelled / "report" / "gallery", labelled / "NOK" / "hm"):
+        assert dataset_folder_of(inside) == labelled, inside
+    for elsewhere in (tmp_path / "lf", tmp_path / "lf" / "report"):
+        assert dataset_folder_of(elsewhere) is None, elsewhere
 
 
 def test_images_of_a_format_diffqc_does_not_read_are_named_not_passed_over(tmp_path: Path) -> None:

@@ -740,14 +740,19 @@ SPLITS = ("train", "test")
 def dataset_folder_of(path: Path | str) -> Path | None:
     """The folder of a dataset's images that ``path`` is or lies in (made yet or not): a kind's
     folder of a split, ``<type>/train/good`` or ``<type>/test/<kind>``, of a type laid out as
-    MVTec whose ``train/`` holds GOOD images. An image an output writes there is read back as a
-    part by train, test and evaluate (from ``train/good``: a GOOD one to train on). None if not."""
+    MVTec whose ``train/`` holds GOOD images; or a type laid out as labelled folders
+    (:func:`_is_labelled_type`), any new sub-folder of which is read as a defect kind. An image an
+    output writes there is read back as a part by train, test and evaluate (from ``train/good``
+    or ``good/``: a GOOD one to train on). None if not."""
     here = Path(os.path.abspath(path))
     for folder in (here, *here.parents):
         split = folder.parent
         if (split.name.lower() in SPLITS and folder.name.lower() not in MASK_FOLDER_NAMES
                 and any(any(_walk_images(good)) for train in _named(split.parent, "train")
                         for good in _good_folders(train))):
+            return folder
+        if (folder.is_dir() and _good_folders(folder) and _is_labelled_type(folder)  # one listing first
+                and not _is_mvtec_type(folder.parent)):  # not an MVTec type's train/ with its good/
             return folder
     return None
 
