@@ -55,7 +55,10 @@ from diffqc.errors import ConfigError
      """(a list in JSON: --set 'backbone.layers=["blocks.3", "blocks.5"]')"""),
     ("backbone.grid", "4,4",
      "backbone.grid must be a list of int, got '4,4' (a list in JSON: --set 'backbone.grid=[4, 4]')"),
-    ("method", "vae", "method must be one of diffusion, patchcore, padim"),
+    ("method", "vae", "method must be one of diffusion, patchcore, padim; got 'vae'"),
+    ("method", "difusion", "method must be one of diffusion, patchcore, padim; got 'difusion' (did you "
+     "mean 'diffusion'?)"),
+    ("method", "PaDiM", "got 'PaDiM' (did you mean 'padim'?)"),
     ("train.seed", True, "must be an integer, got True"),
     ("train.step", 3, "unknown config field 'train.step'; did you mean train.steps"),
     # a field without its section (as train's --fit / --steps options read): the full key

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from diffqc.errors import ConfigError
+from diffqc.errors import ConfigError, did_you_mean
 from diffqc.output import write_atomic
 
 T = TypeVar("T")
@@ -115,7 +115,8 @@ def _in_range(obj: Any, name: str, low: float, high: float, *, low_open: bool = 
 def _one_of(obj: Any, name: str, allowed: tuple[str, ...]) -> None:
     full, value = _field(obj, name)
     if value not in allowed:
-        raise ConfigError(f"{full} must be one of {', '.join(allowed)}; got {value!r}")
+        raise ConfigError(f"{full} must be one of {', '.join(allowed)}; got {value!r}"
+                          + (did_you_mean(value, allowed) if isinstance(value, str) else ""))
 
 
 
