@@ -140,6 +140,16 @@ def test_inspect_names_an_image_size_its_type_was_not_trained_on(
     assert main(["inspect", str(tiny_model), str(tmp_path / "tinted.png"), "--feature-type", "stripes"]) == 0
     err = capsys.readouterr().err
     assert "diffqc: warning: a colour image of type 'stripes', whose training images were grey" in err
+    # a camera set to save JPEG where the model learned PNGs: named, once per type
+    assert meta["training_data"]["image_compression"] == {"dots": "lossless", "stripes": "lossless"}
+    with Image.open(first) as img:
+        img.save(tmp_path / "a.jpg", quality=75)
+        img.save(tmp_path / "b.jpg", quality=90)
+    assert main(["inspect", str(tiny_model), str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"),
+                 "--feature-type", "dots"]) == 0
+    warned = [x for x in capsys.readouterr().err.splitlines() if x.startswith("diffqc: warning:")]
+    assert len(warned) == 1 and "a lossy (JPEG or WebP) image of type 'dots', whose training images were " \
+        "lossless" in warned[0], warned
 
 
 def test_inspect_folder_leaves_hidden_files_out(tiny_model: Path, clear_dataset: Path, tmp_path: Path,

@@ -890,3 +890,26 @@ def test_images_of_a_format_diffqc_does_not_read_are_named_not_passed_over(tmp_p
 
     with pytest.warns(UserWarning, match=r"only: left out 3 files of an image format diffqc does not read"):
         assert _expand_images([str(tmp_path / "only")]) == []
+
+
+def test_image_compression_is_read_from_the_files_signature() -> None:
+    """Lossy (JPEG, WebP's VP8) or lossless (PNG, BMP, TIFF, GIF, PNM, WebP's VP8L), from the
+    encoded bytes' first kilobytes, as a camera wrote them; anything else is not known."""
+    from diffqc.data import image_compression
+
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8))
+
+    def encoded(fmt: str, image: Image.Image = rgb, **kw: object) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    lossy = [encoded("JPEG"), encoded("JPEG", rgb.convert("L")), encoded("WEBP", quality=80),
+             encoded("WEBP", rgb.convert("RGBA"), quality=80)]  # with alpha: the extended VP8X form
+    lossless = [encoded("PNG"), encoded("BMP"), encoded("TIFF"), encoded("GIF"), encoded("PPM"),
+                encoded("PPM", rgb.convert("L")), encoded("WEBP", lossless=True),
+                encoded("WEBP", rgb.convert("RGBA"), lossless=True), encoded("TIFF", rgb.convert("I;16"))]
+    assert [image_compression(d) for d in lossy] == ["lossy"] * len(lossy)
+    assert [image_compression(d) for d in lossless] == ["lossless"] * len(lossless)
+    for other in (b"", b"not an image", b"\x00" * 64, b"RIFF\x00\x00\x00\x00WAVEfmt "):
+        assert image_compression(other) is None

@@ -131,8 +131,8 @@ def test_cli_test_makes_its_reports_folder_and_refuses_an_unwritable_one_before_
 
 def test_cli_test_names_images_of_another_size_or_colour_than_the_training(
         tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A test set from a camera set otherwise (its region of interest twice as wide; colour where
-    the model learned grey) was scored without a word, as `inspect`, `serve` and `calibrate` name
+    """A test set from a camera set otherwise (its region of interest twice as wide, saved as JPEG;
+    colour where the model learned grey) was scored without a word, as `inspect`, `serve` and `calibrate` name
     such parts: the table measured the model on another scale than it learned. Named once per
     type and check, each naming one of its images; the images are scored all the same."""
     import numpy as np
@@ -142,9 +142,10 @@ def test_cli_test_names_images_of_another_size_or_colour_than_the_training(
     meta = json.loads((tiny_model / "metadata.json").read_text())["training_data"]
     (h0, _), (w0, _) = meta["image_sizes"]["dots"]
     assert meta["image_colours"]["stripes"] == "grey"
-    for p in sorted((data / "dots" / "test").rglob("*.png")):
+    for p in sorted((data / "dots" / "test").rglob("*.png")):  # and saved as JPEG
         with Image.open(p) as img:
-            img.resize((2 * w0, h0)).save(p)
+            img.resize((2 * w0, h0)).save(p.with_suffix(".jpg"), quality=90)
+        p.unlink()
     for p in sorted((data / "stripes" / "test").rglob("*.png")):
         with Image.open(p) as img:
             rgb = np.asarray(img.convert("RGB")).astype(np.int16)
@@ -156,6 +157,7 @@ def test_cli_test_names_images_of_another_size_or_colour_than_the_training(
     assert len(warned) == 2, warned
     size = next(x for x in warned if "'dots'" in x)
     assert f"a {2 * w0}x{h0} px image of type 'dots'" in size and f"{data}/dots/test/" in size
+    assert "a lossy (JPEG or WebP) image of type 'dots', whose training images were lossless" in size
     colour = next(x for x in warned if "'stripes'" in x)
     assert "a colour image of type 'stripes', whose training images were grey" in colour
     assert len(_strict_json(report)["images"]) == 2 * (1 + 8)  # scored all the same

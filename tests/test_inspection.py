@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffqc.inspection import ImageCheck, image_colours, image_size_ranges, inspect_arguments, is_grey
+from diffqc.inspection import (
+    ImageCheck,
+    image_colours,
+    image_compressions,
+    image_size_ranges,
+    inspect_arguments,
+    is_grey,
+)
 
 
 def test_image_size_ranges_per_type() -> None:
@@ -115,3 +122,28 @@ def test_inspect_arguments_name_the_calls_easy_to_get_wrong(tiny_model: Path) ->
         det.inspect(np.stack([image, image]), ["dots", "dots"])  # type: ignore[arg-type]
     assert [r.feature_type for r in det.inspect([image], ["dots"])] == ["dots"]
     assert inspect_arguments([image], None) == [None]
+
+
+def test_compression_check_names_a_type_once_seen_in_the_other_compression() -> None:
+    """A camera set to save JPEG (to save disk) where the model learned PNGs: the compression's
+    artifacts move every part's score; named once per type, as size and colour are. A part
+    whose file is not known (an array) is not checked."""
+    check = ImageCheck({"training_data": {"image_compression": {"dots": "lossless", "edge": "lossy",
+                                                                "mix": "mixed"}}})
+    grey = np.full((32, 32, 3), 0.5, np.float32)
+    assert check("dots", 32, 32, grey, "lossless") is None and check("edge", 32, 32, grey, "lossy") is None
+    assert check("mix", 32, 32, grey, "lossy") is None and check("dots", 32, 32, grey) is None
+    note = check("dots", 32, 32, grey, "lossy")
+    assert note is not None and ("a lossy (JPEG or WebP) image of type 'dots', whose training images "
+                                 "were lossless") in note
+    assert check("dots", 32, 32, grey, "lossy") is None  # said once per type
+    note = check("edge", 32, 32, grey, "lossless")
+    assert note is not None and "a lossless image of type 'edge', whose training images were lossy" in note
+    assert [(s["feature_type"], s["check"], s["parts"]) for s in check.snapshot()] == [
+        ("dots", "compression", 2), ("edge", "compression", 1)]
+    assert ImageCheck({})("dots", 32, 32, grey, "lossy") is None  # a bundle from before: nothing to compare
+
+
+def test_per_type_kinds_are_one_kind_or_mixed() -> None:
+    assert image_compressions([("a", "lossy"), ("a", "lossy"), ("b", "lossless"), ("c", "lossy"),
+                               ("c", "lossless")]) == {"a": "lossy", "b": "lossless", "c": "mixed"}

@@ -589,18 +589,27 @@ async def test_parts_unlike_their_training_images_are_shown_in_line_and_metrics(
     """A camera switched to colour (the model learned grey parts) was named once in the
     service's log only: the operators saw REJECTs without a word of why. /v1/line lists the
     type with the parts seen unlike its training images and when, and /metrics counts them."""
+    import io
+
+    from PIL import Image
+
     body, ftype = samples.one("PASS")
     colour = tinted(body)
+    jpeg = io.BytesIO()
+    Image.open(io.BytesIO(body)).save(jpeg, format="JPEG", quality=90)  # a camera set to save JPEG
     async with running_app(detector, tmp_path) as (client, _):
-        for image in (body, colour, colour, body):
+        for image in (body, colour, colour, body, jpeg.getvalue()):
             r = await client.post("/v1/inspect", content=image, headers=AUTH, params={"feature_type": ftype})
             assert r.status_code == 200
         line = (await client.get("/v1/line", headers=AUTH)).json()
         metrics = (await client.get("/metrics", headers=AUTH)).text
-    [seen] = line["images"]
+    [seen, lossy] = line["images"]
     assert (seen["feature_type"], seen["check"], seen["parts"]) == (ftype, "colour", 2)
     assert "a colour image of type" in seen["note"] and seen["first_at"] <= seen["last_at"]
     assert f'diffqc_parts_unlike_training_total{{feature_type="{ftype}",check="colour"}} 2' in metrics
+    assert (lossy["check"], lossy["parts"]) == ("compression", 1)
+    assert "a lossy (JPEG or WebP)" in lossy["note"]
+    assert f'diffqc_parts_unlike_training_total{{feature_type="{ftype}",check="compression"}} 1' in metrics
 
 
 async def test_a_nearly_full_disk_is_shown_in_line_and_metrics(detector: Any, tmp_path: Path) -> None:

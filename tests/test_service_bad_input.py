@@ -1138,6 +1138,16 @@ def test_pipeline_logs_a_part_outside_its_types_training_sizes(
         InspectionPipeline(detector, store, None).process(jobs)
     notes = [r.getMessage() for r in caplog.records if "a colour image of type" in r.getMessage()]
     assert len(notes) == 1 and "whose training images were grey" in notes[0], notes
+    # an upload's JPEG where the model learned PNGs (the job knows its file's compression)
+    assert detector.metadata["training_data"]["image_compression"][t] == "lossless"
+    jobs = [Job(image=np.full((h0, w0, 3), 0.5, np.float32), feature_type=t, compression="lossy")
+            for _ in range(2)]
+    with ResultStore(str(tmp_path / "j.db")) as store, caplog.at_level(logging.WARNING, "diffqc.service"):
+        pipeline = InspectionPipeline(detector, store, None)
+        pipeline.process(jobs)
+    notes = [r.getMessage() for r in caplog.records if "a lossy (JPEG or WebP) image" in r.getMessage()]
+    assert len(notes) == 1 and "whose training images were lossless" in notes[0], notes
+    assert [(s["check"], s["parts"]) for s in pipeline.image_check.snapshot()] == [("compression", 2)]
 
 
 def test_watch_feature_type_is_checked_against_the_model(detector: Any, tmp_path: Path) -> None:

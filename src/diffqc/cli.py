@@ -253,7 +253,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _inspect_images(args: argparse.Namespace, det: Any, images: list[tuple[Path, Path]],
                     csv_out: _CsvRows | None) -> None:
-    from diffqc.data import folder_like_a_type, read_image, type_of_folders
+    from diffqc.data import file_compression, folder_like_a_type, read_image, type_of_folders
     from diffqc.inspection import ImageCheck
     from diffqc.visualize import write_heatmap
 
@@ -275,7 +275,8 @@ def _inspect_images(args: argparse.Namespace, det: Any, images: list[tuple[Path,
             named.add(like)
             warnings.warn(f"folder {path_text(like)}/{near[1]}", stacklevel=1)
         (result,) = det.inspect([image], [feature_type])
-        if note := image_check(result.feature_type, image.shape[0], image.shape[1], image):
+        if note := image_check(result.feature_type, image.shape[0], image.shape[1], image,
+                               file_compression(path)):
             warnings.warn(note, stacklevel=1)
         row: dict[str, Any] = {"path": path_text(path), **result.to_json(),
                                "latency_ms": round(1000 * (time.perf_counter() - start), 1)}

@@ -84,6 +84,43 @@ def image_shape(path: Path | str) -> tuple[int, int] | None:
         return None
 
 
+# how much of an encoded image :func:`image_compression` looks at (a WebP's chunks before its image's)
+COMPRESSION_HEAD = 4096
+_LOSSLESS_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+",
+                        b"GIF87a", b"GIF89a", *(b"P%d" % k for k in range(1, 8)))
+
+
+def image_compression(data: bytes) -> str | None:
+    """``"lossy"`` for an encoded image in a lossy format (JPEG; WebP's VP8), ``"lossless"`` for
+    the other formats diffqc reads (PNG, BMP, TIFF, GIF, PNM; WebP's VP8L), None for bytes of
+    no such image: from its signature in the first :data:`COMPRESSION_HEAD` bytes. A camera set
+    to save JPEG shows every part with the format's artifacts (:class:`~diffqc.inspection.ImageCheck`)."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "lossy"
+    if data.startswith(_LOSSLESS_SIGNATURES):
+        return "lossless"
+    if not (data.startswith(b"RIFF") and data[8:12] == b"WEBP"):
+        return None
+    at = 12  # a WebP's chunks: VP8 (lossy) or VP8L (lossless), after VP8X's ICCP, ANIM, ALPH, ...
+    while at + 8 <= min(len(data), COMPRESSION_HEAD):
+        fourcc, size = data[at:at + 4], int.from_bytes(data[at + 4:at + 8], "little")
+        if fourcc in (b"VP8 ", b"VP8L"):
+            return "lossy" if fourcc == b"VP8 " else "lossless"
+        at += 8 + 16 if fourcc == b"ANMF" else 8 + size + (size & 1)  # into an animation's first frame
+    return None
+
+
+def file_compression(path: Path | str) -> str | None:
+    """:func:`image_compression` of the file at ``path`` (None when it cannot be read)."""
+    if str(path) == STDIO:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            return image_compression(fh.read(COMPRESSION_HEAD))
+    except OSError:
+        return None
+
+
 # the most read from a pipe or a character device as one image (/dev/zero gives for ever)
 MAX_STREAM_BYTES = 256 * 2**20
 

@@ -92,24 +92,39 @@ def is_grey(image: np.ndarray) -> bool:
     return bool(np.abs(view - view[..., :1]).max(initial=0.0) <= GREY_TOLERANCE)
 
 
+def _one_kind_per_type(seen: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Per type, the one kind of ``(type, kind)`` seen, or ``mixed``."""
+    kinds: dict[str, set[str]] = {}
+    for feature_type, kind in seen:
+        kinds.setdefault(feature_type, set()).add(kind)
+    return {t: k.pop() if len(k) == 1 else "mixed" for t, k in kinds.items()}
+
+
 def image_colours(seen: Iterable[tuple[str, bool]]) -> dict[str, str]:
     """Per type, ``grey`` when every one of ``(type, grey)`` is grey, ``colour`` when none is,
     else ``mixed``: the GOOD images a model was fit on (``metadata.json``'s
     ``training_data.image_colours``), for :class:`ImageCheck`."""
-    greys: dict[str, set[bool]] = {}
-    for feature_type, grey in seen:
-        greys.setdefault(feature_type, set()).add(grey)
-    return {t: "mixed" if len(g) > 1 else "grey" if True in g else "colour" for t, g in greys.items()}
+    return _one_kind_per_type((t, "grey" if grey else "colour") for t, grey in seen)
+
+
+def image_compressions(seen: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Per type, ``lossless`` or ``lossy`` when every one of ``(type, compression)`` is so
+    (:func:`diffqc.data.image_compression`), else ``mixed``: the files a model was fit on
+    (``metadata.json``'s ``training_data.image_compression``), for :class:`ImageCheck`."""
+    return _one_kind_per_type(seen)
 
 
 class ImageCheck:
     """Names, once per type, a part whose image lies outside what its type was trained on, in
-    size (by more than :data:`SIZE_TOLERANCE`) or in colour: every image is scaled to the model's
-    input, so a camera's new region of interest or lens shows every part at another scale or
-    aspect than the calibration saw, and a camera switched between mono and colour (a firmware
-    update, a new pixel format) changes every part's features; scores move for every part at
-    once. A bundle without the sizes (older, or tiled: tiles are cut at native resolution
-    whatever the size) checks no size; one without the colours, no colour.
+    size (by more than :data:`SIZE_TOLERANCE`), in colour or in compression: every image is
+    scaled to the model's input, so a camera's new region of interest or lens shows every part at
+    another scale or aspect than the calibration saw, a camera switched between mono and colour
+    (a firmware update, a new pixel format) changes every part's features, and one set to save
+    JPEG where the model learned lossless files shows every part with the format's artifacts (a
+    GOOD part of the drill's dots, p 1.0 as PNG, was REJECTed at p 0.004 as a JPEG of quality 75);
+    scores move for every part at once. A bundle without the sizes (older, or tiled: tiles are
+    cut at native resolution whatever the size) checks no size; one without the colours, no
+    colour; one without the compressions, or a part given as an array, no compression.
 
     Every part is checked (a type's parts cost the same whether it was named or not), and
     :meth:`snapshot` counts, per type and check, the parts outside and when the first and the
@@ -121,19 +136,22 @@ class ImageCheck:
         training = metadata.get("training_data") or {}
         self.ranges: dict[str, Any] = dict(training.get("image_sizes") or {})
         self.colours: dict[str, str] = dict(training.get("image_colours") or {})
+        self.compressions: dict[str, str] = dict(training.get("image_compression") or {})
         # (type, "size" | "colour") -> {"note", "parts", "first_at", "last_at"}
         self.outside: dict[tuple[str, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
 
     def __call__(self, feature_type: str | None, height: int, width: int,
-                 image: np.ndarray | None = None) -> str | None:
-        """The warning for this part, the first time its type is seen outside its sizes or its
-        colour (``image``'s pixels; without them, the size alone)."""
+                 image: np.ndarray | None = None, compression: str | None = None) -> str | None:
+        """The warning for this part, the first time its type is seen outside its sizes, its
+        colour (``image``'s pixels; without them, the size alone) or its compression (its file's,
+        :func:`diffqc.data.image_compression`; None: not known)."""
         if feature_type is None:
             return None
-        found = [(check, note) for check, note in (("size", self._size(feature_type, height, width)),
-                                                   ("colour", self._colour(feature_type, image)))
-                 if note]
+        notes = (("size", self._size(feature_type, height, width)),
+                 ("colour", self._colour(feature_type, image)),
+                 ("compression", self._compression(feature_type, compression)))
+        found = [(check, note) for check, note in notes if note]
         now = time.time()
         first: list[str] = []
         with self._lock:
@@ -182,6 +200,20 @@ class ImageCheck:
                 "the camera's pixel format changed, mono to colour or back? if on purpose, train "
                 "again on its images)")
 
+    def _compression(self, feature_type: str, compression: str | None) -> str | None:
+        trained = self.compressions.get(feature_type)
+        if compression is None or trained not in ("lossless", "lossy") or compression == trained:
+            return None
+        if compression == "lossy":
+            return (f"a lossy (JPEG or WebP) image of type {feature_type!r}, whose training images "
+                    "were lossless (PNG, BMP, TIFF, ...): its compression artifacts move every part's "
+                    "score (has the camera been set to save JPEG? if on purpose, train again on its "
+                    "images)")
+        return (f"a lossless image of type {feature_type!r}, whose training images were lossy (JPEG "
+                "or WebP): the model learned their compression artifacts as part of a GOOD part, so "
+                "every part's score moves (has the camera's image format changed? if on purpose, "
+                "train again on its images)")
+
 
 # how many of a type's images are read for their colour by :func:`other_images` (a camera's format
 # is one for all its frames: the first few show it, without decoding every image a second time)
@@ -194,7 +226,7 @@ def other_images(metadata: Mapping[str, Any], samples: Iterable[Sample]) -> list
     a dataset from a changed camera, given to ``calibrate`` or ``test``. Sizes are read from
     every file's header; colour from the pixels of a type's first :data:`COLOUR_LOOKS` images.
     A file that cannot be read is passed over (named where it is read for its score)."""
-    from diffqc.data import image_shape, read_image
+    from diffqc.data import file_compression, image_shape, read_image
     from diffqc.errors import ImageReadError
 
     check = ImageCheck(metadata)
@@ -208,7 +240,7 @@ def other_images(metadata: Mapping[str, Any], samples: Iterable[Sample]) -> list
             looked[s.feature_type] = looked.get(s.feature_type, 0) + 1
             with contextlib.suppress(ImageReadError, OSError):
                 pixels = read_image(s.path)
-        if note := check(s.feature_type, *shape, pixels):
+        if note := check(s.feature_type, *shape, pixels, file_compression(s.path)):
             notes.append(f"{s.path}: {note}")
     return notes
 

@@ -37,6 +37,7 @@ from diffqc.data import (
     DatasetWarning,
     Sample,
     check_type_names,
+    file_compression,
     fingerprint,
     good_training,
     image_shape,
@@ -62,6 +63,7 @@ from diffqc.inspection import (
     Inspection,
     as_arrays,
     image_colours,
+    image_compressions,
     image_size_ranges,
     in_batches,
     inspect_arguments,
@@ -318,6 +320,8 @@ class Detector:
                 (s.feature_type, h, w) for s, (h, w) in zip(good, sizes, strict=True))
         training["image_colours"] = image_colours(
             (s.feature_type, grey) for s, grey in zip(good, greys, strict=True))
+        training["image_compression"] = image_compressions(
+            (s.feature_type, c) for s in good if (c := file_compression(s.path)) is not None)
         # by content, so that `diffqc calibrate` can leave out any it is given (their scores are
         # optimistic: calibrated on them, the line's GOOD parts would be flagged too often)
         fitted = set(self.fit_indices_)

@@ -52,7 +52,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from diffqc.bundle import check_bundle_files, read_bundle
-from diffqc.data import MAX_NAME_LEN, MAX_SOURCE_LEN, decode_image, unprintable
+from diffqc.data import MAX_NAME_LEN, MAX_SOURCE_LEN, decode_image, image_compression, unprintable
 from diffqc.drift import is_misrouted, prometheus_label
 from diffqc.errors import ConfigError, DiffqcError, ImageReadError, did_you_mean, unknown_feature_type
 from diffqc.machine import cgroup_memory_room
@@ -463,8 +463,8 @@ class Metrics:
                  "Parts whose image repeated a recent part's byte for byte (a stale camera frame).")
             out.append(f"diffqc_repeated_images_total {pipeline.repeated_images_total}")
             head("diffqc_parts_unlike_training_total", "counter",
-                 "Parts of a type whose image came at another size or colour than its training "
-                 "images (a changed camera).")
+                 "Parts of a type whose image came at another size, colour or compression than its "
+                 "training images (a changed camera).")
             for seen in pipeline.image_check.snapshot():
                 labels = f'feature_type="{prometheus_label(seen["feature_type"])}",check="{seen["check"]}"'
                 out.append(f"diffqc_parts_unlike_training_total{{{labels}}} {seen['parts']}")
@@ -1065,6 +1065,7 @@ def build_job(
         camera=camera,
         encoded=data if ext else None,
         encoded_ext=ext,
+        compression=image_compression(data),
         digest=hashlib.sha256(data).hexdigest(),
     )
 

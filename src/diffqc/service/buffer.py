@@ -226,6 +226,7 @@ class Job:
     dedup_key: str | None = None
     encoded: bytes | None = None  # the upload as received (kept for review / export)
     encoded_ext: str | None = None  # "png", "jpg", ... when ``encoded`` is browser-viewable
+    compression: str | None = None  # the upload's, lossy or lossless (diffqc.data.image_compression)
     received_at: float = field(default_factory=time.time)
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[ResultRecord] = field(default_factory=Future)
@@ -486,7 +487,7 @@ class InspectionPipeline:
                 self.failing_in_a_row = 0
                 self.inspect_outage.worked()
                 height, width = job.image.shape[:2]
-                if note := self.image_check(res.feature_type, height, width, job.image):
+                if note := self.image_check(res.feature_type, height, width, job.image, job.compression):
                     log.warning("%s", note)
                 rec = self._record(job, res, latency_ms, shed_heatmap=shed)
             records.append(rec)

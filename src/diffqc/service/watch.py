@@ -48,6 +48,7 @@ from diffqc.data import (
     decode_image,
     escaped,
     folder_like_a_type,
+    image_compression,
     type_of_folders,
 )
 from diffqc.errors import (
@@ -593,6 +594,7 @@ class FolderWatcher:
             digest=digest,
             encoded=data if ext else None,
             encoded_ext=ext,
+            compression=image_compression(data),
             line=self.settings.line,
             station=self.settings.station,
             camera=self.settings.camera,
