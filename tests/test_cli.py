@@ -115,6 +115,7 @@ def test_inspect_names_an_image_size_its_type_was_not_trained_on(
 ) -> None:
     """A camera's new region of interest: the first part of a type at a size outside its training
     images' is named on stderr (once per type); parts at the trained size are not."""
+    import numpy as np
     from PIL import Image
 
     meta = json.loads((tiny_model / "metadata.json").read_text())
@@ -150,6 +151,15 @@ def test_inspect_names_an_image_size_its_type_was_not_trained_on(
     warned = [x for x in capsys.readouterr().err.splitlines() if x.startswith("diffqc: warning:")]
     assert len(warned) == 1 and "a lossy (JPEG or WebP) image of type 'dots', whose training images were " \
         "lossless" in warned[0], warned
+    # a camera switched to Mono12: 12-bit data in a 16-bit PNG reads 16 times darker
+    lo, hi = meta["training_data"]["image_brightness"]["dots"]
+    assert 0 < lo <= hi < 1
+    with Image.open(first) as img:
+        twelve = np.asarray(img.convert("L")).astype(np.uint16) * 16
+    Image.fromarray(twelve).save(tmp_path / "mono12.png")
+    assert main(["inspect", str(tiny_model), str(tmp_path / "mono12.png"), "--feature-type", "dots"]) == 0
+    err = capsys.readouterr().err
+    assert "diffqc: warning: an image of type 'dots' far darker than its training images" in err
 
 
 def test_inspect_folder_leaves_hidden_files_out(tiny_model: Path, clear_dataset: Path, tmp_path: Path,

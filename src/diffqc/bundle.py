@@ -63,12 +63,13 @@ def read_bundle(path: Path | str) -> tuple[DetectorConfig, dict[str, Any], Calib
 def _wrong_training_data(meta: dict[str, Any]) -> tuple[str, Any] | None:
     """The key and value of ``training_data`` that is not of its kind (each optional: bundles from
     before lack them), or None: an object; its ``image_sizes`` an object of ``[[h0, h1], [w0, w1]]``
-    per type, its ``image_colours`` and ``image_compression`` ones of strings."""
+    per type, its ``image_colours`` and ``image_compression`` ones of strings, its
+    ``image_brightness`` a ``[darkest, brightest]`` pair of numbers."""
     training = meta.get("training_data", {})
     if not isinstance(training, dict):
         return "training_data", training
     for key, fits in (("image_sizes", _size_ranges), ("image_colours", lambda v: isinstance(v, str)),
-                      ("image_compression", lambda v: isinstance(v, str))):
+                      ("image_compression", lambda v: isinstance(v, str)), ("image_brightness", _pair)):
         entries = training.get(key, {})
         if not isinstance(entries, dict):
             return f"training_data.{key}", entries
@@ -78,11 +79,14 @@ def _wrong_training_data(meta: dict[str, Any]) -> tuple[str, Any] | None:
     return None
 
 
+def _pair(value: Any) -> bool:
+    """``[a, b]`` of numbers."""
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(x, (int, float)) for x in value)
+
+
 def _size_ranges(value: Any) -> bool:
     """``[[h0, h1], [w0, w1]]`` of numbers."""
-    return (isinstance(value, list) and len(value) == 2
-            and all(isinstance(r, list) and len(r) == 2 and all(isinstance(x, (int, float)) for x in r)
-                    for r in value))
+    return isinstance(value, list) and len(value) == 2 and all(_pair(r) for r in value)
 
 
 def named_model_id(path: Path | str) -> str:

@@ -92,6 +92,28 @@ def is_grey(image: np.ndarray) -> bool:
     return bool(np.abs(view - view[..., :1]).max(initial=0.0) <= GREY_TOLERANCE)
 
 
+# a part darker than this share of its type's darkest training image is named: 12-bit data in
+# 16-bit files reads at 1/16 (a GOOD part: REJECT), a lamp out alike; half as bright still passed
+DARK_SHARE = 0.25
+
+
+def brightness(image: np.ndarray) -> float:
+    """The mean of an image (HxW, or HxWxC in [0, 1]), on every 8th pixel of every 8th row."""
+    view = image[::8, ::8] if image.ndim == 2 else image[::8, ::8, :3]
+    return float(view.mean()) if view.size else 0.0
+
+
+def image_brightness(seen: Iterable[tuple[str, float]]) -> dict[str, list[float]]:
+    """Per type, ``[darkest, brightest]`` of ``(type, brightness)``: the GOOD images a model was
+    fit on (``metadata.json``'s ``training_data.image_brightness``), for :class:`ImageCheck`."""
+    out: dict[str, list[float]] = {}
+    for feature_type, value in seen:
+        v = round(value, 4)
+        lo, hi = out.get(feature_type, [v, v])
+        out[feature_type] = [min(lo, v), max(hi, v)]
+    return out
+
+
 def _one_kind_per_type(seen: Iterable[tuple[str, str]]) -> dict[str, str]:
     """Per type, the one kind of ``(type, kind)`` seen, or ``mixed``."""
     kinds: dict[str, set[str]] = {}
@@ -122,9 +144,12 @@ class ImageCheck:
     (a firmware update, a new pixel format) changes every part's features, and one set to save
     JPEG where the model learned lossless files shows every part with the format's artifacts (a
     GOOD part of the drill's dots, p 1.0 as PNG, was REJECTed at p 0.004 as a JPEG of quality 75);
-    scores move for every part at once. A bundle without the sizes (older, or tiled: tiles are
-    cut at native resolution whatever the size) checks no size; one without the colours, no
-    colour; one without the compressions, or a part given as an array, no compression.
+    scores move for every part at once; and one far darker than every training image (less than
+    :data:`DARK_SHARE` of the darkest's brightness: 12-bit data saved in 16-bit files, a camera
+    set to Mono12, reads 16 times darker; a lamp out) is scored on another footing. A bundle
+    without the sizes (older, or tiled: tiles are cut at native resolution whatever the size)
+    checks no size; one without the colours, no colour; one without the compressions, or a part
+    given as an array, no compression; one without the brightness, no brightness.
 
     Every part is checked (a type's parts cost the same whether it was named or not), and
     :meth:`snapshot` counts, per type and check, the parts outside and when the first and the
@@ -137,6 +162,7 @@ class ImageCheck:
         self.ranges: dict[str, Any] = dict(training.get("image_sizes") or {})
         self.colours: dict[str, str] = dict(training.get("image_colours") or {})
         self.compressions: dict[str, str] = dict(training.get("image_compression") or {})
+        self.brightness: dict[str, list[float]] = dict(training.get("image_brightness") or {})
         # (type, "size" | "colour") -> {"note", "parts", "first_at", "last_at"}
         self.outside: dict[tuple[str, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
@@ -150,7 +176,8 @@ class ImageCheck:
             return None
         notes = (("size", self._size(feature_type, height, width)),
                  ("colour", self._colour(feature_type, image)),
-                 ("compression", self._compression(feature_type, compression)))
+                 ("compression", self._compression(feature_type, compression)),
+                 ("brightness", self._brightness(feature_type, image)))
         found = [(check, note) for check, note in notes if note]
         now = time.time()
         first: list[str] = []
@@ -199,6 +226,19 @@ class ImageCheck:
                 "model learned and was calibrated on the other, so every part's score moves (has "
                 "the camera's pixel format changed, mono to colour or back? if on purpose, train "
                 "again on its images)")
+
+    def _brightness(self, feature_type: str, image: np.ndarray | None) -> str | None:
+        if image is None or feature_type not in self.brightness:
+            return None
+        lo, hi = self.brightness[feature_type]
+        if (seen := brightness(image)) >= DARK_SHARE * lo:
+            return None
+        return (f"an image of type {feature_type!r} far darker than its training images (mean "
+                f"brightness {seen:.3f}; theirs {lo:.2f}-{hi:.2f}): the model learned and was "
+                "calibrated on parts as bright as those, so every part's score moves (a lamp out, a "
+                "shorter exposure or a lower gain, or 12-bit data saved in 16-bit files: has the "
+                "camera's pixel format been set to Mono12? set it back to Mono8, or train again on "
+                "its images)")
 
     def _compression(self, feature_type: str, compression: str | None) -> str | None:
         trained = self.compressions.get(feature_type)

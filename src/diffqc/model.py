@@ -62,6 +62,8 @@ from diffqc.inspection import (
     BUNDLE_FORMAT,
     Inspection,
     as_arrays,
+    brightness,
+    image_brightness,
     image_colours,
     image_compressions,
     image_size_ranges,
@@ -233,6 +235,7 @@ class Detector:
     def read_features(
         self, samples: Sequence[Sample], *, skip_corrupt: bool = False, progress: bool = False,
         sizes: list[tuple[int, int]] | None = None, greys: list[bool] | None = None,
+        lights: list[float] | None = None,
     ) -> tuple[Tensor, list[tiling.Layout] | None, list[Sample], list[ImageReadError]]:
         """Raw backbone features of the samples' images, read one at a time: each image is
         decoded, cut to its model inputs and released before the next is read, so memory holds
@@ -245,7 +248,8 @@ class Detector:
         each); without it every file is still tried, no more features are extracted after the
         first failure, and one error names them all, as :func:`diffqc.data.read_images` does.
         ``sizes``, when given, receives each image's (height, width) as read; ``greys`` whether
-        it is grey (:func:`diffqc.inspection.is_grey`).
+        it is grey (:func:`diffqc.inspection.is_grey`); ``lights`` its brightness
+        (:func:`diffqc.inspection.brightness`).
         """
         views_of = uses_layouts(self.config)
         layouts: list[tiling.Layout] = []
@@ -261,6 +265,8 @@ class Detector:
                     sizes.append((int(image.shape[0]), int(image.shape[1])))
                 if greys is not None:
                     greys.append(is_grey(image))
+                if lights is not None:
+                    lights.append(brightness(image))
                 if views_of:  # pad / crop / tiles: the views of tiling.extract_views
                     layouts.append(tiling.plan((int(image.shape[0]), int(image.shape[1])),
                                                self.config))
@@ -299,8 +305,9 @@ class Detector:
                          views=views_to_fit(self.config, [s.path for s in good]))
         sizes: list[tuple[int, int]] = []
         greys: list[bool] = []
-        raw, layouts, good, errors = self.read_features(good, skip_corrupt=skip_corrupt,
-                                                        progress=progress, sizes=sizes, greys=greys)
+        lights: list[float] = []
+        raw, layouts, good, errors = self.read_features(good, skip_corrupt=skip_corrupt, progress=progress,
+                                                        sizes=sizes, greys=greys, lights=lights)
         if lost := sorted(wanted - {s.feature_type for s in good}):
             raise DatasetError(f"every GOOD training image of {', '.join(map(repr, lost))} is "
                                "unreadable (skipped); the model would not know the type: mend "
@@ -320,6 +327,8 @@ class Detector:
                 (s.feature_type, h, w) for s, (h, w) in zip(good, sizes, strict=True))
         training["image_colours"] = image_colours(
             (s.feature_type, grey) for s, grey in zip(good, greys, strict=True))
+        training["image_brightness"] = image_brightness(
+            (s.feature_type, b) for s, b in zip(good, lights, strict=True))
         training["image_compression"] = image_compressions(
             (s.feature_type, c) for s in good if (c := file_compression(s.path)) is not None)
         # by content, so that `diffqc calibrate` can leave out any it is given (their scores are
