@@ -100,3 +100,21 @@ def test_write_atomic_writes_into_a_pipe_or_device_as_it_is(tmp_path: Path) -> N
     write_atomic(Path("/dev/null"), b"nothing")
     with pytest.raises(OutputError, match="cannot write /dev/full: No space left on device"):
         write_atomic(Path("/dev/full"), b"x")
+
+
+def test_an_outputs_folder_is_made_and_a_file_in_its_way_named(tmp_path: Path) -> None:
+    """``--json reports/2026-12/run.json``: the folders are made before the work; a file where a
+    folder should be is named ("File exists" said nothing of which)."""
+    def never(path: Path) -> bool:
+        raise AssertionError(f"{path} was read")
+
+    check_output_file(tmp_path / "reports" / "2026-12" / "run.json", option="--json", is_ours=never,
+                      what="report")
+    made = tmp_path / "reports" / "2026-12"
+    assert made.is_dir() and not (made / "run.json").exists()
+    (tmp_path / "notes.txt").write_text("mine")
+    for target in (tmp_path / "notes.txt" / "run.json", tmp_path / "notes.txt" / "sub" / "run.json"):
+        with pytest.raises(OutputError, match=f"cannot write {target}: {tmp_path / 'notes.txt'} is a file, "
+                                              "not a folder"):
+            check_output_file(target, option="--json", is_ours=never, what="report")
+    assert (tmp_path / "notes.txt").read_text() == "mine"

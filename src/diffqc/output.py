@@ -170,7 +170,9 @@ def check_output_file(path: Path, *, option: str, is_ours: Callable[[Path], bool
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+            file = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+            why = f"{file} is a file, not a folder" if file is not None else exc.strerror or exc
+            raise OutputError(f"cannot write {path}: {why}") from None
         check_writable(path)
         return
     if not path.is_file():
