@@ -48,7 +48,8 @@ from diffqc.errors import ConfigError
     ("diffusion.prior", "global", "one of local, none"),
     ("train.t_max", 1000, "train.t_max must be < diffusion.timesteps"),
     ("scoring.smooth_sigma", 1e6, "scoring.smooth_sigma must be < backbone.input_size / 4 (64 px)"),
-    ("backbone.name", "resnet", "efficientnet-lite2, mobilenet-v2 or onnx:PATH"),
+    ("backbone.name", "resnet", "efficientnet-lite2, mobilenet-v2 or onnx:PATH; got 'resnet'"),
+    ("backbone.name", "mobilenet", "or onnx:PATH; got 'mobilenet' (did you mean 'mobilenet-v2'?)"),
     ("backbone.layers", "blocks.3", "must be a list of str"),
     # --set reads a value as JSON: a comma-separated string is not a list, and it says how
     ("backbone.layers", "blocks.3,blocks.5", "backbone.layers must be a list of str, got 'blocks.3,blocks.5' "

@@ -157,7 +157,7 @@ class BackboneConfig:
         _one_of(self, "resize", ("squash", "pad", "crop"))
         if self.name not in BACKBONES and not (self.name.startswith("onnx:") and len(self.name) > 5):
             raise ConfigError(f"backbone.name must be one of {', '.join(BACKBONES)} or onnx:PATH; "
-                              f"got {self.name!r}")
+                              f"got {self.name!r}{did_you_mean(self.name, BACKBONES)}")
         _at_least(self, "input_size", 32)
         if self.input_size > MAX_INPUT_SIZE:
             raise ConfigError(f"backbone.input_size must be at most {MAX_INPUT_SIZE}, got {self.input_size}: "
