@@ -163,7 +163,7 @@ class ImageCheck:
         self.colours: dict[str, str] = dict(training.get("image_colours") or {})
         self.compressions: dict[str, str] = dict(training.get("image_compression") or {})
         self.brightness: dict[str, list[float]] = dict(training.get("image_brightness") or {})
-        # (type, "size" | "colour") -> {"note", "parts", "first_at", "last_at"}
+        # (type, "size" | "colour" | "compression" | "brightness") -> {"note", "parts", "first_at", "last_at"}
         self.outside: dict[tuple[str, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
 
@@ -255,17 +255,19 @@ class ImageCheck:
                 "train again on its images)")
 
 
-# how many of a type's images are read for their colour by :func:`other_images` (a camera's format
-# is one for all its frames: the first few show it, without decoding every image a second time)
+# how many of a type's images are read for their colour and brightness by :func:`other_images` (a
+# camera's format is one for all its frames: the first few show it, without decoding every image
+# a second time)
 COLOUR_LOOKS = 4
 
 
 def other_images(metadata: Mapping[str, Any], samples: Iterable[Sample]) -> list[str]:
-    """``"<path>: <note>"`` for the first of ``samples`` of each type (and check) whose size or
-    colour its type was not trained on (:class:`ImageCheck`), as ``inspect`` names such parts:
-    a dataset from a changed camera, given to ``calibrate`` or ``test``. Sizes are read from
-    every file's header; colour from the pixels of a type's first :data:`COLOUR_LOOKS` images.
-    A file that cannot be read is passed over (named where it is read for its score)."""
+    """``"<path>: <note>"`` for the first of ``samples`` of each type (and check) whose size,
+    colour, compression or brightness its type was not trained on (:class:`ImageCheck`), as
+    ``inspect`` names such parts: a dataset from a changed camera, given to ``calibrate`` or
+    ``test``. Sizes and compressions are read from every file's header; colour and brightness
+    from the pixels of a type's first :data:`COLOUR_LOOKS` images. A file that cannot be read is
+    passed over (named where it is read for its score)."""
     from diffqc.data import file_compression, image_shape, read_image
     from diffqc.errors import ImageReadError
 
