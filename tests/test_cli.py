@@ -160,6 +160,14 @@ def test_inspect_names_an_image_size_its_type_was_not_trained_on(
     assert main(["inspect", str(tiny_model), str(tmp_path / "mono12.png"), "--feature-type", "dots"]) == 0
     err = capsys.readouterr().err
     assert "diffqc: warning: an image of type 'dots' far darker than its training images" in err
+    # and one whose exposure was doubled: half of it clipped at white
+    assert meta["training_data"]["image_white"]["dots"] < 0.25
+    with Image.open(first) as img:
+        doubled = np.clip(np.asarray(img.convert("L")).astype(np.int32) * 2, 0, 255).astype(np.uint8)
+    Image.fromarray(doubled).save(tmp_path / "doubled.png")
+    assert main(["inspect", str(tiny_model), str(tmp_path / "doubled.png"), "--feature-type", "dots"]) == 0
+    err = capsys.readouterr().err
+    assert "diffqc: warning: an image of type 'dots' far brighter than its training images" in err
 
 
 def test_inspect_folder_leaves_hidden_files_out(tiny_model: Path, clear_dataset: Path, tmp_path: Path,

@@ -17,6 +17,7 @@ from diffqc.inspection import (
     image_size_ranges,
     inspect_arguments,
     is_grey,
+    white_share,
 )
 
 
@@ -168,3 +169,26 @@ def test_brightness_check_names_a_type_once_seen_far_darker_than_its_training() 
     kept = image_brightness([("a", 0.5), ("a", 0.3), ("b", 0.71234)])
     assert kept == {"a": [0.3, 0.5], "b": [0.7123, 0.7123]}
     assert brightness(np.full((16, 16), 0.25, np.float32)) == pytest.approx(0.25)
+
+
+def test_brightness_check_names_a_type_once_seen_far_brighter_than_its_training() -> None:
+    """An exposure or gain doubled (or a brighter lamp): half the part clipped at white, every
+    part REJECTed (the drill's dots at 1.5 times: 60 % of its pixels at white, score 1006, p 2e-5;
+    at 1.2 times none, p 0.67). A part with a quarter more of its pixels at white than any
+    training image of its type is named once per type; a type trained with white in its images
+    (a bright background) is allowed as much more."""
+    check = ImageCheck({"training_data": {"image_brightness": {"dots": [0.40, 0.60], "bottle": [0.5, 0.6]},
+                                          "image_white": {"dots": 0.0, "bottle": 0.40}}})
+    part = np.full((64, 64, 3), 0.5, np.float32)
+    glare = part.copy()
+    glare[:40] = 1.0  # 62.5 % of the rows at white
+    assert check("dots", 64, 64, part) is None and check("bottle", 64, 64, glare) is None
+    some = part.copy()
+    some[:16] = 1.0  # 25 %
+    assert check("dots", 64, 64, some) is None
+    note = check("dots", 64, 64, glare)
+    assert note is not None and ("an image of type 'dots' far brighter than its training images "
+                                 "(62% of its pixels at white; theirs at most 0%)") in note
+    assert "a longer exposure, a higher gain or a brighter lamp" in note
+    assert check("dots", 64, 64, glare) is None and check.snapshot()[0]["check"] == "clipping"
+    assert white_share(glare) == pytest.approx(0.625)

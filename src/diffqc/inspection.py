@@ -88,19 +88,44 @@ def is_grey(image: np.ndarray) -> bool:
     frame; a colour camera's has channels that differ)."""
     if image.ndim == 2 or image.shape[-1] == 1:
         return True
-    view = image[::8, ::8, :3]
+    view = _view(image)
     return bool(np.abs(view - view[..., :1]).max(initial=0.0) <= GREY_TOLERANCE)
 
 
 # a part darker than this share of its type's darkest training image is named: 12-bit data in
 # 16-bit files reads at 1/16 (a GOOD part: REJECT), a lamp out alike; half as bright still passed
 DARK_SHARE = 0.25
+# and one with this share more of its pixels at white than any of its type's training images: 1.5
+# times the exposure clipped 60 % of a GOOD part (REJECT, p 2e-5); 1.2 times clipped none (PASS)
+WHITE_MARGIN = 0.25
+# a pixel at white: at or above 254 of 255
+WHITE = 254.0 / 255.0
+
+
+def _view(image: np.ndarray) -> np.ndarray:
+    """Every 8th pixel of every 8th row (its colour channels), as the checks look at an image."""
+    return image[::8, ::8] if image.ndim == 2 else image[::8, ::8, :3]
 
 
 def brightness(image: np.ndarray) -> float:
-    """The mean of an image (HxW, or HxWxC in [0, 1]), on every 8th pixel of every 8th row."""
-    view = image[::8, ::8] if image.ndim == 2 else image[::8, ::8, :3]
+    """The mean of an image (HxW, or HxWxC in [0, 1]) on :func:`_view`."""
+    view = _view(image)
     return float(view.mean()) if view.size else 0.0
+
+
+def white_share(image: np.ndarray) -> float:
+    """The share of an image's values at white (clipped: at or above :data:`WHITE`) on :func:`_view`."""
+    view = _view(image)
+    return float((view >= WHITE).mean()) if view.size else 0.0
+
+
+def image_white(seen: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """Per type, the largest :func:`white_share` of ``(type, share)``: the GOOD images a model was
+    fit on (``metadata.json``'s ``training_data.image_white``), for :class:`ImageCheck`."""
+    out: dict[str, float] = {}
+    for feature_type, share in seen:
+        out[feature_type] = max(out.get(feature_type, 0.0), round(share, 4))
+    return out
 
 
 def image_brightness(seen: Iterable[tuple[str, float]]) -> dict[str, list[float]]:
@@ -146,10 +171,12 @@ class ImageCheck:
     GOOD part of the drill's dots, p 1.0 as PNG, was REJECTed at p 0.004 as a JPEG of quality 75);
     scores move for every part at once; and one far darker than every training image (less than
     :data:`DARK_SHARE` of the darkest's brightness: 12-bit data saved in 16-bit files, a camera
-    set to Mono12, reads 16 times darker; a lamp out) is scored on another footing. A bundle
+    set to Mono12, reads 16 times darker; a lamp out), or with far more of it clipped at white
+    (:data:`WHITE_MARGIN` more than any training image: an exposure or gain raised), is scored
+    on another footing. A bundle
     without the sizes (older, or tiled: tiles are cut at native resolution whatever the size)
     checks no size; one without the colours, no colour; one without the compressions, or a part
-    given as an array, no compression; one without the brightness, no brightness.
+    given as an array, no compression; one without the brightness or the white, neither.
 
     Every part is checked (a type's parts cost the same whether it was named or not), and
     :meth:`snapshot` counts, per type and check, the parts outside and when the first and the
@@ -163,7 +190,8 @@ class ImageCheck:
         self.colours: dict[str, str] = dict(training.get("image_colours") or {})
         self.compressions: dict[str, str] = dict(training.get("image_compression") or {})
         self.brightness: dict[str, list[float]] = dict(training.get("image_brightness") or {})
-        # (type, "size" | "colour" | "compression" | "brightness") -> {"note", "parts", "first_at", "last_at"}
+        self.white: dict[str, float] = dict(training.get("image_white") or {})
+        # (type, check: "size", "colour", ...) -> {"note", "parts", "first_at", "last_at"}
         self.outside: dict[tuple[str, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
 
@@ -177,7 +205,8 @@ class ImageCheck:
         notes = (("size", self._size(feature_type, height, width)),
                  ("colour", self._colour(feature_type, image)),
                  ("compression", self._compression(feature_type, compression)),
-                 ("brightness", self._brightness(feature_type, image)))
+                 ("brightness", self._brightness(feature_type, image)),
+                 ("clipping", self._clipping(feature_type, image)))
         found = [(check, note) for check, note in notes if note]
         now = time.time()
         first: list[str] = []
@@ -239,6 +268,17 @@ class ImageCheck:
                 "shorter exposure or a lower gain, or 12-bit data saved in 16-bit files: has the "
                 "camera's pixel format been set to Mono12? set it back to Mono8, or train again on "
                 "its images)")
+
+    def _clipping(self, feature_type: str, image: np.ndarray | None) -> str | None:
+        if image is None or feature_type not in self.white:
+            return None
+        most = self.white[feature_type]
+        if (seen := white_share(image)) <= most + WHITE_MARGIN:
+            return None
+        return (f"an image of type {feature_type!r} far brighter than its training images ({seen:.0%} "
+                f"of its pixels at white; theirs at most {most:.0%}): what is clipped at white shows "
+                "nothing of the part, so every part's score moves (a longer exposure, a higher gain "
+                "or a brighter lamp: set it back, or train again on its images)")
 
     def _compression(self, feature_type: str, compression: str | None) -> str | None:
         trained = self.compressions.get(feature_type)

@@ -67,12 +67,14 @@ from diffqc.inspection import (
     image_colours,
     image_compressions,
     image_size_ranges,
+    image_white,
     in_batches,
     inspect_arguments,
     inspect_in_batches,
     is_grey,
     sha256_file,
     verdicts,
+    white_share,
 )
 from diffqc.machine import cgroup_memory_room
 from diffqc.output import (
@@ -235,7 +237,7 @@ class Detector:
     def read_features(
         self, samples: Sequence[Sample], *, skip_corrupt: bool = False, progress: bool = False,
         sizes: list[tuple[int, int]] | None = None, greys: list[bool] | None = None,
-        lights: list[float] | None = None,
+        lights: list[tuple[float, float]] | None = None,
     ) -> tuple[Tensor, list[tiling.Layout] | None, list[Sample], list[ImageReadError]]:
         """Raw backbone features of the samples' images, read one at a time: each image is
         decoded, cut to its model inputs and released before the next is read, so memory holds
@@ -248,8 +250,8 @@ class Detector:
         each); without it every file is still tried, no more features are extracted after the
         first failure, and one error names them all, as :func:`diffqc.data.read_images` does.
         ``sizes``, when given, receives each image's (height, width) as read; ``greys`` whether
-        it is grey (:func:`diffqc.inspection.is_grey`); ``lights`` its brightness
-        (:func:`diffqc.inspection.brightness`).
+        it is grey (:func:`diffqc.inspection.is_grey`); ``lights`` its brightness and share at
+        white (:func:`diffqc.inspection.brightness`, :func:`~diffqc.inspection.white_share`).
         """
         views_of = uses_layouts(self.config)
         layouts: list[tiling.Layout] = []
@@ -266,7 +268,7 @@ class Detector:
                 if greys is not None:
                     greys.append(is_grey(image))
                 if lights is not None:
-                    lights.append(brightness(image))
+                    lights.append((brightness(image), white_share(image)))
                 if views_of:  # pad / crop / tiles: the views of tiling.extract_views
                     layouts.append(tiling.plan((int(image.shape[0]), int(image.shape[1])),
                                                self.config))
@@ -305,7 +307,7 @@ class Detector:
                          views=views_to_fit(self.config, [s.path for s in good]))
         sizes: list[tuple[int, int]] = []
         greys: list[bool] = []
-        lights: list[float] = []
+        lights: list[tuple[float, float]] = []
         raw, layouts, good, errors = self.read_features(good, skip_corrupt=skip_corrupt, progress=progress,
                                                         sizes=sizes, greys=greys, lights=lights)
         if lost := sorted(wanted - {s.feature_type for s in good}):
@@ -328,7 +330,9 @@ class Detector:
         training["image_colours"] = image_colours(
             (s.feature_type, grey) for s, grey in zip(good, greys, strict=True))
         training["image_brightness"] = image_brightness(
-            (s.feature_type, b) for s, b in zip(good, lights, strict=True))
+            (s.feature_type, b) for s, (b, _) in zip(good, lights, strict=True))
+        training["image_white"] = image_white(
+            (s.feature_type, w) for s, (_, w) in zip(good, lights, strict=True))
         training["image_compression"] = image_compressions(
             (s.feature_type, c) for s in good if (c := file_compression(s.path)) is not None)
         # by content, so that `diffqc calibrate` can leave out any it is given (their scores are

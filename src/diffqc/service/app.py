@@ -464,7 +464,7 @@ class Metrics:
             out.append(f"diffqc_repeated_images_total {pipeline.repeated_images_total}")
             head("diffqc_parts_unlike_training_total", "counter",
                  "Parts of a type whose image came at another size, colour, compression or "
-                 "brightness than its training images (a changed camera).")
+                 "brightness (dark, or clipped at white) than its training images (a changed camera).")
             for seen in pipeline.image_check.snapshot():
                 labels = f'feature_type="{prometheus_label(seen["feature_type"])}",check="{seen["check"]}"'
                 out.append(f"diffqc_parts_unlike_training_total{{{labels}}} {seen['parts']}")
