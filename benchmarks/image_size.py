@@ -1,5 +1,5 @@
-"""What a change of the camera's image size or colour does to a calibrated model (why diffqc
-names it).
+"""What a change of the camera's image size, colour, file format or exposure does to a
+calibrated model (why diffqc names it).
 
 Every image is scaled to the model's input, so a part seen at another size or aspect than the
 training images (a new region of interest, another lens or resolution) is scored on another
@@ -7,8 +7,8 @@ scale than the calibration. This benchmark fits the default model on the embedde
 GOOD training parts, then inspects its test parts as they are and as a changed camera would
 deliver them, and prints per variant the GOOD parts flagged (REVIEW + REJECT, 5 % target), the
 defective parts flagged, the mean per-type image AUROC, and how many types diffqc's image check
-(``inspection.ImageCheck``: size and colour) names; last, what the colour check costs a part
-(median of 200 calls, at the test images' size and at 2048 x 2048).
+(``inspection.ImageCheck``: size, colour, compression, brightness, clipping) names; last, what
+the whole check costs a part (median of 200 calls, at the test images' size and at 2048 x 2048).
 
     OMP_NUM_THREADS=2 python benchmarks/image_size.py [--out /tmp/diffqc-image-size] [--json PATH]
 """
@@ -16,6 +16,7 @@ defective parts flagged, the mean per-type image AUROC, and how many types diffq
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shutil
 import time
@@ -30,7 +31,7 @@ from sklearn.metrics import roc_auc_score
 
 from diffqc.config import DetectorConfig
 from diffqc.data import GOOD, load_manifest, read_image
-from diffqc.inspection import ImageCheck, is_grey
+from diffqc.inspection import ImageCheck
 from diffqc.model import Detector
 from diffqc.recalibrate import recalibrate
 from diffqc.synth import write_synthetic_dataset
@@ -39,6 +40,13 @@ from diffqc.synth import write_synthetic_dataset
 def _resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
     pil = Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8))
     return np.asarray(pil.resize((width, height), Image.Resampling.BICUBIC), np.float32) / 255.0
+
+
+def _jpeg(img: np.ndarray, quality: int = 75) -> np.ndarray:  # saved as JPEG (Pillow's default)
+    buf = io.BytesIO()
+    pixels = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+    return np.asarray(Image.open(buf).convert("RGB"), np.float32) / 255.0
 
 
 def _wider_field(img: np.ndarray) -> np.ndarray:  # 1.25x the field at the same scale
@@ -56,15 +64,23 @@ VARIANTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     # a mono camera replaced by a colour one (or its pixel format changed): a slight warm cast
     "colour camera, warm cast (R +3 %, B -3 %)": lambda img: np.clip(img * np.array([1.03, 1.0, 0.97],
                                                                                    np.float32), 0, 1),
+    # the camera set to save JPEG (to spare its disk), at Pillow's default quality
+    "saved as JPEG, quality 75": _jpeg,
+    # a Mono12 pixel format: 12-bit values in 16-bit files, read against 65535 as white
+    "12-bit data in 16-bit files (Mono12)": lambda img: img * np.float32(16 * 255 / 65535),
+    # a longer exposure or a higher gain: 1.5 times as bright, clipped at white
+    "exposure 1.5x, clipped at white": lambda img: np.clip(img * 1.5, 0, 1),
 }
+# the file's compression each variant's images came in (the others: as trained, lossless PNG)
+COMPRESSION = {"saved as JPEG, quality 75": "lossy"}
 
 
-def _check_cost_us(image: np.ndarray, calls: int = 200) -> float:
-    """Median microseconds of one colour check (``inspection.is_grey``) of ``image``."""
+def _check_cost_us(check: ImageCheck, feature_type: str, image: np.ndarray, calls: int = 200) -> float:
+    """Median microseconds of one image check (``inspection.ImageCheck``, every check) of ``image``."""
     times = []
     for _ in range(calls):
         t0 = time.perf_counter()
-        is_grey(image)
+        check(feature_type, image.shape[0], image.shape[1], image, "lossless")
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1e6)
 
@@ -85,10 +101,11 @@ def main() -> None:
     y = np.array([s.label != GOOD for s in test])
     types = np.array([s.feature_type for s in test])
 
-    def measure(det: Detector, change: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
+    def measure(det: Detector, change: Callable[[np.ndarray], np.ndarray],
+                compression: str = "lossless") -> dict[str, Any]:
         images = [change(read_image(s.path)) for s in test]
         check = ImageCheck(det.metadata)
-        named = sum(check(s.feature_type, img.shape[0], img.shape[1], img) is not None
+        named = sum(check(s.feature_type, img.shape[0], img.shape[1], img, compression) is not None
                     for s, img in zip(test, images, strict=True))
         res = det.inspect(images, [s.feature_type for s in test])
         flagged = np.array([r.decision != "PASS" for r in res])
@@ -100,7 +117,8 @@ def main() -> None:
                 "mean_image_auroc": float(np.mean(aurocs)), "types_named": named,
                 "n_good": int((~y).sum()), "n_defective": int(y.sum())}
 
-    rows = {name: measure(det, change) for name, change in VARIANTS.items()}
+    rows = {name: measure(det, change, COMPRESSION.get(name, "lossless"))
+            for name, change in VARIANTS.items()}
     # the camera changed on purpose, recalibrated (not retrained): `diffqc calibrate` on GOOD
     # images of another synthetic set (seed 1), stretched as the test parts are
     stretch = VARIANTS["aspect 1.25 : 1"]
@@ -125,11 +143,12 @@ def main() -> None:
         print(f"{name:<44}{r['size']:>9}{r['good_flagged']:>14.1%}{r['defects_flagged']:>17.1%}"
               f"{r['mean_image_auroc']:>12.3f}{r['types_named']:>10} / {len(det.classes_)}")
     image = read_image(test[0].path)
-    cost = {f"{image.shape[1]}x{image.shape[0]}": _check_cost_us(image),
-            "2048x2048": _check_cost_us(_resize(image, 2048, 2048))}
-    print("colour check per part (median of 200): " + ", ".join(f"{k} {v:.0f} µs" for k, v in cost.items()))
+    check = ImageCheck(det.metadata)
+    cost = {f"{image.shape[1]}x{image.shape[0]}": _check_cost_us(check, test[0].feature_type, image),
+            "2048x2048": _check_cost_us(check, test[0].feature_type, _resize(image, 2048, 2048))}
+    print("image check per part (median of 200): " + ", ".join(f"{k} {v:.0f} µs" for k, v in cost.items()))
     if args.json:
-        args.json.write_text(json.dumps({**rows, "colour_check_us": cost}, indent=1))
+        args.json.write_text(json.dumps({**rows, "image_check_us": cost}, indent=1))
 
 
 if __name__ == "__main__":
