@@ -46,6 +46,15 @@ def test_data_info_says_what_a_train_would_read(clear_dataset: Path, tmp_path: P
     assert "1 files cannot be read as images" in out.err and "broken.png" in out.err
     assert main(["data", "info", str(tmp_path / "none")]) == 1
     assert "does not exist" in capsys.readouterr().err
+    from PIL import Image
+
+    for p in sorted((data / "dots" / "test" / "blob").glob("*.png")):  # defects saved as JPEG
+        with Image.open(p) as img:
+            img.save(p.with_suffix(".jpg"), quality=90)
+        p.unlink()
+    assert main(["data", "info", str(data)]) == 0
+    assert "are lossy (JPEG or WebP) in other shares (dots: 8 of 8 defective, 0 of 32 GOOD" in \
+        capsys.readouterr().err
 
 
 def test_train_on_a_test_split_says_it_fits_the_held_out_images(clear_dataset: Path, tmp_path: Path,

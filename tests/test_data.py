@@ -19,6 +19,7 @@ from diffqc.data import (
     as_image,
     decode_image,
     image_shape,
+    label_shortcuts,
     load_dataset,
     load_manifest,
     read_image,
@@ -913,3 +914,38 @@ def test_image_compression_is_read_from_the_files_signature() -> None:
     assert [image_compression(d) for d in lossless] == ["lossless"] * len(lossless)
     for other in (b"", b"not an image", b"\x00" * 64, b"RIFF\x00\x00\x00\x00WAVEfmt "):
         assert image_compression(other) is None
+
+
+def _resave(folder: Path, suffix: str, scale: int = 1) -> None:
+    """Every PNG under ``folder`` saved again as ``suffix`` (JPEG at quality 90), ``scale`` times
+    as wide and high."""
+    for p in sorted(folder.rglob("*.png")):
+        with Image.open(p) as img:
+            img = img.resize((img.width * scale, img.height * scale))
+            img.save(p.with_suffix(suffix), **({"quality": 90} if suffix == ".jpg" else {}))
+        if suffix != ".png":
+            p.unlink()
+
+
+def test_label_shortcuts_name_defects_saved_otherwise_than_the_good_parts(tmp_path: Path) -> None:
+    """Defect images collected apart from the GOOD ones (a reject bin photographed and saved as
+    JPEG, or at another zoom) differ by the file alone: on the synthetic set, JPEG defects at
+    quality 90 raised `diffqc test`'s AUROC from 0.887 to 0.940 without a word. Each such type is
+    named, with the counts and one image; a dataset saved alike yields no note."""
+    from tests.conftest import write_clear_dataset
+
+    root = write_clear_dataset(tmp_path / "d", n_train=4, n_test=3)
+    assert label_shortcuts(load_dataset(root)) == []
+    _resave(root / "dots" / "test" / "blob", ".jpg")
+    _resave(root / "stripes" / "test" / "blob", ".png", scale=2)
+    notes = label_shortcuts(load_dataset(root))
+    assert len(notes) == 2, notes
+    assert notes[0].startswith("defective and GOOD images of 1 type(s) are lossy (JPEG or WebP) in "
+                               f"other shares (dots: 3 of 3 defective, 0 of 7 GOOD; e.g. {root}/dots/")
+    assert "AUROC" in notes[0] and "stripes" not in notes[0]
+    assert notes[1].startswith("defective images of 1 type(s) are of a size outside their GOOD "
+                               "images' (stripes: 3 of 3 defective (128x128 px, ...), GOOD 64x64 px; "
+                               f"e.g. {root}/stripes/")
+    _resave(root / "dots" / "test" / "good", ".jpg")  # a GOOD part saved as JPEG too: told apart less
+    _resave(root / "dots" / "train" / "good", ".jpg")
+    assert [n for n in label_shortcuts(load_dataset(root)) if "dots" in n] == []

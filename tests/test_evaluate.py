@@ -302,6 +302,27 @@ def test_copies_of_an_image_are_evaluated_once(clear_dataset: Path, tmp_path: Pa
     _assert_left_out(samples, 2, r"2 image\(s\) are byte-identical copies .*copy-1\.png = ", "copy-2.png")
 
 
+def test_defects_saved_otherwise_than_the_good_parts_are_named(clear_dataset: Path, tmp_path: Path) -> None:
+    """Defects saved as JPEG beside GOOD parts saved as PNG: a score tells the files apart, and
+    the cross-validated AUROC says so as much as it says how defects are found. The terminal and
+    the report's notes name the type; its images are evaluated all the same."""
+    from PIL import Image
+
+    from diffqc.data import DatasetWarning
+
+    samples = [s for s in load_dataset(clear_dataset) if s.feature_type == "stripes"]
+    for i, s in enumerate(samples):
+        if s.label == DEFECTIVE:
+            with Image.open(s.path) as img:
+                img.save(tmp_path / f"{s.path.stem}.jpg", quality=90)
+            samples[i] = replace(s, path=tmp_path / f"{s.path.stem}.jpg")
+    with pytest.warns(DatasetWarning, match=r"are lossy .* \(stripes: 8 of 8 defective, 0 of 32 GOOD"):
+        report = E.evaluate(samples, folds=FOLDS, methods=("padim",), base_config=tiny_config(),
+                            progress=False, n_boot=20, gallery=0, device="cpu")
+    assert any("stripes: 8 of 8 defective, 0 of 32 GOOD" in note for note in report["notes"])
+    assert report["results"]["stripes"]["padim"]["n_defective"] == 8
+
+
 def test_an_evaluation_whose_images_are_all_unreadable_says_so(clear_dataset: Path, tmp_path: Path) -> None:
     """Every file unreadable (a folder of the wrong files, a share that dropped): one error that
     says so and names some; it was a KeyError traceback after the extraction."""

@@ -81,9 +81,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
-    from diffqc.data import describe, load_dataset
+    from diffqc.data import DatasetWarning, describe, label_shortcuts, load_dataset
 
-    info = describe(load_dataset(args.data))  # the loaders' and good_training's warnings as at train
+    samples = load_dataset(args.data)
+    info = describe(samples)  # the loaders' and good_training's warnings as at train
+    for note in label_shortcuts(samples):  # as evaluate and test name them
+        warnings.warn(note, DatasetWarning, stacklevel=1)
     if args.json:
         print(json_line({"data": str(args.data), "types": info}))
         return EXIT_OK

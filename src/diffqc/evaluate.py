@@ -41,7 +41,16 @@ from diffqc import tiling
 from diffqc.backbone import raw_features_in_batches, to_pixels
 from diffqc.calibration import CalibrationWarning, Calibrator, standardiser
 from diffqc.config import METHODS, DetectorConfig, parse_overrides, uses_layouts, with_overrides
-from diffqc.data import DEFECTIVE, GOOD, DatasetWarning, Sample, read_image, read_mask, without_copies
+from diffqc.data import (
+    DEFECTIVE,
+    GOOD,
+    DatasetWarning,
+    Sample,
+    label_shortcuts,
+    read_image,
+    read_mask,
+    without_copies,
+)
 from diffqc.errors import ConfigError, DatasetError, ImageReadError, first_few
 from diffqc.folds import per_type_folds
 from diffqc.metrics import has_both_classes, image_auroc
@@ -392,6 +401,7 @@ def evaluate(
     if len(labelled) < len(samples):
         notes.append(f"{len(samples) - len(labelled)} unlabelled sample(s) ignored")
     labelled, copy_notes = without_copies(labelled)
+    copy_notes += label_shortcuts(labelled)
     notes += copy_notes
     for msg in copy_notes:
         warnings.warn(msg, DatasetWarning, stacklevel=2)

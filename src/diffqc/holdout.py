@@ -25,7 +25,17 @@ from typing import Any
 import numpy as np
 
 from diffqc.calibration import PASS, REJECT, REVIEW
-from diffqc.data import DEFECTIVE, GOOD, Sample, feature_types, fingerprint, of_the_model, samples_of
+from diffqc.data import (
+    DEFECTIVE,
+    GOOD,
+    DatasetWarning,
+    Sample,
+    feature_types,
+    fingerprint,
+    label_shortcuts,
+    of_the_model,
+    samples_of,
+)
 from diffqc.errors import DatasetError, NotFittedError, OutputError
 from diffqc.inspection import Inspection, other_images
 from diffqc.metrics import image_auroc
@@ -158,6 +168,8 @@ def holdout_report(detector: Any, data: Sequence[Sample] | Path | str, *, type_k
                            "on; test on parts it never saw (a new folder of GOOD and defective parts)")
     for note in other_images(detector.metadata, kept):
         warnings.warn(f"test image {note}", stacklevel=2)
+    for note in label_shortcuts(kept):
+        warnings.warn(note, DatasetWarning, stacklevel=2)
     results, read = detector.inspect_samples(kept, type_known=type_known, all_types=False, maps=False,
                                              skip_corrupt=skip_corrupt, progress=progress)
     rows = decision_table(read, results)
