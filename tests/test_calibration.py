@@ -16,6 +16,7 @@ from diffqc.calibration import (
     TypeCalibration,
     calibration_scores,
     conformal_p_value,
+    far_above,
 )
 from diffqc.config import CalibrationConfig
 from diffqc.errors import BundleError
@@ -210,3 +211,21 @@ def test_flagged_excess_p_is_the_hypergeometric_upper_tail() -> None:
         assert flagged_excess_p(*args) == pytest.approx(tail(*args), rel=1e-9)
     assert flagged_excess_p(40, 4, 4, 4) == pytest.approx(1 / 91390)
     assert flagged_excess_p(40, 4, 0, 0) == 1.0 and flagged_excess_p(40, 4, 10, 0) == 1.0
+
+
+def test_far_above_names_the_few_scores_beyond_the_bulk_and_rarely_a_good_one() -> None:
+    """Defects among a type's GOOD calibration images score far above the rest (11x, 3.4x and 3.3x
+    the median in a synthetic type with 3 of 23 so): each is named, highest first, while the
+    median and spread of the bulk stay the GOOD images'. GOOD scores alone (gamma or log-normal
+    draws of 22, as a type's calibration set) are named in well under 1 % of types, and fewer
+    than 10 scores are never judged."""
+    rng = np.random.default_rng(0)
+    good = np.exp(rng.normal(0.0, 0.2, 20)) * 100
+    scores = np.concatenate([good[:7], [1145.0], good[7:14], [335.0, 329.0], good[14:]])
+    assert far_above(scores) == [7, 15, 16]
+    assert far_above(good) == []
+    assert far_above(scores[:9]) == []  # too few to judge
+    named = [bool(far_above(draw)) for draw in (*(rng.gamma(k, 1.0, 22) for k in (1, 2, 5, 20)
+                                                  for _ in range(250)),
+                                                *(np.exp(rng.normal(0, 0.3, 22)) for _ in range(1000)))]
+    assert np.mean(named) < 0.01

@@ -45,7 +45,7 @@ def test_calibration_scores_reproduce_the_fitted_calibration(tiny_model: Path, c
     det = Detector.load(tiny_model, device="cpu")
     good = good_training(load_dataset(clear_dataset))
     _, cal_idx = split_calibration(good, det.config.calibration.fraction, det.config.train.seed)
-    known, unknown = calibration_scores(det, [good[i] for i in cal_idx])
+    known, unknown, _ = calibration_scores(det, [good[i] for i in cal_idx])
     assert det.calibration_ is not None
     for t in det.classes_:
         np.testing.assert_allclose(np.sort(known[t]), det.calibration_.known[t].scores, rtol=1e-5)
@@ -89,6 +89,30 @@ def test_cli_calibrate_rewrites_atomically_and_keeps_the_previous(tiny_model: Pa
     assert reject > cal.known["stripes"].scores[-1]
     assert cal.decide(cal.p_value("stripes", reject)) == "REJECT"
     assert cal.decide(cal.p_value("stripes", float(np.nextafter(reject, 0)))) == "REVIEW"
+
+
+def test_cli_calibrate_names_good_images_that_score_as_no_good_part_does(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Defects among the GOOD images calibrated on raise the thresholds, and defects scoring
+    below them pass: `calibrate` names the images that score far above their type's others, as
+    `train` does, in a warning and in its summary and the bundle's record; the calibration is
+    taken all the same (the user looks and decides)."""
+    model = _copy(tiny_model, tmp_path)
+    data = write_clear_dataset(tmp_path / "fresh", n_train=14, n_test=2, seed=5)
+    shutil.rmtree(data / "dots")
+    slipped = sorted((data / "stripes" / "test" / "blob").glob("*.png"))
+    for p in slipped:  # two defects among the GOOD ones
+        shutil.move(p, data / "stripes" / "train" / "good" / p.name)
+    assert main(["calibrate", str(model), str(data), "-q"]) == 0
+    out = capsys.readouterr()
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    named = summary["suspect_images"]
+    assert named and {Path(e["path"]).name for e in named} <= {p.name for p in slipped}
+    assert "GOOD calibration image(s) of stripes score far above the others of their type" in out.err
+    assert "run calibrate again (the summary's suspect_images lists them)" in out.err
+    assert summary["images"] == {"stripes": 18}
+    meta = json.loads((model / "metadata.json").read_text())
+    assert meta["recalibrated"]["suspect_images"] == named
 
 
 def test_cli_calibrate_writes_nothing_into_a_bundle_retrained_while_it_scored(

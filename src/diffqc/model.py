@@ -31,7 +31,7 @@ from diffqc import __version__, routing, tiling
 from diffqc.backbone import FeatureExtractor, raw_features_in_batches, resolve_device, to_pixels
 from diffqc.baselines import PatchCoreScorer
 from diffqc.bundle import check_weights, read_bundle
-from diffqc.calibration import Calibrator, calibration_scores
+from diffqc.calibration import Calibrator, calibration_scores, suspect_images, suspects_note
 from diffqc.config import CalibrationConfig, DetectorConfig, uses_layouts
 from diffqc.data import (
     DatasetWarning,
@@ -323,6 +323,10 @@ class Detector:
                           stacklevel=2)
         self.fit_features(raw, good, progress=progress, layouts=layouts)
         training = self.metadata["training_data"]
+        if suspects := training["suspect_images"]:
+            warnings.warn(suspects_note(suspects, then="train again",
+                                        listed_in="metadata.json's training_data.suspect_images"),
+                          DatasetWarning, stacklevel=2)
         training["skipped_corrupt"] = [path_text(e.source) for e in errors]
         if self.config.tiling.mode == "off":  # for inspection.ImageCheck
             training["image_sizes"] = image_size_ranges(
@@ -417,6 +421,9 @@ class Detector:
                 "calibration_images": {t: sum(s.feature_type == t for s in cal_samples)
                                        for t in self.classes_},
                 "skipped_corrupt": [],
+                "suspect_images": suspect_images(
+                    (self.classes_[k], s, path_text(p))
+                    for k, s, p in zip(scored.true, scored.known, scored.paths, strict=True)),
             },
             "type_router": scored.router_summary(self.classes_, self.config.scoring.type_candidates),
             "fit_seconds": round(fit_seconds, 2),
@@ -486,6 +493,7 @@ class Detector:
                                           torch.from_numpy(kind).to(batch.device))[1].cpu().numpy()
             out.add(own, [scores[at[j][k]] for j, k in enumerate(own)], cand,
                     np.array([[scores[at[j][int(c)]] for c in row] for j, row in enumerate(cand)]))
+        out.paths = [s.path for s in samples]
         return out
 
     def _calibrated_memory(self, nearest: PatchCoreScorer, feats: Tensor, types: Tensor) -> PatchMemory:
@@ -856,6 +864,7 @@ class _CalibrationScores:
         self.candidates: list[np.ndarray] = []
         self.candidate_scores: list[np.ndarray] = []
         self.unknown_table: dict[str, list[float]] | None = None  # tiled models: arg-min of a table
+        self.paths: list[Path] = []  # the image of each known-type score
 
     def add(self, true: Sequence[int], known: Sequence[float], candidates: np.ndarray,
             scores: np.ndarray) -> None:
@@ -875,6 +884,7 @@ class _CalibrationScores:
     def extend(self, other: _CalibrationScores) -> None:
         self.true += other.true
         self.known += other.known
+        self.paths += other.paths
         self.candidates += other.candidates
         self.candidate_scores += other.candidate_scores
         if other.unknown_table is not None:

@@ -38,11 +38,18 @@ from typing import Any
 
 from diffqc.arguments import QUIET, path_name, path_value, share
 from diffqc.bundle import check_not_retrained, named_model_id
-from diffqc.calibration import SELECTED_BELOW, CalibrationWarning, Calibrator, flagged_excess_p
+from diffqc.calibration import (
+    SELECTED_BELOW,
+    CalibrationWarning,
+    Calibrator,
+    flagged_excess_p,
+    suspect_images,
+    suspects_note,
+)
 from diffqc.config import CalibrationConfig
 from diffqc.errors import BundleError, ConfigError, DatasetError, UnknownFeatureTypeError, did_you_mean
 from diffqc.inspection import other_images
-from diffqc.output import check_writable, json_line, write_atomic
+from diffqc.output import check_writable, json_line, path_text, write_atomic
 
 log = logging.getLogger("diffqc.recalibrate")
 
@@ -61,11 +68,13 @@ def previous_name(name: str) -> str:
 
 
 def calibration_scores(detector: Any, samples: Sequence[Any], *, skip_corrupt: bool = False,
-                       progress: bool = False) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+                       progress: bool = False
+                       ) -> tuple[dict[str, list[float]], dict[str, list[float]], list[Any]]:
     """Scores of GOOD ``samples`` as the detector's calibration needs them: per type, the score
     under the part's own type (known-type table) and, keyed by the type unknown-type mode picks
     (the type router, :mod:`diffqc.routing`), the score under that type (unknown-type table), as
-    :meth:`diffqc.model.Detector.fit` computes them."""
+    :meth:`diffqc.model.Detector.fit` computes them; and the samples scored (the readable ones),
+    in the order of each type's known-type scores."""
     results, kept = detector.inspect_samples(samples, type_known=True, all_types=True, maps=False,
                                              skip_corrupt=skip_corrupt, progress=progress)
     known: dict[str, list[float]] = {}
@@ -74,7 +83,7 @@ def calibration_scores(detector: Any, samples: Sequence[Any], *, skip_corrupt: b
         known.setdefault(sample.feature_type, []).append(float(res.score))
         if res.predicted_type is not None:  # None: a bundle without a type router
             unknown.setdefault(res.predicted_type, []).append(float(res.type_scores[res.predicted_type]))
-    return known, unknown
+    return known, unknown, list(kept)
 
 
 def _merged(old: Calibrator, known: dict[str, list[float]], unknown: dict[str, list[float]],
@@ -179,9 +188,12 @@ def _not_fitted_on(meta: dict[str, Any], samples: list[Any], data: Path | str
 
 
 def _good_scores(det: Any, data: Path | str, *, skip_corrupt: bool, progress: bool
-                 ) -> tuple[dict[str, list[float]], dict[str, list[float]], list[Any], int, list[str]]:
+                 ) -> tuple[dict[str, list[float]], dict[str, list[float]], list[Any], int, list[str],
+                            list[dict[str, Any]]]:
     """The calibration scores of DATA's GOOD images (those the model was fit on left out), the
-    images scored, the fit images left out and the fingerprints of those kept."""
+    images scored, the fit images left out, the fingerprints of those kept, and those that score
+    far above their type's others (:func:`~diffqc.calibration.suspect_images`, named in a
+    warning)."""
     from diffqc.data import GOOD, load_dataset
 
     samples = [s for s in load_dataset(data) if s.label == GOOD]
@@ -195,11 +207,17 @@ def _good_scores(det: Any, data: Path | str, *, skip_corrupt: bool, progress: bo
     samples, left_out, kept_prints = _not_fitted_on(det.metadata, samples, data)
     for note in other_images(det.metadata, samples):
         warnings.warn(f"calibration image {note}", CalibrationWarning, stacklevel=3)
-    known, unknown = calibration_scores(det, samples, skip_corrupt=skip_corrupt, progress=progress)
+    known, unknown, scored = calibration_scores(det, samples, skip_corrupt=skip_corrupt, progress=progress)
     if not known:  # every one skipped as unreadable
         raise DatasetError(f"{data}: none of the {len(samples)} GOOD images could be read; the "
                            "calibration is unchanged")
-    return known, unknown, samples, left_out, kept_prints
+    in_order = {t: iter(v) for t, v in known.items()}
+    suspects = suspect_images((s.feature_type, next(in_order[s.feature_type]), path_text(s.path))
+                              for s in scored)
+    if suspects:
+        warnings.warn(suspects_note(suspects, then="run calibrate again", listed_in="the summary's "
+                                    "suspect_images"), CalibrationWarning, stacklevel=3)
+    return known, unknown, samples, left_out, kept_prints, suspects
 
 
 def _check_levels(old: CalibrationConfig, alpha_review: float | None, alpha_reject: float | None) -> None:
@@ -242,8 +260,9 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
     config = replace(old.config,  # a ConfigError for a level outside (0, 1)
                      alpha_review=old.config.alpha_review if alpha_review is None else alpha_review,
                      alpha_reject=old.config.alpha_reject if alpha_reject is None else alpha_reject)
-    known, unknown, samples, left_out, kept_prints = ({}, {}, [], 0, []) if data is None else _good_scores(
-        det, data, skip_corrupt=skip_corrupt, progress=progress)
+    known, unknown, samples, left_out, kept_prints, suspects = (
+        ({}, {}, [], 0, [], []) if data is None
+        else _good_scores(det, data, skip_corrupt=skip_corrupt, progress=progress))
     new = {CALIBRATION_FILE: _merged(old, known, unknown, config)}
     source = f"{data}: calibrated on it" if data is not None else f"at α_review={config.alpha_review}"
     _refuse_unflaggable(old, new[CALIBRATION_FILE], known, source)
@@ -258,7 +277,7 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
         except BundleError as exc:  # a retrain made the export stale: no runtime runs it now
             warnings.warn(f"{exc}; its INT8 calibration is not recomputed", CalibrationWarning, stacklevel=2)
         else:
-            k8, u8 = ({}, {}) if data is None else calibration_scores(
+            k8, u8, _ = ({}, {}, []) if data is None else calibration_scores(
                 int8, samples, skip_corrupt=skip_corrupt, progress=progress)
             if data is not None or (path / INT8_CALIBRATION_FILE).is_file():  # else it decides with FP32's
                 new[INT8_CALIBRATION_FILE] = _merged(int8.calibration_, k8, u8, config)
@@ -291,10 +310,12 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
         "images": counts,
         **levels,
         "left_out_fit_images": left_out,
+        "suspect_images": suspects,
         "previous_sha256": previous,
     }
     write_atomic(meta_path, json.dumps(meta, indent=2).encode("utf-8"))
     return {"model": str(path), "images": counts, **levels, "left_out_fit_images": left_out,
+            "suspect_images": suspects,
             "files": sorted(new), "kept_previous": sorted(previous_name(n) for n in previous),
             "sha256": checksums,
             "thresholds": {t: new[CALIBRATION_FILE].thresholds(t) for t in sorted(renewed)}}
