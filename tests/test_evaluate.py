@@ -323,6 +323,28 @@ def test_defects_saved_otherwise_than_the_good_parts_are_named(clear_dataset: Pa
     assert report["results"]["stripes"]["padim"]["n_defective"] == 8
 
 
+def test_good_images_that_score_as_defects_out_of_fold_are_named(clear_dataset: Path) -> None:
+    """Defects labelled GOOD (escapes among a line's GOOD images) count as GOOD parts flagged and
+    lower the AUROC without a word. Every GOOD image is scored out of fold once: those far above
+    their type's others are named in a warning and the report's notes; with none, no note."""
+    from diffqc.data import DatasetWarning
+
+    samples = [s for s in load_dataset(clear_dataset) if s.feature_type == "stripes"]
+    defects = [i for i, s in enumerate(samples) if s.label == DEFECTIVE]
+    for i in defects[:2]:
+        samples[i] = replace(samples[i], label=GOOD, defect=None, mask_path=None)
+    with pytest.warns(DatasetWarning, match=r"2 GOOD image\(s\) of stripes, scored out of fold by padim, "
+                                            r"score far above the others of their type"):
+        report = E.evaluate(samples, folds=FOLDS, methods=("padim",), base_config=tiny_config(),
+                            progress=False, n_boot=20, gallery=0, device="cpu")
+    note = next(n for n in report["notes"] if "score far above" in n)
+    assert all(samples[i].path.name in note for i in defects[:2])
+    clean = [s for s in load_dataset(clear_dataset) if s.feature_type == "stripes"]
+    report = E.evaluate(clean, folds=FOLDS, methods=("padim",), base_config=tiny_config(),
+                        progress=False, n_boot=20, gallery=0, device="cpu")
+    assert not [n for n in report["notes"] if "score far above" in n]
+
+
 def test_an_evaluation_whose_images_are_all_unreadable_says_so(clear_dataset: Path, tmp_path: Path) -> None:
     """Every file unreadable (a folder of the wrong files, a share that dropped): one error that
     says so and names some; it was a KeyError traceback after the extraction."""

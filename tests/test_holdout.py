@@ -182,6 +182,26 @@ def test_cli_test_names_defects_saved_otherwise_than_its_good_parts(
         in warned[0]
 
 
+def test_cli_test_names_good_images_that_score_as_defects(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Defects labelled GOOD in a test set count as GOOD parts flagged: the FPR and AUROC in the
+    table are worse than the model's, and nothing said why. Those far above their type's other
+    GOOD images are named (as `evaluate` names them), and still counted as labelled."""
+    data = write_clear_dataset(tmp_path / "fresh", n_train=8, n_test=4, seed=8)
+    slipped = sorted((data / "dots" / "test" / "blob").glob("*.png"))[:2]
+    for p in slipped:
+        shutil.move(p, data / "dots" / "test" / "good" / p.name)
+    report = tmp_path / "report.json"
+    assert main(["test", str(tiny_model), str(data), "-q", "--json", str(report)]) == 0
+    warned = [x for x in capsys.readouterr().err.splitlines() if "score far above" in x]
+    assert len(warned) == 1, warned
+    assert "GOOD image(s) of dots score far above the others of their type" in warned[0]
+    assert any(p.name in warned[0] for p in slipped)
+    assert "dots_train_good_" not in warned[0] and "dots_test_good_" not in warned[0]  # no GOOD part
+    assert "label them defective and test again" in warned[0]
+    assert sum(e["label"] == "good" for e in _strict_json(report)["images"]) == 2 * 12 + 2
+
+
 def test_holdout_report_takes_samples_as_fit_does(tiny_model: Path, clear_dataset: Path) -> None:
     """The Python API: `Detector.fit` takes a dataset's path or its Samples (load_dataset, then
     filtered), `holdout_report` took a path only (a list of Samples was pathlib's TypeError,

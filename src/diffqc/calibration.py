@@ -157,16 +157,27 @@ def suspect_images(scored: Iterable[tuple[str, float, str]]) -> list[dict[str, A
     return out
 
 
-def suspects_note(suspects: Sequence[Mapping[str, Any]], *, then: str, listed_in: str) -> str:
-    """What a user is told of :func:`suspect_images`' images: what to do ``then``, once the
-    defects among them are moved out, and where the full list is."""
+# what a defect among the GOOD calibration images does, as `train` and `calibrate` say it
+RAISES_THRESHOLDS = ("each raises its type's REVIEW and REJECT thresholds, so defects that score "
+                     "below it pass")
+
+
+# what a defect labelled GOOD does to a measurement, as `evaluate` and `test` say it
+COUNTED_FLAGGED = ("each counts as a GOOD part flagged, so the AUROC and FPR below are worse than "
+                   "the detector's")
+
+
+def suspects_note(suspects: Sequence[Mapping[str, Any]], *, images: str, harm: str, then: str,
+                  scored_by: str = "") -> str:
+    """What a user is told of :func:`suspect_images`' ``images`` (as "GOOD calibration
+    image(s)"), ``scored_by`` what: the first few, what they do (``harm``) and what to do
+    ``then``."""
     types = ", ".join(dict.fromkeys(e["feature_type"] for e in suspects))
     named = first_few([f"{e['path']} {e['times_median']}x the median" for e in suspects], 3)
-    return (f"{len(suspects)} GOOD calibration image(s) of {types} score far above the others of "
-            f"their type, as defects among the GOOD images would ({named}): each raises its "
-            "type's REVIEW and REJECT thresholds, so defects that score below it pass; look at them, "
-            f"and if they show defects, move them out of the GOOD images and {then} ({listed_in} "
-            "lists them)")
+    by = f", {scored_by}," if scored_by else ""
+    return (f"{len(suspects)} {images} of {types}{by} score far above the others of their type, as "
+            f"defects among the GOOD images would ({named}): {harm}; look at them, and if they "
+            f"show defects, {then}")
 
 
 # GOOD parts whose share of flagged ones a random draw from the line's parts reaches less often

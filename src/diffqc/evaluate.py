@@ -39,7 +39,14 @@ from tqdm.auto import tqdm
 from diffqc import report as R
 from diffqc import tiling
 from diffqc.backbone import raw_features_in_batches, to_pixels
-from diffqc.calibration import CalibrationWarning, Calibrator, standardiser
+from diffqc.calibration import (
+    COUNTED_FLAGGED,
+    CalibrationWarning,
+    Calibrator,
+    standardiser,
+    suspect_images,
+    suspects_note,
+)
 from diffqc.config import METHODS, DetectorConfig, parse_overrides, uses_layouts, with_overrides
 from diffqc.data import (
     DEFECTIVE,
@@ -55,7 +62,7 @@ from diffqc.errors import ConfigError, DatasetError, ImageReadError, first_few
 from diffqc.folds import per_type_folds
 from diffqc.metrics import has_both_classes, image_auroc
 from diffqc.model import Detector, check_fit_memory, views_to_fit
-from diffqc.output import text_columns
+from diffqc.output import path_text, text_columns
 
 DEFAULT_METHODS = ("diffusion", "patchcore", "padim")
 MAP_SIDE = 128  # anomaly maps are kept at most this many pixels on the long side
@@ -536,6 +543,13 @@ def evaluate(
     if calib_msgs:
         notes.append(f"calibration warnings in the fold models ({len(calib_msgs)} distinct), "
                      f"e.g.: {sorted(calib_msgs)[0]}")
+    first = next(iter(variants.values()))  # every GOOD image is scored out of fold once
+    if suspects := suspect_images((stypes[i], float(first.raw[i]), path_text(ev[i].path))
+                                  for i in range(n) if y[i] == GOOD and np.isfinite(first.raw[i])):
+        notes.append(suspects_note(
+            suspects, images="GOOD image(s)", scored_by=f"scored out of fold by {first.name}",
+            harm=COUNTED_FLAGGED, then="label them defective and evaluate again"))
+        warnings.warn(notes[-1], DatasetWarning, stacklevel=2)
 
     report = _build_report(
         ev=ev, y=y, stypes=stypes, types=types, fold_of=fold_of, folds=folds, seed=seed,

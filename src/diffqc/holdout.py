@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from diffqc.calibration import PASS, REJECT, REVIEW
+from diffqc.calibration import COUNTED_FLAGGED, PASS, REJECT, REVIEW, suspect_images, suspects_note
 from diffqc.data import (
     DEFECTIVE,
     GOOD,
@@ -173,6 +173,10 @@ def holdout_report(detector: Any, data: Sequence[Sample] | Path | str, *, type_k
     results, read = detector.inspect_samples(kept, type_known=type_known, all_types=False, maps=False,
                                              skip_corrupt=skip_corrupt, progress=progress)
     rows = decision_table(read, results)
+    if suspects := suspect_images((s.feature_type, r.score, path_text(s.path))
+                                  for s, r in zip(read, results, strict=True) if s.label == GOOD):
+        warnings.warn(suspects_note(suspects, images="GOOD image(s)", harm=COUNTED_FLAGGED,
+                                    then="label them defective and test again"), DatasetWarning, stacklevel=2)
     report: dict[str, Any] = {
         "data": name, "type_known": type_known,
         "left_out": {"unlabelled": len(listed) - len(samples), "other_types": len(samples) - len(ours),

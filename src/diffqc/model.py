@@ -31,7 +31,13 @@ from diffqc import __version__, routing, tiling
 from diffqc.backbone import FeatureExtractor, raw_features_in_batches, resolve_device, to_pixels
 from diffqc.baselines import PatchCoreScorer
 from diffqc.bundle import check_weights, read_bundle
-from diffqc.calibration import Calibrator, calibration_scores, suspect_images, suspects_note
+from diffqc.calibration import (
+    RAISES_THRESHOLDS,
+    Calibrator,
+    calibration_scores,
+    suspect_images,
+    suspects_note,
+)
 from diffqc.config import CalibrationConfig, DetectorConfig, uses_layouts
 from diffqc.data import (
     DatasetWarning,
@@ -324,8 +330,9 @@ class Detector:
         self.fit_features(raw, good, progress=progress, layouts=layouts)
         training = self.metadata["training_data"]
         if suspects := training["suspect_images"]:
-            warnings.warn(suspects_note(suspects, then="train again",
-                                        listed_in="metadata.json's training_data.suspect_images"),
+            warnings.warn(suspects_note(suspects, images="GOOD calibration image(s)", harm=RAISES_THRESHOLDS,
+                                        then="move them out of the GOOD images and train again "
+                                        "(metadata.json's training_data.suspect_images lists them)"),
                           DatasetWarning, stacklevel=2)
         training["skipped_corrupt"] = [path_text(e.source) for e in errors]
         if self.config.tiling.mode == "off":  # for inspection.ImageCheck

@@ -39,6 +39,7 @@ from typing import Any
 from diffqc.arguments import QUIET, path_name, path_value, share
 from diffqc.bundle import check_not_retrained, named_model_id
 from diffqc.calibration import (
+    RAISES_THRESHOLDS,
     SELECTED_BELOW,
     CalibrationWarning,
     Calibrator,
@@ -215,8 +216,10 @@ def _good_scores(det: Any, data: Path | str, *, skip_corrupt: bool, progress: bo
     suspects = suspect_images((s.feature_type, next(in_order[s.feature_type]), path_text(s.path))
                               for s in scored)
     if suspects:
-        warnings.warn(suspects_note(suspects, then="run calibrate again", listed_in="the summary's "
-                                    "suspect_images"), CalibrationWarning, stacklevel=3)
+        warnings.warn(suspects_note(suspects, images="GOOD calibration image(s)", harm=RAISES_THRESHOLDS,
+                                    then="move them out of the GOOD images and run calibrate again "
+                                    "(the summary's suspect_images lists them)"),
+                      CalibrationWarning, stacklevel=3)
     return known, unknown, samples, left_out, kept_prints, suspects
 
 
