@@ -345,6 +345,30 @@ def test_good_images_that_score_as_defects_out_of_fold_are_named(clear_dataset: 
     assert not [n for n in report["notes"] if "score far above" in n]
 
 
+def test_a_folders_manifest_that_leaves_out_its_new_images_is_named(clear_dataset: Path,
+                                                                   tmp_path: Path) -> None:
+    """evaluate reads a folder's manifest.csv (its part ids group the folds) where train, test and
+    data info read the folder: images added to the folder after the manifest was written were
+    left out of the evaluation without a word. They are named, with the way to take them in."""
+    from diffqc.data import DatasetWarning
+
+    data = tmp_path / "data"
+    shutil.copytree(clear_dataset, data)
+    rows = ["path,feature_type,label,split"] + [
+        f"{s.path.relative_to(data)},{s.feature_type},{'good' if s.label == GOOD else 'defect'},{s.split}"
+        for s in load_dataset(data)]
+    (data / "manifest.csv").write_text("\n".join(rows) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the manifest lists the folder's images: nothing to say
+        assert len(E.load_evaluation_data(data)[0]) == len(rows) - 1
+    new = data / "dots" / "train" / "good" / "added-later.png"
+    shutil.copyfile(next((data / "dots" / "train" / "good").glob("*.png")), new)
+    with pytest.warns(DatasetWarning, match=r"manifest.csv does not list 1 image\(s\) of its folder "
+                                            r"\(.*added-later\.png\)"):
+        samples, source = E.load_evaluation_data(data)
+    assert source == str(data / "manifest.csv") and len(samples) == len(rows) - 1
+
+
 def test_an_evaluation_whose_images_are_all_unreadable_says_so(clear_dataset: Path, tmp_path: Path) -> None:
     """Every file unreadable (a folder of the wrong files, a share that dropped): one error that
     says so and names some; it was a KeyError traceback after the extraction."""

@@ -932,6 +932,24 @@ def load_dataset(source: Path | str) -> list[Sample]:
     return load_mvtec(source)
 
 
+def unlisted_images(folder: Path | str, listed: Sequence[Sample]) -> list[Path]:
+    """The images ``folder`` holds in a dataset layout (as :func:`load_dataset` reads a folder
+    with types in it) that ``listed`` (its manifest's samples) leaves out: images added after
+    the manifest was written. ``[]`` for a folder without such a layout (the manifest is its
+    dataset) or one that cannot be read as one."""
+    folder = Path(folder)
+    if not any(_is_mvtec_type(d) or _is_labelled_type(d) for d in _subfolders(folder)):
+        return []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the folder's own notes: the manifest is what is read
+            held = load_mvtec(folder)
+    except DatasetError:
+        return []
+    named = {os.path.abspath(s.path) for s in listed}
+    return sorted(s.path for s in held if os.path.abspath(s.path) not in named)
+
+
 def samples_of(data: Sequence[Sample] | Path | str, taker: str) -> list[Sample]:
     """A dataset given to the Python API: its path (read with :func:`load_dataset`) or its
     :class:`Sample` s (read, then filtered, say); anything else is a TypeError naming ``taker``."""

@@ -901,11 +901,18 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
 def load_evaluation_data(data: Path | str) -> tuple[list[Sample], str]:
     """Samples of DATA and a description of the source. A folder's ``manifest.csv`` is preferred
     to its MVTec layout, because only the manifest carries ``part_id`` (the grouping unit)."""
-    from diffqc.data import load_dataset, load_manifest
+    from diffqc.data import load_dataset, load_manifest, unlisted_images
 
     path = Path(data)
     if path.is_dir() and (path / "manifest.csv").is_file():
-        return load_manifest(path / "manifest.csv"), str(path / "manifest.csv")
+        listed = load_manifest(path / "manifest.csv")
+        if unlisted := unlisted_images(path, listed):
+            warnings.warn(f"{path / 'manifest.csv'} does not list {len(unlisted)} image(s) of its folder "
+                          f"({first_few([str(p) for p in unlisted], 3)}): evaluate reads a folder's "
+                          "manifest.csv (its part ids group the folds) and leaves them out, where "
+                          "train, test and data info read the folder; write the manifest again with "
+                          "them, or evaluate a copy of the folder without it", DatasetWarning, stacklevel=2)
+        return listed, str(path / "manifest.csv")
     return load_dataset(path), str(path)
 
 
