@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from diffqc.config import DetectorConfig
-from diffqc.data import DEFECTIVE, load_dataset, read_image
+from diffqc.data import DEFECTIVE, DatasetWarning, load_dataset, read_image
 from diffqc.errors import BundleError, DatasetError, OutputError, UnknownFeatureTypeError
 from diffqc.inspection import BUNDLE_FILES
 from diffqc.metrics import image_auroc
@@ -498,8 +498,8 @@ def test_fit_names_calibration_images_that_score_as_no_good_part_does(clear_data
     good = [replace(s, split="train") for s in dots if s.label == GOOD]
     slipped = [replace(s, label=GOOD, defect=None, mask_path=None, split="train")
                for s in dots if s.label == DEFECTIVE]
-    with pytest.warns(DatasetWarning, match=r"GOOD calibration image\(s\) of dots score far above the "
-                                            r"others.*blob_00\d\.png \d+\.\dx the median"):
+    with pytest.warns(DatasetWarning, match=r"GOOD training image\(s\) of dots score far above the "
+                                            r"others.*blob_00\d\.png \d+\.\dx the median of the calibration"):
         det = Detector(tiny_config(), device="cpu").fit(good + slipped[:3], progress=False)
     named = det.metadata["training_data"]["suspect_images"]
     assert named and {e["path"] for e in named} <= {str(s.path) for s in slipped[:3]}
@@ -509,6 +509,28 @@ def test_fit_names_calibration_images_that_score_as_no_good_part_does(clear_data
         clean = Detector(tiny_config(), device="cpu").fit(good, progress=False)
     assert clean.metadata["training_data"]["suspect_images"] == []
     assert not [w for w in caught if "score far above" in str(w.message)]
+
+
+def test_fit_names_fit_images_that_score_far_above_the_others_in_sample(tmp_path: Path) -> None:
+    """A defect drawn among the fit images is learnt as GOOD (defects like it pass): the fit
+    images are judged too, each scored by the model fit on them against the others. A synthetic
+    type at the default settings, 4 of its defects among 46 GOOD images: the 2 drawn for fitting
+    stand 6.7 and 7.0 robust deviations out (the next, a GOOD one, 2.4) and are named."""
+    from dataclasses import replace
+
+    from diffqc.data import GOOD
+    from diffqc.synth import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "syn", n_parts=400, seed=3, progress=False)
+    edge1 = [s for s in load_dataset(tmp_path / "syn") if s.feature_type == "edge1"]
+    good = [replace(s, split="train") for s in edge1 if s.label == GOOD]
+    slipped = [replace(s, label=GOOD, defect=None, mask_path=None, split="train")
+               for s in edge1 if s.label == DEFECTIVE][:4]
+    with pytest.warns(DatasetWarning, match=r"x the median of the fit images \(in sample\)"):
+        det = Detector(DetectorConfig(), device="cpu").fit(good + slipped, progress=False)
+    named = [e for e in det.metadata["training_data"]["suspect_images"]
+             if e["among"] == "fit images (in sample)"]
+    assert len(named) == 2 and {e["path"] for e in named} <= {str(s.path) for s in slipped}
 
 
 def test_type_with_one_good_part_fails_before_training(clear_dataset: Path) -> None:

@@ -162,6 +162,11 @@ RAISES_THRESHOLDS = ("each raises its type's REVIEW and REJECT thresholds, so de
                      "below it pass")
 
 
+# and among the GOOD training images, as `train` says it
+LEARNT_OR_RAISED = ("one among the fit images is learnt as GOOD, one among the calibration images "
+                    "raises its type's REVIEW and REJECT thresholds: defects like it, or scoring below "
+                    "it, pass")
+
 # what a defect labelled GOOD does to a measurement, as `evaluate` and `test` say it
 COUNTED_FLAGGED = ("each counts as a GOOD part flagged, so the AUROC and FPR below are worse than "
                    "the detector's")
@@ -173,7 +178,8 @@ def suspects_note(suspects: Sequence[Mapping[str, Any]], *, images: str, harm: s
     image(s)"), ``scored_by`` what: the first few, what they do (``harm``) and what to do
     ``then``."""
     types = ", ".join(dict.fromkeys(e["feature_type"] for e in suspects))
-    named = first_few([f"{e['path']} {e['times_median']}x the median" for e in suspects], 3)
+    named = first_few([f"{e['path']} {e['times_median']}x the median"
+                       + (f" of the {e['among']}" if "among" in e else "") for e in suspects], 3)
     by = f", {scored_by}," if scored_by else ""
     return (f"{len(suspects)} {images} of {types}{by} score far above the others of their type, as "
             f"defects among the GOOD images would ({named}): {harm}; look at them, and if they "

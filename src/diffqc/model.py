@@ -32,7 +32,7 @@ from diffqc.backbone import FeatureExtractor, raw_features_in_batches, resolve_d
 from diffqc.baselines import PatchCoreScorer
 from diffqc.bundle import check_weights, read_bundle
 from diffqc.calibration import (
-    RAISES_THRESHOLDS,
+    LEARNT_OR_RAISED,
     Calibrator,
     calibration_scores,
     suspect_images,
@@ -330,7 +330,7 @@ class Detector:
         self.fit_features(raw, good, progress=progress, layouts=layouts)
         training = self.metadata["training_data"]
         if suspects := training["suspect_images"]:
-            warnings.warn(suspects_note(suspects, images="GOOD calibration image(s)", harm=RAISES_THRESHOLDS,
+            warnings.warn(suspects_note(suspects, images="GOOD training image(s)", harm=LEARNT_OR_RAISED,
                                         then="move them out of the GOOD images and train again "
                                         "(metadata.json's training_data.suspect_images lists them)"),
                           DatasetWarning, stacklevel=2)
@@ -410,6 +410,14 @@ class Detector:
             scored = self._calibration_scores(feats[cal_rows], cal_samples, progress=progress,
                                               layouts=cal_layouts)
         self.calibration_ = scored.calibrator(self.classes_, self.config.calibration)
+        suspects = [{**e, "among": "calibration images"} for e in suspect_images(
+            (self.classes_[k], s, path_text(p)) for k, s, p in zip(scored.true, scored.known, scored.paths,
+                                                                   strict=True))]
+        if not cross and layouts is None:  # the fit images by the model fit on them, against each other
+            own = self._own_scores(feats[fit_idx], types[fit_idx])
+            suspects += [{**e, "among": "fit images (in sample)"} for e in suspect_images(
+                (good[i].feature_type, float(s), path_text(good[i].path))
+                for i, s in zip(fit_idx, own, strict=True))]
         if nearest is not None:
             self.memory_ = self._calibrated_memory(nearest, feats[cal_rows], types[cal_rows])
         history = getattr(scorer, "history_", None)
@@ -428,9 +436,7 @@ class Detector:
                 "calibration_images": {t: sum(s.feature_type == t for s in cal_samples)
                                        for t in self.classes_},
                 "skipped_corrupt": [],
-                "suspect_images": suspect_images(
-                    (self.classes_[k], s, path_text(p))
-                    for k, s, p in zip(scored.true, scored.known, scored.paths, strict=True)),
+                "suspect_images": suspects,
             },
             "type_router": scored.router_summary(self.classes_, self.config.scoring.type_candidates),
             "fit_seconds": round(fit_seconds, 2),
@@ -502,6 +508,13 @@ class Detector:
                     np.array([[scores[at[j][int(c)]] for c in row] for j, row in enumerate(cand)]))
         out.paths = [s.path for s in samples]
         return out
+
+    @torch.inference_mode()
+    def _own_scores(self, feats: Tensor, types: Tensor) -> np.ndarray:
+        """Image scores of standardised features under the given types, in batches."""
+        bs = self.config.batch_size
+        return np.concatenate([self.maps_and_scores(feats[i: i + bs], types[i: i + bs])[1].float().cpu()
+                               .numpy() for i in range(0, feats.shape[0], bs)])
 
     def _calibrated_memory(self, nearest: PatchCoreScorer, feats: Tensor, types: Tensor) -> PatchMemory:
         """The fused heat map's constants from the GOOD calibration images' image scores under
