@@ -113,7 +113,7 @@ class TypeCalibration:
 
 
 # a calibration score more robust standard deviations than this above its type's median (on a log
-# scale) is named by far_above; a type with fewer calibration scores than FAR_ABOVE_MIN is not
+# scale) is named by far_above; a type with fewer GOOD images' scores than FAR_ABOVE_MIN is not
 # judged (its median and spread too uncertain): chosen on GOOD scores simulated as gamma and
 # log-normal draws (named in under 0.5 % of types of 22) and on synthetic types with defects among
 # their GOOD images (tests/test_calibration.py; README, under `diffqc evaluate`)
@@ -142,7 +142,7 @@ def far_above(scores: np.ndarray | Sequence[float]) -> list[int]:
 
 
 def suspect_images(scored: Iterable[tuple[str, float, str]]) -> list[dict[str, Any]]:
-    """Of GOOD calibration images given as (type, score, path), those that score far above
+    """Of GOOD images given as (type, score, path), those that score far above
     their type's others (:func:`far_above`: defects among the GOOD images, most likely), per
     type highest first: path, type, score and how many times the type's median score it is."""
     by_type: dict[str, list[tuple[float, str]]] = {}

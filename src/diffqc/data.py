@@ -1050,9 +1050,11 @@ def label_shortcuts(samples: Sequence[Sample]) -> list[str]:
     Read from the headers: files that cannot be read are left to the readers that name them."""
     compressed: list[tuple[str, Path]] = []  # per type: its counts, and an image of the odd kind
     sized_otherwise: list[tuple[str, Path]] = []
-    for t in feature_types(samples):
-        good = [s for s in samples if s.feature_type == t and s.label == GOOD]
-        bad = [s for s in samples if s.feature_type == t and s.label == DEFECTIVE]
+    by_type: dict[str, dict[int, list[Sample]]] = {}
+    for s in samples:
+        by_type.setdefault(s.feature_type, {GOOD: [], DEFECTIVE: []}).get(s.label, []).append(s)
+    for t, labelled in sorted(by_type.items()):
+        good, bad = labelled[GOOD], labelled[DEFECTIVE]
         if not good or not bad:
             continue
         kind = {id(s): file_compression(s.path) for s in (*good, *bad)}

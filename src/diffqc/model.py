@@ -329,6 +329,7 @@ class Detector:
                           stacklevel=2)
         self.fit_features(raw, good, progress=progress, layouts=layouts)
         training = self.metadata["training_data"]
+        training["suspect_images"] += self._suspect_fit_images(raw, good, layouts)
         if suspects := training["suspect_images"]:
             warnings.warn(suspects_note(suspects, images="GOOD training image(s)", harm=LEARNT_OR_RAISED,
                                         then="move them out of the GOOD images and train again "
@@ -413,11 +414,6 @@ class Detector:
         suspects = [{**e, "among": "calibration images"} for e in suspect_images(
             (self.classes_[k], s, path_text(p)) for k, s, p in zip(scored.true, scored.known, scored.paths,
                                                                    strict=True))]
-        if not cross and layouts is None:  # the fit images by the model fit on them, against each other
-            own = self._own_scores(feats[fit_idx], types[fit_idx])
-            suspects += [{**e, "among": "fit images (in sample)"} for e in suspect_images(
-                (good[i].feature_type, float(s), path_text(good[i].path))
-                for i, s in zip(fit_idx, own, strict=True))]
         if nearest is not None:
             self.memory_ = self._calibrated_memory(nearest, feats[cal_rows], types[cal_rows])
         history = getattr(scorer, "history_", None)
@@ -510,11 +506,23 @@ class Detector:
         return out
 
     @torch.inference_mode()
-    def _own_scores(self, feats: Tensor, types: Tensor) -> np.ndarray:
-        """Image scores of standardised features under the given types, in batches."""
-        bs = self.config.batch_size
-        return np.concatenate([self.maps_and_scores(feats[i: i + bs], types[i: i + bs])[1].float().cpu()
-                               .numpy() for i in range(0, feats.shape[0], bs)])
+    def _suspect_fit_images(self, raw: Tensor, good: Sequence[Sample],
+                            layouts: Sequence[tiling.Layout] | None) -> list[dict[str, Any]]:
+        """The fit images that score far above their type's others under the model fit on them
+        (:func:`~diffqc.calibration.suspect_images`): a defect among them is learnt as GOOD. Not
+        judged: under ``calibration.scheme=cross`` (every image is a calibration image), for
+        pad, crop and tiled models (views, not images), and for PatchCore (its memory bank holds
+        the fit images themselves: their distances to it say nothing)."""
+        if (self.config.calibration.scheme == "cross" or layouts is not None
+                or self.config.method == "patchcore"):
+            return []
+        fit, bs = self.fit_indices_, self.config.batch_size
+        types = torch.tensor([self.classes_.index(good[i].feature_type) for i in fit], device=self.device)
+        own = np.concatenate([  # a batch at a time: no second copy of the features
+            self.maps_and_scores(self.extractor.standardise(raw[fit[i: i + bs]].to(self.device)),
+                                 types[i: i + bs])[1].float().cpu().numpy() for i in range(0, len(fit), bs)])
+        return [{**e, "among": "fit images (in sample)"} for e in suspect_images(
+            (good[i].feature_type, float(s), path_text(good[i].path)) for i, s in zip(fit, own, strict=True))]
 
     def _calibrated_memory(self, nearest: PatchCoreScorer, feats: Tensor, types: Tensor) -> PatchMemory:
         """The fused heat map's constants from the GOOD calibration images' image scores under
