@@ -141,10 +141,12 @@ def far_above(scores: np.ndarray | Sequence[float]) -> list[int]:
     return [int(i) for i in np.argsort(-z, kind="stable") if z[i] > FAR_ABOVE_Z]
 
 
-def suspect_images(scored: Iterable[tuple[str, float, str]]) -> list[dict[str, Any]]:
+def suspect_images(scored: Iterable[tuple[str, float, str]], *, among: str | None = None
+                   ) -> list[dict[str, Any]]:
     """Of GOOD images given as (type, score, path), those that score far above
     their type's others (:func:`far_above`: defects among the GOOD images, most likely), per
-    type highest first: path, type, score and how many times the type's median score it is."""
+    type highest first: path, type, score and how many times the type's median score it is; and,
+    given ``among``, which images they were judged among ("calibration images")."""
     by_type: dict[str, list[tuple[float, str]]] = {}
     for t, score, path in scored:
         by_type.setdefault(t, []).append((float(score), path))
@@ -152,7 +154,8 @@ def suspect_images(scored: Iterable[tuple[str, float, str]]) -> list[dict[str, A
     for t, mine in sorted(by_type.items()):
         median = float(np.median([s for s, _ in mine]))
         out += [{"path": mine[i][1], "feature_type": t, "score": mine[i][0],
-                 "times_median": round(mine[i][0] / median, 1) if median > 0 else None}
+                 "times_median": round(mine[i][0] / median, 1) if median > 0 else None,
+                 **({"among": among} if among else {})}
                 for i in far_above([s for s, _ in mine])]
     return out
 
@@ -160,7 +163,6 @@ def suspect_images(scored: Iterable[tuple[str, float, str]]) -> list[dict[str, A
 # what a defect among the GOOD calibration images does, as `train` and `calibrate` say it
 RAISES_THRESHOLDS = ("each raises its type's REVIEW and REJECT thresholds, so defects that score "
                      "below it pass")
-
 
 # and among the GOOD training images, as `train` says it
 LEARNT_OR_RAISED = ("one among the fit images is learnt as GOOD, one among the calibration images "

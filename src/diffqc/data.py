@@ -919,15 +919,19 @@ def name_types_alike(where: str, types: Sequence[str]) -> None:
                       "matched exactly): write each type one way", DatasetWarning, stacklevel=3)
 
 
+def _holds_types(folder: Path) -> bool:
+    """Whether ``folder`` holds type folders (MVTec layout or labelled folders): read as a
+    dataset in its own right, before a ``manifest.csv`` beside them."""
+    return any(_is_mvtec_type(d) or _is_labelled_type(d) for d in _subfolders(folder))
+
+
 def load_dataset(source: Path | str) -> list[Sample]:
     """Load a dataset from a folder (MVTec layout or labelled folders) or a manifest
     (:func:`is_manifest`)."""
     source = Path(source)
     if is_manifest(source):
         return load_manifest(source)
-    if source.is_dir() and (source / "manifest.csv").is_file() and not any(
-        _is_mvtec_type(d) or _is_labelled_type(d) for d in _subfolders(source)
-    ):
+    if source.is_dir() and (source / "manifest.csv").is_file() and not _holds_types(source):
         return load_manifest(source / "manifest.csv")
     return load_mvtec(source)
 
@@ -938,7 +942,7 @@ def unlisted_images(folder: Path | str, listed: Sequence[Sample]) -> list[Path]:
     the manifest was written. ``[]`` for a folder without such a layout (the manifest is its
     dataset) or one that cannot be read as one."""
     folder = Path(folder)
-    if not any(_is_mvtec_type(d) or _is_labelled_type(d) for d in _subfolders(folder)):
+    if not _holds_types(folder):
         return []
     try:
         with warnings.catch_warnings():

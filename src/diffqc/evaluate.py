@@ -407,10 +407,10 @@ def evaluate(
     labelled = [s for s in samples if s.label in (GOOD, DEFECTIVE)]
     if len(labelled) < len(samples):
         notes.append(f"{len(samples) - len(labelled)} unlabelled sample(s) ignored")
-    labelled, copy_notes = without_copies(labelled)
-    copy_notes += label_shortcuts(labelled)
-    notes += copy_notes
-    for msg in copy_notes:
+    labelled, data_notes = without_copies(labelled)
+    data_notes += label_shortcuts(labelled)
+    notes += data_notes
+    for msg in data_notes:
         warnings.warn(msg, DatasetWarning, stacklevel=2)
     types, type_notes = _eligible_types(labelled, folds)
     notes += type_notes

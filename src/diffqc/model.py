@@ -411,9 +411,9 @@ class Detector:
             scored = self._calibration_scores(feats[cal_rows], cal_samples, progress=progress,
                                               layouts=cal_layouts)
         self.calibration_ = scored.calibrator(self.classes_, self.config.calibration)
-        suspects = [{**e, "among": "calibration images"} for e in suspect_images(
-            (self.classes_[k], s, path_text(p)) for k, s, p in zip(scored.true, scored.known, scored.paths,
-                                                                   strict=True))]
+        suspects = suspect_images(((self.classes_[k], s, path_text(p))
+                                   for k, s, p in zip(scored.true, scored.known, scored.paths, strict=True)),
+                                  among="calibration images")
         if nearest is not None:
             self.memory_ = self._calibrated_memory(nearest, feats[cal_rows], types[cal_rows])
         history = getattr(scorer, "history_", None)
@@ -521,8 +521,8 @@ class Detector:
         own = np.concatenate([  # a batch at a time: no second copy of the features
             self.maps_and_scores(self.extractor.standardise(raw[fit[i: i + bs]].to(self.device)),
                                  types[i: i + bs])[1].float().cpu().numpy() for i in range(0, len(fit), bs)])
-        return [{**e, "among": "fit images (in sample)"} for e in suspect_images(
-            (good[i].feature_type, float(s), path_text(good[i].path)) for i, s in zip(fit, own, strict=True))]
+        return suspect_images(((good[i].feature_type, float(s), path_text(good[i].path))
+                               for i, s in zip(fit, own, strict=True)), among="fit images (in sample)")
 
     def _calibrated_memory(self, nearest: PatchCoreScorer, feats: Tensor, types: Tensor) -> PatchMemory:
         """The fused heat map's constants from the GOOD calibration images' image scores under
