@@ -8,9 +8,13 @@ GOOD training parts, then inspects its test parts as they are and as a changed c
 deliver them, and prints per variant the GOOD parts flagged (REVIEW + REJECT, 5 % target), the
 defective parts flagged, the mean per-type image AUROC, and how many types diffqc's image check
 (``inspection.ImageCheck``: size, colour, compression, brightness, clipping) names; last, what
-the whole check costs a part (median of 200 calls, at the test images' size and at 2048 x 2048).
+the whole check costs a part (median of 200 calls, at the test images' size and at 2048 x 2048),
+and what it adds to the Python API's ``Detector.inspect`` of one part given as a camera's uint8
+array (``check_images`` on and off, alternating, median of 30 calls each; ``--costs-only``: the
+fit and these costs alone).
 
     OMP_NUM_THREADS=2 python benchmarks/image_size.py [--out /tmp/diffqc-image-size] [--json PATH]
+                                                      [--costs-only]
 """
 
 from __future__ import annotations
@@ -85,10 +89,26 @@ def _check_cost_us(check: ImageCheck, feature_type: str, image: np.ndarray, call
     return float(np.median(times) * 1e6)
 
 
+def _inspect_ms(det: Detector, feature_type: str, image: np.ndarray, calls: int = 30) -> dict[str, float]:
+    """Median milliseconds of ``det.inspect([image])`` with the image check and without it (the
+    two alternating, after a warm-up call of each, in one process)."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(2 * calls + 2):
+            checked = i % 2 == 0
+            t0 = time.perf_counter()
+            det.inspect([image], [feature_type], all_types=False, check_images=checked)
+            if i >= 2:
+                times[checked].append(time.perf_counter() - t0)
+    return {"checked": float(np.median(times[True]) * 1e3), "unchecked": float(np.median(times[False]) * 1e3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/diffqc-image-size"))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--costs-only", action="store_true", help="fit, then the check's costs alone")
     args = ap.parse_args()
     data = args.out / "data"
     if not (data / ".diffqc-synth.json").is_file():
@@ -107,7 +127,7 @@ def main() -> None:
         check = ImageCheck(det.metadata)
         named = sum(check(s.feature_type, img.shape[0], img.shape[1], img, compression) is not None
                     for s, img in zip(test, images, strict=True))
-        res = det.inspect(images, [s.feature_type for s in test])
+        res = det.inspect(images, [s.feature_type for s in test], check_images=False)  # counted above
         flagged = np.array([r.decision != "PASS" for r in res])
         scores = np.array([r.score for r in res])
         aurocs = [roc_auc_score(y[types == t], scores[types == t]) for t in det.classes_
@@ -117,26 +137,27 @@ def main() -> None:
                 "mean_image_auroc": float(np.mean(aurocs)), "types_named": named,
                 "n_good": int((~y).sum()), "n_defective": int(y.sum())}
 
-    rows = {name: measure(det, change, COMPRESSION.get(name, "lossless"))
-            for name, change in VARIANTS.items()}
-    # the camera changed on purpose, recalibrated (not retrained): `diffqc calibrate` on GOOD
-    # images of another synthetic set (seed 1), stretched as the test parts are
-    stretch = VARIANTS["aspect 1.25 : 1"]
-    recal = args.out / "recalibration"
-    if recal.exists():
-        shutil.rmtree(recal)
-    write_synthetic_dataset(recal / "source", seed=1, progress=False)
-    for s in load_manifest(recal / "source" / "manifest.csv"):
-        if s.label == GOOD and s.split == "train":
-            target = recal / "data" / s.feature_type / "train" / "good" / s.path.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            pixels = np.clip(stretch(read_image(s.path)), 0, 1) * 255 + 0.5
-            Image.fromarray(pixels.astype(np.uint8)).save(target)
-    det.save(recal / "model")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        recalibrate(recal / "model", recal / "data")
-    rows["aspect 1.25 : 1, recalibrated"] = measure(Detector.load(recal / "model", device="cpu"), stretch)
+    rows = {} if args.costs_only else {name: measure(det, change, COMPRESSION.get(name, "lossless"))
+                                       for name, change in VARIANTS.items()}
+    if not args.costs_only:
+        # the camera changed on purpose, recalibrated (not retrained): `diffqc calibrate` on GOOD
+        # images of another synthetic set (seed 1), stretched as the test parts are
+        stretch = VARIANTS["aspect 1.25 : 1"]
+        recal = args.out / "recalibration"
+        if recal.exists():
+            shutil.rmtree(recal)
+        write_synthetic_dataset(recal / "source", seed=1, progress=False)
+        for s in load_manifest(recal / "source" / "manifest.csv"):
+            if s.label == GOOD and s.split == "train":
+                target = recal / "data" / s.feature_type / "train" / "good" / s.path.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                pixels = np.clip(stretch(read_image(s.path)), 0, 1) * 255 + 0.5
+                Image.fromarray(pixels.astype(np.uint8)).save(target)
+        det.save(recal / "model")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            recalibrate(recal / "model", recal / "data")
+        rows["aspect 1.25 : 1, recalibrated"] = measure(Detector.load(recal / "model", device="cpu"), stretch)
     print(f"{'images':<44}{'size':>9}{'GOOD flagged':>14}{'defects flagged':>17}{'mean AUROC':>12}"
           f"{'types named':>13}")
     for name, r in rows.items():
@@ -147,8 +168,16 @@ def main() -> None:
     cost = {f"{image.shape[1]}x{image.shape[0]}": _check_cost_us(check, test[0].feature_type, image),
             "2048x2048": _check_cost_us(check, test[0].feature_type, _resize(image, 2048, 2048))}
     print("image check per part (median of 200): " + ", ".join(f"{k} {v:.0f} µs" for k, v in cost.items()))
+
+    def camera(img: np.ndarray) -> np.ndarray:  # a camera SDK's frame, as the Python API is given it
+        return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+    api = {"256x256": _inspect_ms(det, test[0].feature_type, camera(image)),
+           "2048x2048": _inspect_ms(det, test[0].feature_type, camera(_resize(image, 2048, 2048)))}
+    print("Detector.inspect of one uint8 part (median of 30), checked / unchecked: "
+          + ", ".join(f"{k} {v['checked']:.1f} / {v['unchecked']:.1f} ms" for k, v in api.items()))
     if args.json:
-        args.json.write_text(json.dumps({**rows, "image_check_us": cost}, indent=1))
+        args.json.write_text(json.dumps({**rows, "image_check_us": cost, "inspect_ms": api}, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ checks of ``inspect``'s arguments."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -192,3 +193,53 @@ def test_brightness_check_names_a_type_once_seen_far_brighter_than_its_training(
     assert "a longer exposure, a higher gain or a brighter lamp" in note
     assert check("dots", 64, 64, glare) is None and check.snapshot()[0]["check"] == "clipping"
     assert white_share(glare) == pytest.approx(0.625)
+
+
+def _outside_warnings(inspect: Any, images: list[Any], types: list[str | None], **kwargs: Any) -> list[str]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        inspect(images, types, **kwargs)
+    return [str(w.message) for w in seen]
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_the_python_api_names_a_part_outside_its_training_images(tiny_model: Path, clear_dataset: Path,
+                                                                   tmp_path: Path, runtime: str) -> None:
+    """`Detector.inspect` scored a part from a changed camera (12-bit data in 16-bit arrays, a new
+    region of interest, mono to colour) without a word, where `inspect`, `test`, `serve` and
+    `watch` name it: a notebook or a line's own program on the Python API saw every part move.
+    It warns now, once per type and check for the detector, as the commands do."""
+    from diffqc.data import read_image
+    from diffqc.model import Detector
+
+    if runtime == "torch":
+        det: Any = Detector.load(tiny_model, device="cpu")
+    else:
+        import shutil
+
+        from diffqc import export as ex
+        from diffqc.runtime import OnnxDetector
+
+        bundle = tmp_path / "tiny"
+        shutil.copytree(tiny_model, bundle)
+        ex.export_bundle(bundle, data=clear_dataset, threads=1, check_images=4, log=lambda _: None)
+        det = OnnxDetector(bundle, threads=1)
+    image = read_image(next((clear_dataset / "dots" / "test" / "good").glob("*.png")))
+    assert _outside_warnings(det.inspect, [image], ["dots"]) == []
+    mono8 = (image[..., 0] * 255 + 0.5).astype(np.uint8)  # a mono camera's frame, as its SDK gives it
+    assert _outside_warnings(det.inspect, [mono8], ["dots"]) == []
+    mono12 = (image * 4095).round().astype(np.uint16)  # 12-bit data in 16-bit arrays: 16 times darker
+    (dark,) = _outside_warnings(det.inspect, [mono12], ["dots"])
+    assert "an image of type 'dots' far darker than its training images" in dark
+    assert "(said once per type)" in dark
+    assert _outside_warnings(det.inspect, [mono12, mono12], ["dots", "dots"]) == []  # said once
+    big = np.kron(image, np.ones((2, 2, 1), np.float32))  # 128 x 128 where it learned 64 x 64
+    (size,) = _outside_warnings(det.inspect, [big], [None])  # its type unknown: the one it is scored under
+    assert "a 128x128 px image of type 'dots'" in size
+    colour = image.copy()
+    colour[..., 0] = np.clip(colour[..., 0] + 0.2, 0, 1)
+    (cast,) = _outside_warnings(det.inspect, [colour], ["dots"])
+    assert "a colour image of type 'dots', whose training images were grey" in cast
+    assert _outside_warnings(det.inspect, [colour, mono12], ["stripes"] * 2, check_images=False) == []

@@ -93,7 +93,8 @@ def test_a_worker_hung_in_an_inference_call_starves_the_watchdog(tmp_path: Path,
         classes_ = ("edge",)
         version = "hangs"
 
-        def inspect(self, images: list, types: list, all_types: bool = True) -> list:
+        def inspect(self, images: list, types: list, all_types: bool = True,
+                    check_images: bool = True) -> list:
             release.wait(30)
             raise RuntimeError("the driver gave up")
 

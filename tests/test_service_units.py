@@ -159,7 +159,8 @@ class BlockingDetectorDouble:
         self.batches: list[int] = []
         self.entered = threading.Event()
 
-    def inspect(self, images: Any, feature_types: Any = None, *, all_types: bool = True) -> list[_Result]:
+    def inspect(self, images: Any, feature_types: Any = None, *, all_types: bool = True,
+                check_images: bool = True) -> list[_Result]:
         self.entered.set()
         self.gate.wait(10)
         self.batches.append(len(images))

@@ -277,7 +277,8 @@ def _inspect_images(args: argparse.Namespace, det: Any, images: list[tuple[Path,
         if near is not None and (like := Path(*path.parent.parts[: near[0] + 1])) not in named:
             named.add(like)
             warnings.warn(f"folder {path_text(like)}/{near[1]}", stacklevel=1)
-        (result,) = det.inspect([image], [feature_type])
+        # checked below, with its file's compression
+        (result,) = det.inspect([image], [feature_type], check_images=False)
         if note := image_check(result.feature_type, image.shape[0], image.shape[1], image,
                                file_compression(path)):
             warnings.warn(note, stacklevel=1)

@@ -219,7 +219,7 @@ def draw_misses(detector: Any, samples: Sequence[Sample], results: Sequence[Insp
         if sort is None:
             continue
         image = read_image(s.path)
-        (again,) = detector.inspect([image], [s.feature_type if type_known else None])
+        (again,) = detector.inspect([image], [s.feature_type if type_known else None], check_images=False)
         if again.anomaly_map is None:  # a runtime without maps
             continue
         kind = s.defect or ("good" if s.label == GOOD else "defect")

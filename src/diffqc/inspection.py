@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -83,7 +84,7 @@ GREY_TOLERANCE = 2.0 / 255.0
 
 
 def is_grey(image: np.ndarray) -> bool:
-    """Whether an image (HxW, or HxWxC in [0, 1]) is grey: its channels equal within
+    """Whether an image (HxW, or HxWxC; in [0, 1], uint8 or uint16) is grey: its channels equal within
     :data:`GREY_TOLERANCE`, looked at on every 8th pixel of every 8th row (a mono camera's
     frame; a colour camera's has channels that differ)."""
     if image.ndim == 2 or image.shape[-1] == 1:
@@ -103,12 +104,15 @@ WHITE = 254.0 / 255.0
 
 
 def _view(image: np.ndarray) -> np.ndarray:
-    """Every 8th pixel of every 8th row (its colour channels), as the checks look at an image."""
-    return image[::8, ::8] if image.ndim == 2 else image[::8, ::8, :3]
+    """Every 8th pixel of every 8th row (its colour channels), as the checks look at an image, in
+    [0, 1]: a camera's uint8 or uint16 frame scaled as its file would be (the view alone)."""
+    view = image[::8, ::8] if image.ndim == 2 else image[::8, ::8, :3]
+    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(view.dtype)
+    return view if scale is None else view / scale
 
 
 def brightness(image: np.ndarray) -> float:
-    """The mean of an image (HxW, or HxWxC in [0, 1]) on :func:`_view`."""
+    """The mean of an image (HxW, or HxWxC; in [0, 1], uint8 or uint16) on :func:`_view`."""
     view = _view(image)
     return float(view.mean()) if view.size else 0.0
 
@@ -185,6 +189,7 @@ class ImageCheck:
     reads the snapshot."""
 
     def __init__(self, metadata: Mapping[str, Any]) -> None:
+        self.metadata = metadata  # the bundle's, checked against: see :func:`warn_outside`
         training = metadata.get("training_data") or {}
         self.ranges: dict[str, Any] = dict(training.get("image_sizes") or {})
         self.colours: dict[str, str] = dict(training.get("image_colours") or {})
@@ -293,6 +298,28 @@ class ImageCheck:
                 "or WebP): the model learned their compression artifacts as part of a GOOD part, so "
                 "every part's score moves (has the camera's image format changed? if on purpose, "
                 "train again on its images)")
+
+
+def warn_outside(check: ImageCheck | None, metadata: Mapping[str, Any], images: Sequence[Any],
+                 results: Sequence[Inspection]) -> ImageCheck:
+    """What the Python API's ``inspect`` (every runtime) says of its parts, as the commands name
+    them: a warning for a part outside its type's training images (:class:`ImageCheck`: size,
+    colour, brightness, clipping; an array has no file, so not its compression), once per type and
+    check for the detector. ``check`` is the detector's (None: none yet), replaced when
+    ``metadata`` is no longer the one it was made for (the detector fit again); returns it."""
+    from diffqc.data import as_image
+
+    if check is None or check.metadata is not metadata:
+        check = ImageCheck(metadata)
+    for image, result in zip(images, results, strict=True):
+        # the checks read [0, 1] (uint8 and uint16 scaled on their view): other arrays, an int64
+        # or RGBA one, as the detector read them (converting a whole 2048 x 2048 uint8 frame
+        # took 19 ms)
+        plain = image.ndim == 2 or image.shape[2] == 3
+        pixels = image if plain and image.dtype in (np.uint8, np.uint16, np.float32) else as_image(image)
+        if note := check(result.feature_type, pixels.shape[0], pixels.shape[1], pixels):
+            warnings.warn(note, stacklevel=3)
+    return check
 
 
 # how many of a type's images are read for their colour and brightness by :func:`other_images` (a
@@ -458,6 +485,7 @@ def inspect_in_batches(
             chunk.append(sample)
             del image
         types = [s.feature_type if type_known else None for s in chunk]
-        results += inspect(images, types, all_types=all_types, maps=maps)
+        # (unchecked: a dataset's images are named by :func:`other_images`, from their files)
+        results += inspect(images, types, all_types=all_types, maps=maps, check_images=False)
         kept += chunk
     return results, kept

@@ -66,6 +66,7 @@ from diffqc.heatmap import PatchMemory, fit_memory
 from diffqc.inspection import (
     BUNDLE_FILES,
     BUNDLE_FORMAT,
+    ImageCheck,
     Inspection,
     as_arrays,
     brightness,
@@ -80,6 +81,7 @@ from diffqc.inspection import (
     is_grey,
     sha256_file,
     verdicts,
+    warn_outside,
     white_share,
 )
 from diffqc.machine import cgroup_memory_room
@@ -201,6 +203,7 @@ class Detector:
         self.classes_: list[str] = []
         self.fit_indices_: list[int] = []  # the images (of fit_features' GOOD samples) fitted on
         self.metadata: dict[str, Any] = {}
+        self._image_check: ImageCheck | None = None  # inspect's, made for self.metadata
 
     # ------------------------------------------------------------------ features
     @property
@@ -606,12 +609,15 @@ class Detector:
         *,
         all_types: bool = True,
         maps: bool = True,
+        check_images: bool = True,
     ) -> list[Inspection]:
         """Score images. A given type is scored under that type; ``None`` means unknown: the
         type router picks the type (:mod:`diffqc.routing`: the full scorer runs only under its
         ``scoring.type_candidates`` best types). ``all_types`` also scores every image under
         every type (``type_scores``, and ``predicted_type``: the type unknown mode picks), a
-        slow diagnostic; turn it off for the fastest path."""
+        slow diagnostic; turn it off for the fastest path. ``check_images`` warns, once per type
+        and check, of a part outside its type's training images in size, colour or brightness
+        (:func:`diffqc.inspection.warn_outside`), as ``diffqc inspect`` does."""
         self._require_fitted()
         types = inspect_arguments(images, feature_types)
         for t in types:
@@ -621,15 +627,19 @@ class Detector:
             return []
         if len(images) > self.config.batch_size:
             return in_batches(self.inspect, images, types, self.config.batch_size, all_types=all_types,
-                              maps=maps)
+                              maps=maps, check_images=check_images)
         images = as_arrays(images)  # a batch's Pillow images, decoded
         if uses_layouts(self.config):  # pad / crop / tiles: see diffqc.tiling
             raw, layouts = tiling.extract_views(self, images)
-            return tiling.inspect_views(self, raw, layouts, [None if t is None else self.type_index(t)
-                                                             for t in types], maps, all_types=all_types)
-        raw = self.extract(images, raw=True)
-        shapes = [(int(img.shape[0]), int(img.shape[1])) for img in images]
-        return self.inspect_features(raw, types, shapes if maps else None, all_types=all_types)
+            results = tiling.inspect_views(self, raw, layouts, [None if t is None else self.type_index(t)
+                                                                for t in types], maps, all_types=all_types)
+        else:
+            raw = self.extract(images, raw=True)
+            shapes = [(int(img.shape[0]), int(img.shape[1])) for img in images]
+            results = self.inspect_features(raw, types, shapes if maps else None, all_types=all_types)
+        if check_images:
+            self._image_check = warn_outside(self._image_check, self.metadata, images, results)
+        return results
 
     @torch.inference_mode()
     def inspect_features(

@@ -4,7 +4,7 @@
 :class:`~diffqc.model.Detector` (PyTorch) or an :class:`OnnxDetector`: the ``model.onnx`` /
 ``model.int8.onnx`` that ``diffqc export`` wrote into the bundle, run by ONNX Runtime or
 OpenVINO (:mod:`diffqc.backends`). Both have ``inspect(images, feature_types, all_types=...,
-maps=...) -> list[Inspection]`` and ``inspect_samples``, so the CLI, the service and the
+maps=..., check_images=...) -> list[Inspection]`` and ``inspect_samples``, so the CLI, the service and the
 evaluation swap them freely. ``auto`` takes the fastest runtime and precision that passed its
 parity check, as measured on this machine at export time and recorded in ``export.json``.
 
@@ -44,12 +44,14 @@ from diffqc.errors import (
     unknown_feature_type,
 )
 from diffqc.inspection import (
+    ImageCheck,
     as_arrays,
     in_batches,
     inspect_arguments,
     inspect_in_batches,
     sha256_file,
     verdicts,
+    warn_outside,
 )
 
 if TYPE_CHECKING:
@@ -231,6 +233,7 @@ class OnnxDetector:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.path: Path | None = Path(path)
         self.runtime = runtime
+        self._image_check: ImageCheck | None = None  # inspect's
         self.config, self.metadata, self.calibration_ = read_bundle(self.path)
         self.classes_: list[str] = list(self.metadata["classes"])
         info = read_export_info(self.path)
@@ -295,6 +298,7 @@ class OnnxDetector:
         self = cls.__new__(cls)
         self.path = None
         self.runtime = runtime
+        self._image_check = None
         self.config, self.metadata, self.calibration_ = config, dict(metadata), calibration
         self.classes_ = list(classes)
         self.precision = "fp32"
@@ -331,6 +335,7 @@ class OnnxDetector:
         *,
         all_types: bool = True,
         maps: bool = True,
+        check_images: bool = True,
     ) -> list[Inspection]:
         """As :meth:`diffqc.model.Detector.inspect`."""
         types = inspect_arguments(images, feature_types)
@@ -339,11 +344,14 @@ class OnnxDetector:
             return []
         if len(images) > self.config.batch_size:
             return in_batches(self.inspect, images, types, self.config.batch_size, all_types=all_types,
-                              maps=maps)
+                              maps=maps, check_images=check_images)
         images = as_arrays(images)  # a batch's Pillow images, decoded
         pixels = preprocess(images, self.input_size)
         sizes = [(int(img.shape[0]), int(img.shape[1])) for img in images] if maps else None
-        return self.inspect_pixels(pixels, given, sizes, all_types=all_types)
+        results = self.inspect_pixels(pixels, given, sizes, all_types=all_types)
+        if check_images:
+            self._image_check = warn_outside(self._image_check, self.metadata, images, results)
+        return results
 
     def inspect_pixels(
         self, pixels: np.ndarray, given: Sequence[int | None],

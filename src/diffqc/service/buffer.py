@@ -192,6 +192,7 @@ class DetectorLike(Protocol):
         feature_types: Sequence[str | None] | None = None,
         *,
         all_types: bool = True,
+        check_images: bool = True,
     ) -> Sequence[InspectionLike]: ...
 
 
@@ -445,7 +446,8 @@ class InspectionPipeline:
                 return
 
     def _detect(self, images: list[np.ndarray], types: list[str | None]) -> Sequence[InspectionLike]:
-        return self.detector.inspect(images, types, all_types=self.all_types)
+        # checked by the worker with each part's compression, counted for /v1/line: not twice
+        return self.detector.inspect(images, types, all_types=self.all_types, check_images=False)
 
     def _inspect(self, jobs: list[Job]) -> list[InspectionLike | Exception]:
         if not jobs:
