@@ -676,3 +676,28 @@ def test_a_misspelt_option_is_told_by_its_command_with_the_option_it_likely_mean
             main(argv)
         err = capsys.readouterr().err
         assert exc.value.code == 2 and err.startswith(usage) and said in err, err
+
+
+def test_a_result_store_given_as_an_argument_is_told_to_be_given_as_db(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`diffqc results list lineA.db` (as `sqlite3 lineA.db` takes it) answered "unrecognized
+    arguments: lineA.db", nothing more: the results commands take the store as `--db`, and the
+    error now says so, for a store's file (by its ending or its first bytes) or URL."""
+    from diffqc.cli import main
+
+    store = tmp_path / "line-a"  # a SQLite file without an ending, named by its first bytes
+    store.write_bytes(b"SQLite format 3\x00" + bytes(100))
+    for argv, said in [
+        (["results", "list", "lineA.db"],
+         "diffqc results list: error: unrecognized arguments: lineA.db (the result store is given as "
+         "--db: --db lineA.db)"),
+        (["results", "summary", str(store), "--since", "8h"],
+         f"unrecognized arguments: {store} (the result store is given as --db: --db {store})"),
+        (["results", "backup", "copy.db", "postgresql://qc@db/line"],
+         "(the result store is given as --db: --db postgresql://qc@db/line)"),
+        (["results", "list", "notes.txt"], "unrecognized arguments: notes.txt\n"),  # not a store
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and said in err, err

@@ -538,12 +538,32 @@ def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser = sub.choices[name]
 
 
+# a result store's file, by its ending or its first bytes (the results commands take it as --db)
+STORE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _is_store(arg: str) -> bool:
+    if arg.startswith(("postgresql://", "postgres://")) or arg.lower().endswith(STORE_SUFFIXES):
+        return True
+    try:
+        with open(arg, "rb") as fh:
+            return fh.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+    except OSError:
+        return False
+
+
 def _refuse_unknown_options(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> None:
     """argparse's "unrecognized arguments", from the command's parser, with the option an
-    unknown one likely meant (``--tokn``: ``--token``)."""
+    unknown one likely meant (``--tokn``: ``--token``), or, for a command that takes ``--db``,
+    that a result store given as an argument (``results list lineA.db``) is given so."""
     options = [o for o in parser._option_string_actions if o.startswith("--")]
     meant = next((hint for arg in unknown if arg.startswith("--")
                   and (hint := did_you_mean(arg.partition("=")[0], options))), "")
+    store = next((arg for arg in unknown if "--db" in options and not arg.startswith("-") and _is_store(arg)),
+                 None)
+    if store is not None and not meant:
+        meant = f" (the result store is given as --db: --db {store})"
     parser.error(f"unrecognized arguments: {' '.join(unknown)}{meant}")
 
 
