@@ -187,7 +187,8 @@ ROWS: dict[str, Row | object] = {
                            ("unknown config field 'scoring.bank_timesteps'",)),
     "set_negative_seed": Row(_train("--seed", "-1"), ("train.seed must be >= 0, got -1",)),
     "demo_too_few_parts": Row(lambda c: ["demo", "--parts", "5", "--out", str(c.tmp / "demo"), "-q"],
-                              ("demo: n_parts must be at least 24, got 5",), absent=lambda c: c.tmp / "demo"),
+                              ("demo: --parts must be at least 24 (3 for each of the 8 types), got 5",),
+                              absent=lambda c: c.tmp / "demo"),
     # --json: a folder, or a user's file (was overwritten, or IsADirectoryError after the whole demo)
     "demo_json_is_a_folder": Row(lambda c: ["demo", "--parts", "24", "--out", str(c.tmp / "demo"), "--json",
                                             str(c.tmp), "-q"], ("is a folder; give a file name",),
@@ -241,7 +242,11 @@ ROWS: dict[str, Row | object] = {
         lambda c: ["data", "synth", str(c.tmp / "mine"), "--overwrite", "--parts", "24", "-q"],
         ("holds no earlier synthetic dataset",), setup=lambda c: _png(c.tmp / "mine" / "dots" / "0.png")),
     "synth_too_few_parts": Row(lambda c: ["data", "synth", str(c.tmp / "s"), "--parts", "5", "-q"],
-                               ("n_parts must be at least",)),
+                               ("data synth: --parts must be at least 24 (3 for each of the 8 types), "
+                                "got 5",)),
+    "synth_too_small": Row(lambda c: ["data", "synth", str(c.tmp / "s"), "--size", "8", "-q"],
+                           ("data synth: --size must be from 32 to 4096, got 8",),
+                           absent=lambda c: c.tmp / "s"),
     # devices
     "train_device_cuda": _cuda_row(Row(_train("--device", "cuda"), ("CUDA is not available",))),
     "inspect_device_cuda": _cuda_row(Row(lambda c: ["inspect", str(c.model), str(c.image),
@@ -696,6 +701,26 @@ def test_a_result_store_given_as_an_argument_is_told_to_be_given_as_db(
         (["results", "backup", "copy.db", "postgresql://qc@db/line"],
          "(the result store is given as --db: --db postgresql://qc@db/line)"),
         (["results", "list", "notes.txt"], "unrecognized arguments: notes.txt\n"),  # not a store
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and said in err, err
+
+
+def test_a_false_positive_rate_option_is_told_its_name(capsys: pytest.CaptureFixture[str]) -> None:
+    """`diffqc calibrate MODEL DATA --fpr 0.02` (the rate a QC engineer sets, in the words of the
+    field) answered "unrecognized arguments: --fpr 0.02" alone: diffqc calls it the share of GOOD
+    parts flagged, `--alpha-review` (`calibrate`), `calibration.alpha_review` (`train --set`)."""
+    from diffqc.cli import main
+
+    for argv, said in [
+        (["calibrate", "m", "--fpr", "0.02"],
+         "unrecognized arguments: --fpr 0.02 (the target false-positive rate, the share of GOOD parts "
+         "flagged, is --alpha-review; REJECT's --alpha-reject)"),
+        (["train", "data", "--out", "m", "--target-fpr=2%"],
+         "unrecognized arguments: --target-fpr=2% (the target false-positive rate, the share of GOOD "
+         "parts flagged, is --set calibration.alpha_review=A; REJECT's calibration.alpha_reject)"),
     ]:
         with pytest.raises(SystemExit) as exc:
             main(argv)

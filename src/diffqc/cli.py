@@ -65,10 +65,15 @@ def build_config(args: argparse.Namespace, defaults: dict[str, Any] | None = Non
 
 
 # ---------------------------------------------------------------------------- commands
+# the options of `data synth` and `demo` that synth.check_arguments names
+SYNTH_OPTIONS = {"n_parts": "--parts", "image_size": "--size"}
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
-    from diffqc.synth import write_synthetic_dataset
+    from diffqc.synth import check_arguments, write_synthetic_dataset
 
     try:  # an earlier synthetic dataset (it has a marker) is replaced: its own files only
+        check_arguments(args.parts, args.size, names=SYNTH_OPTIONS)
         summary = write_synthetic_dataset(Path(args.out), n_parts=args.parts, seed=args.seed,
                                           image_size=args.size, overwrite=False,  # --overwrite too
                                           progress=not args.quiet)
@@ -356,7 +361,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from diffqc.synth import check_arguments, check_target
 
     try:
-        check_arguments(args.parts)
+        check_arguments(args.parts, names=SYNTH_OPTIONS)
     except ValueError as exc:
         raise ConfigError(f"demo: {exc}") from None
     try:  # --out's data/ and model/ are checked before any work (an earlier demo's are replaced)
@@ -553,13 +558,25 @@ def _is_store(arg: str) -> bool:
         return False
 
 
+# the field's names for the rate calibration targets (diffqc's: the share of GOOD parts flagged)
+FPR_OPTIONS = ("--fpr", "--target-fpr", "--false-positive-rate", "--fp-rate")
+
+
 def _refuse_unknown_options(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> None:
     """argparse's "unrecognized arguments", from the command's parser, with the option an
-    unknown one likely meant (``--tokn``: ``--token``), or, for a command that takes ``--db``,
-    that a result store given as an argument (``results list lineA.db``) is given so."""
+    unknown one likely meant (``--tokn``: ``--token``; ``--fpr``: ``--alpha-review``), or, for a
+    command that takes ``--db``, that a result store given as an argument (``results list
+    lineA.db``) is given so."""
     options = [o for o in parser._option_string_actions if o.startswith("--")]
     meant = next((hint for arg in unknown if arg.startswith("--")
                   and (hint := did_you_mean(arg.partition("=")[0], options))), "")
+    if not meant and any(arg.partition("=")[0].lower() in FPR_OPTIONS for arg in unknown):
+        if "--alpha-review" in options:
+            meant = (" (the target false-positive rate, the share of GOOD parts flagged, is --alpha-review; "
+                     "REJECT's --alpha-reject)")
+        elif "--set" in options:
+            meant = (" (the target false-positive rate, the share of GOOD parts flagged, is --set "
+                     "calibration.alpha_review=A; REJECT's calibration.alpha_reject)")
     store = next((arg for arg in unknown if "--db" in options and not arg.startswith("-") and _is_store(arg)),
                  None)
     if store is not None and not meant:

@@ -29,7 +29,7 @@ import io
 import json
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -823,13 +823,17 @@ def _readme(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def check_arguments(n_parts: int, image_size: int = 256, defect_fraction: float = 0.25) -> None:
+def check_arguments(n_parts: int, image_size: int = 256, defect_fraction: float = 0.25, *,
+                    names: Mapping[str, str] | None = None) -> None:
     """Raise ``ValueError`` for arguments :func:`write_synthetic_dataset` cannot honour (checked
-    before any file is written; ``diffqc demo`` checks its own before its first step)."""
+    before any file is written; ``diffqc data synth`` and ``demo`` check theirs first, ``names``
+    giving the options the user typed: ``{"n_parts": "--parts", "image_size": "--size"}``)."""
+    parts, size = (dict(names or {}).get(n, n) for n in ("n_parts", "image_size"))
     if n_parts < 3 * len(FEATURE_TYPES):
-        raise ValueError(f"n_parts must be at least {3 * len(FEATURE_TYPES)}, got {n_parts}")
+        raise ValueError(f"{parts} must be at least {3 * len(FEATURE_TYPES)} (3 for each of the "
+                         f"{len(FEATURE_TYPES)} types), got {n_parts}")
     if not 32 <= image_size <= MAX_IMAGE_SIZE:
-        raise ValueError(f"image_size must be from 32 to {MAX_IMAGE_SIZE}, got {image_size}")
+        raise ValueError(f"{size} must be from 32 to {MAX_IMAGE_SIZE}, got {image_size}")
     if not 0.0 <= defect_fraction < 1.0:
         raise ValueError(f"defect_fraction must be in [0, 1), got {defect_fraction}")
 
