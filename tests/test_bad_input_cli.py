@@ -676,6 +676,9 @@ def test_a_misspelt_option_is_told_by_its_command_with_the_option_it_likely_mean
          "diffqc results list: error: unrecognized arguments: --sinse=8h (did you mean '--since'?)"),
         (["train", str(tmp_path), "--out", str(tmp_path / "m"), "--epochs", "3"], "usage: diffqc train ",
          "diffqc train: error: unrecognized arguments: --epochs 3\n"),
+        # the last word of an option (`--type` for `--feature-type`): too far apart to be a typo
+        (["inspect", str(tmp_path), "part.png", "--type", "dots"], "usage: diffqc inspect ",
+         "diffqc inspect: error: unrecognized arguments: --type dots (did you mean '--feature-type'?)"),
     ]:
         with pytest.raises(SystemExit) as exc:
             main(argv)

@@ -568,8 +568,13 @@ def _refuse_unknown_options(parser: argparse.ArgumentParser, unknown: Sequence[s
     command that takes ``--db``, that a result store given as an argument (``results list
     lineA.db``) is given so."""
     options = [o for o in parser._option_string_actions if o.startswith("--")]
-    meant = next((hint for arg in unknown if arg.startswith("--")
-                  and (hint := did_you_mean(arg.partition("=")[0], options))), "")
+
+    def likely(arg: str) -> str:  # a typo, or the option's last word alone (`--type`)
+        name = arg.partition("=")[0]
+        ending = [o for o in options if o.endswith("-" + name.lstrip("-"))]
+        return did_you_mean(name, options) or (f" (did you mean {ending[0]!r}?)" if len(ending) == 1 else "")
+
+    meant = next((hint for arg in unknown if arg.startswith("--") and (hint := likely(arg))), "")
     if not meant and any(arg.partition("=")[0].lower() in FPR_OPTIONS for arg in unknown):
         if "--alpha-review" in options:
             meant = (" (the target false-positive rate, the share of GOOD parts flagged, is --alpha-review; "
