@@ -149,3 +149,21 @@ def test_layers_point_one_way() -> None:
         assert "diffqc.export" not in graph[low], f"{low} imports export (export depends on it)"
     assert "diffqc.service.app" not in graph["diffqc.service.watch"]
     assert "diffqc.baselines" not in graph["diffqc.diffusion"]
+
+
+def test_the_api_asked_of_the_package_names_the_module_that_has_it() -> None:
+    """`from diffqc import Detector` (as `from anomalib.models import Padim`, `from sklearn import
+    ...` lead a user to try) was Python's bare "cannot import name 'Detector' from 'diffqc'": the
+    package re-exports nothing (the model module imports the package: a re-export would be a
+    cycle). The error now names the import that works; other names stay plain misses."""
+    import diffqc
+
+    for name, module in [("Detector", "diffqc.model"), ("DetectorConfig", "diffqc.config"),
+                         ("load_dataset", "diffqc.data"), ("read_image", "diffqc.data"),
+                         ("holdout_report", "diffqc.holdout")]:
+        with pytest.raises(ImportError, match=rf"^{name} is in {module}: from {module} import {name} "):
+            exec(f"from diffqc import {name}", {})  # the statement a user types
+        assert name in dir(__import__(module, fromlist=[name]))
+    assert not hasattr(diffqc, "Detectr") and hasattr(diffqc, "__version__")
+    with pytest.raises(ImportError, match="cannot import name 'Detectr'"):
+        exec("from diffqc import Detectr", {})
