@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -38,8 +39,22 @@ def test_decision_table_counts_flagged_good_parts_and_caught_defects() -> None:
     assert math.isnan(b["image_auroc"]) and math.isnan(b["recall"]) and b["fpr"] == 0.0
     assert both["image_auroc"] == a["image_auroc"]  # the mean over the types that have both labels
     assert both["fpr"] == pytest.approx(1 / 5) and both["recall"] == 0.5
+    # how far each rate can be trusted, from so few parts (95 % Clopper-Pearson)
+    assert a["fpr_ci95"] == pytest.approx([0.0063, 0.8059], abs=1e-4)  # 1 of 4 GOOD flagged
+    assert a["recall_ci95"] == pytest.approx([0.0126, 0.9874], abs=1e-4)  # 1 of 2 defects
+    assert b["fpr_ci95"] == pytest.approx([0.0, 0.975], abs=1e-4) and all(map(math.isnan, b["recall_ci95"]))
     text = format_table(list(rows.values()))
     assert "recall" in text.splitlines()[0] and "nan" not in text
+
+
+def test_cli_test_of_enough_parts_says_nothing_of_their_number(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """20 GOOD and 20 defective parts of each type (at α_review 0.05, one GOOD part in 20 is what
+    the calibration allows): no note of few parts."""
+    data = write_clear_dataset(tmp_path / "more", n_train=2, n_test=20, seed=3)
+    assert main(["test", str(tiny_model), str(data), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "dots" in out and "few parts" not in out, out
 
 
 def test_recall_by_defect_kind_names_the_defects_that_pass() -> None:
@@ -65,6 +80,9 @@ def test_cli_test_scores_only_the_images_the_model_never_saw(
     out = capsys.readouterr().out
     assert "feature_type" in out and "recall" in out and "left out: " in out
     assert "FPR's target α_review=0.05, α_reject=0.01" in out  # what its FPR column is held to
+    # 8 GOOD parts of a type: one flagged or not moves its FPR by 0.125, more than α_review
+    assert re.search(r"few parts to measure a type by \(.*\): dots FPR \d\.\d{3} of 8 GOOD, within "
+                     r"\[\d\.\d{3}, \d\.\d{3}\], recall \d\.\d{3} of 8 defective, within", out), out
     report = _strict_json(report_path)
     assert report["decision_rule"] == {"alpha_review": 0.05, "alpha_reject": 0.01}
     left = report["left_out"]

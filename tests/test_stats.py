@@ -143,3 +143,18 @@ def test_cohens_d() -> None:
     assert S.cohens_d(d) == pytest.approx(np.mean(d) / np.std(d, ddof=1))
     assert math.isnan(S.cohens_d([0.1]))
     assert S.cohens_d([0.0, 0.0]) == 0.0
+
+
+def test_binomial_interval_is_clopper_pearsons() -> None:
+    """The exact (Clopper-Pearson) interval of a rate from k of n, against published values
+    (Clopper & Pearson 1934; e.g. 5 of 10: 0.187-0.813), and its edges: 0 of n starts at 0,
+    n of n ends at 1, 0 of 0 says nothing."""
+    from diffqc.stats import binomial_interval
+
+    assert binomial_interval(5, 10) == pytest.approx((0.1871, 0.8129), abs=1e-4)
+    assert binomial_interval(0, 1) == pytest.approx((0.0, 0.975))
+    assert binomial_interval(1, 1) == pytest.approx((0.025, 1.0))
+    assert binomial_interval(0, 20) == pytest.approx((0.0, 0.1684), abs=1e-4)  # a clean day of 20 GOOD
+    assert binomial_interval(3, 100, level=0.9) == pytest.approx((0.0082, 0.0757), abs=1e-4)
+    lo, hi = binomial_interval(0, 0)
+    assert math.isnan(lo) and math.isnan(hi)

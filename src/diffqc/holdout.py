@@ -36,20 +36,24 @@ from diffqc.data import (
     of_the_model,
     samples_of,
 )
-from diffqc.errors import DatasetError, NotFittedError, OutputError
+from diffqc.errors import DatasetError, NotFittedError, OutputError, first_few
 from diffqc.inspection import Inspection, other_images
 from diffqc.metrics import image_auroc
 from diffqc.output import check_output_file, is_csv_table, json_line, json_safe, path_text, write_atomic
 from diffqc.recalibrate import export_selection_notes
+from diffqc.stats import binomial_interval
 
 
 def decision_table(samples: Sequence[Sample], results: Sequence[Inspection]) -> list[dict[str, Any]]:
-    """Rows ``{feature_type, n, defective, image_auroc, accuracy, fpr, recall, pass, review,
-    reject}`` per type, then ``mean/all`` (the mean of the types' AUROCs; the rest over all parts).
+    """Rows ``{feature_type, n, defective, image_auroc, accuracy, fpr, recall, fpr_ci95,
+    recall_ci95, pass, review, reject}`` per type, then ``mean/all`` (the mean of the types'
+    AUROCs; the rest over all parts).
 
     A part is *flagged* when its decision is not PASS. ``accuracy``: flagged == defective;
     ``fpr``: the share of GOOD parts flagged (the calibrated target is α_review); ``recall``: the
-    share of defective parts flagged. NaN where a type has no GOOD (or no defective) part.
+    share of defective parts flagged; ``*_ci95``: their 95 % Clopper-Pearson intervals
+    (:func:`diffqc.stats.binomial_interval`: how far a rate from so many parts can be trusted).
+    NaN where a type has no GOOD (or no defective) part.
     """
     rows: list[dict[str, Any]] = []
     types = sorted({s.feature_type for s in samples})
@@ -66,6 +70,8 @@ def decision_table(samples: Sequence[Sample], results: Sequence[Inspection]) -> 
             "accuracy": float((flagged == bad).mean()),
             "fpr": float(flagged[good].mean()) if good.any() else math.nan,
             "recall": float(flagged[bad].mean()) if bad.any() else math.nan,
+            "fpr_ci95": list(binomial_interval(int(flagged[good].sum()), int(good.sum()))),
+            "recall_ci95": list(binomial_interval(int(flagged[bad].sum()), int(bad.sum()))),
             "pass": decisions.count(PASS), "review": decisions.count(REVIEW),
             "reject": decisions.count(REJECT),
         })
@@ -253,7 +259,38 @@ def _summary(report: dict[str, Any], model: Path) -> str:
     if lacking := [r["feature_type"] for r in rows if math.isnan(r["fpr"])]:
         lines.append(f"no GOOD image it never saw of {', '.join(lacking)}: its AUROC and FPR cannot be "
                      "measured (add GOOD parts the model never trained on)")
+    if few := few_parts_note(rows, rule["alpha_review"]):
+        lines.append(few)
     return "\n".join(lines)
+
+
+# fewer defective parts of a type than this make its recall (and AUROC) an anecdote, as
+# `evaluate` marks a type UNRELIABLE with fewer per fold
+FEW_DEFECTIVE = 5
+
+
+def few_parts_note(rows: Sequence[dict[str, Any]], alpha_review: float) -> str | None:
+    """The types whose FPR rests on fewer GOOD parts than 1/α_review (one GOOD part flagged, or
+    not, moves it by more than the calibration allows) or whose recall rests on fewer than
+    :data:`FEW_DEFECTIVE` defective ones, with their rates' 95 % intervals; None when none."""
+    need_good = math.ceil(1.0 / alpha_review - 1e-9)
+
+    def rate(name: str, value: float, n: int, what: str, ci: Sequence[float]) -> str:
+        return f"{name} {value:.3f} of {n} {what}, within [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+    said = []
+    for r in rows:
+        n_bad = int(r["defective"])
+        n_good = int(r["n"]) - n_bad
+        if (0 < n_good < need_good) or (0 < n_bad < FEW_DEFECTIVE):
+            parts = ([rate("FPR", r["fpr"], n_good, "GOOD", r["fpr_ci95"])] if n_good else []) + (
+                [rate("recall", r["recall"], n_bad, "defective", r["recall_ci95"])] if n_bad else [])
+            said.append(f"{r['feature_type']} {', '.join(parts)}")
+    if not said:
+        return None
+    return (f"few parts to measure a type by (a rate from fewer than {need_good} GOOD or "
+            f"{FEW_DEFECTIVE} defective parts is known only roughly: 95 % Clopper-Pearson intervals, "
+            f"the --json report's fpr_ci95 and recall_ci95): {first_few(said)}; test on more of its parts")
 
 
 # ``test --csv``: one row per image, the report's image entries

@@ -1,4 +1,5 @@
-"""Statistical comparison of detectors: DeLong, corrected resampled t-test, Holm, effect size.
+"""Statistical comparison of detectors: DeLong, corrected resampled t-test, Holm, effect size;
+and the exact interval of a rate (:func:`binomial_interval`).
 
 Two complementary tests compare method A with method B on one feature type:
 
@@ -25,6 +26,20 @@ import numpy.typing as npt
 from scipy import stats as sps
 
 from diffqc.metrics import NAN, as_labels, as_scores, has_both_classes
+
+
+def binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) ``level`` interval of a rate seen as ``k`` of ``n`` (an FPR
+    from the GOOD parts flagged, a recall from the defects caught): conservative, it holds its
+    level for every n, where the normal approximation fails at the few parts and rates near 0
+    that a line's test sets have. NaN, NaN for n = 0."""
+    if n <= 0:
+        return NAN, NAN
+    tail = (1.0 - level) / 2.0
+    lo = 0.0 if k <= 0 else float(sps.beta.ppf(tail, k, n - k + 1))
+    hi = 1.0 if k >= n else float(sps.beta.ppf(1.0 - tail, k + 1, n - k))
+    return lo, hi
+
 
 # --------------------------------------------------------------------------- DeLong
 
