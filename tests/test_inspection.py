@@ -126,6 +126,10 @@ def test_inspect_arguments_name_the_calls_easy_to_get_wrong(tiny_model: Path) ->
         det.inspect(np.stack([image, image]), ["dots", "dots"])  # type: ignore[arg-type]
     assert [r.feature_type for r in det.inspect([image], ["dots"])] == ["dots"]
     assert inspect_arguments([image], None) == [None]
+    # an image as nested lists (`arr.tolist()`, a JSON payload): "'list' object has no attribute
+    # 'shape'"; read as its array is
+    (nested,) = det.inspect([image.tolist()], ["dots"])
+    assert nested.score == pytest.approx(det.inspect([image], ["dots"])[0].score)
 
 
 def test_compression_check_names_a_type_once_seen_in_the_other_compression() -> None:

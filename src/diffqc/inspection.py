@@ -409,13 +409,13 @@ def inspect_arguments(images: Sequence[Any], feature_types: Sequence[str | None]
 
 
 def as_arrays(images: Sequence[Any]) -> list[np.ndarray]:
-    """A batch's images as arrays: a Pillow image (``Image.open(path)``) decoded as its file is
-    (:func:`diffqc.data.as_image`; it was an AttributeError), an array as it is."""
-    from PIL import Image
-
+    """A batch's images as arrays: an array as it is; anything else read as the detector reads an
+    image (:func:`diffqc.data.as_image`): a Pillow image (``Image.open(path)``) decoded as its
+    file is (it was an AttributeError), nested lists (``arr.tolist()``: so was it) or a tensor as
+    their array."""
     from diffqc.data import as_image
 
-    return [as_image(im) if isinstance(im, Image.Image) else im for im in images]
+    return [im if isinstance(im, np.ndarray) else as_image(im) for im in images]
 
 
 def verdicts(
