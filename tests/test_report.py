@@ -177,6 +177,8 @@ def test_every_html_number_matches_json(written: dict[str, Path]) -> None:
                 assert R.json_pointer("results", t, m, "pooled", metric) in keys
                 if not metric.startswith("share_"):
                     assert R.json_pointer("results", t, m, "summary", metric, "mean") in keys
+            for rate in ("fpr_flagged", "fpr_reject"):  # every type has GOOD parts
+                assert R.json_pointer("results", t, m, "rate_ci", rate, 1) in keys
     for i in range(len(data["comparisons"])):
         for field in ("delong_p", "delong_p_holm", "nb_p", "nb_p_holm", "effect_size"):
             assert R.json_pointer("comparisons", i, field) in keys
@@ -285,6 +287,9 @@ def test_markdown_numbers(written: dict[str, Path]) -> None:
     md = written["md"].read_text()
     auroc = data["results"]["edge1"]["diffusion"]["pooled"]["auroc"]
     assert f"{auroc:.3f}" in md and "## Method comparisons" in md
+    fpr = data["results"]["edge1"]["diffusion"]
+    low, high = fpr["rate_ci"]["fpr_flagged"]
+    assert f"{100 * fpr['pooled']['fpr_flagged']:.1f}% [{100 * low:.1f}%, {100 * high:.1f}%]" in md
     row = data["by_defect"][0]
     assert "## By defect kind" in md
     assert f"| {row['feature_type']} | {row['defect']} | {row['method']} |" in md
@@ -331,6 +336,15 @@ def test_builders_on_small_inputs() -> None:
     assert sum(hist["good"]) == 3 and sum(hist["defective"]) == 2 and hist["edges"][-1] == 0.95
     roc = R.roc_entry(np.r_[np.zeros(300), np.ones(300)], np.arange(600.0), max_points=50)
     assert len(roc["fpr"]) <= 50 and roc["fpr"][0] == 0.0 and roc["tpr"][-1] == 1.0
+    # the pooled FPRs and recalls with their 95 % Clopper-Pearson intervals: 1 of 3 GOOD parts
+    # flagged, none rejected; 1 of 2 defects flagged and rejected
+    res = R.method_result(y, s, [0, 1, 0, 1, 0], ["PASS", "REVIEW", "PASS", "PASS", "REJECT"], k=2,
+                          n_boot=20)
+    assert res["rate_ci"]["fpr_flagged"] == pytest.approx([0.0084, 0.9057], abs=1e-4)
+    assert res["rate_ci"]["fpr_reject"] == pytest.approx([0.0, 0.7076], abs=1e-4)
+    assert res["rate_ci"]["recall_flagged"] == res["rate_ci"]["recall_reject"] == pytest.approx(
+        [0.0126, 0.9874], abs=1e-4)
+    assert R.method_result(y, s, [0, 1, 0, 1, 0], k=2, n_boot=20)["rate_ci"] == {}  # no decisions
 
 
 def test_pixel_metrics_resize_maps_and_skip_unknown_masks() -> None:
