@@ -41,7 +41,7 @@ from diffqc.inspection import Inspection, other_images
 from diffqc.metrics import image_auroc
 from diffqc.output import check_output_file, is_csv_table, json_line, json_safe, path_text, write_atomic
 from diffqc.recalibrate import export_selection_notes
-from diffqc.stats import binomial_interval
+from diffqc.stats import rate_intervals
 
 
 def decision_table(samples: Sequence[Sample], results: Sequence[Inspection]) -> list[dict[str, Any]]:
@@ -52,7 +52,7 @@ def decision_table(samples: Sequence[Sample], results: Sequence[Inspection]) -> 
     A part is *flagged* when its decision is not PASS. ``accuracy``: flagged == defective;
     ``fpr``: the share of GOOD parts flagged (the calibrated target is α_review); ``recall``: the
     share of defective parts flagged; ``*_ci95``: their 95 % Clopper-Pearson intervals
-    (:func:`diffqc.stats.binomial_interval`: how far a rate from so many parts can be trusted).
+    (:func:`diffqc.stats.rate_intervals`: how far a rate from so many parts can be trusted).
     NaN where a type has no GOOD (or no defective) part.
     """
     rows: list[dict[str, Any]] = []
@@ -64,14 +64,14 @@ def decision_table(samples: Sequence[Sample], results: Sequence[Inspection]) -> 
         decisions = [results[i].decision for i in idx]
         flagged = np.array([d != PASS for d in decisions])
         good, bad = labels == GOOD, labels == DEFECTIVE
+        intervals = rate_intervals(bad.astype(int), decisions)
         rows.append({
             "feature_type": t, "n": len(idx), "defective": int(bad.sum()),
             "image_auroc": image_auroc(labels, scores) if t != "all" else math.nan,
             "accuracy": float((flagged == bad).mean()),
             "fpr": float(flagged[good].mean()) if good.any() else math.nan,
             "recall": float(flagged[bad].mean()) if bad.any() else math.nan,
-            "fpr_ci95": list(binomial_interval(int(flagged[good].sum()), int(good.sum()))),
-            "recall_ci95": list(binomial_interval(int(flagged[bad].sum()), int(bad.sum()))),
+            "fpr_ci95": intervals["fpr_flagged"], "recall_ci95": intervals["recall_flagged"],
             "pass": decisions.count(PASS), "review": decisions.count(REVIEW),
             "reject": decisions.count(REJECT),
         })

@@ -84,8 +84,6 @@ METRIC_KEYS: tuple[str, ...] = tuple(METRICS)
 RANKING_KEYS = ("auroc", "aupr", "f1_max", "tpr_at_5fpr", "pixel_auroc", "aupro")
 DECISION_KEYS = tuple(k for k in METRIC_KEYS if k not in RANKING_KEYS)
 RATE_KEYS = tuple(k for k in DECISION_KEYS if not k.startswith("share_"))
-# the rates a line acts on, given with their 95 % Clopper-Pearson intervals (``rate_ci``)
-INTERVAL_KEYS = ("fpr_reject", "fpr_flagged", "recall_reject", "recall_flagged")
 
 
 # =========================================================================== schema
@@ -130,7 +128,7 @@ class MethodResult(TypedDict):
     reason: str  # why it is unreliable; "" otherwise
     pooled: dict[str, float]  # METRIC_KEYS on the pooled out-of-fold scores / decisions
     auroc_ci: list[float]  # [low, high], stratified bootstrap 95% CI of pooled AUROC
-    rate_ci: dict[str, list[float]]  # INTERVAL_KEYS: [low, high], 95% Clopper-Pearson; {} undecided
+    rate_ci: dict[str, list[float]]  # stats.RATE_INTERVALS: [low, high], 95% Clopper-Pearson; {} undecided
     folds: list[dict[str, float]]  # METRIC_KEYS per fold
     summary: dict[str, Summary]  # METRIC_KEYS: mean +- sd over folds
 
@@ -369,21 +367,6 @@ def _take(seq: Sequence[Any] | None, idx: np.ndarray) -> list[Any] | None:
     return None if seq is None else [seq[i] for i in idx]
 
 
-def rate_intervals(labels: npt.ArrayLike, decisions: Sequence[object] | np.ndarray) -> dict[str, list[float]]:
-    """The 95 % Clopper-Pearson intervals (:func:`diffqc.stats.binomial_interval`) of the pooled
-    FPRs and recalls (:data:`INTERVAL_KEYS`): how far a realised rate from these many parts says
-    the line's rate (does a realised FPR of 3.8 % meet α = 5 %?)."""
-    y, d = M.as_labels(labels), M.as_decisions(decisions)
-    good, bad = y == 0, y == 1
-    hits = {"reject": d == "REJECT", "flagged": d != "PASS"}
-    out: dict[str, list[float]] = {}
-    for key in INTERVAL_KEYS:
-        rate, _, level = key.partition("_")
-        among = good if rate == "fpr" else bad
-        out[key] = list(S.binomial_interval(int(hits[level][among].sum()), int(among.sum())))
-    return out
-
-
 def method_result(
     labels: npt.ArrayLike,
     scores: npt.ArrayLike,
@@ -430,7 +413,7 @@ def method_result(
         reason=reason,
         pooled=pooled,
         auroc_ci=[lo, hi],
-        rate_ci={} if d is None else rate_intervals(yi, d[inside]),
+        rate_ci={} if d is None else S.rate_intervals(yi, d[inside]),
         folds=per_fold,
         summary=summarise(per_fold),
     )

@@ -20,12 +20,13 @@ Across feature types the p-values of one comparison are corrected with :func:`ho
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 from scipy import stats as sps
 
-from diffqc.metrics import NAN, as_labels, as_scores, has_both_classes
+from diffqc.metrics import NAN, as_decisions, as_labels, as_scores, has_both_classes
 
 
 def binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -39,6 +40,25 @@ def binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float
     lo = 0.0 if k <= 0 else float(sps.beta.ppf(tail, k, n - k + 1))
     hi = 1.0 if k >= n else float(sps.beta.ppf(1.0 - tail, k + 1, n - k))
     return lo, hi
+
+
+# the rates a line acts on (:class:`diffqc.metrics.DecisionMetrics`' keys), given with their
+# intervals by :func:`rate_intervals`
+RATE_INTERVALS = ("fpr_reject", "fpr_flagged", "recall_reject", "recall_flagged")
+
+
+def rate_intervals(labels: npt.ArrayLike, decisions: Sequence[object] | np.ndarray) -> dict[str, list[float]]:
+    """The 95 % :func:`binomial_interval` of each of :data:`RATE_INTERVALS`, as the parts'
+    decisions give them (labels 0 GOOD, 1 defective): how far a realised rate from these many parts
+    says the line's rate (does a realised FPR of 3.8 % meet α = 5 %?)."""
+    y, d = as_labels(labels), as_decisions(decisions)
+    hits = {"reject": d == "REJECT", "flagged": d != "PASS"}
+    out: dict[str, list[float]] = {}
+    for key in RATE_INTERVALS:
+        rate, _, level = key.partition("_")
+        among = y == (0 if rate == "fpr" else 1)
+        out[key] = list(binomial_interval(int(hits[level][among].sum()), int(among.sum())))
+    return out
 
 
 # --------------------------------------------------------------------------- DeLong
