@@ -7,12 +7,14 @@ __all__ = ["__version__"]
 # The Python API lives in the pipeline's stage modules (README, "Python API"); the package
 # re-exports nothing (the model module imports the package: a re-export would be a cycle). A user
 # who asks the package for one of them (`from diffqc import Detector`) is told where it is.
-API = {"Detector": "diffqc.model", "DetectorConfig": "diffqc.config", "load_dataset": "diffqc.data",
-       "read_image": "diffqc.data", "holdout_report": "diffqc.holdout"}
+_API_MODULES = {"Detector": "diffqc.model", "DetectorConfig": "diffqc.config",
+                "load_dataset": "diffqc.data", "read_image": "diffqc.data",
+                "holdout_report": "diffqc.holdout"}
 
 
 def __getattr__(name: str) -> object:
-    if name in API:  # an ImportError: `from diffqc import X` shows its text (not an AttributeError's)
-        raise ImportError(f"{name} is in {API[name]}: from {API[name]} import {name} "
+    # an ImportError: `from diffqc import X` shows its text (an AttributeError's it drops)
+    if name in _API_MODULES:
+        raise ImportError(f"{name} is in {_API_MODULES[name]}: from {_API_MODULES[name]} import {name} "
                           "(README, \"Python API\")", name=name)
     raise AttributeError(f"module 'diffqc' has no attribute {name!r}")
