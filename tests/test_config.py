@@ -57,6 +57,9 @@ from diffqc.errors import ConfigError
     ("backbone.grid", "4,4",
      "backbone.grid must be a list of int, got '4,4' (a list in JSON: --set 'backbone.grid=[4, 4]')"),
     ("method", "vae", "method must be one of diffusion, patchcore, padim; got 'vae'"),
+    # a decimal comma (`--set calibration.alpha_review=0,05`): named, not taken
+    ("calibration.alpha_review", "0,05",
+     "calibration.alpha_review must be a number, got '0,05': write the decimal with a point, 0.05"),
     ("method", "difusion", "method must be one of diffusion, patchcore, padim; got 'difusion' (did you "
      "mean 'diffusion'?)"),
     ("method", "PaDiM", "got 'PaDiM' (did you mean 'padim'?)"),

@@ -13,6 +13,8 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from diffqc.errors import decimal_comma
+
 
 def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     """An argparse ``type``: an integer in ``[minimum, maximum]`` (no upper bound when None)."""
@@ -46,7 +48,8 @@ def number(minimum: float, *, inclusive: bool = True,
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected a number, got {text!r}{decimal_comma(text)}") from None
         if (not math.isfinite(value) or value < minimum or (value == minimum and not inclusive)
                 or value > maximum):
             bound = f"at least {minimum:g}" if inclusive else f"more than {minimum:g}"
@@ -70,7 +73,7 @@ def share(text: str) -> float:
     if math.isfinite(value) and 0 < value < 1:
         return value
     meant = (f": for {value:g} % write {value / 100:g} or {value:g}%"
-             if not percent and 1 <= value < 100 else "")
+             if not percent and 1 <= value < 100 else decimal_comma(text))
     raise argparse.ArgumentTypeError(f"must be a share of GOOD parts between 0 and 1 (0.05, or 5%), "
                                      f"got {text}{meant}")
 

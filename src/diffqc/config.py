@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from diffqc.errors import ConfigError, did_you_mean
+from diffqc.errors import ConfigError, decimal_comma, did_you_mean
 from diffqc.output import write_atomic
 
 T = TypeVar("T")
@@ -53,7 +53,8 @@ def _coerce(name: str, value: object, hint: Any) -> object:
         return value
     if hint is float:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise _type_error(name, "a number", value)
+            comma = decimal_comma(value) if isinstance(value, str) else ""  # `--set a.b=0,05`
+            raise ConfigError(f"{name} must be a number, got {value!r}{comma}")
         if not math.isfinite(value):
             raise _type_error(name, "a finite number", value)
         return float(value)

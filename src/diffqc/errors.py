@@ -45,6 +45,20 @@ class ImageReadError(DiffqcError, ValueError):
         self.reason = reason
 
 
+def decimal_comma(text: str) -> str:
+    """``: write the decimal with a point, 0.05`` for a number written with a decimal comma
+    (``0,05``, as German and French write it), else ``""``. Not taken as the number: a comma
+    also separates thousands."""
+    written = text.strip().replace(",", ".", 1)
+    if text.count(",") != 1:
+        return ""
+    try:
+        float(written.removesuffix("%"))
+    except ValueError:
+        return ""
+    return f": write the decimal with a point, {written}"
+
+
 def first_few(items: Sequence[str], shown: int = 5) -> str:
     """The first ``shown`` of ``items`` joined by "; ", and how many more there are: a message
     that names a long list's files without printing them all."""
