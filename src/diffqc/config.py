@@ -37,8 +37,8 @@ CALIBRATION_SCHEMES = ("split", "cross")
 
 
 # ---------------------------------------------------------------------------- validation
-def _type_error(name: str, want: str, value: object) -> ConfigError:
-    return ConfigError(f"{name} must be {want}, got {value!r}")
+def _type_error(name: str, want: str, value: object, hint: str = "") -> ConfigError:
+    return ConfigError(f"{name} must be {want}, got {value!r}{hint}")
 
 
 def _coerce(name: str, value: object, hint: Any) -> object:
@@ -53,8 +53,8 @@ def _coerce(name: str, value: object, hint: Any) -> object:
         return value
     if hint is float:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            comma = decimal_comma(value) if isinstance(value, str) else ""  # `--set a.b=0,05`
-            raise ConfigError(f"{name} must be a number, got {value!r}{comma}")
+            raise _type_error(name, "a number", value,  # `--set a.b=0,05`
+                              decimal_comma(value) if isinstance(value, str) else "")
         if not math.isfinite(value):
             raise _type_error(name, "a finite number", value)
         return float(value)

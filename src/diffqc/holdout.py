@@ -41,7 +41,7 @@ from diffqc.inspection import Inspection, other_images
 from diffqc.metrics import image_auroc
 from diffqc.output import check_output_file, is_csv_table, json_line, json_safe, path_text, write_atomic
 from diffqc.recalibrate import export_selection_notes
-from diffqc.stats import rate_intervals
+from diffqc.stats import MIN_DEFECTIVE_PER_FOLD, rate_intervals
 
 
 def decision_table(samples: Sequence[Sample], results: Sequence[Inspection]) -> list[dict[str, Any]]:
@@ -264,15 +264,11 @@ def _summary(report: dict[str, Any], model: Path) -> str:
     return "\n".join(lines)
 
 
-# fewer defective parts of a type than this make its recall (and AUROC) an anecdote, as
-# `evaluate` marks a type UNRELIABLE with fewer per fold
-FEW_DEFECTIVE = 5
-
-
 def few_parts_note(rows: Sequence[dict[str, Any]], alpha_review: float) -> str | None:
     """The types whose FPR rests on fewer GOOD parts than 1/α_review (one GOOD part flagged, or
     not, moves it by more than the calibration allows) or whose recall rests on fewer than
-    :data:`FEW_DEFECTIVE` defective ones, with their rates' 95 % intervals; None when none."""
+    :data:`~diffqc.stats.MIN_DEFECTIVE_PER_FOLD` defective ones (`evaluate`'s UNRELIABLE bound),
+    with their rates' 95 % intervals; None when none."""
     need_good = math.ceil(1.0 / alpha_review - 1e-9)
 
     def rate(name: str, value: float, n: int, what: str, ci: Sequence[float]) -> str:
@@ -282,15 +278,16 @@ def few_parts_note(rows: Sequence[dict[str, Any]], alpha_review: float) -> str |
     for r in rows:
         n_bad = int(r["defective"])
         n_good = int(r["n"]) - n_bad
-        if (0 < n_good < need_good) or (0 < n_bad < FEW_DEFECTIVE):
+        if (0 < n_good < need_good) or (0 < n_bad < MIN_DEFECTIVE_PER_FOLD):
             parts = ([rate("FPR", r["fpr"], n_good, "GOOD", r["fpr_ci95"])] if n_good else []) + (
                 [rate("recall", r["recall"], n_bad, "defective", r["recall_ci95"])] if n_bad else [])
             said.append(f"{r['feature_type']} {', '.join(parts)}")
     if not said:
         return None
     return (f"few parts to measure a type by (a rate from fewer than {need_good} GOOD or "
-            f"{FEW_DEFECTIVE} defective parts is known only roughly: 95 % Clopper-Pearson intervals, "
-            f"the --json report's fpr_ci95 and recall_ci95): {first_few(said)}; test on more of its parts")
+            f"{MIN_DEFECTIVE_PER_FOLD} defective parts is known only roughly: 95 % Clopper-Pearson "
+            f"intervals, the --json report's fpr_ci95 and recall_ci95): {first_few(said)}; test on more of "
+            "its parts")
 
 
 # ``test --csv``: one row per image, the report's image entries

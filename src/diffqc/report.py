@@ -60,7 +60,7 @@ from diffqc.output import check_output_folder, path_text, write_atomic
 
 SCHEMA_VERSION = 1
 OVERALL = "all types"
-MIN_DEFECTIVE_PER_FOLD = 5
+MIN_DEFECTIVE_PER_FOLD = S.MIN_DEFECTIVE_PER_FOLD
 
 # metric key -> (column title, format kind)
 METRICS: dict[str, tuple[str, str]] = {

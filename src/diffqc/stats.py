@@ -42,6 +42,10 @@ def binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float
     return lo, hi
 
 
+# fewer defective parts than this (per fold in `evaluate`, in all in `test`) make a type's recall
+# and AUROC an anecdote: `evaluate` marks it UNRELIABLE, `test` names it with its intervals
+MIN_DEFECTIVE_PER_FOLD = 5
+
 # the rates a line acts on (:class:`diffqc.metrics.DecisionMetrics`' keys), given with their
 # intervals by :func:`rate_intervals`
 RATE_INTERVALS = ("fpr_reject", "fpr_flagged", "recall_reject", "recall_flagged")
