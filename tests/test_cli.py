@@ -43,7 +43,7 @@ def test_data_info_says_what_a_train_would_read(clear_dataset: Path, tmp_path: P
     lines = out.out.splitlines()
     assert lines[0].split()[:3] == ["feature_type", "train", "good"]
     assert lines[1].split() == ["dots", "25", "8", "8", "8", "0", "1", "64x64", "blob", "8"]
-    assert "1 files cannot be read as images" in out.err and "broken.png" in out.err
+    assert "1 file cannot be read as an image (missing" in out.err and "broken.png" in out.err
     assert main(["data", "info", str(tmp_path / "none")]) == 1
     assert "does not exist" in capsys.readouterr().err
     from PIL import Image
@@ -189,6 +189,8 @@ def test_inspect_folder_leaves_hidden_files_out(tiny_model: Path, clear_dataset:
     (folder / "._000.png").write_bytes(b"Mac resource fork")
     (folder / ".ipynb_checkpoints").mkdir()
     shutil.copy(folder / images[0], folder / ".ipynb_checkpoints" / images[0])
+    (folder / "@eaDir" / images[0]).mkdir(parents=True)  # a Synology share's thumbnails
+    shutil.copy(folder / images[0], folder / "@eaDir" / images[0] / "SYNOPHOTO_THUMB_S.png")
     assert main(["inspect", str(tiny_model), str(folder), "--feature-type", "dots"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert sorted(Path(r["path"]).name for r in rows) == images

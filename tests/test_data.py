@@ -389,6 +389,31 @@ def test_hidden_files_and_folders_are_not_data(tmp_path: Path, clear_dataset: Pa
     assert len(images) == len(after)
 
 
+def test_folders_a_nas_or_file_system_keeps_for_itself_are_not_data(tmp_path: Path,
+                                                                     clear_dataset: Path) -> None:
+    """A dataset on a Synology share gains an ``@eaDir/<image>/`` folder of thumbnails beside each
+    image (``SYNOPHOTO_THUMB_S.jpg``, smaller and lossy: every thumbnail was taken as a GOOD
+    training image of its type), a share's recycle bin (``#recycle``, ``@Recycle``,
+    ``$RECYCLE.BIN``) keeps deleted images, a zip made on a Mac holds ``__MACOSX/``: a folder
+    scan leaves them out, as it leaves hidden folders out."""
+    data = tmp_path / "data"
+    shutil.copytree(clear_dataset, data)
+    before = sorted(s.path for s in load_dataset(data))
+    good = data / "dots" / "train" / "good"
+    first = next(p for p in sorted(good.iterdir()) if not p.name.startswith("."))
+    for kept in ("@eaDir/000.png/SYNOPHOTO_THUMB_S.png", "#recycle/old.png", "@Recycle/old.png",
+                 "$RECYCLE.BIN/S-1-5-21/$R0A1B2C.png", "__MACOSX/x.png",
+                 "System Volume Information/x.png"):
+        (good / kept).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(first, good / kept)
+    (data / "dots" / "test" / "@eaDir" / "000.png").mkdir(parents=True)  # not a defect kind
+    shutil.copy(first, data / "dots" / "test" / "@eaDir" / "000.png" / "SYNOPHOTO_THUMB_M.png")
+    (data / "#recycle" / "train" / "good").mkdir(parents=True)  # not a type
+    shutil.copy(first, data / "#recycle" / "train" / "good" / "000.png")
+    assert sorted(s.path for s in load_dataset(data)) == before
+    assert sorted(s.path for s in load_dataset(good)) == [p for p in before if p.parent == good]
+
+
 def test_manifest(tmp_path: Path, clear_dataset: Path) -> None:
     img = next((clear_dataset / "dots" / "train" / "good").iterdir())
     (tmp_path / "m.csv").write_text(

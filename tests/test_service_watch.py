@@ -208,6 +208,11 @@ def test_watch_reads_the_dated_folders_a_camera_files_its_images_in(
     (folder / "2026-12-02" / "part-0.png").write_bytes(b0)
     (folder / "2026-12-02" / ".thumbs").mkdir()
     (folder / "2026-12-02" / ".thumbs" / "part-0.png").write_bytes(b0)  # hidden: not data
+    thumbs = folder / "2026-12-02" / "@eaDir" / "part-0.png"  # a Synology share's thumbnails
+    thumbs.mkdir(parents=True)
+    (thumbs / "SYNOPHOTO_THUMB_S.png").write_bytes(b0)
+    (folder / "#recycle").mkdir()  # the share's recycle bin: deleted images are not new parts
+    (folder / "#recycle" / "part-9.png").write_bytes(b1)
     w = _watcher(folder, pipe, store)
     assert w.step().inspected == 2
     recs = {r.part_id: r for r in store.query(limit=None)}
@@ -217,6 +222,7 @@ def test_watch_reads_the_dated_folders_a_camera_files_its_images_in(
     assert (folder / "processed" / t1 / "2026-12-02" / "14" / "part-1.png").read_bytes() == b1
     assert (folder / "processed" / "2026-12-02" / "part-0.png").read_bytes() == b0
     assert (folder / "2026-12-02" / ".thumbs" / "part-0.png").exists()
+    assert (thumbs / "SYNOPHOTO_THUMB_S.png").exists() and (folder / "#recycle" / "part-9.png").exists()
     assert w.step().inspected == 0  # processed/ is not watched
     # a folder watched per type (one camera per type: `watch incoming/<type>`) names its parts'
     # type, as `inspect incoming/<type>` does

@@ -107,9 +107,10 @@ def cmd_data_info(args: argparse.Namespace) -> int:
               f"{row['masks']:>6} {row['unlabelled']:>6} {len(row['unreadable']):>7}  {size:<10}  {kinds}")
     unreadable = [p for row in info.values() for p in row["unreadable"]]
     if unreadable:
-        warnings.warn(f"{len(unreadable)} files cannot be read as images (missing, not an image or "
-                      f"damaged): {first_few(unreadable)}; train --skip-corrupt leaves them out",
-                      stacklevel=1)
+        n = len(unreadable)
+        what = f"{n} files cannot be read as images" if n > 1 else "1 file cannot be read as an image"
+        warnings.warn(f"{what} (missing, not an image or damaged): {first_few(unreadable)}; train "
+                      "--skip-corrupt leaves them out", stacklevel=1)
     return EXIT_OK
 
 

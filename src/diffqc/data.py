@@ -417,11 +417,20 @@ def sixteen_bit_white(paths: Sequence[Path | str], n: int = 16) -> int | None:
     return 2**bits - 1 if bits <= 14 else None
 
 
+# folders a file system, a NAS or an archiver keeps for itself, hidden by the system that made
+# them: Synology's thumbnails beside each image (``@eaDir/<image>/SYNOPHOTO_THUMB_S.jpg``) and
+# its shares' recycle bins and snapshots, QNAP's, Windows', a Mac's zip, ext4's
+SYSTEM_FOLDERS = frozenset({"@eadir", "#recycle", "#snapshot", "@recycle", "@recently-snapshot",
+                            "$recycle.bin", "system volume information", "__macosx", "lost+found"})
+
+
 def is_hidden(path: Path) -> bool:
-    """A name starting with ``.``: ``.DS_Store``, macOS's ``._name.png`` companions (not images,
-    though named like them), ``.ipynb_checkpoints``. Folder scans leave these out, as a shell's
-    ``*`` does; a file listed by name (a manifest, a path given alone) is always read."""
-    return path.name.startswith(".")
+    """A name starting with ``.`` (``.DS_Store``, macOS's ``._name.png`` companions, not images
+    though named like them, ``.ipynb_checkpoints``) or one of :data:`SYSTEM_FOLDERS` (a Synology
+    share's ``@eaDir`` thumbnails, a recycle bin). Folder scans leave these out, as a shell's
+    ``*`` and a file manager do; a file listed by name (a manifest, a path given alone) is always
+    read."""
+    return path.name.startswith(".") or path.name.lower() in SYSTEM_FOLDERS
 
 
 def is_image_file(path: Path) -> bool:
@@ -433,7 +442,7 @@ def _walk_files(folder: Path) -> Iterator[Path]:
     """The files in ``folder`` and its sub-folders (``train/good/2026-11-30/``, as a line files
     them by day), as found, hidden folders left out; symbolic links to folders are not followed."""
     for here, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in dirs if not is_hidden(Path(d))]
         yield from (Path(here) / f for f in files)
 
 

@@ -49,6 +49,7 @@ from diffqc.data import (
     escaped,
     folder_like_a_type,
     image_compression,
+    is_hidden,
     type_of_folders,
 )
 from diffqc.errors import (
@@ -243,7 +244,7 @@ def dataset_in(root: Path, *, most: int = 64) -> Path | None:
 
     def folders(p: Path) -> list[Path]:
         with contextlib.suppress(OSError), os.scandir(p) as entries:
-            found = (Path(e.path) for e in entries if e.is_dir() and not e.name.startswith("."))
+            found = (Path(e.path) for e in entries if e.is_dir() and not is_hidden(Path(e.path)))
             return list(itertools.islice(found, most))
         return []
 
@@ -340,7 +341,7 @@ class FolderWatcher:
                 continue  # a sub-folder removed or unreadable meanwhile: looked at next poll
             subfolders = []
             for entry in entries:
-                if entry.name.startswith((".", "~")):
+                if is_hidden(entry) or entry.name.startswith("~"):
                     continue
                 if entry.is_dir():
                     if not (entry.is_symlink() and self._passes_over_link(entry)):
