@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from diffqc.errors import UnknownFeatureTypeError, did_you_mean, unknown_feature_type
+from diffqc.errors import UnknownFeatureTypeError, did_you_mean, did_you_mean_name, unknown_feature_type
 
 KNOWN = ["angle", "dots", "edge1", "edge2", "top_edge"]
 
@@ -27,3 +27,14 @@ def test_the_error_names_the_known_types() -> None:
     assert isinstance(err, UnknownFeatureTypeError) and isinstance(err, ValueError)
     assert str(err) == ("unknown feature type 'Dots' (did you mean 'dots'?); this model knows "
                         "angle, dots, edge1, edge2, top_edge")
+
+
+@pytest.mark.parametrize(("name", "known", "sep", "hint"), [
+    ("type", ["camera", "feature_type", "part_id"], "_", " (did you mean 'feature_type'?)"),
+    ("--type", ["--feature-type", "--token"], "-", " (did you mean '--feature-type'?)"),
+    ("partid", ["part_id", "feature_type"], "_", " (did you mean 'part_id'?)"),  # a typo still
+    ("id", ["part_id", "record_id"], "_", ""),  # the last word of two: neither named
+    ("camera", ["feature_type"], "_", ""),
+])
+def test_a_name_s_last_word_alone_names_the_name(name: str, known: list[str], sep: str, hint: str) -> None:
+    assert did_you_mean_name(name, known, sep) == hint

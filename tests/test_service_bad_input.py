@@ -548,12 +548,15 @@ async def test_a_misspelled_parameter_or_field_is_refused_with_the_names_it_take
         assert r.json()["detail"] == ("unknown query parameter 'featureType' (did you mean 'feature_type'?); "
                                       "/v1/inspect takes camera, feature_type, line, part_id, station")
         r = await client.post("/v1/inspect", content=good, headers=AUTH, params={"type": ftype})
-        assert "unknown query parameter 'type';" in r.json()["detail"], r.text
+        assert "unknown query parameter 'type' (did you mean 'feature_type'?);" in r.json()["detail"], r.text
         r = await client.post("/v1/inspect/batch", files=[("image", ("a.png", good, "image/png"))],
                               data={"type": ftype}, headers=AUTH)
         assert r.status_code == 422 and r.json()["code"] == "unknown_field", r.text
-        assert r.json()["detail"] == ("unknown form field 'type'; /v1/inspect/batch takes the fields "
-                                      "camera, feature_type, image, line, part_id, station")
+        assert r.json()["detail"] == ("unknown form field 'type' (did you mean 'feature_type'?); "
+                                      "/v1/inspect/batch takes the fields camera, feature_type, image, "
+                                      "line, part_id, station")
+        r = await client.post("/v1/inspect", content=good, headers=AUTH, params={"id": "p1"})
+        assert "unknown query parameter 'id' (did you mean 'part_id'?);" in r.json()["detail"], r.text
         assert state.store.count() == 0
         ok = await client.post("/v1/inspect", content=good, headers=AUTH,
                                params={"feature_type": ftype, "part_id": "p1", "line": "L1"})

@@ -33,7 +33,7 @@ from diffqc.errors import (
     DiffqcError,
     ImageReadError,
     OutputError,
-    did_you_mean,
+    did_you_mean_name,
     first_few,
     out_of_memory,
 )
@@ -569,13 +569,8 @@ def _refuse_unknown_options(parser: argparse.ArgumentParser, unknown: Sequence[s
     command that takes ``--db``, that a result store given as an argument (``results list
     lineA.db``) is given so."""
     options = [o for o in parser._option_string_actions if o.startswith("--")]
-
-    def likely(arg: str) -> str:  # a typo, or the option's last word alone (`--type`)
-        name = arg.partition("=")[0]
-        ending = [o for o in options if o.endswith("-" + name.lstrip("-"))]
-        return did_you_mean(name, options) or (f" (did you mean {ending[0]!r}?)" if len(ending) == 1 else "")
-
-    meant = next((hint for arg in unknown if arg.startswith("--") and (hint := likely(arg))), "")
+    meant = next((hint for arg in unknown if arg.startswith("--")
+                  and (hint := did_you_mean_name(arg.partition("=")[0], options, "-"))), "")
     if not meant and any(arg.partition("=")[0].lower() in FPR_OPTIONS for arg in unknown):
         if "--alpha-review" in options:
             meant = (" (the target false-positive rate, the share of GOOD parts flagged, is --alpha-review; "

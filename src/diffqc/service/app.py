@@ -54,7 +54,7 @@ from starlette.routing import Match
 from diffqc.bundle import check_bundle_files, read_bundle
 from diffqc.data import MAX_NAME_LEN, MAX_SOURCE_LEN, decode_image, image_compression, unprintable
 from diffqc.drift import is_misrouted, prometheus_label
-from diffqc.errors import ConfigError, DiffqcError, ImageReadError, did_you_mean, unknown_feature_type
+from diffqc.errors import ConfigError, DiffqcError, ImageReadError, did_you_mean_name, unknown_feature_type
 from diffqc.machine import cgroup_memory_room
 from diffqc.output import json_safe
 from diffqc.service.buffer import (
@@ -932,7 +932,7 @@ def _refuse_unknown(names: Iterable[str], known: Collection[str], what: str, whe
     misspelled parameter or field (``featureType``, ``partid``) is not ignored, for ignored it
     loses a part id or a type, or a filter."""
     if unknown := sorted(set(names) - set(known)):
-        near = did_you_mean(unknown[0], sorted(known))
+        near = did_you_mean_name(unknown[0], sorted(known), "_")
         names_known = ", ".join(sorted(known))
         raise ServiceError(422, code, f"unknown {what} {unknown[0]!r}{near}; {where} {names_known}")
 
