@@ -293,6 +293,23 @@ async def test_a_verdict_with_a_misspelled_field_or_not_in_json_is_refused_and_n
             r = await client.post(f"/v1/review/{rid}", headers=AUTH, **kwargs)
             assert (r.status_code, r.json()["code"]) == (422, "bad_request"), (kwargs, r.text)
             assert "a JSON object" in r.json()["detail"] and '"verdict"' in r.json()["detail"], r.text
+        # the verdict as a query parameter (`curl -X POST .../v1/review/7?verdict=GOOD`) was told
+        # "/v1/review/{record_id} takes " and nothing more
+        r = await client.post(f"/v1/review/{rid}", headers=AUTH, params={"verdict": "GOOD"})
+        assert (r.status_code, r.json()["code"]) == (422, "unknown_parameter"), r.text
+        assert r.json()["detail"] == ("'verdict' is a field of /v1/review/{record_id}'s JSON body, not a "
+                                      'query parameter: send {"verdict": "GOOD"} (Content-Type: '
+                                      "application/json)")
+        r = await client.post(f"/v1/review/{rid}", headers=AUTH, params={"who": "anna"})
+        assert r.json()["detail"] == ("unknown query parameter 'who'; /v1/review/{record_id} takes "
+                                      "none"), r.text
+        # a verdict in another word a line uses (a manifest's label takes them) names the one meant
+        for word, meant in (("good", "GOOD"), ("NOK", "BAD"), ("i.O.", "GOOD"), ("fail", "BAD")):
+            r = await client.post(f"/v1/review/{rid}", headers=AUTH, json={"verdict": word})
+            assert (r.status_code, r.json()["code"]) == (422, "bad_verdict"), r.text
+            assert f"(got {word!r}) (did you mean {meant!r}?)" in r.json()["detail"], r.text
+        r = await client.post(f"/v1/review/{rid}", headers=AUTH, json={"verdict": "MAYBE"})
+        assert "did you mean" not in r.json()["detail"], r.text
         stored = (await client.get(f"/v1/results/{rid}", headers=AUTH)).json()
         assert stored["review"] is None and stored["reviewer"] is None
         r = await client.post(f"/v1/review/{rid}", headers=AUTH, json={"verdict": "GOOD", "reviewer": "anna"})

@@ -896,6 +896,13 @@ def _header_hint(header: str) -> str:
     return ""
 
 
+def label_of_word(text: str) -> int | None:
+    """GOOD, DEFECTIVE or UNKNOWN for a word a line labels parts with (good, OK, NOK, i.O., fail,
+    0/1: :data:`_LABEL_WORDS`, a manifest's label column, a labelled folder's name), without
+    case or the spaces around it; None for another word."""
+    return _LABEL_WORDS.get(text.strip().lower())
+
+
 def _manifest_label(text: str, where: str) -> int:
     """A manifest's label: a word of :data:`_LABEL_WORDS`, or a number equal to one of its digits
     (``1.0``: pandas writes a 0/1 column with an empty cell in it as floats)."""
@@ -906,8 +913,8 @@ def _manifest_label(text: str, where: str) -> int:
         number = None
     if number is not None and number.is_integer():
         word = str(int(number))
-    if word in _LABEL_WORDS:
-        return _LABEL_WORDS[word]
+    if (label := label_of_word(word)) is not None:
+        return label
     grade = (": a grade or a probability is no label: decide which grades are defects"
              if number is not None else "")
     raise DatasetError(f"{where}: unknown label {text!r} (use good/defect, OK/NOK or 0/1; "

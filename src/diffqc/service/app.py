@@ -52,7 +52,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from diffqc.bundle import check_bundle_files, read_bundle
-from diffqc.data import MAX_NAME_LEN, MAX_SOURCE_LEN, decode_image, image_compression, unprintable
+from diffqc.data import (
+    DEFECTIVE,
+    GOOD,
+    MAX_NAME_LEN,
+    MAX_SOURCE_LEN,
+    decode_image,
+    image_compression,
+    label_of_word,
+    unprintable,
+)
 from diffqc.drift import is_misrouted, prometheus_label
 from diffqc.errors import ConfigError, DiffqcError, ImageReadError, did_you_mean_name, unknown_feature_type
 from diffqc.machine import cgroup_memory_room
@@ -933,7 +942,7 @@ def _refuse_unknown(names: Iterable[str], known: Collection[str], what: str, whe
     loses a part id or a type, or a filter."""
     if unknown := sorted(set(names) - set(known)):
         near = did_you_mean_name(unknown[0], sorted(known), "_")
-        names_known = ", ".join(sorted(known))
+        names_known = ", ".join(sorted(known)) or "none"
         raise ServiceError(422, code, f"unknown {what} {unknown[0]!r}{near}; {where} {names_known}")
 
 
@@ -965,8 +974,15 @@ async def _known_query_only(request: Request) -> None:
     if isinstance(route, APIRoute):
         by_hand = set(_QUERY_READ_BY_HAND.get(route.path, ()))
         declared = _query_names(route.dependant)
-        _refuse_unknown(request.query_params.keys(), set(declared) | by_hand, "query parameter",
-                        f"{route.path} takes", "unknown_parameter")
+        known = set(declared) | by_hand
+        body = body_model(request)
+        if body is not None and (field := next((k for k in request.query_params
+                                                 if k not in known and k in body.model_fields), None)):
+            raise ServiceError(422, "unknown_parameter", f"{field!r} is a field of {route.path}'s JSON body, "
+                               f"not a query parameter: send {_body_example(body)} (Content-Type: "
+                               "application/json)")
+        _refuse_unknown(request.query_params.keys(), known, "query parameter", f"{route.path} takes",
+                        "unknown_parameter")
         _refuse_repeated([k for k, _ in request.query_params.multi_items()],
                          {name for name, is_list in declared.items() if not is_list} | by_hand,
                          "query parameter", "repeated_parameter")
@@ -1153,6 +1169,15 @@ def _body_example(model: type[BaseModel]) -> str:
     return json.dumps(example)
 
 
+def _verdict_meant(word: str) -> str:
+    """`` (did you mean 'BAD'?)`` for a verdict in another word a line labels parts with
+    (``good``, ``OK``, ``NOK``, ``i.O.``, ``fail``: :func:`~diffqc.data.label_of_word`), else
+    ``""``: the verdict stays GOOD or BAD, as stored and exported."""
+    label = label_of_word(word)
+    meant = "GOOD" if label == GOOD else "BAD" if label == DEFECTIVE else None
+    return f" (did you mean {meant!r}?)" if meant else ""
+
+
 def validation_error(exc: RequestValidationError, *, route: str = "the route",
                      body: type[BaseModel] | None = None) -> ServiceError:
     """FastAPI's request-validation error in the service's own shape, ``{"detail", "code"}``:
@@ -1185,6 +1210,8 @@ def validation_error(exc: RequestValidationError, *, route: str = "the route",
         if isinstance(value, str) and len(value) > 80:
             value = value[:80] + "…"
         got = f" (got {value!r})" if isinstance(value, str | int | float) else ""
+        if names_at and names_at[0] in ("verdict", "replaces") and isinstance(value, str):
+            got += _verdict_meant(value)
         problems.append(f"{'.'.join(names_at) or 'request'}: {err.get('msg', 'invalid')}{got}")
     code = f"bad_{names[0]}" if len(set(names)) == 1 else "bad_request"
     return ServiceError(422, code, "; ".join(problems) or "invalid request")
