@@ -1169,6 +1169,15 @@ def _body_example(model: type[BaseModel]) -> str:
     return json.dumps(example)
 
 
+def _decision_filter(value: str | None) -> str | None:
+    """A ``decision`` query parameter, in any case (``reject``), as stored; a 422 ``bad_decision``
+    for another word."""
+    decision = None if value is None else value.upper()
+    if decision is not None and decision not in DECISIONS:
+        raise ServiceError(422, "bad_decision", f"decision must be one of {', '.join(DECISIONS)}")
+    return decision
+
+
 def _verdict_meant(word: str) -> str:
     """`` (did you mean 'BAD'?)`` for a verdict in another word a line labels parts with
     (``good``, ``OK``, ``NOK``, ``i.O.``, ``fail``: :func:`~diffqc.data.label_of_word`), else
@@ -1625,8 +1634,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         limit: int = Query(default=100, ge=1, le=1000),
         order: Literal["newest", "oldest"] = "newest",
     ) -> dict[str, Any]:
-        if decision is not None and decision not in DECISIONS:
-            raise ServiceError(422, "bad_decision", f"decision must be one of {', '.join(DECISIONS)}")
+        decision = _decision_filter(decision)
         # an empty value (a form's empty field) is no filter, as on an upload it is no value
         given = (("feature_type", feature_type), ("part_id", part_id), ("line", line), ("station", station),
                  ("camera", camera), ("source", source))
@@ -1701,9 +1709,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         limit: int = Query(default=50, ge=1, le=500),
     ) -> dict[str, Any]:
         """The latest parts' verdicts, newest first (:func:`diffqc.service.parts.latest_parts`)."""
-        verdict = None if decision is None else decision.upper()
-        if verdict is not None and verdict not in DECISIONS:
-            raise ServiceError(422, "bad_decision", f"decision must be one of {', '.join(DECISIONS)}")
+        verdict = _decision_filter(decision)
         place = (_check_id(line, "line"), _check_id(station, "station"), _check_id(camera, "camera"))
         period = (parse_time(since, "since"), parse_time(until, "until"))
         _, store = state.require()
