@@ -592,6 +592,13 @@ def test_decode_modes() -> None:
     rgba[..., 3] = 128
     out = decode_image(_png(rgba))
     assert out.shape == (32, 32, 3) and 0.4 < out[0, 0, 0] < 0.6
+    # transparent everywhere (a camera frame saved with its BGRX padding byte as alpha, 0): its
+    # colours, as OpenCV reads it and Pillow a 32-bit BMP, where it was black whatever the part
+    rgba[..., 3] = 0
+    assert np.allclose(decode_image(_png(rgba)), [1.0, 0.0, 0.0])
+    la = np.zeros((32, 32, 2), np.uint8)
+    la[..., 0] = 51
+    assert np.allclose(decode_image(_png(la)), 0.2)
 
 
 def test_without_copies_leaves_out_byte_identical_copies_and_names_label_clashes(tmp_path: Path) -> None:
@@ -795,8 +802,11 @@ def test_as_image_reads_arrays_as_decoded_files_are() -> None:
     assert np.array_equal(as_image(rgb8[:, :, :1]), grey)
     rgba = np.dstack([rgb8, np.full((12, 16), 255, np.uint8)])
     assert np.allclose(as_image(rgba), decoded)
-    rgba[:, :, 3] = 0
-    assert not as_image(rgba).any()  # transparent: black, as an RGBA file is composited
+    rgba[:6, :, 3] = 0
+    half = as_image(rgba)  # partly transparent: composited on black, as an RGBA file is
+    assert not half[:6].any() and np.allclose(half[6:], decoded[6:])
+    rgba[:, :, 3] = 0  # transparent everywhere: a camera's BGRX padding byte, no alpha (was black)
+    assert np.allclose(as_image(rgba), decoded)
     assert as_image(np.ones((12, 16), bool)).min() == 1.0
     with pytest.raises(ImageReadError, match=r"values 0\.\.255 lie outside \[0, 1\]; divide by 255"):
         as_image(np.linspace(0, 255, 12 * 16).reshape(12, 16))

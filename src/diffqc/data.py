@@ -210,8 +210,9 @@ def _to_float_rgb(img: Image.Image, source: str) -> np.ndarray:
         return np.repeat(arr[:, :, None], 3, axis=2)
     if img.mode in {"RGBA", "LA", "PA"} or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(background, img)
+        if img.getchannel("A").getextrema() != (0, 0):  # see as_image: no pixel shown is padding
+            background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+            img = Image.alpha_composite(background, img)
     rgb = img.convert("RGB")
     return np.asarray(rgb, dtype=np.float32) / 255.0
 
@@ -229,7 +230,9 @@ def as_image(img: np.ndarray | Image.Image, source: str = "<array>") -> np.ndarr
     decoded as its file is (every mode, its orientation tag). Integer arrays are scaled as
     decoded files are (uint8 by 1/255, uint16 by 1/65535, other integers by 1/255 when none
     exceeds 255, else by 1/65535), bool is 0/1, HxW and HxWx1 are grey, HxWx4 is composited on
-    black as RGBA files are; a float array must already lie in [0, 1]. Anything else, or
+    black as RGBA files are (a fourth channel of 0 everywhere, no pixel shown, is a camera's BGRX
+    padding byte, not transparency: it is left out, as OpenCV reads such a file, where it made the
+    image black whatever the part); a float array must already lie in [0, 1]. Anything else, or
     smaller than 8 x 8 as a file may not be, is an :class:`ImageReadError` (a uint8 array was
     taken as floats and clamped: nearly white, every part REJECT)."""
     if isinstance(img, Image.Image):
@@ -276,7 +279,7 @@ def as_image(img: np.ndarray | Image.Image, source: str = "<array>") -> np.ndarr
     if out.ndim == 2:
         out = np.repeat(out[:, :, None], 3, axis=2)
     elif out.shape[2] == 4:
-        out = out[:, :, :3] * out[:, :, 3:]
+        out = np.ascontiguousarray(out[:, :, :3]) if not out[:, :, 3].any() else out[:, :, :3] * out[:, :, 3:]
     return _big_enough(out, source)  # a float32 HxWx3 array in [0, 1] comes back as it is: no copy
 
 
