@@ -827,6 +827,11 @@ def test_as_image_reads_arrays_as_decoded_files_are() -> None:
         as_image(np.zeros((2, 3, 12, 16), np.float32))
     with pytest.raises(ImageReadError, match=r"got the 5 bytes of an encoded file.*decode_image\(data\)"):
         as_image(b"\x89PNG\r")  # type: ignore[arg-type]
+    # a frame through the buffer protocol (a camera SDK's buffer, memoryview(array)) has its
+    # shape: read as its array, where it was named "the 192 bytes of an encoded file"
+    assert np.array_equal(as_image(memoryview(rgb8)), decoded)  # type: ignore[arg-type]
+    with pytest.raises(ImageReadError, match=r"got the 5 bytes of an encoded file"):
+        as_image(memoryview(b"\x89PNG\r"))  # type: ignore[arg-type]
     with pytest.raises(ImageReadError, match="not an image's"):
         as_image(np.zeros((12, 16), np.complex64))
     # smaller than a file may be (a 1 x 1 array was scored, far off every part: REJECT)

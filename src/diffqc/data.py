@@ -237,7 +237,7 @@ def as_image(img: np.ndarray | Image.Image, source: str = "<array>") -> np.ndarr
     taken as floats and clamped: nearly white, every part REJECT)."""
     if isinstance(img, Image.Image):
         return _big_enough(_to_float_rgb(_upright(img), source), source)
-    if isinstance(img, (bytes, bytearray, memoryview)):
+    if isinstance(img, (bytes, bytearray)) or (isinstance(img, memoryview) and img.ndim < 2):
         raise ImageReadError(source, f"got the {len(img)} bytes of an encoded file, not an image array: "
                              "decode them first (diffqc.data.decode_image(data))")
     arr = np.asarray(img)
