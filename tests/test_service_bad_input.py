@@ -855,7 +855,14 @@ def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
         # from inside the application's start (exit 3)
         (["serve", str(service_model[0]), "--no-auth", "--mqtt", "mqtt://broker:99999/line1"],
          "MQTT URL 'mqtt://broker:99999/line1' has a bad port"),
-        (["serve", str(service_model[0]), "--no-auth", "--mqtt", "tcp://broker/l1"], "must look like mqtt://"),
+        (["serve", str(service_model[0]), "--no-auth", "--mqtt", "tcp://broker/l1"],
+         "must look like mqtt://host:1883/prefix (or mqtts://; over WebSockets, wss://host/mqtt?"
+         "prefix=PREFIX): tcp://, as Paho's Java and C clients write it, is mqtt:// here: mqtt://broker/l1"),
+        (["serve", str(service_model[0]), "--no-auth", "--mqtt", "ssl://u@broker:8883"],
+         "ssl://, as Paho's Java and C clients write it, is mqtts:// here: mqtts://u@broker:8883"),
+        (["serve", str(service_model[0]), "--no-auth", "--mqtt", "broker.local:1883"],
+         "must look like mqtt://host:1883/prefix (or mqtts://; over WebSockets, wss://host/mqtt?"
+         "prefix=PREFIX): write it as a URL: mqtt://broker.local:1883"),
         (["serve", str(service_model[0]), "--no-auth", "--mqtt", "mqtt://broker/l+1"], "may not contain '+'"),
         (["serve", str(service_model[0]), "--no-auth", "--webhook", "ftp://mes/in"], "must be http://"),
         (["serve", str(service_model[0]), "--no-auth", "--root-path", "qc/"],

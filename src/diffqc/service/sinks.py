@@ -925,6 +925,21 @@ MQTT_PASSWORD_FILE_ENV = "DIFFQC_MQTT_PASSWORD_FILE"  # the broker password, kep
 _MQTT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}  # an MQTT URL's schemes, default ports
 
 
+_PAHO_SCHEMES = {"tcp": "mqtt", "ssl": "mqtts"}  # Paho's Java and C clients' names for them
+
+
+def _mqtt_url_meant(shown: str) -> str:
+    """The MQTT URL a refused one likely meant: Paho's ``tcp://``/``ssl://`` written as
+    ``mqtt://``/``mqtts://``, a bare ``host:port`` as ``mqtt://host:port``; else ``""``."""
+    scheme, sep, rest = shown.partition("://")
+    if sep and scheme.lower() in _PAHO_SCHEMES:
+        ours = _PAHO_SCHEMES[scheme.lower()]
+        return f": {scheme}://, as Paho's Java and C clients write it, is {ours}:// here: {ours}://{rest}"
+    if not sep and shown and ":/" not in shown and not any(c.isspace() for c in shown):
+        return f": write it as a URL: mqtt://{shown}"
+    return ""
+
+
 def parse_mqtt_url(url: str) -> MqttTarget:
     """``mqtt://[user[:password]@]host[:port][/prefix]`` (``mqtts://`` for TLS); MQTT over
     WebSockets (a broker reached through an HTTPS port only) as the broker gives its URL,
@@ -936,7 +951,7 @@ def parse_mqtt_url(url: str) -> MqttTarget:
     shown = redact_url(url)
     if parts.scheme not in _MQTT_PORTS or not parts.hostname:
         raise ConfigError(f"MQTT URL {shown!r} must look like mqtt://host:1883/prefix (or mqtts://; over "
-                          "WebSockets, wss://host/mqtt?prefix=PREFIX)")
+                          f"WebSockets, wss://host/mqtt?prefix=PREFIX){_mqtt_url_meant(shown)}")
     tls = parts.scheme in ("mqtts", "wss")
     websocket_path = None
     if parts.scheme in ("ws", "wss"):  # the path is the WebSocket's: the prefix is a parameter
