@@ -919,9 +919,34 @@ def test_cli_results_export_of_nothing_says_why(tmp_path: Path, capsys: pytest.C
     assert "no part reviewed GOOD" in out.err and "review" in out.err
 
 
-def test_store_urls() -> None:
+def test_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                    capsys: pytest.CaptureFixture[str]) -> None:
     assert sqlite_path("sqlite:////abs/x.db") == Path("/abs/x.db")
     assert sqlite_path("rel/x.db") == Path("rel/x.db")
+    # three slashes are a relative path (as SQLAlchemy reads them): `sqlite:///srv/qc/r.db`,
+    # meant as /srv/qc/r.db, made srv/qc/ under the folder serve was started in, a store that
+    # `results list --db /srv/qc/r.db` then did not find; where the relative folder is not there
+    # and the absolute one is, it is refused, naming the URL meant
+    from diffqc.cli import main
+    from diffqc.errors import StoreError
+
+    monkeypatch.chdir(tmp_path)
+    absolute = tmp_path.parent / "line" / "r.db"
+    absolute.parent.mkdir()
+    url = f"sqlite://{absolute}"  # sqlite:///tmp/.../line/r.db: relative
+    with pytest.raises(StoreError, match=rf"is the relative path {str(absolute)[1:]} .* write "
+                                         rf"sqlite:///{absolute}, or the path alone"):
+        sqlite_path(url)
+    assert not (tmp_path / str(absolute)[1:]).parent.exists()
+    assert main(["results", "list", "--db", url]) == 1
+    assert f"is the relative path {str(absolute)[1:]}" in capsys.readouterr().err
+    (tmp_path / "rel").mkdir()
+    assert sqlite_path("sqlite:///rel/x.db") == Path("rel/x.db")  # a relative folder that is here
+    assert sqlite_path("sqlite:///x.db") == Path("x.db")
+    # SQLAlchemy's driver suffix, as a Python application's settings hold the URL
+    with pytest.raises(StoreError, match=r"SQLAlchemy's postgresql\+psycopg: libpq takes it as "
+                                         r"postgresql://qc:\*\*\*@db/plant"):
+        sqlite_path("postgresql+psycopg://qc:secret@db/plant")
     assert redact_url("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
     assert redact_url("postgresql://u@h/db") == "postgresql://u@h/db"
     # libpq takes the password as a parameter too: it was shown in /v1/model and the errors

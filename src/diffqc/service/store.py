@@ -238,16 +238,26 @@ def is_postgres_url(url: str) -> bool:
 
 
 def sqlite_path(url: str) -> Path:
-    """``sqlite:///abs/path``, ``sqlite:///./rel``, or a plain path. SQLite's own spellings are
-    refused: ``:memory:`` (each connection would hold its own store, lost at exit) and a ``file:``
-    URI (SQLite opens the file it names, while the data folder beside it and the checks of the
-    store's file would read the text as a path)."""
+    """``sqlite:////abs/path``, ``sqlite:///rel/path`` (three slashes and a relative path, as
+    SQLAlchemy reads them), or a plain path. SQLite's own spellings are refused: ``:memory:``
+    (each connection would hold its own store, lost at exit) and a ``file:`` URI (SQLite opens
+    the file it names, while the data folder beside it and the checks of the store's file would
+    read the text as a path); so is a relative path whose folder is not here where the absolute
+    one's is (``sqlite:///srv/qc/r.db`` for ``/srv/qc/r.db``: it made ``srv/qc/`` here)."""
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///") :]
+        rel, absolute = Path(path), Path("/" + path)
+        if not rel.is_absolute() and not rel.parent.is_dir() and absolute.parent.is_dir():
+            raise StoreError(f"the SQLite URL {url!r} is the relative path {path} (three slashes, as "
+                             f"SQLAlchemy reads them), whose folder {rel.parent} is not in {Path.cwd()}: "
+                             f"for {absolute} write sqlite:///{absolute}, or the path alone")
     elif url.startswith("sqlite://"):
         raise StoreError(f"unsupported SQLite URL {url!r}; use sqlite:///path/to/results.db")
     elif "://" in url:  # e.g. mysql://...: not a file name to create
-        raise StoreError(f"unsupported result store {redact_url(url)!r}; use a SQLite path, "
+        scheme, _, rest = redact_url(url).partition("://")
+        driver = (f" (SQLAlchemy's {scheme}: libpq takes it as postgresql://{rest})"
+                  if scheme.lower().startswith(("postgresql+", "postgres+")) else "")
+        raise StoreError(f"unsupported result store {redact_url(url)!r}{driver}; use a SQLite path, "
                          "sqlite:///path/to/results.db or postgresql://user@host/db")
     else:
         path = url
