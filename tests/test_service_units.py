@@ -943,6 +943,14 @@ def test_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     (tmp_path / "rel").mkdir()
     assert sqlite_path("sqlite:///rel/x.db") == Path("rel/x.db")  # a relative folder that is here
     assert sqlite_path("sqlite:///x.db") == Path("x.db")
+    # a libpq connection string (key=value, as psql and a DBA's notes give it) was taken for a
+    # SQLite file's name: serve made a file "host=db port=5432 ..." and stored the line's parts in it
+    with pytest.raises(StoreError, match=r"a libpq connection string \(key=value\), which diffqc takes "
+                                         r"as a URL: postgresql://qc:\*\*\*@db:5433/plant\?sslmode=require"):
+        sqlite_path("host=db port=5433 user=qc password=secret dbname=plant sslmode=require")
+    with pytest.raises(StoreError, match=r"as a URL: postgresql://db/plant$"):
+        sqlite_path("dbname=plant host=db")
+    assert sqlite_path("run=3.db") == Path("run=3.db")  # a file name with '=' in it stays one
     # SQLAlchemy's driver suffix, as a Python application's settings hold the URL
     with pytest.raises(StoreError, match=r"SQLAlchemy's postgresql\+psycopg: libpq takes it as "
                                          r"postgresql://qc:\*\*\*@db/plant"):

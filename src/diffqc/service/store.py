@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import EllipsisType
 from typing import Any, TypedDict, Unpack
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 import numpy as np
 from PIL import Image
@@ -237,6 +237,29 @@ def is_postgres_url(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://"))
 
 
+_LIBPQ_KEYS = frozenset({"host", "hostaddr", "port", "dbname", "user", "password", "service", "sslmode",
+                         "sslrootcert", "sslcert", "sslkey", "connect_timeout", "application_name",
+                         "target_session_attrs", "options"})
+
+
+def _libpq_url(text: str) -> str | None:
+    """The ``postgresql://`` URL of a libpq connection string (``host=db port=5432 dbname=qc``,
+    as ``psql`` takes it), or None when ``text`` is not one (a file name with ``=`` in it)."""
+    pairs = [token.partition("=") for token in text.split()]
+    if not pairs or any(not sep or key not in _LIBPQ_KEYS for key, sep, _ in pairs):
+        return None
+    given = {key: value for key, _, value in pairs}
+    if not given.keys() & {"host", "hostaddr", "dbname", "user", "service"}:
+        return None
+    user = quote(given.pop("user", ""), safe="") + (f":{quote(given.pop('password'), safe='')}"
+                                                   if "password" in given else "")
+    host = given.pop("host", given.pop("hostaddr", ""))
+    port = f":{given.pop('port')}" if "port" in given else ""
+    query = "&".join(f"{k}={quote(v, safe='')}" for k, v in given.items() if k != "dbname")
+    return (f"postgresql://{user + '@' if user else ''}{host}{port}/{quote(given.get('dbname', ''), safe='')}"
+            + (f"?{query}" if query else ""))
+
+
 def sqlite_path(url: str) -> Path:
     """``sqlite:////abs/path``, ``sqlite:///rel/path`` (three slashes and a relative path, as
     SQLAlchemy reads them), or a plain path. SQLite's own spellings are refused: ``:memory:``
@@ -261,6 +284,9 @@ def sqlite_path(url: str) -> Path:
                          "sqlite:///path/to/results.db or postgresql://user@host/db")
     else:
         path = url
+        if (meant := _libpq_url(url)) is not None:
+            raise StoreError("the result store was given as a libpq connection string (key=value), which "
+                             f"diffqc takes as a URL: {redact_url(meant)}")
     if path == ":memory:":
         raise StoreError("an in-memory SQLite store keeps nothing (each of the service's connections "
                          "would hold its own, and every record is lost at exit): give a file, such as "
