@@ -951,6 +951,11 @@ def test_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(StoreError, match=r"as a URL: postgresql://db/plant$"):
         sqlite_path("dbname=plant host=db")
     assert sqlite_path("run=3.db") == Path("run=3.db")  # a file name with '=' in it stays one
+    # a URL with a slash missing made a SQLite store of that name (folders "postgresql:/h:5432/")
+    for typo in ("postgresql:/127.0.0.1:5432/plant", "sqlite:/x.db", "sqlite:x.db", "Postgres:h/db"):
+        with pytest.raises(StoreError, match=r"'.*' is not a URL: write "
+                                             r"postgresql://user@host/db or sqlite:///path/to/results.db"):
+            sqlite_path(typo)
     # SQLAlchemy's driver suffix, as a Python application's settings hold the URL
     with pytest.raises(StoreError, match=r"SQLAlchemy's postgresql\+psycopg: libpq takes it as "
                                          r"postgresql://qc:\*\*\*@db/plant"):

@@ -237,6 +237,7 @@ def is_postgres_url(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://"))
 
 
+_STORE_SCHEME = re.compile(r"(?i)(postgresql|postgres|sqlite)(\+\w+)?:")  # a URL's slashes lost
 _LIBPQ_KEYS = frozenset({"host", "hostaddr", "port", "dbname", "user", "password", "service", "sslmode",
                          "sslrootcert", "sslcert", "sslkey", "connect_timeout", "application_name",
                          "target_session_attrs", "options"})
@@ -284,6 +285,10 @@ def sqlite_path(url: str) -> Path:
                          "sqlite:///path/to/results.db or postgresql://user@host/db")
     else:
         path = url
+        if _STORE_SCHEME.match(url):
+            raise StoreError(f"the result store {redact_url(url)!r} is not a URL: write "
+                             "postgresql://user@host/db or sqlite:///path/to/results.db (two slashes "
+                             "after the colon), or the SQLite file's path alone")
         if (meant := _libpq_url(url)) is not None:
             raise StoreError("the result store was given as a libpq connection string (key=value), which "
                              f"diffqc takes as a URL: {redact_url(meant)}")
