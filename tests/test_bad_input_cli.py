@@ -679,6 +679,15 @@ def test_a_misspelt_option_is_told_by_its_command_with_the_option_it_likely_mean
         # the last word of an option (`--type` for `--feature-type`): too far apart to be a typo
         (["inspect", str(tmp_path), "part.png", "--type", "dots"], "usage: diffqc inspect ",
          "diffqc inspect: error: unrecognized arguments: --type dots (did you mean '--feature-type'?)"),
+        # an argument given as an option, as anomalib's and most tools' `--model` is
+        (["inspect", "--model", str(tmp_path), "part.png"], "usage: diffqc inspect ",
+         "diffqc inspect: error: unrecognized arguments: --model (model is an argument of diffqc inspect, "
+         "not an option: diffqc inspect MODEL IMAGES ...)"),
+        (["watch", "incoming", "--model", str(tmp_path)], "usage: diffqc watch ",
+         "unrecognized arguments: --model (model is an argument of diffqc watch, not an option: diffqc "
+         "watch DIR MODEL)"),
+        (["train", "--data", str(tmp_path), "--out", str(tmp_path / "m")], "usage: diffqc train ",
+         "(data is an argument of diffqc train, not an option: diffqc train DATA ...)"),
     ]:
         with pytest.raises(SystemExit) as exc:
             main(argv)

@@ -567,7 +567,8 @@ def _refuse_unknown_options(parser: argparse.ArgumentParser, unknown: Sequence[s
     """argparse's "unrecognized arguments", from the command's parser, with the option an
     unknown one likely meant (``--tokn``: ``--token``; ``--fpr``: ``--alpha-review``), or, for a
     command that takes ``--db``, that a result store given as an argument (``results list
-    lineA.db``) is given so."""
+    lineA.db``) is given so, or that an argument given as an option (``inspect --model M``) is
+    an argument."""
     options = [o for o in parser._option_string_actions if o.startswith("--")]
     meant = next((hint for arg in unknown if arg.startswith("--")
                   and (hint := did_you_mean_name(arg.partition("=")[0], options, "-"))), "")
@@ -582,6 +583,14 @@ def _refuse_unknown_options(parser: argparse.ArgumentParser, unknown: Sequence[s
                  None)
     if store is not None and not meant:
         meant = f" (the result store is given as --db: --db {store})"
+    positionals = [a for a in parser._actions if not a.option_strings and isinstance(a.dest, str)]
+    names = {a.dest.replace("_", "-") for a in positionals}
+    given = next((name for arg in unknown if (name := arg.partition("=")[0][2:]) in names
+                  and arg.startswith("--")), None)
+    if given is not None and not meant:  # `--model M`, as anomalib and most tools take it
+        usage = " ".join(f"[{a.dest.upper()}]" if a.nargs == "?"
+                         else a.dest.upper() + " ..." * (a.nargs in ("+", "*")) for a in positionals)
+        meant = f" ({given} is an argument of {parser.prog}, not an option: {parser.prog} {usage})"
     parser.error(f"unrecognized arguments: {' '.join(unknown)}{meant}")
 
 
