@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from diffqc.errors import UnknownFeatureTypeError, did_you_mean, did_you_mean_name, unknown_feature_type
+from diffqc.errors import (
+    UnknownFeatureTypeError,
+    address_hint,
+    did_you_mean,
+    did_you_mean_name,
+    unknown_feature_type,
+)
 
 KNOWN = ["angle", "dots", "edge1", "edge2", "top_edge"]
 
@@ -38,3 +44,21 @@ def test_the_error_names_the_known_types() -> None:
 ])
 def test_a_name_s_last_word_alone_names_the_name(name: str, known: list[str], sep: str, hint: str) -> None:
     assert did_you_mean_name(name, known, sep) == hint
+
+
+@pytest.mark.parametrize(("given", "hint"), [
+    ("smb://nas/qc/cam1", " (smb://nas/qc/cam1 is a share's address, not a path here: mount it, mount -t "
+                          "cifs //nas/qc /mnt/qc, and give /mnt/qc/cam1)"),
+    ("smb:/nas/cam1", " (smb:/nas/cam1 is a share's address, not a path here: mount it, mount -t cifs "
+                      "//nas/cam1 /mnt/cam1, and give /mnt/cam1)"),  # as a Path keeps it
+    ("\\\\nas\\qc\\p.png", " (\\\\nas\\qc\\p.png is a share's address, not a path here: mount it, mount -t "
+                           "cifs //nas/qc /mnt/qc, and give /mnt/qc/p.png)"),
+    ("nfs://nas/export/cam", " (nfs://nas/export/cam is a share's address, not a path here: mount it, mount "
+                             "-t nfs nas:/export/cam /mnt/cam, and give /mnt/cam)"),
+    ("file:///data/qc", " (file:///data/qc is a URL: give the path, /data/qc)"),
+    ("data/qc", ""), ("ftp://cam/img", ""),
+])
+def test_a_share_s_address_given_as_a_path_names_what_to_give(given: str, hint: str) -> None:
+    """`diffqc train smb://nas/qc`, `inspect MODEL \\\\nas\\qc\\p.png`, a watched folder so given:
+    each was "does not exist" alone (the text copied from a file manager names no path here)."""
+    assert address_hint(given) == hint

@@ -877,11 +877,11 @@ def test_entrypoint_bad_model_or_db_is_one_line_and_exit_1(
          f"watch folder {tmp_path.resolve() / 'camera-1'} does not exist"),
         # a share's address (as a file manager shows it) is no folder here: where it is mounted is
         (["serve", str(service_model[0]), "--no-auth", "--watch", "smb://nas/cam1"],
-         "does not exist (smb://nas/cam1 is a share's address: watch the folder it is mounted on, "
-         "mount -t cifs //nas/cam1 /mnt/cam1, then watch /mnt/cam1)"),
-        (["serve", str(service_model[0]), "--no-auth", "--watch", "\\\\nas\\cam1"],
-         "(\\\\nas\\cam1 is a share's address: watch the folder it is mounted on, mount -t cifs //nas/cam1 "
-         "/mnt/cam1, then watch /mnt/cam1)"),
+         "does not exist (smb://nas/cam1 is a share's address, not a path here: mount it, mount -t cifs "
+         "//nas/cam1 /mnt/cam1, and give /mnt/cam1)"),
+        (["serve", str(service_model[0]), "--no-auth", "--watch", "\\\\nas\\qc\\cam1"],
+         "(\\\\nas\\qc\\cam1 is a share's address, not a path here: mount it, mount -t cifs //nas/qc "
+         "/mnt/qc, and give /mnt/qc/cam1)"),
         (["serve", str(service_model[0]), "--no-auth", "--watch", f"file://{tmp_path}/cam"],
          f"(file://{tmp_path}/cam is a URL: give the path, {tmp_path}/cam)"),
         (["serve", str(service_model[0]), "--no-auth", "--watch", str(blocker)], "is a file, not a folder"),

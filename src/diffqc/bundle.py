@@ -10,7 +10,7 @@ from typing import Any
 
 from diffqc.calibration import Calibrator
 from diffqc.config import DetectorConfig
-from diffqc.errors import BundleError, OutputError
+from diffqc.errors import BundleError, OutputError, address_hint
 from diffqc.inspection import BUNDLE_FILES, check_bundle_version, sha256_file
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -22,7 +22,7 @@ def check_bundle_files(path: Path | str, *, usage: str = "it comes first: diffqc
     another folder ends with ``usage``: where the command takes its bundle)."""
     path = Path(path)
     if not path.is_dir():
-        raise BundleError(f"model bundle {path} does not exist or is not a folder")
+        raise BundleError(f"model bundle {path} does not exist or is not a folder{address_hint(str(path))}")
     missing = [f for f in BUNDLE_FILES if not (path / f).is_file()]
     if len(missing) == len(BUNDLE_FILES):  # not a damaged bundle: another folder (the data?)
         raise BundleError(f"{path} is not a diffqc model bundle (it holds none of "

@@ -26,6 +26,7 @@ from diffqc.errors import (
     ImageReadError,
     OutputError,
     UnreadableImagesError,
+    address_hint,
     did_you_mean,
     first_few,
     type_key,
@@ -336,8 +337,8 @@ def decode_image(data: bytes | Path | str, source: str | None = None) -> np.ndar
         elif str(path) == STDIO or (path.exists() and not path.is_dir() and not path.is_block_device()):
             handle = io.BytesIO(_read_stream(path, name))  # /dev/stdin, <(curl ...), a grabber's FIFO
         else:
-            why = ("no such file" if not path.exists() else "a folder, not an image file" if path.is_dir()
-                   else "a disk device, not an image file")
+            why = (f"no such file{address_hint(str(path))}" if not path.exists() else
+                   "a folder, not an image file" if path.is_dir() else "a disk device, not an image file")
             raise ImageReadError(name, why)
     try:
         with Image.open(handle) as img:
@@ -677,7 +678,7 @@ def load_mvtec(root: Path | str) -> list[Sample]:
     if root.exists() and not root.is_dir():
         raise DatasetError(f"{root} is a device or a pipe, not a dataset folder")
     if not root.is_dir():
-        raise DatasetError(f"dataset folder {root} does not exist")
+        raise DatasetError(f"dataset folder {root} does not exist{address_hint(str(root))}")
     if root.name in ("", ".."):  # `.`, `..`: the folder's own name names its type (or split)
         root = Path(os.path.abspath(root))
     loader = _type_loader(root)

@@ -110,6 +110,33 @@ def did_you_mean(name: str, known: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close and close[0] != name else ""
 
 
+_SHARE_URL = re.compile(r"(?i)(smb|cifs|nfs)://?([^/]+)/?(.*)")  # a Path keeps one '/'
+_UNC = re.compile(r"\\\\([^\\]+)\\?(.*)")  # \\nas\share\dir, as Windows names a share's folder
+
+
+def address_hint(given: str) -> str:
+    """For a path given as a share's address, as a file manager shows it (``smb://nas/qc/cam1``,
+    ``\\\\nas\\qc\\cam1``, ``nfs://nas/export``), or as a ``file://`` URL, which name nothing
+    here: `` (... mount it ... and give /mnt/qc/cam1)``, what to give; else ``""``."""
+    if given.lower().startswith("file:/"):
+        return f" ({given} is a URL: give the path, {'/' + given[5:].lstrip('/')})"
+    if (found := _SHARE_URL.fullmatch(given)) and found[1].lower() == "nfs":
+        export = found[3].strip("/")
+        point = f"/mnt/{export.rsplit('/', 1)[-1] or found[2]}"
+        return (f" ({given} is a share's address, not a path here: mount it, mount -t nfs "
+                f"{found[2]}:/{export} {point}, and give {point})")
+    if found:
+        host, path = found[2], found[3]
+    elif found := _UNC.fullmatch(given):
+        host, path = found[1], found[2].replace("\\", "/")
+    else:
+        return ""
+    share, _, rest = path.strip("/").partition("/")  # SMB's share is the first name of the path
+    point = f"/mnt/{share or host}"
+    return (f" ({given} is a share's address, not a path here: mount it, mount -t cifs //{host}/{share} "
+            f"{point}, and give {point}{'/' + rest if rest else ''})")
+
+
 def did_you_mean_name(name: str, known: Sequence[str], sep: str) -> str:
     """:func:`did_you_mean` for an option's or a field's name, or the one known name whose last
     word ``name`` is (words split at ``sep``): ``--type`` meant ``--feature-type``, a field

@@ -59,6 +59,7 @@ from diffqc.errors import (
     OutputError,
     StoreError,
     UnknownFeatureTypeError,
+    address_hint,
     did_you_mean,
     first_few,
     why_unwritable,
@@ -188,27 +189,6 @@ def check_watch_arguments(directory: Path | str, model_path: Path | str, *, keep
     return check_watch_folder(directory, moves_into=() if keep else ("processed", "failed"))
 
 
-_SHARE_URL = re.compile(r"(?i)(smb|cifs|nfs)://?([^/]+)/?(.*)")  # Path() keeps one '/'
-_UNC = re.compile(r"\\\\([^\\]+)\\?(.*)")  # \\nas\cam1, as Windows names a share
-
-
-def _address_hint(given: str) -> str:
-    """For a watched folder given as a share's address (``smb://nas/cam1``, ``\\\\nas\\cam1``, as
-    a file manager shows it) or a ``file://`` URL, which name no folder here: what to give."""
-    if given.lower().startswith("file:/"):
-        return f" ({given} is a URL: give the path, {'/' + given[5:].lstrip('/')})"
-    if found := _SHARE_URL.fullmatch(given):
-        kind, host, path = ("nfs" if found[1].lower() == "nfs" else "cifs"), found[2], found[3].strip("/")
-    elif found := _UNC.fullmatch(given):
-        kind, host, path = "cifs", found[1], found[2].replace("\\", "/").strip("/")
-    else:
-        return ""
-    share = f"{host}:/{path}" if kind == "nfs" else f"//{host}/{path}"
-    mount = f"/mnt/{path.rsplit('/', 1)[-1] or host}"
-    return (f" ({given} is a share's address: watch the folder it is mounted on, mount -t {kind} {share} "
-            f"{mount}, then watch {mount})")
-
-
 def check_watch_folder(folder: Path | str, *, moves_into: Sequence[Path | str] = ("processed", "failed"),
                        hint: str = KEEP_HINT) -> Path:
     """The folder to watch, resolved; one that does not exist or is a file is named. Its files
@@ -217,7 +197,7 @@ def check_watch_folder(folder: Path | str, *, moves_into: Sequence[Path | str] =
     only read). Nothing is created here."""
     root = Path(folder).resolve()
     if not root.exists():
-        raise FileNotFoundError(f"watch folder {root} does not exist{_address_hint(str(folder))}")
+        raise FileNotFoundError(f"watch folder {root} does not exist{address_hint(str(folder))}")
     if not root.is_dir():
         raise NotADirectoryError(f"watch folder {root} is a file, not a folder")
     for target in [root / t for t in moves_into]:
