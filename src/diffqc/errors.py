@@ -110,6 +110,15 @@ def did_you_mean(name: str, known: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close and close[0] != name else ""
 
 
+def did_you_mean_name(name: str, known: Sequence[str], sep: str) -> str:
+    """:func:`did_you_mean` for an option's or a field's name, or the one known name whose last
+    word ``name`` is (words split at ``sep``): ``--type`` meant ``--feature-type``, a field
+    ``type`` ``feature_type``, as a person shortens a long name; ``""`` when none or several end
+    so."""
+    ending = [k for k in known if k.endswith(sep + name.lstrip("-"))]
+    return did_you_mean(name, known) or (f" (did you mean {ending[0]!r}?)" if len(ending) == 1 else "")
+
+
 _SHARE_URL = re.compile(r"(?i)(smb|cifs|nfs)://?([^/]+)/?(.*)")  # a Path keeps one '/'
 _UNC = re.compile(r"\\\\([^\\]+)\\?(.*)")  # \\nas\share\dir, as Windows names a share's folder
 
@@ -135,15 +144,6 @@ def address_hint(given: str) -> str:
     point = f"/mnt/{share or host}"
     return (f" ({given} is a share's address, not a path here: mount it, mount -t cifs //{host}/{share} "
             f"{point}, and give {point}{'/' + rest if rest else ''})")
-
-
-def did_you_mean_name(name: str, known: Sequence[str], sep: str) -> str:
-    """:func:`did_you_mean` for an option's or a field's name, or the one known name whose last
-    word ``name`` is (words split at ``sep``): ``--type`` meant ``--feature-type``, a field
-    ``type`` ``feature_type``, as a person shortens a long name; ``""`` when none or several end
-    so."""
-    ending = [k for k in known if k.endswith(sep + name.lstrip("-"))]
-    return did_you_mean(name, known) or (f" (did you mean {ending[0]!r}?)" if len(ending) == 1 else "")
 
 
 class FoldError(DiffqcError, ValueError):
