@@ -688,6 +688,11 @@ def test_a_misspelt_option_is_told_by_its_command_with_the_option_it_likely_mean
          "watch DIR MODEL)"),
         (["train", "--data", str(tmp_path), "--out", str(tmp_path / "m")], "usage: diffqc train ",
          "(data is an argument of diffqc train, not an option: diffqc train DATA ...)"),
+        # the shell's expansion of `watch incoming/*.png MODEL`: watch takes the folder
+        (["watch", "incoming/a.png", "incoming/b.png", "incoming/c.PNG", str(tmp_path)],
+         "usage: diffqc watch ",
+         "unrecognized arguments: incoming/c.PNG " + str(tmp_path) + " (diffqc watch takes the folder the "
+         "images are written into, not images: diffqc watch incoming MODEL)"),
     ]:
         with pytest.raises(SystemExit) as exc:
             main(argv)

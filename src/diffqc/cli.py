@@ -587,6 +587,12 @@ def _refuse_unknown_options(parser: argparse.ArgumentParser, unknown: Sequence[s
     names = {a.dest.replace("_", "-") for a in positionals}
     given = next((name for arg in unknown if (name := arg.partition("=")[0][2:]) in names
                   and arg.startswith("--")), None)
+    from diffqc.data import IMAGE_SUFFIXES
+
+    images = [arg for arg in unknown if Path(arg).suffix.lower() in IMAGE_SUFFIXES]
+    if images and "dir" in names and not meant:  # `watch incoming/*.png MODEL`, as the shell expands it
+        meant = (f" ({parser.prog} takes the folder the images are written into, not images: "
+                 f"{parser.prog} {Path(images[0]).parent} MODEL)")
     if given is not None and not meant:  # `--model M`, as anomalib and most tools take it
         usage = " ".join(f"[{a.dest.upper()}]" if a.nargs == "?"
                          else a.dest.upper() + " ..." * (a.nargs in ("+", "*")) for a in positionals)
