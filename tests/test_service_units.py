@@ -931,7 +931,7 @@ def test_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     from diffqc.errors import StoreError
 
     monkeypatch.chdir(tmp_path)
-    absolute = tmp_path.parent / "line" / "r.db"
+    absolute = tmp_path.parent / f"{tmp_path.name}-line" / "r.db"  # beside tmp_path, its own
     absolute.parent.mkdir()
     url = f"sqlite://{absolute}"  # sqlite:///tmp/.../line/r.db: relative
     with pytest.raises(StoreError, match=rf"is the relative path {str(absolute)[1:]} .* write "
