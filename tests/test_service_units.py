@@ -952,10 +952,12 @@ def test_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         sqlite_path("dbname=plant host=db")
     assert sqlite_path("run=3.db") == Path("run=3.db")  # a file name with '=' in it stays one
     # a URL with a slash missing made a SQLite store of that name (folders "postgresql:/h:5432/")
-    for typo in ("postgresql:/127.0.0.1:5432/plant", "sqlite:/x.db", "sqlite:x.db", "Postgres:h/db"):
-        with pytest.raises(StoreError, match=r"'.*' is not a URL: write "
-                                             r"postgresql://user@host/db or sqlite:///path/to/results.db"):
+    for typo in ("postgresql:/127.0.0.1:5432/plant", "sqlite:/x.db", "sqlite:x.db", "Postgres:h/db",
+                 "postgresql:/qc:secret@db/plant"):
+        with pytest.raises(StoreError, match=r"'.*' is not a URL: write postgresql://user@host/db or "
+                                             r"sqlite:///path/to/results.db") as info:
             sqlite_path(typo)
+        assert "secret" not in str(info.value)
     # SQLAlchemy's driver suffix, as a Python application's settings hold the URL
     with pytest.raises(StoreError, match=r"SQLAlchemy's postgresql\+psycopg: libpq takes it as "
                                          r"postgresql://qc:\*\*\*@db/plant"):
@@ -966,6 +968,12 @@ def test_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert redact_url("postgresql://u@h/db?sslmode=require&password=secret") == \
         "postgresql://u@h/db?sslmode=require&password=***"
     assert redact_url("postgresql://h/db?PASSWORD=s%26x&user=u") == "postgresql://h/db?PASSWORD=***&user=u"
+    # a URL refused for its form is shown in the error: its password was, when the slashes were
+    # lost or the scheme left out; a path with '@' in it is no URL's user
+    assert redact_url("postgresql:/qc:secret@db/plant") == "postgresql:/qc:***@db/plant"
+    assert redact_url("qc:secret@broker:1883") == "qc:***@broker:1883"
+    assert redact_url("/data/a:b@c/r.db") == "/data/a:b@c/r.db"
+    assert redact_url("mqtt://broker/line@1") == "mqtt://broker/line@1"
 
 
 @pytest.mark.parametrize(("url", "told"), [

@@ -311,16 +311,22 @@ def split_url(url: str, what: str) -> SplitResult:
         raise ConfigError(f"{what} {redact_url(url)!r} is not a URL ({exc})") from None
 
 
+# a URL's scheme, or one written with its slashes lost (``postgresql:/u:p@h``): not ``user:``
+_SCHEME_PREFIX = re.compile(r"[A-Za-z][\w+.-]*:/+")
+
+
 def redact_url(url: str) -> str:
-    """The URL without its password (for logs and /v1/model): the user's, and a ``password``
-    parameter's (libpq takes ``postgresql://u@h/db?password=...``)."""
+    """The URL without its password (for logs, errors and /v1/model): the user's, and a
+    ``password`` parameter's (libpq takes ``postgresql://u@h/db?password=...``); also where the
+    URL's slashes were lost or it has no scheme (``u:p@host:1883``), as a refused URL is shown."""
     url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
-    if "://" not in url or "@" not in url:
+    if "@" not in url:
         return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
+    prefix = found.group(0) if (found := _SCHEME_PREFIX.match(url)) else ""
+    creds, host = url[len(prefix):].rsplit("@", 1)
+    if ":" not in creds or (not prefix and "/" in creds):  # no password; a path with '@' in it
+        return url
+    return f"{prefix}{creds.split(':', 1)[0]}:***@{host}"
 
 
 _ENCODE_HINT = ("; or leave the password out of the URL: libpq reads it from PGPASSWORD or "
