@@ -583,16 +583,16 @@ def _refuse_unknown_options(parser: argparse.ArgumentParser, unknown: Sequence[s
                  None)
     if store is not None and not meant:
         meant = f" (the result store is given as --db: --db {store})"
-    positionals = [a for a in parser._actions if not a.option_strings and isinstance(a.dest, str)]
-    names = {a.dest.replace("_", "-") for a in positionals}
-    given = next((name for arg in unknown if (name := arg.partition("=")[0][2:]) in names
-                  and arg.startswith("--")), None)
     from diffqc.data import IMAGE_SUFFIXES
 
+    positionals = [a for a in parser._actions if not a.option_strings and isinstance(a.dest, str)]
+    names = {a.dest.replace("_", "-") for a in positionals}
     images = [arg for arg in unknown if Path(arg).suffix.lower() in IMAGE_SUFFIXES]
     if images and "dir" in names and not meant:  # `watch incoming/*.png MODEL`, as the shell expands it
         meant = (f" ({parser.prog} takes the folder the images are written into, not images: "
                  f"{parser.prog} {Path(images[0]).parent} MODEL)")
+    given = next((name for arg in unknown if (name := arg.partition("=")[0][2:]) in names
+                  and arg.startswith("--")), None)
     if given is not None and not meant:  # `--model M`, as anomalib and most tools take it
         usage = " ".join(f"[{a.dest.upper()}]" if a.nargs == "?"
                          else a.dest.upper() + " ..." * (a.nargs in ("+", "*")) for a in positionals)

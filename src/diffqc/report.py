@@ -60,7 +60,6 @@ from diffqc.output import check_output_folder, path_text, write_atomic
 
 SCHEMA_VERSION = 1
 OVERALL = "all types"
-MIN_DEFECTIVE_PER_FOLD = S.MIN_DEFECTIVE_PER_FOLD
 
 # metric key -> (column title, format kind)
 METRICS: dict[str, tuple[str, str]] = {
@@ -339,7 +338,7 @@ def summarise(per_fold: Sequence[dict[str, float]]) -> dict[str, Summary]:
 
 
 def reliability(
-    n_good: int, defective_per_fold: Sequence[int], min_per_fold: int = MIN_DEFECTIVE_PER_FOLD
+    n_good: int, defective_per_fold: Sequence[int], min_per_fold: int = S.MIN_DEFECTIVE_PER_FOLD
 ) -> tuple[bool, str]:
     """``(unreliable, reason)`` for a type given its GOOD count and defectives per fold."""
     n_def = int(sum(defective_per_fold))
@@ -378,7 +377,7 @@ def method_result(
     k: int | None = None,
     n_boot: int = 1000,
     seed: int = 0,
-    min_defective_per_fold: int = MIN_DEFECTIVE_PER_FOLD,
+    min_defective_per_fold: int = S.MIN_DEFECTIVE_PER_FOLD,
 ) -> MethodResult:
     """Per-fold, mean +- sd and pooled metrics of one method on one type's out-of-fold scores.
 

@@ -278,10 +278,11 @@ def sqlite_path(url: str) -> Path:
     elif url.startswith("sqlite://"):
         raise StoreError(f"unsupported SQLite URL {url!r}; use sqlite:///path/to/results.db")
     elif "://" in url:  # e.g. mysql://...: not a file name to create
-        scheme, _, rest = redact_url(url).partition("://")
+        shown = redact_url(url)
+        scheme, _, rest = shown.partition("://")
         driver = (f" (SQLAlchemy's {scheme}: libpq takes it as postgresql://{rest})"
                   if scheme.lower().startswith(("postgresql+", "postgres+")) else "")
-        raise StoreError(f"unsupported result store {redact_url(url)!r}{driver}; use a SQLite path, "
+        raise StoreError(f"unsupported result store {shown!r}{driver}; use a SQLite path, "
                          "sqlite:///path/to/results.db or postgresql://user@host/db")
     else:
         path = url
