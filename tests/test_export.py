@@ -275,6 +275,12 @@ def test_runtime_choice(exported: Path, tiny_model: Path, tmp_path: Path) -> Non
     config = json.loads((edited / "config.json").read_text())
     config["backbone"]["input_size"] += 32
     (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match=rf"config\.json was edited after training: backbone\.input_size is "
+                                          rf"{config['backbone']['input_size']}; the model was fitted"):
+        OnnxDetector(edited)
+    meta = json.loads((edited / "metadata.json").read_text())
+    del meta["fitted_settings"]  # a bundle from before the record: its graph tells
+    (edited / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match=rf"backbone\.input_size {config['backbone']['input_size']} differs "
                                           r"from its ONNX export's input, \d+ px"):
         OnnxDetector(edited)

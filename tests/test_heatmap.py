@@ -123,6 +123,12 @@ def test_a_bundle_without_its_memory_is_refused(pair: tuple[Detector, Detector],
     cfg = json.loads((bundle / "config.json").read_text())
     cfg["scoring"]["heat_map"] = "fused"
     (bundle / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match=r"config\.json was edited after training: scoring\.heat_map is "
+                                          r"fused"):
+        Detector.load(bundle, device="cpu")
+    meta = json.loads((bundle / "metadata.json").read_text())
+    del meta["fitted_settings"]  # a bundle from before the record: its weights tell
+    (bundle / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="memory"):
         Detector.load(bundle, device="cpu")
 

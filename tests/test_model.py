@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +138,8 @@ def test_damaged_bundle(tiny_model: Path, tmp_path: Path, damage: str) -> None:
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("input_size", 96, r"does not match its config: backbone\.input_size 96 gives a 12 x 12 feature grid, "
-                       r"the model was fitted on 8 x 8"),
+    ("input_size", 96, r"config\.json was edited after training: backbone\.input_size is 96; the model was "
+                       r"fitted and calibrated with backbone\.input_size 64 \(metadata\.json\)"),
     ("grid", [-1, 8], r"config\.json is damaged \(.*config\.json: backbone\.grid must be two positive "
                       r"integers \(h, w\), got \(-1, 8\)\)"),
     ("grid", [8, 8, 1], r"backbone\.grid must be two positive integers"),
@@ -156,6 +158,92 @@ def test_a_config_edited_by_hand_is_a_bundle_error(tiny_model: Path, tmp_path: P
     config["backbone"][field] = value
     (bundle / "config.json").write_text(json.dumps(config))
     with pytest.raises(BundleError, match=message):
+        Detector.load(bundle)
+
+
+def test_an_input_size_edited_into_a_bundle_without_the_record_is_refused(tiny_model: Path,
+                                                                          tmp_path: Path) -> None:
+    """A bundle written before metadata.json recorded its fitted settings: an input size edited
+    into its config.json is still told by the feature grid it gives."""
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_model, bundle)
+    meta = json.loads((bundle / "metadata.json").read_text())
+    del meta["fitted_settings"]
+    (bundle / "metadata.json").write_text(json.dumps(meta))
+    _edit_config(bundle, **{"backbone.input_size": 96})
+    with pytest.raises(BundleError, match=r"does not match its config: backbone\.input_size 96 gives a "
+                                          r"12 x 12 feature grid, the model was fitted on 8 x 8"):
+        Detector.load(bundle)
+    meta["fitted_settings"] = ["scoring.topk"]
+    (bundle / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=r"metadata\.json is damaged "
+                                          r"\(fitted_settings: \['scoring\.topk'\]\)"):
+        Detector.load(bundle)
+
+
+def _edit_config(bundle: Path, **edits: Any) -> None:
+    """Set dotted keys of ``bundle``'s config.json, as a hand edit does."""
+    config = json.loads((bundle / "config.json").read_text())
+    for key, value in edits.items():
+        section, _, leaf = key.rpartition(".")
+        (config[section] if section else config)[leaf] = value
+    (bundle / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def test_a_scoring_setting_edited_after_training_is_refused(tiny_model: Path, clear_dataset: Path,
+                                                            tmp_path: Path) -> None:
+    """A setting of the scores edited into config.json after training (``scoring.topk`` "to make
+    it less sensitive") changed every score's scale while the calibration's thresholds stayed
+    those of the old one: drilled on the synthetic set, a dots part with a missing dot went from
+    REJECT (389, scored as fitted) to PASS (149), without a word. Refused as the bundle loads,
+    naming each setting and the value the model was fitted and calibrated with; the batch size
+    (memory only: the same scores) may still be edited."""
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_model, bundle)
+    _edit_config(bundle, **{"scoring.topk": 0.5, "scoring.smooth_sigma": 0.0})
+    with pytest.raises(BundleError, match=(
+            r"config\.json was edited after training: scoring\.smooth_sigma is 0\.0, scoring\.topk is 0\.5; "
+            r"the model was fitted and calibrated with scoring\.smooth_sigma 2\.0, scoring\.topk 0\.05 "
+            r"\(metadata\.json\), and its calibration's thresholds hold for those alone: put them back, "
+            r"or train again with the new ones \(diffqc train DATA --out NEW --set "
+            r"scoring\.smooth_sigma=0\.0 --set scoring\.topk=0\.5\)")):
+        Detector.load(bundle)
+    samples = _test_samples(clear_dataset)[:4]
+    before = [r.score for r in Detector.load(tiny_model).inspect_samples(samples)[0]]
+    _edit_config(bundle, **{"scoring.topk": 0.05, "scoring.smooth_sigma": 2.0, "batch_size": 1})
+    after = [r.score for r in Detector.load(bundle).inspect_samples(samples)[0]]
+    assert after == pytest.approx(before, rel=1e-5)
+
+
+def test_a_level_edited_into_config_json_is_said(tiny_model: Path, tmp_path: Path) -> None:
+    """``calibration.alpha_review`` edited into config.json (a wish for fewer REVIEWs) changed no
+    decision and said nothing: calibration.json decides, and ``/v1/model`` showed the edited level
+    it did not decide at. The bundle loads deciding as its calibration does, saying so with the
+    command that sets the level; that command then makes both files agree."""
+    from diffqc.calibration import CalibrationWarning
+    from diffqc.recalibrate import recalibrate
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_model, bundle)
+    _edit_config(bundle, **{"calibration.alpha_review": 0.2})
+    with pytest.warns(CalibrationWarning, match=(
+            r"config\.json's calibration\.alpha_review 0\.2 is not its calibration's "
+            r"\(0\.05, calibration\.json, which decides\); an edit of config\.json changes no decision: "
+            rf"to change it, diffqc calibrate {re.escape(str(bundle))} --alpha-review 0\.2$")):
+        loaded = Detector.load(bundle)
+    assert loaded.config.calibration.alpha_review == 0.05
+    recalibrate(bundle, alpha_review=0.2)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert Detector.load(bundle).config.calibration.alpha_review == 0.2
+    assert not [w for w in said if "config.json" in str(w.message)]
+    # a level and a setting of train's split
+    _edit_config(bundle, **{"calibration.fraction": 0.5, "calibration.alpha_reject": 0.02})
+    with pytest.warns(CalibrationWarning, match=(
+            r"config\.json's calibration\.alpha_reject 0\.02, calibration\.fraction 0\.5 are not its "
+            r"calibration's \(0\.01, 0\.35, calibration\.json, which decides\); an edit of config\.json "
+            rf"changes no decision: to change them, diffqc calibrate {re.escape(str(bundle))} --alpha-reject "
+            r"0\.02 and diffqc train DATA --out NEW --set calibration\.fraction=0\.5$")):
         Detector.load(bundle)
 
 

@@ -1107,6 +1107,9 @@ def test_a_model_larger_than_the_machine_is_said_so_not_a_damaged_bundle(
     config = json.loads((model / "config.json").read_text())
     config["diffusion"]["timesteps"] = 2**53
     (model / "config.json").write_text(json.dumps(config))
+    meta = json.loads((model / "metadata.json").read_text())  # as fitted so: no edit of config.json
+    meta["fitted_settings"]["diffusion.timesteps"] = 2**53
+    (model / "metadata.json").write_text(json.dumps(meta))
     assert main(["serve", str(model), "--no-auth", "--port", "0", "--db", str(tmp_path / "r.db")]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         "diffqc: error: out of memory: it tried to allocate 64.0 PiB at once; DIFFQC_TRACEBACK=1 shows where"]

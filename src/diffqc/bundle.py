@@ -4,14 +4,17 @@ adds the weights; the exported detector (:mod:`diffqc.runtime`) the ONNX graph."
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
-from diffqc.calibration import Calibrator
-from diffqc.config import DetectorConfig
+from diffqc.calibration import CalibrationWarning, Calibrator
+from diffqc.config import DetectorConfig, fitted_settings
 from diffqc.errors import BundleError, OutputError, address_hint
 from diffqc.inspection import BUNDLE_FILES, check_bundle_version, sha256_file
+from diffqc.output import path_text
 
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -54,10 +57,61 @@ def read_bundle(path: Path | str) -> tuple[DetectorConfig, dict[str, Any], Calib
         config = DetectorConfig.from_json(path / "config.json")
     except ValueError as exc:
         raise BundleError(f"model bundle {path}: config.json is damaged ({exc})") from None
+    if not isinstance(fitted := meta.get("fitted_settings", {}), dict):
+        raise BundleError(f"model bundle {path}: metadata.json is damaged (fitted_settings: {fitted!r})")
+    if message := _edited_settings(fitted, config):
+        raise BundleError(f"model bundle {path}: {message}")
     cal = Calibrator.from_file(path / "calibration.json")
     if set(cal.known) != set(classes):
         raise BundleError(f"model bundle {path}: calibration types {sorted(cal.known)} != classes {classes}")
+    if message := _edited_levels(path, config, cal):
+        warnings.warn(f"model bundle {path}: {message}", CalibrationWarning, stacklevel=2)
+        config = dataclasses.replace(config, calibration=cal.config)  # the config says what decides
     return config, meta, cal
+
+
+def _value(value: Any) -> str:
+    """A setting's value as ``--set`` takes it (a string bare, else JSON without spaces)."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def _edited_settings(fitted: dict[str, Any], config: DetectorConfig) -> str | None:
+    """What is wrong when ``config`` (config.json) differs from the settings ``metadata.json``
+    recorded the model was fitted and calibrated with (:func:`diffqc.config.fitted_settings`; a
+    bundle from before the record has none, a setting added since is not in it), else None. An
+    edit there changes every score's scale under thresholds calibrated on the old one."""
+    now = fitted_settings(config)
+    edited = sorted(key for key, value in fitted.items() if key in now and now[key] != value)
+    if not edited:
+        return None
+    is_now = ", ".join(f"{k} is {_value(now[k])}" for k in edited)
+    was = ", ".join(f"{k} {_value(fitted[k])}" for k in edited)
+    sets = " ".join(f"--set {k}={_value(now[k])}" for k in edited)
+    return (f"config.json was edited after training: {is_now}; the model was fitted and calibrated with "
+            f"{was} (metadata.json), and its calibration's thresholds hold for those alone: put them back, "
+            f"or train again with the new ones (diffqc train DATA --out NEW {sets})")
+
+
+# the calibration settings `diffqc calibrate` sets, with its options; the others are train's
+_LEVEL_OPTIONS = {"alpha_review": "--alpha-review", "alpha_reject": "--alpha-reject"}
+
+
+def _edited_levels(path: Path, config: DetectorConfig, cal: Calibrator) -> str | None:
+    """What to say when config.json's ``calibration`` section is not calibration.json's (an edit
+    of config.json: calibration.json decides, with its own), else None."""
+    mine, theirs = dataclasses.asdict(config.calibration), dataclasses.asdict(cal.config)
+    edited = sorted(key for key in mine if mine[key] != theirs.get(key))
+    if not edited:
+        return None
+    levels = " ".join(f"{_LEVEL_OPTIONS[k]} {mine[k]}" for k in edited if k in _LEVEL_OPTIONS)
+    others = " ".join(f"--set calibration.{k}={mine[k]}" for k in edited if k not in _LEVEL_OPTIONS)
+    commands = ([f"diffqc calibrate {path_text(path)} {levels}"] if levels else []) + (
+        [f"diffqc train DATA --out NEW {others}"] if others else [])
+    said = ", ".join(f"calibration.{k} {mine[k]}" for k in edited)
+    decides = ", ".join(str(theirs.get(k)) for k in edited)
+    is_, it = ("is", "it") if len(edited) == 1 else ("are", "them")
+    return (f"config.json's {said} {is_} not its calibration's ({decides}, calibration.json, which decides); "
+            f"an edit of config.json changes no decision: to change {it}, {' and '.join(commands)}")
 
 
 def _wrong_training_data(meta: dict[str, Any]) -> tuple[str, Any] | None:

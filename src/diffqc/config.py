@@ -551,6 +551,24 @@ def uses_layouts(config: DetectorConfig) -> bool:
     return config.backbone.resize != "squash" or config.tiling.mode != "off"
 
 
+# settings a fitted model's scores do not depend on (memory alone): config.json may be edited there
+UNSCORED_SETTINGS = ("batch_size",)
+
+
+def fitted_settings(config: DetectorConfig) -> dict[str, Any]:
+    """Every dotted setting of ``config`` its model's scores depend on, as JSON values: the record
+    a bundle keeps in ``metadata.json`` of what it was fitted and calibrated with, against which
+    :func:`diffqc.bundle.read_bundle` tells a later edit of ``config.json``. Left out: the
+    ``calibration`` section (``calibration.json`` holds what it decides with) and
+    :data:`UNSCORED_SETTINGS`."""
+    out: dict[str, Any] = {}
+    for key, value in json.loads(json.dumps(config.to_dict())).items():
+        if key == "calibration" or key in UNSCORED_SETTINGS:
+            continue
+        out.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    return out
+
+
 def config_keys() -> list[str]:
     """Every dotted config key, e.g. ``train.steps``."""
     out: list[str] = []

@@ -38,7 +38,7 @@ from diffqc.calibration import (
     suspect_images,
     suspects_note,
 )
-from diffqc.config import CalibrationConfig, DetectorConfig, uses_layouts
+from diffqc.config import CalibrationConfig, DetectorConfig, fitted_settings, uses_layouts
 from diffqc.data import (
     DatasetWarning,
     Sample,
@@ -737,7 +737,8 @@ class Detector:
         save_file(tensors, str(folder / "weights.safetensors"), metadata={"format": str(BUNDLE_FORMAT)})
         self.config.to_json(folder / "config.json")
         (folder / "calibration.json").write_text(json.dumps(calibration.to_dict()))
-        meta = dict(self.metadata, classes=self.classes_, format=BUNDLE_FORMAT)
+        meta = dict(self.metadata, classes=self.classes_, format=BUNDLE_FORMAT,
+                    fitted_settings=fitted_settings(self.config))
         meta["weights_file_sha256"] = sha256_file(folder / "weights.safetensors")
         (folder / "metadata.json").write_text(json.dumps(meta, indent=2))
         for name in BUNDLE_FILES:
