@@ -1237,6 +1237,16 @@ def test_a_sqlite_database_of_another_program_is_not_taken_as_the_store(tmp_path
         f"{app.absolute()} is a SQLite database of another program (its tables: orders), not a diffqc "
         "result store; nothing was written to it: give --db a new file or a diffqc store")
     assert app.read_bytes() == before and not Path(f"{app}-wal").exists()
+    # read (`results list --db`): "no such table: diffqc_results" before, for it and an empty file
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    for path, holds in ((app, "its tables: orders"), (empty, "it holds no table")):
+        with pytest.raises(StoreError) as err:
+            ResultStore(str(path), read_only=True)
+        assert str(err.value) == (
+            f"{path.absolute()} holds no diffqc result store ({holds}): give the --db that `diffqc serve` or "
+            "`watch` write to"), path
+    assert app.read_bytes() == before and empty.read_bytes() == b""
     ours = tmp_path / "results.db"
     ResultStore(str(ours)).close()
     with sqlite3.connect(ours) as conn:

@@ -480,10 +480,15 @@ def _sqlite_tables(path: Path) -> list[str]:
     out); sqlite3's errors as they come."""
     conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
     try:
-        return [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
-                                               "AND name NOT LIKE 'sqlite%' ORDER BY name")]
+        return _table_names(conn)
     finally:
         conn.close()
+
+
+def _table_names(conn: sqlite3.Connection) -> list[str]:
+    """The tables of an open SQLite database, SQLite's own left out."""
+    return [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                           "AND name NOT LIKE 'sqlite%' ORDER BY name")]
 
 
 def _foreign_tables(path: Path) -> list[str]:
@@ -558,6 +563,16 @@ class ResultStore:
                     raise StoreError(f"{redact_url(url)} holds no diffqc result store (no {TABLE} table in "
                                      "the schemas of its search path): give the --db that `diffqc serve` "
                                      "or `watch` write to")
+                return
+            try:  # an empty file or another program's database: said so, not a query's "no such table"
+                names = _table_names(self._writer)
+            except sqlite3.Error:  # a file SQLite cannot read: its own error, where it is read
+                return
+            if TABLE not in names:
+                self._writer.close()
+                holds = f"its tables: {', '.join(names[:5])}" if names else "it holds no table"
+                raise StoreError(f"{Path(str(self.path)).absolute()} holds no diffqc result store ({holds}): "
+                                 "give the --db that `diffqc serve` or `watch` write to")
             return
         try:
             self._create_schema()
