@@ -56,7 +56,11 @@ def test_a_name_s_last_word_alone_names_the_name(name: str, known: list[str], se
     ("nfs://nas/export/cam", " (nfs://nas/export/cam is a share's address, not a path here: mount it, mount "
                              "-t nfs nas:/export/cam /mnt/cam, and give /mnt/cam)"),
     ("file:///data/qc", " (file:///data/qc is a URL: give the path, /data/qc)"),
-    ("data/qc", ""), ("ftp://cam/img", ""),
+    *[(url, f" ({url} is a URL, not a path here: copy it here, or mount it, and give its path)")
+      for url in ("ftp://cam/img", "sftp:/edge/qc", "afp://mac/qc")],
+    ("https://mes/p.png", " (https://mes/p.png is a URL, not a path here: download it, and give the file's "
+                          "path)"),
+    ("data/qc", ""), ("C:/qc/cam1", ""), ("C:\\qc", ""), ("cam:1/p.png", ""),
 ])
 def test_a_share_s_address_given_as_a_path_names_what_to_give(given: str, hint: str) -> None:
     """`diffqc train smb://nas/qc`, `inspect MODEL \\\\nas\\qc\\p.png`, a watched folder so given:

@@ -121,12 +121,14 @@ def did_you_mean_name(name: str, known: Sequence[str], sep: str) -> str:
 
 _SHARE_URL = re.compile(r"(?i)(smb|cifs|nfs)://?([^/]+)/?(.*)")  # a Path keeps one '/'
 _UNC = re.compile(r"\\\\([^\\]+)\\?(.*)")  # \\nas\share\dir, as Windows names a share's folder
+_URL = re.compile(r"(?i)([a-z][a-z0-9+.-]+):/")  # ftp://, sftp://, https://: a URL (C:/ is a drive)
 
 
 def address_hint(given: str) -> str:
     """For a path given as a share's address, as a file manager shows it (``smb://nas/qc/cam1``,
-    ``\\\\nas\\qc\\cam1``, ``nfs://nas/export``), or as a ``file://`` URL, which name nothing
-    here: `` (... mount it ... and give /mnt/qc/cam1)``, what to give; else ``""``."""
+    ``\\\\nas\\qc\\cam1``, ``nfs://nas/export``), or as a URL (``file://``, ``ftp://``,
+    ``https://``), which name nothing here: `` (... mount it ... and give /mnt/qc/cam1)``, what to
+    give; else ``""``."""
     if given.lower().startswith("file:/"):
         return f" ({given} is a URL: give the path, {'/' + given[5:].lstrip('/')})"
     if (found := _SHARE_URL.fullmatch(given)) and found[1].lower() == "nfs":
@@ -138,6 +140,10 @@ def address_hint(given: str) -> str:
         host, path = found[2], found[3]
     elif found := _UNC.fullmatch(given):
         host, path = found[1], found[2].replace("\\", "/")
+    elif found := _URL.match(given):
+        fetch = "download it, and give the file's" if found[1].lower() in ("http", "https") else \
+            "copy it here, or mount it, and give its"
+        return f" ({given} is a URL, not a path here: {fetch} path)"
     else:
         return ""
     share, _, rest = path.strip("/").partition("/")  # SMB's share is the first name of the path
