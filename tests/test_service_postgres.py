@@ -53,6 +53,25 @@ def test_postgres_store_contract(pg_url: str) -> None:
         assert again.count() == 7
 
 
+def test_postgres_a_host_gone_silent_is_given_up_in_seconds_not_minutes(pg_url: str) -> None:
+    """A database host that stops answering (power cut, a switch down: no reset reaches the
+    service) held the service's store connection, and with it every part sent, until the kernel
+    gave up on the unanswered packets: drilled with the database's replies dropped on a virtual
+    link, a part waited more than 10 minutes (tcp_retries2's 15 retransmissions) for its 503, and
+    the line with it. The store's connections now carry TCP keepalives and a TCP user timeout, so
+    a silent host is given up within about half a minute; the URL's own values are kept."""
+    with ResultStore(pg_url) as store:
+        given = {o.keyword.decode(): (o.val or b"").decode() for o in store._writer.pgconn.info}
+    assert {k: given[k] for k in ("keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+                                  "tcp_user_timeout")} == {
+        "keepalives": "1", "keepalives_idle": "15", "keepalives_interval": "5", "keepalives_count": "3",
+        "tcp_user_timeout": "30000"}
+    with ResultStore(f"{pg_url}&keepalives_idle=60&tcp_user_timeout=0") as store:
+        given = {o.keyword.decode(): (o.val or b"").decode() for o in store._writer.pgconn.info}
+    assert (given["keepalives_idle"], given["tcp_user_timeout"], given["keepalives_count"]) == (
+        "60", "0", "3")
+
+
 def test_postgres_records_by_part(pg_url: str) -> None:
     with ResultStore(pg_url) as store:
         part_order_contract(store)

@@ -57,6 +57,12 @@ MAX_ROW_ID = 2**63 - 1
 RECONNECT_ATTEMPTS = 5
 # A pooled PostgreSQL connection idle for longer than this is checked (SELECT 1) before use.
 PING_AFTER_IDLE_S = 1.0
+# libpq's socket settings where the URL gives none: a connection attempt waits 10 s at most, and a
+# host gone silent (a power cut, a switch down: no reset reaches the service) is given up in about
+# 30 s (keepalives for an idle connection, the user timeout for unanswered data), not after the
+# kernel's 15 retransmissions (over 10 minutes, drilled), which every part sent meanwhile waited
+PG_SOCKET = {"connect_timeout": "10", "keepalives": "1", "keepalives_idle": "15", "keepalives_interval": "5",
+             "keepalives_count": "3", "tcp_user_timeout": "30000"}
 
 
 @dataclass
@@ -593,10 +599,13 @@ class ResultStore:
                 import psycopg
             except ImportError as exc:  # pragma: no cover - depends on the install
                 raise StoreError("PostgreSQL needs psycopg: pip install 'diffqc[serve]'") from exc
+            from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
             try:  # no statement prepared on the server: through PgBouncer's transaction pooling (as
                 # DBAs run it) the next run of one, on another server connection, failed
-                return psycopg.connect(self.url, autocommit=autocommit, connect_timeout=10,
-                                       prepare_threshold=None)
+                given = conninfo_to_dict(self.url)
+                conninfo = make_conninfo(self.url, **{k: v for k, v in PG_SOCKET.items() if k not in given})
+                return psycopg.connect(conninfo, autocommit=autocommit, prepare_threshold=None)
             except psycopg.Error as exc:  # libpq's message spans lines, and has no primary message
                 raise StoreError(f"cannot connect to {redact_url(self.url)}: {_db_reason(exc)}") from None
         assert self.path is not None
