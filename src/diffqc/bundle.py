@@ -100,7 +100,7 @@ def _edited_levels(path: Path, config: DetectorConfig, cal: Calibrator) -> str |
     """What to say when config.json's ``calibration`` section is not calibration.json's (an edit
     of config.json: calibration.json decides, with its own), else None."""
     mine, theirs = dataclasses.asdict(config.calibration), dataclasses.asdict(cal.config)
-    edited = sorted(key for key in mine if mine[key] != theirs.get(key))
+    edited = sorted(key for key in mine if mine[key] != theirs[key])
     if not edited:
         return None
     levels = " ".join(f"{_LEVEL_OPTIONS[k]} {mine[k]}" for k in edited if k in _LEVEL_OPTIONS)
@@ -108,7 +108,7 @@ def _edited_levels(path: Path, config: DetectorConfig, cal: Calibrator) -> str |
     commands = ([f"diffqc calibrate {path_text(path)} {levels}"] if levels else []) + (
         [f"diffqc train DATA --out NEW {others}"] if others else [])
     said = ", ".join(f"calibration.{k} {mine[k]}" for k in edited)
-    decides = ", ".join(str(theirs.get(k)) for k in edited)
+    decides = ", ".join(str(theirs[k]) for k in edited)
     is_, it = ("is", "it") if len(edited) == 1 else ("are", "them")
     return (f"config.json's {said} {is_} not its calibration's ({decides}, calibration.json, which decides); "
             f"an edit of config.json changes no decision: to change {it}, {' and '.join(commands)}")

@@ -570,6 +570,7 @@ class ResultStore:
                                      "the schemas of its search path): give the --db that `diffqc serve` "
                                      "or `watch` write to")
                 return
+            assert self.path is not None
             try:  # an empty file or another program's database: said so, not a query's "no such table"
                 names = _table_names(self._writer)
             except sqlite3.Error:  # a file SQLite cannot read: its own error, where it is read
@@ -577,8 +578,8 @@ class ResultStore:
             if TABLE not in names:
                 self._writer.close()
                 holds = f"its tables: {', '.join(names[:5])}" if names else "it holds no table"
-                raise StoreError(f"{Path(str(self.path)).absolute()} holds no diffqc result store ({holds}): "
-                                 "give the --db that `diffqc serve` or `watch` write to")
+                raise StoreError(f"{self.path.absolute()} holds no diffqc result store ({holds}): give the "
+                                 "--db that `diffqc serve` or `watch` write to")
             return
         try:
             self._create_schema()
@@ -601,10 +602,11 @@ class ResultStore:
                 raise StoreError("PostgreSQL needs psycopg: pip install 'diffqc[serve]'") from exc
             from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-            try:  # no statement prepared on the server: through PgBouncer's transaction pooling (as
-                # DBAs run it) the next run of one, on another server connection, failed
+            try:
                 given = conninfo_to_dict(self.url)
                 conninfo = make_conninfo(self.url, **{k: v for k, v in PG_SOCKET.items() if k not in given})
+                # no statement prepared on the server: through PgBouncer's transaction pooling (as
+                # DBAs run it) the next run of one, on another server connection, failed
                 return psycopg.connect(conninfo, autocommit=autocommit, prepare_threshold=None)
             except psycopg.Error as exc:  # libpq's message spans lines, and has no primary message
                 raise StoreError(f"cannot connect to {redact_url(self.url)}: {_db_reason(exc)}") from None
