@@ -608,6 +608,21 @@ def test_bring_your_own_onnx_backbone(clear_dataset: Path, tmp_path: Path) -> No
     ref = again.inspect(images, [s.feature_type for s in test[:4]])
     assert [r.decision for r in onx.inspect(images, [s.feature_type for s in test[:4]])] == \
         [r.decision for r in ref]
+    # the graph moved (another machine, another folder) and its new path edited into config.json:
+    # taken, its checksum (backbone.weights_sha256) telling the same graph, where another setting
+    # so edited is refused
+    moved = tmp_path / "moved"
+    shutil.copytree(bundle, moved)
+    graph = onnx_file.rename(tmp_path / "elsewhere.onnx")
+    config_file = moved / "config.json"
+    edited = json.loads(config_file.read_text())
+    edited["backbone"]["name"] = f"onnx:{graph}"
+    config_file.write_text(json.dumps(edited))
+    moved_scores = [r.score for r in Detector.load(moved).inspect_samples(test[:4])[0]]
+    np.testing.assert_allclose(moved_scores, scores[:4], rtol=1e-5)
+    _tiny_onnx_backbone(graph, size=64)  # another graph at the path (a fixed input): refused by its checksum
+    with pytest.raises(BundleError, match="differ from those the model was trained with"):
+        Detector.load(moved)
 
 
 def _edited(path: Path, out: Path, *, half: bool = False, tap_op: str | None = None) -> Path:

@@ -81,7 +81,8 @@ def _edited_settings(fitted: dict[str, Any], config: DetectorConfig) -> str | No
     bundle from before the record has none, a setting added since is not in it), else None. An
     edit there changes every score's scale under thresholds calibrated on the old one."""
     now = fitted_settings(config)
-    edited = sorted(key for key, value in fitted.items() if key in now and now[key] != value)
+    edited = sorted(key for key, value in fitted.items()
+                    if key in now and now[key] != value and not _moved_graph(key, value, now[key]))
     if not edited:
         return None
     is_now = ", ".join(f"{k} is {_value(now[k])}" for k in edited)
@@ -90,6 +91,12 @@ def _edited_settings(fitted: dict[str, Any], config: DetectorConfig) -> str | No
     return (f"config.json was edited after training: {is_now}; the model was fitted and calibrated with "
             f"{was} (metadata.json), and its calibration's thresholds hold for those alone: put them back, "
             f"or train again with the new ones (diffqc train DATA --out NEW {sets})")
+
+
+def _moved_graph(key: str, fitted: Any, now: Any) -> bool:
+    """An ONNX backbone's path edited (its graph moved to another folder or machine): the graph's
+    checksum, ``backbone.weights_sha256``, tells whether it is the one the model was fitted on."""
+    return key == "backbone.name" and all(str(v).startswith("onnx:") for v in (fitted, now))
 
 
 # the calibration settings `diffqc calibrate` sets, with its options; the others are train's
