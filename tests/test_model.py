@@ -197,7 +197,7 @@ def test_a_scoring_setting_edited_after_training_is_refused(tiny_model: Path, cl
     those of the old one: drilled on the synthetic set, a dots part with a missing dot went from
     REJECT (389, scored as fitted) to PASS (149), without a word. Refused as the bundle loads,
     naming each setting and the value the model was fitted and calibrated with; the batch size
-    (memory only: the same scores) may still be edited."""
+    and PatchCore's search block (memory only: the same scores) may still be edited."""
     bundle = tmp_path / "b"
     shutil.copytree(tiny_model, bundle)
     _edit_config(bundle, **{"scoring.topk": 0.5, "scoring.smooth_sigma": 0.0})
@@ -210,7 +210,8 @@ def test_a_scoring_setting_edited_after_training_is_refused(tiny_model: Path, cl
         Detector.load(bundle)
     samples = _test_samples(clear_dataset)[:4]
     before = [r.score for r in Detector.load(tiny_model).inspect_samples(samples)[0]]
-    _edit_config(bundle, **{"scoring.topk": 0.05, "scoring.smooth_sigma": 2.0, "batch_size": 1})
+    _edit_config(bundle, **{"scoring.topk": 0.05, "scoring.smooth_sigma": 2.0, "batch_size": 1,
+                            "patchcore.chunk": 4096})
     after = [r.score for r in Detector.load(bundle).inspect_samples(samples)[0]]
     assert after == pytest.approx(before, rel=1e-5)
 

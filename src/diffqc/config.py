@@ -551,8 +551,9 @@ def uses_layouts(config: DetectorConfig) -> bool:
     return config.backbone.resize != "squash" or config.tiling.mode != "off"
 
 
-# settings a fitted model's scores do not depend on (memory alone): config.json may be edited there
-UNSCORED_SETTINGS = ("batch_size",)
+# settings a fitted model's scores do not depend on (memory alone: images per backbone batch, the
+# nearest-neighbour search's block): config.json may be edited there
+UNSCORED_SETTINGS = ("batch_size", "patchcore.chunk")
 
 
 def fitted_settings(config: DetectorConfig) -> dict[str, Any]:
@@ -563,10 +564,9 @@ def fitted_settings(config: DetectorConfig) -> dict[str, Any]:
     :data:`UNSCORED_SETTINGS`."""
     out: dict[str, Any] = {}
     for key, value in json.loads(json.dumps(config.to_dict())).items():
-        if key == "calibration" or key in UNSCORED_SETTINGS:
-            continue
         out.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
-    return out
+    return {key: value for key, value in out.items()
+            if not key.startswith("calibration.") and key not in UNSCORED_SETTINGS}
 
 
 def config_keys() -> list[str]:
