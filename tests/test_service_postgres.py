@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import pytest
 
+from diffqc.errors import StoreError
 from diffqc.service.store import ResultStore
 from tests.test_service_common import AUTH, Samples, detector, running_app, samples, service_model  # noqa: F401
 from tests.test_service_parts import overdue_parts_contract, overdue_resume_contract
@@ -70,6 +71,39 @@ def test_postgres_a_host_gone_silent_is_given_up_in_seconds_not_minutes(pg_url: 
         given = {o.keyword.decode(): (o.val or b"").decode() for o in store._writer.pgconn.info}
     assert (given["keepalives_idle"], given["tcp_user_timeout"], given["keepalives_count"]) == (
         "60", "0", "3")
+
+
+def test_postgres_a_statement_timeout_is_named_with_what_to_do(pg_url: str) -> None:
+    """A DBA's ``statement_timeout`` for the role (30 s, say) stopping a long read (`results list`
+    over months) was said in the server's words alone ("canceling statement due to statement
+    timeout"); the reason now names the setting and what to do."""
+    import psycopg
+
+    from diffqc.service.store import _db_reason
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("SET statement_timeout = 50")
+        with pytest.raises(psycopg.errors.QueryCanceled) as err:
+            conn.execute("SELECT pg_sleep(2)")
+    said = ("canceling statement due to statement timeout (the server's statement_timeout, a limit a "
+            "DBA sets for a role or database, stopped the query: give diffqc's role a longer one, ALTER "
+            "ROLE name SET statement_timeout = '5min', or, reading, read a shorter period, --since/--until)")
+    assert _db_reason(err.value) == said
+    with psycopg.connect(pg_url, autocommit=True) as conn, pytest.raises(psycopg.Error) as err:
+        conn.execute("SELECT * FROM no_such_table")
+    assert _db_reason(err.value) == 'relation "no_such_table" does not exist'
+    # `results list` on a server slow to answer its first catalog lookup (a function of this
+    # schema in front of pg_catalog stands for a busy server): a psycopg traceback, before
+    ResultStore(pg_url).close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        (schema,) = conn.execute("SELECT current_schema()").fetchone()
+        conn.execute(f"CREATE FUNCTION {schema}.to_regclass(text) RETURNS regclass LANGUAGE sql AS "
+                     "'SELECT pg_catalog.to_regclass($1) FROM pg_catalog.pg_sleep(1)'")
+    slow = f"{URL}{'&' if '?' in (URL or '') else '?'}options=" + quote(
+        f"-csearch_path={schema},pg_catalog -cstatement_timeout=100")
+    with pytest.raises(StoreError) as caught:
+        ResultStore(slow, read_only=True)
+    assert str(caught.value) == f"cannot read the result store: {said}"
 
 
 def test_postgres_records_by_part(pg_url: str) -> None:

@@ -562,8 +562,12 @@ class ResultStore:
         self._writer_identity = self._identity()
         if read_only:
             if self.postgres:  # a database serve never wrote to: said so, not a query's SQL error
-                (found,) = self._writer.execute("SELECT to_regclass(%s)", (TABLE,)).fetchone()
-                self._writer.rollback()
+                try:
+                    (found,) = self._writer.execute("SELECT to_regclass(%s)", (TABLE,)).fetchone()
+                    self._writer.rollback()
+                except _db_errors() as exc:
+                    self._writer.close()
+                    raise StoreError(f"cannot read the result store: {_db_reason(exc)}") from None
                 if found is None:
                     self._writer.close()
                     raise StoreError(f"{redact_url(url)} holds no diffqc result store (no {TABLE} table in "
@@ -591,7 +595,11 @@ class ResultStore:
     def _connect(self, *, autocommit: bool) -> Any:
         conn = self._open(autocommit=autocommit)
         if self.read_only:  # a store an older diffqc wrote, which a reader may not add columns to
-            _added_columns_read_as_null(conn, postgres=self.postgres)
+            try:
+                _added_columns_read_as_null(conn, postgres=self.postgres)
+            except _db_errors() as exc:  # a statement timeout of 1 ms: a traceback, before
+                conn.close()
+                raise StoreError(f"cannot read the result store: {_db_reason(exc)}") from None
         return conn
 
     def _open(self, *, autocommit: bool) -> Any:
@@ -1299,9 +1307,16 @@ def store_url(db_url: str | None) -> str:
 
 
 def _db_reason(exc: BaseException) -> str:
-    """A database error in one line: PostgreSQL's primary message (not the SQL it quotes)."""
-    primary = getattr(getattr(exc, "diag", None), "message_primary", None)
-    return str(primary) if primary else " ".join(str(exc).split())
+    """A database error in one line: PostgreSQL's primary message (not the SQL it quotes), and for
+    a query the server's ``statement_timeout`` stopped, what to do."""
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None)
+    said = str(primary) if primary else " ".join(str(exc).split())
+    if getattr(diag, "sqlstate", None) == "57014" and "statement timeout" in said:  # query_canceled
+        said += (" (the server's statement_timeout, a limit a DBA sets for a role or database, stopped "
+                 "the query: give diffqc's role a longer one, ALTER ROLE name SET statement_timeout = "
+                 "'5min', or, reading, read a shorter period, --since/--until)")
+    return said
 
 
 def check_store_exists(db_url: str, *, doing: str) -> None:
