@@ -164,7 +164,8 @@ def test_a_config_edited_by_hand_is_a_bundle_error(tiny_model: Path, tmp_path: P
 def test_an_input_size_edited_into_a_bundle_without_the_record_is_refused(tiny_model: Path,
                                                                           tmp_path: Path) -> None:
     """A bundle written before metadata.json recorded its fitted settings: an input size edited
-    into its config.json is still told by the feature grid it gives."""
+    into its config.json is still told by the feature grid it gives. A record that is not an
+    object is named as damaged."""
     bundle = tmp_path / "b"
     shutil.copytree(tiny_model, bundle)
     meta = json.loads((bundle / "metadata.json").read_text())

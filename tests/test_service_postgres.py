@@ -87,7 +87,7 @@ def test_postgres_a_statement_timeout_is_named_with_what_to_do(pg_url: str) -> N
             conn.execute("SELECT pg_sleep(2)")
     said = ("canceling statement due to statement timeout (the server's statement_timeout, a limit a "
             "DBA sets for a role or database, stopped the query: give diffqc's role a longer one, ALTER "
-            "ROLE name SET statement_timeout = '5min', or, reading, read a shorter period, --since/--until)")
+            "ROLE name SET statement_timeout = '5min', or read a shorter period, --since/--until)")
     assert _db_reason(err.value) == said
     with psycopg.connect(pg_url, autocommit=True) as conn, pytest.raises(psycopg.Error) as err:
         conn.execute("SELECT * FROM no_such_table")

@@ -1315,7 +1315,7 @@ def _db_reason(exc: BaseException) -> str:
     if getattr(diag, "sqlstate", None) == "57014" and "statement timeout" in said:  # query_canceled
         said += (" (the server's statement_timeout, a limit a DBA sets for a role or database, stopped "
                  "the query: give diffqc's role a longer one, ALTER ROLE name SET statement_timeout = "
-                 "'5min', or, reading, read a shorter period, --since/--until)")
+                 "'5min', or read a shorter period, --since/--until)")
     return said
 
 
