@@ -365,6 +365,31 @@ def test_defect_folder_without_good_folder_is_named(tmp_path: Path) -> None:
         load_dataset(tmp_path / "data")
 
 
+def test_a_link_back_to_an_enclosing_folder_is_left_out_and_named(tmp_path: Path,
+                                                                   clear_dataset: Path) -> None:
+    """A symbolic link inside a dataset that points back at an enclosing folder (``test/self ->
+    ..``, made by a script or a slip of ``ln -s``) was read as a defect kind named after the link,
+    the type's training images and masks counted a second time as its defects (``data info``:
+    ``self 27``). Such a link is left out, and named; a link to a folder elsewhere (a shared
+    folder of a kind's images) is still followed."""
+    data = tmp_path / "data"
+    shutil.copytree(clear_dataset, data)
+    before = load_dataset(data)
+    shared = tmp_path / "shared_blob"
+    shutil.copytree(clear_dataset / "dots" / "test" / "blob", shared)
+    (data / "dots" / "test" / "self").symlink_to("..")
+    (data / "dots" / "test" / "blob2").symlink_to(shared)
+    (data / "again").symlink_to(data)
+    with pytest.warns(DatasetWarning) as caught:
+        after = load_dataset(data)
+    said = sorted({str(w.message).split(" is a link")[0] for w in caught
+                   if "an enclosing folder" in str(w.message)})
+    assert said == [str(data / "again"), str(data / "dots" / "test" / "self")]
+    linked = [s for s in after if s.defect == "blob2"]
+    assert len(linked) == len(list(shared.iterdir()))
+    assert sorted(s.path for s in after if s.defect != "blob2") == sorted(s.path for s in before)
+
+
 def test_hidden_files_and_folders_are_not_data(tmp_path: Path, clear_dataset: Path) -> None:
     """A dataset copied from a Mac or opened in Jupyter gains files named like images that are
     not (``._000.png``) and hidden folders (``.ipynb_checkpoints``, which under ``test/`` would be

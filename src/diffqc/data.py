@@ -477,7 +477,26 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def _subfolders(folder: Path) -> list[Path]:
-    return sorted(d for d in folder.iterdir() if d.is_dir() and not is_hidden(d))
+    """The sub-folders of ``folder``, hidden ones and links back to an enclosing folder left out
+    (:func:`_links_back`)."""
+    found = sorted(d for d in folder.iterdir() if d.is_dir() and not is_hidden(d))
+    return [d for d in found if not _links_back(d)]
+
+
+def _links_back(folder: Path) -> bool:
+    """Whether ``folder`` is a symbolic link to itself's parent or a folder above it (``test/self
+    -> ..``): read, it would read the dataset again, its images counted twice (the training
+    images as a defect kind named after the link). Said (a :class:`DatasetWarning`) when so.
+    Links to folders elsewhere (a kind's images shared with another dataset) are followed."""
+    if not folder.is_symlink():
+        return False
+    target = folder.resolve()
+    if target not in folder.parent.resolve().parents and target != folder.parent.resolve():
+        return False
+    warnings.warn(f"{path_text(folder)} is a link to {path_text(target)}, an enclosing folder: left "
+                  "out (read, it would read the dataset again, its images counted twice)",
+                  DatasetWarning, stacklevel=2)
+    return True
 
 
 def _find_mask(masks: Path, image: Path, within: Path = Path()) -> Path | None:
