@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import socket
 import time
 from pathlib import Path
@@ -278,6 +279,11 @@ def test_the_endpoint_is_checked_before_anything_starts() -> None:
         check_opcua_url("http://plc:4840")
     with pytest.raises(ConfigError, match="has a bad port"):
         check_opcua_url("opc.tcp://0.0.0.0:99999")
+    meant = {"4840": "opc.tcp://0.0.0.0:4840", "0.0.0.0:4841": "opc.tcp://0.0.0.0:4841",
+             "tcp://plc:4840": "opc.tcp://plc:4840", "opcua://[::]:4840": "opc.tcp://[::]:4840"}
+    for given, url in meant.items():  # the URL meant, as the MQTT and store URLs' refusals give it
+        with pytest.raises(ConfigError, match=rf"must look like .*: {re.escape(url)}$"):
+            check_opcua_url(given)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -94,13 +94,29 @@ COUNTS = (("Inspected", None), ("Pass", "PASS"), ("Review", "REVIEW"), ("Reject"
           ("NotInspected", NOT_INSPECTED))
 
 
+_OTHER_SCHEMES = ("tcp", "opcua", "opc-tcp", "opc_tcp")  # names met for opc.tcp:// (UaExpert's opc.tcp)
+
+
+def _opcua_url_meant(url: str) -> str:
+    """The endpoint a refused one likely meant: a bare port (``4840``) as every address's, a bare
+    ``host:port`` as ``opc.tcp://host:port``, ``tcp://``/``opcua://`` as ``opc.tcp://``; else ``""``."""
+    scheme, sep, rest = url.strip().partition("://")
+    if sep and scheme.lower() in _OTHER_SCHEMES and rest:
+        return f": an OPC UA endpoint's scheme is opc.tcp://: opc.tcp://{rest}"
+    if url.isdigit():
+        return f": a port alone is every address's: opc.tcp://0.0.0.0:{url}"
+    if not sep and url and "/" not in url and not any(c.isspace() for c in url):
+        return f": write it as a URL: opc.tcp://{url}"
+    return ""
+
+
 def parse_opcua_url(url: str) -> tuple[str, int]:
     """``opc.tcp://HOST[:PORT][/path]``: the address and port the server listens on (the port
     4840 by default); anything else is a :class:`ConfigError`."""
     parts = split_url(url, "OPC UA endpoint")
     if parts.scheme != "opc.tcp" or not parts.hostname:
         raise ConfigError(f"OPC UA endpoint {url!r} must look like opc.tcp://0.0.0.0:4840 (the address "
-                          "and port this service listens on)")
+                          f"and port this service listens on){_opcua_url_meant(url)}")
     try:
         port = parts.port
     except ValueError:
