@@ -14,7 +14,7 @@ import torch
 
 from diffqc.config import DetectorConfig
 from diffqc.data import DEFECTIVE, DatasetWarning, load_dataset, read_image
-from diffqc.errors import BundleError, DatasetError, OutputError, UnknownFeatureTypeError
+from diffqc.errors import BundleError, ConfigError, DatasetError, OutputError, UnknownFeatureTypeError
 from diffqc.inspection import BUNDLE_FILES
 from diffqc.metrics import image_auroc
 from diffqc.model import Detector, split_calibration
@@ -215,6 +215,27 @@ def test_a_scoring_setting_edited_after_training_is_refused(tiny_model: Path, cl
                             "patchcore.chunk": 4096})
     after = [r.score for r in Detector.load(bundle).inspect_samples(samples)[0]]
     assert after == pytest.approx(before, rel=1e-5)
+
+
+def test_a_scoring_setting_replaced_in_memory_after_fit_is_refused_at_save(tiny_model: Path,
+                                                                           tmp_path: Path) -> None:
+    """The Python user's form of the edit above: ``det.config`` replaced after the fit (a notebook's
+    ``det.config = with_overrides(det.config, {"scoring.topk": 0.5})``) and the detector saved.
+    ``save`` recorded the replaced settings as those fitted with, so the bundle loaded with every
+    score on another scale under the old thresholds. ``save`` refuses, naming the setting; the
+    batch size (memory only) may still be replaced, and a loaded bundle saves again as it was."""
+    from diffqc.config import with_overrides
+
+    det = Detector.load(tiny_model)
+    det.config = with_overrides(det.config, {"scoring.topk": 0.5})
+    with pytest.raises(ConfigError, match=(
+            r"the detector's config was replaced after fit: scoring\.topk is 0\.5; the model was fitted "
+            r"and calibrated with scoring\.topk 0\.05, and its calibration's thresholds hold for those "
+            r"alone: put them back, or fit again with the new ones")):
+        det.save(tmp_path / "replaced")
+    assert not (tmp_path / "replaced").exists()
+    det.config = with_overrides(det.config, {"scoring.topk": 0.05, "batch_size": 2})
+    assert Detector.load(det.save(tmp_path / "again")).config.batch_size == 2
 
 
 def test_a_level_edited_into_config_json_is_said(tiny_model: Path, tmp_path: Path) -> None:
@@ -716,7 +737,6 @@ def test_a_fit_that_cannot_fit_in_memory_is_refused_before_any_image_is_read() -
     import warnings
 
     from diffqc.config import DetectorConfig
-    from diffqc.errors import ConfigError
     from diffqc.model import available_memory, check_fit_memory, fit_bytes
 
     free = available_memory("cpu")

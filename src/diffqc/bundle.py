@@ -75,22 +75,33 @@ def _value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
+def changed_settings(fitted: dict[str, Any], config: DetectorConfig) -> list[tuple[str, str, str]]:
+    """``[("scoring.topk", "0.5", "0.05")]``: each setting of ``config`` that differs from those a
+    model was fitted and calibrated with (``fitted``, :func:`diffqc.config.fitted_settings`; a
+    bundle from before the record has none, a setting added since is not in it), with its value
+    now and as fitted, as ``--set`` takes them. A change there puts every score on another scale
+    than the one its calibration's thresholds were set on."""
+    now = fitted_settings(config)
+    return [(key, _value(now[key]), _value(value)) for key, value in sorted(fitted.items())
+            if key in now and now[key] != value and not _moved_graph(key, value, now[key])]
+
+
+def changed_text(changed: list[tuple[str, str, str]]) -> str:
+    """:func:`changed_settings` said: "scoring.topk is 0.5; the model was fitted and calibrated
+    with scoring.topk 0.05"."""
+    return (f"{', '.join(f'{k} is {now}' for k, now, _ in changed)}; the model was fitted and calibrated "
+            f"with {', '.join(f'{k} {was}' for k, _, was in changed)}")
+
+
 def _edited_settings(fitted: dict[str, Any], config: DetectorConfig) -> str | None:
     """What is wrong when ``config`` (config.json) differs from the settings ``metadata.json``
-    recorded the model was fitted and calibrated with (:func:`diffqc.config.fitted_settings`; a
-    bundle from before the record has none, a setting added since is not in it), else None. An
-    edit there changes every score's scale under thresholds calibrated on the old one."""
-    now = fitted_settings(config)
-    edited = sorted(key for key, value in fitted.items()
-                    if key in now and now[key] != value and not _moved_graph(key, value, now[key]))
-    if not edited:
+    recorded (:func:`changed_settings`), else None."""
+    if not (changed := changed_settings(fitted, config)):
         return None
-    is_now = ", ".join(f"{k} is {_value(now[k])}" for k in edited)
-    was = ", ".join(f"{k} {_value(fitted[k])}" for k in edited)
-    sets = " ".join(f"--set {k}={_value(now[k])}" for k in edited)
-    return (f"config.json was edited after training: {is_now}; the model was fitted and calibrated with "
-            f"{was} (metadata.json), and its calibration's thresholds hold for those alone: put them back, "
-            f"or train again with the new ones (diffqc train DATA --out NEW {sets})")
+    sets = " ".join(f"--set {k}={now}" for k, now, _ in changed)
+    return (f"config.json was edited after training: {changed_text(changed)} (metadata.json), and its "
+            f"calibration's thresholds hold for those alone: put them back, or train again with the new "
+            f"ones (diffqc train DATA --out NEW {sets})")
 
 
 def _moved_graph(key: str, fitted: Any, now: Any) -> bool:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from diffqc import __version__, routing, tiling
 from diffqc.backbone import FeatureExtractor, raw_features_in_batches, resolve_device, to_pixels
 from diffqc.baselines import PatchCoreScorer
-from diffqc.bundle import check_weights, read_bundle
+from diffqc.bundle import changed_settings, changed_text, check_weights, read_bundle
 from diffqc.calibration import (
     LEARNT_OR_RAISED,
     Calibrator,
@@ -440,6 +440,7 @@ class Detector:
             "type_router": scored.router_summary(self.classes_, self.config.scoring.type_candidates),
             "fit_seconds": round(fit_seconds, 2),
             "total_seconds": round(time.perf_counter() - start, 2),
+            "fitted_settings": fitted_settings(self.config),
             "final_loss": history.loss[-1] if history is not None and history.loss else None,
         }
         self.metadata["model_id"] = f"{self.config.method}-{self.metadata['created']}"
@@ -693,6 +694,10 @@ class Detector:
         unwritable folder) raises :class:`OutputError` naming the path, leaves no partial files
         and any previous bundle as it was."""
         scorer, calibration = self._require_fitted()
+        if changed := changed_settings(self.metadata.get("fitted_settings", {}), self.config):
+            raise ConfigError(f"the detector's config was replaced after fit: {changed_text(changed)}, "
+                              "and its calibration's thresholds hold for those alone: put them back, or fit "
+                              "again with the new ones")
         path = check_bundle_target(path, force=force)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
