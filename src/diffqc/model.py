@@ -204,6 +204,7 @@ class Detector:
         self.fit_indices_: list[int] = []  # the images (of fit_features' GOOD samples) fitted on
         self.metadata: dict[str, Any] = {}
         self._image_check: ImageCheck | None = None  # inspect's, made for self.metadata
+        self._checked_config: DetectorConfig | None = None  # the config _require_fitted last checked
 
     # ------------------------------------------------------------------ features
     @property
@@ -543,8 +544,18 @@ class Detector:
 
     # ------------------------------------------------------------------ scoring
     def _require_fitted(self) -> tuple[Scorer, Calibrator]:
+        """The fitted scorer and calibration, refused (:class:`ConfigError`) once ``config`` was
+        replaced after the fit with another setting of the scores (``det.config =
+        with_overrides(...)`` in a notebook): every score would be on another scale than the
+        calibration's thresholds, and a saved bundle would record the replaced settings."""
         if self.scorer_ is None or self.calibration_ is None:
             raise NotFittedError
+        if self.config is not self._checked_config:  # a frozen config: replaced, not changed
+            if changed := changed_settings(self.metadata.get("fitted_settings", {}), self.config):
+                raise ConfigError(f"the detector's config was replaced after fit: {changed_text(changed)}, "
+                                  "and its calibration's thresholds hold for those alone: put them back, or "
+                                  "fit again with the new ones")
+            self._checked_config = self.config
         return self.scorer_, self.calibration_
 
     def score_maps(self, feats: Tensor, type_idx: Tensor) -> Tensor:
@@ -694,10 +705,6 @@ class Detector:
         unwritable folder) raises :class:`OutputError` naming the path, leaves no partial files
         and any previous bundle as it was."""
         scorer, calibration = self._require_fitted()
-        if changed := changed_settings(self.metadata.get("fitted_settings", {}), self.config):
-            raise ConfigError(f"the detector's config was replaced after fit: {changed_text(changed)}, "
-                              "and its calibration's thresholds hold for those alone: put them back, or fit "
-                              "again with the new ones")
         path = check_bundle_target(path, force=force)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
