@@ -632,6 +632,41 @@ def test_dashboard_follows_a_retrained_model(service_model: tuple[Path, Path], b
         wait.until(lambda d: d.find_element(By.ID, "model-version").text == "retrained-dash")
 
 
+def test_dashboard_says_when_the_served_bundle_cannot_be_served(service_model: tuple[Path, Path],
+                                                                browser: Any, tmp_path: Path) -> None:
+    """A bundle changed in the served folder that cannot be served (a setting of the scores
+    edited into config.json: the next start refuses it) was said in the log and `/v1/line`
+    alone, where the QC engineer who edited it does not look; the dashboard shows it until the
+    bundle is mended."""
+    import json
+    import shutil
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    served = tmp_path / "model"
+    shutil.copytree(service_model[0], served)
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,), model_path=served))
+    original = (served / "config.json").read_text()
+    config = json.loads(original)
+    config["scoring"]["topk"] = 0.2
+    with serving(app) as url:
+        browser.get(url + "/dashboard")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "connect").click()
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda d: d.find_element(By.ID, "model-version").text)
+        assert not browser.find_element(By.ID, "bundle").is_displayed()
+        (served / "config.json").write_text(json.dumps(config))
+        panel = wait.until(ec.visibility_of_element_located((By.ID, "bundle")))
+        assert "config.json was edited after training: scoring.topk is 0.2" in panel.text, panel.text
+        (served / "config.json").write_text(original)
+        wait.until(ec.invisibility_of_element_located((By.ID, "bundle")))
+
+
 def test_the_dashboard_fits_a_line_pcs_screen(live_server: tuple[str, Any], browser: Any,
                                               samples: Samples) -> None:
     """At 1366 x 768 (a line PC's or HMI's screen) the latest parts' table of a part missing

@@ -480,6 +480,40 @@ def test_a_bundle_copied_over_the_served_one_in_any_order_is_served_once_complet
     assert retrained and detector.metadata["model_id"] == "retrained-copy" and watch.last_error is None
 
 
+def test_a_config_edited_in_the_served_bundle_is_said_at_once(service_model: tuple[Path, Path],
+                                                               tmp_path: Path) -> None:
+    """A setting of the scores edited into the served bundle's config.json (``scoring.topk``, to
+    make the line less sensitive) changed nothing and said nothing while the service ran (the
+    same model id: taken for `diffqc calibrate`'s rewrite); the next start, after a power cut,
+    refused the bundle and the line stopped. The watch says it as the edit settles (health's
+    model.last_error and the log), the model served so far staying; put back, it is said no more."""
+    import json
+    import os
+    import shutil
+
+    from diffqc.model import Detector
+    from diffqc.service.line import ModelWatch
+
+    served = tmp_path / "model"
+    shutil.copytree(service_model[0], served)
+    model_id = str(Detector.load(served, device="cpu").metadata["model_id"])
+    watch = ModelWatch(served, model_id, lambda: Detector.load(served, device="cpu"))
+    original = (served / "config.json").read_text()
+
+    def write(text: str) -> Any:  # the edit, then the look that finds it settled
+        (served / "config.json").write_text(text)
+        os.utime(served / "config.json", ns=(os.stat(served / "config.json").st_mtime_ns + 10**9,) * 2)
+        first = watch.check()
+        return first if first is not None else watch.check()
+
+    config = json.loads(original)
+    config["scoring"]["topk"] = 0.2
+    assert write(json.dumps(config)) is None and watch.model_id == model_id
+    assert watch.last_error is not None and "config.json was edited after training: scoring.topk is 0.2" in (
+        watch.last_error) and "a restart would refuse this bundle" in watch.last_error
+    assert write(original) is None and watch.last_error is None and watch.reloads == 0
+
+
 def test_serve_serves_a_retrained_model_without_a_restart(service_model: tuple[Path, Path],
                                                           samples: Samples, tmp_path: Path) -> None:
     """A model retrained into the served folder (`diffqc train --out SERVED --force`, the

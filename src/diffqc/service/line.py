@@ -30,8 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffqc.bundle import named_model_id
+from diffqc.bundle import named_model_id, read_bundle
 from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, is_misrouted, prometheus_label, scored
+from diffqc.errors import BundleError
 from diffqc.recalibrate import BundleChange, CalibrationReloader, FileChange, file_signature
 from diffqc.runtime import EXPORT_FILE
 from diffqc.service.logs import Outage, utc_minute
@@ -140,8 +141,9 @@ class ModelWatch:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self._failed(f"its metadata.json cannot be read ({exc})")
             return None
-        if model_id == self.model_id and not export:  # `diffqc calibrate` rewrote it: the
-            return None  # calibration's own watch takes the new calibration
+        if model_id == self.model_id and not export:  # `diffqc calibrate` rewrote it (the calibration's
+            self._check_served()  # own watch takes the new calibration), or a hand edit
+            return None
         t0 = time.perf_counter()
         try:
             detector = self.load()
@@ -161,6 +163,17 @@ class ModelWatch:
         self._export = export_now
         self.reloads += 1
         return detector, retrained
+
+    def _check_served(self) -> None:
+        """The bundle changed under the served model's id: what the next start would refuse in it
+        (a setting of the scores edited into config.json, a damaged file) is said now, not when a
+        restart after a power cut stops the line; the model served so far stays."""
+        try:
+            read_bundle(self.bundle)
+        except (BundleError, OSError, ValueError) as exc:
+            self._failed(f"{exc}; a restart would refuse this bundle")
+        else:
+            self.last_error = None
 
     def _failed(self, why: str) -> None:
         self.last_error = why
