@@ -66,7 +66,7 @@ def test_the_alert_rules_load_and_pass_their_unit_tests(tmp_path: Path) -> None:
     shutil.copy(DEPLOY / "alerts.yml", tmp_path / "alerts.yml")
     loaded = _promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     said = loaded.stdout + loaded.stderr
-    assert loaded.returncode == 0 and "SUCCESS: 12 rules found" in said, said
+    assert loaded.returncode == 0 and "SUCCESS: 13 rules found" in said, said
 
 
 def test_a_broken_rule_fails_its_unit_test(tmp_path: Path) -> None:
@@ -182,7 +182,7 @@ def test_prometheus_scrapes_the_service_with_composes_configuration(detector: An
             assert labels == [(ftype, "cam-1")]
             evaluated = _until(lambda: [r for g in _query(prometheus, "/api/v1/rules")["groups"]
                                         for r in g["rules"] if r.get("lastEvaluation", "").startswith("2")])
-            assert len(evaluated) == 12 and all(r["health"] == "ok" for r in evaluated), evaluated
+            assert len(evaluated) == 13 and all(r["health"] == "ok" for r in evaluated), evaluated
             assert not [r["name"] for r in evaluated if r["state"] != "inactive"]
         # the service stopped: its target down, the alert pending its `for:`
         down = _until(lambda: [a for a in _query(prometheus, "/api/v1/alerts")["alerts"]

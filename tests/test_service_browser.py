@@ -637,7 +637,7 @@ def test_dashboard_says_when_the_served_bundle_cannot_be_served(service_model: t
     """A bundle changed in the served folder that cannot be served (a setting of the scores
     edited into config.json: the next start refuses it) was said in the log and `/v1/line`
     alone, where the QC engineer who edited it does not look; the dashboard shows it until the
-    bundle is mended."""
+    bundle is mended, and /metrics says it to Prometheus's alert."""
     import json
     import shutil
 
@@ -663,8 +663,11 @@ def test_dashboard_says_when_the_served_bundle_cannot_be_served(service_model: t
         (served / "config.json").write_text(json.dumps(config))
         panel = wait.until(ec.visibility_of_element_located((By.ID, "bundle")))
         assert "config.json was edited after training: scoring.topk is 0.2" in panel.text, panel.text
+        refused = 'diffqc_bundle_change_refused{watch="model"}'  # the DiffqcBundleChangeRefused alert's
+        assert bench.metric(httpx.get(url + "/metrics", headers=AUTH).text, refused) == 1
         (served / "config.json").write_text(original)
         wait.until(ec.invisibility_of_element_located((By.ID, "bundle")))
+        assert bench.metric(httpx.get(url + "/metrics", headers=AUTH).text, refused) == 0
 
 
 def test_the_dashboard_fits_a_line_pcs_screen(live_server: tuple[str, Any], browser: Any,

@@ -762,6 +762,14 @@ class LineServices:
             out += ["# HELP diffqc_calibration_reloads_total Calibrations picked up without a restart.",
                     "# TYPE diffqc_calibration_reloads_total counter",
                     f"diffqc_calibration_reloads_total {self.reloader.reloads}"]
+        watches = [("model", self.model_watch), ("calibration", self.reloader)]
+        if any(w is not None for _, w in watches):
+            out += ["# HELP diffqc_bundle_change_refused 1 while a change to the served bundle cannot be "
+                    "served (GET /v1/line's last_error says why): the model served so far stays, and a "
+                    "restart may refuse the bundle.",
+                    "# TYPE diffqc_bundle_change_refused gauge"]
+            out += [f'diffqc_bundle_change_refused{{watch="{name}"}} {int(w.last_error is not None)}'
+                    for name, w in watches if w is not None]
         return out
 
     def status(self) -> dict[str, Any]:
