@@ -512,6 +512,12 @@ def test_a_config_edited_in_the_served_bundle_is_said_at_once(service_model: tup
     assert watch.last_error is not None and "config.json was edited after training: scoring.topk is 0.2" in (
         watch.last_error) and "a restart would refuse this bundle" in watch.last_error
     assert write(original) is None and watch.last_error is None and watch.reloads == 0
+    weights = served / "weights.safetensors"
+    kept = weights.read_bytes()
+    weights.write_bytes(kept[:-1] + bytes([kept[-1] ^ 1]))  # a bit flipped: the disk, a failed copy
+    assert write(original) is None and "weights.safetensors is damaged" in str(watch.last_error)
+    weights.write_bytes(kept)
+    assert write(original) is None and watch.last_error is None
 
 
 def test_serve_serves_a_retrained_model_without_a_restart(service_model: tuple[Path, Path],

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffqc.bundle import named_model_id, read_bundle
+from diffqc.bundle import check_weights, named_model_id, read_bundle
 from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, is_misrouted, prometheus_label, scored
 from diffqc.errors import BundleError
 from diffqc.recalibrate import BundleChange, CalibrationReloader, FileChange, file_signature
@@ -166,10 +166,10 @@ class ModelWatch:
 
     def _check_served(self) -> None:
         """The bundle changed under the served model's id: what the next start would refuse in it
-        (a setting of the scores edited into config.json, a damaged file) is said now, not when a
+        (a setting of the scores edited into config.json, a damaged file or weights) is said now, not when a
         restart after a power cut stops the line; the model served so far stays."""
         try:
-            read_bundle(self.bundle)
+            check_weights(self.bundle, read_bundle(self.bundle)[1])
         except (BundleError, OSError, ValueError) as exc:
             self._failed(f"{exc}; a restart would refuse this bundle")
         else:
