@@ -423,6 +423,14 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_copy(args: argparse.Namespace) -> int:
+    from diffqc.service.store import store_url
+    from diffqc.service.transfer import copy_history
+
+    print(json_line(copy_history(store_url(args.db), args.target, progress=not args.quiet)))
+    return 0
+
+
 def _cmd_restore(args: argparse.Namespace) -> int:
     from diffqc.service.store import restore_store, store_url
 
@@ -969,3 +977,20 @@ def add_service_commands(subparsers: Any) -> None:
     rs.add_argument("backup", type=path_name, help="the backup's file")
     rs.add_argument("--db", type=path_name, default=None, help=db_help)
     rs.set_defaults(func=_cmd_restore)
+    cp = rsub.add_parser("copy", help="copy a SQLite store's whole history into a new store (a pilot's "
+                                      "into the plant's PostgreSQL; serve and watch stopped)",
+                         description="Copy a SQLite result store's whole history into a store that "
+                                     "holds none (a pilot's SQLite store into the plant's PostgreSQL, "
+                                     "where the station goes on): every record with its id, its "
+                                     "reviews, the sinks' waiting messages and dead letters, and the "
+                                     "service's state, in one transaction (all or nothing). The source "
+                                     "is read, never changed; stop serve and watch first (refused while "
+                                     "they hold it open). Kept images and heat maps stay files: give "
+                                     "the service on the new store the same --data-dir, or copy that "
+                                     "folder to its own.")
+    cp.add_argument("target", type=path_name,
+                    help="the store to copy into: postgresql://user@host/db, or a SQLite path")
+    cp.add_argument("--db", type=path_name, default=None,
+                    help="the SQLite store to copy (default $DIFFQC_DB or diffqc-results.db)")
+    cp.add_argument("-q", "--quiet", action="store_true", help="no progress bar on stderr")
+    cp.set_defaults(func=_cmd_copy)
