@@ -23,6 +23,21 @@ def test_help_and_no_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 0
 
 
+@pytest.mark.parametrize("group", ["data", "results"])
+def test_a_command_group_without_its_action_names_its_actions(group: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """``diffqc data`` printed the top-level help (not data's actions), and ``diffqc results``
+    said "the following arguments are required: results_command", an internal name: each now
+    gives its own usage, with its actions, as a usage error."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([group])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert f"usage: diffqc {group} [-h] ACTION ..." in err and "_command" not in err, err
+    assert f"diffqc {group}: error: the following arguments are required: ACTION (" in err, err
+
+
 def test_data_info_says_what_a_train_would_read(clear_dataset: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """``diffqc data info DATA``, before a long train on one's own folder: per type the GOOD

@@ -607,6 +607,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:  # by the command's parser, with its usage: the root's named no option of it
         _refuse_unknown_options(_command_parser(parser, args), unknown)
     if not getattr(args, "func", None):
+        group = _command_parser(parser, args)
+        actions = next((a for a in group._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if group is not parser and actions is not None:  # `diffqc results`: its own usage and actions
+            group.error(f"the following arguments are required: ACTION ({', '.join(actions.choices)})")
         parser.print_help()
         return EXIT_USAGE
     try:

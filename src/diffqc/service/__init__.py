@@ -854,7 +854,7 @@ def add_service_commands(subparsers: Any) -> None:
     w.set_defaults(func=_cmd_watch)
 
     r = subparsers.add_parser("results", help="work with stored results")
-    rsub = r.add_subparsers(dest="results_command", required=True)
+    rsub = r.add_subparsers(dest="results_command", metavar="ACTION")
     e = rsub.add_parser("export", help="export parts reviewed GOOD as a dataset (images to retrain on)")
     e.add_argument("out", type=path_name, help="output folder (images + manifest.csv)")
     e.add_argument("--db", type=path_name, default=None, help=db_help)
