@@ -588,6 +588,24 @@ def test_serve_serves_a_retrained_model_without_a_restart(service_model: tuple[P
     assert "restart the service to serve the new model" not in log
 
 
+def test_ctrl_c_pressed_twice_stops_serve_as_once(service_model: tuple[Path, Path], tmp_path: Path) -> None:
+    """Ctrl-C pressed twice in quick succession (a double tap, 50 ms apart) stopped `serve` at once:
+    uvicorn took the second as "force exit", the application's shutdown (its drain of the parts in
+    hand, the store closed) was skipped, and a traceback of 40 lines ended the log. A second
+    Ctrl-C within a second of the first is the same press; one later still stops at once."""
+    import signal
+    import time
+
+    served = bench.start_server(service_model[0], str(tmp_path / "s.db"), workdir=tmp_path,
+                                extra=("--log-level", "info"))
+    served.proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    served.proc.send_signal(signal.SIGINT)
+    served.proc.wait(60)
+    log = served.log.read_text()
+    assert "Application shutdown complete" in log and "Traceback" not in log, log[-3000:]
+
+
 def test_a_closed_terminal_stops_serve_and_watch_as_sigterm_does(service_model: tuple[Path, Path],
                                                                  samples: Samples, tmp_path: Path) -> None:
     """`serve` or `watch` run in a terminal whose session ends (an SSH connection dropped: the

@@ -2118,13 +2118,28 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
+SAME_PRESS_S = 1.0  # a second Ctrl-C this soon after the first is the same press
+
+
 def _server(config: Any) -> Any:
     """uvicorn's server, stopped gracefully by each of :data:`STOP_SIGNALS`, where uvicorn's takes
-    SIGINT and SIGTERM only (a SIGHUP, the terminal closed, ended the service at once)."""
+    SIGINT and SIGTERM only (a SIGHUP, the terminal closed, ended the service at once). A second
+    Ctrl-C within :data:`SAME_PRESS_S` of the first is the same press (a double tap skipped the
+    drain and ended in uvicorn's traceback); one later stops at once, as uvicorn's does."""
     import uvicorn
     from uvicorn.server import HANDLED_SIGNALS
 
     class Server(uvicorn.Server):
+        first_stop = -math.inf
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            again = time.monotonic() - self.first_stop < SAME_PRESS_S
+            if sig == signal.SIGINT and self.should_exit and again:  # the same press: the drain goes on
+                return
+            if not self.should_exit:
+                self.first_stop = time.monotonic()
+            super().handle_exit(sig, frame)
+
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             with super().capture_signals():
