@@ -484,7 +484,7 @@ def _subfolders(folder: Path) -> list[Path]:
 
 
 def _links_back(folder: Path) -> bool:
-    """Whether ``folder`` is a symbolic link to itself's parent or a folder above it (``test/self
+    """Whether ``folder`` is a symbolic link to the folder it is in or one above it (``test/self
     -> ..``): read, it would read the dataset again, its images counted twice (the training
     images as a defect kind named after the link). Said (a :class:`DatasetWarning`) when so.
     Links to folders elsewhere (a kind's images shared with another dataset) are followed."""

@@ -94,7 +94,7 @@ COUNTS = (("Inspected", None), ("Pass", "PASS"), ("Review", "REVIEW"), ("Reject"
           ("NotInspected", NOT_INSPECTED))
 
 
-_OTHER_SCHEMES = ("tcp", "opcua", "opc-tcp", "opc_tcp")  # names met for opc.tcp:// (UaExpert's opc.tcp)
+_OTHER_SCHEMES = ("tcp", "opcua", "opc-tcp", "opc_tcp")  # what a user may write for opc.tcp://
 
 
 def _opcua_url_meant(url: str) -> str:
