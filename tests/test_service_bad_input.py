@@ -658,6 +658,31 @@ async def test_a_store_that_cannot_be_read_is_said_once_a_minute_not_for_every_r
     assert "moved_away" not in errors[0] and "no such table" in errors[0]
 
 
+async def test_a_kept_image_not_in_the_data_folder_is_said_so(detector: Any, samples: Samples,
+                                                             tmp_path: Path) -> None:
+    """A record naming a kept image whose file is not in this service's folder (a history copied
+    from a pilot's store, `results copy`, served without the pilot's --data-dir; a folder moved)
+    was answered "result 1 has no stored image", as if none had been kept. The 404 names the
+    file and the folder it was looked for in, and what to give."""
+    art = tmp_path / "art"
+    body, ftype = samples.all[0]
+    async with running_app(detector, tmp_path, data_dir=str(art), keep_images="all", heatmaps="all") as (
+        client,
+        _,
+    ):
+        sent = await client.post("/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype})
+        rec = sent.json()
+        kept = next((art / "images").iterdir())
+        kept.unlink()
+        r = await client.get(rec["image_url"], headers=AUTH)
+        assert r.status_code == 404, r.text
+        assert r.json()["detail"] == (
+            f"result {rec['id']}'s image {kept.name} is not in {art.resolve() / 'images'}, where this "
+            "service keeps its files (--data-dir): a history copied from another store (results copy) "
+            "names the files of that service's --data-dir; give it")
+        assert (await client.get(rec["heatmap_url"], headers=AUTH)).status_code == 200
+
+
 async def test_an_artifact_that_cannot_be_written_fails_only_itself(
     detector: Any, samples: Samples, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -670,6 +670,37 @@ def test_dashboard_says_when_the_served_bundle_cannot_be_served(service_model: t
         assert bench.metric(httpx.get(url + "/metrics", headers=AUTH).text, refused) == 0
 
 
+def test_dashboard_says_why_a_kept_image_is_not_shown(detector: Any, browser: Any, samples: Samples,
+                                                      tmp_path: Path) -> None:
+    """A kept image the service cannot give (its file not in this service's --data-dir: a history
+    copied from a pilot's store) was an empty frame in the review queue and the part's view, the
+    reviewer left to guess; the frame now says what the service said."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    art = tmp_path / "art"
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,), data_dir=str(art),
+                                     keep_images="all", heatmaps="all"), detector=detector)
+    body, ftype = samples.one("REVIEW")
+    with serving(app) as url:
+        sent = httpx.post(url + "/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype})
+        rid = sent.json()["id"]
+        next((art / "images").iterdir()).unlink()
+        browser.get(url + "/dashboard")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "connect").click()
+        said = WebDriverWait(browser, 20).until(ec.presence_of_element_located(
+            (By.CSS_SELECTOR, f'#review-queue .card[data-id="{rid}"] .not-shown')))
+        assert said.text.startswith("part image not shown: 404 result "), said.text
+        assert "--data-dir" in said.text, said.text
+        heat = browser.find_element(By.CSS_SELECTOR, f'#review-queue .card[data-id="{rid}"] img.heatmap')
+        WebDriverWait(browser, 20).until(
+            lambda d: d.execute_script("return arguments[0].naturalWidth", heat) > 0)
+
+
 def test_the_dashboard_fits_a_line_pcs_screen(live_server: tuple[str, Any], browser: Any,
                                               samples: Samples) -> None:
     """At 1366 x 768 (a line PC's or HMI's screen) the latest parts' table of a part missing

@@ -1676,6 +1676,11 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         rec = await _get_record(record_id)
         name = rec.heatmap if kind == "heatmaps" else rec.image
         path = state.artifacts.path(kind, name) if state.artifacts else None
+        if path is None and name and state.artifacts is not None:  # named, not expired: its file is elsewhere
+            raise ServiceError(404, "not_found", (
+                f"result {record_id}'s {kind[:-1]} {name} is not in {state.artifacts.root.resolve() / kind}, "
+                "where this service keeps its files (--data-dir): a history copied from another store "
+                "(results copy) names the files of that service's --data-dir; give it"))
         if path is None:
             raise ServiceError(404, "not_found", f"result {record_id} has no stored {kind[:-1]}")
         media = {"png": "image/png", "jpg": "image/jpeg", "bmp": "image/bmp", "webp": "image/webp"}
