@@ -241,6 +241,17 @@ def test_a_scoring_setting_replaced_in_memory_after_fit_is_refused(tiny_model: P
     assert not (tmp_path / "replaced").exists()
     det.config = with_overrides(det.config, {"scoring.topk": 0.05, "batch_size": 2})
     assert det.inspect([image], ["dots"])[0].score == before.score
+    # a level replaced so changes no decision (the calibration decides, with its own): said, as
+    # for config.json, with the command that sets it
+    from diffqc.calibration import CalibrationWarning
+
+    det.config = with_overrides(det.config, {"calibration.alpha_review": 0.3})
+    with pytest.warns(CalibrationWarning, match=(
+            r"the detector's config's calibration\.alpha_review 0\.3 is not its calibration's \(0\.05, "
+            r"Detector\.calibration_, which decides\); an edit of the detector's config changes no decision: "
+            r"to change it, diffqc calibrate SAVED_BUNDLE --alpha-review 0\.3")):
+        assert det.inspect([image], ["dots"])[0].decision == before.decision
+    det.config = with_overrides(det.config, {"calibration.alpha_review": 0.05})
     assert Detector.load(det.save(tmp_path / "again")).config.batch_size == 2
 
 

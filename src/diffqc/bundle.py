@@ -117,19 +117,27 @@ _LEVEL_OPTIONS = {"alpha_review": "--alpha-review", "alpha_reject": "--alpha-rej
 def _edited_levels(path: Path, config: DetectorConfig, cal: Calibrator) -> str | None:
     """What to say when config.json's ``calibration`` section is not calibration.json's (an edit
     of config.json: calibration.json decides, with its own), else None."""
+    return edited_levels(config, cal, source="config.json", file="calibration.json", bundle=path_text(path))
+
+
+def edited_levels(config: DetectorConfig, cal: Calibrator, *, source: str, file: str,
+                  bundle: str) -> str | None:
+    """What to say when ``config``'s ``calibration`` section (``source``'s: config.json, or a
+    detector's config replaced in Python) is not the calibration's (``cal``, kept in ``file``),
+    which decides with its own, else None; ``bundle``: the bundle the commands it names act on."""
     mine, theirs = dataclasses.asdict(config.calibration), dataclasses.asdict(cal.config)
     edited = sorted(key for key in mine if mine[key] != theirs[key])
     if not edited:
         return None
     levels = " ".join(f"{_LEVEL_OPTIONS[k]} {mine[k]}" for k in edited if k in _LEVEL_OPTIONS)
     others = " ".join(f"--set calibration.{k}={mine[k]}" for k in edited if k not in _LEVEL_OPTIONS)
-    commands = ([f"diffqc calibrate {path_text(path)} {levels}"] if levels else []) + (
+    commands = ([f"diffqc calibrate {bundle} {levels}"] if levels else []) + (
         [f"diffqc train DATA --out NEW {others}"] if others else [])
     said = ", ".join(f"calibration.{k} {mine[k]}" for k in edited)
     decides = ", ".join(str(theirs[k]) for k in edited)
     is_, it = ("is", "it") if len(edited) == 1 else ("are", "them")
-    return (f"config.json's {said} {is_} not its calibration's ({decides}, calibration.json, which decides); "
-            f"an edit of config.json changes no decision: to change {it}, {' and '.join(commands)}")
+    return (f"{source}'s {said} {is_} not its calibration's ({decides}, {file}, which decides); "
+            f"an edit of {source} changes no decision: to change {it}, {' and '.join(commands)}")
 
 
 def _wrong_training_data(meta: dict[str, Any]) -> tuple[str, Any] | None:

@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 from diffqc import __version__, routing, tiling
 from diffqc.backbone import FeatureExtractor, raw_features_in_batches, resolve_device, to_pixels
 from diffqc.baselines import PatchCoreScorer
-from diffqc.bundle import changed_settings, changed_text, check_weights, read_bundle
+from diffqc.bundle import changed_settings, changed_text, check_weights, edited_levels, read_bundle
 from diffqc.calibration import (
     LEARNT_OR_RAISED,
+    CalibrationWarning,
     Calibrator,
     calibration_scores,
     suspect_images,
@@ -555,6 +556,9 @@ class Detector:
                 raise ConfigError(f"the detector's config was replaced after fit: {changed_text(changed)}, "
                                   "and its calibration's thresholds hold for those alone: put them back, or "
                                   "fit again with the new ones")
+            if message := edited_levels(self.config, self.calibration_, source="the detector's config",
+                                        file="Detector.calibration_", bundle="SAVED_BUNDLE"):
+                warnings.warn(message, CalibrationWarning, stacklevel=3)
             self._checked_config = self.config
         return self.scorer_, self.calibration_
 
