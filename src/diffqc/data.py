@@ -490,8 +490,8 @@ def _links_back(folder: Path) -> bool:
     Links to folders elsewhere (a kind's images shared with another dataset) are followed."""
     if not folder.is_symlink():
         return False
-    target = folder.resolve()
-    if target not in folder.parent.resolve().parents and target != folder.parent.resolve():
+    target, home = folder.resolve(), folder.parent.resolve()
+    if target != home and target not in home.parents:
         return False
     warnings.warn(f"{path_text(folder)} is a link to {path_text(target)}, an enclosing folder: left "
                   "out (read, it would read the dataset again, its images counted twice)",

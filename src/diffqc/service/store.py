@@ -588,9 +588,7 @@ class ResultStore:
                 return
             if TABLE not in names:
                 self._writer.close()
-                holds = f"its tables: {', '.join(names[:5])}" if names else "it holds no table"
-                raise StoreError(f"{self.path.absolute()} holds no diffqc result store ({holds}): give the "
-                                 "--db that `diffqc serve` or `watch` write to")
+                raise not_a_store(Path(self.path), names)
             return
         try:
             self._create_schema()
@@ -1403,18 +1401,8 @@ def restore_store(backup: str | Path, db_url: str) -> dict[str, Any]:
         problems = [r[0] for r in src.execute("PRAGMA integrity_check").fetchall()]
         if problems != ["ok"]:
             raise StoreError(f"the backup {source} fails SQLite's integrity check: {'; '.join(problems[:3])}")
-        conn = sqlite3.connect(target, timeout=0, isolation_level=None)
+        conn = open_alone(target, then="restore")
         try:
-            conn.execute("PRAGMA locking_mode=EXCLUSIVE")  # held until closed: no one opens it meanwhile
-            try:
-                conn.execute("BEGIN EXCLUSIVE")
-                conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # its -wal applied
-                conn.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                raise StoreError(f"{target} is open in another process (serve or watch?): stop it, then "
-                                 "restore") from None
             result: dict[str, Any] = {"store": str(target)}
             if had_store:
                 stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -1443,6 +1431,37 @@ def restore_store(backup: str | Path, db_url: str) -> dict[str, Any]:
     finally:
         src.close()
     return {**result, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def open_alone(path: Path, *, then: str) -> sqlite3.Connection:
+    """The SQLite file ``path`` opened as the one connection to it, its locks held until it is
+    closed (no process opens it meanwhile) and its -wal applied; refused (:class:`StoreError`)
+    while another process holds it open (``serve``, ``watch``): "... stop it, then ``then``".
+    sqlite3's other errors as they come."""
+    conn = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        conn.execute("PRAGMA locking_mode=EXCLUSIVE")  # held until closed
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # its -wal applied
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            raise
+        raise StoreError(f"{path} is open in another process (serve or watch?): stop it, then "
+                         f"{then}") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def not_a_store(path: Path, names: Sequence[str]) -> StoreError:
+    """The error for a SQLite file at ``path`` whose tables (``names``) hold no result store: an
+    empty file, or another program's database given as ``--db``."""
+    holds = f"its tables: {', '.join(names[:5])}" if names else "it holds no table"
+    return StoreError(f"{path.absolute()} holds no diffqc result store ({holds}): give the --db that "
+                      "`diffqc serve` or `watch` write to")
 
 
 def _restore_paths(backup: str | Path, db_url: str) -> tuple[Path, Path, bool]:

@@ -29,6 +29,8 @@ from diffqc.service.store import (
     StoreError,
     check_store_exists,
     is_postgres_url,
+    not_a_store,
+    open_alone,
     redact_url,
     sqlite_path,
     table_names,
@@ -75,25 +77,21 @@ def copy_history(source_url: str, target_url: str, *, progress: bool = False) ->
 
 
 def _open_alone(source: Path) -> sqlite3.Connection:
-    """``source`` opened as the one connection to it, inside a read transaction held until it
-    is closed (nothing written), and checked to be a result store. Refused while another process
-    holds it open: ``serve`` or ``watch`` would store parts the copy leaves behind."""
-    conn = sqlite3.connect(source, timeout=0, isolation_level=None)
+    """``source`` opened as the one connection to it (:func:`~diffqc.service.store.open_alone`:
+    refused while ``serve`` or ``watch`` hold it open, as they would store parts the copy leaves
+    behind; nothing written), and checked to be a result store."""
     try:
-        conn.execute("PRAGMA locking_mode=EXCLUSIVE")  # held until closed: no one opens it meanwhile
-        conn.execute("BEGIN EXCLUSIVE")  # a write lock, never used to write: rolled back at close
+        conn = open_alone(source, then="copy (the parts it stores meanwhile would not be copied)")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {source}: {exc}") from None
+    try:
         names = table_names(conn)
     except sqlite3.Error as exc:
         conn.close()
-        if "locked" in str(exc) or "busy" in str(exc):
-            raise StoreError(f"{source} is open in another process (serve or watch?): stop it, then copy "
-                             "(the parts it stores meanwhile would not be copied)") from None
         raise StoreError(f"cannot read {source}: {exc}") from None
     if TABLE not in names:
         conn.close()
-        holds = f"its tables: {', '.join(names[:5])}" if names else "it holds no table"
-        raise StoreError(f"{source} holds no diffqc result store ({holds}): give the --db that "
-                         "`diffqc serve` or `watch` write to")
+        raise not_a_store(source, names)
     return conn
 
 
