@@ -632,6 +632,90 @@ def test_dashboard_follows_a_retrained_model(service_model: tuple[Path, Path], b
         wait.until(lambda d: d.find_element(By.ID, "model-version").text == "retrained-dash")
 
 
+def test_dashboard_follows_a_restarted_service(service_model: tuple[Path, Path], browser: Any,
+                                              samples: Samples, tmp_path: Path) -> None:
+    """A line-side screen stays open for weeks while the service behind it is restarted (an
+    update, the plant's database instead of the pilot's file, another model). The dashboard said
+    "Failed to fetch" while the service was down and went on saying it once it was back, and it
+    kept what it had read of the service it first connected to: its rows (a new store's parts,
+    numbered from 1, never shown beside them), its model. It says the service does not answer,
+    and reads the service at its address anew once one answers there."""
+    import shutil
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    served = tmp_path / "model"
+    shutil.copytree(service_model[0], served)
+    port = bench.free_port()
+    wait = WebDriverWait(browser, 30)
+
+    def parts_shown(d: Any) -> list[str]:
+        return [row.find_elements(By.TAG_NAME, "td")[2].text
+                for row in d.find_elements(By.CSS_SELECTOR, "#decisions tbody tr")]
+
+    def send(url: str, part: str) -> None:
+        body, ftype = samples.one("PASS")
+        r = httpx.post(url + "/v1/inspect", content=body, headers=AUTH,
+                       params={"feature_type": ftype, "part_id": part})
+        assert r.status_code == 200, r.text
+
+    pilot = create_app(ServiceSettings(db_url=str(tmp_path / "pilot.db"), tokens=(TOKEN,), model_path=served))
+    with serving(pilot, port=port) as url:
+        for i in range(3):
+            send(url, f"pilot-{i}")
+        browser.get(url + "/dashboard")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "connect").click()
+        wait.until(lambda d: parts_shown(d) == ["pilot-2", "pilot-1", "pilot-0"])
+        first = pilot.state.diffqc.model_version
+        wait.until(lambda d: d.find_element(By.ID, "model-version").text == first)
+    wait.until(lambda d: "the service does not answer" in d.find_element(By.ID, "status").text)
+
+    bench.retrain_into(served, service_model[0], "after-restart")
+    plant = create_app(ServiceSettings(db_url=str(tmp_path / "plant.db"), tokens=(TOKEN,), model_path=served))
+    with serving(plant, port=port) as url:
+        send(url, "plant-0")
+        wait.until(lambda d: parts_shown(d) == ["plant-0"])
+        wait.until(lambda d: d.find_element(By.ID, "model-version").text == "after-restart")
+        status = browser.find_element(By.ID, "status")
+        wait.until(lambda d: "does not answer" not in status.text)
+        assert "connected" in status.text and "err" not in (status.get_attribute("class") or ""), status.text
+
+
+def test_dashboard_says_two_services_answer_by_turns(detector: Any, browser: Any, tmp_path: Path) -> None:
+    """Two services behind one proxy address (a balancer given two upstreams) answer the screen by
+    turns: read anew whenever another service answers, it would reload for ever. It is read anew
+    once and then says what it sees; with both gone, the proxy's 502 is said as the service not
+    answering, not as an error of the page."""
+    from contextlib import ExitStack
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    wait = WebDriverWait(browser, 30)
+    with ExitStack() as services:
+        ends = [services.enter_context(serving(create_app(
+            ServiceSettings(db_url=str(tmp_path / f"{name}.db"), tokens=(TOKEN,)), detector=detector)))
+            for name in ("one", "two")]
+        with behind_nginx(ends, tmp_path / "nginx") as proxy:
+            browser.get(proxy + "/qc/dashboard")
+            browser.find_element(By.ID, "token").send_keys(TOKEN)
+            browser.find_element(By.ID, "connect").click()
+            turns = "two services answer at this address by turns"
+            wait.until(ec.text_to_be_present_in_element((By.ID, "status"), turns))
+            time.sleep(6)  # more polls of /v1/line, each from the other service: no reload
+            assert turns in browser.find_element(By.ID, "status").text
+            services.close()
+            wait.until(ec.text_to_be_present_in_element(
+                (By.ID, "status"), "the service does not answer (502 from the proxy in front of it) since "))
+
+
 def test_dashboard_says_when_the_served_bundle_cannot_be_served(service_model: tuple[Path, Path],
                                                                 browser: Any, tmp_path: Path) -> None:
     """A bundle changed in the served folder that cannot be served (a setting of the scores

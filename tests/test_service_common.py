@@ -149,12 +149,15 @@ API_DOC = Path(__file__).resolve().parents[1] / "docs" / "API.md"
 
 
 @contextmanager
-def behind_nginx(upstream: str, folder: Path) -> Iterator[str]:
+def behind_nginx(upstream: str | list[str], folder: Path) -> Iterator[str]:
     """A real nginx on 127.0.0.1 running docs/API.md's ``location /qc/`` block as it stands there,
-    its ``proxy_pass`` pointed at ``upstream`` (``/qc/x`` asked upstream as ``/x``): its URL."""
+    its ``proxy_pass`` pointed at ``upstream`` (``/qc/x`` asked upstream as ``/x``; a list: each
+    request to the next of them, nginx's round robin): its URL."""
     block = re.search(r"```nginx\n(.*?)```", API_DOC.read_text(encoding="utf-8"), re.S)
     assert block is not None and NGINX is not None
-    location = block[1].replace("http://127.0.0.1:8000/", f"{upstream}/")
+    servers = upstream if isinstance(upstream, list) else [upstream]
+    balanced = "upstream diffqc {\n" + "".join(f"server {u.split('://')[1]};\n" for u in servers) + "}\n"
+    location = block[1].replace("http://127.0.0.1:8000/", "http://diffqc/")
     port = bench.free_port()
     temp = "".join(f"{kind}_temp_path {folder / kind};\n" for kind in
                    ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -164,7 +167,7 @@ def behind_nginx(upstream: str, folder: Path) -> Iterator[str]:
     (folder / "nginx.conf").write_text(
         f"daemon off;\n{user}worker_processes 1;\npid {folder / 'nginx.pid'};\n"
         f"error_log {folder / 'error.log'};\nevents {{ worker_connections 64; }}\n"
-        f"http {{\naccess_log off;\n{temp}server {{\nlisten 127.0.0.1:{port};\n{location}}}\n}}\n")
+        f"http {{\naccess_log off;\n{temp}{balanced}server {{\nlisten 127.0.0.1:{port};\n{location}}}\n}}\n")
     proc = subprocess.Popen([NGINX, "-p", str(folder), "-c", str(folder / "nginx.conf")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

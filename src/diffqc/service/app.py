@@ -1460,6 +1460,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         if state.line is None:
             raise state.not_ready()
         status = dict(await run_in_threadpool(state.line.status))
+        status["started"] = state.started
         status["images"] = state.pipeline.image_check.snapshot() if state.pipeline is not None else []
         return dict(json_safe(status))
 
