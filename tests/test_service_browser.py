@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from tests.test_service_common import (  # noqa: F401 (fixtures)
     behind_nginx,
     bench,
     detector,
+    private_cluster,
     samples,
     service_model,
     serving,
@@ -714,6 +716,37 @@ def test_dashboard_says_two_services_answer_by_turns(detector: Any, browser: Any
             services.close()
             wait.until(ec.text_to_be_present_in_element(
                 (By.ID, "status"), "the service does not answer (502 from the proxy in front of it) since "))
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not os.environ.get("DIFFQC_TEST_POSTGRES_URL"),
+                    reason="DIFFQC_TEST_POSTGRES_URL is not set")
+def test_dashboard_says_when_the_service_answers_again(detector: Any, browser: Any,
+                                                       private_cluster: tuple[str, Any],
+                                                       tmp_path: Path) -> None:
+    """The database restarted under a running service (an update at night): the screen said the
+    service's 503 and went on saying it, in red, once everything worked again, so the morning
+    shift read a line still down. It says when the service answers again."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    db_url, ctl = private_cluster
+    app = create_app(ServiceSettings(db_url=db_url, tokens=(TOKEN,), data_dir=str(tmp_path / "kept")),
+                     detector=detector)
+    wait = WebDriverWait(browser, 30)
+    with serving(app) as url:
+        browser.get(url + "/dashboard")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "connect").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
+        ctl("stop")
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "503 "))
+        ctl("start")
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected again at "))
+        assert "err" not in (browser.find_element(By.ID, "status").get_attribute("class") or "")
 
 
 def test_dashboard_says_when_the_served_bundle_cannot_be_served(service_model: tuple[Path, Path],

@@ -148,6 +148,27 @@ NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").e
 API_DOC = Path(__file__).resolve().parents[1] / "docs" / "API.md"
 
 
+@pytest.fixture
+def private_cluster() -> Iterator[tuple[str, Any]]:
+    """A PostgreSQL cluster of this test alone (its own folder and port, started with
+    ``scripts/start_postgres.sh``), so that stopping it disturbs no other test."""
+    data = Path(f"/tmp/diffqc-pg-restart-{os.urandom(4).hex()}")
+    env = {**os.environ, "DIFFQC_PG_DIR": str(data), "DIFFQC_PG_PORT": str(bench.free_port())}
+    script = Path(__file__).resolve().parents[1] / "scripts" / "start_postgres.sh"
+
+    def ctl(action: str = "start") -> str:
+        argv = ["bash", str(script)] + (["stop"] if action == "stop" else [])
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180, check=True)
+        return out.stdout.strip()
+
+    url = ctl("start")
+    try:
+        yield url, ctl
+    finally:
+        ctl("stop")
+        shutil.rmtree(data, ignore_errors=True)
+
+
 @contextmanager
 def behind_nginx(upstream: str | list[str], folder: Path) -> Iterator[str]:
     """A real nginx on 127.0.0.1 running docs/API.md's ``location /qc/`` block as it stands there,

@@ -20,7 +20,15 @@ import pytest
 
 from diffqc.errors import StoreError
 from diffqc.service.store import ResultStore
-from tests.test_service_common import AUTH, Samples, detector, running_app, samples, service_model  # noqa: F401
+from tests.test_service_common import (  # noqa: F401
+    AUTH,
+    Samples,
+    detector,
+    private_cluster,
+    running_app,
+    samples,
+    service_model,
+)
 from tests.test_service_parts import overdue_parts_contract, overdue_resume_contract
 from tests.test_service_units import _rec, part_order_contract, store_contract
 
@@ -322,34 +330,6 @@ def anyio_backend() -> str:
 
 
 # --------------------------------------------------------------------------- database restart
-@pytest.fixture
-def private_cluster() -> Iterator[tuple[str, Any]]:
-    """A PostgreSQL cluster of this test alone (its own folder and port, started with
-    ``scripts/start_postgres.sh``), so that stopping it disturbs no other test."""
-    import shutil
-    import socket
-    import subprocess
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = Path(f"/tmp/diffqc-pg-restart-{uuid.uuid4().hex[:8]}")
-    env = {**os.environ, "DIFFQC_PG_DIR": str(data), "DIFFQC_PG_PORT": str(port)}
-    script = Path(__file__).resolve().parents[1] / "scripts" / "start_postgres.sh"
-
-    def ctl(action: str = "start") -> str:
-        argv = ["bash", str(script)] + (["stop"] if action == "stop" else [])
-        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180, check=True)
-        return out.stdout.strip()
-
-    url = ctl("start")
-    try:
-        yield url, ctl
-    finally:
-        ctl("stop")
-        shutil.rmtree(data, ignore_errors=True)
-
-
 @pytest.mark.anyio
 async def test_postgres_restart_the_service_reconnects_without_losing_an_ack(
     detector: Any, samples: Samples, private_cluster: tuple[str, Any], tmp_path: Path
