@@ -13,7 +13,7 @@ import pytest
 
 from diffqc.cli import main
 
-from .conftest import full_disk
+from .conftest import drawn_part_brightness, full_disk
 
 
 def test_help_and_no_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -826,3 +826,25 @@ def test_a_name_the_terminal_cannot_show_is_escaped_not_a_crash(clear_dataset: P
         out = proc.stdout.decode(encoding)
         assert ("Pr\\xfcfung" if encoding == "ascii" else "Prüfung") in out, out
         assert "\\u89d2\\u5ea6" in out, out
+
+
+def test_heatmaps_draw_a_12_bit_cameras_part_as_the_model_reads_it(mono12_model: tuple[Path, Path],
+                                                                    tmp_path: Path) -> None:
+    """A 12-bit camera's parts, trained with the gain train names (backbone.input_gain), were
+    drawn in their heat maps as read, nearly black: the reviewer saw no part. They are drawn as
+    the model reads them, for `inspect --heatmaps` and `test`'s heat maps alike."""
+    model, data = mono12_model
+    hm = tmp_path / "hm"
+    assert main(["inspect", str(model), str(data / "dots" / "test" / "blob"), "--feature-type", "dots",
+                 "--heatmaps", str(hm)]) == 0
+    drawn = sorted(hm.glob("*.png"))
+    bright = [drawn_part_brightness(p) for p in drawn]
+    assert drawn and min(bright) > 100, bright
+    labelled = tmp_path / "data"  # two defects among dots' GOOD test parts: flagged, so drawn
+    shutil.copytree(data, labelled)
+    for blob in sorted((labelled / "dots" / "test" / "blob").glob("*.png"))[:2]:
+        blob.rename(labelled / "dots" / "test" / "good" / f"mislabelled_{blob.name}")
+    assert main(["test", str(model), str(labelled), "--heatmaps", str(tmp_path / "held"), "-q"]) == 0
+    tested = sorted((tmp_path / "held" / "flagged").rglob("*.png"))
+    bright = [drawn_part_brightness(p) for p in tested]
+    assert tested and min(bright) > 100, bright

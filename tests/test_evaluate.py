@@ -23,7 +23,14 @@ from diffqc.config import DetectorConfig
 from diffqc.data import DEFECTIVE, GOOD, Sample, load_dataset
 from diffqc.errors import ConfigError, DatasetError
 from diffqc.model import Detector
-from tests.conftest import full_disk, png_header_only, tiny_config
+from tests.conftest import (
+    MONO12_GAIN,
+    drawn_part_brightness,
+    full_disk,
+    png_header_only,
+    tiny_config,
+    write_mono12_dataset,
+)
 from tests.html_numbers import assert_numbers_match
 
 FOLDS = 2
@@ -578,3 +585,17 @@ def test_cli_full_disk_prints_the_results_before_the_report_fails(
     assert not (tmp_path / "r" / "report.json").exists()
     assert list((tmp_path / "r").iterdir()) == []  # an empty gallery/ made the next run refuse it
     assert R.check_report_target(tmp_path / "r") == tmp_path / "r"
+
+
+def test_gallery_draws_a_12_bit_cameras_parts_as_the_model_reads_them(tmp_path: Path) -> None:
+    """The report's gallery of a 12-bit camera's parts, evaluated with the gain train names
+    (backbone.input_gain), drew them as read, nearly black; as the model reads them now."""
+    data = write_mono12_dataset(tmp_path / "mono12")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        E.evaluate(load_dataset(data), folds=FOLDS, methods=("diffusion",),
+                   base_config=tiny_config(**{"backbone.input_gain": MONO12_GAIN}), progress=False,
+                   out_dir=tmp_path / "report", gallery=4, n_boot=20, device="cpu")
+    drawn = sorted((tmp_path / "report" / "gallery").glob("*.png"))
+    bright = [drawn_part_brightness(p) for p in drawn]
+    assert drawn and min(bright) > 100, bright

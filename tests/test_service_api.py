@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import full_disk, png_header_only
+from tests.conftest import drawn_part_brightness, full_disk, png_header_only
 from tests.test_service_common import (  # noqa: F401 (fixtures)
     AUTH,
     TOKEN,
@@ -1159,3 +1160,26 @@ async def test_metrics_say_when_each_type_and_camera_last_sent_a_part(
     assert metrics.last_at == {("a", ""): 5.0}  # ("b", "c") is one series too many
     metrics.seed_last([("a", None, 4.0)])  # an older time does not move it back
     assert metrics.last_at == {("a", ""): 5.0}
+
+
+async def test_heat_map_draws_a_12_bit_cameras_part_as_the_model_reads_it(mono12_model: tuple[Path, Path],
+                                                                          tmp_path: Path) -> None:
+    """The review queue's heat map of a 12-bit camera's part (a model trained with the gain train
+    names, backbone.input_gain) drew the part as read, nearly black: the operator judged a black
+    square. It is drawn as the model reads it; the kept image stays the camera's file."""
+    from diffqc.model import Detector
+
+    model, data = mono12_model
+    blob = sorted((data / "dots" / "test" / "blob").glob("*.png"))[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det = Detector.load(model, device="cpu")
+    async with running_app(det, tmp_path, keep_images="flagged") as (client, _):
+        r = await client.post("/v1/inspect", content=blob.read_bytes(), headers=AUTH,
+                              params={"feature_type": "dots"})
+        assert r.status_code == 200 and r.json()["decision"] != "PASS", r.text
+        heat = await client.get(r.json()["heatmap_url"], headers=AUTH)
+        (tmp_path / "heat.png").write_bytes(heat.content)
+        assert drawn_part_brightness(tmp_path / "heat.png") > 100
+        kept = await client.get(r.json()["image_url"], headers=AUTH)
+        assert kept.content == blob.read_bytes()

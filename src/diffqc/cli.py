@@ -293,7 +293,7 @@ def _inspect_images(args: argparse.Namespace, det: Any, images: list[tuple[Path,
         if args.heatmaps and result.anomaly_map is not None:
             try:
                 out = write_heatmap(Path(args.heatmaps), name, image, result, summary,
-                                    max_side=args.heatmap_size)
+                                    gain=det.config.backbone.input_gain, max_side=args.heatmap_size)
             except OSError:  # a full disk: the image's result is still reported, then the run stops
                 _report_row(row, csv_out)
                 raise

@@ -63,6 +63,7 @@ from diffqc.folds import per_type_folds
 from diffqc.metrics import has_both_classes, image_auroc
 from diffqc.model import Detector, check_fit_memory, views_to_fit
 from diffqc.output import path_text, text_columns
+from diffqc.visualize import as_read
 
 DEFAULT_METHODS = ("diffusion", "patchcore", "padim")
 MAP_SIDE = 128  # anomaly maps are kept at most this many pixels on the long side
@@ -824,7 +825,7 @@ def _gallery(ev: Sequence[Sample], y: np.ndarray, stypes: Sequence[str], fold_of
             amap = v.maps[i]
             if amap is not None:
                 try:
-                    image = read_image(ev[i].path)
+                    image = as_read(read_image(ev[i].path), v.config.backbone.input_gain)
                 except ImageReadError:
                     image = None
                 if image is not None:

@@ -230,7 +230,7 @@ def draw_misses(detector: Any, samples: Sequence[Sample], results: Sequence[Insp
             continue
         kind = s.defect or ("good" if s.label == GOOD else "defect")
         out = write_heatmap(folder / sort, Path(s.feature_type or "unknown", kind, s.path.name), image, again,
-                            summary, max_side=max_side)
+                            summary, gain=detector.config.backbone.input_gain, max_side=max_side)
         entry["heatmap"] = path_text(out)
         drawn[sort] += 1
     return {"folder": path_text(folder), **drawn}

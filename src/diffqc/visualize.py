@@ -47,6 +47,13 @@ def colourise(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def as_read(image: np.ndarray, gain: float) -> np.ndarray:
+    """The image as the model reads it, to be drawn: ``backbone.input_gain`` applied as the
+    backbone applies it (:meth:`diffqc.backbone.Backbone.raw_features`), so that a 12-bit camera's
+    data in 16-bit files, nearly black as read, is drawn at the camera's white, white saturating."""
+    return image if gain == 1.0 else np.clip(image * np.float32(gain), 0.0, 1.0)
+
+
 def _rgb(image: np.ndarray) -> np.ndarray:
     img = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
     return np.clip(img.astype(np.float32), 0, 1)
@@ -224,15 +231,16 @@ def new_heatmap_path(folder: Path, name: Path) -> Path:
 
 
 def write_heatmap(folder: Path, name: Path, image: np.ndarray, result: Any,
-                  calibration_summary: dict[str, Any], *, max_side: int = 0) -> Path:
+                  calibration_summary: dict[str, Any], *, gain: float, max_side: int = 0) -> Path:
     """One inspected image's heat map (:func:`panel`: image | overlay with score, p-value,
     decision and a colour bar) in a new file of ``folder`` (:func:`new_heatmap_path`); the colour
-    scale of a type is fixed (:func:`overlay_scales`, as the service draws them); the image within
-    ``max_side`` px (0: its own size). A failed write leaves no file and is raised."""
+    scale of a type is fixed (:func:`overlay_scales`, as the service draws them); the image as the
+    model reads it (:func:`as_read`, the model's ``backbone.input_gain``), within ``max_side`` px
+    (0: its own size). A failed write leaves no file and is raised."""
     out = new_heatmap_path(folder, name)
     scale = overlay_scales(calibration_summary).get(result.feature_type)
     try:
-        save_panel(out, fit_within(image, max_side), result.anomaly_map, score=result.score,
+        save_panel(out, fit_within(as_read(image, gain), max_side), result.anomaly_map, score=result.score,
                    p_value=result.p_value, decision=result.decision, feature_type=result.feature_type,
                    vmin=scale[0] if scale else None, vmax=scale[1] if scale else None)
     except OSError:

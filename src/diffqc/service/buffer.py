@@ -29,7 +29,7 @@ from diffqc.errors import StoreError
 from diffqc.inspection import ImageCheck
 from diffqc.service.logs import Outage
 from diffqc.service.store import NOT_INSPECTED, ArtifactStore, ResultRecord, ResultStore
-from diffqc.visualize import DEFAULT_HEATMAP_SIZE, fit_within
+from diffqc.visualize import DEFAULT_HEATMAP_SIZE, as_read, fit_within
 
 log = logging.getLogger("diffqc.service")
 
@@ -585,7 +585,9 @@ class InspectionPipeline:
             elif wanted:
                 try:
                     scale = self.overlay_scale.get(res.feature_type or "")
-                    picture = self.overlay(fit_within(job.image, self.heatmap_size), res, scale)
+                    config = getattr(self.detector, "config", None)  # a model read at a gain is drawn so
+                    seen = as_read(job.image, config.backbone.input_gain if config is not None else 1.0)
+                    picture = self.overlay(fit_within(seen, self.heatmap_size), res, scale)
                     heatmap = self.artifacts.save_png("heatmaps", picture)
                     self.artifact_outages["heat map"].worked()
                 except Exception as exc:
