@@ -1183,3 +1183,28 @@ async def test_heat_map_draws_a_12_bit_cameras_part_as_the_model_reads_it(mono12
         assert drawn_part_brightness(tmp_path / "heat.png") > 100
         kept = await client.get(r.json()["image_url"], headers=AUTH)
         assert kept.content == blob.read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["mono12", "grey8", "rgb8"])
+async def test_a_kept_tiff_part_is_kept_as_read(detector: Any, samples: Samples, tmp_path: Path,
+                                                kind: str) -> None:
+    """A part sent as TIFF (not a browser's format) is kept as a PNG of the decoded image: it was
+    an 8-bit colour PNG whatever the file, so a 12-bit camera's part came back from `results
+    export` with 17 grey levels of its 4096 (and the retrain on it read another part). It is kept
+    at the depth that holds it: the kept file reads as the upload did, value for value."""
+    from diffqc.data import decode_image
+
+    body, ftype = samples.one("REVIEW")
+    grey = np.asarray(Image.open(io.BytesIO(body)).convert("L"), dtype=np.int64)
+    image = {"mono12": Image.fromarray((grey * 4095 // 255).astype(np.uint16)),
+             "grey8": Image.fromarray(grey.astype(np.uint8)),
+             "rgb8": Image.open(io.BytesIO(body)).convert("RGB")}[kind]
+    buf = io.BytesIO()
+    image.save(buf, format="TIFF")
+    async with running_app(detector, tmp_path, keep_images="all") as (client, _):
+        r = await client.post("/v1/inspect", content=buf.getvalue(), headers=AUTH,
+                              params={"feature_type": ftype})
+        assert r.status_code == 200, r.text
+        kept = await client.get(r.json()["image_url"], headers=AUTH)
+    assert kept.headers["content-type"] == "image/png"
+    assert np.array_equal(decode_image(kept.content), decode_image(buf.getvalue()))

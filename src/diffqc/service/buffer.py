@@ -212,8 +212,18 @@ def default_overlay(
                  vmax=scale[1] if scale else None)
 
 
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+def _as_kept(image: np.ndarray) -> np.ndarray:
+    """A decoded image (HxWx3 float in [0, 1]) as a PNG holds it, read back value for value: 8-bit
+    where every value is one of 256 levels, else 16-bit grey (a 12-bit camera's TIFF: in 8 bits
+    its 4096 levels became 17, and a retrain on the part exported read another part); a colour
+    image of more than 8 bits stays 8-bit (a PNG of 16-bit colour has no Pillow array mode)."""
+    image = np.clip(image, 0.0, 1.0)
+    levels = image * 255.0
+    if np.abs(levels - np.round(levels)).max(initial=0.0) < 1e-3:
+        return (levels + 0.5).astype(np.uint8)
+    if np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2]):
+        return (image[..., 0] * 65535.0 + 0.5).astype(np.uint16)
+    return (levels + 0.5).astype(np.uint8)
 
 
 @dataclass
@@ -597,7 +607,7 @@ class InspectionPipeline:
                     if job.encoded is not None and job.encoded_ext is not None:
                         image = self.artifacts.save_bytes("images", job.encoded, job.encoded_ext)
                     else:
-                        image = self.artifacts.save_png("images", _to_uint8(job.image))
+                        image = self.artifacts.save_png("images", _as_kept(job.image))
                     self.artifact_outages["kept image"].worked()
                 except Exception as exc:
                     missing.append(self._artifact_failed("kept image", job, exc))

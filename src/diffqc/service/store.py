@@ -1275,7 +1275,8 @@ class ArtifactStore:
         return None
 
     def save_png(self, kind: str, image: np.ndarray) -> str:
-        """Write an HxWx3 (or HxW) uint8 array as PNG; returns the generated name."""
+        """Write an HxWx3 (or HxW) uint8 array, or an HxW uint16 one (16-bit grey), as PNG;
+        returns the generated name."""
         buf = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", compress_level=1)
         return self._write(kind, buf.getvalue(), "png")
