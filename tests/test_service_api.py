@@ -1208,3 +1208,22 @@ async def test_a_kept_tiff_part_is_kept_as_read(detector: Any, samples: Samples,
         kept = await client.get(r.json()["image_url"], headers=AUTH)
     assert kept.headers["content-type"] == "image/png"
     assert np.array_equal(decode_image(kept.content), decode_image(buf.getvalue()))
+
+
+async def test_a_part_whose_alpha_is_padding_is_kept_as_it_was_read(detector: Any, samples: Samples,
+                                                                      tmp_path: Path) -> None:
+    """A camera's BGRX frame saved with its padding byte as alpha (0 everywhere) is read by its
+    colours, but was kept as sent: the dashboard's review view showed a transparent square where
+    the part was. It is kept as it was read, its colours without the alpha."""
+    from diffqc.data import decode_image
+
+    body, ftype = samples.one("REVIEW")
+    rgba = Image.open(io.BytesIO(body)).convert("RGBA")
+    rgba.putalpha(0)
+    sent = png(np.asarray(rgba), "RGBA")
+    async with running_app(detector, tmp_path, keep_images="all") as (client, _):
+        r = await client.post("/v1/inspect", content=sent, headers=AUTH, params={"feature_type": ftype})
+        assert r.status_code == 200, r.text
+        kept = await client.get(r.json()["image_url"], headers=AUTH)
+    assert Image.open(io.BytesIO(kept.content)).mode == "RGB"
+    assert np.array_equal(decode_image(kept.content), decode_image(sent))

@@ -194,6 +194,25 @@ def _fixed_scale(mode: str, lo: float, hi: float, source: str) -> float:
     return 65535.0 if hi > 255 else 255.0
 
 
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in {"RGBA", "LA", "PA"} or (img.mode == "P" and "transparency" in img.info)
+
+
+def _padding(rgba: Image.Image) -> bool:
+    """An alpha of 0 everywhere, no pixel shown: a camera's BGRX padding byte, not transparency
+    (see :func:`as_image`); such an image is read by its colours."""
+    return rgba.getchannel("A").getextrema() == (0, 0)
+
+
+def alpha_is_padding(data: bytes) -> bool:
+    """Whether an encoded image's alpha is a padding byte that :func:`decode_image` reads past
+    (a browser shows such a file as a transparent square)."""
+    import io
+
+    with Image.open(io.BytesIO(data)) as img:
+        return _has_alpha(img) and _padding(img.convert("RGBA"))
+
+
 def _to_float_rgb(img: Image.Image, source: str) -> np.ndarray:
     """Decode any PIL mode (L, I;16, I, F, RGB, RGBA, P, ...) to HxWx3 float32 in [0, 1]."""
     if img.mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
@@ -209,9 +228,9 @@ def _to_float_rgb(img: Image.Image, source: str) -> np.ndarray:
             arr = arr / _fixed_scale(img.mode, float(arr.min()), float(arr.max()), source)
         arr = np.clip(arr, 0.0, 1.0).astype(np.float32)  # a float image's overshoot, as an array's
         return np.repeat(arr[:, :, None], 3, axis=2)
-    if img.mode in {"RGBA", "LA", "PA"} or (img.mode == "P" and "transparency" in img.info):
+    if _has_alpha(img):
         img = img.convert("RGBA")
-        if img.getchannel("A").getextrema() != (0, 0):  # see as_image: no pixel shown is padding
+        if not _padding(img):
             background = Image.new("RGBA", img.size, (0, 0, 0, 255))
             img = Image.alpha_composite(background, img)
     rgb = img.convert("RGB")

@@ -86,7 +86,6 @@ from diffqc.service.parts import (
     stored_part,
 )
 from diffqc.service.security import (
-    BROWSER_FORMATS,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_UPLOAD_BYTES,
     ImageTooLarge,
@@ -97,6 +96,7 @@ from diffqc.service.security import (
     check_content_length,
     check_image_header,
     check_tls,
+    kept_as_sent,
     read_limited,
     tls_reloader,
     token_matches,
@@ -1068,7 +1068,7 @@ def build_job(
     except ImageReadError as exc:
         hint = _FORM_BODY if form else _encoded_body(data)
         raise ServiceError(422, "unreadable_image", str(exc) + hint) from None
-    ext = BROWSER_FORMATS.get(fmt or "")
+    ext = kept_as_sent(data, fmt)
     return Job(
         image=image,
         feature_type=feature_type,

@@ -22,6 +22,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from diffqc.data import alpha_is_padding
 from diffqc.errors import ConfigError
 
 TOKEN_ENV = "DIFFQC_TOKEN"
@@ -357,6 +358,15 @@ async def read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
 
 # PIL format -> file suffix for formats a browser shows as they are
 BROWSER_FORMATS = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "WEBP": "webp"}
+
+
+def kept_as_sent(data: bytes, fmt: str | None) -> str | None:
+    """The suffix under which an upload of format ``fmt`` (:func:`check_image_header`) is kept as
+    sent, where a browser shows it as diffqc reads it; None: it is kept as a PNG of the decoded
+    image (another format, or an alpha that is a camera's padding byte, which a browser shows as
+    a transparent square)."""
+    ext = BROWSER_FORMATS.get(fmt or "")
+    return None if ext is None or (ext in ("png", "webp") and alpha_is_padding(data)) else ext
 
 
 def check_image_header(data: bytes, max_pixels: int) -> tuple[int, int, str | None]:

@@ -71,11 +71,11 @@ from diffqc.service.line import LineServices
 from diffqc.service.logs import utc_minute
 from diffqc.service.parts import PART_WINDOW_S, check_part_types
 from diffqc.service.security import (
-    BROWSER_FORMATS,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_UPLOAD_BYTES,
     ImageTooLarge,
     check_image_header,
+    kept_as_sent,
 )
 from diffqc.service.store import ARTIFACT_KINDS, NOT_INSPECTED, ResultRecord, ResultStore
 from diffqc.service.systemd import STOP_SIGNALS, Watchdog, notify, worker_problems
@@ -586,7 +586,7 @@ class FolderWatcher:
     def _job(self, path: Path, data: bytes, digest: str, key: str) -> Job:
         _, _, fmt = check_image_header(data, self.settings.max_image_pixels)
         image = decode_image(data, source=str(path))
-        ext = BROWSER_FORMATS.get(fmt or "")
+        ext = kept_as_sent(data, fmt)
         return Job(
             image=image,
             feature_type=self._feature_type(path),
