@@ -848,3 +848,14 @@ def test_heatmaps_draw_a_12_bit_cameras_part_as_the_model_reads_it(mono12_model:
     tested = sorted((tmp_path / "held" / "flagged").rglob("*.png"))
     bright = [drawn_part_brightness(p) for p in tested]
     assert tested and min(bright) > 100, bright
+
+
+def test_inspect_names_8_bit_parts_of_a_model_trained_on_12_bit_data(
+        mono12_model: tuple[Path, Path], clear_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A camera set back to Mono8 under a model of its 12-bit parts: every part REJECT, said."""
+    model, _ = mono12_model
+    good = sorted((clear_dataset / "dots" / "test" / "good").glob("*.png"))[:2]  # 8-bit, as Mono8 gives
+    assert main(["inspect", str(model), *map(str, good), "--feature-type", "dots"]) == 0
+    err = capsys.readouterr().err
+    assert "far brighter than its training images (mean brightness" in err
+    assert err.count("far brighter") == 1  # once per type

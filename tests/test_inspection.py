@@ -199,6 +199,26 @@ def test_brightness_check_names_a_type_once_seen_far_brighter_than_its_training(
     assert white_share(glare) == pytest.approx(0.625)
 
 
+def test_brightness_check_names_8_bit_parts_of_a_type_trained_on_12_bit_data() -> None:
+    """The other way round: a type trained on a 12-bit camera's data in 16-bit files (read at the
+    gain train names) and a camera set back to Mono8 (a replaced camera's default) reads 16 times
+    brighter: every part was REJECTed without a word (the drill's GOOD dots: score 33183, p 0,
+    against 112), as neither the darkness nor the clipping check reads it. A part brighter than
+    four times its type's brightest training image is named; a type trained bright (above a
+    quarter of white) cannot be so, and nothing changes for it."""
+    check = ImageCheck({"training_data": {
+        "image_brightness": {"dots": [0.0018, 0.0024], "bottle": [0.3, 0.6]},
+        "image_white": {"dots": 0.0, "bottle": 0.0}}})
+    mono12 = np.full((64, 64, 3), 0.002, np.float32)
+    assert check("dots", 64, 64, mono12) is None and check("dots", 64, 64, mono12 * 4) is None
+    assert check("bottle", 64, 64, np.full((64, 64, 3), 0.98, np.float32)) is None
+    note = check("dots", 64, 64, mono12 * 350)
+    assert note is not None and ("an image of type 'dots' far brighter than its training images "
+                                 "(mean brightness 0.700; theirs 0.0018-0.0024)") in note
+    assert "has the camera's pixel format been set to Mono8" in note
+    assert check.snapshot()[0]["check"] == "brightness"
+
+
 def _outside_warnings(inspect: Any, images: list[Any], types: list[str | None], **kwargs: Any) -> list[str]:
     import warnings
 

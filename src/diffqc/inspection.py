@@ -175,9 +175,10 @@ class ImageCheck:
     GOOD part of the drill's dots, p 1.0 as PNG, was REJECTed at p 0.004 as a JPEG of quality 75);
     scores move for every part at once; and one far darker than every training image (less than
     :data:`DARK_SHARE` of the darkest's brightness: 12-bit data saved in 16-bit files, a camera
-    set to Mono12, reads 16 times darker; a lamp out), or with far more of it clipped at white
-    (:data:`WHITE_MARGIN` more than any training image: an exposure or gain raised), is scored
-    on another footing. A bundle
+    set to Mono12, reads 16 times darker; a lamp out) or brighter than four times the brightest
+    (1 / :data:`DARK_SHARE`: 8-bit data of a type trained on 12-bit data), or with far more of
+    it clipped at white (:data:`WHITE_MARGIN` more than any training image: an exposure or gain
+    raised), is scored on another footing. A bundle
     without the sizes (older, or tiled: tiles are cut at native resolution whatever the size)
     checks no size; one without the colours, no colour; one without the compressions, or a part
     given as an array, no compression; one without the brightness or the white, neither.
@@ -265,7 +266,16 @@ class ImageCheck:
         if image is None or feature_type not in self.brightness:
             return None
         lo, hi = self.brightness[feature_type]
-        if (seen := brightness(image)) >= DARK_SHARE * lo:
+        seen = brightness(image)
+        if seen > hi / DARK_SHARE:  # only a type trained darker than a quarter of white can be
+            return (f"an image of type {feature_type!r} far brighter than its training images (mean "
+                    f"brightness {seen:.3f}; theirs {lo:.2g}-{hi:.2g}): the model learned and was "
+                    "calibrated on parts as dark as those, so every part's score moves (a brighter "
+                    "lamp, a longer exposure or a higher gain, or 8-bit data where the type was "
+                    "trained on a 12-bit camera's data in 16-bit files: has the camera's pixel "
+                    "format been set to Mono8, a new camera's default? set it back to the "
+                    "training's, or train again on its images)")
+        if seen >= DARK_SHARE * lo:
             return None
         return (f"an image of type {feature_type!r} far darker than its training images (mean "
                 f"brightness {seen:.3f}; theirs {lo:.2f}-{hi:.2f}): the model learned and was "
