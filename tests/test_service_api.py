@@ -1183,6 +1183,15 @@ async def test_heat_map_draws_a_12_bit_cameras_part_as_the_model_reads_it(mono12
         assert drawn_part_brightness(tmp_path / "heat.png") > 100
         kept = await client.get(r.json()["image_url"], headers=AUTH)
         assert kept.content == blob.read_bytes()
+        # for a screen: the kept file as the model reads it, an 8-bit PNG (a browser draws the
+        # 16-bit file nearly black, and in 16 grey levels at most once brightened)
+        seen = await client.get(r.json()["image_url"], headers=AUTH, params={"view": "model"})
+        assert seen.status_code == 200 and seen.headers["content-type"] == "image/png"
+        shown = Image.open(io.BytesIO(seen.content))
+        assert shown.mode in ("L", "RGB") and np.asarray(shown).mean() > 100
+        assert len(np.unique(np.asarray(shown))) > 16
+        wrong = await client.get(r.json()["image_url"], headers=AUTH, params={"view": "camera"})
+        assert wrong.status_code == 422 and "view" in wrong.text
 
 
 @pytest.mark.parametrize("kind", ["mono12", "grey8", "rgb8"])

@@ -11,6 +11,7 @@ import datetime as dt
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -816,6 +817,48 @@ def test_dashboard_says_why_a_kept_image_is_not_shown(detector: Any, browser: An
         heat = browser.find_element(By.CSS_SELECTOR, f'#review-queue .card[data-id="{rid}"] img.heatmap')
         WebDriverWait(browser, 20).until(
             lambda d: d.execute_script("return arguments[0].naturalWidth", heat) > 0)
+
+
+def test_dashboard_shows_a_12_bit_cameras_part_as_the_model_reads_it(mono12_model: tuple[Path, Path],
+                                                                      browser: Any, tmp_path: Path) -> None:
+    """A 12-bit camera's part (16-bit files, a model trained at the gain train names) was shown in
+    the part's view as the browser draws its file, nearly black: the reviewer judged a dark
+    square. The screen asks for the kept image as the model reads it (`?view=model`)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.model import Detector
+    from diffqc.service.app import ServiceSettings, create_app
+
+    model, data = mono12_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det = Detector.load(model, device="cpu")
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,)), detector=det)
+    blob = sorted((data / "dots" / "test" / "blob").glob("*.png"))[0]
+    with serving(app) as url:
+        sent = httpx.post(url + "/v1/inspect", content=blob.read_bytes(), headers=AUTH,
+                          params={"feature_type": "dots"})
+        assert sent.json()["decision"] != "PASS", sent.text
+        rid = sent.json()["id"]
+        browser.get(url + "/dashboard")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "connect").click()
+        row = WebDriverWait(browser, 20).until(ec.element_to_be_clickable(
+            (By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"]')))
+        row.click()  # the part's view: its kept image and heat map
+        image = WebDriverWait(browser, 20).until(ec.presence_of_element_located(
+            (By.CSS_SELECTOR, "#part img.part-image")))
+        WebDriverWait(browser, 20).until(
+            lambda d: d.execute_script("return arguments[0].naturalWidth", image) > 0)
+        mean = browser.execute_script(
+            "const img = arguments[0], c = document.createElement('canvas');"
+            "c.width = img.naturalWidth; c.height = img.naturalHeight;"
+            "const g = c.getContext('2d'); g.drawImage(img, 0, 0);"
+            "const d = g.getImageData(0, 0, c.width, c.height).data; let s = 0;"
+            "for (let i = 0; i < d.length; i += 4) s += d[i]; return s / (d.length / 4);", image)
+        assert mean > 100, mean
 
 
 def test_the_dashboard_fits_a_line_pcs_screen(live_server: tuple[str, Any], browser: Any,

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from diffqc.data import check_outside_datasets
+from diffqc.data import check_outside_datasets, decode_image
 from diffqc.errors import OutputError
 from diffqc.output import path_text, write_atomic
 
@@ -52,6 +52,15 @@ def as_read(image: np.ndarray, gain: float) -> np.ndarray:
     backbone applies it (:meth:`diffqc.backbone.Backbone.raw_features`), so that a 12-bit camera's
     data in 16-bit files, nearly black as read, is drawn at the camera's white, white saturating."""
     return image if gain == 1.0 else np.clip(image * np.float32(gain), 0.0, 1.0)
+
+
+def as_read_png(path: Path, gain: float) -> bytes:
+    """An image file as the model reads it (:func:`as_read`), as an 8-bit PNG: what a screen is
+    shown of a kept file that a browser draws otherwise (a 12-bit camera's, nearly black)."""
+    buf = io.BytesIO()
+    seen = as_read(decode_image(path), gain)
+    Image.fromarray((seen * 255.0 + 0.5).astype(np.uint8)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:

@@ -129,7 +129,7 @@ from diffqc.service.store import (
     summarize,
 )
 from diffqc.service.systemd import STOP_SIGNALS, Watchdog, notify, worker_problems
-from diffqc.visualize import DEFAULT_HEATMAP_SIZE, overlay_scales
+from diffqc.visualize import DEFAULT_HEATMAP_SIZE, as_read_png, overlay_scales
 
 log = logging.getLogger("diffqc.service")
 MIN_TOKEN_LENGTH = 16  # shorter, a token is said to be guessable at start (it is still taken)
@@ -1699,8 +1699,18 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         return await _artifact(record_id, "heatmaps")
 
     @api.get("/v1/results/{record_id}/image")
-    async def image(record_id: int = RECORD_ID) -> FileResponse:
-        return await _artifact(record_id, "images")
+    async def image(record_id: int = RECORD_ID, view: Literal["model"] | None = None) -> Response:
+        """The kept image as it was kept; ``view=model``: as the model served now reads it, where
+        that differs from what a browser draws of the file (a model read at a gain, a 12-bit
+        camera's: an 8-bit PNG at its ``backbone.input_gain``), for the dashboard."""
+        kept = await _artifact(record_id, "images")
+        config = getattr(state.pipeline.detector, "config", None) if state.pipeline else None
+        gain = config.backbone.input_gain if config is not None else 1.0
+        if view is None or gain == 1.0:
+            return kept
+        png = await run_in_threadpool(as_read_png, Path(kept.path), gain)
+        return Response(png, media_type="image/png",  # the model served now's: not kept by a cache
+                        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
 
     # ---------------------------------------------------------------- parts
     @api.get("/v1/parts")
