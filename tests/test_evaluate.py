@@ -599,3 +599,15 @@ def test_gallery_draws_a_12_bit_cameras_parts_as_the_model_reads_them(tmp_path: 
     drawn = sorted((tmp_path / "report" / "gallery").glob("*.png"))
     bright = [drawn_part_brightness(p) for p in drawn]
     assert drawn and min(bright) > 100, bright
+
+
+def test_evaluate_names_16_bit_images_that_hold_12_bit_data(tmp_path: Path) -> None:
+    """`train` named a 12-bit camera's 16-bit files (nearly black as read) and the gain that reads
+    them right; `evaluate`, which a QC engineer runs first, measured them at gain 1 without a word
+    (magnetic tile so: 0.896 against 0.975). It says so too, in the report's notes as well."""
+    data = write_mono12_dataset(tmp_path / "mono12")
+    with pytest.warns(UserWarning, match=r"16-bit files whose values stay within 0..4095 \(12-bit data\).*"
+                                         r"--set backbone.input_gain=16.0037"):
+        report = E.evaluate(load_dataset(data), folds=FOLDS, methods=("padim",), base_config=tiny_config(),
+                            progress=False, out_dir=tmp_path / "report", gallery=0, n_boot=20, device="cpu")
+    assert any("12-bit data" in note for note in report["notes"])

@@ -61,7 +61,7 @@ from diffqc.data import (
 from diffqc.errors import ConfigError, DatasetError, ImageReadError, first_few
 from diffqc.folds import per_type_folds
 from diffqc.metrics import has_both_classes, image_auroc
-from diffqc.model import Detector, check_fit_memory, views_to_fit
+from diffqc.model import Detector, check_fit_memory, twelve_bit_note, views_to_fit
 from diffqc.output import path_text, text_columns
 from diffqc.visualize import as_read
 
@@ -421,6 +421,9 @@ def evaluate(
     if not labelled:
         raise DatasetError(f"no feature type has enough labelled parts for {folds} folds: "
                            + "; ".join(type_notes))
+    if note := twelve_bit_note(base, [s.path for s in labelled if s.label == GOOD]):
+        notes.append(note)
+        warnings.warn(note, stacklevel=2)
     labelled, unread = _without_unreadable_masks(labelled)
     if unread:
         notes.append(f"{len(unread)} defect mask(s) unreadable, their images left out of the pixel "

@@ -183,6 +183,17 @@ def check_bundle_target(path: Path | str, *, force: bool = False) -> Path:
                                foreign="is not a diffqc model bundle", force=force)
 
 
+def twelve_bit_note(config: DetectorConfig, good: Sequence[Path | str]) -> str | None:
+    """What ``fit`` and ``evaluate`` say of GOOD images that are 16-bit files holding 10- to
+    14-bit data (:func:`diffqc.data.sixteen_bit_white`) read at gain 1: nearly black."""
+    if config.backbone.input_gain != 1.0 or not (white := sixteen_bit_white(good)):
+        return None
+    return (f"the GOOD images are 16-bit files whose values stay within 0..{white} "
+            f"({white.bit_length()}-bit data): they read nearly black (magnetic tile stored so: image "
+            'AUROC 0.896 in 5-fold CV, 0.975 at the gain below; BENCHMARKS.md "Session 24"); '
+            f"--set backbone.input_gain={65535 / white:.4f} reads {white} as white")
+
+
 def _warn_gain_clips(gain: float, brightness: dict[str, list[float]]) -> None:
     """Say so where ``backbone.input_gain`` reads a type's GOOD images, on average, above white:
     the gain for a 12-bit camera's 16-bit files set for 8-bit ones (the drill's tiny model of the
@@ -340,13 +351,8 @@ class Detector:
             raise DatasetError(f"every GOOD training image of {', '.join(map(repr, lost))} is "
                                "unreadable (skipped); the model would not know the type: mend "
                                "the images, or take the type out of the data")
-        if self.config.backbone.input_gain == 1.0 and (white := sixteen_bit_white([s.path for s in good])):
-            warnings.warn(f"the GOOD images are 16-bit files whose values stay within 0..{white} "
-                          f"({white.bit_length()}-bit data): they read nearly black (magnetic tile "
-                          "stored so: image AUROC 0.896 in 5-fold CV, 0.975 at the gain below; "
-                          'BENCHMARKS.md "Session 24"); '
-                          f"--set backbone.input_gain={65535 / white:.4f} reads {white} as white",
-                          stacklevel=2)
+        if dark := twelve_bit_note(self.config, [s.path for s in good]):
+            warnings.warn(dark, stacklevel=2)
         self.fit_features(raw, good, progress=progress, layouts=layouts)
         training = self.metadata["training_data"]
         training["suspect_images"] += self._suspect_fit_images(raw, good, layouts)
