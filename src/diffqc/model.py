@@ -204,9 +204,9 @@ def _warn_gain_clips(gain: float, brightness: dict[str, list[float]]) -> None:
         warnings.warn(f"backbone.input_gain {gain:g} reads 1/{gain:g} of white as white ({65535 / gain:.0f} "
                       f"of 65535 in a 16-bit file, {255 / gain:.0f} of 255 in an 8-bit one), and the GOOD "
                       f"images of {', '.join(over)} are on average brighter than that: what is above it "
-                      "is clipped, and the model "
-                      "sees nothing of it; the gain is for 16-bit files holding 10- to 14-bit data (train "
-                      "names it where it finds them): set it back to 1 for these", stacklevel=3)
+                      "is clipped, and the model sees nothing of it; the gain is for 16-bit files "
+                      "holding 10- to 14-bit data (train names it where it finds them): set it back "
+                      "to 1 for these", stacklevel=3)
 
 
 class Detector:

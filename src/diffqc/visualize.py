@@ -49,7 +49,7 @@ def colourise(values: np.ndarray) -> np.ndarray:
 
 def as_read(image: np.ndarray, gain: float) -> np.ndarray:
     """The image as the model reads it, to be drawn: ``backbone.input_gain`` applied as the
-    backbone applies it (:meth:`diffqc.backbone.Backbone.raw_features`), so that a 12-bit camera's
+    backbone applies it (:meth:`diffqc.backbone.FeatureExtractor.raw_features`), so that a 12-bit camera's
     data in 16-bit files, nearly black as read, is drawn at the camera's white, white saturating."""
     return image if gain == 1.0 else np.clip(image * np.float32(gain), 0.0, 1.0)
 
