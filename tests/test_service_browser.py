@@ -688,6 +688,41 @@ def test_dashboard_follows_a_restarted_service(service_model: tuple[Path, Path],
         assert "connected" in status.text and "err" not in (status.get_attribute("class") or ""), status.text
 
 
+def test_dashboard_reloads_only_once_its_page_is_served(detector: Any, browser: Any, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service that answers and falls over again (a restart loop: systemd's every 5 s) was read
+    anew at once, and a reload that finds no page leaves the browser's own error page, which does
+    not try again: the line-side screen stayed "This site can't be reached" after the service was
+    mended. It reloads only once the new service gives its page; until then it polls as before."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service import app as app_module
+    from diffqc.service.app import ServiceSettings, create_app
+
+    port = bench.free_port()
+    wait = WebDriverWait(browser, 30)
+
+    def service(name: str) -> Any:
+        settings = ServiceSettings(db_url=str(tmp_path / f"{name}.db"), tokens=(TOKEN,))
+        return create_app(settings, detector=detector)
+
+    with serving(service("first"), port=port) as url:
+        browser.get(url + "/dashboard")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "connect").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
+    monkeypatch.setattr(app_module, "STATIC_DIR", tmp_path / "no-page")  # its /dashboard: 500
+    with serving(service("second"), port=port) as url:
+        assert httpx.get(url + "/dashboard").status_code == 500
+        time.sleep(7)  # more than a poll of /v1/line, which the second service answers
+        assert browser.find_element(By.ID, "status").is_displayed()  # the dashboard still, polling
+        monkeypatch.undo()  # the page served again: read anew
+        restarted = "connected to the service restarted at"
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), restarted))
+
+
 def test_dashboard_says_two_services_answer_by_turns(detector: Any, browser: Any, tmp_path: Path) -> None:
     """Two services behind one proxy address (a balancer given two upstreams) answer the screen by
     turns: read anew whenever another service answers, it would reload for ever. It is read anew
