@@ -723,6 +723,41 @@ def test_dashboard_reloads_only_once_its_page_is_served(detector: Any, browser: 
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), restarted))
 
 
+def test_dashboard_keeps_a_reviewers_typed_note_across_a_restart(detector: Any, browser: Any,
+                                                                  samples: Samples, tmp_path: Path) -> None:
+    """A reviewer typing a note on a part when the service is restarted (an update): the screen
+    read the new service anew at once, and the note was gone. It waits until what was typed is
+    sent or cleared, and says so."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    port = bench.free_port()
+    wait = WebDriverWait(browser, 30)
+    settings = ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,))
+    body, ftype = samples.one("REVIEW")
+    with serving(create_app(settings, detector=detector), port=port) as url:
+        sent = httpx.post(url + "/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype})
+        rid = sent.json()["id"]
+        browser.get(url + "/dashboard")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "connect").click()
+        row = (By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"]')
+        wait.until(ec.element_to_be_clickable(row)).click()
+        note = wait.until(ec.visibility_of_element_located((By.ID, "part-note")))
+        note.send_keys("streak at the left edge, as on the part before")
+    with serving(create_app(settings, detector=detector), port=port):
+        waits = "once what is typed here is sent or cleared"
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), waits))
+        typed = browser.find_element(By.ID, "part-note")
+        assert (typed.get_attribute("value") or "").startswith("streak at the left")
+        typed.clear()
+        restarted = "connected to the service restarted at"
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), restarted))
+
+
 def test_dashboard_says_two_services_answer_by_turns(detector: Any, browser: Any, tmp_path: Path) -> None:
     """Two services behind one proxy address (a balancer given two upstreams) answer the screen by
     turns: read anew whenever another service answers, it would reload for ever. It is read anew
