@@ -1704,8 +1704,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         that differs from what a browser draws of the file (a model read at a gain, a 12-bit
         camera's: an 8-bit PNG at its ``backbone.input_gain``), for the dashboard."""
         kept = await _artifact(record_id, "images")
-        config = getattr(state.pipeline.detector, "config", None) if state.pipeline else None
-        gain = config.backbone.input_gain if config is not None else 1.0
+        gain = state.pipeline.input_gain if state.pipeline is not None else 1.0
         if view is None or gain == 1.0:
             return kept
         png = await run_in_threadpool(as_read_png, Path(kept.path), gain)

@@ -389,6 +389,13 @@ class InspectionPipeline:
     def depth(self) -> int:
         return len(self.buffer)
 
+    @property
+    def input_gain(self) -> float:
+        """The served model's ``backbone.input_gain`` (1 for a detector without a config): its
+        parts are drawn, and shown, as it reads them (:func:`diffqc.visualize.as_read`)."""
+        config = getattr(self.detector, "config", None)
+        return float(config.backbone.input_gain) if config is not None else 1.0
+
     # ------------------------------------------------------------------ submission
     def submit(self, job: Job) -> Future[ResultRecord]:
         return self.submit_many([job])[0]
@@ -595,8 +602,7 @@ class InspectionPipeline:
             elif wanted:
                 try:
                     scale = self.overlay_scale.get(res.feature_type or "")
-                    config = getattr(self.detector, "config", None)  # a model read at a gain is drawn so
-                    seen = as_read(job.image, config.backbone.input_gain if config is not None else 1.0)
+                    seen = as_read(job.image, self.input_gain)  # a model read at a gain is drawn so
                     picture = self.overlay(fit_within(seen, self.heatmap_size), res, scale)
                     heatmap = self.artifacts.save_png("heatmaps", picture)
                     self.artifact_outages["heat map"].worked()
