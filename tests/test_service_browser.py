@@ -961,6 +961,86 @@ def test_the_dashboard_fits_a_line_pcs_screen(live_server: tuple[str, Any], brow
     assert scrolled <= width, (scrolled, width)
 
 
+def test_a_review_card_says_when_no_image_was_kept(detector: Any, browser: Any, samples: Samples,
+                                                   tmp_path: Path) -> None:
+    """A service that keeps no images (`--keep-images none --heatmaps none`) showed each review
+    card with two empty black frames, as if the pictures were still loading; the card now says
+    that none was kept, as the part's view does."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,), keep_images="none",
+                                     heatmaps="none"), detector=detector)
+    body, ftype = samples.one("REVIEW")
+    with serving(app) as url:
+        rid = httpx.post(url + "/v1/inspect", content=body, headers=AUTH,
+                         params={"feature_type": ftype}).json()["id"]
+        browser.get(url + "/dashboard")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "connect").click()
+        card = WebDriverWait(browser, 20).until(
+            ec.presence_of_element_located((By.CSS_SELECTOR, f'#review-queue .card[data-id="{rid}"]')))
+        assert card.find_elements(By.TAG_NAME, "img") == []
+        assert "No image or heat map kept for this part." in card.text, card.text
+
+
+def test_a_part_is_reviewed_on_a_phone(detector: Any, browser: Any, samples: Samples, tmp_path: Path) -> None:
+    """A shift leader walking the line reviews on a phone (390 x 844 CSS pixels): the live
+    decisions showed the record id, time, part and type, the decision itself behind a sideways
+    scroll, and a review card was its two pictures side by side with the GOOD and BAD buttons
+    and the part's details beyond the screen's edge. On a narrow screen the decision is in view
+    and a card's pictures sit above its details and buttons, which a tap reaches."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,),
+                                     data_dir=str(tmp_path / "art"), keep_images="all", heatmaps="all"),
+                     detector=detector)
+    body, ftype = samples.one("REVIEW")
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 390, "height": 844, "deviceScaleFactor": 3, "mobile": True})
+    with serving(app) as url:
+        rid = httpx.post(url + "/v1/inspect", content=body, headers=AUTH,
+                         params={"feature_type": ftype, "part_id": "LOT-2026-12-06-PART-00017"}).json()["id"]
+        browser.get(url + "/dashboard")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "connect").click()
+        wait = WebDriverWait(browser, 20)
+        card = wait.until(
+            ec.presence_of_element_located((By.CSS_SELECTOR, f'#review-queue .card[data-id="{rid}"]')))
+        for img in card.find_elements(By.TAG_NAME, "img"):
+            wait.until(lambda d, img=img: d.execute_script("return arguments[0].naturalWidth", img) > 0)
+        width = browser.execute_script("return document.documentElement.clientWidth")
+        assert width == 390, width
+
+        def right(element: Any) -> float:
+            return float(browser.execute_script("return arguments[0].getBoundingClientRect().right", element))
+
+        badge = browser.find_element(By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"] .badge')
+        assert 0 < right(badge) <= width, (right(badge), width)
+        for what in ("img.part-image", "img.heatmap", ".verdict-good", ".verdict-bad", "input.defect"):
+            shown = card.find_element(By.CSS_SELECTOR, what)
+            assert 0 < right(shown) <= width, (what, right(shown), width)
+        # the heat-map panel (the part and its overlay side by side) drawn as wide as it may be:
+        # its overlay half was 85 px of the screen's 390 in a square frame
+        drawn = browser.execute_script(
+            "const i = arguments[0], r = i.getBoundingClientRect();"
+            "return Math.min(r.width, r.height * i.naturalWidth / i.naturalHeight);",
+            card.find_element(By.CSS_SELECTOR, "img.heatmap"))
+        assert drawn > 0.5 * width, (drawn, width)
+        card.find_element(By.CSS_SELECTOR, "input.defect").send_keys("smear")
+        card.find_element(By.CSS_SELECTOR, ".verdict-bad").click()
+        wait.until(ec.staleness_of(card))
+        stored = app.state.diffqc.store.get(rid)
+        assert (stored.review, stored.review_defect) == ("BAD", "smear"), stored
+
+
 def test_the_dashboard_dates_a_part_of_another_day(live_server: tuple[str, Any], browser: Any) -> None:
     """Opened in the morning, the live decisions and latest parts showed last night's parts with
     their time of day only, as if they were this morning's (the date was in a tooltip, which a
