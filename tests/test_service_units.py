@@ -777,6 +777,49 @@ def test_cli_periods_take_today_and_yesterday_on_the_machines_clock(
         time.tzset()
 
 
+def test_cli_periods_take_a_shifts_times_on_the_machines_clock(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shift leader's report of the early shift, `results summary --since 06:00 --until 14:00`,
+    was refused ("since='06:00' is neither epoch seconds nor ISO 8601 ..."), the night shift's
+    too: the day had to be typed with its zone (`2026-12-06T06:00+01:00`). A time of day is
+    today's on this machine's clock, as journalctl takes it, and after `today` or `yesterday`
+    that day's; a time no clock shows is refused naming the form."""
+    import datetime as dt
+    import json
+
+    from diffqc.cli import main
+
+    monkeypatch.setenv("TZ", "XYZ-3")  # UTC+3, a POSIX zone: no tz database needed
+    time.tzset()
+    try:
+        midnight = dt.datetime.combine(dt.date.today(), dt.time()).astimezone().timestamp()
+        db = tmp_path / "line.db"
+        with ResultStore(str(db)) as store:
+            store.insert_many([_rec("evening", created_at=midnight - 3 * 3600),  # yesterday 21:00
+                               _rec("late", created_at=midnight - 3600),
+                               _rec("night", created_at=midnight + 6 * 3600 - 60),
+                               _rec("morning", created_at=midnight + 6 * 3600),
+                               _rec("afternoon", created_at=midnight + 14 * 3600 + 30)])
+
+        def parts(*period: str) -> list[str]:
+            assert main(["results", "list", "--db", str(db), *period]) == 0
+            out = capsys.readouterr()
+            assert "time zone" not in out.err, out.err
+            return [json.loads(line)["part_id"] for line in out.out.splitlines()]
+
+        assert parts("--since", "06:00", "--until", "14:00") == ["morning"]
+        assert parts("--since", "yesterday 22:00", "--until", "6:00") == ["late", "night"]
+        assert parts("--since", "Today 14:00:30") == ["afternoon"]
+        assert parts("--since", "yesterday 21:00", "--until", "today 00:00") == ["evening", "late"]
+        for wrong in ("25:00", "06:60", "yesterday 24:00"):
+            assert main(["results", "list", "--db", str(db), "--since", wrong]) == 1
+            err = capsys.readouterr().err
+            assert f"--since {wrong}: no clock shows {wrong.split()[-1]}" in err, err
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_cli_results_summary_counts_a_periods_decisions_and_verdicts(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A QC engineer's question each shift: per type (or camera, line, ...), how many parts were

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 import time
 from collections import Counter
@@ -363,11 +364,13 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 
 
 _MIDNIGHTS = {"today": 0, "yesterday": 1}  # a period's words: this machine's midnight, days before
+_CLOCK = re.compile(r"(?:(today|yesterday)\s+)?(\d{1,2}):(\d\d)(?::(\d\d))?")  # 06:00, yesterday 22:00
 
 
 def _period_time(value: str | None, name: str) -> float | None:
     """A ``results`` command's ``--since``/``--until`` as the API reads it (a wall-clock time
-    without a zone is UTC), or ``today``, ``yesterday`` (this machine's midnights) and ``now``.
+    without a zone is UTC), or ``today``, ``yesterday`` (this machine's midnights), ``now``, and a
+    time of day on this machine's clock (``06:00``: today's; ``yesterday 22:00``: a shift's start).
     Where this machine's clock is not UTC, a time without a zone is said, with how to write
     either (a shift's start typed in the line's clock was an hour or more off without a word);
     a ``--since`` in the future is said too."""
@@ -383,6 +386,14 @@ def _period_time(value: str | None, name: str) -> float | None:
     if word in _MIDNIGHTS:
         day = dt.date.today() - dt.timedelta(days=_MIDNIGHTS[word])
         return dt.datetime.combine(day, dt.time()).astimezone().timestamp()
+    if clock := _CLOCK.fullmatch(word):
+        hour, minute, second = (int(clock[i] or 0) for i in (2, 3, 4))
+        if hour > 23 or minute > 59 or second > 59:
+            said = word.split()[-1]
+            raise ConfigError(f"--{name} {value}: no clock shows {said}; a time of day is HH:MM or "
+                              "HH:MM:SS, 00:00 to 23:59:59")
+        day = dt.date.today() - dt.timedelta(days=_MIDNIGHTS[clock[1] or "today"])
+        return dt.datetime.combine(day, dt.time(hour, minute, second)).astimezone().timestamp()
     seconds = parse_time(value, name)
     if seconds is None or value is None:
         return seconds
@@ -862,14 +873,15 @@ def add_service_commands(subparsers: Any) -> None:
                    help="the folder serve or watch kept the images in (default beside the SQLite file)")
     e.add_argument("--since", default=None,
                    help="only parts inspected since (ISO 8601, epoch seconds, a span back from now: 8h, "
-                        "or today, yesterday)")
+                        "or today, yesterday, 06:00, yesterday 22:00: this machine's clock)")
     e.add_argument("--defects", action="store_true",
                    help="also export the parts reviewed BAD, labelled defect (the line's defects "
                         "found), to test a model on: diffqc test MODEL OUT (training reads only the "
                         "GOOD ones)")
     e.set_defaults(func=_cmd_export)
     when = ("(ISO 8601, UTC unless it has an offset such as +01:00, epoch seconds, a span back "
-            "from now: 8h, 90m, 2d, 1w, or today, yesterday: this machine's midnights, or now)")
+            "from now: 8h, 90m, 2d, 1w, or today, yesterday: this machine's midnights, a time of day "
+            "on its clock: 06:00, yesterday 22:00, or now)")
     e.add_argument("--until", default=None, help=f"only parts inspected before {when}")
     e.add_argument("--feature-type", default=None, help="only parts of this type")
     for name in ("line", "station", "camera"):  # of a store several share: a model is retrained on its own
