@@ -959,6 +959,15 @@ def test_the_dashboard_fits_a_line_pcs_screen(live_server: tuple[str, Any], brow
     width, scrolled = browser.execute_script(
         "return [document.documentElement.clientWidth, document.documentElement.scrollWidth]")
     assert scrolled <= width, (scrolled, width)
+    # the part's view: its heat-map panel (the part and its overlay side by side) was drawn in a
+    # 256 px square, the overlay the reviewer judges 125 px wide beside a 256 px part
+    browser.find_element(By.CSS_SELECTOR, "#decisions tbody tr").click()
+    heat = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#part img.heatmap")))
+    wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", heat) > 0)
+    drawn = browser.execute_script(
+        "const i = arguments[0], r = i.getBoundingClientRect();"
+        "return Math.min(r.width, r.height * i.naturalWidth / i.naturalHeight);", heat)
+    assert drawn >= 480, drawn
 
 
 def test_a_review_card_says_when_no_image_was_kept(detector: Any, browser: Any, samples: Samples,
@@ -1039,6 +1048,11 @@ def test_a_part_is_reviewed_on_a_phone(detector: Any, browser: Any, samples: Sam
         wait.until(ec.staleness_of(card))
         stored = app.state.diffqc.store.get(rid)
         assert (stored.review, stored.review_defect) == ("BAD", "smear"), stored
+        # the part's view, a tap on its decision: its pictures within the screen too
+        browser.find_element(By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"]').click()
+        for what in ("img.part-image", "img.heatmap"):
+            shown = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, f"#part {what}")))
+            assert 0 < right(shown) <= width, (what, right(shown), width)
 
 
 def test_the_dashboard_dates_a_part_of_another_day(live_server: tuple[str, Any], browser: Any) -> None:

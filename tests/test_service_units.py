@@ -12,6 +12,7 @@ import io
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -740,84 +741,78 @@ def test_cli_says_a_period_time_without_zone_is_utc_where_the_machine_is_not(
         time.tzset()
 
 
+def _listed(db: Path, capsys: pytest.CaptureFixture[str], *period: str) -> list[str]:
+    """The part ids `results list` gives for ``period``, no time zone said."""
+    import json
+
+    from diffqc.cli import main
+
+    assert main(["results", "list", "--db", str(db), *period]) == 0
+    out = capsys.readouterr()
+    assert "time zone" not in out.err, out.err
+    return [json.loads(line)["part_id"] for line in out.out.splitlines()]
+
+
+@pytest.fixture
+def utc_plus_3(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This machine's clock at UTC+3, a POSIX zone (no tz database needed)."""
+    monkeypatch.setenv("TZ", "XYZ-3")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
 def test_cli_periods_take_today_and_yesterday_on_the_machines_clock(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], utc_plus_3: None) -> None:
     """`results summary --since today` (as journalctl takes it), or `--since 1w`, was refused:
     "since='today' is neither epoch seconds nor ISO 8601 nor a span back from now such as 8h".
     ``today`` and ``yesterday`` are this machine's midnights (a shift report's day on the line's
     clock), ``now`` is now; a span takes weeks (``w``) too."""
     import datetime as dt
-    import json
 
-    from diffqc.cli import main
+    midnight = dt.datetime.combine(dt.date.today(), dt.time()).astimezone().timestamp()
+    db = tmp_path / "line.db"
+    with ResultStore(str(db)) as store:
+        store.insert_many([_rec("before-yesterday", created_at=midnight - 86400 - 60),
+                           _rec("yesterday", created_at=midnight - 3600),
+                           _rec("today", created_at=midnight),
+                           _rec("week", created_at=midnight - 5 * 86400)])
 
-    monkeypatch.setenv("TZ", "XYZ-3")  # UTC+3, a POSIX zone: no tz database needed
-    time.tzset()
-    try:
-        midnight = dt.datetime.combine(dt.date.today(), dt.time()).astimezone().timestamp()
-        db = tmp_path / "line.db"
-        with ResultStore(str(db)) as store:
-            store.insert_many([_rec("before-yesterday", created_at=midnight - 86400 - 60),
-                               _rec("yesterday", created_at=midnight - 3600),
-                               _rec("today", created_at=midnight),
-                               _rec("week", created_at=midnight - 5 * 86400)])
-
-        def parts(*period: str) -> list[str]:
-            assert main(["results", "list", "--db", str(db), *period]) == 0
-            out = capsys.readouterr()
-            assert "time zone" not in out.err, out.err
-            return [json.loads(line)["part_id"] for line in out.out.splitlines()]
-
-        assert parts("--since", "today") == ["today"]
-        assert parts("--since", "Yesterday", "--until", "today") == ["yesterday"]
-        week = ["before-yesterday", "today", "week", "yesterday"]
-        assert sorted(parts("--until", "now", "--since", "1w")) == week
-    finally:
-        monkeypatch.undo()
-        time.tzset()
+    assert _listed(db, capsys, "--since", "today") == ["today"]
+    assert _listed(db, capsys, "--since", "Yesterday", "--until", "today") == ["yesterday"]
+    week = ["before-yesterday", "today", "week", "yesterday"]
+    assert sorted(_listed(db, capsys, "--until", "now", "--since", "1w")) == week
 
 
 def test_cli_periods_take_a_shifts_times_on_the_machines_clock(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], utc_plus_3: None) -> None:
     """A shift leader's report of the early shift, `results summary --since 06:00 --until 14:00`,
     was refused ("since='06:00' is neither epoch seconds nor ISO 8601 ..."), the night shift's
     too: the day had to be typed with its zone (`2026-12-06T06:00+01:00`). A time of day is
     today's on this machine's clock, as journalctl takes it, and after `today` or `yesterday`
     that day's; a time no clock shows is refused naming the form."""
     import datetime as dt
-    import json
 
     from diffqc.cli import main
 
-    monkeypatch.setenv("TZ", "XYZ-3")  # UTC+3, a POSIX zone: no tz database needed
-    time.tzset()
-    try:
-        midnight = dt.datetime.combine(dt.date.today(), dt.time()).astimezone().timestamp()
-        db = tmp_path / "line.db"
-        with ResultStore(str(db)) as store:
-            store.insert_many([_rec("evening", created_at=midnight - 3 * 3600),  # yesterday 21:00
-                               _rec("late", created_at=midnight - 3600),
-                               _rec("night", created_at=midnight + 6 * 3600 - 60),
-                               _rec("morning", created_at=midnight + 6 * 3600),
-                               _rec("afternoon", created_at=midnight + 14 * 3600 + 30)])
+    midnight = dt.datetime.combine(dt.date.today(), dt.time()).astimezone().timestamp()
+    db = tmp_path / "line.db"
+    with ResultStore(str(db)) as store:
+        store.insert_many([_rec("evening", created_at=midnight - 3 * 3600),  # yesterday 21:00
+                           _rec("late", created_at=midnight - 3600),
+                           _rec("night", created_at=midnight + 6 * 3600 - 60),
+                           _rec("morning", created_at=midnight + 6 * 3600),
+                           _rec("afternoon", created_at=midnight + 14 * 3600 + 30)])
 
-        def parts(*period: str) -> list[str]:
-            assert main(["results", "list", "--db", str(db), *period]) == 0
-            out = capsys.readouterr()
-            assert "time zone" not in out.err, out.err
-            return [json.loads(line)["part_id"] for line in out.out.splitlines()]
-
-        assert parts("--since", "06:00", "--until", "14:00") == ["morning"]
-        assert parts("--since", "yesterday 22:00", "--until", "6:00") == ["late", "night"]
-        assert parts("--since", "Today 14:00:30") == ["afternoon"]
-        assert parts("--since", "yesterday 21:00", "--until", "today 00:00") == ["evening", "late"]
-        for wrong in ("25:00", "06:60", "yesterday 24:00"):
-            assert main(["results", "list", "--db", str(db), "--since", wrong]) == 1
-            err = capsys.readouterr().err
-            assert f"--since {wrong}: no clock shows {wrong.split()[-1]}" in err, err
-    finally:
-        monkeypatch.undo()
-        time.tzset()
+    assert _listed(db, capsys, "--since", "06:00", "--until", "14:00") == ["morning"]
+    assert _listed(db, capsys, "--since", "yesterday 22:00", "--until", "6:00") == ["late", "night"]
+    assert _listed(db, capsys, "--since", "Today 14:00:30") == ["afternoon"]
+    assert _listed(db, capsys, "--since", "yesterday 21:00", "--until", "today 00:00") == ["evening", "late"]
+    for wrong in ("25:00", "06:60", "yesterday 24:00"):
+        assert main(["results", "list", "--db", str(db), "--since", wrong]) == 1
+        err = capsys.readouterr().err
+        assert f"--since {wrong}: no clock shows {wrong.split()[-1]}" in err, err
 
 
 def test_cli_results_summary_counts_a_periods_decisions_and_verdicts(
