@@ -220,6 +220,11 @@ ROWS: dict[str, Row | object] = {
         lambda c: ["evaluate", str(c.data), "--compare-setting", "padim:train.steps=1", "--out",
                    str(c.tmp / "rep")], ("setting name 'padim' clashes with a method name",),
         absent=lambda c: c.tmp / "rep"),
+    # `--compare padim`, argparse's abbreviation of --compare-setting: a method is not a setting
+    "evaluate_setting_is_a_method": Row(
+        lambda c: ["evaluate", str(c.data), "--compare", "padim", "--out", str(c.tmp / "rep")],
+        ("--compare-setting expects NAME:KEY=VALUE[,KEY=VALUE...], got 'padim': methods are compared "
+         "with --methods (default diffusion,patchcore,padim)",), absent=lambda c: c.tmp / "rep"),
     "evaluate_setting_malformed": Row(
         lambda c: ["evaluate", str(c.data), "--compare-setting", "x:", "--out", str(c.tmp / "rep")],
         ("--compare-setting expects NAME:KEY=VALUE",), absent=lambda c: c.tmp / "rep"),

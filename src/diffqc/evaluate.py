@@ -925,7 +925,11 @@ def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
     name, sep, rest = text.partition(":")
     name = name.strip()
     if not sep or not name or not rest.strip():
-        raise ConfigError(f"--compare-setting expects NAME:KEY=VALUE[,KEY=VALUE...], got {text!r}")
+        methods = not sep and all(m.strip() in METHODS for m in text.split(","))
+        raise ConfigError(f"--compare-setting expects NAME:KEY=VALUE[,KEY=VALUE...], got {text!r}"
+                          + (f": methods are compared with --methods (default {','.join(METHODS)}); "
+                             "--compare-setting adds a variant of the first method's config"
+                             if methods else ""))
     return name, parse_overrides([p for p in _split_top_level(rest) if p.strip()])
 
 
