@@ -215,3 +215,27 @@ def tiny_model(clear_dataset: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
     det = Detector(tiny_config(), device="cpu").fit(load_dataset(clear_dataset), progress=False)
     return det.save(tmp_path_factory.mktemp("models") / "tiny")
+
+
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+NEEDS_BROWSER = pytest.mark.skipif(not (CHROMIUM and Path(CHROMEDRIVER).exists()),
+                                   reason="chromium / chromedriver not installed "
+                                          "(scripts/install_browser.sh)")
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """A headless Chromium driven by Selenium (the dashboard's, the evaluation report's reader)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1000", "--no-first-run", "--disable-extensions"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()

@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from diffqc import report as R
 from diffqc.errors import OutputError
 from diffqc.folds import grouped_stratified_assignment
-from tests.conftest import full_disk
+from tests.conftest import NEEDS_BROWSER, full_disk
 from tests.html_numbers import assert_numbers_match
 
 METHODS = ("diffusion", "patchcore")
@@ -464,3 +465,41 @@ def test_write_report_on_a_full_disk_names_the_file_and_keeps_the_earlier_report
     assert f"the report in {out} is incomplete: cannot write {out / 'report.json'}" in str(err.value)
     assert "nothing was written" in str(err.value)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_the_calibration_plots_legend_leaves_its_curves_clear(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small or shifted set's realised false-positive rates lie above the diagonal, in the
+    plot's upper left, where its legend was drawn over them (evaluate on a 40-part set): the
+    legend is beside the plot."""
+    from matplotlib.figure import Figure
+
+    drawn: list[Figure] = []
+    monkeypatch.setattr(R, "_figure_b64", lambda fig: drawn.append(fig) or "")
+    y = np.r_[np.zeros(64, dtype=np.int64), np.ones(16, dtype=np.int64)]
+    p = np.r_[np.linspace(0.001, 1.0, 64), np.full(16, 1e-4)] ** 2  # GOOD parts flagged too often
+    calib = {m: R.calibration_entry(y, ALPHA_REVIEW, ALPHA_REJECT, p_values=p) for m in METHODS}
+    assert calib["diffusion"]["realised_fpr"][-1] > 0.2 * 2  # above the diagonal
+    R.plot_calibration(calib, METHODS)
+    (fig,) = drawn
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    (ax,) = fig.axes
+    legend = ax.get_legend()
+    assert legend is not None
+    box, plot = legend.get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert not box.overlaps(plot), (box, plot)
+
+
+@pytest.mark.browser
+@NEEDS_BROWSER
+def test_the_score_histograms_are_drawn_at_a_readable_size(written: dict[str, Path], browser: Any) -> None:
+    """Two types' histograms side by side on a 1366 px laptop screen each drew a 1111 px figure
+    of three methods in 613 px: its axis numbers about 7 px high, unreadable. Each is drawn at
+    its own size where the page is as wide."""
+    browser.set_window_size(1366, 768)
+    browser.get(written["html"].resolve().as_uri())
+    scales = browser.execute_script(
+        "return [...document.querySelectorAll('#histograms img')].map("
+        "i => [i.getBoundingClientRect().width, i.naturalWidth, i.parentElement.parentElement.clientWidth]);")
+    assert scales
+    for width, natural, room in scales:
+        assert width >= 0.95 * min(natural, room), (width, natural, room)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import NEEDS_BROWSER
 from tests.test_service_common import (  # noqa: F401 (fixtures)
     AUTH,
     NGINX,
@@ -34,16 +34,7 @@ from tests.test_service_common import (  # noqa: F401 (fixtures)
     tinted,
 )
 
-CHROMEDRIVER = "/usr/bin/chromedriver"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not (CHROMIUM and Path(CHROMEDRIVER).exists()),
-        reason="chromium / chromedriver not installed (scripts/install_browser.sh)",
-    ),
-]
+pytestmark = [pytest.mark.browser, NEEDS_BROWSER]
 
 
 @pytest.fixture
@@ -54,29 +45,6 @@ def live_server(detector: Any, tmp_path: Path) -> Iterator[tuple[str, Any]]:
     app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,)), detector=detector)
     with serving(app) as url:
         yield url, app.state.diffqc
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1400,1000",
-        "--no-first-run",
-        "--disable-extensions",
-    ):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
 
 
 def test_dashboard_shows_decisions_and_records_a_review(

@@ -872,7 +872,8 @@ def plot_calibration(calib: dict[str, Any], methods: Sequence[str]) -> str:
     ax.set(xlim=(0, top), ylim=(0, top), xlabel="target α (false-positive rate)",
            ylabel="realised FPR on GOOD parts")
     _style_axes(ax)
-    ax.legend(fontsize=7, frameon=False, loc="upper left")
+    # beside the plot: curves above the diagonal (GOOD parts flagged too often) fill its upper left
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     return _figure_b64(fig)
 
 
@@ -920,7 +921,7 @@ td.type{white-space:nowrap}
 margin:0 0 14px;border-radius:4px;font-size:13px}
 .callout ul{margin:4px 0 0 18px;padding:0}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:14px}
-.grid.wide{grid-template-columns:repeat(auto-fill,minmax(560px,1fr))}
+.grid.wide{grid-template-columns:repeat(auto-fill,minmax(min(100%,1120px),1fr))}
 td.pair{white-space:nowrap}
 figure{margin:0;text-align:center}
 figure img{max-width:100%;height:auto}
