@@ -37,6 +37,15 @@ from tests.test_service_common import (  # noqa: F401 (fixtures)
 pytestmark = [pytest.mark.browser, NEEDS_BROWSER]
 
 
+def open_dashboard(browser: Any, url: str) -> None:
+    """The dashboard of the service at ``url``, connected with the API token."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(url + "/dashboard")
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "connect").click()
+
+
 @pytest.fixture
 def live_server(detector: Any, tmp_path: Path) -> Iterator[tuple[str, Any]]:
     """The app under a real uvicorn on 127.0.0.1 (in a thread, the loaded model injected)."""
@@ -154,9 +163,7 @@ def test_dashboard_drift_panel_shows_a_types_alarm(
     body, ftype = samples.one("PASS")
     r = httpx.post(url + "/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype})
     assert r.status_code == 200
-    browser.get(url + "/dashboard")
-    browser.find_element(By.ID, "token").send_keys(TOKEN)
-    browser.find_element(By.ID, "connect").click()
+    open_dashboard(browser, url)
     row = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, f'#drift tr[data-type="{ftype}"]')))
     assert row.get_attribute("data-alarm") == "0" and "OK" in row.text
     # the line drifts: the monitor receives parts whose p-values are all small
@@ -339,9 +346,7 @@ def test_dashboard_shows_the_other_crops_of_a_part(
     pass_id, review_id = (x["id"] for x in r.json()["results"])
     missing = r.json()["parts"][0]["missing"]  # the model's other types
     assert missing
-    browser.get(url + "/dashboard")
-    browser.find_element(By.ID, "token").send_keys(TOKEN)
-    browser.find_element(By.ID, "connect").click()
+    open_dashboard(browser, url)
     row = f'#decisions tbody tr[data-id="{review_id}"]'
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, row)))
     browser.find_element(By.CSS_SELECTOR, row).click()
@@ -494,9 +499,7 @@ def test_dashboard_says_when_a_disk_is_nearly_full(detector: Any, browser: Any, 
                                          disk_min_free_bytes=limit, disk_min_free_ratio=0.0),
                          detector=detector)
         with serving(app) as url:
-            browser.get(url + "/dashboard")
-            browser.find_element(By.ID, "token").send_keys(TOKEN)
-            browser.find_element(By.ID, "connect").click()
+            open_dashboard(browser, url)
             wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
             if shown:
                 item = wait.until(ec.visibility_of_element_located(
@@ -526,9 +529,7 @@ def test_dashboard_names_the_types_parts_went_without(detector: Any, browser: An
     app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,), part_timeout_s=0.3,
                                      calibration_poll_s=0.1, part_types=(ftype, other)), detector=detector)
     with serving(app) as url:
-        browser.get(url + "/dashboard")
-        browser.find_element(By.ID, "token").send_keys(TOKEN)
-        browser.find_element(By.ID, "connect").click()
+        open_dashboard(browser, url)
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
         time.sleep(2)  # a few polls of /v1/line: no part overdue yet
         assert not browser.find_element(By.ID, "overdue").is_displayed()
@@ -567,9 +568,7 @@ def test_dashboard_says_when_the_tls_certificate_expires_soon(detector: Any, bro
     app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,), tls_cert=pem),
                      detector=detector)
     with serving(app) as url:  # the page's panel, served here over HTTP
-        browser.get(url + "/dashboard")
-        browser.find_element(By.ID, "token").send_keys(TOKEN)
-        browser.find_element(By.ID, "connect").click()
+        open_dashboard(browser, url)
         panel = WebDriverWait(browser, 20).until(ec.visibility_of_element_located((By.ID, "certificate")))
         assert "expires on " + until.astimezone().strftime("%Y-%m-%d") in panel.text, panel.text
         assert "in 2 days" in panel.text or "in 3 days" in panel.text, panel.text
@@ -592,9 +591,7 @@ def test_dashboard_follows_a_retrained_model(service_model: tuple[Path, Path], b
     shutil.copytree(service_model[0], served)
     app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,), model_path=served))
     with serving(app) as url:
-        browser.get(url + "/dashboard")
-        browser.find_element(By.ID, "token").send_keys(TOKEN)
-        browser.find_element(By.ID, "connect").click()
+        open_dashboard(browser, url)
         wait = WebDriverWait(browser, 30)
         first = app.state.diffqc.model_version
         wait.until(lambda d: d.find_element(By.ID, "model-version").text == first)
@@ -637,9 +634,7 @@ def test_dashboard_follows_a_restarted_service(service_model: tuple[Path, Path],
     with serving(pilot, port=port) as url:
         for i in range(3):
             send(url, f"pilot-{i}")
-        browser.get(url + "/dashboard")
-        browser.find_element(By.ID, "token").send_keys(TOKEN)
-        browser.find_element(By.ID, "connect").click()
+        open_dashboard(browser, url)
         wait.until(lambda d: parts_shown(d) == ["pilot-2", "pilot-1", "pilot-0"])
         first = pilot.state.diffqc.model_version
         wait.until(lambda d: d.find_element(By.ID, "model-version").text == first)
@@ -677,9 +672,7 @@ def test_dashboard_reloads_only_once_its_page_is_served(detector: Any, browser: 
         return create_app(settings, detector=detector)
 
     with serving(service("first"), port=port) as url:
-        browser.get(url + "/dashboard")
-        browser.find_element(By.ID, "token").send_keys(TOKEN)
-        browser.find_element(By.ID, "connect").click()
+        open_dashboard(browser, url)
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
     monkeypatch.setattr(app_module, "STATIC_DIR", tmp_path / "no-page")  # its /dashboard: 500
     with serving(service("second"), port=port) as url:
@@ -709,9 +702,7 @@ def test_dashboard_keeps_a_reviewers_typed_note_across_a_restart(detector: Any, 
     with serving(create_app(settings, detector=detector), port=port) as url:
         sent = httpx.post(url + "/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype})
         rid = sent.json()["id"]
-        browser.get(url + "/dashboard")
-        browser.find_element(By.ID, "token").send_keys(TOKEN)
-        browser.find_element(By.ID, "connect").click()
+        open_dashboard(browser, url)
         row = (By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"]')
         wait.until(ec.element_to_be_clickable(row)).click()
         note = wait.until(ec.visibility_of_element_located((By.ID, "part-note")))
@@ -777,9 +768,7 @@ def test_dashboard_says_when_the_service_answers_again(detector: Any, browser: A
                      detector=detector)
     wait = WebDriverWait(browser, 30)
     with serving(app) as url:
-        browser.get(url + "/dashboard")
-        browser.find_element(By.ID, "token").send_keys(TOKEN)
-        browser.find_element(By.ID, "connect").click()
+        open_dashboard(browser, url)
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
         ctl("stop")
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "503 "))
@@ -810,9 +799,7 @@ def test_dashboard_says_when_the_served_bundle_cannot_be_served(service_model: t
     config = json.loads(original)
     config["scoring"]["topk"] = 0.2
     with serving(app) as url:
-        browser.get(url + "/dashboard")
-        browser.find_element(By.ID, "token").send_keys(TOKEN)
-        browser.find_element(By.ID, "connect").click()
+        open_dashboard(browser, url)
         wait = WebDriverWait(browser, 30)
         wait.until(lambda d: d.find_element(By.ID, "model-version").text)
         assert not browser.find_element(By.ID, "bundle").is_displayed()
@@ -845,9 +832,7 @@ def test_dashboard_says_why_a_kept_image_is_not_shown(detector: Any, browser: An
         sent = httpx.post(url + "/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype})
         rid = sent.json()["id"]
         next((art / "images").iterdir()).unlink()
-        browser.get(url + "/dashboard")
-        browser.find_element(By.ID, "token").send_keys(TOKEN)
-        browser.find_element(By.ID, "connect").click()
+        open_dashboard(browser, url)
         said = WebDriverWait(browser, 20).until(ec.presence_of_element_located(
             (By.CSS_SELECTOR, f'#review-queue .card[data-id="{rid}"] .not-shown')))
         assert said.text.startswith("part image not shown: 404 result "), said.text
@@ -880,9 +865,7 @@ def test_dashboard_shows_a_12_bit_cameras_part_as_the_model_reads_it(mono12_mode
                           params={"feature_type": "dots"})
         assert sent.json()["decision"] != "PASS", sent.text
         rid = sent.json()["id"]
-        browser.get(url + "/dashboard")
-        browser.find_element(By.ID, "token").send_keys(TOKEN)
-        browser.find_element(By.ID, "connect").click()
+        open_dashboard(browser, url)
         row = WebDriverWait(browser, 20).until(ec.element_to_be_clickable(
             (By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"]')))
         row.click()  # the part's view: its kept image and heat map
@@ -919,9 +902,7 @@ def test_the_dashboard_fits_a_line_pcs_screen(live_server: tuple[str, Any], brow
         r = httpx.post(url + "/v1/inspect", content=flagged, headers=AUTH,
                        params={"feature_type": ftype, "part_id": part})
         assert r.status_code == 200, r.text
-    browser.get(url + "/dashboard")
-    browser.find_element(By.ID, "token").send_keys(TOKEN)
-    browser.find_element(By.ID, "connect").click()
+    open_dashboard(browser, url)
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, '#parts tbody tr[data-part="P-1"]')))
     time.sleep(1)
     width, scrolled = browser.execute_script(
@@ -936,6 +917,72 @@ def test_the_dashboard_fits_a_line_pcs_screen(live_server: tuple[str, Any], brow
         "const i = arguments[0], r = i.getBoundingClientRect();"
         "return Math.min(r.width, r.height * i.naturalWidth / i.naturalHeight);", heat)
     assert drawn >= 480, drawn
+
+
+def test_a_part_is_opened_and_reviewed_from_the_keyboard(live_server: tuple[str, Any], browser: Any,
+                                                        samples: Samples) -> None:
+    """A line PC's reviewer working from the keyboard could not open a part: the live decisions'
+    and latest parts' rows took a mouse click only (Tab passed them by). A row is reached with
+    Tab and opened with Enter, the part's view then takes the keys (Tab to the note and GOOD),
+    and Escape closes it, back on the row."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, state = live_server
+    flagged, ftype = samples.one("REVIEW")
+    rid = httpx.post(url + "/v1/inspect", content=flagged, headers=AUTH,
+                     params={"feature_type": ftype, "part_id": "k-1"}).json()["id"]
+    open_dashboard(browser, url)
+    wait = WebDriverWait(browser, 20)
+    row = wait.until(
+        ec.presence_of_element_located((By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"]')))
+
+    def focused() -> Any:
+        return browser.switch_to.active_element
+
+    browser.find_element(By.ID, "find").click()
+    for _ in range(5):  # from the find field, Tab: its button, then the first row
+        focused().send_keys(Keys.TAB)
+        if focused() == row:
+            break
+    assert focused() == row
+    row.send_keys(Keys.ENTER)
+    wait.until(lambda d: d.find_element(By.ID, "part").is_displayed()
+               and d.find_element(By.ID, "part").get_attribute("data-id") == str(rid))
+    for _ in range(20):
+        if focused().get_attribute("id") == "part-note":
+            break
+        focused().send_keys(Keys.TAB)
+    assert focused().get_attribute("id") == "part-note"
+    focused().send_keys("seen on the keyboard")
+    for _ in range(5):
+        focused().send_keys(Keys.TAB)
+        if focused().get_attribute("data-verdict") == "GOOD":
+            break
+    focused().send_keys(Keys.ENTER)
+    wait.until(lambda d: state.store.get(rid).review == "GOOD")
+    assert state.store.get(rid).review_note == "seen on the keyboard"
+    focused().send_keys(Keys.ESCAPE)
+    wait.until(lambda d: not d.find_element(By.ID, "part").is_displayed())
+    assert focused().get_attribute("data-id") == str(rid)
+    # the latest parts' row too
+    part = browser.find_element(By.CSS_SELECTOR, '#parts tbody tr[data-part="k-1"]')
+    part.send_keys(Keys.ENTER)
+    wait.until(lambda d: d.find_element(By.ID, "part").is_displayed())
+    # the review queue: a verdict given from the keyboard leaves the keys on the next card's GOOD
+    first, second = (httpx.post(url + "/v1/inspect", content=flagged, headers=AUTH,
+                                params={"feature_type": ftype, "part_id": f"k-{i}"}).json()["id"]
+                     for i in (2, 3))
+    good = wait.until(ec.presence_of_element_located(
+        (By.CSS_SELECTOR, f'#review-queue .card[data-id="{second}"] .verdict-good')))
+    browser.find_element(By.CSS_SELECTOR, f'#review-queue .card[data-id="{first}"] .verdict-bad').send_keys(
+        Keys.ENTER)
+    wait.until(lambda d: state.store.get(first).review == "BAD")
+    wait.until(lambda d: focused() == good)
+    focused().send_keys(Keys.ENTER)
+    wait.until(lambda d: state.store.get(second).review == "GOOD")
 
 
 def test_a_review_card_says_when_no_image_was_kept(detector: Any, browser: Any, samples: Samples,
@@ -955,9 +1002,7 @@ def test_a_review_card_says_when_no_image_was_kept(detector: Any, browser: Any, 
     with serving(app) as url:
         rid = httpx.post(url + "/v1/inspect", content=body, headers=AUTH,
                          params={"feature_type": ftype}).json()["id"]
-        browser.get(url + "/dashboard")
-        browser.find_element(By.ID, "token").send_keys(TOKEN)
-        browser.find_element(By.ID, "connect").click()
+        open_dashboard(browser, url)
         card = WebDriverWait(browser, 20).until(
             ec.presence_of_element_located((By.CSS_SELECTOR, f'#review-queue .card[data-id="{rid}"]')))
         assert card.find_elements(By.TAG_NAME, "img") == []
@@ -985,9 +1030,7 @@ def test_a_part_is_reviewed_on_a_phone(detector: Any, browser: Any, samples: Sam
     with serving(app) as url:
         rid = httpx.post(url + "/v1/inspect", content=body, headers=AUTH,
                          params={"feature_type": ftype, "part_id": "LOT-2026-12-06-PART-00017"}).json()["id"]
-        browser.get(url + "/dashboard")
-        browser.find_element(By.ID, "token").send_keys(TOKEN)
-        browser.find_element(By.ID, "connect").click()
+        open_dashboard(browser, url)
         wait = WebDriverWait(browser, 20)
         card = wait.until(
             ec.presence_of_element_located((By.CSS_SELECTOR, f'#review-queue .card[data-id="{rid}"]')))
@@ -1040,9 +1083,7 @@ def test_the_dashboard_dates_a_part_of_another_day(live_server: tuple[str, Any],
                      feature_type="stripes"),
         ResultRecord(created_at=now, source="t", decision="PASS", part_id="morning", feature_type="stripes")])
     browser.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": "Etc/GMT-3"})
-    browser.get(url + "/dashboard")
-    browser.find_element(By.ID, "token").send_keys(TOKEN)
-    browser.find_element(By.ID, "connect").click()
+    open_dashboard(browser, url)
     wait = WebDriverWait(browser, 20)
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, '#parts tbody tr[data-part="night"]')))
 
