@@ -56,3 +56,27 @@ def test_drawing_does_not_import_matplotlib() -> None:
             "p_value=0.5, decision='PASS'); print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_long_strips_panel_stacks_the_part_over_its_overlay() -> None:
+    """An edge crop 8 times as long as it is high (512 x 64) was drawn as part | overlay side by
+    side, enlarged to 256 px high: a 4195 x 299 panel, 14:1, which the dashboard's frames and a
+    screen show as a thin line. A strip's part is drawn above its overlay, enlarged so that the
+    two are at least 256 px high (here twice): a panel of about 4:1, the part's pixels as they are."""
+    img = np.random.default_rng(1).random((64, 512, 3)).astype(np.float32)
+    m = np.zeros((64, 512), np.float32)
+    m[20:40, 300:360] = 3.0
+    out = panel(img, m, score=2.5, p_value=0.001, decision="REJECT", feature_type="edge1", vmin=0.0, vmax=3.0)
+    h, w, _ = out.shape
+    assert w / h <= 5 and h >= 256, (w, h)
+    drawn = np.repeat(np.repeat((img * 255 + 0.5).astype(np.uint8), 2, 0), 2, 1).astype(int)
+    dh, dw = drawn.shape[:2]
+    at = [(y, x) for y in range(h - dh + 1) for x in range(w - dw + 1)
+          if np.abs(out[y, x: x + dw].astype(int) - drawn[0]).max() <= 1]
+    assert at, "the part is not drawn, twice enlarged"
+    y, x = at[0]
+    assert np.abs(out[y: y + dh, x: x + dw].astype(int) - drawn).max() <= 1
+    assert h - (y + dh) >= dh  # the overlay, under the part
+    # a square part (and one up to 3:1) keeps image | overlay side by side
+    sq = panel(img[:, :64], m[:, :64], score=1.0, p_value=0.5, decision="PASS")
+    assert sq.shape[1] > sq.shape[0]

@@ -129,28 +129,32 @@ def panel(
     alpha: float = 0.45, min_height: int = 256,
 ) -> np.ndarray:
     """``image | overlay`` side by side under a header (decision, score, p-value, type) with a
-    colour bar on the right labelled with the scale's ends -> HxWx3 uint8.
+    colour bar on the right labelled with the scale's ends -> HxWx3 uint8; an image more than 3
+    times as wide as high (an edge's strip) above its overlay instead (side by side, a 8:1 strip
+    made a 14:1 panel, a thin line on a screen).
 
-    Small images are enlarged (nearest neighbour) to ``min_height`` so the text stays readable.
+    Small images are enlarged (nearest neighbour) so that the picture is ``min_height`` high and
+    the text stays readable.
     """
     img = _rgb(image)
     over = overlay(img, anomaly_map, vmin=vmin, vmax=vmax, alpha=alpha)
     base = (img * 255 + 0.5).astype(np.uint8)
     h, w = base.shape[:2]
-    zoom = max(1, -(-min_height // h))
+    stacked = w > 3 * h
+    zoom = max(1, -(-min_height // (2 * h if stacked else h)))
     if zoom > 1:
         base = np.repeat(np.repeat(base, zoom, 0), zoom, 1)
         over = np.repeat(np.repeat(over, zoom, 0), zoom, 1)
         h, w = h * zoom, w * zoom
-    text = max(12, min(28, h // 18))
+    text = max(12, min(28, (2 * h if stacked else h) // 18))
     small_px = max(10, text * 4 // 5)
     font, small = _font(text), _font(small_px)
     gap, header, bar_w = max(4, text // 2), text * 2 + 8, max(12, text)
     label_w = int(small.getlength("-0.000e+00")) + 8
-    width = 2 * w + 3 * gap + bar_w + label_w
-    canvas = Image.new("RGB", (width, header + h + gap), _BG)
+    body_w, body_h = (w, 2 * h + gap) if stacked else (2 * w + gap, h)  # the two pictures
+    canvas = Image.new("RGB", (body_w + 2 * gap + bar_w + label_w, header + body_h + gap), _BG)
     canvas.paste(Image.fromarray(base), (gap, header))
-    canvas.paste(Image.fromarray(over), (2 * gap + w, header))
+    canvas.paste(Image.fromarray(over), (gap, header + h + gap) if stacked else (2 * gap + w, header))
     draw = ImageDraw.Draw(canvas)
     colour = DECISION_COLOURS.get(decision.upper(), _INK)
     draw.rectangle((gap, 4, gap + int(font.getlength(decision)) + 12, header - 6), fill=colour)
@@ -159,13 +163,13 @@ def panel(
     draw.text((gap + int(font.getlength(decision)) + 24, 6), info, fill=_INK, font=font)
     # colour bar: top = the scale's high end
     lo, hi = _scale(anomaly_map, vmin, vmax)
-    x0 = 3 * gap + 2 * w
-    ramp = colourise(np.linspace(1, 0, h, dtype=np.float32))
+    x0 = 2 * gap + body_w
+    ramp = colourise(np.linspace(1, 0, body_h, dtype=np.float32))
     bar = (np.repeat(ramp[:, None, :], bar_w, axis=1) * 255 + 0.5).astype(np.uint8)
     canvas.paste(Image.fromarray(bar), (x0, header))
-    draw.rectangle((x0, header, x0 + bar_w - 1, header + h - 1), outline=_INK)
+    draw.rectangle((x0, header, x0 + bar_w - 1, header + body_h - 1), outline=_INK)
     draw.text((x0 + bar_w + 4, header), _fmt(hi), fill=_INK, font=small)
-    draw.text((x0 + bar_w + 4, header + h - small_px - 2), _fmt(lo), fill=_INK, font=small)
+    draw.text((x0 + bar_w + 4, header + body_h - small_px - 2), _fmt(lo), fill=_INK, font=small)
     return np.asarray(canvas)
 
 
