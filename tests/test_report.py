@@ -503,3 +503,22 @@ def test_the_score_histograms_are_drawn_at_a_readable_size(written: dict[str, Pa
     assert scales
     for width, natural, room in scales:
         assert width >= 0.95 * min(natural, room), (width, natural, room)
+
+
+def test_a_strips_gallery_picture_stacks_the_part_over_its_overlay() -> None:
+    """The report's gallery drew a 512 x 64 edge crop beside its overlay, 514 x 32 px in a card
+    about 300 px wide: a thin line. A strip is drawn above its overlay, as the heat maps are."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    img = np.random.default_rng(2).random((64, 512, 3)).astype(np.float32)
+    amap = np.zeros((64, 512))
+    amap[20:40, 300:360] = 1.0
+    png = base64.b64decode(R.overlay_png_base64(img, amap))
+    w, h = Image.open(io.BytesIO(png)).size
+    assert w == 256 and h > 2 * 32, (w, h)
+    square = base64.b64decode(R.overlay_png_base64(img[:, :64], amap[:, :64]))
+    w, h = Image.open(io.BytesIO(square)).size
+    assert w > 2 * h - 10, (w, h)  # a square part: beside its overlay, as before

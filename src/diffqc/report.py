@@ -57,6 +57,7 @@ from diffqc import stats as S
 from diffqc.data import check_outside_datasets
 from diffqc.errors import OutputError
 from diffqc.output import check_output_folder, path_text, write_atomic
+from diffqc.visualize import is_strip
 
 SCHEMA_VERSION = 1
 OVERALL = "all types"
@@ -645,7 +646,8 @@ def overlay_png_base64(
     opacity: float = 0.5,
     max_side: int = 256,
 ) -> str:
-    """Base64 PNG of the image (H x W x 3 in [0, 1]) beside its heat-map overlay.
+    """Base64 PNG of the image (H x W x 3 in [0, 1]) beside its heat-map overlay (a strip above
+    it, :func:`diffqc.visualize.is_strip`).
 
     The image is first reduced to ``max_side`` on its long side (a camera's full frame would
     otherwise be coloured at full resolution, gigabytes for a 12-megapixel image); the map is
@@ -669,8 +671,12 @@ def overlay_png_base64(
     norm = np.clip((amap - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
     heat = colormaps["inferno"](norm)[:, :, :3]
     blend = (1.0 - opacity) * img + opacity * heat
-    gap = np.ones((img.shape[0], max(2, img.shape[1] // 40), 3))
-    both = (np.concatenate([img, gap, blend], axis=1) * 255).round().astype(np.uint8)
+    h, w = img.shape[:2]
+    if is_strip(h, w):
+        both = np.concatenate([img, np.ones((max(2, h // 8), w, 3)), blend], axis=0)
+    else:
+        both = np.concatenate([img, np.ones((h, max(2, w // 40), 3)), blend], axis=1)
+    both = (both * 255).round().astype(np.uint8)
     return base64.b64encode(_png_bytes(both)).decode("ascii")
 
 

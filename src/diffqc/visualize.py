@@ -115,6 +115,12 @@ def overlay(
     return (blended * 255 + 0.5).astype(np.uint8)
 
 
+def is_strip(height: int, width: int) -> bool:
+    """Whether an image is drawn above its overlay, not beside it: more than 3 times as wide as
+    high (an edge's crop; side by side, an 8:1 strip made a 14:1 picture, a thin line on a screen)."""
+    return width > 3 * height
+
+
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
@@ -129,9 +135,8 @@ def panel(
     alpha: float = 0.45, min_height: int = 256,
 ) -> np.ndarray:
     """``image | overlay`` side by side under a header (decision, score, p-value, type) with a
-    colour bar on the right labelled with the scale's ends -> HxWx3 uint8; an image more than 3
-    times as wide as high (an edge's strip) above its overlay instead (side by side, a 8:1 strip
-    made a 14:1 panel, a thin line on a screen).
+    colour bar on the right labelled with the scale's ends -> HxWx3 uint8; a strip
+    (:func:`is_strip`) above its overlay instead.
 
     Small images are enlarged (nearest neighbour) so that the picture is ``min_height`` high and
     the text stays readable.
@@ -140,7 +145,7 @@ def panel(
     over = overlay(img, anomaly_map, vmin=vmin, vmax=vmax, alpha=alpha)
     base = (img * 255 + 0.5).astype(np.uint8)
     h, w = base.shape[:2]
-    stacked = w > 3 * h
+    stacked = is_strip(h, w)
     zoom = max(1, -(-min_height // (2 * h if stacked else h)))
     if zoom > 1:
         base = np.repeat(np.repeat(base, zoom, 0), zoom, 1)
