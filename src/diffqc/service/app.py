@@ -97,6 +97,7 @@ from diffqc.service.security import (
     check_image_header,
     check_tls,
     kept_as_sent,
+    reachable_from_others,
     read_limited,
     tls_reloader,
     token_matches,
@@ -493,6 +494,15 @@ def dashboard_url(host: str, port: int, scheme: str = "http") -> str:
     service on every address (``0.0.0.0``, ``::``) answers on ``localhost`` too."""
     host = {"0.0.0.0": "localhost", "::": "localhost", "": "localhost"}.get(host, host)
     return f"{scheme}://{url_host(host)}:{port}/dashboard"
+
+
+def listening_line(scheme: str, host: str, port: int) -> str:
+    """The start's word of where the service listens and its dashboard is; on a loopback address
+    (the default), that no other machine reaches it (a tablet on the line found nothing there)."""
+    here = ("" if reachable_from_others(host)
+            else "only this computer reaches it: --host 0.0.0.0 serves the network too; ")
+    return (f"listening on {scheme}://{url_host(host)}:{port}, dashboard at "
+            f"{dashboard_url(host, port, scheme)} ({here}Ctrl+C to stop)")
 
 
 def resident_memory_bytes(pid: int | str = "self") -> int | None:
@@ -2072,7 +2082,7 @@ def run_server(
     process exit code.
     """
     from diffqc.service.logs import configure_logging
-    from diffqc.service.security import reachable_from_others, tokens_from_env
+    from diffqc.service.security import tokens_from_env
 
     log_level = str(opts.pop("log_level", "info"))
     log_format = str(opts.pop("log_format", "text"))
@@ -2210,6 +2220,5 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
         app.state.diffqc.tls_context = config.ssl
     server = _server(config)
     scheme = "https" if tls else "http"
-    log.info("listening on %s://%s:%d, dashboard at %s (Ctrl+C to stop)", scheme, url_host(host), port,
-             dashboard_url(host, port, scheme))
+    log.info("%s", listening_line(scheme, host, port))
     server.run(sockets=sockets)
