@@ -985,6 +985,53 @@ def test_a_part_is_opened_and_reviewed_from_the_keyboard(live_server: tuple[str,
     wait.until(lambda d: state.store.get(second).review == "GOOD")
 
 
+def test_a_verdict_not_stored_is_said_where_it_was_given(detector: Any, browser: Any, samples: Samples,
+                                                         tmp_path: Path) -> None:
+    """A reviewer on a phone taps GOOD while the service is down (restarting after an update): the
+    card stayed, and why the verdict was not stored was said in the status line only, at the top of
+    the page, far above the queue; the card looked as if the tap had been missed. The card (and
+    the part's view, alike) now says it under its buttons, until a verdict is stored."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,)), detector=detector)
+    body, ftype = samples.one("REVIEW")
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 390, "height": 844, "deviceScaleFactor": 3, "mobile": True})
+    wait = WebDriverWait(browser, 20)
+    port = bench.free_port()
+    with serving(app, port=port) as url:
+        rid = httpx.post(url + "/v1/inspect", content=body, headers=AUTH,
+                         params={"feature_type": ftype}).json()["id"]
+        open_dashboard(browser, url)
+        card = wait.until(
+            ec.presence_of_element_located((By.CSS_SELECTOR, f'#review-queue .card[data-id="{rid}"]')))
+        browser.find_element(By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"]').click()
+        wait.until(lambda d: d.find_element(By.ID, "part").is_displayed())
+
+    def said_in_view(box: Any, tap: Any) -> str:
+        browser.execute_script("arguments[0].scrollIntoView()", tap)
+        tap.click()
+        said = wait.until(lambda d: box.find_element(By.CSS_SELECTOR, ".said").text)
+        top, bottom = browser.execute_script(
+            "const r = arguments[0].getBoundingClientRect(); return [r.top, r.bottom];",
+            box.find_element(By.CSS_SELECTOR, ".said"))
+        assert top >= 0 and bottom <= 844, (top, bottom)  # in view, where the tap was
+        return str(said)
+
+    good = card.find_element(By.CSS_SELECTOR, ".verdict-good")
+    assert said_in_view(card, good).startswith("not stored: the service does not answer")
+    view = browser.find_element(By.ID, "part-verdict")
+    assert said_in_view(view, view.find_element(By.CSS_SELECTOR, '[data-verdict="BAD"]')).startswith(
+        "not stored: the service does not answer")
+    with serving(app, port=port):
+        good.click()
+        wait.until(lambda d: app.state.diffqc.store.get(rid).review == "GOOD")
+
+
 def test_a_review_card_says_when_no_image_was_kept(detector: Any, browser: Any, samples: Samples,
                                                    tmp_path: Path) -> None:
     """A service that keeps no images (`--keep-images none --heatmaps none`) showed each review
