@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -612,6 +613,49 @@ def test_watch_that_cannot_move_its_files_says_so_at_start_and_once_later(
     assert (folder / "processed" / "part-3.png").exists() and store.count() == 1
     errors = [r for r in caplog.records if r.name == "diffqc.watch" and r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "processed" in errors[0].getMessage() and errors[0].exc_info is None
+
+
+def test_watch_says_what_it_inspected_once_a_minute(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """`diffqc watch` in a terminal said "watching DIR" and then nothing for hours, parts or no
+    parts (its counts came at the stop only), so whoever started it could not tell it working from
+    stuck without `results list`. It says its first images at once, and then, once a minute in
+    which it inspected images, how many, by decision."""
+    import logging
+
+    folder, pipe, store = rig
+
+    def watched(*bodies: bytes) -> list[str]:
+        """What a running watcher says while ``bodies`` come one after another."""
+        caplog.clear()
+        stop = threading.Event()
+        watcher = _watcher(folder, pipe, store, poll_s=0.05)
+        thread = threading.Thread(target=watcher.run, args=(stop,))
+        thread.start()
+        try:
+            for body in bodies:
+                before = store.count()
+                (folder / f"part-{before}.png").write_bytes(body)
+                deadline = time.monotonic() + 30
+                while store.count() == before and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                time.sleep(0.2)  # the step after it: its word said or not
+        finally:
+            stop.set()
+            thread.join(30)
+        return [r.getMessage() for r in caplog.records if " inspected since " in r.getMessage()]
+
+    bodies = [body for body, _ in samples.all[:4]]
+    with caplog.at_level(logging.INFO, logger="diffqc.watch"):
+        said = watched(*bodies[:2])
+        first = min(store.query(limit=None), key=lambda r: r.id or 0).decision
+        assert len(said) == 1, said  # the first at once, the second within the minute: not yet
+        assert re.fullmatch(rf"1 image\(s\) inspected since \d\d:\d\d:\d\d: {first} 1", said[0]), said
+        monkeypatch.setattr(FolderWatcher, "SAY_EVERY_S", 0.0)
+        assert len(watched(*bodies[2:])) == 2
+    assert store.count() == 4
 
 
 def test_watch_once_ends_with_an_error_when_it_cannot_finish(

@@ -32,6 +32,7 @@ import re
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from diffqc.calibration import DECISIONS
 from diffqc.data import (
     IMAGE_SUFFIXES,
     MAX_NAME_LEN,
@@ -276,6 +278,8 @@ def check_feature_type(feature_type: str | None, classes: Sequence[str]) -> None
 
 class FolderWatcher:
     """Polls one folder and feeds complete image files into an :class:`InspectionPipeline`."""
+
+    SAY_EVERY_S = 60.0  # the log's word of what was inspected: the first at once, then at most this often
 
     def __init__(self, settings: WatchSettings, pipeline: InspectionPipeline, store: ResultStore) -> None:
         self.settings = settings
@@ -669,6 +673,8 @@ class FolderWatcher:
         """Poll until ``stop`` is set (or, with ``once``, until the folder holds nothing ready;
         then an outage — the folder unreadable or unwritable, the store down — is raised)."""
         stop = stop or self._stop
+        # the decisions since the last word of them: the first at once (it works), then once a minute
+        said_at, since, seen = -math.inf, time.time(), Counter[str]()
         while not stop.is_set():
             try:
                 report = self.step()
@@ -693,6 +699,12 @@ class FolderWatcher:
                     log.exception("%s; trying again every %g s", problem, self.settings.poll_s)
                 self.problem = problem
                 report = StepReport(waiting=1)
+            seen.update(r.decision for r in report.records if not r.duplicate)
+            if seen and time.monotonic() - said_at >= self.SAY_EVERY_S:
+                log.info("%d image(s) inspected since %s: %s", seen.total(),
+                         time.strftime("%H:%M:%S", time.localtime(since)),
+                         ", ".join(f"{d} {seen[d]}" for d in (*DECISIONS, NOT_INSPECTED) if seen[d]))
+                said_at, since, seen = time.monotonic(), time.time(), Counter()
             busy = report.inspected + report.already_recorded + report.failed
             if once and not busy and not report.waiting and not self._seen:
                 break
