@@ -610,6 +610,7 @@ def test_dashboard_follows_a_restarted_service(service_model: tuple[Path, Path],
     and reads the service at its address anew once one answers there."""
     import shutil
 
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -618,11 +619,12 @@ def test_dashboard_follows_a_restarted_service(service_model: tuple[Path, Path],
     served = tmp_path / "model"
     shutil.copytree(service_model[0], served)
     port = bench.free_port()
-    wait = WebDriverWait(browser, 30)
+    # the page is reloaded under the waits: an element found before it is gone after it
+    wait = WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,))
 
-    def parts_shown(d: Any) -> list[str]:
-        return [row.find_elements(By.TAG_NAME, "td")[2].text
-                for row in d.find_elements(By.CSS_SELECTOR, "#decisions tbody tr")]
+    def parts_shown(d: Any) -> list[str]:  # read at once, in the page: no row replaced midway
+        return list(d.execute_script("return [...document.querySelectorAll('#decisions tbody tr')]"
+                                     ".map((r) => r.cells[2].textContent);"))
 
     def send(url: str, part: str) -> None:
         body, ftype = samples.one("PASS")
@@ -646,8 +648,8 @@ def test_dashboard_follows_a_restarted_service(service_model: tuple[Path, Path],
         send(url, "plant-0")
         wait.until(lambda d: parts_shown(d) == ["plant-0"])
         wait.until(lambda d: d.find_element(By.ID, "model-version").text == "after-restart")
+        wait.until(lambda d: "does not answer" not in d.find_element(By.ID, "status").text)
         status = browser.find_element(By.ID, "status")
-        wait.until(lambda d: "does not answer" not in status.text)
         assert "connected" in status.text and "err" not in (status.get_attribute("class") or ""), status.text
 
 
