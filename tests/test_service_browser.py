@@ -46,6 +46,23 @@ def open_dashboard(browser: Any, url: str) -> None:
     browser.find_element(By.ID, "connect").click()
 
 
+PHONE = (390, 844)  # CSS pixels of a phone's screen, upright
+
+
+def on_a_phone(browser: Any) -> None:
+    """The browser as a phone's: its screen (:data:`PHONE`), a mobile viewport."""
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": PHONE[0], "height": PHONE[1], "deviceScaleFactor": 3, "mobile": True})
+
+
+def drawn_width(browser: Any, img: Any) -> float:
+    """How wide an image is drawn in its frame (``object-fit: contain``): the frame's width, or
+    less where its height bounds the picture."""
+    return float(browser.execute_script(
+        "const i = arguments[0], r = i.getBoundingClientRect();"
+        "return Math.min(r.width, r.height * i.naturalWidth / i.naturalHeight);", img))
+
+
 @pytest.fixture
 def live_server(detector: Any, tmp_path: Path) -> Iterator[tuple[str, Any]]:
     """The app under a real uvicorn on 127.0.0.1 (in a thread, the loaded model injected)."""
@@ -915,9 +932,7 @@ def test_the_dashboard_fits_a_line_pcs_screen(live_server: tuple[str, Any], brow
     browser.find_element(By.CSS_SELECTOR, "#decisions tbody tr").click()
     heat = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#part img.heatmap")))
     wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", heat) > 0)
-    drawn = browser.execute_script(
-        "const i = arguments[0], r = i.getBoundingClientRect();"
-        "return Math.min(r.width, r.height * i.naturalWidth / i.naturalHeight);", heat)
+    drawn = drawn_width(browser, heat)
     assert drawn >= 480, drawn
 
 
@@ -1001,8 +1016,7 @@ def test_a_verdict_not_stored_is_said_where_it_was_given(detector: Any, browser:
 
     app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,)), detector=detector)
     body, ftype = samples.one("REVIEW")
-    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                            {"width": 390, "height": 844, "deviceScaleFactor": 3, "mobile": True})
+    on_a_phone(browser)
     wait = WebDriverWait(browser, 20)
     port = bench.free_port()
     with serving(app, port=port) as url:
@@ -1021,7 +1035,7 @@ def test_a_verdict_not_stored_is_said_where_it_was_given(detector: Any, browser:
         top, bottom = browser.execute_script(
             "const r = arguments[0].getBoundingClientRect(); return [r.top, r.bottom];",
             box.find_element(By.CSS_SELECTOR, ".said"))
-        assert top >= 0 and bottom <= 844, (top, bottom)  # in view, where the tap was
+        assert top >= 0 and bottom <= PHONE[1], (top, bottom)  # in view, where the tap was
         return str(said)
 
     good = card.find_element(By.CSS_SELECTOR, ".verdict-good")
@@ -1074,8 +1088,7 @@ def test_a_part_is_reviewed_on_a_phone(detector: Any, browser: Any, samples: Sam
                                      data_dir=str(tmp_path / "art"), keep_images="all", heatmaps="all"),
                      detector=detector)
     body, ftype = samples.one("REVIEW")
-    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                            {"width": 390, "height": 844, "deviceScaleFactor": 3, "mobile": True})
+    on_a_phone(browser)
     with serving(app) as url:
         rid = httpx.post(url + "/v1/inspect", content=body, headers=AUTH,
                          params={"feature_type": ftype, "part_id": "LOT-2026-12-06-PART-00017"}).json()["id"]
@@ -1086,7 +1099,7 @@ def test_a_part_is_reviewed_on_a_phone(detector: Any, browser: Any, samples: Sam
         for img in card.find_elements(By.TAG_NAME, "img"):
             wait.until(lambda d, img=img: d.execute_script("return arguments[0].naturalWidth", img) > 0)
         width = browser.execute_script("return document.documentElement.clientWidth")
-        assert width == 390, width
+        assert width == PHONE[0], width
 
         def right(element: Any) -> float:
             return float(browser.execute_script("return arguments[0].getBoundingClientRect().right", element))
@@ -1098,10 +1111,7 @@ def test_a_part_is_reviewed_on_a_phone(detector: Any, browser: Any, samples: Sam
             assert 0 < right(shown) <= width, (what, right(shown), width)
         # the heat-map panel (the part and its overlay side by side) drawn as wide as it may be:
         # its overlay half was 85 px of the screen's 390 in a square frame
-        drawn = browser.execute_script(
-            "const i = arguments[0], r = i.getBoundingClientRect();"
-            "return Math.min(r.width, r.height * i.naturalWidth / i.naturalHeight);",
-            card.find_element(By.CSS_SELECTOR, "img.heatmap"))
+        drawn = drawn_width(browser, card.find_element(By.CSS_SELECTOR, "img.heatmap"))
         assert drawn > 0.5 * width, (drawn, width)
         card.find_element(By.CSS_SELECTOR, "input.defect").send_keys("smear")
         card.find_element(By.CSS_SELECTOR, ".verdict-bad").click()
