@@ -1125,6 +1125,46 @@ def test_a_part_is_reviewed_on_a_phone(detector: Any, browser: Any, samples: Sam
             assert 0 < right(shown) <= width, (what, right(shown), width)
 
 
+def test_a_phone_shows_the_decisions_under_a_short_header(detector: Any, browser: Any, samples: Samples,
+                                                         tmp_path: Path) -> None:
+    """On a phone the header (title, model, queue, reviewer, and the token's form, kept after a
+    token was taken) was 201 of the screen's 844 pixels, and the live decisions scrolled sideways
+    to their score and review. Once connected the form goes (a refused token brings it back) and
+    the decisions fit the screen's width."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,)), detector=detector)
+    body, ftype = samples.one("REVIEW")
+    on_a_phone(browser)
+    browser.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": "America/Argentina/Buenos_Aires"})
+    wait = WebDriverWait(browser, 20)
+    with serving(app) as url:
+        rid = httpx.post(url + "/v1/inspect", content=body, headers=AUTH,
+                         params={"feature_type": ftype, "part_id": "LOT-2026-12-06-PART-00017"}).json()["id"]
+        browser.get(url + "/dashboard")
+        form = browser.find_element(By.ID, "token-form")
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "enter the API token"))
+        assert form.is_displayed()  # asked for
+        browser.find_element(By.ID, "token").send_keys("not-the-token")
+        browser.find_element(By.ID, "connect").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "token refused"))
+        assert form.is_displayed()  # asked for again
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "connect").click()
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"]')))
+        assert not form.is_displayed()
+        header = browser.execute_script(
+            "return document.querySelector('header').getBoundingClientRect().height")
+        assert header <= 0.15 * PHONE[1], header
+        wide, room = browser.execute_script(
+            "const w = document.getElementById('decisions-wrap'); return [w.scrollWidth, w.clientWidth];")
+        assert wide <= room, (wide, room)
+
+
 def test_the_dashboard_dates_a_part_of_another_day(live_server: tuple[str, Any], browser: Any) -> None:
     """Opened in the morning, the live decisions and latest parts showed last night's parts with
     their time of day only, as if they were this morning's (the date was in a tooltip, which a
