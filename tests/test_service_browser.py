@@ -1002,6 +1002,58 @@ def test_a_part_is_opened_and_reviewed_from_the_keyboard(live_server: tuple[str,
     wait.until(lambda d: state.store.get(second).review == "GOOD")
 
 
+def test_a_reviewer_gives_verdicts_with_one_key(live_server: tuple[str, Any], browser: Any,
+                                                samples: Samples) -> None:
+    """A reviewer at a line PC working down the queue from the keyboard pressed Tab to a card's
+    GOOD or BAD and Enter for each part. G and B give the verdict of the card or part's view the
+    keys are in (not while typing a note or a defect kind)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, state = live_server
+    flagged, ftype = samples.one("REVIEW")
+    first, second, third = (httpx.post(url + "/v1/inspect", content=flagged, headers=AUTH,
+                                       params={"feature_type": ftype, "part_id": f"g-{i}"}).json()["id"]
+                            for i in (1, 2, 3))
+    open_dashboard(browser, url)
+    wait = WebDriverWait(browser, 20)
+    for rid in (first, second, third):
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, f'#review-queue .card[data-id="{rid}"]')))
+
+    def focused() -> Any:
+        return browser.switch_to.active_element
+
+    card = browser.find_element(By.CSS_SELECTOR, f'#review-queue .card[data-id="{first}"]')
+    card.find_element(By.CSS_SELECTOR, "input.defect").send_keys("bubble")  # typed: no verdict
+    assert state.store.get(first).review is None
+    card.find_element(By.CSS_SELECTOR, "input.defect").send_keys(Keys.SHIFT, Keys.TAB)  # back to BAD
+    focused().send_keys("b")
+    wait.until(lambda d: state.store.get(first).review == "BAD")
+    assert state.store.get(first).review_defect == "bubble"
+    wait.until(lambda d: focused().get_attribute("class") == "verdict-good")  # the next card's
+    focused().send_keys("g")
+    reviewed = wait.until(lambda d: next((r for r in (second, third) if state.store.get(r).review), None))
+    assert state.store.get(reviewed).review == "GOOD"
+    # the part's view, opened from its row with Enter: the note takes a g as a letter, the view a verdict
+    other = third if reviewed == second else second
+    row = browser.find_element(By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{other}"]')
+    browser.execute_script("arguments[0].focus()", row)
+    row.send_keys(Keys.ENTER)
+    wait.until(lambda d: d.find_element(By.ID, "part").get_attribute("data-id") == str(other))
+    assert focused().get_attribute("id") == "part"  # the view took the keys
+    focused().send_keys("b")
+    wait.until(lambda d: state.store.get(other).review == "BAD")
+    browser.find_element(By.ID, "part-note").send_keys("glare, not a defect")  # changed, with a note
+    assert state.store.get(other).review == "BAD"
+    browser.find_element(By.ID, "part-note").send_keys(Keys.TAB, Keys.TAB)  # past the defect kind
+    assert focused().get_attribute("data-verdict") == "GOOD"
+    focused().send_keys("g")
+    wait.until(lambda d: state.store.get(other).review == "GOOD")
+    assert state.store.get(other).review_note == "glare, not a defect"
+
+
 def test_a_verdict_not_stored_is_said_where_it_was_given(detector: Any, browser: Any, samples: Samples,
                                                          tmp_path: Path) -> None:
     """A reviewer on a phone taps GOOD while the service is down (restarting after an update): the
