@@ -571,6 +571,7 @@ async def test_a_repeated_image_is_recorded_and_named(
     Idempotency-Key is the same part, and is not."""
     body, ftype = samples.one("PASS")
     async with running_app(detector, tmp_path) as (client, state):
+        state.pipeline.SAY_REPEATS_EVERY_S = 0.0  # each repeat named, as a minute apart
         headers = {**AUTH, "Idempotency-Key": "cam1-000018"}
         with caplog.at_level("WARNING", logger="diffqc.service"):
             for part, h in (("p1", headers), ("p1", headers), ("p2", AUTH)):
@@ -586,6 +587,33 @@ async def test_a_repeated_image_is_recorded_and_named(
             r = await client.post("/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype})
             assert r.status_code == 200
         assert "a part without id (record 3) is the same image as part p2 (record 2)" in caplog.text
+
+
+async def test_a_camera_stuck_on_one_frame_is_named_once_a_minute(
+    detector: Any, samples: Samples, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A camera stuck on its last frame sends it for every part, at the line's rate: a warning a
+    part (30 a second on a fast line) buried the log. The first repeat is named, the next ones
+    within a minute counted (in /metrics at once) and said with the next line."""
+    body, ftype = samples.one("PASS")
+    async with running_app(detector, tmp_path) as (client, state):
+        with caplog.at_level("WARNING", logger="diffqc.service"):
+            for i in range(6):
+                r = await client.post("/v1/inspect", content=body, headers=AUTH,
+                                      params={"feature_type": ftype, "part_id": f"p{i}"})
+                assert r.status_code == 200
+        said = [m for m in caplog.messages if "is the same image" in m]
+        assert said == ["part p1 (record 2) is the same image as part p0 (record 1), from http: is the "
+                        "camera repeating its last frame?"], said
+        assert "diffqc_repeated_images_total 5" in (await client.get("/metrics", headers=AUTH)).text
+        state.pipeline.SAY_REPEATS_EVERY_S = 0.0  # a minute on: the next repeat says those between
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="diffqc.service"):
+            await client.post("/v1/inspect", content=body, headers=AUTH,
+                              params={"feature_type": ftype, "part_id": "p6"})
+        assert [m for m in caplog.messages if "is the same image" in m] == [
+            "part p6 (record 7) is the same image as part p5 (record 6), from http: is the camera repeating "
+            "its last frame? (4 more parts' images were repeats since the last such line)"], caplog.messages
 
 
 async def test_parts_unlike_their_training_images_are_shown_in_line_and_metrics(

@@ -859,6 +859,7 @@ def test_watch_reused_name_with_the_same_content_is_a_new_part_and_named(
     so a part went by with no record. Each file that arrives is recorded, and a repeated image
     is named in the log; a file stored before a crash (the same file, unmoved) is still not."""
     folder, pipe, store = rig
+    pipe.SAY_REPEATS_EVERY_S = 0.0  # each repeat named, as a minute apart
     w = _watcher(folder, pipe, store)
     (folder / "img.png").write_bytes(samples.all[0][0])
     submit = pipe.submit_many

@@ -287,6 +287,8 @@ class InspectionPipeline:
     (None or 0: its own size).
     """
 
+    SAY_REPEATS_EVERY_S = 60.0  # a repeated image named in the log at most this often
+
     def __init__(
         self,
         detector: DetectorLike,
@@ -351,6 +353,8 @@ class InspectionPipeline:
                                  for what in ("heat map", "kept image")}
         self.repeated_images_total = 0  # parts whose image repeated a recent one byte for byte
         self._recent: dict[str, ResultRecord] = {}  # digest -> the last part with that image
+        self._repeat_said_at = float("-inf")  # when a repeated image was last named in the log
+        self._repeats_unsaid = 0  # those repeated since, counted, not named
         self._turned_at = time.monotonic()  # the worker's last time round its loop
         self._next_model: tuple[Any, str, dict[str, tuple[float, float]]] | None = None
         self._model_lock = threading.Lock()
@@ -537,17 +541,27 @@ class InspectionPipeline:
             _settle(job.future, rec)
 
     def _name_repeats(self, jobs: Sequence[Job], stored: Sequence[ResultRecord]) -> None:
-        """Log each new part whose image file is byte for byte one of the last parts': two parts
+        """Log a new part whose image file is byte for byte one of the last parts': two parts
         never give the same bytes, so a camera is sending a stale frame (its buffer not
-        refreshed). The part is recorded as any other; ``repeated_images_total`` counts them."""
+        refreshed). The part is recorded as any other; ``repeated_images_total`` counts them.
+        Named at most once per :attr:`SAY_REPEATS_EVERY_S` (a camera stuck on one frame repeats
+        it for every part), the next line saying how many went unnamed."""
         for job, rec in zip(jobs, stored, strict=True):
             if job.digest is None or rec.duplicate:  # a client's retry is the same part
                 continue
             if (earlier := self._recent.pop(job.digest, None)) is not None:
                 self.repeated_images_total += 1
-                log.warning("%s (record %s) is the same image as %s (record %s), from %s: is the "
-                            "camera repeating its last frame?", _part_name(rec), rec.id,
-                            _part_name(earlier), earlier.id, rec.source)
+                now = time.monotonic()
+                if now - self._repeat_said_at < self.SAY_REPEATS_EVERY_S:
+                    self._repeats_unsaid += 1
+                else:
+                    more = self._repeats_unsaid
+                    log.warning("%s (record %s) is the same image as %s (record %s), from %s: is the "
+                                "camera repeating its last frame?%s", _part_name(rec), rec.id,
+                                _part_name(earlier), earlier.id, rec.source,
+                                f" ({more} more parts' images were repeats since the last such line)"
+                                if more else "")
+                    self._repeat_said_at, self._repeats_unsaid = now, 0
             self._recent[job.digest] = rec
             if len(self._recent) > RECENT_PARTS:
                 del self._recent[next(iter(self._recent))]
