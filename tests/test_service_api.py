@@ -1264,3 +1264,60 @@ async def test_a_part_whose_alpha_is_padding_is_kept_as_it_was_read(detector: An
         kept = await client.get(r.json()["image_url"], headers=AUTH)
     assert Image.open(io.BytesIO(kept.content)).mode == "RGB"
     assert np.array_equal(decode_image(kept.content), decode_image(sent))
+
+
+async def test_the_api_is_described_for_client_generators(tmp_path: Path) -> None:
+    """An MES integrator used to FastAPI asks the service for /openapi.json (to generate a client,
+    or import it in Postman) and /docs: both were switched off (404). The description lists every
+    /v1/ route docs/API.md describes, with the bodies the upload routes read by hand, the bearer
+    token, and the error body the service answers with; no token is needed to read it."""
+    import httpx
+
+    from diffqc.service.app import ServiceSettings, create_app
+    from tests.test_api_doc import DOC, doc_headings
+
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "x.db"), tokens=(TOKEN,)), detector=None)
+    # the lifespan (the model's load) is not needed to describe it
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+    r = await client.get("/openapi.json")
+    assert r.status_code == 200, r.text
+    schema = r.json()
+    described = {(m.upper(), p) for p, ops in schema["paths"].items() for m in ops}
+    documented = {(m, p) for m, p in doc_headings(DOC.read_text(encoding="utf-8")) if p.startswith("/v1/")}
+    assert described == documented
+    inspect = schema["paths"]["/v1/inspect"]["post"]
+    assert set(inspect["requestBody"]["content"]) == {"image/*", "application/octet-stream",
+                                                      "multipart/form-data", "application/json"}
+    form = inspect["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert form["image"] == {"type": "string", "format": "binary"}
+    params = {(p["in"], p["name"]) for p in inspect["parameters"]}
+    assert {("query", "feature_type"), ("query", "part_id"), ("query", "line"), ("query", "station"),
+            ("query", "camera"), ("header", "Idempotency-Key")} <= params
+    batch = schema["paths"]["/v1/inspect/batch"]["post"]["requestBody"]["content"]
+    assert set(batch) == {"multipart/form-data", "application/json"}
+    assert batch["multipart/form-data"]["schema"]["properties"]["image"]["type"] == "array"
+    assert schema["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+    assert schema["security"] == [{"bearer": []}]
+    assert schema["servers"] == [{"url": "."}]  # where it was read from: a proxy's path kept
+    # the error body is the service's ({"detail", "code"}), not FastAPI's validation list
+    refused = await client.get("/v1/results", params={"limit": "many"}, headers=AUTH)
+    assert refused.status_code == 422 and set(refused.json()) == {"detail", "code"}
+    error = schema["paths"]["/v1/results"]["get"]["responses"]["422"]["content"]["application/json"]["schema"]
+    assert schema["components"]["schemas"][error["$ref"].rsplit("/", 1)[-1]]["required"] == ["detail", "code"]
+    assert "HTTPValidationError" not in json.dumps(schema)
+    assert ":func:" not in json.dumps(schema)  # docstrings as Markdown
+    # the page's script from this service (a factory network reaches no CDN); nothing else served
+    page = await client.get("/docs")
+    assert page.status_code == 200 and 'src="docs/swagger-ui-bundle.js"' in page.text
+    assert "https://" not in page.text
+    script = await client.get("/docs/swagger-ui-bundle.js")
+    assert script.status_code == 200 and "SwaggerUIBundle" in script.text
+    assert (await client.get("/docs/..%2Fstore.py")).status_code == 404
+    # a service without a token, behind a proxy's path
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "y.db"), allow_no_token=True, root_path="/qc"),
+                     detector=None)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as other:
+        schema = (await other.get("/openapi.json")).json()
+    assert "security" not in schema and "securitySchemes" not in schema["components"]
+    assert "401" not in schema["paths"]["/v1/model"]["get"]["responses"]
+    assert schema["servers"] == [{"url": "/qc"}]

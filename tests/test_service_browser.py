@@ -498,6 +498,9 @@ def test_dashboard_works_behind_a_proxy_that_serves_it_under_a_path(
         severe = [e for e in browser.get_log("browser")  # the first call, before the token: 401
                   if e.get("level") == "SEVERE" and "401" not in e.get("message", "")]
         assert severe == []
+        # the API's page too: its files, and the calls it tries, under /qc/
+        op = try_out(browser, proxy + "/qc/docs", "model_v1_model_get")
+        assert executed(browser, op) == (200, proxy + "/qc/v1/model")
 
 
 def test_dashboard_says_when_a_disk_is_nearly_full(detector: Any, browser: Any, tmp_path: Path) -> None:
@@ -1052,6 +1055,57 @@ def test_a_reviewer_gives_verdicts_with_one_key(live_server: tuple[str, Any], br
     focused().send_keys("g")
     wait.until(lambda d: state.store.get(other).review == "GOOD")
     assert state.store.get(other).review_note == "glare, not a defect"
+
+
+def try_out(browser: Any, page: str, operation: str) -> Any:
+    """The API's page (Swagger UI) at ``page``, the token given ("Authorize"), one operation
+    (its operationId) opened for "Try it out": its element."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(page)
+    wait = WebDriverWait(browser, 20)
+    op = wait.until(ec.presence_of_element_located((By.ID, "operations-default-" + operation)))
+    browser.find_element(By.CSS_SELECTOR, "button.authorize").click()
+    wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, ".modal-ux input"))).send_keys(TOKEN)
+    browser.find_element(By.CSS_SELECTOR, ".modal-ux button.authorize").click()
+    browser.find_element(By.CSS_SELECTOR, ".modal-ux .close-modal").click()
+    op.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    wait.until(lambda d: op.find_element(By.CSS_SELECTOR, ".try-out__btn")).click()
+    return op
+
+
+def executed(browser: Any, op: Any) -> tuple[int, str]:
+    """An operation of the API's page sent ("Execute"): the status it answered, the URL it asked."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    op.find_element(By.CSS_SELECTOR, ".execute").click()
+    status = WebDriverWait(browser, 20).until(lambda d: [e.text for e in op.find_elements(
+        By.CSS_SELECTOR, ".live-responses-table .response-col_status")][1:])
+    return int(status[0]), str(op.find_element(By.CSS_SELECTOR, ".request-url pre").text)
+
+
+def test_the_api_page_inspects_a_part_offline(live_server: tuple[str, Any], browser: Any, samples: Samples,
+                                              tmp_path: Path) -> None:
+    """An integrator opens /docs (Swagger UI, as FastAPI serves it), gives the token and sends a
+    part from the page: its script and style sheet come from the service itself (a factory
+    network reaches no CDN), and the part is inspected and stored."""
+    from selenium.webdriver.common.by import By
+
+    url, state = live_server
+    body, ftype = samples.one("PASS")
+    part = tmp_path / "part.png"
+    part.write_bytes(body)
+    op = try_out(browser, url + "/docs", "inspect_v1_inspect_post")
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map((e) => e.name)")
+    assert loaded and all(u.startswith(url + "/") for u in loaded), loaded
+    op.find_element(By.CSS_SELECTOR, 'input[placeholder="feature_type"]').send_keys(ftype)
+    op.find_element(By.CSS_SELECTOR, 'input[type="file"]').send_keys(str(part))  # the raw body
+    assert executed(browser, op) == (200, url + f"/v1/inspect?feature_type={ftype}")
+    (stored,) = state.store.query(limit=None)
+    assert (stored.feature_type, stored.source) == (ftype, "http") and stored.decision == "PASS"
 
 
 def test_a_verdict_not_stored_is_said_where_it_was_given(detector: Any, browser: Any, samples: Samples,

@@ -76,6 +76,7 @@ from diffqc.service.buffer import (
     OverflowPolicy,
 )
 from diffqc.service.line import LineServices
+from diffqc.service.openapi import api_page, api_schema, asset_path, upload_extra
 from diffqc.service.parts import (
     PART_WINDOW_S,
     check_part_types,
@@ -1453,6 +1454,24 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             },
         )
 
+    # ---------------------------------------------------------------- the API's description
+    # no token: they hold no data (the routes they describe ask for it)
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_json(request: Request) -> JSONResponse:
+        root = request.scope.get("root_path", "") or settings.root_path
+        return JSONResponse(api_schema(app, token=bool(settings.tokens), root_path=root))
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs_page() -> HTMLResponse:
+        return api_page()
+
+    @app.get("/docs/{asset}", include_in_schema=False)
+    async def docs_asset(asset: str) -> FileResponse:
+        path = asset_path(asset)
+        if path is None:
+            raise ServiceError(404, "no_such_route", f"the API page has no file {asset!r}")
+        return FileResponse(path, headers={"Cache-Control": "public, max-age=86400"})
+
     # ---------------------------------------------------------------- metrics
     @api.get("/metrics", include_in_schema=False)
     async def metrics() -> PlainTextResponse:
@@ -1483,7 +1502,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         return {"sink": name, "requeued": await run_in_threadpool(outbox.requeue_dead, name)}
 
     # ---------------------------------------------------------------- inspect
-    @api.post("/v1/inspect")
+    @api.post("/v1/inspect", openapi_extra=upload_extra(LINE_FIELDS, batch=False))
     async def inspect(
         request: Request,
         feature_type: str | None = Query(default=None, max_length=MAX_ID_LEN),
@@ -1535,7 +1554,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             lambda: build_job(data, ftype, part, settings, **kw), limiter=decode_limiter
         )
 
-    @api.post("/v1/inspect/batch")
+    @api.post("/v1/inspect/batch", openapi_extra=upload_extra(LINE_FIELDS, batch=True))
     async def inspect_batch(
         request: Request,
         feature_type: str | None = Query(default=None, max_length=MAX_ID_LEN),

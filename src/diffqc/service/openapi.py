@@ -1,0 +1,132 @@
+"""The service's OpenAPI description (``GET /openapi.json``) and its Swagger UI page (``GET /docs``).
+
+FastAPI derives the paths and query parameters from the routes; what it cannot see is added
+here: the bodies that ``/v1/inspect`` and ``/v1/inspect/batch`` read by hand (raw image bytes,
+multipart, JSON with base64), the line's query values and the ``Idempotency-Key`` header they
+read by hand, the bearer token, and the error body every route answers with
+(``{"detail", "code"}``, not FastAPI's validation list). docs/API.md stays the reference; the
+description is what a client generator or Swagger UI reads.
+
+Swagger UI's script and style sheet are served from the installed ``fastapi-offline`` package
+(Swagger UI 5, Apache-2.0): FastAPI's own page loads them from a CDN, which a factory network
+usually cannot reach.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse
+
+# the page's script and style sheet, by the names /docs/{asset} serves them under
+ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css")
+PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+               "script-src 'self' 'unsafe-inline'")
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_TEXT = {"type": "string", "minLength": 1, "maxLength": 200}
+_IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": _TEXT,
+                "description": "makes a retry safe: the same key answers the record stored for it "
+                               "(docs/API.md, Idempotency)"}
+_BINARY = {"type": "string", "format": "binary"}
+
+
+def upload_extra(line_fields: Sequence[str], *, batch: bool) -> dict[str, Any]:
+    """What FastAPI cannot see of an upload route (``openapi_extra``): its body, read by hand
+    (raw image bytes, multipart, JSON with base64; a batch's fields repeated or lists), and the
+    query values and header it reads by hand."""
+    line = {name: {"type": "string"} for name in line_fields}
+    parameters = [*({"name": name, "in": "query", "required": False, "schema": _TEXT,
+                     "description": f"where the part was seen: its {name} (stored on the record)"}
+                    for name in line_fields), _IDEMPOTENCY]
+    if batch:
+        form = {"image": {"type": "array", "items": _BINARY},
+                "feature_type": {"type": "array", "items": {"type": "string"}},
+                "part_id": {"type": "array", "items": {"type": "string"}}, **line}
+        listed = {"image": {"type": "array", "items": {"type": "string"},
+                            "description": "base64 or data URLs"},
+                  "feature_type": {"type": ["string", "array"], "items": {"type": "string"}},
+                  "part_id": {"type": ["string", "integer", "array"]}, **line}
+        content: dict[str, Any] = {}
+        description = ("1 to 32 images: repeated multipart file fields `image` (a `part_id` and "
+                       "`feature_type` each, or one for all), or JSON with the same fields as lists")
+    else:
+        form = {"image": _BINARY, "feature_type": {"type": "string"}, "part_id": {"type": "string"}, **line}
+        listed = {"image": {"type": "string", "description": "base64, or a data URL"},
+                  "feature_type": {"type": "string"}, "part_id": {"type": ["string", "integer"]}, **line}
+        content = {"image/*": {"schema": _BINARY}, "application/octet-stream": {"schema": _BINARY}}
+        description = ("the image file (PNG, JPEG, BMP, TIFF, WebP, ...) as the raw body, as a "
+                       "multipart file field `image`, or as base64 in JSON")
+    content["multipart/form-data"] = {"schema": {"type": "object", "required": ["image"], "properties": form}}
+    content["application/json"] = {"schema": {"type": "object", "required": ["image"],
+                                              "additionalProperties": False, "properties": listed}}
+    return {"parameters": parameters,
+            "requestBody": {"required": True, "description": description, "content": content}}
+
+
+_RST = re.compile(r":[a-z]+:`~?([^`]+)`")  # :func:`diffqc.service.parts.x` -> `x`
+
+
+def _markdown(text: str) -> str:
+    """A route's docstring as Swagger UI's Markdown: ``code`` as `code`, roles as their names."""
+    return _RST.sub(lambda m: "`" + m.group(1).rsplit(".", 1)[-1] + "`", text).replace("``", "`")
+
+
+def api_schema(app: FastAPI, *, token: bool, root_path: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 description of ``app``'s routes in its schema. ``token``: the service asks
+    for one (a bearer token on every route); ``root_path``: the path a proxy serves it under."""
+    if app.openapi_schema is None:  # the routes do not change once built
+        app.openapi_schema = get_openapi(
+            title=app.title, version=app.version, routes=app.routes,
+            description="diffqc's inspection service. The reference, with every error code: "
+                        "docs/API.md.")
+    schema = copy.deepcopy(app.openapi_schema)
+    components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):  # not what the service answers
+        schemas.pop(name, None)
+    schemas["Error"] = {"type": "object", "required": ["detail", "code"], "properties": {
+        "detail": {"type": "string", "description": "what was wrong, for a person"},
+        "code": {"type": "string", "description": "what was wrong, for a program (docs/API.md)"}}}
+    for operations in schema.get("paths", {}).values():
+        for op in operations.values():
+            if "description" in op:
+                op["description"] = _markdown(op["description"])
+            responses = op.setdefault("responses", {})
+            if token:
+                responses["401"] = {"description": "no API token, or a wrong one",
+                                    "content": {"application/json": {"schema": _ERROR}}}
+            responses["422"] = {"description": "a value the route does not take (the code names it)",
+                                "content": {"application/json": {"schema": _ERROR}}}
+    if token:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"bearer": []}]
+    schema["servers"] = [{"url": root_path or "."}]
+    return schema
+
+
+def api_page() -> HTMLResponse:
+    """Swagger UI on the description, its script and style sheet from this service; every URL
+    relative to the page, so a proxy that serves the service under a path serves the page too."""
+    page = get_swagger_ui_html(
+        openapi_url="openapi.json", title="diffqc inspection service – API",
+        swagger_js_url="docs/swagger-ui-bundle.js", swagger_css_url="docs/swagger-ui.css",
+        swagger_favicon_url="data:,")
+    page.headers["Content-Security-Policy"] = PAGE_POLICY
+    page.headers["X-Content-Type-Options"] = "nosniff"
+    return page
+
+
+def asset_path(name: str) -> Path | None:
+    """The file of one of the page's assets (:data:`ASSETS`), or None for any other name."""
+    if name not in ASSETS:
+        return None
+    return Path(str(resources.files("fastapi_offline") / "static" / name))
