@@ -1321,3 +1321,79 @@ async def test_the_api_is_described_for_client_generators(tmp_path: Path) -> Non
     assert "security" not in schema and "securitySchemes" not in schema["components"]
     assert "401" not in schema["paths"]["/v1/model"]["get"]["responses"]
     assert schema["servers"] == [{"url": "/qc"}]
+
+
+def _conforms(value: Any, schema: dict[str, Any], components: dict[str, Any], at: str = "$") -> list[str]:
+    """Where ``value`` breaks the JSON Schema ``schema`` (the keywords the description uses)."""
+    if "$ref" in schema:
+        return _conforms(value, components[schema["$ref"].rsplit("/", 1)[-1]], components, at)
+    if "allOf" in schema:
+        return [e for part in schema["allOf"] for e in _conforms(value, part, components, at)]
+    if "anyOf" in schema:
+        tries = [_conforms(value, part, components, at) for part in schema["anyOf"]]
+        return [] if any(not t for t in tries) else [f"{at}: none of anyOf: {tries}"]
+    kinds = {"string": str, "number": (int, float), "integer": int, "boolean": bool, "null": type(None),
+             "object": dict, "array": list}
+    wanted = schema.get("type")
+    if wanted is not None:
+        names = wanted if isinstance(wanted, list) else [wanted]
+        ok = any(isinstance(value, kinds[n]) and not (n in ("number", "integer") and isinstance(value, bool))
+                 for n in names)
+        if not ok:
+            return [f"{at}: {value!r} is not {wanted}"]
+    if "enum" in schema and value not in schema["enum"]:
+        return [f"{at}: {value!r} not in {schema['enum']}"]
+    errors = []
+    if isinstance(value, dict):
+        errors += [f"{at}: lacks {k}" for k in schema.get("required", []) if k not in value]
+        for k, v in value.items():
+            sub = schema.get("properties", {}).get(k)
+            if sub is None and isinstance(schema.get("additionalProperties"), dict):
+                sub = schema["additionalProperties"]
+            if sub is not None:
+                errors += _conforms(v, sub, components, f"{at}.{k}")
+    if isinstance(value, list) and "items" in schema:
+        for i, v in enumerate(value):
+            errors += _conforms(v, schema["items"], components, f"{at}[{i}]")
+    return errors
+
+
+async def test_the_described_answers_are_the_services(detector: Any, samples: Samples,
+                                                      tmp_path: Path) -> None:
+    """The description's record (typed from the store's record, as a client generator reads it)
+    is what the routes answer, field for field, and what docs/API.md's table lists."""
+    import re as regex
+
+    from tests.test_api_doc import DOC
+
+    flagged, ftype = samples.one("REVIEW")
+    async with running_app(detector, tmp_path, keep_images="all") as (client, _):
+        schema = (await client.get("/openapi.json")).json()
+        components = schema["components"]["schemas"]
+
+        def answer_of(path: str, method: str) -> dict[str, Any]:
+            return schema["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]
+
+        one = await client.post("/v1/inspect", content=flagged, headers=AUTH,
+                                params={"feature_type": ftype, "part_id": "d-1", "line": "L1"})
+        rid = one.json()["id"]
+        batch = await client.post("/v1/inspect/batch", headers=AUTH, data={"feature_type": ftype},
+                                  files=[("image", ("a.png", flagged, "image/png"))])
+        review = await client.post(f"/v1/review/{rid}", headers=AUTH,
+                                   json={"verdict": "BAD", "reviewer": "ann", "defect": "smear"})
+        answers = [(one, "/v1/inspect", "post"), (batch, "/v1/inspect/batch", "post"),
+                   (review, "/v1/review/{record_id}", "post"),
+                   (await client.get(f"/v1/results/{rid}", headers=AUTH), "/v1/results/{record_id}", "get"),
+                   (await client.get("/v1/results", headers=AUTH), "/v1/results", "get"),
+                   (await client.get("/v1/review", headers=AUTH), "/v1/review", "get")]
+        for r, path, method in answers:
+            assert r.status_code == 200, (path, r.text)
+            assert _conforms(r.json(), answer_of(path, method), components) == [], path
+        record = components["Record"]["properties"]
+        assert set(record) == set(review.json())  # no field the answer lacks, none it has undescribed
+        wrong = {**review.json(), "decision": "MAYBE"}
+        assert _conforms(wrong, components["Record"], components)  # the check finds a wrong value
+    section = DOC.read_text(encoding="utf-8").split("## The result record", 1)[1].split("\n## ", 1)[0]
+    documented = {name for row in section.splitlines() if row.startswith("| `")
+                  for name in regex.findall(r"`([a-z_]+)`", row.split("|")[1])}
+    assert documented == set(record)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import re
+import typing
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -25,6 +26,9 @@ from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
+from pydantic import TypeAdapter
+
+from diffqc.service.store import DECISIONS, JSON_FIELDS, ResultRecord
 
 # the page's script and style sheet, by the names /docs/{asset} serves them under
 ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css")
@@ -72,6 +76,56 @@ def upload_extra(line_fields: Sequence[str], *, batch: bool) -> dict[str, Any]:
             "requestBody": {"required": True, "description": description, "content": content}}
 
 
+def _nullable(kind: str) -> dict[str, Any]:
+    return {"type": [kind, "null"]}
+
+
+def record_schema() -> dict[str, Any]:
+    """The result record as the API answers it (``app.record_json``): the stored fields
+    (:data:`~diffqc.service.store.JSON_FIELDS`, typed as :class:`ResultRecord` types them), its
+    times also in ISO 8601, its pictures as URLs, and whether it was mis-routed."""
+    hints = typing.get_type_hints(ResultRecord)
+    props = {name: TypeAdapter(hints[name]).json_schema() for name in JSON_FIELDS}
+    props["id"] = {"type": "integer"}  # None only until stored
+    props["decision"] = {"type": "string", "enum": list(DECISIONS)}
+    props["review"] = {"type": ["string", "null"], "enum": ["GOOD", "BAD", None]}
+    # a score that is not finite is written null, as every number the service answers
+    props["type_scores"] = {"anyOf": [{"type": "object", "additionalProperties": _nullable("number")},
+                                      {"type": "null"}]}
+    props.update(created={"type": "string", "format": "date-time"},
+                 reviewed={"anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]},
+                 heatmap_url=_nullable("string"), image_url=_nullable("string"),
+                 misrouted={"type": "boolean"})
+    for name in ("heatmap", "image"):  # files of the service's own: answered as URLs
+        props.pop(name)
+    return {"type": "object", "required": sorted(props), "properties": props,
+            "description": "one stored decision, field by field in docs/API.md (The result record)"}
+
+
+_RECORD = {"$ref": "#/components/schemas/Record"}
+
+
+def _with(**more: Any) -> dict[str, Any]:
+    """A record with more fields (an inspection's answer, a record with its review history)."""
+    return {"allOf": [_RECORD, {"type": "object", "required": sorted(more), "properties": more}]}
+
+
+# the answers that carry records: (path, method) -> the 200 answer's schema
+ANSWERS: dict[tuple[str, str], dict[str, Any]] = {
+    ("/v1/inspect", "post"): _with(total_ms={"type": "number"}, duplicate={"type": "boolean"}),
+    ("/v1/inspect/batch", "post"): {
+        "type": "object", "required": ["results", "parts", "total_ms"], "properties": {
+            "results": {"type": "array", "items": _with(duplicate={"type": "boolean"})},
+            "parts": {"type": "array", "items": {"type": "object"}}, "total_ms": {"type": "number"}}},
+    ("/v1/results", "get"): {"type": "object", "required": ["results", "count"], "properties": {
+        "results": {"type": "array", "items": _RECORD}, "count": {"type": "integer"}}},
+    ("/v1/results/{record_id}", "get"): _with(review_history={"type": "array", "items": {"type": "object"}}),
+    ("/v1/review", "get"): {"type": "object", "required": ["queue", "pending"], "properties": {
+        "queue": {"type": "array", "items": _RECORD}, "pending": {"type": "integer"}}},
+    ("/v1/review/{record_id}", "post"): _RECORD,
+}
+
+
 _RST = re.compile(r":[a-z]+:`~?([^`]+)`")  # :func:`diffqc.service.parts.x` -> `x`
 
 
@@ -93,6 +147,10 @@ def api_schema(app: FastAPI, *, token: bool, root_path: str) -> dict[str, Any]:
     schemas = components.setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):  # not what the service answers
         schemas.pop(name, None)
+    schemas["Record"] = record_schema()
+    for (path, method), answer in ANSWERS.items():
+        ok = schema["paths"][path][method]["responses"]["200"]
+        ok["content"] = {"application/json": {"schema": answer}}
     schemas["Error"] = {"type": "object", "required": ["detail", "code"], "properties": {
         "detail": {"type": "string", "description": "what was wrong, for a person"},
         "code": {"type": "string", "description": "what was wrong, for a program (docs/API.md)"}}}
