@@ -57,8 +57,10 @@ def upload_extra(line_fields: Sequence[str], *, batch: bool) -> dict[str, Any]:
                 "part_id": {"type": "array", "items": {"type": "string"}}, **line}
         listed = {"image": {"type": "array", "items": {"type": "string"},
                             "description": "base64 or data URLs"},
-                  "feature_type": {"type": ["string", "array"], "items": {"type": "string"}},
-                  "part_id": {"type": ["string", "integer", "array"]}, **line}
+                  "feature_type": {"anyOf": [{"type": "string"},
+                                             {"type": "array", "items": {"type": "string"}}]},
+                  "part_id": {"anyOf": [{"type": "string"}, {"type": "integer"},
+                                        {"type": "array", "items": {"type": ["string", "integer"]}}]}, **line}
         content: dict[str, Any] = {}
         description = ("1 to 32 images: repeated multipart file fields `image` (a `part_id` and "
                        "`feature_type` each, or one for all), or JSON with the same fields as lists")
@@ -66,8 +68,11 @@ def upload_extra(line_fields: Sequence[str], *, batch: bool) -> dict[str, Any]:
         form = {"image": _BINARY, "feature_type": {"type": "string"}, "part_id": {"type": "string"}, **line}
         listed = {"image": {"type": "string", "description": "base64, or a data URL"},
                   "feature_type": {"type": "string"}, "part_id": {"type": ["string", "integer"]}, **line}
-        content = {"image/*": {"schema": _BINARY}, "application/octet-stream": {"schema": _BINARY}}
-        description = ("the image file (PNG, JPEG, BMP, TIFF, WebP, ...) as the raw body, as a "
+        # the raw body: any other Content-Type (image/png, none) is read so too; image/* is not
+        # listed, as client generators take no wildcard
+        content = {"application/octet-stream": {"schema": _BINARY}}
+        description = ("the image file (PNG, JPEG, BMP, TIFF, WebP, ...) as the raw body (any "
+                       "Content-Type but the two below: image/png, application/octet-stream), as a "
                        "multipart file field `image`, or as base64 in JSON")
     content["multipart/form-data"] = {"schema": {"type": "object", "required": ["image"], "properties": form}}
     content["application/json"] = {"schema": {"type": "object", "required": ["image"],
@@ -88,7 +93,7 @@ def record_schema() -> dict[str, Any]:
     props = {name: TypeAdapter(hints[name]).json_schema() for name in JSON_FIELDS}
     props["id"] = {"type": "integer"}  # None only until stored
     props["decision"] = {"type": "string", "enum": list(DECISIONS)}
-    props["review"] = {"type": ["string", "null"], "enum": ["GOOD", "BAD", None]}
+    props["review"] = {"anyOf": [{"type": "string", "enum": ["GOOD", "BAD"]}, {"type": "null"}]}
     # a score that is not finite is written null, as every number the service answers
     props["type_scores"] = {"anyOf": [{"type": "object", "additionalProperties": _nullable("number")},
                                       {"type": "null"}]}
