@@ -320,8 +320,8 @@ def test_serve_logs_json_lines(service_model: tuple[Path, Path], samples: Sample
     lines = [json.loads(line) for line in srv.log.read_text().splitlines() if line.strip()]
     messages = [(x["logger"], x["level"], x["message"]) for x in lines]
     assert ("diffqc.service", "INFO", f"listening on http://127.0.0.1:{srv.port}, dashboard at "
-            f"http://127.0.0.1:{srv.port}/dashboard (only this computer reaches it: --host 0.0.0.0 "
-            "serves the network too; Ctrl+C to stop)") in messages
+            f"http://127.0.0.1:{srv.port}/dashboard, API at http://127.0.0.1:{srv.port}/docs (only this "
+            "computer reaches it: --host 0.0.0.0 serves the network too; Ctrl+C to stop)") in messages
     assert any(logger == "uvicorn.error" and "Application startup complete" in m for logger, _, m in messages)
     access = [x for x in lines if x["logger"] == "uvicorn.access"]
     assert {(x["method"], x["path"].split("?")[0], x["status"]) for x in access} >= {

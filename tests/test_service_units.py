@@ -1271,16 +1271,17 @@ def test_serve_names_the_dashboards_address() -> None:
     and `--host 0.0.0.0` is no address a browser opens. On the default 127.0.0.1 the line's
     tablet or another PC found nothing there ("connection refused"), without a word at the start
     that only this computer reaches it: said, with the option that serves the network."""
-    from diffqc.service.app import dashboard_url, listening_line
+    from diffqc.service.app import listening_line, page_url
 
-    assert dashboard_url("127.0.0.1", 8080) == "http://127.0.0.1:8080/dashboard"
-    assert dashboard_url("0.0.0.0", 80) == dashboard_url("::", 80) == "http://localhost:80/dashboard"
-    assert dashboard_url("::1", 8080) == "http://[::1]:8080/dashboard"
+    assert page_url("127.0.0.1", 8080) == "http://127.0.0.1:8080/dashboard"
+    assert page_url("0.0.0.0", 80) == page_url("::", 80) == "http://localhost:80/dashboard"
+    assert page_url("::1", 8080) == "http://[::1]:8080/dashboard"
     for here in ("127.0.0.1", "::1", "localhost"):
         assert "only this computer reaches it: --host 0.0.0.0 serves the network too" in listening_line(
             "http", here, 8000), here
     assert listening_line("https", "0.0.0.0", 443) == ("listening on https://0.0.0.0:443, dashboard at "
-                                                       "https://localhost:443/dashboard (Ctrl+C to stop)")
+                                                       "https://localhost:443/dashboard, API at "
+                                                       "https://localhost:443/docs (Ctrl+C to stop)")
 
 
 def test_refused_requests_are_said_once_then_once_a_minute_with_the_count() -> None:

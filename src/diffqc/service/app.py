@@ -490,20 +490,22 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
-def dashboard_url(host: str, port: int, scheme: str = "http") -> str:
-    """Where this machine's browser finds the dashboard of a service bound to ``host``: a
-    service on every address (``0.0.0.0``, ``::``) answers on ``localhost`` too."""
+def page_url(host: str, port: int, scheme: str = "http", page: str = "dashboard") -> str:
+    """Where this machine's browser finds a page (the dashboard, ``docs``) of a service bound to
+    ``host``: a service on every address (``0.0.0.0``, ``::``) answers on ``localhost`` too."""
     host = {"0.0.0.0": "localhost", "::": "localhost", "": "localhost"}.get(host, host)
-    return f"{scheme}://{url_host(host)}:{port}/dashboard"
+    return f"{scheme}://{url_host(host)}:{port}/{page}"
 
 
 def listening_line(scheme: str, host: str, port: int) -> str:
-    """The start's word of where the service listens and its dashboard is; on a loopback address
-    (the default), that no other machine reaches it (a tablet on the line found nothing there)."""
+    """The start's word of where the service listens and its dashboard and API page are; on a
+    loopback address (the default), that no other machine reaches it (a tablet on the line found
+    nothing there)."""
     here = ("" if reachable_from_others(host)
             else "only this computer reaches it: --host 0.0.0.0 serves the network too; ")
     return (f"listening on {scheme}://{url_host(host)}:{port}, dashboard at "
-            f"{dashboard_url(host, port, scheme)} ({here}Ctrl+C to stop)")
+            f"{page_url(host, port, scheme)}, API at {page_url(host, port, scheme, 'docs')} "
+            f"({here}Ctrl+C to stop)")
 
 
 def resident_memory_bytes(pid: int | str = "self") -> int | None:
