@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -859,3 +860,38 @@ def test_inspect_names_8_bit_parts_of_a_model_trained_on_12_bit_data(
     err = capsys.readouterr().err
     assert "far brighter than its training images (mean brightness" in err
     assert err.count("far brighter") == 1  # once per type
+
+
+def _help_sections(command: str) -> dict[str, list[str]]:
+    """``diffqc COMMAND --help``'s options by the section they are listed under."""
+    from diffqc.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    sections: dict[str, list[str]] = {}
+    title = ""
+    for line in sub.format_help().splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            title = line[:-1]
+        elif line.startswith("  -"):
+            sections.setdefault(title, []).append(line.split()[0].rstrip(","))
+    return sections
+
+
+def test_serve_and_watch_help_lists_their_options_by_subject() -> None:
+    """`diffqc serve --help` listed 59 options in one run of 239 lines (the API's address and
+    token beside the MQTT client certificate and the ring buffer's size): a first user looking
+    for where the images are kept or how to push to a MES read it all. Each option is listed
+    under its subject; only -h is left under "options"."""
+    for command, subjects in (("serve", ("where it listens and who may call", "results and what is kept",
+                                         "inspection", "the line", "pushing decisions", "log")),
+                              ("watch", ("the folder", "results and what is kept", "inspection", "the line",
+                                         "pushing decisions", "log"))):
+        sections = _help_sections(command)
+        assert sections.pop("options") == ["-h"], command
+        assert set(sections) == set(subjects), (command, sorted(sections))
+        assert all(sections.values())
+    serve = _help_sections("serve")
+    assert "--keep-images" in serve["results and what is kept"]
+    assert {"--mqtt", "--webhook", "--opcua"} <= set(serve["pushing decisions"])
+    assert {"--host", "--token", "--tls-cert"} <= set(serve["where it listens and who may call"])

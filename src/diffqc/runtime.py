@@ -541,7 +541,7 @@ def _name_unflaggable(det: Detector | OnnxDetector, path: Path | str) -> None:
                       f"(`diffqc calibrate {path} DATA`) or retrain on 3 or more", stacklevel=3)
 
 
-def add_runtime_arguments(parser: argparse.ArgumentParser, *, threads: bool = True) -> None:
+def add_runtime_arguments(parser: argparse._ActionsContainer, *, threads: bool = True) -> None:
     """``--runtime``, ``--precision`` and (unless the command has its own) ``--threads``, for the
     commands that run a model."""
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto",

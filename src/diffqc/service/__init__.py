@@ -568,7 +568,7 @@ def _say_unstored_part_types(db_url: str, chosen: Sequence[str]) -> None:
                   f"lacks it{did_you_mean(name, types)}; {_held(types)}", file=sys.stderr)
 
 
-def _add_artifact_arguments(p: argparse.ArgumentParser) -> None:
+def _add_artifact_arguments(p: argparse._ActionsContainer) -> None:
     """What ``serve`` and ``watch`` keep beside each record."""
     p.add_argument("--keep-images", choices=["none", "flagged", "all"], default="flagged",
                    help="which images to keep for review/export (flagged = REVIEW and REJECT)")
@@ -588,7 +588,7 @@ def _add_artifact_arguments(p: argparse.ArgumentParser) -> None:
                    help="... or below this share of its size (default 5; 0: no such floor)")
 
 
-def _add_image_limit_argument(p: argparse.ArgumentParser, *, buffered: bool) -> None:
+def _add_image_limit_argument(p: argparse._ActionsContainer, *, buffered: bool) -> None:
     """The largest image ``serve`` and ``watch`` decode (a guard on memory and decompression
     bombs); the readers' own limit (``diffqc.data.MAX_IMAGE_PIXELS``) bounds it."""
     from diffqc.service.security import DEFAULT_MAX_IMAGE_PIXELS  # a submodule: not at import time
@@ -620,7 +620,7 @@ def _recorded_source(text: str) -> str:
     return recorded_name(text, max_len=MAX_SOURCE_LEN)
 
 
-def _add_line_arguments(p: argparse.ArgumentParser, window_help: str, *, folders: bool = False) -> None:
+def _add_line_arguments(p: argparse._ActionsContainer, window_help: str, *, folders: bool = False) -> None:
     from diffqc.service.parts import PART_WINDOW_S
 
     p.add_argument("--line", type=recorded_name, default=None, help="line recorded on watched-folder parts")
@@ -653,7 +653,7 @@ def _add_line_arguments(p: argparse.ArgumentParser, window_help: str, *, folders
                    help=window_help)
 
 
-def _add_opcua_arguments(p: argparse.ArgumentParser) -> None:
+def _add_opcua_arguments(p: argparse._ActionsContainer) -> None:
     p.add_argument("--opcua", default=None, metavar="opc.tcp://HOST:PORT",
                    help="also serve the decisions as an OPC UA server on this address, for PLCs and "
                         "SCADA (e.g. opc.tcp://0.0.0.0:4840): the latest decision, and each type's "
@@ -670,7 +670,7 @@ def _add_opcua_arguments(p: argparse.ArgumentParser) -> None:
                         "when it changes, no restart)")
 
 
-def _add_log_arguments(p: argparse.ArgumentParser) -> None:
+def _add_log_arguments(p: argparse._ActionsContainer) -> None:
     from diffqc.service.logs import LOG_FORMAT_ENV, LOG_FORMATS, LOG_LEVELS, default_log_format
 
     p.add_argument("--log-level", type=str.lower, default="info", choices=LOG_LEVELS,
@@ -699,37 +699,58 @@ def add_service_commands(subparsers: Any) -> None:
     )
     p = subparsers.add_parser("serve", help="serve a model over HTTP (inspection API + dashboard)")
     p.add_argument("model", type=path_name, help="model bundle folder (from diffqc train)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0: every "
-                   "IPv4 network; :: every IPv6 one, not IPv4's)")
-    p.add_argument("--port", type=integer(0, 65535), default=8000, help="TCP port (default 8000)")
-    p.add_argument("--db", type=path_name, default=None, help=db_help)
-    p.add_argument(
+    net = p.add_argument_group("where it listens and who may call")
+    net.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0: every "
+                     "IPv4 network; :: every IPv6 one, not IPv4's)")
+    net.add_argument("--port", type=integer(0, 65535), default=8000, help="TCP port (default 8000)")
+    net.add_argument(
         "--token",
         action="append",
         help="accepted API token (repeatable; default $DIFFQC_TOKEN, comma-separated, or the file "
              "$DIFFQC_TOKEN_FILE names: a token here or in the environment is seen by those who may "
              "read this process's command line or environment)",
     )
-    p.add_argument(
+    net.add_argument(
         "--no-auth",
         action="store_true",
         help="run without any token (trusted, isolated hosts only)",
     )
-    p.add_argument(
+    net.add_argument("--tls-cert", type=path_name, default=None, metavar="PEM",
+                     help="serve over HTTPS with this certificate (PEM, its chain after it): the API "
+                          "token and the parts' images cross the network encrypted; a renewed file "
+                          "(certbot, cert-manager) is served without a restart; named --tls-warn-days "
+                          "before it expires")
+    net.add_argument("--tls-key", type=path_name, default=None, metavar="PEM",
+                     help="the certificate's private key (PEM, unencrypted; readable by this user "
+                          "only); without it, the key is read from --tls-cert's file (one PEM)")
+    net.add_argument("--tls-warn-days", type=number(0.0), default=14.0, metavar="DAYS",
+                     help="say this many days before the --tls-cert certificate expires that it "
+                     "does (log, /v1/line, /metrics, dashboard; default 14; 30 or more where a "
+                     "restart waits for a maintenance window)")
+    net.add_argument("--root-path", default="", metavar="/PATH",
+                     help="the path a reverse proxy serves this service under (https://hmi/qc/ -> "
+                          "/qc): the API's heatmap_url and image_url carry it; requests with or "
+                          "without it are answered (a proxy that strips it, or one that does not)")
+    net.add_argument("--cors-origin", action="append", help="allow this browser origin (repeatable)")
+    store = p.add_argument_group("results and what is kept")
+    store.add_argument("--db", type=path_name, default=None, help=db_help)
+    store.add_argument(
         "--data-dir",
         type=path_name,
         default=None,
         help="folder for heat maps and kept images (default beside the SQLite file)",
     )
-    p.add_argument("--buffer-size", type=POSITIVE, default=64, help="ring buffer capacity (parts)")
-    p.add_argument(
+    _add_artifact_arguments(store)
+    insp = p.add_argument_group("inspection")
+    insp.add_argument("--buffer-size", type=POSITIVE, default=64, help="ring buffer capacity (parts)")
+    insp.add_argument(
         "--buffer-mb",
         type=POSITIVE,
         default=512,
         help="ring buffer bound in MiB of decoded images (a full buffer answers 503 overloaded)",
     )
-    p.add_argument(
+    insp.add_argument(
         "--body-timeout",
         type=POSITIVE_NUMBER,
         default=30.0,
@@ -737,131 +758,127 @@ def add_service_commands(subparsers: Any) -> None:
         "connection has to send a request's headers (from its opening or its last answer) before it "
         "is closed",
     )
-    p.add_argument("--max-batch", type=POSITIVE, default=8, help="largest inference micro-batch")
-    p.add_argument(
+    insp.add_argument("--max-batch", type=POSITIVE, default=8, help="largest inference micro-batch")
+    insp.add_argument(
         "--overflow",
         choices=["reject", "drop_oldest"],
         default="reject",
         help="full buffer: refuse with 503 + Retry-After, or drop the oldest part (stored as NOT_INSPECTED)",
     )
-    p.add_argument("--retry-after", type=NON_NEGATIVE, default=1, help="Retry-After seconds on 503")
-    p.add_argument("--max-upload-mb", type=POSITIVE, default=20,
-                   help="largest upload in MiB; a larger one is answered 413 (default 20)")
-    _add_image_limit_argument(p, buffered=True)
-    _add_artifact_arguments(p)
-    p.add_argument(
+    insp.add_argument("--retry-after", type=NON_NEGATIVE, default=1, help="Retry-After seconds on 503")
+    insp.add_argument("--max-upload-mb", type=POSITIVE, default=20,
+                      help="largest upload in MiB; a larger one is answered 413 (default 20)")
+    _add_image_limit_argument(insp, buffered=True)
+    insp.add_argument(
         "--fast",
         action="store_true",
         help="score only the given type (no predicted type / type scores)",
     )
-    p.add_argument("--cors-origin", action="append", help="allow this browser origin (repeatable)")
-    p.add_argument(
+    add_runtime_arguments(insp)
+    line = p.add_argument_group("the line")
+    line.add_argument(
         "--watch",
         type=path_name,
         action="append",
         metavar="DIR",
         help="also ingest images written into DIR (repeatable)",
     )
-    add_runtime_arguments(p)
-    _add_line_arguments(p, window_help, folders=True)
-    p.add_argument("--tls-cert", type=path_name, default=None, metavar="PEM",
-                   help="serve over HTTPS with this certificate (PEM, its chain after it): the API "
-                        "token and the parts' images cross the network encrypted; a renewed file "
-                        "(certbot, cert-manager) is served without a restart; named --tls-warn-days "
-                        "before it expires")
-    p.add_argument("--root-path", default="", metavar="/PATH",
-                   help="the path a reverse proxy serves this service under (https://hmi/qc/ -> "
-                        "/qc): the API's heatmap_url and image_url carry it; requests with or "
-                        "without it are answered (a proxy that strips it, or one that does not)")
-    p.add_argument("--tls-warn-days", type=number(0.0), default=14.0, metavar="DAYS",
-                   help="say this many days before the --tls-cert certificate expires that it "
-                   "does (log, /v1/line, /metrics, dashboard; default 14; 30 or more where a "
-                   "restart waits for a maintenance window)")
-    p.add_argument("--tls-key", type=path_name, default=None, metavar="PEM",
-                   help="the certificate's private key (PEM, unencrypted; readable by this user "
-                        "only); without it, the key is read from --tls-cert's file (one PEM)")
-    p.add_argument("--mqtt", default=None, metavar="URL",
-                   help="push every decision to an MQTT broker: mqtt://host:1883/topic-prefix (mqtts:// "
-                        "for TLS; over WebSockets, a broker reached through port 443 only: "
-                        "wss://host/mqtt?prefix=topic-prefix)")
-    p.add_argument("--mqtt-cert", type=path_name, default=None, metavar="PEM",
-                   help="the client certificate an mqtts:// broker lets in (its CA's: require_certificate, "
-                        "AWS IoT Core), its chain after it; its key in the same file or --mqtt-key")
-    p.add_argument("--mqtt-key", type=path_name, default=None, metavar="PEM",
-                   help="--mqtt-cert's private key (PEM, unencrypted; readable by this user only)")
-    p.add_argument("--mqtt-client-id", type=recorded_name, default=None, metavar="ID",
-                   help="the MQTT client id, when the broker's access list names it (pattern %%c, AWS IoT's "
-                        "thing name; default: a random one); one per service: a second client with it "
-                        "ends the first's connection")
-    p.add_argument("--webhook", default=None, metavar="URL",
-                   help="POST every decision as JSON to URL (https://USER:PASSWORD@host/... for HTTP "
-                        "Basic authentication; through HTTP(S)_PROXY unless NO_PROXY names the host)")
-    p.add_argument("--webhook-cert", type=path_name, default=None, metavar="PEM",
-                   help="the client certificate an https:// endpoint behind mutual TLS lets in, its chain "
-                        "after it; its key in the same file or --webhook-key")
-    p.add_argument("--webhook-key", type=path_name, default=None, metavar="PEM",
-                   help="--webhook-cert's private key (PEM, unencrypted; readable by this user only)")
-    p.add_argument("--webhook-connections", type=POSITIVE, default=1, metavar="N",
-                   help="push over N kept connections at once (an endpoint far away: one push per round trip "
-                        "each; the order of arrival then not kept); default 1, one after another, in order")
-    p.add_argument("--webhook-timeout", type=POSITIVE_NUMBER, default=5.0, metavar="SECONDS",
-                   help="how long a push waits for the endpoint's answer (default 5); a slower answer is "
-                        "none, and the message is sent again: give a slow endpoint (an ERP behind it) more")
-    p.add_argument("--webhook-header", action="append", default=None, metavar="'NAME: VALUE' or @FILE",
-                   help="a header sent with every push, e.g. 'Authorization: Bearer TOKEN' "
-                        "(repeatable); @FILE reads header lines from a file (a secret's, kept off "
-                        "the command line)")
-    _add_opcua_arguments(p)
-    p.add_argument("--push-parts", nargs="?", const="each", default=None, choices=PART_PUSHES,
-                   help="also push each part's verdict (its images sent with one part_id, one per "
-                        "type: the worst of their decisions, GET /v1/parts/{part_id}) each time images "
-                        "of it are stored (each, the default) or only then when it is complete (an "
-                        "image of each of its types: --part-types, else the model's): MQTT "
-                        "PREFIX/parts/<part_id>, a webhook POST of kind part")
-    p.add_argument("--webhook-secret", action="append", default=None, metavar="whsec_KEY or @FILE",
-                   help="sign every push as Standard Webhooks does (webhook-id, webhook-timestamp, "
-                        "webhook-signature: HMAC-SHA256), so the receiver can check that this service "
-                        "sent it, unchanged and recently; the key as whsec_ and base64, or @FILE "
-                        "holding it (kept off the command line); repeatable, or a key a line in FILE: "
-                        "signed with each, to replace a key without a gap")
-    _add_log_arguments(p)
-    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    _add_line_arguments(line, window_help, folders=True)
+    push = p.add_argument_group("pushing decisions")
+    push.add_argument("--mqtt", default=None, metavar="URL",
+                      help="push every decision to an MQTT broker: mqtt://host:1883/topic-prefix (mqtts:// "
+                           "for TLS; over WebSockets, a broker reached through port 443 only: "
+                           "wss://host/mqtt?prefix=topic-prefix)")
+    push.add_argument("--mqtt-cert", type=path_name, default=None, metavar="PEM",
+                      help="the client certificate an mqtts:// broker lets in (its CA's: "
+                           "require_certificate, AWS IoT Core), its chain after it; its key in the same "
+                           "file or --mqtt-key")
+    push.add_argument("--mqtt-key", type=path_name, default=None, metavar="PEM",
+                      help="--mqtt-cert's private key (PEM, unencrypted; readable by this user only)")
+    push.add_argument("--mqtt-client-id", type=recorded_name, default=None, metavar="ID",
+                      help="the MQTT client id, when the broker's access list names it (pattern %%c, "
+                           "AWS IoT's thing name; default: a random one); one per service: a second "
+                           "client with it ends the first's connection")
+    push.add_argument("--webhook", default=None, metavar="URL",
+                      help="POST every decision as JSON to URL (https://USER:PASSWORD@host/... for HTTP "
+                           "Basic authentication; through HTTP(S)_PROXY unless NO_PROXY names the host)")
+    push.add_argument("--webhook-cert", type=path_name, default=None, metavar="PEM",
+                      help="the client certificate an https:// endpoint behind mutual TLS lets in, its chain "
+                           "after it; its key in the same file or --webhook-key")
+    push.add_argument("--webhook-key", type=path_name, default=None, metavar="PEM",
+                      help="--webhook-cert's private key (PEM, unencrypted; readable by this user only)")
+    push.add_argument("--webhook-connections", type=POSITIVE, default=1, metavar="N",
+                      help="push over N kept connections at once (an endpoint far away: one push per "
+                           "round trip each; the order of arrival then not kept); default 1, one after "
+                           "another, in order")
+    push.add_argument("--webhook-timeout", type=POSITIVE_NUMBER, default=5.0, metavar="SECONDS",
+                      help="how long a push waits for the endpoint's answer (default 5); a slower "
+                           "answer is none, and the message is sent again: give a slow endpoint (an ERP "
+                           "behind it) more")
+    push.add_argument("--webhook-header", action="append", default=None, metavar="'NAME: VALUE' or @FILE",
+                      help="a header sent with every push, e.g. 'Authorization: Bearer TOKEN' "
+                           "(repeatable); @FILE reads header lines from a file (a secret's, kept off "
+                           "the command line)")
+    push.add_argument("--webhook-secret", action="append", default=None, metavar="whsec_KEY or @FILE",
+                      help="sign every push as Standard Webhooks does (webhook-id, webhook-timestamp, "
+                           "webhook-signature: HMAC-SHA256), so the receiver can check that this service "
+                           "sent it, unchanged and recently; the key as whsec_ and base64, or @FILE "
+                           "holding it (kept off the command line); repeatable, or a key a line in FILE: "
+                           "signed with each, to replace a key without a gap")
+    push.add_argument("--push-parts", nargs="?", const="each", default=None, choices=PART_PUSHES,
+                      help="also push each part's verdict (its images sent with one part_id, one per "
+                           "type: the worst of their decisions, GET /v1/parts/{part_id}) each time images "
+                           "of it are stored (each, the default) or only then when it is complete (an "
+                           "image of each of its types: --part-types, else the model's): MQTT "
+                           "PREFIX/parts/<part_id>, a webhook POST of kind part")
+    _add_opcua_arguments(push)
+    log = p.add_argument_group("log")
+    _add_log_arguments(log)
+    log.add_argument("--access-log", action="store_true", help="log every HTTP request")
+
     p.set_defaults(func=_cmd_serve)
 
     w = subparsers.add_parser("watch", help="inspect images as a camera writes them into a folder")
     w.add_argument("dir", type=path_name,
                    help="folder the camera writes into (and its sub-folders, to any depth)")
     w.add_argument("model", type=path_name, help="model bundle folder")
-    w.add_argument("--db", type=path_name, default=None, help=db_help)
-    w.add_argument("--data-dir", type=path_name, default=None,
-                   help="folder for heat maps and kept images (default beside the SQLite file)")
-    w.add_argument(
+    folder = w.add_argument_group("the folder")
+    folder.add_argument(
         "--feature-type",
         default=None,
         help="type of every image (default: the nearest folder around it named as a type, "
         "DIR/<type>/2026-12-02/img.png, DIR itself included; else unknown)",
     )
-    w.add_argument("--poll", type=POSITIVE_NUMBER, default=0.5, help="seconds between scans")
-    w.add_argument(
+    folder.add_argument("--poll", type=POSITIVE_NUMBER, default=0.5, help="seconds between scans")
+    folder.add_argument(
         "--settle",
         type=number(0.0),
         default=1.0,
         help="a file is complete once unchanged for this many seconds",
     )
-    w.add_argument("--keep", action="store_true",
-                   help="leave files in place (default: move to processed/); for a folder that "
-                   "something else empties: every poll looks at every file there (20,000 files: "
-                   "0.4 s per poll; BENCHMARKS.md \"Session 23\")")
-    w.add_argument("--once", action="store_true", help="process what is there, then exit")
-    w.add_argument("--max-batch", type=POSITIVE, default=8, help="largest inference micro-batch")
-    w.add_argument("--source", type=_recorded_source, default=None,
-                   help="idempotency namespace (default: the folder path)")
-    _add_image_limit_argument(w, buffered=False)
-    _add_artifact_arguments(w)
-    _add_line_arguments(w, window_help)
-    add_runtime_arguments(w)
-    _add_opcua_arguments(w)
-    _add_log_arguments(w)
+    folder.add_argument("--keep", action="store_true",
+                        help="leave files in place (default: move to processed/); for a folder that "
+                        "something else empties: every poll looks at every file there (20,000 files: "
+                        "0.4 s per poll; BENCHMARKS.md \"Session 23\")")
+    folder.add_argument("--once", action="store_true", help="process what is there, then exit")
+    folder.add_argument("--source", type=_recorded_source, default=None,
+                        help="idempotency namespace (default: the folder path)")
+    store = w.add_argument_group("results and what is kept")
+    store.add_argument("--db", type=path_name, default=None, help=db_help)
+    store.add_argument("--data-dir", type=path_name, default=None,
+                       help="folder for heat maps and kept images (default beside the SQLite file)")
+    _add_artifact_arguments(store)
+    insp = w.add_argument_group("inspection")
+    insp.add_argument("--max-batch", type=POSITIVE, default=8, help="largest inference micro-batch")
+    _add_image_limit_argument(insp, buffered=False)
+    add_runtime_arguments(insp)
+    line = w.add_argument_group("the line")
+    _add_line_arguments(line, window_help)
+    push = w.add_argument_group("pushing decisions")
+    _add_opcua_arguments(push)
+    log = w.add_argument_group("log")
+    _add_log_arguments(log)
+
     w.set_defaults(func=_cmd_watch)
 
     r = subparsers.add_parser("results", help="work with stored results")
