@@ -658,6 +658,30 @@ def test_watch_says_what_it_inspected_once_a_minute(
     assert store.count() == 4
 
 
+def test_watch_counts_the_parts_its_images_were_of(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A line whose parts are several crops, named by part (`--part-id-pattern`): the watcher's
+    minute line counted images, where the QC engineer counts parts. It says both."""
+    import logging
+
+    folder, pipe, store = rig
+    b0, b1 = samples.all[0][0], samples.all[1][0]
+    for part in ("P-1", "P-2"):
+        (folder / f"{part}_a.png").write_bytes(b0)
+        (folder / f"{part}_b.png").write_bytes(b1)
+    with caplog.at_level(logging.INFO, logger="diffqc.watch"):
+        _watcher(folder, pipe, store, part_id_pattern=r"^(P-\d+)_").run(once=True)
+    said = [r.getMessage() for r in caplog.records if " inspected since " in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("4 image(s) of 2 part(s) inspected since "), said
+    caplog.clear()
+    (folder / "solo.png").write_bytes(b0)  # a part id per image: parts are images, said once
+    with caplog.at_level(logging.INFO, logger="diffqc.watch"):
+        _watcher(folder, pipe, store).run(once=True)
+    said = [r.getMessage() for r in caplog.records if " inspected since " in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("1 image(s) inspected since "), said
+
+
 def test_watch_once_ends_with_an_error_when_it_cannot_finish(
     rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
 ) -> None:

@@ -675,6 +675,7 @@ class FolderWatcher:
         stop = stop or self._stop
         # the decisions since the last word of them: the first at once (it works), then once a minute
         said_at, since, seen = -math.inf, time.time(), Counter[str]()
+        parts: set[str | None] = set()  # the part ids of those seen
         while not stop.is_set():
             try:
                 report = self.step()
@@ -699,12 +700,16 @@ class FolderWatcher:
                     log.exception("%s; trying again every %g s", problem, self.settings.poll_s)
                 self.problem = problem
                 report = StepReport(waiting=1)
-            seen.update(r.decision for r in report.records if not r.duplicate)
+            new = [r for r in report.records if not r.duplicate]
+            seen.update(r.decision for r in new)
+            parts.update(r.part_id for r in new)
             if seen and time.monotonic() - said_at >= self.SAY_EVERY_S:
-                log.info("%d image(s) inspected since %s: %s", seen.total(),
+                # of parts too where crops share a part id (--part-id-pattern): the line counts parts
+                of = f" of {len(parts)} part(s)" if len(parts) < seen.total() else ""
+                log.info("%d image(s)%s inspected since %s: %s", seen.total(), of,
                          time.strftime("%H:%M:%S", time.localtime(since)),
                          ", ".join(f"{d} {seen[d]}" for d in (*DECISIONS, NOT_INSPECTED) if seen[d]))
-                said_at, since, seen = time.monotonic(), time.time(), Counter()
+                said_at, since, seen, parts = time.monotonic(), time.time(), Counter(), set()
             busy = report.inspected + report.already_recorded + report.failed
             if once and not busy and not report.waiting and not self._seen:
                 break
