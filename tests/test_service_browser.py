@@ -1246,8 +1246,8 @@ def test_a_phone_shows_the_decisions_under_a_short_header(detector: Any, browser
                                                          tmp_path: Path) -> None:
     """On a phone the header (title, model, queue, reviewer, and the token's form, kept after a
     token was taken) was 201 of the screen's 844 pixels, and the live decisions scrolled sideways
-    to their score and review. Once connected the form goes (a refused token brings it back) and
-    the decisions fit the screen's width."""
+    to their score and review (the latest parts to their time). Once connected the form goes (a
+    refused token brings it back) and the decisions and parts fit the screen's width."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -1277,9 +1277,12 @@ def test_a_phone_shows_the_decisions_under_a_short_header(detector: Any, browser
         header = browser.execute_script(
             "return document.querySelector('header').getBoundingClientRect().height")
         assert header <= 0.15 * PHONE[1], header
-        wide, room = browser.execute_script(
-            "const w = document.getElementById('decisions-wrap'); return [w.scrollWidth, w.clientWidth];")
-        assert wide <= room, (wide, room)
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#parts tbody tr")))
+        for box in ("decisions-wrap", "parts"):  # the latest parts too: its last time was past the edge
+            wide, room = browser.execute_script(
+                "const w = document.getElementById(arguments[0]);"
+                "return [w.scrollWidth, w.clientWidth];", box)
+            assert wide <= room, (box, wide, room)
 
 
 def test_the_dashboard_dates_a_part_of_another_day(live_server: tuple[str, Any], browser: Any) -> None:
