@@ -158,6 +158,13 @@ async def test_batch_route(detector: Any, samples: Samples, tmp_path: Path) -> N
         assert part["images"] == len(set(data["feature_type"][:3])) == 3 - part["superseded"]
         stored = (await client.get("/v1/parts/P-7", headers=AUTH)).json()
         assert {k: stored[k] for k in part} == part
+        # an empty feature_type field (Swagger UI's "Try it out" sends one) is none: the query's
+        # type is every image's, as an empty value is absent on /v1/inspect (the model chose)
+        one_type = parts[0][1]
+        r = await client.post("/v1/inspect/batch", headers=AUTH, params={"feature_type": one_type},
+                              files=files[:2], data={"feature_type": ""})
+        assert r.status_code == 200, r.text
+        assert [(x["feature_type"], x["type_known"]) for x in r.json()["results"]] == [(one_type, True)] * 2
     async with running_app(detector, tmp_path, max_batch_items=3) as (client, state):
         r = await client.post("/v1/inspect/batch", headers=AUTH, files=files[:4])
         assert (r.status_code, r.json()["code"]) == (413, "batch_too_large"), r.text

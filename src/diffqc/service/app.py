@@ -1617,9 +1617,9 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             raise ServiceError(422, "bad_feature_types", f"{len(types)} feature_type fields for {n} images")
         if parts and len(parts) not in (1, n):  # one: every image is a crop of that part
             raise ServiceError(422, "bad_part_ids", f"{len(parts)} part_id fields for {n} images")
-        ftypes = [_check_type(state, t) for t in (types * n if len(types) == 1 else types)] or [
-            default_type
-        ] * n
+        # an empty field is none (as on /v1/inspect): the query's type, if any, is that image's
+        given = types * n if len(types) == 1 else types
+        ftypes = [_check_type(state, t) or default_type for t in given] or [default_type] * n
         pids = [_check_id(p, "part_id") for p in (parts * n if len(parts) == 1 else parts)] or [None] * n
         keys = [None if key is None else f"{key}/{i}" for i in range(n)]
         digests = [None if k is None else request_hash(d, t, p)

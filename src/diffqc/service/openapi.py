@@ -52,9 +52,11 @@ def upload_extra(line_fields: Sequence[str], *, batch: bool) -> dict[str, Any]:
                      "description": f"where the part was seen: its {name} (stored on the record)"}
                     for name in line_fields), _IDEMPOTENCY]
     if batch:
+        # optional lists empty by default: Swagger UI's "Try it out" sent a placeholder item
+        # ("string") where none was given, a part of type 'string'
         form = {"image": {"type": "array", "items": _BINARY},
-                "feature_type": {"type": "array", "items": {"type": "string"}},
-                "part_id": {"type": "array", "items": {"type": "string"}}, **line}
+                "feature_type": {"type": "array", "items": {"type": "string"}, "default": []},
+                "part_id": {"type": "array", "items": {"type": "string"}, "default": []}, **line}
         listed = {"image": {"type": "array", "items": {"type": "string"},
                             "description": "base64 or data URLs"},
                   "feature_type": {"anyOf": [{"type": "string"},
