@@ -1384,7 +1384,8 @@ async def test_the_described_answers_are_the_services(detector: Any, samples: Sa
         one = await client.post("/v1/inspect", content=flagged, headers=AUTH,
                                 params={"feature_type": ftype, "part_id": "d-1", "line": "L1"})
         rid = one.json()["id"]
-        batch = await client.post("/v1/inspect/batch", headers=AUTH, data={"feature_type": ftype},
+        batch = await client.post("/v1/inspect/batch", headers=AUTH,
+                                  data={"feature_type": ftype, "part_id": "d-2"},
                                   files=[("image", ("a.png", flagged, "image/png"))])
         review = await client.post(f"/v1/review/{rid}", headers=AUTH,
                                    json={"verdict": "BAD", "reviewer": "ann", "defect": "smear"})
@@ -1392,12 +1393,16 @@ async def test_the_described_answers_are_the_services(detector: Any, samples: Sa
                    (review, "/v1/review/{record_id}", "post"),
                    (await client.get(f"/v1/results/{rid}", headers=AUTH), "/v1/results/{record_id}", "get"),
                    (await client.get("/v1/results", headers=AUTH), "/v1/results", "get"),
-                   (await client.get("/v1/review", headers=AUTH), "/v1/review", "get")]
+                   (await client.get("/v1/review", headers=AUTH), "/v1/review", "get"),
+                   (await client.get("/v1/parts", headers=AUTH), "/v1/parts", "get"),
+                   (await client.get("/v1/parts/d-1", headers=AUTH), "/v1/parts/{part_id}", "get")]
         for r, path, method in answers:
             assert r.status_code == 200, (path, r.text)
             assert _conforms(r.json(), answer_of(path, method), components) == [], path
         record = components["Record"]["properties"]
         assert set(record) == set(review.json())  # no field the answer lacks, none it has undescribed
+        (part,) = batch.json()["parts"]
+        assert set(components["Part"]["properties"]) == set(part)
         wrong = {**review.json(), "decision": "MAYBE"}
         assert _conforms(wrong, components["Record"], components)  # the check finds a wrong value
     section = DOC.read_text(encoding="utf-8").split("## The result record", 1)[1].split("\n## ", 1)[0]

@@ -110,6 +110,22 @@ def record_schema() -> dict[str, Any]:
 
 
 _RECORD = {"$ref": "#/components/schemas/Record"}
+_PART = {"$ref": "#/components/schemas/Part"}
+_TIME = {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]}
+
+
+def part_schema() -> dict[str, Any]:
+    """A part's verdict as the API answers it and the sinks push it (``PartVerdict.to_json``)."""
+    props: dict[str, Any] = {
+        "part_id": {"type": "string"}, "decision": {"type": "string", "enum": list(DECISIONS)},
+        "review": {"anyOf": [{"type": "string", "enum": ["GOOD", "BAD"]}, {"type": "null"}]},
+        "pending_review": {"type": "integer"},
+        "types": {"type": "object", "additionalProperties": {"type": "string", "enum": list(DECISIONS)}},
+        "images": {"type": "integer"}, "superseded": {"type": "integer"}, "complete": _nullable("boolean"),
+        "missing": {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}]},
+        "first": _TIME, "last": _TIME}
+    return {"type": "object", "required": sorted(props), "properties": props,
+            "description": "a part's verdict from its images, field by field in docs/API.md (Parts)"}
 
 
 def _with(**more: Any) -> dict[str, Any]:
@@ -123,13 +139,18 @@ ANSWERS: dict[tuple[str, str], dict[str, Any]] = {
     ("/v1/inspect/batch", "post"): {
         "type": "object", "required": ["results", "parts", "total_ms"], "properties": {
             "results": {"type": "array", "items": _with(duplicate={"type": "boolean"})},
-            "parts": {"type": "array", "items": {"type": "object"}}, "total_ms": {"type": "number"}}},
+            "parts": {"type": "array", "items": _PART}, "total_ms": {"type": "number"}}},
     ("/v1/results", "get"): {"type": "object", "required": ["results", "count"], "properties": {
         "results": {"type": "array", "items": _RECORD}, "count": {"type": "integer"}}},
     ("/v1/results/{record_id}", "get"): _with(review_history={"type": "array", "items": {"type": "object"}}),
     ("/v1/review", "get"): {"type": "object", "required": ["queue", "pending"], "properties": {
         "queue": {"type": "array", "items": _RECORD}, "pending": {"type": "integer"}}},
     ("/v1/review/{record_id}", "post"): _RECORD,
+    ("/v1/parts", "get"): {"type": "object", "required": ["parts", "truncated"], "properties": {
+        "parts": {"type": "array", "items": _PART}, "truncated": {"type": "boolean"}}},
+    ("/v1/parts/{part_id}", "get"): {"allOf": [_PART, {
+        "type": "object", "required": ["truncated", "results"], "properties": {
+            "truncated": {"type": "boolean"}, "results": {"type": "array", "items": _RECORD}}}]},
 }
 
 
@@ -155,6 +176,7 @@ def api_schema(app: FastAPI, *, token: bool, root_path: str) -> dict[str, Any]:
     for name in ("HTTPValidationError", "ValidationError"):  # not what the service answers
         schemas.pop(name, None)
     schemas["Record"] = record_schema()
+    schemas["Part"] = part_schema()
     for (path, method), answer in ANSWERS.items():
         ok = schema["paths"][path][method]["responses"]["200"]
         ok["content"] = {"application/json": {"schema": answer}}
