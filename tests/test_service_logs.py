@@ -195,6 +195,16 @@ def test_an_outage_is_said_once_when_it_starts_and_once_when_it_ends(
     assert "disk full again" in said[2][1] and outage.count == 1
 
 
+def test_a_line_without_end_is_said_at_once_then_seldom_with_what_went_unsaid() -> None:
+    from diffqc.service.logs import Seldom
+
+    seldom = Seldom()
+    assert seldom.due() == 0  # the first at once
+    assert [seldom.due(), seldom.due()] == [None, None]  # within the minute: counted
+    assert seldom.due(every_s=0.0) == 2  # a minute on: said, with the two unsaid
+    assert seldom.due(every_s=0.0) == 0
+
+
 def _journal_run(args: list[str], tmp_path: Path, *, on_journal: bool, fmt: str) -> list[str]:
     """The lines ``diffqc ARGS`` writes to stderr, a file that ``$JOURNAL_STREAM`` names (as
     systemd names a unit's journal stream: its device and inode) or, ``on_journal`` false, names

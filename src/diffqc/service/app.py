@@ -76,6 +76,7 @@ from diffqc.service.buffer import (
     OverflowPolicy,
 )
 from diffqc.service.line import LineServices
+from diffqc.service.logs import Seldom
 from diffqc.service.openapi import api_page, api_schema, asset_path, upload_extra
 from diffqc.service.parts import (
     PART_WINDOW_S,
@@ -1357,18 +1358,13 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
 
     # requests refused by the store since its last line: said at most once a minute (a dashboard,
     # an HMI and a MES polling a database that is down would log a line each request)
-    store_errors = {"said_at": float("-inf"), "more": 0}
+    store_errors = Seldom()
 
     @app.exception_handler(StoreError)
     async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
-        now = time.monotonic()
-        if now - store_errors["said_at"] >= 60.0:  # on the event loop: no lock needed
-            more = int(store_errors["more"])
+        if (more := store_errors.due()) is not None:
             since = f" ({more} more requests refused by the store since the last such line)" if more else ""
             log.error("result store error on %s: %s%s", request.url.path, exc, since)
-            store_errors.update(said_at=now, more=0)
-        else:
-            store_errors["more"] += 1
         return _error_response(
             ServiceError(
                 503,

@@ -27,7 +27,7 @@ import numpy as np
 
 from diffqc.errors import StoreError
 from diffqc.inspection import ImageCheck
-from diffqc.service.logs import Outage
+from diffqc.service.logs import Outage, Seldom
 from diffqc.service.store import NOT_INSPECTED, ArtifactStore, ResultRecord, ResultStore
 from diffqc.visualize import DEFAULT_HEATMAP_SIZE, as_read, fit_within
 
@@ -353,8 +353,7 @@ class InspectionPipeline:
                                  for what in ("heat map", "kept image")}
         self.repeated_images_total = 0  # parts whose image repeated a recent one byte for byte
         self._recent: dict[str, ResultRecord] = {}  # digest -> the last part with that image
-        self._repeat_said_at = float("-inf")  # when a repeated image was last named in the log
-        self._repeats_unsaid = 0  # those repeated since, counted, not named
+        self._repeats_said = Seldom()  # a repeated image named in the log, the next ones counted
         self._turned_at = time.monotonic()  # the worker's last time round its loop
         self._next_model: tuple[Any, str, dict[str, tuple[float, float]]] | None = None
         self._model_lock = threading.Lock()
@@ -551,17 +550,12 @@ class InspectionPipeline:
                 continue
             if (earlier := self._recent.pop(job.digest, None)) is not None:
                 self.repeated_images_total += 1
-                now = time.monotonic()
-                if now - self._repeat_said_at < self.SAY_REPEATS_EVERY_S:
-                    self._repeats_unsaid += 1
-                else:
-                    more = self._repeats_unsaid
+                if (more := self._repeats_said.due(self.SAY_REPEATS_EVERY_S)) is not None:
                     log.warning("%s (record %s) is the same image as %s (record %s), from %s: is the "
                                 "camera repeating its last frame?%s", _part_name(rec), rec.id,
                                 _part_name(earlier), earlier.id, rec.source,
                                 f" ({more} more parts' images were repeats since the last such line)"
                                 if more else "")
-                    self._repeat_said_at, self._repeats_unsaid = now, 0
             self._recent[job.digest] = rec
             if len(self._recent) > RECENT_PARTS:
                 del self._recent[next(iter(self._recent))]

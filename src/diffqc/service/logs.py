@@ -177,6 +177,28 @@ def _is_terminal(stream: Any) -> bool:
         return False
 
 
+class Seldom:
+    """A line that would repeat with every request or part while its cause lasts, and has no end
+    to say (the store refusing a dashboard's polls, a camera sending its last frame again): said
+    at once, then at most once per ``every_s``, each saying how many went unsaid since the last.
+    Thread-safe."""
+
+    def __init__(self) -> None:
+        self._said_at = float("-inf")  # monotonic time of the last line
+        self._unsaid = 0
+        self._lock = threading.Lock()
+
+    def due(self, every_s: float = 60.0) -> int | None:
+        """None: not now (counted); else say the line now, with this many unsaid since the last."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._said_at < every_s:
+                self._unsaid += 1
+                return None
+            unsaid, self._said_at, self._unsaid = self._unsaid, now, 0
+            return unsaid
+
+
 class Outage:
     """A failure that repeats with every part while it lasts (the store refusing writes, a
     folder that cannot be written): said once when it starts, the parts it cost counted, and
