@@ -28,7 +28,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from pydantic import TypeAdapter
 
-from diffqc.service.store import DECISIONS, JSON_FIELDS, ResultRecord
+from diffqc.service.store import DECISIONS, JSON_FIELDS, VERDICTS, ResultRecord
 
 # the page's script and style sheet, by the names /docs/{asset} serves them under
 ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css")
@@ -87,6 +87,12 @@ def _nullable(kind: str) -> dict[str, Any]:
     return {"type": [kind, "null"]}
 
 
+# what a record and a part's verdict share: a decision, an operator's verdict, a time
+_DECISION = {"type": "string", "enum": list(DECISIONS)}
+_REVIEW = {"anyOf": [{"type": "string", "enum": list(VERDICTS)}, {"type": "null"}]}
+_TIME = {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]}
+
+
 def record_schema() -> dict[str, Any]:
     """The result record as the API answers it (``app.record_json``): the stored fields
     (:data:`~diffqc.service.store.JSON_FIELDS`, typed as :class:`ResultRecord` types them), its
@@ -94,13 +100,12 @@ def record_schema() -> dict[str, Any]:
     hints = typing.get_type_hints(ResultRecord)
     props = {name: TypeAdapter(hints[name]).json_schema() for name in JSON_FIELDS}
     props["id"] = {"type": "integer"}  # None only until stored
-    props["decision"] = {"type": "string", "enum": list(DECISIONS)}
-    props["review"] = {"anyOf": [{"type": "string", "enum": ["GOOD", "BAD"]}, {"type": "null"}]}
+    props["decision"], props["review"] = _DECISION, _REVIEW
     # a score that is not finite is written null, as every number the service answers
     props["type_scores"] = {"anyOf": [{"type": "object", "additionalProperties": _nullable("number")},
                                       {"type": "null"}]}
     props.update(created={"type": "string", "format": "date-time"},
-                 reviewed={"anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]},
+                 reviewed=_TIME,
                  heatmap_url=_nullable("string"), image_url=_nullable("string"),
                  misrouted={"type": "boolean"})
     for name in ("heatmap", "image"):  # files of the service's own: answered as URLs
@@ -111,16 +116,13 @@ def record_schema() -> dict[str, Any]:
 
 _RECORD = {"$ref": "#/components/schemas/Record"}
 _PART = {"$ref": "#/components/schemas/Part"}
-_TIME = {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]}
 
 
 def part_schema() -> dict[str, Any]:
     """A part's verdict as the API answers it and the sinks push it (``PartVerdict.to_json``)."""
     props: dict[str, Any] = {
-        "part_id": {"type": "string"}, "decision": {"type": "string", "enum": list(DECISIONS)},
-        "review": {"anyOf": [{"type": "string", "enum": ["GOOD", "BAD"]}, {"type": "null"}]},
-        "pending_review": {"type": "integer"},
-        "types": {"type": "object", "additionalProperties": {"type": "string", "enum": list(DECISIONS)}},
+        "part_id": {"type": "string"}, "decision": _DECISION, "review": _REVIEW,
+        "pending_review": {"type": "integer"}, "types": {"type": "object", "additionalProperties": _DECISION},
         "images": {"type": "integer"}, "superseded": {"type": "integer"}, "complete": _nullable("boolean"),
         "missing": {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}]},
         "first": _TIME, "last": _TIME}
