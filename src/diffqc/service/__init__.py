@@ -317,7 +317,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _artifact_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """What :func:`_add_artifact_arguments` added, as the service's settings: ``--keep-days`` and
+    """What :func:`_add_store_arguments` added, as the service's settings: ``--keep-days`` and
     ``--artifact-budget-mb`` its retention's, ``--disk-min-free-mb`` / ``--disk-min-free-percent``
     its disk watch's."""
     return {"retention_max_age_s": args.keep_days * 86400.0 if args.keep_days is not None else None,
@@ -568,8 +568,11 @@ def _say_unstored_part_types(db_url: str, chosen: Sequence[str]) -> None:
                   f"lacks it{did_you_mean(name, types)}; {_held(types)}", file=sys.stderr)
 
 
-def _add_artifact_arguments(p: argparse._ActionsContainer) -> None:
-    """What ``serve`` and ``watch`` keep beside each record."""
+def _add_store_arguments(p: argparse._ActionsContainer, db_help: str) -> None:
+    """Where ``serve`` and ``watch`` store their records, and what they keep beside each."""
+    p.add_argument("--db", type=path_name, default=None, help=db_help)
+    p.add_argument("--data-dir", type=path_name, default=None,
+                   help="folder for heat maps and kept images (default beside the SQLite file)")
     p.add_argument("--keep-images", choices=["none", "flagged", "all"], default="flagged",
                    help="which images to keep for review/export (flagged = REVIEW and REJECT)")
     p.add_argument("--heatmaps", choices=["none", "flagged", "all"], default="flagged",
@@ -734,14 +737,7 @@ def add_service_commands(subparsers: Any) -> None:
                           "without it are answered (a proxy that strips it, or one that does not)")
     net.add_argument("--cors-origin", action="append", help="allow this browser origin (repeatable)")
     store = p.add_argument_group("results and what is kept")
-    store.add_argument("--db", type=path_name, default=None, help=db_help)
-    store.add_argument(
-        "--data-dir",
-        type=path_name,
-        default=None,
-        help="folder for heat maps and kept images (default beside the SQLite file)",
-    )
-    _add_artifact_arguments(store)
+    _add_store_arguments(store, db_help)
     insp = p.add_argument_group("inspection")
     insp.add_argument("--buffer-size", type=POSITIVE, default=64, help="ring buffer capacity (parts)")
     insp.add_argument(
@@ -864,10 +860,7 @@ def add_service_commands(subparsers: Any) -> None:
     folder.add_argument("--source", type=_recorded_source, default=None,
                         help="idempotency namespace (default: the folder path)")
     store = w.add_argument_group("results and what is kept")
-    store.add_argument("--db", type=path_name, default=None, help=db_help)
-    store.add_argument("--data-dir", type=path_name, default=None,
-                       help="folder for heat maps and kept images (default beside the SQLite file)")
-    _add_artifact_arguments(store)
+    _add_store_arguments(store, db_help)
     insp = w.add_argument_group("inspection")
     insp.add_argument("--max-batch", type=POSITIVE, default=8, help="largest inference micro-batch")
     _add_image_limit_argument(insp, buffered=False)
