@@ -1330,14 +1330,21 @@ async def test_the_api_is_described_for_client_generators(tmp_path: Path) -> Non
     assert schema["servers"] == [{"url": "/qc"}]
 
 
-def _conforms(value: Any, schema: dict[str, Any], components: dict[str, Any], at: str = "$") -> list[str]:
-    """Where ``value`` breaks the JSON Schema ``schema`` (the keywords the description uses)."""
-    if "$ref" in schema:
-        return _conforms(value, components[schema["$ref"].rsplit("/", 1)[-1]], components, at)
-    if "allOf" in schema:
-        return [e for part in schema["allOf"] for e in _conforms(value, part, components, at)]
+def _conforms(value: Any, schema: dict[str, Any], components: dict[str, Any], at: str = "$",
+              closed: bool = False) -> list[str]:
+    """Where ``value`` breaks the JSON Schema ``schema`` (the keywords the description uses);
+    ``closed``: also a field that a schema naming its fields does not name, at any depth (what a
+    generated client would drop)."""
+    def resolve(s: dict[str, Any]) -> dict[str, Any]:
+        return resolve(components[s["$ref"].rsplit("/", 1)[-1]]) if "$ref" in s else s
+
+    schema = resolve(schema)
+    if "allOf" in schema:  # one object of every part's fields
+        parts = [resolve(part) for part in schema["allOf"]]
+        schema = {"type": "object", "required": [k for part in parts for k in part.get("required", [])],
+                  "properties": {k: v for part in parts for k, v in part.get("properties", {}).items()}}
     if "anyOf" in schema:
-        tries = [_conforms(value, part, components, at) for part in schema["anyOf"]]
+        tries = [_conforms(value, part, components, at, closed) for part in schema["anyOf"]]
         return [] if any(not t for t in tries) else [f"{at}: none of anyOf: {tries}"]
     kinds = {"string": str, "number": (int, float), "integer": int, "boolean": bool, "null": type(None),
              "object": dict, "array": list}
@@ -1353,15 +1360,18 @@ def _conforms(value: Any, schema: dict[str, Any], components: dict[str, Any], at
     errors = []
     if isinstance(value, dict):
         errors += [f"{at}: lacks {k}" for k in schema.get("required", []) if k not in value]
+        named = "properties" in schema or "additionalProperties" in schema
         for k, v in value.items():
             sub = schema.get("properties", {}).get(k)
             if sub is None and isinstance(schema.get("additionalProperties"), dict):
                 sub = schema["additionalProperties"]
             if sub is not None:
-                errors += _conforms(v, sub, components, f"{at}.{k}")
+                errors += _conforms(v, sub, components, f"{at}.{k}", closed)
+            elif closed and named:
+                errors.append(f"{at}.{k}: not described")
     if isinstance(value, list) and "items" in schema:
         for i, v in enumerate(value):
-            errors += _conforms(v, schema["items"], components, f"{at}[{i}]")
+            errors += _conforms(v, schema["items"], components, f"{at}[{i}]", closed)
     return errors
 
 
@@ -1398,7 +1408,7 @@ async def test_the_described_answers_are_the_services(detector: Any, samples: Sa
                    (await client.get("/v1/parts/d-1", headers=AUTH), "/v1/parts/{part_id}", "get")]
         for r, path, method in answers:
             assert r.status_code == 200, (path, r.text)
-            assert _conforms(r.json(), answer_of(path, method), components) == [], path
+            assert _conforms(r.json(), answer_of(path, method), components, closed=True) == [], path
         record = components["Record"]["properties"]
         assert set(record) == set(review.json())  # no field the answer lacks, none it has undescribed
         (part,) = batch.json()["parts"]
@@ -1409,3 +1419,50 @@ async def test_the_described_answers_are_the_services(detector: Any, samples: Sa
     documented = {name for row in section.splitlines() if row.startswith("| `")
                   for name in regex.findall(r"`([a-z_]+)`", row.split("|")[1])}
     assert documented == set(record)
+
+
+async def test_the_described_status_answers_are_the_services(detector: Any, samples: Samples,
+                                                             service_model: tuple[Path, Path],
+                                                             tmp_path: Path) -> None:
+    """The model and status routes' answers (summary, stats, line, model, defects, a sink's
+    requeue) are typed in the description field by field, every section of /v1/line included
+    (its sinks, retention, parts, OPC UA, TLS and watched model there): each answer conforms, and
+    has no field the description does not name (a generated client would drop it)."""
+    import datetime as dt
+
+    import trustme
+
+    from tests.test_service_common import bench
+
+    pem = tmp_path / "server.pem"
+    until = dt.datetime.now(dt.UTC) + dt.timedelta(days=30)
+    leaf = trustme.CA().issue_cert("localhost", not_after=until)
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(pem))
+    sections = dict(model_path=service_model[0], retention_max_age_s=3600.0, part_timeout_s=60.0,
+                    webhook_url=f"http://127.0.0.1:{bench.free_port()}/mes", tls_cert=pem,
+                    opcua_url=f"opc.tcp://127.0.0.1:{bench.free_port()}")
+    flagged, ftype = samples.one("REVIEW")
+    async with running_app(detector, tmp_path, **sections) as (client, _):
+        schema = (await client.get("/openapi.json")).json()
+        components = schema["components"]["schemas"]
+        for part in ("p-1", "p-2"):
+            one = await client.post("/v1/inspect", content=flagged, headers=AUTH,
+                                    params={"feature_type": ftype, "part_id": part, "camera": part})
+        await client.post(f"/v1/review/{one.json()['id']}", headers=AUTH,
+                          json={"verdict": "BAD", "defect": "smear"})
+        answers = [(await client.get(path, headers=AUTH), path, "get") for path in (
+            "/v1/summary", "/v1/summary?parts=true&by=camera", "/v1/stats", "/v1/line", "/v1/model",
+            "/v1/defects")]
+        answers.append((await client.post("/v1/sinks/webhook/requeue", headers=AUTH),
+                        "/v1/sinks/{name}/requeue", "post"))
+    line = answers[3][0].json()
+    assert all(line[section] is not None for section in ("retention", "parts", "tls", "opcua", "model")), line
+    assert line["sinks"] and line["drift"] and answers[5][0].json()["defects"]
+    for r, path, method in answers:
+        assert r.status_code == 200, (path, r.text)
+        ok = schema["paths"][path.split("?")[0]][method]["responses"]["200"]
+        answer = ok["content"]["application/json"]["schema"]
+        assert _conforms(r.json(), answer, components, closed=True) == [], path
+    more = {**line, "new": 1}  # the check finds a field left out, and a wrong value
+    assert _conforms(more, components["Line"], components, closed=True) == ["$.new: not described"]
+    assert _conforms({**line, "started": "now"}, components["Line"], components)

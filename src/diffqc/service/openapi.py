@@ -28,14 +28,21 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from pydantic import TypeAdapter
 
-from diffqc.service.store import DECISIONS, JSON_FIELDS, VERDICTS, ResultRecord
+from diffqc.service.buffer import OverflowPolicy
+from diffqc.service.store import DECISIONS, JSON_FIELDS, SUMMARY_COLUMNS, SUMMARY_KEYS, VERDICTS, ResultRecord
 
 # the page's script and style sheet, by the names /docs/{asset} serves them under
 ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css")
 PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
                "script-src 'self' 'unsafe-inline'")
 
-_ERROR = {"$ref": "#/components/schemas/Error"}
+
+def _ref(name: str) -> dict[str, Any]:
+    """The description's schema ``name`` (``components.schemas``)."""
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_ERROR = _ref("Error")
 _TEXT = {"type": "string", "minLength": 1, "maxLength": 200}
 _IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": _TEXT,
                 "description": "makes a retry safe: the same key answers the record stored for it "
@@ -114,8 +121,7 @@ def record_schema() -> dict[str, Any]:
             "description": "one stored decision, field by field in docs/API.md (The result record)"}
 
 
-_RECORD = {"$ref": "#/components/schemas/Record"}
-_PART = {"$ref": "#/components/schemas/Part"}
+_RECORD, _PART = _ref("Record"), _ref("Part")
 
 
 def part_schema() -> dict[str, Any]:
@@ -128,6 +134,101 @@ def part_schema() -> dict[str, Any]:
         "first": _TIME, "last": _TIME}
     return {"type": "object", "required": sorted(props), "properties": props,
             "description": "a part's verdict from its images, field by field in docs/API.md (Parts)"}
+
+
+def _object(description: str = "", *, optional: Sequence[str] = (), **props: Any) -> dict[str, Any]:
+    """An object of these fields, each always there but the ``optional`` ones."""
+    out = {"type": "object", "required": sorted(set(props) - set(optional)), "properties": props}
+    return {**out, "description": description} if description else out
+
+
+def _map(value: dict[str, Any], description: str) -> dict[str, Any]:
+    """An object keyed by names of the line's own (feature types, cameras, sinks)."""
+    return {"type": "object", "additionalProperties": value, "description": description}
+
+
+def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+_INT: Any = {"type": "integer"}
+_NUMBER: Any = {"type": "number"}
+_BOOL: Any = {"type": "boolean"}
+_STR: Any = {"type": "string"}
+_NAMES = {"type": "array", "items": _STR}
+_EPOCH = _nullable("number")  # a time as epoch seconds, or null before there is one
+_THRESHOLDS = _ref("Thresholds")
+
+
+def status_schemas() -> dict[str, dict[str, Any]]:
+    """The answers of the model and status routes (``/v1/model``, ``/v1/summary``,
+    ``/v1/stats``, ``/v1/line``, ``/v1/defects``), field by field in docs/API.md."""
+    group = _object("one group's counts: its `by` values (the last group `all`), then the counts",
+                    optional=SUMMARY_KEYS, **{k: _nullable("string") for k in SUMMARY_KEYS},
+                    **{c: _nullable("number") if c == "flagged_share" else _INT for c in SUMMARY_COLUMNS})
+    drift: dict[str, Any] = dict(statistic=_nullable("number"), threshold=_nullable("number"), alarm=_BOOL,
+                                 alarm_since=_EPOCH, window_parts=_INT, alarms_total=_INT, parts_total=_INT)
+    return {
+        "Thresholds": _object(
+            "the scores where the decision changes (null where no score reaches it)",
+            alpha_review=_nullable("number"), alpha_reject=_nullable("number"),
+            types=_map(_object(review=_nullable("number"), reject=_nullable("number")), "per feature type")),
+        "Summary": _object(
+            "a period's counts per group (`diffqc results summary`)", optional=("images_without_part",),
+            by={"type": "array", "items": {"type": "string", "enum": list(SUMMARY_KEYS)}},
+            since=_EPOCH, until=_EPOCH, parts=_BOOL, images_without_part=_INT,
+            groups={"type": "array", "items": group}),
+        "Stats": _object(
+            "counts per type and recent scores over a window",
+            types=_map(_object(**{d: _INT for d in DECISIONS}, total=_INT, per_minute=_NUMBER),
+                       "per feature type"),
+            scores=_map({"type": "array", "items": _NUMBER}, "per feature type, newest first"),
+            pending_reviews=_INT, window_s=_NUMBER, thresholds=_THRESHOLDS,
+            queue=_object(depth=_INT, capacity=_INT, dropped=_INT, refused=_INT,
+                          policy={"type": "string", "enum": [p.value for p in OverflowPolicy]})),
+        "Model": _object(
+            "the loaded model and the service's buffer settings",
+            classes=_NAMES, version=_STR, model_id=_nullable("string"), created=_nullable("string"),
+            method=_nullable("string"), runtime=_STR, precision=_STR, diffqc_version=_nullable("string"),
+            thresholds=_THRESHOLDS,
+            calibration=_object(
+                "the calibration summary (none for a model never calibrated)",
+                optional=("alpha_review", "alpha_reject", "tail", "types"),
+                alpha_review=_NUMBER, alpha_reject=_NUMBER, tail=_STR,
+                types=_map(_object(n=_INT, min=_NUMBER, median=_NUMBER, max=_NUMBER,
+                                   review_threshold=_nullable("number"), reject_threshold=_nullable("number"),
+                                   warnings=_NAMES), "per feature type")),
+            config={"type": ["object", "null"], "description": "the detector configuration"},
+            service=_object(buffer_size=_INT, max_batch=_INT, overflow=_STR, store=_STR,
+                            queue_depth=_nullable("integer"), part_types=_NAMES)),
+        "Line": _object(
+            "what the service does for the line besides answering",
+            drift=_map(_object(**drift, misrouted_total=_INT, untracked_camera_parts=_INT,
+                               cameras=_map(_object(**drift), "per camera")), "per feature type"),
+            sinks=_map(_object(ready=_BOOL, pending=_INT, dead_letters=_INT, delivered_total=_INT,
+                               failures_total=_INT, last_error=_nullable("string")), "per sink"),
+            retention=_or_null(_object(max_age_s=_nullable("number"), max_bytes=_nullable("integer"),
+                                       expired_total=_INT, kept_bytes=_INT)),
+            disk={"type": "array", "items": _object(path=_STR, free_bytes=_INT, total_bytes=_INT,
+                                                    free_ratio=_NUMBER, low=_BOOL)},
+            clock=_object(steps_total=_INT, last_step_s=_nullable("number"), behind_model=_BOOL),
+            tls=_or_null(_object(file=_STR, not_after=_EPOCH, days_left=_nullable("number"), expiring=_BOOL,
+                                 expired=_BOOL, file_not_after=_EPOCH, renewed_on_disk=_BOOL, reloads=_INT)),
+            opcua=_or_null(_object(endpoint=_STR, namespace=_STR, published_total=_INT, running=_BOOL,
+                                   security={"type": "string", "enum": ["none", "sign_and_encrypt"]},
+                                   certificate_sha1=_nullable("string"),
+                                   trusted_clients=_nullable("integer"))),
+            parts=_or_null(_object(types=_NAMES, timeout_s=_NUMBER, waiting=_INT, overdue_total=_INT,
+                                   lacking=_map(_INT, "per type"), last_at=_map(_NUMBER, "per type"))),
+            model=_or_null(_object(bundle=_STR, model_id=_nullable("string"), reloads=_INT,
+                                   last_error=_nullable("string"))),
+            calibration=_or_null(_object(file=_STR, reloads=_INT, last_error=_nullable("string"))),
+            started=_NUMBER,
+            images={"type": "array", "items": _object(feature_type=_STR, check=_STR, parts=_INT,
+                                                      first_at=_NUMBER, last_at=_NUMBER, note=_STR)}),
+        "Defects": _object("the defect kinds given with BAD verdicts, the most given first",
+                           defects={"type": "array", "items": _object(defect=_STR, verdicts=_INT)}),
+    }
 
 
 def _with(**more: Any) -> dict[str, Any]:
@@ -153,6 +254,9 @@ ANSWERS: dict[tuple[str, str], dict[str, Any]] = {
     ("/v1/parts/{part_id}", "get"): {"allOf": [_PART, {
         "type": "object", "required": ["truncated", "results"], "properties": {
             "truncated": {"type": "boolean"}, "results": {"type": "array", "items": _RECORD}}}]},
+    **{(f"/v1/{name.lower()}", "get"): _ref(name)
+       for name in ("Summary", "Stats", "Model", "Line", "Defects")},
+    ("/v1/sinks/{name}/requeue", "post"): _object(sink=_STR, requeued=_INT),
 }
 
 
@@ -179,6 +283,7 @@ def api_schema(app: FastAPI, *, token: bool, root_path: str) -> dict[str, Any]:
         schemas.pop(name, None)
     schemas["Record"] = record_schema()
     schemas["Part"] = part_schema()
+    schemas.update(status_schemas())
     for (path, method), answer in ANSWERS.items():
         ok = schema["paths"][path][method]["responses"]["200"]
         ok["content"] = {"application/json": {"schema": answer}}
