@@ -1127,6 +1127,13 @@ def test_the_api_page_inspects_a_part_offline(live_server: tuple[str, Any], brow
     op.find_element(By.CSS_SELECTOR, 'input[placeholder="feature_type"]').send_keys(ftype)
     assert executed(browser, op)[0] == 200
     assert [(r.feature_type, r.type_known) for r in state.store.query(limit=None)][:2] == [(ftype, True)] * 2
+    # a verdict from the body the page starts from: it was every field "string" (a defect kind
+    # with GOOD: 422) and "replaces" a verdict the part never had (409)
+    op = try_out(browser, url + "/docs", "review_v1_review__record_id__post")
+    op.find_element(By.CSS_SELECTOR, 'input[placeholder="record_id"]').send_keys(str(stored.id))
+    assert executed(browser, op)[0] == 200
+    given = state.store.get(stored.id)
+    assert (given.review, given.review_defect) == ("BAD", "crack") and given.reviewer
 
 
 def test_a_verdict_not_stored_is_said_where_it_was_given(detector: Any, browser: Any, samples: Samples,

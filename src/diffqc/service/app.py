@@ -1276,14 +1276,20 @@ READY_CHECKS = ("model", "worker", "store", "buffer")
 
 # --------------------------------------------------------------------------- request models
 class ReviewIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelled "reviewr" is refused, not dropped
+    # a misspelled "reviewr" is refused, not dropped. The example is the body Swagger UI's "Try
+    # it out" starts from: without it, it sent every field as "string" (a defect kind with GOOD,
+    # refused) and "replaces" as a verdict the part never had (a conflict)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"verdict": "BAD", "reviewer": "ann", "defect": "crack", "note": "at the left edge"}]})
 
-    verdict: Literal["GOOD", "BAD"]
-    reviewer: str | None = Field(default=None, max_length=MAX_ID_LEN)
-    note: str | None = Field(default=None, max_length=2000)
-    defect: str | None = Field(default=None, max_length=MAX_ID_LEN)  # its kind, with BAD
-    # the verdict the reviewer saw (null: none): refused (409) if another came first
-    replaces: Literal["GOOD", "BAD"] | None = None
+    verdict: Literal["GOOD", "BAD"] = Field(description="the operator's verdict on the part")
+    reviewer: str | None = Field(default=None, max_length=MAX_ID_LEN, description="who gives it")
+    note: str | None = Field(default=None, max_length=2000, description="stored as `review_note`")
+    defect: str | None = Field(default=None, max_length=MAX_ID_LEN,
+                               description="with BAD only: the defect's kind (`GET /v1/defects`)")
+    replaces: Literal["GOOD", "BAD"] | None = Field(
+        default=None, description="the verdict the reviewer saw (null: none): refused (409) if another "
+                                  "came first; left out, the latest verdict wins")
 
 
 # --------------------------------------------------------------------------- the app
