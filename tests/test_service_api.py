@@ -1330,6 +1330,39 @@ async def test_the_api_is_described_for_client_generators(tmp_path: Path) -> Non
     assert schema["servers"] == [{"url": "/qc"}]
 
 
+async def test_the_described_routes_are_grouped_and_named_for_a_client(tmp_path: Path) -> None:
+    """A client generated from the description (openapi-python-client, NSwag) named its methods
+    after FastAPI's operation ids, path and method appended (`result_v1_results__record_id__get`,
+    models `ResultV1ResultsRecordIdGetResponse200`), all in one module `default`, which Swagger UI
+    listed in the order the routes were written (the line's status first). Each route's id is now
+    its function's name, and its group (tag) the docs/API.md section that describes it, the groups
+    in that page's order."""
+    import re as regex
+
+    import httpx
+
+    from diffqc.service.app import ServiceSettings, create_app
+    from tests.test_api_doc import DOC, HEADING
+
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "x.db"), tokens=(TOKEN,)), detector=None)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client:
+        schema = (await client.get("/openapi.json")).json()
+    section, sections, under = "", [], {}
+    for row in DOC.read_text(encoding="utf-8").splitlines():
+        if row.startswith("## "):
+            section = row[3:]
+        elif (found := HEADING.match(row)) and found["path"].startswith("/v1/"):
+            under[(found["method"].lower(), found["path"])] = section
+            sections += [section] if section not in sections else []
+    ops = {(m, p): op for p, methods in schema["paths"].items() for m, op in methods.items()}
+    assert {key: op["tags"] for key, op in ops.items()} == {key: [s] for key, s in under.items()}
+    assert [t["name"] for t in schema["tags"]] == sections
+    ids = [op["operationId"] for op in ops.values()]
+    assert len(set(ids)) == len(ids) and all(regex.fullmatch(r"[a-z]+(_[a-z]+)*", i) for i in ids), ids
+    assert ops[("get", "/v1/results/{record_id}")]["operationId"] == "get_result"
+    assert ops[("post", "/v1/inspect")]["operationId"] == "inspect"
+
+
 def _conforms(value: Any, schema: dict[str, Any], components: dict[str, Any], at: str = "$",
               closed: bool = False) -> list[str]:
     """Where ``value`` breaks the JSON Schema ``schema`` (the keywords the description uses);

@@ -77,7 +77,7 @@ from diffqc.service.buffer import (
 )
 from diffqc.service.line import LineServices
 from diffqc.service.logs import Seldom
-from diffqc.service.openapi import api_page, api_schema, asset_path, upload_extra
+from diffqc.service.openapi import api_page, api_schema, asset_path, operation_id, upload_extra
 from diffqc.service.parts import (
     PART_WINDOW_S,
     check_part_types,
@@ -1323,6 +1323,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        generate_unique_id_function=operation_id,
     )
     app.state.diffqc = state
 
@@ -1486,7 +1487,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     # ---------------------------------------------------------------- the line
-    @api.get("/v1/line")
+    @api.get("/v1/line", tags=["Model and status"])
     async def line_status() -> dict[str, Any]:
         """Drift watch per type, push sinks (pending, dead letters), retention, calibration, and
         the types whose parts came unlike their training images (size, colour)."""
@@ -1497,7 +1498,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         status["images"] = state.pipeline.image_check.snapshot() if state.pipeline is not None else []
         return dict(json_safe(status))
 
-    @api.post("/v1/sinks/{name}/requeue")
+    @api.post("/v1/sinks/{name}/requeue", tags=["Sinks"])
     async def requeue_dead_letters(name: str = PathParam(max_length=MAX_ID_LEN)) -> dict[str, Any]:
         """Send a sink's dead letters again (after its receiver was fixed)."""
         outbox = state.line.outbox if state.line is not None else None
@@ -1506,7 +1507,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         return {"sink": name, "requeued": await run_in_threadpool(outbox.requeue_dead, name)}
 
     # ---------------------------------------------------------------- inspect
-    @api.post("/v1/inspect", openapi_extra=upload_extra(LINE_FIELDS, batch=False))
+    @api.post("/v1/inspect", openapi_extra=upload_extra(LINE_FIELDS, batch=False), tags=["Inspection"])
     async def inspect(
         request: Request,
         feature_type: str | None = Query(default=None, max_length=MAX_ID_LEN),
@@ -1558,7 +1559,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             lambda: build_job(data, ftype, part, settings, **kw), limiter=decode_limiter
         )
 
-    @api.post("/v1/inspect/batch", openapi_extra=upload_extra(LINE_FIELDS, batch=True))
+    @api.post("/v1/inspect/batch", openapi_extra=upload_extra(LINE_FIELDS, batch=True), tags=["Inspection"])
     async def inspect_batch(
         request: Request,
         feature_type: str | None = Query(default=None, max_length=MAX_ID_LEN),
@@ -1650,8 +1651,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         return JSONResponse(body)
 
     # ---------------------------------------------------------------- results
-    @api.get("/v1/results")
-    async def results(
+    @api.get("/v1/results", tags=["Results"])
+    async def list_results(
         since: str | None = None,
         until: str | None = None,
         feature_type: str | None = Query(default=None, max_length=MAX_ID_LEN),
@@ -1699,8 +1700,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             raise ServiceError(404, "not_found", f"no result with id {record_id}")
         return rec
 
-    @api.get("/v1/results/{record_id}")
-    async def result(record_id: int = RECORD_ID) -> dict[str, Any]:
+    @api.get("/v1/results/{record_id}", tags=["Results"])
+    async def get_result(record_id: int = RECORD_ID) -> dict[str, Any]:
         rec = await _get_record(record_id)
         _, store = state.require()
         history = await run_in_threadpool(store.review_history, record_id)
@@ -1727,12 +1728,12 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             },
         )
 
-    @api.get("/v1/results/{record_id}/heatmap")
-    async def heatmap(record_id: int = RECORD_ID) -> FileResponse:
+    @api.get("/v1/results/{record_id}/heatmap", tags=["Results"])
+    async def get_heatmap(record_id: int = RECORD_ID) -> FileResponse:
         return await _artifact(record_id, "heatmaps")
 
-    @api.get("/v1/results/{record_id}/image")
-    async def image(record_id: int = RECORD_ID, view: Literal["model"] | None = None) -> Response:
+    @api.get("/v1/results/{record_id}/image", tags=["Results"])
+    async def get_image(record_id: int = RECORD_ID, view: Literal["model"] | None = None) -> Response:
         """The kept image as it was kept; ``view=model``: as the model served now reads it, where
         that differs from what a browser draws of the file (a model read at a gain, a 12-bit
         camera's: an 8-bit PNG at its ``backbone.input_gain``), for the dashboard."""
@@ -1745,8 +1746,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                         headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
 
     # ---------------------------------------------------------------- parts
-    @api.get("/v1/parts")
-    async def parts(
+    @api.get("/v1/parts", tags=["Parts"])
+    async def list_parts(
         since: str | None = None,
         until: str | None = None,
         line: str | None = Query(default=None, max_length=MAX_ID_LEN),
@@ -1768,8 +1769,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                                  station=place[1], camera=place[2]))
         return {"parts": [v.to_json() for v in found], "truncated": truncated}
 
-    @api.get("/v1/parts/{part_id:path}")
-    async def part(
+    @api.get("/v1/parts/{part_id:path}", tags=["Parts"])
+    async def get_part(
         part_id: str,
         since: str | None = None,
         until: str | None = None,
@@ -1796,14 +1797,14 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                 "results": [record_json(r, settings.root_path) for r in verdict.counted]}
 
     # ---------------------------------------------------------------- review
-    @api.get("/v1/review")
+    @api.get("/v1/review", tags=["Review"])
     async def review_queue(limit: int = Query(default=50, ge=1, le=500)) -> dict[str, Any]:
         _, store = state.require()
         recs = await run_in_threadpool(store.review_queue, limit)
         pending = await run_in_threadpool(store.pending_reviews)
         return {"queue": [record_json(r, settings.root_path) for r in recs], "pending": pending}
 
-    @api.get("/v1/defects")
+    @api.get("/v1/defects", tags=["Review"])
     async def defect_kinds(limit: int = Query(default=200, ge=1, le=1000)) -> dict[str, Any]:
         """The defect kinds given with BAD verdicts, the most given first (the dashboard offers
         them as the reviewer types)."""
@@ -1811,7 +1812,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         kinds = await run_in_threadpool(store.defect_kinds, limit)
         return {"defects": [{"defect": kind, "verdicts": n} for kind, n in kinds]}
 
-    @api.post("/v1/review/{record_id}")
+    @api.post("/v1/review/{record_id}", tags=["Review"])
     async def review(request: Request, body: ReviewIn, record_id: int = RECORD_ID) -> dict[str, Any]:
         _, given = _json_with_names(await request.body())  # as ReviewIn took it: read once, kept
         _refuse_repeated(given, ReviewIn.model_fields, "JSON field", "repeated_field")
@@ -1835,8 +1836,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         return record_json(updated, settings.root_path)
 
     # ---------------------------------------------------------------- model / stats
-    @api.get("/v1/model")
-    async def model() -> dict[str, Any]:
+    @api.get("/v1/model", tags=["Model and status"])
+    async def get_model() -> dict[str, Any]:
         info = dict(state.model_info)
         pipeline = state.pipeline
         info["service"] = {
@@ -1849,7 +1850,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         }
         return info
 
-    @api.get("/v1/summary")
+    @api.get("/v1/summary", tags=["Model and status"])
     async def summary(since: str | None = None, until: str | None = None,
                       by: Annotated[list[str] | None, Query()] = None, parts: bool = False) -> dict[str, Any]:
         """A period's counts per group (``results summary``), the last group all of them;
@@ -1872,7 +1873,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         groups = [{**dict(zip(by, key, strict=True)), **row} for key, row in summarize(counts, len(by))]
         return json_safe({"by": by, "since": start, "until": end, "parts": parts, **extra, "groups": groups})
 
-    @api.get("/v1/stats")
+    @api.get("/v1/stats", tags=["Model and status"])
     async def stats(window_s: float = Query(default=3600.0, gt=0, le=30 * 86400)) -> dict[str, Any]:
         """Rates per type and recent scores (for the dashboard)."""
         pipeline, store = state.require()

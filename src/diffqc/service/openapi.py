@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
+from fastapi.routing import APIRoute
 from pydantic import TypeAdapter
 
 from diffqc.service.buffer import OverflowPolicy
@@ -35,6 +36,23 @@ from diffqc.service.store import DECISIONS, JSON_FIELDS, SUMMARY_COLUMNS, SUMMAR
 ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css")
 PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
                "script-src 'self' 'unsafe-inline'")
+
+
+# the routes' groups, in docs/API.md's order and under its sections' names: Swagger UI lists them
+# so, and a client generator makes a module (a class) of each
+TAGS = (("Inspection", "send a part's image, get its decision"),
+        ("Results", "the stored decisions, their heat maps and images"),
+        ("Parts", "a part's verdict from its crops"),
+        ("Review", "operators' verdicts on flagged parts"),
+        ("Model and status", "the model, a period's counts, rates, and what the service does for the line"),
+        ("Sinks", "the decisions pushed to a MES (webhook, MQTT)"))
+
+
+def operation_id(route: APIRoute) -> str:
+    """A route's ``operationId``: its function's name (``inspect``, ``get_result``), the name a
+    client generator gives its method; FastAPI's own appends the path and method
+    (``result_v1_results__record_id__get``)."""
+    return route.name
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -303,6 +321,7 @@ def api_schema(app: FastAPI, *, token: bool, root_path: str) -> dict[str, Any]:
     if token:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         schema["security"] = [{"bearer": []}]
+    schema["tags"] = [{"name": name, "description": text} for name, text in TAGS]
     schema["servers"] = [{"url": root_path or "."}]
     return schema
 
