@@ -1361,6 +1361,12 @@ async def test_the_described_routes_are_grouped_and_named_for_a_client(tmp_path:
     assert len(set(ids)) == len(ids) and all(regex.fullmatch(r"[a-z]+(_[a-z]+)*", i) for i in ids), ids
     assert ops[("get", "/v1/results/{record_id}")]["operationId"] == "get_result"
     assert ops[("post", "/v1/inspect")]["operationId"] == "inspect"
+    # Swagger UI showed `since`, `by`, `after_id` as bare names: how is a time written?
+    bare = [(path, p["name"]) for (_, path), op in ops.items() for p in op.get("parameters", [])
+            if not p.get("description")]
+    assert bare == []
+    since = next(p for p in ops[("get", "/v1/results")]["parameters"] if p["name"] == "since")
+    assert "`8h`" in since["description"] and "ISO 8601" in since["description"]
 
 
 def _conforms(value: Any, schema: dict[str, Any], components: dict[str, Any], at: str = "$",

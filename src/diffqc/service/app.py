@@ -1138,6 +1138,14 @@ async def _submit(state: ServiceState, jobs: list[Job]) -> list[ResultRecord]:
 # --------------------------------------------------------------------------- validation
 HTTP_CODES = {400: "bad_request", 404: "no_such_route", 405: "method_not_allowed", 413: "upload_too_large"}
 RECORD_ID = PathParam(ge=1, le=MAX_ROW_ID, description="a result id")
+# query parameters several routes take, described once (docs/API.md, Times)
+_TIMES = ("epoch seconds, ISO 8601 (`2026-12-03T08:00:00Z`; UTC without an offset), or a span back "
+          "from now (`8h`)")
+SINCE = Query(default=None, description=f"at or after this time: {_TIMES}")
+UNTIL = Query(default=None, description=f"before this time: {_TIMES}")
+PLACE = {name: Query(default=None, max_length=MAX_ID_LEN, description=f"seen at this {name} (exact match)")
+         for name in LINE_FIELDS}
+DECISION = Query(default=None, description="PASS, REVIEW, REJECT or NOT_INSPECTED (any case)")
 
 
 def _route_told(request: Request, status: int, allow: str | None) -> str | None:
@@ -1499,7 +1507,9 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         return dict(json_safe(status))
 
     @api.post("/v1/sinks/{name}/requeue", tags=["Sinks"])
-    async def requeue_dead_letters(name: str = PathParam(max_length=MAX_ID_LEN)) -> dict[str, Any]:
+    async def requeue_dead_letters(
+        name: str = PathParam(max_length=MAX_ID_LEN, description="`webhook` or `mqtt`"),
+    ) -> dict[str, Any]:
         """Send a sink's dead letters again (after its receiver was fixed)."""
         outbox = state.line.outbox if state.line is not None else None
         if outbox is None or name not in outbox.sinks:
@@ -1510,8 +1520,10 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     @api.post("/v1/inspect", openapi_extra=upload_extra(LINE_FIELDS, batch=False), tags=["Inspection"])
     async def inspect(
         request: Request,
-        feature_type: str | None = Query(default=None, max_length=MAX_ID_LEN),
-        part_id: str | None = Query(default=None, max_length=MAX_ID_LEN),
+        feature_type: str | None = Query(default=None, max_length=MAX_ID_LEN, description=(
+            "one of the model's types (`GET /v1/model`'s classes); none: the type it is closest to")),
+        part_id: str | None = Query(default=None, max_length=MAX_ID_LEN,
+                                    description="the part this image is a crop of (stored on the record)"),
     ) -> JSONResponse:
         t0 = time.perf_counter()
         ftype = _check_type(state, feature_type)
@@ -1562,7 +1574,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     @api.post("/v1/inspect/batch", openapi_extra=upload_extra(LINE_FIELDS, batch=True), tags=["Inspection"])
     async def inspect_batch(
         request: Request,
-        feature_type: str | None = Query(default=None, max_length=MAX_ID_LEN),
+        feature_type: str | None = Query(default=None, max_length=MAX_ID_LEN,
+                                         description="every image's type, where the body gives none"),
     ) -> JSONResponse:
         """Multipart: repeated file fields ``image``; optional repeated ``part_id`` and
         ``feature_type`` fields (one per image, or one ``feature_type`` for all); or JSON, the
@@ -1653,22 +1666,26 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     # ---------------------------------------------------------------- results
     @api.get("/v1/results", tags=["Results"])
     async def list_results(
-        since: str | None = None,
-        until: str | None = None,
-        feature_type: str | None = Query(default=None, max_length=MAX_ID_LEN),
-        decision: str | None = None,
-        reviewed: bool | None = None,
-        review: Literal["GOOD", "BAD"] | None = None,
-        part_id: str | None = Query(default=None, max_length=MAX_ID_LEN),
-        line: str | None = Query(default=None, max_length=MAX_ID_LEN),
-        station: str | None = Query(default=None, max_length=MAX_ID_LEN),
-        camera: str | None = Query(default=None, max_length=MAX_ID_LEN),
-        source: str | None = Query(default=None, max_length=MAX_SOURCE_LEN),
-        after_id: int | None = Query(default=None, ge=0, le=MAX_ROW_ID),
-        before_id: int | None = Query(default=None, ge=0, le=MAX_ROW_ID),
-        limit: int = Query(default=100, ge=1, le=1000),
-        order: Literal["newest", "oldest"] = "newest",
+        since: str | None = SINCE,
+        until: str | None = UNTIL,
+        feature_type: str | None = Query(default=None, max_length=MAX_ID_LEN, description="of this type"),
+        decision: str | None = DECISION,
+        reviewed: bool | None = Query(default=None, description="with (true) or without (false) a verdict"),
+        review: Literal["GOOD", "BAD"] | None = Query(default=None, description="whose verdict is this"),
+        part_id: str | None = Query(default=None, max_length=MAX_ID_LEN, description="of this part"),
+        line: str | None = PLACE["line"],
+        station: str | None = PLACE["station"],
+        camera: str | None = PLACE["camera"],
+        source: str | None = Query(default=None, max_length=MAX_SOURCE_LEN,
+                                   description="`http`, or the file a watched folder's part came from"),
+        after_id: int | None = Query(default=None, ge=0, le=MAX_ROW_ID,
+                                     description="ids above this: poll with order=oldest for new decisions"),
+        before_id: int | None = Query(default=None, ge=0, le=MAX_ROW_ID,
+                                      description="ids below this: page back from a page's smallest id"),
+        limit: int = Query(default=100, ge=1, le=1000, description="at most this many records"),
+        order: Literal["newest", "oldest"] = Query(default="newest", description="by id"),
     ) -> dict[str, Any]:
+        """Stored records, filtered: every parameter given must match."""
         decision = _decision_filter(decision)
         # an empty value (a form's empty field) is no filter, as on an upload it is no value
         given = (("feature_type", feature_type), ("part_id", part_id), ("line", line), ("station", station),
@@ -1733,7 +1750,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         return await _artifact(record_id, "heatmaps")
 
     @api.get("/v1/results/{record_id}/image", tags=["Results"])
-    async def get_image(record_id: int = RECORD_ID, view: Literal["model"] | None = None) -> Response:
+    async def get_image(record_id: int = RECORD_ID, view: Literal["model"] | None = Query(
+            default=None, description="`model`: as the model served now reads it")) -> Response:
         """The kept image as it was kept; ``view=model``: as the model served now reads it, where
         that differs from what a browser draws of the file (a model read at a gain, a 12-bit
         camera's: an 8-bit PNG at its ``backbone.input_gain``), for the dashboard."""
@@ -1748,14 +1766,14 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     # ---------------------------------------------------------------- parts
     @api.get("/v1/parts", tags=["Parts"])
     async def list_parts(
-        since: str | None = None,
-        until: str | None = None,
-        line: str | None = Query(default=None, max_length=MAX_ID_LEN),
-        station: str | None = Query(default=None, max_length=MAX_ID_LEN),
-        camera: str | None = Query(default=None, max_length=MAX_ID_LEN),
-        decision: str | None = None,
-        complete: bool | None = None,
-        limit: int = Query(default=50, ge=1, le=500),
+        since: str | None = SINCE,
+        until: str | None = UNTIL,
+        line: str | None = PLACE["line"],
+        station: str | None = PLACE["station"],
+        camera: str | None = PLACE["camera"],
+        decision: str | None = DECISION,
+        complete: bool | None = Query(default=None, description="with an image of each type (true) or not"),
+        limit: int = Query(default=50, ge=1, le=500, description="at most this many parts"),
     ) -> dict[str, Any]:
         """The latest parts' verdicts, newest first (:func:`diffqc.service.parts.latest_parts`)."""
         verdict = _decision_filter(decision)
@@ -1771,12 +1789,12 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
 
     @api.get("/v1/parts/{part_id:path}", tags=["Parts"])
     async def get_part(
-        part_id: str,
-        since: str | None = None,
-        until: str | None = None,
-        line: str | None = Query(default=None, max_length=MAX_ID_LEN),
-        station: str | None = Query(default=None, max_length=MAX_ID_LEN),
-        camera: str | None = Query(default=None, max_length=MAX_ID_LEN),
+        part_id: str = PathParam(description="the part's id (it may hold `/`)"),
+        since: str | None = SINCE,
+        until: str | None = UNTIL,
+        line: str | None = PLACE["line"],
+        station: str | None = PLACE["station"],
+        camera: str | None = PLACE["camera"],
     ) -> dict[str, Any]:
         """The part's verdict from the decisions on its images (one per feature type, each
         type's latest: :func:`diffqc.service.parts.part_verdict`)."""
@@ -1798,14 +1816,19 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
 
     # ---------------------------------------------------------------- review
     @api.get("/v1/review", tags=["Review"])
-    async def review_queue(limit: int = Query(default=50, ge=1, le=500)) -> dict[str, Any]:
+    async def review_queue(
+        limit: int = Query(default=50, ge=1, le=500, description="at most this many records"),
+    ) -> dict[str, Any]:
+        """The review queue: REVIEW decisions without an operator verdict, oldest first."""
         _, store = state.require()
         recs = await run_in_threadpool(store.review_queue, limit)
         pending = await run_in_threadpool(store.pending_reviews)
         return {"queue": [record_json(r, settings.root_path) for r in recs], "pending": pending}
 
     @api.get("/v1/defects", tags=["Review"])
-    async def defect_kinds(limit: int = Query(default=200, ge=1, le=1000)) -> dict[str, Any]:
+    async def defect_kinds(
+        limit: int = Query(default=200, ge=1, le=1000, description="at most this many kinds"),
+    ) -> dict[str, Any]:
         """The defect kinds given with BAD verdicts, the most given first (the dashboard offers
         them as the reviewer types)."""
         _, store = state.require()
@@ -1851,8 +1874,13 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         return info
 
     @api.get("/v1/summary", tags=["Model and status"])
-    async def summary(since: str | None = None, until: str | None = None,
-                      by: Annotated[list[str] | None, Query()] = None, parts: bool = False) -> dict[str, Any]:
+    async def summary(
+        since: str | None = SINCE,
+        until: str | None = UNTIL,
+        by: Annotated[list[str] | None, Query(
+            description=f"group by (repeatable, in order): {', '.join(SUMMARY_KEYS)}")] = None,
+        parts: bool = Query(default=False, description="count parts, not images"),
+    ) -> dict[str, Any]:
         """A period's counts per group (``results summary``), the last group all of them;
         ``parts``: each part counted once by its verdict (``results summary --parts``)."""
         by = by or (["line"] if parts else ["feature_type"])
@@ -1874,7 +1902,9 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         return json_safe({"by": by, "since": start, "until": end, "parts": parts, **extra, "groups": groups})
 
     @api.get("/v1/stats", tags=["Model and status"])
-    async def stats(window_s: float = Query(default=3600.0, gt=0, le=30 * 86400)) -> dict[str, Any]:
+    async def stats(
+        window_s: float = Query(default=3600.0, gt=0, le=30 * 86400, description="the window: seconds back"),
+    ) -> dict[str, Any]:
         """Rates per type and recent scores (for the dashboard)."""
         pipeline, store = state.require()
         since = time.time() - window_s
