@@ -1330,6 +1330,25 @@ async def test_the_api_is_described_for_client_generators(tmp_path: Path) -> Non
     assert schema["servers"] == [{"url": "/qc"}]
 
 
+async def test_the_description_is_valid_openapi(tmp_path: Path) -> None:
+    """The description is valid OpenAPI 3.1 by an independent validator (openapi-spec-validator,
+    the one client generators' users check a description with), with a token and without."""
+    import httpx
+    from openapi_spec_validator import validate
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    for settings in (dict(tokens=(TOKEN,)), dict(allow_no_token=True, root_path="/qc")):
+        app = create_app(ServiceSettings(db_url=str(tmp_path / "x.db"), **settings), detector=None)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client:
+            schema = (await client.get("/openapi.json")).json()
+        validate(schema)  # raises on any fault
+        assert schema["openapi"].startswith("3.1")
+    broken = {**schema, "paths": {"/v1/model": {"get": {"responses": {"200": {}}}}}}
+    with pytest.raises(Exception, match="description"):  # a response without its description
+        validate(broken)
+
+
 async def test_the_described_routes_are_grouped_and_named_for_a_client(tmp_path: Path) -> None:
     """A client generated from the description (openapi-python-client, NSwag) named its methods
     after FastAPI's operation ids, path and method appended (`result_v1_results__record_id__get`,
@@ -1369,49 +1388,39 @@ async def test_the_described_routes_are_grouped_and_named_for_a_client(tmp_path:
     assert "`8h`" in since["description"] and "ISO 8601" in since["description"]
 
 
-def _conforms(value: Any, schema: dict[str, Any], components: dict[str, Any], at: str = "$",
-              closed: bool = False) -> list[str]:
-    """Where ``value`` breaks the JSON Schema ``schema`` (the keywords the description uses);
-    ``closed``: also a field that a schema naming its fields does not name, at any depth (what a
-    generated client would drop)."""
+def _conforms(value: Any, schema: dict[str, Any], components: dict[str, Any]) -> list[str]:
+    """Where ``value`` breaks ``schema`` of the description (a JSON Schema 2020-12 validator, as
+    OpenAPI 3.1 reads its schemas), and each field it has that a schema naming its fields does not
+    name, at any depth (what a generated client would drop)."""
+    from jsonschema import Draft202012Validator
+
+    def check(s: dict[str, Any]) -> Any:  # references resolved in the description's components
+        return Draft202012Validator({**s, "components": {"schemas": components}})
+
     def resolve(s: dict[str, Any]) -> dict[str, Any]:
         return resolve(components[s["$ref"].rsplit("/", 1)[-1]]) if "$ref" in s else s
 
-    schema = resolve(schema)
-    if "allOf" in schema:  # one object of every part's fields
-        parts = [resolve(part) for part in schema["allOf"]]
-        schema = {"type": "object", "required": [k for part in parts for k in part.get("required", [])],
-                  "properties": {k: v for part in parts for k, v in part.get("properties", {}).items()}}
-    if "anyOf" in schema:
-        tries = [_conforms(value, part, components, at, closed) for part in schema["anyOf"]]
-        return [] if any(not t for t in tries) else [f"{at}: none of anyOf: {tries}"]
-    kinds = {"string": str, "number": (int, float), "integer": int, "boolean": bool, "null": type(None),
-             "object": dict, "array": list}
-    wanted = schema.get("type")
-    if wanted is not None:
-        names = wanted if isinstance(wanted, list) else [wanted]
-        ok = any(isinstance(value, kinds[n]) and not (n in ("number", "integer") and isinstance(value, bool))
-                 for n in names)
-        if not ok:
-            return [f"{at}: {value!r} is not {wanted}"]
-    if "enum" in schema and value not in schema["enum"]:
-        return [f"{at}: {value!r} not in {schema['enum']}"]
-    errors = []
-    if isinstance(value, dict):
-        errors += [f"{at}: lacks {k}" for k in schema.get("required", []) if k not in value]
-        named = "properties" in schema or "additionalProperties" in schema
-        for k, v in value.items():
-            sub = schema.get("properties", {}).get(k)
-            if sub is None and isinstance(schema.get("additionalProperties"), dict):
-                sub = schema["additionalProperties"]
-            if sub is not None:
-                errors += _conforms(v, sub, components, f"{at}.{k}", closed)
-            elif closed and named:
-                errors.append(f"{at}.{k}: not described")
-    if isinstance(value, list) and "items" in schema:
-        for i, v in enumerate(value):
-            errors += _conforms(v, schema["items"], components, f"{at}[{i}]", closed)
-    return errors
+    def undescribed(v: Any, s: dict[str, Any], at: str) -> list[str]:
+        s = resolve(s)
+        if "anyOf" in s:  # the branch it is
+            return undescribed(v, next(b for b in s["anyOf"] if check(b).is_valid(v)), at)
+        parts = [resolve(part) for part in s.get("allOf", [s])]  # one object of every part's fields
+        props = {k: sub for part in parts for k, sub in part.get("properties", {}).items()}
+        more = next((part["additionalProperties"] for part in parts if "additionalProperties" in part), None)
+        named = bool(props) or more is not None
+        out = []
+        if isinstance(v, dict):
+            for k, item in v.items():
+                sub = props.get(k, more if isinstance(more, dict) else None)
+                out += undescribed(item, sub, f"{at}.{k}") if sub is not None else (
+                    [f"{at}.{k}: not described"] if named else [])
+        if isinstance(v, list) and "items" in s:
+            out += [e for i, item in enumerate(v) for e in undescribed(item, s["items"], f"{at}[{i}]")]
+        return out
+
+    wrong = check(schema).iter_errors(value)
+    said = [f"$.{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in wrong]
+    return said + undescribed(value, schema, "$")
 
 
 async def test_the_described_answers_are_the_services(detector: Any, samples: Samples,
@@ -1447,7 +1456,7 @@ async def test_the_described_answers_are_the_services(detector: Any, samples: Sa
                    (await client.get("/v1/parts/d-1", headers=AUTH), "/v1/parts/{part_id}", "get")]
         for r, path, method in answers:
             assert r.status_code == 200, (path, r.text)
-            assert _conforms(r.json(), answer_of(path, method), components, closed=True) == [], path
+            assert _conforms(r.json(), answer_of(path, method), components) == [], path
         record = components["Record"]["properties"]
         assert set(record) == set(review.json())  # no field the answer lacks, none it has undescribed
         (part,) = batch.json()["parts"]
@@ -1501,7 +1510,7 @@ async def test_the_described_status_answers_are_the_services(detector: Any, samp
         assert r.status_code == 200, (path, r.text)
         ok = schema["paths"][path.split("?")[0]][method]["responses"]["200"]
         answer = ok["content"]["application/json"]["schema"]
-        assert _conforms(r.json(), answer, components, closed=True) == [], path
+        assert _conforms(r.json(), answer, components) == [], path
     more = {**line, "new": 1}  # the check finds a field left out, and a wrong value
-    assert _conforms(more, components["Line"], components, closed=True) == ["$.new: not described"]
+    assert _conforms(more, components["Line"], components) == ["$.new: not described"]
     assert _conforms({**line, "started": "now"}, components["Line"], components)
