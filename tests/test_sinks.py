@@ -34,6 +34,7 @@ from diffqc.service.parts import OverdueParts
 from diffqc.service.sinks import (
     DEAD_LETTERS,
     OUTBOX,
+    OWN_HEADERS,
     Dispatcher,
     MqttSink,
     Outbox,
@@ -1389,6 +1390,47 @@ async def test_service_pushes_each_decision_and_a_drift_alarm_to_the_webhook(det
             assert (await client.post("/v1/sinks/nope/requeue", headers=AUTH)).status_code == 404
     finally:
         receiver.close()
+
+
+@pytest.mark.anyio
+async def test_the_described_webhooks_are_what_the_endpoint_receives(detector: Any, samples: Any,
+                                                                    tmp_path: Path) -> None:
+    """A MES developer writing the endpoint for `--webhook` had the messages' fields in docs/API.md
+    only: the OpenAPI description now has them as `webhooks` (decision, part, alarm), which
+    Swagger UI shows and a generator makes models of. Each message a service pushes (decisions, a
+    part's verdict with `--push-parts`, a drift alarm; signed) conforms to its kind's schema with
+    no field undescribed, and every header diffqc sets on it is described."""
+    from tests.test_service_api import _conforms
+
+    receiver = Receiver()
+    secret = "whsec_" + base64.b64encode(b"k" * 32).decode()
+    data, ftype = samples.one("REJECT")
+    try:
+        async with running_app(detector, tmp_path, webhook_url=receiver.url, push_parts="each",
+                               webhook_secrets=(secret,), drift_window=5, drift_min_parts=5,
+                               drift_level=0.01) as (client, _):
+            for i in range(5):
+                r = await client.post("/v1/inspect", params={"feature_type": ftype, "part_id": f"p{i}",
+                                                             "camera": "c1"}, content=data, headers=AUTH)
+                assert r.status_code == 200
+            kinds = {"decision", "part", "alarm"}
+            await asyncio.to_thread(wait_for, lambda: kinds <= {b["kind"] for _, _, b in receiver.requests},
+                                    30, "a message of each kind")
+            schema = (await client.get("/openapi.json")).json()
+    finally:
+        receiver.close()
+    assert set(schema["webhooks"]) == kinds
+    components = schema["components"]["schemas"]
+    for _, headers, body in receiver.requests:
+        hook = schema["webhooks"][headers["X-Diffqc-Kind"]]["post"]
+        assert hook["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+            {"decision": "DecisionMessage", "part": "PartMessage", "alarm": "AlarmMessage"}[body["kind"]])
+        answer = hook["requestBody"]["content"]["application/json"]["schema"]
+        assert _conforms(body, answer, components) == [], body
+        described = {p["name"].lower() for p in hook["parameters"]}
+        own = {h.lower() for h in headers} & {h.lower() for h in OWN_HEADERS} - {"content-type"}
+        assert "webhook-signature" in own and own <= described, own - described
+    assert _conforms({**body, "kind": "other"}, answer, components)  # the check finds a wrong value
 
 
 def test_webhook_headers_as_given_or_read_from_a_file(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from fastapi.routing import APIRoute
 from pydantic import TypeAdapter
 
 from diffqc.service.buffer import OverflowPolicy
+from diffqc.service.sinks import ALARM, DECISION, NOT_PUSHED, PART
 from diffqc.service.store import DECISIONS, JSON_FIELDS, SUMMARY_COLUMNS, SUMMARY_KEYS, VERDICTS, ResultRecord
 
 # the page's script and style sheet, by the names /docs/{asset} serves them under
@@ -249,6 +250,59 @@ def status_schemas() -> dict[str, dict[str, Any]]:
     }
 
 
+def message_schemas() -> dict[str, dict[str, Any]]:
+    """What the webhook sink posts (and MQTT publishes), by ``kind``: a decision, a part's
+    verdict (``--push-parts``), a drift alarm raised or cleared; docs/API.md, Sinks."""
+    record = record_schema()["properties"]
+    decision = {k: v for k, v in record.items() if k not in (*NOT_PUSHED, "id", "heatmap_url", "image_url")}
+    part = part_schema()["properties"]
+    return {
+        "DecisionMessage": _object(
+            "one stored decision, as pushed (the record without its review and files)",
+            **decision, record_id=_INT, kind={"type": "string", "const": DECISION}),
+        "PartMessage": _object(
+            "a part's verdict from its stored crops, after each commit holding images of it",
+            **part, kind={"type": "string", "const": PART}, overdue=_BOOL, record_id=_nullable("integer"),
+            created_at=_NUMBER, created=_STR, line=_nullable("string"), station=_nullable("string")),
+        "AlarmMessage": _object(
+            "a drift alarm raised or cleared, of a type or of one of its cameras",
+            optional=("reason", "share_p_below_0.05"),
+            kind={"type": "string", "const": ALARM},
+            event={"type": "string", "enum": ["drift_alarm", "drift_cleared"]},
+            feature_type=_nullable("string"), camera=_nullable("string"), alarm=_BOOL,
+            statistic=_NUMBER, threshold=_nullable("number"), window_parts=_INT, at=_NUMBER,
+            reason={"type": "string", "description": "why an alarm was cleared without the parts' "
+                                                     "saying so (a new calibration or model)"},
+            **{"share_p_below_0.05": {"type": "number", "description": "of an event of the parts: the share "
+                                      "of the window's parts with a p-value at or below 0.05"}}),
+    }
+
+
+def webhooks() -> dict[str, Any]:
+    """The description's ``webhooks``: a push of each kind, as the endpoint given to ``--webhook``
+    receives it, and the headers diffqc sets on it."""
+    header = {"Idempotency-Key": "the same on every attempt at one message, another for every other: "
+                                 "drop repeats by it",
+              "X-Diffqc-Kind": "the message's kind",
+              "X-Diffqc-Record-Id": "the record's id (a decision, and a part's latest image)",
+              "webhook-id": "with --webhook-secret (Standard Webhooks): the Idempotency-Key",
+              "webhook-timestamp": "with --webhook-secret: this attempt's time, epoch seconds",
+              "webhook-signature": "with --webhook-secret: `v1,` and base64 of HMAC-SHA256 (docs/API.md)"}
+    out = {}
+    for kind, schema, text in ((DECISION, "DecisionMessage", "each decision, after it is stored"),
+                               (PART, "PartMessage", "a part's verdict (--push-parts)"),
+                               (ALARM, "AlarmMessage", "a drift alarm raised or cleared")):
+        parameters = [{"name": name, "in": "header", "required": name in ("Idempotency-Key", "X-Diffqc-Kind"),
+                       "schema": {"type": "string"}, "description": said} for name, said in header.items()]
+        out[kind] = {"post": {
+            "operationId": f"receive_{kind}", "tags": ["Sinks"], "summary": text, "parameters": parameters,
+            "security": [],  # not the service's token: the endpoint's own (--webhook-header), or signed
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(schema)}}},
+            "responses": {"200": {"description": "taken (any 2xx answer): delivered; any other answer, "
+                                                 "or none, and it is sent again (docs/API.md, Sinks)"}}}}
+    return out
+
+
 def _with(**more: Any) -> dict[str, Any]:
     """A record with more fields (an inspection's answer, a record with its review history)."""
     return {"allOf": [_RECORD, {"type": "object", "required": sorted(more), "properties": more}]}
@@ -302,6 +356,8 @@ def api_schema(app: FastAPI, *, token: bool, root_path: str) -> dict[str, Any]:
     schemas["Record"] = record_schema()
     schemas["Part"] = part_schema()
     schemas.update(status_schemas())
+    schemas.update(message_schemas())
+    schema["webhooks"] = webhooks()
     for (path, method), answer in ANSWERS.items():
         ok = schema["paths"][path][method]["responses"]["200"]
         ok["content"] = {"application/json": {"schema": answer}}

@@ -167,11 +167,15 @@ def message_key(message: Message) -> str:
     return "-".join((message.kind, *([] if message.record_id is None else [str(message.record_id)]), digest))
 
 
+# a record's fields a decision's push leaves out: its review (none yet) and its files' names
+NOT_PUSHED = ("review", "reviewed_at", "reviewer", "review_note", "review_defect", "reviewed", "heatmap",
+              "image")
+
+
 def decision_payload(rec: ResultRecord) -> dict[str, Any]:
     """What a receiver gets for one stored decision (the record without review fields)."""
     out = rec.to_json()
-    for key in ("review", "reviewed_at", "reviewer", "review_note", "review_defect", "reviewed", "heatmap",
-                "image"):
+    for key in NOT_PUSHED:
         out.pop(key, None)
     out["record_id"] = out.pop("id")
     out["kind"] = DECISION
