@@ -1302,6 +1302,43 @@ def test_a_phone_shows_the_decisions_under_a_short_header(detector: Any, browser
             assert wide <= room, (box, wide, room)
 
 
+def test_a_phone_shows_the_rates_and_drift_without_scrolling_sideways(detector: Any, browser: Any,
+                                                                     samples: Samples,
+                                                                     tmp_path: Path) -> None:
+    """On a phone the rates (8 columns) and the drift watch (9) scrolled sideways within their
+    boxes (544 and 683 px in 374), the REJECT count and share flagged, or the state, off the
+    screen. They now show what a shift leader reads there (a type's PASS, REVIEW, REJECT and share
+    flagged; its drift state, alarms, mis-routed parts and since when), and fit."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,), drift_window=5,
+                                     drift_min_parts=5, drift_level=0.01), detector=detector)
+    on_a_phone(browser)
+    wait = WebDriverWait(browser, 20)
+    rejected, ftype = samples.one("REJECT")
+    with serving(app) as url:
+        for i, (body, kind) in enumerate([(rejected, ftype)] * 6 + samples.all[:8]):  # a drift alarm
+            httpx.post(url + "/v1/inspect", content=body, headers=AUTH,  # two cameras: a row each
+                       params={"feature_type": kind, "camera": f"cam-{i % 2}-north-hall"})
+        open_dashboard(browser, url)
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#drift tbody tr[data-camera]")))
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, '#drift tbody tr[data-alarm="1"]')))
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#rates tbody tr")))
+        for table, shown in (("rates", ["type", "PASS", "REVIEW", "REJECT", "flagged"]),
+                             ("drift", ["type", "state", "alarms", "mis-routed", "since"])):
+            heads = [th.text for th in browser.find_elements(By.CSS_SELECTOR, f"#{table} th")
+                     if th.is_displayed()]
+            assert heads == shown, (table, heads)
+            wide, room = browser.execute_script(
+                "const w = document.getElementById(arguments[0]).closest('section');"
+                "return [w.scrollWidth, w.clientWidth];", table)
+            assert wide <= room, (table, wide, room)
+
+
 def test_the_dashboard_dates_a_part_of_another_day(live_server: tuple[str, Any], browser: Any) -> None:
     """Opened in the morning, the live decisions and latest parts showed last night's parts with
     their time of day only, as if they were this morning's (the date was in a tooltip, which a
