@@ -601,6 +601,26 @@ def test_gallery_draws_a_12_bit_cameras_parts_as_the_model_reads_them(tmp_path: 
     assert drawn and min(bright) > 100, bright
 
 
+def test_evaluate_names_a_gain_that_clips_the_good_images(clear_dataset: Path, tmp_path: Path) -> None:
+    """`train` says when backbone.input_gain reads a type's GOOD images above white (the gain for
+    a 12-bit camera's files set for 8-bit ones: clipped, bright defects passed); `evaluate --set
+    backbone.input_gain=16` on 8-bit images measured the clipped images without a word. It says
+    so too, in the report's notes as well; at gain 1 it says nothing of it."""
+    samples = load_dataset(clear_dataset)
+    with pytest.warns(UserWarning, match=r"backbone.input_gain 16 reads 1/16 of white as white.*GOOD "
+                                         r"images of .* are on average brighter"):
+        report = E.evaluate(samples, folds=FOLDS, methods=("padim",),
+                            base_config=tiny_config(**{"backbone.input_gain": 16.0}), progress=False,
+                            out_dir=tmp_path / "gain", gallery=0, n_boot=20, device="cpu")
+    assert any("input_gain 16 reads" in note for note in report["notes"])
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        report = E.evaluate(samples, folds=FOLDS, methods=("padim",), base_config=tiny_config(),
+                            progress=False, out_dir=tmp_path / "plain", gallery=0, n_boot=20, device="cpu")
+    assert not [w for w in said if "input_gain" in str(w.message)]
+    assert not any("input_gain" in note for note in report["notes"])
+
+
 def test_evaluate_names_16_bit_images_that_hold_12_bit_data(tmp_path: Path) -> None:
     """`train` named a 12-bit camera's 16-bit files (nearly black as read) and the gain that reads
     them right; `evaluate`, which a QC engineer runs first, measured them at gain 1 without a word

@@ -25,7 +25,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -60,8 +60,9 @@ from diffqc.data import (
 )
 from diffqc.errors import ConfigError, DatasetError, ImageReadError, first_few
 from diffqc.folds import per_type_folds
+from diffqc.inspection import brightness, image_brightness
 from diffqc.metrics import has_both_classes, image_auroc
-from diffqc.model import Detector, check_fit_memory, twelve_bit_note, views_to_fit
+from diffqc.model import Detector, check_fit_memory, gain_clips_note, twelve_bit_note, views_to_fit
 from diffqc.output import path_text, text_columns
 from diffqc.visualize import as_read
 
@@ -231,6 +232,21 @@ def _write_cache(path: Path, kept: list[int], shapes: list[tuple[int, int]],
             tmp.unlink(missing_ok=True)
         warnings.warn(f"feature cache not written ({exc}); the evaluation goes on without it",
                       stacklevel=3)
+
+
+def _gain_notes(configs: Iterable[DetectorConfig], good: Sequence[Sample]) -> list[str]:
+    """:func:`~diffqc.model.gain_clips_note` of each ``backbone.input_gain`` other than 1 among
+    the settings, as ``fit`` says it: its GOOD images read once more for their brightness (only
+    then; an unreadable one is left to the extraction to name)."""
+    gains = sorted({cfg.backbone.input_gain for cfg in configs} - {1.0})
+    if not gains:
+        return []
+    seen = []
+    for sample in good:
+        with contextlib.suppress(ImageReadError):
+            seen.append((sample.feature_type, brightness(read_image(sample.path))))
+    lights = image_brightness(seen)
+    return [note for gain in gains if (note := gain_clips_note(gain, lights))]
 
 
 def _extract_cached(
@@ -422,6 +438,9 @@ def evaluate(
         raise DatasetError(f"no feature type has enough labelled parts for {folds} folds: "
                            + "; ".join(type_notes))
     if note := twelve_bit_note(base, [s.path for s in labelled if s.label == GOOD]):
+        notes.append(note)
+        warnings.warn(note, stacklevel=2)
+    for note in _gain_notes(variants_cfg.values(), [s for s in labelled if s.label == GOOD]):
         notes.append(note)
         warnings.warn(note, stacklevel=2)
     labelled, unread = _without_unreadable_masks(labelled)

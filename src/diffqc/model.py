@@ -194,19 +194,22 @@ def twelve_bit_note(config: DetectorConfig, good: Sequence[Path | str]) -> str |
             f"--set backbone.input_gain={65535 / white:.4f} reads {white} as white")
 
 
-def _warn_gain_clips(gain: float, brightness: dict[str, list[float]]) -> None:
-    """Say so where ``backbone.input_gain`` reads a type's GOOD images, on average, above white:
-    the gain for a 12-bit camera's 16-bit files set for 8-bit ones (the drill's tiny model of the
-    clear set: held-out AUROC 0.750, its bright defects clipped and passed, against 1.000 at 1)."""
+def gain_clips_note(gain: float, brightness: dict[str, list[float]]) -> str | None:
+    """What ``fit`` and ``evaluate`` say where ``backbone.input_gain`` reads a type's GOOD images
+    (``brightness``: per type, :func:`~diffqc.inspection.image_brightness`), on average, above
+    white: the gain for a 12-bit camera's 16-bit files set for 8-bit ones (the drill's tiny model
+    of the clear set: held-out AUROC 0.750, its bright defects clipped and passed, against 1.000
+    at 1)."""
     over = [f"{t} (mean brightness up to {hi:.2f})" for t, (_, hi) in sorted(brightness.items())
             if hi * gain > 1.0 + 1e-3]
-    if over:
-        warnings.warn(f"backbone.input_gain {gain:g} reads 1/{gain:g} of white as white ({65535 / gain:.0f} "
-                      f"of 65535 in a 16-bit file, {255 / gain:.0f} of 255 in an 8-bit one), and the GOOD "
-                      f"images of {', '.join(over)} are on average brighter than that: what is above it "
-                      "is clipped, and the model sees nothing of it; the gain is for 16-bit files "
-                      "holding 10- to 14-bit data (train names it where it finds them): set it back "
-                      "to 1 for these", stacklevel=3)
+    if not over:
+        return None
+    return (f"backbone.input_gain {gain:g} reads 1/{gain:g} of white as white ({65535 / gain:.0f} "
+            f"of 65535 in a 16-bit file, {255 / gain:.0f} of 255 in an 8-bit one), and the GOOD "
+            f"images of {', '.join(over)} are on average brighter than that: what is above it "
+            "is clipped, and the model sees nothing of it; the gain is for 16-bit files "
+            "holding 10- to 14-bit data (train names it where it finds them): set it back "
+            "to 1 for these")
 
 
 class Detector:
@@ -371,7 +374,8 @@ class Detector:
             (s.feature_type, b) for s, (b, _) in zip(good, lights, strict=True))
         training["image_white"] = image_white(
             (s.feature_type, w) for s, (_, w) in zip(good, lights, strict=True))
-        _warn_gain_clips(self.config.backbone.input_gain, training["image_brightness"])
+        if clipped := gain_clips_note(self.config.backbone.input_gain, training["image_brightness"]):
+            warnings.warn(clipped, stacklevel=2)
         training["image_compression"] = image_compressions(
             (s.feature_type, c) for s in good if (c := file_compression(s.path)) is not None)
         # by content, so that `diffqc calibrate` can leave out any it is given (their scores are
