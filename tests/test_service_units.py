@@ -868,6 +868,12 @@ def test_cli_results_summary_counts_a_periods_decisions_and_verdicts(
         assert main(["results", command, "--db", str(db), "--since", "8h", "--until", "9h"]) == 0
         assert ("--since 8h is not before --until 9h: the period is empty (--since is its start, "
                 "--until its end)") in capsys.readouterr().err, command
+    # a night shift's times of day, each today's: what to write, after midnight and before it
+    assert main(["results", "summary", "--db", str(db), "--since", "23:59", "--until", "00:01"]) == 0
+    said = capsys.readouterr().err
+    assert "--since 23:59 is not before --until 00:01" in said
+    assert ('across midnight, write --since "yesterday 23:59" --until 00:01 after it, or --since 23:59 '
+            "alone before it (to now)") in said
     assert main(["results", "summary", "--db", str(db), *since, "--by", "camera", "--by", "camera",
                  "--format", "csv"]) == 0
     assert capsys.readouterr().out.splitlines()[0].split(",")[:2] == ["camera", "inspected"]

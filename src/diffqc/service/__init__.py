@@ -422,8 +422,13 @@ def _period(args: argparse.Namespace) -> dict[str, float | None]:
 
     since, until = _period_time(args.since, "since"), _period_time(args.until, "until")
     if since is not None and until is not None and since >= until:
+        # two times of day, each today's: a night shift's (--since 22:00 --until 06:00)
+        clocks = [_CLOCK.fullmatch(v.strip().lower()) for v in (args.since, args.until)]
+        night = (f"; across midnight, write --since \"yesterday {args.since.strip()}\" --until {args.until} "
+                 f"after it, or --since {args.since} alone before it (to now)"
+                 if all(c is not None and c[1] is None for c in clocks) else "")
         warnings.warn(f"--since {args.since} is not before --until {args.until}: the period is empty "
-                      "(--since is its start, --until its end)", stacklevel=2)
+                      f"(--since is its start, --until its end){night}", stacklevel=2)
     return {"since": since, "until": until}
 
 
