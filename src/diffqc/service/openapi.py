@@ -61,100 +61,6 @@ def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-_ERROR = _ref("Error")
-_TEXT = {"type": "string", "minLength": 1, "maxLength": 200}
-_IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": _TEXT,
-                "description": "makes a retry safe: the same key answers the record stored for it "
-                               "(docs/API.md, Idempotency)"}
-_BINARY = {"type": "string", "format": "binary"}
-
-
-def upload_extra(line_fields: Sequence[str], *, batch: bool) -> dict[str, Any]:
-    """What FastAPI cannot see of an upload route (``openapi_extra``): its body, read by hand
-    (raw image bytes, multipart, JSON with base64; a batch's fields repeated or lists), and the
-    query values and header it reads by hand."""
-    line = {name: {"type": "string"} for name in line_fields}
-    parameters = [*({"name": name, "in": "query", "required": False, "schema": _TEXT,
-                     "description": f"where the part was seen: its {name} (stored on the record)"}
-                    for name in line_fields), _IDEMPOTENCY]
-    if batch:
-        # optional lists empty by default: Swagger UI's "Try it out" sent a placeholder item
-        # ("string") where none was given, a part of type 'string'
-        form = {"image": {"type": "array", "items": _BINARY},
-                "feature_type": {"type": "array", "items": {"type": "string"}, "default": []},
-                "part_id": {"type": "array", "items": {"type": "string"}, "default": []}, **line}
-        listed = {"image": {"type": "array", "items": {"type": "string"},
-                            "description": "base64 or data URLs"},
-                  "feature_type": {"anyOf": [{"type": "string"},
-                                             {"type": "array", "items": {"type": "string"}}]},
-                  "part_id": {"anyOf": [{"type": "string"}, {"type": "integer"},
-                                        {"type": "array", "items": {"type": ["string", "integer"]}}]}, **line}
-        content: dict[str, Any] = {}
-        description = ("1 to 32 images: repeated multipart file fields `image` (a `part_id` and "
-                       "`feature_type` each, or one for all), or JSON with the same fields as lists")
-    else:
-        form = {"image": _BINARY, "feature_type": {"type": "string"}, "part_id": {"type": "string"}, **line}
-        listed = {"image": {"type": "string", "description": "base64, or a data URL"},
-                  "feature_type": {"type": "string"}, "part_id": {"type": ["string", "integer"]}, **line}
-        # the raw body: any other Content-Type (image/png, none) is read so too; image/* is not
-        # listed, as client generators take no wildcard
-        content = {"application/octet-stream": {"schema": _BINARY}}
-        description = ("the image file (PNG, JPEG, BMP, TIFF, WebP, ...) as the raw body (any "
-                       "Content-Type but the two below: image/png, application/octet-stream), as a "
-                       "multipart file field `image`, or as base64 in JSON")
-    content["multipart/form-data"] = {"schema": {"type": "object", "required": ["image"], "properties": form}}
-    content["application/json"] = {"schema": {"type": "object", "required": ["image"],
-                                              "additionalProperties": False, "properties": listed}}
-    return {"parameters": parameters,
-            "requestBody": {"required": True, "description": description, "content": content}}
-
-
-def _nullable(kind: str) -> dict[str, Any]:
-    return {"type": [kind, "null"]}
-
-
-# what a record and a part's verdict share: a decision, an operator's verdict, a time
-_DECISION = {"type": "string", "enum": list(DECISIONS)}
-_REVIEW = {"anyOf": [{"type": "string", "enum": list(VERDICTS)}, {"type": "null"}]}
-_TIME = {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]}
-
-
-def record_schema() -> dict[str, Any]:
-    """The result record as the API answers it (``app.record_json``): the stored fields
-    (:data:`~diffqc.service.store.JSON_FIELDS`, typed as :class:`ResultRecord` types them), its
-    times also in ISO 8601, its pictures as URLs, and whether it was mis-routed."""
-    hints = typing.get_type_hints(ResultRecord)
-    props = {name: TypeAdapter(hints[name]).json_schema() for name in JSON_FIELDS}
-    props["id"] = {"type": "integer"}  # None only until stored
-    props["decision"], props["review"] = _DECISION, _REVIEW
-    # a score that is not finite is written null, as every number the service answers
-    props["type_scores"] = {"anyOf": [{"type": "object", "additionalProperties": _nullable("number")},
-                                      {"type": "null"}]}
-    props.update(created={"type": "string", "format": "date-time"},
-                 reviewed=_TIME,
-                 heatmap_url=_nullable("string"), image_url=_nullable("string"),
-                 misrouted={"type": "boolean"})
-    for name in ("heatmap", "image"):  # files of the service's own: answered as URLs
-        props.pop(name)
-    return {"type": "object", "required": sorted(props), "properties": props,
-            "description": "one stored decision, field by field in docs/API.md (The result record)"}
-
-
-_RECORD, _PART = _ref("Record"), _ref("Part")
-
-
-def part_schema() -> dict[str, Any]:
-    """A part's verdict as the API answers it and the sinks push it (``PartVerdict.to_json``)."""
-    props: dict[str, Any] = {
-        "part_id": {"type": "string"}, "decision": _DECISION, "review": _REVIEW,
-        "pending_review": {"type": "integer"}, "types": {"type": "object", "additionalProperties": _DECISION},
-        "images": {"type": "integer"}, "superseded": {"type": "integer"}, "complete": _nullable("boolean"),
-        "missing": {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}]},
-        "first": _TIME, "last": _TIME}
-    return {"type": "object", "required": sorted(props), "properties": props,
-            "description": "a part's verdict from its images, field by field in docs/API.md (Parts)"}
-
-
 def _object(description: str = "", *, optional: Sequence[str] = (), **props: Any) -> dict[str, Any]:
     """An object of these fields, each always there but the ``optional`` ones."""
     out = {"type": "object", "required": sorted(set(props) - set(optional)), "properties": props}
@@ -166,7 +72,17 @@ def _map(value: dict[str, Any], description: str) -> dict[str, Any]:
     return {"type": "object", "additionalProperties": value, "description": description}
 
 
+def _list(items: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "array", "items": items}
+
+
+def _nullable(kind: str) -> dict[str, Any]:
+    """A value of this JSON type, or null."""
+    return {"type": [kind, "null"]}
+
+
 def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """An object (or any schema) or null: ``anyOf``, as client generators read it."""
     return {"anyOf": [schema, {"type": "null"}]}
 
 
@@ -174,8 +90,90 @@ _INT: Any = {"type": "integer"}
 _NUMBER: Any = {"type": "number"}
 _BOOL: Any = {"type": "boolean"}
 _STR: Any = {"type": "string"}
-_NAMES = {"type": "array", "items": _STR}
+_NAMES = _list(_STR)
 _EPOCH = _nullable("number")  # a time as epoch seconds, or null before there is one
+_BINARY = {"type": "string", "format": "binary"}
+_ERROR = _ref("Error")
+_TEXT = {"type": "string", "minLength": 1, "maxLength": 200}
+_IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": _TEXT,
+                "description": "makes a retry safe: the same key answers the record stored for it "
+                               "(docs/API.md, Idempotency)"}
+
+
+def upload_extra(line_fields: Sequence[str], *, batch: bool) -> dict[str, Any]:
+    """What FastAPI cannot see of an upload route (``openapi_extra``): its body, read by hand
+    (raw image bytes, multipart, JSON with base64; a batch's fields repeated or lists), and the
+    query values and header it reads by hand."""
+    line = {name: _STR for name in line_fields}
+    parameters = [*({"name": name, "in": "query", "required": False, "schema": _TEXT,
+                     "description": f"where the part was seen: its {name} (stored on the record)"}
+                    for name in line_fields), _IDEMPOTENCY]
+    if batch:
+        # optional lists empty by default: Swagger UI's "Try it out" sent a placeholder item
+        # ("string") where none was given, a part of type 'string'
+        form = {"image": _list(_BINARY), "feature_type": {**_NAMES, "default": []},
+                "part_id": {**_NAMES, "default": []}, **line}
+        listed = {"image": {**_NAMES, "description": "base64 or data URLs"},
+                  "feature_type": {"anyOf": [_STR, _NAMES]},
+                  "part_id": {"anyOf": [_STR, _INT, _list({"type": ["string", "integer"]})]},
+                  **line}
+        content: dict[str, Any] = {}
+        description = ("1 to 32 images: repeated multipart file fields `image` (a `part_id` and "
+                       "`feature_type` each, or one for all), or JSON with the same fields as lists")
+    else:
+        form = {"image": _BINARY, "feature_type": _STR, "part_id": _STR, **line}
+        listed = {"image": {**_STR, "description": "base64, or a data URL"},
+                  "feature_type": _STR, "part_id": {"type": ["string", "integer"]}, **line}
+        # the raw body: any other Content-Type (image/png, none) is read so too; image/* is not
+        # listed, as client generators take no wildcard
+        content = {"application/octet-stream": {"schema": _BINARY}}
+        description = ("the image file (PNG, JPEG, BMP, TIFF, WebP, ...) as the raw body (any "
+                       "Content-Type but the two below: image/png, application/octet-stream), as a "
+                       "multipart file field `image`, or as base64 in JSON")
+    optional = [name for name in form if name != "image"]
+    content["multipart/form-data"] = {"schema": _object(optional=optional, **form)}
+    content["application/json"] = {"schema": {**_object(optional=optional, **listed),
+                                              "additionalProperties": False}}
+    return {"parameters": parameters,
+            "requestBody": {"required": True, "description": description, "content": content}}
+
+
+# what a record and a part's verdict share: a decision, an operator's verdict, a time
+_DECISION = {"type": "string", "enum": list(DECISIONS)}
+_REVIEW = _or_null({"type": "string", "enum": list(VERDICTS)})
+_DATE_TIME = {"type": "string", "format": "date-time"}
+_TIME = _or_null(_DATE_TIME)
+
+
+def record_schema() -> dict[str, Any]:
+    """The result record as the API answers it (``app.record_json``): the stored fields
+    (:data:`~diffqc.service.store.JSON_FIELDS`, typed as :class:`ResultRecord` types them), its
+    times also in ISO 8601, its pictures as URLs, and whether it was mis-routed."""
+    hints = typing.get_type_hints(ResultRecord)
+    props: dict[str, Any] = {name: TypeAdapter(hints[name]).json_schema() for name in JSON_FIELDS}
+    props["id"] = _INT  # None only until stored
+    props["decision"], props["review"] = _DECISION, _REVIEW
+    # a score that is not finite is written null, as every number the service answers
+    props["type_scores"] = _or_null(_map(_nullable("number"), "per feature type"))
+    props.update(created=_DATE_TIME, reviewed=_TIME, heatmap_url=_nullable("string"),
+                 image_url=_nullable("string"), misrouted=_BOOL)
+    for name in ("heatmap", "image"):  # files of the service's own: answered as URLs
+        props.pop(name)
+    return _object("one stored decision, field by field in docs/API.md (The result record)", **props)
+
+
+_RECORD, _PART = _ref("Record"), _ref("Part")
+
+
+def part_schema() -> dict[str, Any]:
+    """A part's verdict as the API answers it and the sinks push it (``PartVerdict.to_json``)."""
+    return _object("a part's verdict from its images, field by field in docs/API.md (Parts)",
+                   part_id=_STR, decision=_DECISION, review=_REVIEW, pending_review=_INT,
+                   types=_map(_DECISION, "per feature type: its latest image's decision"), images=_INT,
+                   superseded=_INT, complete=_nullable("boolean"), missing=_or_null(_NAMES), first=_TIME,
+                   last=_TIME)
+
+
 _THRESHOLDS = _ref("Thresholds")
 
 
@@ -194,14 +192,14 @@ def status_schemas() -> dict[str, dict[str, Any]]:
             types=_map(_object(review=_nullable("number"), reject=_nullable("number")), "per feature type")),
         "Summary": _object(
             "a period's counts per group (`diffqc results summary`)", optional=("images_without_part",),
-            by={"type": "array", "items": {"type": "string", "enum": list(SUMMARY_KEYS)}},
+            by=_list({"type": "string", "enum": list(SUMMARY_KEYS)}),
             since=_EPOCH, until=_EPOCH, parts=_BOOL, images_without_part=_INT,
-            groups={"type": "array", "items": group}),
+            groups=_list(group)),
         "Stats": _object(
             "counts per type and recent scores over a window",
             types=_map(_object(**{d: _INT for d in DECISIONS}, total=_INT, per_minute=_NUMBER),
                        "per feature type"),
-            scores=_map({"type": "array", "items": _NUMBER}, "per feature type, newest first"),
+            scores=_map(_list(_NUMBER), "per feature type, newest first"),
             pending_reviews=_INT, window_s=_NUMBER, thresholds=_THRESHOLDS,
             queue=_object(depth=_INT, capacity=_INT, dropped=_INT, refused=_INT,
                           policy={"type": "string", "enum": [p.value for p in OverflowPolicy]})),
@@ -228,8 +226,7 @@ def status_schemas() -> dict[str, dict[str, Any]]:
                                failures_total=_INT, last_error=_nullable("string")), "per sink"),
             retention=_or_null(_object(max_age_s=_nullable("number"), max_bytes=_nullable("integer"),
                                        expired_total=_INT, kept_bytes=_INT)),
-            disk={"type": "array", "items": _object(path=_STR, free_bytes=_INT, total_bytes=_INT,
-                                                    free_ratio=_NUMBER, low=_BOOL)},
+            disk=_list(_object(path=_STR, free_bytes=_INT, total_bytes=_INT, free_ratio=_NUMBER, low=_BOOL)),
             clock=_object(steps_total=_INT, last_step_s=_nullable("number"), behind_model=_BOOL),
             tls=_or_null(_object(file=_STR, not_after=_EPOCH, days_left=_nullable("number"), expiring=_BOOL,
                                  expired=_BOOL, file_not_after=_EPOCH, renewed_on_disk=_BOOL, reloads=_INT)),
@@ -243,10 +240,10 @@ def status_schemas() -> dict[str, dict[str, Any]]:
                                    last_error=_nullable("string"))),
             calibration=_or_null(_object(file=_STR, reloads=_INT, last_error=_nullable("string"))),
             started=_NUMBER,
-            images={"type": "array", "items": _object(feature_type=_STR, check=_STR, parts=_INT,
-                                                      first_at=_NUMBER, last_at=_NUMBER, note=_STR)}),
+            images=_list(_object(feature_type=_STR, check=_STR, parts=_INT, first_at=_NUMBER, last_at=_NUMBER,
+                                note=_STR))),
         "Defects": _object("the defect kinds given with BAD verdicts, the most given first",
-                           defects={"type": "array", "items": _object(defect=_STR, verdicts=_INT)}),
+                           defects=_list(_object(defect=_STR, verdicts=_INT))),
     }
 
 
@@ -305,27 +302,21 @@ def webhooks() -> dict[str, Any]:
 
 def _with(**more: Any) -> dict[str, Any]:
     """A record with more fields (an inspection's answer, a record with its review history)."""
-    return {"allOf": [_RECORD, {"type": "object", "required": sorted(more), "properties": more}]}
+    return {"allOf": [_RECORD, _object(**more)]}
+
 
 
 # the answers that carry records: (path, method) -> the 200 answer's schema
 ANSWERS: dict[tuple[str, str], dict[str, Any]] = {
-    ("/v1/inspect", "post"): _with(total_ms={"type": "number"}, duplicate={"type": "boolean"}),
-    ("/v1/inspect/batch", "post"): {
-        "type": "object", "required": ["results", "parts", "total_ms"], "properties": {
-            "results": {"type": "array", "items": _with(duplicate={"type": "boolean"})},
-            "parts": {"type": "array", "items": _PART}, "total_ms": {"type": "number"}}},
-    ("/v1/results", "get"): {"type": "object", "required": ["results", "count"], "properties": {
-        "results": {"type": "array", "items": _RECORD}, "count": {"type": "integer"}}},
-    ("/v1/results/{record_id}", "get"): _with(review_history={"type": "array", "items": {"type": "object"}}),
-    ("/v1/review", "get"): {"type": "object", "required": ["queue", "pending"], "properties": {
-        "queue": {"type": "array", "items": _RECORD}, "pending": {"type": "integer"}}},
+    ("/v1/inspect", "post"): _with(total_ms=_NUMBER, duplicate=_BOOL),
+    ("/v1/inspect/batch", "post"): _object(results=_list(_with(duplicate=_BOOL)), parts=_list(_PART),
+                                           total_ms=_NUMBER),
+    ("/v1/results", "get"): _object(results=_list(_RECORD), count=_INT),
+    ("/v1/results/{record_id}", "get"): _with(review_history=_list({"type": "object"})),
+    ("/v1/review", "get"): _object(queue=_list(_RECORD), pending=_INT),
     ("/v1/review/{record_id}", "post"): _RECORD,
-    ("/v1/parts", "get"): {"type": "object", "required": ["parts", "truncated"], "properties": {
-        "parts": {"type": "array", "items": _PART}, "truncated": {"type": "boolean"}}},
-    ("/v1/parts/{part_id}", "get"): {"allOf": [_PART, {
-        "type": "object", "required": ["truncated", "results"], "properties": {
-            "truncated": {"type": "boolean"}, "results": {"type": "array", "items": _RECORD}}}]},
+    ("/v1/parts", "get"): _object(parts=_list(_PART), truncated=_BOOL),
+    ("/v1/parts/{part_id}", "get"): {"allOf": [_PART, _object(truncated=_BOOL, results=_list(_RECORD))]},
     **{(f"/v1/{name.lower()}", "get"): _ref(name)
        for name in ("Summary", "Stats", "Model", "Line", "Defects")},
     ("/v1/sinks/{name}/requeue", "post"): _object(sink=_STR, requeued=_INT),
@@ -361,9 +352,8 @@ def api_schema(app: FastAPI, *, token: bool, root_path: str) -> dict[str, Any]:
     for (path, method), answer in ANSWERS.items():
         ok = schema["paths"][path][method]["responses"]["200"]
         ok["content"] = {"application/json": {"schema": answer}}
-    schemas["Error"] = {"type": "object", "required": ["detail", "code"], "properties": {
-        "detail": {"type": "string", "description": "what was wrong, for a person"},
-        "code": {"type": "string", "description": "what was wrong, for a program (docs/API.md)"}}}
+    schemas["Error"] = _object(detail={**_STR, "description": "what was wrong, for a person"},
+                               code={**_STR, "description": "what was wrong, for a program (docs/API.md)"})
     for operations in schema.get("paths", {}).values():
         for op in operations.values():
             if "description" in op:
