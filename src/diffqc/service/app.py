@@ -1677,7 +1677,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         station: str | None = PLACE["station"],
         camera: str | None = PLACE["camera"],
         source: str | None = Query(default=None, max_length=MAX_SOURCE_LEN,
-                                   description="`http`, or the file a watched folder's part came from"),
+                                   description="`http`, or `watch:<folder>` for a watched folder's parts"),
         after_id: int | None = Query(default=None, ge=0, le=MAX_ROW_ID,
                                      description="ids above this: poll with order=oldest for new decisions"),
         before_id: int | None = Query(default=None, ge=0, le=MAX_ROW_ID,
