@@ -1387,6 +1387,49 @@ async def test_the_described_routes_are_grouped_and_named_for_a_client(tmp_path:
     assert bare == []
     since = next(p for p in ops[("get", "/v1/results")]["parameters"] if p["name"] == "since")
     assert "`8h`" in since["description"] and "ISO 8601" in since["description"]
+    # the summary's groupings offered as a choice: Swagger UI added an item "string" to type after
+    by = next(p for p in ops[("get", "/v1/summary")]["parameters"] if p["name"] == "by")
+    assert by["schema"]["items"]["enum"] == ["feature_type", "camera", "line", "station", "source"]
+
+
+async def test_the_described_error_answers_are_the_documented_ones(tmp_path: Path) -> None:
+    """Swagger UI showed a 404, 409 or 503 answer as "Undocumented", and a generated client did
+    not read its body: each route's error answers are described (the service's `{"detail",
+    "code"}`), at least those its section of docs/API.md names, and none but the statuses of the
+    page's error code index."""
+    import re as regex
+
+    import httpx
+
+    from diffqc.service.app import ServiceSettings, create_app
+    from tests.test_api_doc import DOC, HEADING
+
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "x.db"), tokens=(TOKEN,)), detector=None)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client:
+        schema = (await client.get("/openapi.json")).json()
+    text = DOC.read_text(encoding="utf-8")
+    named: dict[tuple[str, str], set[str]] = {}
+    route, errors = None, False
+    for row in text.splitlines():  # a route's table rows `| 404 |` and its "Errors: `401` ..." lines
+        if row.startswith("#"):
+            found = HEADING.match(row)
+            route = (found["method"].lower(), found["path"]) if found and "/v1/" in found["path"] else None
+            named.setdefault(route, set()) if route else None
+            continue
+        errors = row.startswith("Errors") or (errors and row.strip() != "")
+        if route is not None:
+            named[route] |= set(regex.findall(r"^\| (\d{3}) \|", row))
+            named[route] |= set(regex.findall(r"`(\d{3})`", row)) if errors else set()
+    index = text.split("## Error code index", 1)[1]
+    statuses = set(regex.findall(r"^\| `[a-z_<>]+` \| (\d{3}) \|", index, regex.M))
+    assert {"400", "401", "404", "409", "413", "415", "422", "503"} <= statuses
+    assert named[("post", "/v1/review/{record_id}")] >= {"401", "404", "409", "422", "503"}  # read whole
+    for (method, path), said in named.items():
+        described = set(schema["paths"][path][method]["responses"]) - {"200"}
+        assert said <= described <= statuses, (method, path, said, described)
+        for status in described:
+            content = schema["paths"][path][method]["responses"][status]["content"]
+            assert content["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
 
 
 def _conforms(value: Any, schema: dict[str, Any], components: dict[str, Any]) -> list[str]:

@@ -1875,10 +1875,13 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
 
     @api.get("/v1/summary", tags=["Model and status"])
     async def summary(
+        *,
         since: str | None = SINCE,
         until: str | None = UNTIL,
-        by: Annotated[list[str] | None, Query(
-            description=f"group by (repeatable, in order): {', '.join(SUMMARY_KEYS)}")] = None,
+        # the names listed for Swagger UI (a choice, where it added an item "string"); read by hand
+        by: Annotated[list[str], Query(
+            default_factory=list, description="group by (repeatable, in order)",
+            json_schema_extra={"items": {"type": "string", "enum": list(SUMMARY_KEYS)}})],
         parts: bool = Query(default=False, description="count parts, not images"),
     ) -> dict[str, Any]:
         """A period's counts per group (``results summary``), the last group all of them;

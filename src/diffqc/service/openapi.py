@@ -323,6 +323,34 @@ ANSWERS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
+# the error answers of the routes, each `{"detail", "code"}` (docs/API.md, Error code index)
+ERRORS = {
+    "400": "no image in the body, or a multipart body that cannot be read (the code names it)",
+    "401": "no API token, or a wrong one",
+    "404": "no such record, part or sink (`not_found`), or no file kept of it",
+    "408": "the body stopped arriving (`body_timeout`)",
+    "409": "a conflict: the Idempotency-Key was used for another image, or a verdict came meanwhile "
+           "(`replaces`), or the record was not inspected",
+    "413": "the body, the image's pixels or the batch is over its limit (the code names which)",
+    "415": "the body is neither multipart/form-data nor JSON (`multipart_required`)",
+    "422": "a value the route does not take (the code names it)",
+    "503": "the service is starting or stopping, its store is down, or (an upload) its buffer is full: "
+           "try again after `Retry-After`",
+}
+
+
+def _errors(path: str, method: str, *, token: bool) -> list[str]:
+    """The error statuses a route answers: 422 each (a query parameter it does not take), 503 each
+    that reads the store or the line, 401 with a token, 404 with a path parameter, 408 and 409
+    with a body, 400 and 413 an upload, 415 a batch."""
+    upload = path.startswith("/v1/inspect")
+    body = upload or (path, method) == ("/v1/review/{record_id}", "post")
+    found = [(token, "401"), ("{" in path, "404"), (body, "408"), (body, "409"), (upload, "400"),
+             (upload, "413"), (path == "/v1/inspect/batch", "415"), (True, "422"),
+             (path != "/v1/model", "503")]
+    return sorted(status for given, status in found if given)
+
+
 _RST = re.compile(r":[a-z]+:`~?([^`]+)`")  # :func:`diffqc.service.parts.x` -> `x`
 
 
@@ -354,16 +382,14 @@ def api_schema(app: FastAPI, *, token: bool, root_path: str) -> dict[str, Any]:
         ok["content"] = {"application/json": {"schema": answer}}
     schemas["Error"] = _object(detail={**_STR, "description": "what was wrong, for a person"},
                                code={**_STR, "description": "what was wrong, for a program (docs/API.md)"})
-    for operations in schema.get("paths", {}).values():
-        for op in operations.values():
+    for path, operations in schema.get("paths", {}).items():
+        for method, op in operations.items():
             if "description" in op:
                 op["description"] = _markdown(op["description"])
             responses = op.setdefault("responses", {})
-            if token:
-                responses["401"] = {"description": "no API token, or a wrong one",
-                                    "content": {"application/json": {"schema": _ERROR}}}
-            responses["422"] = {"description": "a value the route does not take (the code names it)",
-                                "content": {"application/json": {"schema": _ERROR}}}
+            for status in _errors(path, method, token=token):
+                responses[status] = {"description": ERRORS[status],
+                                     "content": {"application/json": {"schema": _ERROR}}}
     if token:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         schema["security"] = [{"bearer": []}]
