@@ -1501,6 +1501,12 @@ async def test_the_described_answers_are_the_services(detector: Any, samples: Sa
         for r, path, method in answers:
             assert r.status_code == 200, (path, r.text)
             assert _conforms(r.json(), answer_of(path, method), components) == [], path
+        # the files: their media type described (a generated client parsed a PNG as JSON)
+        for kind in ("heatmap", "image"):
+            r = await client.get(f"/v1/results/{rid}/{kind}", headers=AUTH)
+            ok = schema["paths"][f"/v1/results/{{record_id}}/{kind}"]["get"]["responses"]["200"]["content"]
+            assert r.status_code == 200 and r.headers["content-type"] in ok, (kind, r.headers, ok)
+            assert ok[r.headers["content-type"]]["schema"] == {"type": "string", "format": "binary"}
         record = components["Record"]["properties"]
         assert set(record) == set(review.json())  # no field the answer lacks, none it has undescribed
         (part,) = batch.json()["parts"]

@@ -321,6 +321,12 @@ ANSWERS: dict[tuple[str, str], dict[str, Any]] = {
        for name in ("Summary", "Stats", "Model", "Line", "Defects")},
     ("/v1/sinks/{name}/requeue", "post"): _object(sink=_STR, requeued=_INT),
 }
+# the answers that are files: (path, method) -> the media types of the 200 answer (a generator
+# read FastAPI's default, JSON, and a generated client parsed the PNG as JSON)
+FILES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("/v1/results/{record_id}/heatmap", "get"): ("image/png",),
+    ("/v1/results/{record_id}/image", "get"): ("image/png", "image/jpeg", "image/bmp", "image/webp"),
+}
 
 
 # the error answers of the routes, each `{"detail", "code"}` (docs/API.md, Error code index)
@@ -380,6 +386,9 @@ def api_schema(app: FastAPI, *, token: bool, root_path: str) -> dict[str, Any]:
     for (path, method), answer in ANSWERS.items():
         ok = schema["paths"][path][method]["responses"]["200"]
         ok["content"] = {"application/json": {"schema": answer}}
+    for (path, method), media in FILES.items():
+        ok = schema["paths"][path][method]["responses"]["200"]
+        ok["content"] = {kind: {"schema": _BINARY} for kind in media}
     schemas["Error"] = _object(detail={**_STR, "description": "what was wrong, for a person"},
                                code={**_STR, "description": "what was wrong, for a program (docs/API.md)"})
     for path, operations in schema.get("paths", {}).items():
