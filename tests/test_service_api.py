@@ -1446,8 +1446,9 @@ def _conforms(value: Any, schema: dict[str, Any], components: dict[str, Any]) ->
 
     def undescribed(v: Any, s: dict[str, Any], at: str) -> list[str]:
         s = resolve(s)
-        if "anyOf" in s:  # the branch it is
-            return undescribed(v, next(b for b in s["anyOf"] if check(b).is_valid(v)), at)
+        if "anyOf" in s:  # the branch it is (none: the validator says so)
+            branch = next((b for b in s["anyOf"] if check(b).is_valid(v)), None)
+            return [] if branch is None else undescribed(v, branch, at)
         parts = [resolve(part) for part in s.get("allOf", [s])]  # one object of every part's fields
         props = {k: sub for part in parts for k, sub in part.get("properties", {}).items()}
         more = next((part["additionalProperties"] for part in parts if "additionalProperties" in part), None)

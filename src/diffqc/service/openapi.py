@@ -1,11 +1,14 @@
 """The service's OpenAPI description (``GET /openapi.json``) and its Swagger UI page (``GET /docs``).
 
-FastAPI derives the paths and query parameters from the routes; what it cannot see is added
-here: the bodies that ``/v1/inspect`` and ``/v1/inspect/batch`` read by hand (raw image bytes,
-multipart, JSON with base64), the line's query values and the ``Idempotency-Key`` header they
-read by hand, the bearer token, and the error body every route answers with
-(``{"detail", "code"}``, not FastAPI's validation list). docs/API.md stays the reference; the
-description is what a client generator or Swagger UI reads.
+FastAPI derives the paths and query parameters from the routes (their groups and short ids:
+:data:`TAGS`, :func:`operation_id`); what it cannot see is added here: the bodies that
+``/v1/inspect`` and ``/v1/inspect/batch`` read by hand (raw image bytes, multipart, JSON with
+base64), the line's query values and the ``Idempotency-Key`` header they read by hand, the
+bearer token, the error answers each route gives (the service's ``{"detail", "code"}``, not
+FastAPI's validation list), every answer typed field by field (the record, a part's verdict,
+the status answers; the files as files), and what the webhook sink posts (``webhooks``).
+docs/API.md stays the reference; the description is what a client generator or Swagger UI
+reads.
 
 Swagger UI's script and style sheet are served from the installed ``fastapi-offline`` package
 (Swagger UI 5, Apache-2.0): FastAPI's own page loads them from a CDN, which a factory network
