@@ -687,7 +687,8 @@ def test_dashboard_follows_a_restarted_service(service_model: tuple[Path, Path],
         assert "connected" in status.text and "err" not in (status.get_attribute("class") or ""), status.text
 
 
-def test_dashboard_reloads_only_once_its_page_is_served(detector: Any, browser: Any, tmp_path: Path,
+def test_dashboard_reloads_only_once_its_page_is_served(detector: Any, browser: Any, samples: Samples,
+                                                          tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A service that answers and falls over again (a restart loop: systemd's every 5 s) was read
     anew at once, and a reload that finds no page leaves the browser's own error page, which does
@@ -708,8 +709,14 @@ def test_dashboard_reloads_only_once_its_page_is_served(detector: Any, browser: 
         return create_app(settings, detector=detector)
 
     with serving(service("first"), port=port) as url:
+        body, ftype = samples.one("PASS")
+        httpx.post(url + "/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype})
         open_dashboard(browser, url)
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
+        # the first service's line read (its start time, which the second's is told from): on a
+        # busy machine the service stopped before the page's first read of it, and the page took
+        # the second service for the one it had connected to
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#drift tbody tr")))
     monkeypatch.setattr(app_module, "STATIC_DIR", tmp_path / "no-page")  # its /dashboard: 500
     with serving(service("second"), port=port) as url:
         assert httpx.get(url + "/dashboard").status_code == 500
