@@ -1322,27 +1322,51 @@ async def test_the_api_is_described_for_client_generators(tmp_path: Path) -> Non
     assert script.status_code == 200 and "SwaggerUIBundle" in script.text
     assert (await client.get("/docs/..%2Fstore.py")).status_code == 404
     # a service without a token, behind a proxy's path
-    app = create_app(ServiceSettings(db_url=str(tmp_path / "y.db"), allow_no_token=True, root_path="/qc"),
-                     detector=None)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as other:
-        schema = (await other.get("/openapi.json")).json()
+    schema = await _description(tmp_path / "other", tokens=(), allow_no_token=True, root_path="/qc")
     assert "security" not in schema and "securitySchemes" not in schema["components"]
     assert "401" not in schema["paths"]["/v1/model"]["get"]["responses"]
     assert schema["servers"] == [{"url": "/qc"}]
 
 
-async def test_the_description_is_valid_openapi(tmp_path: Path) -> None:
-    """The description is valid OpenAPI 3.1 by an independent validator (openapi-spec-validator,
-    the one client generators' users check a description with), with a token and without."""
+async def _description(tmp_path: Path, **settings: Any) -> dict[str, Any]:
+    """The service's `/openapi.json` (with a token unless told; the model's load, its lifespan,
+    is not needed to describe it)."""
     import httpx
-    from openapi_spec_validator import validate
 
     from diffqc.service.app import ServiceSettings, create_app
 
-    for settings in (dict(tokens=(TOKEN,)), dict(allow_no_token=True, root_path="/qc")):
-        app = create_app(ServiceSettings(db_url=str(tmp_path / "x.db"), **settings), detector=None)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client:
-            schema = (await client.get("/openapi.json")).json()
+    settings.setdefault("tokens", (TOKEN,))
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "x.db"), **settings), detector=None)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client:
+        return dict((await client.get("/openapi.json")).json())
+
+
+def _documented_routes() -> dict[tuple[str, str], tuple[str, list[str]]]:
+    """docs/API.md's `/v1/` routes: ``(method, path)`` -> (the `## ` section it is under, its
+    section's lines), in the page's order."""
+    from tests.test_api_doc import DOC, HEADING
+
+    routes: dict[tuple[str, str], tuple[str, list[str]]] = {}
+    section, rows = "", None
+    for row in DOC.read_text(encoding="utf-8").splitlines():
+        if row.startswith("#"):
+            section = row[3:] if row.startswith("## ") else section
+            found = HEADING.match(row)
+            rows = [] if found and found["path"].startswith("/v1/") else None
+            if found and rows is not None:
+                routes[(found["method"].lower(), found["path"])] = (section, rows)
+        elif rows is not None:
+            rows.append(row)
+    return routes
+
+
+async def test_the_description_is_valid_openapi(tmp_path: Path) -> None:
+    """The description is valid OpenAPI 3.1 by an independent validator (openapi-spec-validator,
+    the one client generators' users check a description with), with a token and without."""
+    from openapi_spec_validator import validate
+
+    for settings in (dict(tokens=(TOKEN,)), dict(tokens=(), allow_no_token=True, root_path="/qc")):
+        schema = await _description(tmp_path, **settings)
         validate(schema)  # raises on any fault
         assert schema["openapi"].startswith("3.1")
     broken = {**schema, "paths": {"/v1/model": {"get": {"responses": {"200": {}}}}}}
@@ -1359,24 +1383,11 @@ async def test_the_described_routes_are_grouped_and_named_for_a_client(tmp_path:
     in that page's order."""
     import re as regex
 
-    import httpx
-
-    from diffqc.service.app import ServiceSettings, create_app
-    from tests.test_api_doc import DOC, HEADING
-
-    app = create_app(ServiceSettings(db_url=str(tmp_path / "x.db"), tokens=(TOKEN,)), detector=None)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client:
-        schema = (await client.get("/openapi.json")).json()
-    section, sections, under = "", [], {}
-    for row in DOC.read_text(encoding="utf-8").splitlines():
-        if row.startswith("## "):
-            section = row[3:]
-        elif (found := HEADING.match(row)) and found["path"].startswith("/v1/"):
-            under[(found["method"].lower(), found["path"])] = section
-            sections += [section] if section not in sections else []
+    schema = await _description(tmp_path)
+    under = {route: section for route, (section, _) in _documented_routes().items()}
     ops = {(m, p): op for p, methods in schema["paths"].items() for m, op in methods.items()}
     assert {key: op["tags"] for key, op in ops.items()} == {key: [s] for key, s in under.items()}
-    assert [t["name"] for t in schema["tags"]] == sections
+    assert [t["name"] for t in schema["tags"]] == list(dict.fromkeys(under.values()))
     ids = [op["operationId"] for op in ops.values()]
     assert len(set(ids)) == len(ids) and all(regex.fullmatch(r"[a-z]+(_[a-z]+)*", i) for i in ids), ids
     assert ops[("get", "/v1/results/{record_id}")]["operationId"] == "get_result"
@@ -1399,28 +1410,18 @@ async def test_the_described_error_answers_are_the_documented_ones(tmp_path: Pat
     page's error code index."""
     import re as regex
 
-    import httpx
+    from tests.test_api_doc import DOC
 
-    from diffqc.service.app import ServiceSettings, create_app
-    from tests.test_api_doc import DOC, HEADING
-
-    app = create_app(ServiceSettings(db_url=str(tmp_path / "x.db"), tokens=(TOKEN,)), detector=None)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client:
-        schema = (await client.get("/openapi.json")).json()
-    text = DOC.read_text(encoding="utf-8")
+    schema = await _description(tmp_path)
     named: dict[tuple[str, str], set[str]] = {}
-    route, errors = None, False
-    for row in text.splitlines():  # a route's table rows `| 404 |` and its "Errors: `401` ..." lines
-        if row.startswith("#"):
-            found = HEADING.match(row)
-            route = (found["method"].lower(), found["path"]) if found and "/v1/" in found["path"] else None
-            named.setdefault(route, set()) if route else None
-            continue
-        errors = row.startswith("Errors") or (errors and row.strip() != "")
-        if route is not None:
-            named[route] |= set(regex.findall(r"^\| (\d{3}) \|", row))
-            named[route] |= set(regex.findall(r"`(\d{3})`", row)) if errors else set()
-    index = text.split("## Error code index", 1)[1]
+    for route, (_, rows) in _documented_routes().items():
+        said, errors = set(), False  # its table rows `| 404 |` and its "Errors: `401` ..." lines
+        for row in rows:
+            errors = row.startswith("Errors") or (errors and row.strip() != "")
+            said |= set(regex.findall(r"^\| (\d{3}) \|", row))
+            said |= set(regex.findall(r"`(\d{3})`", row)) if errors else set()
+        named[route] = said
+    index = DOC.read_text(encoding="utf-8").split("## Error code index", 1)[1]
     statuses = set(regex.findall(r"^\| `[a-z_<>]+` \| (\d{3}) \|", index, regex.M))
     assert {"400", "401", "404", "409", "413", "415", "422", "503"} <= statuses
     assert named[("post", "/v1/review/{record_id}")] >= {"401", "404", "409", "422", "503"}  # read whole
