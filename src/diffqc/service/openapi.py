@@ -348,12 +348,12 @@ ERRORS = {
 }
 
 
-def _errors(path: str, method: str, *, token: bool) -> list[str]:
-    """The error statuses a route answers: 422 each (a query parameter it does not take), 503 each
-    that reads the store or the line, 401 with a token, 404 with a path parameter, 408 and 409
-    with a body, 400 and 413 an upload, 415 a batch."""
+def _errors(path: str, op: dict[str, Any], *, token: bool) -> list[str]:
+    """The error statuses a route (``op``, its operation at ``path``) answers: 422 each (a query
+    parameter it does not take), 503 each that reads the store or the line, 401 with a token, 404
+    with a path parameter, 408 and 409 with a body, 400 and 413 an upload, 415 a batch."""
     upload = path.startswith("/v1/inspect")
-    body = upload or (path, method) == ("/v1/review/{record_id}", "post")
+    body = "requestBody" in op
     found = [(token, "401"), ("{" in path, "404"), (body, "408"), (body, "409"), (upload, "400"),
              (upload, "413"), (path == "/v1/inspect/batch", "415"), (True, "422"),
              (path != "/v1/model", "503")]
@@ -395,11 +395,11 @@ def api_schema(app: FastAPI, *, token: bool, root_path: str) -> dict[str, Any]:
     schemas["Error"] = _object(detail={**_STR, "description": "what was wrong, for a person"},
                                code={**_STR, "description": "what was wrong, for a program (docs/API.md)"})
     for path, operations in schema.get("paths", {}).items():
-        for method, op in operations.items():
+        for op in operations.values():
             if "description" in op:
                 op["description"] = _markdown(op["description"])
             responses = op.setdefault("responses", {})
-            for status in _errors(path, method, token=token):
+            for status in _errors(path, op, token=token):
                 responses[status] = {"description": ERRORS[status],
                                      "content": {"application/json": {"schema": _ERROR}}}
     if token:
