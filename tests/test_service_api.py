@@ -236,11 +236,6 @@ async def test_results_filters_model_and_metrics(detector: Any, samples: Samples
 async def test_health_needs_no_token_everything_else_does(detector: Any, tmp_path: Path) -> None:
     async with running_app(detector, tmp_path) as (client, _):
         assert (await client.get("/healthz")).status_code == 200
-        # uptime monitors and load balancers that check with HEAD (UptimeRobot, HAProxy's
-        # httpchk) read the same status, without a body
-        for path in ("/healthz", "/readyz"):
-            r = await client.head(path)
-            assert (r.status_code, r.content) == (200, b""), path
         ready = await client.get("/readyz")
         assert ready.status_code == 200 and ready.json()["ready"] is True
         assert (await client.get("/dashboard")).status_code == 200  # static page, no data
@@ -1271,6 +1266,32 @@ async def test_a_part_whose_alpha_is_padding_is_kept_as_it_was_read(detector: An
         kept = await client.get(r.json()["image_url"], headers=AUTH)
     assert Image.open(io.BytesIO(kept.content)).mode == "RGB"
     assert np.array_equal(decode_image(kept.content), decode_image(sent))
+
+
+async def test_every_route_that_answers_get_answers_head_without_a_body(detector: Any, samples: Samples,
+                                                                        tmp_path: Path) -> None:
+    """Only /healthz and /readyz answered HEAD; the dashboard's page, a kept image (``curl -I``, to
+    see it is there and its size) and every /v1/ read answered 405, where HTTP has every server
+    take HEAD where it takes GET. Each now answers as its GET does (status, type, length; the
+    token asked for alike), without a body; a route that takes POST only still does not."""
+    body, ftype = samples.one("REVIEW")
+    async with running_app(detector, tmp_path, keep_images="all") as (client, _):
+        r = await client.post("/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype})
+        assert r.status_code == 200, r.text
+        image_url = r.json()["image_url"]
+        for path, headers in [("/dashboard", {}), ("/docs", {}), ("/openapi.json", {}), ("/healthz", {}),
+                              ("/readyz", {}), ("/v1/results", AUTH), (image_url, AUTH),
+                              ("/v1/results?limit=0", AUTH), ("/v1/line", AUTH), ("/v1/results", {})]:
+            got, head = await client.get(path, headers=headers), await client.head(path, headers=headers)
+            assert head.status_code == got.status_code, (path, head.status_code, got.status_code)
+            assert head.content == b"", path
+            assert head.headers["content-type"] == got.headers["content-type"], path
+            if path == image_url:
+                assert int(head.headers["content-length"]) == len(got.content) > 0
+        r = await client.head("/v1/inspect", headers=AUTH)
+        assert (r.status_code, r.headers["allow"], r.content) == (405, "POST", b"")
+        r = await client.post("/v1/results", headers=AUTH)  # a read route names both methods it takes
+        assert (r.status_code, r.headers["allow"]) == (405, "GET, HEAD"), r.text
 
 
 async def test_the_api_is_described_for_client_generators(tmp_path: Path) -> None:

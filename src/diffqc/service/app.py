@@ -589,6 +589,33 @@ class _RequestBody:
         await self.app(scope, timed_receive, drained_send)
 
 
+class _HeadAsGet:
+    """Pure ASGI middleware answering a HEAD request as its GET is (status, headers, the token
+    asked for alike) without the body: HTTP has a server take HEAD wherever it takes GET (an
+    uptime monitor's check, ``curl -I`` of a kept image), and FastAPI's routes take only the
+    methods they name. A route that takes no GET answers HEAD 405, as it answers GET."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headless_send(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headless_send)
+
+
 class _StatusCounter:
     """Pure ASGI middleware counting responses per status code."""
 
@@ -1361,6 +1388,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             return await _stalled(request, cause)
         code = HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         headers = dict(exc.headers or {})
+        if "GET" in headers.get("Allow", "").split(", "):  # answered as GET is (_HeadAsGet)
+            headers["Allow"] += ", HEAD"
         detail = _route_told(request, exc.status_code, headers.get("Allow")) or str(exc.detail)
         return _error_response(ServiceError(exc.status_code, code, detail, headers=headers))
 
@@ -1400,6 +1429,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         )
     app.add_middleware(_RequestBody, timeout_s=settings.body_timeout_s)
     app.add_middleware(_StatusCounter, metrics=state.metrics)
+    app.add_middleware(_HeadAsGet)
 
     async def require_token(request: Request) -> None:
         if not settings.tokens:
@@ -1437,15 +1467,6 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         if degraded:
             body["degraded"] = degraded
         return JSONResponse(body, status_code=200 if ok else 503)
-
-    # uptime monitors and load balancers that check with HEAD read the GET's status, no body
-    @app.head("/healthz", include_in_schema=False)
-    async def healthz_head() -> Response:
-        return Response(status_code=200)
-
-    @app.head("/readyz", include_in_schema=False)
-    async def readyz_head() -> Response:
-        return Response(status_code=(await readyz()).status_code)
 
     # ---------------------------------------------------------------- dashboard
     @app.get("/", include_in_schema=False)
