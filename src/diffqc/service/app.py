@@ -26,12 +26,10 @@ import time
 from collections import Counter
 from collections.abc import (
     AsyncIterator,
-    Awaitable,
     Callable,
     Collection,
     Iterable,
     Iterator,
-    MutableMapping,
     Sequence,
 )
 from contextlib import asynccontextmanager
@@ -50,6 +48,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from diffqc.bundle import check_bundle_files, read_bundle
 from diffqc.data import (
@@ -537,16 +536,11 @@ class _RequestBody:
     before it sends (``Expect: 100-continue``) answered before anything was read is not let
     send it."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], timeout_s: float) -> None:
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
         self.app = app
         self.timeout_s = timeout_s
 
-    async def __call__(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
-        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
-    ) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -558,7 +552,7 @@ class _RequestBody:
         has_body = b"transfer-encoding" in headers or (declared.isdigit() and int(declared) > 0)
         too_long = declared.isdigit() and int(declared) > DRAIN_BYTES
 
-        async def timed_receive() -> MutableMapping[str, Any]:
+        async def timed_receive() -> Message:
             nonlocal done, received, asked, reading
             asked = True
             if done:
@@ -577,7 +571,7 @@ class _RequestBody:
                 done = True
             return message
 
-        async def drained_send(message: MutableMapping[str, Any]) -> None:
+        async def drained_send(message: Message) -> None:
             # a streamed answer (a file, the dashboard) listens for a disconnect with its own receive
             unread = has_body and not done and not too_long and not reading and (asked or not waits)
             if message["type"] == "http.response.start" and unread:
@@ -595,20 +589,15 @@ class _HeadAsGet:
     uptime monitor's check, ``curl -I`` of a kept image), and FastAPI's routes take only the
     methods they name. A route that takes no GET answers HEAD 405, as it answers GET."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
-        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
-    ) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "HEAD":
             await self.app(scope, receive, send)
             return
 
-        async def headless_send(message: MutableMapping[str, Any]) -> None:
+        async def headless_send(message: Message) -> None:
             if message["type"] == "http.response.body":
                 message = {**message, "body": b""}
             await send(message)
@@ -619,21 +608,16 @@ class _HeadAsGet:
 class _StatusCounter:
     """Pure ASGI middleware counting responses per status code."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
 
-    async def __call__(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
-        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
-    ) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
-        async def counting_send(message: MutableMapping[str, Any]) -> None:
+        async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 self.metrics.on_response(int(message["status"]))
             await send(message)
