@@ -726,6 +726,56 @@ def test_dashboard_reloads_only_once_its_page_is_served(detector: Any, browser: 
         wait.until(status_says("connected to the service restarted at"))
 
 
+def test_dashboard_says_connected_only_once_it_knows_which_service_it_reads(detector: Any, browser: Any,
+                                                                            samples: Samples,
+                                                                            tmp_path: Path) -> None:
+    """The dashboard said "connected" once it had read the model; only its first read of
+    `/v1/line`, a moment later, learnt the service's start time, from which a restart is told. A
+    service restarted in that moment (or a `/v1/line` that failed then) was taken for the one it
+    had connected to: the first one's parts stayed on the screen and the next one's, numbered
+    from 1 in its own store, were never shown. And a first read that failed (a service that fell
+    over again as the page was read anew after a restart) left the screen "not connected" for
+    good, trying nothing more. It reads the start time first and says "connected" after, and it
+    tries to connect again by itself. The moment is held open here by the browser refusing the
+    page's calls to `/v1/line` (Chromium's DevTools), the services before and after it real."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    port = bench.free_port()
+    wait = WebDriverWait(browser, 30)
+
+    def service(name: str) -> Any:
+        settings = ServiceSettings(db_url=str(tmp_path / f"{name}.db"), tokens=(TOKEN,))
+        return create_app(settings, detector=detector)
+
+    def send(url: str, part: str) -> None:
+        body, ftype = samples.one("PASS")
+        params = {"feature_type": ftype, "part_id": part}
+        r = httpx.post(url + "/v1/inspect", content=body, headers=AUTH, params=params)
+        assert r.status_code == 200, r.text
+
+    def parts_shown(d: Any) -> list[str]:
+        return list(d.execute_script("return [...document.querySelectorAll('#decisions tbody tr')]"
+                                     ".map((r) => r.cells[2].textContent);"))
+
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/v1/line"]})
+    with serving(service("first"), port=port) as url:
+        send(url, "first-0")
+        open_dashboard(browser, url)
+        wait.until(status_says("does not answer"))
+        time.sleep(2)  # a poll of the results, had the page gone on
+        assert "connected" not in browser.find_element(By.ID, "status").text
+        assert parts_shown(browser) == []
+    with serving(service("second"), port=port) as url:
+        send(url, "second-0")
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+        wait.until(lambda d: parts_shown(d) == ["second-0"])
+        wait.until(status_says("connected"))
+
+
 def test_dashboard_keeps_a_reviewers_typed_note_across_a_restart(detector: Any, browser: Any,
                                                                   samples: Samples, tmp_path: Path) -> None:
     """A reviewer typing a note on a part when the service is restarted (an update): the screen
