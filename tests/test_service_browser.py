@@ -1432,3 +1432,64 @@ def test_the_dashboard_dates_a_part_of_another_day(live_server: tuple[str, Any],
     assert cells(f'#decisions tbody tr[data-id="{new.id}"]')[1] == shown(new).split()[1]  # today's
     assert cells('#parts tbody tr[data-part="night"]')[-1] == shown(old)
     assert cells('#parts tbody tr[data-part="morning"]')[-1] == shown(new).split()[1]
+
+
+def test_an_hmi_page_of_another_origin_reads_the_api_and_when_to_retry(
+    detector: Any, browser: Any, samples: Samples, tmp_path: Path
+) -> None:
+    """An HMI developer's page on its own origin, allowed with `--cors-origin`, calls the API from
+    Chromium: it sends a part (a preflighted upload with the token and an Idempotency-Key), reads
+    its record and kept image, gives a verdict, and reads the errors' bodies. A 503's `Retry-After`,
+    which docs/API.md has a client wait by, read as `null`: a browser hands a page of another
+    origin only the headers the service exposes to it. It is exposed."""
+    import base64
+
+    from diffqc.service.app import ServiceSettings, create_app
+
+    hmi_port = bench.free_port()
+    origin = f"http://127.0.0.1:{hmi_port}"
+    script = """
+        const [api, image, done] = arguments;
+        const auth = {"Authorization": "Bearer %s"};
+        const out = {};
+        async function call(name, path, options) {
+          try {
+            const r = await fetch(api + path, options);
+            const type = r.headers.get("Content-Type");
+            out[name] = [r.status, r.headers.get("Retry-After"), type, await r.text()];
+          } catch (e) { out[name] = String(e); }
+        }
+        (async () => {
+          const bytes = Uint8Array.from(atob(image), (c) => c.charCodeAt(0));
+          const raw = {...auth, "Content-Type": "application/octet-stream", "Idempotency-Key": "hmi-1"};
+          const upload = {method: "POST", body: bytes, headers: raw};
+          await call("inspect", "/v1/inspect?feature_type=%s&part_id=hmi-1", upload);
+          await call("image", "/v1/results/1/image", {headers: auth});
+          const verdict = JSON.stringify({verdict: "GOOD", reviewer: "hmi"});
+          const json = {...auth, "Content-Type": "application/json"};
+          await call("review", "/v1/review/1", {method: "POST", body: verdict, headers: json});
+          await call("missing", "/v1/results/99", {headers: auth});
+          await call("no_token", "/v1/results", {});
+          done(out);
+        })();
+    """
+    body, ftype = samples.one("PASS")
+    browser.set_script_timeout(60)
+    page = create_app(ServiceSettings(db_url=str(tmp_path / "page.db"), tokens=(TOKEN,)), detector=detector)
+    api = create_app(ServiceSettings(db_url=str(tmp_path / "api.db"), tokens=(TOKEN,), keep_images="all",
+                                     cors_origins=(origin,), retry_after_s=7), detector=detector)
+    with serving(page, port=hmi_port), serving(api) as api_url:
+        browser.get(origin + "/healthz")  # a document of the HMI's origin
+        out = browser.execute_async_script(script % (TOKEN, ftype), api_url, base64.b64encode(body).decode())
+        assert out["inspect"][0] == 200 and '"part_id":"hmi-1"' in out["inspect"][3], out["inspect"]
+        assert out["image"][:3] == [200, None, "image/png"], out["image"][:3]
+        assert out["review"][0] == 200 and '"review":"GOOD"' in out["review"][3], out["review"]
+        assert out["missing"][0] == 404 and '"code":"not_found"' in out["missing"][3], out["missing"]
+        assert out["no_token"][0] == 401 and '"code":"unauthorized"' in out["no_token"][3], out["no_token"]
+    stopped = create_app(ServiceSettings(db_url=str(tmp_path / "api.db"), tokens=(TOKEN,),
+                                         cors_origins=(origin,), retry_after_s=7), detector=detector)
+    with serving(page, port=hmi_port), serving(stopped, lifespan="off") as api_url:  # never started: 503
+        browser.get(origin + "/healthz")
+        out = browser.execute_async_script(script % (TOKEN, ftype), api_url, base64.b64encode(body).decode())
+        assert out["missing"][:2] == [503, "7"], out["missing"]
+        assert '"code":"not_ready"' in out["missing"][3], out["missing"]

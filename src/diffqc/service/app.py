@@ -1410,6 +1410,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+            # a page of another origin is handed only the headers exposed to it: a 503's when to retry
+            expose_headers=["Retry-After"],
         )
     app.add_middleware(_RequestBody, timeout_s=settings.body_timeout_s)
     app.add_middleware(_StatusCounter, metrics=state.metrics)
