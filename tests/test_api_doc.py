@@ -88,3 +88,51 @@ def test_every_error_code_the_app_raises_is_documented() -> None:
     doc = DOC.read_text(encoding="utf-8")
     undocumented = sorted(code for code in raised if f"`{code}`" not in doc)
     assert not undocumented, f"error codes missing from docs/API.md: {undocumented}"
+
+
+def doc_section(title: str) -> str:
+    """The text of docs/API.md's ``## title`` section."""
+    return DOC.read_text(encoding="utf-8").split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def record_fields() -> set[str]:
+    """The fields of "The result record"'s table (a row may name several: `line`, `station`, ...)."""
+    return {name for row in doc_section("The result record").splitlines() if row.startswith("| `")
+            for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
+
+
+SQL_SECTION = "Reading the result store with SQL"
+
+
+def store_columns_documented() -> tuple[set[str], set[str]]:
+    """The SQL section's columns of ``diffqc_results`` and of ``diffqc_reviews``."""
+    text = doc_section(SQL_SECTION)
+    items = {key: set(re.findall(r"`([a-z_]+)`", item.split(":", 1)[1]))
+             for item in re.split(r"\n- ", text.split("\n\n", 3)[2]) if ":" in item
+             for key in ("not stored", "stored only") if key in item.split(":", 1)[0]}
+    reviews = text.split("`diffqc_reviews` holds", 1)[1].split("\n\n", 1)[0]
+    results = record_fields() - items["not stored"] | items["stored only"]
+    return results, {"id"} | set(re.findall(r"`([a-z_]+)`", reviews.split(":", 1)[1]))
+
+
+def sql_blocks() -> list[str]:
+    """The SQL section's statements, in order."""
+    return re.findall(r"```sql\n(.*?)```", doc_section(SQL_SECTION), flags=re.S)
+
+
+def test_the_store_tables_a_report_reads_are_described_column_for_column(tmp_path: Path) -> None:
+    """A plant's reporting tool (Grafana, Power BI) reads the result store's tables on the plant's
+    PostgreSQL; the docs named none of them. The section says which two tables and columns it may
+    read: those of a store, column for column (PostgreSQL's in tests/test_service_postgres.py)."""
+    import sqlite3
+
+    from diffqc.service.store import ResultStore
+
+    with ResultStore(str(tmp_path / "r.db")):
+        pass
+    results, reviews = store_columns_documented()
+    with sqlite3.connect(tmp_path / "r.db") as conn:
+        columns = {t: {row[1] for row in conn.execute(f"PRAGMA table_info({t})")}
+                   for t in ("diffqc_results", "diffqc_reviews")}
+    assert columns == {"diffqc_results": results, "diffqc_reviews": reviews}
+    assert len(sql_blocks()) == 4

@@ -1494,9 +1494,7 @@ async def test_the_described_answers_are_the_services(detector: Any, samples: Sa
                                                       tmp_path: Path) -> None:
     """The description's record (typed from the store's record, as a client generator reads it)
     is what the routes answer, field for field, and what docs/API.md's table lists."""
-    import re as regex
-
-    from tests.test_api_doc import DOC
+    from tests.test_api_doc import record_fields
 
     flagged, ftype = samples.one("REVIEW")
     async with running_app(detector, tmp_path, keep_images="all") as (client, _):
@@ -1536,10 +1534,7 @@ async def test_the_described_answers_are_the_services(detector: Any, samples: Sa
         assert set(components["Part"]["properties"]) == set(part)
         wrong = {**review.json(), "decision": "MAYBE"}
         assert _conforms(wrong, components["Record"], components)  # the check finds a wrong value
-    section = DOC.read_text(encoding="utf-8").split("## The result record", 1)[1].split("\n## ", 1)[0]
-    documented = {name for row in section.splitlines() if row.startswith("| `")
-                  for name in regex.findall(r"`([a-z_]+)`", row.split("|")[1])}
-    assert documented == set(record)
+    assert record_fields() == set(record)
 
 
 async def test_the_described_status_answers_are_the_services(detector: Any, samples: Samples,

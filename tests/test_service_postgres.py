@@ -54,6 +54,69 @@ def pg_url() -> Iterator[str]:
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+def test_postgres_a_report_reads_the_store_with_the_documented_sql(pg_url: str) -> None:
+    """docs/API.md's "Reading the result store with SQL" as a plant's reporting tool runs it: the
+    tables and columns it names are the store's, the role it creates reads them and writes
+    nothing, and its queries answer what they say (the hourly share flagged as the summary
+    counts it, the escapes, a record's verdicts in order)."""
+    import datetime as dt
+    import math
+    import time
+
+    import psycopg
+
+    from diffqc.service.store import summarize
+    from tests.test_api_doc import sql_blocks, store_columns_documented
+
+    role_sql, hourly, escapes, trail = sql_blocks()
+    now = time.time()
+    h1 = math.floor(now / 3600) * 3600 - 3600  # the hour before this one, and the one before it
+    h0 = h1 - 3600
+    day = 86400.0
+    rows = [("a1", "PASS", "a", h1 + 10), ("a2", "PASS", "a", h1 + 20), ("a3", "REVIEW", "a", h1 + 30),
+            ("a4", "REJECT", "a", h1 + 40), ("b1", "REVIEW", "b", h1 + 50),
+            ("b2", "NOT_INSPECTED", "b", h1 + 60), ("a0", "REVIEW", "a", h0 + 10),
+            ("old", "REJECT", "a", now - 2 * day), ("older", "PASS", "a", now - 8 * day)]
+    with ResultStore(pg_url) as store:
+        ids = {r.part_id: r.id for r in store.insert_many(
+            [_rec(part, decision, feature_type=t, created_at=at) for part, decision, t, at in rows])}
+        store.set_review(ids["a1"], "BAD", "ann", "seen at the gate", "crack")  # an escape
+        store.set_review(ids["older"], "BAD", "ann")  # an escape of last month: not this week's
+        store.set_review(ids["a3"], "GOOD", "bob")
+        store.set_review(ids["a3"], "BAD", "carl", defect="dent", replaces="GOOD")
+        groups = dict(summarize(store.summary_counts(["feature_type"], since=h1, until=h1 + 3600), 1))
+    schema = pg_url.split("search_path%3D", 1)[1]
+    role = f"qc_reports_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        tables = ("diffqc_results", "diffqc_reviews")
+        for table, documented in zip(tables, store_columns_documented(), strict=True):
+            columns = conn.execute("SELECT column_name FROM information_schema.columns "
+                                   "WHERE table_schema = %s AND table_name = %s", (schema, table)).fetchall()
+            assert {c for (c,) in columns} == documented, table
+        conn.execute(role_sql.replace("qc_reports", role).replace("SCHEMA public", f"SCHEMA {schema}"))
+    try:
+        reader = pg_url.replace("postgres@", f"{role}:change-me@", 1)
+        with psycopg.connect(reader, autocommit=True) as conn:
+            got = conn.execute(hourly).fetchall()
+            assert [(t.timestamp(), ftype, share) for t, ftype, share in got] == [
+                (h0, "a", 1.0), (h1, "a", 0.5), (h1, "b", 1.0)]  # b's part not inspected not counted
+            assert got[1][0] == dt.datetime.fromtimestamp(h1, dt.UTC)
+            assert [share for _, t, share in got[1:]] == [groups[(t,)]["flagged_share"] for t in ("a", "b")]
+            found = conn.execute(escapes).fetchall()
+            assert [(r[0], r[2], r[6], r[7], r[8]) for r in found] == [
+                (ids["a1"], "a1", "ann", "crack", "seen at the gate")]
+            verdicts = conn.execute(trail.replace("42", str(ids["a3"]))).fetchall()
+            assert [(v[1], v[2], v[3]) for v in verdicts] == [("GOOD", "bob", None), ("BAD", "carl", "dent")]
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("UPDATE diffqc_results SET decision = 'PASS'")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT * FROM diffqc_meta")  # the service's own
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
 def test_postgres_store_contract(pg_url: str) -> None:
     with ResultStore(pg_url) as store:
         assert store.postgres
