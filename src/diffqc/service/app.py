@@ -76,7 +76,15 @@ from diffqc.service.buffer import (
 )
 from diffqc.service.line import LineServices
 from diffqc.service.logs import Seldom
-from diffqc.service.openapi import api_page, api_schema, asset_path, operation_id, upload_extra
+from diffqc.service.openapi import (
+    FEATURE_TYPE_TEXT,
+    PART_ID_TEXT,
+    api_page,
+    api_schema,
+    asset_path,
+    operation_id,
+    upload_extra,
+)
 from diffqc.service.parts import (
     PART_WINDOW_S,
     check_part_types,
@@ -1527,10 +1535,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     @api.post("/v1/inspect", openapi_extra=upload_extra(LINE_FIELDS, batch=False), tags=["Inspection"])
     async def inspect(
         request: Request,
-        feature_type: str | None = Query(default=None, max_length=MAX_ID_LEN, description=(
-            "one of the model's types (`GET /v1/model`'s classes); none: the type it is closest to")),
-        part_id: str | None = Query(default=None, max_length=MAX_ID_LEN,
-                                    description="the part this image is a crop of (stored on the record)"),
+        feature_type: str | None = Query(default=None, max_length=MAX_ID_LEN, description=FEATURE_TYPE_TEXT),
+        part_id: str | None = Query(default=None, max_length=MAX_ID_LEN, description=PART_ID_TEXT),
     ) -> JSONResponse:
         t0 = time.perf_counter()
         ftype = _check_type(state, feature_type)

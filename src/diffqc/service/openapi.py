@@ -103,30 +103,50 @@ _IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False, "s
                                "(docs/API.md, Idempotency)"}
 
 
+# what an upload's values mean, as query parameters (app.py) and as the body's fields
+FEATURE_TYPE_TEXT = "one of the model's types (`GET /v1/model`'s classes); none: the type it is closest to"
+PART_ID_TEXT = "the part this image is a crop of (stored on the record)"
+_EACH = "one per image, in their order, or one for all"
+
+
+def line_text(name: str) -> str:
+    return f"where the part was seen: its {name} (stored on the record)"
+
+
+def _described(schema: dict[str, Any], text: str) -> dict[str, Any]:
+    return {**schema, "description": text}
+
+
 def upload_extra(line_fields: Sequence[str], *, batch: bool) -> dict[str, Any]:
     """What FastAPI cannot see of an upload route (``openapi_extra``): its body, read by hand
     (raw image bytes, multipart, JSON with base64; a batch's fields repeated or lists), and the
     query values and header it reads by hand."""
-    line = {name: _STR for name in line_fields}
+    line: dict[str, Any] = {name: _described(_STR, line_text(name)) for name in line_fields}
     parameters = [*({"name": name, "in": "query", "required": False, "schema": _TEXT,
-                     "description": f"where the part was seen: its {name} (stored on the record)"}
-                    for name in line_fields), _IDEMPOTENCY]
+                     "description": line_text(name)} for name in line_fields), _IDEMPOTENCY]
     if batch:
         # optional lists empty by default: Swagger UI's "Try it out" sent a placeholder item
         # ("string") where none was given, a part of type 'string'
-        form = {"image": _list(_BINARY), "feature_type": {**_NAMES, "default": []},
-                "part_id": {**_NAMES, "default": []}, **line}
-        listed = {"image": {**_NAMES, "description": "base64 or data URLs"},
-                  "feature_type": {"anyOf": [_STR, _NAMES]},
-                  "part_id": {"anyOf": [_STR, _INT, _list({"type": ["string", "integer"]})]},
+        types = f"each image's type ({_EACH}); none: the query's `feature_type`, else the closest"
+        parts = f"each image's part ({_EACH}; stored on its record)"
+        form = {"image": _described(_list(_BINARY), "the image files, one field `image` each"),
+                "feature_type": _described({**_NAMES, "default": []}, types),
+                "part_id": _described({**_NAMES, "default": []}, parts), **line}
+        listed = {"image": _described(_NAMES, "the image files, base64 or data URLs"),
+                  "feature_type": _described({"anyOf": [_STR, _NAMES]}, types),
+                  "part_id": _described({"anyOf": [_STR, _INT, _list({"type": ["string", "integer"]})]},
+                                        parts),
                   **line}
         content: dict[str, Any] = {}
         description = ("1 to 32 images: repeated multipart file fields `image` (a `part_id` and "
                        "`feature_type` each, or one for all), or JSON with the same fields as lists")
     else:
-        form = {"image": _BINARY, "feature_type": _STR, "part_id": _STR, **line}
-        listed = {"image": {**_STR, "description": "base64, or a data URL"},
-                  "feature_type": _STR, "part_id": {"type": ["string", "integer"]}, **line}
+        form = {"image": _described(_BINARY, "the image file"),
+                "feature_type": _described(_STR, FEATURE_TYPE_TEXT),
+                "part_id": _described(_STR, PART_ID_TEXT), **line}
+        listed = {"image": _described(_STR, "the image file, base64 or a data URL"),
+                  "feature_type": _described(_STR, FEATURE_TYPE_TEXT),
+                  "part_id": _described({"type": ["string", "integer"]}, PART_ID_TEXT), **line}
         # the raw body: any other Content-Type (image/png, none) is read so too; image/* is not
         # listed, as client generators take no wildcard
         content = {"application/octet-stream": {"schema": _BINARY}}
