@@ -809,6 +809,17 @@ def test_cli_periods_take_a_shifts_times_on_the_machines_clock(
     assert _listed(db, capsys, "--since", "yesterday 22:00", "--until", "6:00") == ["late", "night"]
     assert _listed(db, capsys, "--since", "Today 14:00:30") == ["afternoon"]
     assert _listed(db, capsys, "--since", "yesterday 21:00", "--until", "today 00:00") == ["evening", "late"]
+    # the report's period: it was said in UTC alone ("from ... 03:00:00 UTC" for the 06:00 typed)
+    assert main(["results", "summary", "--db", str(db), "--since", "06:00", "--until", "14:00"]) == 0
+    day = dt.date.today().isoformat()
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"parts inspected from {day} 03:00:00 UTC (06:00:00 on this machine's clock, UTC+03:00) to "
+        f"{day} 11:00:00 UTC (14:00:00 on this machine's clock, UTC+03:00)")
+    assert main(["results", "summary", "--db", str(db), "--since", "today 01:00"]) == 0
+    yesterday = (dt.date.today() - dt.timedelta(days=1)).isoformat()
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"parts inspected from {yesterday} 22:00:00 UTC ({day} 01:00:00 on this machine's clock, UTC+03:00) "
+        "to now")
     for wrong in ("25:00", "06:60", "yesterday 24:00"):
         assert main(["results", "list", "--db", str(db), "--since", wrong]) == 1
         err = capsys.readouterr().err

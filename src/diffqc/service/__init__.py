@@ -246,7 +246,7 @@ def summary_results(db_url: str, by: list[str], *, fmt: str = "table", since: fl
             writer.writerow([_spreadsheet_cell(v) for v in [*key, *(g[c] for c in SUMMARY_COLUMNS)]])
     else:  # a shift's report says which shift: the period first
         def when(t: float | None, none: str) -> str:
-            return none if t is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+            return none if t is None else _utc_and_here(t)
 
         unit = "parts, each judged from its crops," if parts else "parts"
         sys.stdout.write(f"{unit} inspected from {when(since, 'the first')} to {when(until, 'now')}\n")
@@ -413,6 +413,23 @@ def _period_time(value: str | None, name: str) -> float | None:
         warnings.warn(f"--since {value} lies in the future ({when}): nothing is stored after it yet",
                       stacklevel=2)
     return seconds
+
+
+def _utc_and_here(t: float) -> str:
+    """``t`` in UTC and, where this machine's clock is not UTC, on its clock (a shift's start
+    typed as 06:00 reported as 05:00 UTC alone was read as the wrong shift)."""
+    import datetime as dt
+
+    utc = dt.datetime.fromtimestamp(t, dt.UTC)
+    said = utc.strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        here = utc.astimezone()
+    except (OverflowError, ValueError, OSError):  # the calendar's edge, past it here
+        return said
+    if not here.utcoffset():
+        return said
+    shown = here.strftime("%H:%M:%S" if here.date() == utc.date() else "%Y-%m-%d %H:%M:%S")
+    return f"{said} ({shown} on this machine's clock, UTC{here.isoformat()[-6:]})"
 
 
 def _period(args: argparse.Namespace) -> dict[str, float | None]:
