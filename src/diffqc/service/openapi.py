@@ -109,7 +109,7 @@ PART_ID_TEXT = "the part this image is a crop of (stored on the record)"
 _EACH = "one per image, in their order, or one for all"
 
 
-def line_text(name: str) -> str:
+def _line_text(name: str) -> str:
     return f"where the part was seen: its {name} (stored on the record)"
 
 
@@ -121,9 +121,9 @@ def upload_extra(line_fields: Sequence[str], *, batch: bool) -> dict[str, Any]:
     """What FastAPI cannot see of an upload route (``openapi_extra``): its body, read by hand
     (raw image bytes, multipart, JSON with base64; a batch's fields repeated or lists), and the
     query values and header it reads by hand."""
-    line: dict[str, Any] = {name: _described(_STR, line_text(name)) for name in line_fields}
+    line: dict[str, Any] = {name: _described(_STR, _line_text(name)) for name in line_fields}
     parameters = [*({"name": name, "in": "query", "required": False, "schema": _TEXT,
-                     "description": line_text(name)} for name in line_fields), _IDEMPOTENCY]
+                     "description": _line_text(name)} for name in line_fields), _IDEMPOTENCY]
     if batch:
         # optional lists empty by default: Swagger UI's "Try it out" sent a placeholder item
         # ("string") where none was given, a part of type 'string'
