@@ -1465,8 +1465,10 @@ async def test_the_described_error_answers_are_the_documented_ones(tmp_path: Pat
 
 def _conforms(value: Any, schema: dict[str, Any], components: dict[str, Any]) -> list[str]:
     """Where ``value`` breaks ``schema`` of the description (a JSON Schema 2020-12 validator, as
-    OpenAPI 3.1 reads its schemas), and each field it has that a schema naming its fields does not
-    name, at any depth (what a generated client would drop)."""
+    OpenAPI 3.1 reads its schemas), each field it has that a schema naming its fields does not
+    name, at any depth (what a generated client would drop), and each object with fields whose
+    schema names none and is not free-form by intent (``additionalProperties: true``): a
+    generated client read it as an untyped map."""
     from jsonschema import Draft202012Validator
 
     def check(s: dict[str, Any]) -> Any:  # references resolved in the description's components
@@ -1485,7 +1487,9 @@ def _conforms(value: Any, schema: dict[str, Any], components: dict[str, Any]) ->
         more = next((part["additionalProperties"] for part in parts if "additionalProperties" in part), None)
         named = bool(props) or more is not None
         out = []
-        if isinstance(v, dict):
+        if isinstance(v, dict) and v and more is not True and not named:
+            out.append(f"{at}: an object whose fields are not described")
+        elif isinstance(v, dict) and more is not True:
             for k, item in v.items():
                 sub = props.get(k, more if isinstance(more, dict) else None)
                 out += undescribed(item, sub, f"{at}.{k}") if sub is not None else (

@@ -186,6 +186,11 @@ def record_schema() -> dict[str, Any]:
 
 
 _RECORD, _PART = _ref("Record"), _ref("Part")
+# one verdict of a record's history (``ResultStore.review_history``), as the record gives its latest
+_VERDICT = _object("a verdict given, in the order given", review={"type": "string", "enum": list(VERDICTS)},
+                   reviewed_at=_EPOCH, reviewed=_TIME,
+                   reviewer=_nullable("string"), review_note=_nullable("string"),
+                   review_defect=_nullable("string"))
 
 
 def part_schema() -> dict[str, Any]:
@@ -238,7 +243,8 @@ def status_schemas() -> dict[str, dict[str, Any]]:
                 types=_map(_object(n=_INT, min=_NUMBER, median=_NUMBER, max=_NUMBER,
                                    review_threshold=_nullable("number"), reject_threshold=_nullable("number"),
                                    warnings=_NAMES), "per feature type")),
-            config={"type": ["object", "null"], "description": "the detector configuration"},
+            config={"type": ["object", "null"], "additionalProperties": True,
+                    "description": "the detector configuration (config.json's sections)"},
             service=_object(buffer_size=_INT, max_batch=_INT, overflow=_STR, store=_STR,
                             queue_depth=_nullable("integer"), part_types=_NAMES)),
         "Line": _object(
@@ -335,7 +341,7 @@ ANSWERS: dict[tuple[str, str], dict[str, Any]] = {
     ("/v1/inspect/batch", "post"): _object(results=_list(_with(duplicate=_BOOL)), parts=_list(_PART),
                                            total_ms=_NUMBER),
     ("/v1/results", "get"): _object(results=_list(_RECORD), count=_INT),
-    ("/v1/results/{record_id}", "get"): _with(review_history=_list({"type": "object"})),
+    ("/v1/results/{record_id}", "get"): _with(review_history=_list(_VERDICT)),
     ("/v1/review", "get"): _object(queue=_list(_RECORD), pending=_INT),
     ("/v1/review/{record_id}", "post"): _RECORD,
     ("/v1/parts", "get"): _object(parts=_list(_PART), truncated=_BOOL),
