@@ -1547,6 +1547,9 @@ async def test_the_described_answers_are_the_services(detector: Any, samples: Sa
         assert set(components["Part"]["properties"]) == set(part)
         wrong = {**review.json(), "decision": "MAYBE"}
         assert _conforms(wrong, components["Record"], components)  # the check finds a wrong value
+        # and an object described without its fields, as review_history's verdicts were
+        assert _conforms({"review": "BAD"}, {"type": "object"}, components) == [
+            "$: an object whose fields are not described"]
     assert record_fields() == set(record)
 
 
