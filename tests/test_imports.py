@@ -160,7 +160,7 @@ def test_the_api_asked_of_the_package_names_the_module_that_has_it() -> None:
 
     for name, module in [("Detector", "diffqc.model"), ("DetectorConfig", "diffqc.config"),
                          ("load_dataset", "diffqc.data"), ("read_image", "diffqc.data"),
-                         ("holdout_report", "diffqc.holdout")]:
+                         ("holdout_report", "diffqc.holdout"), ("overlay", "diffqc.visualize")]:
         with pytest.raises(ImportError, match=rf"^{name} is in {module}: from {module} import {name} "):
             exec(f"from diffqc import {name}", {})  # the statement a user types
         assert name in dir(__import__(module, fromlist=[name]))

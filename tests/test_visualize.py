@@ -80,3 +80,24 @@ def test_a_long_strips_panel_stacks_the_part_over_its_overlay() -> None:
     # a square part (and one up to 3:1) keeps image | overlay side by side
     sq = panel(img[:, :64], m[:, :64], score=1.0, p_value=0.5, decision="PASS")
     assert sq.shape[1] > sq.shape[0]
+
+
+def test_a_camera_frame_is_drawn_as_the_detector_reads_it() -> None:
+    """`Detector.inspect` takes a camera's uint8 or uint16 frame (scaled as its file would be), but
+    `overlay` of the same frame, a notebook's next line, took its values as floats and clipped them
+    at 1: a white square with the hot spots on it. A frame is drawn as the detector reads it,
+    whatever its pixel type (uint8, uint16, grey, a Pillow image), the same as its float image."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, size=(32, 48), dtype=np.uint8)
+    m = np.zeros((32, 48), np.float32)
+    m[10:20, 30:40] = 1.0
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    want = overlay(rgb.astype(np.float32) / 255, m, vmin=0.0, vmax=1.0)
+    frames = (grey, rgb, grey.astype(np.uint16) * 257, Image.fromarray(grey))
+    for frame in frames:
+        got = overlay(frame, m, vmin=0.0, vmax=1.0)
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1, type(frame)
+    left = panel(grey, m, score=1.0, p_value=0.5, decision="PASS", min_height=32)
+    assert left.mean() < 250  # not a white square

@@ -9,7 +9,7 @@ __all__ = ["__version__"]
 # who asks the package for one of them (`from diffqc import Detector`) is told where it is.
 _API_MODULES = {"Detector": "diffqc.model", "DetectorConfig": "diffqc.config",
                 "load_dataset": "diffqc.data", "read_image": "diffqc.data",
-                "holdout_report": "diffqc.holdout"}
+                "holdout_report": "diffqc.holdout", "overlay": "diffqc.visualize"}
 
 
 def __getattr__(name: str) -> object:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from diffqc.data import check_outside_datasets, decode_image
+from diffqc.data import as_image, check_outside_datasets, decode_image
 from diffqc.errors import OutputError
 from diffqc.output import path_text, write_atomic
 
@@ -63,9 +63,11 @@ def as_read_png(path: Path, gain: float) -> bytes:
     return buf.getvalue()
 
 
-def _rgb(image: np.ndarray) -> np.ndarray:
-    img = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
-    return np.clip(img.astype(np.float32), 0, 1)
+def _rgb(image: np.ndarray | Image.Image) -> np.ndarray:
+    """``image`` as the detector reads it (:func:`~diffqc.data.as_image`: a uint8 or uint16 frame
+    scaled as its file would be, grey as RGB): a camera's frame given to ``inspect`` and then here
+    was clipped at 1 as floats, drawn white."""
+    return as_image(image, "the image to draw")
 
 
 def _scale(anomaly_map: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
@@ -96,10 +98,11 @@ def fit_within(image: np.ndarray, max_side: int | None) -> np.ndarray:
 
 
 def overlay(
-    image: np.ndarray, anomaly_map: np.ndarray, *, vmin: float | None = None,
+    image: np.ndarray | Image.Image, anomaly_map: np.ndarray, *, vmin: float | None = None,
     vmax: float | None = None, alpha: float = 0.45,
 ) -> np.ndarray:
-    """Blend a colour-mapped anomaly map over the image -> HxWx3 uint8.
+    """Blend a colour-mapped anomaly map over the image (any array or Pillow image ``inspect``
+    takes, drawn as it reads it) -> HxWx3 uint8.
 
     ``vmin``/``vmax`` fix the colour scale (e.g. the REVIEW threshold and a high score) so
     that overlays of different parts are comparable; by default the map's own range is used.
@@ -130,7 +133,7 @@ def _fmt(x: float) -> str:
 
 
 def panel(
-    image: np.ndarray, anomaly_map: np.ndarray, *, score: float, p_value: float, decision: str,
+    image: np.ndarray | Image.Image, anomaly_map: np.ndarray, *, score: float, p_value: float, decision: str,
     feature_type: str | None = None, vmin: float | None = None, vmax: float | None = None,
     alpha: float = 0.45, min_height: int = 256,
 ) -> np.ndarray:
