@@ -316,6 +316,36 @@ async def test_bad_input_table(detector: Any, samples: Samples, tmp_path: Path) 
         assert (await client.get("/healthz")).status_code == 200
 
 
+async def test_a_verdict_sent_again_after_its_answer_was_lost_is_taken_once(detector: Any, samples: Samples,
+                                                                             tmp_path: Path) -> None:
+    """A verdict whose answer a phone's Wi-Fi lost, given again (the dashboard sends the verdict
+    it showed, `replaces: null`), was refused as a second reviewer's conflict with itself ("was
+    reviewed meanwhile: BAD by ann"), and a MES's retry without `replaces` counted it twice in the
+    history and in `GET /v1/defects`. The same verdict again (its reviewer, note and kind the
+    same) is the one given: answered as given, stored once. Another one still conflicts."""
+    body, ftype = samples.one("REVIEW")
+    async with running_app(detector, tmp_path) as (client, _):
+        sent = await client.post("/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype})
+        rid = sent.json()["id"]
+        url = f"/v1/review/{rid}"
+        given = {"verdict": "BAD", "reviewer": "ann", "defect": "crack", "note": "edge", "replaces": None}
+        first = await client.post(url, headers=AUTH, json=given)
+        assert first.status_code == 200, first.text
+        again = await client.post(url, headers=AUTH, json=given)  # the answer to the first was lost
+        assert again.status_code == 200, again.text
+        assert again.json() == first.json()
+        latest_wins = {k: v for k, v in given.items() if k != "replaces"}  # a MES's retry
+        retried = await client.post(url, headers=AUTH, json=latest_wins)
+        assert retried.json()["reviewed_at"] == first.json()["reviewed_at"]
+        got = (await client.get(url.replace("review", "results"), headers=AUTH)).json()
+        assert len(got["review_history"]) == 1
+        kinds = (await client.get("/v1/defects", headers=AUTH)).json()
+        assert kinds == {"defects": [{"defect": "crack", "verdicts": 1}]}
+        for other in ({"reviewer": "bob"}, {"note": "corner"}, {"verdict": "GOOD", "defect": None}):
+            r = await client.post(url, headers=AUTH, json={**given, **other})
+            assert (r.status_code, r.json()["code"]) == (409, "review_conflict"), other
+
+
 async def test_review_flow_and_export(detector: Any, samples: Samples, tmp_path: Path) -> None:
     from diffqc.data import load_dataset
     from diffqc.service import export_reviewed_good

@@ -1035,7 +1035,8 @@ class ResultStore:
         before the history was kept enters it when it is first changed). ``replaces``: the
         verdict the reviewer saw (None: none); where the record holds another (a second
         reviewer's came first), :class:`ReviewConflict` and nothing changes. Not given: the
-        latest verdict wins."""
+        latest verdict wins. The verdict the record holds, sent again (its reviewer, note and
+        kind the same: a retry whose answer was lost), is the one given: nothing changes."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be GOOD or BAD, got {verdict!r}")
         if defect is not None and verdict != "BAD":
@@ -1048,6 +1049,8 @@ class ResultStore:
                 (record_id,)).fetchone()
             if before is None:
                 return None
+            if (before[0], *before[2:]) == (verdict, reviewer, note, defect):
+                return self.get(record_id)
             if replaces is not ... and before[0] != replaces:
                 raise ReviewConflict(record_id, before[0], before[1], before[2])
             logged = self._q(f"SELECT COUNT(*) FROM {REVIEWS} WHERE record_id = ?")
