@@ -90,8 +90,8 @@ def check_output_folder(path: Path | str, *, what: str, names: Sequence[str],
         return path
     if not force:
         raise OutputError(f"{path} is not empty and {foreign}; choose a new or empty folder, or "
-                          f"pass --force to write the {what}'s files beside what is there (nothing "
-                          "is deleted)")
+                          f"pass --force (force=True from Python) to write the {what}'s files beside "
+                          "what is there (nothing is deleted)")
     clashes = [name for name in names if (path / name).exists()]
     if clashes:
         raise OutputError(f"{path} already holds {', '.join(clashes)}, not from a diffqc {what}; "
