@@ -375,6 +375,10 @@ def test_read_features_is_extract_one_image_at_a_time(clear_dataset: Path, tmp_p
     with pytest.warns(UserWarning, match="skipped"):
         raw2, _, kept2, errors2 = det.read_features(mixed, skip_corrupt=True)
     assert kept2 == samples[:3] and len(errors2) == 2 and torch.equal(raw2, raw[:3])
+    # `fit` in a notebook raised the file's error alone; the command line's says --skip-corrupt
+    with pytest.raises(ImageReadError) as caught_fit:
+        det.fit(mixed, progress=False)
+    assert "fit(..., skip_corrupt=True) leaves unreadable images out" in caught_fit.value.__notes__
 
 
 # ---------------------------------------------------------------------- saving never loses files

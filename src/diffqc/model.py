@@ -348,8 +348,13 @@ class Detector:
         sizes: list[tuple[int, int]] = []
         greys: list[bool] = []
         lights: list[tuple[float, float]] = []
-        raw, layouts, good, errors = self.read_features(good, skip_corrupt=skip_corrupt, progress=progress,
-                                                        sizes=sizes, greys=greys, lights=lights)
+        try:
+            raw, layouts, good, errors = self.read_features(good, skip_corrupt=skip_corrupt,
+                                                            progress=progress, sizes=sizes, greys=greys,
+                                                            lights=lights)
+        except ImageReadError as exc:  # a traceback's note; the command line says --skip-corrupt
+            exc.add_note("fit(..., skip_corrupt=True) leaves unreadable images out")
+            raise
         if lost := sorted(wanted - {s.feature_type for s in good}):
             raise DatasetError(f"every GOOD training image of {', '.join(map(repr, lost))} is "
                                "unreadable (skipped); the model would not know the type: mend "
