@@ -163,7 +163,8 @@ def upload_extra(line_fields: Sequence[str], *, batch: bool) -> dict[str, Any]:
 
 # what a record and a part's verdict share: a decision, an operator's verdict, a time
 _DECISION = {"type": "string", "enum": list(DECISIONS)}
-_REVIEW = _or_null({"type": "string", "enum": list(VERDICTS)})
+_VERDICT_NAME = {"type": "string", "enum": list(VERDICTS)}
+_REVIEW = _or_null(_VERDICT_NAME)
 _DATE_TIME = {"type": "string", "format": "date-time"}
 _TIME = _or_null(_DATE_TIME)
 
@@ -187,9 +188,8 @@ def record_schema() -> dict[str, Any]:
 
 _RECORD, _PART = _ref("Record"), _ref("Part")
 # one verdict of a record's history (``ResultStore.review_history``), as the record gives its latest
-_VERDICT = _object("a verdict given, in the order given", review={"type": "string", "enum": list(VERDICTS)},
-                   reviewed_at=_EPOCH, reviewed=_TIME,
-                   reviewer=_nullable("string"), review_note=_nullable("string"),
+_VERDICT = _object("a verdict given, in the order given", review=_VERDICT_NAME, reviewed_at=_EPOCH,
+                   reviewed=_TIME, reviewer=_nullable("string"), review_note=_nullable("string"),
                    review_defect=_nullable("string"))
 
 
@@ -329,23 +329,23 @@ def webhooks() -> dict[str, Any]:
     return out
 
 
-def _with(**more: Any) -> dict[str, Any]:
-    """A record with more fields (an inspection's answer, a record with its review history)."""
-    return {"allOf": [_RECORD, _object(**more)]}
-
+def _with(base: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """A record or a part (``base``) with more fields (an inspection's answer, a record with its
+    review history, a part with its records)."""
+    return {"allOf": [base, _object(**more)]}
 
 
 # the answers that carry records: (path, method) -> the 200 answer's schema
 ANSWERS: dict[tuple[str, str], dict[str, Any]] = {
-    ("/v1/inspect", "post"): _with(total_ms=_NUMBER, duplicate=_BOOL),
-    ("/v1/inspect/batch", "post"): _object(results=_list(_with(duplicate=_BOOL)), parts=_list(_PART),
+    ("/v1/inspect", "post"): _with(_RECORD, total_ms=_NUMBER, duplicate=_BOOL),
+    ("/v1/inspect/batch", "post"): _object(results=_list(_with(_RECORD, duplicate=_BOOL)), parts=_list(_PART),
                                            total_ms=_NUMBER),
     ("/v1/results", "get"): _object(results=_list(_RECORD), count=_INT),
-    ("/v1/results/{record_id}", "get"): _with(review_history=_list(_VERDICT)),
+    ("/v1/results/{record_id}", "get"): _with(_RECORD, review_history=_list(_VERDICT)),
     ("/v1/review", "get"): _object(queue=_list(_RECORD), pending=_INT),
     ("/v1/review/{record_id}", "post"): _RECORD,
     ("/v1/parts", "get"): _object(parts=_list(_PART), truncated=_BOOL),
-    ("/v1/parts/{part_id}", "get"): {"allOf": [_PART, _object(truncated=_BOOL, results=_list(_RECORD))]},
+    ("/v1/parts/{part_id}", "get"): _with(_PART, truncated=_BOOL, results=_list(_RECORD)),
     **{(f"/v1/{name.lower()}", "get"): _ref(name)
        for name in ("Summary", "Stats", "Model", "Line", "Defects")},
     ("/v1/sinks/{name}/requeue", "post"): _object(sink=_STR, requeued=_INT),
@@ -418,8 +418,8 @@ def api_schema(app: FastAPI, *, token: bool, root_path: str) -> dict[str, Any]:
     for (path, method), media in FILES.items():
         ok = schema["paths"][path][method]["responses"]["200"]
         ok["content"] = {kind: {"schema": _BINARY} for kind in media}
-    schemas["Error"] = _object(detail={**_STR, "description": "what was wrong, for a person"},
-                               code={**_STR, "description": "what was wrong, for a program (docs/API.md)"})
+    schemas["Error"] = _object(detail=_described(_STR, "what was wrong, for a person"),
+                               code=_described(_STR, "what was wrong, for a program (docs/API.md)"))
     for path, operations in schema.get("paths", {}).items():
         for op in operations.values():
             if "description" in op:
