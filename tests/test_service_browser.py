@@ -46,6 +46,28 @@ def open_dashboard(browser: Any, url: str) -> None:
     browser.find_element(By.ID, "connect").click()
 
 
+def parts_shown(browser: Any) -> list[str]:
+    """The part ids of the live decisions' rows, read at once in the page: no row replaced midway
+    (the page may be read anew under a wait)."""
+    return list(browser.execute_script("return [...document.querySelectorAll('#decisions tbody tr')]"
+                                       ".map((r) => r.cells[2].textContent);"))
+
+
+def send_part(url: str, samples: Samples, part: str) -> None:
+    """A PASS part with id ``part`` sent to the service at ``url``."""
+    body, ftype = samples.one("PASS")
+    params = {"feature_type": ftype, "part_id": part}
+    r = httpx.post(url + "/v1/inspect", content=body, headers=AUTH, params=params)
+    assert r.status_code == 200, r.text
+
+
+def own_service(detector: Any, store: Path) -> Any:
+    """A service of ``detector`` on a store of its own (``store``), with the test's token."""
+    from diffqc.service.app import ServiceSettings, create_app
+
+    return create_app(ServiceSettings(db_url=str(store), tokens=(TOKEN,)), detector=detector)
+
+
 def status_says(text: str) -> Any:
     """A wait's condition: the status line says ``text``, read in one call to the page, so that a
     reload under the wait (the service restarted) finds no element of the page before it."""
@@ -656,20 +678,10 @@ def test_dashboard_follows_a_restarted_service(service_model: tuple[Path, Path],
     # the page is reloaded under the waits: an element found before it is gone after it
     wait = WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,))
 
-    def parts_shown(d: Any) -> list[str]:  # read at once, in the page: no row replaced midway
-        return list(d.execute_script("return [...document.querySelectorAll('#decisions tbody tr')]"
-                                     ".map((r) => r.cells[2].textContent);"))
-
-    def send(url: str, part: str) -> None:
-        body, ftype = samples.one("PASS")
-        r = httpx.post(url + "/v1/inspect", content=body, headers=AUTH,
-                       params={"feature_type": ftype, "part_id": part})
-        assert r.status_code == 200, r.text
-
     pilot = create_app(ServiceSettings(db_url=str(tmp_path / "pilot.db"), tokens=(TOKEN,), model_path=served))
     with serving(pilot, port=port) as url:
         for i in range(3):
-            send(url, f"pilot-{i}")
+            send_part(url, samples, f"pilot-{i}")
         open_dashboard(browser, url)
         wait.until(lambda d: parts_shown(d) == ["pilot-2", "pilot-1", "pilot-0"])
         first = pilot.state.diffqc.model_version
@@ -679,7 +691,7 @@ def test_dashboard_follows_a_restarted_service(service_model: tuple[Path, Path],
     bench.retrain_into(served, service_model[0], "after-restart")
     plant = create_app(ServiceSettings(db_url=str(tmp_path / "plant.db"), tokens=(TOKEN,), model_path=served))
     with serving(plant, port=port) as url:
-        send(url, "plant-0")
+        send_part(url, samples, "plant-0")
         wait.until(lambda d: parts_shown(d) == ["plant-0"])
         wait.until(lambda d: d.find_element(By.ID, "model-version").text == "after-restart")
         wait.until(lambda d: "does not answer" not in d.find_element(By.ID, "status").text)
@@ -699,26 +711,21 @@ def test_dashboard_reloads_only_once_its_page_is_served(detector: Any, browser: 
     from selenium.webdriver.support.ui import WebDriverWait
 
     from diffqc.service import app as app_module
-    from diffqc.service.app import ServiceSettings, create_app
 
     port = bench.free_port()
     wait = WebDriverWait(browser, 30)
 
-    def service(name: str) -> Any:
-        settings = ServiceSettings(db_url=str(tmp_path / f"{name}.db"), tokens=(TOKEN,))
-        return create_app(settings, detector=detector)
-
-    with serving(service("first"), port=port) as url:
+    with serving(own_service(detector, tmp_path / "first.db"), port=port) as url:
         body, ftype = samples.one("PASS")
         httpx.post(url + "/v1/inspect", content=body, headers=AUTH, params={"feature_type": ftype})
         open_dashboard(browser, url)
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
-        # the first service's line read (its start time, which the second's is told from): on a
-        # busy machine the service stopped before the page's first read of it, and the page took
-        # the second service for the one it had connected to
+        # the first service's line read (its start time, which the second's is told from): the
+        # page reads it before it says "connected" (it did not, and on a busy machine took the
+        # second service for the one it had connected to: the test of connecting, below)
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#drift tbody tr")))
     monkeypatch.setattr(app_module, "STATIC_DIR", tmp_path / "no-page")  # its /dashboard: 500
-    with serving(service("second"), port=port) as url:
+    with serving(own_service(detector, tmp_path / "second.db"), port=port) as url:
         assert httpx.get(url + "/dashboard").status_code == 500
         time.sleep(7)  # more than a poll of /v1/line, which the second service answers
         assert browser.find_element(By.ID, "status").is_displayed()  # the dashboard still, polling
@@ -741,36 +748,21 @@ def test_dashboard_says_connected_only_once_it_knows_which_service_it_reads(dete
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from diffqc.service.app import ServiceSettings, create_app
 
     port = bench.free_port()
     wait = WebDriverWait(browser, 30)
 
-    def service(name: str) -> Any:
-        settings = ServiceSettings(db_url=str(tmp_path / f"{name}.db"), tokens=(TOKEN,))
-        return create_app(settings, detector=detector)
-
-    def send(url: str, part: str) -> None:
-        body, ftype = samples.one("PASS")
-        params = {"feature_type": ftype, "part_id": part}
-        r = httpx.post(url + "/v1/inspect", content=body, headers=AUTH, params=params)
-        assert r.status_code == 200, r.text
-
-    def parts_shown(d: Any) -> list[str]:
-        return list(d.execute_script("return [...document.querySelectorAll('#decisions tbody tr')]"
-                                     ".map((r) => r.cells[2].textContent);"))
-
     browser.execute_cdp_cmd("Network.enable", {})
     browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/v1/line"]})
-    with serving(service("first"), port=port) as url:
-        send(url, "first-0")
+    with serving(own_service(detector, tmp_path / "first.db"), port=port) as url:
+        send_part(url, samples, "first-0")
         open_dashboard(browser, url)
         wait.until(status_says("does not answer"))
         time.sleep(2)  # a poll of the results, had the page gone on
         assert "connected" not in browser.find_element(By.ID, "status").text
         assert parts_shown(browser) == []
-    with serving(service("second"), port=port) as url:
-        send(url, "second-0")
+    with serving(own_service(detector, tmp_path / "second.db"), port=port) as url:
+        send_part(url, samples, "second-0")
         browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
         wait.until(lambda d: parts_shown(d) == ["second-0"])
         wait.until(status_says("connected"))
