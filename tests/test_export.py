@@ -410,6 +410,18 @@ def test_int8_export_of_a_recalibrated_bundle_says_so(exported: Path, clear_data
     assert running.calibration_ is not None
     assert {t: c.scores.tolist() for t, c in running.calibration_.known.items()} == own
     assert not reloader.check()  # once
+    # undone: INT8 decides with the FP32 calibration put back, as before; redone: with its own again
+    fp32 = (bundle / "calibration.prev.json").read_bytes()
+    assert main(["calibrate", str(bundle), "--undo", "-q"]) == 0
+    assert (bundle / "calibration.json").read_bytes() == fp32
+    assert not (bundle / "calibration.int8.json").exists()
+    assert (reloader.check() or reloader.check()) and reloader.file.name == "calibration.json"
+    assert {t: c.scores.tolist() for t, c in running.calibration_.known.items()} == json.loads(fp32)["known"]
+    assert main(["calibrate", str(bundle), "--undo", "-q"]) == 0
+    assert json.loads((bundle / "calibration.int8.json").read_text())["known"] == own
+    assert (reloader.check() or reloader.check()) and reloader.file.name == "calibration.int8.json"
+    assert {t: c.scores.tolist() for t, c in running.calibration_.known.items()} == own
+    capsys.readouterr()
     # other levels, without images: INT8's own calibration decides at them too, on its own scores
     assert main(["calibrate", str(bundle), "--alpha-review", "0.2", "-q"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["files"] == ["calibration.int8.json",

@@ -458,6 +458,73 @@ def test_cli_calibrate_decides_at_other_levels_without_images(
     assert (cal.alpha_review, cal.alpha_reject) == (0.1, 0.025)
 
 
+def test_cli_calibrate_undo_puts_the_previous_calibration_back_and_again_redoes_it(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A recalibration that flags too many parts (levels set wrong, the wrong folder of GOOD
+    parts) was undone by hand: calibration.prev.json copied back left config.json at the new
+    levels (the bundle then warns as it loads) and metadata.json naming a calibration that is not
+    there. `calibrate --undo` puts the previous one back with its levels, keeps the one it
+    replaces as the previous (a second --undo redoes it), and a running service takes it up."""
+    from diffqc.model import Detector
+    from diffqc.recalibrate import CalibrationReloader
+
+    model = _copy(tiny_model, tmp_path)
+    trained = {name: (model / name).read_bytes() for name in ("calibration.json", "config.json")}
+    served = Detector.load(model, device="cpu")
+    reloader = CalibrationReloader(served, model)
+    assert main(["calibrate", str(model), "--alpha-review", "0.2", "--alpha-reject", "0.02", "-q"]) == 0
+    at_02 = (model / "calibration.json").read_bytes()
+    assert (reloader.check() or reloader.check()) and served.config.calibration.alpha_review == 0.2
+    capsys.readouterr()
+
+    assert main(["calibrate", str(model), "--undo"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["undo"], summary["alpha_review"], summary["alpha_reject"]) == (True, 0.05, 0.01)
+    assert summary["kept_previous"] == ["calibration.prev.json"] and summary["files"] == ["calibration.json"]
+    assert (model / "calibration.json").read_bytes() == trained["calibration.json"]
+    assert (model / "calibration.prev.json").read_bytes() == at_02
+    config = json.loads((model / "config.json").read_text())
+    assert config == json.loads(trained["config.json"])
+    meta = json.loads((model / "metadata.json").read_text())
+    assert meta["calibration_sha256"] == sha256_file(model / "calibration.json")
+    assert meta["recalibrated"]["undo"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "config.json's calibration.alpha_review 0.2 is not ..."
+        assert Detector.load(model, device="cpu").config.calibration.alpha_review == 0.05
+    assert (reloader.check() or reloader.check()) and served.config.calibration.alpha_review == 0.05
+    assert served.calibration_ is not None and served.calibration_.config.alpha_reject == 0.01
+
+    assert main(["calibrate", str(model), "--undo", "-q"]) == 0  # redo
+    assert (model / "calibration.json").read_bytes() == at_02
+    assert (model / "calibration.prev.json").read_bytes() == trained["calibration.json"]
+    assert json.loads((model / "config.json").read_text())["calibration"]["alpha_review"] == 0.2
+    assert (reloader.check() or reloader.check()) and served.config.calibration.alpha_review == 0.2
+    capsys.readouterr()
+
+    # refused, one error line and no file touched: with what a calibration is made of; a previous
+    # calibration that is not the one replaced (copied in); a bundle never recalibrated
+    files = {p.name: p.read_bytes() for p in model.iterdir()}
+    for argv, says in [([str(tmp_path)], "give it without DATA"),
+                       (["--alpha-review", "0.1"], "give it without --alpha-review")]:
+        assert main(["calibrate", str(model), *argv, "--undo", "-q"]) == 1
+        assert says in capsys.readouterr().err
+    (model / "calibration.prev.json").write_bytes(at_02)
+    assert main(["calibrate", str(model), "--undo", "-q"]) == 1
+    assert (f"{model / 'calibration.prev.json'} is not the calibration the last `diffqc calibrate` of "
+            "this bundle replaced (another file") in capsys.readouterr().err
+    files["calibration.prev.json"] = at_02
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+    # what was done, as `export --int8` names it (it said "on None" of new levels)
+    from diffqc.recalibrate import recalibration_text
+    assert recalibration_text(json.loads((model / "metadata.json").read_text())["recalibrated"]) == "--undo"
+    assert recalibration_text({"data": None, "alpha_review": 0.2, "alpha_reject": 0.02}) == (
+        "at α_review 0.2, α_reject 0.02")
+    fresh = Path(shutil.copytree(tiny_model, tmp_path / "fresh"))
+    assert main(["calibrate", str(fresh), "--undo", "-q"]) == 1
+    assert (f"{fresh} has no previous calibration to put back: it was not recalibrated since it was "
+            "trained") in capsys.readouterr().err
+
+
 def test_cli_calibrate_refuses_levels_under_which_a_type_could_flag_no_part(
         tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Without a fitted tail (`calibration.tail=none`) 8 GOOD scores reach p = 1/9 at best: at

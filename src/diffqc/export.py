@@ -46,6 +46,7 @@ from diffqc.bundle import check_bundle_files, check_not_retrained
 from diffqc.config import uses_layouts
 from diffqc.errors import ConfigError, DatasetError, ExportError, NotFittedError
 from diffqc.output import check_writable, json_line, scratch_folder, write_atomic
+from diffqc.recalibrate import recalibration_text
 from diffqc.runtime import (
     EXPORT_FILE,
     EXPORT_FORMAT,
@@ -669,7 +670,7 @@ def _recalibrate(det: Detector, fp32: SplitGraph, int8: SplitGraph, good: Sequen
     cal = det.calibration_
     assert cal is not None
     if (done := det.metadata.get("recalibrated")) is not None:  # its images are not the training data's
-        return None, (f"the bundle was recalibrated by `diffqc calibrate` (on {done.get('data')}), so "
+        return None, (f"the bundle was recalibrated by `diffqc calibrate` ({recalibration_text(done)}), so "
                       "INT8 is decided with that FP32 calibration; `diffqc calibrate MODEL DATA` run "
                       "again after this export gives INT8 its own")
     if sorted({s.feature_type for s in good}) != det.classes_:

@@ -16,7 +16,9 @@ flagged) change without images: the calibration scores stay, the thresholds move
 The rewrite is atomic: everything is scored first, then each file is written to a temporary
 sibling, fsynced and renamed over the old one (``os.replace``), after its previous content was
 kept as ``calibration.prev.json`` (``calibration.int8.prev.json``). ``metadata.json`` records
-the SHA-256 of the calibration files and what the recalibration used.
+the SHA-256 of the calibration files and what the recalibration used. ``--undo`` puts the
+previous calibration back the same way (a calibration on the wrong images, levels that flag too
+many parts), the one it replaces kept as the previous: a second ``--undo`` redoes it.
 
 A running service notices the new file (:class:`CalibrationReloader` compares the file's stat
 signature once a second) and decides the next parts with it, without a restart.
@@ -29,6 +31,7 @@ import contextlib
 import datetime as _dt
 import json
 import logging
+import os
 import re
 import warnings
 from collections.abc import Collection, Sequence
@@ -66,6 +69,25 @@ def previous_name(name: str) -> str:
     """``calibration.json`` -> ``calibration.prev.json``."""
     stem, _, ext = name.rpartition(".")
     return f"{stem}.prev.{ext}"
+
+
+def _install(path: Path, files: dict[str, bytes | None]) -> dict[str, str]:
+    """Write each calibration file of bundle ``path`` by name (None: none, the file moved aside),
+    its current content kept first as its :func:`previous_name`, each atomically; returns the
+    SHA-256 of each file so kept."""
+    from diffqc.inspection import sha256_file
+
+    previous = {name: sha256_file(path / name) for name in files if (path / name).is_file()}
+    for name, data in files.items():
+        target = path / name
+        if data is None:
+            if target.is_file():
+                os.replace(target, path / previous_name(name))
+            continue
+        if target.is_file():
+            write_atomic(path / previous_name(name), target.read_bytes())
+        write_atomic(target, data)
+    return previous
 
 
 def calibration_scores(detector: Any, samples: Sequence[Any], *, skip_corrupt: bool = False,
@@ -288,12 +310,7 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
     meta_path = path / "metadata.json"
     meta = check_not_retrained(path, det.metadata, "calibrate scored its images: nothing is written (its "
                                "calibration is the new model's); run calibrate again")
-    previous = {name: sha256_file(path / name) for name in new if (path / name).is_file()}
-    for name, cal in new.items():
-        target = path / name
-        if target.is_file():
-            write_atomic(path / previous_name(name), target.read_bytes())
-        write_atomic(target, json.dumps(cal.to_dict()).encode("utf-8"))
+    previous = _install(path, {name: json.dumps(cal.to_dict()).encode("utf-8") for name, cal in new.items()})
     if config != old.config:  # the bundle's config says the levels it decides at
         replace(det.config, calibration=config).to_json(path / "config.json")
     checksums = {name: sha256_file(path / name) for name in new}
@@ -315,6 +332,7 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
         "left_out_fit_images": left_out,
         "suspect_images": suspects,
         "previous_sha256": previous,
+        "files": sorted(new),
     }
     write_atomic(meta_path, json.dumps(meta, indent=2).encode("utf-8"))
     return {"model": str(path), "images": counts, **levels, "left_out_fit_images": left_out,
@@ -322,6 +340,76 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
             "files": sorted(new), "kept_previous": sorted(previous_name(n) for n in previous),
             "sha256": checksums,
             "thresholds": {t: new[CALIBRATION_FILE].thresholds(t) for t in sorted(renewed)}}
+
+
+def recalibration_text(done: dict[str, Any]) -> str:
+    """What a bundle's ``metadata.json`` ``recalibrated`` record says was done, for a message:
+    ``on DATA``, ``at α_review 0.02, α_reject 0.01`` or ``--undo``."""
+    if done.get("undo"):
+        return "--undo"
+    if done.get("data") is not None:
+        return f"on {done['data']}"
+    return f"at α_review {done.get('alpha_review')}, α_reject {done.get('alpha_reject')}"
+
+
+def undo_recalibration(model: Path | str) -> dict[str, Any]:
+    """Put back the calibration the last ``diffqc calibrate`` of bundle ``model`` replaced
+    (``calibration.prev.json``, and INT8's), with the levels it decided at; the one it replaces
+    becomes the previous, so that a second undo redoes it. Refused, nothing changed, when the
+    bundle keeps no previous calibration or the one kept is not what its last calibrate replaced
+    (a retrain into the folder since, a file copied in); returns a summary as
+    :func:`recalibrate` does."""
+    from diffqc.inspection import sha256_file
+    from diffqc.model import Detector
+
+    path = Path(model)
+    det = Detector.load(path, device="cpu")
+    check_writable(path / CALIBRATION_FILE)
+    done = det.metadata.get("recalibrated")
+    done = done if isinstance(done, dict) else {}
+    kept = done.get("previous_sha256")
+    if not isinstance(kept, dict) or CALIBRATION_FILE not in kept:
+        raise ConfigError(f"{path_text(path)} has no previous calibration to put back: it was not "
+                          "recalibrated since it was trained (`diffqc calibrate` keeps the calibration "
+                          "it replaces as calibration.prev.json)")
+    restore: dict[str, bytes | None] = {}
+    for name in done.get("files", sorted(kept)):  # those it wrote (a record from before names none)
+        prev = path / previous_name(name)
+        if name not in kept:  # calibrate wrote INT8's own where it had none: it decides with FP32's again
+            restore[name] = None
+            continue
+        if not prev.is_file() or sha256_file(prev) != kept[name]:
+            raise BundleError(f"{path_text(prev)} is not the calibration the last `diffqc calibrate` of "
+                              f"this bundle replaced ({'gone' if not prev.is_file() else 'another file'}: "
+                              "retrained into this folder since, or copied in); nothing is changed")
+        restore[name] = prev.read_bytes()
+    fp32 = restore.get(CALIBRATION_FILE)
+    assert fp32 is not None  # every calibrate writes it, and it was kept
+    cal = Calibrator.from_dict(json.loads(fp32))
+    if sorted(cal.known) != sorted(det.classes_):
+        raise BundleError(f"{path_text(path / previous_name(CALIBRATION_FILE))} calibrates types "
+                          f"{sorted(cal.known)}, the model's are {sorted(det.classes_)}; nothing is changed")
+    meta = check_not_retrained(path, det.metadata, "calibrate --undo read it: nothing is changed (its "
+                               "calibration is the new model's)")
+    previous = _install(path, restore)
+    if cal.config != det.config.calibration:
+        replace(det.config, calibration=cal.config).to_json(path / "config.json")
+    checksums = {name: sha256_file(path / name) for name in restore if (path / name).is_file()}
+    meta["calibration_sha256"] = checksums[CALIBRATION_FILE]
+    if INT8_CALIBRATION_FILE in checksums:
+        meta["calibration_int8_sha256"] = checksums[INT8_CALIBRATION_FILE]
+    elif INT8_CALIBRATION_FILE in restore:  # moved aside
+        meta.pop("calibration_int8_sha256", None)
+    counts = {t: int(c.scores.size) for t, c in sorted(cal.known.items())}
+    meta.setdefault("training_data", {})["calibration_images"] = counts
+    levels = {"alpha_review": cal.config.alpha_review, "alpha_reject": cal.config.alpha_reject}
+    meta["recalibrated"] = {"at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "undo": True,
+                            "data": None, "images": {}, **levels, "previous_sha256": previous,
+                            "files": sorted(restore)}
+    write_atomic(path / "metadata.json", json.dumps(meta, indent=2).encode("utf-8"))
+    return {"model": str(path), "undo": True, "images": counts, **levels, "files": sorted(checksums),
+            "kept_previous": sorted(previous_name(n) for n in previous), "sha256": checksums,
+            "thresholds": {t: cal.thresholds(t) for t in sorted(cal.known)}}
 
 
 # --------------------------------------------------------------------------- the service side
@@ -424,16 +512,24 @@ class CalibrationReloader:
 
     def _take_int8_file(self) -> bool:
         """An INT8 detector decides with the INT8 calibration wherever the bundle has one (else
-        with the FP32 one): True when ``file`` moved to it now."""
+        with the FP32 one): True when ``file`` moved to it now, or back to the FP32 one (its own
+        moved aside by ``calibrate --undo``)."""
         own = self.bundle / INT8_CALIBRATION_FILE
-        if not self.int8 or self.file == own or not own.is_file():
+        if not self.int8:
+            return False
+        if self.file == own:
+            if own.is_file():
+                return False
+            self.file = self.bundle / CALIBRATION_FILE
+            return True
+        if not own.is_file():
             return False
         self.file = own
         return True
 
     def check(self) -> bool:
         """True when a new calibration was loaded now."""
-        if self._take_int8_file():  # `calibrate` gave INT8 its own calibration now
+        if self._take_int8_file():  # `calibrate` gave INT8 its own calibration now, or --undo took it
             self._signature = None
         sig = file_signature(self.file)
         if sig is None or sig == self._signature:
@@ -469,6 +565,14 @@ class CalibrationReloader:
 
 # --------------------------------------------------------------------------- CLI
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.undo:
+        given = [name for name, value in (("DATA", args.data), ("--alpha-review", args.alpha_review),
+                                          ("--alpha-reject", args.alpha_reject)) if value is not None]
+        if given:
+            raise ConfigError(f"--undo puts the previous calibration back as it was: give it without "
+                              f"{' and '.join(given)}")
+        print(json_line(undo_recalibration(args.model)))
+        return 0
     summary = recalibrate(args.model, args.data, alpha_review=args.alpha_review,
                           alpha_reject=args.alpha_reject, skip_corrupt=args.skip_corrupt,
                           progress=not args.quiet)
@@ -485,8 +589,8 @@ def add_calibrate_command(subparsers: Any) -> None:
         description="Recompute the conformal calibration of MODEL from the GOOD images in DATA "
         "(parts the model never trained on: images it was fit on are left out), and/or decide at "
         "other levels (--alpha-review, --alpha-reject) on the GOOD scores the bundle holds. The "
-        "previous calibration is kept as calibration.prev.json; a running service picks the new "
-        "one up without a restart.",
+        "previous calibration is kept as calibration.prev.json (--undo puts it back); a running "
+        "service picks the new one up without a restart.",
     )
     p.add_argument("model", type=path_value, help="model bundle folder")
     p.add_argument("data", nargs="?", type=path_name,
@@ -498,6 +602,9 @@ def add_calibrate_command(subparsers: Any) -> None:
     p.add_argument("--alpha-reject", type=share, metavar="A",
                    help="target share of GOOD parts flagged REJECT, at most --alpha-review (default: "
                    "the bundle's, 0.01 from train)")
+    p.add_argument("--undo", action="store_true",
+                   help="put back the calibration the last calibrate replaced, with its levels (the "
+                   "current one is kept as the previous: --undo again redoes it)")
     p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images")
     p.add_argument("-q", "--quiet", action="store_true", help=QUIET)
     p.set_defaults(func=_cmd_calibrate)
