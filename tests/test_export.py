@@ -353,6 +353,16 @@ def test_int8_export_and_parity_report(exported: Path, clear_dataset: Path, tmp_
     assert len(int8.inspect(images, ["dots", "dots"])) == 2
 
 
+def test_an_exported_detector_shows_where_it_runs_in_a_notebook(exported: Path) -> None:
+    """A runtime's detector, as a notebook shows it: the bundle, runtime and precision, and the
+    model as PyTorch's shows it (it was `<diffqc.runtime.OnnxDetector object at 0x7f..>`)."""
+    det = OnnxDetector(exported, precision="fp32", threads=1)
+    assert repr(det) == (f"OnnxDetector({str(exported)!r}, runtime='onnx', precision='fp32', "
+                         f"model_id={det.version!r}, method='diffusion', "
+                         f"backbone={det.config.backbone.name!r}, types=['dots', 'stripes'], "
+                         "alpha_review=0.05, alpha_reject=0.01)")
+
+
 def test_int8_parity_on_labelled_folders_measures_every_type(
         exported: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Labelled folders (or a manifest without a split) make every GOOD image a training one, so

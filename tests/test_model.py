@@ -104,6 +104,20 @@ def test_bundle_from_before_the_image_context_scores_as_it_was_fitted(clear_data
     assert [r.score for r in loaded.inspect_samples(samples)[0]] == scores
 
 
+def test_a_detector_shows_what_it_is_in_a_notebook(tiny_model: Path) -> None:
+    """A notebook's cell ending in the detector showed `<diffqc.model.Detector object at 0x7f..>`:
+    which model was loaded, of which types, deciding at which levels, could be read only attribute
+    by attribute. Its repr names them, as scikit-learn's estimators and PyTorch's modules show
+    theirs; one not fitted says so."""
+    det = Detector.load(tiny_model, device="cpu")
+    assert det.calibration_ is not None
+    assert repr(det) == (f"Detector(device='cpu', model_id={det.version!r}, method='diffusion', "
+                         f"backbone={det.config.backbone.name!r}, types=['dots', 'stripes'], "
+                         "alpha_review=0.05, alpha_reject=0.01)")
+    assert repr(Detector(tiny_config(), device="cpu")) == (
+        f"Detector(not fitted, device='cpu', method='diffusion', backbone={det.config.backbone.name!r})")
+
+
 def test_unknown_feature_type(tiny_model: Path) -> None:
     det = Detector.load(tiny_model)
     with pytest.raises(UnknownFeatureTypeError, match=r"unknown feature type 'edge9'.*stripes"):

@@ -34,6 +34,21 @@ def sha256_file(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+def detector_repr(detector: Any, *where: str) -> str:
+    """What a notebook shows of a detector (PyTorch's or a runtime's): its class, ``where`` it
+    runs (each ``name=value``), the model and its types, the levels it decides at; a detector
+    not fitted says so."""
+    config = detector.config
+    parts = [*where, f"method={config.method!r}", f"backbone={config.backbone.name!r}"]
+    if not detector.classes_:
+        return f"{type(detector).__name__}(not fitted, {', '.join(parts)})"
+    parts.insert(len(where), f"model_id={detector.version!r}")
+    parts.append(f"types={list(detector.classes_)!r}")
+    if (cal := detector.calibration_) is not None:
+        parts.append(f"alpha_review={cal.config.alpha_review:g}, alpha_reject={cal.config.alpha_reject:g}")
+    return f"{type(detector).__name__}({', '.join(parts)})"
+
+
 def _major(version: str) -> int | None:
     head = version.split(".", 1)[0]
     return int(head) if head.isdigit() else None

@@ -71,6 +71,7 @@ from diffqc.inspection import (
     Inspection,
     as_arrays,
     brightness,
+    detector_repr,
     image_brightness,
     image_colours,
     image_compressions,
@@ -835,6 +836,9 @@ class Detector:
     @property
     def version(self) -> str:
         return str(self.metadata.get("model_id", "unfitted"))
+
+    def __repr__(self) -> str:
+        return detector_repr(self, f"device={str(self.device)!r}")
 
 
 def fit_bytes(config: DetectorConfig, grid: tuple[int, int], channels: int, n_types: int,

@@ -46,6 +46,7 @@ from diffqc.errors import (
 from diffqc.inspection import (
     ImageCheck,
     as_arrays,
+    detector_repr,
     in_batches,
     inspect_arguments,
     inspect_in_batches,
@@ -320,6 +321,10 @@ class OnnxDetector:
     @property
     def version(self) -> str:
         return str(self.metadata.get("model_id", "unfitted"))
+
+    def __repr__(self) -> str:
+        where = [f"{str(self.path)!r}"] if self.path is not None else []
+        return detector_repr(self, *where, f"runtime={self.runtime!r}", f"precision={self.precision!r}")
 
     def type_index(self, feature_type: str) -> int:
         try:
