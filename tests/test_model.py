@@ -600,7 +600,9 @@ def test_fit_names_16_bit_images_that_hold_12_bit_data(clear_dataset: Path, tmp_
         Image.fromarray((grey * 4095 // 255).astype(np.uint16)).save(path)
         twelve.append(replace(s, path=path))
     with pytest.warns(UserWarning, match=r"16-bit files whose values stay within 0..4095 \(12-bit data\).*"
-                                         r"--set backbone.input_gain=16.0037"):
+                                         r"--set backbone.input_gain=16.0037 reads 4095 as white "
+                                         r"\(in Python: with_overrides\(config, "
+                                         r"\{'backbone.input_gain': 16.0037\}\), diffqc.config\)"):
         Detector(tiny_config()).fit(twelve, progress=False)
     import warnings
 

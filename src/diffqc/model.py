@@ -192,7 +192,8 @@ def twelve_bit_note(config: DetectorConfig, good: Sequence[Path | str]) -> str |
     return (f"the GOOD images are 16-bit files whose values stay within 0..{white} "
             f"({white.bit_length()}-bit data): they read nearly black (magnetic tile stored so: image "
             'AUROC 0.896 in 5-fold CV, 0.975 at the gain below; BENCHMARKS.md "Session 24"); '
-            f"--set backbone.input_gain={65535 / white:.4f} reads {white} as white")
+            f"--set backbone.input_gain={65535 / white:.4f} reads {white} as white (in Python: "
+            f"with_overrides(config, {{'backbone.input_gain': {65535 / white:.4f}}}), diffqc.config)")
 
 
 def gain_clips_note(gain: float, brightness: dict[str, list[float]]) -> str | None:
