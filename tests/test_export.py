@@ -412,8 +412,8 @@ def test_int8_export_of_a_recalibrated_bundle_says_so(exported: Path, clear_data
     assert reloader.file.name == "calibration.json"
     capsys.readouterr()
     assert main(["calibrate", str(bundle), str(line), "-q"]) == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[-1])["files"] == ["calibration.int8.json",
-                                                                             "calibration.json"]
+    # the same images: FP32's calibration is the bundle's as it stands, INT8's its own now
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["files"] == ["calibration.int8.json"]
     # the running INT8 service takes up INT8's own calibration, not the FP32 one beside it
     assert (reloader.check() or reloader.check()) and reloader.file.name == "calibration.int8.json"
     own = json.loads((bundle / "calibration.int8.json").read_text())["known"]
@@ -421,7 +421,7 @@ def test_int8_export_of_a_recalibrated_bundle_says_so(exported: Path, clear_data
     assert {t: c.scores.tolist() for t, c in running.calibration_.known.items()} == own
     assert not reloader.check()  # once
     # undone: INT8 decides with the FP32 calibration put back, as before; redone: with its own again
-    fp32 = (bundle / "calibration.prev.json").read_bytes()
+    fp32 = (bundle / "calibration.json").read_bytes()
     assert main(["calibrate", str(bundle), "--undo", "-q"]) == 0
     assert (bundle / "calibration.json").read_bytes() == fp32
     assert not (bundle / "calibration.int8.json").exists()

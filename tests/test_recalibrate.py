@@ -525,6 +525,43 @@ def test_cli_calibrate_undo_puts_the_previous_calibration_back_and_again_redoes_
             "trained") in capsys.readouterr().err
 
 
+def test_cli_calibrate_run_again_on_the_same_images_keeps_the_one_before(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`calibrate MODEL DATA` run again as it was (its output scrolled away, a script's retry)
+    gave the same calibration and kept it as the previous too: the one before, the train-time
+    calibration, was gone, and `--undo` put back what was already there. A calibration the bundle
+    already holds is written nowhere and said so; the previous stays the one before."""
+    model = _copy(tiny_model, tmp_path)
+    trained = (model / "calibration.json").read_bytes()
+    data = write_clear_dataset(tmp_path / "fresh", n_train=6, n_test=3, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["calibrate", str(model), str(data), "-q"]) == 0
+        first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        files = {p.name: p.read_bytes() for p in model.iterdir()}
+        assert main(["calibrate", str(model), str(data), "-q"]) == 0
+    out, err = capsys.readouterr()
+    again = json.loads(out.strip().splitlines()[-1])
+    assert again["unchanged"] is True and again["files"] == [] and again["kept_previous"] == []
+    assert (again["thresholds"], again["sha256"]) == (first["thresholds"], first["sha256"])
+    assert (f"{model}: the calibration is the bundle's as it stands (the same scores, the same levels): "
+            "nothing is written, and calibration.prev.json keeps the one before it") in err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == files  # metadata.json's record too
+    assert (model / "calibration.prev.json").read_bytes() == trained
+    assert main(["calibrate", str(model), "--undo", "-q"]) == 0
+    assert (model / "calibration.json").read_bytes() == trained
+
+    # a bundle whose previous is the calibration as it stands (run twice by a diffqc before this
+    # one): nothing to put back, said so, not a swap of two equal files
+    meta = json.loads((model / "metadata.json").read_text())
+    (model / "calibration.prev.json").write_bytes(trained)
+    meta["recalibrated"]["previous_sha256"]["calibration.json"] = sha256_file(model / "calibration.json")
+    (model / "metadata.json").write_text(json.dumps(meta))
+    assert main(["calibrate", str(model), "--undo", "-q"]) == 1
+    assert (f"{model / 'calibration.prev.json'} holds the calibration as it stands: nothing to put back "
+            "(the one before it is not kept)") in capsys.readouterr().err
+
+
 def test_cli_calibrate_refuses_levels_under_which_a_type_could_flag_no_part(
         tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Without a fitted tail (`calibration.tail=none`) 8 GOOD scores reach p = 1/9 at best: at

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import re
+import sys
 import warnings
 from collections.abc import Collection, Sequence
 from dataclasses import replace
@@ -71,23 +72,35 @@ def previous_name(name: str) -> str:
     return f"{stem}.prev.{ext}"
 
 
-def _install(path: Path, files: dict[str, bytes | None]) -> dict[str, str]:
+def _content(path: Path) -> bytes | None:
+    """A file's bytes, None when there is none."""
+    return path.read_bytes() if path.is_file() else None
+
+
+def _install(path: Path, files: dict[str, bytes | None]) -> tuple[list[str], dict[str, str]]:
     """Write each calibration file of bundle ``path`` by name (None: none, the file moved aside),
-    its current content kept first as its :func:`previous_name`, each atomically; returns the
-    SHA-256 of each file so kept."""
+    its current content kept first as its :func:`previous_name`, each atomically; a file whose
+    content is already ``files``' is left as it is (a calibration run again on the same images
+    keeps the one before it as the previous). Returns the names written (or moved aside) and
+    the SHA-256 of each file kept as the previous."""
     from diffqc.inspection import sha256_file
 
-    previous = {name: sha256_file(path / name) for name in files if (path / name).is_file()}
+    written, previous = [], {}
     for name, data in files.items():
         target = path / name
-        if data is None:
-            if target.is_file():
-                os.replace(target, path / previous_name(name))
+        now = _content(target)
+        if now == data:
             continue
-        if target.is_file():
-            write_atomic(path / previous_name(name), target.read_bytes())
+        written.append(name)
+        if now is not None:
+            previous[name] = sha256_file(target)
+        if data is None:
+            os.replace(target, path / previous_name(name))
+            continue
+        if now is not None:
+            write_atomic(path / previous_name(name), now)
         write_atomic(target, data)
-    return previous
+    return sorted(written), previous
 
 
 def calibration_scores(detector: Any, samples: Sequence[Any], *, skip_corrupt: bool = False,
@@ -310,11 +323,19 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
     meta_path = path / "metadata.json"
     meta = check_not_retrained(path, det.metadata, "calibrate scored its images: nothing is written (its "
                                "calibration is the new model's); run calibrate again")
-    previous = _install(path, {name: json.dumps(cal.to_dict()).encode("utf-8") for name, cal in new.items()})
-    if config != old.config:  # the bundle's config says the levels it decides at
-        replace(det.config, calibration=config).to_json(path / "config.json")
+    written, previous = _install(path, {name: json.dumps(cal.to_dict()).encode("utf-8")
+                                        for name, cal in new.items()})
     checksums = {name: sha256_file(path / name) for name in new}
     counts = {t: len(v) for t, v in sorted(known.items())}
+    levels = {"alpha_review": config.alpha_review, "alpha_reject": config.alpha_reject}
+    summary = {"model": str(path), "images": counts, **levels, "left_out_fit_images": left_out,
+               "suspect_images": suspects, "files": written,
+               "kept_previous": sorted(previous_name(n) for n in previous), "sha256": checksums,
+               "thresholds": {t: new[CALIBRATION_FILE].thresholds(t) for t in sorted(renewed)}}
+    if not written and config == old.config:  # the same images again (a command run twice): as it was
+        return {**summary, "unchanged": True}
+    if config != old.config:  # the bundle's config says the levels it decides at
+        replace(det.config, calibration=config).to_json(path / "config.json")
     meta["calibration_sha256"] = checksums[CALIBRATION_FILE]
     if INT8_CALIBRATION_FILE in checksums:
         meta["calibration_int8_sha256"] = checksums[INT8_CALIBRATION_FILE]
@@ -323,7 +344,6 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
     if "calibration_image_fingerprints" in training:  # `diffqc test` leaves these out too
         training["calibration_image_fingerprints"] = sorted(
             {*training["calibration_image_fingerprints"], *kept_prints})
-    levels = {"alpha_review": config.alpha_review, "alpha_reject": config.alpha_reject}
     meta["recalibrated"] = {
         "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "data": None if data is None else str(data),
@@ -332,14 +352,10 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
         "left_out_fit_images": left_out,
         "suspect_images": suspects,
         "previous_sha256": previous,
-        "files": sorted(new),
+        "files": written,
     }
     write_atomic(meta_path, json.dumps(meta, indent=2).encode("utf-8"))
-    return {"model": str(path), "images": counts, **levels, "left_out_fit_images": left_out,
-            "suspect_images": suspects,
-            "files": sorted(new), "kept_previous": sorted(previous_name(n) for n in previous),
-            "sha256": checksums,
-            "thresholds": {t: new[CALIBRATION_FILE].thresholds(t) for t in sorted(renewed)}}
+    return summary
 
 
 def recalibration_text(done: dict[str, Any]) -> str:
@@ -367,13 +383,14 @@ def undo_recalibration(model: Path | str) -> dict[str, Any]:
     check_writable(path / CALIBRATION_FILE)
     done = det.metadata.get("recalibrated")
     done = done if isinstance(done, dict) else {}
-    kept = done.get("previous_sha256")
-    if not isinstance(kept, dict) or CALIBRATION_FILE not in kept:
+    kept = done.get("previous_sha256") or {}
+    files = done.get("files", sorted(kept))  # those it wrote (a record from before names none)
+    if not files:
         raise ConfigError(f"{path_text(path)} has no previous calibration to put back: it was not "
                           "recalibrated since it was trained (`diffqc calibrate` keeps the calibration "
                           "it replaces as calibration.prev.json)")
     restore: dict[str, bytes | None] = {}
-    for name in done.get("files", sorted(kept)):  # those it wrote (a record from before names none)
+    for name in files:
         prev = path / previous_name(name)
         if name not in kept:  # calibrate wrote INT8's own where it had none: it decides with FP32's again
             restore[name] = None
@@ -384,17 +401,21 @@ def undo_recalibration(model: Path | str) -> dict[str, Any]:
                               "retrained into this folder since, or copied in); nothing is changed")
         restore[name] = prev.read_bytes()
     fp32 = restore.get(CALIBRATION_FILE)
-    assert fp32 is not None  # every calibrate writes it, and it was kept
-    cal = Calibrator.from_dict(json.loads(fp32))
+    cal = det.calibration_ if fp32 is None else Calibrator.from_dict(json.loads(fp32))
+    assert cal is not None
     if sorted(cal.known) != sorted(det.classes_):
         raise BundleError(f"{path_text(path / previous_name(CALIBRATION_FILE))} calibrates types "
                           f"{sorted(cal.known)}, the model's are {sorted(det.classes_)}; nothing is changed")
+    if all(_content(path / name) == data for name, data in restore.items()):
+        raise ConfigError(f"{path_text(path / previous_name(CALIBRATION_FILE))} holds the calibration as it "
+                          "stands: nothing to put back (the one before it is not kept)")
     meta = check_not_retrained(path, det.metadata, "calibrate --undo read it: nothing is changed (its "
                                "calibration is the new model's)")
-    previous = _install(path, restore)
+    written, previous = _install(path, restore)
     if cal.config != det.config.calibration:
         replace(det.config, calibration=cal.config).to_json(path / "config.json")
-    checksums = {name: sha256_file(path / name) for name in restore if (path / name).is_file()}
+    checksums = {name: sha256_file(path / name) for name in (CALIBRATION_FILE, INT8_CALIBRATION_FILE)
+                 if (path / name).is_file()}
     meta["calibration_sha256"] = checksums[CALIBRATION_FILE]
     if INT8_CALIBRATION_FILE in checksums:
         meta["calibration_int8_sha256"] = checksums[INT8_CALIBRATION_FILE]
@@ -405,9 +426,9 @@ def undo_recalibration(model: Path | str) -> dict[str, Any]:
     levels = {"alpha_review": cal.config.alpha_review, "alpha_reject": cal.config.alpha_reject}
     meta["recalibrated"] = {"at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "undo": True,
                             "data": None, "images": {}, **levels, "previous_sha256": previous,
-                            "files": sorted(restore)}
+                            "files": written}
     write_atomic(path / "metadata.json", json.dumps(meta, indent=2).encode("utf-8"))
-    return {"model": str(path), "undo": True, "images": counts, **levels, "files": sorted(checksums),
+    return {"model": str(path), "undo": True, "images": counts, **levels, "files": written,
             "kept_previous": sorted(previous_name(n) for n in previous), "sha256": checksums,
             "thresholds": {t: cal.thresholds(t) for t in sorted(cal.known)}}
 
@@ -576,6 +597,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     summary = recalibrate(args.model, args.data, alpha_review=args.alpha_review,
                           alpha_reject=args.alpha_reject, skip_corrupt=args.skip_corrupt,
                           progress=not args.quiet)
+    if summary.get("unchanged"):
+        print(f"diffqc: {args.model}: the calibration is the bundle's as it stands (the same scores, the "
+              f"same levels): nothing is written, and {previous_name(CALIBRATION_FILE)} keeps the one "
+              "before it", file=sys.stderr)
     print(json_line(summary))
     return 0
 
