@@ -1389,6 +1389,19 @@ def test_a_phone_shows_the_rates_and_drift_without_scrolling_sideways(detector: 
                 "const w = document.getElementById(arguments[0]).closest('section');"
                 "return [w.scrollWidth, w.clientWidth];", table)
             assert wide <= room, (table, wide, room)
+        # each heading's explanation in two lines at most (the drift watch's took five, the rates'
+        # four, above their tables), what it means kept; a desktop shows the rest
+        lines = browser.execute_script(
+            "return [...document.querySelectorAll('h2')].filter(h => h.offsetParent).map(h => "
+            "[h.innerText, Math.round(h.getBoundingClientRect().height / "
+            "parseFloat(getComputedStyle(h).lineHeight))]);")
+        assert len(lines) >= 6 and all(n <= 2 for _, n in lines), lines
+        said = dict((text.split(" (")[0], text) for text, _ in lines)
+        assert "(an alarm: recent parts unlike the calibration set)" in said["Drift watch per feature type"]
+        rates = said["Rates per feature type"]
+        assert rates.startswith("Rates per feature type (last hour; the calibration flags "), rates
+        assert rates.endswith(" % of GOOD parts)"), rates
+        assert "(has a camera changed?)" in said["Parts unlike their type's training images"]
 
 
 def test_the_dashboard_dates_a_part_of_another_day(live_server: tuple[str, Any], browser: Any) -> None:
