@@ -279,12 +279,30 @@ def test_cli_calibrate_on_a_full_disk_names_the_file_and_changes_nothing(
     model = _copy(tiny_model, tmp_path)
     data = write_clear_dataset(tmp_path / "fresh", n_train=6, n_test=3, seed=5)
     files = {p.name: p.read_bytes() for p in model.iterdir()}
+    before = files["calibration.json"]
     with warnings.catch_warnings(), full_disk(512):
         warnings.simplefilter("ignore")
         assert main(["calibrate", str(model), str(data), "-q"]) == 1
-    assert f"cannot write {model / 'calibration.prev.json'}: File too large" in capsys.readouterr().err
+    assert f"cannot write {model / 'calibration.json'}: File too large" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in model.iterdir()} == files
     Detector.load(model, device="cpu")
+
+    # a disk with room for the calibration as it is, not for the new one: the previous one was
+    # replaced by the current one before the new one failed, and the calibration before it was
+    # lost (`--undo` then refused). The new one is on disk before anything moves, and the
+    # previous is kept by a link, which takes no room.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["calibrate", str(model), str(data), "-q"]) == 0
+    files = {p.name: p.read_bytes() for p in model.iterdir()}
+    more = write_clear_dataset(tmp_path / "more", n_train=24, n_test=6, seed=6)
+    with warnings.catch_warnings(), full_disk(len(files["calibration.json"]) + 16):
+        warnings.simplefilter("ignore")
+        assert main(["calibrate", str(model), str(more), "-q"]) == 1
+    assert f"cannot write {model / 'calibration.json'}: File too large" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+    assert main(["calibrate", str(model), "--undo", "-q"]) == 0
+    assert (model / "calibration.json").read_bytes() == before
 
 
 def test_cli_calibrate_refuses_unknown_types_and_writes_nothing(tiny_model: Path, tmp_path: Path,

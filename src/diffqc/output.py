@@ -227,19 +227,44 @@ def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
         except OSError as exc:
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
         return
+    with replacing(path, data, sync=sync):
+        pass
+
+
+@contextmanager
+def replacing(path: Path, data: bytes, *, sync: bool = True) -> Iterator[None]:
+    """:func:`write_atomic` of a file (not a stream) around a body: ``data`` is written beside
+    ``path`` (and fsynced) before the body runs, and renamed onto ``path`` after it. Where the
+    write or the body fails, ``path`` is as it was and no temporary file is left; the body runs
+    only once the new content is safely on disk (a bundle's previous calibration kept aside,
+    which a full disk must not cost)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+    def failed(exc: BaseException) -> None:
+        with suppress(OSError):  # a read-only folder refuses even this (EROFS)
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             if sync:
                 os.fsync(fh.fileno())
+    except BaseException as exc:
+        failed(exc)
+        raise
+    try:
+        yield
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    try:
         os.replace(tmp, path)
     except BaseException as exc:
-        with suppress(OSError):  # a read-only folder refuses even this (EROFS)
-            tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
-            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        failed(exc)
         raise
     if sync:
         sync_folder(path.parent)

@@ -13,12 +13,14 @@ The levels it decides at (``--alpha-review``, ``--alpha-reject``: the target sha
 flagged) change without images: the calibration scores stay, the thresholds move, and
 ``config.json`` says the new levels.
 
-The rewrite is atomic: everything is scored first, then each file is written to a temporary
-sibling, fsynced and renamed over the old one (``os.replace``), after its previous content was
-kept as ``calibration.prev.json`` (``calibration.int8.prev.json``). ``metadata.json`` records
-the SHA-256 of the calibration files and what the recalibration used. ``--undo`` puts the
-previous calibration back the same way (a calibration on the wrong images, levels that flag too
-many parts), the one it replaces kept as the previous: a second ``--undo`` redoes it.
+The rewrite is atomic: everything is scored first, then each new file is written to a temporary
+sibling and fsynced, the current one kept as ``calibration.prev.json``
+(``calibration.int8.prev.json``; a hard link, which a full disk does not refuse), and the new
+one renamed over it (``os.replace``): a failed write changes nothing, the previous included.
+``metadata.json`` records the SHA-256 of the calibration files and what the recalibration used.
+``--undo`` puts the previous calibration back the same way (a calibration on the wrong images,
+levels that flag too many parts), the one it replaces kept as the previous: a second ``--undo``
+redoes it.
 
 A running service notices the new file (:class:`CalibrationReloader` compares the file's stat
 signature once a second) and decides the next parts with it, without a restart.
@@ -54,7 +56,7 @@ from diffqc.calibration import (
 from diffqc.config import CalibrationConfig
 from diffqc.errors import BundleError, ConfigError, DatasetError, UnknownFeatureTypeError, did_you_mean
 from diffqc.inspection import other_images
-from diffqc.output import check_writable, json_line, path_text, write_atomic
+from diffqc.output import check_writable, json_line, path_text, replacing, write_atomic
 
 log = logging.getLogger("diffqc.recalibrate")
 
@@ -81,26 +83,38 @@ def _install(path: Path, files: dict[str, bytes | None]) -> tuple[list[str], dic
     """Write each calibration file of bundle ``path`` by name (None: none, the file moved aside),
     its current content kept first as its :func:`previous_name`, each atomically; a file whose
     content is already ``files``' is left as it is (a calibration run again on the same images
-    keeps the one before it as the previous). Returns the names written (or moved aside) and
-    the SHA-256 of each file kept as the previous."""
+    keeps the one before it as the previous). The new files are on disk before any previous one
+    is kept (a full disk changes nothing, the previous included), and a previous one is kept by
+    a hard link, which takes no room. Returns the names written (or moved aside) and the SHA-256
+    of each file kept as the previous."""
     from diffqc.inspection import sha256_file
 
-    written, previous = [], {}
-    for name, data in files.items():
-        target = path / name
-        now = _content(target)
-        if now == data:
-            continue
-        written.append(name)
-        if now is not None:
-            previous[name] = sha256_file(target)
-        if data is None:
-            os.replace(target, path / previous_name(name))
-            continue
-        if now is not None:
-            write_atomic(path / previous_name(name), now)
-        write_atomic(target, data)
-    return sorted(written), previous
+    changed = {name: data for name, data in files.items() if _content(path / name) != data}
+    previous = {name: sha256_file(path / name) for name in changed if (path / name).is_file()}
+    with contextlib.ExitStack() as renames:  # each new file renamed into place as it closes
+        for name, data in changed.items():
+            if data is not None:
+                renames.enter_context(replacing(path / name, data))
+        for name in previous:
+            if changed[name] is None:
+                os.replace(path / name, path / previous_name(name))
+            else:
+                _keep(path / name, path / previous_name(name))
+    return sorted(changed), previous
+
+
+def _keep(current: Path, kept: Path) -> None:
+    """``current`` kept as ``kept`` too, atomically: a hard link (no room taken), or a copy on a
+    file system without them."""
+    link = kept.with_name(f".{kept.name}.{os.getpid()}.link")
+    try:
+        link.unlink(missing_ok=True)
+        os.link(current, link)
+        os.replace(link, kept)
+    except OSError:
+        with contextlib.suppress(OSError):
+            link.unlink(missing_ok=True)
+        write_atomic(kept, current.read_bytes())
 
 
 def calibration_scores(detector: Any, samples: Sequence[Any], *, skip_corrupt: bool = False,
