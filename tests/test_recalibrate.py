@@ -498,6 +498,7 @@ def test_cli_calibrate_undo_puts_the_previous_calibration_back_and_again_redoes_
     assert main(["calibrate", str(model), "--undo"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (summary["undo"], summary["alpha_review"], summary["alpha_reject"]) == (True, 0.05, 0.01)
+    assert summary["calibration_images"] == {"dots": 8, "stripes": 8}  # the calibration's, none scored now
     assert summary["kept_previous"] == ["calibration.prev.json"] and summary["files"] == ["calibration.json"]
     assert (model / "calibration.json").read_bytes() == trained["calibration.json"]
     assert (model / "calibration.prev.json").read_bytes() == at_02

@@ -442,7 +442,7 @@ def undo_recalibration(model: Path | str) -> dict[str, Any]:
                             "data": None, "images": {}, **levels, "previous_sha256": previous,
                             "files": written}
     write_atomic(path / "metadata.json", json.dumps(meta, indent=2).encode("utf-8"))
-    return {"model": str(path), "undo": True, "images": counts, **levels, "files": written,
+    return {"model": str(path), "undo": True, "calibration_images": counts, **levels, "files": written,
             "kept_previous": sorted(previous_name(n) for n in previous), "sha256": checksums,
             "thresholds": {t: cal.thresholds(t) for t in sorted(cal.known)}}
 
