@@ -705,6 +705,37 @@ def test_a_misspelt_option_is_told_by_its_command_with_the_option_it_likely_mean
         assert exc.value.code == 2 and err.startswith(usage) and said in err, err
 
 
+def test_arguments_after_a_commands_options_are_taken_as_its_arguments(
+        tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`diffqc calibrate MODEL --alpha-review 0.1 DATA` (the levels typed first, the folder after)
+    answered "unrecognized arguments: DATA", and `inspect MODEL a.png --feature-type dots b.png`
+    the same of b.png: argparse fills a command's arguments before its options only. An argument
+    after the options goes where there is room for it, as a shell user means it; with no room
+    left, or beside an unknown option, it is refused as before."""
+    import warnings
+
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    a, b = sorted((clear_dataset / "dots" / "test" / "good").iterdir())[:2]
+    assert main(["inspect", str(model), str(a), "--feature-type", "dots", str(b)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(d["path"], d["feature_type"]) for d in lines] == [(str(a), "dots"), (str(b), "dots")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["calibrate", str(model), "--alpha-review", "0.1", str(clear_dataset), "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["alpha_review"] == 0.1 and sum(summary["images"].values()) > 0
+    assert main(["calibrate", str(model), "--undo", str(clear_dataset)]) == 1  # taken, then refused
+    said = "--undo puts the previous calibration back as it was: give it without DATA"
+    assert said in capsys.readouterr().err
+    for argv, said in [(["calibrate", str(model), "-q", str(clear_dataset), "more"], "arguments: more"),
+                       (["serve", str(model), "--port", "0", "extra"], "unrecognized arguments: extra"),
+                       (["calibrate", str(model), "--alpa", "0.1", "x"], "arguments: --alpa 0.1 x")]:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and said in err, err
+
+
 def test_a_result_store_given_as_an_argument_is_told_to_be_given_as_db(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`diffqc results list lineA.db` (as `sqlite3 lineA.db` takes it) answered "unrecognized

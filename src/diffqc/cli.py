@@ -563,6 +563,33 @@ def _is_store(arg: str) -> bool:
 FPR_OPTIONS = ("--fpr", "--target-fpr", "--false-positive-rate", "--fp-rate")
 
 
+def _take_late_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                         unknown: list[str]) -> list[str]:
+    """Arguments given after a command's options (``calibrate MODEL --alpha-review 0.02 DATA``,
+    ``inspect MODEL a.png --feature-type dots b.png``), which argparse leaves over once it has
+    filled the positionals before them, taken into those that have room (an optional one not
+    given, a list), as a shell user means them and ``parse_intermixed_args`` would; what is left
+    is refused. Left alone when an unknown option is among them (its value is no argument)."""
+    if any(arg.startswith("-") and arg != "-" for arg in unknown):
+        return unknown
+    left = list(unknown)
+    for action in parser._actions:
+        if action.option_strings or not left or action.nargs not in ("?", "+", "*"):
+            continue
+        convert = action.type if callable(action.type) else str
+        try:
+            if action.nargs == "?":
+                if getattr(args, action.dest) is not None:
+                    continue
+                setattr(args, action.dest, convert(left.pop(0)))
+            else:
+                setattr(args, action.dest, [*(getattr(args, action.dest) or []), *map(convert, left)])
+                left = []
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
+            parser.error(f"argument {action.dest}: {exc}")
+    return left
+
+
 def _refuse_unknown_options(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> None:
     """argparse's "unrecognized arguments", from the command's parser, with the option an
     unknown one likely meant (``--tokn``: ``--token``; ``--fpr``: ``--alpha-review``), or, for a
@@ -604,6 +631,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _escaping_streams()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)  # usage errors: argparse says so and exits 2
+    if unknown:
+        unknown = _take_late_arguments(_command_parser(parser, args), args, unknown)
     if unknown:  # by the command's parser, with its usage: the root's named no option of it
         _refuse_unknown_options(_command_parser(parser, args), unknown)
     if not getattr(args, "func", None):
