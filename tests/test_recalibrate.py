@@ -477,7 +477,8 @@ def test_cli_calibrate_decides_at_other_levels_without_images(
 
 
 def test_cli_calibrate_undo_puts_the_previous_calibration_back_and_again_redoes_it(
-        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
     """A recalibration that flags too many parts (levels set wrong, the wrong folder of GOOD
     parts) was undone by hand: calibration.prev.json copied back left config.json at the new
     levels (the bundle then warns as it loads) and metadata.json naming a calibration that is not
@@ -510,8 +511,12 @@ def test_cli_calibrate_undo_puts_the_previous_calibration_back_and_again_redoes_
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "config.json's calibration.alpha_review 0.2 is not ..."
         assert Detector.load(model, device="cpu").config.calibration.alpha_review == 0.05
-    assert (reloader.check() or reloader.check()) and served.config.calibration.alpha_review == 0.05
+    with caplog.at_level("INFO", logger="diffqc.recalibrate"):
+        assert (reloader.check() or reloader.check()) and served.config.calibration.alpha_review == 0.05
     assert served.calibration_ is not None and served.calibration_.config.alpha_reject == 0.01
+    # the service's log says which calibration it decides with now
+    said = f"calibration reloaded from {model / 'calibration.json'}: α_review 0.05, α_reject 0.01"
+    assert said in caplog.text, caplog.text
 
     assert main(["calibrate", str(model), "--undo", "-q"]) == 0  # redo
     assert (model / "calibration.json").read_bytes() == at_02

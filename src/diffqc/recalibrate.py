@@ -594,7 +594,8 @@ class CalibrationReloader:
             self.detector.config = replace(config, calibration=cal.config)
         self.reloads += 1
         self.last_error = None
-        log.info("calibration reloaded from %s", self.file)
+        log.info("calibration reloaded from %s: α_review %g, α_reject %g", self.file, cal.config.alpha_review,
+                 cal.config.alpha_reject)  # which one, after an --undo
         return True
 
 
