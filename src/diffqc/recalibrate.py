@@ -346,13 +346,11 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
                "suspect_images": suspects, "files": written,
                "kept_previous": sorted(previous_name(n) for n in previous), "sha256": checksums,
                "thresholds": {t: new[CALIBRATION_FILE].thresholds(t) for t in sorted(renewed)}}
-    if not written and config == old.config:  # the same images again (a command run twice): as it was
+    if not written:  # the same images again (a command run twice), the same levels: as it was
         return {**summary, "unchanged": True}
     if config != old.config:  # the bundle's config says the levels it decides at
         replace(det.config, calibration=config).to_json(path / "config.json")
-    meta["calibration_sha256"] = checksums[CALIBRATION_FILE]
-    if INT8_CALIBRATION_FILE in checksums:
-        meta["calibration_int8_sha256"] = checksums[INT8_CALIBRATION_FILE]
+    _record_checksums(meta, checksums, written)
     training = meta.setdefault("training_data", {})
     training["calibration_images"] = {**training.get("calibration_images", {}), **counts}
     if "calibration_image_fingerprints" in training:  # `diffqc test` leaves these out too
@@ -370,6 +368,16 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
     }
     write_atomic(meta_path, json.dumps(meta, indent=2).encode("utf-8"))
     return summary
+
+
+def _record_checksums(meta: dict[str, Any], checksums: dict[str, str], written: Collection[str]) -> None:
+    """``metadata.json``'s SHA-256 of the calibration files (``checksums``: of those there now);
+    an INT8 calibration among those ``written`` and not there now was moved aside."""
+    meta["calibration_sha256"] = checksums[CALIBRATION_FILE]
+    if INT8_CALIBRATION_FILE in checksums:
+        meta["calibration_int8_sha256"] = checksums[INT8_CALIBRATION_FILE]
+    elif INT8_CALIBRATION_FILE in written:
+        meta.pop("calibration_int8_sha256", None)
 
 
 def recalibration_text(done: dict[str, Any]) -> str:
@@ -430,11 +438,7 @@ def undo_recalibration(model: Path | str) -> dict[str, Any]:
         replace(det.config, calibration=cal.config).to_json(path / "config.json")
     checksums = {name: sha256_file(path / name) for name in (CALIBRATION_FILE, INT8_CALIBRATION_FILE)
                  if (path / name).is_file()}
-    meta["calibration_sha256"] = checksums[CALIBRATION_FILE]
-    if INT8_CALIBRATION_FILE in checksums:
-        meta["calibration_int8_sha256"] = checksums[INT8_CALIBRATION_FILE]
-    elif INT8_CALIBRATION_FILE in restore:  # moved aside
-        meta.pop("calibration_int8_sha256", None)
+    _record_checksums(meta, checksums, written)
     counts = {t: int(c.scores.size) for t, c in sorted(cal.known.items())}
     meta.setdefault("training_data", {})["calibration_images"] = counts
     levels = {"alpha_review": cal.config.alpha_review, "alpha_reject": cal.config.alpha_reject}
