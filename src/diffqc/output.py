@@ -240,9 +240,12 @@ def replacing(path: Path, data: bytes, *, sync: bool = True) -> Iterator[None]:
     which a full disk must not cost)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
-    def failed(exc: BaseException) -> None:
+    def discard() -> None:
         with suppress(OSError):  # a read-only folder refuses even this (EROFS)
             tmp.unlink(missing_ok=True)
+
+    def failed(exc: BaseException) -> None:
+        discard()
         if isinstance(exc, OSError) and not isinstance(exc, OutputError):
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
@@ -257,9 +260,8 @@ def replacing(path: Path, data: bytes, *, sync: bool = True) -> Iterator[None]:
         raise
     try:
         yield
-    except BaseException:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    except BaseException:  # the body's own error, as it is
+        discard()
         raise
     try:
         os.replace(tmp, path)
