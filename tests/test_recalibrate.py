@@ -540,7 +540,8 @@ def test_cli_calibrate_undo_puts_the_previous_calibration_back_and_again_redoes_
     assert {p.name: p.read_bytes() for p in model.iterdir()} == files
     # what was done, as `export --int8` names it (it said "on None" of new levels)
     from diffqc.recalibrate import recalibration_text
-    assert recalibration_text(json.loads((model / "metadata.json").read_text())["recalibrated"]) == "--undo"
+    assert recalibration_text(json.loads((model / "metadata.json").read_text())["recalibrated"]) == (
+        "a calibration put back by --undo")
     assert recalibration_text({"data": None, "alpha_review": 0.2, "alpha_reject": 0.02}) == (
         "at α_review 0.2, α_reject 0.02")
     fresh = Path(shutil.copytree(tiny_model, tmp_path / "fresh"))

@@ -382,9 +382,9 @@ def _record_checksums(meta: dict[str, Any], checksums: dict[str, str], written: 
 
 def recalibration_text(done: dict[str, Any]) -> str:
     """What a bundle's ``metadata.json`` ``recalibrated`` record says was done, for a message:
-    ``on DATA``, ``at α_review 0.02, α_reject 0.01`` or ``--undo``."""
+    ``on DATA``, ``at α_review 0.02, α_reject 0.01`` or ``a calibration put back by --undo``."""
     if done.get("undo"):
-        return "--undo"
+        return "a calibration put back by --undo"
     if done.get("data") is not None:
         return f"on {done['data']}"
     return f"at α_review {done.get('alpha_review')}, α_reject {done.get('alpha_reject')}"
