@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from diffqc.arguments import QUIET, path_name, path_value, share
-from diffqc.bundle import check_not_retrained, named_model_id
+from diffqc.bundle import check_not_retrained, named_model_id, read_bundle
 from diffqc.calibration import (
     RAISES_THRESHOLDS,
     SELECTED_BELOW,
@@ -398,12 +398,11 @@ def undo_recalibration(model: Path | str) -> dict[str, Any]:
     (a retrain into the folder since, a file copied in); returns a summary as
     :func:`recalibrate` does."""
     from diffqc.inspection import sha256_file
-    from diffqc.model import Detector
 
     path = Path(model)
-    det = Detector.load(path, device="cpu")
+    config, loaded, current = read_bundle(path)  # no weights: a calibration is put back, nothing scored
     check_writable(path / CALIBRATION_FILE)
-    done = det.metadata.get("recalibrated")
+    done = loaded.get("recalibrated")
     done = done if isinstance(done, dict) else {}
     kept = done.get("previous_sha256") or {}
     files = done.get("files", sorted(kept))  # those it wrote (a record from before names none)
@@ -423,19 +422,18 @@ def undo_recalibration(model: Path | str) -> dict[str, Any]:
                               "retrained into this folder since, or copied in); nothing is changed")
         restore[name] = prev.read_bytes()
     fp32 = restore.get(CALIBRATION_FILE)
-    cal = det.calibration_ if fp32 is None else Calibrator.from_dict(json.loads(fp32))
-    assert cal is not None
-    if sorted(cal.known) != sorted(det.classes_):
+    cal = current if fp32 is None else Calibrator.from_dict(json.loads(fp32))
+    if sorted(cal.known) != (classes := sorted(loaded["classes"])):
         raise BundleError(f"{path_text(path / previous_name(CALIBRATION_FILE))} calibrates types "
-                          f"{sorted(cal.known)}, the model's are {sorted(det.classes_)}; nothing is changed")
+                          f"{sorted(cal.known)}, the model's are {classes}; nothing is changed")
     if all(_content(path / name) == data for name, data in restore.items()):
         raise ConfigError(f"{path_text(path / previous_name(CALIBRATION_FILE))} holds the calibration as it "
                           "stands: nothing to put back (the one before it is not kept)")
-    meta = check_not_retrained(path, det.metadata, "calibrate --undo read it: nothing is changed (its "
+    meta = check_not_retrained(path, loaded, "calibrate --undo read it: nothing is changed (its "
                                "calibration is the new model's)")
     written, previous = _install(path, restore)
-    if cal.config != det.config.calibration:
-        replace(det.config, calibration=cal.config).to_json(path / "config.json")
+    if cal.config != config.calibration:
+        replace(config, calibration=cal.config).to_json(path / "config.json")
     checksums = {name: sha256_file(path / name) for name in (CALIBRATION_FILE, INT8_CALIBRATION_FILE)
                  if (path / name).is_file()}
     _record_checksums(meta, checksums, written)
