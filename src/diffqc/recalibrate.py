@@ -31,13 +31,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
 import re
 import sys
 import warnings
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,7 @@ def _content(path: Path) -> bytes | None:
     return path.read_bytes() if path.is_file() else None
 
 
-def _install(path: Path, files: dict[str, bytes | None]) -> tuple[list[str], dict[str, str]]:
+def _install(path: Path, files: Mapping[str, bytes | None]) -> tuple[list[str], dict[str, str]]:
     """Write each calibration file of bundle ``path`` by name (None: none, the file moved aside),
     its current content kept first as its :func:`previous_name`, each atomically; a file whose
     content is already ``files``' is left as it is (a calibration run again on the same images
@@ -87,10 +88,13 @@ def _install(path: Path, files: dict[str, bytes | None]) -> tuple[list[str], dic
     is kept (a full disk changes nothing, the previous included), and a previous one is kept by
     a hard link, which takes no room. Returns the names written (or moved aside) and the SHA-256
     of each file kept as the previous."""
-    from diffqc.inspection import sha256_file
-
-    changed = {name: data for name, data in files.items() if _content(path / name) != data}
-    previous = {name: sha256_file(path / name) for name in changed if (path / name).is_file()}
+    changed: dict[str, bytes | None] = {}
+    previous: dict[str, str] = {}
+    for name, data in files.items():  # each file read once: compared, and its checksum kept
+        if (now := _content(path / name)) != data:
+            changed[name] = data
+            if now is not None:
+                previous[name] = hashlib.sha256(now).hexdigest()
     with contextlib.ExitStack() as renames:  # each new file renamed into place as it closes
         for name, data in changed.items():
             if data is not None:
@@ -296,7 +300,6 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
     decide at other levels (``alpha_review``, ``alpha_reject``: the target share of GOOD parts
     flagged REVIEW or REJECT, and REJECT) on the scores it holds; returns a summary (images per
     type, levels, thresholds, files written, checksums)."""
-    from diffqc.inspection import sha256_file
     from diffqc.model import Detector
 
     if data is None and alpha_review is None and alpha_reject is None:
@@ -337,9 +340,9 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
     meta_path = path / "metadata.json"
     meta = check_not_retrained(path, det.metadata, "calibrate scored its images: nothing is written (its "
                                "calibration is the new model's); run calibrate again")
-    written, previous = _install(path, {name: json.dumps(cal.to_dict()).encode("utf-8")
-                                        for name, cal in new.items()})
-    checksums = {name: sha256_file(path / name) for name in new}
+    files = {name: json.dumps(cal.to_dict()).encode("utf-8") for name, cal in new.items()}
+    written, previous = _install(path, files)
+    checksums = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     counts = {t: len(v) for t, v in sorted(known.items())}
     levels = {"alpha_review": config.alpha_review, "alpha_reject": config.alpha_reject}
     summary = {"model": str(path), "images": counts, **levels, "left_out_fit_images": left_out,
@@ -416,22 +419,23 @@ def undo_recalibration(model: Path | str) -> dict[str, Any]:
         if name not in kept:  # calibrate wrote INT8's own where it had none: it decides with FP32's again
             restore[name] = None
             continue
-        if not prev.is_file() or sha256_file(prev) != kept[name]:
+        data = _content(prev)
+        if data is None or hashlib.sha256(data).hexdigest() != kept[name]:
             raise BundleError(f"{path_text(prev)} is not the calibration the last `diffqc calibrate` of "
-                              f"this bundle replaced ({'gone' if not prev.is_file() else 'another file'}: "
+                              f"this bundle replaced ({'gone' if data is None else 'another file'}: "
                               "retrained into this folder since, or copied in); nothing is changed")
-        restore[name] = prev.read_bytes()
+        restore[name] = data
     fp32 = restore.get(CALIBRATION_FILE)
     cal = current if fp32 is None else Calibrator.from_dict(json.loads(fp32))
     if sorted(cal.known) != (classes := sorted(loaded["classes"])):
         raise BundleError(f"{path_text(path / previous_name(CALIBRATION_FILE))} calibrates types "
                           f"{sorted(cal.known)}, the model's are {classes}; nothing is changed")
-    if all(_content(path / name) == data for name, data in restore.items()):
-        raise ConfigError(f"{path_text(path / previous_name(CALIBRATION_FILE))} holds the calibration as it "
-                          "stands: nothing to put back (the one before it is not kept)")
     meta = check_not_retrained(path, loaded, "calibrate --undo read it: nothing is changed (its "
                                "calibration is the new model's)")
     written, previous = _install(path, restore)
+    if not written:  # each file already what it would put back
+        raise ConfigError(f"{path_text(path / previous_name(CALIBRATION_FILE))} holds the calibration as it "
+                          "stands: nothing to put back (the one before it is not kept)")
     if cal.config != config.calibration:
         replace(config, calibration=cal.config).to_json(path / "config.json")
     checksums = {name: sha256_file(path / name) for name in (CALIBRATION_FILE, INT8_CALIBRATION_FILE)
