@@ -500,7 +500,9 @@ def test_save_into_a_bundle_folder_that_is_a_mount_point(tiny_model: Path, tmp_p
     proc = run_with_mount(volume, mounted, [sys.executable, "-c", save])
     assert proc.returncode == 0, proc.stderr
     assert (volume / "weights.safetensors").read_bytes() == (tiny_model / "weights.safetensors").read_bytes()
-    assert sorted(p.name for p in volume.iterdir()) == sorted(["README.txt", *BUNDLE_FILES])
+    # the bundle it replaced kept whole beside (hard links cannot leave the mount either)
+    assert sorted(p.name for p in volume.iterdir()) == sorted(["README.txt", "previous", *BUNDLE_FILES])
+    assert (volume / "previous" / "weights.safetensors").read_bytes() == b"an earlier bundle's"
     assert not any(mounted.iterdir())  # the mount is gone with the command
     Detector.load(volume, device="cpu")
     before = _tree(volume)

@@ -1,22 +1,118 @@
-"""The one reader of a model bundle's description: ``config.json``, ``metadata.json`` and
-``calibration.json``, each checked, without PyTorch. The PyTorch :class:`~diffqc.model.Detector`
-adds the weights; the exported detector (:mod:`diffqc.runtime`) the ONNX graph."""
+"""A model bundle's folder. The one reader of its description: ``config.json``,
+``metadata.json`` and ``calibration.json``, each checked, without PyTorch (the PyTorch
+:class:`~diffqc.model.Detector` adds the weights; the exported detector, :mod:`diffqc.runtime`,
+the ONNX graph). And the one way a bundle's files come into its folder: whole, ``metadata.json``
+last, the bundle they replace kept in ``previous/`` (``diffqc train --undo`` puts it back)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from diffqc.calibration import CalibrationWarning, Calibrator
 from diffqc.config import DetectorConfig, fitted_settings
-from diffqc.errors import BundleError, OutputError, address_hint
+from diffqc.errors import BundleError, ConfigError, OutputError, address_hint
 from diffqc.inspection import BUNDLE_FILES, check_bundle_version, sha256_file
-from diffqc.output import path_text
+from diffqc.output import PARTIAL_PREFIX, check_output_folder, keep_file, path_text, sync_folder
 
 WEIGHTS_FILE = "weights.safetensors"
+# the bundle a save replaced, kept whole in the new one's folder; one, the last replaced
+PREVIOUS_FOLDER = "previous"
+
+
+def previous_name(name: str) -> str:
+    """``calibration.json`` -> ``calibration.prev.json``: the file ``diffqc calibrate`` replaced."""
+    stem, _, ext = name.rpartition(".")
+    return f"{stem}.prev.{ext}"
+
+
+# a bundle as a save replaces it: its files and the calibration its last ``calibrate`` replaced
+# (an export's files stay: a retrain makes them stale, ``train --undo`` valid again)
+KEPT_FILES = (*BUNDLE_FILES, previous_name("calibration.json"))
+
+
+def is_bundle(path: Path) -> bool:
+    """Whether ``path`` is a folder that diffqc wrote a model bundle into."""
+    try:
+        meta = json.loads((path / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "format" in meta and "diffqc_version" in meta
+
+
+def check_bundle_target(path: Path | str, *, force: bool = False) -> Path:
+    """``path`` if a bundle may be written there: a new or empty folder, or an earlier bundle
+    (whose own files are replaced, the bundle kept in ``previous/``); any other folder only with
+    ``force``, beside what is there and replacing nothing
+    (:func:`diffqc.output.check_output_folder`)."""
+    path = check_output_folder(path, what="model bundle", names=BUNDLE_FILES, is_ours=is_bundle,
+                               foreign="is not a diffqc model bundle", force=force)
+    if is_bundle(path):
+        _check_previous(path)
+    return path
+
+
+def _check_previous(path: Path) -> None:
+    """An :class:`OutputError` unless ``previous/`` in bundle ``path`` may be replaced by the
+    bundle there now: absent, or holding the files of a bundle kept so and nothing else."""
+    prev = path / PREVIOUS_FOLDER
+    if not prev.exists() and not prev.is_symlink():
+        return
+    try:
+        other = (prev.is_symlink() or not prev.is_dir()
+                 or any(p.name not in KEPT_FILES or not p.is_file() for p in prev.iterdir()))
+    except OSError as exc:
+        raise OutputError(f"cannot read {path_text(prev)}: {exc.strerror or exc}") from None
+    if other:
+        raise OutputError(f"{path_text(prev)} is not a bundle diffqc kept (a save into {path_text(path)} "
+                          "keeps the bundle it replaces there): move it away; nothing is written")
+
+
+@contextmanager
+def staged_bundle(path: Path) -> Iterator[Path]:
+    """A hidden folder inside bundle folder ``path`` to write a bundle's files into, for
+    :func:`install_bundle`; removed on exit with whatever is left in it (our own files)."""
+    staged = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=path))
+    try:
+        yield staged
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def install_bundle(staged: Path, path: Path) -> Path | None:
+    """Move the bundle's files in ``staged`` (:func:`staged_bundle`) into ``path``,
+    ``metadata.json`` last; a bundle ``path`` holds is kept first, whole, in ``path/previous``
+    (by hard links: no room taken beyond what it holds now; copies where the file system has
+    none), replacing the one kept there before. Returns ``previous/``, None when ``path`` held no
+    bundle. A failure before the first move (a full disk copying) changes nothing."""
+    keep = is_bundle(path)
+    if keep:
+        _check_previous(path)
+        with staged_bundle(path) as held, staged_bundle(path) as dropped:
+            for name in KEPT_FILES:
+                if (path / name).is_file():
+                    keep_file(path / name, held / name)
+            sync_folder(held)
+            prev = path / PREVIOUS_FOLDER
+            if prev.is_dir():  # the bundle kept before (its files only: checked), dropped
+                os.replace(prev, dropped / PREVIOUS_FOLDER)
+            os.replace(held, prev)
+    # metadata.json last: it names the weights' checksum
+    for name in [n for n in KEPT_FILES if n != "metadata.json"] + ["metadata.json"]:
+        if (staged / name).is_file():
+            os.replace(staged / name, path / name)
+        elif name not in BUNDLE_FILES:  # kept in previous/ with the bundle it calibrated
+            (path / name).unlink(missing_ok=True)
+    sync_folder(path)
+    return path / PREVIOUS_FOLDER if keep else None
 
 
 def check_bundle_files(path: Path | str, *, usage: str = "it comes first: diffqc COMMAND MODEL ...") -> Path:
@@ -192,3 +288,29 @@ def check_weights(path: Path | str, meta: dict[str, Any]) -> None:
     expected = meta.get("weights_file_sha256")
     if expected and sha256_file(Path(path) / WEIGHTS_FILE) != expected:
         raise BundleError(f"model bundle {path}: {WEIGHTS_FILE} is damaged (checksum mismatch)")
+
+
+def undo_retrain(model: Path | str) -> dict[str, Any]:
+    """Put back the bundle the last save into bundle folder ``model`` replaced (a retrain:
+    ``diffqc train --out MODEL``), kept in ``previous/``; the bundle it replaces is kept there in
+    turn, so that a second undo redoes it. Refused, nothing changed, when ``previous/`` holds no
+    bundle or a damaged one. Returns what ``diffqc train --undo`` prints."""
+    path = check_bundle_files(model, usage="train --undo takes it as --out: diffqc train --undo --out MODEL")
+    prev = path / PREVIOUS_FOLDER
+    if not prev.is_dir():
+        raise ConfigError(f"{path_text(path)} keeps no previous model to put back: a train into a folder "
+                          f"holding a bundle keeps that bundle in {PREVIOUS_FOLDER}/, and none was")
+    _check_previous(path)
+    _, meta, _ = read_bundle(prev)  # a damaged one is refused before anything moves
+    check_weights(prev, meta)
+    try:
+        replaced = named_model_id(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        replaced = None  # a bundle a save cut short: put back whole, not kept
+    with staged_bundle(path) as staged:
+        for name in KEPT_FILES:
+            if (prev / name).is_file():
+                keep_file(prev / name, staged / name)
+        kept = install_bundle(staged, path)
+    return {"model": str(model), "undo": True, "model_id": meta.get("model_id"),
+            "previous": None if kept is None else {"folder": str(kept), "model_id": replaced}}

@@ -40,6 +40,7 @@ from diffqc.errors import (
 from diffqc.machine import env_flag
 from diffqc.output import (
     check_output_file,
+    folder_bytes,
     is_csv_table,
     is_stream,
     json_line,
@@ -142,7 +143,18 @@ def _training_data(data: Path, out: Path) -> list[Sample]:
     return samples
 
 
+def _model_id(path: Path) -> str:
+    """The model_id of the bundle in ``path``, "unnamed" where its metadata names none."""
+    from diffqc.bundle import named_model_id
+
+    try:
+        return named_model_id(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unnamed"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from diffqc.bundle import PREVIOUS_FOLDER, check_bundle_target, is_bundle, undo_retrain
     from diffqc.data import (
         DEFECTIVE,
         GOOD,
@@ -151,10 +163,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         good_training,
         name_types_alike,
     )
-    from diffqc.model import Detector, check_bundle_target
+    from diffqc.model import Detector
 
-    config = build_config(args)
     sources, out = [Path(d) for d in args.data], Path(args.out)
+    if args.undo:
+        if sources:
+            raise ConfigError("--undo puts the previous model back as it was: give it without DATA "
+                              f"(diffqc train --undo --out {path_text(out)})")
+        print(json_line(undo_retrain(out)))
+        return EXIT_OK
+    if not sources:
+        raise ConfigError("train needs DATA: diffqc train DATA [DATA ...] --out MODEL (or --undo --out "
+                          "MODEL to put back the model a train replaced)")
+    config = build_config(args)
     twice = next((d for i, d in enumerate(sources) if d.resolve() in {s.resolve() for s in sources[:i]}),
                  None)
     if twice is not None:
@@ -163,6 +184,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if len(sources) > 1:  # one set's "dots", another's "Dots"
         name_types_alike(", ".join(map(str, sources)), feature_types(everything))
     check_bundle_target(out, force=args.force)  # refused before the training, not after
+    replaced = _model_id(out) if is_bundle(out) else None
     samples = good_training(everything)  # names any type left without GOOD training images
     if samples and all(s.split == "test" for s in samples):  # a test split given (DATA/<type>/test)
         warnings.warn(f"{', '.join(map(str, sources))}: none of its GOOD images is marked for training "
@@ -182,9 +204,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     rest = [s for s in everything if id(s) not in trained]
     not_trained = {name: n for name, label in (("good", GOOD), ("defect", DEFECTIVE), ("unlabelled", UNKNOWN))
                    if (n := sum(s.label == label for s in rest))}
+    previous = None
+    if replaced is not None:  # say where it is, and what it costs: an edge box's disk is small
+        kept = out / PREVIOUS_FOLDER
+        previous = {"folder": str(kept), "model_id": replaced}
+        print(f"the model it replaces ({replaced}) is kept in {path_text(kept)} "
+              f"({folder_bytes(kept) / 1e6:.0f} MB; `diffqc train --undo --out {path_text(out)}` puts it "
+              "back, a running serve or watch follows): delete the folder for its room", file=sys.stderr)
     print(json_line({"model": str(out), "classes": det.classes_, "method": config.method,
                       "seconds": round(time.perf_counter() - start, 1), "training_data": training,
-                      "not_trained_on": not_trained}))
+                      "not_trained_on": not_trained, "previous": previous}))
     return EXIT_OK
 
 
@@ -357,8 +386,8 @@ def _report_row(row: dict[str, Any], csv_out: _CsvRows | None) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from diffqc.bundle import check_bundle_target
     from diffqc.demo import DEMO_DEFAULTS, is_demo_table, run_demo
-    from diffqc.model import check_bundle_target
     from diffqc.synth import check_arguments, check_target
 
     try:
@@ -414,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_data_info)
 
     train = sub.add_parser("train", help="fit and calibrate a model on GOOD images")
-    train.add_argument("data", type=path_name, nargs="+",
+    train.add_argument("data", type=path_name, nargs="*",
                        help="dataset folder (MVTec layout, or <type>/good + <type>/<kind> "
                        "folders) or CSV manifest; several are fitted on together (a dataset and "
                        "`results export`s of the line's parts reviewed GOOD)")
@@ -423,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true",
                        help="write into a non-empty folder that is not a bundle (deletes and replaces "
                             "nothing)")
+    train.add_argument("--undo", action="store_true",
+                       help="put back the model the last train into --out replaced, kept in its "
+                       "previous/ folder (the current one is kept there in turn: --undo again redoes it)")
     add_model_options(train)
     train.add_argument("--skip-corrupt", action="store_true", help="skip and list unreadable images")
     train.add_argument("--device", default=None, help=DEVICE)

@@ -30,7 +30,15 @@ from tqdm.auto import tqdm
 from diffqc import __version__, routing, tiling
 from diffqc.backbone import FeatureExtractor, raw_features_in_batches, resolve_device, to_pixels
 from diffqc.baselines import PatchCoreScorer
-from diffqc.bundle import changed_settings, changed_text, check_weights, edited_levels, read_bundle
+from diffqc.bundle import (
+    changed_settings,
+    changed_text,
+    check_bundle_target,
+    check_weights,
+    edited_levels,
+    install_bundle,
+    read_bundle,
+)
 from diffqc.calibration import (
     LEARNT_OR_RAISED,
     CalibrationWarning,
@@ -89,7 +97,6 @@ from diffqc.inspection import (
 from diffqc.machine import cgroup_memory_room
 from diffqc.output import (
     PARTIAL_PREFIX,
-    check_output_folder,
     folder_bytes,
     interrupted_saves,
     path_text,
@@ -165,23 +172,6 @@ def cross_folds(samples: Sequence[Sample], k: int, seed: int) -> list[list[int]]
         for rank, g in enumerate(rng.permutation(len(groups))):
             folds[rank % k].extend(by_type[t][groups[g]])
     return [sorted(f) for f in folds if f]
-
-
-def is_bundle(path: Path) -> bool:
-    """Whether ``path`` is a folder that diffqc wrote a model bundle into."""
-    try:
-        meta = json.loads((path / "metadata.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and "format" in meta and "diffqc_version" in meta
-
-
-def check_bundle_target(path: Path | str, *, force: bool = False) -> Path:
-    """``path`` if a bundle may be written there: a new or empty folder, or an earlier bundle
-    (whose own files are replaced); any other folder only with ``force``, beside what is there
-    and replacing nothing (:func:`diffqc.output.check_output_folder`)."""
-    return check_output_folder(path, what="model bundle", names=BUNDLE_FILES, is_ours=is_bundle,
-                               foreign="is not a diffqc model bundle", force=force)
 
 
 def twelve_bit_note(config: DetectorConfig, good: Sequence[Path | str]) -> str | None:
@@ -737,7 +727,9 @@ class Detector:
         """Write the bundle: a new folder appears whole (written beside it, then renamed); into an
         existing folder (an earlier bundle, an empty folder or, with ``force``, any folder) the
         bundle's own files are written in a hidden folder inside it first and then moved in,
-        ``metadata.json`` last.
+        ``metadata.json`` last; an earlier bundle there is kept whole in its ``previous/`` folder
+        (hard links: the room it holds now; ``diffqc train --undo`` puts it back), replacing the
+        one kept before.
         Nothing this method did not write is ever deleted. A write that fails (full disk,
         unwritable folder) raises :class:`OutputError` naming the path, leaves no partial files
         and any previous bundle as it was."""
@@ -754,9 +746,8 @@ class Detector:
             raise OutputError(f"cannot write the model bundle {path}: {exc.strerror or exc}") from None
         try:
             self._write_bundle(tmp, scorer, calibration)
-            if path.is_dir():
-                for name in BUNDLE_FILES:  # metadata.json last: it names the weights' checksum
-                    os.replace(tmp / name, path / name)
+            if inside:  # an earlier bundle kept whole in previous/
+                install_bundle(tmp, path)
                 tmp.rmdir()
             else:
                 os.replace(tmp, path)

@@ -272,6 +272,20 @@ def replacing(path: Path, data: bytes, *, sync: bool = True) -> Iterator[None]:
         sync_folder(path.parent)
 
 
+def keep_file(current: Path, kept: Path) -> None:
+    """``current`` kept as ``kept`` too, atomically: a hard link (no room taken), or a copy on a
+    file system without them."""
+    link = kept.with_name(f".{kept.name}.{os.getpid()}.link")
+    try:
+        link.unlink(missing_ok=True)
+        os.link(current, link)
+        os.replace(link, kept)
+    except OSError:
+        with suppress(OSError):
+            link.unlink(missing_ok=True)
+        write_atomic(kept, current.read_bytes())
+
+
 def sync_folder(folder: Path) -> None:
     """Flush ``folder``'s entries (a rename into it, a new file's name) to the disk, so that they
     outlive a power cut. Where a folder cannot be opened or synced (Windows, some network

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from diffqc.arguments import QUIET, path_name, path_value, share
-from diffqc.bundle import check_not_retrained, named_model_id, read_bundle
+from diffqc.bundle import check_not_retrained, named_model_id, previous_name, read_bundle
 from diffqc.calibration import (
     RAISES_THRESHOLDS,
     SELECTED_BELOW,
@@ -57,7 +57,7 @@ from diffqc.calibration import (
 from diffqc.config import CalibrationConfig
 from diffqc.errors import BundleError, ConfigError, DatasetError, UnknownFeatureTypeError, did_you_mean
 from diffqc.inspection import other_images
-from diffqc.output import check_writable, json_line, path_text, replacing, write_atomic
+from diffqc.output import check_writable, json_line, keep_file, path_text, replacing, write_atomic
 
 log = logging.getLogger("diffqc.recalibrate")
 
@@ -67,12 +67,6 @@ INT8_MODEL_FILE = "model.int8.onnx"
 # `diffqc results export` writes, beside its manifest.csv, per type: how many parts the line
 # inspected in the export's period and how many were flagged, and how many of each it exported.
 EXPORT_SUMMARY_FILE = "export.json"
-
-
-def previous_name(name: str) -> str:
-    """``calibration.json`` -> ``calibration.prev.json``."""
-    stem, _, ext = name.rpartition(".")
-    return f"{stem}.prev.{ext}"
 
 
 def _content(path: Path) -> bytes | None:
@@ -103,22 +97,8 @@ def _install(path: Path, files: Mapping[str, bytes | None]) -> tuple[list[str], 
             if changed[name] is None:
                 os.replace(path / name, path / previous_name(name))
             else:
-                _keep(path / name, path / previous_name(name))
+                keep_file(path / name, path / previous_name(name))
     return sorted(changed), previous
-
-
-def _keep(current: Path, kept: Path) -> None:
-    """``current`` kept as ``kept`` too, atomically: a hard link (no room taken), or a copy on a
-    file system without them."""
-    link = kept.with_name(f".{kept.name}.{os.getpid()}.link")
-    try:
-        link.unlink(missing_ok=True)
-        os.link(current, link)
-        os.replace(link, kept)
-    except OSError:
-        with contextlib.suppress(OSError):
-            link.unlink(missing_ok=True)
-        write_atomic(kept, current.read_bytes())
 
 
 def calibration_scores(detector: Any, samples: Sequence[Any], *, skip_corrupt: bool = False,

@@ -1,0 +1,140 @@
+"""The bundle's folder: a retrain into it keeps the bundle it replaces, and ``train --undo``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from diffqc.bundle import named_model_id, undo_retrain
+from diffqc.cli import main
+from diffqc.errors import BundleError, ConfigError, OutputError
+from diffqc.model import Detector
+from diffqc.recalibrate import recalibrate, undo_recalibration
+
+from .conftest import full_disk
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _own(tree: dict[str, bytes]) -> dict[str, bytes]:
+    """A bundle folder's tree without its previous/ folder."""
+    return {k: v for k, v in tree.items() if not k.startswith("previous/")}
+
+
+def _retrained(tiny_model: Path, model_id: str) -> Detector:
+    """The tiny model as a retrain gives another (its metadata names another model)."""
+    det = Detector.load(tiny_model, device="cpu")
+    det.metadata = {**det.metadata, "model_id": model_id}
+    return det
+
+
+def test_a_retrain_keeps_the_bundle_it_replaces_and_undo_puts_it_back(tiny_model: Path,
+                                                                       tmp_path: Path) -> None:
+    """A retrain into the folder a service serves (`train --out SERVED`) replaced the bundle
+    there: one trained on the wrong folder, or on a GOOD set with defects in it, left the line on
+    the worse model and the one before gone (retrained, where its images were still at hand, it
+    is another model: other weights, other scores). The bundle replaced is kept whole in
+    previous/ (its weights by a hard link: no copy), with the calibration its last `calibrate`
+    replaced; `undo_retrain` (`train --undo`) puts it back, keeping the one it replaces there, so
+    a second undo redoes it. One is kept: a third save drops the first."""
+    out = _retrained(tiny_model, "first").save(tmp_path / "m")
+    assert not (out / "previous").exists()  # nothing replaced
+    recalibrate(out, alpha_review=0.1)  # the first model's calibration history: calibration.prev.json
+    first = _tree(out)
+    assert "calibration.prev.json" in first
+    weights_inode = (out / "weights.safetensors").stat().st_ino
+
+    _retrained(tiny_model, "second").save(out)
+    assert named_model_id(out) == "second" and named_model_id(out / "previous") == "first"
+    assert _own(_tree(out / "previous")) == first  # whole, its calibration history too
+    assert (out / "previous" / "weights.safetensors").stat().st_ino == weights_inode
+    assert not (out / "calibration.prev.json").exists()  # the first model's, not the second's
+    with pytest.raises(ConfigError, match="not recalibrated since it was trained"):
+        undo_recalibration(out)
+    second = _own(_tree(out))
+    Detector.load(out / "previous", device="cpu")  # a bundle: `diffqc test MODEL/previous DATA`
+
+    summary = undo_retrain(out)
+    assert summary["model_id"] == "first"
+    assert summary["previous"] == {"folder": str(out / "previous"), "model_id": "second"}
+    assert _own(_tree(out)) == first and _own(_tree(out / "previous")) == second
+    Detector.load(out, device="cpu")
+    assert undo_recalibration(out)["alpha_review"] == 0.05  # its own history is back with it
+
+    undo_retrain(out)  # redone
+    assert _own(_tree(out)) == second and named_model_id(out / "previous") == "first"
+
+    _retrained(tiny_model, "third").save(out)
+    assert named_model_id(out / "previous") == "second"  # one kept, the last replaced
+    assert sorted(p.name for p in out.iterdir()) == sorted([*second, "previous"])  # nothing left over
+
+
+def test_undo_retrain_refuses_without_a_previous_or_a_damaged_one(tiny_model: Path, tmp_path: Path) -> None:
+    out = _retrained(tiny_model, "first").save(tmp_path / "m")
+    with pytest.raises(ConfigError, match="keeps no previous model to put back"):
+        undo_retrain(out)
+    _retrained(tiny_model, "second").save(out)
+    weights = out / "previous" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.unlink()  # a hard link: written in place, it would damage the served bundle's too
+    weights.write_bytes(bytes(data))
+    before = _tree(out)
+    with pytest.raises(BundleError, match=r"previous: weights\.safetensors is damaged"):
+        undo_retrain(out)
+    assert _tree(out) == before
+
+
+def test_a_save_refuses_a_previous_folder_that_is_not_one_it_kept(tiny_model: Path, tmp_path: Path) -> None:
+    """previous/ holding the user's own files (a folder of that name made by hand) is never
+    emptied: the save is refused, nothing written, and says what to do."""
+    out = _retrained(tiny_model, "first").save(tmp_path / "m")
+    (out / "previous").mkdir()
+    (out / "previous" / "notes.txt").write_text("the operator's")
+    before = _tree(out)
+    with pytest.raises(OutputError, match=r"previous is not a bundle diffqc kept.*move it away"):
+        _retrained(tiny_model, "second").save(out)
+    assert _tree(out) == before
+    assert sorted(p.name for p in out.iterdir()) == sorted([*_own(before), "previous"])
+
+
+def test_a_full_disk_on_a_retrain_changes_nothing_the_previous_included(tiny_model: Path,
+                                                                         tmp_path: Path) -> None:
+    out = _retrained(tiny_model, "first").save(tmp_path / "m")
+    _retrained(tiny_model, "second").save(out)
+    before = _tree(out)
+    with full_disk(64 * 1024), pytest.raises(OutputError, match=str(out)):
+        _retrained(tiny_model, "third").save(out)
+    assert _tree(out) == before
+    assert sorted(p.name for p in out.iterdir()) == sorted([*_own(before), "previous"])
+
+
+def test_cli_train_says_what_it_kept_and_undo_puts_it_back(clear_dataset: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "m"
+    args = ["train", str(clear_dataset), "--out", str(out), "-q", "--set", "backbone.input_size=64",
+            "--set", "calibration.fraction=0.35", "--set", "train.steps=20"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["previous"] is None
+    first = named_model_id(out)
+    shutil.copytree(out, tmp_path / "first")
+    assert main(args) == 0
+    done = capsys.readouterr()
+    assert json.loads(done.out.splitlines()[-1])["previous"] == {"folder": str(out / "previous"),
+                                                                  "model_id": first}
+    assert f"the model it replaces ({first}) is kept in {out / 'previous'} (" in done.err
+    assert f"`diffqc train --undo --out {out}` puts it back" in done.err
+
+    assert main(["train", "--undo", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["model_id"] == first
+    assert _own(_tree(out)) == _tree(tmp_path / "first")
+    # refused: DATA with --undo (which puts a model back, it trains none), and a train without DATA
+    assert main(["train", str(clear_dataset), "--undo", "--out", str(out)]) == 1
+    assert "give it without DATA" in capsys.readouterr().err
+    assert main(["train", "--out", str(out)]) == 1
+    assert "train needs DATA" in capsys.readouterr().err
