@@ -481,6 +481,45 @@ def test_a_bundle_copied_over_the_served_one_in_any_order_is_served_once_complet
     assert retrained and detector.metadata["model_id"] == "retrained-copy" and watch.last_error is None
 
 
+def test_a_retrain_undone_is_served_and_logged_as_the_earlier_model(
+        service_model: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`diffqc train --undo --out SERVED` puts back the model a retrain replaced: the service
+    logged "serving the retrained model <the old id>", so an operator reading the log took the
+    model put back for yet another retrain. It is logged as the earlier model (trained before the
+    one it replaces); the retrain redone is the retrained model again."""
+    import logging
+    import os
+    import shutil
+
+    from diffqc.bundle import undo_retrain
+    from diffqc.model import Detector
+    from diffqc.service.line import ModelWatch
+
+    served = tmp_path / "model"
+    shutil.copytree(service_model[0], served)
+    first = str(Detector.load(served, device="cpu").metadata["model_id"])
+    retrained = Detector.load(served, device="cpu")
+    retrained.metadata = {**retrained.metadata, "model_id": "retrained-1",
+                          "created": "2099-01-01T00:00:00+00:00"}  # trained after the first
+    retrained.save(served)  # the first kept in previous/
+    watch = ModelWatch(served, "retrained-1", lambda: Detector.load(served, device="cpu"))
+
+    def look() -> Any:  # the change, then the look that finds it settled
+        os.utime(served / "metadata.json", ns=(os.stat(served / "metadata.json").st_mtime_ns + 10**9,) * 2)
+        found = watch.check()
+        return found if found is not None else watch.check()
+
+    with caplog.at_level(logging.INFO, logger="diffqc.service"):
+        undo_retrain(served)
+        found = look()
+        assert found is not None and found[1], watch.last_error
+        assert f"serving the earlier model {first} from {served} without a restart" in caplog.text
+        assert "retrained-1): drift windows start again" in caplog.text
+        caplog.clear()
+        undo_retrain(served)  # redone
+        assert look() is not None and "serving the retrained model retrained-1 from" in caplog.text
+
+
 def test_a_config_edited_in_the_served_bundle_is_said_at_once(service_model: tuple[Path, Path],
                                                                tmp_path: Path) -> None:
     """A setting of the scores edited into the served bundle's config.json (``scoring.topk``, to

@@ -111,6 +111,15 @@ class DiskWatch:
 
 
 
+def _created(bundle: Path) -> str | None:
+    """When the model in ``bundle`` was trained, as ``metadata.json`` says (ISO 8601, UTC: they
+    compare as text); None where it says nothing readable."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        created = json.loads((bundle / "metadata.json").read_text()).get("created")
+        return created if isinstance(created, str) else None
+    return None
+
+
 class ModelWatch:
     """The bundle a service serves. `diffqc train --out SERVED --force` writes its files one by
     one, ``metadata.json`` last; `diffqc export SERVED` writes ``export.json`` last; a bundle
@@ -129,6 +138,8 @@ class ModelWatch:
         self.last_error: str | None = None
         self._files = BundleChange(bundle)
         self._export = file_signature(bundle / EXPORT_FILE)  # as last loaded
+        self._created = _created(bundle)  # when the model served was trained
+
 
     def check(self) -> tuple[Any, bool] | None:
         """``(detector, another model)`` when the bundle changed and was loaded; else None."""
@@ -152,14 +163,16 @@ class ModelWatch:
             return None
         retrained = model_id != self.model_id
         runtime = f"{getattr(detector, 'runtime', 'torch')}, {getattr(detector, 'precision', 'fp32')}"
-        if retrained:
-            log.info("serving the retrained model %s from %s without a restart (%s; loaded in %.1f s; it "
-                     "replaces %s): drift windows start again", model_id, self.bundle, runtime,
-                     time.perf_counter() - t0, self.model_id)
+        created, served = _created(self.bundle), self._created
+        if retrained:  # one trained before the model it replaces: `train --undo` put it back
+            earlier = created is not None and served is not None and created < served
+            log.info("serving the %s model %s from %s without a restart (%s; loaded in %.1f s; it "
+                     "replaces %s): drift windows start again", "earlier" if earlier else "retrained",
+                     model_id, self.bundle, runtime, time.perf_counter() - t0, self.model_id)
         else:
             log.info("serving model %s from %s again, as its files changed (%s; loaded in %.1f s)",
                      model_id, self.bundle, runtime, time.perf_counter() - t0)
-        self.model_id, self.last_error = model_id, None
+        self.model_id, self.last_error, self._created = model_id, None, created
         self._export = export_now
         self.reloads += 1
         return detector, retrained
