@@ -136,5 +136,7 @@ def test_cli_train_says_what_it_kept_and_undo_puts_it_back(clear_dataset: Path, 
     # refused: DATA with --undo (which puts a model back, it trains none), and a train without DATA
     assert main(["train", str(clear_dataset), "--undo", "--out", str(out)]) == 1
     assert "give it without DATA" in capsys.readouterr().err
+    assert main(["train", "--undo", "--out", str(out), "--steps", "0", "--set", "train.seed=1"]) == 1
+    assert "give it without --steps and --set (diffqc train --undo --out" in capsys.readouterr().err
     assert main(["train", "--out", str(out)]) == 1
     assert "train needs DATA" in capsys.readouterr().err

@@ -529,7 +529,8 @@ def test_cli_calibrate_undo_puts_the_previous_calibration_back_and_again_redoes_
     # calibration that is not the one replaced (copied in); a bundle never recalibrated
     files = {p.name: p.read_bytes() for p in model.iterdir()}
     for argv, says in [([str(tmp_path)], "give it without DATA"),
-                       (["--alpha-review", "0.1"], "give it without --alpha-review")]:
+                       (["--alpha-review", "0.1"], "give it without --alpha-review"),
+                       (["--skip-corrupt"], "give it without --skip-corrupt")]:  # it scores nothing
         assert main(["calibrate", str(model), *argv, "--undo", "-q"]) == 1
         assert says in capsys.readouterr().err
     (model / "calibration.prev.json").write_bytes(at_02)

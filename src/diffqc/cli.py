@@ -166,10 +166,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from diffqc.model import Detector
 
     sources, out = [Path(d) for d in args.data], Path(args.out)
-    if args.undo:
-        if sources:
-            raise ConfigError("--undo puts the previous model back as it was: give it without DATA "
-                              f"(diffqc train --undo --out {path_text(out)})")
+    if args.undo:  # what shapes or reads a training has nothing to do: said, not taken silently
+        given = (["DATA"] if sources else []) + [
+            option for option in ("--method", "--backbone", "--layers", "--steps", "--seed", "--fit",
+                                  "--tile", "--set", "--skip-corrupt", "--force")
+            if (value := getattr(args, option[2:].replace("-", "_"))) is not None and value is not False]
+        if given:
+            raise ConfigError(f"--undo puts the previous model back as it was: give it without "
+                              f"{' and '.join(given)} (diffqc train --undo --out {path_text(out)})")
         print(json_line(undo_retrain(out)))
         return EXIT_OK
     if not sources:

@@ -589,7 +589,8 @@ class CalibrationReloader:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     if args.undo:
         given = [name for name, value in (("DATA", args.data), ("--alpha-review", args.alpha_review),
-                                          ("--alpha-reject", args.alpha_reject)) if value is not None]
+                                          ("--alpha-reject", args.alpha_reject),
+                                          ("--skip-corrupt", args.skip_corrupt or None)) if value is not None]
         if given:
             raise ConfigError(f"--undo puts the previous calibration back as it was: give it without "
                               f"{' and '.join(given)}")
