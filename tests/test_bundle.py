@@ -97,7 +97,8 @@ def test_a_save_refuses_a_previous_folder_that_is_not_one_it_kept(tiny_model: Pa
     (out / "previous").mkdir()
     (out / "previous" / "notes.txt").write_text("the operator's")
     before = _tree(out)
-    with pytest.raises(OutputError, match=r"previous is not a bundle diffqc kept.*move it away"):
+    with pytest.raises(OutputError, match=r"previous is not a bundle diffqc kept as it was \(it holds "
+                       r"notes\.txt; a save .* move it away"):
         _retrained(tiny_model, "second").save(out)
     assert _tree(out) == before
     assert sorted(p.name for p in out.iterdir()) == sorted([*_own(before), "previous"])

@@ -67,13 +67,17 @@ def _check_previous(path: Path) -> None:
     if not prev.exists() and not prev.is_symlink():
         return
     try:
-        other = (prev.is_symlink() or not prev.is_dir()
-                 or any(p.name not in KEPT_FILES or not p.is_file() for p in prev.iterdir()))
+        if prev.is_symlink() or not prev.is_dir():
+            why = "it is a link" if prev.is_symlink() else "it is not a folder"
+        else:  # an export of the kept bundle, the operator's notes: theirs to move
+            other = sorted(p.name for p in prev.iterdir() if p.name not in KEPT_FILES or not p.is_file())
+            why = f"it holds {', '.join(other[:3])}{', ...' if len(other) > 3 else ''}" if other else ""
     except OSError as exc:
         raise OutputError(f"cannot read {path_text(prev)}: {exc.strerror or exc}") from None
-    if other:
-        raise OutputError(f"{path_text(prev)} is not a bundle diffqc kept (a save into {path_text(path)} "
-                          "keeps the bundle it replaces there): move it away; nothing is written")
+    if why:
+        raise OutputError(f"{path_text(prev)} is not a bundle diffqc kept as it was ({why}; a save into "
+                          f"{path_text(path)} keeps the bundle it replaces there): move it away; nothing "
+                          "is written")
 
 
 @contextmanager

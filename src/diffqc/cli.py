@@ -452,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "folders) or CSV manifest; several are fitted on together (a dataset and "
                        "`results export`s of the line's parts reviewed GOOD)")
     train.add_argument("--out", required=True, type=path_value,
-                       help="model bundle folder to write: new, empty, or an earlier bundle")
+                       help="model bundle folder to write: new, empty, or an earlier bundle (kept whole "
+                       "in its previous/ folder)")
     train.add_argument("--force", action="store_true",
                        help="write into a non-empty folder that is not a bundle (deletes and replaces "
                             "nothing)")
