@@ -388,6 +388,32 @@ def test_int8_parity_on_labelled_folders_measures_every_type(
     assert "and the GOOD calibration images of dots, stripes" in report["held_out"]
 
 
+def test_int8_export_after_an_undo_to_the_training_calibration_gives_int8_its_own(
+        exported: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A recalibration undone by `calibrate --undo` puts back the training's calibration, whose
+    images an INT8 export given the training data can score: it still kept FP32's for INT8, as
+    after any recalibration, and said the bundle was recalibrated. It computes INT8's own, as for
+    a bundle never recalibrated; a recalibration's put back is still said and kept."""
+    from tests.conftest import write_clear_dataset
+
+    bundle = tmp_path / "int8"
+    shutil.copytree(exported, bundle)
+    line = write_clear_dataset(tmp_path / "line", n_train=10, n_test=0, seed=9)
+    export = ["export", str(bundle), "--int8", "--calibration-data", str(clear_dataset), "--threads", "1",
+              "--calibration-images", "16", "--sensitivity-images", "6", "--check-images", "4"]
+    assert main(["calibrate", str(bundle), str(line), "-q"]) == 0
+    assert main(["calibrate", str(bundle), "--undo", "-q"]) == 0  # the training's calibration back
+    assert main(export) == 0, capsys.readouterr().err
+    entry = read_export_info(bundle)["int8"]
+    assert "recalibrated" not in entry["calibration"] and (bundle / "calibration.int8.json").is_file()
+    assert main(["calibrate", str(bundle), "--undo", "-q"]) == 0  # redone: the line's is back
+    assert main(["calibrate", str(bundle), str(line), "--alpha-review", "0.1", "-q"]) == 0
+    assert main(["calibrate", str(bundle), "--undo", "-q"]) == 0  # a recalibration's put back
+    assert main(export) == 0
+    assert "`diffqc calibrate --undo` put back is a recalibration's" in read_export_info(bundle)["int8"][
+        "calibration"]
+
+
 def test_int8_export_of_a_recalibrated_bundle_says_so(exported: Path, clear_dataset: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """A bundle recalibrated on the line's GOOD parts (`diffqc calibrate`), then exported to INT8

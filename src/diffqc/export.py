@@ -669,7 +669,9 @@ def _recalibrate(det: Detector, fp32: SplitGraph, int8: SplitGraph, good: Sequen
 
     cal = det.calibration_
     assert cal is not None
-    if (done := det.metadata.get("recalibrated")) is not None:  # its images are not the training data's
+    done = det.metadata.get("recalibrated")
+    # its images are not the training data's; one put back by --undo may be (scored below to tell)
+    if isinstance(done, dict) and not done.get("undo"):
         return None, (f"the bundle was recalibrated by `diffqc calibrate` ({recalibration_text(done)}), so "
                       "INT8 is decided with that FP32 calibration; `diffqc calibrate MODEL DATA` run "
                       "again after this export gives INT8 its own")
@@ -687,6 +689,10 @@ def _recalibrate(det: Detector, fp32: SplitGraph, int8: SplitGraph, good: Sequen
         mine = np.sort(s32[own == det.classes_.index(t)])
         theirs = cal.known[t].scores
         if mine.shape != theirs.shape or not np.allclose(mine, theirs, rtol=1e-3, atol=1e-6):
+            if done is not None:  # an earlier recalibration's, put back
+                return None, ("the calibration `diffqc calibrate --undo` put back is a recalibration's, not "
+                              "the training's, so INT8 is decided with that FP32 calibration; `diffqc "
+                              "calibrate MODEL DATA` run again after this export gives INT8 its own")
             return None, ("the data given does not reproduce the bundle's calibration scores "
                           "(not the training data?)")
     known: dict[str, list[float]] = {t: [] for t in det.classes_}
