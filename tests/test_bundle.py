@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -49,8 +51,14 @@ def test_a_retrain_keeps_the_bundle_it_replaces_and_undo_puts_it_back(tiny_model
     assert "calibration.prev.json" in first
     weights_inode = (out / "weights.safetensors").stat().st_ino
 
-    _retrained(tiny_model, "second").save(out)
+    mask = os.umask(0o022)
+    try:
+        _retrained(tiny_model, "second").save(out)
+    finally:
+        os.umask(mask)
     assert named_model_id(out) == "second" and named_model_id(out / "previous") == "first"
+    # as the umask says, as the bundle's own folder: a service or operator of another user reads it
+    assert stat.S_IMODE((out / "previous").stat().st_mode) == 0o755
     assert _own(_tree(out / "previous")) == first  # whole, its calibration history too
     assert (out / "previous" / "weights.safetensors").stat().st_ino == weights_inode
     assert not (out / "calibration.prev.json").exists()  # the first model's, not the second's

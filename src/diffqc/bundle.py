@@ -21,7 +21,14 @@ from diffqc.calibration import CalibrationWarning, Calibrator
 from diffqc.config import DetectorConfig, fitted_settings
 from diffqc.errors import BundleError, ConfigError, OutputError, address_hint
 from diffqc.inspection import BUNDLE_FILES, check_bundle_version, sha256_file
-from diffqc.output import PARTIAL_PREFIX, check_output_folder, keep_file, path_text, sync_folder
+from diffqc.output import (
+    PARTIAL_PREFIX,
+    check_output_folder,
+    keep_file,
+    path_text,
+    sync_folder,
+    with_plain_modes,
+)
 
 WEIGHTS_FILE = "weights.safetensors"
 # the bundle a save replaced, kept whole in the new one's folder; one, the last replaced
@@ -104,6 +111,7 @@ def install_bundle(staged: Path, path: Path) -> Path | None:
             for name in KEPT_FILES:
                 if (path / name).is_file():
                     keep_file(path / name, held / name)
+            with_plain_modes(held, ())  # not a temporary folder's 0700: another user reads it too
             sync_folder(held)
             prev = path / PREVIOUS_FOLDER
             if prev.is_dir():  # the bundle kept before (its files only: checked), dropped
