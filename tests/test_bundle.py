@@ -149,3 +149,22 @@ def test_cli_train_says_what_it_kept_and_undo_puts_it_back(clear_dataset: Path, 
     assert "give it without --steps and --set (diffqc train --undo --out" in capsys.readouterr().err
     assert main(["train", "--out", str(out)]) == 1
     assert "train needs DATA" in capsys.readouterr().err
+
+
+def test_a_bundle_left_mixed_by_a_save_cut_short_is_not_kept_over_the_whole_one(tiny_model: Path,
+                                                                                tmp_path: Path) -> None:
+    """A save cut short between its moves (a power cut) leaves another bundle's weights beside
+    the metadata that names the first's; a retrain then kept that mix in previous/ in place of
+    the whole bundle kept there. The mix is said and not kept; previous/ keeps the whole one."""
+    out = _retrained(tiny_model, "first").save(tmp_path / "m")
+    _retrained(tiny_model, "second").save(out)
+    weights = out / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # another bundle's weights, moved in before its metadata.json
+    weights.unlink()
+    weights.write_bytes(bytes(data))
+    kept = _tree(out / "previous")
+    with pytest.warns(UserWarning, match=r"no whole bundle .*weights\.safetensors is damaged.*not kept"):
+        _retrained(tiny_model, "third").save(out)
+    assert _tree(out / "previous") == kept and named_model_id(out) == "third"
+    Detector.load(out, device="cpu")

@@ -87,6 +87,19 @@ def _check_previous(path: Path) -> None:
                           "is written")
 
 
+def _whole(path: Path) -> bool:
+    """Whether the bundle in ``path`` is whole as its ``metadata.json`` names it (its weights'
+    checksum): a save cut short between its moves (a power cut) leaves files of two bundles,
+    which kept in ``previous/`` would replace the whole one kept there; said, not kept."""
+    try:
+        check_weights(path, json.loads((path / "metadata.json").read_text()))
+        return True
+    except (BundleError, OSError, ValueError, AttributeError) as exc:
+        warnings.warn(f"{path_text(path)} holds no whole bundle ({exc}: a save cut short?); it is not "
+                      f"kept, and {PREVIOUS_FOLDER}/ keeps the one it held", stacklevel=4)
+        return False
+
+
 @contextmanager
 def staged_bundle(path: Path) -> Iterator[Path]:
     """A hidden folder inside bundle folder ``path`` to write a bundle's files into, for
@@ -104,7 +117,7 @@ def install_bundle(staged: Path, path: Path) -> Path | None:
     (by hard links: no room taken beyond what it holds now; copies where the file system has
     none), replacing the one kept there before. Returns ``previous/``, None when ``path`` held no
     bundle. A failure before the first move (a full disk copying) changes nothing."""
-    keep = is_bundle(path)
+    keep = is_bundle(path) and _whole(path)
     if keep:
         _check_previous(path)
         with staged_bundle(path) as held, staged_bundle(path) as dropped:
