@@ -130,8 +130,10 @@ def install_bundle(staged: Path, path: Path) -> Path | None:
             if prev.is_dir():  # the bundle kept before (its files only: checked), dropped
                 os.replace(prev, dropped / PREVIOUS_FOLDER)
             os.replace(held, prev)
-    # metadata.json last: it names the weights' checksum
-    for name in [n for n in KEPT_FILES if n != "metadata.json"] + ["metadata.json"]:
+    # the weights first, metadata.json (which names their checksum) last: a move cut short leaves
+    # weights their metadata does not name, told at load and by the next save (_whole)
+    ends = (WEIGHTS_FILE, "metadata.json")
+    for name in [WEIGHTS_FILE, *(n for n in KEPT_FILES if n not in ends), "metadata.json"]:
         if (staged / name).is_file():
             os.replace(staged / name, path / name)
         elif name not in BUNDLE_FILES:  # kept in previous/ with the bundle it calibrated
