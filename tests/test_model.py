@@ -406,6 +406,7 @@ def test_save_refuses_a_foreign_folder_and_force_deletes_nothing(tiny_model: Pat
     (out / "sub").mkdir(parents=True)
     (out / "holiday.jpg").write_bytes(b"precious")
     (out / "sub" / "notes.txt").write_text("keep me")
+    (out / "calibration.prev.json").write_text("{}")  # a name diffqc writes in its bundles: not its here
     before = _tree(out)
     # the way to write beside them named as Python spells it too (it named the CLI's --force alone)
     with pytest.raises(OutputError, match=r"not empty and is not a diffqc model bundle.*force=True from Py"):

@@ -136,7 +136,7 @@ def install_bundle(staged: Path, path: Path) -> Path | None:
     for name in [WEIGHTS_FILE, *(n for n in KEPT_FILES if n not in ends), "metadata.json"]:
         if (staged / name).is_file():
             os.replace(staged / name, path / name)
-        elif name not in BUNDLE_FILES:  # kept in previous/ with the bundle it calibrated
+        elif keep and name not in BUNDLE_FILES:  # kept in previous/ with the bundle it calibrated
             (path / name).unlink(missing_ok=True)
     sync_folder(path)
     return path / PREVIOUS_FOLDER if keep else None

@@ -208,9 +208,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     rest = [s for s in everything if id(s) not in trained]
     not_trained = {name: n for name, label in (("good", GOOD), ("defect", DEFECTIVE), ("unlabelled", UNKNOWN))
                    if (n := sum(s.label == label for s in rest))}
-    previous = None
-    if replaced is not None:  # say where it is, and what it costs: an edge box's disk is small
-        kept = out / PREVIOUS_FOLDER
+    previous, kept = None, out / PREVIOUS_FOLDER
+    # kept unless not whole (a save cut short), which the save said
+    if replaced is not None and is_bundle(kept) and _model_id(kept) == replaced:
+        # say where it is, and what it costs: an edge box's disk is small
         previous = {"folder": str(kept), "model_id": replaced}
         print(f"the model it replaces ({replaced}) is kept in {path_text(kept)} "
               f"({folder_bytes(kept) / 1e6:.0f} MB; `diffqc train --undo --out {path_text(out)}` puts it "
