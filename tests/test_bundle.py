@@ -129,7 +129,10 @@ def test_cli_train_says_what_it_kept_and_undo_puts_it_back(clear_dataset: Path, 
     args = ["train", str(clear_dataset), "--out", str(out), "-q", "--set", "backbone.input_size=64",
             "--set", "calibration.fraction=0.35", "--set", "train.steps=20"]
     assert main(args) == 0
-    assert json.loads(capsys.readouterr().out)["previous"] is None
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["previous"] is None
+    # the bundle's size, what a copy to an edge box takes (previous/ aside)
+    assert summary["bundle_mb"] == round(sum(p.stat().st_size for p in out.iterdir()) / 1e6, 1) > 0
     first = named_model_id(out)
     shutil.copytree(out, tmp_path / "first")
     assert main(args) == 0

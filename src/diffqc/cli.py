@@ -163,6 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         good_training,
         name_types_alike,
     )
+    from diffqc.inspection import BUNDLE_FILES
     from diffqc.model import Detector
 
     sources, out = [Path(d) for d in args.data], Path(args.out)
@@ -216,7 +217,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"the model it replaces ({replaced}) is kept in {path_text(kept)} "
               f"({folder_bytes(kept) / 1e6:.0f} MB; `diffqc train --undo --out {path_text(out)}` puts it "
               "back, a running serve or watch follows): delete the folder for its room", file=sys.stderr)
+    size = sum((out / name).stat().st_size for name in BUNDLE_FILES)  # what a copy to an edge box takes
     print(json_line({"model": str(out), "classes": det.classes_, "method": config.method,
+                      "bundle_mb": round(size / 1e6, 1),
                       "seconds": round(time.perf_counter() - start, 1), "training_data": training,
                       "not_trained_on": not_trained, "previous": previous}))
     return EXIT_OK
