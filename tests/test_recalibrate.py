@@ -132,7 +132,7 @@ def test_cli_calibrate_writes_nothing_into_a_bundle_retrained_while_it_scored(
     def retrained_meanwhile(*args: object, **kw: object) -> object:
         out = scored(*args, **kw)  # type: ignore[arg-type]
         for name in ("weights.safetensors", "config.json", "calibration.json", "metadata.json"):
-            shutil.copyfile(service_model[0] / name, model / name)  # train --out SERVED --force
+            shutil.copyfile(service_model[0] / name, model / name)  # train DATA --out SERVED
         return out
 
     monkeypatch.setattr(recal, "_good_scores", retrained_meanwhile)

@@ -562,7 +562,7 @@ def test_a_config_edited_in_the_served_bundle_is_said_at_once(service_model: tup
 
 def test_serve_serves_a_retrained_model_without_a_restart(service_model: tuple[Path, Path],
                                                           samples: Samples, tmp_path: Path) -> None:
-    """A model retrained into the served folder (`diffqc train --out SERVED --force`, the
+    """A model retrained into the served folder (`diffqc train DATA --out SERVED`, the
     README's loop) was not served until a restart, which stops the line; its new calibration
     was refused as another model's. The service loads it once its files are complete, as it
     loaded the first (runtime and precision chosen again), and inspects with it from the next

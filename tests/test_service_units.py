@@ -1736,7 +1736,7 @@ def test_model_watch_loads_a_retrained_model_or_a_new_export_not_a_recalibration
     assert settle() is None and not loads and watch.reloads == 0
     write(tmp_path / "export.json", {"fastest_first": ["onnx"]})  # diffqc export
     assert settle() == ("detector-1", False) and watch.model_id == "m1"
-    write(meta, {"model_id": "m2"})  # diffqc train --out SERVED --force
+    write(meta, {"model_id": "m2"})  # diffqc train DATA --out SERVED
     assert settle() == ("detector-2", True) and watch.model_id == "m2" and watch.reloads == 2
     assert watch.check() is None and len(loads) == 2
 

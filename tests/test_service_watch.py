@@ -1116,7 +1116,7 @@ def test_watch_picks_up_a_new_calibration_without_a_restart(service_model: tuple
 def test_a_running_watch_inspects_with_a_retrained_model(service_model: tuple[Path, Path], samples: Samples,
                                                          tmp_path: Path) -> None:
     """`watch` served the model it started with until restarted; a model retrained into its
-    folder (`diffqc train --out MODEL --force`) is loaded once complete, and the parts after it
+    folder (`diffqc train DATA --out MODEL`) is loaded once complete, and the parts after it
     carry its version."""
     import shutil
     import signal

@@ -302,7 +302,7 @@ def named_model_id(path: Path | str) -> str:
 def check_not_retrained(path: Path | str, loaded: dict[str, Any], while_: str) -> dict[str, Any]:
     """``metadata.json`` as it is now, once it still names the model of ``loaded`` (the metadata
     read as a command's work on the bundle began: ``calibrate``'s scoring, ``export``'s graphs);
-    a bundle retrained meanwhile (``train --out PATH --force``) is an :class:`OutputError` saying
+    a bundle retrained meanwhile (``train DATA --out PATH``) is an :class:`OutputError` saying
     ``while_``: what the work computed is the old model's, on another scale than the new one's."""
     meta: dict[str, Any] = json.loads((Path(path) / "metadata.json").read_text())
     if any(meta.get(key) != loaded.get(key) for key in ("model_id", "weights_file_sha256")):

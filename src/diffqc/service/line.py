@@ -121,14 +121,15 @@ def _created(bundle: Path) -> str | None:
 
 
 class ModelWatch:
-    """The bundle a service serves. `diffqc train --out SERVED --force` writes its files one by
-    one, ``metadata.json`` last; `diffqc export SERVED` writes ``export.json`` last; a bundle
-    copied over it (``cp -r``, ``scp``, ``rsync``) comes in the copier's order. Once any of its
-    files changed and all stayed as they are for one look, the bundle is loaded again (``load``:
-    as at start, the runtime and precision chosen again, so a new export's faster runtime is
-    taken) and :meth:`check` returns it, with whether it is another model (another
-    ``model_id``); one that cannot be loaded (a damaged bundle, one copied in part) is said
-    once, and the model served so far stays until the bundle changes again."""
+    """The bundle a service serves. `diffqc train DATA --out SERVED` writes its files one by
+    one, the weights first and ``metadata.json`` last; `diffqc export SERVED` writes
+    ``export.json`` last; a bundle copied over it (``cp -r``, ``scp``, ``rsync``) comes in the
+    copier's order. Once any of its files changed and all stayed as they are for one look, the
+    bundle is loaded again (``load``: as at start, the runtime and precision chosen again, so a
+    new export's faster runtime is taken) and :meth:`check` returns it, with whether it is
+    another model (another ``model_id``); one that cannot be loaded (a damaged bundle, one
+    copied in part) is said once, and the model served so far stays until the bundle changes
+    again."""
 
     def __init__(self, bundle: Path, model_id: str, load: Callable[[], Any]) -> None:
         self.bundle = bundle

@@ -860,7 +860,7 @@ def run_watch(
                                   retention_max_bytes=retention_max_bytes,
                                   disk_min_free_bytes=disk_min_free_bytes,
                                   disk_min_free_ratio=disk_min_free_ratio)
-    def _model_changed(new: Any) -> None:  # `diffqc train --out MODEL --force` while watching
+    def _model_changed(new: Any) -> None:  # `diffqc train DATA --out MODEL` while watching
         nonlocal detector
         detector = new
         pipeline.use_model(new, str(getattr(new, "version", "")), overlay_scales(new.calibration_.summary()))
