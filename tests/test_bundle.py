@@ -171,3 +171,25 @@ def test_a_bundle_left_mixed_by_a_save_cut_short_is_not_kept_over_the_whole_one(
         _retrained(tiny_model, "third").save(out)
     assert _tree(out / "previous") == kept and named_model_id(out) == "third"
     Detector.load(out, device="cpu")
+
+
+def test_an_undo_cut_short_between_its_moves_loses_neither_bundle(tiny_model: Path, tmp_path: Path) -> None:
+    """`train --undo` cut short between its moves (Ctrl-C, a power cut; here a move the file
+    system refuses) dropped the bundle it was putting back: its files were in previous/, set
+    aside and deleted before the moves, and in the staging folder, deleted on the way out. The
+    bundle set aside is dropped only once the moves are done: cut short, it stays whole in a
+    hidden folder the next save names, and the one it replaces in previous/."""
+    from diffqc.output import PARTIAL_PREFIX
+
+    out = _retrained(tiny_model, "first").save(tmp_path / "m")
+    recalibrate(out, alpha_review=0.1)  # the first's calibration history, kept with it
+    _retrained(tiny_model, "second").save(out)
+    first = _tree(out / "previous")
+    # a move onto it fails: after the weights, config.json and calibration.json, before metadata.json
+    (out / "calibration.prev.json").mkdir()
+    (out / "calibration.prev.json" / "x").write_text("")
+    with pytest.raises(OSError):
+        undo_retrain(out)
+    assert named_model_id(out / "previous") == "second"
+    left = [p for p in out.iterdir() if p.name.startswith(PARTIAL_PREFIX)]
+    assert len(left) == 1 and _tree(left[0] / "previous") == first

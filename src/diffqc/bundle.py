@@ -118,16 +118,18 @@ def install_bundle(staged: Path, path: Path) -> Path | None:
     none), replacing the one kept there before. Returns ``previous/``, None when ``path`` held no
     bundle. A failure before the first move (a full disk copying) changes nothing."""
     keep = is_bundle(path) and _whole(path)
+    dropped = None
     if keep:
         _check_previous(path)
-        with staged_bundle(path) as held, staged_bundle(path) as dropped:
+        with staged_bundle(path) as held:
             for name in KEPT_FILES:
                 if (path / name).is_file():
                     keep_file(path / name, held / name)
             with_plain_modes(held, ())  # not a temporary folder's 0700: another user reads it too
             sync_folder(held)
             prev = path / PREVIOUS_FOLDER
-            if prev.is_dir():  # the bundle kept before (its files only: checked), dropped
+            if prev.is_dir():  # the bundle kept before (its files only: checked), set aside
+                dropped = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=path))
                 os.replace(prev, dropped / PREVIOUS_FOLDER)
             os.replace(held, prev)
     # the weights first, metadata.json (which names their checksum) last: a move cut short leaves
@@ -139,6 +141,10 @@ def install_bundle(staged: Path, path: Path) -> Path | None:
         elif keep and name not in BUNDLE_FILES:  # kept in previous/ with the bundle it calibrated
             (path / name).unlink(missing_ok=True)
     sync_folder(path)
+    # dropped once the new bundle is in: a move cut short (Ctrl-C, a power cut) leaves it whole,
+    # in a hidden folder the next save names (the bundle `train --undo` was putting back)
+    if dropped is not None:
+        shutil.rmtree(dropped, ignore_errors=True)
     return path / PREVIOUS_FOLDER if keep else None
 
 
