@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -193,3 +195,11 @@ def test_an_undo_cut_short_between_its_moves_loses_neither_bundle(tiny_model: Pa
     assert named_model_id(out / "previous") == "second"
     left = [p for p in out.iterdir() if p.name.startswith(PARTIAL_PREFIX)]
     assert len(left) == 1 and _tree(left[0] / "previous") == first
+    # the next save, once the leftover is old enough not to be a save running now, names what it holds
+    hour_ago = time.time() - 3600
+    os.utime(left[0], (hour_ago, hour_ago))
+    shutil.rmtree(out / "calibration.prev.json")
+    with pytest.warns(UserWarning, match=rf"holding the model first whole: its files are in "
+                                         rf"{re.escape(str(left[0] / 'previous'))}\).*left by a save"):
+        _retrained(tiny_model, "third").save(out)
+    assert _tree(left[0] / "previous") == first  # named, not deleted

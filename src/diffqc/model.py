@@ -16,6 +16,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self
@@ -31,12 +32,15 @@ from diffqc import __version__, routing, tiling
 from diffqc.backbone import FeatureExtractor, raw_features_in_batches, resolve_device, to_pixels
 from diffqc.baselines import PatchCoreScorer
 from diffqc.bundle import (
+    PREVIOUS_FOLDER,
     changed_settings,
     changed_text,
     check_bundle_target,
     check_weights,
     edited_levels,
     install_bundle,
+    is_bundle,
+    named_model_id,
     read_bundle,
 )
 from diffqc.calibration import (
@@ -172,6 +176,16 @@ def cross_folds(samples: Sequence[Sample], k: int, seed: int) -> list[list[int]]
         for rank, g in enumerate(rng.permutation(len(groups))):
             folds[rank % k].extend(by_type[t][groups[g]])
     return [sorted(f) for f in folds if f]
+
+
+def _held_model(folder: Path) -> str:
+    """What a save's leftover ``folder`` holds whole, for its warning: a bundle set aside (one a
+    `train --undo` cut short was putting back is there, under ``previous/``), or nothing said."""
+    for held in (folder, folder / PREVIOUS_FOLDER):
+        if is_bundle(held):
+            with suppress(OSError, ValueError, KeyError, TypeError):
+                return f", holding the model {named_model_id(held)} whole: its files are in {path_text(held)}"
+    return ""
 
 
 def twelve_bit_note(config: DetectorConfig, good: Sequence[Path | str]) -> str | None:
@@ -759,7 +773,8 @@ class Detector:
                 shutil.rmtree(tmp, ignore_errors=True)
         left = interrupted_saves(path)
         if left:  # e.g. retrains on an edge device cut by power: their room was lost unseen
-            named = ", ".join(f"{path_text(p)} ({folder_bytes(p) / 1e6:.0f} MB)" for p in left)
+            named = ", ".join(f"{path_text(p)} ({folder_bytes(p) / 1e6:.0f} MB{_held_model(p)})"
+                              for p in left)
             was, it = ("was", "it") if len(left) == 1 else ("were", "them")
             warnings.warn(f"{named} {was} left by a save that was interrupted (killed, or a power cut); "
                           f"nothing deletes {it}: delete {it} when no save is running", stacklevel=2)
