@@ -501,11 +501,15 @@ def test_save_into_a_bundle_folder_that_is_a_mount_point(tiny_model: Path, tmp_p
     proc = run_with_mount(volume, mounted, [sys.executable, "-c", save])
     assert proc.returncode == 0, proc.stderr
     assert (volume / "weights.safetensors").read_bytes() == (tiny_model / "weights.safetensors").read_bytes()
-    # the bundle it replaced kept whole beside (hard links cannot leave the mount either)
-    assert sorted(p.name for p in volume.iterdir()) == sorted(["README.txt", "previous", *BUNDLE_FILES])
-    assert (volume / "previous" / "weights.safetensors").read_bytes() == b"an earlier bundle's"
+    # the bundle it replaced was not whole (its weights not the ones its metadata names): not kept
+    assert sorted(p.name for p in volume.iterdir()) == sorted(["README.txt", *BUNDLE_FILES])
+    assert "holds no whole bundle" in proc.stderr
     assert not any(mounted.iterdir())  # the mount is gone with the command
     Detector.load(volume, device="cpu")
+    proc = run_with_mount(volume, mounted, [sys.executable, "-c", save])  # a whole one now: kept
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in volume.iterdir()) == sorted(["README.txt", "previous", *BUNDLE_FILES])
+    Detector.load(volume / "previous", device="cpu")
     before = _tree(volume)
     proc = run_with_mount(volume, mounted, [sys.executable, "-c", save], read_only=True)
     assert proc.returncode == 1
