@@ -6,6 +6,7 @@ last, the bundle they replace kept in ``previous/`` (``diffqc train --undo`` put
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -305,6 +306,15 @@ def named_model_id(path: Path | str) -> str:
     return str(json.loads((Path(path) / "metadata.json").read_text())["model_id"])
 
 
+def metadata_text(path: Path | str, key: str) -> str | None:
+    """``metadata.json``'s ``key`` (``model_id``, ``created``) in bundle folder ``path``, as text;
+    None where it cannot be read or holds no text there (a bundle a save cut short, a folder)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        value = json.loads((Path(path) / "metadata.json").read_text()).get(key)
+        return value if isinstance(value, str) else None
+    return None
+
+
 def check_not_retrained(path: Path | str, loaded: dict[str, Any], while_: str) -> dict[str, Any]:
     """``metadata.json`` as it is now, once it still names the model of ``loaded`` (the metadata
     read as a command's work on the bundle began: ``calibrate``'s scoring, ``export``'s graphs);
@@ -336,10 +346,7 @@ def undo_retrain(model: Path | str) -> dict[str, Any]:
     _check_previous(path)
     _, meta, _ = read_bundle(prev)  # a damaged one is refused before anything moves
     check_weights(prev, meta)
-    try:
-        replaced = named_model_id(path)
-    except (OSError, ValueError, KeyError, TypeError):
-        replaced = None  # a bundle a save cut short: put back whole, not kept
+    replaced = metadata_text(path, "model_id")  # None: a bundle a save cut short, not kept
     with staged_bundle(path) as staged:
         for name in KEPT_FILES:
             if (prev / name).is_file():

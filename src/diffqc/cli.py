@@ -143,18 +143,8 @@ def _training_data(data: Path, out: Path) -> list[Sample]:
     return samples
 
 
-def _model_id(path: Path) -> str:
-    """The model_id of the bundle in ``path``, "unnamed" where its metadata names none."""
-    from diffqc.bundle import named_model_id
-
-    try:
-        return named_model_id(path)
-    except (OSError, ValueError, KeyError, TypeError):
-        return "unnamed"
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from diffqc.bundle import PREVIOUS_FOLDER, check_bundle_target, is_bundle, undo_retrain
+    from diffqc.bundle import PREVIOUS_FOLDER, check_bundle_target, is_bundle, metadata_text, undo_retrain
     from diffqc.data import (
         DEFECTIVE,
         GOOD,
@@ -189,7 +179,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if len(sources) > 1:  # one set's "dots", another's "Dots"
         name_types_alike(", ".join(map(str, sources)), feature_types(everything))
     check_bundle_target(out, force=args.force)  # refused before the training, not after
-    replaced = _model_id(out) if is_bundle(out) else None
+    replaced = metadata_text(out, "model_id") if is_bundle(out) else None
     samples = good_training(everything)  # names any type left without GOOD training images
     if samples and all(s.split == "test" for s in samples):  # a test split given (DATA/<type>/test)
         warnings.warn(f"{', '.join(map(str, sources))}: none of its GOOD images is marked for training "
@@ -211,7 +201,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                    if (n := sum(s.label == label for s in rest))}
     previous, kept = None, out / PREVIOUS_FOLDER
     # kept unless not whole (a save cut short), which the save said
-    if replaced is not None and is_bundle(kept) and _model_id(kept) == replaced:
+    if replaced is not None and is_bundle(kept) and metadata_text(kept, "model_id") == replaced:
         # say where it is, and what it costs: an edge box's disk is small
         previous = {"folder": str(kept), "model_id": replaced}
         print(f"the model it replaces ({replaced}) is kept in {path_text(kept)} "

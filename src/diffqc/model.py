@@ -16,7 +16,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self
@@ -40,7 +39,7 @@ from diffqc.bundle import (
     edited_levels,
     install_bundle,
     is_bundle,
-    named_model_id,
+    metadata_text,
     read_bundle,
 )
 from diffqc.calibration import (
@@ -182,9 +181,8 @@ def _held_model(folder: Path) -> str:
     """What a save's leftover ``folder`` holds whole, for its warning: a bundle set aside (one a
     `train --undo` cut short was putting back is there, under ``previous/``), or nothing said."""
     for held in (folder, folder / PREVIOUS_FOLDER):
-        if is_bundle(held):
-            with suppress(OSError, ValueError, KeyError, TypeError):
-                return f", holding the model {named_model_id(held)} whole: its files are in {path_text(held)}"
+        if is_bundle(held) and (model_id := metadata_text(held, "model_id")):
+            return f", holding the model {model_id} whole: its files are in {path_text(held)}"
     return ""
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffqc.bundle import check_weights, named_model_id, read_bundle
+from diffqc.bundle import check_weights, metadata_text, named_model_id, read_bundle
 from diffqc.drift import DriftConfig, DriftEvent, DriftMonitor, is_misrouted, prometheus_label, scored
 from diffqc.errors import BundleError
 from diffqc.recalibrate import BundleChange, CalibrationReloader, FileChange, file_signature
@@ -111,15 +111,6 @@ class DiskWatch:
 
 
 
-def _created(bundle: Path) -> str | None:
-    """When the model in ``bundle`` was trained, as ``metadata.json`` says (ISO 8601, UTC: they
-    compare as text); None where it says nothing readable."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        created = json.loads((bundle / "metadata.json").read_text()).get("created")
-        return created if isinstance(created, str) else None
-    return None
-
-
 class ModelWatch:
     """The bundle a service serves. `diffqc train DATA --out SERVED` writes its files one by
     one, the weights first and ``metadata.json`` last; `diffqc export SERVED` writes
@@ -139,7 +130,7 @@ class ModelWatch:
         self.last_error: str | None = None
         self._files = BundleChange(bundle)
         self._export = file_signature(bundle / EXPORT_FILE)  # as last loaded
-        self._created = _created(bundle)  # when the model served was trained
+        self._created = metadata_text(bundle, "created")  # when the model served was trained (ISO 8601, UTC)
 
 
     def check(self) -> tuple[Any, bool] | None:
@@ -164,7 +155,7 @@ class ModelWatch:
             return None
         retrained = model_id != self.model_id
         runtime = f"{getattr(detector, 'runtime', 'torch')}, {getattr(detector, 'precision', 'fp32')}"
-        created, served = _created(self.bundle), self._created
+        created, served = metadata_text(self.bundle, "created"), self._created
         if retrained:  # one trained before the model it replaces: `train --undo` put it back
             earlier = created is not None and served is not None and created < served
             log.info("serving the %s model %s from %s without a restart (%s; loaded in %.1f s; it "
