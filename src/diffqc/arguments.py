@@ -111,3 +111,11 @@ THREADS = integer(1, 1024)  # 100000 crashed `serve` (a segmentation fault as it
 # help texts of options several commands share, said one way
 DEVICE = "cpu or cuda (default: cuda when present)"
 QUIET = "no progress lines on stderr (errors and warnings still)"
+
+
+def given_options(args: argparse.Namespace, options: tuple[str, ...]) -> list[str]:
+    """Those of ``options`` (``--alpha-review``, ``--skip-corrupt``) the command line gave: a
+    value not None and a flag set (``--steps 0`` is given). What ``--undo``, which puts a file
+    back as it was, refuses beside it."""
+    return [option for option in options
+            if (value := getattr(args, option[2:].replace("-", "_"))) is not None and value is not False]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffqc import __version__
-from diffqc.arguments import DEVICE, NON_NEGATIVE, QUIET, SEED, path_name, path_value
+from diffqc.arguments import DEVICE, NON_NEGATIVE, QUIET, SEED, given_options, path_name, path_value
 from diffqc.commands import add_model_options, model_overrides
 from diffqc.errors import (
     ConfigError,
@@ -158,10 +158,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     sources, out = [Path(d) for d in args.data], Path(args.out)
     if args.undo:  # what shapes or reads a training has nothing to do: said, not taken silently
-        given = (["DATA"] if sources else []) + [
-            option for option in ("--method", "--backbone", "--layers", "--steps", "--seed", "--fit",
-                                  "--tile", "--set", "--skip-corrupt", "--force")
-            if (value := getattr(args, option[2:].replace("-", "_"))) is not None and value is not False]
+        given = (["DATA"] if sources else []) + given_options(
+            args, ("--method", "--backbone", "--layers", "--steps", "--seed", "--fit", "--tile", "--set",
+                   "--skip-corrupt", "--force"))
         if given:
             raise ConfigError(f"--undo puts the previous model back as it was: give it without "
                               f"{' and '.join(given)} (diffqc train --undo --out {path_text(out)})")

@@ -43,7 +43,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from diffqc.arguments import QUIET, path_name, path_value, share
+from diffqc.arguments import QUIET, given_options, path_name, path_value, share
 from diffqc.bundle import check_not_retrained, named_model_id, previous_name, read_bundle
 from diffqc.calibration import (
     RAISES_THRESHOLDS,
@@ -588,9 +588,8 @@ class CalibrationReloader:
 # --------------------------------------------------------------------------- CLI
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     if args.undo:
-        given = [name for name, value in (("DATA", args.data), ("--alpha-review", args.alpha_review),
-                                          ("--alpha-reject", args.alpha_reject),
-                                          ("--skip-corrupt", args.skip_corrupt or None)) if value is not None]
+        given = (["DATA"] if args.data is not None else []) + given_options(
+            args, ("--alpha-review", "--alpha-reject", "--skip-corrupt"))
         if given:
             raise ConfigError(f"--undo puts the previous calibration back as it was: give it without "
                               f"{' and '.join(given)}")
