@@ -203,3 +203,48 @@ def test_an_undo_cut_short_between_its_moves_loses_neither_bundle(tiny_model: Pa
                                          rf"{re.escape(str(left[0] / 'previous'))}\).*left by a save"):
         _retrained(tiny_model, "third").save(out)
     assert _tree(left[0] / "previous") == first  # named, not deleted
+
+
+def _next_minor(version: str) -> str:
+    major, minor = version.split(".")[:2]
+    return f"{major}.{int(minor) + 1}.0"
+
+
+def test_a_bundle_a_newer_diffqc_wrote_is_refused_as_newer_not_as_damaged(
+        tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A model trained on a workstation with a newer diffqc, copied to an edge box that runs an
+    older one: a setting the box's diffqc does not know is that version's, not damage, and the
+    user is told to upgrade the box (or train with its version), not that the bundle is broken."""
+    from diffqc import __version__
+
+    newer = _next_minor(__version__)
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_model, bundle)
+    meta = json.loads((bundle / "metadata.json").read_text())
+    (bundle / "metadata.json").write_text(json.dumps({**meta, "diffqc_version": newer}))
+    config = json.loads((bundle / "config.json").read_text())
+    (bundle / "config.json").write_text(json.dumps({**config, "scoring": {**config["scoring"], "future": 1}}))
+    said = (rf"model bundle {re.escape(str(bundle))} was written by diffqc {re.escape(newer)}, newer than "
+            rf"this diffqc {re.escape(__version__)}: its config\.json has a setting this diffqc does not "
+            rf"know \(scoring\.future\); upgrade diffqc here to {re.escape(newer)} or later")
+    with pytest.raises(BundleError, match=said) as err:
+        Detector.load(bundle, device="cpu")
+    assert "damaged" not in str(err.value) and "did you mean" not in str(err.value)
+    assert main(["inspect", str(bundle), str(clear_dataset / "dots" / "test" / "good")]) == 1
+    assert re.search(said, capsys.readouterr().err)
+
+    (bundle / "config.json").write_text(json.dumps(config))  # a calibration setting it does not know
+    calibration = json.loads((bundle / "calibration.json").read_text())
+    calibration["config"]["future"] = 0.5
+    (bundle / "calibration.json").write_text(json.dumps(calibration))
+    said = rf"by diffqc {re.escape(newer)}, newer .*: its calibration\.json has a setting this diffqc"
+    with pytest.raises(BundleError, match=rf"{said} does not know \(calibration\.future\); upgrade"):
+        Detector.load(bundle, device="cpu")
+
+    # the same setting in a bundle this diffqc's own version wrote is a hand edit: damaged, as before
+    (bundle / "metadata.json").write_text(json.dumps(meta))
+    (bundle / "calibration.json").write_text((tiny_model / "calibration.json").read_text())
+    (bundle / "config.json").write_text(json.dumps({**config, "scoring": {**config["scoring"], "topkk": 1}}))
+    with pytest.raises(BundleError, match=r"config\.json is damaged .*unknown config field 'scoring\.topkk'; "
+                                          r"did you mean scoring\.topk"):
+        Detector.load(bundle, device="cpu")

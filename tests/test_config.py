@@ -116,3 +116,39 @@ def test_every_default_key_is_settable() -> None:
         section, _, leaf = key.rpartition(".")
         node = getattr(base, section) if section else base
         assert with_overrides(base, {key: getattr(node, leaf)}) == base
+
+
+# The settings of diffqc's version (``__version__``). A bundle records the version that wrote it,
+# and an older diffqc refuses a setting it does not know as a newer version's ("upgrade diffqc
+# here", tests/test_bundle.py), which tells the user the truth only if each version that adds a
+# setting (or drops one) raises the minor version: write the new version and settings here then.
+SETTINGS_OF_VERSION = ("0.2.0", (
+    "method", "backbone.name", "backbone.layers", "backbone.input_size", "backbone.pool",
+    "backbone.weights_sha256", "backbone.resize", "backbone.grid", "backbone.input_gain",
+    "diffusion.timesteps", "diffusion.schedule", "diffusion.hidden", "diffusion.depth",
+    "diffusion.embed_dim", "diffusion.null_prob", "diffusion.prior", "diffusion.prior_dims",
+    "diffusion.prior_seed", "diffusion.prior_radius", "diffusion.prior_rank", "diffusion.prior_covariance",
+    "diffusion.prior_storage", "diffusion.context", "diffusion.prior_context",
+    "diffusion.prior_context_maps", "train.steps", "train.batch_images", "train.locations_per_image",
+    "train.lr", "train.weight_decay", "train.ema_decay", "train.t_min", "train.t_max",
+    "train.separation_weight", "train.separation_margin", "train.seed", "scoring.quadrature_nodes",
+    "scoring.noises_per_timestep", "scoring.log_det", "scoring.aggregation", "scoring.topk",
+    "scoring.smooth_sigma", "scoring.seed", "scoring.type_candidates", "scoring.heat_map",
+    "scoring.memory_ratio", "calibration.fraction", "calibration.alpha_reject", "calibration.alpha_review",
+    "calibration.tail", "calibration.min_per_type", "calibration.scheme", "calibration.folds",
+    "patchcore.coreset_ratio", "patchcore.projection_dim", "patchcore.max_bank", "patchcore.neighbors",
+    "patchcore.aggregation", "patchcore.topk", "patchcore.seed", "patchcore.chunk", "padim.dims",
+    "padim.covariance", "padim.epsilon", "padim.aggregation", "padim.topk", "padim.seed", "batch_size",
+    "tiling.mode", "tiling.overlap", "tiling.scale",
+))
+
+
+def test_a_version_that_adds_a_setting_raises_the_minor_version() -> None:
+    from diffqc import __version__
+
+    version, settings = SETTINGS_OF_VERSION
+    added, dropped = sorted(set(config_keys()) - set(settings)), sorted(set(settings) - set(config_keys()))
+    assert (__version__, sorted(config_keys())) == (version, sorted(settings)), (
+        f"settings added {added}, dropped {dropped} since diffqc {version} (this is {__version__}): "
+        f"diffqc {version} refuses a bundle with a setting it does not know as a newer version's, so a "
+        f"version that adds or drops one raises the minor: write it and its settings here")

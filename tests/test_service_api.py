@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffqc import __version__
 from tests.conftest import drawn_part_brightness, full_disk, png_header_only
 from tests.test_service_common import (  # noqa: F401 (fixtures)
     AUTH,
@@ -227,6 +228,8 @@ async def test_results_filters_model_and_metrics(detector: Any, samples: Samples
         assert "diffqc_inspection_latency_seconds_bucket" in text
         assert "diffqc_queue_depth 0" in text and "diffqc_parts_dropped_total 0" in text
         assert "diffqc_review_pending 1" in text
+        # which diffqc each box runs (a bundle a newer one trained is refused by an older one)
+        assert f'diffqc_build_info{{version="{__version__}"}} 1' in text
 
         stats = (await client.get("/v1/stats", headers=AUTH)).json()
         assert sum(row["total"] for row in stats["types"].values()) == 3

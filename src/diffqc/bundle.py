@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from diffqc.calibration import CalibrationWarning, Calibrator
-from diffqc.config import DetectorConfig, fitted_settings
+from diffqc.config import DetectorConfig, fitted_settings, unknown_settings
 from diffqc.errors import BundleError, ConfigError, OutputError, address_hint
-from diffqc.inspection import BUNDLE_FILES, check_bundle_version, sha256_file
+from diffqc.inspection import BUNDLE_FILES, check_bundle_version, newer_writer, sha256_file
 from diffqc.output import (
     PARTIAL_PREFIX,
     check_output_folder,
@@ -186,18 +186,44 @@ def read_bundle(path: Path | str) -> tuple[DetectorConfig, dict[str, Any], Calib
     try:
         config = DetectorConfig.from_json(path / "config.json")
     except ValueError as exc:
-        raise BundleError(f"model bundle {path}: config.json is damaged ({exc})") from None
+        raise _unreadable(path, meta, "config.json", exc) from None
     if not isinstance(fitted := meta.get("fitted_settings", {}), dict):
         raise BundleError(f"model bundle {path}: metadata.json is damaged (fitted_settings: {fitted!r})")
     if message := _edited_settings(fitted, config):
         raise BundleError(f"model bundle {path}: {message}")
-    cal = Calibrator.from_file(path / "calibration.json")
+    try:
+        cal = Calibrator.from_file(path / "calibration.json")
+    except BundleError as exc:  # its own words: "... is damaged or unreadable (...)"
+        if newer_writer(meta) is None:
+            raise
+        raise _unreadable(path, meta, "calibration.json", exc) from None
     if set(cal.known) != set(classes):
         raise BundleError(f"model bundle {path}: calibration types {sorted(cal.known)} != classes {classes}")
     if message := _edited_levels(path, config, cal):
         warnings.warn(f"model bundle {path}: {message}", CalibrationWarning, stacklevel=2)
         config = dataclasses.replace(config, calibration=cal.config)  # the config says what decides
     return config, meta, cal
+
+
+def _unreadable(path: Path, meta: dict[str, Any], name: str, exc: Exception) -> BundleError:
+    """The refusal of a bundle's ``name`` (``config.json``, ``calibration.json``) that this
+    diffqc cannot read (``exc``): damaged, or, where a newer diffqc wrote the bundle, holding
+    that version's settings (a model trained on a workstation, copied to an older edge box)."""
+    from diffqc import __version__
+
+    if (newer := newer_writer(meta)) is None:
+        return BundleError(f"model bundle {path}: {name} is damaged ({exc})")
+    try:
+        data = json.loads((path / name).read_text())
+    except (OSError, ValueError):
+        data = None
+    unknown = unknown_settings(data if name == "config.json" else
+                               {"calibration": data.get("config")} if isinstance(data, dict) else None)
+    what = (f"a setting this diffqc does not know ({', '.join(unknown)})" if unknown
+            else f"what this diffqc does not read ({exc})")
+    return BundleError(f"model bundle {path} was written by diffqc {newer}, newer than this diffqc "
+                       f"{__version__}: its {name} has {what}; upgrade diffqc here to {newer} or later, "
+                       f"or train the model with this diffqc")
 
 
 def _value(value: Any) -> str:

@@ -581,6 +581,20 @@ def config_keys() -> list[str]:
     return out
 
 
+def unknown_settings(data: Any) -> list[str]:
+    """The dotted settings of a config's JSON (a bundle's ``config.json``, or ``{"calibration":
+    ...}``) that this diffqc does not know, e.g. ``["scoring.future"]``."""
+    keys = config_keys()
+    sections = {k.partition(".")[0] for k in keys if "." in k}
+    out: list[str] = []
+    for key, value in (data.items() if isinstance(data, dict) else ()):
+        if key in sections and isinstance(value, dict):
+            out += [f"{key}.{k}" for k in value if f"{key}.{k}" not in keys]
+        elif key not in keys and key not in sections:
+            out.append(str(key))
+    return sorted(out)
+
+
 def _unknown_key(key: str) -> ConfigError:
     keys = config_keys()
     # a field named without its section ("resize", "steps") first, then near misses

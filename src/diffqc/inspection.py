@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import threading
 import time
 import warnings
@@ -49,9 +50,22 @@ def detector_repr(detector: Any, *where: str) -> str:
     return f"{type(detector).__name__}({', '.join(parts)})"
 
 
-def _major(version: str) -> int | None:
-    head = version.split(".", 1)[0]
-    return int(head) if head.isdigit() else None
+def _release(version: str) -> tuple[int, ...] | None:
+    """``(0, 2, 0)`` of ``"0.2.0"`` (a suffix left aside: ``0.3.0rc1`` reads as 0.3.0); None for a
+    version that does not begin with a number."""
+    numbers = re.match(r"\d+(\.\d+)*", version)
+    return tuple(int(n) for n in numbers.group().split(".")) if numbers else None
+
+
+def newer_writer(meta: dict[str, Any]) -> str | None:
+    """The version of diffqc that wrote a bundle (``metadata.json``'s ``diffqc_version``) where it
+    is newer than this diffqc: a setting such a bundle has that this one does not know is that
+    version's (its minor version is raised with each: ``tests/test_config.py``), not damage."""
+    from diffqc import __version__
+
+    written = str(meta.get("diffqc_version", ""))
+    theirs, ours = _release(written), _release(__version__)
+    return written if theirs is not None and ours is not None and theirs > ours else None
 
 
 def check_bundle_version(path: Path | str, meta: dict[str, Any]) -> None:
@@ -69,11 +83,11 @@ def check_bundle_version(path: Path | str, meta: dict[str, Any]) -> None:
         raise BundleError(f"model bundle {path}: bundle format {fmt} (written by diffqc {written}) is "
                           f"{'newer' if newer else 'not'} {'than' if newer else 'the'} format "
                           f"{BUNDLE_FORMAT} that diffqc {__version__} reads; {advice}")
-    theirs, ours = _major(written), _major(__version__)
+    theirs, ours = _release(written), _release(__version__)
     if "diffqc_version" in meta and theirs is None:
         raise BundleError(f"model bundle {path}: metadata.json has an unreadable diffqc_version "
                           f"{written!r}")
-    if theirs is not None and ours is not None and theirs > ours:
+    if theirs is not None and ours is not None and theirs[0] > ours[0]:
         raise BundleError(f"model bundle {path} was written by diffqc {written}, a newer major version "
                           f"than this diffqc {__version__}; upgrade diffqc to read it")
 

@@ -50,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from diffqc import __version__
 from diffqc.bundle import check_bundle_files, read_bundle
 from diffqc.data import (
     DEFECTIVE,
@@ -491,6 +492,9 @@ class Metrics:
         out.append(f"diffqc_review_pending {pending}")
         head("diffqc_model_info", "gauge", "The loaded model.")
         out.append(f'diffqc_model_info{{version="{prometheus_label(model_version)}"}} 1')
+        head("diffqc_build_info", "gauge", "The diffqc this service runs (a bundle a newer one wrote may "
+             "hold settings it does not read).")
+        out.append(f'diffqc_build_info{{version="{prometheus_label(__version__)}"}} 1')
         rss = resident_memory_bytes()
         if rss is not None:
             head("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
