@@ -1309,6 +1309,15 @@ def test_a_part_is_reviewed_on_a_phone(detector: Any, browser: Any, samples: Sam
         for what in ("img.part-image", "img.heatmap"):
             shown = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, f"#part {what}")))
             assert 0 < right(shown) <= width, (what, right(shown), width)
+        # its headings in two lines at most, as the dashboard's (its pictures' and its verdicts')
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#part-crops").is_displayed())
+        lines = browser.execute_script(
+            "return [...document.querySelectorAll('#part h2, #part h3')].filter(h => h.offsetParent)"
+            ".map(h => [h.innerText, Math.round(h.getBoundingClientRect().height / "
+            "parseFloat(getComputedStyle(h).lineHeight))]);")
+        heads = [text.split(" (")[0] for text, _ in lines]
+        assert heads == [f"Part #{rid} REVIEW close", "This part's images", "Verdicts given"], lines
+        assert all(n <= 2 for _, n in lines), lines
 
 
 def test_a_phone_shows_the_decisions_under_a_short_header(detector: Any, browser: Any, samples: Samples,
