@@ -395,3 +395,60 @@ def test_cli_test_draws_heat_maps_of_its_misses(
     assert main(["test", str(tiny_model), str(data), "--heatmaps", str(report_path), "-q"]) == 1
     captured = capsys.readouterr()
     assert "--heatmaps" in captured.err and captured.out == ""
+
+
+def test_parts_of_several_types_are_judged_by_their_worst_image() -> None:
+    """Where the data names parts (a manifest's part_id) seen as images of several types, a part
+    is judged as the service judges it, by the worst of its images' decisions: a GOOD part is
+    flagged when any of its images is, so more often than each type's GOOD images are."""
+    from diffqc.holdout import part_rates
+
+    rows = [  # part, type, label, decision
+        ("P1", "a", GOOD, "PASS"), ("P1", "b", GOOD, "REVIEW"),
+        ("P2", "a", GOOD, "REJECT"), ("P2", "b", GOOD, "PASS"),
+        ("P3", "a", GOOD, "PASS"), ("P3", "b", GOOD, "PASS"),
+        ("P4", "a", GOOD, "PASS"), ("P4", "b", GOOD, "PASS"),
+        ("D1", "a", GOOD, "PASS"), ("D1", "b", DEFECTIVE, "REVIEW"),
+        ("D2", "a", DEFECTIVE, "PASS"), ("D2", "b", GOOD, "PASS"),
+    ]
+    samples = [Sample(Path(f"{t}/{p}.png"), t, y, part_id=p) for p, t, y, _ in rows]
+    results = [Inspection(score=1.0, p_value=0.5, decision=d, feature_type=t, predicted_type=None,
+                          type_known=True) for _, t, _, d in rows]
+    parts = part_rates(samples, results)
+    assert parts is not None
+    assert (parts["good"], parts["defective"], parts["types"], parts["fewest_types"]) == (4, 2, 2, 2)
+    assert (parts["good_flagged"], parts["good_rejected"], parts["recall"]) == (0.5, 0.25, 0.5)
+    # images of one type each, or no part ids: nothing to say of parts
+    assert part_rates(samples[::2], results[::2]) is None
+    assert part_rates([Sample(s.path, s.feature_type, s.label) for s in samples], results) is None
+
+
+def test_cli_test_of_parts_says_how_often_a_good_part_is_flagged_and_the_level_for_a_part(
+        tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A QC engineer who set α_review = 5 % reads it as the share of GOOD parts sent to review;
+    a part seen as images of k types, each flagged at 5 % of its type's GOOD images, is flagged
+    up to k times as often. `test` on data that names its parts says the parts' share, and the
+    level per image that bounds a part's at α (α/k: valid whatever the images' dependence)."""
+    rows = ["path,feature_type,label,part_id"]
+    for kind, label in (("good", "good"), ("blob", "defect")):
+        for i in range(8):
+            for t in ("dots", "stripes"):
+                path = clear_dataset / t / "test" / kind / f"{t}_test_{kind}_{i:03d}.png"
+                rows.append(f"{path},{t},{label},{kind}-{i}")
+    manifest = tmp_path / "parts.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    assert main(["test", str(tiny_model), str(manifest), "-q", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    parts = _strict_json(tmp_path / "r.json")["parts"]
+    assert (parts["good"], parts["defective"], parts["types"]) == (8, 8, 2)
+    images = {r["feature_type"]: r for r in _strict_json(tmp_path / "r.json")["rows"]}
+    assert parts["good_flagged"] >= images["mean/all"]["fpr"]
+    line = next(x for x in out.splitlines() if x.startswith("parts "))
+    assert f"8 GOOD parts of 2 types, {100 * parts['good_flagged']:.1f} % flagged" in line, line
+    assert ("A GOOD part of k types is flagged up to k times as often as a type's GOOD images (α_review=0.05 "
+            "of them): for at most α of GOOD parts, decide each image at α/k: `diffqc calibrate "
+            f"{tiny_model} --alpha-review 0.025 --alpha-reject 0.005`") in line, line
+    # the same images without part ids: nothing said of parts
+    (tmp_path / "images.csv").write_text("\n".join(r.rsplit(",", 1)[0] for r in rows) + "\n")
+    assert main(["test", str(tiny_model), str(tmp_path / "images.csv"), "-q"]) == 0
+    assert not [x for x in capsys.readouterr().out.splitlines() if x.startswith("parts ")]

@@ -623,11 +623,12 @@ def add_calibrate_command(subparsers: Any) -> None:
                    help="dataset folder (MVTec layout, or <type>/good folders) or CSV "
                    "manifest with GOOD images (default: keep the bundle's GOOD scores)")
     p.add_argument("--alpha-review", type=share, metavar="A",
-                   help="target share of GOOD parts flagged REVIEW or REJECT (e.g. 0.02 or 2%%; default: "
-                   "the bundle's, 0.05 from train)")
+                   help="target share of a type's GOOD images flagged REVIEW or REJECT (e.g. 0.02 or "
+                   "2%%; a part judged by its images of k types is flagged up to k times as often: A/k "
+                   "keeps a part's within A; default: the bundle's, 0.05 from train)")
     p.add_argument("--alpha-reject", type=share, metavar="A",
-                   help="target share of GOOD parts flagged REJECT, at most --alpha-review (default: "
-                   "the bundle's, 0.01 from train)")
+                   help="target share of a type's GOOD images flagged REJECT, at most --alpha-review "
+                   "(default: the bundle's, 0.01 from train)")
     p.add_argument("--undo", action="store_true",
                    help="put back the calibration the last calibrate replaced, with its levels (the "
                    "current one is kept as the previous: --undo again redoes it)")
