@@ -248,3 +248,29 @@ def test_a_bundle_a_newer_diffqc_wrote_is_refused_as_newer_not_as_damaged(
     with pytest.raises(BundleError, match=r"config\.json is damaged .*unknown config field 'scoring\.topkk'; "
                                           r"did you mean scoring\.topk"):
         Detector.load(bundle, device="cpu")
+
+
+def test_a_retrain_names_the_settings_of_the_model_it_replaces_that_it_does_not_give(
+        clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A week after the first training (letterboxed images, `--fit pad`) and a recalibration at
+    other levels (`calibrate --alpha-review 0.1`), the same `train` command without them retrained
+    the served model at the defaults (squashed images, α 0.05), without a word: the line flagged
+    twice as many GOOD parts. A retrain names each setting of the model it replaces that it does
+    not give, before it trains, with the options that keep them."""
+    out = tmp_path / "m"
+    tiny = ["-q", "--set", "backbone.input_size=64", "--set", "calibration.fraction=0.35", "--steps", "0"]
+    assert main(["train", str(clear_dataset), "--out", str(out), "--fit", "pad", *tiny]) == 0
+    assert main(["calibrate", str(out), "--alpha-review", "0.1", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(clear_dataset), "--out", str(out), *tiny]) == 0
+    done = capsys.readouterr()
+    text = done.err
+    assert (f"diffqc: warning: {out} holds a model trained with settings this train does not give: "
+            "backbone.resize pad (this train: squash), calibration.alpha_review 0.1 (this train: 0.05); "
+            "the new model is trained with this train's (to keep those, give --set backbone.resize=pad --set "
+            "calibration.alpha_review=0.1; the model replaced is kept in") in text, text
+    assert json.loads(done.out.splitlines()[-1])["model"] == str(out)  # trained all the same
+    assert json.loads((out / "config.json").read_text())["backbone"]["resize"] == "squash"
+    # the settings given again: nothing to say
+    assert main(["train", str(clear_dataset), "--out", str(out), *tiny]) == 0
+    assert "settings this train does not give" not in capsys.readouterr().err

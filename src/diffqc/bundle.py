@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import tempfile
 import warnings
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from diffqc.calibration import CalibrationWarning, Calibrator
-from diffqc.config import DetectorConfig, fitted_settings, unknown_settings
+from diffqc.config import DetectorConfig, fitted_settings, settings, unknown_settings
 from diffqc.errors import BundleError, ConfigError, OutputError, address_hint
 from diffqc.inspection import BUNDLE_FILES, check_bundle_version, newer_writer, sha256_file
 from diffqc.output import (
@@ -229,6 +230,33 @@ def _unreadable(path: Path, meta: dict[str, Any], name: str, exc: Exception) -> 
 def _value(value: Any) -> str:
     """A setting's value as ``--set`` takes it (a string bare, else JSON without spaces)."""
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+# settings a fit writes into its config (what the backbone gave), not given to a training
+FIT_RECORDED = ("backbone.grid", "backbone.weights_sha256")
+
+
+def retrain_text(path: Path, config: DetectorConfig) -> str | None:
+    """What a retrain into bundle folder ``path`` with ``config`` leaves behind of the settings
+    of the model there (its ``config.json``: the levels a ``calibrate`` set included) that it
+    gives otherwise, and the options that keep them; None when it keeps them all, or the model's
+    config cannot be read."""
+    try:
+        earlier = settings(DetectorConfig.from_json(path / "config.json"))
+    except (OSError, ValueError):
+        return None
+    now = settings(config)
+    changed = [(key, _value(now[key]), _value(value)) for key, value in sorted(earlier.items())
+               if key in now and key not in FIT_RECORDED and now[key] != value]
+    if not changed:
+        return None
+    where = path_text(path)
+    return (f"{where} holds a model trained with settings this train does not give: "
+            f"{', '.join(f'{key} {was} (this train: {given})' for key, given, was in changed)}; the new "
+            f"model is trained with this train's (to keep those, give "
+            f"{' '.join('--set ' + shlex.quote(f'{key}={was}') for key, _, was in changed)}; the model "
+            f"replaced is kept in {path_text(path / PREVIOUS_FOLDER)}: `diffqc train --undo --out {where}` "
+            f"puts it back)")
 
 
 def changed_settings(fitted: dict[str, Any], config: DetectorConfig) -> list[tuple[str, str, str]]:

@@ -144,7 +144,14 @@ def _training_data(data: Path, out: Path) -> list[Sample]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from diffqc.bundle import PREVIOUS_FOLDER, check_bundle_target, is_bundle, metadata_text, undo_retrain
+    from diffqc.bundle import (
+        PREVIOUS_FOLDER,
+        check_bundle_target,
+        is_bundle,
+        metadata_text,
+        retrain_text,
+        undo_retrain,
+    )
     from diffqc.data import (
         DEFECTIVE,
         GOOD,
@@ -179,6 +186,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         name_types_alike(", ".join(map(str, sources)), feature_types(everything))
     check_bundle_target(out, force=args.force)  # refused before the training, not after
     replaced = metadata_text(out, "model_id") if is_bundle(out) else None
+    if replaced is not None and (left := retrain_text(out, config)):  # before it trains: Ctrl-C
+        warnings.warn(left, stacklevel=1)
     samples = good_training(everything)  # names any type left without GOOD training images
     if samples and all(s.split == "test" for s in samples):  # a test split given (DATA/<type>/test)
         warnings.warn(f"{', '.join(map(str, sources))}: none of its GOOD images is marked for training "

@@ -556,16 +556,21 @@ def uses_layouts(config: DetectorConfig) -> bool:
 UNSCORED_SETTINGS = ("batch_size", "patchcore.chunk")
 
 
+def settings(config: DetectorConfig) -> dict[str, Any]:
+    """Every dotted setting of ``config`` (``{"train.steps": 0, ...}``), as JSON values."""
+    out: dict[str, Any] = {}
+    for key, value in json.loads(json.dumps(config.to_dict())).items():
+        out.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    return out
+
+
 def fitted_settings(config: DetectorConfig) -> dict[str, Any]:
     """Every dotted setting of ``config`` its model's scores depend on, as JSON values: the record
     a bundle keeps in ``metadata.json`` of what it was fitted and calibrated with, against which
     :func:`diffqc.bundle.read_bundle` tells a later edit of ``config.json``. Left out: the
     ``calibration`` section (``calibration.json`` holds what it decides with) and
     :data:`UNSCORED_SETTINGS`."""
-    out: dict[str, Any] = {}
-    for key, value in json.loads(json.dumps(config.to_dict())).items():
-        out.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
-    return {key: value for key, value in out.items()
+    return {key: value for key, value in settings(config).items()
             if not key.startswith("calibration.") and key not in UNSCORED_SETTINGS}
 
 
