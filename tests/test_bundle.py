@@ -254,9 +254,9 @@ def test_a_retrain_names_the_settings_of_the_model_it_replaces_that_it_does_not_
         clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A week after the first training (letterboxed images, `--fit pad`) and a recalibration at
     other levels (`calibrate --alpha-review 0.1`), the same `train` command without them retrained
-    the served model at the defaults (squashed images, α 0.05), without a word: the line flagged
-    twice as many GOOD parts. A retrain names each setting of the model it replaces that it does
-    not give, before it trains, with the options that keep them."""
+    the served model at the defaults (squashed images, α 0.05), without a word: the line decided at
+    other levels than the ones chosen for it. A retrain names each setting of the model it replaces
+    that it does not give, before it trains, with the options that keep them."""
     out = tmp_path / "m"
     tiny = ["-q", "--set", "backbone.input_size=64", "--set", "calibration.fraction=0.35", "--steps", "0"]
     assert main(["train", str(clear_dataset), "--out", str(out), "--fit", "pad", *tiny]) == 0

@@ -187,7 +187,8 @@ def read_bundle(path: Path | str) -> tuple[DetectorConfig, dict[str, Any], Calib
     try:
         config = DetectorConfig.from_json(path / "config.json")
     except ValueError as exc:
-        raise _unreadable(path, meta, "config.json", exc) from None
+        raise (_newer_refusal(path, meta, "config.json", exc)
+               or BundleError(f"model bundle {path}: config.json is damaged ({exc})")) from None
     if not isinstance(fitted := meta.get("fitted_settings", {}), dict):
         raise BundleError(f"model bundle {path}: metadata.json is damaged (fitted_settings: {fitted!r})")
     if message := _edited_settings(fitted, config):
@@ -195,9 +196,7 @@ def read_bundle(path: Path | str) -> tuple[DetectorConfig, dict[str, Any], Calib
     try:
         cal = Calibrator.from_file(path / "calibration.json")
     except BundleError as exc:  # its own words: "... is damaged or unreadable (...)"
-        if newer_writer(meta) is None:
-            raise
-        raise _unreadable(path, meta, "calibration.json", exc) from None
+        raise _newer_refusal(path, meta, "calibration.json", exc) or exc from None
     if set(cal.known) != set(classes):
         raise BundleError(f"model bundle {path}: calibration types {sorted(cal.known)} != classes {classes}")
     if message := _edited_levels(path, config, cal):
@@ -206,20 +205,21 @@ def read_bundle(path: Path | str) -> tuple[DetectorConfig, dict[str, Any], Calib
     return config, meta, cal
 
 
-def _unreadable(path: Path, meta: dict[str, Any], name: str, exc: Exception) -> BundleError:
-    """The refusal of a bundle's ``name`` (``config.json``, ``calibration.json``) that this
-    diffqc cannot read (``exc``): damaged, or, where a newer diffqc wrote the bundle, holding
-    that version's settings (a model trained on a workstation, copied to an older edge box)."""
+def _newer_refusal(path: Path, meta: dict[str, Any], name: str, exc: Exception) -> BundleError | None:
+    """Where a newer diffqc wrote the bundle (a model trained on a workstation, copied to an older
+    edge box), the refusal of its ``name`` (``config.json``, ``calibration.json``) that this
+    diffqc cannot read (``exc``) as holding that version's settings, not as damaged; else None."""
     from diffqc import __version__
 
     if (newer := newer_writer(meta)) is None:
-        return BundleError(f"model bundle {path}: {name} is damaged ({exc})")
+        return None
     try:
         data = json.loads((path / name).read_text())
     except (OSError, ValueError):
         data = None
-    unknown = unknown_settings(data if name == "config.json" else
-                               {"calibration": data.get("config")} if isinstance(data, dict) else None)
+    if name != "config.json":  # calibration.json: its "config" is the config's calibration section
+        data = {"calibration": data.get("config")} if isinstance(data, dict) else None
+    unknown = unknown_settings(data)
     what = (f"a setting this diffqc does not know ({', '.join(unknown)})" if unknown
             else f"what this diffqc does not read ({exc})")
     return BundleError(f"model bundle {path} was written by diffqc {newer}, newer than this diffqc "
