@@ -269,8 +269,24 @@ def test_a_retrain_names_the_settings_of_the_model_it_replaces_that_it_does_not_
             "backbone.resize pad (this train: squash), calibration.alpha_review 0.1 (this train: 0.05); "
             "the new model is trained with this train's (to keep those, give --set backbone.resize=pad --set "
             "calibration.alpha_review=0.1; the model replaced is kept in") in text, text
+    assert text.count("settings this train does not give") == 1, text  # before it trains, not at its save
     assert json.loads(done.out.splitlines()[-1])["model"] == str(out)  # trained all the same
     assert json.loads((out / "config.json").read_text())["backbone"]["resize"] == "squash"
     # the settings given again: nothing to say
     assert main(["train", str(clear_dataset), "--out", str(out), *tiny]) == 0
     assert "settings this train does not give" not in capsys.readouterr().err
+
+
+def test_a_save_over_a_model_names_the_settings_it_drops_as_train_does(tiny_model: Path,
+                                                                       tmp_path: Path) -> None:
+    """A notebook's retrain (the README's `Detector(DetectorConfig()).fit(...).save("model/")`
+    run again a week later) into a folder whose model was recalibrated at other levels: said, as
+    `train` says it (the command line says a text once: not twice)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    recalibrate(model, alpha_review=0.1)
+    det = Detector.load(tiny_model, device="cpu")
+    with pytest.warns(UserWarning, match=r"holds a model trained with settings this train does not give: "
+                                         r"calibration\.alpha_review 0\.1 \(this train: 0\.05\)"):
+        det.save(model)
+    assert json.loads((model / "config.json").read_text())["calibration"]["alpha_review"] == 0.05

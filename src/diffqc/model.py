@@ -41,6 +41,7 @@ from diffqc.bundle import (
     is_bundle,
     metadata_text,
     read_bundle,
+    retrain_text,
 )
 from diffqc.calibration import (
     LEARNT_OR_RAISED,
@@ -747,6 +748,8 @@ class Detector:
         and any previous bundle as it was."""
         scorer, calibration = self._require_fitted()
         path = check_bundle_target(path, force=force)
+        if is_bundle(path) and (dropped := retrain_text(path, self.config)):  # `train` said it already
+            warnings.warn(dropped, stacklevel=2)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # into an existing folder: written inside it, where the moves cannot cross a mount
