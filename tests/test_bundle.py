@@ -268,7 +268,7 @@ def test_a_retrain_names_the_settings_of_the_model_it_replaces_that_it_does_not_
     assert (f"diffqc: warning: {out} holds a model trained with settings this train does not give: "
             "backbone.resize pad (this train: squash), calibration.alpha_review 0.1 (this train: 0.05); "
             "the new model is trained with this train's (to keep those, give --set backbone.resize=pad --set "
-            "calibration.alpha_review=0.1; the model replaced is kept in") in text, text
+            "calibration.alpha_review=0.1); the model replaced is kept in") in text, text
     assert text.count("settings this train does not give") == 1, text  # before it trains, not at its save
     assert json.loads(done.out.splitlines()[-1])["model"] == str(out)  # trained all the same
     assert json.loads((out / "config.json").read_text())["backbone"]["resize"] == "squash"
@@ -290,3 +290,20 @@ def test_a_save_over_a_model_names_the_settings_it_drops_as_train_does(tiny_mode
                                          r"calibration\.alpha_review 0\.1 \(this train: 0\.05\)"):
         det.save(model)
     assert json.loads((model / "config.json").read_text())["calibration"]["alpha_review"] == 0.05
+
+
+def test_a_retrain_that_leaves_out_a_type_of_the_model_it_replaces_says_so_before_it_trains(
+        clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A retrain given a folder that lacks one of the line's types (a type's folder left out, a
+    copy cut short) trained a model without it, without a word until a service serving it refused
+    the line's parts of that type: `train` says so before it trains, with the model kept to undo."""
+    out = tmp_path / "m"
+    tiny = ["-q", "--set", "backbone.input_size=64", "--set", "calibration.fraction=0.35", "--steps", "0"]
+    assert main(["train", str(clear_dataset), "--out", str(out), *tiny]) == 0
+    capsys.readouterr()
+    assert main(["train", str(clear_dataset / "dots"), "--out", str(out), *tiny]) == 0
+    err = capsys.readouterr().err
+    assert (f"diffqc: warning: {out} holds a model that knows stripes, a type this train has no GOOD images "
+            "of: the new model does not know it, and a service serving it refuses its parts (was its folder "
+            "left out of DATA?); the model replaced is kept in") in err, err
+    assert json.loads((out / "metadata.json").read_text())["classes"] == ["dots"]  # trained as given

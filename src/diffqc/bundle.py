@@ -14,7 +14,7 @@ import shlex
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -236,27 +236,38 @@ def _value(value: Any) -> str:
 FIT_RECORDED = ("backbone.grid", "backbone.weights_sha256")
 
 
-def retrain_text(path: Path, config: DetectorConfig) -> str | None:
-    """What a retrain into bundle folder ``path`` with ``config`` leaves behind of the settings
-    of the model there (its ``config.json``: the levels a ``calibrate`` set included) that it
-    gives otherwise, and the options that keep them; None when it keeps them all, or the model's
-    config cannot be read."""
+def retrain_text(path: Path, config: DetectorConfig, types: Collection[str]) -> str | None:
+    """What a retrain into bundle folder ``path`` with ``config``, of ``types``, leaves behind of
+    the model there: the types it knows that the retrain has no images of (a type's folder left
+    out), and its settings (its ``config.json``: the levels a ``calibrate`` set included) that
+    the retrain gives otherwise, with the options that keep them; None when it leaves nothing
+    behind, or the model's description cannot be read."""
     try:
         earlier = settings(DetectorConfig.from_json(path / "config.json"))
-    except (OSError, ValueError):
+        known = json.loads((path / "metadata.json").read_text())["classes"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     now = settings(config)
     changed = [(key, _value(now[key]), _value(value)) for key, value in sorted(earlier.items())
                if key in now and key not in FIT_RECORDED and now[key] != value]
-    if not changed:
+    lost = [str(t) for t in known if t not in types] if isinstance(known, list) else []
+    said = []
+    if lost:
+        kind, it, its, folder = (("a type", "it", "its", "its folder") if len(lost) == 1 else
+                                 ("types", "them", "their", "a folder"))
+        said.append(f"that knows {', '.join(lost)}, {kind} this train has no GOOD images of: the new model "
+                    f"does not know {it}, and a service serving it refuses {its} parts (was {folder} left "
+                    f"out of DATA?)")
+    if changed:
+        was_given = ", ".join(f"{key} {was} (this train: {given})" for key, given, was in changed)
+        keep = " ".join("--set " + shlex.quote(f"{key}={was}") for key, _, was in changed)
+        said.append(f"trained with settings this train does not give: {was_given}; the new model is trained "
+                    f"with this train's (to keep those, give {keep})")
+    if not said:
         return None
     where = path_text(path)
-    return (f"{where} holds a model trained with settings this train does not give: "
-            f"{', '.join(f'{key} {was} (this train: {given})' for key, given, was in changed)}; the new "
-            f"model is trained with this train's (to keep those, give "
-            f"{' '.join('--set ' + shlex.quote(f'{key}={was}') for key, _, was in changed)}; the model "
-            f"replaced is kept in {path_text(path / PREVIOUS_FOLDER)}: `diffqc train --undo --out {where}` "
-            f"puts it back)")
+    return (f"{where} holds a model {', and '.join(said)}; the model replaced is kept in "
+            f"{path_text(path / PREVIOUS_FOLDER)}: `diffqc train --undo --out {where}` puts it back")
 
 
 def changed_settings(fitted: dict[str, Any], config: DetectorConfig) -> list[tuple[str, str, str]]:

@@ -186,9 +186,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         name_types_alike(", ".join(map(str, sources)), feature_types(everything))
     check_bundle_target(out, force=args.force)  # refused before the training, not after
     replaced = metadata_text(out, "model_id") if is_bundle(out) else None
-    if replaced is not None and (left := retrain_text(out, config)):  # before it trains: Ctrl-C
-        warnings.warn(left, stacklevel=1)
     samples = good_training(everything)  # names any type left without GOOD training images
+    if replaced is not None and (left := retrain_text(out, config, feature_types(samples))):  # Ctrl-C time
+        warnings.warn(left, stacklevel=1)
     if samples and all(s.split == "test" for s in samples):  # a test split given (DATA/<type>/test)
         warnings.warn(f"{', '.join(map(str, sources))}: none of its GOOD images is marked for training "
                       f"(train/good, or split=train in a manifest): the model fits on the "

@@ -748,7 +748,7 @@ class Detector:
         and any previous bundle as it was."""
         scorer, calibration = self._require_fitted()
         path = check_bundle_target(path, force=force)
-        if is_bundle(path) and (dropped := retrain_text(path, self.config)):  # `train` said it already
+        if is_bundle(path) and (dropped := retrain_text(path, self.config, self.classes_)):  # `train` said it
             warnings.warn(dropped, stacklevel=2)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
