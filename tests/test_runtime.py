@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -270,3 +271,30 @@ def test_inspect_of_a_long_list_scores_batch_size_images_at_a_time(
             assert a.type_scores == pytest.approx(b.type_scores, rel=1e-5)
             assert a.anomaly_map is not None and b.anomaly_map is not None
             np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=1e-4, atol=1e-6)
+
+
+def test_an_export_of_another_format_says_to_export_again(exported: Path, tmp_path: Path) -> None:
+    """An export made by a newer diffqc on a workstation (another export format), copied with its
+    bundle to an edge box: refused as "export.json format 2 is not 1", where the box can simply
+    export again; it says so, and whose export it is."""
+    import json
+
+    from diffqc import __version__
+    from diffqc.errors import BundleError
+    from diffqc.runtime import OnnxDetector
+
+    bundle = tmp_path / "b"
+    shutil.copytree(exported, bundle)
+    info = json.loads((bundle / "export.json").read_text())
+    (bundle / "export.json").write_text(json.dumps({**info, "format": info["format"] + 1,
+                                                    "diffqc_version": "99.0.0"}))
+    at = re.escape(str(bundle))
+    with pytest.raises(BundleError, match=(
+            rf"model bundle {at}: its ONNX export is of format {info['format'] + 1}, by diffqc 99\.0\.0, and "
+            rf"this diffqc {re.escape(__version__)} runs format {info['format']}: export it again here "
+            rf"\(diffqc export {at}\), or upgrade diffqc to 99\.0\.0 or later")):
+        OnnxDetector(bundle, threads=1)
+    (bundle / "export.json").write_text(json.dumps({**info, "format": 0}))  # an older one: export again
+    with pytest.raises(BundleError, match=r"its ONNX export is of format 0, by diffqc .* runs format 1: "
+                                          r"export it again here \(diffqc export .*\)$"):
+        OnnxDetector(bundle, threads=1)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from diffqc import routing
+from diffqc import __version__, routing
 from diffqc.arguments import THREADS
 from diffqc.backends.graph import SplitGraph
 from diffqc.bundle import WEIGHTS_FILE, read_bundle
@@ -50,10 +50,12 @@ from diffqc.inspection import (
     in_batches,
     inspect_arguments,
     inspect_in_batches,
+    newer_writer,
     sha256_file,
     verdicts,
     warn_outside,
 )
+from diffqc.output import path_text
 
 if TYPE_CHECKING:
     import argparse
@@ -134,9 +136,12 @@ def read_export_info(path: Path | str) -> dict[str, Any]:
         info: dict[str, Any] = json.loads(f.read_text())
     except ValueError as exc:
         raise BundleError(f"model bundle {path}: damaged {EXPORT_FILE} ({exc})") from None
-    if info.get("format") != EXPORT_FORMAT:
-        raise BundleError(f"model bundle {path}: {EXPORT_FILE} format {info.get('format')} "
-                          f"is not {EXPORT_FORMAT}")
+    if info.get("format") != EXPORT_FORMAT:  # a newer diffqc's export, copied with its bundle, say
+        newer, by = newer_writer(info), info.get("diffqc_version", "unknown")
+        raise BundleError(f"model bundle {path}: its ONNX export is of format {info.get('format')}, by "
+                          f"diffqc {by}, and this diffqc {__version__} runs format {EXPORT_FORMAT}: export "
+                          f"it again here (diffqc export {path_text(path)})"
+                          + (f", or upgrade diffqc to {newer} or later" if newer else ""))
     return info
 
 
