@@ -631,3 +631,45 @@ def test_evaluate_names_16_bit_images_that_hold_12_bit_data(tmp_path: Path) -> N
         report = E.evaluate(load_dataset(data), folds=FOLDS, methods=("padim",), base_config=tiny_config(),
                             progress=False, out_dir=tmp_path / "report", gallery=0, n_boot=20, device="cpu")
     assert any("12-bit data" in note for note in report["notes"])
+
+
+def test_parts_of_several_types_are_rated_as_the_service_judges_them(clear_dataset: Path,
+                                                                      tmp_path: Path) -> None:
+    """A QC engineer choosing α before a line starts reads `evaluate`'s FPR per type; a part seen
+    as crops of k types is flagged when any crop is (the service's worst-of rule), up to k times
+    as often. Where the data names parts of several types, the report rates the parts, from the
+    same out-of-fold decisions as the table, and says the level per image for a part's α."""
+    samples = [replace(s, part_id=s.path.stem.replace(s.feature_type, "part"))
+               for s in load_dataset(clear_dataset)]  # dots_test_good_003 and stripes_... : one part
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = E.evaluate(samples, folds=FOLDS, methods=("padim",), base_config=tiny_config(),
+                            progress=False, out_dir=tmp_path / "r", gallery=0, n_boot=50, device="cpu")
+    held: dict[str, list[dict[str, Any]]] = {}
+    for row in report["out_of_fold"]:  # type: ignore[typeddict-item]
+        held.setdefault(Path(row["path"]).stem.replace(row["feature_type"], "part"), []).append(row)
+    good = [p for p in held.values() if not any(r["label"] for r in p)]
+    bad = [p for p in held.values() if any(r["label"] for r in p)]
+    parts = report["parts"]["padim"]  # type: ignore[typeddict-item]
+    assert (parts["good"], parts["defective"], parts["types"]) == (len(good), len(bad), 2) == (32, 8, 2)
+    assert parts["good_flagged"] == np.mean([any(r["decision"]["padim"] != "PASS" for r in p) for p in good])
+    assert parts["recall"] == np.mean([any(r["decision"]["padim"] != "PASS" for r in p) for p in bad])
+    lines = E.summary_lines(report)
+    lead = next(i for i, x in enumerate(lines) if x.startswith("Parts (each judged by the worst of its"))
+    assert ("images of 2 types, from the same out-of-fold decisions: a GOOD part of k types is flagged up to "
+            "k times as often as a type's GOOD images. For at most α of GOOD parts, decide each image at "
+            "α/k: α(review) = 0.025, α(reject) = 0.005 (`diffqc calibrate MODEL --alpha-review 0.025 "
+            "--alpha-reject 0.005`") in lines[lead], lines[lead]
+    pct = {k: f"{100 * parts[k]:.1f}%" for k in ("good_flagged", "good_rejected", "recall")}
+    assert lines[lead + 2].split() == ["padim", "32", pct["good_flagged"], pct["good_rejected"], "8",
+                                       pct["recall"]]
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert f"## Parts\n\n{lines[lead]}" in md and f"| padim | 32 | {100 * parts['good_flagged']:.1f}%" in md
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "Parts (each judged by the worst of its images" in html
+    assert ("/parts/padim/good_flagged", "pct", pct["good_flagged"]) in assert_numbers_match(
+        html, json.loads((tmp_path / "r" / "report.json").read_text()))
+    # images of one type per part: nothing said of parts
+    assert "parts" not in E.evaluate([replace(s, part_id=f"{s.feature_type}{s.path.stem}") for s in samples],
+                                     folds=FOLDS, methods=("padim",), base_config=tiny_config(),
+                                     progress=False, gallery=0, n_boot=50, device="cpu")

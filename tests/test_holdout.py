@@ -397,32 +397,6 @@ def test_cli_test_draws_heat_maps_of_its_misses(
     assert "--heatmaps" in captured.err and captured.out == ""
 
 
-def test_parts_of_several_types_are_judged_by_their_worst_image() -> None:
-    """Where the data names parts (a manifest's part_id) seen as images of several types, a part
-    is judged as the service judges it, by the worst of its images' decisions: a GOOD part is
-    flagged when any of its images is, so more often than each type's GOOD images are."""
-    from diffqc.holdout import part_rates
-
-    rows = [  # part, type, label, decision
-        ("P1", "a", GOOD, "PASS"), ("P1", "b", GOOD, "REVIEW"),
-        ("P2", "a", GOOD, "REJECT"), ("P2", "b", GOOD, "PASS"),
-        ("P3", "a", GOOD, "PASS"), ("P3", "b", GOOD, "PASS"),
-        ("P4", "a", GOOD, "PASS"), ("P4", "b", GOOD, "PASS"),
-        ("D1", "a", GOOD, "PASS"), ("D1", "b", DEFECTIVE, "REVIEW"),
-        ("D2", "a", DEFECTIVE, "PASS"), ("D2", "b", GOOD, "PASS"),
-    ]
-    samples = [Sample(Path(f"{t}/{p}.png"), t, y, part_id=p) for p, t, y, _ in rows]
-    results = [Inspection(score=1.0, p_value=0.5, decision=d, feature_type=t, predicted_type=None,
-                          type_known=True) for _, t, _, d in rows]
-    parts = part_rates(samples, results)
-    assert parts is not None
-    assert (parts["good"], parts["defective"], parts["types"], parts["fewest_types"]) == (4, 2, 2, 2)
-    assert (parts["good_flagged"], parts["good_rejected"], parts["recall"]) == (0.5, 0.25, 0.5)
-    # images of one type each, or no part ids: nothing to say of parts
-    assert part_rates(samples[::2], results[::2]) is None
-    assert part_rates([Sample(s.path, s.feature_type, s.label) for s in samples], results) is None
-
-
 def test_cli_test_of_parts_says_how_often_a_good_part_is_flagged_and_the_level_for_a_part(
         tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A QC engineer who set α_review = 5 % reads it as the share of GOOD parts sent to review;

@@ -188,3 +188,25 @@ def test_decision_metrics_missing_class_and_bad_decision() -> None:
     assert empty["n"] == 0 and math.isnan(empty["share_pass"]) and math.isnan(empty["fpr_reject"])
     with pytest.raises(ValueError, match="unknown decision"):
         M.decision_metrics([0], ["MAYBE"])
+
+
+def test_parts_of_several_types_are_judged_by_their_worst_image() -> None:
+    """Where the data names parts (a manifest's part_id) seen as images of several types, a part
+    is judged as the service judges it, by the worst of its images' decisions: a GOOD part is
+    flagged when any of its images is, so more often than each type's GOOD images are."""
+    rows = [  # part, type, label, decision
+        ("P1", "a", 0, "PASS"), ("P1", "b", 0, "REVIEW"),
+        ("P2", "a", 0, "REJECT"), ("P2", "b", 0, "PASS"),
+        ("P3", "a", 0, "PASS"), ("P3", "b", 0, "PASS"),
+        ("P4", "a", 0, "PASS"), ("P4", "b", 0, "PASS"),
+        ("D1", "a", 0, "PASS"), ("D1", "b", 1, "REVIEW"),
+        ("D2", "a", 1, "PASS"), ("D2", "b", 0, "PASS"),
+    ]
+    parts, types, labels, decisions = (list(c) for c in zip(*rows, strict=True))
+    rates = M.part_decision_metrics(parts, types, labels, decisions)
+    assert rates is not None
+    assert (rates["good"], rates["defective"], rates["types"], rates["fewest_types"]) == (4, 2, 2, 2)
+    assert (rates["good_flagged"], rates["good_rejected"], rates["recall"]) == (0.5, 0.25, 0.5)
+    # images of one type each, or no part ids: nothing to say of parts
+    assert M.part_decision_metrics(parts[::2], types[::2], labels[::2], decisions[::2]) is None
+    assert M.part_decision_metrics([None] * len(rows), types, labels, decisions) is None

@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from diffqc import metrics as M
 from diffqc import report as R
 from diffqc import tiling
 from diffqc.backbone import raw_features_in_batches, to_pixels
@@ -780,6 +781,11 @@ def _build_report(
             report["comparisons"].append(_compare(
                 R.OVERALL, a, b, y, variants[a].z, variants[b].z, fold_of, n_train_all, folds))
     report["comparisons"] = R.apply_holm(report["comparisons"])
+    held = np.flatnonzero(fold_of >= 0)
+    parts = {name: M.part_decision_metrics([ev[int(i)].part_id for i in held], [stypes[int(i)] for i in held],
+                                           y[held], v.decision[held]) for name, v in variants.items()}
+    if all(parts.values()):  # the same parts for every variant
+        report["parts"] = cast(dict[str, M.PartRates], parts)
     plots["gallery"] = _gallery(ev, y, stypes, fold_of, variants, gallery)
     report["notes"] = [
         POOLING_NOTE,
@@ -900,6 +906,9 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
                 why[r["reason"]].append(ftype)
     if why:
         lines += ["", *(f"UNRELIABLE ({', '.join(types)}): {reason}" for reason, types in why.items())]
+    if report.get("parts"):
+        data = dict(report)
+        lines += ["", R.parts_lead(data), *text_columns([R.PARTS_HEADER, *R.part_rows(data)])]
     if report["comparisons"]:
         comp = [("type", "A vs B", "ΔAUROC", "DeLong p", "p Holm", "NB p", "p Holm", "d_z")]
         for c in report["comparisons"]:

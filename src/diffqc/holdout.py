@@ -38,7 +38,7 @@ from diffqc.data import (
 )
 from diffqc.errors import DatasetError, NotFittedError, OutputError, first_few
 from diffqc.inspection import Inspection, other_images
-from diffqc.metrics import image_auroc
+from diffqc.metrics import image_auroc, part_decision_metrics
 from diffqc.output import check_output_file, is_csv_table, json_line, json_safe, path_text, write_atomic
 from diffqc.recalibrate import export_selection_notes
 from diffqc.stats import MIN_DEFECTIVE_PER_FOLD, rate_intervals
@@ -114,35 +114,11 @@ def recall_by_kind(samples: Sequence[Sample], results: Sequence[Inspection]) -> 
     return {t: dict(sorted(k.items())) for t, k in sorted(out.items())}
 
 
-def part_rates(samples: Sequence[Sample], results: Sequence[Inspection]) -> dict[str, Any] | None:
-    """Where the data names parts (a manifest's ``part_id``) seen as images of several types: each
-    part judged as the service judges it, by the worst of its images' decisions (GOOD: all its
-    images are; defective: any is). The GOOD parts' shares flagged (REVIEW or REJECT) and
-    rejected, the defective parts' share flagged (``recall``), ``types`` the most a part has
-    (``fewest_types`` the fewest); None where no part has images of two types."""
-    parts: dict[str, list[tuple[Sample, Inspection]]] = {}
-    for s, r in zip(samples, results, strict=True):
-        if s.part_id:
-            parts.setdefault(s.part_id, []).append((s, r))
-    counts = [len({s.feature_type for s, _ in seen}) for seen in parts.values()]
-    if max(counts, default=0) < 2:
-        return None
-    good = [[r.decision for _, r in seen] for seen in parts.values() if all(s.label == GOOD for s, _ in seen)]
-    bad = [[r.decision for _, r in seen] for seen in parts.values()
-           if any(s.label == DEFECTIVE for s, _ in seen)]
-
-    def share(of: list[list[str]], decisions: tuple[str, ...]) -> float:
-        return float(np.mean([any(d in decisions for d in part) for part in of])) if of else math.nan
-
-    return {"good": len(good), "defective": len(bad), "types": max(counts), "fewest_types": min(counts),
-            "good_flagged": share(good, (REVIEW, REJECT)), "good_rejected": share(good, (REJECT,)),
-            "recall": share(bad, (REVIEW, REJECT))}
-
-
 def part_note(parts: dict[str, Any], alpha_review: float, alpha_reject: float, model: Path | str) -> str:
-    """``test``'s line on the parts (:func:`part_rates`), with the level per image that bounds the
-    share of GOOD parts flagged at α: α/k for parts of k types (Bonferroni: a part is flagged when
-    any image is, and the chance of that is at most the sum of theirs, whatever their dependence)."""
+    """``test``'s line on the parts (:func:`~diffqc.metrics.part_decision_metrics`), with the level
+    per image that bounds the share of GOOD parts flagged at α: α/k for parts of k types
+    (Bonferroni: a part is flagged when any image is, and the chance of that is at most the sum of
+    theirs, whatever their dependence)."""
     k = parts["types"]
     of = f"{k} types" if parts["fewest_types"] == k else f"{parts['fewest_types']} to {k} types"
     said = [f"{parts['good']} GOOD parts of {of}, {100 * parts['good_flagged']:.1f} % flagged, "
@@ -239,7 +215,8 @@ def holdout_report(detector: Any, data: Sequence[Sample] | Path | str, *, type_k
                     "score": r.score, "p_value": r.p_value, "decision": r.decision,
                     "predicted_type": r.predicted_type} for s, r in zip(read, results, strict=True)],
         "defect_kinds": recall_by_kind(read, results),
-        "parts": part_rates(read, results),
+        "parts": part_decision_metrics([s.part_id for s in read], [s.feature_type for s in read],
+                                       [s.label for s in read], [r.decision for r in results]),
     }
     if not type_known:
         report["type_accuracy"] = float(np.mean([r.predicted_type == s.feature_type

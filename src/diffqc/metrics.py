@@ -385,3 +385,45 @@ def decision_metrics(
         share_review=share("REVIEW"),
         share_reject=share("REJECT"),
     )
+
+
+class PartRates(TypedDict):
+    """Parts seen as images of several types, each judged by the worst of its images' decisions
+    (the service's rule: a part is flagged when any of its images is)."""
+
+    good: int  # parts all of whose images are GOOD
+    defective: int  # parts with a defective image
+    types: int  # the most types a part has images of
+    fewest_types: int
+    good_flagged: float  # share of GOOD parts with an image not PASSed (NaN without GOOD parts)
+    good_rejected: float  # share of GOOD parts with an image REJECTed
+    recall: float  # share of defective parts with an image not PASSed
+
+
+def part_decision_metrics(
+    part_ids: Sequence[str | None], types: Sequence[str], labels: npt.ArrayLike,
+    decisions: Sequence[object] | np.ndarray,
+) -> PartRates | None:
+    """The images' ``decisions`` judged per part (:class:`PartRates`); images without a part id
+    are left out. None where no part has images of two types (each image is then its own part,
+    and :func:`decision_metrics` says it)."""
+    y, d = as_labels(labels), as_decisions(decisions)
+    if not len(part_ids) == len(types) == y.size == d.size:
+        raise ValueError(f"got {len(part_ids)} part ids, {len(types)} types, {y.size} labels and "
+                         f"{d.size} decisions")
+    parts: dict[str, list[int]] = {}
+    for i, part in enumerate(part_ids):
+        if part:
+            parts.setdefault(part, []).append(i)
+    counts = [len({types[i] for i in ids}) for ids in parts.values()]
+    if max(counts, default=0) < 2:
+        return None
+    good = [ids for ids in parts.values() if not y[ids].any()]
+    bad = [ids for ids in parts.values() if y[ids].any()]
+
+    def share(of: list[list[int]], hit: np.ndarray) -> float:
+        return float(np.mean([hit[ids].any() for ids in of])) if of else NAN
+
+    return PartRates(good=len(good), defective=len(bad), types=max(counts), fewest_types=min(counts),
+                     good_flagged=share(good, d != "PASS"), good_rejected=share(good, d == "REJECT"),
+                     recall=share(bad, d != "PASS"))

@@ -229,6 +229,7 @@ class Report(TypedDict):
     overall: NotRequired[dict[str, MethodResult]]
     comparisons: list[Comparison]
     by_defect: NotRequired[list[DefectKindResult]]  # types with two or more defect kinds
+    parts: NotRequired[dict[str, M.PartRates]]  # per method, where parts have images of several types
     plots: Plots
     notes: NotRequired[list[str]]
 
@@ -1082,6 +1083,46 @@ def _defect_table(data: dict[str, Any], page: _Page) -> str:
             f'{"".join(body)}</tbody></table></div>')
 
 
+PARTS_HEADER = ("Method", "GOOD parts", "GOOD flagged (not PASS)", "GOOD rejected", "Defective parts",
+                "Recall (not PASS)")
+
+
+def parts_lead(data: dict[str, Any]) -> str:
+    """What the parts table says, and the level per image that bounds a part's share at α."""
+    rule, parts = data["decision_rule"], next(iter(data["parts"].values()))
+    k = parts["types"]
+    of = f"{k}" if parts["fewest_types"] == k else f"{parts['fewest_types']} to {k}"
+    review, reject = f"{rule['alpha_review'] / k:.3g}", f"{rule['alpha_reject'] / k:.3g}"
+    return (f"Parts (each judged by the worst of its images, as the service judges a part) seen as "
+            f"images of {of} types, from the same out-of-fold decisions: a GOOD part of k types is "
+            f"flagged up to k times as often as a type's GOOD images. For at most α of GOOD parts, "
+            f"decide each image at α/k: α(review) = {review}, α(reject) = {reject} (`diffqc calibrate "
+            f"MODEL --alpha-review {review} --alpha-reject {reject}`, or at train `--set "
+            f"calibration.alpha_review={review} --set calibration.alpha_reject={reject}`).")
+
+
+def _part_cells(page: _Page, method: str) -> list[str]:
+    return [page.num("int", "parts", method, "good"), page.num("pct", "parts", method, "good_flagged"),
+            page.num("pct", "parts", method, "good_rejected"),
+            page.num("int", "parts", method, "defective"), page.num("pct", "parts", method, "recall")]
+
+
+def part_rows(data: dict[str, Any]) -> list[list[str]]:
+    """The parts table's rows as text (Markdown, the terminal)."""
+    page = _Page(data, markdown=True)
+    return [[m, *_part_cells(page, m)] for m in data["parts"]]
+
+
+def _parts_table(data: dict[str, Any], page: _Page) -> str:
+    head = "".join((f'<th class="n">{_esc(h)}</th>' if i else f"<th>{_esc(h)}</th>")
+                   for i, h in enumerate(PARTS_HEADER))
+    body = "".join(f"<tr><td>{_esc(m)}</td>" + "".join(f'<td class="n">{c}</td>'
+                                                       for c in _part_cells(page, m)) + "</tr>"
+                   for m in data["parts"])
+    return (f'<p class="lead">{_esc(parts_lead(data))}</p><div class="tablewrap"><table style="width:auto">'
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
+
+
 def _type_unreliable(data: dict[str, Any], ftype: str) -> str:
     """The reason of the first unreliable method result of a type ("" when none)."""
     for r in (data["results"].get(ftype) or {}).values():
@@ -1272,7 +1313,8 @@ def render_html(data: dict[str, Any], images: dict[int, str] | None = None) -> s
                     _defect_table(data, page))] if data.get("by_defect") else []),
         _section("decisions", "At the calibrated decision rule",
                  f"Realised rates of PASS / REVIEW / REJECT on held-out parts ({alpha_text}).",
-                 _metrics_table(data, page, RATE_KEYS, shares=True)),
+                 _metrics_table(data, page, RATE_KEYS, shares=True)
+                 + (_parts_table(data, page) if data.get("parts") else "")),
         _section("comparisons", "Method comparisons",
                  "Two-sided tests; adjusted p-values use Holm's step-down correction across "
                  "feature types. Green: adjusted p &lt; 0.05.",
@@ -1357,6 +1399,9 @@ def render_markdown(data: dict[str, Any]) -> str:
                 for i, r in enumerate(data["by_defect"])]
         out += ["## By defect kind (each kind against the type's GOOD parts)", "",
                 _md_table(DEFECT_HEADER, rows), ""]
+    if data.get("parts"):
+        out += ["## Parts", "", parts_lead(data), "",
+                _md_table(PARTS_HEADER, part_rows(data)), ""]
     if data["comparisons"]:
         rows = []
         for i, c in enumerate(data["comparisons"]):
