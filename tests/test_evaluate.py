@@ -673,3 +673,20 @@ def test_parts_of_several_types_are_rated_as_the_service_judges_them(clear_datas
     assert "parts" not in E.evaluate([replace(s, part_id=f"{s.feature_type}{s.path.stem}") for s in samples],
                                      folds=FOLDS, methods=("padim",), base_config=tiny_config(),
                                      progress=False, gallery=0, n_boot=50, device="cpu")
+
+
+def test_a_setting_of_other_levels_is_refused_saying_how_to_see_them(
+        clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A QC engineer weighing α/k for parts tries `--compare-setting strict:calibration.alpha_review=..`:
+    a report has one decision rule, so it is refused, saying how to see the rates at those levels."""
+    from diffqc.cli import main
+
+    assert main(["evaluate", str(clear_dataset), "--compare-setting", "strict:calibration.alpha_review=0.01",
+                 "--out", str(tmp_path / "r"), "-q"]) != 0
+    err = capsys.readouterr().err
+    assert ("variant 'strict' sets other α levels (calibration.alpha_review 0.01) than the others (0.05): a "
+            "report has one decision rule; for the rates at those levels evaluate again with --set "
+            "calibration.alpha_review=0.01 (every method; --feature-cache DIR spares the second run the "
+            "backbone), or read the realised FPR at α up to 0.2 in the report's calibration plot "
+            "(report.json keeps every out-of-fold p-value)") in err, err
+    assert not (tmp_path / "r").exists()

@@ -415,11 +415,18 @@ def evaluate(
     if shaped and runtime in ("onnx", "openvino"):
         raise ConfigError(f"{', '.join(shaped)}: pad, crop and tiled models run with PyTorch only "
                           f"(diffqc export refuses them); evaluate them with --runtime torch")
-    alpha_review, alpha_reject = base.calibration.alpha_review, base.calibration.alpha_reject
     for name, cfg in variants_cfg.items():
-        if (cfg.calibration.alpha_review, cfg.calibration.alpha_reject) != (alpha_review, alpha_reject):
-            raise ConfigError(f"variant {name!r} uses other α levels than the base config; the "
-                              "report has one decision rule")
+        other = [(f"calibration.{key}", getattr(cfg.calibration, key), getattr(base.calibration, key))
+                 for key in ("alpha_review", "alpha_reject")
+                 if getattr(cfg.calibration, key) != getattr(base.calibration, key)]
+        if other:
+            raise ConfigError(
+                f"variant {name!r} sets other α levels ({', '.join(f'{k} {v:g}' for k, v, _ in other)}) than "
+                f"the others ({', '.join(f'{b:g}' for _, _, b in other)}): a report has one decision rule; "
+                f"for the rates at those levels evaluate again with "
+                f"{' '.join(f'--set {k}={v:g}' for k, v, _ in other)} (every method; --feature-cache DIR "
+                "spares the second run the backbone), or read the realised FPR at α up to 0.2 in the "
+                "report's calibration plot (report.json keeps every out-of-fold p-value)")
 
     notes: list[str] = []
     labelled = [s for s in samples if s.label in (GOOD, DEFECTIVE)]
