@@ -656,10 +656,13 @@ def test_parts_of_several_types_are_rated_as_the_service_judges_them(clear_datas
     assert parts["recall"] == np.mean([any(r["decision"]["padim"] != "PASS" for r in p) for p in bad])
     lines = E.summary_lines(report)
     lead = next(i for i, x in enumerate(lines) if x.startswith("Parts (each judged by the worst of its"))
-    assert ("images of 2 types, from the same out-of-fold decisions: a GOOD part of k types is flagged up to "
-            "k times as often as a type's GOOD images. For at most α of GOOD parts, decide each image at "
-            "α/k: α(review) = 0.025, α(reject) = 0.005 (`diffqc calibrate MODEL --alpha-review 0.025 "
-            "--alpha-reject 0.005`") in lines[lead], lines[lead]
+    assert ("images of 2 types, from the same out-of-fold decisions. A GOOD part of 2 types is flagged when "
+            "any of its images is: at α_review = 0.05 per image, in at most 2 × 0.05 = 10 % of GOOD parts "
+            "where each type's calibration holds its level (Bonferroni, whatever the images' dependence); "
+            "for at most a share A, decide each image at A/2: "
+            "for the defaults' shares (0.05 flagged, 0.01 rejected), `diffqc calibrate MODEL --alpha-review "
+            "0.025 --alpha-reject 0.005`, or at train `--set calibration.alpha_review=0.025 --set "
+            "calibration.alpha_reject=0.005`.") in lines[lead], lines[lead]
     pct = {k: f"{100 * parts[k]:.1f}%" for k in ("good_flagged", "good_rejected", "recall")}
     assert lines[lead + 2].split() == ["padim", "32", pct["good_flagged"], pct["good_rejected"], "8",
                                        pct["recall"]]

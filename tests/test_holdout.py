@@ -419,9 +419,20 @@ def test_cli_test_of_parts_says_how_often_a_good_part_is_flagged_and_the_level_f
     assert parts["good_flagged"] >= images["mean/all"]["fpr"]
     line = next(x for x in out.splitlines() if x.startswith("parts "))
     assert f"8 GOOD parts of 2 types, {100 * parts['good_flagged']:.1f} % flagged" in line, line
-    assert ("A GOOD part of k types is flagged up to k times as often as a type's GOOD images (α_review=0.05 "
-            "of them): for at most α of GOOD parts, decide each image at α/k: `diffqc calibrate "
-            f"{tiny_model} --alpha-review 0.025 --alpha-reject 0.005`") in line, line
+    assert parts["types_per_part"] == 2  # the data's, whatever of it the model was fit on
+    assert ("A GOOD part of 2 types is flagged when any of its images is: at α_review = 0.05 per image, in "
+            "at most 2 × 0.05 = 10 % of GOOD parts where each type's calibration holds its level "
+            "(Bonferroni, whatever the images' dependence); for at most a share A, decide each image at "
+            "A/2: for the defaults' shares (0.05 flagged, 0.01 "
+            f"rejected), `diffqc calibrate {tiny_model} --alpha-review 0.025 --alpha-reject 0.005`"
+            ) in line, line
+    # the advice taken: the line says the levels are those, and does not divide them again
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    assert main(["calibrate", str(model), "--alpha-review", "0.025", "--alpha-reject", "0.005", "-q"]) == 0
+    assert main(["test", str(model), str(manifest), "-q"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("parts "))
+    assert ("at α_review = 0.025 per image, in at most 2 × 0.025 = 5 % of GOOD parts" in line
+            and "--alpha-review 0.025 --alpha-reject 0.005` (the levels now)" in line), line
     # the same images without part ids: nothing said of parts
     (tmp_path / "images.csv").write_text("\n".join(r.rsplit(",", 1)[0] for r in rows) + "\n")
     assert main(["test", str(tiny_model), str(tmp_path / "images.csv"), "-q"]) == 0

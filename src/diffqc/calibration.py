@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,25 @@ DECISIONS = (PASS, REVIEW, REJECT)
 
 class CalibrationWarning(UserWarning):
     """A type has too few calibration images for the α asked."""
+
+
+def part_levels_text(k: int, alpha_review: float, alpha_reject: float,
+                     command: Callable[[str, str], str]) -> str:
+    """What the levels per image mean for a part judged by the worst of its images of ``k``
+    types (Bonferroni: it is flagged when any image is, at most the sum of their chances whatever
+    their dependence), and the levels per image that keep the defaults' shares per part: A/k,
+    given as ``command(review, reject)`` says them; said as the levels now where they are."""
+    default = CalibrationConfig()
+    review, reject = f"{default.alpha_review / k:.3g}", f"{default.alpha_reject / k:.3g}"
+    now = (float(review), float(reject)) == (float(f"{alpha_review:.3g}"), float(f"{alpha_reject:.3g}"))
+    bound = f"{100 * min(1.0, k * alpha_review):.3g} %"
+    return (f"A GOOD part of {k} types is flagged when any of its images is: at α_review = "
+            f"{alpha_review:g} per image, in at most {k} × {alpha_review:g} = {bound} of GOOD parts "
+            f"where each type's calibration holds its level (Bonferroni, whatever the images' "
+            f"dependence); for at most a share A, decide each image "
+            f"at A/{k}: for the defaults' shares ({default.alpha_review:g} flagged, "
+            f"{default.alpha_reject:g} rejected), {command(review, reject)}"
+            f"{' (the levels now)' if now else ''}")
 
 
 def conformal_p_value(scores: np.ndarray, s: float) -> float:

@@ -24,7 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from diffqc.calibration import COUNTED_FLAGGED, PASS, REJECT, REVIEW, suspect_images, suspects_note
+from diffqc.calibration import (
+    COUNTED_FLAGGED,
+    PASS,
+    REJECT,
+    REVIEW,
+    part_levels_text,
+    suspect_images,
+    suspects_note,
+)
 from diffqc.data import (
     DEFECTIVE,
     GOOD,
@@ -38,7 +46,7 @@ from diffqc.data import (
 )
 from diffqc.errors import DatasetError, NotFittedError, OutputError, first_few
 from diffqc.inspection import Inspection, other_images
-from diffqc.metrics import image_auroc, part_decision_metrics
+from diffqc.metrics import image_auroc, part_decision_metrics, types_per_part
 from diffqc.output import check_output_file, is_csv_table, json_line, json_safe, path_text, write_atomic
 from diffqc.recalibrate import export_selection_notes
 from diffqc.stats import MIN_DEFECTIVE_PER_FOLD, rate_intervals
@@ -115,21 +123,19 @@ def recall_by_kind(samples: Sequence[Sample], results: Sequence[Inspection]) -> 
 
 
 def part_note(parts: dict[str, Any], alpha_review: float, alpha_reject: float, model: Path | str) -> str:
-    """``test``'s line on the parts (:func:`~diffqc.metrics.part_decision_metrics`), with the level
-    per image that bounds the share of GOOD parts flagged at α: α/k for parts of k types
-    (Bonferroni: a part is flagged when any image is, and the chance of that is at most the sum of
-    theirs, whatever their dependence)."""
-    k = parts["types"]
-    of = f"{k} types" if parts["fewest_types"] == k else f"{parts['fewest_types']} to {k} types"
+    """``test``'s line on the parts (:func:`~diffqc.metrics.part_decision_metrics`), with what the
+    levels per image mean for a part of the data's ``types_per_part`` types and the ``calibrate``
+    command that keeps the defaults' shares per part (:func:`~diffqc.calibration.part_levels_text`)."""
+    of = (f"{parts['types']} types" if parts["fewest_types"] == parts["types"]
+          else f"{parts['fewest_types']} to {parts['types']} types")
     said = [f"{parts['good']} GOOD parts of {of}, {100 * parts['good_flagged']:.1f} % flagged, "
             f"{100 * parts['good_rejected']:.1f} % rejected" if parts["good"] else "no GOOD part"]
     if parts["defective"]:
         said.append(f"{parts['defective']} defective parts, {100 * parts['recall']:.1f} % flagged")
+    levels = part_levels_text(parts["types_per_part"], alpha_review, alpha_reject, lambda review, reject: (
+        f"`diffqc calibrate {path_text(model)} --alpha-review {review} --alpha-reject {reject}`"))
     return (f"parts (the data's part_id, each judged by the worst of its images, as the service judges "
-            f"a part): {'; '.join(said)}. A GOOD part of k types is flagged up to k times as often as "
-            f"a type's GOOD images (α_review={alpha_review:g} of them): for at most α of GOOD parts, decide "
-            f"each image at α/k: `diffqc calibrate {path_text(model)} --alpha-review {alpha_review / k:g} "
-            f"--alpha-reject {alpha_reject / k:g}`")
+            f"a part): {'; '.join(said)}. {levels}")
 
 
 def unseen(meta: dict[str, Any], samples: Sequence[Sample]) -> tuple[list[Sample], dict[str, int]]:
@@ -197,6 +203,8 @@ def holdout_report(detector: Any, data: Sequence[Sample] | Path | str, *, type_k
     results, read = detector.inspect_samples(kept, type_known=type_known, all_types=False, maps=False,
                                              skip_corrupt=skip_corrupt, progress=progress)
     rows = decision_table(read, results)
+    parts = part_decision_metrics([s.part_id for s in read], [s.feature_type for s in read],
+                                  [s.label for s in read], [r.decision for r in results])
     if suspects := suspect_images((s.feature_type, r.score, path_text(s.path))
                                   for s, r in zip(read, results, strict=True) if s.label == GOOD):
         warnings.warn(suspects_note(suspects, images="GOOD image(s)", harm=COUNTED_FLAGGED,
@@ -215,8 +223,8 @@ def holdout_report(detector: Any, data: Sequence[Sample] | Path | str, *, type_k
                     "score": r.score, "p_value": r.p_value, "decision": r.decision,
                     "predicted_type": r.predicted_type} for s, r in zip(read, results, strict=True)],
         "defect_kinds": recall_by_kind(read, results),
-        "parts": part_decision_metrics([s.part_id for s in read], [s.feature_type for s in read],
-                                       [s.label for s in read], [r.decision for r in results]),
+        "parts": parts and {**parts, "types_per_part": types_per_part(  # the line's: what the fit took too
+            [s.part_id for s in ours], [s.feature_type for s in ours])},
     }
     if not type_known:
         report["type_accuracy"] = float(np.mean([r.predicted_type == s.feature_type

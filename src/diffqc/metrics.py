@@ -400,6 +400,20 @@ class PartRates(TypedDict):
     recall: float  # share of defective parts with an image not PASSed
 
 
+def _parts(part_ids: Sequence[str | None]) -> dict[str, list[int]]:
+    """Each part id's image indices (images without one left out)."""
+    parts: dict[str, list[int]] = {}
+    for i, part in enumerate(part_ids):
+        if part:
+            parts.setdefault(part, []).append(i)
+    return parts
+
+
+def types_per_part(part_ids: Sequence[str | None], types: Sequence[str]) -> int:
+    """The most types a part has images of (0 without part ids)."""
+    return max((len({types[i] for i in ids}) for ids in _parts(part_ids).values()), default=0)
+
+
 def part_decision_metrics(
     part_ids: Sequence[str | None], types: Sequence[str], labels: npt.ArrayLike,
     decisions: Sequence[object] | np.ndarray,
@@ -411,10 +425,7 @@ def part_decision_metrics(
     if not len(part_ids) == len(types) == y.size == d.size:
         raise ValueError(f"got {len(part_ids)} part ids, {len(types)} types, {y.size} labels and "
                          f"{d.size} decisions")
-    parts: dict[str, list[int]] = {}
-    for i, part in enumerate(part_ids):
-        if part:
-            parts.setdefault(part, []).append(i)
+    parts = _parts(part_ids)
     counts = [len({types[i] for i in ids}) for ids in parts.values()]
     if max(counts, default=0) < 2:
         return None

@@ -54,6 +54,7 @@ from PIL import Image
 
 from diffqc import metrics as M
 from diffqc import stats as S
+from diffqc.calibration import part_levels_text
 from diffqc.data import check_outside_datasets
 from diffqc.errors import OutputError
 from diffqc.output import check_output_folder, path_text, write_atomic
@@ -1092,13 +1093,11 @@ def parts_lead(data: dict[str, Any]) -> str:
     rule, parts = data["decision_rule"], next(iter(data["parts"].values()))
     k = parts["types"]
     of = f"{k}" if parts["fewest_types"] == k else f"{parts['fewest_types']} to {k}"
-    review, reject = f"{rule['alpha_review'] / k:.3g}", f"{rule['alpha_reject'] / k:.3g}"
+    levels = part_levels_text(k, rule["alpha_review"], rule["alpha_reject"], lambda review, reject: (
+        f"`diffqc calibrate MODEL --alpha-review {review} --alpha-reject {reject}`, or at train `--set "
+        f"calibration.alpha_review={review} --set calibration.alpha_reject={reject}`"))
     return (f"Parts (each judged by the worst of its images, as the service judges a part) seen as "
-            f"images of {of} types, from the same out-of-fold decisions: a GOOD part of k types is "
-            f"flagged up to k times as often as a type's GOOD images. For at most α of GOOD parts, "
-            f"decide each image at α/k: α(review) = {review}, α(reject) = {reject} (`diffqc calibrate "
-            f"MODEL --alpha-review {review} --alpha-reject {reject}`, or at train `--set "
-            f"calibration.alpha_review={review} --set calibration.alpha_reject={reject}`).")
+            f"images of {of} types, from the same out-of-fold decisions. {levels}.")
 
 
 def _part_cells(page: _Page, method: str) -> list[str]:
