@@ -157,6 +157,10 @@ def test_cli_calibrate_warns_of_too_few_images_for_the_types_it_recalibrates(
     lines = [line for line in capsys.readouterr().err.splitlines() if "too few GOOD calibration" in line]
     assert len(lines) == 1 and "stripes (9)" in lines[0] and "dots" not in lines[0]
     assert lines[0].startswith("diffqc: warning: calibration:")
+    # and what to do: more GOOD images to calibrate on (20 reach 0.05 here, 100 reach 0.01)
+    assert lines[0].endswith("for the calibration alone to decide, calibrate on more GOOD images of those "
+                             "types (diffqc calibrate MODEL DATA: every GOOD image of DATA the model was not "
+                             "fit on) (docs/METHOD.md)"), lines[0]
 
 
 def test_cli_calibrate_refuses_a_calibration_that_could_flag_no_part(

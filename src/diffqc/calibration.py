@@ -304,7 +304,12 @@ class Calibrator:
                     "calibration image, from which no tail can be fitted: no part of "
                     f"{'it' if len(single) == 1 else 'them'} can be flagged (every p-value is at "
                     "least 0.5) — give such a type 3 GOOD parts or more")
-        return f"calibration: too few GOOD calibration images: {'; '.join(parts)}; {how} (docs/METHOD.md)"
+        more = ("train on more GOOD images of those types (every one calibrates under "
+                "calibration.scheme=cross)" if cfg.scheme == "cross" else
+                "calibrate on more GOOD images of those types (diffqc calibrate MODEL DATA: every GOOD "
+                "image of DATA the model was not fit on)")
+        return (f"calibration: too few GOOD calibration images: {'; '.join(parts)}; {how}; for the "
+                f"calibration alone to decide, {more} (docs/METHOD.md)")
 
     def warnings_for(self, feature_type: str, n: int) -> list[str]:
         out = []
