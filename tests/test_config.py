@@ -60,6 +60,13 @@ from diffqc.errors import ConfigError
     # a decimal comma (`--set calibration.alpha_review=0,05`): named, not taken
     ("calibration.alpha_review", "0,05",
      "calibration.alpha_review must be a number, got '0,05': write the decimal with a point, 0.05"),
+    # a share as `calibrate --alpha-review` takes it (5%, or a 5 meant as 5 %): named, not taken
+    ("calibration.alpha_review", "5%",
+     "calibration.alpha_review must be a number, got '5%': write the share as a number, 0.05"),
+    ("calibration.alpha_reject", "0.5%",
+     "calibration.alpha_reject must be a number, got '0.5%': write the share as a number, 0.005"),
+    ("calibration.alpha_review", 5,
+     "calibration.alpha_review must be in (0, 1), got 5.0: for 5 % write 0.05"),
     ("method", "difusion", "method must be one of diffusion, patchcore, padim; got 'difusion' (did you "
      "mean 'diffusion'?)"),
     ("method", "PaDiM", "got 'PaDiM' (did you mean 'padim'?)"),

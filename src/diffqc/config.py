@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from diffqc.errors import ConfigError, decimal_comma, did_you_mean
+from diffqc.errors import ConfigError, decimal_comma, did_you_mean, percent_written
 from diffqc.output import write_atomic
 
 T = TypeVar("T")
@@ -53,8 +53,8 @@ def _coerce(name: str, value: object, hint: Any) -> object:
         return value
     if hint is float:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise _type_error(name, "a number", value,  # `--set a.b=0,05`
-                              decimal_comma(value) if isinstance(value, str) else "")
+            said = decimal_comma(value) or percent_written(value) if isinstance(value, str) else ""
+            raise _type_error(name, "a number", value, said)  # `--set a.b=0,05`, `--set a.b=5%`
         if not math.isfinite(value):
             raise _type_error(name, "a finite number", value)
         return float(value)
@@ -105,12 +105,14 @@ def _at_least(obj: Any, name: str, low: float) -> None:
 
 
 def _in_range(obj: Any, name: str, low: float, high: float, *, low_open: bool = True,
-              high_open: bool = True) -> None:
+              high_open: bool = True, share: bool = False) -> None:
+    """``share``: a percentage given for it (5 for 5 %) is named."""
     full, value = _field(obj, name)
     ok = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
     if not ok:
         span = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ConfigError(f"{full} must be in {span}, got {value!r}")
+        meant = f": for {value:g} % write {value / 100:g}" if share and 1 <= value < 100 else ""
+        raise ConfigError(f"{full} must be in {span}, got {value!r}{meant}")
 
 
 def _one_of(obj: Any, name: str, allowed: tuple[str, ...]) -> None:
@@ -359,8 +361,8 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _in_range(self, "fraction", 0, 1)
-        _in_range(self, "alpha_reject", 0, 1)
-        _in_range(self, "alpha_review", 0, 1)
+        _in_range(self, "alpha_reject", 0, 1, share=True)
+        _in_range(self, "alpha_review", 0, 1, share=True)
         if self.alpha_reject > self.alpha_review:
             raise ConfigError(f"calibration.alpha_reject ({self.alpha_reject}) must be <= "
                               f"calibration.alpha_review ({self.alpha_review})")

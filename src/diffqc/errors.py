@@ -10,6 +10,7 @@ traceback. Each kind keeps the built-in base it had before (``ValueError`` for b
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -57,6 +58,16 @@ def decimal_comma(text: str) -> str:
     except ValueError:
         return ""
     return f": write the decimal with a point, {written}"
+
+
+def percent_written(text: str) -> str:
+    """``: write the share as a number, 0.05`` for a share written as a percentage (``5%``, as
+    ``calibrate --alpha-review`` takes it), else ``""``."""
+    try:
+        value = float(text.strip().removesuffix("%")) / 100 if text.strip().endswith("%") else math.nan
+    except ValueError:
+        return ""
+    return f": write the share as a number, {value:g}" if math.isfinite(value) else ""
 
 
 def first_few(items: Sequence[str], shown: int = 5) -> str:
