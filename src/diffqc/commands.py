@@ -88,7 +88,9 @@ def add_evaluate_command(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "evaluate", help="k-fold cross-validated evaluation and comparison of methods -> report",
         description="Cross-validate methods (and settings) on all labelled images of DATA, grouped "
-                    "by part and stratified by label per feature type; write report.html/.md/.json.")
+                    "by part and stratified by label per feature type (where DATA names parts seen "
+                    "as images of several types, the parts are rated too, each by the worst of its "
+                    "images); write report.html/.md/.json.")
     p.add_argument("data", type=path_name,
                    help="dataset folder (MVTec layout, or <type>/good + <type>/<kind> folders) "
                    "or CSV manifest (a folder's manifest.csv wins)")
@@ -135,8 +137,10 @@ def add_test_command(subparsers: Any) -> None:
         "test", help="score a trained model on labelled images it never saw -> per-type table",
         description="Score MODEL, as it runs (its runtime, precision and calibration), on the GOOD "
                     "and defective images of DATA: per type the image AUROC, the share of GOOD "
-                    "parts flagged (FPR; the target is α_review) and of defects flagged (recall). "
-                    "Images the model was fit or calibrated on are left out (by content). "
+                    "images flagged (FPR; the target is α_review) and of defects flagged (recall); "
+                    "where DATA names parts seen as images of several types (a manifest's part_id), "
+                    "the parts as the service judges them, by the worst of their images. Images the "
+                    "model was fit or calibrated on are left out (by content). "
                     "evaluate cross-validates methods; this measures one model.")
     p.add_argument("model", type=path_value, help="model bundle folder (from diffqc train)")
     p.add_argument("data", type=path_name,
