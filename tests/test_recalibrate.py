@@ -746,3 +746,33 @@ def test_calibrate_a_bundle_on_a_read_only_volume_names_the_bundle_file(tiny_mod
                                             "--feature-type", "dots"], read_only=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["decision"] in ("PASS", "REVIEW", "REJECT")
+
+
+def test_calibrate_at_levels_of_images_says_what_they_mean_for_a_models_parts(
+        clear_dataset: Path, tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`calibrate --alpha-review` is where a QC engineer sets the line's levels, read as the
+    share of parts sent to review. A model trained on parts seen as crops of k types keeps k
+    (metadata.json), and calibrate says what its levels per image mean for such a part, with the
+    levels that keep the defaults' shares per part; nothing at those, nor for parts of one type."""
+    rows = ["path,feature_type,label,part_id"]
+    for t in ("dots", "stripes"):
+        rows += [f"{p},{t},good,{p.stem.replace(t, 'part')}"
+                 for p in sorted((clear_dataset / t / "train" / "good").iterdir())]
+    (tmp_path / "parts.csv").write_text("\n".join(rows) + "\n")
+    model = tmp_path / "m"
+    fit = ["-q", "--method", "padim", "--set", "backbone.input_size=64", "--set", "calibration.fraction=0.35",
+           "--set", "calibration.alpha_review=0.02", "--set", "calibration.alpha_reject=0.005"]
+    assert main(["train", str(tmp_path / "parts.csv"), "--out", str(model), *fit]) == 0
+    assert json.loads((model / "metadata.json").read_text())["training_data"]["types_per_part"] == 2
+    capsys.readouterr()
+    assert main(["calibrate", str(model), "--alpha-review", "0.04", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert (f"diffqc: warning: {model} was trained on parts seen as images of 2 types, and a part is "
+            "judged by the worst of its images: A GOOD part of 2 types is flagged when any of its images "
+            "is: at α_review = 0.04 per image, in at most 2 × 0.04 = 8 % of GOOD parts") in err, err
+    assert f"`diffqc calibrate {model} --alpha-review 0.025 --alpha-reject 0.005`" in err
+    assert main(["calibrate", str(model), "--alpha-review", "0.025", "-q"]) == 0
+    assert "was trained on parts" not in capsys.readouterr().err
+    other = _copy(tiny_model, tmp_path)  # trained on images without part ids
+    assert main(["calibrate", str(other), "--alpha-review", "0.04", "-q"]) == 0
+    assert "was trained on parts" not in capsys.readouterr().err

@@ -63,6 +63,15 @@ def part_levels_text(k: int, alpha_review: float, alpha_reject: float,
             f"{' (the levels now)' if now else ''}")
 
 
+def part_levels_warning(k: int, config: CalibrationConfig, command: Callable[[str, str], str]) -> str | None:
+    """:func:`part_levels_text` where ``config``'s levels let a GOOD part of ``k`` types be flagged
+    more often than the defaults' share (``train`` and ``calibrate`` say it before a line runs at
+    them); None where they do not, or parts have one type."""
+    if k < 2 or k * config.alpha_review <= CalibrationConfig().alpha_review * (1 + 1e-9):
+        return None
+    return part_levels_text(k, config.alpha_review, config.alpha_reject, command)
+
+
 def conformal_p_value(scores: np.ndarray, s: float) -> float:
     """``(1 + #{scores >= s}) / (n + 1)``."""
     n = scores.size

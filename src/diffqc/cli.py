@@ -150,20 +150,16 @@ def _part_levels_note(sources: Sequence[Path], samples: Sequence[Sample], config
     mean for a part the service judges by the worst of its images, when they let GOOD parts be
     flagged more often than the defaults' share (a new line has no labelled parts to measure it
     by); None otherwise."""
-    from diffqc.calibration import part_levels_text
-    from diffqc.config import CalibrationConfig
+    from diffqc.calibration import part_levels_warning
     from diffqc.metrics import types_per_part
 
     k = types_per_part([s.part_id for s in samples], [s.feature_type for s in samples])
-    rule = config.calibration
-    if k < 2 or k * rule.alpha_review <= CalibrationConfig().alpha_review * (1 + 1e-9):
-        return None
-    levels = part_levels_text(k, rule.alpha_review, rule.alpha_reject, lambda review, reject: (
+    said = part_levels_warning(k, config.calibration, lambda review, reject: (
         f"train with `--set calibration.alpha_review={review} --set calibration.alpha_reject={reject}` "
         f"(or, once trained, `diffqc calibrate {path_text(out)} --alpha-review {review} --alpha-reject "
         f"{reject}`)"))
-    return (f"{', '.join(map(path_text, sources))} names parts seen as images of {k} types (its part_id), "
-            f"and a part is judged by the worst of its images: {levels}")
+    return said and (f"{', '.join(map(path_text, sources))} names parts seen as images of {k} types (its "
+                     f"part_id), and a part is judged by the worst of its images: {said}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -99,6 +99,7 @@ from diffqc.inspection import (
     white_share,
 )
 from diffqc.machine import cgroup_memory_room
+from diffqc.metrics import types_per_part
 from diffqc.output import (
     PARTIAL_PREFIX,
     folder_bytes,
@@ -388,6 +389,8 @@ class Detector:
             warnings.warn(clipped, stacklevel=2)
         training["image_compression"] = image_compressions(
             (s.feature_type, c) for s in good if (c := file_compression(s.path)) is not None)
+        if (k := types_per_part([s.part_id for s in good], [s.feature_type for s in good])) > 1:
+            training["types_per_part"] = k  # a part is judged by the worst of its k crops: calibrate says it
         # by content, so that `diffqc calibrate` can leave out any it is given (their scores are
         # optimistic: calibrated on them, the line's GOOD parts would be flagged too often)
         fitted = set(self.fit_indices_)

@@ -51,6 +51,7 @@ from diffqc.calibration import (
     CalibrationWarning,
     Calibrator,
     flagged_excess_p,
+    part_levels_warning,
     suspect_images,
     suspects_note,
 )
@@ -273,6 +274,17 @@ def _check_levels(old: CalibrationConfig, alpha_review: float | None, alpha_reje
                       "GOOD parts is part of REVIEW's")
 
 
+def part_levels_note(meta: dict[str, Any], config: CalibrationConfig, model: Path) -> str | None:
+    """Where the model was trained on parts seen as images of k types (``metadata.json``'s
+    ``training_data.types_per_part``), :func:`~diffqc.calibration.part_levels_warning` for its
+    new levels; None otherwise."""
+    k = meta.get("training_data", {}).get("types_per_part")
+    said = part_levels_warning(k if isinstance(k, int) else 0, config, lambda review, reject: (
+        f"`diffqc calibrate {path_text(model)} --alpha-review {review} --alpha-reject {reject}`"))
+    return said and (f"{path_text(model)} was trained on parts seen as images of {k} types, and a part "
+                     f"is judged by the worst of its images: {said}")
+
+
 def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_review: float | None = None,
                 alpha_reject: float | None = None, skip_corrupt: bool = False, progress: bool = False,
                 threads: int | None = None) -> dict[str, Any]:
@@ -304,6 +316,8 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
     renewed = old.known.keys() if config != old.config else known.keys()
     if message := new[CALIBRATION_FILE].warning_line(renewed):  # the types recalibrated now, as train says it
         warnings.warn(message, CalibrationWarning, stacklevel=2)
+    if alpha_review is not None and (note := part_levels_note(det.metadata, config, path)):
+        warnings.warn(note, CalibrationWarning, stacklevel=2)
     if (path / INT8_MODEL_FILE).is_file():  # its own calibration, or one now where export kept FP32's
         from diffqc.runtime import OnnxDetector
 
