@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from diffqc.errors import decimal_comma
+from diffqc.errors import decimal_comma, percent_meant
 
 
 def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -72,8 +72,8 @@ def share(text: str) -> float:
         value = math.nan
     if math.isfinite(value) and 0 < value < 1:
         return value
-    meant = (f": for {value:g} % write {value / 100:g} or {value:g}%"
-             if not percent and 1 <= value < 100 else decimal_comma(text))
+    meant = (f"{percent_meant(value)} or {value:g}%"
+             if not percent and percent_meant(value) else decimal_comma(text))
     raise argparse.ArgumentTypeError(f"must be a share of GOOD parts between 0 and 1 (0.05, or 5%), "
                                      f"got {text}{meant}")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from diffqc.errors import ConfigError, decimal_comma, did_you_mean, percent_written
+from diffqc.errors import ConfigError, decimal_comma, did_you_mean, percent_meant, percent_written
 from diffqc.output import write_atomic
 
 T = TypeVar("T")
@@ -111,7 +111,7 @@ def _in_range(obj: Any, name: str, low: float, high: float, *, low_open: bool = 
     ok = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
     if not ok:
         span = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        meant = f": for {value:g} % write {value / 100:g}" if share and 1 <= value < 100 else ""
+        meant = percent_meant(value) if share else ""
         raise ConfigError(f"{full} must be in {span}, got {value!r}{meant}")
 
 

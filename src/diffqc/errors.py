@@ -70,6 +70,12 @@ def percent_written(text: str) -> str:
     return f": write the share as a number, {value:g}" if math.isfinite(value) else ""
 
 
+def percent_meant(value: float) -> str:
+    """``: for 5 % write 0.05`` for a share given as a number from 1 to 100 (a 5 meant as 5 %),
+    else ``""``."""
+    return f": for {value:g} % write {value / 100:g}" if 1 <= value < 100 else ""
+
+
 def first_few(items: Sequence[str], shown: int = 5) -> str:
     """The first ``shown`` of ``items`` joined by "; ", and how many more there are: a message
     that names a long list's files without printing them all."""
