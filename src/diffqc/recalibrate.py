@@ -274,7 +274,7 @@ def _check_levels(old: CalibrationConfig, alpha_review: float | None, alpha_reje
                       "GOOD parts is part of REVIEW's")
 
 
-def part_levels_note(meta: dict[str, Any], config: CalibrationConfig, model: Path) -> str | None:
+def _part_levels_note(meta: dict[str, Any], config: CalibrationConfig, model: Path) -> str | None:
     """Where the model was trained on parts seen as images of k types (``metadata.json``'s
     ``training_data.types_per_part``), :func:`~diffqc.calibration.part_levels_warning` for its
     new levels; None otherwise."""
@@ -316,7 +316,7 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
     renewed = old.known.keys() if config != old.config else known.keys()
     if message := new[CALIBRATION_FILE].warning_line(renewed):  # the types recalibrated now, as train says it
         warnings.warn(message, CalibrationWarning, stacklevel=2)
-    if alpha_review is not None and (note := part_levels_note(det.metadata, config, path)):
+    if alpha_review is not None and (note := _part_levels_note(det.metadata, config, path)):
         warnings.warn(note, CalibrationWarning, stacklevel=2)
     if (path / INT8_MODEL_FILE).is_file():  # its own calibration, or one now where export kept FP32's
         from diffqc.runtime import OnnxDetector
