@@ -620,6 +620,42 @@ def test_fit_names_16_bit_images_that_hold_12_bit_data(clear_dataset: Path, tmp_
         assert not [w for w in caught if "16-bit" in str(w.message)]
 
 
+def test_fit_on_parts_of_several_types_says_what_the_levels_mean_for_a_part(clear_dataset: Path) -> None:
+    """A notebook fitting a new line's GOOD parts, each named by its crops of every type (their
+    part_id), was told nothing of what the levels per image mean for a part judged by the worst
+    of its crops (8 types at the defaults: 33 % of GOOD parts flagged on the synthetic set);
+    `train` said it. ``fit`` says it now, before it reads an image, with the levels that keep the
+    defaults' shares per part in both forms; nothing at those levels, nor for parts of one type."""
+    from dataclasses import replace
+
+    from diffqc.calibration import CalibrationWarning
+    from diffqc.data import good_training
+
+    good = good_training(load_dataset(clear_dataset))
+    parts = [replace(s, part_id=s.path.stem.replace(s.feature_type, "part")) for s in good]
+    assert len({s.part_id for s in parts}) < len(parts)  # the same part's crops of both types
+    with pytest.warns(CalibrationWarning) as caught:
+        Detector(tiny_config("padim")).fit(parts, progress=False)
+    said = [str(w.message) for w in caught if "names parts" in str(w.message)]
+    assert said == [
+        "the training data names parts seen as images of 2 types (its part_id), and a part is judged by "
+        "the worst of its images: A GOOD part of 2 types is flagged when any of its images is: at "
+        "α_review = 0.05 per image, in at most 2 × 0.05 = 10 % of GOOD parts where each type's calibration "
+        "holds its level (Bonferroni, whatever the images' dependence); for at most a share A, decide each "
+        "image at A/2: for the defaults' shares (0.05 flagged, 0.01 rejected), train with `--set "
+        "calibration.alpha_review=0.025 --set calibration.alpha_reject=0.005` (in Python: "
+        "with_overrides(config, {'calibration.alpha_review': 0.025, 'calibration.alpha_reject': 0.005}), "
+        "diffqc.config; once trained, `diffqc calibrate MODEL --alpha-review 0.025 --alpha-reject "
+        "0.005`)"], said
+    halved = tiny_config("padim", **{"calibration.alpha_review": 0.025, "calibration.alpha_reject": 0.005})
+    single = [replace(s, part_id=s.path.stem) for s in good]  # each part of one type
+    for config, data in ((halved, parts), (tiny_config("padim"), single)):
+        with warnings.catch_warnings(record=True) as caught_now:
+            warnings.simplefilter("always")
+            Detector(config).fit(data, progress=False)
+        assert not [w for w in caught_now if "names parts" in str(w.message)]
+
+
 def test_fit_names_a_gain_that_reads_its_images_white(clear_dataset: Path) -> None:
     """The gain for a 12-bit camera's 16-bit files (backbone.input_gain=16.0037, as train and the
     README name it) set for 8-bit images, as bright as white at a sixteenth: most of their pixels

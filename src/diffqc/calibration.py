@@ -41,7 +41,8 @@ DECISIONS = (PASS, REVIEW, REJECT)
 
 
 class CalibrationWarning(UserWarning):
-    """A type has too few calibration images for the α asked."""
+    """The levels asked may not hold as meant: a type has too few calibration images for its α,
+    or the levels per image let GOOD parts of several types be flagged more often than asked."""
 
 
 def part_levels_text(k: int, alpha_review: float, alpha_reject: float,

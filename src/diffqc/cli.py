@@ -51,7 +51,6 @@ from diffqc.output import (
 from diffqc.runtime import add_runtime_arguments
 
 if TYPE_CHECKING:
-    from diffqc.config import DetectorConfig
     from diffqc.data import Sample
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -144,24 +143,6 @@ def _training_data(data: Path, out: Path) -> list[Sample]:
     return samples
 
 
-def _part_levels_note(sources: Sequence[Path], samples: Sequence[Sample], config: DetectorConfig,
-                      out: Path) -> str | None:
-    """Where the training data names parts seen as images of k types, what the levels per image
-    mean for a part the service judges by the worst of its images, when they let GOOD parts be
-    flagged more often than the defaults' share (a new line has no labelled parts to measure it
-    by); None otherwise."""
-    from diffqc.calibration import part_levels_warning
-    from diffqc.metrics import types_per_part
-
-    k = types_per_part([s.part_id for s in samples], [s.feature_type for s in samples])
-    said = part_levels_warning(k, config.calibration, lambda review, reject: (
-        f"train with `--set calibration.alpha_review={review} --set calibration.alpha_reject={reject}` "
-        f"(or, once trained, `diffqc calibrate {path_text(out)} --alpha-review {review} --alpha-reject "
-        f"{reject}`)"))
-    return said and (f"{', '.join(map(path_text, sources))} names parts seen as images of {k} types (its "
-                     f"part_id), and a part is judged by the worst of its images: {said}")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from diffqc.bundle import (
         PREVIOUS_FOLDER,
@@ -208,8 +189,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     samples = good_training(everything)  # names any type left without GOOD training images
     if replaced is not None and (left := retrain_text(out, config, feature_types(samples))):  # Ctrl-C time
         warnings.warn(left, stacklevel=1)
-    if note := _part_levels_note(sources, everything, config, out):
-        warnings.warn(note, stacklevel=1)
     if samples and all(s.split == "test" for s in samples):  # a test split given (DATA/<type>/test)
         warnings.warn(f"{', '.join(map(str, sources))}: none of its GOOD images is marked for training "
                       f"(train/good, or split=train in a manifest): the model fits on the "

@@ -48,6 +48,7 @@ from diffqc.calibration import (
     CalibrationWarning,
     Calibrator,
     calibration_scores,
+    part_levels_warning,
     suspect_images,
     suspects_note,
 )
@@ -200,6 +201,21 @@ def twelve_bit_note(config: DetectorConfig, good: Sequence[Path | str]) -> str |
             f"with_overrides(config, {{'backbone.input_gain': {65535 / white:.4f}}}), diffqc.config)")
 
 
+def part_levels_note(k: int, config: CalibrationConfig) -> str | None:
+    """What ``fit`` (``train``) says where its GOOD images are of parts seen as images of ``k``
+    types (their ``part_id``), each judged by the worst of its images, and the levels per image let
+    GOOD parts be flagged more often than the defaults' share
+    (:func:`~diffqc.calibration.part_levels_warning`): a new line has no labelled parts to
+    measure it by."""
+    said = part_levels_warning(k, config, lambda review, reject: (
+        f"train with `--set calibration.alpha_review={review} --set calibration.alpha_reject={reject}` "
+        f"(in Python: with_overrides(config, {{'calibration.alpha_review': {review}, "
+        f"'calibration.alpha_reject': {reject}}}), diffqc.config; once trained, `diffqc calibrate MODEL "
+        f"--alpha-review {review} --alpha-reject {reject}`)"))
+    return said and (f"the training data names parts seen as images of {k} types (its part_id), and a "
+                     f"part is judged by the worst of its images: {said}")
+
+
 def gain_clips_note(gain: float, brightness: dict[str, list[float]]) -> str | None:
     """What ``fit`` and ``evaluate`` say where ``backbone.input_gain`` reads a type's GOOD images
     (``brightness``: per type, :func:`~diffqc.inspection.image_brightness`), on average, above
@@ -346,6 +362,9 @@ class Detector:
             warnings.warn(note, DatasetWarning, stacklevel=2)
         # a type with too few GOOD parts fails here, before any image is read or model trained
         split_calibration(good, self.config.calibration.fraction, self.config.train.seed)
+        k = types_per_part([s.part_id for s in good], [s.feature_type for s in good])
+        if levels := part_levels_note(k, self.config.calibration):  # before the images are read
+            warnings.warn(levels, CalibrationWarning, stacklevel=2)
         _check_heat_map(self.config)
         wanted = {s.feature_type for s in good}
         fe = self.extractor
@@ -389,7 +408,7 @@ class Detector:
             warnings.warn(clipped, stacklevel=2)
         training["image_compression"] = image_compressions(
             (s.feature_type, c) for s in good if (c := file_compression(s.path)) is not None)
-        if (k := types_per_part([s.part_id for s in good], [s.feature_type for s in good])) > 1:
+        if k > 1:
             training["types_per_part"] = k  # a part is judged by the worst of its k crops: calibrate says it
         # by content, so that `diffqc calibrate` can leave out any it is given (their scores are
         # optimistic: calibrated on them, the line's GOOD parts would be flagged too often)
