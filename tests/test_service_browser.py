@@ -572,7 +572,8 @@ def test_dashboard_names_the_types_parts_went_without(detector: Any, browser: An
     """With ``--part-timeout`` the operators see which types parts went without (a camera
     missing triggers), how many and when last; hidden while no part was overdue. With
     ``--part-types``, the latest parts count a part's types among the line's: a crop of another
-    type (sent by mistake) is not one of them."""
+    type (sent by mistake) is not one of them; their heading says what the levels per crop mean
+    for a part judged by the worst of its crops of those types (flagged up to k times as often)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -602,6 +603,10 @@ def test_dashboard_names_the_types_parts_went_without(detector: Any, browser: An
         part = wait.until(ec.presence_of_element_located(
             (By.CSS_SELECTOR, '#parts tbody tr[data-part="M-1"]')))
         assert [td.text for td in part.find_elements(By.TAG_NAME, "td")][2:4] == ["1 of 2", other]
+        review = detector.calibration_.config.alpha_review
+        assert (f"a part's verdict is the worst of its types' latest crops: with {review * 100:g} % of "
+                f"each type's GOOD crops flagged, a GOOD part of its 2 types is flagged in up to "
+                f"{2 * review * 100:g} %" in browser.find_element(By.CSS_SELECTOR, "#parts h2").text)
 
 
 def test_dashboard_says_when_the_tls_certificate_expires_soon(detector: Any, browser: Any,
