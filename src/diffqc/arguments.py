@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from diffqc.errors import decimal_comma, percent_meant
+from diffqc.errors import decimal_comma, percent_meant, percent_share
 
 
 def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -64,16 +64,15 @@ def number(minimum: float, *, inclusive: bool = True,
 def share(text: str) -> float:
     """An argparse ``type``: a share strictly between 0 and 1, as ``0.05`` or as a percentage
     (``5%``). A number from 1 to 100 without ``%`` is refused with the share it likely meant."""
-    body = text.strip()
-    percent = body.endswith("%")
+    percent = percent_share(text)
     try:
-        value = float(body[:-1]) / 100 if percent else float(body)
+        value = float(text) if percent is None else percent
     except ValueError:
         value = math.nan
     if math.isfinite(value) and 0 < value < 1:
         return value
     meant = (f"{percent_meant(value)} or {value:g}%"
-             if not percent and percent_meant(value) else decimal_comma(text))
+             if percent is None and percent_meant(value) else decimal_comma(text))
     raise argparse.ArgumentTypeError(f"must be a share of GOOD parts between 0 and 1 (0.05, or 5%), "
                                      f"got {text}{meant}")
 

@@ -60,14 +60,21 @@ def decimal_comma(text: str) -> str:
     return f": write the decimal with a point, {written}"
 
 
+def percent_share(text: str) -> float | None:
+    """The share a percentage written as ``5%`` means (0.05); None for any other text."""
+    body = text.strip()
+    try:
+        value = float(body[:-1]) / 100 if body.endswith("%") else math.nan
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
 def percent_written(text: str) -> str:
     """``: write the share as a number, 0.05`` for a share written as a percentage (``5%``, as
     ``calibrate --alpha-review`` takes it), else ``""``."""
-    try:
-        value = float(text.strip().removesuffix("%")) / 100 if text.strip().endswith("%") else math.nan
-    except ValueError:
-        return ""
-    return f": write the share as a number, {value:g}" if math.isfinite(value) else ""
+    value = percent_share(text)
+    return f": write the share as a number, {value:g}" if value is not None else ""
 
 
 def percent_meant(value: float) -> str:
