@@ -426,13 +426,16 @@ def test_cli_test_of_parts_says_how_often_a_good_part_is_flagged_and_the_level_f
             "A/2: for the defaults' shares (0.05 flagged, 0.01 "
             f"rejected), `diffqc calibrate {tiny_model} --alpha-review 0.025 --alpha-reject 0.005`"
             ) in line, line
-    # the advice taken: the line says the levels are those, and does not divide them again
+    # the advice taken, or stricter levels: the line says they keep a part within the share, and
+    # neither divides them again nor advises looser ones (as train and calibrate say nothing there)
     model = shutil.copytree(tiny_model, tmp_path / "model")
-    assert main(["calibrate", str(model), "--alpha-review", "0.025", "--alpha-reject", "0.005", "-q"]) == 0
-    assert main(["test", str(model), str(manifest), "-q"]) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("parts "))
-    assert ("at α_review = 0.025 per image, in at most 2 × 0.025 = 5 % of GOOD parts" in line
-            and "--alpha-review 0.025 --alpha-reject 0.005` (the levels now)" in line), line
+    for review, bound in (("0.025", "5 %"), ("0.01", "2 %")):
+        assert main(["calibrate", str(model), "--alpha-review", review, "--alpha-reject", "0.005", "-q"]) == 0
+        assert main(["test", str(model), str(manifest), "-q"]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("parts "))
+        assert (f"at α_review = {review} per image, in at most 2 × {review} = {bound} of GOOD parts" in line
+                and line.endswith("decide each image at A/2: the levels now keep a GOOD part within the "
+                                  "defaults' share flagged (0.05)")), line
     # the same images without part ids: nothing said of parts
     (tmp_path / "images.csv").write_text("\n".join(r.rsplit(",", 1)[0] for r in rows) + "\n")
     assert main(["test", str(tiny_model), str(tmp_path / "images.csv"), "-q"]) == 0

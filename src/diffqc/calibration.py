@@ -49,26 +49,35 @@ def part_levels_text(k: int, alpha_review: float, alpha_reject: float,
                      command: Callable[[str, str], str]) -> str:
     """What the levels per image mean for a part judged by the worst of its images of ``k``
     types (Bonferroni: it is flagged when any image is, at most the sum of their chances whatever
-    their dependence), and the levels per image that keep the defaults' shares per part: A/k,
-    given as ``command(review, reject)`` says them; said as the levels now where they are."""
+    their dependence), and the levels per image that keep the defaults' shares per part, A/k,
+    given as ``command(review, reject)`` says them where the levels now do not
+    (:func:`part_levels_kept`)."""
     default = CalibrationConfig()
-    review, reject = f"{default.alpha_review / k:.3g}", f"{default.alpha_reject / k:.3g}"
-    now = (float(review), float(reject)) == (float(f"{alpha_review:.3g}"), float(f"{alpha_reject:.3g}"))
     bound = f"{100 * min(1.0, k * alpha_review):.3g} %"
-    return (f"A GOOD part of {k} types is flagged when any of its images is: at α_review = "
+    said = (f"A GOOD part of {k} types is flagged when any of its images is: at α_review = "
             f"{alpha_review:g} per image, in at most {k} × {alpha_review:g} = {bound} of GOOD parts "
             f"where each type's calibration holds its level (Bonferroni, whatever the images' "
-            f"dependence); for at most a share A, decide each image "
-            f"at A/{k}: for the defaults' shares ({default.alpha_review:g} flagged, "
-            f"{default.alpha_reject:g} rejected), {command(review, reject)}"
-            f"{' (the levels now)' if now else ''}")
+            f"dependence); for at most a share A, decide each image at A/{k}: ")
+    if part_levels_kept(k, alpha_review):
+        return said + (f"the levels now keep a GOOD part within the defaults' share flagged "
+                       f"({default.alpha_review:g})")
+    review, reject = f"{default.alpha_review / k:.3g}", f"{default.alpha_reject / k:.3g}"
+    return (said + f"for the defaults' shares ({default.alpha_review:g} flagged, {default.alpha_reject:g} "
+            f"rejected), {command(review, reject)}")
+
+
+def part_levels_kept(k: int, alpha_review: float) -> bool:
+    """Whether ``alpha_review`` per image keeps a GOOD part of ``k`` types within the defaults'
+    share flagged (k × α_review at most 0.05, up to α/k's rounding to the 3 digits it is written
+    with: 0.0167 for 0.05/3)."""
+    return k * alpha_review <= CalibrationConfig().alpha_review * (1 + 5e-3)
 
 
 def part_levels_warning(k: int, config: CalibrationConfig, command: Callable[[str, str], str]) -> str | None:
     """:func:`part_levels_text` where ``config``'s levels let a GOOD part of ``k`` types be flagged
     more often than the defaults' share (``train`` and ``calibrate`` say it before a line runs at
     them); None where they do not, or parts have one type."""
-    if k < 2 or k * config.alpha_review <= CalibrationConfig().alpha_review * (1 + 1e-9):
+    if k < 2 or part_levels_kept(k, config.alpha_review):
         return None
     return part_levels_text(k, config.alpha_review, config.alpha_reject, command)
 
