@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from diffqc.calibration import CalibrationWarning, Calibrator
-from diffqc.config import DetectorConfig, fitted_settings, settings, unknown_settings
+from diffqc.config import FIT_RECORDED, DetectorConfig, fitted_settings, settings, unknown_settings
 from diffqc.errors import BundleError, ConfigError, OutputError, address_hint
 from diffqc.inspection import BUNDLE_FILES, check_bundle_version, newer_writer, sha256_file
 from diffqc.output import (
@@ -230,10 +230,6 @@ def _newer_refusal(path: Path, meta: dict[str, Any], name: str, exc: Exception) 
 def _value(value: Any) -> str:
     """A setting's value as ``--set`` takes it (a string bare, else JSON without spaces)."""
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-
-
-# settings a fit writes into its config (what the backbone gave), not given to a training
-FIT_RECORDED = ("backbone.grid", "backbone.weights_sha256")
 
 
 def retrain_text(path: Path, config: DetectorConfig, types: Collection[str]) -> str | None:

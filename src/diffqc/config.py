@@ -553,6 +553,10 @@ def uses_layouts(config: DetectorConfig) -> bool:
     return config.backbone.resize != "squash" or config.tiling.mode != "off"
 
 
+# settings a fit writes into its config (what the backbone gave: Detector.fit_features), not
+# given to a training
+FIT_RECORDED = ("backbone.grid", "backbone.weights_sha256")
+
 # settings a fitted model's scores do not depend on (memory alone: images per backbone batch, the
 # nearest-neighbour search's block): config.json may be edited there
 UNSCORED_SETTINGS = ("batch_size", "patchcore.chunk")
