@@ -118,3 +118,39 @@ def test_an_outputs_folder_is_made_and_a_file_in_its_way_named(tmp_path: Path) -
                                               "not a folder"):
             check_output_file(target, option="--json", is_ours=never, what="report")
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_move_across_file_systems_copies_and_leaves_the_file_where_it_cannot_be_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``move_file`` across file systems (a rename fails with EXDEV): the file is copied in and
+    removed from where it was; where it may not be removed (a read-only share), the copy is
+    removed again, the file stays, and the refusal is raised. A taken name is never replaced."""
+    import errno
+    import os
+
+    from diffqc.output import move_file
+
+    share, dest = tmp_path / "share", tmp_path / "processed"
+    share.mkdir()
+    dest.mkdir()
+    (share / "a.png").write_bytes(b"frame a")
+    (dest / "a.png").write_bytes(b"an earlier frame")
+    rename, unlink = os.rename, os.unlink
+
+    def across(src: object, dst: object) -> None:
+        if Path(str(src)).parent == share:
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+        rename(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "rename", across)
+    monkeypatch.setattr(os, "unlink", lambda p: (_ for _ in ()).throw(  # a read-only share
+        OSError(errno.EROFS, "Read-only file system", str(p))) if Path(str(p)).parent == share else unlink(p))
+    with pytest.raises(OSError, match="Read-only file system"):
+        move_file(share / "a.png", dest / "a.png", "7")
+    assert (share / "a.png").read_bytes() == b"frame a"
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == {"a.png": b"an earlier frame"}
+    monkeypatch.setattr(os, "unlink", unlink)
+    assert move_file(share / "a.png", dest / "a.png", "7") == dest / "a-7.png"
+    assert not (share / "a.png").exists()
+    now = {p.name: p.read_bytes() for p in dest.iterdir()}
+    assert now == {"a.png": b"an earlier frame", "a-7.png": b"frame a"}

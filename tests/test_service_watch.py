@@ -909,6 +909,115 @@ def test_watch_reused_name_with_the_same_content_is_a_new_part_and_named(
     assert pipe.repeated_images_total == 2
 
 
+def _refuse_moves_out_of(monkeypatch: pytest.MonkeyPatch, folder: str, code: int, said: str) -> None:
+    """``os.rename`` and ``os.replace`` of a camera's file in a folder named ``folder`` (not one
+    under processed/) fail as the OS fails them (``code``: EXDEV across file systems, EROFS a
+    read-only mount)."""
+    for name in ("rename", "replace"):
+        move = getattr(os, name)
+
+        def refuse(src: Any, dst: Any, *args: Any, _move: Any = move, **kw: Any) -> None:
+            if Path(src).parent.name == folder and "processed" not in Path(src).parts:
+                raise OSError(code, said, str(src))
+            _move(src, dst, *args, **kw)
+
+        monkeypatch.setattr(os, name, refuse)
+
+
+def test_a_reused_name_never_replaces_a_file_in_processed(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
+) -> None:
+    """A camera reusing a name: the file is moved as ``<name>-<record id>``, a name a new store
+    (its ids from 1 again) had given a frame already in processed/, which the move replaced: a
+    camera's image lost. It takes the first free name now, and replaces nothing."""
+    folder, pipe, store = rig
+    processed = folder / "processed"
+    processed.mkdir()
+    earlier = {"img.png": samples.all[1][0], "img-1.png": samples.all[2][0]}  # an earlier store's
+    for name, data in earlier.items():
+        (processed / name).write_bytes(data)
+    (folder / "img.png").write_bytes(samples.all[0][0])
+    w = _watcher(folder, pipe, store)
+    assert w.step().inspected == 1 and store.query()[0].id == 1
+    now = {p.name: p.read_bytes() for p in processed.iterdir()}
+    assert now == {**earlier, "img-1-2.png": samples.all[0][0]}
+
+
+def test_a_camera_share_on_another_file_system_is_moved_by_copying(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A camera's share linked into the watched folder (read, as the docs say) lies on another
+    file system, where a rename into processed/ fails (EXDEV): every poll failed on its oldest
+    file and nothing behind it was inspected. Such a file is copied into processed/, synced, and
+    only then removed from the share; the files behind it go on as before."""
+    import errno
+
+    folder, pipe, store = rig
+    (folder / "share").mkdir()
+    (folder / "share" / "a.png").write_bytes(samples.all[0][0])
+    (folder / "b.png").write_bytes(samples.all[1][0])
+    os.utime(folder / "b.png", ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))  # after a.png
+    _refuse_moves_out_of(monkeypatch, "share", errno.EXDEV, "Invalid cross-device link")
+    w = _watcher(folder, pipe, store)
+    assert w.step().inspected == 2 and w.problem is None
+    assert (folder / "processed" / "share" / "a.png").read_bytes() == samples.all[0][0]
+    assert (folder / "processed" / "b.png").read_bytes() == samples.all[1][0]
+    assert not (folder / "share" / "a.png").exists() and not (folder / "b.png").exists()
+    assert [p.name for p in (folder / "processed" / "share").iterdir()] == ["a.png"]  # no copy left over
+
+
+def test_files_that_may_not_leave_their_folder_are_left_there_and_the_others_go_on(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A camera's sub-folder files may not leave (read-only to this user; tests run as root, so
+    the refusal is raised as the OS raises it): the watch stopped at its oldest file on every
+    poll, saying it could not move files into processed/, which was writable. Such files are
+    inspected once and left in place, as --keep leaves them, said once naming their folder; the
+    files behind them are inspected and moved."""
+    import errno
+    import logging
+
+    folder, pipe, store = rig
+    (folder / "ro").mkdir()
+    for i in range(2):
+        (folder / "ro" / f"a{i}.png").write_bytes(samples.all[i][0])
+    (folder / "b.png").write_bytes(samples.all[2][0])
+    os.utime(folder / "b.png", ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))  # the newest
+    _refuse_moves_out_of(monkeypatch, "ro", errno.EROFS, "Read-only file system")
+    w = _watcher(folder, pipe, store)
+    with caplog.at_level(logging.WARNING, logger="diffqc.watch"):
+        assert w.step().inspected == 3 and w.problem is None
+        assert w.step().inspected == 0 and store.count() == 3  # not read again
+    assert sorted(p.name for p in (folder / "ro").iterdir()) == ["a0.png", "a1.png"]
+    assert (folder / "processed" / "b.png").is_file() and not list((folder / "processed").glob("ro/*"))
+    said = [r.getMessage() for r in caplog.records if "left in place" in r.getMessage()]
+    assert len(said) == 1 and str(folder / "ro") in said[0] and "Read-only file system" in said[0], said
+
+
+def test_a_folder_it_may_list_but_not_enter_is_passed_over_alone(
+    rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dated folder listable but not searchable (mode 644: an FTP server's umask gone wrong)
+    made ``is_dir`` of its entries raise PermissionError, and every poll failed on it: no file of
+    the folder was inspected. The entry is passed over (looked at again next poll), the rest
+    inspected."""
+    folder, pipe, store = rig
+    (folder / "2026-01-01").mkdir()
+    (folder / "2026-01-01" / "sub").mkdir()
+    (folder / "good.png").write_bytes(samples.all[0][0])
+    is_dir = Path.is_dir
+
+    def refuse(self: Path) -> bool:
+        if self.name == "sub":
+            raise PermissionError(13, "Permission denied", str(self))
+        return is_dir(self)
+
+    monkeypatch.setattr(Path, "is_dir", refuse)
+    w = _watcher(folder, pipe, store)
+    assert w.step().inspected == 1 and (folder / "processed" / "good.png").is_file()
+
+
 def test_watch_keep_mode_leaves_files_and_survives_restart(
     rig: tuple[Path, InspectionPipeline, ResultStore], samples: Samples
 ) -> None:

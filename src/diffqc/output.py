@@ -14,6 +14,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import stat
 import sys
 import tempfile
@@ -206,9 +207,22 @@ def check_writable(path: Path) -> None:
     takes no new file (a read-only volume, another user's folder): said before the work, not
     after it. A probe file is made there and removed."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        _probe(path.parent, f".{path.name}.")
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def can_write_in(folder: Path) -> bool:
+    """Whether ``folder`` takes a new file (a probe file is made there and removed)."""
+    try:
+        _probe(folder, ".diffqc.")
+    except OSError:
+        return False
+    return True
+
+
+def _probe(folder: Path, prefix: str) -> None:
+    fd, probe = tempfile.mkstemp(prefix=prefix, suffix=".probe", dir=folder)
     os.close(fd)
     os.unlink(probe)
 
@@ -284,6 +298,45 @@ def keep_file(current: Path, kept: Path) -> None:
         with suppress(OSError):
             link.unlink(missing_ok=True)
         write_atomic(kept, current.read_bytes())
+
+
+def move_file(src: Path, dest: Path, tag: str) -> Path:
+    """Move file ``src`` to ``dest`` or, where that name is taken, to the first free one of
+    ``<stem>-<tag><suffix>``, ``<stem>-<tag>-2<suffix>``, ...: never over another file. Across file
+    systems (a rename fails with EXDEV) it is copied beside the target, synced, renamed in, and
+    only then removed from ``src``; where ``src`` cannot be removed, the copy is removed again and
+    the error raised. Returns where it went."""
+    target, n = dest, 0
+    while os.path.lexists(target):  # one writer: the folder's own watch
+        n += 1
+        target = dest.with_name(f"{dest.stem}-{tag}{f'-{n}' if n > 1 else ''}{dest.suffix}")
+    try:
+        os.rename(src, target)
+        return target
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out)
+            out.flush()
+            os.fsync(out.fileno())
+        st = os.stat(src)
+        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.rename(name, target)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(name)
+        raise
+    try:
+        os.unlink(src)
+    except OSError:
+        with suppress(OSError):
+            os.unlink(target)  # the copy this wrote: the file stays where it was
+        raise
+    sync_folder(target.parent)
+    return target
 
 
 def sync_folder(folder: Path) -> None:

@@ -23,6 +23,7 @@ read), once they have not changed for ``fail_after_s`` are stored as ``NOT_INSPE
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import logging
@@ -67,7 +68,7 @@ from diffqc.errors import (
     why_unwritable,
 )
 from diffqc.inspection import BUNDLE_FILES
-from diffqc.output import path_text
+from diffqc.output import can_write_in, move_file, path_text
 from diffqc.service.buffer import BufferClosed, BufferFull, InspectionPipeline, Job
 from diffqc.service.line import LineServices
 from diffqc.service.logs import utc_minute
@@ -148,6 +149,10 @@ class _FolderUnreadable(OSError):
 
 class _CannotMove(OSError):
     """An inspected file cannot be moved to processed/ or failed/ (its record is stored)."""
+
+
+# a move's refusals that, where processed/ takes files, are the file's folder's: it alone stays
+_REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 REWRITES_SAID = 3  # rewrites of a file before it rests that name it in the log
@@ -303,6 +308,7 @@ class FolderWatcher:
         check_feature_type(settings.feature_type, pipeline.detector.classes_)
         self._seen: dict[Path, _Seen] = {}
         self._kept: set[tuple[str, int, int]] = set()  # after="keep": (path, size, mtime) done
+        self._left_in: set[Path] = set()  # folders whose files may not leave them (said once)
         self._passed_over: set[str] = set()  # the file endings named in the log (once each)
         self._links: dict[tuple[Path, Path], bool] = {}  # (link, where it leads): passed over?
         self._near_types: set[str] = set()  # folders named almost as a type, named in the log
@@ -348,10 +354,14 @@ class FolderWatcher:
             for entry in entries:
                 if is_hidden(entry) or entry.name.startswith("~"):
                     continue
-                if entry.is_dir():
+                try:  # a folder listable but not searchable (mode 644) refuses them: next poll
+                    is_dir, is_file = entry.is_dir(), entry.is_file()
+                except OSError:
+                    continue
+                if is_dir:
                     if not (entry.is_symlink() and self._passes_over_link(entry)):
                         subfolders.append(entry)
-                elif not entry.is_file() or resolved / entry.name in self._store_files:
+                elif not is_file or resolved / entry.name in self._store_files:
                     continue
                 elif self._is_image_name(entry):
                     out.append(entry)
@@ -659,14 +669,28 @@ class FolderWatcher:
         dest = folder / path.relative_to(self.root)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            if dest.exists():  # the camera reused a name: keep both
-                tag = record_id if record_id is not None else int(time.time() * 1000)
-                dest = dest.with_name(f"{dest.stem}-{tag}{dest.suffix}")
+            # the camera reused a name: both kept, the later one tagged with its record
             with contextlib.suppress(FileNotFoundError):
-                os.replace(path, dest)
-        except OSError as exc:  # the record is stored: the file stays and is moved next time
-            raise _CannotMove(f"cannot move inspected files into {folder} "
+                move_file(path, dest, str(record_id if record_id is not None else int(time.time() * 1000)))
+        except OSError as exc:  # the record is stored: the file stays
+            if exc.errno in _REFUSED and can_write_in(dest.parent):
+                self._leave(path, exc)  # the file may not leave its folder: the others go on
+                return
+            raise _CannotMove(f"cannot move inspected files into {folder} "  # moved next time
                               f"({exc.strerror or exc})") from exc
+
+    def _leave(self, path: Path, exc: OSError) -> None:
+        """An inspected file that may not leave its folder (a camera's folder read-only to this
+        user) left in place, as ``after="keep"`` leaves files (not read again while it stays as it
+        is), said once per folder."""
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            self._kept.add((str(path), st.st_size, st.st_mtime_ns))
+        if path.parent not in self._left_in:
+            self._left_in.add(path.parent)
+            log.warning("%s: cannot move inspected files out of it (%s): they are left in place, "
+                        "and not read again while this watch runs (give it a folder it may move files "
+                        "out of, or --keep)", path_text(path.parent), exc.strerror or exc)
 
     # ------------------------------------------------------------------ running
     def run(self, stop: threading.Event | None = None, *, once: bool = False) -> StepReport:
