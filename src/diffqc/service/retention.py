@@ -7,7 +7,9 @@ no record is ever deleted: an expired artifact's row keeps a note, ``heatmap_exp
 ``image_expired_at`` (epoch seconds), and loses only the file name.
 
 Order of work, per artifact: the row is updated first (committed), then the file is removed.
-A crash in between leaves an unreferenced file (kept, never a row that points at nothing).
+A crash in between leaves an unreferenced file (kept, never a row that points at nothing). A
+file that cannot be removed (a read-only folder) is named by its row again, not counted as
+freed, said in the log, and tried again at the next pass.
 
 A part is as old as its time says, or as the latest part stored before it (records are numbered
 in the order they are stored), whichever is younger: an edge box without a clock battery boots
@@ -131,10 +133,12 @@ def _pass_sizes(artifacts: ArtifactStore, known: Sizes | None) -> tuple[Sizes, b
     return {kind: artifact_sizes(artifacts, kind) for kind in COLUMNS}, True
 
 
-def expire(store: ResultStore, artifacts: ArtifactStore, items: list[Artifact], now: float) -> None:
-    """Note the expiry in each row (one transaction), then delete the files."""
+def expire(store: ResultStore, artifacts: ArtifactStore, items: list[Artifact],
+           now: float) -> list[tuple[Artifact, OSError]]:
+    """Note the expiry in each row (one transaction), then delete the files; the rows of those
+    that could not be deleted name them again (one transaction), and they are returned with why."""
     if not items:
-        return
+        return []
     with store._transaction() as conn:
         for a in items:
             name_col, note_col = COLUMNS[a.kind]
@@ -143,8 +147,17 @@ def expire(store: ResultStore, artifacts: ArtifactStore, items: list[Artifact], 
                          f"WHERE id = ? AND {name_col} = ?"),
                 (now, a.record_id, a.name),
             )
-    for a in items:
-        artifacts.remove(a.kind, a.name)
+    kept = [(a, exc) for a in items if (exc := artifacts.remove(a.kind, a.name)) is not None]
+    if kept:
+        with store._transaction() as conn:
+            for a, _ in kept:
+                name_col, note_col = COLUMNS[a.kind]
+                conn.execute(
+                    store._q(f"UPDATE {TABLE} SET {name_col} = ?, {note_col} = NULL "
+                             f"WHERE id = ? AND {name_col} IS NULL AND {note_col} = ?"),
+                    (a.name, a.record_id, now),
+                )
+    return kept
 
 
 def apply_retention(store: ResultStore, artifacts: ArtifactStore, policy: RetentionPolicy,
@@ -203,7 +216,15 @@ def apply_retention(store: ResultStore, artifacts: ArtifactStore, policy: Retent
                     doomed.append(Artifact(int(rid), kind, str(name), float(created), size))
                     total -= size
                     kept -= 1
-    expire(store, artifacts, doomed, now)
+    if kept_back := expire(store, artifacts, doomed, now):
+        a, exc = kept_back[0]
+        log.warning("retention: %d file(s) could not be deleted (%s/%s: %s%s): their records name them "
+                    "still, and they are tried again at the next pass", len(kept_back), a.kind, a.name,
+                    exc.strerror or exc, "; and others" if len(kept_back) > 1 else "")
+        left = {id(a) for a, _ in kept_back}
+        doomed = [a for a in doomed if id(a) not in left]
+        total += sum(a.size for a, _ in kept_back)
+        kept += len(kept_back)
     if known is not None:  # files no row names any more (expired) are forgotten
         known.clear()
         known.update(seen)

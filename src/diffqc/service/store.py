@@ -1260,12 +1260,16 @@ class ArtifactStore:
         for folder in folders:
             sync_folder(folder)
 
-    def remove(self, kind: str, name: str | None) -> None:
-        """Delete a file this store wrote (a generated name under ``root/kind``); else nothing."""
+    def remove(self, kind: str, name: str | None) -> OSError | None:
+        """Delete a file this store wrote (a generated name under ``root/kind``); else nothing.
+        Returns why it could not be deleted (None where it is gone, or not this store's)."""
         path = self.path(kind, name)
-        if path is not None:
-            with contextlib.suppress(OSError):
-                path.unlink()
+        try:
+            if path is not None:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            return exc
+        return None
 
     def check_write(self) -> str | None:
         """Write and remove a small probe file in each folder: None when both work, else why."""
