@@ -287,7 +287,7 @@ def test_cli_calibrate_on_a_full_disk_names_the_file_and_changes_nothing(
     with warnings.catch_warnings(), full_disk(512):
         warnings.simplefilter("ignore")
         assert main(["calibrate", str(model), str(data), "-q"]) == 1
-    assert f"cannot write {model / 'calibration.json'}: File too large" in capsys.readouterr().err
+    assert f"cannot write {model / 'metadata.json'}: File too large" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in model.iterdir()} == files
     Detector.load(model, device="cpu")
 
@@ -303,10 +303,51 @@ def test_cli_calibrate_on_a_full_disk_names_the_file_and_changes_nothing(
     with warnings.catch_warnings(), full_disk(len(files["calibration.json"]) + 16):
         warnings.simplefilter("ignore")
         assert main(["calibrate", str(model), str(more), "-q"]) == 1
-    assert f"cannot write {model / 'calibration.json'}: File too large" in capsys.readouterr().err
+    assert f"cannot write {model / 'metadata.json'}: File too large" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in model.iterdir()} == files
     assert main(["calibrate", str(model), "--undo", "-q"]) == 0
     assert (model / "calibration.json").read_bytes() == before
+
+
+def test_calibrate_that_cannot_write_its_record_changes_nothing(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A disk with room for the new calibration but not for metadata.json's record of it: the
+    calibration was renamed into place (a running service took it up) and config.json said its
+    levels before the record failed, so the bundle decided with a calibration its record did not
+    name, and `--undo` refused it ("not the calibration the last calibrate replaced"). Every new
+    file is on disk before any is renamed now: nothing changes, and the same command then works."""
+    model = _copy(tiny_model, tmp_path)
+    files = {p.name: p.read_bytes() for p in model.iterdir()}
+    assert len(files["metadata.json"]) > len(files["calibration.json"]) + 64  # the limit falls between
+    with warnings.catch_warnings(), full_disk(len(files["metadata.json"]) + 16):
+        warnings.simplefilter("ignore")
+        assert main(["calibrate", str(model), "--alpha-review", "0.02", "-q"]) == 1
+    assert f"cannot write {model / 'metadata.json'}: File too large" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+    assert main(["calibrate", str(model), "--alpha-review", "0.02", "-q"]) == 0
+    assert json.loads((model / "config.json").read_text())["calibration"]["alpha_review"] == 0.02
+    assert main(["calibrate", str(model), "--undo", "-q"]) == 0
+    assert (model / "calibration.json").read_bytes() == files["calibration.json"]
+
+
+def test_undo_of_a_damaged_record_moves_nothing(tiny_model: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """metadata.json's record of the last calibrate, damaged (edited by hand, or half copied),
+    made `--undo` move whatever it named aside: the weights (``"files": ["weights.safetensors"]``,
+    the bundle left without them) or the calibration itself (its checksums missing). Such a
+    record is refused, naming it, and nothing moves."""
+    model = _copy(tiny_model, tmp_path)
+    meta_path = model / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    for record in ({"files": ["weights.safetensors"], "previous_sha256": {}},
+                   {"files": ["calibration.json"], "previous_sha256": None},
+                   {"files": "calibration.json", "previous_sha256": {"calibration.json": "0" * 64}}):
+        meta_path.write_text(json.dumps({**meta, "recalibrated": record}))
+        files = {p.name: p.read_bytes() for p in model.iterdir()}
+        assert main(["calibrate", str(model), "--undo", "-q"]) == 1
+        err = capsys.readouterr().err
+        assert f"{meta_path}: its record of the last `diffqc calibrate` (recalibrated) is damaged" in err, err
+        assert {p.name: p.read_bytes() for p in model.iterdir()} == files
 
 
 def test_cli_calibrate_refuses_unknown_types_and_writes_nothing(tiny_model: Path, tmp_path: Path,

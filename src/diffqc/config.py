@@ -482,7 +482,11 @@ class DetectorConfig:
 
     def to_json(self, path: Path | str) -> None:
         """Write the config (a bundle's ``config.json``) whole or not at all."""
-        write_atomic(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True).encode("utf-8"))
+        write_atomic(Path(path), self.json_bytes())
+
+    def json_bytes(self) -> bytes:
+        """The config as a bundle's ``config.json`` holds it."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode("utf-8")
 
     @classmethod
     def from_json(cls, path: Path | str) -> DetectorConfig:

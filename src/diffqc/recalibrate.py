@@ -58,12 +58,13 @@ from diffqc.calibration import (
 from diffqc.config import CalibrationConfig
 from diffqc.errors import BundleError, ConfigError, DatasetError, UnknownFeatureTypeError, did_you_mean
 from diffqc.inspection import other_images
-from diffqc.output import check_writable, json_line, keep_file, path_text, replacing, write_atomic
+from diffqc.output import check_writable, json_line, keep_file, path_text, replacing
 
 log = logging.getLogger("diffqc.recalibrate")
 
 CALIBRATION_FILE = "calibration.json"
 INT8_CALIBRATION_FILE = "calibration.int8.json"
+CALIBRATION_FILES = frozenset({CALIBRATION_FILE, INT8_CALIBRATION_FILE})
 INT8_MODEL_FILE = "model.int8.onnx"
 # `diffqc results export` writes, beside its manifest.csv, per type: how many parts the line
 # inspected in the export's period and how many were flagged, and how many of each it exported.
@@ -75,14 +76,11 @@ def _content(path: Path) -> bytes | None:
     return path.read_bytes() if path.is_file() else None
 
 
-def _install(path: Path, files: Mapping[str, bytes | None]) -> tuple[list[str], dict[str, str]]:
-    """Write each calibration file of bundle ``path`` by name (None: none, the file moved aside),
-    its current content kept first as its :func:`previous_name`, each atomically; a file whose
-    content is already ``files``' is left as it is (a calibration run again on the same images
-    keeps the one before it as the previous). The new files are on disk before any previous one
-    is kept (a full disk changes nothing, the previous included), and a previous one is kept by
-    a hard link, which takes no room. Returns the names written (or moved aside) and the SHA-256
-    of each file kept as the previous."""
+def _changes(path: Path, files: Mapping[str, bytes | None]) -> tuple[dict[str, bytes | None], dict[str, str]]:
+    """The calibration files of bundle ``path`` that ``files`` changes, by name (None: none, the
+    file moved aside; a file whose content is already ``files``' is left as it is: a calibration
+    run again on the same images keeps the one before it as the previous), and the SHA-256 of the
+    current content of each of them that has one (kept as its :func:`previous_name`)."""
     changed: dict[str, bytes | None] = {}
     previous: dict[str, str] = {}
     for name, data in files.items():  # each file read once: compared, and its checksum kept
@@ -90,8 +88,19 @@ def _install(path: Path, files: Mapping[str, bytes | None]) -> tuple[list[str], 
             changed[name] = data
             if now is not None:
                 previous[name] = hashlib.sha256(now).hexdigest()
-    with contextlib.ExitStack() as renames:  # each new file renamed into place as it closes
-        for name, data in changed.items():
+    return changed, previous
+
+
+def _install(path: Path, changed: Mapping[str, bytes | None], previous: Collection[str],
+             record: Mapping[str, bytes]) -> None:
+    """Write the ``changed`` calibration files of bundle ``path`` (:func:`_changes`), each one's
+    current content (those named in ``previous``) kept first as its :func:`previous_name`, and the
+    ``record`` files that say so, renamed after them in their order (``config.json``'s levels,
+    then ``metadata.json``), each atomically. Every new file is on disk before any previous one is
+    kept or any file renamed (a full disk changes nothing, the previous included), and a previous
+    one is kept by a hard link, which takes no room."""
+    with contextlib.ExitStack() as renames:  # each new file renamed into place as it closes: the last first
+        for name, data in [*reversed(list(record.items())), *changed.items()]:
             if data is not None:
                 renames.enter_context(replacing(path / name, data))
         for name in previous:
@@ -99,7 +108,6 @@ def _install(path: Path, files: Mapping[str, bytes | None]) -> tuple[list[str], 
                 os.replace(path / name, path / previous_name(name))
             else:
                 keep_file(path / name, path / previous_name(name))
-    return sorted(changed), previous
 
 
 def calibration_scores(detector: Any, samples: Sequence[Any], *, skip_corrupt: bool = False,
@@ -335,7 +343,8 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
     meta = check_not_retrained(path, det.metadata, "calibrate scored its images: nothing is written (its "
                                "calibration is the new model's); run calibrate again")
     files = {name: json.dumps(cal.to_dict()).encode("utf-8") for name, cal in new.items()}
-    written, previous = _install(path, files)
+    changed, previous = _changes(path, files)
+    written = sorted(changed)
     checksums = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     counts = {t: len(v) for t, v in sorted(known.items())}
     levels = {"alpha_review": config.alpha_review, "alpha_reject": config.alpha_reject}
@@ -345,8 +354,9 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
                "thresholds": {t: new[CALIBRATION_FILE].thresholds(t) for t in sorted(renewed)}}
     if not written:  # the same images again (a command run twice), the same levels: as it was
         return {**summary, "unchanged": True}
+    record: dict[str, bytes] = {}
     if config != old.config:  # the bundle's config says the levels it decides at
-        replace(det.config, calibration=config).to_json(path / "config.json")
+        record["config.json"] = replace(det.config, calibration=config).json_bytes()
     _record_checksums(meta, checksums, written)
     training = meta.setdefault("training_data", {})
     training["calibration_images"] = {**training.get("calibration_images", {}), **counts}
@@ -363,7 +373,8 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
         "previous_sha256": previous,
         "files": written,
     }
-    write_atomic(meta_path, json.dumps(meta, indent=2).encode("utf-8"))
+    record[meta_path.name] = json.dumps(meta, indent=2).encode("utf-8")
+    _install(path, changed, previous, record)
     return summary
 
 
@@ -394,15 +405,22 @@ def undo_recalibration(model: Path | str) -> dict[str, Any]:
     bundle keeps no previous calibration or the one kept is not what its last calibrate replaced
     (a retrain into the folder since, a file copied in); returns a summary as
     :func:`recalibrate` does."""
-    from diffqc.inspection import sha256_file
 
     path = Path(model)
     config, loaded, current = read_bundle(path)  # no weights: a calibration is put back, nothing scored
     check_writable(path / CALIBRATION_FILE)
     done = loaded.get("recalibrated")
     done = done if isinstance(done, dict) else {}
-    kept = done.get("previous_sha256") or {}
-    files = done.get("files", sorted(kept))  # those it wrote (a record from before names none)
+    kept = done.get("previous_sha256", {})
+    # those it wrote (a record from before names none: those it kept)
+    files = done.get("files", sorted(kept) if isinstance(kept, dict) else None)
+    whole = (isinstance(kept, dict) and isinstance(files, list)
+             and all(isinstance(name, str) and name in CALIBRATION_FILES for name in files)
+             and (CALIBRATION_FILE in kept or CALIBRATION_FILE not in files))
+    if not whole:  # what it names is moved aside or replaced: never the weights, nor FP32's unkept
+        raise BundleError(f"{path_text(path / 'metadata.json')}: its record of the last `diffqc calibrate` "
+                          f"(recalibrated) is damaged (files {files!r}, previous_sha256 {kept!r}); nothing "
+                          "is changed: calibrate on GOOD images instead (diffqc calibrate MODEL DATA)")
     if not files:
         raise ConfigError(f"{path_text(path)} has no previous calibration to put back: it was not "
                           "recalibrated since it was trained (`diffqc calibrate` keeps the calibration "
@@ -426,14 +444,18 @@ def undo_recalibration(model: Path | str) -> dict[str, Any]:
                           f"{sorted(cal.known)}, the model's are {classes}; nothing is changed")
     meta = check_not_retrained(path, loaded, "calibrate --undo read it: nothing is changed (its "
                                "calibration is the new model's)")
-    written, previous = _install(path, restore)
+    changed, previous = _changes(path, restore)
+    written = sorted(changed)
     if not written:  # each file already what it would put back
         raise ConfigError(f"{path_text(path / previous_name(CALIBRATION_FILE))} holds the calibration as it "
                           "stands: nothing to put back (the one before it is not kept)")
+    record: dict[str, bytes] = {}
     if cal.config != config.calibration:
-        replace(config, calibration=cal.config).to_json(path / "config.json")
-    checksums = {name: sha256_file(path / name) for name in (CALIBRATION_FILE, INT8_CALIBRATION_FILE)
-                 if (path / name).is_file()}
+        record["config.json"] = replace(config, calibration=cal.config).json_bytes()
+    checksums = {}
+    for name in (CALIBRATION_FILE, INT8_CALIBRATION_FILE):  # of the files there once it is done
+        if (data := changed[name] if name in changed else _content(path / name)) is not None:
+            checksums[name] = hashlib.sha256(data).hexdigest()
     _record_checksums(meta, checksums, written)
     counts = {t: int(c.scores.size) for t, c in sorted(cal.known.items())}
     meta.setdefault("training_data", {})["calibration_images"] = counts
@@ -441,7 +463,8 @@ def undo_recalibration(model: Path | str) -> dict[str, Any]:
     meta["recalibrated"] = {"at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "undo": True,
                             "data": None, "images": {}, **levels, "previous_sha256": previous,
                             "files": written}
-    write_atomic(path / "metadata.json", json.dumps(meta, indent=2).encode("utf-8"))
+    record["metadata.json"] = json.dumps(meta, indent=2).encode("utf-8")
+    _install(path, changed, previous, record)
     return {"model": str(path), "undo": True, "calibration_images": counts, **levels, "files": written,
             "kept_previous": sorted(previous_name(n) for n in previous), "sha256": checksums,
             "thresholds": {t: cal.thresholds(t) for t in sorted(cal.known)}}
