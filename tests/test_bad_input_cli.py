@@ -62,6 +62,10 @@ def _foreign_out(c: Ctx) -> None:
     (c.tmp / "photos" / "holiday.jpg").write_bytes(b"precious")
 
 
+def _dangling_out(c: Ctx) -> None:
+    (c.tmp / "m").symlink_to(c.tmp / "nowhere" / "models")  # a volume's folder not mounted yet
+
+
 def _manifest(c: Ctx) -> None:
     """c.tmp/manifest.csv listing the dataset's dots images by absolute path."""
     rows = ["path,feature_type,label"]
@@ -154,6 +158,12 @@ ROWS: dict[str, Row | object] = {
     "train_out_foreign_folder": Row(lambda c: ["train", str(c.data), "--out", str(c.tmp / "photos")],
                                     ("is not empty and is not a diffqc model bundle", "--force"),
                                     setup=_foreign_out),
+    # refused before the training, not after it (it trained, then said "Not a directory")
+    "train_out_dangling_link": Row(_train(), ("cannot write the model bundle to", "is a link to",
+                                              "nowhere/models, which does not exist"), setup=_dangling_out),
+    "evaluate_out_dangling_link": Row(lambda c: ["evaluate", str(c.data), "--out", str(c.tmp / "m")],
+                                      ("cannot write the report to", "which does not exist"),
+                                      setup=_dangling_out),
     "train_out_is_data": Row(lambda c: ["train", str(c.data), "--out", str(c.data)], ("overlap",)),
     "train_out_inside_data": Row(lambda c: ["train", str(c.data), "--out", str(c.data / "model")],
                                  ("overlap",), absent=lambda c: c.data / "model"),

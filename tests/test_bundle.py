@@ -100,6 +100,28 @@ def test_undo_retrain_refuses_without_a_previous_or_a_damaged_one(tiny_model: Pa
     assert _tree(out) == before
 
 
+def test_undo_retrain_on_a_read_only_volume_names_the_bundle(tiny_model: Path, tmp_path: Path) -> None:
+    """`train --undo` on a bundle mounted read-only said "MODEL/.diffqc-partial-k3x9: Permission
+    denied" (or Read-only file system), a temporary folder the user never made. It names the
+    bundle's folder and why, and nothing changes."""
+    import subprocess
+    import sys
+
+    from .conftest import run_with_mount
+
+    volume, mounted = tmp_path / "volume", tmp_path / "models"
+    _retrained(tiny_model, "first").save(volume)
+    _retrained(tiny_model, "second").save(volume)
+    mounted.mkdir()
+    before = _tree(volume)
+    proc: subprocess.CompletedProcess[str] = run_with_mount(
+        volume, mounted, [sys.executable, "-m", "diffqc.cli", "train", "--undo", "--out", str(mounted)],
+        read_only=True)
+    assert proc.returncode == 1
+    assert f"cannot write {mounted / 'metadata.json'}: Read-only file system" in proc.stderr, proc.stderr
+    assert ".diffqc-partial" not in proc.stderr and _tree(volume) == before
+
+
 def test_a_save_refuses_a_previous_folder_that_is_not_one_it_kept(tiny_model: Path, tmp_path: Path) -> None:
     """previous/ holding the user's own files (a folder of that name made by hand) is never
     emptied: the save is refused, nothing written, and says what to do."""

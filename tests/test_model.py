@@ -406,7 +406,6 @@ def test_save_refuses_a_foreign_folder_and_force_deletes_nothing(tiny_model: Pat
     (out / "sub").mkdir(parents=True)
     (out / "holiday.jpg").write_bytes(b"precious")
     (out / "sub" / "notes.txt").write_text("keep me")
-    (out / "calibration.prev.json").write_text("{}")  # a name diffqc writes in its bundles: not its here
     before = _tree(out)
     # the way to write beside them named as Python spells it too (it named the CLI's --force alone)
     with pytest.raises(OutputError, match=r"not empty and is not a diffqc model bundle.*force=True from Py"):
@@ -432,6 +431,15 @@ def test_force_never_replaces_a_foreign_file_of_a_bundle_files_name(tiny_model: 
         det.save(out, force=True)
     assert _tree(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["project"]
+    # a name a bundle keeps, not writes: the first save wrote beside it, and a later one (the
+    # folder then a bundle) moved it into previous/ as the calibration its last calibrate
+    # replaced, where the save after that replaced it
+    (out / "config.json").unlink()
+    (out / "calibration.prev.json").write_text('{"the user": "notes"}')
+    before = _tree(out)
+    with pytest.raises(OutputError, match=r"already holds calibration\.prev\.json.*never replaces"):
+        det.save(out, force=True)
+    assert _tree(out) == before
 
 
 def test_save_over_a_bundle_replaces_only_its_files(tiny_model: Path, tmp_path: Path) -> None:
@@ -513,8 +521,27 @@ def test_save_into_a_bundle_folder_that_is_a_mount_point(tiny_model: Path, tmp_p
     before = _tree(volume)
     proc = run_with_mount(volume, mounted, [sys.executable, "-c", save], read_only=True)
     assert proc.returncode == 1
-    assert f"OutputError: cannot write the model bundle {mounted}: Read-only file system" in proc.stderr
+    assert (f"OutputError: cannot write the model bundle to {mounted}: {mounted} is not writable "
+            "(Read-only file system)") in proc.stderr
     assert ".partial" not in proc.stderr and _tree(volume) == before
+
+
+def test_train_into_a_folder_it_cannot_write_is_refused_before_it_trains(clear_dataset: Path,
+                                                                         tmp_path: Path) -> None:
+    """A read-only volume as `train --out` (a container's `:ro` mount) was refused only once the
+    model was trained, its time lost: it is refused before any image is read."""
+    volume, mounted = tmp_path / "volume", tmp_path / "models"
+    volume.mkdir()
+    mounted.mkdir()
+    train = [sys.executable, "-m", "diffqc.cli", "train", str(clear_dataset), "--out", str(mounted / "m"),
+             "--method", "padim", "--set", "backbone.input_size=64", "--set", "calibration.fraction=0.35"]
+    proc = run_with_mount(volume, mounted, train, read_only=True)
+    assert proc.returncode == 1
+    assert (f"cannot write the model bundle to {mounted / 'm'}: {mounted} is not writable (Read-only file "
+            "system)") in proc.stderr, proc.stderr
+    assert "reading + extracting features" not in proc.stderr and not any(volume.iterdir())
+    proc = run_with_mount(volume, mounted, train)  # writable: it reads the images, then writes
+    assert proc.returncode == 0 and "reading + extracting features" in proc.stderr, proc.stderr
 
 
 

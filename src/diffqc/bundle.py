@@ -26,6 +26,7 @@ from diffqc.inspection import BUNDLE_FILES, check_bundle_version, newer_writer, 
 from diffqc.output import (
     PARTIAL_PREFIX,
     check_output_folder,
+    check_writable,
     keep_file,
     path_text,
     sync_folder,
@@ -62,7 +63,7 @@ def check_bundle_target(path: Path | str, *, force: bool = False) -> Path:
     (whose own files are replaced, the bundle kept in ``previous/``); any other folder only with
     ``force``, beside what is there and replacing nothing
     (:func:`diffqc.output.check_output_folder`)."""
-    path = check_output_folder(path, what="model bundle", names=BUNDLE_FILES, is_ours=is_bundle,
+    path = check_output_folder(path, what="model bundle", names=KEPT_FILES, is_ours=is_bundle,
                                foreign="is not a diffqc model bundle", force=force)
     if is_bundle(path):
         _check_previous(path)
@@ -407,6 +408,7 @@ def undo_retrain(model: Path | str) -> dict[str, Any]:
     _check_previous(path)
     _, meta, _ = read_bundle(prev)  # a damaged one is refused before anything moves
     check_weights(prev, meta)
+    check_writable(path / "metadata.json")  # a read-only volume: named, not a temporary folder in it
     replaced = metadata_text(path, "model_id")  # None: a bundle a save cut short, not kept
     with staged_bundle(path) as staged:
         for name in KEPT_FILES:

@@ -24,7 +24,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from diffqc.errors import OutputError
+from diffqc.errors import OutputError, why_unwritable
 
 # the hidden folder a bundle is written in inside an existing folder before its files are moved
 # in (a run killed there leaves it: the folder still counts as empty, and nothing deletes it)
@@ -86,6 +86,15 @@ def check_output_folder(path: Path | str, *, what: str, names: Sequence[str],
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"cannot write the {what} to {path}: it exists and is not a folder")
+    if path.is_symlink() and not path.exists():
+        raise OutputError(f"cannot write the {what} to {path}: it is a link to {os.readlink(path)}, "
+                          "which does not exist")
+    into = path  # the folder the output's files or folder are made in, said before the work
+    while not into.exists() and into != into.parent:
+        into = into.parent
+    if into.is_dir() and not can_write_in(into):
+        raise OutputError(f"cannot write the {what} to {path}: {into} is not writable "
+                          f"({why_unwritable(into)})")
     if not path.is_dir() or is_ours(path) or not any(not p.name.startswith(PARTIAL_PREFIX)
                                                      for p in path.iterdir()):
         return path
