@@ -332,6 +332,26 @@ def test_labelled_folders_good_beside_defect_kinds(tmp_path: Path) -> None:
         ("a.png", GOOD), ("b.png", DEFECTIVE), ("c.png", DEFECTIVE)]
 
 
+def test_mvtec_folders_read_otherwise_than_named_are_said(tmp_path: Path) -> None:
+    """In the MVTec layout, ``test/good_batch2/`` was read as a defect kind without a word (the
+    labelled layout named it), and images directly in ``test/`` or in a folder beside ``train/``
+    and ``test/`` (``validation/good``, MVTec LOCO's; ``masks/`` for ``ground_truth/``) were left out
+    without one: each is said."""
+    img = _png(np.full((8, 8), 128, np.uint8))
+    for name in ("bottle/train/good/a.png", "bottle/test/good/b.png", "bottle/test/good_batch2/c.png",
+                 "bottle/test/crack/d.png", "bottle/test/e.png", "bottle/validation/good/f.png",
+                 "bottle/masks/crack/d.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(img)
+    with pytest.warns(DatasetWarning) as record:
+        samples = load_dataset(tmp_path / "bottle")
+    assert sorted((s.path.name, s.label) for s in samples) == [
+        ("a.png", GOOD), ("b.png", GOOD), ("c.png", DEFECTIVE), ("d.png", DEFECTIVE)]
+    said = [str(r.message) for r in record]
+    assert any("good_batch2/ is read as a defect kind: only a folder named" in m for m in said), said
+    assert any("images not read: 1 directly in test/; 1 in masks/; 1 in validation/" in m for m in said), said
+
+
 def test_a_good_folder_beside_type_folders_is_refused(tmp_path: Path, clear_dataset: Path) -> None:
     """``root/good/`` beside ``root/edge/good/`` and ``root/edge/crack/`` (a type's GOOD folder
     copied one level too high) was read as one type whose defect kind ``edge`` held edge's GOOD
@@ -570,6 +590,48 @@ def test_manifest_written_on_windows(tmp_path: Path, clear_dataset: Path) -> Non
                                     "C:\\Daten\\dots\\b.png,dots,good\n")
     with pytest.raises(DatasetError, match=r"m\.csv:3: 'C:\\\\Daten.*' is a Windows path \(on C:\\\)"):
         load_manifest(tmp_path / "m.csv")
+
+
+def test_a_manifests_columns_are_read_in_any_case_and_a_near_miss_is_named(tmp_path: Path,
+                                                                          clear_dataset: Path) -> None:
+    """A column named ``Split`` (as a spreadsheet's header is often capitalised) or ``Part_ID``
+    was not read, without a word: the GOOD test rows were trained on. Column names are read in
+    any case, spaces and hyphens as underscores; one that misses a column diffqc reads
+    (``splits``) is named with it; others (``notes``) are the user's own, left alone."""
+    img = next((clear_dataset / "dots" / "train" / "good").iterdir())
+    (tmp_path / "m.csv").write_text(f"Path,Feature Type,LABEL,Split,Part-ID,notes\n"
+                                    f"{img},dots,good,test,p1,ok\n")
+    (s,) = load_manifest(tmp_path / "m.csv")
+    assert (s.path, s.feature_type, s.label, s.split, s.part_id) == (img, "dots", GOOD, "test", "p1")
+    (tmp_path / "m.csv").write_text(f"path,feature_type,label,splits\n{img},dots,good,test\n")
+    with pytest.raises(DatasetError, match=r"m\.csv: column 'splits' is not one diffqc reads \(did you "
+                                           r"mean 'split'\?\)"):
+        load_manifest(tmp_path / "m.csv")
+    (tmp_path / "m.csv").write_text(f"path,feature_type,label,split,Split\n{img},dots,good,train,test\n")
+    with pytest.raises(DatasetError, match=r"m\.csv: columns 'split' and 'Split' are one column"):
+        load_manifest(tmp_path / "m.csv")
+
+
+@pytest.mark.parametrize("content,err", [
+    ("path,feature_type,label\n,dots,good\n", r"m\.csv:2: empty path"),  # was read as the manifest's folder
+    ("path,feature_type,label\nC:/Daten/b.png,dots,good\n", r"m\.csv:2: 'C:/Daten/b.png' is a Windows path"),
+])
+def test_manifest_rows_that_name_no_file_here_are_named(tmp_path: Path, content: str, err: str) -> None:
+    (tmp_path / "m.csv").write_text(content)
+    with pytest.raises(DatasetError, match=err):
+        load_manifest(tmp_path / "m.csv")
+
+
+def test_manifest_cells_after_a_space_and_a_quoted_header_are_read(tmp_path: Path,
+                                                                   clear_dataset: Path) -> None:
+    """``dots, "edge1", good`` kept the quotes of a cell after ", " (a type named '"edge1"'), and a
+    header of quoted names separated by ';' (LibreOffice's "quote all text cells") was not
+    found."""
+    img = next((clear_dataset / "dots" / "train" / "good").iterdir())
+    (tmp_path / "m.csv").write_text(f'path, feature_type, label\n{img}, "edge1", good\n')
+    assert [s.feature_type for s in load_manifest(tmp_path / "m.csv")] == ["edge1"]
+    (tmp_path / "m.csv").write_text(f'"path";"feature_type";"label"\n"{img}";"dots";"good"\n')
+    assert [(s.path, s.feature_type) for s in load_manifest(tmp_path / "m.csv")] == [(img, "dots")]
 
 
 def test_manifest_not_utf8_is_named(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 import sys
 import warnings
 from collections import Counter
@@ -539,6 +540,8 @@ def load_mvtec_type(type_root: Path, feature_type: str | None = None) -> list[Sa
         for good in _good_folders(train):
             samples += [Sample(p, feature_type, GOOD, split="train", defect="good") for p in _images_in(good)]
     ground_truth = next(iter(_named(type_root, "ground_truth")), type_root / "ground_truth")
+    alike: list[str] = []  # test/good_batch2/: a defect kind by the rule, GOOD by its name
+    left: list[str] = []
     for test in _named(type_root, "test"):
         for kind_dir in _subfolders(test):
             label = GOOD if kind_dir.name.lower() in _GOOD_FOLDER_NAMES else DEFECTIVE
@@ -547,6 +550,14 @@ def load_mvtec_type(type_root: Path, feature_type: str | None = None) -> list[Sa
             for p in _images_in(kind_dir):
                 mask = None if label == GOOD else _find_mask(masks, p, p.parent.relative_to(kind_dir))
                 samples.append(Sample(p, feature_type, label, mask, defect=kind, split="test"))
+            alike += [kind] if label == DEFECTIVE and _first_word(kind.lower()) in _GOOD_FOLDER_NAMES else []
+        left += [f"{n} directly in {test.name}/"] if (n := _count_images_directly(test)) else []
+    left += [f"{n} in {d.name}/" for d in _subfolders(type_root)  # validation/ (MVTec LOCO's), masks/
+             if d.name.lower() not in ("train", "test", "ground_truth") and (n := len(_images_in(d)))]
+    if left:
+        warnings.warn(f"{type_root}: images not read: {'; '.join(left)} (the MVTec layout reads train/good, "
+                      "test/<kind> and the masks in ground_truth/<kind>)", DatasetWarning, stacklevel=3)
+    _name_read_as_defects(type_root, alike)
     _name_defects_without_masks(ground_truth, [s for s in samples if s.label == DEFECTIVE])
     _name_masks_of_another_shape(ground_truth, [s for s in samples if s.mask_path is not None])
     return samples
@@ -683,12 +694,18 @@ def load_labelled_type(type_root: Path, feature_type: str | None = None) -> list
                     "named after their kind)")
     if left:
         warnings.warn(f"{type_root}: images not read: {'; '.join(left)}", DatasetWarning, stacklevel=3)
+    _name_read_as_defects(type_root, alike)
+    return samples
+
+
+def _name_read_as_defects(type_root: Path, alike: list[str]) -> None:
+    """Folders of defects by the rule, GOOD by their name's first word (``good_batch2/``): one
+    :class:`DatasetWarning` names them."""
     if alike:
         verb = "is read as a defect kind" if len(alike) == 1 else "are read as defect kinds"
         warnings.warn(f"{type_root}: {', '.join(f'{a}/' for a in alike)} {verb}: only a "
                       f"folder named {', '.join(sorted(_GOOD_FOLDER_NAMES))} (any case) holds GOOD "
-                      "images; move GOOD ones there", DatasetWarning, stacklevel=3)
-    return samples
+                      "images; move GOOD ones there", DatasetWarning, stacklevel=4)
 
 
 def _first_word(name: str) -> str:
@@ -805,6 +822,7 @@ def _loose_images_hint(root: Path) -> str:
 
 
 MANIFEST_COLUMNS = ("path", "feature_type", "label")
+MANIFEST_OPTIONAL = ("mask", "part_id", "split", "defect")
 # a table as spreadsheets save it: CSV, or tab-separated as .tsv or .txt (Excel's "Text (Tab delimited)")
 MANIFEST_SUFFIXES = frozenset({".csv", ".tsv", ".txt"})
 
@@ -858,9 +876,15 @@ def _delimiter(header: str) -> str:
     """The manifest's field separator: ``,``, or ``;`` / tab when the header is split by that (a
     spreadsheet saved as CSV where the decimal separator is a comma writes ``;``)."""
     for sep in (",", ";", "\t"):
-        if set(MANIFEST_COLUMNS) <= {f.strip() for f in header.split(sep)}:
+        if set(MANIFEST_COLUMNS) <= {_column(f) for f in header.split(sep)}:
             return sep
     return ","
+
+
+def _column(name: str) -> str:
+    """A manifest's column name as read: in any case, spaces and hyphens as ``_`` (``Part ID``,
+    ``Part-ID``: ``part_id``), quotes left around it dropped."""
+    return re.sub(r"[\s-]+", "_", name.strip().strip('"').strip().lower())
 
 
 def _listed_path(base: Path, text: str, where: str) -> Path:
@@ -869,10 +893,10 @@ def _listed_path(base: Path, text: str, where: str) -> Path:
     container) is read with ``\\`` as the separator when no file has the literal name (a name
     may hold a ``\\`` here); a Windows drive or share (``C:\\...``) cannot be, and is named."""
     literal = Path(text) if Path(text).is_absolute() else base / text
-    if "\\" not in text or isinstance(literal, PureWindowsPath) or literal.exists():
-        return literal
     windows = PureWindowsPath(text)
-    if windows.anchor:
+    if isinstance(literal, PureWindowsPath) or literal.exists() or not (windows.drive or "\\" in text):
+        return literal
+    if windows.anchor:  # C:\ or C:/, \\nas\share
         raise DatasetError(f"{where}: {text!r} is a Windows path (on {windows.anchor}); write "
                            "the paths relative to the manifest's folder")
     return base.joinpath(*windows.parts)
@@ -896,19 +920,24 @@ def load_manifest(path: Path | str) -> list[Sample]:
         raise DatasetError(f"manifest {path} is not UTF-8 text (byte {exc.start}); save it as "
                            "'CSV UTF-8'") from None
     first_line = text.partition("\n")[0]
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_delimiter(first_line))
-    fields = [f.strip() for f in (reader.fieldnames or [])]
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_delimiter(first_line),
+                            skipinitialspace=True)  # `a, "b"`: b
+    names = {name: _column(name) for name in reader.fieldnames or []}
+    fields = list(names.values())
     missing = [c for c in MANIFEST_COLUMNS if c not in fields]
     if missing:
         raise DatasetError(f"manifest {path} lacks column(s) {', '.join(missing)}; has {fields}"
                            f"{_header_hint(first_line)}")
+    _check_columns(path, list(names))
     for lineno, raw in enumerate(reader, start=2):
-        row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+        row = {names[k]: (v or "").strip() for k, v in raw.items() if k is not None}
         if not any(row.values()):  # ",,," as a spreadsheet saves rows it once had
             continue
         label = _manifest_label(row["label"], f"{path}:{lineno}")
         if not row["feature_type"]:
             raise DatasetError(f"{path}:{lineno}: empty feature_type")
+        if not row["path"]:  # else read as the manifest's own folder
+            raise DatasetError(f"{path}:{lineno}: empty path")
         img = _listed_path(base, row["path"], f"{path}:{lineno}")
         mask = row.get("mask") or None
         mask_path = None if mask is None else _listed_path(base, mask, f"{path}:{lineno}")
@@ -924,6 +953,21 @@ def load_manifest(path: Path | str) -> list[Sample]:
         raise DatasetError(f"manifest {path} has no rows")
     name_types_alike(f"manifest {path}", feature_types(samples))
     return samples
+
+
+def _check_columns(path: Path, columns: Sequence[str]) -> None:
+    """A :class:`DatasetError` for two columns that are one (``split`` and ``Split``), or one that
+    misses a column diffqc reads (``splits``: the column it meant would go unread, without a
+    word); other columns (``notes``) are the user's own, not read."""
+    known = (*MANIFEST_COLUMNS, *MANIFEST_OPTIONAL)
+    seen: dict[str, str] = {}
+    for name in columns:
+        if (column := _column(name)) in seen:
+            raise DatasetError(f"{path}: columns {seen[column]!r} and {name!r} are one column ({column}): "
+                               "keep one")
+        seen[column] = name
+        if column not in known and (hint := did_you_mean(column, known)):
+            raise DatasetError(f"{path}: column {name!r} is not one diffqc reads{hint}")
 
 
 def _header_hint(header: str) -> str:
