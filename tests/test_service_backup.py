@@ -113,6 +113,27 @@ def test_results_backup_names_replaces_and_refuses(tmp_path: Path,
     assert not (tmp_path / "typo.db").exists()
 
 
+def test_a_backup_beside_a_stale_journal_is_refused(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A store deleted without its ``-wal`` (or one a crash left so, given with --force): the
+    backup renamed into its place was read through that file, as the old store, its own records
+    gone at the first read, while the command said it was written. Refused, naming the file;
+    nothing is written or removed."""
+    db = tmp_path / "results.db"
+    with ResultStore(str(db)) as store:
+        store.insert_many([_part(i) for i in range(3)])
+    out = tmp_path / "b.db"
+    for ending in ("-wal", "-journal"):
+        stale = Path(f"{out}{ending}")
+        stale.write_bytes(b"an older store's pages")
+        assert main(["results", "backup", str(out), "--db", str(db), "--force"]) == 1
+        said = capsys.readouterr().err
+        assert f"{stale} lies beside {out}" in said, said
+        assert stale.read_bytes() == b"an older store's pages" and not out.exists()
+        stale.unlink()
+    assert main(["results", "backup", str(out), "--db", str(db)]) == 0 and len(_ids(out)) == 3
+
+
 def test_a_backup_that_cannot_be_written_leaves_nothing(tmp_path: Path) -> None:
     """A full disk mid-copy: the error names the backup, and no partial file is left behind (an
     earlier backup at the path stays as it was)."""

@@ -623,6 +623,10 @@ def test_a_time_can_be_a_span_back_from_now(tmp_path: Path, capsys: pytest.Captu
                                            r"seconds: milliseconds\? give seconds \(1796414640\)"):
         parse_time("1796414640000", "since")
     assert parse_time("253402300799", "until") == 253402300799  # 9999-12-31T23:59:59Z: "for ever"
+    # a date in ISO 8601's basic form (20251205) was read as epoch seconds, 1970-08-23
+    import datetime as dt
+
+    assert parse_time("20251205", "since") == dt.datetime(2025, 12, 5, tzinfo=dt.UTC).timestamp()
     with pytest.raises(ServiceError, match=r"since='2026-12-04T18:00 01:00' is neither .*; a \+ in a "
                                            r"URL's query reads as a space: write it %2B"):
         parse_time("2026-12-04T18:00 01:00", "since")

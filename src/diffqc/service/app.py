@@ -670,13 +670,16 @@ _SPACED_OFFSET = re.compile(r"\d \d\d(:?\d\d)?$")  # 18:00+01:00 sent unescaped:
 
 
 def parse_time(value: str | None, name: str) -> float | None:
-    """Epoch seconds, ISO 8601 (UTC when no offset) or a span back from now (``8h``: eight hours
-    ago; ``s``, ``m``, ``h``, ``d``, ``w``) -> epoch seconds."""
+    """Epoch seconds, ISO 8601 (UTC when no offset; ``20251205``, its basic form of a date, too:
+    no record is of 1970, which those digits are as seconds) or a span back from now (``8h``:
+    eight hours ago; ``s``, ``m``, ``h``, ``d``, ``w``) -> epoch seconds."""
     if value is None or value == "":
         return None
     if span := _SPAN.fullmatch(value):
         return time.time() - float(span[1]) * _SPAN_SECONDS[span[2]]
     try:
+        if re.fullmatch(r"\d{8}", value):  # a date, YYYYMMDD
+            raise ValueError(value)
         seconds = float(value)
     except ValueError:
         pass

@@ -1497,7 +1497,13 @@ def _copy_store(conn: sqlite3.Connection, source: Path, out: Path) -> int:
     """Copy the store ``conn`` holds (``source``) to ``out`` as one self-contained file (rollback
     journal, not WAL), in one step (one read transaction: the store as of one commit), checked
     (``PRAGMA integrity_check``), then renamed into place: ``out`` is the whole copy or nothing.
-    Returns its records."""
+    Returns its records. Refused where ``out`` has a ``-wal`` or ``-journal`` beside it (a store
+    deleted without it, or a crash's): SQLite would read the copy through it, as that store."""
+    for stale in (Path(f"{out}-wal"), Path(f"{out}-journal")):
+        if stale.exists():
+            raise StoreError(f"{stale} lies beside {out}: SQLite would read a copy written there through it, "
+                             "as the store that left it, and the copy's records would be lost; move it away "
+                             "or give another path; nothing is written")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
         copy = sqlite3.connect(tmp, isolation_level=None)
