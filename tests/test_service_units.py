@@ -894,6 +894,16 @@ def test_cli_results_summary_counts_a_periods_decisions_and_verdicts(
     assert capsys.readouterr().out.splitlines()[0].split(",")[:2] == ["camera", "inspected"]
 
 
+def test_a_group_named_all_is_not_the_total() -> None:
+    """A line, camera or type named ``all`` had the total's key: its counts were added to the
+    total twice and its own row was gone. It is a group of its own; the total comes last."""
+    from diffqc.service.store import summarize
+
+    rows = summarize([("all", "PASS", None, 1), ("dots", "PASS", None, 2), ("dots", "REJECT", "BAD", 1)], 1)
+    assert [(key, g["inspected"], g["REJECT"]) for key, g in rows] == [
+        (("all",), 1, 0), (("dots",), 3, 1), (("all",), 4, 1)]
+
+
 def test_cli_results_summary_of_parts_counts_each_part_once(tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     """A shift's report at the part level (``--parts``): each part counted once, by its verdict

@@ -1180,11 +1180,10 @@ def summarize(counts: list[tuple[Any, ...]], n_keys: int) -> list[tuple[tuple[An
     ones those an operator reviewed, found BAD (real defects) and GOOD (false alarms), REVIEW parts
     waiting for a verdict, and PASS parts reviewed BAD (escapes)."""
     groups: dict[tuple[Any, ...], dict[str, Any]] = {}
-    total = ("all", *([None] * (n_keys - 1)))
+    total: dict[str, Any] = dict.fromkeys(SUMMARY_COLUMNS, 0)  # apart: a group may be named "all" too
     for row in counts:
         key, decision, review, n = tuple(row[:n_keys]), row[n_keys], row[n_keys + 1], int(row[n_keys + 2])
-        for k in (key, total):
-            g = groups.setdefault(k, dict.fromkeys(SUMMARY_COLUMNS, 0))
+        for g in (groups.setdefault(key, dict.fromkeys(SUMMARY_COLUMNS, 0)), total):
             g[decision] = g.get(decision, 0) + n
             flagged = decision in ("REVIEW", "REJECT")
             g["flagged_reviewed"] += n if flagged and review is not None else 0
@@ -1192,15 +1191,15 @@ def summarize(counts: list[tuple[Any, ...]], n_keys: int) -> list[tuple[tuple[An
             g["flagged_good"] += n if flagged and review == "GOOD" else 0
             g["review_pending"] += n if decision == "REVIEW" and review is None else 0
             g["passed_found_bad"] += n if decision == "PASS" and review == "BAD" else 0
-    for g in groups.values():
+    for g in [*groups.values(), total]:
         g["inspected"] = g["PASS"] + g["REVIEW"] + g["REJECT"]
         flagged = g["REVIEW"] + g["REJECT"]
         g["flagged_share"] = round(flagged / g["inspected"], 4) if g["inspected"] else None
     def text(key: tuple[Any, ...]) -> tuple[str, ...]:
         return tuple("" if v is None else str(v) for v in key)
 
-    order = sorted((k for k in groups if k != total), key=text)
-    return [(k, groups[k]) for k in [*order, total] if k in groups]
+    rows = [(k, groups[k]) for k in sorted(groups, key=text)]
+    return [*rows, (("all", *([None] * (n_keys - 1))), total)] if rows else []
 
 
 # --------------------------------------------------------------------------- artifact files
