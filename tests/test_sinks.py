@@ -1136,6 +1136,10 @@ def test_sink_configuration_errors_are_clear() -> None:
     for bad in ("mqtt://broker/a/#", "mqtt://broker/a/+"):
         with pytest.raises(ConfigError, match="prefix"):
             parse_mqtt_url(bad)
+    # ?prefix= is the WebSocket URL's form: on mqtt:// it was dropped, decisions sent elsewhere
+    with pytest.raises(ConfigError, match=r"takes no query \(\?prefix=line1\): its topic prefix is its "
+                                          r"path, mqtt://broker:1883/line1"):
+        parse_mqtt_url("mqtt://broker:1883/?prefix=line1")
 
 
 # --------------------------------------------------------------------------- MQTT (real broker)
@@ -1448,6 +1452,10 @@ def test_webhook_headers_as_given_or_read_from_a_file(tmp_path: Path) -> None:
                          ("Content-Type: text/plain", "Content-Type is set by diffqc"),
                          ("idempotency-key: 1", "Idempotency-Key is set by diffqc"),
                          ("X-Diffqc-Kind: x", "X-Diffqc-Kind is set by diffqc"),
+                         # an en dash pasted from a document: HTTP sends Latin-1 only, and every
+                         # push failed on it, each decision dead-lettered after 8 tries
+                         ("X-Line: Linie 3 \u2013 s3cr3t", "--webhook-header 1 holds a character HTTP "
+                                                           "headers cannot carry (not Latin-1:"),
                          (f"@{tmp_path / 'missing'}", "cannot read --webhook-header @")):
         with pytest.raises(ConfigError) as info:
             webhook_headers([bad])

@@ -881,6 +881,14 @@ def signature_headers(secrets: Sequence[bytes], message_id: str, body: bytes) ->
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110's token
 
 
+def _latin1(text: str) -> bool:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def webhook_headers(items: Sequence[str]) -> dict[str, str]:
     """``--webhook-header`` values as headers: ``Name: value``, or ``@FILE`` whose lines are
     such headers (curl's ``-H @file``: a token kept in a secret file, not on the command line).
@@ -900,6 +908,10 @@ def webhook_headers(items: Sequence[str]) -> dict[str, str]:
                 place = f"line {n} of {item}" if item.startswith("@") else where
                 raise ConfigError(f"{place} is not 'Name: value' (a header such as "
                                   "'Authorization: Bearer TOKEN')")
+            if not _latin1(value):  # http.client sends Latin-1 only
+                place = f"line {n} of {item}" if item.startswith("@") else where
+                raise ConfigError(f"{place} holds a character HTTP headers cannot carry (not Latin-1: "
+                                  "a dash or quote pasted from a document?)")
             own = next((h for h in OWN_HEADERS if h.lower() == name.lower()), None)
             if own is not None:
                 raise ConfigError(f"{where}: {own} is set by diffqc on every push")
@@ -977,6 +989,10 @@ def parse_mqtt_url(url: str) -> MqttTarget:
         websocket_path = parts.path or "/mqtt"
         prefix = (query.get("prefix") or [""])[-1].strip("/") or "diffqc"
     else:
+        if parts.query:  # wss://'s ?prefix= form: dropped here, the decisions went elsewhere
+            raise ConfigError(f"MQTT URL {shown!r} takes no query (?{parts.query}): its topic prefix is "
+                              f"its path, {parts.scheme}://{parts.netloc.rpartition('@')[2]}/"
+                              f"{(parse_qs(parts.query).get('prefix') or ['PREFIX'])[-1].strip('/')}")
         prefix = parts.path.strip("/") or "diffqc"
     if any(c in prefix for c in "+#") or parts.fragment or "#" in url:  # '#' ends a URL's path
         raise ConfigError(f"MQTT topic prefix of {shown!r} may not contain '+' or '#'")
