@@ -216,6 +216,65 @@ def test_postgres_concurrent_writers_and_two_processes_schema(pg_url: str) -> No
             s.close()
 
 
+def test_postgres_two_stations_reviewing_one_record_at_once_get_a_conflict(pg_url: str) -> None:
+    """Two stations on one store, two reviewers on one record at the same moment, each having
+    seen it unreviewed: both read it before either wrote (READ COMMITTED, no lock), both got
+    200, and the later verdict replaced the first unseen, where the stale-screen guard promises
+    a 409. The write is made only where the record still holds the verdict its reviewer saw:
+    the second is refused with the first's, and nothing of it is stored."""
+    import threading
+
+    from diffqc.service.store import ReviewConflict
+
+    stores = [ResultStore(pg_url), ResultStore(pg_url)]
+    seen = threading.Barrier(2, timeout=3)
+    try:
+        rid = stores[0].insert(_rec("P1", decision="REVIEW")).id
+        assert rid is not None
+        for store in stores:  # each pauses once it has read the record, until the other has too
+            make = store._writer_conn
+
+            class Paused:
+                def __init__(self, conn: Any) -> None:
+                    self.conn = conn
+
+                def __getattr__(self, name: str) -> Any:
+                    return getattr(self.conn, name)
+
+                def execute(self, sql: str, *args: Any) -> Any:
+                    cursor = self.conn.execute(sql, *args)
+                    if sql.startswith("SELECT review, reviewed_at"):
+                        with contextlib.suppress(threading.BrokenBarrierError):
+                            seen.wait()
+                    return cursor
+
+            store._writer_conn = lambda make=make: Paused(make())  # type: ignore[method-assign]
+        said: dict[str, str] = {}
+
+        def give(store: ResultStore, who: str, verdict: str) -> None:
+            try:
+                rec = store.set_review(rid, verdict, who, replaces=None)
+                said[who] = f"stored {rec.review if rec else None}"
+            except ReviewConflict as exc:
+                said[who] = f"conflict: {exc}"
+
+        threads = [threading.Thread(target=give, args=(s, who, v))
+                   for s, who, v in ((stores[0], "ann", "GOOD"), (stores[1], "bob", "BAD"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        first, second = ("ann", "bob") if said["ann"].startswith("stored") else ("bob", "ann")
+        assert said[first].startswith("stored") and said[second].startswith("conflict"), said
+        assert f"was reviewed meanwhile: {'GOOD' if first == 'ann' else 'BAD'} by {first}" in said[second]
+        rec = stores[0].get(rid)
+        assert rec is not None and rec.reviewer == first
+        assert [h["reviewer"] for h in stores[0].review_history(rid)] == [first]
+    finally:
+        for s in stores:
+            s.close()
+
+
 PGBOUNCER_URL = os.environ.get("DIFFQC_TEST_PGBOUNCER_URL")  # scripts/start_pgbouncer.sh
 
 

@@ -1057,10 +1057,20 @@ class ResultStore:
             if before[0] is not None and not conn.execute(logged, (record_id,)).fetchone()[0]:
                 conn.execute(log_row, (record_id, *before))  # a verdict from before the history
             at = time.time()
-            conn.execute(
-                self._q(f"UPDATE {TABLE} SET {', '.join(f'{c} = ?' for c in _REVIEW_FIELDS)} WHERE id = ?"),
-                (verdict, at, reviewer, note, defect, record_id),
-            )
+            # only where the record still holds the verdict read: another service on the store
+            # (PostgreSQL reads without locking) may have given one since, which its UPDATE,
+            # waited for, shows here as no row changed
+            same = ("" if replaces is ... else
+                    f" AND review {'IS NOT DISTINCT FROM' if self.postgres else 'IS'} ?")
+            fields = ", ".join(f"{c} = ?" for c in _REVIEW_FIELDS)
+            changed = conn.execute(
+                self._q(f"UPDATE {TABLE} SET {fields} WHERE id = ?{same}"),
+                (verdict, at, reviewer, note, defect, record_id, *(() if replaces is ... else (before[0],))),
+            ).rowcount
+            if changed == 0:
+                now = conn.execute(self._q(f"SELECT {', '.join(_REVIEW_FIELDS)} FROM {TABLE} WHERE id = ?"),
+                                   (record_id,)).fetchone()
+                raise ReviewConflict(record_id, now[0], now[1], now[2])
             conn.execute(log_row, (record_id, verdict, at, reviewer, note, defect))
         return self.get(record_id)
 
