@@ -729,13 +729,19 @@ def test_watch_logs_an_unexpected_failure_once_and_once_ends_with_it(
 def test_watch_records_unreadable_files_as_not_inspected(
     rig: tuple[Path, InspectionPipeline, ResultStore],
 ) -> None:
+    """An unreadable file is recorded NOT_INSPECTED, and the line hears of it as of any record
+    (the pipeline's listeners: OPC UA's latest decision and counts, the drift watch): it was
+    stored beside them, and a PLC reading `diffqc.Last` never saw it."""
     folder, pipe, store = rig
+    heard: list[ResultRecord] = []
+    pipe.listeners.append(lambda rec, seconds: heard.append(rec))
     (folder / "junk.png").write_bytes(b"definitely not a png")
     w = _watcher(folder, pipe, store)
     assert w.step().failed == 1
     (rec,) = store.query()
     assert rec.decision == NOT_INSPECTED and "not a recognised image" in (rec.reason or "")
     assert (folder / "failed" / "junk.png").exists()
+    assert [(r.id, r.decision) for r in heard] == [(rec.id, NOT_INSPECTED)]
 
 
 def test_an_empty_file_is_waited_for_then_failed_and_once_ends(

@@ -535,9 +535,15 @@ class InspectionPipeline:
         for listener in self.batch_listeners:
             listener(len(batch), done - started)
         for job, rec in zip(jobs, stored, strict=True):
-            for fn in self.listeners:
-                fn(rec, done - job.enqueued)
+            self.announce(rec, done - job.enqueued)
             _settle(job.future, rec)
+
+    def announce(self, rec: ResultRecord, seconds: float = 0.0) -> None:
+        """Tell the :attr:`listeners` (the line's OPC UA server and drift watch, the metrics) of
+        a committed record: the pipeline's own, or one stored beside it (a watched folder's
+        unreadable file, recorded NOT_INSPECTED)."""
+        for fn in self.listeners:
+            fn(rec, seconds)
 
     def _name_repeats(self, jobs: Sequence[Job], stored: Sequence[ResultRecord]) -> None:
         """Log a new part whose image file is byte for byte one of the last parts': two parts

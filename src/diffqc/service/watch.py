@@ -653,6 +653,8 @@ class FolderWatcher:
                 camera=self.settings.camera,
             )
         )
+        if not rec.duplicate:  # the line hears of it as of any record (OPC UA, drift)
+            self.pipeline.announce(rec)
         report.records.append(rec)
         report.failed += 1
         self._finish(path, self.failed, rec.id)
