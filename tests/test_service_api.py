@@ -389,6 +389,11 @@ async def test_review_flow_and_export(detector: Any, samples: Samples, tmp_path:
         assert kinds == {"defects": [{"defect": "crack", "verdicts": 2}]}  # the corrected one counted
         r = await client.post(f"/v1/review/{ids[2]}", headers=AUTH, json={"verdict": "MAYBE"})
         assert r.status_code == 422
+        # a MES's note in cp1252 ("Oberfläche"): it was 400 "There was an error parsing the body"
+        r = await client.post(f"/v1/review/{ids[2]}", content='{"verdict": "GOOD", "note": "Oberfläche"}'
+                              .encode("cp1252"), headers={**AUTH, "Content-Type": "application/json"})
+        assert (r.status_code, r.json()["code"]) == (422, "bad_json"), r.text
+        assert "the body is not UTF-8 text (byte 35): send JSON in UTF-8" in r.json()["detail"]
         assert (
             await client.post("/v1/review/424242", headers=AUTH, json={"verdict": "GOOD"})
         ).status_code == 404

@@ -1385,6 +1385,9 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         cause = exc.__cause__ or exc.__context__
         if isinstance(cause, UploadStalled):
             return await _stalled(request, cause)
+        if isinstance(cause, UnicodeDecodeError):  # a JSON body FastAPI read (a review's) in cp1252
+            return _error_response(ServiceError(422, "bad_json", f"the body is not UTF-8 text (byte "
+                                                f"{cause.start}): send JSON in UTF-8"))
         code = HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         headers = dict(exc.headers or {})
         if "GET" in headers.get("Allow", "").split(", "):  # answered as GET is (_HeadAsGet)
