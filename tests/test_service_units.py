@@ -945,6 +945,26 @@ def test_cli_results_summary_of_parts_counts_each_part_once(tmp_path: Path,
     assert "a part spans feature types" in capsys.readouterr().err
 
 
+def test_a_part_across_a_shifts_end_is_counted_once_in_the_shift_of_its_latest_crop(tmp_path: Path) -> None:
+    """A part whose crops fall either side of a shift's end was counted in both shifts, each time
+    by the crops in it: PASS in the first (its REJECT crop not yet in), REJECT in the second, two
+    parts where there was one. It is counted once, whole, in the shift of its latest crop; a part
+    id used again in a later shift (a camera's counter wrapped) is counted in each."""
+    from diffqc.service.parts import part_summary_counts
+
+    end = 1_700_000_000.0  # the first shift's end, the second's start
+    crops = [_rec("P-1", created_at=end - 1, feature_type="a", type_known=True),
+             _rec("P-1", "REJECT", created_at=end + 1, feature_type="b", type_known=True),
+             _rec("P-2", created_at=end - 100, feature_type="a", type_known=True),  # ended in shift 1
+             _rec("P-2", created_at=end + 3600, feature_type="a", type_known=True)]  # another P-2, later
+    with ResultStore(str(tmp_path / "line.db")) as store:
+        store.insert_many(crops)
+        first, _ = part_summary_counts(store, ["line"], end - 8 * 3600, end, window_s=60)
+        second, _ = part_summary_counts(store, ["line"], end, end + 8 * 3600, window_s=60)
+    assert sorted((d, n) for *_, d, _, n in first) == [("PASS", 1)]  # P-2 alone
+    assert sorted((d, n) for *_, d, _, n in second) == [("PASS", 1), ("REJECT", 1)]  # P-1 whole, P-2 again
+
+
 def test_cli_results_list_csv_keeps_a_spreadsheet_from_running_what_a_client_sent(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The CSV is a shift's report for a spreadsheet, and part ids, lines and review notes come

@@ -142,18 +142,22 @@ def part_verdict(part_id: str, records: Sequence[ResultRecord],
 
 def part_summary_counts(store: ResultStore, by: Sequence[str], since: float | None, until: float | None,
                         window_s: float = PART_WINDOW_S) -> tuple[list[tuple[Any, ...]], int]:
-    """:func:`~diffqc.service.store.summarize`'s count rows of the parts with images in
-    ``[since, until)``, one a part: its latest counted image's ``by`` values, its verdict and
-    review; and the number of images without a part id (``results summary --parts``,
-    ``GET /v1/summary?parts=true``). A part spans types: ``feature_type`` in ``by`` is refused."""
+    """:func:`~diffqc.service.store.summarize`'s count rows of the parts whose latest image lies in
+    ``[since, until)``, one a part, judged whole (its images up to ``window_s`` either side of the
+    period read too: a part across a shift's end is counted once, in the shift of its latest
+    image): its latest counted image's ``by`` values, its verdict and review; and the number of
+    images without a part id (``results summary --parts``, ``GET /v1/summary?parts=true``). A
+    part spans types: ``feature_type`` in ``by`` is refused."""
     if "feature_type" in by:
         raise ConfigError("a part spans feature types: group parts by line, station, camera or source, "
                           "or count images (without parts) by type")
     counts = []
-    for pid, recs in records_by_part(store, since=since, until=until):
+    wider = (None if since is None else since - window_s, None if until is None else until + window_s)
+    for pid, recs in records_by_part(store, since=wider[0], until=wider[1]):
         v = part_verdict(pid, recs, window_s=window_s)
         last = v.counted[-1]
-        counts.append((*(getattr(last, k) for k in by), v.decision, v.review, 1))
+        if (since is None or last.created_at >= since) and (until is None or last.created_at < until):
+            counts.append((*(getattr(last, k) for k in by), v.decision, v.review, 1))
     return counts, store.count(has_part=False, since=since, until=until)
 
 
