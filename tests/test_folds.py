@@ -130,6 +130,28 @@ def test_per_type_folds_over_samples() -> None:
         == [2, 2, 2]
 
 
+def test_a_part_seen_as_images_of_several_types_lies_in_one_fold() -> None:
+    """Folds were made within each type, so a part's edge crop and corner crop could lie in two
+    folds (19 of 30 parts so), and a fold's one model, fit on the other folds' GOOD images of
+    every type, was fit on a crop of a part it then scored: the leak the folds exist to keep out.
+    Where a part is seen as images of several types, the folds are made across types, by part;
+    each type still lies in every fold."""
+    samples = []
+    for part in range(30):
+        samples.append(_sample(part, "edge", int(part % 5 == 0), f"P{part}"))
+        samples.append(_sample(100 + part, "corner", 0, f"P{part}"))
+    fold = per_type_folds(samples, k=3, seed=0)
+    folds_of: dict[str, set[int]] = {}
+    for s, f in zip(samples, fold, strict=True):
+        folds_of.setdefault(str(s.part_id), set()).add(int(f))
+    assert all(len(f) == 1 for f in folds_of.values())
+    for ftype in ("edge", "corner"):
+        in_type = {int(f) for s, f in zip(samples, fold, strict=True) if s.feature_type == ftype}
+        assert sorted(in_type) == [0, 1, 2]
+    defective = [int(f) for s, f in zip(samples, fold, strict=True) if s.label == 1]
+    assert sorted(np.bincount(defective, minlength=3)) == [2, 2, 2]  # still stratified
+
+
 def test_per_type_folds_names_the_type() -> None:
     samples = [_sample(i, "tiny", 0, "same") for i in range(4)]
     with pytest.raises(FoldError, match="'tiny'"):

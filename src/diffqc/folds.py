@@ -112,16 +112,21 @@ def grouped_stratified_kfold(
 
 
 def per_type_folds(samples: Sequence[Sample], k: int = 5, seed: int = 0) -> np.ndarray:
-    """Fold index per sample, split separately within each feature type.
+    """Fold index per sample, split separately within each feature type; where a part is seen
+    as images of several types, across the types, by part (:func:`_folds_across_types`).
 
     Groups are ``sample.group`` (part id, else image path). Unlabelled samples
     (label -1) get fold -1. Errors name the feature type.
     """
     fold_of = np.full(len(samples), -1, dtype=np.int64)
     by_type: dict[str, list[int]] = {}
+    types_of: dict[str, set[str]] = {}
     for i, s in enumerate(samples):
         if s.label in (GOOD, DEFECTIVE):
             by_type.setdefault(s.feature_type, []).append(i)
+            types_of.setdefault(s.group, set()).add(s.feature_type)
+    if any(len(types) > 1 for types in types_of.values()):
+        return _folds_across_types(samples, by_type, k, seed)
     for feature_type in sorted(by_type):
         idx = by_type[feature_type]
         labels = [samples[i].label for i in idx]
@@ -134,4 +139,21 @@ def per_type_folds(samples: Sequence[Sample], k: int = 5, seed: int = 0) -> np.n
             raise FoldError(f"feature type {feature_type!r}: {exc}") from None
         for w in caught:
             warnings.warn(f"feature type {feature_type!r}: {w.message}", stacklevel=2)
+    return fold_of
+
+
+def _folds_across_types(samples: Sequence[Sample], by_type: dict[str, list[int]], k: int,
+                        seed: int) -> np.ndarray:
+    """Folds of parts seen as images of several types: made over every labelled image at once,
+    by part (a part defective when any of its images is), so that no fold's model, fit on the
+    other folds' images of every type, is fit on an image of a part it scores. A type whose
+    images all fall in one fold (too few parts) is a :class:`FoldError` naming it."""
+    fold_of = np.full(len(samples), -1, dtype=np.int64)
+    idx = sorted(i for items in by_type.values() for i in items)
+    fold_of[idx] = grouped_stratified_assignment([samples[i].label for i in idx],
+                                                 [samples[i].group for i in idx], k, seed)
+    for feature_type, items in sorted(by_type.items()):
+        if len(set(fold_of[items].tolist())) < 2:
+            raise FoldError(f"feature type {feature_type!r}: its parts all fall in one of {k} folds "
+                            "(folds are made by part across types): too few parts of it")
     return fold_of
