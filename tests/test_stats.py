@@ -158,3 +158,20 @@ def test_binomial_interval_is_clopper_pearsons() -> None:
     assert binomial_interval(3, 100, level=0.9) == pytest.approx((0.0082, 0.0757), abs=1e-4)
     lo, hi = binomial_interval(0, 0)
     assert math.isnan(lo) and math.isnan(hi)
+
+
+def test_tied_infinite_scores_are_one_tie() -> None:
+    """Tie blocks were found by the differences of sorted scores, and inf - inf is NaN: tied
+    infinite scores (a scorer's overflow, or a "certainly defective" given as inf) were ranked
+    apart, so the DeLong AUROC, the precision-recall curve and the ROC points disagreed with the
+    same ranking given in finite scores (0.667 against 0.778)."""
+    from diffqc.metrics import aupr, image_auroc, roc_points
+
+    y = np.array([0, 0, 0, 1, 1, 1])
+    a = np.array([0.0, 1.0, np.inf, np.inf, np.inf, 2.0])
+    f = np.where(np.isinf(a), 1e300, a)  # the same ranking, finite
+    auc_a, auc_b, _, p = S.delong_test(y, a, f)
+    assert auc_a == pytest.approx(roc_auc_score(y, f)) == pytest.approx(auc_b) and p == 1.0
+    assert image_auroc(y, a) == pytest.approx(roc_auc_score(y, f))
+    assert aupr(y, a) == pytest.approx(aupr(y, f))
+    assert all(np.allclose(p, q) for p, q in zip(roc_points(y, a), roc_points(y, f), strict=True))

@@ -74,7 +74,7 @@ def _curve_counts(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     """
     order = np.argsort(-s, kind="mergesort")
     s_sorted, y_sorted = s[order], y[order]
-    ends = np.r_[np.flatnonzero(np.diff(s_sorted)), s_sorted.size - 1]
+    ends = np.r_[np.flatnonzero(s_sorted[1:] != s_sorted[:-1]), s_sorted.size - 1]  # inf - inf: NaN
     tps = np.cumsum(y_sorted)[ends].astype(np.float64)
     fps = (ends + 1).astype(np.float64) - tps
     return fps, tps, s_sorted[ends]
@@ -238,7 +238,7 @@ def pro_curve(
         return np.zeros(0), np.zeros(0)
     order = np.argsort(-s, kind="mergesort")
     s_sorted = s[order]
-    ends = np.r_[np.flatnonzero(np.diff(s_sorted)), s_sorted.size - 1]
+    ends = np.r_[np.flatnonzero(s_sorted[1:] != s_sorted[:-1]), s_sorted.size - 1]  # inf - inf: NaN
     fpr = np.cumsum(wn[order])[ends] / wn.sum()
     pro = np.cumsum(wp[order])[ends] / wp.sum()
     return np.r_[0.0, fpr], np.r_[0.0, pro]

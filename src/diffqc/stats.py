@@ -73,7 +73,7 @@ def _midranks(x: np.ndarray) -> np.ndarray:
     order = np.argsort(x, kind="mergesort")
     xs = x[order]
     n = xs.size
-    starts = np.r_[0, np.flatnonzero(np.diff(xs)) + 1]
+    starts = np.r_[0, np.flatnonzero(xs[1:] != xs[:-1]) + 1]  # not np.diff: inf - inf is NaN
     ends = np.r_[starts[1:], n]
     mid = (starts + ends + 1) / 2.0  # mean of ranks start+1 .. end
     ranked = np.repeat(mid, ends - starts)
