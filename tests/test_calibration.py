@@ -61,6 +61,19 @@ def test_threshold_matches_p_value() -> None:
     assert c.p_value("a", th) <= 0.05 < c.p_value("a", np.nextafter(th, -np.inf) - 1e-9)
 
 
+@pytest.mark.parametrize("alpha", [0.29, 0.036, 0.175])
+def test_the_threshold_is_where_the_p_value_reaches_alpha_when_alpha_n_is_whole(alpha: float) -> None:
+    """With 99 calibration scores at α = 0.29, α(n + 1) is 29 but rounds below it in floating
+    point: the threshold shown (dashboard, calibrate) was one calibration score too high, a score
+    below it already decided at p = 0.29 <= α. It is where the p-value, as the decision takes it,
+    reaches α."""
+    from diffqc.calibration import TypeCalibration
+
+    cal = TypeCalibration.from_scores(np.arange(1.0, 100.0))
+    th = cal.threshold(alpha)
+    assert cal.p_value(th, "none") <= alpha < cal.p_value(float(np.nextafter(th, -np.inf)), "none")
+
+
 @pytest.mark.parametrize("tail", ["exponential", "none"])
 @pytest.mark.parametrize("n_cal", [2, 9, 30, 300])
 def test_thresholds_are_where_the_decision_changes(n_cal: int, tail: str) -> None:

@@ -129,7 +129,9 @@ class TypeCalibration:
     def threshold(self, alpha: float) -> float:
         """Smallest score whose conformal p-value is <= α (inf when none can be, without tail)."""
         n = self.scores.size
-        k = math.floor(alpha * (n + 1)) - 1  # need #{c >= s} <= k
+        k = math.floor(alpha * (n + 1)) - 1  # need #{c >= s} <= k, as p_value computes p:
+        while (k + 2) / (n + 1) <= alpha:  # α(n + 1) whole but rounded below it (0.29 · 100)
+            k += 1
         if k < 0:
             return math.inf
         # s must exceed all but k scores: s > the (n-k)-th smallest
