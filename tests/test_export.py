@@ -261,11 +261,11 @@ def test_runtime_choice(exported: Path, tiny_model: Path, tmp_path: Path) -> Non
     assert "int8" not in info
     with pytest.raises(BundleError, match="INT8"):
         OnnxDetector(exported, precision="int8")
-    stale = tmp_path / "stale"
+    stale = tmp_path / "stale"  # exported from the weights of a model retrained since
     shutil.copytree(exported, stale)
-    meta = json.loads((stale / "metadata.json").read_text())
-    meta["weights_file_sha256"] = "0" * 64
-    (stale / "metadata.json").write_text(json.dumps(meta))
+    export_info = json.loads((stale / "export.json").read_text())
+    export_info["weights_file_sha256"] = "0" * 64
+    (stale / "export.json").write_text(json.dumps(export_info))
     with pytest.raises(BundleError, match="older than the model"):
         OnnxDetector(stale)
     # an input size edited into config.json after the export: refused, as PyTorch refuses it (it
@@ -307,6 +307,31 @@ def test_runtime_choice(exported: Path, tiny_model: Path, tmp_path: Path) -> Non
         assert isinstance(load_detector(damaged, "auto"), Detector)
     with pytest.raises(BundleError, match=r"model\.onnx is damaged"):
         load_detector(damaged, "onnx")
+    # the weights damaged: the exported graph reads the type router and the feature statistics
+    # from them, and ran with a router of 3e+32 where PyTorch refused the bundle
+    weights = tmp_path / "weights"
+    shutil.copytree(exported, weights)
+    with open(weights / "weights.safetensors", "r+b") as fh:
+        fh.seek(-8, 2)
+        byte = fh.read(1)
+        fh.seek(-8, 2)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(BundleError, match=r"weights\.safetensors is damaged \(checksum mismatch\)"):
+        load_detector(weights, "onnx")
+    # a graph that passed its checksum and that this ONNX Runtime cannot load (an export made
+    # with a newer one): a traceback; now a BundleError, so that auto runs PyTorch and says why
+    newer = tmp_path / "newer"
+    shutil.copytree(exported, newer)
+    import onnx
+
+    graph = onnx.load(str(newer / "model.onnx"))
+    graph.ir_version = 99
+    onnx.save(graph, str(newer / "model.onnx"))
+    info = json.loads((newer / "export.json").read_text())
+    info["fp32"]["sha256"] = sha256_file(newer / "model.onnx")
+    (newer / "export.json").write_text(json.dumps(info))
+    with pytest.raises(BundleError, match=r"onnx cannot load model\.onnx \(.*IR version"):
+        load_detector(newer, "onnx")
 
 
 def test_an_unfitted_detector_is_not_exported() -> None:

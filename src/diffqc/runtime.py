@@ -32,7 +32,7 @@ from PIL import Image
 from diffqc import __version__, routing
 from diffqc.arguments import THREADS
 from diffqc.backends.graph import SplitGraph
-from diffqc.bundle import WEIGHTS_FILE, read_bundle
+from diffqc.bundle import WEIGHTS_FILE, check_weights, read_bundle
 from diffqc.calibration import Calibrator
 from diffqc.config import DetectorConfig, uses_layouts
 from diffqc.data import as_image
@@ -241,6 +241,7 @@ class OnnxDetector:
         self.runtime = runtime
         self._image_check: ImageCheck | None = None  # inspect's
         self.config, self.metadata, self.calibration_ = read_bundle(self.path)
+        check_weights(self.path, self.metadata)  # the type router and feature statistics are read there
         self.classes_: list[str] = list(self.metadata["classes"])
         info = read_export_info(self.path)
         if info.get("weights_file_sha256") != self.metadata.get("weights_file_sha256"):
@@ -286,7 +287,11 @@ class OnnxDetector:
         self.precision = precision
         self._feat_stats: tuple[np.ndarray, np.ndarray] | None = None
         self.router_ = self._read_router()
-        self.graph = _graph(runtime, file, threads, providers)
+        try:
+            self.graph = _graph(runtime, file, threads, providers)
+        except Exception as exc:  # the runtime's own (ONNX Runtime's Fail): a graph newer than it
+            raise BundleError(f"model bundle {self.path}: {runtime} cannot load {file.name} ({exc}); run "
+                              f"`diffqc export {self.path}` again with this diffqc") from None
         self.input_size = self.config.backbone.input_size
 
     @classmethod
