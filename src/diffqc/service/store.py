@@ -1043,10 +1043,9 @@ class ResultStore:
             raise ValueError("a defect kind goes with a BAD verdict")
         log_row = self._q(f"INSERT INTO {REVIEWS} (record_id, {', '.join(_REVIEW_FIELDS)}) "
                           "VALUES (?, ?, ?, ?, ?, ?)")
+        read = self._q(f"SELECT {', '.join(_REVIEW_FIELDS)} FROM {TABLE} WHERE id = ?")
         with self._transaction() as conn:
-            before = conn.execute(
-                self._q(f"SELECT {', '.join(_REVIEW_FIELDS)} FROM {TABLE} WHERE id = ?"),
-                (record_id,)).fetchone()
+            before = conn.execute(read, (record_id,)).fetchone()
             if before is None:
                 return None
             if (before[0], *before[2:]) == (verdict, reviewer, note, defect):
@@ -1068,8 +1067,7 @@ class ResultStore:
                 (verdict, at, reviewer, note, defect, record_id, *(() if replaces is ... else (before[0],))),
             ).rowcount
             if changed == 0:
-                now = conn.execute(self._q(f"SELECT {', '.join(_REVIEW_FIELDS)} FROM {TABLE} WHERE id = ?"),
-                                   (record_id,)).fetchone()
+                now = conn.execute(read, (record_id,)).fetchone()
                 raise ReviewConflict(record_id, now[0], now[1], now[2])
             conn.execute(log_row, (record_id, verdict, at, reviewer, note, defect))
         return self.get(record_id)
