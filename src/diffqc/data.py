@@ -928,7 +928,7 @@ def load_manifest(path: Path | str) -> list[Sample]:
     if missing:
         raise DatasetError(f"manifest {path} lacks column(s) {', '.join(missing)}; has {fields}"
                            f"{_header_hint(first_line)}")
-    _check_columns(path, list(names))
+    _check_columns(path, reader.fieldnames or [])  # as given: two of one name are one column too
     for lineno, raw in enumerate(reader, start=2):
         row = {names[k]: (v or "").strip() for k, v in raw.items() if k is not None}
         if not any(row.values()):  # ",,," as a spreadsheet saves rows it once had
