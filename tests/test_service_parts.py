@@ -226,6 +226,12 @@ def overdue_resume_contract(store: ResultStore) -> None:
     second = OverdueParts(store, 10.0, types, station="S1")
     # B, and Y sent without a station: not A (judged), C (complete), X (another station's)
     assert second.resume(now=200.0) == 2 and second.waiting() == 2
+    # restarted again within the timeout (a crash loop, a deploy and its rollback): the sweeps'
+    # mark passed the images of the parts it had resumed, still waiting, and the run after it
+    # resumed none of them: never reported overdue
+    assert second.sweep(205.0) == []
+    second.save()
+    assert OverdueParts(store, 10.0, types, station="S1").resume(now=206.0) == 2
     # their crops may still come now that the service is back (a camera's folder kept them):
     # overdue a timeout after the restart, not at once
     assert second.sweep(209.0) == []

@@ -278,18 +278,22 @@ class OverdueParts:
         self.last_at: dict[str, float] = {}  # per type, the latest image of the latest part lacking it
         self.overdue_total = 0
         self.last_error: str | None = None  # why the latest sweep stopped early (the store down)
-        self._waiting: OrderedDict[str, float] = OrderedDict()  # part id -> its latest image's time
+        self._waiting: OrderedDict[str, float] = OrderedDict()  # part id -> when it is due from
+        self._images: dict[str, float] = {}  # part id -> its latest image's time (save's bound)
         self._lock = threading.Lock()
 
-    def note(self, verdict: PartVerdict, at: float) -> None:
-        """The part's verdict after a commit of its images, the latest made at ``at``: it
-        waits while incomplete."""
+    def note(self, verdict: PartVerdict, at: float, image_at: float | None = None) -> None:
+        """The part's verdict after a commit of its images, the latest made at ``at`` (or
+        ``image_at``, a part :meth:`resume` took up, due a timeout after ``at``): it waits while
+        incomplete."""
         with self._lock:
             self._waiting.pop(verdict.part_id, None)
+            self._images.pop(verdict.part_id, None)
             if verdict.complete is False:
                 self._waiting[verdict.part_id] = at
+                self._images[verdict.part_id] = at if image_at is None else image_at
                 while len(self._waiting) > self.capacity:
-                    self._waiting.popitem(last=False)
+                    self._images.pop(self._waiting.popitem(last=False)[0], None)
 
     def on_insert(self, conn: Any, records: Sequence[ResultRecord]) -> None:
         """A store insert hook (where no outbox judges the parts already): :meth:`note` each
@@ -308,6 +312,7 @@ class OverdueParts:
         cutoff = now - self.timeout_s
         with self._lock:
             due = [(pid, at) for pid, at in self._waiting.items() if at <= cutoff]
+            images = {pid: self._images.pop(pid, at) for pid, at in due}
             for pid, _ in due:
                 del self._waiting[pid]
         found: list[tuple[PartVerdict, ResultRecord]] = []
@@ -320,6 +325,7 @@ class OverdueParts:
                     for pid, at in reversed(due[done:]):
                         if pid not in self._waiting:  # unless seen again meanwhile
                             self._waiting[pid] = at
+                            self._images[pid] = images[pid]
                             self._waiting.move_to_end(pid, last=False)
                 return found
             if stored is None:
@@ -338,9 +344,13 @@ class OverdueParts:
 
     def save(self, before: float | None = None) -> None:
         """Keep in the store how far the sweeps got, for the next run's :meth:`resume`; not past
-        ``before`` (the latest image of a part judged whose push waits: judged again)."""
+        ``before`` (the latest image of a part judged whose push waits: judged again), nor past
+        the latest image of a part still waiting (one :meth:`resume` took up, due a timeout after
+        this run's start: a restart before then would lose it)."""
         if self.swept_until is not None:
-            until = self.swept_until if before is None else min(self.swept_until, before)
+            with self._lock:
+                waiting = min(self._images.values(), default=None)
+            until = min(t for t in (self.swept_until, before, waiting) if t is not None)
             self.store.set_meta(self.key, repr(until))
 
     def resume(self, now: float) -> int:
@@ -369,6 +379,7 @@ class OverdueParts:
         for part_id in reversed(list(parts)[:self.capacity]):  # oldest first: the first forgotten
             stored = stored_part(self.store, part_id, self.types, window_s=self.window_s)
             if stored is not None and stored[0].complete is False:
-                self.note(stored[0], max(stored[0].counted[-1].created_at, now))
+                latest = stored[0].counted[-1].created_at
+                self.note(stored[0], max(latest, now), image_at=latest)
                 resumed += 1
         return resumed
