@@ -260,6 +260,26 @@ def test_images_filed_in_sub_folders_belong_to_their_split(tmp_path: Path, clear
     assert nested.mask_path == data / "dots" / "ground_truth" / "blob" / "batch-7" / "nested_mask.png"
 
 
+def test_a_mask_at_the_top_is_not_given_to_two_images_of_one_name(tmp_path: Path,
+                                                                   clear_dataset: Path) -> None:
+    """Images of one name in two dated folders of a kind (``test/blob/day1/000.png``,
+    ``day2/000.png``) with one mask at the kind's top (``ground_truth/blob/000_mask.png``): both
+    were given it, one of them another image's mask, without a word. A mask at the top is an
+    image's only where its name is one image's of the kind; else the image has none, and the
+    defects without masks are named."""
+    data = tmp_path / "data"
+    shutil.copytree(clear_dataset / "dots", data / "dots")
+    blob, masks = data / "dots" / "test" / "blob", data / "dots" / "ground_truth" / "blob"
+    first, second = sorted(blob.iterdir())[:2]
+    for day, image in (("day1", first), ("day2", second)):
+        (blob / day).mkdir()
+        shutil.move(image, blob / day / "000.png")
+    next(masks.glob(f"{first.stem}*")).rename(masks / "000_mask.png")
+    with pytest.warns(DatasetWarning, match=r"2 of \d+ defect images have no mask"):
+        samples = load_dataset(data)
+    assert [s.mask_path for s in samples if s.path.name == "000.png"] == [None, None]
+
+
 def test_layout_folder_names_in_any_case(tmp_path: Path, clear_dataset: Path) -> None:
     """``Train/Good``, ``Test/Good`` and ``Ground_Truth`` as made on Windows (where case does not
     matter): Good was read as a defect kind (every GOOD test part counted defective) and

@@ -519,10 +519,11 @@ def _links_back(folder: Path) -> bool:
     return True
 
 
-def _find_mask(masks: Path, image: Path, within: Path = Path()) -> Path | None:
+def _find_mask(masks: Path, image: Path, within: Path = Path(), *, top: bool = True) -> Path | None:
     """The image's mask in its kind's folder of masks ``ground_truth/<defect>``: at the image's
-    own sub-path ``within`` the kind's folder first, then at the top."""
-    for folder in dict.fromkeys((masks / within, masks)):
+    own sub-path ``within`` the kind's folder first, then at the top (``top``: where no other
+    image of the kind has its name; else that mask may be the other's)."""
+    for folder in dict.fromkeys((masks / within, *([masks] if top else []))):
         for candidate in (f"{image.stem}_mask.png", f"{image.stem}.png", f"{image.stem}_mask{image.suffix}"):
             if (folder / candidate).is_file():
                 return folder / candidate
@@ -547,8 +548,11 @@ def load_mvtec_type(type_root: Path, feature_type: str | None = None) -> list[Sa
             label = GOOD if kind_dir.name.lower() in _GOOD_FOLDER_NAMES else DEFECTIVE
             kind = "good" if label == GOOD else kind_dir.name
             masks = next(iter(_named(ground_truth, kind.lower())), ground_truth / kind)  # Blob/: blob
-            for p in _images_in(kind_dir):
-                mask = None if label == GOOD else _find_mask(masks, p, p.parent.relative_to(kind_dir))
+            images = _images_in(kind_dir)
+            names = Counter(p.name for p in images)
+            for p in images:
+                mask = None if label == GOOD else _find_mask(masks, p, p.parent.relative_to(kind_dir),
+                                                             top=names[p.name] == 1)
                 samples.append(Sample(p, feature_type, label, mask, defect=kind, split="test"))
             alike += [kind] if label == DEFECTIVE and _first_word(kind.lower()) in _GOOD_FOLDER_NAMES else []
         left += [f"{n} directly in {test.name}/"] if (n := _count_images_directly(test)) else []
