@@ -280,6 +280,19 @@ def test_a_mask_at_the_top_is_not_given_to_two_images_of_one_name(tmp_path: Path
     assert [s.mask_path for s in samples if s.path.name == "000.png"] == [None, None]
 
 
+def test_a_types_test_folder_without_good_is_that_split(tmp_path: Path) -> None:
+    """``diffqc test MODEL DATA/bottle/test`` of a test folder holding only defect kinds (the
+    GOOD test parts elsewhere) was "no images found ... put GOOD ones under
+    bottle/test/crack/train/good/": it is the type's test split, as one with good/ is."""
+    img = _png(np.full((8, 8), 128, np.uint8))
+    for name in ("bottle/train/good/a.png", "bottle/test/crack/b.png", "bottle/test/scratch/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(img)
+    samples = load_dataset(tmp_path / "bottle" / "test")
+    assert sorted((s.path.name, s.feature_type, s.label, s.split) for s in samples) == [
+        ("b.png", "bottle", DEFECTIVE, "test"), ("c.png", "bottle", DEFECTIVE, "test")]
+
+
 def test_layout_folder_names_in_any_case(tmp_path: Path, clear_dataset: Path) -> None:
     """``Train/Good``, ``Test/Good`` and ``Ground_Truth`` as made on Windows (where case does not
     matter): Good was read as a defect kind (every GOOD test part counted defective) and

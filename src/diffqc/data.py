@@ -742,13 +742,14 @@ def load_mvtec(root: Path | str) -> list[Sample]:
         root = Path(os.path.abspath(root))
     loader = _type_loader(root)
     split = root.name.lower()
-    if loader is load_labelled_type and split in ("train", "test") and _is_mvtec_type(root.parent):
-        # a type's split folder (``bottle/test``: good/ beside kinds), not a type named ``test``;
-        # a root of types named ``test`` is not read as one type, so it stays a root of types
+    typed = [(sub, load) for sub in _subfolders(root) if (load := _type_loader(sub))]
+    if (split in ("train", "test") and _is_mvtec_type(root.parent)
+            and (loader is load_labelled_type or (loader is None and not typed))):
+        # a type's split folder (``bottle/test``: good/ beside kinds, or kinds alone), not a
+        # type named ``test``; a root of types named ``test`` stays a root of types
         type_name = root.absolute().parent.name  # of ``test`` given inside ``bottle/`` too
         samples = [s for s in load_mvtec_type(root.parent, type_name) if s.split == split]
     else:
-        typed = [(sub, load) for sub in _subfolders(root) if (load := _type_loader(sub))]
         _refuse_good_beside_types(root, [sub.name for sub, _ in typed])
         if loader:
             samples = loader(root)
