@@ -278,8 +278,8 @@ class OverdueParts:
         self.last_at: dict[str, float] = {}  # per type, the latest image of the latest part lacking it
         self.overdue_total = 0
         self.last_error: str | None = None  # why the latest sweep stopped early (the store down)
-        self._waiting: OrderedDict[str, float] = OrderedDict()  # part id -> when it is due from
-        self._images: dict[str, float] = {}  # part id -> its latest image's time (save's bound)
+        # part id -> (when it is due from, its latest image's time: save's bound)
+        self._waiting: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def note(self, verdict: PartVerdict, at: float, image_at: float | None = None) -> None:
@@ -288,12 +288,10 @@ class OverdueParts:
         incomplete."""
         with self._lock:
             self._waiting.pop(verdict.part_id, None)
-            self._images.pop(verdict.part_id, None)
             if verdict.complete is False:
-                self._waiting[verdict.part_id] = at
-                self._images[verdict.part_id] = at if image_at is None else image_at
+                self._waiting[verdict.part_id] = (at, at if image_at is None else image_at)
                 while len(self._waiting) > self.capacity:
-                    self._images.pop(self._waiting.popitem(last=False)[0], None)
+                    self._waiting.popitem(last=False)
 
     def on_insert(self, conn: Any, records: Sequence[ResultRecord]) -> None:
         """A store insert hook (where no outbox judges the parts already): :meth:`note` each
@@ -311,8 +309,7 @@ class OverdueParts:
         The store down stops the sweep: ``last_error`` says why, the parts not judged yet wait on."""
         cutoff = now - self.timeout_s
         with self._lock:
-            due = [(pid, at) for pid, at in self._waiting.items() if at <= cutoff]
-            images = {pid: self._images.pop(pid, at) for pid, at in due}
+            due = [(pid, times) for pid, times in self._waiting.items() if times[0] <= cutoff]
             for pid, _ in due:
                 del self._waiting[pid]
         found: list[tuple[PartVerdict, ResultRecord]] = []
@@ -322,10 +319,9 @@ class OverdueParts:
             except Exception as exc:  # the store down: the rest wait, in front, oldest first
                 self.last_error = str(exc) or type(exc).__name__
                 with self._lock:
-                    for pid, at in reversed(due[done:]):
+                    for pid, times in reversed(due[done:]):
                         if pid not in self._waiting:  # unless seen again meanwhile
-                            self._waiting[pid] = at
-                            self._images[pid] = images[pid]
+                            self._waiting[pid] = times
                             self._waiting.move_to_end(pid, last=False)
                 return found
             if stored is None:
@@ -349,7 +345,7 @@ class OverdueParts:
         this run's start: a restart before then would lose it)."""
         if self.swept_until is not None:
             with self._lock:
-                waiting = min(self._images.values(), default=None)
+                waiting = min((image for _, image in self._waiting.values()), default=None)
             until = min(t for t in (self.swept_until, before, waiting) if t is not None)
             self.store.set_meta(self.key, repr(until))
 
