@@ -662,11 +662,7 @@ class FolderWatcher:
     def _finish(self, path: Path, folder: Path, record_id: int | None = None) -> None:
         self._seen.pop(path, None)
         if self.settings.after == "keep":
-            try:
-                st = path.stat()
-                self._kept.add((str(path), st.st_size, st.st_mtime_ns))
-            except FileNotFoundError:
-                pass
+            self._keep(path)
             return
         dest = folder / path.relative_to(self.root)
         try:
@@ -681,13 +677,17 @@ class FolderWatcher:
             raise _CannotMove(f"cannot move inspected files into {folder} "  # moved next time
                               f"({exc.strerror or exc})") from exc
 
+    def _keep(self, path: Path) -> None:
+        """An inspected file left where it is, not read again while it stays as it is."""
+        with contextlib.suppress(FileNotFoundError):
+            st = path.stat()
+            self._kept.add((str(path), st.st_size, st.st_mtime_ns))
+
     def _leave(self, path: Path, exc: OSError) -> None:
         """An inspected file that may not leave its folder (a camera's folder read-only to this
         user) left in place, as ``after="keep"`` leaves files (not read again while it stays as it
         is), said once per folder."""
-        with contextlib.suppress(OSError):
-            st = path.stat()
-            self._kept.add((str(path), st.st_size, st.st_mtime_ns))
+        self._keep(path)
         if path.parent not in self._left_in:
             self._left_in.add(path.parent)
             log.warning("%s: cannot move inspected files out of it (%s): they are left in place, "
