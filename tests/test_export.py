@@ -239,6 +239,15 @@ def test_onnx_detector_reproduces_torch_inspect(exported: Path, test_images: tup
     assert [r.decision for r in in_memory.inspect(images, types)] == expected
 
 
+def _flip_byte(path: Path, from_end: int) -> None:
+    """A byte of ``path`` inverted in place (an edge device's SD card), ``from_end`` from its end."""
+    with open(path, "r+b") as fh:
+        fh.seek(from_end, 2)
+        byte = fh.read(1)
+        fh.seek(from_end, 2)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
 def test_runtime_choice(exported: Path, tiny_model: Path, tmp_path: Path) -> None:
     assert isinstance(load_detector(tiny_model, "auto"), Detector)  # no export: PyTorch
     with pytest.raises(BundleError, match="no ONNX export"):
@@ -297,11 +306,7 @@ def test_runtime_choice(exported: Path, tiny_model: Path, tmp_path: Path) -> Non
     # auto runs PyTorch and says so (it refused to start); asked for by name, it is refused
     damaged = tmp_path / "damaged"
     shutil.copytree(exported, damaged)
-    with open(damaged / "model.onnx", "r+b") as fh:
-        fh.seek(-100, 2)
-        byte = fh.read(1)
-        fh.seek(-100, 2)
-        fh.write(bytes([byte[0] ^ 0xFF]))
+    _flip_byte(damaged / "model.onnx", -100)
     with pytest.warns(UserWarning, match=r"model\.onnx is damaged \(checksum mismatch\); using PyTorch "
                                          r"\(run `diffqc export .*damaged` again\)"):
         assert isinstance(load_detector(damaged, "auto"), Detector)
@@ -311,11 +316,7 @@ def test_runtime_choice(exported: Path, tiny_model: Path, tmp_path: Path) -> Non
     # from them, and ran with a router of 3e+32 where PyTorch refused the bundle
     weights = tmp_path / "weights"
     shutil.copytree(exported, weights)
-    with open(weights / "weights.safetensors", "r+b") as fh:
-        fh.seek(-8, 2)
-        byte = fh.read(1)
-        fh.seek(-8, 2)
-        fh.write(bytes([byte[0] ^ 0xFF]))
+    _flip_byte(weights / "weights.safetensors", -8)
     with pytest.raises(BundleError, match=r"weights\.safetensors is damaged \(checksum mismatch\)"):
         load_detector(weights, "onnx")
     # a graph that passed its checksum and that this ONNX Runtime cannot load (an export made
