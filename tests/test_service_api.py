@@ -794,6 +794,22 @@ async def test_refused_tokens_are_logged_once_a_minute_per_client(detector: Any,
     assert 'diffqc_auth_refused_total{reason="no_token"} 1' in metrics
 
 
+async def test_a_token_with_letters_beyond_ascii_is_taken_as_clients_send_it(detector: Any,
+                                                                             tmp_path: Path) -> None:
+    """A token chosen with an umlaut (``Prüfstand-3``) was taken at start and then refused on
+    every request: HTTP reads a header's bytes as Latin-1, and curl (and most clients) send it
+    as UTF-8, which never matched. The token is taken as a client sends it: its UTF-8 bytes, or
+    its Latin-1 bytes (Python's http.client, Java's); anything else is still refused."""
+    token = "Prüfstand-Linie3-geheim"
+    async with running_app(detector, tmp_path, tokens=(token,)) as (client, _):
+        for sent in (token.encode("utf-8"), token.encode("latin-1")):
+            r = await client.get("/v1/line", headers={"Authorization": b"Bearer " + sent})
+            assert r.status_code == 200, (sent, r.text)
+        for sent in (b"Prufstand-Linie3-geheim", token.encode("utf-16-le")):
+            r = await client.get("/v1/line", headers={"Authorization": b"Bearer " + sent})
+            assert r.status_code == 401, sent
+
+
 async def test_a_token_sent_in_another_form_is_told_where_it_goes(detector: Any, tmp_path: Path) -> None:
     """A client that sent its token as ``Authorization: <token>`` (no scheme), in an
     ``X-API-Key`` header (as many APIs take it) or in the URL (``?token=``) was told "missing or

@@ -1057,6 +1057,9 @@ def test_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert redact_url("postgresql://u@h/db?sslmode=require&password=secret") == \
         "postgresql://u@h/db?sslmode=require&password=***"
     assert redact_url("postgresql://h/db?PASSWORD=s%26x&user=u") == "postgresql://h/db?PASSWORD=***&user=u"
+    # and the passphrase of an encrypted client key (libpq's sslpassword): it was shown in full
+    assert redact_url("postgresql://u@h/db?sslkey=k.pem&sslpassword=secret") == \
+        "postgresql://u@h/db?sslkey=k.pem&sslpassword=***"
     # a URL refused for its form is shown in the error: its password was, when the slashes were
     # lost or the scheme left out; a path with '@' in it is no URL's user
     assert redact_url("postgresql:/qc:secret@db/plant") == "postgresql:/qc:***@db/plant"
@@ -1135,6 +1138,40 @@ def test_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not token_matches(None, ["a"]) and not token_matches("", ["a"])
     assert not token_matches("a", [])
     assert token_matches("ünïcode", ["ünïcode"])
+
+
+def test_a_key_of_another_kind_than_the_certificates_is_said_as_not_its_key(tmp_path: Path) -> None:
+    """An ECDSA key given with an RSA certificate (two files of a renewal mixed up) was said to
+    hold "no PEM private key", of a file that holds one; it is not the certificate's key."""
+    import trustme
+
+    from diffqc.service.security import check_tls
+
+    rsa = trustme.CA().issue_cert("localhost", key_type=trustme.KeyType.RSA)
+    ecdsa = trustme.CA(key_type=trustme.KeyType.ECDSA).issue_cert("localhost", key_type=trustme.KeyType.ECDSA)
+    rsa.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    ecdsa.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    with pytest.raises(ConfigError, match=r"key\.pem is not the key of .*cert\.pem"):
+        check_tls(tmp_path / "cert.pem", tmp_path / "key.pem")
+
+
+def test_a_host_written_wrong_or_left_empty_is_said_as_it_binds() -> None:
+    """``--host "$HOST"`` with HOST unset listens on every interface, as ``0.0.0.0`` does, but
+    the service said "only this computer reaches it" and gave no warning of a service without a
+    token (the name was looked up without a port, which fails); a mistyped address
+    (``192.168..10``) ended in a UnicodeError's traceback, not "cannot listen on"."""
+    from diffqc.service.app import listening_sockets
+    from diffqc.service.opcua import check_opcua_url
+    from diffqc.service.security import reachable_from_others
+
+    assert reachable_from_others("") and reachable_from_others("0.0.0.0")
+    assert not reachable_from_others("127.0.0.1") and not reachable_from_others("localhost")
+    for typo in ("192.168..10", "a" * 64 + ".example"):
+        assert not reachable_from_others(typo)  # binding fails, and says so
+        with pytest.raises(ConfigError, match=r"cannot listen on .*:0: "):
+            listening_sockets(typo, 0)
+        with pytest.raises(ConfigError, match=r"cannot serve OPC UA on .*:4840: "):
+            check_opcua_url(f"opc.tcp://{typo}:4840")
 
 
 def test_tokens_from_a_secret_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

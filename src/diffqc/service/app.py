@@ -2198,10 +2198,13 @@ def run_server(
 def listening_sockets(host: str, port: int) -> list[socket.socket]:
     """Bind ``host:port`` (every address the name resolves to, as asyncio's server does) before
     the model loads. A port in use is one line: :class:`ConfigError` naming the address."""
+    from diffqc.service.connections import BACKLOG
+
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    except (socket.gaierror, UnicodeError) as exc:  # UnicodeError: a name IDNA refuses (192.168..10)
+        said = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"cannot listen on {host}:{port}: {said}") from None
     sockets: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):  # unique, in order
@@ -2215,6 +2218,9 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
             except OSError as exc:
                 hint = " (is another diffqc serve running?)" if exc.errno == errno.EADDRINUSE else ""
                 raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
+            # listening now: Linux lets a second socket bind the port (SO_REUSEADDR) until one listens,
+            # so a second serve started while the first loaded its model got past this check
+            sock.listen(BACKLOG)
             sock.set_inheritable(True)
     except BaseException:
         for sock in sockets:
@@ -2298,6 +2304,11 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
     config.load()  # makes its SSL context now: renewed certificate files are loaded into it later
     if tls and config.ssl is not None:
         app.state.diffqc.tls_context = config.ssl
+        # the handshake is the protocol's, counted and deadlined from the accept (connections.py)
+        config.http_protocol_class = http_protocol(settings.body_timeout_s,
+                                                   connection_cap(opcua=settings.opcua_url is not None),
+                                                   tls=config.ssl)
+        config.ssl = None
     server = _server(config)
     scheme = "https" if tls else "http"
     log.info("%s", listening_line(scheme, host, port))

@@ -11,6 +11,11 @@ headers within ``request_timeout_s`` of opening (or of its last answer) is close
 connections beyond :func:`connection_cap` are closed as they come, said once in the log, so the
 service keeps file descriptors for its own work (the same 1100, measured again: 640 held, the rest
 refused, 761 bytes of log, and a part inspected once the held ones had passed the deadline).
+With TLS the handshake is the protocol's (``loop.start_tls``), not the server's: asyncio's TLS
+server tells a protocol of a connection only once its handshake is done, and gives a handshake
+60 s, so connections that opened and sent nothing were neither counted nor closed (1100 of them
+took every file descriptor again, measured 2026-12-07); here a connection is counted and has the
+deadline from its accept, its handshake within it, as without TLS.
 uvicorn's h11 protocol is always used (its httptools one, where installed, is not: it has other
 internals).
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -51,24 +57,56 @@ def connection_cap(opcua: bool = False) -> int:
     return max(64, soft - RESERVED_FDS - BACKLOG - (OPCUA_FDS if opcua else 0))
 
 
-def http_protocol(request_timeout_s: float, cap: int) -> type[asyncio.Protocol]:
-    """uvicorn's ``http=``: its h11 protocol, with the request deadline and the cap."""
+def http_protocol(request_timeout_s: float, cap: int,
+                  tls: ssl.SSLContext | None = None) -> type[asyncio.Protocol]:
+    """uvicorn's ``http=``: its h11 protocol, with the request deadline and the cap; with ``tls``
+    (the server then given no SSL context of its own) it makes each connection's TLS handshake."""
     refused = Outage(log, "refusing HTTP connections", "taking HTTP connections again; refused meanwhile: "
                      "%d, over %.0f s")
+    handshaking: set[asyncio.Protocol] = set()
 
     class DeadlinedH11(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
+        _early: list[bytes] | None = None  # a request sent with the handshake's end, before it is told
 
         def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            if len(self.connections) > cap:
-                refused.failed(f"{cap} are open (the file descriptors' limit, less {RESERVED_FDS + BACKLOG} "
-                               "kept for the store, files and connections coming): a client opens "
+            if len(self.connections) + len(handshaking) >= cap:
+                refused.failed(f"{cap} are open (the file descriptors' limit, less those kept for the "
+                               "store, files, connections coming and an OPC UA server): a client opens "
                                "connections and leaves them, or raise the limit (systemd: LimitNOFILE=)")
                 transport.close()
                 return
             refused.worked()
+            if tls is None:
+                super().connection_made(transport)
+                self._arm()
+                return
+            handshaking.add(self)
+            self._early = []
+            self._deadline = self.loop.call_later(request_timeout_s, transport.close)
+            self.loop.create_task(self._handshake(transport, tls))
+
+        async def _handshake(self, transport: Any, context: ssl.SSLContext) -> None:
+            try:
+                secure = await self.loop.start_tls(transport, self, context, server_side=True,
+                                                   ssl_handshake_timeout=request_timeout_s)
+            except (OSError, ssl.SSLError, TimeoutError, RuntimeError):  # closed: a scanner, a bad client
+                return
+            finally:
+                handshaking.discard(self)
+            if secure is None or transport.is_closing():
+                return
+            super().connection_made(secure)
             self._arm()
+            early, self._early = self._early or [], None
+            for data in early:
+                super().data_received(data)
+
+        def data_received(self, data: bytes) -> None:
+            if self._early is not None:  # the handshake done, its coroutine not yet resumed
+                self._early.append(data)
+            else:
+                super().data_received(data)
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -77,7 +115,9 @@ def http_protocol(request_timeout_s: float, cap: int) -> type[asyncio.Protocol]:
         def connection_lost(self, exc: Exception | None) -> None:
             if self._deadline is not None:
                 self._deadline.cancel()
-            super().connection_lost(exc)
+            handshaking.discard(self)
+            if self.transport is not None:  # else closed before (or in) its handshake: never served
+                super().connection_lost(exc)
 
         def _arm(self) -> None:
             if self._deadline is not None:

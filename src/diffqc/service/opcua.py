@@ -131,8 +131,9 @@ def check_opcua_url(url: str) -> None:
     _asyncua()
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ConfigError(f"cannot serve OPC UA on {host}:{port}: {exc.strerror}") from None
+    except (socket.gaierror, UnicodeError) as exc:  # UnicodeError: a name IDNA refuses (192.168..10)
+        raise ConfigError(f"cannot serve OPC UA on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") \
+            from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -7,6 +7,7 @@ turns the exceptions into HTTP answers.
 from __future__ import annotations
 
 import calendar
+import contextlib
 import hmac
 import io
 import math
@@ -116,8 +117,9 @@ def reachable_from_others(host: str) -> bool:
     import socket
 
     try:
-        infos = socket.getaddrinfo(host or None, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror:
+        # with a port: a name without one (``""``, every interface) is no name to look up
+        infos = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):  # a name IDNA refuses (``192.168..10``)
         return False  # binding fails, and says so
     return any(not ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
 
@@ -136,10 +138,14 @@ def token_matches(provided: str | None, accepted: Iterable[str]) -> bool:
     """Constant-time check of ``provided`` against every accepted token (no early exit)."""
     if provided is None:
         return False
-    given = provided.encode("utf-8", "surrogateescape")
+    # a header's bytes are read as Latin-1: a client sends a token beyond ASCII as its UTF-8
+    # bytes (curl) or its Latin-1 bytes (Python's http.client); either is taken
+    given = provided.encode("latin-1" if max(provided, default="") <= "\xff" else "utf-8", "surrogateescape")
     ok = False
     for token in accepted:
-        ok |= hmac.compare_digest(given, token.encode("utf-8", "surrogateescape"))
+        for form in ("utf-8", "latin-1"):
+            with contextlib.suppress(UnicodeEncodeError):  # a token Latin-1 cannot write
+                ok |= hmac.compare_digest(given, token.encode(form, "surrogateescape"))
     return ok
 
 
@@ -250,7 +256,7 @@ def check_tls(cert: str | Path | None, key: str | Path | None, *, options: str =
         if key is None:
             what = (f"{cert} holds no private key: give {options}-key KEY.pem (or one PEM holding the "
                     "certificate and its key)")
-        elif exc.reason == "KEY_VALUES_MISMATCH":
+        elif exc.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):  # the latter: another kind
             what = f"{key} is not the key of {cert}"
         else:
             what = f"{key} holds no PEM private key (-----BEGIN PRIVATE KEY-----)"

@@ -331,9 +331,10 @@ _SCHEME_PREFIX = re.compile(r"[A-Za-z][\w+.-]*:/+")
 
 def redact_url(url: str) -> str:
     """The URL without its password (for logs, errors and /v1/model): the user's, and a
-    ``password`` parameter's (libpq takes ``postgresql://u@h/db?password=...``); also where the
+    ``password`` parameter's (libpq takes ``postgresql://u@h/db?password=...``) and an
+    ``sslpassword``'s (a client key's passphrase); also where the
     URL's slashes were lost or it has no scheme (``u:p@host:1883``), as a refused URL is shown."""
-    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
+    url = re.sub(r"([?&](?:ssl)?password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
     if "@" not in url:
         return url
     prefix = found.group(0) if (found := _SCHEME_PREFIX.match(url)) else ""
