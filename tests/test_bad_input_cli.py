@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from diffqc.errors import ConfigError
 import torch
 from PIL import Image
 
@@ -789,3 +791,66 @@ def test_a_false_positive_rate_option_is_told_its_name(capsys: pytest.CaptureFix
             main(argv)
         err = capsys.readouterr().err
         assert exc.value.code == 2 and said in err, err
+
+
+def test_a_second_serve_on_a_port_is_refused_before_the_first_listens() -> None:
+    """Linux lets two sockets bind one port (SO_REUSEADDR) until one of them listens: a second
+    `serve` started while the first loaded its model passed the early check, loaded its model,
+    made its store, told systemd READY=1 and ended in tracebacks. The port is listened on as it
+    is checked, so the second is one line before its model loads."""
+    from diffqc.service.app import listening_sockets
+
+    first = listening_sockets("127.0.0.1", 0)
+    try:
+        port = first[0].getsockname()[1]
+        with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1:\d+: Address already in use "
+                                              r"\(is another diffqc serve running\?\)"):
+            listening_sockets("127.0.0.1", port)
+    finally:
+        for sock in first:
+            sock.close()
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--cors-origin", "hmi:8080"], "'hmi:8080' is no origin a browser sends: write scheme://host[:port]"),
+    (["--cors-origin", "http://hmi:3000/app"], "is no origin a browser sends"),
+    (["--max-image-mpx", "0.00001"], "--max-image-mpx: must be a number at least 6.4e-05"),
+])
+def test_serve_options_a_browser_or_a_camera_could_never_match_are_refused(
+        argv: list[str], said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--cors-origin hmi:8080`` (no scheme) or with a path was taken, and every call from the
+    page was refused by CORS without a word in the log; ``--max-image-mpx`` below an 8 x 8
+    image's pixels became 0 and refused every image."""
+    from diffqc.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "model", *argv])
+    assert said in capsys.readouterr().err
+
+
+def test_serve_options_are_read_as_meant(capsys: pytest.CaptureFixture[str]) -> None:
+    """An origin copied from the address bar keeps its slash off (a browser's ``Origin`` has
+    none); ``--max-image-mpx`` is rounded to pixels, not cut: 2.039808 MP is a 1536 x 1328
+    frame, which was refused as over the limit it was given. ``watch --help`` names what it
+    does (it has no HTTP API, and its records' source is ``watch:<folder>``)."""
+    from diffqc.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "model", "--cors-origin", "http://hmi:3000/",
+                                      "--cors-origin", "https://line.example", "--max-image-mpx", "2.039808"])
+    assert args.cors_origin == ["http://hmi:3000", "https://line.example"]
+    assert args.max_image_pixels == 1536 * 1328
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["watch", "--help"])
+    watch_help = " ".join(capsys.readouterr().out.split())
+    assert "default: watch:<the folder's absolute path>" in watch_help
+    assert "/v1/line" not in watch_help and "/metrics" not in watch_help
+
+
+def test_an_empty_period_time_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--since "$START"`` of a variable not set listed every record and summed "from the
+    first" without a word, where ``--since " "`` was refused."""
+    from diffqc.cli import main
+
+    for option in ("--since", "--until"):
+        assert main(["results", "list", "--db", str(tmp_path / "r.db"), option, ""]) != 0
+        assert f"{option} is empty: give a time" in capsys.readouterr().err

@@ -380,6 +380,8 @@ def _period_time(value: str | None, name: str) -> float | None:
     with _service_extra():
         from diffqc.service.app import parse_time, without_zone
 
+    if value is not None and not value.strip():  # --since "$START" of a variable not set
+        raise ConfigError(f"--{name} is empty: give a time (2026-12-07T06:00, 8h, today, 06:00)")
     word = (value or "").strip().lower()  # journalctl's words
     if word == "now":
         return time.time()
@@ -590,8 +592,9 @@ def _say_unstored_part_types(db_url: str, chosen: Sequence[str]) -> None:
                   f"lacks it{did_you_mean(name, types)}; {_held(types)}", file=sys.stderr)
 
 
-def _add_store_arguments(p: argparse._ActionsContainer, db_help: str) -> None:
-    """Where ``serve`` and ``watch`` store their records, and what they keep beside each."""
+def _add_store_arguments(p: argparse._ActionsContainer, db_help: str, *, served: bool) -> None:
+    """Where ``serve`` and ``watch`` store their records, and what they keep beside each
+    (``served``: ``serve``'s, with its HTTP API)."""
     p.add_argument("--db", type=path_name, default=None, help=db_help)
     p.add_argument("--data-dir", type=path_name, default=None,
                    help="folder for heat maps and kept images (default beside the SQLite file)")
@@ -608,7 +611,8 @@ def _add_store_arguments(p: argparse._ActionsContainer, db_help: str) -> None:
                    help="delete the oldest kept images and heat maps beyond this disk budget")
     p.add_argument("--disk-min-free-mb", type=number(0.0), default=1024.0, metavar="MB",
                    help="say a disk it writes to (the store's, the kept images') is nearly full below "
-                   "this many MB free (log, /v1/line, /metrics, dashboard; default 1024; 0: no such floor)")
+                   "this many MB free (" + ("log, /v1/line, /metrics, dashboard" if served else "in the log")
+                   + "; default 1024; 0: no such floor)")
     p.add_argument("--disk-min-free-percent", type=number(0.0, maximum=100.0), default=5.0, metavar="P",
                    help="... or below this share of its size (default 5; 0: no such floor)")
 
@@ -618,8 +622,9 @@ def _add_image_limit_argument(p: argparse._ActionsContainer, *, buffered: bool) 
     bombs); the readers' own limit (``diffqc.data.MAX_IMAGE_PIXELS``) bounds it."""
     from diffqc.service.security import DEFAULT_MAX_IMAGE_PIXELS  # a submodule: not at import time
 
-    megapixels = number(0.0, inclusive=False, maximum=MAX_IMAGE_PIXELS / 1e6)
-    p.add_argument("--max-image-mpx", dest="max_image_pixels", type=lambda text: int(megapixels(text) * 1e6),
+    # at least an 8 x 8 image's, the smallest inspected; rounded, not cut (2.039808 is 1536 x 1328)
+    megapixels = number(64e-6, maximum=MAX_IMAGE_PIXELS / 1e6)
+    p.add_argument("--max-image-mpx", dest="max_image_pixels", type=lambda text: round(megapixels(text) * 1e6),
                    default=DEFAULT_MAX_IMAGE_PIXELS, metavar="MPX",
                    help="largest image in megapixels it decodes; a larger one is refused (413, or "
                    f"NOT_INSPECTED from a watched folder) (default {DEFAULT_MAX_IMAGE_PIXELS / 1e6:.1f}: "
@@ -641,11 +646,22 @@ def recorded_name(text: str, *, max_len: int = MAX_NAME_LEN) -> str:
     return text
 
 
+def _origin(text: str) -> str:
+    """``--cors-origin``: an origin as a browser sends it (``scheme://host[:port]``) or ``*``; one
+    copied from the address bar (``http://hmi:3000/``) is taken without its slash. Another form
+    never matches a browser's ``Origin``: every call from the page was refused without a word."""
+    origin = text.strip().removesuffix("/")
+    if origin != "*" and not re.fullmatch(r"https?://[^/\s?#@]+", origin):
+        raise argparse.ArgumentTypeError(f"{text!r} is no origin a browser sends: write scheme://host[:port], "
+                                         "without a path (http://hmi:3000)")
+    return origin
+
+
 def _recorded_source(text: str) -> str:
     return recorded_name(text, max_len=MAX_SOURCE_LEN)
 
 
-def _add_line_arguments(p: argparse._ActionsContainer, window_help: str, *, folders: bool = False) -> None:
+def _add_line_arguments(p: argparse._ActionsContainer, window_help: str, *, served: bool) -> None:
     from diffqc.service.parts import PART_WINDOW_S
 
     p.add_argument("--line", type=recorded_name, default=None, help="line recorded on watched-folder parts")
@@ -653,7 +669,7 @@ def _add_line_arguments(p: argparse._ActionsContainer, window_help: str, *, fold
                    help="station recorded on watched-folder parts; it also names this service's kept "
                         "drift alarms, its pushes (serve's --mqtt, --webhook) and its kept files "
                         "(--keep-days), apart from other services' on a shared store")
-    if folders:  # serve --watch A --watch B: one camera each
+    if served:  # serve --watch A --watch B: one camera each
         p.add_argument("--camera", type=recorded_name, action="append", default=None,
                        help="camera recorded on watched-folder parts: once for every folder, or once "
                        "per --watch, in the same order (the drift watch tests each camera apart)")
@@ -671,9 +687,10 @@ def _add_line_arguments(p: argparse._ActionsContainer, window_help: str, *, fold
                         "default: every type of the model")
     p.add_argument("--part-timeout", type=POSITIVE_NUMBER, default=None, metavar="SECONDS",
                    help="a part still incomplete this long after its latest image is overdue (its other "
-                        "crops never came: a camera missing triggers): counted per type it lacks "
-                        "(/metrics diffqc_parts_overdue_total, /v1/line), logged, and with --push-parts "
-                        "pushed once more as it stands, overdue: true")
+                        "crops never came: a camera missing triggers): " + (
+                            "counted per type it lacks (/metrics diffqc_parts_overdue_total, /v1/line), "
+                            "logged, and with --push-parts pushed once more as it stands, overdue: true"
+                            if served else "logged, with the types it lacks"))
     p.add_argument("--part-window", type=POSITIVE_NUMBER, default=PART_WINDOW_S, metavar="SECONDS",
                    help=window_help)
 
@@ -757,9 +774,11 @@ def add_service_commands(subparsers: Any) -> None:
                      help="the path a reverse proxy serves this service under (https://hmi/qc/ -> "
                           "/qc): the API's heatmap_url and image_url carry it; requests with or "
                           "without it are answered (a proxy that strips it, or one that does not)")
-    net.add_argument("--cors-origin", action="append", help="allow this browser origin (repeatable)")
+    net.add_argument("--cors-origin", action="append", type=_origin,
+                     help="allow this browser origin, scheme://host[:port] as a browser sends it "
+                          "(http://hmi:3000; repeatable)")
     store = p.add_argument_group("results and what is kept")
-    _add_store_arguments(store, db_help)
+    _add_store_arguments(store, db_help, served=True)
     insp = p.add_argument_group("inspection")
     insp.add_argument("--buffer-size", type=POSITIVE, default=64, help="ring buffer capacity (parts)")
     insp.add_argument(
@@ -801,7 +820,7 @@ def add_service_commands(subparsers: Any) -> None:
         metavar="DIR",
         help="also ingest images written into DIR (repeatable)",
     )
-    _add_line_arguments(line, window_help, folders=True)
+    _add_line_arguments(line, window_help, served=True)
     push = p.add_argument_group("pushing decisions")
     push.add_argument("--mqtt", default=None, metavar="URL",
                       help="push every decision to an MQTT broker: mqtt://host:1883/topic-prefix (mqtts:// "
@@ -880,15 +899,16 @@ def add_service_commands(subparsers: Any) -> None:
                         "0.4 s per poll; BENCHMARKS.md \"Session 23\")")
     folder.add_argument("--once", action="store_true", help="process what is there, then exit")
     folder.add_argument("--source", type=_recorded_source, default=None,
-                        help="idempotency namespace (default: the folder path)")
+                        help="idempotency namespace, the records' source (default: watch:<the folder's "
+                             "absolute path>)")
     store = w.add_argument_group("results and what is kept")
-    _add_store_arguments(store, db_help)
+    _add_store_arguments(store, db_help, served=False)
     insp = w.add_argument_group("inspection")
     insp.add_argument("--max-batch", type=POSITIVE, default=8, help="largest inference micro-batch")
     _add_image_limit_argument(insp, buffered=False)
     add_runtime_arguments(insp)
     line = w.add_argument_group("the line")
-    _add_line_arguments(line, window_help)
+    _add_line_arguments(line, window_help, served=False)
     push = w.add_argument_group("pushing decisions")
     _add_opcua_arguments(push)
     log = w.add_argument_group("log")
