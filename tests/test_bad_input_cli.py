@@ -16,12 +16,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from diffqc.errors import ConfigError
 import torch
 from PIL import Image
 
 from diffqc.cli import main
+from diffqc.errors import ConfigError
 from tests.conftest import run_with_mount
 
 

@@ -624,7 +624,8 @@ def _add_image_limit_argument(p: argparse._ActionsContainer, *, buffered: bool) 
 
     # at least an 8 x 8 image's, the smallest inspected; rounded, not cut (2.039808 is 1536 x 1328)
     megapixels = number(64e-6, maximum=MAX_IMAGE_PIXELS / 1e6)
-    p.add_argument("--max-image-mpx", dest="max_image_pixels", type=lambda text: round(megapixels(text) * 1e6),
+    p.add_argument("--max-image-mpx", dest="max_image_pixels",
+                   type=lambda text: round(megapixels(text) * 1e6),
                    default=DEFAULT_MAX_IMAGE_PIXELS, metavar="MPX",
                    help="largest image in megapixels it decodes; a larger one is refused (413, or "
                    f"NOT_INSPECTED from a watched folder) (default {DEFAULT_MAX_IMAGE_PIXELS / 1e6:.1f}: "
@@ -652,8 +653,8 @@ def _origin(text: str) -> str:
     never matches a browser's ``Origin``: every call from the page was refused without a word."""
     origin = text.strip().removesuffix("/")
     if origin != "*" and not re.fullmatch(r"https?://[^/\s?#@]+", origin):
-        raise argparse.ArgumentTypeError(f"{text!r} is no origin a browser sends: write scheme://host[:port], "
-                                         "without a path (http://hmi:3000)")
+        raise argparse.ArgumentTypeError(f"{text!r} is no origin a browser sends: write "
+                                         "scheme://host[:port], without a path (http://hmi:3000)")
     return origin
 
 
