@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffqc.config import DetectorConfig, with_overrides
-from diffqc.context import ImageContext, spatial_maps
+from diffqc.context import ImageContext, spatial_maps, whitening
 from diffqc.metrics import image_auroc
 from diffqc.scoring import DiffusionScorer
 
@@ -202,3 +202,14 @@ def test_spatial_maps_pad_types_of_different_sizes() -> None:
     assert not torch.allclose(ctx.remove(x, t, z.flip(0))[:2], mixed[:2])  # each image's own row
     whole = ImageContext.fit(feats, types, 3, 8, torch.float32)  # 16 maps >= rank: exact
     torch.testing.assert_close(mixed, whole.remove(x, t), rtol=1e-4, atol=1e-4)
+
+
+def test_whitened_components_have_unit_norm_over_the_fit_images() -> None:
+    """The docstring said the whitened components have unit variance; they are the left singular
+    vectors, orthonormal over the n fit images (variance 1/n), which it says now."""
+    scales = torch.tensor([5.0, 3, 2, 1, 0.5, 0.1])
+    g = torch.randn(40, 6, generator=torch.Generator().manual_seed(0)) * scales
+    centre, basis = whitening(g, 3)
+    z = (g - centre) @ basis
+    assert torch.allclose(z.T @ z, torch.eye(3), atol=1e-4)
+    assert torch.allclose(z.var(dim=0, unbiased=False), torch.full((3,), 1 / 40), atol=1e-5)

@@ -656,6 +656,28 @@ def _tiny_onnx_backbone(path: Path, size: int | None = None) -> Path:
     return path
 
 
+def test_an_onnx_backbone_given_by_a_relative_path_is_found_from_any_folder(
+        clear_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model trained with ``--backbone onnx:tiny.onnx`` (a path relative to the folder it was
+    trained in) loaded from that folder only: a service started from ``/`` (systemd's) said
+    "backbone weights not found at tiny.onnx". The fit records the graph's absolute path."""
+    (tmp_path / "work").mkdir()
+    _tiny_onnx_backbone(tmp_path / "work" / "tiny.onnx")
+    monkeypatch.chdir(tmp_path / "work")
+    config = tiny_config("padim", **{"backbone.name": "onnx:tiny.onnx",
+                                     "backbone.layers": ["model.5", "model.7"]})
+    samples = [s for s in load_dataset(clear_dataset) if s.split == "train"][:24]
+    det = Detector(config, device="cpu").fit(samples, progress=False)
+    bundle = det.save(tmp_path / "model")
+    assert det.config.backbone.name == f"onnx:{tmp_path / 'work' / 'tiny.onnx'}"
+    test = [s for s in load_dataset(clear_dataset) if s.split == "test"][:4]
+    scores = [r.score for r in det.inspect_samples(test, maps=False)[0]]
+    monkeypatch.chdir("/")
+    again = Detector.load(bundle)
+    np.testing.assert_allclose([r.score for r in again.inspect_samples(test, maps=False)[0]], scores,
+                               rtol=1e-5)
+
+
 def test_bring_your_own_onnx_backbone(clear_dataset: Path, tmp_path: Path) -> None:
     onnx_file = _tiny_onnx_backbone(tmp_path / "tiny_yolo.onnx")
     config = tiny_config(**{"backbone.name": f"onnx:{onnx_file}", "backbone.layers": ["model.5", "model.7"],

@@ -927,3 +927,29 @@ def test_a_tiled_fit_is_bounded_by_its_tiles_not_its_images(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=expected):
         check_fit_memory(tiled, (8, 8), 128, 1, 40, "cpu", views=too_many)
     check_fit_memory(tiled, (8, 8), 128, 1, 40, "cpu")  # what it counted before: 40 maps
+
+
+def test_a_refit_interrupted_leaves_the_detector_as_it_was(tiny_model: Path, clear_dataset: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refit in a notebook stopped with Ctrl-C (or failing: out of memory) after its scorer
+    was fitted left the new types and standardisation over the old scorer and calibration:
+    GOOD parts of one type went from PASS to REJECT without a word, and `save` wrote a bundle
+    `load` refused. An interrupted fit changes nothing: the same scores after it."""
+    det = Detector.load(tiny_model)
+    samples = _test_samples(clear_dataset)[:6]
+    before = [r.score for r in det.inspect_samples(samples, maps=False)[0]]
+    classes, calibration, scorer, mean = det.classes_, det.calibration_, det.scorer_, \
+        det.extractor.feat_mean.clone()
+    one_type = [s for s in load_dataset(clear_dataset)
+                if s.split == "train" and s.feature_type == CLEAR_TYPES[0]]
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt  # Ctrl-C while the calibration images are scored
+
+    monkeypatch.setattr(Detector, "_calibration_scores", interrupted)
+    monkeypatch.setattr(Detector, "_cross_fold_scores", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        det.fit(one_type, progress=False)
+    assert det.classes_ == classes and det.calibration_ is calibration and det.scorer_ is scorer
+    assert torch.equal(det.extractor.feat_mean, mean)
+    assert [r.score for r in det.inspect_samples(samples, maps=False)[0]] == before

@@ -178,7 +178,9 @@ class FeatureExtractor(nn.Module):
         self.layers = tuple(config.layers) or DEFAULT_LAYERS.get(name, ())
         self.weights_file = weights_path(name)
         if not self.weights_file.is_file():
-            raise BackboneError(f"backbone weights not found at {self.weights_file}")
+            relative = "" if self.weights_file.is_absolute() else \
+                f" ({self.weights_file.absolute()}: a relative path is read from the current folder)"
+            raise BackboneError(f"backbone weights not found at {self.weights_file}{relative}")
         self.weights_sha256 = sha256_file(self.weights_file)
         if config.weights_sha256 and config.weights_sha256 != self.weights_sha256:
             raise BackboneError(

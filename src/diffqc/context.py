@@ -41,7 +41,7 @@ __all__ = ["ImageContext", "descriptor", "spatial_maps", "whitening"]
 
 STATE_PREFIX = "context."
 SAMPLES_PER_COMPONENT = 8  # k <= n / 8 for n fit images of a type
-RIDGE = 1e-3  # on whitened components (unit variance): a guard against exact collinearity only
+RIDGE = 1e-3  # on whitened components (unit norm over the fit images): a guard against collinearity only
 
 
 def descriptor(features: Tensor) -> Tensor:
@@ -51,8 +51,9 @@ def descriptor(features: Tensor) -> Tensor:
 
 def whitening(descriptors: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The centre ``[C]`` of ``descriptors [n, C]`` and the whitening ``[C, k']`` of their first
-    ``k' = min(k, rank)`` principal components: ``(g − centre) @ basis`` has unit variance (per
-    image count, not n − 1) on ``descriptors``. ``k'`` may be 0 (all descriptors equal)."""
+    ``k' = min(k, rank)`` principal components: ``(g − centre) @ basis`` has orthonormal columns on
+    ``descriptors`` (each component's sum of squares 1 over the n images, its variance 1/n: the
+    left singular vectors). ``k'`` may be 0 (all descriptors equal)."""
     centre = descriptors.mean(dim=0)
     _, s, vt = torch.linalg.svd(descriptors - centre, full_matrices=False)
     k = min(k, int((s > 1e-6 * s[0]).sum()))

@@ -8,6 +8,7 @@ features), and calibrates conformal p-values per type.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -28,7 +29,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffqc import __version__, routing, tiling
-from diffqc.backbone import FeatureExtractor, raw_features_in_batches, resolve_device, to_pixels
+from diffqc.backbone import (
+    ONNX_PREFIX,
+    FeatureExtractor,
+    raw_features_in_batches,
+    resolve_device,
+    to_pixels,
+)
 from diffqc.baselines import PatchCoreScorer
 from diffqc.bundle import (
     PREVIOUS_FOLDER,
@@ -386,38 +393,40 @@ class Detector:
                                "the images, or take the type out of the data")
         if dark := twelve_bit_note(self.config, [s.path for s in good]):
             warnings.warn(dark, stacklevel=2)
-        self.fit_features(raw, good, progress=progress, layouts=layouts)
-        training = self.metadata["training_data"]
-        training["suspect_images"] += self._suspect_fit_images(raw, good, layouts)
-        if suspects := training["suspect_images"]:
-            warnings.warn(suspects_note(suspects, images="GOOD training image(s)", harm=LEARNT_OR_RAISED,
-                                        then="move them out of the GOOD images and train again "
-                                        "(metadata.json's training_data.suspect_images lists them)"),
-                          DatasetWarning, stacklevel=2)
-        training["skipped_corrupt"] = [path_text(e.source) for e in errors]
-        if self.config.tiling.mode == "off":  # for inspection.ImageCheck
-            training["image_sizes"] = image_size_ranges(
-                (s.feature_type, h, w) for s, (h, w) in zip(good, sizes, strict=True))
-        training["image_colours"] = image_colours(
-            (s.feature_type, grey) for s, grey in zip(good, greys, strict=True))
-        training["image_brightness"] = image_brightness(
-            (s.feature_type, b) for s, (b, _) in zip(good, lights, strict=True))
-        training["image_white"] = image_white(
-            (s.feature_type, w) for s, (_, w) in zip(good, lights, strict=True))
-        if clipped := gain_clips_note(self.config.backbone.input_gain, training["image_brightness"]):
-            warnings.warn(clipped, stacklevel=2)
-        training["image_compression"] = image_compressions(
-            (s.feature_type, c) for s in good if (c := file_compression(s.path)) is not None)
-        if k > 1:
-            training["types_per_part"] = k  # a part is judged by the worst of its k crops: calibrate says it
-        # by content, so that `diffqc calibrate` can leave out any it is given (their scores are
-        # optimistic: calibrated on them, the line's GOOD parts would be flagged too often)
-        fitted = set(self.fit_indices_)
-        training["fit_image_fingerprints"] = sorted({fingerprint(good[i].path) for i in fitted})
-        # and those it was calibrated on only, which `diffqc test` leaves out (their flag rate is
-        # the target by construction)
-        training["calibration_image_fingerprints"] = sorted(
-            {fingerprint(s.path) for i, s in enumerate(good) if i not in fitted})
+        with self._all_or_nothing():  # a Ctrl-C in the fit, or its failure, changes nothing
+            self.fit_features(raw, good, progress=progress, layouts=layouts)
+            training = self.metadata["training_data"]
+            training["suspect_images"] += self._suspect_fit_images(raw, good, layouts)
+            if suspects := training["suspect_images"]:
+                warnings.warn(suspects_note(suspects, images="GOOD training image(s)", harm=LEARNT_OR_RAISED,
+                                            then="move them out of the GOOD images and train again "
+                                            "(metadata.json's training_data.suspect_images lists them)"),
+                              DatasetWarning, stacklevel=2)
+            training["skipped_corrupt"] = [path_text(e.source) for e in errors]
+            if self.config.tiling.mode == "off":  # for inspection.ImageCheck
+                training["image_sizes"] = image_size_ranges(
+                    (s.feature_type, h, w) for s, (h, w) in zip(good, sizes, strict=True))
+            training["image_colours"] = image_colours(
+                (s.feature_type, grey) for s, grey in zip(good, greys, strict=True))
+            training["image_brightness"] = image_brightness(
+                (s.feature_type, b) for s, (b, _) in zip(good, lights, strict=True))
+            training["image_white"] = image_white(
+                (s.feature_type, w) for s, (_, w) in zip(good, lights, strict=True))
+            if clipped := gain_clips_note(self.config.backbone.input_gain, training["image_brightness"]):
+                warnings.warn(clipped, stacklevel=2)
+            training["image_compression"] = image_compressions(
+                (s.feature_type, c) for s in good if (c := file_compression(s.path)) is not None)
+            if k > 1:
+                training["types_per_part"] = k  # a part is judged by the worst of its k crops: calibrate
+                # says it
+            # by content, so that `diffqc calibrate` can leave out any it is given (their scores are
+            # optimistic: calibrated on them, the line's GOOD parts would be flagged too often)
+            fitted = set(self.fit_indices_)
+            training["fit_image_fingerprints"] = sorted({fingerprint(good[i].path) for i in fitted})
+            # and those it was calibrated on only, which `diffqc test` leaves out (their flag rate is
+            # the target by construction)
+            training["calibration_image_fingerprints"] = sorted(
+                {fingerprint(s.path) for i, s in enumerate(good) if i not in fitted})
         return self
 
     def fit_features(self, raw: Tensor, good: Sequence[Sample], *, progress: bool = False,
@@ -426,7 +435,31 @@ class Detector:
 
         The backbone is frozen, so cross-validation extracts features once and refits here.
         With ``layouts`` (:func:`diffqc.tiling.extract_views`) ``raw`` holds each image's views.
+        A fit interrupted (Ctrl-C) or failing leaves the detector as it was.
         """
+        with self._all_or_nothing():
+            return self._fit_features(raw, good, progress=progress, layouts=layouts)
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self) -> Iterator[None]:
+        """The detector as it was where the block is left by an exception (a Ctrl-C, out of
+        memory): a refit stopped after its scorer was fitted left the new types and feature
+        standardisation over the old scorer and calibration, scoring wrongly without a word."""
+        state = dict(vars(self))
+        fe = self.extractor_
+        moments = None if fe is None else (fe.feat_mean.clone(), fe.feat_std.clone())
+        try:
+            yield
+        except BaseException:
+            vars(self).clear()
+            vars(self).update(state)
+            if fe is not None and moments is not None:
+                fe.feat_mean.copy_(moments[0])
+                fe.feat_std.copy_(moments[1])
+            raise
+
+    def _fit_features(self, raw: Tensor, good: Sequence[Sample], *, progress: bool,
+                      layouts: Sequence[tiling.Layout] | None) -> Detector:
         n_rows = len(good) if layouts is None else tiling.offsets(layouts)[-1]
         if raw.shape[0] != n_rows:
             raise ValueError(f"{raw.shape[0]} feature maps for {len(good)} samples")
@@ -440,7 +473,12 @@ class Detector:
         if cross:  # every GOOD image fits the final model and calibrates, scored out of fold
             fit_idx = cal_idx = list(range(len(good)))
         fe = self.extractor
-        self.config = replace(self.config, backbone=replace(self.config.backbone,
+        # an ONNX graph's path as an absolute one: a relative one is read from the current folder,
+        # and the service is started from another (systemd's /)
+        name = self.config.backbone.name
+        if name.startswith(ONNX_PREFIX):
+            name = ONNX_PREFIX + str(fe.weights_file.resolve())
+        self.config = replace(self.config, backbone=replace(self.config.backbone, name=name,
                                                             weights_sha256=fe.weights_sha256,
                                                             grid=tuple(fe.grid)))
         image_idx = (fit_idx, cal_idx)
