@@ -195,6 +195,109 @@ def test_a_reset_clears_raised_alarms_aloud_and_a_restore_keeps_them_until_parts
     assert fresh.snapshot()["b"]["alarm"] and fresh.snapshot()["b"]["alarms_total"] == 0
 
 
+def test_a_restart_refills_the_drift_windows_with_the_served_models_parts_only(tmp_path: Path) -> None:
+    """A restarted service refilled its drift windows with the store's parts inspected since
+    calibration.json was written, whichever model inspected them. That file's date can be older
+    than another model's parts (`train --undo` puts the old file back, `rsync -a` or `cp -p`
+    keeps a bundle's date): the new model's drift was tested on the old model's p-values, and
+    its first ordinary part raised a drift alarm. Only the parts of the model now served (the
+    records' ``model_version``) refill the windows."""
+    import os
+    import time
+    from types import SimpleNamespace
+
+    from diffqc.service.line import LineServices
+    from diffqc.service.store import ResultRecord, ResultStore
+
+    bundle = tmp_path / "model"
+    bundle.mkdir()
+    (bundle / "calibration.json").write_text("{}")
+    now = time.time()
+    os.utime(bundle / "calibration.json", (now - 3600, now - 3600))
+    settings = SimpleNamespace(drift_window=50, drift_min_parts=10, drift_level=0.01, model_path=bundle,
+                               calibration_poll_s=1.0)
+    detector = SimpleNamespace(classes_=["edge"], path=bundle, version="diffusion-NEW")
+
+    def part(i: int, version: str, p: float) -> ResultRecord:
+        return ResultRecord(created_at=now - 600 + i, source="test", decision="PASS", feature_type="edge",
+                            predicted_type="edge", type_known=True, model_version=version, p_value=p)
+
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        store.insert_many([part(i, "diffusion-OLD", 0.002) for i in range(40)]  # its scores, not ours
+                          + [part(40 + i, "diffusion-NEW", (i + 0.5) / 12) for i in range(12)])
+        line = LineServices(settings, store, None, detector)
+        edge = line.status()["drift"]["edge"]
+        assert edge["window_parts"] == 12 and edge["statistic"] < 0.2
+        heard = []
+        line.drift.listeners.append(heard.append)
+        line.on_record(part(60, "diffusion-NEW", 0.5), 0.01)
+        assert not [e for e in heard if e.alarm]
+        assert {r.model_version for r in store.query(model_version="diffusion-NEW", limit=None)} == {
+            "diffusion-NEW"}
+
+
+def test_a_restart_clears_kept_alarms_a_new_calibration_or_model_left_behind(tmp_path: Path) -> None:
+    """A raised drift alarm kept in the store was raised again at every restart. Recalibrated
+    while the service was stopped, the alarm came back though a new calibration clears every
+    alarm; of a type the new model dropped, no part could ever clear it (the alarm gauge, the
+    line's status and MQTT's retained alarm raised for ever). At restart such an alarm is
+    cleared aloud, as a hot reload clears one: an event with its reason through the sinks, its
+    kept entry removed."""
+    import json
+    import os
+    import time
+    from types import SimpleNamespace
+
+    from diffqc.service.line import LineServices
+    from diffqc.service.store import ResultRecord, ResultStore
+
+    bundle = tmp_path / "model"
+    bundle.mkdir()
+    calibration = bundle / "calibration.json"
+    calibration.write_text("{}")
+    now = time.time()
+    os.utime(calibration, (now - 3600, now - 3600))
+    settings = SimpleNamespace(drift_window=20, drift_min_parts=10, drift_level=0.01, model_path=bundle,
+                               calibration_poll_s=1.0, webhook_url="http://127.0.0.1:9/hook")
+
+    def detector(*types: str) -> SimpleNamespace:
+        return SimpleNamespace(classes_=list(types), path=bundle)
+
+    def part(ftype: str) -> ResultRecord:
+        return ResultRecord(created_at=time.time(), source="test", decision="PASS", feature_type=ftype,
+                            p_value=0.001)
+
+    def cleared(line: LineServices) -> list[tuple[str, str]]:
+        """The alarms cleared among the messages waiting for the webhook (then sent)."""
+        assert line.outbox is not None
+        waiting = line.outbox.due("webhook", time.time() + 3600, limit=100)
+        for message in waiting:
+            line.outbox.delivered(message)
+        pushed = [json.loads(m.payload) for m in waiting]
+        return [(a["feature_type"], a.get("reason")) for a in pushed if a["event"] == "drift_cleared"]
+
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        first = LineServices(settings, store, None, detector("edge", "lid"))
+        for _ in range(10):
+            first.on_record(part("edge"), 0.01)
+            first.on_record(part("lid"), 0.01)
+        assert {a["feature_type"] for a in first.drift.alarms()} == {"edge", "lid"}
+        since = max(float(a["since"]) for a in first.drift.alarms())
+        assert cleared(first) == []
+
+        dropped = LineServices(settings, store, None, detector("edge"))  # retrained without "lid"
+        assert cleared(dropped) == [("lid", "model changed")]
+        assert [a["feature_type"] for a in dropped.drift.alarms()] == ["edge"]  # still stands
+        assert list(store.meta_items("drift_alarm/")) == ['drift_alarm/["edge", null]']
+        assert 'diffqc_drift_alarm{feature_type="lid"} 1' not in dropped.metrics_lines()
+
+        os.utime(calibration, (since + 1, since + 1))  # recalibrated while stopped
+        recalibrated = LineServices(settings, store, None, detector("edge"))
+        assert cleared(recalibrated) == [("edge", "calibration changed")]
+        assert recalibrated.drift.alarms() == [] and store.meta_items("drift_alarm/") == {}
+        assert not any(row["alarm"] for row in recalibrated.status()["drift"].values())
+
+
 # --------------------------------------------------------------------------- acceptance
 SHIFT = 0.10  # brightness added to every pixel (images in [0, 1])
 STREAM = 80  # unshifted GOOD parts, then the same parts shifted

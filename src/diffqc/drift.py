@@ -32,13 +32,16 @@ part, so the union bound above grows by the number of cameras.
 
 A new calibration empties the windows (old p-values no longer apply) and clears each raised
 alarm aloud (an event per alarm). A restarted service refills the windows with the stored
-parts (:meth:`DriftMonitor.refill`) and raises again the alarms its predecessor left raised
-(:meth:`DriftMonitor.restore`, kept in the result store by the service) until its own parts
-clear them: a restart is no remedy for drift.
+parts of the model it serves (:meth:`DriftMonitor.refill`) and raises again the alarms its
+predecessor left raised (:meth:`DriftMonitor.restore`, kept in the result store by the
+service) until its own parts clear them: a restart is no remedy for drift. A kept alarm raised
+before the calibration served was written, or of a type the model served lacks, is cleared
+aloud instead, as a new calibration or model clears it.
 
-A part whose predicted type (the arg-min over the types' scores) differs from the type it was
-declared as is *mis-routed* (a crop sent down the wrong lane): it is counted apart and kept out
-of the window, since its p-value says nothing about drift.
+A part whose predicted type (the type router's pick; for a model with layouts, tiled, padded
+or cropped, the arg-min of its scores over every type) differs from the type it was declared
+as is *mis-routed* (a crop sent down the wrong lane): it is counted apart and kept out of the
+window, since its p-value says nothing about drift.
 
 The functions are pure; :class:`DriftMonitor` is the small, thread-safe state the service keeps.
 """
@@ -49,7 +52,7 @@ import math
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -304,13 +307,27 @@ class DriftMonitor:
             return [{"feature_type": t, "camera": c, "since": st.since}
                     for t, c, st in self._all_states() if st.alarm]
 
-    def restore(self, alarms: Iterable[dict[str, Any]]) -> None:
+    def restore(self, alarms: Iterable[dict[str, Any]], *, calibrated_at: float | None = None,
+                types: Collection[str] | None = None) -> list[DriftEvent]:
         """Raise again the alarms a previous process had raised (:meth:`alarms`): each stays
         raised until its window (:meth:`refill`'s stored parts and the new ones, at least
-        ``min_parts``) shows the line in order, then it is cleared, aloud; no second alarm."""
+        ``min_parts``) shows the line in order, then it is cleared, aloud; no second alarm.
+        An alarm raised before ``calibrated_at`` (recalibrated while no process ran), or of a
+        type not in ``types`` (the model now served has none: no part could clear it), is not
+        raised but cleared aloud, as :meth:`reset` clears one ("calibration changed", "model
+        changed"): the events, also given to the listeners."""
+        events = []
         with self._lock:
             for alarm in alarms:
                 ftype, camera = str(alarm["feature_type"]), alarm.get("camera")
+                if (reason := self._stale(ftype, alarm.get("since"), calibrated_at, types)) is not None:
+                    st = (self._types.get(ftype) if camera is None
+                          else self._cameras.get(ftype, {}).get(str(camera)))
+                    events.append(DriftEvent(ftype, False, st.statistic if st else 0.0,
+                                             st.threshold if st else math.inf, len(st.window) if st else 0,
+                                             time.time(), {"reason": reason},
+                                             None if camera is None else str(camera)))
+                    continue
                 if camera is None:
                     st = self._state(ftype)
                 else:  # kept across the restart even beyond max_cameras: it was raised
@@ -318,6 +335,20 @@ class DriftMonitor:
                     st = self._cameras.setdefault(ftype, {}).setdefault(str(camera), self._new_window())
                 since = alarm.get("since")
                 st.alarm, st.since = True, float(since) if since is not None else time.time()
+        for event in events:
+            for fn in self.listeners:
+                fn(event)
+        return events
+
+    @staticmethod
+    def _stale(feature_type: str, since: Any, calibrated_at: float | None,
+               types: Collection[str] | None) -> str | None:
+        """Why a kept alarm no longer holds (:meth:`restore`), or None."""
+        if types is not None and feature_type not in types:
+            return "model changed"
+        if calibrated_at is not None and since is not None and float(since) < calibrated_at:
+            return "calibration changed"
+        return None
 
     @staticmethod
     def _row(st: TypeState) -> dict[str, Any]:

@@ -17,7 +17,6 @@ serves (:class:`CertificateWatch`: its expiry, and renewed files served), the sy
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import logging
@@ -418,9 +417,11 @@ class LineServices:
         follows = self.model_watch is not None
         self.reloader = (CalibrationReloader(detector, self.bundle, follows_retrain=follows)
                          if self.bundle is not None else None)
-        self._refill_windows(list(getattr(detector, "classes_", None) or ()))
-        self._restore_alarms()
+        self.opcua: Any = None  # the OPC UA server of the decisions (serve --opcua), made below
+        types = list(getattr(detector, "classes_", None) or ())
+        self._refill_windows(types, str(getattr(detector, "version", "") or ""))
         self.drift.listeners.append(self._on_drift)
+        self._restore_alarms(types)
         self.poll_s = float(getattr(settings, "calibration_poll_s", 1.0))
         self.on_calibration = on_calibration
         policy = RetentionPolicy(getattr(settings, "retention_max_age_s", None),
@@ -440,7 +441,6 @@ class LineServices:
                                              key=Path(key).absolute() if key is not None else None,
                                              reload=tls_reload)
                             if cert is not None else None)  # the log names it wherever serve ran
-        self.opcua: Any = None  # the OPC UA server of the decisions (serve --opcua)
         if getattr(settings, "opcua_url", None):
             from diffqc.service.opcua import OpcUaServer, read_users
 
@@ -522,22 +522,31 @@ class LineServices:
         self.drift.observe(rec.feature_type, rec.p_value, decision=rec.decision,
                            predicted_type=rec.predicted_type, type_known=rec.type_known, camera=rec.camera)
 
-    def _refill_windows(self, types: list[str]) -> None:
+    def _calibrated_at(self) -> float | None:
+        """When the calibration file served was written; None without a bundle or that file."""
+        if self.reloader is None:
+            return None
+        try:
+            return self.reloader.file.stat().st_mtime
+        except OSError:
+            return None
+
+    def _refill_windows(self, types: list[str], version: str) -> None:
         """Each type's drift windows from the store's latest parts of it (a restart, or a cron
         job's `watch --once`, would otherwise test nothing until ``min_parts`` new parts came):
-        parts inspected since the calibration file was written, at most a week ago, neither
-        NOT_INSPECTED nor mis-routed; the type's window from its latest parts, and each camera
-        among them (up to ``max_cameras``, the latest seen first) from that camera's own. With a
-        ``station``, its parts and those without one (a shared store holds other stations')."""
-        since = time.time() - 7 * 86400.0
-        if self.reloader is not None:
-            with contextlib.suppress(OSError):  # no calibration file: the week bounds it
-                since = max(since, self.reloader.file.stat().st_mtime)
+        parts the model served (``version``, the records' ``model_version``) inspected since the
+        calibration file was written, at most a week ago, neither NOT_INSPECTED nor mis-routed;
+        the type's window from its latest parts, and each camera among them (up to
+        ``max_cameras``, the latest seen first) from that camera's own. With a ``station``, its
+        parts and those without one (a shared store holds other stations'). The file's date
+        alone does not tell another model's parts (`train --undo` puts an older file back, a
+        bundle copied with its dates keeps them): their p-values say nothing of this model's."""
+        since = max(time.time() - 7 * 86400.0, self._calibrated_at() or 0.0)  # no file: the week
         config = self.drift.config
 
         def latest(ftype: str, camera: str | None = None) -> list[ResultRecord]:
             return self.store.query(feature_type=ftype, camera=camera, since=since, limit=config.window,
-                                    station_or_none=self.station)
+                                    station_or_none=self.station, model_version=version)
 
         def window(rows: list[ResultRecord], camera: str | None) -> list[tuple[str, float, str | None]]:
             return [(str(r.feature_type), float(r.p_value), camera) for r in reversed(rows)  # oldest first
@@ -557,19 +566,27 @@ class LineServices:
             return
         self.drift.refill(parts)
 
-    def _restore_alarms(self) -> None:
+    def _restore_alarms(self, types: list[str]) -> None:
         """Raise again the drift alarms a previous process left raised in the store: a restart
         must not clear an alarm that no parts have cleared (nor leave a consumer's copy of it,
-        MQTT's retained message, raised for ever)."""
+        MQTT's retained message, raised for ever). One raised before the calibration file was
+        written (recalibrated while stopped), or of a type the model served lacks (``types``;
+        none named: not checked), is cleared aloud instead, as a new calibration or model clears
+        it (:meth:`_on_drift`: the sinks told, its kept entry removed)."""
         try:
             kept = [json.loads(v) for v in self.store.meta_items(ALARM_KEY).values()]
         except (StoreError, ValueError) as exc:
             log.warning("the drift alarms raised before the restart cannot be read: %s", exc)
             return
         kept = [a for a in kept if a.get("station") == self.station]  # this service's, on a shared store
-        self.drift.restore(kept)
+        events = self.drift.restore(kept, calibrated_at=self._calibrated_at(), types=types or None)
+        cleared = {(e.feature_type, e.camera): e.detail["reason"] for e in events}
         for alarm in kept:
             where = "" if alarm.get("camera") is None else f" on camera {alarm['camera']!r}"
+            if (reason := cleared.get((str(alarm["feature_type"]), alarm.get("camera")))) is not None:
+                log.info("drift alarm for type %r%s, raised before the restart, cleared: %s since",
+                         alarm["feature_type"], where, reason)
+                continue
             log.warning("drift alarm for type %r%s, raised before the restart (%s), stays raised until "
                         "its parts show the line in order", alarm["feature_type"], where,
                         utc_minute(float(alarm.get("since") or time.time())))

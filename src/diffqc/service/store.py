@@ -455,6 +455,7 @@ class Filters(TypedDict, total=False):
     station: str | None
     station_or_none: str | None
     camera: str | None
+    model_version: str | None
     after_id: int | None
     before_id: int | None
     has_part: bool | None
@@ -476,6 +477,7 @@ def _conditions(filters: Filters) -> tuple[str, list[Any]]:
         ("station = ?", get("station")),
         ("(station = ? OR station IS NULL)", get("station_or_none")),
         ("camera = ?", get("camera")),
+        ("model_version = ?", get("model_version")),
         ("id > ?", get("after_id")),
         ("id < ?", get("before_id")),
     ])
