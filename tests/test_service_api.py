@@ -182,6 +182,61 @@ async def test_the_buffers_byte_bound_is_the_one_configured(detector: Any, tmp_p
         assert state.pipeline.buffer.max_bytes == 3 * 1024 * 1024
 
 
+@pytest.mark.parametrize("overflow", ["reject", "drop_oldest"])
+async def test_a_batch_heavier_than_the_buffer_has_every_image_inspected(
+        detector: Any, samples: Samples, tmp_path: Path, overflow: str) -> None:
+    """A batch into an idle service whose decoded images outweighed ``--buffer-mb`` (four
+    4000x3000 crops of one part against the default 512 MiB) was answered 200 with its earlier
+    images ``NOT_INSPECTED``, "dropped: buffer full (drop_oldest policy)", even under
+    ``--overflow reject``: its later images had pushed them out. Every image is inspected now."""
+    parts = samples.all[:3]
+    files = [("image", (f"{i}.png", b, "image/png")) for i, (b, _) in enumerate(parts)]
+    async with running_app(detector, tmp_path, buffer_max_bytes=1, overflow=overflow) as (client, state):
+        r = await client.post("/v1/inspect/batch", headers=AUTH, files=files,
+                              data={"feature_type": [t for _, t in parts], "part_id": "P-1"})
+        assert r.status_code == 200, r.text
+        got = r.json()["results"]
+        assert [x["decision"] in ("PASS", "REVIEW", "REJECT") for x in got] == [True] * 3, got
+        assert state.pipeline.buffer.dropped_total == 0
+
+
+@pytest.mark.parametrize("route", ["/v1/inspect", "/v1/inspect/batch"])
+async def test_a_json_upload_is_decoded_off_the_event_loop(
+        detector: Any, samples: Samples, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, route: str) -> None:
+    """A JSON upload's base64 was decoded on the service's event loop: while one 80 MiB JSON
+    batch was decoded every other request waited (``/healthz`` 1.2 s, a camera's part as long).
+    It is decoded in the thread pool, as a multipart upload's images are: here its decoding is
+    held until ``/healthz`` has been answered, which an event loop busy decoding cannot do."""
+    import base64
+    import threading
+
+    import anyio
+
+    from diffqc.service import app as service_app
+
+    good, ftype = samples.one("PASS")
+    entered, gate = threading.Event(), threading.Event()
+    opened: list[bool] = []  # whether the decoding was let go by the answered /healthz
+    decode = service_app._base64_bytes
+
+    def held(text: str) -> bytes:
+        entered.set()
+        opened.append(gate.wait(10))  # on the event loop: /healthz is not answered meanwhile
+        return decode(text)
+
+    monkeypatch.setattr(service_app, "_base64_bytes", held)
+    text = base64.b64encode(good).decode()
+    body = {"image": [text] if route.endswith("batch") else text, "feature_type": ftype}
+    async with running_app(detector, tmp_path) as (client, _):
+        upload = asyncio.create_task(client.post(route, headers=AUTH, json=body))
+        assert await anyio.to_thread.run_sync(entered.wait, 30)
+        assert (await client.get("/healthz")).status_code == 200
+        gate.set()
+        r = await upload
+        assert r.status_code == 200, r.text
+    assert opened == [True]
+
+
 async def test_results_filters_model_and_metrics(detector: Any, samples: Samples, tmp_path: Path) -> None:
     async with running_app(detector, tmp_path) as (client, _):
         sent = []

@@ -28,6 +28,7 @@ import pytest
 from tests.conftest import png_header_only
 from tests.test_service_common import (  # noqa: F401 (fixtures)
     AUTH,
+    TOKEN,
     Samples,
     detector,
     png,
@@ -71,6 +72,7 @@ DEL_FORM, DEL_FORM_TYPE = _multipart([("image", GOOD), ("part_id", "cam\x7f1")])
 TYPO_FORM, TYPO_FORM_TYPE = _multipart([("image", GOOD), ("partid", "cam1")])
 TWICE_FORM, TWICE_FORM_TYPE = _multipart([("image", GOOD), ("feature_type", "a"), ("feature_type", "b")])
 TWICE_LINE, TWICE_LINE_TYPE = _multipart([("image", GOOD), ("line", "L1"), ("line", "L2")])
+DEEP_JSON = {"content": b"[" * 100_000 + b"]" * 100_000, "headers": {"Content-Type": "application/json"}}
 
 # (id, method, url, request kwargs, status, code)
 ROWS: list[tuple[str, str, str, dict[str, Any], int, str]] = [
@@ -190,6 +192,10 @@ ROWS: list[tuple[str, str, str, dict[str, Any], int, str]] = [
         "Content-Type": TWICE_FORM_TYPE}}, 422, "repeated_field"),
     ("batch line field given twice", "POST", "/v1/inspect/batch", {"content": TWICE_LINE, "headers": {
         "Content-Type": TWICE_LINE_TYPE}}, 422, "repeated_field"),
+    # JSON nested deeper than Python's parser goes (a fuzzer's, a client's runaway encoder): a 500
+    # and a RecursionError's traceback in the log
+    ("JSON nested deep", "POST", "/v1/inspect", DEEP_JSON, 422, "bad_request"),
+    ("batch JSON nested deep", "POST", "/v1/inspect/batch", DEEP_JSON, 422, "bad_request"),
     ("JSON field given twice", "POST", "/v1/inspect", {"content": b'{"image": "x", "feature_type": "a", '
                                                                   b'"feature_type": "b"}', "headers": {
         "Content-Type": "application/json"}}, 422, "repeated_field"),
@@ -549,6 +555,69 @@ async def test_a_batch_sent_as_json_is_inspected(detector: Any, samples: Samples
         r = await client.post("/v1/inspect/batch", headers=AUTH, content=good)
         assert r.status_code == 415 and "or JSON" in r.json()["detail"]
         assert state.store.count() == 4
+
+
+async def test_a_null_in_a_json_batchs_lists_is_that_images_none(detector: Any, samples: Samples,
+                                                                   tmp_path: Path) -> None:
+    """A null in a JSON batch's ``part_id`` or ``feature_type`` list was thrown away and the rest
+    moved up: ``"part_id": [null, "P-2"]`` filed both images under P-2, ``"feature_type": [null,
+    "angle"]`` scored both as angle, and ``["P-1", null, "P-3"]`` for three images was refused as
+    "2 part_id fields for 3 images". A null keeps its place and is none, as a form's empty field."""
+    import base64
+
+    texts = [base64.b64encode(b).decode() for b, _ in samples.all[:3]]
+    types = [t for _, t in samples.all[:3]]
+    async with running_app(detector, tmp_path) as (client, _):
+        r = await client.post("/v1/inspect/batch", headers=AUTH, json={
+            "image": texts[:2], "part_id": [None, "P-2"], "feature_type": [None, types[1]]})
+        assert r.status_code == 200, r.text
+        got = r.json()["results"]
+        assert [g["part_id"] for g in got] == [None, "P-2"]
+        assert [g["type_known"] for g in got] == [False, True] and got[1]["feature_type"] == types[1]
+        r = await client.post("/v1/inspect/batch", headers=AUTH, params={"feature_type": types[0]}, json={
+            "image": texts, "part_id": ["P-1", None, "P-3"], "feature_type": [None, *types[1:]]})
+        assert r.status_code == 200, r.text
+        got = r.json()["results"]
+        assert [(g["part_id"], g["feature_type"], g["type_known"]) for g in got] == [
+            ("P-1", types[0], True), (None, types[1], True), ("P-3", types[2], True)]
+
+
+async def test_a_text_field_sent_as_a_file_is_refused_and_named(detector: Any, samples: Samples,
+                                                                tmp_path: Path) -> None:
+    """A form's text field sent as a file part (``curl -F part_id=@id.txt``) was filed as its
+    description, ``UploadFile(filename='id.txt', ...)``, for the part id of a batch, and answered
+    200; a line, station or camera so sent, and any such field on ``/v1/inspect``, was dropped
+    without a word. Each is a 422 naming the field and how to send its text; nothing is stored."""
+    good, _ = samples.one("PASS")
+    async with running_app(detector, tmp_path) as (client, state):
+        for route in ("/v1/inspect", "/v1/inspect/batch"):
+            for name in ("part_id", "feature_type", "line", "station", "camera"):
+                files = [("image", ("part.png", good, "image/png")), (name, ("id.txt", b"P-1", "text/plain"))]
+                r = await client.post(route, headers=AUTH, files=files)
+                assert (r.status_code, r.json()["code"]) == (422, f"bad_{name}"), (route, name, r.text)
+                assert f"form field {name!r} is a file" in r.json()["detail"], r.text
+        assert state.store.count() == 0
+
+
+async def test_a_refused_upload_is_counted_behind_a_reverse_proxys_path(detector: Any, samples: Samples,
+                                                                        tmp_path: Path) -> None:
+    """Under ``--root-path /qc`` (behind a reverse proxy) ``diffqc_bad_uploads_total`` never
+    counted a refused upload: it looked for ``/v1/inspect`` at the start of the path, which the
+    service sees as ``/qc/v1/inspect``."""
+    from diffqc.service.app import ServiceSettings, create_app
+
+    app = create_app(ServiceSettings(db_url=str(tmp_path / "r.db"), tokens=(TOKEN,), root_path="/qc"),
+                     detector=detector)
+    transport = httpx.ASGITransport(app=app, root_path="/qc")  # the path as uvicorn gives it
+    client = httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=60.0)
+    async with app.router.lifespan_context(app), client:
+        r = await client.post("/qc/v1/inspect", headers=AUTH, content=b"")
+        assert (r.status_code, r.json()["code"]) == (400, "empty_body"), r.text
+        r = await client.post("/qc/v1/inspect/batch", headers=AUTH, files=[("other", ("a.png", b"x"))])
+        assert (r.status_code, r.json()["code"]) == (400, "missing_image"), r.text
+        text = (await client.get("/qc/metrics", headers=AUTH)).text
+        assert 'diffqc_bad_uploads_total{reason="empty_body"} 1' in text, text
+        assert 'diffqc_bad_uploads_total{reason="missing_image"} 1' in text, text
 
 
 async def test_a_misspelled_parameter_or_field_is_refused_with_the_names_it_takes(

@@ -70,8 +70,9 @@ def test_ring_buffer_drop_oldest_returns_the_evicted() -> None:
     buf: RingBuffer[int] = RingBuffer(2, OverflowPolicy.DROP_OLDEST)
     assert buf.put(1) is None and buf.put(2) is None
     assert buf.put(3) == 1
-    assert buf.put_many([4, 5, 6]) == [2, 3, 4]
-    assert buf.get_batch(5) == [5, 6] and buf.dropped_total == 4
+    assert buf.put_many([4, 5]) == [2, 3]
+    assert buf.put_many([6, 7, 8]) == [4, 5]  # more than it holds: taken whole, the older ones out
+    assert buf.get_batch(5) == [6, 7, 8] and buf.dropped_total == 5
 
 
 def test_ring_buffer_is_bounded_by_bytes_as_well_as_slots() -> None:
@@ -93,6 +94,26 @@ def test_ring_buffer_is_bounded_by_bytes_as_well_as_slots() -> None:
     drop.put_many([300, 300, 300])
     assert drop.put_many([500]) == [300, 300]  # evicts the oldest until the new one fits
     assert drop.bytes == 800 and drop.get_batch(10) == [300, 500]
+
+
+@pytest.mark.parametrize("policy", ["reject", "drop_oldest"])
+def test_a_batch_heavier_than_the_buffer_never_evicts_its_own_parts(policy: str) -> None:
+    """A batch into an idle service whose images together outweighed ``--buffer-mb`` (four
+    4000x3000 crops of one part: 576 MB decoded, against 512 MiB) was taken, then its own
+    earlier images were pushed out by its later ones and stored ``NOT_INSPECTED`` ("dropped:
+    buffer full (drop_oldest policy)"), even under ``--overflow reject``, and answered 200. A
+    batch is now taken whole or refused whole: into an empty buffer it is taken whole as a lone
+    heavy part is; under ``drop_oldest`` only parts waiting before it make room for it."""
+    buf: RingBuffer[int] = RingBuffer(64, policy, max_bytes=1000, size=lambda x: x)
+    assert buf.put_many([400, 400, 400]) == []  # 1200 bytes: over the bound, into an empty buffer
+    assert len(buf) == 3 and buf.bytes == 1200 and buf.dropped_total == 0
+    if policy == "reject":
+        with pytest.raises(BufferFull):  # something waits: refused whole, nothing evicted
+            buf.put_many([10])
+        assert buf.get_batch(10) == [400, 400, 400]
+    else:
+        assert buf.put_many([300, 300, 600]) == [400, 400, 400]  # the older parts, never its own
+        assert buf.get_batch(10) == [300, 300, 600] and buf.dropped_total == 3
 
 
 def test_a_flood_of_large_decoded_images_is_refused_by_bytes(tmp_path: Path) -> None:

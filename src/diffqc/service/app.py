@@ -855,6 +855,8 @@ def _json_with_names(body: bytes) -> tuple[Any, list[str]]:
         obj = json.loads(body, object_pairs_hook=keep_names)
     except ValueError as exc:
         raise ServiceError(422, "bad_request", f"the body is not valid JSON ({exc})") from None
+    except RecursionError:  # [[[...]]] deeper than Python's parser goes (a 500 before)
+        raise ServiceError(422, "bad_request", "the body's JSON is nested too deep to read") from None
     return obj, names[-1] if isinstance(obj, dict) else []
 
 
@@ -921,15 +923,16 @@ def _json_batch(body: bytes, max_items: int) -> tuple[list[bytes], list[str], li
     def texts(name: str) -> list[str]:
         value = obj.get(name)
         items = value if isinstance(value, list) else [] if value is None else [value]
-        return [t for v in items if (t := _json_text(name, v)) is not None]
+        return [_json_text(name, v) or "" for v in items]  # a null keeps its place: none, as "" in a form
 
     fields = {name: text for name in LINE_FIELDS if (text := _json_text(name, obj.get(name))) is not None}
     return datas, texts("feature_type"), texts("part_id"), fields
 
 
-async def _parse_form(request: Request, body: bytes, max_files: int) -> Any:
+async def _parse_form(request: Request, body: bytes, max_files: int, spare_files: int = 0) -> Any:
     """Parse an already-read (size-limited) multipart body: up to ``max_files`` files, each
-    with its ``feature_type`` and ``part_id``, and the line fields once (a few more spare)."""
+    with its ``feature_type`` and ``part_id``, and the line fields once (a few more spare);
+    ``spare_files`` files more (text fields sent as files, named by :func:`_refuse_file_fields`)."""
     sent = False
 
     async def replay() -> dict[str, Any]:
@@ -941,7 +944,7 @@ async def _parse_form(request: Request, body: bytes, max_files: int) -> Any:
 
     try:
         return await Request(request.scope, replay).form(
-            max_files=max_files, max_fields=2 * max_files + len(LINE_FIELDS) + 8)
+            max_files=max_files + spare_files, max_fields=2 * max_files + len(LINE_FIELDS) + 8)
     except Exception as exc:
         detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
         raise ServiceError(400, "bad_multipart", f"cannot parse the multipart body: {detail}") from None
@@ -1364,7 +1367,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     def _count_refused_upload(request: Request, code: str) -> None:
         """An upload refused before inspection (the inspect routes only: a bad query of
         /v1/results is no upload)."""
-        if request.url.path.startswith("/v1/inspect"):
+        path = request.scope["path"].removeprefix(request.scope.get("root_path", ""))  # /qc/v1/...
+        if path.startswith("/v1/inspect"):
             state.metrics.on_bad_upload(code)
 
     @app.exception_handler(ServiceError)
@@ -1558,10 +1562,11 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                                 else settings.max_upload_bytes)
         meta = _line_meta(request)
         fields: dict[str, str] | None = None  # the upload's own values, beside the image
-        if as_json:
-            data, fields = _json_upload(body, settings.max_upload_bytes)
+        if as_json:  # base64 decoded off the event loop, as a form's images are
+            data, fields = await anyio.to_thread.run_sync(_json_upload, body, settings.max_upload_bytes,
+                                                          limiter=decode_limiter)
         elif _is_multipart(request):
-            form = await _parse_form(request, body, max_files=1)
+            form = await _parse_form(request, body, max_files=1, spare_files=len(UPLOAD_FIELDS) - 1)
             try:
                 upload = form.get("image")
                 if not isinstance(upload, UploadFile):
@@ -1570,6 +1575,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                                 "unknown_field")
                 _refuse_repeated([k for k, _ in form.multi_items()], UPLOAD_FIELDS, "form field",
                                  "repeated_field")
+                _refuse_file_fields(form)
                 data = await upload.read()
                 fields = {k: v for k, v in form.items() if isinstance(v, str)}
             finally:
@@ -1619,7 +1625,8 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         limit = settings.max_batch_items
         if as_json:
             body = await _read_body(request, _base64_body_limit(settings.max_batch_upload_bytes))
-            datas, types, parts, fields = _json_batch(body, limit)
+            datas, types, parts, fields = await anyio.to_thread.run_sync(_json_batch, body, limit,
+                                                                         limiter=decode_limiter)
             meta = _line_meta(request, fields)
         else:
             body = await _read_body(request, settings.max_batch_upload_bytes)
@@ -1639,6 +1646,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
                                 "/v1/inspect/batch takes the fields", "unknown_field")
                 _refuse_repeated([k for k, _ in form.multi_items()], LINE_FIELDS, "form field",
                                  "repeated_field")
+                _refuse_file_fields(form)
                 if len(uploads) > limit:
                     raise ServiceError(
                         413,
@@ -2013,6 +2021,16 @@ def _missing_image(form: Any, wanted: str) -> ServiceError:
     return ServiceError(400, "missing_image",
                         f"multipart body has no {wanted} (it has {' and '.join(held) or 'nothing'}): "
                         "send the image as the file field 'image' (curl -F image=@part.png)")
+
+
+def _refuse_file_fields(form: Any) -> None:
+    """A 422 ``bad_<name>`` for a text field sent as a file part (``curl -F part_id=@id.txt``):
+    it was filed as ``UploadFile(filename='id.txt', ...)``, or dropped without a word."""
+    for name, value in form.multi_items():
+        if name != "image" and isinstance(value, UploadFile):
+            raise ServiceError(422, f"bad_{name}", f"form field {name!r} is a file ({value.filename!r}), "
+                               f"not text: send its value as a text field (curl -F {name}=VALUE, or "
+                               f"-F '{name}=<FILE' for a file's text)")
 
 
 def _form_str(form: Any, name: str) -> str | None:

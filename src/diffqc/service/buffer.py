@@ -53,9 +53,10 @@ class RingBuffer(Generic[T]):
     """A bounded, thread-safe FIFO with an explicit overflow policy.
 
     Bounded twice: at most ``capacity`` items and at most ``max_bytes`` bytes (each item
-    weighs ``size(item)``; a single item heavier than ``max_bytes`` is accepted only into an
-    empty buffer, so that it can still be served). ``put`` returns the evicted item under
-    ``drop_oldest`` (else None) and raises :class:`BufferFull` under ``reject``.
+    weighs ``size(item)``; a single item or batch heavier than ``max_bytes`` is accepted only
+    into an empty buffer, so that it can still be served). ``put_many`` takes a batch whole or
+    not at all: under ``drop_oldest`` it evicts items that waited before it (returned), never
+    its own; under ``reject`` it raises :class:`BufferFull` and evicts nothing.
     ``get_batch`` blocks until at least one item is waiting and returns every waiting item up
     to ``max_items``.
     """
@@ -113,25 +114,27 @@ class RingBuffer(Generic[T]):
         return evicted[0] if evicted else None
 
     def put_many(self, items: Sequence[T]) -> list[T]:
-        """Add items atomically. Under ``reject`` either all fit or none is added."""
+        """Add items atomically, all of them (or none: ``reject``); the evicted older items."""
         with self._cond:
             if self._closed:
                 raise BufferClosed("the service is shutting down")
             sized = [(item, int(self._size(item))) for item in items]
-            if self.policy is OverflowPolicy.REJECT and self._over(len(sized), sum(b for _, b in sized)):
+            total = sum(b for _, b in sized)
+            if self.policy is OverflowPolicy.REJECT and self._over(len(sized), total):
                 self.refused_total += len(items)
                 limit = f", {self.bytes}/{self.max_bytes} bytes" if self.max_bytes is not None else ""
                 raise BufferFull(
                     f"buffer full ({len(self._items)}/{self.capacity} parts{limit} waiting); retry later"
                 )
+            # drop_oldest: parts that waited before make room, never the batch's own (under reject
+            # it fits: nothing is evicted). A batch over a bound is taken whole once none wait.
             evicted: list[T] = []
-            for item, nbytes in sized:
-                while self._items and self._over(1, nbytes):
-                    old, old_bytes = self._items.popleft()
-                    self.bytes -= old_bytes
-                    evicted.append(old)
-                self._items.append((item, nbytes))
-                self.bytes += nbytes
+            while self._items and self._over(len(sized), total):
+                old, old_bytes = self._items.popleft()
+                self.bytes -= old_bytes
+                evicted.append(old)
+            self._items.extend(sized)
+            self.bytes += total
             self.accepted_total += len(items)
             self.dropped_total += len(evicted)
             self.high_water = max(self.high_water, len(self._items))
