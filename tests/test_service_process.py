@@ -686,3 +686,30 @@ def test_a_closed_terminal_stops_serve_and_watch_as_sigterm_does(service_model: 
                 proc.kill()
                 proc.wait(10)
     assert "inspected 1, already recorded 0, failed 0" in log_path.read_text()
+
+
+def test_a_start_that_fails_in_the_applications_start_is_one_line(service_model: tuple[Path, Path],
+                                                                   tmp_path: Path) -> None:
+    """A start that failed once the application started (here `--opcua-users`' server certificate
+    made in `--data-dir/opcua/`, where a file is in the way) ended in two chained tracebacks and
+    uvicorn's "Application startup failed", exit 3, where `watch` says one line. It is the
+    command line's one line now, and exit 1, as every error of the user's input is."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "opcua").write_text("not a folder")
+    users = tmp_path / "users.txt"
+    users.write_text("operator:a-long-password-123\n")
+    users.chmod(0o600)
+    env = {**os.environ, "DIFFQC_TOKEN": TOKEN}
+    out = subprocess.run([sys.executable, "-m", "diffqc.cli", "serve", str(service_model[0]), "--db",
+                          str(tmp_path / "r.db"), "--data-dir", str(tmp_path / "data"),
+                          "--port", str(bench.free_port()), "--opcua",
+                          f"opc.tcp://127.0.0.1:{bench.free_port()}", "--opcua-users", str(users)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.rstrip().splitlines()[-1].startswith("diffqc: error: "), out.stderr[-3000:]
+    assert "opcua" in out.stderr.rstrip().splitlines()[-1]

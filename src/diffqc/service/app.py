@@ -735,6 +735,7 @@ class ServiceState:
     watchers: list[Any] = field(default_factory=list)
     line: LineServices | None = None  # sinks, drift watch, calibration reload, retention
     tls_context: Any = None  # the SSL context uvicorn serves with (serve --tls-cert), set before it starts
+    start_error: DiffqcError | None = None  # the start's failure of the user's input, said by the CLI
 
     def require(self) -> tuple[InspectionPipeline, ResultStore]:
         if self.pipeline is None or self.store is None:
@@ -1341,7 +1342,11 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
         if state.tls_context is not None and settings.tls_cert is not None:  # renewed files served
             reload = tls_reloader(state.tls_context, settings.tls_cert, settings.tls_key,
                                   asyncio.get_running_loop())
-        await run_in_threadpool(_start, state, detector, reload)
+        try:
+            await run_in_threadpool(_start, state, detector, reload)
+        except DiffqcError as exc:  # the command line's one line (serve_until_stopped), not a traceback
+            state.start_error = exc
+            raise
         status = f"inspecting with model {state.model_version}"
         watchdog = Watchdog(lambda: worker_problems(state.pipeline), status)
         watchdog.start()
@@ -2311,7 +2316,8 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
     app = create_app(settings, detector=detector)
     port = sockets[0].getsockname()[1]
     tls = settings.tls_cert is not None
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, root_path=settings.root_path,
+    config = uvicorn.Config(_start_error_said_once(app), host=host, port=port, log_level=log_level,
+                            root_path=settings.root_path,
                             log_config=uvicorn_log_config(log_format),
                             access_log=access_log, timeout_graceful_shutdown=30,
                             server_header=False, backlog=BACKLOG,
@@ -2330,4 +2336,24 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
     server = _server(config)
     scheme = "https" if tls else "http"
     log.info("%s", listening_line(scheme, host, port))
-    server.run(sockets=sockets)
+    try:
+        server.run(sockets=sockets)
+    except SystemExit:  # uvicorn's exit of a failed start
+        if (error := app.state.diffqc.start_error) is not None:
+            raise error from None
+        raise
+
+
+def _start_error_said_once(app: Any) -> Any:
+    """``app`` for uvicorn, where a failed start of the user's input (a :class:`DiffqcError`,
+    kept as ``start_error``) is not also logged as Starlette's traceback: the command line says
+    it, one line, as it says every error of the user's input."""
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        async def told(message: Any) -> None:
+            if message.get("type") == "lifespan.startup.failed" and app.state.diffqc.start_error is not None:
+                message = {**message, "message": ""}
+            await send(message)
+
+        await app(scope, receive, told if scope["type"] == "lifespan" else send)
+
+    return asgi
