@@ -417,6 +417,28 @@ def test_an_unreadable_mask_leaves_its_image_out_of_the_pixel_metrics_only(clear
     assert results["pooled"]["pixel_auroc"] is not None
 
 
+def test_a_truncated_mask_leaves_its_image_out_of_the_pixel_metrics_only(clear_dataset: Path,
+                                                                        tmp_path: Path) -> None:
+    """A mask cut short (a copy stopped half-way) has a whole header, which was all the check
+    before the work read: it failed when the report was built, after every fold of every method
+    was fitted ("mask unreadable ... image file is truncated"), and no report was written. It is
+    found first, as a missing mask is: named, and its image left out of the pixel metrics only."""
+    from diffqc.data import DatasetWarning
+
+    samples = [s for s in load_dataset(clear_dataset) if s.feature_type == "stripes"]
+    i = next(i for i, s in enumerate(samples) if s.mask_path is not None)
+    whole = samples[i].mask_path.read_bytes()  # type: ignore[union-attr]
+    half = tmp_path / "half_mask.png"
+    half.write_bytes(whole[: len(whole) // 2])
+    samples[i] = replace(samples[i], mask_path=half)
+    with pytest.warns(DatasetWarning, match=r"1 defect mask\(s\) unreadable.*half_mask\.png \(.*truncated"):
+        report = E.evaluate(samples, folds=FOLDS, methods=("padim",), base_config=tiny_config(),
+                            progress=False, n_boot=20, gallery=0, device="cpu")
+    results = report["results"]["stripes"]["padim"]
+    assert results["n_good"] + results["n_defective"] == len(samples)
+    assert results["pooled"]["pixel_auroc"] is not None
+
+
 def test_parse_setting_keeps_list_values_whole() -> None:
     name, over = E.parse_setting("big:diffusion.prior_dims=100,scoring.bank_timesteps=[100,200]")
     assert name == "big"

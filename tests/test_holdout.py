@@ -397,6 +397,24 @@ def test_cli_test_draws_heat_maps_of_its_misses(
     assert "--heatmaps" in captured.err and captured.out == ""
 
 
+def test_cli_test_of_images_none_of_which_can_be_read_says_so(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`diffqc test --skip-corrupt` on a folder whose every image was unreadable (a share that
+    dropped, files of another kind) skipped them all and ended with exit 0: an empty table, a
+    "mean/all" row of zeros and numpy's warnings. It is an error that says so, as evaluate's is."""
+    data = tmp_path / "line"
+    for folder in ("good", "crack"):
+        (data / "dots" / folder).mkdir(parents=True)
+        for i in range(2):
+            (data / "dots" / folder / f"{i:03d}.png").write_bytes(b"\x89PNG garbage")
+    report_path = tmp_path / "r.json"
+    code = main(["test", str(tiny_model), str(data), "--skip-corrupt", "--json", str(report_path), "-q"])
+    captured = capsys.readouterr()
+    assert code == 1, captured
+    assert "none of the 4 images could be read" in captured.err and "000.png" in captured.err, captured
+    assert not report_path.exists()
+
+
 def test_cli_test_of_parts_says_how_often_a_good_part_is_flagged_and_the_level_for_a_part(
         tiny_model: Path, clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A QC engineer who set α_review = 5 % reads it as the share of GOOD parts sent to review;

@@ -467,6 +467,30 @@ def test_write_report_on_a_full_disk_names_the_file_and_keeps_the_earlier_report
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
+def test_a_report_written_over_an_earlier_one_leaves_none_of_its_gallery(tmp_path: Path) -> None:
+    """Writing over an earlier report replaced its gallery/NNN.png files one by one, and the ones
+    beyond the new report's count stayed: a first run's 000-013.png, a second's with two gallery
+    parts left all fourteen while its report.json named 000-001, and the folder showed parts of
+    another run as this one's. An earlier report's gallery files the new one does not name are
+    removed; a file it did not name (someone's own, in its gallery folder) is kept."""
+    import copy
+
+    first = build_report(0, n_boot=20)
+    second = copy.deepcopy(first)
+    second["plots"]["gallery"] = second["plots"]["gallery"][:2]
+    out = tmp_path / "r"
+    R.write_report(first, out)
+    assert len(list((out / "gallery").glob("*.png"))) == len(first["plots"]["gallery"]) > 2
+    (out / "gallery" / "099.png").write_bytes(b"someone's own picture")
+    (out / "gallery" / "notes.txt").write_text("about the gallery")
+    R.write_report(second, out)
+    named = [g["overlay_file"] for g in json.loads((out / "report.json").read_text())["plots"]["gallery"]]
+    assert named == ["gallery/000.png", "gallery/001.png"]
+    left = sorted(p.name for p in (out / "gallery").iterdir())
+    assert left == ["000.png", "001.png", "099.png", "notes.txt"]
+    assert (out / "gallery" / "099.png").read_bytes() == b"someone's own picture"
+
+
 def test_the_calibration_plots_legend_leaves_its_curves_clear(monkeypatch: pytest.MonkeyPatch) -> None:
     """A small or shifted set's realised false-positive rates lie above the diagonal, in the
     plot's upper left, where its legend was drawn over them (evaluate on a 40-part set): the

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 
-from diffqc.visualize import DECISION_COLOURS, JET, colourise, overlay, panel
+from diffqc.errors import ImageReadError
+from diffqc.inspection import Inspection
+from diffqc.visualize import DECISION_COLOURS, JET, colourise, fit_within, overlay, panel, write_heatmap
 
 
 def test_jet_table_is_matplotlibs_jet() -> None:
@@ -101,3 +105,54 @@ def test_a_camera_frame_is_drawn_as_the_detector_reads_it() -> None:
         assert np.abs(got.astype(int) - want.astype(int)).max() <= 1, type(frame)
     left = panel(grey, m, score=1.0, p_value=0.5, decision="PASS", min_height=32)
     assert left.mean() < 250  # not a white square
+
+
+def _verdict(shape: tuple[int, int], decision: str = "REJECT") -> Inspection:
+    amap = np.zeros(shape, np.float32)
+    amap[:, : shape[1] // 2] = 2.0
+    return Inspection(score=2.5, p_value=0.001, decision=decision, feature_type="edge1",
+                      predicted_type=None, type_known=True, anomaly_map=amap)
+
+
+def test_a_thin_strips_heat_map_is_drawn_when_shrunk(tmp_path: Path) -> None:
+    """Shrinking an image for its heat map could take its short side below the 8 px an image
+    must have, and drawing it then failed ("image is 300x4"): `diffqc inspect --heatmap-size 300`
+    on a 600 x 9 strip stopped the run there, and the service's 8192 x 64 line-scan strips (768 x 6
+    at its 768 px) got no heat map at all. The short side is kept at 8 px: the heat map is drawn."""
+    from PIL import Image
+
+    strip = np.random.default_rng(3).random((9, 600, 3)).astype(np.float32)
+    for side in (300, 6):
+        out = write_heatmap(tmp_path / str(side), Path("strip.png"), strip, _verdict((9, 600)), {},
+                            gain=1.0, max_side=side)
+        with Image.open(out) as picture:
+            assert picture.size[1] >= 256  # enlarged to be read, as a small image is
+    line_scan = fit_within(np.full((64, 8192, 3), 0.5, np.float32), 768)
+    assert line_scan.shape == (8, 768, 3)
+    assert fit_within(np.full((600, 9, 3), 0.5, np.float32), 6).shape[:2] == (8, 8)
+
+
+def test_a_heat_map_that_cannot_be_drawn_leaves_no_empty_file(tmp_path: Path) -> None:
+    """The heat map's file is claimed first (so that none is overwritten), but it was removed only
+    when the write itself failed: an image the drawing refuses (or Ctrl-C while drawing) left an
+    empty ``*_heatmap.png`` for good. A heat map not drawn leaves no file, and its error is raised."""
+    with pytest.raises(ImageReadError, match="image is 4x4"):
+        write_heatmap(tmp_path, Path("tiny.png"), np.zeros((4, 4, 3), np.float32), _verdict((4, 4)), {},
+                      gain=1.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tall_images_heat_map_shows_its_whole_header() -> None:
+    """The header (decision, score, p-value, type) was drawn on a picture as wide as the image,
+    its overlay and the colour bar: on a tall, narrow image (9 px wide, 600 high) it was cut off
+    after "REJECT score". The picture is as wide as its header: the same header as a wide image's."""
+    rng = np.random.default_rng(4)
+    kwargs = {"score": 2.5, "p_value": 0.001, "decision": "REJECT", "feature_type": "bottle",
+              "vmin": 0.0, "vmax": 3.0}
+    wide = panel(rng.random((600, 600, 3)).astype(np.float32), np.zeros((600, 600), np.float32), **kwargs)
+    tall = panel(rng.random((600, 9, 3)).astype(np.float32), np.zeros((600, 9), np.float32), **kwargs)
+    head = wide[:40]  # the header's text, above the pictures
+    inked = np.flatnonzero((head != 255).any(axis=(0, 2)))
+    right = int(inked.max()) + 1
+    assert tall.shape[1] > right, (tall.shape, right)
+    np.testing.assert_array_equal(tall[:40, :right], head[:, :right])

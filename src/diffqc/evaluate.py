@@ -657,25 +657,34 @@ def unknown_type_summary(y: np.ndarray, true_types: Sequence[str], routed_types:
     }
 
 
-def _without_unreadable_masks(samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
-    """The samples with each unreadable mask (missing, or not an image: its header is read)
-    dropped to None (unknown), and the reasons; checked before any work, as a missing mask
-    used to stop the evaluation after every fold was fitted."""
+def _mask_problem(path: Path) -> str | None:
+    """Why a mask cannot be read whole (missing, not an image, too large, corrupt or truncated:
+    it is decoded, as :func:`~diffqc.data.read_mask` reads it later); None when it can."""
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        with Image.open(path) as img:
+            try:
+                img.load()
+            except (OSError, SyntaxError, ValueError) as exc:  # a header read, the pixels not
+                return f"corrupt or truncated: {exc}"
+    except (OSError, UnidentifiedImageError) as exc:  # the latter is an OSError too
+        return exc.strerror or "not an image"
+    except Image.DecompressionBombError:
+        return "larger than the image size limit"
+    return None
+
+
+def _without_unreadable_masks(samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
+    """The samples with each unreadable mask (:func:`_mask_problem`) dropped to None (unknown),
+    and the reasons; checked before any work, as a missing or truncated mask used to stop the
+    evaluation after every fold was fitted."""
     out: list[Sample] = []
     unread: list[str] = []
     for s in samples:
-        if s.mask_path is not None:
-            try:
-                with Image.open(s.mask_path):
-                    pass
-            except (OSError, UnidentifiedImageError) as exc:  # the latter is an OSError too
-                unread.append(f"{s.mask_path} ({exc.strerror or 'not an image'})")
-                s = replace(s, mask_path=None)
-            except Image.DecompressionBombError:
-                unread.append(f"{s.mask_path} (larger than the image size limit)")
-                s = replace(s, mask_path=None)
+        if s.mask_path is not None and (why := _mask_problem(s.mask_path)) is not None:
+            unread.append(f"{s.mask_path} ({why})")
+            s = replace(s, mask_path=None)
         out.append(s)
     return out, unread
 

@@ -202,6 +202,9 @@ def holdout_report(detector: Any, data: Sequence[Sample] | Path | str, *, type_k
         warnings.warn(note, DatasetWarning, stacklevel=2)
     results, read = detector.inspect_samples(kept, type_known=type_known, all_types=False, maps=False,
                                              skip_corrupt=skip_corrupt, progress=progress)
+    if not read:  # every one skipped as unreadable: an empty table of zeros was the report
+        raise DatasetError(f"{name}: none of the {len(kept)} images could be read: "
+                           f"{first_few([path_text(s.path) for s in kept])}")
     rows = decision_table(read, results)
     parts = part_decision_metrics([s.part_id for s in read], [s.feature_type for s in read],
                                   [s.label for s in read], [r.decision for r in results])

@@ -40,6 +40,7 @@ import html
 import io
 import json
 import math
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -1454,6 +1455,32 @@ def _gallery_images(data: dict[str, Any]) -> tuple[dict[int, str], dict[str, byt
     return images, files
 
 
+_GALLERY_FILE = re.compile(r"gallery/\d{3}\.png")  # the names _gallery_images gives
+
+
+def _earlier_gallery(out: Path) -> set[str]:
+    """The gallery files (``gallery/NNN.png``) that an earlier report in ``out`` names: the
+    program's own, which a new report there replaces; none when ``out`` holds no report."""
+    if not is_report(out):
+        return set()
+    try:
+        items = json.loads((out / "report.json").read_text(encoding="utf-8"))["plots"]["gallery"]
+        names = {g.get("overlay_file") for g in items}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not as this program writes it
+        return set()
+    return {n for n in names if isinstance(n, str) and _GALLERY_FILE.fullmatch(n)}
+
+
+def _drop_stale_gallery(out: Path, earlier: set[str], kept: set[str]) -> None:
+    """Remove the earlier report's gallery files the new report does not name (its count was
+    larger: they stayed, parts of another run shown as this one's); nothing else is deleted."""
+    for rel in sorted(earlier - kept):
+        try:
+            (out / rel).unlink(missing_ok=True)
+        except OSError as exc:
+            warnings.warn(f"an earlier report's {out / rel} is left: {exc.strerror or exc}", stacklevel=3)
+
+
 def check_report(report: dict[str, Any]) -> None:
     """Raise ValueError naming what is missing from a report dict."""
     missing = [k for k in REQUIRED_KEYS if k not in report]
@@ -1494,10 +1521,12 @@ def write_report(report: Report | dict[str, Any], out_dir: Path | str) -> dict[s
     Returns ``{"json": path, "md": path, "html": path}``. Gallery overlays given as base64
     are also written to ``out_dir/gallery/``. Each file is written whole or not at all,
     report.json first; a write that fails (full disk, unwritable folder) is an
-    :class:`OutputError` naming the file and the files written before it.
+    :class:`OutputError` naming the file and the files written before it. Over an earlier
+    report, its gallery files the new report does not name are removed once it is written.
     """
     check_report(dict(report))
     out = Path(out_dir)
+    earlier = _earlier_gallery(out)
     data: dict[str, Any] = to_jsonable(dict(report))
     data.setdefault("schema_version", SCHEMA_VERSION)
     data.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
@@ -1523,6 +1552,7 @@ def write_report(report: Report | dict[str, Any], out_dir: Path | str) -> dict[s
                               f"{'written before it: ' + done if written else 'nothing was written'}"
                               ) from None
         written.append(str(path.relative_to(out)))
+    _drop_stale_gallery(out, earlier, set(gallery))
     return paths
 
 

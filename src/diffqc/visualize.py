@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from diffqc.data import as_image, check_outside_datasets, decode_image
+from diffqc.data import MIN_IMAGE_SIDE, as_image, check_outside_datasets, decode_image
 from diffqc.errors import OutputError
 from diffqc.output import path_text, write_atomic
 
@@ -86,12 +86,14 @@ DEFAULT_HEATMAP_SIZE = 768
 def fit_within(image: np.ndarray, max_side: int | None) -> np.ndarray:
     """An HxWx3 float image in [0, 1] shrunk (bilinear) so that its longer side is at most
     ``max_side`` px; returned as it is when it already fits or ``max_side`` is None or 0. A heat
-    map is looked at on a screen: drawn at a 12-megapixel frame's own size it took seconds."""
+    map is looked at on a screen: drawn at a 12-megapixel frame's own size it took seconds. No
+    side is shrunk below the 8 px an image must have (an 8192 x 64 strip within 768 px is 768 x 8,
+    not 768 x 6, which could not be drawn)."""
     h, w = image.shape[:2]
     if not max_side or max(h, w) <= max_side:
         return image
     scale = max_side / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    size = (min(w, max(MIN_IMAGE_SIDE, round(w * scale))), min(h, max(MIN_IMAGE_SIDE, round(h * scale))))
     small = Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8))
     return np.asarray(small.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0),
                       dtype=np.float32) / 255.0
@@ -160,15 +162,18 @@ def panel(
     gap, header, bar_w = max(4, text // 2), text * 2 + 8, max(12, text)
     label_w = int(small.getlength("-0.000e+00")) + 8
     body_w, body_h = (w, 2 * h + gap) if stacked else (2 * w + gap, h)  # the two pictures
-    canvas = Image.new("RGB", (body_w + 2 * gap + bar_w + label_w, header + body_h + gap), _BG)
+    info = f"score {_fmt(score)}   p = {p_value:.3g}" + (f"   type {feature_type}" if feature_type else "")
+    info_x = gap + int(font.getlength(decision)) + 24
+    # as wide as the header: on a tall, narrow image it was cut off after "REJECT score"
+    width = max(body_w + 2 * gap + bar_w + label_w, info_x + int(font.getlength(info)) + gap)
+    canvas = Image.new("RGB", (width, header + body_h + gap), _BG)
     canvas.paste(Image.fromarray(base), (gap, header))
     canvas.paste(Image.fromarray(over), (gap, header + h + gap) if stacked else (2 * gap + w, header))
     draw = ImageDraw.Draw(canvas)
     colour = DECISION_COLOURS.get(decision.upper(), _INK)
     draw.rectangle((gap, 4, gap + int(font.getlength(decision)) + 12, header - 6), fill=colour)
     draw.text((gap + 6, 6), decision, fill=(255, 255, 255), font=font)
-    info = f"score {_fmt(score)}   p = {p_value:.3g}" + (f"   type {feature_type}" if feature_type else "")
-    draw.text((gap + int(font.getlength(decision)) + 24, 6), info, fill=_INK, font=font)
+    draw.text((info_x, 6), info, fill=_INK, font=font)
     # colour bar: top = the scale's high end
     lo, hi = _scale(anomaly_map, vmin, vmax)
     x0 = 2 * gap + body_w
@@ -257,14 +262,15 @@ def write_heatmap(folder: Path, name: Path, image: np.ndarray, result: Any,
     decision and a colour bar) in a new file of ``folder`` (:func:`new_heatmap_path`); the colour
     scale of a type is fixed (:func:`overlay_scales`, as the service draws them); the image as the
     model reads it (:func:`as_read`, the model's ``backbone.input_gain``), within ``max_side`` px
-    (0: its own size). A failed write leaves no file and is raised."""
+    (0: its own size). A heat map not written (a failed write, an image it cannot draw, Ctrl-C)
+    leaves no file; its error is raised."""
     out = new_heatmap_path(folder, name)
     scale = overlay_scales(calibration_summary).get(result.feature_type)
     try:
         save_panel(out, fit_within(as_read(image, gain), max_side), result.anomaly_map, score=result.score,
                    p_value=result.p_value, decision=result.decision, feature_type=result.feature_type,
                    vmin=scale[0] if scale else None, vmax=scale[1] if scale else None)
-    except OSError:
+    except BaseException:
         out.unlink(missing_ok=True)  # the empty file new_heatmap_path claimed
         raise
     return out
