@@ -51,3 +51,26 @@ def test_an_environment_flag_reads_as_systemd_and_docker_read_one(monkeypatch) -
     monkeypatch.setenv("DIFFQC_ORT_SPINNING", "maybe")
     with pytest.raises(ValueError, match="DIFFQC_ORT_SPINNING='maybe' is not a flag: give 1 or 0"):
         env_flag("DIFFQC_ORT_SPINNING")
+
+
+def test_a_containers_room_counts_the_page_cache_it_may_reclaim(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The cgroup's usage counts the files it read and wrote (the page cache), which the kernel
+    frees when a process asks for memory: a container that had copied its dataset saw little
+    room, and `train` refused a fit that fitted ("0.1 GB is available" of a 2 GB limit). Its
+    reclaimable part (``inactive_file``, as ``docker stats`` leaves out) is room: here a real
+    cgroup of 600 MB whose process wrote 300 MB to a file first."""
+    import subprocess
+
+    folder = memory_cgroup(600 * 2**20)
+    code = ("import os; from diffqc.machine import cgroup_memory_room\n"
+            f"with open({str(tmp_path / 'cache')!r}, 'wb') as f:\n"
+            "    for _ in range(300): f.write(b'x' * 2**20)\n"
+            "    f.flush(); os.fsync(f.fileno())\n"
+            "print(cgroup_memory_room())")
+    try:
+        proc = subprocess.run(["sh", "-c", f'echo $$ > "{folder}/cgroup.procs" && exec "$0" -c "$1"',
+                               sys.executable, code], capture_output=True, text=True, timeout=120)
+    finally:
+        folder.rmdir()
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) > 450 * 2**20, proc.stdout  # 600 MB less the interpreter's own, not the file's
