@@ -307,6 +307,8 @@ def test_a_level_edited_into_config_json_is_said(tiny_model: Path, tmp_path: Pat
      r"metadata\.json is damaged \(training_data\.image_sizes\.dots: 5\)"),
     ("metadata.json", {"training_data": {"image_colours": []}},
      r"metadata\.json is damaged \(training_data\.image_colours: \[\]\)"),
+    ("metadata.json", {"training_data": {"tiled_above": {"dots": "64"}}},
+     r"metadata\.json is damaged \(training_data\.tiled_above\.dots: '64'\)"),
     ("calibration.json", {"known": []}, r"calibration\.json is damaged or unreadable"),
     ("config.json", {"diffusion": {"hidden": 10**30}},
      r"config\.json is damaged \(.*diffusion\.hidden must be an integer of at most 2\^53, got 10+\)"),

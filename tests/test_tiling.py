@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,24 @@ def test_tiled_model_maps_the_defect_at_full_resolution(large_data: Path) -> Non
     (unknown,) = det.inspect([np.asarray(Image.open(test[0].path).convert("RGB"), np.float32) / 255],
                              [None])
     assert unknown.predicted_type == test[0].feature_type and unknown.anomaly_map is not None
+
+
+def test_a_tiled_models_part_smaller_than_a_tile_is_named(large_data: Path) -> None:
+    """A tiled model cuts its parts into tiles at their own scale; a part no longer than a tile
+    is scaled up to the model's input instead, another scale than its type's training images
+    had: a camera's region of interest shrunk made every GOOD part REJECT without a word, where
+    a squashed model named the size. Named once per type; a part still tiled is not."""
+    samples = load_dataset(large_data)
+    det = Detector(tiny_config("padim", **{"tiling.mode": "auto"}), device="cpu").fit(
+        [s for s in samples if s.split == "train"], progress=False)
+    good = next(s for s in samples if s.split == "test" and s.label == 0)
+    image = np.asarray(Image.open(good.path).convert("RGB"), np.float32) / 255
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        det.inspect([image[:, :100]], [good.feature_type])  # 96 x 100: still tiled
+    with pytest.warns(UserWarning, match=r"a 48x48 px image of type '\w+', no side longer than a tile "
+                                         r"\(64 px\): it is scaled up to the model's input"):
+        det.inspect([image[:48, :48]], [good.feature_type])
 
 
 def test_read_features_streams_the_views_extract_views_makes(large_data: Path) -> None:

@@ -336,13 +336,15 @@ def _wrong_training_data(meta: dict[str, Any]) -> tuple[str, Any] | None:
     """The key and value of ``training_data`` that is not of its kind (each optional: bundles from
     before lack them), or None: an object; its ``image_sizes`` an object of ``[[h0, h1], [w0, w1]]``
     per type, its ``image_colours`` and ``image_compression`` ones of strings, its
-    ``image_brightness`` a ``[darkest, brightest]`` pair of numbers, its ``image_white`` a number."""
+    ``image_brightness`` a ``[darkest, brightest]`` pair of numbers, its ``image_white`` and
+    ``tiled_above`` a number."""
     training = meta.get("training_data", {})
     if not isinstance(training, dict):
         return "training_data", training
     for key, fits in (("image_sizes", _size_ranges), ("image_colours", lambda v: isinstance(v, str)),
                       ("image_compression", lambda v: isinstance(v, str)), ("image_brightness", _pair),
-                      ("image_white", lambda v: isinstance(v, (int, float)))):
+                      ("image_white", lambda v: isinstance(v, (int, float))),
+                      ("tiled_above", lambda v: isinstance(v, (int, float)))):
         entries = training.get(key, {})
         if not isinstance(entries, dict):
             return f"training_data.{key}", entries

@@ -209,8 +209,10 @@ class ImageCheck:
     it clipped at white (:data:`WHITE_MARGIN` more than any training image: an exposure or gain
     raised), is scored on another footing. A bundle
     without the sizes (older, or tiled: tiles are cut at native resolution whatever the size)
-    checks no size; one without the colours, no colour; one without the compressions, or a part
-    given as an array, no compression; one without the brightness or the white, neither.
+    checks no size, but a tiled one names a part no longer than a tile (``tiled_above``: it is
+    scaled up instead, where its type's training images were all tiled); one without the
+    colours, no colour; one without the compressions, or a part given as an array, no
+    compression; one without the brightness or the white, neither.
 
     Every part is checked (a type's parts cost the same whether it was named or not), and
     :meth:`snapshot` counts, per type and check, the parts outside and when the first and the
@@ -222,6 +224,7 @@ class ImageCheck:
         self.metadata = metadata  # the bundle's, checked against: see :func:`warn_outside`
         training = metadata.get("training_data") or {}
         self.ranges: dict[str, Any] = dict(training.get("image_sizes") or {})
+        self.tiled_above: dict[str, float] = dict(training.get("tiled_above") or {})
         self.colours: dict[str, str] = dict(training.get("image_colours") or {})
         self.compressions: dict[str, str] = dict(training.get("image_compression") or {})
         self.brightness: dict[str, list[float]] = dict(training.get("image_brightness") or {})
@@ -266,6 +269,12 @@ class ImageCheck:
                     for (t, c), v in sorted(self.outside.items())]
 
     def _size(self, feature_type: str, height: int, width: int) -> str | None:
+        if (side := self.tiled_above.get(feature_type)) is not None and max(height, width) <= side:
+            return (f"a {width}x{height} px image of type {feature_type!r}, no side longer than a tile "
+                    f"({side:g} px): it is scaled up to the model's input, where its type's training "
+                    "images were cut into tiles at their own scale, so it is scored on another scale "
+                    "than the model learned and was calibrated on (has the camera's region of "
+                    "interest changed? if on purpose, train again on its images)")
         if feature_type not in self.ranges:
             return None
         (h0, h1), (w0, w1) = self.ranges[feature_type]

@@ -406,6 +406,10 @@ class Detector:
             if self.config.tiling.mode == "off":  # for inspection.ImageCheck
                 training["image_sizes"] = image_size_ranges(
                     (s.feature_type, h, w) for s, (h, w) in zip(good, sizes, strict=True))
+            elif layouts is not None:  # tiled: the types whose training images were all cut into tiles
+                untiled = {s.feature_type for s, lay in zip(good, layouts, strict=True) if lay.mode != "tile"}
+                side = self.config.backbone.input_size / self.config.tiling.scale
+                training["tiled_above"] = {t: side for t in self.classes_ if t not in untiled}
             training["image_colours"] = image_colours(
                 (s.feature_type, grey) for s, grey in zip(good, greys, strict=True))
             training["image_brightness"] = image_brightness(
