@@ -121,6 +121,23 @@ async def test_unknown_type_mode_predicts_type(detector: Any, samples: Samples, 
         assert set(out["type_scores"]) == set(detector.classes_)
 
 
+async def test_a_batch_larger_than_the_buffer_is_refused_as_too_large_not_busy(
+        detector: Any, samples: Samples, tmp_path: Path) -> None:
+    """Under ``--overflow reject`` a batch of more images than ``--buffer-size`` can never be
+    taken, but was answered 503 ``overloaded`` with ``Retry-After: 1``: a client retried it for
+    ever. It is a 413 ``batch_too_large`` naming the bound, without Retry-After."""
+    parts = samples.all[:3]
+    files = [("image", (f"{i}.png", b, "image/png")) for i, (b, _) in enumerate(parts)]
+    data = {"feature_type": [t for _, t in parts]}
+    async with running_app(detector, tmp_path, buffer_size=2) as (client, _):
+        r = await client.post("/v1/inspect/batch", headers=AUTH, files=files, data=data)
+        assert (r.status_code, r.json()["code"]) == (413, "batch_too_large"), r.text
+        assert "--buffer-size" in r.json()["detail"] and "retry-after" not in r.headers
+        r = await client.post("/v1/inspect/batch", headers=AUTH, files=files[:2],
+                              data={"feature_type": data["feature_type"][:2]})
+        assert r.status_code == 200, r.text
+
+
 async def test_batch_route(detector: Any, samples: Samples, tmp_path: Path) -> None:
     parts = samples.all[:5]
     files = [("image", (f"{i}.png", b, "image/png")) for i, (b, _) in enumerate(parts)]

@@ -1141,6 +1141,11 @@ def _check_type(state: ServiceState, feature_type: str | None) -> str | None:
 
 async def _submit(state: ServiceState, jobs: list[Job]) -> list[ResultRecord]:
     pipeline, _ = state.require()
+    room = state.settings.buffer_size
+    if len(jobs) > room and state.settings.overflow == OverflowPolicy.REJECT.value:  # never taken whole
+        raise ServiceError(413, "batch_too_large", f"{len(jobs)} images in one batch, more than the "
+                           f"{room} parts that may wait (--buffer-size): it can never be taken; send at "
+                           f"most {room} a request, or raise --buffer-size")
     try:
         futures = pipeline.submit_many(jobs)
     except BufferFull as exc:
