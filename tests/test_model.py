@@ -955,3 +955,22 @@ def test_a_refit_interrupted_leaves_the_detector_as_it_was(tiny_model: Path, cle
     assert det.classes_ == classes and det.calibration_ is calibration and det.scorer_ is scorer
     assert torch.equal(det.extractor.feat_mean, mean)
     assert [r.score for r in det.inspect_samples(samples, maps=False)[0]] == before
+
+
+def test_the_lower_level_api_says_what_it_was_given_wrong(tiny_model: Path) -> None:
+    """``inspect_features`` of no rows raised "cannot reshape a tensor of 0 elements" (``inspect``
+    of none returns none), one of rows and types that differ in number an IndexError;
+    ``extract_pixels`` of float64 pixels (numpy's default) a dtype error deep in the network, and
+    of uint8 pixels (0 to 255) features far off without a word."""
+    det = Detector.load(tiny_model)
+    image = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32)
+    raw = det.extract([image], raw=True)
+    assert det.inspect_features(raw[:0], []) == []
+    with pytest.raises(ValueError, match="1 feature maps for 2 feature types: give one of each per image"):
+        det.inspect_features(raw, [CLEAR_TYPES[0]] * 2)
+    with pytest.raises(ValueError, match="1 feature maps for 1 feature types, 0 map sizes"):
+        det.inspect_features(raw, [CLEAR_TYPES[0]], [])
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None]
+    torch.testing.assert_close(det.extract_pixels(pixels.double()), det.extract_pixels(pixels))
+    with pytest.raises(TypeError, match=r"pixels are torch\.uint8: give floating point in \[0, 1\]"):
+        det.extract_pixels((pixels * 255).to(torch.uint8))

@@ -298,8 +298,13 @@ class Detector:
     @torch.inference_mode()
     def extract_pixels(self, pixels: Tensor, *, raw: bool = False) -> Tensor:
         """Backbone features of model inputs ``[N, 3, S, S]`` (:func:`diffqc.backbone.to_pixels`),
-        in batches of ``batch_size``, on the detector's device."""
+        in batches of ``batch_size``, on the detector's device: floating point in [0, 1] (an
+        integer tensor, 0 to 255, is refused: read as it was, its features were far off)."""
         self._one_map_per_image()
+        if not pixels.is_floating_point():
+            raise TypeError(f"pixels are {pixels.dtype}: give floating point in [0, 1] "
+                            "(diffqc.backbone.to_pixels makes them from images)")
+        pixels = pixels.float()  # float64 (numpy's default) was a dtype error deep in the network
         feats = raw_features_in_batches(self.extractor, [pixels], self.config.batch_size, self.device)
         return feats if raw else self.extractor.standardise(feats)
 
@@ -765,6 +770,12 @@ class Detector:
         """:meth:`inspect` from precomputed raw backbone features; maps are returned at
         ``map_sizes`` (H, W) per image, or not at all when it is ``None``."""
         _, calibration = self._require_fitted()
+        if raw.shape[0] != len(feature_types) or (map_sizes is not None and len(map_sizes) != raw.shape[0]):
+            sizes = "" if map_sizes is None else f", {len(map_sizes)} map sizes"
+            raise ValueError(f"{raw.shape[0]} feature maps for {len(feature_types)} feature types{sizes}: "
+                             "give one of each per image")
+        if not feature_types:
+            return []
         given = [None if t is None else self.type_index(t) for t in feature_types]
         feats = self.extractor.standardise(raw.to(self.device))
 
