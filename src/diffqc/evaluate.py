@@ -101,9 +101,10 @@ class _Variant:
     fit_seconds: list[float] = field(default_factory=list)
     inspect_seconds: list[float] = field(default_factory=list)
     train_images: dict[str, list[int]] = field(default_factory=dict)  # type -> per fold
-    # type withheld (``unknown_type=True``): the routed type and the score under it
+    # type withheld (``unknown_type=True``): the routed type and the score under it, standardised
+    # as the routed type's scores are (the fold model routes among the evaluated types only)
     routed_type: list[str | None] = field(default_factory=list)
-    routed_score: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    routed_z: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @classmethod
     def empty(cls, name: str, config: DetectorConfig, n: int) -> _Variant:
@@ -170,7 +171,8 @@ def _eligible_types(samples: Sequence[Sample], k: int) -> tuple[list[str], list[
         of_type = [s for s in samples if s.feature_type == t]
         groups = {s.group for s in of_type}
         good_groups = {s.group for s in of_type if s.label == GOOD}
-        # a fold holds at most ceil(G / k) GOOD groups; the rest must give >= 2 to fit + calibrate
+        # some fold holds at least ceil(G / k) GOOD groups: below 2 left, no split can fit +
+        # calibrate (a split that can is checked once the folds are made, _trainable_types)
         left = len(good_groups) - math.ceil(len(good_groups) / k)
         if len(groups) < k or left < 2:
             notes.append(
@@ -181,6 +183,54 @@ def _eligible_types(samples: Sequence[Sample], k: int) -> tuple[list[str], list[
         else:
             ok.append(t)
     return ok, notes
+
+
+def _trainable_types(samples: Sequence[Sample], k: int, seed: int) -> tuple[list[str], list[str]]:
+    """Types of ``samples`` (each with enough parts, :func:`_eligible_types`) whose folds leave
+    >= 2 GOOD parts of them in every fold's training set, and a note per type that they do not:
+    the folds balance images, not parts, so one big part can be a fold's whole training set.
+    Folds made across types (:func:`~diffqc.folds.per_type_folds`) change with the types in
+    them, so they are made again until every type left passes."""
+    types = sorted({s.feature_type for s in samples})
+    notes: list[str] = []
+    while types:
+        kept = [s for s in samples if s.feature_type in types]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said when the run makes its folds
+            fold_of = per_type_folds(kept, k, seed)
+        short = {t: few for t in types if (few := _fewest_training_parts(kept, fold_of, t, k))[1] < 2}
+        if not short:
+            break
+        notes += [f"feature type {t!r} left out: fold {f + 1} of {k} would be fit on {n} GOOD part(s) "
+                  "of it (the folds balance images, not parts; each fold's training set needs >= 2 "
+                  "GOOD parts of every type): evaluate with fewer --folds, or add more GOOD parts"
+                  for t, (f, n) in short.items()]
+        types = [t for t in types if t not in short]
+    return types, notes
+
+
+def _fewest_training_parts(samples: Sequence[Sample], fold_of: np.ndarray, ftype: str,
+                           k: int) -> tuple[int, int]:
+    """The fold whose training set holds the fewest GOOD parts of ``ftype``, and how many."""
+    fold_of_part = {s.group: int(f) for s, f in zip(samples, fold_of, strict=True)
+                    if s.feature_type == ftype and s.label == GOOD and f >= 0}
+    held = np.bincount(np.array(list(fold_of_part.values()), dtype=np.int64), minlength=k)
+    f = int(np.argmax(held))
+    return f, len(fold_of_part) - int(held[f])
+
+
+def _only_types(ev: Sequence[Sample], shapes: Sequence[tuple[int, int]],
+                raw_by_backbone: Mapping[str, torch.Tensor], extractors: Mapping[str, Detector],
+                types: Sequence[str]
+                ) -> tuple[list[Sample], list[tuple[int, int]], dict[str, torch.Tensor]]:
+    """The read samples of ``types``, their shapes and their rows of the raw features (a pad /
+    crop / tiled model's: their views', :func:`_layouts`)."""
+    keep = [i for i, s in enumerate(ev) if s.feature_type in types]
+    raw = {}
+    for key, feats in raw_by_backbone.items():
+        lays = _layouts(extractors[key].config, shapes)
+        raw[key] = feats[keep] if lays is None else feats[tiling.rows_of(lays, keep)]
+    return [ev[i] for i in keep], [shapes[i] for i in keep], raw
 
 
 # how image files become arrays, for the feature cache: a change here invalidates caches written
@@ -438,6 +488,9 @@ def evaluate(
     for msg in data_notes:
         warnings.warn(msg, DatasetWarning, stacklevel=2)
     types, type_notes = _eligible_types(labelled, folds)
+    labelled = [s for s in labelled if s.feature_type in types]
+    types, fold_notes = _trainable_types(labelled, folds, seed)  # the folds, before any work
+    type_notes += fold_notes
     notes += type_notes
     for msg in type_notes:
         warnings.warn(msg, stacklevel=2)
@@ -474,6 +527,17 @@ def evaluate(
             raise DatasetError(f"none of the {len(errors)} images could be read: {shown}")
         notes.append(f"{len(errors)} unreadable image(s) left out of the evaluation: {shown}")
         warnings.warn(notes[-1], DatasetWarning, stacklevel=2)
+        # the folds again without them: a type may be left short of GOOD parts in a fold
+        types, late = _eligible_types(ev, folds)
+        types, fold_notes = _trainable_types([s for s in ev if s.feature_type in types], folds, seed)
+        for msg in late + fold_notes:
+            notes.append(msg)
+            warnings.warn(msg, stacklevel=2)
+        if not types:
+            raise DatasetError(f"no feature type has enough readable labelled parts for {folds} folds: "
+                               + "; ".join(late + fold_notes))
+        if late or fold_notes:
+            ev, shapes, raw_by_backbone = _only_types(ev, shapes, raw_by_backbone, extractors, types)
     n = len(ev)
     y = np.array([s.label for s in ev], dtype=np.int64)
     stypes = [s.feature_type for s in ev]
@@ -510,7 +574,7 @@ def evaluate(
     variants = {name: _Variant.empty(name, cfg, n) for name, cfg in variants_cfg.items()}
     if unknown_type:
         for v in variants.values():
-            v.routed_type, v.routed_score = [None] * n, np.full(n, np.nan)
+            v.routed_type, v.routed_z = [None] * n, np.full(n, np.nan)
     calib_msgs: set[str] = set()
     jobs = list(itertools.product(range(folds), variants))
     bar = tqdm(jobs, desc="folds x methods", unit="fit", disable=not progress)
@@ -563,7 +627,8 @@ def evaluate(
             if unknown_type:
                 routed = _score_held_out(scorer, raw, lays, ids, [None] * ids.size, None)
                 for i, r in zip(ids, routed, strict=True):
-                    v.routed_type[i], v.routed_score[i] = r.feature_type, r.score
+                    c, s = std[r.feature_type]  # fit on GOOD parts of every type in `types`
+                    v.routed_type[i], v.routed_z[i] = r.feature_type, (r.score - c) / s
         v.fit_seconds.append(t2 - t1)
         v.inspect_seconds.append(time.perf_counter() - t2)
         if progress:
@@ -590,7 +655,7 @@ def evaluate(
     extra = cast(dict[str, Any], report)
     if unknown_type:
         extra["unknown_type"] = {
-            name: unknown_type_summary(y, stypes, v.routed_type, v.routed_score, v.raw)
+            name: unknown_type_summary(y, stypes, v.routed_type, v.routed_z, v.z)
             for name, v in variants.items()}
     extra["run"] = {
         "variants": {name: cfg.to_dict() for name, cfg in variants_cfg.items()},
@@ -631,7 +696,9 @@ def unknown_type_summary(y: np.ndarray, true_types: Sequence[str], routed_types:
     """Type withheld vs given, over the evaluated images: the share routed to their true type
     (all, and GOOD / defective), and per true type the image AUROC of the scores under the routed
     type beside that of the scores under the given type; ``mean_*``: the mean over the types
-    where both classes occur."""
+    where both classes occur. :func:`evaluate` passes out-of-fold scores pooled on the
+    calibration-standardised scale (``POOLING_NOTE``; a routed score standardised as the routed
+    type's), so "given" is the table's pooled AUROC."""
     truth = np.asarray(true_types, dtype=object)
     hit = np.array([r == t for r, t in zip(routed_types, true_types, strict=True)])
     per_type: dict[str, dict[str, float]] = {}
