@@ -198,23 +198,24 @@ ROWS: dict[str, Row | object] = {
                            ("unknown config field 'scoring.bank_timesteps'",)),
     "set_negative_seed": Row(_train("--seed", "-1"), ("train.seed must be >= 0, got -1",)),
     "demo_too_few_parts": Row(lambda c: ["demo", "--parts", "5", "--out", str(c.tmp / "demo"), "-q"],
-                              ("demo: --parts must be at least 24 (3 for each of the 8 types), got 5",),
+                              ("demo: --parts must be at least 40 (5 for each of the 8 types: fewer leave a "
+                               "type no defective test part to score), got 5",),
                               absent=lambda c: c.tmp / "demo"),
     # --json: a folder, or a user's file (was overwritten, or IsADirectoryError after the whole demo)
-    "demo_json_is_a_folder": Row(lambda c: ["demo", "--parts", "24", "--out", str(c.tmp / "demo"), "--json",
+    "demo_json_is_a_folder": Row(lambda c: ["demo", "--parts", "40", "--out", str(c.tmp / "demo"), "--json",
                                             str(c.tmp), "-q"], ("is a folder; give a file name",),
                                  absent=lambda c: c.tmp / "demo"),
     "demo_json_is_a_users_file": Row(
-        lambda c: ["demo", "--parts", "24", "--out", str(c.tmp / "demo"), "--json", str(c.tmp / "notes.json"),
+        lambda c: ["demo", "--parts", "40", "--out", str(c.tmp / "demo"), "--json", str(c.tmp / "notes.json"),
                    "-q"], ("notes.json exists and is not an earlier demo's table",),
         setup=lambda c: (c.tmp / "notes.json").write_text('{"mine": 1}'), absent=lambda c: c.tmp / "demo"),
     "demo_out_holds_foreign_data": Row(
-        lambda c: ["demo", "--parts", "24", "--out", str(c.tmp / "proj"), "-q"],
+        lambda c: ["demo", "--parts", "40", "--out", str(c.tmp / "proj"), "-q"],
         ("holds no earlier synthetic dataset", "choose another --out"),
         setup=lambda c: _png(c.tmp / "proj" / "data" / "dots" / "0.png"),
         absent=lambda c: c.tmp / "proj" / "model"),
     "demo_out_holds_foreign_model": Row(
-        lambda c: ["demo", "--parts", "24", "--out", str(c.tmp / "proj"), "-q"],
+        lambda c: ["demo", "--parts", "40", "--out", str(c.tmp / "proj"), "-q"],
         ("model holds files that are not a diffqc model bundle", "choose another --out"),
         setup=lambda c: _png(c.tmp / "proj" / "model" / "photo.png"),
         absent=lambda c: c.tmp / "proj" / "data"),
@@ -261,7 +262,7 @@ ROWS: dict[str, Row | object] = {
                                ("data synth: --parts must be at least 24 (3 for each of the 8 types), "
                                 "got 5",)),
     "synth_too_small": Row(lambda c: ["data", "synth", str(c.tmp / "s"), "--size", "8", "-q"],
-                           ("data synth: --size must be from 32 to 4096, got 8",),
+                           ("data synth: --size must be from 64 to 4096, got 8",),
                            absent=lambda c: c.tmp / "s"),
     # devices
     "train_device_cuda": _cuda_row(Row(_train("--device", "cuda"), ("CUDA is not available",))),
@@ -374,7 +375,7 @@ ROWS: dict[str, Row | object] = {
         ("dots/train/good, a folder of a dataset's images",),
         absent=lambda c: c.data / "dots" / "train" / "good" / "syn"),
     "demo_out_in_a_datasets_defects": Row(
-        lambda c: ["demo", "--parts", "24", "--out", str(c.data / "dots" / "test" / "blob" / "demo"), "-q"],
+        lambda c: ["demo", "--parts", "40", "--out", str(c.data / "dots" / "test" / "blob" / "demo"), "-q"],
         ("dots/test/blob, a folder of a dataset's images",),
         absent=lambda c: c.data / "dots" / "test" / "blob" / "demo"),
     "watch_feature_type_typo": Row(lambda c: ["watch", str(c.tmp / "cam"), str(c.model), "--once",

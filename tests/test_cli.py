@@ -926,3 +926,46 @@ def test_train_on_parts_of_several_types_says_what_the_levels_mean_for_a_part(
     manifest.write_text("\n".join(r.replace(",part_", ",p_") if ",stripes," in r else r for r in rows) + "\n")
     assert main(["train", str(manifest), "--out", str(tmp_path / "m3"), *fit]) == 0
     assert "names parts seen as images" not in capsys.readouterr().err
+
+
+def test_data_synth_at_a_size_too_small_for_every_defect_is_one_error_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``data synth --size 40`` (the parser took 32 to 4096) stopped half-way with a traceback,
+    "could not place a void defect on dist6 #17", leaving a half-written set: a size too small
+    for every defect is refused before any file is written."""
+    out = tmp_path / "d"
+    assert main(["data", "synth", str(out), "--parts", "400", "--size", "40", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "diffqc: error: data synth: --size must be from 64 to 4096, got 40" in err, err
+    assert not out.exists()
+
+
+def test_train_with_the_separation_loss_says_no_torch_warning(clear_dataset: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """``train --steps 5 --set train.separation_weight=0.5`` showed PyTorch's "Converting a tensor
+    with requires_grad=True to a scalar" as a two-line ``diffqc: warning``, about diffqc's own
+    bookkeeping: nothing the user could act on."""
+    rc = main(["train", str(clear_dataset), "--out", str(tmp_path / "m"), "-q", "--method", "diffusion",
+               "--steps", "5", "--set", "backbone.input_size=64", "--set", "diffusion.hidden=32",
+               "--set", "train.separation_weight=0.5", "--set", "calibration.fraction=0.35"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "requires_grad" not in err, err
+
+
+def test_inspect_folder_reads_a_linked_camera_share_once(tiny_model: Path, clear_dataset: Path,
+                                                         tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """``inspect DIR`` with a camera's share linked into DIR never inspected the share's images,
+    and said nothing; a link back to DIR itself is not read twice."""
+    share = tmp_path / "share"
+    shutil.copytree(clear_dataset / "dots" / "test" / "blob", share)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(sorted(share.iterdir())[0], folder / "local.png")
+    (folder / "camera1").symlink_to(share, target_is_directory=True)
+    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    assert main(["inspect", str(tiny_model), str(folder), "--feature-type", "dots"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    names = sorted(Path(r["path"]).relative_to(folder).as_posix() for r in rows)
+    assert names == ["camera1/" + p.name for p in sorted(share.iterdir())] + ["local.png"]

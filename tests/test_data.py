@@ -1111,3 +1111,22 @@ def test_label_shortcuts_name_defects_saved_otherwise_than_the_good_parts(tmp_pa
     _resave(root / "dots" / "test" / "good", ".jpg")  # a GOOD part saved as JPEG too: told apart less
     _resave(root / "dots" / "train" / "good", ".jpg")
     assert [n for n in label_shortcuts(load_dataset(root)) if "dots" in n] == []
+
+
+def test_a_synthetic_set_cut_short_is_refused_with_the_command_that_writes_it_whole(tmp_path: Path) -> None:
+    """A ``data synth`` cut short (Ctrl-C, a full disk) left its first types' images and a
+    marker saying ``"complete": false``; ``data info`` then listed those types with no word and
+    ``train`` fitted a model of them, exit 0, as if the set were whole."""
+    from diffqc.errors import OutputError
+    from diffqc.synth import write_synthetic_dataset
+    from tests.conftest import full_disk
+
+    out = tmp_path / "set"
+    with full_disk(3000), pytest.raises(OutputError, match="incomplete"):
+        write_synthetic_dataset(out, n_parts=48, image_size=64, seed=3, progress=False)
+    assert any(out.rglob("*.png"))
+    with pytest.raises(DatasetError, match=r"cut short .* run `diffqc data synth .*set --parts 48 --seed 3 "
+                                           r"--size 64` again"):
+        load_dataset(out)
+    write_synthetic_dataset(out, n_parts=48, image_size=64, seed=3, progress=False)  # run again: whole
+    assert len(load_dataset(out)) == 48

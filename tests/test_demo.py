@@ -31,7 +31,42 @@ def test_demo_prints_at_most_one_calibration_warning_line(tmp_path: Path,
     table = json.loads((tmp_path / "table.json").read_text())
     assert timings["image_auroc_type_withheld"] == pytest.approx(table[-1]["image_auroc"])
     assert "mean image AUROC then" in captured.out
-    # a second run replaces its own data, model and table, and refuses nothing
+    # a second run replaces its own data, model and table, and refuses nothing; never a heat map
+    # name a file has already (the first run's, here one a user put a note in)
+    heatmaps = tmp_path / "demo" / "heatmaps"
+    first = sorted(heatmaps.iterdir())
+    first[0].write_bytes(b"my note")
     assert main(["demo", "--out", str(tmp_path / "demo"), "--parts", "64", "--method", "padim",
                  "--set", "backbone.input_size=64", "--set", "padim.dims=20", "-q",
                  "--json", str(tmp_path / "table.json")]) == 0
+    assert first[0].read_bytes() == b"my note"
+    assert len(list(heatmaps.iterdir())) == 2 * len(first)
+    assert json.loads((tmp_path / "demo" / "timings.json").read_text())["type_accuracy"] == 1.0
+
+
+# a small model: where a check is missing the demo runs through quickly, and the test fails
+LIGHT = ["--method", "padim", "--set", "backbone.input_size=64", "--set", "padim.dims=20", "-q"]
+
+
+@pytest.mark.parametrize("parts", ["24", "39"])
+def test_demo_refuses_parts_that_leave_a_type_without_defects(parts: str, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """``demo --parts 24`` to ``39`` gave some types no defective test part: every such type's
+    AUROC "-", "mean image AUROC then nan", exit 0, as if the demo had shown something."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--parts", parts, *LIGHT]) == 1
+    err = capsys.readouterr().err
+    assert "demo: --parts must be at least 40 (5 for each of the 8 types" in err and f"got {parts}" in err
+    assert not (tmp_path / "demo" / "data").exists()  # said before any work
+
+
+def test_demo_json_never_replaces_a_timings_file_it_did_not_write(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``demo --json T`` wrote OUT/timings.json over any file of that name (a user's notes)."""
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "timings.json").write_text("my timings of the line\n")
+    rc = main(["demo", "--out", str(tmp_path / "demo"), "--parts", "64", *LIGHT,
+               "--json", str(tmp_path / "table.json")])
+    assert rc == 1
+    assert "timings.json exists and is not an earlier demo's timings" in capsys.readouterr().err
+    assert (tmp_path / "demo" / "timings.json").read_text() == "my timings of the line\n"
+    assert not (tmp_path / "demo" / "data").exists()  # said before any work

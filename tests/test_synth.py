@@ -52,7 +52,7 @@ def test_public_constants() -> None:
         assert len(set(kinds)) == len(kinds) and "good" not in kinds
 
 
-@pytest.mark.parametrize("size", [48, 128])
+@pytest.mark.parametrize("size", [64, 128])
 def test_every_defect_kind_renders_with_a_mask(size: int) -> None:
     for ft in FEATURE_TYPES:
         good, no_mask = render_image(ft, None, 0, 0, size)
@@ -143,7 +143,7 @@ def _files(root: Path) -> list[Path]:
 
 
 def test_deterministic_for_a_seed(tmp_path: Path) -> None:
-    kw = {"n_parts": 24, "image_size": 48, "progress": False}
+    kw = {"n_parts": 24, "image_size": 64, "progress": False}
     a = write_synthetic_dataset(tmp_path / "a", seed=11, **kw)
     b = write_synthetic_dataset(tmp_path / "b", seed=11, **kw)
     c = write_synthetic_dataset(tmp_path / "c", seed=12, **kw)
@@ -177,23 +177,23 @@ def test_refuses_foreign_non_empty_folder(tmp_path: Path) -> None:
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not empty"):
-        write_synthetic_dataset(out, n_parts=24, image_size=32, progress=False)
+        write_synthetic_dataset(out, n_parts=24, image_size=64, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
-    write_synthetic_dataset(out, n_parts=24, image_size=32, progress=False, overwrite=True)
+    write_synthetic_dataset(out, n_parts=24, image_size=64, progress=False, overwrite=True)
     assert (out / "notes.txt").read_text() == "keep me"
     assert len(load_dataset(out)) == 24
     a_file = tmp_path / "file"
     a_file.write_text("x")
     with pytest.raises(FileExistsError):
-        write_synthetic_dataset(a_file, n_parts=24, image_size=32, progress=False)
+        write_synthetic_dataset(a_file, n_parts=24, image_size=64, progress=False)
 
 
 def test_rewrites_a_previous_synthetic_set(tmp_path: Path) -> None:
     out = tmp_path / "set"
-    write_synthetic_dataset(out, n_parts=32, image_size=32, progress=False)
+    write_synthetic_dataset(out, n_parts=32, image_size=64, progress=False)
     (out / "dots" / "my-notes.txt").write_text("keep me")  # a user's file inside the earlier set
     (out / "edge1" / "extra").mkdir()
-    write_synthetic_dataset(out, n_parts=24, image_size=32, seed=5, progress=False)
+    write_synthetic_dataset(out, n_parts=24, image_size=64, seed=5, progress=False)
     assert len(load_dataset(out)) == 24  # no stale images of the first set
     assert len(_manifest(out)) == 24
     assert (out / "dots" / "my-notes.txt").read_text() == "keep me"  # only the set's own files go
@@ -208,16 +208,16 @@ def test_a_set_cut_short_is_named_and_replaced_by_the_next_run(tmp_path: Path) -
     with full_disk(3000), pytest.raises(OutputError, match="incomplete: the same command, run again"):
         write_synthetic_dataset(out, n_parts=48, image_size=64, seed=3, progress=False, overwrite=True)
     assert any(out.rglob("*.png")) and not (out / "manifest.csv").exists()  # cut short
-    write_synthetic_dataset(out, n_parts=24, image_size=32, seed=5, progress=False)  # no --overwrite
-    write_synthetic_dataset(tmp_path / "fresh", n_parts=24, image_size=32, seed=5, progress=False)
+    write_synthetic_dataset(out, n_parts=24, image_size=64, seed=5, progress=False)  # no --overwrite
+    write_synthetic_dataset(tmp_path / "fresh", n_parts=24, image_size=64, seed=5, progress=False)
     assert set(_files(out)) - {Path("notes.txt")} == set(_files(tmp_path / "fresh"))  # none of the 1st run's
     assert (out / "notes.txt").read_text() == "keep me"
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"n_parts": 5}, {"image_size": 16}, {"image_size": 100_000}, {"defect_fraction": 1.0},
-     {"defect_fraction": -0.1}],
+    [{"n_parts": 5}, {"image_size": 16}, {"image_size": 40}, {"image_size": 100_000},
+     {"defect_fraction": 1.0}, {"defect_fraction": -0.1}],
 )
 def test_rejects_bad_arguments(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(ValueError):

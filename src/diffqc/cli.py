@@ -82,6 +82,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
         raise OutputError(str(exc)) from None
     except ValueError as exc:  # its argument checks (--parts, --size)
         raise ConfigError(f"data synth: {exc}") from None
+    except KeyboardInterrupt:  # its marker says so too: data info and train refuse the set
+        print(f"the synthetic dataset in {path_text(args.out)} is incomplete: the same "
+              "command, run again, replaces it", file=sys.stderr)
+        raise
     print(json_line({"root": str(args.out), "splits": summary["splits"], "labels": summary["labels"]}))
     return EXIT_OK
 
@@ -246,7 +250,7 @@ def _expand_images(paths: Sequence[str], leave_out: Path | None = None) -> list[
                 raise DatasetError(f"no file matches {str(p)!r}")
             out += [(q, name) for q, name in _expand_images(matches, leave_out) if found(q)]
         elif p.is_dir():
-            listed = [(q, q.relative_to(p)) for q in sorted(p.rglob("*"))
+            listed = [(q, q.relative_to(p)) for q in _files_below(p)
                       if not any(is_hidden(Path(part)) for part in q.relative_to(p).parts) and found(q)]
             here = [(q, name) for q, name in listed if is_image_file(q)]
             masks = [m for _, name in here if (m := _mask_folder(name))]
@@ -260,6 +264,24 @@ def _expand_images(paths: Sequence[str], leave_out: Path | None = None) -> list[
         else:
             out.append((p, Path(p.name)))
     return out
+
+
+def _files_below(folder: Path) -> list[Path]:
+    """The files below ``folder``, sorted, linked sub-folders followed (a camera's share linked
+    in, as ``watch`` reads it); a folder reached twice (a link to one above it, two links to one
+    share) is read once; hidden folders are not read."""
+    from diffqc.data import is_hidden
+
+    seen: set[Path] = set()
+    found: list[Path] = []
+    for here, dirs, files in os.walk(folder, followlinks=True):
+        if (resolved := Path(here).resolve()) in seen:
+            dirs[:] = []
+            continue
+        seen.add(resolved)
+        dirs[:] = sorted(d for d in dirs if not is_hidden(Path(d)))  # the first of two links reads it
+        found += [Path(here) / f for f in files]
+    return sorted(found)
 
 
 def _mask_folder(name: Path) -> str | None:
@@ -393,9 +415,10 @@ def _report_row(row: dict[str, Any], csv_out: _CsvRows | None) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from diffqc.bundle import check_bundle_target
-    from diffqc.demo import DEMO_DEFAULTS, is_demo_table, run_demo
+    from diffqc.demo import DEMO_DEFAULTS, check_parts, is_demo_table, run_demo
     from diffqc.synth import check_arguments, check_target
 
+    check_parts(args.parts)
     try:
         check_arguments(args.parts, names=SYNTH_OPTIONS)
     except ValueError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 import re
 import sys
@@ -1032,10 +1033,31 @@ def _holds_types(folder: Path) -> bool:
     return any(_is_mvtec_type(d) or _is_labelled_type(d) for d in _subfolders(folder))
 
 
+SYNTH_MARKER = ".diffqc-synth.json"  # a synthetic set's marker (diffqc.synth.MARKER_NAME)
+
+
+def _refuse_cut_short(folder: Path) -> None:
+    """A :class:`DatasetError` for a synthetic set whose writing was cut short (Ctrl-C, a full
+    disk: its marker says ``"complete": false``): read, its first types would pass for the set."""
+    try:
+        m = json.loads((folder / SYNTH_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(m, dict) or m.get("complete") is not False:
+        return
+    options = "".join(f" {opt} {m[key]}" for opt, key in (("--parts", "n_parts"), ("--seed", "seed"),
+                                                          ("--size", "image_size")) if key in m)
+    raise DatasetError(f"{folder} is a synthetic dataset cut short (its {SYNTH_MARKER} says complete: "
+                       f"false): run `diffqc data synth {path_text(folder)}{options}` again to write it "
+                       "whole")
+
+
 def load_dataset(source: Path | str) -> list[Sample]:
     """Load a dataset from a folder (MVTec layout or labelled folders) or a manifest
-    (:func:`is_manifest`)."""
+    (:func:`is_manifest`). A synthetic set cut short is a :class:`DatasetError`."""
     source = Path(source)
+    if source.is_dir():
+        _refuse_cut_short(source)
     if is_manifest(source):
         return load_manifest(source)
     if source.is_dir() and (source / "manifest.csv").is_file() and not _holds_types(source):

@@ -12,10 +12,11 @@ import numpy as np
 
 from diffqc.config import DetectorConfig, with_overrides
 from diffqc.data import DEFECTIVE, GOOD, Sample, load_dataset, read_image
+from diffqc.errors import ConfigError, OutputError
 from diffqc.holdout import decision_table, format_table
 from diffqc.model import Detector, Inspection
-from diffqc.output import write_atomic
-from diffqc.visualize import save_overlay
+from diffqc.output import json_safe, write_atomic
+from diffqc.visualize import new_heatmap_path, save_overlay
 
 # The demo calibrates on every GOOD training image (cross-conformal, 5 folds): its ~108 GOOD
 # images per type then reach α_reject = 1 % without the exponential tail (split calibration would
@@ -38,8 +39,8 @@ def _write_heatmaps(det: Detector, samples: Sequence[Sample], results: Sequence[
                     continue
                 image = read_image(samples[i].path)
                 kind = samples[i].defect or ("good" if label == GOOD else "defect")
-                name = f"{t}_{kind}_{samples[i].path.stem}_{results[i].decision}.png"
-                written.append(save_overlay(out / name, image, amap))
+                name = Path(f"{t}_{kind}_{samples[i].path.stem}_{results[i].decision}.png")
+                written.append(save_overlay(new_heatmap_path(out, name), image, amap))  # a new file
     return written
 
 
@@ -50,12 +51,36 @@ def is_demo_table(path: Path) -> bool:
         isinstance(r, dict) and {"feature_type", "image_auroc"} <= set(r) for r in rows)
 
 
+def is_demo_timings(path: Path) -> bool:
+    """Whether the file is the timings ``demo --json`` wrote (``OUT/timings.json``)."""
+    try:
+        facts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(facts, dict) and {"total_s", "type_accuracy"} <= set(facts)
+
+
+def check_parts(n_parts: int) -> None:
+    """A :class:`ConfigError` for a demo of too few parts to give every type a defective test part
+    (its AUROC undefined: the table's mean was nan)."""
+    from diffqc.synth import min_parts_with_defects
+
+    if n_parts < (least := min_parts_with_defects()):
+        raise ConfigError(f"demo: --parts must be at least {least} ({least // 8} for each of the 8 types: "
+                          f"fewer leave a type no defective test part to score), got {n_parts}")
+
+
 def run_demo(
     out: Path, *, config: DetectorConfig | None = None, n_parts: int = 1327, seed: int = 0,
     json_path: Path | None = None, progress: bool = True, device: str | None = None,
 ) -> list[dict[str, Any]]:
     from diffqc.synth import write_synthetic_dataset
 
+    check_parts(n_parts)
+    timings_path = out / "timings.json"  # written with --json; checked before any work
+    if json_path is not None and timings_path.exists() and not is_demo_timings(timings_path):
+        raise OutputError(f"demo: {timings_path} exists and is not an earlier demo's timings (nothing "
+                          "is replaced); choose another --out")
     config = config or with_overrides(DetectorConfig(), DEMO_DEFAULTS)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -110,7 +135,7 @@ def run_demo(
             for r in rows
         ]
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(json_path, json.dumps(payload, indent=2).encode("utf-8"))
+        write_atomic(json_path, json.dumps(json_safe(payload), indent=2).encode("utf-8"))
         facts = dict(timings, type_accuracy=type_acc, image_auroc_type_withheld=auroc_withheld)
-        (out / "timings.json").write_text(json.dumps(facts, indent=2))
+        write_atomic(timings_path, json.dumps(json_safe(facts), indent=2).encode("utf-8"))
     return rows

@@ -40,7 +40,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from diffqc.data import check_outside_datasets
+from diffqc.data import SYNTH_MARKER, check_outside_datasets
 from diffqc.errors import OutputError
 
 __all__ = ["DEFECT_KINDS", "FEATURE_TYPES", "render_image", "write_synthetic_dataset"]
@@ -71,9 +71,11 @@ _TYPE_NOTES: dict[str, str] = {
     "edge4": "double edge: two parallel diagonal bars with a narrow gap",
 }
 
-MARKER_NAME = ".diffqc-synth.json"
+MARKER_NAME = SYNTH_MARKER  # load_dataset refuses a set whose marker says "complete": false
 TRAIN_FRACTION = 0.65
 MAX_IMAGE_SIZE = 4096  # a synthetic part at a camera's size; larger ones only run out of memory
+# under ~50 px dist6's bars are too thin to hold a void (a part's render failed); 64 has room
+MIN_IMAGE_SIZE = 64
 _MASK_THRESHOLD = 0.06  # |darkness(defective) - darkness(good)| that counts as defect
 _MIN_MASK_PIXELS = 3
 _FORMAT_VERSION = 1
@@ -676,6 +678,15 @@ def _split_counts(n: int, defect_fraction: float) -> tuple[int, int, int]:
     return n_train, n_test - n_def, n_def
 
 
+def min_parts_with_defects(defect_fraction: float = 0.25) -> int:
+    """The fewest parts that give every type a defective test part (``defect_fraction`` > 0):
+    with fewer, a type has none and its AUROC is undefined."""
+    if not 0.0 < defect_fraction < 1.0:
+        raise ValueError(f"defect_fraction must be in (0, 1), got {defect_fraction}")
+    per_type = next(n for n in range(1, 10_000) if _split_counts(n, defect_fraction)[2] >= 1)
+    return per_type * len(FEATURE_TYPES)
+
+
 _Job = tuple[str, int, str, str | None]
 
 
@@ -832,8 +843,8 @@ def check_arguments(n_parts: int, image_size: int = 256, defect_fraction: float 
     if n_parts < 3 * len(FEATURE_TYPES):
         raise ValueError(f"{parts} must be at least {3 * len(FEATURE_TYPES)} (3 for each of the "
                          f"{len(FEATURE_TYPES)} types), got {n_parts}")
-    if not 32 <= image_size <= MAX_IMAGE_SIZE:
-        raise ValueError(f"{size} must be from 32 to {MAX_IMAGE_SIZE}, got {image_size}")
+    if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"{size} must be from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, got {image_size}")
     if not 0.0 <= defect_fraction < 1.0:
         raise ValueError(f"defect_fraction must be in [0, 1), got {defect_fraction}")
 

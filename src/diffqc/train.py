@@ -127,7 +127,7 @@ def train_denoiser(
                 err_o = (pred_o - noise[keep]).pow(2).mean(dim=(1, 2))
                 sep = separation_hinge(err[keep], err_o, train.separation_margin)
                 loss = loss + train.separation_weight * sep
-                sep_value = float(sep)
+                sep_value = float(sep.detach())  # a scalar with grad: PyTorch warns
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, train.steps, train.lr)
         opt.zero_grad(set_to_none=True)
