@@ -68,6 +68,7 @@ def http_protocol(request_timeout_s: float, cap: int,
     class DeadlinedH11(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
         _early: list[bytes] | None = None  # a request sent with the handshake's end, before it is told
+        _tls_task: asyncio.Task[None] | None = None
 
         def connection_made(self, transport: Any) -> None:
             if len(self.connections) + len(handshaking) >= cap:
@@ -84,7 +85,7 @@ def http_protocol(request_timeout_s: float, cap: int,
             handshaking.add(self)
             self._early = []
             self._deadline = self.loop.call_later(request_timeout_s, transport.close)
-            self.loop.create_task(self._handshake(transport, tls))
+            self._tls_task = self.loop.create_task(self._handshake(transport, tls))  # held: not collected
 
         async def _handshake(self, transport: Any, context: ssl.SSLContext) -> None:
             try:
