@@ -55,9 +55,10 @@ DEFAULT_BOTTLE = REPO.parent / "shared" / "datasets" / "mvtec_bottle"
 
 def synthetic_dataset(cache: Path, n_parts: int = 1327, seed: int = 0) -> Path:
     """The synthetic set in ``cache``, written there unless it already holds this one."""
-    from diffqc.synth import MARKER_NAME, write_synthetic_dataset
+    from diffqc.data import SYNTH_MARKER
+    from diffqc.synth import write_synthetic_dataset
 
-    marker = cache / MARKER_NAME
+    marker = cache / SYNTH_MARKER
     if marker.is_file() and (cache / "manifest.csv").is_file():
         meta = json.loads(marker.read_text())
         if meta.get("n_parts") == n_parts and meta.get("seed") == seed:

@@ -1033,7 +1033,7 @@ def _holds_types(folder: Path) -> bool:
     return any(_is_mvtec_type(d) or _is_labelled_type(d) for d in _subfolders(folder))
 
 
-SYNTH_MARKER = ".diffqc-synth.json"  # a synthetic set's marker (diffqc.synth.MARKER_NAME)
+SYNTH_MARKER = ".diffqc-synth.json"  # a synthetic set's marker (diffqc.synth writes it)
 
 
 def _refuse_cut_short(folder: Path) -> None:

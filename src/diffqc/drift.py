@@ -172,6 +172,18 @@ class DriftMonitor:
         self.misrouted: Counter[tuple[str, str]] = Counter()  # (declared, predicted) -> n
         self.listeners: list[Callable[[DriftEvent], None]] = []
 
+    def _tell(self, events: Iterable[DriftEvent]) -> None:
+        """Give each event to every listener (outside the lock)."""
+        for event in events:
+            for fn in self.listeners:
+                fn(event)
+
+    @staticmethod
+    def _cleared(feature_type: str, camera: str | None, st: TypeState, reason: str) -> DriftEvent:
+        """The event of ``st``'s alarm cleared for ``reason`` (the calibration or model changed)."""
+        return DriftEvent(feature_type, False, st.statistic, st.threshold, len(st.window), time.time(),
+                          {"reason": reason}, camera)
+
     def _new_window(self) -> TypeState:
         return TypeState(deque(maxlen=self.config.window))
 
@@ -208,9 +220,7 @@ class DriftMonitor:
                     event = self._test(feature_type, cam, camera)
                     if event is not None:
                         events.append(event)
-        for event in events:
-            for fn in self.listeners:
-                fn(event)
+        self._tell(events)
         return events
 
     def _camera_state(self, feature_type: str, st: TypeState, camera: str | None, *,
@@ -269,14 +279,11 @@ class DriftMonitor:
         with self._lock:
             for ftype, camera, st in self._all_states():
                 if st.alarm:
-                    events.append(DriftEvent(ftype, False, st.statistic, st.threshold, len(st.window),
-                                             time.time(), {"reason": reason}, camera))
+                    events.append(self._cleared(ftype, camera, st, reason))
                 st.window.clear()
                 st.statistic, st.threshold = 0.0, math.inf
                 st.alarm, st.since = False, None
-        for event in events:
-            for fn in self.listeners:
-                fn(event)
+        self._tell(events)
         return events
 
     def refill(self, parts: Iterable[tuple[str, float, str | None]]) -> None:
@@ -323,10 +330,8 @@ class DriftMonitor:
                 if (reason := self._stale(ftype, alarm.get("since"), calibrated_at, types)) is not None:
                     st = (self._types.get(ftype) if camera is None
                           else self._cameras.get(ftype, {}).get(str(camera)))
-                    events.append(DriftEvent(ftype, False, st.statistic if st else 0.0,
-                                             st.threshold if st else math.inf, len(st.window) if st else 0,
-                                             time.time(), {"reason": reason},
-                                             None if camera is None else str(camera)))
+                    events.append(self._cleared(ftype, None if camera is None else str(camera),
+                                                st or self._new_window(), reason))
                     continue
                 if camera is None:
                     st = self._state(ftype)
@@ -335,9 +340,7 @@ class DriftMonitor:
                     st = self._cameras.setdefault(ftype, {}).setdefault(str(camera), self._new_window())
                 since = alarm.get("since")
                 st.alarm, st.since = True, float(since) if since is not None else time.time()
-        for event in events:
-            for fn in self.listeners:
-                fn(event)
+        self._tell(events)
         return events
 
     @staticmethod

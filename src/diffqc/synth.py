@@ -71,7 +71,6 @@ _TYPE_NOTES: dict[str, str] = {
     "edge4": "double edge: two parallel diagonal bars with a narrow gap",
 }
 
-MARKER_NAME = SYNTH_MARKER  # load_dataset refuses a set whose marker says "complete": false
 TRAIN_FRACTION = 0.65
 MAX_IMAGE_SIZE = 4096  # a synthetic part at a camera's size; larger ones only run out of memory
 # under ~50 px dist6's bars are too thin to hold a void (a part's render failed); 64 has room
@@ -717,14 +716,14 @@ def check_target(out: Path, *, overwrite: bool = False) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
     check_outside_datasets(out, "the synthetic dataset's folder", "the synthetic images")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER_NAME).is_file() and not overwrite:
+    if out.is_dir() and any(out.iterdir()) and not (out / SYNTH_MARKER).is_file() and not overwrite:
         raise FileExistsError(f"{out} is not empty and holds no earlier synthetic dataset (no "
-                              f"{MARKER_NAME}); choose a new or empty folder (nothing in it is deleted)")
+                              f"{SYNTH_MARKER}); choose a new or empty folder (nothing in it is deleted)")
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
     check_target(out, overwrite=overwrite)
-    if (out / MARKER_NAME).is_file():
+    if (out / SYNTH_MARKER).is_file():
         _remove_previous(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -741,8 +740,8 @@ def _remove_previous(out: Path) -> None:
             for row in csv.DictReader(fh):
                 listed += [out / row[k] for k in ("path", "mask") if row.get(k)]
     else:
-        listed += [out / rel for rel in _planned_files(out / MARKER_NAME)]
-    for path in [*listed, manifest, out / "README.md", out / MARKER_NAME]:
+        listed += [out / rel for rel in _planned_files(out / SYNTH_MARKER)]
+    for path in [*listed, manifest, out / "README.md", out / SYNTH_MARKER]:
         if path.resolve().is_relative_to(root) and (path.is_file() or path.is_symlink()):
             path.unlink()
     for ft in FEATURE_TYPES:  # deepest first: a folder is removed only once empty
@@ -774,7 +773,7 @@ def _paths(ft: str, part_id: str, role: str | None) -> tuple[str, str]:
 def _write_marker(out: Path, args: dict[str, Any], *, complete: bool) -> None:
     marker = {"generator": "diffqc.synth", "format_version": _FORMAT_VERSION, **args,
               "complete": complete}
-    _write_text(out / MARKER_NAME, json.dumps(marker, indent=2) + "\n")
+    _write_text(out / SYNTH_MARKER, json.dumps(marker, indent=2) + "\n")
 
 
 def _write_text(path: Path, text: str) -> None:
