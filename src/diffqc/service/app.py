@@ -68,6 +68,7 @@ from diffqc.machine import cgroup_memory_room
 from diffqc.output import json_safe
 from diffqc.service.buffer import (
     DEFAULT_BUFFER_BYTES,
+    BatchTooLarge,
     BufferClosed,
     BufferFull,
     DetectorLike,
@@ -1141,13 +1142,12 @@ def _check_type(state: ServiceState, feature_type: str | None) -> str | None:
 
 async def _submit(state: ServiceState, jobs: list[Job]) -> list[ResultRecord]:
     pipeline, _ = state.require()
-    room = state.settings.buffer_size
-    if len(jobs) > room and state.settings.overflow == OverflowPolicy.REJECT.value:  # never taken whole
-        raise ServiceError(413, "batch_too_large", f"{len(jobs)} images in one batch, more than the "
-                           f"{room} parts that may wait (--buffer-size): it can never be taken; send at "
-                           f"most {room} a request, or raise --buffer-size")
     try:
         futures = pipeline.submit_many(jobs)
+    except BatchTooLarge as exc:  # not busy: no retry takes it
+        room = state.settings.buffer_size
+        raise ServiceError(413, "batch_too_large", f"{exc} (--buffer-size); send at most {room} a request, "
+                           "or raise --buffer-size") from None
     except BufferFull as exc:
         raise ServiceError(
             503, "overloaded", str(exc), headers={"Retry-After": str(state.settings.retry_after_s)}

@@ -6,7 +6,8 @@ that takes whatever is waiting (up to ``max_batch``), runs the detector once on 
 micro-batch, writes heat maps, stores every record in one transaction and only then
 completes the jobs' futures. A lone part is never held back waiting for company.
 
-Overflow is explicit: ``reject`` refuses the new part (:class:`BufferFull`, HTTP 503) and
+Overflow is explicit: ``reject`` refuses the new part (:class:`BufferFull`, HTTP 503; a batch
+of more parts than it holds at all, :class:`BatchTooLarge`, HTTP 413) and
 ``drop_oldest`` evicts the oldest waiting part, which is then stored as ``NOT_INSPECTED``
 so that the line can divert it.
 """
@@ -43,6 +44,10 @@ class OverflowPolicy(StrEnum):
 
 class BufferFull(RuntimeError):
     """The buffer is full and the policy is ``reject``."""
+
+
+class BatchTooLarge(BufferFull):
+    """A batch of more items than the buffer holds at all, under ``reject``: it is never taken."""
 
 
 class BufferClosed(RuntimeError):
@@ -122,6 +127,9 @@ class RingBuffer(Generic[T]):
             total = sum(b for _, b in sized)
             if self.policy is OverflowPolicy.REJECT and self._over(len(sized), total):
                 self.refused_total += len(items)
+                if len(sized) > self.capacity:
+                    raise BatchTooLarge(f"{len(sized)} parts in one batch, more than the {self.capacity} "
+                                        "that may wait: it can never be taken")
                 limit = f", {self.bytes}/{self.max_bytes} bytes" if self.max_bytes is not None else ""
                 raise BufferFull(
                     f"buffer full ({len(self._items)}/{self.capacity} parts{limit} waiting); retry later"
