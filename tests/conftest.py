@@ -62,6 +62,23 @@ def run_with_mount(source: Path, target: Path, argv: list[str], *,
                           capture_output=True, text=True, timeout=300)
 
 
+def calibrated_an_hour_ago(tmp_path: Path, **settings: Any) -> tuple[Path, Any, float]:
+    """A stand-in bundle for the service's line (``LineServices``): a folder whose
+    ``calibration.json`` was written an hour ago; the drift settings it is read with (window 20,
+    10 parts, level 0.01; ``settings`` beside or instead); and the time now."""
+    import time
+    from types import SimpleNamespace
+
+    bundle = tmp_path / "model"
+    bundle.mkdir()
+    (bundle / "calibration.json").write_text("{}")
+    now = time.time()
+    os.utime(bundle / "calibration.json", (now - 3600, now - 3600))
+    line = {"drift_window": 20, "drift_min_parts": 10, "drift_level": 0.01, "model_path": bundle,
+            "calibration_poll_s": 1.0, **settings}
+    return bundle, SimpleNamespace(**line), now
+
+
 def memory_cgroup(limit: int) -> Path:
     """A memory cgroup of this machine limited to ``limit`` bytes, as a container's is (v2, or
     v1's memory controller, as Docker on an Ubuntu 20.04 host gives); skips where none can be

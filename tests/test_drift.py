@@ -19,7 +19,7 @@ from diffqc.drift import (
     ks_below_uniform,
 )
 from diffqc.errors import ConfigError
-from tests.conftest import write_clear_dataset
+from tests.conftest import calibrated_an_hour_ago, write_clear_dataset
 
 
 def test_ks_below_uniform_matches_the_definition() -> None:
@@ -202,20 +202,12 @@ def test_a_restart_refills_the_drift_windows_with_the_served_models_parts_only(t
     keeps a bundle's date): the new model's drift was tested on the old model's p-values, and
     its first ordinary part raised a drift alarm. Only the parts of the model now served (the
     records' ``model_version``) refill the windows."""
-    import os
-    import time
     from types import SimpleNamespace
 
     from diffqc.service.line import LineServices
     from diffqc.service.store import ResultRecord, ResultStore
 
-    bundle = tmp_path / "model"
-    bundle.mkdir()
-    (bundle / "calibration.json").write_text("{}")
-    now = time.time()
-    os.utime(bundle / "calibration.json", (now - 3600, now - 3600))
-    settings = SimpleNamespace(drift_window=50, drift_min_parts=10, drift_level=0.01, model_path=bundle,
-                               calibration_poll_s=1.0)
+    bundle, settings, now = calibrated_an_hour_ago(tmp_path, drift_window=50)
     detector = SimpleNamespace(classes_=["edge"], path=bundle, version="diffusion-NEW")
 
     def part(i: int, version: str, p: float) -> ResultRecord:
@@ -251,14 +243,8 @@ def test_a_restart_clears_kept_alarms_a_new_calibration_or_model_left_behind(tmp
     from diffqc.service.line import LineServices
     from diffqc.service.store import ResultRecord, ResultStore
 
-    bundle = tmp_path / "model"
-    bundle.mkdir()
+    bundle, settings, _ = calibrated_an_hour_ago(tmp_path, webhook_url="http://127.0.0.1:9/hook")
     calibration = bundle / "calibration.json"
-    calibration.write_text("{}")
-    now = time.time()
-    os.utime(calibration, (now - 3600, now - 3600))
-    settings = SimpleNamespace(drift_window=20, drift_min_parts=10, drift_level=0.01, model_path=bundle,
-                               calibration_poll_s=1.0, webhook_url="http://127.0.0.1:9/hook")
 
     def detector(*types: str) -> SimpleNamespace:
         return SimpleNamespace(classes_=list(types), path=bundle)

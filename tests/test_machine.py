@@ -7,6 +7,20 @@ import sys
 from tests.conftest import memory_cgroup
 
 
+def _in_cgroup(limit: int, code: str) -> str:
+    """What Python ``code`` prints, run in a real memory cgroup limited to ``limit`` bytes."""
+    import subprocess
+
+    folder = memory_cgroup(limit)
+    try:
+        proc = subprocess.run(["sh", "-c", f'echo $$ > "{folder}/cgroup.procs" && exec "$0" -c "$1"',
+                               sys.executable, code], capture_output=True, text=True, timeout=120)
+    finally:
+        folder.rmdir()
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def test_available_memory_is_bounded_by_the_containers_limit() -> None:
     """`train` refuses a fit that cannot fit in memory before it reads an image, from the memory
     available: the machine's, bounded by the container's limit. Only cgroup v2's limit at the
@@ -14,22 +28,14 @@ def test_available_memory_is_bounded_by_the_containers_limit() -> None:
     as many edge boxes run) or in a limited cgroup of a host the fit saw the host's memory and
     was killed for memory instead. The limit of the process's own cgroup (and its parents') is
     read in both hierarchies: here a real cgroup limited to 600 MB, the process moved into it."""
-    import subprocess
-
-    folder = memory_cgroup(600 * 2**20)
-    code = ("from diffqc.machine import cgroup_memory_room; from diffqc.model import available_memory; "
-            "print(cgroup_memory_room(), available_memory('cpu'))")
-    try:
-        proc = subprocess.run(["sh", "-c", f'echo $$ > "{folder}/cgroup.procs" && exec "$0" -c "$1"',
-                               sys.executable, code], capture_output=True, text=True, timeout=120)
-    finally:
-        folder.rmdir()
-    assert proc.returncode == 0, proc.stderr
-    room, available = (int(x) for x in proc.stdout.split())
+    out = _in_cgroup(600 * 2**20, "from diffqc.machine import cgroup_memory_room; "
+                     "from diffqc.model import available_memory; "
+                     "print(cgroup_memory_room(), available_memory('cpu'))")
+    room, available = (int(x) for x in out.split())
     # Both are the limit less the cgroup's usage, read a moment apart (the usage moves by a page
     # or so between them: comparing them exactly failed once in CI); the host has gigabytes.
-    assert 0 < room <= 600 * 2**20 and 0 < available <= 600 * 2**20, proc.stdout
-    assert abs(available - room) < 32 * 2**20, proc.stdout
+    assert 0 < room <= 600 * 2**20 and 0 < available <= 600 * 2**20, out
+    assert abs(available - room) < 32 * 2**20, out
 
 
 def test_an_environment_flag_reads_as_systemd_and_docker_read_one(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -59,18 +65,9 @@ def test_a_containers_room_counts_the_page_cache_it_may_reclaim(tmp_path) -> Non
     room, and `train` refused a fit that fitted ("0.1 GB is available" of a 2 GB limit). Its
     reclaimable part (``inactive_file``, as ``docker stats`` leaves out) is room: here a real
     cgroup of 600 MB whose process wrote 300 MB to a file first."""
-    import subprocess
-
-    folder = memory_cgroup(600 * 2**20)
-    code = ("import os; from diffqc.machine import cgroup_memory_room\n"
-            f"with open({str(tmp_path / 'cache')!r}, 'wb') as f:\n"
-            "    for _ in range(300): f.write(b'x' * 2**20)\n"
-            "    f.flush(); os.fsync(f.fileno())\n"
-            "print(cgroup_memory_room())")
-    try:
-        proc = subprocess.run(["sh", "-c", f'echo $$ > "{folder}/cgroup.procs" && exec "$0" -c "$1"',
-                               sys.executable, code], capture_output=True, text=True, timeout=120)
-    finally:
-        folder.rmdir()
-    assert proc.returncode == 0, proc.stderr
-    assert int(proc.stdout) > 450 * 2**20, proc.stdout  # 600 MB less the interpreter's own, not the file's
+    out = _in_cgroup(600 * 2**20, "import os; from diffqc.machine import cgroup_memory_room\n"
+                     f"with open({str(tmp_path / 'cache')!r}, 'wb') as f:\n"
+                     "    for _ in range(300): f.write(b'x' * 2**20)\n"
+                     "    f.flush(); os.fsync(f.fileno())\n"
+                     "print(cgroup_memory_room())")
+    assert int(out) > 450 * 2**20, out  # 600 MB less the interpreter's own, not the file's

@@ -1521,20 +1521,14 @@ def test_a_restarted_service_tests_drift_on_its_stored_parts(tmp_path: Path) -> 
     refilled from the store's latest parts of each type the model knows (not NOT_INSPECTED
     parts, nor mis-routed ones, nor parts older than the calibration), so the first new part is
     tested against them."""
-    import os
-    import time
     from types import SimpleNamespace
 
     from diffqc.service.line import LineServices
     from diffqc.service.store import ResultRecord, ResultStore
 
-    bundle = tmp_path / "model"
-    bundle.mkdir()
-    (bundle / "calibration.json").write_text("{}")
-    now = time.time()
-    os.utime(bundle / "calibration.json", (now - 3600, now - 3600))
-    settings = SimpleNamespace(drift_window=20, drift_min_parts=10, drift_level=0.01, model_path=bundle,
-                               calibration_poll_s=1.0)
+    from .conftest import calibrated_an_hour_ago
+
+    bundle, settings, now = calibrated_an_hour_ago(tmp_path)
     detector = SimpleNamespace(classes_=["edge", "dots"], path=bundle)
 
     def part(p: float, **kw: object) -> ResultRecord:
