@@ -126,10 +126,27 @@ def test_a_thin_strips_heat_map_is_drawn_when_shrunk(tmp_path: Path) -> None:
         out = write_heatmap(tmp_path / str(side), Path("strip.png"), strip, _verdict((9, 600)), {},
                             gain=1.0, max_side=side)
         with Image.open(out) as picture:
-            assert picture.size[1] >= 256  # enlarged to be read, as a small image is
+            assert picture.size[1] > 2 * 8  # drawn, part over overlay
     line_scan = fit_within(np.full((64, 8192, 3), 0.5, np.float32), 768)
     assert line_scan.shape == (8, 768, 3)
     assert fit_within(np.full((600, 9, 3), 0.5, np.float32), 6).shape[:2] == (8, 8)
+
+
+def test_a_thin_strips_heat_map_is_not_drawn_thousands_of_pixels_wide() -> None:
+    """A small image is enlarged so that its heat map can be read, but a thin strip was enlarged
+    until it was 256 px high: a 600 x 9 strip's picture was 9,099 px wide and the service's 768 x 8
+    line-scan strips (8192 x 64 within its 768 px) 12,000 px wide, a file a screen shows as a thin
+    line. The enlargement stops where the longer side reaches 1536 px (twice the service's 768)."""
+    for shape in ((9, 600), (8, 768), (64, 512), (20, 20)):
+        img = np.random.default_rng(2).random((*shape, 3)).astype(np.float32)
+        m = np.zeros(shape, np.float32)
+        out = panel(img, m, score=2.5, p_value=0.001, decision="REJECT", feature_type="edge1",
+                    vmin=0.0, vmax=3.0)
+        h, w, _ = out.shape
+        assert w <= 1536 + 200, (shape, out.shape)  # the pictures, the colour bar and its labels
+        assert h > 2 * shape[0] and w > shape[1], (shape, out.shape)  # still enlarged
+    small = panel(img, m, score=2.5, p_value=0.001, decision="REJECT")
+    assert small.shape[0] >= 256  # a small square part still reads at 256 px
 
 
 def test_a_heat_map_that_cannot_be_drawn_leaves_no_empty_file(tmp_path: Path) -> None:

@@ -81,6 +81,7 @@ def _scale(anomaly_map: np.ndarray, vmin: float | None, vmax: float | None) -> t
 # it at 160 px, beside the kept image at its own size; drawn at a 1280 x 1024 camera's own size
 # it took ~0.25 s of the one inference worker per part (benchmarks/heatmap_cost.py)
 DEFAULT_HEATMAP_SIZE = 768
+MAX_ENLARGED_SIDE = 2 * DEFAULT_HEATMAP_SIZE  # a small image is enlarged no further than this
 
 
 def fit_within(image: np.ndarray, max_side: int | None) -> np.ndarray:
@@ -144,14 +145,15 @@ def panel(
     (:func:`is_strip`) above its overlay instead.
 
     Small images are enlarged (nearest neighbour) so that the picture is ``min_height`` high and
-    the text stays readable.
+    the text stays readable, but no further than a longer side of :data:`MAX_ENLARGED_SIDE` px
+    (a thin strip is not drawn thousands of pixels wide).
     """
     img = _rgb(image)
     over = overlay(img, anomaly_map, vmin=vmin, vmax=vmax, alpha=alpha)
     base = (img * 255 + 0.5).astype(np.uint8)
     h, w = base.shape[:2]
     stacked = is_strip(h, w)
-    zoom = max(1, -(-min_height // (2 * h if stacked else h)))
+    zoom = max(1, min(-(-min_height // (2 * h if stacked else h)), MAX_ENLARGED_SIDE // max(h, w)))
     if zoom > 1:
         base = np.repeat(np.repeat(base, zoom, 0), zoom, 1)
         over = np.repeat(np.repeat(over, zoom, 0), zoom, 1)
