@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from diffqc.cli import main
+from diffqc.visualize import DECISION_COLOURS
 
 
 def test_demo_prints_at_most_one_calibration_warning_line(tmp_path: Path,
@@ -35,6 +38,13 @@ def test_demo_prints_at_most_one_calibration_warning_line(tmp_path: Path,
     # name a file has already (the first run's, here one a user put a note in)
     heatmaps = tmp_path / "demo" / "heatmaps"
     first = sorted(heatmaps.iterdir())
+    # drawn as the commands draw them (each image over its type's fixed colour scale, which its
+    # own range made GOOD parts look red): under a header in its decision's colour
+    for path in first:
+        with Image.open(path) as picture:
+            corner = np.asarray(picture.convert("RGB"))[4:10, :24].reshape(-1, 3)
+        colour = DECISION_COLOURS[path.stem.rsplit("_", 2)[-2]]
+        assert (corner == colour).all(axis=1).any(), path.name
     first[0].write_bytes(b"my note")
     assert main(["demo", "--out", str(tmp_path / "demo"), "--parts", "64", "--method", "padim",
                  "--set", "backbone.input_size=64", "--set", "padim.dims=20", "-q",

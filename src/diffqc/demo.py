@@ -16,7 +16,7 @@ from diffqc.errors import ConfigError, OutputError
 from diffqc.holdout import decision_table, format_table
 from diffqc.model import Detector, Inspection
 from diffqc.output import json_safe, write_atomic
-from diffqc.visualize import new_heatmap_path, save_overlay
+from diffqc.visualize import write_heatmap
 
 # The demo calibrates on every GOOD training image (cross-conformal, 5 folds): its ~108 GOOD
 # images per type then reach α_reject = 1 % without the exponential tail (split calibration would
@@ -26,21 +26,24 @@ DEMO_DEFAULTS: dict[str, Any] = {"calibration.scheme": "cross", "calibration.fol
 
 def _write_heatmaps(det: Detector, samples: Sequence[Sample], results: Sequence[Inspection],
                     out: Path, per_type: int = 1) -> list[Path]:
-    """Overlays of the highest-scoring defective and GOOD part of each type."""
+    """Heat maps of the highest-scoring defective and GOOD part of each type, drawn as the
+    commands draw them (:func:`~diffqc.visualize.write_heatmap`: on the type's fixed colour scale,
+    with score, p-value and decision)."""
     written = []
+    summary = det.calibration_.summary() if det.calibration_ is not None else {}
     for t in det.classes_:
         idx = [i for i, s in enumerate(samples) if s.feature_type == t]
         for label in (DEFECTIVE, GOOD):
             cand = sorted((i for i in idx if samples[i].label == label),
                           key=lambda i: -results[i].score)[:per_type]
             for i in cand:
-                amap = results[i].anomaly_map
-                if amap is None:
+                if results[i].anomaly_map is None:
                     continue
                 image = read_image(samples[i].path)
                 kind = samples[i].defect or ("good" if label == GOOD else "defect")
                 name = Path(f"{t}_{kind}_{samples[i].path.stem}_{results[i].decision}.png")
-                written.append(save_overlay(new_heatmap_path(out, name), image, amap))  # a new file
+                written.append(write_heatmap(out, name, image, results[i], summary,  # a new file
+                                             gain=det.config.backbone.input_gain))
     return written
 
 
@@ -126,7 +129,7 @@ def run_demo(
     print(format_table(rows))
     print(f"type predicted correctly when withheld (type router): {type_acc:.3f}; mean image AUROC "
           f"then {auroc_withheld:.3f} (type given: {rows[-1]['image_auroc']:.3f})")
-    print(f"heat maps: {len(heat)} overlays in {out / 'heatmaps'}")
+    print(f"heat maps: {len(heat)} in {out / 'heatmaps'}")
     print("timings: " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
     if json_path is not None:
         payload = [
