@@ -195,6 +195,21 @@ def test_a_reset_clears_raised_alarms_aloud_and_a_restore_keeps_them_until_parts
     assert fresh.snapshot()["b"]["alarm"] and fresh.snapshot()["b"]["alarms_total"] == 0
 
 
+def test_a_restored_camera_alarm_is_shown_and_cleared_by_its_own_camera() -> None:
+    """A camera's window is tested and shown only once a second camera of its type sent parts
+    (one camera alone is the type's own test). A restarted service raises a camera's kept alarm
+    again, but until a second camera of the type sent a part the alarm was kept (``alarms()``) and
+    shown neither in ``/v1/line``'s cameras nor on /metrics, and its own camera's calm parts never
+    cleared it. A camera with a raised alarm is shown and tested as when it was raised."""
+    mon = DriftMonitor(DriftConfig(window=50, min_parts=20, level=1e-3))
+    mon.restore([{"feature_type": "a", "camera": "c1", "since": 123.0}])
+    assert mon.snapshot()["a"]["cameras"]["c1"]["alarm"]
+    calm = [(i + 0.5) / 20 for i in range(20)]
+    events = [e for p in calm for e in mon.observe("a", p, camera="c1")]
+    assert [(e.camera, e.alarm) for e in events] == [("c1", False)]
+    assert mon.alarms() == [] and mon.snapshot()["a"]["cameras"] == {}  # one camera: the type's test
+
+
 def test_a_restart_refills_the_drift_windows_with_the_served_models_parts_only(tmp_path: Path) -> None:
     """A restarted service refilled its drift windows with the store's parts inspected since
     calibration.json was written, whichever model inspected them. That file's date can be older

@@ -216,7 +216,8 @@ class DriftMonitor:
             if cam is not None and camera is not None:
                 cam.parts_total += 1
                 cam.window.append(float(p_value))
-                if len(self._cameras[feature_type]) > 1:  # one camera alone is the type's own test
+                # one camera alone is the type's own test; a restored alarm is tested by its camera
+                if len(self._cameras[feature_type]) > 1 or cam.alarm:
                     event = self._test(feature_type, cam, camera)
                     if event is not None:
                         events.append(event)
@@ -367,7 +368,8 @@ class DriftMonitor:
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per type: its window's test, ``misrouted_total``, and ``cameras``: per camera, its
-        own window's test (``{}`` unless the type was seen by two cameras or more)."""
+        own window's test (``{}`` unless the type was seen by two cameras or more, or a camera's
+        alarm kept across a restart is raised)."""
         with self._lock:
             out = {}
             for t, st in sorted(self._types.items()):
@@ -375,7 +377,7 @@ class DriftMonitor:
                 out[t] = {**self._row(st), "misrouted_total": st.misrouted_total,
                           "untracked_camera_parts": st.untracked_camera_parts,
                           "cameras": {c: self._row(cameras[c]) for c in sorted(cameras)}
-                          if len(cameras) > 1 else {}}
+                          if len(cameras) > 1 or any(c.alarm for c in cameras.values()) else {}}
             return out
 
     def metrics_lines(self) -> list[str]:
