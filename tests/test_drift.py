@@ -299,6 +299,47 @@ def test_a_restart_clears_kept_alarms_a_new_calibration_or_model_left_behind(tmp
         assert not any(row["alarm"] for row in recalibrated.status()["drift"].values())
 
 
+def test_a_kept_alarm_is_cleared_at_restart_when_an_undo_put_an_older_model_or_calibration_back(
+        tmp_path: Path) -> None:
+    """A kept drift alarm was cleared at restart only when the calibration file was newer than
+    the alarm. `train --undo` (or a recalibration undone) while the service was stopped puts the
+    earlier file back with its earlier date: the alarm, raised under the model or calibration
+    undone, came back over the one served, and stayed until parts cleared it. A kept alarm
+    records the model and the calibration file it was raised under; either changed, it is
+    cleared aloud at restart ("model changed", "calibration changed")."""
+    import os
+    from types import SimpleNamespace
+
+    from diffqc.service.line import LineServices
+    from diffqc.service.store import ResultRecord, ResultStore
+
+    bundle, settings, now = calibrated_an_hour_ago(tmp_path)
+    calibration = bundle / "calibration.json"
+
+    def line(store: ResultStore, version: str) -> LineServices:
+        return LineServices(settings, store, None, SimpleNamespace(classes_=["edge"], path=bundle,
+                                                                   version=version))
+
+    def raise_alarm(store: ResultStore, version: str) -> None:
+        served = line(store, version)
+        for _ in range(10):
+            served.on_record(ResultRecord(created_at=now, source="test", decision="PASS",
+                                          feature_type="edge", p_value=0.001, model_version=version), 0.01)
+        assert served.drift.alarms()
+
+    with ResultStore(str(tmp_path / "r.db")) as store:
+        raise_alarm(store, "diffusion-NEW")
+        same = line(store, "diffusion-NEW")  # a plain restart: still raised
+        assert [a["feature_type"] for a in same.drift.alarms()] == ["edge"]
+        undone = line(store, "diffusion-OLD")  # train --undo: the earlier model, its earlier file
+        assert undone.drift.alarms() == [] and store.meta_items("drift_alarm/") == {}
+
+        raise_alarm(store, "diffusion-NEW")
+        os.utime(calibration, (now - 7200, now - 7200))  # its calibration undone: an older file
+        put_back = line(store, "diffusion-NEW")
+        assert put_back.drift.alarms() == [] and store.meta_items("drift_alarm/") == {}
+
+
 # --------------------------------------------------------------------------- acceptance
 SHIFT = 0.10  # brightness added to every pixel (images in [0, 1])
 STREAM = 80  # unshifted GOOD parts, then the same parts shifted

@@ -316,19 +316,21 @@ class DriftMonitor:
                     for t, c, st in self._all_states() if st.alarm]
 
     def restore(self, alarms: Iterable[dict[str, Any]], *, calibrated_at: float | None = None,
-                types: Collection[str] | None = None) -> list[DriftEvent]:
+                types: Collection[str] | None = None, model_version: str | None = None) -> list[DriftEvent]:
         """Raise again the alarms a previous process had raised (:meth:`alarms`): each stays
         raised until its window (:meth:`refill`'s stored parts and the new ones, at least
         ``min_parts``) shows the line in order, then it is cleared, aloud; no second alarm.
-        An alarm raised before ``calibrated_at`` (recalibrated while no process ran), or of a
-        type not in ``types`` (the model now served has none: no part could clear it), is not
-        raised but cleared aloud, as :meth:`reset` clears one ("calibration changed", "model
-        changed"): the events, also given to the listeners."""
+        An alarm raised before ``calibrated_at`` (recalibrated while no process ran) or under
+        another calibration file (its ``calibrated_at``: an undo put an earlier one back), under
+        another model (its ``model_version``), or of a type not in ``types`` (the model now
+        served has none: no part could clear it), is not raised but cleared aloud, as
+        :meth:`reset` clears one ("calibration changed", "model changed"): the events, also
+        given to the listeners. An alarm that names no model or file is not checked by them."""
         events = []
         with self._lock:
             for alarm in alarms:
                 ftype, camera = str(alarm["feature_type"]), alarm.get("camera")
-                if (reason := self._stale(ftype, alarm.get("since"), calibrated_at, types)) is not None:
+                if (reason := self._stale(ftype, alarm, calibrated_at, types, model_version)) is not None:
                     st = (self._types.get(ftype) if camera is None
                           else self._cameras.get(ftype, {}).get(str(camera)))
                     events.append(self._cleared(ftype, None if camera is None else str(camera),
@@ -345,12 +347,18 @@ class DriftMonitor:
         return events
 
     @staticmethod
-    def _stale(feature_type: str, since: Any, calibrated_at: float | None,
-               types: Collection[str] | None) -> str | None:
+    def _stale(feature_type: str, alarm: dict[str, Any], calibrated_at: float | None,
+               types: Collection[str] | None, model_version: str | None) -> str | None:
         """Why a kept alarm no longer holds (:meth:`restore`), or None."""
         if types is not None and feature_type not in types:
             return "model changed"
-        if calibrated_at is not None and since is not None and float(since) < calibrated_at:
+        if model_version and alarm.get("model_version") and alarm["model_version"] != model_version:
+            return "model changed"
+        if calibrated_at is None:
+            return None
+        since, raised_under = alarm.get("since"), alarm.get("calibrated_at")
+        if (since is not None and float(since) < calibrated_at) or (
+                raised_under is not None and float(raised_under) != calibrated_at):
             return "calibration changed"
         return None
 

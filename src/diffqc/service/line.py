@@ -421,7 +421,7 @@ class LineServices:
         types = list(getattr(detector, "classes_", None) or ())
         self._refill_windows(types, str(getattr(detector, "version", "") or ""))
         self.drift.listeners.append(self._on_drift)
-        self._restore_alarms(types)
+        self._restore_alarms(types, str(getattr(detector, "version", "") or ""))
         self.poll_s = float(getattr(settings, "calibration_poll_s", 1.0))
         self.on_calibration = on_calibration
         policy = RetentionPolicy(getattr(settings, "retention_max_age_s", None),
@@ -566,20 +566,23 @@ class LineServices:
             return
         self.drift.refill(parts)
 
-    def _restore_alarms(self, types: list[str]) -> None:
+    def _restore_alarms(self, types: list[str], version: str) -> None:
         """Raise again the drift alarms a previous process left raised in the store: a restart
         must not clear an alarm that no parts have cleared (nor leave a consumer's copy of it,
         MQTT's retained message, raised for ever). One raised before the calibration file was
-        written (recalibrated while stopped), or of a type the model served lacks (``types``;
-        none named: not checked), is cleared aloud instead, as a new calibration or model clears
-        it (:meth:`_on_drift`: the sinks told, its kept entry removed)."""
+        written (recalibrated while stopped), under another calibration file or model than the
+        one served (``version``; an undo puts the earlier ones back with their dates), or of a
+        type the model served lacks (``types``; none named: not checked), is cleared aloud
+        instead, as a new calibration or model clears it (:meth:`_on_drift`: the sinks told, its
+        kept entry removed)."""
         try:
             kept = [json.loads(v) for v in self.store.meta_items(ALARM_KEY).values()]
         except (StoreError, ValueError) as exc:
             log.warning("the drift alarms raised before the restart cannot be read: %s", exc)
             return
         kept = [a for a in kept if a.get("station") == self.station]  # this service's, on a shared store
-        events = self.drift.restore(kept, calibrated_at=self._calibrated_at(), types=types or None)
+        events = self.drift.restore(kept, calibrated_at=self._calibrated_at(), types=types or None,
+                                    model_version=version or None)
         cleared = {(e.feature_type, e.camera): e.detail["reason"] for e in events}
         for alarm in kept:
             where = "" if alarm.get("camera") is None else f" on camera {alarm['camera']!r}"
@@ -592,12 +595,14 @@ class LineServices:
                         utc_minute(float(alarm.get("since") or time.time())))
 
     def _keep_alarm(self, event: DriftEvent) -> None:
-        """The alarm's state in the store (raised: kept; cleared: removed), for a restart; under
-        this service's ``station``, so that services sharing a store (stations on one
-        PostgreSQL) keep their alarms apart."""
+        """The alarm's state in the store (raised: kept; cleared: removed), for a restart, with
+        the model and calibration file it was raised under; under this service's ``station``, so
+        that services sharing a store (stations on one PostgreSQL) keep their alarms apart."""
         scope = [event.feature_type, event.camera] + ([self.station] if self.station is not None else [])
+        version = str(getattr(getattr(self.reloader, "detector", None), "version", "") or "")
         self.store.set_meta(ALARM_KEY + json.dumps(scope), json.dumps(
             {"feature_type": event.feature_type, "camera": event.camera, "since": event.at,
+             "model_version": version or None, "calibrated_at": self._calibrated_at(),
              **({"station": self.station} if self.station is not None else {})}) if event.alarm else None)
 
     def _on_drift(self, event: DriftEvent) -> None:
