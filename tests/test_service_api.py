@@ -125,7 +125,9 @@ async def test_a_batch_larger_than_the_buffer_is_refused_as_too_large_not_busy(
         detector: Any, samples: Samples, tmp_path: Path) -> None:
     """Under ``--overflow reject`` a batch of more images than ``--buffer-size`` can never be
     taken, but was answered 503 ``overloaded`` with ``Retry-After: 1``: a client retried it for
-    ever. It is a 413 ``batch_too_large`` naming the bound, without Retry-After."""
+    ever. It is a 413 ``batch_too_large`` naming the bound, without Retry-After; a client's
+    mistake, counted as a bad upload, not as parts the busy buffer refused (the alert rules' buffer
+    overflow, critical, fired on it)."""
     parts = samples.all[:3]
     files = [("image", (f"{i}.png", b, "image/png")) for i, (b, _) in enumerate(parts)]
     data = {"feature_type": [t for _, t in parts]}
@@ -133,6 +135,9 @@ async def test_a_batch_larger_than_the_buffer_is_refused_as_too_large_not_busy(
         r = await client.post("/v1/inspect/batch", headers=AUTH, files=files, data=data)
         assert (r.status_code, r.json()["code"]) == (413, "batch_too_large"), r.text
         assert "--buffer-size" in r.json()["detail"] and "retry-after" not in r.headers
+        text = (await client.get("/metrics", headers=AUTH)).text
+        assert "diffqc_parts_refused_total 0\n" in text, text
+        assert 'diffqc_bad_uploads_total{reason="batch_too_large"} 1\n' in text
         r = await client.post("/v1/inspect/batch", headers=AUTH, files=files[:2],
                               data={"feature_type": data["feature_type"][:2]})
         assert r.status_code == 200, r.text

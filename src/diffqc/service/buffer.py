@@ -47,7 +47,8 @@ class BufferFull(RuntimeError):
 
 
 class BatchTooLarge(BufferFull):
-    """A batch of more items than the buffer holds at all, under ``reject``: it is never taken."""
+    """A batch of more items than the buffer holds at all, under ``reject``: it is never taken
+    (a client's mistake: not counted in ``refused_total``, the parts a busy buffer refused)."""
 
 
 class BufferClosed(RuntimeError):
@@ -126,10 +127,10 @@ class RingBuffer(Generic[T]):
             sized = [(item, int(self._size(item))) for item in items]
             total = sum(b for _, b in sized)
             if self.policy is OverflowPolicy.REJECT and self._over(len(sized), total):
-                self.refused_total += len(items)
-                if len(sized) > self.capacity:
+                if len(sized) > self.capacity:  # the client's mistake, not a busy buffer: not counted
                     raise BatchTooLarge(f"{len(sized)} parts in one batch, more than the {self.capacity} "
                                         "that may wait: it can never be taken")
+                self.refused_total += len(items)
                 limit = f", {self.bytes}/{self.max_bytes} bytes" if self.max_bytes is not None else ""
                 raise BufferFull(
                     f"buffer full ({len(self._items)}/{self.capacity} parts{limit} waiting); retry later"
