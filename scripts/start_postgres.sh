@@ -17,21 +17,22 @@ log() { echo "start_postgres: $*" >&2; }
 
 find_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 
-PGBIN="$(find_bin || true)"
-if [ -z "$PGBIN" ] || [ ! -x "$PGBIN/initdb" ]; then
-    log "installing postgresql (apt)"
-    bash "$(dirname "$0")/apt_install.sh" postgresql
-    PGBIN="$(find_bin)"
-fi
-
 # initdb/postgres refuse to run as root: use the postgres system user then.
 as_owner() {
     if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
-if [ "${1:-start}" = "stop" ]; then
-    as_owner "$PGBIN/pg_ctl" -D "$DATA" -m fast stop >&2 || true
+PGBIN="$(find_bin || true)"
+if [ "${1:-start}" = "stop" ]; then  # nothing installed: nothing runs (never an install to stop)
+    if [ -n "$PGBIN" ] && [ -f "$DATA/PG_VERSION" ]; then
+        as_owner "$PGBIN/pg_ctl" -D "$DATA" -m fast stop >&2 || true
+    fi
     exit 0
+fi
+if [ -z "$PGBIN" ] || [ ! -x "$PGBIN/initdb" ]; then
+    log "installing postgresql (apt)"
+    bash "$(dirname "$0")/apt_install.sh" postgresql
+    PGBIN="$(find_bin)"
 fi
 
 if [ ! -f "$DATA/PG_VERSION" ]; then

@@ -69,6 +69,29 @@ def test_the_alert_rules_load_and_pass_their_unit_tests(tmp_path: Path) -> None:
     assert loaded.returncode == 0 and "SUCCESS: 13 rules found" in said, said
 
 
+def test_composes_prometheus_sends_one_token_the_service_takes_also_with_several() -> None:
+    """compose.yaml gave Prometheus the service's ``DIFFQC_TOKEN`` as its secret; with several
+    tokens (one per kiosk, as docs/API.md advises) Prometheus sent ``Bearer a,b``, was refused
+    401, and with no scrape every alert rule but DiffqcDown went silent. Prometheus's secret is
+    one token of its own, which the service accepts beside the others."""
+    import yaml
+
+    from diffqc.service.security import parse_tokens
+
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    env = {"DIFFQC_TOKEN": "kiosk-a,kiosk-b", "DIFFQC_METRICS_TOKEN": "prometheus-1",
+           "POSTGRES_PASSWORD": "pw"}
+
+    def interpolated(value: str) -> str:  # compose's ${VAR}, ${VAR:?message}, ${VAR:-default}
+        return re.sub(r"\$\{(\w+)(?::[?-][^}]*)?\}", lambda m: env.get(m.group(1), ""), value)
+
+    accepted = parse_tokens(interpolated(compose["services"]["diffqc"]["environment"]["DIFFQC_TOKEN"]))
+    secret = next(iter(compose["services"]["prometheus"]["secrets"]))
+    sent = env[compose["secrets"][secret]["environment"]]
+    assert {"kiosk-a", "kiosk-b"} <= set(accepted)
+    assert parse_tokens(sent) == (sent,) and sent in accepted, (sent, accepted)
+
+
 def test_a_broken_rule_fails_its_unit_test(tmp_path: Path) -> None:
     """The unit tests can fail: the silent-camera rule at an hour instead of 15 minutes."""
     for name in ("alerts.yml", "alerts.test.yml"):
