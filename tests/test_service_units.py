@@ -409,6 +409,78 @@ def test_async_waiter_cancelled_does_not_lose_the_part(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_stop_stores_every_part_it_could_not_inspect_in_time(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A stop (SIGTERM) while a slow model had parts waiting waited 30 s for the worker and
+    returned with it still running: the store was then closed behind it, so parts it went on to
+    inspect failed ("the store is closed") and those still waiting were never stored at all: no
+    decision, no NOT_INSPECTED, no line in the log (64 waiting at 1 s a part: 24 stored, 16
+    failed, 24 never settled). Once the stop's time is up, every part not stored is stored
+    NOT_INSPECTED, and the log says how many; the worker, still in its inference call, stores
+    nothing after that."""
+    det = BlockingDetectorDouble()
+    det.gate.clear()
+    pipe, store = _pipeline(tmp_path, det, max_batch=2)
+    worker = pipe._thread
+    try:
+        first = pipe.submit(_job(0.1, "s0"))
+        assert det.entered.wait(5)  # the worker holds s0 in an inference call that does not end
+        waiting = pipe.submit_many([_job(0.1, f"s{i}") for i in range(1, 6)])
+        caplog.set_level("WARNING", logger="diffqc")
+        pipe.stop(timeout=0.2)
+        assert det.batches == []  # returned while the worker is still in its inference call
+        futures = [first, *waiting]
+        assert all(f.done() for f in futures)
+        recs = [f.result(0) for f in futures]
+        assert [r.decision for r in recs] == [NOT_INSPECTED] * 6
+        assert all(r.reason == "service stopped before it was inspected" for r in recs)
+        assert "6 parts" in caplog.text and "NOT_INSPECTED" in caplog.text
+        stored = sorted(r.part_id or "" for r in store.query(limit=None))
+        assert stored == [f"s{i}" for i in range(6)]
+        store.close()  # as the service does once the pipeline stopped
+        det.gate.set()  # the inference call ends: the worker stores nothing more, fails nothing
+        assert worker is not None
+        worker.join(10)
+        assert not worker.is_alive() and "inference batch failed" not in caplog.text
+        assert ResultStore(str(tmp_path / "r.db")).count() == 6
+    finally:
+        det.gate.set()
+
+
+def test_a_dropped_part_lets_go_of_its_image_when_it_is_dropped(tmp_path: Path) -> None:
+    """Under ``--overflow drop_oldest`` a part pushed out of the buffer kept its decoded image
+    and its upload until the worker had finished the batch in hand, outside ``--buffer-mb``: a
+    buffer of 8 MiB held 81 MiB more in 54 parts dropped during one slow batch. A dropped part
+    lets go of both as it is dropped; its NOT_INSPECTED record still has all it needs."""
+    import weakref
+
+    det = BlockingDetectorDouble()
+    det.gate.clear()
+    pipe, store = _pipeline(tmp_path, det, capacity=1, policy="drop_oldest")
+    try:
+        first = pipe.submit(_job(0.1, "d0"))
+        assert det.entered.wait(5)  # the worker holds d0: the buffer is empty
+        job = Job(image=np.full((256, 256, 3), 0.2, np.float32), feature_type="a", part_id="d1",
+                  encoded=b"\x89PNG" + bytes(1 << 20), encoded_ext="png", dedup_key="key-d1",
+                  line="L1", station="S1", camera="C1")
+        image = weakref.ref(job.image)
+        dropped = pipe.submit(job)
+        pushing = pipe.submit(_job(0.2, "d2"))  # evicts d1
+        assert pipe.buffer.dropped_total == 1 and not dropped.done()
+        assert image() is None and job.nbytes == 0  # let go at once, not when the batch ends
+        det.gate.set()
+        rec = dropped.result(10)
+        assert first.result(10).decision == "PASS" and pushing.result(10).decision == "PASS"
+    finally:
+        det.gate.set()
+        pipe.stop()
+    assert rec.decision == NOT_INSPECTED and "dropped" in (rec.reason or "")
+    assert (rec.part_id, rec.feature_type, rec.dedup_key) == ("d1", "a", "key-d1")
+    assert (rec.line, rec.station, rec.camera) == ("L1", "S1", "C1")
+    store.close()
+
+
+
 # ----------------------------------------------------------------------------- store
 def _rec(part: str, decision: str = "PASS", **kw: Any) -> ResultRecord:
     return ResultRecord(
@@ -1132,6 +1204,7 @@ def test_artifact_store_writes_atomically_and_never_leaves_its_folder(tmp_path: 
     assert path is not None and Image.open(path).size == (7, 9)
     leftover = tmp_path / "heatmaps" / ("ab" * 16 + ".png.tmp")
     leftover.write_bytes(b"x")
+    os.utime(leftover, (time.time() - 2 * 3600,) * 2)  # left by a crash hours ago
     foreign = tmp_path / "heatmaps" / "operator-notes.tmp"
     foreign.write_bytes(b"mine")
     ArtifactStore(tmp_path)  # a restart removes half-written files it wrote, nothing else
@@ -1143,6 +1216,24 @@ def test_artifact_store_writes_atomically_and_never_leaves_its_folder(tmp_path: 
     assert art.path("../heatmaps", name) is None
     with pytest.raises(ValueError):
         art.save_bytes("../x", b"", "png")
+
+
+def test_a_second_service_on_the_data_folder_leaves_the_running_ones_files_being_written(
+        tmp_path: Path) -> None:
+    """A second `serve` or `watch` started on the data folder of a running one removed every
+    half-written file there, the running one's too: the heat map or image it was writing at that
+    moment was lost, its record saying "kept image not written". A start removes only the
+    half-written files too old for any writer to hold (an hour: a crash's)."""
+    running = ArtifactStore(tmp_path)
+    being_written = tmp_path / "images" / ("cd" * 16 + ".png.tmp")  # as running's write names it
+    being_written.write_bytes(b"half of an image")
+    crashed = tmp_path / "heatmaps" / ("ef" * 16 + ".png.tmp")
+    crashed.write_bytes(b"x")
+    os.utime(crashed, (time.time() - 2 * 3600,) * 2)
+    ArtifactStore(tmp_path)  # the second service starts
+    assert being_written.read_bytes() == b"half of an image"
+    assert not crashed.exists()
+    assert running.path("images", running.save_bytes("images", b"a whole image", "png")) is not None
 
 
 # ----------------------------------------------------------------------------- security
@@ -1221,6 +1312,10 @@ def test_tokens_from_a_secret_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     secret.write_bytes("\ufefffirst-token-0123456789\r\nsecond-token-0123456789\r\n".encode())
     monkeypatch.setenv("DIFFQC_TOKEN_FILE", str(secret))
     assert tokens_from_env(None) == ("first-token-0123456789", "second-token-0123456789")
+    # a comment line above the tokens (`# line 3: HMI first, then the MES`, as --opcua-users'
+    # file takes them) was two more tokens, "then the MES" among them, each accepted
+    secret.write_text("# tokens of line 3: HMI first, then the MES\nfirst-token-0123456789\n  # old: x\n")
+    assert tokens_from_env(None) == ("first-token-0123456789",)
     # a file far larger than any secret (here /dev/zero, endless) was read until memory ran out
     monkeypatch.setenv("DIFFQC_TOKEN_FILE", "/dev/zero")
     with pytest.raises(ConfigError, match=r"DIFFQC_TOKEN_FILE /dev/zero holds more than 1 MiB: a secret "

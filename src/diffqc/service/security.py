@@ -89,12 +89,14 @@ def read_secret_file(path: str | Path, what: str) -> str:
 def tokens_from_env(explicit: str | Iterable[str] | None = None) -> tuple[str, ...]:
     """Explicit tokens win; else ``$DIFFQC_TOKEN`` (comma-separated for several); else the file
     ``$DIFFQC_TOKEN_FILE`` names (a Docker or Kubernetes secret, a systemd credential: one
-    token per line, or comma-separated), which must be readable and hold one."""
+    token per line, or comma-separated; a line starting with ``#`` is a comment), which must be
+    readable and hold one. A comma separates tokens everywhere: it is never part of one."""
     tokens = parse_tokens(explicit) or parse_tokens(os.environ.get(TOKEN_ENV))
     path = os.environ.get(TOKEN_FILE_ENV)
     if tokens or not path:
         return tokens
-    tokens = parse_tokens(read_secret_file(path, f"{TOKEN_FILE_ENV} {path}").splitlines())
+    lines = read_secret_file(path, f"{TOKEN_FILE_ENV} {path}").splitlines()
+    tokens = parse_tokens(line for line in lines if not line.strip().startswith("#"))
     if not tokens:
         raise ConfigError(f"{TOKEN_FILE_ENV} {path} holds no token (one per line)")
     return tokens
