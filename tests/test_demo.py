@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from diffqc.cli import main
+from diffqc.config import DetectorConfig
 from diffqc.visualize import DECISION_COLOURS
 
 
@@ -52,6 +53,21 @@ def test_demo_prints_at_most_one_calibration_warning_line(tmp_path: Path,
     assert first[0].read_bytes() == b"my note"
     assert len(list(heatmaps.iterdir())) == 2 * len(first)
     assert json.loads((tmp_path / "demo" / "timings.json").read_text())["type_accuracy"] == 1.0
+
+
+def test_demo_names_the_fold_models_it_fits() -> None:
+    """``demo --parts 40`` leaves 3 GOOD training parts a type: it said "scored by one of 5 fold
+    models" and fitted 3 (empty folds are dropped). It names the folds it fits."""
+    from diffqc.config import with_overrides
+    from diffqc.data import GOOD, Sample
+    from diffqc.demo import DEMO_DEFAULTS, calibration_text
+
+    config = with_overrides(DetectorConfig(), DEMO_DEFAULTS)
+    train = [Sample(Path(f"{t}/{i}.png"), t, GOOD, split="train")
+             for t in ("dots", "edge1") for i in range(3)]
+    assert "scored by one of 3 fold models" in calibration_text(config, train)
+    many = [Sample(Path(f"dots/{i}.png"), "dots", GOOD, split="train") for i in range(12)]
+    assert "scored by one of 5 fold models" in calibration_text(config, many)
 
 
 # a small model: where a check is missing the demo runs through quickly, and the test fails

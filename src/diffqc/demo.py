@@ -14,7 +14,7 @@ from diffqc.config import DetectorConfig, with_overrides
 from diffqc.data import DEFECTIVE, GOOD, Sample, load_dataset, read_image
 from diffqc.errors import ConfigError, OutputError
 from diffqc.holdout import decision_table, format_table
-from diffqc.model import Detector, Inspection
+from diffqc.model import Detector, Inspection, cross_folds
 from diffqc.output import json_safe, write_atomic
 from diffqc.visualize import write_heatmap
 
@@ -45,6 +45,17 @@ def _write_heatmaps(det: Detector, samples: Sequence[Sample], results: Sequence[
                 written.append(write_heatmap(out, name, image, results[i], summary,  # a new file
                                              gain=det.config.backbone.input_gain))
     return written
+
+
+def calibration_text(config: DetectorConfig, train: Sequence[Sample]) -> str:
+    """How the demo's model is calibrated on its ``train`` images: the fold models it fits (as
+    many as there are non-empty folds: fewer GOOD parts of each type than ``calibration.folds``
+    make fewer), or the share held out."""
+    cal = config.calibration
+    if cal.scheme != "cross":
+        return f"{cal.fraction:.0%} held out to calibrate"
+    folds = len(cross_folds(train, cal.folds, config.train.seed))
+    return f"every one also calibrates, scored by one of {folds} fold models fitted without it"
 
 
 def is_demo_table(path: Path) -> bool:
@@ -96,9 +107,7 @@ def run_demo(
     samples = load_dataset(data_dir)
     train = [s for s in samples if s.split == "train"]
     test = [s for s in samples if s.split == "test"]
-    cal = config.calibration
-    how = (f"every one also calibrates, scored by one of {cal.folds} fold models fitted without it"
-           if cal.scheme == "cross" else f"{cal.fraction:.0%} held out to calibrate")
+    how = calibration_text(config, train)
     if config.method == "diffusion":
         steps = config.train.steps
         how += (f"; network trained {steps} steps" if steps
