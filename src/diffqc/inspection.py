@@ -468,20 +468,20 @@ def as_arrays(images: Sequence[Any]) -> list[np.ndarray]:
 
 def verdicts(
     classes: Sequence[str], calibration: Calibrator, given: Sequence[int | None], own: Sequence[int],
-    scores: Sequence[float], table: np.ndarray | None = None,
-    maps: Sequence[np.ndarray] | None = None, *, predicted: Sequence[int | None] | None = None,
+    scores: Sequence[float], table: np.ndarray | None, maps: Sequence[np.ndarray] | None, *,
+    predicted: Sequence[int | None],
 ) -> list[Inspection]:
     """One :class:`Inspection` per image from what a runtime computed: ``given`` type index (None
     when unknown), ``own`` type scored under, its ``scores``, the optional ``[N, types]`` score
-    ``table``, the ``predicted`` type (:func:`diffqc.routing.route_and_score`; without it the
-    table's arg-min, as tiled models pick it) and the optional anomaly ``maps``. PyTorch and
-    ONNX Runtime share this, so both decide the same way."""
+    ``table``, the optional anomaly ``maps`` and the ``predicted`` type (None: none predicted;
+    :func:`diffqc.routing.route_and_score`, or for models with layouts
+    :func:`diffqc.tiling.inspect_views`). PyTorch and ONNX Runtime share this, so both decide the
+    same way."""
     results = []
     for i, k in enumerate(own):
         known = given[i] is not None
         p = calibration.p_value(classes[k], float(scores[i]), type_known=known)
-        pred = (predicted[i] if predicted is not None
-                else None if table is None else int(table[i].argmin()))
+        pred = predicted[i]
         results.append(Inspection(
             score=float(scores[i]), p_value=p, decision=calibration.decide(p), feature_type=classes[k],
             predicted_type=None if pred is None else classes[pred],

@@ -54,7 +54,6 @@ from diffqc.calibration import (
     LEARNT_OR_RAISED,
     CalibrationWarning,
     Calibrator,
-    calibration_scores,
     part_levels_warning,
     suspect_images,
     suspects_note,
@@ -599,11 +598,14 @@ class Detector:
         m = self.config.scoring.type_candidates
         for i in tqdm(range(0, len(samples), bs), desc="calibrating", disable=not progress, unit="batch"):
             own = true[i : i + bs]
-            if layouts is not None:  # every type, from the views' merged maps; unknown = arg-min
+            if layouts is not None:  # every type a candidate, from the views' merged maps
                 off = tiling.offsets(layouts)
                 table = tiling.score_table(self, feats[off[i]: off[min(i + bs, len(samples))]],
                                            layouts[i : i + bs]).numpy()
-                out.add_table(self.classes_, own, table)
+                order = tiling.candidate_order(table)
+                out.add([int(k) for k in own], [float(table[j, k]) for j, k in enumerate(own)],
+                        order, np.take_along_axis(table, order, axis=1))
+                out.layouts = True
                 continue
             batch = feats[i : i + bs]
             assert self.router_ is not None
@@ -1036,7 +1038,7 @@ class _CalibrationScores:
         self.known: list[float] = []
         self.candidates: list[np.ndarray] = []
         self.candidate_scores: list[np.ndarray] = []
-        self.unknown_table: dict[str, list[float]] | None = None  # tiled models: arg-min of a table
+        self.layouts = False  # a model with layouts: every type a candidate, no router
         self.paths: list[Path] = []  # the image of each known-type score
 
     def add(self, true: Sequence[int], known: Sequence[float], candidates: np.ndarray,
@@ -1046,44 +1048,31 @@ class _CalibrationScores:
         self.candidates.append(np.asarray(candidates, dtype=np.int64))
         self.candidate_scores.append(np.asarray(scores, dtype=np.float64))
 
-    def add_table(self, classes: Sequence[str], true: Sequence[int], table: np.ndarray) -> None:
-        _, unknown = calibration_scores(classes, true, table)
-        self.true += [int(k) for k in true]
-        self.known += [float(table[j, k]) for j, k in enumerate(true)]
-        self.unknown_table = self.unknown_table or {t: [] for t in classes}
-        for t, v in unknown.items():
-            self.unknown_table[t] += v
-
     def extend(self, other: _CalibrationScores) -> None:
         self.true += other.true
         self.known += other.known
         self.paths += other.paths
         self.candidates += other.candidates
         self.candidate_scores += other.candidate_scores
-        if other.unknown_table is not None:
-            self.unknown_table = self.unknown_table or {t: [] for t in other.unknown_table}
-            for t, v in other.unknown_table.items():
-                self.unknown_table[t] += v
+        self.layouts = self.layouts or other.layouts
 
     def calibrator(self, classes: Sequence[str], config: CalibrationConfig) -> Calibrator:
         known: dict[str, list[float]] = {t: [] for t in classes}
         for k, s in zip(self.true, self.known, strict=True):
             known[classes[k]].append(s)
-        if self.unknown_table is not None:
-            unknown = self.unknown_table
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # said once, by the calibrator returned
-                known_only = Calibrator(config).fit(known)
-            unknown = routing.unknown_scores(classes, np.concatenate(self.candidates),
-                                             np.concatenate(self.candidate_scores), known_only)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said once, by the calibrator returned
+            known_only = Calibrator(config).fit(known)
+        unknown = routing.unknown_scores(classes, np.concatenate(self.candidates),
+                                         np.concatenate(self.candidate_scores), known_only)
         return Calibrator(config).fit(known, unknown)
 
     def router_summary(self, classes: Sequence[str], m: int) -> dict[str, Any]:
         """How the router did on the calibration images (held out from its fit, or scored by
         fold routers that never saw them)."""
-        if not self.candidates:
-            return {"fitted": True, "used": False, "why": "tiled models pick the arg-min type"}
+        if self.layouts:
+            return {"fitted": True, "used": False, "why": "models with layouts score every type and take "
+                    "the one of the largest known-type p-value"}
         cand = np.concatenate(self.candidates)
         true = np.array(self.true)
         return {"fitted": True, "used": True, "type_candidates": m, "pooled_features": "mean,std",

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffqc import routing
 from diffqc.config import DetectorConfig
 from diffqc.data import as_image
 from diffqc.errors import ConfigError, NotFittedError
@@ -246,6 +247,18 @@ def score_table(det: Detector, feats: Tensor, layouts: Sequence[Layout]) -> Tens
     return torch.tensor(rows, dtype=torch.float32).view(len(layouts), len(all_types))
 
 
+def candidate_order(table: np.ndarray) -> np.ndarray:
+    """Each image's types ordered by its raw score under them, lowest first (``[N, types]`` from
+    a ``[N, types]`` score table): a model with layouts has no router, so every type is a
+    candidate and the one of the largest known-type p-value wins (:func:`diffqc.routing.choose`:
+    raw scores' scales differ by type, with the number of a type's fit images among other
+    things: a type fitted on few GOOD images scores its own held-out parts high, and was never
+    named beside a similar type fitted on many); equal p-values (a score below every calibration
+    score of two types) go to the lower raw score. A defective part, unlikely under every type,
+    is named by the least unlikely tail: its type is then no more than a guess."""
+    return np.argsort(table, axis=1, kind="stable")
+
+
 @torch.inference_mode()
 def inspect_views(
     det: Detector, raw: Tensor, layouts: Sequence[Layout], given: Sequence[int | None],
@@ -264,6 +277,7 @@ def inspect_views(
     n_types = len(det.classes_)
     need_table = all_types or any(g is None for g in given)
     table = np.empty((len(layouts), n_types), dtype=np.float32) if need_table else None
+    predicted: list[int | None] = []
     own: list[int] = []
     scores: list[float] = []
     out_maps: list[np.ndarray] = []
@@ -273,14 +287,20 @@ def inspect_views(
         if table is not None:
             scored = scored_canvases(det, f, lay, list(range(n_types)))
             table[i] = [score for _, score in scored]
-            k = int(table[i].argmin()) if g is None else g
+            order = candidate_order(table[i: i + 1])
+            (best,) = routing.choose(order, table[i: i + 1, order[0]], calibration, det.classes_)
+            won = int(order[0, best])
+            predicted.append(won)
+            k = won if g is None else g
             canvas, score = scored[k]
         else:
             assert g is not None
             k = g
+            predicted.append(None)
             canvas, score = scored_canvases(det, f, lay, [k])[0]
         own.append(k)
         scores.append(score)
         if maps:
             out_maps.append(to_image(canvas, lay, None if map_sizes is None else map_sizes[i]))
-    return verdicts(det.classes_, calibration, given, own, scores, table, out_maps if maps else None)
+    return verdicts(det.classes_, calibration, given, own, scores, table, out_maps if maps else None,
+                    predicted=predicted)
