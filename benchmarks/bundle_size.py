@@ -3,10 +3,11 @@
 Sizes are real: each configuration is fitted with ``Detector.fit_features`` on random features of
 the default backbone's shape (channels x 32 x 32: MobileNetV2 128, EfficientNet-Lite0 152 with
 ``--set backbone.name=efficientnet-lite0``; one training step, so that the network is not skipped when
-timed) and written with ``Detector.save``, once per storage dtype (``diffusion.prior_storage``),
-and the bundle folder is measured on disk, then deleted. Neither the bytes nor the time depend on
-the values, so by default the per-location Gaussians keep their initial values (``fit_prior`` is
-skipped: an eigendecomposition per location and type is most of a fit); ``--fit-prior`` fits them.
+timed) once per storage dtype (``diffusion.prior_storage``, which rounds the Gaussians when
+fitted) and written with ``Detector.save``, and the bundle folder is measured on disk, then
+deleted. Neither the bytes nor the time depend on the values, so by default the per-location
+Gaussians keep their initial values (``fit_prior`` is skipped: an eigendecomposition per location
+and type is most of a fit); ``--fit-prior`` fits them. Scoring is timed on the float16 fit.
 Timing: ``Detector.maps_and_scores`` on standardised features (the scoring after the backbone:
 Gaussian part, network correction, upsampling, smoothing, aggregation), batch 32 with mixed
 types, median of ``--repeats`` runs, with the trained network and again with its output layer
@@ -14,8 +15,9 @@ zeroed (the untrained model, which skips the network). The machine's load is pri
 taken while other jobs run are indicative only.
 
 ``--parity`` instead measures what float16 storage changes on the embedded synthetic set
-(one 8-type model, ``train.steps=0``): maps and image scores of the test images from a float32
-bundle and a float16 bundle, and each type's image AUROC from both.
+(one 8-type model, ``train.steps=0``, fitted once per storage on the same features): maps and
+image scores of the test images from a float32 bundle and a float16 bundle, and each type's image
+AUROC from both.
 
     python benchmarks/bundle_size.py
     python benchmarks/bundle_size.py --types 8 --dims 152 --ranks 32
@@ -53,15 +55,6 @@ STORAGES = ("float32", "float16")
 
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def with_storage(det: Detector, storage: str) -> Detector:
-    """The same fitted detector, saving its Gaussians in ``storage`` (nothing is refitted)."""
-    config = replace(det.config, diffusion=replace(det.config.diffusion, prior_storage=storage))
-    det.config = config
-    if det.scorer_ is not None:
-        det.scorer_.config = config  # type: ignore[attr-defined]
-    return det
 
 
 def random_detector(n_types: int, overrides: dict[str, Any], per_type: int, seed: int = 0,
@@ -115,17 +108,18 @@ def size_rows(types: list[int], dims: list[int], ranks: list[int], batch: int, r
     for d in dims:
         for r in ranks:
             for n in types:
-                det, raw = random_detector(n, (base or {}) | {"diffusion.prior_dims": d,
-                                                               "diffusion.prior_rank": r},
-                                           per_type, fit_prior=fit_prior)
                 row: dict[str, Any] = {"types": n, "prior_dims": d, "rank": r or "full"}
-                for storage in STORAGES:
-                    path = with_storage(det, storage).save(work / f"b{n}-{d}-{r}-{storage}")
+                for storage in STORAGES:  # fitted in each (a fitted model's storage is its own)
+                    det, raw = random_detector(n, (base or {}) | {"diffusion.prior_dims": d,
+                                                                   "diffusion.prior_rank": r,
+                                                                   "diffusion.prior_storage": storage},
+                                               per_type, fit_prior=fit_prior)
+                    path = det.save(work / f"b{n}-{d}-{r}-{storage}")
                     row[f"mb_{storage}"] = folder_bytes(path) / 1e6
                     row[f"onnx_mb_{storage}"] = onnx_mb(path) if onnx else None
                     shutil.rmtree(path)  # written by this script just above
                 row["ms_trained"] = row["ms_untrained"] = None
-                if n in time_types:
+                if n in time_types:  # the last fit's: float16, the default storage
                     row["ms_trained"] = time_scoring(det, raw, n, batch, repeats)
                     denoiser = det.scorer_.denoiser_  # type: ignore[union-attr]
                     with torch.no_grad():
@@ -181,21 +175,23 @@ def synthetic_features(work: Path, cache: Path | None) -> tuple[list[Sample], to
 
 
 def parity(overrides: dict[str, Any], work: Path, cache: Path | None) -> dict[str, Any]:
-    """Maps and image scores of a float16 bundle against the float32 bundle of one fitted
-    8-type model (``train.steps=0``) on the synthetic test images."""
+    """Maps and image scores of a float16 bundle against a float32 bundle of one 8-type model
+    (``train.steps=0``, fitted once per storage) on the synthetic test images."""
     samples, raw = synthetic_features(work, cache)
     train = [i for i, s in enumerate(samples) if s.split == "train" and s.label == GOOD]
     test = [i for i, s in enumerate(samples) if s.split == "test"]
-    # fitted (and calibrated) in float32; the float16 bundle is the same model saved in float16
-    fit = {"train.steps": 0} | overrides | {"diffusion.prior_storage": "float32"}
-    det = Detector(with_overrides(DetectorConfig(), fit), device="cpu")
-    det.fit_features(raw[train], [samples[i] for i in train])
     out: dict[str, Any] = {"overrides": overrides, "test_images": len(test)}
     maps: dict[str, torch.Tensor] = {}
     scores: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="diffqc-parity-") as tmp:
         for storage in STORAGES:
-            path = with_storage(det, storage).save(Path(tmp) / storage)
+            # fitted (and calibrated) in each storage on the same features: with train.steps=0 the
+            # same model but for the Gaussians' rounding to float16
+            fit = {"train.steps": 0} | overrides | {"diffusion.prior_storage": storage}
+            torch.manual_seed(0)
+            det = Detector(with_overrides(DetectorConfig(), fit), device="cpu")
+            det.fit_features(raw[train], [samples[i] for i in train])
+            path = det.save(Path(tmp) / storage)
             out[f"bundle_mb_{storage}"] = round(folder_bytes(path) / 1e6, 1)
             loaded = Detector.load(path, device="cpu")
             types = torch.tensor([loaded.classes_.index(samples[i].feature_type) for i in test])

@@ -126,8 +126,8 @@ def main() -> None:
                     runs.setdefault((size, heatmaps, px, shedding, fsync), []).append(
                         run_once(detector, size, heatmaps, px, args.parts, shedding=shedding,
                                  keep_images=args.keep_images, fsync=fsync))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short",
+                             "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"commit {commit}, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {args.threads} threads, "
           f"{args.parts} parts x {args.rounds} rounds, --keep-images {args.keep_images}")
     print("| image (H x W) | heat maps | parts/s (median; rounds) | heat-map file | shed |")
