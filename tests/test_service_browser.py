@@ -1512,3 +1512,171 @@ def test_an_hmi_page_of_another_origin_reads_the_api_and_when_to_retry(
         out = browser.execute_async_script(script % (TOKEN, ftype), api_url, base64.b64encode(body).decode())
         assert out["missing"][:2] == [503, "7"], out["missing"]
         assert '"code":"not_ready"' in out["missing"][3], out["missing"]
+
+
+def test_dashboard_says_when_a_hung_service_does_not_answer(service_model: tuple[Path, Path], browser: Any,
+                                                             samples: Samples, tmp_path: Path) -> None:
+    """A service that hangs (stopped in a debugger, its machine frozen) keeps its connections open
+    and answers nothing: the screen's calls waited for ever, and its status line went on saying
+    "connected" while nothing on it moved, as long as the service hung (80 s and more). A read
+    given no reply in 15 s is said as the service not answering, and the screen goes on once the
+    service answers again. The service here is a real `serve`, stopped with SIGSTOP."""
+    import signal
+
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    srv = bench.start_server(service_model[0], str(tmp_path / "r.db"), workdir=tmp_path, token=TOKEN)
+    try:
+        send_part(srv.url, samples, "before")
+        open_dashboard(browser, srv.url)
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda d: parts_shown(d) == ["before"])
+        wait.until(status_says("connected"))
+        srv.proc.send_signal(signal.SIGSTOP)
+        try:
+            WebDriverWait(browser, 45).until(
+                status_says("the service does not answer (no reply in 15 s) since "))
+        finally:
+            srv.proc.send_signal(signal.SIGCONT)
+        send_part(srv.url, samples, "after")
+        wait.until(lambda d: parts_shown(d) == ["after", "before"])
+        wait.until(status_says("connected again at "))
+    finally:
+        srv.stop()
+
+
+def test_a_verdict_typed_before_a_restart_onto_another_store_is_not_given_to_another_part(
+    detector: Any, browser: Any, samples: Samples, tmp_path: Path
+) -> None:
+    """A reviewer typing a note on record #1 when the service was restarted on another store (the
+    plant's database instead of the pilot's file): the screen kept the note to be sent, and BAD then
+    went to record #1 of the new store, another part, with the reviewer's note. A verdict given on a
+    record as it was shown before is not given where that record is now another part: it is said
+    not stored, and why; cleared, the screen reads the new service anew."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    port = bench.free_port()
+    wait = WebDriverWait(browser, 30)
+    body, ftype = samples.one("REVIEW")
+    with serving(own_service(detector, tmp_path / "pilot.db"), port=port) as url:
+        rid = httpx.post(url + "/v1/inspect", content=body, headers=AUTH,
+                         params={"feature_type": ftype, "part_id": "pilot-7"}).json()["id"]
+        open_dashboard(browser, url)
+        row = (By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"]')
+        wait.until(ec.element_to_be_clickable(row)).click()
+        wait.until(lambda d: "pilot-7" in d.find_element(By.ID, "part").text)
+        browser.find_element(By.ID, "part-note").send_keys("deep scratch at the left edge")
+    plant = own_service(detector, tmp_path / "plant.db")
+    with serving(plant, port=port) as url:
+        send_part(url, samples, "plant-1")
+        store = plant.state.diffqc.store
+        assert store.get(rid).part_id == "plant-1"  # the same record id, another part
+        wait.until(status_says("the service was restarted at"))
+        browser.find_element(By.CSS_SELECTOR, '#part-verdict [data-verdict="BAD"]').click()
+        wait.until(lambda d: store.get(rid).review is not None
+                   or d.find_elements(By.CSS_SELECTOR, "#part-verdict .said"))
+        assert store.get(rid).review is None, "the verdict went to another part"
+        said = browser.find_element(By.CSS_SELECTOR, "#part-verdict .said").text
+        assert said.startswith(
+            f"not stored: #{rid} is another record (part plant-1) in the service answering now"), said
+        note = browser.find_element(By.ID, "part-note")
+        assert note.get_attribute("value") == "deep scratch at the left edge"  # to be copied
+        note.clear()
+        wait.until(status_says("connected to the service restarted at"))
+        wait.until(lambda d: parts_shown(d) == ["plant-1"])
+        assert store.get(rid).review is None
+
+
+def test_live_decisions_show_a_verdict_given_at_another_screen(live_server: tuple[str, Any], browser: Any,
+                                                               samples: Samples) -> None:
+    """Two screens on one line: a verdict given at one (or changed there) never showed in the other's
+    live decisions, whose review column was written once, as the row came; a supervisor reading it
+    saw the part still unreviewed. The rows shown follow the verdicts given anywhere."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = live_server
+    wait = WebDriverWait(browser, 20)
+    body, ftype = samples.one("REVIEW")
+    rid = httpx.post(url + "/v1/inspect", content=body, headers=AUTH,
+                     params={"feature_type": ftype, "part_id": "p-1"}).json()["id"]
+    open_dashboard(browser, url)
+    cell = (By.CSS_SELECTOR, f'#decisions tbody tr[data-id="{rid}"] .review-cell')
+    assert wait.until(ec.presence_of_element_located(cell)).text == ""
+    r = httpx.post(f"{url}/v1/review/{rid}", headers=AUTH, json={"verdict": "GOOD", "reviewer": "bob"})
+    assert r.status_code == 200  # at another screen
+    wait.until(ec.text_to_be_present_in_element(cell, "GOOD"))
+    r = httpx.post(f"{url}/v1/review/{rid}", headers=AUTH,
+                   json={"verdict": "BAD", "reviewer": "bob", "replaces": "GOOD"})
+    assert r.status_code == 200  # changed there
+    wait.until(ec.text_to_be_present_in_element(cell, "BAD"))
+
+
+def test_a_part_id_with_spaces_at_its_ends_is_found(live_server: tuple[str, Any], browser: Any) -> None:
+    """A part id a scanner sends with spaces at its ends (a fixed-width code, padded) was never
+    found: Find looked for the id typed without them. It looks for it as typed, then without them."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffqc.service.store import ResultRecord
+
+    url, state = live_server
+    padded, plain = state.store.insert_many([
+        ResultRecord(created_at=time.time(), source="t", decision="PASS", part_id=part, feature_type="a")
+        for part in ("  A-12 ", "B-3")])
+    open_dashboard(browser, url)
+    wait = WebDriverWait(browser, 20)
+    wait.until(status_says("connected"))
+    panel = browser.find_element(By.ID, "part")
+    browser.find_element(By.ID, "find").send_keys("  A-12 \n")
+    wait.until(lambda d: panel.get_attribute("data-id") == str(padded.id))
+    browser.find_element(By.ID, "find").clear()
+    browser.find_element(By.ID, "find").send_keys(" B-3 \n")  # spaces typed by mistake
+    wait.until(lambda d: panel.get_attribute("data-id") == str(plain.id))
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not os.environ.get("DIFFQC_TEST_POSTGRES_URL"),
+                    reason="DIFFQC_TEST_POSTGRES_URL is not set")
+def test_live_decisions_show_a_part_another_station_committed_late(detector: Any, browser: Any,
+                                                                   samples: Samples, tmp_path: Path) -> None:
+    """Stations sharing the plant's PostgreSQL: a record's id is given as it is inserted and seen
+    once its batch commits, so a station's part can come after another's of a higher id. The live
+    decisions asked only for ids above the highest shown, and that part was never shown there. A
+    part committed late is shown (in its place by id). Station A's insert is held open here in a
+    transaction of the test's own, station B's part sent to the real service meanwhile."""
+    import uuid
+    from urllib.parse import quote
+
+    import psycopg
+
+    base = os.environ["DIFFQC_TEST_POSTGRES_URL"]
+    schema = f"diffqc_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    db_url = f"{base}{'&' if '?' in base else '?'}options={quote(f'-csearch_path={schema}')}"
+    try:
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        from diffqc.service.app import ServiceSettings, create_app
+
+        wait = WebDriverWait(browser, 20)
+        with serving(create_app(ServiceSettings(db_url=db_url, tokens=(TOKEN,)), detector=detector)) as url:
+            send_part(url, samples, "first")
+            open_dashboard(browser, url)
+            wait.until(lambda d: parts_shown(d) == ["first"])
+            with psycopg.connect(db_url) as station_a:  # its batch inserted, not yet committed
+                station_a.execute("INSERT INTO diffqc_results (created_at, source, decision, part_id, "
+                                  "feature_type) VALUES (%s, 'station-a', 'REJECT', 'late', 'stripes')",
+                                  (time.time(),))
+                send_part(url, samples, "station-b")
+                wait.until(lambda d: parts_shown(d) == ["station-b", "first"])
+                time.sleep(2)  # polls of the live decisions meanwhile
+                station_a.commit()
+            wait.until(lambda d: parts_shown(d) == ["station-b", "late", "first"])
+    finally:
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
