@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -220,6 +221,119 @@ async def test_a_batch_heavier_than_the_buffer_has_every_image_inspected(
         got = r.json()["results"]
         assert [x["decision"] in ("PASS", "REVIEW", "REJECT") for x in got] == [True] * 3, got
         assert state.pipeline.buffer.dropped_total == 0
+
+
+def _held(real: Any) -> tuple[Any, threading.Event, threading.Event]:
+    """A stand-in for the served detector that holds each inference call until ``gate`` is set
+    (``entered``: one began), then inspects with ``real``: parts wait in the buffer meanwhile."""
+    entered, gate = threading.Event(), threading.Event()
+
+    class Held:
+        classes_ = real.classes_
+
+        def inspect(self, *args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            gate.wait(60)
+            return real.inspect(*args, **kwargs)
+
+    return Held(), entered, gate
+
+
+async def test_readyz_is_not_ready_while_the_buffer_is_full_by_bytes(detector: Any, samples: Samples,
+                                                                       tmp_path: Path) -> None:
+    """/readyz counted only the parts waiting, not their bytes: with ``--buffer-mb 64`` and
+    eight 1600x1600 parts it answered 200 ready (62.9 of 67.1 MB waiting) while 5 of 8 uploads
+    were refused 503 ``overloaded``. It is not ready while a part like the last one taken would
+    not fit."""
+    import anyio
+
+    from diffqc.data import decode_image
+
+    good, ftype = samples.one("PASS")
+    part = decode_image(good).nbytes + len(good)  # what a part of this image holds while it waits
+
+    def post() -> Any:
+        return client.post("/v1/inspect", content=good, headers=AUTH, params={"feature_type": ftype})
+
+    async with running_app(detector, tmp_path, buffer_max_bytes=3 * part - 1) as (client, state):
+        pipeline = state.pipeline
+        held, entered, gate = _held(pipeline.detector)
+        pipeline.detector = held
+        try:
+            in_hand = asyncio.create_task(post())
+            assert await anyio.to_thread.run_sync(entered.wait, 30)
+            waiting = [asyncio.create_task(post()) for _ in range(2)]
+            while pipeline.depth < 2:
+                await asyncio.sleep(0.01)
+            assert pipeline.buffer.bytes == 2 * part and len(pipeline.buffer) < pipeline.buffer.capacity
+            refused = await post()
+            assert (refused.status_code, refused.json()["code"]) == (503, "overloaded"), refused.text
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503, ready.text
+            assert ready.json()["checks"]["buffer"] is False and "bytes" in ready.json()["reason"]
+        finally:
+            gate.set()
+        assert [r.status_code for r in await asyncio.gather(in_hand, *waiting)] == [200] * 3
+        assert (await client.get("/readyz")).status_code == 200
+
+
+def test_a_request_still_waiting_when_the_service_stops_is_answered_shutting_down(
+        detector: Any, samples: Samples, tmp_path: Path) -> None:
+    """Stopping with parts still waiting: the requests still open when the server's graceful
+    shutdown ended were cancelled and answered 500, plain text, with a CancelledError traceback
+    in the log each, though their parts were then stored. They are answered 503
+    ``shutting_down``, saying that the part may have been stored and to retry with the same
+    Idempotency-Key; every part has its record."""
+    import httpx
+    import uvicorn
+
+    from diffqc.service.app import ServiceSettings, create_app
+    from diffqc.service.store import ResultStore
+    from tests.test_service_common import bench
+
+    good, ftype = samples.one("PASS")
+    db = str(tmp_path / "r.db")
+    app = create_app(ServiceSettings(db_url=db, tokens=(TOKEN,)), detector=detector)
+    port = bench.free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=1))
+    serving = threading.Thread(target=server.run, daemon=True)
+    serving.start()
+    answers: list[httpx.Response] = []
+
+    def post(i: int) -> None:
+        answers.append(httpx.post(f"http://127.0.0.1:{port}/v1/inspect", content=good, timeout=60,
+                                  headers={**AUTH, "Idempotency-Key": f"key-{i}"},
+                                  params={"feature_type": ftype, "part_id": f"q{i}"}))
+
+    gate = threading.Event()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and serving.is_alive()
+            time.sleep(0.05)
+        pipeline = app.state.diffqc.pipeline
+        held, entered, gate = _held(pipeline.detector)
+        pipeline.detector = held
+        posters = [threading.Thread(target=post, args=(i,)) for i in range(3)]
+        for t in posters:
+            t.start()
+        assert entered.wait(30)
+        while pipeline.depth < 2:  # one part in the worker's hands, two waiting
+            time.sleep(0.01)
+        server.should_exit = True  # as on SIGTERM: the three requests outlast the graceful shutdown
+        for t in posters:
+            t.join(60)
+    finally:
+        gate.set()
+        serving.join(60)
+    assert [r.status_code for r in answers] == [503] * 3, [r.text for r in answers]
+    assert all(r.json()["code"] == "shutting_down" for r in answers)
+    detail = answers[0].json()["detail"]
+    assert "may have been stored" in detail and "Idempotency-Key" in detail
+    store = ResultStore(db)
+    assert sorted(r.part_id or "" for r in store.query(limit=None)) == ["q0", "q1", "q2"]
+    store.close()
 
 
 @pytest.mark.parametrize("route", ["/v1/inspect", "/v1/inspect/batch"])

@@ -68,6 +68,7 @@ from diffqc.machine import cgroup_memory_room
 from diffqc.output import json_safe
 from diffqc.service.buffer import (
     DEFAULT_BUFFER_BYTES,
+    STOP_S,
     BatchTooLarge,
     BufferClosed,
     BufferFull,
@@ -736,6 +737,7 @@ class ServiceState:
     watchers: list[Any] = field(default_factory=list)
     line: LineServices | None = None  # sinks, drift watch, calibration reload, retention
     tls_context: Any = None  # the SSL context uvicorn serves with (serve --tls-cert), set before it starts
+    stop_signalled: float | None = None  # time.monotonic() of serve's first stop signal
     start_error: DiffqcError | None = None  # the start's failure of the user's input, said by the CLI
 
     def require(self) -> tuple[InspectionPipeline, ResultStore]:
@@ -1157,6 +1159,10 @@ async def _submit(state: ServiceState, jobs: list[Job]) -> list[ResultRecord]:
     try:
         # shield: a client that hangs up does not cancel the part; it is still stored
         recs = list(await asyncio.shield(asyncio.gather(*(asyncio.wrap_future(f) for f in futures))))
+    except asyncio.CancelledError:  # uvicorn's, for the requests still open when a stop's time is up
+        raise ServiceError(503, "shutting_down", "the service stopped before the part was answered; it may "
+                           "have been stored (NOT_INSPECTED where it was not inspected in time): retry with "
+                           "the same Idempotency-Key", headers={"Retry-After": "5"}) from None
     except Exception as exc:  # said by the pipeline's worker (once while the store refuses writes)
         raise ServiceError(
             503,
@@ -1297,8 +1303,12 @@ def readiness_problems(state: ServiceState) -> tuple[dict[str, str], dict[str, s
         problems = pipeline.problems()
         if problems:
             out["worker"] = "; ".join(problems)
-        if len(pipeline.buffer) >= pipeline.buffer.capacity:
-            out["buffer"] = f"the buffer is full ({len(pipeline.buffer)} parts waiting)"
+        buffer = pipeline.buffer
+        if len(buffer) >= buffer.capacity:
+            out["buffer"] = f"the buffer is full ({len(buffer)} parts waiting)"
+        elif not buffer.room_for(buffer.last_bytes):
+            out["buffer"] = (f"the buffer is full by bytes ({buffer.bytes} of {buffer.max_bytes} bytes "
+                             f"waiting): no room for a part of {buffer.last_bytes} bytes, as the last")
     if store is None:
         out["store"] = "the result store is not open"
     else:
@@ -1473,10 +1483,11 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     async def readyz() -> JSONResponse:
         """Ready when a part sent now would be inspected and stored: the model is loaded, the
         worker runs and its inspections are not failing, the store commits a write and the
-        buffer has room; else 503 with ``reason``. Artifact folders that take no file (full
-        disk, unwritable) and watched folders that cannot be read (a share that dropped) leave
-        it ready, since posted parts are still inspected and stored, and are reported under
-        ``degraded``."""
+        buffer has room (a free slot, and room for the bytes of a part as heavy as the last one
+        taken: as an upload is refused under ``--overflow reject``); else 503 with ``reason``.
+        Artifact folders that take no file (full disk, unwritable) and watched folders that
+        cannot be read (a share that dropped) leave it ready, since posted parts are still
+        inspected and stored, and are reported under ``degraded``."""
         reasons, degraded = await run_in_threadpool(readiness_problems, state)
         ok = not reasons
         body: dict[str, Any] = {"ready": ok, "checks": {k: k not in reasons for k in READY_CHECKS}}
@@ -2158,10 +2169,14 @@ def _model_changed(state: ServiceState, detector: Any) -> None:
 
 
 def _stop(state: ServiceState) -> None:
+    """Stop the watchers, the pipeline, the line's services and the store. The pipeline inspects
+    the parts in hand until :data:`STOP_S` after serve's stop signal (uvicorn's graceful shutdown,
+    as long, is part of it), else after now; it stores those left NOT_INSPECTED."""
     for watcher in state.watchers:
         watcher.stop()
     if state.pipeline is not None:
-        state.pipeline.stop()
+        began = time.monotonic() if state.stop_signalled is None else state.stop_signalled
+        state.pipeline.stop(began + STOP_S - time.monotonic())
     if state.line is not None:  # after the worker: undelivered messages stay in the outbox
         state.line.stop()
         state.line = None
@@ -2260,11 +2275,12 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
 SAME_PRESS_S = 1.0  # a second Ctrl-C this soon after the first is the same press
 
 
-def _server(config: Any) -> Any:
+def _server(config: Any, state: ServiceState | None = None) -> Any:
     """uvicorn's server, stopped gracefully by each of :data:`STOP_SIGNALS`, where uvicorn's takes
     SIGINT and SIGTERM only (a SIGHUP, the terminal closed, ended the service at once). A second
     Ctrl-C within :data:`SAME_PRESS_S` of the first is the same press (a double tap skipped the
-    drain and ended in uvicorn's traceback); one later stops at once, as uvicorn's does."""
+    drain and ended in uvicorn's traceback); one later stops at once, as uvicorn's does. The
+    first signal's time is ``state.stop_signalled``: the stop's :data:`STOP_S` run from it."""
     import uvicorn
     from uvicorn.server import HANDLED_SIGNALS
 
@@ -2277,6 +2293,8 @@ def _server(config: Any) -> Any:
                 return
             if not self.should_exit:
                 self.first_stop = time.monotonic()
+                if state is not None:
+                    state.stop_signalled = self.first_stop
             super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
@@ -2324,7 +2342,7 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
     config = uvicorn.Config(_start_error_said_once(app), host=host, port=port, log_level=log_level,
                             root_path=settings.root_path,
                             log_config=uvicorn_log_config(log_format),
-                            access_log=access_log, timeout_graceful_shutdown=30,
+                            access_log=access_log, timeout_graceful_shutdown=STOP_S,
                             server_header=False, backlog=BACKLOG,
                             http=http_protocol(settings.body_timeout_s,
                                                connection_cap(opcua=settings.opcua_url is not None)),
@@ -2338,7 +2356,7 @@ def _serve(model_path: str | Path, settings: ServiceSettings, sockets: list[sock
                                                    connection_cap(opcua=settings.opcua_url is not None),
                                                    tls=config.ssl)
         config.ssl = None
-    server = _server(config)
+    server = _server(config, app.state.diffqc)
     scheme = "https" if tls else "http"
     log.info("%s", listening_line(scheme, host, port))
     try:

@@ -92,6 +92,7 @@ class RingBuffer(Generic[T]):
         self.dropped_total = 0
         self.high_water = 0
         self.high_water_bytes = 0
+        self.last_bytes = 0  # the heaviest item of the last put taken: what the next may weigh
 
     def __len__(self) -> int:
         with self._cond:
@@ -110,6 +111,12 @@ class RingBuffer(Generic[T]):
         if self.max_bytes is None or not self._items:
             return False
         return self.bytes + nbytes > self.max_bytes
+
+    def room_for(self, nbytes: int) -> bool:
+        """Whether one more item of ``nbytes`` would be taken now under ``reject`` (as
+        :meth:`put_many` judges it: a free slot, and room for its bytes unless none waits)."""
+        with self._cond:
+            return not self._over(1, nbytes)
 
     @property
     def closed(self) -> bool:
@@ -148,6 +155,7 @@ class RingBuffer(Generic[T]):
             self.dropped_total += len(evicted)
             self.high_water = max(self.high_water, len(self._items))
             self.high_water_bytes = max(self.high_water_bytes, self.bytes)
+            self.last_bytes = max((b for _, b in sized), default=self.last_bytes)
             self._cond.notify()
             return evicted
 
@@ -166,6 +174,14 @@ class RingBuffer(Generic[T]):
             out = [self._items.popleft() for _ in range(n)]
             self.bytes -= sum(b for _, b in out)
             return [item for item, _ in out]
+
+    def take_all(self) -> list[T]:
+        """Every waiting item, at once (what a stop gives up on)."""
+        with self._cond:
+            out = [item for item, _ in self._items]
+            self._items.clear()
+            self.bytes = 0
+            return out
 
     def close(self) -> None:
         with self._cond:
@@ -264,12 +280,24 @@ class Job:
         """Memory this job holds while it waits: the decoded image and the kept upload."""
         return int(self.image.nbytes) + len(self.encoded or b"")
 
+    def release(self) -> None:
+        """Let go of the image and the upload: the part is dropped, and its NOT_INSPECTED record
+        takes neither (only what the job says of the part)."""
+        self.image = _NO_IMAGE
+        self.encoded = None
 
+
+_NO_IMAGE = np.zeros((0, 0, 3), np.float32)  # a released job's (Job.release)
 KEEP_IMAGES = ("none", "flagged", "all")
 DEFAULT_BUFFER_BYTES = 512 * 1024 * 1024
 # Readiness fails after this many inspections in a row raised (one odd part does not count).
 FAILING_AFTER = 3
 RECENT_PARTS = 256  # the last parts' images a new one is compared with (a stale camera frame)
+# A stop inspects the parts in hand for this long (serve: from its signal, uvicorn's graceful
+# shutdown included); those not stored by then are stored NOT_INSPECTED
+STOP_S = 30
+STOPPED = "service stopped before it was inspected"
+DROPPED = "dropped: buffer full (drop_oldest policy)"
 
 
 def _settle(future: Future[ResultRecord], outcome: ResultRecord | BaseException) -> None:
@@ -345,6 +373,11 @@ class InspectionPipeline:
         self._dropped_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # the worker takes its parts and stores them under this lock; a stop whose time is up
+        # takes it to store the parts in hand (batch, dropped) NOT_INSPECTED, and gives up
+        self._store_lock = threading.Lock()
+        self._in_hand: tuple[list[Job], list[Job]] = ([], [])
+        self._given_up = False
         self.errors_total = 0
         self.last_batch_at = 0.0
         # health: inspections failing in a row, artifact writes that failed (the part is kept)
@@ -388,13 +421,45 @@ class InspectionPipeline:
         self._thread = threading.Thread(target=self._run, name="diffqc-inference", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop accepting, finish everything already accepted, stop the worker."""
+    def stop(self, timeout: float = STOP_S) -> None:
+        """Stop accepting, inspect and store the parts already accepted for up to ``timeout``
+        seconds, stop the worker. Every part not stored by then (those waiting, and the batch
+        in hand of a worker still inspecting it) is stored ``NOT_INSPECTED``, "service stopped
+        before it was inspected", and the log says how many: none is left without a record.
+        A worker still in its inference call stores nothing after that, so the store may be
+        closed once this returns."""
         self.buffer.close()
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(max(0.0, timeout))
             self._thread = None
+        self._give_up()
+
+    def _give_up(self) -> None:
+        """Store the parts the worker has not stored ``NOT_INSPECTED`` (its time is up)."""
+        with self._store_lock:
+            self._given_up = True
+            (batch, dropped), self._in_hand = self._in_hand, ([], [])
+            batch, dropped = batch + self.buffer.take_all(), dropped + self._take_dropped()
+            jobs = batch + dropped
+            if not jobs:
+                return
+            records = ([self._not_inspected(job, STOPPED) for job in batch]
+                       + [self._not_inspected(job, DROPPED) for job in dropped])
+            try:
+                stored = self.store.insert_many(records)
+            except Exception as exc:
+                self.store_errors_total += 1
+                log.error("stopping: %d parts not inspected in the stop's time could not be stored "
+                          "either: %s", len(jobs), exc)
+                for job in jobs:
+                    _settle(job.future, exc)
+                return
+            log.warning("stopping: %d parts not inspected in the stop's time were stored NOT_INSPECTED "
+                        "(%s)", len(jobs), STOPPED)
+            for job, rec in zip(jobs, stored, strict=True):
+                self.announce(rec, time.monotonic() - job.enqueued)
+                _settle(job.future, rec)
 
     @property
     def alive(self) -> bool:
@@ -421,6 +486,8 @@ class InspectionPipeline:
         for job in jobs:
             job.enqueued = now
         evicted = self.buffer.put_many(jobs)
+        for job in evicted:  # out of --buffer-mb now: its record needs neither image nor upload
+            job.release()
         if evicted:
             with self._dropped_lock:
                 self._dropped.extend(evicted)
@@ -460,9 +527,13 @@ class InspectionPipeline:
     def _run(self) -> None:
         while True:
             self._turned_at = time.monotonic()
-            batch = self.buffer.get_batch(self.max_batch, timeout=0.25)
+            with self._store_lock:  # what it takes is in hand, where a stop that gives up finds it
+                if self._given_up:
+                    return
+                batch = self.buffer.get_batch(self.max_batch, timeout=0.25)
+                dropped = self._take_dropped()
+                self._in_hand = (batch, dropped)
             self._take_model()
-            dropped = self._take_dropped()
             if batch or dropped:
                 try:
                     self.process(batch, dropped)
@@ -527,8 +598,17 @@ class InspectionPipeline:
             records.append(rec)
             jobs.append(job)
         for job in dropped:
-            records.append(self._not_inspected(job, "dropped: buffer full (drop_oldest policy)"))
+            records.append(self._not_inspected(job, DROPPED))
             jobs.append(job)
+        with self._store_lock:
+            if self._given_up:  # the stop's time was up: it stored these parts NOT_INSPECTED
+                self._remove_artifacts(records)
+                return
+            self._commit(batch, jobs, records, started)
+
+    def _commit(self, batch: list[Job], jobs: list[Job], records: list[ResultRecord], started: float) -> None:
+        """Store the records of ``jobs`` (``batch`` inspected), then tell the listeners and
+        complete the futures; under ``_store_lock``."""
         try:
             if self.artifacts is not None:
                 self.artifacts.sync()  # the files the records name outlive a power cut as the rows do
@@ -537,6 +617,7 @@ class InspectionPipeline:
             self.store_errors_total += 1
             self._remove_artifacts(records)  # no heat map or image without its row
             raise
+        self._in_hand = ([], [])
         self.store_outage.worked()
         self._remove_artifacts(
             [new for new, kept in zip(records, stored, strict=True) if kept.duplicate]

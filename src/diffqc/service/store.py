@@ -1222,9 +1222,14 @@ class ArtifactStore:
     is fsynced before its rename, and :meth:`sync` flushes the renames before the records naming
     them are committed: a power cut leaves no record whose file came back empty or missing."""
 
+    STALE_TMP_S = 3600.0  # a half-written file this old was left by a crash: no writer holds it
+
     def __init__(self, root: Path | str, *, create: bool = True) -> None:
         """``create=False``: read what is there (``results export``), making no folder. Never
-        in a dataset's folder of images, where the next train would read what it keeps."""
+        in a dataset's folder of images, where the next train would read what it keeps. A start
+        removes the half-written files a crash left, those older than :attr:`STALE_TMP_S` only:
+        a younger one may be another service's on the same folder (a second `serve` or `watch`),
+        being written now."""
         self.root = Path(root)
         self._unsynced: set[Path] = set()  # folders with files renamed in since the last sync()
         self._lock = threading.Lock()
@@ -1236,10 +1241,16 @@ class ArtifactStore:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
                 for tmp in folder.glob("*.tmp"):  # left by a crash mid-write
-                    if is_artifact_name(tmp.name[: -len(".tmp")]):  # only files this store writes
+                    if is_artifact_name(tmp.name[: -len(".tmp")]) and self._stale(tmp):  # this store's
                         tmp.unlink(missing_ok=True)
             except OSError as exc:
                 raise OutputError(f"cannot use the artifact folder {folder}: {exc}") from None
+
+    def _stale(self, tmp: Path) -> bool:
+        try:
+            return time.time() - tmp.stat().st_mtime > self.STALE_TMP_S
+        except FileNotFoundError:  # its writer renamed it meanwhile
+            return False
 
     def _write(self, kind: str, data: bytes, ext: str) -> str:
         """Write via a temporary file and rename; OutputError (and no file left) on failure."""
