@@ -242,3 +242,18 @@ def test_far_above_names_the_few_scores_beyond_the_bulk_and_rarely_a_good_one() 
                                                   for _ in range(250)),
                                                 *(np.exp(rng.normal(0, 0.3, 22)) for _ in range(1000)))]
     assert np.mean(named) < 0.01
+
+
+def test_calibration_scores_all_alike_are_named_as_never_flagging_not_a_tail_of_no_width() -> None:
+    """Two copies of one GOOD image calibrated a type: its two equal scores gave an exponential
+    tail of no width (a scale of 1e-12), so a GOOD part scoring a hair above them got p = 0 and
+    REJECT. Scores all alike fit no tail, as a single score does: the type is named as one that
+    flags no part (`calibrate` refuses it), not one that rejects every part above them."""
+    with pytest.warns(CalibrationWarning) as record:
+        cal = Calibrator(CalibrationConfig()).fit({"stripes": [57.3, 57.3], "edge": [1.0, 2.0]})
+    assert cal.decide(cal.p_value("stripes", 57.31)) == "PASS"
+    assert cal.p_value("stripes", 1e9) == pytest.approx(1 / 3)  # conformal: no tail
+    assert cal.unflaggable() == ["stripes"]
+    text = str(record[0].message)
+    assert "but stripes has calibration scores all alike" in text and "no part of it can be flagged" in text
+    assert cal.decide(cal.p_value("edge", 1e9)) == "REJECT"  # two scores apart: a tail decides

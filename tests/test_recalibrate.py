@@ -817,3 +817,199 @@ def test_calibrate_at_levels_of_images_says_what_they_mean_for_a_models_parts(
     other = _copy(tiny_model, tmp_path)  # trained on images without part ids
     assert main(["calibrate", str(other), "--alpha-review", "0.04", "-q"]) == 0
     assert "was trained on parts" not in capsys.readouterr().err
+
+
+def test_cli_calibrate_of_one_type_keeps_the_others_unknown_type_calibration(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`calibrate MODEL DATA` with GOOD images of stripes only, one dots image among them by
+    mistake: the unknown-type calibration is keyed by the type the router picks, so dots' (its 8
+    scores) was replaced by that one image's score; every part taken for dots then got p >= 0.5,
+    `inspect` without a type passed all of dots' defects, and the summary said nothing of dots.
+    A type DATA does not recalibrate keeps its unknown-type calibration (an old bundle's pooled
+    one too); the scores routed to it are left out, and said."""
+    from diffqc.model import Detector
+
+    model = _copy(tiny_model, tmp_path)
+    old = Detector.load(model, device="cpu").calibration_
+    assert old is not None
+    data = write_clear_dataset(tmp_path / "fresh", n_train=6, n_test=3, seed=5)  # 9 GOOD per type
+    shutil.move(data / "dots" / "train" / "good" / "dots_train_good_000.png",
+                data / "stripes" / "train" / "good" / "zz_dots_by_mistake.png")
+    shutil.rmtree(data / "dots")
+    assert main(["calibrate", str(model), str(data), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert ("diffqc: warning: calibration: 1 GOOD image of DATA was taken for dots by the type router "
+            "(unknown-type mode): dots is not recalibrated, so its score is left out") in err, err
+    new = Detector.load(model, device="cpu").calibration_
+    assert new is not None
+    np.testing.assert_array_equal(new.unknown["dots"].scores, old.unknown["dots"].scores)
+    assert new.thresholds("dots", type_known=False) == old.thresholds("dots", type_known=False)
+    assert new.unknown["stripes"].scores.size == 9  # stripes' own, from its new images
+
+    # a bundle written before the unknown-type scores were keyed by the routed type: they are used
+    # pooled, and dots decided with the new stripes scores alone once stripes was recalibrated
+    legacy = _copy(tiny_model, tmp_path / "legacy")
+    cal = json.loads((legacy / "calibration.json").read_text())
+    del cal["unknown_key"]
+    (legacy / "calibration.json").write_text(json.dumps(cal))
+    pooled = Detector.load(legacy, device="cpu").calibration_
+    assert pooled is not None and pooled.unknown == {}
+    (data / "stripes" / "train" / "good" / "zz_dots_by_mistake.png").unlink()
+    assert main(["calibrate", str(legacy), str(data), "-q"]) == 0
+    after = Detector.load(legacy, device="cpu").calibration_
+    assert after is not None
+    assert after.thresholds("dots", type_known=False) == pooled.thresholds("dots", type_known=False)
+
+
+def test_cli_calibrate_refuses_an_unknown_type_calibration_that_could_flag_no_part(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """stripes/good of one stripes image and three dots images (a folder mixed up): the known-type
+    calibration of stripes has four scores, but the type router takes one part only for stripes,
+    and from its one score no tail can be fitted: without a type given, every part taken for
+    stripes would PASS, and a running service takes it up at once. It was written, exit 0; now
+    it is refused as a one-image type is, and no file of the bundle is touched."""
+    model = _copy(tiny_model, tmp_path)
+    files = {p.name: p.read_bytes() for p in model.iterdir()}
+    data = write_clear_dataset(tmp_path / "fresh", n_train=3, n_test=0, seed=5)
+    good = data / "stripes" / "train" / "good"
+    for p in sorted(good.iterdir())[1:]:
+        p.unlink()
+    for p in sorted((data / "dots" / "train" / "good").iterdir()):
+        shutil.move(p, good / p.name)
+    shutil.rmtree(data / "dots")
+    assert main(["calibrate", str(model), str(data), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert ("in unknown-type mode (no type given), no part the type router takes for stripes (1 GOOD "
+            "image taken for it) could be flagged") in err, err
+    assert "the calibration is unchanged" in err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+
+
+def test_a_running_service_takes_a_new_calibration_while_a_log_in_the_bundle_folder_grows(
+        tiny_model: Path, tmp_path: Path) -> None:
+    """`diffqc serve MODEL 2>>MODEL/serve.log`: the service waits until the bundle's files stay as
+    they are for one look before it takes a new calibration, and it counted every file of the
+    folder: with the log appended between looks, `diffqc calibrate` was never taken, and nothing
+    said so (the model watch, likewise, took the log for a changed bundle). Only the bundle's own
+    files count."""
+    from diffqc.model import Detector
+    from diffqc.recalibrate import BundleChange, CalibrationReloader
+
+    model = _copy(tiny_model, tmp_path)
+    served = Detector.load(model, device="cpu")
+    reloader = CalibrationReloader(served, model, follows_retrain=True)  # as serve runs it
+    bundle = BundleChange(model)
+    log = model / "serve.log"
+
+    def logged() -> None:
+        with log.open("a") as fh:
+            fh.write("a line the service logged\n")
+
+    logged()
+    assert not bundle.settled()
+    assert not bundle.settled()  # the log stopped growing: no bundle file changed
+    assert main(["calibrate", str(model), "--alpha-review", "0.1", "-q"]) == 0
+    taken = False
+    for _ in range(3):  # a line logged between every two looks
+        logged()
+        taken = taken or reloader.check()
+    assert taken and served.config.calibration.alpha_review == 0.1 and reloader.last_error is None
+
+
+def test_cli_calibrate_leaves_out_copies_and_refuses_scores_all_alike(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two byte-identical copies of one image were calibrated on as two parts (`train` leaves
+    copies out): their two equal scores gave an exponential tail of zero width, the thresholds
+    57.32289123535346 (REVIEW) and 57.32289123535507 (REJECT), and every new GOOD part of the type
+    scoring above them REJECT (p = 0). Copies are left out as `train` leaves them, and said; a
+    type whose calibration scores are all one (the same picture saved twice) is refused as a
+    one-image type is."""
+    from PIL import Image, PngImagePlugin
+
+    model = _copy(tiny_model, tmp_path)
+    data = write_clear_dataset(tmp_path / "fresh", n_train=3, n_test=0, seed=5)
+    shutil.rmtree(data / "dots")
+    good = data / "stripes" / "train" / "good"
+    first = sorted(good.iterdir())[0]
+    shutil.copy(first, good / "copy.png")
+    assert main(["calibrate", str(model), str(data), "-q"]) == 0
+    out = capsys.readouterr()
+    assert ("diffqc: warning: 1 image(s) are byte-identical copies of another image of the same type and "
+            "label, left out") in out.err, out.err
+    assert json.loads(out.out.strip().splitlines()[-1])["images"] == {"stripes": 3}
+
+    files = {p.name: p.read_bytes() for p in model.iterdir()}
+    for p in sorted(good.iterdir()):
+        if p != first:
+            p.unlink()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "saved again")  # other bytes, the same picture
+    Image.open(first).save(good / "again.png", pnginfo=info)
+    assert main(["calibrate", str(model), str(data), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "no part of stripes (2 GOOD images, all of one score) could be flagged" in err, err
+    assert "the calibration is unchanged" in err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+
+
+def test_cli_calibrate_undo_puts_back_the_images_test_leaves_out(
+        tiny_model: Path, tmp_path: Path) -> None:
+    """`diffqc test` leaves out the images the bundle was calibrated on (their flag rate is the
+    target by construction). After `calibrate --undo` it still left out the undone calibration's
+    images, as calibration images, though the calibration in force never saw them: the images
+    listed go with their calibration, put back by --undo and again by the redo."""
+    from diffqc.data import GOOD, load_dataset
+    from diffqc.holdout import unseen
+
+    def listed() -> list[str]:
+        return json.loads((model / "metadata.json").read_text())["training_data"][
+            "calibration_image_fingerprints"]
+
+    model = _copy(tiny_model, tmp_path)
+    trained = listed()
+    data = write_clear_dataset(tmp_path / "fresh", n_train=6, n_test=3, seed=5)
+    fresh = [s for s in load_dataset(data) if s.label == GOOD]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["calibrate", str(model), str(data), "-q"]) == 0
+    recalibrated = listed()
+    meta = json.loads((model / "metadata.json").read_text())
+    assert unseen(meta, fresh)[1]["calibration"] == len(fresh)
+    assert main(["calibrate", str(model), "--undo", "-q"]) == 0
+    assert listed() == trained
+    meta = json.loads((model / "metadata.json").read_text())
+    assert unseen(meta, fresh)[1]["calibration"] == 0  # the calibration put back never saw them
+    assert main(["calibrate", str(model), "--undo", "-q"]) == 0  # redo
+    assert listed() == recalibrated
+
+
+def test_cli_calibrate_of_a_cross_calibrated_bundle_advises_as_its_new_calibration_is(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bundle calibrated cross-conformally (`calibration.scheme=cross`, the demo's) recalibrated
+    on new GOOD images: the deployed model scored them, yet the warning said fold models had, and
+    advised to train on more GOOD images. The new calibration records that it is a split one
+    (config.json and calibration.json say calibration.scheme=split, and the bundle loads without
+    a word), so the warning and advice fit it; --undo puts the cross one back."""
+    from diffqc.model import Detector
+
+    model = _copy(tiny_model, tmp_path)
+    for name, section in (("config.json", "calibration"), ("calibration.json", "config")):
+        doc = json.loads((model / name).read_text())
+        doc[section]["scheme"] = "cross"  # as trained with --set calibration.scheme=cross
+        (model / name).write_text(json.dumps(doc))
+    data = write_clear_dataset(tmp_path / "fresh", n_train=6, n_test=3, seed=5)  # 9 GOOD per type
+    shutil.rmtree(data / "dots")
+    assert main(["calibrate", str(model), str(data), "-q"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "too few GOOD calibration" in line]
+    assert len(lines) == 1 and "stripes (9)" in lines[0] and "dots" not in lines[0]
+    assert "fold models" not in lines[0] and "bounded by 1/(n+1)" in lines[0]
+    assert lines[0].endswith("calibrate on more GOOD images of those types (diffqc calibrate MODEL DATA: "
+                             "every GOOD image of DATA the model was not fit on) (docs/METHOD.md)"), lines[0]
+    for name, section in (("config.json", "calibration"), ("calibration.json", "config")):
+        assert json.loads((model / name).read_text())[section]["scheme"] == "split", name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # config.json and calibration.json agree
+        assert Detector.load(model, device="cpu").config.calibration.scheme == "split"
+    assert main(["calibrate", str(model), "--undo", "-q"]) == 0
+    for name, section in (("config.json", "calibration"), ("calibration.json", "config")):
+        assert json.loads((model / name).read_text())[section]["scheme"] == "cross", name

@@ -11,8 +11,8 @@ scores, so that a clear defect can still fall under a small α; inside the calib
 p-value is exactly the conformal one. ``tail="none"`` keeps the pure conformal value. The
 tail is a fitted model, not a conformal guarantee: for GOOD parts ``P(p <= α)`` is at most α only
 for ``α >= 1/(n+1)``; below that it is at most ``1/(n+1)`` (the chance of a GOOD score beyond the
-largest calibration score), whatever α. With a single calibration score no tail can be fitted
-and the p-value stays conformal.
+largest calibration score), whatever α. With a single calibration score (or scores all alike:
+copies of one image) no tail can be fitted and the p-value stays conformal.
 
 Unknown-type mode: an image is scored under every type, its score is the minimum and its
 *predicted* type the arg-min. Its calibration is keyed by that predicted type at calibration and
@@ -90,9 +90,10 @@ def conformal_p_value(scores: np.ndarray, s: float) -> float:
 
 def _tail_rate(sorted_scores: np.ndarray) -> float:
     """Rate of an exponential fitted to the excesses over the upper-quartile threshold; 0 (no
-    tail: the conformal p-value is kept) when there is a single score to fit it to."""
+    tail: the conformal p-value is kept) when there is a single score to fit it to, or scores all
+    alike (copies of one image: a tail of no width would send any score above them to p = 0)."""
     n = sorted_scores.size
-    if n < 2:
+    if n < 2 or sorted_scores[0] == sorted_scores[-1]:
         return 0.0
     m = min(n, max(2, n // 4))
     top = sorted_scores[-m:]
@@ -141,7 +142,7 @@ class TypeCalibration:
         """Smallest score the decision rule in use sends to p <= α: the conformal threshold where
         one exists; otherwise, with the exponential tail, the score beyond the largest calibration
         score where the tail's p-value reaches α; inf where no score can (``tail="none"``, or a
-        single calibration score)."""
+        single calibration score, or scores all alike)."""
         t = self.threshold(alpha)
         if math.isfinite(t) or tail != "exponential" or not 0 < self.tail_rate < math.inf:
             return t
@@ -319,18 +320,31 @@ class Calibrator:
         how = (f"there the exponential tail decides beyond the largest calibration score, a fitted "
                f"model {bound}" if cfg.tail == "exponential"
                else "there that level can never be reached (calibration.tail=none)")
-        single = [t for t, c in known.items() if c.scores.size < 2]
-        if single and cfg.tail == "exponential":
-            how += (f"; but {', '.join(single)} {'has' if len(single) == 1 else 'have'} a single "
-                    "calibration image, from which no tail can be fitted: no part of "
-                    f"{'it' if len(single) == 1 else 'them'} can be flagged (every p-value is at "
-                    "least 0.5) — give such a type 3 GOOD parts or more")
+        dead, said = self._untailed(known)
+        if dead and cfg.tail == "exponential":
+            how += (f"; but {said}, from which no tail can be fitted: no part of "
+                    f"{'it' if len(dead) == 1 else 'them'} can be flagged (every p-value is at least "
+                    "1/(n+1)) — give such a type 3 GOOD parts or more")
         more = ("train on more GOOD images of those types (every one calibrates under "
                 "calibration.scheme=cross)" if cfg.scheme == "cross" else
                 "calibrate on more GOOD images of those types (diffqc calibrate MODEL DATA: every GOOD "
                 "image of DATA the model was not fit on)")
         return (f"calibration: too few GOOD calibration images: {'; '.join(parts)}; {how}; for the "
                 f"calibration alone to decide, {more} (docs/METHOD.md)")
+
+    def _untailed(self, known: Mapping[str, TypeCalibration]) -> tuple[list[str], str]:
+        """Of ``known``, the types that flag no part for want of a tail (one score, or scores all
+        alike), and what they have, said ("a has a single calibration image")."""
+        alpha, tail = self.config.alpha_review, self.config.tail
+        dead = {t: c.scores.size for t, c in known.items()
+                if c.tail_rate == 0 and math.isinf(c.decision_threshold(alpha, tail))}
+        said = []
+        for what, types in (("a single calibration image", [t for t, n in dead.items() if n < 2]),
+                            ("calibration scores all alike (copies of one image?)",
+                             [t for t, n in dead.items() if n >= 2])):
+            if types:
+                said.append(f"{', '.join(types)} {'has' if len(types) == 1 else 'have'} {what}")
+        return list(dead), ", and ".join(said)
 
     def warnings_for(self, feature_type: str, n: int) -> list[str]:
         out = []
@@ -380,14 +394,24 @@ class Calibrator:
         return {"review": cal.decision_threshold(self.config.alpha_review, self.config.tail),
                 "reject": cal.decision_threshold(self.config.alpha_reject, self.config.tail)}
 
-    def unflaggable(self) -> list[str]:
+    def unflaggable(self, *, type_known: bool = True) -> list[str]:
         """The types under which no score reaches REVIEW, so every part of them PASSes (a single
-        calibration score: no tail can be fitted; ``tail=none`` with fewer than ``1/α - 1``)."""
-        return [t for t in sorted(self.known) if math.isinf(self.thresholds(t)["review"])]
+        calibration score, or scores all alike: no tail can be fitted; ``tail=none`` with fewer
+        than ``1/α - 1``); with ``type_known=False``, those under whose unknown-type calibration
+        no part the type router takes for them is flagged."""
+        return [t for t in sorted(self.known)
+                if math.isinf(self.thresholds(t, type_known=type_known)["review"])]
+
+    def unknown_calibration(self, feature_type: str) -> TypeCalibration | None:
+        """The unknown-type calibration that decides the parts the type router takes for
+        ``feature_type`` (its own, else the pooled one); None without any (no type router)."""
+        if not self.unknown and self.pooled_unknown is None:
+            return None
+        return self.unknown.get(feature_type, self.pooled_unknown)
 
     def images_to_flag(self) -> int:
         """The fewest calibration scores under which a type can flag a part: 2 with the
-        exponential tail (fitted to two scores at least), else ``⌈1/α_review − 1⌉``."""
+        exponential tail (fitted to two different scores at least), else ``⌈1/α_review − 1⌉``."""
         if self.config.tail == "exponential":
             return 2
         return math.ceil(1 / self.config.alpha_review - 1)

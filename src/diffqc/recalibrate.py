@@ -3,11 +3,14 @@
 The scorer stays as trained; only the conformal calibration (``calibration.json``, and
 ``calibration.int8.json`` when the bundle has an INT8 export) is recomputed from the GOOD
 images in DATA, which must be parts the model never trained on, taken as the line makes them
-(a fresh folder of GOOD parts): those it was fit on, found by content (the bundle's
-``metadata.json`` keeps their fingerprints), are left out with a warning, and a
+(a fresh folder of GOOD parts): byte-identical copies of an image (as ``train`` leaves them out)
+and those it was fit on, found by content (the bundle's ``metadata.json`` keeps their
+fingerprints), are left out with a warning, and a
 ``diffqc results export`` whose parts were chosen by their decision (flagged parts an operator
 reviewed GOOD: the GOOD parts the model scored highest) is refused. Types absent from DATA keep
-their current calibration.
+their current calibration, their unknown-type one included (the scores of DATA's images that the
+type router takes for them are left out, and said). The deployed model scores DATA: the new
+calibration is a split one (``calibration.scheme=split``), whatever the scheme it was trained with.
 
 The levels it decides at (``--alpha-review``, ``--alpha-reject``: the target shares of GOOD parts
 flagged) change without images: the calibration scores stay, the thresholds move, and
@@ -23,7 +26,8 @@ levels that flag too many parts), the one it replaces kept as the previous: a se
 redoes it.
 
 A running service notices the new file (:class:`CalibrationReloader` compares the file's stat
-signature once a second) and decides the next parts with it, without a restart.
+signature once a second) and decides the next parts with it, without a restart, once the bundle's
+own files stay as they are for one look (other files in its folder, a log, do not count).
 """
 
 from __future__ import annotations
@@ -44,12 +48,14 @@ from pathlib import Path
 from typing import Any
 
 from diffqc.arguments import QUIET, given_options, path_name, path_value, share
+from diffqc.backends.tensorrt import ENGINE_FILE
 from diffqc.bundle import check_not_retrained, named_model_id, previous_name, read_bundle
 from diffqc.calibration import (
     RAISES_THRESHOLDS,
     SELECTED_BELOW,
     CalibrationWarning,
     Calibrator,
+    TypeCalibration,
     flagged_excess_p,
     part_levels_warning,
     suspect_images,
@@ -57,8 +63,9 @@ from diffqc.calibration import (
 )
 from diffqc.config import CalibrationConfig
 from diffqc.errors import BundleError, ConfigError, DatasetError, UnknownFeatureTypeError, did_you_mean
-from diffqc.inspection import other_images
+from diffqc.inspection import BUNDLE_FILES, other_images
 from diffqc.output import check_writable, json_line, keep_file, path_text, replacing
+from diffqc.runtime import EXPORT_FILE, ONNX_FILES
 
 log = logging.getLogger("diffqc.recalibrate")
 
@@ -66,6 +73,9 @@ CALIBRATION_FILE = "calibration.json"
 INT8_CALIBRATION_FILE = "calibration.int8.json"
 CALIBRATION_FILES = frozenset({CALIBRATION_FILE, INT8_CALIBRATION_FILE})
 INT8_MODEL_FILE = "model.int8.onnx"
+# metadata.json's `recalibrated` record: the calibration images' fingerprints of the calibration the
+# last `diffqc calibrate` replaced (`diffqc test` leaves out those of the calibration in force)
+PREVIOUS_PRINTS = "previous_calibration_image_fingerprints"
 # `diffqc results export` writes, beside its manifest.csv, per type: how many parts the line
 # inspected in the export's period and how many were flagged, and how many of each it exported.
 EXPORT_SUMMARY_FILE = "export.json"
@@ -131,32 +141,76 @@ def calibration_scores(detector: Any, samples: Sequence[Any], *, skip_corrupt: b
 
 def _merged(old: Calibrator, known: dict[str, list[float]], unknown: dict[str, list[float]],
             config: CalibrationConfig) -> Calibrator:
-    """A calibrator under ``config`` with the new scores for the types given and the old ones for
-    the rest."""
+    """A calibrator under ``config`` with the new scores for the types given (``known``: DATA's)
+    and the old ones for the rest. The unknown-type scores are keyed by the type the router takes
+    an image for: those of DATA's types replace theirs, and those taken for a type DATA does not
+    hold are left out (:func:`routed_elsewhere_note`); every other type keeps the unknown-type
+    calibration it decides with (an old bundle's pooled one included)."""
+    renewed = {t: v for t, v in unknown.items() if t in known}
     keep_known = {t: c.scores.tolist() for t, c in old.known.items() if t not in known}
-    keep_unknown = {t: c.scores.tolist() for t, c in old.unknown.items() if t not in unknown}
-    return Calibrator(config).fit({**keep_known, **known}, {**keep_unknown, **unknown}, warn=False)
+    keep_unknown = {t: c.scores.tolist() for t in old.known
+                    if t not in renewed and (c := old.unknown_calibration(t)) is not None}
+    return Calibrator(config).fit({**keep_known, **known}, {**keep_unknown, **renewed}, warn=False)
 
 
-def _refuse_unflaggable(old: Calibrator, new: Calibrator, known: Collection[str], source: str) -> None:
-    """A recalibration under which a type could flag no part (one GOOD image: no tail can be
-    fitted; ``calibration.tail=none`` with fewer images than 1/α_review needs) is refused: a
-    running service would take it up at once and pass every part of that type. ``known``: the
-    types calibrated on new images; a type that keeps its scores and flagged no part before is
-    not this recalibration's doing (``train`` and every load warn of it)."""
+def routed_elsewhere_note(known: Collection[str], unknown: Mapping[str, Sequence[float]]) -> str | None:
+    """What says that some of DATA's GOOD images were taken by the type router for types DATA
+    does not hold (their scores left out by :func:`_merged`), None when none were."""
+    elsewhere = {t: len(v) for t, v in sorted(unknown.items()) if t not in known and v}
+    if not elsewhere:
+        return None
+    n, one = sum(elsewhere.values()), len(elsewhere) == 1
+    named = ", ".join(elsewhere) if one else ", ".join(f"{t} ({k})" for t, k in elsewhere.items())
+    was, scores = (("image of DATA was", "its score is") if n == 1
+                   else ("images of DATA were", "their scores are"))
+    return (f"calibration: {n} GOOD {was} taken for {named} by the type router (unknown-type "
+            f"mode): {', '.join(elsewhere)} {'is' if one else 'are'} not recalibrated, so {scores} left "
+            f"out, and {'it keeps its' if one else 'they keep their'} unknown-type calibration (an "
+            f"image of {'that type' if one else 'those types'} among the GOOD images of "
+            f"{', '.join(sorted(known))}? look at them)")
+
+
+def _refuse_unflaggable(old: Calibrator, new: Calibrator, known: Collection[str], routed: Collection[str],
+                        source: str) -> None:
+    """A recalibration under which a type could flag no part (one GOOD image, or scores all alike:
+    no tail can be fitted; ``calibration.tail=none`` with fewer images than 1/α_review needs) is
+    refused, in known-type mode or in unknown-type mode (the parts the type router takes for it):
+    a running service would take it up at once and pass every part of that type. ``known``: the
+    types calibrated on new images; ``routed``: those whose unknown-type calibration is new; a
+    type that keeps its scores and flagged no part before is not this recalibration's doing
+    (``train`` and every load warn of it)."""
     was_dead = set(old.unflaggable())
     dead = [t for t in new.unflaggable() if t in known or t not in was_dead]
-    if not dead:
+    was_dead_routed = set(old.unflaggable(type_known=False))
+    dead_routed = [t for t in new.unflaggable(type_known=False)
+                   if t not in dead and (t in routed or t not in was_dead_routed)]
+    if not dead and not dead_routed:
         return
     alpha = new.config.alpha_review
     exponential = new.config.tail == "exponential"
-    why = " (the exponential tail is fitted to two scores at least)" if exponential else ""
+    why = " (the exponential tail is fitted to two different scores at least)" if exponential else ""
     give = f"{new.images_to_flag()} GOOD images or more{why}"
-    sizes = {t: new.known[t].scores.size for t in dead}
-    named = ", ".join(f"{t} ({n} GOOD image{'s' if n != 1 else ''})" for t, n in sizes.items())
-    raise DatasetError(f"{source}, no part of {named} could be flagged (no score "
+    said = []
+    if dead:
+        said.append(f"no part of {_sizes({t: new.known[t] for t in dead}, '')}")
+    if dead_routed:
+        cals = {t: c for t in dead_routed if (c := new.unknown_calibration(t)) is not None}
+        said.append("in unknown-type mode (no type given), no part the type router takes for "
+                    f"{_sizes(cals, ' taken for it')}")
+    raise DatasetError(f"{source}, {' and '.join(said)} could be flagged (no score "
                        f"reaches p <= α_review={alpha} with calibration.tail={new.config.tail}); "
                        f"the calibration is unchanged: give each such type {give}")
+
+
+def _sizes(cals: Mapping[str, TypeCalibration], taken: str) -> str:
+    """``stripes (1 GOOD image), dots (2 GOOD images, all of one score)``: each type's calibration
+    images (``taken``: what they are, said after them), and whether they all score alike."""
+    said = []
+    for t, c in cals.items():
+        n = c.scores.size
+        alike = ", all of one score" if n > 1 and c.scores[0] == c.scores[-1] else ""
+        said.append(f"{t} ({n} GOOD image{'s' if n != 1 else ''}{taken}{alike})")
+    return ", ".join(said)
 
 
 def selection_note(feature_type: str, counts: dict[str, int]) -> str | None:
@@ -233,13 +287,18 @@ def _not_fitted_on(meta: dict[str, Any], samples: list[Any], data: Path | str
 def _good_scores(det: Any, data: Path | str, *, skip_corrupt: bool, progress: bool
                  ) -> tuple[dict[str, list[float]], dict[str, list[float]], list[Any], int, list[str],
                             list[dict[str, Any]]]:
-    """The calibration scores of DATA's GOOD images (those the model was fit on left out), the
-    images scored, the fit images left out, the fingerprints of those kept, and those that score
-    far above their type's others (:func:`~diffqc.calibration.suspect_images`, named in a
-    warning)."""
-    from diffqc.data import GOOD, load_dataset
+    """The calibration scores of DATA's GOOD images (byte-identical copies and those the model was
+    fit on left out), the images scored, the fit images left out, the fingerprints of those kept,
+    and those that score far above their type's others
+    (:func:`~diffqc.calibration.suspect_images`, named in a warning)."""
+    from diffqc.data import GOOD, DatasetWarning, load_dataset, without_copies
 
     samples = [s for s in load_dataset(data) if s.label == GOOD]
+    # as train leaves them out: copies' equal scores would count one part twice (two alone, a tail
+    # of no width: every part above them REJECT)
+    samples, copy_notes = without_copies(samples)
+    for note in copy_notes:
+        warnings.warn(note, DatasetWarning, stacklevel=3)
     if not samples:
         raise DatasetError(f"{data}: no GOOD images to calibrate on")
     unknown_types = sorted({s.feature_type for s in samples} - set(det.classes_))
@@ -312,16 +371,21 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
     assert det.calibration_ is not None
     old = det.calibration_
     _check_levels(old.config, alpha_review, alpha_reject)
-    config = replace(old.config,  # a ConfigError for a level outside (0, 1)
-                     alpha_review=old.config.alpha_review if alpha_review is None else alpha_review,
-                     alpha_reject=old.config.alpha_reject if alpha_reject is None else alpha_reject)
+    at_levels = replace(old.config,  # a ConfigError for a level outside (0, 1)
+                        alpha_review=old.config.alpha_review if alpha_review is None else alpha_review,
+                        alpha_reject=old.config.alpha_reject if alpha_reject is None else alpha_reject)
+    # GOOD images of DATA scored by the deployed model: a split calibration, whatever train's scheme
+    # (under calibration.scheme=cross fold models scored them: its warning and advice are not this one's)
+    config = at_levels if data is None else replace(at_levels, scheme="split")
     known, unknown, samples, left_out, kept_prints, suspects = (
         ({}, {}, [], 0, [], []) if data is None
         else _good_scores(det, data, skip_corrupt=skip_corrupt, progress=progress))
+    if note := routed_elsewhere_note(known, unknown):
+        warnings.warn(note, CalibrationWarning, stacklevel=2)
     new = {CALIBRATION_FILE: _merged(old, known, unknown, config)}
     source = f"{data}: calibrated on it" if data is not None else f"at α_review={config.alpha_review}"
-    _refuse_unflaggable(old, new[CALIBRATION_FILE], known, source)
-    renewed = old.known.keys() if config != old.config else known.keys()
+    _refuse_unflaggable(old, new[CALIBRATION_FILE], known, [t for t in unknown if t in known], source)
+    renewed = old.known.keys() if at_levels != old.config else known.keys()
     if message := new[CALIBRATION_FILE].warning_line(renewed):  # the types recalibrated now, as train says it
         warnings.warn(message, CalibrationWarning, stacklevel=2)
     if alpha_review is not None and (note := _part_levels_note(det.metadata, config, path)):
@@ -360,9 +424,9 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
     _record_checksums(meta, checksums, written)
     training = meta.setdefault("training_data", {})
     training["calibration_images"] = {**training.get("calibration_images", {}), **counts}
-    if "calibration_image_fingerprints" in training:  # `diffqc test` leaves these out too
-        training["calibration_image_fingerprints"] = sorted(
-            {*training["calibration_image_fingerprints"], *kept_prints})
+    prints = training.get("calibration_image_fingerprints")
+    if prints is not None:  # `diffqc test` leaves these out too
+        training["calibration_image_fingerprints"] = sorted({*prints, *kept_prints})
     meta["recalibrated"] = {
         "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "data": None if data is None else str(data),
@@ -372,6 +436,8 @@ def recalibrate(model: Path | str, data: Path | str | None = None, *, alpha_revi
         "suspect_images": suspects,
         "previous_sha256": previous,
         "files": written,
+        # those of the calibration it replaces, which --undo puts back with it
+        **({} if prints is None else {PREVIOUS_PRINTS: prints}),
     }
     record[meta_path.name] = json.dumps(meta, indent=2).encode("utf-8")
     _install(path, changed, previous, record)
@@ -458,11 +524,16 @@ def undo_recalibration(model: Path | str) -> dict[str, Any]:
             checksums[name] = hashlib.sha256(data).hexdigest()
     _record_checksums(meta, checksums, written)
     counts = {t: int(c.scores.size) for t, c in sorted(cal.known.items())}
-    meta.setdefault("training_data", {})["calibration_images"] = counts
+    training = meta.setdefault("training_data", {})
+    training["calibration_images"] = counts
+    swapped: dict[str, Any] = {}  # the images `diffqc test` leaves out: those of the calibration put back
+    put_back, prints = done.get(PREVIOUS_PRINTS), training.get("calibration_image_fingerprints")
+    if isinstance(put_back, list) and prints is not None:
+        training["calibration_image_fingerprints"], swapped = put_back, {PREVIOUS_PRINTS: prints}
     levels = {"alpha_review": cal.config.alpha_review, "alpha_reject": cal.config.alpha_reject}
     meta["recalibrated"] = {"at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "undo": True,
                             "data": None, "images": {}, **levels, "previous_sha256": previous,
-                            "files": written}
+                            "files": written, **swapped}
     record["metadata.json"] = json.dumps(meta, indent=2).encode("utf-8")
     _install(path, changed, previous, record)
     return {"model": str(path), "undo": True, "calibration_images": counts, **levels, "files": written,
@@ -481,17 +552,22 @@ def file_signature(path: Path) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-_STORE_FILE = re.compile(r".*\.(db|sqlite3?)(-wal|-shm|-journal)?", re.IGNORECASE)
+# the files a bundle is made of (`train`'s, `calibrate`'s and `export`'s), and a writer's temporary
+# ones of their names (rsync's `.weights.safetensors.Xy12Ab`, diffqc's own `.calibration.json.<pid>.tmp`)
+BUNDLE_OWN_FILES = (*BUNDLE_FILES, previous_name(CALIBRATION_FILE), INT8_CALIBRATION_FILE,
+                    previous_name(INT8_CALIBRATION_FILE), EXPORT_FILE, *ONNX_FILES.values(), ENGINE_FILE)
+_BUNDLE_FILE = re.compile(r"\.?(?:" + "|".join(map(re.escape, BUNDLE_OWN_FILES)) + r")(?:\..+)?")
 
 
 def bundle_signature(folder: Path) -> tuple[tuple[str, tuple[int, int, int] | None], ...]:
-    """Each file's :func:`file_signature` in a bundle's ``folder`` by name (a bundle's files, and
-    a copier's temporary ones, lie in it, not below it), empty when it cannot be read: a file
-    that comes, goes or changes changes it. A result store kept in the folder (SQLite's files),
-    which changes with every decision, is left out."""
+    """Each of a bundle's own files' :func:`file_signature` in its ``folder`` by name
+    (:data:`BUNDLE_OWN_FILES`, and a copier's temporary ones: they lie in it, not below it), empty
+    when it cannot be read: a file that comes, goes or changes changes it. Any other file kept in
+    the folder (a result store, a log appended as the service runs) is left out: it would hold
+    back a new calibration or model for as long as it keeps changing."""
     with contextlib.suppress(OSError):
         return tuple(sorted((p.name, file_signature(p)) for p in folder.iterdir()
-                            if p.is_file() and not _STORE_FILE.fullmatch(p.name)))
+                            if _BUNDLE_FILE.fullmatch(p.name) and p.is_file()))
     return ()
 
 
