@@ -329,3 +329,95 @@ def test_a_retrain_that_leaves_out_a_type_of_the_model_it_replaces_says_so_befor
             "of: the new model does not know it, and a service serving it refuses its parts (was its folder "
             "left out of DATA?); the model replaced is kept in") in err, err
     assert json.loads((out / "metadata.json").read_text())["classes"] == ["dots"]  # trained as given
+
+
+def test_a_bundle_whose_json_files_carry_a_byte_order_mark_loads(tiny_model: Path, tmp_path: Path) -> None:
+    """config.json or metadata.json edited in Windows Notepad (or written by PowerShell) start
+    with a UTF-8 byte order mark: the bundle was refused as damaged, and a folder whose
+    metadata.json had one was not a bundle at all (a train into it refused as "not a diffqc model
+    bundle"). Read as the same JSON."""
+    from diffqc.bundle import is_bundle, read_bundle
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_model, bundle)
+    for name in ("config.json", "metadata.json"):
+        (bundle / name).write_bytes(b"\xef\xbb\xbf" + (tiny_model / name).read_bytes())
+    assert is_bundle(bundle)
+    _, meta, _ = read_bundle(bundle)
+    assert meta == json.loads((tiny_model / "metadata.json").read_text())
+    assert named_model_id(bundle) == meta["model_id"]
+    Detector.load(bundle, device="cpu")
+
+
+def _tiny_graph(path: Path) -> Path:
+    """A small ONNX backbone: two convolution taps, ``f8`` and ``f16``."""
+    import torch
+
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, 2, 1))
+    b = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, 2, 1))
+
+    class Taps(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = a, b
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            f8 = self.a(x)
+            return f8, self.b(f8)
+
+    torch.onnx.export(Taps().eval(), (torch.zeros(1, 3, 64, 64),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["f8", "f16"], dynamic_axes={"x": {0: "n"}})
+    return path
+
+
+def test_a_retrain_with_the_same_onnx_backbone_by_a_relative_path_names_no_setting(
+        clear_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same `train --backbone onnx:tiny.onnx` run again in the same folder warned that the
+    model it replaces was trained with other settings, "backbone.name onnx:/.../tiny.onnx (this
+    train: onnx:tiny.onnx)", and offered to keep the path it was already given: the fit records
+    the graph's absolute path. The path is compared as the fit records it; another graph is named."""
+    (tmp_path / "work").mkdir()
+    _tiny_graph(tmp_path / "work" / "tiny.onnx")
+    monkeypatch.chdir(tmp_path / "work")
+    out = tmp_path / "m"
+    args = ["train", str(clear_dataset), "--out", str(out), "-q", "--method", "padim",
+            "--set", "padim.dims=8", "--set", "backbone.input_size=64", "--set", "calibration.fraction=0.35",
+            "--layers", "f8,f16"]
+    assert main([*args, "--backbone", "onnx:tiny.onnx"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--backbone", "onnx:tiny.onnx"]) == 0
+    assert "settings this train does not give" not in capsys.readouterr().err
+    assert main([*args, "--backbone", f"onnx:{tmp_path / 'work' / 'tiny.onnx'}"]) == 0
+    assert "settings this train does not give" not in capsys.readouterr().err
+    shutil.copy(tmp_path / "work" / "tiny.onnx", tmp_path / "work" / "other.onnx")
+    assert main([*args, "--backbone", "onnx:other.onnx"]) == 0
+    assert (f"backbone.name onnx:{tmp_path / 'work' / 'tiny.onnx'} (this train: onnx:other.onnx)"
+            in capsys.readouterr().err)
+
+
+def test_a_save_cut_short_between_its_moves_says_how_to_put_the_model_back(tiny_model: Path,
+                                                                           tmp_path: Path) -> None:
+    """A retrain cut short as its files were moved in (Ctrl-C, or a move the file system refuses:
+    here a folder where the save drops calibration.prev.json) left the new weights beside the old
+    metadata.json, a model that loads as damaged, and said only "interrupted" (or the move's
+    error): the folder is named as incomplete, with the command that puts the model back."""
+    out = _retrained(tiny_model, "first").save(tmp_path / "m")
+    first = _tree(out)
+    (out / "calibration.prev.json").mkdir()  # moved onto after the weights, config.json and calibration.json
+    (out / "calibration.prev.json" / "x").write_text("")
+    second = _retrained(tiny_model, "second")
+    second.extractor.feat_mean.add_(1.0)  # another model's weights
+    where = re.escape(str(out))
+    with pytest.warns(UserWarning, match=rf"^{where} is incomplete \(cut short as its files were moved in\): "
+                                         rf"`diffqc train --undo --out {where}` puts back the model kept in "
+                                         rf"{where}/previous$"), pytest.raises(OutputError):
+        second.save(out)
+    with pytest.raises(BundleError, match="checksum mismatch"):  # the mix the warning names
+        Detector.load(out, device="cpu")
+    shutil.rmtree(out / "calibration.prev.json")
+    with pytest.warns(UserWarning, match="no whole bundle"):  # the mix is not kept over previous/
+        undo_retrain(out)
+    assert _own(_tree(out)) == first
+    Detector.load(out, device="cpu")

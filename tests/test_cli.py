@@ -969,3 +969,54 @@ def test_inspect_folder_reads_a_linked_camera_share_once(tiny_model: Path, clear
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     names = sorted(Path(r["path"]).relative_to(folder).as_posix() for r in rows)
     assert names == ["camera1/" + p.name for p in sorted(share.iterdir())] + ["local.png"]
+
+
+def test_train_refuses_the_plain_network_without_training_steps(clear_dataset: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``train --set diffusion.prior=none`` (docs/METHOD.md: "trains the plain network") without
+    ``--steps`` trained nothing and saved a model that scored every part with an untrained, random
+    network (mean AUROC 0.37, recall 0 on the synthetic set), without a word. Refused before any
+    image is read, naming ``--steps``; with ``--steps`` it trains."""
+    out = tmp_path / "m"
+    tiny = ["-q", "--set", "backbone.input_size=64", "--set", "calibration.fraction=0.35",
+            "--set", "diffusion.prior=none", "--set", "diffusion.hidden=16"]
+    assert main(["train", str(clear_dataset), "--out", str(out), *tiny]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("diffqc: error: diffusion.prior=none"), err
+    assert "--steps N" in err and err.count("\n") == 1, err
+    assert not out.exists()
+    assert main(["train", str(clear_dataset), "--out", str(out), *tiny, "--steps", "5"]) == 0
+
+
+def test_train_names_the_settings_given_that_change_nothing(clear_dataset: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """``train --method padim --steps 10 --set scoring.heat_map=fused`` trained the PaDiM model it
+    trains without them (the same weights), and config.json recorded them as if used; so did
+    ``--set train.lr=...`` without ``--steps`` (the network is not trained) and ``--set
+    tiling.scale=...`` without ``--tile``. `train` names each such setting given, before it trains."""
+    tiny = ["-q", "--set", "backbone.input_size=64", "--set", "calibration.fraction=0.35"]
+    assert main(["train", str(clear_dataset), "--out", str(tmp_path / "p"), *tiny, "--method", "padim",
+                 "--set", "padim.dims=8", "--steps", "10", "--set", "scoring.heat_map=fused",
+                 "--set", "scoring.smooth_sigma=2", "--set", "tiling.scale=0.5"]) == 0
+    err = capsys.readouterr().err
+    assert ("diffqc: warning: settings given that change nothing, recorded in config.json all the same: "
+            "train.steps and scoring.heat_map (not used by method=padim), tiling.scale "
+            "(tiling.mode=off: --tile cuts large images into tiles)\n") in err, err
+    assert main(["train", str(clear_dataset), "--out", str(tmp_path / "g"), *tiny,
+                 "--set", "train.lr=1e-5", "--set", "diffusion.context=ring"]) == 0
+    err = capsys.readouterr().err
+    assert ("diffqc: warning: settings given that change nothing, recorded in config.json all the same: "
+            "train.lr and diffusion.context (train.steps=0: the network is not trained, --steps N "
+            "trains it)\n") in err, err
+    assert main(["train", str(clear_dataset), "--out", str(tmp_path / "t"), *tiny, "--steps", "3",
+                 "--set", "train.lr=1e-5", "--set", "diffusion.hidden=16"]) == 0
+    assert "change nothing" not in capsys.readouterr().err
+
+
+def test_layers_named_with_spaces_after_the_commas_are_the_layers() -> None:
+    """``--layers "features.6, features.13"`` (as a person writes a list) asked the backbone for
+    the layer ' features.13', with its space, which no network has."""
+    from diffqc.commands import model_overrides
+
+    args = argparse.Namespace(layers="features.6, features.13 ,")
+    assert model_overrides(args)["backbone.layers"] == ["features.6", "features.13"]

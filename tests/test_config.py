@@ -13,6 +13,7 @@ from diffqc.config import (
     ScoringConfig,
     TrainConfig,
     config_keys,
+    parse_overrides,
     with_overrides,
 )
 from diffqc.errors import ConfigError
@@ -26,7 +27,8 @@ from diffqc.errors import ConfigError
     # the machine's memory until the kernel killed the process
     ("train.lr", 1e308, "train.lr must be in (0, 1], got 1e+308"),
     ("scoring.smooth_sigma", 1e308,
-     "scoring.smooth_sigma must be < backbone.input_size / 4 (64 px), got 1e+308"),
+     "scoring.smooth_sigma must be < 63.875 (its kernel reaches round(4 x sigma) px each way, fewer than "
+     "backbone.input_size, 256 px), got 1e+308"),
     ("backbone.pool", 10**11,
      "backbone.pool must be in [1, 256] (at most backbone.input_size), got 100000000000"),
     ("scoring.quadrature_nodes", 10**11, "scoring.quadrature_nodes must be at most the 751 timesteps the "
@@ -47,7 +49,7 @@ from diffqc.errors import ConfigError
     ("diffusion.depth", 65, "diffusion.depth must be in [1, 64], got 65"),
     ("diffusion.prior", "global", "one of local, none"),
     ("train.t_max", 1000, "train.t_max must be < diffusion.timesteps"),
-    ("scoring.smooth_sigma", 1e6, "scoring.smooth_sigma must be < backbone.input_size / 4 (64 px)"),
+    ("scoring.smooth_sigma", 1e6, "scoring.smooth_sigma must be < 63.875 (its kernel"),
     ("backbone.name", "resnet", "efficientnet-lite2, mobilenet-v2 or onnx:PATH; got 'resnet'"),
     ("backbone.name", "mobilenet", "or onnx:PATH; got 'mobilenet' (did you mean 'mobilenet-v2'?)"),
     ("backbone.layers", "blocks.3", "must be a list of str"),
@@ -56,6 +58,13 @@ from diffqc.errors import ConfigError
      """(a list in JSON: --set 'backbone.layers=["blocks.3", "blocks.5"]')"""),
     ("backbone.grid", "4,4",
      "backbone.grid must be a list of int, got '4,4' (a list in JSON: --set 'backbone.grid=[4, 4]')"),
+    # a list written with its brackets but without JSON's quotes (as Python or YAML write it):
+    # the hint quoted the brackets into the names, ["[features.6", "features.13]"]
+    ("backbone.layers", "[features.6,features.13]", "backbone.layers must be a list of str, got "
+     "'[features.6,features.13]' (a list in JSON: "
+     """--set 'backbone.layers=["features.6", "features.13"]')"""),
+    ("backbone.layers", "['a', 'b']", """(a list in JSON: --set 'backbone.layers=["a", "b"]')"""),
+    ("backbone.grid", "(4, 4)", "(a list in JSON: --set 'backbone.grid=[4, 4]')"),
     ("method", "vae", "method must be one of diffusion, patchcore, padim; got 'vae'"),
     # a decimal comma (`--set calibration.alpha_review=0,05`): named, not taken
     ("calibration.alpha_review", "0,05",
@@ -77,11 +86,85 @@ from diffqc.errors import ConfigError
     ("steps", 5, "unknown config field 'steps'; did you mean train.steps?"),
     ("scoring", 3, "unknown config field 'scoring'"),
     ("nosuch.key", 3, "unknown config field 'nosuch.key'"),
+    # a key nothing is near sent the user to docs/INTERFACES.md, which lists no keys: the keys
+    # of the section it names (or of the nearest) are named, else every key
+    ("train.gradient_clipping", 3, "unknown config field 'train.gradient_clipping'; the keys of train are "
+     "train.steps, train.batch_images, train.locations_per_image, train.lr,"),
+    ("traning.momentum", 3, "unknown config field 'traning.momentum'; the keys of train are train.steps,"),
+    ("scoring", 3, "unknown config field 'scoring'; the keys of scoring are scoring.quadrature_nodes,"),
+    ("nosuch.key", 3, "unknown config field 'nosuch.key'; the keys are method, backbone.{name, layers, "),
 ])
 def test_bad_override_is_a_config_error_naming_the_field(key: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError) as exc:
         with_overrides(DetectorConfig(), {key: value})
     assert message in str(exc.value)
+
+
+def test_the_smoothing_limit_named_is_the_one_checked() -> None:
+    """``scoring.smooth_sigma=15.9`` at a 64 px input was refused as "must be < backbone.input_size
+    / 4 (16 px), got 15.9": 15.9 is below 16. The kernel reaches round(4 x sigma) px each way and
+    must stay inside the input, so the limit is 15.875 there, and the message names it."""
+    with pytest.raises(ConfigError) as exc:
+        with_overrides(DetectorConfig(), {"backbone.input_size": 64, "scoring.smooth_sigma": 15.9})
+    assert str(exc.value) == ("scoring.smooth_sigma must be < 15.875 (its kernel reaches round(4 x sigma) px "
+                              "each way, fewer than backbone.input_size, 64 px), got 15.9")
+    taken = with_overrides(DetectorConfig(), {"backbone.input_size": 64, "scoring.smooth_sigma": 15.87})
+    assert taken.scoring.smooth_sigma == 15.87  # just below the limit named
+
+
+def test_numbers_written_without_a_leading_zero_or_with_one_are_numbers() -> None:
+    """``--set scoring.topk=.01`` was refused as "must be a number, got '.01'" and ``--set
+    train.steps=01`` as "must be an integer, got '01'" (JSON writes neither so): both are taken as
+    the numbers they are. A decimal comma is still named, not taken."""
+    given = ["scoring.topk=.01", "train.steps=01", "train.lr=+2e-3", "calibration.alpha_review=0.1"]
+    cfg = with_overrides(DetectorConfig(), parse_overrides(given))
+    assert (cfg.scoring.topk, cfg.train.steps, cfg.train.lr, cfg.calibration.alpha_review) == (
+        0.01, 1, 0.002, 0.1)
+    assert isinstance(cfg.train.steps, int)
+    with pytest.raises(ConfigError, match=r"must be a number, got '0,05': write the decimal with a point"):
+        with_overrides(DetectorConfig(), parse_overrides(["scoring.topk=0,05"]))
+    with pytest.raises(ConfigError, match=r"train\.steps must be an integer, got 1\.5"):
+        with_overrides(DetectorConfig(), parse_overrides(["train.steps=1.5"]))
+
+
+def test_the_plain_network_is_refused_for_training_without_steps() -> None:
+    """``--set diffusion.prior=none`` without ``--steps`` trained nothing: the network alone
+    scored every part, untrained and so random (its output layer starts at zero only beside the
+    Gaussians): mean AUROC 0.37 and no defect flagged on the synthetic set, and not a word. A
+    config to train with is refused so, naming ``--steps``; a bundle's config with it still reads."""
+    from diffqc.config import check_trainable
+
+    plain = with_overrides(DetectorConfig(), {"diffusion.prior": "none"})  # read, as a bundle's config
+    with pytest.raises(ConfigError, match=r"^diffusion\.prior=none .*untrained.*--steps N"):
+        check_trainable(plain)
+    check_trainable(with_overrides(plain, {"train.steps": 10}))  # trained: fine
+    check_trainable(DetectorConfig())  # the Gaussians alone: fine
+    check_trainable(with_overrides(plain, {"method": "padim"}))  # PaDiM trains no network
+
+
+def test_settings_that_change_nothing_are_named() -> None:
+    """The settings given that the rest of the config leaves unused (``--method padim --steps
+    10``, a tiling setting without tiling) trained as if absent, and config.json recorded them as
+    if used: each is named, with what leaves it unused. Settings not given are never named."""
+    from diffqc.config import unused_settings
+
+    padim = with_overrides(DetectorConfig(), {"method": "padim", "train.steps": 10,
+                                              "scoring.heat_map": "fused", "tiling.scale": 0.5})
+    said = unused_settings(padim, ["method", "train.steps", "train.seed", "scoring.heat_map",
+                                   "scoring.smooth_sigma", "padim.dims", "tiling.scale"])
+    assert said == ("settings given that change nothing, recorded in config.json all the same: train.steps "
+                    "and scoring.heat_map (not used by method=padim), tiling.scale (tiling.mode=off: "
+                    "--tile cuts large images into tiles)")
+    gaussians = with_overrides(DetectorConfig(), {"train.lr": 1e-5, "diffusion.context": "ring"})
+    assert unused_settings(gaussians, ["train.lr", "diffusion.context", "diffusion.prior_dims",
+                                       "scoring.topk", "patchcore.max_bank"]) == (
+        "settings given that change nothing, recorded in config.json all the same: train.lr and "
+        "diffusion.context (train.steps=0: the network is not trained, --steps N trains it)")
+    trained = with_overrides(gaussians, {"train.steps": 10, "tiling.mode": "auto"})
+    assert unused_settings(trained, ["train.lr", "diffusion.context", "tiling.scale", "padim.dims"]) == (
+        "settings given that change nothing, recorded in config.json all the same: padim.dims "
+        "(not used by method=diffusion)")
+    assert unused_settings(DetectorConfig(), []) is None
 
 
 def test_python_api_validates_too() -> None:
@@ -115,6 +198,14 @@ def test_json_round_trip_and_bad_file(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ConfigError, match="cannot read config"):
         DetectorConfig.from_json(tmp_path / "broken.json")
+
+
+def test_a_config_saved_with_a_byte_order_mark_reads(tmp_path: Path) -> None:
+    """A config.json edited in Windows Notepad or written by PowerShell starts with a UTF-8 byte
+    order mark: it was refused as damaged ("cannot read config ...: Unexpected UTF-8 BOM")."""
+    cfg = with_overrides(DetectorConfig(), {"method": "padim", "scoring.topk": 0.02})
+    (tmp_path / "config.json").write_bytes(b"\xef\xbb\xbf" + cfg.json_bytes())
+    assert DetectorConfig.from_json(tmp_path / "config.json") == cfg
 
 
 def test_every_default_key_is_settable() -> None:

@@ -49,10 +49,16 @@ def previous_name(name: str) -> str:
 KEPT_FILES = (*BUNDLE_FILES, previous_name("calibration.json"))
 
 
+def read_json(path: Path) -> Any:
+    """A bundle's JSON file (``metadata.json``, ``config.json``): one saved by Windows Notepad or
+    PowerShell starts with a byte order mark, read as the same JSON. OSError or ValueError."""
+    return json.loads(path.read_text(encoding="utf-8-sig"))
+
+
 def is_bundle(path: Path) -> bool:
     """Whether ``path`` is a folder that diffqc wrote a model bundle into."""
     try:
-        meta = json.loads((path / "metadata.json").read_text())
+        meta = read_json(path / "metadata.json")
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and "format" in meta and "diffqc_version" in meta
@@ -95,7 +101,7 @@ def _whole(path: Path) -> bool:
     checksum): a save cut short between its moves (a power cut) leaves files of two bundles,
     which kept in ``previous/`` would replace the whole one kept there; said, not kept."""
     try:
-        check_weights(path, json.loads((path / "metadata.json").read_text()))
+        check_weights(path, read_json(path / "metadata.json"))
         return True
     except (BundleError, OSError, ValueError, AttributeError) as exc:
         warnings.warn(f"{path_text(path)} holds no whole bundle ({exc}: a save cut short?); it is not "
@@ -138,17 +144,31 @@ def install_bundle(staged: Path, path: Path) -> Path | None:
     # the weights first, metadata.json (which names their checksum) last: a move cut short leaves
     # weights their metadata does not name, told at load and by the next save (_whole)
     ends = (WEIGHTS_FILE, "metadata.json")
-    for name in [WEIGHTS_FILE, *(n for n in KEPT_FILES if n not in ends), "metadata.json"]:
-        if (staged / name).is_file():
-            os.replace(staged / name, path / name)
-        elif keep and name not in BUNDLE_FILES:  # kept in previous/ with the bundle it calibrated
-            (path / name).unlink(missing_ok=True)
+    try:
+        for name in [WEIGHTS_FILE, *(n for n in KEPT_FILES if n not in ends), "metadata.json"]:
+            if (staged / name).is_file():
+                os.replace(staged / name, path / name)
+            elif keep and name not in BUNDLE_FILES:  # kept in previous/ with the bundle it calibrated
+                (path / name).unlink(missing_ok=True)
+    except BaseException:  # Ctrl-C, a move refused: said, for "interrupted" says nothing of the folder
+        if not (staged / WEIGHTS_FILE).exists():  # moved in: beside the old metadata.json
+            warnings.warn(_cut_short(path), stacklevel=2)
+        raise
     sync_folder(path)
     # dropped once the new bundle is in: a move cut short (Ctrl-C, a power cut) leaves it whole,
     # in a hidden folder the next save names (the bundle `train --undo` was putting back)
     if dropped is not None:
         shutil.rmtree(dropped, ignore_errors=True)
     return path / PREVIOUS_FOLDER if keep else None
+
+
+def _cut_short(path: Path) -> str:
+    """What to say of bundle folder ``path`` when the moves of :func:`install_bundle` stopped
+    after the first: a new file beside the old ``metadata.json``."""
+    where, prev = path_text(path), path / PREVIOUS_FOLDER
+    then = (f"`diffqc train --undo --out {where}` puts back the model kept in {path_text(prev)}"
+            if prev.is_dir() else "train again to write it whole")
+    return f"{where} is incomplete (cut short as its files were moved in): {then}"
 
 
 def check_bundle_files(path: Path | str, *, usage: str = "it comes first: diffqc COMMAND MODEL ...") -> Path:
@@ -174,7 +194,7 @@ def read_bundle(path: Path | str) -> tuple[DetectorConfig, dict[str, Any], Calib
     types than the model's is a :class:`BundleError` that says which."""
     path = check_bundle_files(path)
     try:
-        meta = json.loads((path / "metadata.json").read_text())
+        meta = read_json(path / "metadata.json")
     except (OSError, ValueError) as exc:
         raise BundleError(f"model bundle {path}: metadata.json is damaged ({exc})") from None
     if not isinstance(meta, dict):
@@ -215,7 +235,7 @@ def _newer_refusal(path: Path, meta: dict[str, Any], name: str, exc: Exception) 
     if (newer := newer_writer(meta)) is None:
         return None
     try:
-        data = json.loads((path / name).read_text())
+        data = read_json(path / name)
     except (OSError, ValueError):
         data = None
     if name != "config.json":  # calibration.json: its "config" is the config's calibration section
@@ -241,12 +261,13 @@ def retrain_text(path: Path, config: DetectorConfig, types: Collection[str]) -> 
     behind, or the model's description cannot be read."""
     try:
         earlier = settings(DetectorConfig.from_json(path / "config.json"))
-        known = json.loads((path / "metadata.json").read_text())["classes"]
+        known = read_json(path / "metadata.json")["classes"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     now = settings(config)
+    recorded = {**now, "backbone.name": _as_recorded(config.backbone.name)}  # as the fit will record it
     changed = [(key, _value(now[key]), _value(value)) for key, value in sorted(earlier.items())
-               if key in now and key not in FIT_RECORDED and now[key] != value]
+               if key in now and key not in FIT_RECORDED and recorded[key] != value]
     lost = [str(t) for t in known if t not in types] if isinstance(known, list) else []
     said = []
     if lost:
@@ -265,6 +286,14 @@ def retrain_text(path: Path, config: DetectorConfig, types: Collection[str]) -> 
     where = path_text(path)
     return (f"{where} holds a model {', and '.join(said)}; the model replaced is kept in "
             f"{path_text(path / PREVIOUS_FOLDER)}: `diffqc train --undo --out {where}` puts it back")
+
+
+def _as_recorded(name: str) -> str:
+    """``backbone.name`` as a fit records it: an ONNX graph's path absolute (``onnx:tiny.onnx`` ->
+    ``onnx:/work/tiny.onnx``: it is read from the current folder, a service's is another)."""
+    if not name.startswith("onnx:"):
+        return name
+    return "onnx:" + str(Path(name.removeprefix("onnx:")).expanduser().resolve())
 
 
 def changed_settings(fitted: dict[str, Any], config: DetectorConfig) -> list[tuple[str, str, str]]:
@@ -367,14 +396,14 @@ def _size_ranges(value: Any) -> bool:
 def named_model_id(path: Path | str) -> str:
     """The ``model_id`` that ``metadata.json`` names as it is now (a watch's look at a bundle being
     replaced under a service); OSError, ValueError, KeyError or TypeError when it names none."""
-    return str(json.loads((Path(path) / "metadata.json").read_text())["model_id"])
+    return str(read_json(Path(path) / "metadata.json")["model_id"])
 
 
 def metadata_text(path: Path | str, key: str) -> str | None:
     """``metadata.json``'s ``key`` (``model_id``, ``created``) in bundle folder ``path``, as text;
     None where it cannot be read or holds no text there (a bundle a save cut short, a folder)."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        value = json.loads((Path(path) / "metadata.json").read_text()).get(key)
+        value = read_json(Path(path) / "metadata.json").get(key)
         return value if isinstance(value, str) else None
     return None
 
@@ -384,7 +413,7 @@ def check_not_retrained(path: Path | str, loaded: dict[str, Any], while_: str) -
     read as a command's work on the bundle began: ``calibrate``'s scoring, ``export``'s graphs);
     a bundle retrained meanwhile (``train DATA --out PATH``) is an :class:`OutputError` saying
     ``while_``: what the work computed is the old model's, on another scale than the new one's."""
-    meta: dict[str, Any] = json.loads((Path(path) / "metadata.json").read_text())
+    meta: dict[str, Any] = read_json(Path(path) / "metadata.json")
     if any(meta.get(key) != loaded.get(key) for key in ("model_id", "weights_file_sha256")):
         raise OutputError(f"{path} was retrained while {while_}")
     return meta

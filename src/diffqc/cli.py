@@ -57,12 +57,23 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
 def build_config(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> Any:
-    """The config from the command's options; ``defaults`` (a command's own) yield to them."""
-    from diffqc.config import DetectorConfig, parse_overrides, with_overrides
+    """The config to train with from the command's options; ``defaults`` (a command's own) yield
+    to them. One that would train nothing it scores with is refused; the settings given that
+    change nothing are named."""
+    from diffqc.config import (
+        DetectorConfig,
+        check_trainable,
+        parse_overrides,
+        unused_settings,
+        with_overrides,
+    )
 
-    over: dict[str, Any] = {**(defaults or {}), **model_overrides(args)}
-    over.update(parse_overrides(getattr(args, "set", None) or []))
-    return with_overrides(DetectorConfig(), over)
+    given = {**model_overrides(args), **parse_overrides(getattr(args, "set", None) or [])}
+    config = with_overrides(DetectorConfig(), {**(defaults or {}), **given})
+    check_trainable(config)
+    if unused := unused_settings(config, given):
+        warnings.warn(unused, stacklevel=2)
+    return config
 
 
 # ---------------------------------------------------------------------------- commands

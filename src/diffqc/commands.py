@@ -71,7 +71,7 @@ def model_overrides(args: argparse.Namespace, *, seed: bool = True) -> dict[str,
     if getattr(args, "backbone", None):
         over["backbone.name"] = args.backbone
     if getattr(args, "layers", None):
-        over["backbone.layers"] = [x for x in args.layers.split(",") if x]
+        over["backbone.layers"] = [x.strip() for x in args.layers.split(",") if x.strip()]
     if getattr(args, "steps", None) is not None:
         over["train.steps"] = args.steps
     if seed and getattr(args, "seed", None) is not None:

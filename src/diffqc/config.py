@@ -7,8 +7,9 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -71,7 +72,8 @@ def _coerce(name: str, value: object, hint: Any) -> object:
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             error = _type_error(name, f"a list of {item.__name__}", value)
             if isinstance(value, str):  # --set reads JSON: "a,b" is a string, and it says how
-                words = [w.strip() for w in value.split(",")]
+                # a list written without JSON's quotes keeps its brackets: "[a,b]", "('a', 'b')"
+                words = [w.strip().strip("'\"") for w in value.strip().strip("[]()").split(",")]
                 items = [int(w) if item is int and w.lstrip("-").isdigit() else w for w in words]
                 error = ConfigError(f"{error} (a list in JSON: --set '{name}={json.dumps(items)}')")
             raise error
@@ -462,7 +464,8 @@ class DetectorConfig:
         # the map's smoothing kernel must fit in the image
         sigma, size = self.scoring.smooth_sigma, self.backbone.input_size
         if sigma > 0 and smoothing_radius(min(sigma, size)) >= size:  # min: no int of 4 x 1e308
-            raise ConfigError(f"scoring.smooth_sigma must be < backbone.input_size / 4 ({size / 4:g} px), "
+            raise ConfigError(f"scoring.smooth_sigma must be < {(size - 0.5) / 4:g} (its kernel reaches "
+                              f"round(4 x sigma) px each way, fewer than backbone.input_size, {size} px), "
                               f"got {sigma:g}")
         steps = self.diffusion.timesteps
         if self.train.t_max >= steps:
@@ -494,7 +497,8 @@ class DetectorConfig:
         written: it reads the value in :data:`ADDED_FIELDS` (what that diffqc computed), else
         today's default."""
         try:
-            data = json.loads(Path(path).read_text())
+            # utf-8-sig: a file saved by Windows Notepad or PowerShell starts with a byte order mark
+            data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from None
         for key, value in ADDED_FIELDS.items():
@@ -557,6 +561,61 @@ def uses_layouts(config: DetectorConfig) -> bool:
     return config.backbone.resize != "squash" or config.tiling.mode != "off"
 
 
+def check_trainable(config: DetectorConfig) -> None:
+    """A :class:`ConfigError` where a training with ``config`` would fit a model that scores with
+    what it never learnt: ``diffusion.prior=none`` leaves the whole job to the network, whose
+    output layer starts at zero only beside the Gaussians, so untrained (``train.steps=0``) it is
+    random. A bundle's config is not checked so (it was trained as it is)."""
+    if config.method == "diffusion" and config.diffusion.prior == "none" and config.train.steps == 0:
+        raise ConfigError("diffusion.prior=none scores with the network alone, and train.steps=0 leaves it "
+                          "untrained (random): give --steps N (train.steps) to train it, or keep "
+                          "diffusion.prior=local")
+
+
+# the network's settings: with train.steps=0 (and the Gaussians) its output layer stays exactly
+# zero and adds nothing (diffqc.diffusion.Denoiser.network_is_zero), whatever its shape
+NETWORK_SETTINGS = ("diffusion.context", "diffusion.hidden", "diffusion.depth", "diffusion.embed_dim",
+                    "diffusion.null_prob")
+# the settings of the scoring section that PatchCore and PaDiM use too (the rest: the diffusion's)
+SHARED_SCORING = ("scoring.smooth_sigma", "scoring.type_candidates")
+
+
+def _unused_because(config: DetectorConfig, key: str) -> str | None:
+    """Why setting ``key`` changes nothing a fit with ``config`` makes, or None where it may."""
+    section, _, leaf = key.rpartition(".")
+    method = config.method
+    # train.seed splits the calibration images, for every method
+    diffusions = (section == "diffusion" or (section == "train" and leaf != "seed")
+                  or (section == "scoring" and key not in SHARED_SCORING))
+    # patchcore.*: the fused heat map's coreset too (diffqc.heatmap)
+    if ((diffusions and method != "diffusion") or (section == "padim" and method != "padim")
+            or (section == "patchcore" and method == "padim")):
+        return f"not used by method={method}"
+    if (method == "diffusion" and config.train.steps == 0 and config.diffusion.prior == "local"
+            and ((section == "train" and leaf not in ("steps", "seed")) or key in NETWORK_SETTINGS)):
+        return "train.steps=0: the network is not trained, --steps N trains it"
+    if section == "tiling" and leaf != "mode" and config.tiling.mode == "off":
+        return "tiling.mode=off: --tile cuts large images into tiles"
+    return None
+
+
+def unused_settings(config: DetectorConfig, given: Iterable[str]) -> str | None:
+    """What to say of the settings ``given`` (the dotted keys a command line set) that change
+    nothing a fit with ``config`` makes (``--method padim --steps 10``), which config.json records
+    all the same; None where each may change the model."""
+    why: dict[str, list[str]] = {}
+    for key in dict.fromkeys(given):
+        if (because := _unused_because(config, key)) is not None:
+            why.setdefault(because, []).append(key)
+    if not why:
+        return None
+    said = []
+    for because, keys in why.items():
+        names = keys[0] if len(keys) == 1 else f"{', '.join(keys[:-1])} and {keys[-1]}"
+        said.append(f"{names} ({because})")
+    return f"settings given that change nothing, recorded in config.json all the same: {', '.join(said)}"
+
+
 # settings a fit writes into its config (what the backbone gave: Detector.fit_features), not
 # given to a training
 FIT_RECORDED = ("backbone.grid", "backbone.weights_sha256")
@@ -614,10 +673,27 @@ def _unknown_key(key: str) -> ConfigError:
     keys = config_keys()
     # a field named without its section ("resize", "steps") first, then near misses
     close = [k for k in keys if k.rpartition(".")[2] == key]
-    close += [k for k in difflib.get_close_matches(key, keys, n=3, cutoff=0.6) if k not in close]
+    if not any(k.startswith(key + ".") for k in keys):  # a section's name alone: its keys
+        close += [k for k in difflib.get_close_matches(key, keys, n=3, cutoff=0.6) if k not in close]
     close = close[:3]
-    hint = f"; did you mean {' or '.join(close)}?" if close else "; see docs/INTERFACES.md for the keys"
-    return ConfigError(f"unknown config field {key!r}{hint}")
+    hint = f"did you mean {' or '.join(close)}?" if close else _known_keys(key, keys)
+    return ConfigError(f"unknown config field {key!r}; {hint}")
+
+
+def _known_keys(key: str, keys: list[str]) -> str:
+    """The keys of the section ``key`` names (or of the one nearest its name), else every key."""
+    grouped: dict[str, list[str]] = {}  # section (or a key outside any) -> its fields
+    for k in keys:
+        section, _, leaf = k.rpartition(".")
+        grouped.setdefault(section or k, []).append(leaf)
+    sections = [name for name, leaves in grouped.items() if leaves != [name]]
+    head = key.partition(".")[0]
+    near = [head] if head in sections else difflib.get_close_matches(head, sections, n=1, cutoff=0.6)
+    if near:
+        return f"the keys of {near[0]} are {', '.join(f'{near[0]}.{leaf}' for leaf in grouped[near[0]])}"
+    named = [f"{name}.{{{', '.join(leaves)}}}" if name in sections else name
+             for name, leaves in grouped.items()]
+    return f"the keys are {', '.join(named)}"
 
 
 def with_overrides(config: DetectorConfig, overrides: dict[str, Any]) -> DetectorConfig:
@@ -648,5 +724,17 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
         try:
             out[key.strip()] = json.loads(value.strip())
         except json.JSONDecodeError:
-            out[key.strip()] = value.strip()
+            out[key.strip()] = _number(value.strip())
     return out
+
+
+# a number JSON does not write (".01", "01", "+5", "1."): taken as the number it is
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _number(text: str) -> Any:
+    """``text`` as an int (digits alone) or a float where it is a number, else ``text``."""
+    if not _NUMBER.fullmatch(text):
+        return text
+    return int(text) if text.lstrip("+-").isdigit() else float(text)
+
