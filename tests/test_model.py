@@ -850,6 +850,27 @@ def test_fit_takes_a_dataset_path_or_samples(clear_dataset: Path) -> None:
         Detector(tiny_config(), device="cpu").fit(str(clear_dataset / "nope"), progress=False)
 
 
+def test_the_python_api_and_evaluate_refuse_the_plain_network_untrained(clear_dataset: Path) -> None:
+    """`diffusion.prior=none` without training steps scores with a random network (AUROC 0.48
+    on the synthetic set, a session-70 review's measure): `train` refuses it, but
+    `Detector(config).fit(...)`, `fit_features` and `evaluate` fitted it and scored with it. Each
+    refuses it before any image is read."""
+    import torch
+
+    from diffqc.data import load_dataset
+    from diffqc.errors import ConfigError
+    from diffqc.evaluate import evaluate
+
+    plain = tiny_config(**{"diffusion.prior": "none", "train.steps": 0})
+    samples = load_dataset(clear_dataset)
+    with pytest.raises(ConfigError, match=r"diffusion\.prior=none .* give --steps N"):
+        Detector(plain, device="cpu").fit(samples, progress=False)
+    with pytest.raises(ConfigError, match=r"diffusion\.prior=none"):
+        Detector(plain, device="cpu").fit_features(torch.zeros(0, 1, 1, 1), [], progress=False)
+    with pytest.raises(ConfigError, match=r"diffusion\.prior=none"):
+        evaluate(samples, folds=2, methods=[], settings={"plain": plain}, progress=False)
+
+
 def test_a_config_that_is_not_a_detector_config_is_named_at_once() -> None:
     """`Detector({"method": "padim"})`, as a dict of settings is given elsewhere, was taken and
     failed at fit, after the images were read ("'dict' object has no attribute

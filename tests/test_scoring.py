@@ -275,3 +275,24 @@ def test_a_network_that_sees_the_image_context_holds_a_spread_that_follows_the_i
         result[network] = (float(good_maps.mean()), image_auroc(labels, scores))
     assert result["image"][0] < 0.5 * result["none"][0], result  # held-out GOOD: a better likelihood
     assert result["image"][1] > result["none"][1] + 0.15, result
+
+
+def test_the_scorer_takes_features_of_any_float_type_as_the_baselines_do() -> None:
+    """`Detector.fit_features` / `inspect_features` with float64 features (a cache kept through
+    NumPy) ended in "expected scalar type Double but found Float" deep in the image context,
+    and float16 ones in a matmul's dtype error, where PaDiM and PatchCore take them as float32.
+    The scorer reads them as float32: the same maps as from the float32 features."""
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(20, 10, 4, 4, generator=g) + 1.0
+    types = torch.arange(20) % 2
+    config = with_overrides(DetectorConfig(), {"train.steps": 0, "diffusion.prior_dims": 6,
+                                               "diffusion.prior_context": 4})
+    ref = DiffusionScorer(config).fit(feats, types, 2)
+    x = torch.randn(4, 10, 4, 4, generator=g) + 1.0
+    want = ref.score_maps(x, torch.arange(4) % 2)
+    for dtype in (torch.float64, torch.float16):
+        scorer = DiffusionScorer(config).fit(feats.to(dtype), types, 2)
+        got = scorer.score_maps(x.to(dtype), torch.arange(4) % 2)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        if dtype == torch.float64:
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)

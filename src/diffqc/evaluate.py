@@ -48,7 +48,14 @@ from diffqc.calibration import (
     suspect_images,
     suspects_note,
 )
-from diffqc.config import METHODS, DetectorConfig, parse_overrides, uses_layouts, with_overrides
+from diffqc.config import (
+    METHODS,
+    DetectorConfig,
+    check_trainable,
+    parse_overrides,
+    uses_layouts,
+    with_overrides,
+)
 from diffqc.data import (
     DEFECTIVE,
     GOOD,
@@ -461,6 +468,8 @@ def evaluate(
         variants_cfg[name] = cfg
     if not variants_cfg:
         raise ConfigError("nothing to evaluate: no methods and no settings")
+    for cfg in variants_cfg.values():
+        check_trainable(cfg)  # before any feature is extracted
     shaped = sorted(name for name, cfg in variants_cfg.items() if uses_layouts(cfg))
     if shaped and runtime in ("onnx", "openvino"):
         raise ConfigError(f"{', '.join(shaped)}: pad, crop and tiled models run with PyTorch only "

@@ -58,7 +58,7 @@ from diffqc.calibration import (
     suspect_images,
     suspects_note,
 )
-from diffqc.config import CalibrationConfig, DetectorConfig, fitted_settings, uses_layouts
+from diffqc.config import CalibrationConfig, DetectorConfig, check_trainable, fitted_settings, uses_layouts
 from diffqc.data import (
     DatasetWarning,
     Sample,
@@ -377,6 +377,7 @@ class Detector:
         if levels := part_levels_note(k, self.config.calibration):  # before the images are read
             warnings.warn(levels, CalibrationWarning, stacklevel=2)
         _check_heat_map(self.config)
+        check_trainable(self.config)  # before the images are read
         wanted = {s.feature_type for s in good}
         fe = self.extractor
         check_fit_memory(self.config, fe.grid, fe.channels, len(wanted), len(good), str(self.device),
@@ -445,6 +446,7 @@ class Detector:
         With ``layouts`` (:func:`diffqc.tiling.extract_views`) ``raw`` holds each image's views.
         A fit interrupted (Ctrl-C) or failing leaves the detector as it was.
         """
+        check_trainable(self.config)
         with self._all_or_nothing():
             return self._fit_features(raw, good, progress=progress, layouts=layouts)
 

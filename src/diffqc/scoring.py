@@ -133,6 +133,7 @@ class DiffusionScorer:
         self.context_: ImageContext | None = None  # diffusion.prior_context > 0 (diffqc.context)
 
     def fit(self, features: Tensor, type_idx: Tensor, n_types: int, *, progress: bool = False) -> Self:
+        features = features.float()  # any float type, as the baselines take it
         components, z = self.config.diffusion.prior_context, None
         if components > 0:  # the Gaussians (and the network) then model what the context leaves
             self.context_ = ImageContext.fit(features, type_idx, n_types, components,
@@ -187,6 +188,7 @@ class DiffusionScorer:
     @torch.inference_mode()
     def score_maps(self, features: Tensor, type_idx: Tensor) -> Tensor:
         denoiser, _ = self._check()
+        features = features.float()
         bank = self._scoring_bank
         assert bank is not None
         n, c, h, w = features.shape
