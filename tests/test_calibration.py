@@ -14,7 +14,6 @@ from diffqc.calibration import (
     CalibrationWarning,
     Calibrator,
     TypeCalibration,
-    calibration_scores,
     conformal_p_value,
     far_above,
 )
@@ -167,11 +166,9 @@ def test_one_warning_line_names_every_short_type() -> None:
 
 
 def test_unknown_type_calibration_is_keyed_by_predicted_type() -> None:
-    # calibration images of true type a: two are predicted a, one is predicted b (arg-min)
-    table = np.array([[1.0, 3.0], [1.2, 2.5], [4.0, 2.0], [3.0, 0.8], [2.9, 0.7]])
-    known, unknown = calibration_scores(["a", "b"], [0, 0, 0, 1, 1], table)
-    assert known == {"a": [1.0, 1.2, 4.0], "b": [0.8, 0.7]}
-    assert unknown == {"a": [1.0, 1.2], "b": [2.0, 0.8, 0.7]}
+    # calibration images of true type a: two are predicted a, one is predicted b (score 2.0 there)
+    known = {"a": [1.0, 1.2, 4.0], "b": [0.8, 0.7]}
+    unknown = {"a": [1.0, 1.2], "b": [2.0, 0.8, 0.7]}
     cal = Calibrator(CalibrationConfig(tail="none"))
     with pytest.warns(CalibrationWarning):
         cal.fit(known, unknown)

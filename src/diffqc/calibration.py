@@ -14,11 +14,12 @@ for ``α >= 1/(n+1)``; below that it is at most ``1/(n+1)`` (the chance of a GOO
 largest calibration score), whatever α. With a single calibration score (or scores all alike:
 copies of one image) no tail can be fitted and the p-value stays conformal.
 
-Unknown-type mode: an image is scored under every type, its score is the minimum and its
-*predicted* type the arg-min. Its calibration is keyed by that predicted type at calibration and
-at inference alike (a Mondrian split on a function of the image, so the per-type guarantee
-holds); a type that no calibration image was predicted as falls back to the pooled unknown-type
-scores of all types (a marginal guarantee only).
+Unknown-type mode: an image is scored under the type it is predicted as (the type router's pick,
+:mod:`diffqc.routing`; a model with layouts: the type of the largest known-type p-value). Its
+calibration is keyed by that predicted type at calibration and at inference alike (a Mondrian
+split on a function of the image, so the per-type guarantee holds); a type that no calibration
+image was predicted as falls back to the pooled unknown-type scores of all types (a marginal
+guarantee only).
 """
 
 from __future__ import annotations
@@ -248,20 +249,6 @@ def flagged_excess_p(inspected: int, flagged: int, taken: int, taken_flagged: in
 
     inspected, flagged = max(inspected, taken), max(flagged, taken_flagged)  # the line holds them
     return float(hypergeom.sf(taken_flagged - 1, inspected, flagged, taken))
-
-
-def calibration_scores(
-    classes: Sequence[str], true_types: Sequence[int], table: np.ndarray
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Calibration scores from a ``[N, types]`` table of GOOD calibration images scored under
-    every type: ``known`` keyed by each image's true type (its own-type score), ``unknown`` keyed
-    by its predicted type (the arg-min; its score is the minimum), the key used at inference."""
-    known: dict[str, list[float]] = {t: [] for t in classes}
-    unknown: dict[str, list[float]] = {t: [] for t in classes}
-    for row, k in zip(np.asarray(table, dtype=np.float64), true_types, strict=True):
-        known[classes[int(k)]].append(float(row[int(k)]))
-        unknown[classes[int(row.argmin())]].append(float(row.min()))
-    return known, unknown
 
 
 @dataclass
