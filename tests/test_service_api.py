@@ -922,6 +922,38 @@ async def test_the_clock_watch_is_in_line_and_metrics(detector: Any, tmp_path: P
     assert "diffqc_clock_steps_total 0" in metrics and "diffqc_clock_behind_model 0" in metrics
 
 
+async def test_json_uploads_and_summaries_as_docs_api_says(detector: Any, samples: Samples,
+                                                          tmp_path: Path) -> None:
+    """Three answers docs/API.md gives that the service did not: (1) a JSON upload whose `image`
+    is not a string (`["..."]`, the batch's list form, or a number) was 400 `missing_image`, "the
+    JSON body has no 'image'": it is 422 `bad_request`; (2) `/v1/summary?by=camera&by=camera`
+    grouped twice and its total row lost its "all" (a `null` there, as the camera-less group's):
+    a grouping given twice counts once, as `results summary` takes it; (3) a JSON batch's `null`
+    in `part_id` or `feature_type` (docs: "Empty (in JSON, null)"), which the service takes, was
+    forbidden by the OpenAPI description a typed client is generated from."""
+    import base64
+
+    good, ftype = samples.one("PASS")
+    text = base64.b64encode(good).decode()
+    async with running_app(detector, tmp_path) as (client, _):
+        for image in ([text], 5):
+            r = await client.post("/v1/inspect", headers=AUTH, json={"image": image, "feature_type": ftype})
+            assert (r.status_code, r.json()["code"]) == (422, "bad_request"), r.text
+            assert "one base64 string" in r.json()["detail"]
+        r = await client.post("/v1/inspect", headers=AUTH, json={"feature_type": ftype})
+        assert (r.status_code, r.json()["code"]) == (400, "missing_image"), r.text
+        body = {"image": [text, text], "part_id": ["a-1", None], "feature_type": [ftype, None]}
+        r = await client.post("/v1/inspect/batch", headers=AUTH, json=body)
+        assert r.status_code == 200, r.text
+        r = await client.get("/v1/summary", headers=AUTH, params={"by": ["camera", "camera"]})
+        assert r.status_code == 200 and r.json()["by"] == ["camera"], r.text
+        assert r.json()["groups"][-1]["camera"] == "all"
+        schema = (await client.get("/openapi.json", headers=AUTH)).json()
+    batch = schema["paths"]["/v1/inspect/batch"]["post"]["requestBody"]["content"]
+    listed = batch["application/json"]["schema"]
+    assert not _conforms(body, listed, schema["components"]["schemas"])
+
+
 async def test_summary_counts_a_periods_parts_per_type_and_camera(detector: Any, samples: Samples,
                                                                   tmp_path: Path) -> None:
     """GET /v1/summary: a shift's counts for a MES or an HMI, as `results summary` prints them;

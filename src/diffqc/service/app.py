@@ -886,7 +886,11 @@ def _json_text(name: str, value: object) -> str | None:
 
 def _base64_image(value: object, where: str, limit: int | None) -> bytes:
     """The bytes of an image sent as base64 text or a data URL (at most ``limit``)."""
-    if not isinstance(value, str) or not value:
+    if value is not None and value != "" and not isinstance(value, str):
+        raise ServiceError(422, "bad_request", f"JSON field {where} must be one base64 string (or a data "
+                           f"URL), got {type(value).__name__}"
+                           + ("; several images: POST /v1/inspect/batch" if isinstance(value, list) else ""))
+    if not value:
         raise ServiceError(400, "missing_image", f"the JSON body has no {where}: the image file's bytes "
                            "in base64, or a data URL (data:image/png;base64,...)")
     text = value.partition(",")[2] if value.startswith("data:") else value
@@ -1938,7 +1942,7 @@ def create_app(settings: ServiceSettings, *, detector: DetectorLike | None = Non
     ) -> dict[str, Any]:
         """A period's counts per group (``results summary``), the last group all of them;
         ``parts``: each part counted once by its verdict (``results summary --parts``)."""
-        by = by or (["line"] if parts else ["feature_type"])
+        by = list(dict.fromkeys(by)) or (["line"] if parts else ["feature_type"])  # twice: once
         if unknown := [k for k in by if k not in SUMMARY_KEYS]:
             raise ServiceError(422, "bad_by", f"cannot group by {unknown[0]!r}: by is one of "
                                f"{', '.join(SUMMARY_KEYS)} (repeatable)")

@@ -133,9 +133,10 @@ def upload_extra(line_fields: Sequence[str], *, batch: bool) -> dict[str, Any]:
                 "feature_type": _described({**_NAMES, "default": []}, types),
                 "part_id": _described({**_NAMES, "default": []}, parts), **line}
         listed = {"image": _described(_NAMES, "the image files, base64 or data URLs"),
-                  "feature_type": _described({"anyOf": [_STR, _NAMES]}, types),
-                  "part_id": _described({"anyOf": [_STR, _INT, _list({"type": ["string", "integer"]})]},
-                                        parts),
+                  "feature_type": _described({"anyOf": [_STR, _list({"type": ["string", "null"]}),
+                                                        {"type": "null"}]}, types),
+                  "part_id": _described({"anyOf": [_STR, _INT, _list({"type": ["string", "integer", "null"]}),
+                                                   {"type": "null"}]}, parts),
                   **line}
         content: dict[str, Any] = {}
         description = ("1 to 32 images: repeated multipart file fields `image` (a `part_id` and "
