@@ -3,11 +3,12 @@
 # UNTESTED HERE: Docker cannot run on the machine this was written on.
 #
 #   docker build -t diffqc .
-#   docker run --rm --stop-timeout 40 -p 127.0.0.1:8000:8000 -e DIFFQC_TOKEN=... \
+#   docker run --rm --stop-timeout 60 -p 127.0.0.1:8000:8000 -e DIFFQC_TOKEN=... \
 #       -v "$PWD/model:/model:ro" -v diffqc-data:/data diffqc
 #
-# --stop-timeout 40: `docker stop` sends SIGTERM, and serve inspects and stores the parts in hand
-# within 30 s; docker's own default kills the container after 10 s. PyTorch takes every core the
+# --stop-timeout 60: `docker stop` sends SIGTERM, and serve inspects and stores the parts in hand
+# within 30 s, then stops its line's pushes and closes its store (the systemd unit gives it 60 s);
+# docker's own default kills the container after 10 s. PyTorch takes every core the
 # container sees: limited with --cpus N, pass `serve ... --threads N` too.
 #
 # torch comes from the PyTorch CPU wheel index (TORCH_INDEX_URL): from PyPI, torch for Linux
