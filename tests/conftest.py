@@ -132,6 +132,20 @@ def load_benchmark(script: str) -> Any:
     return module
 
 
+class FakeClock:
+    """``time`` as a benchmark reads it (``perf_counter``, ``process_time``): a clock that moves
+    only when a test moves it, so that a timing method can be checked on a loaded machine."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def process_time(self) -> float:
+        return self.now
+
+
 def _pattern(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     shift = rng.uniform(-1.5, 1.5, 2)

@@ -14,23 +14,10 @@ import pytest
 from diffqc.data import load_dataset
 from diffqc.model import Detector
 
-from .conftest import load_benchmark, tiny_config
+from .conftest import FakeClock, load_benchmark, tiny_config
 
 quality = load_benchmark("quality")
 COLD_S, WARM_MS = 1.0, 2.0
-
-
-class Clock:
-    """``time`` as the benchmark reads it: a clock that moves only when told."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
-
-    def process_time(self) -> float:
-        return self.now
 
 
 def test_score_ms_leaves_the_cold_first_call_out(clear_dataset: Path,
@@ -38,7 +25,7 @@ def test_score_ms_leaves_the_cold_first_call_out(clear_dataset: Path,
     samples = load_dataset(clear_dataset)
     config = tiny_config("padim")
     raw, masks = quality.extract(Detector(config, device="cpu"), samples)
-    clock, real, calls = Clock(), Detector.inspect_features, []
+    clock, real, calls = FakeClock(), Detector.inspect_features, []
 
     def timed(self: Detector, raw: Any, types: Any, *args: Any, **kwargs: Any) -> Any:
         calls.append(len(types))

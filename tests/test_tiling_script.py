@@ -14,29 +14,16 @@ import pytest
 from diffqc.data import load_dataset
 from diffqc.model import Detector
 
-from .conftest import load_benchmark, tiny_config
+from .conftest import FakeClock, load_benchmark, tiny_config
 
 tiling = load_benchmark("tiling")
 COLD_S, WARM_MS = 1.0, 20.0
 
 
-class Clock:
-    """``time`` as the benchmark reads it: a clock that moves only when told."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
-
-    def process_time(self) -> float:
-        return self.now
-
-
 def test_ms_per_part_leaves_the_cold_first_call_out(clear_dataset: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     samples = tiling._subset(load_dataset(clear_dataset), 12, 6, 6, 0)
-    clock, real, calls = Clock(), Detector.inspect, []
+    clock, real, calls = FakeClock(), Detector.inspect, []
 
     def timed(self: Detector, images: Any, *args: Any, **kwargs: Any) -> Any:
         calls.append(len(images))
