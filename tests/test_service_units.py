@@ -447,6 +447,38 @@ def test_a_stop_stores_every_part_it_could_not_inspect_in_time(tmp_path: Path,
         det.gate.set()
 
 
+def test_a_stop_does_not_wait_for_a_listener_of_a_stored_part(tmp_path: Path) -> None:
+    """The worker told its listeners (the line's drift watch and outbox, which write to the
+    store themselves) while holding the lock a stop that gives up takes: a listener waiting on a
+    slow store held the stop past its deadline for as long. Listeners are told outside it: a stop
+    whose time is up stores the parts still waiting while a listener of a stored part waits."""
+    import threading
+
+    det = BlockingDetectorDouble()
+    pipe, _ = _pipeline(tmp_path, det, max_batch=1)
+    heard, release, told = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_listener(rec: Any, seconds: float) -> None:
+        if rec.part_id == "a":  # the worker's: told of "a" while a slow store's write waits
+            heard.set()
+            release.wait(10)
+            told.set()
+
+    pipe.listeners.append(slow_listener)
+    try:
+        first = pipe.submit(_job(0.1, "a"))
+        assert heard.wait(5)  # the worker stored "a" and is telling the slow listener
+        det.gate.clear()
+        later = pipe.submit(_job(0.1, "b"))
+        pipe.stop(timeout=0.1)
+        assert not told.is_set() and later.done()  # stopped while the listener still waits
+        assert later.result(0).decision == NOT_INSPECTED
+    finally:
+        release.set()
+        det.gate.set()
+    assert first.result(5).part_id == "a"
+
+
 def test_a_dropped_part_lets_go_of_its_image_when_it_is_dropped(tmp_path: Path) -> None:
     """Under ``--overflow drop_oldest`` a part pushed out of the buffer kept its decoded image
     and its upload until the worker had finished the batch in hand, outside ``--buffer-mb``: a

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffqc.config import BackboneConfig
+from diffqc.config import ONNX_PREFIX, BackboneConfig
 from diffqc.data import as_image
 from diffqc.errors import BackboneError, ConfigError, DeviceError, check_device_name
 from diffqc.inspection import sha256_file
@@ -32,7 +32,6 @@ from diffqc.inspection import sha256_file
 if TYPE_CHECKING:
     from diffqc.backends.ort import OnnxBackbone
 
-ONNX_PREFIX = "onnx:"
 
 DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
     "efficientnet-lite0": ("blocks.4", "blocks.10"),

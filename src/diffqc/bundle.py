@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from diffqc.calibration import CalibrationWarning, Calibrator
-from diffqc.config import FIT_RECORDED, DetectorConfig, fitted_settings, settings, unknown_settings
+from diffqc.config import (
+    FIT_RECORDED,
+    ONNX_PREFIX,
+    DetectorConfig,
+    fitted_settings,
+    recorded_name,
+    settings,
+    unknown_settings,
+)
 from diffqc.errors import BundleError, ConfigError, OutputError, address_hint
 from diffqc.inspection import BUNDLE_FILES, check_bundle_version, newer_writer, sha256_file
 from diffqc.output import (
@@ -265,7 +273,7 @@ def retrain_text(path: Path, config: DetectorConfig, types: Collection[str]) -> 
     except (OSError, ValueError, KeyError, TypeError):
         return None
     now = settings(config)
-    recorded = {**now, "backbone.name": _as_recorded(config.backbone.name)}  # as the fit will record it
+    recorded = {**now, "backbone.name": recorded_name(config.backbone.name)}  # as the fit will record it
     changed = [(key, _value(now[key]), _value(value)) for key, value in sorted(earlier.items())
                if key in now and key not in FIT_RECORDED and recorded[key] != value]
     lost = [str(t) for t in known if t not in types] if isinstance(known, list) else []
@@ -286,14 +294,6 @@ def retrain_text(path: Path, config: DetectorConfig, types: Collection[str]) -> 
     where = path_text(path)
     return (f"{where} holds a model {', and '.join(said)}; the model replaced is kept in "
             f"{path_text(path / PREVIOUS_FOLDER)}: `diffqc train --undo --out {where}` puts it back")
-
-
-def _as_recorded(name: str) -> str:
-    """``backbone.name`` as a fit records it: an ONNX graph's path absolute (``onnx:tiny.onnx`` ->
-    ``onnx:/work/tiny.onnx``: it is read from the current folder, a service's is another)."""
-    if not name.startswith("onnx:"):
-        return name
-    return "onnx:" + str(Path(name.removeprefix("onnx:")).expanduser().resolve())
 
 
 def changed_settings(fitted: dict[str, Any], config: DetectorConfig) -> list[tuple[str, str, str]]:
@@ -328,7 +328,7 @@ def _edited_settings(fitted: dict[str, Any], config: DetectorConfig) -> str | No
 def _moved_graph(key: str, fitted: Any, now: Any) -> bool:
     """An ONNX backbone's path edited (its graph moved to another folder or machine): the graph's
     checksum, ``backbone.weights_sha256``, tells whether it is the one the model was fitted on."""
-    return key == "backbone.name" and all(str(v).startswith("onnx:") for v in (fitted, now))
+    return key == "backbone.name" and all(str(v).startswith(ONNX_PREFIX) for v in (fitted, now))
 
 
 # the calibration settings `diffqc calibrate` sets, with its options; the others are train's

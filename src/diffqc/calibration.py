@@ -361,7 +361,7 @@ class Calibrator:
         return found
 
     def p_value(self, feature_type: str, score: float, *, type_known: bool = True) -> float:
-        """``feature_type``: the given type, or in unknown-type mode the predicted (arg-min) one."""
+        """``feature_type``: the given type, or in unknown-type mode the predicted one."""
         return self._lookup(feature_type, type_known).p_value(score, self.config.tail)
 
     def decide(self, p_value: float) -> str:

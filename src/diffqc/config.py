@@ -20,6 +20,7 @@ from diffqc.output import write_atomic
 T = TypeVar("T")
 
 METHODS = ("diffusion", "patchcore", "padim")
+ONNX_PREFIX = "onnx:"  # backbone.name of a bring-your-own ONNX graph: onnx:PATH
 BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "mobilenet-v2")  # | onnx:PATH
 MAX_INPUT_SIZE = 8192  # the backbone's square input; larger images are cut into tiles (tiling.mode)
 MAX_NOISES = 4096  # scoring.noises_per_timestep: the noise bank is allocated whole (scoring.ScoreBank)
@@ -160,7 +161,7 @@ class BackboneConfig:
         _check_types(self)
         _in_range(self, "input_gain", 0, 65535, high_open=False)
         _one_of(self, "resize", ("squash", "pad", "crop"))
-        if self.name not in BACKBONES and not (self.name.startswith("onnx:") and len(self.name) > 5):
+        if self.name not in BACKBONES and not (self.name.startswith(ONNX_PREFIX) and len(self.name) > 5):
             raise ConfigError(f"backbone.name must be one of {', '.join(BACKBONES)} or onnx:PATH; "
                               f"got {self.name!r}{did_you_mean(self.name, BACKBONES)}")
         _at_least(self, "input_size", 32)
@@ -559,6 +560,15 @@ def uses_layouts(config: DetectorConfig) -> bool:
     """Whether a model needs layouts (:mod:`diffqc.tiling`: anything but plain squash without
     tiling); such models run with PyTorch only."""
     return config.backbone.resize != "squash" or config.tiling.mode != "off"
+
+
+def recorded_name(name: str) -> str:
+    """``backbone.name`` as a fit records it: an ONNX graph's path absolute (``onnx:tiny.onnx`` ->
+    ``onnx:/work/tiny.onnx``): a relative one is read from the current folder, and a service is
+    started from another (systemd's /)."""
+    if not name.startswith(ONNX_PREFIX):
+        return name
+    return ONNX_PREFIX + str(Path(name.removeprefix(ONNX_PREFIX)).expanduser().resolve())
 
 
 def check_trainable(config: DetectorConfig) -> None:

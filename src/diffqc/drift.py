@@ -39,7 +39,7 @@ before the calibration served was written, or of a type the model served lacks, 
 aloud instead, as a new calibration or model clears it.
 
 A part whose predicted type (the type router's pick; for a model with layouts, tiled, padded
-or cropped, the arg-min of its scores over every type) differs from the type it was declared
+or cropped, the type of the largest known-type p-value over every type) differs from the type it was declared
 as is *mis-routed* (a crop sent down the wrong lane): it is counted apart and kept out of the
 window, since its p-value says nothing about drift.
 

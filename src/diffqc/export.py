@@ -42,7 +42,7 @@ from diffqc.backends.openvino import OpenVinoGraph, openvino_version
 from diffqc.backends.ort import OnnxBackbone, OnnxGraph, import_onnxruntime, make_session
 from diffqc.backends.tensorrt import ENGINE_FILE as TENSORRT_ENGINE
 from diffqc.backends.tensorrt import build_tensorrt_engine, check_tensorrt_builder
-from diffqc.bundle import check_bundle_files, check_not_retrained
+from diffqc.bundle import check_bundle_files, check_not_retrained, read_json
 from diffqc.config import uses_layouts
 from diffqc.errors import ConfigError, DatasetError, ExportError, NotFittedError
 from diffqc.output import check_writable, json_line, scratch_folder, write_atomic
@@ -783,7 +783,7 @@ def export_bundle(
         raise ExportError(f"the ONNX export does not reproduce PyTorch within {RTOL:g}: {json.dumps(check)}")
     blob = model.SerializeToString()
     write_atomic(path / ONNX_FILES["fp32"], blob)
-    meta = json.loads((path / "metadata.json").read_text())
+    meta = read_json(path / "metadata.json")
     previous = _previous_export(path, meta)
     info: dict[str, Any] = {
         "format": EXPORT_FORMAT, "diffqc_version": __version__, "model_id": det.metadata.get("model_id"),

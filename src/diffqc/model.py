@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 
 from diffqc import __version__, routing, tiling
 from diffqc.backbone import (
-    ONNX_PREFIX,
     FeatureExtractor,
     raw_features_in_batches,
     resolve_device,
@@ -58,7 +57,14 @@ from diffqc.calibration import (
     suspect_images,
     suspects_note,
 )
-from diffqc.config import CalibrationConfig, DetectorConfig, check_trainable, fitted_settings, uses_layouts
+from diffqc.config import (
+    CalibrationConfig,
+    DetectorConfig,
+    check_trainable,
+    fitted_settings,
+    recorded_name,
+    uses_layouts,
+)
 from diffqc.data import (
     DatasetWarning,
     Sample,
@@ -483,11 +489,7 @@ class Detector:
         if cross:  # every GOOD image fits the final model and calibrates, scored out of fold
             fit_idx = cal_idx = list(range(len(good)))
         fe = self.extractor
-        # an ONNX graph's path as an absolute one: a relative one is read from the current folder,
-        # and the service is started from another (systemd's /)
-        name = self.config.backbone.name
-        if name.startswith(ONNX_PREFIX):
-            name = ONNX_PREFIX + str(fe.weights_file.resolve())
+        name = recorded_name(self.config.backbone.name)
         self.config = replace(self.config, backbone=replace(self.config.backbone, name=name,
                                                             weights_sha256=fe.weights_sha256,
                                                             grid=tuple(fe.grid)))

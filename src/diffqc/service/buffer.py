@@ -15,6 +15,7 @@ so that the line can divert it.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -174,14 +175,6 @@ class RingBuffer(Generic[T]):
             out = [self._items.popleft() for _ in range(n)]
             self.bytes -= sum(b for _, b in out)
             return [item for item, _ in out]
-
-    def take_all(self) -> list[T]:
-        """Every waiting item, at once (what a stop gives up on)."""
-        with self._cond:
-            out = [item for item, _ in self._items]
-            self._items.clear()
-            self.bytes = 0
-            return out
 
     def close(self) -> None:
         with self._cond:
@@ -427,7 +420,8 @@ class InspectionPipeline:
         in hand of a worker still inspecting it) is stored ``NOT_INSPECTED``, "service stopped
         before it was inspected", and the log says how many: none is left without a record.
         A worker still in its inference call stores nothing after that, so the store may be
-        closed once this returns."""
+        closed once this returns; a commit of the worker's already under way is waited for (the
+        store's own timeout bounds it)."""
         self.buffer.close()
         self._stop.set()
         if self._thread is not None:
@@ -436,11 +430,14 @@ class InspectionPipeline:
         self._give_up()
 
     def _give_up(self) -> None:
-        """Store the parts the worker has not stored ``NOT_INSPECTED`` (its time is up)."""
+        """Store the parts the worker has not stored ``NOT_INSPECTED`` (its time is up). A
+        commit of the worker's already under way is waited for (the store's own timeout bounds
+        it); the listeners are told outside the lock."""
         with self._store_lock:
             self._given_up = True
             (batch, dropped), self._in_hand = self._in_hand, ([], [])
-            batch, dropped = batch + self.buffer.take_all(), dropped + self._take_dropped()
+            batch = batch + self.buffer.get_batch(sys.maxsize, timeout=0)  # closed: every one waiting
+            dropped = dropped + self._take_dropped()
             jobs = batch + dropped
             if not jobs:
                 return
@@ -455,11 +452,9 @@ class InspectionPipeline:
                 for job in jobs:
                     _settle(job.future, exc)
                 return
-            log.warning("stopping: %d parts not inspected in the stop's time were stored NOT_INSPECTED "
-                        "(%s)", len(jobs), STOPPED)
-            for job, rec in zip(jobs, stored, strict=True):
-                self.announce(rec, time.monotonic() - job.enqueued)
-                _settle(job.future, rec)
+        log.warning("stopping: %d parts not inspected in the stop's time were stored NOT_INSPECTED "
+                    "(%s)", len(jobs), STOPPED)
+        self._deliver(jobs, stored, time.monotonic())
 
     @property
     def alive(self) -> bool:
@@ -604,11 +599,19 @@ class InspectionPipeline:
             if self._given_up:  # the stop's time was up: it stored these parts NOT_INSPECTED
                 self._remove_artifacts(records)
                 return
-            self._commit(batch, jobs, records, started)
+            stored = self._commit(records)
+        # told outside the lock: the line's listeners write to the store too, and a stop that
+        # gives up waits for the lock
+        self._remove_artifacts([new for new, kept in zip(records, stored, strict=True) if kept.duplicate])
+        self._name_repeats(jobs, stored)
+        self.last_batch_at = time.time()
+        done = time.monotonic()
+        for listener in self.batch_listeners:
+            listener(len(batch), done - started)
+        self._deliver(jobs, stored, done)
 
-    def _commit(self, batch: list[Job], jobs: list[Job], records: list[ResultRecord], started: float) -> None:
-        """Store the records of ``jobs`` (``batch`` inspected), then tell the listeners and
-        complete the futures; under ``_store_lock``."""
+    def _commit(self, records: list[ResultRecord]) -> list[ResultRecord]:
+        """Store the records of the parts in hand (under ``_store_lock``): the rows stored."""
         try:
             if self.artifacts is not None:
                 self.artifacts.sync()  # the files the records name outlive a power cut as the rows do
@@ -619,16 +622,12 @@ class InspectionPipeline:
             raise
         self._in_hand = ([], [])
         self.store_outage.worked()
-        self._remove_artifacts(
-            [new for new, kept in zip(records, stored, strict=True) if kept.duplicate]
-        )
-        self._name_repeats(jobs, stored)
-        self.last_batch_at = time.time()
-        done = time.monotonic()
-        for listener in self.batch_listeners:
-            listener(len(batch), done - started)
+        return stored
+
+    def _deliver(self, jobs: Sequence[Job], stored: Sequence[ResultRecord], now: float) -> None:
+        """Tell the listeners of each stored record and complete its part's future."""
         for job, rec in zip(jobs, stored, strict=True):
-            self.announce(rec, done - job.enqueued)
+            self.announce(rec, now - job.enqueued)
             _settle(job.future, rec)
 
     def announce(self, rec: ResultRecord, seconds: float = 0.0) -> None:

@@ -348,12 +348,10 @@ class ClockWatch:
 
 def _trained_at(bundle: Path | None) -> float | None:
     """When the bundle's model was trained (metadata.json's ``created``), or None."""
-    if bundle is None:
-        return None
+    created = None if bundle is None else metadata_text(bundle, "created")
     try:
-        created = json.loads((bundle / "metadata.json").read_text())["created"]
-        return datetime.datetime.fromisoformat(str(created)).timestamp()
-    except (OSError, ValueError, KeyError, TypeError):
+        return None if created is None else datetime.datetime.fromisoformat(created).timestamp()
+    except ValueError:
         return None
 
 
