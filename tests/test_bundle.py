@@ -332,21 +332,24 @@ def test_a_retrain_that_leaves_out_a_type_of_the_model_it_replaces_says_so_befor
 
 
 def test_a_bundle_whose_json_files_carry_a_byte_order_mark_loads(tiny_model: Path, tmp_path: Path) -> None:
-    """config.json or metadata.json edited in Windows Notepad (or written by PowerShell) start
-    with a UTF-8 byte order mark: the bundle was refused as damaged, and a folder whose
-    metadata.json had one was not a bundle at all (a train into it refused as "not a diffqc model
-    bundle"). Read as the same JSON."""
+    """config.json, metadata.json or calibration.json edited in Windows Notepad (or written by
+    PowerShell) start with a UTF-8 byte order mark: the bundle was refused as damaged, and a
+    folder whose metadata.json had one was not a bundle at all (a train into it refused as "not a
+    diffqc model bundle"). Read as the same JSON, by the detector and the runtimes alike."""
     from diffqc.bundle import is_bundle, read_bundle
+    from diffqc.runtime import load_detector
 
     bundle = tmp_path / "b"
     shutil.copytree(tiny_model, bundle)
-    for name in ("config.json", "metadata.json"):
+    for name in ("config.json", "metadata.json", "calibration.json"):
         (bundle / name).write_bytes(b"\xef\xbb\xbf" + (tiny_model / name).read_bytes())
     assert is_bundle(bundle)
     _, meta, _ = read_bundle(bundle)
     assert meta == json.loads((tiny_model / "metadata.json").read_text())
     assert named_model_id(bundle) == meta["model_id"]
-    Detector.load(bundle, device="cpu")
+    loaded = Detector.load(bundle, device="cpu")
+    assert loaded.calibration_ is not None
+    assert load_detector(bundle, runtime="torch").calibration_ is not None
 
 
 def _tiny_graph(path: Path) -> Path:

@@ -37,6 +37,7 @@ from diffqc.output import (
     check_writable,
     keep_file,
     path_text,
+    read_json,
     sync_folder,
     with_plain_modes,
 )
@@ -55,12 +56,6 @@ def previous_name(name: str) -> str:
 # a bundle as a save replaces it: its files and the calibration its last ``calibrate`` replaced
 # (an export's files stay: a retrain makes them stale, ``train --undo`` valid again)
 KEPT_FILES = (*BUNDLE_FILES, previous_name("calibration.json"))
-
-
-def read_json(path: Path) -> Any:
-    """A bundle's JSON file (``metadata.json``, ``config.json``): one saved by Windows Notepad or
-    PowerShell starts with a byte order mark, read as the same JSON. OSError or ValueError."""
-    return json.loads(path.read_text(encoding="utf-8-sig"))
 
 
 def is_bundle(path: Path) -> bool:

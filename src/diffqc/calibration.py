@@ -24,7 +24,6 @@ guarantee only).
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -36,6 +35,7 @@ import numpy as np
 
 from diffqc.config import CalibrationConfig
 from diffqc.errors import BundleError, DatasetError, first_few
+from diffqc.output import read_json
 
 PASS, REVIEW, REJECT, NOT_INSPECTED = "PASS", "REVIEW", "REJECT", "NOT_INSPECTED"
 DECISIONS = (PASS, REVIEW, REJECT)
@@ -444,7 +444,7 @@ class Calibrator:
         """:meth:`from_dict` of a JSON file; a missing or damaged file is a BundleError naming it."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = read_json(path)
             if not isinstance(data, dict):
                 raise TypeError("not a JSON object")
             return cls.from_dict(data)

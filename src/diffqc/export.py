@@ -42,10 +42,10 @@ from diffqc.backends.openvino import OpenVinoGraph, openvino_version
 from diffqc.backends.ort import OnnxBackbone, OnnxGraph, import_onnxruntime, make_session
 from diffqc.backends.tensorrt import ENGINE_FILE as TENSORRT_ENGINE
 from diffqc.backends.tensorrt import build_tensorrt_engine, check_tensorrt_builder
-from diffqc.bundle import check_bundle_files, check_not_retrained, read_json
+from diffqc.bundle import check_bundle_files, check_not_retrained
 from diffqc.config import uses_layouts
 from diffqc.errors import ConfigError, DatasetError, ExportError, NotFittedError
-from diffqc.output import check_writable, json_line, scratch_folder, write_atomic
+from diffqc.output import check_writable, json_line, read_json, scratch_folder, write_atomic
 from diffqc.recalibrate import recalibration_text
 from diffqc.runtime import (
     EXPORT_FILE,
@@ -872,7 +872,7 @@ def _previous_export(path: Path, meta: dict[str, Any]
     """The INT8 entries (ONNX Runtime, OpenVINO) of an earlier export of the same weights, when
     its file is still there."""
     try:
-        old = json.loads((path / EXPORT_FILE).read_text())
+        old = read_json(path / EXPORT_FILE)
     except (OSError, ValueError):
         return None
     entry = old.get("int8")

@@ -31,6 +31,13 @@ from diffqc.errors import OutputError, why_unwritable
 PARTIAL_PREFIX = ".diffqc-partial-"
 
 
+def read_json(path: Path | str) -> Any:
+    """A JSON file diffqc wrote and a user may have edited (a bundle's ``metadata.json``,
+    ``config.json``, ``calibration.json``, ``export.json``): one saved by Windows Notepad or
+    PowerShell starts with a byte order mark, read as the same JSON. OSError or ValueError."""
+    return json.loads(Path(path).read_text(encoding="utf-8-sig"))
+
+
 def interrupted_saves(path: Path, *, min_age_s: float = 600.0) -> list[Path]:
     """The hidden folders a save of a bundle to ``path`` left when it was interrupted (killed, or
     a power cut, between its first write and its last move): inside ``path`` and beside it, older

@@ -64,7 +64,7 @@ from diffqc.calibration import (
 from diffqc.config import CalibrationConfig
 from diffqc.errors import BundleError, ConfigError, DatasetError, UnknownFeatureTypeError, did_you_mean
 from diffqc.inspection import BUNDLE_FILES, other_images
-from diffqc.output import check_writable, json_line, keep_file, path_text, replacing
+from diffqc.output import check_writable, json_line, keep_file, path_text, read_json, replacing
 from diffqc.runtime import EXPORT_FILE, ONNX_FILES
 
 log = logging.getLogger("diffqc.recalibrate")
@@ -680,7 +680,7 @@ class CalibrationReloader:
             log.error("new calibration not loaded: %s", self.last_error)
             return False
         try:
-            cal = Calibrator.from_dict(json.loads(self.file.read_text()))
+            cal = Calibrator.from_dict(read_json(self.file))
             classes = list(self.detector.classes_)
             if set(cal.known) != set(classes):
                 raise BundleError(f"calibration types {sorted(cal.known)} != model classes {classes}")

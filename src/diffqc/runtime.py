@@ -16,7 +16,6 @@ pixels to the anomaly map and score runs in the graph, and the verdict comes fro
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -55,7 +54,7 @@ from diffqc.inspection import (
     verdicts,
     warn_outside,
 )
-from diffqc.output import path_text
+from diffqc.output import path_text, read_json
 
 if TYPE_CHECKING:
     import argparse
@@ -133,7 +132,7 @@ def read_export_info(path: Path | str) -> dict[str, Any]:
                               "torch (or auto)")
         raise BundleError(f"model bundle {path} has no ONNX export: run `diffqc export {path}`")
     try:
-        info: dict[str, Any] = json.loads(f.read_text())
+        info: dict[str, Any] = read_json(f)
     except ValueError as exc:
         raise BundleError(f"model bundle {path}: damaged {EXPORT_FILE} ({exc})") from None
     if info.get("format") != EXPORT_FORMAT:  # a newer diffqc's export, copied with its bundle, say
@@ -281,7 +280,7 @@ class OnnxDetector:
             cal_file = self.path / INT8_CALIBRATION_FILE
             if cal_file.is_file():
                 try:
-                    self.calibration_ = Calibrator.from_dict(json.loads(cal_file.read_text()))
+                    self.calibration_ = Calibrator.from_dict(read_json(cal_file))
                 except (ValueError, KeyError, TypeError) as exc:
                     raise BundleError(f"model bundle {self.path}: damaged {cal_file.name} ({exc})") from None
         self.precision = precision
