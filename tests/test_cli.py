@@ -776,6 +776,15 @@ def test_inspect_names_a_type_the_bundle_can_flag_no_part_of(tmp_path: Path,
     assert {json.loads(line)["decision"] for line in out.splitlines()} == {"PASS"}  # clear defects
     assert f"model bundle {bundle}: no part of dots (1 GOOD calibration image) can be flagged" in err
     assert "stripes" not in err
+    # three copies of one image (scores all alike) leave no tail either: named as such, where the
+    # advice was 2 GOOD images, which the type had
+    cal = json.loads((bundle / "calibration.json").read_text())
+    cal["known"]["stripes"] = [cal["known"]["stripes"][0]] * 3
+    (bundle / "calibration.json").write_text(json.dumps(cal))
+    assert main(["inspect", str(bundle), str(data / "dots" / "test" / "blob"), "--feature-type", "dots"]) == 0
+    err = capsys.readouterr().err
+    assert "stripes (3 GOOD calibration images, all scoring alike)" in err
+    assert "recalibrate on 2 different GOOD images or more" in err
 
 
 def test_ctrl_c_during_train_ends_with_interrupted_on_its_own_line(tmp_path: Path) -> None:

@@ -548,10 +548,13 @@ def _name_unflaggable(det: Detector | OnnxDetector, path: Path | str) -> None:
     once, when it wrote the bundle)."""
     if det.calibration_ is not None and (dead := det.calibration_.unflaggable()):
         n = {t: int(det.calibration_.known[t].scores.size) for t in dead}
-        named = ", ".join(f"{t} ({k} GOOD calibration image{'s' if k != 1 else ''})" for t, k in n.items())
+        scores = {t: det.calibration_.known[t].scores for t in dead}
+        alike = {t for t in dead if n[t] > 1 and scores[t].min() == scores[t].max()}
+        named = ", ".join(f"{t} ({k} GOOD calibration image{'s' if k != 1 else ''}"
+                          f"{', all scoring alike' if t in alike else ''})" for t, k in n.items())
         warnings.warn(f"model bundle {path}: no part of {named} can be flagged: every part of "
                       f"{'it' if len(dead) == 1 else 'them'} PASSes; recalibrate on "
-                      f"{det.calibration_.images_to_flag()} GOOD images or more "
+                      f"{det.calibration_.images_to_flag()} different GOOD images or more "
                       f"(`diffqc calibrate {path} DATA`) or retrain on 3 or more", stacklevel=3)
 
 
