@@ -263,7 +263,9 @@ async def test_readyz_is_not_ready_while_the_buffer_is_full_by_bytes(detector: A
             in_hand = asyncio.create_task(post())
             assert await anyio.to_thread.run_sync(entered.wait, 30)
             waiting = [asyncio.create_task(post()) for _ in range(2)]
+            deadline = time.monotonic() + 60
             while pipeline.depth < 2:
+                assert time.monotonic() < deadline, pipeline.depth
                 await asyncio.sleep(0.01)
             assert pipeline.buffer.bytes == 2 * part and len(pipeline.buffer) < pipeline.buffer.capacity
             refused = await post()
@@ -293,7 +295,8 @@ def test_a_request_still_waiting_when_the_service_stops_is_answered_shutting_dow
 
     good, ftype = samples.one("PASS")
     db = str(tmp_path / "r.db")
-    app = create_app(ServiceSettings(db_url=db, tokens=(TOKEN,)), detector=detector)
+    # one part a batch: the worker holds one, two wait (two taken at once never left two waiting)
+    app = create_app(ServiceSettings(db_url=db, tokens=(TOKEN,), max_batch=1), detector=detector)
     port = bench.free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=1))
@@ -320,6 +323,7 @@ def test_a_request_still_waiting_when_the_service_stops_is_answered_shutting_dow
             t.start()
         assert entered.wait(30)
         while pipeline.depth < 2:  # one part in the worker's hands, two waiting
+            assert time.monotonic() < deadline, pipeline.depth
             time.sleep(0.01)
         server.should_exit = True  # as on SIGTERM: the three requests outlast the graceful shutdown
         for t in posters:
