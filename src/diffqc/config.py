@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from diffqc.errors import ConfigError, decimal_comma, did_you_mean, percent_meant, percent_written
-from diffqc.output import write_atomic
+from diffqc.output import read_json, write_atomic
 
 T = TypeVar("T")
 
@@ -498,8 +498,7 @@ class DetectorConfig:
         written: it reads the value in :data:`ADDED_FIELDS` (what that diffqc computed), else
         today's default."""
         try:
-            # utf-8-sig: a file saved by Windows Notepad or PowerShell starts with a byte order mark
-            data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+            data = read_json(path)  # one saved by Windows Notepad (a byte order mark) too
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from None
         for key, value in ADDED_FIELDS.items():
