@@ -96,8 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=600)
     ap.add_argument("--clients", type=int, default=8)
     args = ap.parse_args(argv)
-    # as given, from the current folder (the service runs in a working folder of its own)
-    args.model, args.data = (None if p is None else p.resolve() for p in (args.model, args.data))
     work = Path(tempfile.mkdtemp(prefix="diffqc-opcua-"))
     model, data = bench.model_and_data(ap, args.model, args.data, work)
     parts = bench.payloads(data)

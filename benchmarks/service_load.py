@@ -100,15 +100,17 @@ def png_bytes(image: np.ndarray, mode: str | None = None) -> bytes:
 
 def model_and_data(ap: argparse.ArgumentParser, model: Path | None, data: Path | None,
                    work: Path) -> tuple[Path, Path]:
-    """A benchmark's ``--model`` and ``--data``, or without ``--model`` the tiny model trained
-    here under ``work`` and its data (``--model`` needs ``--data``: argparse's usage error)."""
+    """A benchmark's ``--model`` and ``--data`` as absolute paths (given relative, they are read
+    from the current folder, not from the service's working folder), or without ``--model`` the
+    tiny model trained here under ``work`` and its data (``--model`` needs ``--data``: argparse's
+    usage error)."""
     if model is None:
         t0 = time.perf_counter()
         model, data = train_tiny_model(work / "tiny")
         print(f"trained tiny model in {time.perf_counter() - t0:.1f} s -> {model}", flush=True)
     elif data is None:
         ap.error("--data is needed with --model")
-    return model, data
+    return model.resolve(), data.resolve()
 
 
 def retrain_into(folder: Path, source: Path, model_id: str) -> None:
