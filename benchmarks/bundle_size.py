@@ -14,10 +14,11 @@ types, median of ``--repeats`` runs, with the trained network and again with its
 zeroed (the untrained model, which skips the network). The machine's load is printed: timings
 taken while other jobs run are indicative only.
 
-``--parity`` instead measures what float16 storage changes on the embedded synthetic set
-(one 8-type model, ``train.steps=0``, fitted once per storage on the same features): maps and
-image scores of the test images from a float32 bundle and a float16 bundle, and each type's image
-AUROC from both.
+``--parity`` instead measures what float16 and 8-bit storage (``int8``: the eigenbases and the
+context's effect in 8 bits) change on the embedded synthetic set (one 8-type model,
+``train.steps=0``, fitted once per storage on the same features): maps and image scores of the
+test images from a float16 and an int8 bundle against a float32 one, and each type's image
+AUROC from each.
 
     python benchmarks/bundle_size.py
     python benchmarks/bundle_size.py --types 8 --dims 152 --ranks 32
@@ -50,7 +51,7 @@ from diffqc.diffusion import Denoiser
 from diffqc.metrics import image_auroc
 from diffqc.model import Detector
 
-STORAGES = ("float32", "float16")
+STORAGES = ("float32", "float16", "int8")
 
 
 def folder_bytes(path: Path) -> int:
@@ -109,6 +110,7 @@ def size_rows(types: list[int], dims: list[int], ranks: list[int], batch: int, r
         for r in ranks:
             for n in types:
                 row: dict[str, Any] = {"types": n, "prior_dims": d, "rank": r or "full"}
+                timed = None
                 for storage in STORAGES:  # fitted in each (a fitted model's storage is its own)
                     det, raw = random_detector(n, (base or {}) | {"diffusion.prior_dims": d,
                                                                    "diffusion.prior_rank": r,
@@ -118,28 +120,30 @@ def size_rows(types: list[int], dims: list[int], ranks: list[int], batch: int, r
                     row[f"mb_{storage}"] = folder_bytes(path) / 1e6
                     row[f"onnx_mb_{storage}"] = onnx_mb(path) if onnx else None
                     shutil.rmtree(path)  # written by this script just above
+                    if storage == "float16":  # scoring computes in float32 from any storage
+                        timed = det
                 row["ms_trained"] = row["ms_untrained"] = None
-                if n in time_types:  # the last fit's: float16, the default storage
-                    row["ms_trained"] = time_scoring(det, raw, n, batch, repeats)
-                    denoiser = det.scorer_.denoiser_  # type: ignore[union-attr]
+                if n in time_types and timed is not None:  # the float16 fit's
+                    row["ms_trained"] = time_scoring(timed, raw, n, batch, repeats)
+                    denoiser = timed.scorer_.denoiser_  # type: ignore[union-attr]
                     with torch.no_grad():
                         denoiser.out.weight.zero_()
                         denoiser.out.bias.zero_()
-                    row["ms_untrained"] = time_scoring(det, raw, n, batch, repeats)
+                    row["ms_untrained"] = time_scoring(timed, raw, n, batch, repeats)
                 rows.append(row)
                 print(row, file=sys.stderr, flush=True)
     return rows
 
 
 def size_table(rows: list[dict[str, Any]]) -> str:
-    out = ["| types | prior_dims | rank | bundle MB (fp32) | bundle MB (fp16) | ONNX MB (fp32) | "
-           "ONNX MB (fp16) | ms/img trained | ms/img untrained |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| types | prior_dims | rank | bundle MB (fp32) | bundle MB (fp16) | bundle MB (int8) | "
+           "ONNX MB (fp32) | ONNX MB (fp16) | ONNX MB (int8) | ms/img trained | ms/img untrained |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        cells = [("" if r.get(k) is None else f"{r[k]:.1f}")
-                 for k in ("onnx_mb_float32", "onnx_mb_float16", "ms_trained", "ms_untrained")]
+        keys = ("onnx_mb_float32", "onnx_mb_float16", "onnx_mb_int8", "ms_trained", "ms_untrained")
+        cells = [("" if r.get(k) is None else f"{r[k]:.1f}") for k in keys]
         out.append(f"| {r['types']} | {r['prior_dims']} | {r['rank']} | {r['mb_float32']:.1f} | "
-                   f"{r['mb_float16']:.1f} | {' | '.join(cells)} |")
+                   f"{r['mb_float16']:.1f} | {r['mb_int8']:.1f} | {' | '.join(cells)} |")
     return "\n".join(out)
 
 
@@ -164,6 +168,35 @@ def interleaved_gaussian_ms(dims_ranks: list[tuple[int, int]], n_types: int, bat
 
 
 # ------------------------------------------------------------------------------ parity
+def _of_type(scores: np.ndarray, samples: list[Sample], test: list[int], t: str) -> np.ndarray:
+    return scores[[k for k, i in enumerate(test) if samples[i].feature_type == t]]
+
+
+def _compared(ref_maps: torch.Tensor, maps: torch.Tensor, ref_scores: np.ndarray, scores: np.ndarray,
+              samples: list[Sample], test: list[int], labels: dict[str, np.ndarray]) -> dict[str, Any]:
+    """What a storage changes against float32: the maps and scores, the order of the image
+    scores within each type (what AUROC and calibration see), each type's image AUROC."""
+    ref_m, new_m = ref_maps.double(), maps.double()
+    ref_s, new_s = ref_scores.astype(np.float64), scores.astype(np.float64)
+    per_map = (new_m - ref_m).abs().amax((1, 2)) / ref_m.abs().amax((1, 2))
+    out: dict[str, Any] = {
+        "map_max_abs": float((new_m - ref_m).abs().max()),
+        "map_max_rel_to_map_max": float(per_map.max()),
+        "score_max_abs": float(np.abs(new_s - ref_s).max()),
+        "score_max_rel": float((np.abs(new_s - ref_s) / np.abs(ref_s)).max()),
+    }
+    flips = pairs = 0
+    aurocs: dict[str, tuple[float, float]] = {}
+    for t, y in labels.items():
+        a, b = _of_type(ref_s, samples, test, t), _of_type(new_s, samples, test, t)
+        da, db = a[:, None] - a[None, :], b[:, None] - b[None, :]
+        flips += int((np.sign(da) != np.sign(db)).sum() // 2)
+        pairs += len(a) * (len(a) - 1) // 2
+        aurocs[t] = (image_auroc(y, a), image_auroc(y, b))
+    out["order_flips"] = f"{flips} of {pairs} same-type pairs"
+    out["auroc_fp32_and_this"] = {t: (round(a, 4), round(b, 4)) for t, (a, b) in aurocs.items()}
+    out["mean_auroc"] = round(float(np.mean([b for _, b in aurocs.values()])), 4)
+    return out
 def synthetic_features(work: Path, cache: Path | None) -> tuple[list[Sample], torch.Tensor]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from quality import cached_extract, dataset_samples
@@ -175,8 +208,8 @@ def synthetic_features(work: Path, cache: Path | None) -> tuple[list[Sample], to
 
 
 def parity(overrides: dict[str, Any], work: Path, cache: Path | None) -> dict[str, Any]:
-    """Maps and image scores of a float16 bundle against a float32 bundle of one 8-type model
-    (``train.steps=0``, fitted once per storage) on the synthetic test images."""
+    """Maps and image scores of a float16 and an int8 bundle against a float32 bundle of one
+    8-type model (``train.steps=0``, fitted once per storage) on the synthetic test images."""
     samples, raw = synthetic_features(work, cache)
     train = [i for i, s in enumerate(samples) if s.split == "train" and s.label == GOOD]
     test = [i for i, s in enumerate(samples) if s.split == "test"]
@@ -186,7 +219,7 @@ def parity(overrides: dict[str, Any], work: Path, cache: Path | None) -> dict[st
     with tempfile.TemporaryDirectory(prefix="diffqc-parity-") as tmp:
         for storage in STORAGES:
             # fitted (and calibrated) in each storage on the same features: with train.steps=0 the
-            # same model but for the Gaussians' rounding to float16
+            # same model but for the rounding of its tables
             fit = {"train.steps": 0} | overrides | {"diffusion.prior_storage": storage}
             torch.manual_seed(0)
             det = Detector(with_overrides(DetectorConfig(), fit), device="cpu")
@@ -203,28 +236,13 @@ def parity(overrides: dict[str, Any], work: Path, cache: Path | None) -> dict[st
                     m_all.append(m)
                     s_all.append(s)
             maps[storage], scores[storage] = torch.cat(m_all), torch.cat(s_all).numpy()
-    ref_m, new_m = maps["float32"].double(), maps["float16"].double()
-    ref_s, new_s = scores["float32"].astype(np.float64), scores["float16"].astype(np.float64)
-    out["map_max_abs"] = float((new_m - ref_m).abs().max())
-    per_map = (new_m - ref_m).abs().amax((1, 2)) / ref_m.abs().amax((1, 2))
-    out["map_max_rel_to_map_max"] = float(per_map.max())
-    out["score_max_abs"] = float(np.abs(new_s - ref_s).max())
-    out["score_max_rel"] = float((np.abs(new_s - ref_s) / np.abs(ref_s)).max())
-    # order of the image scores within each type (what AUROC and calibration see)
-    flips = pairs = 0
-    aurocs: dict[str, tuple[float, float]] = {}
-    for t in sorted({samples[i].feature_type for i in test}):
-        idx = [k for k, i in enumerate(test) if samples[i].feature_type == t]
-        a, b = ref_s[idx], new_s[idx]
-        da, db = a[:, None] - a[None, :], b[:, None] - b[None, :]
-        flips += int((np.sign(da) != np.sign(db)).sum() // 2)
-        pairs += len(idx) * (len(idx) - 1) // 2
-        labels = np.array([samples[test[k]].label for k in idx])
-        aurocs[t] = (image_auroc(labels, a), image_auroc(labels, b))
-    out["order_flips"] = f"{flips} of {pairs} same-type pairs"
-    out["auroc_fp32_fp16"] = {t: (round(a, 4), round(b, 4)) for t, (a, b) in aurocs.items()}
-    out["mean_auroc_fp32"] = round(float(np.mean([a for a, _ in aurocs.values()])), 4)
-    out["mean_auroc_fp16"] = round(float(np.mean([b for _, b in aurocs.values()])), 4)
+    labels = {t: np.array([samples[i].label for i in test if samples[i].feature_type == t])
+              for t in sorted({samples[i].feature_type for i in test})}
+    out["mean_auroc_float32"] = round(float(np.mean(
+        [image_auroc(labels[t], _of_type(scores["float32"], samples, test, t)) for t in labels])), 4)
+    for storage in STORAGES[1:]:
+        out[storage] = _compared(maps["float32"], maps[storage], scores["float32"], scores[storage],
+                                 samples, test, labels)
     return out
 
 

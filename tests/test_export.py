@@ -177,16 +177,23 @@ def test_the_fused_heat_map_exports(clear_dataset: Path, tmp_path: Path, test_im
         np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-4 * np.abs(b.anomaly_map).max())
 
 
-@pytest.mark.parametrize(("maps", "network"), [(0, "none"), (3, "none"), (0, "image")])
+@pytest.mark.parametrize(("maps", "network", "storage"), [
+    (0, "none", "float16"), (3, "none", "float16"), (0, "image", "float16"),
+    (0, "none", "int8"), (3, "none", "int8")])
 def test_the_image_context_exports(clear_dataset: Path, tmp_path: Path, test_images: tuple,
-                                   maps: int, network: str) -> None:
+                                   maps: int, network: str, storage: str) -> None:
     """diffusion.prior_context: the bundle reloads the fitted detector, and the graph gathers each
     image's context effect (whole, or its factors through ``prior_context_maps`` spatial maps) by
-    type (float16 constants) and computes PyTorch's maps and scores; with a trained network that
-    sees the context (``diffusion.context=image``), the graph feeds it each image's components."""
+    type (float16 constants; with ``prior_storage=int8`` the eigenbases and the effect as int8
+    constants and their scales) and computes PyTorch's maps and scores; with a trained network
+    that sees the context (``diffusion.context=image``), the graph feeds it each image's
+    components."""
+    import onnx
+
     train = [s for s in load_dataset(clear_dataset) if s.split == "train"]
     over = {"train.steps": 0 if network == "none" else 60, "diffusion.context": network,
-            "diffusion.prior_context": 4, "diffusion.prior_context_maps": maps}
+            "diffusion.prior_context": 4, "diffusion.prior_context_maps": maps,
+            "diffusion.prior_storage": storage}
     det = Detector(tiny_config(**over), device="cpu")
     det.fit(train, progress=False)
     context = det.scorer_.context_
@@ -202,6 +209,11 @@ def test_the_image_context_exports(clear_dataset: Path, tmp_path: Path, test_ima
     assert read_export_info(bundle)["fp32"]["parity_vs_torch"]["passed"]
     got = load_detector(bundle, "onnx", threads=1).inspect(images[:6], types[:6], all_types=False)
     np.testing.assert_allclose([r.score for r in got], [r.score for r in ref], rtol=1e-4)
+    # the eigenbases, location-major, held at the bundle's storage (not widened)
+    vecs = det.scorer_.denoiser_.prior_vecs[: len(det.classes_)].transpose(0, 1)
+    held = [t.data_type for t in onnx.load(str(bundle / "model.onnx")).graph.initializer
+            if tuple(t.dims) == tuple(vecs.shape)]
+    assert held == [onnx.TensorProto.INT8 if storage == "int8" else onnx.TensorProto.FLOAT16]
 
 
 def test_onnx_detector_reproduces_torch_inspect(exported: Path, test_images: tuple,

@@ -296,3 +296,46 @@ def test_the_scorer_takes_features_of_any_float_type_as_the_baselines_do() -> No
         assert got.dtype == torch.float32 and torch.isfinite(got).all()
         if dtype == torch.float64:
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_prior_storage_round_trip(tmp_path: Path) -> None:
+    """With ``diffusion.prior_storage=int8`` the two largest tables, the per-location eigenbases
+    and the image context's effect, are written as int8 with a float16 scale per vector, every
+    other table of the Gaussians as float16; the fitted model is already rounded, so that its
+    bundle reloads it exactly, saving the reloaded model writes the same bytes, and its maps stay
+    close to the float16 model's."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(11)
+    feats = torch.randn(48, 10, 4, 4, generator=g) * torch.rand(10, 1, 1, generator=g) + 1.0
+    types = torch.arange(48) % 2
+    over = {"train.steps": 0, "diffusion.prior_dims": 8, "diffusion.prior_rank": 4,
+            "diffusion.prior_context": 2}
+    x = torch.randn(6, 10, 4, 4, generator=g) + 1.0
+    t = torch.arange(6) % 2
+    maps = {}
+    for storage in ("float16", "int8"):
+        config = with_overrides(DetectorConfig(), over | {"diffusion.prior_storage": storage})
+        fitted = DiffusionScorer(config).fit(feats, types, 2)
+        state = fitted.state_tensors()
+        path = tmp_path / f"{storage}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        loaded = DiffusionScorer.from_state(config, load_file(str(path)), 2, 10)
+        maps[storage] = fitted.score_maps(x, t)
+        assert torch.equal(loaded.score_maps(x, t), maps[storage])
+        again = loaded.state_tensors()
+        assert again.keys() == state.keys() and all(torch.equal(again[k], v) for k, v in state.items())
+        if storage == "float16":
+            continue
+        packed = {k for k, v in state.items() if v.dtype == torch.int8}
+        assert packed == {"denoiser.prior_vecs", "context.effect"}
+        assert state["denoiser.prior_vecs_scale"].shape == (2, 16, 1, 4)  # per eigenvector
+        assert state["context.effect_scale"].shape == (2, 2, 10, 1)  # per component and channel
+        halves = {k.removeprefix("denoiser.") for k, v in state.items() if v.dtype == torch.float16}
+        assert halves == {"prior_mean", "prior_var", "prior_vals", "prior_rest", "prior_vecs_scale",
+                          "context.effect_scale"}
+        assert path.stat().st_size < (tmp_path / "float16.safetensors").stat().st_size
+    assert not torch.equal(maps["int8"], maps["float16"])  # the rounding is real ...
+    # ... and small: at most 1.2e-3 of the largest map value here
+    top = float(maps["float16"].max())
+    torch.testing.assert_close(maps["int8"], maps["float16"], rtol=0, atol=5e-3 * top)

@@ -27,7 +27,7 @@ MAX_NOISES = 4096  # scoring.noises_per_timestep: the noise bank is allocated wh
 MAX_DEPTH = 64  # the denoiser's residual blocks (3 by default)
 SCHEDULES = ("cosine", "linear")
 PRIORS = ("local", "none")
-PRIOR_STORAGES = ("float32", "float16")
+PRIOR_STORAGES = ("float32", "float16", "int8")
 CONTEXTS = ("none", "ring", "image")
 AGGREGATIONS = ("topk", "max", "mean")
 HEAT_MAPS = ("likelihood", "fused")
@@ -231,7 +231,9 @@ class DiffusionConfig:
     # tile (~760 GOOD), -0.006 image on the synthetic set's 8 small types (~150 GOOD each)
     prior_covariance: str = "ledoit_wolf"
     # dtype of the Gaussians' parameters in the saved bundle (computed in float32): float16 halves
-    # the bundle; on the synthetic set it moved no image score's rank (benchmarks/bundle_size.py)
+    # the bundle; on the synthetic set it moved no image score's rank (benchmarks/bundle_size.py);
+    # "int8": the two largest tables, the per-location eigenbases and the image context's effect,
+    # in 8 bits with a float16 scale per vector (diffusion.pack_int8), the rest in float16
     prior_storage: str = "float16"
     # "ring": the network also sees the mean of the 8 neighbouring locations' noisy features
     # (never its own), so it can learn what a location should look like from its surroundings;

@@ -28,6 +28,8 @@ maps, so a type's bytes are ``k·C·r + r·h·w`` instead of ``k·C·h·w``. Bot
 ``diffusion.prior_storage`` (float16 by default) and rounded to it when fitted, as the Gaussians
 are; the descriptor's centre and whitening stay in float32 (``C`` and ``C × k`` numbers per type).
 ``maps = 0`` keeps ``A`` whole (bundles from before the option: no ``context.maps`` tensor).
+With ``prior_storage=int8`` the effect is stored in 8 bits with one float16 scale per component
+and channel (over locations, or over maps), and the maps with one per map.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from typing import Self
 
 import torch
 from torch import Tensor, nn
+
+from diffqc.diffusion import pack_int8, round_int8, unpack_int8
 
 __all__ = ["ImageContext", "descriptor", "spatial_maps", "whitening"]
 
@@ -76,7 +80,7 @@ class ImageContext(nn.Module):
     the type's ``k`` are zero) and the effect of the whitened components on every location and
     channel: ``effect [T, K, C·h·w]``, or with ``maps > 0`` the factors ``effect [T, K, C·r]`` and
     ``maps [T, r, h·w]`` (module docstring), rows beyond a type's own zero. Rounded to the storage
-    dtype, kept in float32."""
+    dtype (or to 8 bits: ``int8``), kept in float32."""
 
     centre: Tensor
     basis: Tensor
@@ -84,11 +88,15 @@ class ImageContext(nn.Module):
     maps: Tensor | None
 
     def __init__(self, n_types: int, channels: int, locations: int, components: int,
-                 storage: torch.dtype = torch.float16, maps: int = 0) -> None:
+                 storage: torch.dtype = torch.float16, maps: int = 0, *, int8: bool = False) -> None:
         super().__init__()
         if components < 1:
             raise ValueError("an image context needs at least one component")
         self.storage = storage
+        self.int8 = int8
+        for name in ("effect", "maps"):  # int8: the tables packed for a graph to trace (pack_storage)
+            self.register_buffer(f"packed_{name}", None, persistent=False)
+            self.register_buffer(f"packed_{name}_scale", None, persistent=False)
         self.register_buffer("centre", torch.zeros(n_types, channels))
         self.register_buffer("basis", torch.zeros(n_types, channels, components))
         width = channels * (maps if maps > 0 else locations)
@@ -98,6 +106,51 @@ class ImageContext(nn.Module):
     @property
     def components(self) -> int:
         return int(self.basis.shape[-1])
+
+    def _by_vector(self, name: str, table: Tensor) -> Tensor:
+        """``table`` as its vectors of one 8-bit scale each, along the last axis: the effect
+        ``[T, K, C, ·]`` (each component and channel over locations or maps), the maps as they are."""
+        if name == "effect":
+            return table.reshape(*table.shape[:2], self.centre.shape[-1], -1)
+        return table
+
+    def _rounded(self, name: str, table: Tensor) -> Tensor:
+        """``table`` (``effect`` or ``maps``) as the bundle stores it, in float32."""
+        if self.int8:
+            return round_int8(self._by_vector(name, table), -1).reshape(table.shape)
+        return table.to(self.storage).float()
+
+    def _stored(self) -> dict[str, Tensor]:
+        """The effect and maps as the bundle stores them: at the storage dtype, or int8 with a
+        ``NAME_scale`` tensor each."""
+        out: dict[str, Tensor] = {}
+        for name, table in (("effect", self.effect), ("maps", self.maps)):
+            if table is None:
+                continue
+            if not self.int8:
+                out[name] = table.to(self.storage)
+                continue
+            q, scale = pack_int8(self._by_vector(name, table), -1)
+            out[name], out[f"{name}_scale"] = q.reshape(table.shape), scale
+        return out
+
+    def pack_storage(self) -> None:
+        """With 8-bit storage, pack the tables now for a graph to trace (packing traced would be a
+        graph computation, not a constant); call again after they change."""
+        if self.int8:  # buffers: the graph's initializers
+            for name, table in self._stored().items():
+                setattr(self, f"packed_{name}", table)
+
+    def _gathered(self, name: str, table: Tensor, types: Tensor) -> Tensor:
+        """Each image's rows of ``table`` (traced: from the table as stored), in float32."""
+        if not self.int8:
+            return torch.index_select(table.to(self.storage), 0, types).float()
+        q, scale = getattr(self, f"packed_{name}"), getattr(self, f"packed_{name}_scale")
+        if q is None or scale is None:
+            raise RuntimeError("an 8-bit image context is traced packed: call pack_storage() first")
+        rows = unpack_int8(self._by_vector(name, torch.index_select(q, 0, types)),
+                           torch.index_select(scale, 0, types))
+        return rows.reshape(types.shape[0], *table.shape[1:])
 
     def _shift(self, z: Tensor, effect: Tensor, maps: Tensor | None) -> Tensor:
         """The context part ``[N, C·L]`` of whitened components ``z [N, k]`` (one type's
@@ -117,7 +170,7 @@ class ImageContext(nn.Module):
     @classmethod
     def fit(cls, features: Tensor, type_idx: Tensor, n_types: int, components: int,
             storage: torch.dtype = torch.float16, *, maps: int = 0,
-            per_component: int = SAMPLES_PER_COMPONENT) -> Self:
+            per_component: int = SAMPLES_PER_COMPONENT, int8: bool = False) -> Self:
         """Fit each type's context on its GOOD fit images ``features [N, C, h, w]``: at most
         ``components`` components and one per ``per_component`` images of the type (0: no
         such cap, for studies); the effect through ``maps`` spatial maps per type (0: whole)."""
@@ -147,18 +200,21 @@ class ImageContext(nn.Module):
         # the bytes
         width = max((basis.shape[1] for _, basis, _, _ in fitted.values()), default=1)
         rows = max((m.shape[0] for *_, m in fitted.values() if m is not None), default=1) if maps > 0 else 0
-        self = cls(n_types, c, h * w, width, storage, rows).to(features.device)
+        self = cls(n_types, c, h * w, width, storage, rows, int8=int8).to(features.device)
         for ty, (centre, basis, effect, spatial) in fitted.items():
             k = basis.shape[1]
             self.centre[ty] = centre.float()
             self.basis[ty, :, :k] = basis.float()
             if spatial is None:
-                self.effect[ty, :k] = effect.float().to(storage).float()
+                self.effect[ty, :k] = effect.float()
                 continue
             assert self.maps is not None
             r = spatial.shape[0]
-            self.effect[ty, :k].view(k, c, rows)[:, :, :r] = effect.view(k, c, r).float().to(storage).float()
-            self.maps[ty, :r] = spatial.float().to(storage).float()
+            self.effect[ty, :k].view(k, c, rows)[:, :, :r] = effect.view(k, c, r).float()
+            self.maps[ty, :r] = spatial.float()
+        self.effect.copy_(self._rounded("effect", self.effect))  # as the bundle will hold them
+        if self.maps is not None:
+            self.maps.copy_(self._rounded("maps", self.maps))
         return self
 
     def whitened(self, features: Tensor, type_idx: Tensor) -> Tensor:
@@ -180,11 +236,9 @@ class ImageContext(nn.Module):
             z = self._whiten(descriptor(features), types)  # [N, K]
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # types are a graph input
             z = z.unsqueeze(1)  # [N, 1, K]
-            # gathered from the storage dtype: the exported graph keeps them at it
-            effect = torch.index_select(self.effect.to(self.storage), 0, types).float()
-            maps = None
-            if self.maps is not None:
-                maps = torch.index_select(self.maps.to(self.storage), 0, types).float()
+            # gathered from the tables as stored: the exported graph keeps them so
+            effect = self._gathered("effect", self.effect, types)
+            maps = None if self.maps is None else self._gathered("maps", self.maps, types)
             return (flat - self._shift(z, effect, maps)).view_as(features)
         groups = types.unique().tolist()
         if len(groups) == 1:  # the usual batch: one pass
@@ -196,26 +250,30 @@ class ImageContext(nn.Module):
         return out.view_as(features)
 
     def state_tensors(self) -> dict[str, Tensor]:
-        """The bundle's tensors: the effect (and maps) at the storage dtype, the whitening in float32."""
-        state = {f"{STATE_PREFIX}centre": self.centre, f"{STATE_PREFIX}basis": self.basis,
-                 f"{STATE_PREFIX}effect": self.effect.to(self.storage)}
-        if self.maps is not None:
-            state[f"{STATE_PREFIX}maps"] = self.maps.to(self.storage)
+        """The bundle's tensors: the effect (and maps) as stored (:meth:`_stored`), the whitening
+        in float32."""
+        state = {f"{STATE_PREFIX}centre": self.centre, f"{STATE_PREFIX}basis": self.basis}
+        state.update({f"{STATE_PREFIX}{name}": t for name, t in self._stored().items()})
         return state
 
     @classmethod
-    def from_state(cls, tensors: dict[str, Tensor], storage: torch.dtype = torch.float16) -> Self:
+    def from_state(cls, tensors: dict[str, Tensor], storage: torch.dtype = torch.float16, *,
+                   int8: bool = False) -> Self:
         """Rebuild from :meth:`state_tensors` (``KeyError`` if a tensor is missing; no
-        ``context.maps``: the whole effect, as bundles from before the option hold it)."""
+        ``context.maps``: the whole effect, as bundles from before the option hold it), rounded
+        to the storage asked (``int8``: 8 bits) whatever it was stored at."""
         centre, basis = tensors[f"{STATE_PREFIX}centre"], tensors[f"{STATE_PREFIX}basis"]
         effect, maps = tensors[f"{STATE_PREFIX}effect"], tensors.get(f"{STATE_PREFIX}maps")
         n_types, channels, components = basis.shape
         rows, locations = (0, effect.shape[-1] // channels) if maps is None else maps.shape[1:]
-        self = cls(n_types, channels, locations, components, storage, rows).to(basis.device)
+        self = cls(n_types, channels, locations, components, storage, rows, int8=int8).to(basis.device)
         self.centre.copy_(centre.float())
         self.basis.copy_(basis.float())
-        self.effect.copy_(effect.to(storage).float())  # rounded, whatever precision it was stored at
-        if maps is not None:
-            assert self.maps is not None
-            self.maps.copy_(maps.to(storage).float())
+        for name, table in (("effect", effect), ("maps", maps)):
+            if table is None:
+                continue
+            scale = tensors.get(f"{STATE_PREFIX}{name}_scale")  # stored in 8 bits
+            values = table.float() if scale is None else unpack_int8(self._by_vector(name, table), scale)
+            target = getattr(self, name)
+            target.copy_(self._rounded(name, values.reshape(target.shape)))
         return self

@@ -46,8 +46,35 @@ def alpha_bar_of(config: DiffusionConfig) -> Tensor:
 
 
 def storage_dtype(config: DiffusionConfig) -> torch.dtype:
-    """The dtype the Gaussians' parameters are stored (and rounded) in: ``prior_storage``."""
-    return getattr(torch, config.prior_storage)
+    """The dtype the Gaussians' parameters are stored (and rounded) in: ``prior_storage``; with
+    ``int8``, float16, that of every table but the eigenbases and the context's effect, which
+    are stored in 8 bits (:func:`pack_int8`)."""
+    return torch.float16 if config.prior_storage == "int8" else getattr(torch, config.prior_storage)
+
+
+INT8_STEPS = 127  # symmetric: -127..127, so that a vector's sign flip is exact
+VECS_AXIS = -2  # prior_vecs [.., d, r]: one 8-bit scale per eigenvector (column)
+
+
+def pack_int8(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """``x`` in 8 bits: ``(q, scale)``, ``q`` int8 of ``x``'s shape and ``scale`` float16 with one
+    entry per vector along ``dim`` (its largest magnitude / 127, kept as a size-1 ``dim``), so
+    that ``q · scale`` (:func:`unpack_int8`) is ``x`` within half a step of its vector's scale.
+    Packing the unpacked values again gives the same ``q`` and ``scale``."""
+    scale = (x.abs().amax(dim=dim, keepdim=True).float() / INT8_STEPS).to(torch.float16)
+    scale = scale.clamp_min(2.0**-24)  # float16's smallest step: an all-zero vector stays zero
+    q = (x.float() / scale.float()).round().clamp(-INT8_STEPS, INT8_STEPS).to(torch.int8)
+    return q, scale
+
+
+def unpack_int8(q: Tensor, scale: Tensor) -> Tensor:
+    """The float32 values of :func:`pack_int8`'s ``(q, scale)``."""
+    return q.float() * scale.float()
+
+
+def round_int8(x: Tensor, dim: int) -> Tensor:
+    """``x`` as its 8-bit storage along ``dim`` reads back (float32)."""
+    return unpack_int8(*pack_int8(x, dim))
 
 
 def log_snr(alpha_bar: Tensor) -> Tensor:
@@ -240,6 +267,11 @@ class Denoiser(nn.Module):
         # the precision the Gaussians' parameters are stored in (their values are rounded to
         # it): an exported graph keeps them at it and widens each image's gathered copy
         self.prior_storage = storage_dtype(config)
+        # prior_storage=int8: the eigenbases in 8 bits, one scale per eigenvector of a location;
+        # the exported graph holds them packed (pack_storage), eager scoring their float32 values
+        self.prior_int8 = config.prior_storage == "int8"
+        self.register_buffer("packed_vecs", None, persistent=False)  # int8 [L, T, d, r]
+        self.register_buffer("packed_vecs_scale", None, persistent=False)  # float16 [L, T, 1, r]
         alpha_bar = alpha_bar_of(config)
         self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
         if self.use_prior:
@@ -362,6 +394,15 @@ class Denoiser(nn.Module):
             return [(None, int(types[0]))]
         return [((type_idx == ty).nonzero().squeeze(1), int(ty)) for ty in types]
 
+    def pack_storage(self) -> None:
+        """With 8-bit eigenbases (``prior_storage=int8``), pack them now, location-major, for a
+        graph to trace (:func:`pack_int8` traced would be a graph computation, not a constant):
+        the exported graph then holds the int8 table and its scales, gathers each image's rows
+        and widens them. Call again after the eigenbases change."""
+        if self.use_prior and self.prior_int8:  # buffers: the graph's initializers
+            self.packed_vecs, self.packed_vecs_scale = pack_int8(
+                self.prior_vecs[: self.n_types].transpose(0, 1), VECS_AXIS)
+
     def _params(self, sel: Tensor | int) -> PriorParams:
         """Location-major Gaussian parameters of type ``sel`` (an int: ``[L, 1, ...]``, in place)
         or of each image's type (``type_idx [N]``: ``[L, N, ...]``, gathered); ``var`` holds the
@@ -382,8 +423,15 @@ class Denoiser(nn.Module):
             stored = table[rows].transpose(0, 1).to(self.prior_storage)
             return torch.index_select(stored, 1, sel).float()
 
+        if self.prior_int8:
+            q, scale = self.packed_vecs, self.packed_vecs_scale
+            if q is None or scale is None:
+                raise RuntimeError("8-bit eigenbases are traced packed: call pack_storage() first")
+            vecs = unpack_int8(torch.index_select(q, 1, sel), torch.index_select(scale, 1, sel))
+        else:
+            vecs = by_location(self.prior_vecs)
         return PriorParams(by_location(self.prior_mean), by_location(self.prior_var)[..., d:],
-                           by_location(self.prior_vecs), by_location(self.prior_vals),
+                           vecs, by_location(self.prior_vals),
                            by_location(self.prior_rest) if self.low_rank else None)
 
     @staticmethod

@@ -28,7 +28,17 @@ from torch import Tensor
 from diffqc.config import DetectorConfig, ScoringConfig, smoothing_radius
 from diffqc.context import STATE_PREFIX as CONTEXT_PREFIX
 from diffqc.context import ImageContext
-from diffqc.diffusion import Denoiser, NoiseSchedule, alpha_bar_of, storage_dtype, vlb_quadrature
+from diffqc.diffusion import (
+    VECS_AXIS,
+    Denoiser,
+    NoiseSchedule,
+    alpha_bar_of,
+    pack_int8,
+    round_int8,
+    storage_dtype,
+    unpack_int8,
+    vlb_quadrature,
+)
 from diffqc.train import TrainHistory, train_denoiser
 
 # noisy copies of an image (K per image) that go through the network in one pass: about 16 was
@@ -138,7 +148,8 @@ class DiffusionScorer:
         if components > 0:  # the Gaussians (and the network) then model what the context leaves
             self.context_ = ImageContext.fit(features, type_idx, n_types, components,
                                              storage_dtype(self.config.diffusion),
-                                             maps=self.config.diffusion.prior_context_maps)
+                                             maps=self.config.diffusion.prior_context_maps,
+                                             int8=self._int8)
             z = self._network_context(features, type_idx)
             features = self.context_.remove(features, type_idx, z)
         self.denoiser_, self.history_ = train_denoiser(
@@ -165,8 +176,15 @@ class DiffusionScorer:
         storage = storage_dtype(self.config.diffusion)
         with torch.no_grad():
             for name, buf in denoiser.named_buffers():
-                if name in PRIOR_TENSORS:
+                if name == "prior_vecs" and self._int8:
+                    buf.copy_(round_int8(buf, VECS_AXIS))
+                elif name in PRIOR_TENSORS:
                     buf.copy_(buf.to(storage))
+
+    @property
+    def _int8(self) -> bool:
+        """``diffusion.prior_storage=int8``: the eigenbases and the context's effect in 8 bits."""
+        return self.config.diffusion.prior_storage == "int8"
 
     def _set_bank(self, bank: ScoreBank) -> None:
         """Keep the bank, and once (not per call) its noise in the order denoising_error works
@@ -232,6 +250,9 @@ class DiffusionScorer:
         # of the bundle); from_state puts the initial row back
         state = {f"denoiser.{k}": v[: denoiser.n_types].to(storage) if k in PRIOR_TENSORS else v
                  for k, v in denoiser.state_dict().items()}
+        if self._int8 and "denoiser.prior_vecs" in state:
+            q, scale = pack_int8(denoiser.prior_vecs[: denoiser.n_types], VECS_AXIS)
+            state["denoiser.prior_vecs"], state["denoiser.prior_vecs_scale"] = q, scale
         state["bank.timesteps"] = bank.timesteps
         state["bank.noise"] = bank.noise
         state["bank.weights"] = bank.weights
@@ -258,6 +279,8 @@ class DiffusionScorer:
         # stored in float16 or float32 (diffusion.prior_storage): computed in float32
         state = {k.removeprefix("denoiser."): v.float() if v.is_floating_point() else v
                  for k, v in tensors.items() if k.startswith("denoiser.")}
+        if (scale := state.pop("prior_vecs_scale", None)) is not None:  # stored in 8 bits
+            state["prior_vecs"] = unpack_int8(state["prior_vecs"], scale)
         for key in PRIOR_TENSORS:  # bundles without the null type's row (see state_tensors)
             init = getattr(denoiser, key, None)
             if key in state and init is not None and state[key].shape == (n_types, *init.shape[1:]):
@@ -274,7 +297,8 @@ class DiffusionScorer:
             if not any(k.startswith(CONTEXT_PREFIX) for k in tensors):
                 raise KeyError(f"diffusion.prior_context={config.diffusion.prior_context} but the "
                                "bundle holds no image context (context.*)")
-            self.context_ = ImageContext.from_state(tensors, storage_dtype(config.diffusion)).to(noise.device)
+            self.context_ = ImageContext.from_state(tensors, storage_dtype(config.diffusion),
+                                                    int8=self._int8).to(noise.device)
         return self
 
 
