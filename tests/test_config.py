@@ -219,8 +219,9 @@ def test_every_default_key_is_settable() -> None:
 # The settings of diffqc's version (``__version__``). A bundle records the version that wrote it,
 # and an older diffqc refuses a setting it does not know as a newer version's ("upgrade diffqc
 # here", tests/test_bundle.py), which tells the user the truth only if each version that adds a
-# setting (or drops one) raises the minor version: write the new version and settings here then.
-SETTINGS_OF_VERSION = ("0.2.0", (
+# setting (or drops one), or a value of one that an older diffqc does not read (0.3.0:
+# diffusion.prior_storage=int8), raises the minor version: write the new version and settings here then.
+SETTINGS_OF_VERSION = ("0.3.0", (
     "method", "backbone.name", "backbone.layers", "backbone.input_size", "backbone.pool",
     "backbone.weights_sha256", "backbone.resize", "backbone.grid", "backbone.input_gain",
     "diffusion.timesteps", "diffusion.schedule", "diffusion.hidden", "diffusion.depth",

@@ -2,8 +2,9 @@
 
 # A bundle records the version that wrote it, and a diffqc refuses one whose settings it does not
 # know as a newer version's (upgrade here, or train with this version): so a version that adds a
-# setting raises the minor (the settings of this one: tests/test_config.py, SETTINGS_OF_VERSION).
-__version__ = "0.2.0"
+# setting, or a value of one an older diffqc does not read, raises the minor (the settings of this
+# one: tests/test_config.py, SETTINGS_OF_VERSION).
+__version__ = "0.3.0"
 
 __all__ = ["__version__"]
 
