@@ -78,13 +78,14 @@ def test_traced_gather_equals_the_eager_per_type_path() -> None:
 
 def test_scorer_with_context_is_the_gaussian_of_what_the_context_leaves(tmp_path: Path) -> None:
     """``diffusion.prior_context``: the per-location Gaussians are fitted on, and score, the
-    features minus their context; the effect is stored in float16 (rounded when fitted) and the
-    bundle's tensors reload the same scorer; a bundle without them is refused."""
+    features minus their context; the effect is stored in float16 here (rounded when fitted; in
+    8 bits by default: tests/test_scoring.py) and the bundle's tensors reload the same scorer; a
+    bundle without them is refused."""
     from safetensors.torch import load_file, save_file
 
     feats, types = _parts(64, 0), _one_type(64)
     over = {"train.steps": 0, "diffusion.prior_dims": 4, "diffusion.prior_rank": 0,
-            "diffusion.prior_context": 0}
+            "diffusion.prior_context": 0, "diffusion.prior_storage": "float16"}
     config = with_overrides(DetectorConfig(), over | {"diffusion.prior_context": 4})
     scorer = DiffusionScorer(config).fit(feats, types, 1)
     assert scorer.context_ is not None

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from diffqc.baselines import PatchCoreScorer
 from diffqc.config import with_overrides
 from diffqc.data import DEFECTIVE, load_dataset, read_image, read_mask
+from diffqc.diffusion import storage_dtype
 from diffqc.errors import BundleError, ConfigError
 from diffqc.metrics import pixel_auroc
 from diffqc.model import Detector, split_calibration
@@ -66,7 +67,8 @@ def test_fused_map_is_the_likelihood_plus_the_scaled_distance(
     cfg = fused.config
     memory = PatchCoreScorer(with_overrides(cfg, {"patchcore.coreset_ratio": 0.05}).patchcore)
     memory.fit(feats[fit_idx], types[fit_idx], 2)
-    assert cfg.diffusion.prior_storage == "float16"  # the memory is stored, and so rounded, as the Gaussians
+    # the memory is stored, and so rounded, as the Gaussians' float tables are (float16 by default)
+    assert storage_dtype(cfg.diffusion) == torch.float16
     memory.banks = [b.half().float() for b in memory.banks or []]
     bank_sizes = [b.shape[0] for b in fused.memory_.nearest.banks or []]
     assert bank_sizes == [b.shape[0] for b in memory.banks or []]
@@ -107,7 +109,7 @@ def test_save_load_keeps_the_memory(pair: tuple[Detector, Detector], clear_datas
     images, types, _ = _test_set(clear_dataset)
     bundle = fused.save(tmp_path / "fused")
     stored = load_file(str(bundle / "weights.safetensors"))
-    assert stored["memory.bank"].dtype == torch.float16  # diffusion.prior_storage, as the Gaussians
+    assert stored["memory.bank"].dtype == torch.float16  # as the Gaussians' float tables
     assert fused.memory_ is not None and fused.memory_.nearest.banks is not None
     assert stored["memory.bank"].shape[0] == sum(b.shape[0] for b in fused.memory_.nearest.banks)
     loaded = Detector.load(bundle, device="cpu")

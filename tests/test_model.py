@@ -83,22 +83,28 @@ def test_save_load_identical_scores(tiny_model: Path, clear_dataset: Path, tmp_p
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp left over
 
 
-def test_bundle_from_before_the_image_context_scores_as_it_was_fitted(clear_dataset: Path,
-                                                                      tmp_path: Path) -> None:
-    """A bundle's config.json written before ``diffusion.prior_context`` existed lacks the key
-    and its weights have no context: it loads with the context off, as it was fitted, and scores
-    the same, although today's default turns the context on."""
+@pytest.mark.parametrize(("section", "field", "fitted", "today"), [
+    ("diffusion", "prior_context", 0, 64), ("diffusion", "prior_storage", "float16", "int8")])
+def test_bundle_from_before_a_field_scores_as_it_was_fitted(clear_dataset: Path, tmp_path: Path,
+                                                           section: str, field: str, fitted: object,
+                                                           today: object) -> None:
+    """A bundle's config.json written before a field existed lacks the key; it loads with the
+    value it was fitted with, not today's default, and scores the same:
+    ``diffusion.prior_context`` (its weights have no context; today's default turns the context
+    on) and ``diffusion.prior_storage`` (its tables float16, or float32 rounded to float16 when
+    loaded; read as today's int8, its eigenbases would be rounded again and its calibration no
+    longer its scores')."""
     from diffqc.config import DetectorConfig
 
-    assert DetectorConfig().diffusion.prior_context > 0
-    over = {"train.steps": 0, "diffusion.prior_context": 0}
-    det = Detector(tiny_config(**over), device="cpu").fit(load_dataset(clear_dataset), progress=False)
+    assert getattr(getattr(DetectorConfig(), section), field) == today
+    det = Detector(tiny_config(**{"train.steps": 0, f"{section}.{field}": fitted}), device="cpu")
+    det.fit(load_dataset(clear_dataset), progress=False)
     bundle = det.save(tmp_path / "old")
     config = json.loads((bundle / "config.json").read_text())
-    del config["diffusion"]["prior_context"]
+    del config[section][field]
     (bundle / "config.json").write_text(json.dumps(config))
     loaded = Detector.load(bundle, device="cpu")
-    assert loaded.config.diffusion.prior_context == 0
+    assert getattr(getattr(loaded.config, section), field) == fitted
     samples = _test_samples(clear_dataset)[:6]
     scores = [r.score for r in det.inspect_samples(samples)[0]]
     assert [r.score for r in loaded.inspect_samples(samples)[0]] == scores

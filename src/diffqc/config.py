@@ -192,8 +192,10 @@ class TilingConfig:
 
 # Fields whose default changed after bundles were written without them, with the value such a
 # bundle was fitted with: a saved config lacking one reads it (DetectorConfig.from_json), so an
-# old bundle scores as it did. diffusion.prior_context: 0 before it existed (session 12).
-ADDED_FIELDS: dict[str, Any] = {"diffusion.prior_context": 0}
+# old bundle scores as it did. diffusion.prior_context: 0 before it existed (session 12);
+# diffusion.prior_storage: float16 before it existed (float32 bundles were rounded to it when
+# loaded) and until int8 became the default (session 71).
+ADDED_FIELDS: dict[str, Any] = {"diffusion.prior_context": 0, "diffusion.prior_storage": "float16"}
 
 
 @dataclass(frozen=True)
@@ -231,10 +233,12 @@ class DiffusionConfig:
     # tile (~760 GOOD), -0.006 image on the synthetic set's 8 small types (~150 GOOD each)
     prior_covariance: str = "ledoit_wolf"
     # dtype of the Gaussians' parameters in the saved bundle (computed in float32): float16 halves
-    # the bundle; on the synthetic set it moved no image score's rank (benchmarks/bundle_size.py);
-    # "int8": the two largest tables, the per-location eigenbases and the image context's effect,
-    # in 8 bits with a float16 scale per vector (diffusion.pack_int8), the rest in float16
-    prior_storage: str = "float16"
+    # the bundle; "int8" (the default since session 71) stores the two largest tables, the
+    # per-location eigenbases and the image context's effect, in 8 bits with a float16 scale per
+    # vector (diffusion.pack_int8), the rest in float16: an 8-type bundle 80 instead of 148 MB at
+    # 108 GOOD images per type, the same image and pixel AUROC in the 5-fold CVs of magnetic tile,
+    # ELPV and the synthetic set (BENCHMARKS.md "Session 71")
+    prior_storage: str = "int8"
     # "ring": the network also sees the mean of the 8 neighbouring locations' noisy features
     # (never its own), so it can learn what a location should look like from its surroundings;
     # "image": it sees the image's context components z (needs prior_context > 0), so that how a
