@@ -25,11 +25,11 @@ first ``r`` right singular vectors of ``A`` seen as a ``[k·C, h·w]`` matrix (`
 that every component and channel share) and ``B = A Mᵀ`` (``[k, C, r]``), the best rank-``r``
 approximation in the least-squares sense. The context moves every location along these ``r``
 maps, so a type's bytes are ``k·C·r + r·h·w`` instead of ``k·C·h·w``. Both are stored at
-``diffusion.prior_storage`` (float16 by default) and rounded to it when fitted, as the Gaussians
-are; the descriptor's centre and whitening stay in float32 (``C`` and ``C × k`` numbers per type).
-``maps = 0`` keeps ``A`` whole (bundles from before the option: no ``context.maps`` tensor).
-With ``prior_storage=int8`` the effect is stored in 8 bits with one float16 scale per component
-and channel (over locations, or over maps), and the maps with one per map.
+``diffusion.prior_storage`` and rounded to it when fitted, as the Gaussians are: with ``int8``
+(the default) in 8 bits, with one float16 scale per component and channel of the effect (over
+locations, or over maps) and one per map, else in its float dtype; the descriptor's centre and
+whitening stay in float32 (``C`` and ``C × k`` numbers per type). ``maps = 0`` keeps ``A`` whole
+(bundles from before the option: no ``context.maps`` tensor).
 """
 
 from __future__ import annotations
@@ -273,7 +273,9 @@ class ImageContext(nn.Module):
             if table is None:
                 continue
             scale = tensors.get(f"{STATE_PREFIX}{name}_scale")  # stored in 8 bits
-            values = table.float() if scale is None else unpack_int8(self._by_vector(name, table), scale)
             target = getattr(self, name)
-            target.copy_(self._rounded(name, values.reshape(target.shape)))
+            if scale is None:
+                target.copy_(self._rounded(name, table.float().reshape(target.shape)))
+            else:  # exactly what rounding them would give
+                target.copy_(unpack_int8(self._by_vector(name, table), scale).reshape(target.shape))
         return self

@@ -52,17 +52,22 @@ def storage_dtype(config: DiffusionConfig) -> torch.dtype:
     return torch.float16 if config.prior_storage == "int8" else getattr(torch, config.prior_storage)
 
 
+# the per-type, per-location Gaussians: nearly all of a bundle's bytes (diffusion.prior_storage)
+PRIOR_TENSORS = ("prior_mean", "prior_var", "prior_vecs", "prior_vals", "prior_rest")
 INT8_STEPS = 127  # symmetric: -127..127, so that a vector's sign flip is exact
 VECS_AXIS = -2  # prior_vecs [.., d, r]: one 8-bit scale per eigenvector (column)
 
 
 def pack_int8(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """``x`` in 8 bits: ``(q, scale)``, ``q`` int8 of ``x``'s shape and ``scale`` float16 with one
-    entry per vector along ``dim`` (its largest magnitude / 127, kept as a size-1 ``dim``), so
-    that ``q · scale`` (:func:`unpack_int8`) is ``x`` within half a step of its vector's scale.
-    Packing the unpacked values again gives the same ``q`` and ``scale``."""
+    entry per vector along ``dim`` (its largest magnitude / 127, at least float16's smallest
+    normal number 2⁻¹⁴; kept as a size-1 ``dim``), so that ``q · scale`` (:func:`unpack_int8`) is
+    ``x`` within half a step of its vector's scale: a vector whose largest entry is below 127 ·
+    2⁻¹⁴ ≈ 0.0078 is kept to within 3·10⁻⁵ (a scale among float16's subnormal numbers would be
+    too coarse to give back the same codes). Packing the unpacked values again gives the same
+    ``q`` and ``scale``."""
     scale = (x.abs().amax(dim=dim, keepdim=True).float() / INT8_STEPS).to(torch.float16)
-    scale = scale.clamp_min(2.0**-24)  # float16's smallest step: an all-zero vector stays zero
+    scale = scale.clamp_min(2.0**-14)  # float16's smallest normal; an all-zero vector stays zero
     q = (x.float() / scale.float()).round().clamp(-INT8_STEPS, INT8_STEPS).to(torch.int8)
     return q, scale
 
@@ -394,6 +399,47 @@ class Denoiser(nn.Module):
             return [(None, int(types[0]))]
         return [((type_idx == ty).nonzero().squeeze(1), int(ty)) for ty in types]
 
+    def round_to_storage(self, exact: tuple[str, ...] = ()) -> None:
+        """Round the Gaussians' parameters in place to ``prior_storage`` (under ``int8`` the
+        eigenbases to 8 bits), so that the fitted model (and its calibration scores) is exactly the
+        one its bundle loads; ``exact``: tables known to hold their stored values already."""
+        with torch.no_grad():
+            for name in PRIOR_TENSORS:
+                buf = getattr(self, name, None)
+                if buf is None or name in exact:
+                    continue
+                int8 = name == "prior_vecs" and self.prior_int8
+                buf.copy_(round_int8(buf, VECS_AXIS) if int8 else buf.to(self.prior_storage))
+
+    def stored_prior(self) -> dict[str, Tensor]:
+        """The Gaussians' tables as a bundle stores them: one row per type (the null type's serves
+        training only: ``load_stored_prior`` puts its initial row back), at ``prior_storage``,
+        under ``int8`` the eigenbases as int8 codes with ``prior_vecs_scale``."""
+        out: dict[str, Tensor] = {}
+        for name in PRIOR_TENSORS:
+            buf = getattr(self, name, None)
+            if buf is None:
+                continue
+            if name == "prior_vecs" and self.prior_int8:
+                out[name], out["prior_vecs_scale"] = pack_int8(buf[: self.n_types], VECS_AXIS)
+            else:
+                out[name] = buf[: self.n_types].to(self.prior_storage)
+        return out
+
+    def load_stored_prior(self, state: dict[str, Tensor]) -> tuple[str, ...]:
+        """Widen the Gaussians' tables of a bundle's denoiser ``state`` (without the prefix;
+        changed in place) to float32, each with the null type's initial row where the bundle
+        has one row per type; the names of those that hold their stored values exactly (8-bit
+        eigenbases), for :meth:`round_to_storage`'s ``exact``."""
+        exact: tuple[str, ...] = ()
+        if (scale := state.pop("prior_vecs_scale", None)) is not None:
+            state["prior_vecs"], exact = unpack_int8(state["prior_vecs"], scale), ("prior_vecs",)
+        for key in PRIOR_TENSORS:  # bundles from before the null type's row was dropped have it
+            init = getattr(self, key, None)
+            if key in state and init is not None and state[key].shape == (self.n_types, *init.shape[1:]):
+                state[key] = torch.cat([state[key].float(), init[self.n_types :].to(state[key].device)])
+        return exact
+
     def pack_storage(self) -> None:
         """With 8-bit eigenbases (``prior_storage=int8``), pack them now, location-major, for a
         graph to trace (:func:`pack_int8` traced would be a graph computation, not a constant):
@@ -416,8 +462,9 @@ class Denoiser(nn.Module):
         def by_location(table: Tensor) -> Tensor:
             # [T, L, ...] -> [L, N, ...]. The transpose and the rounding to the storage precision
             # of a constant are folded at export: the graph holds the tables location-major at
-            # the precision the bundle stores (float16 by default: the values are exact in it,
-            # half the file and of the resident memory) and gathers each image's copy straight
+            # the precision the bundle stores (float16, or the eigenbases in 8 bits under int8, the
+            # default: the values are exact in it, a fraction of the file and of the resident
+            # memory float32 would take) and gathers each image's copy straight
             # into the order it is used in (gathering first and transposing the copy moved each
             # image's eigenbases twice), then widens the copy to float32
             stored = table[rows].transpose(0, 1).to(self.prior_storage)

@@ -220,15 +220,16 @@ def _float32_io(body: onnx.ModelProto, backbone: OnnxBackbone) -> list[str]:
     return taps
 
 
-def _constants_as_initializers(model: onnx.ModelProto, min_bytes: int = 1024) -> None:
-    """Constant nodes of at least ``min_bytes`` (not graph outputs) become initializers of the
-    same name."""
+def _int8_constants_as_initializers(model: onnx.ModelProto) -> None:
+    """The tracer writes a module's non-persistent buffers as Constant nodes: the 8-bit tables
+    packed for the graph (``diffusion.prior_storage=int8``), INT8 Constant nodes (not graph
+    outputs), become initializers of the same name, as every other table is."""
     onnxlib = import_onnx()
     outputs = {o.name for o in model.graph.output}
     keep = []
     for node in model.graph.node:
         value = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
-        if (value is None or value.name != "value" or len(value.t.raw_data) < min_bytes
+        if (value is None or value.name != "value" or value.t.data_type != onnxlib.TensorProto.INT8
                 or node.output[0] in outputs):
             keep.append(node)
             continue
@@ -241,17 +242,16 @@ def _constants_as_initializers(model: onnx.ModelProto, min_bytes: int = 1024) ->
 
 
 def _tidy(model: onnx.ModelProto) -> None:
-    """One import per opset domain, large constants as initializers (the tracer writes a
-    module's non-persistent buffers, such as 8-bit tables packed for the graph, as Constant
-    nodes), and no Identity nodes through which the tracer shares a weight between calls: every
-    weight is an initializer its consumers read directly (and quantize as one)."""
+    """One import per opset domain, 8-bit tables as initializers, and no Identity nodes through
+    which the tracer shares a weight between calls: every weight is an initializer its consumers
+    read directly (and quantize as one)."""
     versions: dict[str, int] = {}
     for o in model.opset_import:  # merging repeats the opset imports
         versions[o.domain] = max(versions.get(o.domain, 0), o.version)
     del model.opset_import[:]
     for domain, version in versions.items():
         model.opset_import.add(domain=domain, version=version)
-    _constants_as_initializers(model)
+    _int8_constants_as_initializers(model)
     init = {t.name for t in model.graph.initializer}
     outputs = {o.name for o in model.graph.output}
     alias = {n.output[0]: n.input[0] for n in model.graph.node

@@ -12,9 +12,9 @@ image scores (:func:`diffqc.calibration.standardiser`: median ``c`` and interqua
 
 i.e. ``s_likelihood`` times the sum of the two standardised maps, shifted by ``c_likelihood``.
 Only the map changes: the image score, the decision and the calibration stay the likelihood's.
-The memory's patches are kept at the Gaussians' precision (``diffusion.prior_storage``, float16 by
-default: half the bytes of the bundle's memory), rounded when fitted so that the fitted detector is
-exactly the one its bundle loads.
+The memory's patches are kept at the precision of the Gaussians' float tables (float16 unless
+``diffusion.prior_storage=float32``: half the bytes of the bundle's memory), rounded when fitted so
+that the fitted detector is exactly the one its bundle loads.
 """
 
 from __future__ import annotations

@@ -28,24 +28,12 @@ from torch import Tensor
 from diffqc.config import DetectorConfig, ScoringConfig, smoothing_radius
 from diffqc.context import STATE_PREFIX as CONTEXT_PREFIX
 from diffqc.context import ImageContext
-from diffqc.diffusion import (
-    VECS_AXIS,
-    Denoiser,
-    NoiseSchedule,
-    alpha_bar_of,
-    pack_int8,
-    round_int8,
-    storage_dtype,
-    unpack_int8,
-    vlb_quadrature,
-)
+from diffqc.diffusion import Denoiser, NoiseSchedule, alpha_bar_of, storage_dtype, vlb_quadrature
 from diffqc.train import TrainHistory, train_denoiser
 
 # noisy copies of an image (K per image) that go through the network in one pass: about 16 was
 # fastest here (64 was 1.5x slower: activations far beyond the caches)
 COPIES_PER_PASS = 16
-# the per-type, per-location Gaussians: nearly all of a bundle's bytes (diffusion.prior_storage)
-PRIOR_TENSORS = ("prior_mean", "prior_var", "prior_vecs", "prior_vals", "prior_rest")
 
 
 @dataclass(frozen=True)
@@ -156,7 +144,7 @@ class DiffusionScorer:
             features, type_idx, n_types, self.config.diffusion, self.config.train, progress=progress,
             device=features.device, context=z,
         )
-        self._round_to_storage(self.denoiser_)
+        self.denoiser_.round_to_storage()
         _, c, h, w = features.shape
         self.grid_ = (h, w)
         tr = self.config.train
@@ -169,17 +157,6 @@ class DiffusionScorer:
         if self.context_ is None or self.config.diffusion.context != "image":
             return None
         return self.context_.whitened(features, type_idx)
-
-    def _round_to_storage(self, denoiser: Denoiser) -> None:
-        """Round the Gaussians' parameters to ``diffusion.prior_storage`` in place, so that the
-        fitted model (and its calibration scores) is exactly the one its bundle will load."""
-        storage = storage_dtype(self.config.diffusion)
-        with torch.no_grad():
-            for name, buf in denoiser.named_buffers():
-                if name == "prior_vecs" and self._int8:
-                    buf.copy_(round_int8(buf, VECS_AXIS))
-                elif name in PRIOR_TENSORS:
-                    buf.copy_(buf.to(storage))
 
     @property
     def _int8(self) -> bool:
@@ -245,14 +222,11 @@ class DiffusionScorer:
     def state_tensors(self) -> dict[str, Tensor]:
         """The bundle's tensors; the Gaussians' parameters in ``diffusion.prior_storage``."""
         denoiser, bank = self._check()
-        storage = storage_dtype(self.config.diffusion)
-        # the null type's Gaussians (the last row) serve training only: not saved (1/(types+1)
-        # of the bundle); from_state puts the initial row back
-        state = {f"denoiser.{k}": v[: denoiser.n_types].to(storage) if k in PRIOR_TENSORS else v
-                 for k, v in denoiser.state_dict().items()}
-        if self._int8 and "denoiser.prior_vecs" in state:
-            q, scale = pack_int8(denoiser.prior_vecs[: denoiser.n_types], VECS_AXIS)
-            state["denoiser.prior_vecs"], state["denoiser.prior_vecs_scale"] = q, scale
+        # the Gaussians at the bundle's storage, without the null type's row (1/(types+1) of the
+        # bundle, for training only)
+        prior = denoiser.stored_prior()
+        state = {f"denoiser.{k}": v for k, v in denoiser.state_dict().items() if k not in prior}
+        state.update({f"denoiser.{k}": v for k, v in prior.items()})
         state["bank.timesteps"] = bank.timesteps
         state["bank.noise"] = bank.noise
         state["bank.weights"] = bank.weights
@@ -279,17 +253,12 @@ class DiffusionScorer:
         # stored in float16 or float32 (diffusion.prior_storage): computed in float32
         state = {k.removeprefix("denoiser."): v.float() if v.is_floating_point() else v
                  for k, v in tensors.items() if k.startswith("denoiser.")}
-        if (scale := state.pop("prior_vecs_scale", None)) is not None:  # stored in 8 bits
-            state["prior_vecs"] = unpack_int8(state["prior_vecs"], scale)
-        for key in PRIOR_TENSORS:  # bundles without the null type's row (see state_tensors)
-            init = getattr(denoiser, key, None)
-            if key in state and init is not None and state[key].shape == (n_types, *init.shape[1:]):
-                state[key] = torch.cat([state[key], init[n_types:].to(state[key].device)])
+        exact = denoiser.load_stored_prior(state)
         denoiser.load_state_dict(state)
         # a bundle stored at a finer precision than configured (float32 bundles written before
         # diffusion.prior_storage existed) is rounded now, so that what is scored (and
-        # recalibrated) is what saving it again writes
-        self._round_to_storage(denoiser)
+        # recalibrated) is what saving it again writes; 8-bit eigenbases are so already
+        denoiser.round_to_storage(exact)
         self.denoiser_ = denoiser.to(noise.device).eval()  # on the device of the given tensors
         self._set_bank(ScoreBank(tensors["bank.timesteps"].long(), noise.float(),
                                  tensors["bank.weights"].float()))
