@@ -872,6 +872,35 @@ def test_export_with_data_none_of_which_can_be_read_says_so(
     assert "too few readable GOOD images" in err and "Traceback" not in err
 
 
+def test_tensorrt_is_given_the_8_bit_tables_as_float16_codes(exported: Path, test_images: tuple) -> None:
+    """TensorRT's networks take an INT8 tensor only with a quantization scale of its own, and the
+    default bundle's graph holds its eigenbases and context effect as INT8 codes that it gathers
+    and widens: the engine is built from a copy whose codes are FLOAT16 initializers (exact: -127
+    to 127), which computes the same numbers (checked here with ONNX Runtime; the engine itself
+    needs a GPU: the ``gpu`` tests)."""
+    import onnx
+    import onnxruntime as ort
+
+    from diffqc.backends.tensorrt import widened_int8_tables
+
+    model = onnx.load(str(exported / "model.onnx"))
+    int8 = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert int8  # the default storage's tables
+    wide = widened_int8_tables(model)
+    assert wide is not None
+    kinds = {t.name: t.data_type for t in wide.graph.initializer}
+    assert all(kinds[n] == onnx.TensorProto.FLOAT16 for n in int8)
+    assert onnx.TensorProto.INT8 not in kinds.values()
+    onnx.checker.check_model(wide)
+    assert widened_int8_tables(wide) is None  # nothing left to widen
+    images, _, _ = test_images
+    feeds = {"pixels": preprocess(images[:3], 64), "type_idx": np.array([0, 1, 0], dtype=np.int64)}
+    runs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+            for m in (model, wide)]
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_tensorrt_without_tensorrt_is_refused_before_any_export(
         tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,12 +5,17 @@ package (or ``trtexec`` to build)."""
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from diffqc.backends.graph import ANOMALY_MAP, PIXELS, SCORE, TYPE_IDX
+from diffqc.backends.graph import ANOMALY_MAP, PIXELS, SCORE, TYPE_IDX, import_onnx
 from diffqc.errors import ExportError, RuntimeUnavailableError
+
+if TYPE_CHECKING:
+    import onnx
 
 ENGINE_FILE = "model.fp16.engine"
 
@@ -64,13 +69,54 @@ def check_tensorrt_builder() -> None:
                                       "is not on PATH")
 
 
+def widened_int8_tables(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """A copy of ``model`` whose INT8 initializers (the 8-bit tables of
+    ``diffusion.prior_storage=int8``, codes -127..127 that the graph gathers and widens) are
+    FLOAT16 initializers of the same codes, exact in float16: TensorRT's networks take an INT8
+    tensor only with a quantization scale of its own. The graph computes the same numbers.
+    None when ``model`` has no INT8 initializer."""
+    onnxlib = import_onnx()
+    from onnx import numpy_helper
+
+    if not any(t.data_type == onnxlib.TensorProto.INT8 for t in model.graph.initializer):
+        return None
+    out = onnxlib.ModelProto()
+    out.CopyFrom(model)
+    widened = set()
+    for t in out.graph.initializer:
+        if t.data_type == onnxlib.TensorProto.INT8:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+            widened.add(t.name)
+    # the recorded types of what reads them change with them: left to the parser to infer
+    retyped = {o for n in out.graph.node if widened & set(n.input) for o in n.output}
+    kept = [v for v in out.graph.value_info if v.name not in retyped]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(kept)
+    return out
+
+
 def build_tensorrt_engine(onnx_path: Path | str, engine_path: Path | str, *, input_size: int,
                           fp16: bool = True, max_batch: int = 8, workspace_mib: int = 2048) -> Path:
-    """A TensorRT engine (FP16 by default) from an exported ``model.onnx``, for batch 1 to
-    ``max_batch``; with TensorRT's Python API, else ``trtexec``. Needs an NVIDIA GPU."""
+    """A TensorRT engine (FP16 by default) from an exported ``model.onnx`` (its 8-bit tables
+    given as float16 codes: :func:`widened_int8_tables`), for batch 1 to ``max_batch``; with
+    TensorRT's Python API, else ``trtexec``. Needs an NVIDIA GPU."""
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    s = input_size
     check_tensorrt_builder()
+    wide = widened_int8_tables(import_onnx().load(str(onnx_path)))
+    if wide is None:
+        return _build_engine(onnx_path, engine_path, input_size, fp16, max_batch, workspace_mib)
+    fd, name = tempfile.mkstemp(prefix=".diffqc-tensorrt-", suffix=".onnx", dir=engine_path.parent)
+    try:
+        with open(fd, "wb") as fh:
+            fh.write(wide.SerializeToString())
+        return _build_engine(Path(name), engine_path, input_size, fp16, max_batch, workspace_mib)
+    finally:
+        Path(name).unlink(missing_ok=True)  # written just above
+
+
+def _build_engine(onnx_path: Path, engine_path: Path, input_size: int, fp16: bool, max_batch: int,
+                  workspace_mib: int) -> Path:
+    s = input_size
     try:
         import tensorrt as trt
     except ImportError:
