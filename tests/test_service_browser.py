@@ -384,12 +384,14 @@ def test_dashboard_shows_the_other_crops_of_a_part(
     """A reviewer judging a flagged crop saw it alone: the part's other crops, and the part's
     verdict, were not on the page. The part panel lists them (one per type, with its decision)
     and shows any of them on a click."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, _ = live_server
-    wait = WebDriverWait(browser, 20)
+    # the page redraws the part's crops as it polls: an element found may be gone when read
+    wait = WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,))
     flagged, ftype = samples.one("REVIEW")
     passed, ptype = next((b, t) for b, t in samples.by_decision["PASS"] if t != ftype)
     r = httpx.post(url + "/v1/inspect/batch", headers=AUTH,
