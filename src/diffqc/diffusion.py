@@ -430,11 +430,12 @@ class Denoiser(nn.Module):
         """Widen the Gaussians' tables of a bundle's denoiser ``state`` (without the prefix;
         changed in place) to float32, each with the null type's initial row where the bundle
         has one row per type; the names of those that hold their stored values exactly (8-bit
-        eigenbases), for :meth:`round_to_storage`'s ``exact``."""
+        eigenbases read as 8-bit ones), for :meth:`round_to_storage`'s ``exact``."""
         exact: tuple[str, ...] = ()
         if (scale := state.pop("prior_vecs_scale", None)) is not None:
-            state["prior_vecs"], exact = unpack_int8(state["prior_vecs"], scale), ("prior_vecs",)
-        for key in PRIOR_TENSORS:  # bundles from before the null type's row was dropped have it
+            state["prior_vecs"] = unpack_int8(state["prior_vecs"], scale)
+            exact = ("prior_vecs",) if self.prior_int8 else ()
+        for key in PRIOR_TENSORS:  # one row per type (older bundles hold the null type's too: kept)
             init = getattr(self, key, None)
             if key in state and init is not None and state[key].shape == (self.n_types, *init.shape[1:]):
                 state[key] = torch.cat([state[key].float(), init[self.n_types :].to(state[key].device)])
