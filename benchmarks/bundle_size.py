@@ -197,6 +197,8 @@ def _compared(ref_maps: torch.Tensor, maps: torch.Tensor, ref_scores: np.ndarray
     out["auroc_fp32_and_this"] = {t: (round(a, 4), round(b, 4)) for t, (a, b) in aurocs.items()}
     out["mean_auroc"] = round(float(np.mean([b for _, b in aurocs.values()])), 4)
     return out
+
+
 def synthetic_features(work: Path, cache: Path | None) -> tuple[list[Sample], torch.Tensor]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from quality import cached_extract, dataset_samples

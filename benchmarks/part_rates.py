@@ -22,7 +22,7 @@ import csv
 import json
 import sys
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from diffqc.data import GOOD, Sample, load_dataset
@@ -35,15 +35,15 @@ def parts_manifest(dataset: Path, out: Path) -> dict[str, int]:
     says; return the counts of GOOD parts, defective parts and GOOD images left out."""
     good: dict[str, list[Sample]] = defaultdict(list)
     rows: list[tuple[object, ...]] = []
-    defective = 0
+    defective: Counter[str] = Counter()  # per type, so far
     for s in sorted(load_dataset(dataset), key=lambda s: (s.feature_type, s.path.name)):
         if s.label == GOOD:
             good[s.feature_type].append(s)
             continue
-        part = f"D-{s.feature_type}-{sum(1 for r in rows if r[1] == s.feature_type)}"
+        part = f"D-{s.feature_type}-{defective[s.feature_type]}"
         rows.append((s.path, s.feature_type, "defect", s.mask_path or "", part, s.split,
                      s.defect or "defect"))
-        defective += 1
+        defective[s.feature_type] += 1
     n = min(len(v) for v in good.values())
     for t, samples in good.items():
         rows += [(s.path, t, "good", "", f"P{i:04d}", s.split, "good") for i, s in enumerate(samples[:n])]
@@ -51,7 +51,7 @@ def parts_manifest(dataset: Path, out: Path) -> dict[str, int]:
         w = csv.writer(fh)
         w.writerow(MANIFEST_COLUMNS)
         w.writerows((str(path), *rest) for path, *rest in rows)
-    return {"good_parts": n, "defective_parts": defective,
+    return {"good_parts": n, "defective_parts": defective.total(),
             "good_images_left_out": sum(len(v) - n for v in good.values())}
 
 

@@ -39,7 +39,7 @@ from typing import Self
 import torch
 from torch import Tensor, nn
 
-from diffqc.diffusion import pack_int8, round_int8, unpack_int8
+from diffqc.diffusion import gather_packed, pack_int8, round_int8, unpack_int8
 
 __all__ = ["ImageContext", "descriptor", "spatial_maps", "whitening"]
 
@@ -145,11 +145,9 @@ class ImageContext(nn.Module):
         """Each image's rows of ``table`` (traced: from the table as stored), in float32."""
         if not self.int8:
             return torch.index_select(table.to(self.storage), 0, types).float()
-        q, scale = getattr(self, f"packed_{name}"), getattr(self, f"packed_{name}_scale")
-        if q is None or scale is None:
-            raise RuntimeError("an 8-bit image context is traced packed: call pack_storage() first")
-        rows = unpack_int8(self._by_vector(name, torch.index_select(q, 0, types)),
-                           torch.index_select(scale, 0, types))
+        q = getattr(self, f"packed_{name}")
+        rows = gather_packed(None if q is None else self._by_vector(name, q),
+                             getattr(self, f"packed_{name}_scale"), 0, types)
         return rows.reshape(types.shape[0], *table.shape[1:])
 
     def _shift(self, z: Tensor, effect: Tensor, maps: Tensor | None) -> Tensor:

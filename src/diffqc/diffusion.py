@@ -49,7 +49,12 @@ def storage_dtype(config: DiffusionConfig) -> torch.dtype:
     """The dtype the Gaussians' parameters are stored (and rounded) in: ``prior_storage``; with
     ``int8``, float16, that of every table but the eigenbases and the context's effect, which
     are stored in 8 bits (:func:`pack_int8`)."""
-    return torch.float16 if config.prior_storage == "int8" else getattr(torch, config.prior_storage)
+    return torch.float16 if stores_int8(config) else getattr(torch, config.prior_storage)
+
+
+def stores_int8(config: DiffusionConfig) -> bool:
+    """``prior_storage=int8``: the eigenbases and the context's effect are stored in 8 bits."""
+    return config.prior_storage == "int8"
 
 
 # the per-type, per-location Gaussians: nearly all of a bundle's bytes (diffusion.prior_storage)
@@ -80,6 +85,14 @@ def unpack_int8(q: Tensor, scale: Tensor) -> Tensor:
 def round_int8(x: Tensor, dim: int) -> Tensor:
     """``x`` as its 8-bit storage along ``dim`` reads back (float32)."""
     return unpack_int8(*pack_int8(x, dim))
+
+
+def gather_packed(q: Tensor | None, scale: Tensor | None, dim: int, index: Tensor) -> Tensor:
+    """The rows ``index`` along ``dim`` of a table packed for a graph to trace (``pack_storage``:
+    :func:`pack_int8`'s ``(q, scale)``), widened to float32."""
+    if q is None or scale is None:
+        raise RuntimeError("8-bit tables are traced packed: call pack_storage() first")
+    return unpack_int8(torch.index_select(q, dim, index), torch.index_select(scale, dim, index))
 
 
 def log_snr(alpha_bar: Tensor) -> Tensor:
@@ -274,7 +287,7 @@ class Denoiser(nn.Module):
         self.prior_storage = storage_dtype(config)
         # prior_storage=int8: the eigenbases in 8 bits, one scale per eigenvector of a location;
         # the exported graph holds them packed (pack_storage), eager scoring their float32 values
-        self.prior_int8 = config.prior_storage == "int8"
+        self.prior_int8 = stores_int8(config)
         self.register_buffer("packed_vecs", None, persistent=False)  # int8 [L, T, d, r]
         self.register_buffer("packed_vecs_scale", None, persistent=False)  # float16 [L, T, 1, r]
         alpha_bar = alpha_bar_of(config)
@@ -472,10 +485,7 @@ class Denoiser(nn.Module):
             return torch.index_select(stored, 1, sel).float()
 
         if self.prior_int8:
-            q, scale = self.packed_vecs, self.packed_vecs_scale
-            if q is None or scale is None:
-                raise RuntimeError("8-bit eigenbases are traced packed: call pack_storage() first")
-            vecs = unpack_int8(torch.index_select(q, 1, sel), torch.index_select(scale, 1, sel))
+            vecs = gather_packed(self.packed_vecs, self.packed_vecs_scale, 1, sel)
         else:
             vecs = by_location(self.prior_vecs)
         return PriorParams(by_location(self.prior_mean), by_location(self.prior_var)[..., d:],

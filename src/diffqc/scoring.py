@@ -28,7 +28,14 @@ from torch import Tensor
 from diffqc.config import DetectorConfig, ScoringConfig, smoothing_radius
 from diffqc.context import STATE_PREFIX as CONTEXT_PREFIX
 from diffqc.context import ImageContext
-from diffqc.diffusion import Denoiser, NoiseSchedule, alpha_bar_of, storage_dtype, vlb_quadrature
+from diffqc.diffusion import (
+    Denoiser,
+    NoiseSchedule,
+    alpha_bar_of,
+    storage_dtype,
+    stores_int8,
+    vlb_quadrature,
+)
 from diffqc.train import TrainHistory, train_denoiser
 
 # noisy copies of an image (K per image) that go through the network in one pass: about 16 was
@@ -137,7 +144,7 @@ class DiffusionScorer:
             self.context_ = ImageContext.fit(features, type_idx, n_types, components,
                                              storage_dtype(self.config.diffusion),
                                              maps=self.config.diffusion.prior_context_maps,
-                                             int8=self._int8)
+                                             int8=stores_int8(self.config.diffusion))
             z = self._network_context(features, type_idx)
             features = self.context_.remove(features, type_idx, z)
         self.denoiser_, self.history_ = train_denoiser(
@@ -157,11 +164,6 @@ class DiffusionScorer:
         if self.context_ is None or self.config.diffusion.context != "image":
             return None
         return self.context_.whitened(features, type_idx)
-
-    @property
-    def _int8(self) -> bool:
-        """``diffusion.prior_storage=int8``: the eigenbases and the context's effect in 8 bits."""
-        return self.config.diffusion.prior_storage == "int8"
 
     def _set_bank(self, bank: ScoreBank) -> None:
         """Keep the bank, and once (not per call) its noise in the order denoising_error works
@@ -267,7 +269,7 @@ class DiffusionScorer:
                 raise KeyError(f"diffusion.prior_context={config.diffusion.prior_context} but the "
                                "bundle holds no image context (context.*)")
             self.context_ = ImageContext.from_state(tensors, storage_dtype(config.diffusion),
-                                                    int8=self._int8).to(noise.device)
+                                                    int8=stores_int8(config.diffusion)).to(noise.device)
         return self
 
 
