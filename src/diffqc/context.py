@@ -34,6 +34,8 @@ whitening stay in float32 (``C`` and ``C × k`` numbers per type). ``maps = 0`` 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Self
 
 import torch
@@ -94,7 +96,7 @@ class ImageContext(nn.Module):
             raise ValueError("an image context needs at least one component")
         self.storage = storage
         self.int8 = int8
-        for name in ("effect", "maps"):  # int8: the tables packed for a graph to trace (pack_storage)
+        for name in ("effect", "maps"):  # int8: the tables packed for a graph to trace (packed_storage)
             self.register_buffer(f"packed_{name}", None, persistent=False)
             self.register_buffer(f"packed_{name}_scale", None, persistent=False)
         self.register_buffer("centre", torch.zeros(n_types, channels))
@@ -134,12 +136,18 @@ class ImageContext(nn.Module):
             out[name], out[f"{name}_scale"] = q.reshape(table.shape), scale
         return out
 
-    def pack_storage(self) -> None:
-        """With 8-bit storage, pack the tables now for a graph to trace (packing traced would be a
-        graph computation, not a constant); call again after they change."""
-        if self.int8:  # buffers: the graph's initializers
-            for name, table in self._stored().items():
-                setattr(self, f"packed_{name}", table)
+    @contextmanager
+    def packed_storage(self) -> Iterator[None]:
+        """With 8-bit storage, the tables packed for a graph traced within (packing traced would
+        be a graph computation, not a constant); released on leaving."""
+        packed = self._stored() if self.int8 else {}
+        for name, table in packed.items():  # buffers: the graph's initializers
+            setattr(self, f"packed_{name}", table)
+        try:
+            yield
+        finally:
+            for name in packed:
+                setattr(self, f"packed_{name}", None)
 
     def _gathered(self, name: str, table: Tensor, types: Tensor) -> Tensor:
         """Each image's rows of ``table`` (traced: from the table as stored), in float32."""

@@ -14,6 +14,8 @@ type (index ``n_types``), and on the location through a learned position embeddi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -88,10 +90,10 @@ def round_int8(x: Tensor, dim: int) -> Tensor:
 
 
 def gather_packed(q: Tensor | None, scale: Tensor | None, dim: int, index: Tensor) -> Tensor:
-    """The rows ``index`` along ``dim`` of a table packed for a graph to trace (``pack_storage``:
+    """The rows ``index`` along ``dim`` of a table packed for a graph to trace (``packed_storage``:
     :func:`pack_int8`'s ``(q, scale)``), widened to float32."""
     if q is None or scale is None:
-        raise RuntimeError("8-bit tables are traced packed: call pack_storage() first")
+        raise RuntimeError("8-bit tables are traced packed: trace within packed_storage()")
     return unpack_int8(torch.index_select(q, dim, index), torch.index_select(scale, dim, index))
 
 
@@ -261,6 +263,8 @@ class Denoiser(nn.Module):
     prior_rest: Tensor  # [T+1, L]: the other d − r directions' variance (only when r < d)
     prior_perm: Tensor  # [C]: the full-covariance channels first
     prior_unperm: Tensor  # [C]
+    packed_vecs: Tensor | None  # int8 [L, T, d, r], within packed_storage() only
+    packed_vecs_scale: Tensor | None  # float16 [L, T, 1, r]
 
     def __init__(self, channels: int, n_types: int, locations: int, config: DiffusionConfig,
                  grid: tuple[int, int] | None = None) -> None:
@@ -286,10 +290,10 @@ class Denoiser(nn.Module):
         # it): an exported graph keeps them at it and widens each image's gathered copy
         self.prior_storage = storage_dtype(config)
         # prior_storage=int8: the eigenbases in 8 bits, one scale per eigenvector of a location;
-        # the exported graph holds them packed (pack_storage), eager scoring their float32 values
+        # the exported graph holds them packed (packed_storage), eager scoring their float32 values
         self.prior_int8 = stores_int8(config)
-        self.register_buffer("packed_vecs", None, persistent=False)  # int8 [L, T, d, r]
-        self.register_buffer("packed_vecs_scale", None, persistent=False)  # float16 [L, T, 1, r]
+        self.register_buffer("packed_vecs", None, persistent=False)
+        self.register_buffer("packed_vecs_scale", None, persistent=False)
         alpha_bar = alpha_bar_of(config)
         self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
         if self.use_prior:
@@ -454,14 +458,19 @@ class Denoiser(nn.Module):
                 state[key] = torch.cat([state[key].float(), init[self.n_types :].to(state[key].device)])
         return exact
 
-    def pack_storage(self) -> None:
-        """With 8-bit eigenbases (``prior_storage=int8``), pack them now, location-major, for a
-        graph to trace (:func:`pack_int8` traced would be a graph computation, not a constant):
+    @contextmanager
+    def packed_storage(self) -> Iterator[None]:
+        """With 8-bit eigenbases (``prior_storage=int8``), packed, location-major, for a graph
+        traced within (:func:`pack_int8` traced would be a graph computation, not a constant):
         the exported graph then holds the int8 table and its scales, gathers each image's rows
-        and widens them. Call again after the eigenbases change."""
+        and widens them. Released on leaving: eager scoring does not read them."""
         if self.use_prior and self.prior_int8:  # buffers: the graph's initializers
             self.packed_vecs, self.packed_vecs_scale = pack_int8(
                 self.prior_vecs[: self.n_types].transpose(0, 1), VECS_AXIS)
+        try:
+            yield
+        finally:
+            self.packed_vecs = self.packed_vecs_scale = None
 
     def _params(self, sel: Tensor | int) -> PriorParams:
         """Location-major Gaussian parameters of type ``sel`` (an int: ``[L, 1, ...]``, in place)

@@ -97,10 +97,17 @@ class InferenceGraph(nn.Module):
         self.scorer = nn.ModuleDict({name.strip("_"): m for name, m in vars(det.scorer_).items()
                                      if isinstance(m, nn.Module)})
         object.__setattr__(self, "detector", det)  # not a submodule: nothing registered twice
-        for module in self.scorer.values():  # 8-bit tables (prior_storage=int8) as graph constants
-            if callable(pack := getattr(module, "pack_storage", None)):
-                pack()
         self.requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def packed(self) -> Iterator[None]:
+        """The scorer's 8-bit tables (``prior_storage=int8``) packed for a trace within, as the
+        graph's constants; released on leaving (eager scoring reads the float32 tables)."""
+        with contextlib.ExitStack() as stack:
+            for module in self.scorer.values():
+                if callable(packed := getattr(module, "packed_storage", None)):
+                    stack.enter_context(packed())
+            yield
 
     def train(self, mode: bool = True) -> InferenceGraph:
         """Always in inference mode: the exporter restores the caller's mode afterwards, and a
@@ -288,8 +295,9 @@ def build_onnx(det: Detector, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
         features_part = _trace(_Half(graph, "features"), (pixels,), [PIXELS], [FEATURES], opset)
     with torch.no_grad():
         feats = fe(pixels)
-    scorer_part = _trace(_Half(graph, "scores"), (feats, type_idx), [FEATURES, TYPE_IDX],
-                         [ANOMALY_MAP, SCORE], opset)
+    with graph.packed():
+        scorer_part = _trace(_Half(graph, "scores"), (feats, type_idx), [FEATURES, TYPE_IDX],
+                             [ANOMALY_MAP, SCORE], opset)
     features_part = compose.add_prefix(features_part, "features/", rename_inputs=False, rename_outputs=False)
     scorer_part = compose.add_prefix(scorer_part, "scorer/", rename_inputs=False, rename_outputs=False)
     features_part.ir_version = scorer_part.ir_version = max(features_part.ir_version, scorer_part.ir_version)
