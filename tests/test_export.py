@@ -181,6 +181,16 @@ def test_the_fused_heat_map_exports(clear_dataset: Path, tmp_path: Path, test_im
         np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-4 * np.abs(b.anomaly_map).max())
 
 
+def _widened_int8_rows_feed(model: Any) -> set[str]:
+    """The kinds of node that take the graph's int8 tables' gathered rows once cast to float."""
+    int8 = {t.name for t in model.graph.initializer if t.data_type == 3}  # onnx.TensorProto.INT8
+    nodes = model.graph.node
+    gathered = {n.output[0] for n in nodes if n.op_type == "Gather" and n.input[0] in int8}
+    cast = {n.output[0] for n in nodes if n.op_type == "Cast" and n.input[0] in gathered}
+    assert len(cast) == len(gathered) >= 2  # the eigenbases and the context's effect, at least
+    return {n.op_type for n in nodes if set(n.input) & cast}
+
+
 @pytest.mark.parametrize(("maps", "network", "storage"), [
     (0, "none", "float16"), (3, "none", "float16"), (0, "image", "float16"),
     (0, "none", "int8"), (3, "none", "int8")])
@@ -218,6 +228,9 @@ def test_the_image_context_exports(clear_dataset: Path, tmp_path: Path, test_ima
     held = [t.data_type for t in onnx.load(str(bundle / "model.onnx")).graph.initializer
             if tuple(t.dims) == tuple(vecs.shape)]
     assert held == [onnx.TensorProto.INT8 if storage == "int8" else onnx.TensorProto.FLOAT16]
+    if storage == "int8":  # each image's 8-bit rows are widened by a cast alone, straight into a
+        # matrix product that their scales then multiply (not a pass over every image's rows)
+        assert _widened_int8_rows_feed(onnx.load(str(bundle / "model.onnx"))) == {"MatMul"}
     # a graph built in this process packs the 8-bit tables for its trace only: none stay on the
     # detector (a quarter of its tables' float32 bytes), which still scores as before
     graph = ex.build_onnx(det)

@@ -88,6 +88,10 @@ class ImageContext(nn.Module):
     basis: Tensor
     effect: Tensor
     maps: Tensor | None
+    packed_effect: Tensor | None  # int8 [T, C, K, ·], within packed_storage() only
+    packed_effect_scale: Tensor | None  # float16 [T, C, K, 1]
+    packed_maps: Tensor | None  # int8 [T, r, L]
+    packed_maps_scale: Tensor | None  # float16 [T, r, 1]
 
     def __init__(self, n_types: int, channels: int, locations: int, components: int,
                  storage: torch.dtype = torch.float16, maps: int = 0, *, int8: bool = False) -> None:
@@ -141,6 +145,10 @@ class ImageContext(nn.Module):
         """With 8-bit storage, the tables packed for a graph traced within (packing traced would
         be a graph computation, not a constant); released on leaving."""
         packed = self._stored() if self.int8 else {}
+        if "effect" in packed:  # channel-major, [T, C, K, ·]: what the traced shift multiplies
+            t, k, c = *self.effect.shape[:2], self.centre.shape[-1]
+            packed["effect"] = packed["effect"].view(t, k, c, -1).transpose(1, 2).contiguous()
+            packed["effect_scale"] = packed["effect_scale"].transpose(1, 2).contiguous()
         for name, table in packed.items():  # buffers: the graph's initializers
             setattr(self, f"packed_{name}", table)
         try:
@@ -149,14 +157,25 @@ class ImageContext(nn.Module):
             for name in packed:
                 setattr(self, f"packed_{name}", None)
 
-    def _gathered(self, name: str, table: Tensor, types: Tensor) -> Tensor:
-        """Each image's rows of ``table`` (traced: from the table as stored), in float32."""
+    def _traced_shift(self, z: Tensor, types: Tensor) -> Tensor:
+        """:meth:`_shift` of ``z [N, K]`` under each image's type, from the tables as stored (a
+        traced graph keeps them so) gathered per image. In 8 bits the effect's scales (one per
+        component and channel) go onto ``z``, so that each image's effect is widened from its
+        codes only: ``Σ_k z_k s_kc q_kcw`` per channel c, a ``[1, K] @ [K, ·]`` product each."""
+        n = z.shape[0]
         if not self.int8:
-            return torch.index_select(table.to(self.storage), 0, types).float()
-        q = getattr(self, f"packed_{name}")
-        rows = gather_packed(None if q is None else self._by_vector(name, q),
-                             getattr(self, f"packed_{name}_scale"), 0, types)
-        return rows.reshape(types.shape[0], *table.shape[1:])
+            def rows(table: Tensor) -> Tensor:
+                return torch.index_select(table.to(self.storage), 0, types).float()
+
+            maps = None if self.maps is None else rows(self.maps)
+            return self._shift(z.unsqueeze(1), rows(self.effect), maps)
+        # [N, C, K, ·] codes and [N, C, K, 1] scales
+        codes, scale = gather_packed(self.packed_effect, self.packed_effect_scale, 0, types)
+        out = ((z.unsqueeze(1) * scale.squeeze(-1)).unsqueeze(2) @ codes).squeeze(2)  # [N, C, ·]
+        if self.maps is not None:
+            mq, ms = gather_packed(self.packed_maps, self.packed_maps_scale, 0, types)  # [N, r, L], [N, r, 1]
+            out = (out * ms.transpose(1, 2)) @ mq
+        return out.reshape(n, -1)
 
     def _shift(self, z: Tensor, effect: Tensor, maps: Tensor | None) -> Tensor:
         """The context part ``[N, C·L]`` of whitened components ``z [N, k]`` (one type's
@@ -241,11 +260,7 @@ class ImageContext(nn.Module):
         if z is None:
             z = self._whiten(descriptor(features), types)  # [N, K]
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # types are a graph input
-            z = z.unsqueeze(1)  # [N, 1, K]
-            # gathered from the tables as stored: the exported graph keeps them so
-            effect = self._gathered("effect", self.effect, types)
-            maps = None if self.maps is None else self._gathered("maps", self.maps, types)
-            return (flat - self._shift(z, effect, maps)).view_as(features)
+            return (flat - self._traced_shift(z, types)).view_as(features)
         groups = types.unique().tolist()
         if len(groups) == 1:  # the usual batch: one pass
             return self._subtract(flat, z, groups[0]).view_as(features)

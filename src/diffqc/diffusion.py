@@ -89,12 +89,14 @@ def round_int8(x: Tensor, dim: int) -> Tensor:
     return unpack_int8(*pack_int8(x, dim))
 
 
-def gather_packed(q: Tensor | None, scale: Tensor | None, dim: int, index: Tensor) -> Tensor:
+def gather_packed(q: Tensor | None, scale: Tensor | None, dim: int, index: Tensor) -> tuple[Tensor, Tensor]:
     """The rows ``index`` along ``dim`` of a table packed for a graph to trace (``packed_storage``:
-    :func:`pack_int8`'s ``(q, scale)``), widened to float32."""
+    :func:`pack_int8`'s ``(q, scale)``): their codes and scales, each widened to float32. The
+    rows are the product; a caller applies the scales to what it computes from the codes where
+    that is smaller than the rows (a pass over each image's rows less in the graph)."""
     if q is None or scale is None:
         raise RuntimeError("8-bit tables are traced packed: trace within packed_storage()")
-    return unpack_int8(torch.index_select(q, dim, index), torch.index_select(scale, dim, index))
+    return torch.index_select(q, dim, index).float(), torch.index_select(scale, dim, index).float()
 
 
 def log_snr(alpha_bar: Tensor) -> Tensor:
@@ -238,6 +240,10 @@ class PriorParams(NamedTuple):
     vecs: Tensor  # [B, L, d, r]
     vals: Tensor  # [B, L, r]
     rest: Tensor | None = None  # [B, L]: the discarded directions' variance when r < d
+    # a traced graph's 8-bit eigenbases (prior_storage=int8): ``vecs`` holds their codes, and the
+    # eigenvectors are ``vecs · scale`` (one scale per column) [L, N, 1, r]; applied to Vᵀx's
+    # r columns (:meth:`Denoiser._project`) instead of to every image's d × r table
+    scale: Tensor | None = None
 
 
 class Denoiser(nn.Module):
@@ -493,24 +499,24 @@ class Denoiser(nn.Module):
             stored = table[rows].transpose(0, 1).to(self.prior_storage)
             return torch.index_select(stored, 1, sel).float()
 
-        if self.prior_int8:
-            vecs = gather_packed(self.packed_vecs, self.packed_vecs_scale, 1, sel)
-        else:
-            vecs = by_location(self.prior_vecs)
+        vecs, scale = (gather_packed(self.packed_vecs, self.packed_vecs_scale, 1, sel) if self.prior_int8
+                       else (by_location(self.prior_vecs), None))
         return PriorParams(by_location(self.prior_mean), by_location(self.prior_var)[..., d:],
                            vecs, by_location(self.prior_vals),
-                           by_location(self.prior_rest) if self.low_rank else None)
+                           by_location(self.prior_rest) if self.low_rank else None, scale)
 
     @staticmethod
-    def _project(x: Tensor, vecs: Tensor, shared: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """``Vᵀ`` per location: ``x [L, N, M, d]`` -> ``[L, N, M, r]``, and ``shared [L, S, d]``
-        (the same vectors for every image: the bank's noises) -> ``[L, 1 or N, S, r]``.
+    def _project(x: Tensor, p: PriorParams, shared: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``Vᵀ`` per location (``V``: ``p``'s eigenbases): ``x [L, N, M, d]`` -> ``[L, N, M, r]``,
+        and ``shared [L, S, d]`` (the same vectors for every image: the bank's noises) ->
+        ``[L, 1 or N, S, r]``.
 
         With one type (``vecs [L, d, r]``) every vector of a location goes through one matrix
         product, so each eigenbasis is read once: the Gaussian part is memory-bound, and that is
         what it costs. Per-image bases (``vecs [L, N, d, r]``, a traced graph) take ``shared``
-        once per image."""
+        once per image; 8-bit ones (``p.scale``) are their codes, and the product is scaled."""
         locs, n, m, d = x.shape
+        vecs = p.vecs
         if vecs.dim() == 3:
             rows = x.reshape(locs, n * m, d)
             if shared is not None:
@@ -518,10 +524,11 @@ class Denoiser(nn.Module):
             z = rows @ vecs  # [L, N·M (+ S), r]
             head = z[:, : n * m].view(locs, n, m, -1)
             return head, None if shared is None else z[:, n * m :].unsqueeze(1)
-        if shared is None:
-            return x @ vecs, None
-        z = torch.cat([x, shared.unsqueeze(1).expand(-1, n, -1, -1)], dim=2) @ vecs
-        return z[:, :, :m], z[:, :, m:]
+        rows = x if shared is None else torch.cat([x, shared.unsqueeze(1).expand(-1, n, -1, -1)], dim=2)
+        z = rows @ vecs
+        if p.scale is not None:  # 8-bit codes: V = codes · scale, one scale per column
+            z = z * p.scale
+        return (z, None) if shared is None else (z[:, :, :m], z[:, :, m:])
 
     def _mahalanobis(self, delta: Tensor, z: Tensor, p: PriorParams) -> Tensor:
         """½ δᵀΣ⁻¹δ from location-major ``delta [L, N, C]`` (prior order) and its projection
@@ -547,7 +554,7 @@ class Denoiser(nn.Module):
             part = xl if sel is None else xl[:, sel]
             p = self._params(ty)
             delta = part - p.mean
-            z, _ = self._project(delta[..., None, : self.prior_dims], p.vecs)
+            z, _ = self._project(delta[..., None, : self.prior_dims], p)
             maha = self._mahalanobis(delta, z[:, :, 0], p)
             if sel is None:
                 return maha.transpose(0, 1)
@@ -582,7 +589,7 @@ class Denoiser(nn.Module):
         delta = x - p.mean  # [L, N, C]
         eps = noise[:, None]  # [L, 1, K, C]
         rows = torch.cat([delta[:, :, None, :d], f[..., :d]], dim=2)  # [L, N, 1 + K, d]
-        z, z_eps = self._project(rows, p.vecs, noise[..., :d])
+        z, z_eps = self._project(rows, p, noise[..., :d])
         assert z_eps is not None
         z_delta, z_f = z[:, :, 0], z[:, :, 1:]  # [L, N, r], [L, N, K, r]
         ab = self.alpha_bar[t]  # [K]
