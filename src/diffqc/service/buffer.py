@@ -304,10 +304,9 @@ def _settle(future: Future[ResultRecord], outcome: ResultRecord | BaseException)
         pass
 
 
-def _part_name(rec: ResultRecord) -> str:
-    """A record's part as the log names it ("a part without id" for one sent without, not
-    "part None")."""
-    return f"part {rec.part_id}" if rec.part_id else "a part without id"
+def _part_name(part_id: str | None) -> str:
+    """A part as the log names it ("a part without id" for one sent without, not "part None")."""
+    return f"part {part_id}" if part_id else "a part without id"
 
 
 class InspectionPipeline:
@@ -581,7 +580,7 @@ class InspectionPipeline:
                 self.errors_total += 1
                 self.failing_in_a_row += 1
                 self.last_inspection_error = str(res) or type(res).__name__
-                self.inspect_outage.failed(f"part {job.part_id}: {res}")
+                self.inspect_outage.failed(f"{_part_name(job.part_id)}: {res}")
                 rec = self._not_inspected(job, f"inspection failed: {res}")
             else:
                 self.failing_in_a_row = 0
@@ -650,8 +649,8 @@ class InspectionPipeline:
                 self.repeated_images_total += 1
                 if (more := self._repeats_said.due(self.SAY_REPEATS_EVERY_S)) is not None:
                     log.warning("%s (record %s) is the same image as %s (record %s), from %s: is the "
-                                "camera repeating its last frame?%s", _part_name(rec), rec.id,
-                                _part_name(earlier), earlier.id, rec.source,
+                                "camera repeating its last frame?%s", _part_name(rec.part_id), rec.id,
+                                _part_name(earlier.part_id), earlier.id, rec.source,
                                 f" ({more} more parts' images were repeats since the last such line)"
                                 if more else "")
             self._recent[job.digest] = rec
@@ -688,7 +687,7 @@ class InspectionPipeline:
     def _artifact_failed(self, what: str, job: Job, exc: Exception) -> str:
         self.artifact_errors_total += 1
         self.last_artifact_error = f"{what}: {exc}"
-        self.artifact_outages[what].failed(f"part {job.part_id}: {exc}")
+        self.artifact_outages[what].failed(f"{_part_name(job.part_id)}: {exc}")
         return f"{what} not written: {exc}"
 
     def _record(self, job: Job, res: InspectionLike, latency_ms: float, *,
