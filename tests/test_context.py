@@ -214,3 +214,19 @@ def test_whitened_components_have_unit_norm_over_the_fit_images() -> None:
     z = (g - centre) @ basis
     assert torch.allclose(z.T @ z, torch.eye(3), atol=1e-4)
     assert torch.allclose(z.var(dim=0, unbiased=False), torch.full((3,), 1 / 40), atol=1e-5)
+
+
+def test_8_bit_tables_are_exact_only_when_read_as_8_bit() -> None:
+    """As the Denoiser's eigenbases: a context stored in 8 bits reads back its stored values under
+    an 8-bit setting, and under a float setting is rounded to it (to float16 here), as a table
+    stored at any other precision is; a saved-loaded-saved context writes the same bytes."""
+    ctx = ImageContext.fit(_parts(200, 0), _one_type(200), 1, 4, torch.float16, maps=3, int8=True)
+    state = ctx.state_tensors()
+    assert state["context.effect"].dtype == torch.int8 and "context.maps_scale" in state
+    again = ImageContext.from_state(state, torch.float16, int8=True)
+    assert torch.equal(again.effect, ctx.effect) and again.maps is not None and ctx.maps is not None
+    assert torch.equal(again.maps, ctx.maps)
+    assert all(torch.equal(again.state_tensors()[k], v) for k, v in state.items())
+    as_float = ImageContext.from_state(state, torch.float16)
+    assert torch.equal(as_float.effect, ctx.effect.half().float())
+    assert as_float.maps is not None and torch.equal(as_float.maps, ctx.maps.half().float())

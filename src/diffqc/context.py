@@ -295,8 +295,9 @@ class ImageContext(nn.Module):
                 continue
             scale = tensors.get(f"{STATE_PREFIX}{name}_scale")  # stored in 8 bits
             target = getattr(self, name)
-            if scale is None:
-                target.copy_(self._rounded(name, table.float().reshape(target.shape)))
-            else:  # exactly what rounding them would give
-                target.copy_(unpack_int8(self._by_vector(name, table), scale).reshape(target.shape))
+            values = (table.float() if scale is None
+                      else unpack_int8(self._by_vector(name, table), scale)).reshape(target.shape)
+            # 8-bit tables read as 8-bit ones hold their rounded values already (as the Denoiser's
+            # eigenbases: Denoiser.load_stored_prior); any other is rounded to the storage asked
+            target.copy_(values if scale is not None and self.int8 else self._rounded(name, values))
         return self
