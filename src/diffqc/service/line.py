@@ -296,8 +296,9 @@ class ClockWatch:
     boots at a date long past until NTP is reached, then steps; an operator sets it by hand.
     Records on either side of a step are that far apart, and ``--since`` and the dashboard's
     rates count by their times. A step of more than ``step_s`` against the boot-time clock is
-    logged and counted; a clock that reads more than a day before the model was trained is
-    named once (each time it turns so)."""
+    logged and counted, and the retention worker ages the parts stored before a step forward from
+    their time plus the step (:meth:`read`: none of their files expires early); a clock that
+    reads more than a day before the model was trained is named once (each time it turns so)."""
 
     def __init__(self, trained_at: float | None, *, step_s: float = 60.0,
                  wall: Callable[[], float] = time.time, boot: Callable[[], float] = _boot_clock) -> None:
@@ -307,21 +308,30 @@ class ClockWatch:
         self._offset: float | None = None
         self.steps_total = 0
         self.last_step_s: float | None = None
+        self.ahead_s = 0.0  # the steps forward seen, in all
         self._behind = False
         self._lock = threading.Lock()  # the line's thread, /v1/line and /metrics check it
 
     def check(self) -> dict[str, Any]:
         """``steps_total``, ``last_step_s`` (signed: back is negative) and ``behind_model``."""
         with self._lock:
-            return self._check()
+            return self._check(self._wall())
 
-    def _check(self) -> dict[str, Any]:
-        now = self._wall()
+    def read(self) -> tuple[float, float]:
+        """The wall clock's time, checked as :meth:`check` does, and the seconds it stepped forward
+        so far (what the retention worker ages the parts stored before a step by)."""
+        with self._lock:
+            now = self._wall()
+            self._check(now)
+            return now, self.ahead_s
+
+    def _check(self, now: float) -> dict[str, Any]:
         offset = now - self._boot()
         if self._offset is not None and abs(offset - self._offset) > self.step_s:
             step = offset - self._offset
             self.steps_total += 1
             self.last_step_s = step
+            self.ahead_s += max(step, 0.0)
             log.warning("the system clock stepped %s by %.0f s (NTP reached, or set by hand): the times of "
                         "parts stored before it are that far %s those after it, and --since and the "
                         "dashboard's rates count by them", "forward" if step > 0 else "back", abs(step),
@@ -425,14 +435,15 @@ class LineServices:
         policy = RetentionPolicy(getattr(settings, "retention_max_age_s", None),
                                  getattr(settings, "retention_max_bytes", None),
                                  float(getattr(settings, "retention_interval_s", 60.0))).validate()
-        self.retention = (RetentionWorker(store, artifacts, policy, station=self.station)
+        self.clock = ClockWatch(_trained_at(Path(bundle) if bundle else None))
+        self.retention = (RetentionWorker(store, artifacts, policy, station=self.station,
+                                          clock=self.clock.read)
                           if policy.active and artifacts is not None else None)
         folders = [store.path] if store.path is not None else []  # PostgreSQL's disk is its server's
         self.disk = DiskWatch(folders + ([artifacts.root] if artifacts is not None else []),
                               min_free_bytes=int(getattr(settings, "disk_min_free_bytes", 1 << 30)),
                               min_free_ratio=float(getattr(settings, "disk_min_free_ratio", 0.05)))
         cert = getattr(settings, "tls_cert", None)
-        self.clock = ClockWatch(_trained_at(Path(bundle) if bundle else None))
         warn_days = float(getattr(settings, "tls_warn_days", 14.0))
         key = getattr(settings, "tls_key", None)
         self.certificate = (CertificateWatch(Path(cert).absolute(), warn_days=warn_days,

@@ -17,6 +17,13 @@ with its clock behind (at its last shutdown, or at systemd's build date) and sto
 NTP sets it; their files expired at the first pass after. A time in the future (a clock ahead)
 holds back no later part's. A first store with a clock behind cannot know.
 
+A wall clock that steps ahead while the service runs (a bad time source; or one behind, set
+right) would make one pass expire every file younger than the step. The service's clock watch
+(:class:`diffqc.service.line.ClockWatch`) sees a step of more than a minute against the time since
+boot; the parts stored before it are aged from their time plus the step (the worker's
+``clock``), so none expires more than a minute early (a part stored between the step and the
+pass that takes it is kept that much longer). A step while the service is stopped cannot be seen.
+
 The budget counts the bytes of the files the rows reference; when they exceed it, the oldest
 artifacts (by record id) are expired until the total fits. The worker reads the sizes once (the
 first pass lists both folders) and keeps them: a later pass reads only the new files' (a kept
@@ -39,6 +46,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,9 +168,15 @@ def expire(store: ResultStore, artifacts: ArtifactStore, items: list[Artifact],
     return kept
 
 
+# the wall clock's steps ahead, each as (the last record id a pass read after it, seconds): the
+# parts stored by then are aged from their time plus the step; kept by the worker between passes,
+# which adds a step it sees as (None, seconds) for the pass to number
+Steps = list[tuple[int | None, float]]
+
+
 def apply_retention(store: ResultStore, artifacts: ArtifactStore, policy: RetentionPolicy,
                     now: float | None = None, known: Sizes | None = None,
-                    station: str | None = None) -> dict[str, Any]:
+                    station: str | None = None, steps: Steps | None = None) -> dict[str, Any]:
     """Expire what the policy says; returns counts and the bytes kept. ``known``: the sizes of
     the kept files an earlier pass read, by kind and name, kept by the caller and replaced in
     place by this pass's (those of the files the rows name now). A kept file is written whole
@@ -174,10 +188,17 @@ def apply_retention(store: ResultStore, artifacts: ArtifactStore, policy: Retent
     older than the maximum age are expired, and while the rest exceed the budget, its oldest.
     ``station``: the service's (``--station``), on a store that others may share: a row of
     another station (or none) whose file is not in ``artifacts`` is another service's, left as
-    it is. Without it every row naming a file is this service's (a single service's store)."""
+    it is. Without it every row naming a file is this service's (a single service's store).
+    ``steps``: the clock's steps ahead (:data:`Steps`), kept by the caller: one it saw with
+    ``now``, not yet numbered, is taken for every row read after it."""
     now = time.time() if now is None else now
-    with store._reader() as conn:
+    with store._reader() as conn:  # read after the clock: every part stored before its step
         rows = conn.execute(ARTIFACT_ROWS).fetchall()
+    steps = [] if steps is None else steps
+    steps[:] = [(int(rows[-1][0]) if rows else 0, s) if b is None else (b, s) for b, s in steps]
+    later = iter(steps)
+    step = next(later, None)
+    ahead = sum(seconds for _, seconds in steps)  # the steps after a row's part was stored
     sizes, listed = _pass_sizes(artifacts, known)
     cutoff = -math.inf if policy.max_age_s is None else now - policy.max_age_s
     seen: Sizes = {kind: {} for kind in COLUMNS}
@@ -186,6 +207,10 @@ def apply_retention(store: ResultStore, artifacts: ArtifactStore, policy: Retent
     ours: list[tuple[Any, ...]] = []  # the rows of this service's files
     latest = -math.inf  # the latest time stored so far, in record order, none in the future
     for rid, stored_at, heatmap, image, row_station in rows:
+        while step is not None and rid > (step[0] or 0):  # stored after this step: on the clock since
+            ahead -= step[1]
+            step = next(later, None)
+        stored_at += ahead
         heat_size = None if heatmap is None else _file_size(artifacts, sizes, listed, "heatmaps", heatmap)
         image_size = None if image is None else _file_size(artifacts, sizes, listed, "images", image)
         if station is not None and row_station != station and heat_size is None and image_size is None:
@@ -236,11 +261,16 @@ def apply_retention(store: ResultStore, artifacts: ArtifactStore, policy: Retent
 
 class RetentionWorker:
     """Applies a policy every ``policy.interval_s`` seconds in a background thread, to the files
-    of ``station`` (:func:`apply_retention`)."""
+    of ``station`` (:func:`apply_retention`). ``clock``: the wall clock's time and the seconds it
+    stepped ahead so far (the service's :meth:`diffqc.service.line.ClockWatch.read`); without it
+    a step is not seen."""
 
     def __init__(self, store: ResultStore, artifacts: ArtifactStore, policy: RetentionPolicy,
-                 station: str | None = None) -> None:
+                 station: str | None = None, clock: Callable[[], tuple[float, float]] | None = None) -> None:
         self.store = store
+        self.clock = clock if clock is not None else lambda: (time.time(), 0.0)
+        self._steps: Steps = []
+        self._ahead = 0.0  # the clock's steps ahead that the worker took
         self.station = station
         self.artifacts = artifacts
         self.policy = policy.validate()
@@ -253,8 +283,12 @@ class RetentionWorker:
         self._sizes: Sizes = {}  # the kept files' sizes, between passes
 
     def run_once(self) -> dict[str, Any]:
-        out = apply_retention(self.store, self.artifacts, self.policy, known=self._sizes,
-                              station=self.station)
+        now, ahead = self.clock()
+        if ahead > self._ahead:
+            self._steps.append((None, ahead - self._ahead))
+            self._ahead = ahead
+        out = apply_retention(self.store, self.artifacts, self.policy, now=now, known=self._sizes,
+                              station=self.station, steps=self._steps)
         self.expired_total += out["expired"]
         self.freed_bytes_total += out["freed_bytes"]
         self.kept_bytes = out["kept_bytes"]
