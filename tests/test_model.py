@@ -110,6 +110,30 @@ def test_bundle_from_before_a_field_scores_as_it_was_fitted(clear_dataset: Path,
     assert [r.score for r in loaded.inspect_samples(samples)[0]] == scores
 
 
+def test_two_models_fitted_within_one_second_have_two_ids(clear_dataset: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model's id was its method and the second its fit ended: two fits within one second (a
+    script retraining, two stations training at once) got one id, and the service's model watch
+    took the second bundle for the first recalibrated and went on serving the first."""
+    import datetime as dt
+    import types
+
+    import diffqc.model
+
+    class _Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz: dt.tzinfo | None = None) -> _Frozen:
+            return cls(2026, 12, 8, 4, 0, 0, tzinfo=tz)
+
+    monkeypatch.setattr(diffqc.model, "_dt", types.SimpleNamespace(datetime=_Frozen, UTC=dt.UTC))
+    data = load_dataset(clear_dataset)
+    first, second = (Detector(tiny_config(**{"train.steps": 0}), device="cpu").fit(data, progress=False)
+                     for _ in range(2))
+    assert first.metadata["created"] == second.metadata["created"] == "2026-12-08T04:00:00+00:00"
+    assert first.version != second.version
+    assert first.version.startswith("diffusion-2026-12-08T04:00:00+00:00")
+
+
 def test_a_detector_shows_what_it_is_in_a_notebook(tiny_model: Path) -> None:
     """A notebook's cell ending in the detector showed `<diffqc.model.Detector object at 0x7f..>`:
     which model was loaded, of which types, deciding at which levels, could be read only attribute

@@ -12,6 +12,7 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -553,7 +554,9 @@ class Detector:
             "fitted_settings": fitted_settings(self.config),
             "final_loss": history.loss[-1] if history is not None and history.loss else None,
         }
-        self.metadata["model_id"] = f"{self.config.method}-{self.metadata['created']}"
+        # the second it was fitted, and 6 random hex digits: two fits within a second (a script
+        # retraining, two stations) have two ids, which the service's model watch tells apart
+        self.metadata["model_id"] = f"{self.config.method}-{self.metadata['created']}-{secrets.token_hex(3)}"
         return self
 
     def _cross_fold_scores(
