@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,31 @@ def test_the_plain_network_is_refused_for_training_without_steps() -> None:
     check_trainable(with_overrides(plain, {"train.steps": 10}))  # trained: fine
     check_trainable(DetectorConfig())  # the Gaussians alone: fine
     check_trainable(with_overrides(plain, {"method": "padim"}))  # PaDiM trains no network
+
+
+@pytest.mark.parametrize(("over", "said"), [
+    ({"backbone.layers": ["features.6", "features.6"]}, "tap block 6 twice"),
+    ({"backbone.layers": ["features.6", "6"]}, "tap block 6 twice"),
+    ({"backbone.layers": ["blocks.6", "features.13"]}, "'blocks.6' is not a block of mobilenet-v2"),
+    ({"backbone.layers": ["features.x"]}, "'features.x' is not a block of mobilenet-v2"),
+    ({"backbone.name": "efficientnet-lite0", "backbone.layers": ["features.6"]},
+     "'features.6' is not a block of efficientnet-lite0: name one as blocks.N or N"),
+    ({"backbone.name": "onnx:/m.onnx", "backbone.layers": ["/model.4", "/model.6", "/model.4"]},
+     "tap '/model.4' twice"),
+])
+def test_taps_named_twice_or_by_another_backbones_names_are_refused_for_training(
+        over: dict[str, object], said: str) -> None:
+    """``--layers features.6,features.6`` trained one tap without a word (config.json saying two),
+    and ``blocks.6`` (EfficientNet-Lite's name) tapped MobileNetV2's block 6. A config to train
+    with is refused so; a bundle's config still reads (it was trained as it is)."""
+    from diffqc.config import check_trainable
+
+    config = with_overrides(DetectorConfig(), over)
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        check_trainable(config)
+    check_trainable(with_overrides(DetectorConfig(), {"backbone.layers": ["6", "features.13"]}))
+    check_trainable(with_overrides(DetectorConfig(), {"backbone.name": "efficientnet-lite0",
+                                                      "backbone.layers": ["blocks.2", "4", "blocks.10"]}))
 
 
 def test_settings_that_change_nothing_are_named() -> None:

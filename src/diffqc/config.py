@@ -21,7 +21,14 @@ T = TypeVar("T")
 
 METHODS = ("diffusion", "patchcore", "padim")
 ONNX_PREFIX = "onnx:"  # backbone.name of a bring-your-own ONNX graph: onnx:PATH
-BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "mobilenet-v2")  # | onnx:PATH
+# each built-in backbone's default taps (its stride-8 and stride-16 blocks), named as it names them
+DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
+    "efficientnet-lite0": ("blocks.4", "blocks.10"),
+    "efficientnet-lite1": ("blocks.6", "blocks.14"),
+    "efficientnet-lite2": ("blocks.6", "blocks.14"),
+    "mobilenet-v2": ("features.6", "features.13"),
+}
+BACKBONES = tuple(DEFAULT_LAYERS)  # | onnx:PATH
 MAX_INPUT_SIZE = 8192  # the backbone's square input; larger images are cut into tiles (tiling.mode)
 MAX_NOISES = 4096  # scoring.noises_per_timestep: the noise bank is allocated whole (scoring.ScoreBank)
 MAX_DEPTH = 64  # the denoiser's residual blocks (3 by default)
@@ -576,11 +583,32 @@ def recorded_name(name: str) -> str:
     return ONNX_PREFIX + str(Path(name.removeprefix(ONNX_PREFIX)).expanduser().resolve())
 
 
+def _check_taps(backbone: BackboneConfig) -> None:
+    """A :class:`ConfigError` where ``backbone.layers`` name a tap twice (it was tapped once, the
+    config saying twice) or a built-in backbone's block by another's name (``blocks.6`` tapped
+    MobileNetV2's block 6)."""
+    taps: list[str | int] = list(backbone.layers)  # an ONNX graph's tensors, by name
+    if backbone.name in DEFAULT_LAYERS:
+        own = DEFAULT_LAYERS[backbone.name][0].rpartition(".")[0]
+        for i, layer in enumerate(backbone.layers):
+            prefix, _, block = layer.rpartition(".")
+            if not block.isdigit() or prefix not in ("", own):
+                raise ConfigError(f"backbone layer {layer!r} is not a block of {backbone.name}: name one "
+                                  f"as {own}.N or N (the default taps: "
+                                  f"{','.join(DEFAULT_LAYERS[backbone.name])})")
+            taps[i] = int(block)
+    if twice := [tap for tap in taps if taps.count(tap) > 1]:
+        tap = f"block {twice[0]}" if isinstance(twice[0], int) else repr(twice[0])
+        raise ConfigError(f"backbone.layers {','.join(backbone.layers)} tap {tap} twice: name each tap once")
+
+
 def check_trainable(config: DetectorConfig) -> None:
     """A :class:`ConfigError` where a training with ``config`` would fit a model that scores with
     what it never learnt: ``diffusion.prior=none`` leaves the whole job to the network, whose
     output layer starts at zero only beside the Gaussians, so untrained (``train.steps=0``) it is
-    random. A bundle's config is not checked so (it was trained as it is)."""
+    random; or where its taps are named twice or by another backbone's names (:func:`_check_taps`).
+    A bundle's config is not checked so (it was trained as it is)."""
+    _check_taps(config.backbone)
     if config.method == "diffusion" and config.diffusion.prior == "none" and config.train.steps == 0:
         raise ConfigError("diffusion.prior=none scores with the network alone, and train.steps=0 leaves it "
                           "untrained (random): give --steps N (train.steps) to train it, or keep "
