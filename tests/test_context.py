@@ -216,6 +216,26 @@ def test_whitened_components_have_unit_norm_over_the_fit_images() -> None:
     assert torch.allclose(z.var(dim=0, unbiased=False), torch.full((3,), 1 / 40), atol=1e-5)
 
 
+def test_the_effect_is_the_ridge_least_squares_fit_of_each_types_images() -> None:
+    """Each type's effect is the ridge least-squares fit of its images' features on their whitened
+    components and an intercept, whatever the fit's chunks of images (more images than one chunk,
+    the types interleaved)."""
+    from diffqc.context import FIT_CHUNK, RIDGE, descriptor
+
+    gen = torch.Generator().manual_seed(3)
+    n = 2 * FIT_CHUNK + 9
+    feats = torch.randn(n, 3, 4, 5, generator=gen) + torch.randn(n, 1, 1, 1, generator=gen)
+    types = torch.arange(n) % 2
+    ctx = ImageContext.fit(feats, types, 2, 4, torch.float32, per_component=1)
+    for ty in range(2):
+        x = feats[types == ty].double()
+        centre, basis = whitening(descriptor(x), 4)
+        design = torch.cat([(descriptor(x) - centre) @ basis, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+        gram = design.T @ design + RIDGE * torch.eye(design.shape[1], dtype=x.dtype)
+        want = torch.linalg.solve(gram, design.T @ x.flatten(1))[:-1]
+        assert torch.allclose(ctx.effect[ty, :4].double(), want, atol=1e-5), ty
+
+
 def test_8_bit_tables_are_exact_only_when_read_as_8_bit() -> None:
     """As the Denoiser's eigenbases: a context stored in 8 bits reads back its stored values under
     an 8-bit setting, and under a float setting is rounded to it (to float16 here), as a table

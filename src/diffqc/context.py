@@ -47,6 +47,7 @@ __all__ = ["ImageContext", "descriptor", "spatial_maps", "whitening"]
 
 STATE_PREFIX = "context."
 SAMPLES_PER_COMPONENT = 8  # k <= n / 8 for n fit images of a type
+FIT_CHUNK = 64  # images a fit takes in float64 at a time
 RIDGE = 1e-3  # on whitened components (unit norm over the fit images): a guard against collinearity only
 
 
@@ -207,8 +208,10 @@ class ImageContext(nn.Module):
             k = min(components, n // per_component) if per_component > 0 else components
             if k < 1 or n < 2:
                 continue  # too few images: no context (the plain per-location Gaussian)
-            x = features[sel].double()
-            g = descriptor(x)
+            # in float64, FIT_CHUNK images at a time: a float64 copy of a type's features was three
+            # times their float32 bytes on top of them (900 MB for 600 images at 128 x 32 x 32)
+            chunks = sel.nonzero().squeeze(1).split(FIT_CHUNK)
+            g = torch.cat([descriptor(features[rows].double()) for rows in chunks])
             centre, basis = whitening(g, k)  # [C, k]: unit-variance components on the fit images
             k = basis.shape[1]
             if k < 1:
@@ -216,7 +219,10 @@ class ImageContext(nn.Module):
             z = (g - centre) @ basis
             design = torch.cat([z, torch.ones_like(z[:, :1])], dim=1)
             gram = design.T @ design + RIDGE * torch.eye(k + 1, dtype=design.dtype, device=design.device)
-            coef = torch.linalg.solve(gram, design.T @ x.flatten(1))  # [k + 1, C·h·w]; the intercept is kept
+            moment = torch.zeros(k + 1, c * h * w, dtype=design.dtype, device=design.device)
+            for part, rows in zip(design.split(FIT_CHUNK), chunks, strict=True):
+                moment.addmm_(part.T, features[rows].double().flatten(1))  # designᵀ x
+            coef = torch.linalg.solve(gram, moment)  # [k + 1, C·h·w]; the intercept is kept
             effect, spatial = coef[:k], None
             if maps > 0:
                 effect, spatial = spatial_maps(effect, c, maps)
