@@ -484,3 +484,21 @@ def test_pack_int8_keeps_each_vector_within_half_a_step_of_its_scale() -> None:
     assert float((back - tiny)[floored].abs().max()) <= 2.0**-15 * 1.001  # within 3e-5 there
     q2, scale2 = pack_int8(back, -1)
     assert torch.equal(q2, q) and torch.equal(scale2, scale)
+
+
+def test_the_null_types_gaussians_are_fitted_only_for_the_networks_training() -> None:
+    """The null type's Gaussians (every type's images pooled) serve the network's training alone
+    (a bundle does not store them): an untrained model (train.steps=0, the default) no longer fits
+    them, which with one type doubled the fit's eigendecompositions; a trained one does."""
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(12, 6, 3, 3, generator=g)
+    types = torch.arange(12) % 2
+    cfg = DiffusionConfig(hidden=8, depth=1, embed_dim=8, prior_dims=4, prior_rank=2)
+    pooled = feats.permute(0, 2, 3, 1).reshape(12, 9, 6).mean(0)
+    untrained, _ = train_denoiser(feats, types, 2, cfg, TrainConfig(steps=0), progress=False)
+    trained, _ = train_denoiser(feats, types, 2, cfg, TrainConfig(steps=1, batch_images=4), progress=False)
+    fresh = Denoiser(6, 2, 9, cfg)
+    assert torch.equal(untrained.prior_mean[2], fresh.prior_mean[2])  # left as made
+    assert torch.allclose(trained.prior_mean[2], pooled[:, trained.prior_perm], atol=1e-5)
+    for name in ("prior_mean", "prior_var", "prior_vecs", "prior_vals"):  # the types' own: the same
+        assert torch.equal(getattr(untrained, name)[:2], getattr(trained, name)[:2]), name

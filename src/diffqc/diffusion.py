@@ -336,42 +336,47 @@ class Denoiser(nn.Module):
 
     @torch.no_grad()
     def fit_prior(self, tokens: Tensor, type_idx: Tensor, grid: tuple[int, int] | None = None,
-                  radius: int = 0) -> None:
+                  radius: int = 0, *, null: bool = True) -> None:
         """Per-type, per-location Gaussians from GOOD ``tokens [N, L, C]``; with ``radius`` > 0
         each location's Gaussian pools the features of every location within ``radius`` cells of
-        it on the ``grid`` (h, w) (clamped at the borders)."""
+        it on the ``grid`` (h, w) (clamped at the borders). ``null``: the null type's too (every
+        type's tokens), which only the network's training reads."""
         if not self.use_prior:
             return
+        nbr = _neighbours(grid or (self.locations, 1), radius)  # [L, M]
+        for k in range(self.n_types + int(null)):
+            sel = type_idx == k if k < self.n_types else torch.ones_like(type_idx, dtype=torch.bool)
+            if bool(sel.any()):
+                self._fit_prior_row(k, tokens if bool(sel.all()) else tokens[sel], nbr, radius)
+
+    def _fit_prior_row(self, k: int, tokens: Tensor, nbr: Tensor, radius: int) -> None:
+        """Type ``k``'s Gaussians from its ``tokens``, in the permuted channel order: the
+        eigendecompositions a block of 64 locations at a time, each block's tokens copied alone
+        (a copy of them all in that order was as large as the features)."""
         from diffqc.covariance import covariance_batched
 
-        d, rank = self.prior_dims, self.prior_rank
-        nbr = _neighbours(grid or (self.locations, 1), radius)  # [L, M]
-        block = max(1, 256 // nbr.shape[1])
-        groups = [type_idx == k for k in range(self.n_types)] + [torch.ones_like(type_idx, dtype=torch.bool)]
-        for k, sel in enumerate(groups):
-            x = tokens[sel][:, :, self.prior_perm]
-            if x.shape[0] == 0:
-                continue
-            mean = x.mean(dim=0)
-            var = x.var(dim=0, unbiased=False) if x.shape[0] > 1 else torch.ones_like(x[0])
-            if radius > 0:  # pooled over the neighbourhood: mean of the means, total variance
-                mean_n = mean[nbr].mean(dim=1)
-                var = (var[nbr] + mean[nbr].pow(2)).mean(dim=1) - mean_n.pow(2)
-                mean = mean_n
-            self.prior_mean[k] = mean
-            floor = 0.01 * var.mean()
-            self.prior_var[k] = var + floor
-            for s in range(0, self.locations, block):  # bounded memory
-                idx = nbr[s : s + block]  # [l, M]
-                per_loc = x[:, idx, :d].permute(1, 0, 2, 3).reshape(idx.shape[0], -1, d).double()
-                _, cov = covariance_batched(per_loc, self.prior_covariance)
-                cov = cov + floor.double() * torch.eye(d, dtype=cov.dtype, device=cov.device)
-                vals, vecs = torch.linalg.eigh(cov)  # ascending: the top r are the last r
-                vals = vals.clamp_min(1e-6)
-                self.prior_vecs[k, s : s + block] = vecs[..., d - rank :].float()
-                self.prior_vals[k, s : s + block] = vals[..., d - rank :].float()
-                if self.low_rank:  # probabilistic PCA: the mean of the discarded eigenvalues
-                    self.prior_rest[k, s : s + block] = vals[..., : d - rank].mean(-1).float()
+        d, rank, perm = self.prior_dims, self.prior_rank, self.prior_perm
+        block = max(1, 64 // nbr.shape[1])
+        mean = tokens.mean(dim=0)[:, perm]
+        var = tokens.var(dim=0, unbiased=False)[:, perm] if tokens.shape[0] > 1 else torch.ones_like(mean)
+        if radius > 0:  # pooled over the neighbourhood: mean of the means, total variance
+            mean_n = mean[nbr].mean(dim=1)
+            var = (var[nbr] + mean[nbr].pow(2)).mean(dim=1) - mean_n.pow(2)
+            mean = mean_n
+        self.prior_mean[k] = mean
+        floor = 0.01 * var.mean()
+        self.prior_var[k] = var + floor
+        for s in range(0, self.locations, block):  # bounded memory
+            idx = nbr[s : s + block]  # [l, M]
+            per_loc = tokens[:, idx][..., perm[:d]].permute(1, 0, 2, 3).reshape(idx.shape[0], -1, d).double()
+            _, cov = covariance_batched(per_loc, self.prior_covariance)
+            cov = cov + floor.double() * torch.eye(d, dtype=cov.dtype, device=cov.device)
+            vals, vecs = torch.linalg.eigh(cov)  # ascending: the top r are the last r
+            vals = vals.clamp_min(1e-6)
+            self.prior_vecs[k, s : s + block] = vecs[..., d - rank :].float()
+            self.prior_vals[k, s : s + block] = vals[..., d - rank :].float()
+            if self.low_rank:  # probabilistic PCA: the mean of the discarded eigenvalues
+                self.prior_rest[k, s : s + block] = vals[..., : d - rank].mean(-1).float()
 
     def gather_prior(self, type_idx: Tensor, pos: Tensor | None = None) -> PriorParams:
         """The Gaussian parameters of each token's type and location, in the permuted channel

@@ -82,7 +82,8 @@ def train_denoiser(
         raise ValueError("diffusion.context=image needs the context components of every image")
     context = context.to(device) if model.context_dim and context is not None else None
     ring_cells = ring_index((h, w), device) if model.use_ring else None
-    model.fit_prior(tokens, type_idx, (h, w), diffusion.prior_radius)
+    # the null type's Gaussians (every type's tokens) serve the network's training alone
+    model.fit_prior(tokens, type_idx, (h, w), diffusion.prior_radius, null=train.steps > 0)
     ema = copy.deepcopy(model).requires_grad_(False)
     schedule = NoiseSchedule(diffusion.timesteps, diffusion.schedule).to(device)
     # uniform in λ = log SNR: the variational bound's weighting for ε-prediction, the same
