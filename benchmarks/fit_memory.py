@@ -1,0 +1,75 @@
+"""A fit's peak memory after the backbone: a model fitted (``Detector.fit_features``, the
+default config, the Gaussians alone) on random raw features of ``--per-type`` GOOD images of
+each of ``--types`` types, each size in a process of its own; the peak resident memory above
+the features, beside the lower bound that the fit's memory check counts
+(:func:`diffqc.model.fit_bytes`: the features and the per-location Gaussians).
+
+    python benchmarks/fit_memory.py --sizes 1x600,8x150
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from diffqc.config import DetectorConfig, with_overrides
+from diffqc.data import GOOD, Sample
+from diffqc.model import Detector, fit_bytes
+
+MIB = 2**20
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far, bytes (Linux's ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(types: int, per_type: int, seed: int = 0) -> dict[str, float]:
+    """Fit once in this process; MiB and seconds."""
+    det = Detector(with_overrides(DetectorConfig(), {"train.steps": 0}), device="cpu")
+    c, grid = det.extractor.channels, det.extractor.grid
+    n = types * per_type
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.randn(n, c, *grid, generator=gen) * torch.rand(c, 1, 1, generator=gen) * 3
+    good = [Sample(Path(f"t{i % types}_{i}.png"), f"type{i % types}", GOOD, part_id=str(i), split="train")
+            for i in range(n)]
+    before = peak_rss()
+    t0 = time.perf_counter()
+    det.fit_features(raw, good)
+    seconds = time.perf_counter() - t0
+    _, model = fit_bytes(det.config, grid, c, types, n)
+    return {"features_mib": raw.numel() * 4 / MIB, "before_mib": before / MIB,
+            "peak_above_mib": (peak_rss() - before) / MIB, "bound_model_mib": model / MIB,
+            "fit_s": seconds}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1x600,8x150", help="TYPESxPER_TYPE, comma-separated")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a size, measured in this process
+    args = ap.parse_args()
+    if args.one:
+        types, per_type = (int(v) for v in args.one.split("x"))
+        print(json.dumps(measure(types, per_type)))
+        return 0
+    print("| types x GOOD images | features MiB | fit's peak above them, MiB | the check's Gaussians, MiB "
+          "| fit s |")
+    print("|---|---|---|---|---|")
+    for size in args.sizes.split(","):
+        out = subprocess.run([sys.executable, __file__, "--one", size], capture_output=True, text=True,
+                             check=True)
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"| {size} | {got['features_mib']:.0f} | {got['peak_above_mib']:.0f} | "
+              f"{got['bound_model_mib']:.0f} | {got['fit_s']:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
