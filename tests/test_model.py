@@ -943,6 +943,31 @@ def test_a_fit_that_cannot_fit_in_memory_is_refused_before_any_image_is_read() -
         check_fit_memory(cfg, (32, 32), channels, types, 24, "cpu")
 
 
+def test_a_fit_is_bounded_by_the_copies_of_its_features_it_holds(clear_dataset: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory check counted a fit's features once, though a fit holds them at least three
+    times at once (as read, standardised and its own: benchmarks/fit_memory.py measured 4.2-5.2
+    times them at the peak), so a fit that needed more than the machine had was refused only past
+    three times that: it was killed for memory instead, without a word. Here the machine has room
+    for the features once, with the tables, but not three times over."""
+    import diffqc.model
+    from diffqc.model import FIT_FEATURE_COPIES, fit_bytes
+
+    config = tiny_config(**{"train.steps": 0})
+    det = Detector(config, device="cpu")
+    good = [s for s in load_dataset(clear_dataset) if s.label == 0 and s.split == "train"]
+    fe = det.extractor
+    types = len({s.feature_type for s in good})
+    features, model = fit_bytes(config, fe.grid, fe.channels, types, len(good))
+    held, _ = fit_bytes(config, fe.grid, fe.channels, types, len(good), FIT_FEATURE_COPIES)
+    assert held == FIT_FEATURE_COPIES * features >= 3 * features
+    room = held + model - 1  # the features once and the tables fit, three times over do not
+    monkeypatch.setattr(diffqc.model, "available_memory", lambda device: room)
+    with pytest.raises(ConfigError, match=rf"features of {len(good)} images at .* locations \(held 3 times "
+                                          r"at once: as read, standardised and the fit's own\)"):
+        det.fit(good, progress=False)
+
+
 def test_a_tiled_fit_is_bounded_by_its_tiles_not_its_images(tmp_path: Path) -> None:
     """``train --tile`` holds a feature map per tile (a 4000 x 3000 px frame: 336 at 256 px), but
     the memory check counted one per image, and even advised tiling. The tiles are now counted

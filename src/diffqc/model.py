@@ -388,7 +388,7 @@ class Detector:
         wanted = {s.feature_type for s in good}
         fe = self.extractor
         check_fit_memory(self.config, fe.grid, fe.channels, len(wanted), len(good), str(self.device),
-                         views=views_to_fit(self.config, [s.path for s in good]))
+                         views=views_to_fit(self.config, [s.path for s in good]), copies=FIT_FEATURE_COPIES)
         sizes: list[tuple[int, int]] = []
         greys: list[bool] = []
         lights: list[tuple[float, float]] = []
@@ -498,8 +498,12 @@ class Detector:
         if layouts is not None:  # image indices -> their views' rows
             fit_idx, cal_idx = tiling.rows_of(layouts, fit_idx), tiling.rows_of(layouts, cal_idx)
         raw = raw.to(self.device)  # the scorer is fitted (the denoiser trained) where the features are
-        fe.fit_standardisation(raw[fit_idx])
-        feats = fe.standardise(raw)
+        fit_raw = raw[fit_idx]
+        fe.fit_standardisation(fit_raw)
+        # the fit's rows alone, standardised once for the scorer, the fused map's memory and the
+        # router (a standardised copy of every row and a copy of the fit's from it were held)
+        fit_feats = fe.standardise(fit_raw)
+        del fit_raw
         types = torch.tensor([self.classes_.index(s.feature_type) for s in good], device=self.device)
         if layouts is not None:
             views = torch.tensor([lay.views for lay in layouts], device=types.device)
@@ -507,29 +511,31 @@ class Detector:
         t_fit = time.perf_counter()
         fused = _check_heat_map(self.config)
         scorer = make_scorer(self.config)
-        scorer.fit(feats[fit_idx], types[fit_idx], len(self.classes_), progress=progress)
+        scorer.fit(fit_feats, types[fit_idx], len(self.classes_), progress=progress)
         self.scorer_ = scorer
         self.memory_ = None
-        nearest = fit_memory(self.config, feats[fit_idx], types[fit_idx], len(self.classes_),
+        nearest = fit_memory(self.config, fit_feats, types[fit_idx], len(self.classes_),
                              progress=progress) if fused else None
-        self.router_ = _fit_router(feats[fit_idx], types[fit_idx], len(self.classes_))
+        self.router_ = _fit_router(fit_feats, types[fit_idx], len(self.classes_))
+        del fit_feats
         fit_seconds = time.perf_counter() - t_fit
         fit_idx, cal_idx = image_idx
         self.fit_indices_ = list(fit_idx)
         cal_samples = [good[i] for i in cal_idx]
         cal_layouts = None if layouts is None else [layouts[i] for i in cal_idx]
         cal_rows = cal_idx if layouts is None else tiling.rows_of(layouts, cal_idx)
-        if cross:
+        cal_feats = None
+        if cross:  # each fold standardises its own (a fused map needs split)
             scored = self._cross_fold_scores(raw, good, types, layouts, progress=progress)
         else:
-            scored = self._calibration_scores(feats[cal_rows], cal_samples, progress=progress,
-                                              layouts=cal_layouts)
+            cal_feats = fe.standardise(raw[cal_rows])
+            scored = self._calibration_scores(cal_feats, cal_samples, progress=progress, layouts=cal_layouts)
         self.calibration_ = scored.calibrator(self.classes_, self.config.calibration)
         suspects = suspect_images(((self.classes_[k], s, path_text(p))
                                    for k, s, p in zip(scored.true, scored.known, scored.paths, strict=True)),
                                   among="calibration images")
-        if nearest is not None:
-            self.memory_ = self._calibrated_memory(nearest, feats[cal_rows], types[cal_rows])
+        if nearest is not None and cal_feats is not None:
+            self.memory_ = self._calibrated_memory(nearest, cal_feats, types[cal_rows])
         history = getattr(scorer, "history_", None)
         self.metadata = {
             "format": BUNDLE_FORMAT,
@@ -577,16 +583,20 @@ class Detector:
         try:
             for held in tqdm(folds, desc="cross-calibration folds", disable=not progress):
                 held_set = set(held)
-                rest = [i for i in range(len(good)) if i not in held_set]
-                fe.fit_standardisation(raw[rows(rest)])
-                feats = fe.standardise(raw)
+                rest = rows([i for i in range(len(good)) if i not in held_set])
+                fold_raw = raw[rest]
+                fe.fit_standardisation(fold_raw)
+                fold_feats = fe.standardise(fold_raw)  # the fold's fit rows alone
+                del fold_raw
                 scorer = make_scorer(self.config)
-                scorer.fit(feats[rows(rest)], types[rows(rest)], len(self.classes_), progress=False)
+                scorer.fit(fold_feats, types[rest], len(self.classes_), progress=False)
                 self.scorer_ = scorer
-                self.router_ = _fit_router(feats[rows(rest)], types[rows(rest)], len(self.classes_))
+                self.router_ = _fit_router(fold_feats, types[rest], len(self.classes_))
+                del fold_feats, scorer  # the held rows are scored, and the next fold made, without them
                 out.extend(self._calibration_scores(
-                    feats[rows(held)], [good[i] for i in held], progress=False,
+                    fe.standardise(raw[rows(held)]), [good[i] for i in held], progress=False,
                     layouts=None if layouts is None else [layouts[i] for i in held]))
+                self.scorer_, self.router_ = final, final_router
         finally:
             fe.feat_mean.copy_(saved[0])
             fe.feat_std.copy_(saved[1])
@@ -933,16 +943,22 @@ class Detector:
         return detector_repr(self, f"device={str(self.device)!r}")
 
 
+# the times a fit holds its GOOD images' features at once, at least: as read, standardised and
+# the scorer's working copy (benchmarks/fit_memory.py measured 4.2-5.2 times them at the peak, with
+# the tables, for every method and calibration scheme: BENCHMARKS.md "Session 73")
+FIT_FEATURE_COPIES = 3
+
+
 def fit_bytes(config: DetectorConfig, grid: tuple[int, int], channels: int, n_types: int,
-              n_images: int) -> tuple[int, int]:
+              n_images: int, copies: int = 1) -> tuple[int, int]:
     """A lower bound of what fitting holds in memory, in bytes (float32): ``(features, model)``,
-    the backbone features of the GOOD images and the per-location Gaussians (the default
+    the backbone features of the GOOD images (``copies`` times) and the per-location Gaussians (the default
     diffusion prior: mean, variance, kept eigenpairs per type and location; PaDiM: a d x d
     covariance per type and location). Both grow with the feature grid, i.e. with the square of
     ``backbone.input_size``; what a fit needs on top (eigendecompositions, the network) is not
     counted, so a fit that exceeds the bound cannot succeed."""
     locations = grid[0] * grid[1]
-    features = n_images * locations * channels * 4
+    features = copies * n_images * locations * channels * 4
     model = 0
     if config.method == "diffusion" and config.diffusion.prior == "local":
         d = min(config.diffusion.prior_dims, channels)
@@ -983,14 +999,15 @@ def views_to_fit(config: DetectorConfig, paths: Sequence[Path | str]) -> int:
 
 
 def check_fit_memory(config: DetectorConfig, grid: tuple[int, int], channels: int, n_types: int,
-                     n_images: int, device: str, *, views: int | None = None) -> None:
+                     n_images: int, device: str, *, views: int | None = None, copies: int = 1) -> None:
     """Before any image is read: a fit whose lower bound (:func:`fit_bytes`) exceeds the memory
     available is a :class:`ConfigError`; one above half of it, a warning. (A backbone.input_size
     of 2000 held 21.6 GB after 5 minutes on 40 GOOD images, still fitting, on a 24 GB machine.)
     ``views``: the model inputs of a tiled fit (:func:`views_to_fit`), each held as a feature map
-    (a 4000 x 3000 px frame makes 336 tiles of 256 px)."""
+    (a 4000 x 3000 px frame makes 336 tiles of 256 px); ``copies``: the times the fit holds the
+    features at once (:data:`FIT_FEATURE_COPIES` for a fit's GOOD images)."""
     inputs = n_images if views is None else views
-    features, model = fit_bytes(config, grid, channels, n_types, inputs)
+    features, model = fit_bytes(config, grid, channels, n_types, inputs, copies)
     free = available_memory(device)
     if free is None or 2 * (features + model) <= free:
         return
@@ -999,8 +1016,9 @@ def check_fit_memory(config: DetectorConfig, grid: tuple[int, int], channels: in
         return f"{n / 2**30:.1f} GB"
 
     tiles = f" ({inputs} tiles)" if views is not None and views != n_images else ""
+    held = f" (held {copies} times at once: as read, standardised and the fit's own)" if copies > 1 else ""
     what = (f"at least {gb(features + model)} of memory: {gb(features)} for the features of "
-            f"{n_images} images{tiles} at {grid[0]} x {grid[1]} locations"
+            f"{n_images} images{tiles} at {grid[0]} x {grid[1]} locations{held}"
             + (f", {gb(model)} for the per-location Gaussians of {n_types} types" if model else ""))
     if tiles:
         advice = (f"tile the images at a smaller scale (tiling.scale, now {config.tiling.scale:g}: "
