@@ -946,7 +946,7 @@ def test_a_fit_that_cannot_fit_in_memory_is_refused_before_any_image_is_read() -
 def test_a_fit_is_bounded_by_the_copies_of_its_features_it_holds(clear_dataset: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The memory check counted a fit's features once, though a fit holds them at least three
-    times at once (as read, standardised and its own: benchmarks/fit_memory.py measured 4.2-5.2
+    times at once (as read, standardised and its own: benchmarks/fit_memory.py measured 4.2-5.6
     times them at the peak), so a fit that needed more than the machine had was refused only past
     three times that: it was killed for memory instead, without a word. Here the machine has room
     for the features once, with the tables, but not three times over."""

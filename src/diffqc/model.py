@@ -944,8 +944,8 @@ class Detector:
 
 
 # the times a fit holds its GOOD images' features at once, at least: as read, standardised and
-# the scorer's working copy (benchmarks/fit_memory.py measured 4.2-5.2 times them at the peak, with
-# the tables, for every method and calibration scheme: BENCHMARKS.md "Session 73")
+# the scorer's working copy (benchmarks/fit_memory.py measured 4.2-5.6 times them at the peak, the
+# tables included, for every method and calibration scheme: BENCHMARKS.md "Session 73")
 FIT_FEATURE_COPIES = 3
 
 
