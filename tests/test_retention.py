@@ -127,8 +127,8 @@ def test_a_clock_that_jumps_ahead_between_passes_expires_nothing_early(
         stores, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
     """A wall clock set 60 days ahead (a bad time source; or one behind, set right) made one
     pass expire every kept file younger than 60 days. The service's clock watch sees the step
-    against the time since boot: the parts stored before it are aged from their time + the step,
-    those after it as they are."""
+    against the time since boot: the parts this run stored before it are aged from their time +
+    the step, those after it as they are; an earlier run's keep the times the clock then gave."""
     from diffqc.service.line import ClockWatch
 
     store, artifacts = stores
@@ -136,19 +136,20 @@ def test_a_clock_that_jumps_ahead_between_passes_expires_nothing_early(
     now = time.time()
     wall, since_boot = [now], [1000.0]
     clock = ClockWatch(None, wall=lambda: wall[0], boot=lambda: since_boot[0])
+    earlier = _store_parts(store, artifacts, [20 * day], now)  # stored by an earlier run
     worker = RetentionWorker(store, artifacts, RetentionPolicy(max_age_s=30 * day), clock=clock.read)
     before = _store_parts(store, artifacts, [5 * day, 3600], now)
     assert worker.run_once()["expired"] == 0
     wall[0], since_boot[0] = now + 60 * day + 60, 1060.0  # 60 s later, the clock 60 days ahead
     with caplog.at_level("WARNING", logger="diffqc"):
-        assert worker.run_once()["expired"] == 0
+        assert worker.run_once()["expired"] == 2  # the earlier run's part, 80 days old by the clock
     assert "stepped forward by 5184000 s" in caplog.text
     after = _store_parts(store, artifacts, [0], now + 60 * day + 20 * day)
     # 26 days on: the part stored 5 days before the jump is 31 days old, the others younger
     wall[0], since_boot[0] = now + 60 * day + 26 * day, 1060.0 + 26 * day
     assert worker.run_once()["expired"] == 2
-    got = [store.get(r.id) for r in (*before, *after)]  # type: ignore[arg-type]
-    assert [g is not None and g.image is not None for g in got] == [False, True, True]
+    got = [store.get(r.id) for r in (*earlier, *before, *after)]  # type: ignore[arg-type]
+    assert [g is not None and g.image is not None for g in got] == [False, False, True, True]
     # the time since boot going on as the wall clock does: no jump, nothing said
     caplog.clear()
     wall[0], since_boot[0] = wall[0] + 60, since_boot[0] + 60

@@ -20,9 +20,11 @@ holds back no later part's. A first store with a clock behind cannot know.
 A wall clock that steps ahead while the service runs (a bad time source; or one behind, set
 right) would make one pass expire every file younger than the step. The service's clock watch
 (:class:`diffqc.service.line.ClockWatch`) sees a step of more than a minute against the time since
-boot; the parts stored before it are aged from their time plus the step (the worker's
+boot; the parts this run stored before it are aged from their time plus the step (the worker's
 ``clock``), so none expires more than a minute early (a part stored between the step and the
-pass that takes it is kept that much longer). A step while the service is stopped cannot be seen.
+pass that takes it is kept that much longer). The parts of an earlier run keep their times,
+which the clock then gave (a box that boots behind and is set right ages them as they are); a
+step while the service is stopped cannot be seen.
 
 The budget counts the bytes of the files the rows reference; when they exceed it, the oldest
 artifacts (by record id) are expired until the total fits. The worker reads the sizes once (the
@@ -46,7 +48,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,15 +170,15 @@ def expire(store: ResultStore, artifacts: ArtifactStore, items: list[Artifact],
     return kept
 
 
-# the wall clock's steps ahead, each as (the last record id a pass read after it, seconds): the
-# parts stored by then are aged from their time plus the step; kept by the worker between passes,
-# which adds a step it sees as (None, seconds) for the pass to number
-Steps = list[tuple[int | None, float]]
+# the wall clock's steps ahead while the worker ran, each as (the last record id the pass that took
+# it read, seconds): the parts this run stored by then are aged from their time plus the step
+Steps = list[tuple[int, float]]
 
 
 def apply_retention(store: ResultStore, artifacts: ArtifactStore, policy: RetentionPolicy,
                     now: float | None = None, known: Sizes | None = None,
-                    station: str | None = None, steps: Steps | None = None) -> dict[str, Any]:
+                    station: str | None = None, steps: Sequence[tuple[int, float]] = (), stepped: float = 0.0,
+                    since_id: int | None = None) -> dict[str, Any]:
     """Expire what the policy says; returns counts and the bytes kept. ``known``: the sizes of
     the kept files an earlier pass read, by kind and name, kept by the caller and replaced in
     place by this pass's (those of the files the rows name now). A kept file is written whole
@@ -189,13 +191,15 @@ def apply_retention(store: ResultStore, artifacts: ArtifactStore, policy: Retent
     ``station``: the service's (``--station``), on a store that others may share: a row of
     another station (or none) whose file is not in ``artifacts`` is another service's, left as
     it is. Without it every row naming a file is this service's (a single service's store).
-    ``steps``: the clock's steps ahead (:data:`Steps`), kept by the caller: one it saw with
-    ``now``, not yet numbered, is taken for every row read after it."""
+    ``steps`` (:data:`Steps`): the clock's steps ahead that earlier passes took, and ``stepped``:
+    the seconds it stepped ahead since, read with ``now`` (for every row read after it), each for
+    the rows after ``since_id`` only (the parts an earlier run stored kept the times the clock
+    then gave; None: no step is taken). The result's ``last_id``: the last row read."""
     now = time.time() if now is None else now
     with store._reader() as conn:  # read after the clock: every part stored before its step
         rows = conn.execute(ARTIFACT_ROWS).fetchall()
-    steps = [] if steps is None else steps
-    steps[:] = [(int(rows[-1][0]) if rows else 0, s) if b is None else (b, s) for b, s in steps]
+    last_id = int(rows[-1][0]) if rows else 0
+    steps = [] if since_id is None else [*steps, (last_id, stepped)]
     later = iter(steps)
     step = next(later, None)
     ahead = sum(seconds for _, seconds in steps)  # the steps after a row's part was stored
@@ -207,10 +211,11 @@ def apply_retention(store: ResultStore, artifacts: ArtifactStore, policy: Retent
     ours: list[tuple[Any, ...]] = []  # the rows of this service's files
     latest = -math.inf  # the latest time stored so far, in record order, none in the future
     for rid, stored_at, heatmap, image, row_station in rows:
-        while step is not None and rid > (step[0] or 0):  # stored after this step: on the clock since
+        while step is not None and rid > step[0]:  # stored after this step: on the clock since
             ahead -= step[1]
             step = next(later, None)
-        stored_at += ahead
+        if since_id is not None and rid > since_id:
+            stored_at += ahead
         heat_size = None if heatmap is None else _file_size(artifacts, sizes, listed, "heatmaps", heatmap)
         image_size = None if image is None else _file_size(artifacts, sizes, listed, "images", image)
         if station is not None and row_station != station and heat_size is None and image_size is None:
@@ -256,7 +261,8 @@ def apply_retention(store: ResultStore, artifacts: ArtifactStore, policy: Retent
     freed = sum(a.size for a in doomed)
     if doomed:
         log.info("retention: expired %d artifacts (%d bytes); %d bytes kept", len(doomed), freed, total)
-    return {"expired": len(doomed), "freed_bytes": freed, "kept": kept, "kept_bytes": total}
+    return {"expired": len(doomed), "freed_bytes": freed, "kept": kept, "kept_bytes": total,
+            "last_id": last_id}
 
 
 class RetentionWorker:
@@ -271,6 +277,7 @@ class RetentionWorker:
         self.clock = clock if clock is not None else lambda: (time.time(), 0.0)
         self._steps: Steps = []
         self._ahead = 0.0  # the clock's steps ahead that the worker took
+        self._since_id = self._last_id()  # the parts stored before this run (None: not read yet)
         self.station = station
         self.artifacts = artifacts
         self.policy = policy.validate()
@@ -282,13 +289,24 @@ class RetentionWorker:
         self.last_error: str | None = None
         self._sizes: Sizes = {}  # the kept files' sizes, between passes
 
+    def _last_id(self) -> int | None:
+        """The last record id stored, 0 for none; None where the store cannot be read now."""
+        try:
+            with self.store._reader() as conn:
+                return int(conn.execute(f"SELECT MAX(id) FROM {TABLE}").fetchone()[0] or 0)
+        except Exception:  # the store down at the start: read at the first pass
+            return None
+
     def run_once(self) -> dict[str, Any]:
+        if self._since_id is None:
+            self._since_id = self._last_id()
         now, ahead = self.clock()
-        if ahead > self._ahead:
-            self._steps.append((None, ahead - self._ahead))
-            self._ahead = ahead
         out = apply_retention(self.store, self.artifacts, self.policy, now=now, known=self._sizes,
-                              station=self.station, steps=self._steps)
+                              station=self.station, steps=self._steps, stepped=ahead - self._ahead,
+                              since_id=self._since_id)
+        if ahead > self._ahead:
+            self._steps.append((out["last_id"], ahead - self._ahead))
+            self._ahead = ahead
         self.expired_total += out["expired"]
         self.freed_bytes_total += out["freed_bytes"]
         self.kept_bytes = out["kept_bytes"]
