@@ -1,8 +1,8 @@
 """A fit's peak memory after the backbone: a model fitted (``Detector.fit_features``, the
-default config and ``--set``'s settings) on random raw features of ``--per-type`` GOOD images of
-each of ``--types`` types, each size in a process of its own; the peak resident memory above
-the features, beside the lower bound that the fit's memory check counts
-(:func:`diffqc.model.fit_bytes`: the features and the per-location Gaussians).
+default config and ``--set``'s settings) on random raw features of N GOOD images of each of T
+types (``--sizes TxN,...``), each size in a process of its own; the peak resident memory above
+the features, beside the per-location tables that the fit's memory check counts with them
+(:func:`diffqc.model.fit_bytes`).
 
     python benchmarks/fit_memory.py --sizes 1x600,8x150 [--set calibration.scheme=cross]
 """

@@ -958,13 +958,11 @@ def test_a_fit_is_bounded_by_the_copies_of_its_features_it_holds(clear_dataset: 
     good = [s for s in load_dataset(clear_dataset) if s.label == 0 and s.split == "train"]
     fe = det.extractor
     types = len({s.feature_type for s in good})
-    features, model = fit_bytes(config, fe.grid, fe.channels, types, len(good))
-    held, _ = fit_bytes(config, fe.grid, fe.channels, types, len(good), FIT_FEATURE_COPIES)
-    assert held == FIT_FEATURE_COPIES * features >= 3 * features
+    held, model = fit_bytes(config, fe.grid, fe.channels, types, len(good), FIT_FEATURE_COPIES)
     room = held + model - 1  # the features once and the tables fit, three times over do not
     monkeypatch.setattr(diffqc.model, "available_memory", lambda device: room)
-    with pytest.raises(ConfigError, match=rf"features of {len(good)} images at .* locations \(held 3 times "
-                                          r"at once: as read, standardised and the fit's own\)"):
+    with pytest.raises(ConfigError, match=rf"features of {len(good)} images at .* locations \(held about 3 "
+                                          r"times at once: as read, standardised and the fit's own\)"):
         det.fit(good, progress=False)
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffqc.config import DEFAULT_LAYERS, ONNX_PREFIX, BackboneConfig
+from diffqc.config import DEFAULT_LAYERS, ONNX_PREFIX, BackboneConfig, block_index
 from diffqc.data import as_image
 from diffqc.errors import BackboneError, ConfigError, DeviceError, check_device_name
 from diffqc.inspection import sha256_file
@@ -134,15 +134,6 @@ def _mobilenet_v2_features(depth: int) -> nn.Sequential:
     return nn.Sequential(*modules[: depth + 1])
 
 
-def _block_index(layer: str, name: str) -> int:
-    """The block a layer name taps (``features.6``, ``blocks.10`` or just ``6``)."""
-    tail = layer.rsplit(".", 1)[-1]
-    if not tail.isdigit():
-        raise ConfigError(f"backbone layer {layer!r} of {name} is not a block index; the default taps "
-                          f"are {','.join(DEFAULT_LAYERS[name])}")
-    return int(tail)
-
-
 def _check_depth(name: str, depth: int, blocks: int) -> None:
     if depth >= blocks:
         raise ConfigError(f"backbone layer {depth} is beyond {name}'s blocks 0-{blocks - 1}")
@@ -191,7 +182,7 @@ class FeatureExtractor(nn.Module):
             self.taps: list[int] = []
             self.net: nn.Module = nn.Identity()
         else:
-            self.taps = [_block_index(layer, name) for layer in self.layers]
+            self.taps = [block_index(layer, name, strict=False) for layer in self.layers]
             if name in _LITE_PACKAGES:
                 self.net = self._build_lite(name, config.input_size, max(self.taps))
             else:

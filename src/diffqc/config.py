@@ -583,20 +583,25 @@ def recorded_name(name: str) -> str:
     return ONNX_PREFIX + str(Path(name.removeprefix(ONNX_PREFIX)).expanduser().resolve())
 
 
+def block_index(layer: str, name: str, *, strict: bool = True) -> int:
+    """The block of built-in backbone ``name`` that ``layer`` taps: its own name for it
+    (``features.6`` for MobileNetV2, ``blocks.10`` for EfficientNet-Lite) or the index (``6``);
+    without ``strict`` (a bundle's config, read as it was trained) any prefix."""
+    prefix, _, block = layer.rpartition(".")
+    own = DEFAULT_LAYERS[name][0].rpartition(".")[0]
+    if not block.isdigit() or (strict and prefix not in ("", own)):
+        raise ConfigError(f"backbone layer {layer!r} is not a block of {name}: name one as {own}.N or N "
+                          f"(the default taps: {','.join(DEFAULT_LAYERS[name])})")
+    return int(block)
+
+
 def _check_taps(backbone: BackboneConfig) -> None:
     """A :class:`ConfigError` where ``backbone.layers`` name a tap twice (it was tapped once, the
     config saying twice) or a built-in backbone's block by another's name (``blocks.6`` tapped
     MobileNetV2's block 6)."""
     taps: list[str | int] = list(backbone.layers)  # an ONNX graph's tensors, by name
     if backbone.name in DEFAULT_LAYERS:
-        own = DEFAULT_LAYERS[backbone.name][0].rpartition(".")[0]
-        for i, layer in enumerate(backbone.layers):
-            prefix, _, block = layer.rpartition(".")
-            if not block.isdigit() or prefix not in ("", own):
-                raise ConfigError(f"backbone layer {layer!r} is not a block of {backbone.name}: name one "
-                                  f"as {own}.N or N (the default taps: "
-                                  f"{','.join(DEFAULT_LAYERS[backbone.name])})")
-            taps[i] = int(block)
+        taps = [block_index(layer, backbone.name) for layer in backbone.layers]
     if twice := [tap for tap in taps if taps.count(tap) > 1]:
         tap = f"block {twice[0]}" if isinstance(twice[0], int) else repr(twice[0])
         raise ConfigError(f"backbone.layers {','.join(backbone.layers)} tap {tap} twice: name each tap once")

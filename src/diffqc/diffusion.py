@@ -351,8 +351,9 @@ class Denoiser(nn.Module):
 
     def _fit_prior_row(self, k: int, tokens: Tensor, nbr: Tensor, radius: int) -> None:
         """Type ``k``'s Gaussians from its ``tokens``, in the permuted channel order: the
-        eigendecompositions a block of 64 locations at a time, each block's tokens copied alone
-        (a copy of them all in that order was as large as the features)."""
+        eigendecompositions ``64 // M`` locations at a time (M: the locations each one pools,
+        ``diffusion.prior_radius``), each block's tokens copied alone (a copy of them all in that
+        order was as large as the features)."""
         from diffqc.covariance import covariance_batched
 
         d, rank, perm = self.prior_dims, self.prior_rank, self.prior_perm

@@ -498,25 +498,16 @@ class Detector:
         if layouts is not None:  # image indices -> their views' rows
             fit_idx, cal_idx = tiling.rows_of(layouts, fit_idx), tiling.rows_of(layouts, cal_idx)
         raw = raw.to(self.device)  # the scorer is fitted (the denoiser trained) where the features are
-        fit_raw = raw[fit_idx]
-        fe.fit_standardisation(fit_raw)
-        # the fit's rows alone, standardised once for the scorer, the fused map's memory and the
-        # router (a standardised copy of every row and a copy of the fit's from it were held)
-        fit_feats = fe.standardise(fit_raw)
-        del fit_raw
         types = torch.tensor([self.classes_.index(s.feature_type) for s in good], device=self.device)
         if layouts is not None:
             views = torch.tensor([lay.views for lay in layouts], device=types.device)
             types = types.repeat_interleave(views)
         t_fit = time.perf_counter()
         fused = _check_heat_map(self.config)
-        scorer = make_scorer(self.config)
-        scorer.fit(fit_feats, types[fit_idx], len(self.classes_), progress=progress)
-        self.scorer_ = scorer
         self.memory_ = None
+        fit_feats = self._fit_rows(raw, fit_idx, types, all_rows=cross, progress=progress)
         nearest = fit_memory(self.config, fit_feats, types[fit_idx], len(self.classes_),
                              progress=progress) if fused else None
-        self.router_ = _fit_router(fit_feats, types[fit_idx], len(self.classes_))
         del fit_feats
         fit_seconds = time.perf_counter() - t_fit
         fit_idx, cal_idx = image_idx
@@ -536,7 +527,7 @@ class Detector:
                                   among="calibration images")
         if nearest is not None and cal_feats is not None:
             self.memory_ = self._calibrated_memory(nearest, cal_feats, types[cal_rows])
-        history = getattr(scorer, "history_", None)
+        history = getattr(self.scorer_, "history_", None)
         self.metadata = {
             "format": BUNDLE_FORMAT,
             "diffqc_version": __version__,
@@ -565,6 +556,21 @@ class Detector:
         self.metadata["model_id"] = f"{self.config.method}-{self.metadata['created']}-{secrets.token_hex(3)}"
         return self
 
+    def _fit_rows(self, raw: Tensor, rows: list[int], types: Tensor, *, all_rows: bool = False,
+                  progress: bool) -> Tensor:
+        """The standardisation, scorer and type router fitted on ``raw``'s ``rows`` (``all_rows``:
+        every row, read without a copy); their standardised features returned, the fit's own copy
+        (a standardised copy of every row, and one of the rows from it, were held before)."""
+        picked = raw if all_rows else raw[rows]
+        self.extractor.fit_standardisation(picked)
+        feats = self.extractor.standardise(picked)
+        del picked
+        scorer = make_scorer(self.config)
+        scorer.fit(feats, types[rows], len(self.classes_), progress=progress)
+        self.scorer_ = scorer
+        self.router_ = _fit_router(feats, types[rows], len(self.classes_))
+        return feats
+
     def _cross_fold_scores(
         self, raw: Tensor, good: Sequence[Sample], types: Tensor,
         layouts: Sequence[tiling.Layout] | None, *, progress: bool,
@@ -584,15 +590,7 @@ class Detector:
             for held in tqdm(folds, desc="cross-calibration folds", disable=not progress):
                 held_set = set(held)
                 rest = rows([i for i in range(len(good)) if i not in held_set])
-                fold_raw = raw[rest]
-                fe.fit_standardisation(fold_raw)
-                fold_feats = fe.standardise(fold_raw)  # the fold's fit rows alone
-                del fold_raw
-                scorer = make_scorer(self.config)
-                scorer.fit(fold_feats, types[rest], len(self.classes_), progress=False)
-                self.scorer_ = scorer
-                self.router_ = _fit_router(fold_feats, types[rest], len(self.classes_))
-                del fold_feats, scorer  # the held rows are scored, and the next fold made, without them
+                self._fit_rows(raw, rest, types, progress=False)  # its features go before the next fold's
                 out.extend(self._calibration_scores(
                     fe.standardise(raw[rows(held)]), [good[i] for i in held], progress=False,
                     layouts=None if layouts is None else [layouts[i] for i in held]))
@@ -943,9 +941,10 @@ class Detector:
         return detector_repr(self, f"device={str(self.device)!r}")
 
 
-# the times a fit holds its GOOD images' features at once, at least: as read, standardised and
-# the scorer's working copy (benchmarks/fit_memory.py measured 4.2-5.6 times them at the peak, the
-# tables included, for every method and calibration scheme: BENCHMARKS.md "Session 73")
+# the times a fit holds its GOOD images' features at once, at least: as read, and the fit's rows
+# (80 % of them at the default split) standardised and then in the scorer's working copies, with
+# the transients of each step (benchmarks/fit_memory.py measured 4.2-5.6 times the features at the
+# peak, the tables included, for every method and calibration scheme: BENCHMARKS.md "Session 73")
 FIT_FEATURE_COPIES = 3
 
 
@@ -1016,7 +1015,8 @@ def check_fit_memory(config: DetectorConfig, grid: tuple[int, int], channels: in
         return f"{n / 2**30:.1f} GB"
 
     tiles = f" ({inputs} tiles)" if views is not None and views != n_images else ""
-    held = f" (held {copies} times at once: as read, standardised and the fit's own)" if copies > 1 else ""
+    held = f" (held about {copies} times at once: as read, standardised and the fit's own)" \
+        if copies > 1 else ""
     what = (f"at least {gb(features + model)} of memory: {gb(features)} for the features of "
             f"{n_images} images{tiles} at {grid[0]} x {grid[1]} locations{held}"
             + (f", {gb(model)} for the per-location Gaussians of {n_types} types" if model else ""))
