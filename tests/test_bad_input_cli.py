@@ -220,7 +220,7 @@ ROWS: dict[str, Row | object] = {
         setup=lambda c: _png(c.tmp / "proj" / "model" / "photo.png"),
         absent=lambda c: c.tmp / "proj" / "data"),
     "train_layers_not_blocks": Row(_train("--layers", "foo,bar"),
-                                   ("backbone layer 'foo' of mobilenet-v2 is not a block index",
+                                   ("backbone layer 'foo' is not a block of mobilenet-v2: name one as",
                                     "features.6,features.13")),
     "train_layer_beyond_the_backbone": Row(_train("--layers", "6,99"),
                                            ("backbone layer 99 is beyond mobilenet-v2's blocks 0-17",)),

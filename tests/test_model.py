@@ -131,7 +131,7 @@ def test_two_models_fitted_within_one_second_have_two_ids(clear_dataset: Path,
                      for _ in range(2))
     assert first.metadata["created"] == second.metadata["created"] == "2026-12-08T04:00:00+00:00"
     assert first.version != second.version
-    assert first.version.startswith("diffusion-2026-12-08T04:00:00+00:00")
+    assert re.fullmatch(r"diffusion-20261208T040000Z-[0-9a-f]{6}", first.version), first.version
 
 
 def test_a_detector_shows_what_it_is_in_a_notebook(tiny_model: Path) -> None:

@@ -528,10 +528,11 @@ class Detector:
         if nearest is not None and cal_feats is not None:
             self.memory_ = self._calibrated_memory(nearest, cal_feats, types[cal_rows])
         history = getattr(self.scorer_, "history_", None)
+        fitted = _dt.datetime.now(_dt.UTC)
         self.metadata = {
             "format": BUNDLE_FORMAT,
             "diffqc_version": __version__,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "created": fitted.isoformat(timespec="seconds"),
             "method": self.config.method,
             "classes": self.classes_,
             "backbone": {"name": self.config.backbone.name, "layers": list(fe.layers),
@@ -551,9 +552,10 @@ class Detector:
             "fitted_settings": fitted_settings(self.config),
             "final_loss": history.loss[-1] if history is not None and history.loss else None,
         }
-        # the second it was fitted, and 6 random hex digits: two fits within a second (a script
-        # retraining, two stations) have two ids, which the service's model watch tells apart
-        self.metadata["model_id"] = f"{self.config.method}-{self.metadata['created']}-{secrets.token_hex(3)}"
+        # the second it was fitted (UTC, as short as the dashboard's header on a phone needs) and 6
+        # random hex digits: two fits within a second (a script retraining, two stations) have two
+        # ids, which the service's model watch tells apart
+        self.metadata["model_id"] = f"{self.config.method}-{fitted:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
         return self
 
     def _fit_rows(self, raw: Tensor, rows: list[int], types: Tensor, *, all_rows: bool = False,
