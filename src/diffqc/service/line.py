@@ -296,8 +296,8 @@ class ClockWatch:
     boots at a date long past until NTP is reached, then steps; an operator sets it by hand.
     Records on either side of a step are that far apart, and ``--since`` and the dashboard's
     rates count by their times. A step of more than ``step_s`` against the boot-time clock is
-    logged and counted, and the retention worker ages the parts stored before a step forward from
-    their time plus the step (:meth:`read`: none of their files expires early); a clock that
+    logged and counted, and the retention worker ages the parts this run stored before a step
+    forward from their time plus the step (:meth:`read`: none of their files expires early); a clock that
     reads more than a day before the model was trained is named once (each time it turns so)."""
 
     def __init__(self, trained_at: float | None, *, step_s: float = 60.0,
